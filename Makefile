@@ -1,0 +1,36 @@
+# The two set-up commands: `make demo` (the main job) and `make test`. Each creates .venv, installs torch 2.13.0
+# (the CPU build) when the venv has no torch, builds the extension and runs.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: demo test build bench cuda-compile-check clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip wheel "setuptools>=64"
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q ninja pytest safetensors tqdm numpy scikit-learn
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+build: $(VENV)/.installed
+	$(PY) setup.py -q build_ext --inplace
+
+test: build
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: build
+	$(PY) -m torchquant demo
+
+bench: build
+	$(PY) -m torchquant bench
+
+# Compiles every CUDA source against the CUDA 13.0 build of torch (no GPU needed): see scripts/cuda_compile_check.sh
+cuda-compile-check:
+	bash scripts/cuda_compile_check.sh
+
+clean:
+	rm -rf build build-cuda torchquant/*.so

@@ -1,0 +1,46 @@
+// The one place where every torchquant op schema is declared. CPU kernels register in csrc/cpu/*.cpp,
+// CUDA kernels in csrc/cuda/*.cu, fake (meta) kernels and autograd in torchquant/_ops/*.py.
+#include <Python.h>
+#include <torch/library.h>
+
+// Conventions shared by every op:
+//   scale:       float32 tensor, 1 element (per-tensor) or one per channel along `axis` (per-channel)
+//   zero_point:  int32 tensor, same length as scale
+//   axis:        None for per-tensor, else a non-negative dimension of x
+//   bits/signed: signed b bits -> [-2^(b-1), 2^(b-1)-1] stored in int8 (b = 1: sign binarization, {-1, +1});
+//                unsigned b bits -> [0, 2^b - 1] stored in uint8
+//   rounding:    "nearest" (round half to even) or "truncate" (toward zero)
+//   packed int8 weights: [G?, round_up(N, 64), round_up(K, 64)] int8, zero padded; the order of the bytes inside
+//                is the device's own (CPU: VNNI blocks, CUDA: row-major), made by pack_int8_weight.
+TORCH_LIBRARY(torchquant, m) {
+  // ---- quantize family: csrc/cpu/quantize.cpp, csrc/cuda/quantize.cu ----
+  m.def("quantize(Tensor x, Tensor scale, Tensor zero_point, int? axis, int bits, bool signed, str rounding) -> Tensor");
+  m.def("dequantize(Tensor q, Tensor scale, Tensor zero_point, int? axis, ScalarType dtype) -> Tensor");
+  m.def("fake_quantize(Tensor x, Tensor scale, Tensor zero_point, int? axis, int bits, bool signed, str rounding) -> Tensor");
+  // grad * (x inside the clamp range): the straight-through gradient, recomputed from x (no mask is stored)
+  m.def("fake_quantize_backward(Tensor grad, Tensor x, Tensor scale, Tensor zero_point, int? axis, int bits, bool signed, str rounding) -> Tensor");
+  // symmetric per-row (per-token) quantization over the last dim: scale[r] = absmax(row r) / (2^(bits-1) - 1)
+  // (1.0 for an all-zero row); returns (int8 q shaped like x, float32 scale shaped x.shape[:-1])
+  m.def("quantize_per_token(Tensor x, int bits) -> (Tensor, Tensor)");
+
+  // ---- integer matrix family: csrc/cpu/gemm.cpp + csrc/cpu/conv.cpp, csrc/cuda/gemm.cu + csrc/cuda/conv.cu ----
+  // exact int32 [M, N] = a [M, K] int8 @ b [K, N] int8, any strides
+  m.def("int8_mm(Tensor a, Tensor b) -> Tensor");
+  // [N, K] or [G, N, K] int8 weight -> packed layout (see above)
+  m.def("pack_int8_weight(Tensor w) -> Tensor");
+  // y[m, n] = (sum_k (x_q[m, k] - x_zero_point) * w[n, k]) * x_scale[m or 0] * w_scale[n] + bias[n]
+  // x_q: [M, K] int8 or uint8; x_scale: float32 [M] (per token) or [1]; w_sum[n] = sum_k w[n, k] (int32);
+  // out_dtype float32/float16/bfloat16, or int8/uint8 with out_scale: requantized
+  // clamp(rne(y * (1 / out_scale)) + out_zero_point) for integer-only pipelines.
+  m.def("int8_linear(Tensor x_q, Tensor x_scale, int x_zero_point, Tensor w_packed, Tensor w_sum, Tensor w_scale, "
+        "Tensor? bias, int out_features, ScalarType out_dtype, float? out_scale=None, int out_zero_point=0) -> Tensor");
+  // x_q: [B, C, H, W] int8/uint8 (any memory format); weight packed from [G, OC/G, KH*KW*C/G] with the
+  // reduction index ordered (kh, kw, c); output [B, OC, OH, OW] of out_dtype in channels-last memory format.
+  m.def("int8_conv2d(Tensor x_q, Tensor x_scale, int x_zero_point, Tensor w_packed, Tensor w_sum, Tensor w_scale, "
+        "Tensor? bias, int out_channels, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, "
+        "int groups, ScalarType out_dtype) -> Tensor");
+}
+
+// A module torchquant._C that Python can import; loading it runs the registrations above.
+static PyModuleDef torchquant_module = {PyModuleDef_HEAD_INIT, "_C", "torchquant compiled ops", -1, nullptr};
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&torchquant_module); }

@@ -1,0 +1,61 @@
+// Scalar quantization math shared by the CPU and CUDA kernels, so both produce the same integers.
+// SIMD code paths must reproduce these functions exactly; tests compare them against each other.
+#pragma once
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define TQ_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define TQ_HOST_DEVICE inline
+#endif
+
+namespace torchquant {
+
+enum class Rounding : int { Nearest = 0, Truncate = 1 };
+
+// The integer range of a (bits, signed) format. Signed 1 bit is sign binarization: {-1, +1}.
+struct QuantFormat {
+  float qmin;
+  float qmax;
+  bool binary;
+};
+
+TQ_HOST_DEVICE QuantFormat quant_format(int64_t bits, bool is_signed) {
+  if (is_signed && bits == 1) return {-1.0f, 1.0f, true};
+  if (is_signed) return {-static_cast<float>(1 << (bits - 1)), static_cast<float>((1 << (bits - 1)) - 1), false};
+  return {0.0f, static_cast<float>((1 << bits) - 1), false};
+}
+
+// Rounded, un-clamped x * inv_scale (before adding the zero point). inv_scale is 1.0f / scale in float32,
+// exactly as torch.fake_quantize_per_*_affine computes it; rintf rounds half to even in the default mode.
+TQ_HOST_DEVICE float round_scaled(float x, float inv_scale, Rounding rounding) {
+  const float v = x * inv_scale;
+  return rounding == Rounding::Nearest ? rintf(v) : truncf(v);
+}
+
+// The quantized value as an integer-valued float: NaN -> zero_point, +-inf -> qmax / qmin.
+TQ_HOST_DEVICE float quantize_value(float x, float inv_scale, float zero_point, QuantFormat f, Rounding rounding) {
+  if (x != x) return zero_point;
+  if (f.binary) return x >= 0.0f ? 1.0f : -1.0f;
+  const float q = round_scaled(x, inv_scale, rounding) + zero_point;
+  return fminf(fmaxf(q, f.qmin), f.qmax);
+}
+
+// quantize then dequantize; NaN stays NaN.
+TQ_HOST_DEVICE float fake_quantize_value(float x, float scale, float inv_scale, float zero_point, QuantFormat f,
+                                         Rounding rounding) {
+  if (x != x) return x;
+  return (quantize_value(x, inv_scale, zero_point, f, rounding) - zero_point) * scale;
+}
+
+// Whether the straight-through gradient passes: the un-clamped quantized value lies inside [qmin, qmax]
+// (binary: |x| <= scale). NaN passes no gradient.
+TQ_HOST_DEVICE bool fake_quantize_passes_grad(float x, float scale, float inv_scale, float zero_point, QuantFormat f,
+                                              Rounding rounding) {
+  if (f.binary) return fabsf(x) <= scale;
+  const float q = round_scaled(x, inv_scale, rounding) + zero_point;
+  return q >= f.qmin && q <= f.qmax;
+}
+
+}  // namespace torchquant

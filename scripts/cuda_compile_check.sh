@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Compiles the extension with its CUDA kernels (nvcc, sm_90) against torch 2.14.1, the CUDA 13.0 build on local
+# disk, in its own venv, and checks that the built library registers CUDA kernels for every op. Needs no GPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${CUDA_VENV:-.venv-cuda}
+PY=$VENV/bin/python
+if ! "$PY" -c "import torch; assert torch.version.cuda" 2>/dev/null; then
+  python3 -m venv "$VENV"
+  "$PY" -m pip install -q --upgrade pip wheel "setuptools>=64"
+  "$PY" -m pip install -q ninja torch==2.14.1
+fi
+SITE=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+export CPATH="$SITE/nvidia/cu13/include${CPATH:+:$CPATH}"  # cuBLAS/cuSPARSE headers come from the pip packages
+export MAX_JOBS=${MAX_JOBS:-2}
+rm -rf build-cuda
+TORCHQUANT_CUDA=1 "$PY" setup.py -q build_ext --build-lib build-cuda/lib --build-temp build-cuda/tmp
+"$PY" - <<'PYEOF'
+import glob, torch
+lib = glob.glob("build-cuda/lib/torchquant/_C*.so")[0]
+torch.ops.load_library(lib)
+ops = [name for name in torch._C._dispatch_get_all_op_names() if name.startswith("torchquant::")]
+missing = [op for op in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA")]
+print(f"built {lib}: {len(ops)} ops, CUDA kernels for {len(ops) - len(missing)}")
+if missing:
+    raise SystemExit(f"ops without a CUDA kernel: {missing}")
+PYEOF

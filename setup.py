@@ -1,0 +1,65 @@
+"""Builds torchquant._C: the C++ kernels always, the CUDA kernels when torch has CUDA and nvcc is found.
+
+TORCHQUANT_CUDA=auto (default) builds CUDA when it can, 0 never, 1 always (and fails loudly when it cannot).
+"""
+import glob
+import os
+import sys
+
+from setuptools import setup
+
+try:
+    import torch
+    from torch.utils import cpp_extension
+except ImportError:
+    sys.exit(
+        "torchquant needs PyTorch installed before it is built (it is not a build requirement, so pip cannot fetch a "
+        "torch that differs from yours). Install it first, e.g. `pip install torch==2.13.0`, then "
+        "`pip install -e . --no-build-isolation`."
+    )
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def cuda_wanted() -> bool:
+    mode = os.environ.get("TORCHQUANT_CUDA", "auto").lower()
+    if mode not in ("auto", "0", "1"):
+        sys.exit(f"TORCHQUANT_CUDA must be auto, 0 or 1, got {mode!r}")
+    if mode == "0":
+        return False
+    problems = []
+    if torch.version.cuda is None:
+        problems.append(f"torch {torch.__version__} is a CPU-only build")
+    if cpp_extension.CUDA_HOME is None:
+        problems.append("nvcc was not found (set CUDA_HOME)")
+    if problems and mode == "1":
+        sys.exit("TORCHQUANT_CUDA=1 but CUDA cannot be built: " + "; ".join(problems))
+    return not problems
+
+
+def rel(paths):
+    return sorted(os.path.relpath(p, ROOT) for p in paths)
+
+
+def extension():
+    sources = rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
+    cxx_flags = ["-O3", "-fopenmp", "-DTORCHQUANT_OPENMP"]
+    extra = {"cxx": cxx_flags}
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    if cuda_wanted():
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")  # torch's builder fails with no GPU and no list
+        sources += rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+        extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-DTORCHQUANT_CUDA"]
+        cxx_flags.append("-DTORCHQUANT_CUDA")
+        return cpp_extension.CUDAExtension(
+            "torchquant._C", sources, include_dirs=include_dirs, extra_compile_args=extra, extra_link_args=["-fopenmp"]
+        )
+    return cpp_extension.CppExtension(
+        "torchquant._C", sources, include_dirs=include_dirs, extra_compile_args=extra, extra_link_args=["-fopenmp"]
+    )
+
+
+setup(
+    ext_modules=[extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+)
