@@ -1,0 +1,41 @@
+// Run-time choice of the CPU instruction set for the kernels that have several code paths.
+// TORCHQUANT_CPU_ISA=avx512_vnni|avx2|scalar forces a path (lower than the CPU supports) so tests can run each one.
+#pragma once
+#include <cstdlib>
+#include <cstring>
+
+#include <c10/util/Exception.h>
+
+namespace torchquant {
+
+enum class CpuIsa : int { Scalar = 0, Avx2 = 1, Avx512Vnni = 2 };
+
+inline CpuIsa detected_cpu_isa() {
+  static const CpuIsa isa = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))
+      return CpuIsa::Avx512Vnni;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return CpuIsa::Avx2;
+    return CpuIsa::Scalar;
+  }();
+  return isa;
+}
+
+// The path to run now: the detected one, or the one TORCHQUANT_CPU_ISA asks for (read on every call so tests
+// can switch paths inside one process; getenv is cheap next to any kernel launch).
+inline CpuIsa cpu_isa() {
+  const CpuIsa detected = detected_cpu_isa();
+  const char* forced = std::getenv("TORCHQUANT_CPU_ISA");
+  if (forced == nullptr || forced[0] == '\0') return detected;
+  CpuIsa want;
+  if (std::strcmp(forced, "avx512_vnni") == 0) want = CpuIsa::Avx512Vnni;
+  else if (std::strcmp(forced, "avx2") == 0) want = CpuIsa::Avx2;
+  else if (std::strcmp(forced, "scalar") == 0) want = CpuIsa::Scalar;
+  else TORCH_CHECK(false, "TORCHQUANT_CPU_ISA must be avx512_vnni, avx2 or scalar, got '", forced, "'");
+  TORCH_CHECK(static_cast<int>(want) <= static_cast<int>(detected), "TORCHQUANT_CPU_ISA=", forced,
+              " is not supported by this CPU");
+  return want;
+}
+
+}  // namespace torchquant
