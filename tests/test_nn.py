@@ -99,7 +99,7 @@ def test_construction_is_float_equivalent():
     layer = QuantLinear(10, 4)
     torch.testing.assert_close(layer.weight, ref.weight, rtol=0, atol=0)
     assert [n for n, _ in layer.named_parameters()] == ["weight", "bias"]
-    layer.load_state_dict(ref.state_dict(), strict=False)  # a float checkpoint loads into the layer
+    layer.load_state_dict(ref.state_dict())  # a float checkpoint loads into the layer (strict)
     torch.manual_seed(0)
     conv = QuantConv2d(3, 5, (2, 3), padding="same", dilation=(2, 1))
     assert conv.padding == (1, 1)

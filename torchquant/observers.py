@@ -99,7 +99,18 @@ def _sync_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple[to
 
 
 class Float32StateModule(nn.Module):
-    """A module whose own tensors are quantization state: `.to(device)` moves them, dtype casts leave them."""
+    """A module whose own tensors are quantization state: `.to(device)` moves them, dtype casts leave them, and a
+    state dict without any of them (a float checkpoint) loads, keeping the current state."""
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        own = [prefix + name for name in self._parameters]
+        own += [prefix + name for name in self._buffers if name not in self._non_persistent_buffers_set]
+        absent = not any(key in state_dict for key in own)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if absent:
+            missing_keys[:] = [key for key in missing_keys if key not in own]
 
     def _apply(self, fn, recurse=True):
         if recurse:
