@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <memory>
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -253,6 +254,21 @@ IsaPath isa_path(CpuIsa isa) {
 
 }  // namespace
 
+uint8_t* scratch_buffer(Scratch slot, int64_t bytes) {
+  struct Buffer {
+    std::unique_ptr<uint8_t[]> data;
+    int64_t size = 0;
+  };
+  thread_local Buffer buffers[2];
+  Buffer& b = buffers[static_cast<int>(slot)];
+  if (b.size < bytes) {
+    b.data.reset();  // release before allocating the larger one
+    b.data.reset(new uint8_t[bytes]);
+    b.size = bytes;
+  }
+  return b.data.get();
+}
+
 void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa) {
   const IsaPath path = isa_path(isa);
   const int64_t k4 = round_up(args.k, 4);
@@ -266,9 +282,10 @@ void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa) {
   at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
     alignas(64) int32_t tile[kRowsPerChunk * kPanelCols];
     for (int64_t item = begin; item < end; ++item) {
-      // consecutive items share a weight panel, which then stays in cache
-      const int64_t chunk = item % m_chunks;
-      const int64_t panel = (item / m_chunks) % n_panels;
+      // consecutive items share a chunk of activation rows, which stays in L2 while the weight panels stream past
+      // (sequentially, so the prefetchers keep up; the rows' short 4-byte-per-step segments would not prefetch well)
+      const int64_t panel = item % n_panels;
+      const int64_t chunk = (item / n_panels) % m_chunks;
       const int64_t g = item / (m_chunks * n_panels);
       const int64_t row0 = chunk * kRowsPerChunk;
       const int64_t rows = std::min(kRowsPerChunk, args.m - row0);
@@ -288,41 +305,109 @@ void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa) {
   });
 }
 
+namespace {
+
+// Zeros the bytes of a panel that no weight lands in: padding columns, and everything from the step holding k on
+// (its tail bytes and the padded depth).
+void zero_panel_padding(int8_t* panel, int64_t cols, int64_t k, int64_t kp) {
+  if (cols < kPanelCols) std::memset(panel, 0, kp * kPanelCols);
+  else std::memset(panel + (k / 4) * kStepBytes, 0, (kp - (k / 4) * 4) * kPanelCols);
+}
+
+// The nn.Linear layout (k contiguous per column): 4 columns at a time over all of k, so 4 long sequential read
+// streams feed 16-byte writes.
+void fill_panel_k_contiguous(const int8_t* src, int64_t cols, int64_t k, int64_t stride_n, int8_t* panel) {
+  const int64_t full_steps = k / 4;
+  int64_t c0 = 0;
+  for (; c0 + 4 <= cols; c0 += 4) {
+    const int8_t* col = src + c0 * stride_n;
+    for (int64_t s = 0; s < full_steps; ++s) {
+      const int32_t v[4] = {load_i32(col + 4 * s), load_i32(col + stride_n + 4 * s),
+                            load_i32(col + 2 * stride_n + 4 * s), load_i32(col + 3 * stride_n + 4 * s)};
+      std::memcpy(panel + s * kStepBytes + 4 * c0, v, 16);
+    }
+  }
+  for (int64_t c = c0; c < cols; ++c)
+    for (int64_t s = 0; s < full_steps; ++s) std::memcpy(panel + s * kStepBytes + 4 * c, src + c * stride_n + 4 * s, 4);
+  for (int64_t c = 0; c < cols; ++c)
+    for (int64_t kk = 4 * full_steps; kk < k; ++kk)
+      panel[full_steps * kStepBytes + 4 * c + (kk - 4 * full_steps)] = src[c * stride_n + kk];
+}
+
+void fill_panel_strided(const int8_t* src, int64_t cols, int64_t k, int64_t stride_n, int64_t stride_k, int8_t* panel) {
+  for (int64_t kk = 0; kk < k; ++kk) {
+    int8_t* out = panel + (kk / 4) * kStepBytes + kk % 4;
+    const int8_t* row = src + kk * stride_k;
+    for (int64_t c = 0; c < cols; ++c) out[4 * c] = row[c * stride_n];
+  }
+}
+
+// The [K, N] row-major layout (n contiguous): steps [s_begin, s_end) of every panel, reading 4 rows of k
+// sequentially and interleaving their bytes (SSE2 unpacks: 4 rows x 16 columns -> 16 columns x 4 k).
+void fill_steps_n_contiguous(const int8_t* w, int64_t n, int64_t k, int64_t stride_k, int64_t kp, int64_t s_begin,
+                             int64_t s_end, int8_t* dst) {
+  for (int64_t s = s_begin; s < s_end; ++s) {
+    const int64_t rows = std::min<int64_t>(4, k - 4 * s);
+    const int8_t* r = w + 4 * s * stride_k;
+    for (int64_t n0 = 0; n0 < n; n0 += kPanelCols) {
+      int8_t* out = dst + (n0 / kPanelCols) * kp * kPanelCols + s * kStepBytes;
+      const int64_t cols = std::min(kPanelCols, n - n0);
+      int64_t c = 0;
+      if (rows == 4) {
+        for (; c + 16 <= cols; c += 16) {
+          const auto load = [&](int64_t j) {
+            return _mm_loadu_si128(reinterpret_cast<const __m128i*>(r + j * stride_k + n0 + c));
+          };
+          const __m128i r01_lo = _mm_unpacklo_epi8(load(0), load(1)), r01_hi = _mm_unpackhi_epi8(load(0), load(1));
+          const __m128i r23_lo = _mm_unpacklo_epi8(load(2), load(3)), r23_hi = _mm_unpackhi_epi8(load(2), load(3));
+          __m128i* o = reinterpret_cast<__m128i*>(out + 4 * c);
+          _mm_storeu_si128(o, _mm_unpacklo_epi16(r01_lo, r23_lo));
+          _mm_storeu_si128(o + 1, _mm_unpackhi_epi16(r01_lo, r23_lo));
+          _mm_storeu_si128(o + 2, _mm_unpacklo_epi16(r01_hi, r23_hi));
+          _mm_storeu_si128(o + 3, _mm_unpackhi_epi16(r01_hi, r23_hi));
+        }
+      }
+      for (; c < cols; ++c)
+        for (int64_t j = 0; j < rows; ++j) out[4 * c + j] = r[j * stride_k + n0 + c];
+    }
+  }
+}
+
+void panel_col_sums(const int8_t* panel, int64_t cols, int64_t k, int32_t* col_sums) {
+  int32_t lane_sums[kStepBytes] = {};
+  for (int64_t s = 0; s < (k + 3) / 4; ++s)
+    for (int64_t e = 0; e < kStepBytes; ++e) lane_sums[e] += panel[s * kStepBytes + e];
+  for (int64_t c = 0; c < cols; ++c)
+    col_sums[c] = lane_sums[4 * c] + lane_sums[4 * c + 1] + lane_sums[4 * c + 2] + lane_sums[4 * c + 3];
+}
+
+}  // namespace
+
 void pack_weight(const int8_t* w, int64_t n, int64_t k, int64_t stride_n, int64_t stride_k, int64_t kp, int8_t* dst,
                  int32_t* col_sums) {
   const int64_t n_panels = (n + kPanelCols - 1) / kPanelCols;
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(kp * kPanelCols, 1));
-  at::parallel_for(0, n_panels, grain, [&](int64_t begin, int64_t end) {
+  const int64_t panel_grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(kp * kPanelCols, 1));
+  const bool rows_contiguous = stride_n == 1 && stride_k != 1;
+  at::parallel_for(0, n_panels, panel_grain, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       int8_t* panel = dst + p * kp * kPanelCols;
-      const int64_t n0 = p * kPanelCols;
-      const int64_t cols = std::min(kPanelCols, n - n0);
-      // zeros: padding columns, and everything from the step holding k on (its tail bytes and the padded depth)
-      if (cols < kPanelCols) std::memset(panel, 0, kp * kPanelCols);
-      else std::memset(panel + (k / 4) * kStepBytes, 0, (kp - (k / 4) * 4) * kPanelCols);
-      const int8_t* src = w + n0 * stride_n;
-      if (stride_k == 1) {  // the nn.Linear layout: each column's k values are contiguous, copied 4 at a time
-        for (int64_t c = 0; c < cols; ++c) {
-          const int8_t* col = src + c * stride_n;
-          int64_t s = 0;
-          for (; 4 * s + 4 <= k; ++s) std::memcpy(panel + s * kStepBytes + 4 * c, col + 4 * s, 4);
-          for (int64_t kk = 4 * s; kk < k; ++kk) panel[s * kStepBytes + 4 * c + (kk - 4 * s)] = col[kk];
-        }
-      } else {
-        for (int64_t kk = 0; kk < k; ++kk) {
-          int8_t* out = panel + (kk / 4) * kStepBytes + kk % 4;
-          const int8_t* row = src + kk * stride_k;
-          for (int64_t c = 0; c < cols; ++c) out[4 * c] = row[c * stride_n];
-        }
-      }
-      if (col_sums != nullptr) {
-        int32_t lane_sums[kStepBytes] = {};
-        for (int64_t s = 0; s < (k + 3) / 4; ++s)
-          for (int64_t e = 0; e < kStepBytes; ++e) lane_sums[e] += panel[s * kStepBytes + e];
-        for (int64_t c = 0; c < cols; ++c)
-          col_sums[n0 + c] = lane_sums[4 * c] + lane_sums[4 * c + 1] + lane_sums[4 * c + 2] + lane_sums[4 * c + 3];
-      }
+      const int64_t n0 = p * kPanelCols, cols = std::min(kPanelCols, n - n0);
+      zero_panel_padding(panel, cols, k, kp);
+      if (rows_contiguous) continue;  // filled by steps below
+      if (stride_k == 1) fill_panel_k_contiguous(w + n0 * stride_n, cols, k, stride_n, panel);
+      else fill_panel_strided(w + n0 * stride_n, cols, k, stride_n, stride_k, panel);
+      if (col_sums != nullptr) panel_col_sums(panel, cols, k, col_sums + n0);
     }
+  });
+  if (!rows_contiguous) return;
+  const int64_t steps = (k + 3) / 4;
+  at::parallel_for(0, steps, std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(4 * n, 1)),
+                   [&](int64_t begin, int64_t end) { fill_steps_n_contiguous(w, n, k, stride_k, kp, begin, end, dst); });
+  if (col_sums == nullptr) return;
+  at::parallel_for(0, n_panels, panel_grain, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p)
+      panel_col_sums(dst + p * kp * kPanelCols, std::min(kPanelCols, n - p * kPanelCols), k,
+                     col_sums + p * kPanelCols);
   });
 }
 

@@ -53,6 +53,12 @@ struct GemmArgs {
   int64_t m = 0, n = 0, k = 0, groups = 1;
 };
 
+// Scratch memory of the calling thread, reused across calls (slot 0: activations, slot 1: weights packed on the
+// fly). A fresh multi-megabyte allocation costs a page fault per 4 KB on first touch, as much as the packing itself;
+// the buffers keep the largest size asked for.
+enum class Scratch { Activations = 0, Weights = 1 };
+uint8_t* scratch_buffer(Scratch slot, int64_t bytes);
+
 // Runs the GEMM with the epilogue on the given ISA path, threaded with at::parallel_for.
 void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa);
 

@@ -427,16 +427,28 @@ void for_each_span(int64_t numel, Layout layout, const ChannelParams& p, const S
       }
       return;
     }
+    if (layout.inner == 1) {  // channels are consecutive elements: the parameter arrays are the buffers
+      for (int64_t i = begin; i < end;) {
+        const int64_t c = i % layout.channels;
+        const int64_t n = std::min(end - i, layout.channels - c);
+        span(i, n, SpanParams{&p.scale[c], &p.inv_scale[c], &p.zero_point[c]}, true);
+        i += n;
+      }
+      return;
+    }
     float scale[kParamChunk], inv_scale[kParamChunk], zero_point[kParamChunk];
     int64_t pos = begin % layout.inner;
     int64_t c = (begin / layout.inner) % layout.channels;
     for (int64_t i = begin; i < end; i += kParamChunk) {
       const int64_t n = std::min(kParamChunk, end - i);
-      for (int64_t j = 0; j < n; ++j) {
-        scale[j] = p.scale[c];
-        inv_scale[j] = p.inv_scale[c];
-        zero_point[j] = p.zero_point[c];
-        if (++pos == layout.inner) {
+      for (int64_t j = 0; j < n;) {  // one run of equal parameters per (row, channel)
+        const int64_t run = std::min(n - j, layout.inner - pos);
+        std::fill_n(scale + j, run, p.scale[c]);
+        std::fill_n(inv_scale + j, run, p.inv_scale[c]);
+        std::fill_n(zero_point + j, run, p.zero_point[c]);
+        j += run;
+        pos += run;
+        if (pos == layout.inner) {
           pos = 0;
           if (++c == layout.channels) c = 0;
         }
