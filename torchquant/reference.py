@@ -10,6 +10,142 @@ import torch
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def qrange(bits: int, signed: bool):
+    """(qmin, qmax) of a format; signed 1 bit is sign binarization, {-1, +1}."""
+    if signed and bits == 1:
+        return -1, 1
+    if signed:
+        return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    return 0, (1 << bits) - 1
+
+
+def _along(param, x: torch.Tensor, axis):
+    """A per-tensor (number or [1]) or per-channel ([C]) parameter as float32, shaped to broadcast against x."""
+    param = torch.as_tensor(param, device=x.device).float()
+    if axis is None:
+        return param.reshape(())
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return param.reshape(shape)
+
+
+def _rounded(x32: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, rounding: str):
+    """round(x * (1 / scale)) + zero_point in float32, un-clamped: 1 / scale is taken in float32 first."""
+    v = x32 * (1.0 / scale)
+    return (torch.round(v) if rounding == "nearest" else torch.trunc(v)) + zero_point
+
+
+def quantize_float(x, scale, zero_point, *, bits=8, signed=True, rounding="nearest", axis=None):
+    """The quantized values as an integer-valued float32 tensor (NaN -> zero_point, +-inf -> qmax/qmin)."""
+    qmin, qmax = qrange(bits, signed)
+    x32 = x.float()
+    s = _along(scale, x, axis)
+    z = _along(zero_point, x, axis)
+    if signed and bits == 1:
+        q = torch.where(x32 >= 0, 1.0, -1.0)
+    else:
+        q = torch.clamp(_rounded(x32, s, z, rounding), qmin, qmax)
+    return torch.where(torch.isnan(x32), z.expand_as(x32), q)
+
+
+def quantize(x, scale, zero_point, *, bits=8, signed=True, rounding="nearest", axis=None):
+    """q = clamp(round(x * (1 / scale)) + zero_point, qmin, qmax) as int8 (signed) or uint8."""
+    q = quantize_float(x, scale, zero_point, bits=bits, signed=signed, rounding=rounding, axis=axis)
+    return q.to(torch.int8 if signed else torch.uint8)
+
+
+def dequantize(q, scale, zero_point, *, axis=None, dtype=torch.float32):
+    """(q - zero_point) * scale, computed in float32, returned as dtype."""
+    s = _along(scale, q, axis)
+    z = _along(zero_point, q, axis)
+    return ((q.float() - z) * s).to(dtype)
+
+
+def fake_quantize(x, scale, zero_point, *, bits=8, signed=True, rounding="nearest", axis=None):
+    """dequantize(quantize(x)) in float32, returned in x's dtype; NaN stays NaN."""
+    q = quantize_float(x, scale, zero_point, bits=bits, signed=signed, rounding=rounding, axis=axis)
+    s = _along(scale, x, axis)
+    z = _along(zero_point, x, axis)
+    x32 = x.float()
+    return torch.where(torch.isnan(x32), x32, (q - z) * s).to(x.dtype)
+
+
+def fake_quantize_grad_mask(x, scale, zero_point, *, bits=8, signed=True, rounding="nearest", axis=None):
+    """Where the straight-through gradient passes: the un-clamped quantized value lies in [qmin, qmax]
+    (sign binarization: |x| <= scale). False for NaN."""
+    qmin, qmax = qrange(bits, signed)
+    x32 = x.float()
+    s = _along(scale, x, axis)
+    if signed and bits == 1:
+        return x32.abs() <= s
+    r = _rounded(x32, s, _along(zero_point, x, axis), rounding)
+    return (r >= qmin) & (r <= qmax)
+
+
+def fake_quantize_backward(grad, x, scale, zero_point, *, bits=8, signed=True, rounding="nearest", axis=None):
+    """grad * mask (a product, so an inf/NaN gradient outside the range gives NaN, as in torch)."""
+    mask = fake_quantize_grad_mask(x, scale, zero_point, bits=bits, signed=signed, rounding=rounding, axis=axis)
+    return (grad.float() * mask.float()).to(grad.dtype)
+
+
+def quantize_per_token(x, *, bits=8):
+    """Symmetric per-row int8 quantization over the last dim. scale = (largest finite |x| of the row) / qmax,
+    1.0 for a row without a non-zero finite value; q = clamp(round(x * (1 / scale)), -qmax, qmax), NaN -> 0."""
+    qmax = (1 << (bits - 1)) - 1
+    x32 = x.float()
+    if x.shape[-1] == 0:
+        absmax = x32.new_zeros(x.shape[:-1])
+    else:
+        absmax = torch.where(torch.isfinite(x32), x32.abs(), 0.0).amax(-1)
+    scale = torch.where(absmax > 0, absmax / qmax, 1.0)
+    q = torch.clamp(torch.round(x32 * (1.0 / scale)[..., None]), -qmax, qmax)
+    q = torch.where(torch.isnan(x32), 0.0, q)
+    return q.to(torch.int8), scale
+
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Integer matrix family
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact int32 a @ b of int8 matrices: an int64 product (no overflow for K < 2^32 / 2^14) cast to int32."""
+    return (a.cpu().to(torch.int64) @ b.cpu().to(torch.int64)).to(torch.int32).to(a.device)
+
+
+def _requantize(y: torch.Tensor, out_scale: float, out_zero_point: int, out_dtype: torch.dtype) -> torch.Tensor:
+    info = torch.iinfo(out_dtype)
+    inv_scale = 1.0 / torch.tensor(out_scale, dtype=torch.float32)  # in float32, as the kernels compute it
+    q = torch.round(y * inv_scale) + out_zero_point  # round half to even
+    q = torch.where(torch.isnan(y), torch.full_like(q, out_zero_point), q)
+    return q.clamp(info.min, info.max).to(out_dtype)
+
+
+def int8_linear(x_q: torch.Tensor, x_scale, x_zero_point: int, w_q: torch.Tensor, w_scale: torch.Tensor,
+                bias=None, *, out_dtype=torch.float32, out_scale=None, out_zero_point: int = 0) -> torch.Tensor:
+    """y = (sum_k (x_q - x_zero_point) * w_q[n, k]) * x_scale * w_scale[n] + bias[n] over the last dim of
+    x_q [..., K], with the unpacked int8 weight w_q [N, K]; x_scale per token (x_q.shape[:-1]) or 1 element.
+    out_dtype float, or int8/uint8 requantized: clamp(rne(y * (1 / out_scale)) + out_zero_point)."""
+    acc = (x_q.cpu().to(torch.int64) - x_zero_point) @ w_q.cpu().to(torch.int64).t()
+    x_scale = torch.as_tensor(x_scale, dtype=torch.float32).cpu()
+    x_scale = x_scale.reshape(()) if x_scale.numel() == 1 else x_scale.reshape(*x_q.shape[:-1], 1)
+    y = acc.to(torch.int32).to(torch.float32) * x_scale * w_scale.cpu().float()
+    if bias is not None:
+        y = y + bias.cpu().float()
+    out = _requantize(y, out_scale, out_zero_point, out_dtype) if out_scale is not None else y.to(out_dtype)
+    return out.to(x_q.device)
+
+
+def int8_conv2d(x_q: torch.Tensor, x_scale, x_zero_point: int, w_q: torch.Tensor, w_scale: torch.Tensor,
+                bias=None, *, stride=1, padding=0, dilation=1, groups=1, out_dtype=torch.float32) -> torch.Tensor:
+    """Quantized conv2d with the unpacked weight w_q [OC, C/G, KH, KW]: the integer sums of (x_q - x_zero_point)
+    * w_q (exact: a float64 convolution of integers far below 2^53), then acc * x_scale * w_scale[oc] + bias[oc]
+    in float32; channels-last output like the kernels'."""
+    xf = x_q.cpu().to(torch.float64) - x_zero_point
+    acc = torch.nn.functional.conv2d(xf, w_q.cpu().to(torch.float64), None, stride, padding, dilation, groups)
+    x_scale = torch.as_tensor(x_scale, dtype=torch.float32).cpu().reshape(())
+    y = acc.to(torch.int64).to(torch.int32).to(torch.float32) * x_scale * w_scale.cpu().float().reshape(-1, 1, 1)
+    if bias is not None:
+        y = y + bias.cpu().float().reshape(-1, 1, 1)
+    return y.to(out_dtype).contiguous(memory_format=torch.channels_last).to(x_q.device)

@@ -50,6 +50,7 @@ class QuantLayerBase(nn.Module):
         self.converted = False
         self.weight_shape = tuple(self.weight.shape)
         self._build_quantizers()
+        self.fused = self._has_fused_forward()
         self.register_load_state_dict_post_hook(QuantLayerBase._after_load)
 
     def _build_quantizers(self) -> None:
@@ -101,18 +102,17 @@ class QuantLayerBase(nn.Module):
         if x.device != self.qweight.device:
             raise ValueError(f"{type(self).__name__}: input is on {x.device} but the layer is on "
                              f"{self.qweight.device}")
-        bias = None if self.bias is None else self.bias.float()
         if self.input_quantizer is None:  # weight-only: float compute with the dequantized weight
             w = F_q.dequantize(self._weight_int8(), self.weight_scale, 0, axis=0, dtype=x.dtype)
             return self._float_op(x, w, self.bias)
-        fused = self._fused_dynamic_forward(x, bias)
-        if fused is not None:
-            return fused
+        if self.fused:
+            return self._fused_forward(x)
         x_q, x_scale = self.input_quantizer.quantize(x, self.input_zero_point)
-        return self._int_op(x_q, x_scale, self.input_zero_point, bias, x.dtype)
+        return self._int_op(x_q, x_scale, self.input_zero_point, x.dtype)
 
-    def _fused_dynamic_forward(self, x, bias):
-        return None
+    def _has_fused_forward(self) -> bool:
+        """Whether _fused_forward (one kernel for quantize + integer op) computes this layer's converted forward."""
+        return False
 
     # ---- conversion ----
     @torch.no_grad()
