@@ -207,8 +207,12 @@ def _layer_pairs(float_model: nn.Module, quantized_model: nn.Module):
             if type(module) in FLOAT_LAYER_TYPES]
 
 
+def _is_quant_layer(module) -> bool:
+    return isinstance(module, _quant_layer_types())
+
+
 def _is_quantized(module) -> bool:
-    return isinstance(module, _quant_layer_types()) and module.converted
+    return _is_quant_layer(module) and module.converted
 
 
 @dataclass
@@ -386,6 +390,8 @@ def _quantize_copy(model: nn.Module, config: QuantConfig, calibration, plan: Opt
         if names:
             torchquant.prepare(result, group_config.with_skip([lambda name, module: name in others])
                                if others else group_config)
+    if not any(_is_quant_layer(m) for m in result.modules()):
+        return result  # every layer kept float
     if calibration is not None and config.activation is not None and not config.activation.dynamic:
         torchquant.calibrate(result, calibration, progress=progress)
     return torchquant.convert(result)
