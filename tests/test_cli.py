@@ -201,7 +201,7 @@ def test_report_writes_table_json_and_markdown(work, tmp_path):
 def test_demo_runs(work):
     result = run_cli("demo", "--epochs", "2", "--qat-epochs", "1", "--threads", "1", cwd=work, check_rc=0)
     for label in ("float32", "int8-static", "int8-dynamic", "w4a8-dynamic", "int8-static, truncate rounding",
-                  "w4a8-dynamic + QAT (1 epochs)"):
+                  "w4a8 QAT (1 epochs)"):
         assert f"| {label} |" in result.stdout
     assert "accuracy %" in result.stdout and "size KiB" in result.stdout
 

@@ -511,7 +511,7 @@ def _plot(report: ModelReport, path: str) -> None:
     left.barh(names, sqnr, color="tab:blue")
     left.set_xlabel("output SQNR (dB)")
     if report.min_sqnr is not None:
-        left.axvline(report.min_sqnr, color="tab:red", linestyle="--", label="budget")
+        left.axvline(report.min_sqnr, color="tab:red", linestyle="--")
     right.barh(names, speedup, color="tab:green")
     right.axvline(1.0, color="grey", linestyle=":")
     right.set_xlabel("speed-up vs float (x)")
