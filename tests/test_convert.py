@@ -8,6 +8,8 @@ import torchquant as tq
 from torchquant import QuantConfig
 from torchquant.nn import QuantConv2d, QuantLinear
 
+from test_nn import exact_float_reference  # noqa: F401  (autouse fixture)
+
 
 class Block(nn.Module):
     def __init__(self):

@@ -8,6 +8,15 @@ from torchquant.nn import QuantConv2d, QuantLinear
 from torchquant.nn.base import pack_int4, unpack_int4
 from torchquant.nn.quantizers import _LSQFakeQuantize
 
+@pytest.fixture(autouse=True)
+def exact_float_reference():
+    """The fake-quant side of a parity check must not run cuDNN convolutions in TF32 (10-bit mantissa)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 DYN8 = QuantSpec(granularity="per_token", dynamic=True)
 CONFIGS = {
     "int8-dynamic": "int8-dynamic",

@@ -11,6 +11,8 @@ buffers rebuilt from `qweight` whenever the layer moves (`_apply`) or loads a st
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
@@ -90,10 +92,7 @@ class QuantLayerBase(nn.Module):
         return self.qweight
 
     def _weight_numel_per_channel(self) -> int:
-        n = 1
-        for d in self.weight_shape[1:]:
-            n *= d
-        return n
+        return math.prod(self.weight_shape[1:])
 
     def _converted_forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
@@ -143,13 +142,13 @@ class QuantLayerBase(nn.Module):
             self._install_converted(self.converted_state())
         return self
 
-    def _converted_skeleton(self, device=None) -> None:
+    def _converted_skeleton(self) -> None:
         """Converted layout with placeholder integer buffers, for loading a converted state dict."""
         if self.converted:
             return
         n = self.weight_shape[0]
         k = self._weight_numel_per_channel()
-        device = self.weight.device if device is None else device
+        device = self.weight.device
         if self.config.weight.bits <= 4:
             q = torch.zeros(n, (k + 1) // 2, dtype=torch.uint8, device=device)
         else:
