@@ -11,7 +11,7 @@ run time, and importing it does not import them either (that happens in `load_mi
 import importlib.util
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 
@@ -25,18 +25,36 @@ def is_available() -> bool:
     return all(importlib.util.find_spec(name) is not None for name in (MODEL_PACKAGE, "transformers"))
 
 
+class SentenceEncoder(torch.nn.Module):
+    """BERT encoder + sentence-transformers pooling as one module: token tensors in, normalized sentence
+    embeddings [B, 384] float32 out. Quantizers see the encoder's 36 Linear layers inside it; plain tensor
+    arguments make it easy to calibrate (batches are (input_ids, attention_mask, token_type_ids) tuples)."""
+
+    def __init__(self, bert: torch.nn.Module):
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor = None) -> torch.Tensor:
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask,
+                           token_type_ids=token_type_ids).last_hidden_state
+        return mean_pool(hidden.float(), attention_mask)
+
+
 @dataclass
 class MiniLM:
-    """The float encoder (a transformers BertModel without its unused pooler) and its tokenizer."""
-    model: torch.nn.Module
+    """The float sentence encoder and its tokenizer."""
+    encoder: SentenceEncoder
     tokenizer: Any
     max_length: int = MAX_LENGTH
 
-    def tokenize(self, sentences: Sequence[str]) -> Dict[str, torch.Tensor]:
-        """A padded batch (input_ids, token_type_ids, attention_mask) for `sentences`."""
+    def tokenize(self, sentences: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask, token_type_ids) of `sentences`, padded to the longest: the arguments of
+        SentenceEncoder.forward."""
         _check_sentences(sentences)
-        return dict(self.tokenizer(list(sentences), padding=True, truncation=True, max_length=self.max_length,
-                                   return_tensors="pt"))
+        batch = self.tokenizer(list(sentences), padding=True, truncation=True, max_length=self.max_length,
+                               return_tensors="pt")
+        return batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
 
 
 def load_minilm() -> MiniLM:
@@ -58,11 +76,11 @@ def load_minilm() -> MiniLM:
     hf_logging.set_verbosity_error()  # the checkpoint's pooler weights are unused on purpose: no warning about it
     try:
         # The pooler (a 37th Linear) is not part of sentence embeddings: leave it out so every Linear counts.
-        model = BertModel.from_pretrained(path, local_files_only=True, add_pooling_layer=False)
+        bert = BertModel.from_pretrained(path, local_files_only=True, add_pooling_layer=False)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     finally:
         hf_logging.set_verbosity(verbosity)
-    return MiniLM(model.eval(), tokenizer)
+    return MiniLM(SentenceEncoder(bert).eval(), tokenizer)
 
 
 def mean_pool(token_embeddings: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -74,23 +92,24 @@ def mean_pool(token_embeddings: torch.Tensor, attention_mask: torch.Tensor) -> t
     return torch.nn.functional.normalize(summed / counts, p=2, dim=-1)
 
 
-def embed_batch(model: torch.nn.Module, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
-    """Normalized sentence embeddings [B, 384] float32 of a tokenized batch, with `model` (float or quantized)."""
-    with torch.inference_mode():
-        hidden = model(**batch).last_hidden_state
-    return mean_pool(hidden.float(), batch["attention_mask"])
-
-
-def encode(minilm: MiniLM, sentences: Sequence[str], *, model: torch.nn.Module = None,
+def encode(minilm: MiniLM, sentences: Sequence[str], *, encoder: torch.nn.Module = None,
            batch_size: int = 64) -> torch.Tensor:
-    """Normalized embeddings [len(sentences), 384] of `sentences` by `model` (default: the float model)."""
+    """Normalized embeddings [len(sentences), 384] of `sentences` by `encoder` (a float or quantized
+    SentenceEncoder; default: the float one)."""
     _check_sentences(sentences)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    model = minilm.model if model is None else model
-    parts = [embed_batch(model, minilm.tokenize(sentences[i:i + batch_size]))
-             for i in range(0, len(sentences), batch_size)]
+    encoder = minilm.encoder if encoder is None else encoder
+    with torch.inference_mode():
+        parts = [encoder(*minilm.tokenize(sentences[i:i + batch_size]))
+                 for i in range(0, len(sentences), batch_size)]
     return torch.cat(parts)
+
+
+def calibration_batches(minilm: MiniLM, *, batch_size: int = 8) -> List[Tuple[torch.Tensor, ...]]:
+    """CALIBRATION_SENTENCES tokenized in batches of `batch_size`, for torchquant.calibrate."""
+    return [minilm.tokenize(CALIBRATION_SENTENCES[i:i + batch_size])
+            for i in range(0, len(CALIBRATION_SENTENCES), batch_size)]
 
 
 def _check_sentences(sentences) -> None:

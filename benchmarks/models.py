@@ -1,0 +1,3 @@
+from torchquant.bench.models import main
+
+main()
