@@ -1,3 +1,199 @@
-"""Integer matrix ops (int8_mm, int8_linear, int8_conv2d): wrappers and fake kernels."""
+"""Integer matrix ops (int8_mm, int8_linear, int8_conv2d): wrappers and fake kernels.
 
-__all__ = []
+The wrappers check what the message should name in Python terms (types, ranks, devices) and leave the rest
+(sizes against the packed weight, zero-point ranges, ...) to the kernels' TORCH_CHECKs, so the small-batch path
+stays cheap. Packed weights are device specific: re-pack after moving a weight to another device.
+"""
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+
+from torchquant._ops import ops
+
+__all__ = [
+    "int8_mm",
+    "pack_int8_weight",
+    "int8_linear",
+    "dynamic_int8_linear",
+    "pack_conv_weight",
+    "int8_conv2d",
+]
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_ACTIVATION_DTYPES = (torch.int8, torch.uint8)
+_PANEL = 64  # packed weights are zero padded to multiples of 64 in both dims (csrc/ops.cpp)
+
+
+def _round_up(x: int, m: int) -> int:
+    return (x + m - 1) // m * m
+
+
+def _require_tensor(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def _require_dtype(name: str, t: torch.Tensor, dtypes: Tuple[torch.dtype, ...]) -> None:
+    if t.dtype not in dtypes:
+        wanted = " or ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must be {wanted}, got {str(t.dtype).replace('torch.', '')}")
+
+
+def _require_same_device(device: torch.device, **tensors) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.device != device:
+            raise ValueError(f"{name} is on {t.device} but the input is on {device}: move all tensors to one device")
+
+
+def _pair(name: str, v: Union[int, Sequence[int]]) -> Tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(i, int) for i in v):
+        return (int(v[0]), int(v[1]))
+    raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
+
+
+def _scale_tensor(name: str, scale, device: torch.device) -> torch.Tensor:
+    if isinstance(scale, (int, float)):
+        return torch.tensor([float(scale)], dtype=torch.float32, device=device)
+    _require_tensor(name, scale)
+    _require_dtype(name, scale, (torch.float32,))
+    return scale.reshape(-1)
+
+
+def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact int32 [M, N] = a [M, K] int8 @ b [K, N] int8, for any sizes and strides (b = w.t() of an [N, K]
+    weight is the fast case)."""
+    _require_tensor("a", a)
+    _require_tensor("b", b)
+    _require_dtype("a", a, (torch.int8,))
+    _require_dtype("b", b, (torch.int8,))
+    if a.dim() != 2 or b.dim() != 2:
+        raise ValueError(f"int8_mm: a and b must be 2-d, got shapes {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.shape[1] != b.shape[0]:
+        raise ValueError(f"int8_mm: inner sizes differ: a is {tuple(a.shape)}, b is {tuple(b.shape)}")
+    _require_same_device(a.device, b=b)
+    return ops.int8_mm(a, b)
+
+
+def pack_int8_weight(w: torch.Tensor) -> torch.Tensor:
+    """Lays out an int8 weight [N, K] (or [G, N, K]) once for the device's GEMM: [G?, round_up(N, 64),
+    round_up(K, 64)] int8, zero padded, in the device's own byte order."""
+    _require_tensor("w", w)
+    _require_dtype("w", w, (torch.int8,))
+    if w.dim() not in (2, 3) or w.numel() == 0:
+        raise ValueError(f"pack_int8_weight: w must be a non-empty [N, K] or [G, N, K] tensor, got {tuple(w.shape)}")
+    return ops.pack_int8_weight(w)
+
+
+def int8_linear(x_q: torch.Tensor, x_scale, x_zero_point: int, w_packed: torch.Tensor, w_sum: torch.Tensor,
+                w_scale: torch.Tensor, bias: Optional[torch.Tensor] = None, *, out_features: int,
+                out_dtype: torch.dtype = torch.float32, out_scale: Optional[float] = None,
+                out_zero_point: int = 0) -> torch.Tensor:
+    """y = (sum_k (x_q - x_zero_point) * w) * x_scale * w_scale + bias over the last dim of x_q [..., K].
+
+    x_scale: float32, one per token (shape x_q.shape[:-1]) or 1 element (or a Python float); w_sum = w.sum(1)
+    (int32 [N]); w_scale float32 [N]. out_dtype float32/float16/bfloat16, or int8/uint8 with out_scale and
+    out_zero_point (requantized: clamp(rne(y / out_scale) + out_zero_point))."""
+    _require_tensor("x_q", x_q)
+    _require_dtype("x_q", x_q, _ACTIVATION_DTYPES)
+    if x_q.dim() < 1:
+        raise ValueError("int8_linear: x_q must have at least 1 dimension [..., K]")
+    _require_tensor("w_packed", w_packed)
+    _require_tensor("w_sum", w_sum)
+    _require_tensor("w_scale", w_scale)
+    x_scale = _scale_tensor("x_scale", x_scale, x_q.device)
+    _require_same_device(x_q.device, x_scale=x_scale, w_packed=w_packed, w_sum=w_sum, w_scale=w_scale, bias=bias)
+    if out_dtype not in _FLOAT_DTYPES + _ACTIVATION_DTYPES:
+        raise TypeError(f"int8_linear: out_dtype must be float32, float16, bfloat16, int8 or uint8, got {out_dtype}")
+    return ops.int8_linear(x_q, x_scale, int(x_zero_point), w_packed, w_sum, w_scale, bias, int(out_features),
+                           out_dtype, None if out_scale is None else float(out_scale), int(out_zero_point))
+
+
+def dynamic_int8_linear(x: torch.Tensor, w_packed: torch.Tensor, w_sum: torch.Tensor, w_scale: torch.Tensor,
+                        bias: Optional[torch.Tensor] = None, *, out_features: int) -> torch.Tensor:
+    """The int8-dynamic Linear forward: per-token symmetric int8 quantization of x [..., K] (float32, float16 or
+    bfloat16), then int8_linear against the packed weight; the output has x's dtype."""
+    _require_tensor("x", x)
+    _require_dtype("x", x, _FLOAT_DTYPES)
+    if x.dim() < 1:
+        raise ValueError("dynamic_int8_linear: x must have at least 1 dimension [..., K]")
+    _require_same_device(x.device, w_packed=w_packed, w_sum=w_sum, w_scale=w_scale, bias=bias)
+    x_q, x_scale = ops.quantize_per_token(x, 8)
+    return ops.int8_linear(x_q, x_scale.reshape(-1), 0, w_packed, w_sum, w_scale, bias, int(out_features), x.dtype,
+                           None, 0)
+
+
+def pack_conv_weight(w_q: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """Packs an int8 conv weight [OC, IC/G, KH, KW] for int8_conv2d: pack_int8_weight of the [G, OC/G, KH*KW*IC/G]
+    matrix whose reduction index runs (kh, kw, c)."""
+    _require_tensor("w_q", w_q)
+    _require_dtype("w_q", w_q, (torch.int8,))
+    if w_q.dim() != 4 or w_q.numel() == 0:
+        raise ValueError(f"pack_conv_weight: w_q must be a non-empty [OC, IC/G, KH, KW] tensor, got {tuple(w_q.shape)}")
+    if not isinstance(groups, int) or groups < 1 or w_q.shape[0] % groups:
+        raise ValueError(f"pack_conv_weight: groups must be a positive int dividing out_channels ({w_q.shape[0]}), "
+                         f"got {groups!r}")
+    oc = w_q.shape[0]
+    return ops.pack_int8_weight(w_q.permute(0, 2, 3, 1).reshape(groups, oc // groups, -1))
+
+
+def int8_conv2d(x_q: torch.Tensor, x_scale, x_zero_point: int, w_packed: torch.Tensor, w_sum: torch.Tensor,
+                w_scale: torch.Tensor, bias: Optional[torch.Tensor] = None, *, out_channels: int,
+                kernel_size: Union[int, Sequence[int]], stride: Union[int, Sequence[int]] = 1,
+                padding: Union[int, Sequence[int]] = 0, dilation: Union[int, Sequence[int]] = 1, groups: int = 1,
+                out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Quantized conv2d: x_q [B, C, H, W] int8/uint8 with a per-tensor x_scale and x_zero_point, a weight from
+    pack_conv_weight with w_sum[oc] = w_q[oc].sum() and w_scale [OC]; returns [B, OC, OH, OW] of out_dtype in
+    channels-last memory format."""
+    _require_tensor("x_q", x_q)
+    _require_dtype("x_q", x_q, _ACTIVATION_DTYPES)
+    if x_q.dim() != 4:
+        raise ValueError(f"int8_conv2d: x_q must be 4-d [B, C, H, W], got shape {tuple(x_q.shape)}")
+    _require_tensor("w_packed", w_packed)
+    _require_tensor("w_sum", w_sum)
+    _require_tensor("w_scale", w_scale)
+    x_scale = _scale_tensor("x_scale", x_scale, x_q.device)
+    _require_same_device(x_q.device, x_scale=x_scale, w_packed=w_packed, w_sum=w_sum, w_scale=w_scale, bias=bias)
+    if not isinstance(groups, int) or groups < 1 or x_q.shape[1] % groups or out_channels % groups:
+        raise ValueError(f"int8_conv2d: groups must be a positive int dividing the input channels ({x_q.shape[1]}) "
+                         f"and out_channels ({out_channels}), got {groups!r}")
+    if out_dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"int8_conv2d: out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
+    return ops.int8_conv2d(x_q, x_scale, int(x_zero_point), w_packed, w_sum, w_scale, bias, int(out_channels),
+                           _pair("kernel_size", kernel_size), _pair("stride", stride), _pair("padding", padding),
+                           _pair("dilation", dilation), groups, out_dtype)
+
+
+# ---- fake kernels: shapes and dtypes only, for torch.compile / meta tensors ----
+
+@torch.library.register_fake("torchquant::int8_mm")
+def _int8_mm_fake(a, b):
+    torch._check(a.dim() == 2 and b.dim() == 2, lambda: "int8_mm: a and b must be 2-d")
+    torch._check(a.shape[1] == b.shape[0], lambda: "int8_mm: inner sizes differ")
+    return a.new_empty((a.shape[0], b.shape[1]), dtype=torch.int32)
+
+
+@torch.library.register_fake("torchquant::pack_int8_weight")
+def _pack_int8_weight_fake(w):
+    shape = (*w.shape[:-2], _round_up(w.shape[-2], _PANEL), _round_up(w.shape[-1], _PANEL))
+    return w.new_empty(shape, dtype=torch.int8)
+
+
+@torch.library.register_fake("torchquant::int8_linear")
+def _int8_linear_fake(x_q, x_scale, x_zero_point, w_packed, w_sum, w_scale, bias, out_features, out_dtype,
+                      out_scale=None, out_zero_point=0):
+    return x_q.new_empty((*x_q.shape[:-1], out_features), dtype=out_dtype)
+
+
+def _conv_out_size(size, kernel, stride, padding, dilation):
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+@torch.library.register_fake("torchquant::int8_conv2d")
+def _int8_conv2d_fake(x_q, x_scale, x_zero_point, w_packed, w_sum, w_scale, bias, out_channels, kernel_size, stride,
+                      padding, dilation, groups, out_dtype):
+    b, _, h, w = x_q.shape
+    oh = _conv_out_size(h, kernel_size[0], stride[0], padding[0], dilation[0])
+    ow = _conv_out_size(w, kernel_size[1], stride[1], padding[1], dilation[1])
+    return x_q.new_empty((b, oh, ow, out_channels), dtype=out_dtype).permute(0, 3, 1, 2)

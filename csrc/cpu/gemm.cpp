@@ -1,0 +1,223 @@
+// CPU kernels of int8_mm, pack_int8_weight and int8_linear (schemas in csrc/ops.cpp) on the engine of gemm_core.
+#include <cmath>
+#include <optional>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "cpu/gemm_core.h"
+#include "cpu/gemm_ops.h"
+#include "cpu/isa.h"
+
+namespace torchquant::gemm {
+
+Epilogue EpilogueInputs::epilogue(OutKind kind, void* out, int64_t out_row_stride) const {
+  Epilogue ep;
+  ep.kind = kind;
+  ep.out = out;
+  ep.out_row_stride = out_row_stride;
+  ep.col_offset = col_offset.data_ptr<int32_t>();
+  ep.row_scale = x_scale.data_ptr<float>();
+  ep.per_row_scale = x_scale.numel() > 1;
+  ep.col_scale = w_scale.data_ptr<float>();
+  ep.bias = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  return ep;
+}
+
+namespace {
+
+void check_vector(const char* op, const char* name, const at::Tensor& t, at::ScalarType dtype, int64_t n) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be on the CPU like x_q, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, op, ": ", name, " must have shape [", n, "], got ", t.sizes());
+}
+
+}  // namespace
+
+EpilogueInputs prepare_epilogue_inputs(const char* op, const at::Tensor& x_q, int64_t x_zero_point,
+                                       const at::Tensor& x_scale, int64_t rows, const at::Tensor& w_sum,
+                                       const at::Tensor& w_scale, const std::optional<at::Tensor>& bias, int64_t n) {
+  const bool is_int8 = x_q.scalar_type() == at::kChar;
+  TORCH_CHECK(is_int8 || x_q.scalar_type() == at::kByte, op, ": x_q must be int8 or uint8, got ", x_q.scalar_type());
+  const int64_t zp_min = is_int8 ? -128 : 0, zp_max = is_int8 ? 127 : 255;
+  TORCH_CHECK(x_zero_point >= zp_min && x_zero_point <= zp_max, op, ": x_zero_point must lie in [", zp_min, ", ",
+              zp_max, "] for ", x_q.scalar_type(), " x_q, got ", x_zero_point);
+  TORCH_CHECK(x_scale.device().is_cpu(), op, ": x_scale must be on the CPU like x_q, got ", x_scale.device());
+  TORCH_CHECK(x_scale.scalar_type() == at::kFloat, op, ": x_scale must be float32, got ", x_scale.scalar_type());
+  TORCH_CHECK(x_scale.numel() == 1 || x_scale.numel() == rows, op, ": x_scale must have 1 element or one per row (",
+              rows, "), got ", x_scale.numel());
+  check_vector(op, "w_sum", w_sum, at::kInt, n);
+  check_vector(op, "w_scale", w_scale, at::kFloat, n);
+  EpilogueInputs in;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->device().is_cpu(), op, ": bias must be on the CPU like x_q, got ", bias->device());
+    TORCH_CHECK(at::isFloatingType(bias->scalar_type()), op, ": bias must be a float tensor, got ",
+                bias->scalar_type());
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, op, ": bias must have shape [", n, "], got ", bias->sizes());
+    in.bias = bias->to(at::kFloat).contiguous();
+  }
+  in.x_scale = x_scale.contiguous();
+  in.w_scale = w_scale.contiguous();
+  // sum_k (x - zp) w = sum_k x_u8 w - (zp + shift) * w_sum, computed modulo 2^32 like the accumulators
+  const uint32_t shift = static_cast<uint32_t>(x_zero_point + (is_int8 ? 128 : 0));
+  in.col_offset = at::empty({n}, w_sum.options());
+  const at::Tensor w_sum_c = w_sum.contiguous();
+  const int32_t* sums = w_sum_c.data_ptr<int32_t>();
+  int32_t* offsets = in.col_offset.data_ptr<int32_t>();
+  for (int64_t i = 0; i < n; ++i) offsets[i] = static_cast<int32_t>(shift * static_cast<uint32_t>(sums[i]));
+  return in;
+}
+
+OutKind float_out_kind(const char* op, at::ScalarType out_dtype) {
+  switch (out_dtype) {
+    case at::kFloat: return OutKind::Float32;
+    case at::kHalf: return OutKind::Float16;
+    case at::kBFloat16: return OutKind::BFloat16;
+    default: break;
+  }
+  TORCH_CHECK(false, op, ": out_dtype must be float32, float16 or bfloat16, got ", out_dtype);
+}
+
+void check_packed_weight(const char* op, const at::Tensor& w_packed, int64_t groups, int64_t n, int64_t k) {
+  TORCH_CHECK(w_packed.device().is_cpu(), op, ": w_packed must be on the CPU like x_q, got ", w_packed.device(),
+              " (re-pack the weight with pack_int8_weight after moving it)");
+  TORCH_CHECK(w_packed.scalar_type() == at::kChar, op, ": w_packed must be int8 (from pack_int8_weight), got ",
+              w_packed.scalar_type());
+  std::vector<int64_t> want;
+  if (groups > 0) want.push_back(groups);
+  want.push_back(round_up(n, kPanelCols));
+  want.push_back(round_up(k, 64));
+  TORCH_CHECK(w_packed.sizes() == at::IntArrayRef(want), op, ": w_packed must have shape ", at::IntArrayRef(want),
+              " (a packed weight of ", n, " outputs and reduction size ", k, "), got ", w_packed.sizes());
+  TORCH_CHECK(w_packed.is_contiguous(), op, ": w_packed must be contiguous (as pack_int8_weight returns it)");
+}
+
+namespace {
+
+at::Tensor int8_mm_cpu(const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(a.scalar_type() == at::kChar && b.scalar_type() == at::kChar, "int8_mm: a and b must be int8, got ",
+              a.scalar_type(), " and ", b.scalar_type());
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2, "int8_mm: a and b must be 2-d, got ", a.dim(), "-d and ", b.dim(), "-d");
+  TORCH_CHECK(a.size(1) == b.size(0), "int8_mm: inner sizes differ: a is ", a.sizes(), ", b is ", b.sizes());
+  TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu(), "int8_mm: a and b must both be on the CPU, got ",
+              a.device(), " and ", b.device());
+  const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
+  at::Tensor out = at::empty({m, n}, a.options().dtype(at::kInt));
+  if (m == 0 || n == 0) return out;
+  if (k == 0) return out.zero_();
+  const int64_t k4 = round_up(k, 4);
+  at::Tensor b_packed = at::empty({round_up(n, kPanelCols) * k4}, b.options());
+  std::vector<int32_t> col_offset(n);
+  pack_weight(b.data_ptr<int8_t>(), n, k, b.stride(1), b.stride(0), k4, b_packed.data_ptr<int8_t>(),
+              col_offset.data());
+  for (auto& c : col_offset) c = static_cast<int32_t>(128u * static_cast<uint32_t>(c));  // the +128 shift of a
+  at::Tensor a_packed = at::empty({m * k4}, a.options().dtype(at::kByte));
+  pack_activation_rows(reinterpret_cast<const uint8_t*>(a.data_ptr<int8_t>()), m, k, a.stride(0), a.stride(1), 0x80,
+                       a_packed.data_ptr<uint8_t>(), k4);
+  GemmArgs args;
+  args.a = a_packed.data_ptr<uint8_t>();
+  args.lda = k4;
+  args.b = b_packed.data_ptr<int8_t>();
+  args.kp = k4;
+  args.m = m;
+  args.n = n;
+  args.k = k;
+  Epilogue ep;
+  ep.kind = OutKind::Int32;
+  ep.out = out.data_ptr<int32_t>();
+  ep.out_row_stride = n;
+  ep.col_offset = col_offset.data();
+  gemm_u8s8(args, ep, cpu_isa());
+  return out;
+}
+
+at::Tensor pack_int8_weight_cpu(const at::Tensor& w) {
+  TORCH_CHECK(w.scalar_type() == at::kChar, "pack_int8_weight: w must be int8, got ", w.scalar_type());
+  TORCH_CHECK(w.dim() == 2 || w.dim() == 3, "pack_int8_weight: w must be [N, K] or [G, N, K], got ", w.dim(), "-d");
+  const int64_t groups = w.dim() == 3 ? w.size(0) : 1;
+  const int64_t n = w.size(-2), k = w.size(-1);
+  TORCH_CHECK(n > 0 && k > 0 && groups > 0, "pack_int8_weight: w must not be empty, got shape ", w.sizes());
+  const int64_t np = round_up(n, kPanelCols), kp = round_up(k, 64);
+  std::vector<int64_t> shape = {np, kp};
+  if (w.dim() == 3) shape.insert(shape.begin(), groups);
+  at::Tensor packed = at::empty(shape, w.options());
+  for (int64_t g = 0; g < groups; ++g) {
+    const int8_t* src = w.data_ptr<int8_t>() + (w.dim() == 3 ? g * w.stride(0) : 0);
+    pack_weight(src, n, k, w.stride(-2), w.stride(-1), kp, packed.data_ptr<int8_t>() + g * np * kp, nullptr);
+  }
+  return packed;
+}
+
+at::Tensor int8_linear_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, int64_t x_zero_point,
+                           const at::Tensor& w_packed, const at::Tensor& w_sum, const at::Tensor& w_scale,
+                           const std::optional<at::Tensor>& bias, int64_t out_features, at::ScalarType out_dtype,
+                           std::optional<double> out_scale, int64_t out_zero_point) {
+  constexpr const char* op = "int8_linear";
+  TORCH_CHECK(x_q.dim() >= 1, op, ": x_q must have at least 1 dimension [..., K]");
+  TORCH_CHECK(out_features >= 1, op, ": out_features must be >= 1, got ", out_features);
+  const int64_t k = x_q.size(-1), n = out_features;
+  TORCH_CHECK(k >= 1, op, ": x_q's last dimension (K) must be >= 1");
+  const int64_t m = x_q.numel() / k;
+  check_packed_weight(op, w_packed, 0, n, k);
+  const EpilogueInputs in = prepare_epilogue_inputs(op, x_q, x_zero_point, x_scale, m, w_sum, w_scale, bias, n);
+
+  OutKind kind;
+  float qmin = 0.0f, qmax = 0.0f;
+  if (out_dtype == at::kChar || out_dtype == at::kByte) {
+    TORCH_CHECK(out_scale.has_value(), op, ": out_dtype ", out_dtype, " (requantized output) needs out_scale");
+    TORCH_CHECK(std::isfinite(*out_scale) && *out_scale > 0, op, ": out_scale must be positive and finite, got ",
+                *out_scale);
+    kind = out_dtype == at::kChar ? OutKind::Int8 : OutKind::UInt8;
+    qmin = out_dtype == at::kChar ? -128.0f : 0.0f;
+    qmax = out_dtype == at::kChar ? 127.0f : 255.0f;
+    TORCH_CHECK(out_zero_point >= qmin && out_zero_point <= qmax, op, ": out_zero_point must lie in [", qmin, ", ",
+                qmax, "] for ", out_dtype, " output, got ", out_zero_point);
+  } else {
+    TORCH_CHECK(!out_scale.has_value(), op, ": out_scale is only for int8/uint8 out_dtype, got out_dtype ", out_dtype);
+    kind = float_out_kind(op, out_dtype);
+  }
+
+  std::vector<int64_t> out_shape(x_q.sizes().begin(), x_q.sizes().end());
+  out_shape.back() = n;
+  at::Tensor out = at::empty(out_shape, x_q.options().dtype(out_dtype));
+  if (m == 0) return out;
+
+  const at::Tensor x2 = x_q.reshape({m, k});
+  const uint8_t flip = activation_flip(x_q);
+  const uint8_t* x_bytes = static_cast<const uint8_t*>(x2.data_ptr());
+  GemmArgs args;
+  at::Tensor a_packed;
+  if (flip == 0 && k % 4 == 0 && x2.stride(1) == 1) {  // uint8 rows are read in place
+    args.a = x_bytes;
+    args.lda = x2.stride(0);
+  } else {
+    args.lda = round_up(k, 4);
+    a_packed = at::empty({m * args.lda}, x_q.options().dtype(at::kByte));
+    pack_activation_rows(x_bytes, m, k, x2.stride(0), x2.stride(1), flip, a_packed.data_ptr<uint8_t>(), args.lda);
+    args.a = a_packed.data_ptr<uint8_t>();
+  }
+  args.b = w_packed.data_ptr<int8_t>();
+  args.kp = w_packed.size(1);
+  args.m = m;
+  args.n = n;
+  args.k = k;
+  Epilogue ep = in.epilogue(kind, out.data_ptr(), n);
+  if (out_scale.has_value()) {
+    ep.inv_out_scale = 1.0f / static_cast<float>(*out_scale);
+    ep.out_zero_point = static_cast<float>(out_zero_point);
+    ep.qmin = qmin;
+    ep.qmax = qmax;
+  }
+  gemm_u8s8(args, ep, cpu_isa());
+  return out;
+}
+
+}  // namespace
+}  // namespace torchquant::gemm
+
+TORCH_LIBRARY_IMPL(torchquant, CPU, m) {
+  m.impl("int8_mm", &torchquant::gemm::int8_mm_cpu);
+  m.impl("pack_int8_weight", &torchquant::gemm::pack_int8_weight_cpu);
+  m.impl("int8_linear", &torchquant::gemm::int8_linear_cpu);
+}

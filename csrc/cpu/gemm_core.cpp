@@ -1,0 +1,346 @@
+// The CPU int8 GEMM engine: packing, register-blocked microkernels per ISA, the fused epilogue, and the
+// cache-blocked, threaded driver. Layouts: see gemm_core.h.
+#include "cpu/gemm_core.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include "quant_math.h"
+
+#define TQ_TARGET_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+#define TQ_TARGET_AVX2 __attribute__((target("avx2,fma")))
+
+namespace torchquant::gemm {
+namespace {
+
+// Work item: up to kRowsPerChunk rows x one 64-column panel. Its int32 tile (24 KB) stays in L1/L2 while k runs in
+// blocks of kKBlock: the panel's slice of the weight for one block (16 KB) stays in L1 across the chunk's rows.
+constexpr int64_t kRowsPerChunk = 96;  // a multiple of every microkernel's row count (6, 2, 1)
+constexpr int64_t kKBlock = 256;       // bytes of k per cache block (a multiple of 4)
+
+inline int32_t load_i32(const void* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Microkernels: tile[r][0..64) (+)= sum over `steps` k-steps of a[r][4s..4s+4) . panel[s][col][0..4), r < rows.
+// `first` starts the sums at zero, otherwise they add to the tile (the next k block).
+// ---------------------------------------------------------------------------------------------------------------
+
+// AVX-512 VNNI: MR rows x 4 zmm (64 columns) of int32 accumulators = 24 registers at MR = 6, plus 4 weight
+// vectors and a broadcast; vpdpbusd does 64 u8 x s8 products per instruction without saturation.
+constexpr int kVnniRows = 6;
+
+template <int MR>
+TQ_TARGET_VNNI void microkernel_vnni(const uint8_t* a, int64_t lda, const int8_t* b, int64_t steps, int32_t* tile,
+                                     bool first) {
+  __m512i acc[MR][4];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j)
+      acc[r][j] = first ? _mm512_setzero_si512() : _mm512_loadu_si512(tile + r * kPanelCols + 16 * j);
+  for (int64_t s = 0; s < steps; ++s) {
+    const int8_t* bs = b + s * kStepBytes;
+    const __m512i b0 = _mm512_loadu_si512(bs);
+    const __m512i b1 = _mm512_loadu_si512(bs + 64);
+    const __m512i b2 = _mm512_loadu_si512(bs + 128);
+    const __m512i b3 = _mm512_loadu_si512(bs + 192);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m512i av = _mm512_set1_epi32(load_i32(a + r * lda + 4 * s));
+      acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], av, b0);
+      acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], av, b1);
+      acc[r][2] = _mm512_dpbusd_epi32(acc[r][2], av, b2);
+      acc[r][3] = _mm512_dpbusd_epi32(acc[r][3], av, b3);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) _mm512_storeu_si512(tile + r * kPanelCols + 16 * j, acc[r][j]);
+}
+
+TQ_TARGET_VNNI void microkernel_vnni_rows(const uint8_t* a, int64_t lda, const int8_t* b, int64_t steps, int32_t* tile,
+                                          int rows, bool first) {
+  switch (rows) {
+    case 6: return microkernel_vnni<6>(a, lda, b, steps, tile, first);
+    case 5: return microkernel_vnni<5>(a, lda, b, steps, tile, first);
+    case 4: return microkernel_vnni<4>(a, lda, b, steps, tile, first);
+    case 3: return microkernel_vnni<3>(a, lda, b, steps, tile, first);
+    case 2: return microkernel_vnni<2>(a, lda, b, steps, tile, first);
+    default: return microkernel_vnni<1>(a, lda, b, steps, tile, first);
+  }
+}
+
+// AVX2, exact: u8 activations and s8 weights widened to int16, then vpmaddwd (int16 x int16 -> int32 pair sums,
+// |sum| <= 2 * 255 * 128, no saturation, unlike vpmaddubsw). A 16-byte slice of a panel step holds 4 columns x 4 k;
+// widened and multiplied by the broadcast 4 activation values it gives 2 partial sums per column, which are
+// added pairwise (hadd) when the block ends. MR rows x 4 ymm per 16-column quarter = 8 accumulators at MR = 2.
+constexpr int kAvx2Rows = 2;
+
+template <int MR>
+TQ_TARGET_AVX2 void microkernel_avx2(const uint8_t* a, int64_t lda, const int8_t* b, int64_t steps, int32_t* tile,
+                                     bool first) {
+  for (int q = 0; q < 4; ++q) {
+    __m256i acc[MR][4];
+#pragma GCC unroll 4
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_setzero_si256();
+    for (int64_t s = 0; s < steps; ++s) {
+      __m256i av[MR];
+#pragma GCC unroll 4
+      for (int r = 0; r < MR; ++r)
+        av[r] = _mm256_broadcastq_epi64(_mm_cvtepu8_epi16(_mm_cvtsi32_si128(load_i32(a + r * lda + 4 * s))));
+      const int8_t* bs = b + s * kStepBytes + 64 * q;
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {
+        const __m256i bw = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bs + 16 * j)));
+#pragma GCC unroll 4
+        for (int r = 0; r < MR; ++r) acc[r][j] = _mm256_add_epi32(acc[r][j], _mm256_madd_epi16(bw, av[r]));
+      }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < MR; ++r) {
+      // hadd gives columns (0 1 4 5 | 2 3 6 7); the 64-bit permute puts them in order
+      const __m256i lo = _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[r][0], acc[r][1]), 0xD8);
+      const __m256i hi = _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[r][2], acc[r][3]), 0xD8);
+      __m256i* dst = reinterpret_cast<__m256i*>(tile + r * kPanelCols + 16 * q);
+      if (first) {
+        _mm256_storeu_si256(dst, lo);
+        _mm256_storeu_si256(dst + 1, hi);
+      } else {
+        _mm256_storeu_si256(dst, _mm256_add_epi32(_mm256_loadu_si256(dst), lo));
+        _mm256_storeu_si256(dst + 1, _mm256_add_epi32(_mm256_loadu_si256(dst + 1), hi));
+      }
+    }
+  }
+}
+
+TQ_TARGET_AVX2 void microkernel_avx2_rows(const uint8_t* a, int64_t lda, const int8_t* b, int64_t steps, int32_t* tile,
+                                          int rows, bool first) {
+  if (rows == 2) microkernel_avx2<2>(a, lda, b, steps, tile, first);
+  else microkernel_avx2<1>(a, lda, b, steps, tile, first);
+}
+
+// Portable path. Sums in uint32: wrap-around (the hardware's behaviour) without signed-overflow UB.
+void microkernel_scalar(const uint8_t* a, int64_t lda, const int8_t* b, int64_t steps, int32_t* tile, int rows,
+                        bool first) {
+  for (int r = 0; r < rows; ++r) {
+    const uint8_t* ar = a + r * lda;
+    for (int64_t col = 0; col < kPanelCols; ++col) {
+      uint32_t sum = first ? 0u : static_cast<uint32_t>(tile[r * kPanelCols + col]);
+      for (int64_t s = 0; s < steps; ++s)
+        for (int j = 0; j < 4; ++j)
+          sum += static_cast<uint32_t>(static_cast<int32_t>(ar[4 * s + j]) * b[s * kStepBytes + col * 4 + j]);
+      tile[r * kPanelCols + col] = static_cast<int32_t>(sum);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Epilogue: one row of a tile (ncols <= 64 valid columns) to the output. Pointers are already at the panel's first
+// column; `row` indexes the output row.
+// ---------------------------------------------------------------------------------------------------------------
+
+template <typename T>
+inline T* out_at(const Epilogue& ep, int64_t row, int64_t col0) {
+  return static_cast<T*>(ep.out) + row * ep.out_row_stride + col0;
+}
+
+void epilogue_row_scalar(const Epilogue& ep, const int32_t* acc, int64_t row, int64_t col0, int64_t ncols) {
+  const float xs = ep.row_scale == nullptr ? 1.0f : ep.row_scale[ep.per_row_scale ? row : 0];
+  const QuantFormat fmt{ep.qmin, ep.qmax, false};
+  for (int64_t c = 0; c < ncols; ++c) {
+    const int64_t n = col0 + c;
+    const int32_t v = static_cast<int32_t>(static_cast<uint32_t>(acc[c]) - static_cast<uint32_t>(ep.col_offset[n]));
+    if (ep.kind == OutKind::Int32) {
+      out_at<int32_t>(ep, row, col0)[c] = v;
+      continue;
+    }
+    float y = static_cast<float>(v) * xs * ep.col_scale[n];
+    if (ep.bias != nullptr) y += ep.bias[n];
+    switch (ep.kind) {
+      case OutKind::Float32: out_at<float>(ep, row, col0)[c] = y; break;
+      case OutKind::Float16: out_at<c10::Half>(ep, row, col0)[c] = c10::Half(y); break;
+      case OutKind::BFloat16: out_at<c10::BFloat16>(ep, row, col0)[c] = c10::BFloat16(y); break;
+      case OutKind::Int8:
+        out_at<int8_t>(ep, row, col0)[c] =
+            static_cast<int8_t>(quantize_value(y, ep.inv_out_scale, ep.out_zero_point, fmt, Rounding::Nearest));
+        break;
+      case OutKind::UInt8:
+        out_at<uint8_t>(ep, row, col0)[c] =
+            static_cast<uint8_t>(quantize_value(y, ep.inv_out_scale, ep.out_zero_point, fmt, Rounding::Nearest));
+        break;
+      case OutKind::Int32: break;
+    }
+  }
+}
+
+// The same, 16 columns at a time. Matches epilogue_row_scalar: same operation order, round-to-nearest-even
+// conversions (vcvtps2ph, a bit-exact bfloat16 rounding), NaN -> zero point when requantizing.
+TQ_TARGET_VNNI void epilogue_row_avx512(const Epilogue& ep, const int32_t* acc, int64_t row, int64_t col0,
+                                        int64_t ncols) {
+  const __m512 xs = _mm512_set1_ps(ep.row_scale == nullptr ? 1.0f : ep.row_scale[ep.per_row_scale ? row : 0]);
+  for (int64_t c = 0; c < ncols; c += 16) {
+    const __mmask16 mask = ncols - c >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (ncols - c)) - 1);
+    const int64_t n = col0 + c;
+    const __m512i v = _mm512_sub_epi32(_mm512_loadu_si512(acc + c), _mm512_maskz_loadu_epi32(mask, ep.col_offset + n));
+    if (ep.kind == OutKind::Int32) {
+      _mm512_mask_storeu_epi32(out_at<int32_t>(ep, row, col0) + c, mask, v);
+      continue;
+    }
+    __m512 y = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(v), xs), _mm512_maskz_loadu_ps(mask, ep.col_scale + n));
+    if (ep.bias != nullptr) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, ep.bias + n));
+    switch (ep.kind) {
+      case OutKind::Float32: _mm512_mask_storeu_ps(out_at<float>(ep, row, col0) + c, mask, y); break;
+      case OutKind::Float16:
+        _mm256_mask_storeu_epi16(out_at<c10::Half>(ep, row, col0) + c, mask,
+                                 _mm512_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        break;
+      case OutKind::BFloat16: {
+        const __m512i bits = _mm512_castps_si512(y);
+        const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+        __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+        r = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q), r, _mm512_set1_epi32(0x7FC0));
+        _mm256_mask_storeu_epi16(out_at<c10::BFloat16>(ep, row, col0) + c, mask, _mm512_cvtepi32_epi16(r));
+        break;
+      }
+      case OutKind::Int8:
+      case OutKind::UInt8: {
+        __m512 q = _mm512_roundscale_ps(_mm512_mul_ps(y, _mm512_set1_ps(ep.inv_out_scale)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        q = _mm512_add_ps(q, _mm512_set1_ps(ep.out_zero_point));
+        q = _mm512_min_ps(_mm512_max_ps(q, _mm512_set1_ps(ep.qmin)), _mm512_set1_ps(ep.qmax));
+        q = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q), q, _mm512_set1_ps(ep.out_zero_point));
+        const __m512i qi = _mm512_cvttps_epi32(q);
+        if (ep.kind == OutKind::Int8) _mm512_mask_cvtepi32_storeu_epi8(out_at<int8_t>(ep, row, col0) + c, mask, qi);
+        else _mm512_mask_cvtepi32_storeu_epi8(out_at<uint8_t>(ep, row, col0) + c, mask, qi);
+        break;
+      }
+      case OutKind::Int32: break;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Driver
+// ---------------------------------------------------------------------------------------------------------------
+
+struct IsaPath {
+  void (*kernel)(const uint8_t*, int64_t, const int8_t*, int64_t, int32_t*, int, bool);
+  void (*epilogue)(const Epilogue&, const int32_t*, int64_t, int64_t, int64_t);
+  int rows;
+};
+
+IsaPath isa_path(CpuIsa isa) {
+  switch (isa) {
+    case CpuIsa::Avx512Vnni: return {microkernel_vnni_rows, epilogue_row_avx512, kVnniRows};
+    case CpuIsa::Avx2: return {microkernel_avx2_rows, epilogue_row_scalar, kAvx2Rows};
+    case CpuIsa::Scalar: break;
+  }
+  return {microkernel_scalar, epilogue_row_scalar, kVnniRows};
+}
+
+}  // namespace
+
+void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa) {
+  const IsaPath path = isa_path(isa);
+  const int64_t k4 = round_up(args.k, 4);
+  const int64_t n_panels = (args.n + kPanelCols - 1) / kPanelCols;
+  const int64_t m_chunks = (args.m + kRowsPerChunk - 1) / kRowsPerChunk;
+  const int64_t items = args.groups * n_panels * m_chunks;
+  // ~1M multiply-adds (or weight bytes, for few rows) per task before a second thread is worth waking
+  const int64_t item_cost = (std::min(args.m, kRowsPerChunk) + 4) * kPanelCols * k4;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(item_cost, 1));
+
+  at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
+    alignas(64) int32_t tile[kRowsPerChunk * kPanelCols];
+    for (int64_t item = begin; item < end; ++item) {
+      // consecutive items share a weight panel, which then stays in cache
+      const int64_t chunk = item % m_chunks;
+      const int64_t panel = (item / m_chunks) % n_panels;
+      const int64_t g = item / (m_chunks * n_panels);
+      const int64_t row0 = chunk * kRowsPerChunk;
+      const int64_t rows = std::min(kRowsPerChunk, args.m - row0);
+      const uint8_t* a = args.a + row0 * args.lda + g * args.a_group_offset;
+      const int8_t* b = args.b + g * args.b_group_stride + panel * args.kp * kPanelCols;
+      for (int64_t k0 = 0; k0 < k4; k0 += kKBlock) {
+        const int64_t steps = std::min(kKBlock, k4 - k0) / 4;
+        for (int64_t r = 0; r < rows; r += path.rows) {
+          const int mr = static_cast<int>(std::min<int64_t>(path.rows, rows - r));
+          path.kernel(a + r * args.lda + k0, args.lda, b + k0 * kPanelCols, steps, tile + r * kPanelCols, mr, k0 == 0);
+        }
+      }
+      const int64_t col0 = g * args.n + panel * kPanelCols;
+      const int64_t ncols = std::min(kPanelCols, args.n - panel * kPanelCols);
+      for (int64_t r = 0; r < rows; ++r) path.epilogue(ep, tile + r * kPanelCols, row0 + r, col0, ncols);
+    }
+  });
+}
+
+void pack_weight(const int8_t* w, int64_t n, int64_t k, int64_t stride_n, int64_t stride_k, int64_t kp, int8_t* dst,
+                 int32_t* col_sums) {
+  const int64_t n_panels = (n + kPanelCols - 1) / kPanelCols;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(kp * kPanelCols, 1));
+  at::parallel_for(0, n_panels, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      int8_t* panel = dst + p * kp * kPanelCols;
+      const int64_t n0 = p * kPanelCols;
+      const int64_t cols = std::min(kPanelCols, n - n0);
+      // zeros: padding columns, and everything from the step holding k on (its tail bytes and the padded depth)
+      if (cols < kPanelCols) std::memset(panel, 0, kp * kPanelCols);
+      else std::memset(panel + (k / 4) * kStepBytes, 0, (kp - (k / 4) * 4) * kPanelCols);
+      const int8_t* src = w + n0 * stride_n;
+      if (stride_k == 1) {  // the nn.Linear layout: each column's k values are contiguous, copied 4 at a time
+        for (int64_t c = 0; c < cols; ++c) {
+          const int8_t* col = src + c * stride_n;
+          int64_t s = 0;
+          for (; 4 * s + 4 <= k; ++s) std::memcpy(panel + s * kStepBytes + 4 * c, col + 4 * s, 4);
+          for (int64_t kk = 4 * s; kk < k; ++kk) panel[s * kStepBytes + 4 * c + (kk - 4 * s)] = col[kk];
+        }
+      } else {
+        for (int64_t kk = 0; kk < k; ++kk) {
+          int8_t* out = panel + (kk / 4) * kStepBytes + kk % 4;
+          const int8_t* row = src + kk * stride_k;
+          for (int64_t c = 0; c < cols; ++c) out[4 * c] = row[c * stride_n];
+        }
+      }
+      if (col_sums != nullptr) {
+        int32_t lane_sums[kStepBytes] = {};
+        for (int64_t s = 0; s < (k + 3) / 4; ++s)
+          for (int64_t e = 0; e < kStepBytes; ++e) lane_sums[e] += panel[s * kStepBytes + e];
+        for (int64_t c = 0; c < cols; ++c)
+          col_sums[n0 + c] = lane_sums[4 * c] + lane_sums[4 * c + 1] + lane_sums[4 * c + 2] + lane_sums[4 * c + 3];
+      }
+    }
+  });
+}
+
+void pack_activation_rows(const uint8_t* src, int64_t m, int64_t k, int64_t stride_m, int64_t stride_k, uint8_t flip,
+                          uint8_t* dst, int64_t lda) {
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(lda, 1));
+  at::parallel_for(0, m, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const uint8_t* row = src + i * stride_m;
+      uint8_t* out = dst + i * lda;
+      if (stride_k == 1) {
+        for (int64_t j = 0; j < k; ++j) out[j] = row[j] ^ flip;
+      } else {
+        for (int64_t j = 0; j < k; ++j) out[j] = row[j * stride_k] ^ flip;
+      }
+      std::memset(out + k, 0, lda - k);
+    }
+  });
+}
+
+}  // namespace torchquant::gemm

@@ -1,0 +1,69 @@
+// The CPU int8 GEMM engine shared by int8_mm, int8_linear and int8_conv2d (csrc/cpu/gemm.cpp, conv.cpp).
+//
+// Operands:
+//   activations: uint8 rows, one row per output row, `lda` bytes apart, at least round_up(K, 4) readable bytes each
+//                (bytes past K multiply zero weights). Signed int8 activations are stored shifted by +128 (x ^ 0x80)
+//                so the u8 x s8 instructions apply; the epilogue subtracts the matching correction per column.
+//   weights:     packed panels of 64 output columns; inside a panel the bytes run [k / 4][column][k % 4] (the
+//                VNNI order: one 64-byte vector holds 4 consecutive k of 16 columns). Zero padded to
+//                round_up(N, 64) columns and the panel depth `kp` (a multiple of 4, >= K).
+// Every path (AVX-512 VNNI, AVX2, scalar) reads the same packed layouts and produces the same integers.
+#pragma once
+#include <cstdint>
+
+#include "cpu/isa.h"
+
+namespace torchquant::gemm {
+
+constexpr int64_t kPanelCols = 64;  // output columns per weight panel: 4 zmm of int32 accumulators
+constexpr int64_t kStepBytes = 4 * kPanelCols;  // one k-step (4 values of k) of a panel
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// What the GEMM's store does with each int32 accumulator acc[m][n] (already summed over k):
+//   v = acc - col_offset[n]                                    (zero-point / shift correction)
+//   Int32:         out = v
+//   float kinds:   out = v * row_scale[m or 0] * col_scale[n] + bias[n]
+//   Int8 / UInt8:  out = clamp(rne(y * inv_out_scale) + out_zero_point, qmin, qmax), y as above
+enum class OutKind { Int32, Float32, Float16, BFloat16, Int8, UInt8 };
+
+struct Epilogue {
+  OutKind kind = OutKind::Int32;
+  void* out = nullptr;
+  int64_t out_row_stride = 0;  // elements between output rows
+  const int32_t* col_offset = nullptr;
+  const float* row_scale = nullptr;
+  bool per_row_scale = false;
+  const float* col_scale = nullptr;
+  const float* bias = nullptr;  // nullable
+  float inv_out_scale = 1.0f;
+  float out_zero_point = 0.0f;
+  float qmin = 0.0f;
+  float qmax = 0.0f;
+};
+
+// One (possibly grouped) GEMM: for each group g, out[:, g*n:(g+1)*n] = a_g [m, k] @ b_g [k, n].
+struct GemmArgs {
+  const uint8_t* a = nullptr;
+  int64_t lda = 0;             // bytes between activation rows
+  int64_t a_group_offset = 0;  // bytes from group g's activation columns to group g+1's
+  const int8_t* b = nullptr;
+  int64_t b_group_stride = 0;  // bytes between packed weight groups
+  int64_t kp = 0;              // packed panel depth
+  int64_t m = 0, n = 0, k = 0, groups = 1;
+};
+
+// Runs the GEMM with the epilogue on the given ISA path, threaded with at::parallel_for.
+void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa);
+
+// Packs w[n, k] (element (n, k) at w + n * stride_n + k * stride_k) into round_up(n, 64) / 64 panels of depth kp
+// at dst. With col_sums non-null also writes col_sums[n] = sum_k w[n, k].
+void pack_weight(const int8_t* w, int64_t n, int64_t k, int64_t stride_n, int64_t stride_k, int64_t kp, int8_t* dst,
+                 int32_t* col_sums);
+
+// Copies src[m, k] (element at src + i * stride_m + j * stride_k) into rows of lda bytes, XOR-ing each byte with
+// `flip` (0x80 turns int8 into the shifted uint8 form, 0 copies uint8) and zero filling columns k..lda.
+void pack_activation_rows(const uint8_t* src, int64_t m, int64_t k, int64_t stride_m, int64_t stride_k, uint8_t flip,
+                          uint8_t* dst, int64_t lda);
+
+}  // namespace torchquant::gemm

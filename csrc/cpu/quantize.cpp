@@ -1,0 +1,603 @@
+// CPU kernels of the quantize family (schemas in csrc/ops.cpp, element math in csrc/quant_math.h).
+//
+// Every op is an element-wise map over x viewed as [outer, channels, inner]: flat index i belongs to channel
+// (i / inner) % channels (per-tensor: one channel). The map runs in spans; a span either shares one channel's
+// parameters (broadcast) or, for short rows (inner < kBroadcastRowMin), carries one parameter per element from a
+// small buffer, so the vector loops stay busy on every axis. Each span runs in one of three code paths, chosen at
+// run time by cpu_isa(): AVX-512 or AVX2 (intrinsics, bit-identical to the scalar path) or the scalar path, which
+// calls the quant_math.h functions element by element.
+// GCC 12's AVX-512 headers pass _mm512_undefined_ps() as a pass-through operand, which -Wall reports as
+// uninitialized in every caller; the value is never read.
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "cpu/isa.h"
+#include "quant_math.h"
+
+namespace torchquant {
+namespace {
+
+constexpr int64_t kGrain = 1 << 16;          // elements per parallel task: tensors below this stay on one thread
+constexpr int64_t kBroadcastRowMin = 16;     // rows at least this long use broadcast parameters
+constexpr int64_t kParamChunk = 512;         // elements per per-element parameter buffer
+
+// Parameters of one span: pointers to one value each (broadcast) or to one value per element.
+struct SpanParams {
+  const float* scale;
+  const float* inv_scale;
+  const float* zero_point;
+
+  template <bool PerElement>
+  SpanParams advanced(int64_t i) const {
+    if constexpr (PerElement) return {scale + i, inv_scale + i, zero_point + i};
+    else return *this;
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// Scalar path: quant_math.h element by element. Also the tail of every SIMD span.
+// ---------------------------------------------------------------------------------------------------------------
+namespace scalar_spans {
+
+template <bool PerElement>
+inline int64_t at(int64_t i) {
+  return PerElement ? i : 0;
+}
+
+template <bool PerElement, class In, class Out>
+void quantize_span(const In* x, Out* q, int64_t n, SpanParams p, QuantFormat f, Rounding r) {
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t k = at<PerElement>(i);
+    q[i] = static_cast<Out>(quantize_value(static_cast<float>(x[i]), p.inv_scale[k], p.zero_point[k], f, r));
+  }
+}
+
+template <bool PerElement, class T>
+void fake_quantize_span(const T* x, T* y, int64_t n, SpanParams p, QuantFormat f, Rounding r) {
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t k = at<PerElement>(i);
+    y[i] = static_cast<T>(
+        fake_quantize_value(static_cast<float>(x[i]), p.scale[k], p.inv_scale[k], p.zero_point[k], f, r));
+  }
+}
+
+// grad * mask as a product (not a select), as torch's fake-quantize backward does: inf/NaN gradients give NaN.
+template <bool PerElement, class T>
+void fake_quantize_backward_span(const T* grad, const T* x, T* grad_x, int64_t n, SpanParams p, QuantFormat f,
+                                 Rounding r) {
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t k = at<PerElement>(i);
+    const bool pass =
+        fake_quantize_passes_grad(static_cast<float>(x[i]), p.scale[k], p.inv_scale[k], p.zero_point[k], f, r);
+    grad_x[i] = static_cast<T>(static_cast<float>(grad[i]) * (pass ? 1.0f : 0.0f));
+  }
+}
+
+template <bool PerElement, class In, class Out>
+void dequantize_span(const In* q, Out* y, int64_t n, SpanParams p) {
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t k = at<PerElement>(i);
+    y[i] = static_cast<Out>((static_cast<float>(q[i]) - p.zero_point[k]) * p.scale[k]);
+  }
+}
+
+template <class In>
+float finite_absmax(const In* x, int64_t n) {
+  float m = 0.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    const float a = std::fabs(static_cast<float>(x[i]));
+    if (a < INFINITY) m = std::max(m, a);
+  }
+  return m;
+}
+
+}  // namespace scalar_spans
+
+struct Scalar {
+  template <bool PerElement, class In, class Out>
+  static void quantize_span(const In* x, Out* q, int64_t n, SpanParams p, QuantFormat f, Rounding r) {
+    scalar_spans::quantize_span<PerElement>(x, q, n, p, f, r);
+  }
+  template <bool PerElement, class T>
+  static void fake_quantize_span(const T* x, T* y, int64_t n, SpanParams p, QuantFormat f, Rounding r) {
+    scalar_spans::fake_quantize_span<PerElement>(x, y, n, p, f, r);
+  }
+  template <bool PerElement, class T>
+  static void fake_quantize_backward_span(const T* g, const T* x, T* gx, int64_t n, SpanParams p, QuantFormat f,
+                                          Rounding r) {
+    scalar_spans::fake_quantize_backward_span<PerElement>(g, x, gx, n, p, f, r);
+  }
+  template <bool PerElement, class In, class Out>
+  static void dequantize_span(const In* q, Out* y, int64_t n, SpanParams p) {
+    scalar_spans::dequantize_span<PerElement>(q, y, n, p);
+  }
+  template <class In>
+  static float finite_absmax(const In* x, int64_t n) {
+    return scalar_spans::finite_absmax(x, n);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// AVX-512 path (16 floats per vector).
+// ---------------------------------------------------------------------------------------------------------------
+namespace avx512 {
+#define TQ_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")))
+constexpr int64_t W = 16;
+using V = __m512;
+using M = __mmask16;
+constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+constexpr int kTruncate = _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC;
+
+TQ_TARGET inline V set1(float v) { return _mm512_set1_ps(v); }
+TQ_TARGET inline V vadd(V a, V b) { return _mm512_add_ps(a, b); }
+TQ_TARGET inline V vsub(V a, V b) { return _mm512_sub_ps(a, b); }
+TQ_TARGET inline V vmul(V a, V b) { return _mm512_mul_ps(a, b); }
+TQ_TARGET inline V vmin(V a, V b) { return _mm512_min_ps(a, b); }  // b when either is NaN
+TQ_TARGET inline V vmax(V a, V b) { return _mm512_max_ps(a, b); }  // b when either is NaN
+TQ_TARGET inline V vabs(V a) { return _mm512_abs_ps(a); }
+TQ_TARGET inline V vround(V a, Rounding r) {
+  return r == Rounding::Nearest ? _mm512_roundscale_ps(a, kNearest) : _mm512_roundscale_ps(a, kTruncate);
+}
+TQ_TARGET inline M is_nan(V a) { return _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q); }
+TQ_TARGET inline M ge(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_GE_OQ); }
+TQ_TARGET inline M le(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_LE_OQ); }
+TQ_TARGET inline M lt(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
+TQ_TARGET inline M both(M a, M b) { return a & b; }
+TQ_TARGET inline V select(M m, V if_true, V if_false) { return _mm512_mask_blend_ps(m, if_false, if_true); }
+TQ_TARGET inline float hmax(V a) { return _mm512_reduce_max_ps(a); }
+
+TQ_TARGET inline V vload(const float* p) { return _mm512_loadu_ps(p); }
+TQ_TARGET inline V vload(const at::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+TQ_TARGET inline V vload(const at::BFloat16* p) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+TQ_TARGET inline V vload(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+TQ_TARGET inline V vload(const uint8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+TQ_TARGET inline void vstore(float* p, V v) { _mm512_storeu_ps(p, v); }
+TQ_TARGET inline void vstore(at::Half* p, V v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, kNearest));
+}
+// c10::BFloat16's rounding: round to nearest even on the upper 16 bits, NaN -> 0x7FC0.
+TQ_TARGET inline void vstore(at::BFloat16* p, V v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  rounded = _mm512_mask_blend_epi32(is_nan(v), rounded, _mm512_set1_epi32(0x7FC0));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(rounded));
+}
+// v holds integers inside the 8-bit range: keep the low byte of each.
+TQ_TARGET inline void vstore(int8_t* p, V v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(v)));
+}
+TQ_TARGET inline void vstore(uint8_t* p, V v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(v)));
+}
+
+#include "cpu/quantize_simd.inc"
+#undef TQ_TARGET
+}  // namespace avx512
+
+// ---------------------------------------------------------------------------------------------------------------
+// AVX2 path (8 floats per vector).
+// ---------------------------------------------------------------------------------------------------------------
+namespace avx2 {
+#define TQ_TARGET __attribute__((target("avx2,fma,f16c")))
+constexpr int64_t W = 8;
+using V = __m256;
+using M = __m256;  // all-ones / all-zeros lanes
+constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+constexpr int kTruncate = _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC;
+
+TQ_TARGET inline V set1(float v) { return _mm256_set1_ps(v); }
+TQ_TARGET inline V vadd(V a, V b) { return _mm256_add_ps(a, b); }
+TQ_TARGET inline V vsub(V a, V b) { return _mm256_sub_ps(a, b); }
+TQ_TARGET inline V vmul(V a, V b) { return _mm256_mul_ps(a, b); }
+TQ_TARGET inline V vmin(V a, V b) { return _mm256_min_ps(a, b); }  // b when either is NaN
+TQ_TARGET inline V vmax(V a, V b) { return _mm256_max_ps(a, b); }  // b when either is NaN
+TQ_TARGET inline V vabs(V a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
+TQ_TARGET inline V vround(V a, Rounding r) {
+  return r == Rounding::Nearest ? _mm256_round_ps(a, kNearest) : _mm256_round_ps(a, kTruncate);
+}
+TQ_TARGET inline M is_nan(V a) { return _mm256_cmp_ps(a, a, _CMP_UNORD_Q); }
+TQ_TARGET inline M ge(V a, V b) { return _mm256_cmp_ps(a, b, _CMP_GE_OQ); }
+TQ_TARGET inline M le(V a, V b) { return _mm256_cmp_ps(a, b, _CMP_LE_OQ); }
+TQ_TARGET inline M lt(V a, V b) { return _mm256_cmp_ps(a, b, _CMP_LT_OQ); }
+TQ_TARGET inline M both(M a, M b) { return _mm256_and_ps(a, b); }
+TQ_TARGET inline V select(M m, V if_true, V if_false) { return _mm256_blendv_ps(if_false, if_true, m); }
+TQ_TARGET inline float hmax(V a) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  return _mm_cvtss_f32(m);
+}
+
+TQ_TARGET inline V vload(const float* p) { return _mm256_loadu_ps(p); }
+TQ_TARGET inline V vload(const at::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+TQ_TARGET inline V vload(const at::BFloat16* p) {
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+TQ_TARGET inline V vload(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+TQ_TARGET inline V vload(const uint8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+// Low 16 bits of each 32-bit lane, in order (values already fit in 16 bits unsigned).
+TQ_TARGET inline __m128i narrow_to_u16(__m256i v) {
+  return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(v, v), 0x08));
+}
+// Low byte of each 32-bit lane, in order.
+TQ_TARGET inline __m128i narrow_to_u8(__m256i v) {
+  const __m256i low_bytes = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,  //
+                                             0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+  const __m256i packed = _mm256_shuffle_epi8(v, low_bytes);
+  return _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 1, 1, 1, 1, 1)));
+}
+
+TQ_TARGET inline void vstore(float* p, V v) { _mm256_storeu_ps(p, v); }
+TQ_TARGET inline void vstore(at::Half* p, V v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, kNearest));
+}
+TQ_TARGET inline void vstore(at::BFloat16* p, V v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+  rounded = _mm256_castps_si256(
+      _mm256_blendv_ps(_mm256_castsi256_ps(rounded), _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC0)), is_nan(v)));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), narrow_to_u16(rounded));
+}
+TQ_TARGET inline void vstore(int8_t* p, V v) {
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(p), narrow_to_u8(_mm256_cvtps_epi32(v)));
+}
+TQ_TARGET inline void vstore(uint8_t* p, V v) {
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(p), narrow_to_u8(_mm256_cvtps_epi32(v)));
+}
+
+#include "cpu/quantize_simd.inc"
+#undef TQ_TARGET
+}  // namespace avx2
+
+// The SIMD namespaces as types, so the drivers below can take the code path as a template argument.
+#define TQ_ISA_STRUCT(Name, ns)                                                                                  \
+  struct Name {                                                                                                  \
+    template <bool PerElement, class In, class Out>                                                              \
+    static void quantize_span(const In* x, Out* q, int64_t n, SpanParams p, QuantFormat f, Rounding r) {         \
+      ns::quantize_span<PerElement>(x, q, n, p, f, r);                                                          \
+    }                                                                                                            \
+    template <bool PerElement, class T>                                                                          \
+    static void fake_quantize_span(const T* x, T* y, int64_t n, SpanParams p, QuantFormat f, Rounding r) {       \
+      ns::fake_quantize_span<PerElement>(x, y, n, p, f, r);                                                     \
+    }                                                                                                            \
+    template <bool PerElement, class T>                                                                          \
+    static void fake_quantize_backward_span(const T* g, const T* x, T* gx, int64_t n, SpanParams p,              \
+                                            QuantFormat f, Rounding r) {                                         \
+      ns::fake_quantize_backward_span<PerElement>(g, x, gx, n, p, f, r);                                        \
+    }                                                                                                            \
+    template <bool PerElement, class In, class Out>                                                              \
+    static void dequantize_span(const In* q, Out* y, int64_t n, SpanParams p) {                                  \
+      ns::dequantize_span<PerElement>(q, y, n, p);                                                              \
+    }                                                                                                            \
+    template <class In>                                                                                          \
+    static float finite_absmax(const In* x, int64_t n) {                                                         \
+      return ns::finite_absmax(x, n);                                                                            \
+    }                                                                                                            \
+  };
+TQ_ISA_STRUCT(Avx512, avx512)
+TQ_ISA_STRUCT(Avx2, avx2)
+#undef TQ_ISA_STRUCT
+
+// Calls body(Isa{}) with the code path cpu_isa() picks.
+template <class Body>
+void with_cpu_isa(const Body& body) {
+  switch (cpu_isa()) {
+    case CpuIsa::Avx512Vnni: body(Avx512{}); break;
+    case CpuIsa::Avx2: body(Avx2{}); break;
+    case CpuIsa::Scalar: body(Scalar{}); break;
+  }
+}
+
+// Calls body(T{}) with T the C++ type of a float32/float16/bfloat16 dtype.
+template <class Body>
+void with_float_type(at::ScalarType dtype, const char* what, const Body& body) {
+  switch (dtype) {
+    case at::kFloat: body(float{}); break;
+    case at::kHalf: body(at::Half{}); break;
+    case at::kBFloat16: body(at::BFloat16{}); break;
+    default: TORCH_CHECK(false, what, " must be float32, float16 or bfloat16, got ", dtype);
+  }
+}
+
+// Calls body(T{}) with T = int8_t or uint8_t.
+template <class Body>
+void with_byte_type(at::ScalarType dtype, const char* what, const Body& body) {
+  switch (dtype) {
+    case at::kChar: body(int8_t{}); break;
+    case at::kByte: body(uint8_t{}); break;
+    default: TORCH_CHECK(false, what, " must be int8 or uint8, got ", dtype);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Parameters, layout and the parallel span walk.
+// ---------------------------------------------------------------------------------------------------------------
+
+struct Layout {
+  int64_t channels;
+  int64_t inner;
+};
+
+struct ChannelParams {
+  std::vector<float> scale, inv_scale, zero_point;
+};
+
+Rounding parse_rounding(c10::string_view rounding) {
+  if (rounding == "nearest") return Rounding::Nearest;
+  if (rounding == "truncate") return Rounding::Truncate;
+  TORCH_CHECK(false, "rounding must be 'nearest' or 'truncate', got '", std::string(rounding), "'");
+}
+
+QuantFormat checked_format(int64_t bits, bool is_signed) {
+  TORCH_CHECK(bits >= 1 && bits <= 8, "bits must be in [1, 8], got ", bits);
+  return quant_format(bits, is_signed);
+}
+
+// Validates x against scale/zero_point/axis and returns its [outer, channels, inner] view.
+Layout checked_layout(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
+                      std::optional<int64_t> axis) {
+  TORCH_CHECK(x.device().is_cpu(), "x must be a CPU tensor for the CPU kernel, got ", x.device());
+  TORCH_CHECK(scale.device().is_cpu() && zero_point.device().is_cpu(),
+              "scale and zero_point must be on x's device (cpu), got ", scale.device(), " and ", zero_point.device());
+  TORCH_CHECK(scale.scalar_type() == at::kFloat, "scale must be float32, got ", scale.scalar_type());
+  TORCH_CHECK(zero_point.scalar_type() == at::kInt, "zero_point must be int32, got ", zero_point.scalar_type());
+  TORCH_CHECK(scale.dim() <= 1 && zero_point.dim() <= 1, "scale and zero_point must be 1-D");
+  TORCH_CHECK(scale.numel() == zero_point.numel(), "scale and zero_point must have the same length, got ",
+              scale.numel(), " and ", zero_point.numel());
+  if (!axis.has_value()) {
+    TORCH_CHECK(scale.numel() == 1, "per-tensor scale must have 1 element, got ", scale.numel());
+    return {1, std::max<int64_t>(x.numel(), 1)};
+  }
+  const int64_t a = *axis;
+  TORCH_CHECK(a >= 0 && a < x.dim(), "axis must be in [0, ", x.dim(), ") for a ", x.dim(), "-d x, got ", a);
+  TORCH_CHECK(scale.numel() == x.size(a), "per-channel scale must have x.size(", a, ") = ", x.size(a),
+              " elements, got ", scale.numel());
+  int64_t inner = 1;
+  for (int64_t d = a + 1; d < x.dim(); ++d) inner *= x.size(d);
+  return {std::max<int64_t>(x.size(a), 1), std::max<int64_t>(inner, 1)};
+}
+
+// scale, 1 / scale and zero_point as floats, each checked (scale positive and finite, zero point in range).
+ChannelParams checked_params(const at::Tensor& scale, const at::Tensor& zero_point, float zp_min, float zp_max) {
+  const at::Tensor s = scale.contiguous();
+  const at::Tensor z = zero_point.contiguous();
+  const float* sp = s.data_ptr<float>();
+  const int32_t* zp = z.data_ptr<int32_t>();
+  ChannelParams p;
+  const int64_t n = s.numel();
+  p.scale.resize(n);
+  p.inv_scale.resize(n);
+  p.zero_point.resize(n);
+  for (int64_t c = 0; c < n; ++c) {
+    TORCH_CHECK(std::isfinite(sp[c]) && sp[c] > 0.0f, "scale must be positive and finite, got ", sp[c],
+                n > 1 ? " in channel " + std::to_string(c) : std::string());
+    TORCH_CHECK(zp[c] >= zp_min && zp[c] <= zp_max, "zero_point must be in [", zp_min, ", ", zp_max, "], got ",
+                zp[c], n > 1 ? " in channel " + std::to_string(c) : std::string());
+    p.scale[c] = sp[c];
+    p.inv_scale[c] = 1.0f / sp[c];
+    p.zero_point[c] = static_cast<float>(zp[c]);
+  }
+  return p;
+}
+
+// Calls span(offset, length, params, per_element) over [0, numel), in parallel chunks of at least kGrain.
+template <class Span>
+void for_each_span(int64_t numel, Layout layout, const ChannelParams& p, const Span& span) {
+  const bool broadcast = layout.channels == 1 || layout.inner >= kBroadcastRowMin;
+  at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
+    if (broadcast) {
+      for (int64_t i = begin; i < end;) {
+        const int64_t row = i / layout.inner;
+        const int64_t c = row % layout.channels;
+        const int64_t stop = std::min(end, (row + 1) * layout.inner);
+        span(i, stop - i, SpanParams{&p.scale[c], &p.inv_scale[c], &p.zero_point[c]}, false);
+        i = stop;
+      }
+      return;
+    }
+    float scale[kParamChunk], inv_scale[kParamChunk], zero_point[kParamChunk];
+    int64_t pos = begin % layout.inner;
+    int64_t c = (begin / layout.inner) % layout.channels;
+    for (int64_t i = begin; i < end; i += kParamChunk) {
+      const int64_t n = std::min(kParamChunk, end - i);
+      for (int64_t j = 0; j < n; ++j) {
+        scale[j] = p.scale[c];
+        inv_scale[j] = p.inv_scale[c];
+        zero_point[j] = p.zero_point[c];
+        if (++pos == layout.inner) {
+          pos = 0;
+          if (++c == layout.channels) c = 0;
+        }
+      }
+      span(i, n, SpanParams{scale, inv_scale, zero_point}, true);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The ops.
+// ---------------------------------------------------------------------------------------------------------------
+
+at::Tensor quantize_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
+                        std::optional<int64_t> axis, int64_t bits, bool is_signed, c10::string_view rounding) {
+  const QuantFormat f = checked_format(bits, is_signed);
+  const Rounding r = parse_rounding(rounding);
+  const Layout layout = checked_layout(x, scale, zero_point, axis);
+  const ChannelParams p = checked_params(scale, zero_point, f.binary ? 0.0f : f.qmin, f.binary ? 0.0f : f.qmax);
+  const at::Tensor xc = x.contiguous();
+  at::Tensor q = at::empty(x.sizes(), x.options().dtype(is_signed ? at::kChar : at::kByte));
+  with_float_type(x.scalar_type(), "x", [&](auto in_tag) {
+    using In = decltype(in_tag);
+    with_byte_type(q.scalar_type(), "output", [&](auto out_tag) {
+      using Out = decltype(out_tag);
+      const In* xp = xc.data_ptr<In>();
+      Out* qp = q.data_ptr<Out>();
+      with_cpu_isa([&](auto isa) {
+        using Isa = decltype(isa);
+        for_each_span(x.numel(), layout, p, [&](int64_t i, int64_t n, SpanParams sp, bool per_element) {
+          if (per_element) Isa::template quantize_span<true>(xp + i, qp + i, n, sp, f, r);
+          else Isa::template quantize_span<false>(xp + i, qp + i, n, sp, f, r);
+        });
+      });
+    });
+  });
+  return q;
+}
+
+at::Tensor dequantize_cpu(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& zero_point,
+                          std::optional<int64_t> axis, at::ScalarType dtype) {
+  TORCH_CHECK(q.scalar_type() == at::kChar || q.scalar_type() == at::kByte, "q must be int8 or uint8, got ",
+              q.scalar_type());
+  const Layout layout = checked_layout(q, scale, zero_point, axis);
+  const bool is_signed = q.scalar_type() == at::kChar;
+  const ChannelParams p = checked_params(scale, zero_point, is_signed ? -128.0f : 0.0f, is_signed ? 127.0f : 255.0f);
+  const at::Tensor qc = q.contiguous();
+  at::Tensor y = at::empty(q.sizes(), q.options().dtype(dtype));
+  with_byte_type(q.scalar_type(), "q", [&](auto in_tag) {
+    using In = decltype(in_tag);
+    with_float_type(dtype, "dtype", [&](auto out_tag) {
+      using Out = decltype(out_tag);
+      const In* qp = qc.data_ptr<In>();
+      Out* yp = y.data_ptr<Out>();
+      with_cpu_isa([&](auto isa) {
+        using Isa = decltype(isa);
+        for_each_span(q.numel(), layout, p, [&](int64_t i, int64_t n, SpanParams sp, bool per_element) {
+          if (per_element) Isa::template dequantize_span<true>(qp + i, yp + i, n, sp);
+          else Isa::template dequantize_span<false>(qp + i, yp + i, n, sp);
+        });
+      });
+    });
+  });
+  return y;
+}
+
+at::Tensor fake_quantize_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
+                             std::optional<int64_t> axis, int64_t bits, bool is_signed, c10::string_view rounding) {
+  const QuantFormat f = checked_format(bits, is_signed);
+  const Rounding r = parse_rounding(rounding);
+  const Layout layout = checked_layout(x, scale, zero_point, axis);
+  const ChannelParams p = checked_params(scale, zero_point, f.binary ? 0.0f : f.qmin, f.binary ? 0.0f : f.qmax);
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty(x.sizes(), x.options());
+  with_float_type(x.scalar_type(), "x", [&](auto tag) {
+    using T = decltype(tag);
+    const T* xp = xc.data_ptr<T>();
+    T* yp = y.data_ptr<T>();
+    with_cpu_isa([&](auto isa) {
+      using Isa = decltype(isa);
+      for_each_span(x.numel(), layout, p, [&](int64_t i, int64_t n, SpanParams sp, bool per_element) {
+        if (per_element) Isa::template fake_quantize_span<true>(xp + i, yp + i, n, sp, f, r);
+        else Isa::template fake_quantize_span<false>(xp + i, yp + i, n, sp, f, r);
+      });
+    });
+  });
+  return y;
+}
+
+at::Tensor fake_quantize_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& scale,
+                                      const at::Tensor& zero_point, std::optional<int64_t> axis, int64_t bits,
+                                      bool is_signed, c10::string_view rounding) {
+  const QuantFormat f = checked_format(bits, is_signed);
+  const Rounding r = parse_rounding(rounding);
+  const Layout layout = checked_layout(x, scale, zero_point, axis);
+  TORCH_CHECK(grad.device().is_cpu(), "grad must be on x's device (cpu), got ", grad.device());
+  TORCH_CHECK(grad.sizes() == x.sizes(), "grad must have x's shape ", x.sizes(), ", got ", grad.sizes());
+  TORCH_CHECK(grad.scalar_type() == x.scalar_type(), "grad must have x's dtype ", x.scalar_type(), ", got ",
+              grad.scalar_type());
+  const ChannelParams p = checked_params(scale, zero_point, f.binary ? 0.0f : f.qmin, f.binary ? 0.0f : f.qmax);
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor gc = grad.contiguous();
+  at::Tensor grad_x = at::empty(x.sizes(), x.options());
+  with_float_type(x.scalar_type(), "x", [&](auto tag) {
+    using T = decltype(tag);
+    const T* xp = xc.data_ptr<T>();
+    const T* gp = gc.data_ptr<T>();
+    T* op = grad_x.data_ptr<T>();
+    with_cpu_isa([&](auto isa) {
+      using Isa = decltype(isa);
+      for_each_span(x.numel(), layout, p, [&](int64_t i, int64_t n, SpanParams sp, bool per_element) {
+        if (per_element) Isa::template fake_quantize_backward_span<true>(gp + i, xp + i, op + i, n, sp, f, r);
+        else Isa::template fake_quantize_backward_span<false>(gp + i, xp + i, op + i, n, sp, f, r);
+      });
+    });
+  });
+  return grad_x;
+}
+
+// Per row: the finite absmax (one read), then the quantization of the row while it is still in cache.
+std::tuple<at::Tensor, at::Tensor> quantize_per_token_cpu(const at::Tensor& x, int64_t bits) {
+  TORCH_CHECK(x.device().is_cpu(), "x must be a CPU tensor for the CPU kernel, got ", x.device());
+  TORCH_CHECK(x.dim() >= 1, "x must have at least 1 dimension (tokens along the last)");
+  TORCH_CHECK(bits >= 2 && bits <= 8, "bits must be in [2, 8] for per-token quantization, got ", bits);
+  const float qmax = static_cast<float>((1 << (bits - 1)) - 1);
+  const QuantFormat f{-qmax, qmax, false};
+  const at::Tensor xc = x.contiguous();
+  const int64_t row_len = x.size(-1);
+  at::Tensor q = at::empty(x.sizes(), x.options().dtype(at::kChar));
+  at::Tensor scale = at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(at::kFloat));
+  const int64_t rows = scale.numel();
+  const float zero = 0.0f;
+  with_float_type(x.scalar_type(), "x", [&](auto tag) {
+    using T = decltype(tag);
+    const T* xp = xc.data_ptr<T>();
+    int8_t* qp = q.data_ptr<int8_t>();
+    float* sp = scale.data_ptr<float>();
+    with_cpu_isa([&](auto isa) {
+      using Isa = decltype(isa);
+      const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(row_len, 1));
+      at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+        for (int64_t row = begin; row < end; ++row) {
+          const T* xr = xp + row * row_len;
+          const float absmax = Isa::finite_absmax(xr, row_len);
+          const float s = absmax > 0.0f ? absmax / qmax : 1.0f;
+          const float inv = 1.0f / s;
+          sp[row] = s;
+          Isa::template quantize_span<false>(xr, qp + row * row_len, row_len, SpanParams{&s, &inv, &zero}, f,
+                                             Rounding::Nearest);
+        }
+      });
+    });
+  });
+  return {q, scale};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torchquant, CPU, m) {
+  m.impl("quantize", &quantize_cpu);
+  m.impl("dequantize", &dequantize_cpu);
+  m.impl("fake_quantize", &fake_quantize_cpu);
+  m.impl("fake_quantize_backward", &fake_quantize_backward_cpu);
+  m.impl("quantize_per_token", &quantize_per_token_cpu);
+}
+
+}  // namespace torchquant

@@ -1,0 +1,86 @@
+import json
+
+import pytest
+import torch.nn as nn
+
+from torchquant import QuantConfig, QuantSpec
+from torchquant.config import resolve_config
+
+
+def test_defaults_and_presets():
+    assert QuantSpec() == QuantSpec(bits=8, signed=True, symmetric=True, granularity="per_channel",
+                                    rounding="nearest", observer="minmax", dynamic=False, learn_scale=False)
+    assert QuantConfig() == QuantConfig.preset("int8-dynamic") == resolve_config(None)
+    dyn = QuantConfig.preset("int8-dynamic")
+    assert dyn.weight.bits == 8 and dyn.weight.granularity == "per_channel" and dyn.weight.symmetric
+    assert dyn.activation.dynamic and dyn.activation.granularity == "per_token"
+    static = QuantConfig.preset("int8-static")
+    assert not static.activation.dynamic and static.activation.granularity == "per_tensor"
+    assert not static.activation.signed and not static.activation.symmetric
+    w4 = QuantConfig.preset("w4a8-dynamic")
+    assert w4.weight.bits == 4 and w4.activation.bits == 8 and w4.activation.dynamic
+    assert set(QuantConfig.preset_names()) >= {"int8-dynamic", "int8-static", "w4a8-dynamic"}
+    assert resolve_config("int8-static") == static
+
+
+@pytest.mark.parametrize("name", ["int8-dynamic", "int8-static", "w4a8-dynamic"])
+def test_json_round_trip(name):
+    config = QuantConfig.preset(name).with_skip(["head", "encoder.*"])
+    data = json.loads(json.dumps(config.to_dict()))
+    assert QuantConfig.from_dict(data) == config
+    spec = QuantSpec(bits=3, rounding="truncate", observer="percentile", percentile=99.0)
+    assert QuantSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(bits=0), ValueError, r"bits must be in \[1, 8\], got 0"),
+    (dict(bits=9), ValueError, r"bits must be in \[1, 8\], got 9"),
+    (dict(bits=8.0), TypeError, "bits must be an int"),
+    (dict(bits=True), TypeError, "bits must be an int"),
+    (dict(granularity="per_row"), ValueError, "granularity must be one of"),
+    (dict(rounding="floor"), ValueError, "rounding must be one of"),
+    (dict(observer="histogram"), ValueError, "observer must be one of"),
+    (dict(signed=1), TypeError, "signed must be a bool"),
+    (dict(granularity="per_token"), ValueError, "per_token.*only for dynamic"),
+    (dict(dynamic=True, symmetric=False, signed=True), ValueError, "dynamic=True needs symmetric"),
+    (dict(dynamic=True, learn_scale=True), ValueError, "learn_scale=True needs static"),
+    (dict(signed=False), ValueError, "unsigned range needs symmetric=False"),
+    (dict(bits=1, symmetric=False), ValueError, "sign binarization"),
+    (dict(percentile=10.0), ValueError, "percentile must be in"),
+    (dict(averaging_constant=0.0), ValueError, "averaging_constant must be in"),
+])
+def test_bad_spec(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        QuantSpec(**kwargs)
+
+
+def test_bad_config():
+    with pytest.raises(TypeError, match="weight must be a QuantSpec"):
+        QuantConfig(weight="int8")
+    with pytest.raises(ValueError, match="weight spec must be signed=True and symmetric=True"):
+        QuantConfig(weight=QuantSpec(signed=False, symmetric=False))
+    with pytest.raises(ValueError, match="weight spec cannot be dynamic"):
+        QuantConfig(weight=QuantSpec(granularity="per_token", dynamic=True))
+    with pytest.raises(ValueError, match="activation granularity"):
+        QuantConfig(activation=QuantSpec(granularity="per_channel"))
+    with pytest.raises(ValueError, match="activation bits"):
+        QuantConfig(activation=QuantSpec(bits=1, granularity="per_tensor"))
+    with pytest.raises(TypeError, match="skip entries"):
+        QuantConfig(skip=(3,))
+    with pytest.raises(ValueError, match="unknown preset 'int3'"):
+        QuantConfig.preset("int3")
+    with pytest.raises(TypeError, match="config must be a QuantConfig"):
+        resolve_config(8)
+    with pytest.raises(TypeError, match="only name-glob skip rules"):
+        QuantConfig(skip=(nn.Linear,)).to_dict()
+    with pytest.raises(ValueError, match="unknown field"):
+        QuantSpec.from_dict({"bits": 8, "colour": "red"})
+
+
+def test_skip_forms_and_frozen():
+    rule = lambda name, module: name.startswith("x")  # noqa: E731
+    config = QuantConfig(skip="head")
+    assert config.skip == ("head",)
+    assert QuantConfig(skip=[nn.Conv2d, rule]).skip == (nn.Conv2d, rule)
+    with pytest.raises(Exception):
+        config.weight = QuantSpec(bits=4)

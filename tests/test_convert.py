@@ -1,0 +1,205 @@
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import torchquant as tq
+from torchquant import QuantConfig
+from torchquant.nn import QuantConv2d, QuantLinear
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.drop = nn.Dropout(0.1)
+        self.heads = nn.ModuleDict({"a": nn.Linear(4, 5), "b": nn.Linear(4, 5)})
+        self.extra = nn.ModuleList([nn.Linear(5, 5), nn.ReLU()])
+
+    def forward(self, x, scale=1.0):
+        h = self.drop(self.conv(x)).mean(dim=(2, 3)) * scale
+        y = self.heads["a"](h) + self.heads["b"](h)
+        for m in self.extra:
+            y = m(y)
+        return y
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = Block()
+        self.shared = nn.Linear(5, 5)
+        self.seq = nn.Sequential(self.shared, nn.Tanh(), self.shared)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x, scale=1.0):
+        return self.head(self.seq(self.block(x, scale)))
+
+
+def _net(seed=0):
+    torch.manual_seed(seed)
+    return Net()
+
+
+def _batches(n=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(4, 3, 6, 6, generator=g) for _ in range(n)]
+
+
+def _types(model):
+    return [(name, type(m)) for name, m in model.named_modules(remove_duplicate=False)]
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same_state(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_prepare_swaps_everywhere_and_once():
+    model = _net()
+    params = list(model.parameters())
+    float_keys = set(model.state_dict())
+    tq.prepare(model)
+    assert isinstance(model.block.conv, QuantConv2d)
+    assert isinstance(model.block.heads["a"], QuantLinear) and isinstance(model.block.extra[0], QuantLinear)
+    assert isinstance(model.head, QuantLinear)
+    assert model.seq[0] is model.seq[2] is model.shared and isinstance(model.shared, QuantLinear)
+    assert list(model.parameters())[: len(params)] == params  # the optimizer's parameters are the same objects
+    assert float_keys <= set(model.state_dict())  # a float checkpoint's keys are all still there
+    model.load_state_dict(_net(seed=5).state_dict(), strict=False)
+    again = _types(model)
+    tq.prepare(model)
+    assert _types(model) == again  # preparing twice changes nothing
+
+
+def test_prepare_not_inplace_and_exact_types():
+    model = _net()
+    before = _types(model)
+    prepared = tq.prepare(model, "int8-static", inplace=False)
+    assert _types(model) == before and isinstance(prepared.head, QuantLinear)
+    mha = nn.Sequential(nn.MultiheadAttention(8, 2))
+    tq.prepare(mha)
+    assert type(mha[0].out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    with pytest.raises(TypeError, match="model is itself a Linear"):
+        tq.prepare(nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        tq.prepare("model")
+
+
+def test_skip_rules():
+    config = QuantConfig.preset("int8-dynamic").with_skip(
+        ["block.heads.*", nn.Conv2d, lambda name, module: name == "head"])
+    model = tq.prepare(_net(), config)
+    assert type(model.block.heads["a"]) is nn.Linear and type(model.block.conv) is nn.Conv2d
+    assert type(model.head) is nn.Linear and isinstance(model.block.extra[0], QuantLinear)
+    model = tq.prepare(_net(), QuantConfig(skip=("block",)))  # a skipped container keeps its subtree float
+    assert type(model.block.extra[0]) is nn.Linear and isinstance(model.head, QuantLinear)
+
+
+def test_skip_matching_nothing_warns():
+    with pytest.warns(UserWarning, match="skip rule 'decoder.*' matched no module"):
+        tq.prepare(_net(), QuantConfig(skip=("decoder.*",)))
+    with pytest.warns(UserWarning, match="matched no module"):
+        tq.prepare(_net(), QuantConfig(skip=(nn.LSTM,)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tq.prepare(_net(), QuantConfig(skip=("head",)))
+
+
+def test_calibrate_restores_modes_and_takes_batch_forms():
+    model = tq.prepare(_net(), "int8-static")
+    model.train()
+    model.block.drop.eval()
+    batches = _batches()
+    tq.calibrate(model, [batches[0], (batches[1], 2.0), {"x": batches[2], "scale": 0.5}])
+    assert model.training and not model.block.drop.training and model.block.conv.training
+    assert all(p.grad is None for p in model.parameters())
+    assert int(model.head.input_quantizer.observer.batches) == 3
+    with pytest.raises(TypeError, match="each batch must be a tensor"):
+        tq.calibrate(model, [3])
+    with pytest.raises(TypeError, match="iterable of batches"):
+        tq.calibrate(model, batches[0])
+    with pytest.raises(ValueError, match="batches is empty"):
+        tq.calibrate(model, [])
+    with pytest.raises(ValueError, match="no quantized layers"):
+        tq.calibrate(_net(), batches)
+
+
+@pytest.mark.parametrize("preset", ["int8-dynamic", "int8-static", "w4a8-dynamic"])
+def test_model_converted_equals_fake_quant(device, preset):
+    model = tq.prepare(_net(), preset).to(device)
+    batches = [b.to(device) for b in _batches()]
+    tq.calibrate(model, batches)
+    model.eval()
+    with torch.no_grad():
+        fake = model(batches[0])
+        tq.convert(model)
+        real = model(batches[0])
+    torch.testing.assert_close(real, fake, rtol=1e-4, atol=1e-4 * fake.abs().max().item())
+    assert all(m.converted for m in model.modules() if isinstance(m, (QuantLinear, QuantConv2d)))
+
+
+def test_quantize_model_and_convert_idempotent():
+    model = _net()
+    x = _batches()[0]
+    with torch.no_grad():
+        want = model.eval()(x)
+    tq.quantize_model(model, "int8-static", calibration=_batches())
+    with torch.no_grad():
+        got = model(x)
+    assert (got - want).abs().max() < 0.05 * want.abs().max()
+    state = _state(model)
+    tq.convert(model)
+    assert _same_state(state, _state(model))
+    copy = tq.quantize_model(_net(), inplace=False)
+    assert copy.head.converted
+
+
+def test_partially_converted_model():
+    model = tq.prepare(_net())
+    model.head.convert()
+    tq.convert(model)
+    assert model.head.converted and model.shared.converted
+    with pytest.warns(UserWarning, match="no quantized layers"):
+        tq.convert(nn.Sequential(nn.ReLU()))
+
+
+def test_static_needs_calibration():
+    model = _net()
+    before = _types(model)
+    with pytest.raises(ValueError, match="needs calibration batches"):
+        tq.quantize_model(model, "int8-static")
+    assert _types(model) == before
+
+
+def test_failed_conversion_leaves_model_unchanged():
+    model = _net()
+    model.train()
+    before_types, before_state = _types(model), _state(model)
+    bad = _batches(2) + [torch.randn(4, 7, 6, 6)]  # wrong channel count in the last batch
+    with pytest.raises(RuntimeError):
+        tq.quantize_model(model, "int8-static", calibration=bad)
+    assert _types(model) == before_types and _same_state(before_state, _state(model)) and model.training
+
+
+def test_failed_convert_converts_nothing():
+    model = tq.prepare(_net(), "int8-static")
+    tq.calibrate(model.block, [(b,) for b in _batches()])  # the layers after block never see data
+    state = _state(model)
+    with pytest.raises(RuntimeError, match="needs calibration"):
+        tq.convert(model)
+    assert not any(m.converted for m in model.modules() if isinstance(m, (QuantLinear, QuantConv2d)))
+    assert _same_state(state, _state(model))
+
+
+def test_calibrate_failure_restores_observers():
+    model = tq.prepare(_net(), "int8-static")
+    tq.calibrate(model, _batches(1))
+    state = _state(model)
+    with pytest.raises(RuntimeError):
+        tq.calibrate(model, _batches(2) + [torch.randn(4, 7, 6, 6)])
+    assert _same_state(state, _state(model))

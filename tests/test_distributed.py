@@ -1,0 +1,65 @@
+"""Quantization-aware training under DistributedDataParallel (gloo, 2 CPU processes)."""
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from torchquant import QuantConfig, QuantSpec
+from torchquant.nn import QuantLinear
+
+WORLD = 2
+CONFIG = QuantConfig(QuantSpec(bits=4, learn_scale=True),
+                     QuantSpec(bits=8, signed=False, symmetric=False, granularity="per_tensor", learn_scale=True))
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(QuantLinear(6, 12, config=CONFIG), nn.ReLU(), QuantLinear(12, 1, config=CONFIG))
+
+
+def _rank_data(rank, step):
+    g = torch.Generator().manual_seed(100 * rank + step)
+    x = torch.randn(16, 6, generator=g) * (1 + rank)  # ranks see different ranges
+    return x, x[:, :1] - x[:, 1:2]
+
+
+def _train(rank, port, out_dir):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        torch.set_num_threads(1)
+        model = nn.parallel.DistributedDataParallel(_model())
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        for step in range(4):
+            x, y = _rank_data(rank, step)
+            loss = (model(x) - y).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        state = {k: v.detach().contiguous() for k, v in model.module.state_dict().items()}
+        save_file(state, f"{out_dir}/rank{rank}.safetensors")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_qat_under_ddp_agrees_across_ranks(tmp_path):
+    mp.spawn(_train, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    states = [load_file(tmp_path / f"rank{r}.safetensors") for r in range(WORLD)]
+    assert states[0].keys() == states[1].keys()
+    for key in states[0]:
+        torch.testing.assert_close(states[0][key], states[1][key], rtol=0, atol=0, msg=key)
+    # the first layer's observer saw the global range of both ranks' inputs
+    inputs = torch.cat([_rank_data(r, s)[0] for r in range(WORLD) for s in range(4)])
+    assert states[0]["0.input_quantizer.observer.lo"].item() == inputs.min().item()
+    assert states[0]["0.input_quantizer.observer.hi"].item() == inputs.max().item()
+    initial = _model()[0].weight_quantizer
+    assert not torch.equal(states[0]["0.weight_quantizer.scale"], initial.scale.detach())  # learned, and moved

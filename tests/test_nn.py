@@ -1,0 +1,251 @@
+import pytest
+import torch
+import torch.nn as nn
+
+import torchquant as tq
+from torchquant import QuantConfig, QuantSpec
+from torchquant.nn import QuantConv2d, QuantLinear
+from torchquant.nn.base import pack_int4, unpack_int4
+from torchquant.nn.quantizers import _LSQFakeQuantize
+
+DYN8 = QuantSpec(granularity="per_token", dynamic=True)
+CONFIGS = {
+    "int8-dynamic": "int8-dynamic",
+    "int8-static": "int8-static",
+    "w4a8-dynamic": "w4a8-dynamic",
+    "w2-per-tensor-a6-token": QuantConfig(QuantSpec(bits=2, granularity="per_tensor"),
+                                          QuantSpec(bits=6, granularity="per_token", dynamic=True)),
+    "w1-binary": QuantConfig(QuantSpec(bits=1, observer="mse"), DYN8),
+    "w5-truncate-a8-truncate": QuantConfig(QuantSpec(bits=5, rounding="truncate"),
+                                           QuantSpec(granularity="per_token", dynamic=True, rounding="truncate")),
+    "w8-static-symmetric-a7": QuantConfig(QuantSpec(observer="percentile", percentile=99.9),
+                                          QuantSpec(bits=7, granularity="per_tensor", observer="moving_average")),
+    "w8-a-dynamic-tensor": QuantConfig(QuantSpec(), QuantSpec(granularity="per_tensor", dynamic=True)),
+    "weight-only-w4": QuantConfig(QuantSpec(bits=4), None),
+}
+
+
+def _calibrated(layer, shape, device, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    batches = [torch.randn(shape, generator=g).to(device, dtype) for _ in range(3)]
+    tq.calibrate(layer, batches, progress=False)
+    return layer, batches[0]
+
+
+def _assert_same_function(layer, x, dtype=torch.float32):
+    layer.eval()
+    with torch.no_grad():
+        fake = layer(x)
+        layer.convert()
+        real = layer(x)
+    assert real.dtype == x.dtype == fake.dtype and real.shape == fake.shape and real.device == x.device
+    scale = fake.float().abs().amax().item() + 1e-6
+    tol = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
+    torch.testing.assert_close(real.float(), fake.float(), rtol=tol, atol=tol * scale)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_linear_converted_equals_fake_quant(device, name):
+    torch.manual_seed(0)
+    layer = QuantLinear(37, 19, config=CONFIGS[name]).to(device)
+    layer, x = _calibrated(layer, (2, 5, 37), device)
+    _assert_same_function(layer, x)
+    assert not hasattr(layer, "weight") or not isinstance(getattr(layer, "weight", None), nn.Parameter)
+    bits = layer.config.weight.bits
+    assert layer.qweight.dtype == (torch.uint8 if bits <= 4 else torch.int8)
+    assert layer.weight_scale.dtype == torch.float32 and layer.weight_scale.shape == (19,)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", ["int8-dynamic", "int8-static"])
+def test_linear_half_dtypes(device, dtype, name):
+    torch.manual_seed(0)
+    layer = QuantLinear(64, 24, config=name).to(device, dtype)
+    layer, x = _calibrated(layer, (9, 64), device, dtype)
+    _assert_same_function(layer, x, dtype)
+    assert layer.weight_scale.dtype == torch.float32
+
+
+CONV_SHAPES = [  # in, out, kernel, stride, padding, dilation, groups, bias
+    (3, 8, 3, 1, 1, 1, 1, True),
+    (4, 6, (3, 2), (2, 1), (1, 0), 1, 2, False),
+    (6, 6, 3, 1, 2, 2, 6, True),
+    (5, 7, (1, 4), 2, (0, 3), (1, 2), 1, True),
+]
+
+
+@pytest.mark.parametrize("shape", CONV_SHAPES, ids=lambda s: "x".join(map(str, s[:3])))
+@pytest.mark.parametrize("name", ["int8-dynamic", "int8-static", "w4a8-dynamic", "w5-truncate-a8-truncate"])
+def test_conv_converted_equals_fake_quant(device, shape, name):
+    torch.manual_seed(0)
+    cin, cout, k, s, p, d, g, b = shape
+    layer = QuantConv2d(cin, cout, k, stride=s, padding=p, dilation=d, groups=g, bias=b,
+                        config=CONFIGS[name]).to(device)
+    layer, x = _calibrated(layer, (2, cin, 9, 11), device)
+    _assert_same_function(layer, x)
+
+
+def test_conv_half(device):
+    torch.manual_seed(0)
+    layer = QuantConv2d(4, 8, 3, padding=1, config="int8-static").to(device, torch.bfloat16)
+    layer, x = _calibrated(layer, (2, 4, 6, 6), device, torch.bfloat16)
+    _assert_same_function(layer, x, torch.bfloat16)
+
+
+def test_construction_is_float_equivalent():
+    torch.manual_seed(0)
+    ref = nn.Linear(10, 4)
+    torch.manual_seed(0)
+    layer = QuantLinear(10, 4)
+    torch.testing.assert_close(layer.weight, ref.weight, rtol=0, atol=0)
+    assert [n for n, _ in layer.named_parameters()] == ["weight", "bias"]
+    layer.load_state_dict(ref.state_dict(), strict=False)  # a float checkpoint loads into the layer
+    torch.manual_seed(0)
+    conv = QuantConv2d(3, 5, (2, 3), padding="same", dilation=(2, 1))
+    assert conv.padding == (1, 1)
+    with pytest.raises(ValueError, match="padding='same' needs an even"):
+        QuantConv2d(3, 5, 2, padding="same")
+
+
+def test_from_float_shares_parameters():
+    lin = nn.Linear(6, 3)
+    q = QuantLinear.from_float(lin, "int8-static")
+    assert q.weight is lin.weight and q.bias is lin.bias
+    conv = nn.Conv2d(2, 4, 3, bias=False)
+    qc = QuantConv2d.from_float(conv)
+    assert qc.weight is conv.weight and qc.bias is None
+    with pytest.raises(TypeError, match="module must be a Linear"):
+        QuantLinear.from_float(conv)
+    with pytest.raises(ValueError, match="padding_mode='zeros'"):
+        QuantConv2d.from_float(nn.Conv2d(2, 4, 3, padding_mode="reflect"))
+
+
+def test_training_drop_in():
+    torch.manual_seed(0)
+    model = nn.Sequential(QuantLinear(8, 16, config="w4a8-dynamic"), nn.ReLU(), QuantLinear(16, 1))
+    x = torch.randn(64, 8)
+    y = x[:, :1] * 2 - x[:, 1:2]
+    opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    losses = []
+    for _ in range(60):
+        loss = (model(x) - y).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.2 * losses[0]
+    assert model[0].weight.grad is not None and model[0].bias.grad is not None
+
+
+def test_straight_through_gradient():
+    torch.manual_seed(0)
+    layer = QuantLinear(5, 3)
+    x = torch.randn(4, 5, requires_grad=True)
+    layer(x).sum().backward()
+    # every value lies inside its own range, so the straight-through gradient is that of the float op
+    w_fq = layer.weight_quantizer(layer.weight).detach()
+    torch.testing.assert_close(x.grad, torch.ones(4, 3) @ w_fq)
+    torch.testing.assert_close(layer.weight.grad, torch.ones(3, 4) @ layer.input_quantizer(x).detach())
+
+
+def _lsq_reference(x, scale, zero_point, qmin, qmax, axis):
+    """LSQ in plain autograd: round with a straight-through estimator, gradient scaling by s*g + (s - s*g).detach()."""
+    shape = [1] * x.dim()
+    if axis is not None:
+        shape[axis] = -1
+    g = 1.0 / (x.numel() / scale.numel() * qmax) ** 0.5
+    s = (scale * g + (scale - scale * g).detach()).reshape(shape)
+    z = zero_point.float().reshape(shape)
+    v = x / s
+    r = v + (torch.round(v) - v).detach()
+    return (torch.clamp(r + z, qmin, qmax) - z) * s
+
+
+@pytest.mark.parametrize("signed, axis", [(True, 0), (False, None)])
+def test_lsq_gradients_match_reference(signed, axis):
+    torch.manual_seed(0)
+    x = torch.randn(4, 30) * 2
+    spec = QuantSpec(bits=4, signed=signed, symmetric=signed, granularity="per_tensor", learn_scale=True)
+    scale = torch.full((4,) if axis == 0 else (1,), 0.3, requires_grad=True)
+    zero_point = torch.zeros_like(scale, dtype=torch.int32) + (0 if signed else 5)
+    qmin, qmax = (-8, 7) if signed else (0, 15)
+    xa = x.clone().requires_grad_()
+    out = _LSQFakeQuantize.apply(xa, scale, zero_point, spec, axis)
+    upstream = torch.randn_like(out)
+    (out * upstream).sum().backward()
+    xb = x.clone().requires_grad_()
+    sb = scale.detach().clone().requires_grad_()
+    ref = _lsq_reference(xb, sb, zero_point, qmin, qmax, axis)
+    (ref * upstream).sum().backward()
+    torch.testing.assert_close(out, ref.detach())
+    torch.testing.assert_close(xa.grad, xb.grad)
+    torch.testing.assert_close(scale.grad, sb.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_learned_scales_train_and_convert(device):
+    torch.manual_seed(0)
+    config = QuantConfig(QuantSpec(bits=4, learn_scale=True),
+                         QuantSpec(bits=8, signed=False, symmetric=False, granularity="per_tensor", learn_scale=True))
+    layer = QuantLinear(12, 6, config=config).to(device)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.01)
+    x = torch.randn(32, 12, device=device)
+    for _ in range(3):
+        loss = layer(x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert layer.weight_quantizer.scale.grad is not None and layer.weight_quantizer.scale.grad.abs().sum() > 0
+    assert layer.input_quantizer.scale.grad is not None
+    _assert_same_function(layer, x)
+
+
+def test_converted_layer_moves_and_casts(device):
+    torch.manual_seed(0)
+    layer = QuantLinear(16, 8, config="int8-static")
+    layer, x = _calibrated(layer, (4, 16), "cpu")
+    layer.eval().convert()
+    want = layer(x)
+    assert "w_packed" not in layer.state_dict() and "weight" not in layer.state_dict()
+    layer.to(device)
+    torch.testing.assert_close(layer(x.to(device)).cpu(), want, rtol=1e-5, atol=1e-5)
+    layer.half()
+    assert layer.weight_scale.dtype == torch.float32 and layer.qweight.dtype == torch.int8
+    assert layer(x.to(device, torch.float16)).dtype == torch.float16
+    layer.convert()  # idempotent
+
+
+def test_load_state_dict_into_converted_skeleton():
+    torch.manual_seed(0)
+    layer = QuantConv2d(3, 4, 3, config="w4a8-dynamic").eval().convert()
+    x = torch.randn(1, 3, 5, 5)
+    skeleton = QuantConv2d(3, 4, 3, config="w4a8-dynamic")
+    skeleton._converted_skeleton()
+    skeleton.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(skeleton.eval()(x), layer(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("k", [1, 2, 7, 64])
+def test_int4_packing_round_trip(k):
+    q = torch.randint(-8, 8, (5, k), dtype=torch.int8)
+    packed = pack_int4(q)
+    assert packed.dtype == torch.uint8 and packed.shape == (5, (k + 1) // 2)
+    torch.testing.assert_close(unpack_int4(packed, k), q, rtol=0, atol=0)
+
+
+def test_converted_bad_input():
+    lin = QuantLinear(8, 3).eval().convert()
+    with pytest.raises(ValueError, match=r"input must have shape \[\.\.\., 8\], got \[2, 5\]"):
+        lin(torch.randn(2, 5))
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16, got torch.float64"):
+        lin(torch.randn(2, 8, dtype=torch.float64))
+    with pytest.raises(TypeError, match="input must be a tensor"):
+        lin([1.0] * 8)
+    conv = QuantConv2d(3, 4, 3).eval().convert()
+    with pytest.raises(ValueError, match=r"shape \[batch, 3, height, width\], got \[3, 5, 5\]"):
+        conv(torch.randn(3, 5, 5))
+    with pytest.raises(TypeError, match="got torch.int64"):
+        conv(torch.ones(1, 3, 5, 5, dtype=torch.int64))
+    with pytest.raises(RuntimeError, match="needs calibration before convert"):
+        QuantLinear(4, 4, config="int8-static").convert()
+    with pytest.raises(ValueError, match=r"bits must be in \[1, 8\], got 12"):
+        QuantLinear(4, 4, config=QuantConfig(QuantSpec(bits=12)))

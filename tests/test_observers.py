@@ -1,0 +1,101 @@
+import pytest
+import torch
+
+from torchquant import QuantSpec
+from torchquant import functional as F_q
+from torchquant.observers import Observer
+
+
+def _batches(device, channels=None, n=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shape = (5, 7) if channels is None else (channels, 11)
+    return [(torch.randn(shape, generator=g) * (i + 1)).to(device) for i in range(n)]
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("axis", [None, 0])
+def test_minmax_matches_choose_qparams_of_all_data(device, symmetric, axis):
+    spec = QuantSpec(symmetric=symmetric, signed=symmetric, granularity="per_tensor")
+    batches = _batches(device, channels=None if axis is None else 4)
+    obs = Observer(spec, axis=axis, num_channels=1 if axis is None else 4).to(device)
+    for b in batches:
+        obs(b)
+    everything = torch.cat(batches, dim=1)
+    want = F_q.choose_qparams(everything, bits=8, signed=symmetric, symmetric=symmetric, axis=axis)
+    got = obs.qparams()
+    torch.testing.assert_close(got[0], want[0].reshape(-1), rtol=0, atol=0)
+    torch.testing.assert_close(got[1], want[1].reshape(-1), rtol=0, atol=0)
+    assert obs.lo.device.type == device and int(obs.batches) == 3
+
+
+def test_moving_average():
+    spec = QuantSpec(observer="moving_average", averaging_constant=0.25, granularity="per_tensor")
+    obs = Observer(spec)
+    obs(torch.tensor([-1.0, 1.0]))
+    obs(torch.tensor([-5.0, 9.0]))
+    assert obs.lo.item() == pytest.approx(-1.0 + 0.25 * (-5.0 + 1.0))
+    assert obs.hi.item() == pytest.approx(1.0 + 0.25 * (9.0 - 1.0))
+
+
+def test_percentile_ignores_outliers(device):
+    x = torch.linspace(-1, 1, 10001, device=device)
+    x[0], x[-1] = -100.0, 100.0
+    sym = Observer(QuantSpec(observer="percentile", percentile=99.9, granularity="per_tensor")).to(device)
+    sym(x)
+    assert 0.9 < sym.hi.item() <= 1.0 and sym.lo.item() == -sym.hi.item()
+    asym = Observer(QuantSpec(observer="percentile", percentile=99.9, signed=False, symmetric=False,
+                              granularity="per_tensor")).to(device)
+    asym(x + 1)
+    assert 0.0 <= asym.lo.item() < 0.1 and 1.9 < asym.hi.item() <= 2.0
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_mse_clips_no_worse_than_minmax(device, bits):
+    g = torch.Generator().manual_seed(1)
+    w = (torch.randn(6, 200, generator=g) ** 3).to(device)  # heavy tails: clipping pays off
+    errors = {}
+    for observer in ("minmax", "mse"):
+        spec = QuantSpec(bits=bits, observer=observer)
+        obs = Observer(spec, axis=0, num_channels=6).to(device)
+        obs(w)
+        scale, zp = obs.qparams()
+        approx = F_q.fake_quantize(w, scale, zp, bits=bits, axis=0)
+        errors[observer] = (approx - w).square().sum(dim=1)
+    assert torch.all(errors["mse"] <= errors["minmax"])
+    if bits <= 4:
+        assert errors["mse"].sum() < 0.8 * errors["minmax"].sum()
+
+
+def test_state_dict_dtype_and_device(device):
+    obs = Observer(QuantSpec(granularity="per_tensor"))
+    obs(torch.tensor([-2.0, 3.0]))
+    obs.half()
+    assert obs.lo.dtype == torch.float32
+    obs.to(device)
+    assert obs.hi.device.type == device
+    fresh = Observer(QuantSpec(granularity="per_tensor"))
+    fresh.load_state_dict(obs.state_dict())
+    assert fresh.lo.item() == -2.0 and fresh.hi.item() == 3.0 and fresh.has_data
+
+
+def test_half_input_and_empty_input():
+    obs = Observer(QuantSpec(granularity="per_tensor"))
+    obs(torch.empty(0, 3))
+    assert not obs.has_data
+    obs(torch.tensor([-1.5, 0.5], dtype=torch.bfloat16))
+    assert obs.lo.item() == -1.5 and obs.lo.dtype == torch.float32
+    obs.reset()
+    assert not obs.has_data
+
+
+def test_bad_input():
+    with pytest.raises(RuntimeError, match="seen no data"):
+        Observer(QuantSpec()).qparams()
+    with pytest.raises(TypeError, match="floating-point"):
+        Observer(QuantSpec())(torch.arange(4))
+    with pytest.raises(ValueError, match="expected 4 channels along axis 0, got 3"):
+        Observer(QuantSpec(), axis=0, num_channels=4)(torch.randn(3, 2))
+    with pytest.raises(TypeError, match="spec must be a QuantSpec"):
+        Observer("minmax")
+    with pytest.raises(ValueError, match="per-tensor observer has num_channels 1"):
+        Observer(QuantSpec(), axis=None, num_channels=3)

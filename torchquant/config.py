@@ -1,0 +1,206 @@
+"""Quantization settings: QuantSpec (how one tensor is quantized) and QuantConfig (weights + activations + skip).
+
+Both are validated when built, so a bad setting fails where it is written, not deep inside a forward pass.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, Union
+
+import torch.nn as nn
+
+GRANULARITIES = ("per_channel", "per_tensor", "per_token")
+ROUNDINGS = ("nearest", "truncate")
+OBSERVERS = ("minmax", "moving_average", "percentile", "mse")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"QuantSpec: {name} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"QuantSpec: {name} must be a bool, got {type(value).__name__}")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one kind of tensor (the weights or the activations of a layer) is quantized.
+
+    bits: 1-8. signed: int8 storage (signed) or uint8 (unsigned). symmetric: zero point 0 (signed) versus an
+    asymmetric range with a zero point. granularity: one scale per output channel, one per tensor, or (dynamic
+    activations only) one per token (row). rounding: round half to even or truncate toward zero. observer: how
+    the range is estimated (minmax, moving_average, percentile, mse). dynamic: activations quantized with qparams
+    computed from each input at run time instead of calibrated ones. learn_scale: the scale is a parameter
+    trained with the LSQ gradient. percentile: the percentile (of |x|, or of x on each side) kept by the
+    percentile observer. averaging_constant: the update weight of the moving_average observer.
+    """
+
+    bits: int = 8
+    signed: bool = True
+    symmetric: bool = True
+    granularity: str = "per_channel"
+    rounding: str = "nearest"
+    observer: str = "minmax"
+    dynamic: bool = False
+    learn_scale: bool = False
+    percentile: float = 99.99
+    averaging_constant: float = 0.01
+
+    def __post_init__(self):
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int):
+            raise TypeError(f"QuantSpec: bits must be an int in [1, 8], got {type(self.bits).__name__}")
+        if not 1 <= self.bits <= 8:
+            raise ValueError(f"QuantSpec: bits must be in [1, 8], got {self.bits}")
+        for name in ("signed", "symmetric", "dynamic", "learn_scale"):
+            _check_bool(name, getattr(self, name))
+        _check_choice("granularity", self.granularity, GRANULARITIES)
+        _check_choice("rounding", self.rounding, ROUNDINGS)
+        _check_choice("observer", self.observer, OBSERVERS)
+        if isinstance(self.percentile, bool) or not isinstance(self.percentile, (int, float)):
+            raise TypeError(f"QuantSpec: percentile must be a number, got {type(self.percentile).__name__}")
+        if not 50.0 < self.percentile <= 100.0:
+            raise ValueError(f"QuantSpec: percentile must be in (50, 100], got {self.percentile}")
+        if isinstance(self.averaging_constant, bool) or not isinstance(self.averaging_constant, (int, float)):
+            raise TypeError(
+                f"QuantSpec: averaging_constant must be a number, got {type(self.averaging_constant).__name__}")
+        if not 0.0 < self.averaging_constant <= 1.0:
+            raise ValueError(f"QuantSpec: averaging_constant must be in (0, 1], got {self.averaging_constant}")
+        if self.granularity == "per_token" and not self.dynamic:
+            raise ValueError("QuantSpec: granularity='per_token' is only for dynamic activations (dynamic=True)")
+        if self.dynamic and not (self.symmetric and self.signed):
+            # run-time qparams must be known without a device sync: symmetric signed means zero point 0
+            raise ValueError("QuantSpec: dynamic=True needs symmetric=True and signed=True (zero point 0)")
+        if self.dynamic and self.learn_scale:
+            raise ValueError("QuantSpec: learn_scale=True needs static qparams (dynamic=False)")
+        if not self.signed and self.symmetric:
+            raise ValueError("QuantSpec: an unsigned range needs symmetric=False (a symmetric range is signed)")
+        if self.bits == 1 and not self.symmetric:
+            raise ValueError("QuantSpec: bits=1 is sign binarization and needs symmetric=True, signed=True")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "QuantSpec":
+        if not isinstance(data, dict):
+            raise TypeError(f"QuantSpec.from_dict: data must be a dict, got {type(data).__name__}")
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"QuantSpec.from_dict: unknown field(s) {sorted(unknown)}")
+        return cls(**data)
+
+
+SkipRule = Union[str, type, Callable[[str, nn.Module], bool]]
+
+
+def _weight_spec(bits: int, observer: str = "minmax") -> QuantSpec:
+    return QuantSpec(bits=bits, granularity="per_channel", observer=observer)
+
+
+DYNAMIC_TOKEN_INT8 = QuantSpec(bits=8, granularity="per_token", dynamic=True)
+STATIC_TENSOR_UINT8 = QuantSpec(bits=8, signed=False, symmetric=False, granularity="per_tensor")
+
+_PRESETS = {
+    "int8-dynamic": lambda: QuantConfig(weight=_weight_spec(8), activation=DYNAMIC_TOKEN_INT8),
+    "int8-static": lambda: QuantConfig(weight=_weight_spec(8), activation=STATIC_TENSOR_UINT8),
+    # 4-bit weights lose much more to outliers: the MSE-optimal clipping range is worth its search
+    "w4a8-dynamic": lambda: QuantConfig(weight=_weight_spec(4, "mse"), activation=DYNAMIC_TOKEN_INT8),
+}
+DEFAULT_PRESET = "int8-dynamic"
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Weights spec, activation spec (None: activations stay float) and the layers to leave float (skip).
+
+    skip entries: a module name glob ("encoder.*", "head"), a module type (nn.Conv2d), or a callable
+    (name, module) -> bool.
+    """
+
+    weight: QuantSpec = dataclasses.field(default_factory=lambda: _weight_spec(8))
+    activation: QuantSpec | None = DYNAMIC_TOKEN_INT8
+    skip: tuple = ()
+
+    def __post_init__(self):
+        if not isinstance(self.weight, QuantSpec):
+            raise TypeError(f"QuantConfig: weight must be a QuantSpec, got {type(self.weight).__name__}")
+        w = self.weight
+        if w.dynamic:
+            raise ValueError("QuantConfig: weight spec cannot be dynamic (weights are quantized once)")
+        if w.granularity == "per_token":
+            raise ValueError("QuantConfig: weight granularity must be 'per_channel' or 'per_tensor', got 'per_token'")
+        if not (w.signed and w.symmetric):
+            # the integer kernels take weights with zero point 0 in int8 storage
+            raise ValueError("QuantConfig: weight spec must be signed=True and symmetric=True")
+        a = self.activation
+        if a is not None:
+            if not isinstance(a, QuantSpec):
+                raise TypeError(f"QuantConfig: activation must be a QuantSpec or None, got {type(a).__name__}")
+            if a.granularity == "per_channel":
+                raise ValueError(
+                    "QuantConfig: activation granularity must be 'per_tensor' or 'per_token' (dynamic), "
+                    "got 'per_channel'")
+            if a.bits == 1:
+                raise ValueError("QuantConfig: activation bits must be in [2, 8] (1 bit is for weights only)")
+        skip = self.skip
+        if isinstance(skip, (str, type)) or callable(skip):
+            skip = (skip,)
+        if not isinstance(skip, (tuple, list)):
+            raise TypeError(f"QuantConfig: skip must be a tuple of name globs, types or callables, got {skip!r}")
+        for rule in skip:
+            if not (isinstance(rule, (str, type)) or callable(rule)):
+                raise TypeError(f"QuantConfig: skip entries must be name globs, module types or callables, got {rule!r}")
+        object.__setattr__(self, "skip", tuple(skip))
+
+    @classmethod
+    def preset(cls, name: str) -> "QuantConfig":
+        """A named configuration: 'int8-dynamic' (default), 'int8-static' or 'w4a8-dynamic'."""
+        if name not in _PRESETS:
+            raise ValueError(f"QuantConfig.preset: unknown preset {name!r}; expected one of {sorted(_PRESETS)}")
+        return _PRESETS[name]()
+
+    @staticmethod
+    def preset_names() -> list[str]:
+        return sorted(_PRESETS)
+
+    def with_skip(self, skip) -> "QuantConfig":
+        return dataclasses.replace(self, skip=tuple(self.skip) + tuple(skip))
+
+    def to_dict(self) -> dict:
+        """JSON-ready form. Only name-glob skip rules can be written; types and callables raise TypeError."""
+        for rule in self.skip:
+            if not isinstance(rule, str):
+                raise TypeError(f"QuantConfig.to_dict: only name-glob skip rules are serializable, got {rule!r}")
+        return {
+            "weight": self.weight.to_dict(),
+            "activation": None if self.activation is None else self.activation.to_dict(),
+            "skip": list(self.skip),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "QuantConfig":
+        if not isinstance(data, dict):
+            raise TypeError(f"QuantConfig.from_dict: data must be a dict, got {type(data).__name__}")
+        unknown = set(data) - {"weight", "activation", "skip"}
+        if unknown or "weight" not in data:
+            raise ValueError(f"QuantConfig.from_dict: expected keys weight, activation, skip; got {sorted(data)}")
+        activation = data.get("activation")
+        return cls(
+            weight=QuantSpec.from_dict(data["weight"]),
+            activation=None if activation is None else QuantSpec.from_dict(activation),
+            skip=tuple(data.get("skip", ())),
+        )
+
+
+def resolve_config(config) -> QuantConfig:
+    """A QuantConfig from a QuantConfig, a preset name or None (the default preset)."""
+    if config is None:
+        return QuantConfig.preset(DEFAULT_PRESET)
+    if isinstance(config, str):
+        return QuantConfig.preset(config)
+    if isinstance(config, QuantConfig):
+        return config
+    raise TypeError(f"config must be a QuantConfig, a preset name or None, got {type(config).__name__}")

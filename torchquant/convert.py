@@ -1,0 +1,198 @@
+"""Whole-model conversion: prepare (swap float layers for fake-quant ones), calibrate, convert, quantize_model.
+
+Every step is all-or-nothing: replacements and integer states are built first and installed only when all of
+them were built, and quantize_model puts the original layers back if calibration or conversion fails, so a
+failed call leaves the user's model as it was.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import fnmatch
+import warnings
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from torchquant.config import QuantConfig, resolve_config
+from torchquant.nn import QuantConv2d, QuantLinear
+from torchquant.nn.base import QuantLayerBase
+from torchquant.nn.quantizers import InputQuantizer
+
+# exact types only: subclasses (e.g. the out_proj of nn.MultiheadAttention) may be used through their weight
+# directly, which a swapped layer would not see
+QUANT_TYPES = {nn.Linear: QuantLinear, nn.Conv2d: QuantConv2d}
+
+
+def _check_model(model, where: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{where}: model must be a torch.nn.Module, got {type(model).__name__}")
+
+
+def _rule_matches(rule, name: str, module: nn.Module) -> bool:
+    if isinstance(rule, str):
+        return fnmatch.fnmatchcase(name, rule)
+    if isinstance(rule, type):
+        return isinstance(module, rule)
+    return bool(rule(name, module))
+
+
+def _plan_swaps(model: nn.Module, config: QuantConfig) -> list[tuple[nn.Module, str, nn.Module, nn.Module]]:
+    """(parent, child key, float layer, quant layer) for every layer to swap; builds the quant layers but changes
+    nothing. A module reachable under several names is swapped once (one replacement shared by all parents);
+    a skipped module keeps its whole subtree float. Warns about skip rules that matched no module."""
+    layer_config = dataclasses.replace(config, skip=())
+    replacements: dict[int, nn.Module] = {}
+    visited: set[int] = set()
+    matched: set[int] = set()
+    plan = []
+
+    def skipped(name: str, module: nn.Module) -> bool:
+        hit = False
+        for i, rule in enumerate(config.skip):
+            if _rule_matches(rule, name, module):
+                matched.add(i)
+                hit = True
+        return hit
+
+    def visit(parent: nn.Module, prefix: str) -> None:
+        for key, child in parent._modules.items():
+            if child is None:
+                continue
+            name = f"{prefix}{key}"
+            if skipped(name, child):
+                continue
+            swap_type = QUANT_TYPES.get(type(child))
+            if swap_type is not None:
+                if id(child) not in replacements:
+                    replacements[id(child)] = swap_type.from_float(child, layer_config)
+                plan.append((parent, key, child, replacements[id(child)]))
+            elif id(child) not in visited:
+                visited.add(id(child))
+                visit(child, name + ".")
+
+    if not skipped("", model):
+        swap_type = QUANT_TYPES.get(type(model))
+        if swap_type is not None:
+            raise TypeError(f"prepare: model is itself a {type(model).__name__}; wrap it in a container "
+                            f"(e.g. nn.Sequential) or use {swap_type.__name__}.from_float")
+        visit(model, "")
+    for i, rule in enumerate(config.skip):
+        if i not in matched:
+            warnings.warn(f"prepare: skip rule {rule!r} matched no module", UserWarning, stacklevel=3)
+    return plan
+
+
+def _swap(plan, undo: bool = False) -> None:
+    for parent, key, float_layer, quant_layer in plan:
+        parent._modules[key] = float_layer if undo else quant_layer
+
+
+def prepare(model: nn.Module, config=None, *, inplace: bool = True) -> nn.Module:
+    """Replaces every nn.Linear and nn.Conv2d (except those `config.skip` selects) with QuantLinear/QuantConv2d
+    in fake-quant mode, sharing the float parameters. config: a QuantConfig, a preset name or None (int8-dynamic)."""
+    _check_model(model, "prepare")
+    config = resolve_config(config)
+    if not inplace:
+        model = copy.deepcopy(model)
+    _swap(_plan_swaps(model, config))
+    return model
+
+
+def quant_layers(model: nn.Module) -> list[QuantLayerBase]:
+    """The distinct quantized layers of model, in module order."""
+    return [m for m in model.modules() if isinstance(m, QuantLayerBase)]
+
+
+def _run_batch(model: nn.Module, batch) -> None:
+    if isinstance(batch, torch.Tensor):
+        model(batch)
+    elif isinstance(batch, (tuple, list)):
+        model(*batch)
+    elif isinstance(batch, dict):
+        model(**batch)
+    else:
+        raise TypeError(f"calibrate: each batch must be a tensor, a tuple/list of positional inputs or a dict of "
+                        f"keyword inputs, got {type(batch).__name__}")
+
+
+def calibrate(model: nn.Module, batches: Iterable, *, progress: bool = True) -> nn.Module:
+    """Runs the batches through a prepared model in eval mode without gradients so the static activation
+    observers record ranges. The training flags of every module are restored afterwards, and the observers
+    are restored too if a batch fails."""
+    _check_model(model, "calibrate")
+    layers = quant_layers(model)
+    if not layers:
+        raise ValueError("calibrate: model has no quantized layers (call torchquant.prepare first)")
+    if isinstance(batches, (torch.Tensor, dict)) or not hasattr(batches, "__iter__"):
+        raise TypeError(f"calibrate: batches must be an iterable of batches (e.g. a list or a DataLoader), "
+                        f"got {type(batches).__name__}")
+    quantizers = [m for m in model.modules() if isinstance(m, InputQuantizer) and not m.spec.dynamic]
+    saved = [{k: v.clone() for k, v in q.state_dict().items()} for q in quantizers]
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    for q in quantizers:
+        q.calibrating = True
+    seen = 0
+    try:
+        with torch.no_grad():
+            total = len(batches) if hasattr(batches, "__len__") else None
+            for batch in tqdm(batches, total=total, desc="calibrate", unit="batch", disable=not progress or None,
+                              leave=False):
+                _run_batch(model, batch)
+                seen += 1
+        if seen == 0:
+            raise ValueError("calibrate: batches is empty")
+    except BaseException:
+        for q, state in zip(quantizers, saved):
+            q.load_state_dict(state)
+        raise
+    finally:
+        for q in quantizers:
+            q.calibrating = False
+        for m, training in modes:
+            m.training = training
+    return model
+
+
+def convert(model: nn.Module, *, inplace: bool = True) -> nn.Module:
+    """Converts every fake-quant layer of a prepared (and, for static activations, calibrated) model to integer
+    weights and kernels. Idempotent; already converted layers are left alone. Either every layer converts or
+    none does."""
+    _check_model(model, "convert")
+    if not inplace:
+        model = copy.deepcopy(model)
+    layers = quant_layers(model)
+    if not layers:
+        warnings.warn("convert: model has no quantized layers (call torchquant.prepare first)", UserWarning,
+                      stacklevel=2)
+    pending = [(layer, layer.converted_state()) for layer in layers if not layer.converted]
+    for layer, state in pending:
+        layer._install_converted(state)
+    return model
+
+
+def quantize_model(model: nn.Module, config=None, calibration: Iterable | None = None, *,
+                   inplace: bool = True) -> nn.Module:
+    """prepare + calibrate (when calibration batches are given) + convert. Static activation configs need
+    calibration. On failure the model is left as it was."""
+    _check_model(model, "quantize_model")
+    config = resolve_config(config)
+    act = config.activation
+    if act is not None and not act.dynamic and calibration is None:
+        raise ValueError("quantize_model: this config quantizes activations statically and needs calibration "
+                         "batches (calibration=...), or use a dynamic preset such as 'int8-dynamic'")
+    if not inplace:
+        model = copy.deepcopy(model)
+    plan = _plan_swaps(model, config)
+    _swap(plan)
+    try:
+        if calibration is not None:
+            calibrate(model, calibration)
+        convert(model)
+    except BaseException:
+        _swap(plan, undo=True)
+        raise
+    return model

@@ -1,0 +1,194 @@
+"""The state machine shared by QuantLinear and QuantConv2d.
+
+fake-quant (from construction): `weight`/`bias` are the nn.Linear/nn.Conv2d parameters; forward fake-quantizes
+the weight (WeightQuantizer) and the input (InputQuantizer) and runs the float op, with straight-through (or LSQ)
+gradients, so the layer trains like its float counterpart.
+
+converted (`convert()`): the float weight is replaced by integer buffers, `qweight` (int8 [out, ...], or for
+bits <= 4 two signed nibbles per byte, uint8 [out, ceil(n / 2)]) and `weight_scale` (float32 [out]); forward
+runs the integer kernels. The kernels' packed weight layout depends on the device, so it lives in non-persistent
+buffers rebuilt from `qweight` whenever the layer moves (`_apply`) or loads a state dict.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from torchquant import functional as F_q
+from torchquant.config import QuantConfig, resolve_config
+from torchquant.nn.quantizers import InputQuantizer, WeightQuantizer
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """int8 [N, K] with values in [-8, 7] -> uint8 [N, ceil(K / 2)]: element 2j in the low nibble, 2j+1 high."""
+    if q.shape[1] % 2:
+        q = torch.nn.functional.pad(q, (0, 1))
+    nibbles = (q.to(torch.int16) & 0xF).to(torch.uint8)
+    return nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """Inverse of pack_int4: uint8 [N, ceil(K / 2)] -> int8 [N, K] (nibbles sign-extended)."""
+    p = packed.to(torch.int16)
+    low = ((p & 0xF) ^ 8) - 8
+    high = ((p >> 4) ^ 8) - 8
+    return torch.stack([low, high], dim=2).reshape(packed.shape[0], -1)[:, :k].to(torch.int8)
+
+
+class QuantLayerBase(nn.Module):
+    """Subclasses set FLOAT_TYPE and implement the constructor (calling _init_quant), _like, _float_op,
+    _int_op, _pack, _check_input and _shape_repr."""
+
+    FLOAT_TYPE: type = nn.Module
+    PER_TOKEN_INPUT = False  # whether per-token activation scales apply (Linear) or become per tensor (Conv)
+
+    def _init_quant(self, config) -> None:
+        """Called by subclass constructors once `weight` exists."""
+        self.config: QuantConfig = resolve_config(config)
+        self.converted = False
+        self.weight_shape = tuple(self.weight.shape)
+        self._build_quantizers()
+        self.register_load_state_dict_post_hook(QuantLayerBase._after_load)
+
+    def _build_quantizers(self) -> None:
+        # quantization state is float32 whatever the layer's dtype, on the weight's device
+        device = self.weight.device
+        self.weight_quantizer = WeightQuantizer(self.config.weight, self.weight_shape[0]).to(device)
+        act = self.config.activation
+        self.input_quantizer = None if act is None else InputQuantizer(act, self.PER_TOKEN_INPUT).to(device)
+
+    # ---- construction from a float layer ----
+    @classmethod
+    def from_float(cls, module: nn.Module, config=None):
+        """A fake-quant layer sharing `module`'s weight and bias parameters (optimizers keep working)."""
+        if type(module) is not cls.FLOAT_TYPE:
+            raise TypeError(f"{cls.__name__}.from_float: module must be a {cls.FLOAT_TYPE.__name__}, "
+                            f"got {type(module).__name__}")
+        layer = cls._like(module, config, device="meta")  # no throwaway weight allocation
+        layer.weight = module.weight
+        layer.bias = module.bias
+        layer._build_quantizers()
+        layer.train(module.training)
+        return layer
+
+    # ---- forward ----
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.converted:
+            return self._converted_forward(x)
+        w = self.weight_quantizer(self.weight)
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        return self._float_op(x, w, self.bias)
+
+    def _weight_int8(self) -> torch.Tensor:
+        """The integer weight as int8 in the float weight's shape."""
+        if self.config.weight.bits <= 4:
+            return unpack_int4(self.qweight, self._weight_numel_per_channel()).reshape(self.weight_shape)
+        return self.qweight
+
+    def _weight_numel_per_channel(self) -> int:
+        n = 1
+        for d in self.weight_shape[1:]:
+            n *= d
+        return n
+
+    def _converted_forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        if x.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{type(self).__name__}: input must be float32, float16 or bfloat16, got {x.dtype}")
+        if x.device != self.qweight.device:
+            raise ValueError(f"{type(self).__name__}: input is on {x.device} but the layer is on "
+                             f"{self.qweight.device}")
+        bias = None if self.bias is None else self.bias.float()
+        if self.input_quantizer is None:  # weight-only: float compute with the dequantized weight
+            w = F_q.dequantize(self._weight_int8(), self.weight_scale, 0, axis=0, dtype=x.dtype)
+            return self._float_op(x, w, self.bias)
+        fused = self._fused_dynamic_forward(x, bias)
+        if fused is not None:
+            return fused
+        x_q, x_scale = self.input_quantizer.quantize(x, self.input_zero_point)
+        return self._int_op(x_q, x_scale, self.input_zero_point, bias, x.dtype)
+
+    def _fused_dynamic_forward(self, x, bias):
+        return None
+
+    # ---- conversion ----
+    @torch.no_grad()
+    def converted_state(self) -> dict:
+        """The integer state convert() installs, computed without changing the layer (may raise)."""
+        if self.input_quantizer is not None and not self.input_quantizer.ready:
+            raise RuntimeError(f"{type(self).__name__}: static activation quantization needs calibration "
+                               f"before convert (no input range observed)")
+        q, scale = self.weight_quantizer.quantize(self.weight)
+        if self.config.weight.bits <= 4:
+            q = pack_int4(q.reshape(q.shape[0], -1))
+        return {"qweight": q, "weight_scale": scale}
+
+    def _install_converted(self, state: dict) -> None:
+        """Drops the float weight, stores the integer one and packs it for the kernels (cannot fail)."""
+        bias = None if self.bias is None else nn.Parameter(self.bias.detach(), requires_grad=False)
+        del self.weight
+        self.bias = bias
+        self.register_buffer("qweight", state["qweight"])
+        self.register_buffer("weight_scale", state["weight_scale"])
+        self.converted = True
+        self._set_input_zero_point()
+        self._repack()
+
+    def convert(self):
+        """Converts this layer in place (idempotent)."""
+        if not self.converted:
+            self._install_converted(self.converted_state())
+        return self
+
+    def _converted_skeleton(self, device=None) -> None:
+        """Converted layout with placeholder integer buffers, for loading a converted state dict."""
+        if self.converted:
+            return
+        n = self.weight_shape[0]
+        k = self._weight_numel_per_channel()
+        device = self.weight.device if device is None else device
+        if self.config.weight.bits <= 4:
+            q = torch.zeros(n, (k + 1) // 2, dtype=torch.uint8, device=device)
+        else:
+            q = torch.zeros(self.weight.shape, dtype=torch.int8, device=device)
+        self._install_converted({"qweight": q, "weight_scale": torch.ones(n, device=device)})
+
+    def _set_input_zero_point(self) -> None:
+        # a Python int, so converted forward has no device sync and compiles to one graph
+        quantizer = self.input_quantizer
+        if quantizer is not None and not quantizer.spec.dynamic:
+            self.input_zero_point = int(quantizer.zero_point.item())
+        else:
+            self.input_zero_point = 0
+
+    def _repack(self) -> None:
+        w = self._weight_int8()
+        self.register_buffer("w_sum", w.reshape(w.shape[0], -1).sum(dim=1, dtype=torch.int32), persistent=False)
+        self.register_buffer("w_packed", self._pack(w), persistent=False)
+
+    @staticmethod
+    def _after_load(module, incompatible_keys) -> None:
+        if module.converted:
+            module._set_input_zero_point()
+            module._repack()
+
+    def _apply(self, fn, recurse=True):
+        if not self.converted:
+            return super()._apply(fn, recurse)
+        # the float32 weight scale keeps its dtype under model.half(); the packed weight is rebuilt on the new
+        # device rather than moved (its layout is device-specific)
+        scale = self._buffers.pop("weight_scale")
+        del self._buffers["w_packed"], self._buffers["w_sum"]
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._buffers["weight_scale"] = scale.to(self.qweight.device)
+        self._repack()
+        return self
+
+    def extra_repr(self) -> str:
+        state = "converted" if self.converted else "fake-quant"
+        return f"{self._shape_repr()}, {state}"

@@ -1,0 +1,84 @@
+"""QuantConv2d: a drop-in nn.Conv2d that trains with fake quantization and runs on int8 kernels once converted.
+
+Activations are quantized per tensor (a per_token dynamic spec means per tensor here: the conv kernel takes one
+input scale).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.modules.utils import _pair
+
+from torchquant import functional as F_q
+from torchquant.nn.base import QuantLayerBase
+
+
+def _explicit_padding(padding, kernel_size, dilation) -> tuple[int, int]:
+    """nn.Conv2d padding (ints or 'valid'/'same') as explicit symmetric padding."""
+    if padding == "valid":
+        return (0, 0)
+    if padding == "same":
+        total = [d * (k - 1) for d, k in zip(dilation, kernel_size)]
+        if any(t % 2 for t in total):
+            raise ValueError("QuantConv2d: padding='same' needs an even dilation * (kernel_size - 1) in each "
+                             f"dimension (symmetric padding), got kernel_size={kernel_size}, dilation={dilation}")
+        return (total[0] // 2, total[1] // 2)
+    return _pair(padding)
+
+
+class QuantConv2d(QuantLayerBase):
+    """nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias) quantized per
+    `config` (a QuantConfig or a preset name; default int8-dynamic). Same parameters and initialisation as
+    nn.Conv2d; only zero padding."""
+
+    FLOAT_TYPE = nn.Conv2d
+    PER_TOKEN_INPUT = False
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, config=None, *, device=None, dtype=None):
+        super().__init__()
+        float_layer = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                                device=device, dtype=dtype)
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = float_layer.kernel_size
+        self.stride = float_layer.stride
+        self.dilation = float_layer.dilation
+        self.padding = _explicit_padding(float_layer.padding, self.kernel_size, self.dilation)
+        self.groups = groups
+        self.weight = float_layer.weight
+        self.bias = float_layer.bias
+        self._init_quant(config)
+
+    @classmethod
+    def _like(cls, conv: nn.Conv2d, config, device):
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"QuantConv2d.from_float: only padding_mode='zeros' is supported, got "
+                             f"{conv.padding_mode!r}")
+        return cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                   conv.groups, conv.bias is not None, config, device=device, dtype=conv.weight.dtype)
+
+    def _float_op(self, x, weight, bias):
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"QuantConv2d: input must be a tensor, got {type(x).__name__}")
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"QuantConv2d: input must have shape [batch, {self.in_channels}, height, width], "
+                             f"got {list(x.shape)}")
+
+    def _pack(self, w_int8: torch.Tensor) -> torch.Tensor:
+        return F_q.pack_conv_weight(w_int8, self.groups)
+
+    def _int_op(self, x_q, x_scale, x_zero_point, bias, out_dtype):
+        return F_q.int8_conv2d(x_q, x_scale, x_zero_point, self.w_packed, self.w_sum, self.weight_scale, bias,
+                               out_channels=self.out_channels, kernel_size=self.kernel_size, stride=self.stride,
+                               padding=self.padding, dilation=self.dilation, groups=self.groups,
+                               out_dtype=out_dtype)
+
+    def _shape_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
+                f"bias={self.bias is not None}")

@@ -1,0 +1,61 @@
+"""QuantLinear: a drop-in nn.Linear that trains with fake quantization and runs on int8 kernels once converted."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from torchquant import functional as F_q
+from torchquant.nn.base import QuantLayerBase
+
+
+class QuantLinear(QuantLayerBase):
+    """nn.Linear(in_features, out_features, bias) quantized per `config` (a QuantConfig or a preset name;
+    default int8-dynamic). Same parameters and initialisation as nn.Linear."""
+
+    FLOAT_TYPE = nn.Linear
+    PER_TOKEN_INPUT = True
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, config=None, *, device=None,
+                 dtype=None):
+        super().__init__()
+        float_layer = nn.Linear(in_features, out_features, bias, device=device, dtype=dtype)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = float_layer.weight
+        self.bias = float_layer.bias
+        self._init_quant(config)
+
+    @classmethod
+    def _like(cls, linear: nn.Linear, config, device):
+        return cls(linear.in_features, linear.out_features, linear.bias is not None, config, device=device,
+                   dtype=linear.weight.dtype)
+
+    def _float_op(self, x, weight, bias):
+        return F.linear(x, weight, bias)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"QuantLinear: input must be a tensor, got {type(x).__name__}")
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"QuantLinear: input must have shape [..., {self.in_features}], got {list(x.shape)}")
+
+    def _pack(self, w_int8: torch.Tensor) -> torch.Tensor:
+        return F_q.pack_int8_weight(w_int8)
+
+    def _fused_dynamic_forward(self, x, bias):
+        spec = self.input_quantizer.spec
+        if not (self.input_quantizer.per_token and spec.bits == 8 and spec.rounding == "nearest"):
+            return None
+        return F_q.dynamic_int8_linear(x, self.w_packed, self.w_sum, self.weight_scale, bias,
+                                       out_features=self.out_features)
+
+    def _int_op(self, x_q, x_scale, x_zero_point, bias, out_dtype):
+        lead = x_q.shape[:-1]
+        y = F_q.int8_linear(x_q.reshape(-1, self.in_features), x_scale.reshape(-1), x_zero_point, self.w_packed,
+                            self.w_sum, self.weight_scale, bias, out_features=self.out_features,
+                            out_dtype=out_dtype)
+        return y.reshape(*lead, self.out_features)
+
+    def _shape_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

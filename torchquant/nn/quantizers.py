@@ -1,0 +1,199 @@
+"""Fake quantizers for a layer's weight and its input activations, with LSQ learned scales.
+
+The fake-quant forward uses functional.fake_quantize with exactly the qparams the converted layer stores, so the
+converted layer computes the same function (up to float summation order).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from torchquant import functional as F_q
+from torchquant.config import QuantSpec
+from torchquant.observers import Float32StateModule, Observer, batch_range, qparams_from_range
+
+
+def quant_range(bits: int, signed: bool) -> tuple[int, int]:
+    if signed:
+        return (-1, 1) if bits == 1 else (-(1 << (bits - 1)), (1 << (bits - 1)) - 1)
+    return 0, (1 << bits) - 1
+
+
+def _channel_view(t: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """t [C] shaped to broadcast against x along axis."""
+    if axis is None:
+        return t.reshape(())
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return t.reshape(shape)
+
+
+class _LSQFakeQuantize(torch.autograd.Function):
+    """fake_quantize with a learned scale: straight-through gradient to x and the LSQ gradient to scale
+    (Esser et al. 2020: d x_hat / d s = round(x/s) - x/s inside the range, q_min - z or q_max - z outside,
+    scaled by 1 / sqrt(elements per scale * q_max))."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, spec: QuantSpec, axis):
+        ctx.save_for_backward(x, scale, zero_point)
+        ctx.spec, ctx.axis = spec, axis
+        return F_q.fake_quantize(x, scale.detach(), zero_point, bits=spec.bits, signed=spec.signed,
+                                 rounding=spec.rounding, axis=axis)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, scale, zero_point = ctx.saved_tensors
+        spec, axis = ctx.spec, ctx.axis
+        qmin, qmax = quant_range(spec.bits, spec.signed)
+        s = _channel_view(scale.float(), x, axis)
+        z = _channel_view(zero_point.float(), x, axis)
+        v = x.float() * (1.0 / s)
+        if spec.bits == 1 and spec.signed:
+            q = torch.where(v >= 0, 1.0, -1.0)
+            inside = v.abs() <= 1
+        else:
+            r = torch.round(v) if spec.rounding == "nearest" else torch.trunc(v)
+            inside = (r + z >= qmin) & (r + z <= qmax)
+            q = torch.clamp(r + z, qmin, qmax) - z
+        g = grad.float()
+        grad_x = torch.where(inside, g, 0.0).to(x.dtype)
+        per_scale = x.numel() // scale.numel()
+        grad_scale_factor = 1.0 / math.sqrt(max(per_scale, 1) * max(qmax, 1))
+        term = g * (q - torch.where(inside, v, 0.0))
+        dims = [d for d in range(x.dim()) if d != axis]
+        grad_scale = (term.sum(dim=dims) if dims else term).reshape(scale.shape) * grad_scale_factor
+        return grad_x, grad_scale.to(scale.dtype), None, None, None
+
+
+def fake_quantize_spec(x, scale, zero_point, spec: QuantSpec, axis):
+    return F_q.fake_quantize(x, scale, zero_point, bits=spec.bits, signed=spec.signed, rounding=spec.rounding,
+                             axis=axis)
+
+
+class WeightQuantizer(Float32StateModule):
+    """Weight fake quantizer: qparams from the current weight (per channel along dim 0, or per tensor), or a
+    learned scale (learn_scale) initialised from that range on first use."""
+
+    def __init__(self, spec: QuantSpec, out_channels: int):
+        super().__init__()
+        self.spec = spec
+        self.axis = 0 if spec.granularity == "per_channel" else None
+        channels = out_channels if self.axis == 0 else 1
+        if spec.learn_scale:
+            self.scale = torch.nn.Parameter(torch.ones(channels))
+            self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+
+    @torch.no_grad()
+    def observed_qparams(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lo, hi = batch_range(weight, self.spec, self.axis)
+        return qparams_from_range(lo, hi, self.spec)
+
+    def qparams(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale float32 [C], zero_point int32 [C]) the weight is quantized with now."""
+        if not self.spec.learn_scale:
+            return self.observed_qparams(weight)
+        if not self.initialized.item():
+            with torch.no_grad():
+                self.scale.copy_(self.observed_qparams(weight)[0])
+                self.initialized.fill_(True)
+        zero_point = torch.zeros(self.scale.shape, dtype=torch.int32, device=self.scale.device)
+        return self.scale, zero_point
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        scale, zero_point = self.qparams(weight)
+        if self.spec.learn_scale:
+            return _LSQFakeQuantize.apply(weight, scale, zero_point, self.spec, self.axis)
+        return fake_quantize_spec(weight, scale, zero_point, self.spec, self.axis)
+
+    @torch.no_grad()
+    def quantize(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(int8 weight, float32 scale [out_channels]) as the converted layer stores them."""
+        scale, zero_point = self.qparams(weight)
+        scale = scale.detach().float()
+        q = F_q.quantize(weight, scale, zero_point, bits=self.spec.bits, signed=True,
+                         rounding=self.spec.rounding, axis=self.axis)
+        return q, scale.expand(weight.shape[0]).contiguous()
+
+    def extra_repr(self) -> str:
+        return f"bits={self.spec.bits}, {self.spec.granularity}, observer={self.spec.observer}"
+
+
+class InputQuantizer(Float32StateModule):
+    """Activation fake quantizer.
+
+    dynamic: qparams from each input (per token over the last dim when the layer allows it, else per tensor).
+    static: an Observer records ranges while `observing` (training or calibrating); `scale`/`zero_point`
+    (per tensor) follow it, or `scale` is learned (LSQ) after being initialised from the first observation.
+    Before anything was observed a static quantizer passes its input through unchanged.
+    """
+
+    def __init__(self, spec: QuantSpec, per_token_ok: bool):
+        super().__init__()
+        self.spec = spec
+        self.per_token = spec.dynamic and spec.granularity == "per_token" and per_token_ok
+        self.calibrating = False
+        if not spec.dynamic:
+            self.observer = Observer(spec, axis=None, num_channels=1, sync=True)
+            if spec.learn_scale:
+                self.scale = torch.nn.Parameter(torch.ones(1))
+            else:
+                self.register_buffer("scale", torch.ones(1))
+            self.register_buffer("zero_point", torch.zeros(1, dtype=torch.int32))
+
+    @property
+    def ready(self) -> bool:
+        """A static quantizer is ready once it has observed data (dynamic ones always are)."""
+        return self.spec.dynamic or self.observer.has_data
+
+    @torch.no_grad()
+    def _observe(self, x: torch.Tensor) -> None:
+        first = not self.observer.has_data
+        self.observer(x)
+        if not self.observer.has_data or (self.spec.learn_scale and not first):
+            return  # learned scales are initialised once, then trained
+        scale, zero_point = self.observer.qparams()
+        self.scale.copy_(scale)
+        self.zero_point.copy_(zero_point)
+
+    def dynamic_qparams(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run-time scale: per token ([rows]) of x viewed as [rows, K], or per tensor ([1]); zero point 0."""
+        x = x.detach()
+        if self.per_token:
+            return F_q.quantize_per_token(x.reshape(-1, x.shape[-1]), bits=self.spec.bits)[1], None
+        return F_q.choose_qparams(x, bits=self.spec.bits, signed=True, symmetric=True)[0], None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spec = self.spec
+        if spec.dynamic:
+            scale, _ = self.dynamic_qparams(x)
+            if self.per_token:
+                rows = x.reshape(-1, x.shape[-1])
+                return fake_quantize_spec(rows, scale, 0, spec, 0).reshape(x.shape)
+            return fake_quantize_spec(x, scale, 0, spec, None)
+        if self.training or self.calibrating:
+            self._observe(x)
+        if not self.observer.has_data:
+            return x
+        if spec.learn_scale:
+            return _LSQFakeQuantize.apply(x, self.scale, self.zero_point, spec, None)
+        return fake_quantize_spec(x, self.scale, self.zero_point, spec, None)
+
+    def quantize(self, x: torch.Tensor, zero_point: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_q int8/uint8 shaped like x, x_scale) for the converted layer: x_scale is per token ([rows] of x
+        viewed as [rows, K]) or [1]."""
+        spec = self.spec
+        if spec.dynamic:
+            scale, _ = self.dynamic_qparams(x)
+            if self.per_token:
+                rows = x.reshape(-1, x.shape[-1])
+                q = F_q.quantize(rows, scale, 0, bits=spec.bits, signed=True, rounding=spec.rounding, axis=0)
+                return q.reshape(x.shape), scale
+        else:
+            scale = self.scale.detach()
+        q = F_q.quantize(x, scale, zero_point, bits=spec.bits, signed=spec.signed, rounding=spec.rounding)
+        return q, scale
+
+    def extra_repr(self) -> str:
+        kind = "dynamic " + ("per_token" if self.per_token else "per_tensor") if self.spec.dynamic else "static"
+        return f"bits={self.spec.bits}, {kind}"

@@ -1,0 +1,186 @@
+"""Range observers: estimate the [lo, hi] range a tensor is quantized to, per tensor or per channel.
+
+Every observer reduces a batch to one range per channel (`batch_range`) and folds it into running state kept in
+float32 buffers (so it is saved with the model and follows `.to(device)` without being cast by `.half()`).
+qparams come from the range through `functional.choose_qparams`, so observers and kernels share one formula.
+Under torch.distributed the batch ranges are all-reduced, so every rank ends with the same qparams.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from torchquant import functional as F_q
+from torchquant.config import QuantSpec
+
+# shrink factors searched by the mse observer: the clipped range is factor * (observed range)
+MSE_SHRINK_FACTORS = torch.linspace(1.0, 0.2, 41).tolist()
+
+
+def as_channel_rows(x: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """x as a float [C, R] matrix: one row per channel along axis (one row in all for axis None)."""
+    x = x.detach()
+    if not x.is_floating_point():
+        raise TypeError(f"observer input must be a floating-point tensor, got {x.dtype}")
+    if axis is None:
+        return x.reshape(1, -1).float()
+    return x.movedim(axis, 0).reshape(x.shape[axis], -1).float()
+
+
+def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale float32 [C], zero_point int32 [C]) for ranges lo/hi [C], per functional.choose_qparams."""
+    bounds = torch.stack([lo, hi], dim=1)  # [C, 2]: choose_qparams takes min/max over dim 1
+    return F_q.choose_qparams(bounds, bits=spec.bits, signed=spec.signed, symmetric=spec.symmetric, axis=0)
+
+
+def _minmax(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return rows.amin(dim=1), rows.amax(dim=1)
+
+
+def _percentile_range(rows: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    n = rows.shape[1]
+    k_hi = max(1, min(n, int(round(spec.percentile / 100.0 * n))))
+    if spec.symmetric:
+        absmax = rows.abs().kthvalue(k_hi, dim=1).values
+        return -absmax, absmax
+    k_lo = max(1, n + 1 - k_hi)
+    return rows.kthvalue(k_lo, dim=1).values, rows.kthvalue(k_hi, dim=1).values
+
+
+def _mse_range(rows: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """The range factor * [min, max] (one factor per channel) whose fake-quantization error is smallest."""
+    lo, hi = _minmax(rows)
+    best_err = torch.full_like(lo, float("inf"))
+    best_lo, best_hi = lo.clone(), hi.clone()
+    for factor in MSE_SHRINK_FACTORS:
+        cand_lo, cand_hi = lo * factor, hi * factor
+        scale, zero_point = qparams_from_range(cand_lo, cand_hi, spec)
+        approx = F_q.fake_quantize(rows, scale, zero_point, bits=spec.bits, signed=spec.signed,
+                                   rounding=spec.rounding, axis=0)
+        err = (approx - rows).square().sum(dim=1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_lo = torch.where(better, cand_lo, best_lo)
+        best_hi = torch.where(better, cand_hi, best_hi)
+    return best_lo, best_hi
+
+
+def batch_range(x: torch.Tensor, spec: QuantSpec, axis: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch's (lo, hi) float32 [C] per the spec's observer (moving_average uses min/max per batch)."""
+    rows = as_channel_rows(x, axis)
+    if rows.shape[1] == 0:
+        raise ValueError("observer input must not be empty")
+    if spec.observer == "percentile":
+        return _percentile_range(rows, spec)
+    if spec.observer == "mse":
+        return _mse_range(rows, spec)
+    return _minmax(rows)
+
+
+def _distributed_world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _sync_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """All ranks agree on the batch range: the global min/max, or the mean for estimated (clipped) ranges."""
+    world = _distributed_world()
+    if world == 1:
+        return lo, hi
+    lo, hi = lo.clone(), hi.clone()
+    if spec.observer in ("minmax", "moving_average"):
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    else:
+        both = torch.stack([lo, hi])
+        dist.all_reduce(both, op=dist.ReduceOp.SUM)
+        lo, hi = (both / world).unbind(0)
+    return lo, hi
+
+
+class Float32StateModule(nn.Module):
+    """A module whose own tensors are quantization state: `.to(device)` moves them, dtype casts leave them."""
+
+    def _apply(self, fn, recurse=True):
+        if recurse:
+            for child in self.children():
+                child._apply(fn)
+        for tensors in (self._parameters, self._buffers):
+            for name, t in tensors.items():
+                if t is None:
+                    continue
+                device = fn(t.new_empty(0)).device  # what fn would do, for the device only
+                if isinstance(t, nn.Parameter):
+                    t.data = t.data.to(device)
+                else:
+                    tensors[name] = t.to(device)
+        return self
+
+
+class Observer(Float32StateModule):
+    """Running range of the tensors it sees: per tensor (axis None) or per channel along axis.
+
+    Buffers: lo, hi (float32 [C]) and batches (int64 count of batches seen).
+    """
+
+    def __init__(self, spec: QuantSpec, axis: int | None = None, num_channels: int = 1, sync: bool = True):
+        super().__init__()
+        if not isinstance(spec, QuantSpec):
+            raise TypeError(f"Observer: spec must be a QuantSpec, got {type(spec).__name__}")
+        if axis is None and num_channels != 1:
+            raise ValueError(f"Observer: a per-tensor observer has num_channels 1, got {num_channels}")
+        if num_channels < 1:
+            raise ValueError(f"Observer: num_channels must be >= 1, got {num_channels}")
+        self.spec = spec
+        self.axis = axis
+        self.sync = sync
+        self.register_buffer("lo", torch.zeros(num_channels))
+        self.register_buffer("hi", torch.zeros(num_channels))
+        self.register_buffer("batches", torch.zeros((), dtype=torch.int64))
+
+    @property
+    def has_data(self) -> bool:
+        return bool(self.batches.item() > 0)
+
+    def reset(self) -> None:
+        self.lo.zero_()
+        self.hi.zero_()
+        self.batches.zero_()
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Records x's range and returns x unchanged. Empty tensors carry no range and are ignored."""
+        if x.numel() == 0:
+            return x
+        if self.axis is not None and x.shape[self.axis] != self.lo.numel():
+            raise ValueError(f"Observer: expected {self.lo.numel()} channels along axis {self.axis}, "
+                             f"got {x.shape[self.axis]}")
+        lo, hi = batch_range(x, self.spec, self.axis)
+        if self.sync:
+            lo, hi = _sync_range(lo, hi, self.spec)
+        lo, hi = lo.to(self.lo.device), hi.to(self.hi.device)
+        n = self.batches.item()
+        if n == 0:
+            self.lo.copy_(lo)
+            self.hi.copy_(hi)
+        elif self.spec.observer == "minmax":
+            torch.minimum(self.lo, lo, out=self.lo)
+            torch.maximum(self.hi, hi, out=self.hi)
+        elif self.spec.observer == "moving_average":
+            c = self.spec.averaging_constant
+            self.lo.add_(c * (lo - self.lo))
+            self.hi.add_(c * (hi - self.hi))
+        else:  # percentile and mse: the mean of the per-batch estimates
+            self.lo.add_((lo - self.lo) / (n + 1))
+            self.hi.add_((hi - self.hi) / (n + 1))
+        self.batches.add_(1)
+        return x
+
+    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale float32 [C], zero_point int32 [C]) of the recorded range."""
+        if not self.has_data:
+            raise RuntimeError("Observer.qparams: the observer has seen no data (run calibration first)")
+        return qparams_from_range(self.lo, self.hi, self.spec)
+
+    def extra_repr(self) -> str:
+        return f"observer={self.spec.observer}, axis={self.axis}, channels={self.lo.numel()}"
