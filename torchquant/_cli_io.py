@@ -234,11 +234,12 @@ def atomic_output(path: str, option: str) -> Iterator[str]:
     stem, ext = os.path.splitext(base)
     fd, temp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".tmp{ext}", dir=directory)
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(temp, 0o666 & ~umask)  # mkstemp makes it private; the result should get the usual permissions
     try:
         yield temp
+        # mkstemp (and some writers, e.g. safetensors) make the file private; give it the usual permissions
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temp, 0o666 & ~umask)
         os.replace(temp, path)
     except BaseException:
         if os.path.exists(temp):

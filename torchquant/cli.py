@@ -7,7 +7,6 @@ import argparse
 import dataclasses
 import inspect
 import importlib
-import os
 import sys
 import traceback
 import warnings
@@ -130,9 +129,9 @@ def _version() -> str:
 def _device(name: str) -> torch.device:
     try:
         device = torch.device(name)
-    except RuntimeError as exc:
-        raise UsageError(f"--device: {_one_line(exc)}") from exc
-    if device.type not in ("cpu", "cuda"):
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
         raise UsageError(f"--device: expected cpu or cuda, got {name!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device: cuda was asked for but torch sees no CUDA device")
@@ -148,26 +147,33 @@ def config_from_args(args):
         raise UsageError(f"--config: unknown preset {args.config!r}; expected one of "
                          f"{', '.join(QuantConfig.preset_names())}") from exc
     weight, activation = config.weight, config.activation
+
+    def adjusted(spec, option, **change):
+        try:
+            return dataclasses.replace(spec, **change)
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"{option}: {str(exc).removeprefix('QuantSpec: ')}") from exc
+
+    if args.bits is not None:
+        weight = adjusted(weight, "--bits", bits=args.bits)
+    if args.granularity is not None:
+        weight = adjusted(weight, "--granularity", granularity=args.granularity)
+    if args.rounding is not None:
+        weight = adjusted(weight, "--rounding", rounding=args.rounding)
+        if activation is not None:
+            activation = adjusted(activation, "--rounding", rounding=args.rounding)
+    if args.observer is not None:
+        weight = adjusted(weight, "--observer", observer=args.observer)
+        if activation is not None and not activation.dynamic:
+            activation = adjusted(activation, "--observer", observer=args.observer)
+    if args.act_bits is not None:
+        if activation is None:
+            raise UsageError("--act-bits: the chosen preset keeps activations in float")
+        activation = adjusted(activation, "--act-bits", bits=args.act_bits)
     try:
-        if args.bits is not None:
-            weight = dataclasses.replace(weight, bits=args.bits)
-        if args.granularity is not None:
-            weight = dataclasses.replace(weight, granularity=args.granularity)
-        if args.rounding is not None:
-            weight = dataclasses.replace(weight, rounding=args.rounding)
-            if activation is not None:
-                activation = dataclasses.replace(activation, rounding=args.rounding)
-        if args.observer is not None:
-            weight = dataclasses.replace(weight, observer=args.observer)
-            if activation is not None and not activation.dynamic:
-                activation = dataclasses.replace(activation, observer=args.observer)
-        if args.act_bits is not None:
-            if activation is None:
-                raise UsageError("--act-bits: the chosen preset keeps activations in float")
-            activation = dataclasses.replace(activation, bits=args.act_bits)
         return QuantConfig(weight=weight, activation=activation, skip=tuple(args.skip))
     except (TypeError, ValueError) as exc:
-        raise UsageError(_one_line(exc).split(": ", 1)[-1]) from exc
+        raise UsageError(f"configuration: {str(exc).removeprefix('QuantConfig: ')}") from exc
 
 
 def _check_fits(model, batch: torch.Tensor, option: str, path: str) -> torch.Tensor:
@@ -222,17 +228,17 @@ class _Job:
             raise UsageError("--calib: --min-sqnr and --min-speedup measure layers on calibration inputs; "
                              "give them with --calib")
 
-    def quantize(self):
-        """(float model, quantized copy, per-layer decisions of the sensitivity budget)."""
+    def quantize(self, progress: bool):
+        """(quantized copy of the model, per-layer decisions of the sensitivity budget)."""
         from torchquant.report import quantize_with_budget
-        quantized, decisions = quantize_with_budget(
-            self.model, self.config, self.calib, min_sqnr=self.min_sqnr, min_speedup=self.min_speedup)
-        return self.model, quantized, decisions
+        return quantize_with_budget(self.model, self.config, self.calib, min_sqnr=self.min_sqnr,
+                                    min_speedup=self.min_speedup, progress=progress)
 
     def report(self, quantized, decisions, *, repeats: int, progress: bool):
         from torchquant.report import build_report
         return build_report(self.model, quantized, self.config, calibration=self.calib, evaluation=self.eval,
-                            decisions=decisions, repeats=repeats, progress=progress)
+                            decisions=decisions, repeats=repeats, progress=progress, min_sqnr=self.min_sqnr,
+                            min_speedup=self.min_speedup)
 
 
 def _describe(value) -> str:
@@ -263,7 +269,7 @@ def _cmd_convert(args) -> int:
     if args.report is not None:
         _check_output_path(args.report, "--report", args)
     job = _Job(args)
-    _, quantized, decisions = job.quantize()
+    quantized, decisions = job.quantize(progress=not args.quiet)
     with atomic_output(args.output, "-o") as temp:
         torchquant.save(quantized, temp)
     report = job.report(quantized, decisions, repeats=5, progress=not args.quiet)
@@ -288,7 +294,7 @@ def _cmd_report(args) -> int:
     if args.repeats < 1:
         raise UsageError(f"--repeats: expected a positive integer, got {args.repeats}")
     job = _Job(args)
-    _, quantized, decisions = job.quantize()
+    quantized, decisions = job.quantize(progress=not args.quiet)
     report = job.report(quantized, decisions, repeats=args.repeats, progress=not args.quiet)
     if args.json == "-":
         write_json(report, sys.stdout)
@@ -360,8 +366,6 @@ def _one_line_warnings() -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.quiet:
-        os.environ["TQDM_DISABLE"] = "1"  # tqdm (>= 4.66) reads its defaults from TQDM_* variables
     if not args.debug:
         _one_line_warnings()
     try:

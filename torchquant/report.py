@@ -10,7 +10,7 @@ import json
 import math
 import os
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
@@ -74,6 +74,7 @@ class ModelReport:
     eval_quantized: Optional[float] = None
     min_sqnr: Optional[float] = None
     min_speedup: Optional[float] = None
+    decisions: Dict[str, str] = field(default_factory=dict)  # layer -> why the budget changed it
     notes: List[str] = field(default_factory=list)
 
     @property
@@ -119,13 +120,12 @@ class ModelReport:
                          f"points)")
         elif self.eval_metric == "agreement":
             lines.append(f"top-1 agreement with float on {self.eval_samples} samples: {self.eval_quantized:.2f}%")
-        kept = [layer for layer in self.layers if layer.note]
         if self.min_sqnr is not None or self.min_speedup is not None:
             budget = ", ".join(text for text in (
                 None if self.min_sqnr is None else f"output SQNR >= {self.min_sqnr:g} dB",
                 None if self.min_speedup is None else f"speed-up >= {self.min_speedup:g}x") if text)
-            lines.append(f"budget ({budget}): {len(kept)} layer(s) changed"
-                         + "".join(f"\n  {layer.name}: {layer.note}" for layer in kept))
+            lines.append(f"budget ({budget}): {len(self.decisions)} layer(s) changed"
+                         + "".join(f"\n  {name}: {why}" for name, why in self.decisions.items()))
         return lines + self.notes
 
 
@@ -242,7 +242,7 @@ def _measure(float_model, quantized_model, batches: Sequence[torch.Tensor], *, n
     float_model.eval()
     quantized_model.eval()
     try:
-        for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        for batch in tqdm(batches, desc=desc, disable=None if progress else True, leave=False):
             reference = _first_tensor(float_model(batch))
             end_to_end.add(reference, _first_tensor(quantized_model(batch)))
     finally:
@@ -251,7 +251,7 @@ def _measure(float_model, quantized_model, batches: Sequence[torch.Tensor], *, n
     model_latency = None
     if time_layers and batches:
         device = str(batches[0].device)
-        for name, f, q in tqdm(pairs, desc="timing layers", disable=not progress, leave=False):
+        for name, f, q in tqdm(pairs, desc="timing layers", disable=None if progress else True, leave=False):
             x = first_inputs.get(name)
             if x is None:  # a layer the model never called
                 continue
@@ -284,7 +284,7 @@ def _evaluate(float_model, quantized_model, evaluation, progress: bool):
     """(metric, samples, float value, quantized value): accuracy % with labels, else top-1 agreement %."""
     batches, labels = evaluation
     correct_float = correct_quantized = agree = samples = 0
-    for i, batch in enumerate(tqdm(batches, desc="evaluating", disable=not progress, leave=False)):
+    for i, batch in enumerate(tqdm(batches, desc="evaluating", disable=None if progress else True, leave=False)):
         ref = _first_tensor(float_model(batch))
         out = _first_tensor(quantized_model(batch))
         top_ref, top_out = ref.argmax(-1).cpu(), out.argmax(-1).cpu()
@@ -341,7 +341,8 @@ def build_report(float_model: nn.Module, quantized_model: nn.Module, config=None
             row.note = "kept float (skip rule)" if isinstance(layer, FLOAT_LAYER_TYPES) else "not converted"
         layers.append(row)
     report = ModelReport(config=_config_dict(config), layers=layers, bytes_float=state_bytes(float_model),
-                         bytes_quantized=state_bytes(quantized_model), min_sqnr=min_sqnr, min_speedup=min_speedup)
+                         bytes_quantized=state_bytes(quantized_model), min_sqnr=min_sqnr, min_speedup=min_speedup,
+                         decisions=decisions)
     if batches:
         report.batch_shape = list(batches[0].shape)
         report.output_sqnr_db = end_to_end.sqnr_db
@@ -367,21 +368,26 @@ def _config_dict(config: QuantConfig) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 # sensitivity-guided conversion
 
-def _quantize_copy(model: nn.Module, config: QuantConfig, calibration, only: Optional[set] = None,
-                   fallback: Optional[Tuple[QuantConfig, set]] = None) -> nn.Module:
-    """A converted copy of model. only: quantize just these layer names. fallback: (config, names) for layers
-    quantized with a config of their own (prepared in a second pass, restricted to those names)."""
+def _quantize_copy(model: nn.Module, config: QuantConfig, calibration, plan: Optional[Dict[str, Optional[int]]] = None,
+                   *, progress: bool = False) -> nn.Module:
+    """A converted copy of model. plan: layer name -> None (keep it float) or the weight bits it gets instead
+    of config's; layers not in the plan follow config. Each group of layers is prepared in a pass of its own
+    whose skip rule names the layers outside the group."""
     import torchquant
+    plan = plan or {}
+    layers = {name for name, module in model.named_modules() if type(module) in FLOAT_LAYER_TYPES}
     result = copy.deepcopy(model)
-    special = set() if fallback is None else fallback[1]
-    skip_rule = (lambda name, module: name not in only or name in special) if only is not None else \
-        (lambda name, module: name in special)
-    torchquant.prepare(result, config.with_skip([skip_rule]))
-    if fallback is not None:
-        fallback_config, names = fallback
-        torchquant.prepare(result, fallback_config.with_skip([lambda name, module: name not in names]))
-    if calibration is not None:
-        torchquant.calibrate(result, calibration)
+    groups = [(config, layers - set(plan))]
+    for bits in sorted({bits for bits in plan.values() if bits is not None}):
+        group_config = QuantConfig(weight=replace(config.weight, bits=bits), activation=config.activation)
+        groups.append((group_config, {name for name, b in plan.items() if b == bits}))
+    for group_config, names in groups:
+        others = layers - names
+        if names:
+            torchquant.prepare(result, group_config.with_skip([lambda name, module: name in others])
+                               if others else group_config)
+    if calibration is not None and config.activation is not None and not config.activation.dynamic:
+        torchquant.calibrate(result, calibration, progress=progress)
     return torchquant.convert(result)
 
 
@@ -408,7 +414,6 @@ def quantize_with_budget(model: nn.Module, config=None, calibration: Optional[It
     misses (or is already at fallback_bits) it stays float. Returns (quantized model, {layer name: reason}).
     Without a budget this is quantize_model on a copy and the reasons are empty.
     """
-    import torchquant
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize_with_budget: model must be an nn.Module, got {type(model).__name__}")
     config = resolve_config(config)
@@ -422,43 +427,32 @@ def quantize_with_budget(model: nn.Module, config=None, calibration: Optional[It
         raise ValueError(f"quantize_with_budget: fallback_bits must be an int in [1, 8], got {fallback_bits!r}")
     batches = None if calibration is None else list(calibration)
     if min_sqnr is None and min_speedup is None:
-        return torchquant.quantize_model(model, config, calibration=batches, inplace=False), {}
+        return _quantize_copy(model, config, batches, progress=progress), {}
     if not batches:
         raise ValueError("quantize_with_budget: a budget (min_sqnr / min_speedup) needs calibration batches")
     time_layers = min_speedup is not None
-    trial = _quantize_copy(model, config, batches)
-    measured, _, _ = _measure(model, trial, batches, time_layers=time_layers, repeats=repeats, progress=progress,
-                              desc="measuring layers")
+    trial = _quantize_copy(model, config, batches, progress=progress)
+    measured, _, _ = _measure(model, trial, batches, time_layers=time_layers, repeats=repeats, progress=progress)
     failing = {name: why for name, m in measured.items() if (why := _fails(m, min_sqnr, min_speedup))}
-    decisions: Dict[str, str] = {}
-    fallback_names: set = set()
+    plan: Dict[str, Optional[int]] = {name: None for name in failing}
+    decisions = {name: f"kept float: {why}" for name, why in failing.items()}
     if failing and config.weight.bits < fallback_bits:
-        fallback_config = QuantConfig(weight=_replace_bits(config.weight, fallback_bits),
-                                      activation=config.activation, skip=config.skip)
-        retry = _quantize_copy(model, fallback_config, batches, only=set(failing))
+        # everything else float: each failing layer is measured with only its own error
+        layers = {name for name, module in model.named_modules() if type(module) in FLOAT_LAYER_TYPES}
+        retry = _quantize_copy(model, config, batches, {name: fallback_bits if name in failing else None
+                                                        for name in layers}, progress=progress)
         remeasured, _, _ = _measure(model, retry, batches, names=set(failing), time_layers=time_layers,
                                     repeats=repeats, progress=progress, desc=f"trying {fallback_bits}-bit weights")
         for name, why in failing.items():
             why_again = _fails(remeasured[name], min_sqnr, min_speedup)
             if why_again is None:
-                fallback_names.add(name)
+                plan[name] = fallback_bits
                 decisions[name] = f"{fallback_bits}-bit weights: {why} at {config.weight.bits} bits"
             else:
                 decisions[name] = (f"kept float: {why} at {config.weight.bits} bits, {why_again} at "
                                    f"{fallback_bits} bits")
-    else:
-        decisions = {name: f"kept float: {why}" for name, why in failing.items()}
-    float_names = set(decisions) - fallback_names
-    final = _quantize_copy(
-        model, config.with_skip([lambda name, module: name in float_names]), batches,
-        fallback=(QuantConfig(weight=_replace_bits(config.weight, fallback_bits), activation=config.activation),
-                  fallback_names) if fallback_names else None)
+    final = _quantize_copy(model, config, batches, plan, progress=progress)
     return final, decisions
-
-
-def _replace_bits(spec, bits: int):
-    from dataclasses import replace
-    return replace(spec, bits=bits)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <vector>
 
@@ -398,7 +399,9 @@ ChannelParams checked_params(const at::Tensor& scale, const at::Tensor& zero_poi
   p.inv_scale.resize(n);
   p.zero_point.resize(n);
   for (int64_t c = 0; c < n; ++c) {
-    TORCH_CHECK(std::isfinite(sp[c]) && sp[c] > 0.0f, "scale must be positive and finite, got ", sp[c],
+    // A normal float32 (>= FLT_MIN) keeps 1 / scale finite, so that x * (1 / scale) is never 0 * inf.
+    TORCH_CHECK(std::isfinite(sp[c]) && sp[c] >= FLT_MIN,
+                "scale must be positive and finite (at least 1.17549e-38), got ", sp[c],
                 n > 1 ? " in channel " + std::to_string(c) : std::string());
     TORCH_CHECK(zp[c] >= zp_min && zp[c] <= zp_max, "zero_point must be in [", zp_min, ", ", zp_max, "], got ",
                 zp[c], n > 1 ? " in channel " + std::to_string(c) : std::string());

@@ -1,3 +1,318 @@
-"""Quantize / dequantize / fake-quantize ops: wrappers, fake kernels and autograd."""
+"""Quantize / dequantize / fake-quantize ops: wrappers, fake kernels and autograd.
 
-__all__ = []
+The wrappers validate their arguments (Python exceptions naming the argument), turn Python numbers into the
+scale/zero_point tensors the compiled ops take, and call torch.ops.torchquant.*. Checks on tensor *values*
+(scale > 0, zero point in range) are made by the CPU kernels themselves, and here only for tensors on other
+devices outside torch.compile, so a compiled graph never breaks on them.
+"""
+import math
+from typing import Dict, Optional, Tuple, Union
+
+import torch
+
+from torchquant._ops import ops
+
+__all__ = ["quantize", "dequantize", "fake_quantize", "choose_qparams", "quantize_per_token", "quantization_error"]
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+ROUNDINGS = ("nearest", "truncate")
+Number = Union[int, float]
+
+
+def qrange(bits: int, signed: bool) -> Tuple[int, int]:
+    """(qmin, qmax) of a format; signed 1 bit is sign binarization, {-1, +1}."""
+    if signed and bits == 1:
+        return -1, 1
+    if signed:
+        return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    return 0, (1 << bits) - 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Validation helpers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _check_tensor(t, name: str, fn: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def _check_float_tensor(x, name: str, fn: str) -> None:
+    _check_tensor(x, name, fn)
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{fn}: {name} must be a float32, float16 or bfloat16 tensor, got {x.dtype}")
+
+
+def _check_bits(bits, fn: str, low: int = 1) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        raise TypeError(f"{fn}: bits must be an int, got {type(bits).__name__}")
+    if not low <= bits <= 8:
+        raise ValueError(f"{fn}: bits must be in [{low}, 8], got {bits}")
+
+
+def _check_flag(value, name: str, fn: str) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{fn}: {name} must be a bool, got {type(value).__name__}")
+
+
+def _check_rounding(rounding, fn: str) -> None:
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"{fn}: rounding must be 'nearest' or 'truncate', got {rounding!r}")
+
+
+def _normalized_axis(axis, x: torch.Tensor, fn: str) -> Optional[int]:
+    if axis is None:
+        return None
+    if isinstance(axis, bool) or not isinstance(axis, int):
+        raise TypeError(f"{fn}: axis must be an int or None, got {type(axis).__name__}")
+    if not -x.dim() <= axis < x.dim():
+        raise ValueError(f"{fn}: axis must be in [{-x.dim()}, {x.dim() - 1}] for a {x.dim()}-d tensor, got {axis}")
+    return axis % x.dim()
+
+
+def _eager_value_check(t: torch.Tensor) -> bool:
+    """Whether this wrapper checks the values of t (see the module docstring)."""
+    return t.device.type != "cpu" and not torch.compiler.is_compiling()
+
+
+def _qparam(value, name: str, x: torch.Tensor, axis: Optional[int], dtype: torch.dtype, fn: str) -> torch.Tensor:
+    """scale or zero_point as the 1-D tensor of dtype on x's device that the ops take: [1] per tensor, [C] per
+    channel (a Python number is broadcast to every channel)."""
+    length = 1 if axis is None else x.shape[axis]
+    if isinstance(value, torch.Tensor):
+        if value.device != x.device:
+            raise ValueError(f"{fn}: {name} must be on x's device ({x.device}), got {value.device}")
+        if dtype == torch.int32 and (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
+            raise TypeError(f"{fn}: {name} must be an integer tensor or an int, got {value.dtype}")
+        if dtype == torch.float32 and not value.is_floating_point():
+            raise TypeError(f"{fn}: {name} must be a float tensor or a number, got {value.dtype}")
+        if value.numel() != length:
+            where = "per-tensor" if axis is None else f"per-channel (x.shape[{axis}] = {length})"
+            raise ValueError(f"{fn}: {name} must have {length} element(s) for {where} quantization, "
+                             f"got shape {tuple(value.shape)}")
+        return value.reshape(length).to(dtype)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{fn}: {name} must be a number or a tensor, got {type(value).__name__}")
+    if dtype == torch.int32 and not float(value).is_integer():
+        raise TypeError(f"{fn}: {name} must be an integer, got {value!r}")
+    return torch.full((length,), value, dtype=dtype, device=x.device)
+
+
+def _checked_scale(scale, x: torch.Tensor, axis: Optional[int], fn: str) -> torch.Tensor:
+    tiny = torch.finfo(torch.float32).tiny
+    message = f"{fn}: scale must be positive and finite (at least {tiny:g})"
+    if not isinstance(scale, torch.Tensor) and isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        if not (math.isfinite(scale) and scale >= tiny):
+            raise ValueError(f"{message}, got {scale!r}")
+    scale_t = _qparam(scale, "scale", x, axis, torch.float32, fn)
+    if isinstance(scale, torch.Tensor) and _eager_value_check(scale_t):
+        if not bool((torch.isfinite(scale_t) & (scale_t >= tiny)).all()):
+            raise ValueError(f"{message}, got {scale_t.tolist()}")
+    return scale_t
+
+
+def _checked_zero_point(zero_point, x: torch.Tensor, axis: Optional[int], low: int, high: int, why: str,
+                        fn: str) -> torch.Tensor:
+    message = f"{fn}: zero_point must be in [{low}, {high}] ({why})"
+    if not isinstance(zero_point, (torch.Tensor, bool)) and isinstance(zero_point, (int, float)):
+        if not low <= zero_point <= high:
+            raise ValueError(f"{message}, got {zero_point!r}")
+    zp_t = _qparam(zero_point, "zero_point", x, axis, torch.int32, fn)
+    if isinstance(zero_point, torch.Tensor) and _eager_value_check(zp_t):
+        if not bool(((zp_t >= low) & (zp_t <= high)).all()):
+            raise ValueError(f"{message}, got {zp_t.tolist()}")
+    return zp_t
+
+
+def _quant_args(fn, x, scale, zero_point, bits, signed, rounding, axis):
+    """Shared validation of quantize / fake_quantize: returns (scale, zero_point, axis) as the ops take them."""
+    _check_float_tensor(x, "x", fn)
+    _check_bits(bits, fn)
+    _check_flag(signed, "signed", fn)
+    _check_rounding(rounding, fn)
+    axis = _normalized_axis(axis, x, fn)
+    scale_t = _checked_scale(scale, x, axis, fn)
+    if signed and bits == 1:
+        zp_t = _checked_zero_point(zero_point, x, axis, 0, 0, "sign binarization has no zero point", fn)
+    else:
+        low, high = qrange(bits, signed)
+        why = f"the {'signed' if signed else 'unsigned'} {bits}-bit range"
+        zp_t = _checked_zero_point(zero_point, x, axis, low, high, why, fn)
+    return scale_t, zp_t, axis
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Public functions
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def quantize(x: torch.Tensor, scale: Union[Number, torch.Tensor], zero_point: Union[int, torch.Tensor] = 0, *,
+             bits: int = 8, signed: bool = True, rounding: str = "nearest", axis: Optional[int] = None
+             ) -> torch.Tensor:
+    """q = clamp(round(x * (1 / scale)) + zero_point, qmin, qmax): int8 (signed) or uint8 (unsigned).
+
+    rounding "nearest" rounds half to even, "truncate" toward zero. axis given: per-channel scale/zero_point
+    along that axis. NaN -> zero_point, +-inf -> qmax/qmin; signed 1 bit is sign binarization (+1 / -1)."""
+    scale_t, zp_t, axis = _quant_args("quantize", x, scale, zero_point, bits, signed, rounding, axis)
+    return ops.quantize(x, scale_t, zp_t, axis, bits, signed, rounding)
+
+
+def dequantize(q: torch.Tensor, scale: Union[Number, torch.Tensor], zero_point: Union[int, torch.Tensor] = 0, *,
+               axis: Optional[int] = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(q - zero_point) * scale, computed in float32 and returned as dtype (float32, float16 or bfloat16)."""
+    fn = "dequantize"
+    _check_tensor(q, "q", fn)
+    if q.dtype not in (torch.int8, torch.uint8):
+        raise TypeError(f"{fn}: q must be an int8 or uint8 tensor, got {q.dtype}")
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{fn}: dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype}")
+    axis = _normalized_axis(axis, q, fn)
+    scale_t = _checked_scale(scale, q, axis, fn)
+    low, high = (-128, 127) if q.dtype == torch.int8 else (0, 255)
+    zp_t = _checked_zero_point(zero_point, q, axis, low, high, f"the range of {q.dtype}", fn)
+    return ops.dequantize(q, scale_t, zp_t, axis, dtype)
+
+
+def fake_quantize(x: torch.Tensor, scale: Union[Number, torch.Tensor], zero_point: Union[int, torch.Tensor] = 0, *,
+                  bits: int = 8, signed: bool = True, rounding: str = "nearest", axis: Optional[int] = None
+                  ) -> torch.Tensor:
+    """dequantize(quantize(x)) in one pass, in x's dtype; NaN stays NaN.
+
+    Differentiable w.r.t. x: the gradient passes where round(x / scale) + zero_point lies inside [qmin, qmax]
+    (sign binarization: |x| <= scale) and is zero elsewhere, as in torch.fake_quantize_per_tensor_affine."""
+    scale_t, zp_t, axis = _quant_args("fake_quantize", x, scale, zero_point, bits, signed, rounding, axis)
+    return ops.fake_quantize(x, scale_t, zp_t, axis, bits, signed, rounding)
+
+
+def choose_qparams(x: torch.Tensor, *, bits: int = 8, signed: bool = True, symmetric: bool = True,
+                   axis: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(scale float32, zero_point int32) covering the range of x (NaN and inf are ignored), [1] per tensor or
+    one entry per channel along axis.
+
+    symmetric, signed: scale = absmax / qmax, zero point 0 (also for sign binarization, 1 bit);
+    symmetric, unsigned: the zero point in the middle, scale = absmax / ((qmax - qmin) / 2);
+    asymmetric: the range [min, max] widened to include 0, scale = (max - min) / (qmax - qmin),
+    zero_point = clamp(qmin - round(min / scale), qmin, qmax).
+    A zero range gives scale 1.0; scales are at least the smallest normal float32, so 1 / scale is finite."""
+    fn = "choose_qparams"
+    _check_float_tensor(x, "x", fn)
+    _check_bits(bits, fn)
+    _check_flag(signed, "signed", fn)
+    _check_flag(symmetric, "symmetric", fn)
+    axis = _normalized_axis(axis, x, fn)
+    if x.numel() == 0:
+        raise ValueError(f"{fn}: x must not be empty (it has no range), got shape {tuple(x.shape)}")
+    x32 = torch.where(torch.isfinite(x), x, 0).float()
+    if axis is None:
+        low, high = x32.amin().reshape(1), x32.amax().reshape(1)
+    else:
+        rows = x32.movedim(axis, 0).reshape(x.shape[axis], -1)
+        low, high = rows.amin(1), rows.amax(1)
+    low, high = low.clamp(max=0), high.clamp(min=0)
+    qmin, qmax = qrange(bits, signed)
+    if symmetric or (signed and bits == 1):
+        absmax = torch.maximum(-low, high)
+        if signed:
+            scale = absmax / qmax
+            zero_point = torch.zeros_like(scale, dtype=torch.int32)
+        else:
+            scale = absmax / ((qmax - qmin) / 2)
+            zero_point = torch.full_like(scale, (qmin + qmax + 1) // 2, dtype=torch.int32)
+    else:
+        scale = (high - low) / (qmax - qmin)
+        zero_point = None
+    scale = torch.where(scale > 0, scale, 1.0).clamp(min=torch.finfo(torch.float32).tiny)
+    if zero_point is None:
+        zero_point = torch.clamp(qmin - torch.round(low / scale), qmin, qmax).to(torch.int32)
+    return scale, zero_point
+
+
+def quantize_per_token(x: torch.Tensor, *, bits: int = 8) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row quantization over the last dim: (q int8 shaped like x, scale float32 of x.shape[:-1]).
+
+    scale = (largest finite |x| of the row) / (2^(bits-1) - 1), 1.0 for a row of zeros; q = clamp(round(x * (1 /
+    scale)), -qmax, qmax) with NaN -> 0 and +-inf -> +-qmax. dequantize: q * scale[..., None]."""
+    fn = "quantize_per_token"
+    _check_float_tensor(x, "x", fn)
+    _check_bits(bits, fn, low=2)
+    if x.dim() == 0:
+        raise ValueError(f"{fn}: x must have at least 1 dimension (tokens along the last), got a 0-d tensor")
+    return ops.quantize_per_token(x, bits)
+
+
+def quantization_error(x: torch.Tensor, x_hat: torch.Tensor) -> Dict[str, float]:
+    """{"mse", "max_abs", "sqnr_db"} of x_hat against x, in float64. SQNR = 10 log10(mean(x^2) / mse):
+    inf when x_hat == x."""
+    fn = "quantization_error"
+    _check_tensor(x, "x", fn)
+    _check_tensor(x_hat, "x_hat", fn)
+    if x.shape != x_hat.shape:
+        raise ValueError(f"{fn}: x_hat must have x's shape {tuple(x.shape)}, got {tuple(x_hat.shape)}")
+    if x.device != x_hat.device:
+        raise ValueError(f"{fn}: x_hat must be on x's device ({x.device}), got {x_hat.device}")
+    if x.numel() == 0:
+        raise ValueError(f"{fn}: x must not be empty")
+    if x.is_complex() or x_hat.is_complex() or x.dtype == torch.bool or x_hat.dtype == torch.bool:
+        raise TypeError(f"{fn}: x and x_hat must be real numeric tensors, got {x.dtype} and {x_hat.dtype}")
+    x64, diff = x.double(), x.double() - x_hat.double()
+    mse = float(diff.square().mean())
+    signal = float(x64.square().mean())
+    if mse == 0.0:
+        sqnr = math.inf
+    elif signal == 0.0:
+        sqnr = -math.inf
+    else:
+        sqnr = 10.0 * math.log10(signal / mse)
+    return {"mse": mse, "max_abs": float(diff.abs().max()), "sqnr_db": sqnr}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fake (meta) kernels: shapes and dtypes only, for torch.compile and opcheck. Outputs are contiguous.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@torch.library.register_fake("torchquant::quantize")
+def _quantize_fake(x, scale, zero_point, axis, bits, signed, rounding):
+    return x.new_empty(x.shape, dtype=torch.int8 if signed else torch.uint8)
+
+
+@torch.library.register_fake("torchquant::dequantize")
+def _dequantize_fake(q, scale, zero_point, axis, dtype):
+    return q.new_empty(q.shape, dtype=dtype)
+
+
+@torch.library.register_fake("torchquant::fake_quantize")
+def _fake_quantize_fake(x, scale, zero_point, axis, bits, signed, rounding):
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("torchquant::fake_quantize_backward")
+def _fake_quantize_backward_fake(grad, x, scale, zero_point, axis, bits, signed, rounding):
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("torchquant::quantize_per_token")
+def _quantize_per_token_fake(x, bits):
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Autograd: fake_quantize's straight-through gradient; the mask is recomputed from x by the backward op.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _fake_quantize_setup_context(ctx, inputs, output):
+    x, scale, zero_point, axis, bits, signed, rounding = inputs
+    ctx.save_for_backward(x, scale, zero_point)
+    ctx.quant_args = (axis, bits, signed, rounding)
+
+
+def _fake_quantize_backward(ctx, grad):
+    x, scale, zero_point = ctx.saved_tensors
+    grad_x = ops.fake_quantize_backward(grad, x, scale, zero_point, *ctx.quant_args)
+    return grad_x, None, None, None, None, None, None
+
+
+torch.library.register_autograd("torchquant::fake_quantize", _fake_quantize_backward,
+                                setup_context=_fake_quantize_setup_context)

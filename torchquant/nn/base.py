@@ -101,17 +101,17 @@ class QuantLayerBase(nn.Module):
         if x.device != self.qweight.device:
             raise ValueError(f"{type(self).__name__}: input is on {x.device} but the layer is on "
                              f"{self.qweight.device}")
-        bias = None if self.bias is None else self.bias.float()
         if self.input_quantizer is None:  # weight-only: float compute with the dequantized weight
             w = F_q.dequantize(self._weight_int8(), self.weight_scale, 0, axis=0, dtype=x.dtype)
             return self._float_op(x, w, self.bias)
-        fused = self._fused_dynamic_forward(x, bias)
+        fused = self._fused_dynamic_forward(x)
         if fused is not None:
             return fused
         x_q, x_scale = self.input_quantizer.quantize(x, self.input_zero_point)
-        return self._int_op(x_q, x_scale, self.input_zero_point, bias, x.dtype)
+        return self._int_op(x_q, x_scale, self.input_zero_point, x.dtype)
 
-    def _fused_dynamic_forward(self, x, bias):
+    def _fused_dynamic_forward(self, x):
+        """A single fused kernel for the whole forward where the layer has one (else None)."""
         return None
 
     # ---- conversion ----

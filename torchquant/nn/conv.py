@@ -72,8 +72,8 @@ class QuantConv2d(QuantLayerBase):
     def _pack(self, w_int8: torch.Tensor) -> torch.Tensor:
         return F_q.pack_conv_weight(w_int8, self.groups)
 
-    def _int_op(self, x_q, x_scale, x_zero_point, bias, out_dtype):
-        return F_q.int8_conv2d(x_q, x_scale, x_zero_point, self.w_packed, self.w_sum, self.weight_scale, bias,
+    def _int_op(self, x_q, x_scale, x_zero_point, out_dtype):
+        return F_q.int8_conv2d(x_q, x_scale, x_zero_point, self.w_packed, self.w_sum, self.weight_scale, self.bias,
                                out_channels=self.out_channels, kernel_size=self.kernel_size, stride=self.stride,
                                padding=self.padding, dilation=self.dilation, groups=self.groups,
                                out_dtype=out_dtype)

@@ -43,17 +43,17 @@ class QuantLinear(QuantLayerBase):
     def _pack(self, w_int8: torch.Tensor) -> torch.Tensor:
         return F_q.pack_int8_weight(w_int8)
 
-    def _fused_dynamic_forward(self, x, bias):
+    def _fused_dynamic_forward(self, x):
         spec = self.input_quantizer.spec
         if not (self.input_quantizer.per_token and spec.bits == 8 and spec.rounding == "nearest"):
             return None
-        return F_q.dynamic_int8_linear(x, self.w_packed, self.w_sum, self.weight_scale, bias,
+        return F_q.dynamic_int8_linear(x, self.w_packed, self.w_sum, self.weight_scale, self.bias,
                                        out_features=self.out_features)
 
-    def _int_op(self, x_q, x_scale, x_zero_point, bias, out_dtype):
+    def _int_op(self, x_q, x_scale, x_zero_point, out_dtype):
         lead = x_q.shape[:-1]
         y = F_q.int8_linear(x_q.reshape(-1, self.in_features), x_scale.reshape(-1), x_zero_point, self.w_packed,
-                            self.w_sum, self.weight_scale, bias, out_features=self.out_features,
+                            self.w_sum, self.weight_scale, self.bias, out_features=self.out_features,
                             out_dtype=out_dtype)
         return y.reshape(*lead, self.out_features)
 

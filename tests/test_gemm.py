@@ -1,0 +1,339 @@
+"""Integer matrix family: int8_mm, pack_int8_weight, int8_linear, dynamic_int8_linear, int8_conv2d.
+
+Integers are compared exactly against int64 products (torchquant.reference) and torch._int_mm; float outputs of
+the fused epilogue against the reference within float rounding. On the CPU every instruction-set path runs
+(TORCHQUANT_CPU_ISA), each on the same packed layouts.
+"""
+import itertools
+
+import pytest
+import torch
+
+import torchquant.functional as F
+from torchquant import reference
+from torchquant._ops import ops
+
+ISAS = ["avx512_vnni", "avx2", "scalar"]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request, device, monkeypatch):
+    """Forces a CPU instruction-set path (skipped where the CPU lacks it); on CUDA only the first param runs."""
+    if device != "cpu":
+        if request.param != ISAS[0]:
+            pytest.skip("instruction-set paths are a CPU matter")
+        return None
+    monkeypatch.setenv("TORCHQUANT_CPU_ISA", request.param)
+    try:
+        ops.int8_mm(torch.ones(1, 1, dtype=torch.int8), torch.ones(1, 1, dtype=torch.int8))
+    except RuntimeError as e:
+        if "not supported by this CPU" in str(e):
+            pytest.skip(f"this CPU has no {request.param}")
+        raise
+    return request.param
+
+
+def rand_int8(*shape, device="cpu", generator=None):
+    return torch.randint(-128, 128, shape, dtype=torch.int8, generator=generator).to(device)
+
+
+def quantized_weight(n, k, device, seed=0):
+    """A random int8 weight with its packed form, row sums and per-channel scales."""
+    g = torch.Generator().manual_seed(seed)
+    w = rand_int8(n, k, generator=g)
+    w_scale = torch.rand(n, generator=g) * 0.02 + 0.001
+    return w.to(device), F.pack_int8_weight(w.to(device)), w.sum(1, dtype=torch.int32).to(device), w_scale.to(device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# int8_mm
+# ---------------------------------------------------------------------------------------------------------------
+
+ODD = (1, 3, 17, 33)
+
+
+@pytest.mark.parametrize("m,k,n", list(itertools.product(ODD, ODD, ODD)) + [(100, 300, 70), (130, 520, 129)])
+def test_int8_mm_exact(device, isa, m, k, n):
+    g = torch.Generator().manual_seed(m * 10007 + k * 101 + n)
+    a, b = rand_int8(m, k, device=device, generator=g), rand_int8(k, n, device=device, generator=g)
+    out = F.int8_mm(a, b)
+    assert out.dtype == torch.int32 and out.shape == (m, n) and out.device.type == device
+    torch.testing.assert_close(out, reference.int8_mm(a, b), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("k", [1024, 4096])
+@pytest.mark.parametrize("va,vb", [(-128, -128), (127, 127), (-128, 127), (127, -128)])
+def test_int8_mm_extremes(device, isa, k, va, vb):
+    # all -128 x -128 at K = 4096 is 2^26: vpmaddubsw-style int16 pair sums would saturate here
+    a = torch.full((7, k), va, dtype=torch.int8, device=device)
+    b = torch.full((k, 65), vb, dtype=torch.int8, device=device)
+    torch.testing.assert_close(F.int8_mm(a, b), torch.full((7, 65), va * vb * k, dtype=torch.int32, device=device),
+                               rtol=0, atol=0)
+
+
+def test_int8_mm_matches_torch_int_mm(device, isa):
+    a, b = rand_int8(64, 256, device=device), rand_int8(256, 96, device=device)
+    torch.testing.assert_close(F.int8_mm(a, b), torch._int_mm(a, b), rtol=0, atol=0)
+
+
+def test_int8_mm_strides(device, isa):
+    a, w = rand_int8(37, 90, device=device), rand_int8(45, 90, device=device)
+    want = reference.int8_mm(a, w.t())
+    torch.testing.assert_close(F.int8_mm(a, w.t()), want, rtol=0, atol=0)  # the nn.Linear weight layout
+    torch.testing.assert_close(F.int8_mm(a.t().contiguous().t(), w.t().contiguous()), want, rtol=0, atol=0)
+    big_a, big_b = rand_int8(37, 180, device=device), rand_int8(3, 180, 45, device=device)
+    sliced_a, sliced_b = big_a[:, ::2], big_b[1, ::2]  # non-contiguous both ways
+    torch.testing.assert_close(F.int8_mm(sliced_a, sliced_b), reference.int8_mm(sliced_a, sliced_b), rtol=0, atol=0)
+
+
+def test_int8_mm_empty(device):
+    a, b = rand_int8(0, 5, device=device), rand_int8(5, 3, device=device)
+    assert F.int8_mm(a, b).shape == (0, 3)
+    zeros = F.int8_mm(rand_int8(4, 0, device=device), rand_int8(0, 3, device=device))
+    torch.testing.assert_close(zeros, torch.zeros(4, 3, dtype=torch.int32, device=device))
+
+
+def test_int8_mm_bad_inputs(device):
+    a, b = rand_int8(4, 5, device=device), rand_int8(5, 3, device=device)
+    with pytest.raises(TypeError, match="a must be int8"):
+        F.int8_mm(a.float(), b)
+    with pytest.raises(TypeError, match="b must be int8"):
+        F.int8_mm(a, b.to(torch.uint8))
+    with pytest.raises(TypeError, match="a must be a torch.Tensor"):
+        F.int8_mm([[1]], b)
+    with pytest.raises(ValueError, match="must be 2-d"):
+        F.int8_mm(a[None], b)
+    with pytest.raises(ValueError, match="inner sizes differ"):
+        F.int8_mm(a, b[:4])
+    with pytest.raises(RuntimeError, match="inner sizes differ"):
+        ops.int8_mm(a, b[:4])  # the kernel checks too, for direct op calls
+
+
+def test_int8_mm_different_devices():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    with pytest.raises(ValueError, match="move all tensors to one device"):
+        F.int8_mm(rand_int8(4, 5), rand_int8(5, 3, device="cuda"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# pack_int8_weight / int8_linear / dynamic_int8_linear
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_pack_int8_weight_shape(device):
+    assert F.pack_int8_weight(rand_int8(5, 70, device=device)).shape == (64, 128)
+    assert F.pack_int8_weight(rand_int8(3, 65, 64, device=device)).shape == (3, 128, 64)
+    with pytest.raises(TypeError, match="w must be int8"):
+        F.pack_int8_weight(torch.zeros(4, 4, device=device))
+    with pytest.raises(ValueError, match=r"\[N, K\] or \[G, N, K\]"):
+        F.pack_int8_weight(rand_int8(4, device=device))
+
+
+@pytest.mark.parametrize("x_dtype,x_zp", [(torch.int8, 0), (torch.int8, -7), (torch.uint8, 128), (torch.uint8, 3)])
+@pytest.mark.parametrize("per_token", [True, False])
+@pytest.mark.parametrize("k,n", [(1, 1), (17, 33), (64, 70), (300, 129)])
+def test_int8_linear_float_out(device, isa, x_dtype, x_zp, per_token, k, n):
+    g = torch.Generator().manual_seed(k * 1000 + n)
+    x_q = torch.randint(0 if x_dtype == torch.uint8 else -128, 256 if x_dtype == torch.uint8 else 128, (2, 5, k),
+                        dtype=x_dtype, generator=g).to(device)
+    x_scale = (torch.rand(2, 5, generator=g) + 0.01).to(device) if per_token else torch.tensor([0.05], device=device)
+    w, w_packed, w_sum, w_scale = quantized_weight(n, k, device)
+    bias = torch.randn(n, generator=g).to(device)
+    for out_dtype in (torch.float32, torch.float16, torch.bfloat16):
+        got = F.int8_linear(x_q, x_scale, x_zp, w_packed, w_sum, w_scale, bias, out_features=n, out_dtype=out_dtype)
+        want = reference.int8_linear(x_q, x_scale, x_zp, w, w_scale, bias, out_dtype=out_dtype)
+        assert got.shape == (2, 5, n) and got.dtype == out_dtype
+        torch.testing.assert_close(got, want)
+    no_bias = F.int8_linear(x_q, x_scale, x_zp, w_packed, w_sum, w_scale, out_features=n)
+    torch.testing.assert_close(no_bias, reference.int8_linear(x_q, x_scale, x_zp, w, w_scale))
+
+
+@pytest.mark.parametrize("out_dtype,out_zp", [(torch.int8, 0), (torch.int8, 5), (torch.uint8, 128)])
+def test_int8_linear_requantized(device, isa, out_dtype, out_zp):
+    g = torch.Generator().manual_seed(3)
+    k, n = 200, 90
+    x_q = rand_int8(33, k, device=device, generator=g)
+    w, w_packed, w_sum, w_scale = quantized_weight(n, k, device)
+    bias = torch.randn(n, generator=g).to(device)
+    x_scale = torch.tensor([0.02], device=device)
+    y = reference.int8_linear(x_q, x_scale, 0, w, w_scale, bias)
+    out_scale = float(y.abs().max()) / 200  # the largest outputs clamp, most do not
+    got = F.int8_linear(x_q, x_scale, 0, w_packed, w_sum, w_scale, bias, out_features=n, out_dtype=out_dtype,
+                        out_scale=out_scale, out_zero_point=out_zp)
+    want = reference.int8_linear(x_q, x_scale, 0, w, w_scale, bias, out_dtype=out_dtype, out_scale=out_scale,
+                                 out_zero_point=out_zp)
+    assert got.dtype == out_dtype
+    # the float y may differ in its last bit (summation and fused multiply-add order), moving a rounding tie by one
+    diff = (got.int() - want.int()).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01
+    info = torch.iinfo(out_dtype)
+    assert got.min() == info.min or got.max() == info.max  # the clamp was exercised
+
+
+def test_int8_linear_non_contiguous(device, isa):
+    k, n = 96, 40
+    w, w_packed, w_sum, w_scale = quantized_weight(n, k, device)
+    x_q = rand_int8(2 * k, 12, device=device).t()[:, ::2]  # [12, k] with strides (1, 2 * 12)
+    for x in (x_q, x_q.to(torch.uint8)):
+        got = F.int8_linear(x, 0.1, 3, w_packed, w_sum, w_scale, out_features=n)
+        torch.testing.assert_close(got, reference.int8_linear(x, 0.1, 3, w, w_scale))
+
+
+def test_int8_linear_empty(device):
+    w, w_packed, w_sum, w_scale = quantized_weight(8, 16, device)
+    out = F.int8_linear(rand_int8(0, 16, device=device), 1.0, 0, w_packed, w_sum, w_scale, out_features=8)
+    assert out.shape == (0, 8)
+
+
+def test_int8_linear_bad_inputs(device):
+    w, w_packed, w_sum, w_scale = quantized_weight(8, 16, device)
+    x_q = rand_int8(4, 16, device=device)
+
+    def call(x=x_q, x_scale=1.0, zp=0, packed=w_packed, sums=w_sum, scale=w_scale, n=8, **kw):
+        return F.int8_linear(x, x_scale, zp, packed, sums, scale, out_features=n, **kw)
+
+    with pytest.raises(TypeError, match="x_q must be int8 or uint8"):
+        call(x=x_q.float())
+    with pytest.raises(TypeError, match="x_scale must be float32"):
+        call(x_scale=torch.ones(1, dtype=torch.float64, device=device))
+    with pytest.raises(RuntimeError, match="x_zero_point must lie in"):
+        call(zp=200)
+    with pytest.raises(RuntimeError, match="x_scale must have 1 element or one per row"):
+        call(x_scale=torch.ones(3, device=device))
+    with pytest.raises(RuntimeError, match="w_packed must have shape"):
+        call(x=rand_int8(4, 100, device=device))
+    with pytest.raises(RuntimeError, match="w_sum must have shape"):
+        call(sums=w_sum[:4])
+    with pytest.raises(RuntimeError, match="w_scale must be Float"):
+        call(scale=w_scale.double())
+    with pytest.raises(RuntimeError, match="needs out_scale"):
+        call(out_dtype=torch.int8)
+    with pytest.raises(RuntimeError, match="out_scale must be positive"):
+        call(out_dtype=torch.int8, out_scale=0.0)
+    with pytest.raises(RuntimeError, match="out_zero_point must lie in"):
+        call(out_dtype=torch.uint8, out_scale=1.0, out_zero_point=-1)
+    with pytest.raises(TypeError, match="out_dtype must be"):
+        call(out_dtype=torch.int32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dynamic_int8_linear(device, isa, dtype):
+    g = torch.Generator().manual_seed(11)
+    k, n = 160, 72
+    x = torch.randn(3, 7, k, generator=g).to(device, dtype)
+    w_float = torch.randn(n, k, generator=g) * 0.1
+    w_scale = w_float.abs().amax(1) / 127
+    w = torch.round(w_float / w_scale[:, None]).to(torch.int8)
+    bias = torch.randn(n, generator=g)
+    w, w_scale, bias = w.to(device), w_scale.to(device), bias.to(device)
+    got = F.dynamic_int8_linear(x, F.pack_int8_weight(w), w.sum(1, dtype=torch.int32), w_scale, bias, out_features=n)
+    assert got.dtype == dtype and got.shape == (3, 7, n)
+    x_q, x_scale = ops.quantize_per_token(x, 8)
+    want = reference.int8_linear(x_q, x_scale, 0, w, w_scale, bias, out_dtype=dtype)
+    torch.testing.assert_close(got, want)
+    # and it is a close approximation of the float layer
+    float_out = torch.nn.functional.linear(x.float(), w.float() * w_scale[:, None], bias)
+    assert (got.float() - float_out).abs().max() < 0.05 * float_out.abs().max()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# int8_conv2d
+# ---------------------------------------------------------------------------------------------------------------
+
+CONVS = [  # batch, in_ch, h, w, out_ch, kernel, stride, padding, dilation, groups
+    (2, 8, 9, 9, 16, (3, 3), 1, 1, 1, 1),
+    (1, 16, 8, 8, 24, (1, 1), 1, 0, 1, 1),      # pointwise: uint8 reads the input in place
+    (1, 6, 7, 7, 10, (1, 1), 1, 0, 1, 2),       # pointwise, groups, channels per group not a multiple of 4
+    (2, 5, 11, 10, 7, (3, 3), 2, 1, 1, 1),      # stride, odd channels
+    (1, 8, 12, 12, 8, (3, 3), 1, 2, 2, 1),      # dilation
+    (1, 8, 10, 9, 12, (3, 1), (2, 1), (1, 0), 1, 4),  # non-square kernel, groups
+    (1, 3, 9, 13, 4, (1, 5), 1, (0, 2), (1, 2), 1),
+    (1, 12, 6, 6, 12, (3, 3), 1, 1, 1, 12),     # depthwise
+    (1, 4, 3, 3, 70, (3, 3), 1, 0, 1, 1),       # one output pixel, output channels past one panel
+]
+
+
+@pytest.mark.parametrize("conv", CONVS, ids=[f"conv{i}" for i in range(len(CONVS))])
+@pytest.mark.parametrize("x_dtype,x_zp", [(torch.int8, 3), (torch.uint8, 120)])
+def test_int8_conv2d(device, isa, conv, x_dtype, x_zp):
+    b, c, h, w_, oc, kernel, stride, padding, dilation, groups = conv
+    g = torch.Generator().manual_seed(sum(map(hash, (b, c, h, oc))) % 1000)
+    lo, hi = (0, 256) if x_dtype == torch.uint8 else (-128, 128)
+    x_q = torch.randint(lo, hi, (b, c, h, w_), dtype=x_dtype, generator=g).to(device)
+    w_q = rand_int8(oc, c // groups, *kernel, generator=g).to(device)
+    w_scale = (torch.rand(oc, generator=g) * 0.01 + 0.001).to(device)
+    bias = torch.randn(oc, generator=g).to(device)
+    w_packed = F.pack_conv_weight(w_q, groups)
+    w_sum = w_q.sum((1, 2, 3), dtype=torch.int32)
+    kwargs = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    got = F.int8_conv2d(x_q, 0.03, x_zp, w_packed, w_sum, w_scale, bias, out_channels=oc, kernel_size=kernel, **kwargs)
+    want = reference.int8_conv2d(x_q, 0.03, x_zp, w_q, w_scale, bias, **kwargs)
+    assert got.shape == want.shape and got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, want)
+    # integers exact: with unit scales and no bias the float output is the int32 sum itself
+    ones = torch.ones(oc, device=device)
+    got_int = F.int8_conv2d(x_q, 1.0, x_zp, w_packed, w_sum, ones, out_channels=oc, kernel_size=kernel, **kwargs)
+    want_int = reference.int8_conv2d(x_q, 1.0, x_zp, w_q, ones, **kwargs)
+    torch.testing.assert_close(got_int, want_int, rtol=0, atol=0)
+
+
+def test_int8_conv2d_half_outputs_and_strided_input(device):
+    x_q = rand_int8(2, 8, 10, 12, device=device)[:, :, ::2]  # non-contiguous, neither NCHW nor NHWC dense
+    w_q = rand_int8(8, 8, 3, 3, device=device)
+    w_scale = torch.full((8,), 0.01, device=device)
+    packed, w_sum = F.pack_conv_weight(w_q), w_q.sum((1, 2, 3), dtype=torch.int32)
+    for dtype in (torch.float16, torch.bfloat16):
+        got = F.int8_conv2d(x_q, 0.05, 0, packed, w_sum, w_scale, out_channels=8, kernel_size=3, padding=1,
+                            out_dtype=dtype)
+        torch.testing.assert_close(got, reference.int8_conv2d(x_q, 0.05, 0, w_q, w_scale, padding=1, out_dtype=dtype))
+
+
+def test_int8_conv2d_bad_inputs(device):
+    w_q = rand_int8(8, 4, 3, 3, device=device)
+    packed, w_sum, w_scale = F.pack_conv_weight(w_q), w_q.sum((1, 2, 3), dtype=torch.int32), torch.ones(8, device=device)
+    x_q = rand_int8(1, 4, 6, 6, device=device)
+
+    def call(x=x_q, packed=packed, oc=8, kernel=3, **kw):
+        return F.int8_conv2d(x, 1.0, 0, packed, w_sum, w_scale, out_channels=oc, kernel_size=kernel, **kw)
+
+    with pytest.raises(ValueError, match="x_q must be 4-d"):
+        call(x=x_q[0])
+    with pytest.raises(TypeError, match="x_q must be int8 or uint8"):
+        call(x=x_q.float())
+    with pytest.raises(ValueError, match="groups must be a positive int dividing"):
+        call(groups=3)
+    with pytest.raises(ValueError, match="groups must be a positive int dividing out_channels"):
+        F.pack_conv_weight(w_q, 3)
+    with pytest.raises(RuntimeError, match="larger than the padded input"):
+        call(x=x_q[:, :, :2, :2])
+    with pytest.raises(RuntimeError, match="w_packed must have shape"):
+        call(kernel=5, padding=2)
+    with pytest.raises(RuntimeError, match="stride must be >= 1"):
+        call(stride=0)
+    with pytest.raises(TypeError, match="kernel_size must be an int or a pair"):
+        call(kernel=(3, 3, 3))
+    with pytest.raises(TypeError, match="out_dtype must be"):
+        call(out_dtype=torch.int8)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# opcheck: schema, fake kernels, dispatch
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_opcheck(device):
+    a, b = rand_int8(5, 9, device=device), rand_int8(9, 7, device=device)
+    torch.library.opcheck(ops.int8_mm, (a, b))
+    w, w_packed, w_sum, w_scale = quantized_weight(7, 9, device)
+    torch.library.opcheck(ops.pack_int8_weight, (w,))
+    torch.library.opcheck(ops.pack_int8_weight, (rand_int8(2, 7, 9, device=device),))
+    x_scale = torch.rand(3, 5, device=device).reshape(-1)
+    bias = torch.randn(7, device=device)
+    torch.library.opcheck(ops.int8_linear, (rand_int8(3, 5, 9, device=device), x_scale, 2, w_packed, w_sum, w_scale,
+                                            bias, 7, torch.bfloat16, None, 0))
+    torch.library.opcheck(ops.int8_linear, (rand_int8(4, 9, device=device), x_scale[:1], 0, w_packed, w_sum, w_scale,
+                                            None, 7, torch.uint8, 0.5, 10))
+    w_q = rand_int8(6, 2, 3, 2, device=device)
+    torch.library.opcheck(ops.int8_conv2d, (rand_int8(2, 4, 7, 6, device=device), x_scale[:1], 1,
+                                            F.pack_conv_weight(w_q, 2), w_q.sum((1, 2, 3), dtype=torch.int32),
+                                            torch.rand(6, device=device), bias[:6], 6, [3, 2], [2, 1], [1, 0], [1, 2],
+                                            2, torch.float32))
