@@ -245,6 +245,17 @@ def resnet_stages(block: str) -> nn.Sequential:
     return nn.Sequential(*layers).eval()
 
 
+def _relative_errors(variants: Dict[str, nn.Module], x: torch.Tensor) -> Dict[str, float]:
+    """||y - y_float|| / ||y_float|| of each variant's output on x."""
+    with torch.inference_mode(), _quiet_torch_ao():
+        outputs = {}
+        for name, model in variants.items():
+            with _quantized_engine(_engine_for(name)):
+                outputs[name] = model(x).float()
+    reference = outputs[FLOAT]
+    return {name: ((y - reference).norm() / reference.norm()).item() for name, y in outputs.items()}
+
+
 def convnet_latency(*, batches=(1, 8), threads=(1, 2), repeats=9, seed: int = 0) -> List[dict]:
     rows = []
     generator = torch.Generator().manual_seed(seed)
@@ -257,8 +268,9 @@ def convnet_latency(*, batches=(1, 8), threads=(1, 2), repeats=9, seed: int = 0)
                     f"{TORCH_AO} static (FX, x86)": torch_ao_static(model, calibration)}
         inputs = {f"batch {b} x 64x56x56": (torch.randn(b, 64, 56, 56, generator=generator).relu(),)
                   for b in batches}
+        errors = _relative_errors(variants, next(iter(inputs.values()))[0])
         name = "ResNet-18 stages" if block == "basic" else "ResNet-50 stages"
-        rows += [{"table": "convnets", **row}
+        rows += [{"table": "convnets", **row, "rel. error": errors[row["variant"]]}
                  for row in _latency_rows(name, variants, inputs, threads, repeats)]
     return rows
 
@@ -269,7 +281,7 @@ COLUMNS = {
     "minilm-quality": ["variant", "cos_mean", "cos_min", "nn_agreement", "group_accuracy"],
     "minilm-latency": ["input", "threads", "variant", "ms", "vs float", "vs torch.ao"],
     "digits": ["variant", "accuracy %"],
-    "convnets": ["model", "input", "threads", "variant", "ms", "vs float", "vs torch.ao"],
+    "convnets": ["model", "input", "threads", "variant", "ms", "vs float", "vs torch.ao", "rel. error"],
 }
 TITLES = {
     "minilm-quality": "all-MiniLM-L6-v2: embeddings against the float model (86 sentences, 26 paraphrase groups)",
