@@ -339,7 +339,7 @@ def format_tables(rows: List[dict]) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="benchmarks/models.py", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="benchmarks/bench_models.py", description=__doc__.splitlines()[0])
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="which tables")
     parser.add_argument("--repeats", type=int, default=9, help="interleaved samples per timing (median)")
     parser.add_argument("--output", help="also write the tables, with the machine and date, to this Markdown file")

@@ -1,3 +1,0 @@
-from torchquant.bench.models import main
-
-main()
