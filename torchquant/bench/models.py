@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import copy
 import datetime
+import os
 import platform
 import subprocess
 import warnings
@@ -283,6 +284,12 @@ COLUMNS = {
     "digits": ["variant", "accuracy %"],
     "convnets": ["model", "input", "threads", "variant", "ms", "vs float", "vs torch.ao", "rel. error"],
 }
+LEGEND = """cos_mean / cos_min: cosine similarity of each sentence's embedding to the float model's (mean, worst).
+nn_agreement: fraction of sentences whose nearest neighbour (among the 86) is the one the float model finds.
+group_accuracy: fraction of sentences whose nearest neighbour is a paraphrase from their own group.
+ms: median of interleaved samples; vs float / vs torch.ao: speed-up over that baseline (> 1 is faster).
+rel. error: ||y - y_float|| / ||y_float|| of the network output."""
+
 TITLES = {
     "minilm-quality": "all-MiniLM-L6-v2: embeddings against the float model (86 sentences, 26 paraphrase groups)",
     "minilm-latency": "all-MiniLM-L6-v2: latency (encoder + mean pooling, CPU)",
@@ -323,8 +330,10 @@ def machine_description() -> str:
     except (OSError, subprocess.CalledProcessError, StopIteration):
         pass
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return (f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-            f"ISA {torch.backends.cpu.get_cpu_capability()}, {date}")
+    # The load average tells how much else ran: on a shared 2-core machine, 2-thread timings suffer first.
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"ISA {torch.backends.cpu.get_cpu_capability()}, {date}, load average {load} at the end")
 
 
 def format_tables(rows: List[dict]) -> str:
@@ -347,7 +356,7 @@ def main(argv=None) -> None:
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
     rows = run(args.parts, repeats=args.repeats)
-    text = f"Machine: {machine_description()}\n\n{format_tables(rows)}"
+    text = f"{format_tables(rows)}\n{LEGEND}\n\nMachine: {machine_description()}\n"
     print(text)
     if args.output:
         with open(args.output, "w") as f:
