@@ -5,6 +5,8 @@ import torch.nn as nn
 import torchquant as tq
 from torchquant.nn import QuantConv2d, QuantLinear
 
+from test_nn import exact_float_reference  # noqa: F401  (autouse fixture)
+
 
 def test_compiled_converted_model_matches_eager(device):
     torch.manual_seed(0)

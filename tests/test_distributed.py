@@ -1,7 +1,6 @@
 """Quantization-aware training under DistributedDataParallel (gloo, 2 CPU processes)."""
 import socket
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp

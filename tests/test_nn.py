@@ -8,6 +8,15 @@ from torchquant.nn import QuantConv2d, QuantLinear
 from torchquant.nn.base import pack_int4, unpack_int4
 from torchquant.nn.quantizers import _LSQFakeQuantize
 
+@pytest.fixture(autouse=True)
+def exact_float_reference():
+    """The fake-quant side of a parity check must not run cuDNN convolutions in TF32 (10-bit mantissa)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 DYN8 = QuantSpec(granularity="per_token", dynamic=True)
 CONFIGS = {
     "int8-dynamic": "int8-dynamic",
@@ -85,6 +94,25 @@ def test_conv_converted_equals_fake_quant(device, shape, name):
     _assert_same_function(layer, x)
 
 
+@pytest.mark.parametrize("name", ["int8-dynamic", "int8-static", "w4a8-dynamic"])
+def test_odd_inputs_empty_strided_channels_last(device, name):
+    torch.manual_seed(0)
+    lin = QuantLinear(8, 4, config=name).to(device)
+    conv = QuantConv2d(3, 4, 3, config=name).to(device)
+    _calibrated(lin, (3, 8), device)
+    _calibrated(conv, (2, 3, 5, 5), device)
+    inputs = [(lin, torch.randn(0, 8, device=device)), (lin, torch.randn(2, 0, 8, device=device)),
+              (lin, torch.randn(3, 16, device=device)[:, ::2]), (conv, torch.randn(0, 3, 5, 5, device=device)),
+              (conv, torch.randn(2, 3, 5, 5, device=device).to(memory_format=torch.channels_last)),
+              (conv, torch.randn(2, 6, 5, 3, device=device).permute(0, 3, 2, 1)[:, :, :, 1:])]
+    with torch.no_grad():
+        fakes = [layer.eval()(x) for layer, x in inputs]
+        lin.convert()
+        conv.convert()
+        for (layer, x), fake in zip(inputs, fakes):
+            torch.testing.assert_close(layer(x), fake, rtol=2e-5, atol=1e-5)
+
+
 def test_conv_half(device):
     torch.manual_seed(0)
     layer = QuantConv2d(4, 8, 3, padding=1, config="int8-static").to(device, torch.bfloat16)
@@ -99,7 +127,7 @@ def test_construction_is_float_equivalent():
     layer = QuantLinear(10, 4)
     torch.testing.assert_close(layer.weight, ref.weight, rtol=0, atol=0)
     assert [n for n, _ in layer.named_parameters()] == ["weight", "bias"]
-    layer.load_state_dict(ref.state_dict(), strict=False)  # a float checkpoint loads into the layer
+    layer.load_state_dict(ref.state_dict())  # a float checkpoint loads into the layer (strict)
     torch.manual_seed(0)
     conv = QuantConv2d(3, 5, (2, 3), padding="same", dilation=(2, 1))
     assert conv.padding == (1, 1)

@@ -29,6 +29,9 @@ def _common_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--quiet", "-q", action="store_true", help="no progress bars or status lines")
     common.add_argument("--debug", action="store_true", help="print the full traceback of an error")
+    common.add_argument("--threads", type=int, metavar="N",
+                        help="CPU threads for torch (default: torch's choice; 1 is fastest for small models on a "
+                             "busy machine)")
     return common
 
 
@@ -369,6 +372,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not args.debug:
         _one_line_warnings()
     try:
+        if args.threads is not None:
+            if args.threads < 1:
+                raise UsageError(f"--threads: expected a positive integer, got {args.threads}")
+            torch.set_num_threads(args.threads)
         return args.handler(args)
     except KeyboardInterrupt:
         print(f"torchquant {args.command}: interrupted", file=sys.stderr)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 
-import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file

@@ -16,6 +16,7 @@ from torchquant.config import QuantSpec
 
 # shrink factors searched by the mse observer: the clipped range is factor * (observed range)
 MSE_SHRINK_FACTORS = torch.linspace(1.0, 0.2, 41).tolist()
+_MSE_ELEMENTS_PER_CALL = 1 << 22  # bounds the mse observer's scratch memory (candidates x elements)
 
 
 def as_channel_rows(x: torch.Tensor, axis: int | None) -> torch.Tensor:
@@ -49,21 +50,23 @@ def _percentile_range(rows: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor
 
 
 def _mse_range(rows: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """The range factor * [min, max] (one factor per channel) whose fake-quantization error is smallest."""
+    """The range factor * [min, max] (one factor per channel) whose fake-quantization error is smallest.
+    Candidates are evaluated several factors per kernel call, [factors * C, R] at a time."""
     lo, hi = _minmax(rows)
-    best_err = torch.full_like(lo, float("inf"))
-    best_lo, best_hi = lo.clone(), hi.clone()
-    for factor in MSE_SHRINK_FACTORS:
-        cand_lo, cand_hi = lo * factor, hi * factor
+    channels = rows.shape[0]
+    factors = torch.tensor(MSE_SHRINK_FACTORS, device=rows.device)
+    per_call = max(1, _MSE_ELEMENTS_PER_CALL // rows.numel())
+    errors = []
+    for chunk in factors.split(per_call):
+        cand_lo = (chunk[:, None] * lo).reshape(-1)
+        cand_hi = (chunk[:, None] * hi).reshape(-1)
         scale, zero_point = qparams_from_range(cand_lo, cand_hi, spec)
-        approx = F_q.fake_quantize(rows, scale, zero_point, bits=spec.bits, signed=spec.signed,
+        tiled = rows.repeat(chunk.numel(), 1)
+        approx = F_q.fake_quantize(tiled, scale, zero_point, bits=spec.bits, signed=spec.signed,
                                    rounding=spec.rounding, axis=0)
-        err = (approx - rows).square().sum(dim=1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_lo = torch.where(better, cand_lo, best_lo)
-        best_hi = torch.where(better, cand_hi, best_hi)
-    return best_lo, best_hi
+        errors.append((approx - tiled).square().sum(dim=1).reshape(chunk.numel(), channels))
+    best = torch.cat(errors).argmin(dim=0)  # first (widest) range among equals
+    return factors[best] * lo, factors[best] * hi
 
 
 def batch_range(x: torch.Tensor, spec: QuantSpec, axis: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,7 +102,18 @@ def _sync_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple[to
 
 
 class Float32StateModule(nn.Module):
-    """A module whose own tensors are quantization state: `.to(device)` moves them, dtype casts leave them."""
+    """A module whose own tensors are quantization state: `.to(device)` moves them, dtype casts leave them, and a
+    state dict without any of them (a float checkpoint) loads, keeping the current state."""
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        own = [prefix + name for name in self._parameters]
+        own += [prefix + name for name in self._buffers if name not in self._non_persistent_buffers_set]
+        absent = not any(key in state_dict for key in own)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if absent:
+            missing_keys[:] = [key for key in missing_keys if key not in own]
 
     def _apply(self, fn, recurse=True):
         if recurse:

@@ -45,7 +45,7 @@ void im2col_nhwc(const uint8_t* x, const ConvGeometry& g, uint8_t pad_byte, uint
               continue;
             }
             const uint8_t* src = x + ((b * g.height + ih) * g.width + iw) * g.channels + grp * cg;
-            for (int64_t c = 0; c < cg; ++c) out[c] = src[c] ^ flip;
+            copy_flip(out, src, cg, flip);
           }
         }
         std::memset(out, 0, k4 - window);
@@ -98,7 +98,6 @@ at::Tensor int8_conv2d_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, int
   const uint8_t* x_bytes = static_cast<const uint8_t*>(x_nhwc.data_ptr());
   const uint8_t flip = activation_flip(x_q);
   GemmArgs args;
-  at::Tensor columns;
   const bool pointwise = g.kh == 1 && g.kw == 1 && g.stride_h == 1 && g.stride_w == 1 && g.pad_h == 0 && g.pad_w == 0;
   if (pointwise && flip == 0 && cg % 4 == 0) {  // uint8 1x1: the channels-last input is the GEMM's row matrix
     args.a = x_bytes;
@@ -106,10 +105,10 @@ at::Tensor int8_conv2d_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, int
     args.a_group_offset = cg;
   } else {
     const int64_t k4 = round_up(window, 4);
-    columns = at::empty({m * groups * k4}, x_q.options().dtype(at::kByte));
+    uint8_t* columns = scratch_buffer(Scratch::Activations, m * groups * k4);
     const uint8_t pad_byte = static_cast<uint8_t>(x_zero_point) ^ flip;
-    im2col_nhwc(x_bytes, g, pad_byte, flip, k4, columns.data_ptr<uint8_t>());
-    args.a = columns.data_ptr<uint8_t>();
+    im2col_nhwc(x_bytes, g, pad_byte, flip, k4, columns);
+    args.a = columns;
     args.lda = groups * k4;
     args.a_group_offset = k4;
   }

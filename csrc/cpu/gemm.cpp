@@ -107,18 +107,17 @@ at::Tensor int8_mm_cpu(const at::Tensor& a, const at::Tensor& b) {
   if (m == 0 || n == 0) return out;
   if (k == 0) return out.zero_();
   const int64_t k4 = round_up(k, 4);
-  at::Tensor b_packed = at::empty({round_up(n, kPanelCols) * k4}, b.options());
+  int8_t* b_packed = reinterpret_cast<int8_t*>(scratch_buffer(Scratch::Weights, round_up(n, kPanelCols) * k4));
   std::vector<int32_t> col_offset(n);
-  pack_weight(b.data_ptr<int8_t>(), n, k, b.stride(1), b.stride(0), k4, b_packed.data_ptr<int8_t>(),
-              col_offset.data());
+  pack_weight(b.data_ptr<int8_t>(), n, k, b.stride(1), b.stride(0), k4, b_packed, col_offset.data());
   for (auto& c : col_offset) c = static_cast<int32_t>(128u * static_cast<uint32_t>(c));  // the +128 shift of a
-  at::Tensor a_packed = at::empty({m * k4}, a.options().dtype(at::kByte));
+  uint8_t* a_packed = scratch_buffer(Scratch::Activations, m * k4);
   pack_activation_rows(reinterpret_cast<const uint8_t*>(a.data_ptr<int8_t>()), m, k, a.stride(0), a.stride(1), 0x80,
-                       a_packed.data_ptr<uint8_t>(), k4);
+                       a_packed, k4);
   GemmArgs args;
-  args.a = a_packed.data_ptr<uint8_t>();
+  args.a = a_packed;
   args.lda = k4;
-  args.b = b_packed.data_ptr<int8_t>();
+  args.b = b_packed;
   args.kp = k4;
   args.m = m;
   args.n = n;
@@ -187,15 +186,14 @@ at::Tensor int8_linear_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, int
   const uint8_t flip = activation_flip(x_q);
   const uint8_t* x_bytes = static_cast<const uint8_t*>(x2.data_ptr());
   GemmArgs args;
-  at::Tensor a_packed;
   if (flip == 0 && k % 4 == 0 && x2.stride(1) == 1) {  // uint8 rows are read in place
     args.a = x_bytes;
     args.lda = x2.stride(0);
   } else {
     args.lda = round_up(k, 4);
-    a_packed = at::empty({m * args.lda}, x_q.options().dtype(at::kByte));
-    pack_activation_rows(x_bytes, m, k, x2.stride(0), x2.stride(1), flip, a_packed.data_ptr<uint8_t>(), args.lda);
-    args.a = a_packed.data_ptr<uint8_t>();
+    uint8_t* a_packed = scratch_buffer(Scratch::Activations, m * args.lda);
+    pack_activation_rows(x_bytes, m, k, x2.stride(0), x2.stride(1), flip, a_packed, args.lda);
+    args.a = a_packed;
   }
   args.b = w_packed.data_ptr<int8_t>();
   args.kp = w_packed.size(1);

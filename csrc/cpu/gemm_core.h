@@ -53,6 +53,12 @@ struct GemmArgs {
   int64_t m = 0, n = 0, k = 0, groups = 1;
 };
 
+// Scratch memory of the calling thread, reused across calls (slot 0: activations, slot 1: weights packed on the
+// fly). A fresh multi-megabyte allocation costs a page fault per 4 KB on first touch, as much as the packing itself;
+// the buffers keep the largest size asked for.
+enum class Scratch { Activations = 0, Weights = 1 };
+uint8_t* scratch_buffer(Scratch slot, int64_t bytes);
+
 // Runs the GEMM with the epilogue on the given ISA path, threaded with at::parallel_for.
 void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa);
 
@@ -60,6 +66,9 @@ void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa);
 // at dst. With col_sums non-null also writes col_sums[n] = sum_k w[n, k].
 void pack_weight(const int8_t* w, int64_t n, int64_t k, int64_t stride_n, int64_t stride_k, int64_t kp, int8_t* dst,
                  int32_t* col_sums);
+
+// dst[i] = src[i] ^ flip for i < n (16 bytes at a time).
+void copy_flip(uint8_t* dst, const uint8_t* src, int64_t n, uint8_t flip);
 
 // Copies src[m, k] (element at src + i * stride_m + j * stride_k) into rows of lda bytes, XOR-ing each byte with
 // `flip` (0x80 turns int8 into the shifted uint8 form, 0 copies uint8) and zero filling columns k..lda.

@@ -103,30 +103,6 @@ float finite_absmax(const In* x, int64_t n) {
 
 }  // namespace scalar_spans
 
-struct Scalar {
-  template <bool PerElement, class In, class Out>
-  static void quantize_span(const In* x, Out* q, int64_t n, SpanParams p, QuantFormat f, Rounding r) {
-    scalar_spans::quantize_span<PerElement>(x, q, n, p, f, r);
-  }
-  template <bool PerElement, class T>
-  static void fake_quantize_span(const T* x, T* y, int64_t n, SpanParams p, QuantFormat f, Rounding r) {
-    scalar_spans::fake_quantize_span<PerElement>(x, y, n, p, f, r);
-  }
-  template <bool PerElement, class T>
-  static void fake_quantize_backward_span(const T* g, const T* x, T* gx, int64_t n, SpanParams p, QuantFormat f,
-                                          Rounding r) {
-    scalar_spans::fake_quantize_backward_span<PerElement>(g, x, gx, n, p, f, r);
-  }
-  template <bool PerElement, class In, class Out>
-  static void dequantize_span(const In* q, Out* y, int64_t n, SpanParams p) {
-    scalar_spans::dequantize_span<PerElement>(q, y, n, p);
-  }
-  template <class In>
-  static float finite_absmax(const In* x, int64_t n) {
-    return scalar_spans::finite_absmax(x, n);
-  }
-};
-
 // ---------------------------------------------------------------------------------------------------------------
 // AVX-512 path (16 floats per vector).
 // ---------------------------------------------------------------------------------------------------------------
@@ -279,7 +255,7 @@ TQ_TARGET inline void vstore(uint8_t* p, V v) {
 #undef TQ_TARGET
 }  // namespace avx2
 
-// The SIMD namespaces as types, so the drivers below can take the code path as a template argument.
+// The code-path namespaces as types, so the drivers below can take the path as a template argument.
 #define TQ_ISA_STRUCT(Name, ns)                                                                                  \
   struct Name {                                                                                                  \
     template <bool PerElement, class In, class Out>                                                              \
@@ -304,6 +280,7 @@ TQ_TARGET inline void vstore(uint8_t* p, V v) {
       return ns::finite_absmax(x, n);                                                                            \
     }                                                                                                            \
   };
+TQ_ISA_STRUCT(Scalar, scalar_spans)
 TQ_ISA_STRUCT(Avx512, avx512)
 TQ_ISA_STRUCT(Avx2, avx2)
 #undef TQ_ISA_STRUCT
@@ -427,16 +404,28 @@ void for_each_span(int64_t numel, Layout layout, const ChannelParams& p, const S
       }
       return;
     }
+    if (layout.inner == 1) {  // channels are consecutive elements: the parameter arrays are the buffers
+      for (int64_t i = begin; i < end;) {
+        const int64_t c = i % layout.channels;
+        const int64_t n = std::min(end - i, layout.channels - c);
+        span(i, n, SpanParams{&p.scale[c], &p.inv_scale[c], &p.zero_point[c]}, true);
+        i += n;
+      }
+      return;
+    }
     float scale[kParamChunk], inv_scale[kParamChunk], zero_point[kParamChunk];
     int64_t pos = begin % layout.inner;
     int64_t c = (begin / layout.inner) % layout.channels;
     for (int64_t i = begin; i < end; i += kParamChunk) {
       const int64_t n = std::min(kParamChunk, end - i);
-      for (int64_t j = 0; j < n; ++j) {
-        scale[j] = p.scale[c];
-        inv_scale[j] = p.inv_scale[c];
-        zero_point[j] = p.zero_point[c];
-        if (++pos == layout.inner) {
+      for (int64_t j = 0; j < n;) {  // one run of equal parameters per (row, channel)
+        const int64_t run = std::min(n - j, layout.inner - pos);
+        std::fill_n(scale + j, run, p.scale[c]);
+        std::fill_n(inv_scale + j, run, p.inv_scale[c]);
+        std::fill_n(zero_point + j, run, p.zero_point[c]);
+        j += run;
+        pos += run;
+        if (pos == layout.inner) {
           pos = 0;
           if (++c == layout.channels) c = 0;
         }

@@ -232,7 +232,8 @@ def quantize_per_token(x: torch.Tensor, *, bits: int = 8) -> Tuple[torch.Tensor,
     """Symmetric per-row quantization over the last dim: (q int8 shaped like x, scale float32 of x.shape[:-1]).
 
     scale = (largest finite |x| of the row) / (2^(bits-1) - 1), 1.0 for a row of zeros; q = clamp(round(x * (1 /
-    scale)), -qmax, qmax) with NaN -> 0 and +-inf -> +-qmax. dequantize: q * scale[..., None]."""
+    scale)), -qmax, qmax) with NaN -> 0 and +-inf -> +-qmax. dequantize: q * scale[..., None]. Not
+    differentiable: no gradient reaches x."""
     fn = "quantize_per_token"
     _check_float_tensor(x, "x", fn)
     _check_bits(bits, fn, low=2)
@@ -316,3 +317,10 @@ def _fake_quantize_backward(ctx, grad):
 
 torch.library.register_autograd("torchquant::fake_quantize", _fake_quantize_backward,
                                 setup_context=_fake_quantize_setup_context)
+
+
+def _quantize_per_token_backward(ctx, grad_q, grad_scale):
+    return None, None  # per-token quantization passes no gradient to x (scale is a statistic, q is integer)
+
+
+torch.library.register_autograd("torchquant::quantize_per_token", _quantize_per_token_backward)

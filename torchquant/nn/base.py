@@ -11,6 +11,8 @@ buffers rebuilt from `qweight` whenever the layer moves (`_apply`) or loads a st
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
@@ -50,6 +52,7 @@ class QuantLayerBase(nn.Module):
         self.converted = False
         self.weight_shape = tuple(self.weight.shape)
         self._build_quantizers()
+        self.fused = self._has_fused_forward()
         self.register_load_state_dict_post_hook(QuantLayerBase._after_load)
 
     def _build_quantizers(self) -> None:
@@ -89,10 +92,7 @@ class QuantLayerBase(nn.Module):
         return self.qweight
 
     def _weight_numel_per_channel(self) -> int:
-        n = 1
-        for d in self.weight_shape[1:]:
-            n *= d
-        return n
+        return math.prod(self.weight_shape[1:])
 
     def _converted_forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
@@ -104,15 +104,14 @@ class QuantLayerBase(nn.Module):
         if self.input_quantizer is None:  # weight-only: float compute with the dequantized weight
             w = F_q.dequantize(self._weight_int8(), self.weight_scale, 0, axis=0, dtype=x.dtype)
             return self._float_op(x, w, self.bias)
-        fused = self._fused_dynamic_forward(x)
-        if fused is not None:
-            return fused
+        if self.fused:
+            return self._fused_forward(x)
         x_q, x_scale = self.input_quantizer.quantize(x, self.input_zero_point)
         return self._int_op(x_q, x_scale, self.input_zero_point, x.dtype)
 
-    def _fused_dynamic_forward(self, x):
-        """A single fused kernel for the whole forward where the layer has one (else None)."""
-        return None
+    def _has_fused_forward(self) -> bool:
+        """Whether _fused_forward (one kernel for quantize + integer op) computes this layer's converted forward."""
+        return False
 
     # ---- conversion ----
     @torch.no_grad()
@@ -143,13 +142,13 @@ class QuantLayerBase(nn.Module):
             self._install_converted(self.converted_state())
         return self
 
-    def _converted_skeleton(self, device=None) -> None:
+    def _converted_skeleton(self) -> None:
         """Converted layout with placeholder integer buffers, for loading a converted state dict."""
         if self.converted:
             return
         n = self.weight_shape[0]
         k = self._weight_numel_per_channel()
-        device = self.weight.device if device is None else device
+        device = self.weight.device
         if self.config.weight.bits <= 4:
             q = torch.zeros(n, (k + 1) // 2, dtype=torch.uint8, device=device)
         else:

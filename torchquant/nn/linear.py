@@ -43,10 +43,12 @@ class QuantLinear(QuantLayerBase):
     def _pack(self, w_int8: torch.Tensor) -> torch.Tensor:
         return F_q.pack_int8_weight(w_int8)
 
-    def _fused_dynamic_forward(self, x):
-        spec = self.input_quantizer.spec
-        if not (self.input_quantizer.per_token and spec.bits == 8 and spec.rounding == "nearest"):
-            return None
+    def _has_fused_forward(self) -> bool:
+        quantizer = self.input_quantizer
+        return (quantizer is not None and quantizer.per_token and quantizer.spec.bits == 8
+                and quantizer.spec.rounding == "nearest")
+
+    def _fused_forward(self, x):
         return F_q.dynamic_int8_linear(x, self.w_packed, self.w_sum, self.weight_scale, self.bias,
                                        out_features=self.out_features)
 

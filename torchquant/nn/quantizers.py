@@ -161,6 +161,8 @@ class InputQuantizer(Float32StateModule):
         x = x.detach()
         if self.per_token:
             return F_q.quantize_per_token(x.reshape(-1, x.shape[-1]), bits=self.spec.bits)[1], None
+        if x.numel() == 0:  # an empty batch has no range; any scale quantizes it to nothing
+            return torch.ones(1, device=x.device), None
         return F_q.choose_qparams(x, bits=self.spec.bits, signed=True, symmetric=True)[0], None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,3 @@
+from torchquant.bench.gemm_cpu import main
+
+main()

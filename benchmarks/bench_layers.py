@@ -1,0 +1,2 @@
+from torchquant.bench.layers import main
+main()

@@ -1,0 +1,174 @@
+"""CPU integer matrix kernels against PyTorch: int8_mm, the int8-dynamic linear and the int8 conv2d.
+
+Three tables, each at 1 and 2 threads, every row timed interleaved with its baselines in this process:
+- int8_mm: GOP/s, fraction of the AVX-512 VNNI peak (64 multiply-adds per cycle per core, about 455 GOP/s per
+  core on the CI machine), ratio to torch._int_mm (oneDNN) and to float32 torch.mm.
+- dynamic linear (per-token activation quantize + GEMM + epilogue, float32 in and out) on MiniLM/BERT shapes and
+  4096x4096 against torch.ao.quantization.quantize_dynamic's Linear (fbgemm) and float F.linear.
+- conv2d on ResNet-style layers (uint8 channels-last activations, per-channel int8 weights, float32 output)
+  against torch.ao.nn.quantized.Conv2d (x86 engine; quint8 output) and the float channels-last conv.
+"""
+import argparse
+import contextlib
+import warnings
+from typing import List, Sequence
+
+import torch
+from torch import nn
+
+import torchquant.functional as tqf
+from torchquant.bench.timing import compare, markdown_table
+
+VNNI_PEAK_GOPS_PER_CORE = 455.0
+MM_SHAPES = ((1024, 1024, 1024), (2048, 2048, 2048), (128, 4096, 4096))  # M, K, N
+LINEAR_SHAPES = ((384, 384), (384, 1536), (1536, 384), (768, 768), (768, 3072), (3072, 768), (4096, 4096))  # K, N
+LINEAR_ROWS = (1, 16, 128, 512)
+CONV_LAYERS = (  # name, in_channels, size, out_channels, kernel, stride, padding
+    ("3x3 64->64 @56", 64, 56, 64, 3, 1, 1),
+    ("1x1 64->256 @56", 64, 56, 256, 1, 1, 0),
+    ("3x3 128->128 @28", 128, 28, 128, 3, 1, 1),
+    ("3x3 128->256 s2 @28", 128, 28, 256, 3, 2, 1),
+    ("1x1 256->1024 @14", 256, 14, 1024, 1, 1, 0),
+    ("3x3 256->256 @14", 256, 14, 256, 3, 1, 1),
+    ("3x3 512->512 @7", 512, 7, 512, 3, 1, 1),
+    ("1x1 2048->512 @7", 2048, 7, 512, 1, 1, 0),
+)
+CONV_BATCHES = (1, 8)
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@contextlib.contextmanager
+def _torch_ao_quantization(engine: str):
+    """torch.ao warns that it is deprecated on every use; it is still the baseline users have."""
+    previous = torch.backends.quantized.engine
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.backends.quantized.engine = engine
+        try:
+            yield
+        finally:
+            torch.backends.quantized.engine = previous
+
+
+def _int8(*shape) -> torch.Tensor:
+    return torch.randint(-128, 128, shape, dtype=torch.int8)
+
+
+def _per_channel_int8(w: torch.Tensor):
+    """Symmetric per-output-channel int8 weight of a float weight [OC, ...]: (w_q, scale float32 [OC])."""
+    scale = w.abs().flatten(1).amax(1).clamp_min(1e-8) / 127
+    w_q = torch.round(w / scale.reshape(-1, *([1] * (w.dim() - 1)))).clamp(-127, 127).to(torch.int8)
+    return w_q, scale.float()
+
+
+def bench_int8_mm(threads: int, repeats: int) -> List[dict]:
+    rows = []
+    for m, k, n in MM_SHAPES:
+        a, w = _int8(m, k), _int8(n, k)
+        b = w.t()  # the nn.Linear weight layout
+        af, bf = a.float(), b.float()
+        with _torch_threads(threads):
+            t = compare({"tq": lambda: tqf.int8_mm(a, b), "int_mm": lambda: torch._int_mm(a, b),
+                         "fp32": lambda: torch.mm(af, bf)}, repeats=repeats)
+        gops = 2 * m * n * k / t["tq"] / 1e9
+        rows.append({"threads": threads, "M x K x N": f"{m}x{k}x{n}", "ms": t["tq"] * 1e3, "GOP/s": gops,
+                     "of VNNI peak": gops / (VNNI_PEAK_GOPS_PER_CORE * threads),
+                     "_int_mm GOP/s": 2 * m * n * k / t["int_mm"] / 1e9, "vs _int_mm": t["int_mm"] / t["tq"],
+                     "vs fp32 mm": t["fp32"] / t["tq"]})
+    return rows
+
+
+def bench_dynamic_linear(threads: int, repeats: int) -> List[dict]:
+    rows = []
+    for k, n in LINEAR_SHAPES:
+        linear = nn.Linear(k, n)
+        w_q, w_scale = _per_channel_int8(linear.weight.detach())
+        packed, w_sum = tqf.pack_int8_weight(w_q), w_q.sum(1, dtype=torch.int32)
+        bias = linear.bias.detach()
+        with _torch_ao_quantization("fbgemm"):
+            ao_linear = torch.ao.quantization.quantize_dynamic(nn.Sequential(linear), {nn.Linear}, torch.qint8)
+        for m in LINEAR_ROWS:
+            x = torch.randn(m, k)
+            with _torch_threads(threads), torch.no_grad(), _torch_ao_quantization("fbgemm"):
+                t = compare({"tq": lambda: tqf.dynamic_int8_linear(x, packed, w_sum, w_scale, bias, out_features=n),
+                             "ao": lambda: ao_linear(x),
+                             "fp32": lambda: nn.functional.linear(x, linear.weight, bias)}, repeats=repeats)
+            rows.append({"threads": threads, "K x N": f"{k}x{n}", "M": m, "us": t["tq"] * 1e6,
+                         "GOP/s": 2 * m * n * k / t["tq"] / 1e9, "vs quantize_dynamic": t["ao"] / t["tq"],
+                         "vs fp32 F.linear": t["fp32"] / t["tq"]})
+    return rows
+
+
+def bench_conv(threads: int, repeats: int) -> List[dict]:
+    rows = []
+    for name, c, size, oc, kernel, stride, padding in CONV_LAYERS:
+        conv = nn.Conv2d(c, oc, kernel, stride, padding)
+        w_q, w_scale = _per_channel_int8(conv.weight.detach())
+        packed, w_sum = tqf.pack_conv_weight(w_q), w_q.sum((1, 2, 3), dtype=torch.int32)
+        bias = conv.bias.detach()
+        x_scale, x_zp = 0.05, 64
+        with _torch_ao_quantization("x86"):
+            ao_conv = torch.ao.nn.quantized.Conv2d(c, oc, kernel, stride, padding)
+            ao_weight = torch.quantize_per_channel(conv.weight.detach(), w_scale.double(), torch.zeros(oc).long(), 0,
+                                                   torch.qint8)
+            ao_conv.set_weight_bias(ao_weight, bias)
+            ao_conv.scale, ao_conv.zero_point = 0.1, 64
+        for batch in CONV_BATCHES:
+            xf = torch.randn(batch, c, size, size).contiguous(memory_format=torch.channels_last)
+            x_q = torch.quantize_per_tensor(xf, x_scale, x_zp, torch.quint8)
+            x_u8 = x_q.int_repr()  # channels-last uint8
+            with _torch_threads(threads), torch.no_grad(), _torch_ao_quantization("x86"):
+                t = compare({"tq": lambda: tqf.int8_conv2d(x_u8, x_scale, x_zp, packed, w_sum, w_scale, bias,
+                                                           out_channels=oc, kernel_size=kernel, stride=stride,
+                                                           padding=padding),
+                             "ao": lambda: ao_conv(x_q),
+                             "fp32": lambda: conv(xf)}, repeats=repeats)
+            out = size // stride
+            macs = batch * out * out * oc * c * kernel * kernel
+            rows.append({"threads": threads, "layer": name, "batch": batch, "ms": t["tq"] * 1e3,
+                         "GOP/s": 2 * macs / t["tq"] / 1e9, "vs ao Conv2d (x86)": t["ao"] / t["tq"],
+                         "vs fp32 conv": t["fp32"] / t["tq"]})
+    return rows
+
+
+TABLES = {
+    "int8_mm": (bench_int8_mm, ("threads", "M x K x N", "ms", "GOP/s", "of VNNI peak", "_int_mm GOP/s", "vs _int_mm",
+                                "vs fp32 mm")),
+    "linear": (bench_dynamic_linear, ("threads", "K x N", "M", "us", "GOP/s", "vs quantize_dynamic",
+                                      "vs fp32 F.linear")),
+    "conv": (bench_conv, ("threads", "layer", "batch", "ms", "GOP/s", "vs ao Conv2d (x86)", "vs fp32 conv")),
+}
+
+
+def run(tables: Sequence[str] = tuple(TABLES), threads: Sequence[int] = (1, 2), repeats: int = 9) -> List[dict]:
+    """Rows of every requested table ("int8_mm", "linear", "conv"), each tagged with its table name."""
+    rows = []
+    for table in tables:
+        for n in threads:
+            rows += [{"table": table, **r} for r in TABLES[table][0](n, repeats)]
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tables", nargs="+", choices=list(TABLES), default=list(TABLES))
+    parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--repeats", type=int, default=9, help="interleaved samples per timing (median)")
+    args = parser.parse_args(argv)
+    rows = run(args.tables, args.threads, args.repeats)
+    for table in args.tables:
+        print(f"\n### {table}\n")
+        print(markdown_table([r for r in rows if r["table"] == table], TABLES[table][1]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""Converted layers (float in, float out) against PyTorch's quantized layers, on the CPU.
+
+- QuantLinear int8-dynamic on MiniLM/BERT shapes against torch.ao.quantization.quantize_dynamic's Linear (fbgemm),
+  float F.linear, and the bare functional.dynamic_int8_linear call (the module's own overhead).
+- QuantConv2d int8-static on ResNet-style layers, float channels-last input, against the same pipeline in
+  torch.ao (quantize_per_tensor -> torch.ao.nn.quantized.Conv2d (x86) -> dequantize) and the float conv.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import warnings
+from typing import List, Sequence
+
+import torch
+from torch import nn
+
+import torchquant as tq
+import torchquant.functional as tqf
+from torchquant.bench.timing import compare, markdown_table
+
+LINEAR_SHAPES = ((384, 1536), (1536, 384), (768, 3072))  # in, out
+LINEAR_ROWS = (1, 16, 128, 512)
+CONV_LAYERS = (  # name, in_channels, size, out_channels, kernel, stride, padding
+    ("3x3 64->64 @56", 64, 56, 64, 3, 1, 1),
+    ("3x3 128->256 s2 @28", 128, 28, 256, 3, 2, 1),
+    ("1x1 256->1024 @14", 256, 14, 1024, 1, 1, 0),
+)
+CONV_BATCHES = (1, 8)
+
+
+@contextlib.contextmanager
+def _settings(threads: int, engine: str):
+    """Thread count and torch.ao engine for one measurement; torch.ao's deprecation warnings silenced."""
+    previous = torch.get_num_threads(), torch.backends.quantized.engine
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.set_num_threads(threads)
+        torch.backends.quantized.engine = engine
+        try:
+            yield
+        finally:
+            torch.set_num_threads(previous[0])
+            torch.backends.quantized.engine = previous[1]
+
+
+def bench_linear(threads: int, repeats: int) -> List[dict]:
+    rows = []
+    for k, n in LINEAR_SHAPES:
+        torch.manual_seed(0)
+        linear = nn.Linear(k, n)
+        layer = tq.nn.QuantLinear.from_float(linear, "int8-dynamic").eval().convert()
+        with _settings(threads, "fbgemm"):
+            ao_linear = torch.ao.quantization.quantize_dynamic(nn.Sequential(linear), {nn.Linear}, torch.qint8)
+        for m in LINEAR_ROWS:
+            x = torch.randn(m, k)
+            with _settings(threads, "fbgemm"):
+                t = compare({
+                    "layer": lambda: layer(x),
+                    "functional": lambda: tqf.dynamic_int8_linear(x, layer.w_packed, layer.w_sum, layer.weight_scale,
+                                                                  layer.bias, out_features=n),
+                    "ao": lambda: ao_linear(x),
+                    "fp32": lambda: linear(x),
+                }, repeats=repeats)
+            rows.append({"threads": threads, "in x out": f"{k}x{n}", "M": m, "us": t["layer"] * 1e6,
+                         "vs quantize_dynamic": t["ao"] / t["layer"], "vs fp32": t["fp32"] / t["layer"],
+                         "module overhead us": (t["layer"] - t["functional"]) * 1e6})
+    return rows
+
+
+def bench_conv(threads: int, repeats: int) -> List[dict]:
+    rows = []
+    for name, c, size, oc, kernel, stride, padding in CONV_LAYERS:
+        torch.manual_seed(0)
+        conv = nn.Conv2d(c, oc, kernel, stride, padding)
+        calibration = [torch.randn(2, c, size, size)]
+        model = tq.quantize_model(nn.Sequential(conv), "int8-static", calibration, inplace=False).eval()
+        layer = model[0]
+        x_scale, x_zp = layer.input_quantizer.scale.item(), layer.input_zero_point
+        with _settings(threads, "x86"):
+            ao_conv = torch.ao.nn.quantized.Conv2d(c, oc, kernel, stride, padding)
+            w_scale = layer.weight_scale.double()
+            ao_weight = torch.quantize_per_channel(conv.weight.detach(), w_scale, torch.zeros(oc).long(), 0,
+                                                   torch.qint8)
+            ao_conv.set_weight_bias(ao_weight, conv.bias.detach())
+            ao_conv.scale, ao_conv.zero_point = 0.1, 64
+        for batch in CONV_BATCHES:
+            x = torch.randn(batch, c, size, size).contiguous(memory_format=torch.channels_last)
+
+            def ao_pipeline():
+                return ao_conv(torch.quantize_per_tensor(x, x_scale, x_zp, torch.quint8)).dequantize()
+
+            with _settings(threads, "x86"):
+                t = compare({"layer": lambda: layer(x), "ao": ao_pipeline, "fp32": lambda: conv(x)},
+                            repeats=repeats)
+            rows.append({"threads": threads, "layer": name, "batch": batch, "ms": t["layer"] * 1e3,
+                         "vs ao Conv2d pipeline": t["ao"] / t["layer"], "vs fp32": t["fp32"] / t["layer"]})
+    return rows
+
+
+TABLES = {
+    "linear": (bench_linear, ("threads", "in x out", "M", "us", "vs quantize_dynamic", "vs fp32",
+                              "module overhead us")),
+    "conv": (bench_conv, ("threads", "layer", "batch", "ms", "vs ao Conv2d pipeline", "vs fp32")),
+}
+
+
+def run(tables: Sequence[str] = tuple(TABLES), threads: Sequence[int] = (1, 2), repeats: int = 9) -> List[dict]:
+    """Rows of every requested table ("linear", "conv"), each tagged with its table name."""
+    rows = []
+    for table in tables:
+        for n in threads:
+            rows += [{"table": table, **r} for r in TABLES[table][0](n, repeats)]
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tables", nargs="+", choices=list(TABLES), default=list(TABLES))
+    parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--repeats", type=int, default=9, help="interleaved samples per timing (median)")
+    args = parser.parse_args(argv)
+    rows = run(args.tables, args.threads, args.repeats)
+    for table in args.tables:
+        print(f"\n### {table}\n")
+        print(markdown_table([r for r in rows if r["table"] == table], TABLES[table][1]))
+
+
+if __name__ == "__main__":
+    main()
