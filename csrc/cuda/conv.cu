@@ -103,7 +103,7 @@ at::Tensor int8_conv2d_cuda(const at::Tensor& x_q, const at::Tensor& x_scale, in
   at::Tensor out_nhwc = at::empty({g.batch, g.out_h, g.out_w, out_channels}, x_q.options().dtype(out_dtype));
   at::Tensor out = out_nhwc.permute({0, 3, 1, 2});
   if (m == 0) return out;
-  TORCH_CHECK(m <= INT32_MAX && window <= INT32_MAX - 64, op, ": sizes must be below 2^31");
+  TORCH_CHECK(m <= INT32_MAX - 256 && window <= INT32_MAX - 256, op, ": sizes must be below 2^31");
 
   const at::Tensor x_nhwc = x_q.contiguous(at::MemoryFormat::ChannelsLast);
   const int8_t* x_bytes = static_cast<const int8_t*>(x_nhwc.data_ptr());
@@ -140,7 +140,8 @@ at::Tensor int8_conv2d_cuda(const at::Tensor& x_q, const at::Tensor& x_scale, in
   args.N = static_cast<int>(ocg);
   args.K = static_cast<int>(round_up(window, 16));
   args.groups = static_cast<int>(groups);
-  run_int8_gemm(args, x_q.scalar_type() == at::kByte, in.epilogue(out_nhwc, out_channels, x_zero_point, std::nullopt, 0));
+  run_int8_gemm(args, x_q.scalar_type() == at::kByte,
+                in.epilogue(out_nhwc, out_channels, x_zero_point, std::nullopt, 0));
   return out;
 }
 

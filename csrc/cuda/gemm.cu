@@ -417,8 +417,8 @@ at::Tensor int8_mm_cuda(const at::Tensor& a, const at::Tensor& b) {
   at::Tensor out = at::empty({m, n}, a.options().dtype(at::kInt));
   if (m == 0 || n == 0) return out;
   if (k == 0) return out.zero_();
-  TORCH_CHECK(m <= INT32_MAX && n <= INT32_MAX && k <= INT32_MAX - 64, "int8_mm: sizes must be below 2^31, got ",
-              a.sizes(), " and ", b.sizes());
+  TORCH_CHECK(m <= INT32_MAX - 256 && n <= INT32_MAX - 256 && k <= INT32_MAX - 256,
+              "int8_mm: sizes must be below 2^31, got ", a.sizes(), " and ", b.sizes());
   const int64_t k16 = round_up(k, 16);
   const at::Tensor a_rows = gemm_operand(a, k16);
   const at::Tensor b_rows = gemm_operand(b.t(), k16);  // [N, K]: the tensor cores' "col" operand
@@ -473,7 +473,7 @@ at::Tensor int8_linear_cuda(const at::Tensor& x_q, const at::Tensor& x_scale, in
   out_shape.back() = n;
   at::Tensor out = at::empty(out_shape, x_q.options().dtype(out_dtype));
   if (m == 0) return out;
-  TORCH_CHECK(m <= INT32_MAX && n <= INT32_MAX && k <= INT32_MAX - 64, op, ": sizes must be below 2^31");
+  TORCH_CHECK(m <= INT32_MAX - 256 && n <= INT32_MAX - 256 && k <= INT32_MAX - 256, op, ": sizes must be below 2^31");
   const at::Tensor x_rows = gemm_operand(x_q.reshape({m, k}), round_up(k, 16));
   const GemmArgs args{static_cast<const int8_t*>(x_rows.data_ptr()), operand_ld(x_rows), 0,
                       w_packed.data_ptr<int8_t>(), w_packed.size(1), 0,

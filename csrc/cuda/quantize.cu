@@ -160,7 +160,8 @@ __global__ void __launch_bounds__(kThreads) quant_map_kernel(Op op, ChannelOf<In
 template <int VEC, bool PER_CHANNEL, typename Index, typename Op>
 void launch_map(const Op& op, const ChannelOf<Index>& channel_of, int64_t n) {
   const int64_t work = std::max<int64_t>(n / VEC, 1);
-  const int blocks = static_cast<int>(std::min<int64_t>((work + kThreads - 1) / kThreads, max_resident_blocks(kThreads)));
+  const int blocks =
+      static_cast<int>(std::min<int64_t>((work + kThreads - 1) / kThreads, max_resident_blocks(kThreads)));
   quant_map_kernel<VEC, PER_CHANNEL, Index><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
       op, channel_of, static_cast<Index>(n));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
