@@ -154,7 +154,7 @@ def quantize_rows(numel: int, copy_bytes_per_s: float) -> List[dict]:
         s = (xt.float().abs().amax(-1, keepdim=True) / 127).clamp_min(1e-12)
         return torch.round(xt.float() / s).clamp(-127, 127).to(torch.int8), s
 
-    case("quantize_per_token bf16 [65536, 4096]",
+    case(f"quantize_per_token bf16 [{xt.shape[0]}, 4096]",
          {"ours": lambda: ops.quantize_per_token(xt, 8), "eager torch (absmax, round, clamp)": eager_per_token},
          3 * numel + 4 * xt.shape[0])
     return rows
@@ -210,11 +210,13 @@ def linear_rows() -> List[dict]:
                 bias = torch.randn(n, device=DEVICE, dtype=torch.bfloat16)
                 w_scale = (w.float().abs().amax(1) / 127).clamp_min(1e-8)
                 w_q = torch.round(w.float() / w_scale[:, None]).clamp(-127, 127).to(torch.int8)
-                layers.append((w, bias, ops.pack_int8_weight(w_q), w_q.sum(1, dtype=torch.int32), w_scale))
+                # a converted layer keeps its bias in float32, the epilogue's type
+                layers.append((w, bias, ops.pack_int8_weight(w_q), w_q.sum(1, dtype=torch.int32), w_scale,
+                               bias.float()))
 
-            def ours(w, bias, packed, w_sum, w_scale):
+            def ours(w, bias, packed, w_sum, w_scale, bias32):
                 x_q, x_scale = ops.quantize_per_token(x, 8)
-                return ops.int8_linear(x_q, x_scale, 0, packed, w_sum, w_scale, bias, n, torch.bfloat16, None, 0)
+                return ops.int8_linear(x_q, x_scale, 0, packed, w_sum, w_scale, bias32, n, torch.bfloat16, None, 0)
 
             fns = {"ours": _rotating(ours, layers),
                    "bf16 F.linear": _rotating(lambda w, bias, *_: F.linear(x, w, bias), layers)}
@@ -236,13 +238,16 @@ def linear_rows() -> List[dict]:
 def conv_rows() -> List[dict]:
     rows: List[dict] = []
     torch.backends.cudnn.benchmark = True
-    for name, c, size, oc, kernel, stride, padding in CONV_LAYERS:
-        def body(c=c, size=size, oc=oc, kernel=kernel, stride=stride, padding=padding):
+    for layer, c, size, oc, kernel, stride, padding in CONV_LAYERS:
+        name = f"conv {layer} b{CONV_BATCH}"
+
+        def body(name=name, c=c, size=size, oc=oc, kernel=kernel, stride=stride, padding=padding):
             cl = torch.channels_last
             x = torch.randn(CONV_BATCH, c, size, size, device=DEVICE, dtype=torch.bfloat16).contiguous(memory_format=cl)
             w = (torch.randn(oc, c, kernel, kernel, device=DEVICE) * 0.05).to(torch.bfloat16)
             w = w.contiguous(memory_format=cl)
             bias = torch.randn(oc, device=DEVICE, dtype=torch.bfloat16)
+            bias32 = bias.float()
             x_q = torch.randint(0, 256, x.shape, device=DEVICE, dtype=torch.uint8).contiguous(memory_format=cl)
             x_scale = torch.tensor([0.02], device=DEVICE)
             w_scale = (w.float().abs().amax((1, 2, 3)) / 127).clamp_min(1e-8)
@@ -251,7 +256,7 @@ def conv_rows() -> List[dict]:
             w_sum = w_q.sum((1, 2, 3), dtype=torch.int32)
             ks, st, pd = [kernel, kernel], [stride, stride], [padding, padding]
             fns = {
-                "ours": lambda: ops.int8_conv2d(x_q, x_scale, 128, packed, w_sum, w_scale, bias, oc, ks, st, pd,
+                "ours": lambda: ops.int8_conv2d(x_q, x_scale, 128, packed, w_sum, w_scale, bias32, oc, ks, st, pd,
                                                 [1, 1], 1, torch.bfloat16),
                 "cuDNN bf16 channels-last": lambda: F.conv2d(x, w, bias, stride, padding),
             }
@@ -261,7 +266,7 @@ def conv_rows() -> List[dict]:
             return _rows("conv", name, times, "ours", {"cuDNN bf16 channels-last": 1.0},
                          f"{flops / times['ours'] / 1e12:.0f} TOPS")
 
-        rows.extend(_guarded("conv", f"conv {name} b{CONV_BATCH}", body))
+        rows.extend(_guarded("conv", name, body))
     return rows
 
 
