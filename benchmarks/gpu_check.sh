@@ -10,6 +10,14 @@ OUT=${1:-${OUT:-out/gpu}}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the in-place build, without an install
+# cuBLAS/cuSPARSE headers that ATen's CUDA headers include may live only in the nvidia pip packages; CPATH is
+# searched after nvcc's -I folders, so it fills gaps only
+SITE=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+for inc in "$SITE"/nvidia/cu13/include "$SITE"/nvidia/*/include; do
+  [ -d "$inc" ] && CPATH="${CPATH:+$CPATH:}$inc"
+done
+export CPATH=${CPATH:-}
 TEST_TIMEOUT=${TEST_TIMEOUT:-210}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-200}
 
@@ -41,7 +49,7 @@ echo "tests: rc=$test_rc in $((SECONDS - start)) s"
 
 echo "== GPU benchmarks (log: $OUT/bench.log)"
 start=$SECONDS
-timeout "$BENCH_TIMEOUT" "$PY" benchmarks/bench_gpu.py --out "$OUT" >"$OUT/bench.log" 2>&1
+timeout "$BENCH_TIMEOUT" "$PY" -m torchquant.bench.gpu --out "$OUT" >"$OUT/bench.log" 2>&1
 bench_rc=$?
 grep -E "Error|error|dropped" "$OUT/bench.log" | head -n 15
 echo "benchmarks: rc=$bench_rc in $((SECONDS - start)) s"
