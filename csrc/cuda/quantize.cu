@@ -177,7 +177,9 @@ struct Layout {
 template <typename Index, typename Op>
 void launch_indexed(const Op& op, const Layout& layout, const at::Tensor& scale, const at::Tensor& zero_point,
                     int64_t n) {
-  const ChannelOf<Index> channel_of{scale.data_ptr<float>(), zero_point.data_ptr<int32_t>(),
+  const at::Tensor scale_c = scale.contiguous();  // freed after the launch: the caching allocator orders reuse
+  const at::Tensor zero_point_c = zero_point.contiguous();
+  const ChannelOf<Index> channel_of{scale_c.data_ptr<float>(), zero_point_c.data_ptr<int32_t>(),
                                     at::cuda::detail::IntDivider<Index>(static_cast<Index>(layout.inner)),
                                     at::cuda::detail::IntDivider<Index>(static_cast<Index>(layout.channels))};
   const bool vectorized = op.aligned();
