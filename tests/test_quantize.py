@@ -445,7 +445,7 @@ def test_bad_dequantize_dtype():
         F.dequantize(torch.zeros(3, dtype=torch.int8), 1.0, dtype=torch.int32)
 
 
-@pytest.mark.parametrize("scale", [0.0, -1.0, math.nan, math.inf, 1e-40])
+@pytest.mark.parametrize("scale", [0.0, -1.0, math.nan, math.inf, 1e-40, 1e39])
 def test_bad_scale_number(scale):
     with pytest.raises(ValueError, match="scale must be positive and finite"):
         F.quantize(X, scale)
