@@ -581,3 +581,9 @@ def test_public_names():
     assert set(F.__all__) >= {"quantize", "dequantize", "fake_quantize", "choose_qparams", "quantize_per_token",
                               "quantization_error"}
     assert torchquant.functional.fake_quantize is F.fake_quantize
+
+
+def test_benchmark_runs():
+    from torchquant.bench.quantize import COLUMNS, run
+    rows = run(numel=1 << 12, channels=64, threads=(1,), repeats=1)
+    assert len(rows) == 6 and all(set(COLUMNS) <= set(r) for r in rows)  # no time is asserted
