@@ -100,10 +100,10 @@ def _qparam(value, name: str, x: torch.Tensor, axis: Optional[int], dtype: torch
 
 
 def _checked_scale(scale, x: torch.Tensor, axis: Optional[int], fn: str) -> torch.Tensor:
-    tiny = torch.finfo(torch.float32).tiny
+    tiny, huge = torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max
     message = f"{fn}: scale must be positive and finite (at least {tiny:g})"
     if not isinstance(scale, torch.Tensor) and isinstance(scale, (int, float)) and not isinstance(scale, bool):
-        if not (math.isfinite(scale) and scale >= tiny):
+        if not tiny <= scale <= huge:  # also false for NaN; huge: finite as a float32
             raise ValueError(f"{message}, got {scale!r}")
     scale_t = _qparam(scale, "scale", x, axis, torch.float32, fn)
     if isinstance(scale, torch.Tensor) and _eager_value_check(scale_t):
