@@ -429,8 +429,10 @@ void pack_weight(const int8_t* w, int64_t n, int64_t k, int64_t stride_n, int64_
   });
   if (!rows_contiguous) return;
   const int64_t steps = (k + 3) / 4;
-  at::parallel_for(0, steps, std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(4 * n, 1)),
-                   [&](int64_t begin, int64_t end) { fill_steps_n_contiguous(w, n, k, stride_k, kp, begin, end, dst); });
+  const int64_t step_grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(4 * n, 1));
+  at::parallel_for(0, steps, step_grain, [&](int64_t begin, int64_t end) {
+    fill_steps_n_contiguous(w, n, k, stride_k, kp, begin, end, dst);
+  });
   if (col_sums == nullptr) return;
   at::parallel_for(0, n_panels, panel_grain, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p)
