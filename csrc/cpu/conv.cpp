@@ -45,7 +45,7 @@ void im2col_nhwc(const uint8_t* x, const ConvGeometry& g, uint8_t pad_byte, uint
               continue;
             }
             const uint8_t* src = x + ((b * g.height + ih) * g.width + iw) * g.channels + grp * cg;
-            for (int64_t c = 0; c < cg; ++c) out[c] = src[c] ^ flip;
+            copy_flip(out, src, cg, flip);
           }
         }
         std::memset(out, 0, k4 - window);

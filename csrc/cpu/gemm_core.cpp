@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstring>
 #include <memory>
+#include <vector>
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -24,6 +25,7 @@ namespace {
 // blocks of kKBlock: the panel's slice of the weight for one block (16 KB) stays in L1 across the chunk's rows.
 constexpr int64_t kRowsPerChunk = 96;  // a multiple of every microkernel's row count (6, 2, 1)
 constexpr int64_t kKBlock = 256;       // bytes of k per cache block (a multiple of 4)
+constexpr int64_t kRepackMinPanels = 4;  // weight panels from which a chunk's rows are copied into micro-panels
 
 inline int32_t load_i32(const void* p) {
   int32_t v;
@@ -32,8 +34,9 @@ inline int32_t load_i32(const void* p) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Microkernels: tile[r][0..64) (+)= sum over `steps` k-steps of a[r][4s..4s+4) . panel[s][col][0..4), r < rows.
-// `first` starts the sums at zero, otherwise they add to the tile (the next k block).
+// Microkernels: tile[r][0..64) (+)= sum over `steps` k-steps s of a(r, s)[0..4) . panel[s][col][0..4), r < rows,
+// where the 4 activation bytes a(r, s) sit at a + r * a_row + s * a_step (a micro-panel: a_row = 4, a_step = 4 *
+// rows). `first` starts the sums at zero, otherwise they add to the tile (the next k block).
 // ---------------------------------------------------------------------------------------------------------------
 
 // AVX-512 VNNI: MR rows x 4 zmm (64 columns) of int32 accumulators = 24 registers at MR = 6, plus 4 weight
@@ -41,8 +44,8 @@ inline int32_t load_i32(const void* p) {
 constexpr int kVnniRows = 6;
 
 template <int MR>
-TQ_TARGET_VNNI void microkernel_vnni(const uint8_t* a, int64_t lda, const int8_t* b, int64_t steps, int32_t* tile,
-                                     bool first) {
+TQ_TARGET_VNNI void microkernel_vnni(const uint8_t* a, int64_t a_row, int64_t a_step, const int8_t* b, int64_t steps,
+                                     int32_t* tile, bool first) {
   __m512i acc[MR][4];
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
@@ -57,7 +60,7 @@ TQ_TARGET_VNNI void microkernel_vnni(const uint8_t* a, int64_t lda, const int8_t
     const __m512i b3 = _mm512_loadu_si512(bs + 192);
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
-      const __m512i av = _mm512_set1_epi32(load_i32(a + r * lda + 4 * s));
+      const __m512i av = _mm512_set1_epi32(load_i32(a + r * a_row + s * a_step));
       acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], av, b0);
       acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], av, b1);
       acc[r][2] = _mm512_dpbusd_epi32(acc[r][2], av, b2);
@@ -70,15 +73,15 @@ TQ_TARGET_VNNI void microkernel_vnni(const uint8_t* a, int64_t lda, const int8_t
     for (int j = 0; j < 4; ++j) _mm512_storeu_si512(tile + r * kPanelCols + 16 * j, acc[r][j]);
 }
 
-TQ_TARGET_VNNI void microkernel_vnni_rows(const uint8_t* a, int64_t lda, const int8_t* b, int64_t steps, int32_t* tile,
-                                          int rows, bool first) {
+TQ_TARGET_VNNI void microkernel_vnni_rows(const uint8_t* a, int64_t a_row, int64_t a_step, const int8_t* b,
+                                          int64_t steps, int32_t* tile, int rows, bool first) {
   switch (rows) {
-    case 6: return microkernel_vnni<6>(a, lda, b, steps, tile, first);
-    case 5: return microkernel_vnni<5>(a, lda, b, steps, tile, first);
-    case 4: return microkernel_vnni<4>(a, lda, b, steps, tile, first);
-    case 3: return microkernel_vnni<3>(a, lda, b, steps, tile, first);
-    case 2: return microkernel_vnni<2>(a, lda, b, steps, tile, first);
-    default: return microkernel_vnni<1>(a, lda, b, steps, tile, first);
+    case 6: return microkernel_vnni<6>(a, a_row, a_step, b, steps, tile, first);
+    case 5: return microkernel_vnni<5>(a, a_row, a_step, b, steps, tile, first);
+    case 4: return microkernel_vnni<4>(a, a_row, a_step, b, steps, tile, first);
+    case 3: return microkernel_vnni<3>(a, a_row, a_step, b, steps, tile, first);
+    case 2: return microkernel_vnni<2>(a, a_row, a_step, b, steps, tile, first);
+    default: return microkernel_vnni<1>(a, a_row, a_step, b, steps, tile, first);
   }
 }
 
@@ -89,8 +92,8 @@ TQ_TARGET_VNNI void microkernel_vnni_rows(const uint8_t* a, int64_t lda, const i
 constexpr int kAvx2Rows = 2;
 
 template <int MR>
-TQ_TARGET_AVX2 void microkernel_avx2(const uint8_t* a, int64_t lda, const int8_t* b, int64_t steps, int32_t* tile,
-                                     bool first) {
+TQ_TARGET_AVX2 void microkernel_avx2(const uint8_t* a, int64_t a_row, int64_t a_step, const int8_t* b, int64_t steps,
+                                     int32_t* tile, bool first) {
   for (int q = 0; q < 4; ++q) {
     __m256i acc[MR][4];
 #pragma GCC unroll 4
@@ -101,7 +104,7 @@ TQ_TARGET_AVX2 void microkernel_avx2(const uint8_t* a, int64_t lda, const int8_t
       __m256i av[MR];
 #pragma GCC unroll 4
       for (int r = 0; r < MR; ++r)
-        av[r] = _mm256_broadcastq_epi64(_mm_cvtepu8_epi16(_mm_cvtsi32_si128(load_i32(a + r * lda + 4 * s))));
+        av[r] = _mm256_broadcastq_epi64(_mm_cvtepu8_epi16(_mm_cvtsi32_si128(load_i32(a + r * a_row + s * a_step))));
       const int8_t* bs = b + s * kStepBytes + 64 * q;
 #pragma GCC unroll 4
       for (int j = 0; j < 4; ++j) {
@@ -127,22 +130,22 @@ TQ_TARGET_AVX2 void microkernel_avx2(const uint8_t* a, int64_t lda, const int8_t
   }
 }
 
-TQ_TARGET_AVX2 void microkernel_avx2_rows(const uint8_t* a, int64_t lda, const int8_t* b, int64_t steps, int32_t* tile,
-                                          int rows, bool first) {
-  if (rows == 2) microkernel_avx2<2>(a, lda, b, steps, tile, first);
-  else microkernel_avx2<1>(a, lda, b, steps, tile, first);
+TQ_TARGET_AVX2 void microkernel_avx2_rows(const uint8_t* a, int64_t a_row, int64_t a_step, const int8_t* b,
+                                          int64_t steps, int32_t* tile, int rows, bool first) {
+  if (rows == 2) microkernel_avx2<2>(a, a_row, a_step, b, steps, tile, first);
+  else microkernel_avx2<1>(a, a_row, a_step, b, steps, tile, first);
 }
 
 // Portable path. Sums in uint32: wrap-around (the hardware's behaviour) without signed-overflow UB.
-void microkernel_scalar(const uint8_t* a, int64_t lda, const int8_t* b, int64_t steps, int32_t* tile, int rows,
-                        bool first) {
+void microkernel_scalar(const uint8_t* a, int64_t a_row, int64_t a_step, const int8_t* b, int64_t steps,
+                        int32_t* tile, int rows, bool first) {
   for (int r = 0; r < rows; ++r) {
-    const uint8_t* ar = a + r * lda;
+    const uint8_t* ar = a + r * a_row;
     for (int64_t col = 0; col < kPanelCols; ++col) {
       uint32_t sum = first ? 0u : static_cast<uint32_t>(tile[r * kPanelCols + col]);
       for (int64_t s = 0; s < steps; ++s)
         for (int j = 0; j < 4; ++j)
-          sum += static_cast<uint32_t>(static_cast<int32_t>(ar[4 * s + j]) * b[s * kStepBytes + col * 4 + j]);
+          sum += static_cast<uint32_t>(static_cast<int32_t>(ar[s * a_step + j]) * b[s * kStepBytes + col * 4 + j]);
       tile[r * kPanelCols + col] = static_cast<int32_t>(sum);
     }
   }
@@ -238,7 +241,7 @@ TQ_TARGET_VNNI void epilogue_row_avx512(const Epilogue& ep, const int32_t* acc, 
 // ---------------------------------------------------------------------------------------------------------------
 
 struct IsaPath {
-  void (*kernel)(const uint8_t*, int64_t, const int8_t*, int64_t, int32_t*, int, bool);
+  void (*kernel)(const uint8_t*, int64_t, int64_t, const int8_t*, int64_t, int32_t*, int, bool);
   void (*epilogue)(const Epilogue&, const int32_t*, int64_t, int64_t, int64_t);
   int rows;
 };
@@ -250,6 +253,18 @@ IsaPath isa_path(CpuIsa isa) {
     case CpuIsa::Scalar: break;
   }
   return {microkernel_scalar, epilogue_row_scalar, kVnniRows};
+}
+
+// Re-lays a chunk of activation rows (lda bytes apart) as micro-panels of `mr` rows, [panel][k-step][row][4 bytes]:
+// the microkernel then reads one sequential stream instead of mr short ones that the prefetchers do not follow.
+// Panel r0 starts at dst + r0 * k4.
+void pack_chunk_panels(const uint8_t* a, int64_t lda, int64_t rows, int64_t k4, int mr, uint8_t* dst) {
+  for (int64_t r0 = 0; r0 < rows; r0 += mr) {
+    const int64_t pr = std::min<int64_t>(mr, rows - r0);
+    uint8_t* out = dst + r0 * k4;
+    for (int64_t s = 0; s < k4 / 4; ++s)
+      for (int64_t r = 0; r < pr; ++r) std::memcpy(out + (s * pr + r) * 4, a + (r0 + r) * lda + 4 * s, 4);
+  }
 }
 
 }  // namespace
@@ -281,21 +296,34 @@ void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa) {
 
   at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
     alignas(64) int32_t tile[kRowsPerChunk * kPanelCols];
+    // the copy pays off when a chunk meets several weight panels; otherwise the rows are read where they are
+    const bool repack = n_panels >= kRepackMinPanels;
+    std::vector<uint8_t> chunk_panels(repack ? std::min(kRowsPerChunk, args.m) * k4 : 0);
+    int64_t packed_chunk = -1;  // the (group, chunk) whose rows chunk_panels holds
     for (int64_t item = begin; item < end; ++item) {
       // consecutive items share a chunk of activation rows, which stays in L2 while the weight panels stream past
-      // (sequentially, so the prefetchers keep up; the rows' short 4-byte-per-step segments would not prefetch well)
       const int64_t panel = item % n_panels;
-      const int64_t chunk = (item / n_panels) % m_chunks;
-      const int64_t g = item / (m_chunks * n_panels);
+      const int64_t chunk_id = item / n_panels;
+      const int64_t chunk = chunk_id % m_chunks;
+      const int64_t g = chunk_id / m_chunks;
       const int64_t row0 = chunk * kRowsPerChunk;
       const int64_t rows = std::min(kRowsPerChunk, args.m - row0);
       const uint8_t* a = args.a + row0 * args.lda + g * args.a_group_offset;
+      if (repack && chunk_id != packed_chunk) {
+        pack_chunk_panels(a, args.lda, rows, k4, path.rows, chunk_panels.data());
+        packed_chunk = chunk_id;
+      }
       const int8_t* b = args.b + g * args.b_group_stride + panel * args.kp * kPanelCols;
       for (int64_t k0 = 0; k0 < k4; k0 += kKBlock) {
         const int64_t steps = std::min(kKBlock, k4 - k0) / 4;
         for (int64_t r = 0; r < rows; r += path.rows) {
           const int mr = static_cast<int>(std::min<int64_t>(path.rows, rows - r));
-          path.kernel(a + r * args.lda + k0, args.lda, b + k0 * kPanelCols, steps, tile + r * kPanelCols, mr, k0 == 0);
+          if (repack)
+            path.kernel(chunk_panels.data() + r * k4 + k0 * mr, 4, 4 * mr, b + k0 * kPanelCols, steps,
+                        tile + r * kPanelCols, mr, k0 == 0);
+          else
+            path.kernel(a + r * args.lda + k0, args.lda, 4, b + k0 * kPanelCols, steps, tile + r * kPanelCols, mr,
+                        k0 == 0);
         }
       }
       const int64_t col0 = g * args.n + panel * kPanelCols;
@@ -401,14 +429,25 @@ void pack_weight(const int8_t* w, int64_t n, int64_t k, int64_t stride_n, int64_
   });
   if (!rows_contiguous) return;
   const int64_t steps = (k + 3) / 4;
-  at::parallel_for(0, steps, std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(4 * n, 1)),
-                   [&](int64_t begin, int64_t end) { fill_steps_n_contiguous(w, n, k, stride_k, kp, begin, end, dst); });
+  const int64_t step_grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(4 * n, 1));
+  at::parallel_for(0, steps, step_grain, [&](int64_t begin, int64_t end) {
+    fill_steps_n_contiguous(w, n, k, stride_k, kp, begin, end, dst);
+  });
   if (col_sums == nullptr) return;
   at::parallel_for(0, n_panels, panel_grain, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p)
       panel_col_sums(dst + p * kp * kPanelCols, std::min(kPanelCols, n - p * kPanelCols), k,
                      col_sums + p * kPanelCols);
   });
+}
+
+void copy_flip(uint8_t* dst, const uint8_t* src, int64_t n, uint8_t flip) {
+  const __m128i f = _mm_set1_epi8(static_cast<char>(flip));
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                     _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)), f));
+  for (; i < n; ++i) dst[i] = src[i] ^ flip;
 }
 
 void pack_activation_rows(const uint8_t* src, int64_t m, int64_t k, int64_t stride_m, int64_t stride_k, uint8_t flip,
@@ -419,7 +458,7 @@ void pack_activation_rows(const uint8_t* src, int64_t m, int64_t k, int64_t stri
       const uint8_t* row = src + i * stride_m;
       uint8_t* out = dst + i * lda;
       if (stride_k == 1) {
-        for (int64_t j = 0; j < k; ++j) out[j] = row[j] ^ flip;
+        copy_flip(out, row, k, flip);
       } else {
         for (int64_t j = 0; j < k; ++j) out[j] = row[j * stride_k] ^ flip;
       }

@@ -67,6 +67,9 @@ void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa);
 void pack_weight(const int8_t* w, int64_t n, int64_t k, int64_t stride_n, int64_t stride_k, int64_t kp, int8_t* dst,
                  int32_t* col_sums);
 
+// dst[i] = src[i] ^ flip for i < n (16 bytes at a time).
+void copy_flip(uint8_t* dst, const uint8_t* src, int64_t n, uint8_t flip);
+
 // Copies src[m, k] (element at src + i * stride_m + j * stride_k) into rows of lda bytes, XOR-ing each byte with
 // `flip` (0x80 turns int8 into the shifted uint8 form, 0 copies uint8) and zero filling columns k..lda.
 void pack_activation_rows(const uint8_t* src, int64_t m, int64_t k, int64_t stride_m, int64_t stride_k, uint8_t flip,

@@ -103,30 +103,6 @@ float finite_absmax(const In* x, int64_t n) {
 
 }  // namespace scalar_spans
 
-struct Scalar {
-  template <bool PerElement, class In, class Out>
-  static void quantize_span(const In* x, Out* q, int64_t n, SpanParams p, QuantFormat f, Rounding r) {
-    scalar_spans::quantize_span<PerElement>(x, q, n, p, f, r);
-  }
-  template <bool PerElement, class T>
-  static void fake_quantize_span(const T* x, T* y, int64_t n, SpanParams p, QuantFormat f, Rounding r) {
-    scalar_spans::fake_quantize_span<PerElement>(x, y, n, p, f, r);
-  }
-  template <bool PerElement, class T>
-  static void fake_quantize_backward_span(const T* g, const T* x, T* gx, int64_t n, SpanParams p, QuantFormat f,
-                                          Rounding r) {
-    scalar_spans::fake_quantize_backward_span<PerElement>(g, x, gx, n, p, f, r);
-  }
-  template <bool PerElement, class In, class Out>
-  static void dequantize_span(const In* q, Out* y, int64_t n, SpanParams p) {
-    scalar_spans::dequantize_span<PerElement>(q, y, n, p);
-  }
-  template <class In>
-  static float finite_absmax(const In* x, int64_t n) {
-    return scalar_spans::finite_absmax(x, n);
-  }
-};
-
 // ---------------------------------------------------------------------------------------------------------------
 // AVX-512 path (16 floats per vector).
 // ---------------------------------------------------------------------------------------------------------------
@@ -279,7 +255,7 @@ TQ_TARGET inline void vstore(uint8_t* p, V v) {
 #undef TQ_TARGET
 }  // namespace avx2
 
-// The SIMD namespaces as types, so the drivers below can take the code path as a template argument.
+// The code-path namespaces as types, so the drivers below can take the path as a template argument.
 #define TQ_ISA_STRUCT(Name, ns)                                                                                  \
   struct Name {                                                                                                  \
     template <bool PerElement, class In, class Out>                                                              \
@@ -304,6 +280,7 @@ TQ_TARGET inline void vstore(uint8_t* p, V v) {
       return ns::finite_absmax(x, n);                                                                            \
     }                                                                                                            \
   };
+TQ_ISA_STRUCT(Scalar, scalar_spans)
 TQ_ISA_STRUCT(Avx512, avx512)
 TQ_ISA_STRUCT(Avx2, avx2)
 #undef TQ_ISA_STRUCT

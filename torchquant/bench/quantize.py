@@ -8,7 +8,9 @@ it applies to every function timed, PyTorch's included.
 """
 import argparse
 import ctypes
+import os
 import platform
+import time
 import warnings
 from typing import List
 
@@ -17,7 +19,7 @@ import torch
 import torchquant.functional as F
 from torchquant.bench.timing import compare, copy_bandwidth, markdown_table
 
-COLUMNS = ["op", "granularity", "threads", "ours ms", "torch ms", "GB/s", "copy GB/s", "of copy", "vs torch"]
+COLUMNS = ["op", "granularity", "threads", "busy threads", "ours ms", "torch ms", "GB/s", "copy GB/s", "of copy", "vs torch"]
 BYTES_PER_ELEMENT = {"quantize": 5, "dequantize": 5, "fake_quantize": 8}
 
 
@@ -27,6 +29,28 @@ def reuse_freed_memory() -> None:
     m_trim_threshold, m_mmap_threshold = -1, -3
     if not (libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 1 << 31)):
         raise RuntimeError("mallopt failed: cannot keep freed memory in the heap")
+
+
+def _cpu_ticks_per_thread() -> dict:
+    ticks = {}
+    for task in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{task}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        ticks[task] = int(fields[11]) + int(fields[12])  # utime + stime
+    return ticks
+
+
+def busy_threads(fn, seconds: float = 0.3):
+    """How many OS threads of this process did a real share (>= 25% of the busiest) of the CPU work of calling fn
+    for `seconds`: proof that at::parallel_for really runs on several threads. None where /proc is missing."""
+    if not os.path.isdir("/proc/self/task"):
+        return None
+    before = _cpu_ticks_per_thread()
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        fn()
+    used = [t - before.get(task, 0) for task, t in _cpu_ticks_per_thread().items()]
+    return sum(u >= 0.25 * max(used) for u in used) if max(used) > 0 else None
 
 
 def cases(numel: int, channels: int):
@@ -68,6 +92,7 @@ def run(numel: int = 64 << 20, channels: int = 4096, threads=(1, 2), repeats: in
                     t = compare({"ours": ours, "torch": theirs}, repeats=repeats)
                     bandwidth = BYTES_PER_ELEMENT[op] * numel / t["ours"]
                     rows.append({"op": op, "granularity": granularity, "threads": n_threads,
+                                 "busy threads": busy_threads(ours),
                                  "ours ms": t["ours"] * 1e3, "torch ms": t["torch"] * 1e3, "GB/s": bandwidth / 1e9,
                                  "copy GB/s": copy_bw / 1e9, "of copy": bandwidth / copy_bw,
                                  "vs torch": t["torch"] / t["ours"]})
