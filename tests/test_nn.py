@@ -227,6 +227,19 @@ def test_learned_scales_train_and_convert(device):
     _assert_same_function(layer, x)
 
 
+@pytest.mark.parametrize("name", ["int8-static", "w4a8-dynamic"])
+def test_dequantized_weight(name):
+    torch.manual_seed(0)
+    layer = QuantConv2d(4, 6, 3, groups=2, config=name)
+    fake = layer.dequantized_weight()
+    assert fake.shape == layer.weight.shape and not fake.requires_grad
+    if name == "int8-static":
+        _calibrated(layer, (1, 4, 5, 5), "cpu")
+    layer.convert()
+    torch.testing.assert_close(layer.dequantized_weight(), fake, rtol=0, atol=0)
+    assert layer.dequantized_weight(torch.bfloat16).dtype == torch.bfloat16
+
+
 def test_converted_layer_moves_and_casts(device):
     torch.manual_seed(0)
     layer = QuantLinear(16, 8, config="int8-static")
