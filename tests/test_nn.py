@@ -31,6 +31,9 @@ CONFIGS = {
                                           QuantSpec(bits=7, granularity="per_tensor", observer="moving_average")),
     "w8-a-dynamic-tensor": QuantConfig(QuantSpec(), QuantSpec(granularity="per_tensor", dynamic=True)),
     "weight-only-w4": QuantConfig(QuantSpec(bits=4), None),
+    "w3-a1-binary-static": QuantConfig(QuantSpec(bits=3), QuantSpec(bits=1, granularity="per_tensor")),
+    "w8-a1-unsigned-static": QuantConfig(QuantSpec(), QuantSpec(bits=1, signed=False, symmetric=False,
+                                                                granularity="per_tensor")),
 }
 
 
@@ -84,7 +87,8 @@ CONV_SHAPES = [  # in, out, kernel, stride, padding, dilation, groups, bias
 
 
 @pytest.mark.parametrize("shape", CONV_SHAPES, ids=lambda s: "x".join(map(str, s[:3])))
-@pytest.mark.parametrize("name", ["int8-dynamic", "int8-static", "w4a8-dynamic", "w5-truncate-a8-truncate"])
+@pytest.mark.parametrize("name", ["int8-dynamic", "int8-static", "w4a8-dynamic", "w5-truncate-a8-truncate",
+                                  "w3-a1-binary-static"])
 def test_conv_converted_equals_fake_quant(device, shape, name):
     torch.manual_seed(0)
     cin, cout, k, s, p, d, g, b = shape
