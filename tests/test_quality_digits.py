@@ -1,0 +1,98 @@
+"""Quantization quality on real data: the digits CNN of torchquant.examples (scikit-learn's 8x8 digits), float
+versus post-training quantization and quantization-aware training. Fixed seeds; seconds each."""
+import copy
+
+import pytest
+import torch
+
+import torchquant
+from torchquant.examples import DigitsCNN, calibration_batches, evaluate, load_digits_data, train
+from torchquant.nn import QuantConv2d, QuantLinear
+
+pytest.importorskip("sklearn")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # tiny layers: one thread is as fast alone and far faster on a busy shared machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits_data()
+
+
+@pytest.fixture(scope="module")
+def float_model(digits):
+    torch.manual_seed(0)
+    return train(DigitsCNN(), digits, epochs=10, seed=0)
+
+
+@pytest.fixture(scope="module")
+def float_accuracy(float_model, digits):
+    accuracy = evaluate(float_model, digits)
+    assert accuracy >= 96.0, f"the float digits CNN should learn the task, got {accuracy:.2f}%"
+    return accuracy
+
+
+def _converted_layers(model):
+    return [m for m in model.modules() if isinstance(m, (QuantLinear, QuantConv2d)) and m.converted]
+
+
+def _ptq(model, digits, config):
+    quantized = torchquant.quantize_model(model, config, calibration=list(calibration_batches(digits)),
+                                          inplace=False)
+    assert len(_converted_layers(quantized)) == 4, "every conv and linear layer should be converted"
+    return quantized
+
+
+@pytest.mark.parametrize("preset", ["int8-static", "int8-dynamic"])
+def test_int8_ptq_within_half_a_point_of_float(float_model, float_accuracy, digits, preset, record_property):
+    before = copy.deepcopy(float_model.state_dict())
+    accuracy = evaluate(_ptq(float_model, digits, preset), digits)
+    record_property(f"{preset} accuracy", accuracy)
+    print(f"{preset}: {accuracy:.2f}% (float {float_accuracy:.2f}%)")
+    assert accuracy >= float_accuracy - 0.5
+    for key, value in float_model.state_dict().items():  # inplace=False leaves the float model alone
+        assert torch.equal(value, before[key])
+
+
+def test_w4a8_ptq_reported(float_model, float_accuracy, digits, record_property):
+    accuracy = evaluate(_ptq(float_model, digits, "w4a8-dynamic"), digits)
+    record_property("w4a8-dynamic PTQ accuracy", accuracy)
+    print(f"w4a8-dynamic PTQ: {accuracy:.2f}% (float {float_accuracy:.2f}%)")
+    # 4-bit weights without retraining: a sanity bound, not a target (QAT below has the target)
+    assert accuracy >= float_accuracy - 5.0
+
+
+def test_truncate_rounding_reported(float_model, float_accuracy, digits, record_property):
+    from torchquant.demo import demo_variants
+    config = dict(demo_variants())["int8-static, truncate rounding"]
+    assert config.weight.rounding == config.activation.rounding == "truncate"
+    accuracy = evaluate(_ptq(float_model, digits, config), digits)
+    record_property("int8-static truncate accuracy", accuracy)
+    print(f"int8-static with truncation: {accuracy:.2f}% (float {float_accuracy:.2f}%)")
+    # truncation biases every value toward zero, yet 8 bits leave enough resolution for the task
+    assert accuracy >= float_accuracy - 3.0
+
+
+def test_qat_4bit_weights_within_one_point_of_float(float_model, float_accuracy, digits, record_property):
+    from torchquant.demo import qat_config
+    config = qat_config()
+    assert config.weight.bits == 4
+    qat = torchquant.prepare(copy.deepcopy(float_model), config)
+    assert all(isinstance(m, (QuantLinear, QuantConv2d)) for m in (qat.conv1, qat.conv2, qat.fc1, qat.fc2))
+    train(qat, digits, epochs=3, lr=1e-3, seed=1)
+    fake_quant_accuracy = evaluate(qat, digits)
+    converted = torchquant.convert(qat)
+    assert len(_converted_layers(converted)) == 4
+    accuracy = evaluate(converted, digits)
+    record_property("w4a8 QAT accuracy", accuracy)
+    print(f"w4a8 QAT: {accuracy:.2f}% (fake-quant {fake_quant_accuracy:.2f}%, float {float_accuracy:.2f}%)")
+    assert accuracy >= float_accuracy - 1.0
+    # the converted model computes the function it was trained as (up to float summation order)
+    assert abs(accuracy - fake_quant_accuracy) <= 0.6

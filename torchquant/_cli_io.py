@@ -1,0 +1,247 @@
+"""Files the command line reads and writes: models, weights, input tensors, and outputs written atomically.
+
+Every problem with a user's file becomes a UsageError whose message is one line naming the option and the file;
+the CLI prints it and exits with status 2. Input files are only ever read.
+"""
+import importlib
+import os
+import sys
+import tempfile
+from contextlib import contextmanager
+from typing import Iterator, List, Mapping, Optional, Tuple
+
+import torch
+from torch import nn
+
+__all__ = ["UsageError", "load_model", "load_inputs", "batches_of", "atomic_output", "same_file"]
+
+
+class UsageError(Exception):
+    """A problem with the command line or its files, reported as one line without a traceback."""
+
+
+def _one_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message, prefixed with its type when that adds meaning."""
+    text = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _check_readable(path: str, option: str) -> None:
+    if not os.path.exists(path):
+        raise UsageError(f"{option}: no such file: {path}")
+    if os.path.isdir(path):
+        raise UsageError(f"{option}: {path} is a directory, expected a file")
+    if not os.access(path, os.R_OK):
+        raise UsageError(f"{option}: {path} is not readable")
+    if os.path.getsize(path) == 0:
+        raise UsageError(f"{option}: {path} is empty")
+
+
+def _is_safetensors(path: str) -> bool:
+    return path.endswith(".safetensors")
+
+
+def _load_safetensors(path: str, option: str) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise UsageError(f"{option}: cannot read {path} as safetensors (truncated or not a safetensors file): "
+                         f"{_one_line(exc)}") from exc
+
+
+def _load_torch_tensors(path: str, option: str, expected: str):
+    """torch.load restricted to tensors and plain containers (weights_only=True): never runs code from the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch.load raises many types (UnpicklingError, RuntimeError, EOFError, ...)
+        message = str(exc)
+        if "Weights only load failed" in message or "weights_only" in message:
+            raise UsageError(f"{option}: {path} holds Python objects, expected {expected}") from exc
+        raise UsageError(f"{option}: cannot read {path} (truncated, or not a file written by torch.save): "
+                         f"{_one_line(exc)}") from exc
+
+
+def _import_factory(spec: str):
+    module_name, _, attr_path = spec.partition(":")
+    if not module_name or not attr_path:
+        raise UsageError(f"MODEL: {spec!r} is neither a file nor a 'package.module:factory' spec")
+    # Like `python -m`, find modules in the current directory even when run as the console script.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            raise UsageError(f"MODEL: no module named {exc.name!r} (from {spec!r})") from exc
+        raise UsageError(f"MODEL: importing {module_name!r} failed: {_one_line(exc)}") from exc
+    except Exception as exc:
+        raise UsageError(f"MODEL: importing {module_name!r} failed: {_one_line(exc)}") from exc
+    factory = module
+    for part in attr_path.split("."):
+        if not hasattr(factory, part):
+            raise UsageError(f"MODEL: module {module_name!r} has no attribute {attr_path!r}")
+        factory = getattr(factory, part)
+    if not callable(factory):
+        raise UsageError(f"MODEL: {spec!r} is not callable (a class or function returning an nn.Module)")
+    return factory
+
+
+def _model_from_factory(spec: str) -> nn.Module:
+    factory = _import_factory(spec)
+    try:
+        model = factory()
+    except Exception as exc:
+        raise UsageError(f"MODEL: calling {spec} failed: {_one_line(exc)}") from exc
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"MODEL: {spec} returned {type(model).__name__}, expected an nn.Module")
+    return model
+
+
+def _model_from_pickle(path: str, trust_pickle: bool) -> nn.Module:
+    if _is_safetensors(path):
+        raise UsageError(f"MODEL: {path} holds weights only; give the architecture as package.module:factory "
+                         f"and this file as --weights")
+    if not trust_pickle:
+        # A weights-only load is safe: it tells a state dict (fine, with a factory) from a pickled model.
+        try:
+            torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:
+            raise UsageError(f"MODEL: {path} is a pickled model and unpickling runs code from the file; "
+                             f"pass --trust-pickle if you trust its source") from None
+        raise UsageError(f"MODEL: {path} holds weights, not a model; give the architecture as "
+                         f"package.module:factory and this file as --weights")
+    try:
+        model = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise UsageError(f"MODEL: cannot read {path} (truncated, or not a file written by torch.save): "
+                         f"{_one_line(exc)}") from exc
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"MODEL: {path} holds a {type(model).__name__}, expected a model saved with "
+                         f"torch.save(model)")
+    return model
+
+
+def _state_dict_from(path: str) -> Mapping[str, torch.Tensor]:
+    _check_readable(path, "--weights")
+    expected = "a state dict of tensors (it may be a whole pickled model: pass it as MODEL with --trust-pickle)"
+    state = _load_safetensors(path, "--weights") if _is_safetensors(path) else \
+        _load_torch_tensors(path, "--weights", expected)
+    if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
+        state = state["state_dict"]  # training checkpoints often nest it
+    if not isinstance(state, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                 for k, v in state.items()):
+        raise UsageError(f"--weights: {path} is not a state dict (a mapping of names to tensors)")
+    return state
+
+
+def _load_weights(model: nn.Module, path: str) -> None:
+    state = _state_dict_from(path)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]  # in model order, so the first named is the first layer
+    unexpected = [k for k in state if k not in own]
+    wrong_shape = [k for k in own if k in state and own[k].shape != state[k].shape]
+
+    def first(names):
+        return ", ".join(names[:3]) + (f" (+{len(names) - 3} more)" if len(names) > 3 else "")
+    problems = []
+    if missing:
+        problems.append(f"missing {first(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {first(unexpected)}")
+    if wrong_shape:
+        k = wrong_shape[0]
+        problems.append(f"shape of {k} is {list(state[k].shape)}, the model has {list(own[k].shape)}"
+                        + (f" (+{len(wrong_shape) - 1} more)" if len(wrong_shape) > 1 else ""))
+    if problems:
+        raise UsageError(f"--weights: {path} does not fit the model: " + "; ".join(problems))
+    model.load_state_dict(state)
+
+
+def load_model(spec: str, *, weights: Optional[str] = None, trust_pickle: bool = False) -> nn.Module:
+    """The float model named by MODEL (a torch.save'd file, or package.module:factory plus --weights), in eval
+    mode on the CPU."""
+    if os.path.exists(spec):
+        _check_readable(spec, "MODEL")
+        model = _model_from_pickle(spec, trust_pickle)
+    else:
+        if spec.endswith((".pt", ".pth", ".bin", ".safetensors")) or os.sep in spec.partition(":")[0]:
+            raise UsageError(f"MODEL: no such file: {spec}")
+        model = _model_from_factory(spec)
+    if weights is not None:
+        _load_weights(model, weights)
+    return model.eval()
+
+
+def load_inputs(path: str, option: str, *, want_labels: bool = False
+                ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(inputs, labels or None) from a .pt/.safetensors file holding a tensor of samples (dim 0), a dict with
+    'inputs' and optionally 'labels', or (.pt only) a pair (inputs, labels)."""
+    _check_readable(path, option)
+    kinds = "a tensor of inputs, {'inputs': ..., 'labels': ...} or (inputs, labels)"
+    if _is_safetensors(path):
+        content = _load_safetensors(path, option)
+        if len(content) == 1 and "labels" not in content:
+            content = {"inputs": next(iter(content.values()))}
+    else:
+        content = _load_torch_tensors(path, option, kinds)
+    if isinstance(content, torch.Tensor):
+        inputs, labels = content, None
+    elif isinstance(content, Mapping) and "inputs" in content:
+        unknown = sorted(set(content) - {"inputs", "labels"})
+        if unknown:
+            raise UsageError(f"{option}: {path} has unexpected entries {unknown}; expected 'inputs' and 'labels'")
+        inputs, labels = content["inputs"], content.get("labels")
+    elif isinstance(content, (tuple, list)) and len(content) == 2:
+        inputs, labels = content
+    else:
+        raise UsageError(f"{option}: {path} holds {type(content).__name__}"
+                         f"{' with keys ' + str(sorted(content)) if isinstance(content, Mapping) else ''}; "
+                         f"expected {kinds}")
+    if not isinstance(inputs, torch.Tensor) or inputs.dim() < 1 or inputs.shape[0] == 0:
+        raise UsageError(f"{option}: the inputs in {path} must be a tensor with at least one sample (dim 0)")
+    if labels is not None:
+        if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.dim() != 1:
+            raise UsageError(f"{option}: the labels in {path} must be a 1-D integer tensor")
+        if labels.shape[0] != inputs.shape[0]:
+            raise UsageError(f"{option}: {path} has {inputs.shape[0]} inputs but {labels.shape[0]} labels")
+        if not want_labels:
+            labels = None
+    return inputs, labels
+
+
+def batches_of(inputs: torch.Tensor, batch_size: int) -> List[torch.Tensor]:
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise UsageError(f"--batch-size: expected a positive integer, got {batch_size!r}")
+    return list(inputs.split(batch_size))
+
+
+def same_file(a: str, b: str) -> bool:
+    return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+
+
+@contextmanager
+def atomic_output(path: str, option: str) -> Iterator[str]:
+    """Yields a temporary path beside `path`; on success renames it to `path`, on any failure removes it, so a
+    reader never sees a partial file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise UsageError(f"{option}: directory {directory} does not exist")
+    if os.path.isdir(path):
+        raise UsageError(f"{option}: {path} is a directory, expected a file name")
+    base = os.path.basename(path)
+    stem, ext = os.path.splitext(base)
+    fd, temp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".tmp{ext}", dir=directory)
+    os.close(fd)
+    try:
+        yield temp
+        # mkstemp (and some writers, e.g. safetensors) make the file private; give it the usual permissions
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temp, 0o666 & ~umask)
+        os.replace(temp, path)
+    except BaseException:
+        if os.path.exists(temp):
+            os.remove(temp)
+        raise

@@ -1,0 +1,423 @@
+"""The `torchquant` command (also `python -m torchquant`): convert, report, bench, demo.
+
+Problems with the user's input (files, specs, options, data that does not fit the model) are printed as one line
+on stderr with exit status 2; --debug prints the traceback as well.
+"""
+import argparse
+import dataclasses
+import importlib
+import inspect
+import os
+import sys
+import traceback
+import warnings
+from typing import List, Optional
+
+import torch
+
+from torchquant._cli_io import (UsageError, atomic_output, batches_of, load_inputs, load_model, same_file,
+                                _one_line)
+
+__all__ = ["main", "build_parser"]
+
+BENCH_MODULES = ("quantize", "gemm_cpu", "gpu")  # torchquant/bench/<name>.py, run in this order when present
+
+
+# ----------------------------------------------------------------------------------------------------------
+# options shared by subcommands
+
+def _common_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--quiet", "-q", action="store_true", help="no progress bars or status lines")
+    common.add_argument("--debug", action="store_true", help="print the full traceback of an error")
+    common.add_argument("--threads", type=int, metavar="N",
+                        help="CPU threads for torch (default: torch's choice; 1 is fastest for small models on a "
+                             "busy machine)")
+    return common
+
+
+def _model_options() -> argparse.ArgumentParser:
+    opts = argparse.ArgumentParser(add_help=False)
+    group = opts.add_argument_group("model")
+    group.add_argument("model", metavar="MODEL",
+                       help="package.module:factory (a callable returning an nn.Module), or a file saved with "
+                            "torch.save(model) (read only with --trust-pickle)")
+    group.add_argument("--weights", metavar="FILE",
+                       help="weights for a factory MODEL: .safetensors or a torch.save'd state dict")
+    group.add_argument("--trust-pickle", action="store_true",
+                       help="allow unpickling a torch.save'd MODEL file (unpickling runs code from the file)")
+    group.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+
+    group = opts.add_argument_group("quantization (a preset, optionally adjusted)")
+    group.add_argument("--config", metavar="PRESET",
+                       help="int8-dynamic (default), int8-static or w4a8-dynamic")
+    group.add_argument("--bits", type=int, metavar="N", help="weight bits, 1-8")
+    group.add_argument("--act-bits", type=int, metavar="N", help="activation bits, 2-8")
+    group.add_argument("--rounding", metavar="R", help="nearest (default) or truncate, for weights and activations")
+    group.add_argument("--granularity", metavar="G", help="weight scales: per_channel (default) or per_tensor")
+    group.add_argument("--observer", metavar="O",
+                       help="range observer: minmax, moving_average, percentile or mse (weights, and "
+                            "static activations)")
+    group.add_argument("--skip", nargs="+", default=[], metavar="PATTERN",
+                       help="module names (globs) to keep in float")
+    group.add_argument("--min-sqnr", type=float, metavar="DB",
+                       help="keep a layer float (or 8-bit instead of fewer bits) when its output SQNR on the "
+                            "calibration data would fall below DB decibels")
+    group.add_argument("--min-speedup", type=float, metavar="X",
+                       help="keep a layer float (or 8-bit) unless quantizing it makes it at least X times faster")
+
+    group = opts.add_argument_group("data")
+    group.add_argument("--calib", metavar="FILE",
+                       help="calibration inputs: .pt or .safetensors holding a tensor [N, ...] (or "
+                            "{'inputs': tensor}); split into batches for you")
+    group.add_argument("--eval", metavar="FILE",
+                       help="evaluation inputs and labels ({'inputs': ..., 'labels': ...} or (inputs, labels)); "
+                            "without labels the quantized model's agreement with float is reported")
+    group.add_argument("--batch-size", type=int, default=32, metavar="N", help="batch size (default: 32)")
+    return opts
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="torchquant",
+        description="Integer quantization for PyTorch models: convert, report, benchmark, demo.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    common, model_opts = _common_options(), _model_options()
+
+    convert = commands.add_parser(
+        "convert", parents=[model_opts, common], help="quantize a model and write a checkpoint",
+        description="Quantize MODEL and write a pickle-free checkpoint that torchquant.load(OUT, model) reads.")
+    convert.add_argument("-o", "--output", required=True, metavar="OUT", help="checkpoint to write")
+    convert.add_argument("--report", metavar="FILE.json", help="also write the per-layer report as JSON")
+    convert.set_defaults(handler=_cmd_convert)
+
+    report = commands.add_parser(
+        "report", parents=[model_opts, common], help="per-layer error, size and speed of quantizing a model",
+        description="Quantize MODEL in memory and report per layer what it costs (error), saves (bytes) and "
+                    "gains (speed), with totals and accuracy (or agreement with float) on --eval.")
+    report.add_argument("--json", metavar="FILE", help="write the report as JSON ('-' for stdout)")
+    report.add_argument("--markdown", metavar="FILE", help="write the report as Markdown, with a PNG plot "
+                                                           "beside it when matplotlib is installed")
+    report.add_argument("--repeats", type=int, default=7, metavar="N",
+                        help="timing samples per layer (median; default: 7)")
+    report.set_defaults(handler=_cmd_report)
+
+    bench = commands.add_parser(
+        "bench", parents=[common], help="kernel benchmarks as ratio tables",
+        description="Run the kernel benchmarks of torchquant.bench on this machine and print ratio tables.")
+    bench.add_argument("--device", default="cpu", help="cpu (quantize, gemm_cpu) or cuda (gpu); default: cpu")
+    bench.add_argument("--quick", action="store_true", help="small sizes, few repeats")
+    bench.add_argument("--only", nargs="+", metavar="NAME", choices=BENCH_MODULES,
+                       help=f"run only these benchmarks ({', '.join(BENCH_MODULES)})")
+    bench.set_defaults(handler=_cmd_bench)
+
+    demo = commands.add_parser(
+        "demo", parents=[common], help="train, quantize and compare a CNN on the digits data set",
+        description="Train a small CNN on scikit-learn's 8x8 digits (seconds), quantize it several ways and "
+                    "compare accuracy, size and CPU latency with float.")
+    demo.add_argument("--epochs", type=int, default=10, metavar="N", help="training epochs (default: 10)")
+    demo.add_argument("--qat-epochs", type=int, default=3, metavar="N",
+                      help="quantization-aware training epochs of the 4-bit model (default: 3)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order (default: 0)")
+    demo.set_defaults(handler=_cmd_demo)
+    return parser
+
+
+def _version() -> str:
+    from torchquant import __version__
+    return __version__
+
+
+# ----------------------------------------------------------------------------------------------------------
+# building the job shared by convert and report
+
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device: expected cpu or cuda, got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device: cuda was asked for but torch sees no CUDA device")
+    return device
+
+
+def config_from_args(args):
+    """The QuantConfig that --config (a preset) and the adjusting options describe."""
+    from torchquant.config import DEFAULT_PRESET, QuantConfig
+    try:
+        config = QuantConfig.preset(args.config or DEFAULT_PRESET)
+    except ValueError as exc:
+        raise UsageError(f"--config: unknown preset {args.config!r}; expected one of "
+                         f"{', '.join(QuantConfig.preset_names())}") from exc
+    weight, activation = config.weight, config.activation
+
+    def adjusted(spec, option, **change):
+        try:
+            return dataclasses.replace(spec, **change)
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"{option}: {str(exc).removeprefix('QuantSpec: ')}") from exc
+
+    if args.bits is not None:
+        weight = adjusted(weight, "--bits", bits=args.bits)
+    if args.granularity is not None:
+        weight = adjusted(weight, "--granularity", granularity=args.granularity)
+    if args.rounding is not None:
+        weight = adjusted(weight, "--rounding", rounding=args.rounding)
+        if activation is not None:
+            activation = adjusted(activation, "--rounding", rounding=args.rounding)
+    if args.observer is not None:
+        weight = adjusted(weight, "--observer", observer=args.observer)
+        if activation is not None and not activation.dynamic:
+            activation = adjusted(activation, "--observer", observer=args.observer)
+    if args.act_bits is not None:
+        if activation is None:
+            raise UsageError("--act-bits: the chosen preset keeps activations in float")
+        activation = adjusted(activation, "--act-bits", bits=args.act_bits)
+    try:
+        return QuantConfig(weight=weight, activation=activation, skip=tuple(args.skip))
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"configuration: {str(exc).removeprefix('QuantConfig: ')}") from exc
+
+
+def _check_fits(model, batch: torch.Tensor, option: str, path: str) -> torch.Tensor:
+    try:
+        with torch.no_grad():
+            return model(batch)
+    except Exception as exc:
+        raise UsageError(f"{option}: inputs of shape {list(batch.shape)} ({str(batch.dtype).replace('torch.', '')})"
+                         f" from {path} do not fit the model: {_one_line(exc)}") from exc
+
+
+class _Job:
+    """What convert and report share: the float model on its device, the config, calibration batches and the
+    evaluation set, all checked against the model before any quantization starts."""
+
+    def __init__(self, args):
+        self.device = _device(args.device)
+        if args.min_sqnr is not None and args.min_sqnr != args.min_sqnr:
+            raise UsageError("--min-sqnr: expected a number of decibels, got nan")
+        if args.min_speedup is not None and not args.min_speedup > 0:
+            raise UsageError(f"--min-speedup: expected a positive ratio, got {args.min_speedup}")
+        if args.batch_size < 1:
+            raise UsageError(f"--batch-size: expected a positive integer, got {args.batch_size}")
+        self.config = config_from_args(args)
+        self.model = load_model(args.model, weights=args.weights, trust_pickle=args.trust_pickle).to(self.device)
+        self.calib: Optional[List[torch.Tensor]] = None
+        if args.calib is not None:
+            inputs, _ = load_inputs(args.calib, "--calib")
+            self.calib = [b.to(self.device) for b in batches_of(inputs, args.batch_size)]
+            _check_fits(self.model, self.calib[0], "--calib", args.calib)
+        self.eval = None
+        if args.eval is not None:
+            inputs, labels = load_inputs(args.eval, "--eval", want_labels=True)
+            batches = [b.to(self.device) for b in batches_of(inputs, args.batch_size)]
+            output = _check_fits(self.model, batches[0], "--eval", args.eval)
+            if labels is not None:
+                if not isinstance(output, torch.Tensor) or output.dim() != 2:
+                    raise UsageError(f"--eval: labels need a model that returns [batch, classes] logits; it "
+                                     f"returned {_describe(output)}")
+                if labels.min() < 0 or labels.max() >= output.shape[1]:
+                    raise UsageError(f"--eval: labels must be in [0, {output.shape[1] - 1}] (the model has "
+                                     f"{output.shape[1]} outputs), got [{labels.min()}, {labels.max()}]")
+                labels = list(labels.split(args.batch_size))
+            self.eval = (batches, labels)
+        activation = self.config.activation
+        needs_calibration = activation is not None and not activation.dynamic
+        if needs_calibration and self.calib is None:
+            raise UsageError("--calib: the config quantizes activations statically; calibration inputs are "
+                             "required")
+        self.min_sqnr, self.min_speedup = args.min_sqnr, args.min_speedup
+        if (self.min_sqnr is not None or self.min_speedup is not None) and self.calib is None:
+            raise UsageError("--calib: --min-sqnr and --min-speedup measure layers on calibration inputs; "
+                             "give them with --calib")
+
+    def quantize(self, progress: bool):
+        """(quantized copy of the model, per-layer decisions of the sensitivity budget)."""
+        from torchquant.report import quantize_with_budget
+        return quantize_with_budget(self.model, self.config, self.calib, min_sqnr=self.min_sqnr,
+                                    min_speedup=self.min_speedup, progress=progress)
+
+    def report(self, quantized, decisions, *, repeats: int, progress: bool):
+        from torchquant.report import build_report
+        return build_report(self.model, quantized, self.config, calibration=self.calib, evaluation=self.eval,
+                            decisions=decisions, repeats=repeats, progress=progress, min_sqnr=self.min_sqnr,
+                            min_speedup=self.min_speedup)
+
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {list(value.shape)}"
+    return type(value).__name__
+
+
+def _check_output_path(out: str, option: str, args) -> None:
+    """Before any work: the output's directory exists and the output is none of the input files."""
+    directory = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(directory):
+        raise UsageError(f"{option}: directory {directory} does not exist")
+    for option_in, path in (("MODEL", args.model), ("--weights", args.weights), ("--calib", args.calib),
+                            ("--eval", args.eval)):
+        if path is not None and same_file(out, path):
+            raise UsageError(f"{option}: {out} is the {option_in} file; input files are never overwritten")
+
+
+def _status(args, message: str) -> None:
+    if not args.quiet:
+        print(message, file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# subcommands
+
+def _cmd_convert(args) -> int:
+    import torchquant
+    from torchquant.report import write_json
+    _check_output_path(args.output, "-o", args)
+    if args.report is not None:
+        _check_output_path(args.report, "--report", args)
+    job = _Job(args)
+    quantized, decisions = job.quantize(progress=not args.quiet)
+    with atomic_output(args.output, "-o") as temp:
+        torchquant.save(quantized, temp)
+    report = job.report(quantized, decisions, repeats=5, progress=not args.quiet)
+    if args.report is not None:
+        with atomic_output(args.report, "--report") as temp:
+            write_json(report, temp)
+    if not args.quiet:
+        print(report.format_table())
+    kept = [layer.name for layer in report.layers if not layer.quantized]
+    _status(args, f"wrote {args.output}: {len(report.layers) - len(kept)} layers quantized, {len(kept)} kept "
+                  f"float; weights {report.bytes_float / 1024:.1f} KiB -> {report.bytes_quantized / 1024:.1f} KiB"
+            + (f"; report {args.report}" if args.report else ""))
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from torchquant.report import write_json, write_markdown
+    for option in ("json", "markdown"):
+        path = getattr(args, option)
+        if path is not None and path != "-":
+            _check_output_path(path, f"--{option}", args)
+    if args.repeats < 1:
+        raise UsageError(f"--repeats: expected a positive integer, got {args.repeats}")
+    job = _Job(args)
+    quantized, decisions = job.quantize(progress=not args.quiet)
+    report = job.report(quantized, decisions, repeats=args.repeats, progress=not args.quiet)
+    if args.json == "-":
+        write_json(report, sys.stdout)
+    else:
+        print(report.format_table())
+        if args.json is not None:
+            with atomic_output(args.json, "--json") as temp:
+                write_json(report, temp)
+            _status(args, f"wrote {args.json}")
+    if args.markdown is not None:
+        note = write_markdown(report, args.markdown, atomic=lambda path: atomic_output(path, "--markdown"))
+        _status(args, f"wrote {args.markdown}" + (f" ({note})" if note else ""))
+    return 0
+
+
+# Arguments for each benchmark's run() under --quick: small sizes, one thread, few samples (only the
+# arguments its run() takes are passed, so a benchmark that changes its signature still runs).
+QUICK_BENCH = {
+    "quantize": {"numel": 4 << 20, "channels": 1024, "repeats": 3},
+    "gemm_cpu": {"tables": ("linear",), "repeats": 3},
+    "gpu": {"quick": True, "repeats": 5},
+}
+
+
+def _bench_kwargs(name: str, run, device: torch.device, quick: bool, threads: Optional[int]) -> dict:
+    wanted = dict(QUICK_BENCH.get(name, {})) if quick else {}
+    wanted["device"] = str(device)
+    if threads is not None or quick:
+        wanted["threads"] = (threads or 1,)
+    parameters = inspect.signature(run).parameters
+    return {key: value for key, value in wanted.items() if key in parameters}
+
+
+def _print_rows(title: str, rows: List[dict]) -> None:
+    """Rows as Markdown tables, one per value of a 'table' key when the benchmark tags its rows."""
+    from torchquant.bench.timing import markdown_table
+    groups: dict = {}
+    for row in rows:
+        groups.setdefault(row.get("table"), []).append({k: v for k, v in row.items() if k != "table"})
+    for table, group in groups.items():
+        print(f"\n## {title}{'' if table is None else ' / ' + str(table)}\n")
+        print(markdown_table(group, list(dict.fromkeys(key for row in group for key in row))))
+
+
+def _cmd_bench(args) -> int:
+    device = _device(args.device)
+    ran = 0
+    for name in args.only or BENCH_MODULES:
+        if (name == "gpu") != (device.type == "cuda"):
+            _status(args, f"skipping {name}: it measures the {'GPU' if name == 'gpu' else 'CPU'} "
+                          f"(--device {'cuda' if name == 'gpu' else 'cpu'})")
+            continue
+        try:
+            module = importlib.import_module(f"torchquant.bench.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"torchquant.bench.{name}":
+                raise
+            _status(args, f"skipping {name}: torchquant/bench/{name}.py is not in this build")
+            continue
+        kwargs = _bench_kwargs(name, module.run, device, args.quick, args.threads)
+        _status(args, f"running {name} ({', '.join(f'{k}={v}' for k, v in kwargs.items()) or 'defaults'}) ...")
+        _print_rows(f"{name} ({device.type})", module.run(**kwargs))
+        ran += 1
+    if ran == 0:
+        raise UsageError(f"no benchmark could run on {device.type} (see the lines above)")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from torchquant.demo import run_demo
+    for option, value in (("--epochs", args.epochs), ("--qat-epochs", args.qat_epochs)):
+        if value < 1:
+            raise UsageError(f"{option}: expected a positive integer, got {value}")
+    run_demo(epochs=args.epochs, qat_epochs=args.qat_epochs, seed=args.seed, quiet=args.quiet)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+def _show_warning_as_one_line(message, category, filename, lineno, file=None, line=None):
+    text = str(message).strip().splitlines()
+    print(f"torchquant: warning: {text[0] if text else category.__name__}", file=file or sys.stderr)
+
+
+def _run(args) -> int:
+    """The subcommand, with the process-wide settings it changes (torch threads, warning display) restored
+    afterwards, so main() can also be called from Python."""
+    threads = torch.get_num_threads()
+    with warnings.catch_warnings():
+        if not args.debug:
+            warnings.showwarning = _show_warning_as_one_line
+        try:
+            if args.threads is not None:
+                if args.threads < 1:
+                    raise UsageError(f"--threads: expected a positive integer, got {args.threads}")
+                torch.set_num_threads(args.threads)
+            return args.handler(args)
+        finally:
+            torch.set_num_threads(threads)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Runs the command line `argv` (default sys.argv[1:]); returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print(f"torchquant {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 -- the command line reports every failure as one line
+        if args.debug:
+            traceback.print_exc()
+        message = str(exc) if isinstance(exc, UsageError) else _one_line(exc)
+        hint = "" if args.debug or isinstance(exc, UsageError) else " (--debug shows the traceback)"
+        print(f"torchquant {args.command}: error: {message}{hint}", file=sys.stderr)
+        return 2

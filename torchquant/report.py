@@ -1,0 +1,544 @@
+"""What quantizing a model costs (error), saves (bytes) and gains (speed), per layer and in total; and a
+sensitivity-guided conversion that keeps a layer float (or at 8 bits) when quantizing it does not pay.
+
+Layer errors are measured in isolation: each quantized layer is fed exactly the input its float layer receives
+in the float model, so a layer's output SQNR is the error that layer adds, not what it inherits from upstream.
+The model's end-to-end output SQNR and its accuracy (or agreement with float) on an evaluation set show the sum.
+"""
+import copy
+import json
+import math
+import os
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field, replace
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from torchquant import functional as F_q
+from torchquant.bench.timing import compare, markdown_table
+from torchquant.config import QuantConfig, resolve_config
+
+__all__ = ["LayerReport", "ModelReport", "build_report", "quantize_with_budget", "state_bytes", "write_json",
+           "write_markdown", "to_markdown"]
+
+FLOAT_LAYER_TYPES = (nn.Linear, nn.Conv2d)
+
+
+def _quant_layer_types():
+    from torchquant.nn import QuantConv2d, QuantLinear
+    return QuantLinear, QuantConv2d
+
+
+@dataclass
+class LayerReport:
+    """One Linear/Conv2d layer of the model. Latencies in seconds (median), errors in float64 math."""
+    name: str
+    type: str
+    shape: List[int]
+    quantized: bool
+    weight_bits: Optional[int] = None
+    activation: str = "float"  # "int8 dynamic", "uint8 static", ... or "float"
+    weight_mse: Optional[float] = None
+    weight_max_abs: Optional[float] = None
+    weight_sqnr_db: Optional[float] = None
+    output_sqnr_db: Optional[float] = None
+    bytes_float: int = 0
+    bytes_quantized: int = 0
+    latency_float_s: Optional[float] = None
+    latency_quantized_s: Optional[float] = None
+    note: str = ""
+
+    @property
+    def speedup(self) -> Optional[float]:
+        if self.latency_float_s is None or not self.latency_quantized_s:
+            return None
+        return self.latency_float_s / self.latency_quantized_s
+
+
+@dataclass
+class ModelReport:
+    config: dict
+    layers: List[LayerReport]
+    bytes_float: int
+    bytes_quantized: int
+    batch_shape: Optional[List[int]] = None
+    latency_float_s: Optional[float] = None
+    latency_quantized_s: Optional[float] = None
+    output_sqnr_db: Optional[float] = None
+    eval_metric: Optional[str] = None  # "accuracy" (labels given) or "agreement" (top-1 agreement with float)
+    eval_samples: int = 0
+    eval_float: Optional[float] = None
+    eval_quantized: Optional[float] = None
+    min_sqnr: Optional[float] = None
+    min_speedup: Optional[float] = None
+    decisions: Dict[str, str] = field(default_factory=dict)  # layer -> why the budget changed it
+    notes: List[str] = field(default_factory=list)
+
+    @property
+    def speedup(self) -> Optional[float]:
+        if self.latency_float_s is None or not self.latency_quantized_s:
+            return None
+        return self.latency_float_s / self.latency_quantized_s
+
+    def to_dict(self) -> dict:
+        """JSON-ready: non-finite floats (an SQNR of an exact layer is +inf) become None."""
+        data = asdict(self)
+        data["speedup"] = self.speedup
+        for layer, row in zip(self.layers, data["layers"]):
+            row["speedup"] = layer.speedup
+        return _finite_or_none(data)
+
+    def format_table(self) -> str:
+        """The per-layer table and the totals, for a terminal."""
+        header = ["layer", "type", "weight shape", "W bits", "activations", "W SQNR dB", "out SQNR dB",
+                  "KiB float", "KiB quant", "float us", "quant us", "speed-up", "note"]
+        rows = [[layer.name, layer.type, "x".join(map(str, layer.shape)), _fmt(layer.weight_bits),
+                 layer.activation, _fmt(layer.weight_sqnr_db, 1), _fmt(layer.output_sqnr_db, 1),
+                 _fmt(layer.bytes_float / 1024, 1), _fmt(layer.bytes_quantized / 1024, 1),
+                 _fmt_us(layer.latency_float_s), _fmt_us(layer.latency_quantized_s), _fmt_x(layer.speedup),
+                 layer.note] for layer in self.layers]
+        widths = [max(len(str(c)) for c in column) for column in zip(header, *rows)]
+        lines = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in [header] + rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        return "\n".join(lines + [""] + self.summary_lines())
+
+    def summary_lines(self) -> List[str]:
+        lines = [f"model size: {self.bytes_float / 1024:.1f} KiB float -> {self.bytes_quantized / 1024:.1f} KiB "
+                 f"quantized ({self.bytes_float / max(self.bytes_quantized, 1):.2f}x smaller)"]
+        if self.speedup is not None:
+            lines.append(f"latency (batch {'x'.join(map(str, self.batch_shape))}): "
+                         f"{self.latency_float_s * 1e3:.3f} ms float -> {self.latency_quantized_s * 1e3:.3f} ms "
+                         f"quantized ({_fmt_x(self.speedup)})")
+        if self.output_sqnr_db is not None:
+            lines.append(f"end-to-end output SQNR: {self.output_sqnr_db:.1f} dB")
+        if self.eval_metric == "accuracy":
+            lines.append(f"accuracy on {self.eval_samples} samples: {self.eval_float:.2f}% float, "
+                         f"{self.eval_quantized:.2f}% quantized ({self.eval_quantized - self.eval_float:+.2f} "
+                         f"points)")
+        elif self.eval_metric == "agreement":
+            lines.append(f"top-1 agreement with float on {self.eval_samples} samples: {self.eval_quantized:.2f}%")
+        if self.min_sqnr is not None or self.min_speedup is not None:
+            budget = ", ".join(text for text in (
+                None if self.min_sqnr is None else f"output SQNR >= {self.min_sqnr:g} dB",
+                None if self.min_speedup is None else f"speed-up >= {self.min_speedup:g}x") if text)
+            lines.append(f"budget ({budget}): {len(self.decisions)} layer(s) changed"
+                         + "".join(f"\n  {name}: {why}" for name, why in self.decisions.items()))
+        return lines + self.notes
+
+
+def _finite_or_none(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+def _fmt(value, digits: int = 0) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return "inf" if math.isinf(value) else f"{value:.{digits}f}"
+    return str(value)
+
+
+def _fmt_us(seconds: Optional[float]) -> str:
+    return "-" if seconds is None else f"{seconds * 1e6:.1f}"
+
+
+def _fmt_x(ratio: Optional[float]) -> str:
+    return "-" if ratio is None else f"{ratio:.2f}x"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# measurement
+
+class _ErrorSums:
+    """quantization_error's SQNR accumulated over batches: sums of ref^2 and (ref - approx)^2 in float64."""
+
+    def __init__(self):
+        self.signal = 0.0
+        self.error = 0.0
+
+    def add(self, ref: torch.Tensor, approx: torch.Tensor) -> None:
+        ref, approx = ref.detach().double(), approx.detach().double()
+        self.signal += ref.square().sum().item()
+        self.error += (ref - approx).square().sum().item()
+
+    @property
+    def sqnr_db(self) -> float:
+        if self.error == 0.0:
+            return math.inf
+        return 10.0 * math.log10(self.signal / self.error) if self.signal > 0 else -math.inf
+
+
+def _first_tensor(output):
+    """The tensor a model or layer output leads with (a tensor, or the first tensor of a tuple/list/dict)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    values = output.values() if isinstance(output, dict) else output if isinstance(output, (tuple, list)) else ()
+    for value in values:
+        found = _first_tensor(value)
+        if found is not None:
+            return found
+    return None
+
+
+def state_bytes(module: nn.Module) -> int:
+    """Bytes of the tensors in the module's state dict (what a checkpoint stores), each storage once."""
+    seen, total = set(), 0
+    for tensor in module.state_dict().values():
+        key = (tensor.untyped_storage().data_ptr(), tensor.dtype, tuple(tensor.shape))
+        if key not in seen:
+            seen.add(key)
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def _layer_pairs(float_model: nn.Module, quantized_model: nn.Module):
+    """(name, float layer, layer of the quantized model) for every Linear/Conv2d of the float model."""
+    quantized = dict(quantized_model.named_modules())
+    return [(name, module, quantized.get(name)) for name, module in float_model.named_modules()
+            if type(module) in FLOAT_LAYER_TYPES]
+
+
+def _is_quant_layer(module) -> bool:
+    return isinstance(module, _quant_layer_types())
+
+
+def _is_quantized(module) -> bool:
+    return _is_quant_layer(module) and module.converted
+
+
+@dataclass
+class _LayerMeasurement:
+    output: _ErrorSums = field(default_factory=_ErrorSums)
+    latency_float_s: Optional[float] = None
+    latency_quantized_s: Optional[float] = None
+
+
+@torch.no_grad()
+def _measure(float_model, quantized_model, batches: Sequence[torch.Tensor], *, names: Optional[set] = None,
+             time_layers: bool = True, repeats: int = 5, progress: bool = False, desc: str = "measuring layers"
+             ) -> Tuple[Dict[str, _LayerMeasurement], _ErrorSums, Optional[Tuple[float, float]]]:
+    """Per quantized layer (restricted to `names` when given): isolated output error over all batches and,
+    with time_layers, the median latency of the float and the quantized layer on the first batch's input.
+    Also the end-to-end output error and (with time_layers) the whole models' latencies on the first batch."""
+    pairs = [(n, f, q) for n, f, q in _layer_pairs(float_model, quantized_model)
+             if _is_quantized(q) and (names is None or n in names)]
+    measured = {name: _LayerMeasurement() for name, _, _ in pairs}
+    first_inputs: Dict[str, torch.Tensor] = {}
+
+    def hook_for(name, quantized_layer):
+        def hook(module, inputs, output):
+            first_inputs.setdefault(name, inputs[0])
+            measured[name].output.add(output, quantized_layer(inputs[0]))
+        return hook
+
+    handles = [f.register_forward_hook(hook_for(n, q)) for n, f, q in pairs]
+    end_to_end = _ErrorSums()
+    was_training = float_model.training, quantized_model.training
+    float_model.eval()
+    quantized_model.eval()
+    try:
+        for batch in tqdm(batches, desc=desc, disable=None if progress else True, leave=False):
+            reference = _first_tensor(float_model(batch))
+            end_to_end.add(reference, _first_tensor(quantized_model(batch)))
+    finally:
+        for handle in handles:
+            handle.remove()
+    model_latency = None
+    if time_layers and batches:
+        device = str(batches[0].device)
+        for name, f, q in tqdm(pairs, desc="timing layers", disable=None if progress else True, leave=False):
+            x = first_inputs.get(name)
+            if x is None:  # a layer the model never called
+                continue
+            times = compare({"float": lambda: f(x), "quantized": lambda: q(x)}, device=device, repeats=repeats,
+                            min_sample_s=0.005)
+            measured[name].latency_float_s, measured[name].latency_quantized_s = times["float"], times["quantized"]
+        b = batches[0]
+        times = compare({"float": lambda: float_model(b), "quantized": lambda: quantized_model(b)},
+                        device=device, repeats=repeats)
+        model_latency = times["float"], times["quantized"]
+    float_model.train(was_training[0])
+    quantized_model.train(was_training[1])
+    return measured, end_to_end, model_latency
+
+
+def _dequantized_weight(layer) -> torch.Tensor:
+    """The weight a converted layer computes with, as float32 in the float weight's shape."""
+    return F_q.dequantize(layer._weight_int8(), layer.weight_scale, 0, axis=0)
+
+
+def _activation_label(spec) -> str:
+    if spec is None:
+        return "float"
+    storage = "int" if spec.signed else "uint"
+    return f"{storage}{spec.bits} {'dynamic' if spec.dynamic else 'static'}"
+
+
+@torch.no_grad()
+def _evaluate(float_model, quantized_model, evaluation, progress: bool):
+    """(metric, samples, float value, quantized value): accuracy % with labels, else top-1 agreement %."""
+    batches, labels = evaluation
+    correct_float = correct_quantized = agree = samples = 0
+    for i, batch in enumerate(tqdm(batches, desc="evaluating", disable=None if progress else True, leave=False)):
+        ref = _first_tensor(float_model(batch))
+        out = _first_tensor(quantized_model(batch))
+        top_ref, top_out = ref.argmax(-1).cpu(), out.argmax(-1).cpu()
+        samples += top_ref.numel()
+        agree += (top_ref == top_out).sum().item()
+        if labels is not None:
+            correct_float += (top_ref == labels[i]).sum().item()
+            correct_quantized += (top_out == labels[i]).sum().item()
+    if labels is not None:
+        return "accuracy", samples, 100.0 * correct_float / samples, 100.0 * correct_quantized / samples
+    return "agreement", samples, 100.0, 100.0 * agree / samples
+
+
+def build_report(float_model: nn.Module, quantized_model: nn.Module, config=None, *,
+                 calibration: Optional[Iterable[torch.Tensor]] = None,
+                 evaluation: Optional[Tuple[Sequence[torch.Tensor], Optional[Sequence[torch.Tensor]]]] = None,
+                 decisions: Optional[Dict[str, str]] = None, repeats: int = 5, time_layers: bool = True,
+                 progress: bool = False, min_sqnr: Optional[float] = None, min_speedup: Optional[float] = None
+                 ) -> ModelReport:
+    """The report on quantizing float_model into quantized_model (both left unchanged).
+
+    calibration: batches the layer errors and latencies are measured on (else the evaluation inputs; without
+    either, only weight errors and sizes are reported). evaluation: (input batches, label batches or None).
+    decisions: layer name -> why it was kept float or at 8 bits (from quantize_with_budget).
+    """
+    if not isinstance(float_model, nn.Module) or not isinstance(quantized_model, nn.Module):
+        raise TypeError("build_report: float_model and quantized_model must be nn.Modules")
+    if not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"build_report: repeats must be a positive int, got {repeats!r}")
+    config = resolve_config(config)
+    decisions = dict(decisions or {})
+    batches = list(calibration) if calibration is not None else list(evaluation[0]) if evaluation else []
+    measured, end_to_end, model_latency = (
+        _measure(float_model, quantized_model, batches, time_layers=time_layers, repeats=repeats,
+                 progress=progress) if batches else ({}, None, None))
+    layers = []
+    for name, float_layer, layer in _layer_pairs(float_model, quantized_model):
+        row = LayerReport(name=name, type=type(float_layer).__name__, shape=list(float_layer.weight.shape),
+                          quantized=_is_quantized(layer), bytes_float=state_bytes(float_layer),
+                          note=decisions.get(name, ""))
+        row.bytes_quantized = row.bytes_float if layer is None else state_bytes(layer)
+        if row.quantized:
+            row.weight_bits = layer.config.weight.bits
+            row.activation = _activation_label(layer.config.activation)
+            error = F_q.quantization_error(float_layer.weight.detach().float(),
+                                           _dequantized_weight(layer).to(float_layer.weight.device))
+            row.weight_mse, row.weight_max_abs, row.weight_sqnr_db = (error["mse"], error["max_abs"],
+                                                                      error["sqnr_db"])
+            if name in measured:
+                m = measured[name]
+                row.output_sqnr_db = m.output.sqnr_db
+                row.latency_float_s, row.latency_quantized_s = m.latency_float_s, m.latency_quantized_s
+        elif not row.note:
+            row.note = "kept float (skip rule)" if isinstance(layer, FLOAT_LAYER_TYPES) else "not converted"
+        layers.append(row)
+    report = ModelReport(config=_config_dict(config), layers=layers, bytes_float=state_bytes(float_model),
+                         bytes_quantized=state_bytes(quantized_model), min_sqnr=min_sqnr, min_speedup=min_speedup,
+                         decisions=decisions)
+    if batches:
+        report.batch_shape = list(batches[0].shape)
+        report.output_sqnr_db = end_to_end.sqnr_db
+        if model_latency is not None:
+            report.latency_float_s, report.latency_quantized_s = model_latency
+    else:
+        report.notes.append("no calibration or evaluation inputs: output errors and latencies not measured")
+    if evaluation is not None:
+        (report.eval_metric, report.eval_samples, report.eval_float,
+         report.eval_quantized) = _evaluate(float_model, quantized_model, evaluation, progress)
+    return report
+
+
+def _config_dict(config: QuantConfig) -> dict:
+    """config.to_dict(), with skip rules that are not name globs written as their repr."""
+    plain = QuantConfig(weight=config.weight, activation=config.activation,
+                        skip=tuple(rule for rule in config.skip if isinstance(rule, str)))
+    data = plain.to_dict()
+    data["skip"] += [repr(rule) for rule in config.skip if not isinstance(rule, str)]
+    return data
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sensitivity-guided conversion
+
+def _quantize_copy(model: nn.Module, config: QuantConfig, calibration, plan: Optional[Dict[str, Optional[int]]] = None,
+                   *, progress: bool = False) -> nn.Module:
+    """A converted copy of model. plan: layer name -> None (keep it float) or the weight bits it gets instead
+    of config's; layers not in the plan follow config. Each group of layers is prepared in a pass of its own
+    whose skip rule names the layers outside the group."""
+    import torchquant
+    plan = plan or {}
+    layers = {name for name, module in model.named_modules() if type(module) in FLOAT_LAYER_TYPES}
+    result = copy.deepcopy(model)
+    groups = [(config, layers - set(plan))]
+    for bits in sorted({bits for bits in plan.values() if bits is not None}):
+        group_config = QuantConfig(weight=replace(config.weight, bits=bits), activation=config.activation)
+        groups.append((group_config, {name for name, b in plan.items() if b == bits}))
+    for group_config, names in groups:
+        others = layers - names
+        if names:
+            torchquant.prepare(result, group_config.with_skip([lambda name, module: name in others])
+                               if others else group_config)
+    if not any(_is_quant_layer(m) for m in result.modules()):
+        return result  # every layer kept float
+    if calibration is not None and config.activation is not None and not config.activation.dynamic:
+        torchquant.calibrate(result, calibration, progress=progress)
+    return torchquant.convert(result)
+
+
+def _fails(measurement: _LayerMeasurement, min_sqnr, min_speedup) -> Optional[str]:
+    """Why the layer misses the budget, or None."""
+    sqnr = measurement.output.sqnr_db
+    if min_sqnr is not None and sqnr < min_sqnr:
+        return f"output SQNR {sqnr:.1f} dB < {min_sqnr:g} dB"
+    if min_speedup is not None and measurement.latency_quantized_s:
+        speedup = measurement.latency_float_s / measurement.latency_quantized_s
+        if speedup < min_speedup:
+            return f"speed-up {speedup:.2f}x < {min_speedup:g}x"
+    return None
+
+
+def quantize_with_budget(model: nn.Module, config=None, calibration: Optional[Iterable[torch.Tensor]] = None, *,
+                         min_sqnr: Optional[float] = None, min_speedup: Optional[float] = None,
+                         fallback_bits: int = 8, repeats: int = 5, progress: bool = False
+                         ) -> Tuple[nn.Module, Dict[str, str]]:
+    """A quantized copy of `model` (left unchanged) in which every quantized layer meets the budget: output
+    SQNR >= min_sqnr dB and speed-up >= min_speedup, measured per layer on the calibration batches.
+
+    A layer that misses it with fewer than `fallback_bits` weight bits is tried at fallback_bits; if it still
+    misses (or is already at fallback_bits) it stays float. Returns (quantized model, {layer name: reason}).
+    Without a budget this is quantize_model on a copy and the reasons are empty.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"quantize_with_budget: model must be an nn.Module, got {type(model).__name__}")
+    config = resolve_config(config)
+    for name, value in (("min_sqnr", min_sqnr), ("min_speedup", min_speedup)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or math.isnan(value)):
+            raise TypeError(f"quantize_with_budget: {name} must be a number or None, got {value!r}")
+    if min_speedup is not None and min_speedup <= 0:
+        raise ValueError(f"quantize_with_budget: min_speedup must be positive, got {min_speedup}")
+    if not isinstance(fallback_bits, int) or not 1 <= fallback_bits <= 8:
+        raise ValueError(f"quantize_with_budget: fallback_bits must be an int in [1, 8], got {fallback_bits!r}")
+    batches = None if calibration is None else list(calibration)
+    if min_sqnr is None and min_speedup is None:
+        return _quantize_copy(model, config, batches, progress=progress), {}
+    if not batches:
+        raise ValueError("quantize_with_budget: a budget (min_sqnr / min_speedup) needs calibration batches")
+    time_layers = min_speedup is not None
+    trial = _quantize_copy(model, config, batches, progress=progress)
+    measured, _, _ = _measure(model, trial, batches, time_layers=time_layers, repeats=repeats, progress=progress)
+    failing = {name: why for name, m in measured.items() if (why := _fails(m, min_sqnr, min_speedup))}
+    plan: Dict[str, Optional[int]] = {name: None for name in failing}
+    decisions = {name: f"kept float: {why}" for name, why in failing.items()}
+    if failing and config.weight.bits < fallback_bits:
+        # everything else float: each failing layer is measured with only its own error
+        layers = {name for name, module in model.named_modules() if type(module) in FLOAT_LAYER_TYPES}
+        retry = _quantize_copy(model, config, batches, {name: fallback_bits if name in failing else None
+                                                        for name in layers}, progress=progress)
+        remeasured, _, _ = _measure(model, retry, batches, names=set(failing), time_layers=time_layers,
+                                    repeats=repeats, progress=progress, desc=f"trying {fallback_bits}-bit weights")
+        for name, why in failing.items():
+            why_again = _fails(remeasured[name], min_sqnr, min_speedup)
+            if why_again is None:
+                plan[name] = fallback_bits
+                decisions[name] = f"{fallback_bits}-bit weights: {why} at {config.weight.bits} bits"
+            else:
+                decisions[name] = (f"kept float: {why} at {config.weight.bits} bits, {why_again} at "
+                                   f"{fallback_bits} bits")
+    final = _quantize_copy(model, config, batches, plan, progress=progress)
+    return final, decisions
+
+
+# ----------------------------------------------------------------------------------------------------------
+# output
+
+def write_json(report: ModelReport, destination) -> None:
+    """The report as JSON to a path or an open text file."""
+    text = json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n"
+    if hasattr(destination, "write"):
+        destination.write(text)
+    else:
+        with open(destination, "w") as handle:
+            handle.write(text)
+
+
+def to_markdown(report: ModelReport, image: Optional[str] = None) -> str:
+    """The report as Markdown; `image` is the file name of the plot to embed, if any."""
+    columns = ["layer", "type", "weight shape", "W bits", "activations", "W SQNR dB", "W max abs err",
+               "out SQNR dB", "KiB float", "KiB quant", "speed-up", "note"]
+    rows = [{"layer": layer.name, "type": layer.type, "weight shape": "x".join(map(str, layer.shape)),
+             "W bits": _fmt(layer.weight_bits), "activations": layer.activation,
+             "W SQNR dB": _fmt(layer.weight_sqnr_db, 1),
+             "W max abs err": "-" if layer.weight_max_abs is None else f"{layer.weight_max_abs:.3g}",
+             "out SQNR dB": _fmt(layer.output_sqnr_db, 1), "KiB float": _fmt(layer.bytes_float / 1024, 1),
+             "KiB quant": _fmt(layer.bytes_quantized / 1024, 1), "speed-up": _fmt_x(layer.speedup),
+             "note": layer.note} for layer in report.layers]
+    weight, activation = report.config["weight"], report.config["activation"]
+    config_line = (f"weights: {weight['bits']}-bit {weight['granularity']} ({weight['observer']}, "
+                   f"{weight['rounding']}); activations: "
+                   + ("float" if activation is None else
+                      f"{activation['bits']}-bit {'dynamic' if activation['dynamic'] else 'static'} "
+                      f"{activation['granularity']} ({activation['rounding']})"))
+    parts = ["# torchquant quantization report", "", config_line, "", markdown_table(rows, columns), ""]
+    parts += [f"- {line}" for line in report.summary_lines()]
+    if image:
+        parts += ["", f"![per-layer output SQNR and speed-up]({image})"]
+    return "\n".join(parts) + "\n"
+
+
+def _plot(report: ModelReport, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+    layers = [layer for layer in report.layers if layer.quantized]
+    names = [layer.name for layer in layers]
+    sqnr = [layer.output_sqnr_db if layer.output_sqnr_db is not None and math.isfinite(layer.output_sqnr_db)
+            else 0.0 for layer in layers]
+    speedup = [layer.speedup or 0.0 for layer in layers]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 0.4 * len(names) + 1.5), sharey=True)
+    left.barh(names, sqnr, color="tab:blue")
+    left.set_xlabel("output SQNR (dB)")
+    if report.min_sqnr is not None:
+        left.axvline(report.min_sqnr, color="tab:red", linestyle="--")
+    right.barh(names, speedup, color="tab:green")
+    right.axvline(1.0, color="grey", linestyle=":")
+    right.set_xlabel("speed-up vs float (x)")
+    left.invert_yaxis()
+    figure.suptitle("torchquant: per-layer quantization error and speed-up")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def write_markdown(report: ModelReport, path: str,
+                   atomic: Callable[[str], "contextmanager"] = lambda p: nullcontext(p)) -> str:
+    """Writes the Markdown report to `path` and, when matplotlib is importable, a PNG plot beside it
+    (same name, .png). `atomic(path)` yields the temporary path to write each file to. Returns a note on
+    the plot ("" when it was drawn)."""
+    image_path = os.path.splitext(path)[0] + ".png"
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        image, note = None, "plot skipped: matplotlib is not installed (pip install 'torchquant[plot]')"
+    else:
+        with atomic(image_path) as temp:
+            _plot(report, temp)
+        image, note = os.path.basename(image_path), ""
+    text = to_markdown(report, image)
+    if note:
+        text += f"\n_{note}_\n"
+    with atomic(path) as temp, open(temp, "w") as handle:
+        handle.write(text)
+    return note
