@@ -139,9 +139,9 @@ def _state_dict_from(path: str) -> Mapping[str, torch.Tensor]:
 def _load_weights(model: nn.Module, path: str) -> None:
     state = _state_dict_from(path)
     own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong_shape = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    missing = [k for k in own if k not in state]  # in model order, so the first named is the first layer
+    unexpected = [k for k in state if k not in own]
+    wrong_shape = [k for k in own if k in state and own[k].shape != state[k].shape]
 
     def first(names):
         return ", ".join(names[:3]) + (f" (+{len(names) - 3} more)" if len(names) > 3 else "")

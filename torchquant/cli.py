@@ -5,8 +5,9 @@ on stderr with exit status 2; --debug prints the traceback as well.
 """
 import argparse
 import dataclasses
-import inspect
 import importlib
+import inspect
+import os
 import sys
 import traceback
 import warnings
@@ -19,7 +20,7 @@ from torchquant._cli_io import (UsageError, atomic_output, batches_of, load_inpu
 
 __all__ = ["main", "build_parser"]
 
-BENCH_MODULES = ("quantize", "gemm_cpu", "gpu")  # torchquant/bench/<name>.py, run in this order when present
+BENCH_MODULES = ("quantize", "gemm_cpu", "layers", "gpu")  # torchquant/bench/<name>.py, in this order when present
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -105,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser(
         "bench", parents=[common], help="kernel benchmarks as ratio tables",
         description="Run the kernel benchmarks of torchquant.bench on this machine and print ratio tables.")
-    bench.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    bench.add_argument("--device", default="cpu",
+                       help="cpu (quantize, gemm_cpu, layers) or cuda (gpu); default: cpu")
     bench.add_argument("--quick", action="store_true", help="small sizes, few repeats")
     bench.add_argument("--only", nargs="+", metavar="NAME", choices=BENCH_MODULES,
                        help=f"run only these benchmarks ({', '.join(BENCH_MODULES)})")
@@ -116,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a small CNN on scikit-learn's 8x8 digits (seconds), quantize it several ways and "
                     "compare accuracy, size and CPU latency with float.")
     demo.add_argument("--epochs", type=int, default=10, metavar="N", help="training epochs (default: 10)")
+    demo.add_argument("--qat-epochs", type=int, default=3, metavar="N",
+                      help="quantization-aware training epochs of the 4-bit model (default: 3)")
     demo.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order (default: 0)")
     demo.set_defaults(handler=_cmd_demo)
     return parser
@@ -251,6 +255,10 @@ def _describe(value) -> str:
 
 
 def _check_output_path(out: str, option: str, args) -> None:
+    """Before any work: the output's directory exists and the output is none of the input files."""
+    directory = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(directory):
+        raise UsageError(f"{option}: directory {directory} does not exist")
     for option_in, path in (("MODEL", args.model), ("--weights", args.weights), ("--calib", args.calib),
                             ("--eval", args.eval)):
         if path is not None and same_file(out, path):
@@ -275,6 +283,8 @@ def _cmd_convert(args) -> int:
     quantized, decisions = job.quantize(progress=not args.quiet)
     with atomic_output(args.output, "-o") as temp:
         torchquant.save(quantized, temp)
+    if args.quiet and args.report is None:
+        return 0  # the report is only for showing or writing
     report = job.report(quantized, decisions, repeats=5, progress=not args.quiet)
     if args.report is not None:
         with atomic_output(args.report, "--report") as temp:
@@ -283,7 +293,7 @@ def _cmd_convert(args) -> int:
         print(report.format_table())
     kept = [layer.name for layer in report.layers if not layer.quantized]
     _status(args, f"wrote {args.output}: {len(report.layers) - len(kept)} layers quantized, {len(kept)} kept "
-                  f"float; weights {report.bytes_float / 1024:.1f} KiB -> {report.bytes_quantized / 1024:.1f} KiB"
+                  f"float; model {report.bytes_float / 1024:.1f} KiB -> {report.bytes_quantized / 1024:.1f} KiB"
             + (f"; report {args.report}" if args.report else ""))
     return 0
 
@@ -313,20 +323,43 @@ def _cmd_report(args) -> int:
     return 0
 
 
-def _bench_kwargs(run, device: str, quick: bool) -> dict:
-    """The subset of (device, quick) that a benchmark's run() takes."""
+# Arguments for each benchmark's run() under --quick: small sizes, one thread, few samples (only the
+# arguments its run() takes are passed, so a benchmark that changes its signature still runs).
+QUICK_BENCH = {
+    "quantize": {"numel": 4 << 20, "channels": 1024, "repeats": 3},
+    "gemm_cpu": {"tables": ("linear",), "repeats": 3},
+    "layers": {"tables": ("linear",), "repeats": 3},
+    "gpu": {"quick": True, "repeats": 5},
+}
+
+
+def _bench_kwargs(name: str, run, device: torch.device, quick: bool, threads: Optional[int]) -> dict:
+    wanted = dict(QUICK_BENCH.get(name, {})) if quick else {}
+    wanted["device"] = str(device)
+    if threads is not None or quick:
+        wanted["threads"] = (threads or 1,)
     parameters = inspect.signature(run).parameters
-    return {name: value for name, value in (("device", device), ("quick", quick)) if name in parameters}
+    return {key: value for key, value in wanted.items() if key in parameters}
+
+
+def _print_rows(title: str, rows: List[dict]) -> None:
+    """Rows as Markdown tables, one per value of a 'table' key when the benchmark tags its rows."""
+    from torchquant.bench.timing import markdown_table
+    groups: dict = {}
+    for row in rows:
+        groups.setdefault(row.get("table"), []).append({k: v for k, v in row.items() if k != "table"})
+    for table, group in groups.items():
+        print(f"\n## {title}{'' if table is None else ' / ' + str(table)}\n")
+        print(markdown_table(group, list(dict.fromkeys(key for row in group for key in row))))
 
 
 def _cmd_bench(args) -> int:
-    from torchquant.bench.timing import markdown_table
     device = _device(args.device)
-    selected = args.only or BENCH_MODULES
     ran = 0
-    for name in selected:
-        if name == "gpu" and device.type != "cuda":
-            _status(args, "skipping gpu: it runs with --device cuda")
+    for name in args.only or BENCH_MODULES:
+        if (name == "gpu") != (device.type == "cuda"):
+            _status(args, f"skipping {name}: it measures the {'GPU' if name == 'gpu' else 'CPU'} "
+                          f"(--device {'cuda' if name == 'gpu' else 'cpu'})")
             continue
         try:
             module = importlib.import_module(f"torchquant.bench.{name}")
@@ -335,48 +368,53 @@ def _cmd_bench(args) -> int:
                 raise
             _status(args, f"skipping {name}: torchquant/bench/{name}.py is not in this build")
             continue
-        kwargs = _bench_kwargs(module.run, str(device), args.quick)
-        if name != "gpu" and "device" not in kwargs and device.type != "cpu":
-            _status(args, f"skipping {name}: it measures the CPU only")
-            continue
+        kwargs = _bench_kwargs(name, module.run, device, args.quick, args.threads)
         _status(args, f"running {name} ({', '.join(f'{k}={v}' for k, v in kwargs.items()) or 'defaults'}) ...")
-        rows = module.run(**kwargs)
-        columns = list(dict.fromkeys(key for row in rows for key in row))
-        print(f"\n## {name} ({device.type})\n")
-        print(markdown_table(rows, columns) if rows else "(no rows)")
+        _print_rows(f"{name} ({device.type})", module.run(**kwargs))
         ran += 1
     if ran == 0:
-        raise UsageError("bench: no benchmark could run here (see the lines above)")
+        raise UsageError(f"no benchmark could run on {device.type} (see the lines above)")
     return 0
 
 
 def _cmd_demo(args) -> int:
     from torchquant.demo import run_demo
-    if args.epochs < 1:
-        raise UsageError(f"--epochs: expected a positive integer, got {args.epochs}")
-    run_demo(epochs=args.epochs, seed=args.seed, quiet=args.quiet)
+    for option, value in (("--epochs", args.epochs), ("--qat-epochs", args.qat_epochs)):
+        if value < 1:
+            raise UsageError(f"{option}: expected a positive integer, got {value}")
+    run_demo(epochs=args.epochs, qat_epochs=args.qat_epochs, seed=args.seed, quiet=args.quiet)
     return 0
 
 
 # ----------------------------------------------------------------------------------------------------------
 
-def _one_line_warnings() -> None:
-    def show(message, category, filename, lineno, file=None, line=None):
-        text = str(message).strip().splitlines()
-        print(f"torchquant: warning: {text[0] if text else category.__name__}", file=file or sys.stderr)
-    warnings.showwarning = show
+def _show_warning_as_one_line(message, category, filename, lineno, file=None, line=None):
+    text = str(message).strip().splitlines()
+    print(f"torchquant: warning: {text[0] if text else category.__name__}", file=file or sys.stderr)
+
+
+def _run(args) -> int:
+    """The subcommand, with the process-wide settings it changes (torch threads, warning display) restored
+    afterwards, so main() can also be called from Python."""
+    threads = torch.get_num_threads()
+    with warnings.catch_warnings():
+        if not args.debug:
+            warnings.showwarning = _show_warning_as_one_line
+        try:
+            if args.threads is not None:
+                if args.threads < 1:
+                    raise UsageError(f"--threads: expected a positive integer, got {args.threads}")
+                torch.set_num_threads(args.threads)
+            return args.handler(args)
+        finally:
+            torch.set_num_threads(threads)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Runs the command line `argv` (default sys.argv[1:]); returns the exit status."""
     args = build_parser().parse_args(argv)
-    if not args.debug:
-        _one_line_warnings()
     try:
-        if args.threads is not None:
-            if args.threads < 1:
-                raise UsageError(f"--threads: expected a positive integer, got {args.threads}")
-            torch.set_num_threads(args.threads)
-        return args.handler(args)
+        return _run(args)
     except KeyboardInterrupt:
         print(f"torchquant {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -64,7 +64,7 @@ def run_demo(*, epochs: int = 10, qat_epochs: int = 3, seed: int = 0, quiet: boo
     # Quantization-aware training: fine-tune the fake-quant 4-bit model, then convert it.
     qat = torchquant.prepare(copy.deepcopy(model), qat_config())
     train(qat, data, epochs=qat_epochs, lr=1e-3, seed=seed)
-    models[f"w4a8-dynamic + QAT ({qat_epochs} epochs)"] = torchquant.convert(qat)
+    models[f"w4a8 QAT ({qat_epochs} epochs)"] = torchquant.convert(qat)
 
     say("measuring accuracy and CPU latency ...")
     accuracy = {label: evaluate(m, data) for label, m in models.items()}
@@ -77,15 +77,15 @@ def run_demo(*, epochs: int = 10, qat_epochs: int = 3, seed: int = 0, quiet: boo
     for label, m in models.items():
         size = state_bytes(m)
         rows.append({
-            "model": label, "accuracy %": round(accuracy[label], 2),
+            "model": label, "accuracy %": f"{accuracy[label]:.2f}",
             "vs float (points)": f"{accuracy[label] - accuracy['float32']:+.2f}",
-            "size KiB": round(size / 1024, 1), "smaller": f"{size_float / size:.2f}x",
+            "size KiB": f"{size / 1024:.1f}", "smaller": f"{size_float / size:.2f}x",
             f"ms / batch of {len(batch_all)}": latency_all[label] * 1e3,
             "speed-up": f"{latency_all['float32'] / latency_all[label]:.2f}x",
             "us / image (batch 1)": latency_one[label] * 1e6,
             "speed-up (batch 1)": f"{latency_one['float32'] / latency_one[label]:.2f}x",
         })
     print(markdown_table(rows, list(rows[0])), file=out)
-    say(f"\nCPU: {torch.get_num_threads()} threads, median of interleaved runs; torch {torch.__version__}. "
-        f"Sizes count every tensor in the state dict (weights, scales, biases).")
+    say(f"\nLatency: median of interleaved runs on the CPU with {torch.get_num_threads()} thread(s), torch "
+        f"{torch.__version__}. Size: every tensor of the state dict (weights, scales, biases).")
     return rows

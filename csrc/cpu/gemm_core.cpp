@@ -25,6 +25,7 @@ namespace {
 // blocks of kKBlock: the panel's slice of the weight for one block (16 KB) stays in L1 across the chunk's rows.
 constexpr int64_t kRowsPerChunk = 96;  // a multiple of every microkernel's row count (6, 2, 1)
 constexpr int64_t kKBlock = 256;       // bytes of k per cache block (a multiple of 4)
+constexpr int64_t kRepackMinPanels = 4;  // weight panels from which a chunk's rows are copied into micro-panels
 
 inline int32_t load_i32(const void* p) {
   int32_t v;
@@ -295,7 +296,9 @@ void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa) {
 
   at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
     alignas(64) int32_t tile[kRowsPerChunk * kPanelCols];
-    std::vector<uint8_t> chunk_panels(std::min(kRowsPerChunk, args.m) * k4);
+    // the copy pays off when a chunk meets several weight panels; otherwise the rows are read where they are
+    const bool repack = n_panels >= kRepackMinPanels;
+    std::vector<uint8_t> chunk_panels(repack ? std::min(kRowsPerChunk, args.m) * k4 : 0);
     int64_t packed_chunk = -1;  // the (group, chunk) whose rows chunk_panels holds
     for (int64_t item = begin; item < end; ++item) {
       // consecutive items share a chunk of activation rows, which stays in L2 while the weight panels stream past
@@ -305,9 +308,9 @@ void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa) {
       const int64_t g = chunk_id / m_chunks;
       const int64_t row0 = chunk * kRowsPerChunk;
       const int64_t rows = std::min(kRowsPerChunk, args.m - row0);
-      if (chunk_id != packed_chunk) {
-        pack_chunk_panels(args.a + row0 * args.lda + g * args.a_group_offset, args.lda, rows, k4, path.rows,
-                          chunk_panels.data());
+      const uint8_t* a = args.a + row0 * args.lda + g * args.a_group_offset;
+      if (repack && chunk_id != packed_chunk) {
+        pack_chunk_panels(a, args.lda, rows, k4, path.rows, chunk_panels.data());
         packed_chunk = chunk_id;
       }
       const int8_t* b = args.b + g * args.b_group_stride + panel * args.kp * kPanelCols;
@@ -315,8 +318,12 @@ void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa) {
         const int64_t steps = std::min(kKBlock, k4 - k0) / 4;
         for (int64_t r = 0; r < rows; r += path.rows) {
           const int mr = static_cast<int>(std::min<int64_t>(path.rows, rows - r));
-          path.kernel(chunk_panels.data() + r * k4 + k0 * mr, 4, 4 * mr, b + k0 * kPanelCols, steps,
-                      tile + r * kPanelCols, mr, k0 == 0);
+          if (repack)
+            path.kernel(chunk_panels.data() + r * k4 + k0 * mr, 4, 4 * mr, b + k0 * kPanelCols, steps,
+                        tile + r * kPanelCols, mr, k0 == 0);
+          else
+            path.kernel(a + r * args.lda + k0, args.lda, 4, b + k0 * kPanelCols, steps, tile + r * kPanelCols, mr,
+                        k0 == 0);
         }
       }
       const int64_t col0 = g * args.n + panel * kPanelCols;
@@ -422,8 +429,10 @@ void pack_weight(const int8_t* w, int64_t n, int64_t k, int64_t stride_n, int64_
   });
   if (!rows_contiguous) return;
   const int64_t steps = (k + 3) / 4;
-  at::parallel_for(0, steps, std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(4 * n, 1)),
-                   [&](int64_t begin, int64_t end) { fill_steps_n_contiguous(w, n, k, stride_k, kp, begin, end, dst); });
+  const int64_t step_grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(4 * n, 1));
+  at::parallel_for(0, steps, step_grain, [&](int64_t begin, int64_t end) {
+    fill_steps_n_contiguous(w, n, k, stride_k, kp, begin, end, dst);
+  });
   if (col_sums == nullptr) return;
   at::parallel_for(0, n_panels, panel_grain, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p)

@@ -106,8 +106,11 @@ class QuantLayerBase(nn.Module):
             return self._float_op(x, w, self.bias)
         if self.fused:
             return self._fused_forward(x)
-        x_q, x_scale = self.input_quantizer.quantize(x, self.input_zero_point)
+        x_q, x_scale = self._quantize_input(x)
         return self._int_op(x_q, x_scale, self.input_zero_point, x.dtype)
+
+    def _quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.input_quantizer.quantize(x, self.input_zero_point)
 
     def _has_fused_forward(self) -> bool:
         """Whether _fused_forward (one kernel for quantize + integer op) computes this layer's converted forward."""

@@ -1,0 +1,330 @@
+"""The `torchquant` command end to end: each subcommand in a subprocess (`python -m torchquant`) on the digits CNN
+under a temporary directory, and every kind of bad input (exit status 2, one line on stderr, no traceback, no
+output file, input files untouched)."""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import torchquant
+from torchquant._cli_io import UsageError, atomic_output
+from torchquant.cli import main
+from torchquant.examples import DigitsCNN, load_digits_data, train
+from torchquant.nn import QuantConv2d, QuantLinear
+
+pytest.importorskip("sklearn")
+
+ROOT = Path(torchquant.__file__).resolve().parent.parent  # the checkout under test, not an installed copy
+FACTORY = "torchquant.examples:DigitsCNN"
+
+
+def run_cli(*args, cwd, check_rc=None):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    result = subprocess.run([sys.executable, "-m", "torchquant", *map(str, args)], cwd=cwd, env=env,
+                            capture_output=True, text=True, timeout=300)
+    if check_rc is not None:
+        assert result.returncode == check_rc, f"rc {result.returncode}\nstdout:\n{result.stdout}\n" \
+                                              f"stderr:\n{result.stderr}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """A directory with a briefly trained digits CNN saved every way the CLI reads, data files and bad files."""
+    path = tmp_path_factory.mktemp("cli")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        data = load_digits_data()
+        torch.manual_seed(0)
+        model = train(DigitsCNN(), data, epochs=3)
+    finally:
+        torch.set_num_threads(threads)
+    save_file(model.state_dict(), path / "digits.safetensors")
+    torch.save(model.state_dict(), path / "digits_state.pt")
+    torch.save(model, path / "digits_model.pt")
+    torch.manual_seed(1)
+    save_file(DigitsCNN(channels=8).state_dict(), path / "other.safetensors")
+    torch.save(data.train_x[:96].clone(), path / "calib.pt")
+    save_file({"inputs": data.train_x[:96].contiguous()}, path / "calib.safetensors")
+    torch.save({"inputs": data.test_x[:128].clone(), "labels": data.test_y[:128].clone()}, path / "eval.pt")
+    save_file({"inputs": data.test_x[:128].contiguous(), "labels": data.test_y[:128].contiguous()},
+              path / "eval.safetensors")
+    torch.save(torch.randn(8, 3, 8, 8), path / "calib_wrong_shape.pt")
+    torch.save({"inputs": data.test_x[:10].clone(), "labels": data.test_y[:9].clone()}, path / "eval_bad_labels.pt")
+    (path / "text.pt").write_text("not a tensor file\n")
+    whole = (path / "digits.safetensors").read_bytes()
+    (path / "truncated.safetensors").write_bytes(whole[: len(whole) // 2])
+    whole = (path / "digits_state.pt").read_bytes()
+    (path / "truncated.pt").write_bytes(whole[: len(whole) // 2])
+    (path / "mymodels.py").write_text("import torch\n\ndef not_a_model():\n    return 42\n\n"
+                                      "def broken():\n    raise RuntimeError('factory exploded')\n")
+    return path
+
+
+def digests(path: Path) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir()) if p.is_file()}
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, f"rc {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{result.stderr}"
+    assert "Traceback" not in result.stderr
+    assert lines[0].startswith("torchquant ")
+    for fragment in fragments:
+        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
+
+
+def quant_layers(model):
+    return [m for m in model.modules() if isinstance(m, (QuantLinear, QuantConv2d))]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# working runs
+
+def test_help_of_every_subcommand(work, capsys):
+    result = run_cli("--help", cwd=work, check_rc=0)
+    for command in ("convert", "report", "bench", "demo"):
+        assert command in result.stdout
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0
+        assert "usage: torchquant " + command in capsys.readouterr().out
+    main_help = run_cli("convert", "--help", cwd=work, check_rc=0).stdout
+    assert "--min-sqnr" in main_help and "--calib" in main_help
+
+
+def test_convert_static_writes_a_checkpoint_that_load_reads(work, tmp_path):
+    before = digests(work)
+    out, report = tmp_path / "digits-int8.safetensors", tmp_path / "report.json"
+    result = run_cli("convert", FACTORY, "--weights", work / "digits.safetensors", "--config", "int8-static",
+                     "--calib", work / "calib.pt", "--eval", work / "eval.pt", "-o", out, "--report", report,
+                     "--threads", "1", cwd=work, check_rc=0)
+    assert "wrote" in result.stderr and "4 layers quantized" in result.stderr
+    assert "accuracy on 128 samples" in result.stdout
+    assert digests(work) == before, "input files must never be modified"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["digits-int8.safetensors", "report.json"]
+
+    loaded = torchquant.load(out, DigitsCNN())
+    layers = quant_layers(loaded)
+    assert len(layers) == 4 and all(layer.converted for layer in layers)
+    assert all(layer.config.activation.dynamic is False for layer in layers)
+    float_model = DigitsCNN()
+    float_model.load_state_dict(torch.load(work / "digits_state.pt", weights_only=True))
+    x = torch.load(work / "eval.pt", weights_only=True)["inputs"]
+    with torch.no_grad():
+        agreement = (loaded(x).argmax(1) == float_model(x).argmax(1)).float().mean().item()
+    assert agreement >= 0.97
+
+    data = json.loads(report.read_text())
+    assert [layer["name"] for layer in data["layers"]] == ["conv1", "conv2", "fc1", "fc2"]
+    for layer in data["layers"]:
+        assert layer["quantized"] and layer["weight_bits"] == 8 and layer["activation"] == "uint8 static"
+        assert layer["weight_sqnr_db"] > 30 and layer["output_sqnr_db"] > 20
+        assert layer["bytes_quantized"] < layer["bytes_float"]
+        assert layer["latency_float_s"] > 0 and layer["latency_quantized_s"] > 0
+    assert data["bytes_quantized"] < data["bytes_float"] / 3
+    assert data["eval_metric"] == "accuracy" and data["eval_samples"] == 128
+    assert abs(data["eval_float"] - data["eval_quantized"]) <= 3.0
+
+
+def test_convert_pickled_model_with_trust_pickle_and_options(work, tmp_path):
+    out = tmp_path / "w4.safetensors"
+    run_cli("convert", work / "digits_model.pt", "--trust-pickle", "--bits", "4", "--rounding", "truncate",
+            "--granularity", "per_tensor", "--skip", "fc2", "-o", out, "--quiet", "--threads", "1", cwd=work,
+            check_rc=0)
+    loaded = torchquant.load(out, DigitsCNN())
+    assert isinstance(loaded.fc2, torch.nn.Linear) and not isinstance(loaded.fc2, QuantLinear)
+    for layer in (loaded.conv1, loaded.conv2, loaded.fc1):
+        assert layer.converted and layer.config.weight.bits == 4
+        assert layer.config.weight.rounding == "truncate" and layer.config.weight.granularity == "per_tensor"
+
+
+def test_convert_budget_moves_4bit_layers_to_8_bits(work, tmp_path):
+    """4-bit weights leave every layer's output SQNR below 40 dB and 8-bit weights above it here: with
+    --min-sqnr 40 each layer falls back to 8 bits, and the report says why."""
+    out, report = tmp_path / "budget.safetensors", tmp_path / "budget.json"
+    run_cli("convert", FACTORY, "--weights", work / "digits.safetensors", "--config", "w4a8-dynamic",
+            "--calib", work / "calib.safetensors", "--min-sqnr", "40", "-o", out, "--report", report, "--quiet",
+            "--threads", "1", cwd=work, check_rc=0)
+    data = json.loads(report.read_text())
+    assert data["min_sqnr"] == 40 and set(data["decisions"]) == {"conv1", "conv2", "fc1", "fc2"}
+    for layer in data["layers"]:
+        assert layer["weight_bits"] == 8, layer
+        assert layer["note"].startswith("8-bit weights: output SQNR") and "at 4 bits" in layer["note"]
+        assert layer["output_sqnr_db"] >= 40
+    loaded = torchquant.load(out, DigitsCNN())
+    assert [layer.config.weight.bits for layer in quant_layers(loaded)] == [8, 8, 8, 8]
+
+
+def test_report_budget_keeps_layers_float(work, tmp_path):
+    result = run_cli("report", FACTORY, "--weights", work / "digits_state.pt", "--calib", work / "calib.pt",
+                     "--config", "int8-static", "--min-sqnr", "200", "--json", "-", "--quiet", "--threads", "1",
+                     cwd=work, check_rc=0)
+    data = json.loads(result.stdout)
+    assert all(not layer["quantized"] for layer in data["layers"])
+    assert all(layer["note"].startswith("kept float: output SQNR") for layer in data["layers"])
+    assert data["bytes_quantized"] == data["bytes_float"]
+
+
+def test_report_writes_table_json_and_markdown(work, tmp_path):
+    json_path, markdown_path = tmp_path / "r.json", tmp_path / "r.md"
+    result = run_cli("report", FACTORY, "--weights", work / "digits.safetensors", "--calib", work / "calib.pt",
+                     "--eval", work / "eval.safetensors", "--json", json_path, "--markdown", markdown_path,
+                     "--repeats", "3", "--threads", "1", cwd=work, check_rc=0)
+    header = result.stdout.splitlines()[0].split()
+    assert header[:3] == ["layer", "type", "weight"] and "speed-up" in header
+    assert "model size:" in result.stdout and "accuracy on 128 samples" in result.stdout
+    data = json.loads(json_path.read_text())
+    assert data["config"]["activation"]["dynamic"] is True  # the default preset is int8-dynamic
+    markdown = markdown_path.read_text()
+    assert markdown.startswith("# torchquant quantization report")
+    assert "| conv1 | Conv2d | 16x1x3x3 | 8 |" in markdown
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "plot skipped: matplotlib is not installed" in markdown
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.md"]
+    else:
+        assert "![per-layer output SQNR and speed-up](r.png)" in markdown
+        assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_runs(work):
+    result = run_cli("demo", "--epochs", "2", "--qat-epochs", "1", "--threads", "1", cwd=work, check_rc=0)
+    for label in ("float32", "int8-static", "int8-dynamic", "w4a8-dynamic", "int8-static, truncate rounding",
+                  "w4a8 QAT (1 epochs)"):
+        assert f"| {label} |" in result.stdout
+    assert "accuracy %" in result.stdout and "size KiB" in result.stdout
+
+
+def test_bench_quick(work):
+    result = run_cli("bench", "--quick", "--only", "quantize", "--threads", "1", cwd=work)
+    if "not in this build" in result.stderr:
+        pytest.skip("torchquant/bench/quantize.py is not in this checkout")
+    assert result.returncode == 0, result.stderr
+    assert "## quantize (cpu)" in result.stdout and "|---|" in result.stdout
+
+
+# ------------------------------------------------------------------------------------------------------------
+# bad input: one line, exit status 2, nothing written, inputs untouched
+
+GOOD = ["--weights", "digits.safetensors"]
+ERROR_CASES = {
+    "missing weights": (["convert", FACTORY, "--weights", "nope.safetensors"], ["--weights: no such file"]),
+    "truncated safetensors": (["convert", FACTORY, "--weights", "truncated.safetensors"],
+                              ["--weights", "truncated"]),
+    "truncated torch file": (["convert", FACTORY, "--weights", "truncated.pt"], ["--weights", "truncated.pt"]),
+    "text as weights": (["convert", FACTORY, "--weights", "text.pt"], ["--weights", "text.pt"]),
+    "pickled model as weights": (["convert", FACTORY, "--weights", "digits_model.pt"],
+                                 ["--weights", "--trust-pickle"]),
+    "tensor as weights": (["convert", FACTORY, "--weights", "calib.pt"], ["not a state dict"]),
+    "weights of another model": (["convert", FACTORY, "--weights", "other.safetensors"],
+                                 ["does not fit the model", "conv1.weight"]),
+    "spec without factory": (["convert", "torchquant.examples"] + GOOD, ["package.module:factory"]),
+    "unknown module": (["convert", "no_such_package.models:net"] + GOOD, ["no module named 'no_such_package'"]),
+    "unknown factory": (["convert", "torchquant.examples:NoSuchNet"] + GOOD, ["has no attribute 'NoSuchNet'"]),
+    "factory returns no module": (["convert", "mymodels:not_a_model"], ["returned int", "nn.Module"]),
+    "factory raises": (["convert", "mymodels:broken"], ["factory exploded"]),
+    "pickle without trust": (["convert", "digits_model.pt"], ["--trust-pickle"]),
+    "state dict as model": (["convert", "digits_state.pt"], ["holds weights", "--weights"]),
+    "missing model file": (["convert", "nope.pt"], ["MODEL: no such file"]),
+    "unknown preset": (["convert", FACTORY, "--config", "int3-magic"] + GOOD, ["unknown preset 'int3-magic'"]),
+    "bits out of range": (["convert", FACTORY, "--bits", "9"] + GOOD, ["--bits", "[1, 8]"]),
+    "unknown rounding": (["convert", FACTORY, "--rounding", "up"] + GOOD, ["--rounding"]),
+    "static without calibration": (["convert", FACTORY, "--config", "int8-static"] + GOOD, ["--calib"]),
+    "calibration of the wrong shape": (["convert", FACTORY, "--calib", "calib_wrong_shape.pt"] + GOOD,
+                                       ["--calib", "[8, 3, 8, 8]", "do not fit the model"]),
+    "missing calibration": (["convert", FACTORY, "--calib", "nope.pt"] + GOOD, ["--calib: no such file"]),
+    "truncated calibration": (["convert", FACTORY, "--calib", "truncated.safetensors"] + GOOD, ["--calib"]),
+    "labels of the wrong length": (["report", FACTORY, "--eval", "eval_bad_labels.pt"] + GOOD,
+                                   ["10 inputs but 9 labels"]),
+    "budget without calibration": (["convert", FACTORY, "--min-sqnr", "30"] + GOOD, ["--calib"]),
+    "output overwrites an input": (["convert", FACTORY, "--calib", "calib.pt", "-o", "calib.pt"] + GOOD,
+                                   ["input files are never overwritten"]),
+    "output directory missing": (["convert", FACTORY, "-o", "no/such/dir/out.safetensors"] + GOOD,
+                                 ["does not exist"]),
+    "no cuda": (["convert", FACTORY, "--device", "cuda"] + GOOD, ["--device"]),
+}
+
+
+def _prepare_case(case, tmp_path):
+    args, fragments = ERROR_CASES[case]
+    if case == "no cuda" and torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    if args[0] == "convert" and "-o" not in args:
+        args = args + ["-o", str(tmp_path / "out.safetensors")]
+    return args + ["--threads", "1"], fragments
+
+
+@pytest.mark.parametrize("case", list(ERROR_CASES))
+def test_bad_input_is_one_line_and_exit_status_2(work, tmp_path, case, capsys, monkeypatch):
+    """Every case through main(), the function `python -m torchquant` runs (in this process: fast)."""
+    args, fragments = _prepare_case(case, tmp_path)
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # MODEL lookup may add the working directory
+    before = digests(work)
+    status = main(args)
+    captured = capsys.readouterr()
+    assert_one_line_error(subprocess.CompletedProcess(args, status, captured.out, captured.err), *fragments)
+    assert digests(work) == before, "input files must never be modified"
+    assert list(tmp_path.iterdir()) == [], "a failed run must leave no output"
+
+
+# one case of each kind the issue names, through a real `python -m torchquant` process
+@pytest.mark.parametrize("case", ["missing weights", "truncated safetensors", "text as weights",
+                                  "unknown module", "unknown preset", "calibration of the wrong shape"])
+def test_bad_input_in_a_subprocess(work, tmp_path, case):
+    args, fragments = _prepare_case(case, tmp_path)
+    before = digests(work)
+    assert_one_line_error(run_cli(*args, cwd=work), *fragments)
+    assert digests(work) == before
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_run_keeps_an_existing_output(work, tmp_path):
+    out = tmp_path / "out.safetensors"
+    out.write_bytes(b"previous result")
+    result = run_cli("convert", FACTORY, "--weights", "digits.safetensors", "--calib", "calib_wrong_shape.pt",
+                     "-o", out, cwd=work)
+    assert_one_line_error(result, "--calib")
+    assert out.read_bytes() == b"previous result"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.safetensors"]
+
+
+def test_debug_shows_the_traceback(work, tmp_path):
+    result = run_cli("convert", FACTORY, "--weights", "nope.safetensors", "-o", tmp_path / "o.safetensors",
+                     "--debug", cwd=work)
+    assert result.returncode == 2
+    assert "Traceback" in result.stderr and "UsageError" in result.stderr
+
+
+def test_usage_errors_from_argparse_exit_2(capsys):
+    for argv in (["convert", FACTORY], [], ["frobnicate"]):  # -o missing; no command; unknown command
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+    assert "-o/--output" in capsys.readouterr().err
+
+
+def test_atomic_output_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out.bin"
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_output(str(target), "-o") as temp:
+            Path(temp).write_bytes(b"partial")
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_output(str(target), "-o") as temp:
+        Path(temp).write_bytes(b"complete")
+    assert target.read_bytes() == b"complete" and [p.name for p in tmp_path.iterdir()] == ["out.bin"]
+    with pytest.raises(UsageError, match="does not exist"):
+        with atomic_output(str(tmp_path / "missing" / "x"), "-o"):
+            pass
