@@ -56,5 +56,8 @@ def test_format_tables_groups_rows_by_part():
 def test_bad_arguments():
     with pytest.raises(ValueError, match="parts must be among"):
         models.run(["minilm", "digits"])
-    with pytest.raises(SystemExit):
-        models.main(["--repeats", "0"])
+    with pytest.raises(ValueError, match="threads must be"):
+        models.run(["digits"], threads=(0,))
+    for argv in (["--repeats", "0"], ["--threads", "0"], ["--parts", "bogus"]):
+        with pytest.raises(SystemExit):
+            models.main(argv)
