@@ -96,6 +96,10 @@ def test_bad_input_is_rejected():
         minilm_lib.compare_embeddings(e, torch.zeros(3, 5), torch.zeros(3))
     with pytest.raises(ValueError, match="labels"):
         minilm_lib.compare_embeddings(e, e, torch.zeros(2))
+    with pytest.raises(TypeError, match="candidate must be a tensor"):
+        minilm_lib.compare_embeddings(e, [[0.0]], torch.zeros(3))
+    with pytest.raises(ValueError, match="N >= 2"):
+        minilm_lib.nearest_neighbours(torch.ones(1, 4))
     with pytest.raises(TypeError, match="sentences"):
         minilm_lib.encode(None, "one string")
     with pytest.raises(ValueError, match="sentences"):

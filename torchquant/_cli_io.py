@@ -7,6 +7,7 @@ import importlib
 import os
 import sys
 import tempfile
+import zipfile
 from contextlib import contextmanager
 from typing import Iterator, List, Mapping, Optional, Tuple
 
@@ -51,16 +52,32 @@ def _load_safetensors(path: str, option: str) -> dict:
                          f"{_one_line(exc)}") from exc
 
 
-def _load_torch_tensors(path: str, option: str, expected: str):
-    """torch.load restricted to tensors and plain containers (weights_only=True): never runs code from the file."""
+def _weights_only_load(path: str):
+    """(content, None), or (None, why) when torch.load with weights_only=True (which never runs code from the
+    file) fails: why is "objects" for a torch.save archive holding more than tensors and plain containers,
+    else the reason the file cannot be read."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True), None
     except Exception as exc:  # torch.load raises many types (UnpicklingError, RuntimeError, EOFError, ...)
-        message = str(exc)
-        if "Weights only load failed" in message or "weights_only" in message:
-            raise UsageError(f"{option}: {path} holds Python objects, expected {expected}") from exc
-        raise UsageError(f"{option}: cannot read {path} (truncated, or not a file written by torch.save): "
-                         f"{_one_line(exc)}") from exc
+        if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; its directory is at the end
+            return None, ""
+        if "weights only" in str(exc).lower().replace("_", " "):
+            return None, "objects"
+        return None, _one_line(exc)
+
+
+def _unreadable(option: str, path: str, why: str) -> UsageError:
+    return UsageError(f"{option}: cannot read {path} (truncated, or not a file written by torch.save)"
+                      + (f": {why}" if why else ""))
+
+
+def _load_torch_tensors(path: str, option: str, expected: str):
+    content, why = _weights_only_load(path)
+    if why == "objects":
+        raise UsageError(f"{option}: {path} holds Python objects, expected {expected}")
+    if why is not None:
+        raise _unreadable(option, path, why)
+    return content
 
 
 def _import_factory(spec: str):
@@ -105,18 +122,18 @@ def _model_from_pickle(path: str, trust_pickle: bool) -> nn.Module:
                          f"and this file as --weights")
     if not trust_pickle:
         # A weights-only load is safe: it tells a state dict (fine, with a factory) from a pickled model.
-        try:
-            torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:
+        _, why = _weights_only_load(path)
+        if why == "objects":
             raise UsageError(f"MODEL: {path} is a pickled model and unpickling runs code from the file; "
-                             f"pass --trust-pickle if you trust its source") from None
+                             f"pass --trust-pickle if you trust its source")
+        if why is not None:
+            raise _unreadable("MODEL", path, why)
         raise UsageError(f"MODEL: {path} holds weights, not a model; give the architecture as "
                          f"package.module:factory and this file as --weights")
     try:
         model = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
-        raise UsageError(f"MODEL: cannot read {path} (truncated, or not a file written by torch.save): "
-                         f"{_one_line(exc)}") from exc
+        raise _unreadable("MODEL", path, _one_line(exc)) from exc
     if not isinstance(model, nn.Module):
         raise UsageError(f"MODEL: {path} holds a {type(model).__name__}, expected a model saved with "
                          f"torch.save(model)")

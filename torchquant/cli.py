@@ -20,7 +20,7 @@ from torchquant._cli_io import (UsageError, atomic_output, batches_of, load_inpu
 
 __all__ = ["main", "build_parser"]
 
-BENCH_MODULES = ("quantize", "gemm_cpu", "gpu")  # torchquant/bench/<name>.py, run in this order when present
+BENCH_MODULES = ("quantize", "gemm_cpu", "layers", "gpu")  # torchquant/bench/<name>.py, in this order when present
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser(
         "bench", parents=[common], help="kernel benchmarks as ratio tables",
         description="Run the kernel benchmarks of torchquant.bench on this machine and print ratio tables.")
-    bench.add_argument("--device", default="cpu", help="cpu (quantize, gemm_cpu) or cuda (gpu); default: cpu")
+    bench.add_argument("--device", default="cpu",
+                       help="cpu (quantize, gemm_cpu, layers) or cuda (gpu); default: cpu")
     bench.add_argument("--quick", action="store_true", help="small sizes, few repeats")
     bench.add_argument("--only", nargs="+", metavar="NAME", choices=BENCH_MODULES,
                        help=f"run only these benchmarks ({', '.join(BENCH_MODULES)})")
@@ -282,6 +283,8 @@ def _cmd_convert(args) -> int:
     quantized, decisions = job.quantize(progress=not args.quiet)
     with atomic_output(args.output, "-o") as temp:
         torchquant.save(quantized, temp)
+    if args.quiet and args.report is None:
+        return 0  # the report is only for showing or writing
     report = job.report(quantized, decisions, repeats=5, progress=not args.quiet)
     if args.report is not None:
         with atomic_output(args.report, "--report") as temp:
@@ -290,7 +293,7 @@ def _cmd_convert(args) -> int:
         print(report.format_table())
     kept = [layer.name for layer in report.layers if not layer.quantized]
     _status(args, f"wrote {args.output}: {len(report.layers) - len(kept)} layers quantized, {len(kept)} kept "
-                  f"float; weights {report.bytes_float / 1024:.1f} KiB -> {report.bytes_quantized / 1024:.1f} KiB"
+                  f"float; model {report.bytes_float / 1024:.1f} KiB -> {report.bytes_quantized / 1024:.1f} KiB"
             + (f"; report {args.report}" if args.report else ""))
     return 0
 
@@ -325,6 +328,7 @@ def _cmd_report(args) -> int:
 QUICK_BENCH = {
     "quantize": {"numel": 4 << 20, "channels": 1024, "repeats": 3},
     "gemm_cpu": {"tables": ("linear",), "repeats": 3},
+    "layers": {"tables": ("linear",), "repeats": 3},
     "gpu": {"quick": True, "repeats": 5},
 }
 

@@ -215,6 +215,19 @@ def _is_quantized(module) -> bool:
     return _is_quant_layer(module) and module.converted
 
 
+@contextmanager
+def _eval_mode(*models: nn.Module):
+    """Every module in eval mode inside, each module's own training flag restored afterwards."""
+    flags = [(m, m.training) for model in models for m in model.modules()]
+    for model in models:
+        model.eval()
+    try:
+        yield
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
 @dataclass
 class _LayerMeasurement:
     output: _ErrorSums = field(default_factory=_ErrorSums)
@@ -240,11 +253,8 @@ def _measure(float_model, quantized_model, batches: Sequence[torch.Tensor], *, n
             measured[name].output.add(output, quantized_layer(inputs[0]))
         return hook
 
-    handles = [f.register_forward_hook(hook_for(n, q)) for n, f, q in pairs]
     end_to_end = _ErrorSums()
-    was_training = float_model.training, quantized_model.training
-    float_model.eval()
-    quantized_model.eval()
+    handles = [f.register_forward_hook(hook_for(n, q)) for n, f, q in pairs]
     try:
         for batch in tqdm(batches, desc=desc, disable=None if progress else True, leave=False):
             reference = _first_tensor(float_model(batch))
@@ -266,8 +276,6 @@ def _measure(float_model, quantized_model, batches: Sequence[torch.Tensor], *, n
         times = compare({"float": lambda: float_model(b), "quantized": lambda: quantized_model(b)},
                         device=device, repeats=repeats)
         model_latency = times["float"], times["quantized"]
-    float_model.train(was_training[0])
-    quantized_model.train(was_training[1])
     return measured, end_to_end, model_latency
 
 
@@ -321,9 +329,10 @@ def build_report(float_model: nn.Module, quantized_model: nn.Module, config=None
     config = resolve_config(config)
     decisions = dict(decisions or {})
     batches = list(calibration) if calibration is not None else list(evaluation[0]) if evaluation else []
-    measured, end_to_end, model_latency = (
-        _measure(float_model, quantized_model, batches, time_layers=time_layers, repeats=repeats,
-                 progress=progress) if batches else ({}, None, None))
+    with _eval_mode(float_model, quantized_model):
+        measured, end_to_end, model_latency = (
+            _measure(float_model, quantized_model, batches, time_layers=time_layers, repeats=repeats,
+                     progress=progress) if batches else ({}, None, None))
     layers = []
     for name, float_layer, layer in _layer_pairs(float_model, quantized_model):
         row = LayerReport(name=name, type=type(float_layer).__name__, shape=list(float_layer.weight.shape),
@@ -355,8 +364,9 @@ def build_report(float_model: nn.Module, quantized_model: nn.Module, config=None
     else:
         report.notes.append("no calibration or evaluation inputs: output errors and latencies not measured")
     if evaluation is not None:
-        (report.eval_metric, report.eval_samples, report.eval_float,
-         report.eval_quantized) = _evaluate(float_model, quantized_model, evaluation, progress)
+        with _eval_mode(float_model, quantized_model):
+            (report.eval_metric, report.eval_samples, report.eval_float,
+             report.eval_quantized) = _evaluate(float_model, quantized_model, evaluation, progress)
     return report
 
 
@@ -438,7 +448,9 @@ def quantize_with_budget(model: nn.Module, config=None, calibration: Optional[It
         raise ValueError("quantize_with_budget: a budget (min_sqnr / min_speedup) needs calibration batches")
     time_layers = min_speedup is not None
     trial = _quantize_copy(model, config, batches, progress=progress)
-    measured, _, _ = _measure(model, trial, batches, time_layers=time_layers, repeats=repeats, progress=progress)
+    with _eval_mode(model, trial):
+        measured, _, _ = _measure(model, trial, batches, time_layers=time_layers, repeats=repeats,
+                                  progress=progress)
     failing = {name: why for name, m in measured.items() if (why := _fails(m, min_sqnr, min_speedup))}
     plan: Dict[str, Optional[int]] = {name: None for name in failing}
     decisions = {name: f"kept float: {why}" for name, why in failing.items()}
@@ -447,8 +459,10 @@ def quantize_with_budget(model: nn.Module, config=None, calibration: Optional[It
         layers = {name for name, module in model.named_modules() if type(module) in FLOAT_LAYER_TYPES}
         retry = _quantize_copy(model, config, batches, {name: fallback_bits if name in failing else None
                                                         for name in layers}, progress=progress)
-        remeasured, _, _ = _measure(model, retry, batches, names=set(failing), time_layers=time_layers,
-                                    repeats=repeats, progress=progress, desc=f"trying {fallback_bits}-bit weights")
+        with _eval_mode(model, retry):
+            remeasured, _, _ = _measure(model, retry, batches, names=set(failing), time_layers=time_layers,
+                                        repeats=repeats, progress=progress,
+                                        desc=f"trying {fallback_bits}-bit weights")
         for name, why in failing.items():
             why_again = _fails(remeasured[name], min_sqnr, min_speedup)
             if why_again is None:

@@ -23,7 +23,7 @@ namespace {
 
 // Work item: up to kRowsPerChunk rows x one 64-column panel. Its int32 tile (24 KB) stays in L1/L2 while k runs in
 // blocks of kKBlock: the panel's slice of the weight for one block (16 KB) stays in L1 across the chunk's rows.
-constexpr int64_t kRowsPerChunk = 96;  // a multiple of every microkernel's row count (6, 2, 1)
+constexpr int64_t kRowsPerChunk = 96;  // at most; a multiple of every microkernel's row count (6, 2, 1)
 constexpr int64_t kKBlock = 256;       // bytes of k per cache block (a multiple of 4)
 constexpr int64_t kRepackMinPanels = 4;  // weight panels from which a chunk's rows are copied into micro-panels
 
@@ -288,17 +288,21 @@ void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa) {
   const IsaPath path = isa_path(isa);
   const int64_t k4 = round_up(args.k, 4);
   const int64_t n_panels = (args.n + kPanelCols - 1) / kPanelCols;
-  const int64_t m_chunks = (args.m + kRowsPerChunk - 1) / kRowsPerChunk;
+  // rows split evenly over the fewest chunks of <= kRowsPerChunk (128 rows: 2 x 66, not 96 + 32, which would
+  // leave one of two threads a quarter of the work), rounded to whole microkernel row groups
+  const int64_t min_chunks = (args.m + kRowsPerChunk - 1) / kRowsPerChunk;
+  const int64_t chunk_rows = round_up((args.m + min_chunks - 1) / std::max<int64_t>(min_chunks, 1), kVnniRows);
+  const int64_t m_chunks = (args.m + chunk_rows - 1) / chunk_rows;
   const int64_t items = args.groups * n_panels * m_chunks;
   // ~1M multiply-adds (or weight bytes, for few rows) per task before a second thread is worth waking
-  const int64_t item_cost = (std::min(args.m, kRowsPerChunk) + 4) * kPanelCols * k4;
+  const int64_t item_cost = (std::min(args.m, chunk_rows) + 4) * kPanelCols * k4;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(item_cost, 1));
 
   at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
     alignas(64) int32_t tile[kRowsPerChunk * kPanelCols];
     // the copy pays off when a chunk meets several weight panels; otherwise the rows are read where they are
     const bool repack = n_panels >= kRepackMinPanels;
-    std::vector<uint8_t> chunk_panels(repack ? std::min(kRowsPerChunk, args.m) * k4 : 0);
+    std::vector<uint8_t> chunk_panels(repack ? std::min(chunk_rows, args.m) * k4 : 0);
     int64_t packed_chunk = -1;  // the (group, chunk) whose rows chunk_panels holds
     for (int64_t item = begin; item < end; ++item) {
       // consecutive items share a chunk of activation rows, which stays in L2 while the weight panels stream past
@@ -306,8 +310,8 @@ void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa) {
       const int64_t chunk_id = item / n_panels;
       const int64_t chunk = chunk_id % m_chunks;
       const int64_t g = chunk_id / m_chunks;
-      const int64_t row0 = chunk * kRowsPerChunk;
-      const int64_t rows = std::min(kRowsPerChunk, args.m - row0);
+      const int64_t row0 = chunk * chunk_rows;
+      const int64_t rows = std::min(chunk_rows, args.m - row0);
       const uint8_t* a = args.a + row0 * args.lda + g * args.a_group_offset;
       if (repack && chunk_id != packed_chunk) {
         pack_chunk_panels(a, args.lda, rows, k4, path.rows, chunk_panels.data());

@@ -106,12 +106,6 @@ def encode(minilm: MiniLM, sentences: Sequence[str], *, encoder: torch.nn.Module
     return torch.cat(parts)
 
 
-def calibration_batches(minilm: MiniLM, *, batch_size: int = 8) -> List[Tuple[torch.Tensor, ...]]:
-    """CALIBRATION_SENTENCES tokenized in batches of `batch_size`, for torchquant.calibrate."""
-    return [minilm.tokenize(CALIBRATION_SENTENCES[i:i + batch_size])
-            for i in range(0, len(CALIBRATION_SENTENCES), batch_size)]
-
-
 def _check_sentences(sentences) -> None:
     if isinstance(sentences, str) or not isinstance(sentences, Sequence):
         raise TypeError(f"sentences must be a list of str, got {type(sentences).__name__}")
@@ -262,6 +256,8 @@ def group_labels() -> torch.Tensor:
 
 def nearest_neighbours(embeddings: torch.Tensor) -> torch.Tensor:
     """For each row of normalized `embeddings` [N, D], the index of the most similar other row."""
+    if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2 or embeddings.shape[0] < 2:
+        raise ValueError("embeddings must be a [N, D] tensor with N >= 2")
     similarity = embeddings @ embeddings.T
     similarity.fill_diagonal_(float("-inf"))
     return similarity.argmax(1)
@@ -272,6 +268,9 @@ def compare_embeddings(reference: torch.Tensor, candidate: torch.Tensor, labels:
     cosine similarity per sentence (mean, worst), nearest-neighbour agreement (fraction of sentences whose nearest
     neighbour is the same under both), and the paraphrase-group retrieval accuracy of `candidate` alone (fraction
     of sentences whose nearest neighbour is in their own group, `labels`)."""
+    for name, value in (("reference", reference), ("candidate", candidate), ("labels", labels)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(value).__name__}")
     if reference.dim() != 2 or reference.shape != candidate.shape:
         raise ValueError(f"reference and candidate must be [N, D] of one shape, got {tuple(reference.shape)} and "
                          f"{tuple(candidate.shape)}")
@@ -287,3 +286,11 @@ def compare_embeddings(reference: torch.Tensor, candidate: torch.Tensor, labels:
         "nn_agreement": (ref_nn == cand_nn).double().mean().item(),
         "group_accuracy": (labels[cand_nn] == labels).double().mean().item(),
     }
+
+
+def calibration_batches(minilm: MiniLM, *, batch_size: int = 8) -> List[Tuple[torch.Tensor, ...]]:
+    """CALIBRATION_SENTENCES tokenized in batches of `batch_size`, for torchquant.calibrate."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    return [minilm.tokenize(CALIBRATION_SENTENCES[i:i + batch_size])
+            for i in range(0, len(CALIBRATION_SENTENCES), batch_size)]

@@ -298,11 +298,14 @@ TITLES = {
 }
 
 
-def run(parts: Sequence[str] = PARTS, *, repeats: int = 9) -> List[dict]:
-    """Rows of every requested part; each row's "table" names its part."""
+def run(parts: Sequence[str] = PARTS, *, threads: Sequence[int] = (1, 2), repeats: int = 9) -> List[dict]:
+    """Rows of every requested part, latencies at each thread count of `threads`; each row's "table" names its
+    part."""
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
         raise ValueError(f"parts must be among {PARTS}, got {unknown}")
+    if not threads or not all(isinstance(t, int) and t >= 1 for t in threads):
+        raise ValueError(f"threads must be a non-empty sequence of positive ints, got {threads!r}")
     rows = []
     if {"minilm-quality", "minilm-latency"} & set(parts):
         if not minilm_lib.is_available():
@@ -313,11 +316,11 @@ def run(parts: Sequence[str] = PARTS, *, repeats: int = 9) -> List[dict]:
             if "minilm-quality" in parts:
                 rows += minilm_quality(minilm, variants)
             if "minilm-latency" in parts:
-                rows += minilm_latency(minilm, variants, repeats=repeats)
+                rows += minilm_latency(minilm, variants, threads=threads, repeats=repeats)
     if "digits" in parts:
         rows += digits_accuracy()
     if "convnets" in parts:
-        rows += convnet_latency(repeats=repeats)
+        rows += convnet_latency(threads=threads, repeats=repeats)
     return rows
 
 
@@ -350,12 +353,15 @@ def format_tables(rows: List[dict]) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="benchmarks/bench_models.py", description=__doc__.splitlines()[0])
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="which tables")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts of the latencies")
     parser.add_argument("--repeats", type=int, default=9, help="interleaved samples per timing (median)")
     parser.add_argument("--output", help="also write the tables, with the machine and date, to this Markdown file")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
-    rows = run(args.parts, repeats=args.repeats)
+    if min(args.threads) < 1:
+        parser.error("--threads must be >= 1")
+    rows = run(args.parts, threads=tuple(args.threads), repeats=args.repeats)
     text = f"{format_tables(rows)}\n{LEGEND}\n\nMachine: {machine_description()}\n"
     print(text)
     if args.output:

@@ -1,0 +1,63 @@
+"""The model-benchmark building blocks (torchquant.bench.models) on small inputs: network shapes, that quantizing
+copies leave the float model alone, the torch.ao baselines, table formatting and bad arguments. No timing."""
+import pytest
+import torch
+
+from torchquant.bench import models
+
+
+@pytest.mark.parametrize("block, channels", [("basic", 512), ("bottleneck", 2048)])
+def test_resnet_stages_go_from_56_to_7(block, channels):
+    net = models.resnet_stages(block)
+    with torch.no_grad():
+        y = net(torch.randn(1, 64, 56, 56))
+    assert y.shape == (1, channels, 7, 7)
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in net.modules()) == (11 if block == "basic" else 16)
+
+
+def test_resnet_stages_rejects_unknown_block():
+    with pytest.raises(ValueError, match="block must be 'basic' or 'bottleneck'"):
+        models.resnet_stages("dense")
+
+
+@pytest.mark.slow  # torch.ao's FX prepare alone takes ~10 s on the shared 2-core machine
+def test_quantized_copies_leave_the_float_model_untouched_and_stay_close():
+    torch.manual_seed(0)
+    net = models.resnet_stages("basic")
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    calibration = [torch.randn(1, 64, 16, 16).relu()]  # any size works; small keeps it fast
+    variants = {models.FLOAT: net,
+                "torchquant int8-static": models.torchquant_quantized(net, "int8-static", calibration),
+                f"{models.TORCH_AO} static (FX, x86)": models.torch_ao_static(net, calibration)}
+    assert not any(type(m).__module__.startswith("torchquant.nn") for m in net.modules())
+    for key, value in net.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0)
+    errors = models._relative_errors(variants, calibration[0])
+    assert errors[models.FLOAT] == 0.0
+    assert all(0.0 < e < 0.1 for name, e in errors.items() if name != models.FLOAT), errors
+
+
+def test_torch_ao_dynamic_swaps_every_linear():
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    quantized = models.torch_ao_dynamic(net)
+    assert not any(type(m) is torch.nn.Linear for m in quantized.modules())
+    assert all(type(m) is torch.nn.Linear for m in (net[0], net[2]))
+
+
+def test_format_tables_groups_rows_by_part():
+    rows = [{"table": "digits", "variant": "float", "accuracy %": 98.25},
+            {"table": "note", "text": "MiniLM skipped"}]
+    text = models.format_tables(rows)
+    assert "_MiniLM skipped_" in text
+    assert "| float | 98.2 |" in text
+    assert "MiniLM-L6-v2" not in text
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="parts must be among"):
+        models.run(["minilm", "digits"])
+    with pytest.raises(ValueError, match="threads must be"):
+        models.run(["digits"], threads=(0,))
+    for argv in (["--repeats", "0"], ["--threads", "0"], ["--parts", "bogus"]):
+        with pytest.raises(SystemExit):
+            models.main(argv)

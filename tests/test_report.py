@@ -1,0 +1,149 @@
+"""torchquant.report from Python: per-layer measurements, the sensitivity budget and the output formats, on small
+random models (the CLI tests cover the same code end to end on the digits CNN)."""
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import torchquant
+from torchquant import functional as F_q
+from torchquant.nn import QuantConv2d, QuantLinear
+from torchquant.report import (build_report, quantize_with_budget, state_bytes, to_markdown, write_json,
+                               write_markdown)
+
+
+class SmallNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(8 * 6 * 6, 16), nn.ReLU(), nn.Linear(16, 5))
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)))
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return SmallNet().eval()
+
+
+@pytest.fixture
+def batches():
+    generator = torch.Generator().manual_seed(1)
+    return [torch.randn(4, 3, 6, 6, generator=generator) for _ in range(3)]
+
+
+def test_report_without_budget_matches_quantize_model(model, batches):
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    quantized, decisions = quantize_with_budget(model, "int8-static", batches)
+    assert decisions == {}
+    expected = torchquant.quantize_model(model, "int8-static", calibration=batches, inplace=False)
+    with torch.no_grad():
+        torch.testing.assert_close(quantized(batches[0]), expected(batches[0]))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), "the model must be unchanged"
+    assert type(model.conv) is nn.Conv2d
+
+    report = build_report(model, quantized, "int8-static", calibration=batches, repeats=2)
+    assert [layer.name for layer in report.layers] == ["conv", "head.1", "head.3"]
+    for layer, float_layer, quant_layer in zip(report.layers, (model.conv, model.head[1], model.head[3]),
+                                               (quantized.conv, quantized.head[1], quantized.head[3])):
+        assert layer.quantized and layer.weight_bits == 8 and layer.activation == "uint8 static"
+        dequantized = F_q.dequantize(quant_layer._weight_int8(), quant_layer.weight_scale, 0, axis=0)
+        error = F_q.quantization_error(float_layer.weight.detach(), dequantized)
+        assert layer.weight_sqnr_db == pytest.approx(error["sqnr_db"])
+        assert layer.weight_mse == pytest.approx(error["mse"]) and layer.weight_max_abs == error["max_abs"]
+        assert 20 < layer.output_sqnr_db < 80
+        assert layer.bytes_float == state_bytes(float_layer) and layer.bytes_quantized < layer.bytes_float
+        assert layer.latency_float_s > 0 and layer.latency_quantized_s > 0 and layer.speedup > 0
+    assert report.bytes_quantized < report.bytes_float and report.batch_shape == [4, 3, 6, 6]
+
+
+def test_layer_output_sqnr_is_the_isolated_error(model, batches):
+    """The head.3 figure compares head.3 quantized against head.3 float on the same (float) input."""
+    quantized, _ = quantize_with_budget(model, "int8-dynamic", batches)
+    captured = []
+    handle = model.head[2].register_forward_hook(lambda m, i, o: captured.append(o))
+    with torch.no_grad():
+        for batch in batches:
+            model(batch)
+    handle.remove()
+    x = torch.cat(captured)
+    with torch.no_grad():
+        expected = F_q.quantization_error(model.head[3](x), quantized.head[3](x))["sqnr_db"]
+    report = build_report(model, quantized, "int8-dynamic", calibration=batches, time_layers=False)
+    assert report.layers[2].output_sqnr_db == pytest.approx(expected, rel=1e-6)
+    assert report.layers[2].latency_float_s is None and report.latency_float_s is None
+
+
+def test_budget_falls_back_to_8_bits_then_float(model, batches):
+    # 4-bit weights cannot reach 40 dB, 8-bit ones can: every layer moves to 8 bits
+    quantized, decisions = quantize_with_budget(model, "w4a8-dynamic", batches, min_sqnr=40)
+    assert set(decisions) == {"conv", "head.1", "head.3"}
+    assert all(why.startswith("8-bit weights: output SQNR") for why in decisions.values())
+    assert all(m.config.weight.bits == 8 for m in quantized.modules() if isinstance(m, (QuantLinear, QuantConv2d)))
+    # nothing reaches 200 dB: every layer stays float, and says why at both widths
+    quantized, decisions = quantize_with_budget(model, "w4a8-dynamic", batches, min_sqnr=200)
+    assert all(type(m) in (nn.Conv2d, nn.Linear) for m in (quantized.conv, quantized.head[1], quantized.head[3]))
+    assert all("at 4 bits" in why and "at 8 bits" in why for why in decisions.values())
+    report = build_report(model, quantized, "w4a8-dynamic", calibration=batches, decisions=decisions,
+                          min_sqnr=200, time_layers=False)
+    assert report.bytes_quantized == report.bytes_float
+    assert all(not layer.quantized and layer.note == decisions[layer.name] for layer in report.layers)
+    assert "3 layer(s) changed" in report.format_table()
+
+
+def test_speedup_budget_keeps_slow_layers_float(model, batches):
+    quantized, decisions = quantize_with_budget(model, "int8-dynamic", batches, min_speedup=1e6, repeats=1)
+    assert set(decisions) == {"conv", "head.1", "head.3"}
+    assert all(why.startswith("kept float: speed-up") for why in decisions.values())
+    assert not any(isinstance(m, (QuantLinear, QuantConv2d)) for m in quantized.modules())
+
+
+def test_skipped_layers_and_evaluation(model, batches):
+    config = torchquant.QuantConfig.preset("int8-dynamic").with_skip(["head.3"])
+    quantized, _ = quantize_with_budget(model, config, batches)
+    labels = [torch.arange(4) % 5 for _ in batches]
+    report = build_report(model, quantized, config, evaluation=(batches, labels), time_layers=False)
+    assert report.layers[2].note == "kept float (skip rule)" and not report.layers[2].quantized
+    assert report.eval_metric == "accuracy" and report.eval_samples == 12
+    assert report.output_sqnr_db is not None  # measured on the evaluation inputs when no calibration is given
+    agreement = build_report(model, quantized, config, evaluation=(batches, None), time_layers=False)
+    assert agreement.eval_metric == "agreement" and 0 <= agreement.eval_quantized <= 100
+
+
+def test_outputs(model, batches, tmp_path):
+    quantized, _ = quantize_with_budget(model, "int8-dynamic")
+    report = build_report(model, quantized, "int8-dynamic")  # no data: weights and sizes only
+    assert report.layers[0].output_sqnr_db is None and "not measured" in report.format_table()
+    write_json(report, str(tmp_path / "r.json"))
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["layers"][0]["speedup"] is None and data["config"]["weight"]["bits"] == 8
+    report.layers[0].output_sqnr_db = math.inf  # an exact layer: JSON has no infinity, so it becomes null
+    assert report.to_dict()["layers"][0]["output_sqnr_db"] is None
+    markdown = to_markdown(report)
+    assert "| conv | Conv2d | 8x3x3x3 | 8 |" in markdown
+    note = write_markdown(report, str(tmp_path / "r.md"))
+    assert (tmp_path / "r.md").read_text().startswith("# torchquant quantization report")
+    assert note == "" or "matplotlib" in note
+
+
+def test_bad_arguments(model, batches):
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        quantize_with_budget("model", "int8-dynamic", batches)
+    with pytest.raises(ValueError, match="min_speedup must be positive"):
+        quantize_with_budget(model, "int8-dynamic", batches, min_speedup=0)
+    with pytest.raises(TypeError, match="min_sqnr must be a number"):
+        quantize_with_budget(model, "int8-dynamic", batches, min_sqnr="30")
+    with pytest.raises(ValueError, match="needs calibration batches"):
+        quantize_with_budget(model, "int8-dynamic", None, min_sqnr=30)
+    with pytest.raises(ValueError, match="fallback_bits"):
+        quantize_with_budget(model, "w4a8-dynamic", batches, min_sqnr=30, fallback_bits=9)
+    with pytest.raises(ValueError, match="unknown preset"):
+        quantize_with_budget(model, "int3", batches)
+    with pytest.raises(TypeError, match="must be nn.Modules"):
+        build_report(model, None)
+    with pytest.raises(ValueError, match="repeats must be a positive int"):
+        build_report(model, model, repeats=0)
