@@ -220,9 +220,10 @@ class _Job:
                 if not isinstance(output, torch.Tensor) or output.dim() != 2:
                     raise UsageError(f"--eval: labels need a model that returns [batch, classes] logits; it "
                                      f"returned {_describe(output)}")
-                if labels.min() < 0 or labels.max() >= output.shape[1]:
+                low, high = labels.min().item(), labels.max().item()
+                if low < 0 or high >= output.shape[1]:
                     raise UsageError(f"--eval: labels must be in [0, {output.shape[1] - 1}] (the model has "
-                                     f"{output.shape[1]} outputs), got [{labels.min()}, {labels.max()}]")
+                                     f"{output.shape[1]} outputs), got [{low}, {high}]")
                 labels = list(labels.split(args.batch_size))
             self.eval = (batches, labels)
         activation = self.config.activation
