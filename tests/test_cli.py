@@ -256,6 +256,8 @@ ERROR_CASES = {
     "budget without calibration": (["convert", FACTORY, "--min-sqnr", "30"] + GOOD, ["--calib"]),
     "output overwrites an input": (["convert", FACTORY, "--calib", "calib.pt", "-o", "calib.pt"] + GOOD,
                                    ["input files are never overwritten"]),
+    "report and checkpoint in one file": (["convert", FACTORY, "-o", "same.json", "--report", "same.json"] + GOOD,
+                                          ["--report: same.json is also the checkpoint"]),
     "output directory missing": (["convert", FACTORY, "-o", "no/such/dir/out.safetensors"] + GOOD,
                                  ["does not exist"]),
     "no cuda": (["convert", FACTORY, "--device", "cuda"] + GOOD, ["--device"]),

@@ -280,6 +280,8 @@ def _cmd_convert(args) -> int:
     _check_output_path(args.output, "-o", args)
     if args.report is not None:
         _check_output_path(args.report, "--report", args)
+        if os.path.abspath(args.report) == os.path.abspath(args.output):
+            raise UsageError(f"--report: {args.report} is also the checkpoint (-o); give two file names")
     job = _Job(args)
     quantized, decisions = job.quantize(progress=not args.quiet)
     with atomic_output(args.output, "-o") as temp:
@@ -305,6 +307,9 @@ def _cmd_report(args) -> int:
         path = getattr(args, option)
         if path is not None and path != "-":
             _check_output_path(path, f"--{option}", args)
+    if args.json is not None and args.markdown is not None and \
+            os.path.abspath(args.json) == os.path.abspath(args.markdown):
+        raise UsageError(f"--markdown: {args.markdown} is also the --json file; give two file names")
     if args.repeats < 1:
         raise UsageError(f"--repeats: expected a positive integer, got {args.repeats}")
     job = _Job(args)
