@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip wheel "setuptools>=64"
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q ninja pytest safetensors tqdm numpy scikit-learn
-	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	TORCHQUANT_NO_EXTENSION=1 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
 build: $(VENV)/.installed

@@ -1,6 +1,8 @@
 """Builds torchquant._C: the C++ kernels always, the CUDA kernels when torch has CUDA and nvcc is found.
 
 TORCHQUANT_CUDA=auto (default) builds CUDA when it can, 0 never, 1 always (and fails loudly when it cannot).
+TORCHQUANT_NO_EXTENSION=1 installs the Python package alone: the Makefile uses it for the editable install and then
+builds the extension in place, where ninja rebuilds only what changed.
 """
 import glob
 import os
@@ -60,6 +62,6 @@ def extension():
 
 
 setup(
-    ext_modules=[extension()],
+    ext_modules=[] if os.environ.get("TORCHQUANT_NO_EXTENSION") == "1" else [extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
 )

@@ -1,2 +1,3 @@
 from torchquant.bench.layers import main
+
 main()

@@ -45,7 +45,7 @@ def test_json_round_trip(name):
     (dict(dynamic=True, symmetric=False, signed=True), ValueError, "dynamic=True needs symmetric"),
     (dict(dynamic=True, learn_scale=True), ValueError, "learn_scale=True needs static"),
     (dict(signed=False), ValueError, "unsigned range needs symmetric=False"),
-    (dict(bits=1, symmetric=False), ValueError, "sign binarization"),
+    (dict(bits=1, symmetric=False), ValueError, "signed bits=1 is sign binarization"),
     (dict(percentile=10.0), ValueError, "percentile must be in"),
     (dict(averaging_constant=0.0), ValueError, "averaging_constant must be in"),
 ])
@@ -63,8 +63,8 @@ def test_bad_config():
         QuantConfig(weight=QuantSpec(granularity="per_token", dynamic=True))
     with pytest.raises(ValueError, match="activation granularity"):
         QuantConfig(activation=QuantSpec(granularity="per_channel"))
-    with pytest.raises(ValueError, match="activation bits"):
-        QuantConfig(activation=QuantSpec(bits=1, granularity="per_tensor"))
+    with pytest.raises(ValueError, match=r"per_token activations need bits in \[2, 8\]"):
+        QuantConfig(activation=QuantSpec(bits=1, granularity="per_token", dynamic=True))
     with pytest.raises(TypeError, match="skip entries"):
         QuantConfig(skip=(3,))
     with pytest.raises(ValueError, match="unknown preset 'int3'"):

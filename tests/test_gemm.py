@@ -52,7 +52,12 @@ def quantized_weight(n, k, device, seed=0):
 ODD = (1, 3, 17, 33)
 
 
-@pytest.mark.parametrize("m,k,n", list(itertools.product(ODD, ODD, ODD)) + [(100, 300, 70), (130, 520, 129)])
+# beyond the odd sizes: several row chunks (<= 96 rows), k blocks (256 bytes) and weight panels (64 columns), in
+# both work orders (activations under 512 KB: panel-major; above: chunk-major, copying rows for >= 4 panels)
+LARGER = [(100, 300, 70), (130, 520, 129), (101, 260, 257), (200, 2700, 300)]
+
+
+@pytest.mark.parametrize("m,k,n", list(itertools.product(ODD, ODD, ODD)) + LARGER)
 def test_int8_mm_exact(device, isa, m, k, n):
     g = torch.Generator().manual_seed(m * 10007 + k * 101 + n)
     a, b = rand_int8(m, k, device=device, generator=g), rand_int8(k, n, device=device, generator=g)
@@ -131,7 +136,7 @@ def test_pack_int8_weight_shape(device):
 
 @pytest.mark.parametrize("x_dtype,x_zp", [(torch.int8, 0), (torch.int8, -7), (torch.uint8, 128), (torch.uint8, 3)])
 @pytest.mark.parametrize("per_token", [True, False])
-@pytest.mark.parametrize("k,n", [(1, 1), (17, 33), (64, 70), (300, 129)])
+@pytest.mark.parametrize("k,n", [(1, 1), (17, 33), (64, 70), (300, 129), (96, 260)])
 def test_int8_linear_float_out(device, isa, x_dtype, x_zp, per_token, k, n):
     g = torch.Generator().manual_seed(k * 1000 + n)
     x_q = torch.randint(0 if x_dtype == torch.uint8 else -128, 256 if x_dtype == torch.uint8 else 128, (2, 5, k),
@@ -290,7 +295,8 @@ def test_int8_conv2d_half_outputs_and_strided_input(device):
 
 def test_int8_conv2d_bad_inputs(device):
     w_q = rand_int8(8, 4, 3, 3, device=device)
-    packed, w_sum, w_scale = F.pack_conv_weight(w_q), w_q.sum((1, 2, 3), dtype=torch.int32), torch.ones(8, device=device)
+    packed, w_sum = F.pack_conv_weight(w_q), w_q.sum((1, 2, 3), dtype=torch.int32)
+    w_scale = torch.ones(8, device=device)
     x_q = rand_int8(1, 4, 6, 6, device=device)
 
     def call(x=x_q, packed=packed, oc=8, kernel=3, **kw):

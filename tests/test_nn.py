@@ -31,6 +31,9 @@ CONFIGS = {
                                           QuantSpec(bits=7, granularity="per_tensor", observer="moving_average")),
     "w8-a-dynamic-tensor": QuantConfig(QuantSpec(), QuantSpec(granularity="per_tensor", dynamic=True)),
     "weight-only-w4": QuantConfig(QuantSpec(bits=4), None),
+    "w3-a1-binary-static": QuantConfig(QuantSpec(bits=3), QuantSpec(bits=1, granularity="per_tensor")),
+    "w8-a1-unsigned-static": QuantConfig(QuantSpec(), QuantSpec(bits=1, signed=False, symmetric=False,
+                                                                granularity="per_tensor")),
 }
 
 
@@ -84,7 +87,8 @@ CONV_SHAPES = [  # in, out, kernel, stride, padding, dilation, groups, bias
 
 
 @pytest.mark.parametrize("shape", CONV_SHAPES, ids=lambda s: "x".join(map(str, s[:3])))
-@pytest.mark.parametrize("name", ["int8-dynamic", "int8-static", "w4a8-dynamic", "w5-truncate-a8-truncate"])
+@pytest.mark.parametrize("name", ["int8-dynamic", "int8-static", "w4a8-dynamic", "w5-truncate-a8-truncate",
+                                  "w3-a1-binary-static"])
 def test_conv_converted_equals_fake_quant(device, shape, name):
     torch.manual_seed(0)
     cin, cout, k, s, p, d, g, b = shape
@@ -225,6 +229,19 @@ def test_learned_scales_train_and_convert(device):
     assert layer.weight_quantizer.scale.grad is not None and layer.weight_quantizer.scale.grad.abs().sum() > 0
     assert layer.input_quantizer.scale.grad is not None
     _assert_same_function(layer, x)
+
+
+@pytest.mark.parametrize("name", ["int8-static", "w4a8-dynamic"])
+def test_dequantized_weight(name):
+    torch.manual_seed(0)
+    layer = QuantConv2d(4, 6, 3, groups=2, config=name)
+    fake = layer.dequantized_weight()
+    assert fake.shape == layer.weight.shape and not fake.requires_grad
+    if name == "int8-static":
+        _calibrated(layer, (1, 4, 5, 5), "cpu")
+    layer.convert()
+    torch.testing.assert_close(layer.dequantized_weight(), fake, rtol=0, atol=0)
+    assert layer.dequantized_weight(torch.bfloat16).dtype == torch.bfloat16
 
 
 def test_converted_layer_moves_and_casts(device):

@@ -77,8 +77,9 @@ class QuantSpec:
             raise ValueError("QuantSpec: learn_scale=True needs static qparams (dynamic=False)")
         if not self.signed and self.symmetric:
             raise ValueError("QuantSpec: an unsigned range needs symmetric=False (a symmetric range is signed)")
-        if self.bits == 1 and not self.symmetric:
-            raise ValueError("QuantSpec: bits=1 is sign binarization and needs symmetric=True, signed=True")
+        if self.bits == 1 and self.signed and not self.symmetric:
+            raise ValueError("QuantSpec: signed bits=1 is sign binarization and needs symmetric=True "
+                             "(or signed=False for the affine range [0, 1])")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -143,8 +144,9 @@ class QuantConfig:
                 raise ValueError(
                     "QuantConfig: activation granularity must be 'per_tensor' or 'per_token' (dynamic), "
                     "got 'per_channel'")
-            if a.bits == 1:
-                raise ValueError("QuantConfig: activation bits must be in [2, 8] (1 bit is for weights only)")
+            if a.bits == 1 and a.granularity == "per_token":
+                raise ValueError("QuantConfig: per_token activations need bits in [2, 8] (a symmetric per-token "
+                                 "range has no 1-bit form)")
         skip = self.skip
         if isinstance(skip, (str, type)) or callable(skip):
             skip = (skip,)

@@ -23,8 +23,10 @@ namespace {
 
 // Work item: up to kRowsPerChunk rows x one 64-column panel. Its int32 tile (24 KB) stays in L1/L2 while k runs in
 // blocks of kKBlock: the panel's slice of the weight for one block (16 KB) stays in L1 across the chunk's rows.
-constexpr int64_t kRowsPerChunk = 96;  // a multiple of every microkernel's row count (6, 2, 1)
+constexpr int64_t kRowsPerChunk = 96;  // at most; a multiple of every microkernel's row count (6, 2, 1)
 constexpr int64_t kKBlock = 256;       // bytes of k per cache block (a multiple of 4)
+constexpr int64_t kRepackMinPanels = 4;  // weight panels from which a chunk's rows are copied into micro-panels
+constexpr int64_t kCachedActivationBytes = 512 << 10;  // activations this small stay in L2 (1 MB on Zen 4)
 
 inline int32_t load_i32(const void* p) {
   int32_t v;
@@ -287,27 +289,38 @@ void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa) {
   const IsaPath path = isa_path(isa);
   const int64_t k4 = round_up(args.k, 4);
   const int64_t n_panels = (args.n + kPanelCols - 1) / kPanelCols;
-  const int64_t m_chunks = (args.m + kRowsPerChunk - 1) / kRowsPerChunk;
+  // rows split evenly over the fewest chunks of <= kRowsPerChunk (128 rows: 2 x 66, not 96 + 32, which would
+  // leave one of two threads a quarter of the work), rounded to whole microkernel row groups
+  const int64_t min_chunks = (args.m + kRowsPerChunk - 1) / kRowsPerChunk;
+  const int64_t chunk_rows = round_up((args.m + min_chunks - 1) / std::max<int64_t>(min_chunks, 1), kVnniRows);
+  const int64_t m_chunks = (args.m + chunk_rows - 1) / chunk_rows;
   const int64_t items = args.groups * n_panels * m_chunks;
   // ~1M multiply-adds (or weight bytes, for few rows) per task before a second thread is worth waking
-  const int64_t item_cost = (std::min(args.m, kRowsPerChunk) + 4) * kPanelCols * k4;
+  const int64_t item_cost = (std::min(args.m, chunk_rows) + 4) * kPanelCols * k4;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(item_cost, 1));
+
+  // Work order. Chunk-major (each chunk meets every panel while it stays in L2) streams the weight once per chunk;
+  // when all the activation rows fit in L2 anyway, panel-major streams the weight once in all, and threads split
+  // the panels rather than the chunks.
+  const bool panel_major = m_chunks > 1 && args.m * k4 <= kCachedActivationBytes;
 
   at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
     alignas(64) int32_t tile[kRowsPerChunk * kPanelCols];
-    std::vector<uint8_t> chunk_panels(std::min(kRowsPerChunk, args.m) * k4);
+    // the copy pays off when a chunk meets several weight panels in a row; otherwise the rows are read in place
+    const bool repack = !panel_major && n_panels >= kRepackMinPanels;
+    std::vector<uint8_t> chunk_panels(repack ? std::min(chunk_rows, args.m) * k4 : 0);
     int64_t packed_chunk = -1;  // the (group, chunk) whose rows chunk_panels holds
     for (int64_t item = begin; item < end; ++item) {
-      // consecutive items share a chunk of activation rows, which stays in L2 while the weight panels stream past
-      const int64_t panel = item % n_panels;
-      const int64_t chunk_id = item / n_panels;
-      const int64_t chunk = chunk_id % m_chunks;
-      const int64_t g = chunk_id / m_chunks;
-      const int64_t row0 = chunk * kRowsPerChunk;
-      const int64_t rows = std::min(kRowsPerChunk, args.m - row0);
-      if (chunk_id != packed_chunk) {
-        pack_chunk_panels(args.a + row0 * args.lda + g * args.a_group_offset, args.lda, rows, k4, path.rows,
-                          chunk_panels.data());
+      const int64_t g = item / (m_chunks * n_panels);
+      const int64_t in_group = item % (m_chunks * n_panels);
+      const int64_t panel = panel_major ? in_group / m_chunks : in_group % n_panels;
+      const int64_t chunk = panel_major ? in_group % m_chunks : in_group / n_panels;
+      const int64_t chunk_id = g * m_chunks + chunk;
+      const int64_t row0 = chunk * chunk_rows;
+      const int64_t rows = std::min(chunk_rows, args.m - row0);
+      const uint8_t* a = args.a + row0 * args.lda + g * args.a_group_offset;
+      if (repack && chunk_id != packed_chunk) {
+        pack_chunk_panels(a, args.lda, rows, k4, path.rows, chunk_panels.data());
         packed_chunk = chunk_id;
       }
       const int8_t* b = args.b + g * args.b_group_stride + panel * args.kp * kPanelCols;
@@ -315,8 +328,12 @@ void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa) {
         const int64_t steps = std::min(kKBlock, k4 - k0) / 4;
         for (int64_t r = 0; r < rows; r += path.rows) {
           const int mr = static_cast<int>(std::min<int64_t>(path.rows, rows - r));
-          path.kernel(chunk_panels.data() + r * k4 + k0 * mr, 4, 4 * mr, b + k0 * kPanelCols, steps,
-                      tile + r * kPanelCols, mr, k0 == 0);
+          if (repack)
+            path.kernel(chunk_panels.data() + r * k4 + k0 * mr, 4, 4 * mr, b + k0 * kPanelCols, steps,
+                        tile + r * kPanelCols, mr, k0 == 0);
+          else
+            path.kernel(a + r * args.lda + k0, args.lda, 4, b + k0 * kPanelCols, steps, tile + r * kPanelCols, mr,
+                        k0 == 0);
         }
       }
       const int64_t col0 = g * args.n + panel * kPanelCols;
@@ -422,8 +439,10 @@ void pack_weight(const int8_t* w, int64_t n, int64_t k, int64_t stride_n, int64_
   });
   if (!rows_contiguous) return;
   const int64_t steps = (k + 3) / 4;
-  at::parallel_for(0, steps, std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(4 * n, 1)),
-                   [&](int64_t begin, int64_t end) { fill_steps_n_contiguous(w, n, k, stride_k, kp, begin, end, dst); });
+  const int64_t step_grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(4 * n, 1));
+  at::parallel_for(0, steps, step_grain, [&](int64_t begin, int64_t end) {
+    fill_steps_n_contiguous(w, n, k, stride_k, kp, begin, end, dst);
+  });
   if (col_sums == nullptr) return;
   at::parallel_for(0, n_panels, panel_grain, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p)

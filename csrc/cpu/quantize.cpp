@@ -6,6 +6,7 @@
 // small buffer, so the vector loops stay busy on every axis. Each span runs in one of three code paths, chosen at
 // run time by cpu_isa(): AVX-512 or AVX2 (intrinsics, bit-identical to the scalar path) or the scalar path, which
 // calls the quant_math.h functions element by element.
+
 // GCC 12's AVX-512 headers pass _mm512_undefined_ps() as a pass-through operand, which -Wall reports as
 // uninitialized in every caller; the value is never read.
 #pragma GCC diagnostic ignored "-Wuninitialized"

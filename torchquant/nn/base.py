@@ -91,6 +91,14 @@ class QuantLayerBase(nn.Module):
             return unpack_int4(self.qweight, self._weight_numel_per_channel()).reshape(self.weight_shape)
         return self.qweight
 
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight this layer computes with, as a float tensor in the float weight's shape: the integer weight
+        times its scales once converted, the fake-quantized weight before."""
+        if not self.converted:
+            with torch.no_grad():
+                return self.weight_quantizer(self.weight).to(dtype)
+        return F_q.dequantize(self._weight_int8(), self.weight_scale, 0, axis=0, dtype=dtype)
+
     def _weight_numel_per_channel(self) -> int:
         return math.prod(self.weight_shape[1:])
 
@@ -102,12 +110,14 @@ class QuantLayerBase(nn.Module):
             raise ValueError(f"{type(self).__name__}: input is on {x.device} but the layer is on "
                              f"{self.qweight.device}")
         if self.input_quantizer is None:  # weight-only: float compute with the dequantized weight
-            w = F_q.dequantize(self._weight_int8(), self.weight_scale, 0, axis=0, dtype=x.dtype)
-            return self._float_op(x, w, self.bias)
+            return self._float_op(x, self.dequantized_weight(x.dtype), self.bias)
         if self.fused:
             return self._fused_forward(x)
-        x_q, x_scale = self.input_quantizer.quantize(x, self.input_zero_point)
+        x_q, x_scale = self._quantize_input(x)
         return self._int_op(x_q, x_scale, self.input_zero_point, x.dtype)
+
+    def _quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.input_quantizer.quantize(x, self.input_zero_point)
 
     def _has_fused_forward(self) -> bool:
         """Whether _fused_forward (one kernel for quantize + integer op) computes this layer's converted forward."""

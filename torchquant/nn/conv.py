@@ -72,6 +72,15 @@ class QuantConv2d(QuantLayerBase):
     def _pack(self, w_int8: torch.Tensor) -> torch.Tensor:
         return F_q.pack_conv_weight(w_int8, self.groups)
 
+    def _quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # per-tensor quantization is elementwise: a channels-last input is quantized as the contiguous NHWC tensor
+        # it is in memory, so the integer input stays channels-last (the layout the conv kernel reads) and nothing
+        # is transposed twice
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            x_q, x_scale = self.input_quantizer.quantize(x.permute(0, 2, 3, 1), self.input_zero_point)
+            return x_q.permute(0, 3, 1, 2), x_scale
+        return super()._quantize_input(x)
+
     def _int_op(self, x_q, x_scale, x_zero_point, out_dtype):
         return F_q.int8_conv2d(x_q, x_scale, x_zero_point, self.w_packed, self.w_sum, self.weight_scale, self.bias,
                                out_channels=self.out_channels, kernel_size=self.kernel_size, stride=self.stride,

@@ -10,14 +10,9 @@ import math
 import torch
 
 from torchquant import functional as F_q
+from torchquant._ops.quantize import qrange
 from torchquant.config import QuantSpec
 from torchquant.observers import Float32StateModule, Observer, batch_range, qparams_from_range
-
-
-def quant_range(bits: int, signed: bool) -> tuple[int, int]:
-    if signed:
-        return (-1, 1) if bits == 1 else (-(1 << (bits - 1)), (1 << (bits - 1)) - 1)
-    return 0, (1 << bits) - 1
 
 
 def _channel_view(t: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
@@ -38,14 +33,13 @@ class _LSQFakeQuantize(torch.autograd.Function):
     def forward(ctx, x, scale, zero_point, spec: QuantSpec, axis):
         ctx.save_for_backward(x, scale, zero_point)
         ctx.spec, ctx.axis = spec, axis
-        return F_q.fake_quantize(x, scale.detach(), zero_point, bits=spec.bits, signed=spec.signed,
-                                 rounding=spec.rounding, axis=axis)
+        return fake_quantize_spec(x, scale.detach(), zero_point, spec, axis)
 
     @staticmethod
     def backward(ctx, grad):
         x, scale, zero_point = ctx.saved_tensors
         spec, axis = ctx.spec, ctx.axis
-        qmin, qmax = quant_range(spec.bits, spec.signed)
+        qmin, qmax = qrange(spec.bits, spec.signed)
         s = _channel_view(scale.float(), x, axis)
         z = _channel_view(zero_point.float(), x, axis)
         v = x.float() * (1.0 / s)

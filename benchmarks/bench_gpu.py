@@ -1,0 +1,3 @@
+from torchquant.bench.gpu import main
+
+main()

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The one GPU run: on a fresh H100/H200 machine (torch with CUDA, nvcc, ninja, pytest; no network), from the repo
+# root: build the extension with its CUDA kernels, run the CUDA tests (failing, not skipping, when CUDA is not
+# usable), then the GPU benchmarks. Logs, gpu_bench.json and gpu_bench.md go to $OUT (or the folder given as $1).
+# A failing test does not stop the benchmarks, and a crashing benchmark row does not stop the others; the table is
+# printed last. Exit status: non-zero when the build, the tests or the benchmarks failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-${OUT:-out/gpu}}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the in-place build, without an install
+# cuBLAS/cuSPARSE headers that ATen's CUDA headers include may live only in the nvidia pip packages; CPATH is
+# searched after nvcc's -I folders, so it fills gaps only
+SITE=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+for inc in "$SITE"/nvidia/cu13/include "$SITE"/nvidia/*/include; do
+  [ -d "$inc" ] && CPATH="${CPATH:+$CPATH:}$inc"
+done
+export CPATH=${CPATH:-}
+TEST_TIMEOUT=${TEST_TIMEOUT:-210}
+BENCH_TIMEOUT=${BENCH_TIMEOUT:-200}
+
+echo "== machine"
+nvidia-smi -L
+"$PY" -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name())"
+nvcc --version | tail -n 2
+date -u
+
+echo "== build (log: $OUT/build.log)"
+start=$SECONDS
+if ! TORCHQUANT_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 "$PY" setup.py -q build_ext --inplace \
+    >"$OUT/build.log" 2>&1; then
+  grep -E "error|Error" "$OUT/build.log" | head -n 40
+  tail -n 20 "$OUT/build.log"
+  echo "BUILD FAILED after $((SECONDS - start)) s"
+  exit 1
+fi
+echo "built in $((SECONDS - start)) s"
+
+echo "== CUDA tests (log: $OUT/pytest.log)"
+start=$SECONDS
+# every CUDA case of the suite (the `device` fixture's cuda param and tests/test_cuda.py carry the cuda marker);
+# --maxfail rather than -x, so one run shows more than the first failure
+TORCHQUANT_REQUIRE_CUDA=1 timeout "$TEST_TIMEOUT" "$PY" -m pytest -q -m "cuda and not slow" --maxfail=25 --tb=short \
+    -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest.log" | tail -n 45
+test_rc=$?
+echo "tests: rc=$test_rc in $((SECONDS - start)) s"
+
+echo "== GPU benchmarks (log: $OUT/bench.log)"
+start=$SECONDS
+timeout "$BENCH_TIMEOUT" "$PY" -m torchquant.bench.gpu --out "$OUT" >"$OUT/bench.log" 2>&1
+bench_rc=$?
+grep -E "Error|error|dropped" "$OUT/bench.log" | head -n 15
+echo "benchmarks: rc=$bench_rc in $((SECONDS - start)) s"
+
+echo "== summary: tests rc=$test_rc, benchmarks rc=$bench_rc"
+grep -E "passed|failed" "$OUT/pytest.log" | tail -n 1
+if [ -f "$OUT/gpu_bench.md" ]; then
+  cat "$OUT/gpu_bench.md"
+else
+  tail -n 30 "$OUT/bench.log"
+fi
+[ "$test_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]

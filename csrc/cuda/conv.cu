@@ -1,0 +1,151 @@
+// CUDA int8_conv2d (schema in csrc/ops.cpp): the input in channels-last order, im2col rows ordered (kh, kw, c) per
+// group (a 1x1 stride-1 unpadded conv reads the input in place), then the grouped tensor-core GEMM of gemm.cuh with
+// the float epilogue writing the channels-last output directly.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "cuda/common.cuh"
+#include "cuda/gemm.cuh"
+
+namespace torchquant {
+namespace {
+
+struct ConvGeometry {
+  int64_t batch, channels, height, width;  // input
+  int64_t groups, kh, kw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
+  int64_t out_h, out_w;
+};
+
+constexpr int kIm2colThreads = 256;
+
+// Writes im2col rows: row (b, oh, ow) holds, for each group, the (kh, kw, c) window in k16 bytes (zero past the
+// window); taps outside the image read pad_byte (the activation zero point). Each thread writes VEC bytes at a
+// time: 16 when the channels of a group are a multiple of 16 (then a VEC never crosses a tap), else 1.
+template <int VEC>
+__global__ void __launch_bounds__(kIm2colThreads) im2col_nhwc_kernel(const int8_t* __restrict__ x,
+                                                                      int8_t* __restrict__ columns, ConvGeometry g,
+                                                                      int64_t k16, int8_t pad_byte) {
+  const int64_t cg = g.channels / g.groups;
+  const int64_t window = g.kh * g.kw * cg;
+  const int64_t units_per_group = k16 / VEC;
+  const int64_t units = g.batch * g.out_h * g.out_w * g.groups * units_per_group;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kIm2colThreads;
+  for (int64_t u = static_cast<int64_t>(blockIdx.x) * kIm2colThreads + threadIdx.x; u < units; u += stride) {
+    const int64_t k = (u % units_per_group) * VEC;
+    const int64_t row_group = u / units_per_group;  // row * groups + group
+    const int64_t group = row_group % g.groups;
+    const int64_t row = row_group / g.groups;
+    Vec<int8_t, VEC> v;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) v.v[j] = 0;
+    if (k < window) {
+      const int64_t c = k % cg;
+      const int64_t tap_w = (k / cg) % g.kw;
+      const int64_t tap_h = k / (cg * g.kw);
+      const int64_t ow = row % g.out_w;
+      const int64_t oh = (row / g.out_w) % g.out_h;
+      const int64_t b = row / (g.out_w * g.out_h);
+      const int64_t ih = oh * g.stride_h - g.pad_h + tap_h * g.dil_h;
+      const int64_t iw = ow * g.stride_w - g.pad_w + tap_w * g.dil_w;
+      if (ih >= 0 && ih < g.height && iw >= 0 && iw < g.width) {
+        v = load_vec<int8_t, VEC>(x + ((b * g.height + ih) * g.width + iw) * g.channels + group * cg + c);
+      } else {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) v.v[j] = pad_byte;
+      }
+    }
+    store_vec<int8_t, VEC>(columns + row_group * k16 + k, v);
+  }
+}
+
+at::Tensor int8_conv2d_cuda(const at::Tensor& x_q, const at::Tensor& x_scale, int64_t x_zero_point,
+                            const at::Tensor& w_packed, const at::Tensor& w_sum, const at::Tensor& w_scale,
+                            const std::optional<at::Tensor>& bias, int64_t out_channels, at::IntArrayRef kernel_size,
+                            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                            at::ScalarType out_dtype) {
+  constexpr const char* op = "int8_conv2d";
+  TORCH_CHECK(x_q.is_cuda(), op, ": x_q must be a CUDA tensor for the CUDA kernel, got ", x_q.device());
+  TORCH_CHECK(x_q.dim() == 4, op, ": x_q must be 4-d [B, C, H, W], got ", x_q.dim(), "-d");
+  TORCH_CHECK(groups >= 1, op, ": groups must be >= 1, got ", groups);
+  TORCH_CHECK(kernel_size.size() == 2 && stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
+              ": kernel_size, stride, padding and dilation must have 2 entries each");
+  TORCH_CHECK(kernel_size[0] >= 1 && kernel_size[1] >= 1, op, ": kernel_size must be >= 1, got ", kernel_size);
+  TORCH_CHECK(stride[0] >= 1 && stride[1] >= 1, op, ": stride must be >= 1, got ", stride);
+  TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0, op, ": padding must be >= 0, got ", padding);
+  TORCH_CHECK(dilation[0] >= 1 && dilation[1] >= 1, op, ": dilation must be >= 1, got ", dilation);
+  ConvGeometry g{x_q.size(0), x_q.size(1), x_q.size(2), x_q.size(3), groups,
+                 kernel_size[0], kernel_size[1], stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+                 0, 0};
+  TORCH_CHECK(g.channels % groups == 0, op, ": groups (", groups, ") must divide the input channels (", g.channels,
+              ")");
+  TORCH_CHECK(out_channels >= 1 && out_channels % groups == 0, op, ": groups (", groups,
+              ") must divide out_channels (", out_channels, ")");
+  TORCH_CHECK(g.height + 2 * g.pad_h >= g.dil_h * (g.kh - 1) + 1 && g.width + 2 * g.pad_w >= g.dil_w * (g.kw - 1) + 1,
+              op, ": the (dilated) kernel ", kernel_size, " is larger than the padded input ", x_q.sizes().slice(2));
+  g.out_h = (g.height + 2 * g.pad_h - g.dil_h * (g.kh - 1) - 1) / g.stride_h + 1;
+  g.out_w = (g.width + 2 * g.pad_w - g.dil_w * (g.kw - 1) - 1) / g.stride_w + 1;
+  const int64_t cg = g.channels / groups, ocg = out_channels / groups;
+  const int64_t window = g.kh * g.kw * cg;
+  TORCH_CHECK(window >= 1, op, ": x_q must have at least one channel");
+  check_packed_weight(op, w_packed, x_q, groups, ocg, window);
+  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kHalf || out_dtype == at::kBFloat16, op,
+              ": out_dtype must be float32, float16 or bfloat16, got ", out_dtype);
+  TORCH_CHECK(x_scale.numel() == 1, op, ": x_scale must have 1 element (per-tensor activations), got ",
+              x_scale.numel());
+  const int64_t m = g.batch * g.out_h * g.out_w;
+  const EpilogueInputs in =
+      prepare_epilogue_inputs(op, x_q, x_zero_point, x_scale, m, w_sum, w_scale, bias, out_channels);
+
+  const c10::cuda::CUDAGuard guard(x_q.device());
+  at::Tensor out_nhwc = at::empty({g.batch, g.out_h, g.out_w, out_channels}, x_q.options().dtype(out_dtype));
+  at::Tensor out = out_nhwc.permute({0, 3, 1, 2});
+  if (m == 0) return out;
+  TORCH_CHECK(m <= INT32_MAX - 256 && window <= INT32_MAX - 256, op, ": sizes must be below 2^31");
+
+  const at::Tensor x_nhwc = x_q.contiguous(at::MemoryFormat::ChannelsLast);
+  const int8_t* x_bytes = static_cast<const int8_t*>(x_nhwc.data_ptr());
+  const bool pointwise = g.kh == 1 && g.kw == 1 && g.stride_h == 1 && g.stride_w == 1 && g.pad_h == 0 && g.pad_w == 0;
+  GemmArgs args{};
+  at::Tensor columns;
+  if (pointwise && cg % 16 == 0 && is_aligned<int8_t, 16>(x_bytes)) {  // the input is the GEMM's row matrix
+    args.a = x_bytes;
+    args.lda = g.channels;
+    args.a_group_offset = cg;
+  } else {
+    const int64_t k16 = round_up(window, 16);
+    columns = at::empty({m * groups * k16}, x_q.options());
+    const int8_t pad_byte = static_cast<int8_t>(static_cast<uint8_t>(x_zero_point));
+    const bool vectorized = cg % 16 == 0 && is_aligned<int8_t, 16>(x_bytes);
+    const int64_t units = m * groups * (k16 / (vectorized ? 16 : 1));
+    const int blocks = static_cast<int>(
+        std::min<int64_t>((units + kIm2colThreads - 1) / kIm2colThreads, max_resident_blocks(kIm2colThreads)));
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    int8_t* columns_ptr = static_cast<int8_t*>(columns.data_ptr());
+    if (vectorized)
+      im2col_nhwc_kernel<16><<<blocks, kIm2colThreads, 0, stream>>>(x_bytes, columns_ptr, g, k16, pad_byte);
+    else
+      im2col_nhwc_kernel<1><<<blocks, kIm2colThreads, 0, stream>>>(x_bytes, columns_ptr, g, k16, pad_byte);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    args.a = columns_ptr;
+    args.lda = groups * k16;
+    args.a_group_offset = k16;
+  }
+  args.b = w_packed.data_ptr<int8_t>();
+  args.ldb = w_packed.size(2);
+  args.b_group_stride = w_packed.size(1) * w_packed.size(2);
+  args.M = static_cast<int>(m);
+  args.N = static_cast<int>(ocg);
+  args.K = static_cast<int>(round_up(window, 16));
+  args.groups = static_cast<int>(groups);
+  run_int8_gemm(args, x_q.scalar_type() == at::kByte,
+                in.epilogue(out_nhwc, out_channels, x_zero_point, std::nullopt, 0));
+  return out;
+}
+
+}  // namespace
+}  // namespace torchquant
+
+TORCH_LIBRARY_IMPL(torchquant, CUDA, m) { m.impl("int8_conv2d", &torchquant::int8_conv2d_cuda); }

@@ -1,0 +1,492 @@
+// CUDA int8_mm, pack_int8_weight and int8_linear (schemas in csrc/ops.cpp) on the int8 tensor-core GEMM engine
+// declared in gemm.cuh.
+//
+// Two kernels, both on mma.sync m16n8k32 (int8 x int8 -> int32, or uint8 x int8):
+//   gemm_tiled_kernel:   128x128x64 block tiles, 8 warps of 64x32, a 4-stage cp.async shared-memory pipeline
+//                        (zero-filled tails), ldmatrix from an XOR-swizzled layout (no bank conflicts).
+//   gemm_small_m_kernel: M <= 16 (decode-style GEMV): streams B straight from global memory with 16-byte loads, one
+//                        m16n8k32 tile per warp per 64 k, K split over 4 warps and reduced in shared memory.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#include "cuda/common.cuh"
+#include "cuda/gemm.cuh"
+
+namespace torchquant {
+namespace {
+
+// ---------------------------------------------------------------------------------------------------------------
+// PTX wrappers
+// ---------------------------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ uint32_t shared_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared, asynchronously; with valid false the destination is zero-filled and src is not read.
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
+  const int src_bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+
+template <int PENDING>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING) : "memory");
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t address) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(address));
+}
+
+// c += a (16x32, row) * b (32x8, col); A signed or unsigned bytes, B signed bytes.
+template <bool A_UNSIGNED>
+__device__ __forceinline__ void mma_m16n8k32(int32_t (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                             uint32_t b0, uint32_t b1) {
+  if constexpr (A_UNSIGNED) {
+    asm("mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  } else {
+    asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Tiled kernel
+// ---------------------------------------------------------------------------------------------------------------
+
+constexpr int kBM = 128, kBN = 128, kBK = 64, kStages = 4, kTiledThreads = 256;
+constexpr int kStageBytes = (kBM + kBN) * kBK;
+constexpr int kTiledSmemBytes = kStages * kStageBytes;  // 64 KiB
+constexpr int kGroupM = 8;                               // block tiles per column band, for L2 reuse
+static_assert(kBM == kBN, "load_tile copies A and B rows with the same thread layout");
+
+// Byte offset of 16-byte chunk `chunk` (0..3) of row `row` of a [rows][64] shared tile. The chunk index is XOR-ed
+// with bits 1..2 of the row, so the 8 rows one ldmatrix phase reads (same logical chunk) hit 8 distinct 16-byte
+// bank groups: rows r and r+1 differ by 64 bytes, and (r >> 1) & 3 spreads the 4 row pairs over the 4 chunks.
+__device__ __forceinline__ uint32_t swizzled(int row, int chunk) {
+  return static_cast<uint32_t>(row * kBK + ((chunk ^ ((row >> 1) & 3)) << 4));
+}
+
+// Issues the cp.async copies of one k-tile (A rows m0.., B rows n0.., columns k0..k0+63) into one stage.
+__device__ __forceinline__ void load_tile(uint32_t stage, const int8_t* a, int64_t lda, const int8_t* b, int64_t ldb,
+                                          int m0, int n0, int k0, int M, int N, int K, int tid) {
+#pragma unroll
+  for (int i = 0; i < (kBM * kBK / 16) / kTiledThreads; ++i) {
+    const int id = tid + i * kTiledThreads;
+    const int row = id >> 2;
+    const int chunk = id & 3;
+    const int k = k0 + chunk * 16;
+    const bool k_ok = k < K;
+    const bool a_ok = k_ok && m0 + row < M;
+    const bool b_ok = k_ok && n0 + row < N;
+    cp_async_16(stage + swizzled(row, chunk), a_ok ? a + static_cast<int64_t>(m0 + row) * lda + k : a, a_ok);
+    cp_async_16(stage + kBM * kBK + swizzled(row, chunk), b_ok ? b + static_cast<int64_t>(n0 + row) * ldb + k : b,
+                b_ok);
+  }
+}
+
+template <bool A_UNSIGNED, typename Epilogue>
+__global__ void __launch_bounds__(kTiledThreads) gemm_tiled_kernel(GemmArgs args, Epilogue epilogue) {
+  extern __shared__ __align__(128) int8_t smem[];
+  const uint32_t smem_base = shared_address(smem);
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int warp_m = warp >> 2;  // 0..1: 64 rows each
+  const int warp_n = warp & 3;   // 0..3: 32 columns each
+
+  // Block tile, in bands of kGroupM tile rows so that consecutive blocks share B tiles in L2.
+  const int M = args.M, N = args.N, K = args.K;
+  const int tiles_m = (M + kBM - 1) / kBM;
+  const int tiles_n = (N + kBN - 1) / kBN;
+  const int band_tiles = kGroupM * tiles_n;
+  const int band = blockIdx.x / band_tiles;
+  const int first_m = band * kGroupM;
+  const int band_rows = min(tiles_m - first_m, kGroupM);
+  const int in_band = blockIdx.x % band_tiles;
+  const int m0 = (first_m + in_band % band_rows) * kBM;
+  const int n0 = (in_band / band_rows) * kBN;
+
+  const int group = blockIdx.z;
+  const int8_t* a = args.a + group * args.a_group_offset;
+  const int8_t* b = args.b + group * args.b_group_stride;
+
+  int32_t acc[4][4][4];
+#pragma unroll
+  for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0;
+
+  const int k_tiles = (K + kBK - 1) / kBK;
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < k_tiles) load_tile(smem_base + s * kStageBytes, a, args.lda, b, args.ldb, m0, n0, s * kBK, M, N, K, tid);
+    cp_async_commit();  // always commit, so that the group count below stays uniform
+  }
+
+  for (int kt = 0; kt < k_tiles; ++kt) {
+    cp_async_wait<kStages - 2>();  // tile kt has landed (for this thread's copies)
+    __syncthreads();               // ... for every thread's copies, and every warp is done with tile kt - 1
+    const int next = kt + kStages - 1;
+    if (next < k_tiles)
+      load_tile(smem_base + (next % kStages) * kStageBytes, a, args.lda, b, args.ldb, m0, n0, next * kBK, M, N, K,
+                tid);
+    cp_async_commit();
+
+    const uint32_t a_tile = smem_base + (kt % kStages) * kStageBytes;
+    const uint32_t b_tile = a_tile + kBM * kBK;
+#pragma unroll
+    for (int ks = 0; ks < kBK / 32; ++ks) {
+      // A: x4 = rows 0-7 / 8-15 of k 0-15, then of k 16-31 (a0..a3); lane l addresses row l % 16, half l / 16.
+      uint32_t a_frag[4][4];
+#pragma unroll
+      for (int mi = 0; mi < 4; ++mi) {
+        const int row = warp_m * 64 + mi * 16 + (lane & 15);
+        ldmatrix_x4(a_frag[mi], a_tile + swizzled(row, ks * 2 + (lane >> 4)));
+      }
+      // B: x4 = n 0-7 of k 0-15 / 16-31 (b0, b1 of tile 2p), then n 8-15 (tile 2p + 1).
+      uint32_t b_frag[2][4];
+#pragma unroll
+      for (int p = 0; p < 2; ++p) {
+        const int row = warp_n * 32 + p * 16 + (lane & 7) + ((lane >> 4) << 3);
+        ldmatrix_x4(b_frag[p], b_tile + swizzled(row, ks * 2 + ((lane >> 3) & 1)));
+      }
+#pragma unroll
+      for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni)
+          mma_m16n8k32<A_UNSIGNED>(acc[mi][ni], a_frag[mi][0], a_frag[mi][1], a_frag[mi][2], a_frag[mi][3],
+                                   b_frag[ni >> 1][(ni & 1) * 2], b_frag[ni >> 1][(ni & 1) * 2 + 1]);
+    }
+  }
+
+  // Accumulator e of tile (mi, ni): row g (+ 8 for e >= 2), column 2 t + (e & 1), with g = lane / 4, t = lane % 4.
+  const int g = lane >> 2;
+  const int t = lane & 3;
+#pragma unroll
+  for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int m = m0 + warp_m * 64 + mi * 16 + g + (e >> 1) * 8;
+        const int n = n0 + warp_n * 32 + ni * 8 + t * 2 + (e & 1);
+        if (m < M && n < N) epilogue(m, group * N + n, acc[mi][ni][e]);
+      }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Small-M kernel (M <= 16, one group)
+// ---------------------------------------------------------------------------------------------------------------
+//
+// A warp owns 8 rows of B (n) and one quarter of the 64-byte k-chunks. Lane (g = lane / 4, t = lane % 4) loads 16
+// bytes of B row n0 + g and of A rows g and g + 8 at k = chunk * 64 + 16 t. The reduction order inside a chunk is
+// free, so the 16 bytes serve as two m16n8k32 steps with the same k-permutation on both operands: step 0 pairs
+// bytes 0-3 (as k 4t..4t+3) and 4-7 (as k 16+4t..), step 1 bytes 8-11 and 12-15.
+
+constexpr int kSmallThreads = 256;
+constexpr int kSmallNGroups = 2;  // warps side by side in n (8 rows each)
+constexpr int kSmallKSplit = 4;   // warps splitting k
+constexpr int kSmallUnroll = 4;   // chunks in flight per warp
+constexpr int kSmallMaxM = 16;
+
+template <bool A_UNSIGNED, typename Epilogue>
+__global__ void __launch_bounds__(kSmallThreads) gemm_small_m_kernel(GemmArgs args, Epilogue epilogue) {
+  __shared__ int32_t partial[kSmallThreads / 32][32][4];
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int n_group = warp % kSmallNGroups;
+  const int k_part = warp / kSmallNGroups;
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  const int M = args.M, N = args.N, K = args.K;
+  const int n0 = (blockIdx.x * kSmallNGroups + n_group) * 8;
+
+  const bool b_row_ok = n0 + g < N;
+  const bool a_row0_ok = g < M;
+  const bool a_row1_ok = g + 8 < M;
+  const int8_t* b_row = args.b + static_cast<int64_t>(b_row_ok ? n0 + g : 0) * args.ldb;
+  const int8_t* a_row0 = args.a + static_cast<int64_t>(a_row0_ok ? g : 0) * args.lda;
+  const int8_t* a_row1 = args.a + static_cast<int64_t>(a_row1_ok ? g + 8 : 0) * args.lda;
+
+  int32_t acc[4] = {0, 0, 0, 0};
+  const int chunks = (K + 63) / 64;
+  for (int c0 = k_part; c0 < chunks; c0 += kSmallKSplit * kSmallUnroll) {
+    int4 w[kSmallUnroll], x0[kSmallUnroll], x1[kSmallUnroll];
+#pragma unroll
+    for (int u = 0; u < kSmallUnroll; ++u) {
+      const int k = (c0 + u * kSmallKSplit) * 64 + t * 16;
+      const bool k_ok = k < K;
+      const int4 zero = make_int4(0, 0, 0, 0);
+      w[u] = k_ok && b_row_ok ? __ldg(reinterpret_cast<const int4*>(b_row + k)) : zero;
+      x0[u] = k_ok && a_row0_ok ? __ldg(reinterpret_cast<const int4*>(a_row0 + k)) : zero;
+      x1[u] = k_ok && a_row1_ok ? __ldg(reinterpret_cast<const int4*>(a_row1 + k)) : zero;
+    }
+#pragma unroll
+    for (int u = 0; u < kSmallUnroll; ++u) {
+      mma_m16n8k32<A_UNSIGNED>(acc, x0[u].x, x1[u].x, x0[u].y, x1[u].y, w[u].x, w[u].y);
+      mma_m16n8k32<A_UNSIGNED>(acc, x0[u].z, x1[u].z, x0[u].w, x1[u].w, w[u].z, w[u].w);
+    }
+  }
+
+#pragma unroll
+  for (int e = 0; e < 4; ++e) partial[warp][lane][e] = acc[e];
+  __syncthreads();
+  if (k_part != 0) return;
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    int32_t sum = 0;
+#pragma unroll
+    for (int p = 0; p < kSmallKSplit; ++p) sum += partial[n_group + p * kSmallNGroups][lane][e];
+    const int m = g + (e >> 1) * 8;
+    const int n = n0 + t * 2 + (e & 1);
+    if (m < M && n < N) epilogue(m, n, sum);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Launch
+// ---------------------------------------------------------------------------------------------------------------
+
+template <bool A_UNSIGNED, typename Epilogue>
+void launch_gemm(const GemmArgs& args, const Epilogue& epilogue) {
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (args.M <= kSmallMaxM && args.groups == 1) {
+    const int blocks = (args.N + kSmallNGroups * 8 - 1) / (kSmallNGroups * 8);
+    gemm_small_m_kernel<A_UNSIGNED, Epilogue><<<blocks, kSmallThreads, 0, stream>>>(args, epilogue);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  const int64_t tiles = ((args.M + kBM - 1) / kBM) * static_cast<int64_t>((args.N + kBN - 1) / kBN);
+  TORCH_CHECK(tiles <= INT32_MAX && args.groups <= 65535, "int8 GEMM too large: ", tiles, " tiles, ", args.groups,
+              " groups");
+  const auto kernel = gemm_tiled_kernel<A_UNSIGNED, Epilogue>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kTiledSmemBytes));
+  kernel<<<dim3(static_cast<unsigned>(tiles), 1, static_cast<unsigned>(args.groups)), kTiledThreads, kTiledSmemBytes,
+           stream>>>(args, epilogue);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename Epilogue>
+void dispatch_gemm(const GemmArgs& args, bool a_unsigned, const Epilogue& epilogue) {
+  TORCH_CHECK(args.M >= 1 && args.N >= 1 && args.K >= 16 && args.K % 16 == 0 && args.groups >= 1,
+              "int8 GEMM: bad sizes M=", args.M, " N=", args.N, " K=", args.K, " groups=", args.groups);
+  TORCH_CHECK(args.lda % 16 == 0 && args.ldb % 16 == 0 && args.a_group_offset % 16 == 0 &&
+                  args.b_group_stride % 16 == 0 && (is_aligned<int8_t, 16>(args.a)) && (is_aligned<int8_t, 16>(args.b)),
+              "int8 GEMM: operands must be 16-byte aligned");
+  if (a_unsigned) launch_gemm<true>(args, epilogue);
+  else launch_gemm<false>(args, epilogue);
+}
+
+}  // namespace
+
+void run_int8_gemm(const GemmArgs& args, bool a_unsigned, const Int32Epilogue& epilogue) {
+  dispatch_gemm(args, a_unsigned, epilogue);
+}
+
+void run_int8_gemm(const GemmArgs& args, bool a_unsigned, const DequantEpilogue& epilogue) {
+  dispatch_gemm(args, a_unsigned, epilogue);
+}
+
+at::Tensor gemm_operand(const at::Tensor& x, int64_t padded_cols) {
+  const int64_t cols = x.size(1);
+  const bool usable = cols == padded_cols && x.stride(1) == 1 && (x.stride(0) % 16 == 0 || x.size(0) == 1) &&
+                      is_aligned<int8_t, 16>(static_cast<const int8_t*>(x.data_ptr()));
+  if (usable) return x;
+  at::Tensor rows = at::empty({x.size(0), padded_cols}, x.options());
+  rows.narrow(1, 0, cols).copy_(x);
+  if (padded_cols > cols) rows.narrow(1, cols, padded_cols - cols).zero_();
+  return rows;
+}
+
+namespace {
+
+// The row stride of a gemm_operand result (a single row may have any stride).
+int64_t operand_ld(const at::Tensor& rows) {
+  return rows.size(0) == 1 ? round_up(rows.size(1), 16) : rows.stride(0);
+}
+
+void check_vector(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x_q, at::ScalarType dtype,
+                  int64_t n) {
+  TORCH_CHECK(t.device() == x_q.device(), op, ": ", name, " must be on x_q's device (", x_q.device(), "), got ",
+              t.device());
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, op, ": ", name, " must have shape [", n, "], got ", t.sizes());
+}
+
+}  // namespace
+
+EpilogueInputs prepare_epilogue_inputs(const char* op, const at::Tensor& x_q, int64_t x_zero_point,
+                                       const at::Tensor& x_scale, int64_t rows, const at::Tensor& w_sum,
+                                       const at::Tensor& w_scale, const std::optional<at::Tensor>& bias, int64_t n) {
+  const bool is_int8 = x_q.scalar_type() == at::kChar;
+  TORCH_CHECK(is_int8 || x_q.scalar_type() == at::kByte, op, ": x_q must be int8 or uint8, got ", x_q.scalar_type());
+  const int64_t zp_min = is_int8 ? -128 : 0, zp_max = is_int8 ? 127 : 255;
+  TORCH_CHECK(x_zero_point >= zp_min && x_zero_point <= zp_max, op, ": x_zero_point must lie in [", zp_min, ", ",
+              zp_max, "] for ", x_q.scalar_type(), " x_q, got ", x_zero_point);
+  TORCH_CHECK(x_scale.device() == x_q.device(), op, ": x_scale must be on x_q's device (", x_q.device(), "), got ",
+              x_scale.device());
+  TORCH_CHECK(x_scale.scalar_type() == at::kFloat, op, ": x_scale must be float32, got ", x_scale.scalar_type());
+  TORCH_CHECK(x_scale.numel() == 1 || x_scale.numel() == rows, op, ": x_scale must have 1 element or one per row (",
+              rows, "), got ", x_scale.numel());
+  check_vector(op, "w_sum", w_sum, x_q, at::kInt, n);
+  check_vector(op, "w_scale", w_scale, x_q, at::kFloat, n);
+  EpilogueInputs in;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->device() == x_q.device(), op, ": bias must be on x_q's device (", x_q.device(), "), got ",
+                bias->device());
+    TORCH_CHECK(at::isFloatingType(bias->scalar_type()), op, ": bias must be a float tensor, got ",
+                bias->scalar_type());
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, op, ": bias must have shape [", n, "], got ", bias->sizes());
+    in.bias = bias->to(at::kFloat).contiguous();
+  }
+  in.x_scale = x_scale.contiguous();
+  in.w_sum = w_sum.contiguous();
+  in.w_scale = w_scale.contiguous();
+  return in;
+}
+
+DequantEpilogue EpilogueInputs::epilogue(const at::Tensor& out, int64_t ldo, int64_t x_zero_point,
+                                         std::optional<double> out_scale, int64_t out_zero_point) const {
+  DequantEpilogue ep{};
+  ep.out = out.data_ptr();
+  ep.ldo = ldo;
+  switch (out.scalar_type()) {
+    case at::kFloat: ep.kind = OutKind::Float32; break;
+    case at::kHalf: ep.kind = OutKind::Float16; break;
+    case at::kBFloat16: ep.kind = OutKind::BFloat16; break;
+    case at::kChar: ep.kind = OutKind::Int8; break;
+    case at::kByte: ep.kind = OutKind::UInt8; break;
+    default: TORCH_CHECK(false, "int8 GEMM epilogue: unsupported output dtype ", out.scalar_type());
+  }
+  ep.x_scale = x_scale.data_ptr<float>();
+  ep.per_row_scale = x_scale.numel() > 1;
+  ep.x_zero_point = static_cast<int32_t>(x_zero_point);
+  ep.w_sum = w_sum.data_ptr<int32_t>();
+  ep.w_scale = w_scale.data_ptr<float>();
+  ep.bias = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  ep.inv_out_scale = out_scale.has_value() ? 1.0f / static_cast<float>(*out_scale) : 1.0f;
+  ep.out_zero_point = static_cast<float>(out_zero_point);
+  ep.out_format = quant_format(8, out.scalar_type() != at::kByte);
+  return ep;
+}
+
+void check_packed_weight(const char* op, const at::Tensor& w_packed, const at::Tensor& x_q, int64_t groups, int64_t n,
+                         int64_t k) {
+  TORCH_CHECK(w_packed.device() == x_q.device(), op, ": w_packed must be on x_q's device (", x_q.device(), "), got ",
+              w_packed.device(), " (re-pack the weight with pack_int8_weight after moving it)");
+  TORCH_CHECK(w_packed.scalar_type() == at::kChar, op, ": w_packed must be int8 (from pack_int8_weight), got ",
+              w_packed.scalar_type());
+  std::vector<int64_t> want;
+  if (groups > 0) want.push_back(groups);
+  want.push_back(round_up(n, kPackAlign));
+  want.push_back(round_up(k, kPackAlign));
+  TORCH_CHECK(w_packed.sizes() == at::IntArrayRef(want), op, ": w_packed must have shape ", at::IntArrayRef(want),
+              " (a packed weight of ", n, " outputs and reduction size ", k, "), got ", w_packed.sizes());
+  TORCH_CHECK(w_packed.is_contiguous(), op, ": w_packed must be contiguous (as pack_int8_weight returns it)");
+}
+
+namespace {
+
+at::Tensor int8_mm_cuda(const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(a.scalar_type() == at::kChar && b.scalar_type() == at::kChar, "int8_mm: a and b must be int8, got ",
+              a.scalar_type(), " and ", b.scalar_type());
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2, "int8_mm: a and b must be 2-d, got ", a.dim(), "-d and ", b.dim(), "-d");
+  TORCH_CHECK(a.size(1) == b.size(0), "int8_mm: inner sizes differ: a is ", a.sizes(), ", b is ", b.sizes());
+  TORCH_CHECK(a.is_cuda() && b.device() == a.device(), "int8_mm: a and b must be on the same CUDA device, got ",
+              a.device(), " and ", b.device());
+  const c10::cuda::CUDAGuard guard(a.device());
+  const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
+  at::Tensor out = at::empty({m, n}, a.options().dtype(at::kInt));
+  if (m == 0 || n == 0) return out;
+  if (k == 0) return out.zero_();
+  TORCH_CHECK(m <= INT32_MAX - 256 && n <= INT32_MAX - 256 && k <= INT32_MAX - 256,
+              "int8_mm: sizes must be below 2^31, got ", a.sizes(), " and ", b.sizes());
+  const int64_t k16 = round_up(k, 16);
+  const at::Tensor a_rows = gemm_operand(a, k16);
+  const at::Tensor b_rows = gemm_operand(b.t(), k16);  // [N, K]: the tensor cores' "col" operand
+  const GemmArgs args{static_cast<const int8_t*>(a_rows.data_ptr()), operand_ld(a_rows), 0,
+                      static_cast<const int8_t*>(b_rows.data_ptr()), operand_ld(b_rows), 0,
+                      static_cast<int>(m), static_cast<int>(n), static_cast<int>(k16), 1};
+  run_int8_gemm(args, false, Int32Epilogue{out.data_ptr<int32_t>(), n});
+  return out;
+}
+
+at::Tensor pack_int8_weight_cuda(const at::Tensor& w) {
+  TORCH_CHECK(w.scalar_type() == at::kChar, "pack_int8_weight: w must be int8, got ", w.scalar_type());
+  TORCH_CHECK(w.dim() == 2 || w.dim() == 3, "pack_int8_weight: w must be [N, K] or [G, N, K], got ", w.dim(), "-d");
+  TORCH_CHECK(w.numel() > 0, "pack_int8_weight: w must not be empty, got shape ", w.sizes());
+  const c10::cuda::CUDAGuard guard(w.device());
+  const int64_t n = w.size(-2), k = w.size(-1);
+  std::vector<int64_t> shape(w.sizes().begin(), w.sizes().end());
+  shape[shape.size() - 2] = round_up(n, kPackAlign);
+  shape[shape.size() - 1] = round_up(k, kPackAlign);
+  at::Tensor packed = at::zeros(shape, w.options());
+  packed.narrow(-2, 0, n).narrow(-1, 0, k).copy_(w);
+  return packed;
+}
+
+at::Tensor int8_linear_cuda(const at::Tensor& x_q, const at::Tensor& x_scale, int64_t x_zero_point,
+                            const at::Tensor& w_packed, const at::Tensor& w_sum, const at::Tensor& w_scale,
+                            const std::optional<at::Tensor>& bias, int64_t out_features, at::ScalarType out_dtype,
+                            std::optional<double> out_scale, int64_t out_zero_point) {
+  constexpr const char* op = "int8_linear";
+  TORCH_CHECK(x_q.is_cuda(), op, ": x_q must be a CUDA tensor for the CUDA kernel, got ", x_q.device());
+  TORCH_CHECK(x_q.dim() >= 1, op, ": x_q must have at least 1 dimension [..., K]");
+  TORCH_CHECK(out_features >= 1, op, ": out_features must be >= 1, got ", out_features);
+  const int64_t k = x_q.size(-1), n = out_features;
+  TORCH_CHECK(k >= 1, op, ": x_q's last dimension (K) must be >= 1");
+  const int64_t m = x_q.numel() / k;
+  check_packed_weight(op, w_packed, x_q, 0, n, k);
+  const EpilogueInputs in = prepare_epilogue_inputs(op, x_q, x_zero_point, x_scale, m, w_sum, w_scale, bias, n);
+  if (out_dtype == at::kChar || out_dtype == at::kByte) {
+    TORCH_CHECK(out_scale.has_value(), op, ": out_dtype ", out_dtype, " (requantized output) needs out_scale");
+    TORCH_CHECK(std::isfinite(*out_scale) && *out_scale > 0, op, ": out_scale must be positive and finite, got ",
+                *out_scale);
+    const int64_t qmin = out_dtype == at::kChar ? -128 : 0, qmax = out_dtype == at::kChar ? 127 : 255;
+    TORCH_CHECK(out_zero_point >= qmin && out_zero_point <= qmax, op, ": out_zero_point must lie in [", qmin, ", ",
+                qmax, "] for ", out_dtype, " output, got ", out_zero_point);
+  } else {
+    TORCH_CHECK(!out_scale.has_value(), op, ": out_scale is only for int8/uint8 out_dtype, got out_dtype ", out_dtype);
+    TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kHalf || out_dtype == at::kBFloat16, op,
+                ": out_dtype must be float32, float16 or bfloat16, got ", out_dtype);
+  }
+  const c10::cuda::CUDAGuard guard(x_q.device());
+  std::vector<int64_t> out_shape(x_q.sizes().begin(), x_q.sizes().end());
+  out_shape.back() = n;
+  at::Tensor out = at::empty(out_shape, x_q.options().dtype(out_dtype));
+  if (m == 0) return out;
+  TORCH_CHECK(m <= INT32_MAX - 256 && n <= INT32_MAX - 256 && k <= INT32_MAX - 256, op, ": sizes must be below 2^31");
+  const at::Tensor x_rows = gemm_operand(x_q.reshape({m, k}), round_up(k, 16));
+  const GemmArgs args{static_cast<const int8_t*>(x_rows.data_ptr()), operand_ld(x_rows), 0,
+                      w_packed.data_ptr<int8_t>(), w_packed.size(1), 0,
+                      static_cast<int>(m), static_cast<int>(n), static_cast<int>(round_up(k, 16)), 1};
+  run_int8_gemm(args, x_q.scalar_type() == at::kByte, in.epilogue(out, n, x_zero_point, out_scale, out_zero_point));
+  return out;
+}
+
+}  // namespace
+}  // namespace torchquant
+
+TORCH_LIBRARY_IMPL(torchquant, CUDA, m) {
+  m.impl("int8_mm", &torchquant::int8_mm_cuda);
+  m.impl("pack_int8_weight", &torchquant::pack_int8_weight_cuda);
+  m.impl("int8_linear", &torchquant::int8_linear_cuda);
+}

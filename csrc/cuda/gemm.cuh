@@ -1,0 +1,117 @@
+// The CUDA int8 GEMM engine shared by int8_mm, int8_linear (gemm.cu) and int8_conv2d (conv.cu).
+//
+// Operands (both K-contiguous, "row.col" for the tensor cores):
+//   A: int8 or uint8 rows [M, K], row r at a + r * lda; B: int8 rows [N, K] (the weight, or b transposed).
+//   K is a multiple of 16, lda/ldb and both base pointers are multiples of 16 bytes; columns from K on are never
+//   read (callers zero-pad K up to a multiple of 16, see gemm_operand). M and N are arbitrary.
+//   Groups: group g reads A from column offset g * a_group_offset and B from g * b_group_stride, and writes output
+//   columns [g * N, (g + 1) * N).
+#pragma once
+#include <cstdint>
+#include <optional>
+
+#include <ATen/ATen.h>
+
+#include "quant_math.h"
+
+namespace torchquant {
+
+struct GemmArgs {
+  const int8_t* a;
+  int64_t lda;
+  int64_t a_group_offset;
+  const int8_t* b;
+  int64_t ldb;
+  int64_t b_group_stride;
+  int M, N, K;
+  int groups;
+};
+
+// Stores the raw int32 accumulator: out[m * ldo + n].
+struct Int32Epilogue {
+  int32_t* out;
+  int64_t ldo;
+
+  __device__ __forceinline__ void operator()(int m, int n, int32_t acc) const {
+    out[static_cast<int64_t>(m) * ldo + n] = acc;
+  }
+};
+
+enum class OutKind : int { Float32, Float16, BFloat16, Int8, UInt8 };
+
+// y = float(acc - x_zero_point * w_sum[n]) * x_scale[m or 0] * w_scale[n] + bias[n] (no fused multiply-adds, the
+// same operations in the same order as the CPU epilogue), stored as a float type or requantized to int8/uint8:
+// clamp(rne(y * inv_out_scale) + out_zero_point).
+struct DequantEpilogue {
+  void* out;
+  int64_t ldo;
+  OutKind kind;
+  const float* x_scale;
+  bool per_row_scale;
+  int32_t x_zero_point;
+  const int32_t* w_sum;
+  const float* w_scale;
+  const float* bias;  // nullable
+  float inv_out_scale;
+  float out_zero_point;
+  QuantFormat out_format;
+
+  __device__ __forceinline__ void operator()(int m, int n, int32_t acc) const {
+    // modulo 2^32 like the accumulator itself
+    const int32_t centered = static_cast<int32_t>(static_cast<uint32_t>(acc) - static_cast<uint32_t>(x_zero_point) *
+                                                                                   static_cast<uint32_t>(w_sum[n]));
+    float y = __fmul_rn(__fmul_rn(static_cast<float>(centered), x_scale[per_row_scale ? m : 0]), w_scale[n]);
+    if (bias != nullptr) y = __fadd_rn(y, bias[n]);
+    const int64_t o = static_cast<int64_t>(m) * ldo + n;
+    switch (kind) {
+      case OutKind::Float32: static_cast<float*>(out)[o] = y; break;
+      case OutKind::Float16: static_cast<at::Half*>(out)[o] = static_cast<at::Half>(y); break;
+      case OutKind::BFloat16: static_cast<at::BFloat16*>(out)[o] = static_cast<at::BFloat16>(y); break;
+      case OutKind::Int8:
+        static_cast<int8_t*>(out)[o] = static_cast<int8_t>(static_cast<int>(
+            quantize_value(y, inv_out_scale, out_zero_point, out_format, Rounding::Nearest)));
+        break;
+      case OutKind::UInt8:
+        static_cast<uint8_t*>(out)[o] = static_cast<uint8_t>(static_cast<int>(
+            quantize_value(y, inv_out_scale, out_zero_point, out_format, Rounding::Nearest)));
+        break;
+    }
+  }
+};
+
+// Runs the GEMM on the current stream (M, N, K, groups >= 1). a_unsigned: A holds uint8.
+void run_int8_gemm(const GemmArgs& args, bool a_unsigned, const Int32Epilogue& epilogue);
+void run_int8_gemm(const GemmArgs& args, bool a_unsigned, const DequantEpilogue& epilogue);
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// x [R, C] (int8 or uint8, any strides) as GEMM rows of padded_cols >= C columns (a multiple of 16): x itself when
+// its rows already qualify, else a copy zero-padded from column C on.
+at::Tensor gemm_operand(const at::Tensor& x, int64_t padded_cols);
+
+// The validated float32/int32 epilogue inputs of int8_linear and int8_conv2d, kept alive while the GEMM runs.
+struct EpilogueInputs {
+  at::Tensor x_scale;              // float32, rows or 1 elements
+  at::Tensor w_sum;                // int32 [n]
+  at::Tensor w_scale;              // float32 [n]
+  std::optional<at::Tensor> bias;  // float32 [n]
+
+  // The epilogue writing out (rows ldo elements apart) as out's dtype; out_scale: requantized int8/uint8 output.
+  DequantEpilogue epilogue(const at::Tensor& out, int64_t ldo, int64_t x_zero_point, std::optional<double> out_scale,
+                           int64_t out_zero_point) const;
+};
+
+// Checks x_q's dtype and zero point, x_scale ([rows] or [1]), w_sum, w_scale and bias ([n]) against x_q's device;
+// `op` names the operator in the messages.
+EpilogueInputs prepare_epilogue_inputs(const char* op, const at::Tensor& x_q, int64_t x_zero_point,
+                                       const at::Tensor& x_scale, int64_t rows, const at::Tensor& w_sum,
+                                       const at::Tensor& w_scale, const std::optional<at::Tensor>& bias, int64_t n);
+
+// Checks a packed weight of `groups` groups (2-d when groups is 0, i.e. ungrouped) for n outputs and depth k.
+void check_packed_weight(const char* op, const at::Tensor& w_packed, const at::Tensor& x_q, int64_t groups, int64_t n,
+                         int64_t k);
+
+// Packed weights pad N and K to multiples of this.
+constexpr int64_t kPackAlign = 64;
+
+}  // namespace torchquant

