@@ -20,7 +20,9 @@ from torchquant._cli_io import (UsageError, atomic_output, batches_of, load_inpu
 
 __all__ = ["main", "build_parser"]
 
-BENCH_MODULES = ("quantize", "gemm_cpu", "layers", "gpu")  # torchquant/bench/<name>.py, in this order when present
+# torchquant/bench/<name>.py, run in this order when present; "models" (real models, minutes) only with --only
+BENCH_MODULES = ("quantize", "gemm_cpu", "layers", "gpu", "models")
+DEFAULT_BENCH = ("quantize", "gemm_cpu", "layers", "gpu")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -110,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="cpu (quantize, gemm_cpu, layers) or cuda (gpu); default: cpu")
     bench.add_argument("--quick", action="store_true", help="small sizes, few repeats")
     bench.add_argument("--only", nargs="+", metavar="NAME", choices=BENCH_MODULES,
-                       help=f"run only these benchmarks ({', '.join(BENCH_MODULES)})")
+                       help=f"run only these benchmarks ({', '.join(BENCH_MODULES)}; default: all but models)")
     bench.set_defaults(handler=_cmd_bench)
 
     demo = commands.add_parser(
@@ -335,7 +337,8 @@ QUICK_BENCH = {
     "quantize": {"numel": 4 << 20, "channels": 1024, "repeats": 3},
     "gemm_cpu": {"tables": ("linear",), "repeats": 3},
     "layers": {"tables": ("linear",), "repeats": 3},
-    "gpu": {"quick": True, "repeats": 5},
+    "gpu": {"quant_numel": 16 << 20, "sections": ("quantize", "linear")},
+    "models": {"parts": ("digits",), "repeats": 3},
 }
 
 
@@ -362,7 +365,7 @@ def _print_rows(title: str, rows: List[dict]) -> None:
 def _cmd_bench(args) -> int:
     device = _device(args.device)
     ran = 0
-    for name in args.only or BENCH_MODULES:
+    for name in args.only or DEFAULT_BENCH:
         if (name == "gpu") != (device.type == "cuda"):
             _status(args, f"skipping {name}: it measures the {'GPU' if name == 'gpu' else 'CPU'} "
                           f"(--device {'cuda' if name == 'gpu' else 'cpu'})")
