@@ -54,7 +54,8 @@ def _model_options() -> argparse.ArgumentParser:
     group.add_argument("--config", metavar="PRESET",
                        help="int8-dynamic (default), int8-static or w4a8-dynamic")
     group.add_argument("--bits", type=int, metavar="N", help="weight bits, 1-8")
-    group.add_argument("--act-bits", type=int, metavar="N", help="activation bits, 2-8")
+    group.add_argument("--act-bits", type=int, metavar="N",
+                       help="activation bits, 1-8 (2-8 for per-token dynamic activations)")
     group.add_argument("--rounding", metavar="R", help="nearest (default) or truncate, for weights and activations")
     group.add_argument("--granularity", metavar="G", help="weight scales: per_channel (default) or per_tensor")
     group.add_argument("--observer", metavar="O",
