@@ -59,6 +59,7 @@ def work(tmp_path_factory):
               path / "eval.safetensors")
     torch.save(torch.randn(8, 3, 8, 8), path / "calib_wrong_shape.pt")
     torch.save({"inputs": data.test_x[:10].clone(), "labels": data.test_y[:9].clone()}, path / "eval_bad_labels.pt")
+    torch.save((data.test_x[:4].clone(), torch.tensor([0, 1, 2, 12])), path / "eval_label_range.pt")
     (path / "text.pt").write_text("not a tensor file\n")
     whole = (path / "digits.safetensors").read_bytes()
     (path / "truncated.safetensors").write_bytes(whole[: len(whole) // 2])
@@ -250,9 +251,13 @@ ERROR_CASES = {
     "truncated calibration": (["convert", FACTORY, "--calib", "truncated.safetensors"] + GOOD, ["--calib"]),
     "labels of the wrong length": (["report", FACTORY, "--eval", "eval_bad_labels.pt"] + GOOD,
                                    ["10 inputs but 9 labels"]),
+    "labels out of range": (["report", FACTORY, "--eval", "eval_label_range.pt"] + GOOD,
+                            ["labels must be in [0, 9]", "got [0, 12]"]),
     "budget without calibration": (["convert", FACTORY, "--min-sqnr", "30"] + GOOD, ["--calib"]),
     "output overwrites an input": (["convert", FACTORY, "--calib", "calib.pt", "-o", "calib.pt"] + GOOD,
                                    ["input files are never overwritten"]),
+    "report and checkpoint in one file": (["convert", FACTORY, "-o", "same.json", "--report", "same.json"] + GOOD,
+                                          ["--report: same.json is also the checkpoint"]),
     "output directory missing": (["convert", FACTORY, "-o", "no/such/dir/out.safetensors"] + GOOD,
                                  ["does not exist"]),
     "no cuda": (["convert", FACTORY, "--device", "cuda"] + GOOD, ["--device"]),

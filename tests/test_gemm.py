@@ -52,8 +52,9 @@ def quantized_weight(n, k, device, seed=0):
 ODD = (1, 3, 17, 33)
 
 
-# beyond the odd sizes: several row chunks (96 rows), k blocks (256) and weight panels (64; >= 4 copies the rows)
-LARGER = [(100, 300, 70), (130, 520, 129), (101, 260, 257)]
+# beyond the odd sizes: several row chunks (<= 96 rows), k blocks (256 bytes) and weight panels (64 columns), in
+# both work orders (activations under 512 KB: panel-major; above: chunk-major, copying rows for >= 4 panels)
+LARGER = [(100, 300, 70), (130, 520, 129), (101, 260, 257), (200, 2700, 300)]
 
 
 @pytest.mark.parametrize("m,k,n", list(itertools.product(ODD, ODD, ODD)) + LARGER)

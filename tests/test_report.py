@@ -51,7 +51,7 @@ def test_report_without_budget_matches_quantize_model(model, batches):
     for layer, float_layer, quant_layer in zip(report.layers, (model.conv, model.head[1], model.head[3]),
                                                (quantized.conv, quantized.head[1], quantized.head[3])):
         assert layer.quantized and layer.weight_bits == 8 and layer.activation == "uint8 static"
-        dequantized = F_q.dequantize(quant_layer._weight_int8(), quant_layer.weight_scale, 0, axis=0)
+        dequantized = F_q.dequantize(quant_layer.qweight, quant_layer.weight_scale, 0, axis=0)  # 8-bit: unpacked
         error = F_q.quantization_error(float_layer.weight.detach(), dequantized)
         assert layer.weight_sqnr_db == pytest.approx(error["sqnr_db"])
         assert layer.weight_mse == pytest.approx(error["mse"]) and layer.weight_max_abs == error["max_abs"]

@@ -20,7 +20,9 @@ from torchquant._cli_io import (UsageError, atomic_output, batches_of, load_inpu
 
 __all__ = ["main", "build_parser"]
 
-BENCH_MODULES = ("quantize", "gemm_cpu", "layers", "gpu")  # torchquant/bench/<name>.py, in this order when present
+# torchquant/bench/<name>.py, run in this order when present; "models" (real models, minutes) only with --only
+BENCH_MODULES = ("quantize", "gemm_cpu", "layers", "gpu", "models")
+DEFAULT_BENCH = ("quantize", "gemm_cpu", "layers", "gpu")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -52,7 +54,8 @@ def _model_options() -> argparse.ArgumentParser:
     group.add_argument("--config", metavar="PRESET",
                        help="int8-dynamic (default), int8-static or w4a8-dynamic")
     group.add_argument("--bits", type=int, metavar="N", help="weight bits, 1-8")
-    group.add_argument("--act-bits", type=int, metavar="N", help="activation bits, 2-8")
+    group.add_argument("--act-bits", type=int, metavar="N",
+                       help="activation bits, 1-8 (2-8 for per-token dynamic activations)")
     group.add_argument("--rounding", metavar="R", help="nearest (default) or truncate, for weights and activations")
     group.add_argument("--granularity", metavar="G", help="weight scales: per_channel (default) or per_tensor")
     group.add_argument("--observer", metavar="O",
@@ -110,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="cpu (quantize, gemm_cpu, layers) or cuda (gpu); default: cpu")
     bench.add_argument("--quick", action="store_true", help="small sizes, few repeats")
     bench.add_argument("--only", nargs="+", metavar="NAME", choices=BENCH_MODULES,
-                       help=f"run only these benchmarks ({', '.join(BENCH_MODULES)})")
+                       help=f"run only these benchmarks ({', '.join(BENCH_MODULES)}; default: all but models)")
     bench.set_defaults(handler=_cmd_bench)
 
     demo = commands.add_parser(
@@ -220,9 +223,10 @@ class _Job:
                 if not isinstance(output, torch.Tensor) or output.dim() != 2:
                     raise UsageError(f"--eval: labels need a model that returns [batch, classes] logits; it "
                                      f"returned {_describe(output)}")
-                if labels.min() < 0 or labels.max() >= output.shape[1]:
+                low, high = labels.min().item(), labels.max().item()
+                if low < 0 or high >= output.shape[1]:
                     raise UsageError(f"--eval: labels must be in [0, {output.shape[1] - 1}] (the model has "
-                                     f"{output.shape[1]} outputs), got [{labels.min()}, {labels.max()}]")
+                                     f"{output.shape[1]} outputs), got [{low}, {high}]")
                 labels = list(labels.split(args.batch_size))
             self.eval = (batches, labels)
         activation = self.config.activation
@@ -279,6 +283,8 @@ def _cmd_convert(args) -> int:
     _check_output_path(args.output, "-o", args)
     if args.report is not None:
         _check_output_path(args.report, "--report", args)
+        if os.path.abspath(args.report) == os.path.abspath(args.output):
+            raise UsageError(f"--report: {args.report} is also the checkpoint (-o); give two file names")
     job = _Job(args)
     quantized, decisions = job.quantize(progress=not args.quiet)
     with atomic_output(args.output, "-o") as temp:
@@ -304,6 +310,9 @@ def _cmd_report(args) -> int:
         path = getattr(args, option)
         if path is not None and path != "-":
             _check_output_path(path, f"--{option}", args)
+    if args.json is not None and args.markdown is not None and \
+            os.path.abspath(args.json) == os.path.abspath(args.markdown):
+        raise UsageError(f"--markdown: {args.markdown} is also the --json file; give two file names")
     if args.repeats < 1:
         raise UsageError(f"--repeats: expected a positive integer, got {args.repeats}")
     job = _Job(args)
@@ -329,7 +338,8 @@ QUICK_BENCH = {
     "quantize": {"numel": 4 << 20, "channels": 1024, "repeats": 3},
     "gemm_cpu": {"tables": ("linear",), "repeats": 3},
     "layers": {"tables": ("linear",), "repeats": 3},
-    "gpu": {"quick": True, "repeats": 5},
+    "gpu": {"quant_numel": 16 << 20, "sections": ("quantize", "linear")},
+    "models": {"parts": ("digits",), "repeats": 3},
 }
 
 
@@ -356,7 +366,7 @@ def _print_rows(title: str, rows: List[dict]) -> None:
 def _cmd_bench(args) -> int:
     device = _device(args.device)
     ran = 0
-    for name in args.only or BENCH_MODULES:
+    for name in args.only or DEFAULT_BENCH:
         if (name == "gpu") != (device.type == "cuda"):
             _status(args, f"skipping {name}: it measures the {'GPU' if name == 'gpu' else 'CPU'} "
                           f"(--device {'cuda' if name == 'gpu' else 'cpu'})")

@@ -279,11 +279,6 @@ def _measure(float_model, quantized_model, batches: Sequence[torch.Tensor], *, n
     return measured, end_to_end, model_latency
 
 
-def _dequantized_weight(layer) -> torch.Tensor:
-    """The weight a converted layer computes with, as float32 in the float weight's shape."""
-    return F_q.dequantize(layer._weight_int8(), layer.weight_scale, 0, axis=0)
-
-
 def _activation_label(spec) -> str:
     if spec is None:
         return "float"
@@ -343,7 +338,7 @@ def build_report(float_model: nn.Module, quantized_model: nn.Module, config=None
             row.weight_bits = layer.config.weight.bits
             row.activation = _activation_label(layer.config.activation)
             error = F_q.quantization_error(float_layer.weight.detach().float(),
-                                           _dequantized_weight(layer).to(float_layer.weight.device))
+                                           layer.dequantized_weight().to(float_layer.weight.device))
             row.weight_mse, row.weight_max_abs, row.weight_sqnr_db = (error["mse"], error["max_abs"],
                                                                       error["sqnr_db"])
             if name in measured:

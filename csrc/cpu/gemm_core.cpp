@@ -26,6 +26,7 @@ namespace {
 constexpr int64_t kRowsPerChunk = 96;  // at most; a multiple of every microkernel's row count (6, 2, 1)
 constexpr int64_t kKBlock = 256;       // bytes of k per cache block (a multiple of 4)
 constexpr int64_t kRepackMinPanels = 4;  // weight panels from which a chunk's rows are copied into micro-panels
+constexpr int64_t kCachedActivationBytes = 512 << 10;  // activations this small stay in L2 (1 MB on Zen 4)
 
 inline int32_t load_i32(const void* p) {
   int32_t v;
@@ -298,18 +299,23 @@ void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa) {
   const int64_t item_cost = (std::min(args.m, chunk_rows) + 4) * kPanelCols * k4;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(item_cost, 1));
 
+  // Work order. Chunk-major (each chunk meets every panel while it stays in L2) streams the weight once per chunk;
+  // when all the activation rows fit in L2 anyway, panel-major streams the weight once in all, and threads split
+  // the panels rather than the chunks.
+  const bool panel_major = m_chunks > 1 && args.m * k4 <= kCachedActivationBytes;
+
   at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
     alignas(64) int32_t tile[kRowsPerChunk * kPanelCols];
-    // the copy pays off when a chunk meets several weight panels; otherwise the rows are read where they are
-    const bool repack = n_panels >= kRepackMinPanels;
+    // the copy pays off when a chunk meets several weight panels in a row; otherwise the rows are read in place
+    const bool repack = !panel_major && n_panels >= kRepackMinPanels;
     std::vector<uint8_t> chunk_panels(repack ? std::min(chunk_rows, args.m) * k4 : 0);
     int64_t packed_chunk = -1;  // the (group, chunk) whose rows chunk_panels holds
     for (int64_t item = begin; item < end; ++item) {
-      // consecutive items share a chunk of activation rows, which stays in L2 while the weight panels stream past
-      const int64_t panel = item % n_panels;
-      const int64_t chunk_id = item / n_panels;
-      const int64_t chunk = chunk_id % m_chunks;
-      const int64_t g = chunk_id / m_chunks;
+      const int64_t g = item / (m_chunks * n_panels);
+      const int64_t in_group = item % (m_chunks * n_panels);
+      const int64_t panel = panel_major ? in_group / m_chunks : in_group % n_panels;
+      const int64_t chunk = panel_major ? in_group % m_chunks : in_group / n_panels;
+      const int64_t chunk_id = g * m_chunks + chunk;
       const int64_t row0 = chunk * chunk_rows;
       const int64_t rows = std::min(chunk_rows, args.m - row0);
       const uint8_t* a = args.a + row0 * args.lda + g * args.a_group_offset;
