@@ -15,6 +15,7 @@
 #include <cmath>
 #include <vector>
 
+#include "arg_checks.h"
 #include "cuda/common.cuh"
 #include "cuda/gemm.cuh"
 
@@ -325,10 +326,8 @@ int64_t operand_ld(const at::Tensor& rows) {
 
 void check_vector(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x_q, at::ScalarType dtype,
                   int64_t n) {
-  TORCH_CHECK(t.device() == x_q.device(), op, ": ", name, " must be on x_q's device (", x_q.device(), "), got ",
-              t.device());
-  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, op, ": ", name, " must have shape [", n, "], got ", t.sizes());
+  check_on_device_of(op, name, t, x_q);
+  check_epilogue_vector(op, name, t, dtype, n);
 }
 
 }  // namespace
@@ -341,8 +340,7 @@ EpilogueInputs prepare_epilogue_inputs(const char* op, const at::Tensor& x_q, in
   const int64_t zp_min = is_int8 ? -128 : 0, zp_max = is_int8 ? 127 : 255;
   TORCH_CHECK(x_zero_point >= zp_min && x_zero_point <= zp_max, op, ": x_zero_point must lie in [", zp_min, ", ",
               zp_max, "] for ", x_q.scalar_type(), " x_q, got ", x_zero_point);
-  TORCH_CHECK(x_scale.device() == x_q.device(), op, ": x_scale must be on x_q's device (", x_q.device(), "), got ",
-              x_scale.device());
+  check_on_device_of(op, "x_scale", x_scale, x_q);
   TORCH_CHECK(x_scale.scalar_type() == at::kFloat, op, ": x_scale must be float32, got ", x_scale.scalar_type());
   TORCH_CHECK(x_scale.numel() == 1 || x_scale.numel() == rows, op, ": x_scale must have 1 element or one per row (",
               rows, "), got ", x_scale.numel());
@@ -350,11 +348,8 @@ EpilogueInputs prepare_epilogue_inputs(const char* op, const at::Tensor& x_q, in
   check_vector(op, "w_scale", w_scale, x_q, at::kFloat, n);
   EpilogueInputs in;
   if (bias.has_value()) {
-    TORCH_CHECK(bias->device() == x_q.device(), op, ": bias must be on x_q's device (", x_q.device(), "), got ",
-                bias->device());
-    TORCH_CHECK(at::isFloatingType(bias->scalar_type()), op, ": bias must be a float tensor, got ",
-                bias->scalar_type());
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, op, ": bias must have shape [", n, "], got ", bias->sizes());
+    check_on_device_of(op, "bias", *bias, x_q);
+    check_bias(op, *bias, n);
     in.bias = bias->to(at::kFloat).contiguous();
   }
   in.x_scale = x_scale.contiguous();
@@ -390,26 +385,14 @@ DequantEpilogue EpilogueInputs::epilogue(const at::Tensor& out, int64_t ldo, int
 
 void check_packed_weight(const char* op, const at::Tensor& w_packed, const at::Tensor& x_q, int64_t groups, int64_t n,
                          int64_t k) {
-  TORCH_CHECK(w_packed.device() == x_q.device(), op, ": w_packed must be on x_q's device (", x_q.device(), "), got ",
-              w_packed.device(), " (re-pack the weight with pack_int8_weight after moving it)");
-  TORCH_CHECK(w_packed.scalar_type() == at::kChar, op, ": w_packed must be int8 (from pack_int8_weight), got ",
-              w_packed.scalar_type());
-  std::vector<int64_t> want;
-  if (groups > 0) want.push_back(groups);
-  want.push_back(round_up(n, kPackAlign));
-  want.push_back(round_up(k, kPackAlign));
-  TORCH_CHECK(w_packed.sizes() == at::IntArrayRef(want), op, ": w_packed must have shape ", at::IntArrayRef(want),
-              " (a packed weight of ", n, " outputs and reduction size ", k, "), got ", w_packed.sizes());
-  TORCH_CHECK(w_packed.is_contiguous(), op, ": w_packed must be contiguous (as pack_int8_weight returns it)");
+  check_on_device_of(op, "w_packed", w_packed, x_q, " (re-pack the weight with pack_int8_weight after moving it)");
+  check_packed_weight_layout(op, w_packed, groups, n, k, kPackAlign, kPackAlign);
 }
 
 namespace {
 
 at::Tensor int8_mm_cuda(const at::Tensor& a, const at::Tensor& b) {
-  TORCH_CHECK(a.scalar_type() == at::kChar && b.scalar_type() == at::kChar, "int8_mm: a and b must be int8, got ",
-              a.scalar_type(), " and ", b.scalar_type());
-  TORCH_CHECK(a.dim() == 2 && b.dim() == 2, "int8_mm: a and b must be 2-d, got ", a.dim(), "-d and ", b.dim(), "-d");
-  TORCH_CHECK(a.size(1) == b.size(0), "int8_mm: inner sizes differ: a is ", a.sizes(), ", b is ", b.sizes());
+  check_int8_mm_operands(a, b);
   TORCH_CHECK(a.is_cuda() && b.device() == a.device(), "int8_mm: a and b must be on the same CUDA device, got ",
               a.device(), " and ", b.device());
   const c10::cuda::CUDAGuard guard(a.device());
@@ -418,7 +401,7 @@ at::Tensor int8_mm_cuda(const at::Tensor& a, const at::Tensor& b) {
   if (m == 0 || n == 0) return out;
   if (k == 0) return out.zero_();
   TORCH_CHECK(m <= INT32_MAX - 256 && n <= INT32_MAX - 256 && k <= INT32_MAX - 256,
-              "int8_mm: sizes must be below 2^31, got ", a.sizes(), " and ", b.sizes());
+              "int8_mm: sizes must be below 2^31, got M=", m, ", K=", k, ", N=", n);
   const int64_t k16 = round_up(k, 16);
   const at::Tensor a_rows = gemm_operand(a, k16);
   const at::Tensor b_rows = gemm_operand(b.t(), k16);  // [N, K]: the tensor cores' "col" operand
@@ -430,9 +413,7 @@ at::Tensor int8_mm_cuda(const at::Tensor& a, const at::Tensor& b) {
 }
 
 at::Tensor pack_int8_weight_cuda(const at::Tensor& w) {
-  TORCH_CHECK(w.scalar_type() == at::kChar, "pack_int8_weight: w must be int8, got ", w.scalar_type());
-  TORCH_CHECK(w.dim() == 2 || w.dim() == 3, "pack_int8_weight: w must be [N, K] or [G, N, K], got ", w.dim(), "-d");
-  TORCH_CHECK(w.numel() > 0, "pack_int8_weight: w must not be empty, got shape ", w.sizes());
+  check_weight_to_pack(w);
   const c10::cuda::CUDAGuard guard(w.device());
   const int64_t n = w.size(-2), k = w.size(-1);
   std::vector<int64_t> shape(w.sizes().begin(), w.sizes().end());
@@ -456,18 +437,7 @@ at::Tensor int8_linear_cuda(const at::Tensor& x_q, const at::Tensor& x_scale, in
   const int64_t m = x_q.numel() / k;
   check_packed_weight(op, w_packed, x_q, 0, n, k);
   const EpilogueInputs in = prepare_epilogue_inputs(op, x_q, x_zero_point, x_scale, m, w_sum, w_scale, bias, n);
-  if (out_dtype == at::kChar || out_dtype == at::kByte) {
-    TORCH_CHECK(out_scale.has_value(), op, ": out_dtype ", out_dtype, " (requantized output) needs out_scale");
-    TORCH_CHECK(std::isfinite(*out_scale) && *out_scale > 0, op, ": out_scale must be positive and finite, got ",
-                *out_scale);
-    const int64_t qmin = out_dtype == at::kChar ? -128 : 0, qmax = out_dtype == at::kChar ? 127 : 255;
-    TORCH_CHECK(out_zero_point >= qmin && out_zero_point <= qmax, op, ": out_zero_point must lie in [", qmin, ", ",
-                qmax, "] for ", out_dtype, " output, got ", out_zero_point);
-  } else {
-    TORCH_CHECK(!out_scale.has_value(), op, ": out_scale is only for int8/uint8 out_dtype, got out_dtype ", out_dtype);
-    TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kHalf || out_dtype == at::kBFloat16, op,
-                ": out_dtype must be float32, float16 or bfloat16, got ", out_dtype);
-  }
+  check_linear_output(op, out_dtype, out_scale, out_zero_point);
   const c10::cuda::CUDAGuard guard(x_q.device());
   std::vector<int64_t> out_shape(x_q.sizes().begin(), x_q.sizes().end());
   out_shape.back() = n;

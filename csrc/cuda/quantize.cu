@@ -13,6 +13,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "arg_checks.h"
 #include "cuda/common.cuh"
 #include "quant_math.h"
 
@@ -301,9 +302,7 @@ at::Tensor fake_quantize_backward_cuda(const at::Tensor& grad, const at::Tensor&
   const Rounding r = parse_rounding(rounding);
   const Layout layout = checked_layout(x, scale, zero_point, axis);
   TORCH_CHECK(grad.device() == x.device(), "grad must be on x's device (", x.device(), "), got ", grad.device());
-  TORCH_CHECK(grad.sizes() == x.sizes(), "grad must have x's shape ", x.sizes(), ", got ", grad.sizes());
-  TORCH_CHECK(grad.scalar_type() == x.scalar_type(), "grad must have x's dtype ", x.scalar_type(), ", got ",
-              grad.scalar_type());
+  check_grad_like(grad, x);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous();
   const at::Tensor gc = grad.contiguous();
