@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "arg_checks.h"
 #include "cpu/gemm_core.h"
 #include "cpu/gemm_ops.h"
 #include "cpu/isa.h"
@@ -60,25 +61,12 @@ at::Tensor int8_conv2d_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, int
                            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                            at::ScalarType out_dtype) {
   constexpr const char* op = "int8_conv2d";
-  TORCH_CHECK(x_q.dim() == 4, op, ": x_q must be 4-d [B, C, H, W], got ", x_q.dim(), "-d");
-  TORCH_CHECK(groups >= 1, op, ": groups must be >= 1, got ", groups);
-  TORCH_CHECK(kernel_size.size() == 2 && stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
-              ": kernel_size, stride, padding and dilation must have 2 entries each");
-  TORCH_CHECK(kernel_size[0] >= 1 && kernel_size[1] >= 1, op, ": kernel_size must be >= 1, got ", kernel_size);
-  TORCH_CHECK(stride[0] >= 1 && stride[1] >= 1, op, ": stride must be >= 1, got ", stride);
-  TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0, op, ": padding must be >= 0, got ", padding);
-  TORCH_CHECK(dilation[0] >= 1 && dilation[1] >= 1, op, ": dilation must be >= 1, got ", dilation);
+  check_conv_arguments(op, x_q, out_channels, kernel_size, stride, padding, dilation, groups);
   ConvGeometry g{x_q.size(0), x_q.size(1), x_q.size(2), x_q.size(3), groups,
                  kernel_size[0], kernel_size[1], stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
                  0, 0};
-  TORCH_CHECK(g.channels % groups == 0, op, ": groups (", groups, ") must divide the input channels (", g.channels,
-              ")");
-  TORCH_CHECK(out_channels >= 1 && out_channels % groups == 0, op, ": groups (", groups,
-              ") must divide out_channels (", out_channels, ")");
   g.out_h = (g.height + 2 * g.pad_h - g.dil_h * (g.kh - 1) - 1) / g.stride_h + 1;
   g.out_w = (g.width + 2 * g.pad_w - g.dil_w * (g.kw - 1) - 1) / g.stride_w + 1;
-  TORCH_CHECK(g.height + 2 * g.pad_h >= g.dil_h * (g.kh - 1) + 1 && g.width + 2 * g.pad_w >= g.dil_w * (g.kw - 1) + 1,
-              op, ": the (dilated) kernel ", kernel_size, " is larger than the padded input ", x_q.sizes().slice(2));
   const int64_t cg = g.channels / groups, ocg = out_channels / groups;
   const int64_t window = g.kh * g.kw * cg;
   TORCH_CHECK(window >= 1, op, ": x_q must have at least one channel");

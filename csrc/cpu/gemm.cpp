@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "arg_checks.h"
 #include "cpu/gemm_core.h"
 #include "cpu/gemm_ops.h"
 #include "cpu/isa.h"
@@ -29,8 +30,7 @@ namespace {
 
 void check_vector(const char* op, const char* name, const at::Tensor& t, at::ScalarType dtype, int64_t n) {
   TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be on the CPU like x_q, got ", t.device());
-  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, op, ": ", name, " must have shape [", n, "], got ", t.sizes());
+  check_epilogue_vector(op, name, t, dtype, n);
 }
 
 }  // namespace
@@ -52,9 +52,7 @@ EpilogueInputs prepare_epilogue_inputs(const char* op, const at::Tensor& x_q, in
   EpilogueInputs in;
   if (bias.has_value()) {
     TORCH_CHECK(bias->device().is_cpu(), op, ": bias must be on the CPU like x_q, got ", bias->device());
-    TORCH_CHECK(at::isFloatingType(bias->scalar_type()), op, ": bias must be a float tensor, got ",
-                bias->scalar_type());
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, op, ": bias must have shape [", n, "], got ", bias->sizes());
+    check_bias(op, *bias, n);
     in.bias = bias->to(at::kFloat).contiguous();
   }
   in.x_scale = x_scale.contiguous();
@@ -82,24 +80,13 @@ OutKind float_out_kind(const char* op, at::ScalarType out_dtype) {
 void check_packed_weight(const char* op, const at::Tensor& w_packed, int64_t groups, int64_t n, int64_t k) {
   TORCH_CHECK(w_packed.device().is_cpu(), op, ": w_packed must be on the CPU like x_q, got ", w_packed.device(),
               " (re-pack the weight with pack_int8_weight after moving it)");
-  TORCH_CHECK(w_packed.scalar_type() == at::kChar, op, ": w_packed must be int8 (from pack_int8_weight), got ",
-              w_packed.scalar_type());
-  std::vector<int64_t> want;
-  if (groups > 0) want.push_back(groups);
-  want.push_back(round_up(n, kPanelCols));
-  want.push_back(round_up(k, 64));
-  TORCH_CHECK(w_packed.sizes() == at::IntArrayRef(want), op, ": w_packed must have shape ", at::IntArrayRef(want),
-              " (a packed weight of ", n, " outputs and reduction size ", k, "), got ", w_packed.sizes());
-  TORCH_CHECK(w_packed.is_contiguous(), op, ": w_packed must be contiguous (as pack_int8_weight returns it)");
+  check_packed_weight_layout(op, w_packed, groups, n, k, kPanelCols, 64);
 }
 
 namespace {
 
 at::Tensor int8_mm_cpu(const at::Tensor& a, const at::Tensor& b) {
-  TORCH_CHECK(a.scalar_type() == at::kChar && b.scalar_type() == at::kChar, "int8_mm: a and b must be int8, got ",
-              a.scalar_type(), " and ", b.scalar_type());
-  TORCH_CHECK(a.dim() == 2 && b.dim() == 2, "int8_mm: a and b must be 2-d, got ", a.dim(), "-d and ", b.dim(), "-d");
-  TORCH_CHECK(a.size(1) == b.size(0), "int8_mm: inner sizes differ: a is ", a.sizes(), ", b is ", b.sizes());
+  check_int8_mm_operands(a, b);
   TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu(), "int8_mm: a and b must both be on the CPU, got ",
               a.device(), " and ", b.device());
   const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
@@ -132,11 +119,9 @@ at::Tensor int8_mm_cpu(const at::Tensor& a, const at::Tensor& b) {
 }
 
 at::Tensor pack_int8_weight_cpu(const at::Tensor& w) {
-  TORCH_CHECK(w.scalar_type() == at::kChar, "pack_int8_weight: w must be int8, got ", w.scalar_type());
-  TORCH_CHECK(w.dim() == 2 || w.dim() == 3, "pack_int8_weight: w must be [N, K] or [G, N, K], got ", w.dim(), "-d");
+  check_weight_to_pack(w);
   const int64_t groups = w.dim() == 3 ? w.size(0) : 1;
   const int64_t n = w.size(-2), k = w.size(-1);
-  TORCH_CHECK(n > 0 && k > 0 && groups > 0, "pack_int8_weight: w must not be empty, got shape ", w.sizes());
   const int64_t np = round_up(n, kPanelCols), kp = round_up(k, 64);
   std::vector<int64_t> shape = {np, kp};
   if (w.dim() == 3) shape.insert(shape.begin(), groups);

@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "arg_checks.h"
 #include "cuda/common.cuh"
 #include "cuda/gemm.cuh"
 
@@ -68,31 +69,17 @@ at::Tensor int8_conv2d_cuda(const at::Tensor& x_q, const at::Tensor& x_scale, in
                             at::ScalarType out_dtype) {
   constexpr const char* op = "int8_conv2d";
   TORCH_CHECK(x_q.is_cuda(), op, ": x_q must be a CUDA tensor for the CUDA kernel, got ", x_q.device());
-  TORCH_CHECK(x_q.dim() == 4, op, ": x_q must be 4-d [B, C, H, W], got ", x_q.dim(), "-d");
-  TORCH_CHECK(groups >= 1, op, ": groups must be >= 1, got ", groups);
-  TORCH_CHECK(kernel_size.size() == 2 && stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
-              ": kernel_size, stride, padding and dilation must have 2 entries each");
-  TORCH_CHECK(kernel_size[0] >= 1 && kernel_size[1] >= 1, op, ": kernel_size must be >= 1, got ", kernel_size);
-  TORCH_CHECK(stride[0] >= 1 && stride[1] >= 1, op, ": stride must be >= 1, got ", stride);
-  TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0, op, ": padding must be >= 0, got ", padding);
-  TORCH_CHECK(dilation[0] >= 1 && dilation[1] >= 1, op, ": dilation must be >= 1, got ", dilation);
+  check_conv_arguments(op, x_q, out_channels, kernel_size, stride, padding, dilation, groups);
   ConvGeometry g{x_q.size(0), x_q.size(1), x_q.size(2), x_q.size(3), groups,
                  kernel_size[0], kernel_size[1], stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
                  0, 0};
-  TORCH_CHECK(g.channels % groups == 0, op, ": groups (", groups, ") must divide the input channels (", g.channels,
-              ")");
-  TORCH_CHECK(out_channels >= 1 && out_channels % groups == 0, op, ": groups (", groups,
-              ") must divide out_channels (", out_channels, ")");
-  TORCH_CHECK(g.height + 2 * g.pad_h >= g.dil_h * (g.kh - 1) + 1 && g.width + 2 * g.pad_w >= g.dil_w * (g.kw - 1) + 1,
-              op, ": the (dilated) kernel ", kernel_size, " is larger than the padded input ", x_q.sizes().slice(2));
   g.out_h = (g.height + 2 * g.pad_h - g.dil_h * (g.kh - 1) - 1) / g.stride_h + 1;
   g.out_w = (g.width + 2 * g.pad_w - g.dil_w * (g.kw - 1) - 1) / g.stride_w + 1;
   const int64_t cg = g.channels / groups, ocg = out_channels / groups;
   const int64_t window = g.kh * g.kw * cg;
   TORCH_CHECK(window >= 1, op, ": x_q must have at least one channel");
   check_packed_weight(op, w_packed, x_q, groups, ocg, window);
-  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kHalf || out_dtype == at::kBFloat16, op,
-              ": out_dtype must be float32, float16 or bfloat16, got ", out_dtype);
+  check_float_out_dtype(op, out_dtype);
   TORCH_CHECK(x_scale.numel() == 1, op, ": x_scale must have 1 element (per-tensor activations), got ",
               x_scale.numel());
   const int64_t m = g.batch * g.out_h * g.out_w;

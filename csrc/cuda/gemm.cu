@@ -4,17 +4,22 @@
 // Two kernels, both on mma.sync m16n8k32 (int8 x int8 -> int32, or uint8 x int8):
 //   gemm_tiled_kernel:   128x128x64 block tiles, 8 warps of 64x32, a 4-stage cp.async shared-memory pipeline
 //                        (zero-filled tails), ldmatrix from an XOR-swizzled layout (no bank conflicts).
+//                        When those tiles fill under half of the multiprocessors, K is split over blockIdx.y and
+//                        the slices add their int32 sums atomically before one epilogue pass (split_k_count).
 //   gemm_small_m_kernel: M <= 16 (decode-style GEMV): streams B straight from global memory with 16-byte loads, one
 //                        m16n8k32 tile per warp per 64 k, K split over 4 warps and reduced in shared memory.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
+#include "arg_checks.h"
 #include "cuda/common.cuh"
 #include "cuda/gemm.cuh"
 
@@ -134,10 +139,16 @@ __global__ void __launch_bounds__(kTiledThreads) gemm_tiled_kernel(GemmArgs args
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0;
 
-  const int k_tiles = (K + kBK - 1) / kBK;
+  // Split-K: blockIdx.y takes k-tiles [k_begin, k_begin + k_tiles) of the kBK-wide k-tiles (all of them when
+  // gridDim.y is 1); kt below counts from k_begin.
+  const int k_tiles_all = (K + kBK - 1) / kBK;
+  const int k_per_split = (k_tiles_all + gridDim.y - 1) / gridDim.y;
+  const int k_begin = blockIdx.y * k_per_split;
+  const int k_tiles = max(0, min(k_tiles_all - k_begin, k_per_split));
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < k_tiles) load_tile(smem_base + s * kStageBytes, a, args.lda, b, args.ldb, m0, n0, s * kBK, M, N, K, tid);
+    if (s < k_tiles)
+      load_tile(smem_base + s * kStageBytes, a, args.lda, b, args.ldb, m0, n0, (k_begin + s) * kBK, M, N, K, tid);
     cp_async_commit();  // always commit, so that the group count below stays uniform
   }
 
@@ -146,8 +157,8 @@ __global__ void __launch_bounds__(kTiledThreads) gemm_tiled_kernel(GemmArgs args
     __syncthreads();               // ... for every thread's copies, and every warp is done with tile kt - 1
     const int next = kt + kStages - 1;
     if (next < k_tiles)
-      load_tile(smem_base + (next % kStages) * kStageBytes, a, args.lda, b, args.ldb, m0, n0, next * kBK, M, N, K,
-                tid);
+      load_tile(smem_base + (next % kStages) * kStageBytes, a, args.lda, b, args.ldb, m0, n0, (k_begin + next) * kBK,
+                M, N, K, tid);
     cp_async_commit();
 
     const uint32_t a_tile = smem_base + (kt % kStages) * kStageBytes;
@@ -177,19 +188,30 @@ __global__ void __launch_bounds__(kTiledThreads) gemm_tiled_kernel(GemmArgs args
     }
   }
 
-  // Accumulator e of tile (mi, ni): row g (+ 8 for e >= 2), column 2 t + (e & 1), with g = lane / 4, t = lane % 4.
+  // Accumulator e of tile (mi, ni): row g + 8 h, column 2 t + c, with e = 2 h + c, g = lane / 4, t = lane % 4.
+  // Each thread owns 8 rows and 8 columns: their epilogue inputs are loaded once.
   const int g = lane >> 2;
   const int t = lane & 3;
+  float row_inputs[4][2];
 #pragma unroll
   for (int mi = 0; mi < 4; ++mi)
 #pragma unroll
-    for (int ni = 0; ni < 4; ++ni)
+    for (int h = 0; h < 2; ++h) row_inputs[mi][h] = epilogue.row(min(m0 + warp_m * 64 + mi * 16 + g + h * 8, M - 1));
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int m = m0 + warp_m * 64 + mi * 16 + g + (e >> 1) * 8;
-        const int n = n0 + warp_n * 32 + ni * 8 + t * 2 + (e & 1);
-        if (m < M && n < N) epilogue(m, group * N + n, acc[mi][ni][e]);
-      }
+  for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const int n = n0 + warp_n * 32 + ni * 8 + t * 2 + c;
+      if (n >= N) continue;
+      const auto column = epilogue.column(group * N + n);
+#pragma unroll
+      for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int m = m0 + warp_m * 64 + mi * 16 + g + h * 8;
+          if (m < M) epilogue.store(m, group * N + n, acc[mi][ni][h * 2 + c], column, row_inputs[mi][h]);
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -265,6 +287,44 @@ __global__ void __launch_bounds__(kSmallThreads) gemm_small_m_kernel(GemmArgs ar
 // Launch
 // ---------------------------------------------------------------------------------------------------------------
 
+// Split-K partial sums: each k-slice adds its int32 accumulators into a zeroed workspace (integer addition, so the
+// total is exact and independent of the order), which apply_epilogue_kernel then hands to the real epilogue.
+struct AtomicAddEpilogue : NoEpilogueInputs<AtomicAddEpilogue> {
+  int32_t* sums;
+  int64_t ld;
+
+  AtomicAddEpilogue(int32_t* sums_, int64_t ld_) : sums(sums_), ld(ld_) {}
+
+  __device__ __forceinline__ void operator()(int m, int n, int32_t acc) const {
+    atomicAdd(sums + static_cast<int64_t>(m) * ld + n, acc);
+  }
+};
+
+template <typename Epilogue>
+__global__ void apply_epilogue_kernel(const int32_t* __restrict__ sums, int64_t rows, int64_t cols,
+                                      Epilogue epilogue) {
+  const int64_t total = rows * cols;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    epilogue(static_cast<int>(i / cols), static_cast<int>(i % cols), sums[i]);
+}
+
+constexpr int kMinKTilesPerSplit = 4;  // a split-K slice covers at least 4 * kBK = 256 of K
+constexpr int kEpilogueThreads = 256;
+
+// How many k-slices the tiled kernel's grid takes: 1 unless the block tiles would leave more than half of the
+// multiprocessors idle (M and N small against K, e.g. M = 128 x N = 4096), then enough to fill them once.
+int split_k_count(int64_t blocks, int K) {
+  const int k_tiles = (K + kBK - 1) / kBK;
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  if (2 * blocks > sms) return 1;
+  const int64_t wanted = std::min<int64_t>(sms / blocks, k_tiles / kMinKTilesPerSplit);
+  if (wanted <= 1) return 1;
+  // equal slices of k_per_split tiles, none empty
+  const int k_per_split = static_cast<int>((k_tiles + wanted - 1) / wanted);
+  return (k_tiles + k_per_split - 1) / k_per_split;
+}
+
 template <bool A_UNSIGNED, typename Epilogue>
 void launch_gemm(const GemmArgs& args, const Epilogue& epilogue) {
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -277,10 +337,27 @@ void launch_gemm(const GemmArgs& args, const Epilogue& epilogue) {
   const int64_t tiles = ((args.M + kBM - 1) / kBM) * static_cast<int64_t>((args.N + kBN - 1) / kBN);
   TORCH_CHECK(tiles <= INT32_MAX && args.groups <= 65535, "int8 GEMM too large: ", tiles, " tiles, ", args.groups,
               " groups");
-  const auto kernel = gemm_tiled_kernel<A_UNSIGNED, Epilogue>;
+  const int splits = split_k_count(tiles * args.groups, args.K);
+  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(splits), static_cast<unsigned>(args.groups));
+  if (splits == 1) {
+    const auto kernel = gemm_tiled_kernel<A_UNSIGNED, Epilogue>;
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kTiledSmemBytes));
+    kernel<<<grid, kTiledThreads, kTiledSmemBytes, stream>>>(args, epilogue);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  const int64_t cols = static_cast<int64_t>(args.N) * args.groups;  // the epilogue's column g * N + n
+  const at::Tensor sums = at::zeros({args.M, cols}, at::TensorOptions().dtype(at::kInt).device(
+                                                        at::kCUDA, c10::cuda::current_device()));
+  const auto kernel = gemm_tiled_kernel<A_UNSIGNED, AtomicAddEpilogue>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kTiledSmemBytes));
-  kernel<<<dim3(static_cast<unsigned>(tiles), 1, static_cast<unsigned>(args.groups)), kTiledThreads, kTiledSmemBytes,
-           stream>>>(args, epilogue);
+  kernel<<<grid, kTiledThreads, kTiledSmemBytes, stream>>>(args, AtomicAddEpilogue{sums.data_ptr<int32_t>(), cols});
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int64_t total = args.M * cols;
+  const int blocks = static_cast<int>(std::min<int64_t>((total + kEpilogueThreads - 1) / kEpilogueThreads,
+                                                        max_resident_blocks(kEpilogueThreads)));
+  apply_epilogue_kernel<Epilogue><<<blocks, kEpilogueThreads, 0, stream>>>(sums.data_ptr<int32_t>(), args.M, cols,
+                                                                           epilogue);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -325,10 +402,8 @@ int64_t operand_ld(const at::Tensor& rows) {
 
 void check_vector(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x_q, at::ScalarType dtype,
                   int64_t n) {
-  TORCH_CHECK(t.device() == x_q.device(), op, ": ", name, " must be on x_q's device (", x_q.device(), "), got ",
-              t.device());
-  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, op, ": ", name, " must have shape [", n, "], got ", t.sizes());
+  check_on_device_of(op, name, t, x_q);
+  check_epilogue_vector(op, name, t, dtype, n);
 }
 
 }  // namespace
@@ -341,8 +416,7 @@ EpilogueInputs prepare_epilogue_inputs(const char* op, const at::Tensor& x_q, in
   const int64_t zp_min = is_int8 ? -128 : 0, zp_max = is_int8 ? 127 : 255;
   TORCH_CHECK(x_zero_point >= zp_min && x_zero_point <= zp_max, op, ": x_zero_point must lie in [", zp_min, ", ",
               zp_max, "] for ", x_q.scalar_type(), " x_q, got ", x_zero_point);
-  TORCH_CHECK(x_scale.device() == x_q.device(), op, ": x_scale must be on x_q's device (", x_q.device(), "), got ",
-              x_scale.device());
+  check_on_device_of(op, "x_scale", x_scale, x_q);
   TORCH_CHECK(x_scale.scalar_type() == at::kFloat, op, ": x_scale must be float32, got ", x_scale.scalar_type());
   TORCH_CHECK(x_scale.numel() == 1 || x_scale.numel() == rows, op, ": x_scale must have 1 element or one per row (",
               rows, "), got ", x_scale.numel());
@@ -350,12 +424,9 @@ EpilogueInputs prepare_epilogue_inputs(const char* op, const at::Tensor& x_q, in
   check_vector(op, "w_scale", w_scale, x_q, at::kFloat, n);
   EpilogueInputs in;
   if (bias.has_value()) {
-    TORCH_CHECK(bias->device() == x_q.device(), op, ": bias must be on x_q's device (", x_q.device(), "), got ",
-                bias->device());
-    TORCH_CHECK(at::isFloatingType(bias->scalar_type()), op, ": bias must be a float tensor, got ",
-                bias->scalar_type());
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, op, ": bias must have shape [", n, "], got ", bias->sizes());
-    in.bias = bias->to(at::kFloat).contiguous();
+    check_on_device_of(op, "bias", *bias, x_q);
+    check_bias(op, *bias, n);
+    in.bias = bias->scalar_type() == at::kFloat ? bias->contiguous() : bias->to(at::kFloat).contiguous();
   }
   in.x_scale = x_scale.contiguous();
   in.w_sum = w_sum.contiguous();
@@ -390,26 +461,14 @@ DequantEpilogue EpilogueInputs::epilogue(const at::Tensor& out, int64_t ldo, int
 
 void check_packed_weight(const char* op, const at::Tensor& w_packed, const at::Tensor& x_q, int64_t groups, int64_t n,
                          int64_t k) {
-  TORCH_CHECK(w_packed.device() == x_q.device(), op, ": w_packed must be on x_q's device (", x_q.device(), "), got ",
-              w_packed.device(), " (re-pack the weight with pack_int8_weight after moving it)");
-  TORCH_CHECK(w_packed.scalar_type() == at::kChar, op, ": w_packed must be int8 (from pack_int8_weight), got ",
-              w_packed.scalar_type());
-  std::vector<int64_t> want;
-  if (groups > 0) want.push_back(groups);
-  want.push_back(round_up(n, kPackAlign));
-  want.push_back(round_up(k, kPackAlign));
-  TORCH_CHECK(w_packed.sizes() == at::IntArrayRef(want), op, ": w_packed must have shape ", at::IntArrayRef(want),
-              " (a packed weight of ", n, " outputs and reduction size ", k, "), got ", w_packed.sizes());
-  TORCH_CHECK(w_packed.is_contiguous(), op, ": w_packed must be contiguous (as pack_int8_weight returns it)");
+  check_on_device_of(op, "w_packed", w_packed, x_q, " (re-pack the weight with pack_int8_weight after moving it)");
+  check_packed_weight_layout(op, w_packed, groups, n, k, kPackAlign, kPackAlign);
 }
 
 namespace {
 
 at::Tensor int8_mm_cuda(const at::Tensor& a, const at::Tensor& b) {
-  TORCH_CHECK(a.scalar_type() == at::kChar && b.scalar_type() == at::kChar, "int8_mm: a and b must be int8, got ",
-              a.scalar_type(), " and ", b.scalar_type());
-  TORCH_CHECK(a.dim() == 2 && b.dim() == 2, "int8_mm: a and b must be 2-d, got ", a.dim(), "-d and ", b.dim(), "-d");
-  TORCH_CHECK(a.size(1) == b.size(0), "int8_mm: inner sizes differ: a is ", a.sizes(), ", b is ", b.sizes());
+  check_int8_mm_operands(a, b);
   TORCH_CHECK(a.is_cuda() && b.device() == a.device(), "int8_mm: a and b must be on the same CUDA device, got ",
               a.device(), " and ", b.device());
   const c10::cuda::CUDAGuard guard(a.device());
@@ -418,7 +477,7 @@ at::Tensor int8_mm_cuda(const at::Tensor& a, const at::Tensor& b) {
   if (m == 0 || n == 0) return out;
   if (k == 0) return out.zero_();
   TORCH_CHECK(m <= INT32_MAX - 256 && n <= INT32_MAX - 256 && k <= INT32_MAX - 256,
-              "int8_mm: sizes must be below 2^31, got ", a.sizes(), " and ", b.sizes());
+              "int8_mm: sizes must be below 2^31, got M=", m, ", K=", k, ", N=", n);
   const int64_t k16 = round_up(k, 16);
   const at::Tensor a_rows = gemm_operand(a, k16);
   const at::Tensor b_rows = gemm_operand(b.t(), k16);  // [N, K]: the tensor cores' "col" operand
@@ -430,9 +489,7 @@ at::Tensor int8_mm_cuda(const at::Tensor& a, const at::Tensor& b) {
 }
 
 at::Tensor pack_int8_weight_cuda(const at::Tensor& w) {
-  TORCH_CHECK(w.scalar_type() == at::kChar, "pack_int8_weight: w must be int8, got ", w.scalar_type());
-  TORCH_CHECK(w.dim() == 2 || w.dim() == 3, "pack_int8_weight: w must be [N, K] or [G, N, K], got ", w.dim(), "-d");
-  TORCH_CHECK(w.numel() > 0, "pack_int8_weight: w must not be empty, got shape ", w.sizes());
+  check_weight_to_pack(w);
   const c10::cuda::CUDAGuard guard(w.device());
   const int64_t n = w.size(-2), k = w.size(-1);
   std::vector<int64_t> shape(w.sizes().begin(), w.sizes().end());
@@ -456,25 +513,14 @@ at::Tensor int8_linear_cuda(const at::Tensor& x_q, const at::Tensor& x_scale, in
   const int64_t m = x_q.numel() / k;
   check_packed_weight(op, w_packed, x_q, 0, n, k);
   const EpilogueInputs in = prepare_epilogue_inputs(op, x_q, x_zero_point, x_scale, m, w_sum, w_scale, bias, n);
-  if (out_dtype == at::kChar || out_dtype == at::kByte) {
-    TORCH_CHECK(out_scale.has_value(), op, ": out_dtype ", out_dtype, " (requantized output) needs out_scale");
-    TORCH_CHECK(std::isfinite(*out_scale) && *out_scale > 0, op, ": out_scale must be positive and finite, got ",
-                *out_scale);
-    const int64_t qmin = out_dtype == at::kChar ? -128 : 0, qmax = out_dtype == at::kChar ? 127 : 255;
-    TORCH_CHECK(out_zero_point >= qmin && out_zero_point <= qmax, op, ": out_zero_point must lie in [", qmin, ", ",
-                qmax, "] for ", out_dtype, " output, got ", out_zero_point);
-  } else {
-    TORCH_CHECK(!out_scale.has_value(), op, ": out_scale is only for int8/uint8 out_dtype, got out_dtype ", out_dtype);
-    TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kHalf || out_dtype == at::kBFloat16, op,
-                ": out_dtype must be float32, float16 or bfloat16, got ", out_dtype);
-  }
+  check_linear_output(op, out_dtype, out_scale, out_zero_point);
   const c10::cuda::CUDAGuard guard(x_q.device());
   std::vector<int64_t> out_shape(x_q.sizes().begin(), x_q.sizes().end());
   out_shape.back() = n;
   at::Tensor out = at::empty(out_shape, x_q.options().dtype(out_dtype));
   if (m == 0) return out;
   TORCH_CHECK(m <= INT32_MAX - 256 && n <= INT32_MAX - 256 && k <= INT32_MAX - 256, op, ": sizes must be below 2^31");
-  const at::Tensor x_rows = gemm_operand(x_q.reshape({m, k}), round_up(k, 16));
+  const at::Tensor x_rows = gemm_operand(x_q.dim() == 2 ? x_q : x_q.reshape({m, k}), round_up(k, 16));
   const GemmArgs args{static_cast<const int8_t*>(x_rows.data_ptr()), operand_ld(x_rows), 0,
                       w_packed.data_ptr<int8_t>(), w_packed.size(1), 0,
                       static_cast<int>(m), static_cast<int>(n), static_cast<int>(round_up(k, 16)), 1};

@@ -27,10 +27,25 @@ struct GemmArgs {
   int groups;
 };
 
+// Epilogues are called per output element as epilogue(m, n, acc). The tiled kernel instead loads the per-column
+// and per-row inputs once per column and row it owns (column(n), row(m)) and calls store(m, n, acc, column, row);
+// an epilogue without such inputs derives from NoEpilogueInputs, whose store is its operator().
+template <class Epilogue>
+struct NoEpilogueInputs {
+  struct Column {};
+  __device__ __forceinline__ Column column(int) const { return {}; }
+  __device__ __forceinline__ float row(int) const { return 0.0f; }
+  __device__ __forceinline__ void store(int m, int n, int32_t acc, Column, float) const {
+    static_cast<const Epilogue&>(*this)(m, n, acc);
+  }
+};
+
 // Stores the raw int32 accumulator: out[m * ldo + n].
-struct Int32Epilogue {
+struct Int32Epilogue : NoEpilogueInputs<Int32Epilogue> {
   int32_t* out;
   int64_t ldo;
+
+  Int32Epilogue(int32_t* out_, int64_t ldo_) : out(out_), ldo(ldo_) {}
 
   __device__ __forceinline__ void operator()(int m, int n, int32_t acc) const {
     out[static_cast<int64_t>(m) * ldo + n] = acc;
@@ -56,12 +71,25 @@ struct DequantEpilogue {
   float out_zero_point;
   QuantFormat out_format;
 
-  __device__ __forceinline__ void operator()(int m, int n, int32_t acc) const {
-    // modulo 2^32 like the accumulator itself
-    const int32_t centered = static_cast<int32_t>(static_cast<uint32_t>(acc) - static_cast<uint32_t>(x_zero_point) *
-                                                                                   static_cast<uint32_t>(w_sum[n]));
-    float y = __fmul_rn(__fmul_rn(static_cast<float>(centered), x_scale[per_row_scale ? m : 0]), w_scale[n]);
-    if (bias != nullptr) y = __fadd_rn(y, bias[n]);
+  struct Column {
+    uint32_t zero_point_times_sum;  // x_zero_point * w_sum[n], modulo 2^32 like the accumulator itself
+    float scale;                    // w_scale[n]
+    float bias;                     // bias[n], or 0 without bias
+  };
+
+  __device__ __forceinline__ Column column(int n) const {
+    return {static_cast<uint32_t>(x_zero_point) * static_cast<uint32_t>(w_sum[n]), w_scale[n],
+            bias != nullptr ? bias[n] : 0.0f};
+  }
+
+  __device__ __forceinline__ float row(int m) const { return x_scale[per_row_scale ? m : 0]; }
+
+  __device__ __forceinline__ void operator()(int m, int n, int32_t acc) const { store(m, n, acc, column(n), row(m)); }
+
+  __device__ __forceinline__ void store(int m, int n, int32_t acc, const Column& c, float row_scale) const {
+    const int32_t centered = static_cast<int32_t>(static_cast<uint32_t>(acc) - c.zero_point_times_sum);
+    float y = __fmul_rn(__fmul_rn(static_cast<float>(centered), row_scale), c.scale);
+    if (bias != nullptr) y = __fadd_rn(y, c.bias);
     const int64_t o = static_cast<int64_t>(m) * ldo + n;
     switch (kind) {
       case OutKind::Float32: static_cast<float*>(out)[o] = y; break;

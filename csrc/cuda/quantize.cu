@@ -13,6 +13,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "arg_checks.h"
 #include "cuda/common.cuh"
 #include "quant_math.h"
 
@@ -301,9 +302,7 @@ at::Tensor fake_quantize_backward_cuda(const at::Tensor& grad, const at::Tensor&
   const Rounding r = parse_rounding(rounding);
   const Layout layout = checked_layout(x, scale, zero_point, axis);
   TORCH_CHECK(grad.device() == x.device(), "grad must be on x's device (", x.device(), "), got ", grad.device());
-  TORCH_CHECK(grad.sizes() == x.sizes(), "grad must have x's shape ", x.sizes(), ", got ", grad.sizes());
-  TORCH_CHECK(grad.scalar_type() == x.scalar_type(), "grad must have x's dtype ", x.scalar_type(), ", got ",
-              grad.scalar_type());
+  check_grad_like(grad, x);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous();
   const at::Tensor gc = grad.contiguous();
@@ -364,6 +363,56 @@ __global__ void __launch_bounds__(kThreads) quantize_per_token_kernel(const T* _
         static_cast<int>(quantize_value(static_cast<float>(xr[i]), inv, 0.0f, f, Rounding::Nearest)));
 }
 
+// Rows of at most 32 * ITEMS vectors (the common hidden sizes): one warp per row, which loads its whole row into
+// registers at once (ITEMS independent 16-byte loads per lane in flight), reduces the absmax with shuffles alone and
+// quantizes from the registers, so x is read once and no block-wide barrier is needed. Same formulas as above.
+// Blocks of 4 warps: a bf16 row of 4096 takes ~160 registers per thread, and small blocks let 12 warps share an SM.
+constexpr int kWarpRowThreads = 128;
+
+template <typename T, int VEC, int ITEMS>
+__global__ void __launch_bounds__(kWarpRowThreads)
+    quantize_per_token_warp_kernel(const T* __restrict__ x, int8_t* __restrict__ q, float* __restrict__ scale,
+                                   int64_t rows, int64_t row_len, float qmax) {
+  const int64_t row = blockIdx.x * static_cast<int64_t>(blockDim.x / 32) + threadIdx.x / 32;
+  if (row >= rows) return;  // the whole warp leaves together; nothing below synchronizes beyond the warp
+  const int lane = threadIdx.x % 32;
+  const T* xr = x + row * row_len;
+  int8_t* qr = q + row * row_len;
+  const int vectors = static_cast<int>(row_len / VEC);
+
+  Vec<T, VEC> xv[ITEMS];
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i)
+    if (lane + i * 32 < vectors) xv[i] = load_vec<T, VEC>(xr + static_cast<int64_t>(lane + i * 32) * VEC);
+  float absmax = 0.0f;
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i)
+    if (lane + i * 32 < vectors) {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const float a = fabsf(static_cast<float>(xv[i].v[j]));
+        if (a < INFINITY) absmax = fmaxf(absmax, a);
+      }
+    }
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) absmax = fmaxf(absmax, __shfl_xor_sync(0xffffffffu, absmax, offset));
+
+  const float s = absmax > 0.0f ? absmax / qmax : 1.0f;
+  const float inv = 1.0f / s;
+  if (lane == 0) scale[row] = s;
+  const QuantFormat f{-qmax, qmax, false};
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i)
+    if (lane + i * 32 < vectors) {
+      Vec<int8_t, VEC> qv;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j)
+        qv.v[j] = static_cast<int8_t>(
+            static_cast<int>(quantize_value(static_cast<float>(xv[i].v[j]), inv, 0.0f, f, Rounding::Nearest)));
+      store_vec<int8_t, VEC>(qr + static_cast<int64_t>(lane + i * 32) * VEC, qv);
+    }
+}
+
 std::tuple<at::Tensor, at::Tensor> quantize_per_token_cuda(const at::Tensor& x, int64_t bits) {
   TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor for the CUDA kernel, got ", x.device());
   TORCH_CHECK(x.dim() >= 1, "x must have at least 1 dimension (tokens along the last)");
@@ -388,10 +437,22 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_cuda(const at::Tensor& x, 
     int8_t* qp = q.data_ptr<int8_t>();
     // Rows start on 16-byte boundaries only when the row length is a multiple of the vector.
     const bool vectorized = row_len % kVec == 0 && is_aligned<T, kVec>(xp) && is_aligned<int8_t, kVec>(qp);
+    const auto stream = at::cuda::getCurrentCUDAStream();
+    if (vectorized && row_len <= 32 * 16 * kVec) {
+      constexpr int rows_per_block = kWarpRowThreads / 32;
+      const unsigned blocks = static_cast<unsigned>((rows + rows_per_block - 1) / rows_per_block);
+      if (row_len <= 32 * 4 * kVec)
+        quantize_per_token_warp_kernel<T, kVec, 4><<<blocks, kWarpRowThreads, 0, stream>>>(
+            xp, qp, scale.data_ptr<float>(), rows, row_len, qmax);
+      else
+        quantize_per_token_warp_kernel<T, kVec, 16><<<blocks, kWarpRowThreads, 0, stream>>>(
+            xp, qp, scale.data_ptr<float>(), rows, row_len, qmax);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
     const int64_t per_thread = vectorized ? kVec : 1;
     const int64_t wanted = (row_len / per_thread + 31) / 32 * 32;
     const int threads = static_cast<int>(std::min<int64_t>(std::max<int64_t>(wanted, 32), kThreads));
-    const auto stream = at::cuda::getCurrentCUDAStream();
     if (vectorized)
       quantize_per_token_kernel<T, kVec><<<static_cast<unsigned>(rows), threads, 0, stream>>>(
           xp, qp, scale.data_ptr<float>(), row_len, qmax);

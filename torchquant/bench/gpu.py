@@ -5,8 +5,8 @@
 - int8_mm against torch._int_mm (cuBLASLt int8; needs M > 16) and bf16 torch.mm: 4096^3, 8192^3, M in
   {1, 16, 128, 1024, 4096} x 4096 x 4096 and the Llama-7B MLP shapes. b is passed column-major ([N, K] storage, the
   layout a weight has), to both int8 kernels.
-- dynamic int8 linear (quantize_per_token + int8_linear against a packed weight, bf16 in and out) against bf16
-  F.linear on the same shapes.
+- dynamic int8 linear (torchquant.functional.dynamic_int8_linear: quantize_per_token + int8_linear against a packed
+  weight, bf16 in and out, with its argument checks) against bf16 F.linear on the same shapes.
 - int8 conv2d (uint8 channels-last activations, bf16 output) against cuDNN bf16 channels-last on ResNet-50 layers,
   batch 32.
 Shapes whose weights fit in L2 (M <= 128) rotate over several weight copies, so that the weights come from memory.
@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import torchquant  # noqa: F401  (registers the ops)
+from torchquant._ops.gemm import dynamic_int8_linear
 from torchquant.bench.timing import compare, copy_bandwidth, markdown_table
 
 ops = torch.ops.torchquant
@@ -214,9 +215,8 @@ def linear_rows() -> List[dict]:
                 layers.append((w, bias, ops.pack_int8_weight(w_q), w_q.sum(1, dtype=torch.int32), w_scale,
                                bias.float()))
 
-            def ours(w, bias, packed, w_sum, w_scale, bias32):
-                x_q, x_scale = ops.quantize_per_token(x, 8)
-                return ops.int8_linear(x_q, x_scale, 0, packed, w_sum, w_scale, bias32, n, torch.bfloat16, None, 0)
+            def ours(w, bias, packed, w_sum, w_scale, bias32):  # the public entry point, checks included
+                return dynamic_int8_linear(x, packed, w_sum, w_scale, bias32, out_features=n)
 
             fns = {"ours": _rotating(ours, layers),
                    "bf16 F.linear": _rotating(lambda w, bias, *_: F.linear(x, w, bias), layers)}

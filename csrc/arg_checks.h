@@ -1,0 +1,52 @@
+// Argument checks shared by the CPU and CUDA kernels of the integer-matrix ops (and the fake-quantize backward),
+// so that both devices raise the same messages.
+//
+// They are compiled by the host C++ compiler only (csrc/*.cpp), never by nvcc: on the first H200 run a TORCH_CHECK
+// in nvcc-compiled host code crashed the process while formatting a tensor shape into its message. Every message
+// that prints a shape therefore lives here.
+#pragma once
+#include <cstdint>
+#include <optional>
+
+#include <ATen/ATen.h>
+
+namespace torchquant {
+
+// int8_mm: a and b int8, 2-d, with a.size(1) == b.size(0) (devices are checked by each kernel).
+void check_int8_mm_operands(const at::Tensor& a, const at::Tensor& b);
+
+// pack_int8_weight: w int8, non-empty [N, K] or [G, N, K].
+void check_weight_to_pack(const at::Tensor& w);
+
+// t must have dtype `dtype` and shape [n]; `op` and `name` name the operator and argument in the message.
+void check_epilogue_vector(const char* op, const char* name, const at::Tensor& t, at::ScalarType dtype, int64_t n);
+
+// bias must be a float tensor of shape [n].
+void check_bias(const char* op, const at::Tensor& bias, int64_t n);
+
+// w_packed must be int8, contiguous and of shape [groups?, round_up(n, n_align), round_up(k, k_align)] (2-d when
+// groups is 0).
+void check_packed_weight_layout(const char* op, const at::Tensor& w_packed, int64_t groups, int64_t n, int64_t k,
+                                int64_t n_align, int64_t k_align);
+
+// out_dtype must be float32, float16 or bfloat16.
+void check_float_out_dtype(const char* op, at::ScalarType out_dtype);
+
+// int8_linear's out_dtype with out_scale and out_zero_point: a float dtype without out_scale, or int8/uint8 with a
+// positive finite out_scale and out_zero_point in the output's range.
+void check_linear_output(const char* op, at::ScalarType out_dtype, std::optional<double> out_scale,
+                         int64_t out_zero_point);
+
+// int8_conv2d: x_q 4-d, positive groups dividing both channel counts, 2-entry kernel_size >= 1, stride >= 1,
+// padding >= 0, dilation >= 1, and a dilated kernel no larger than the padded input.
+void check_conv_arguments(const char* op, const at::Tensor& x_q, int64_t out_channels, at::IntArrayRef kernel_size,
+                          at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
+
+// fake_quantize backward: grad must have x's shape and dtype (devices are checked by each kernel).
+void check_grad_like(const at::Tensor& grad, const at::Tensor& x);
+
+// CUDA kernels: t must be on x_q's device.
+void check_on_device_of(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x_q,
+                        const char* hint = "");
+
+}  // namespace torchquant
