@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip wheel "setuptools>=64"
+	$(PY) -m pip install -q --upgrade pip wheel "setuptools>=77"
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q ninja pytest safetensors tqdm numpy scikit-learn
 	TORCHQUANT_NO_EXTENSION=1 $(PY) -m pip install -q --no-build-isolation --no-deps -e .

@@ -7,7 +7,7 @@ VENV=${CUDA_VENV:-.venv-cuda}
 PY=$VENV/bin/python
 if ! "$PY" -c "import torch; assert torch.version.cuda" 2>/dev/null; then
   python3 -m venv "$VENV"
-  "$PY" -m pip install -q --upgrade pip wheel "setuptools>=64"
+  "$PY" -m pip install -q --upgrade pip wheel "setuptools>=77"
   "$PY" -m pip install -q ninja torch==2.14.1
 fi
 SITE=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
