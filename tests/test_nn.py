@@ -231,6 +231,30 @@ def test_learned_scales_train_and_convert(device):
     _assert_same_function(layer, x)
 
 
+def test_convert_rejects_a_bad_learned_input_scale():
+    # the static input scale is checked once at convert (and load), not on every forward
+    config = QuantConfig(QuantSpec(bits=8), QuantSpec(bits=8, granularity="per_tensor", learn_scale=True))
+    layer = QuantLinear(4, 3, config=config)
+    layer(torch.randn(2, 4))  # observes the input range, initialising the learned scale
+    with torch.no_grad():
+        layer.input_quantizer.scale.fill_(-1.0)
+    with pytest.raises(ValueError, match="input scale must be positive and finite"):
+        layer.convert()
+    assert not layer.converted and layer.weight is not None
+
+
+def test_converted_forward_follows_loaded_state():
+    # the forward's precomputed arguments are rebuilt when a state dict loads: the loaded layer computes what
+    # the saved one did
+    torch.manual_seed(0)
+    x = torch.randn(5, 8)
+    for name in ("int8-dynamic", "int8-static"):
+        saved = tq.quantize_model(nn.Sequential(nn.Linear(8, 6)), name, [x]).eval()
+        loaded = tq.quantize_model(nn.Sequential(nn.Linear(8, 6)), name, [x * 3]).eval()
+        loaded.load_state_dict(saved.state_dict())
+        torch.testing.assert_close(loaded(x), saved(x), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("name", ["int8-static", "w4a8-dynamic"])
 def test_dequantized_weight(name):
     torch.manual_seed(0)

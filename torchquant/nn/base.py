@@ -138,6 +138,8 @@ class QuantLayerBase(nn.Module):
         if self.input_quantizer is not None and not self.input_quantizer.ready:
             raise RuntimeError(f"{type(self).__name__}: static activation quantization needs calibration "
                                f"before convert (no input range observed)")
+        if self.input_quantizer is not None and not self.input_quantizer.spec.dynamic:
+            self._checked_static_input_scale()  # so that installing the converted state cannot fail
         q, scale = self.weight_quantizer.quantize(self.weight)
         if self.config.weight.bits <= 4:
             q = pack_int4(q.reshape(q.shape[0], -1))
@@ -199,15 +201,18 @@ class QuantLayerBase(nn.Module):
             self._input_format = (spec.bits, spec.signed, spec.rounding)
             self._input_zero_point_tensor = torch.tensor([self.input_zero_point], dtype=torch.int32,
                                                          device=self._device)
-            if not spec.dynamic:
-                # checked here once (the functional wrapper would check it on every call)
-                scale = quantizer.scale.detach().reshape(1).float()
-                tiny = torch.finfo(torch.float32).tiny
-                if not bool((torch.isfinite(scale) & (scale >= tiny)).all()):
-                    raise ValueError(f"{type(self).__name__}: the input scale must be positive and finite (at least "
-                                     f"{tiny:g}), got {scale.tolist()}")
-                self._static_scale = scale
+            if not spec.dynamic:  # checked here once, not by a wrapper on every call
+                self._static_scale = self._checked_static_input_scale()
         self._kernel_args = self._int_op_args()
+
+    def _checked_static_input_scale(self) -> torch.Tensor:
+        """The static input scale as the kernels take it (float32 [1]); raises unless it is positive and finite."""
+        scale = self.input_quantizer.scale.detach().reshape(1).float()
+        tiny = torch.finfo(torch.float32).tiny
+        if not bool((torch.isfinite(scale) & (scale >= tiny)).all()):
+            raise ValueError(f"{type(self).__name__}: the input scale must be positive and finite (at least "
+                             f"{tiny:g}), got {scale.tolist()}")
+        return scale
 
     def _int_op_args(self) -> tuple:
         """The weight-side arguments of the integer op, in its schema's order."""
