@@ -160,8 +160,9 @@ class InputQuantizer(Float32StateModule):
             return F_q.quantize_per_token(x.reshape(-1, x.shape[-1]), bits=self.spec.bits)[1], None
         if x.numel() == 0:  # an empty batch has no range; any scale quantizes it to nothing
             return torch.ones(1, device=x.device), None
-        if self.spec.bits == 1:
-            return F_q.choose_qparams(x, bits=1, signed=True, symmetric=True)[0], None
+        if self.spec.bits == 1 or x.device.type != "cpu":
+            # (a GPU reduces one long row in a single block: choose_qparams' parallel reductions win there)
+            return F_q.choose_qparams(x, bits=self.spec.bits, signed=True, symmetric=True)[0], None
         # choose_qparams' symmetric signed scale (finite absmax / qmax, 1.0 for no range, at least the smallest
         # normal float32) in one pass and two calls, instead of a dozen elementwise ops: the per-token scale of x
         # as a single row
