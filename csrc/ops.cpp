@@ -34,6 +34,10 @@ TORCH_LIBRARY(torchquant, m) {
   // clamp(rne(y * (1 / out_scale)) + out_zero_point) for integer-only pipelines.
   m.def("int8_linear(Tensor x_q, Tensor x_scale, int x_zero_point, Tensor w_packed, Tensor w_sum, Tensor w_scale, "
         "Tensor? bias, int out_features, ScalarType out_dtype, float? out_scale=None, int out_zero_point=0) -> Tensor");
+  // the int8-dynamic Linear forward in one call: quantize_per_token(x, 8) then int8_linear with x_zero_point 0 and
+  // out_dtype = x's dtype (one implementation for every device: csrc/linear_dynamic.cpp)
+  m.def("int8_linear_dynamic(Tensor x, Tensor w_packed, Tensor w_sum, Tensor w_scale, Tensor? bias, "
+        "int out_features) -> Tensor");
   // x_q: [B, C, H, W] int8/uint8 (any memory format); weight packed from [G, OC/G, KH*KW*C/G] with the
   // reduction index ordered (kh, kw, c); output [B, OC, OH, OW] of out_dtype in channels-last memory format.
   m.def("int8_conv2d(Tensor x_q, Tensor x_scale, int x_zero_point, Tensor w_packed, Tensor w_sum, Tensor w_scale, "

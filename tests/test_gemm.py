@@ -241,6 +241,21 @@ def test_dynamic_int8_linear(device, isa, dtype):
     assert (got.float() - float_out).abs().max() < 0.05 * float_out.abs().max()
 
 
+def test_int8_linear_dynamic_op_checks(device):
+    # the one-call op behind dynamic_int8_linear and the converted QuantLinear checks its own input in C++
+    w, w_packed, w_sum, w_scale = quantized_weight(7, 9, device)
+    with pytest.raises(RuntimeError, match="int8_linear_dynamic: x must be float32, float16 or bfloat16, got Double"):
+        ops.int8_linear_dynamic(torch.randn(2, 9, device=device, dtype=torch.float64), w_packed, w_sum, w_scale,
+                                None, 7)
+    with pytest.raises(RuntimeError, match="w_packed must have shape"):
+        ops.int8_linear_dynamic(torch.randn(2, 70, device=device), w_packed, w_sum, w_scale, None, 7)
+    with pytest.raises(RuntimeError, match="bias must have shape"):
+        ops.int8_linear_dynamic(torch.randn(2, 9, device=device), w_packed, w_sum, w_scale, torch.zeros(3,
+                                device=device), 7)
+    empty = ops.int8_linear_dynamic(torch.randn(0, 9, device=device), w_packed, w_sum, w_scale, None, 7)
+    assert empty.shape == (0, 7)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # int8_conv2d
 # ---------------------------------------------------------------------------------------------------------------
@@ -338,6 +353,10 @@ def test_opcheck(device):
                                             bias, 7, torch.bfloat16, None, 0))
     torch.library.opcheck(ops.int8_linear, (rand_int8(4, 9, device=device), x_scale[:1], 0, w_packed, w_sum, w_scale,
                                             None, 7, torch.uint8, 0.5, 10))
+    torch.library.opcheck(ops.int8_linear_dynamic, (torch.randn(3, 5, 9, device=device), w_packed, w_sum, w_scale,
+                                                    bias, 7))
+    torch.library.opcheck(ops.int8_linear_dynamic, (torch.randn(4, 9, device=device, dtype=torch.bfloat16), w_packed,
+                                                    w_sum, w_scale, None, 7))
     w_q = rand_int8(6, 2, 3, 2, device=device)
     torch.library.opcheck(ops.int8_conv2d, (rand_int8(2, 4, 7, 6, device=device), x_scale[:1], 1,
                                             F.pack_conv_weight(w_q, 2), w_q.sum((1, 2, 3), dtype=torch.int32),

@@ -231,6 +231,46 @@ def test_learned_scales_train_and_convert(device):
     _assert_same_function(layer, x)
 
 
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_dynamic_per_tensor_scale_is_choose_qparams(device, bits):
+    # the one-pass per-tensor scale of a dynamic conv input is bit for bit choose_qparams' symmetric signed scale
+    from torchquant.nn.quantizers import InputQuantizer
+    quantizer = InputQuantizer(QuantSpec(bits=bits, dynamic=True), per_token_ok=False)
+    g = torch.Generator().manual_seed(bits)
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), -3.5, 1e-40, 0.0])
+    for x in (torch.randn(2, 3, 5, 7, generator=g), torch.zeros(1, 2, 3, 3), special.reshape(1, 1, 2, 3),
+              torch.full((1, 1, 2, 2), 1e-39), (torch.randn(4, 3, 4, 4, generator=g) * 100).half()):
+        x = x.to(device)
+        got = quantizer.dynamic_qparams(x)[0]
+        want = tq.functional.choose_qparams(x, bits=bits, signed=True, symmetric=True)[0]
+        assert got.dtype == torch.float32 and got.shape == (1,)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_convert_rejects_a_bad_learned_input_scale():
+    # the static input scale is checked once at convert (and load), not on every forward
+    config = QuantConfig(QuantSpec(bits=8), QuantSpec(bits=8, granularity="per_tensor", learn_scale=True))
+    layer = QuantLinear(4, 3, config=config)
+    layer(torch.randn(2, 4))  # observes the input range, initialising the learned scale
+    with torch.no_grad():
+        layer.input_quantizer.scale.fill_(-1.0)
+    with pytest.raises(ValueError, match="input scale must be positive and finite"):
+        layer.convert()
+    assert not layer.converted and layer.weight is not None
+
+
+def test_converted_forward_follows_loaded_state():
+    # the forward's precomputed arguments are rebuilt when a state dict loads: the loaded layer computes what
+    # the saved one did
+    torch.manual_seed(0)
+    x = torch.randn(5, 8)
+    for name in ("int8-dynamic", "int8-static"):
+        saved = tq.quantize_model(nn.Sequential(nn.Linear(8, 6)), name, [x]).eval()
+        loaded = tq.quantize_model(nn.Sequential(nn.Linear(8, 6)), name, [x * 3]).eval()
+        loaded.load_state_dict(saved.state_dict())
+        torch.testing.assert_close(loaded(x), saved(x), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("name", ["int8-static", "w4a8-dynamic"])
 def test_dequantized_weight(name):
     torch.manual_seed(0)

@@ -119,16 +119,8 @@ def dynamic_int8_linear(x: torch.Tensor, w_packed: torch.Tensor, w_sum: torch.Te
     if x.dim() < 1:
         raise ValueError("dynamic_int8_linear: x must have at least 1 dimension [..., K]")
     _require_same_device(x.device, w_packed=w_packed, w_sum=w_sum, w_scale=w_scale, bias=bias)
-    # No gradient flows through this forward (int8_linear has none), so eagerly the per-token quantization skips its
-    # Python autograd kernel, a fixed cost of several microseconds per call that dominates small batches on a GPU
-    # (a compiled graph has no such cost, and dynamo does not trace the guard).
-    if torch.compiler.is_compiling():
-        x_q, x_scale = ops.quantize_per_token(x, 8)
-    else:
-        with torch._C._AutoDispatchBelowAutograd():
-            x_q, x_scale = ops.quantize_per_token(x, 8)
-    # x_scale keeps the shape x.shape[:-1]: the kernels take any shape with one scale per row
-    return ops.int8_linear(x_q, x_scale, 0, w_packed, w_sum, w_scale, bias, int(out_features), x.dtype, None, 0)
+    # one dispatcher call (quantize_per_token + int8_linear in C++): no Python autograd kernel, no second op call
+    return ops.int8_linear_dynamic(x, w_packed, w_sum, w_scale, bias, int(out_features))
 
 
 def pack_conv_weight(w_q: torch.Tensor, groups: int = 1) -> torch.Tensor:
@@ -191,6 +183,11 @@ def _pack_int8_weight_fake(w):
 def _int8_linear_fake(x_q, x_scale, x_zero_point, w_packed, w_sum, w_scale, bias, out_features, out_dtype,
                       out_scale=None, out_zero_point=0):
     return x_q.new_empty((*x_q.shape[:-1], out_features), dtype=out_dtype)
+
+
+@torch.library.register_fake("torchquant::int8_linear_dynamic")
+def _int8_linear_dynamic_fake(x, w_packed, w_sum, w_scale, bias, out_features):
+    return x.new_empty((*x.shape[:-1], out_features))
 
 
 def _conv_out_size(size, kernel, stride, padding, dilation):

@@ -4,6 +4,8 @@
   float F.linear, and the bare functional.dynamic_int8_linear call (the module's own overhead).
 - QuantConv2d int8-static on ResNet-style layers, float channels-last input, against the same pipeline in
   torch.ao (quantize_per_tensor -> torch.ao.nn.quantized.Conv2d (x86) -> dequantize) and the float conv.
+- small: the per-call fixed cost at small sizes, where it dominates: small Linears (int8-dynamic and
+  int8-static) against quantize_dynamic and float, and the layers of the digits CNN (torchquant.examples).
 """
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ CONV_LAYERS = (  # name, in_channels, size, out_channels, kernel, stride, paddin
     ("1x1 256->1024 @14", 256, 14, 1024, 1, 1, 0),
 )
 CONV_BATCHES = (1, 8)
+SMALL_LINEARS = ((384, 384, 1), (768, 768, 16), (64, 10, 32))  # in, out, rows
+DIGITS_BATCH = 32
 
 
 @contextlib.contextmanager
@@ -98,10 +102,59 @@ def bench_conv(threads: int, repeats: int) -> List[dict]:
     return rows
 
 
+def _small_linear_rows(threads: int, repeats: int) -> List[dict]:
+    rows = []
+    for k, n, m in SMALL_LINEARS:
+        torch.manual_seed(0)
+        linear = nn.Linear(k, n)
+        x = torch.randn(m, k)
+        with _settings(threads, "fbgemm"):
+            ao_linear = torch.ao.quantization.quantize_dynamic(nn.Sequential(linear), {nn.Linear}, torch.qint8)
+            for config in ("int8-dynamic", "int8-static"):
+                layer = tq.quantize_model(nn.Sequential(linear), config, [x], inplace=False).eval()
+                t = compare({"layer": lambda: layer(x), "ao": lambda: ao_linear(x), "fp32": lambda: linear(x)},
+                            repeats=repeats)
+                rows.append({"threads": threads, "layer": f"Linear {k}->{n}", "config": config, "rows": m,
+                             "us": t["layer"] * 1e6, "ao us": t["ao"] * 1e6, "fp32 us": t["fp32"] * 1e6})
+    return rows
+
+
+def _digits_rows(threads: int, repeats: int) -> List[dict]:
+    from torchquant.examples import DigitsCNN
+
+    torch.manual_seed(0)
+    cnn = DigitsCNN().eval()
+    x = torch.randn(DIGITS_BATCH, 1, 8, 8)
+    inputs = {}  # each layer's float input in the float model (torch.ao has no counterpart of these configs)
+    hooks = [m.register_forward_pre_hook(lambda mod, args: inputs.__setitem__(mod, args[0]))
+             for m in (cnn.conv1, cnn.conv2, cnn.fc1, cnn.fc2)]
+    with torch.no_grad():
+        cnn(x)
+    for h in hooks:
+        h.remove()
+    rows = []
+    for name in ("conv1", "conv2", "fc1", "fc2"):
+        float_layer = getattr(cnn, name)
+        layer_x = inputs[float_layer]
+        for config in ("int8-dynamic", "int8-static"):
+            layer = tq.quantize_model(nn.Sequential(float_layer), config, [layer_x], inplace=False).eval()
+            with _settings(threads, "fbgemm"):
+                t = compare({"layer": lambda: layer(layer_x), "fp32": lambda: float_layer(layer_x)}, repeats=repeats)
+            rows.append({"threads": threads, "layer": f"digits {name} {tuple(layer_x.shape)}", "config": config,
+                         "rows": layer_x.shape[0], "us": t["layer"] * 1e6,
+                         "fp32 us": t["fp32"] * 1e6})
+    return rows
+
+
+def bench_small(threads: int, repeats: int) -> List[dict]:
+    return _small_linear_rows(threads, repeats) + _digits_rows(threads, repeats)
+
+
 TABLES = {
     "linear": (bench_linear, ("threads", "in x out", "M", "us", "vs quantize_dynamic", "vs fp32",
                               "module overhead us")),
     "conv": (bench_conv, ("threads", "layer", "batch", "ms", "vs ao Conv2d pipeline", "vs fp32")),
+    "small": (bench_small, ("threads", "layer", "config", "rows", "us", "ao us", "fp32 us")),
 }
 
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from torchquant import functional as F_q
+from torchquant._ops import ops
 from torchquant.config import QuantConfig, resolve_config
 from torchquant.nn.quantizers import InputQuantizer, WeightQuantizer
 
@@ -103,13 +104,14 @@ class QuantLayerBase(nn.Module):
         return math.prod(self.weight_shape[1:])
 
     def _converted_forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Input checks only read Python attributes (no tensor is made, nothing syncs); the kernels' TORCH_CHECKs
+        # guard the rest. Everything that does not depend on x was prepared by _prepare_forward.
         self._check_input(x)
         if x.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{type(self).__name__}: input must be float32, float16 or bfloat16, got {x.dtype}")
-        if x.device != self.qweight.device:
-            raise ValueError(f"{type(self).__name__}: input is on {x.device} but the layer is on "
-                             f"{self.qweight.device}")
-        if self.input_quantizer is None:  # weight-only: float compute with the dequantized weight
+        if x.device != self._device:
+            raise ValueError(f"{type(self).__name__}: input is on {x.device} but the layer is on {self._device}")
+        if self._weight_only:  # float compute with the dequantized weight
             return self._float_op(x, self.dequantized_weight(x.dtype), self.bias)
         if self.fused:
             return self._fused_forward(x)
@@ -117,7 +119,13 @@ class QuantLayerBase(nn.Module):
         return self._int_op(x_q, x_scale, self.input_zero_point, x.dtype)
 
     def _quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.input_quantizer.quantize(x, self.input_zero_point)
+        quantizer = self.input_quantizer
+        if quantizer.per_token:  # dynamic per token with a format that has no fused kernel
+            return quantizer.quantize(x, self.input_zero_point)
+        scale = self._static_scale
+        if scale is None:
+            scale = quantizer.dynamic_qparams(x)[0]
+        return ops.quantize(x, scale, self._input_zero_point_tensor, None, *self._input_format), scale
 
     def _has_fused_forward(self) -> bool:
         """Whether _fused_forward (one kernel for quantize + integer op) computes this layer's converted forward."""
@@ -130,6 +138,8 @@ class QuantLayerBase(nn.Module):
         if self.input_quantizer is not None and not self.input_quantizer.ready:
             raise RuntimeError(f"{type(self).__name__}: static activation quantization needs calibration "
                                f"before convert (no input range observed)")
+        if self.input_quantizer is not None and not self.input_quantizer.spec.dynamic:
+            self._checked_static_input_scale()  # so that installing the converted state cannot fail
         q, scale = self.weight_quantizer.quantize(self.weight)
         if self.config.weight.bits <= 4:
             q = pack_int4(q.reshape(q.shape[0], -1))
@@ -177,6 +187,36 @@ class QuantLayerBase(nn.Module):
         w = self._weight_int8()
         self.register_buffer("w_sum", w.reshape(w.shape[0], -1).sum(dim=1, dtype=torch.int32), persistent=False)
         self.register_buffer("w_packed", self._pack(w), persistent=False)
+        self._prepare_forward()
+
+    def _prepare_forward(self) -> None:
+        """Precomputes what the converted forward needs and that does not depend on its input (called whenever the
+        buffers change: convert, load, move), so a call reads plain attributes instead of module state."""
+        self._device = self.qweight.device
+        quantizer = self.input_quantizer
+        self._weight_only = quantizer is None
+        self._static_scale = None
+        if quantizer is not None:
+            spec = quantizer.spec
+            self._input_format = (spec.bits, spec.signed, spec.rounding)
+            self._input_zero_point_tensor = torch.tensor([self.input_zero_point], dtype=torch.int32,
+                                                         device=self._device)
+            if not spec.dynamic:  # checked here once, not by a wrapper on every call
+                self._static_scale = self._checked_static_input_scale()
+        self._kernel_args = self._int_op_args()
+
+    def _checked_static_input_scale(self) -> torch.Tensor:
+        """The static input scale as the kernels take it (float32 [1]); raises unless it is positive and finite."""
+        scale = self.input_quantizer.scale.detach().reshape(1).float()
+        tiny = torch.finfo(torch.float32).tiny
+        if not bool((torch.isfinite(scale) & (scale >= tiny)).all()):
+            raise ValueError(f"{type(self).__name__}: the input scale must be positive and finite (at least "
+                             f"{tiny:g}), got {scale.tolist()}")
+        return scale
+
+    def _int_op_args(self) -> tuple:
+        """The weight-side arguments of the integer op, in its schema's order."""
+        raise NotImplementedError
 
     @staticmethod
     def _after_load(module, incompatible_keys) -> None:

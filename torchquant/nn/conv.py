@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
 from torchquant import functional as F_q
+from torchquant._ops import ops
 from torchquant.nn.base import QuantLayerBase
 
 
@@ -77,15 +78,16 @@ class QuantConv2d(QuantLayerBase):
         # it is in memory, so the integer input stays channels-last (the layout the conv kernel reads) and nothing
         # is transposed twice
         if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-            x_q, x_scale = self.input_quantizer.quantize(x.permute(0, 2, 3, 1), self.input_zero_point)
+            x_q, x_scale = super()._quantize_input(x.permute(0, 2, 3, 1))
             return x_q.permute(0, 3, 1, 2), x_scale
         return super()._quantize_input(x)
 
+    def _int_op_args(self) -> tuple:
+        return (self.w_packed, self.w_sum, self.weight_scale, self.bias, self.out_channels, list(self.kernel_size),
+                list(self.stride), list(self.padding), list(self.dilation), self.groups)
+
     def _int_op(self, x_q, x_scale, x_zero_point, out_dtype):
-        return F_q.int8_conv2d(x_q, x_scale, x_zero_point, self.w_packed, self.w_sum, self.weight_scale, self.bias,
-                               out_channels=self.out_channels, kernel_size=self.kernel_size, stride=self.stride,
-                               padding=self.padding, dilation=self.dilation, groups=self.groups,
-                               out_dtype=out_dtype)
+        return ops.int8_conv2d(x_q, x_scale, x_zero_point, *self._kernel_args, out_dtype)
 
     def _shape_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

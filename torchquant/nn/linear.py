@@ -6,6 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from torchquant import functional as F_q
+from torchquant._ops import ops
 from torchquant.nn.base import QuantLayerBase
 
 
@@ -48,16 +49,15 @@ class QuantLinear(QuantLayerBase):
         return (quantizer is not None and quantizer.per_token and quantizer.spec.bits == 8
                 and quantizer.spec.rounding == "nearest")
 
+    def _int_op_args(self) -> tuple:
+        return (self.w_packed, self.w_sum, self.weight_scale, self.bias, self.out_features)
+
     def _fused_forward(self, x):
-        return F_q.dynamic_int8_linear(x, self.w_packed, self.w_sum, self.weight_scale, self.bias,
-                                       out_features=self.out_features)
+        return ops.int8_linear_dynamic(x, *self._kernel_args)
 
     def _int_op(self, x_q, x_scale, x_zero_point, out_dtype):
-        lead = x_q.shape[:-1]
-        y = F_q.int8_linear(x_q.reshape(-1, self.in_features), x_scale.reshape(-1), x_zero_point, self.w_packed,
-                            self.w_sum, self.weight_scale, self.bias, out_features=self.out_features,
-                            out_dtype=out_dtype)
-        return y.reshape(*lead, self.out_features)
+        # the kernel takes any leading dims of x_q, with x_scale [1] or one per row
+        return ops.int8_linear(x_q, x_scale, x_zero_point, *self._kernel_args, out_dtype, None, 0)
 
     def _shape_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

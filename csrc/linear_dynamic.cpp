@@ -1,0 +1,42 @@
+// int8_linear_dynamic: the int8-dynamic Linear forward (per-token quantize_per_token + int8_linear) as one
+// dispatcher call. Both steps are called through the dispatcher, so the one implementation, registered as
+// CompositeExplicitAutograd, runs the CPU or CUDA kernels of whichever device x is on; what it saves is the
+// Python-side cost of two op calls (and of quantize_per_token's Python autograd kernel) per forward.
+#include <optional>
+#include <tuple>
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+namespace torchquant {
+namespace {
+
+using QuantizePerTokenFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, int64_t);
+using Int8LinearFn = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, const at::Tensor&, const at::Tensor&,
+                                const at::Tensor&, const std::optional<at::Tensor>&, int64_t, at::ScalarType,
+                                std::optional<double>, int64_t);
+
+at::Tensor int8_linear_dynamic(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& w_sum,
+                               const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
+                               int64_t out_features) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
+              "int8_linear_dynamic: x must be float32, float16 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() >= 1, "int8_linear_dynamic: x must have at least 1 dimension [..., K]");
+  // the device of every other argument is checked by int8_linear's kernel, with the same messages
+  static const auto quantize_per_token = c10::Dispatcher::singleton()
+                                             .findSchemaOrThrow("torchquant::quantize_per_token", "")
+                                             .typed<QuantizePerTokenFn>();
+  static const auto int8_linear =
+      c10::Dispatcher::singleton().findSchemaOrThrow("torchquant::int8_linear", "").typed<Int8LinearFn>();
+  const auto [x_q, x_scale] = quantize_per_token.call(x, 8);
+  // x_scale keeps the shape x.shape[:-1]: int8_linear takes one scale per row in any shape
+  return int8_linear.call(x_q, x_scale, 0, w_packed, w_sum, w_scale, bias, out_features, x.scalar_type(),
+                          std::nullopt, 0);
+}
+
+}  // namespace
+}  // namespace torchquant
+
+TORCH_LIBRARY_IMPL(torchquant, CompositeExplicitAutograd, m) {
+  m.impl("int8_linear_dynamic", &torchquant::int8_linear_dynamic);
+}
