@@ -1,4 +1,5 @@
 // Argument checks shared by the CPU and CUDA kernels (see arg_checks.h for why they live in a host-compiled file).
+#include "check.h"
 #include "arg_checks.h"
 
 #include <cmath>
@@ -7,90 +8,90 @@
 namespace torchquant {
 
 void check_int8_mm_operands(const at::Tensor& a, const at::Tensor& b) {
-  TORCH_CHECK(a.scalar_type() == at::kChar && b.scalar_type() == at::kChar, "int8_mm: a and b must be int8, got ",
+  TQ_CHECK(a.scalar_type() == at::kChar && b.scalar_type() == at::kChar, "int8_mm: a and b must be int8, got ",
               a.scalar_type(), " and ", b.scalar_type());
-  TORCH_CHECK(a.dim() == 2 && b.dim() == 2, "int8_mm: a and b must be 2-d, got ", a.dim(), "-d and ", b.dim(), "-d");
-  TORCH_CHECK(a.size(1) == b.size(0), "int8_mm: inner sizes differ: a is ", a.sizes(), ", b is ", b.sizes());
+  TQ_CHECK(a.dim() == 2 && b.dim() == 2, "int8_mm: a and b must be 2-d, got ", a.dim(), "-d and ", b.dim(), "-d");
+  TQ_CHECK(a.size(1) == b.size(0), "int8_mm: inner sizes differ: a is ", a.sizes(), ", b is ", b.sizes());
 }
 
 void check_weight_to_pack(const at::Tensor& w) {
-  TORCH_CHECK(w.scalar_type() == at::kChar, "pack_int8_weight: w must be int8, got ", w.scalar_type());
-  TORCH_CHECK(w.dim() == 2 || w.dim() == 3, "pack_int8_weight: w must be [N, K] or [G, N, K], got ", w.dim(), "-d");
-  TORCH_CHECK(w.numel() > 0, "pack_int8_weight: w must not be empty, got shape ", w.sizes());
+  TQ_CHECK(w.scalar_type() == at::kChar, "pack_int8_weight: w must be int8, got ", w.scalar_type());
+  TQ_CHECK(w.dim() == 2 || w.dim() == 3, "pack_int8_weight: w must be [N, K] or [G, N, K], got ", w.dim(), "-d");
+  TQ_CHECK(w.numel() > 0, "pack_int8_weight: w must not be empty, got shape ", w.sizes());
 }
 
 void check_epilogue_vector(const char* op, const char* name, const at::Tensor& t, at::ScalarType dtype, int64_t n) {
-  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, op, ": ", name, " must have shape [", n, "], got ", t.sizes());
+  TQ_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
+  TQ_CHECK(t.dim() == 1 && t.size(0) == n, op, ": ", name, " must have shape [", n, "], got ", t.sizes());
 }
 
 void check_bias(const char* op, const at::Tensor& bias, int64_t n) {
-  TORCH_CHECK(at::isFloatingType(bias.scalar_type()), op, ": bias must be a float tensor, got ", bias.scalar_type());
-  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == n, op, ": bias must have shape [", n, "], got ", bias.sizes());
+  TQ_CHECK(at::isFloatingType(bias.scalar_type()), op, ": bias must be a float tensor, got ", bias.scalar_type());
+  TQ_CHECK(bias.dim() == 1 && bias.size(0) == n, op, ": bias must have shape [", n, "], got ", bias.sizes());
 }
 
 void check_packed_weight_layout(const char* op, const at::Tensor& w_packed, int64_t groups, int64_t n, int64_t k,
                                 int64_t n_align, int64_t k_align) {
-  TORCH_CHECK(w_packed.scalar_type() == at::kChar, op, ": w_packed must be int8 (from pack_int8_weight), got ",
+  TQ_CHECK(w_packed.scalar_type() == at::kChar, op, ": w_packed must be int8 (from pack_int8_weight), got ",
               w_packed.scalar_type());
   std::vector<int64_t> want;
   if (groups > 0) want.push_back(groups);
   want.push_back((n + n_align - 1) / n_align * n_align);
   want.push_back((k + k_align - 1) / k_align * k_align);
   const at::IntArrayRef want_ref(want);
-  TORCH_CHECK(w_packed.sizes() == want_ref, op, ": w_packed must have shape ", want_ref, " (a packed weight of ", n,
+  TQ_CHECK(w_packed.sizes() == want_ref, op, ": w_packed must have shape ", want_ref, " (a packed weight of ", n,
               " outputs and reduction size ", k, "), got ", w_packed.sizes());
-  TORCH_CHECK(w_packed.is_contiguous(), op, ": w_packed must be contiguous (as pack_int8_weight returns it)");
+  TQ_CHECK(w_packed.is_contiguous(), op, ": w_packed must be contiguous (as pack_int8_weight returns it)");
 }
 
 void check_float_out_dtype(const char* op, at::ScalarType out_dtype) {
-  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kHalf || out_dtype == at::kBFloat16, op,
+  TQ_CHECK(out_dtype == at::kFloat || out_dtype == at::kHalf || out_dtype == at::kBFloat16, op,
               ": out_dtype must be float32, float16 or bfloat16, got ", out_dtype);
 }
 
 void check_linear_output(const char* op, at::ScalarType out_dtype, std::optional<double> out_scale,
                          int64_t out_zero_point) {
   if (out_dtype == at::kChar || out_dtype == at::kByte) {
-    TORCH_CHECK(out_scale.has_value(), op, ": out_dtype ", out_dtype, " (requantized output) needs out_scale");
-    TORCH_CHECK(std::isfinite(*out_scale) && *out_scale > 0, op, ": out_scale must be positive and finite, got ",
+    TQ_CHECK(out_scale.has_value(), op, ": out_dtype ", out_dtype, " (requantized output) needs out_scale");
+    TQ_CHECK(std::isfinite(*out_scale) && *out_scale > 0, op, ": out_scale must be positive and finite, got ",
                 *out_scale);
     const int64_t qmin = out_dtype == at::kChar ? -128 : 0, qmax = out_dtype == at::kChar ? 127 : 255;
-    TORCH_CHECK(out_zero_point >= qmin && out_zero_point <= qmax, op, ": out_zero_point must lie in [", qmin, ", ",
+    TQ_CHECK(out_zero_point >= qmin && out_zero_point <= qmax, op, ": out_zero_point must lie in [", qmin, ", ",
                 qmax, "] for ", out_dtype, " output, got ", out_zero_point);
     return;
   }
-  TORCH_CHECK(!out_scale.has_value(), op, ": out_scale is only for int8/uint8 out_dtype, got out_dtype ", out_dtype);
+  TQ_CHECK(!out_scale.has_value(), op, ": out_scale is only for int8/uint8 out_dtype, got out_dtype ", out_dtype);
   check_float_out_dtype(op, out_dtype);
 }
 
 void check_conv_arguments(const char* op, const at::Tensor& x_q, int64_t out_channels, at::IntArrayRef kernel_size,
                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  TORCH_CHECK(x_q.dim() == 4, op, ": x_q must be 4-d [B, C, H, W], got ", x_q.dim(), "-d");
-  TORCH_CHECK(groups >= 1, op, ": groups must be >= 1, got ", groups);
-  TORCH_CHECK(kernel_size.size() == 2 && stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
+  TQ_CHECK(x_q.dim() == 4, op, ": x_q must be 4-d [B, C, H, W], got ", x_q.dim(), "-d");
+  TQ_CHECK(groups >= 1, op, ": groups must be >= 1, got ", groups);
+  TQ_CHECK(kernel_size.size() == 2 && stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
               ": kernel_size, stride, padding and dilation must have 2 entries each");
-  TORCH_CHECK(kernel_size[0] >= 1 && kernel_size[1] >= 1, op, ": kernel_size must be >= 1, got ", kernel_size);
-  TORCH_CHECK(stride[0] >= 1 && stride[1] >= 1, op, ": stride must be >= 1, got ", stride);
-  TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0, op, ": padding must be >= 0, got ", padding);
-  TORCH_CHECK(dilation[0] >= 1 && dilation[1] >= 1, op, ": dilation must be >= 1, got ", dilation);
+  TQ_CHECK(kernel_size[0] >= 1 && kernel_size[1] >= 1, op, ": kernel_size must be >= 1, got ", kernel_size);
+  TQ_CHECK(stride[0] >= 1 && stride[1] >= 1, op, ": stride must be >= 1, got ", stride);
+  TQ_CHECK(padding[0] >= 0 && padding[1] >= 0, op, ": padding must be >= 0, got ", padding);
+  TQ_CHECK(dilation[0] >= 1 && dilation[1] >= 1, op, ": dilation must be >= 1, got ", dilation);
   const int64_t channels = x_q.size(1);
-  TORCH_CHECK(channels % groups == 0, op, ": groups (", groups, ") must divide the input channels (", channels, ")");
-  TORCH_CHECK(out_channels >= 1 && out_channels % groups == 0, op, ": groups (", groups,
+  TQ_CHECK(channels % groups == 0, op, ": groups (", groups, ") must divide the input channels (", channels, ")");
+  TQ_CHECK(out_channels >= 1 && out_channels % groups == 0, op, ": groups (", groups,
               ") must divide out_channels (", out_channels, ")");
-  TORCH_CHECK(x_q.size(2) + 2 * padding[0] >= dilation[0] * (kernel_size[0] - 1) + 1 &&
+  TQ_CHECK(x_q.size(2) + 2 * padding[0] >= dilation[0] * (kernel_size[0] - 1) + 1 &&
                   x_q.size(3) + 2 * padding[1] >= dilation[1] * (kernel_size[1] - 1) + 1,
               op, ": the (dilated) kernel ", kernel_size, " is larger than the padded input ", x_q.sizes().slice(2));
 }
 
 void check_grad_like(const at::Tensor& grad, const at::Tensor& x) {
-  TORCH_CHECK(grad.sizes() == x.sizes(), "grad must have x's shape ", x.sizes(), ", got ", grad.sizes());
-  TORCH_CHECK(grad.scalar_type() == x.scalar_type(), "grad must have x's dtype ", x.scalar_type(), ", got ",
+  TQ_CHECK(grad.sizes() == x.sizes(), "grad must have x's shape ", x.sizes(), ", got ", grad.sizes());
+  TQ_CHECK(grad.scalar_type() == x.scalar_type(), "grad must have x's dtype ", x.scalar_type(), ", got ",
               grad.scalar_type());
 }
 
 void check_on_device_of(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x_q,
                         const char* hint) {
-  TORCH_CHECK(t.device() == x_q.device(), op, ": ", name, " must be on x_q's device (", x_q.device(), "), got ",
+  TQ_CHECK(t.device() == x_q.device(), op, ": ", name, " must be on x_q's device (", x_q.device(), "), got ",
               t.device(), hint);
 }
 

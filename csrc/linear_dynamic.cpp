@@ -2,6 +2,7 @@
 // dispatcher call. Both steps are called through the dispatcher, so the one implementation, registered as
 // CompositeExplicitAutograd, runs the CPU or CUDA kernels of whichever device x is on; what it saves is the
 // Python-side cost of two op calls (and of quantize_per_token's Python autograd kernel) per forward.
+#include "check.h"
 #include <optional>
 #include <tuple>
 
@@ -19,9 +20,9 @@ using Int8LinearFn = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, c
 at::Tensor int8_linear_dynamic(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& w_sum,
                                const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
                                int64_t out_features) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
+  TQ_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
               "int8_linear_dynamic: x must be float32, float16 or bfloat16, got ", x.scalar_type());
-  TORCH_CHECK(x.dim() >= 1, "int8_linear_dynamic: x must have at least 1 dimension [..., K]");
+  TQ_CHECK(x.dim() >= 1, "int8_linear_dynamic: x must have at least 1 dimension [..., K]");
   // the device of every other argument is checked by int8_linear's kernel, with the same messages
   static const auto quantize_per_token = c10::Dispatcher::singleton()
                                              .findSchemaOrThrow("torchquant::quantize_per_token", "")

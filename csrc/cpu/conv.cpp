@@ -1,5 +1,6 @@
 // CPU int8_conv2d (schema in csrc/ops.cpp): channels-last input, im2col rows ordered (kh, kw, c) per group, then
 // the int8 GEMM of gemm_core with the float epilogue writing the channels-last output directly.
+#include "check.h"
 #include <algorithm>
 #include <cstring>
 #include <optional>
@@ -86,10 +87,10 @@ at::Tensor int8_conv2d_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, int
   g.out_w = (g.width + 2 * g.pad_w - g.dil_w * (g.kw - 1) - 1) / g.stride_w + 1;
   const int64_t cg = g.channels / groups, ocg = out_channels / groups;
   const int64_t window = g.kh * g.kw * cg;
-  TORCH_CHECK(window >= 1, op, ": x_q must have at least one channel");
+  TQ_CHECK(window >= 1, op, ": x_q must have at least one channel");
   check_packed_weight(op, w_packed, groups, ocg, window);
   const OutKind kind = float_out_kind(op, out_dtype);
-  TORCH_CHECK(x_scale.numel() == 1, op, ": x_scale must have 1 element (per-tensor activations), got ",
+  TQ_CHECK(x_scale.numel() == 1, op, ": x_scale must have 1 element (per-tensor activations), got ",
               x_scale.numel());
   const int64_t m = g.batch * g.out_h * g.out_w;
   const EpilogueInputs in =

@@ -1,4 +1,5 @@
 // CPU kernels of int8_mm, pack_int8_weight and int8_linear (schemas in csrc/ops.cpp) on the engine of gemm_core.
+#include "check.h"
 #include <cmath>
 #include <optional>
 #include <vector>
@@ -29,7 +30,7 @@ Epilogue EpilogueInputs::epilogue(OutKind kind, void* out, int64_t out_row_strid
 namespace {
 
 void check_vector(const char* op, const char* name, const at::Tensor& t, at::ScalarType dtype, int64_t n) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be on the CPU like x_q, got ", t.device());
+  TQ_CHECK(t.device().is_cpu(), op, ": ", name, " must be on the CPU like x_q, got ", t.device());
   check_epilogue_vector(op, name, t, dtype, n);
 }
 
@@ -39,19 +40,19 @@ EpilogueInputs prepare_epilogue_inputs(const char* op, const at::Tensor& x_q, in
                                        const at::Tensor& x_scale, int64_t rows, const at::Tensor& w_sum,
                                        const at::Tensor& w_scale, const std::optional<at::Tensor>& bias, int64_t n) {
   const bool is_int8 = x_q.scalar_type() == at::kChar;
-  TORCH_CHECK(is_int8 || x_q.scalar_type() == at::kByte, op, ": x_q must be int8 or uint8, got ", x_q.scalar_type());
+  TQ_CHECK(is_int8 || x_q.scalar_type() == at::kByte, op, ": x_q must be int8 or uint8, got ", x_q.scalar_type());
   const int64_t zp_min = is_int8 ? -128 : 0, zp_max = is_int8 ? 127 : 255;
-  TORCH_CHECK(x_zero_point >= zp_min && x_zero_point <= zp_max, op, ": x_zero_point must lie in [", zp_min, ", ",
+  TQ_CHECK(x_zero_point >= zp_min && x_zero_point <= zp_max, op, ": x_zero_point must lie in [", zp_min, ", ",
               zp_max, "] for ", x_q.scalar_type(), " x_q, got ", x_zero_point);
-  TORCH_CHECK(x_scale.device().is_cpu(), op, ": x_scale must be on the CPU like x_q, got ", x_scale.device());
-  TORCH_CHECK(x_scale.scalar_type() == at::kFloat, op, ": x_scale must be float32, got ", x_scale.scalar_type());
-  TORCH_CHECK(x_scale.numel() == 1 || x_scale.numel() == rows, op, ": x_scale must have 1 element or one per row (",
+  TQ_CHECK(x_scale.device().is_cpu(), op, ": x_scale must be on the CPU like x_q, got ", x_scale.device());
+  TQ_CHECK(x_scale.scalar_type() == at::kFloat, op, ": x_scale must be float32, got ", x_scale.scalar_type());
+  TQ_CHECK(x_scale.numel() == 1 || x_scale.numel() == rows, op, ": x_scale must have 1 element or one per row (",
               rows, "), got ", x_scale.numel());
   check_vector(op, "w_sum", w_sum, at::kInt, n);
   check_vector(op, "w_scale", w_scale, at::kFloat, n);
   EpilogueInputs in;
   if (bias.has_value()) {
-    TORCH_CHECK(bias->device().is_cpu(), op, ": bias must be on the CPU like x_q, got ", bias->device());
+    TQ_CHECK(bias->device().is_cpu(), op, ": bias must be on the CPU like x_q, got ", bias->device());
     check_bias(op, *bias, n);
     in.bias = bias->to(at::kFloat).contiguous();
   }
@@ -74,11 +75,11 @@ OutKind float_out_kind(const char* op, at::ScalarType out_dtype) {
     case at::kBFloat16: return OutKind::BFloat16;
     default: break;
   }
-  TORCH_CHECK(false, op, ": out_dtype must be float32, float16 or bfloat16, got ", out_dtype);
+  TQ_CHECK(false, op, ": out_dtype must be float32, float16 or bfloat16, got ", out_dtype);
 }
 
 void check_packed_weight(const char* op, const at::Tensor& w_packed, int64_t groups, int64_t n, int64_t k) {
-  TORCH_CHECK(w_packed.device().is_cpu(), op, ": w_packed must be on the CPU like x_q, got ", w_packed.device(),
+  TQ_CHECK(w_packed.device().is_cpu(), op, ": w_packed must be on the CPU like x_q, got ", w_packed.device(),
               " (re-pack the weight with pack_int8_weight after moving it)");
   check_packed_weight_layout(op, w_packed, groups, n, k, kPanelCols, 64);
 }
@@ -87,7 +88,7 @@ namespace {
 
 at::Tensor int8_mm_cpu(const at::Tensor& a, const at::Tensor& b) {
   check_int8_mm_operands(a, b);
-  TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu(), "int8_mm: a and b must both be on the CPU, got ",
+  TQ_CHECK(a.device().is_cpu() && b.device().is_cpu(), "int8_mm: a and b must both be on the CPU, got ",
               a.device(), " and ", b.device());
   const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
   at::Tensor out = at::empty({m, n}, a.options().dtype(at::kInt));
@@ -138,10 +139,10 @@ at::Tensor int8_linear_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, int
                            const std::optional<at::Tensor>& bias, int64_t out_features, at::ScalarType out_dtype,
                            std::optional<double> out_scale, int64_t out_zero_point) {
   constexpr const char* op = "int8_linear";
-  TORCH_CHECK(x_q.dim() >= 1, op, ": x_q must have at least 1 dimension [..., K]");
-  TORCH_CHECK(out_features >= 1, op, ": out_features must be >= 1, got ", out_features);
+  TQ_CHECK(x_q.dim() >= 1, op, ": x_q must have at least 1 dimension [..., K]");
+  TQ_CHECK(out_features >= 1, op, ": out_features must be >= 1, got ", out_features);
   const int64_t k = x_q.size(-1), n = out_features;
-  TORCH_CHECK(k >= 1, op, ": x_q's last dimension (K) must be >= 1");
+  TQ_CHECK(k >= 1, op, ": x_q's last dimension (K) must be >= 1");
   const int64_t m = x_q.numel() / k;
   check_packed_weight(op, w_packed, 0, n, k);
   const EpilogueInputs in = prepare_epilogue_inputs(op, x_q, x_zero_point, x_scale, m, w_sum, w_scale, bias, n);
@@ -149,16 +150,16 @@ at::Tensor int8_linear_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, int
   OutKind kind;
   float qmin = 0.0f, qmax = 0.0f;
   if (out_dtype == at::kChar || out_dtype == at::kByte) {
-    TORCH_CHECK(out_scale.has_value(), op, ": out_dtype ", out_dtype, " (requantized output) needs out_scale");
-    TORCH_CHECK(std::isfinite(*out_scale) && *out_scale > 0, op, ": out_scale must be positive and finite, got ",
+    TQ_CHECK(out_scale.has_value(), op, ": out_dtype ", out_dtype, " (requantized output) needs out_scale");
+    TQ_CHECK(std::isfinite(*out_scale) && *out_scale > 0, op, ": out_scale must be positive and finite, got ",
                 *out_scale);
     kind = out_dtype == at::kChar ? OutKind::Int8 : OutKind::UInt8;
     qmin = out_dtype == at::kChar ? -128.0f : 0.0f;
     qmax = out_dtype == at::kChar ? 127.0f : 255.0f;
-    TORCH_CHECK(out_zero_point >= qmin && out_zero_point <= qmax, op, ": out_zero_point must lie in [", qmin, ", ",
+    TQ_CHECK(out_zero_point >= qmin && out_zero_point <= qmax, op, ": out_zero_point must lie in [", qmin, ", ",
                 qmax, "] for ", out_dtype, " output, got ", out_zero_point);
   } else {
-    TORCH_CHECK(!out_scale.has_value(), op, ": out_scale is only for int8/uint8 out_dtype, got out_dtype ", out_dtype);
+    TQ_CHECK(!out_scale.has_value(), op, ": out_scale is only for int8/uint8 out_dtype, got out_dtype ", out_dtype);
     kind = float_out_kind(op, out_dtype);
   }
 

@@ -1,6 +1,7 @@
 // Run-time choice of the CPU instruction set for the kernels that have several code paths.
 // TORCHQUANT_CPU_ISA=avx512_vnni|avx2|scalar forces a path (lower than the CPU supports) so tests can run each one.
 #pragma once
+#include "check.h"
 #include <cstdlib>
 #include <cstring>
 
@@ -32,8 +33,8 @@ inline CpuIsa cpu_isa() {
   if (std::strcmp(forced, "avx512_vnni") == 0) want = CpuIsa::Avx512Vnni;
   else if (std::strcmp(forced, "avx2") == 0) want = CpuIsa::Avx2;
   else if (std::strcmp(forced, "scalar") == 0) want = CpuIsa::Scalar;
-  else TORCH_CHECK(false, "TORCHQUANT_CPU_ISA must be avx512_vnni, avx2 or scalar, got '", forced, "'");
-  TORCH_CHECK(static_cast<int>(want) <= static_cast<int>(detected), "TORCHQUANT_CPU_ISA=", forced,
+  else TQ_CHECK(false, "TORCHQUANT_CPU_ISA must be avx512_vnni, avx2 or scalar, got '", forced, "'");
+  TQ_CHECK(static_cast<int>(want) <= static_cast<int>(detected), "TORCHQUANT_CPU_ISA=", forced,
               " is not supported by this CPU");
   return want;
 }

@@ -11,6 +11,7 @@
 // uninitialized in every caller; the value is never read.
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include "check.h"
 #include <immintrin.h>
 
 #include <algorithm>
@@ -303,7 +304,7 @@ void with_float_type(at::ScalarType dtype, const char* what, const Body& body) {
     case at::kFloat: body(float{}); break;
     case at::kHalf: body(at::Half{}); break;
     case at::kBFloat16: body(at::BFloat16{}); break;
-    default: TORCH_CHECK(false, what, " must be float32, float16 or bfloat16, got ", dtype);
+    default: TQ_CHECK(false, what, " must be float32, float16 or bfloat16, got ", dtype);
   }
 }
 
@@ -313,7 +314,7 @@ void with_byte_type(at::ScalarType dtype, const char* what, const Body& body) {
   switch (dtype) {
     case at::kChar: body(int8_t{}); break;
     case at::kByte: body(uint8_t{}); break;
-    default: TORCH_CHECK(false, what, " must be int8 or uint8, got ", dtype);
+    default: TQ_CHECK(false, what, " must be int8 or uint8, got ", dtype);
   }
 }
 
@@ -333,32 +334,32 @@ struct ChannelParams {
 Rounding parse_rounding(c10::string_view rounding) {
   if (rounding == "nearest") return Rounding::Nearest;
   if (rounding == "truncate") return Rounding::Truncate;
-  TORCH_CHECK(false, "rounding must be 'nearest' or 'truncate', got '", std::string(rounding), "'");
+  TQ_CHECK(false, "rounding must be 'nearest' or 'truncate', got '", std::string(rounding), "'");
 }
 
 QuantFormat checked_format(int64_t bits, bool is_signed) {
-  TORCH_CHECK(bits >= 1 && bits <= 8, "bits must be in [1, 8], got ", bits);
+  TQ_CHECK(bits >= 1 && bits <= 8, "bits must be in [1, 8], got ", bits);
   return quant_format(bits, is_signed);
 }
 
 // Validates x against scale/zero_point/axis and returns its [outer, channels, inner] view.
 Layout checked_layout(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
                       std::optional<int64_t> axis) {
-  TORCH_CHECK(x.device().is_cpu(), "x must be a CPU tensor for the CPU kernel, got ", x.device());
-  TORCH_CHECK(scale.device().is_cpu() && zero_point.device().is_cpu(),
+  TQ_CHECK(x.device().is_cpu(), "x must be a CPU tensor for the CPU kernel, got ", x.device());
+  TQ_CHECK(scale.device().is_cpu() && zero_point.device().is_cpu(),
               "scale and zero_point must be on x's device (cpu), got ", scale.device(), " and ", zero_point.device());
-  TORCH_CHECK(scale.scalar_type() == at::kFloat, "scale must be float32, got ", scale.scalar_type());
-  TORCH_CHECK(zero_point.scalar_type() == at::kInt, "zero_point must be int32, got ", zero_point.scalar_type());
-  TORCH_CHECK(scale.dim() <= 1 && zero_point.dim() <= 1, "scale and zero_point must be 1-D");
-  TORCH_CHECK(scale.numel() == zero_point.numel(), "scale and zero_point must have the same length, got ",
+  TQ_CHECK(scale.scalar_type() == at::kFloat, "scale must be float32, got ", scale.scalar_type());
+  TQ_CHECK(zero_point.scalar_type() == at::kInt, "zero_point must be int32, got ", zero_point.scalar_type());
+  TQ_CHECK(scale.dim() <= 1 && zero_point.dim() <= 1, "scale and zero_point must be 1-D");
+  TQ_CHECK(scale.numel() == zero_point.numel(), "scale and zero_point must have the same length, got ",
               scale.numel(), " and ", zero_point.numel());
   if (!axis.has_value()) {
-    TORCH_CHECK(scale.numel() == 1, "per-tensor scale must have 1 element, got ", scale.numel());
+    TQ_CHECK(scale.numel() == 1, "per-tensor scale must have 1 element, got ", scale.numel());
     return {1, std::max<int64_t>(x.numel(), 1)};
   }
   const int64_t a = *axis;
-  TORCH_CHECK(a >= 0 && a < x.dim(), "axis must be in [0, ", x.dim(), ") for a ", x.dim(), "-d x, got ", a);
-  TORCH_CHECK(scale.numel() == x.size(a), "per-channel scale must have x.size(", a, ") = ", x.size(a),
+  TQ_CHECK(a >= 0 && a < x.dim(), "axis must be in [0, ", x.dim(), ") for a ", x.dim(), "-d x, got ", a);
+  TQ_CHECK(scale.numel() == x.size(a), "per-channel scale must have x.size(", a, ") = ", x.size(a),
               " elements, got ", scale.numel());
   int64_t inner = 1;
   for (int64_t d = a + 1; d < x.dim(); ++d) inner *= x.size(d);
@@ -378,10 +379,10 @@ ChannelParams checked_params(const at::Tensor& scale, const at::Tensor& zero_poi
   p.zero_point.resize(n);
   for (int64_t c = 0; c < n; ++c) {
     // A normal float32 (>= FLT_MIN) keeps 1 / scale finite, so that x * (1 / scale) is never 0 * inf.
-    TORCH_CHECK(std::isfinite(sp[c]) && sp[c] >= FLT_MIN,
+    TQ_CHECK(std::isfinite(sp[c]) && sp[c] >= FLT_MIN,
                 "scale must be positive and finite (at least 1.17549e-38), got ", sp[c],
                 n > 1 ? " in channel " + std::to_string(c) : std::string());
-    TORCH_CHECK(zp[c] >= zp_min && zp[c] <= zp_max, "zero_point must be in [", zp_min, ", ", zp_max, "], got ",
+    TQ_CHECK(zp[c] >= zp_min && zp[c] <= zp_max, "zero_point must be in [", zp_min, ", ", zp_max, "], got ",
                 zp[c], n > 1 ? " in channel " + std::to_string(c) : std::string());
     p.scale[c] = sp[c];
     p.inv_scale[c] = 1.0f / sp[c];
@@ -468,7 +469,7 @@ at::Tensor quantize_cpu(const at::Tensor& x, const at::Tensor& scale, const at::
 
 at::Tensor dequantize_cpu(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& zero_point,
                           std::optional<int64_t> axis, at::ScalarType dtype) {
-  TORCH_CHECK(q.scalar_type() == at::kChar || q.scalar_type() == at::kByte, "q must be int8 or uint8, got ",
+  TQ_CHECK(q.scalar_type() == at::kChar || q.scalar_type() == at::kByte, "q must be int8 or uint8, got ",
               q.scalar_type());
   const Layout layout = checked_layout(q, scale, zero_point, axis);
   const bool is_signed = q.scalar_type() == at::kChar;
@@ -522,9 +523,9 @@ at::Tensor fake_quantize_backward_cpu(const at::Tensor& grad, const at::Tensor& 
   const QuantFormat f = checked_format(bits, is_signed);
   const Rounding r = parse_rounding(rounding);
   const Layout layout = checked_layout(x, scale, zero_point, axis);
-  TORCH_CHECK(grad.device().is_cpu(), "grad must be on x's device (cpu), got ", grad.device());
-  TORCH_CHECK(grad.sizes() == x.sizes(), "grad must have x's shape ", x.sizes(), ", got ", grad.sizes());
-  TORCH_CHECK(grad.scalar_type() == x.scalar_type(), "grad must have x's dtype ", x.scalar_type(), ", got ",
+  TQ_CHECK(grad.device().is_cpu(), "grad must be on x's device (cpu), got ", grad.device());
+  TQ_CHECK(grad.sizes() == x.sizes(), "grad must have x's shape ", x.sizes(), ", got ", grad.sizes());
+  TQ_CHECK(grad.scalar_type() == x.scalar_type(), "grad must have x's dtype ", x.scalar_type(), ", got ",
               grad.scalar_type());
   const ChannelParams p = checked_params(scale, zero_point, f.binary ? 0.0f : f.qmin, f.binary ? 0.0f : f.qmax);
   const at::Tensor xc = x.contiguous();
@@ -548,9 +549,9 @@ at::Tensor fake_quantize_backward_cpu(const at::Tensor& grad, const at::Tensor& 
 
 // Per row: the finite absmax (one read), then the quantization of the row while it is still in cache.
 std::tuple<at::Tensor, at::Tensor> quantize_per_token_cpu(const at::Tensor& x, int64_t bits) {
-  TORCH_CHECK(x.device().is_cpu(), "x must be a CPU tensor for the CPU kernel, got ", x.device());
-  TORCH_CHECK(x.dim() >= 1, "x must have at least 1 dimension (tokens along the last)");
-  TORCH_CHECK(bits >= 2 && bits <= 8, "bits must be in [2, 8] for per-token quantization, got ", bits);
+  TQ_CHECK(x.device().is_cpu(), "x must be a CPU tensor for the CPU kernel, got ", x.device());
+  TQ_CHECK(x.dim() >= 1, "x must have at least 1 dimension (tokens along the last)");
+  TQ_CHECK(bits >= 2 && bits <= 8, "bits must be in [2, 8] for per-token quantization, got ", bits);
   const float qmax = static_cast<float>((1 << (bits - 1)) - 1);
   const QuantFormat f{-qmax, qmax, false};
   const at::Tensor xc = x.contiguous();

@@ -1,5 +1,6 @@
 // Small helpers shared by the CUDA kernels: vector loads/stores, dtype dispatch, launch sizing, reductions.
 #pragma once
+#include "check.h"
 #include <cstdint>
 
 #include <ATen/ATen.h>
@@ -35,7 +36,7 @@ void with_float_type(at::ScalarType dtype, const char* what, const Body& body) {
     case at::kFloat: body(float{}); break;
     case at::kHalf: body(at::Half{}); break;
     case at::kBFloat16: body(at::BFloat16{}); break;
-    default: TORCH_CHECK(false, what, " must be float32, float16 or bfloat16, got ", dtype);
+    default: TQ_CHECK(false, what, " must be float32, float16 or bfloat16, got ", dtype);
   }
 }
 
@@ -45,7 +46,7 @@ void with_byte_type(at::ScalarType dtype, const char* what, const Body& body) {
   switch (dtype) {
     case at::kChar: body(int8_t{}); break;
     case at::kByte: body(uint8_t{}); break;
-    default: TORCH_CHECK(false, what, " must be int8 or uint8, got ", dtype);
+    default: TQ_CHECK(false, what, " must be int8 or uint8, got ", dtype);
   }
 }
 

@@ -1,6 +1,7 @@
 // CUDA int8_conv2d (schema in csrc/ops.cpp): the input in channels-last order, im2col rows ordered (kh, kw, c) per
 // group (a 1x1 stride-1 unpadded conv reads the input in place), then the grouped tensor-core GEMM of gemm.cuh with
 // the float epilogue writing the channels-last output directly.
+#include "check.h"
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -68,7 +69,7 @@ at::Tensor int8_conv2d_cuda(const at::Tensor& x_q, const at::Tensor& x_scale, in
                             at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                             at::ScalarType out_dtype) {
   constexpr const char* op = "int8_conv2d";
-  TORCH_CHECK(x_q.is_cuda(), op, ": x_q must be a CUDA tensor for the CUDA kernel, got ", x_q.device());
+  TQ_CHECK(x_q.is_cuda(), op, ": x_q must be a CUDA tensor for the CUDA kernel, got ", x_q.device());
   check_conv_arguments(op, x_q, out_channels, kernel_size, stride, padding, dilation, groups);
   ConvGeometry g{x_q.size(0), x_q.size(1), x_q.size(2), x_q.size(3), groups,
                  kernel_size[0], kernel_size[1], stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
@@ -77,10 +78,10 @@ at::Tensor int8_conv2d_cuda(const at::Tensor& x_q, const at::Tensor& x_scale, in
   g.out_w = (g.width + 2 * g.pad_w - g.dil_w * (g.kw - 1) - 1) / g.stride_w + 1;
   const int64_t cg = g.channels / groups, ocg = out_channels / groups;
   const int64_t window = g.kh * g.kw * cg;
-  TORCH_CHECK(window >= 1, op, ": x_q must have at least one channel");
+  TQ_CHECK(window >= 1, op, ": x_q must have at least one channel");
   check_packed_weight(op, w_packed, x_q, groups, ocg, window);
   check_float_out_dtype(op, out_dtype);
-  TORCH_CHECK(x_scale.numel() == 1, op, ": x_scale must have 1 element (per-tensor activations), got ",
+  TQ_CHECK(x_scale.numel() == 1, op, ": x_scale must have 1 element (per-tensor activations), got ",
               x_scale.numel());
   const int64_t m = g.batch * g.out_h * g.out_w;
   const EpilogueInputs in =
@@ -90,7 +91,7 @@ at::Tensor int8_conv2d_cuda(const at::Tensor& x_q, const at::Tensor& x_scale, in
   at::Tensor out_nhwc = at::empty({g.batch, g.out_h, g.out_w, out_channels}, x_q.options().dtype(out_dtype));
   at::Tensor out = out_nhwc.permute({0, 3, 1, 2});
   if (m == 0) return out;
-  TORCH_CHECK(m <= INT32_MAX - 256 && window <= INT32_MAX - 256, op, ": sizes must be below 2^31");
+  TQ_CHECK(m <= INT32_MAX - 256 && window <= INT32_MAX - 256, op, ": sizes must be below 2^31");
 
   const at::Tensor x_nhwc = x_q.contiguous(at::MemoryFormat::ChannelsLast);
   const int8_t* x_bytes = static_cast<const int8_t*>(x_nhwc.data_ptr());

@@ -8,6 +8,7 @@
 //                        the slices add their int32 sums atomically before one epilogue pass (split_k_count).
 //   gemm_small_m_kernel: M <= 16 (decode-style GEMV): streams B straight from global memory with 16-byte loads, one
 //                        m16n8k32 tile per warp per 64 k, K split over 4 warps and reduced in shared memory.
+#include "check.h"
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -335,7 +336,7 @@ void launch_gemm(const GemmArgs& args, const Epilogue& epilogue) {
     return;
   }
   const int64_t tiles = ((args.M + kBM - 1) / kBM) * static_cast<int64_t>((args.N + kBN - 1) / kBN);
-  TORCH_CHECK(tiles <= INT32_MAX && args.groups <= 65535, "int8 GEMM too large: ", tiles, " tiles, ", args.groups,
+  TQ_CHECK(tiles <= INT32_MAX && args.groups <= 65535, "int8 GEMM too large: ", tiles, " tiles, ", args.groups,
               " groups");
   const int splits = split_k_count(tiles * args.groups, args.K);
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(splits), static_cast<unsigned>(args.groups));
@@ -363,9 +364,9 @@ void launch_gemm(const GemmArgs& args, const Epilogue& epilogue) {
 
 template <typename Epilogue>
 void dispatch_gemm(const GemmArgs& args, bool a_unsigned, const Epilogue& epilogue) {
-  TORCH_CHECK(args.M >= 1 && args.N >= 1 && args.K >= 16 && args.K % 16 == 0 && args.groups >= 1,
+  TQ_CHECK(args.M >= 1 && args.N >= 1 && args.K >= 16 && args.K % 16 == 0 && args.groups >= 1,
               "int8 GEMM: bad sizes M=", args.M, " N=", args.N, " K=", args.K, " groups=", args.groups);
-  TORCH_CHECK(args.lda % 16 == 0 && args.ldb % 16 == 0 && args.a_group_offset % 16 == 0 &&
+  TQ_CHECK(args.lda % 16 == 0 && args.ldb % 16 == 0 && args.a_group_offset % 16 == 0 &&
                   args.b_group_stride % 16 == 0 && (is_aligned<int8_t, 16>(args.a)) && (is_aligned<int8_t, 16>(args.b)),
               "int8 GEMM: operands must be 16-byte aligned");
   if (a_unsigned) launch_gemm<true>(args, epilogue);
@@ -412,13 +413,13 @@ EpilogueInputs prepare_epilogue_inputs(const char* op, const at::Tensor& x_q, in
                                        const at::Tensor& x_scale, int64_t rows, const at::Tensor& w_sum,
                                        const at::Tensor& w_scale, const std::optional<at::Tensor>& bias, int64_t n) {
   const bool is_int8 = x_q.scalar_type() == at::kChar;
-  TORCH_CHECK(is_int8 || x_q.scalar_type() == at::kByte, op, ": x_q must be int8 or uint8, got ", x_q.scalar_type());
+  TQ_CHECK(is_int8 || x_q.scalar_type() == at::kByte, op, ": x_q must be int8 or uint8, got ", x_q.scalar_type());
   const int64_t zp_min = is_int8 ? -128 : 0, zp_max = is_int8 ? 127 : 255;
-  TORCH_CHECK(x_zero_point >= zp_min && x_zero_point <= zp_max, op, ": x_zero_point must lie in [", zp_min, ", ",
+  TQ_CHECK(x_zero_point >= zp_min && x_zero_point <= zp_max, op, ": x_zero_point must lie in [", zp_min, ", ",
               zp_max, "] for ", x_q.scalar_type(), " x_q, got ", x_zero_point);
   check_on_device_of(op, "x_scale", x_scale, x_q);
-  TORCH_CHECK(x_scale.scalar_type() == at::kFloat, op, ": x_scale must be float32, got ", x_scale.scalar_type());
-  TORCH_CHECK(x_scale.numel() == 1 || x_scale.numel() == rows, op, ": x_scale must have 1 element or one per row (",
+  TQ_CHECK(x_scale.scalar_type() == at::kFloat, op, ": x_scale must be float32, got ", x_scale.scalar_type());
+  TQ_CHECK(x_scale.numel() == 1 || x_scale.numel() == rows, op, ": x_scale must have 1 element or one per row (",
               rows, "), got ", x_scale.numel());
   check_vector(op, "w_sum", w_sum, x_q, at::kInt, n);
   check_vector(op, "w_scale", w_scale, x_q, at::kFloat, n);
@@ -445,7 +446,7 @@ DequantEpilogue EpilogueInputs::epilogue(const at::Tensor& out, int64_t ldo, int
     case at::kBFloat16: ep.kind = OutKind::BFloat16; break;
     case at::kChar: ep.kind = OutKind::Int8; break;
     case at::kByte: ep.kind = OutKind::UInt8; break;
-    default: TORCH_CHECK(false, "int8 GEMM epilogue: unsupported output dtype ", out.scalar_type());
+    default: TQ_CHECK(false, "int8 GEMM epilogue: unsupported output dtype ", out.scalar_type());
   }
   ep.x_scale = x_scale.data_ptr<float>();
   ep.per_row_scale = x_scale.numel() > 1;
@@ -469,14 +470,14 @@ namespace {
 
 at::Tensor int8_mm_cuda(const at::Tensor& a, const at::Tensor& b) {
   check_int8_mm_operands(a, b);
-  TORCH_CHECK(a.is_cuda() && b.device() == a.device(), "int8_mm: a and b must be on the same CUDA device, got ",
+  TQ_CHECK(a.is_cuda() && b.device() == a.device(), "int8_mm: a and b must be on the same CUDA device, got ",
               a.device(), " and ", b.device());
   const c10::cuda::CUDAGuard guard(a.device());
   const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
   at::Tensor out = at::empty({m, n}, a.options().dtype(at::kInt));
   if (m == 0 || n == 0) return out;
   if (k == 0) return out.zero_();
-  TORCH_CHECK(m <= INT32_MAX - 256 && n <= INT32_MAX - 256 && k <= INT32_MAX - 256,
+  TQ_CHECK(m <= INT32_MAX - 256 && n <= INT32_MAX - 256 && k <= INT32_MAX - 256,
               "int8_mm: sizes must be below 2^31, got M=", m, ", K=", k, ", N=", n);
   const int64_t k16 = round_up(k, 16);
   const at::Tensor a_rows = gemm_operand(a, k16);
@@ -505,11 +506,11 @@ at::Tensor int8_linear_cuda(const at::Tensor& x_q, const at::Tensor& x_scale, in
                             const std::optional<at::Tensor>& bias, int64_t out_features, at::ScalarType out_dtype,
                             std::optional<double> out_scale, int64_t out_zero_point) {
   constexpr const char* op = "int8_linear";
-  TORCH_CHECK(x_q.is_cuda(), op, ": x_q must be a CUDA tensor for the CUDA kernel, got ", x_q.device());
-  TORCH_CHECK(x_q.dim() >= 1, op, ": x_q must have at least 1 dimension [..., K]");
-  TORCH_CHECK(out_features >= 1, op, ": out_features must be >= 1, got ", out_features);
+  TQ_CHECK(x_q.is_cuda(), op, ": x_q must be a CUDA tensor for the CUDA kernel, got ", x_q.device());
+  TQ_CHECK(x_q.dim() >= 1, op, ": x_q must have at least 1 dimension [..., K]");
+  TQ_CHECK(out_features >= 1, op, ": out_features must be >= 1, got ", out_features);
   const int64_t k = x_q.size(-1), n = out_features;
-  TORCH_CHECK(k >= 1, op, ": x_q's last dimension (K) must be >= 1");
+  TQ_CHECK(k >= 1, op, ": x_q's last dimension (K) must be >= 1");
   const int64_t m = x_q.numel() / k;
   check_packed_weight(op, w_packed, x_q, 0, n, k);
   const EpilogueInputs in = prepare_epilogue_inputs(op, x_q, x_zero_point, x_scale, m, w_sum, w_scale, bias, n);
@@ -519,7 +520,7 @@ at::Tensor int8_linear_cuda(const at::Tensor& x_q, const at::Tensor& x_scale, in
   out_shape.back() = n;
   at::Tensor out = at::empty(out_shape, x_q.options().dtype(out_dtype));
   if (m == 0) return out;
-  TORCH_CHECK(m <= INT32_MAX - 256 && n <= INT32_MAX - 256 && k <= INT32_MAX - 256, op, ": sizes must be below 2^31");
+  TQ_CHECK(m <= INT32_MAX - 256 && n <= INT32_MAX - 256 && k <= INT32_MAX - 256, op, ": sizes must be below 2^31");
   const at::Tensor x_rows = gemm_operand(x_q.dim() == 2 ? x_q : x_q.reshape({m, k}), round_up(k, 16));
   const GemmArgs args{static_cast<const int8_t*>(x_rows.data_ptr()), operand_ld(x_rows), 0,
                       w_packed.data_ptr<int8_t>(), w_packed.size(1), 0,

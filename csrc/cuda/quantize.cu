@@ -7,6 +7,7 @@
 //
 // Unlike the CPU kernels these do not read scale/zero_point values on the host (that would synchronize with the
 // device on every call): the Python wrappers validate them.
+#include "check.h"
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/detail/IntegerDivider.cuh>
@@ -207,32 +208,32 @@ void run_map(const Op& op, const Layout& layout, const at::Tensor& scale, const 
 Rounding parse_rounding(c10::string_view rounding) {
   if (rounding == "nearest") return Rounding::Nearest;
   if (rounding == "truncate") return Rounding::Truncate;
-  TORCH_CHECK(false, "rounding must be 'nearest' or 'truncate', got '", std::string(rounding), "'");
+  TQ_CHECK(false, "rounding must be 'nearest' or 'truncate', got '", std::string(rounding), "'");
 }
 
 QuantFormat checked_format(int64_t bits, bool is_signed) {
-  TORCH_CHECK(bits >= 1 && bits <= 8, "bits must be in [1, 8], got ", bits);
+  TQ_CHECK(bits >= 1 && bits <= 8, "bits must be in [1, 8], got ", bits);
   return quant_format(bits, is_signed);
 }
 
 Layout checked_layout(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
                       std::optional<int64_t> axis) {
-  TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor for the CUDA kernel, got ", x.device());
-  TORCH_CHECK(scale.device() == x.device() && zero_point.device() == x.device(),
+  TQ_CHECK(x.is_cuda(), "x must be a CUDA tensor for the CUDA kernel, got ", x.device());
+  TQ_CHECK(scale.device() == x.device() && zero_point.device() == x.device(),
               "scale and zero_point must be on x's device (", x.device(), "), got ", scale.device(), " and ",
               zero_point.device());
-  TORCH_CHECK(scale.scalar_type() == at::kFloat, "scale must be float32, got ", scale.scalar_type());
-  TORCH_CHECK(zero_point.scalar_type() == at::kInt, "zero_point must be int32, got ", zero_point.scalar_type());
-  TORCH_CHECK(scale.dim() <= 1 && zero_point.dim() <= 1, "scale and zero_point must be 1-D");
-  TORCH_CHECK(scale.numel() == zero_point.numel(), "scale and zero_point must have the same length, got ",
+  TQ_CHECK(scale.scalar_type() == at::kFloat, "scale must be float32, got ", scale.scalar_type());
+  TQ_CHECK(zero_point.scalar_type() == at::kInt, "zero_point must be int32, got ", zero_point.scalar_type());
+  TQ_CHECK(scale.dim() <= 1 && zero_point.dim() <= 1, "scale and zero_point must be 1-D");
+  TQ_CHECK(scale.numel() == zero_point.numel(), "scale and zero_point must have the same length, got ",
               scale.numel(), " and ", zero_point.numel());
   if (!axis.has_value()) {
-    TORCH_CHECK(scale.numel() == 1, "per-tensor scale must have 1 element, got ", scale.numel());
+    TQ_CHECK(scale.numel() == 1, "per-tensor scale must have 1 element, got ", scale.numel());
     return {1, std::max<int64_t>(x.numel(), 1), false};
   }
   const int64_t a = *axis;
-  TORCH_CHECK(a >= 0 && a < x.dim(), "axis must be in [0, ", x.dim(), ") for a ", x.dim(), "-d x, got ", a);
-  TORCH_CHECK(scale.numel() == x.size(a), "per-channel scale must have x.size(", a, ") = ", x.size(a),
+  TQ_CHECK(a >= 0 && a < x.dim(), "axis must be in [0, ", x.dim(), ") for a ", x.dim(), "-d x, got ", a);
+  TQ_CHECK(scale.numel() == x.size(a), "per-channel scale must have x.size(", a, ") = ", x.size(a),
               " elements, got ", scale.numel());
   int64_t inner = 1;
   for (int64_t d = a + 1; d < x.dim(); ++d) inner *= x.size(d);
@@ -301,7 +302,7 @@ at::Tensor fake_quantize_backward_cuda(const at::Tensor& grad, const at::Tensor&
   const QuantFormat f = checked_format(bits, is_signed);
   const Rounding r = parse_rounding(rounding);
   const Layout layout = checked_layout(x, scale, zero_point, axis);
-  TORCH_CHECK(grad.device() == x.device(), "grad must be on x's device (", x.device(), "), got ", grad.device());
+  TQ_CHECK(grad.device() == x.device(), "grad must be on x's device (", x.device(), "), got ", grad.device());
   check_grad_like(grad, x);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous();
@@ -414,9 +415,9 @@ __global__ void __launch_bounds__(kWarpRowThreads)
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_per_token_cuda(const at::Tensor& x, int64_t bits) {
-  TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor for the CUDA kernel, got ", x.device());
-  TORCH_CHECK(x.dim() >= 1, "x must have at least 1 dimension (tokens along the last)");
-  TORCH_CHECK(bits >= 2 && bits <= 8, "bits must be in [2, 8] for per-token quantization, got ", bits);
+  TQ_CHECK(x.is_cuda(), "x must be a CUDA tensor for the CUDA kernel, got ", x.device());
+  TQ_CHECK(x.dim() >= 1, "x must have at least 1 dimension (tokens along the last)");
+  TQ_CHECK(bits >= 2 && bits <= 8, "bits must be in [2, 8] for per-token quantization, got ", bits);
   const c10::cuda::CUDAGuard guard(x.device());
   const float qmax = static_cast<float>((1 << (bits - 1)) - 1);
   const at::Tensor xc = x.contiguous();
@@ -425,7 +426,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_cuda(const at::Tensor& x, 
   at::Tensor scale = at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(at::kFloat));
   const int64_t rows = scale.numel();
   if (rows == 0) return {q, scale};
-  TORCH_CHECK(rows <= INT32_MAX, "quantize_per_token supports at most 2^31 - 1 rows, got ", rows);
+  TQ_CHECK(rows <= INT32_MAX, "quantize_per_token supports at most 2^31 - 1 rows, got ", rows);
   if (row_len == 0) {
     scale.fill_(1.0f);
     return {q, scale};
