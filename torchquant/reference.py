@@ -97,7 +97,9 @@ def quantize_per_token(x, *, bits=8):
         absmax = x32.new_zeros(x.shape[:-1])
     else:
         absmax = torch.where(torch.isfinite(x32), x32.abs(), 0.0).amax(-1)
-    scale = torch.where(absmax > 0, absmax / qmax, 1.0)
+    # a tensor divisor: torch divides by a Python scalar on CUDA as a multiplication by its reciprocal, which can
+    # differ from true division in the last bit
+    scale = torch.where(absmax > 0, absmax / torch.full_like(absmax, qmax), 1.0)
     q = torch.clamp(torch.round(x32 * (1.0 / scale)[..., None]), -qmax, qmax)
     q = torch.where(torch.isnan(x32), 0.0, q)
     return q.to(torch.int8), scale
