@@ -254,6 +254,9 @@ def test_int8_linear_dynamic_op_checks(device):
                                 device=device), 7)
     empty = ops.int8_linear_dynamic(torch.randn(0, 9, device=device), w_packed, w_sum, w_scale, None, 7)
     assert empty.shape == (0, 7)
+    # not differentiable (it runs below autograd): no gradient reaches x, as through quantize_per_token
+    x = torch.randn(2, 9, device=device, requires_grad=True)
+    assert not ops.int8_linear_dynamic(x, w_packed, w_sum, w_scale, None, 7).requires_grad
 
 
 # ---------------------------------------------------------------------------------------------------------------
