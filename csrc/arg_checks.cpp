@@ -95,4 +95,26 @@ void check_on_device_of(const char* op, const char* name, const at::Tensor& t, c
               t.device(), hint);
 }
 
+void check_epilogue_inputs(const char* op, const at::Tensor& x_q, int64_t x_zero_point, const at::Tensor& x_scale,
+                           int64_t rows, const at::Tensor& w_sum, const at::Tensor& w_scale,
+                           const std::optional<at::Tensor>& bias, int64_t n) {
+  const bool is_int8 = x_q.scalar_type() == at::kChar;
+  TQ_CHECK(is_int8 || x_q.scalar_type() == at::kByte, op, ": x_q must be int8 or uint8, got ", x_q.scalar_type());
+  const int64_t zp_min = is_int8 ? -128 : 0, zp_max = is_int8 ? 127 : 255;
+  TQ_CHECK(x_zero_point >= zp_min && x_zero_point <= zp_max, op, ": x_zero_point must lie in [", zp_min, ", ",
+           zp_max, "] for ", x_q.scalar_type(), " x_q, got ", x_zero_point);
+  check_on_device_of(op, "x_scale", x_scale, x_q);
+  TQ_CHECK(x_scale.scalar_type() == at::kFloat, op, ": x_scale must be float32, got ", x_scale.scalar_type());
+  TQ_CHECK(x_scale.numel() == 1 || x_scale.numel() == rows, op, ": x_scale must have 1 element or one per row (",
+           rows, "), got ", x_scale.numel());
+  check_on_device_of(op, "w_sum", w_sum, x_q);
+  check_epilogue_vector(op, "w_sum", w_sum, at::kInt, n);
+  check_on_device_of(op, "w_scale", w_scale, x_q);
+  check_epilogue_vector(op, "w_scale", w_scale, at::kFloat, n);
+  if (bias.has_value()) {
+    check_on_device_of(op, "bias", *bias, x_q);
+    check_bias(op, *bias, n);
+  }
+}
+
 }  // namespace torchquant

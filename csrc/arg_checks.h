@@ -49,4 +49,10 @@ void check_grad_like(const at::Tensor& grad, const at::Tensor& x);
 void check_on_device_of(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x_q,
                         const char* hint = "");
 
+// int8_linear / int8_conv2d epilogue inputs: x_q int8 or uint8 with x_zero_point in its range, x_scale float32 with
+// 1 or `rows` elements, w_sum int32 [n], w_scale float32 [n], bias float [n] or none, all on x_q's device.
+void check_epilogue_inputs(const char* op, const at::Tensor& x_q, int64_t x_zero_point, const at::Tensor& x_scale,
+                           int64_t rows, const at::Tensor& w_sum, const at::Tensor& w_scale,
+                           const std::optional<at::Tensor>& bias, int64_t n);
+
 }  // namespace torchquant

@@ -401,32 +401,14 @@ int64_t operand_ld(const at::Tensor& rows) {
   return rows.size(0) == 1 ? round_up(rows.size(1), 16) : rows.stride(0);
 }
 
-void check_vector(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x_q, at::ScalarType dtype,
-                  int64_t n) {
-  check_on_device_of(op, name, t, x_q);
-  check_epilogue_vector(op, name, t, dtype, n);
-}
-
 }  // namespace
 
 EpilogueInputs prepare_epilogue_inputs(const char* op, const at::Tensor& x_q, int64_t x_zero_point,
                                        const at::Tensor& x_scale, int64_t rows, const at::Tensor& w_sum,
                                        const at::Tensor& w_scale, const std::optional<at::Tensor>& bias, int64_t n) {
-  const bool is_int8 = x_q.scalar_type() == at::kChar;
-  TQ_CHECK(is_int8 || x_q.scalar_type() == at::kByte, op, ": x_q must be int8 or uint8, got ", x_q.scalar_type());
-  const int64_t zp_min = is_int8 ? -128 : 0, zp_max = is_int8 ? 127 : 255;
-  TQ_CHECK(x_zero_point >= zp_min && x_zero_point <= zp_max, op, ": x_zero_point must lie in [", zp_min, ", ",
-              zp_max, "] for ", x_q.scalar_type(), " x_q, got ", x_zero_point);
-  check_on_device_of(op, "x_scale", x_scale, x_q);
-  TQ_CHECK(x_scale.scalar_type() == at::kFloat, op, ": x_scale must be float32, got ", x_scale.scalar_type());
-  TQ_CHECK(x_scale.numel() == 1 || x_scale.numel() == rows, op, ": x_scale must have 1 element or one per row (",
-              rows, "), got ", x_scale.numel());
-  check_vector(op, "w_sum", w_sum, x_q, at::kInt, n);
-  check_vector(op, "w_scale", w_scale, x_q, at::kFloat, n);
+  check_epilogue_inputs(op, x_q, x_zero_point, x_scale, rows, w_sum, w_scale, bias, n);
   EpilogueInputs in;
   if (bias.has_value()) {
-    check_on_device_of(op, "bias", *bias, x_q);
-    check_bias(op, *bias, n);
     in.bias = bias->scalar_type() == at::kFloat ? bias->contiguous() : bias->to(at::kFloat).contiguous();
   }
   in.x_scale = x_scale.contiguous();
