@@ -1,5 +1,6 @@
 // Argument checks shared by the CPU and CUDA kernels (see arg_checks.h for why they live in a host-compiled file).
 #include "check.h"
+#include <algorithm>
 #include "arg_checks.h"
 
 #include <cmath>
@@ -115,6 +116,40 @@ void check_epilogue_inputs(const char* op, const at::Tensor& x_q, int64_t x_zero
     check_on_device_of(op, "bias", *bias, x_q);
     check_bias(op, *bias, n);
   }
+}
+
+Rounding parse_rounding(c10::string_view rounding) {
+  if (rounding == "nearest") return Rounding::Nearest;
+  if (rounding == "truncate") return Rounding::Truncate;
+  TQ_CHECK(false, "rounding must be 'nearest' or 'truncate', got '", std::string(rounding), "'");
+}
+
+QuantFormat checked_format(int64_t bits, bool is_signed) {
+  TQ_CHECK(bits >= 1 && bits <= 8, "bits must be in [1, 8], got ", bits);
+  return quant_format(bits, is_signed);
+}
+
+QuantLayout checked_quant_layout(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
+                                 std::optional<int64_t> axis) {
+  TQ_CHECK(scale.device() == x.device() && zero_point.device() == x.device(),
+              "scale and zero_point must be on x's device (", x.device(), "), got ", scale.device(), " and ",
+              zero_point.device());
+  TQ_CHECK(scale.scalar_type() == at::kFloat, "scale must be float32, got ", scale.scalar_type());
+  TQ_CHECK(zero_point.scalar_type() == at::kInt, "zero_point must be int32, got ", zero_point.scalar_type());
+  TQ_CHECK(scale.dim() <= 1 && zero_point.dim() <= 1, "scale and zero_point must be 1-D");
+  TQ_CHECK(scale.numel() == zero_point.numel(), "scale and zero_point must have the same length, got ",
+              scale.numel(), " and ", zero_point.numel());
+  if (!axis.has_value()) {
+    TQ_CHECK(scale.numel() == 1, "per-tensor scale must have 1 element, got ", scale.numel());
+    return {1, std::max<int64_t>(x.numel(), 1), false};
+  }
+  const int64_t a = *axis;
+  TQ_CHECK(a >= 0 && a < x.dim(), "axis must be in [0, ", x.dim(), ") for a ", x.dim(), "-d x, got ", a);
+  TQ_CHECK(scale.numel() == x.size(a), "per-channel scale must have x.size(", a, ") = ", x.size(a),
+              " elements, got ", scale.numel());
+  int64_t inner = 1;
+  for (int64_t d = a + 1; d < x.dim(); ++d) inner *= x.size(d);
+  return {std::max<int64_t>(x.size(a), 1), std::max<int64_t>(inner, 1), true};
 }
 
 }  // namespace torchquant

@@ -10,6 +10,8 @@
 
 #include <ATen/ATen.h>
 
+#include "quant_math.h"
+
 namespace torchquant {
 
 // int8_mm: a and b int8, 2-d, with a.size(1) == b.size(0) (devices are checked by each kernel).
@@ -54,5 +56,21 @@ void check_on_device_of(const char* op, const char* name, const at::Tensor& t, c
 void check_epilogue_inputs(const char* op, const at::Tensor& x_q, int64_t x_zero_point, const at::Tensor& x_scale,
                            int64_t rows, const at::Tensor& w_sum, const at::Tensor& w_scale,
                            const std::optional<at::Tensor>& bias, int64_t n);
+
+// ---- quantize family ----
+
+Rounding parse_rounding(c10::string_view rounding);
+// bits in [1, 8] -> the format's integer range
+QuantFormat checked_format(int64_t bits, bool is_signed);
+
+// x viewed as [outer, channels, inner] for its per-tensor (channels 1) or per-channel parameters.
+struct QuantLayout {
+  int64_t channels;
+  int64_t inner;
+  bool per_channel;
+};
+// Checks scale (float32) and zero_point (int32), 1-D, of one element (axis none) or x.size(axis), on x's device.
+QuantLayout checked_quant_layout(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
+                                 std::optional<int64_t> axis);
 
 }  // namespace torchquant

@@ -23,7 +23,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "arg_checks.h"
 #include "cpu/isa.h"
+#include "dtype_dispatch.h"
 #include "quant_math.h"
 
 namespace torchquant {
@@ -297,73 +299,19 @@ void with_cpu_isa(const Body& body) {
   }
 }
 
-// Calls body(T{}) with T the C++ type of a float32/float16/bfloat16 dtype.
-template <class Body>
-void with_float_type(at::ScalarType dtype, const char* what, const Body& body) {
-  switch (dtype) {
-    case at::kFloat: body(float{}); break;
-    case at::kHalf: body(at::Half{}); break;
-    case at::kBFloat16: body(at::BFloat16{}); break;
-    default: TQ_CHECK(false, what, " must be float32, float16 or bfloat16, got ", dtype);
-  }
-}
-
-// Calls body(T{}) with T = int8_t or uint8_t.
-template <class Body>
-void with_byte_type(at::ScalarType dtype, const char* what, const Body& body) {
-  switch (dtype) {
-    case at::kChar: body(int8_t{}); break;
-    case at::kByte: body(uint8_t{}); break;
-    default: TQ_CHECK(false, what, " must be int8 or uint8, got ", dtype);
-  }
-}
-
 // ---------------------------------------------------------------------------------------------------------------
 // Parameters, layout and the parallel span walk.
 // ---------------------------------------------------------------------------------------------------------------
-
-struct Layout {
-  int64_t channels;
-  int64_t inner;
-};
 
 struct ChannelParams {
   std::vector<float> scale, inv_scale, zero_point;
 };
 
-Rounding parse_rounding(c10::string_view rounding) {
-  if (rounding == "nearest") return Rounding::Nearest;
-  if (rounding == "truncate") return Rounding::Truncate;
-  TQ_CHECK(false, "rounding must be 'nearest' or 'truncate', got '", std::string(rounding), "'");
-}
-
-QuantFormat checked_format(int64_t bits, bool is_signed) {
-  TQ_CHECK(bits >= 1 && bits <= 8, "bits must be in [1, 8], got ", bits);
-  return quant_format(bits, is_signed);
-}
-
 // Validates x against scale/zero_point/axis and returns its [outer, channels, inner] view.
-Layout checked_layout(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
-                      std::optional<int64_t> axis) {
+QuantLayout checked_layout(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
+                           std::optional<int64_t> axis) {
   TQ_CHECK(x.device().is_cpu(), "x must be a CPU tensor for the CPU kernel, got ", x.device());
-  TQ_CHECK(scale.device().is_cpu() && zero_point.device().is_cpu(),
-              "scale and zero_point must be on x's device (cpu), got ", scale.device(), " and ", zero_point.device());
-  TQ_CHECK(scale.scalar_type() == at::kFloat, "scale must be float32, got ", scale.scalar_type());
-  TQ_CHECK(zero_point.scalar_type() == at::kInt, "zero_point must be int32, got ", zero_point.scalar_type());
-  TQ_CHECK(scale.dim() <= 1 && zero_point.dim() <= 1, "scale and zero_point must be 1-D");
-  TQ_CHECK(scale.numel() == zero_point.numel(), "scale and zero_point must have the same length, got ",
-              scale.numel(), " and ", zero_point.numel());
-  if (!axis.has_value()) {
-    TQ_CHECK(scale.numel() == 1, "per-tensor scale must have 1 element, got ", scale.numel());
-    return {1, std::max<int64_t>(x.numel(), 1)};
-  }
-  const int64_t a = *axis;
-  TQ_CHECK(a >= 0 && a < x.dim(), "axis must be in [0, ", x.dim(), ") for a ", x.dim(), "-d x, got ", a);
-  TQ_CHECK(scale.numel() == x.size(a), "per-channel scale must have x.size(", a, ") = ", x.size(a),
-              " elements, got ", scale.numel());
-  int64_t inner = 1;
-  for (int64_t d = a + 1; d < x.dim(); ++d) inner *= x.size(d);
-  return {std::max<int64_t>(x.size(a), 1), std::max<int64_t>(inner, 1)};
+  return checked_quant_layout(x, scale, zero_point, axis);
 }
 
 // scale, 1 / scale and zero_point as floats, each checked (scale positive and finite, zero point in range).
@@ -393,7 +341,7 @@ ChannelParams checked_params(const at::Tensor& scale, const at::Tensor& zero_poi
 
 // Calls span(offset, length, params, per_element) over [0, numel), in parallel chunks of at least kGrain.
 template <class Span>
-void for_each_span(int64_t numel, Layout layout, const ChannelParams& p, const Span& span) {
+void for_each_span(int64_t numel, QuantLayout layout, const ChannelParams& p, const Span& span) {
   const bool broadcast = layout.channels == 1 || layout.inner >= kBroadcastRowMin;
   at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
     if (broadcast) {
@@ -445,7 +393,7 @@ at::Tensor quantize_cpu(const at::Tensor& x, const at::Tensor& scale, const at::
                         std::optional<int64_t> axis, int64_t bits, bool is_signed, c10::string_view rounding) {
   const QuantFormat f = checked_format(bits, is_signed);
   const Rounding r = parse_rounding(rounding);
-  const Layout layout = checked_layout(x, scale, zero_point, axis);
+  const QuantLayout layout = checked_layout(x, scale, zero_point, axis);
   const ChannelParams p = checked_params(scale, zero_point, f.binary ? 0.0f : f.qmin, f.binary ? 0.0f : f.qmax);
   const at::Tensor xc = x.contiguous();
   at::Tensor q = at::empty(x.sizes(), x.options().dtype(is_signed ? at::kChar : at::kByte));
@@ -471,7 +419,7 @@ at::Tensor dequantize_cpu(const at::Tensor& q, const at::Tensor& scale, const at
                           std::optional<int64_t> axis, at::ScalarType dtype) {
   TQ_CHECK(q.scalar_type() == at::kChar || q.scalar_type() == at::kByte, "q must be int8 or uint8, got ",
               q.scalar_type());
-  const Layout layout = checked_layout(q, scale, zero_point, axis);
+  const QuantLayout layout = checked_layout(q, scale, zero_point, axis);
   const bool is_signed = q.scalar_type() == at::kChar;
   const ChannelParams p = checked_params(scale, zero_point, is_signed ? -128.0f : 0.0f, is_signed ? 127.0f : 255.0f);
   const at::Tensor qc = q.contiguous();
@@ -498,7 +446,7 @@ at::Tensor fake_quantize_cpu(const at::Tensor& x, const at::Tensor& scale, const
                              std::optional<int64_t> axis, int64_t bits, bool is_signed, c10::string_view rounding) {
   const QuantFormat f = checked_format(bits, is_signed);
   const Rounding r = parse_rounding(rounding);
-  const Layout layout = checked_layout(x, scale, zero_point, axis);
+  const QuantLayout layout = checked_layout(x, scale, zero_point, axis);
   const ChannelParams p = checked_params(scale, zero_point, f.binary ? 0.0f : f.qmin, f.binary ? 0.0f : f.qmax);
   const at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty(x.sizes(), x.options());
@@ -522,7 +470,7 @@ at::Tensor fake_quantize_backward_cpu(const at::Tensor& grad, const at::Tensor& 
                                       bool is_signed, c10::string_view rounding) {
   const QuantFormat f = checked_format(bits, is_signed);
   const Rounding r = parse_rounding(rounding);
-  const Layout layout = checked_layout(x, scale, zero_point, axis);
+  const QuantLayout layout = checked_layout(x, scale, zero_point, axis);
   TQ_CHECK(grad.device().is_cpu(), "grad must be on x's device (cpu), got ", grad.device());
   TQ_CHECK(grad.sizes() == x.sizes(), "grad must have x's shape ", x.sizes(), ", got ", grad.sizes());
   TQ_CHECK(grad.scalar_type() == x.scalar_type(), "grad must have x's dtype ", x.scalar_type(), ", got ",

@@ -1,6 +1,7 @@
 // Small helpers shared by the CUDA kernels: vector loads/stores, dtype dispatch, launch sizing, reductions.
 #pragma once
 #include "check.h"
+#include "dtype_dispatch.h"
 #include <cstdint>
 
 #include <ATen/ATen.h>
@@ -27,27 +28,6 @@ __device__ __forceinline__ void store_vec(T* p, const Vec<T, VEC>& v) {
 template <typename T, int VEC>
 inline bool is_aligned(const T* p) {
   return reinterpret_cast<uintptr_t>(p) % (sizeof(T) * VEC) == 0;
-}
-
-// Calls body(T{}) with T the C++ type of a float32/float16/bfloat16 dtype.
-template <class Body>
-void with_float_type(at::ScalarType dtype, const char* what, const Body& body) {
-  switch (dtype) {
-    case at::kFloat: body(float{}); break;
-    case at::kHalf: body(at::Half{}); break;
-    case at::kBFloat16: body(at::BFloat16{}); break;
-    default: TQ_CHECK(false, what, " must be float32, float16 or bfloat16, got ", dtype);
-  }
-}
-
-// Calls body(T{}) with T = int8_t or uint8_t.
-template <class Body>
-void with_byte_type(at::ScalarType dtype, const char* what, const Body& body) {
-  switch (dtype) {
-    case at::kChar: body(int8_t{}); break;
-    case at::kByte: body(uint8_t{}); break;
-    default: TQ_CHECK(false, what, " must be int8 or uint8, got ", dtype);
-  }
 }
 
 // Blocks of `threads` threads that fill the current device once: the grid of a grid-stride loop.

@@ -170,14 +170,8 @@ void launch_map(const Op& op, const ChannelOf<Index>& channel_of, int64_t n) {
 }
 
 // x viewed as [outer, channels, inner].
-struct Layout {
-  int64_t channels;
-  int64_t inner;
-  bool per_channel;
-};
-
 template <typename Index, typename Op>
-void launch_indexed(const Op& op, const Layout& layout, const at::Tensor& scale, const at::Tensor& zero_point,
+void launch_indexed(const Op& op, const QuantLayout& layout, const at::Tensor& scale, const at::Tensor& zero_point,
                     int64_t n) {
   const at::Tensor scale_c = scale.contiguous();  // freed after the launch: the caching allocator orders reuse
   const at::Tensor zero_point_c = zero_point.contiguous();
@@ -196,7 +190,7 @@ void launch_indexed(const Op& op, const Layout& layout, const at::Tensor& scale,
 
 // Runs op over n elements (n > 0) on the current stream.
 template <typename Op>
-void run_map(const Op& op, const Layout& layout, const at::Tensor& scale, const at::Tensor& zero_point, int64_t n) {
+void run_map(const Op& op, const QuantLayout& layout, const at::Tensor& scale, const at::Tensor& zero_point, int64_t n) {
   if (n <= INT32_MAX) launch_indexed<uint32_t>(op, layout, scale, zero_point, n);
   else launch_indexed<int64_t>(op, layout, scale, zero_point, n);
 }
@@ -205,39 +199,10 @@ void run_map(const Op& op, const Layout& layout, const at::Tensor& scale, const 
 // Argument checks (the same rules and messages as the CPU kernels).
 // ---------------------------------------------------------------------------------------------------------------
 
-Rounding parse_rounding(c10::string_view rounding) {
-  if (rounding == "nearest") return Rounding::Nearest;
-  if (rounding == "truncate") return Rounding::Truncate;
-  TQ_CHECK(false, "rounding must be 'nearest' or 'truncate', got '", std::string(rounding), "'");
-}
-
-QuantFormat checked_format(int64_t bits, bool is_signed) {
-  TQ_CHECK(bits >= 1 && bits <= 8, "bits must be in [1, 8], got ", bits);
-  return quant_format(bits, is_signed);
-}
-
-Layout checked_layout(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
-                      std::optional<int64_t> axis) {
+QuantLayout checked_layout(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
+                           std::optional<int64_t> axis) {
   TQ_CHECK(x.is_cuda(), "x must be a CUDA tensor for the CUDA kernel, got ", x.device());
-  TQ_CHECK(scale.device() == x.device() && zero_point.device() == x.device(),
-              "scale and zero_point must be on x's device (", x.device(), "), got ", scale.device(), " and ",
-              zero_point.device());
-  TQ_CHECK(scale.scalar_type() == at::kFloat, "scale must be float32, got ", scale.scalar_type());
-  TQ_CHECK(zero_point.scalar_type() == at::kInt, "zero_point must be int32, got ", zero_point.scalar_type());
-  TQ_CHECK(scale.dim() <= 1 && zero_point.dim() <= 1, "scale and zero_point must be 1-D");
-  TQ_CHECK(scale.numel() == zero_point.numel(), "scale and zero_point must have the same length, got ",
-              scale.numel(), " and ", zero_point.numel());
-  if (!axis.has_value()) {
-    TQ_CHECK(scale.numel() == 1, "per-tensor scale must have 1 element, got ", scale.numel());
-    return {1, std::max<int64_t>(x.numel(), 1), false};
-  }
-  const int64_t a = *axis;
-  TQ_CHECK(a >= 0 && a < x.dim(), "axis must be in [0, ", x.dim(), ") for a ", x.dim(), "-d x, got ", a);
-  TQ_CHECK(scale.numel() == x.size(a), "per-channel scale must have x.size(", a, ") = ", x.size(a),
-              " elements, got ", scale.numel());
-  int64_t inner = 1;
-  for (int64_t d = a + 1; d < x.dim(); ++d) inner *= x.size(d);
-  return {std::max<int64_t>(x.size(a), 1), std::max<int64_t>(inner, 1), true};
+  return checked_quant_layout(x, scale, zero_point, axis);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -248,7 +213,7 @@ at::Tensor quantize_cuda(const at::Tensor& x, const at::Tensor& scale, const at:
                          std::optional<int64_t> axis, int64_t bits, bool is_signed, c10::string_view rounding) {
   const QuantFormat f = checked_format(bits, is_signed);
   const Rounding r = parse_rounding(rounding);
-  const Layout layout = checked_layout(x, scale, zero_point, axis);
+  const QuantLayout layout = checked_layout(x, scale, zero_point, axis);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous();
   at::Tensor q = at::empty(x.sizes(), x.options().dtype(is_signed ? at::kChar : at::kByte));
@@ -265,7 +230,7 @@ at::Tensor quantize_cuda(const at::Tensor& x, const at::Tensor& scale, const at:
 
 at::Tensor dequantize_cuda(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& zero_point,
                            std::optional<int64_t> axis, at::ScalarType dtype) {
-  const Layout layout = checked_layout(q, scale, zero_point, axis);
+  const QuantLayout layout = checked_layout(q, scale, zero_point, axis);
   const c10::cuda::CUDAGuard guard(q.device());
   const at::Tensor qc = q.contiguous();
   at::Tensor y = at::empty(q.sizes(), q.options().dtype(dtype));
@@ -284,7 +249,7 @@ at::Tensor fake_quantize_cuda(const at::Tensor& x, const at::Tensor& scale, cons
                               std::optional<int64_t> axis, int64_t bits, bool is_signed, c10::string_view rounding) {
   const QuantFormat f = checked_format(bits, is_signed);
   const Rounding r = parse_rounding(rounding);
-  const Layout layout = checked_layout(x, scale, zero_point, axis);
+  const QuantLayout layout = checked_layout(x, scale, zero_point, axis);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty(x.sizes(), x.options());
@@ -301,7 +266,7 @@ at::Tensor fake_quantize_backward_cuda(const at::Tensor& grad, const at::Tensor&
                                        bool is_signed, c10::string_view rounding) {
   const QuantFormat f = checked_format(bits, is_signed);
   const Rounding r = parse_rounding(rounding);
-  const Layout layout = checked_layout(x, scale, zero_point, axis);
+  const QuantLayout layout = checked_layout(x, scale, zero_point, axis);
   TQ_CHECK(grad.device() == x.device(), "grad must be on x's device (", x.device(), "), got ", grad.device());
   check_grad_like(grad, x);
   const c10::cuda::CUDAGuard guard(x.device());
