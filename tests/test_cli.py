@@ -287,9 +287,8 @@ def test_bad_input_is_one_line_and_exit_status_2(work, tmp_path, case, capsys, m
     assert list(tmp_path.iterdir()) == [], "a failed run must leave no output"
 
 
-# one case of each kind the issue names, through a real `python -m torchquant` process
-@pytest.mark.parametrize("case", ["missing weights", "truncated safetensors", "text as weights",
-                                  "unknown module", "unknown preset", "calibration of the wrong shape"])
+# every case again through a real `python -m torchquant` process, as a user meets it
+@pytest.mark.parametrize("case", list(ERROR_CASES))
 def test_bad_input_in_a_subprocess(work, tmp_path, case):
     args, fragments = _prepare_case(case, tmp_path)
     before = digests(work)
