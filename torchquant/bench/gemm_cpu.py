@@ -8,7 +8,6 @@ Three tables, each at 1 and 2 threads, every row timed interleaved with its base
 - conv2d on ResNet-style layers (uint8 channels-last activations, per-channel int8 weights, float32 output)
   against torch.ao.nn.quantized.Conv2d (x86 engine; quint8 output) and the float channels-last conv.
 """
-import argparse
 import contextlib
 import warnings
 from typing import List, Sequence
@@ -17,7 +16,7 @@ import torch
 from torch import nn
 
 import torchquant.functional as tqf
-from torchquant.bench.timing import compare, markdown_table
+from torchquant.bench.timing import compare, run_tables, tables_main
 
 VNNI_PEAK_GOPS_PER_CORE = 455.0
 MM_SHAPES = ((1024, 1024, 1024), (2048, 2048, 2048), (128, 4096, 4096))  # M, K, N
@@ -151,23 +150,11 @@ TABLES = {
 
 def run(tables: Sequence[str] = tuple(TABLES), threads: Sequence[int] = (1, 2), repeats: int = 9) -> List[dict]:
     """Rows of every requested table ("int8_mm", "linear", "conv"), each tagged with its table name."""
-    rows = []
-    for table in tables:
-        for n in threads:
-            rows += [{"table": table, **r} for r in TABLES[table][0](n, repeats)]
-    return rows
+    return run_tables(TABLES, tables, threads, repeats)
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tables", nargs="+", choices=list(TABLES), default=list(TABLES))
-    parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
-    parser.add_argument("--repeats", type=int, default=9, help="interleaved samples per timing (median)")
-    args = parser.parse_args(argv)
-    rows = run(args.tables, args.threads, args.repeats)
-    for table in args.tables:
-        print(f"\n### {table}\n")
-        print(markdown_table([r for r in rows if r["table"] == table], TABLES[table][1]))
+    tables_main(TABLES, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

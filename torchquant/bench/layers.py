@@ -9,7 +9,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import warnings
 from typing import List, Sequence
@@ -19,7 +18,7 @@ from torch import nn
 
 import torchquant as tq
 import torchquant.functional as tqf
-from torchquant.bench.timing import compare, markdown_table
+from torchquant.bench.timing import compare, run_tables, tables_main
 
 LINEAR_SHAPES = ((384, 1536), (1536, 384), (768, 3072))  # in, out
 LINEAR_ROWS = (1, 16, 128, 512)
@@ -159,24 +158,12 @@ TABLES = {
 
 
 def run(tables: Sequence[str] = tuple(TABLES), threads: Sequence[int] = (1, 2), repeats: int = 9) -> List[dict]:
-    """Rows of every requested table ("linear", "conv"), each tagged with its table name."""
-    rows = []
-    for table in tables:
-        for n in threads:
-            rows += [{"table": table, **r} for r in TABLES[table][0](n, repeats)]
-    return rows
+    """Rows of every requested table ("linear", "conv", "small"), each tagged with its table name."""
+    return run_tables(TABLES, tables, threads, repeats)
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tables", nargs="+", choices=list(TABLES), default=list(TABLES))
-    parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
-    parser.add_argument("--repeats", type=int, default=9, help="interleaved samples per timing (median)")
-    args = parser.parse_args(argv)
-    rows = run(args.tables, args.threads, args.repeats)
-    for table in args.tables:
-        print(f"\n### {table}\n")
-        print(markdown_table([r for r in rows if r["table"] == table], TABLES[table][1]))
+    tables_main(TABLES, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

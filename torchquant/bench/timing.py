@@ -1,7 +1,8 @@
 """Timing for the benchmarks: interleaved runs, medians, ratio tables. Never used to assert anything."""
+import argparse
 import statistics
 import time
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 
@@ -52,3 +53,29 @@ def markdown_table(rows: List[dict], columns: Sequence[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
+
+
+# A table registry maps a table name to (function(threads, repeats) -> rows, the columns to print).
+TableRegistry = Dict[str, Tuple[Callable[[int, int], List[dict]], Sequence[str]]]
+
+
+def run_tables(registry: TableRegistry, tables: Sequence[str], threads: Sequence[int], repeats: int) -> List[dict]:
+    """Rows of every requested table at every thread count, each tagged with its table name."""
+    rows = []
+    for table in tables:
+        for n in threads:
+            rows += [{"table": table, **r} for r in registry[table][0](n, repeats)]
+    return rows
+
+
+def tables_main(registry: TableRegistry, description: str, argv=None) -> None:
+    """Command line of a table-registry benchmark: --tables, --threads, --repeats; prints Markdown tables."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--tables", nargs="+", choices=list(registry), default=list(registry))
+    parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--repeats", type=int, default=9, help="interleaved samples per timing (median)")
+    args = parser.parse_args(argv)
+    rows = run_tables(registry, args.tables, args.threads, args.repeats)
+    for table in args.tables:
+        print(f"\n### {table}\n")
+        print(markdown_table([r for r in rows if r["table"] == table], registry[table][1]))
