@@ -65,8 +65,9 @@ void check_linear_output(const char* op, at::ScalarType out_dtype, std::optional
   check_float_out_dtype(op, out_dtype);
 }
 
-void check_conv_arguments(const char* op, const at::Tensor& x_q, int64_t out_channels, at::IntArrayRef kernel_size,
-                          at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+ConvGeometry check_conv_arguments(const char* op, const at::Tensor& x_q, int64_t out_channels,
+                                  at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                                  at::IntArrayRef dilation, int64_t groups) {
   TQ_CHECK(x_q.dim() == 4, op, ": x_q must be 4-d [B, C, H, W], got ", x_q.dim(), "-d");
   TQ_CHECK(groups >= 1, op, ": groups must be >= 1, got ", groups);
   TQ_CHECK(kernel_size.size() == 2 && stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
@@ -82,6 +83,12 @@ void check_conv_arguments(const char* op, const at::Tensor& x_q, int64_t out_cha
   TQ_CHECK(x_q.size(2) + 2 * padding[0] >= dilation[0] * (kernel_size[0] - 1) + 1 &&
                   x_q.size(3) + 2 * padding[1] >= dilation[1] * (kernel_size[1] - 1) + 1,
               op, ": the (dilated) kernel ", kernel_size, " is larger than the padded input ", x_q.sizes().slice(2));
+  ConvGeometry g{x_q.size(0), channels, x_q.size(2), x_q.size(3), groups,
+                 kernel_size[0], kernel_size[1], stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+                 0, 0};
+  g.out_h = (g.height + 2 * g.pad_h - g.dil_h * (g.kh - 1) - 1) / g.stride_h + 1;
+  g.out_w = (g.width + 2 * g.pad_w - g.dil_w * (g.kw - 1) - 1) / g.stride_w + 1;
+  return g;
 }
 
 void check_grad_like(const at::Tensor& grad, const at::Tensor& x) {

@@ -1,9 +1,8 @@
 // Argument checks shared by the CPU and CUDA kernels of the integer-matrix ops (and the fake-quantize backward),
 // so that both devices raise the same messages.
 //
-// They are compiled by the host C++ compiler only (csrc/*.cpp), never by nvcc: on the first H200 run a TORCH_CHECK
-// in nvcc-compiled host code crashed the process while formatting a tensor shape into its message. Every message
-// that prints a shape therefore lives here.
+// They are compiled by the host C++ compiler only (csrc/*.cpp). Their messages are built by TQ_CHECK (check.h),
+// never through iostreams, which crashed the process on the GPU machine instead of raising.
 #pragma once
 #include <cstdint>
 #include <optional>
@@ -39,9 +38,17 @@ void check_float_out_dtype(const char* op, at::ScalarType out_dtype);
 void check_linear_output(const char* op, at::ScalarType out_dtype, std::optional<double> out_scale,
                          int64_t out_zero_point);
 
+// The shape of an int8_conv2d: input [batch, channels, height, width], kernel, stride, padding, dilation, groups
+// and the output size.
+struct ConvGeometry {
+  int64_t batch, channels, height, width;  // input
+  int64_t groups, kh, kw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
+  int64_t out_h, out_w;
+};
+
 // int8_conv2d: x_q 4-d, positive groups dividing both channel counts, 2-entry kernel_size >= 1, stride >= 1,
-// padding >= 0, dilation >= 1, and a dilated kernel no larger than the padded input.
-void check_conv_arguments(const char* op, const at::Tensor& x_q, int64_t out_channels, at::IntArrayRef kernel_size,
+// padding >= 0, dilation >= 1, and a dilated kernel no larger than the padded input; returns the geometry.
+ConvGeometry check_conv_arguments(const char* op, const at::Tensor& x_q, int64_t out_channels, at::IntArrayRef kernel_size,
                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
 
 // fake_quantize backward: grad must have x's shape and dtype (devices are checked by each kernel).

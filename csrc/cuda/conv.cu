@@ -15,12 +15,6 @@
 namespace torchquant {
 namespace {
 
-struct ConvGeometry {
-  int64_t batch, channels, height, width;  // input
-  int64_t groups, kh, kw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
-  int64_t out_h, out_w;
-};
-
 constexpr int kIm2colThreads = 256;
 
 // Writes im2col rows: row (b, oh, ow) holds, for each group, the (kh, kw, c) window in k16 bytes (zero past the
@@ -70,12 +64,7 @@ at::Tensor int8_conv2d_cuda(const at::Tensor& x_q, const at::Tensor& x_scale, in
                             at::ScalarType out_dtype) {
   constexpr const char* op = "int8_conv2d";
   TQ_CHECK(x_q.is_cuda(), op, ": x_q must be a CUDA tensor for the CUDA kernel, got ", x_q.device());
-  check_conv_arguments(op, x_q, out_channels, kernel_size, stride, padding, dilation, groups);
-  ConvGeometry g{x_q.size(0), x_q.size(1), x_q.size(2), x_q.size(3), groups,
-                 kernel_size[0], kernel_size[1], stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-                 0, 0};
-  g.out_h = (g.height + 2 * g.pad_h - g.dil_h * (g.kh - 1) - 1) / g.stride_h + 1;
-  g.out_w = (g.width + 2 * g.pad_w - g.dil_w * (g.kw - 1) - 1) / g.stride_w + 1;
+  const ConvGeometry g = check_conv_arguments(op, x_q, out_channels, kernel_size, stride, padding, dilation, groups);
   const int64_t cg = g.channels / groups, ocg = out_channels / groups;
   const int64_t window = g.kh * g.kw * cg;
   TQ_CHECK(window >= 1, op, ": x_q must have at least one channel");
