@@ -175,6 +175,34 @@ def test_int8_linear_requantized(device, isa, out_dtype, out_zp):
     assert got.min() == info.min or got.max() == info.max  # the clamp was exercised
 
 
+# Outputs of >= 2 MB are written with streaming stores, whole vectors only where a row starts vector-aligned: N =
+# 520 float32 rows are 2080 bytes apart (every other row 64-byte aligned), 1040 bfloat16 and 2100 uint8 ones too.
+@pytest.mark.parametrize("out_dtype,n", [(torch.float32, 520), (torch.bfloat16, 1040), (torch.uint8, 2100),
+                                         (torch.int32, 520)])
+def test_int8_linear_large_outputs(device, isa, out_dtype, n):
+    g = torch.Generator().manual_seed(n)
+    m, k = 1010, 20
+    x_q = rand_int8(m, k, device=device, generator=g)
+    w, w_packed, w_sum, w_scale = quantized_weight(n, k, device)
+    bias = torch.randn(n, generator=g).to(device)
+    x_scale = (torch.rand(m, generator=g) + 0.01).to(device)
+    if out_dtype == torch.int32:  # int8_mm's epilogue
+        torch.testing.assert_close(F.int8_mm(x_q, w.t()), reference.int8_mm(x_q, w.t()), rtol=0, atol=0)
+        return
+    out_scale = None
+    if out_dtype == torch.uint8:
+        out_scale = float(reference.int8_linear(x_q, x_scale, 0, w, w_scale, bias).abs().max()) / 100
+    got = F.int8_linear(x_q, x_scale, 0, w_packed, w_sum, w_scale, bias, out_features=n, out_dtype=out_dtype,
+                        out_scale=out_scale, out_zero_point=128 if out_scale else 0)
+    want = reference.int8_linear(x_q, x_scale, 0, w, w_scale, bias, out_dtype=out_dtype, out_scale=out_scale,
+                                 out_zero_point=128 if out_scale else 0)
+    if out_scale is None:
+        torch.testing.assert_close(got, want)
+    else:  # a rounding tie may move by one (see test_int8_linear_requantized)
+        diff = (got.int() - want.int()).abs()
+        assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01
+
+
 def test_int8_linear_non_contiguous(device, isa):
     k, n = 96, 40
     w, w_packed, w_sum, w_scale = quantized_weight(n, k, device)
@@ -298,6 +326,27 @@ def test_int8_conv2d(device, isa, conv, x_dtype, x_zp):
     got_int = F.int8_conv2d(x_q, 1.0, x_zp, w_packed, w_sum, ones, out_channels=oc, kernel_size=kernel, **kwargs)
     want_int = reference.int8_conv2d(x_q, 1.0, x_zp, w_q, ones, **kwargs)
     torch.testing.assert_close(got_int, want_int, rtol=0, atol=0)
+
+
+# im2col matrices over 512 KB are produced chunk by chunk inside the GEMM (the small ones above are made whole
+# first); the 200-channel float32 output (2.5 MB) is written with streaming stores.
+BIG_CONVS = [(2, 32, 40, 40, 200, (3, 3), 1, 1, 1, 1), (2, 32, 41, 40, 80, (3, 3), 1, 1, 1, 2),
+             (1, 16, 81, 80, 70, (3, 3), 1, 1, 1, 1)]
+
+
+@pytest.mark.parametrize("conv", BIG_CONVS, ids=[f"big{i}" for i in range(len(BIG_CONVS))])
+@pytest.mark.parametrize("x_dtype,x_zp", [(torch.int8, -2), (torch.uint8, 7)])
+def test_int8_conv2d_large(device, isa, conv, x_dtype, x_zp):
+    b, c, h, w_, oc, kernel, stride, padding, dilation, groups = conv
+    g = torch.Generator().manual_seed(oc)
+    lo, hi = (0, 256) if x_dtype == torch.uint8 else (-128, 128)
+    x_q = torch.randint(lo, hi, (b, c, h, w_), dtype=x_dtype, generator=g).to(device)
+    w_q = rand_int8(oc, c // groups, *kernel, generator=g).to(device)
+    w_packed, w_sum = F.pack_conv_weight(w_q, groups), w_q.sum((1, 2, 3), dtype=torch.int32)
+    ones = torch.ones(oc, device=device)
+    kwargs = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    got = F.int8_conv2d(x_q, 1.0, x_zp, w_packed, w_sum, ones, out_channels=oc, kernel_size=kernel, **kwargs)
+    torch.testing.assert_close(got, reference.int8_conv2d(x_q, 1.0, x_zp, w_q, ones, **kwargs), rtol=0, atol=0)
 
 
 def test_int8_conv2d_half_outputs_and_strided_input(device):

@@ -7,7 +7,6 @@
 #include <algorithm>
 #include <cstring>
 #include <memory>
-#include <vector>
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -25,8 +24,20 @@ namespace {
 // blocks of kKBlock: the panel's slice of the weight for one block (16 KB) stays in L1 across the chunk's rows.
 constexpr int64_t kRowsPerChunk = 96;  // at most; a multiple of every microkernel's row count (6, 2, 1)
 constexpr int64_t kKBlock = 256;       // bytes of k per cache block (a multiple of 4)
-constexpr int64_t kRepackMinPanels = 4;  // weight panels from which a chunk's rows are copied into micro-panels
 constexpr int64_t kCachedActivationBytes = 512 << 10;  // activations this small stay in L2 (1 MB on Zen 4)
+constexpr int64_t kStreamingOutputBytes = int64_t{2} << 20;  // outputs from this size (an L2) bypass the caches
+
+int64_t out_kind_bytes(OutKind kind) {
+  switch (kind) {
+    case OutKind::Int32:
+    case OutKind::Float32: return 4;
+    case OutKind::Float16:
+    case OutKind::BFloat16: return 2;
+    case OutKind::Int8:
+    case OutKind::UInt8: break;
+  }
+  return 1;
+}
 
 inline int32_t load_i32(const void* p) {
   int32_t v;
@@ -191,49 +202,98 @@ void epilogue_row_scalar(const Epilogue& ep, const int32_t* acc, int64_t row, in
   }
 }
 
-// The same, 16 columns at a time. Matches epilogue_row_scalar: same operation order, round-to-nearest-even
-// conversions (vcvtps2ph, a bit-exact bfloat16 rounding), NaN -> zero point when requantizing.
-TQ_TARGET_VNNI void epilogue_row_avx512(const Epilogue& ep, const int32_t* acc, int64_t row, int64_t col0,
-                                        int64_t ncols) {
-  const __m512 xs = _mm512_set1_ps(ep.row_scale == nullptr ? 1.0f : ep.row_scale[ep.per_row_scale ? row : 0]);
-  for (int64_t c = 0; c < ncols; c += 16) {
-    const __mmask16 mask = ncols - c >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (ncols - c)) - 1);
-    const int64_t n = col0 + c;
-    const __m512i v = _mm512_sub_epi32(_mm512_loadu_si512(acc + c), _mm512_maskz_loadu_epi32(mask, ep.col_offset + n));
-    if (ep.kind == OutKind::Int32) {
-      _mm512_mask_storeu_epi32(out_at<int32_t>(ep, row, col0) + c, mask, v);
-      continue;
-    }
-    __m512 y = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(v), xs), _mm512_maskz_loadu_ps(mask, ep.col_scale + n));
-    if (ep.bias != nullptr) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, ep.bias + n));
-    switch (ep.kind) {
-      case OutKind::Float32: _mm512_mask_storeu_ps(out_at<float>(ep, row, col0) + c, mask, y); break;
-      case OutKind::Float16:
-        _mm256_mask_storeu_epi16(out_at<c10::Half>(ep, row, col0) + c, mask,
-                                 _mm512_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-        break;
-      case OutKind::BFloat16: {
+void epilogue_tile_scalar(const Epilogue& ep, const int32_t* tile, int64_t row0, int64_t rows, int64_t col0,
+                          int64_t ncols) {
+  for (int64_t r = 0; r < rows; ++r) epilogue_row_scalar(ep, tile + r * kPanelCols, row0 + r, col0, ncols);
+}
+
+// Stores the valid lanes (mask) of one output vector at p: a streaming store when asked and the vector is whole
+// (p is then aligned to its size, see epilogue_tile_avx512), else a normal one. Conversions to narrower types
+// happen in registers first: the memory forms of vpmov* and masked narrow stores were the epilogue's slowest
+// instructions on Zen 4.
+TQ_TARGET_VNNI inline void store_vector(void* p, __m512i v, __mmask16 mask, bool stream) {
+  if (mask != 0xFFFF) _mm512_mask_storeu_epi32(p, mask, v);
+  else if (stream) _mm512_stream_si512(static_cast<__m512i*>(p), v);
+  else _mm512_storeu_si512(p, v);
+}
+TQ_TARGET_VNNI inline void store_vector(void* p, __m256i v, __mmask16 mask, bool stream) {
+  if (mask != 0xFFFF) _mm256_mask_storeu_epi16(p, mask, v);
+  else if (stream) _mm256_stream_si256(static_cast<__m256i*>(p), v);
+  else _mm256_storeu_si256(static_cast<__m256i*>(p), v);
+}
+TQ_TARGET_VNNI inline void store_vector(void* p, __m128i v, __mmask16 mask, bool stream) {
+  if (mask != 0xFFFF) _mm_mask_storeu_epi8(p, mask, v);
+  else if (stream) _mm_stream_si128(static_cast<__m128i*>(p), v);
+  else _mm_storeu_si128(static_cast<__m128i*>(p), v);
+}
+
+// The epilogue of a whole tile (rows x ncols <= 64), 16 columns at a time, with the per-column inputs loaded once.
+// Matches epilogue_row_scalar: same operation order, round-to-nearest-even conversions (vcvtps2ph, a bit-exact
+// bfloat16 rounding), NaN -> zero point when requantizing.
+template <OutKind KIND, typename T>
+TQ_TARGET_VNNI void epilogue_tile_avx512_kind(const Epilogue& ep, const int32_t* tile, int64_t row0, int64_t rows,
+                                              int64_t col0, int64_t ncols) {
+  constexpr int kVectors = kPanelCols / 16;
+  const int vectors = static_cast<int>((ncols + 15) / 16);
+  __mmask16 mask[kVectors];
+  __m512i offset[kVectors];
+  __m512 scale[kVectors], bias[kVectors];
+  const bool has_bias = ep.bias != nullptr;
+  for (int j = 0; j < vectors; ++j) {
+    mask[j] = ncols - 16 * j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (ncols - 16 * j)) - 1);
+    offset[j] = _mm512_maskz_loadu_epi32(mask[j], ep.col_offset + col0 + 16 * j);
+    if (KIND == OutKind::Int32) continue;
+    scale[j] = _mm512_maskz_loadu_ps(mask[j], ep.col_scale + col0 + 16 * j);
+    bias[j] = has_bias ? _mm512_maskz_loadu_ps(mask[j], ep.bias + col0 + 16 * j) : _mm512_setzero_ps();
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t row = row0 + r;
+    T* out = static_cast<T*>(ep.out) + row * ep.out_row_stride + col0;
+    // streaming stores need vector-aligned addresses: the row start decides for all its vectors
+    const bool stream = ep.streaming && reinterpret_cast<uintptr_t>(out) % (16 * sizeof(T)) == 0;
+    const __m512 xs = _mm512_set1_ps(ep.row_scale == nullptr ? 1.0f : ep.row_scale[ep.per_row_scale ? row : 0]);
+    for (int j = 0; j < vectors; ++j) {
+      const __m512i v = _mm512_sub_epi32(_mm512_load_si512(tile + r * kPanelCols + 16 * j), offset[j]);
+      T* dst = out + 16 * j;
+      if constexpr (KIND == OutKind::Int32) {
+        store_vector(dst, v, mask[j], stream);
+        continue;
+      }
+      __m512 y = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(v), xs), scale[j]);
+      if (has_bias) y = _mm512_add_ps(y, bias[j]);
+      if constexpr (KIND == OutKind::Float32) {
+        store_vector(dst, _mm512_castps_si512(y), mask[j], stream);
+      } else if constexpr (KIND == OutKind::Float16) {
+        store_vector(dst, _mm512_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), mask[j], stream);
+      } else if constexpr (KIND == OutKind::BFloat16) {
         const __m512i bits = _mm512_castps_si512(y);
         const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-        __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
-        r = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q), r, _mm512_set1_epi32(0x7FC0));
-        _mm256_mask_storeu_epi16(out_at<c10::BFloat16>(ep, row, col0) + c, mask, _mm512_cvtepi32_epi16(r));
-        break;
-      }
-      case OutKind::Int8:
-      case OutKind::UInt8: {
+        __m512i h = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+        h = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q), h, _mm512_set1_epi32(0x7FC0));
+        store_vector(dst, _mm512_cvtepi32_epi16(h), mask[j], stream);
+      } else {  // Int8 / UInt8: values are already clamped to the type's range, so truncating the bytes is exact
         __m512 q = _mm512_roundscale_ps(_mm512_mul_ps(y, _mm512_set1_ps(ep.inv_out_scale)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         q = _mm512_add_ps(q, _mm512_set1_ps(ep.out_zero_point));
         q = _mm512_min_ps(_mm512_max_ps(q, _mm512_set1_ps(ep.qmin)), _mm512_set1_ps(ep.qmax));
         q = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q), q, _mm512_set1_ps(ep.out_zero_point));
-        const __m512i qi = _mm512_cvttps_epi32(q);
-        if (ep.kind == OutKind::Int8) _mm512_mask_cvtepi32_storeu_epi8(out_at<int8_t>(ep, row, col0) + c, mask, qi);
-        else _mm512_mask_cvtepi32_storeu_epi8(out_at<uint8_t>(ep, row, col0) + c, mask, qi);
-        break;
+        store_vector(dst, _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(q)), mask[j], stream);
       }
-      case OutKind::Int32: break;
     }
+  }
+}
+
+TQ_TARGET_VNNI void epilogue_tile_avx512(const Epilogue& ep, const int32_t* tile, int64_t row0, int64_t rows,
+                                         int64_t col0, int64_t ncols) {
+  switch (ep.kind) {
+    case OutKind::Int32: return epilogue_tile_avx512_kind<OutKind::Int32, int32_t>(ep, tile, row0, rows, col0, ncols);
+    case OutKind::Float32: return epilogue_tile_avx512_kind<OutKind::Float32, float>(ep, tile, row0, rows, col0, ncols);
+    case OutKind::Float16:
+      return epilogue_tile_avx512_kind<OutKind::Float16, c10::Half>(ep, tile, row0, rows, col0, ncols);
+    case OutKind::BFloat16:
+      return epilogue_tile_avx512_kind<OutKind::BFloat16, c10::BFloat16>(ep, tile, row0, rows, col0, ncols);
+    case OutKind::Int8: return epilogue_tile_avx512_kind<OutKind::Int8, int8_t>(ep, tile, row0, rows, col0, ncols);
+    case OutKind::UInt8: return epilogue_tile_avx512_kind<OutKind::UInt8, uint8_t>(ep, tile, row0, rows, col0, ncols);
   }
 }
 
@@ -243,29 +303,17 @@ TQ_TARGET_VNNI void epilogue_row_avx512(const Epilogue& ep, const int32_t* acc, 
 
 struct IsaPath {
   void (*kernel)(const uint8_t*, int64_t, int64_t, const int8_t*, int64_t, int32_t*, int, bool);
-  void (*epilogue)(const Epilogue&, const int32_t*, int64_t, int64_t, int64_t);
+  void (*epilogue)(const Epilogue&, const int32_t*, int64_t, int64_t, int64_t, int64_t);
   int rows;
 };
 
 IsaPath isa_path(CpuIsa isa) {
   switch (isa) {
-    case CpuIsa::Avx512Vnni: return {microkernel_vnni_rows, epilogue_row_avx512, kVnniRows};
-    case CpuIsa::Avx2: return {microkernel_avx2_rows, epilogue_row_scalar, kAvx2Rows};
+    case CpuIsa::Avx512Vnni: return {microkernel_vnni_rows, epilogue_tile_avx512, kVnniRows};
+    case CpuIsa::Avx2: return {microkernel_avx2_rows, epilogue_tile_scalar, kAvx2Rows};
     case CpuIsa::Scalar: break;
   }
-  return {microkernel_scalar, epilogue_row_scalar, kVnniRows};
-}
-
-// Re-lays a chunk of activation rows (lda bytes apart) as micro-panels of `mr` rows, [panel][k-step][row][4 bytes]:
-// the microkernel then reads one sequential stream instead of mr short ones that the prefetchers do not follow.
-// Panel r0 starts at dst + r0 * k4.
-void pack_chunk_panels(const uint8_t* a, int64_t lda, int64_t rows, int64_t k4, int mr, uint8_t* dst) {
-  for (int64_t r0 = 0; r0 < rows; r0 += mr) {
-    const int64_t pr = std::min<int64_t>(mr, rows - r0);
-    uint8_t* out = dst + r0 * k4;
-    for (int64_t s = 0; s < k4 / 4; ++s)
-      for (int64_t r = 0; r < pr; ++r) std::memcpy(out + (s * pr + r) * 4, a + (r0 + r) * lda + 4 * s, 4);
-  }
+  return {microkernel_scalar, epilogue_tile_scalar, kVnniRows};
 }
 
 }  // namespace
@@ -275,7 +323,7 @@ uint8_t* scratch_buffer(Scratch slot, int64_t bytes) {
     std::unique_ptr<uint8_t[]> data;
     int64_t size = 0;
   };
-  thread_local Buffer buffers[2];
+  thread_local Buffer buffers[3];
   Buffer& b = buffers[static_cast<int>(slot)];
   if (b.size < bytes) {
     b.data.reset();  // release before allocating the larger one
@@ -302,44 +350,69 @@ void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa) {
   // Work order. Chunk-major (each chunk meets every panel while it stays in L2) streams the weight once per chunk;
   // when all the activation rows fit in L2 anyway, panel-major streams the weight once in all, and threads split
   // the panels rather than the chunks.
-  const bool panel_major = m_chunks > 1 && args.m * k4 <= kCachedActivationBytes;
+  const bool panel_major = m_chunks > 1 && args.groups * args.m * k4 <= kCachedActivationBytes;
+
+  // Where the activation rows come from: args.a, or rows that fill_rows produces. Produced rows are made once up
+  // front for the panel-major order (they fit in L2), else one chunk at a time by the thread about to use it, so
+  // that they are still in its caches (an im2col matrix written whole first went out to memory and back).
+  const uint8_t* a_rows = args.a;
+  int64_t lda = args.lda, a_group_offset = args.a_group_offset;
+  const bool rows_per_chunk = args.fill_rows != nullptr && !panel_major;
+  if (args.fill_rows != nullptr && panel_major) {
+    uint8_t* rows = scratch_buffer(Scratch::GemmRows, args.groups * args.m * k4);
+    at::parallel_for(0, args.groups * m_chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t g = i / m_chunks, row0 = (i % m_chunks) * chunk_rows;
+        args.fill_rows(args.fill_context, g, row0, std::min(chunk_rows, args.m - row0),
+                       rows + (g * args.m + row0) * k4);
+      }
+    });
+    a_rows = rows;
+    lda = k4;
+    a_group_offset = args.m * k4;
+  } else if (rows_per_chunk) {
+    lda = k4;
+  }
+
+  // An output larger than L2 is written with streaming stores: no read-for-ownership of lines that are fully
+  // overwritten (a 25 MB float32 output of a 1x1 conv took a third less time, and ResNet-style stages ran 2-6 %
+  // faster with this threshold than with none or 4-16 MB ones); a smaller one stays in the caches for the next op.
+  Epilogue out_ep = ep;
+  out_ep.streaming = args.m * ep.out_row_stride * out_kind_bytes(ep.kind) >= kStreamingOutputBytes;
 
   at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
     alignas(64) int32_t tile[kRowsPerChunk * kPanelCols];
-    // the copy pays off when a chunk meets several weight panels in a row; otherwise the rows are read in place
-    const bool repack = !panel_major && n_panels >= kRepackMinPanels;
-    std::vector<uint8_t> chunk_panels(repack ? std::min(chunk_rows, args.m) * k4 : 0);
-    int64_t packed_chunk = -1;  // the (group, chunk) whose rows chunk_panels holds
+    uint8_t* chunk_buffer = rows_per_chunk ? scratch_buffer(Scratch::GemmRows, chunk_rows * k4) : nullptr;
+    int64_t filled = -1;  // the (group, chunk) whose rows chunk_buffer holds
     for (int64_t item = begin; item < end; ++item) {
       const int64_t g = item / (m_chunks * n_panels);
       const int64_t in_group = item % (m_chunks * n_panels);
       const int64_t panel = panel_major ? in_group / m_chunks : in_group % n_panels;
       const int64_t chunk = panel_major ? in_group % m_chunks : in_group / n_panels;
-      const int64_t chunk_id = g * m_chunks + chunk;
       const int64_t row0 = chunk * chunk_rows;
       const int64_t rows = std::min(chunk_rows, args.m - row0);
-      const uint8_t* a = args.a + row0 * args.lda + g * args.a_group_offset;
-      if (repack && chunk_id != packed_chunk) {
-        pack_chunk_panels(a, args.lda, rows, k4, path.rows, chunk_panels.data());
-        packed_chunk = chunk_id;
+      const uint8_t* a = a_rows + row0 * lda + g * a_group_offset;
+      if (rows_per_chunk) {
+        if (g * m_chunks + chunk != filled) {
+          args.fill_rows(args.fill_context, g, row0, rows, chunk_buffer);
+          filled = g * m_chunks + chunk;
+        }
+        a = chunk_buffer;
       }
       const int8_t* b = args.b + g * args.b_group_stride + panel * args.kp * kPanelCols;
       for (int64_t k0 = 0; k0 < k4; k0 += kKBlock) {
         const int64_t steps = std::min(kKBlock, k4 - k0) / 4;
         for (int64_t r = 0; r < rows; r += path.rows) {
           const int mr = static_cast<int>(std::min<int64_t>(path.rows, rows - r));
-          if (repack)
-            path.kernel(chunk_panels.data() + r * k4 + k0 * mr, 4, 4 * mr, b + k0 * kPanelCols, steps,
-                        tile + r * kPanelCols, mr, k0 == 0);
-          else
-            path.kernel(a + r * args.lda + k0, args.lda, 4, b + k0 * kPanelCols, steps, tile + r * kPanelCols, mr,
-                        k0 == 0);
+          // rows are read in place: re-laying them as sequential micro-panels first measured no faster
+          path.kernel(a + r * lda + k0, lda, 4, b + k0 * kPanelCols, steps, tile + r * kPanelCols, mr, k0 == 0);
         }
       }
       const int64_t col0 = g * args.n + panel * kPanelCols;
       const int64_t ncols = std::min(kPanelCols, args.n - panel * kPanelCols);
-      for (int64_t r = 0; r < rows; ++r) path.epilogue(ep, tile + r * kPanelCols, row0 + r, col0, ncols);
+      path.epilogue(out_ep, tile, row0, rows, col0, ncols);
     }
+    if (out_ep.streaming) _mm_sfence();  // streaming stores are weakly ordered: make them visible before the join
   });
 }
 

@@ -40,23 +40,31 @@ struct Epilogue {
   float out_zero_point = 0.0f;
   float qmin = 0.0f;
   float qmax = 0.0f;
+  bool streaming = false;  // non-temporal stores (set by gemm_u8s8 for outputs larger than the caches)
 };
+
+// Writes the activation rows [row0, row0 + rows) of group g, round_up(k, 4) bytes each (zero filled past k),
+// consecutively at dst: an implicit activation matrix (im2col) that the GEMM produces piece by piece.
+using RowFiller = void (*)(const void* context, int64_t g, int64_t row0, int64_t rows, uint8_t* dst);
 
 // One (possibly grouped) GEMM: for each group g, out[:, g*n:(g+1)*n] = a_g [m, k] @ b_g [k, n].
 struct GemmArgs {
-  const uint8_t* a = nullptr;
+  const uint8_t* a = nullptr;  // the activation rows, unless fill_rows produces them
   int64_t lda = 0;             // bytes between activation rows
   int64_t a_group_offset = 0;  // bytes from group g's activation columns to group g+1's
+  RowFiller fill_rows = nullptr;
+  const void* fill_context = nullptr;
   const int8_t* b = nullptr;
   int64_t b_group_stride = 0;  // bytes between packed weight groups
   int64_t kp = 0;              // packed panel depth
   int64_t m = 0, n = 0, k = 0, groups = 1;
 };
 
-// Scratch memory of the calling thread, reused across calls (slot 0: activations, slot 1: weights packed on the
-// fly). A fresh multi-megabyte allocation costs a page fault per 4 KB on first touch, as much as the packing itself;
+// Scratch memory of the calling thread, reused across calls: activations re-laid by the ops, weights packed on the
+// fly, and activation rows that the GEMM has a RowFiller produce. A fresh multi-megabyte allocation costs a page
+// fault per 4 KB on first touch, as much as the packing itself;
 // the buffers keep the largest size asked for.
-enum class Scratch { Activations = 0, Weights = 1 };
+enum class Scratch { Activations = 0, Weights = 1, GemmRows = 2 };
 uint8_t* scratch_buffer(Scratch slot, int64_t bytes);
 
 // Runs the GEMM with the epilogue on the given ISA path, threaded with at::parallel_for.
