@@ -52,8 +52,8 @@ def quantized_weight(n, k, device, seed=0):
 ODD = (1, 3, 17, 33)
 
 
-# beyond the odd sizes: several row chunks (<= 96 rows), k blocks (256 bytes) and weight panels (64 columns), in
-# both work orders (activations under 512 KB: panel-major; above: chunk-major, copying rows for >= 4 panels)
+# beyond the odd sizes: several row chunks (<= 96 rows), k blocks (1024 bytes) and weight panels (64 columns), in
+# both work orders (activations under 512 KB: panel-major; above: chunk-major)
 LARGER = [(100, 300, 70), (130, 520, 129), (101, 260, 257), (200, 2700, 300)]
 
 

@@ -21,9 +21,10 @@ namespace torchquant::gemm {
 namespace {
 
 // Work item: up to kRowsPerChunk rows x one 64-column panel. Its int32 tile (24 KB) stays in L1/L2 while k runs in
-// blocks of kKBlock: the panel's slice of the weight for one block (16 KB) stays in L1 across the chunk's rows.
+// blocks of kKBlock: the panel's slice of the weight for one block (64 KB) stays in L2 across the chunk's rows.
+// Blocks of 1024 measured 0-10 % faster than 256 (which kept the slice in L1): fewer tile round trips.
 constexpr int64_t kRowsPerChunk = 96;  // at most; a multiple of every microkernel's row count (6, 2, 1)
-constexpr int64_t kKBlock = 256;       // bytes of k per cache block (a multiple of 4)
+constexpr int64_t kKBlock = 1024;      // bytes of k per cache block (a multiple of 4)
 constexpr int64_t kCachedActivationBytes = 512 << 10;  // activations this small stay in L2 (1 MB on Zen 4)
 constexpr int64_t kStreamingOutputBytes = int64_t{2} << 20;  // outputs from this size (an L2) bypass the caches
 
