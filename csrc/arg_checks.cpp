@@ -50,8 +50,8 @@ void check_float_out_dtype(const char* op, at::ScalarType out_dtype) {
               ": out_dtype must be float32, float16 or bfloat16, got ", out_dtype);
 }
 
-void check_linear_output(const char* op, at::ScalarType out_dtype, std::optional<double> out_scale,
-                         int64_t out_zero_point) {
+void check_output_dtype(const char* op, at::ScalarType out_dtype, std::optional<double> out_scale,
+                        int64_t out_zero_point) {
   if (out_dtype == at::kChar || out_dtype == at::kByte) {
     TQ_CHECK(out_scale.has_value(), op, ": out_dtype ", out_dtype, " (requantized output) needs out_scale");
     TQ_CHECK(std::isfinite(*out_scale) && *out_scale > 0, op, ": out_scale must be positive and finite, got ",

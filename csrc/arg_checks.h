@@ -33,9 +33,9 @@ void check_packed_weight_layout(const char* op, const at::Tensor& w_packed, int6
 // out_dtype must be float32, float16 or bfloat16.
 void check_float_out_dtype(const char* op, at::ScalarType out_dtype);
 
-// int8_linear's out_dtype with out_scale and out_zero_point: a float dtype without out_scale, or int8/uint8 with a
-// positive finite out_scale and out_zero_point in the output's range.
-void check_linear_output(const char* op, at::ScalarType out_dtype, std::optional<double> out_scale,
+// int8_linear's and int8_conv2d's out_dtype with out_scale and out_zero_point: a float dtype without out_scale, or
+// int8/uint8 with a positive finite out_scale and out_zero_point in the output's range.
+void check_output_dtype(const char* op, at::ScalarType out_dtype, std::optional<double> out_scale,
                          int64_t out_zero_point);
 
 // The shape of an int8_conv2d: input [batch, channels, height, width], kernel, stride, padding, dilation, groups

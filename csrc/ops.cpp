@@ -39,10 +39,11 @@ TORCH_LIBRARY(torchquant, m) {
   m.def("int8_linear_dynamic(Tensor x, Tensor w_packed, Tensor w_sum, Tensor w_scale, Tensor? bias, "
         "int out_features) -> Tensor");
   // x_q: [B, C, H, W] int8/uint8 (any memory format); weight packed from [G, OC/G, KH*KW*C/G] with the
-  // reduction index ordered (kh, kw, c); output [B, OC, OH, OW] of out_dtype in channels-last memory format.
+  // reduction index ordered (kh, kw, c); output [B, OC, OH, OW] of out_dtype in channels-last memory format,
+  // float or requantized to int8/uint8 with out_scale / out_zero_point as in int8_linear.
   m.def("int8_conv2d(Tensor x_q, Tensor x_scale, int x_zero_point, Tensor w_packed, Tensor w_sum, Tensor w_scale, "
         "Tensor? bias, int out_channels, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, "
-        "int groups, ScalarType out_dtype) -> Tensor");
+        "int groups, ScalarType out_dtype, float? out_scale=None, int out_zero_point=0) -> Tensor");
 }
 
 // A module torchquant._C that Python can import; loading it runs the registrations above.

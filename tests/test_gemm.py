@@ -349,6 +349,32 @@ def test_int8_conv2d_large(device, isa, conv, x_dtype, x_zp):
     torch.testing.assert_close(got, reference.int8_conv2d(x_q, 1.0, x_zp, w_q, ones, **kwargs), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("out_dtype,out_zp", [(torch.int8, 0), (torch.int8, -5), (torch.uint8, 128)])
+@pytest.mark.parametrize("conv", [CONVS[0], CONVS[1], CONVS[5], BIG_CONVS[0]], ids=["3x3", "1x1", "groups", "big"])
+def test_int8_conv2d_requantized(device, isa, conv, out_dtype, out_zp):
+    b, c, h, w_, oc, kernel, stride, padding, dilation, groups = conv
+    g = torch.Generator().manual_seed(oc + out_zp)
+    x_q = torch.randint(0, 256, (b, c, h, w_), dtype=torch.uint8, generator=g).to(device)
+    w_q = rand_int8(oc, c // groups, *kernel, generator=g).to(device)
+    w_scale = (torch.rand(oc, generator=g) * 0.01 + 0.001).to(device)
+    bias = torch.randn(oc, generator=g).to(device)
+    kwargs = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    y = reference.int8_conv2d(x_q, 0.03, 100, w_q, w_scale, bias, **kwargs)
+    out_scale = float(y.abs().max()) / 200  # the largest outputs clamp, most do not
+    got = F.int8_conv2d(x_q, 0.03, 100, F.pack_conv_weight(w_q, groups), w_q.sum((1, 2, 3), dtype=torch.int32),
+                        w_scale, bias, out_channels=oc, kernel_size=kernel, out_dtype=out_dtype, out_scale=out_scale,
+                        out_zero_point=out_zp, **kwargs)
+    want = reference.int8_conv2d(x_q, 0.03, 100, w_q, w_scale, bias, out_dtype=out_dtype, out_scale=out_scale,
+                                 out_zero_point=out_zp, **kwargs)
+    assert got.dtype == out_dtype and got.shape == want.shape
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    # the float y may differ in its last bit from the reference's, moving a rounding tie by one
+    diff = (got.int() - want.int()).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01
+    info = torch.iinfo(out_dtype)
+    assert got.min() == info.min or got.max() == info.max  # the clamp was exercised
+
+
 def test_int8_conv2d_half_outputs_and_strided_input(device):
     x_q = rand_int8(2, 8, 10, 12, device=device)[:, :, ::2]  # non-contiguous, neither NCHW nor NHWC dense
     w_q = rand_int8(8, 8, 3, 3, device=device)
@@ -385,8 +411,16 @@ def test_int8_conv2d_bad_inputs(device):
         call(stride=0)
     with pytest.raises(TypeError, match="kernel_size must be an int or a pair"):
         call(kernel=(3, 3, 3))
-    with pytest.raises(TypeError, match="out_dtype must be"):
+    with pytest.raises(TypeError, match="out_dtype must be float32, float16, bfloat16, int8 or uint8"):
+        call(out_dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="needs out_scale"):
         call(out_dtype=torch.int8)
+    with pytest.raises(RuntimeError, match="out_scale is only for int8/uint8 out_dtype"):
+        call(out_scale=0.5)
+    with pytest.raises(RuntimeError, match="out_scale must be positive and finite"):
+        call(out_dtype=torch.uint8, out_scale=0.0)
+    with pytest.raises(RuntimeError, match=r"out_zero_point must lie in \[-128, 127\]"):
+        call(out_dtype=torch.int8, out_scale=0.5, out_zero_point=128)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -414,3 +448,7 @@ def test_opcheck(device):
                                             F.pack_conv_weight(w_q, 2), w_q.sum((1, 2, 3), dtype=torch.int32),
                                             torch.rand(6, device=device), bias[:6], 6, [3, 2], [2, 1], [1, 0], [1, 2],
                                             2, torch.float32))
+    torch.library.opcheck(ops.int8_conv2d, (rand_int8(1, 4, 5, 5, device=device), x_scale[:1], 0,
+                                            F.pack_conv_weight(w_q, 2), w_q.sum((1, 2, 3), dtype=torch.int32),
+                                            torch.rand(6, device=device), None, 6, [3, 2], [1, 1], [0, 0], [1, 1],
+                                            2, torch.int8, 0.25, -3))

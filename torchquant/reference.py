@@ -140,14 +140,16 @@ def int8_linear(x_q: torch.Tensor, x_scale, x_zero_point: int, w_q: torch.Tensor
 
 
 def int8_conv2d(x_q: torch.Tensor, x_scale, x_zero_point: int, w_q: torch.Tensor, w_scale: torch.Tensor,
-                bias=None, *, stride=1, padding=0, dilation=1, groups=1, out_dtype=torch.float32) -> torch.Tensor:
+                bias=None, *, stride=1, padding=0, dilation=1, groups=1, out_dtype=torch.float32, out_scale=None,
+                out_zero_point: int = 0) -> torch.Tensor:
     """Quantized conv2d with the unpacked weight w_q [OC, C/G, KH, KW]: the integer sums of (x_q - x_zero_point)
     * w_q (exact: a float64 convolution of integers far below 2^53), then acc * x_scale * w_scale[oc] + bias[oc]
-    in float32; channels-last output like the kernels'."""
+    in float32, stored as out_dtype or requantized like int8_linear's; channels-last output like the kernels'."""
     xf = x_q.cpu().to(torch.float64) - x_zero_point
     acc = torch.nn.functional.conv2d(xf, w_q.cpu().to(torch.float64), None, stride, padding, dilation, groups)
     x_scale = torch.as_tensor(x_scale, dtype=torch.float32).cpu().reshape(())
     y = acc.to(torch.int64).to(torch.int32).to(torch.float32) * x_scale * w_scale.cpu().float().reshape(-1, 1, 1)
     if bias is not None:
         y = y + bias.cpu().float().reshape(-1, 1, 1)
-    return y.to(out_dtype).contiguous(memory_format=torch.channels_last).to(x_q.device)
+    out = _requantize(y, out_scale, out_zero_point, out_dtype) if out_scale is not None else y.to(out_dtype)
+    return out.contiguous(memory_format=torch.channels_last).to(x_q.device)

@@ -72,14 +72,14 @@ at::Tensor int8_conv2d_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, int
                            const at::Tensor& w_packed, const at::Tensor& w_sum, const at::Tensor& w_scale,
                            const std::optional<at::Tensor>& bias, int64_t out_channels, at::IntArrayRef kernel_size,
                            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                           at::ScalarType out_dtype) {
+                           at::ScalarType out_dtype, std::optional<double> out_scale, int64_t out_zero_point) {
   constexpr const char* op = "int8_conv2d";
   const ConvGeometry g = check_conv_arguments(op, x_q, out_channels, kernel_size, stride, padding, dilation, groups);
   const int64_t cg = g.channels / groups, ocg = out_channels / groups;
   const int64_t window = g.kh * g.kw * cg;
   TQ_CHECK(window >= 1, op, ": x_q must have at least one channel");
   check_packed_weight(op, w_packed, groups, ocg, window);
-  const OutKind kind = float_out_kind(op, out_dtype);
+  check_output_dtype(op, out_dtype, out_scale, out_zero_point);
   TQ_CHECK(x_scale.numel() == 1, op, ": x_scale must have 1 element (per-tensor activations), got ",
               x_scale.numel());
   const int64_t m = g.batch * g.out_h * g.out_w;
@@ -112,7 +112,7 @@ at::Tensor int8_conv2d_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, int
   args.n = ocg;
   args.k = window;
   args.groups = groups;
-  gemm_u8s8(args, in.epilogue(kind, out_nhwc.data_ptr(), out_channels), cpu_isa());
+  gemm_u8s8(args, in.epilogue(out_dtype, out_nhwc.data_ptr(), out_channels, out_scale, out_zero_point), cpu_isa());
   return out;
 }
 

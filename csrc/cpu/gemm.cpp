@@ -1,6 +1,5 @@
 // CPU kernels of int8_mm, pack_int8_weight and int8_linear (schemas in csrc/ops.cpp) on the engine of gemm_core.
 #include "check.h"
-#include <cmath>
 #include <optional>
 #include <vector>
 
@@ -14,9 +13,25 @@
 
 namespace torchquant::gemm {
 
-Epilogue EpilogueInputs::epilogue(OutKind kind, void* out, int64_t out_row_stride) const {
+namespace {
+
+// The output kind of a validated out_dtype (see check_output_dtype).
+OutKind out_kind(at::ScalarType out_dtype) {
+  switch (out_dtype) {
+    case at::kHalf: return OutKind::Float16;
+    case at::kBFloat16: return OutKind::BFloat16;
+    case at::kChar: return OutKind::Int8;
+    case at::kByte: return OutKind::UInt8;
+    default: return OutKind::Float32;
+  }
+}
+
+}  // namespace
+
+Epilogue EpilogueInputs::epilogue(at::ScalarType out_dtype, void* out, int64_t out_row_stride,
+                                  std::optional<double> out_scale, int64_t out_zero_point) const {
   Epilogue ep;
-  ep.kind = kind;
+  ep.kind = out_kind(out_dtype);
   ep.out = out;
   ep.out_row_stride = out_row_stride;
   ep.col_offset = col_offset.data_ptr<int32_t>();
@@ -24,6 +39,12 @@ Epilogue EpilogueInputs::epilogue(OutKind kind, void* out, int64_t out_row_strid
   ep.per_row_scale = x_scale.numel() > 1;
   ep.col_scale = w_scale.data_ptr<float>();
   ep.bias = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  if (out_scale.has_value()) {
+    ep.inv_out_scale = 1.0f / static_cast<float>(*out_scale);
+    ep.out_zero_point = static_cast<float>(out_zero_point);
+    ep.qmin = ep.kind == OutKind::Int8 ? -128.0f : 0.0f;
+    ep.qmax = ep.kind == OutKind::Int8 ? 127.0f : 255.0f;
+  }
   return ep;
 }
 
@@ -46,16 +67,6 @@ EpilogueInputs prepare_epilogue_inputs(const char* op, const at::Tensor& x_q, in
   int32_t* offsets = in.col_offset.data_ptr<int32_t>();
   for (int64_t i = 0; i < n; ++i) offsets[i] = static_cast<int32_t>(shift * static_cast<uint32_t>(sums[i]));
   return in;
-}
-
-OutKind float_out_kind(const char* op, at::ScalarType out_dtype) {
-  switch (out_dtype) {
-    case at::kFloat: return OutKind::Float32;
-    case at::kHalf: return OutKind::Float16;
-    case at::kBFloat16: return OutKind::BFloat16;
-    default: break;
-  }
-  TQ_CHECK(false, op, ": out_dtype must be float32, float16 or bfloat16, got ", out_dtype);
 }
 
 void check_packed_weight(const char* op, const at::Tensor& w_packed, int64_t groups, int64_t n, int64_t k) {
@@ -127,21 +138,7 @@ at::Tensor int8_linear_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, int
   check_packed_weight(op, w_packed, 0, n, k);
   const EpilogueInputs in = prepare_epilogue_inputs(op, x_q, x_zero_point, x_scale, m, w_sum, w_scale, bias, n);
 
-  OutKind kind;
-  float qmin = 0.0f, qmax = 0.0f;
-  if (out_dtype == at::kChar || out_dtype == at::kByte) {
-    TQ_CHECK(out_scale.has_value(), op, ": out_dtype ", out_dtype, " (requantized output) needs out_scale");
-    TQ_CHECK(std::isfinite(*out_scale) && *out_scale > 0, op, ": out_scale must be positive and finite, got ",
-                *out_scale);
-    kind = out_dtype == at::kChar ? OutKind::Int8 : OutKind::UInt8;
-    qmin = out_dtype == at::kChar ? -128.0f : 0.0f;
-    qmax = out_dtype == at::kChar ? 127.0f : 255.0f;
-    TQ_CHECK(out_zero_point >= qmin && out_zero_point <= qmax, op, ": out_zero_point must lie in [", qmin, ", ",
-                qmax, "] for ", out_dtype, " output, got ", out_zero_point);
-  } else {
-    TQ_CHECK(!out_scale.has_value(), op, ": out_scale is only for int8/uint8 out_dtype, got out_dtype ", out_dtype);
-    kind = float_out_kind(op, out_dtype);
-  }
+  check_output_dtype(op, out_dtype, out_scale, out_zero_point);
 
   std::vector<int64_t> out_shape(x_q.sizes().begin(), x_q.sizes().end());
   out_shape.back() = n;
@@ -166,13 +163,7 @@ at::Tensor int8_linear_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, int
   args.m = m;
   args.n = n;
   args.k = k;
-  Epilogue ep = in.epilogue(kind, out.data_ptr(), n);
-  if (out_scale.has_value()) {
-    ep.inv_out_scale = 1.0f / static_cast<float>(*out_scale);
-    ep.out_zero_point = static_cast<float>(out_zero_point);
-    ep.qmin = qmin;
-    ep.qmax = qmax;
-  }
+  const Epilogue ep = in.epilogue(out_dtype, out.data_ptr(), n, out_scale, out_zero_point);
   gemm_u8s8(args, ep, cpu_isa());
   return out;
 }

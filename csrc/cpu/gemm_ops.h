@@ -16,8 +16,10 @@ struct EpilogueInputs {
   at::Tensor w_scale;     // float32 [n]
   std::optional<at::Tensor> bias;  // float32 [n]
 
-  // The epilogue writing kind `kind` into out (rows out_row_stride elements apart), without requantization.
-  Epilogue epilogue(OutKind kind, void* out, int64_t out_row_stride) const;
+  // The epilogue writing out_dtype (validated by check_output_dtype) into out, rows out_row_stride elements apart;
+  // requantized with out_scale / out_zero_point for int8/uint8.
+  Epilogue epilogue(at::ScalarType out_dtype, void* out, int64_t out_row_stride, std::optional<double> out_scale,
+                    int64_t out_zero_point) const;
 };
 
 // Validates x_q's dtype, the zero point's range and the shapes of x_scale ([rows] or [1]), w_sum, w_scale and bias
@@ -28,9 +30,6 @@ EpilogueInputs prepare_epilogue_inputs(const char* op, const at::Tensor& x_q, in
 
 // The activation byte transform that makes x_q unsigned: 0x80 for int8, 0 for uint8.
 inline uint8_t activation_flip(const at::Tensor& x_q) { return x_q.scalar_type() == at::kChar ? 0x80 : 0; }
-
-// The float output kind of out_dtype (float32, float16, bfloat16), else an error naming `op`.
-OutKind float_out_kind(const char* op, at::ScalarType out_dtype);
 
 // Checks a packed weight of `groups` groups (2-d when groups is 0, i.e. ungrouped) for n columns and depth k.
 void check_packed_weight(const char* op, const at::Tensor& w_packed, int64_t groups, int64_t n, int64_t k);

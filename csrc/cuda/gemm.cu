@@ -496,7 +496,7 @@ at::Tensor int8_linear_cuda(const at::Tensor& x_q, const at::Tensor& x_scale, in
   const int64_t m = x_q.numel() / k;
   check_packed_weight(op, w_packed, x_q, 0, n, k);
   const EpilogueInputs in = prepare_epilogue_inputs(op, x_q, x_zero_point, x_scale, m, w_sum, w_scale, bias, n);
-  check_linear_output(op, out_dtype, out_scale, out_zero_point);
+  check_output_dtype(op, out_dtype, out_scale, out_zero_point);
   const c10::cuda::CUDAGuard guard(x_q.device());
   std::vector<int64_t> out_shape(x_q.sizes().begin(), x_q.sizes().end());
   out_shape.back() = n;

@@ -141,10 +141,12 @@ def int8_conv2d(x_q: torch.Tensor, x_scale, x_zero_point: int, w_packed: torch.T
                 w_scale: torch.Tensor, bias: Optional[torch.Tensor] = None, *, out_channels: int,
                 kernel_size: Union[int, Sequence[int]], stride: Union[int, Sequence[int]] = 1,
                 padding: Union[int, Sequence[int]] = 0, dilation: Union[int, Sequence[int]] = 1, groups: int = 1,
-                out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                out_dtype: torch.dtype = torch.float32, out_scale: Optional[float] = None,
+                out_zero_point: int = 0) -> torch.Tensor:
     """Quantized conv2d: x_q [B, C, H, W] int8/uint8 with a per-tensor x_scale and x_zero_point, a weight from
     pack_conv_weight with w_sum[oc] = w_q[oc].sum() and w_scale [OC]; returns [B, OC, OH, OW] of out_dtype in
-    channels-last memory format."""
+    channels-last memory format: float32/float16/bfloat16, or int8/uint8 requantized with out_scale and
+    out_zero_point as in int8_linear (an integer-only pipeline's next input)."""
     _require_tensor("x_q", x_q)
     _require_dtype("x_q", x_q, _ACTIVATION_DTYPES)
     if x_q.dim() != 4:
@@ -157,11 +159,12 @@ def int8_conv2d(x_q: torch.Tensor, x_scale, x_zero_point: int, w_packed: torch.T
     if not isinstance(groups, int) or groups < 1 or x_q.shape[1] % groups or out_channels % groups:
         raise ValueError(f"int8_conv2d: groups must be a positive int dividing the input channels ({x_q.shape[1]}) "
                          f"and out_channels ({out_channels}), got {groups!r}")
-    if out_dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"int8_conv2d: out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
+    if out_dtype not in _FLOAT_DTYPES + _ACTIVATION_DTYPES:
+        raise TypeError(f"int8_conv2d: out_dtype must be float32, float16, bfloat16, int8 or uint8, got {out_dtype}")
     return ops.int8_conv2d(x_q, x_scale, int(x_zero_point), w_packed, w_sum, w_scale, bias, int(out_channels),
                            _pair("kernel_size", kernel_size), _pair("stride", stride), _pair("padding", padding),
-                           _pair("dilation", dilation), groups, out_dtype)
+                           _pair("dilation", dilation), groups, out_dtype,
+                           None if out_scale is None else float(out_scale), int(out_zero_point))
 
 
 # ---- fake kernels: shapes and dtypes only, for torch.compile / meta tensors ----
@@ -196,7 +199,7 @@ def _conv_out_size(size, kernel, stride, padding, dilation):
 
 @torch.library.register_fake("torchquant::int8_conv2d")
 def _int8_conv2d_fake(x_q, x_scale, x_zero_point, w_packed, w_sum, w_scale, bias, out_channels, kernel_size, stride,
-                      padding, dilation, groups, out_dtype):
+                      padding, dilation, groups, out_dtype, out_scale=None, out_zero_point=0):
     b, _, h, w = x_q.shape
     oh = _conv_out_size(h, kernel_size[0], stride[0], padding[0], dilation[0])
     ow = _conv_out_size(w, kernel_size[1], stride[1], padding[1], dilation[1])
