@@ -52,6 +52,11 @@ def _quiet_torch_ao():
 
 @contextlib.contextmanager
 def _quantized_engine(name: str):
+    """torch.ao's quantized engine set to `name` inside (left alone where this torch build lacks it: only
+    torch.ao's own modules use it)."""
+    if name not in torch.backends.quantized.supported_engines:
+        yield
+        return
     previous = torch.backends.quantized.engine
     torch.backends.quantized.engine = name
     try:

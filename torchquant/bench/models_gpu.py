@@ -48,13 +48,18 @@ COLUMNS = {
     "minilm-latency": ["input", "variant", "ms", "vs bf16", "vs fp32"],
     "convnets": ["model", "input", "variant", "ms", "vs bf16", "vs fp32", "rel. error"],
 }
-LEGEND = """fp32 / bf16: the float model in that dtype (fp32: TF32 off for matmuls, cuDNN's default for convs).
-torchquant rows: quantized from the bf16 model on the GPU; bf16 activations in and out of the integer kernels.
-cos_mean / cos_min: cosine similarity of each sentence's embedding to the fp32 model's (mean, worst).
-nn_agreement: fraction of sentences whose nearest neighbour (among the 86) is the one the fp32 model finds.
-group_accuracy: fraction of sentences whose nearest neighbour is a paraphrase from their own group.
-ms: median of interleaved, synchronized samples; vs bf16 / vs fp32: speed-up over that baseline (> 1 is faster).
-rel. error: ||y - y_fp32|| / ||y_fp32|| of the network output."""
+LEGEND = {  # what the columns of each table mean, printed under the tables that are there
+    "all": ["fp32 / bf16: the float model in that dtype (fp32: TF32 off for matmuls, cuDNN's default for convs).",
+            "torchquant rows: quantized from the bf16 model on the device; bf16 activations in and out of the "
+            "integer kernels.",
+            "ms: median of interleaved, synchronized samples; vs bf16 / vs fp32: speed-up over that baseline "
+            "(> 1 is faster)."],
+    "minilm-quality": [
+        "cos_mean / cos_min: cosine similarity of each sentence's embedding to the fp32 model's (mean, worst).",
+        "nn_agreement: fraction of sentences whose nearest neighbour (among the 86) is the one the fp32 model finds.",
+        "group_accuracy: fraction of sentences whose nearest neighbour is a paraphrase from their own group."],
+    "convnets": ["rel. error: ||y - y_fp32|| / ||y_fp32|| of the network output."],
+}
 
 T = TypeVar("T")
 
@@ -246,7 +251,10 @@ def device_description(device: torch.device) -> str:
 
 
 def format_report(rows: List[dict], machine: str) -> str:
-    return f"{models.format_tables(rows, TITLES, COLUMNS)}\n{LEGEND}\n\nMachine: {machine}\n"
+    """The tables of `rows`, the legend of their columns and the machine, as Markdown."""
+    tables = {r["table"] for r in rows} - {"note"}
+    legend = [line for key, lines in LEGEND.items() if key in tables or (key == "all" and tables) for line in lines]
+    return f"{models.format_tables(rows, TITLES, COLUMNS)}\n" + "\n".join(legend) + f"\n\nMachine: {machine}\n"
 
 
 def main(argv=None) -> int:
