@@ -166,7 +166,7 @@ def minilm_variants(minilm: minilm_lib.MiniLM, presets: Sequence[str] = PRESETS)
 
 
 def minilm_quality(minilm: minilm_lib.MiniLM, variants: Dict[str, nn.Module], *, reference: str = FLOAT,
-                   device: Union[str, torch.device] = "cpu", table: str = "minilm-quality") -> List[dict]:
+                   device: Union[str, torch.device] = "cpu") -> List[dict]:
     """Embeddings of the evaluation sentences by each variant (on `device`) against those of variants[reference]."""
     sentences = minilm_lib.evaluation_sentences()
     labels = minilm_lib.group_labels()
@@ -176,7 +176,7 @@ def minilm_quality(minilm: minilm_lib.MiniLM, variants: Dict[str, nn.Module], *,
     rows = []
     for name, e in embeddings.items():
         metrics = minilm_lib.compare_embeddings(embeddings[reference], e, labels)
-        rows.append({"table": table, "variant": name, **metrics})
+        rows.append({"table": "minilm-quality", "variant": name, **metrics})
     return rows
 
 
@@ -192,10 +192,10 @@ def minilm_latency_inputs(minilm: minilm_lib.MiniLM, batches: Sequence[int] = (1
 
 def minilm_latency(minilm: minilm_lib.MiniLM, variants: Dict[str, nn.Module], *, threads=(1, 2), repeats=9,
                    batches: Sequence[int] = (1, 8, 64), device: Union[str, torch.device] = "cpu",
-                   baselines: Dict[str, str] = CPU_BASELINES, table: str = "minilm-latency") -> List[dict]:
+                   baselines: Dict[str, str] = CPU_BASELINES) -> List[dict]:
     rows = latency_rows("MiniLM-L6", variants, minilm_latency_inputs(minilm, batches), threads, repeats,
                         device=device, baselines=baselines)
-    return [{"table": table, **row} for row in rows]
+    return [{"table": "minilm-latency", **row} for row in rows]
 
 
 # ---------------------------------------------------------------- digits CNN

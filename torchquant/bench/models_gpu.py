@@ -93,10 +93,14 @@ def _attempt(rows: List[dict], what: str, device: torch.device, fn: Callable[[],
         return None
 
 
-def _checked_variants(rows: List[dict], builders: Dict[str, Callable[[], nn.Module]], probes: Dict[str, tuple],
+Builder = Callable[[Dict[str, nn.Module]], nn.Module]
+
+
+def _checked_variants(rows: List[dict], builders: Dict[str, Builder], probes: Dict[str, tuple],
                       device: torch.device) -> Dict[str, nn.Module]:
-    """The variants whose builder and one forward on probes[name] succeed, in order (notes for the others).
-    Builders run in order, so a later one may use an earlier variant (read from the dict given to it)."""
+    """The variants whose builder and one forward on probes[name] (the largest input measured) succeed, in order
+    (notes for the others). Builders run in order and get the variants built so far, so a later one may start
+    from an earlier one."""
     variants: Dict[str, nn.Module] = {}
 
     def build_and_run(name: str) -> nn.Module:
@@ -112,11 +116,9 @@ def _checked_variants(rows: List[dict], builders: Dict[str, Callable[[], nn.Modu
     return variants
 
 
-def _gpu_latency(model_name: str, variants: Dict[str, nn.Module], inputs: Dict[str, tuple], repeats: int,
-                 device: torch.device, dtypes: Optional[Dict[str, torch.dtype]] = None) -> List[dict]:
-    # one thread count (whatever torch uses): the GPU does the work
-    return latency_rows(model_name, variants, inputs, (torch.get_num_threads(),), repeats, device=device,
-                        baselines=BASELINES, dtypes=dtypes)
+def _current_threads() -> tuple:
+    """The thread counts to time at: only the one torch uses (the device does the work)."""
+    return (torch.get_num_threads(),)
 
 
 # ---------------------------------------------------------------- MiniLM
@@ -134,7 +136,9 @@ def minilm_rows(device: Union[str, torch.device] = "cuda", *, minilm_dir: Union[
                       lambda: minilm_lib.load_minilm(minilm_dir))
     if minilm is None:
         return rows
-    probe = on_device(minilm.tokenize(minilm_lib.evaluation_sentences()[:2]), device)
+    sentences = minilm_lib.evaluation_sentences()
+    # the largest batch timed, at most the batch the quality table encodes at once
+    probe = on_device(minilm.tokenize(sentences[:min(max(batches), 64)]), device)
     calibration = [on_device(batch, device) for batch in minilm_lib.calibration_batches(minilm)]
     builders = {FP32: lambda _: copy.deepcopy(minilm.encoder).to(device),
                 BF16: lambda _: copy.deepcopy(minilm.encoder).to(device, torch.bfloat16)}
@@ -150,7 +154,7 @@ def minilm_rows(device: Union[str, torch.device] = "cuda", *, minilm_dir: Union[
         rows.append(_note("MiniLM quality skipped: it needs the fp32 model", failed=False))
     latency = _attempt(rows, "MiniLM latency", device, lambda: models.minilm_latency(
         minilm, variants, repeats=repeats, batches=batches, device=device, baselines=BASELINES,
-        threads=(torch.get_num_threads(),)))
+        threads=_current_threads()))
     return rows + (latency or [])
 
 
@@ -188,17 +192,19 @@ def convnet_rows(device: Union[str, torch.device] = "cuda", *, batches: Sequence
                       (torch.randn(b, 64, size, size, generator=generator).relu().contiguous(memory_format=cl),)
                       for b in batches}
             x_error = next(iter(inputs.values()))[0]
+            x_largest = inputs[f"batch {max(batches)} x 64x{size}x{size}"][0]
             builders = {FP32: lambda _: copy.deepcopy(model).to(device, memory_format=cl),
                         BF16: lambda _: copy.deepcopy(model).to(device, torch.bfloat16, memory_format=cl),
                         quantized: lambda done: models.torchquant_quantized(done[BF16], "int8-static", calibration)}
-            probes = {v: on_device((x_error,), device, dtypes[v]) for v in builders}
+            probes = {v: on_device((x_largest,), device, dtypes[v]) for v in builders}
             variants = _checked_variants(rows, builders, probes, device)
             errors = {}
             if FP32 in variants:
                 errors = _attempt(rows, f"{name}: output error", device, lambda: relative_errors(
                     variants, x_error, reference=FP32, device=device, dtypes=dtypes)) or {}
-            latency = _attempt(rows, f"{name}: latency", device, lambda: _gpu_latency(
-                name, variants, inputs, repeats, device, dtypes)) or []
+            latency = _attempt(rows, f"{name}: latency", device, lambda: latency_rows(
+                name, variants, inputs, _current_threads(), repeats, device=device, baselines=BASELINES,
+                dtypes=dtypes)) or []
             for row in latency:
                 if row["variant"] in errors:
                     row["rel. error"] = errors[row["variant"]]
