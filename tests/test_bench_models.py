@@ -32,7 +32,7 @@ def test_quantized_copies_leave_the_float_model_untouched_and_stay_close():
     assert not any(type(m).__module__.startswith("torchquant.nn") for m in net.modules())
     for key, value in net.state_dict().items():
         torch.testing.assert_close(value, before[key], rtol=0, atol=0)
-    errors = models._relative_errors(variants, calibration[0])
+    errors = models.relative_errors(variants, calibration[0])
     assert errors[models.FLOAT] == 0.0
     assert all(0.0 < e < 0.1 for name, e in errors.items() if name != models.FLOAT), errors
 

