@@ -304,11 +304,10 @@ TiledKernel requested_tiled_kernel() {
 // The wgmma kernel runs only where it exists: built for sm_90a (TORCHQUANT_WGMMA) and a compute capability 9.0
 // device (sm_90a code runs on no other); elsewhere a wgmma request falls back to mma.sync.
 TiledKernel tiled_kernel(TiledKernel requested) {
+  if (requested != TiledKernel::Wgmma) return TiledKernel::Mma;
 #if defined(TORCHQUANT_WGMMA)
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  if (requested == TiledKernel::Wgmma && prop->major == 9 && prop->minor == 0) return TiledKernel::Wgmma;
-#else
-  (void)requested;
+  if (prop->major == 9 && prop->minor == 0) return TiledKernel::Wgmma;
 #endif
   return TiledKernel::Mma;
 }

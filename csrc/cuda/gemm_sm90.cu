@@ -16,22 +16,22 @@
 // Everything outside the main loop is the mma.sync kernel's: grid (tiles, k-slices, groups), tile order
 // (tile_origin), split-K (k_slice, AtomicAddEpilogue), and the epilogue objects' row/column/store calls.
 //
-// PTX ISA facts this file relies on (section numbers of the PTX ISA 8.x "Asynchronous Warpgroup Level Matrix"
-// chapter, 9.7.15):
+// PTX ISA facts this file relies on (sections of "Asynchronous Warpgroup Level Matrix Multiply-Accumulate
+// Instructions", 9.7.15 in the PTX ISA 8.x documents):
 //   [shape]  wgmma.mma_async.sync.aligned.m64nNk32.s32.{s8,u8}.s8 d, a-desc, b-desc, scale-d: integer wgmma has
 //            K = 32 bytes, both operands from shared memory through descriptors, and (8-bit types) K-major only;
 //            scale-d is a predicate, false: D = A * B, true: D = A * B + D.
-//   [frag]   accumulator D of m64nNk32 .s32 (9.7.15.5.1.1): N/2 registers per thread; warp w of the warpgroup
-//            holds rows 16 w .. 16 w + 15; register d[i] is row 16 w + lane / 4 + 8 * ((i / 2) % 2), column
-//            8 * (i / 4) + 2 * (lane % 4) + (i % 2).
+//   [frag]   accumulator D (9.7.15.5.1.1, "Register Fragments"; the m64nNk32 .s32 figure repeats the m64nNk16
+//            .f32 one): N/2 registers per thread; warp w of the warpgroup holds rows 16 w .. 16 w + 15; register
+//            d[i] is row 16 w + lane / 4 + 8 * ((i / 2) % 2), column 8 * (i / 4) + 2 * (lane % 4) + (i % 2).
 //   [atom]   shared memory layout (9.7.15.5.1.2): a K-major operand with 128-byte swizzling is made of atoms of
 //            8 rows x 128 bytes (8 x 8 units of 16 bytes), 1024 contiguous bytes; inside an atom the 16-byte unit
 //            u of row r is stored at unit position u XOR r (the swizzle acts on address bits 4-6 XOR bits 7-9,
 //            which is why an atom must start on a 1024-byte boundary).
-//   [desc]   matrix descriptor (9.7.15.5.1.2.2): bits 0-13 start address >> 4, bits 16-29 leading dimension byte
-//            offset >> 4 (not used for swizzled K-major layouts, "assumed 1"), bits 32-45 stride dimension byte
-//            offset >> 4 (from one 8-row group to the next: 1024 here), bits 49-51 base offset (0: atoms on
-//            1024-byte boundaries), bits 62-63 swizzle mode (1 = 128 bytes).
+//   [desc]   matrix descriptor (9.7.15.5.1.2, "Matrix Descriptor Format"): bits 0-13 start address >> 4,
+//            bits 16-29 leading dimension byte offset >> 4 (not used for swizzled K-major layouts, "assumed 1"),
+//            bits 32-45 stride dimension byte offset >> 4 (from one 8-row group to the next: 1024 here), bits 49-51
+//            base offset (0: atoms on 1024-byte boundaries), bits 62-63 swizzle mode (1 = 128 bytes).
 //   [fence]  wgmma.fence before the first wgmma and after registers the wgmma uses were written otherwise;
 //            accumulating into the same registers across in-flight wgmma of one shape needs none (9.7.15.7.1).
 //   [proxy]  wgmma reads shared memory through the async proxy: writes by the generic proxy (cp.async here) need
@@ -130,37 +130,38 @@ __device__ __forceinline__ void fence_accumulators(int32_t (&d)[kAccumulators]) 
 }
 
 // d (64 x 256 int32, [frag]) += A (64 x 32 bytes) * B (256 x 32 bytes)^T, both K-major in shared memory [shape].
-#define TQ_WGMMA_M64N256K32(ATYPE)                                                                   \
-  "{\n"                                                                                              \
-  ".reg .pred accumulate;\n"                                                                         \
-  "setp.ne.b32 accumulate, %130, 0;\n"                                                               \
-  "wgmma.mma_async.sync.aligned.m64n256k32.s32." ATYPE ".s8 {"                                       \
-  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
-  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
-  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
-  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, " \
-  "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, " \
-  "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, " \
-  "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, " \
-  "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127""}, %128, %129, accumulate;\n"                                                           \
+#define TQ_WGMMA_M64N256K32(ATYPE)                                                                                   \
+  "{\n"                                                                                                              \
+  ".reg .pred accumulate;\n"                                                                                         \
+  "setp.ne.b32 accumulate, %130, 0;\n"                                                                               \
+  "wgmma.mma_async.sync.aligned.m64n256k32.s32." ATYPE ".s8 {"                                                       \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                                           \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "                                 \
+  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "                                 \
+  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "                                 \
+  "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "                                 \
+  "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "                                 \
+  "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "                     \
+  "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "                \
+  "%128, %129, accumulate;\n"                                                                                        \
   "}\n"
-#define TQ_WGMMA_ACCUMULATORS \
-      "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]), \
-      "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]), \
-      "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]), \
-      "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31]), \
-      "+r"(d[32]), "+r"(d[33]), "+r"(d[34]), "+r"(d[35]), "+r"(d[36]), "+r"(d[37]), "+r"(d[38]), "+r"(d[39]), \
-      "+r"(d[40]), "+r"(d[41]), "+r"(d[42]), "+r"(d[43]), "+r"(d[44]), "+r"(d[45]), "+r"(d[46]), "+r"(d[47]), \
-      "+r"(d[48]), "+r"(d[49]), "+r"(d[50]), "+r"(d[51]), "+r"(d[52]), "+r"(d[53]), "+r"(d[54]), "+r"(d[55]), \
-      "+r"(d[56]), "+r"(d[57]), "+r"(d[58]), "+r"(d[59]), "+r"(d[60]), "+r"(d[61]), "+r"(d[62]), "+r"(d[63]), \
-      "+r"(d[64]), "+r"(d[65]), "+r"(d[66]), "+r"(d[67]), "+r"(d[68]), "+r"(d[69]), "+r"(d[70]), "+r"(d[71]), \
-      "+r"(d[72]), "+r"(d[73]), "+r"(d[74]), "+r"(d[75]), "+r"(d[76]), "+r"(d[77]), "+r"(d[78]), "+r"(d[79]), \
-      "+r"(d[80]), "+r"(d[81]), "+r"(d[82]), "+r"(d[83]), "+r"(d[84]), "+r"(d[85]), "+r"(d[86]), "+r"(d[87]), \
-      "+r"(d[88]), "+r"(d[89]), "+r"(d[90]), "+r"(d[91]), "+r"(d[92]), "+r"(d[93]), "+r"(d[94]), "+r"(d[95]), \
-      "+r"(d[96]), "+r"(d[97]), "+r"(d[98]), "+r"(d[99]), "+r"(d[100]), "+r"(d[101]), "+r"(d[102]), "+r"(d[103]), \
-      "+r"(d[104]), "+r"(d[105]), "+r"(d[106]), "+r"(d[107]), "+r"(d[108]), "+r"(d[109]), "+r"(d[110]), "+r"(d[111]), \
-      "+r"(d[112]), "+r"(d[113]), "+r"(d[114]), "+r"(d[115]), "+r"(d[116]), "+r"(d[117]), "+r"(d[118]), "+r"(d[119]), \
-      "+r"(d[120]), "+r"(d[121]), "+r"(d[122]), "+r"(d[123]), "+r"(d[124]), "+r"(d[125]), "+r"(d[126]), "+r"(d[127])
+#define TQ_WGMMA_ACCUMULATORS                                                                                        \
+  "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]),                    \
+  "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]),              \
+  "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]),            \
+  "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31]),            \
+  "+r"(d[32]), "+r"(d[33]), "+r"(d[34]), "+r"(d[35]), "+r"(d[36]), "+r"(d[37]), "+r"(d[38]), "+r"(d[39]),            \
+  "+r"(d[40]), "+r"(d[41]), "+r"(d[42]), "+r"(d[43]), "+r"(d[44]), "+r"(d[45]), "+r"(d[46]), "+r"(d[47]),            \
+  "+r"(d[48]), "+r"(d[49]), "+r"(d[50]), "+r"(d[51]), "+r"(d[52]), "+r"(d[53]), "+r"(d[54]), "+r"(d[55]),            \
+  "+r"(d[56]), "+r"(d[57]), "+r"(d[58]), "+r"(d[59]), "+r"(d[60]), "+r"(d[61]), "+r"(d[62]), "+r"(d[63]),            \
+  "+r"(d[64]), "+r"(d[65]), "+r"(d[66]), "+r"(d[67]), "+r"(d[68]), "+r"(d[69]), "+r"(d[70]), "+r"(d[71]),            \
+  "+r"(d[72]), "+r"(d[73]), "+r"(d[74]), "+r"(d[75]), "+r"(d[76]), "+r"(d[77]), "+r"(d[78]), "+r"(d[79]),            \
+  "+r"(d[80]), "+r"(d[81]), "+r"(d[82]), "+r"(d[83]), "+r"(d[84]), "+r"(d[85]), "+r"(d[86]), "+r"(d[87]),            \
+  "+r"(d[88]), "+r"(d[89]), "+r"(d[90]), "+r"(d[91]), "+r"(d[92]), "+r"(d[93]), "+r"(d[94]), "+r"(d[95]),            \
+  "+r"(d[96]), "+r"(d[97]), "+r"(d[98]), "+r"(d[99]), "+r"(d[100]), "+r"(d[101]), "+r"(d[102]), "+r"(d[103]),        \
+  "+r"(d[104]), "+r"(d[105]), "+r"(d[106]), "+r"(d[107]), "+r"(d[108]), "+r"(d[109]), "+r"(d[110]), "+r"(d[111]),    \
+  "+r"(d[112]), "+r"(d[113]), "+r"(d[114]), "+r"(d[115]), "+r"(d[116]), "+r"(d[117]), "+r"(d[118]), "+r"(d[119]),    \
+  "+r"(d[120]), "+r"(d[121]), "+r"(d[122]), "+r"(d[123]), "+r"(d[124]), "+r"(d[125]), "+r"(d[126]), "+r"(d[127])
 
 template <bool A_UNSIGNED>
 __device__ __forceinline__ void wgmma_m64n256k32(int32_t (&d)[kAccumulators], uint64_t a_descriptor,
