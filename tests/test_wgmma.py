@@ -54,7 +54,9 @@ def test_wgmma_kernel_is_the_one_running(monkeypatch):
             torch.cuda.synchronize()
         return " ".join(event.key for event in prof.key_averages())
 
-    assert "gemm_wgmma_kernel" in kernels_run("wgmma")
+    assert "gemm_wgmma_kernel" in kernels_run("wgmma"), (
+        "TORCHQUANT_CUDA_GEMM=wgmma did not run the wgmma kernel: was the extension built with 9.0 in "
+        "TORCH_CUDA_ARCH_LIST (setup.py then builds sm_90a)?")
     assert "gemm_wgmma_kernel" not in kernels_run("mma")
 
 
