@@ -39,6 +39,20 @@ def cuda_wanted() -> bool:
     return not problems
 
 
+def with_sm90a(arch_list: str):
+    """arch_list with Hopper's 9.0 replaced by 9.0a, or None when it has neither 9.0 nor 9.0a.
+
+    wgmma (csrc/cuda/gemm_sm90.cu) exists only in the arch-specific target sm_90a, whose code runs on compute
+    capability 9.0 exactly, as sm_90 code does. torch's builder passes one set of -gencode flags to every .cu file,
+    so the whole extension is built for sm_90a instead of sm_90 (-gencode=arch=compute_90a,code=sm_90a): one image
+    per device, none compiled twice. "9.0+PTX" keeps its PTX, as compute_90a.
+    """
+    archs = [a for a in arch_list.replace(" ", ";").split(";") if a]
+    if not any(a.split("+")[0] in ("9.0", "9.0a") for a in archs):
+        return None
+    return ";".join("9.0a" + a[len("9.0"):] if a.split("+")[0] == "9.0" else a for a in archs)
+
+
 def rel(paths):
     return sorted(os.path.relpath(p, ROOT) for p in paths)
 
@@ -49,9 +63,14 @@ def extension():
     extra = {"cxx": cxx_flags}
     include_dirs = [os.path.join(ROOT, "csrc")]
     if cuda_wanted():
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")  # torch's builder fails with no GPU and no list
+        # torch's builder fails with no GPU and no list
+        arch_list = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
         sources += rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
         extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-DTORCHQUANT_CUDA"]
+        hopper = with_sm90a(arch_list)
+        if hopper is not None:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = hopper
+            extra["nvcc"].append("-DTORCHQUANT_WGMMA")  # the wgmma GEMM of csrc/cuda/gemm_sm90.cu is built
         cxx_flags.append("-DTORCHQUANT_CUDA")
         return cpp_extension.CUDAExtension(
             "torchquant._C", sources, include_dirs=include_dirs, extra_compile_args=extra, extra_link_args=["-fopenmp"]

@@ -3,7 +3,9 @@
 # root: build the extension with its CUDA kernels, run the CUDA tests (failing, not skipping, when CUDA is not
 # usable), then the GPU benchmarks. Logs, gpu_bench.json and gpu_bench.md go to $OUT (or the folder given as $1).
 # A failing test does not stop the benchmarks, and a crashing benchmark row does not stop the others; the table is
-# printed last. Exit status: non-zero when the build, the tests or the benchmarks failed.
+# printed last. The GEMM, linear and conv tests run a second time with TORCHQUANT_CUDA_GEMM=wgmma (the opt-in Hopper
+# kernel, plus tests/test_wgmma.py); when those fail, the benchmarks time the default kernel only.
+# Exit status: non-zero when the build, the tests (either run), the benchmarks or the model benchmarks failed.
 #
 # The last step, the model benchmarks (torchquant.bench.models_gpu: MiniLM and ResNet-style stages against bf16;
 # log models.log, tables models-gpu-*.md/json), needs all-MiniLM-L6-v2, which the GPU machine cannot download or
@@ -27,8 +29,10 @@ for inc in "$SITE"/nvidia/cu13/include "$SITE"/nvidia/*/include; do
   [ -d "$inc" ] && CPATH="${CPATH:+$CPATH:}$inc"
 done
 export CPATH=${CPATH:-}
-TEST_TIMEOUT=${TEST_TIMEOUT:-200}  # seconds for all test attempts together
-BENCH_TIMEOUT=${BENCH_TIMEOUT:-200}
+# Each step is bounded so that the whole run stays near 8 minutes even when a step hangs: build (~1 min) + these.
+TEST_TIMEOUT=${TEST_TIMEOUT:-150}  # seconds for all test attempts together (measured: 35 s on an H200)
+WGMMA_TEST_TIMEOUT=${WGMMA_TEST_TIMEOUT:-90}
+BENCH_TIMEOUT=${BENCH_TIMEOUT:-120}  # measured: 21 s on an H200 before the wgmma rows
 
 echo "== machine"
 nvidia-smi -L
@@ -59,8 +63,10 @@ deselect=()
 for attempt in 1 2 3; do
   left=$((TEST_TIMEOUT - (SECONDS - start)))
   [ "$left" -lt 20 ] && left=20
+  # tests/test_wgmma.py forces the opt-in kernel: it runs in the wgmma step below, apart from the default path
   TORCHQUANT_REQUIRE_CUDA=1 timeout "$left" "$PY" -m pytest -q -rfE -m "cuda and not slow" --maxfail=25 \
-      --tb=short -p no:cacheprovider ${deselect[@]+"${deselect[@]}"} tests >"$OUT/pytest.$attempt.log" 2>&1
+      --tb=short -p no:cacheprovider --ignore=tests/test_wgmma.py ${deselect[@]+"${deselect[@]}"} tests \
+      >"$OUT/pytest.$attempt.log" 2>&1
   test_rc=$?
   cat "$OUT/pytest.$attempt.log" >>"$OUT/pytest.log"
   # pytest itself exits with 0..5; anything else (139 SIGSEGV, 134 SIGABRT, 124 timeout) ended the process early
@@ -84,9 +90,28 @@ echo "tests: rc=$test_rc in $((SECONDS - start)) s"
   grep -E "^(FAILED|ERROR) " "$OUT/pytest.$attempt.log"
 } | tee "$OUT/test_summary.txt"
 
+echo "== CUDA GEMM tests with TORCHQUANT_CUDA_GEMM=wgmma (log: $OUT/pytest.wgmma.log)"
+start=$SECONDS
+# the wgmma kernel of csrc/cuda/gemm_sm90.cu, opt-in until this step passes on an H100/H200: its own tests, and
+# every GEMM, linear and conv case of the suite again with the variable set (it is read by every GEMM call)
+TORCHQUANT_REQUIRE_CUDA=1 TORCHQUANT_CUDA_GEMM=wgmma timeout "$WGMMA_TEST_TIMEOUT" "$PY" -m pytest -q -rfE \
+    -m "cuda and not slow" -k "wgmma or int8_mm or linear or conv" --maxfail=25 --tb=short -p no:cacheprovider \
+    tests/test_wgmma.py tests/test_cuda.py tests/test_gemm.py >"$OUT/pytest.wgmma.log" 2>&1
+wgmma_rc=$?
+echo "wgmma tests: rc=$wgmma_rc in $((SECONDS - start)) s"
+{
+  echo "== wgmma test summary"
+  grep -E "^=* ?[0-9]+ (passed|failed|skipped|errors?|deselected)|no tests ran" "$OUT/pytest.wgmma.log" | tail -n 1
+  grep -E "^(FAILED|ERROR) " "$OUT/pytest.wgmma.log"
+  [ "$wgmma_rc" -gt 5 ] && tail -n 30 "$OUT/pytest.wgmma.log"  # killed (timeout, crash): show where
+} | tee "$OUT/test_summary.wgmma.txt"
+bench_flags=()
+[ "$wgmma_rc" -ne 0 ] && bench_flags+=(--no-wgmma)
+
 echo "== GPU benchmarks (log: $OUT/bench.log)"
 start=$SECONDS
-timeout "$BENCH_TIMEOUT" "$PY" -m torchquant.bench.gpu --out "$OUT" >"$OUT/bench.log" 2>&1
+timeout "$BENCH_TIMEOUT" "$PY" -m torchquant.bench.gpu --out "$OUT" ${bench_flags[@]+"${bench_flags[@]}"} \
+    >"$OUT/bench.log" 2>&1
 bench_rc=$?
 grep -E "Error|error|dropped" "$OUT/bench.log" | head -n 15
 echo "benchmarks: rc=$bench_rc in $((SECONDS - start)) s"
@@ -94,7 +119,7 @@ echo "benchmarks: rc=$bench_rc in $((SECONDS - start)) s"
 echo "== model benchmarks (log: $OUT/models.log, the parts' logs one after the other)"
 # One process per part, so a part that dies (or runs out of time) keeps the other's rows; each part rewrites its
 # models-gpu-<part>.md/json in $OUT when it ends. Inside a part, a variant that fails is a note row, not the end.
-MODEL_TIMEOUT=${MODEL_TIMEOUT:-150}  # seconds for both parts together (each gets at least 30)
+MODEL_TIMEOUT=${MODEL_TIMEOUT:-120}  # seconds for both parts together (each gets at least 30)
 MINILM_BUNDLE=${MINILM_BUNDLE:-.gpu-carry/minilm}
 MODEL_DEVICE=${MODEL_DEVICE:-cuda}  # cpu: a check of this step's plumbing without a GPU
 # MODEL_ARGS: more options of torchquant.bench.models_gpu, e.g. "--repeats 5 --conv-batches 1 8"
@@ -119,8 +144,8 @@ for part in minilm convnets; do
 done
 grep -E "failed|Error" "$OUT/models.log" | head -n 15
 
-echo "== summary: tests rc=$test_rc, benchmarks rc=$bench_rc, models rc=$model_rc"
-cat "$OUT/test_summary.txt"
+echo "== summary: tests rc=$test_rc, wgmma tests rc=$wgmma_rc, benchmarks rc=$bench_rc, models rc=$model_rc"
+cat "$OUT/test_summary.txt" "$OUT/test_summary.wgmma.txt"
 if [ -f "$OUT/gpu_bench.md" ]; then
   cat "$OUT/gpu_bench.md"
 else
@@ -134,4 +159,4 @@ for part in minilm convnets; do
     tail -n 15 "$OUT/models-$part.log"
   fi
 done
-[ "$test_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$model_rc" -eq 0 ]
+[ "$test_rc" -eq 0 ] && [ "$wgmma_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$model_rc" -eq 0 ]

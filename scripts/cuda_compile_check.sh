@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Compiles the extension with its CUDA kernels (nvcc, sm_90) against torch 2.14.1, the CUDA 13.0 build on local
-# disk, in its own venv, and checks that the built library registers CUDA kernels for every op. Needs no GPU.
+# Compiles the extension with its CUDA kernels (nvcc; TORCH_CUDA_ARCH_LIST 9.0 by default, which setup.py builds as
+# sm_90a, with the wgmma GEMM of csrc/cuda/gemm_sm90.cu) against torch 2.14.1, the CUDA 13.0 build on local disk, in
+# its own venv, and checks that the built library registers CUDA kernels for every op (and holds the wgmma kernel
+# when the arch list has 9.0). Needs no GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${CUDA_VENV:-.venv-cuda}
@@ -18,7 +20,7 @@ export MAX_JOBS=${MAX_JOBS:-2}
 rm -rf build-cuda
 TORCHQUANT_CUDA=1 "$PY" setup.py -q build_ext --build-lib build-cuda/lib --build-temp build-cuda/tmp
 "$PY" - <<'PYEOF'
-import glob, torch
+import glob, os, torch
 lib = glob.glob("build-cuda/lib/torchquant/_C*.so")[0]
 torch.ops.load_library(lib)
 ops = [name for name in torch._C._dispatch_get_all_op_names() if name.startswith("torchquant::")]
@@ -29,4 +31,10 @@ print(f"built {lib}: {len(ops)} ops, CUDA kernels for {len(ops) - len(missing) -
       f"composites of them: {composite}")
 if missing:
     raise SystemExit(f"ops without a CUDA kernel: {missing}")
+archs = os.environ["TORCH_CUDA_ARCH_LIST"].replace(" ", ";").split(";")
+if any(a.split("+")[0] in ("9.0", "9.0a") for a in archs):
+    with open(lib, "rb") as f:
+        if b"gemm_wgmma_kernel" not in f.read():
+            raise SystemExit("the arch list has 9.0 but the library holds no gemm_wgmma_kernel (csrc/cuda/gemm_sm90.cu)")
+    print("the sm_90a wgmma GEMM kernel is built in")
 PYEOF

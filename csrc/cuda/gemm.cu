@@ -8,6 +8,8 @@
 //                        the slices add their int32 sums atomically before one epilogue pass (split_k_count).
 //   gemm_small_m_kernel: M <= 16 (decode-style GEMV): streams B straight from global memory with 16-byte loads, one
 //                        m16n8k32 tile per warp per 64 k, K split over 4 warps and reduced in shared memory.
+// On Hopper, TORCHQUANT_CUDA_GEMM=wgmma replaces gemm_tiled_kernel by the wgmma kernel of gemm_sm90.cu (same grid,
+// split-K and epilogues). It is opt-in until a GPU run has verified it; the default stays mma.sync.
 #include "check.h"
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -18,6 +20,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <vector>
 
 #include "arg_checks.h"
@@ -30,23 +34,6 @@ namespace {
 // ---------------------------------------------------------------------------------------------------------------
 // PTX wrappers
 // ---------------------------------------------------------------------------------------------------------------
-
-__device__ __forceinline__ uint32_t shared_address(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16 bytes global -> shared, asynchronously; with valid false the destination is zero-filled and src is not read.
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
-  const int src_bytes = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-
-template <int PENDING>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING) : "memory");
-}
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t address) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
@@ -78,7 +65,6 @@ __device__ __forceinline__ void mma_m16n8k32(int32_t (&c)[4], uint32_t a0, uint3
 constexpr int kBM = 128, kBN = 128, kBK = 64, kStages = 4, kTiledThreads = 256;
 constexpr int kStageBytes = (kBM + kBN) * kBK;
 constexpr int kTiledSmemBytes = kStages * kStageBytes;  // 64 KiB
-constexpr int kGroupM = 8;                               // block tiles per column band, for L2 reuse
 static_assert(kBM == kBN, "load_tile copies A and B rows with the same thread layout");
 
 // Byte offset of 16-byte chunk `chunk` (0..3) of row `row` of a [rows][64] shared tile. The chunk index is XOR-ed
@@ -116,17 +102,8 @@ __global__ void __launch_bounds__(kTiledThreads) gemm_tiled_kernel(GemmArgs args
   const int warp_m = warp >> 2;  // 0..1: 64 rows each
   const int warp_n = warp & 3;   // 0..3: 32 columns each
 
-  // Block tile, in bands of kGroupM tile rows so that consecutive blocks share B tiles in L2.
   const int M = args.M, N = args.N, K = args.K;
-  const int tiles_m = (M + kBM - 1) / kBM;
-  const int tiles_n = (N + kBN - 1) / kBN;
-  const int band_tiles = kGroupM * tiles_n;
-  const int band = blockIdx.x / band_tiles;
-  const int first_m = band * kGroupM;
-  const int band_rows = min(tiles_m - first_m, kGroupM);
-  const int in_band = blockIdx.x % band_tiles;
-  const int m0 = (first_m + in_band % band_rows) * kBM;
-  const int n0 = (in_band / band_rows) * kBN;
+  const auto [m0, n0] = tile_origin(M, N, kBM, kBN);
 
   const int group = blockIdx.z;
   const int8_t* a = args.a + group * args.a_group_offset;
@@ -140,12 +117,7 @@ __global__ void __launch_bounds__(kTiledThreads) gemm_tiled_kernel(GemmArgs args
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0;
 
-  // Split-K: blockIdx.y takes k-tiles [k_begin, k_begin + k_tiles) of the kBK-wide k-tiles (all of them when
-  // gridDim.y is 1); kt below counts from k_begin.
-  const int k_tiles_all = (K + kBK - 1) / kBK;
-  const int k_per_split = (k_tiles_all + gridDim.y - 1) / gridDim.y;
-  const int k_begin = blockIdx.y * k_per_split;
-  const int k_tiles = max(0, min(k_tiles_all - k_begin, k_per_split));
+  const auto [k_begin, k_tiles] = k_slice(K, kBK);
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
     if (s < k_tiles)
@@ -288,19 +260,6 @@ __global__ void __launch_bounds__(kSmallThreads) gemm_small_m_kernel(GemmArgs ar
 // Launch
 // ---------------------------------------------------------------------------------------------------------------
 
-// Split-K partial sums: each k-slice adds its int32 accumulators into a zeroed workspace (integer addition, so the
-// total is exact and independent of the order), which apply_epilogue_kernel then hands to the real epilogue.
-struct AtomicAddEpilogue : NoEpilogueInputs<AtomicAddEpilogue> {
-  int32_t* sums;
-  int64_t ld;
-
-  AtomicAddEpilogue(int32_t* sums_, int64_t ld_) : sums(sums_), ld(ld_) {}
-
-  __device__ __forceinline__ void operator()(int m, int n, int32_t acc) const {
-    atomicAdd(sums + static_cast<int64_t>(m) * ld + n, acc);
-  }
-};
-
 template <typename Epilogue>
 __global__ void apply_epilogue_kernel(const int32_t* __restrict__ sums, int64_t rows, int64_t cols,
                                       Epilogue epilogue) {
@@ -310,13 +269,14 @@ __global__ void apply_epilogue_kernel(const int32_t* __restrict__ sums, int64_t 
     epilogue(static_cast<int>(i / cols), static_cast<int>(i % cols), sums[i]);
 }
 
-constexpr int kMinKTilesPerSplit = 4;  // a split-K slice covers at least 4 * kBK = 256 of K
+constexpr int kMinKTilesPerSplit = 4;  // a split-K slice covers at least 4 k-tiles
 constexpr int kEpilogueThreads = 256;
+constexpr TileShape kMmaTile{kBM, kBN, kBK};
 
-// How many k-slices the tiled kernel's grid takes: 1 unless the block tiles would leave more than half of the
+// How many k-slices a tiled kernel's grid takes: 1 unless the block tiles would leave more than half of the
 // multiprocessors idle (M and N small against K, e.g. M = 128 x N = 4096), then enough to fill them once.
-int split_k_count(int64_t blocks, int K) {
-  const int k_tiles = (K + kBK - 1) / kBK;
+int split_k_count(int64_t blocks, int K, int bk) {
+  const int k_tiles = (K + bk - 1) / bk;
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   if (2 * blocks > sms) return 1;
   const int64_t wanted = std::min<int64_t>(sms / blocks, k_tiles / kMinKTilesPerSplit);
@@ -326,8 +286,51 @@ int split_k_count(int64_t blocks, int K) {
   return (k_tiles + k_per_split - 1) / k_per_split;
 }
 
+// The tiled kernels: mma.sync (tested on H100/H200, the default) and, on Hopper, wgmma (opt-in until a GPU run has
+// verified it: TORCHQUANT_CUDA_GEMM=wgmma).
+enum class TiledKernel { Mma, Wgmma };
+
+// TORCHQUANT_CUDA_GEMM: "mma" (or unset/empty: the default) or "wgmma". Read on every call, like
+// TORCHQUANT_CPU_ISA, so that tests and benchmarks can switch kernels inside one process; getenv is cheap next to a
+// kernel launch.
+TiledKernel requested_tiled_kernel() {
+  const char* value = std::getenv("TORCHQUANT_CUDA_GEMM");
+  if (value == nullptr || value[0] == '\0' || std::strcmp(value, "mma") == 0) return TiledKernel::Mma;
+  TQ_CHECK(std::strcmp(value, "wgmma") == 0, "TORCHQUANT_CUDA_GEMM must be mma (the default) or wgmma, got '", value,
+           "'");
+  return TiledKernel::Wgmma;
+}
+
+// The wgmma kernel runs only where it exists: built for sm_90a (TORCHQUANT_WGMMA) and a compute capability 9.0
+// device (sm_90a code runs on no other); elsewhere a wgmma request falls back to mma.sync.
+TiledKernel tiled_kernel(TiledKernel requested) {
+  if (requested != TiledKernel::Wgmma) return TiledKernel::Mma;
+#if defined(TORCHQUANT_WGMMA)
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  if (prop->major == 9 && prop->minor == 0) return TiledKernel::Wgmma;
+#endif
+  return TiledKernel::Mma;
+}
+
 template <bool A_UNSIGNED, typename Epilogue>
-void launch_gemm(const GemmArgs& args, const Epilogue& epilogue) {
+void launch_tiled(TiledKernel kernel_choice, const GemmArgs& args, const Epilogue& epilogue, dim3 grid,
+                  cudaStream_t stream) {
+#if defined(TORCHQUANT_WGMMA)
+  if (kernel_choice == TiledKernel::Wgmma) {
+    launch_wgmma_gemm<A_UNSIGNED>(args, epilogue, grid, stream);
+    return;
+  }
+#else
+  (void)kernel_choice;
+#endif
+  const auto kernel = gemm_tiled_kernel<A_UNSIGNED, Epilogue>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kTiledSmemBytes));
+  kernel<<<grid, kTiledThreads, kTiledSmemBytes, stream>>>(args, epilogue);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <bool A_UNSIGNED, typename Epilogue>
+void launch_gemm(const GemmArgs& args, const Epilogue& epilogue, TiledKernel requested) {
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   if (args.M <= kSmallMaxM && args.groups == 1) {
     const int blocks = (args.N + kSmallNGroups * 8 - 1) / (kSmallNGroups * 8);
@@ -335,25 +338,25 @@ void launch_gemm(const GemmArgs& args, const Epilogue& epilogue) {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
-  const int64_t tiles = ((args.M + kBM - 1) / kBM) * static_cast<int64_t>((args.N + kBN - 1) / kBN);
+  const TiledKernel kernel = tiled_kernel(requested);
+#if defined(TORCHQUANT_WGMMA)
+  const TileShape tile = kernel == TiledKernel::Wgmma ? kWgmmaTile : kMmaTile;
+#else
+  const TileShape tile = kMmaTile;
+#endif
+  const int64_t tiles = ((args.M + tile.bm - 1) / tile.bm) * static_cast<int64_t>((args.N + tile.bn - 1) / tile.bn);
   TQ_CHECK(tiles <= INT32_MAX && args.groups <= 65535, "int8 GEMM too large: ", tiles, " tiles, ", args.groups,
               " groups");
-  const int splits = split_k_count(tiles * args.groups, args.K);
+  const int splits = split_k_count(tiles * args.groups, args.K, tile.bk);
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(splits), static_cast<unsigned>(args.groups));
   if (splits == 1) {
-    const auto kernel = gemm_tiled_kernel<A_UNSIGNED, Epilogue>;
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kTiledSmemBytes));
-    kernel<<<grid, kTiledThreads, kTiledSmemBytes, stream>>>(args, epilogue);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_tiled<A_UNSIGNED>(kernel, args, epilogue, grid, stream);
     return;
   }
   const int64_t cols = static_cast<int64_t>(args.N) * args.groups;  // the epilogue's column g * N + n
   const at::Tensor sums = at::zeros({args.M, cols}, at::TensorOptions().dtype(at::kInt).device(
                                                         at::kCUDA, c10::cuda::current_device()));
-  const auto kernel = gemm_tiled_kernel<A_UNSIGNED, AtomicAddEpilogue>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kTiledSmemBytes));
-  kernel<<<grid, kTiledThreads, kTiledSmemBytes, stream>>>(args, AtomicAddEpilogue{sums.data_ptr<int32_t>(), cols});
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_tiled<A_UNSIGNED>(kernel, args, AtomicAddEpilogue{sums.data_ptr<int32_t>(), cols}, grid, stream);
   const int64_t total = args.M * cols;
   const int blocks = static_cast<int>(std::min<int64_t>((total + kEpilogueThreads - 1) / kEpilogueThreads,
                                                         max_resident_blocks(kEpilogueThreads)));
@@ -369,8 +372,9 @@ void dispatch_gemm(const GemmArgs& args, bool a_unsigned, const Epilogue& epilog
   TQ_CHECK(args.lda % 16 == 0 && args.ldb % 16 == 0 && args.a_group_offset % 16 == 0 &&
                   args.b_group_stride % 16 == 0 && (is_aligned<int8_t, 16>(args.a)) && (is_aligned<int8_t, 16>(args.b)),
               "int8 GEMM: operands must be 16-byte aligned");
-  if (a_unsigned) launch_gemm<true>(args, epilogue);
-  else launch_gemm<false>(args, epilogue);
+  const TiledKernel requested = requested_tiled_kernel();  // checked on every call, whichever kernel runs
+  if (a_unsigned) launch_gemm<true>(args, epilogue, requested);
+  else launch_gemm<false>(args, epilogue, requested);
 }
 
 }  // namespace

@@ -11,6 +11,7 @@
 #include <optional>
 
 #include <ATen/ATen.h>
+#include <cuda_runtime.h>
 
 #include "quant_math.h"
 
@@ -106,6 +107,70 @@ struct DequantEpilogue {
     }
   }
 };
+
+// Split-K partial sums: each k-slice adds its int32 accumulators into a zeroed workspace (integer addition, so the
+// total is exact and independent of the order), which the launcher then hands to the real epilogue.
+struct AtomicAddEpilogue : NoEpilogueInputs<AtomicAddEpilogue> {
+  int32_t* sums;
+  int64_t ld;
+
+  AtomicAddEpilogue(int32_t* sums_, int64_t ld_) : sums(sums_), ld(ld_) {}
+
+  __device__ __forceinline__ void operator()(int m, int n, int32_t acc) const {
+    atomicAdd(sums + static_cast<int64_t>(m) * ld + n, acc);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// What the tiled kernels (mma.sync in gemm.cu, wgmma in gemm_sm90.cu) share: the grid is
+// (block tiles, k-slices, groups); blockIdx.x picks the tile, blockIdx.y the k-slice, blockIdx.z the group.
+// ---------------------------------------------------------------------------------------------------------------
+
+struct TileShape {
+  int bm, bn, bk;  // block tile rows (M), columns (N) and depth in bytes (K)
+};
+
+constexpr int kTileBandRows = 8;  // block tiles per column band, for L2 reuse
+
+// The first row and column of this block's tile. Tiles go in bands of kTileBandRows tile rows, column by column
+// within a band, so that consecutive blocks share B tiles in L2.
+struct TileOrigin {
+  int m0, n0;
+};
+
+__device__ __forceinline__ TileOrigin tile_origin(int M, int N, int bm, int bn) {
+  const int tiles_m = (M + bm - 1) / bm;
+  const int tiles_n = (N + bn - 1) / bn;
+  const int band_tiles = kTileBandRows * tiles_n;
+  const int band = blockIdx.x / band_tiles;
+  const int first_m = band * kTileBandRows;
+  const int band_rows = min(tiles_m - first_m, kTileBandRows);
+  const int in_band = blockIdx.x % band_tiles;
+  return {(first_m + in_band % band_rows) * bm, (in_band / band_rows) * bn};
+}
+
+// Split-K: this block's k-tiles (bk bytes each) are [first, first + count) of all of K's (all of them when
+// gridDim.y is 1); count may be 0.
+struct KTiles {
+  int first, count;
+};
+
+__device__ __forceinline__ KTiles k_slice(int K, int bk) {
+  const int all = (K + bk - 1) / bk;
+  const int per_split = (all + gridDim.y - 1) / gridDim.y;
+  const int first = blockIdx.y * per_split;
+  return {first, max(0, min(all - first, per_split))};
+}
+
+#if defined(TORCHQUANT_WGMMA)
+// The Hopper kernel (gemm_sm90.cu, compiled for sm_90a only; setup.py defines TORCHQUANT_WGMMA when it builds that
+// target). Launches gemm_wgmma_kernel on `grid` = (tiles of kWgmmaTile, k-slices, groups) with the same operand
+// contract and epilogue calls as the mma.sync kernel. The caller checks that the device has compute capability 9.0.
+constexpr TileShape kWgmmaTile{128, 256, 128};
+
+template <bool A_UNSIGNED, typename Epilogue>
+void launch_wgmma_gemm(const GemmArgs& args, const Epilogue& epilogue, dim3 grid, cudaStream_t stream);
+#endif
 
 // Runs the GEMM on the current stream (M, N, K, groups >= 1). a_unsigned: A holds uint8.
 void run_int8_gemm(const GemmArgs& args, bool a_unsigned, const Int32Epilogue& epilogue);

@@ -10,6 +10,9 @@
 - int8 conv2d (uint8 channels-last activations, bf16 output) against cuDNN bf16 channels-last on ResNet-50 layers,
   batch 32.
 Shapes whose weights fit in L2 (M <= 128) rotate over several weight copies, so that the weights come from memory.
+On a compute capability 9.0 GPU the int8_mm and linear rows with M > 16 are also timed with the opt-in wgmma kernel
+(TORCHQUANT_CUDA_GEMM=wgmma, read by every GEMM call), interleaved with the default mma.sync kernel and the
+baselines; those rows are labeled "[wgmma]".
 """
 import argparse
 import datetime
@@ -169,7 +172,57 @@ def _int8(shape) -> torch.Tensor:
     return torch.randint(-128, 128, shape, device=DEVICE, dtype=torch.int8)
 
 
-def gemm_rows() -> List[dict]:
+GEMM_VARIABLE = "TORCHQUANT_CUDA_GEMM"
+SMALL_M = 16  # up to this M the small-M kernel runs whatever the variable says
+KERNEL_LABELS = {"ours": ("mma", ""), "ours [wgmma]": ("wgmma", " [wgmma]")}  # label: (variable value, case suffix)
+
+
+def _under_gemm_kernel(kernel: str, fn: Callable[[], object]) -> Callable[[], object]:
+    def run():
+        os.environ[GEMM_VARIABLE] = kernel
+        return fn()
+    return run
+
+
+def _compare_gemm_kernels(ours: Callable[[], object], baselines: Dict[str, Callable], m: int,
+                          wgmma: bool) -> Dict[str, float]:
+    """Times ours under the mma.sync kernel and, when asked and where it can run (compute capability 9.0,
+    M > SMALL_M), the wgmma kernel, interleaved with the baselines; the variable is restored afterwards."""
+    labels = ["ours"]
+    if wgmma and m > SMALL_M and torch.cuda.get_device_capability() == (9, 0):
+        labels.append("ours [wgmma]")
+    saved = os.environ.get(GEMM_VARIABLE)
+    try:
+        fns = {label: _under_gemm_kernel(KERNEL_LABELS[label][0], ours) for label in labels}
+        return _compare({**fns, **baselines})
+    finally:
+        if saved is None:
+            os.environ.pop(GEMM_VARIABLE, None)
+        else:
+            os.environ[GEMM_VARIABLE] = saved
+
+
+def _throughput(m: int, k: int, n: int) -> Callable[[float], str]:
+    """The "achieved" text of an M x K x N product taking t seconds: TOPS, and the weight-read bandwidth for small M."""
+    def text(t: float) -> str:
+        tops = f"{2 * m * k * n / t / 1e12:.0f} TOPS"
+        return tops + (f", weight read {k * n / t / 1e9:.0f} GB/s" if m <= SMALL_M else "")
+    return text
+
+
+def _rows_per_kernel(section: str, case: str, times: Dict[str, float], goals: Dict[str, Optional[float]],
+                     achieved: Callable[[float], str]) -> List[dict]:
+    """_rows for each of our kernels that was timed, against the same baselines."""
+    baselines = {name: t for name, t in times.items() if name not in KERNEL_LABELS}
+    rows: List[dict] = []
+    for label, (_, suffix) in KERNEL_LABELS.items():
+        if label in times:
+            rows += _rows(section, case + suffix, {"ours": times[label], **baselines}, "ours", goals,
+                          achieved(times[label]))
+    return rows
+
+
+def gemm_rows(wgmma: bool = True) -> List[dict]:
     rows: List[dict] = []
     for m, k, n in GEMM_SHAPES:
         name = f"int8_mm {m}x{k}x{n}"
@@ -180,22 +233,19 @@ def gemm_rows() -> List[dict]:
             b_cols = [_int8((n, k)).t() for _ in range(copies)]  # [K, N] column-major
             a16 = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
             b16 = [torch.randn(k, n, device=DEVICE, dtype=torch.bfloat16) for _ in range(copies)]
-            fns = {"ours": _rotating(ops.int8_mm, [(a, b) for b in b_cols])}
+            baselines = {}
             if m > 16:
-                fns["torch._int_mm"] = _rotating(torch._int_mm, [(a, b) for b in b_cols])
-            fns["bf16 torch.mm"] = _rotating(torch.mm, [(a16, b) for b in b16])
-            times = _compare(fns)
-            ops_count = 2 * m * k * n
-            achieved = f"{ops_count / times['ours'] / 1e12:.0f} TOPS"
-            if m <= 16:
-                achieved += f", weight read {k * n / times['ours'] / 1e9:.0f} GB/s"
-            return _rows("gemm", name, times, "ours", {"torch._int_mm": 1.0, "bf16 torch.mm": 1.5}, achieved)
+                baselines["torch._int_mm"] = _rotating(torch._int_mm, [(a, b) for b in b_cols])
+            baselines["bf16 torch.mm"] = _rotating(torch.mm, [(a16, b) for b in b16])
+            times = _compare_gemm_kernels(_rotating(ops.int8_mm, [(a, b) for b in b_cols]), baselines, m, wgmma)
+            return _rows_per_kernel("gemm", name, times, {"torch._int_mm": 1.0, "bf16 torch.mm": 1.5},
+                                    _throughput(m, k, n))
 
         rows.extend(_guarded("gemm", name, body))
     return rows
 
 
-def linear_rows() -> List[dict]:
+def linear_rows(wgmma: bool = True) -> List[dict]:
     rows: List[dict] = []
     for m, k, n in GEMM_SHAPES:
         if m == 8192:
@@ -218,14 +268,11 @@ def linear_rows() -> List[dict]:
             def ours(w, bias, packed, w_sum, w_scale, bias32):  # the public entry point, checks included
                 return dynamic_int8_linear(x, packed, w_sum, w_scale, bias32, out_features=n)
 
-            fns = {"ours": _rotating(ours, layers),
-                   "bf16 F.linear": _rotating(lambda w, bias, *_: F.linear(x, w, bias), layers)}
-            times = _compare(fns)
+            times = _compare_gemm_kernels(
+                _rotating(ours, layers), {"bf16 F.linear": _rotating(lambda w, bias, *_: F.linear(x, w, bias), layers)},
+                m, wgmma)
             goal = 1.3 if m >= 1024 else (1.0 if m <= 16 else None)
-            achieved = f"{2 * m * k * n / times['ours'] / 1e12:.0f} TOPS"
-            if m <= 16:
-                achieved += f", weight read {k * n / times['ours'] / 1e9:.0f} GB/s"
-            return _rows("linear", name, times, "ours", {"bf16 F.linear": goal}, achieved)
+            return _rows_per_kernel("linear", name, times, {"bf16 F.linear": goal}, _throughput(m, k, n))
 
         rows.extend(_guarded("linear", name, body))
     return rows
@@ -276,16 +323,17 @@ SECTIONS = ("quantize", "gemm", "linear", "conv")
 
 
 def run(sections=SECTIONS, quant_numel: int = QUANT_NUMEL,
-        progress: Optional[Callable[[List[dict]], None]] = None) -> List[dict]:
-    """All rows of the chosen sections; progress(rows so far) after each section."""
+        progress: Optional[Callable[[List[dict]], None]] = None, wgmma: bool = True) -> List[dict]:
+    """All rows of the chosen sections; progress(rows so far) after each section. wgmma: also time the opt-in
+    wgmma GEMM kernel where it can run."""
     if not torch.cuda.is_available() or not torchquant.has_cuda_kernels():
         raise RuntimeError("the GPU benchmarks need a CUDA device and torchquant built with its CUDA kernels")
     copy_bw = copy_bandwidth(1 << 30, device=DEVICE)
     _log(f"copy bandwidth: {copy_bw / 1e9:.0f} GB/s (read + write)")
     rows: List[dict] = [{"section": "limits", "case": "device-to-device copy, 1 GiB",
                          "achieved": f"{copy_bw / 1e9:.0f} GB/s"}]
-    section_rows = {"quantize": lambda: quantize_rows(quant_numel, copy_bw), "gemm": gemm_rows,
-                    "linear": linear_rows, "conv": conv_rows}
+    section_rows = {"quantize": lambda: quantize_rows(quant_numel, copy_bw), "gemm": lambda: gemm_rows(wgmma),
+                    "linear": lambda: linear_rows(wgmma), "conv": conv_rows}
     for section in sections:
         rows += section_rows[section]()
         if progress is not None:
@@ -299,6 +347,8 @@ def main(argv=None) -> None:
                                                     "each section, so a run cut short keeps what it measured)")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--quant-numel", type=int, default=QUANT_NUMEL)
+    parser.add_argument("--no-wgmma", action="store_true",
+                        help="time only the default mma.sync GEMM kernel (e.g. when the wgmma tests failed)")
     args = parser.parse_args(argv)
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
@@ -317,7 +367,7 @@ def main(argv=None) -> None:
         with open(os.path.join(args.out, "gpu_bench.md"), "w") as f:
             f.write(table(rows) + "\n")
 
-    rows = run(args.sections, args.quant_numel, progress=save)
+    rows = run(args.sections, args.quant_numel, progress=save, wgmma=not args.no_wgmma)
     print(table(rows))
 
 

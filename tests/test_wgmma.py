@@ -1,0 +1,163 @@
+"""The Hopper wgmma GEMM kernel (csrc/cuda/gemm_sm90.cu), chosen with TORCHQUANT_CUDA_GEMM=wgmma.
+
+Integers are compared exactly (float64 products on the GPU are exact for these sizes) on every tail of its
+128 x 256 x 128-byte tiles, split-K included; the fused epilogues (float and requantized outputs, int8 and uint8
+activations, grouped convolutions) must give the very bytes of the default mma.sync kernel. These tests need a
+compute capability 9.0 GPU (the kernel exists nowhere else); benchmarks/gpu_check.sh also runs the GEMM, linear and
+conv cases of test_cuda.py and test_gemm.py under TORCHQUANT_CUDA_GEMM=wgmma.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import torchquant
+from torchquant._ops import ops
+
+CUDA = torch.cuda.is_available() and torchquant.has_cuda_kernels()
+HOPPER = CUDA and torch.cuda.get_device_capability() == (9, 0)
+needs_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA device or CUDA kernels not built")
+needs_hopper = pytest.mark.skipif(not HOPPER, reason="the wgmma kernel needs a compute capability 9.0 GPU")
+pytestmark = pytest.mark.cuda
+
+GEMM_VARIABLE = "TORCHQUANT_CUDA_GEMM"
+
+
+def randint8(shape, seed, dtype=torch.int8):
+    low, high = (-128, 128) if dtype == torch.int8 else (0, 256)
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(low, high, shape, generator=g, dtype=torch.int16).to(dtype).cuda()
+
+
+def exact_mm(a, b):
+    """The exact product: |sums| <= 4112 * 2^14 < 2^53, so float64 loses nothing."""
+    return (a.double() @ b.double()).long()
+
+
+def with_kernel(monkeypatch, kernel, fn, *args):
+    monkeypatch.setenv(GEMM_VARIABLE, kernel)
+    return fn(*args)
+
+
+def both_kernels(monkeypatch, fn, *args):
+    """fn(*args) under the mma.sync kernel and under the wgmma kernel."""
+    return with_kernel(monkeypatch, "mma", fn, *args), with_kernel(monkeypatch, "wgmma", fn, *args)
+
+
+@needs_hopper
+def test_wgmma_kernel_is_the_one_running(monkeypatch):
+    a, b = randint8((300, 256), 1), randint8((256, 300), 2)
+
+    def kernels_run(kernel):
+        monkeypatch.setenv(GEMM_VARIABLE, kernel)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            ops.int8_mm(a, b)
+            torch.cuda.synchronize()
+        return " ".join(event.key for event in prof.key_averages())
+
+    assert "gemm_wgmma_kernel" in kernels_run("wgmma"), (
+        "TORCHQUANT_CUDA_GEMM=wgmma did not run the wgmma kernel: was the extension built with 9.0 in "
+        "TORCH_CUDA_ARCH_LIST (setup.py then builds sm_90a)?")
+    assert "gemm_wgmma_kernel" not in kernels_run("mma")
+
+
+# M and N around the 128 x 256 tile (and the small-M limit 16); K around the 128-byte k-tile, including a K whose
+# last k-tile is a single 16-byte unit (4112 = 32 * 128 + 16), which also splits K over several blocks.
+TAIL_M = [17, 127, 128, 129, 300]
+TAIL_N = [1, 8, 255, 256, 257, 600]
+
+
+@needs_hopper
+@pytest.mark.parametrize("k", [16, 48, 144, 4112])
+def test_int8_mm_exact_on_every_tail(monkeypatch, k):
+    monkeypatch.setenv(GEMM_VARIABLE, "wgmma")
+    for m in TAIL_M:
+        for n in TAIL_N:
+            a, b = randint8((m, k), m * 31 + k), randint8((k, n), n * 17 + k)
+            a[0], b[:, -1] = -128, -128  # the largest sums
+            out = ops.int8_mm(a, b)
+            assert out.dtype == torch.int32 and out.shape == (m, n)
+            assert torch.equal(out.long(), exact_mm(a, b)), f"M={m} N={n} K={k}"
+
+
+@needs_hopper
+@pytest.mark.parametrize("layout", ["a_transposed", "b_row_major", "sliced", "offset"])
+def test_int8_mm_any_strides(monkeypatch, layout):
+    m, k, n = 260, 200, 300
+    a, b = randint8((m, k), 3), randint8((k, n), 4)
+    if layout == "a_transposed":
+        a = a.t().contiguous().t()
+    elif layout == "b_row_major":
+        b = b.contiguous()
+    elif layout == "sliced":
+        a = randint8((m, 2 * k), 5)[:, ::2]
+        b = randint8((2 * k, n + 3), 6)[1::2, 3:]
+    elif layout == "offset":
+        a = randint8((m * k + 1,), 7)[1:].view(m, k)
+    assert torch.equal(with_kernel(monkeypatch, "wgmma", ops.int8_mm, a, b).long(), exact_mm(a, b))
+
+
+@needs_hopper
+def test_int8_mm_large_matches_torch_int_mm(monkeypatch):
+    a, b = randint8((2048, 4096), 8), randint8((4096, 1536), 9)
+    out = with_kernel(monkeypatch, "wgmma", ops.int8_mm, a, b.t().contiguous().t())
+    torch.testing.assert_close(out, torch._int_mm(a, b), rtol=0, atol=0)
+
+
+def linear_args(m, k, n, x_dtype, per_token, with_bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    x_q = randint8((m, k), seed, x_dtype)
+    x_zp = 0 if x_dtype == torch.int8 else 128
+    w = randint8((n, k), seed + 1)
+    x_scale = (torch.rand(m if per_token else 1, generator=g) * 0.1 + 0.01).cuda()
+    w_scale = (torch.rand(n, generator=g) * 0.01 + 0.001).cuda()
+    bias = torch.randn(n, generator=g).cuda() if with_bias else None
+    return x_q, x_scale, x_zp, ops.pack_int8_weight(w), w.int().sum(1, dtype=torch.int32), w_scale, bias, n
+
+
+@needs_hopper
+@pytest.mark.parametrize("m,k,n", [(17, 64, 72), (300, 200, 130), (1024, 1024, 520), (40, 4112, 600)])
+@pytest.mark.parametrize("x_dtype", [torch.int8, torch.uint8])
+@pytest.mark.parametrize("per_token,with_bias", [(True, True), (False, False)])
+def test_int8_linear_identical_to_mma(monkeypatch, m, k, n, x_dtype, per_token, with_bias):
+    args = linear_args(m, k, n, x_dtype, per_token, with_bias, m + k + n)
+    outputs = [(out_dtype, None, 0) for out_dtype in (torch.float32, torch.float16, torch.bfloat16)]
+    outputs += [(torch.int8, 0.5, -5), (torch.uint8, 0.25, 128)]
+    for out_dtype, out_scale, out_zp in outputs:
+        mma, wgmma = both_kernels(monkeypatch, ops.int8_linear, *args, out_dtype, out_scale, out_zp)
+        assert wgmma.dtype == out_dtype and wgmma.shape == (m, n)
+        assert torch.equal(mma, wgmma), f"{out_dtype} M={m} K={k} N={n}"
+
+
+@needs_hopper
+@pytest.mark.parametrize("groups,channels,out_channels", [(1, 64, 300), (2, 64, 64), (32, 32, 32)])
+@pytest.mark.parametrize("x_dtype", [torch.int8, torch.uint8])
+def test_int8_conv2d_identical_to_mma(monkeypatch, groups, channels, out_channels, x_dtype):
+    """Grouped GEMMs (group offsets into A and B, output columns g * N + n) and uint8 activations."""
+    x_q = randint8((4, channels, 12, 12), groups + channels, x_dtype).contiguous(memory_format=torch.channels_last)
+    w = randint8((out_channels, channels // groups, 3, 3), out_channels)
+    packed = ops.pack_int8_weight(w.permute(0, 2, 3, 1).reshape(groups, out_channels // groups, -1))
+    w_sum = w.int().sum((1, 2, 3), dtype=torch.int32)
+    x_scale = torch.tensor([0.02], device="cuda")
+    w_scale = torch.rand(out_channels, device="cuda") * 0.01 + 0.001
+    bias = torch.randn(out_channels, device="cuda")
+    x_zp = 3 if x_dtype == torch.int8 else 120
+    mma, wgmma = both_kernels(monkeypatch, ops.int8_conv2d, x_q, x_scale, x_zp, packed, w_sum, w_scale, bias,
+                              out_channels, [3, 3], [1, 1], [1, 1], [1, 1], groups, torch.float32)
+    assert torch.equal(mma, wgmma)
+    ref = F.conv2d(x_q.cpu().double() - x_zp, w.cpu().double(), None, 1, 1, 1, groups)
+    ref = ref * 0.02 * w_scale.cpu().double().view(1, -1, 1, 1) + bias.cpu().double().view(1, -1, 1, 1)
+    torch.testing.assert_close(wgmma.cpu().double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_cuda
+def test_gemm_variable_rejects_unknown_kernels(monkeypatch):
+    """Checked on every GEMM call, on any GPU and shape (not only where wgmma could run)."""
+    a = randint8((4, 32), 10)
+    for value in ["wmma", "WGMMA", "auto"]:
+        monkeypatch.setenv(GEMM_VARIABLE, value)
+        with pytest.raises(RuntimeError, match=rf"TORCHQUANT_CUDA_GEMM must be mma \(the default\) or wgmma, "
+                                               rf"got '{value}'"):
+            ops.int8_mm(a, a.t())
+    for value in ["", "mma", "wgmma"]:
+        monkeypatch.setenv(GEMM_VARIABLE, value)
+        assert torch.equal(ops.int8_mm(a, a.t()).long(), exact_mm(a, a.t()))
