@@ -29,10 +29,11 @@ for inc in "$SITE"/nvidia/cu13/include "$SITE"/nvidia/*/include; do
   [ -d "$inc" ] && CPATH="${CPATH:+$CPATH:}$inc"
 done
 export CPATH=${CPATH:-}
-# Each step is bounded so that the whole run stays near 8 minutes even when a step hangs: build (~1 min) + these.
-TEST_TIMEOUT=${TEST_TIMEOUT:-150}  # seconds for all test attempts together (measured: 35 s on an H200)
-WGMMA_TEST_TIMEOUT=${WGMMA_TEST_TIMEOUT:-90}
-BENCH_TIMEOUT=${BENCH_TIMEOUT:-120}  # measured: 21 s on an H200 before the wgmma rows
+# Each step is bounded so that the whole run stays within about 8 minutes even when steps hang: build (~1-1.5 min)
+# + 120 + 75 + 100 + 110 s (MODEL_TIMEOUT below); expected in all, from the H200 run: 3-4 minutes.
+TEST_TIMEOUT=${TEST_TIMEOUT:-120}  # seconds for all test attempts together (measured: 35 s on an H200)
+WGMMA_TEST_TIMEOUT=${WGMMA_TEST_TIMEOUT:-75}
+BENCH_TIMEOUT=${BENCH_TIMEOUT:-100}  # measured: 21 s on an H200 before the wgmma rows
 
 echo "== machine"
 nvidia-smi -L
@@ -119,7 +120,7 @@ echo "benchmarks: rc=$bench_rc in $((SECONDS - start)) s"
 echo "== model benchmarks (log: $OUT/models.log, the parts' logs one after the other)"
 # One process per part, so a part that dies (or runs out of time) keeps the other's rows; each part rewrites its
 # models-gpu-<part>.md/json in $OUT when it ends. Inside a part, a variant that fails is a note row, not the end.
-MODEL_TIMEOUT=${MODEL_TIMEOUT:-120}  # seconds for both parts together (each gets at least 30)
+MODEL_TIMEOUT=${MODEL_TIMEOUT:-110}  # seconds for both parts together (each gets at least 30)
 MINILM_BUNDLE=${MINILM_BUNDLE:-.gpu-carry/minilm}
 MODEL_DEVICE=${MODEL_DEVICE:-cuda}  # cpu: a check of this step's plumbing without a GPU
 # MODEL_ARGS: more options of torchquant.bench.models_gpu, e.g. "--repeats 5 --conv-batches 1 8"
