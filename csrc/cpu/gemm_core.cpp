@@ -47,54 +47,64 @@ inline int32_t load_i32(const void* p) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Microkernels: tile[r][0..64) (+)= sum over `steps` k-steps s of a(r, s)[0..4) . panel[s][col][0..4), r < rows,
-// where the 4 activation bytes a(r, s) sit at a + r * a_row + s * a_step (a micro-panel: a_row = 4, a_step = 4 *
-// rows). `first` starts the sums at zero, otherwise they add to the tile (the next k block).
+// Microkernels: tile[r][0..16 vectors) (+)= sum over `steps` k-steps s of a(r, s)[0..4) . panel[s][col][0..4),
+// r < rows, where the 4 activation bytes a(r, s) sit at a + r * a_row + s * a_step. `first` starts the sums at
+// zero, otherwise they add to the tile (the next k block). Columns from 16 vectors on are left alone.
 // ---------------------------------------------------------------------------------------------------------------
 
-// AVX-512 VNNI: MR rows x 4 zmm (64 columns) of int32 accumulators = 24 registers at MR = 6, plus 4 weight
-// vectors and a broadcast; vpdpbusd does 64 u8 x s8 products per instruction without saturation.
+// AVX-512 VNNI: MR rows x NV zmm (16 columns each) of int32 accumulators = 24 registers at MR = 6, NV = 4, plus
+// the weight vectors and a broadcast; vpdpbusd does 64 u8 x s8 products per instruction without saturation.
 constexpr int kVnniRows = 6;
 
-template <int MR>
+template <int MR, int NV>
 TQ_TARGET_VNNI void microkernel_vnni(const uint8_t* a, int64_t a_row, int64_t a_step, const int8_t* b, int64_t steps,
                                      int32_t* tile, bool first) {
-  __m512i acc[MR][4];
+  __m512i acc[MR][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j)
+    for (int j = 0; j < NV; ++j)
       acc[r][j] = first ? _mm512_setzero_si512() : _mm512_loadu_si512(tile + r * kPanelCols + 16 * j);
   for (int64_t s = 0; s < steps; ++s) {
     const int8_t* bs = b + s * kStepBytes;
-    const __m512i b0 = _mm512_loadu_si512(bs);
-    const __m512i b1 = _mm512_loadu_si512(bs + 64);
-    const __m512i b2 = _mm512_loadu_si512(bs + 128);
-    const __m512i b3 = _mm512_loadu_si512(bs + 192);
+    __m512i bv[NV];
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) bv[j] = _mm512_loadu_si512(bs + 64 * j);
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
       const __m512i av = _mm512_set1_epi32(load_i32(a + r * a_row + s * a_step));
-      acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], av, b0);
-      acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], av, b1);
-      acc[r][2] = _mm512_dpbusd_epi32(acc[r][2], av, b2);
-      acc[r][3] = _mm512_dpbusd_epi32(acc[r][3], av, b3);
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_dpbusd_epi32(acc[r][j], av, bv[j]);
     }
   }
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) _mm512_storeu_si512(tile + r * kPanelCols + 16 * j, acc[r][j]);
+    for (int j = 0; j < NV; ++j) _mm512_storeu_si512(tile + r * kPanelCols + 16 * j, acc[r][j]);
 }
 
-TQ_TARGET_VNNI void microkernel_vnni_rows(const uint8_t* a, int64_t a_row, int64_t a_step, const int8_t* b,
-                                          int64_t steps, int32_t* tile, int rows, bool first) {
+template <int NV>
+TQ_TARGET_VNNI void microkernel_vnni_columns(const uint8_t* a, int64_t a_row, int64_t a_step, const int8_t* b,
+                                             int64_t steps, int32_t* tile, int rows, bool first) {
   switch (rows) {
-    case 6: return microkernel_vnni<6>(a, a_row, a_step, b, steps, tile, first);
-    case 5: return microkernel_vnni<5>(a, a_row, a_step, b, steps, tile, first);
-    case 4: return microkernel_vnni<4>(a, a_row, a_step, b, steps, tile, first);
-    case 3: return microkernel_vnni<3>(a, a_row, a_step, b, steps, tile, first);
-    case 2: return microkernel_vnni<2>(a, a_row, a_step, b, steps, tile, first);
-    default: return microkernel_vnni<1>(a, a_row, a_step, b, steps, tile, first);
+    case 6: return microkernel_vnni<6, NV>(a, a_row, a_step, b, steps, tile, first);
+    case 5: return microkernel_vnni<5, NV>(a, a_row, a_step, b, steps, tile, first);
+    case 4: return microkernel_vnni<4, NV>(a, a_row, a_step, b, steps, tile, first);
+    case 3: return microkernel_vnni<3, NV>(a, a_row, a_step, b, steps, tile, first);
+    case 2: return microkernel_vnni<2, NV>(a, a_row, a_step, b, steps, tile, first);
+    default: return microkernel_vnni<1, NV>(a, a_row, a_step, b, steps, tile, first);
+  }
+}
+
+// Only the 16-column vectors that hold output columns are multiplied: a panel of 16 valid columns (a conv with 16
+// output channels, a 10-class head) costs a quarter of a full one.
+TQ_TARGET_VNNI void microkernel_vnni_rows(const uint8_t* a, int64_t a_row, int64_t a_step, const int8_t* b,
+                                          int64_t steps, int32_t* tile, int rows, int vectors, bool first) {
+  switch (vectors) {
+    case 1: return microkernel_vnni_columns<1>(a, a_row, a_step, b, steps, tile, rows, first);
+    case 2: return microkernel_vnni_columns<2>(a, a_row, a_step, b, steps, tile, rows, first);
+    case 3: return microkernel_vnni_columns<3>(a, a_row, a_step, b, steps, tile, rows, first);
+    default: return microkernel_vnni_columns<4>(a, a_row, a_step, b, steps, tile, rows, first);
   }
 }
 
@@ -106,8 +116,8 @@ constexpr int kAvx2Rows = 2;
 
 template <int MR>
 TQ_TARGET_AVX2 void microkernel_avx2(const uint8_t* a, int64_t a_row, int64_t a_step, const int8_t* b, int64_t steps,
-                                     int32_t* tile, bool first) {
-  for (int q = 0; q < 4; ++q) {
+                                     int32_t* tile, int vectors, bool first) {
+  for (int q = 0; q < vectors; ++q) {
     __m256i acc[MR][4];
 #pragma GCC unroll 4
     for (int r = 0; r < MR; ++r)
@@ -144,17 +154,17 @@ TQ_TARGET_AVX2 void microkernel_avx2(const uint8_t* a, int64_t a_row, int64_t a_
 }
 
 TQ_TARGET_AVX2 void microkernel_avx2_rows(const uint8_t* a, int64_t a_row, int64_t a_step, const int8_t* b,
-                                          int64_t steps, int32_t* tile, int rows, bool first) {
-  if (rows == 2) microkernel_avx2<2>(a, a_row, a_step, b, steps, tile, first);
-  else microkernel_avx2<1>(a, a_row, a_step, b, steps, tile, first);
+                                          int64_t steps, int32_t* tile, int rows, int vectors, bool first) {
+  if (rows == 2) microkernel_avx2<2>(a, a_row, a_step, b, steps, tile, vectors, first);
+  else microkernel_avx2<1>(a, a_row, a_step, b, steps, tile, vectors, first);
 }
 
 // Portable path. Sums in uint32: wrap-around (the hardware's behaviour) without signed-overflow UB.
 void microkernel_scalar(const uint8_t* a, int64_t a_row, int64_t a_step, const int8_t* b, int64_t steps,
-                        int32_t* tile, int rows, bool first) {
+                        int32_t* tile, int rows, int vectors, bool first) {
   for (int r = 0; r < rows; ++r) {
     const uint8_t* ar = a + r * a_row;
-    for (int64_t col = 0; col < kPanelCols; ++col) {
+    for (int64_t col = 0; col < 16 * vectors; ++col) {
       uint32_t sum = first ? 0u : static_cast<uint32_t>(tile[r * kPanelCols + col]);
       for (int64_t s = 0; s < steps; ++s)
         for (int j = 0; j < 4; ++j)
@@ -303,7 +313,7 @@ TQ_TARGET_VNNI void epilogue_tile_avx512(const Epilogue& ep, const int32_t* tile
 // ---------------------------------------------------------------------------------------------------------------
 
 struct IsaPath {
-  void (*kernel)(const uint8_t*, int64_t, int64_t, const int8_t*, int64_t, int32_t*, int, bool);
+  void (*kernel)(const uint8_t*, int64_t, int64_t, const int8_t*, int64_t, int32_t*, int, int, bool);
   void (*epilogue)(const Epilogue&, const int32_t*, int64_t, int64_t, int64_t, int64_t);
   int rows;
 };
@@ -401,16 +411,18 @@ void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa) {
         a = chunk_buffer;
       }
       const int8_t* b = args.b + g * args.b_group_stride + panel * args.kp * kPanelCols;
+      const int64_t col0 = g * args.n + panel * kPanelCols;
+      const int64_t ncols = std::min(kPanelCols, args.n - panel * kPanelCols);
+      const int vectors = static_cast<int>((ncols + 15) / 16);
       for (int64_t k0 = 0; k0 < k4; k0 += kKBlock) {
         const int64_t steps = std::min(kKBlock, k4 - k0) / 4;
         for (int64_t r = 0; r < rows; r += path.rows) {
           const int mr = static_cast<int>(std::min<int64_t>(path.rows, rows - r));
           // rows are read in place: re-laying them as sequential micro-panels first measured no faster
-          path.kernel(a + r * lda + k0, lda, 4, b + k0 * kPanelCols, steps, tile + r * kPanelCols, mr, k0 == 0);
+          path.kernel(a + r * lda + k0, lda, 4, b + k0 * kPanelCols, steps, tile + r * kPanelCols, mr, vectors,
+                      k0 == 0);
         }
       }
-      const int64_t col0 = g * args.n + panel * kPanelCols;
-      const int64_t ncols = std::min(kPanelCols, args.n - panel * kPanelCols);
       path.epilogue(out_ep, tile, row0, rows, col0, ncols);
     }
     if (out_ep.streaming) _mm_sfence();  // streaming stores are weakly ordered: make them visible before the join
