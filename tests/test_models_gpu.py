@@ -15,13 +15,7 @@ from torchquant.bench import models, models_gpu
 QUANTIZED = [f"torchquant {p}" for p in models_gpu.MINILM_PRESETS]
 
 
-@pytest.fixture(autouse=True)
-def one_cpu_thread():
-    """The models here are tiny: on a busy shared machine, more CPU threads only wait for each other."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,7 @@ from torchquant.nn import QuantConv2d, QuantLinear
 pytest.importorskip("sklearn")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny layers: one thread is as fast alone and far faster on a busy shared machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 @pytest.fixture(scope="module")

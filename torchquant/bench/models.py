@@ -51,18 +51,22 @@ def _quiet_torch_ao():
 
 
 @contextlib.contextmanager
+def setting(owner, name: str, value):
+    """owner.name set to value inside, restored after (torch.backends flags)."""
+    previous = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, previous)
+
+
 def _quantized_engine(name: str):
     """torch.ao's quantized engine set to `name` inside (left alone where this torch build lacks it: only
     torch.ao's own modules use it)."""
     if name not in torch.backends.quantized.supported_engines:
-        yield
-        return
-    previous = torch.backends.quantized.engine
-    torch.backends.quantized.engine = name
-    try:
-        yield
-    finally:
-        torch.backends.quantized.engine = previous
+        return contextlib.nullcontext()
+    return setting(torch.backends.quantized, "engine", name)
 
 
 def torchquant_quantized(model: nn.Module, preset: str, calibration: Optional[Iterable] = None) -> nn.Module:

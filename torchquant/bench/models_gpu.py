@@ -15,7 +15,6 @@ note row and left out, and the others still run. With --device cpu the same code
 the plumbing (the numbers mean little there).
 """
 import argparse
-import contextlib
 import copy
 import datetime
 import json
@@ -160,15 +159,9 @@ def minilm_rows(device: Union[str, torch.device] = "cuda", *, minilm_dir: Union[
 
 # ---------------------------------------------------------------- ResNet-style convnets
 
-@contextlib.contextmanager
 def _cudnn_autotune():
     """cuDNN picks its fastest algorithm per shape (during the untimed warm-up call), as a tuned deployment would."""
-    previous = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = True
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.benchmark = previous
+    return models.setting(torch.backends.cudnn, "benchmark", True)
 
 
 def convnet_rows(device: Union[str, torch.device] = "cuda", *, batches: Sequence[int] = (1, 32), size: int = 56,
