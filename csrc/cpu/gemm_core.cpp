@@ -26,7 +26,8 @@ namespace {
 constexpr int64_t kRowsPerChunk = 96;  // at most; a multiple of every microkernel's row count (6, 2, 1)
 constexpr int64_t kKBlock = 1024;      // bytes of k per cache block (a multiple of 4)
 constexpr int64_t kCachedActivationBytes = 512 << 10;  // activations this small stay in L2 (1 MB on Zen 4)
-constexpr int64_t kStreamingOutputBytes = int64_t{2} << 20;  // outputs from this size (an L2) bypass the caches
+// outputs from this size (both cores' L2 together) bypass the caches
+constexpr int64_t kStreamingOutputBytes = int64_t{2} << 20;
 
 int64_t out_kind_bytes(OutKind kind) {
   switch (kind) {
@@ -48,7 +49,7 @@ inline int32_t load_i32(const void* p) {
 
 // ---------------------------------------------------------------------------------------------------------------
 // Microkernels: tile[r][0..16 vectors) (+)= sum over `steps` k-steps s of a(r, s)[0..4) . panel[s][col][0..4),
-// r < rows, where the 4 activation bytes a(r, s) sit at a + r * a_row + s * a_step. `first` starts the sums at
+// r < rows, where the 4 activation bytes a(r, s) sit at a + r * a_row + 4 * s. `first` starts the sums at
 // zero, otherwise they add to the tile (the next k block). Columns from 16 vectors on are left alone.
 // ---------------------------------------------------------------------------------------------------------------
 
@@ -57,7 +58,7 @@ inline int32_t load_i32(const void* p) {
 constexpr int kVnniRows = 6;
 
 template <int MR, int NV>
-TQ_TARGET_VNNI void microkernel_vnni(const uint8_t* a, int64_t a_row, int64_t a_step, const int8_t* b, int64_t steps,
+TQ_TARGET_VNNI void microkernel_vnni(const uint8_t* a, int64_t a_row, const int8_t* b, int64_t steps,
                                      int32_t* tile, bool first) {
   __m512i acc[MR][NV];
 #pragma GCC unroll 8
@@ -72,7 +73,7 @@ TQ_TARGET_VNNI void microkernel_vnni(const uint8_t* a, int64_t a_row, int64_t a_
     for (int j = 0; j < NV; ++j) bv[j] = _mm512_loadu_si512(bs + 64 * j);
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
-      const __m512i av = _mm512_set1_epi32(load_i32(a + r * a_row + s * a_step));
+      const __m512i av = _mm512_set1_epi32(load_i32(a + r * a_row + 4 * s));
 #pragma GCC unroll 4
       for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_dpbusd_epi32(acc[r][j], av, bv[j]);
     }
@@ -84,27 +85,27 @@ TQ_TARGET_VNNI void microkernel_vnni(const uint8_t* a, int64_t a_row, int64_t a_
 }
 
 template <int NV>
-TQ_TARGET_VNNI void microkernel_vnni_columns(const uint8_t* a, int64_t a_row, int64_t a_step, const int8_t* b,
+TQ_TARGET_VNNI void microkernel_vnni_columns(const uint8_t* a, int64_t a_row, const int8_t* b,
                                              int64_t steps, int32_t* tile, int rows, bool first) {
   switch (rows) {
-    case 6: return microkernel_vnni<6, NV>(a, a_row, a_step, b, steps, tile, first);
-    case 5: return microkernel_vnni<5, NV>(a, a_row, a_step, b, steps, tile, first);
-    case 4: return microkernel_vnni<4, NV>(a, a_row, a_step, b, steps, tile, first);
-    case 3: return microkernel_vnni<3, NV>(a, a_row, a_step, b, steps, tile, first);
-    case 2: return microkernel_vnni<2, NV>(a, a_row, a_step, b, steps, tile, first);
-    default: return microkernel_vnni<1, NV>(a, a_row, a_step, b, steps, tile, first);
+    case 6: return microkernel_vnni<6, NV>(a, a_row, b, steps, tile, first);
+    case 5: return microkernel_vnni<5, NV>(a, a_row, b, steps, tile, first);
+    case 4: return microkernel_vnni<4, NV>(a, a_row, b, steps, tile, first);
+    case 3: return microkernel_vnni<3, NV>(a, a_row, b, steps, tile, first);
+    case 2: return microkernel_vnni<2, NV>(a, a_row, b, steps, tile, first);
+    default: return microkernel_vnni<1, NV>(a, a_row, b, steps, tile, first);
   }
 }
 
 // Only the 16-column vectors that hold output columns are multiplied: a panel of 16 valid columns (a conv with 16
 // output channels, a 10-class head) costs a quarter of a full one.
-TQ_TARGET_VNNI void microkernel_vnni_rows(const uint8_t* a, int64_t a_row, int64_t a_step, const int8_t* b,
+TQ_TARGET_VNNI void microkernel_vnni_rows(const uint8_t* a, int64_t a_row, const int8_t* b,
                                           int64_t steps, int32_t* tile, int rows, int vectors, bool first) {
   switch (vectors) {
-    case 1: return microkernel_vnni_columns<1>(a, a_row, a_step, b, steps, tile, rows, first);
-    case 2: return microkernel_vnni_columns<2>(a, a_row, a_step, b, steps, tile, rows, first);
-    case 3: return microkernel_vnni_columns<3>(a, a_row, a_step, b, steps, tile, rows, first);
-    default: return microkernel_vnni_columns<4>(a, a_row, a_step, b, steps, tile, rows, first);
+    case 1: return microkernel_vnni_columns<1>(a, a_row, b, steps, tile, rows, first);
+    case 2: return microkernel_vnni_columns<2>(a, a_row, b, steps, tile, rows, first);
+    case 3: return microkernel_vnni_columns<3>(a, a_row, b, steps, tile, rows, first);
+    default: return microkernel_vnni_columns<4>(a, a_row, b, steps, tile, rows, first);
   }
 }
 
@@ -115,7 +116,7 @@ TQ_TARGET_VNNI void microkernel_vnni_rows(const uint8_t* a, int64_t a_row, int64
 constexpr int kAvx2Rows = 2;
 
 template <int MR>
-TQ_TARGET_AVX2 void microkernel_avx2(const uint8_t* a, int64_t a_row, int64_t a_step, const int8_t* b, int64_t steps,
+TQ_TARGET_AVX2 void microkernel_avx2(const uint8_t* a, int64_t a_row, const int8_t* b, int64_t steps,
                                      int32_t* tile, int vectors, bool first) {
   for (int q = 0; q < vectors; ++q) {
     __m256i acc[MR][4];
@@ -127,7 +128,7 @@ TQ_TARGET_AVX2 void microkernel_avx2(const uint8_t* a, int64_t a_row, int64_t a_
       __m256i av[MR];
 #pragma GCC unroll 4
       for (int r = 0; r < MR; ++r)
-        av[r] = _mm256_broadcastq_epi64(_mm_cvtepu8_epi16(_mm_cvtsi32_si128(load_i32(a + r * a_row + s * a_step))));
+        av[r] = _mm256_broadcastq_epi64(_mm_cvtepu8_epi16(_mm_cvtsi32_si128(load_i32(a + r * a_row + 4 * s))));
       const int8_t* bs = b + s * kStepBytes + 64 * q;
 #pragma GCC unroll 4
       for (int j = 0; j < 4; ++j) {
@@ -153,14 +154,14 @@ TQ_TARGET_AVX2 void microkernel_avx2(const uint8_t* a, int64_t a_row, int64_t a_
   }
 }
 
-TQ_TARGET_AVX2 void microkernel_avx2_rows(const uint8_t* a, int64_t a_row, int64_t a_step, const int8_t* b,
+TQ_TARGET_AVX2 void microkernel_avx2_rows(const uint8_t* a, int64_t a_row, const int8_t* b,
                                           int64_t steps, int32_t* tile, int rows, int vectors, bool first) {
-  if (rows == 2) microkernel_avx2<2>(a, a_row, a_step, b, steps, tile, vectors, first);
-  else microkernel_avx2<1>(a, a_row, a_step, b, steps, tile, vectors, first);
+  if (rows == 2) microkernel_avx2<2>(a, a_row, b, steps, tile, vectors, first);
+  else microkernel_avx2<1>(a, a_row, b, steps, tile, vectors, first);
 }
 
 // Portable path. Sums in uint32: wrap-around (the hardware's behaviour) without signed-overflow UB.
-void microkernel_scalar(const uint8_t* a, int64_t a_row, int64_t a_step, const int8_t* b, int64_t steps,
+void microkernel_scalar(const uint8_t* a, int64_t a_row, const int8_t* b, int64_t steps,
                         int32_t* tile, int rows, int vectors, bool first) {
   for (int r = 0; r < rows; ++r) {
     const uint8_t* ar = a + r * a_row;
@@ -168,7 +169,7 @@ void microkernel_scalar(const uint8_t* a, int64_t a_row, int64_t a_step, const i
       uint32_t sum = first ? 0u : static_cast<uint32_t>(tile[r * kPanelCols + col]);
       for (int64_t s = 0; s < steps; ++s)
         for (int j = 0; j < 4; ++j)
-          sum += static_cast<uint32_t>(static_cast<int32_t>(ar[s * a_step + j]) * b[s * kStepBytes + col * 4 + j]);
+          sum += static_cast<uint32_t>(static_cast<int32_t>(ar[4 * s + j]) * b[s * kStepBytes + col * 4 + j]);
       tile[r * kPanelCols + col] = static_cast<int32_t>(sum);
     }
   }
@@ -313,7 +314,7 @@ TQ_TARGET_VNNI void epilogue_tile_avx512(const Epilogue& ep, const int32_t* tile
 // ---------------------------------------------------------------------------------------------------------------
 
 struct IsaPath {
-  void (*kernel)(const uint8_t*, int64_t, int64_t, const int8_t*, int64_t, int32_t*, int, int, bool);
+  void (*kernel)(const uint8_t*, int64_t, const int8_t*, int64_t, int32_t*, int, int, bool);
   void (*epilogue)(const Epilogue&, const int32_t*, int64_t, int64_t, int64_t, int64_t);
   int rows;
 };
@@ -385,9 +386,9 @@ void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa) {
     lda = k4;
   }
 
-  // An output larger than L2 is written with streaming stores: no read-for-ownership of lines that are fully
-  // overwritten (a 25 MB float32 output of a 1x1 conv took a third less time, and ResNet-style stages ran 2-6 %
-  // faster with this threshold than with none or 4-16 MB ones); a smaller one stays in the caches for the next op.
+  // An output larger than the L2 caches is written with streaming stores: no read-for-ownership of lines that are
+  // fully overwritten (a 25 MB float32 output of a 1x1 conv took a third less time, and ResNet-style stages ran
+  // 2-6 % faster with this threshold than with none or 4-16 MB ones); a smaller one stays cached for the next op.
   Epilogue out_ep = ep;
   out_ep.streaming = args.m * ep.out_row_stride * out_kind_bytes(ep.kind) >= kStreamingOutputBytes;
 
@@ -419,7 +420,7 @@ void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa) {
         for (int64_t r = 0; r < rows; r += path.rows) {
           const int mr = static_cast<int>(std::min<int64_t>(path.rows, rows - r));
           // rows are read in place: re-laying them as sequential micro-panels first measured no faster
-          path.kernel(a + r * lda + k0, lda, 4, b + k0 * kPanelCols, steps, tile + r * kPanelCols, mr, vectors,
+          path.kernel(a + r * lda + k0, lda, b + k0 * kPanelCols, steps, tile + r * kPanelCols, mr, vectors,
                       k0 == 0);
         }
       }

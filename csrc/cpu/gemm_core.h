@@ -62,8 +62,7 @@ struct GemmArgs {
 
 // Scratch memory of the calling thread, reused across calls: activations re-laid by the ops, weights packed on the
 // fly, and activation rows that the GEMM has a RowFiller produce. A fresh multi-megabyte allocation costs a page
-// fault per 4 KB on first touch, as much as the packing itself;
-// the buffers keep the largest size asked for.
+// fault per 4 KB on first touch, as much as the packing itself; the buffers keep the largest size asked for.
 enum class Scratch { Activations = 0, Weights = 1, GemmRows = 2 };
 uint8_t* scratch_buffer(Scratch slot, int64_t bytes);
 
