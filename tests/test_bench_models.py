@@ -1,9 +1,9 @@
-"""The model-benchmark building blocks (torchquant.bench.models) on small inputs: network shapes, that quantizing
+"""The model-benchmark building blocks (benchmarks/models.py) on small inputs: network shapes, that quantizing
 copies leave the float model alone, the torch.ao baselines, table formatting and bad arguments. No timing."""
 import pytest
 import torch
 
-from torchquant.bench import models
+from benchmarks import models
 
 
 @pytest.mark.parametrize("block, channels", [("basic", 512), ("bottleneck", 2048)])

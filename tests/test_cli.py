@@ -14,7 +14,9 @@ from safetensors.torch import save_file
 
 import torchquant
 from torchquant._cli_io import UsageError, atomic_output
-from torchquant.cli import main
+from torchquant.cli import build_parser, config_from_args, main
+from torchquant.config import PRESETS, Preset, QuantConfig, QuantSpec
+from torchquant.observers import OBSERVERS, Observer, ObserverKind
 from torchquant.examples import DigitsCNN, load_digits_data, train
 from torchquant.nn import QuantConv2d, QuantLinear
 
@@ -200,7 +202,9 @@ def test_report_writes_table_json_and_markdown(work, tmp_path):
 
 
 def test_demo_runs(work):
-    result = run_cli("demo", "--epochs", "2", "--qat-epochs", "1", "--threads", "1", cwd=work, check_rc=0)
+    result = run_cli("demo", "--epochs", "2", "--qat-epochs", "1", cwd=work, check_rc=0)
+    # latency on one thread unless --threads says otherwise, and the line says so and names the CPU kernels
+    assert f"with 1 thread(s) (CPU kernels: {torchquant.cpu_kernel_path()})" in result.stdout
     for label in ("float32", "int8-static", "int8-dynamic", "w4a8-dynamic", "int8-static, truncate rounding",
                   "w4a8 QAT (1 epochs)"):
         assert f"| {label} |" in result.stdout
@@ -209,9 +213,8 @@ def test_demo_runs(work):
 
 def test_bench_quick(work):
     result = run_cli("bench", "--quick", "--only", "quantize", "--threads", "1", cwd=work)
-    if "not in this build" in result.stderr:
-        pytest.skip("torchquant/bench/quantize.py is not in this checkout")
     assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"CPU kernels: {torchquant.cpu_kernel_path()} ")
     assert "## quantize (cpu)" in result.stdout and "|---|" in result.stdout
 
 
@@ -241,7 +244,6 @@ ERROR_CASES = {
                                    ["--calib: cannot read mymodels.py"]),
     "state dict as model": (["convert", "digits_state.pt"], ["holds weights", "--weights"]),
     "missing model file": (["convert", "nope.pt"], ["MODEL: no such file"]),
-    "unknown preset": (["convert", FACTORY, "--config", "int3-magic"] + GOOD, ["unknown preset 'int3-magic'"]),
     "bits out of range": (["convert", FACTORY, "--bits", "9"] + GOOD, ["--bits", "[1, 8]"]),
     "unknown rounding": (["convert", FACTORY, "--rounding", "up"] + GOOD, ["--rounding"]),
     "static without calibration": (["convert", FACTORY, "--config", "int8-static"] + GOOD, ["--calib"]),
@@ -320,6 +322,57 @@ def test_usage_errors_from_argparse_exit_2(capsys):
             main(argv)
         assert exit_info.value.code == 2
     assert "-o/--output" in capsys.readouterr().err
+
+
+def test_presets_and_observers_come_from_their_tables(work, tmp_path, monkeypatch, capsys):
+    """Adding a preset or an observer is one table entry: QuantConfig.preset, QuantSpec, the command line's
+    choices, help and errors all read the tables."""
+    monkeypatch.setitem(PRESETS, "w6_weight_only", Preset(
+        lambda: QuantConfig(weight=QuantSpec(bits=6), activation=None), "6-bit weights, float activations"))
+    monkeypatch.setitem(OBSERVERS, "half_minmax", ObserverKind(
+        lambda rows, spec: (rows.amin(dim=1) / 2, rows.amax(dim=1) / 2), OBSERVERS["minmax"].fold, True,
+        "half the min/max range"))
+
+    assert QuantConfig.preset("w6_weight_only") == QuantConfig(weight=QuantSpec(bits=6), activation=None)
+    observer = Observer(QuantSpec(observer="half_minmax", granularity="per_tensor"))
+    observer(torch.tensor([-4.0, 1.0]))
+    observer(torch.tensor([2.0]))
+    assert observer.lo.item() == -2.0 and observer.hi.item() == 1.0
+    with pytest.raises(ValueError, match="w6_weight_only"):
+        QuantConfig.preset("int3")
+    with pytest.raises(ValueError, match="half_minmax"):
+        QuantSpec(observer="median")
+
+    with pytest.raises(SystemExit):
+        main(["convert", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "w6_weight_only: 6-bit weights, float activations" in help_text
+    assert "half_minmax: half the min/max range" in help_text
+    for option, bad in (("--config", "int3"), ("--observer", "median")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["convert", FACTORY, "-o", str(tmp_path / "out.safetensors"), option, bad])
+        assert exit_info.value.code == 2
+        error = capsys.readouterr().err
+        assert f"argument {option}: invalid choice: '{bad}'" in error
+        assert ("'w6_weight_only'" if option == "--config" else "'half_minmax'") in error
+
+    args = build_parser().parse_args(["convert", FACTORY, "-o", "out.safetensors", "--config", "w6_weight_only",
+                                      "--observer", "half_minmax"])
+    config = config_from_args(args)
+    assert config.weight.bits == 6 and config.weight.observer == "half_minmax" and config.activation is None
+    out = tmp_path / "w6.safetensors"
+    monkeypatch.chdir(work)
+    assert main(["convert", FACTORY, "--weights", "digits.safetensors", "--config", "w6_weight_only",
+                 "--observer", "half_minmax", "-o", str(out), "--quiet", "--threads", "1"]) == 0
+    loaded = torchquant.load(str(out), DigitsCNN())
+    assert [layer.config.weight.bits for layer in quant_layers(loaded)] == [6, 6, 6, 6]
+
+
+def test_docs_list_every_preset_and_observer():
+    """docs/cli.md lists each entry of the preset and observer tables with its description."""
+    text = (ROOT / "docs" / "cli.md").read_text()
+    for name, entry in [*PRESETS.items(), *OBSERVERS.items()]:
+        assert f"| `{name}` | {entry.description} |" in text, name
 
 
 def test_atomic_output_leaves_nothing_on_failure(tmp_path):

@@ -4,7 +4,7 @@ import pytest
 import torch.nn as nn
 
 from torchquant import QuantConfig, QuantSpec
-from torchquant.config import resolve_config
+from torchquant.config import PRESETS, resolve_config
 
 
 def test_defaults_and_presets():
@@ -19,7 +19,7 @@ def test_defaults_and_presets():
     assert not static.activation.signed and not static.activation.symmetric
     w4 = QuantConfig.preset("w4a8-dynamic")
     assert w4.weight.bits == 4 and w4.activation.bits == 8 and w4.activation.dynamic
-    assert set(QuantConfig.preset_names()) >= {"int8-dynamic", "int8-static", "w4a8-dynamic"}
+    assert set(PRESETS) >= {"int8-dynamic", "int8-static", "w4a8-dynamic"}
     assert resolve_config("int8-static") == static
 
 

@@ -11,6 +11,9 @@ import torch
 import torch.nn.functional as F
 
 import torchquant
+from torchquant._ops import FLOAT_DTYPES as FLOATS
+
+from conftest import assert_same, exact_mm, randint8
 
 pytestmark = [
     pytest.mark.cuda,
@@ -19,27 +22,15 @@ pytestmark = [
 ]
 
 ops = torch.ops.torchquant
-FLOATS = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def randint8(shape, seed, dtype=torch.int8):
-    lo, hi = (-128, 128) if dtype == torch.int8 else (0, 256)
-    return torch.randint(lo, hi, shape, generator=gen(seed), dtype=torch.int16).to(dtype)
-
-
-def assert_same(cpu: torch.Tensor, cuda: torch.Tensor) -> None:
-    """Bitwise identical (NaN equal to NaN), same dtype and shape."""
+def assert_cuda_matches_cpu(cpu: torch.Tensor, cuda: torch.Tensor) -> None:
     assert cuda.device.type == "cuda"
-    cuda = cuda.cpu()
-    assert cpu.dtype == cuda.dtype and cpu.shape == cuda.shape
-    if cpu.is_floating_point():
-        torch.testing.assert_close(cuda, cpu, rtol=0, atol=0, equal_nan=True)
-    else:
-        assert torch.equal(cpu, cuda), f"{(cpu != cuda).sum().item()} of {cpu.numel()} elements differ"
+    assert_same(cuda, cpu)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -96,7 +87,7 @@ def test_quantize_family_matches_cpu(dtype, axis, bits, signed, rounding):
     cpu = run_quantize_ops("cpu", x, grad, scale, zero_point, axis, bits, signed, rounding)
     cuda = run_quantize_ops("cuda", x, grad, scale, zero_point, axis, bits, signed, rounding)
     for name in cpu:
-        assert_same(cpu[name], cuda[name])
+        assert_cuda_matches_cpu(cpu[name], cuda[name])
 
 
 @pytest.mark.parametrize("dtype", FLOATS)
@@ -112,7 +103,7 @@ def test_quantize_family_unaligned_and_strided(dtype, layout):
         xc = base.cuda().view(-1)[3:3 + 4096 * 33].view(4096, 33) if layout == "offset" else base.cuda().t()
         cuda = run_quantize_ops("cuda", xc, grad, scale, zero_point, axis, 8, False, "nearest")
         for name in cpu:
-            assert_same(cpu[name], cuda[name])
+            assert_cuda_matches_cpu(cpu[name], cuda[name])
 
 
 def test_quantize_matches_torch_fake_quantize():
@@ -136,7 +127,7 @@ def test_quantize_empty_and_large_per_channel():
     # more channels than one block's worth, channel boundaries inside vectors (inner = 3)
     x = torch.randn(2, 70_001, 3, generator=gen(13))
     scale, zp = qparams(x, 1, 8, False, 14)
-    assert_same(ops.quantize(x, scale, zp, 1, 8, False, "nearest"),
+    assert_cuda_matches_cpu(ops.quantize(x, scale, zp, 1, 8, False, "nearest"),
                 ops.quantize(x.cuda(), scale.cuda(), zp.cuda(), 1, 8, False, "nearest"))
 
 
@@ -153,15 +144,15 @@ def test_quantize_per_token_matches_cpu(dtype, row_len, bits):
     x = x.to(dtype)
     q_cpu, s_cpu = ops.quantize_per_token(x, bits)
     q_cuda, s_cuda = ops.quantize_per_token(x.cuda(), bits)
-    assert_same(q_cpu, q_cuda)
-    assert_same(s_cpu, s_cuda)
+    assert_cuda_matches_cpu(q_cpu, q_cuda)
+    assert_cuda_matches_cpu(s_cpu, s_cuda)
     # 3-d input and an unaligned row start take other kernel paths
     x3 = x.reshape(1, rows, row_len)
-    assert_same(ops.quantize_per_token(x3, bits)[0], ops.quantize_per_token(x3.cuda(), bits)[0])
+    assert_cuda_matches_cpu(ops.quantize_per_token(x3, bits)[0], ops.quantize_per_token(x3.cuda(), bits)[0])
     if rows > 1:
         def offset_rows(t):
             return t.view(-1)[1:][: (rows - 1) * row_len].view(rows - 1, row_len)
-        assert_same(ops.quantize_per_token(offset_rows(x), bits)[0],
+        assert_cuda_matches_cpu(ops.quantize_per_token(offset_rows(x), bits)[0],
                     ops.quantize_per_token(offset_rows(x.cuda()), bits)[0])
 
 
@@ -170,11 +161,6 @@ def test_quantize_per_token_matches_cpu(dtype, row_len, bits):
 # ---------------------------------------------------------------------------------------------------------------
 
 SIZES = [1, 7, 17, 33, 100, 257, 1000]
-
-
-def exact_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """int64-exact product via float64 on the GPU (|sums| < 2^53 for these sizes)."""
-    return (a.double() @ b.double()).long()
 
 
 @pytest.mark.parametrize("m,n", list(itertools.product(SIZES, SIZES)))
@@ -253,7 +239,7 @@ def linear_reference(x_q, x_scale, x_zp, w, w_scale, bias):
 
 
 def linear_inputs(m, k, n, x_dtype, per_token, with_bias, seed):
-    x_q = randint8((m, k), seed, x_dtype)
+    x_q = randint8((m, k), seed, dtype=x_dtype)
     x_zp = 0 if x_dtype == torch.int8 else 128
     w = randint8((n, k), seed + 1)
     x_scale = torch.rand(m if per_token else 1, generator=gen(seed + 2)) * 0.1 + 0.01
@@ -352,7 +338,7 @@ CONV_CASES = [
 def test_int8_conv2d_matches_cpu_and_reference(case, x_dtype):
     b, c, h, w_, oc, k, stride, padding, dilation, groups = case
     seed = sum(case)
-    x_q = randint8((b, c, h, w_), seed, x_dtype)
+    x_q = randint8((b, c, h, w_), seed, dtype=x_dtype)
     x_zp = 3 if x_dtype == torch.int8 else 120
     w = randint8((oc, c // groups, k, k), seed + 1)
     x_scale = torch.tensor([0.03])

@@ -13,34 +13,13 @@ import torchquant.functional as F
 from torchquant import reference
 from torchquant._ops import ops
 
-ISAS = ["avx512_vnni", "avx2", "scalar"]
-
-
-@pytest.fixture(params=ISAS)
-def isa(request, device, monkeypatch):
-    """Forces a CPU instruction-set path (skipped where the CPU lacks it); on CUDA only the first param runs."""
-    if device != "cpu":
-        if request.param != ISAS[0]:
-            pytest.skip("instruction-set paths are a CPU matter")
-        return None
-    monkeypatch.setenv("TORCHQUANT_CPU_ISA", request.param)
-    try:
-        ops.int8_mm(torch.ones(1, 1, dtype=torch.int8), torch.ones(1, 1, dtype=torch.int8))
-    except RuntimeError as e:
-        if "not supported by this CPU" in str(e):
-            pytest.skip(f"this CPU has no {request.param}")
-        raise
-    return request.param
-
-
-def rand_int8(*shape, device="cpu", generator=None):
-    return torch.randint(-128, 128, shape, dtype=torch.int8, generator=generator).to(device)
+from conftest import randint8
 
 
 def quantized_weight(n, k, device, seed=0):
     """A random int8 weight with its packed form, row sums and per-channel scales."""
     g = torch.Generator().manual_seed(seed)
-    w = rand_int8(n, k, generator=g)
+    w = randint8((n, k), generator=g)
     w_scale = torch.rand(n, generator=g) * 0.02 + 0.001
     return w.to(device), F.pack_int8_weight(w.to(device)), w.sum(1, dtype=torch.int32).to(device), w_scale.to(device)
 
@@ -60,7 +39,7 @@ LARGER = [(100, 300, 70), (130, 520, 129), (101, 260, 257), (200, 2700, 300)]
 @pytest.mark.parametrize("m,k,n", list(itertools.product(ODD, ODD, ODD)) + LARGER)
 def test_int8_mm_exact(device, isa, m, k, n):
     g = torch.Generator().manual_seed(m * 10007 + k * 101 + n)
-    a, b = rand_int8(m, k, device=device, generator=g), rand_int8(k, n, device=device, generator=g)
+    a, b = randint8((m, k), device=device, generator=g), randint8((k, n), device=device, generator=g)
     out = F.int8_mm(a, b)
     assert out.dtype == torch.int32 and out.shape == (m, n) and out.device.type == device
     torch.testing.assert_close(out, reference.int8_mm(a, b), rtol=0, atol=0)
@@ -77,29 +56,29 @@ def test_int8_mm_extremes(device, isa, k, va, vb):
 
 
 def test_int8_mm_matches_torch_int_mm(device, isa):
-    a, b = rand_int8(64, 256, device=device), rand_int8(256, 96, device=device)
+    a, b = randint8((64, 256), device=device), randint8((256, 96), device=device)
     torch.testing.assert_close(F.int8_mm(a, b), torch._int_mm(a, b), rtol=0, atol=0)
 
 
 def test_int8_mm_strides(device, isa):
-    a, w = rand_int8(37, 90, device=device), rand_int8(45, 90, device=device)
+    a, w = randint8((37, 90), device=device), randint8((45, 90), device=device)
     want = reference.int8_mm(a, w.t())
     torch.testing.assert_close(F.int8_mm(a, w.t()), want, rtol=0, atol=0)  # the nn.Linear weight layout
     torch.testing.assert_close(F.int8_mm(a.t().contiguous().t(), w.t().contiguous()), want, rtol=0, atol=0)
-    big_a, big_b = rand_int8(37, 180, device=device), rand_int8(3, 180, 45, device=device)
+    big_a, big_b = randint8((37, 180), device=device), randint8((3, 180, 45), device=device)
     sliced_a, sliced_b = big_a[:, ::2], big_b[1, ::2]  # non-contiguous both ways
     torch.testing.assert_close(F.int8_mm(sliced_a, sliced_b), reference.int8_mm(sliced_a, sliced_b), rtol=0, atol=0)
 
 
 def test_int8_mm_empty(device):
-    a, b = rand_int8(0, 5, device=device), rand_int8(5, 3, device=device)
+    a, b = randint8((0, 5), device=device), randint8((5, 3), device=device)
     assert F.int8_mm(a, b).shape == (0, 3)
-    zeros = F.int8_mm(rand_int8(4, 0, device=device), rand_int8(0, 3, device=device))
+    zeros = F.int8_mm(randint8((4, 0), device=device), randint8((0, 3), device=device))
     torch.testing.assert_close(zeros, torch.zeros(4, 3, dtype=torch.int32, device=device))
 
 
 def test_int8_mm_bad_inputs(device):
-    a, b = rand_int8(4, 5, device=device), rand_int8(5, 3, device=device)
+    a, b = randint8((4, 5), device=device), randint8((5, 3), device=device)
     with pytest.raises(TypeError, match="a must be int8"):
         F.int8_mm(a.float(), b)
     with pytest.raises(TypeError, match="b must be int8"):
@@ -118,7 +97,7 @@ def test_int8_mm_different_devices():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     with pytest.raises(ValueError, match="move all tensors to one device"):
-        F.int8_mm(rand_int8(4, 5), rand_int8(5, 3, device="cuda"))
+        F.int8_mm(randint8((4, 5)), randint8((5, 3), device="cuda"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -126,12 +105,12 @@ def test_int8_mm_different_devices():
 # ---------------------------------------------------------------------------------------------------------------
 
 def test_pack_int8_weight_shape(device):
-    assert F.pack_int8_weight(rand_int8(5, 70, device=device)).shape == (64, 128)
-    assert F.pack_int8_weight(rand_int8(3, 65, 64, device=device)).shape == (3, 128, 64)
+    assert F.pack_int8_weight(randint8((5, 70), device=device)).shape == (64, 128)
+    assert F.pack_int8_weight(randint8((3, 65, 64), device=device)).shape == (3, 128, 64)
     with pytest.raises(TypeError, match="w must be int8"):
         F.pack_int8_weight(torch.zeros(4, 4, device=device))
     with pytest.raises(ValueError, match=r"\[N, K\] or \[G, N, K\]"):
-        F.pack_int8_weight(rand_int8(4, device=device))
+        F.pack_int8_weight(randint8((4,), device=device))
 
 
 @pytest.mark.parametrize("x_dtype,x_zp", [(torch.int8, 0), (torch.int8, -7), (torch.uint8, 128), (torch.uint8, 3)])
@@ -157,7 +136,7 @@ def test_int8_linear_float_out(device, isa, x_dtype, x_zp, per_token, k, n):
 def test_int8_linear_requantized(device, isa, out_dtype, out_zp):
     g = torch.Generator().manual_seed(3)
     k, n = 200, 90
-    x_q = rand_int8(33, k, device=device, generator=g)
+    x_q = randint8((33, k), device=device, generator=g)
     w, w_packed, w_sum, w_scale = quantized_weight(n, k, device)
     bias = torch.randn(n, generator=g).to(device)
     x_scale = torch.tensor([0.02], device=device)
@@ -182,7 +161,7 @@ def test_int8_linear_requantized(device, isa, out_dtype, out_zp):
 def test_int8_linear_large_outputs(device, isa, out_dtype, n):
     g = torch.Generator().manual_seed(n)
     m, k = 1010, 20
-    x_q = rand_int8(m, k, device=device, generator=g)
+    x_q = randint8((m, k), device=device, generator=g)
     w, w_packed, w_sum, w_scale = quantized_weight(n, k, device)
     bias = torch.randn(n, generator=g).to(device)
     x_scale = (torch.rand(m, generator=g) + 0.01).to(device)
@@ -206,7 +185,7 @@ def test_int8_linear_large_outputs(device, isa, out_dtype, n):
 def test_int8_linear_non_contiguous(device, isa):
     k, n = 96, 40
     w, w_packed, w_sum, w_scale = quantized_weight(n, k, device)
-    x_q = rand_int8(2 * k, 12, device=device).t()[:, ::2]  # [12, k] with strides (1, 2 * 12)
+    x_q = randint8((2 * k, 12), device=device).t()[:, ::2]  # [12, k] with strides (1, 2 * 12)
     for x in (x_q, x_q.to(torch.uint8)):
         got = F.int8_linear(x, 0.1, 3, w_packed, w_sum, w_scale, out_features=n)
         torch.testing.assert_close(got, reference.int8_linear(x, 0.1, 3, w, w_scale))
@@ -214,13 +193,13 @@ def test_int8_linear_non_contiguous(device, isa):
 
 def test_int8_linear_empty(device):
     w, w_packed, w_sum, w_scale = quantized_weight(8, 16, device)
-    out = F.int8_linear(rand_int8(0, 16, device=device), 1.0, 0, w_packed, w_sum, w_scale, out_features=8)
+    out = F.int8_linear(randint8((0, 16), device=device), 1.0, 0, w_packed, w_sum, w_scale, out_features=8)
     assert out.shape == (0, 8)
 
 
 def test_int8_linear_bad_inputs(device):
     w, w_packed, w_sum, w_scale = quantized_weight(8, 16, device)
-    x_q = rand_int8(4, 16, device=device)
+    x_q = randint8((4, 16), device=device)
 
     def call(x=x_q, x_scale=1.0, zp=0, packed=w_packed, sums=w_sum, scale=w_scale, n=8, **kw):
         return F.int8_linear(x, x_scale, zp, packed, sums, scale, out_features=n, **kw)
@@ -234,7 +213,7 @@ def test_int8_linear_bad_inputs(device):
     with pytest.raises(RuntimeError, match="x_scale must have 1 element or one per row"):
         call(x_scale=torch.ones(3, device=device))
     with pytest.raises(RuntimeError, match="w_packed must have shape"):
-        call(x=rand_int8(4, 100, device=device))
+        call(x=randint8((4, 100), device=device))
     with pytest.raises(RuntimeError, match="w_sum must have shape"):
         call(sums=w_sum[:4])
     with pytest.raises(RuntimeError, match="w_scale must be Float"):
@@ -311,7 +290,7 @@ def test_int8_conv2d(device, isa, conv, x_dtype, x_zp):
     g = torch.Generator().manual_seed(sum(map(hash, (b, c, h, oc))) % 1000)
     lo, hi = (0, 256) if x_dtype == torch.uint8 else (-128, 128)
     x_q = torch.randint(lo, hi, (b, c, h, w_), dtype=x_dtype, generator=g).to(device)
-    w_q = rand_int8(oc, c // groups, *kernel, generator=g).to(device)
+    w_q = randint8((oc, c // groups, *kernel), generator=g).to(device)
     w_scale = (torch.rand(oc, generator=g) * 0.01 + 0.001).to(device)
     bias = torch.randn(oc, generator=g).to(device)
     w_packed = F.pack_conv_weight(w_q, groups)
@@ -341,7 +320,7 @@ def test_int8_conv2d_large(device, isa, conv, x_dtype, x_zp):
     g = torch.Generator().manual_seed(oc)
     lo, hi = (0, 256) if x_dtype == torch.uint8 else (-128, 128)
     x_q = torch.randint(lo, hi, (b, c, h, w_), dtype=x_dtype, generator=g).to(device)
-    w_q = rand_int8(oc, c // groups, *kernel, generator=g).to(device)
+    w_q = randint8((oc, c // groups, *kernel), generator=g).to(device)
     w_packed, w_sum = F.pack_conv_weight(w_q, groups), w_q.sum((1, 2, 3), dtype=torch.int32)
     ones = torch.ones(oc, device=device)
     kwargs = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
@@ -355,7 +334,7 @@ def test_int8_conv2d_requantized(device, isa, conv, out_dtype, out_zp):
     b, c, h, w_, oc, kernel, stride, padding, dilation, groups = conv
     g = torch.Generator().manual_seed(oc + out_zp)
     x_q = torch.randint(0, 256, (b, c, h, w_), dtype=torch.uint8, generator=g).to(device)
-    w_q = rand_int8(oc, c // groups, *kernel, generator=g).to(device)
+    w_q = randint8((oc, c // groups, *kernel), generator=g).to(device)
     w_scale = (torch.rand(oc, generator=g) * 0.01 + 0.001).to(device)
     bias = torch.randn(oc, generator=g).to(device)
     kwargs = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
@@ -376,8 +355,8 @@ def test_int8_conv2d_requantized(device, isa, conv, out_dtype, out_zp):
 
 
 def test_int8_conv2d_half_outputs_and_strided_input(device):
-    x_q = rand_int8(2, 8, 10, 12, device=device)[:, :, ::2]  # non-contiguous, neither NCHW nor NHWC dense
-    w_q = rand_int8(8, 8, 3, 3, device=device)
+    x_q = randint8((2, 8, 10, 12), device=device)[:, :, ::2]  # non-contiguous, neither NCHW nor NHWC dense
+    w_q = randint8((8, 8, 3, 3), device=device)
     w_scale = torch.full((8,), 0.01, device=device)
     packed, w_sum = F.pack_conv_weight(w_q), w_q.sum((1, 2, 3), dtype=torch.int32)
     for dtype in (torch.float16, torch.bfloat16):
@@ -387,10 +366,10 @@ def test_int8_conv2d_half_outputs_and_strided_input(device):
 
 
 def test_int8_conv2d_bad_inputs(device):
-    w_q = rand_int8(8, 4, 3, 3, device=device)
+    w_q = randint8((8, 4, 3, 3), device=device)
     packed, w_sum = F.pack_conv_weight(w_q), w_q.sum((1, 2, 3), dtype=torch.int32)
     w_scale = torch.ones(8, device=device)
-    x_q = rand_int8(1, 4, 6, 6, device=device)
+    x_q = randint8((1, 4, 6, 6), device=device)
 
     def call(x=x_q, packed=packed, oc=8, kernel=3, **kw):
         return F.int8_conv2d(x, 1.0, 0, packed, w_sum, w_scale, out_channels=oc, kernel_size=kernel, **kw)
@@ -428,27 +407,27 @@ def test_int8_conv2d_bad_inputs(device):
 # ---------------------------------------------------------------------------------------------------------------
 
 def test_opcheck(device):
-    a, b = rand_int8(5, 9, device=device), rand_int8(9, 7, device=device)
+    a, b = randint8((5, 9), device=device), randint8((9, 7), device=device)
     torch.library.opcheck(ops.int8_mm, (a, b))
     w, w_packed, w_sum, w_scale = quantized_weight(7, 9, device)
     torch.library.opcheck(ops.pack_int8_weight, (w,))
-    torch.library.opcheck(ops.pack_int8_weight, (rand_int8(2, 7, 9, device=device),))
+    torch.library.opcheck(ops.pack_int8_weight, (randint8((2, 7, 9), device=device),))
     x_scale = torch.rand(3, 5, device=device).reshape(-1)
     bias = torch.randn(7, device=device)
-    torch.library.opcheck(ops.int8_linear, (rand_int8(3, 5, 9, device=device), x_scale, 2, w_packed, w_sum, w_scale,
+    torch.library.opcheck(ops.int8_linear, (randint8((3, 5, 9), device=device), x_scale, 2, w_packed, w_sum, w_scale,
                                             bias, 7, torch.bfloat16, None, 0))
-    torch.library.opcheck(ops.int8_linear, (rand_int8(4, 9, device=device), x_scale[:1], 0, w_packed, w_sum, w_scale,
+    torch.library.opcheck(ops.int8_linear, (randint8((4, 9), device=device), x_scale[:1], 0, w_packed, w_sum, w_scale,
                                             None, 7, torch.uint8, 0.5, 10))
     torch.library.opcheck(ops.int8_linear_dynamic, (torch.randn(3, 5, 9, device=device), w_packed, w_sum, w_scale,
                                                     bias, 7))
     torch.library.opcheck(ops.int8_linear_dynamic, (torch.randn(4, 9, device=device, dtype=torch.bfloat16), w_packed,
                                                     w_sum, w_scale, None, 7))
-    w_q = rand_int8(6, 2, 3, 2, device=device)
-    torch.library.opcheck(ops.int8_conv2d, (rand_int8(2, 4, 7, 6, device=device), x_scale[:1], 1,
+    w_q = randint8((6, 2, 3, 2), device=device)
+    torch.library.opcheck(ops.int8_conv2d, (randint8((2, 4, 7, 6), device=device), x_scale[:1], 1,
                                             F.pack_conv_weight(w_q, 2), w_q.sum((1, 2, 3), dtype=torch.int32),
                                             torch.rand(6, device=device), bias[:6], 6, [3, 2], [2, 1], [1, 0], [1, 2],
                                             2, torch.float32))
-    torch.library.opcheck(ops.int8_conv2d, (rand_int8(1, 4, 5, 5, device=device), x_scale[:1], 0,
+    torch.library.opcheck(ops.int8_conv2d, (randint8((1, 4, 5, 5), device=device), x_scale[:1], 0,
                                             F.pack_conv_weight(w_q, 2), w_q.sum((1, 2, 3), dtype=torch.int32),
                                             torch.rand(6, device=device), None, 6, [3, 2], [1, 1], [0, 0], [1, 1],
                                             2, torch.int8, 0.25, -3))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import torchquant
-from torchquant.bench import minilm as minilm_lib
+from benchmarks import minilm as minilm_lib
 
 slow = pytest.mark.slow
 

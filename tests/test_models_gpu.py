@@ -1,5 +1,5 @@
 """The MiniLM bundle (export and load without the model package) and the GPU model rows of
-torchquant.bench.models_gpu, on a tiny randomly initialised BERT with the real model's file layout and on small
+benchmarks/models_gpu.py, on a tiny randomly initialised BERT with the real model's file layout and on small
 convnet inputs, so the whole plumbing runs in seconds on the CPU (and, with the `device` fixture, on the GPU
 machine's test step). No timing is asserted."""
 import json
@@ -9,8 +9,8 @@ import re
 import pytest
 import torch
 
-from torchquant.bench import minilm as minilm_lib
-from torchquant.bench import models, models_gpu
+from benchmarks import minilm as minilm_lib
+from benchmarks import models, models_gpu
 
 QUANTIZED = [f"torchquant {p}" for p in models_gpu.MINILM_PRESETS]
 

@@ -8,38 +8,9 @@ import torch
 import torchquant
 import torchquant.functional as F
 from torchquant import reference as R
-from torchquant._ops import ops
+from torchquant._ops import FLOAT_DTYPES as FLOATS, ops
 
-FLOATS = [torch.float32, torch.float16, torch.bfloat16]
-ISAS = ["scalar", "avx2", "avx512_vnni"]
-
-
-def cpu_supports(isa: str) -> bool:
-    import os
-    old = os.environ.get("TORCHQUANT_CPU_ISA")
-    os.environ["TORCHQUANT_CPU_ISA"] = isa
-    try:
-        F.quantize(torch.zeros(1), 1.0)
-        return True
-    except RuntimeError:
-        return False
-    finally:
-        if old is None:
-            del os.environ["TORCHQUANT_CPU_ISA"]
-        else:
-            os.environ["TORCHQUANT_CPU_ISA"] = old
-
-
-SUPPORTED_ISAS = {isa: cpu_supports(isa) for isa in ISAS}
-
-
-@pytest.fixture(params=ISAS)
-def isa(request, monkeypatch):
-    """Forces one CPU code path for the test."""
-    if not SUPPORTED_ISAS[request.param]:
-        pytest.skip(f"this CPU cannot run the {request.param} path")
-    monkeypatch.setenv("TORCHQUANT_CPU_ISA", request.param)
-    return request.param
+from conftest import SUPPORTED_ISAS, assert_same
 
 
 def gen(*shape, device="cpu", dtype=torch.float32, spread=60.0, seed=0, specials=True):
@@ -64,15 +35,6 @@ def qparams(channels, *, bits, signed, device, seed=1):
     else:
         zp = torch.randint(qmin, qmax + 1, (channels,), generator=g, dtype=torch.int32)
     return scale.to(device), zp.to(device)
-
-
-def assert_same(actual, expected):
-    """Bitwise-equal values (NaN == NaN), same dtype and shape."""
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape
-    if actual.is_floating_point():
-        torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True)
-    else:
-        assert torch.equal(actual, expected), (actual != expected).nonzero()[:10]
 
 
 def check_all_ops(x, scale, zp, *, bits, signed, rounding, axis):
@@ -289,7 +251,7 @@ def test_cpu_paths_match_reference(isa):
 def test_cpu_paths_agree_on_a_million_elements(monkeypatch):
     x = gen(1 << 20, spread=50.0)
     results = []
-    for isa in [i for i in ISAS if SUPPORTED_ISAS[i]]:
+    for isa in SUPPORTED_ISAS:
         monkeypatch.setenv("TORCHQUANT_CPU_ISA", isa)
         results.append((F.quantize(x, 0.3, 7), F.fake_quantize(x, 0.3, 7), F.quantize_per_token(x.view(1024, 1024))))
     for other in results[1:]:
@@ -301,6 +263,18 @@ def test_unknown_cpu_path_is_rejected(monkeypatch):
     monkeypatch.setenv("TORCHQUANT_CPU_ISA", "sse9")
     with pytest.raises(RuntimeError, match="TORCHQUANT_CPU_ISA must be"):
         F.quantize(torch.ones(4), 1.0)
+    with pytest.raises(RuntimeError, match="TORCHQUANT_CPU_ISA must be"):
+        torchquant.cpu_kernel_path()
+
+
+def test_cpu_kernel_path_names_the_path_that_runs(monkeypatch):
+    monkeypatch.delenv("TORCHQUANT_CPU_ISA", raising=False)
+    assert torchquant.cpu_kernel_path() == SUPPORTED_ISAS[0]  # the best this CPU has
+    for isa in SUPPORTED_ISAS:
+        monkeypatch.setenv("TORCHQUANT_CPU_ISA", isa)
+        assert torchquant.cpu_kernel_path() == isa
+    monkeypatch.setenv("TORCHQUANT_CPU_ISA", "")
+    assert torchquant.cpu_kernel_path() == SUPPORTED_ISAS[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""torchquant.report from Python: per-layer measurements, the sensitivity budget and the output formats, on small
-random models (the CLI tests cover the same code end to end on the digits CNN)."""
+"""torchquant.report and torchquant.budget from Python: per-layer measurements, the sensitivity budget and the
+output formats, on small random models (the CLI tests cover the same code end to end on the digits CNN)."""
 import json
 import math
 
@@ -10,8 +10,8 @@ from torch import nn
 import torchquant
 from torchquant import functional as F_q
 from torchquant.nn import QuantConv2d, QuantLinear
-from torchquant.report import (build_report, quantize_with_budget, state_bytes, to_markdown, write_json,
-                               write_markdown)
+from torchquant.budget import quantize_with_budget
+from torchquant.report import build_report, state_bytes, to_markdown, write_json, write_markdown
 
 
 class SmallNet(nn.Module):

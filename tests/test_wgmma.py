@@ -13,6 +13,8 @@ import torch.nn.functional as F
 import torchquant
 from torchquant._ops import ops
 
+from conftest import exact_mm, randint8
+
 CUDA = torch.cuda.is_available() and torchquant.has_cuda_kernels()
 HOPPER = CUDA and torch.cuda.get_device_capability() == (9, 0)
 needs_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA device or CUDA kernels not built")
@@ -20,17 +22,6 @@ needs_hopper = pytest.mark.skipif(not HOPPER, reason="the wgmma kernel needs a c
 pytestmark = pytest.mark.cuda
 
 GEMM_VARIABLE = "TORCHQUANT_CUDA_GEMM"
-
-
-def randint8(shape, seed, dtype=torch.int8):
-    low, high = (-128, 128) if dtype == torch.int8 else (0, 256)
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(low, high, shape, generator=g, dtype=torch.int16).to(dtype).cuda()
-
-
-def exact_mm(a, b):
-    """The exact product: |sums| <= 4112 * 2^14 < 2^53, so float64 loses nothing."""
-    return (a.double() @ b.double()).long()
 
 
 def with_kernel(monkeypatch, kernel, fn, *args):
@@ -45,7 +36,7 @@ def both_kernels(monkeypatch, fn, *args):
 
 @needs_hopper
 def test_wgmma_kernel_is_the_one_running(monkeypatch):
-    a, b = randint8((300, 256), 1), randint8((256, 300), 2)
+    a, b = randint8((300, 256), 1, device="cuda"), randint8((256, 300), 2, device="cuda")
 
     def kernels_run(kernel):
         monkeypatch.setenv(GEMM_VARIABLE, kernel)
@@ -72,7 +63,7 @@ def test_int8_mm_exact_on_every_tail(monkeypatch, k):
     monkeypatch.setenv(GEMM_VARIABLE, "wgmma")
     for m in TAIL_M:
         for n in TAIL_N:
-            a, b = randint8((m, k), m * 31 + k), randint8((k, n), n * 17 + k)
+            a, b = randint8((m, k), m * 31 + k, device="cuda"), randint8((k, n), n * 17 + k, device="cuda")
             a[0], b[:, -1] = -128, -128  # the largest sums
             out = ops.int8_mm(a, b)
             assert out.dtype == torch.int32 and out.shape == (m, n)
@@ -83,31 +74,31 @@ def test_int8_mm_exact_on_every_tail(monkeypatch, k):
 @pytest.mark.parametrize("layout", ["a_transposed", "b_row_major", "sliced", "offset"])
 def test_int8_mm_any_strides(monkeypatch, layout):
     m, k, n = 260, 200, 300
-    a, b = randint8((m, k), 3), randint8((k, n), 4)
+    a, b = randint8((m, k), 3, device="cuda"), randint8((k, n), 4, device="cuda")
     if layout == "a_transposed":
         a = a.t().contiguous().t()
     elif layout == "b_row_major":
         b = b.contiguous()
     elif layout == "sliced":
-        a = randint8((m, 2 * k), 5)[:, ::2]
-        b = randint8((2 * k, n + 3), 6)[1::2, 3:]
+        a = randint8((m, 2 * k), 5, device="cuda")[:, ::2]
+        b = randint8((2 * k, n + 3), 6, device="cuda")[1::2, 3:]
     elif layout == "offset":
-        a = randint8((m * k + 1,), 7)[1:].view(m, k)
+        a = randint8((m * k + 1,), 7, device="cuda")[1:].view(m, k)
     assert torch.equal(with_kernel(monkeypatch, "wgmma", ops.int8_mm, a, b).long(), exact_mm(a, b))
 
 
 @needs_hopper
 def test_int8_mm_large_matches_torch_int_mm(monkeypatch):
-    a, b = randint8((2048, 4096), 8), randint8((4096, 1536), 9)
+    a, b = randint8((2048, 4096), 8, device="cuda"), randint8((4096, 1536), 9, device="cuda")
     out = with_kernel(monkeypatch, "wgmma", ops.int8_mm, a, b.t().contiguous().t())
     torch.testing.assert_close(out, torch._int_mm(a, b), rtol=0, atol=0)
 
 
 def linear_args(m, k, n, x_dtype, per_token, with_bias, seed):
     g = torch.Generator().manual_seed(seed)
-    x_q = randint8((m, k), seed, x_dtype)
+    x_q = randint8((m, k), seed, dtype=x_dtype, device="cuda")
     x_zp = 0 if x_dtype == torch.int8 else 128
-    w = randint8((n, k), seed + 1)
+    w = randint8((n, k), seed + 1, device="cuda")
     x_scale = (torch.rand(m if per_token else 1, generator=g) * 0.1 + 0.01).cuda()
     w_scale = (torch.rand(n, generator=g) * 0.01 + 0.001).cuda()
     bias = torch.randn(n, generator=g).cuda() if with_bias else None
@@ -133,8 +124,9 @@ def test_int8_linear_identical_to_mma(monkeypatch, m, k, n, x_dtype, per_token, 
 @pytest.mark.parametrize("x_dtype", [torch.int8, torch.uint8])
 def test_int8_conv2d_identical_to_mma(monkeypatch, groups, channels, out_channels, x_dtype):
     """Grouped GEMMs (group offsets into A and B, output columns g * N + n) and uint8 activations."""
-    x_q = randint8((4, channels, 12, 12), groups + channels, x_dtype).contiguous(memory_format=torch.channels_last)
-    w = randint8((out_channels, channels // groups, 3, 3), out_channels)
+    x_q = randint8((4, channels, 12, 12), groups + channels, dtype=x_dtype, device="cuda")
+    x_q = x_q.contiguous(memory_format=torch.channels_last)
+    w = randint8((out_channels, channels // groups, 3, 3), out_channels, device="cuda")
     packed = ops.pack_int8_weight(w.permute(0, 2, 3, 1).reshape(groups, out_channels // groups, -1))
     w_sum = w.int().sum((1, 2, 3), dtype=torch.int32)
     x_scale = torch.tensor([0.02], device="cuda")
@@ -152,7 +144,7 @@ def test_int8_conv2d_identical_to_mma(monkeypatch, groups, channels, out_channel
 @needs_cuda
 def test_gemm_variable_rejects_unknown_kernels(monkeypatch):
     """Checked on every GEMM call, on any GPU and shape (not only where wgmma could run)."""
-    a = randint8((4, 32), 10)
+    a = randint8((4, 32), 10, device="cuda")
     for value in ["wmma", "WGMMA", "auto"]:
         monkeypatch.setenv(GEMM_VARIABLE, value)
         with pytest.raises(RuntimeError, match=rf"TORCHQUANT_CUDA_GEMM must be mma \(the default\) or wgmma, "

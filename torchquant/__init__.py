@@ -1,7 +1,7 @@
 """torchquant: integer quantization for PyTorch with exact C++ and CUDA kernels."""
 from torchquant import functional  # noqa: F401
 from torchquant import nn  # noqa: F401
-from torchquant._ops import has_cuda_kernels  # noqa: F401
+from torchquant._ops import cpu_kernel_path, has_cuda_kernels  # noqa: F401
 from torchquant.config import QuantConfig, QuantSpec  # noqa: F401
 from torchquant.convert import calibrate, convert, prepare, quantize_model  # noqa: F401
 from torchquant.io import load, save  # noqa: F401

@@ -5,8 +5,6 @@ on stderr with exit status 2; --debug prints the traceback as well.
 """
 import argparse
 import dataclasses
-import importlib
-import inspect
 import os
 import sys
 import traceback
@@ -15,14 +13,15 @@ from typing import List, Optional
 
 import torch
 
+from torchquant.bench import BENCHMARKS, run_benchmarks  # the kernel benchmarks: `torchquant bench` is their entry
 from torchquant._cli_io import (UsageError, atomic_output, batches_of, load_inputs, load_model, same_file,
                                 _one_line)
+from torchquant.config import DEFAULT_PRESET, PRESETS
+from torchquant.observers import OBSERVERS
+from torchquant.timing import num_threads
 
 __all__ = ["main", "build_parser"]
 
-# torchquant/bench/<name>.py, run in this order when present; "models" (real models, minutes) only with --only
-BENCH_MODULES = ("quantize", "gemm_cpu", "layers", "gpu", "models")
-DEFAULT_BENCH = ("quantize", "gemm_cpu", "layers", "gpu")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -51,16 +50,17 @@ def _model_options() -> argparse.ArgumentParser:
     group.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
 
     group = opts.add_argument_group("quantization (a preset, optionally adjusted)")
-    group.add_argument("--config", metavar="PRESET",
-                       help="int8-dynamic (default), int8-static or w4a8-dynamic")
+    group.add_argument("--config", metavar="PRESET", choices=list(PRESETS),
+                       help="; ".join(f"{name}{' (default)' if name == DEFAULT_PRESET else ''}: {preset.description}"
+                                      for name, preset in PRESETS.items()))
     group.add_argument("--bits", type=int, metavar="N", help="weight bits, 1-8")
     group.add_argument("--act-bits", type=int, metavar="N",
                        help="activation bits, 1-8 (2-8 for per-token dynamic activations)")
     group.add_argument("--rounding", metavar="R", help="nearest (default) or truncate, for weights and activations")
     group.add_argument("--granularity", metavar="G", help="weight scales: per_channel (default) or per_tensor")
-    group.add_argument("--observer", metavar="O",
-                       help="range observer: minmax, moving_average, percentile or mse (weights, and "
-                            "static activations)")
+    group.add_argument("--observer", metavar="O", choices=list(OBSERVERS),
+                       help="range observer of the weights and of static activations: "
+                            + "; ".join(f"{name}: {kind.description}" for name, kind in OBSERVERS.items()))
     group.add_argument("--skip", nargs="+", default=[], metavar="PATTERN",
                        help="module names (globs) to keep in float")
     group.add_argument("--min-sqnr", type=float, metavar="DB",
@@ -112,14 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="cpu",
                        help="cpu (quantize, gemm_cpu, layers) or cuda (gpu); default: cpu")
     bench.add_argument("--quick", action="store_true", help="small sizes, few repeats")
-    bench.add_argument("--only", nargs="+", metavar="NAME", choices=BENCH_MODULES,
-                       help=f"run only these benchmarks ({', '.join(BENCH_MODULES)}; default: all but models)")
+    bench.add_argument("--only", nargs="+", metavar="NAME", choices=BENCHMARKS,
+                       help=f"run only these benchmarks ({', '.join(BENCHMARKS)}; default: all that fit "
+                            f"--device)")
     bench.set_defaults(handler=_cmd_bench)
 
     demo = commands.add_parser(
         "demo", parents=[common], help="train, quantize and compare a CNN on the digits data set",
         description="Train a small CNN on scikit-learn's 8x8 digits (seconds), quantize it several ways and "
-                    "compare accuracy, size and CPU latency with float.")
+                    "compare accuracy, size and CPU latency with float. Latency is measured on one thread unless "
+                    "--threads says otherwise.")
     demo.add_argument("--epochs", type=int, default=10, metavar="N", help="training epochs (default: 10)")
     demo.add_argument("--qat-epochs", type=int, default=3, metavar="N",
                       help="quantization-aware training epochs of the 4-bit model (default: 3)")
@@ -150,12 +152,8 @@ def _device(name: str) -> torch.device:
 
 def config_from_args(args):
     """The QuantConfig that --config (a preset) and the adjusting options describe."""
-    from torchquant.config import DEFAULT_PRESET, QuantConfig
-    try:
-        config = QuantConfig.preset(args.config or DEFAULT_PRESET)
-    except ValueError as exc:
-        raise UsageError(f"--config: unknown preset {args.config!r}; expected one of "
-                         f"{', '.join(QuantConfig.preset_names())}") from exc
+    from torchquant.config import QuantConfig
+    config = QuantConfig.preset(args.config or DEFAULT_PRESET)  # argparse checked the name
     weight, activation = config.weight, config.activation
 
     def adjusted(spec, option, **change):
@@ -241,7 +239,7 @@ class _Job:
 
     def quantize(self, progress: bool):
         """(quantized copy of the model, per-layer decisions of the sensitivity budget)."""
-        from torchquant.report import quantize_with_budget
+        from torchquant.budget import quantize_with_budget
         return quantize_with_budget(self.model, self.config, self.calib, min_sqnr=self.min_sqnr,
                                     min_speedup=self.min_speedup, progress=progress)
 
@@ -332,67 +330,25 @@ def _cmd_report(args) -> int:
     return 0
 
 
-# Arguments for each benchmark's run() under --quick: small sizes, one thread, few samples (only the
-# arguments its run() takes are passed, so a benchmark that changes its signature still runs).
-QUICK_BENCH = {
-    "quantize": {"numel": 4 << 20, "channels": 1024, "repeats": 3},
-    "gemm_cpu": {"tables": ("linear",), "repeats": 3},
-    "layers": {"tables": ("linear",), "repeats": 3},
-    "gpu": {"quant_numel": 16 << 20, "sections": ("quantize", "linear")},
-    "models": {"parts": ("digits",), "repeats": 3},
-}
-
-
-def _bench_kwargs(name: str, run, device: torch.device, quick: bool, threads: Optional[int]) -> dict:
-    wanted = dict(QUICK_BENCH.get(name, {})) if quick else {}
-    wanted["device"] = str(device)
-    if threads is not None or quick:
-        wanted["threads"] = (threads or 1,)
-    parameters = inspect.signature(run).parameters
-    return {key: value for key, value in wanted.items() if key in parameters}
-
-
-def _print_rows(title: str, rows: List[dict]) -> None:
-    """Rows as Markdown tables, one per value of a 'table' key when the benchmark tags its rows."""
-    from torchquant.bench.timing import markdown_table
-    groups: dict = {}
-    for row in rows:
-        groups.setdefault(row.get("table"), []).append({k: v for k, v in row.items() if k != "table"})
-    for table, group in groups.items():
-        print(f"\n## {title}{'' if table is None else ' / ' + str(table)}\n")
-        print(markdown_table(group, list(dict.fromkeys(key for row in group for key in row))))
-
-
 def _cmd_bench(args) -> int:
+    import torchquant
     device = _device(args.device)
-    ran = 0
-    for name in args.only or DEFAULT_BENCH:
-        if (name == "gpu") != (device.type == "cuda"):
-            _status(args, f"skipping {name}: it measures the {'GPU' if name == 'gpu' else 'CPU'} "
-                          f"(--device {'cuda' if name == 'gpu' else 'cpu'})")
-            continue
-        try:
-            module = importlib.import_module(f"torchquant.bench.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"torchquant.bench.{name}":
-                raise
-            _status(args, f"skipping {name}: torchquant/bench/{name}.py is not in this build")
-            continue
-        kwargs = _bench_kwargs(name, module.run, device, args.quick, args.threads)
-        _status(args, f"running {name} ({', '.join(f'{k}={v}' for k, v in kwargs.items()) or 'defaults'}) ...")
-        _print_rows(f"{name} ({device.type})", module.run(**kwargs))
-        ran += 1
+    if device.type == "cpu":
+        print(f"CPU kernels: {torchquant.cpu_kernel_path()} (each table's threads column gives its thread count)")
+    ran = run_benchmarks(args.only or BENCHMARKS, device.type, quick=args.quick, threads=args.threads,
+                         status=lambda message: _status(args, message))
     if ran == 0:
         raise UsageError(f"no benchmark could run on {device.type} (see the lines above)")
     return 0
 
 
 def _cmd_demo(args) -> int:
-    from torchquant.demo import run_demo
+    from torchquant.demo import DEFAULT_THREADS, run_demo
     for option, value in (("--epochs", args.epochs), ("--qat-epochs", args.qat_epochs)):
         if value < 1:
             raise UsageError(f"{option}: expected a positive integer, got {value}")
-    run_demo(epochs=args.epochs, qat_epochs=args.qat_epochs, seed=args.seed, quiet=args.quiet)
+    run_demo(epochs=args.epochs, qat_epochs=args.qat_epochs, seed=args.seed,
+             threads=args.threads or DEFAULT_THREADS, quiet=args.quiet)
     return 0
 
 
@@ -406,18 +362,12 @@ def _show_warning_as_one_line(message, category, filename, lineno, file=None, li
 def _run(args) -> int:
     """The subcommand, with the process-wide settings it changes (torch threads, warning display) restored
     afterwards, so main() can also be called from Python."""
-    threads = torch.get_num_threads()
-    with warnings.catch_warnings():
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads: expected a positive integer, got {args.threads}")
+    with warnings.catch_warnings(), num_threads(args.threads or torch.get_num_threads()):
         if not args.debug:
             warnings.showwarning = _show_warning_as_one_line
-        try:
-            if args.threads is not None:
-                if args.threads < 1:
-                    raise UsageError(f"--threads: expected a positive integer, got {args.threads}")
-                torch.set_num_threads(args.threads)
-            return args.handler(args)
-        finally:
-            torch.set_num_threads(threads)
+        return args.handler(args)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Union
+from typing import Any, Callable
 
-import torch.nn as nn
+from torchquant._ops import ROUNDINGS
 
 GRANULARITIES = ("per_channel", "per_tensor", "per_token")
-ROUNDINGS = ("nearest", "truncate")
-OBSERVERS = ("minmax", "moving_average", "percentile", "mse")
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -32,7 +30,7 @@ class QuantSpec:
     bits: 1-8. signed: int8 storage (signed) or uint8 (unsigned). symmetric: zero point 0 (signed) versus an
     asymmetric range with a zero point. granularity: one scale per output channel, one per tensor, or (dynamic
     activations only) one per token (row). rounding: round half to even or truncate toward zero. observer: how
-    the range is estimated (minmax, moving_average, percentile, mse). dynamic: activations quantized with qparams
+    the range is estimated, a name in torchquant.observers.OBSERVERS. dynamic: activations quantized with qparams
     computed from each input at run time instead of calibrated ones. learn_scale: the scale is a parameter
     trained with the LSQ gradient. percentile: the percentile (of |x|, or of x on each side) kept by the
     percentile observer. averaging_constant: the update weight of the moving_average observer.
@@ -58,7 +56,7 @@ class QuantSpec:
             _check_bool(name, getattr(self, name))
         _check_choice("granularity", self.granularity, GRANULARITIES)
         _check_choice("rounding", self.rounding, ROUNDINGS)
-        _check_choice("observer", self.observer, OBSERVERS)
+        _check_choice("observer", self.observer, tuple(_observer_names()))
         if isinstance(self.percentile, bool) or not isinstance(self.percentile, (int, float)):
             raise TypeError(f"QuantSpec: percentile must be a number, got {type(self.percentile).__name__}")
         if not 50.0 < self.percentile <= 100.0:
@@ -94,7 +92,10 @@ class QuantSpec:
         return cls(**data)
 
 
-SkipRule = Union[str, type, Callable[[str, nn.Module], bool]]
+def _observer_names():
+    # the observers' own table; imported here because observers.py builds on QuantSpec
+    from torchquant.observers import OBSERVERS
+    return OBSERVERS
 
 
 def _weight_spec(bits: int, observer: str = "minmax") -> QuantSpec:
@@ -104,11 +105,25 @@ def _weight_spec(bits: int, observer: str = "minmax") -> QuantSpec:
 DYNAMIC_TOKEN_INT8 = QuantSpec(bits=8, granularity="per_token", dynamic=True)
 STATIC_TENSOR_UINT8 = QuantSpec(bits=8, signed=False, symmetric=False, granularity="per_tensor")
 
-_PRESETS = {
-    "int8-dynamic": lambda: QuantConfig(weight=_weight_spec(8), activation=DYNAMIC_TOKEN_INT8),
-    "int8-static": lambda: QuantConfig(weight=_weight_spec(8), activation=STATIC_TENSOR_UINT8),
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named configuration: `build()` makes its QuantConfig; `description` is what --help and the docs say."""
+    build: Callable[[], "QuantConfig"]
+    description: str
+
+
+# The presets by name: QuantConfig.preset, the command line's --config choices and its help read this table, so
+# adding a preset is one entry here (and its test).
+PRESETS: dict[str, Preset] = {
+    "int8-dynamic": Preset(lambda: QuantConfig(weight=_weight_spec(8), activation=DYNAMIC_TOKEN_INT8),
+                           "int8 per-channel weights, int8 per-token activations quantized at run time"),
+    "int8-static": Preset(lambda: QuantConfig(weight=_weight_spec(8), activation=STATIC_TENSOR_UINT8),
+                          "int8 per-channel weights, uint8 per-tensor activations calibrated beforehand"),
     # 4-bit weights lose much more to outliers: the MSE-optimal clipping range is worth its search
-    "w4a8-dynamic": lambda: QuantConfig(weight=_weight_spec(4, "mse"), activation=DYNAMIC_TOKEN_INT8),
+    "w4a8-dynamic": Preset(lambda: QuantConfig(weight=_weight_spec(4, "mse"), activation=DYNAMIC_TOKEN_INT8),
+                           "4-bit per-channel weights (MSE-searched ranges), int8 per-token dynamic activations"),
 }
 DEFAULT_PRESET = "int8-dynamic"
 
@@ -159,14 +174,11 @@ class QuantConfig:
 
     @classmethod
     def preset(cls, name: str) -> "QuantConfig":
-        """A named configuration: 'int8-dynamic' (default), 'int8-static' or 'w4a8-dynamic'."""
-        if name not in _PRESETS:
-            raise ValueError(f"QuantConfig.preset: unknown preset {name!r}; expected one of {sorted(_PRESETS)}")
-        return _PRESETS[name]()
-
-    @staticmethod
-    def preset_names() -> list[str]:
-        return sorted(_PRESETS)
+        """The configuration of a preset of torchquant.config.PRESETS (DEFAULT_PRESET is 'int8-dynamic')."""
+        if name not in PRESETS:
+            raise ValueError(f"QuantConfig.preset: unknown preset {name!r}; expected one of "
+                             f"{', '.join(PRESETS)}")
+        return PRESETS[name].build()
 
     def with_skip(self, skip) -> "QuantConfig":
         return dataclasses.replace(self, skip=tuple(self.skip) + tuple(skip))

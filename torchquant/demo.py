@@ -4,12 +4,11 @@ import copy
 import dataclasses
 import sys
 import time
-from contextlib import contextmanager
 from typing import List
 
 import torch
 
-from torchquant.bench.timing import compare, markdown_table
+from torchquant.timing import compare, markdown_table, num_threads
 
 __all__ = ["run_demo", "demo_variants", "qat_config"]
 
@@ -32,21 +31,15 @@ def qat_config():
     return QuantConfig(weight=dataclasses.replace(preset.weight, observer="minmax"), activation=preset.activation)
 
 
-@contextmanager
-def _one_thread():
-    """Training this 38k-parameter CNN on batches of 32 tiny images gains nothing from more threads, and on a busy
-    machine extra OpenMP threads make it many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+# Latency threads by default: this CNN's layers are too small to split across cores, and on a busy machine extra
+# OpenMP threads wait on each other and make the timings many times slower and erratic.
+DEFAULT_THREADS = 1
 
 
-def run_demo(*, epochs: int = 10, qat_epochs: int = 3, seed: int = 0, quiet: bool = False, out=None
-             ) -> List[dict]:
-    """Prints the comparison table to `out` (stdout) and returns its rows."""
+def run_demo(*, epochs: int = 10, qat_epochs: int = 3, seed: int = 0, threads: int = DEFAULT_THREADS,
+             quiet: bool = False, out=None) -> List[dict]:
+    """Prints the comparison table to `out` (stdout) and returns its rows. Training runs on one thread (this
+    38k-parameter CNN on batches of 32 tiny images gains nothing from more), latency on `threads`."""
     import torchquant
     from torchquant.examples import DigitsCNN, calibration_batches, evaluate, load_digits_data, train
     from torchquant.report import state_bytes
@@ -54,6 +47,8 @@ def run_demo(*, epochs: int = 10, qat_epochs: int = 3, seed: int = 0, quiet: boo
     for name, value in (("epochs", epochs), ("qat_epochs", qat_epochs)):
         if not isinstance(value, int) or value < 0:
             raise ValueError(f"run_demo: {name} must be a non-negative int, got {value!r}")
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"run_demo: threads must be a positive int, got {threads!r}")
 
     def say(text=""):
         if not quiet:
@@ -66,7 +61,7 @@ def run_demo(*, epochs: int = 10, qat_epochs: int = 3, seed: int = 0, quiet: boo
     model = DigitsCNN()
     parameters = sum(p.numel() for p in model.parameters())
     start = time.perf_counter()
-    with _one_thread():
+    with num_threads(1):
         train(model, data, epochs=epochs, seed=seed)
     say(f"DigitsCNN ({parameters / 1000:.1f}k parameters: 2 conv + 2 linear) trained in "
         f"{time.perf_counter() - start:.1f} s on one thread ({epochs} epochs, seed {seed})")
@@ -77,14 +72,14 @@ def run_demo(*, epochs: int = 10, qat_epochs: int = 3, seed: int = 0, quiet: boo
         models[label] = torchquant.quantize_model(model, config, calibration=calibration, inplace=False)
     # Quantization-aware training: fine-tune the fake-quant 4-bit model, then convert it.
     qat = torchquant.prepare(copy.deepcopy(model), qat_config())
-    with _one_thread():
+    with num_threads(1):
         train(qat, data, epochs=qat_epochs, lr=1e-3, seed=seed)
     models[f"w4a8 QAT ({qat_epochs} epochs)"] = torchquant.convert(qat)
 
-    say("measuring accuracy and CPU latency ...")
+    say(f"measuring accuracy and CPU latency on {threads} thread(s) ...")
     accuracy = {label: evaluate(m, data) for label, m in models.items()}
     batch_all, batch_one = data.test_x, data.test_x[:1]
-    with torch.no_grad():
+    with torch.no_grad(), num_threads(threads):
         latency_all = compare({label: (lambda m=m: m(batch_all)) for label, m in models.items()}, repeats=9)
         latency_one = compare({label: (lambda m=m: m(batch_one)) for label, m in models.items()}, repeats=9)
     size_float = state_bytes(model)
@@ -101,6 +96,7 @@ def run_demo(*, epochs: int = 10, qat_epochs: int = 3, seed: int = 0, quiet: boo
             "speed-up (batch 1)": f"{latency_one['float32'] / latency_one[label]:.2f}x",
         })
     print(markdown_table(rows, list(rows[0])), file=out)
-    say(f"\nLatency: median of interleaved runs on the CPU with {torch.get_num_threads()} thread(s), torch "
-        f"{torch.__version__}. Size: every tensor of the state dict (weights, scales, biases).")
+    say(f"\nLatency: median of interleaved runs on the CPU with {threads} thread(s) (CPU kernels: "
+        f"{torchquant.cpu_kernel_path()}), torch {torch.__version__}. Size: every tensor of the state dict (weights, "
+        f"scales, biases).")
     return rows

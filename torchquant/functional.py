@@ -1,7 +1,8 @@
 """Tensor-level quantization API: thin, validated wrappers around the compiled torchquant ops."""
-from torchquant._ops.gemm import *  # noqa: F401,F403
-from torchquant._ops.gemm import __all__ as _gemm_all
-from torchquant._ops.quantize import *  # noqa: F401,F403
-from torchquant._ops.quantize import __all__ as _quantize_all
+from torchquant._ops.gemm import (dynamic_int8_linear, int8_conv2d, int8_linear, int8_mm, pack_conv_weight,
+                                  pack_int8_weight)
+from torchquant._ops.quantize import (choose_qparams, dequantize, fake_quantize, quantization_error, quantize,
+                                      quantize_per_token)
 
-__all__ = list(_quantize_all) + list(_gemm_all)
+__all__ = ["quantize", "dequantize", "fake_quantize", "choose_qparams", "quantize_per_token", "quantization_error",
+           "int8_mm", "pack_int8_weight", "int8_linear", "dynamic_int8_linear", "pack_conv_weight", "int8_conv2d"]

@@ -4,8 +4,14 @@ Every observer reduces a batch to one range per channel (`batch_range`) and fold
 float32 buffers (so it is saved with the model and follows `.to(device)` without being cast by `.half()`).
 qparams come from the range through `functional.choose_qparams`, so observers and kernels share one formula.
 Under torch.distributed the batch ranges are all-reduced, so every rank ends with the same qparams.
+
+The observers are the entries of OBSERVERS (QuantSpec.observer names one; the command line's --observer choices
+and QuantSpec's error messages read the table): adding one is one entry there (and its test).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -35,7 +41,7 @@ def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> t
     return F_q.choose_qparams(bounds, bits=spec.bits, signed=spec.signed, symmetric=spec.symmetric, axis=0)
 
 
-def _minmax(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _minmax(rows: torch.Tensor, spec: QuantSpec | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     return rows.amin(dim=1), rows.amax(dim=1)
 
 
@@ -74,11 +80,7 @@ def batch_range(x: torch.Tensor, spec: QuantSpec, axis: int | None = None) -> tu
     rows = as_channel_rows(x, axis)
     if rows.shape[1] == 0:
         raise ValueError("observer input must not be empty")
-    if spec.observer == "percentile":
-        return _percentile_range(rows, spec)
-    if spec.observer == "mse":
-        return _mse_range(rows, spec)
-    return _minmax(rows)
+    return OBSERVERS[spec.observer].batch_range(rows, spec)
 
 
 def _distributed_world() -> int:
@@ -91,7 +93,7 @@ def _sync_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple[to
     if world == 1:
         return lo, hi
     lo, hi = lo.clone(), hi.clone()
-    if spec.observer in ("minmax", "moving_average"):
+    if OBSERVERS[spec.observer].extremes:
         dist.all_reduce(lo, op=dist.ReduceOp.MIN)
         dist.all_reduce(hi, op=dist.ReduceOp.MAX)
     else:
@@ -177,16 +179,8 @@ class Observer(Float32StateModule):
         if n == 0:
             self.lo.copy_(lo)
             self.hi.copy_(hi)
-        elif self.spec.observer == "minmax":
-            torch.minimum(self.lo, lo, out=self.lo)
-            torch.maximum(self.hi, hi, out=self.hi)
-        elif self.spec.observer == "moving_average":
-            c = self.spec.averaging_constant
-            self.lo.add_(c * (lo - self.lo))
-            self.hi.add_(c * (hi - self.hi))
-        else:  # percentile and mse: the mean of the per-batch estimates
-            self.lo.add_((lo - self.lo) / (n + 1))
-            self.hi.add_((hi - self.hi) / (n + 1))
+        else:
+            OBSERVERS[self.spec.observer].fold(self, lo, hi, n)
         self.batches.add_(1)
         return x
 
@@ -198,3 +192,51 @@ class Observer(Float32StateModule):
 
     def extra_repr(self) -> str:
         return f"observer={self.spec.observer}, axis={self.axis}, channels={self.lo.numel()}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the observers
+
+def _fold_extremes(observer: Observer, lo: torch.Tensor, hi: torch.Tensor, batches: int) -> None:
+    torch.minimum(observer.lo, lo, out=observer.lo)
+    torch.maximum(observer.hi, hi, out=observer.hi)
+
+
+def _fold_moving_average(observer: Observer, lo: torch.Tensor, hi: torch.Tensor, batches: int) -> None:
+    c = observer.spec.averaging_constant
+    observer.lo.add_(c * (lo - observer.lo))
+    observer.hi.add_(c * (hi - observer.hi))
+
+
+def _fold_mean(observer: Observer, lo: torch.Tensor, hi: torch.Tensor, batches: int) -> None:
+    """The mean of the per-batch estimates (`batches` of them folded so far)."""
+    observer.lo.add_((lo - observer.lo) / (batches + 1))
+    observer.hi.add_((hi - observer.hi) / (batches + 1))
+
+
+@dataclass(frozen=True)
+class ObserverKind:
+    """One way of estimating a range.
+
+    batch_range(rows [C, R] float32, spec) -> (lo, hi) [C]: one batch's range per channel.
+    fold(observer, lo, hi, batches): folds a batch's range into the observer's lo/hi buffers after the first batch
+    (which is copied); `batches` counts the batches folded before.
+    extremes: the batch ranges are true extremes, so ranks agree on their min/max under torch.distributed (else on
+    their mean).
+    description: one line for --help and the docs.
+    """
+    batch_range: Callable[[torch.Tensor, QuantSpec], tuple[torch.Tensor, torch.Tensor]]
+    fold: Callable[[Observer, torch.Tensor, torch.Tensor, int], None]
+    extremes: bool
+    description: str
+
+
+OBSERVERS: dict[str, ObserverKind] = {
+    "minmax": ObserverKind(_minmax, _fold_extremes, True, "the min and max of everything seen"),
+    "moving_average": ObserverKind(_minmax, _fold_moving_average, True,
+                                   "a moving average of each batch's min and max (averaging_constant)"),
+    "percentile": ObserverKind(_percentile_range, _fold_mean, False,
+                               "the mean over batches of a percentile of the values (percentile)"),
+    "mse": ObserverKind(_mse_range, _fold_mean, False,
+                        "the mean over batches of the clipping range with the least fake-quantization error"),
+}

@@ -1,16 +1,16 @@
-"""What quantizing a model costs (error), saves (bytes) and gains (speed), per layer and in total; and a
-sensitivity-guided conversion that keeps a layer float (or at 8 bits) when quantizing it does not pay.
+"""What quantizing a model costs (error), saves (bytes) and gains (speed), per layer and in total: measured
+and rendered (a terminal table, JSON, Markdown with a plot). The per-layer measurement also drives the
+sensitivity-guided conversion of torchquant.budget.
 
 Layer errors are measured in isolation: each quantized layer is fed exactly the input its float layer receives
 in the float model, so a layer's output SQNR is the error that layer adds, not what it inherits from upstream.
 The model's end-to-end output SQNR and its accuracy (or agreement with float) on an evaluation set show the sum.
 """
-import copy
 import json
 import math
 import os
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
@@ -18,18 +18,15 @@ from torch import nn
 from tqdm import tqdm
 
 from torchquant import functional as F_q
-from torchquant.bench.timing import compare, markdown_table
 from torchquant.config import QuantConfig, resolve_config
+from torchquant.convert import QUANT_TYPES
+from torchquant.nn.base import QuantLayerBase
+from torchquant.timing import compare, markdown_table
 
-__all__ = ["LayerReport", "ModelReport", "build_report", "quantize_with_budget", "state_bytes", "write_json",
-           "write_markdown", "to_markdown"]
+__all__ = ["LayerReport", "ModelReport", "build_report", "state_bytes", "write_json", "write_markdown",
+           "to_markdown"]
 
-FLOAT_LAYER_TYPES = (nn.Linear, nn.Conv2d)
-
-
-def _quant_layer_types():
-    from torchquant.nn import QuantConv2d, QuantLinear
-    return QuantLinear, QuantConv2d
+FLOAT_LAYER_TYPES = tuple(QUANT_TYPES)  # the layer types conversion swaps (exact types)
 
 
 @dataclass
@@ -207,16 +204,12 @@ def _layer_pairs(float_model: nn.Module, quantized_model: nn.Module):
             if type(module) in FLOAT_LAYER_TYPES]
 
 
-def _is_quant_layer(module) -> bool:
-    return isinstance(module, _quant_layer_types())
-
-
 def _is_quantized(module) -> bool:
-    return _is_quant_layer(module) and module.converted
+    return isinstance(module, QuantLayerBase) and module.converted
 
 
 @contextmanager
-def _eval_mode(*models: nn.Module):
+def eval_mode(*models: nn.Module):
     """Every module in eval mode inside, each module's own training flag restored afterwards."""
     flags = [(m, m.training) for model in models for m in model.modules()]
     for model in models:
@@ -229,22 +222,22 @@ def _eval_mode(*models: nn.Module):
 
 
 @dataclass
-class _LayerMeasurement:
+class LayerMeasurement:
     output: _ErrorSums = field(default_factory=_ErrorSums)
     latency_float_s: Optional[float] = None
     latency_quantized_s: Optional[float] = None
 
 
 @torch.no_grad()
-def _measure(float_model, quantized_model, batches: Sequence[torch.Tensor], *, names: Optional[set] = None,
+def measure_layers(float_model, quantized_model, batches: Sequence[torch.Tensor], *, names: Optional[set] = None,
              time_layers: bool = True, repeats: int = 5, progress: bool = False, desc: str = "measuring layers"
-             ) -> Tuple[Dict[str, _LayerMeasurement], _ErrorSums, Optional[Tuple[float, float]]]:
+             ) -> Tuple[Dict[str, LayerMeasurement], _ErrorSums, Optional[Tuple[float, float]]]:
     """Per quantized layer (restricted to `names` when given): isolated output error over all batches and,
     with time_layers, the median latency of the float and the quantized layer on the first batch's input.
     Also the end-to-end output error and (with time_layers) the whole models' latencies on the first batch."""
     pairs = [(n, f, q) for n, f, q in _layer_pairs(float_model, quantized_model)
              if _is_quantized(q) and (names is None or n in names)]
-    measured = {name: _LayerMeasurement() for name, _, _ in pairs}
+    measured = {name: LayerMeasurement() for name, _, _ in pairs}
     first_inputs: Dict[str, torch.Tensor] = {}
 
     def hook_for(name, quantized_layer):
@@ -315,7 +308,7 @@ def build_report(float_model: nn.Module, quantized_model: nn.Module, config=None
 
     calibration: batches the layer errors and latencies are measured on (else the evaluation inputs; without
     either, only weight errors and sizes are reported). evaluation: (input batches, label batches or None).
-    decisions: layer name -> why it was kept float or at 8 bits (from quantize_with_budget).
+    decisions: layer name -> why it was kept float or at 8 bits (from torchquant.budget.quantize_with_budget).
     """
     if not isinstance(float_model, nn.Module) or not isinstance(quantized_model, nn.Module):
         raise TypeError("build_report: float_model and quantized_model must be nn.Modules")
@@ -324,9 +317,9 @@ def build_report(float_model: nn.Module, quantized_model: nn.Module, config=None
     config = resolve_config(config)
     decisions = dict(decisions or {})
     batches = list(calibration) if calibration is not None else list(evaluation[0]) if evaluation else []
-    with _eval_mode(float_model, quantized_model):
+    with eval_mode(float_model, quantized_model):
         measured, end_to_end, model_latency = (
-            _measure(float_model, quantized_model, batches, time_layers=time_layers, repeats=repeats,
+            measure_layers(float_model, quantized_model, batches, time_layers=time_layers, repeats=repeats,
                      progress=progress) if batches else ({}, None, None))
     layers = []
     for name, float_layer, layer in _layer_pairs(float_model, quantized_model):
@@ -359,7 +352,7 @@ def build_report(float_model: nn.Module, quantized_model: nn.Module, config=None
     else:
         report.notes.append("no calibration or evaluation inputs: output errors and latencies not measured")
     if evaluation is not None:
-        with _eval_mode(float_model, quantized_model):
+        with eval_mode(float_model, quantized_model):
             (report.eval_metric, report.eval_samples, report.eval_float,
              report.eval_quantized) = _evaluate(float_model, quantized_model, evaluation, progress)
     return report
@@ -372,102 +365,6 @@ def _config_dict(config: QuantConfig) -> dict:
     data = plain.to_dict()
     data["skip"] += [repr(rule) for rule in config.skip if not isinstance(rule, str)]
     return data
-
-
-# ----------------------------------------------------------------------------------------------------------
-# sensitivity-guided conversion
-
-def _quantize_copy(model: nn.Module, config: QuantConfig, calibration, plan: Optional[Dict[str, Optional[int]]] = None,
-                   *, progress: bool = False) -> nn.Module:
-    """A converted copy of model. plan: layer name -> None (keep it float) or the weight bits it gets instead
-    of config's; layers not in the plan follow config. Each group of layers is prepared in a pass of its own
-    whose skip rule names the layers outside the group."""
-    import torchquant
-    plan = plan or {}
-    layers = {name for name, module in model.named_modules() if type(module) in FLOAT_LAYER_TYPES}
-    result = copy.deepcopy(model)
-    groups = [(config, layers - set(plan))]
-    for bits in sorted({bits for bits in plan.values() if bits is not None}):
-        group_config = QuantConfig(weight=replace(config.weight, bits=bits), activation=config.activation)
-        groups.append((group_config, {name for name, b in plan.items() if b == bits}))
-    for group_config, names in groups:
-        others = layers - names
-        if names:
-            torchquant.prepare(result, group_config.with_skip([lambda name, module: name in others])
-                               if others else group_config)
-    if not any(_is_quant_layer(m) for m in result.modules()):
-        return result  # every layer kept float
-    if calibration is not None and config.activation is not None and not config.activation.dynamic:
-        torchquant.calibrate(result, calibration, progress=progress)
-    return torchquant.convert(result)
-
-
-def _fails(measurement: _LayerMeasurement, min_sqnr, min_speedup) -> Optional[str]:
-    """Why the layer misses the budget, or None."""
-    sqnr = measurement.output.sqnr_db
-    if min_sqnr is not None and sqnr < min_sqnr:
-        return f"output SQNR {sqnr:.1f} dB < {min_sqnr:g} dB"
-    if min_speedup is not None and measurement.latency_quantized_s:
-        speedup = measurement.latency_float_s / measurement.latency_quantized_s
-        if speedup < min_speedup:
-            return f"speed-up {speedup:.2f}x < {min_speedup:g}x"
-    return None
-
-
-def quantize_with_budget(model: nn.Module, config=None, calibration: Optional[Iterable[torch.Tensor]] = None, *,
-                         min_sqnr: Optional[float] = None, min_speedup: Optional[float] = None,
-                         fallback_bits: int = 8, repeats: int = 5, progress: bool = False
-                         ) -> Tuple[nn.Module, Dict[str, str]]:
-    """A quantized copy of `model` (left unchanged) in which every quantized layer meets the budget: output
-    SQNR >= min_sqnr dB and speed-up >= min_speedup, measured per layer on the calibration batches.
-
-    A layer that misses it with fewer than `fallback_bits` weight bits is tried at fallback_bits; if it still
-    misses (or is already at fallback_bits) it stays float. Returns (quantized model, {layer name: reason}).
-    Without a budget this is quantize_model on a copy and the reasons are empty.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"quantize_with_budget: model must be an nn.Module, got {type(model).__name__}")
-    config = resolve_config(config)
-    for name, value in (("min_sqnr", min_sqnr), ("min_speedup", min_speedup)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                  or math.isnan(value)):
-            raise TypeError(f"quantize_with_budget: {name} must be a number or None, got {value!r}")
-    if min_speedup is not None and min_speedup <= 0:
-        raise ValueError(f"quantize_with_budget: min_speedup must be positive, got {min_speedup}")
-    if not isinstance(fallback_bits, int) or not 1 <= fallback_bits <= 8:
-        raise ValueError(f"quantize_with_budget: fallback_bits must be an int in [1, 8], got {fallback_bits!r}")
-    batches = None if calibration is None else list(calibration)
-    if min_sqnr is None and min_speedup is None:
-        return _quantize_copy(model, config, batches, progress=progress), {}
-    if not batches:
-        raise ValueError("quantize_with_budget: a budget (min_sqnr / min_speedup) needs calibration batches")
-    time_layers = min_speedup is not None
-    trial = _quantize_copy(model, config, batches, progress=progress)
-    with _eval_mode(model, trial):
-        measured, _, _ = _measure(model, trial, batches, time_layers=time_layers, repeats=repeats,
-                                  progress=progress)
-    failing = {name: why for name, m in measured.items() if (why := _fails(m, min_sqnr, min_speedup))}
-    plan: Dict[str, Optional[int]] = {name: None for name in failing}
-    decisions = {name: f"kept float: {why}" for name, why in failing.items()}
-    if failing and config.weight.bits < fallback_bits:
-        # everything else float: each failing layer is measured with only its own error
-        layers = {name for name, module in model.named_modules() if type(module) in FLOAT_LAYER_TYPES}
-        retry = _quantize_copy(model, config, batches, {name: fallback_bits if name in failing else None
-                                                        for name in layers}, progress=progress)
-        with _eval_mode(model, retry):
-            remeasured, _, _ = _measure(model, retry, batches, names=set(failing), time_layers=time_layers,
-                                        repeats=repeats, progress=progress,
-                                        desc=f"trying {fallback_bits}-bit weights")
-        for name, why in failing.items():
-            why_again = _fails(remeasured[name], min_sqnr, min_speedup)
-            if why_again is None:
-                plan[name] = fallback_bits
-                decisions[name] = f"{fallback_bits}-bit weights: {why} at {config.weight.bits} bits"
-            else:
-                decisions[name] = (f"kept float: {why} at {config.weight.bits} bits, {why_again} at "
-                                   f"{fallback_bits} bits")
-    final = _quantize_copy(model, config, batches, plan, progress=progress)
-    return final, decisions
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -9,7 +9,17 @@ from torchquant import _C  # noqa: F401  (loading the library registers the ops)
 
 ops = torch.ops.torchquant
 
+# What the float side of every op takes, and the rounding modes of the quantize ops (csrc/ops.cpp).
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+ROUNDINGS = ("nearest", "truncate")
+
 
 def has_cuda_kernels() -> bool:
     """True when the extension was built with its CUDA kernels."""
     return torch._C._dispatch_has_kernel_for_dispatch_key("torchquant::quantize", "CUDA")
+
+
+def cpu_kernel_path() -> str:
+    """The instruction-set path the CPU kernels run now: "avx512_vnni", "avx2" or "scalar" (the best this CPU
+    supports, or the one the environment variable TORCHQUANT_CPU_ISA forces)."""
+    return ops.cpu_kernel_path()

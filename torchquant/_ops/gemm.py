@@ -8,7 +8,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from torchquant._ops import ops
+from torchquant._ops import FLOAT_DTYPES, ops
 
 __all__ = [
     "int8_mm",
@@ -19,7 +19,6 @@ __all__ = [
     "int8_conv2d",
 ]
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ACTIVATION_DTYPES = (torch.int8, torch.uint8)
 _PANEL = 64  # packed weights are zero padded to multiples of 64 in both dims (csrc/ops.cpp)
 
@@ -104,7 +103,7 @@ def int8_linear(x_q: torch.Tensor, x_scale, x_zero_point: int, w_packed: torch.T
     _require_tensor("w_scale", w_scale)
     x_scale = _scale_tensor("x_scale", x_scale, x_q.device)
     _require_same_device(x_q.device, x_scale=x_scale, w_packed=w_packed, w_sum=w_sum, w_scale=w_scale, bias=bias)
-    if out_dtype not in _FLOAT_DTYPES + _ACTIVATION_DTYPES:
+    if out_dtype not in FLOAT_DTYPES + _ACTIVATION_DTYPES:
         raise TypeError(f"int8_linear: out_dtype must be float32, float16, bfloat16, int8 or uint8, got {out_dtype}")
     return ops.int8_linear(x_q, x_scale, int(x_zero_point), w_packed, w_sum, w_scale, bias, int(out_features),
                            out_dtype, None if out_scale is None else float(out_scale), int(out_zero_point))
@@ -115,7 +114,7 @@ def dynamic_int8_linear(x: torch.Tensor, w_packed: torch.Tensor, w_sum: torch.Te
     """The int8-dynamic Linear forward: per-token symmetric int8 quantization of x [..., K] (float32, float16 or
     bfloat16), then int8_linear against the packed weight; the output has x's dtype."""
     _require_tensor("x", x)
-    _require_dtype("x", x, _FLOAT_DTYPES)
+    _require_dtype("x", x, FLOAT_DTYPES)
     if x.dim() < 1:
         raise ValueError("dynamic_int8_linear: x must have at least 1 dimension [..., K]")
     _require_same_device(x.device, w_packed=w_packed, w_sum=w_sum, w_scale=w_scale, bias=bias)
@@ -159,7 +158,7 @@ def int8_conv2d(x_q: torch.Tensor, x_scale, x_zero_point: int, w_packed: torch.T
     if not isinstance(groups, int) or groups < 1 or x_q.shape[1] % groups or out_channels % groups:
         raise ValueError(f"int8_conv2d: groups must be a positive int dividing the input channels ({x_q.shape[1]}) "
                          f"and out_channels ({out_channels}), got {groups!r}")
-    if out_dtype not in _FLOAT_DTYPES + _ACTIVATION_DTYPES:
+    if out_dtype not in FLOAT_DTYPES + _ACTIVATION_DTYPES:
         raise TypeError(f"int8_conv2d: out_dtype must be float32, float16, bfloat16, int8 or uint8, got {out_dtype}")
     return ops.int8_conv2d(x_q, x_scale, int(x_zero_point), w_packed, w_sum, w_scale, bias, int(out_channels),
                            _pair("kernel_size", kernel_size), _pair("stride", stride), _pair("padding", padding),

@@ -10,12 +10,10 @@ from typing import Dict, Optional, Tuple, Union
 
 import torch
 
-from torchquant._ops import ops
+from torchquant._ops import FLOAT_DTYPES, ROUNDINGS, ops
 
 __all__ = ["quantize", "dequantize", "fake_quantize", "choose_qparams", "quantize_per_token", "quantization_error"]
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-ROUNDINGS = ("nearest", "truncate")
 Number = Union[int, float]
 
 

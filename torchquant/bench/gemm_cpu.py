@@ -8,15 +8,14 @@ Three tables, each at 1 and 2 threads, every row timed interleaved with its base
 - conv2d on ResNet-style layers (uint8 channels-last activations, per-channel int8 weights, float32 output)
   against torch.ao.nn.quantized.Conv2d (x86 engine; quint8 output) and the float channels-last conv.
 """
-import contextlib
-import warnings
 from typing import List, Sequence
 
 import torch
 from torch import nn
 
-import torchquant.functional as tqf
-from torchquant.bench.timing import compare, run_tables, tables_main
+from torchquant import functional as F_q
+from torchquant.bench.timing import run_tables, tables_main, torch_ao_engine
+from torchquant.timing import compare, num_threads
 
 VNNI_PEAK_GOPS_PER_CORE = 455.0
 MM_SHAPES = ((1024, 1024, 1024), (2048, 2048, 2048), (128, 4096, 4096))  # M, K, N
@@ -33,29 +32,6 @@ CONV_LAYERS = (  # name, in_channels, size, out_channels, kernel, stride, paddin
     ("1x1 2048->512 @7", 2048, 7, 512, 1, 1, 0),
 )
 CONV_BATCHES = (1, 8)
-
-
-@contextlib.contextmanager
-def _torch_threads(n: int):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-@contextlib.contextmanager
-def _torch_ao_quantization(engine: str):
-    """torch.ao warns that it is deprecated on every use; it is still the baseline users have."""
-    previous = torch.backends.quantized.engine
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.backends.quantized.engine = engine
-        try:
-            yield
-        finally:
-            torch.backends.quantized.engine = previous
 
 
 def _int8(*shape) -> torch.Tensor:
@@ -75,8 +51,8 @@ def bench_int8_mm(threads: int, repeats: int) -> List[dict]:
         a, w = _int8(m, k), _int8(n, k)
         b = w.t()  # the nn.Linear weight layout
         af, bf = a.float(), b.float()
-        with _torch_threads(threads):
-            t = compare({"tq": lambda: tqf.int8_mm(a, b), "int_mm": lambda: torch._int_mm(a, b),
+        with num_threads(threads):
+            t = compare({"tq": lambda: F_q.int8_mm(a, b), "int_mm": lambda: torch._int_mm(a, b),
                          "fp32": lambda: torch.mm(af, bf)}, repeats=repeats)
         gops = 2 * m * n * k / t["tq"] / 1e9
         rows.append({"threads": threads, "M x K x N": f"{m}x{k}x{n}", "ms": t["tq"] * 1e3, "GOP/s": gops,
@@ -91,14 +67,14 @@ def bench_dynamic_linear(threads: int, repeats: int) -> List[dict]:
     for k, n in LINEAR_SHAPES:
         linear = nn.Linear(k, n)
         w_q, w_scale = _per_channel_int8(linear.weight.detach())
-        packed, w_sum = tqf.pack_int8_weight(w_q), w_q.sum(1, dtype=torch.int32)
+        packed, w_sum = F_q.pack_int8_weight(w_q), w_q.sum(1, dtype=torch.int32)
         bias = linear.bias.detach()
-        with _torch_ao_quantization("fbgemm"):
+        with torch_ao_engine("fbgemm"):
             ao_linear = torch.ao.quantization.quantize_dynamic(nn.Sequential(linear), {nn.Linear}, torch.qint8)
         for m in LINEAR_ROWS:
             x = torch.randn(m, k)
-            with _torch_threads(threads), torch.no_grad(), _torch_ao_quantization("fbgemm"):
-                t = compare({"tq": lambda: tqf.dynamic_int8_linear(x, packed, w_sum, w_scale, bias, out_features=n),
+            with num_threads(threads), torch.no_grad(), torch_ao_engine("fbgemm"):
+                t = compare({"tq": lambda: F_q.dynamic_int8_linear(x, packed, w_sum, w_scale, bias, out_features=n),
                              "ao": lambda: ao_linear(x),
                              "fp32": lambda: nn.functional.linear(x, linear.weight, bias)}, repeats=repeats)
             rows.append({"threads": threads, "K x N": f"{k}x{n}", "M": m, "us": t["tq"] * 1e6,
@@ -112,10 +88,10 @@ def bench_conv(threads: int, repeats: int) -> List[dict]:
     for name, c, size, oc, kernel, stride, padding in CONV_LAYERS:
         conv = nn.Conv2d(c, oc, kernel, stride, padding)
         w_q, w_scale = _per_channel_int8(conv.weight.detach())
-        packed, w_sum = tqf.pack_conv_weight(w_q), w_q.sum((1, 2, 3), dtype=torch.int32)
+        packed, w_sum = F_q.pack_conv_weight(w_q), w_q.sum((1, 2, 3), dtype=torch.int32)
         bias = conv.bias.detach()
         x_scale, x_zp = 0.05, 64
-        with _torch_ao_quantization("x86"):
+        with torch_ao_engine("x86"):
             ao_conv = torch.ao.nn.quantized.Conv2d(c, oc, kernel, stride, padding)
             ao_weight = torch.quantize_per_channel(conv.weight.detach(), w_scale.double(), torch.zeros(oc).long(), 0,
                                                    torch.qint8)
@@ -125,8 +101,8 @@ def bench_conv(threads: int, repeats: int) -> List[dict]:
             xf = torch.randn(batch, c, size, size).contiguous(memory_format=torch.channels_last)
             x_q = torch.quantize_per_tensor(xf, x_scale, x_zp, torch.quint8)
             x_u8 = x_q.int_repr()  # channels-last uint8
-            with _torch_threads(threads), torch.no_grad(), _torch_ao_quantization("x86"):
-                t = compare({"tq": lambda: tqf.int8_conv2d(x_u8, x_scale, x_zp, packed, w_sum, w_scale, bias,
+            with num_threads(threads), torch.no_grad(), torch_ao_engine("x86"):
+                t = compare({"tq": lambda: F_q.int8_conv2d(x_u8, x_scale, x_zp, packed, w_sum, w_scale, bias,
                                                            out_channels=oc, kernel_size=kernel, stride=stride,
                                                            padding=padding),
                              "ao": lambda: ao_conv(x_q),

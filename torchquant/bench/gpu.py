@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 import torchquant  # noqa: F401  (registers the ops)
 from torchquant._ops.gemm import dynamic_int8_linear
-from torchquant.bench.timing import compare, copy_bandwidth, markdown_table
+from torchquant.bench.timing import copy_bandwidth
+from torchquant.timing import compare, markdown_table
 
 ops = torch.ops.torchquant
 DEVICE = "cuda"

@@ -16,8 +16,9 @@ from typing import List
 
 import torch
 
-import torchquant.functional as F
-from torchquant.bench.timing import compare, copy_bandwidth, markdown_table
+from torchquant import functional as F_q
+from torchquant.bench.timing import copy_bandwidth
+from torchquant.timing import compare, markdown_table, num_threads
 
 COLUMNS = ["op", "granularity", "threads", "busy threads", "ours ms", "torch ms", "GB/s", "copy GB/s", "of copy", "vs torch"]
 BYTES_PER_ELEMENT = {"quantize": 5, "dequantize": 5, "fake_quantize": 8}
@@ -59,32 +60,30 @@ def cases(numel: int, channels: int):
     scale, zp = 0.05, 3
     scales = torch.rand(channels) * 0.05 + 0.01
     zps = torch.randint(-10, 10, (channels,), dtype=torch.int32)
-    q = F.quantize(x, scale, zp)
-    qc = F.quantize(x, scales, zps, axis=0)
+    q = F_q.quantize(x, scale, zp)
+    qc = F_q.quantize(x, scales, zps, axis=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch's quantized tensors are deprecated; they are the baseline here
         q_torch = torch.quantize_per_tensor(x, scale, zp, torch.qint8)
         qc_torch = torch.quantize_per_channel(x, scales.double(), zps.long(), 0, torch.qint8)
     return [
-        ("quantize", "per-tensor", lambda: F.quantize(x, scale, zp),
+        ("quantize", "per-tensor", lambda: F_q.quantize(x, scale, zp),
          lambda: torch.quantize_per_tensor(x, scale, zp, torch.qint8)),
-        ("quantize", "per-channel", lambda: F.quantize(x, scales, zps, axis=0),
+        ("quantize", "per-channel", lambda: F_q.quantize(x, scales, zps, axis=0),
          lambda: torch.quantize_per_channel(x, scales, zps, 0, torch.qint8)),
-        ("dequantize", "per-tensor", lambda: F.dequantize(q, scale, zp), q_torch.dequantize),
-        ("dequantize", "per-channel", lambda: F.dequantize(qc, scales, zps, axis=0), qc_torch.dequantize),
-        ("fake_quantize", "per-tensor", lambda: F.fake_quantize(x, scale, zp),
+        ("dequantize", "per-tensor", lambda: F_q.dequantize(q, scale, zp), q_torch.dequantize),
+        ("dequantize", "per-channel", lambda: F_q.dequantize(qc, scales, zps, axis=0), qc_torch.dequantize),
+        ("fake_quantize", "per-tensor", lambda: F_q.fake_quantize(x, scale, zp),
          lambda: torch.fake_quantize_per_tensor_affine(x, scale, zp, -128, 127)),
-        ("fake_quantize", "per-channel", lambda: F.fake_quantize(x, scales, zps, axis=0),
+        ("fake_quantize", "per-channel", lambda: F_q.fake_quantize(x, scales, zps, axis=0),
          lambda: torch.fake_quantize_per_channel_affine(x, scales, zps, 0, -128, 127)),
     ]
 
 
 def run(numel: int = 64 << 20, channels: int = 4096, threads=(1, 2), repeats: int = 7) -> List[dict]:
     rows = []
-    saved_threads = torch.get_num_threads()
-    try:
-        for n_threads in threads:
-            torch.set_num_threads(n_threads)
+    for n_threads in threads:
+        with num_threads(n_threads):
             copy_bw = copy_bandwidth(4 * numel, repeats=repeats)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -96,8 +95,6 @@ def run(numel: int = 64 << 20, channels: int = 4096, threads=(1, 2), repeats: in
                                  "ours ms": t["ours"] * 1e3, "torch ms": t["torch"] * 1e3, "GB/s": bandwidth / 1e9,
                                  "copy GB/s": copy_bw / 1e9, "of copy": bandwidth / copy_bw,
                                  "vs torch": t["torch"] / t["ours"]})
-    finally:
-        torch.set_num_threads(saved_threads)
     return rows
 
 

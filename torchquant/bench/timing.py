@@ -1,39 +1,13 @@
-"""Timing for the benchmarks: interleaved runs, medians, ratio tables. Never used to assert anything."""
+"""The benchmarks' side of timing: copy bandwidth and the table-registry command line (the timing itself is
+torchquant.timing)."""
 import argparse
-import statistics
-import time
+import contextlib
+import warnings
 from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 
-
-def _sync(device: str) -> None:
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def compare(fns: Dict[str, Callable[[], object]], *, device: str = "cpu", repeats: int = 15,
-            min_sample_s: float = 0.02) -> Dict[str, float]:
-    """Median seconds per call of each function, sampled interleaved (A B C A B C ...) so that drift and noise
-    of the machine fall on all of them alike. Each sample repeats a call enough times to last min_sample_s."""
-    inner = {}
-    for name, fn in fns.items():
-        fn()  # warm-up (allocations, lazy init, caches)
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        inner[name] = max(1, int(min_sample_s / max(time.perf_counter() - start, 1e-7)))
-    samples = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            _sync(device)
-            start = time.perf_counter()
-            for _ in range(inner[name]):
-                fn()
-            _sync(device)
-            samples[name].append((time.perf_counter() - start) / inner[name])
-    return {name: statistics.median(s) for name, s in samples.items()}
+from torchquant.timing import compare, markdown_table
 
 
 def copy_bandwidth(numel_bytes: int, *, device: str = "cpu", repeats: int = 15) -> float:
@@ -44,15 +18,18 @@ def copy_bandwidth(numel_bytes: int, *, device: str = "cpu", repeats: int = 15) 
     return 2 * numel_bytes / seconds
 
 
-def markdown_table(rows: List[dict], columns: Sequence[str]) -> str:
-    """Rows of dicts as a Markdown table; floats with 3 significant digits."""
-    def fmt(v):
-        if isinstance(v, float):
-            return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
-        return str(v)
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
+@contextlib.contextmanager
+def torch_ao_engine(engine: str):
+    """torch.backends.quantized.engine set to `engine` inside, with torch.ao's warnings silenced: it warns that it
+    is deprecated on every use, and it is still the baseline users have."""
+    previous = torch.backends.quantized.engine
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.backends.quantized.engine = engine
+        try:
+            yield
+        finally:
+            torch.backends.quantized.engine = previous
 
 
 # A table registry maps a table name to (function(threads, repeats) -> rows, the columns to print).

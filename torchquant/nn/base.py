@@ -17,11 +17,9 @@ import torch
 import torch.nn as nn
 
 from torchquant import functional as F_q
-from torchquant._ops import ops
+from torchquant._ops import FLOAT_DTYPES, ops
 from torchquant.config import QuantConfig, resolve_config
 from torchquant.nn.quantizers import InputQuantizer, WeightQuantizer
-
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:

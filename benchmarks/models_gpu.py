@@ -4,9 +4,9 @@ Two parts, each written to --out as models-gpu-<part>.json and .md as soon as it
 - minilm: all-MiniLM-L6-v2 on the device in fp32 (the quality reference), bf16 (the speed baseline) and quantized
   by torchquant from the bf16 model on the device (int8-dynamic, w4a8-dynamic, int8-static calibrated on sample
   sentences): embedding cosine, nearest-neighbour agreement and paraphrase retrieval against the fp32 model, and
-  latency at batch 1, 8 and 64. The model comes from a bundle directory (see torchquant.bench.minilm: the GPU
+  latency at batch 1, 8 and 64. The model comes from a bundle directory (see benchmarks/minilm.py: the GPU
   machine has no model package) or the installed package; without either the part is skipped with a note.
-- convnets: the ResNet-style stages of torchquant.bench.models, channels-last, in fp32 and bf16 (cuDNN) and
+- convnets: the ResNet-style stages of benchmarks/models.py, channels-last, in fp32 and bf16 (cuDNN) and
   torchquant int8-static (calibrated and converted from the bf16 model on the device): latency at batch 1 and 32,
   and the relative error of the output against fp32.
 
@@ -27,9 +27,9 @@ import torch
 from torch import nn
 
 import torchquant
-from torchquant.bench import minilm as minilm_lib
-from torchquant.bench import models
-from torchquant.bench.models import latency_rows, on_device, relative_errors
+from benchmarks import minilm as minilm_lib
+from benchmarks import models
+from benchmarks.models import latency_rows, on_device, relative_errors
 
 FP32, BF16 = "fp32", "bf16"
 BASELINES = {"vs bf16": BF16, "vs fp32": FP32}  # speed-up columns: column -> baseline variant
@@ -258,7 +258,7 @@ def format_report(rows: List[dict], machine: str) -> str:
 
 def main(argv=None) -> int:
     """Runs the parts, prints their tables; returns 1 when anything failed (a note row says what), else 0."""
-    parser = argparse.ArgumentParser(prog="python -m torchquant.bench.models_gpu",
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.models_gpu",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (a check of the plumbing)")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))

@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 import torchquant
-from torchquant.bench import minilm as minilm_lib
-from torchquant.bench.timing import compare, markdown_table
+from benchmarks import minilm as minilm_lib
+from torchquant.timing import compare, markdown_table, num_threads
 
 PRESETS = ("int8-dynamic", "int8-static", "w4a8-dynamic")
 PARTS = ("minilm-quality", "minilm-latency", "digits", "convnets")
@@ -114,16 +114,6 @@ def _timed(fns: Dict[str, Callable[[], object]], names_to_engine: Dict[str, str]
         return compare({name: wrap(name, fn) for name, fn in fns.items()}, device=str(device), repeats=repeats)
 
 
-@contextlib.contextmanager
-def _threads(count: int):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def on_device(args: Sequence[torch.Tensor], device: Union[str, torch.device],
               dtype: Optional[torch.dtype] = None) -> tuple:
     """`args` moved to `device`, the floating ones cast to `dtype` when given (memory format kept)."""
@@ -144,7 +134,7 @@ def latency_rows(model_name: str, variants: Dict[str, nn.Module], inputs: Dict[s
     for input_name, args in inputs.items():
         prepared = {name: on_device(args, device, dtypes.get(name)) for name in variants}
         for count in threads:
-            with _threads(count):
+            with num_threads(count):
                 seconds = _timed({name: (lambda m=m, a=prepared[name]: m(*a)) for name, m in variants.items()},
                                  engines, repeats, device)
             reference = {column: next((seconds[n] for n in seconds if n.startswith(start)), None)
@@ -386,7 +376,7 @@ def format_tables(rows: List[dict], titles: Dict[str, str] = TITLES, columns: Di
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="benchmarks/bench_models.py", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.models", description=__doc__.splitlines()[0])
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="which tables")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts of the latencies")
     parser.add_argument("--repeats", type=int, default=9, help="interleaved samples per timing (median)")
@@ -402,3 +392,7 @@ def main(argv=None) -> None:
     if args.output:
         with open(args.output, "w") as f:
             f.write(f"# Real models on the CPU\n\n{text}")
+
+
+if __name__ == "__main__":
+    main()

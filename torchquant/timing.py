@@ -1,0 +1,61 @@
+"""Measuring on this machine: interleaved median timings, a temporary torch thread count, and Markdown tables of
+the results. Used by `torchquant report`/`demo` and the benchmarks; never used to assert anything."""
+import contextlib
+import statistics
+import time
+from typing import Callable, Dict, Iterator, List, Sequence
+
+import torch
+
+__all__ = ["compare", "markdown_table", "num_threads"]
+
+
+def _sync(device: str) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def compare(fns: Dict[str, Callable[[], object]], *, device: str = "cpu", repeats: int = 15,
+            min_sample_s: float = 0.02) -> Dict[str, float]:
+    """Median seconds per call of each function, sampled interleaved (A B C A B C ...) so that drift and noise
+    of the machine fall on all of them alike. Each sample repeats a call enough times to last min_sample_s."""
+    inner = {}
+    for name, fn in fns.items():
+        fn()  # warm-up (allocations, lazy init, caches)
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        inner[name] = max(1, int(min_sample_s / max(time.perf_counter() - start, 1e-7)))
+    samples = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(inner[name]):
+                fn()
+            _sync(device)
+            samples[name].append((time.perf_counter() - start) / inner[name])
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+@contextlib.contextmanager
+def num_threads(count: int) -> Iterator[None]:
+    """torch's intra-op CPU thread count set to `count` inside, the previous count restored afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def markdown_table(rows: List[dict], columns: Sequence[str]) -> str:
+    """Rows of dicts as a Markdown table; floats with 3 significant digits."""
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+        return str(v)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
