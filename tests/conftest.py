@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import torchquant
+from torchquant.timing import num_threads
 
 REQUIRE_CUDA = os.environ.get("TORCHQUANT_REQUIRE_CUDA") == "1"
 
@@ -40,10 +41,8 @@ def device(request):
 def one_cpu_thread():
     """For modules of tiny models: one CPU thread is as fast alone and far faster on a busy shared machine
     (use with pytestmark = pytest.mark.usefixtures("one_cpu_thread"))."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with num_threads(1):
+        yield
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from torchquant._cli_io import UsageError, atomic_output
 from torchquant.cli import build_parser, config_from_args, main
 from torchquant.config import PRESETS, Preset, QuantConfig, QuantSpec
 from torchquant.observers import OBSERVERS, Observer, ObserverKind
+from torchquant.timing import num_threads
 from torchquant.examples import DigitsCNN, load_digits_data, train
 from torchquant.nn import QuantConv2d, QuantLinear
 
@@ -41,14 +42,10 @@ def run_cli(*args, cwd, check_rc=None):
 def work(tmp_path_factory):
     """A directory with a briefly trained digits CNN saved every way the CLI reads, data files and bad files."""
     path = tmp_path_factory.mktemp("cli")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with num_threads(1):
         data = load_digits_data()
         torch.manual_seed(0)
         model = train(DigitsCNN(), data, epochs=3)
-    finally:
-        torch.set_num_threads(threads)
     save_file(model.state_dict(), path / "digits.safetensors")
     torch.save(model.state_dict(), path / "digits_state.pt")
     torch.save(model, path / "digits_model.pt")
