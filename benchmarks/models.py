@@ -359,7 +359,8 @@ def machine_description() -> str:
     # The load average tells how much else ran: on a shared 2-core machine, 2-thread timings suffer first.
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"ISA {torch.backends.cpu.get_cpu_capability()}, {date}, load average {load} at the end")
+            f"torch's CPU capability {torch.backends.cpu.get_cpu_capability()}, torchquant's CPU kernels "
+            f"{torchquant.cpu_kernel_path()}, {date}, load average {load} at the end")
 
 
 def format_tables(rows: List[dict], titles: Dict[str, str] = TITLES, columns: Dict[str, List[str]] = COLUMNS
