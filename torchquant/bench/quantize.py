@@ -17,6 +17,7 @@ from typing import List
 import torch
 
 from torchquant import functional as F_q
+from torchquant._ops import cpu_kernel_path
 from torchquant.bench.timing import copy_bandwidth
 from torchquant.timing import compare, markdown_table, num_threads
 
@@ -122,7 +123,8 @@ def main(argv=None) -> None:
     if args.reuse_memory:
         reuse_freed_memory()
     rows = run(args.numel, args.channels, tuple(args.threads), args.repeats)
-    print(f"quantize family, {args.numel} float32 elements, {cpu_name()}, torch {torch.__version__}, "
+    print(f"quantize family, {args.numel} float32 elements, {cpu_name()} (CPU kernels: {cpu_kernel_path()}), "
+          f"torch {torch.__version__}, "
           f"{'outputs reuse freed heap memory' if args.reuse_memory else 'default allocator (fresh pages per call)'}")
     print(markdown_table(rows, COLUMNS))
 

@@ -7,6 +7,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 
+from torchquant._ops import cpu_kernel_path
 from torchquant.timing import compare, markdown_table
 
 
@@ -53,6 +54,7 @@ def tables_main(registry: TableRegistry, description: str, argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=9, help="interleaved samples per timing (median)")
     args = parser.parse_args(argv)
     rows = run_tables(registry, args.tables, args.threads, args.repeats)
+    print(f"CPU kernels: {cpu_kernel_path()}, torch {torch.__version__}")
     for table in args.tables:
         print(f"\n### {table}\n")
         print(markdown_table([r for r in rows if r["table"] == table], registry[table][1]))
