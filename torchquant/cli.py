@@ -23,7 +23,6 @@ from torchquant.timing import num_threads
 __all__ = ["main", "build_parser"]
 
 
-
 # ----------------------------------------------------------------------------------------------------------
 # options shared by subcommands
 

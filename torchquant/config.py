@@ -56,7 +56,7 @@ class QuantSpec:
             _check_bool(name, getattr(self, name))
         _check_choice("granularity", self.granularity, GRANULARITIES)
         _check_choice("rounding", self.rounding, ROUNDINGS)
-        _check_choice("observer", self.observer, tuple(_observer_names()))
+        _check_choice("observer", self.observer, tuple(_observer_table()))
         if isinstance(self.percentile, bool) or not isinstance(self.percentile, (int, float)):
             raise TypeError(f"QuantSpec: percentile must be a number, got {type(self.percentile).__name__}")
         if not 50.0 < self.percentile <= 100.0:
@@ -92,8 +92,8 @@ class QuantSpec:
         return cls(**data)
 
 
-def _observer_names():
-    # the observers' own table; imported here because observers.py builds on QuantSpec
+def _observer_table() -> dict:
+    # torchquant.observers.OBSERVERS, imported when needed because observers.py itself builds on QuantSpec
     from torchquant.observers import OBSERVERS
     return OBSERVERS
 
@@ -104,7 +104,6 @@ def _weight_spec(bits: int, observer: str = "minmax") -> QuantSpec:
 
 DYNAMIC_TOKEN_INT8 = QuantSpec(bits=8, granularity="per_token", dynamic=True)
 STATIC_TENSOR_UINT8 = QuantSpec(bits=8, signed=False, symmetric=False, granularity="per_tensor")
-
 
 
 @dataclass(frozen=True)
