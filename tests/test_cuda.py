@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import torchquant
-from torchquant._ops import FLOAT_DTYPES as FLOATS
+from torchquant._ops import FLOAT_DTYPES as FLOATS, ROUNDINGS
 
 from conftest import assert_same, exact_mm, randint8
 
@@ -78,7 +78,7 @@ def run_quantize_ops(device, x, grad, scale, zero_point, axis, bits, signed, rou
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("axis", [None, 0, 1, 2])
 @pytest.mark.parametrize("bits,signed", FORMATS)
-@pytest.mark.parametrize("rounding", ["nearest", "truncate"])
+@pytest.mark.parametrize("rounding", ROUNDINGS)
 def test_quantize_family_matches_cpu(dtype, axis, bits, signed, rounding):
     seed = zlib.crc32(repr((dtype, axis, bits, signed, rounding)).encode()) % 10_000
     scale, zero_point = qparams(torch.empty(SHAPE), axis, bits, signed, seed)

@@ -11,7 +11,7 @@ import torch
 
 import torchquant.functional as F
 from torchquant import reference
-from torchquant._ops import ops
+from torchquant._ops import FLOAT_DTYPES, ops
 
 from conftest import randint8
 
@@ -123,7 +123,7 @@ def test_int8_linear_float_out(device, isa, x_dtype, x_zp, per_token, k, n):
     x_scale = (torch.rand(2, 5, generator=g) + 0.01).to(device) if per_token else torch.tensor([0.05], device=device)
     w, w_packed, w_sum, w_scale = quantized_weight(n, k, device)
     bias = torch.randn(n, generator=g).to(device)
-    for out_dtype in (torch.float32, torch.float16, torch.bfloat16):
+    for out_dtype in FLOAT_DTYPES:
         got = F.int8_linear(x_q, x_scale, x_zp, w_packed, w_sum, w_scale, bias, out_features=n, out_dtype=out_dtype)
         want = reference.int8_linear(x_q, x_scale, x_zp, w, w_scale, bias, out_dtype=out_dtype)
         assert got.shape == (2, 5, n) and got.dtype == out_dtype

@@ -8,7 +8,7 @@ import torch
 import torchquant
 import torchquant.functional as F
 from torchquant import reference as R
-from torchquant._ops import FLOAT_DTYPES as FLOATS, ops
+from torchquant._ops import FLOAT_DTYPES as FLOATS, ROUNDINGS, ops
 
 from conftest import SUPPORTED_ISAS, assert_same
 
@@ -109,7 +109,7 @@ def test_dequantize_matches_torch_dequantize(device):
 
 @pytest.mark.parametrize("bits", range(1, 9))
 @pytest.mark.parametrize("signed", [True, False])
-@pytest.mark.parametrize("rounding", ["nearest", "truncate"])
+@pytest.mark.parametrize("rounding", ROUNDINGS)
 def test_formats_match_reference(device, bits, signed, rounding):
     qmin, qmax = R.qrange(bits, signed)
     x = gen(3001, device=device, spread=0.5 * (qmax - qmin + 1), seed=bits)

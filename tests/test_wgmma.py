@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import torchquant
-from torchquant._ops import ops
+from torchquant._ops import FLOAT_DTYPES, ops
 
 from conftest import exact_mm, randint8
 
@@ -111,7 +111,7 @@ def linear_args(m, k, n, x_dtype, per_token, with_bias, seed):
 @pytest.mark.parametrize("per_token,with_bias", [(True, True), (False, False)])
 def test_int8_linear_identical_to_mma(monkeypatch, m, k, n, x_dtype, per_token, with_bias):
     args = linear_args(m, k, n, x_dtype, per_token, with_bias, m + k + n)
-    outputs = [(out_dtype, None, 0) for out_dtype in (torch.float32, torch.float16, torch.bfloat16)]
+    outputs = [(out_dtype, None, 0) for out_dtype in FLOAT_DTYPES]
     outputs += [(torch.int8, 0.5, -5), (torch.uint8, 0.25, 128)]
     for out_dtype, out_scale, out_zp in outputs:
         mma, wgmma = both_kernels(monkeypatch, ops.int8_linear, *args, out_dtype, out_scale, out_zp)
