@@ -31,18 +31,62 @@ void check_bias(const char* op, const at::Tensor& bias, int64_t n) {
   TQ_CHECK(bias.dim() == 1 && bias.size(0) == n, op, ": bias must have shape [", n, "], got ", bias.sizes());
 }
 
-void check_packed_weight_layout(const char* op, const at::Tensor& w_packed, int64_t groups, int64_t n, int64_t k,
-                                int64_t n_align, int64_t k_align) {
+PackedWeightLayout packed_weight_layout(const at::Tensor& w) {
+  constexpr const char* op = "pack_int8_weight";
+  PackedWeightLayout layout;
+  layout.groups = w.dim() == 3 ? w.size(0) : 1;
+  layout.n = w.size(-2);
+  layout.k = w.size(-1);
+  layout.kp = round_up(layout.k, kPackAlign);
+  layout.group_bytes = checked_mul(op, "the packed weight's size", round_up(layout.n, kPackAlign), layout.kp);
+  checked_mul(op, "the packed weight's size", layout.groups, layout.group_bytes);
+  return layout;
+}
+
+at::Tensor empty_packed_weight(const at::Tensor& w, const PackedWeightLayout& layout, bool zeroed) {
+  const at::TensorOptions options = w.options();
+  const int64_t bytes = layout.groups * layout.group_bytes;
+  const at::Tensor buffer = zeroed ? at::zeros({bytes}, options) : at::empty({bytes}, options);
+  std::vector<int64_t> strides = {layout.kp, 1};
+  if (w.dim() == 3) strides.insert(strides.begin(), layout.group_bytes);
+  return at::empty({0}, options).set_(buffer.storage(), 0, w.sizes(), strides);
+}
+
+int64_t check_packed_weight(const char* op, const at::Tensor& w_packed, const at::Tensor& x_q, int64_t groups,
+                            int64_t n, at::IntArrayRef k_dims, const char* needed) {
+  check_on_device_of(op, "w_packed", w_packed, x_q, " (re-pack the weight with pack_int8_weight after moving it)");
   TQ_CHECK(w_packed.scalar_type() == at::kChar, op, ": w_packed must be int8 (from pack_int8_weight), got ",
-              w_packed.scalar_type());
+           w_packed.scalar_type());
   std::vector<int64_t> want;
   if (groups > 0) want.push_back(groups);
-  want.push_back((n + n_align - 1) / n_align * n_align);
-  want.push_back((k + k_align - 1) / k_align * k_align);
+  want.push_back(n);
+  want.insert(want.end(), k_dims.begin(), k_dims.end());
   const at::IntArrayRef want_ref(want);
-  TQ_CHECK(w_packed.sizes() == want_ref, op, ": w_packed must have shape ", want_ref, " (a packed weight of ", n,
-              " outputs and reduction size ", k, "), got ", w_packed.sizes());
-  TQ_CHECK(w_packed.is_contiguous(), op, ": w_packed must be contiguous (as pack_int8_weight returns it)");
+  TQ_CHECK(w_packed.sizes() == want_ref, op, ": w_packed holds a packed weight of shape ", w_packed.sizes(),
+           " but this call needs ", want_ref, " ", needed);
+  int64_t k = 1;
+  for (const int64_t d : k_dims) k = checked_mul(op, "the packed weight's reduction size", k, d);
+  const int64_t kp = round_up(k, kPackAlign);
+  const int64_t group_bytes = checked_mul(op, "the packed weight's size", round_up(n, kPackAlign), kp);
+  // the padded layout: rows kp bytes apart, groups group_bytes apart, the reduction dims row-major in between
+  // (strides of size-1 dims do not matter)
+  const size_t n_dim = want.size() - k_dims.size() - 1;
+  std::vector<int64_t> strides(want.size());
+  strides[n_dim] = kp;
+  if (groups > 0) strides[0] = group_bytes;
+  int64_t inner = 1;
+  for (size_t d = want.size() - 1; d > n_dim; --d) {
+    strides[d] = inner;
+    inner *= want[d];
+  }
+  bool layout_ok = w_packed.storage_offset() % group_bytes == 0;
+  for (size_t d = 0; d < want.size(); ++d) layout_ok = layout_ok && (want[d] == 1 || w_packed.stride(d) == strides[d]);
+  const int64_t bytes = checked_mul(op, "the packed weight's size", std::max<int64_t>(groups, 1), group_bytes);
+  layout_ok = layout_ok && w_packed.storage_offset() <= static_cast<int64_t>(w_packed.storage().nbytes()) - bytes;
+  TQ_CHECK(layout_ok, op, ": w_packed must be laid out as pack_int8_weight returns it (strides ", w_packed.strides(),
+           ", storage offset ", w_packed.storage_offset(), " of ", static_cast<int64_t>(w_packed.storage().nbytes()),
+           " bytes; expected strides ", at::IntArrayRef(strides), " over ", bytes, " bytes): pack the weight again");
+  return kp;
 }
 
 void check_float_out_dtype(const char* op, at::ScalarType out_dtype) {
@@ -80,14 +124,27 @@ ConvGeometry check_conv_arguments(const char* op, const at::Tensor& x_q, int64_t
   TQ_CHECK(channels % groups == 0, op, ": groups (", groups, ") must divide the input channels (", channels, ")");
   TQ_CHECK(out_channels >= 1 && out_channels % groups == 0, op, ": groups (", groups,
               ") must divide out_channels (", out_channels, ")");
-  TQ_CHECK(x_q.size(2) + 2 * padding[0] >= dilation[0] * (kernel_size[0] - 1) + 1 &&
-                  x_q.size(3) + 2 * padding[1] >= dilation[1] * (kernel_size[1] - 1) + 1,
-              op, ": the (dilated) kernel ", kernel_size, " is larger than the padded input ", x_q.sizes().slice(2));
+  // every size below is formed with checked arithmetic: a wrapped product (kernel_size 2^62 + 1 times 4 channels
+  // is 4 modulo 2^64) would pass the checks against a small packed weight and then write past the buffers
+  int64_t out_size[2];
+  for (int d = 0; d < 2; ++d) {
+    const int64_t padded =
+        checked_add(op, "the padded input size", x_q.size(2 + d), checked_mul(op, "the padding", 2, padding[d]));
+    const int64_t extent =
+        checked_add(op, "the dilated kernel size", checked_mul(op, "the dilated kernel size", dilation[d],
+                                                              kernel_size[d] - 1), 1);
+    TQ_CHECK(padded >= extent, op, ": the (dilated) kernel ", kernel_size, " with dilation ", dilation,
+             " is larger than the padded input ", x_q.sizes().slice(2), " with padding ", padding);
+    out_size[d] = (padded - extent) / stride[d] + 1;
+  }
   ConvGeometry g{x_q.size(0), channels, x_q.size(2), x_q.size(3), groups,
                  kernel_size[0], kernel_size[1], stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-                 0, 0};
-  g.out_h = (g.height + 2 * g.pad_h - g.dil_h * (g.kh - 1) - 1) / g.stride_h + 1;
-  g.out_w = (g.width + 2 * g.pad_w - g.dil_w * (g.kw - 1) - 1) / g.stride_w + 1;
+                 out_size[0], out_size[1], 0, 0};
+  g.window = checked_mul(op, "the kernel window (kernel_size[0] * kernel_size[1] * channels / groups)",
+                         checked_mul(op, "the kernel window", g.kh, g.kw), channels / groups);
+  g.rows = checked_mul(op, "the output size (batch * out_height * out_width)",
+                       checked_mul(op, "the output size", g.batch, g.out_h), g.out_w);
+  checked_mul(op, "the output size (batch * out_height * out_width * out_channels)", g.rows, out_channels);
   return g;
 }
 
@@ -123,6 +180,13 @@ void check_epilogue_inputs(const char* op, const at::Tensor& x_q, int64_t x_zero
     check_on_device_of(op, "bias", *bias, x_q);
     check_bias(op, *bias, n);
   }
+}
+
+void check_scale_values(const char* op, const char* name, const at::Tensor& scale) {
+  const float* v = scale.data_ptr<float>();
+  for (int64_t i = 0; i < scale.numel(); ++i)
+    TQ_CHECK(std::isfinite(v[i]) && v[i] > 0, op, ": ", name, " must be positive and finite, got ", v[i],
+             " at index ", i);
 }
 
 Rounding parse_rounding(c10::string_view rounding) {

@@ -10,6 +10,7 @@
 #include <ATen/ATen.h>
 
 #include "quant_math.h"
+#include "sizes.h"
 
 namespace torchquant {
 
@@ -19,16 +20,36 @@ void check_int8_mm_operands(const at::Tensor& a, const at::Tensor& b);
 // pack_int8_weight: w int8, non-empty [N, K] or [G, N, K].
 void check_weight_to_pack(const at::Tensor& w);
 
+// How pack_int8_weight lays out w [N, K] or [G, N, K]: the packed tensor has w's (logical) shape, and its bytes fill
+// a [G, round_up(N, 64), round_up(K, 64)] buffer zero padded in both dims, whose order inside each group is the
+// device's own (CPU: VNNI panels, CUDA: row-major, so that there the logical view reads the weight itself).
+struct PackedWeightLayout {
+  int64_t groups, n, k;
+  int64_t kp;           // round_up(k, 64): the bytes between rows (the packed tensor's stride(-2))
+  int64_t group_bytes;  // round_up(n, 64) * kp (stride(0) of a grouped one)
+};
+PackedWeightLayout packed_weight_layout(const at::Tensor& w);
+
+// An uninitialized (or zeroed) packed weight for w: shape w.sizes(), strides [group_bytes?, kp, 1], over a buffer
+// of groups * group_bytes bytes.
+at::Tensor empty_packed_weight(const at::Tensor& w, const PackedWeightLayout& layout, bool zeroed = false);
+
+// What int8_linear's and int8_conv2d's packed weights must match, for check_packed_weight's message.
+constexpr const char* kLinearWeightShape = "[out_features, x_q.size(-1)]";
+constexpr const char* kConvWeightShape = "[groups, out_channels / groups, *kernel_size, x_q.size(1) / groups]";
+
 // t must have dtype `dtype` and shape [n]; `op` and `name` name the operator and argument in the message.
 void check_epilogue_vector(const char* op, const char* name, const at::Tensor& t, at::ScalarType dtype, int64_t n);
 
 // bias must be a float tensor of shape [n].
 void check_bias(const char* op, const at::Tensor& bias, int64_t n);
 
-// w_packed must be int8, contiguous and of shape [groups?, round_up(n, n_align), round_up(k, k_align)] (2-d when
-// groups is 0).
-void check_packed_weight_layout(const char* op, const at::Tensor& w_packed, int64_t groups, int64_t n, int64_t k,
-                                int64_t n_align, int64_t k_align);
+// w_packed must be a packed weight as pack_int8_weight returns it, on x_q's device: int8 of the logical shape
+// [groups, n, *k_dims] ([n, *k_dims] when groups is 0, i.e. ungrouped) over a buffer of [groups?, round_up(n, 64),
+// round_up(k, 64)] bytes, k the product of k_dims (int8_linear: [K]; int8_conv2d: [KH, KW, C/G]). `needed` says
+// where the wanted shape comes from. Returns round_up(k, 64), the padded depth (the bytes between weight rows).
+int64_t check_packed_weight(const char* op, const at::Tensor& w_packed, const at::Tensor& x_q, int64_t groups,
+                            int64_t n, at::IntArrayRef k_dims, const char* needed);
 
 // out_dtype must be float32, float16 or bfloat16.
 void check_float_out_dtype(const char* op, at::ScalarType out_dtype);
@@ -44,10 +65,13 @@ struct ConvGeometry {
   int64_t batch, channels, height, width;  // input
   int64_t groups, kh, kw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
   int64_t out_h, out_w;
+  int64_t window;  // kh * kw * channels / groups: the reduction size
+  int64_t rows;    // batch * out_h * out_w: the GEMM's rows
 };
 
 // int8_conv2d: x_q 4-d, positive groups dividing both channel counts, 2-entry kernel_size >= 1, stride >= 1,
-// padding >= 0, dilation >= 1, and a dilated kernel no larger than the padded input; returns the geometry.
+// padding >= 0, dilation >= 1, and a dilated kernel no larger than the padded input, with every size derived from
+// them (padded input, dilated kernel, window, output rows and elements) below 2^63; returns the geometry.
 ConvGeometry check_conv_arguments(const char* op, const at::Tensor& x_q, int64_t out_channels, at::IntArrayRef kernel_size,
                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
 
@@ -63,6 +87,9 @@ void check_on_device_of(const char* op, const char* name, const at::Tensor& t, c
 void check_epilogue_inputs(const char* op, const at::Tensor& x_q, int64_t x_zero_point, const at::Tensor& x_scale,
                            int64_t rows, const at::Tensor& w_sum, const at::Tensor& w_scale,
                            const std::optional<at::Tensor>& bias, int64_t n);
+
+// int8_linear / int8_conv2d (CPU): every element of `scale` (float32, contiguous) must be finite and > 0.
+void check_scale_values(const char* op, const char* name, const at::Tensor& scale);
 
 // ---- quantize family ----
 

@@ -109,3 +109,21 @@ def assert_same(actual: torch.Tensor, expected: torch.Tensor) -> None:
         torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True)
     else:
         assert torch.equal(actual, expected), f"{(actual != expected).sum().item()} of {actual.numel()} elements differ"
+
+
+def run_python_child(code: str, timeout: float = 300) -> str:
+    """Runs code in a fresh Python process and returns its output. A crash (segfault, abort) or any non-zero exit
+    fails the calling test with the output, instead of taking the test process down."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"child process exited with {proc.returncode}:\n{output}"
+    return output
+
+
+@pytest.fixture
+def run_in_child():
+    """run_python_child, for tests of calls that could crash the process."""
+    return run_python_child

@@ -105,8 +105,14 @@ def test_int8_mm_different_devices():
 # ---------------------------------------------------------------------------------------------------------------
 
 def test_pack_int8_weight_shape(device):
-    assert F.pack_int8_weight(randint8((5, 70), device=device)).shape == (64, 128)
-    assert F.pack_int8_weight(randint8((3, 65, 64), device=device)).shape == (3, 128, 64)
+    """The packed weight has the logical shape and the strides of the zero-padded buffer."""
+    packed = F.pack_int8_weight(randint8((5, 70), device=device))
+    assert packed.shape == (5, 70) and packed.stride() == (128, 1) and packed.untyped_storage().nbytes() == 64 * 128
+    packed = F.pack_int8_weight(randint8((3, 65, 64), device=device))
+    assert packed.shape == (3, 65, 64) and packed.stride() == (128 * 64, 64, 1)
+    assert packed.untyped_storage().nbytes() == 3 * 128 * 64
+    conv = F.pack_conv_weight(randint8((6, 2, 3, 5), device=device), groups=2)
+    assert conv.shape == (2, 3, 3, 5, 2) and conv.stride() == (64 * 64, 64, 10, 2, 1)
     with pytest.raises(TypeError, match="w must be int8"):
         F.pack_int8_weight(torch.zeros(4, 4, device=device))
     with pytest.raises(ValueError, match=r"\[N, K\] or \[G, N, K\]"):
@@ -212,8 +218,9 @@ def test_int8_linear_bad_inputs(device):
         call(zp=200)
     with pytest.raises(RuntimeError, match="x_scale must have 1 element or one per row"):
         call(x_scale=torch.ones(3, device=device))
-    with pytest.raises(RuntimeError, match="w_packed must have shape"):
-        call(x=randint8((4, 100), device=device))
+    with pytest.raises(RuntimeError, match=r"w_packed holds a packed weight of shape \[8, 16\] but this call needs "
+                                            r"\[8, 30\] \[out_features, x_q.size\(-1\)\]"):
+        call(x=randint8((4, 30), device=device))
     with pytest.raises(RuntimeError, match="w_sum must have shape"):
         call(sums=w_sum[:4])
     with pytest.raises(RuntimeError, match="w_scale must be Float"):
@@ -254,7 +261,7 @@ def test_int8_linear_dynamic_op_checks(device):
     with pytest.raises(RuntimeError, match="int8_linear_dynamic: x must be float32, float16 or bfloat16, got Double"):
         ops.int8_linear_dynamic(torch.randn(2, 9, device=device, dtype=torch.float64), w_packed, w_sum, w_scale,
                                 None, 7)
-    with pytest.raises(RuntimeError, match="w_packed must have shape"):
+    with pytest.raises(RuntimeError, match="w_packed holds a packed weight of shape"):
         ops.int8_linear_dynamic(torch.randn(2, 70, device=device), w_packed, w_sum, w_scale, None, 7)
     with pytest.raises(RuntimeError, match="bias must have shape"):
         ops.int8_linear_dynamic(torch.randn(2, 9, device=device), w_packed, w_sum, w_scale, torch.zeros(3,
@@ -384,7 +391,8 @@ def test_int8_conv2d_bad_inputs(device):
         F.pack_conv_weight(w_q, 3)
     with pytest.raises(RuntimeError, match="larger than the padded input"):
         call(x=x_q[:, :, :2, :2])
-    with pytest.raises(RuntimeError, match="w_packed must have shape"):
+    with pytest.raises(RuntimeError, match=r"w_packed holds a packed weight of shape \[1, 8, 3, 3, 4\] but this call "
+                                            r"needs \[1, 8, 5, 5, 4\]"):
         call(kernel=5, padding=2)
     with pytest.raises(RuntimeError, match="stride must be >= 1"):
         call(stride=0)
@@ -407,27 +415,44 @@ def test_int8_conv2d_bad_inputs(device):
 # ---------------------------------------------------------------------------------------------------------------
 
 def test_opcheck(device):
+    """opcheck runs each op on clones of its arguments. A clone of a packed weight keeps its shape and strides but
+    not the padding of its buffer, which the kernels reject (see test_copied_packed_weight_rejected), so the ops
+    that read a packed weight are checked with one that has no padding (N and K multiples of 64)."""
     a, b = randint8((5, 9), device=device), randint8((9, 7), device=device)
     torch.library.opcheck(ops.int8_mm, (a, b))
-    w, w_packed, w_sum, w_scale = quantized_weight(7, 9, device)
-    torch.library.opcheck(ops.pack_int8_weight, (w,))
+    torch.library.opcheck(ops.pack_int8_weight, (randint8((7, 9), device=device),))
     torch.library.opcheck(ops.pack_int8_weight, (randint8((2, 7, 9), device=device),))
+    w, w_packed, w_sum, w_scale = quantized_weight(64, 64, device)
     x_scale = torch.rand(3, 5, device=device).reshape(-1)
-    bias = torch.randn(7, device=device)
-    torch.library.opcheck(ops.int8_linear, (randint8((3, 5, 9), device=device), x_scale, 2, w_packed, w_sum, w_scale,
-                                            bias, 7, torch.bfloat16, None, 0))
-    torch.library.opcheck(ops.int8_linear, (randint8((4, 9), device=device), x_scale[:1], 0, w_packed, w_sum, w_scale,
-                                            None, 7, torch.uint8, 0.5, 10))
-    torch.library.opcheck(ops.int8_linear_dynamic, (torch.randn(3, 5, 9, device=device), w_packed, w_sum, w_scale,
-                                                    bias, 7))
-    torch.library.opcheck(ops.int8_linear_dynamic, (torch.randn(4, 9, device=device, dtype=torch.bfloat16), w_packed,
-                                                    w_sum, w_scale, None, 7))
-    w_q = randint8((6, 2, 3, 2), device=device)
-    torch.library.opcheck(ops.int8_conv2d, (randint8((2, 4, 7, 6), device=device), x_scale[:1], 1,
-                                            F.pack_conv_weight(w_q, 2), w_q.sum((1, 2, 3), dtype=torch.int32),
-                                            torch.rand(6, device=device), bias[:6], 6, [3, 2], [2, 1], [1, 0], [1, 2],
-                                            2, torch.float32))
-    torch.library.opcheck(ops.int8_conv2d, (randint8((1, 4, 5, 5), device=device), x_scale[:1], 0,
-                                            F.pack_conv_weight(w_q, 2), w_q.sum((1, 2, 3), dtype=torch.int32),
-                                            torch.rand(6, device=device), None, 6, [3, 2], [1, 1], [0, 0], [1, 1],
-                                            2, torch.int8, 0.25, -3))
+    bias = torch.randn(64, device=device)
+    torch.library.opcheck(ops.int8_linear, (randint8((3, 5, 64), device=device), x_scale, 2, w_packed, w_sum, w_scale,
+                                            bias, 64, torch.bfloat16, None, 0))
+    torch.library.opcheck(ops.int8_linear, (randint8((4, 64), device=device), x_scale[:1], 0, w_packed, w_sum, w_scale,
+                                            None, 64, torch.uint8, 0.5, 10))
+    torch.library.opcheck(ops.int8_linear_dynamic, (torch.randn(3, 5, 64, device=device), w_packed, w_sum, w_scale,
+                                                    bias, 64))
+    torch.library.opcheck(ops.int8_linear_dynamic, (torch.randn(4, 64, device=device, dtype=torch.bfloat16), w_packed,
+                                                    w_sum, w_scale, None, 64))
+    w_q = randint8((128, 16, 2, 2), device=device)  # 2 groups of 64 outputs, window 2 * 2 * 16 = 64
+    w_sum, w_scale = w_q.sum((1, 2, 3), dtype=torch.int32), torch.rand(128, device=device)
+    torch.library.opcheck(ops.int8_conv2d, (randint8((2, 32, 7, 6), device=device), x_scale[:1], 1,
+                                            F.pack_conv_weight(w_q, 2), w_sum, w_scale, torch.randn(128, device=device),
+                                            128, [2, 2], [2, 1], [1, 0], [1, 2], 2, torch.float32))
+    torch.library.opcheck(ops.int8_conv2d, (randint8((1, 32, 5, 5), device=device), x_scale[:1], 0,
+                                            F.pack_conv_weight(w_q, 2), w_sum, w_scale, None, 128, [2, 2], [1, 1],
+                                            [0, 0], [1, 1], 2, torch.int8, 0.25, -3))
+
+
+def test_copied_packed_weight_rejected(device):
+    """A copy of a padded packed weight (.clone(), .contiguous()) has its shape but not its padded buffer: the
+    kernels reject it instead of reading past its storage."""
+    w, w_packed, w_sum, w_scale = quantized_weight(7, 9, device)
+    x_q = randint8((3, 9), device=device)
+    for copy in (w_packed.clone(), w_packed.contiguous()):
+        with pytest.raises(RuntimeError, match="w_packed must be laid out as pack_int8_weight returns it"):
+            F.int8_linear(x_q, 0.5, 0, copy, w_sum, w_scale, out_features=7)
+    # a group of a grouped packed weight is a packed weight itself
+    w3 = randint8((3, 7, 9), device=device)
+    packed3 = F.pack_int8_weight(w3)
+    got = F.int8_linear(x_q, 0.5, 0, packed3[2], w3[2].sum(1, dtype=torch.int32), w_scale, out_features=7)
+    torch.testing.assert_close(got, reference.int8_linear(x_q, 0.5, 0, w3[2], w_scale), rtol=0, atol=0)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import torchquant
 from torchquant._ops import FLOAT_DTYPES, ops
+from torchquant._ops.gemm import pack_conv_weight
 
 from conftest import exact_mm, randint8
 
@@ -127,7 +128,7 @@ def test_int8_conv2d_identical_to_mma(monkeypatch, groups, channels, out_channel
     x_q = randint8((4, channels, 12, 12), groups + channels, dtype=x_dtype, device="cuda")
     x_q = x_q.contiguous(memory_format=torch.channels_last)
     w = randint8((out_channels, channels // groups, 3, 3), out_channels, device="cuda")
-    packed = ops.pack_int8_weight(w.permute(0, 2, 3, 1).reshape(groups, out_channels // groups, -1))
+    packed = pack_conv_weight(w, groups)
     w_sum = w.int().sum((1, 2, 3), dtype=torch.int32)
     x_scale = torch.tensor([0.02], device="cuda")
     w_scale = torch.rand(out_channels, device="cuda") * 0.01 + 0.001

@@ -30,7 +30,7 @@ void fill_im2col_rows(const void* context, int64_t grp, int64_t row0, int64_t ro
   const Im2colSource& src = *static_cast<const Im2colSource*>(context);
   const ConvGeometry& g = src.g;
   const int64_t cg = g.channels / g.groups;
-  const int64_t window = g.kh * g.kw * cg;
+  const int64_t window = g.window;
   // undilated kernel rows of an ungrouped conv read consecutive channels-last pixels
   const bool whole_pixels = g.dil_w == 1 && g.groups == 1;
   // (b, oh, ow) of the row, stepped rather than divided out per row (three divisions per row were a fifth of a
@@ -76,13 +76,13 @@ at::Tensor int8_conv2d_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, int
   constexpr const char* op = "int8_conv2d";
   const ConvGeometry g = check_conv_arguments(op, x_q, out_channels, kernel_size, stride, padding, dilation, groups);
   const int64_t cg = g.channels / groups, ocg = out_channels / groups;
-  const int64_t window = g.kh * g.kw * cg;
+  const int64_t window = g.window;
   TQ_CHECK(window >= 1, op, ": x_q must have at least one channel");
-  check_packed_weight(op, w_packed, groups, ocg, window);
+  const int64_t kp = check_packed_weight(op, w_packed, x_q, groups, ocg, {g.kh, g.kw, cg}, kConvWeightShape);
   check_output_dtype(op, out_dtype, out_scale, out_zero_point);
   TQ_CHECK(x_scale.numel() == 1, op, ": x_scale must have 1 element (per-tensor activations), got ",
               x_scale.numel());
-  const int64_t m = g.batch * g.out_h * g.out_w;
+  const int64_t m = g.rows;
   const EpilogueInputs in =
       prepare_epilogue_inputs(op, x_q, x_zero_point, x_scale, m, w_sum, w_scale, bias, out_channels);
 
@@ -106,8 +106,8 @@ at::Tensor int8_conv2d_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, int
     args.fill_context = &im2col;
   }
   args.b = w_packed.data_ptr<int8_t>();
-  args.b_group_stride = w_packed.size(1) * w_packed.size(2);
-  args.kp = w_packed.size(2);
+  args.b_group_stride = round_up(ocg, kPackAlign) * kp;
+  args.kp = kp;
   args.m = m;
   args.n = ocg;
   args.k = window;

@@ -59,6 +59,8 @@ EpilogueInputs prepare_epilogue_inputs(const char* op, const at::Tensor& x_q, in
   }
   in.x_scale = x_scale.contiguous();
   in.w_scale = w_scale.contiguous();
+  check_scale_values(op, "x_scale", in.x_scale);
+  check_scale_values(op, "w_scale", in.w_scale);
   // sum_k (x - zp) w = sum_k x_u8 w - (zp + shift) * w_sum, computed modulo 2^32 like the accumulators
   const uint32_t shift = static_cast<uint32_t>(x_zero_point + (is_int8 ? 128 : 0));
   in.col_offset = at::empty({n}, w_sum.options());
@@ -67,12 +69,6 @@ EpilogueInputs prepare_epilogue_inputs(const char* op, const at::Tensor& x_q, in
   int32_t* offsets = in.col_offset.data_ptr<int32_t>();
   for (int64_t i = 0; i < n; ++i) offsets[i] = static_cast<int32_t>(shift * static_cast<uint32_t>(sums[i]));
   return in;
-}
-
-void check_packed_weight(const char* op, const at::Tensor& w_packed, int64_t groups, int64_t n, int64_t k) {
-  TQ_CHECK(w_packed.device().is_cpu(), op, ": w_packed must be on the CPU like x_q, got ", w_packed.device(),
-              " (re-pack the weight with pack_int8_weight after moving it)");
-  check_packed_weight_layout(op, w_packed, groups, n, k, kPanelCols, 64);
 }
 
 namespace {
@@ -86,11 +82,13 @@ at::Tensor int8_mm_cpu(const at::Tensor& a, const at::Tensor& b) {
   if (m == 0 || n == 0) return out;
   if (k == 0) return out.zero_();
   const int64_t k4 = round_up(k, 4);
-  int8_t* b_packed = reinterpret_cast<int8_t*>(scratch_buffer(Scratch::Weights, round_up(n, kPanelCols) * k4));
+  const ScratchScope weights_scope(Scratch::Weights), activations_scope(Scratch::Activations);
+  int8_t* b_packed = reinterpret_cast<int8_t*>(
+      scratch_buffer(Scratch::Weights, checked_mul("int8_mm", "the packed b size", round_up(n, kPanelCols), k4)));
   std::vector<int32_t> col_offset(n);
   pack_weight(b.data_ptr<int8_t>(), n, k, b.stride(1), b.stride(0), k4, b_packed, col_offset.data());
   for (auto& c : col_offset) c = static_cast<int32_t>(128u * static_cast<uint32_t>(c));  // the +128 shift of a
-  uint8_t* a_packed = scratch_buffer(Scratch::Activations, m * k4);
+  uint8_t* a_packed = scratch_buffer(Scratch::Activations, checked_mul("int8_mm", "the packed a size", m, k4));
   pack_activation_rows(reinterpret_cast<const uint8_t*>(a.data_ptr<int8_t>()), m, k, a.stride(0), a.stride(1), 0x80,
                        a_packed, k4);
   GemmArgs args;
@@ -112,15 +110,12 @@ at::Tensor int8_mm_cpu(const at::Tensor& a, const at::Tensor& b) {
 
 at::Tensor pack_int8_weight_cpu(const at::Tensor& w) {
   check_weight_to_pack(w);
-  const int64_t groups = w.dim() == 3 ? w.size(0) : 1;
-  const int64_t n = w.size(-2), k = w.size(-1);
-  const int64_t np = round_up(n, kPanelCols), kp = round_up(k, 64);
-  std::vector<int64_t> shape = {np, kp};
-  if (w.dim() == 3) shape.insert(shape.begin(), groups);
-  at::Tensor packed = at::empty(shape, w.options());
-  for (int64_t g = 0; g < groups; ++g) {
+  const PackedWeightLayout layout = packed_weight_layout(w);
+  at::Tensor packed = empty_packed_weight(w, layout);
+  int8_t* dst = packed.data_ptr<int8_t>();
+  for (int64_t g = 0; g < layout.groups; ++g) {
     const int8_t* src = w.data_ptr<int8_t>() + (w.dim() == 3 ? g * w.stride(0) : 0);
-    pack_weight(src, n, k, w.stride(-2), w.stride(-1), kp, packed.data_ptr<int8_t>() + g * np * kp, nullptr);
+    pack_weight(src, layout.n, layout.k, w.stride(-2), w.stride(-1), layout.kp, dst + g * layout.group_bytes, nullptr);
   }
   return packed;
 }
@@ -135,7 +130,7 @@ at::Tensor int8_linear_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, int
   const int64_t k = x_q.size(-1), n = out_features;
   TQ_CHECK(k >= 1, op, ": x_q's last dimension (K) must be >= 1");
   const int64_t m = x_q.numel() / k;
-  check_packed_weight(op, w_packed, 0, n, k);
+  const int64_t kp = check_packed_weight(op, w_packed, x_q, 0, n, {k}, kLinearWeightShape);
   const EpilogueInputs in = prepare_epilogue_inputs(op, x_q, x_zero_point, x_scale, m, w_sum, w_scale, bias, n);
 
   check_output_dtype(op, out_dtype, out_scale, out_zero_point);
@@ -149,17 +144,18 @@ at::Tensor int8_linear_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, int
   const uint8_t flip = activation_flip(x_q);
   const uint8_t* x_bytes = static_cast<const uint8_t*>(x2.data_ptr());
   GemmArgs args;
+  const ScratchScope activations_scope(Scratch::Activations);
   if (flip == 0 && k % 4 == 0 && x2.stride(1) == 1) {  // uint8 rows are read in place
     args.a = x_bytes;
     args.lda = x2.stride(0);
   } else {
     args.lda = round_up(k, 4);
-    uint8_t* a_packed = scratch_buffer(Scratch::Activations, m * args.lda);
+    uint8_t* a_packed = scratch_buffer(Scratch::Activations, checked_mul(op, "the packed x_q size", m, args.lda));
     pack_activation_rows(x_bytes, m, k, x2.stride(0), x2.stride(1), flip, a_packed, args.lda);
     args.a = a_packed;
   }
   args.b = w_packed.data_ptr<int8_t>();
-  args.kp = w_packed.size(1);
+  args.kp = kp;
   args.m = m;
   args.n = n;
   args.k = k;

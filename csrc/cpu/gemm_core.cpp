@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstring>
 #include <memory>
+#include <optional>
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -330,19 +331,34 @@ IsaPath isa_path(CpuIsa isa) {
 
 }  // namespace
 
+namespace {
+
+struct ScratchSlot {
+  std::unique_ptr<uint8_t[]> data;
+  int64_t size = 0;
+};
+thread_local ScratchSlot scratch_slots[3];
+
+}  // namespace
+
 uint8_t* scratch_buffer(Scratch slot, int64_t bytes) {
-  struct Buffer {
-    std::unique_ptr<uint8_t[]> data;
-    int64_t size = 0;
-  };
-  thread_local Buffer buffers[3];
-  Buffer& b = buffers[static_cast<int>(slot)];
+  ScratchSlot& b = scratch_slots[static_cast<int>(slot)];
   if (b.size < bytes) {
-    b.data.reset();  // release before allocating the larger one
+    // release before allocating the larger one, and record the size only once the allocation succeeded
+    b.data.reset();
+    b.size = 0;
     b.data.reset(new uint8_t[bytes]);
     b.size = bytes;
   }
   return b.data.get();
+}
+
+ScratchScope::~ScratchScope() {
+  ScratchSlot& b = scratch_slots[static_cast<int>(slot_)];
+  if (b.size > kScratchKeptBytes) {
+    b.data.reset();
+    b.size = 0;
+  }
 }
 
 void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa) {
@@ -362,7 +378,9 @@ void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa) {
   // Work order. Chunk-major (each chunk meets every panel while it stays in L2) streams the weight once per chunk;
   // when all the activation rows fit in L2 anyway, panel-major streams the weight once in all, and threads split
   // the panels rather than the chunks.
-  const bool panel_major = m_chunks > 1 && args.groups * args.m * k4 <= kCachedActivationBytes;
+  const int64_t all_rows_bytes =
+      checked_mul("int8 GEMM", "the activation rows' size", checked_mul("int8 GEMM", "the rows", args.groups, args.m), k4);
+  const bool panel_major = m_chunks > 1 && all_rows_bytes <= kCachedActivationBytes;
 
   // Where the activation rows come from: args.a, or rows that fill_rows produces. Produced rows are made once up
   // front for the panel-major order (they fit in L2), else one chunk at a time by the thread about to use it, so
@@ -370,8 +388,9 @@ void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa) {
   const uint8_t* a_rows = args.a;
   int64_t lda = args.lda, a_group_offset = args.a_group_offset;
   const bool rows_per_chunk = args.fill_rows != nullptr && !panel_major;
+  const ScratchScope rows_scope(Scratch::GemmRows);  // the rows made up front, read by every thread
   if (args.fill_rows != nullptr && panel_major) {
-    uint8_t* rows = scratch_buffer(Scratch::GemmRows, args.groups * args.m * k4);
+    uint8_t* rows = scratch_buffer(Scratch::GemmRows, all_rows_bytes);
     at::parallel_for(0, args.groups * m_chunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t g = i / m_chunks, row0 = (i % m_chunks) * chunk_rows;
@@ -394,7 +413,12 @@ void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa) {
 
   at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
     alignas(64) int32_t tile[kRowsPerChunk * kPanelCols];
-    uint8_t* chunk_buffer = rows_per_chunk ? scratch_buffer(Scratch::GemmRows, chunk_rows * k4) : nullptr;
+    std::optional<ScratchScope> chunk_scope;  // each thread's own chunk rows
+    uint8_t* chunk_buffer = nullptr;
+    if (rows_per_chunk) {
+      chunk_scope.emplace(Scratch::GemmRows);
+      chunk_buffer = scratch_buffer(Scratch::GemmRows, checked_mul("int8 GEMM", "the row buffer", chunk_rows, k4));
+    }
     int64_t filled = -1;  // the (group, chunk) whose rows chunk_buffer holds
     for (int64_t item = begin; item < end; ++item) {
       const int64_t g = item / (m_chunks * n_panels);

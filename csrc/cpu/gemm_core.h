@@ -12,13 +12,13 @@
 #include <cstdint>
 
 #include "cpu/isa.h"
+#include "sizes.h"
 
 namespace torchquant::gemm {
 
 constexpr int64_t kPanelCols = 64;  // output columns per weight panel: 4 zmm of int32 accumulators
 constexpr int64_t kStepBytes = 4 * kPanelCols;  // one k-step (4 values of k) of a panel
-
-inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+static_assert(kPackAlign % kPanelCols == 0, "packed weights hold whole panels");
 
 // What the GEMM's store does with each int32 accumulator acc[m][n] (already summed over k):
 //   v = acc - col_offset[n]                                    (zero-point / shift correction)
@@ -62,9 +62,26 @@ struct GemmArgs {
 
 // Scratch memory of the calling thread, reused across calls: activations re-laid by the ops, weights packed on the
 // fly, and activation rows that the GEMM has a RowFiller produce. A fresh multi-megabyte allocation costs a page
-// fault per 4 KB on first touch, as much as the packing itself; the buffers keep the largest size asked for.
+// fault per 4 KB on first touch, as much as the packing itself, so a buffer is kept for the next call, but only up
+// to kScratchKeptBytes: a ScratchScope frees larger ones when it ends. A failed allocation (std::bad_alloc, a
+// MemoryError in Python) leaves the slot empty and usable.
 enum class Scratch { Activations = 0, Weights = 1, GemmRows = 2 };
+constexpr int64_t kScratchKeptBytes = int64_t{8} << 20;  // per slot and thread
 uint8_t* scratch_buffer(Scratch slot, int64_t bytes);
+
+// Frees the calling thread's scratch buffer of one slot if it is larger than kScratchKeptBytes when it goes out of
+// scope (on return or exception). Every user of a slot holds one, on the thread that asked for the buffer, for as
+// long as any thread reads it.
+class ScratchScope {
+ public:
+  explicit ScratchScope(Scratch slot) : slot_(slot) {}
+  ScratchScope(const ScratchScope&) = delete;
+  ScratchScope& operator=(const ScratchScope&) = delete;
+  ~ScratchScope();
+
+ private:
+  Scratch slot_;
+};
 
 // Runs the GEMM with the epilogue on the given ISA path, threaded with at::parallel_for.
 void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa);

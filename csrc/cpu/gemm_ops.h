@@ -31,7 +31,4 @@ EpilogueInputs prepare_epilogue_inputs(const char* op, const at::Tensor& x_q, in
 // The activation byte transform that makes x_q unsigned: 0x80 for int8, 0 for uint8.
 inline uint8_t activation_flip(const at::Tensor& x_q) { return x_q.scalar_type() == at::kChar ? 0x80 : 0; }
 
-// Checks a packed weight of `groups` groups (2-d when groups is 0, i.e. ungrouped) for n columns and depth k.
-void check_packed_weight(const char* op, const at::Tensor& w_packed, int64_t groups, int64_t n, int64_t k);
-
 }  // namespace torchquant::gemm

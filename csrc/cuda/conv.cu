@@ -25,7 +25,7 @@ __global__ void __launch_bounds__(kIm2colThreads) im2col_nhwc_kernel(const int8_
                                                                       int8_t* __restrict__ columns, ConvGeometry g,
                                                                       int64_t k16, int8_t pad_byte) {
   const int64_t cg = g.channels / g.groups;
-  const int64_t window = g.kh * g.kw * cg;
+  const int64_t window = g.window;
   const int64_t units_per_group = k16 / VEC;
   const int64_t units = g.batch * g.out_h * g.out_w * g.groups * units_per_group;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kIm2colThreads;
@@ -66,13 +66,13 @@ at::Tensor int8_conv2d_cuda(const at::Tensor& x_q, const at::Tensor& x_scale, in
   TQ_CHECK(x_q.is_cuda(), op, ": x_q must be a CUDA tensor for the CUDA kernel, got ", x_q.device());
   const ConvGeometry g = check_conv_arguments(op, x_q, out_channels, kernel_size, stride, padding, dilation, groups);
   const int64_t cg = g.channels / groups, ocg = out_channels / groups;
-  const int64_t window = g.kh * g.kw * cg;
+  const int64_t window = g.window;
   TQ_CHECK(window >= 1, op, ": x_q must have at least one channel");
-  check_packed_weight(op, w_packed, x_q, groups, ocg, window);
+  const int64_t kp = check_packed_weight(op, w_packed, x_q, groups, ocg, {g.kh, g.kw, cg}, kConvWeightShape);
   check_output_dtype(op, out_dtype, out_scale, out_zero_point);
   TQ_CHECK(x_scale.numel() == 1, op, ": x_scale must have 1 element (per-tensor activations), got ",
               x_scale.numel());
-  const int64_t m = g.batch * g.out_h * g.out_w;
+  const int64_t m = g.rows;
   const EpilogueInputs in =
       prepare_epilogue_inputs(op, x_q, x_zero_point, x_scale, m, w_sum, w_scale, bias, out_channels);
 
@@ -80,7 +80,8 @@ at::Tensor int8_conv2d_cuda(const at::Tensor& x_q, const at::Tensor& x_scale, in
   at::Tensor out_nhwc = at::empty({g.batch, g.out_h, g.out_w, out_channels}, x_q.options().dtype(out_dtype));
   at::Tensor out = out_nhwc.permute({0, 3, 1, 2});
   if (m == 0) return out;
-  TQ_CHECK(m <= INT32_MAX - 256 && window <= INT32_MAX - 256, op, ": sizes must be below 2^31");
+  TQ_CHECK(m <= INT32_MAX - 256 && ocg <= INT32_MAX - 256 && window <= INT32_MAX - 256, op,
+           ": sizes must be below 2^31");
 
   const at::Tensor x_nhwc = x_q.contiguous(at::MemoryFormat::ChannelsLast);
   const int8_t* x_bytes = static_cast<const int8_t*>(x_nhwc.data_ptr());
@@ -93,7 +94,8 @@ at::Tensor int8_conv2d_cuda(const at::Tensor& x_q, const at::Tensor& x_scale, in
     args.a_group_offset = cg;
   } else {
     const int64_t k16 = round_up(window, 16);
-    columns = at::empty({m * groups * k16}, x_q.options());
+    columns = at::empty({checked_mul(op, "the im2col matrix size", m, checked_mul(op, "the im2col row size", groups, k16))},
+                        x_q.options());
     const int8_t pad_byte = static_cast<int8_t>(static_cast<uint8_t>(x_zero_point));
     const bool vectorized = cg % 16 == 0 && is_aligned<int8_t, 16>(x_bytes);
     const int64_t units = m * groups * (k16 / (vectorized ? 16 : 1));
@@ -111,8 +113,8 @@ at::Tensor int8_conv2d_cuda(const at::Tensor& x_q, const at::Tensor& x_scale, in
     args.a_group_offset = k16;
   }
   args.b = w_packed.data_ptr<int8_t>();
-  args.ldb = w_packed.size(2);
-  args.b_group_stride = w_packed.size(1) * w_packed.size(2);
+  args.ldb = kp;
+  args.b_group_stride = round_up(ocg, kPackAlign) * kp;
   args.M = static_cast<int>(m);
   args.N = static_cast<int>(ocg);
   args.K = static_cast<int>(round_up(window, 16));

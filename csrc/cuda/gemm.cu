@@ -446,12 +446,6 @@ DequantEpilogue EpilogueInputs::epilogue(const at::Tensor& out, int64_t ldo, int
   return ep;
 }
 
-void check_packed_weight(const char* op, const at::Tensor& w_packed, const at::Tensor& x_q, int64_t groups, int64_t n,
-                         int64_t k) {
-  check_on_device_of(op, "w_packed", w_packed, x_q, " (re-pack the weight with pack_int8_weight after moving it)");
-  check_packed_weight_layout(op, w_packed, groups, n, k, kPackAlign, kPackAlign);
-}
-
 namespace {
 
 at::Tensor int8_mm_cuda(const at::Tensor& a, const at::Tensor& b) {
@@ -478,12 +472,9 @@ at::Tensor int8_mm_cuda(const at::Tensor& a, const at::Tensor& b) {
 at::Tensor pack_int8_weight_cuda(const at::Tensor& w) {
   check_weight_to_pack(w);
   const c10::cuda::CUDAGuard guard(w.device());
-  const int64_t n = w.size(-2), k = w.size(-1);
-  std::vector<int64_t> shape(w.sizes().begin(), w.sizes().end());
-  shape[shape.size() - 2] = round_up(n, kPackAlign);
-  shape[shape.size() - 1] = round_up(k, kPackAlign);
-  at::Tensor packed = at::zeros(shape, w.options());
-  packed.narrow(-2, 0, n).narrow(-1, 0, k).copy_(w);
+  // row-major and zero padded: the packed tensor's logical view is the weight itself
+  at::Tensor packed = empty_packed_weight(w, packed_weight_layout(w), /*zeroed=*/true);
+  packed.copy_(w);
   return packed;
 }
 
@@ -498,7 +489,7 @@ at::Tensor int8_linear_cuda(const at::Tensor& x_q, const at::Tensor& x_scale, in
   const int64_t k = x_q.size(-1), n = out_features;
   TQ_CHECK(k >= 1, op, ": x_q's last dimension (K) must be >= 1");
   const int64_t m = x_q.numel() / k;
-  check_packed_weight(op, w_packed, x_q, 0, n, k);
+  const int64_t kp = check_packed_weight(op, w_packed, x_q, 0, n, {k}, kLinearWeightShape);
   const EpilogueInputs in = prepare_epilogue_inputs(op, x_q, x_zero_point, x_scale, m, w_sum, w_scale, bias, n);
   check_output_dtype(op, out_dtype, out_scale, out_zero_point);
   const c10::cuda::CUDAGuard guard(x_q.device());
@@ -509,7 +500,7 @@ at::Tensor int8_linear_cuda(const at::Tensor& x_q, const at::Tensor& x_scale, in
   TQ_CHECK(m <= INT32_MAX - 256 && n <= INT32_MAX - 256 && k <= INT32_MAX - 256, op, ": sizes must be below 2^31");
   const at::Tensor x_rows = gemm_operand(x_q.dim() == 2 ? x_q : x_q.reshape({m, k}), round_up(k, 16));
   const GemmArgs args{static_cast<const int8_t*>(x_rows.data_ptr()), operand_ld(x_rows), 0,
-                      w_packed.data_ptr<int8_t>(), w_packed.size(1), 0,
+                      w_packed.data_ptr<int8_t>(), kp, 0,
                       static_cast<int>(m), static_cast<int>(n), static_cast<int>(round_up(k, 16)), 1};
   run_int8_gemm(args, x_q.scalar_type() == at::kByte, in.epilogue(out, n, x_zero_point, out_scale, out_zero_point));
   return out;

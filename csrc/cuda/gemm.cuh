@@ -14,6 +14,7 @@
 #include <cuda_runtime.h>
 
 #include "quant_math.h"
+#include "sizes.h"
 
 namespace torchquant {
 
@@ -176,8 +177,6 @@ void launch_wgmma_gemm(const GemmArgs& args, const Epilogue& epilogue, dim3 grid
 void run_int8_gemm(const GemmArgs& args, bool a_unsigned, const Int32Epilogue& epilogue);
 void run_int8_gemm(const GemmArgs& args, bool a_unsigned, const DequantEpilogue& epilogue);
 
-inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-
 // x [R, C] (int8 or uint8, any strides) as GEMM rows of padded_cols >= C columns (a multiple of 16): x itself when
 // its rows already qualify, else a copy zero-padded from column C on.
 at::Tensor gemm_operand(const at::Tensor& x, int64_t padded_cols);
@@ -199,12 +198,5 @@ struct EpilogueInputs {
 EpilogueInputs prepare_epilogue_inputs(const char* op, const at::Tensor& x_q, int64_t x_zero_point,
                                        const at::Tensor& x_scale, int64_t rows, const at::Tensor& w_sum,
                                        const at::Tensor& w_scale, const std::optional<at::Tensor>& bias, int64_t n);
-
-// Checks a packed weight of `groups` groups (2-d when groups is 0, i.e. ungrouped) for n outputs and depth k.
-void check_packed_weight(const char* op, const at::Tensor& w_packed, const at::Tensor& x_q, int64_t groups, int64_t n,
-                         int64_t k);
-
-// Packed weights pad N and K to multiples of this.
-constexpr int64_t kPackAlign = 64;
 
 }  // namespace torchquant

@@ -23,3 +23,12 @@ def cpu_kernel_path() -> str:
     """The instruction-set path the CPU kernels run now: "avx512_vnni", "avx2" or "scalar" (the best this CPU
     supports, or the one the environment variable TORCHQUANT_CPU_ISA forces)."""
     return ops.cpu_kernel_path()
+
+
+def check_fake_devices(op: str, anchor_name: str, anchor: torch.Tensor, **tensors) -> None:
+    """For fake (meta) kernels: every tensor in tensors must be on anchor's device. The meta kernel also runs for
+    a call that mixes meta and real tensors, where it must raise rather than return an uninitialized tensor."""
+    for name, t in tensors.items():
+        if t is not None:
+            torch._check(t.device == anchor.device,
+                         lambda: f"{op}: {name} must be on {anchor_name}'s device ({anchor.device}), got {t.device}")

@@ -4,11 +4,12 @@ The wrappers check what the message should name in Python terms (types, ranks, d
 (sizes against the packed weight, zero-point ranges, ...) to the kernels' TORCH_CHECKs, so the small-batch path
 stays cheap. Packed weights are device specific: re-pack after moving a weight to another device.
 """
+import math
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from torchquant._ops import FLOAT_DTYPES, ops
+from torchquant._ops import FLOAT_DTYPES, check_fake_devices, ops
 
 __all__ = [
     "int8_mm",
@@ -20,7 +21,7 @@ __all__ = [
 ]
 
 _ACTIVATION_DTYPES = (torch.int8, torch.uint8)
-_PANEL = 64  # packed weights are zero padded to multiples of 64 in both dims (csrc/ops.cpp)
+_PACK_ALIGN = 64  # packed weights are zero padded to multiples of this in both dims (kPackAlign, csrc/sizes.h)
 
 
 def _round_up(x: int, m: int) -> int:
@@ -52,11 +53,22 @@ def _pair(name: str, v: Union[int, Sequence[int]]) -> Tuple[int, int]:
     raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
 
 
-def _scale_tensor(name: str, scale, device: torch.device) -> torch.Tensor:
-    if isinstance(scale, (int, float)):
+def _require_positive_finite(op: str, name: str, scale: torch.Tensor) -> None:
+    """The CPU kernels check scale values themselves; elsewhere (a device->host copy) this wrapper does, outside
+    torch.compile so that a compiled graph never breaks on it."""
+    if scale.device.type != "cpu" and not torch.compiler.is_compiling():
+        if not bool((torch.isfinite(scale) & (scale > 0)).all()):
+            raise ValueError(f"{op}: {name} must be positive and finite, got {scale.tolist()}")
+
+
+def _scale_tensor(op: str, name: str, scale, device: torch.device) -> torch.Tensor:
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"{op}: {name} must be positive and finite, got {scale!r}")
         return torch.tensor([float(scale)], dtype=torch.float32, device=device)
     _require_tensor(name, scale)
     _require_dtype(name, scale, (torch.float32,))
+    _require_positive_finite(op, name, scale)
     return scale.reshape(-1)
 
 
@@ -76,8 +88,10 @@ def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def pack_int8_weight(w: torch.Tensor) -> torch.Tensor:
-    """Lays out an int8 weight [N, K] (or [G, N, K]) once for the device's GEMM: [G?, round_up(N, 64),
-    round_up(K, 64)] int8, zero padded, in the device's own byte order."""
+    """Lays out an int8 weight [N, K] (or [G, N, K]) once for the device's GEMM. The result has w's shape (the
+    kernels check it against their other arguments) and strides [round_up(N, 64) * round_up(K, 64)?,
+    round_up(K, 64), 1] over a zero-padded buffer whose bytes are in the device's own order: pass it to the ops
+    as it is (a copy such as .clone() or .contiguous() drops the padding and is rejected)."""
     _require_tensor("w", w)
     _require_dtype("w", w, (torch.int8,))
     if w.dim() not in (2, 3) or w.numel() == 0:
@@ -101,8 +115,9 @@ def int8_linear(x_q: torch.Tensor, x_scale, x_zero_point: int, w_packed: torch.T
     _require_tensor("w_packed", w_packed)
     _require_tensor("w_sum", w_sum)
     _require_tensor("w_scale", w_scale)
-    x_scale = _scale_tensor("x_scale", x_scale, x_q.device)
+    x_scale = _scale_tensor("int8_linear", "x_scale", x_scale, x_q.device)
     _require_same_device(x_q.device, x_scale=x_scale, w_packed=w_packed, w_sum=w_sum, w_scale=w_scale, bias=bias)
+    _require_positive_finite("int8_linear", "w_scale", w_scale)
     if out_dtype not in FLOAT_DTYPES + _ACTIVATION_DTYPES:
         raise TypeError(f"int8_linear: out_dtype must be float32, float16, bfloat16, int8 or uint8, got {out_dtype}")
     return ops.int8_linear(x_q, x_scale, int(x_zero_point), w_packed, w_sum, w_scale, bias, int(out_features),
@@ -118,13 +133,14 @@ def dynamic_int8_linear(x: torch.Tensor, w_packed: torch.Tensor, w_sum: torch.Te
     if x.dim() < 1:
         raise ValueError("dynamic_int8_linear: x must have at least 1 dimension [..., K]")
     _require_same_device(x.device, w_packed=w_packed, w_sum=w_sum, w_scale=w_scale, bias=bias)
+    _require_positive_finite("dynamic_int8_linear", "w_scale", w_scale)
     # one dispatcher call (quantize_per_token + int8_linear in C++): no Python autograd kernel, no second op call
     return ops.int8_linear_dynamic(x, w_packed, w_sum, w_scale, bias, int(out_features))
 
 
 def pack_conv_weight(w_q: torch.Tensor, groups: int = 1) -> torch.Tensor:
     """Packs an int8 conv weight [OC, IC/G, KH, KW] for int8_conv2d: pack_int8_weight of the [G, OC/G, KH*KW*IC/G]
-    matrix whose reduction index runs (kh, kw, c)."""
+    matrix whose reduction index runs (kh, kw, c), viewed as [G, OC/G, KH, KW, IC/G]."""
     _require_tensor("w_q", w_q)
     _require_dtype("w_q", w_q, (torch.int8,))
     if w_q.dim() != 4 or w_q.numel() == 0:
@@ -132,8 +148,9 @@ def pack_conv_weight(w_q: torch.Tensor, groups: int = 1) -> torch.Tensor:
     if not isinstance(groups, int) or groups < 1 or w_q.shape[0] % groups:
         raise ValueError(f"pack_conv_weight: groups must be a positive int dividing out_channels ({w_q.shape[0]}), "
                          f"got {groups!r}")
-    oc = w_q.shape[0]
-    return ops.pack_int8_weight(w_q.permute(0, 2, 3, 1).reshape(groups, oc // groups, -1))
+    oc, cg, kh, kw = w_q.shape
+    packed = ops.pack_int8_weight(w_q.permute(0, 2, 3, 1).reshape(groups, oc // groups, kh * kw * cg))
+    return packed.unflatten(-1, (kh, kw, cg))  # [G, OC/G, KH, KW, C/G]: int8_conv2d checks each against its input
 
 
 def int8_conv2d(x_q: torch.Tensor, x_scale, x_zero_point: int, w_packed: torch.Tensor, w_sum: torch.Tensor,
@@ -153,8 +170,9 @@ def int8_conv2d(x_q: torch.Tensor, x_scale, x_zero_point: int, w_packed: torch.T
     _require_tensor("w_packed", w_packed)
     _require_tensor("w_sum", w_sum)
     _require_tensor("w_scale", w_scale)
-    x_scale = _scale_tensor("x_scale", x_scale, x_q.device)
+    x_scale = _scale_tensor("int8_conv2d", "x_scale", x_scale, x_q.device)
     _require_same_device(x_q.device, x_scale=x_scale, w_packed=w_packed, w_sum=w_sum, w_scale=w_scale, bias=bias)
+    _require_positive_finite("int8_conv2d", "w_scale", w_scale)
     if not isinstance(groups, int) or groups < 1 or x_q.shape[1] % groups or out_channels % groups:
         raise ValueError(f"int8_conv2d: groups must be a positive int dividing the input channels ({x_q.shape[1]}) "
                          f"and out_channels ({out_channels}), got {groups!r}")
@@ -170,25 +188,34 @@ def int8_conv2d(x_q: torch.Tensor, x_scale, x_zero_point: int, w_packed: torch.T
 
 @torch.library.register_fake("torchquant::int8_mm")
 def _int8_mm_fake(a, b):
+    check_fake_devices("int8_mm", "a", a, b=b)
     torch._check(a.dim() == 2 and b.dim() == 2, lambda: "int8_mm: a and b must be 2-d")
     torch._check(a.shape[1] == b.shape[0], lambda: "int8_mm: inner sizes differ")
     return a.new_empty((a.shape[0], b.shape[1]), dtype=torch.int32)
 
 
+def _packed_strides(shape):
+    """The strides of pack_int8_weight's result for a weight of this shape (see its docstring)."""
+    kp = _round_up(shape[-1], _PACK_ALIGN)
+    return (_round_up(shape[-2], _PACK_ALIGN) * kp, kp, 1)[3 - len(shape):]
+
+
 @torch.library.register_fake("torchquant::pack_int8_weight")
 def _pack_int8_weight_fake(w):
-    shape = (*w.shape[:-2], _round_up(w.shape[-2], _PANEL), _round_up(w.shape[-1], _PANEL))
-    return w.new_empty(shape, dtype=torch.int8)
+    return w.new_empty_strided(w.shape, _packed_strides(w.shape), dtype=torch.int8)
 
 
 @torch.library.register_fake("torchquant::int8_linear")
 def _int8_linear_fake(x_q, x_scale, x_zero_point, w_packed, w_sum, w_scale, bias, out_features, out_dtype,
                       out_scale=None, out_zero_point=0):
+    check_fake_devices("int8_linear", "x_q", x_q, x_scale=x_scale, w_packed=w_packed, w_sum=w_sum, w_scale=w_scale,
+                       bias=bias)
     return x_q.new_empty((*x_q.shape[:-1], out_features), dtype=out_dtype)
 
 
 @torch.library.register_fake("torchquant::int8_linear_dynamic")
 def _int8_linear_dynamic_fake(x, w_packed, w_sum, w_scale, bias, out_features):
+    check_fake_devices("int8_linear_dynamic", "x", x, w_packed=w_packed, w_sum=w_sum, w_scale=w_scale, bias=bias)
     return x.new_empty((*x.shape[:-1], out_features))
 
 
@@ -199,6 +226,8 @@ def _conv_out_size(size, kernel, stride, padding, dilation):
 @torch.library.register_fake("torchquant::int8_conv2d")
 def _int8_conv2d_fake(x_q, x_scale, x_zero_point, w_packed, w_sum, w_scale, bias, out_channels, kernel_size, stride,
                       padding, dilation, groups, out_dtype, out_scale=None, out_zero_point=0):
+    check_fake_devices("int8_conv2d", "x_q", x_q, x_scale=x_scale, w_packed=w_packed, w_sum=w_sum, w_scale=w_scale,
+                       bias=bias)
     b, _, h, w = x_q.shape
     oh = _conv_out_size(h, kernel_size[0], stride[0], padding[0], dilation[0])
     ow = _conv_out_size(w, kernel_size[1], stride[1], padding[1], dilation[1])

@@ -10,7 +10,7 @@ from typing import Dict, Optional, Tuple, Union
 
 import torch
 
-from torchquant._ops import FLOAT_DTYPES, ROUNDINGS, ops
+from torchquant._ops import FLOAT_DTYPES, ROUNDINGS, check_fake_devices, ops
 
 __all__ = ["quantize", "dequantize", "fake_quantize", "choose_qparams", "quantize_per_token", "quantization_error"]
 
@@ -89,6 +89,9 @@ def _qparam(value, name: str, x: torch.Tensor, axis: Optional[int], dtype: torch
             where = "per-tensor" if axis is None else f"per-channel (x.shape[{axis}] = {length})"
             raise ValueError(f"{fn}: {name} must have {length} element(s) for {where} quantization, "
                              f"got shape {tuple(value.shape)}")
+        if dtype == torch.int32 and value.dtype == torch.int64:
+            # saturate rather than wrap (2**32 would become 0): the range checks then reject it
+            value = value.clamp(torch.iinfo(torch.int32).min, torch.iinfo(torch.int32).max)
         return value.reshape(length).to(dtype)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{fn}: {name} must be a number or a tensor, got {type(value).__name__}")
@@ -192,7 +195,8 @@ def choose_qparams(x: torch.Tensor, *, bits: int = 8, signed: bool = True, symme
     symmetric, unsigned: the zero point in the middle, scale = absmax / ((qmax - qmin) / 2);
     asymmetric: the range [min, max] widened to include 0, scale = (max - min) / (qmax - qmin),
     zero_point = clamp(qmin - round(min / scale), qmin, qmax).
-    A zero range gives scale 1.0; scales are at least the smallest normal float32, so 1 / scale is finite."""
+    A zero range gives scale 1.0; scales are at least the smallest normal float32, so 1 / scale is finite, and at
+    most the largest float32, so they are finite even for ranges near the float32 limits."""
     fn = "choose_qparams"
     _check_float_tensor(x, "x", fn)
     _check_bits(bits, fn)
@@ -219,8 +223,11 @@ def choose_qparams(x: torch.Tensor, *, bits: int = 8, signed: bool = True, symme
             zero_point = torch.full_like(scale, (qmin + qmax + 1) // 2, dtype=torch.int32)
     else:
         scale = (high - low) / (qmax - qmin)
+        # the width of a range such as [-3e38, 3e38] overflows float32: take it in float64 there
+        scale = torch.where(torch.isinf(scale), ((high.double() - low.double()) / (qmax - qmin)).float(), scale)
         zero_point = None
-    scale = torch.where(scale > 0, scale, 1.0).clamp(min=torch.finfo(torch.float32).tiny)
+    f32 = torch.finfo(torch.float32)
+    scale = torch.where(scale > 0, scale, 1.0).clamp(f32.tiny, f32.max)  # f32.max: a range wider than any scale
     if zero_point is None:
         zero_point = torch.clamp(qmin - torch.round(low / scale), qmin, qmax).to(torch.int32)
     return scale, zero_point
@@ -273,21 +280,25 @@ def quantization_error(x: torch.Tensor, x_hat: torch.Tensor) -> Dict[str, float]
 
 @torch.library.register_fake("torchquant::quantize")
 def _quantize_fake(x, scale, zero_point, axis, bits, signed, rounding):
+    check_fake_devices("quantize", "x", x, scale=scale, zero_point=zero_point)
     return x.new_empty(x.shape, dtype=torch.int8 if signed else torch.uint8)
 
 
 @torch.library.register_fake("torchquant::dequantize")
 def _dequantize_fake(q, scale, zero_point, axis, dtype):
+    check_fake_devices("dequantize", "q", q, scale=scale, zero_point=zero_point)
     return q.new_empty(q.shape, dtype=dtype)
 
 
 @torch.library.register_fake("torchquant::fake_quantize")
 def _fake_quantize_fake(x, scale, zero_point, axis, bits, signed, rounding):
+    check_fake_devices("fake_quantize", "x", x, scale=scale, zero_point=zero_point)
     return x.new_empty(x.shape)
 
 
 @torch.library.register_fake("torchquant::fake_quantize_backward")
 def _fake_quantize_backward_fake(grad, x, scale, zero_point, axis, bits, signed, rounding):
+    check_fake_devices("fake_quantize_backward", "x", x, grad=grad, scale=scale, zero_point=zero_point)
     return x.new_empty(x.shape)
 
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import torchquant  # noqa: F401  (registers the ops)
-from torchquant._ops.gemm import dynamic_int8_linear
+from torchquant._ops.gemm import dynamic_int8_linear, pack_conv_weight
 from torchquant.bench.timing import copy_bandwidth
 from torchquant.timing import compare, markdown_table
 
@@ -300,7 +300,7 @@ def conv_rows() -> List[dict]:
             x_scale = torch.tensor([0.02], device=DEVICE)
             w_scale = (w.float().abs().amax((1, 2, 3)) / 127).clamp_min(1e-8)
             w_q = torch.round(w.float() / w_scale.view(-1, 1, 1, 1)).clamp(-127, 127).to(torch.int8)
-            packed = ops.pack_int8_weight(w_q.permute(0, 2, 3, 1).reshape(1, oc, -1))
+            packed = pack_conv_weight(w_q)
             w_sum = w_q.sum((1, 2, 3), dtype=torch.int32)
             ks, st, pd = [kernel, kernel], [stride, stride], [padding, padding]
             fns = {
