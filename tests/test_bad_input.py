@@ -268,3 +268,59 @@ def test_choose_qparams_finite_for_extreme_ranges(bits, signed, symmetric):
         assert torch.isfinite(scale).all() and (scale > 0).all(), (x, scale)
         q = F.quantize(x, scale, zero_point, bits=bits, signed=signed)  # usable as they are
         assert q.shape == x.shape
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Every CPU instruction-set path gives bit-identical outputs
+# ---------------------------------------------------------------------------------------------------------------
+
+def _isa_paths():
+    paths = []
+    for isa in ("avx512_vnni", "avx2", "scalar"):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("TORCHQUANT_CPU_ISA", isa)
+            try:
+                ops.int8_mm(torch.ones(1, 1, dtype=torch.int8), torch.ones(1, 1, dtype=torch.int8))
+                paths.append(isa)
+            except RuntimeError:
+                pass
+    return paths
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int8, torch.uint8])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_cpu_isa_paths_bit_identical(monkeypatch, out_dtype, with_bias):
+    paths = _isa_paths()
+    if len(paths) < 2:
+        pytest.skip("this CPU has a single instruction-set path")
+    g = torch.Generator().manual_seed(1)
+    m, k, n = 37, 203, 150
+    x_q = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
+    w_q = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+    w_scale = torch.rand(n, generator=g) * 1e-3 + 1e-5
+    x_scale = torch.rand(m, generator=g) * 0.05 + 1e-3
+    bias = torch.randn(n, generator=g) * 3 if with_bias else None
+    out_scale = 0.37 if out_dtype in (torch.int8, torch.uint8) else None
+    packed, w_sum = F.pack_int8_weight(w_q), w_q.sum(1, dtype=torch.int32)
+    w_c = torch.randint(-128, 128, (24, 3, 3, 3), dtype=torch.int8, generator=g)
+    x_c = torch.randint(0, 256, (2, 6, 9, 9), dtype=torch.uint8, generator=g)
+    conv_bias = bias[:24] if with_bias else None
+    results = {}
+    for isa in paths:
+        monkeypatch.setenv("TORCHQUANT_CPU_ISA", isa)
+        results[isa] = (
+            F.int8_linear(x_q, x_scale, 5, packed, w_sum, w_scale, bias, out_features=n, out_dtype=out_dtype,
+                          out_scale=out_scale, out_zero_point=3 if out_scale else 0),
+            F.int8_conv2d(x_c, 0.02, 120, F.pack_conv_weight(w_c, 2), w_c.sum((1, 2, 3), dtype=torch.int32),
+                          w_scale[:24], conv_bias, out_channels=24, kernel_size=3, padding=1, groups=2,
+                          out_dtype=out_dtype, out_scale=out_scale),
+            ops.int8_mm(x_q, w_q.t()),
+        )
+    for isa in paths[1:]:
+        for got, want in zip(results[isa], results[paths[0]]):
+            assert torch.equal(_bits(got), _bits(want)), f"{isa} differs from {paths[0]}"
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """t's bit patterns (NaNs with equal bits compare equal, -0.0 differs from 0.0)."""
+    return t.contiguous().view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
