@@ -1,0 +1,493 @@
+"""Fuzzing every public op of torchquant.functional and every raw torch.ops.torchquant op.
+
+Cases come from a seeded generator (the same cases on every run): random shapes (empty, 1, odd, huge through
+expand), dtypes, layouts (transposed, strided, storage offsets, expanded), scales (0, negative, NaN, inf,
+subnormal, huge), zero points (out of range, int64 beyond int32, wrong dtype), conv geometry up to 2**62,
+mismatched packed weights and meta/cpu device mixes. The contract: a call either returns exactly what
+torchquant.reference computes (bit for bit, NaN included) or raises RuntimeError, ValueError, TypeError or
+MemoryError with a message; it raises exactly when the arguments are invalid. Each family of cases runs in a child
+process, so a crash fails the test (naming the case that crashed) instead of killing pytest.
+"""
+import math
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import torchquant.functional as F
+from torchquant import reference
+from torchquant._ops import ops
+
+ALLOWED = (RuntimeError, ValueError, TypeError, MemoryError)
+ERROR = "error"  # the expected outcome of a call with invalid arguments
+FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+TINY, HUGE = torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max
+SCALES = [0.1, 0.037, 1.0, 2.5e-3, 7.0, 0.0, -1.0, math.nan, math.inf, -math.inf, 1e-45, 1e-40, TINY, 3e38, 1e39]
+
+
+def _scale_ok(s: float, smallest: float) -> bool:
+    """Whether a scale passes the checks: finite as a float32, positive, at least `smallest`."""
+    s32 = float(torch.tensor(s, dtype=torch.float32))
+    return math.isfinite(s32) and s32 >= smallest and s32 > 0
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def _same(got, want) -> bool:
+    if isinstance(want, (tuple, list)):
+        return isinstance(got, (tuple, list)) and len(got) == len(want) and all(map(_same, got, want))
+    if not (isinstance(got, torch.Tensor) and got.dtype == want.dtype and got.shape == want.shape
+            and got.device == want.device):
+        return False
+    if not got.is_floating_point():
+        return torch.equal(got, want)
+    # bit for bit (0.0 and -0.0 differ), except that any NaN matches any NaN (sign and payload carry no meaning)
+    nan = torch.isnan(got)
+    return torch.equal(nan, torch.isnan(want)) and torch.equal(_bits(got)[~nan], _bits(want)[~nan])
+
+
+def _layout(rng: random.Random, t: torch.Tensor) -> torch.Tensor:
+    """t in another layout: transposed, strided or with a storage offset (same values), or its first row expanded
+    (stride 0: different values, so use the result for the reference too)."""
+    choice = rng.randrange(6)
+    if choice == 1 and t.dim() >= 2:
+        return t.transpose(0, -1).contiguous().transpose(0, -1)
+    if choice == 2 and t.dim() >= 1:
+        wide = torch.empty(*t.shape[:-1], 2 * t.shape[-1] + 1, dtype=t.dtype)
+        wide[..., 1::2] = t
+        return wide[..., 1::2]
+    if choice == 3:
+        flat = torch.empty(t.numel() + 3, dtype=t.dtype)
+        flat[3:] = t.reshape(-1)
+        return flat[3:].view(t.shape)
+    if choice == 4 and t.dim() >= 1 and t.shape[0] > 1:
+        return t[:1].expand(t.shape)
+    return t
+
+
+def _values(rng: random.Random, shape, dtype=torch.float32) -> torch.Tensor:
+    """Floats with ties at .5 steps, extremes, subnormals and non-finite values mixed in."""
+    g = torch.Generator().manual_seed(rng.randrange(2**31))
+    x = torch.randn(shape, generator=g) * rng.choice([0.01, 1.0, 10.0, 300.0])
+    if x.numel() and rng.random() < 0.5:
+        specials = torch.tensor([0.5, -0.5, 1.5, 2.5, -2.5, math.nan, math.inf, -math.inf, 3e38, -3e38, 1e-40, 0.0])
+        mask = torch.rand(shape, generator=g) < 0.2
+        x = torch.where(mask, specials[torch.randint(len(specials), shape, generator=g)], x)
+    return x.to(dtype)
+
+
+def _shape(rng: random.Random, max_dim: int = 3, min_dim: int = 0):
+    return tuple(rng.choice([0, 1, 1, 2, 3, 5, 7, 16, 33]) for _ in range(rng.randint(min_dim, max_dim)))
+
+
+def _int8(rng: random.Random, shape, dtype=torch.int8) -> torch.Tensor:
+    g = torch.Generator().manual_seed(rng.randrange(2**31))
+    low, high = (-128, 128) if dtype == torch.int8 else (0, 256)
+    return torch.randint(low, high, shape, dtype=dtype, generator=g)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Quantize family: quantize, dequantize, fake_quantize (+ backward), quantize_per_token, choose_qparams,
+# quantization_error
+# ---------------------------------------------------------------------------------------------------------------
+
+def _qparams(rng, x, axis, bits, signed):
+    """(scale, zero_point) as the functional API takes them (numbers or tensors), and whether they are valid."""
+    channels = 1 if axis is None else x.shape[axis]
+    low, high = (0, 0) if signed and bits == 1 else reference.qrange(bits, signed)
+    good_scale = rng.random() < 0.75
+    scale_values = [rng.choice(SCALES[:5]) if good_scale else rng.choice(SCALES) for _ in range(channels)]
+    valid = all(_scale_ok(s, TINY) for s in scale_values)
+    if axis is None and rng.random() < 0.5:
+        scale = scale_values[0]
+    else:
+        scale = torch.tensor(scale_values, dtype=rng.choice([torch.float32, torch.float32, torch.float64]))
+        if rng.random() < 0.05:
+            scale, valid = torch.ones(channels + 1), False
+    zp_values = [rng.randint(low, high) if rng.random() < 0.8 else rng.choice([low - 1, high + 1, 2**32, -2**31 - 1])
+                 for _ in range(channels)]
+    valid = valid and all(low <= z <= high for z in zp_values)
+    kind = rng.randrange(5)
+    if axis is None and kind == 0:
+        zero_point = zp_values[0]
+    elif kind == 1:
+        zero_point = torch.tensor(zp_values, dtype=torch.float32)  # wrong dtype
+        valid = False
+    else:
+        dtype = rng.choice([torch.int32, torch.int64, torch.int16])
+        if any(not -2**31 <= z < 2**31 for z in zp_values):
+            dtype = torch.int64
+        elif dtype == torch.int16 and any(not -2**15 <= z < 2**15 for z in zp_values):
+            dtype = torch.int32
+        zero_point = torch.tensor(zp_values, dtype=dtype)
+    return scale, zero_point, valid
+
+
+def quantize_case(rng: random.Random):
+    op = rng.choice(["quantize", "dequantize", "fake_quantize", "raw_quantize", "raw_fake_quantize",
+                     "raw_fake_quantize_backward", "raw_dequantize"])
+    shape = _shape(rng)
+    valid = True
+    bits = rng.choice([8, 8, 4, 2, 1, 7]) if rng.random() < 0.95 else rng.choice([0, 9, -1])
+    valid = 1 <= bits <= 8
+    signed = rng.random() < 0.5
+    rounding = rng.choice(["nearest", "truncate"]) if rng.random() < 0.97 else "up"
+    valid = valid and rounding in ("nearest", "truncate")
+    axis = None if rng.random() < 0.5 or not shape else rng.randrange(len(shape))
+    if op.endswith("dequantize"):
+        q_dtype = rng.choice([torch.int8, torch.uint8, torch.uint8, torch.int8, torch.int32])
+        x = _layout(rng, _int8(rng, shape, torch.uint8 if q_dtype == torch.uint8 else torch.int8).to(q_dtype))
+        valid = q_dtype != torch.int32
+        bits, signed = 8, q_dtype != torch.uint8
+        out_dtype = rng.choice(FLOATS + (torch.float64,))
+        valid = valid and out_dtype in FLOATS
+    else:
+        dtype = rng.choice(FLOATS + FLOATS + (torch.float64, torch.int32))
+        x = _layout(rng, _values(rng, shape, dtype))
+        valid = valid and dtype in FLOATS
+    base_valid = valid
+    scale, zero_point, qp_valid = _qparams(rng, x, axis, bits if 1 <= bits <= 8 else 8, signed)
+    valid = valid and qp_valid
+
+    if op.startswith("raw"):
+        # the raw ops take float32 scale and int32 zero point tensors of 1 or C elements, checked by the kernel
+        scale_t = torch.as_tensor(scale).reshape(-1)
+        zp_t = torch.as_tensor(zero_point).reshape(-1)
+        if rng.random() < 0.1:
+            scale_t = scale_t.to("meta")  # a device mix
+        low, high = (0, 0) if signed and bits == 1 else reference.qrange(bits, signed) if base_valid else (0, 0)
+        length = 1 if axis is None else x.shape[axis]
+        valid = (base_valid and not scale_t.is_meta and scale_t.dtype == torch.float32 and zp_t.dtype == torch.int32
+                 and scale_t.numel() == zp_t.numel() == length
+                 and bool(((scale_t >= TINY) & torch.isfinite(scale_t)).all())
+                 and bool(((zp_t >= low) & (zp_t <= high)).all()))
+        if op == "raw_quantize":
+            fn = lambda: ops.quantize(x, scale_t, zp_t, axis, bits, signed, rounding)  # noqa: E731
+            want = lambda: reference.quantize(x, scale_t, zp_t, bits=bits, signed=signed, rounding=rounding,  # noqa
+                                              axis=axis)
+        elif op == "raw_fake_quantize":
+            fn = lambda: ops.fake_quantize(x, scale_t, zp_t, axis, bits, signed, rounding)  # noqa: E731
+            want = lambda: reference.fake_quantize(x, scale_t, zp_t, bits=bits, signed=signed,  # noqa: E731
+                                                   rounding=rounding, axis=axis)
+        elif op == "raw_dequantize":
+            fn = lambda: ops.dequantize(x, scale_t, zp_t, axis, out_dtype)  # noqa: E731
+            want = lambda: reference.dequantize(x, scale_t, zp_t, axis=axis, dtype=out_dtype)  # noqa: E731
+        else:
+            grad = _values(rng, x.shape, x.dtype) if x.dtype in FLOATS else x
+            if rng.random() < 0.1:
+                grad, valid = grad[..., :0] if grad.dim() and grad.shape[-1] else grad.double(), False
+            fn = lambda: ops.fake_quantize_backward(grad, x, scale_t, zp_t, axis, bits, signed, rounding)  # noqa
+            want = lambda: reference.fake_quantize_backward(grad, x, scale_t, zp_t, bits=bits, signed=signed,  # noqa
+                                                            rounding=rounding, axis=axis)
+        return f"{op}(x {tuple(x.shape)} {x.dtype} strides {x.stride()}, scale {scale_t.tolist() if not scale_t.is_meta else 'meta'}, zp {zp_t.tolist()} {zp_t.dtype}, axis {axis}, bits {bits}, signed {signed}, {rounding})", fn, want if valid else ERROR  # noqa: E501
+
+    if op == "quantize":
+        fn = lambda: F.quantize(x, scale, zero_point, bits=bits, signed=signed, rounding=rounding, axis=axis)  # noqa
+        want = lambda: reference.quantize(x, scale, zero_point, bits=bits, signed=signed, rounding=rounding,  # noqa
+                                          axis=axis)
+    elif op == "fake_quantize":
+        fn = lambda: F.fake_quantize(x, scale, zero_point, bits=bits, signed=signed, rounding=rounding,  # noqa
+                                     axis=axis)
+        want = lambda: reference.fake_quantize(x, scale, zero_point, bits=bits, signed=signed,  # noqa: E731
+                                               rounding=rounding, axis=axis)
+    else:
+        fn = lambda: F.dequantize(x, scale, zero_point, axis=axis, dtype=out_dtype)  # noqa: E731
+        want = lambda: reference.dequantize(x, scale, zero_point, axis=axis, dtype=out_dtype)  # noqa: E731
+    return (f"{op}(x {tuple(x.shape)} {x.dtype} strides {x.stride()}, scale {scale!r}, zp {zero_point!r}, "
+            f"axis {axis}, bits {bits}, signed {signed}, {rounding})", fn, want if valid else ERROR)
+
+
+def misc_quantize_case(rng: random.Random):
+    op = rng.choice(["quantize_per_token", "raw_quantize_per_token", "choose_qparams", "quantization_error"])
+    shape = _shape(rng, min_dim=0)
+    dtype = rng.choice(FLOATS + FLOATS + (torch.float64, torch.int8))
+    x = _layout(rng, _values(rng, shape, torch.float32).to(dtype) if dtype != torch.int8 else _int8(rng, shape))
+    if op in ("quantize_per_token", "raw_quantize_per_token"):
+        bits = rng.choice([8, 8, 4, 2]) if rng.random() < 0.9 else rng.choice([1, 9, 0])
+        valid = dtype in FLOATS and 2 <= bits <= 8 and x.dim() >= 1
+        call = F.quantize_per_token if op == "quantize_per_token" else None
+        fn = (lambda: call(x, bits=bits)) if call else (lambda: ops.quantize_per_token(x, bits))
+        return (f"{op}(x {tuple(x.shape)} {dtype} strides {x.stride()}, bits {bits})", fn,
+                (lambda: reference.quantize_per_token(x, bits=bits)) if valid else ERROR)
+    if op == "choose_qparams":
+        bits = rng.choice([8, 4, 1, 2]) if rng.random() < 0.9 else rng.choice([0, 9])
+        signed, symmetric = rng.random() < 0.5, rng.random() < 0.5
+        axis = None if rng.random() < 0.5 or not shape else rng.randrange(len(shape))
+        valid = dtype in FLOATS and 1 <= bits <= 8 and x.numel() > 0
+
+        def checked():
+            scale, zero_point = F.choose_qparams(x, bits=bits, signed=signed, symmetric=symmetric, axis=axis)
+            # no reference function: the invariants it promises
+            low, high = reference.qrange(bits, signed) if not (signed and bits == 1) else (0, 0)
+            assert scale.dtype == torch.float32 and zero_point.dtype == torch.int32
+            assert bool((torch.isfinite(scale) & (scale >= TINY)).all()), scale
+            assert bool(((zero_point >= low) & (zero_point <= high)).all()), zero_point
+            return scale.new_zeros(1)
+
+        return (f"choose_qparams(x {tuple(x.shape)} {dtype}, bits {bits}, signed {signed}, symmetric {symmetric}, "
+                f"axis {axis})", checked, (lambda: torch.zeros(1)) if valid else ERROR)
+    x_hat = _layout(rng, x + 1 if dtype != torch.int8 else x)
+    if rng.random() < 0.1:
+        x_hat = x_hat[..., :0] if x_hat.dim() and x_hat.shape[-1] else x_hat.reshape(1, -1)
+    valid = x.shape == x_hat.shape and x.numel() > 0
+
+    def error_dict():
+        e = F.quantization_error(x, x_hat)
+        assert set(e) == {"mse", "max_abs", "sqnr_db"}
+        return torch.zeros(1)
+
+    return f"quantization_error(x {tuple(x.shape)} {dtype}, x_hat {tuple(x_hat.shape)})", error_dict, \
+        (lambda: torch.zeros(1)) if valid else ERROR
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Integer matrix family: int8_mm, pack_int8_weight, int8_linear, dynamic_int8_linear
+# ---------------------------------------------------------------------------------------------------------------
+
+SIZES = [0, 1, 1, 2, 3, 5, 17, 63, 64, 65, 130]
+
+
+def mm_case(rng: random.Random):
+    raw = rng.random() < 0.5
+    m, k, n = (rng.choice(SIZES) for _ in range(3))
+    k_b = k if rng.random() < 0.9 else rng.choice(SIZES)
+    a_dtype = torch.int8 if rng.random() < 0.9 else rng.choice([torch.uint8, torch.int32, torch.float32])
+    a = _layout(rng, _int8(rng, (m, k)).to(a_dtype))
+    b = _layout(rng, _int8(rng, (k_b, n)))
+    if rng.random() < 0.3:
+        b = _layout(rng, _int8(rng, (n, k_b))).t()  # the weight.t() fast path
+    valid = a_dtype == torch.int8 and k_b == k
+    if rng.random() < 0.05:
+        a, b, valid = a.to("meta"), b, False
+    if rng.random() < 0.05:  # huge through expand: the packed b would be 2**46 bytes
+        a = torch.ones(1, 1, dtype=torch.int8).expand(2, 2**40)
+        b = torch.ones(1, 1, dtype=torch.int8).expand(2**40, 2)
+        desc = "int8_mm(expand(2, 2**40), expand(2**40, 2))"
+        return desc, (lambda: ops.int8_mm(a, b)) if raw else (lambda: F.int8_mm(a, b)), ERROR
+    fn = (lambda: ops.int8_mm(a, b)) if raw else (lambda: F.int8_mm(a, b))
+    desc = f"{'raw ' if raw else ''}int8_mm(a {tuple(a.shape)} {a.dtype} {a.stride()}, b {tuple(b.shape)} {b.stride()})"
+    return desc, fn, (lambda: reference.int8_mm(a, b)) if valid else ERROR
+
+
+def linear_case(rng: random.Random):
+    op = rng.choice(["int8_linear", "raw_int8_linear", "dynamic_int8_linear", "raw_int8_linear_dynamic"])
+    k, n = rng.choice(SIZES[1:]), rng.choice(SIZES[1:])
+    w_q = _layout(rng, _int8(rng, (n, k)))
+    packed = F.pack_int8_weight(w_q)
+    valid = True
+    if rng.random() < 0.1:  # a weight packed for another K or N that pads to the same size
+        k_x = rng.choice([kk for kk in range(1, 131) if (kk + 63) // 64 == (k + 63) // 64])
+        valid = k_x == k
+    else:
+        k_x = k
+    n_arg = n if rng.random() < 0.95 else rng.choice([0, n + 1, max(n - 1, 1)])
+    valid = valid and n_arg == n
+    lead = _shape(rng, max_dim=2)
+    w_sum = w_q.sum(1, dtype=torch.int32)
+    if rng.random() < 0.05:
+        w_sum, valid = w_sum[:-1], False
+    w_scale_values = [rng.choice(SCALES[:5]) if rng.random() < 0.97 else rng.choice(SCALES) for _ in range(n)]
+    w_scale = torch.tensor(w_scale_values)
+    valid = valid and all(_scale_ok(s, 0.0) for s in w_scale_values)
+    bias = None
+    if rng.random() < 0.6:
+        bias = _values(rng, (n,), rng.choice([torch.float32, torch.float32, torch.float16]))
+        bias = torch.where(torch.isfinite(bias), bias, 0.0) if rng.random() < 0.8 else bias
+    if rng.random() < 0.05:
+        w_scale, valid = w_scale.to("meta"), False
+
+    if op in ("dynamic_int8_linear", "raw_int8_linear_dynamic"):
+        dtype = rng.choice(FLOATS + (torch.float64,))
+        valid = valid and dtype in FLOATS
+        x = _layout(rng, _values(rng, (*lead, k_x), dtype if dtype != torch.float64 else torch.float32).to(dtype))
+
+        def want():
+            x_q, x_scale = reference.quantize_per_token(x)
+            return reference.int8_linear(x_q, x_scale, 0, w_q, w_scale, bias, out_dtype=dtype)
+
+        if op == "dynamic_int8_linear":
+            fn = lambda: F.dynamic_int8_linear(x, packed, w_sum, w_scale, bias, out_features=n_arg)  # noqa: E731
+        else:
+            fn = lambda: ops.int8_linear_dynamic(x, packed, w_sum, w_scale, bias, n_arg)  # noqa: E731
+        desc = f"{op}(x {tuple(x.shape)} {dtype}, w [{n}, {k}], out_features {n_arg}, w_scale {w_scale_values})"
+        return desc, fn, want if valid else ERROR
+
+    x_dtype = rng.choice([torch.int8, torch.uint8]) if rng.random() < 0.95 else torch.int32
+    valid = valid and x_dtype != torch.int32
+    x_q = _layout(rng, _int8(rng, (*lead, k_x), torch.uint8 if x_dtype == torch.uint8 else torch.int8).to(x_dtype))
+    zp_low, zp_high = (0, 255) if x_dtype == torch.uint8 else (-128, 127)
+    x_zp = rng.randint(zp_low, zp_high) if rng.random() < 0.9 else rng.choice([zp_low - 1, zp_high + 1, 2**32])
+    valid = valid and zp_low <= x_zp <= zp_high
+    rows = math.prod(lead)
+    per_token = rng.random() < 0.5
+    x_scale_values = [rng.choice(SCALES[:5]) if rng.random() < 0.97 else rng.choice(SCALES)
+                      for _ in range(rows if per_token else 1)]
+    valid = valid and all(_scale_ok(s, 0.0) for s in x_scale_values)
+    x_scale = torch.tensor(x_scale_values).reshape(lead if per_token else (1,))
+    if not per_token and op == "int8_linear" and rng.random() < 0.5:
+        x_scale = x_scale_values[0]
+    out_dtype = rng.choice(FLOATS + (torch.int8, torch.uint8)) if rng.random() < 0.97 else torch.int32
+    valid = valid and out_dtype != torch.int32
+    out_scale, out_zp = None, 0
+    if out_dtype in (torch.int8, torch.uint8):
+        out_scale = rng.choice(SCALES[:5]) if rng.random() < 0.9 else rng.choice(SCALES)
+        valid = valid and math.isfinite(out_scale) and out_scale > 0
+        o_low, o_high = (0, 255) if out_dtype == torch.uint8 else (-128, 127)
+        out_zp = rng.randint(o_low, o_high) if rng.random() < 0.95 else o_high + 1
+        valid = valid and o_low <= out_zp <= o_high
+    if op == "int8_linear":
+        fn = lambda: F.int8_linear(x_q, x_scale, x_zp, packed, w_sum, w_scale, bias, out_features=n_arg,  # noqa
+                                   out_dtype=out_dtype, out_scale=out_scale, out_zero_point=out_zp)
+    else:
+        x_scale_t = torch.as_tensor(x_scale, dtype=torch.float32)
+        fn = lambda: ops.int8_linear(x_q, x_scale_t, x_zp, packed, w_sum, w_scale, bias, n_arg, out_dtype,  # noqa
+                                     out_scale, out_zp)
+    want = lambda: reference.int8_linear(x_q, x_scale, x_zp, w_q, w_scale, bias, out_dtype=out_dtype,  # noqa: E731
+                                         out_scale=out_scale, out_zero_point=out_zp)
+    desc = (f"{op}(x_q {tuple(x_q.shape)} {x_dtype} {x_q.stride()}, x_scale {x_scale_values}, zp {x_zp}, "
+            f"w [{n}, {k}], out_features {n_arg}, w_scale {w_scale_values}, bias {bias is not None}, "
+            f"{out_dtype}, out_scale {out_scale}, out_zp {out_zp})")
+    return desc, fn, want if valid else ERROR
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# int8_conv2d, pack_conv_weight
+# ---------------------------------------------------------------------------------------------------------------
+
+def _conv_valid(h, w, kernel, stride, padding, dilation) -> bool:
+    """The geometry checks in exact integers: every parameter in range, the dilated kernel inside the padded
+    input, and every derived size below 2**63."""
+    if min(kernel) < 1 or min(stride) < 1 or min(padding) < 0 or min(dilation) < 1:
+        return False
+    limit = 2**63
+    sizes = []
+    for size, k, s, p, d in zip((h, w), kernel, stride, padding, dilation):
+        padded, extent = size + 2 * p, d * (k - 1) + 1
+        if padded >= limit or extent >= limit or extent > padded:
+            return False
+        sizes.append((padded - extent) // s + 1)
+    return True
+
+
+def conv_case(rng: random.Random):
+    raw = rng.random() < 0.3
+    groups = rng.choice([1, 1, 2, 3])
+    cg, ocg = rng.choice([1, 2, 3, 4, 16]), rng.choice([1, 2, 5, 64])
+    kh, kw = rng.choice([1, 2, 3]), rng.choice([1, 2, 3])
+    b, h, w = rng.choice([0, 1, 2]), rng.choice([1, 3, 6]), rng.choice([1, 4, 7])
+    oc = groups * ocg
+    w_q = _int8(rng, (oc, cg, kh, kw))
+    packed = F.pack_conv_weight(w_q, groups)
+    channels = groups * cg
+    kernel = [kh, kw]
+    stride, padding, dilation = [rng.choice([1, 1, 2, 3]) for _ in range(2)], [rng.choice([0, 0, 1, 2]) for _ in
+                                                                                 range(2)], [1, 1]
+    if rng.random() < 0.3:
+        dilation = [rng.choice([1, 2]) for _ in range(2)]
+    geometry_giant = rng.random() < 0.15
+    if geometry_giant:  # up to 2**62: must be rejected (overflow, or a kernel larger than the padded input)
+        which = rng.randrange(4)
+        big = rng.choice([2**31, 2**40, 2**61, 2**62, 2**62 + 1, 2**63 - 1])
+        if which == 0:
+            kernel = [kh, big]
+        elif which == 1:
+            dilation = [big, 1]
+        elif which == 2:
+            padding = [0, big] if rng.random() < 0.5 else [big, big]
+            kernel = [kh, big]
+        else:
+            kernel, dilation = [kh, rng.choice([2, 5])], [1, big]
+    if rng.random() < 0.1:
+        channels += rng.choice([-1, 1, groups])  # does not match the packed weight
+    x_dtype = rng.choice([torch.int8, torch.uint8])
+    x_q = _layout(rng, _int8(rng, (b, max(channels, 0), h, w), x_dtype))
+    if rng.random() < 0.3:
+        x_q = x_q.contiguous(memory_format=torch.channels_last)
+    x_zp = rng.randint(0, 255) if x_dtype == torch.uint8 else rng.randint(-128, 127)
+    w_scale = torch.rand(oc) * 0.01 + 1e-4
+    bias = torch.randn(oc) if rng.random() < 0.5 else None
+    out_dtype = rng.choice(FLOATS + (torch.int8, torch.uint8))
+    out_scale = 0.3 if out_dtype in (torch.int8, torch.uint8) else None
+    valid = (channels == groups * cg and kernel == [kh, kw]
+             and _conv_valid(h, w, kernel, stride, padding, dilation))
+    w_sum = w_q.sum((1, 2, 3), dtype=torch.int32)
+    args = (x_q, 0.05, x_zp, packed, w_sum, w_scale, bias)
+    if raw:
+        fn = lambda: ops.int8_conv2d(x_q, torch.tensor([0.05]), x_zp, packed, w_sum, w_scale, bias, oc,  # noqa
+                                     kernel, stride, padding, dilation, groups, out_dtype, out_scale, 0)
+    else:
+        fn = lambda: F.int8_conv2d(*args, out_channels=oc, kernel_size=kernel, stride=stride, padding=padding,  # noqa
+                                   dilation=dilation, groups=groups, out_dtype=out_dtype, out_scale=out_scale)
+    want = lambda: reference.int8_conv2d(x_q, 0.05, x_zp, w_q, w_scale, bias, stride=stride, padding=padding,  # noqa
+                                         dilation=dilation, groups=groups, out_dtype=out_dtype, out_scale=out_scale)
+    desc = (f"{'raw ' if raw else ''}int8_conv2d(x {tuple(x_q.shape)} {x_dtype} {x_q.stride()}, w {tuple(w_q.shape)},"
+            f" groups {groups}, kernel {kernel}, stride {stride}, padding {padding}, dilation {dilation}, {out_dtype})")
+    return desc, fn, want if valid else ERROR
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running the cases (in a child process: python tests/test_fuzz_ops.py FAMILY SEED COUNT LAST_CASE_FILE)
+# ---------------------------------------------------------------------------------------------------------------
+
+FAMILIES = {"quantize": quantize_case, "misc": misc_quantize_case, "mm": mm_case, "linear": linear_case,
+            "conv": conv_case}
+# cases per family: a few thousand in all, about two minutes on a 2-core CI machine
+COUNTS = {"quantize": 2500, "misc": 800, "mm": 1000, "linear": 2000, "conv": 1500}
+
+
+def check_case(desc, fn, want):
+    """None when the call keeps the contract, else what went wrong."""
+    try:
+        got = fn()
+    except ALLOWED as e:
+        if not str(e).strip():
+            return f"raised {type(e).__name__} without a message"
+        if want is not ERROR:
+            return f"raised on valid arguments: {type(e).__name__}: {e}"
+        return None
+    except Exception as e:  # noqa: BLE001 (any other exception type breaks the contract)
+        return f"raised {type(e).__name__} (not RuntimeError/ValueError/TypeError/MemoryError): {e}"
+    if want is ERROR:
+        return "accepted invalid arguments"
+    expected = want()
+    if not _same(got, expected):
+        return f"result differs from the reference:\n  got  {got}\n  want {expected}"
+    return None
+
+
+def run_family(family: str, seed: int, count: int, last_case_file: str) -> int:
+    rng = random.Random(f"{family}-{seed}")
+    torch.manual_seed(seed)
+    failures = 0
+    for i in range(count):
+        desc, fn, want = FAMILIES[family](rng)
+        with open(last_case_file, "w") as f:  # what was running, should the process crash
+            f.write(f"{family} case {i}: {desc}")
+        problem = check_case(desc, fn, want)
+        if problem is not None:
+            failures += 1
+            print(f"FAIL {family} case {i}: {desc}\n  {problem}", flush=True)
+    print(f"{family}: {count} cases, {failures} failures")
+    return failures
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_fuzz(family, tmp_path):
+    last_case = tmp_path / "last_case"
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), family, "0", str(COUNTS[family]),
+                           str(last_case)], capture_output=True, text=True, timeout=600)
+    output = proc.stdout + proc.stderr
+    if proc.returncode != 0 and "FAIL" not in proc.stdout:
+        running = last_case.read_text() if last_case.exists() else "(none)"
+        pytest.fail(f"the child process died (exit {proc.returncode}) while running {running}\n{output[-4000:]}")
+    assert proc.returncode == 0, output[-8000:]
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    sys.exit(1 if run_family(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]) else 0)
