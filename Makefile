@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: demo test build bench cuda-compile-check gpu-bundle clean
+.PHONY: demo test build bench sanitize-test cuda-compile-check gpu-bundle clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ demo: build
 bench: build
 	$(PY) -m torchquant bench
 
+# The C++ kernels built with ASan + UBSan into build-sanitize/ (the normal build is untouched), running the CPU op,
+# layer, I/O and fuzz tests: see scripts/sanitize_test.sh
+sanitize-test: $(VENV)/.installed
+	PY=$(PY) bash scripts/sanitize_test.sh $(PYTEST_ARGS)
+
 # Compiles every CUDA source against the CUDA 13.0 build of torch (no GPU needed): see scripts/cuda_compile_check.sh
 cuda-compile-check:
 	bash scripts/cuda_compile_check.sh
@@ -39,4 +44,4 @@ gpu-bundle: build
 	$(PY) -m benchmarks.minilm --export-bundle .gpu-carry/minilm
 
 clean:
-	rm -rf build build-cuda torchquant/*.so
+	rm -rf build build-cuda build-sanitize torchquant/*.so

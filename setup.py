@@ -1,6 +1,7 @@
 """Builds torchquant._C: the C++ kernels always, the CUDA kernels when torch has CUDA and nvcc is found.
 
 TORCHQUANT_CUDA=auto (default) builds CUDA when it can, 0 never, 1 always (and fails loudly when it cannot).
+TORCHQUANT_SANITIZE=1 adds AddressSanitizer and UndefinedBehaviorSanitizer to the C++ kernels (scripts/sanitize_test.sh).
 TORCHQUANT_NO_EXTENSION=1 installs the Python package alone: the Makefile uses it for the editable install and then
 builds the extension in place, where ninja rebuilds only what changed.
 """
@@ -62,6 +63,13 @@ def extension():
     # -ffp-contract=off: no fused multiply-adds the source does not write, so that every CPU path (and the CUDA
     # epilogue, which uses __fmul_rn / __fadd_rn) rounds each float operation the same way
     cxx_flags = ["-O3", "-ffp-contract=off", "-fopenmp", "-DTORCHQUANT_OPENMP"]
+    link_flags = ["-fopenmp"]
+    if os.environ.get("TORCHQUANT_SANITIZE") == "1":
+        # -fno-wrapv undoes Python's -fwrapv so that signed overflow is reported; vptr checks need RTTI that
+        # torch's own (unsanitized) libraries do not provide
+        sanitize = ["-fsanitize=address,undefined", "-fno-sanitize=vptr", "-fno-sanitize-recover=all"]
+        cxx_flags += [*sanitize, "-fno-wrapv", "-fno-omit-frame-pointer", "-g"]
+        link_flags += sanitize
     extra = {"cxx": cxx_flags}
     include_dirs = [os.path.join(ROOT, "csrc")]
     if cuda_wanted():
@@ -75,10 +83,10 @@ def extension():
             extra["nvcc"].append("-DTORCHQUANT_WGMMA")  # the wgmma GEMM of csrc/cuda/gemm_sm90.cu is built
         cxx_flags.append("-DTORCHQUANT_CUDA")
         return cpp_extension.CUDAExtension(
-            "torchquant._C", sources, include_dirs=include_dirs, extra_compile_args=extra, extra_link_args=["-fopenmp"]
+            "torchquant._C", sources, include_dirs=include_dirs, extra_compile_args=extra, extra_link_args=link_flags
         )
     return cpp_extension.CppExtension(
-        "torchquant._C", sources, include_dirs=include_dirs, extra_compile_args=extra, extra_link_args=["-fopenmp"]
+        "torchquant._C", sources, include_dirs=include_dirs, extra_compile_args=extra, extra_link_args=link_flags
     )
 
 

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstring>
 #include <memory>
+#include <new>
 #include <optional>
 
 #include <ATen/Parallel.h>
@@ -347,7 +348,10 @@ uint8_t* scratch_buffer(Scratch slot, int64_t bytes) {
     // release before allocating the larger one, and record the size only once the allocation succeeded
     b.data.reset();
     b.size = 0;
-    b.data.reset(new uint8_t[bytes]);
+    // nothrow + an explicit bad_alloc: the same MemoryError in Python, and it also reaches Python under
+    // AddressSanitizer, whose throwing operator new aborts the process instead
+    b.data.reset(new (std::nothrow) uint8_t[bytes]);
+    if (b.data == nullptr) throw std::bad_alloc();
     b.size = bytes;
   }
   return b.data.get();
