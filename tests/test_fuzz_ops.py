@@ -3,7 +3,7 @@
 Cases come from a seeded generator (the same cases on every run): random shapes (empty, 1, odd, huge through
 expand), dtypes, layouts (transposed, strided, storage offsets, expanded), scales (0, negative, NaN, inf,
 subnormal, huge), zero points (out of range, int64 beyond int32, wrong dtype), conv geometry up to 2**62,
-mismatched packed weights and meta/cpu device mixes. The contract: a call either returns exactly what
+mismatched packed weights and meta/cpu device mixes; packed weights are read back exactly. The contract: a call either returns exactly what
 torchquant.reference computes (bit for bit, NaN included) or raises RuntimeError, ValueError, TypeError or
 MemoryError with a message; it raises exactly when the arguments are invalid. Each family of cases runs in a child
 process, so a crash fails the test (naming the case that crashed) instead of killing pytest.
@@ -358,6 +358,52 @@ def linear_case(rng: random.Random):
     return desc, fn, want if valid else ERROR
 
 
+def pack_case(rng: random.Random):
+    """pack_int8_weight / pack_conv_weight on any input; a packed weight is read back exactly through int8_linear
+    with an identity activation (y[k, n] = w[n, k])."""
+    op = rng.choice(["pack_int8_weight", "raw_pack_int8_weight", "pack_conv_weight"])
+    dims = rng.choice([2, 2, 3, 3, 4, 1, 0]) if op != "pack_conv_weight" else rng.choice([4, 4, 4, 3])
+    shape = tuple(rng.choice([0, 1, 2, 3, 17, 64, 65]) if rng.random() < 0.1 else rng.choice([1, 2, 3, 17, 64, 65])
+                  for _ in range(dims))
+    dtype = torch.int8 if rng.random() < 0.9 else rng.choice([torch.uint8, torch.int32, torch.float32])
+    w = _layout(rng, _int8(rng, shape).to(dtype))
+    valid = dtype == torch.int8 and w.numel() > 0
+    if op == "pack_conv_weight":
+        groups = rng.choice([1, 1, 2, 3]) if rng.random() < 0.95 else rng.choice([0, -1])
+        valid = valid and dims == 4 and groups >= 1 and shape[0] % groups == 0
+        desc = f"pack_conv_weight(w {shape} {dtype} {w.stride()}, groups {groups})"
+
+        def packed_conv():
+            packed = F.pack_conv_weight(w, groups)
+            oc, cg, kh, kw = w.shape
+            assert packed.shape == (groups, oc // groups, kh, kw, cg), packed.shape
+            return torch.zeros(1)
+
+        return desc, packed_conv, (lambda: torch.zeros(1)) if valid else ERROR
+    valid = valid and dims in (2, 3)
+    if rng.random() < 0.03:  # huge through expand: 2**46 packed bytes cannot be allocated
+        w, valid = torch.ones(1, 1, dtype=torch.int8).expand(2**40, 3), False
+    pack = F.pack_int8_weight if op == "pack_int8_weight" else ops.pack_int8_weight
+
+    def read_back():
+        packed = pack(w)
+        assert packed.shape == w.shape and packed.dtype == torch.int8, (packed.shape, packed.dtype)
+        groups = [packed] if w.dim() == 2 else list(packed)
+        sources = [w] if w.dim() == 2 else list(w)
+        rows = []
+        for p, src in zip(groups, sources):
+            n, k = src.shape
+            eye = torch.eye(k, dtype=torch.int8)
+            rows.append(F.int8_linear(eye, 1.0, 0, p, src.sum(1, dtype=torch.int32), torch.ones(n), out_features=n))
+        return torch.stack(rows)
+
+    def want():
+        sources = [w] if w.dim() == 2 else list(w)
+        return torch.stack([src.t().float() for src in sources])
+
+    return f"{op}(w {tuple(w.shape)} {w.dtype} {w.stride()})", read_back, want if valid else ERROR
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # int8_conv2d, pack_conv_weight
 # ---------------------------------------------------------------------------------------------------------------
@@ -437,10 +483,10 @@ def conv_case(rng: random.Random):
 # Running the cases (in a child process: python tests/test_fuzz_ops.py FAMILY SEED COUNT LAST_CASE_FILE)
 # ---------------------------------------------------------------------------------------------------------------
 
-FAMILIES = {"quantize": quantize_case, "misc": misc_quantize_case, "mm": mm_case, "linear": linear_case,
-            "conv": conv_case}
+FAMILIES = {"quantize": quantize_case, "misc": misc_quantize_case, "mm": mm_case, "pack": pack_case,
+            "linear": linear_case, "conv": conv_case}
 # cases per family: a few thousand in all, about two minutes on a 2-core CI machine
-COUNTS = {"quantize": 2500, "misc": 800, "mm": 1000, "linear": 2000, "conv": 1500}
+COUNTS = {"quantize": 2500, "misc": 800, "mm": 1000, "pack": 400, "linear": 2000, "conv": 1500}
 
 
 def check_case(desc, fn, want):
