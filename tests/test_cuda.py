@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import torchquant
 from torchquant._ops import FLOAT_DTYPES as FLOATS, ROUNDINGS
+from torchquant.functional import pack_conv_weight
 
 from conftest import assert_same, exact_mm, randint8
 
@@ -315,7 +316,7 @@ def conv_reference(x_q, x_scale, x_zp, w, w_scale, bias, stride, padding, dilati
 def run_conv(device, x_q, x_scale, x_zp, w, w_scale, bias, stride, padding, dilation, groups, out_dtype):
     dev = lambda t: None if t is None else t.to(device)  # noqa: E731
     oc, _, kh, kw = w.shape
-    w_packed = ops.pack_int8_weight(dev(w).permute(0, 2, 3, 1).reshape(groups, oc // groups, -1))
+    w_packed = pack_conv_weight(dev(w), groups)
     w_sum = dev(w.int().sum((1, 2, 3), dtype=torch.int32))
     return ops.int8_conv2d(dev(x_q), dev(x_scale), x_zp, w_packed, w_sum, dev(w_scale), dev(bias), oc, [kh, kw],
                            list(stride), list(padding), list(dilation), groups, out_dtype)
