@@ -146,10 +146,10 @@ SCRATCH_BOUND_CHILD = textwrap.dedent("""
     small = torch.ones(4, 64, dtype=torch.int8)
     ops.int8_mm(small, small.t())
     before = rss()
-    # 32 MiB of activations and 128 MiB of packed weights as scratch; a and b themselves take no memory
-    a = torch.ones(1, 1, dtype=torch.int8).expand(16, 2**21)
-    b = torch.ones(1, 1, dtype=torch.int8).expand(2**21, 1)
-    assert int(ops.int8_mm(a, b)[0, 0]) == 2**21
+    # 48 MiB of activations and 64 MiB of packed weights as scratch; a and b themselves take no memory
+    a = torch.ones(1, 1, dtype=torch.int8).expand(48, 2**20)
+    b = torch.ones(1, 1, dtype=torch.int8).expand(2**20, 1)
+    assert int(ops.int8_mm(a, b)[0, 0]) == 2**20
     kept = rss() - before
     print(kept >> 20)
     assert kept < (32 << 20), f"the thread kept {kept >> 20} MiB"

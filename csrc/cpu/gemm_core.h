@@ -66,7 +66,9 @@ struct GemmArgs {
 // to kScratchKeptBytes: a ScratchScope frees larger ones when it ends. A failed allocation (std::bad_alloc, a
 // MemoryError in Python) leaves the slot empty and usable.
 enum class Scratch { Activations = 0, Weights = 1, GemmRows = 2 };
-constexpr int64_t kScratchKeptBytes = int64_t{8} << 20;  // per slot and thread
+// per slot and thread: enough for the weight of a 4096 x 8192 int8_mm, so such calls keep their buffers (a fresh
+// 16 MiB buffer cost ~5 ms of page faults, a fifth of a 256 x 4096 x 4096 int8_mm)
+constexpr int64_t kScratchKeptBytes = int64_t{32} << 20;
 uint8_t* scratch_buffer(Scratch slot, int64_t bytes);
 
 // Frees the calling thread's scratch buffer of one slot if it is larger than kScratchKeptBytes when it goes out of
