@@ -111,6 +111,12 @@ def assert_same(actual: torch.Tensor, expected: torch.Tensor) -> None:
         assert torch.equal(actual, expected), f"{(actual != expected).sum().item()} of {actual.numel()} elements differ"
 
 
+def bit_patterns(t: torch.Tensor) -> torch.Tensor:
+    """t's bits as integers of its element size: equal exactly when the values are bit for bit the same (0.0 and
+    -0.0 differ, as do NaNs of another sign or payload)."""
+    return t.contiguous().view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
 def run_python_child(code: str, timeout: float = 300) -> str:
     """Runs code in a fresh Python process and returns its output. A crash (segfault, abort) or any non-zero exit
     fails the calling test with the output, instead of taking the test process down."""

@@ -10,6 +10,8 @@ import torchquant.functional as F
 from torchquant import reference
 from torchquant._ops import ops
 
+from conftest import SUPPORTED_ISAS, bit_patterns
+
 # AddressSanitizer (make sanitize-test) reserves terabytes of address space and keeps freed memory in quarantine:
 # address-space limits and resident-memory measurements mean nothing under it
 not_under_asan = pytest.mark.skipif(os.environ.get("TORCHQUANT_SANITIZED") == "1",
@@ -282,23 +284,10 @@ def test_choose_qparams_finite_for_extreme_ranges(bits, signed, symmetric):
 # Every CPU instruction-set path gives bit-identical outputs
 # ---------------------------------------------------------------------------------------------------------------
 
-def _isa_paths():
-    paths = []
-    for isa in ("avx512_vnni", "avx2", "scalar"):
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("TORCHQUANT_CPU_ISA", isa)
-            try:
-                ops.int8_mm(torch.ones(1, 1, dtype=torch.int8), torch.ones(1, 1, dtype=torch.int8))
-                paths.append(isa)
-            except RuntimeError:
-                pass
-    return paths
-
-
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int8, torch.uint8])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_cpu_isa_paths_bit_identical(monkeypatch, out_dtype, with_bias):
-    paths = _isa_paths()
+    paths = SUPPORTED_ISAS
     if len(paths) < 2:
         pytest.skip("this CPU has a single instruction-set path")
     g = torch.Generator().manual_seed(1)
@@ -326,9 +315,5 @@ def test_cpu_isa_paths_bit_identical(monkeypatch, out_dtype, with_bias):
         )
     for isa in paths[1:]:
         for got, want in zip(results[isa], results[paths[0]]):
-            assert torch.equal(_bits(got), _bits(want)), f"{isa} differs from {paths[0]}"
+            assert torch.equal(bit_patterns(got), bit_patterns(want)), f"{isa} differs from {paths[0]}"
 
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """t's bit patterns (NaNs with equal bits compare equal, -0.0 differs from 0.0)."""
-    return t.contiguous().view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])

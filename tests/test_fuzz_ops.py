@@ -19,11 +19,12 @@ import torch
 
 import torchquant.functional as F
 from torchquant import reference
-from torchquant._ops import ops
+from torchquant._ops import FLOAT_DTYPES as FLOATS, ops
+
+from conftest import bit_patterns, randint8
 
 ALLOWED = (RuntimeError, ValueError, TypeError, MemoryError)
 ERROR = "error"  # the expected outcome of a call with invalid arguments
-FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 TINY, HUGE = torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max
 SCALES = [0.1, 0.037, 1.0, 2.5e-3, 7.0, 0.0, -1.0, math.nan, math.inf, -math.inf, 1e-45, 1e-40, TINY, 3e38, 1e39]
 
@@ -32,10 +33,6 @@ def _scale_ok(s: float, smallest: float) -> bool:
     """Whether a scale passes the checks: finite as a float32, positive, at least `smallest`."""
     s32 = float(torch.tensor(s, dtype=torch.float32))
     return math.isfinite(s32) and s32 >= smallest and s32 > 0
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
 def _same(got, want) -> bool:
@@ -48,7 +45,7 @@ def _same(got, want) -> bool:
         return torch.equal(got, want)
     # bit for bit (0.0 and -0.0 differ), except that any NaN matches any NaN (sign and payload carry no meaning)
     nan = torch.isnan(got)
-    return torch.equal(nan, torch.isnan(want)) and torch.equal(_bits(got)[~nan], _bits(want)[~nan])
+    return torch.equal(nan, torch.isnan(want)) and torch.equal(bit_patterns(got)[~nan], bit_patterns(want)[~nan])
 
 
 def _layout(rng: random.Random, t: torch.Tensor) -> torch.Tensor:
@@ -86,9 +83,7 @@ def _shape(rng: random.Random, max_dim: int = 3, min_dim: int = 0):
 
 
 def _int8(rng: random.Random, shape, dtype=torch.int8) -> torch.Tensor:
-    g = torch.Generator().manual_seed(rng.randrange(2**31))
-    low, high = (-128, 128) if dtype == torch.int8 else (0, 256)
-    return torch.randint(low, high, shape, dtype=dtype, generator=g)
+    return randint8(shape, rng.randrange(2**31), dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------
