@@ -1,12 +1,13 @@
 """Quantization quality on real data: the digits CNN of torchquant.examples (scikit-learn's 8x8 digits), float
 versus post-training quantization and quantization-aware training. Fixed seeds; seconds each."""
 import copy
+import dataclasses
 
 import pytest
 import torch
 
 import torchquant
-from torchquant.examples import DigitsCNN, calibration_batches, evaluate, load_digits_data, train
+from torchquant.examples import DigitsBNCNN, DigitsCNN, calibration_batches, evaluate, load_digits_data, train
 from torchquant.nn import QuantConv2d, QuantLinear
 
 pytest.importorskip("sklearn")
@@ -89,4 +90,51 @@ def test_qat_4bit_weights_within_one_point_of_float(float_model, float_accuracy,
     print(f"w4a8 QAT: {accuracy:.2f}% (fake-quant {fake_quant_accuracy:.2f}%, float {float_accuracy:.2f}%)")
     assert accuracy >= float_accuracy - 1.0
     # the converted model computes the function it was trained as (up to float summation order)
+    assert abs(accuracy - fake_quant_accuracy) <= 0.6
+
+
+# ---- the digits CNN with BatchNorm after each conv: folded into the convs ----
+
+@pytest.fixture(scope="module")
+def bn_float_model(digits):
+    torch.manual_seed(0)
+    return train(DigitsBNCNN(), digits, epochs=10, seed=0)
+
+
+@pytest.fixture(scope="module")
+def bn_float_accuracy(bn_float_model, digits):
+    accuracy = evaluate(bn_float_model, digits)
+    assert accuracy >= 96.0, f"the float digits CNN with BatchNorm should learn the task, got {accuracy:.2f}%"
+    return accuracy
+
+
+def _folded(model):
+    return {m.folded_bn for m in model.modules() if isinstance(m, QuantConv2d)}
+
+
+def test_bn_int8_static_ptq_within_0_3_points_of_float(bn_float_model, bn_float_accuracy, digits, record_property):
+    quantized = _ptq(bn_float_model, digits, "int8-static")
+    assert _folded(quantized) == {"bn1", "bn2"}
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in quantized.modules())
+    accuracy = evaluate(quantized, digits)
+    record_property("BN int8-static accuracy", accuracy)
+    print(f"BN int8-static: {accuracy:.2f}% (float {bn_float_accuracy:.2f}%)")
+    assert accuracy >= bn_float_accuracy - 0.3
+
+
+def test_bn_qat_4bit_with_folding_within_one_point_of_float(bn_float_model, bn_float_accuracy, digits,
+                                                            record_property):
+    from torchquant.demo import qat_config
+    qat = torchquant.prepare(copy.deepcopy(bn_float_model), dataclasses.replace(qat_config(), freeze_bn_after=60))
+    assert _folded(qat) == {"bn1", "bn2"}
+    steps_before = int(qat.conv1.bn.num_batches_tracked)
+    train(qat, digits, epochs=3, lr=1e-3, seed=1)
+    assert int(qat.conv1.bn.num_batches_tracked) == steps_before + 60  # then frozen
+    fake_quant_accuracy = evaluate(qat, digits)
+    converted = torchquant.convert(qat)
+    assert len(_converted_layers(converted)) == 4
+    accuracy = evaluate(converted, digits)
+    record_property("BN w4a8 QAT accuracy", accuracy)
+    print(f"BN w4a8 QAT: {accuracy:.2f}% (fake-quant {fake_quant_accuracy:.2f}%, float {bn_float_accuracy:.2f}%)")
+    assert accuracy >= bn_float_accuracy - 1.0
     assert abs(accuracy - fake_quant_accuracy) <= 0.6

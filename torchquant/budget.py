@@ -30,7 +30,7 @@ def _quantize_copy(model: nn.Module, config: QuantConfig, calibration, plan: Opt
     result = copy.deepcopy(model)
     groups = [(config, layers - set(plan))]
     for bits in sorted({bits for bits in plan.values() if bits is not None}):
-        group_config = QuantConfig(weight=replace(config.weight, bits=bits), activation=config.activation)
+        group_config = replace(config, weight=replace(config.weight, bits=bits), skip=())
         groups.append((group_config, {name for name, b in plan.items() if b == bits}))
     for group_config, names in groups:
         others = layers - names

@@ -129,15 +129,21 @@ DEFAULT_PRESET = "int8-dynamic"
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """Weights spec, activation spec (None: activations stay float) and the layers to leave float (skip).
+    """Weights spec, activation spec (None: activations stay float), the layers to leave float (skip) and
+    BatchNorm folding.
 
     skip entries: a module name glob ("encoder.*", "head"), a module type (nn.Conv2d), or a callable
-    (name, module) -> bool.
+    (name, module) -> bool. fold_bn: prepare folds a BatchNorm2d that follows a Conv2d (a BatchNorm1d that
+    follows a Linear) into the layer. freeze_bn_after: in quantization-aware training, a folded BatchNorm
+    normalizes with the batch's statistics for this many training steps after prepare, then with its frozen
+    running statistics (None: until torchquant.freeze_bn_stats is called).
     """
 
     weight: QuantSpec = dataclasses.field(default_factory=lambda: _weight_spec(8))
     activation: QuantSpec | None = DYNAMIC_TOKEN_INT8
     skip: tuple = ()
+    fold_bn: bool = True
+    freeze_bn_after: int | None = None
 
     def __post_init__(self):
         if not isinstance(self.weight, QuantSpec):
@@ -170,6 +176,11 @@ class QuantConfig:
             if not (isinstance(rule, (str, type)) or callable(rule)):
                 raise TypeError(f"QuantConfig: skip entries must be name globs, module types or callables, got {rule!r}")
         object.__setattr__(self, "skip", tuple(skip))
+        if not isinstance(self.fold_bn, bool):
+            raise TypeError(f"QuantConfig: fold_bn must be a bool, got {type(self.fold_bn).__name__}")
+        after = self.freeze_bn_after
+        if after is not None and (isinstance(after, bool) or not isinstance(after, int) or after < 0):
+            raise ValueError(f"QuantConfig: freeze_bn_after must be a non-negative int or None, got {after!r}")
 
     @classmethod
     def preset(cls, name: str) -> "QuantConfig":
@@ -191,20 +202,25 @@ class QuantConfig:
             "weight": self.weight.to_dict(),
             "activation": None if self.activation is None else self.activation.to_dict(),
             "skip": list(self.skip),
+            "fold_bn": self.fold_bn,
+            "freeze_bn_after": self.freeze_bn_after,
         }
 
     @classmethod
     def from_dict(cls, data: dict) -> "QuantConfig":
         if not isinstance(data, dict):
             raise TypeError(f"QuantConfig.from_dict: data must be a dict, got {type(data).__name__}")
-        unknown = set(data) - {"weight", "activation", "skip"}
+        unknown = set(data) - {"weight", "activation", "skip", "fold_bn", "freeze_bn_after"}
         if unknown or "weight" not in data:
-            raise ValueError(f"QuantConfig.from_dict: expected keys weight, activation, skip; got {sorted(data)}")
+            raise ValueError(f"QuantConfig.from_dict: expected keys weight, activation, skip, fold_bn, "
+                             f"freeze_bn_after; got {sorted(data)}")
         activation = data.get("activation")
         return cls(
             weight=QuantSpec.from_dict(data["weight"]),
             activation=None if activation is None else QuantSpec.from_dict(activation),
             skip=tuple(data.get("skip", ())),
+            fold_bn=data.get("fold_bn", True),
+            freeze_bn_after=data.get("freeze_bn_after"),
         )
 
 

@@ -17,6 +17,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from torchquant.config import QuantConfig, resolve_config
+from torchquant.fold import find_bn_pairs, parent_and_key
 from torchquant.nn import QuantConv2d, QuantLinear
 from torchquant.nn.base import QuantLayerBase
 from torchquant.nn.quantizers import InputQuantizer
@@ -40,13 +41,16 @@ def _rule_matches(rule, name: str, module: nn.Module) -> bool:
 
 
 def _plan_swaps(model: nn.Module, config: QuantConfig) -> list[tuple[nn.Module, str, nn.Module, nn.Module]]:
-    """(parent, child key, float layer, quant layer) for every layer to swap; builds the quant layers but changes
-    nothing. A module reachable under several names is swapped once (one replacement shared by all parents);
-    a skipped module keeps its whole subtree float. Warns about skip rules that matched no module."""
+    """(parent, child key, float module, replacement) for every layer to swap and every BatchNorm folded into one
+    (replaced by nn.Identity); builds the quant layers but changes nothing. A module reachable under several names
+    is swapped once (one replacement shared by all parents); a skipped module keeps its whole subtree float.
+    Warns about skip rules that matched no module."""
     layer_config = dataclasses.replace(config, skip=())
     replacements: dict[int, nn.Module] = {}
     visited: set[int] = set()
     matched: set[int] = set()
+    skipped_names: list[str] = []
+    swapped: dict[str, nn.Module] = {}
     plan = []
 
     def skipped(name: str, module: nn.Module) -> bool:
@@ -63,12 +67,14 @@ def _plan_swaps(model: nn.Module, config: QuantConfig) -> list[tuple[nn.Module, 
                 continue
             name = f"{prefix}{key}"
             if skipped(name, child):
+                skipped_names.append(name)
                 continue
             swap_type = QUANT_TYPES.get(type(child))
             if swap_type is not None:
                 if id(child) not in replacements:
                     replacements[id(child)] = swap_type.from_float(child, layer_config)
                 plan.append((parent, key, child, replacements[id(child)]))
+                swapped[name] = replacements[id(child)]
             elif id(child) not in visited:
                 visited.add(id(child))
                 visit(child, name + ".")
@@ -79,6 +85,13 @@ def _plan_swaps(model: nn.Module, config: QuantConfig) -> list[tuple[nn.Module, 
             raise TypeError(f"prepare: model is itself a {type(model).__name__}; wrap it in a container "
                             f"(e.g. nn.Sequential) or use {swap_type.__name__}.from_float")
         visit(model, "")
+    if config.fold_bn and swapped:
+        for layer_name, bn_name in find_bn_pairs(model, "prepare"):
+            if layer_name in swapped and not any(bn_name == s or bn_name.startswith(s + ".") for s in skipped_names):
+                bn_parent, bn_key = parent_and_key(model, bn_name)
+                bn = bn_parent._modules[bn_key]
+                swapped[layer_name].attach_bn(bn, bn_name)
+                plan.append((bn_parent, bn_key, bn, nn.Identity()))
     for i, rule in enumerate(config.skip):
         if i not in matched:
             warnings.warn(f"prepare: skip rule {rule!r} matched no module", UserWarning, stacklevel=3)
@@ -92,12 +105,23 @@ def _swap(plan, undo: bool = False) -> None:
 
 def prepare(model: nn.Module, config=None, *, inplace: bool = True) -> nn.Module:
     """Replaces every nn.Linear and nn.Conv2d (except those `config.skip` selects) with QuantLinear/QuantConv2d
-    in fake-quant mode, sharing the float parameters. config: a QuantConfig, a preset name or None (int8-dynamic)."""
+    in fake-quant mode, sharing the float parameters. config: a QuantConfig, a preset name or None (int8-dynamic).
+    With config.fold_bn (the default) a BatchNorm that only reads such a layer's output moves into the layer (see
+    torchquant.fold) and nn.Identity takes its place."""
     _check_model(model, "prepare")
     config = resolve_config(config)
     if not inplace:
         model = copy.deepcopy(model)
     _swap(_plan_swaps(model, config))
+    return model
+
+
+def freeze_bn_stats(model: nn.Module) -> nn.Module:
+    """Quantization-aware training: every folded BatchNorm of model keeps its running statistics fixed from now on
+    and normalizes with them (instead of the batch's) in training too."""
+    _check_model(model, "freeze_bn_stats")
+    for layer in quant_layers(model):
+        layer.freeze_bn_stats()
     return model
 
 

@@ -9,7 +9,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-__all__ = ["DigitsData", "load_digits_data", "DigitsCNN", "train", "evaluate", "calibration_batches",
+__all__ = ["DigitsData", "load_digits_data", "DigitsCNN", "DigitsBNCNN", "train", "evaluate", "calibration_batches",
            "model_device"]
 
 
@@ -39,14 +39,18 @@ def load_digits_data(*, test_fraction: float = 0.2, seed: int = 0) -> DigitsData
     return DigitsData(images[train_], labels[train_], images[test], labels[test])
 
 
+def _check_sizes(**sizes) -> None:
+    for name, value in sizes.items():
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected a positive int, got {value!r}")
+
+
 class DigitsCNN(nn.Module):
     """Two 3x3 convolutions and two linear layers: ~36k parameters, ~98% test accuracy on the digits."""
 
     def __init__(self, channels: int = 16, hidden: int = 64, num_classes: int = 10):
         super().__init__()
-        for name, value in (("channels", channels), ("hidden", hidden), ("num_classes", num_classes)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        _check_sizes(channels=channels, hidden=hidden, num_classes=num_classes)
         self.conv1 = nn.Conv2d(1, channels, 3, padding=1)
         self.conv2 = nn.Conv2d(channels, 2 * channels, 3, padding=1)
         self.pool = nn.MaxPool2d(2)
@@ -57,6 +61,29 @@ class DigitsCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act(self.conv1(x))
         x = self.pool(self.act(self.conv2(x)))
+        x = self.act(self.fc1(x.flatten(1)))
+        return self.fc2(x)
+
+
+class DigitsBNCNN(nn.Module):
+    """DigitsCNN with a BatchNorm2d after each convolution (the convolutions without bias): the model on which
+    BatchNorm folding is measured."""
+
+    def __init__(self, channels: int = 16, hidden: int = 64, num_classes: int = 10):
+        super().__init__()
+        _check_sizes(channels=channels, hidden=hidden, num_classes=num_classes)
+        self.conv1 = nn.Conv2d(1, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, 2 * channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(2 * channels)
+        self.pool = nn.MaxPool2d(2)
+        self.fc1 = nn.Linear(2 * channels * 4 * 4, hidden)
+        self.fc2 = nn.Linear(hidden, num_classes)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.bn1(self.conv1(x)))
+        x = self.pool(self.act(self.bn2(self.conv2(x))))
         x = self.act(self.fc1(x.flatten(1)))
         return self.fc2(x)
 

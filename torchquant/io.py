@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 
 from torchquant.config import QuantConfig
 from torchquant.convert import QUANT_TYPES, _check_model, _swap
+from torchquant.fold import attach_folded_bn
 from torchquant.nn.base import QuantLayerBase
 
 FORMAT = "torchquant"
@@ -35,6 +36,8 @@ def _layer_layout(model: nn.Module) -> dict:
                 "weight": config.weight.to_dict(),
                 "activation": None if config.activation is None else config.activation.to_dict(),
             }
+            if module.folded_bn is not None:
+                layout[name]["folded_bn"] = module.folded_bn
     return layout
 
 
@@ -114,6 +117,9 @@ def load(path, model: nn.Module) -> nn.Module:
             config = QuantConfig.from_dict({"weight": entry["weight"], "activation": entry["activation"]})
             replacements[id(module)] = (layer_type.from_float(module, config), entry["converted"])
         plan.append((parent, key, module, replacements[id(module)][0]))
+        if entry.get("folded_bn") is not None:  # the skeleton still has the BatchNorm the layer holds folded
+            plan.append(attach_folded_bn(model, module, replacements[id(module)][0],
+                                         entry["folded_bn"], name))
     _swap(plan)
     try:
         for name, entry in meta["layers"].items():

@@ -6,6 +6,7 @@ Layer errors are measured in isolation: each quantized layer is fed exactly the 
 in the float model, so a layer's output SQNR is the error that layer adds, not what it inherits from upstream.
 The model's end-to-end output SQNR and its accuracy (or agreement with float) on an evaluation set show the sum.
 """
+import dataclasses
 import json
 import math
 import os
@@ -20,6 +21,7 @@ from tqdm import tqdm
 from torchquant import functional as F_q
 from torchquant.config import QuantConfig, resolve_config
 from torchquant.convert import QUANT_TYPES
+from torchquant.fold import fold_running
 from torchquant.nn.base import QuantLayerBase
 from torchquant.timing import compare, markdown_table
 
@@ -208,6 +210,13 @@ def _is_quantized(module) -> bool:
     return isinstance(module, QuantLayerBase) and module.converted
 
 
+def _folded_bn(float_model: nn.Module, quantized_layer) -> Optional[nn.Module]:
+    """The float model's BatchNorm that quantized_layer holds folded, if any: the float function of the layer
+    ends after it."""
+    name = getattr(quantized_layer, "folded_bn", None)
+    return None if name is None else float_model.get_submodule(name)
+
+
 @contextmanager
 def eval_mode(*models: nn.Module):
     """Every module in eval mode inside, each module's own training flag restored afterwards."""
@@ -239,15 +248,25 @@ def measure_layers(float_model, quantized_model, batches: Sequence[torch.Tensor]
              if _is_quantized(q) and (names is None or n in names)]
     measured = {name: LayerMeasurement() for name, _, _ in pairs}
     first_inputs: Dict[str, torch.Tensor] = {}
+    last_inputs: Dict[str, torch.Tensor] = {}
+    # the float function of a layer with a folded BatchNorm is layer then BatchNorm: its input is the layer's,
+    # its output the BatchNorm's
+    ends = {n: _folded_bn(float_model, q) or f for n, f, q in pairs}
 
-    def hook_for(name, quantized_layer):
-        def hook(module, inputs, output):
+    def record_input(name):
+        def hook(module, inputs):
             first_inputs.setdefault(name, inputs[0])
-            measured[name].output.add(output, quantized_layer(inputs[0]))
+            last_inputs[name] = inputs[0]
+        return hook
+
+    def compare_output(name, quantized_layer):
+        def hook(module, inputs, output):
+            measured[name].output.add(output, quantized_layer(last_inputs.pop(name)))
         return hook
 
     end_to_end = _ErrorSums()
-    handles = [f.register_forward_hook(hook_for(n, q)) for n, f, q in pairs]
+    handles = [f.register_forward_pre_hook(record_input(n)) for n, f, q in pairs]
+    handles += [ends[n].register_forward_hook(compare_output(n, q)) for n, f, q in pairs]
     try:
         for batch in tqdm(batches, desc=desc, disable=None if progress else True, leave=False):
             reference = _first_tensor(float_model(batch))
@@ -262,7 +281,9 @@ def measure_layers(float_model, quantized_model, batches: Sequence[torch.Tensor]
             x = first_inputs.get(name)
             if x is None:  # a layer the model never called
                 continue
-            times = compare({"float": lambda: f(x), "quantized": lambda: q(x)}, device=device, repeats=repeats,
+            end = ends[name]
+            float_layer = (lambda: f(x)) if end is f else (lambda: end(f(x)))
+            times = compare({"float": float_layer, "quantized": lambda: q(x)}, device=device, repeats=repeats,
                             min_sample_s=0.005)
             measured[name].latency_float_s, measured[name].latency_quantized_s = times["float"], times["quantized"]
         b = batches[0]
@@ -330,7 +351,12 @@ def build_report(float_model: nn.Module, quantized_model: nn.Module, config=None
         if row.quantized:
             row.weight_bits = layer.config.weight.bits
             row.activation = _activation_label(layer.config.activation)
-            error = F_q.quantization_error(float_layer.weight.detach().float(),
+            bn = _folded_bn(float_model, layer)
+            float_weight = float_layer.weight.detach()
+            if bn is not None:
+                float_weight = fold_running(float_weight, None, bn)[0].detach()
+                row.note = "; ".join(filter(None, [row.note, f"bn folded ({layer.folded_bn})"]))
+            error = F_q.quantization_error(float_weight.float(),
                                            layer.dequantized_weight().to(float_layer.weight.device))
             row.weight_mse, row.weight_max_abs, row.weight_sqnr_db = (error["mse"], error["max_abs"],
                                                                       error["sqnr_db"])
@@ -360,8 +386,7 @@ def build_report(float_model: nn.Module, quantized_model: nn.Module, config=None
 
 def _config_dict(config: QuantConfig) -> dict:
     """config.to_dict(), with skip rules that are not name globs written as their repr."""
-    plain = QuantConfig(weight=config.weight, activation=config.activation,
-                        skip=tuple(rule for rule in config.skip if isinstance(rule, str)))
+    plain = dataclasses.replace(config, skip=tuple(rule for rule in config.skip if isinstance(rule, str)))
     data = plain.to_dict()
     data["skip"] += [repr(rule) for rule in config.skip if not isinstance(rule, str)]
     return data

@@ -4,6 +4,12 @@ fake-quant (from construction): `weight`/`bias` are the nn.Linear/nn.Conv2d para
 the weight (WeightQuantizer) and the input (InputQuantizer) and runs the float op, with straight-through (or LSQ)
 gradients, so the layer trains like its float counterpart.
 
+folded BatchNorm (`attach_bn`, done by prepare): the layer also owns the BatchNorm that followed it and quantizes
+the folded weight w * gamma / sqrt(var + eps) with bias beta + (b - mean) * gamma / sqrt(var + eps): in training
+with the statistics of the batch (computed by an extra float pass, the running statistics updated as the
+BatchNorm would) until the statistics are frozen (`freeze_bn_stats`, or after QuantConfig.freeze_bn_after training
+steps), otherwise with the running statistics, which is what convert() stores.
+
 converted (`convert()`): the float weight is replaced by integer buffers, `qweight` (int8 [out, ...], or for
 bits <= 4 two signed nibbles per byte, uint8 [out, ceil(n / 2)]) and `weight_scale` (float32 [out]); forward
 runs the integer kernels. The kernels' packed weight layout depends on the device, so it lives in non-persistent
@@ -19,6 +25,7 @@ import torch.nn as nn
 from torchquant import functional as F_q
 from torchquant._ops import FLOAT_DTYPES, ops
 from torchquant.config import QuantConfig, resolve_config
+from torchquant.fold import fold_running, folded_weight_bias
 from torchquant.nn.quantizers import InputQuantizer, WeightQuantizer
 
 
@@ -49,6 +56,10 @@ class QuantLayerBase(nn.Module):
         """Called by subclass constructors once `weight` exists."""
         self.config: QuantConfig = resolve_config(config)
         self.converted = False
+        self.bn = None  # the folded BatchNorm (attach_bn)
+        self.folded_bn = None  # its name in the model, for reports and checkpoints
+        self.bn_frozen = False
+        self.bn_steps = 0  # training steps with batch statistics since the BatchNorm was attached
         self.weight_shape = tuple(self.weight.shape)
         self._build_quantizers()
         self.fused = self._has_fused_forward()
@@ -75,14 +86,66 @@ class QuantLayerBase(nn.Module):
         layer.train(module.training)
         return layer
 
+    # ---- BatchNorm folding ----
+    def attach_bn(self, bn: nn.Module, name: str | None = None) -> None:
+        """Folds bn (which the caller removes from the model's forward) into this fake-quant layer; name: where
+        it was in the model."""
+        if self.converted:
+            raise RuntimeError(f"{type(self).__name__}.attach_bn: the layer is already converted")
+        self.bn = bn
+        self.folded_bn = name
+
+    def freeze_bn_stats(self) -> None:
+        """From now on the folded BatchNorm's running statistics are fixed and used in training too."""
+        self.bn_frozen = True
+
+    def _bn_uses_batch_stats(self) -> bool:
+        after = self.config.freeze_bn_after
+        return self.training and not self.bn_frozen and (after is None or self.bn_steps < after)
+
+    def _batch_folded_weight_bias(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weight and bias folded with the statistics of this batch's float output; updates the running
+        statistics like the BatchNorm's own training forward. The layer's bias cancels in the normalization, so the
+        output is computed without it."""
+        bn = self.bn
+        y = self._float_op(x, self.weight, None)
+        if y.dim() != 2 and isinstance(bn, nn.BatchNorm1d):
+            raise ValueError(f"{type(self).__name__}: a folded BatchNorm1d needs 2-D input [batch, features] "
+                             f"(it normalizes dim 1), got {list(x.shape)}")
+        dims = [0, *range(2, y.dim())]
+        count = y.numel() // max(y.shape[1], 1)
+        if count <= 1:
+            raise ValueError(f"{type(self).__name__}: the folded BatchNorm needs more than one value per channel "
+                             f"in training, got an output of shape {list(y.shape)}")
+        var, mean = torch.var_mean(y.float(), dim=dims, correction=0)
+        self.bn_steps += 1
+        with torch.no_grad():
+            bn.num_batches_tracked.add_(1)
+            momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+            # the BatchNorm sees the layer's output with its bias
+            output_mean = mean if self.bias is None else mean + self.bias.float()
+            bn.running_mean.lerp_(output_mean.to(bn.running_mean.dtype), momentum)
+            bn.running_var.lerp_((var * (count / (count - 1))).to(bn.running_var.dtype), momentum)
+        return folded_weight_bias(self.weight, None, bn, mean, var)
+
+    def float_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The float weight and bias this layer quantizes (fake-quant layers): with the folded BatchNorm's running
+        statistics folded in when there is one."""
+        if self.bn is None:
+            return self.weight, self.bias
+        return fold_running(self.weight, self.bias, self.bn)
+
     # ---- forward ----
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.converted:
             return self._converted_forward(x)
-        w = self.weight_quantizer(self.weight)
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
-        return self._float_op(x, w, self.bias)
+        if self.bn is not None and self._bn_uses_batch_stats():
+            weight, bias = self._batch_folded_weight_bias(x)
+        else:
+            weight, bias = self.float_weight_bias()
+        return self._float_op(x, self.weight_quantizer(weight), bias)
 
     def _weight_int8(self) -> torch.Tensor:
         """The integer weight as int8 in the float weight's shape."""
@@ -95,7 +158,7 @@ class QuantLayerBase(nn.Module):
         times its scales once converted, the fake-quantized weight before."""
         if not self.converted:
             with torch.no_grad():
-                return self.weight_quantizer(self.weight).to(dtype)
+                return self.weight_quantizer(self.float_weight_bias()[0]).to(dtype)
         return F_q.dequantize(self._weight_int8(), self.weight_scale, 0, axis=0, dtype=dtype)
 
     def _weight_numel_per_channel(self) -> int:
@@ -138,16 +201,19 @@ class QuantLayerBase(nn.Module):
                                f"before convert (no input range observed)")
         if self.input_quantizer is not None and not self.input_quantizer.spec.dynamic:
             self._checked_static_input_scale()  # so that installing the converted state cannot fail
-        q, scale = self.weight_quantizer.quantize(self.weight)
+        weight, bias = self.float_weight_bias()
+        q, scale = self.weight_quantizer.quantize(weight)
         if self.config.weight.bits <= 4:
             q = pack_int4(q.reshape(q.shape[0], -1))
-        return {"qweight": q, "weight_scale": scale}
+        return {"qweight": q, "weight_scale": scale, "bias": bias}
 
     def _install_converted(self, state: dict) -> None:
-        """Drops the float weight, stores the integer one and packs it for the kernels (cannot fail)."""
-        bias = None if self.bias is None else nn.Parameter(self.bias.detach(), requires_grad=False)
+        """Drops the float weight (and the folded BatchNorm), stores the integer weight and the bias, and packs the
+        weight for the kernels (cannot fail)."""
+        bias = None if state["bias"] is None else nn.Parameter(state["bias"].detach(), requires_grad=False)
         del self.weight
         self.bias = bias
+        self.bn = None
         self.register_buffer("qweight", state["qweight"])
         self.register_buffer("weight_scale", state["weight_scale"])
         self.converted = True
@@ -171,7 +237,10 @@ class QuantLayerBase(nn.Module):
             q = torch.zeros(n, (k + 1) // 2, dtype=torch.uint8, device=device)
         else:
             q = torch.zeros(self.weight.shape, dtype=torch.int8, device=device)
-        self._install_converted({"qweight": q, "weight_scale": torch.ones(n, device=device)})
+        bias = self.bias
+        if self.bn is not None:  # a folded layer always has a bias
+            bias = torch.zeros(n, dtype=self.weight.dtype, device=device)
+        self._install_converted({"qweight": q, "weight_scale": torch.ones(n, device=device), "bias": bias})
 
     def _set_input_zero_point(self) -> None:
         # a Python int, so converted forward has no device sync and compiles to one graph
@@ -238,4 +307,5 @@ class QuantLayerBase(nn.Module):
 
     def extra_repr(self) -> str:
         state = "converted" if self.converted else "fake-quant"
-        return f"{self._shape_repr()}, {state}"
+        folded = "" if self.folded_bn is None else f", folded {self.folded_bn}"
+        return f"{self._shape_repr()}, {state}{folded}"

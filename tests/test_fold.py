@@ -1,0 +1,351 @@
+"""BatchNorm folding: the folding arithmetic against layer + BatchNorm, finding the pairs (torch.fx graph, nn.Sequential
+fallback), post-training conversion, quantization-aware training with batch / frozen statistics, save/load and the
+report's note."""
+import copy
+import dataclasses
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import torchquant as tq
+from torchquant import QuantConfig, QuantSpec
+from torchquant.fold import find_bn_pairs, fold_running
+from torchquant.nn import QuantConv2d, QuantLinear
+
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
+
+W8_FLOAT_ACT = QuantConfig(weight=QuantSpec(bits=8), activation=None)
+
+
+def _random_stats(bn: nn.Module, seed: int) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    n = bn.num_features
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(n, generator=g))
+        bn.running_var.copy_(torch.rand(n, generator=g) * 3 + 0.05)
+        if bn.affine:
+            bn.weight.copy_(torch.randn(n, generator=g))
+            bn.bias.copy_(torch.randn(n, generator=g))
+    return bn.eval()
+
+
+def _conv_bn(bias=True, affine=True, groups=1, seed=0):
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(4, 6, 3, padding=1, groups=groups, bias=bias)
+    return conv, _random_stats(nn.BatchNorm2d(6, affine=affine), seed)
+
+
+class ConvBnNet(nn.Module):
+    """Calls its layers from forward (not an nn.Sequential): folding needs the traced graph."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8 * 6 * 6, 16)
+        self.bn1d = nn.BatchNorm1d(16)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.conv(x)))
+        x = F.relu(self.bn1d(self.fc(torch.flatten(x, 1))))
+        return self.head(x)
+
+
+def _inputs(n=8, seed=1, shape=(3, 6, 6)):
+    return torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed))
+
+
+# ---- the arithmetic --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_folded_conv_equals_conv_then_bn(bias, affine, groups):
+    conv, bn = _conv_bn(bias, affine, groups, seed=groups + 2 * bias + 4 * affine)
+    x = torch.randn(3, 4, 7, 5)
+    weight, folded_bias = fold_running(conv.weight, conv.bias, bn)
+    with torch.no_grad():
+        expected = bn(conv(x))
+        got = F.conv2d(x, weight, folded_bias, padding=1, groups=groups)
+        reference = bn.double()(conv.double()(x.double()))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # both float32 results are as close to the float64 truth as float32 rounding allows
+    assert (got.double() - reference).abs().max() <= 1e-5 * reference.abs().max()
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_folded_linear_equals_linear_then_bn1d(affine):
+    torch.manual_seed(0)
+    linear, bn = nn.Linear(12, 9), _random_stats(nn.BatchNorm1d(9, affine=affine), 3)
+    x = torch.randn(5, 12)
+    weight, bias = fold_running(linear.weight, linear.bias, bn)
+    with torch.no_grad():
+        torch.testing.assert_close(F.linear(x, weight, bias), bn(linear(x)), rtol=1e-5, atol=1e-5)
+
+
+def test_prepared_layer_folds_the_running_statistics():
+    conv, bn = _conv_bn(bias=True, affine=True, groups=2)
+    model = tq.prepare(nn.Sequential(copy.deepcopy(conv), copy.deepcopy(bn), nn.ReLU()).eval(), W8_FLOAT_ACT)
+    assert isinstance(model[0], QuantConv2d) and model[0].bn is not None and model[0].folded_bn == "1"
+    assert type(model[1]) is nn.Identity
+    weight, bias = model[0].float_weight_bias()
+    expected_weight, expected_bias = fold_running(conv.weight, conv.bias, bn)
+    assert torch.equal(weight, expected_weight) and torch.equal(bias, expected_bias)
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        # 8-bit weights: the prepared model stays close to conv + bn + relu
+        torch.testing.assert_close(model(x), F.relu(bn(conv(x))), rtol=0, atol=0.05)
+
+
+def test_fold_bn_false_keeps_the_batchnorm():
+    conv, bn = _conv_bn()
+    model = tq.prepare(nn.Sequential(conv, bn), dataclasses.replace(W8_FLOAT_ACT, fold_bn=False))
+    assert model[1] is bn and model[0].bn is None and model[0].folded_bn is None
+
+
+def test_config_validates_and_serializes_the_options():
+    config = QuantConfig(fold_bn=False, freeze_bn_after=10)
+    assert QuantConfig.from_dict(config.to_dict()) == config
+    assert QuantConfig.from_dict({"weight": QuantSpec().to_dict()}).fold_bn is True
+    with pytest.raises(TypeError, match="fold_bn must be a bool"):
+        QuantConfig(fold_bn=1)
+    with pytest.raises(ValueError, match="freeze_bn_after must be a non-negative int"):
+        QuantConfig(freeze_bn_after=-1)
+
+
+# ---- finding the pairs -----------------------------------------------------------------------------------------
+
+def test_traced_model_folds_layers_called_in_forward():
+    model = tq.prepare(ConvBnNet().eval(), W8_FLOAT_ACT)
+    assert model.conv.folded_bn == "bn" and model.fc.folded_bn == "bn1d" and model.head.folded_bn is None
+    assert type(model.bn) is nn.Identity and type(model.bn1d) is nn.Identity
+
+
+class NotFoldable(nn.Module):
+    """conv_a's output has a second user; pool is not a foldable layer; shared runs twice; bn_c has the wrong
+    width for conv_c (it follows a slice)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv_a = nn.Conv2d(3, 4, 1)
+        self.bn_a = nn.BatchNorm2d(4)
+        self.pool = nn.MaxPool2d(1)
+        self.bn_pool = nn.BatchNorm2d(4)
+        self.shared = nn.Conv2d(4, 4, 1)
+        self.bn_shared = nn.BatchNorm2d(4)
+        self.conv_c = nn.Conv2d(4, 4, 1)
+        self.bn_c = nn.BatchNorm2d(2)
+
+    def forward(self, x):
+        a = self.conv_a(x)
+        y = self.bn_a(a) + a
+        y = self.bn_pool(self.pool(y))
+        y = self.bn_shared(self.shared(self.shared(y)))
+        return self.bn_c(self.conv_c(y)[:, :2])
+
+
+def test_batchnorm_after_an_unfoldable_producer_stays_float():
+    model = NotFoldable().eval()
+    x = torch.randn(2, 3, 5, 5)
+    with torch.no_grad():
+        expected = model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert find_bn_pairs(model) == []
+        prepared = tq.prepare(model, W8_FLOAT_ACT)
+    for name in ("bn_a", "bn_pool", "bn_shared", "bn_c"):
+        assert type(getattr(prepared, name)) is nn.BatchNorm2d, name
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(x), expected, rtol=0, atol=0.05)
+
+
+class Untraceable(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it. The Sequential pair folds, the forward pair cannot."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        x = self.block(x)
+        if x.sum() > 0:
+            x = x * 2
+        return self.bn(self.conv(x))
+
+
+def test_untraceable_model_falls_back_to_sequential_pairs_with_one_warning():
+    model = Untraceable().eval()
+    for m in (model.block[1], model.bn):
+        _random_stats(m, 5)
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        expected = model(x)
+    with pytest.warns(UserWarning) as caught:
+        prepared = tq.prepare(model, W8_FLOAT_ACT)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1 and "torch.fx cannot trace Untraceable" in messages[0]
+    assert "TraceError" in messages[0] and "nn.Sequential" in messages[0]
+    assert prepared.block[0].folded_bn == "block.1" and type(prepared.block[1]) is nn.Identity
+    assert type(prepared.bn) is nn.BatchNorm2d and prepared.conv.bn is None
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(x), expected, rtol=0, atol=0.1)
+
+
+def test_skipped_layer_or_batchnorm_is_not_folded():
+    for skip in ("0", "1"):
+        conv, bn = _conv_bn()
+        model = tq.prepare(nn.Sequential(conv, bn), dataclasses.replace(W8_FLOAT_ACT, skip=(skip,)))
+        assert model[1] is bn
+
+
+def test_failed_conversion_puts_the_batchnorm_back():
+    conv, bn = _conv_bn()
+    model = nn.Sequential(conv, bn)
+    with pytest.raises(TypeError):
+        tq.quantize_model(model, "int8-static", calibration=[torch.randn(2, 4, 5, 5), "not a batch"])
+    assert model[0] is conv and model[1] is bn
+
+
+# ---- post-training conversion ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("preset", ["int8-static", "int8-dynamic", "w4a8-dynamic"])
+def test_converted_folded_model_matches_fake_quant_and_float(preset):
+    model = ConvBnNet().eval()
+    for bn in (model.bn, model.bn1d):
+        _random_stats(bn, 7)
+    x = _inputs(16)
+    with torch.no_grad():
+        expected = model(x)
+    prepared = tq.prepare(copy.deepcopy(model), preset)
+    tq.calibrate(prepared, [x], progress=False)
+    with torch.no_grad():
+        fake = prepared(x)
+    converted = tq.convert(prepared)
+    assert converted.conv.converted and converted.conv.bn is None and converted.conv.folded_bn == "bn"
+    assert converted.conv.bias is not None  # the folded bias of a conv without bias
+    with torch.no_grad():
+        out = converted(x)
+    torch.testing.assert_close(out, fake, rtol=1e-4, atol=1e-4)
+    error = tq.functional.quantization_error(expected, out)
+    assert error["sqnr_db"] > (15 if preset == "w4a8-dynamic" else 25), error
+
+
+# ---- quantization-aware training -------------------------------------------------------------------------------
+
+def _train_steps(model, steps, seed=0):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        x = torch.randn(8, 3, 6, 6, generator=g)
+        target = torch.randint(0, 5, (8,), generator=g)
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), target).backward()
+        optimizer.step()
+    return model.eval()
+
+
+def test_training_folds_batch_statistics_and_updates_running_ones_like_batchnorm():
+    conv, bn = _conv_bn(bias=True)
+    bn.momentum = None  # the cumulative average, the less common update rule
+    float_model = nn.Sequential(conv, bn).train()
+    prepared = tq.prepare(copy.deepcopy(float_model), W8_FLOAT_ACT)
+    layer = prepared[0]
+    for seed in range(3):
+        x = torch.randn(4, 4, 5, 5, generator=torch.Generator().manual_seed(seed))
+        expected = float_model(x)  # BatchNorm in training: batch statistics
+        got = prepared(x)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0.05)  # 8-bit weight error only
+    torch.testing.assert_close(layer.bn.running_mean, bn.running_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.bn.running_var, bn.running_var, rtol=1e-5, atol=1e-6)
+    assert int(layer.bn.num_batches_tracked) == int(bn.num_batches_tracked) == 3
+    got.sum().backward()
+    assert layer.weight.grad is not None and layer.bn.weight.grad is not None
+
+
+def test_qat_fake_quant_matches_converted_after_training():
+    model = tq.prepare(ConvBnNet(), "int8-static")
+    _train_steps(model, 5)
+    x = _inputs(16, seed=9)
+    with torch.no_grad():
+        fake = model(x)
+    converted = tq.convert(model)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), fake, rtol=1e-4, atol=1e-4)
+
+
+def test_freeze_bn_stats_by_call_and_after_steps():
+    model = tq.prepare(ConvBnNet(), "int8-static")
+    _train_steps(model, 2)
+    tq.freeze_bn_stats(model)
+    frozen = model.conv.bn.running_mean.clone()
+    _train_steps(model, 2, seed=1)
+    assert torch.equal(model.conv.bn.running_mean, frozen) and int(model.conv.bn.num_batches_tracked) == 2
+    assert model.conv.bn_steps == 2
+
+    model = tq.prepare(ConvBnNet(), dataclasses.replace(QuantConfig.preset("int8-static"), freeze_bn_after=3))
+    _train_steps(model, 5)
+    assert int(model.conv.bn.num_batches_tracked) == 3 and int(model.fc.bn.num_batches_tracked) == 3
+    # frozen: training and eval compute the same function
+    x = _inputs(4)
+    with torch.no_grad():
+        torch.testing.assert_close(model.train()(x), model.eval()(x))
+
+
+def test_batch_statistics_need_more_than_one_value_per_channel():
+    model = tq.prepare(ConvBnNet(), W8_FLOAT_ACT).train()
+    with pytest.raises(ValueError, match="more than one value per channel"):
+        model(_inputs(1))
+
+
+# ---- save / load -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("convert", [True, False])
+def test_save_load_round_trips_a_folded_model_onto_a_float_skeleton(tmp_path, convert):
+    model = ConvBnNet().eval()
+    _random_stats(model.bn, 2)
+    x = _inputs(8)
+    prepared = tq.prepare(model, "int8-static")
+    tq.calibrate(prepared, [x], progress=False)
+    if convert:
+        tq.convert(prepared)
+    tq.save(prepared, tmp_path / "folded.safetensors")
+    skeleton = ConvBnNet(seed=5)
+    loaded = tq.load(tmp_path / "folded.safetensors", skeleton)
+    assert type(loaded.bn) is nn.Identity and loaded.conv.folded_bn == "bn" and loaded.conv.converted == convert
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), prepared.eval()(x))
+
+
+def test_load_rejects_a_skeleton_without_the_folded_batchnorm(tmp_path):
+    prepared = tq.quantize_model(ConvBnNet().eval(), "int8-dynamic")
+    tq.save(prepared, tmp_path / "folded.safetensors")
+    skeleton = ConvBnNet()
+    skeleton.bn = nn.ReLU()
+    with pytest.raises(ValueError, match="'bn' folded into 'conv', but the model has a ReLU there"):
+        tq.load(tmp_path / "folded.safetensors", skeleton)
+    assert type(skeleton.conv) is nn.Conv2d and type(skeleton.bn) is nn.ReLU
+
+
+# ---- the report ------------------------------------------------------------------------------------------------
+
+def test_report_notes_the_folded_batchnorm_and_measures_against_it():
+    from torchquant.report import build_report
+    model = ConvBnNet().eval()
+    for bn in (model.bn, model.bn1d):
+        _random_stats(bn, 4)
+    batches = [_inputs(8, seed=s) for s in range(2)]
+    quantized = tq.quantize_model(copy.deepcopy(model), "int8-static", calibration=batches)
+    report = build_report(model, quantized, "int8-static", calibration=batches, time_layers=False)
+    notes = {layer.name: layer.note for layer in report.layers}
+    assert notes == {"conv": "bn folded (bn)", "fc": "bn folded (bn1d)", "head": ""}
+    for layer in report.layers:
+        # errors against the float layer + BatchNorm: compared with the bare layer they would be far off
+        assert layer.weight_sqnr_db > 35 and layer.output_sqnr_db > 30, layer

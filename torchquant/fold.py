@@ -1,0 +1,132 @@
+"""BatchNorm folding: finding the layer -> BatchNorm pairs of a model and the folding arithmetic.
+
+A BatchNorm in eval mode is a per-channel affine map, y = (x - mean) * gamma / sqrt(var + eps) + beta, so a
+Conv2d/Linear whose output feeds only a BatchNorm computes, with the BatchNorm, the same function as one layer of
+weight w * s and bias beta + (b - mean) * s, s = gamma / sqrt(var + eps) per output channel. Quantizing that
+folded weight instead of w leaves one integer layer where there were two float ops.
+
+Pairs are found on the model's torch.fx graph (a layer called once whose only user is a BatchNorm called once),
+so models that call self.conv then self.bn in forward fold; a model that cannot be traced falls back to
+consecutive children of nn.Sequential containers, with a warning that says why.
+"""
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+
+import torch
+import torch.nn as nn
+
+# the BatchNorm type that can fold into each layer type (exact types, like the layer swap)
+FOLDABLE = {nn.Conv2d: nn.BatchNorm2d, nn.Linear: nn.BatchNorm1d}
+
+
+def foldable(layer: nn.Module, bn: nn.Module) -> bool:
+    """Whether bn, applied to layer's output, folds into layer: the matching BatchNorm type over its output
+    channels, with running statistics (a BatchNorm without them normalizes with batch statistics even in eval
+    mode, which no fixed weight computes)."""
+    return (FOLDABLE.get(type(layer)) is type(bn) and bn.track_running_stats and bn.running_var is not None
+            and bn.num_features == layer.weight.shape[0])
+
+
+def bn_scale(bn: nn.BatchNorm2d | nn.BatchNorm1d, var: torch.Tensor) -> torch.Tensor:
+    """gamma / sqrt(var + eps) per channel, float32 at least (gamma is 1 without affine parameters)."""
+    dtype = torch.promote_types(var.dtype, torch.float32)
+    scale = torch.rsqrt(var.to(dtype) + bn.eps)
+    return scale if bn.weight is None else scale * bn.weight.to(dtype)
+
+
+def folded_weight_bias(weight: torch.Tensor, bias: torch.Tensor | None, bn, mean: torch.Tensor,
+                       var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) of the layer that computes bn(layer(x)) when bn normalizes with mean and var; in the
+    weight's dtype, computed in float32 (or wider)."""
+    scale = bn_scale(bn, var)
+    shift = -mean.to(scale.dtype) if bias is None else bias.to(scale.dtype) - mean.to(scale.dtype)
+    folded_bias = shift * scale
+    if bn.bias is not None:
+        folded_bias = folded_bias + bn.bias.to(scale.dtype)
+    folded_weight = weight.to(scale.dtype) * scale.reshape(-1, *[1] * (weight.dim() - 1))
+    return folded_weight.to(weight.dtype), folded_bias.to(weight.dtype)
+
+
+def fold_running(weight: torch.Tensor, bias: torch.Tensor | None, bn) -> tuple[torch.Tensor, torch.Tensor]:
+    """folded_weight_bias with bn's running statistics: the eval-mode function of layer + bn."""
+    return folded_weight_bias(weight, bias, bn, bn.running_mean, bn.running_var)
+
+
+class _Tracer(torch.fx.Tracer):
+    """torch.fx's tracer with torchquant's layers as leaves (their forward reads tensor values)."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        from torchquant.nn.base import QuantLayerBase
+        return isinstance(m, QuantLayerBase) or super().is_leaf_module(m, qualname)
+
+
+def _traced_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's own warnings; a failure is reported once by the caller
+        graph = _Tracer().trace(model)
+    calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or calls[node.target] != 1 or len(node.users) != 1:
+            continue
+        (user,) = node.users
+        if user.op == "call_module" and calls[user.target] == 1 and user.args == (node,) and not user.kwargs:
+            pairs.append((node.target, user.target))
+    return pairs
+
+
+def _sequential_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    pairs = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Sequential):
+            keys = [key for key, child in module._modules.items() if child is not None]
+            prefix = f"{name}." if name else ""
+            pairs += [(prefix + a, prefix + b) for a, b in zip(keys, keys[1:])]
+    return pairs
+
+
+def find_bn_pairs(model: nn.Module, where: str = "prepare") -> list[tuple[str, str]]:
+    """(layer name, BatchNorm name) for every foldable layer -> BatchNorm edge of model, each module registered
+    under one name only (folding a shared module would change its other uses)."""
+    try:
+        candidates = _traced_pairs(model)
+    except Exception as exc:  # noqa: BLE001 -- any tracing failure means: use the containers' order instead
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        warnings.warn(f"{where}: torch.fx cannot trace {type(model).__name__} ({type(exc).__name__}: {reason}); "
+                      f"BatchNorm folding falls back to consecutive layers of nn.Sequential containers",
+                      UserWarning, stacklevel=3)
+        candidates = _sequential_pairs(model)
+    names = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+    modules = dict(model.named_modules())
+    pairs = []
+    for layer_name, bn_name in candidates:
+        layer, bn = modules.get(layer_name), modules.get(bn_name)
+        if (layer is not None and bn is not None and names[id(layer)] == 1 and names[id(bn)] == 1
+                and foldable(layer, bn)):
+            pairs.append((layer_name, bn_name))
+    return pairs
+
+
+def parent_and_key(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, key = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), key
+
+
+
+def attach_folded_bn(model: nn.Module, float_layer: nn.Module, layer, bn_name: str, layer_name: str) -> tuple:
+    """For load(): folds the BatchNorm at bn_name of a float skeleton into layer (the replacement of float_layer,
+    at layer_name); returns the (parent, key, BatchNorm, nn.Identity) swap that removes it from the forward.
+    Changes nothing in model."""
+    try:
+        parent, key = parent_and_key(model, bn_name)
+        bn = parent._modules[key]
+    except (AttributeError, KeyError):
+        parent = bn = None
+    if bn is None or not foldable(float_layer, bn):
+        found = "nothing" if bn is None else f"a {type(bn).__name__}"
+        raise ValueError(f"load: the checkpoint has {bn_name!r} folded into {layer_name!r}, but the model has "
+                         f"{found} there, not a {FOLDABLE[type(float_layer)].__name__} that folds into it")
+    layer.attach_bn(bn, bn_name)
+    return parent, key, bn, nn.Identity()
