@@ -18,7 +18,7 @@ from torchquant.cli import build_parser, config_from_args, main
 from torchquant.config import PRESETS, Preset, QuantConfig, QuantSpec
 from torchquant.observers import OBSERVERS, Observer, ObserverKind
 from torchquant.timing import num_threads
-from torchquant.examples import DigitsCNN, load_digits_data, train
+from torchquant.examples import DigitsBNCNN, DigitsCNN, load_digits_data, train
 from torchquant.nn import QuantConv2d, QuantLinear
 
 pytest.importorskip("sklearn")
@@ -134,6 +134,18 @@ def test_convert_static_writes_a_checkpoint_that_load_reads(work, tmp_path):
     assert data["bytes_quantized"] < data["bytes_float"] / 3
     assert data["eval_metric"] == "accuracy" and data["eval_samples"] == 128
     assert abs(data["eval_float"] - data["eval_quantized"]) <= 3.0
+
+
+def test_convert_folds_batchnorm_and_reports_it(work, tmp_path):
+    out, report = tmp_path / "bn.safetensors", tmp_path / "bn.json"
+    result = run_cli("convert", "torchquant.examples:DigitsBNCNN", "--config", "int8-static", "--calib",
+                     work / "calib.pt", "-o", out, "--report", report, "--threads", "1", cwd=work, check_rc=0)
+    assert "bn folded (bn1)" in result.stdout and "bn folded (bn2)" in result.stdout
+    notes = {layer["name"]: layer["note"] for layer in json.loads(report.read_text())["layers"]}
+    assert notes == {"conv1": "bn folded (bn1)", "conv2": "bn folded (bn2)", "fc1": "", "fc2": ""}
+    loaded = torchquant.load(out, DigitsBNCNN())
+    assert type(loaded.bn1) is type(loaded.bn2) is torch.nn.Identity
+    assert loaded.conv1.converted and loaded.conv1.folded_bn == "bn1"
 
 
 def test_convert_pickled_model_with_trust_pickle_and_options(work, tmp_path):

@@ -21,17 +21,25 @@ def digits():
     return load_digits_data()
 
 
+def _trained(model_type, digits):
+    torch.manual_seed(0)
+    return train(model_type(), digits, epochs=10, seed=0)
+
+
+def _learned_accuracy(model, digits):
+    accuracy = evaluate(model, digits)
+    assert accuracy >= 96.0, f"the float {type(model).__name__} should learn the task, got {accuracy:.2f}%"
+    return accuracy
+
+
 @pytest.fixture(scope="module")
 def float_model(digits):
-    torch.manual_seed(0)
-    return train(DigitsCNN(), digits, epochs=10, seed=0)
+    return _trained(DigitsCNN, digits)
 
 
 @pytest.fixture(scope="module")
 def float_accuracy(float_model, digits):
-    accuracy = evaluate(float_model, digits)
-    assert accuracy >= 96.0, f"the float digits CNN should learn the task, got {accuracy:.2f}%"
-    return accuracy
+    return _learned_accuracy(float_model, digits)
 
 
 def _converted_layers(model):
@@ -81,13 +89,19 @@ def test_qat_4bit_weights_within_one_point_of_float(float_model, float_accuracy,
     assert config.weight.bits == 4
     qat = torchquant.prepare(copy.deepcopy(float_model), config)
     assert all(isinstance(m, (QuantLinear, QuantConv2d)) for m in (qat.conv1, qat.conv2, qat.fc1, qat.fc2))
+    _qat_within_one_point(qat, float_accuracy, digits, record_property, "w4a8 QAT")
+
+
+def _qat_within_one_point(qat, float_accuracy, digits, record_property, label):
+    """Trains the prepared model 3 epochs, converts it and checks its accuracy against float's and the
+    fake-quant model's."""
     train(qat, digits, epochs=3, lr=1e-3, seed=1)
     fake_quant_accuracy = evaluate(qat, digits)
     converted = torchquant.convert(qat)
     assert len(_converted_layers(converted)) == 4
     accuracy = evaluate(converted, digits)
-    record_property("w4a8 QAT accuracy", accuracy)
-    print(f"w4a8 QAT: {accuracy:.2f}% (fake-quant {fake_quant_accuracy:.2f}%, float {float_accuracy:.2f}%)")
+    record_property(f"{label} accuracy", accuracy)
+    print(f"{label}: {accuracy:.2f}% (fake-quant {fake_quant_accuracy:.2f}%, float {float_accuracy:.2f}%)")
     assert accuracy >= float_accuracy - 1.0
     # the converted model computes the function it was trained as (up to float summation order)
     assert abs(accuracy - fake_quant_accuracy) <= 0.6
@@ -96,23 +110,18 @@ def test_qat_4bit_weights_within_one_point_of_float(float_model, float_accuracy,
 # ---- the digits CNN with BatchNorm after each conv: folded into the convs ----
 
 @pytest.fixture(scope="module")
-def bn_float_model(digits):
-    torch.manual_seed(0)
-    return train(DigitsBNCNN(), digits, epochs=10, seed=0)
-
-
-@pytest.fixture(scope="module")
-def bn_float_accuracy(bn_float_model, digits):
-    accuracy = evaluate(bn_float_model, digits)
-    assert accuracy >= 96.0, f"the float digits CNN with BatchNorm should learn the task, got {accuracy:.2f}%"
-    return accuracy
+def bn_float(digits):
+    """(the trained float DigitsBNCNN, its accuracy)"""
+    model = _trained(DigitsBNCNN, digits)
+    return model, _learned_accuracy(model, digits)
 
 
 def _folded(model):
     return {m.folded_bn for m in model.modules() if isinstance(m, QuantConv2d)}
 
 
-def test_bn_int8_static_ptq_within_0_3_points_of_float(bn_float_model, bn_float_accuracy, digits, record_property):
+def test_bn_int8_static_ptq_within_0_3_points_of_float(bn_float, digits, record_property):
+    bn_float_model, bn_float_accuracy = bn_float
     quantized = _ptq(bn_float_model, digits, "int8-static")
     assert _folded(quantized) == {"bn1", "bn2"}
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in quantized.modules())
@@ -122,19 +131,12 @@ def test_bn_int8_static_ptq_within_0_3_points_of_float(bn_float_model, bn_float_
     assert accuracy >= bn_float_accuracy - 0.3
 
 
-def test_bn_qat_4bit_with_folding_within_one_point_of_float(bn_float_model, bn_float_accuracy, digits,
-                                                            record_property):
+def test_bn_qat_4bit_with_folding_within_one_point_of_float(bn_float, digits, record_property):
+    bn_float_model, bn_float_accuracy = bn_float
     from torchquant.demo import qat_config
     qat = torchquant.prepare(copy.deepcopy(bn_float_model), dataclasses.replace(qat_config(), freeze_bn_after=60))
     assert _folded(qat) == {"bn1", "bn2"}
-    steps_before = int(qat.conv1.bn.num_batches_tracked)
-    train(qat, digits, epochs=3, lr=1e-3, seed=1)
-    assert int(qat.conv1.bn.num_batches_tracked) == steps_before + 60  # then frozen
-    fake_quant_accuracy = evaluate(qat, digits)
-    converted = torchquant.convert(qat)
-    assert len(_converted_layers(converted)) == 4
-    accuracy = evaluate(converted, digits)
-    record_property("BN w4a8 QAT accuracy", accuracy)
-    print(f"BN w4a8 QAT: {accuracy:.2f}% (fake-quant {fake_quant_accuracy:.2f}%, float {bn_float_accuracy:.2f}%)")
-    assert accuracy >= bn_float_accuracy - 1.0
-    assert abs(accuracy - fake_quant_accuracy) <= 0.6
+    bn = qat.conv1.bn
+    steps_before = int(bn.num_batches_tracked)
+    _qat_within_one_point(qat, bn_float_accuracy, digits, record_property, "BN w4a8 QAT")
+    assert int(bn.num_batches_tracked) == steps_before + 60  # then frozen
