@@ -216,11 +216,12 @@ def test_failed_conversion_puts_the_batchnorm_back():
 # ---- post-training conversion ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("preset", ["int8-static", "int8-dynamic", "w4a8-dynamic"])
-def test_converted_folded_model_matches_fake_quant_and_float(preset):
+def test_converted_folded_model_matches_fake_quant_and_float(preset, device):
     model = ConvBnNet().eval()
     for bn in (model.bn, model.bn1d):
         _random_stats(bn, 7)
-    x = _inputs(16)
+    model.to(device)
+    x = _inputs(16).to(device)
     with torch.no_grad():
         expected = model(x)
     prepared = tq.prepare(copy.deepcopy(model), preset)
@@ -229,7 +230,7 @@ def test_converted_folded_model_matches_fake_quant_and_float(preset):
         fake = prepared(x)
     converted = tq.convert(prepared)
     assert converted.conv.converted and converted.conv.bn is None and converted.conv.folded_bn == "bn"
-    assert converted.conv.bias is not None  # the folded bias of a conv without bias
+    assert converted.conv.bias is not None and converted.conv.bias.device == x.device  # (the conv had no bias)
     with torch.no_grad():
         out = converted(x)
     torch.testing.assert_close(out, fake, rtol=1e-4, atol=1e-4)

@@ -90,6 +90,9 @@ def _sequential_pairs(model: nn.Module) -> list[tuple[str, str]]:
 def find_bn_pairs(model: nn.Module, where: str = "prepare") -> list[tuple[str, str]]:
     """(layer name, BatchNorm name) for every foldable layer -> BatchNorm edge of model, each module registered
     under one name only (folding a shared module would change its other uses)."""
+    bn_types = tuple(FOLDABLE.values())
+    if not any(type(m) in bn_types for m in model.modules()):
+        return []  # nothing to fold: no need to trace
     try:
         candidates = _traced_pairs(model)
     except Exception as exc:  # noqa: BLE001 -- any tracing failure means: use the containers' order instead

@@ -213,6 +213,7 @@ class QuantLayerBase(nn.Module):
         bias = None if state["bias"] is None else nn.Parameter(state["bias"].detach(), requires_grad=False)
         del self.weight
         self.bias = bias
+        self._modules.pop("bn", None)  # folded into the stored weight and bias
         self.bn = None
         self.register_buffer("qweight", state["qweight"])
         self.register_buffer("weight_scale", state["weight_scale"])
