@@ -306,6 +306,13 @@ def test_batch_statistics_need_more_than_one_value_per_channel():
         model(_inputs(1))
 
 
+def test_folded_batchnorm1d_needs_2d_input():
+    model = tq.prepare(nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4)), W8_FLOAT_ACT).eval()
+    with pytest.raises(ValueError, match=r"folded BatchNorm1d needs 2-D input \[batch, features\], got \[2, 4, 6\]"):
+        model(torch.randn(2, 4, 6))
+    assert model(torch.randn(3, 6)).shape == (3, 4)
+
+
 # ---- save / load -----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("convert", [True, False])

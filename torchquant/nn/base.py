@@ -109,9 +109,6 @@ class QuantLayerBase(nn.Module):
         output is computed without it."""
         bn = self.bn
         y = self._float_op(x, self.weight, None)
-        if y.dim() != 2 and isinstance(bn, nn.BatchNorm1d):
-            raise ValueError(f"{type(self).__name__}: a folded BatchNorm1d needs 2-D input [batch, features] "
-                             f"(it normalizes dim 1), got {list(x.shape)}")
         dims = [0, *range(2, y.dim())]
         count = y.numel() // max(y.shape[1], 1)
         if count <= 1:
@@ -139,6 +136,10 @@ class QuantLayerBase(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.converted:
             return self._converted_forward(x)
+        if self.bn is not None and x.dim() != 2 and isinstance(self.bn, nn.BatchNorm1d):
+            # BatchNorm1d normalizes dim 1, the features of the layer's output only when it is 2-D
+            raise ValueError(f"{type(self).__name__}: a folded BatchNorm1d needs 2-D input [batch, features], "
+                             f"got {list(x.shape)}")
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
         if self.bn is not None and self._bn_uses_batch_stats():
