@@ -146,6 +146,10 @@ def test_convert_folds_batchnorm_and_reports_it(work, tmp_path):
     loaded = torchquant.load(out, DigitsBNCNN())
     assert type(loaded.bn1) is type(loaded.bn2) is torch.nn.Identity
     assert loaded.conv1.converted and loaded.conv1.folded_bn == "bn1"
+    result = run_cli("report", "torchquant.examples:DigitsBNCNN", "--config", "int8-static", "--calib",
+                     work / "calib.pt", "--json", "-", "--quiet", "--repeats", "1", "--threads", "1", cwd=work,
+                     check_rc=0)
+    assert {layer["name"]: layer["note"] for layer in json.loads(result.stdout)["layers"]} == notes
 
 
 def test_convert_pickled_model_with_trust_pickle_and_options(work, tmp_path):

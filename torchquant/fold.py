@@ -99,7 +99,7 @@ def find_bn_pairs(model: nn.Module, where: str = "prepare") -> list[tuple[str, s
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         warnings.warn(f"{where}: torch.fx cannot trace {type(model).__name__} ({type(exc).__name__}: {reason}); "
                       f"BatchNorm folding falls back to consecutive layers of nn.Sequential containers",
-                      UserWarning, stacklevel=3)
+                      UserWarning, stacklevel=4)
         candidates = _sequential_pairs(model)
     names = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
     modules = dict(model.named_modules())
