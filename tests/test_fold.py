@@ -357,3 +357,20 @@ def test_report_notes_the_folded_batchnorm_and_measures_against_it():
     for layer in report.layers:
         # errors against the float layer + BatchNorm: compared with the bare layer they would be far off
         assert layer.weight_sqnr_db > 35 and layer.output_sqnr_db > 30, layer
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_folding_keeps_a_half_precision_model_in_its_dtype(dtype):
+    conv, bn = _conv_bn(seed=3)
+    model = nn.Sequential(conv, bn).to(dtype)
+    x = torch.randn(4, 4, 6, 6).to(dtype)
+    with torch.no_grad():
+        expected = model(x).float()
+    converted = tq.quantize_model(model, "int8-static", calibration=[x], inplace=False)
+    trained = tq.prepare(copy.deepcopy(model), "int8-static").train()
+    trained(x).float().sum().backward()  # batch statistics in half precision
+    assert trained[0].weight.grad.dtype == dtype
+    with torch.no_grad():
+        out = converted(x)
+    assert out.dtype == dtype and converted[0].bias.dtype == dtype
+    assert (out.float() - expected).abs().max() <= 0.02 * expected.abs().max()
