@@ -252,7 +252,7 @@ ERROR_CASES = {
     "factory returns no module": (["convert", "mymodels:not_a_model"], ["returned int", "nn.Module"]),
     "factory raises": (["convert", "mymodels:broken"], ["factory exploded"]),
     "pickle without trust": (["convert", "digits_model.pt"], ["--trust-pickle"]),
-    "text file as model": (["convert", "mymodels.py"], ["MODEL: cannot read mymodels.py"]),
+    "python file as model": (["convert", "mymodels.py"], ["MODEL: mymodels.py is Python source", "mymodels:"]),
     "python file as calibration": (["convert", FACTORY, "--calib", "mymodels.py"] + GOOD,
                                    ["--calib: cannot read mymodels.py"]),
     "state dict as model": (["convert", "digits_state.pt"], ["holds weights", "--weights"]),

@@ -4,6 +4,7 @@ import struct
 import pytest
 import torch
 import torch.nn as nn
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 import torchquant as tq
@@ -110,3 +111,127 @@ def test_load_into_wrong_model_leaves_it_unchanged(tmp_path):
     with pytest.raises(ValueError, match="does not fit the model"):
         tq.load(path, target)
     assert type(target[0]) is nn.Linear and _same_state(before, _state(target))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# a failed load leaves the model exactly as it was, whatever its state
+
+QAT = QuantConfig(QuantSpec(bits=4, learn_scale=True),
+                  QuantSpec(bits=8, signed=False, symmetric=False, granularity="per_tensor", learn_scale=True))
+
+
+def _trained_step(model):
+    """One QAT step, so learned scales and observers hold trained values."""
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    model(_batches(1, seed=5)[0]).square().mean().backward()
+    optimizer.step()
+    return model
+
+
+STATES = {
+    "float": lambda model: model,
+    "prepared-dynamic": lambda model: tq.prepare(model, "int8-dynamic"),
+    "prepared-static": lambda model: tq.calibrate(tq.prepare(model, "int8-static"), _batches(), progress=False),
+    "qat": lambda model: _trained_step(tq.prepare(model, QAT)),
+    "converted-dynamic": lambda model: tq.quantize_model(model, "int8-dynamic"),
+    "converted-static": lambda model: tq.quantize_model(model, "int8-static", calibration=_batches()),
+    "converted-qat": lambda model: tq.convert(_trained_step(tq.prepare(model, QAT))),
+    "converted-w4": lambda model: tq.quantize_model(model, "w4a8-dynamic"),
+}
+# (state of the model, state of the checkpoint loaded into it); fake-quant into fake-quant loads in place, the
+# others build new layers
+LOADS = [("float", "converted-static"), ("float", "prepared-static"), ("prepared-dynamic", "converted-dynamic"),
+         ("prepared-static", "converted-static"), ("prepared-static", "prepared-static"), ("qat", "qat"),
+         ("qat", "converted-qat"), ("converted-static", "converted-static"), ("converted-w4", "converted-w4")]
+BOUNDED = {"prepared-static": "head.input_quantizer.scale", "qat": "head.weight_quantizer.scale"}
+
+
+def _snapshot(model):
+    """Everything a failed load must not change: module objects and types under every name, parameter and buffer
+    objects and values, requires_grad, training flags, and the output."""
+    modules = [(name, id(m), type(m)) for name, m in model.named_modules(remove_duplicate=False)]
+    named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    tensors = [(name, id(t), t.requires_grad, t.dtype, t.detach().clone()) for name, t in named]
+    flags = [(m, m.training) for m in model.modules()]
+    with torch.no_grad():
+        output = model.eval()(_batches(1, seed=7)[0])
+    for m, training in flags:
+        m.training = training
+    return modules, tensors, [training for _, training in flags], output
+
+
+def _assert_same(a, b):
+    assert a[0] == b[0], "modules changed"
+    assert [t[:4] for t in a[1]] == [t[:4] for t in b[1]], "parameter or buffer objects changed"
+    for (name, *_, before), (*_, after) in zip(a[1], b[1]):
+        assert torch.equal(before, after), f"{name} changed"
+    assert a[2] == b[2], "training flags changed"
+    assert torch.equal(a[3], b[3]), "output changed"
+
+
+def _rewrite(source, target, tensors=None, layout=None):
+    """Copies a checkpoint; tensors(dict) and layout(dict) may edit its tensors and its JSON layout on the way."""
+    with safe_open(str(source), framework="pt") as f:
+        metadata = f.metadata()
+        stored = {k: f.get_tensor(k) for k in f.keys()}
+    if tensors is not None:
+        tensors(stored)
+    meta = json.loads(metadata["torchquant"])
+    if layout is not None:
+        layout(meta)
+    metadata["torchquant"] = json.dumps(meta)
+    save_file(stored, str(target), metadata=metadata)
+    return target
+
+
+def _bad_checkpoint(failure, kind, tmp_path):
+    good = tmp_path / "good.safetensors"
+    tq.save(STATES[kind](_net(9)), good)
+    bad = tmp_path / "bad.safetensors"
+    if failure == "other shape":
+        other = _net(9)
+        other.head = nn.Linear(5, 3)
+        tq.save(STATES[kind](other), bad)
+    elif failure == "bad value":
+        key = BOUNDED.get(kind, "head.weight_scale")
+        _rewrite(good, bad, tensors=lambda t: t[key].view(-1)[0].fill_(float("nan")))
+    elif failure == "layout":
+        _rewrite(good, bad, layout=lambda m: m["layers"]["head"].update(type="QuantConv2d"))
+    elif failure == "missing tensor":
+        _rewrite(good, bad, tensors=lambda t: t.pop("head.bias"))
+    else:
+        return good
+    return bad
+
+
+FAILURES = ["other shape", "bad value", "layout", "missing tensor", "fails loading a built layer",
+            "fails loading in place"]
+
+
+@pytest.mark.parametrize("failure", FAILURES)
+@pytest.mark.parametrize("state, kind", LOADS)
+def test_failed_load_leaves_the_model_exactly_as_it_was(tmp_path, monkeypatch, state, kind, failure):
+    model = STATES[state](_net(0))
+    path = _bad_checkpoint(failure, kind, tmp_path)
+    before = _snapshot(model)
+    if failure.startswith("fails loading"):
+        if failure == "fails loading a built layer" and state == kind and "converted" not in state:
+            pytest.skip("fake-quant into fake-quant builds no layer")
+        real = nn.Module.load_state_dict
+
+        def failing(self, *args, **kwargs):
+            if (self is model) == (failure == "fails loading in place"):
+                raise RuntimeError("injected failure")
+            return real(self, *args, **kwargs)
+        monkeypatch.setattr(nn.Module, "load_state_dict", failing)
+        with pytest.raises(RuntimeError, match="injected failure"):
+            tq.load(path, model)
+        monkeypatch.undo()
+    else:
+        with pytest.raises(ValueError, match="bad.safetensors"):
+            tq.load(path, model)
+    _assert_same(before, _snapshot(model))
+    # the good checkpoint loads into the very same model: the failure above was the only obstacle
+    expected = _snapshot(tq.load(tmp_path / "good.safetensors", _net(3)))[3]
+    assert torch.equal(_snapshot(tq.load(tmp_path / "good.safetensors", model))[3], expected)

@@ -5,8 +5,9 @@ the CLI prints it and exits with status 2. Input files are only ever read.
 """
 import importlib
 import os
+import re
 import sys
-import tempfile
+import warnings
 import zipfile
 from contextlib import contextmanager
 from typing import Iterator, List, Mapping, Optional, Tuple
@@ -14,7 +15,9 @@ from typing import Iterator, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
-__all__ = ["UsageError", "load_model", "load_inputs", "batches_of", "atomic_output", "same_file"]
+from torchquant.io import atomic_write, check_destination
+
+__all__ = ["UsageError", "load_model", "load_inputs", "batches_of", "atomic_output", "check_output", "same_file"]
 
 
 class UsageError(Exception):
@@ -57,16 +60,24 @@ def _weights_only_load(path: str):
     file) fails: why is "objects" for a torch.save archive holding more than tensors and plain containers,
     else the reason the file cannot be read."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True), None
+        with warnings.catch_warnings():  # e.g. about the pickle protocol of a plain pickle: the error says it all
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True), None
     except Exception as exc:  # torch.load raises many types (UnpicklingError, RuntimeError, EOFError, ...)
         if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; its directory is at the end
-            return None, ""
+            with open(path, "rb") as f:
+                plain_pickle = f.read(1) == b"\x80"  # the PROTO opcode that starts every pickle since protocol 2
+            return None, "a plain pickle, not a torch.save archive" if plain_pickle else ""
         if "weights only" in str(exc).lower().replace("_", " "):
             return None, "objects"
         return None, _one_line(exc)
 
 
 def _unreadable(option: str, path: str, why: str) -> UsageError:
+    if path.endswith(".py"):
+        return UsageError(f"{option}: {path} is Python source, not a file written by torch.save"
+                          + ("; give the model as module:factory, e.g. "
+                             f"{os.path.splitext(os.path.basename(path))[0]}:MyModel" if option == "MODEL" else ""))
     return UsageError(f"{option}: cannot read {path} (truncated, or not a file written by torch.save)"
                       + (f": {why}" if why else ""))
 
@@ -80,18 +91,33 @@ def _load_torch_tensors(path: str, option: str, expected: str):
     return content
 
 
+@contextmanager
+def _cwd_importable() -> Iterator[None]:
+    """The current directory on the import path while a user's model is imported, built or unpickled, as the
+    last entry, so a file there never shadows an installed package (and is not looked at once the model is
+    built: a matplotlib.py there stays unimported). Modules imported meanwhile stay imported."""
+    cwd = os.getcwd()
+    added = cwd not in sys.path and "" not in sys.path
+    if added:
+        sys.path.append(cwd)
+    importlib.invalidate_caches()
+    try:
+        yield
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
+
+
 def _import_factory(spec: str):
     module_name, _, attr_path = spec.partition(":")
     if not module_name or not attr_path:
         raise UsageError(f"MODEL: {spec!r} is neither a file nor a 'package.module:factory' spec")
-    # Like `python -m`, find modules in the current directory even when run as the console script.
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         if exc.name and module_name.startswith(exc.name):
-            raise UsageError(f"MODEL: no module named {exc.name!r} (from {spec!r})") from exc
+            raise UsageError(f"MODEL: no module named {exc.name!r} (from {spec!r}) in the installed packages or "
+                             f"the current directory") from exc
         raise UsageError(f"MODEL: importing {module_name!r} failed: {_one_line(exc)}") from exc
     except Exception as exc:
         raise UsageError(f"MODEL: importing {module_name!r} failed: {_one_line(exc)}") from exc
@@ -106,14 +132,30 @@ def _import_factory(spec: str):
 
 
 def _model_from_factory(spec: str) -> nn.Module:
-    factory = _import_factory(spec)
-    try:
-        model = factory()
-    except Exception as exc:
-        raise UsageError(f"MODEL: calling {spec} failed: {_one_line(exc)}") from exc
+    with _cwd_importable():
+        factory = _import_factory(spec)
+        try:
+            model = factory()
+        except Exception as exc:
+            raise UsageError(f"MODEL: calling {spec} failed: {_one_line(exc)}") from exc
     if not isinstance(model, nn.Module):
         raise UsageError(f"MODEL: {spec} returned {type(model).__name__}, expected an nn.Module")
     return model
+
+
+def _missing_class(exc: Exception) -> str:
+    """What an unpickling ModuleNotFoundError/AttributeError says is missing, and where it was looked for."""
+    if isinstance(exc, ModuleNotFoundError):
+        return (f"no module named {exc.name!r} in the installed packages or the current directory (run from the "
+                f"folder that holds it, or add that folder to PYTHONPATH)")
+    found = re.search(r"attribute '([^']+)' on <module '([^']+)'", str(exc))
+    if found is None:
+        return _one_line(exc)
+    attr, module = found.groups()
+    if module == "__main__":
+        return (f"class {attr} was defined in the script that saved the model (__main__); move it into a module "
+                f"and save again, or give the model as module:factory with --weights")
+    return f"module {module!r} has no {attr!r} (was the class renamed or moved?)"
 
 
 def _model_from_pickle(path: str, trust_pickle: bool) -> nn.Module:
@@ -131,7 +173,11 @@ def _model_from_pickle(path: str, trust_pickle: bool) -> nn.Module:
         raise UsageError(f"MODEL: {path} holds weights, not a model; give the architecture as "
                          f"package.module:factory and this file as --weights")
     try:
-        model = torch.load(path, map_location="cpu", weights_only=False)
+        with _cwd_importable():  # the model's class is looked up as a factory's module would be
+            model = torch.load(path, map_location="cpu", weights_only=False)
+    except (ModuleNotFoundError, AttributeError) as exc:
+        raise UsageError(f"MODEL: {path} is a pickled model whose class cannot be found: {_missing_class(exc)}") \
+            from exc
     except Exception as exc:
         raise _unreadable("MODEL", path, _one_line(exc)) from exc
     if not isinstance(model, nn.Module):
@@ -238,27 +284,19 @@ def same_file(a: str, b: str) -> bool:
     return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
 
 
-@contextmanager
-def atomic_output(path: str, option: str) -> Iterator[str]:
-    """Yields a temporary path beside `path`; on success renames it to `path`, on any failure removes it, so a
-    reader never sees a partial file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise UsageError(f"{option}: directory {directory} does not exist")
-    if os.path.isdir(path):
-        raise UsageError(f"{option}: {path} is a directory, expected a file name")
-    base = os.path.basename(path)
-    stem, ext = os.path.splitext(base)
-    fd, temp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".tmp{ext}", dir=directory)
-    os.close(fd)
+def check_output(path: str, option: str, *, force: bool = False) -> None:
+    """A UsageError unless `path` can be written: its directory exists and lets us create files, it is not a
+    directory, and it is not a read-only file (unless --force)."""
     try:
+        check_destination(path, option, force=force, force_hint="--force")
+    except OSError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+@contextmanager
+def atomic_output(path: str, option: str, *, force: bool = False) -> Iterator[str]:
+    """Yields a temporary path beside `path`; on success renames it to `path`, on any failure (SIGINT and
+    SIGTERM included) removes it, so a reader never sees a partial file and nothing is left behind."""
+    check_output(path, option, force=force)
+    with atomic_write(path, option, force=force, force_hint="--force") as temp:
         yield temp
-        # mkstemp (and some writers, e.g. safetensors) make the file private; give it the usual permissions
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temp, 0o666 & ~umask)
-        os.replace(temp, path)
-    except BaseException:
-        if os.path.exists(temp):
-            os.remove(temp)
-        raise

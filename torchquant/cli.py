@@ -14,8 +14,8 @@ from typing import List, Optional
 import torch
 
 from torchquant.bench import BENCHMARKS, run_benchmarks  # the kernel benchmarks: `torchquant bench` is their entry
-from torchquant._cli_io import (UsageError, atomic_output, batches_of, load_inputs, load_model, same_file,
-                                _one_line)
+from torchquant._cli_io import (UsageError, atomic_output, batches_of, check_output, load_inputs, load_model,
+                                same_file, _one_line)
 from torchquant.config import DEFAULT_PRESET, PRESETS
 from torchquant.observers import OBSERVERS
 from torchquant.timing import num_threads
@@ -76,6 +76,8 @@ def _model_options() -> argparse.ArgumentParser:
                        help="evaluation inputs and labels ({'inputs': ..., 'labels': ...} or (inputs, labels)); "
                             "without labels the quantized model's agreement with float is reported")
     group.add_argument("--batch-size", type=int, default=32, metavar="N", help="batch size (default: 32)")
+    opts.add_argument("--force", action="store_true",
+                      help="replace output files even where they are read-only (like cp -f)")
     return opts
 
 
@@ -92,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Quantize MODEL and write a pickle-free checkpoint that torchquant.load(OUT, model) reads.")
     convert.add_argument("-o", "--output", required=True, metavar="OUT", help="checkpoint to write")
     convert.add_argument("--report", metavar="FILE.json", help="also write the per-layer report as JSON")
+    convert.add_argument("--strict", action="store_true",
+                         help="fail instead of warning when no layer would be quantized or a factory MODEL has "
+                              "no --weights")
     convert.set_defaults(handler=_cmd_convert)
 
     report = commands.add_parser(
@@ -256,10 +261,8 @@ def _describe(value) -> str:
 
 
 def _check_output_path(out: str, option: str, args) -> None:
-    """Before any work: the output's directory exists and the output is none of the input files."""
-    directory = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(directory):
-        raise UsageError(f"{option}: directory {directory} does not exist")
+    """Before any work: the output can be written (see check_output) and is none of the input files."""
+    check_output(out, option, force=args.force)
     for option_in, path in (("MODEL", args.model), ("--weights", args.weights), ("--calib", args.calib),
                             ("--eval", args.eval)):
         if path is not None and same_file(out, path):
@@ -274,8 +277,16 @@ def _status(args, message: str) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # subcommands
 
+def _warn(args, message: str) -> None:
+    """One line on stderr (even with --quiet), or with --strict the error that stops the command."""
+    if args.strict:
+        raise UsageError(f"{message} (an error with --strict)")
+    print(f"torchquant {args.command}: warning: {message}", file=sys.stderr)
+
+
 def _cmd_convert(args) -> int:
-    import torchquant
+    from torchquant.convert import QUANT_TYPES, quant_layers
+    from torchquant.io import write_checkpoint
     from torchquant.report import write_json
     _check_output_path(args.output, "-o", args)
     if args.report is not None:
@@ -283,14 +294,23 @@ def _cmd_convert(args) -> int:
         if os.path.abspath(args.report) == os.path.abspath(args.output):
             raise UsageError(f"--report: {args.report} is also the checkpoint (-o); give two file names")
     job = _Job(args)
+    factory = not os.path.exists(args.model)
+    if args.weights is None and factory and any(True for _ in job.model.parameters()):
+        _warn(args, f"no --weights: quantizing the weights {args.model} creates (its random initialisation, "
+                    f"unless it loads trained weights itself)")
     quantized, decisions = job.quantize(progress=not args.quiet)
-    with atomic_output(args.output, "-o") as temp:
-        torchquant.save(quantized, temp)
+    if not quant_layers(quantized):
+        why = ("every Linear/Conv2d layer was kept float (--skip, --min-sqnr, --min-speedup)"
+               if any(type(m) in QUANT_TYPES for m in job.model.modules())
+               else "MODEL has no nn.Linear or nn.Conv2d layer")
+        _warn(args, f"nothing was quantized: {why}; {args.output} holds the float model")
+    with atomic_output(args.output, "-o", force=args.force) as temp:
+        write_checkpoint(quantized, temp)
     if args.quiet and args.report is None:
         return 0  # the report is only for showing or writing
     report = job.report(quantized, decisions, repeats=5, progress=not args.quiet)
     if args.report is not None:
-        with atomic_output(args.report, "--report") as temp:
+        with atomic_output(args.report, "--report", force=args.force) as temp:
             write_json(report, temp)
     if not args.quiet:
         print(report.format_table())
@@ -320,11 +340,12 @@ def _cmd_report(args) -> int:
     else:
         print(report.format_table())
         if args.json is not None:
-            with atomic_output(args.json, "--json") as temp:
+            with atomic_output(args.json, "--json", force=args.force) as temp:
                 write_json(report, temp)
             _status(args, f"wrote {args.json}")
     if args.markdown is not None:
-        note = write_markdown(report, args.markdown, atomic=lambda path: atomic_output(path, "--markdown"))
+        note = write_markdown(report, args.markdown, atomic=lambda path: atomic_output(path, "--markdown",
+                                                                                 force=args.force))
         _status(args, f"wrote {args.markdown}" + (f" ({note})" if note else ""))
     return 0
 

@@ -1,28 +1,133 @@
 """Pickle-free save/load of (partly) quantized models: tensors in safetensors, the layer layout as JSON in the
-safetensors metadata. load() rebuilds that layout on a float model skeleton, then loads the tensors."""
+safetensors metadata. load() rebuilds that layout on a float model skeleton, then loads the tensors.
+
+load is all-or-nothing. It reads and checks the whole file first: its structure, the layout against the model,
+and the dtype, shape and value range of every tensor against the layer that is to hold it. Layers that change
+state (float to quantized, fake-quant to converted) and converted layers are then built and loaded beside the
+model; only when all of them loaded are the remaining tensors copied in place (checked already, so the copies
+cannot fail) and the new layers installed.
+
+save writes a temporary file beside the destination and renames it over the destination, so no reader ever sees a
+partial file, and a save that fails or is interrupted (SIGINT or SIGTERM) leaves no temporary file behind.
+"""
 from __future__ import annotations
 
+import copy
 import json
 import os
+import signal
+import stat
+import tempfile
+import threading
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional
 
+import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from torchquant._ops.quantize import qrange
 from torchquant.config import QuantConfig
-from torchquant.convert import QUANT_TYPES, _check_model, _swap
+from torchquant.convert import QUANT_TYPES, _check_model
 from torchquant.fold import attach_folded_bn
-from torchquant.nn.base import QuantLayerBase
+from torchquant.nn.base import QuantLayerBase, unpack_int4
+from torchquant.nn.quantizers import InputQuantizer, WeightQuantizer
+from torchquant.observers import Observer
 
 FORMAT = "torchquant"
 FORMAT_VERSION = 1
 _LAYER_TYPES = {cls.__name__: cls for cls in QUANT_TYPES.values()}
+_ENTRY_KEYS = {"type", "converted", "weight", "activation"}
+_TINY = torch.finfo(torch.float32).tiny
 
 
 def _check_path(path, where: str) -> str:
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"{where}: path must be a str or os.PathLike, got {type(path).__name__}")
     return os.fspath(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# writing
+
+class _Terminated(BaseException):
+    """SIGTERM arrived while a file was being written: unwinds the write so its clean-up runs."""
+
+
+@contextmanager
+def _sigterm_unwinds() -> Iterator[Callable[[], None]]:
+    """Inside the block SIGTERM raises _Terminated, so `finally` clauses run (SIGINT does that already, as
+    KeyboardInterrupt); the block calls the function it is given to stop that once it is cleaning up. On the way
+    out the signal goes to the handler that was there before, whose default ends the process as SIGTERM would
+    have. Only the main thread can install signal handlers: elsewhere, and where SIGTERM is ignored or handled
+    outside Python, the block runs as it is."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
+    if previous is None or previous is signal.SIG_IGN:
+        yield lambda: None
+        return
+    state = {"armed": True, "received": False}
+
+    def handler(signum, frame):
+        state["received"] = True
+        if state["armed"]:
+            state["armed"] = False
+            raise _Terminated()
+
+    def disarm() -> None:
+        state["armed"] = False
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield disarm
+    except _Terminated:
+        raise InterruptedError("interrupted by SIGTERM; nothing was written") from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if state["received"]:
+            signal.raise_signal(signal.SIGTERM)  # the previous handler's turn: by default the process ends here
+
+
+def check_destination(path: str, where: str, *, force: bool = False, force_hint: str = "force=True") -> None:
+    """Raises an OSError naming `where` unless `path` can be written as a new file: its directory exists, it is
+    not a directory, and it is not an existing read-only file (replaced only with `force`, like cp -f)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{where}: directory {directory} does not exist")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{where}: {path} is a directory, expected a file name")
+    # the mode bits, not os.access: root may write anything, but a file without write permission is one its
+    # owner meant to keep
+    if not force and os.path.isfile(path) and not os.stat(path).st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH):
+        raise PermissionError(f"{where}: {path} exists and is read-only; pass {force_hint} to replace it")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise PermissionError(f"{where}: cannot create files in {directory} (permission denied)")
+
+
+@contextmanager
+def atomic_write(path: str, where: str, *, force: bool = False, force_hint: str = "force=True") -> Iterator[str]:
+    """Yields a temporary file name beside `path` to write; when the block succeeds the file is renamed to
+    `path` (atomically replacing it), otherwise (an exception, SIGINT or SIGTERM) it is removed."""
+    check_destination(path, where, force=force, force_hint=force_hint)
+    directory = os.path.dirname(os.path.abspath(path))
+    stem, ext = os.path.splitext(os.path.basename(path))
+    with _sigterm_unwinds() as disarm:
+        temp = None
+        try:
+            fd, temp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".tmp{ext}", dir=directory)
+            os.close(fd)
+            yield temp
+            # mkstemp (and some writers, e.g. safetensors) make the file private; give it the usual permissions
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(temp, 0o666 & ~umask)
+            os.replace(temp, path)
+            temp = None
+        finally:
+            disarm()
+            if temp is not None and os.path.lexists(temp):
+                os.remove(temp)
 
 
 def _layer_layout(model: nn.Module) -> dict:
@@ -41,10 +146,8 @@ def _layer_layout(model: nn.Module) -> dict:
     return layout
 
 
-def save(model: nn.Module, path) -> None:
-    """Writes model's state dict (float, fake-quant or converted layers) and its layer layout to path."""
-    _check_model(model, "save")
-    path = _check_path(path, "save")
+def write_checkpoint(model: nn.Module, path: str) -> None:
+    """Writes the checkpoint straight to path (save() does it atomically)."""
     tensors, aliases, storages = {}, {}, {}
     for key, t in model.state_dict().items():
         ptr = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
@@ -57,85 +160,318 @@ def save(model: nn.Module, path) -> None:
     save_file(tensors, path, metadata={FORMAT: json.dumps(meta)})
 
 
+def save(model: nn.Module, path, *, force: bool = False) -> None:
+    """Writes model's state dict (float, fake-quant or converted layers) and its layer layout to path, atomically
+    (a temporary file beside path, renamed over it). An existing file is replaced, except a read-only one: that
+    raises PermissionError unless force=True (like cp -f)."""
+    _check_model(model, "save")
+    path = _check_path(path, "save")
+    with atomic_write(path, "save", force=force) as temp:
+        write_checkpoint(model, temp)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reading and checking a file
+
+def _json_type(value) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number")
+
+
+def _parse_meta(path: str, text: str, tensor_names) -> dict:
+    """The torchquant metadata of a file, checked for structure and types (a ValueError naming what is wrong)."""
+    def malformed(what: str) -> ValueError:
+        return ValueError(f"load: {path} has malformed torchquant metadata: {what}")
+
+    try:
+        meta = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise malformed(f"not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise malformed(f"expected a JSON object, got {_json_type(meta)}")
+    unknown = sorted(set(meta) - {"format", "version", "layers", "aliases"})
+    if unknown or meta.get("format") != FORMAT:
+        raise malformed(f"expected keys format ('{FORMAT}'), version, layers and aliases; got {sorted(meta)}")
+    version = meta.get("version")
+    if type(version) is not int or version != FORMAT_VERSION:
+        raise ValueError(f"load: {path} has format version {version!r}, this torchquant reads {FORMAT_VERSION}")
+    layers, aliases = meta.get("layers"), meta.get("aliases", {})
+    if not isinstance(layers, dict):
+        raise malformed(f"'layers' must be an object, got {_json_type(layers)}")
+    for name, entry in layers.items():
+        if not isinstance(entry, dict) or set(entry) - {"folded_bn"} != _ENTRY_KEYS:
+            raise malformed(f"layer {name!r} must be an object with keys {sorted(_ENTRY_KEYS)}, got "
+                            f"{sorted(entry) if isinstance(entry, dict) else _json_type(entry)}")
+        if entry["type"] not in _LAYER_TYPES:
+            raise malformed(f"layer {name!r} has unknown type {entry['type']!r} (expected one of "
+                            f"{sorted(_LAYER_TYPES)})")
+        if not isinstance(entry.get("folded_bn", ""), str):
+            raise malformed(f"layer {name!r}: 'folded_bn' must be a module name, got {entry['folded_bn']!r}")
+        if not isinstance(entry["converted"], bool):
+            raise malformed(f"layer {name!r}: 'converted' must be true or false, got {entry['converted']!r}")
+        try:
+            entry["config"] = QuantConfig.from_dict({"weight": entry["weight"], "activation": entry["activation"]})
+        except (TypeError, ValueError, KeyError, AttributeError) as e:
+            raise malformed(f"layer {name!r} has an invalid quantization config: {e}") from None
+    if not isinstance(aliases, dict):
+        raise malformed(f"'aliases' must be an object, got {_json_type(aliases)}")
+    for key, target in aliases.items():
+        if not isinstance(target, str) or target not in tensor_names or key in tensor_names:
+            raise malformed(f"alias {key!r} -> {target!r} does not name a stored tensor")
+    return meta
+
+
 def _read(path: str) -> tuple[dict, dict]:
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"load: {path} is a directory, expected a checkpoint file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"load: no such file: {path}")
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise ValueError(f"load: {path} is not a readable safetensors file (truncated or another format): {e}") \
-            from None
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError, KeyError, OverflowError) as e:
+        why = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise ValueError(f"load: {path} is not a readable safetensors file (truncated or another format): "
+                         f"{why}") from None
     if FORMAT not in metadata:
         raise ValueError(f"load: {path} is a safetensors file but not a torchquant checkpoint (no "
                          f"'{FORMAT}' metadata; save it with torchquant.save)")
-    try:
-        meta = json.loads(metadata[FORMAT])
-        if meta.get("format") != FORMAT or not isinstance(meta.get("layers"), dict):
-            raise ValueError("missing format or layers")
-    except ValueError as e:
-        raise ValueError(f"load: {path} has malformed torchquant metadata: {e}") from None
-    if meta.get("version") != FORMAT_VERSION:
-        raise ValueError(f"load: {path} has format version {meta.get('version')}, this torchquant reads "
-                         f"{FORMAT_VERSION}")
-    for key, target in meta.get("aliases", {}).items():
+    meta = _parse_meta(path, metadata[FORMAT], tensors.keys())
+    for key, target in meta["aliases"].items():
         tensors[key] = tensors[target]
     return meta, tensors
 
 
-def _parent_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    parent_name, _, key = name.rpartition(".")
-    try:
-        parent = model.get_submodule(parent_name) if parent_name else model
-    except AttributeError:
-        parent = None
-    if parent is None or key not in parent._modules:
-        raise ValueError(f"load: the checkpoint has a quantized layer {name!r} that the model does not have")
-    return parent, key
+def _first_bad(t: torch.Tensor, bad: torch.Tensor) -> str:
+    index = tuple(i.item() for i in bad.nonzero()[0]) if bad.dim() else ()
+    return f"{t[index].item()} at index {list(index)}"
+
+
+def _check_scale(t: torch.Tensor) -> Optional[str]:
+    bad = ~(torch.isfinite(t) & (t >= _TINY))
+    if bad.any():
+        return f"must be finite and positive (at least {_TINY:g}), got {_first_bad(t, bad)}"
+    return None
+
+
+def _check_int_range(t: torch.Tensor, low: int, high: int, what: str = "") -> Optional[str]:
+    bad = (t < low) | (t > high)
+    if bad.any():
+        return f"must be in [{low}, {high}]{what}, got {_first_bad(t, bad)}"
+    return None
+
+
+def _check_qweight(t: torch.Tensor, bits: int, k: int) -> Optional[str]:
+    """An integer weight of `bits` bits: int8 values, or (bits <= 4) two nibbles a byte with a zero pad nibble."""
+    fmt = f" for {bits}-bit weights"
+    if bits <= 4:
+        if k % 2 and t.numel():
+            problem = _check_int_range(t[:, -1] >> 4, 0, 0, " (the pad nibble of an odd row)")
+            if problem:
+                return problem
+        t = unpack_int4(t, k)
+    low, high = qrange(bits, True)
+    problem = _check_int_range(t, low, high, fmt)
+    if problem is None and bits == 1 and (t == 0).any():
+        return f"must be -1 or +1{fmt}, got 0"
+    return problem
+
+
+def _check_observer_range(lo_key: str, tensors: dict) -> Callable:
+    def check(hi: torch.Tensor) -> Optional[str]:
+        lo = tensors[lo_key]
+        if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+            return f"must be finite, as must {lo_key}"
+        if (lo > hi).any():
+            return f"must not be below {lo_key} (an observed range has lo <= hi)"
+        return None
+    return check
+
+
+def _value_checks(model: nn.Module, tensors: dict) -> dict[str, Callable]:
+    """key -> check(tensor) returning what is wrong (or None), for every tensor whose values a layer's format
+    bounds: integer weights, scales, zero points and observed ranges."""
+    checks: dict[str, Callable] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        prefix = f"{name}." if name else ""
+        if isinstance(module, QuantLayerBase) and module.converted:
+            bits, k = module.config.weight.bits, module._weight_numel_per_channel()
+            checks[prefix + "qweight"] = lambda t, bits=bits, k=k: _check_qweight(t, bits, k)
+            checks[prefix + "weight_scale"] = _check_scale
+        elif isinstance(module, WeightQuantizer) and module.spec.learn_scale:
+            checks[prefix + "scale"] = _check_scale
+        elif isinstance(module, InputQuantizer) and not module.spec.dynamic:
+            low, high = qrange(module.spec.bits, module.spec.signed)
+            checks[prefix + "scale"] = _check_scale
+            checks[prefix + "zero_point"] = lambda t, low=low, high=high: _check_int_range(t, low, high)
+        elif isinstance(module, Observer):
+            checks[prefix + "hi"] = _check_observer_range(prefix + "lo", tensors)
+            checks[prefix + "batches"] = lambda t: _check_int_range(t, 0, torch.iinfo(torch.int64).max)
+    return checks
+
+
+def _dtype(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def _check_tensors(path: str, model: nn.Module, tensors: dict) -> None:
+    """Every tensor the model holds is in the file with exactly its dtype and shape (nothing is cast), nothing
+    else is, and the values a layer's format bounds are in range."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in tensors]
+    unexpected = sorted(k for k in tensors if k not in expected)
+    if missing or unexpected:
+        raise ValueError(f"load: {path} does not fit the model: missing {missing[:5]}, unexpected "
+                         f"{unexpected[:5]}")
+    for key, want in expected.items():
+        got = tensors[key]
+        if got.dtype != want.dtype or got.shape != want.shape:
+            raise ValueError(f"load: {path} does not fit the model: tensor {key!r} is {_dtype(got)} "
+                             f"{list(got.shape)}, the model expects {_dtype(want)} "
+                             f"{list(want.shape)}")
+    for key, check in _value_checks(model, tensors).items():
+        problem = check(tensors[key])
+        if problem:
+            raise ValueError(f"load: {path}: tensor {key!r} {problem}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# loading
+
+def _paths(model: nn.Module) -> dict[int, list[tuple[nn.Module, str, str]]]:
+    """id(module) -> every (parent, key, name) under which the model holds it."""
+    paths: dict[int, list] = {}
+    for parent_name, parent in model.named_modules(remove_duplicate=False):
+        for key, child in parent._modules.items():
+            if child is not None:
+                paths.setdefault(id(child), []).append((parent, key, f"{parent_name}.{key}" if parent_name else key))
+    return paths
+
+
+def _child(model: nn.Module, name: str) -> Optional[nn.Module]:
+    """The submodule called name (through child modules only: a name from a file never reaches attributes)."""
+    module = model
+    for part in name.split(".") if name else []:
+        module = module._modules.get(part)
+        if module is None:
+            return None
+    return None if module is model else module
+
+
+def _built_layer(module: nn.Module, layer_type: type, config: QuantConfig) -> QuantLayerBase:
+    """The layer a checkpoint entry describes, made beside the model: it shares no tensor with `module`, and every
+    tensor of its own is then loaded from the file."""
+    if isinstance(module, QuantLayerBase):  # quantized already, with the same config
+        layer = copy.deepcopy(module)
+    else:
+        layer = layer_type._like(module, config, device="meta")  # no float weight initialisation
+        for name in ("weight", "bias"):
+            like = getattr(module, name)
+            if like is not None:
+                setattr(layer, name, nn.Parameter(torch.empty_like(like), requires_grad=like.requires_grad))
+        layer._build_quantizers()  # on the weight's device, at their initial state
+        layer.train(module.training)
+    return layer
+
+
+def _plan(path: str, model: nn.Module, layers: dict) -> list[tuple[nn.Module, str, nn.Module, nn.Module, str]]:
+    """(parent, key, the model's module, the layer built for it, name) for every place a built layer goes.
+    Changes nothing in the model."""
+    paths = _paths(model)
+    chosen: dict[int, tuple[nn.Module, str]] = {}  # id(module) -> (built layer or the module itself, first name)
+    folds = []  # (parent, key, BatchNorm, identity, name) for BatchNorms folded into built layers
+    for name, entry in layers.items():
+        module = _child(model, name)
+        if module is None:
+            raise ValueError(f"load: {path} has a quantized layer {name!r} that the model does not have")
+        if id(module) in chosen:
+            continue
+        layer_type, config, converted = _LAYER_TYPES[entry["type"]], entry["config"], entry["converted"]
+        if isinstance(module, QuantLayerBase):
+            if type(module) is not layer_type:
+                raise ValueError(f"load: {name!r} is a {type(module).__name__} in the model but a {entry['type']} "
+                                 f"in {path}")
+            if (module.config.weight, module.config.activation) != (config.weight, config.activation):
+                raise ValueError(f"load: {name!r} is quantized in the model with another config than in {path}; "
+                                 f"load into the float model instead")
+            if module.converted and not converted:
+                raise ValueError(f"load: {name!r} is converted in the model but fake-quant in {path}; load into "
+                                 f"the float or prepared model instead")
+            if not converted:  # fake-quant in both: loaded in place, keeping its parameters (and an optimizer's)
+                chosen[id(module)] = (module, name)
+                continue
+        elif type(module) is not layer_type.FLOAT_TYPE:
+            raise ValueError(f"load: {name!r} is a {type(module).__name__} in the model but a {entry['type']} in "
+                             f"{path}")
+        try:
+            layer = _built_layer(module, layer_type, config)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"load: {name!r} cannot be quantized as {path} describes: {e}") from None
+        if entry.get("folded_bn") is not None and not isinstance(module, QuantLayerBase):
+            # the skeleton still has the BatchNorm the layer holds folded: a copy goes into the layer, the
+            # model's is swapped for an identity with the layer
+            parent, key, bn, identity = attach_folded_bn(model, module, layer, entry["folded_bn"], name)
+            layer.bn = copy.deepcopy(bn)
+            folds.append((parent, key, bn, identity, entry["folded_bn"]))
+        elif isinstance(module, QuantLayerBase) and module.folded_bn != entry.get("folded_bn"):
+            raise ValueError(f"load: {name!r} has {module.folded_bn!r} folded in the model but "
+                             f"{entry.get('folded_bn')!r} in {path}")
+        if converted:
+            layer._converted_skeleton()
+        chosen[id(module)] = (layer, name)
+    plan = []
+    for module_id, (layer, first) in chosen.items():
+        for parent, key, name in paths[module_id]:
+            if layers.get(name) != layers[first]:
+                raise ValueError(f"load: {path} does not describe {name!r} like {first!r}, which is the same module "
+                                 f"in the model")
+            if layer is not parent._modules[key]:
+                plan.append((parent, key, parent._modules[key], layer, name))
+    return plan + folds
+
+
+def _install(plan, index: int) -> None:
+    for entry in plan:
+        parent, key = entry[0], entry[1]
+        parent._modules[key] = entry[index]
 
 
 def load(path, model: nn.Module) -> nn.Module:
     """Loads a checkpoint written by save() into model (a float skeleton of the same architecture, or the same
-    prepared model): float layers the checkpoint holds quantized are prepared/converted first. Returns model.
-    If the checkpoint does not fit the model, the model's layers are restored and ValueError is raised."""
+    prepared or converted model) and returns model. Layers the checkpoint holds quantized are quantized the same
+    way; fake-quant layers of the model are loaded in place (an optimizer over their parameters stays valid),
+    other quantized layers are replaced by new ones.
+
+    All-or-nothing: if the file is malformed (ValueError naming the file and the problem) or does not fit the
+    model, or a tensor has another dtype or shape than the layer holding it expects, or values outside its format
+    (an integer weight out of its bit range, a scale that is not finite and positive, a zero point out of range),
+    ValueError is raised and the model is exactly as it was."""
     _check_model(model, "load")
-    meta, tensors = _read(_check_path(path, "load"))
-    plan, replacements = [], {}
-    for name, entry in meta["layers"].items():
-        parent, key = _parent_of(model, name)
-        module = parent._modules[key]
-        layer_type = _LAYER_TYPES.get(entry.get("type"))
-        if layer_type is None:
-            raise ValueError(f"load: unknown layer type {entry.get('type')!r} for {name!r}")
-        if isinstance(module, QuantLayerBase):
-            continue
-        if type(module) is not layer_type.FLOAT_TYPE:
-            raise ValueError(f"load: {name!r} is a {type(module).__name__} in the model but a "
-                             f"{entry['type']} in the checkpoint")
-        if id(module) not in replacements:
-            config = QuantConfig.from_dict({"weight": entry["weight"], "activation": entry["activation"]})
-            replacements[id(module)] = (layer_type.from_float(module, config), entry["converted"])
-        plan.append((parent, key, module, replacements[id(module)][0]))
-        if entry.get("folded_bn") is not None:  # the skeleton still has the BatchNorm the layer holds folded
-            plan.append(attach_folded_bn(model, module, replacements[id(module)][0],
-                                         entry["folded_bn"], name))
-    _swap(plan)
+    path = _check_path(path, "load")
+    meta, tensors = _read(path)
+    plan = _plan(path, model, meta["layers"])
+    _install(plan, 3)
     try:
-        for name, entry in meta["layers"].items():
-            layer = model.get_submodule(name)
-            if entry["converted"] and not layer.converted:
-                layer._converted_skeleton()
-        expected = model.state_dict()
-        missing = sorted(set(expected) - set(tensors))
-        unexpected = sorted(set(tensors) - set(expected))
-        wrong = sorted(k for k in expected.keys() & tensors.keys() if expected[k].shape != tensors[k].shape
-                       or expected[k].dtype.is_floating_point != tensors[k].dtype.is_floating_point)
-        if missing or unexpected or wrong:
-            raise ValueError(f"load: checkpoint does not fit the model: missing {missing[:5]}, unexpected "
-                             f"{unexpected[:5]}, wrong shape/kind {wrong[:5]}")
-        model.load_state_dict(tensors)
+        _check_tensors(path, model, tensors)
+    finally:
+        _install(plan, 2)
+    # built layers load their tensors beside the model (their hooks repack converted weights there) ...
+    in_place, loaded = dict(tensors), set()
+    for _, _, _, layer, name in plan:
+        prefix = f"{name}."
+        own = {key[len(prefix):]: in_place.pop(key) for key in list(in_place) if key.startswith(prefix)}
+        if id(layer) not in loaded:  # once, though it may be reached by several names
+            layer.load_state_dict(own)
+            loaded.add(id(layer))
+    # ... then the rest is copied in place (checked: the copies cannot fail), with empty modules where built
+    # layers go (nothing to load, no hooks to run), and the built layers are installed
+    plan = [entry + (nn.Module(),) for entry in plan]
+    _install(plan, 5)
+    try:
+        model.load_state_dict(in_place)
     except BaseException:
-        _swap(plan, undo=True)
+        _install(plan, 2)
         raise
+    _install(plan, 3)
     return model

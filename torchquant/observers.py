@@ -126,10 +126,14 @@ class Float32StateModule(nn.Module):
                 if t is None:
                     continue
                 device = fn(t.new_empty(0)).device  # what fn would do, for the device only
-                if isinstance(t, nn.Parameter):
-                    t.data = t.data.to(device)
-                else:
+                if not isinstance(t, nn.Parameter):
                     tensors[name] = t.to(device)
+                    continue
+                moved = t.data.to(device)
+                if torch._has_compatible_shallow_copy_type(t, moved):
+                    t.data = moved  # the same Parameter object, so an optimizer holding it stays valid
+                else:  # e.g. to or from "meta": a new Parameter, as nn.Module._apply does
+                    tensors[name] = nn.Parameter(moved, requires_grad=t.requires_grad)
         return self
 
 
