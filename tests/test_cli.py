@@ -2,8 +2,11 @@
 under a temporary directory, and every kind of bad input (exit status 2, one line on stderr, no traceback, no
 output file, input files untouched)."""
 import hashlib
+import importlib.util
 import json
 import os
+import pickle
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -64,9 +67,56 @@ def work(tmp_path_factory):
     (path / "truncated.safetensors").write_bytes(whole[: len(whole) // 2])
     whole = (path / "digits_state.pt").read_bytes()
     (path / "truncated.pt").write_bytes(whole[: len(whole) // 2])
-    (path / "mymodels.py").write_text("import torch\n\ndef not_a_model():\n    return 42\n\n"
-                                      "def broken():\n    raise RuntimeError('factory exploded')\n")
+    (path / "mymodels.py").write_text(MYMODELS)
+    with open(path / "plain.pkl", "wb") as f:  # a plain pickle (not a torch.save archive) of an input tensor
+        pickle.dump({"inputs": data.train_x[:8].clone()}, f)
+    _save_mlp(path / "mymodels.py", path / "mlp_model.pt")
+    _save_script_model(path / "script_model.pt")
     return path
+
+
+MYMODELS = """
+import torch.nn as nn
+
+def not_a_model():
+    return 42
+
+def broken():
+    raise RuntimeError('factory exploded')
+
+class NoQuant(nn.Module):
+    def forward(self, x):
+        return x.relu()
+
+class MLP(nn.Sequential):
+    def __init__(self):
+        super().__init__(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+"""
+
+
+def _save_mlp(module_path: Path, out: Path) -> None:
+    """torch.save(MLP()) of module_path's class, pickled (as a user's script would) under the module's name."""
+    spec = importlib.util.spec_from_file_location(module_path.stem, module_path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_path.stem] = module
+    try:
+        spec.loader.exec_module(module)
+        torch.save(module.MLP(), out)
+    finally:
+        del sys.modules[module_path.stem]
+
+
+def _save_script_model(out: Path) -> None:
+    """A model whose class was defined in the script that saved it: pickled as __main__.ScriptNet."""
+    class ScriptNet(torch.nn.Sequential):
+        pass
+    ScriptNet.__module__, ScriptNet.__qualname__ = "__main__", "ScriptNet"
+    main_module = sys.modules["__main__"]
+    main_module.ScriptNet = ScriptNet
+    try:
+        torch.save(ScriptNet(torch.nn.Linear(2, 2)), out)
+    finally:
+        del main_module.ScriptNet
 
 
 def digests(path: Path) -> dict:
@@ -254,7 +304,16 @@ ERROR_CASES = {
     "pickle without trust": (["convert", "digits_model.pt"], ["--trust-pickle"]),
     "python file as model": (["convert", "mymodels.py"], ["MODEL: mymodels.py is Python source", "mymodels:"]),
     "python file as calibration": (["convert", FACTORY, "--calib", "mymodels.py"] + GOOD,
-                                   ["--calib: cannot read mymodels.py"]),
+                                   ["--calib: mymodels.py is Python source"]),
+    "plain pickle as model": (["convert", "plain.pkl"], ["MODEL: cannot read plain.pkl", "a plain pickle"]),
+    "plain pickle as calibration": (["convert", FACTORY, "--calib", "plain.pkl"] + GOOD,
+                                    ["--calib: cannot read plain.pkl", "a plain pickle"]),
+    "plain pickle as weights": (["convert", FACTORY, "--weights", "plain.pkl"], ["--weights", "a plain pickle"]),
+    "pickled model of a class from a script": (["convert", "script_model.pt", "--trust-pickle"],
+                                               ["class ScriptNet was defined in the script", "module:factory"]),
+    "nothing to quantize, strict": (["convert", "mymodels:NoQuant", "--strict"],
+                                    ["nothing was quantized: MODEL has no nn.Linear or nn.Conv2d layer"]),
+    "no weights, strict": (["convert", "mymodels:MLP", "--strict"], ["no --weights", "random initialisation"]),
     "state dict as model": (["convert", "digits_state.pt"], ["holds weights", "--weights"]),
     "missing model file": (["convert", "nope.pt"], ["MODEL: no such file"]),
     "bits out of range": (["convert", FACTORY, "--bits", "9"] + GOOD, ["--bits", "[1, 8]"]),
@@ -401,3 +460,110 @@ def test_atomic_output_leaves_nothing_on_failure(tmp_path):
     with pytest.raises(UsageError, match="does not exist"):
         with atomic_output(str(tmp_path / "missing" / "x"), "-o"):
             pass
+
+
+# ------------------------------------------------------------------------------------------------------------
+# warnings, modules from the working directory, read-only and interrupted outputs
+
+def run_main(args, capsys):
+    status = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return status, captured.err.splitlines()
+
+
+@pytest.fixture
+def in_work(work, monkeypatch):
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    return work
+
+
+def test_nothing_quantized_is_one_warning(in_work, tmp_path, capsys):
+    out = tmp_path / "nq.safetensors"
+    status, err = run_main(["convert", "mymodels:NoQuant", "-o", out, "-q"], capsys)
+    assert status == 0 and out.exists()
+    assert err == [f"torchquant convert: warning: nothing was quantized: MODEL has no nn.Linear or nn.Conv2d "
+                   f"layer; {out} holds the float model"]
+    status, err = run_main(["convert", FACTORY, "--weights", "digits.safetensors", "--skip", "*", "-o", out, "-q"],
+                           capsys)
+    assert status == 0 and len(err) == 1 and "every Linear/Conv2d layer was kept float (--skip" in err[0]
+
+
+def test_factory_without_weights_warns(in_work, tmp_path, capsys):
+    out = tmp_path / "mlp.safetensors"
+    status, err = run_main(["convert", "mymodels:MLP", "-o", out, "-q"], capsys)
+    assert status == 0 and out.exists()
+    assert len(err) == 1 and err[0].startswith("torchquant convert: warning: no --weights: quantizing the weights "
+                                               "mymodels:MLP creates (its random initialisation")
+    status, err = run_main(["convert", FACTORY, "--weights", "digits.safetensors", "-o", out, "-q"], capsys)
+    assert status == 0 and err == []
+
+
+def test_pickled_model_finds_its_class_in_the_working_directory(work, tmp_path, in_work, capsys):
+    out = tmp_path / "mlp.safetensors"
+    status, err = run_main(["convert", "mlp_model.pt", "--trust-pickle", "-o", out, "-q"], capsys)
+    assert (status, err) == (0, [])
+    assert "mymodels" not in sys.modules or os.path.dirname(sys.modules["mymodels"].__file__) == str(work)
+    # the same as a user runs it: `python -m` no longer puts the directory on the path, the lookup does
+    out.unlink()
+    run_cli("convert", "mlp_model.pt", "--trust-pickle", "-o", out, "-q", cwd=work, check_rc=0)
+    assert out.exists()
+    # from elsewhere the module is missing, and the error says which and where it was looked for
+    result = run_cli("convert", work / "mlp_model.pt", "--trust-pickle", "-o", out, cwd=tmp_path)
+    assert_one_line_error(result, "mlp_model.pt is a pickled model whose class cannot be found",
+                          "no module named 'mymodels'", "current directory")
+
+
+def test_working_directory_never_shadows_a_package(work, tmp_path):
+    """A matplotlib.py beside the user's models is not imported in place of the package (the report imports
+    matplotlib for its plot); the user's own module there is still found."""
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / "mymodels.py").write_text(MYMODELS)
+    (folder / "matplotlib.py").write_text("open('SHADOWED', 'w').write('ran')\nraise SystemExit(3)\n")
+    run_cli("report", "mymodels:MLP", "--markdown", "r.md", "--quiet", "--threads", "1", cwd=folder, check_rc=0)
+    assert not (folder / "SHADOWED").exists()
+    assert (folder / "r.md").exists()
+
+
+def test_read_only_output_needs_force(in_work, tmp_path, capsys):
+    out = tmp_path / "out.safetensors"
+    out.write_bytes(b"previous")
+    out.chmod(0o444)
+    args = ["convert", FACTORY, "--weights", "digits.safetensors", "-o", out, "-q", "--threads", "1"]
+    status, err = run_main(args, capsys)
+    assert status == 2 and err == [f"torchquant convert: error: -o: {out} exists and is read-only; pass --force "
+                                   f"to replace it"]
+    assert out.read_bytes() == b"previous" and [p.name for p in tmp_path.iterdir()] == ["out.safetensors"]
+    assert_one_line_error(run_cli(*args, cwd=in_work), "read-only", "--force")
+    status, err = run_main(args + ["--force"], capsys)
+    assert (status, err) == (0, [])
+    assert len(quant_layers(torchquant.load(out, DigitsCNN()))) == 4
+    assert [p.name for p in tmp_path.iterdir()] == ["out.safetensors"]
+
+
+INTERRUPTED_CONVERT = """
+import os, signal, sys, time
+import torchquant.io
+from torchquant.cli import main
+def partial(tensors, path, metadata=None):  # the checkpoint is half written when the signal comes
+    open(path, "wb").write(b"partial")
+    os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+    time.sleep(30)
+torchquant.io.save_file = partial
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_interrupted_convert_leaves_no_file(work, tmp_path, sig):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    result = subprocess.run([sys.executable, "-c", INTERRUPTED_CONVERT, sig, "convert", FACTORY, "--weights",
+                             "digits.safetensors", "-o", str(tmp_path / "out.safetensors"), "-q", "--threads", "1"],
+                            cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert list(tmp_path.iterdir()) == [], result.stderr
+    if sig == "SIGTERM":
+        assert result.returncode == -signal.SIGTERM, result.stderr
+    else:
+        assert result.returncode == 130 and result.stderr == "torchquant convert: interrupted\n"

@@ -1,5 +1,8 @@
 import json
+import signal
 import struct
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -235,3 +238,153 @@ def test_failed_load_leaves_the_model_exactly_as_it_was(tmp_path, monkeypatch, s
     # the good checkpoint loads into the very same model: the failure above was the only obstacle
     expected = _snapshot(tq.load(tmp_path / "good.safetensors", _net(3)))[3]
     assert torch.equal(_snapshot(tq.load(tmp_path / "good.safetensors", model))[3], expected)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# every tensor is checked against the format of the layer that holds it: nothing is cast, nothing out of range
+
+def _small(bits=8, in_features=5):
+    """A converted int8-static two-layer model; its first layer has an odd K (a pad nibble at <= 4 bits)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(in_features, 6), nn.ReLU(), nn.Linear(6, 3))
+    config = QuantConfig(QuantSpec(bits=bits), QuantConfig.preset("int8-static").activation)
+    return tq.quantize_model(model, config, calibration=[torch.randn(4, in_features) for _ in range(2)])
+
+
+def _skeleton(in_features=5):
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(in_features, 6), nn.ReLU(), nn.Linear(6, 3))
+
+
+def _set(key, value, dtype=None):
+    def edit(tensors):
+        t = tensors[key].to(dtype) if dtype is not None else tensors[key].clone()
+        t.view(-1)[0] = value
+        tensors[key] = t
+    return edit
+
+
+TAMPERED = {
+    # name: (weight bits, edit, the tensor the message names, what else it says)
+    "qweight int32 300": (8, _set("0.qweight", 300, torch.int32), "0.qweight", "int32"),
+    "qweight uint8 200": (8, _set("0.qweight", 200, torch.uint8), "0.qweight", "uint8"),
+    "qweight bool": (8, lambda t: t.update({"0.qweight": t["0.qweight"] != 0}), "0.qweight", "bool"),
+    "qweight out of 6 bits": (6, _set("0.qweight", 40), "0.qweight", "[-32, 31] for 6-bit"),
+    "qweight out of 3 bits": (3, _set("0.qweight", 0x77), "0.qweight", "[-4, 3] for 3-bit"),
+    "qweight 1 bit zero": (1, _set("0.qweight", 0), "0.qweight", "-1 or +1"),
+    "qweight pad nibble": (4, lambda t: t["0.qweight"][:, -1].bitwise_or_(0x10), "0.qweight", "pad nibble"),
+    "qweight shape": (8, lambda t: t.update({"0.qweight": t["0.qweight"].t().contiguous()}), "0.qweight",
+                      "[5, 6], the model expects int8 [6, 5]"),
+    "scale zero": (8, _set("0.weight_scale", 0.0), "0.weight_scale", "finite and positive"),
+    "scale negative": (8, _set("2.weight_scale", -1.0), "2.weight_scale", "finite and positive"),
+    "scale nan": (8, _set("0.weight_scale", float("nan")), "0.weight_scale", "nan"),
+    "scale inf": (4, _set("0.weight_scale", float("inf")), "0.weight_scale", "inf"),
+    "scale subnormal": (8, _set("0.weight_scale", 1e-45), "0.weight_scale", "finite and positive"),
+    "scale float64": (8, _set("0.weight_scale", 0.1, torch.float64), "0.weight_scale", "float64"),
+    "bias bfloat16": (8, _set("0.bias", 0.5, torch.bfloat16), "0.bias", "bfloat16"),
+    "bias int": (8, _set("0.bias", 1, torch.int32), "0.bias", "int32"),
+    "input scale zero": (8, _set("0.input_quantizer.scale", 0.0), "0.input_quantizer.scale", "positive"),
+    "zero point out of uint8": (8, _set("0.input_quantizer.zero_point", 300), "0.input_quantizer.zero_point",
+                                "[0, 255]"),
+    "zero point int64": (8, _set("0.input_quantizer.zero_point", 3, torch.int64), "0.input_quantizer.zero_point",
+                         "int64"),
+    "observer lo above hi": (8, _set("0.input_quantizer.observer.lo", 1e9), "0.input_quantizer.observer.hi",
+                             "below"),
+    "observer nan": (8, _set("0.input_quantizer.observer.hi", float("nan")), "0.input_quantizer.observer.hi",
+                     "finite"),
+    "observer batches negative": (8, _set("0.input_quantizer.observer.batches", -1),
+                                  "0.input_quantizer.observer.batches", "[0,"),
+}
+
+
+def _small_state(model):
+    return ([(name, type(m)) for name, m in model.named_modules()],
+            [(k, v.dtype, v.tolist()) for k, v in model.state_dict().items()])
+
+
+@pytest.mark.parametrize("case", list(TAMPERED))
+def test_load_rejects_a_tampered_tensor_naming_it(tmp_path, case):
+    bits, edit, key, fragment = TAMPERED[case]
+    good = tmp_path / "good.safetensors"
+    tq.save(_small(bits), good)
+    bad = _rewrite(good, tmp_path / "bad.safetensors", tensors=edit)
+    for model in (_skeleton(), tq.load(good, _skeleton())):  # a float skeleton, and the converted model
+        before = _small_state(model)
+        with pytest.raises(ValueError) as info:
+            tq.load(bad, model)
+        message = str(info.value)
+        assert f"'{key}'" in message and fragment in message and "bad.safetensors" in message, message
+        assert _small_state(model) == before
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 6, 8])
+@pytest.mark.parametrize("in_features", [5, 8])
+def test_round_trip_every_bit_width(tmp_path, bits, in_features):
+    model = _small(bits, in_features)
+    tq.save(model, tmp_path / "m.safetensors")
+    loaded = tq.load(tmp_path / "m.safetensors", _skeleton(in_features))
+    x = torch.randn(3, in_features)
+    assert torch.equal(_outputs(loaded, x), _outputs(model, x))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# writing: atomic, no temporary file left by a failure or a signal, read-only files kept unless forced
+
+def test_save_refuses_a_read_only_file_unless_forced(tmp_path):
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(b"keep me")
+    path.chmod(0o444)
+    with pytest.raises(PermissionError, match="read-only; pass force=True"):
+        tq.save(_small(), path)
+    assert path.read_bytes() == b"keep me" and [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+    tq.save(_small(), path, force=True)
+    assert tq.load(path, _skeleton())[0].converted
+    tq.save(_small(), path)  # a writable file is replaced, as before
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        tq.save(_small(), tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        tq.save(_small(), tmp_path / "no" / "m.safetensors")
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+
+
+def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
+    def partial(tensors, path, metadata=None):
+        open(path, "wb").write(b"partial")
+        raise OSError("disk full")
+    monkeypatch.setattr("torchquant.io.save_file", partial)
+    with pytest.raises(OSError, match="disk full"):
+        tq.save(_small(), tmp_path / "m.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+# a save that signals its own process halfway through writing
+SIGNALLED_SAVE = """
+import os, signal, sys, time
+import torch.nn as nn
+import torchquant, torchquant.io
+def partial(tensors, path, metadata=None):
+    open(path, "wb").write(b"partial")
+    os.kill(os.getpid(), getattr(signal, sys.argv[2]))
+    time.sleep(30)
+torchquant.io.save_file = partial
+if sys.argv[3] == "handler":  # a handler of the user's that does not end the process: save raises instead
+    signal.signal(signal.SIGTERM, lambda *args: print("handler ran"))
+try:
+    torchquant.save(nn.Sequential(nn.Linear(2, 2)), os.path.join(sys.argv[1], "m.safetensors"))
+except InterruptedError as e:
+    print("InterruptedError:", e)
+"""
+
+
+@pytest.mark.parametrize("sig, handler", [("SIGTERM", "default"), ("SIGINT", "default"), ("SIGTERM", "handler")])
+def test_interrupted_save_leaves_nothing(tmp_path, sig, handler):
+    out = tmp_path / "out"
+    out.mkdir()
+    result = subprocess.run([sys.executable, "-c", SIGNALLED_SAVE, str(out), sig, handler], capture_output=True,
+                            text=True, timeout=120)
+    assert list(out.iterdir()) == [], result.stderr
+    if handler == "handler":
+        assert result.returncode == 0 and "handler ran" in result.stdout, result.stderr
+        assert "InterruptedError: interrupted by SIGTERM; nothing was written" in result.stdout
+    else:
+        assert result.returncode == -getattr(signal, sig), (result.returncode, result.stderr)

@@ -152,7 +152,7 @@ def _missing_class(exc: Exception) -> str:
     if found is None:
         return _one_line(exc)
     attr, module = found.groups()
-    if module == "__main__":
+    if module == "__main__" or module.endswith(".__main__"):  # (shown as package.__main__ under python -m)
         return (f"class {attr} was defined in the script that saved the model (__main__); move it into a module "
                 f"and save again, or give the model as module:factory with --weights")
     return f"module {module!r} has no {attr!r} (was the class renamed or moved?)"

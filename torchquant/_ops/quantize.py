@@ -261,7 +261,8 @@ def quantization_error(x: torch.Tensor, x_hat: torch.Tensor) -> Dict[str, float]
         raise ValueError(f"{fn}: x must not be empty")
     if x.is_complex() or x_hat.is_complex() or x.dtype == torch.bool or x_hat.dtype == torch.bool:
         raise TypeError(f"{fn}: x and x_hat must be real numeric tensors, got {x.dtype} and {x_hat.dtype}")
-    x64, diff = x.double(), x.double() - x_hat.double()
+    x64 = x.detach().double()  # a measurement: no autograd graph (and no warning about reading grad tensors)
+    diff = x64 - x_hat.detach().double()
     mse = float(diff.square().mean())
     signal = float(x64.square().mean())
     if mse == 0.0:
