@@ -55,6 +55,13 @@ def _load_safetensors(path: str, option: str) -> dict:
                          f"{_one_line(exc)}") from exc
 
 
+def _looks_like_zip(path: str) -> bool:
+    try:
+        return zipfile.is_zipfile(path)
+    except zipfile.BadZipFile:  # (e.g. a damaged directory claiming several disks): a zip archive, damaged
+        return True
+
+
 def _weights_only_load(path: str):
     """(content, None), or (None, why) when torch.load with weights_only=True (which never runs code from the
     file) fails: why is "objects" for a torch.save archive holding more than tensors and plain containers,
@@ -64,7 +71,7 @@ def _weights_only_load(path: str):
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True), None
     except Exception as exc:  # torch.load raises many types (UnpicklingError, RuntimeError, EOFError, ...)
-        if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; its directory is at the end
+        if not _looks_like_zip(path):  # torch.save writes a zip archive; its directory is at the end
             with open(path, "rb") as f:
                 plain_pickle = f.read(1) == b"\x80"  # the PROTO opcode that starts every pickle since protocol 2
             return None, "a plain pickle, not a torch.save archive" if plain_pickle else ""

@@ -202,7 +202,7 @@ def _parse_meta(path: str, text: str, tensor_names) -> dict:
         if not isinstance(entry, dict) or set(entry) - {"folded_bn"} != _ENTRY_KEYS:
             raise malformed(f"layer {name!r} must be an object with keys {sorted(_ENTRY_KEYS)}, got "
                             f"{sorted(entry) if isinstance(entry, dict) else _json_type(entry)}")
-        if entry["type"] not in _LAYER_TYPES:
+        if not isinstance(entry["type"], str) or entry["type"] not in _LAYER_TYPES:
             raise malformed(f"layer {name!r} has unknown type {entry['type']!r} (expected one of "
                             f"{sorted(_LAYER_TYPES)})")
         if not isinstance(entry.get("folded_bn", ""), str):
