@@ -97,9 +97,9 @@ def check_destination(path: str, where: str, *, force: bool = False, force_hint:
         raise FileNotFoundError(f"{where}: directory {directory} does not exist")
     if os.path.isdir(path):
         raise IsADirectoryError(f"{where}: {path} is a directory, expected a file name")
-    # the mode bits, not os.access: root may write anything, but a file without write permission is one its
-    # owner meant to keep
-    if not force and os.path.isfile(path) and not os.stat(path).st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH):
+    # as cp: a file we may not write; and one nobody may write, though root may write anything
+    if not force and os.path.isfile(path) and (not os.access(path, os.W_OK) or
+                                               not os.stat(path).st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)):
         raise PermissionError(f"{where}: {path} exists and is read-only; pass {force_hint} to replace it")
     if not os.access(directory, os.W_OK | os.X_OK):
         raise PermissionError(f"{where}: cannot create files in {directory} (permission denied)")
