@@ -212,15 +212,15 @@ FAILURES = ["other shape", "bad value", "layout", "missing tensor", "fails loadi
             "fails loading in place"]
 
 
-@pytest.mark.parametrize("failure", FAILURES)
-@pytest.mark.parametrize("state, kind", LOADS)
+@pytest.mark.parametrize("state, kind, failure", [
+    (state, kind, failure) for state, kind in LOADS for failure in FAILURES
+    # (fake-quant into fake-quant loads in place: no layer is built)
+    if not (failure == "fails loading a built layer" and state == kind and "converted" not in state)])
 def test_failed_load_leaves_the_model_exactly_as_it_was(tmp_path, monkeypatch, state, kind, failure):
     model = STATES[state](_net(0))
     path = _bad_checkpoint(failure, kind, tmp_path)
     before = _snapshot(model)
     if failure.startswith("fails loading"):
-        if failure == "fails loading a built layer" and state == kind and "converted" not in state:
-            pytest.skip("fake-quant into fake-quant builds no layer")
         real = nn.Module.load_state_dict
 
         def failing(self, *args, **kwargs):
