@@ -388,3 +388,29 @@ def test_interrupted_save_leaves_nothing(tmp_path, sig, handler):
         assert "InterruptedError: interrupted by SIGTERM; nothing was written" in result.stdout
     else:
         assert result.returncode == -getattr(signal, sig), (result.returncode, result.stderr)
+
+
+def test_failed_load_of_a_folded_batchnorm_leaves_the_skeleton_as_it_was(tmp_path):
+    def skeleton(seed):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(16, 2))
+    model = skeleton(0).eval()
+    model[1].running_mean.uniform_(-1, 1)
+    tq.save(tq.quantize_model(model, "int8-dynamic"), tmp_path / "good.safetensors")
+    with safe_open(str(tmp_path / "good.safetensors"), framework="pt") as f:
+        assert '"folded_bn": "1"' in f.metadata()["torchquant"]
+    for edit in (lambda t: t["0.weight_scale"].fill_(float("nan")), lambda t: t.pop("4.bias")):
+        _rewrite(tmp_path / "good.safetensors", tmp_path / "bad.safetensors", tensors=edit)
+        target = skeleton(1)
+        before = _snapshot_folded(target)
+        with pytest.raises(ValueError, match="bad.safetensors"):
+            tq.load(tmp_path / "bad.safetensors", target)
+        assert _snapshot_folded(target) == before and type(target[1]) is nn.BatchNorm2d
+    loaded = tq.load(tmp_path / "good.safetensors", skeleton(1))
+    x = torch.randn(2, 3, 4, 4)
+    assert type(loaded[1]) is nn.Identity and torch.equal(_outputs(loaded, x), _outputs(model, x))
+
+
+def _snapshot_folded(model):
+    return [(n, id(m), type(m)) for n, m in model.named_modules()], \
+        [(k, v.tolist()) for k, v in model.state_dict().items()]
