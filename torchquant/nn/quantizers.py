@@ -184,7 +184,10 @@ class InputQuantizer(Float32StateModule):
             return fake_quantize_spec(x, scale, 0, spec, None)
         if self.training or self.calibrating:
             self._observe(x)
-        if not self.observer.has_data:
+        # torch.export traces the observer's count as an unknown symbol: an exported quantizer is taken as
+        # calibrated (export_onnx checks that it is)
+        exporting = hasattr(torch.compiler, "is_exporting") and torch.compiler.is_exporting()
+        if not exporting and not self.observer.has_data:
             return x
         if spec.learn_scale:
             return _LSQFakeQuantize.apply(x, self.scale, self.zero_point, spec, None)

@@ -1,0 +1,426 @@
+"""export_onnx: the exported graph run by onnxruntime (CPU) gives torchquant's integers at every quantized layer's
+input and its outputs within float rounding; bad input fails with one clear error and no file.
+
+Skips visibly without onnx, onnxscript or onnxruntime (pip install 'torchquant[onnx]')."""
+import copy
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+import torchquant
+from torchquant import functional as F_q
+from torchquant.config import QuantConfig, QuantSpec
+from torchquant.examples import DigitsCNN
+
+onnx = pytest.importorskip("onnx", reason="onnx not installed (pip install 'torchquant[onnx]')")
+pytest.importorskip("onnxscript", reason="onnxscript not installed (pip install 'torchquant[onnx]')")
+ort = pytest.importorskip("onnxruntime", reason="onnxruntime not installed (pip install 'torchquant[onnx]')")
+
+from torchquant.export import ExportError, _onnx_model, export_onnx  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def run_onnx(proto, inputs, extra_outputs=()):
+    """onnxruntime (CPU, one thread) outputs of `proto` on `inputs`, with the named inner tensors as extra outputs:
+    (graph outputs, {name: array})."""
+    proto = copy.deepcopy(proto)
+    known = {o.name for o in proto.graph.output}
+    for name in extra_outputs:
+        if name not in known:
+            proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    feeds = {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs)}
+    names = [o.name for o in session.get_outputs()]
+    values = dict(zip(names, session.run(names, feeds)))
+    n_outputs = len(proto.graph.output) - len([n for n in extra_outputs if n not in known])
+    return [values[n] for n in names[:n_outputs]], values
+
+
+def quantized_layers(model):
+    return {name: m for name, m in model.named_modules() if isinstance(m, (torchquant.nn.QuantLinear,
+                                                                         torchquant.nn.QuantConv2d))}
+
+
+def torchquant_integers(layer, x):
+    """The integers torchquant's quantizer of `layer` gives for input x (as int16, so int8 and uint8 compare)."""
+    quantizer = layer.input_quantizer
+    zero_point = 0 if quantizer.spec.dynamic else int(quantizer.zero_point.item())
+    return quantizer.quantize(x, zero_point)[0].to(torch.int16)
+
+
+def onnx_integers(layer, q):
+    q = torch.from_numpy(q).to(torch.int16)
+    if q.dtype == torch.int16 and layer.input_quantizer.spec.signed and layer.input_quantizer.spec.dynamic \
+            and isinstance(layer, torchquant.nn.QuantLinear):
+        q = q - 128  # MatMulInteger's uint8 form of the int8 values
+    return q
+
+
+def cosine(a, b):
+    return torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0).item()
+
+
+def check_export(model, inputs, *, static_atol=None):
+    """Exports model, runs it in onnxruntime and checks every quantized layer's integer input against torchquant's
+    quantizer on the same float input (0 mismatches) and the output against torchquant's. Returns the number of
+    integers compared."""
+    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+    proto, tensors = _onnx_model(model, inputs, None, True)
+    layers = quantized_layers(model)
+    extra = [name for pair in tensors.values() for name in pair if name is not None]
+    (output, *_), values = run_onnx(proto, inputs, extra)
+    compared = 0
+    for name, (x_name, q_name) in tensors.items():
+        layer = layers[name]
+        if q_name is None:
+            continue
+        x = torch.from_numpy(values[x_name])
+        expected = torchquant_integers(layer, x)
+        got = onnx_integers(layer, values[q_name])
+        assert got.shape == expected.shape, name
+        mismatches = int((got != expected).sum())
+        assert mismatches == 0, f"{name}: {mismatches} of {got.numel()} integers differ"
+        compared += got.numel()
+    with torch.no_grad():
+        expected = model(*inputs)
+    output = torch.from_numpy(output)
+    assert output.shape == expected.shape
+    assert cosine(output, expected) >= 0.9999
+    if static_atol is not None:
+        assert (output - expected).abs().max().item() <= static_atol
+    return compared
+
+
+class MLP(nn.Module):
+    def __init__(self, widths=(24, 40, 32, 48, 16, 40, 24, 10)):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths, widths[1:]))
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = torch.relu(x)
+        return x
+
+
+class ResidualBlock(nn.Module):
+    """conv-relu-conv plus the input, relu, then a pooled linear head: the residual add of a ResNet stage."""
+
+    def __init__(self, channels=8):
+        super().__init__()
+        self.stem = nn.Conv2d(3, channels, 3, padding=1)
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.down = nn.Conv2d(channels, 2 * channels, 1, stride=2)
+        self.head = nn.Linear(2 * channels, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        y = self.conv2(torch.relu(self.conv1(x)))
+        x = torch.relu(x + y)
+        x = self.down(x)
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def layer_configs(activation_kind: str):
+    """One config per layer: weight and activation bits 2-8, both roundings, per-tensor and per-channel weights."""
+    configs = []
+    for i, bits in enumerate(range(2, 9)):
+        rounding = ("nearest", "truncate")[i % 2]
+        weight = QuantSpec(bits=bits, rounding=rounding, granularity=("per_channel", "per_tensor")[i % 2])
+        if activation_kind == "dynamic":
+            activation = QuantSpec(bits=bits, rounding=rounding, granularity="per_token", dynamic=True)
+        elif activation_kind == "dynamic_per_tensor":
+            activation = QuantSpec(bits=bits, rounding=rounding, granularity="per_tensor", dynamic=True)
+        elif activation_kind == "static_unsigned":
+            activation = QuantSpec(bits=bits, signed=False, symmetric=False, granularity="per_tensor",
+                                   rounding=rounding)
+        elif activation_kind == "static_signed":
+            activation = QuantSpec(bits=bits, granularity="per_tensor", rounding=rounding)
+        else:
+            activation = None
+        configs.append(QuantConfig(weight=weight, activation=activation))
+    return configs
+
+
+def mixed_mlp(activation_kind: str, seed=0):
+    torch.manual_seed(seed)
+    model = MLP().eval()
+    for layer, config in zip(list(model.layers), layer_configs(activation_kind)):
+        index = list(model.layers).index(layer)
+        model.layers[index] = torchquant.nn.QuantLinear.from_float(layer, config).eval()
+    return model
+
+
+def calibrated(model, batches):
+    return torchquant.calibrate(model, batches)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# exactness
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "dynamic_per_tensor", "static_unsigned", "static_signed", "weight_only"])
+@pytest.mark.parametrize("converted", [False, True], ids=["prepared", "converted"])
+def test_mlp_every_bit_width_and_rounding(kind, converted):
+    model = mixed_mlp(kind)
+    x = torch.randn(6, 5, 24) * 3
+    if kind.startswith("static"):
+        calibrated(model, [torch.randn(8, 5, 24) * 3 for _ in range(3)])
+    if converted:
+        torchquant.convert(model)
+    compared = check_export(model, x)
+    assert compared == (0 if kind == "weight_only" else 6 * 5 * sum(m.in_features for m in model.layers))
+
+
+@pytest.mark.parametrize("preset", ["int8-dynamic", "int8-static", "w4a8-dynamic"])
+@pytest.mark.parametrize("converted", [False, True], ids=["prepared", "converted"])
+def test_digits_cnn_presets(preset, converted):
+    torch.manual_seed(0)
+    model = torchquant.prepare(DigitsCNN().eval(), preset)
+    batches = [torch.rand(16, 1, 8, 8) for _ in range(3)]
+    if preset == "int8-static":
+        calibrated(model, batches)
+    if converted:
+        torchquant.convert(model)
+    assert check_export(model, torch.rand(7, 1, 8, 8)) > 0
+
+
+@pytest.mark.parametrize("preset", ["int8-dynamic", "int8-static", "w4a8-dynamic"])
+@pytest.mark.parametrize("rounding", ["nearest", "truncate"])
+def test_residual_block_presets(preset, rounding):
+    torch.manual_seed(0)
+    config = QuantConfig.preset(preset)
+    import dataclasses
+    config = dataclasses.replace(config, weight=dataclasses.replace(config.weight, rounding=rounding),
+                                 activation=dataclasses.replace(config.activation, rounding=rounding))
+    model = torchquant.prepare(ResidualBlock().eval(), config)
+    if preset == "int8-static":
+        calibrated(model, [torch.randn(4, 3, 12, 12) for _ in range(3)])
+    torchquant.convert(model)
+    assert check_export(model, torch.randn(3, 3, 12, 12)) > 0
+
+
+def test_first_layer_integers_equal_the_converted_models_own():
+    """The first layer sees the model's input: onnxruntime's integers there are the ones torchquant's converted
+    model computes itself. (Later layers see float outputs that may differ in the last bit: torchquant's CPU
+    epilogue acc * x_scale * w_scale + bias may be contracted into a fused multiply-add.)"""
+    model = torchquant.convert(mixed_mlp("dynamic"))
+    x = torch.randn(9, 24) * 2
+    first = model.layers[0]
+    captured = []
+    hook = first.register_forward_pre_hook(lambda m, args: captured.append(torchquant_integers(m, args[0])))
+    with torch.no_grad():
+        model(x)
+    hook.remove()
+    proto, tensors = _onnx_model(model, x, None, True)
+    _, values = run_onnx(proto, (x,), [tensors["layers.0"][1]])
+    assert torch.equal(onnx_integers(first, values[tensors["layers.0"][1]]), captured[0])
+
+
+TIE_SPECS = {
+    "static_unsigned": QuantSpec(bits=8, signed=False, symmetric=False, granularity="per_tensor"),
+    "static_signed": QuantSpec(bits=8, granularity="per_tensor"),
+    "static_truncate": QuantSpec(bits=8, signed=False, symmetric=False, granularity="per_tensor",
+                                 rounding="truncate"),
+    "dynamic": QuantSpec(bits=8, granularity="per_token", dynamic=True),
+    "dynamic_truncate": QuantSpec(bits=8, granularity="per_token", dynamic=True, rounding="truncate"),
+}
+
+
+@pytest.mark.parametrize("kind", list(TIE_SPECS))
+def test_ties_round_as_torchquant(kind):
+    """Inputs on the rounding midpoints (truncation: the integers) of x * (1 / scale), and where x / scale (what
+    a plain QuantizeLinear with the scale computes) rounds differently: the graph follows torchquant on each."""
+    torch.manual_seed(0)
+    spec = TIE_SPECS[kind]
+    config = QuantConfig(weight=QuantSpec(bits=8), activation=spec)
+    model = torchquant.prepare(nn.Sequential(nn.Linear(24, 8)).eval(), config)
+    absmax = torch.tensor(3.1)  # dynamic: one element of each row fixes the row's scale
+    if spec.dynamic:
+        scale = absmax / torch.tensor(127.0)
+    else:
+        calibrated(model, [torch.randn(16, 24) * 2 + 0.3])
+        scale = model[0].input_quantizer.scale.reshape(())
+    inv = 1.0 / scale
+    round_ = torch.round if spec.rounding == "nearest" else torch.trunc
+    targets = torch.arange(-126, 127, dtype=torch.float32) + (0.5 if spec.rounding == "nearest" else 0.0)
+    x = targets / inv
+    candidates = torch.cat([x] + [x := torch.nextafter(x, torch.tensor(d)) for d in (-1e9,) * 3] +
+                           [x := torch.nextafter(targets / inv, torch.tensor(1e9))] +
+                           [x := torch.nextafter(x, torch.tensor(1e9)) for _ in range(2)])
+    if spec.dynamic:
+        candidates = candidates[candidates.abs() < absmax]
+    on_edge = (candidates * inv) == round_(candidates * inv) + (0.5 if spec.rounding == "nearest" else 0.0) * \
+        torch.sign(candidates)
+    division_differs = round_(candidates * inv) != round_(candidates / scale)
+    assert on_edge.sum() >= 50 and division_differs.sum() >= 5, (int(on_edge.sum()), int(division_differs.sum()))
+    chosen = candidates[on_edge | division_differs]
+    rows = chosen[: chosen.numel() // 23 * 23].reshape(-1, 23)
+    rows = torch.cat([rows, absmax.expand(rows.shape[0], 1)], dim=1)
+    assert check_export(torchquant.convert(model), rows) == rows.numel()
+
+
+def test_static_output_within_float_rounding():
+    torch.manual_seed(1)
+    model = torchquant.prepare(MLP().eval(), "int8-static")
+    calibrated(model, [torch.randn(8, 24) for _ in range(3)])
+    torchquant.convert(model)
+    check_export(model, torch.randn(5, 24), static_atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the file and the encoding
+
+
+def test_file_is_standard_qdq_and_model_unchanged(tmp_path):
+    torch.manual_seed(0)
+    model = torchquant.prepare(DigitsCNN().eval(), "int8-static")
+    calibrated(model, [torch.rand(8, 1, 8, 8)])
+    torchquant.convert(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    path = tmp_path / "digits.onnx"
+    assert export_onnx(model, torch.rand(2, 1, 8, 8), path) == str(path)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    assert [type(m).__name__ for m in model.modules()].count("QuantConv2d") == 2
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto, full_check=True)
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("QuantizeLinear") == 4 and ops.count("Conv") == 2 and ops.count("MatMul") == 2
+    weights = {i.name: i for i in proto.graph.initializer}
+    dq_weights = [n for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in weights]
+    assert len(dq_weights) == 4
+    assert all(weights[n.input[0]].data_type == onnx.TensorProto.INT8 for n in dq_weights)
+    assert all(any(a.name == "axis" for a in n.attribute) for n in dq_weights)  # per channel
+    assert not [f for f in os.listdir(tmp_path) if f != "digits.onnx"]
+    # dynamic batch: another batch size runs
+    outputs, _ = run_onnx(proto, (torch.rand(5, 1, 8, 8),))
+    assert outputs[0].shape == (5, 10)
+
+
+@pytest.mark.parametrize("opset, storage", [(21, onnx.TensorProto.INT4), (18, onnx.TensorProto.INT8)])
+def test_four_bit_weights_storage(opset, storage):
+    torch.manual_seed(0)
+    model = torchquant.quantize_model(MLP().eval(), "w4a8-dynamic")
+    x = torch.randn(4, 24)
+    proto, _ = _onnx_model(model, x, opset, True)
+    kinds = {i.data_type for i in proto.graph.initializer if len(i.dims) == 2}
+    assert storage in kinds and ({onnx.TensorProto.INT4, onnx.TensorProto.INT8} - {storage}).isdisjoint(kinds)
+    (output, *_), _ = run_onnx(proto, (x,))
+    with torch.no_grad():
+        assert cosine(torch.from_numpy(output), model(x)) >= 0.9999
+
+
+def test_multiple_inputs_and_fixed_batch(tmp_path):
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(6, 4)
+            self.b = nn.Linear(3, 4)
+
+        def forward(self, x, y):
+            return self.a(x) + self.b(y)
+
+    model = torchquant.quantize_model(TwoInputs().eval(), "int8-dynamic")
+    inputs = (torch.randn(1, 6), torch.randn(1, 3))
+    proto, _ = _onnx_model(model, inputs, None, False)
+    assert [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim] == [1, 6]
+    (output, *_), _ = run_onnx(proto, inputs)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(output), model(*inputs), rtol=1e-5, atol=1e-5)
+
+
+def test_torch_export_of_prepared_and_converted_models():
+    torch.manual_seed(0)
+    model = torchquant.prepare(DigitsCNN().eval(), "int8-static")
+    calibrated(model, [torch.rand(8, 1, 8, 8)])
+    x = torch.rand(3, 1, 8, 8)
+    for stage in ("prepared", "converted"):
+        if stage == "converted":
+            torchquant.convert(model)
+        program = torch.export.export(model, (x,))
+        targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+        assert any(t.startswith("torchquant.") for t in targets), stage
+        with torch.no_grad():
+            torch.testing.assert_close(program.module()(x), model(x))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bad input: one clear error each, no file left
+
+
+def assert_no_file(tmp_path):
+    assert os.listdir(tmp_path) == []
+
+
+def test_float_model_says_quantize_first(tmp_path):
+    with pytest.raises(ExportError, match="no quantized layers: quantize it first"):
+        export_onnx(DigitsCNN().eval(), torch.rand(2, 1, 8, 8), tmp_path / "m.onnx")
+    assert_no_file(tmp_path)
+
+
+def test_uncalibrated_static_layer(tmp_path):
+    model = torchquant.prepare(DigitsCNN().eval(), "int8-static")
+    with pytest.raises(ExportError, match=r"module 'conv1' \(QuantConv2d\).*never calibrated"):
+        export_onnx(model, torch.rand(2, 1, 8, 8), tmp_path / "m.onnx")
+    assert_no_file(tmp_path)
+
+
+def test_unsupported_module(tmp_path):
+    class QuantizedActivation(nn.Module):
+        def forward(self, x):
+            return F_q.fake_quantize(x, 0.1)
+
+    model = nn.Sequential(nn.Linear(4, 4), QuantizedActivation())
+    torchquant.quantize_model(model, "int8-dynamic")
+    with pytest.raises(ExportError, match=r"module '1' \(QuantizedActivation\) calls torchquant::fake_quantize, "
+                                          r"which has no ONNX mapping"):
+        export_onnx(model, torch.randn(2, 4), tmp_path / "m.onnx")
+    assert_no_file(tmp_path)
+
+
+def test_missing_directory(tmp_path):
+    model = torchquant.quantize_model(MLP().eval(), "int8-dynamic")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        export_onnx(model, torch.randn(2, 24), tmp_path / "missing" / "m.onnx")
+    assert_no_file(tmp_path)
+
+
+def test_untraceable_forward(tmp_path):
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow
+                return self.fc(x)
+            return -self.fc(x)
+
+    model = torchquant.quantize_model(Branchy().eval(), "int8-dynamic")
+    with pytest.raises(ExportError, match="cannot be traced by torch.export"):
+        export_onnx(model, torch.randn(2, 4), tmp_path / "m.onnx")
+    assert_no_file(tmp_path)
+
+
+def test_bad_arguments(tmp_path):
+    model = torchquant.quantize_model(MLP().eval(), "int8-dynamic")
+    with pytest.raises(TypeError, match="example_inputs"):
+        export_onnx(model, [torch.randn(2, 24)], tmp_path / "m.onnx")
+    with pytest.raises(ValueError, match="opset must be in"):
+        export_onnx(model, torch.randn(2, 24), tmp_path / "m.onnx", opset=11)
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        export_onnx("model", torch.randn(2, 24), tmp_path / "m.onnx")
+    assert_no_file(tmp_path)

@@ -1,0 +1,516 @@
+"""ONNX export of prepared (fake-quant) and converted models as a standard QuantizeLinear/DequantizeLinear graph.
+
+How: a copy of the model has each QuantLinear/QuantConv2d replaced by a placeholder op; torch.onnx's exporter
+(torch.export underneath) turns everything else into ONNX and each placeholder into one node of a private domain;
+those nodes are then replaced by the layer's quantized subgraph, written here with the `onnx` helpers from the
+layer's own integer weights and qparams.
+
+The subgraphs give the integers torchquant gives, ties included. torchquant quantizes with q = clamp(rne(x *
+(1 / scale)) + zero_point) where 1 / scale is a float32; ONNX QuantizeLinear divides by its scale, and x / scale
+and x * (1 / scale) round differently now and then. So the graph multiplies by the float32 reciprocal torchquant
+uses and hands the product to QuantizeLinear with scale 1 (an exact division), which rounds half to even, adds the
+zero point and saturates; DequantizeLinear then carries the real scale.
+
+- static activations (per tensor): Mul(1 / scale) [-> truncation] [-> Clip to a < 8-bit range] ->
+  QuantizeLinear(1, zero_point) -> DequantizeLinear(scale, zero_point) in front of the MatMul / Conv, whose int8
+  weight initializer has its own DequantizeLinear (per channel: axis set);
+- dynamic activations: the scale absmax / qmax of each row (Linear, per token) or of the tensor (Conv) is computed
+  in the graph (Abs, ReduceMax, Div, Max with the smallest normal float32); a Linear then runs MatMulInteger on
+  uint8 activations (the int8 values plus 128, zero point 128) and int8 weights, and scales the exact int32 sums as
+  torchquant's kernel does: acc * x_scale * w_scale + bias; a Conv dequantizes and runs a float Conv;
+- rounding="truncate": Sign(v) * Floor(Abs(v)) (exact) before QuantizeLinear;
+- signed 1-bit (sign binarization): Where(x >= 0, 1, -1);
+- weights of 4 bits or fewer: INT4 initializers (opset 21 and later; DequantizeLinear reads them, or a Cast to int8
+  feeds MatMulInteger), int8 initializers at lower opsets.
+
+NaN and infinite inputs are not carried over: torchquant maps NaN to the zero point and leaves infinities out of
+dynamic ranges; the exported graph does neither.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import re
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from torchquant._ops.quantize import qrange
+from torchquant.nn.base import QuantLayerBase, unpack_int4
+from torchquant.nn.conv import QuantConv2d
+from torchquant.nn.linear import QuantLinear
+
+__all__ = ["export_onnx", "ExportError"]
+
+DEFAULT_OPSET = 21
+MIN_OPSET = 18  # torch.onnx's exporter writes opset 18 and converts up from there
+_INT4_OPSET = 21
+_DOMAIN = "torchquant.export"
+_TINY = torch.finfo(torch.float32).tiny
+
+
+class ExportError(RuntimeError):
+    """The model cannot be exported: the message names the module and the reason."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What one quantized layer computes, read from the layer (prepared or converted)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Activation:
+    bits: int
+    signed: bool
+    rounding: str
+    dynamic: bool
+    per_token: bool
+    scale: Optional[float] = None  # static only: float32 values
+    inv_scale: Optional[float] = None
+    zero_point: int = 0
+
+
+@dataclass
+class _Layer:
+    name: str
+    module: QuantLayerBase
+    weight: torch.Tensor  # int8, the float weight's shape
+    weight_scale: torch.Tensor  # float32 [out]
+    per_channel: bool
+    weight_bits: int
+    bias: Optional[torch.Tensor]
+    activation: Optional[_Activation]
+
+
+def _layer_state(name: str, layer: QuantLayerBase) -> _Layer:
+    """The integer weight, scales and input quantization of `layer` as its converted forward uses them."""
+    what = f"module {name!r} ({type(layer).__name__})"
+    if type(layer) not in (QuantLinear, QuantConv2d):
+        raise ExportError(f"export_onnx: {what} is a torchquant layer type with no ONNX mapping "
+                          f"(QuantLinear and QuantConv2d are exported)")
+    spec = layer.config.weight
+    with torch.no_grad():
+        if layer.converted:
+            weight, scale = layer._weight_int8(), layer.weight_scale
+        else:
+            weight, scale = layer.weight_quantizer.quantize(layer.weight)
+    weight, scale = weight.detach().cpu(), scale.detach().cpu().float()
+    bias = None if layer.bias is None else layer.bias.detach().cpu().float()
+    quantizer = layer.input_quantizer
+    activation = None
+    if quantizer is not None:
+        a = quantizer.spec
+        activation = _Activation(a.bits, a.signed, a.rounding, a.dynamic, quantizer.per_token)
+        if not a.dynamic:
+            if not quantizer.ready:
+                raise ExportError(f"export_onnx: {what} quantizes its input statically but was never "
+                                  f"calibrated (no input range observed): run torchquant.calibrate first")
+            s = quantizer.scale.detach().cpu().float().reshape(1)
+            if not bool(torch.isfinite(s).all() and (s >= _TINY).all()):
+                raise ExportError(f"export_onnx: {what} has an input scale that is not positive and finite: "
+                                  f"{s.tolist()}")
+            activation.scale = float(s[0])
+            activation.inv_scale = float((1.0 / s)[0])  # in float32, as the kernels compute it
+            activation.zero_point = int(quantizer.zero_point.reshape(-1)[0])
+    return _Layer(name, layer, weight, scale, spec.granularity == "per_channel", spec.bits, bias, activation)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Placeholders: what the exporter sees in place of each quantized layer
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("torchquant_export::linear", mutates_args=())
+def _linear_placeholder(x: torch.Tensor, out_features: int, index: int) -> torch.Tensor:
+    """Stands for quantized layer `index` during export only (its value is never used): shape and dtype only."""
+    return x.new_zeros((*x.shape[:-1], out_features))
+
+
+@_linear_placeholder.register_fake
+def _(x, out_features, index):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def _conv_output_shape(x, out_channels, kernel_size, stride, padding, dilation):
+    spatial = [(size + 2 * p - d * (k - 1) - 1) // s + 1
+               for size, k, s, p, d in zip(x.shape[2:], kernel_size, stride, padding, dilation)]
+    return (x.shape[0], out_channels, *spatial)
+
+
+@torch.library.custom_op("torchquant_export::conv2d", mutates_args=())
+def _conv2d_placeholder(x: torch.Tensor, out_channels: int, kernel_size: Sequence[int], stride: Sequence[int],
+                        padding: Sequence[int], dilation: Sequence[int], index: int) -> torch.Tensor:
+    """Stands for quantized layer `index` during export only (its value is never used): shape and dtype only."""
+    return x.new_zeros(_conv_output_shape(x, out_channels, kernel_size, stride, padding, dilation))
+
+
+@_conv2d_placeholder.register_fake
+def _(x, out_channels, kernel_size, stride, padding, dilation, index):
+    return x.new_empty(_conv_output_shape(x, out_channels, kernel_size, stride, padding, dilation))
+
+
+class _Placeholder(nn.Module):
+    def __init__(self, layer: QuantLayerBase, index: int):
+        super().__init__()
+        self.layer_type = type(layer)
+        self.index = index
+        if isinstance(layer, QuantLinear):
+            self.args = (layer.out_features,)
+        else:
+            self.args = (layer.out_channels, list(layer.kernel_size), list(layer.stride), list(layer.padding),
+                         list(layer.dilation))
+
+    def forward(self, x):
+        if self.layer_type is QuantLinear:
+            return torch.ops.torchquant_export.linear(x, *self.args, self.index)
+        return torch.ops.torchquant_export.conv2d(x, *self.args, self.index)
+
+
+def _translations():
+    import onnx
+    import onnxscript
+    if not onnx.defs.has("QuantLayer", _DOMAIN):  # onnxscript builds nodes only for ops with a schema
+        onnx.defs.register_schema(onnx.defs.OpSchema(
+            "QuantLayer", _DOMAIN, 1, inputs=[onnx.defs.OpSchema.FormalParameter("x", "T")],
+            outputs=[onnx.defs.OpSchema.FormalParameter("y", "T")],
+            type_constraints=[("T", ["tensor(float)"], "float32")],
+            attributes=[onnx.defs.OpSchema.Attribute("index", onnx.defs.OpSchema.AttrType.INT, "layer number")]))
+    domain = onnxscript.values.Opset(_DOMAIN, 1)
+
+    def linear(x, out_features: int, index: int):
+        return domain.QuantLayer(x, index=index)
+
+    def conv2d(x, out_channels: int, kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+               dilation: Sequence[int], index: int):
+        return domain.QuantLayer(x, index=index)
+
+    return {torch.ops.torchquant_export.linear.default: linear,
+            torch.ops.torchquant_export.conv2d.default: conv2d}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The ONNX subgraph of one layer
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class _GraphBuilder:
+    """Appends nodes and initializers for one layer; names are prefixed with the layer's name."""
+
+    def __init__(self, prefix: str, opset: int):
+        import onnx
+        self.onnx = onnx
+        self.prefix = prefix
+        self.opset = opset
+        self.nodes = []
+        self.initializers = []
+        self._count = 0
+
+    def name(self, what: str) -> str:
+        self._count += 1
+        return f"{self.prefix}/{what}_{self._count}"
+
+    def const(self, what: str, array) -> str:
+        import numpy as np
+        name = self.name(what)
+        self.initializers.append(self.onnx.numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def const_int4(self, what: str, values: torch.Tensor) -> str:
+        name = self.name(what)
+        self.initializers.append(self.onnx.helper.make_tensor(
+            name, self.onnx.TensorProto.INT4, list(values.shape), values.flatten().tolist()))
+        return name
+
+    def op(self, op_type: str, *inputs: str, output: Optional[str] = None, **attrs) -> str:
+        output = output or self.name(op_type)
+        self.nodes.append(self.onnx.helper.make_node(op_type, list(inputs), [output], name=self.name(op_type + "_node"),
+                                                     **attrs))
+        return output
+
+
+def _f32(value: float):
+    import numpy as np
+    return np.array(value, dtype=np.float32)
+
+
+def _weight(b: _GraphBuilder, layer: _Layer, weight: torch.Tensor, int8_only: bool) -> str:
+    """The integer weight initializer: INT4 for <= 4 bits where the opset has it (Cast to int8 when int8 is
+    needed), else int8."""
+    if layer.weight_bits <= 4 and b.opset >= _INT4_OPSET:
+        name = b.const_int4("weight_int4", weight)
+        if int8_only:
+            return b.op("Cast", name, to=b.onnx.TensorProto.INT8)
+        return name
+    return b.const("weight_int8", weight.numpy())
+
+
+def _dequantized_weight(b: _GraphBuilder, layer: _Layer, weight: torch.Tensor, axis: int) -> str:
+    q = _weight(b, layer, weight, int8_only=False)
+    if layer.per_channel:
+        return b.op("DequantizeLinear", q, b.const("weight_scale", layer.weight_scale.numpy()), axis=axis)
+    return b.op("DequantizeLinear", q, b.const("weight_scale", _f32(layer.weight_scale[0])))
+
+
+def _truncated(b: _GraphBuilder, v: str) -> str:
+    return b.op("Mul", b.op("Sign", v), b.op("Floor", b.op("Abs", v)))
+
+
+def _quantized(b: _GraphBuilder, x: str, inv_scale: str, act: _Activation, zero_point: str, q_name: str) -> str:
+    """The integers clamp(round(x * inv_scale) + zero_point, qmin, qmax) in zero_point's type."""
+    import numpy as np
+    if act.bits == 1 and act.signed:  # sign binarization
+        return b.op("Where", b.op("GreaterOrEqual", x, b.const("zero", _f32(0.0))),
+                    b.const("plus_one", np.array(1, np.int8)), b.const("minus_one", np.array(-1, np.int8)),
+                    output=q_name)
+    v = b.op("Mul", x, inv_scale)
+    if act.rounding == "truncate":
+        v = _truncated(b, v)
+    qmin, qmax = qrange(act.bits, act.signed)
+    if act.bits < 8 and not act.dynamic:  # a dynamic symmetric range never leaves [-qmax, qmax]
+        v = b.op("Clip", v, b.const("qmin", _f32(qmin - act.zero_point)), b.const("qmax", _f32(qmax - act.zero_point)))
+    return b.op("QuantizeLinear", v, b.const("one", _f32(1.0)), zero_point, output=q_name)
+
+
+def _dynamic_scale(b: _GraphBuilder, x: str, act: _Activation, per_row: bool) -> str:
+    """absmax / qmax of each row (keeping the reduced dim) or of the whole tensor (a scalar), at least the
+    smallest normal float32."""
+    import numpy as np
+    qmax = qrange(act.bits, act.signed)[1]
+    absolute = b.op("Abs", x)
+    if per_row:
+        absmax = b.op("ReduceMax", absolute, b.const("last_axis", np.array([-1], np.int64)), keepdims=1)
+    else:
+        absmax = b.op("ReduceMax", absolute, keepdims=0)
+    return b.op("Max", b.op("Div", absmax, b.const("qmax", _f32(qmax))), b.const("tiny", _f32(_TINY)))
+
+
+def _reciprocal(b: _GraphBuilder, scale: str) -> str:
+    """The float32 1 / scale, as 2 / (scale + scale) (the same number): onnxruntime rewrites Mul(y, Div(1, s))
+    into Div(y, s), which rounds differently."""
+    return b.op("Div", b.const("two", _f32(2.0)), b.op("Add", scale, scale))
+
+
+def _quantized_input(b: _GraphBuilder, x: str, act: _Activation, q_name: str) -> str:
+    """x dequantized from the integers torchquant computes (QDQ), for the float MatMul / Conv."""
+    import numpy as np
+    zp_type = np.int8 if act.signed else np.uint8
+    if act.dynamic:
+        scale = _dynamic_scale(b, x, act, per_row=False)
+        inv = _reciprocal(b, scale)
+        zero_point = b.const("zero_point", np.array(0, zp_type))
+    else:
+        scale = b.const("scale", _f32(act.scale))
+        inv = b.const("inv_scale", _f32(act.inv_scale))
+        zero_point = b.const("zero_point", np.array(act.zero_point, zp_type))
+    q = _quantized(b, x, inv, act, zero_point, q_name)
+    return b.op("DequantizeLinear", q, scale, zero_point)
+
+
+def _linear_integer(b: _GraphBuilder, layer: _Layer, x: str, y: str, q_name: str) -> None:
+    """Dynamic Linear: MatMulInteger on the exact integers, then acc * x_scale * w_scale + bias."""
+    import numpy as np
+    act = layer.activation
+    scale = _dynamic_scale(b, x, act, per_row=layer.module.input_quantizer.per_token)
+    inv = _reciprocal(b, scale)
+    offset = b.const("zero_point_128", np.array(128, np.uint8))  # int8 + 128 as uint8: MLAS's fast u8 x s8 GEMM
+    act_u8 = _Activation(act.bits, False, act.rounding, True, act.per_token, zero_point=128)
+    if act.bits == 1:  # sign binarization, as int8, moved to uint8
+        q = _quantized(b, x, inv, act, None, b.name("sign"))
+        q = b.op("Cast", b.op("Add", b.op("Cast", q, to=b.onnx.TensorProto.INT16),
+                              b.const("offset", np.array(128, np.int16))), to=b.onnx.TensorProto.UINT8, output=q_name)
+    else:
+        q = _quantized(b, x, inv, act_u8, offset, q_name)
+    weight = _weight(b, layer, layer.weight.t().contiguous(), int8_only=True)
+    acc = b.op("MatMulInteger", q, weight, offset)
+    out = b.op("Mul", b.op("Mul", b.op("Cast", acc, to=b.onnx.TensorProto.FLOAT), scale),
+               b.const("weight_scale", layer.weight_scale.numpy() if layer.per_channel else _f32(layer.weight_scale[0])),
+               output=None if layer.bias is not None else y)
+    if layer.bias is not None:
+        b.op("Add", out, b.const("bias", layer.bias.numpy()), output=y)
+
+
+def _layer_nodes(b: _GraphBuilder, layer: _Layer, x: str, y: str, q_name: str) -> None:
+    act = layer.activation
+    if isinstance(layer.module, QuantLinear):
+        if act is not None and act.dynamic:
+            _linear_integer(b, layer, x, y, q_name)
+            return
+        x_in = x if act is None else _quantized_input(b, x, act, q_name)
+        w = _dequantized_weight(b, layer, layer.weight.t().contiguous(), axis=1)
+        out = b.op("MatMul", x_in, w, output=None if layer.bias is not None else y)
+        if layer.bias is not None:
+            b.op("Add", out, b.const("bias", layer.bias.numpy()), output=y)
+        return
+    conv = layer.module
+    x_in = x if act is None else _quantized_input(b, x, act, q_name)
+    w = _dequantized_weight(b, layer, layer.weight, axis=0)
+    inputs = [x_in, w] + ([b.const("bias", layer.bias.numpy())] if layer.bias is not None else [])
+    ph, pw = conv.padding
+    b.op("Conv", *inputs, output=y, kernel_shape=list(conv.kernel_size), strides=list(conv.stride),
+         pads=[ph, pw, ph, pw], dilations=list(conv.dilation), group=conv.groups)
+
+
+def input_q_name(layer_name: str) -> str:
+    """The graph tensor holding the integer input of a quantized layer: int8/uint8 as torchquant quantizes it, or
+    (dynamic Linear layers) uint8 holding the int8 values plus 128."""
+    return f"{layer_name}::input_q"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Export
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _check_opset(opset) -> int:
+    import onnx
+    highest = onnx.defs.onnx_opset_version()
+    if opset is None:
+        return min(DEFAULT_OPSET, highest)
+    if isinstance(opset, bool) or not isinstance(opset, int):
+        raise TypeError(f"export_onnx: opset must be an int or None, got {type(opset).__name__}")
+    if not MIN_OPSET <= opset <= highest:
+        raise ValueError(f"export_onnx: opset must be in [{MIN_OPSET}, {highest}], got {opset}")
+    return opset
+
+
+def _check_inputs(example_inputs) -> Tuple[torch.Tensor, ...]:
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
+    if not isinstance(inputs, tuple) or not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
+        raise TypeError(f"export_onnx: example_inputs must be a tensor or a non-empty tuple of tensors, got "
+                        f"{type(example_inputs).__name__}")
+    return tuple(t.detach().cpu().float() if t.is_floating_point() else t.detach().cpu() for t in inputs)
+
+
+def _check_path(path) -> str:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"export_onnx: path must be a str or os.PathLike, got {type(path).__name__}")
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"export_onnx: path: directory {directory} does not exist")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"export_onnx: path: {path} is a directory, expected a file name")
+    return path
+
+
+def _module_of(node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return "the model's forward"
+    path, module_type = list(stack.values())[-1]
+    type_name = getattr(module_type, "__name__", str(module_type).rsplit(".", 1)[-1].strip("'>"))
+    return f"module {path or '(root)'!r} ({type_name})"
+
+
+def _traced(model: nn.Module, inputs: Tuple[torch.Tensor, ...], dynamic_batch: bool):
+    """torch.export of the placeholder model; untraceable forwards and torchquant ops left outside the quantized
+    layers become ExportErrors."""
+    dynamic_shapes = None
+    if dynamic_batch:
+        batch = torch.export.Dim("batch")
+        dynamic_shapes = tuple({0: batch} if t.dim() > 0 else None for t in inputs)
+    try:
+        program = torch.export.export(model, inputs, dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception as exc:  # torch.export raises many types (UserError, GuardOnDataDependentSymNode, ...)
+        text = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise ExportError(f"export_onnx: the model's forward cannot be traced by torch.export "
+                          f"({type(exc).__name__}: {text}); data-dependent control flow and Python side effects "
+                          f"are not exportable") from exc
+    for node in program.graph.nodes:
+        target = node.target
+        if node.op == "call_function" and getattr(target, "namespace", None) == "torchquant":
+            raise ExportError(f"export_onnx: {_module_of(node)} calls {target.name()}, which has no ONNX mapping "
+                              f"(only QuantLinear and QuantConv2d layers are exported)")
+    return program
+
+
+def _onnx_model(model: nn.Module, example_inputs, opset: Optional[int], dynamic_batch: bool):
+    """(ModelProto, {layer name: (input tensor name, integer input tensor name)})."""
+    import onnx
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"export_onnx: model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(dynamic_batch, bool):
+        raise TypeError(f"export_onnx: dynamic_batch must be a bool, got {type(dynamic_batch).__name__}")
+    opset = _check_opset(opset)
+    inputs = _check_inputs(example_inputs)
+    names = [name for name, m in model.named_modules() if isinstance(m, QuantLayerBase)]
+    if not names:
+        raise ExportError(f"export_onnx: {type(model).__name__} has no quantized layers: quantize it first "
+                          f"(torchquant.prepare + calibrate, or torchquant.quantize_model)")
+    layers = [_layer_state(name, model.get_submodule(name)) for name in names]
+
+    copied = copy.deepcopy(model).cpu().float().eval()
+    if "" in names:
+        raise ExportError("export_onnx: the model is itself a single quantized layer; wrap it in a module")
+    for index, name in enumerate(names):
+        parent_name, _, child = name.rpartition(".")
+        parent = copied.get_submodule(parent_name) if parent_name else copied
+        setattr(parent, child, _Placeholder(parent.get_submodule(child), index))
+    if dynamic_batch:
+        # torch.export specializes a dimension of size 1: trace a batch of 2 (the batch is only a shape here)
+        inputs = tuple(torch.cat([t, t]) if t.dim() > 0 and t.shape[0] == 1 else t for t in inputs)
+    with torch.no_grad():
+        program = _traced(copied, inputs, dynamic_batch)
+        try:
+            onnx_program = torch.onnx.export(program, (), dynamo=True, opset_version=opset,
+                                             custom_translation_table=_translations(), verbose=False)
+        except Exception as exc:
+            text = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+            raise ExportError(f"export_onnx: torch.onnx could not convert the model ({type(exc).__name__}: "
+                              f"{text})") from exc
+    proto = onnx_program.model_proto
+
+    graph = proto.graph
+    nodes, tensors = [], {}
+    for node in graph.node:
+        if node.domain != _DOMAIN:
+            nodes.append(node)
+            continue
+        index = next(a.i for a in node.attribute if a.name == "index")
+        layer = layers[index]
+        prefix = re.sub(r"[^A-Za-z0-9_.]", "_", layer.name)
+        builder = _GraphBuilder(prefix, opset)
+        q_name = input_q_name(layer.name)
+        _layer_nodes(builder, layer, node.input[0], node.output[0], q_name)
+        nodes.extend(builder.nodes)
+        graph.initializer.extend(builder.initializers)
+        tensors[layer.name] = (node.input[0], q_name if layer.activation is not None else None)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    imports = [o for o in proto.opset_import if o.domain != _DOMAIN]
+    del proto.opset_import[:]
+    proto.opset_import.extend(imports)
+    missing = [name for name in names if name not in tensors]
+    if missing:  # the forward never called them: nothing to export for them, but say so
+        raise ExportError(f"export_onnx: module {missing[0]!r} is not called by the traced forward")
+    onnx.checker.check_model(proto)
+    return proto, tensors
+
+
+def export_onnx(model: nn.Module, example_inputs: Union[torch.Tensor, Tuple[torch.Tensor, ...]],
+                path: Union[str, os.PathLike], *, opset: Optional[int] = None, dynamic_batch: bool = True) -> str:
+    """Writes a prepared (fake-quant) or converted `model` to `path` as standard ONNX (QuantizeLinear /
+    DequantizeLinear around its quantized MatMul / Conv; MatMulInteger for dynamically quantized Linear layers)
+    and returns the path.
+
+    `example_inputs`: a tensor or a tuple of tensors, the forward's arguments (floating ones are exported as
+    float32). `opset`: ONNX opset, 18 or later (default 21: 4-bit weights stored as INT4). `dynamic_batch`: the
+    first dimension of every input is left free. The model is not modified. The file is written whole or not at
+    all (a temporary file renamed into place). Raises ExportError (naming the module and the reason) for a float
+    model, an uncalibrated static layer, a torchquant op outside a QuantLinear/QuantConv2d, or a forward that
+    torch.export cannot trace; ModuleNotFoundError when onnx or onnxscript is missing (pip install
+    'torchquant[onnx]')."""
+    path = _check_path(path)
+    for package in ("onnx", "onnxscript"):
+        try:
+            __import__(package)
+        except ModuleNotFoundError as exc:
+            raise ModuleNotFoundError(f"export_onnx needs {package}: pip install 'torchquant[onnx]'") from exc
+    proto, _ = _onnx_model(model, example_inputs, opset, dynamic_batch)
+    from torchquant._cli_io import atomic_output
+    import onnx
+    with atomic_output(path, "path") as temp:
+        onnx.save(proto, temp)
+    return path
