@@ -424,3 +424,65 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         export_onnx("model", torch.randn(2, 24), tmp_path / "m.onnx")
     assert_no_file(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the command line
+
+
+@pytest.fixture(scope="module")
+def cli_files(tmp_path_factory):
+    from safetensors.torch import save_file
+    path = tmp_path_factory.mktemp("export_cli")
+    torch.manual_seed(0)
+    save_file(DigitsCNN().state_dict(), path / "digits.safetensors")
+    torch.save(torch.rand(40, 1, 8, 8), path / "calib.pt")
+    return path
+
+
+def run_main(args, capsys):
+    from torchquant.cli import main
+    rc = main([str(a) for a in args] + ["--threads", "1"])
+    return rc, capsys.readouterr().err
+
+
+def test_cli_export_quantizes_a_float_model(cli_files, tmp_path, capsys):
+    out = tmp_path / "digits.onnx"
+    rc, err = run_main(["export", "torchquant.examples:DigitsCNN", "--weights", cli_files / "digits.safetensors",
+                        "--config", "int8-static", "--calib", cli_files / "calib.pt", "-o", out], capsys)
+    assert rc == 0 and f"wrote {out}" in err
+    proto = onnx.load(str(out))
+    assert [n.op_type for n in proto.graph.node].count("QuantizeLinear") == 4
+    x = torch.rand(3, 1, 8, 8)
+    (output, *_), _ = run_onnx(proto, (x,))
+    assert output.shape == (3, 10)
+
+
+def test_cli_export_of_a_converted_checkpoint(cli_files, tmp_path, capsys):
+    checkpoint, out = tmp_path / "digits-int8.safetensors", tmp_path / "digits.onnx"
+    rc, _ = run_main(["convert", "torchquant.examples:DigitsCNN", "--weights", cli_files / "digits.safetensors",
+                      "-o", checkpoint, "-q"], capsys)
+    assert rc == 0
+    rc, _ = run_main(["export", "torchquant.examples:DigitsCNN", "--weights", checkpoint, "--input-shape", "1,1,8,8",
+                      "-o", out], capsys)
+    assert rc == 0
+    model = torchquant.load(checkpoint, DigitsCNN())
+    x = torch.rand(4, 1, 8, 8)
+    (output, *_), _ = run_onnx(onnx.load(str(out)), (x,))
+    with torch.no_grad():
+        assert cosine(torch.from_numpy(output), model(x)) >= 0.9999
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--input-shape", "1,1,8,8", "-o", "{tmp}/missing/m.onnx"], "-o: directory"),
+    (["-o", "{tmp}/m.onnx"], "--input-shape: export needs an example input"),
+    (["--input-shape", "1,3,8,8", "-o", "{tmp}/m.onnx"], "do not fit the model"),
+    (["--input-shape", "1,x", "-o", "{tmp}/m.onnx"], "--input-shape: expected positive integers"),
+    (["--input-shape", "1,1,8,8", "--opset", "9", "-o", "{tmp}/m.onnx"], "opset must be in"),
+])
+def test_cli_export_bad_input(tmp_path, capsys, args, message):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    rc, err = run_main(["export", "torchquant.examples:DigitsCNN", *args], capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == 2 and len(lines) == 1 and message in lines[0], err
+    assert os.listdir(tmp_path) == []

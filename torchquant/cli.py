@@ -1,4 +1,4 @@
-"""The `torchquant` command (also `python -m torchquant`): convert, report, bench, demo.
+"""The `torchquant` command (also `python -m torchquant`): convert, report, export, bench, demo.
 
 Problems with the user's input (files, specs, options, data that does not fit the model) are printed as one line
 on stderr with exit status 2; --debug prints the traceback as well.
@@ -84,7 +84,7 @@ def _model_options() -> argparse.ArgumentParser:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="torchquant",
-        description="Integer quantization for PyTorch models: convert, report, benchmark, demo.")
+        description="Integer quantization for PyTorch models: convert, report, export, benchmark, demo.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     common, model_opts = _common_options(), _model_options()
@@ -120,6 +120,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"run only these benchmarks ({', '.join(BENCHMARKS)}; default: all that fit "
                             f"--device)")
     bench.set_defaults(handler=_cmd_bench)
+
+    export = commands.add_parser(
+        "export", parents=[model_opts, common], help="write a quantized model as ONNX (QDQ)",
+        description="Write MODEL as a standard ONNX QDQ graph that onnxruntime and TensorRT run: a float MODEL is "
+                    "quantized first (as convert does); a MODEL that is already quantized, or --weights holding a "
+                    "checkpoint written by convert, is exported as it is. The example input that fixes the input "
+                    "shape is the first --calib batch or --input-shape.")
+    export.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="ONNX file to write")
+    export.add_argument("--input-shape", metavar="N,C,...",
+                        help="shape of the example input (float32) when --calib is not given, e.g. 1,1,8,8")
+    export.add_argument("--opset", type=int, metavar="N", help="ONNX opset (default: 21)")
+    export.add_argument("--fixed-batch", action="store_true",
+                        help="keep the example input's batch size (default: the batch dimension is free)")
+    export.set_defaults(handler=_cmd_export)
 
     demo = commands.add_parser(
         "demo", parents=[common], help="train, quantize and compare a CNN on the digits data set",
@@ -347,6 +361,61 @@ def _cmd_report(args) -> int:
         note = write_markdown(report, args.markdown, atomic=lambda path: atomic_output(path, "--markdown",
                                                                                  force=args.force))
         _status(args, f"wrote {args.markdown}" + (f" ({note})" if note else ""))
+    return 0
+
+
+def _input_shape(text: str) -> List[int]:
+    try:
+        shape = [int(part) for part in text.split(",")]
+    except ValueError:
+        shape = []
+    if not shape or any(size < 1 for size in shape):
+        raise UsageError(f"--input-shape: expected positive integers separated by commas (e.g. 1,3,224,224), "
+                         f"got {text!r}")
+    return shape
+
+
+def _is_checkpoint(path: str) -> bool:
+    """Whether path is a checkpoint written by torchquant.save (safetensors with torchquant's layout)."""
+    from safetensors import safe_open
+    from torchquant.io import FORMAT
+    try:
+        with safe_open(path, framework="pt") as f:
+            return FORMAT in (f.metadata() or {})
+    except Exception:  # not safetensors: a state dict or a bad file, which load_model reports
+        return False
+
+
+def _cmd_export(args) -> int:
+    import torchquant
+    from torchquant.export import ExportError, export_onnx, has_quantized_layers
+    _check_output_path(args.output, "-o", args)
+    if args.input_shape is None and args.calib is None:
+        raise UsageError("--input-shape: export needs an example input; give --input-shape or --calib")
+    example = None if args.input_shape is None else torch.zeros(_input_shape(args.input_shape))
+    if args.weights is not None and os.path.isfile(args.weights) and _is_checkpoint(args.weights):
+        model = torchquant.load(args.weights, load_model(args.model, trust_pickle=args.trust_pickle))
+        if example is None:
+            example = batches_of(load_inputs(args.calib, "--calib")[0], args.batch_size)[0]
+    else:
+        job = _Job(args)
+        model = job.model
+        if not has_quantized_layers(model):
+            model, _ = job.quantize(progress=not args.quiet)
+        if example is None:
+            example = job.calib[0]
+    from torchquant.examples import model_device
+    option = "--calib" if args.input_shape is None else "--input-shape"
+    _check_fits(model, example.to(model_device(model)), option, args.calib or "the given shape")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.export's and onnxscript's notes about their own internals
+            export_onnx(model, example, args.output, opset=args.opset, dynamic_batch=not args.fixed_batch)
+    except (ExportError, ValueError, TypeError) as exc:
+        raise UsageError(str(exc).splitlines()[0]) from exc
+    except ModuleNotFoundError as exc:
+        raise UsageError(str(exc)) from exc
+    _status(args, f"wrote {args.output}")
     return 0
 
 

@@ -29,6 +29,7 @@ dynamic ranges; the exported graph does neither.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ from torchquant.nn.base import QuantLayerBase, unpack_int4
 from torchquant.nn.conv import QuantConv2d
 from torchquant.nn.linear import QuantLinear
 
-__all__ = ["export_onnx", "ExportError"]
+__all__ = ["export_onnx", "ExportError", "has_quantized_layers"]
 
 DEFAULT_OPSET = 21
 MIN_OPSET = 18  # torch.onnx's exporter writes opset 18 and converts up from there
@@ -273,9 +274,13 @@ def _quantized(b: _GraphBuilder, x: str, inv_scale: str, act: _Activation, zero_
     return b.op("QuantizeLinear", v, b.const("one", _f32(1.0)), zero_point, output=q_name)
 
 
-def _dynamic_scale(b: _GraphBuilder, x: str, act: _Activation, per_row: bool) -> str:
-    """absmax / qmax of each row (keeping the reduced dim) or of the whole tensor (a scalar), at least the
-    smallest normal float32."""
+def _dynamic_qparams(b: _GraphBuilder, x: str, act: _Activation, per_row: bool) -> Tuple[str, str]:
+    """(2 * scale, 1 / scale) of each row (keeping the reduced dim) or of the whole tensor (scalars), where scale
+    is absmax / qmax, at least the smallest normal float32.
+
+    The doubled scale is absmax / (qmax / 2), the same float times 2 (a power of two), and 1 / scale is taken as
+    2 / (2 * scale), the same float again: onnxruntime rewrites Mul(x, Div(1, s)) into Div(x, s), which rounds
+    differently, and leaves this alone; the 2 is folded into the weight scale (or a Mul by 0.5) afterwards."""
     import numpy as np
     qmax = qrange(act.bits, act.signed)[1]
     absolute = b.op("Abs", x)
@@ -283,13 +288,17 @@ def _dynamic_scale(b: _GraphBuilder, x: str, act: _Activation, per_row: bool) ->
         absmax = b.op("ReduceMax", absolute, b.const("last_axis", np.array([-1], np.int64)), keepdims=1)
     else:
         absmax = b.op("ReduceMax", absolute, keepdims=0)
-    return b.op("Max", b.op("Div", absmax, b.const("qmax", _f32(qmax))), b.const("tiny", _f32(_TINY)))
+    double_scale = b.op("Max", b.op("Div", absmax, b.const("half_qmax", _f32(qmax / 2))),
+                        b.const("double_tiny", _f32(2 * _TINY)))
+    return double_scale, b.op("Div", b.const("two", _f32(2.0)), double_scale)
 
 
-def _reciprocal(b: _GraphBuilder, scale: str) -> str:
-    """The float32 1 / scale, as 2 / (scale + scale) (the same number): onnxruntime rewrites Mul(y, Div(1, s))
-    into Div(y, s), which rounds differently."""
-    return b.op("Div", b.const("two", _f32(2.0)), b.op("Add", scale, scale))
+def _biased(b: _GraphBuilder, out: str, layer: _Layer, y: str) -> None:
+    """y = out + bias (a copy when the layer has none)."""
+    if layer.bias is None:
+        b.op("Identity", out, output=y)
+    else:
+        b.op("Add", out, b.const("bias", layer.bias.numpy()), output=y)
 
 
 def _quantized_input(b: _GraphBuilder, x: str, act: _Activation, q_name: str) -> str:
@@ -297,8 +306,8 @@ def _quantized_input(b: _GraphBuilder, x: str, act: _Activation, q_name: str) ->
     import numpy as np
     zp_type = np.int8 if act.signed else np.uint8
     if act.dynamic:
-        scale = _dynamic_scale(b, x, act, per_row=False)
-        inv = _reciprocal(b, scale)
+        double_scale, inv = _dynamic_qparams(b, x, act, per_row=False)
+        scale = b.op("Mul", double_scale, b.const("half", _f32(0.5)))
         zero_point = b.const("zero_point", np.array(0, zp_type))
     else:
         scale = b.const("scale", _f32(act.scale))
@@ -312,23 +321,22 @@ def _linear_integer(b: _GraphBuilder, layer: _Layer, x: str, y: str, q_name: str
     """Dynamic Linear: MatMulInteger on the exact integers, then acc * x_scale * w_scale + bias."""
     import numpy as np
     act = layer.activation
-    scale = _dynamic_scale(b, x, act, per_row=layer.module.input_quantizer.per_token)
-    inv = _reciprocal(b, scale)
+    double_scale, inv = _dynamic_qparams(b, x, act, per_row=layer.module.input_quantizer.per_token)
     offset = b.const("zero_point_128", np.array(128, np.uint8))  # int8 + 128 as uint8: MLAS's fast u8 x s8 GEMM
-    act_u8 = _Activation(act.bits, False, act.rounding, True, act.per_token, zero_point=128)
     if act.bits == 1:  # sign binarization, as int8, moved to uint8
         q = _quantized(b, x, inv, act, None, b.name("sign"))
         q = b.op("Cast", b.op("Add", b.op("Cast", q, to=b.onnx.TensorProto.INT16),
-                              b.const("offset", np.array(128, np.int16))), to=b.onnx.TensorProto.UINT8, output=q_name)
+                              b.const("offset", np.array(128, np.int16))), to=b.onnx.TensorProto.UINT8,
+                 output=q_name)
     else:
+        act_u8 = _Activation(act.bits, False, act.rounding, True, act.per_token, zero_point=128)
         q = _quantized(b, x, inv, act_u8, offset, q_name)
-    weight = _weight(b, layer, layer.weight.t().contiguous(), int8_only=True)
-    acc = b.op("MatMulInteger", q, weight, offset)
-    out = b.op("Mul", b.op("Mul", b.op("Cast", acc, to=b.onnx.TensorProto.FLOAT), scale),
-               b.const("weight_scale", layer.weight_scale.numpy() if layer.per_channel else _f32(layer.weight_scale[0])),
-               output=None if layer.bias is not None else y)
-    if layer.bias is not None:
-        b.op("Add", out, b.const("bias", layer.bias.numpy()), output=y)
+    acc = b.op("MatMulInteger", q, _weight(b, layer, layer.weight.t().contiguous(), int8_only=True), offset)
+    # acc * (2 * x_scale) * (w_scale / 2): torchquant's acc * x_scale * w_scale, float for float
+    half_weight_scale = layer.weight_scale * 0.5
+    half_weight_scale = half_weight_scale.numpy() if layer.per_channel else _f32(half_weight_scale[0])
+    scaled = b.op("Mul", b.op("Cast", acc, to=b.onnx.TensorProto.FLOAT), double_scale)
+    _biased(b, b.op("Mul", scaled, b.const("half_weight_scale", half_weight_scale)), layer, y)
 
 
 def _layer_nodes(b: _GraphBuilder, layer: _Layer, x: str, y: str, q_name: str) -> None:
@@ -339,9 +347,7 @@ def _layer_nodes(b: _GraphBuilder, layer: _Layer, x: str, y: str, q_name: str) -
             return
         x_in = x if act is None else _quantized_input(b, x, act, q_name)
         w = _dequantized_weight(b, layer, layer.weight.t().contiguous(), axis=1)
-        out = b.op("MatMul", x_in, w, output=None if layer.bias is not None else y)
-        if layer.bias is not None:
-            b.op("Add", out, b.const("bias", layer.bias.numpy()), output=y)
+        _biased(b, b.op("MatMul", x_in, w), layer, y)
         return
     conv = layer.module
     x_in = x if act is None else _quantized_input(b, x, act, q_name)
@@ -361,6 +367,11 @@ def input_q_name(layer_name: str) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # Export
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def has_quantized_layers(model: nn.Module) -> bool:
+    """Whether model holds torchquant layers (prepared or converted), i.e. whether export_onnx takes it."""
+    return any(isinstance(m, QuantLayerBase) for m in model.modules())
 
 
 def _check_opset(opset) -> int:
@@ -453,6 +464,10 @@ def _onnx_model(model: nn.Module, example_inputs, opset: Optional[int], dynamic_
         inputs = tuple(torch.cat([t, t]) if t.dim() > 0 and t.shape[0] == 1 else t for t in inputs)
     with torch.no_grad():
         program = _traced(copied, inputs, dynamic_batch)
+        # the exporter logs a warning for each optional library it finds missing (torchvision): not our concern
+        registration_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+        level = registration_log.level
+        registration_log.setLevel(logging.ERROR)
         try:
             onnx_program = torch.onnx.export(program, (), dynamo=True, opset_version=opset,
                                              custom_translation_table=_translations(), verbose=False)
@@ -460,6 +475,8 @@ def _onnx_model(model: nn.Module, example_inputs, opset: Optional[int], dynamic_
             text = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
             raise ExportError(f"export_onnx: torch.onnx could not convert the model ({type(exc).__name__}: "
                               f"{text})") from exc
+        finally:
+            registration_log.setLevel(level)
     proto = onnx_program.model_proto
 
     graph = proto.graph
