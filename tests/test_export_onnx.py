@@ -342,7 +342,8 @@ def test_multiple_inputs_and_fixed_batch(tmp_path):
         torch.testing.assert_close(torch.from_numpy(output), model(*inputs), rtol=1e-5, atol=1e-5)
 
 
-def test_torch_export_of_prepared_and_converted_models():
+def test_torch_export_of_prepared_and_converted_models(tmp_path):
+    """torch.export keeps torchquant's custom ops; a saved program loads where torchquant is imported."""
     torch.manual_seed(0)
     model = torchquant.prepare(DigitsCNN().eval(), "int8-static")
     calibrated(model, [torch.rand(8, 1, 8, 8)])
@@ -353,8 +354,11 @@ def test_torch_export_of_prepared_and_converted_models():
         program = torch.export.export(model, (x,))
         targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
         assert any(t.startswith("torchquant.") for t in targets), stage
+        torch.export.save(program, tmp_path / f"{stage}.pt2")
+        loaded = torch.export.load(tmp_path / f"{stage}.pt2")
         with torch.no_grad():
             torch.testing.assert_close(program.module()(x), model(x))
+            torch.testing.assert_close(loaded.module()(x), model(x))
 
 
 # ---------------------------------------------------------------------------------------------------------------
