@@ -475,6 +475,10 @@ def test_cli_export_of_a_converted_checkpoint(cli_files, tmp_path, capsys):
     (output, *_), _ = run_onnx(onnx.load(str(out)), (x,))
     with torch.no_grad():
         assert cosine(torch.from_numpy(output), model(x)) >= 0.9999
+    os.remove(out)
+    rc, err = run_main(["export", "torchquant.examples:DigitsCNN", "--weights", checkpoint, "--bits", "4",
+                        "--input-shape", "1,1,8,8", "-o", out], capsys)
+    assert rc == 2 and "--bits: --weights" in err and "is already quantized" in err and not out.exists()
 
 
 @pytest.mark.parametrize("args, message", [

@@ -393,14 +393,26 @@ def _cmd_export(args) -> int:
     if args.input_shape is None and args.calib is None:
         raise UsageError("--input-shape: export needs an example input; give --input-shape or --calib")
     example = None if args.input_shape is None else torch.zeros(_input_shape(args.input_shape))
+    options = {"--config": args.config, "--bits": args.bits, "--act-bits": args.act_bits,
+               "--rounding": args.rounding, "--granularity": args.granularity, "--observer": args.observer,
+               "--skip": args.skip or None, "--min-sqnr": args.min_sqnr, "--min-speedup": args.min_speedup}
+    given = [option for option, value in options.items() if value is not None]
+
+    def exported_as_is(what: str) -> None:
+        if given:
+            raise UsageError(f"{given[0]}: {what} is already quantized and is exported as it is; quantization "
+                             f"options apply to a float MODEL")
     if args.weights is not None and os.path.isfile(args.weights) and _is_checkpoint(args.weights):
+        exported_as_is(f"--weights {args.weights}")
         model = torchquant.load(args.weights, load_model(args.model, trust_pickle=args.trust_pickle))
         if example is None:
             example = batches_of(load_inputs(args.calib, "--calib")[0], args.batch_size)[0]
     else:
         job = _Job(args)
         model = job.model
-        if not has_quantized_layers(model):
+        if has_quantized_layers(model):
+            exported_as_is(f"MODEL {args.model}")
+        else:
             model, _ = job.quantize(progress=not args.quiet)
         if example is None:
             example = job.calib[0]
