@@ -212,6 +212,52 @@ def test_residual_block_presets(preset, rounding):
     assert check_export(model, torch.randn(3, 3, 12, 12)) > 0
 
 
+class ConvShapes(nn.Module):
+    """Strides, dilation, groups, 'same' padding, no bias, a 1x1 conv and a 1-bit sign-binarized layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(4, 8, 3, stride=2, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=2, bias=False)
+        self.c = nn.Conv2d(8, 6, 5, padding="same")
+        self.d = nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        return self.d(torch.relu(self.c(self.b(self.a(x)))))
+
+
+@pytest.mark.parametrize("activation", [
+    QuantSpec(bits=8, granularity="per_tensor"),
+    QuantSpec(bits=5, signed=False, symmetric=False, granularity="per_tensor", rounding="truncate"),
+    QuantSpec(bits=1, granularity="per_tensor"),
+    QuantSpec(bits=6, granularity="per_token", dynamic=True, rounding="truncate"),
+    QuantSpec(bits=1, granularity="per_tensor", dynamic=True),
+], ids=["int8", "uint5-truncate", "sign", "dynamic-int6", "dynamic-sign"])
+@pytest.mark.parametrize("granularity", ["per_channel", "per_tensor"])
+def test_conv_geometries(activation, granularity):
+    torch.manual_seed(0)
+    config = QuantConfig(weight=QuantSpec(bits=6, granularity=granularity), activation=activation)
+    model = torchquant.prepare(ConvShapes().eval(), config)
+    if not activation.dynamic:
+        calibrated(model, [torch.randn(4, 4, 11, 13) for _ in range(2)])
+    torchquant.convert(model)
+    assert check_export(model, torch.randn(3, 4, 11, 13)) > 0
+
+
+def test_half_precision_and_training_mode_models():
+    """A float16 model is exported in float32; the model itself keeps its dtype and its training mode."""
+    torch.manual_seed(0)
+    model = torchquant.prepare(MLP(), "int8-dynamic").half()
+    model.train()
+    x = torch.randn(4, 24)
+    proto, _ = _onnx_model(model, x.half(), None, True)
+    assert model.training and next(model.parameters()).dtype == torch.float16
+    (output, *_), _ = run_onnx(proto, (x,))
+    model.eval()
+    with torch.no_grad():
+        assert cosine(torch.from_numpy(output), model(x.half()).float()) >= 0.999
+
+
 def test_first_layer_integers_equal_the_converted_models_own():
     """The first layer sees the model's input: onnxruntime's integers there are the ones torchquant's converted
     model computes itself. (Later layers see float outputs that may differ in the last bit: torchquant's CPU

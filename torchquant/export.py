@@ -233,7 +233,7 @@ class _GraphBuilder:
 
 def _f32(value: float):
     import numpy as np
-    return np.array(value, dtype=np.float32)
+    return np.array(float(value), dtype=np.float32)
 
 
 def _weight(b: _GraphBuilder, layer: _Layer, weight: torch.Tensor, int8_only: bool) -> str:
