@@ -244,6 +244,39 @@ def test_conv_geometries(activation, granularity):
     assert check_export(model, torch.randn(3, 4, 11, 13)) > 0
 
 
+class SharedInput(nn.Module):
+    """Query/key/value-like layers reading one tensor (different widths, one without bias), another that reads
+    it with another format, and one reading something else."""
+
+    def __init__(self):
+        super().__init__()
+        self.q = nn.Linear(16, 12)
+        self.k = nn.Linear(16, 8, bias=False)
+        self.v = nn.Linear(16, 20)
+        self.other_format = nn.Linear(16, 4)
+        self.out = nn.Linear(44, 6)
+
+    def forward(self, x):
+        y = torch.cat([self.q(x), self.k(x), self.v(x), self.other_format(x)], dim=-1)
+        return self.out(torch.relu(y))
+
+
+@pytest.mark.parametrize("preset", ["int8-dynamic", "w4a8-dynamic"])
+def test_layers_sharing_an_input_share_one_integer_matmul(preset):
+    torch.manual_seed(0)
+    model = torchquant.prepare(SharedInput().eval(), preset)
+    model.other_format = torchquant.nn.QuantLinear.from_float(
+        nn.Linear(16, 4), QuantConfig(weight=QuantSpec(bits=8, granularity="per_tensor"),
+                                      activation=QuantSpec(bits=6, granularity="per_token", dynamic=True)))
+    torchquant.convert(model)
+    x = torch.randn(2, 5, 16)
+    assert check_export(model, x) > 0
+    proto, tensors = _onnx_model(model, x, None, True)
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("MatMulInteger") == 3 and ops.count("Split") == 1
+    assert tensors["q"][1] == tensors["k"][1] == tensors["v"][1] != tensors["other_format"][1]
+
+
 def test_half_precision_and_training_mode_models():
     """A float16 model is exported in float32; the model itself keeps its dtype and its training mode."""
     torch.manual_seed(0)

@@ -317,11 +317,14 @@ def _quantized_input(b: _GraphBuilder, x: str, act: _Activation, q_name: str) ->
     return b.op("DequantizeLinear", q, scale, zero_point)
 
 
-def _linear_integer(b: _GraphBuilder, layer: _Layer, x: str, y: str, q_name: str) -> None:
-    """Dynamic Linear: MatMulInteger on the exact integers, then acc * x_scale * w_scale + bias."""
+def _linear_integer(b: _GraphBuilder, layers: Sequence[_Layer], x: str, outputs: Sequence[str], q_name: str) -> None:
+    """Dynamic Linear layers that read the same x with the same activation format (a transformer's query, key and
+    value): x quantized once, one MatMulInteger over their weights side by side on the exact integers, then
+    acc * x_scale * w_scale + bias, split into each layer's output."""
     import numpy as np
-    act = layer.activation
-    double_scale, inv = _dynamic_qparams(b, x, act, per_row=layer.module.input_quantizer.per_token)
+    first = layers[0]
+    act = first.activation
+    double_scale, inv = _dynamic_qparams(b, x, act, per_row=first.module.input_quantizer.per_token)
     offset = b.const("zero_point_128", np.array(128, np.uint8))  # int8 + 128 as uint8: MLAS's fast u8 x s8 GEMM
     if act.bits == 1:  # sign binarization, as int8, moved to uint8
         q = _quantized(b, x, inv, act, None, b.name("sign"))
@@ -331,20 +334,27 @@ def _linear_integer(b: _GraphBuilder, layer: _Layer, x: str, y: str, q_name: str
     else:
         act_u8 = _Activation(act.bits, False, act.rounding, True, act.per_token, zero_point=128)
         q = _quantized(b, x, inv, act_u8, offset, q_name)
-    acc = b.op("MatMulInteger", q, _weight(b, layer, layer.weight.t().contiguous(), int8_only=True), offset)
+    weight = torch.cat([layer.weight.t() for layer in layers], dim=1).contiguous()
+    acc = b.op("MatMulInteger", q, _weight(b, first, weight, int8_only=True), offset)
     # acc * (2 * x_scale) * (w_scale / 2): torchquant's acc * x_scale * w_scale, float for float
-    half_weight_scale = layer.weight_scale * 0.5
-    half_weight_scale = half_weight_scale.numpy() if layer.per_channel else _f32(half_weight_scale[0])
+    sizes = [layer.weight.shape[0] for layer in layers]
+    half_weight_scale = torch.cat([layer.weight_scale.expand(n) * 0.5 for layer, n in zip(layers, sizes)])
+    per_column = len(layers) > 1 or first.per_channel
+    half_weight_scale = half_weight_scale.numpy() if per_column else _f32(half_weight_scale[0])
     scaled = b.op("Mul", b.op("Cast", acc, to=b.onnx.TensorProto.FLOAT), double_scale)
-    _biased(b, b.op("Mul", scaled, b.const("half_weight_scale", half_weight_scale)), layer, y)
+    scaled = b.op("Mul", scaled, b.const("half_weight_scale", half_weight_scale),
+                  output=outputs[0] if len(layers) == 1 and first.bias is None else None)
+    if any(layer.bias is not None for layer in layers):
+        bias = torch.cat([torch.zeros(n) if layer.bias is None else layer.bias for layer, n in zip(layers, sizes)])
+        scaled = b.op("Add", scaled, b.const("bias", bias.numpy()), output=outputs[0] if len(layers) == 1 else None)
+    if len(layers) > 1:
+        b.nodes.append(b.onnx.helper.make_node("Split", [scaled, b.const("sizes", np.array(sizes, np.int64))],
+                                               list(outputs), name=b.name("Split_node"), axis=-1))
 
 
 def _layer_nodes(b: _GraphBuilder, layer: _Layer, x: str, y: str, q_name: str) -> None:
     act = layer.activation
     if isinstance(layer.module, QuantLinear):
-        if act is not None and act.dynamic:
-            _linear_integer(b, layer, x, y, q_name)
-            return
         x_in = x if act is None else _quantized_input(b, x, act, q_name)
         w = _dequantized_weight(b, layer, layer.weight.t().contiguous(), axis=1)
         _biased(b, b.op("MatMul", x_in, w), layer, y)
@@ -356,6 +366,15 @@ def _layer_nodes(b: _GraphBuilder, layer: _Layer, x: str, y: str, q_name: str) -
     ph, pw = conv.padding
     b.op("Conv", *inputs, output=y, kernel_shape=list(conv.kernel_size), strides=list(conv.stride),
          pads=[ph, pw, ph, pw], dilations=list(conv.dilation), group=conv.groups)
+
+
+def _group_key(node, layer: _Layer, position: int) -> tuple:
+    """Dynamic Linear layers with the same key share one quantized input and one MatMulInteger."""
+    act = layer.activation
+    if isinstance(layer.module, QuantLinear) and act is not None and act.dynamic:
+        return ("integer", node.input[0], act.bits, act.rounding, layer.module.input_quantizer.per_token,
+                layer.weight_bits <= 4)
+    return ("alone", position)
 
 
 def input_q_name(layer_name: str) -> str:
@@ -480,19 +499,31 @@ def _onnx_model(model: nn.Module, example_inputs, opset: Optional[int], dynamic_
     proto = onnx_program.model_proto
 
     graph = proto.graph
+    original = list(graph.node)
+    placeholders = {i: layers[next(a.i for a in node.attribute if a.name == "index")]
+                    for i, node in enumerate(original) if node.domain == _DOMAIN}
+    groups = {}
+    for i, layer in placeholders.items():
+        groups.setdefault(_group_key(original[i], layer, i), []).append(i)
     nodes, tensors = [], {}
-    for node in graph.node:
-        if node.domain != _DOMAIN:
+    for i, node in enumerate(original):
+        layer = placeholders.get(i)
+        if layer is None:
             nodes.append(node)
             continue
-        index = next(a.i for a in node.attribute if a.name == "index")
-        layer = layers[index]
-        prefix = re.sub(r"[^A-Za-z0-9_.]", "_", layer.name)
-        builder = _GraphBuilder(prefix, opset)
-        q_name = input_q_name(layer.name)
-        _layer_nodes(builder, layer, node.input[0], node.output[0], q_name)
-        nodes.extend(builder.nodes)
-        graph.initializer.extend(builder.initializers)
+        key = _group_key(node, layer, i)
+        members = groups[key]
+        if members[0] == i:
+            builder = _GraphBuilder(re.sub(r"[^A-Za-z0-9_.]", "_", layer.name), opset)
+            q_name = input_q_name(layer.name)
+            if key[0] == "alone":
+                _layer_nodes(builder, layer, node.input[0], node.output[0], q_name)
+            else:
+                _linear_integer(builder, [placeholders[m] for m in members], node.input[0],
+                                [original[m].output[0] for m in members], q_name)
+            nodes.extend(builder.nodes)
+            graph.initializer.extend(builder.initializers)
+        q_name = input_q_name(placeholders[members[0]].name)
         tensors[layer.name] = (node.input[0], q_name if layer.activation is not None else None)
     del graph.node[:]
     graph.node.extend(nodes)
