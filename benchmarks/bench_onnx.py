@@ -118,8 +118,10 @@ def machine() -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return (f"{cpu}, {os.cpu_count()} logical CPUs; torch {torch.__version__}, onnxruntime {onnxruntime.__version__}"
-            f", onnx {onnx.__version__}; onnxruntime with 1 intra-op thread")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"{cpu}, {os.cpu_count()} logical CPUs (load average {load:.1f} when the run started: other jobs share "
+            f"the machine, so compare the rows of one run, not runs); torch {torch.__version__}, onnxruntime "
+            f"{onnxruntime.__version__}, onnx {onnx.__version__}; onnxruntime with 1 intra-op thread")
 
 
 def main(argv=None) -> None:
@@ -132,6 +134,7 @@ def main(argv=None) -> None:
     if reason is not None:
         raise SystemExit(f"bench_onnx: {reason}")
     torch.set_num_threads(1)
+    header = machine()
     minilm = minilm_lib.load_minilm()
     quantized = torchquant.quantize_model(copy.deepcopy(minilm.encoder), "int8-dynamic")
     with tempfile.TemporaryDirectory() as directory:
@@ -140,7 +143,7 @@ def main(argv=None) -> None:
         latency_rows += latency(minilm, quantized, directory, 32, args.repeats_32)
     text = "\n".join([
         "# all-MiniLM-L6-v2 in onnxruntime (CPU)", "",
-        f"Machine: {machine()}.", "",
+        f"Machine: {header}.", "",
         "## Embeddings against the float PyTorch model (86 sentences)", "",
         markdown_table(quality_rows, ["variant", "cos_mean", "cos_min", "cos to torchquant (PyTorch) mean / min"]),
         "", f"## Latency (median and minimum of interleaved runs: {args.repeats_1} at batch 1, "
