@@ -277,6 +277,29 @@ def test_layers_sharing_an_input_share_one_integer_matmul(preset):
     assert tensors["q"][1] == tensors["k"][1] == tensors["v"][1] != tensors["other_format"][1]
 
 
+class CalledTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.unused = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.fc(x)))
+
+
+@pytest.mark.parametrize("preset", ["int8-dynamic", "int8-static"])
+def test_a_layer_called_twice_and_an_unused_layer(preset):
+    torch.manual_seed(0)
+    model = torchquant.prepare(CalledTwice().eval(), preset)
+    calibrated(model, [torch.randn(4, 8)])  # `unused` sees nothing: a static one stays uncalibrated
+    if preset == "int8-dynamic":
+        torchquant.convert(model)
+    assert check_export(model, torch.randn(3, 8)) == 3 * 8
+    proto, tensors = _onnx_model(model, torch.randn(3, 8), None, True)
+    assert list(tensors) == ["fc"]
+    assert [n.op_type for n in proto.graph.node].count("MatMulInteger" if preset == "int8-dynamic" else "MatMul") == 2
+
+
 def test_half_precision_and_training_mode_models():
     """A float16 model is exported in float32; the model itself keeps its dtype and its training mode."""
     torch.manual_seed(0)

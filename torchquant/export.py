@@ -457,7 +457,8 @@ def _traced(model: nn.Module, inputs: Tuple[torch.Tensor, ...], dynamic_batch: b
 
 
 def _onnx_model(model: nn.Module, example_inputs, opset: Optional[int], dynamic_batch: bool):
-    """(ModelProto, {layer name: (input tensor name, integer input tensor name)})."""
+    """(ModelProto, {layer name: (its input tensor's name, its integer input tensor's name or None)}); layers the
+    forward never calls are not in the graph."""
     import onnx
     if not isinstance(model, nn.Module):
         raise TypeError(f"export_onnx: model must be an nn.Module, got {type(model).__name__}")
@@ -469,7 +470,6 @@ def _onnx_model(model: nn.Module, example_inputs, opset: Optional[int], dynamic_
     if not names:
         raise ExportError(f"export_onnx: {type(model).__name__} has no quantized layers: quantize it first "
                           f"(torchquant.prepare + calibrate, or torchquant.quantize_model)")
-    layers = [_layer_state(name, model.get_submodule(name)) for name in names]
 
     copied = copy.deepcopy(model).cpu().float().eval()
     if "" in names:
@@ -500,12 +500,15 @@ def _onnx_model(model: nn.Module, example_inputs, opset: Optional[int], dynamic_
 
     graph = proto.graph
     original = list(graph.node)
-    placeholders = {i: layers[next(a.i for a in node.attribute if a.name == "index")]
-                    for i, node in enumerate(original) if node.domain == _DOMAIN}
+    called = {i: next(a.i for a in node.attribute if a.name == "index")
+              for i, node in enumerate(original) if node.domain == _DOMAIN}
+    # the integer state of the layers the forward calls (a layer it never calls may be uncalibrated)
+    states = {index: _layer_state(names[index], model.get_submodule(names[index])) for index in set(called.values())}
+    placeholders = {i: states[index] for i, index in called.items()}
     groups = {}
     for i, layer in placeholders.items():
         groups.setdefault(_group_key(original[i], layer, i), []).append(i)
-    nodes, tensors = [], {}
+    nodes, tensors, group_q_names = [], {}, {}
     for i, node in enumerate(original):
         layer = placeholders.get(i)
         if layer is None:
@@ -514,8 +517,10 @@ def _onnx_model(model: nn.Module, example_inputs, opset: Optional[int], dynamic_
         key = _group_key(node, layer, i)
         members = groups[key]
         if members[0] == i:
-            builder = _GraphBuilder(re.sub(r"[^A-Za-z0-9_.]", "_", layer.name), opset)
-            q_name = input_q_name(layer.name)
+            calls = sum(1 for p in placeholders if p < i and placeholders[p] is layer)  # a module called again
+            suffix = f"/call{calls + 1}" if calls else ""
+            builder = _GraphBuilder(re.sub(r"[^A-Za-z0-9_.]", "_", layer.name) + suffix, opset)
+            q_name = group_q_names[key] = input_q_name(layer.name) + suffix
             if key[0] == "alone":
                 _layer_nodes(builder, layer, node.input[0], node.output[0], q_name)
             else:
@@ -523,16 +528,13 @@ def _onnx_model(model: nn.Module, example_inputs, opset: Optional[int], dynamic_
                                 [original[m].output[0] for m in members], q_name)
             nodes.extend(builder.nodes)
             graph.initializer.extend(builder.initializers)
-        q_name = input_q_name(placeholders[members[0]].name)
-        tensors[layer.name] = (node.input[0], q_name if layer.activation is not None else None)
+        q_name = group_q_names[key] if layer.activation is not None else None
+        tensors.setdefault(layer.name, (node.input[0], q_name))  # a module called again: its first call
     del graph.node[:]
     graph.node.extend(nodes)
     imports = [o for o in proto.opset_import if o.domain != _DOMAIN]
     del proto.opset_import[:]
     proto.opset_import.extend(imports)
-    missing = [name for name in names if name not in tensors]
-    if missing:  # the forward never called them: nothing to export for them, but say so
-        raise ExportError(f"export_onnx: module {missing[0]!r} is not called by the traced forward")
     onnx.checker.check_model(proto)
     return proto, tensors
 
