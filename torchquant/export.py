@@ -471,9 +471,9 @@ def _onnx_model(model: nn.Module, example_inputs, opset: Optional[int], dynamic_
         raise ExportError(f"export_onnx: {type(model).__name__} has no quantized layers: quantize it first "
                           f"(torchquant.prepare + calibrate, or torchquant.quantize_model)")
 
-    copied = copy.deepcopy(model).cpu().float().eval()
     if "" in names:
         raise ExportError("export_onnx: the model is itself a single quantized layer; wrap it in a module")
+    copied = copy.deepcopy(model).cpu().float().eval()
     for index, name in enumerate(names):
         parent_name, _, child = name.rpartition(".")
         parent = copied.get_submodule(parent_name) if parent_name else copied
@@ -497,7 +497,14 @@ def _onnx_model(model: nn.Module, example_inputs, opset: Optional[int], dynamic_
         finally:
             registration_log.setLevel(level)
     proto = onnx_program.model_proto
+    tensors = _replace_placeholders(proto, model, names, opset)
+    onnx.checker.check_model(proto)
+    return proto, tensors
 
+
+def _replace_placeholders(proto, model: nn.Module, names: Sequence[str], opset: int) -> dict:
+    """Replaces each placeholder node of proto by its layer's subgraph (layers sharing an input and a dynamic
+    format: one subgraph) and drops the placeholder domain. Returns _onnx_model's layer -> tensor names map."""
     graph = proto.graph
     original = list(graph.node)
     called = {i: next(a.i for a in node.attribute if a.name == "index")
@@ -535,8 +542,7 @@ def _onnx_model(model: nn.Module, example_inputs, opset: Optional[int], dynamic_
     imports = [o for o in proto.opset_import if o.domain != _DOMAIN]
     del proto.opset_import[:]
     proto.opset_import.extend(imports)
-    onnx.checker.check_model(proto)
-    return proto, tensors
+    return tensors
 
 
 def export_onnx(model: nn.Module, example_inputs: Union[torch.Tensor, Tuple[torch.Tensor, ...]],
