@@ -18,7 +18,8 @@ onnx = pytest.importorskip("onnx", reason="onnx not installed (pip install 'torc
 pytest.importorskip("onnxscript", reason="onnxscript not installed (pip install 'torchquant[onnx]')")
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime not installed (pip install 'torchquant[onnx]')")
 
-from torchquant.export import ExportError, _onnx_model, export_onnx  # noqa: E402
+from torchquant.export import ExportError, _onnx_model  # noqa: E402
+from torchquant import export_onnx  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 

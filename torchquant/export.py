@@ -17,7 +17,9 @@ zero point and saturates; DequantizeLinear then carries the real scale.
 - dynamic activations: the scale absmax / qmax of each row (Linear, per token) or of the tensor (Conv) is computed
   in the graph (Abs, ReduceMax, Div, Max with the smallest normal float32); a Linear then runs MatMulInteger on
   uint8 activations (the int8 values plus 128, zero point 128) and int8 weights, and scales the exact int32 sums as
-  torchquant's kernel does: acc * x_scale * w_scale + bias; a Conv dequantizes and runs a float Conv;
+  torchquant's kernel does: acc * x_scale * w_scale + bias (layers reading the same tensor in the same format, as a
+  transformer's query, key and value do, share the quantization and one MatMulInteger, split afterwards); a Conv
+  dequantizes and runs a float Conv;
 - rounding="truncate": Sign(v) * Floor(Abs(v)) (exact) before QuantizeLinear;
 - signed 1-bit (sign binarization): Where(x >= 0, 1, -1);
 - weights of 4 bits or fewer: INT4 initializers (opset 21 and later; DequantizeLinear reads them, or a Cast to int8
@@ -39,7 +41,7 @@ import torch
 import torch.nn as nn
 
 from torchquant._ops.quantize import qrange
-from torchquant.nn.base import QuantLayerBase, unpack_int4
+from torchquant.nn.base import QuantLayerBase
 from torchquant.nn.conv import QuantConv2d
 from torchquant.nn.linear import QuantLinear
 
