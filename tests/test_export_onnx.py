@@ -464,6 +464,16 @@ def test_torch_export_of_prepared_and_converted_models(tmp_path):
             torch.testing.assert_close(loaded.module()(x), model(x))
 
 
+def test_placeholder_ops_pass_opcheck():
+    """The export-only ops that stand for the quantized layers while torch.export traces."""
+    torch.library.opcheck(torch.ops.torchquant_export.linear.default, (torch.randn(2, 3, 5), 7, 0))
+    torch.library.opcheck(torch.ops.torchquant_export.conv2d.default,
+                          (torch.randn(2, 3, 9, 8), 4, [3, 2], [2, 1], [1, 0], [1, 2], 1))
+    out = torch.ops.torchquant_export.conv2d(torch.randn(2, 3, 9, 8), 4, [3, 2], [2, 1], [1, 0], [1, 2], 1)
+    assert out.shape == torch.nn.functional.conv2d(torch.randn(2, 3, 9, 8), torch.randn(4, 3, 3, 2), None, [2, 1],
+                                                   [1, 0], [1, 2]).shape
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # bad input: one clear error each, no file left
 
