@@ -338,9 +338,10 @@ def _linear_integer(b: _GraphBuilder, layers: Sequence[_Layer], x: str, outputs:
         q = _quantized(b, x, inv, act_u8, offset, q_name)
     weight = torch.cat([layer.weight.t() for layer in layers], dim=1).contiguous()
     acc = b.op("MatMulInteger", q, _weight(b, first, weight, int8_only=True), offset)
-    # acc * (2 * x_scale) * (w_scale / 2): torchquant's acc * x_scale * w_scale, float for float. (Not
-    # Mul(acc, Mul(x_scale, w_scale)) + bias: onnxruntime fuses that into MatMulIntegerToFloat, which scales the
-    # bias by a per-row x_scale too.)
+    # acc * (2 * x_scale) * (w_scale / 2): torchquant's acc * x_scale * w_scale, float for float. Not
+    # Mul(Cast(acc), Mul(x_scale, w_scale)), nor a doubled scale made by a Mul: onnxruntime fuses any Mul with a
+    # Cast(MatMulInteger) parent and a Mul parent into MatMulIntegerToFloat without checking the scales' shapes
+    # (its kernel scales the bias by a per-row x_scale too, and older kernels take only a scalar x_scale).
     sizes = [layer.weight.shape[0] for layer in layers]
     half_weight_scale = torch.cat([layer.weight_scale.expand(n) * 0.5 for layer, n in zip(layers, sizes)])
     per_column = len(layers) > 1 or first.per_channel
