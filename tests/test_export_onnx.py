@@ -413,6 +413,18 @@ def test_file_is_standard_qdq_and_model_unchanged(tmp_path):
     assert outputs[0].shape == (5, 10)
 
 
+def test_dynamic_epilogue_is_not_fused_by_onnxruntime(tmp_path):
+    """onnxruntime's MatMulIntegerToFloat fusion ignores the shape of the activation scale (with a per-row scale it
+    scales the bias too): the exported epilogue must stay out of its pattern."""
+    model = torchquant.quantize_model(MLP().eval(), "int8-dynamic")
+    proto, _ = _onnx_model(model, torch.randn(4, 24), None, True)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert ops.count("MatMulInteger") == 7 and "MatMulIntegerToFloat" not in ops
+
+
 @pytest.mark.parametrize("opset, storage", [(21, onnx.TensorProto.INT4), (18, onnx.TensorProto.INT8)])
 def test_four_bit_weights_storage(opset, storage):
     torch.manual_seed(0)
