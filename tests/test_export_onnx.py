@@ -527,7 +527,7 @@ def test_missing_directory(tmp_path):
     assert_no_file(tmp_path)
 
 
-def test_untraceable_forward(tmp_path):
+def test_untraceable_forward(tmp_path, capsys):
     class Branchy(nn.Module):
         def __init__(self):
             super().__init__()
@@ -539,9 +539,11 @@ def test_untraceable_forward(tmp_path):
             return -self.fc(x)
 
     model = torchquant.quantize_model(Branchy().eval(), "int8-dynamic")
-    with pytest.raises(ExportError, match="cannot be traced by torch.export"):
+    with pytest.raises(ExportError, match=r"cannot be traced by torch.export \(File .*test_export_onnx.py\", "
+                                          r"line \d+, in forward\)"):
         export_onnx(model, torch.randn(2, 4), tmp_path / "m.onnx")
     assert_no_file(tmp_path)
+    assert "def forward" not in capsys.readouterr().err  # torch.export's graph dump is kept off stderr
 
 
 def test_bad_arguments(tmp_path):

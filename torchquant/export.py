@@ -30,7 +30,9 @@ dynamic ranges; the exported graph does neither.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import logging
 import os
 import re
@@ -439,6 +441,27 @@ def _module_of(node) -> str:
     return f"module {path or '(root)'!r} ({type_name})"
 
 
+@contextlib.contextmanager
+def _quiet_exporters():
+    """Keeps torch.export's and torch.onnx's own reports off stderr (the graph it prints on a failed trace, notes on
+    missing optional libraries): export_onnx reports what went wrong itself, in one line."""
+    loggers = [logging.getLogger(name) for name in ("torch.fx.experimental.symbolic_shapes", "torch.export",
+                                                    "torch.onnx._internal.exporter._registration")]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for log, level in zip(loggers, levels):
+            log.setLevel(level)
+
+
+def _first_line(exc: BaseException) -> str:
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+
+
 def _traced(model: nn.Module, inputs: Tuple[torch.Tensor, ...], dynamic_batch: bool):
     """torch.export of the placeholder model; untraceable forwards and torchquant ops left outside the quantized
     layers become ExportErrors."""
@@ -447,12 +470,16 @@ def _traced(model: nn.Module, inputs: Tuple[torch.Tensor, ...], dynamic_batch: b
         batch = torch.export.Dim("batch")
         dynamic_shapes = tuple({0: batch} if t.dim() > 0 else None for t in inputs)
     try:
-        program = torch.export.export(model, inputs, dynamic_shapes=dynamic_shapes, strict=False)
+        with _quiet_exporters():
+            program = torch.export.export(model, inputs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as exc:  # torch.export raises many types (UserError, GuardOnDataDependentSymNode, ...)
-        text = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-        raise ExportError(f"export_onnx: the model's forward cannot be traced by torch.export "
-                          f"({type(exc).__name__}: {text}); data-dependent control flow and Python side effects "
-                          f"are not exportable") from exc
+        lines = [line.strip() for line in str(exc).splitlines()]
+        # torch.export names the user's line that failed after this header
+        where = next((lines[i + 1] for i, line in enumerate(lines[:-1])
+                      if line.startswith("The following call raised this error")), "")
+        raise ExportError(f"export_onnx: the model's forward cannot be traced by torch.export"
+                          f"{' (' + where + ')' if where else ''}: {type(exc).__name__}: {_first_line(exc)}; "
+                          f"data-dependent control flow and Python side effects are not exportable") from exc
     for node in program.graph.nodes:
         target = node.target
         if node.op == "call_function" and getattr(target, "namespace", None) == "torchquant":
@@ -488,19 +515,13 @@ def _onnx_model(model: nn.Module, example_inputs, opset: Optional[int], dynamic_
         inputs = tuple(torch.cat([t, t]) if t.dim() > 0 and t.shape[0] == 1 else t for t in inputs)
     with torch.no_grad():
         program = _traced(copied, inputs, dynamic_batch)
-        # the exporter logs a warning for each optional library it finds missing (torchvision): not our concern
-        registration_log = logging.getLogger("torch.onnx._internal.exporter._registration")
-        level = registration_log.level
-        registration_log.setLevel(logging.ERROR)
         try:
-            onnx_program = torch.onnx.export(program, (), dynamo=True, opset_version=opset,
-                                             custom_translation_table=_translations(), verbose=False)
+            with _quiet_exporters():
+                onnx_program = torch.onnx.export(program, (), dynamo=True, opset_version=opset,
+                                                 custom_translation_table=_translations(), verbose=False)
         except Exception as exc:
-            text = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
             raise ExportError(f"export_onnx: torch.onnx could not convert the model ({type(exc).__name__}: "
-                              f"{text})") from exc
-        finally:
-            registration_log.setLevel(level)
+                              f"{_first_line(exc)})") from exc
     proto = onnx_program.model_proto
     tensors = _replace_placeholders(proto, model, names, opset)
     onnx.checker.check_model(proto)
