@@ -301,6 +301,26 @@ def test_a_layer_called_twice_and_an_unused_layer(preset):
     assert [n.op_type for n in proto.graph.node].count("MatMulInteger" if preset == "int8-dynamic" else "MatMul") == 2
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_learned_scales_and_an_untouched_model(static):
+    """A prepared model with learned (LSQ) scales exports the scales it would use; exporting never initialises
+    the model's own state (a weight scale is learned from its first use)."""
+    torch.manual_seed(0)
+    activation = QuantSpec(bits=8, signed=False, symmetric=False, granularity="per_tensor", learn_scale=True) \
+        if static else QuantSpec(bits=8, granularity="per_token", dynamic=True)
+    model = torchquant.prepare(MLP().eval(), QuantConfig(weight=QuantSpec(bits=4, learn_scale=True),
+                                                          activation=activation))
+    if static:
+        for layer in model.layers:  # observed ranges, as calibration would leave them, without running the model
+            layer.input_quantizer.observer(torch.randn(8, layer.in_features))
+            layer.input_quantizer.scale.data.fill_(0.05)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    _onnx_model(model, torch.randn(5, 24), None, True)
+    assert not any(layer.weight_quantizer.initialized.item() for layer in model.layers)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert check_export(model, torch.randn(5, 24)) > 0
+
+
 def test_half_precision_and_training_mode_models():
     """A float16 model is exported in float32; the model itself keeps its dtype and its training mode."""
     torch.manual_seed(0)

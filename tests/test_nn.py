@@ -334,3 +334,16 @@ def test_converted_bad_input():
         QuantLinear(4, 4, config="int8-static").convert()
     with pytest.raises(ValueError, match=r"bits must be in \[1, 8\], got 12"):
         QuantLinear(4, 4, config=QuantConfig(QuantSpec(bits=12)))
+
+
+def test_prepare_with_learned_scales():
+    """from_float builds the layer on the meta device first: learned-scale parameters must survive that."""
+    config = QuantConfig(QuantSpec(bits=4, learn_scale=True),
+                         QuantSpec(bits=8, signed=False, symmetric=False, granularity="per_tensor", learn_scale=True))
+    model = tq.prepare(nn.Sequential(nn.Linear(6, 5), nn.Conv2d(1, 2, 1)), config)
+    for layer in model:
+        scale = layer.weight_quantizer.scale
+        assert isinstance(scale, nn.Parameter) and scale.device.type == "cpu"
+        assert isinstance(layer.input_quantizer.scale, nn.Parameter)
+    model[0](torch.randn(3, 6)).sum().backward()
+    assert model[0].weight_quantizer.scale.grad is not None

@@ -506,6 +506,7 @@ def _onnx_model(model: nn.Module, example_inputs, opset: Optional[int], dynamic_
     if "" in names:
         raise ExportError("export_onnx: the model is itself a single quantized layer; wrap it in a module")
     copied = copy.deepcopy(model).cpu().float().eval()
+    quant_layers = [copied.get_submodule(name) for name in names]  # read from the copy: nothing touches the model
     for index, name in enumerate(names):
         parent_name, _, child = name.rpartition(".")
         parent = copied.get_submodule(parent_name) if parent_name else copied
@@ -523,12 +524,12 @@ def _onnx_model(model: nn.Module, example_inputs, opset: Optional[int], dynamic_
             raise ExportError(f"export_onnx: torch.onnx could not convert the model ({type(exc).__name__}: "
                               f"{_first_line(exc)})") from exc
     proto = onnx_program.model_proto
-    tensors = _replace_placeholders(proto, model, names, opset)
+    tensors = _replace_placeholders(proto, quant_layers, names, opset)
     onnx.checker.check_model(proto)
     return proto, tensors
 
 
-def _replace_placeholders(proto, model: nn.Module, names: Sequence[str], opset: int) -> dict:
+def _replace_placeholders(proto, quant_layers: Sequence[QuantLayerBase], names: Sequence[str], opset: int) -> dict:
     """Replaces each placeholder node of proto by its layer's subgraph (layers sharing an input and a dynamic
     format: one subgraph) and drops the placeholder domain. Returns _onnx_model's layer -> tensor names map."""
     graph = proto.graph
@@ -536,7 +537,7 @@ def _replace_placeholders(proto, model: nn.Module, names: Sequence[str], opset: 
     called = {i: next(a.i for a in node.attribute if a.name == "index")
               for i, node in enumerate(original) if node.domain == _DOMAIN}
     # the integer state of the layers the forward calls (a layer it never calls may be uncalibrated)
-    states = {index: _layer_state(names[index], model.get_submodule(names[index])) for index in set(called.values())}
+    states = {index: _layer_state(names[index], quant_layers[index]) for index in set(called.values())}
     placeholders = {i: states[index] for i, index in called.items()}
     groups = {}
     for i, layer in placeholders.items():
