@@ -335,21 +335,25 @@ def test_half_precision_and_training_mode_models():
         assert cosine(torch.from_numpy(output), model(x.half()).float()) >= 0.999
 
 
-def test_first_layer_integers_equal_the_converted_models_own():
-    """The first layer sees the model's input: onnxruntime's integers there are the ones torchquant's converted
-    model computes itself. (Later layers see float outputs that may differ in the last bit: torchquant's CPU
-    epilogue acc * x_scale * w_scale + bias may be contracted into a fused multiply-add.)"""
+def test_converted_mlp_integers_equal_the_converted_models_own():
+    """Between ReLU-separated dynamic Linear layers every float step is the same float32 arithmetic in torchquant's
+    CPU kernel and in the exported graph (acc * x_scale * w_scale + bias, no fused multiply-add): onnxruntime's
+    integers equal the ones torchquant's converted model computes itself at every layer, and so do the outputs."""
     model = torchquant.convert(mixed_mlp("dynamic"))
     x = torch.randn(9, 24) * 2
-    first = model.layers[0]
-    captured = []
-    hook = first.register_forward_pre_hook(lambda m, args: captured.append(torchquant_integers(m, args[0])))
+    captured = {}
+    layers = quantized_layers(model)
+    hooks = [layer.register_forward_pre_hook(lambda m, args, name=name: captured.__setitem__(
+        name, torchquant_integers(m, args[0]))) for name, layer in layers.items()]
     with torch.no_grad():
-        model(x)
-    hook.remove()
+        expected = model(x)
+    for hook in hooks:
+        hook.remove()
     proto, tensors = _onnx_model(model, x, None, True)
-    _, values = run_onnx(proto, (x,), [tensors["layers.0"][1]])
-    assert torch.equal(onnx_integers(first, values[tensors["layers.0"][1]]), captured[0])
+    (output, *_), values = run_onnx(proto, (x,), [q for _, q in tensors.values()])
+    for name, (_, q_name) in tensors.items():
+        assert torch.equal(onnx_integers(layers[name], values[q_name]), captured[name]), name
+    assert torch.equal(torch.from_numpy(output), expected)
 
 
 TIE_SPECS = {
