@@ -198,6 +198,19 @@ def test_digits_cnn_presets(preset, converted):
     assert check_export(model, torch.rand(7, 1, 8, 8)) > 0
 
 
+@pytest.mark.parametrize("preset", ["int8-dynamic", "int8-static"])
+@pytest.mark.parametrize("converted", [False, True], ids=["prepared", "converted"])
+def test_folded_batchnorm(preset, converted):
+    """A prepared layer with a folded BatchNorm exports the folded weight and bias, as convert stores them."""
+    from torchquant.examples import DigitsBNCNN
+    torch.manual_seed(0)
+    model = torchquant.prepare(DigitsBNCNN().eval(), preset)
+    calibrated(model, [torch.rand(16, 1, 8, 8)])
+    if converted:
+        torchquant.convert(model)
+    assert check_export(model, torch.rand(4, 1, 8, 8)) > 0
+
+
 @pytest.mark.parametrize("preset", ["int8-dynamic", "int8-static", "w4a8-dynamic"])
 @pytest.mark.parametrize("rounding", ["nearest", "truncate"])
 def test_residual_block_presets(preset, rounding):

@@ -98,11 +98,12 @@ def _layer_state(name: str, layer: QuantLayerBase) -> _Layer:
     spec = layer.config.weight
     with torch.no_grad():
         if layer.converted:
-            weight, scale = layer._weight_int8(), layer.weight_scale
-        else:
-            weight, scale = layer.weight_quantizer.quantize(layer.weight)
+            weight, scale, bias = layer._weight_int8(), layer.weight_scale, layer.bias
+        else:  # the weight and bias a folded BatchNorm makes, quantized as convert would
+            float_weight, bias = layer.float_weight_bias()
+            weight, scale = layer.weight_quantizer.quantize(float_weight)
     weight, scale = weight.detach().cpu(), scale.detach().cpu().float()
-    bias = None if layer.bias is None else layer.bias.detach().cpu().float()
+    bias = None if bias is None else bias.detach().cpu().float()
     quantizer = layer.input_quantizer
     activation = None
     if quantizer is not None:
