@@ -16,7 +16,8 @@ enum class CutlassTile { Large, StreamK };
 CutlassTile cutlass_tile_for(int M, int N);
 
 // Whether the kernels can take the GEMM: one group, 16-byte aligned operand rows (K is a multiple of 16 already) and
-// output rows: TMA stores need ldo * element size and the output pointer to be multiples of 16 bytes.
+// output rows: TMA stores need N * element size, ldo * element size and the output pointer to be multiples of 16
+// bytes.
 bool cutlass_can_run(const GemmArgs& args, const void* out, int64_t ldo, int64_t out_element_size);
 
 void run_cutlass_gemm(CutlassTile tile, const GemmArgs& args, const Int32Epilogue& epilogue);

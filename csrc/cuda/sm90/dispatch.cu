@@ -18,7 +18,7 @@ CutlassTile cutlass_tile_for(int M, int N) {
 bool cutlass_can_run(const GemmArgs& args, const void* out, int64_t ldo, int64_t out_element_size) {
   return args.groups == 1 && args.K % 16 == 0 && args.lda % 16 == 0 && args.ldb % 16 == 0 &&
          is_aligned<int8_t, 16>(args.a) && is_aligned<int8_t, 16>(args.b) && (ldo * out_element_size) % 16 == 0 &&
-         reinterpret_cast<uintptr_t>(out) % 16 == 0;
+         (args.N * out_element_size) % 16 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0;
 }
 
 void run_cutlass_gemm(CutlassTile tile, bool a_unsigned, const GemmArgs& args, const DequantEpilogue& epilogue) {
