@@ -118,7 +118,7 @@ def test_int8_mm_large_tiles_match_cpu_and_int_mm(monkeypatch, m, k, n):
 
 def test_int8_mm_odd_k_and_unaligned_n_fall_back(monkeypatch):
     """K = 7 is zero-padded to 16 (CUTLASS runs); N = 3 leaves int32 rows of 12 bytes: mma.sync runs."""
-    a, b = randint8((40, 7), 3), randint8((7, 30), 4)
+    a, b = randint8((40, 7), 3), randint8((7, 32), 4)
     names, out = kernels_run(monkeypatch, "", ops.int8_mm, a, b)
     assert CUTLASS_KERNEL in names and torch.equal(out.cpu().long(), exact_mm(a, b))
     names, out = kernels_run(monkeypatch, "", ops.int8_mm, a, b[:, :3])
@@ -184,9 +184,10 @@ def linear_reference(args, w):
     return y + bias.cpu().double(), y.abs() + bias.cpu().double().abs()
 
 
-# (M, K, N): stream-K with K spread over the GPU (40 x 4112 x 600), odd M and K, N = 8 (bf16/fp16 rows of exactly
-# 16 bytes), the 128 x 256 kernel (2048 x 1024 x 2560 fills 132 multiprocessors), and batch 1 (CUTLASS forced)
-LINEAR_SHAPES = [(1, 64, 64), (17, 72, 8), (300, 200, 136), (40, 4112, 600), (1024, 1024, 520), (2048, 1024, 2560)]
+# (M, K, N), N a multiple of 16 so that every output type's rows are multiples of 16 bytes: stream-K with K spread
+# over the GPU (40 x 4112 x 608), odd M and K, N = 16 (int8 rows of exactly 16 bytes), N tails of the 128 x 128 and
+# 128 x 256 tiles, the 128 x 256 kernel (2048 x 1024 x 2560 fills 132 multiprocessors), batch 1 (CUTLASS forced)
+LINEAR_SHAPES = [(1, 64, 64), (17, 72, 16), (300, 200, 144), (40, 4112, 608), (1024, 1024, 528), (2048, 1024, 2560)]
 
 
 @pytest.mark.parametrize("m,k,n", LINEAR_SHAPES)
@@ -195,10 +196,17 @@ LINEAR_SHAPES = [(1, 64, 64), (17, 72, 8), (300, 200, 136), (40, 4112, 600), (10
 def test_int8_linear_identical_to_mma(monkeypatch, m, k, n, x_dtype, per_token, with_bias):
     args, w = linear_case(m, k, n, x_dtype, per_token, with_bias, m + k + n)
     exact, magnitude = linear_reference(args, w)
-    for out_dtype, out_scale, out_zp in OUTPUTS:
-        names, cutlass = kernels_run(monkeypatch, "cutlass", ops.int8_linear, *args, out_dtype, out_scale, out_zp)
-        assert CUTLASS_KERNEL in names, f"{out_dtype} M={m} K={k} N={n} did not run CUTLASS"
-        mma = under(monkeypatch, "mma", ops.int8_linear, *args, out_dtype, out_scale, out_zp)
+
+    def every_output():
+        return [ops.int8_linear(*args, out_dtype, out_scale, out_zp) for out_dtype, out_scale, out_zp in OUTPUTS]
+
+    monkeypatch.setenv(GEMM_VARIABLE, "cutlass")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        outputs = every_output()
+        torch.cuda.synchronize()
+    kernels = {event.key for event in prof.key_averages() if CUTLASS_KERNEL in event.key}
+    assert len(kernels) == len(OUTPUTS), f"M={m} K={k} N={n}: {len(kernels)} CUTLASS kernels ran"  # one per dtype
+    for (out_dtype, _, _), cutlass, mma in zip(OUTPUTS, outputs, under(monkeypatch, "mma", every_output)):
         assert_same_bits(mma, cutlass, f"{out_dtype} M={m} K={k} N={n}")
         if out_dtype == torch.float32:
             assert_float32_rounding(cutlass, exact, magnitude)
