@@ -73,8 +73,8 @@ def cutlass_include_dirs():
         if spec is None or spec.origin is None:
             sys.exit(
                 "building the sm_90a kernels (TORCH_CUDA_ARCH_LIST has 9.0) needs the CUTLASS headers: "
-                f"`pip install {CUTLASS_REQUIREMENT}` (or `pip install torchquant[cuda]`), or point CUTLASS_INCLUDE_DIR "
-                "at a CUTLASS include folder; or leave 9.0 out of TORCH_CUDA_ARCH_LIST"
+                f"`pip install {CUTLASS_REQUIREMENT}` (or `pip install torchquant[cuda]`), or point "
+                "CUTLASS_INCLUDE_DIR at a CUTLASS include folder; or leave 9.0 out of TORCH_CUDA_ARCH_LIST"
             )
         folder = os.path.join(os.path.dirname(spec.origin), "source", "include")
         where = f"the installed cutlass_library ({spec.origin})"

@@ -15,7 +15,8 @@ if ! "$PY" -c "import torch; assert torch.version.cuda" 2>/dev/null; then
   "$PY" -m pip install -q ninja torch==2.14.1
 fi
 CUTLASS_REQUIREMENT=$(sed -n 's/^CUTLASS_REQUIREMENT = "\(.*\)"$/\1/p' setup.py)  # the pinned nvidia-cutlass
-if ! "$PY" -c "import importlib.metadata as m, sys; sys.exit(m.version('nvidia-cutlass') != '${CUTLASS_REQUIREMENT#*==}')" \
+CUTLASS_VERSION=${CUTLASS_REQUIREMENT#*==}
+if ! "$PY" -c "import importlib.metadata as m, sys; sys.exit(m.version('nvidia-cutlass') != '$CUTLASS_VERSION')" \
     2>/dev/null; then
   "$PY" -m pip install -q "$CUTLASS_REQUIREMENT"
 fi
@@ -47,9 +48,10 @@ if any(a.split("+")[0] in ("9.0", "9.0a") for a in archs):
     if b"gemm_wgmma_kernel" not in data:
         raise SystemExit("the arch list has 9.0 but the library holds no gemm_wgmma_kernel (csrc/cuda/gemm_sm90.cu)")
     # the mangled names of the CUTLASS kernels: TMA warp-specialized main loop, int8 x int8 and uint8 x int8 wgmma
-    for needle in (b"MainloopSm90TmaGmmaWarpSpecialized", b"MMA_64x256x32_S32S8S8_SS_TN", b"MMA_64x256x32_S32U8S8_SS_TN",
-                   b"StreamKScheduler"):
+    for needle in (b"MainloopSm90TmaGmmaWarpSpecialized", b"MMA_64x256x32_S32S8S8_SS_TN",
+                   b"MMA_64x256x32_S32U8S8_SS_TN", b"StreamKScheduler"):
         if needle not in data:
-            raise SystemExit(f"the arch list has 9.0 but the library holds no {needle.decode()} kernel (csrc/cuda/sm90)")
+            raise SystemExit(f"the arch list has 9.0 but the library holds no {needle.decode()} kernel "
+                             "(csrc/cuda/sm90)")
     print("the sm_90a CUTLASS and wgmma GEMM kernels are built in")
 PYEOF

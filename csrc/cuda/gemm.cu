@@ -311,11 +311,13 @@ GemmKernel requested_gemm_kernel() {
   return GemmKernel::Wgmma;
 }
 
+#if defined(TORCHQUANT_WGMMA) || defined(TORCHQUANT_CUTLASS)
 // Whether the current device runs the sm_90a image: compute capability 9.0 exactly (sm_90a code runs on no other).
 bool sm90a_device() {
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   return prop->major == 9 && prop->minor == 0;
 }
+#endif
 
 // The tiled kernel behind the mma.sync fallback: the wgmma kernel only where it was asked for and exists (built for
 // sm_90a, i.e. TORCHQUANT_WGMMA, on a compute capability 9.0 device); elsewhere mma.sync.
@@ -332,7 +334,6 @@ TiledKernel tiled_kernel(GemmKernel requested) {
 
 #if defined(TORCHQUANT_CUTLASS)
 int64_t output_element_size(const Int32Epilogue&) { return 4; }
-const void* output_pointer(const Int32Epilogue& e) { return e.out; }
 int64_t output_element_size(const DequantEpilogue& e) {
   switch (e.kind) {
     case OutKind::Float32: return 4;
@@ -340,7 +341,6 @@ int64_t output_element_size(const DequantEpilogue& e) {
     default: return 1;
   }
 }
-const void* output_pointer(const DequantEpilogue& e) { return e.out; }
 
 void run_cutlass(const GemmArgs& args, bool, const Int32Epilogue& e) {
   sm90::run_cutlass_gemm(sm90::cutlass_tile_for(args.M, args.N), args, e);
@@ -355,7 +355,7 @@ template <typename Epilogue>
 bool launched_cutlass(const GemmArgs& args, bool a_unsigned, const Epilogue& epilogue, GemmKernel requested) {
   const bool wanted = requested == GemmKernel::Cutlass || (requested == GemmKernel::Auto && args.M > kSmallMaxM);
   if (!wanted || !sm90a_device() ||
-      !sm90::cutlass_can_run(args, output_pointer(epilogue), epilogue.ldo, output_element_size(epilogue)))
+      !sm90::cutlass_can_run(args, epilogue.out, epilogue.ldo, output_element_size(epilogue)))
     return false;
   run_cutlass(args, a_unsigned, epilogue);
   return true;
