@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import torchquant
+from conftest import exact_mm, randint8
 from torchquant._ops import ops
 
 CUDA = torch.cuda.is_available() and torchquant.has_cuda_kernels()
@@ -24,18 +25,6 @@ pytestmark = [pytest.mark.cuda,
 
 GEMM_VARIABLE = "TORCHQUANT_CUDA_GEMM"
 CUTLASS_KERNEL = "GemmUniversal"  # in the name of every CUTLASS 3.x kernel (cutlass::device_kernel<GemmUniversal<..>>)
-
-
-def randint8(shape, seed, dtype=torch.int8):
-    low, high = (-128, 128) if dtype == torch.int8 else (0, 256)
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(low, high, shape, generator=g, dtype=torch.int16).to(dtype).cuda()
-
-
-def exact_mm(a, b):
-    """The exact product as int64: float64 on the GPU loses nothing while |sums| <= K * 2^14 < 2^53."""
-    assert a.shape[1] * 2 ** 14 < 2 ** 53
-    return (a.double() @ b.double()).long()
 
 
 def kernels_run(monkeypatch, kernel, fn, *args):
@@ -75,7 +64,7 @@ def assert_float32_rounding(actual, exact, magnitude):
 # ---------------------------------------------------------------------------------------------------------------
 
 def test_cutlass_is_the_default_above_16_rows(monkeypatch):
-    a, b = randint8((300, 256), 1), randint8((256, 320), 2)
+    a, b = randint8((300, 256), 1, device="cuda"), randint8((256, 320), 2, device="cuda")
     names, out = kernels_run(monkeypatch, "", ops.int8_mm, a, b)
     assert CUTLASS_KERNEL in names, f"the automatic choice did not run CUTLASS: {names}"
     assert torch.equal(out.long(), exact_mm(a, b))
@@ -100,7 +89,7 @@ def test_int8_mm_exact_on_every_tail(monkeypatch, kernel, k):
     monkeypatch.setenv(GEMM_VARIABLE, kernel)
     for m in TAIL_M:
         for n in TAIL_N:
-            a, b = randint8((m, k), m * 31 + k), randint8((k, n), n * 17 + k)
+            a, b = randint8((m, k), m * 31 + k, device="cuda"), randint8((k, n), n * 17 + k, device="cuda")
             a[0], b[:, -1] = -128, -128  # the largest sums
             out = ops.int8_mm(a, b)
             assert out.dtype == torch.int32 and out.shape == (m, n)
@@ -110,7 +99,7 @@ def test_int8_mm_exact_on_every_tail(monkeypatch, kernel, k):
 @pytest.mark.parametrize("m,k,n", [(4096, 4096, 4096), (2048, 1040, 8192), (8192, 256, 1040)])
 def test_int8_mm_large_tiles_match_cpu_and_int_mm(monkeypatch, m, k, n):
     """Grids that fill the GPU (the 128 x 256 cluster kernel), against the CPU kernel and cuBLASLt."""
-    a, b = randint8((m, k), m + k), randint8((k, n), k + n)
+    a, b = randint8((m, k), m + k, device="cuda"), randint8((k, n), k + n, device="cuda")
     names, out = kernels_run(monkeypatch, "", ops.int8_mm, a, b)
     assert CUTLASS_KERNEL in names
     assert torch.equal(out.cpu(), ops.int8_mm(a.cpu(), b.cpu()))
@@ -119,7 +108,7 @@ def test_int8_mm_large_tiles_match_cpu_and_int_mm(monkeypatch, m, k, n):
 
 def test_int8_mm_odd_k_and_unaligned_n_fall_back(monkeypatch):
     """K = 7 is zero-padded to 16 (CUTLASS runs); N = 3 leaves int32 rows of 12 bytes: mma.sync runs."""
-    a, b = randint8((40, 7), 3), randint8((7, 32), 4)
+    a, b = randint8((40, 7), 3, device="cuda"), randint8((7, 32), 4, device="cuda")
     names, out = kernels_run(monkeypatch, "", ops.int8_mm, a, b)
     assert CUTLASS_KERNEL in names and torch.equal(out.long(), exact_mm(a, b))
     names, out = kernels_run(monkeypatch, "", ops.int8_mm, a, b[:, :3])
@@ -130,26 +119,26 @@ def test_int8_mm_odd_k_and_unaligned_n_fall_back(monkeypatch):
 @pytest.mark.parametrize("layout", ["a_transposed", "b_row_major", "sliced", "offset"])
 def test_int8_mm_any_strides(monkeypatch, kernel, layout):
     m, k, n = 260, 200, 300
-    a, b = randint8((m, k), 3), randint8((k, n), 4)
+    a, b = randint8((m, k), 3, device="cuda"), randint8((k, n), 4, device="cuda")
     if layout == "a_transposed":
         a = a.t().contiguous().t()
     elif layout == "b_row_major":
         b = b.contiguous()
     elif layout == "sliced":
-        a = randint8((m, 2 * k), 5)[:, ::2]
-        b = randint8((2 * k, n + 3), 6)[1::2, 3:]
+        a = randint8((m, 2 * k), 5, device="cuda")[:, ::2]
+        b = randint8((2 * k, n + 3), 6, device="cuda")[1::2, 3:]
     elif layout == "offset":
-        a = randint8((m * k + 1,), 7)[1:].view(m, k)
+        a = randint8((m * k + 1,), 7, device="cuda")[1:].view(m, k)
     assert torch.equal(under(monkeypatch, kernel, ops.int8_mm, a, b).long(), exact_mm(a, b))
 
 
 def test_empty_inputs(monkeypatch):
     monkeypatch.setenv(GEMM_VARIABLE, "cutlass")
-    assert ops.int8_mm(randint8((0, 32), 1), randint8((32, 8), 2)).shape == (0, 8)
-    zeros = torch.zeros(5, 8, dtype=torch.int32)
-    assert torch.equal(ops.int8_mm(randint8((5, 0), 1), randint8((0, 8), 2)).cpu(), zeros)
-    w = ops.pack_int8_weight(randint8((8, 32), 3))
-    out = ops.int8_linear(randint8((0, 32), 4), torch.ones(1, device="cuda"), 0, w,
+    assert ops.int8_mm(randint8((0, 32), 1, device="cuda"), randint8((32, 8), 2, device="cuda")).shape == (0, 8)
+    k0 = ops.int8_mm(randint8((5, 0), 1, device="cuda"), randint8((0, 8), 2, device="cuda"))
+    assert torch.equal(k0.cpu(), torch.zeros(5, 8, dtype=torch.int32))
+    w = ops.pack_int8_weight(randint8((8, 32), 3, device="cuda"))
+    out = ops.int8_linear(randint8((0, 32), 4, device="cuda"), torch.ones(1, device="cuda"), 0, w,
                           torch.zeros(8, dtype=torch.int32, device="cuda"), torch.ones(8, device="cuda"), None, 8,
                           torch.bfloat16, None, 0)
     assert out.shape == (0, 8) and out.dtype == torch.bfloat16
@@ -166,9 +155,9 @@ OUTPUTS = [(torch.float32, None, 0), (torch.float16, None, 0), (torch.bfloat16, 
 def linear_case(m, k, n, x_dtype, per_token, with_bias, seed):
     """(the int8_linear arguments up to out_features, on the GPU; the weight [n, k] on the CPU)."""
     g = torch.Generator().manual_seed(seed)
-    x_q = randint8((m, k), seed, x_dtype)
+    x_q = randint8((m, k), seed, dtype=x_dtype, device="cuda")
     x_zp = 0 if x_dtype == torch.int8 else 113
-    w = randint8((n, k), seed + 1)
+    w = randint8((n, k), seed + 1, device="cuda")
     x_scale = (torch.rand(m if per_token else 1, generator=g) * 0.1 + 0.01).cuda()
     w_scale = (torch.rand(n, generator=g) * 0.01 + 0.001).cuda()
     bias = torch.randn(n, generator=g).cuda() if with_bias else None
@@ -215,9 +204,9 @@ def test_int8_linear_identical_to_mma(monkeypatch, m, k, n, x_dtype, per_token, 
 
 def test_int8_linear_negative_zero_and_nan_pass_through(monkeypatch):
     """Without bias the bias node adds -0.0: -0.0 outputs keep their sign, NaN scales give NaN."""
-    x_q = randint8((32, 64), 1)
+    x_q = randint8((32, 64), 1, device="cuda")
     x_q[0] = 0
-    w = ops.pack_int8_weight(randint8((64, 64), 2))
+    w = ops.pack_int8_weight(randint8((64, 64), 2, device="cuda"))
     w_sum = torch.zeros(64, dtype=torch.int32, device="cuda")
     x_scale = torch.full((32,), -0.5, device="cuda")
     x_scale[1] = float("nan")
@@ -280,8 +269,9 @@ def test_dynamic_int8_linear_batched(monkeypatch):
 ])
 @pytest.mark.parametrize("x_dtype", [torch.int8, torch.uint8])
 def test_int8_conv2d_identical_to_mma(monkeypatch, kernel, stride, padding, channels, out_channels, x_dtype):
-    x_q = randint8((4, channels, 15, 15), channels + kernel, x_dtype).contiguous(memory_format=torch.channels_last)
-    w = randint8((out_channels, channels, kernel, kernel), out_channels + kernel)
+    x_q = randint8((4, channels, 15, 15), channels + kernel, dtype=x_dtype, device="cuda")
+    x_q = x_q.contiguous(memory_format=torch.channels_last)
+    w = randint8((out_channels, channels, kernel, kernel), out_channels + kernel, device="cuda")
     packed = ops.pack_int8_weight(w.permute(0, 2, 3, 1).reshape(1, out_channels, -1))
     w_sum = w.int().sum((1, 2, 3), dtype=torch.int32)
     x_scale = torch.tensor([0.02], device="cuda")
@@ -303,8 +293,8 @@ def test_int8_conv2d_identical_to_mma(monkeypatch, kernel, stride, padding, chan
 
 
 def test_grouped_conv2d_falls_back(monkeypatch):
-    x_q = randint8((2, 64, 10, 10), 1).contiguous(memory_format=torch.channels_last)
-    w = randint8((64, 32, 3, 3), 2)
+    x_q = randint8((2, 64, 10, 10), 1, device="cuda").contiguous(memory_format=torch.channels_last)
+    w = randint8((64, 32, 3, 3), 2, device="cuda")
     packed = ops.pack_int8_weight(w.permute(0, 2, 3, 1).reshape(2, 32, -1))
     args = (x_q, torch.tensor([0.02], device="cuda"), 0, packed, w.int().sum((1, 2, 3), dtype=torch.int32),
             torch.full((64,), 0.01, device="cuda"), None, 64, [3, 3], [1, 1], [1, 1], [1, 1], 2, torch.float32)
