@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import torchquant
-from conftest import exact_mm, randint8
+from conftest import bit_patterns, exact_mm, randint8
 from torchquant._ops import ops
 
 CUDA = torch.cuda.is_available() and torchquant.has_cuda_kernels()
@@ -44,10 +44,7 @@ def under(monkeypatch, kernel, fn, *args):
 def assert_same_bits(expected, actual, what=""):
     """Identical bytes (a float compared by its bit pattern: -0.0 is not 0.0, NaN equals the same NaN)."""
     assert expected.dtype == actual.dtype and expected.shape == actual.shape
-    if expected.is_floating_point():
-        bits = {4: torch.int32, 2: torch.int16}[expected.element_size()]
-        expected, actual = expected.view(bits), actual.view(bits)
-    differ = (expected != actual).sum().item()
+    differ = (bit_patterns(expected) != bit_patterns(actual)).sum().item()
     assert differ == 0, f"{what}: {differ} of {expected.numel()} elements differ"
 
 
