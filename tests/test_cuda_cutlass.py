@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import torchquant
 from conftest import bit_patterns, exact_mm, randint8
 from torchquant._ops import ops
+from torchquant._ops.gemm import dynamic_int8_linear, pack_conv_weight
 
 CUDA = torch.cuda.is_available() and torchquant.has_cuda_kernels()
 HOPPER = CUDA and torch.cuda.get_device_capability() == (9, 0)
@@ -245,7 +246,6 @@ def test_dynamic_int8_linear_batched(monkeypatch):
     w_scale = w.abs().amax(1) / 127
     w_q = torch.round(w / w_scale[:, None]).clamp(-127, 127).to(torch.int8)
     bias = torch.randn(1536, device="cuda")
-    from torchquant._ops.gemm import dynamic_int8_linear
     y = dynamic_int8_linear(x, ops.pack_int8_weight(w_q), w_q.sum(1, dtype=torch.int32), w_scale, bias,
                             out_features=1536)
     assert y.shape == (4, 75, 1536) and y.dtype == torch.bfloat16
@@ -269,7 +269,7 @@ def test_int8_conv2d_identical_to_mma(monkeypatch, kernel, stride, padding, chan
     x_q = randint8((4, channels, 15, 15), channels + kernel, dtype=x_dtype, device="cuda")
     x_q = x_q.contiguous(memory_format=torch.channels_last)
     w = randint8((out_channels, channels, kernel, kernel), out_channels + kernel, device="cuda")
-    packed = ops.pack_int8_weight(w.permute(0, 2, 3, 1).reshape(1, out_channels, -1))
+    packed = pack_conv_weight(w)
     w_sum = w.int().sum((1, 2, 3), dtype=torch.int32)
     x_scale = torch.tensor([0.02], device="cuda")
     w_scale = torch.rand(out_channels, device="cuda") * 0.01 + 0.001
@@ -292,7 +292,7 @@ def test_int8_conv2d_identical_to_mma(monkeypatch, kernel, stride, padding, chan
 def test_grouped_conv2d_falls_back(monkeypatch):
     x_q = randint8((2, 64, 10, 10), 1, device="cuda").contiguous(memory_format=torch.channels_last)
     w = randint8((64, 32, 3, 3), 2, device="cuda")
-    packed = ops.pack_int8_weight(w.permute(0, 2, 3, 1).reshape(2, 32, -1))
+    packed = pack_conv_weight(w, 2)
     args = (x_q, torch.tensor([0.02], device="cuda"), 0, packed, w.int().sum((1, 2, 3), dtype=torch.int32),
             torch.full((64,), 0.01, device="cuda"), None, 64, [3, 3], [1, 1], [1, 1], [1, 1], 2, torch.float32)
     names, out = kernels_run(monkeypatch, "cutlass", ops.int8_conv2d, *args)
