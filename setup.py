@@ -54,6 +54,35 @@ def with_sm90a(arch_list: str):
     return ";".join("9.0a" + a[len("9.0"):] if a.split("+")[0] == "9.0" else a for a in archs)
 
 
+CUTLASS_REQUIREMENT = "nvidia-cutlass==4.2.0.0"
+
+
+def cutlass_include_dirs():
+    """The CUTLASS/CuTe header folder (holding cutlass/ and cute/) for the sm_90a GEMMs of csrc/cuda/sm90.
+
+    CUTLASS_INCLUDE_DIR names it explicitly (e.g. a CUTLASS checkout's include/); otherwise it comes from the
+    installed nvidia-cutlass wheel (the `cuda` extra), which ships the headers under cutlass_library/source/include.
+    """
+    folder = os.environ.get("CUTLASS_INCLUDE_DIR")
+    if folder:
+        where = f"CUTLASS_INCLUDE_DIR={folder}"
+    else:
+        import importlib.util
+
+        spec = importlib.util.find_spec("cutlass_library")
+        if spec is None or spec.origin is None:
+            sys.exit(
+                "building the sm_90a kernels (TORCH_CUDA_ARCH_LIST has 9.0) needs the CUTLASS headers: "
+                f"`pip install {CUTLASS_REQUIREMENT}` (or `pip install torchquant[cuda]`), or point "
+                "CUTLASS_INCLUDE_DIR at a CUTLASS include folder; or leave 9.0 out of TORCH_CUDA_ARCH_LIST"
+            )
+        folder = os.path.join(os.path.dirname(spec.origin), "source", "include")
+        where = f"the installed cutlass_library ({spec.origin})"
+    if not os.path.isfile(os.path.join(folder, "cutlass", "gemm", "collective", "collective_builder.hpp")):
+        sys.exit(f"no CUTLASS 3.x headers (cutlass/gemm/collective/collective_builder.hpp) in {folder}, from {where}")
+    return [folder]
+
+
 def rel(paths):
     return sorted(os.path.relpath(p, ROOT) for p in paths)
 
@@ -80,7 +109,11 @@ def extension():
         hopper = with_sm90a(arch_list)
         if hopper is not None:
             os.environ["TORCH_CUDA_ARCH_LIST"] = hopper
-            extra["nvcc"].append("-DTORCHQUANT_WGMMA")  # the wgmma GEMM of csrc/cuda/gemm_sm90.cu is built
+            # the CUTLASS GEMMs of csrc/cuda/sm90 (one translation unit per activation/output type pair, so that
+            # MAX_JOBS compiles them in parallel) and the wgmma GEMM of csrc/cuda/gemm_sm90.cu
+            sources += rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "sm90", "*.cu")))
+            include_dirs += cutlass_include_dirs()
+            extra["nvcc"] += ["-DTORCHQUANT_WGMMA", "-DTORCHQUANT_CUTLASS"]
         cxx_flags.append("-DTORCHQUANT_CUDA")
         return cpp_extension.CUDAExtension(
             "torchquant._C", sources, include_dirs=include_dirs, extra_compile_args=extra, extra_link_args=link_flags

@@ -1,6 +1,10 @@
 """Real models on a GPU: torchquant's converted layers against the bf16 model, the baseline there, in one process.
 
-Two parts, each written to --out as models-gpu-<part>.json and .md as soon as it ends:
+Three parts, each written to --out as models-gpu-<part>.json and .md as soon as it ends:
+- bert: a BERT-base-shaped encoder (12 post-norm layers, hidden 768, 12 heads, feed-forward 3072; random weights, a
+  fixed seed) on [32, 128, 768] bf16 hidden states, in fp32, bf16 and torchquant int8-dynamic (converted from the
+  bf16 model on the device: every Linear runs per-token quantize + int8 GEMM with the fused epilogue): latency and
+  the output's cosine similarity to the fp32 model.
 - minilm: all-MiniLM-L6-v2 on the device in fp32 (the quality reference), bf16 (the speed baseline) and quantized
   by torchquant from the bf16 model on the device (int8-dynamic, w4a8-dynamic, int8-static calibrated on sample
   sentences): embedding cosine, nearest-neighbour agreement and paraphrase retrieval against the fp32 model, and
@@ -34,8 +38,10 @@ from benchmarks.models import latency_rows, on_device, relative_errors
 FP32, BF16 = "fp32", "bf16"
 BASELINES = {"vs bf16": BF16, "vs fp32": FP32}  # speed-up columns: column -> baseline variant
 MINILM_PRESETS = ("int8-dynamic", "w4a8-dynamic", "int8-static")
-PARTS = ("minilm", "convnets")
+PARTS = ("bert", "minilm", "convnets")
 TITLES = {
+    "bert": "BERT-base-shaped encoder on the GPU (random weights, hidden 768, 12 heads): latency and output "
+            "cosine to fp32",
     "minilm-quality": "all-MiniLM-L6-v2 on the GPU: embeddings against the fp32 model (86 sentences, "
                       "26 paraphrase groups)",
     "minilm-latency": "all-MiniLM-L6-v2 on the GPU: latency (encoder + mean pooling)",
@@ -43,6 +49,7 @@ TITLES = {
                 "latency",
 }
 COLUMNS = {
+    "bert": ["input", "variant", "ms", "vs bf16", "vs fp32", "cosine"],
     "minilm-quality": ["variant", "cos_mean", "cos_min", "nn_agreement", "group_accuracy"],
     "minilm-latency": ["input", "variant", "ms", "vs bf16", "vs fp32"],
     "convnets": ["model", "input", "variant", "ms", "vs bf16", "vs fp32", "rel. error"],
@@ -58,6 +65,7 @@ LEGEND = {  # what the columns of each table mean, printed under the tables that
         "nn_agreement: fraction of sentences whose nearest neighbour (among the 86) is the one the fp32 model finds.",
         "group_accuracy: fraction of sentences whose nearest neighbour is a paraphrase from their own group."],
     "convnets": ["rel. error: ||y - y_fp32|| / ||y_fp32|| of the network output."],
+    "bert": ["cosine: cosine similarity of each token's output vector to the fp32 model's, the mean over tokens."],
 }
 
 T = TypeVar("T")
@@ -157,6 +165,67 @@ def minilm_rows(device: Union[str, torch.device] = "cuda", *, minilm_dir: Union[
     return rows + (latency or [])
 
 
+# ---------------------------------------------------------------- BERT-base-shaped encoder
+
+class EncoderLayer(nn.Module):
+    """A BERT encoder layer: self-attention (separate query/key/value projections) and a GELU feed-forward, each
+    followed by the residual sum and LayerNorm."""
+
+    def __init__(self, hidden: int, heads: int, ffn: int):
+        super().__init__()
+        self.heads = heads
+        self.query, self.key, self.value = (nn.Linear(hidden, hidden) for _ in range(3))
+        self.attention_out = nn.Linear(hidden, hidden)
+        self.attention_norm = nn.LayerNorm(hidden)
+        self.up = nn.Linear(hidden, ffn)
+        self.down = nn.Linear(ffn, hidden)
+        self.output_norm = nn.LayerNorm(hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, h = x.shape
+        q, k, v = (proj(x).view(b, t, self.heads, h // self.heads).transpose(1, 2)
+                   for proj in (self.query, self.key, self.value))
+        attention = nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, h)
+        x = self.attention_norm(x + self.attention_out(attention))
+        return self.output_norm(x + self.down(nn.functional.gelu(self.up(x))))
+
+
+def bert_encoder(layers: int = 12, hidden: int = 768, heads: int = 12, ffn: int = 3072) -> nn.Sequential:
+    return nn.Sequential(*(EncoderLayer(hidden, heads, ffn) for _ in range(layers))).eval()
+
+
+def bert_rows(device: Union[str, torch.device] = "cuda", *, batch: int = 32, tokens: int = 128, layers: int = 12,
+              repeats: int = 21, seed: int = 0) -> List[dict]:
+    """The bert rows on `device`: fp32 and bf16 against torchquant int8-dynamic (from the bf16 model)."""
+    device = torch.device(device)
+    rows: List[dict] = []
+    torch.manual_seed(seed)
+    model = bert_encoder(layers)
+    x = torch.randn(batch, tokens, 768, generator=torch.Generator().manual_seed(seed))
+    quantized = "torchquant int8-dynamic"
+    dtypes = {FP32: torch.float32, BF16: torch.bfloat16, quantized: torch.bfloat16}
+    builders = {FP32: lambda _: copy.deepcopy(model).to(device),
+                BF16: lambda _: copy.deepcopy(model).to(device, torch.bfloat16),
+                quantized: lambda done: models.torchquant_quantized(done[BF16], "int8-dynamic")}
+    variants = _checked_variants(rows, builders, {v: on_device((x,), device, dtypes[v]) for v in builders}, device)
+
+    def cosines() -> Dict[str, float]:
+        with torch.inference_mode():
+            outputs = {name: m(*on_device((x,), device, dtypes[name])).float() for name, m in variants.items()}
+        return {name: nn.functional.cosine_similarity(y, outputs[FP32], dim=-1).mean().item()
+                for name, y in outputs.items()}
+
+    similarity = _attempt(rows, "BERT output cosine", device, cosines) if FP32 in variants else None
+    latency = _attempt(rows, "BERT latency", device, lambda: latency_rows(
+        "BERT-base-shaped", variants, {f"{layers} layers, batch {batch} x {tokens} tokens": (x,)}, _current_threads(), repeats,
+        device=device, baselines=BASELINES, dtypes=dtypes)) or []
+    for row in latency:
+        if similarity and row["variant"] in similarity:
+            row["cosine"] = similarity[row["variant"]]
+        rows.append({"table": "bert", **row})
+    return rows
+
+
 # ---------------------------------------------------------------- ResNet-style convnets
 
 def _cudnn_autotune():
@@ -208,6 +277,7 @@ def convnet_rows(device: Union[str, torch.device] = "cuda", *, batches: Sequence
 # ---------------------------------------------------------------- running and reporting
 
 def run(parts: Sequence[str] = PARTS, *, device: Union[str, torch.device] = "cuda",
+        bert_batch: int = 32, bert_tokens: int = 128, bert_layers: int = 12,
         minilm_dir: Union[str, os.PathLike, None] = None, minilm_batches: Sequence[int] = (1, 8, 64),
         conv_batches: Sequence[int] = (1, 32), conv_size: int = 56, repeats: int = 21,
         progress: Optional[Callable[[str, List[dict]], None]] = None) -> List[dict]:
@@ -226,7 +296,11 @@ def run(parts: Sequence[str] = PARTS, *, device: Union[str, torch.device] = "cud
         raise ValueError(f"conv_size must be an int >= 8 (four stages halve it three times), got {conv_size!r}")
     if not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be a positive int, got {repeats!r}")
+    for name, value in (("bert_batch", bert_batch), ("bert_tokens", bert_tokens), ("bert_layers", bert_layers)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
     bodies = {
+        "bert": lambda: bert_rows(device, batch=bert_batch, tokens=bert_tokens, layers=bert_layers, repeats=repeats),
         "minilm": lambda: minilm_rows(device, minilm_dir=minilm_dir, batches=minilm_batches, repeats=repeats),
         "convnets": lambda: convnet_rows(device, batches=conv_batches, size=conv_size, repeats=repeats),
     }
@@ -265,6 +339,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="folder for models-gpu-<part>.json and .md (each written when its part ends)")
     parser.add_argument("--minilm-dir", help="the MiniLM bundle or model directory (default: "
                                              f"${minilm_lib.DIR_ENV}, else the installed package)")
+    parser.add_argument("--bert-batch", type=int, default=32)
+    parser.add_argument("--bert-tokens", type=int, default=128)
+    parser.add_argument("--bert-layers", type=int, default=12)
     parser.add_argument("--minilm-batches", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--conv-batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--conv-size", type=int, default=56, help="input height and width of the convnets")
@@ -289,7 +366,8 @@ def main(argv=None) -> int:
             f.write(format_report(part_rows, machine))
 
     try:
-        rows = run(args.parts, device=device, minilm_dir=args.minilm_dir, minilm_batches=tuple(args.minilm_batches),
+        rows = run(args.parts, device=device, bert_batch=args.bert_batch, bert_tokens=args.bert_tokens,
+                   bert_layers=args.bert_layers, minilm_dir=args.minilm_dir, minilm_batches=tuple(args.minilm_batches),
                    conv_batches=tuple(args.conv_batches), conv_size=args.conv_size, repeats=args.repeats,
                    progress=save)
     except ValueError as e:

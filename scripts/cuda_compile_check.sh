@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Compiles the extension with its CUDA kernels (nvcc; TORCH_CUDA_ARCH_LIST 9.0 by default, which setup.py builds as
-# sm_90a, with the wgmma GEMM of csrc/cuda/gemm_sm90.cu) against torch 2.14.1, the CUDA 13.0 build on local disk, in
-# its own venv, and checks that the built library registers CUDA kernels for every op (and holds the wgmma kernel
-# when the arch list has 9.0). Needs no GPU.
+# sm_90a, with the CUTLASS GEMMs of csrc/cuda/sm90 and the wgmma GEMM of csrc/cuda/gemm_sm90.cu) against torch
+# 2.14.1, the CUDA 13.0 build on local disk, in its own venv (CUDA_VENV, default .venv-cuda; the CUTLASS headers come
+# from the nvidia-cutlass wheel installed there), and checks that the built library registers CUDA kernels for every
+# op (and holds the CUTLASS and wgmma kernels when the arch list has 9.0). Needs no GPU. MAX_JOBS (default 2) sets
+# the parallel compiles: each CUTLASS translation unit takes about a minute of one core.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${CUDA_VENV:-.venv-cuda}
@@ -12,13 +14,21 @@ if ! "$PY" -c "import torch; assert torch.version.cuda" 2>/dev/null; then
   "$PY" -m pip install -q --upgrade pip wheel "setuptools>=77"
   "$PY" -m pip install -q ninja torch==2.14.1
 fi
+CUTLASS_REQUIREMENT=$(sed -n 's/^CUTLASS_REQUIREMENT = "\(.*\)"$/\1/p' setup.py)  # the pinned nvidia-cutlass
+CUTLASS_VERSION=${CUTLASS_REQUIREMENT#*==}
+if ! "$PY" -c "import importlib.metadata as m, sys; sys.exit(m.version('nvidia-cutlass') != '$CUTLASS_VERSION')" \
+    2>/dev/null; then
+  "$PY" -m pip install -q "$CUTLASS_REQUIREMENT"
+fi
 SITE=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export CPATH="$SITE/nvidia/cu13/include${CPATH:+:$CPATH}"  # cuBLAS/cuSPARSE headers come from the pip packages
 export MAX_JOBS=${MAX_JOBS:-2}
 rm -rf build-cuda
+start=$SECONDS
 TORCHQUANT_CUDA=1 "$PY" setup.py -q build_ext --build-lib build-cuda/lib --build-temp build-cuda/tmp
+echo "compiled in $((SECONDS - start)) s with MAX_JOBS=$MAX_JOBS"
 "$PY" - <<'PYEOF'
 import glob, os, torch
 lib = glob.glob("build-cuda/lib/torchquant/_C*.so")[0]
@@ -34,7 +44,14 @@ if missing:
 archs = os.environ["TORCH_CUDA_ARCH_LIST"].replace(" ", ";").split(";")
 if any(a.split("+")[0] in ("9.0", "9.0a") for a in archs):
     with open(lib, "rb") as f:
-        if b"gemm_wgmma_kernel" not in f.read():
-            raise SystemExit("the arch list has 9.0 but the library holds no gemm_wgmma_kernel (csrc/cuda/gemm_sm90.cu)")
-    print("the sm_90a wgmma GEMM kernel is built in")
+        data = f.read()
+    if b"gemm_wgmma_kernel" not in data:
+        raise SystemExit("the arch list has 9.0 but the library holds no gemm_wgmma_kernel (csrc/cuda/gemm_sm90.cu)")
+    # the mangled names of the CUTLASS kernels: TMA warp-specialized main loop, int8 x int8 and uint8 x int8 wgmma
+    for needle in (b"MainloopSm90TmaGmmaWarpSpecialized", b"MMA_64x256x32_S32S8S8_SS_TN",
+                   b"MMA_64x256x32_S32U8S8_SS_TN", b"StreamKScheduler"):
+        if needle not in data:
+            raise SystemExit(f"the arch list has 9.0 but the library holds no {needle.decode()} kernel "
+                             "(csrc/cuda/sm90)")
+    print("the sm_90a CUTLASS and wgmma GEMM kernels are built in")
 PYEOF

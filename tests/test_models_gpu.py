@@ -101,8 +101,8 @@ def _by_table(rows):
 
 
 def test_gpu_rows_run_every_variant(device, tiny_bundle):
-    rows = models_gpu.run(device=device, minilm_dir=tiny_bundle, minilm_batches=(1, 3), conv_batches=(2,),
-                          conv_size=8, repeats=1)
+    rows = models_gpu.run(device=device, bert_batch=2, bert_tokens=8, bert_layers=1, minilm_dir=tiny_bundle,
+                          minilm_batches=(1, 3), conv_batches=(2,), conv_size=8, repeats=1)
     tables = _by_table(rows)
     assert "note" not in tables, tables.get("note")
     variants = [models_gpu.FP32, models_gpu.BF16, *QUANTIZED]
@@ -122,6 +122,22 @@ def test_gpu_rows_run_every_variant(device, tiny_bundle):
         for v in (models_gpu.FP32, models_gpu.BF16, "torchquant int8-static")]
     errors = {r["variant"]: r["rel. error"] for r in convnets[:3]}
     assert errors[models_gpu.FP32] == 0.0 and 0.0 < errors[models_gpu.BF16] < errors["torchquant int8-static"] < 0.1
+    assert [r["variant"] for r in tables["bert"]] == [models_gpu.FP32, models_gpu.BF16, "torchquant int8-dynamic"]
+
+
+def test_bert_rows(device):
+    """The BERT-base-shaped encoder part (no transformers needed): two small layers, every variant timed, the
+    quantized output close to fp32 but less so than bf16's."""
+    rows = models_gpu.run(["bert"], device=device, bert_batch=2, bert_tokens=8, bert_layers=2, repeats=1)
+    tables = _by_table(rows)
+    assert "note" not in tables, tables.get("note")
+    bert = {r["variant"]: r for r in tables["bert"]}
+    assert list(bert) == [models_gpu.FP32, models_gpu.BF16, "torchquant int8-dynamic"]
+    assert all(r["input"] == "2 layers, batch 2 x 8 tokens" for r in bert.values())
+    assert bert[models_gpu.FP32]["cosine"] == pytest.approx(1.0)
+    assert 0.99 < bert["torchquant int8-dynamic"]["cosine"] < bert[models_gpu.BF16]["cosine"] <= 1.0 + 1e-6
+    assert all(r["ms"] > 0 and r["vs bf16"] > 0 and r["vs fp32"] > 0 for r in bert.values())
+    assert bert[models_gpu.BF16]["vs bf16"] == 1.0
 
 
 def test_failing_variant_is_reported_and_the_others_run(tmp_path, monkeypatch):
@@ -158,7 +174,8 @@ def test_bad_arguments():
                           ({"device": "cpu", "conv_batches": ()}, "conv_batches must be a non-empty"),
                           ({"device": "cpu", "minilm_batches": (0,)}, "minilm_batches must be a non-empty"),
                           ({"device": "cpu", "conv_size": 4}, "conv_size must be an int >= 8"),
-                          ({"device": "cpu", "repeats": 0}, "repeats must be a positive int")):
+                          ({"device": "cpu", "repeats": 0}, "repeats must be a positive int"),
+                          ({"device": "cpu", "bert_layers": 0}, "bert_layers must be a positive int")):
         with pytest.raises(ValueError, match=match):
             models_gpu.run(**kwargs)
     for argv in (["--parts", "bogus"], ["--device", "nonsense"], ["--device", "cpu", "--repeats", "0"]):

@@ -1,10 +1,10 @@
 """The Hopper wgmma GEMM kernel (csrc/cuda/gemm_sm90.cu), chosen with TORCHQUANT_CUDA_GEMM=wgmma.
 
-Integers are compared exactly (float64 products on the GPU are exact for these sizes) on every tail of its
-128 x 256 x 128-byte tiles, split-K included; the fused epilogues (float and requantized outputs, int8 and uint8
-activations, grouped convolutions) must give the very bytes of the default mma.sync kernel. These tests need a
-compute capability 9.0 GPU (the kernel exists nowhere else); benchmarks/gpu_check.sh also runs the GEMM, linear and
-conv cases of test_cuda.py and test_gemm.py under TORCHQUANT_CUDA_GEMM=wgmma.
+The tile tails and strided operands are checked in test_cuda_cutlass.py, for this kernel and CUTLASS; the fused
+epilogues (float and requantized outputs, int8 and uint8 activations, grouped convolutions) must give the very bytes
+of the mma.sync kernel. These tests need a compute capability 9.0 GPU (the kernel exists nowhere else);
+benchmarks/gpu_check.sh also runs the GEMM, linear and conv cases of test_cuda.py and test_gemm.py under
+TORCHQUANT_CUDA_GEMM=wgmma.
 """
 import pytest
 import torch
@@ -50,42 +50,6 @@ def test_wgmma_kernel_is_the_one_running(monkeypatch):
         "TORCHQUANT_CUDA_GEMM=wgmma did not run the wgmma kernel: was the extension built with 9.0 in "
         "TORCH_CUDA_ARCH_LIST (setup.py then builds sm_90a)?")
     assert "gemm_wgmma_kernel" not in kernels_run("mma")
-
-
-# M and N around the 128 x 256 tile (and the small-M limit 16); K around the 128-byte k-tile, including a K whose
-# last k-tile is a single 16-byte unit (4112 = 32 * 128 + 16), which also splits K over several blocks.
-TAIL_M = [17, 127, 128, 129, 300]
-TAIL_N = [1, 8, 255, 256, 257, 600]
-
-
-@needs_hopper
-@pytest.mark.parametrize("k", [16, 48, 144, 4112])
-def test_int8_mm_exact_on_every_tail(monkeypatch, k):
-    monkeypatch.setenv(GEMM_VARIABLE, "wgmma")
-    for m in TAIL_M:
-        for n in TAIL_N:
-            a, b = randint8((m, k), m * 31 + k, device="cuda"), randint8((k, n), n * 17 + k, device="cuda")
-            a[0], b[:, -1] = -128, -128  # the largest sums
-            out = ops.int8_mm(a, b)
-            assert out.dtype == torch.int32 and out.shape == (m, n)
-            assert torch.equal(out.long(), exact_mm(a, b)), f"M={m} N={n} K={k}"
-
-
-@needs_hopper
-@pytest.mark.parametrize("layout", ["a_transposed", "b_row_major", "sliced", "offset"])
-def test_int8_mm_any_strides(monkeypatch, layout):
-    m, k, n = 260, 200, 300
-    a, b = randint8((m, k), 3, device="cuda"), randint8((k, n), 4, device="cuda")
-    if layout == "a_transposed":
-        a = a.t().contiguous().t()
-    elif layout == "b_row_major":
-        b = b.contiguous()
-    elif layout == "sliced":
-        a = randint8((m, 2 * k), 5, device="cuda")[:, ::2]
-        b = randint8((2 * k, n + 3), 6, device="cuda")[1::2, 3:]
-    elif layout == "offset":
-        a = randint8((m * k + 1,), 7, device="cuda")[1:].view(m, k)
-    assert torch.equal(with_kernel(monkeypatch, "wgmma", ops.int8_mm, a, b).long(), exact_mm(a, b))
 
 
 @needs_hopper
@@ -144,13 +108,13 @@ def test_int8_conv2d_identical_to_mma(monkeypatch, groups, channels, out_channel
 
 @needs_cuda
 def test_gemm_variable_rejects_unknown_kernels(monkeypatch):
-    """Checked on every GEMM call, on any GPU and shape (not only where wgmma could run)."""
+    """Checked on every GEMM call, on any GPU and shape (not only where wgmma or CUTLASS could run)."""
     a = randint8((4, 32), 10, device="cuda")
     for value in ["wmma", "WGMMA", "auto"]:
         monkeypatch.setenv(GEMM_VARIABLE, value)
-        with pytest.raises(RuntimeError, match=rf"TORCHQUANT_CUDA_GEMM must be mma \(the default\) or wgmma, "
-                                               rf"got '{value}'"):
+        with pytest.raises(RuntimeError, match=rf"TORCHQUANT_CUDA_GEMM must be cutlass, mma or wgmma \(or unset: the "
+                                               rf"automatic choice\), got '{value}'"):
             ops.int8_mm(a, a.t())
-    for value in ["", "mma", "wgmma"]:
+    for value in ["", "cutlass", "mma", "wgmma"]:
         monkeypatch.setenv(GEMM_VARIABLE, value)
         assert torch.equal(ops.int8_mm(a, a.t()).long(), exact_mm(a, a.t()))

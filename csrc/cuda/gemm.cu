@@ -1,15 +1,21 @@
 // CUDA int8_mm, pack_int8_weight and int8_linear (schemas in csrc/ops.cpp) on the int8 tensor-core GEMM engine
 // declared in gemm.cuh.
 //
-// Two kernels, both on mma.sync m16n8k32 (int8 x int8 -> int32, or uint8 x int8):
-//   gemm_tiled_kernel:   128x128x64 block tiles, 8 warps of 64x32, a 4-stage cp.async shared-memory pipeline
-//                        (zero-filled tails), ldmatrix from an XOR-swizzled layout (no bank conflicts).
-//                        When those tiles fill under half of the multiprocessors, K is split over blockIdx.y and
-//                        the slices add their int32 sums atomically before one epilogue pass (split_k_count).
+// Kernels, chosen per call by launch_gemm:
+//   CUTLASS (sm90/, built with the sm_90a target, run on compute capability 9.0): TMA warp-specialized wgmma kernels
+//                        from CUTLASS's collective builders with the epilogue as a visitor tree; 128x256 tiles on
+//                        2-CTA clusters when the tiles fill the GPU, else 128x128 tiles with stream-K. Takes every
+//                        ungrouped GEMM with 16-byte aligned output rows and M > 16.
 //   gemm_small_m_kernel: M <= 16 (decode-style GEMV): streams B straight from global memory with 16-byte loads, one
 //                        m16n8k32 tile per warp per 64 k, K split over 4 warps and reduced in shared memory.
-// On Hopper, TORCHQUANT_CUDA_GEMM=wgmma replaces gemm_tiled_kernel by the wgmma kernel of gemm_sm90.cu (same grid,
-// split-K and epilogues). It is opt-in until a GPU run has verified it; the default stays mma.sync.
+//   gemm_tiled_kernel:   everything else (other GPUs; grouped convs, unaligned outputs on Hopper): mma.sync m16n8k32,
+//                        128x128x64 block tiles, 8 warps of 64x32, a 4-stage cp.async shared-memory pipeline
+//                        (zero-filled tails), ldmatrix from an XOR-swizzled layout (no bank conflicts). When those
+//                        tiles fill under half of the multiprocessors, K is split over blockIdx.y and the slices add
+//                        their int32 sums atomically before one epilogue pass (split_k_count).
+// TORCHQUANT_CUDA_GEMM overrides the choice (benchmarks and tests): "cutlass" runs CUTLASS wherever it can (M <= 16
+// too), "mma" the mma.sync kernels only, "wgmma" the hand-written Hopper kernel of gemm_sm90.cu in place of
+// gemm_tiled_kernel (same grid, split-K and epilogues), kept only to be timed against CUTLASS.
 #include "check.h"
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -27,6 +33,9 @@
 #include "arg_checks.h"
 #include "cuda/common.cuh"
 #include "cuda/gemm.cuh"
+#if defined(TORCHQUANT_CUTLASS)
+#include "cuda/sm90/cutlass_gemm.h"
+#endif
 
 namespace torchquant {
 namespace {
@@ -286,31 +295,72 @@ int split_k_count(int64_t blocks, int K, int bk) {
   return (k_tiles + k_per_split - 1) / k_per_split;
 }
 
-// The tiled kernels: mma.sync (tested on H100/H200, the default) and, on Hopper, wgmma (opt-in until a GPU run has
-// verified it: TORCHQUANT_CUDA_GEMM=wgmma).
-enum class TiledKernel { Mma, Wgmma };
+// The kernel families launch_gemm chooses from (see the top of this file).
+enum class GemmKernel { Auto, Cutlass, Mma, Wgmma };
 
-// TORCHQUANT_CUDA_GEMM: "mma" (or unset/empty: the default) or "wgmma". Read on every call, like
+// TORCHQUANT_CUDA_GEMM: unset/empty (Auto), "cutlass", "mma" or "wgmma". Read on every call, like
 // TORCHQUANT_CPU_ISA, so that tests and benchmarks can switch kernels inside one process; getenv is cheap next to a
 // kernel launch.
-TiledKernel requested_tiled_kernel() {
+GemmKernel requested_gemm_kernel() {
   const char* value = std::getenv("TORCHQUANT_CUDA_GEMM");
-  if (value == nullptr || value[0] == '\0' || std::strcmp(value, "mma") == 0) return TiledKernel::Mma;
-  TQ_CHECK(std::strcmp(value, "wgmma") == 0, "TORCHQUANT_CUDA_GEMM must be mma (the default) or wgmma, got '", value,
-           "'");
-  return TiledKernel::Wgmma;
+  if (value == nullptr || value[0] == '\0') return GemmKernel::Auto;
+  if (std::strcmp(value, "cutlass") == 0) return GemmKernel::Cutlass;
+  if (std::strcmp(value, "mma") == 0) return GemmKernel::Mma;
+  TQ_CHECK(std::strcmp(value, "wgmma") == 0,
+           "TORCHQUANT_CUDA_GEMM must be cutlass, mma or wgmma (or unset: the automatic choice), got '", value, "'");
+  return GemmKernel::Wgmma;
 }
 
-// The wgmma kernel runs only where it exists: built for sm_90a (TORCHQUANT_WGMMA) and a compute capability 9.0
-// device (sm_90a code runs on no other); elsewhere a wgmma request falls back to mma.sync.
-TiledKernel tiled_kernel(TiledKernel requested) {
-  if (requested != TiledKernel::Wgmma) return TiledKernel::Mma;
-#if defined(TORCHQUANT_WGMMA)
+#if defined(TORCHQUANT_WGMMA) || defined(TORCHQUANT_CUTLASS)
+// Whether the current device runs the sm_90a image: compute capability 9.0 exactly (sm_90a code runs on no other).
+bool sm90a_device() {
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  if (prop->major == 9 && prop->minor == 0) return TiledKernel::Wgmma;
+  return prop->major == 9 && prop->minor == 0;
+}
+#endif
+
+// The tiled kernel behind the mma.sync fallback: the wgmma kernel only where it was asked for and exists (built for
+// sm_90a, i.e. TORCHQUANT_WGMMA, on a compute capability 9.0 device); elsewhere mma.sync.
+enum class TiledKernel { Mma, Wgmma };
+
+TiledKernel tiled_kernel(GemmKernel requested) {
+#if defined(TORCHQUANT_WGMMA)
+  if (requested == GemmKernel::Wgmma && sm90a_device()) return TiledKernel::Wgmma;
+#else
+  (void)requested;
 #endif
   return TiledKernel::Mma;
 }
+
+#if defined(TORCHQUANT_CUTLASS)
+int64_t output_element_size(const Int32Epilogue&) { return 4; }
+int64_t output_element_size(const DequantEpilogue& e) {
+  switch (e.kind) {
+    case OutKind::Float32: return 4;
+    case OutKind::Float16: case OutKind::BFloat16: return 2;
+    default: return 1;
+  }
+}
+
+void run_cutlass(const GemmArgs& args, bool, const Int32Epilogue& e) {
+  sm90::run_cutlass_gemm(sm90::cutlass_tile_for(args.M, args.N), args, e);
+}
+void run_cutlass(const GemmArgs& args, bool a_unsigned, const DequantEpilogue& e) {
+  sm90::run_cutlass_gemm(sm90::cutlass_tile_for(args.M, args.N), a_unsigned, args, e);
+}
+
+// Runs the GEMM on the CUTLASS kernels when the request, the device and the shapes allow it (see the top of this
+// file); returns whether it did.
+template <typename Epilogue>
+bool launched_cutlass(const GemmArgs& args, bool a_unsigned, const Epilogue& epilogue, GemmKernel requested) {
+  const bool wanted = requested == GemmKernel::Cutlass || (requested == GemmKernel::Auto && args.M > kSmallMaxM);
+  if (!wanted || !sm90a_device() ||
+      !sm90::cutlass_can_run(args, epilogue.out, epilogue.ldo, output_element_size(epilogue)))
+    return false;
+  run_cutlass(args, a_unsigned, epilogue);
+  return true;
+}
+#endif
 
 template <bool A_UNSIGNED, typename Epilogue>
 void launch_tiled(TiledKernel kernel_choice, const GemmArgs& args, const Epilogue& epilogue, dim3 grid,
@@ -330,7 +380,10 @@ void launch_tiled(TiledKernel kernel_choice, const GemmArgs& args, const Epilogu
 }
 
 template <bool A_UNSIGNED, typename Epilogue>
-void launch_gemm(const GemmArgs& args, const Epilogue& epilogue, TiledKernel requested) {
+void launch_gemm(const GemmArgs& args, const Epilogue& epilogue, GemmKernel requested) {
+#if defined(TORCHQUANT_CUTLASS)
+  if (launched_cutlass(args, A_UNSIGNED, epilogue, requested)) return;
+#endif
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   if (args.M <= kSmallMaxM && args.groups == 1) {
     const int blocks = (args.N + kSmallNGroups * 8 - 1) / (kSmallNGroups * 8);
@@ -372,7 +425,7 @@ void dispatch_gemm(const GemmArgs& args, bool a_unsigned, const Epilogue& epilog
   TQ_CHECK(args.lda % 16 == 0 && args.ldb % 16 == 0 && args.a_group_offset % 16 == 0 &&
                   args.b_group_stride % 16 == 0 && (is_aligned<int8_t, 16>(args.a)) && (is_aligned<int8_t, 16>(args.b)),
               "int8 GEMM: operands must be 16-byte aligned");
-  const TiledKernel requested = requested_tiled_kernel();  // checked on every call, whichever kernel runs
+  const GemmKernel requested = requested_gemm_kernel();  // checked on every call, whichever kernel runs
   if (a_unsigned) launch_gemm<true>(args, epilogue, requested);
   else launch_gemm<false>(args, epilogue, requested);
 }

@@ -329,54 +329,77 @@ __global__ void __launch_bounds__(kThreads) quantize_per_token_kernel(const T* _
         static_cast<int>(quantize_value(static_cast<float>(xr[i]), inv, 0.0f, f, Rounding::Nearest)));
 }
 
-// Rows of at most 32 * ITEMS vectors (the common hidden sizes): one warp per row, which loads its whole row into
-// registers at once (ITEMS independent 16-byte loads per lane in flight), reduces the absmax with shuffles alone and
-// quantizes from the registers, so x is read once and no block-wide barrier is needed. Same formulas as above.
-// Blocks of 4 warps: a bf16 row of 4096 takes ~160 registers per thread, and small blocks let 12 warps share an SM.
-constexpr int kWarpRowThreads = 128;
+// Rows of at most kRowItems vectors per thread of a block of up to 1024 threads (bf16/fp16 rows up to 32768, fp32
+// up to 16384): the block loads its whole row into registers at once (kRowItems independent 16-byte loads per thread
+// in flight, strided so that each warp's loads are contiguous), reduces the absmax (shuffles, then one barrier
+// across the warps) and quantizes from the registers, so x is read from memory exactly once. Short rows (up to
+// 32 * kRowItems vectors) take one warp each (blocks of 4 rows, no barrier); longer ones one block, sized to the
+// row. Few registers per thread (4 vectors), so 2048 threads and 16 rows or more fit on each SM: enough bytes in
+// flight for the copy bandwidth. Same formulas as above.
+constexpr int kRowItems = 4;
+constexpr int kWarpRowThreads = 128;  // blocks of 4 one-warp rows
 
-template <typename T, int VEC, int ITEMS>
-__global__ void __launch_bounds__(kWarpRowThreads)
-    quantize_per_token_warp_kernel(const T* __restrict__ x, int8_t* __restrict__ q, float* __restrict__ scale,
-                                   int64_t rows, int64_t row_len, float qmax) {
-  const int64_t row = blockIdx.x * static_cast<int64_t>(blockDim.x / 32) + threadIdx.x / 32;
-  if (row >= rows) return;  // the whole warp leaves together; nothing below synchronizes beyond the warp
-  const int lane = threadIdx.x % 32;
-  const T* xr = x + row * row_len;
-  int8_t* qr = q + row * row_len;
-  const int vectors = static_cast<int>(row_len / VEC);
-
-  Vec<T, VEC> xv[ITEMS];
+template <typename T, int VEC>
+__device__ __forceinline__ void quantize_row_in_registers(const T* __restrict__ xr, int8_t* __restrict__ qr,
+                                                          float* __restrict__ scale_out, int vectors, int thread,
+                                                          int threads, float qmax, bool whole_block) {
+  Vec<T, VEC> xv[kRowItems];
 #pragma unroll
-  for (int i = 0; i < ITEMS; ++i)
-    if (lane + i * 32 < vectors) xv[i] = load_vec<T, VEC>(xr + static_cast<int64_t>(lane + i * 32) * VEC);
+  for (int i = 0; i < kRowItems; ++i)
+    if (thread + i * threads < vectors) xv[i] = load_vec<T, VEC>(xr + static_cast<int64_t>(thread + i * threads) * VEC);
   float absmax = 0.0f;
 #pragma unroll
-  for (int i = 0; i < ITEMS; ++i)
-    if (lane + i * 32 < vectors) {
+  for (int i = 0; i < kRowItems; ++i)
+    if (thread + i * threads < vectors) {
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
         const float a = fabsf(static_cast<float>(xv[i].v[j]));
         if (a < INFINITY) absmax = fmaxf(absmax, a);
       }
     }
+  if (whole_block) {
+    absmax = block_max(absmax);
+  } else {
 #pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) absmax = fmaxf(absmax, __shfl_xor_sync(0xffffffffu, absmax, offset));
+    for (int offset = 16; offset > 0; offset /= 2)
+      absmax = fmaxf(absmax, __shfl_xor_sync(0xffffffffu, absmax, offset));
+  }
 
   const float s = absmax > 0.0f ? absmax / qmax : 1.0f;
   const float inv = 1.0f / s;
-  if (lane == 0) scale[row] = s;
+  if (thread == 0) *scale_out = s;
   const QuantFormat f{-qmax, qmax, false};
 #pragma unroll
-  for (int i = 0; i < ITEMS; ++i)
-    if (lane + i * 32 < vectors) {
+  for (int i = 0; i < kRowItems; ++i)
+    if (thread + i * threads < vectors) {
       Vec<int8_t, VEC> qv;
 #pragma unroll
       for (int j = 0; j < VEC; ++j)
         qv.v[j] = static_cast<int8_t>(
             static_cast<int>(quantize_value(static_cast<float>(xv[i].v[j]), inv, 0.0f, f, Rounding::Nearest)));
-      store_vec<int8_t, VEC>(qr + static_cast<int64_t>(lane + i * 32) * VEC, qv);
+      store_vec<int8_t, VEC>(qr + static_cast<int64_t>(thread + i * threads) * VEC, qv);
     }
+}
+
+// One warp per row, kWarpRowThreads / 32 rows per block.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kWarpRowThreads)
+    quantize_per_token_warp_kernel(const T* __restrict__ x, int8_t* __restrict__ q, float* __restrict__ scale,
+                                   int64_t rows, int64_t row_len, float qmax) {
+  const int64_t row = blockIdx.x * static_cast<int64_t>(blockDim.x / 32) + threadIdx.x / 32;
+  if (row >= rows) return;  // the whole warp leaves together; nothing below synchronizes beyond the warp
+  quantize_row_in_registers<T, VEC>(x + row * row_len, q + row * row_len, scale + row,
+                                    static_cast<int>(row_len / VEC), threadIdx.x % 32, 32, qmax, false);
+}
+
+// One block per row (blockDim.x a multiple of 32, at least row vectors / kRowItems).
+template <typename T, int VEC>
+__global__ void __launch_bounds__(1024)
+    quantize_per_token_block_kernel(const T* __restrict__ x, int8_t* __restrict__ q, float* __restrict__ scale,
+                                    int64_t row_len, float qmax) {
+  const int64_t row = blockIdx.x;
+  quantize_row_in_registers<T, VEC>(x + row * row_len, q + row * row_len, scale + row,
+                                    static_cast<int>(row_len / VEC), threadIdx.x, blockDim.x, qmax, true);
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_per_token_cuda(const at::Tensor& x, int64_t bits) {
@@ -404,15 +427,18 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_cuda(const at::Tensor& x, 
     // Rows start on 16-byte boundaries only when the row length is a multiple of the vector.
     const bool vectorized = row_len % kVec == 0 && is_aligned<T, kVec>(xp) && is_aligned<int8_t, kVec>(qp);
     const auto stream = at::cuda::getCurrentCUDAStream();
-    if (vectorized && row_len <= 32 * 16 * kVec) {
+    if (vectorized && row_len <= 32 * kRowItems * kVec) {
       constexpr int rows_per_block = kWarpRowThreads / 32;
       const unsigned blocks = static_cast<unsigned>((rows + rows_per_block - 1) / rows_per_block);
-      if (row_len <= 32 * 4 * kVec)
-        quantize_per_token_warp_kernel<T, kVec, 4><<<blocks, kWarpRowThreads, 0, stream>>>(
-            xp, qp, scale.data_ptr<float>(), rows, row_len, qmax);
-      else
-        quantize_per_token_warp_kernel<T, kVec, 16><<<blocks, kWarpRowThreads, 0, stream>>>(
-            xp, qp, scale.data_ptr<float>(), rows, row_len, qmax);
+      quantize_per_token_warp_kernel<T, kVec><<<blocks, kWarpRowThreads, 0, stream>>>(
+          xp, qp, scale.data_ptr<float>(), rows, row_len, qmax);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+    if (vectorized && row_len <= 1024 * kRowItems * kVec) {
+      const int64_t warps = (row_len / kVec + 32 * kRowItems - 1) / (32 * kRowItems);
+      quantize_per_token_block_kernel<T, kVec><<<static_cast<unsigned>(rows), static_cast<unsigned>(warps * 32), 0,
+                                                  stream>>>(xp, qp, scale.data_ptr<float>(), row_len, qmax);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }

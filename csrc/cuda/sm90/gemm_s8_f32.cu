@@ -1,0 +1,6 @@
+// CUTLASS sm_90a GEMM: int8_t activations, float output (see cutlass_gemm.cuh).
+#include "cuda/sm90/cutlass_gemm.cuh"
+
+namespace torchquant::sm90 {
+template void run_cutlass_dequant<int8_t, float>(CutlassTile, const GemmArgs&, const DequantEpilogue&);
+}  // namespace torchquant::sm90
