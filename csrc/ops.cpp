@@ -1,5 +1,6 @@
 // The one place where every torchquant op schema is declared. CPU kernels register in csrc/cpu/*.cpp,
-// CUDA kernels in csrc/cuda/*.cu, fake (meta) kernels and autograd in torchquant/_ops/*.py.
+// CUDA kernels in csrc/cuda/*.cu, fake (meta) kernels in torchquant/_ops/*.py, autograd kernels in
+// csrc/quantize_autograd.cpp and csrc/linear_dynamic.cpp.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -52,5 +53,8 @@ TORCH_LIBRARY(torchquant, m) {
 }
 
 // A module torchquant._C that Python can import; loading it runs the registrations above.
-static PyModuleDef torchquant_module = {PyModuleDef_HEAD_INIT, "_C", "torchquant compiled ops", -1, nullptr};
+// Its functions are the direct Python calls of the quantize family (csrc/python_calls.cpp).
+extern PyMethodDef torchquant_python_calls[];
+static PyModuleDef torchquant_module = {PyModuleDef_HEAD_INIT, "_C", "torchquant compiled ops", -1,
+                                        torchquant_python_calls};
 PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&torchquant_module); }

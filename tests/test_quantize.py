@@ -560,5 +560,5 @@ def test_public_names():
 
 def test_benchmark_runs():
     from torchquant.bench.quantize import COLUMNS, run
-    rows = run(numel=1 << 12, channels=64, threads=(1,), repeats=1)
-    assert len(rows) == 6 and all(set(COLUMNS) <= set(r) for r in rows)  # no time is asserted
+    rows = run(sizes=(1 << 12,), threads=(1,), repeats=1)
+    assert len(rows) == 9 and all(set(COLUMNS) <= set(r) for r in rows)  # no time is asserted

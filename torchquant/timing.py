@@ -16,9 +16,11 @@ def _sync(device: str) -> None:
 
 
 def compare(fns: Dict[str, Callable[[], object]], *, device: str = "cpu", repeats: int = 15,
-            min_sample_s: float = 0.02) -> Dict[str, float]:
-    """Median seconds per call of each function, sampled interleaved (A B C A B C ...) so that drift and noise
-    of the machine fall on all of them alike. Each sample repeats a call enough times to last min_sample_s."""
+            min_sample_s: float = 0.02, statistic: Callable[[List[float]], float] = statistics.median
+            ) -> Dict[str, float]:
+    """Median (or `statistic`, e.g. min on a loaded machine) seconds per call of each function, sampled interleaved
+    (A B C A B C ...) so that drift and noise of the machine fall on all of them alike. Each sample repeats a call
+    enough times to last min_sample_s."""
     inner = {}
     for name, fn in fns.items():
         fn()  # warm-up (allocations, lazy init, caches)
@@ -36,7 +38,7 @@ def compare(fns: Dict[str, Callable[[], object]], *, device: str = "cpu", repeat
                 fn()
             _sync(device)
             samples[name].append((time.perf_counter() - start) / inner[name])
-    return {name: statistics.median(s) for name, s in samples.items()}
+    return {name: statistic(s) for name, s in samples.items()}
 
 
 @contextlib.contextmanager

@@ -1,15 +1,17 @@
-"""Quantize / dequantize / fake-quantize ops: wrappers, fake kernels and autograd.
+"""Quantize / dequantize / fake-quantize ops: wrappers and fake kernels (autograd: csrc/quantize_autograd.cpp).
 
 The wrappers validate their arguments (Python exceptions naming the argument), turn Python numbers into the
 scale/zero_point tensors the compiled ops take, and call torch.ops.torchquant.*. Checks on tensor *values*
 (scale > 0, zero point in range) are made by the CPU kernels themselves, and here only for tensors on other
-devices outside torch.compile, so a compiled graph never breaks on them.
+devices outside torch.compile, so a compiled graph never breaks on them. A call costs a few microseconds before
+any work: Python numbers become cached tensors and error messages are only built when raised.
 """
 import math
 from typing import Dict, Optional, Tuple, Union
 
 import torch
 
+from torchquant import _C
 from torchquant._ops import FLOAT_DTYPES, ROUNDINGS, check_fake_devices, ops
 
 __all__ = ["quantize", "dequantize", "fake_quantize", "choose_qparams", "quantize_per_token", "quantization_error"]
@@ -69,77 +71,147 @@ def _normalized_axis(axis, x: torch.Tensor, fn: str) -> Optional[int]:
     return axis % x.dim()
 
 
+_TINY = torch.finfo(torch.float32).tiny  # the smallest scale: 1 / scale stays finite
+_HUGE = torch.finfo(torch.float32).max
+
+
 def _eager_value_check(t: torch.Tensor) -> bool:
     """Whether this wrapper checks the values of t (see the module docstring)."""
-    return t.device.type != "cpu" and not torch.compiler.is_compiling()
+    return not t.is_cpu and not torch.compiler.is_compiling()
 
 
-def _qparam(value, name: str, x: torch.Tensor, axis: Optional[int], dtype: torch.dtype, fn: str) -> torch.Tensor:
-    """scale or zero_point as the 1-D tensor of dtype on x's device that the ops take: [1] per tensor, [C] per
-    channel (a Python number is broadcast to every channel)."""
+# Python-number scales and zero points as tensors, one per (value, length, dtype, device): building a tensor costs
+# more than quantizing a few thousand elements, and the ops only read these. Cleared when it grows past the bound.
+_NUMBER_QPARAMS: Dict[tuple, torch.Tensor] = {}
+_NUMBER_QPARAMS_MAX = 4096
+
+
+def _number_qparam(value: Number, length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return torch.full((length,), value, dtype=dtype, device=device)
+    key = (value, length, dtype, device)
+    t = _NUMBER_QPARAMS.get(key)
+    if t is None:
+        if len(_NUMBER_QPARAMS) >= _NUMBER_QPARAMS_MAX:
+            _NUMBER_QPARAMS.clear()
+        with torch.inference_mode(False):  # usable both in and out of inference mode (and saved for backward)
+            t = torch.full((length,), value, dtype=dtype, device=device)
+        _NUMBER_QPARAMS[key] = t
+    return t
+
+
+def _tensor_qparam(value: torch.Tensor, name: str, x: torch.Tensor, axis: Optional[int], dtype: torch.dtype,
+                   fn: str) -> torch.Tensor:
+    """A scale or zero_point tensor as the 1-D tensor of dtype the ops take: [1] per tensor, [C] per channel."""
     length = 1 if axis is None else x.shape[axis]
-    if isinstance(value, torch.Tensor):
-        if value.device != x.device:
-            raise ValueError(f"{fn}: {name} must be on x's device ({x.device}), got {value.device}")
+    if value.device != x.device:
+        raise ValueError(f"{fn}: {name} must be on x's device ({x.device}), got {value.device}")
+    if value.dtype != dtype:
         if dtype == torch.int32 and (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
             raise TypeError(f"{fn}: {name} must be an integer tensor or an int, got {value.dtype}")
         if dtype == torch.float32 and not value.is_floating_point():
             raise TypeError(f"{fn}: {name} must be a float tensor or a number, got {value.dtype}")
-        if value.numel() != length:
-            where = "per-tensor" if axis is None else f"per-channel (x.shape[{axis}] = {length})"
-            raise ValueError(f"{fn}: {name} must have {length} element(s) for {where} quantization, "
-                             f"got shape {tuple(value.shape)}")
-        if dtype == torch.int32 and value.dtype == torch.int64:
-            # saturate rather than wrap (2**32 would become 0): the range checks then reject it
-            value = value.clamp(torch.iinfo(torch.int32).min, torch.iinfo(torch.int32).max)
-        return value.reshape(length).to(dtype)
+    if value.numel() != length:
+        where = "per-tensor" if axis is None else f"per-channel (x.shape[{axis}] = {length})"
+        raise ValueError(f"{fn}: {name} must have {length} element(s) for {where} quantization, "
+                         f"got shape {tuple(value.shape)}")
+    if dtype == torch.int32 and value.dtype == torch.int64:
+        # saturate rather than wrap (2**32 would become 0): the range checks then reject it
+        value = value.clamp(torch.iinfo(torch.int32).min, torch.iinfo(torch.int32).max)
+    if value.dim() != 1:
+        value = value.reshape(length)
+    return value if value.dtype == dtype else value.to(dtype)
+
+
+def _check_number(value, name: str, fn: str) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{fn}: {name} must be a number or a tensor, got {type(value).__name__}")
-    if dtype == torch.int32 and not float(value).is_integer():
-        raise TypeError(f"{fn}: {name} must be an integer, got {value!r}")
-    return torch.full((length,), value, dtype=dtype, device=x.device)
+
+
+def _scale_message(fn: str) -> str:
+    return f"{fn}: scale must be positive and finite (at least {_TINY:g})"
 
 
 def _checked_scale(scale, x: torch.Tensor, axis: Optional[int], fn: str) -> torch.Tensor:
-    tiny, huge = torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max
-    message = f"{fn}: scale must be positive and finite (at least {tiny:g})"
-    if not isinstance(scale, torch.Tensor) and isinstance(scale, (int, float)) and not isinstance(scale, bool):
-        if not tiny <= scale <= huge:  # also false for NaN; huge: finite as a float32
-            raise ValueError(f"{message}, got {scale!r}")
-    scale_t = _qparam(scale, "scale", x, axis, torch.float32, fn)
-    if isinstance(scale, torch.Tensor) and _eager_value_check(scale_t):
-        if not bool((torch.isfinite(scale_t) & (scale_t >= tiny)).all()):
-            raise ValueError(f"{message}, got {scale_t.tolist()}")
-    return scale_t
+    """scale as the float32 tensor the ops take (a number is broadcast to every channel)."""
+    if type(scale) is float and _TINY <= scale <= _HUGE:
+        return _number_qparam(scale, 1 if axis is None else x.shape[axis], torch.float32, x.device)
+    if isinstance(scale, torch.Tensor):
+        scale_t = _tensor_qparam(scale, "scale", x, axis, torch.float32, fn)
+        if _eager_value_check(scale_t) and not bool((torch.isfinite(scale_t) & (scale_t >= _TINY)).all()):
+            raise ValueError(f"{_scale_message(fn)}, got {scale_t.tolist()}")
+        return scale_t
+    _check_number(scale, "scale", fn)
+    if not _TINY <= scale <= _HUGE:  # also false for NaN; huge: finite as a float32
+        raise ValueError(f"{_scale_message(fn)}, got {scale!r}")
+    return _number_qparam(scale, 1 if axis is None else x.shape[axis], torch.float32, x.device)
 
 
-def _checked_zero_point(zero_point, x: torch.Tensor, axis: Optional[int], low: int, high: int, why: str,
+def _checked_zero_point(zero_point, x: torch.Tensor, axis: Optional[int], zp_range: "_ZeroPointRange",
                         fn: str) -> torch.Tensor:
-    message = f"{fn}: zero_point must be in [{low}, {high}] ({why})"
-    if not isinstance(zero_point, (torch.Tensor, bool)) and isinstance(zero_point, (int, float)):
-        if not low <= zero_point <= high:
-            raise ValueError(f"{message}, got {zero_point!r}")
-    zp_t = _qparam(zero_point, "zero_point", x, axis, torch.int32, fn)
-    if isinstance(zero_point, torch.Tensor) and _eager_value_check(zp_t):
-        if not bool(((zp_t >= low) & (zp_t <= high)).all()):
-            raise ValueError(f"{message}, got {zp_t.tolist()}")
-    return zp_t
+    """zero_point as the int32 tensor the ops take (a number is broadcast to every channel)."""
+    low, high = zp_range.low, zp_range.high
+    if type(zero_point) is int and low <= zero_point <= high:
+        return _number_qparam(zero_point, 1 if axis is None else x.shape[axis], torch.int32, x.device)
+    if isinstance(zero_point, torch.Tensor):
+        zp_t = _tensor_qparam(zero_point, "zero_point", x, axis, torch.int32, fn)
+        if _eager_value_check(zp_t) and not bool(((zp_t >= low) & (zp_t <= high)).all()):
+            raise ValueError(f"{zp_range.message(fn)}, got {zp_t.tolist()}")
+        return zp_t
+    _check_number(zero_point, "zero_point", fn)
+    if not low <= zero_point <= high:
+        raise ValueError(f"{zp_range.message(fn)}, got {zero_point!r}")
+    if not isinstance(zero_point, int) and not zero_point.is_integer():
+        raise TypeError(f"{fn}: zero_point must be an integer, got {zero_point!r}")
+    return _number_qparam(zero_point, 1 if axis is None else x.shape[axis], torch.int32, x.device)
+
+
+class _ZeroPointRange:
+    """The zero points a format allows, and why (for the error message)."""
+
+    def __init__(self, low: int, high: int, why: str):
+        self.low, self.high, self.why = low, high, why
+
+    def message(self, fn: str) -> str:
+        return f"{fn}: zero_point must be in [{self.low}, {self.high}] ({self.why})"
+
+
+def _format_zero_point_range(bits: int, signed: bool) -> _ZeroPointRange:
+    if signed and bits == 1:
+        return _ZeroPointRange(0, 0, "sign binarization has no zero point")
+    return _ZeroPointRange(*qrange(bits, signed), f"the {'signed' if signed else 'unsigned'} {bits}-bit range")
+
+
+# Every (bits, signed) quantize / fake_quantize take, and the two integer dtypes dequantize takes.
+_FORMAT_ZERO_POINTS = {(bits, signed): _format_zero_point_range(bits, signed)
+                       for bits in range(1, 9) for signed in (False, True)}
+_DTYPE_ZERO_POINTS = {dtype: _ZeroPointRange(low, high, f"the range of {dtype}")
+                      for dtype, (low, high) in ((torch.int8, (-128, 127)), (torch.uint8, (0, 255)))}
+
+
+def _direct_call(*tensors: torch.Tensor) -> bool:
+    """Whether to call the op through torchquant._C's direct entry points (the same dispatcher op, without
+    torch.ops' Python layer): not while torch.compile traces, nor for __torch_function__ overrides."""
+    return not torch.compiler.is_compiling() and not torch.overrides.has_torch_function(tensors)
 
 
 def _quant_args(fn, x, scale, zero_point, bits, signed, rounding, axis):
-    """Shared validation of quantize / fake_quantize: returns (scale, zero_point, axis) as the ops take them."""
-    _check_float_tensor(x, "x", fn)
-    _check_bits(bits, fn)
-    _check_flag(signed, "signed", fn)
-    _check_rounding(rounding, fn)
-    axis = _normalized_axis(axis, x, fn)
+    """Shared validation of quantize / fake_quantize: returns (scale, zero_point, axis) as the ops take them.
+
+    Each check runs its checker (which raises with the message) only when a quick test of the common case fails:
+    a call costs few enough microseconds that each Python function call counts."""
+    if not (isinstance(x, torch.Tensor) and x.dtype in FLOAT_DTYPES):
+        _check_float_tensor(x, "x", fn)
+    if type(bits) is not int or not 1 <= bits <= 8:
+        _check_bits(bits, fn)
+    if type(signed) is not bool:
+        _check_flag(signed, "signed", fn)
+    if rounding not in ROUNDINGS:
+        _check_rounding(rounding, fn)
+    if axis is not None and not (type(axis) is int and 0 <= axis < x.dim()):
+        axis = _normalized_axis(axis, x, fn)
     scale_t = _checked_scale(scale, x, axis, fn)
-    if signed and bits == 1:
-        zp_t = _checked_zero_point(zero_point, x, axis, 0, 0, "sign binarization has no zero point", fn)
-    else:
-        low, high = qrange(bits, signed)
-        why = f"the {'signed' if signed else 'unsigned'} {bits}-bit range"
-        zp_t = _checked_zero_point(zero_point, x, axis, low, high, why, fn)
+    zp_t = _checked_zero_point(zero_point, x, axis, _FORMAT_ZERO_POINTS[bits, signed], fn)
     return scale_t, zp_t, axis
 
 
@@ -156,7 +228,8 @@ def quantize(x: torch.Tensor, scale: Union[Number, torch.Tensor], zero_point: Un
     rounding "nearest" rounds half to even, "truncate" toward zero. axis given: per-channel scale/zero_point
     along that axis. NaN -> zero_point, +-inf -> qmax/qmin; signed 1 bit is sign binarization (+1 / -1)."""
     scale_t, zp_t, axis = _quant_args("quantize", x, scale, zero_point, bits, signed, rounding, axis)
-    return ops.quantize(x, scale_t, zp_t, axis, bits, signed, rounding)
+    op = _C.quantize if _direct_call(x, scale_t, zp_t) else ops.quantize
+    return op(x, scale_t, zp_t, axis, bits, signed, rounding)
 
 
 def dequantize(q: torch.Tensor, scale: Union[Number, torch.Tensor], zero_point: Union[int, torch.Tensor] = 0, *,
@@ -164,15 +237,16 @@ def dequantize(q: torch.Tensor, scale: Union[Number, torch.Tensor], zero_point: 
     """(q - zero_point) * scale, computed in float32 and returned as dtype (float32, float16 or bfloat16)."""
     fn = "dequantize"
     _check_tensor(q, "q", fn)
-    if q.dtype not in (torch.int8, torch.uint8):
+    if q.dtype not in _DTYPE_ZERO_POINTS:
         raise TypeError(f"{fn}: q must be an int8 or uint8 tensor, got {q.dtype}")
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"{fn}: dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype}")
-    axis = _normalized_axis(axis, q, fn)
+    if axis is not None and not (type(axis) is int and 0 <= axis < q.dim()):
+        axis = _normalized_axis(axis, q, fn)
     scale_t = _checked_scale(scale, q, axis, fn)
-    low, high = (-128, 127) if q.dtype == torch.int8 else (0, 255)
-    zp_t = _checked_zero_point(zero_point, q, axis, low, high, f"the range of {q.dtype}", fn)
-    return ops.dequantize(q, scale_t, zp_t, axis, dtype)
+    zp_t = _checked_zero_point(zero_point, q, axis, _DTYPE_ZERO_POINTS[q.dtype], fn)
+    op = _C.dequantize if _direct_call(q, scale_t, zp_t) else ops.dequantize
+    return op(q, scale_t, zp_t, axis, dtype)
 
 
 def fake_quantize(x: torch.Tensor, scale: Union[Number, torch.Tensor], zero_point: Union[int, torch.Tensor] = 0, *,
@@ -183,7 +257,8 @@ def fake_quantize(x: torch.Tensor, scale: Union[Number, torch.Tensor], zero_poin
     Differentiable w.r.t. x: the gradient passes where round(x / scale) + zero_point lies inside [qmin, qmax]
     (sign binarization: |x| <= scale) and is zero elsewhere, as in torch.fake_quantize_per_tensor_affine."""
     scale_t, zp_t, axis = _quant_args("fake_quantize", x, scale, zero_point, bits, signed, rounding, axis)
-    return ops.fake_quantize(x, scale_t, zp_t, axis, bits, signed, rounding)
+    op = _C.fake_quantize if _direct_call(x, scale_t, zp_t) else ops.fake_quantize
+    return op(x, scale_t, zp_t, axis, bits, signed, rounding)
 
 
 def choose_qparams(x: torch.Tensor, *, bits: int = 8, signed: bool = True, symmetric: bool = True,
@@ -244,7 +319,8 @@ def quantize_per_token(x: torch.Tensor, *, bits: int = 8) -> Tuple[torch.Tensor,
     _check_bits(bits, fn, low=2)
     if x.dim() == 0:
         raise ValueError(f"{fn}: x must have at least 1 dimension (tokens along the last), got a 0-d tensor")
-    return ops.quantize_per_token(x, bits)
+    op = _C.quantize_per_token if _direct_call(x) else ops.quantize_per_token
+    return op(x, bits)
 
 
 def quantization_error(x: torch.Tensor, x_hat: torch.Tensor) -> Dict[str, float]:
@@ -306,31 +382,3 @@ def _fake_quantize_backward_fake(grad, x, scale, zero_point, axis, bits, signed,
 @torch.library.register_fake("torchquant::quantize_per_token")
 def _quantize_per_token_fake(x, bits):
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[:-1], dtype=torch.float32)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Autograd: fake_quantize's straight-through gradient; the mask is recomputed from x by the backward op.
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _fake_quantize_setup_context(ctx, inputs, output):
-    x, scale, zero_point, axis, bits, signed, rounding = inputs
-    ctx.save_for_backward(x, scale, zero_point)
-    ctx.quant_args = (axis, bits, signed, rounding)
-
-
-def _fake_quantize_backward(ctx, grad):
-    x, scale, zero_point = ctx.saved_tensors
-    grad_x = ops.fake_quantize_backward(grad, x, scale, zero_point, *ctx.quant_args)
-    return grad_x, None, None, None, None, None, None
-
-
-torch.library.register_autograd("torchquant::fake_quantize", _fake_quantize_backward,
-                                setup_context=_fake_quantize_setup_context)
-
-
-def _quantize_per_token_backward(ctx, grad_q, grad_scale):
-    return None, None  # per-token quantization passes no gradient to x (scale is a statistic, q is integer)
-
-
-torch.library.register_autograd("torchquant::quantize_per_token", _quantize_per_token_backward)

@@ -1,28 +1,36 @@
-"""CPU benchmark of quantize / dequantize / fake_quantize (per-tensor and per-channel) against PyTorch's own
-quantization ops and against copy_ bandwidth, at 1 and 2 threads.
+"""CPU benchmark of the quantize family (quantize / dequantize / fake_quantize per tensor and per channel, float32
+and bfloat16, and quantize_per_token) against PyTorch's own ops, at every size from 4K to 64M elements, at 1 and 2
+threads. torchquant and PyTorch are timed interleaved in one process.
 
-Bytes counted per element: quantize 4 read + 1 written, dequantize 1 + 4, fake_quantize 4 + 4 (float32).
-`--reuse-memory` sets glibc's mmap threshold high so that the large outputs of successive calls reuse freed heap
-memory instead of fresh mmap'ed pages (each of which is page-faulted and zeroed by the kernel on first touch);
-it applies to every function timed, PyTorch's included.
+Bytes counted per element: quantize 4 read + 1 written, dequantize 1 + 4, fake_quantize 4 + 4 (float32; bfloat16
+halves the float side); "of copy" compares that with `copy_` of a float32 buffer of the same elements. "output memory" says whether successive calls reuse freed memory for their output
+("reused") or get fresh pages, each page-faulted and zeroed by the kernel on first touch ("fresh"): glibc serves
+large blocks with mmap (above its threshold, at most 32 MiB by default), which every library pays alike.
+`--reuse-memory` sets glibc's mmap threshold high so that every output reuses freed heap memory; it applies to
+every function timed, PyTorch's included.
 """
 import argparse
 import ctypes
 import os
 import platform
+import resource
+import statistics
 import time
 import warnings
-from typing import List
+from typing import List, Sequence
 
 import torch
 
 from torchquant import functional as F_q
+from torchquant import reference
 from torchquant._ops import cpu_kernel_path
 from torchquant.bench.timing import copy_bandwidth
 from torchquant.timing import compare, markdown_table, num_threads
 
-COLUMNS = ["op", "granularity", "threads", "busy threads", "ours ms", "torch ms", "GB/s", "copy GB/s", "of copy", "vs torch"]
-BYTES_PER_ELEMENT = {"quantize": 5, "dequantize": 5, "fake_quantize": 8}
+COLUMNS = ["op", "granularity", "dtype", "elements", "threads", "busy threads", "output memory", "ours us",
+           "torch us", "vs torch", "GB/s", "of copy"]
+SIZES = (4 << 10, 64 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20)
+PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 def reuse_freed_memory() -> None:
@@ -55,9 +63,35 @@ def busy_threads(fn, seconds: float = 0.3):
     return sum(u >= 0.25 * max(used) for u in used) if max(used) > 0 else None
 
 
-def cases(numel: int, channels: int):
-    """(op, granularity, ours, torch) for each benchmarked op; x is float32 [channels, numel / channels]."""
-    x = torch.randn(channels, numel // channels) * 3
+def bytes_per_element(op: str, dtype: str) -> int:
+    """Bytes read + written per element: the float side (4 or 2) and the int8 side (1)."""
+    float_bytes = 2 if dtype == "bfloat16" else 4
+    return 2 * float_bytes if op == "fake_quantize" else float_bytes + 1
+
+
+def output_memory(fn, calls: int = 5) -> str:
+    """"fresh" when each call of fn page-faults about its output's pages (new memory from the OS), else "reused"."""
+    out = fn()
+    out_bytes = sum(t.numel() * t.element_size() for t in (out if isinstance(out, tuple) else (out,)))
+    del out
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(calls):
+        fn()
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
+    return "fresh" if faults >= 0.5 * out_bytes / PAGE else "reused"
+
+
+def shape_of(numel: int) -> tuple:
+    """[channels, numel / channels]: per-channel cases quantize along dim 0 (a weight's output channels)."""
+    channels = min(4096, max(64, numel >> 12))
+    return channels, numel // channels
+
+
+def cases(numel: int):
+    """(op, granularity, dtype, ours, torch) for each benchmarked op at numel elements."""
+    channels, cols = shape_of(numel)
+    x = torch.randn(channels, cols) * 3
+    x_bf16 = x.bfloat16()
     scale, zp = 0.05, 3
     scales = torch.rand(channels) * 0.05 + 0.01
     zps = torch.randint(-10, 10, (channels,), dtype=torch.int32)
@@ -67,35 +101,47 @@ def cases(numel: int, channels: int):
         warnings.simplefilter("ignore")  # torch's quantized tensors are deprecated; they are the baseline here
         q_torch = torch.quantize_per_tensor(x, scale, zp, torch.qint8)
         qc_torch = torch.quantize_per_channel(x, scales.double(), zps.long(), 0, torch.qint8)
+    tokens = x.view(-1, 1024) if numel >= 1024 * 64 else x  # rows of a hidden size as an activation has
     return [
-        ("quantize", "per-tensor", lambda: F_q.quantize(x, scale, zp),
+        ("quantize", "per-tensor", "float32", lambda: F_q.quantize(x, scale, zp),
          lambda: torch.quantize_per_tensor(x, scale, zp, torch.qint8)),
-        ("quantize", "per-channel", lambda: F_q.quantize(x, scales, zps, axis=0),
+        ("quantize", "per-tensor", "bfloat16", lambda: F_q.quantize(x_bf16, scale, zp),
+         lambda: torch.quantize_per_tensor(x_bf16.float(), scale, zp, torch.qint8)),  # takes float32 only
+        ("quantize", "per-channel", "float32", lambda: F_q.quantize(x, scales, zps, axis=0),
          lambda: torch.quantize_per_channel(x, scales, zps, 0, torch.qint8)),
-        ("dequantize", "per-tensor", lambda: F_q.dequantize(q, scale, zp), q_torch.dequantize),
-        ("dequantize", "per-channel", lambda: F_q.dequantize(qc, scales, zps, axis=0), qc_torch.dequantize),
-        ("fake_quantize", "per-tensor", lambda: F_q.fake_quantize(x, scale, zp),
+        ("dequantize", "per-tensor", "float32", lambda: F_q.dequantize(q, scale, zp), q_torch.dequantize),
+        ("dequantize", "per-channel", "float32", lambda: F_q.dequantize(qc, scales, zps, axis=0), qc_torch.dequantize),
+        ("fake_quantize", "per-tensor", "float32", lambda: F_q.fake_quantize(x, scale, zp),
          lambda: torch.fake_quantize_per_tensor_affine(x, scale, zp, -128, 127)),
-        ("fake_quantize", "per-channel", lambda: F_q.fake_quantize(x, scales, zps, axis=0),
+        ("fake_quantize", "per-tensor", "bfloat16", lambda: F_q.fake_quantize(x_bf16, scale, zp),
+         lambda: torch.fake_quantize_per_tensor_affine(x_bf16, scale, zp, -128, 127)),
+        ("fake_quantize", "per-channel", "float32", lambda: F_q.fake_quantize(x, scales, zps, axis=0),
          lambda: torch.fake_quantize_per_channel_affine(x, scales, zps, 0, -128, 127)),
+        # PyTorch has no per-token op: its baseline is the same computation in PyTorch ops (torchquant.reference)
+        ("quantize_per_token", f"rows of {tokens.shape[1]}", "float32", lambda: F_q.quantize_per_token(tokens),
+         lambda: reference.quantize_per_token(tokens)),
     ]
 
 
-def run(numel: int = 64 << 20, channels: int = 4096, threads=(1, 2), repeats: int = 7) -> List[dict]:
+def run(sizes: Sequence[int] = SIZES, threads: Sequence[int] = (1, 2), repeats: int = 15,
+        statistic=statistics.median) -> List[dict]:
+    """One row per (size, thread count, op): statistic (median by default) of `repeats` interleaved samples."""
     rows = []
-    for n_threads in threads:
-        with num_threads(n_threads):
-            copy_bw = copy_bandwidth(4 * numel, repeats=repeats)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                for op, granularity, ours, theirs in cases(numel, channels):
-                    t = compare({"ours": ours, "torch": theirs}, repeats=repeats)
-                    bandwidth = BYTES_PER_ELEMENT[op] * numel / t["ours"]
-                    rows.append({"op": op, "granularity": granularity, "threads": n_threads,
-                                 "busy threads": busy_threads(ours),
-                                 "ours ms": t["ours"] * 1e3, "torch ms": t["torch"] * 1e3, "GB/s": bandwidth / 1e9,
-                                 "copy GB/s": copy_bw / 1e9, "of copy": bandwidth / copy_bw,
-                                 "vs torch": t["torch"] / t["ours"]})
+    for numel in sizes:
+        for n_threads in threads:
+            with num_threads(n_threads):
+                copy_bw = copy_bandwidth(4 * numel, repeats=repeats)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    for op, granularity, dtype, ours, theirs in cases(numel):
+                        t = compare({"ours": ours, "torch": theirs}, repeats=repeats, statistic=statistic)
+                        bandwidth = bytes_per_element(op, dtype) * numel / t["ours"]
+                        rows.append({"op": op, "granularity": granularity, "dtype": dtype, "elements": numel,
+                                     "threads": n_threads, "busy threads": busy_threads(ours, 0.1),
+                                     "output memory": output_memory(ours),
+                                     "ours us": t["ours"] * 1e6, "torch us": t["torch"] * 1e6,
+                                     "vs torch": t["torch"] / t["ours"], "GB/s": bandwidth / 1e9,
+                                     "of copy": bandwidth / copy_bw})
     return rows
 
 
@@ -110,22 +156,27 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def size_label(numel: int) -> str:
+    return f"{numel >> 20}M" if numel >= 1 << 20 else f"{numel >> 10}K"
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--numel", type=int, default=64 << 20, help="float32 elements (default 64M)")
-    parser.add_argument("--channels", type=int, default=4096, help="channels of the per-channel cases (axis 0)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), help="float elements (default 4K-64M)")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=15, help="interleaved samples per timing")
+    parser.add_argument("--min", action="store_true", help="report the minimum of the samples, not the median "
+                        "(steadier on a loaded machine)")
     parser.add_argument("--reuse-memory", action="store_true", help="keep freed outputs in the heap (see above)")
     args = parser.parse_args(argv)
-    if args.numel % args.channels:
-        parser.error("--numel must be a multiple of --channels")
     if args.reuse_memory:
         reuse_freed_memory()
-    rows = run(args.numel, args.channels, tuple(args.threads), args.repeats)
-    print(f"quantize family, {args.numel} float32 elements, {cpu_name()} (CPU kernels: {cpu_kernel_path()}), "
-          f"torch {torch.__version__}, "
-          f"{'outputs reuse freed heap memory' if args.reuse_memory else 'default allocator (fresh pages per call)'}")
+    rows = run(args.sizes, tuple(args.threads), args.repeats, min if args.min else statistics.median)
+    for row in rows:
+        row["elements"] = size_label(row["elements"])
+    print(f"quantize family, {cpu_name()} (CPU kernels: {cpu_kernel_path()}), torch {torch.__version__}, "
+          f"{'minimum' if args.min else 'median'} of {args.repeats} interleaved samples, "
+          f"{'outputs reuse freed heap memory' if args.reuse_memory else 'default allocator'}")
     print(markdown_table(rows, COLUMNS))
 
 

@@ -10,7 +10,6 @@ import math
 import torch
 
 from torchquant import functional as F_q
-from torchquant._ops import ops
 from torchquant._ops.quantize import qrange
 from torchquant.config import QuantSpec
 from torchquant.observers import Float32StateModule, Observer, batch_range, qparams_from_range
@@ -166,12 +165,7 @@ class InputQuantizer(Float32StateModule):
         # choose_qparams' symmetric signed scale (finite absmax / qmax, 1.0 for no range, at least the smallest
         # normal float32) in one pass and two calls, instead of a dozen elementwise ops: the per-token scale of x
         # as a single row
-        rows = x.reshape(1, -1)
-        if torch.compiler.is_compiling():
-            scale = ops.quantize_per_token(rows, self.spec.bits)[1]
-        else:
-            with torch._C._AutoDispatchBelowAutograd():  # x is detached: skip quantize_per_token's autograd kernel
-                scale = ops.quantize_per_token(rows, self.spec.bits)[1]
+        scale = F_q.quantize_per_token(x.reshape(1, -1), bits=self.spec.bits)[1]
         return scale.clamp_(min=_TINY), None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
