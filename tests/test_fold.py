@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import torchquant as tq
 from torchquant import QuantConfig, QuantSpec
-from torchquant.fold import find_bn_pairs, fold_running
+from torchquant.fold import FoldedBatchNorm1d, FoldedBatchNorm2d, find_bn_pairs, fold_running
 from torchquant.nn import QuantConv2d, QuantLinear
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
@@ -91,8 +91,8 @@ def test_folded_linear_equals_linear_then_bn1d(affine):
 def test_prepared_layer_folds_the_running_statistics():
     conv, bn = _conv_bn(bias=True, affine=True, groups=2)
     model = tq.prepare(nn.Sequential(copy.deepcopy(conv), copy.deepcopy(bn), nn.ReLU()).eval(), W8_FLOAT_ACT)
-    assert isinstance(model[0], QuantConv2d) and model[0].bn is not None and model[0].folded_bn == "1"
-    assert type(model[1]) is nn.Identity
+    assert isinstance(model[0], QuantConv2d) and model[0].bn is model[1] and model[0].folded_bn == "1"
+    assert type(model[1]) is FoldedBatchNorm2d
     weight, bias = model[0].float_weight_bias()
     expected_weight, expected_bias = fold_running(conv.weight, conv.bias, bn)
     assert torch.equal(weight, expected_weight) and torch.equal(bias, expected_bias)
@@ -106,6 +106,73 @@ def test_fold_bn_false_keeps_the_batchnorm():
     conv, bn = _conv_bn()
     model = tq.prepare(nn.Sequential(conv, bn), dataclasses.replace(W8_FLOAT_ACT, fold_bn=False))
     assert model[1] is bn and model[0].bn is None and model[0].folded_bn is None
+
+
+def _float_checkpoint_model(seed=0):
+    model = ConvBnNet(seed).eval()
+    for i, bn in enumerate((model.bn, model.bn1d)):
+        _random_stats(bn, seed + i)
+    return model
+
+
+def test_prepared_model_keeps_the_batchnorm_names_and_parameters():
+    model = _float_checkpoint_model()
+    float_keys = list(model.state_dict())
+    bn_tensors = {**dict(model.bn.named_parameters()), **dict(model.bn.named_buffers())}
+    prepared = tq.prepare(model, W8_FLOAT_ACT)
+    state = prepared.state_dict()
+    assert set(float_keys) <= set(state) and not any(".bn." in key for key in state)
+    # the same tensors (an optimizer built on the float model keeps working), each listed once
+    for key, tensor in bn_tensors.items():
+        assert getattr(prepared.bn, key) is tensor and getattr(prepared.conv.bn, key) is tensor, key
+    params = list(prepared.parameters())
+    assert len(params) == len({id(p) for p in params})
+    assert sum(p is prepared.bn.weight for p in params) == 1 and sum(p is prepared.bn.bias for p in params) == 1
+    assert "bn" not in prepared.conv._modules  # referenced by the layer, owned by the model
+
+
+def test_float_checkpoint_loads_strictly_into_a_prepared_folded_model():
+    trained = _float_checkpoint_model(seed=3)
+    x = _inputs(8)
+    prepared = tq.prepare(_float_checkpoint_model(seed=0), "int8-dynamic")
+    prepared.load_state_dict(trained.state_dict())  # strict
+    expected = tq.prepare(copy.deepcopy(trained), "int8-dynamic")
+    with torch.no_grad():
+        assert torch.equal(prepared(x), expected(x))
+    # and the layer folds the loaded statistics
+    weight, bias = prepared.conv.float_weight_bias()
+    expected_weight, expected_bias = fold_running(trained.conv.weight, trained.conv.bias, trained.bn)
+    assert torch.equal(weight, expected_weight) and torch.equal(bias, expected_bias)
+
+
+def test_moving_a_prepared_model_moves_the_folded_batchnorm_once_and_the_layer_sees_it():
+    prepared = tq.prepare(_float_checkpoint_model(), W8_FLOAT_ACT)
+    x = _inputs(4)
+    with torch.no_grad():
+        expected = prepared(x)
+    prepared.to(torch.bfloat16)
+    layer_view = [*prepared.conv.bn.named_parameters(), *prepared.conv.bn.named_buffers()]
+    assert len(layer_view) == 5
+    for key, tensor in layer_view:  # the layer reads the moved tensors
+        assert tensor is getattr(prepared.bn, key), key
+    assert prepared.conv.bn.running_var.dtype == torch.bfloat16 and prepared.conv.bn.weight.dtype == torch.bfloat16
+    copied = copy.deepcopy(prepared)
+    assert copied.conv.bn is copied.bn and copied.bn is not prepared.bn
+    with torch.no_grad():
+        out = prepared(x.to(torch.bfloat16)).float()
+    assert (out - expected).abs().max() <= 0.05 * expected.abs().max()
+
+
+def test_compiled_and_exported_folded_models_match_eager():
+    prepared = tq.prepare(_float_checkpoint_model(), "int8-dynamic")
+    x = _inputs(4)
+    for model in (prepared, tq.convert(copy.deepcopy(prepared))):
+        with torch.no_grad():
+            expected = model(x)
+            torch._dynamo.reset()
+            torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), expected, rtol=1e-5, atol=1e-5)
+            exported = torch.export.export(model, (x,))
+            torch.testing.assert_close(exported.module()(x), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_config_validates_and_serializes_the_options():
@@ -123,7 +190,8 @@ def test_config_validates_and_serializes_the_options():
 def test_traced_model_folds_layers_called_in_forward():
     model = tq.prepare(ConvBnNet().eval(), W8_FLOAT_ACT)
     assert model.conv.folded_bn == "bn" and model.fc.folded_bn == "bn1d" and model.head.folded_bn is None
-    assert type(model.bn) is nn.Identity and type(model.bn1d) is nn.Identity
+    assert type(model.bn) is FoldedBatchNorm2d and type(model.bn1d) is FoldedBatchNorm1d
+    assert model.conv.bn is model.bn and model.fc.bn is model.bn1d
 
 
 class NotFoldable(nn.Module):
@@ -192,7 +260,7 @@ def test_untraceable_model_falls_back_to_sequential_pairs_with_one_warning():
     messages = [str(w.message) for w in caught]
     assert len(messages) == 1 and "torch.fx cannot trace Untraceable" in messages[0]
     assert "TraceError" in messages[0] and "nn.Sequential" in messages[0]
-    assert prepared.block[0].folded_bn == "block.1" and type(prepared.block[1]) is nn.Identity
+    assert prepared.block[0].folded_bn == "block.1" and type(prepared.block[1]) is FoldedBatchNorm2d
     assert type(prepared.bn) is nn.BatchNorm2d and prepared.conv.bn is None
     with torch.no_grad():
         torch.testing.assert_close(prepared(x), expected, rtol=0, atol=0.1)
@@ -230,6 +298,8 @@ def test_converted_folded_model_matches_fake_quant_and_float(preset, device):
         fake = prepared(x)
     converted = tq.convert(prepared)
     assert converted.conv.converted and converted.conv.bn is None and converted.conv.folded_bn == "bn"
+    assert type(converted.bn) is nn.Identity and type(converted.bn1d) is nn.Identity
+    assert not any(key.startswith(("bn.", "bn1d.")) for key in converted.state_dict())
     assert converted.conv.bias is not None and converted.conv.bias.device == x.device  # (the conv had no bias)
     with torch.no_grad():
         out = converted(x)
@@ -315,8 +385,9 @@ def test_folded_batchnorm1d_needs_2d_input():
 
 # ---- save / load -----------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("target", ["float", "prepared"])
 @pytest.mark.parametrize("convert", [True, False])
-def test_save_load_round_trips_a_folded_model_onto_a_float_skeleton(tmp_path, convert):
+def test_save_load_round_trips_a_folded_model(tmp_path, convert, target):
     model = ConvBnNet().eval()
     _random_stats(model.bn, 2)
     x = _inputs(8)
@@ -326,10 +397,24 @@ def test_save_load_round_trips_a_folded_model_onto_a_float_skeleton(tmp_path, co
         tq.convert(prepared)
     tq.save(prepared, tmp_path / "folded.safetensors")
     skeleton = ConvBnNet(seed=5)
+    if target == "prepared":
+        skeleton = tq.prepare(skeleton, "int8-static")
     loaded = tq.load(tmp_path / "folded.safetensors", skeleton)
-    assert type(loaded.bn) is nn.Identity and loaded.conv.folded_bn == "bn" and loaded.conv.converted == convert
+    assert type(loaded.bn) is (nn.Identity if convert else FoldedBatchNorm2d)
+    assert loaded.conv.folded_bn == "bn" and loaded.conv.converted == convert
+    assert loaded.conv.bn is (None if convert else loaded.bn)
+    assert loaded.state_dict().keys() == prepared.state_dict().keys()
     with torch.no_grad():
         assert torch.equal(loaded.eval()(x), prepared.eval()(x))
+
+
+def test_float_checkpoint_round_trips_into_a_folded_model(tmp_path):
+    model = _float_checkpoint_model(seed=2)
+    tq.save(model, tmp_path / "float.safetensors")
+    prepared = tq.load(tmp_path / "float.safetensors", tq.prepare(_float_checkpoint_model(), W8_FLOAT_ACT))
+    x = _inputs(4)
+    with torch.no_grad():
+        assert torch.equal(prepared(x), tq.prepare(model, W8_FLOAT_ACT)(x))
 
 
 def test_load_rejects_a_skeleton_without_the_folded_batchnorm(tmp_path):

@@ -17,7 +17,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from torchquant.config import QuantConfig, resolve_config
-from torchquant.fold import find_bn_pairs, parent_and_key
+from torchquant.fold import find_bn_pairs, folded_bn, parent_and_key
 from torchquant.nn import QuantConv2d, QuantLinear
 from torchquant.nn.base import QuantLayerBase
 from torchquant.nn.quantizers import InputQuantizer
@@ -42,9 +42,9 @@ def _rule_matches(rule, name: str, module: nn.Module) -> bool:
 
 def _plan_swaps(model: nn.Module, config: QuantConfig) -> list[tuple[nn.Module, str, nn.Module, nn.Module]]:
     """(parent, child key, float module, replacement) for every layer to swap and every BatchNorm folded into one
-    (replaced by nn.Identity); builds the quant layers but changes nothing. A module reachable under several names
-    is swapped once (one replacement shared by all parents); a skipped module keeps its whole subtree float.
-    Warns about skip rules that matched no module."""
+    (replaced by a FoldedBatchNorm sharing its tensors); builds the quant layers but changes nothing. A module
+    reachable under several names is swapped once (one replacement shared by all parents); a skipped module keeps
+    its whole subtree float. Warns about skip rules that matched no module."""
     layer_config = dataclasses.replace(config, skip=())
     replacements: dict[int, nn.Module] = {}
     visited: set[int] = set()
@@ -90,8 +90,9 @@ def _plan_swaps(model: nn.Module, config: QuantConfig) -> list[tuple[nn.Module, 
             if layer_name in swapped and not any(bn_name == s or bn_name.startswith(s + ".") for s in skipped_names):
                 bn_parent, bn_key = parent_and_key(model, bn_name)
                 bn = bn_parent._modules[bn_key]
-                swapped[layer_name].attach_bn(bn, bn_name)
-                plan.append((bn_parent, bn_key, bn, nn.Identity()))
+                folded = folded_bn(bn)
+                swapped[layer_name].attach_bn(folded, bn_name)
+                plan.append((bn_parent, bn_key, bn, folded))
     for i, rule in enumerate(config.skip):
         if i not in matched:
             warnings.warn(f"prepare: skip rule {rule!r} matched no module", UserWarning, stacklevel=3)
@@ -103,11 +104,20 @@ def _swap(plan, undo: bool = False) -> None:
         parent._modules[key] = float_layer if undo else quant_layer
 
 
+def _unfold_plan(model: nn.Module, layers: Iterable[QuantLayerBase]) -> list:
+    """(parent, key, folded BatchNorm, nn.Identity) for the places of the folded BatchNorms of layers, which are
+    about to be converted: their weight and bias then hold the BatchNorm, whose tensors leave the model."""
+    folded = {id(layer.bn) for layer in layers if layer.bn is not None}
+    return [(parent, key, child, nn.Identity()) for parent in model.modules()
+            for key, child in parent._modules.items() if id(child) in folded]
+
+
 def prepare(model: nn.Module, config=None, *, inplace: bool = True) -> nn.Module:
     """Replaces every nn.Linear and nn.Conv2d (except those `config.skip` selects) with QuantLinear/QuantConv2d
     in fake-quant mode, sharing the float parameters. config: a QuantConfig, a preset name or None (int8-dynamic).
-    With config.fold_bn (the default) a BatchNorm that only reads such a layer's output moves into the layer (see
-    torchquant.fold) and nn.Identity takes its place."""
+    With config.fold_bn (the default) a BatchNorm that only reads such a layer's output folds into the layer (see
+    torchquant.fold): a FoldedBatchNorm with the same parameters and buffers, under the same names, takes its place
+    and passes its input through, the layer applying the BatchNorm; convert() replaces it with nn.Identity."""
     _check_model(model, "prepare")
     config = resolve_config(config)
     if not inplace:
@@ -193,8 +203,10 @@ def convert(model: nn.Module, *, inplace: bool = True) -> nn.Module:
         warnings.warn("convert: model has no quantized layers (call torchquant.prepare first)", UserWarning,
                       stacklevel=2)
     pending = [(layer, layer.converted_state()) for layer in layers if not layer.converted]
+    unfold = _unfold_plan(model, [layer for layer, _ in pending])
     for layer, state in pending:
         layer._install_converted(state)
+    _swap(unfold)
     return model
 
 

@@ -11,6 +11,7 @@ consecutive children of nn.Sequential containers, with a warning that says why.
 """
 from __future__ import annotations
 
+import copy
 import warnings
 from collections import Counter
 
@@ -117,11 +118,50 @@ def parent_and_key(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_name) if parent_name else model), key
 
 
+class _FoldedMixin:
+    """A BatchNorm folded into the quantized layer before it: it stays at the BatchNorm's place in the model, so
+    its parameters and buffers keep their names (a float checkpoint loads into the prepared model, optimizers see
+    the same parameters, .to() moves them once), while the layer, which references this module without owning it,
+    applies its statistics and affine map. Its own forward is therefore the identity."""
+
+    @classmethod
+    def of(cls, bn: nn.Module) -> nn.Module:
+        """A folded BatchNorm sharing bn's parameter and buffer tensors (bn itself is left unchanged)."""
+        folded = cls.__new__(cls)
+        nn.Module.__init__(folded)
+        for attr in ("num_features", "eps", "momentum", "affine", "track_running_stats"):
+            setattr(folded, attr, getattr(bn, attr))
+        for key, param in bn._parameters.items():
+            folded.register_parameter(key, param)
+        for key, buf in bn._buffers.items():
+            folded.register_buffer(key, buf, persistent=key not in bn._non_persistent_buffers_set)
+        folded.train(bn.training)
+        return folded
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class FoldedBatchNorm2d(_FoldedMixin, nn.BatchNorm2d):
+    pass
+
+
+class FoldedBatchNorm1d(_FoldedMixin, nn.BatchNorm1d):
+    pass
+
+
+_FOLDED_TYPES = {nn.BatchNorm2d: FoldedBatchNorm2d, nn.BatchNorm1d: FoldedBatchNorm1d}
+
+
+def folded_bn(bn: nn.Module) -> nn.Module:
+    """The FoldedBatchNorm1d/2d that takes the place of bn (a foldable BatchNorm) in a prepared model."""
+    return _FOLDED_TYPES[type(bn)].of(bn)
+
 
 def attach_folded_bn(model: nn.Module, float_layer: nn.Module, layer, bn_name: str, layer_name: str) -> tuple:
-    """For load(): folds the BatchNorm at bn_name of a float skeleton into layer (the replacement of float_layer,
-    at layer_name); returns the (parent, key, BatchNorm, nn.Identity) swap that removes it from the forward.
-    Changes nothing in model."""
+    """For load(): folds a copy of the BatchNorm at bn_name of a float skeleton into layer (the replacement of
+    float_layer, at layer_name); returns the (parent, key, BatchNorm, folded copy) swap that removes it from the
+    forward. Changes nothing in model (the copy shares no tensor with it)."""
     try:
         parent, key = parent_and_key(model, bn_name)
         bn = parent._modules[key]
@@ -131,5 +171,6 @@ def attach_folded_bn(model: nn.Module, float_layer: nn.Module, layer, bn_name: s
         found = "nothing" if bn is None else f"a {type(bn).__name__}"
         raise ValueError(f"load: the checkpoint has {bn_name!r} folded into {layer_name!r}, but the model has "
                          f"{found} there, not a {FOLDABLE[type(float_layer)].__name__} that folds into it")
-    layer.attach_bn(bn, bn_name)
-    return parent, key, bn, nn.Identity()
+    folded = folded_bn(copy.deepcopy(bn))
+    layer.attach_bn(folded, bn_name)
+    return parent, key, bn, folded

@@ -409,14 +409,17 @@ def _plan(path: str, model: nn.Module, layers: dict) -> list[tuple[nn.Module, st
         except (TypeError, ValueError) as e:
             raise ValueError(f"load: {name!r} cannot be quantized as {path} describes: {e}") from None
         if entry.get("folded_bn") is not None and not isinstance(module, QuantLayerBase):
-            # the skeleton still has the BatchNorm the layer holds folded: a copy goes into the layer, the
-            # model's is swapped for an identity with the layer
-            parent, key, bn, identity = attach_folded_bn(model, module, layer, entry["folded_bn"], name)
-            layer.bn = copy.deepcopy(bn)
-            folds.append((parent, key, bn, identity, entry["folded_bn"]))
+            # the skeleton still has the BatchNorm the layer holds folded: its place gets a folded copy (loaded
+            # from the file under the BatchNorm's name) or, converted, an identity
+            parent, key, bn, folded = attach_folded_bn(model, module, layer, entry["folded_bn"], name)
+            folds.append((parent, key, bn, nn.Identity() if converted else folded, entry["folded_bn"]))
         elif isinstance(module, QuantLayerBase) and module.folded_bn != entry.get("folded_bn"):
             raise ValueError(f"load: {name!r} has {module.folded_bn!r} folded in the model but "
                              f"{entry.get('folded_bn')!r} in {path}")
+        elif isinstance(module, QuantLayerBase) and converted and module.bn is not None:
+            # the prepared model's folded BatchNorm: converted, the layer holds it, an identity takes its place
+            folds += [(parent, key, module.bn, nn.Identity(), bn_name)
+                      for parent, key, bn_name in paths.get(id(module.bn), [])]
         if converted:
             layer._converted_skeleton()
         chosen[id(module)] = (layer, name)

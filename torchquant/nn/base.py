@@ -4,7 +4,8 @@ fake-quant (from construction): `weight`/`bias` are the nn.Linear/nn.Conv2d para
 the weight (WeightQuantizer) and the input (InputQuantizer) and runs the float op, with straight-through (or LSQ)
 gradients, so the layer trains like its float counterpart.
 
-folded BatchNorm (`attach_bn`, done by prepare): the layer also owns the BatchNorm that followed it and quantizes
+folded BatchNorm (`attach_bn`, done by prepare): the layer also applies the BatchNorm that followed it (a
+torchquant.fold.FoldedBatchNorm2d/1d left at the BatchNorm's place, which owns its tensors) and quantizes
 the folded weight w * gamma / sqrt(var + eps) with bias beta + (b - mean) * gamma / sqrt(var + eps): in training
 with the statistics of the batch (computed by an extra float pass, the running statistics updated as the
 BatchNorm would) until the statistics are frozen (`freeze_bn_stats`, or after QuantConfig.freeze_bn_after training
@@ -92,7 +93,8 @@ class QuantLayerBase(nn.Module):
         it was in the model."""
         if self.converted:
             raise RuntimeError(f"{type(self).__name__}.attach_bn: the layer is already converted")
-        self.bn = bn
+        # referenced, not registered: the module at the BatchNorm's place owns (saves, moves) its tensors
+        self.__dict__["bn"] = bn
         self.folded_bn = name
 
     def freeze_bn_stats(self) -> None:
@@ -214,8 +216,7 @@ class QuantLayerBase(nn.Module):
         bias = None if state["bias"] is None else nn.Parameter(state["bias"].detach(), requires_grad=False)
         del self.weight
         self.bias = bias
-        self._modules.pop("bn", None)  # folded into the stored weight and bias
-        self.bn = None
+        self.bn = None  # folded into the stored weight and bias
         self.register_buffer("qweight", state["qweight"])
         self.register_buffer("weight_scale", state["weight_scale"])
         self.converted = True
