@@ -7,6 +7,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+import torchquant as tq
 from torchquant import QuantConfig, QuantSpec
 from torchquant.nn import QuantLinear
 
@@ -21,8 +22,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _model():
+def _model(folded=False):
     torch.manual_seed(0)
+    if folded:  # the BatchNorm folds into the first layer (batch statistics in training)
+        float_model = nn.Sequential(nn.Linear(6, 12), nn.BatchNorm1d(12), nn.ReLU(), nn.Linear(12, 1))
+        return tq.prepare(float_model, "int8-static")
     return nn.Sequential(QuantLinear(6, 12, config=CONFIG), nn.ReLU(), QuantLinear(12, 1, config=CONFIG))
 
 
@@ -32,11 +36,11 @@ def _rank_data(rank, step):
     return x, x[:, :1] - x[:, 1:2]
 
 
-def _train(rank, port, out_dir):
+def _train(rank, port, out_dir, folded=False):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
         torch.set_num_threads(1)
-        model = nn.parallel.DistributedDataParallel(_model())
+        model = nn.parallel.DistributedDataParallel(_model(folded))
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
         for step in range(4):
             x, y = _rank_data(rank, step)
@@ -62,3 +66,17 @@ def test_qat_under_ddp_agrees_across_ranks(tmp_path):
     assert states[0]["0.input_quantizer.observer.hi"].item() == inputs.max().item()
     initial = _model()[0].weight_quantizer
     assert not torch.equal(states[0]["0.weight_quantizer.scale"], initial.scale.detach())  # learned, and moved
+
+
+def test_qat_with_a_folded_batchnorm_under_ddp_agrees_across_ranks(tmp_path):
+    mp.spawn(_train, args=(_free_port(), str(tmp_path), True), nprocs=WORLD, join=True)
+    states = [load_file(tmp_path / f"rank{r}.safetensors") for r in range(WORLD)]
+    initial = _model(folded=True)
+    assert states[0].keys() == states[1].keys() == initial.state_dict().keys()
+    assert {"1.weight", "1.bias", "1.running_mean", "1.running_var"} <= states[0].keys()  # the BatchNorm's names
+    for key, param in initial.named_parameters():  # gradients (the BatchNorm's too) are averaged across ranks
+        torch.testing.assert_close(states[0][key], states[1][key], rtol=0, atol=0, msg=key)
+        # the bias before the BatchNorm cancels in the normalization: its gradient is zero
+        assert torch.equal(states[0][key], param.detach()) == (key == "0.bias"), key
+    # running statistics: each rank's own last batch, as for a BatchNorm under DDP
+    assert not torch.equal(states[0]["1.running_mean"], initial[1].running_mean)

@@ -107,10 +107,11 @@ class QuantLayerBase(nn.Module):
 
     def _batch_folded_weight_bias(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The weight and bias folded with the statistics of this batch's float output; updates the running
-        statistics like the BatchNorm's own training forward. The layer's bias cancels in the normalization, so the
-        output is computed without it."""
+        statistics like the BatchNorm's own training forward. The layer's bias cancels in the normalization; it stays
+        in the graph so that it gets its (zero) gradient, as before a BatchNorm (DistributedDataParallel expects a
+        gradient for every parameter)."""
         bn = self.bn
-        y = self._float_op(x, self.weight, None)
+        y = self._float_op(x, self.weight, self.bias)
         dims = [0, *range(2, y.dim())]
         count = y.numel() // max(y.shape[1], 1)
         if count <= 1:
@@ -121,11 +122,9 @@ class QuantLayerBase(nn.Module):
         with torch.no_grad():
             bn.num_batches_tracked.add_(1)
             momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-            # the BatchNorm sees the layer's output with its bias
-            output_mean = mean if self.bias is None else mean + self.bias.float()
-            bn.running_mean.lerp_(output_mean.to(bn.running_mean.dtype), momentum)
+            bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), momentum)
             bn.running_var.lerp_((var * (count / (count - 1))).to(bn.running_var.dtype), momentum)
-        return folded_weight_bias(self.weight, None, bn, mean, var)
+        return folded_weight_bias(self.weight, self.bias, bn, mean, var)
 
     def float_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The float weight and bias this layer quantizes (fake-quant layers): with the folded BatchNorm's running
