@@ -91,7 +91,7 @@ def test_fake_quantize_per_channel_is_torch_bit_for_bit(device, shape, axis):
 
 @pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")  # the deprecated op is the baseline
 def test_quantize_is_torch_quantize_per_tensor_qint8():
-    # torch's quint8 path rounds some ties up (not to even); its qint8 path and fake-quant ops agree with SPEC 3.
+    # torch's quint8 path rounds some ties up (not to even); its qint8 path and fake-quant ops round half to even.
     x = gen(1 << 18, spread=40.0, specials=False)
     assert_same(F.quantize(x, 0.37, 3), torch.quantize_per_tensor(x, 0.37, 3, torch.qint8).int_repr())
 

@@ -1,4 +1,4 @@
-"""GPU kernel benchmarks against SPEC 5, every row timed interleaved with its baselines in this process.
+"""GPU kernel benchmarks against the GPU speed goals, every row timed interleaved with its baselines in this process.
 
 - quantize family at 256M elements: fraction of the device-to-device copy bandwidth (bytes read + written) and the
   ratio to torch's own ops (quantize_per_tensor, dequantize, fake_quantize_per_*_affine, an eager per-token absmax).
