@@ -567,3 +567,19 @@ def test_interrupted_convert_leaves_no_file(work, tmp_path, sig):
         assert result.returncode == -signal.SIGTERM, result.stderr
     else:
         assert result.returncode == 130 and result.stderr == "torchquant convert: interrupted\n"
+
+
+def test_load_inputs_takes_a_list_of_batches(tmp_path):
+    """A .pt file holding a list of input batches (as a calibration loop takes them) is read as their samples in
+    order; a pair (inputs, integer labels) stays a pair, and batches of different sample shapes are refused."""
+    from torchquant._cli_io import load_inputs
+    batches = [torch.randn(3, 1, 8, 8), torch.randn(5, 1, 8, 8), torch.randn(1, 1, 8, 8)]
+    torch.save(batches, tmp_path / "batches.pt")
+    inputs, labels = load_inputs(str(tmp_path / "batches.pt"), "--calib")
+    assert labels is None and torch.equal(inputs, torch.cat(batches))
+    torch.save((batches[0], torch.tensor([0, 1, 2])), tmp_path / "pair.pt")
+    inputs, labels = load_inputs(str(tmp_path / "pair.pt"), "--eval", want_labels=True)
+    assert torch.equal(inputs, batches[0]) and labels.tolist() == [0, 1, 2]
+    torch.save([torch.randn(2, 4), torch.randn(2, 5), torch.randn(2, 4)], tmp_path / "mixed.pt")
+    with pytest.raises(UsageError, match=r"--calib: .*mixed.pt holds list; expected .*a list of input batches"):
+        load_inputs(str(tmp_path / "mixed.pt"), "--calib")

@@ -247,9 +247,9 @@ def load_model(spec: str, *, weights: Optional[str] = None, trust_pickle: bool =
 def load_inputs(path: str, option: str, *, want_labels: bool = False
                 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(inputs, labels or None) from a .pt/.safetensors file holding a tensor of samples (dim 0), a dict with
-    'inputs' and optionally 'labels', or (.pt only) a pair (inputs, labels)."""
+    'inputs' and optionally 'labels', or (.pt only) a pair (inputs, labels) or a list of input batches."""
     _check_readable(path, option)
-    kinds = "a tensor of inputs, {'inputs': ..., 'labels': ...} or (inputs, labels)"
+    kinds = "a tensor of inputs, {'inputs': ..., 'labels': ...}, (inputs, labels) or a list of input batches"
     if _is_safetensors(path):
         content = _load_safetensors(path, option)
         if len(content) == 1 and "labels" not in content:
@@ -263,6 +263,8 @@ def load_inputs(path: str, option: str, *, want_labels: bool = False
         if unknown:
             raise UsageError(f"{option}: {path} has unexpected entries {unknown}; expected 'inputs' and 'labels'")
         inputs, labels = content["inputs"], content.get("labels")
+    elif _is_batch_list(content):
+        inputs, labels = torch.cat(list(content)), None
     elif isinstance(content, (tuple, list)) and len(content) == 2:
         inputs, labels = content
     else:
@@ -279,6 +281,14 @@ def load_inputs(path: str, option: str, *, want_labels: bool = False
         if not want_labels:
             labels = None
     return inputs, labels
+
+
+def _is_batch_list(content) -> bool:
+    """A list or tuple of float tensors of one sample shape (batches as a calibration loop takes them), other than
+    an (inputs, labels) pair."""
+    return (isinstance(content, (tuple, list)) and len(content) > 0
+            and all(isinstance(t, torch.Tensor) and t.dtype.is_floating_point and t.dim() >= 1 for t in content)
+            and len({tuple(t.shape[1:]) for t in content}) == 1 and len({t.dtype for t in content}) == 1)
 
 
 def batches_of(inputs: torch.Tensor, batch_size: int) -> List[torch.Tensor]:
