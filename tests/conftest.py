@@ -93,6 +93,21 @@ def randint8(shape, seed=None, *, dtype=torch.int8, generator=None, device="cpu"
     return torch.randint(low, high, tuple(shape), generator=generator, dtype=torch.int16).to(dtype).to(device)
 
 
+def int8_linear_case(m, k, n, x_dtype, per_token, with_bias, seed, device="cuda"):
+    """Random int8_linear arguments up to out_features on `device` (an int8 or uint8 activation, per-token or
+    per-tensor scale, optional bias), and the unpacked weight [n, k] on the CPU."""
+    from torchquant._ops import ops
+    g = torch.Generator().manual_seed(seed)
+    x_q = randint8((m, k), seed, dtype=x_dtype, device=device)
+    x_zp = 0 if x_dtype == torch.int8 else 113
+    w = randint8((n, k), seed + 1, device=device)
+    x_scale = (torch.rand(m if per_token else 1, generator=g) * 0.1 + 0.01).to(device)
+    w_scale = (torch.rand(n, generator=g) * 0.01 + 0.001).to(device)
+    bias = torch.randn(n, generator=g).to(device) if with_bias else None
+    args = (x_q, x_scale, x_zp, ops.pack_int8_weight(w), w.int().sum(1, dtype=torch.int32), w_scale, bias, n)
+    return args, w.cpu()
+
+
 def exact_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """The int64-exact product of two integer matrices, through float64 on their device: exact while every
     |sum| < 2^53, true for every size the tests use (K <= 2^20 at |products| <= 2^14)."""

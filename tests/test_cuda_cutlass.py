@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import torchquant
-from conftest import bit_patterns, exact_mm, randint8
+from conftest import bit_patterns, exact_mm, int8_linear_case, randint8
 from torchquant._ops import ops
 from torchquant._ops.gemm import dynamic_int8_linear, pack_conv_weight
 
@@ -150,19 +150,6 @@ OUTPUTS = [(torch.float32, None, 0), (torch.float16, None, 0), (torch.bfloat16, 
            (torch.uint8, 0.25, 128)]
 
 
-def linear_case(m, k, n, x_dtype, per_token, with_bias, seed):
-    """(the int8_linear arguments up to out_features, on the GPU; the weight [n, k] on the CPU)."""
-    g = torch.Generator().manual_seed(seed)
-    x_q = randint8((m, k), seed, dtype=x_dtype, device="cuda")
-    x_zp = 0 if x_dtype == torch.int8 else 113
-    w = randint8((n, k), seed + 1, device="cuda")
-    x_scale = (torch.rand(m if per_token else 1, generator=g) * 0.1 + 0.01).cuda()
-    w_scale = (torch.rand(n, generator=g) * 0.01 + 0.001).cuda()
-    bias = torch.randn(n, generator=g).cuda() if with_bias else None
-    args = (x_q, x_scale, x_zp, ops.pack_int8_weight(w), w.int().sum(1, dtype=torch.int32), w_scale, bias, n)
-    return args, w.cpu()
-
-
 def linear_reference(args, w):
     """The float64 value of the float epilogue and the magnitude of its terms."""
     x_q, x_scale, x_zp, _, _, w_scale, bias, _ = args
@@ -182,7 +169,7 @@ LINEAR_SHAPES = [(1, 64, 64), (17, 72, 16), (300, 200, 144), (40, 4112, 608), (1
 @pytest.mark.parametrize("x_dtype", [torch.int8, torch.uint8])
 @pytest.mark.parametrize("per_token,with_bias", [(True, True), (False, False), (True, False)])
 def test_int8_linear_identical_to_mma(monkeypatch, m, k, n, x_dtype, per_token, with_bias):
-    args, w = linear_case(m, k, n, x_dtype, per_token, with_bias, m + k + n)
+    args, w = int8_linear_case(m, k, n, x_dtype, per_token, with_bias, m + k + n)
     exact, magnitude = linear_reference(args, w)
 
     def every_output():
@@ -219,7 +206,7 @@ def test_int8_linear_negative_zero_and_nan_pass_through(monkeypatch):
 
 def test_int8_linear_unaligned_output_falls_back(monkeypatch):
     """bf16 rows of 130 elements (260 bytes) cannot be stored by TMA: mma.sync runs, with the same results."""
-    args, _ = linear_case(64, 96, 130, torch.uint8, True, True, 5)
+    args, _ = int8_linear_case(64, 96, 130, torch.uint8, True, True, 5)
     names, out = kernels_run(monkeypatch, "cutlass", ops.int8_linear, *args, torch.bfloat16, None, 0)
     assert CUTLASS_KERNEL not in names
     assert_same_bits(under(monkeypatch, "mma", ops.int8_linear, *args, torch.bfloat16, None, 0), out)
@@ -228,7 +215,7 @@ def test_int8_linear_unaligned_output_falls_back(monkeypatch):
 
 
 def test_int8_linear_requantized_matches_cpu(monkeypatch):
-    args, w = linear_case(200, 96, 80, torch.uint8, True, True, 21)
+    args, w = int8_linear_case(200, 96, 80, torch.uint8, True, True, 21)
     cpu_args = [t.cpu() if isinstance(t, torch.Tensor) else t for t in args]
     cpu_args[3] = ops.pack_int8_weight(w)
     for out_dtype, out_scale, out_zp in OUTPUTS[3:]:

@@ -14,7 +14,7 @@ import torchquant
 from torchquant._ops import FLOAT_DTYPES, ops
 from torchquant._ops.gemm import pack_conv_weight
 
-from conftest import exact_mm, randint8
+from conftest import exact_mm, int8_linear_case, randint8
 
 CUDA = torch.cuda.is_available() and torchquant.has_cuda_kernels()
 HOPPER = CUDA and torch.cuda.get_device_capability() == (9, 0)
@@ -59,23 +59,12 @@ def test_int8_mm_large_matches_torch_int_mm(monkeypatch):
     torch.testing.assert_close(out, torch._int_mm(a, b), rtol=0, atol=0)
 
 
-def linear_args(m, k, n, x_dtype, per_token, with_bias, seed):
-    g = torch.Generator().manual_seed(seed)
-    x_q = randint8((m, k), seed, dtype=x_dtype, device="cuda")
-    x_zp = 0 if x_dtype == torch.int8 else 128
-    w = randint8((n, k), seed + 1, device="cuda")
-    x_scale = (torch.rand(m if per_token else 1, generator=g) * 0.1 + 0.01).cuda()
-    w_scale = (torch.rand(n, generator=g) * 0.01 + 0.001).cuda()
-    bias = torch.randn(n, generator=g).cuda() if with_bias else None
-    return x_q, x_scale, x_zp, ops.pack_int8_weight(w), w.int().sum(1, dtype=torch.int32), w_scale, bias, n
-
-
 @needs_hopper
 @pytest.mark.parametrize("m,k,n", [(17, 64, 72), (300, 200, 130), (1024, 1024, 520), (40, 4112, 600)])
 @pytest.mark.parametrize("x_dtype", [torch.int8, torch.uint8])
 @pytest.mark.parametrize("per_token,with_bias", [(True, True), (False, False)])
 def test_int8_linear_identical_to_mma(monkeypatch, m, k, n, x_dtype, per_token, with_bias):
-    args = linear_args(m, k, n, x_dtype, per_token, with_bias, m + k + n)
+    args, _ = int8_linear_case(m, k, n, x_dtype, per_token, with_bias, m + k + n)
     outputs = [(out_dtype, None, 0) for out_dtype in FLOAT_DTYPES]
     outputs += [(torch.int8, 0.5, -5), (torch.uint8, 0.25, 128)]
     for out_dtype, out_scale, out_zp in outputs:
