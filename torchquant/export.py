@@ -15,10 +15,10 @@ zero point and saturates; DequantizeLinear then carries the real scale.
   QuantizeLinear(1, zero_point) -> DequantizeLinear(scale, zero_point) in front of the MatMul / Conv, whose int8
   weight initializer has its own DequantizeLinear (per channel: axis set);
 - dynamic activations: the scale absmax / qmax of each row (Linear, per token) or of the tensor (Conv) is computed
-  in the graph (Abs, ReduceMax, Div, Max with the smallest normal float32); a Linear then runs MatMulInteger on
+  in the graph (ReduceMax, ReduceMin, Div, Max with the smallest normal float32); a Linear then runs MatMulInteger on
   uint8 activations (the int8 values plus 128, zero point 128) and int8 weights, and scales the exact int32 sums as
   torchquant's kernel does: acc * x_scale * w_scale + bias (layers reading the same tensor in the same format, as a
-  transformer's query, key and value do, share the quantization and one MatMulInteger, split afterwards); a Conv
+  transformer's query, key and value do, share the quantization, each with its own MatMulInteger); a Conv
   dequantizes and runs a float Conv;
 - rounding="truncate": Sign(v) * Floor(Abs(v)) (exact) before QuantizeLinear;
 - signed 1-bit (sign binarization): Where(x >= 0, 1, -1);
@@ -288,11 +288,11 @@ def _dynamic_qparams(b: _GraphBuilder, x: str, act: _Activation, per_row: bool) 
     differently, and leaves this alone; the 2 is folded into the weight scale (or a Mul by 0.5) afterwards."""
     import numpy as np
     qmax = qrange(act.bits, act.signed)[1]
-    absolute = b.op("Abs", x)
-    if per_row:
-        absmax = b.op("ReduceMax", absolute, b.const("last_axis", np.array([-1], np.int64)), keepdims=1)
-    else:
-        absmax = b.op("ReduceMax", absolute, keepdims=0)
+    # max(|x|) as max(max(x), -min(x)), exactly: two reductions that only read x, where Abs would write a copy
+    axes = [b.const("last_axis", np.array([-1], np.int64))] if per_row else []
+    keepdims = 1 if per_row else 0
+    absmax = b.op("Max", b.op("ReduceMax", x, *axes, keepdims=keepdims),
+                  b.op("Neg", b.op("ReduceMin", x, *axes, keepdims=keepdims)))
     double_scale = b.op("Max", b.op("Div", absmax, b.const("half_qmax", _f32(qmax / 2))),
                         b.const("double_tiny", _f32(2 * _TINY)))
     return double_scale, b.op("Div", b.const("two", _f32(2.0)), double_scale)
@@ -324,8 +324,8 @@ def _quantized_input(b: _GraphBuilder, x: str, act: _Activation, q_name: str) ->
 
 def _linear_integer(b: _GraphBuilder, layers: Sequence[_Layer], x: str, outputs: Sequence[str], q_name: str) -> None:
     """Dynamic Linear layers that read the same x with the same activation format (a transformer's query, key and
-    value): x quantized once, one MatMulInteger over their weights side by side on the exact integers, then
-    acc * x_scale * w_scale + bias, split into each layer's output."""
+    value): x quantized once, then for each layer MatMulInteger on the exact integers and
+    acc * x_scale * w_scale + bias (one GEMM per layer: a merged GEMM would need a Split, which copies its output)."""
     import numpy as np
     first = layers[0]
     act = first.activation
@@ -339,25 +339,21 @@ def _linear_integer(b: _GraphBuilder, layers: Sequence[_Layer], x: str, outputs:
     else:
         act_u8 = _Activation(act.bits, False, act.rounding, True, act.per_token, zero_point=128)
         q = _quantized(b, x, inv, act_u8, offset, q_name)
-    weight = torch.cat([layer.weight.t() for layer in layers], dim=1).contiguous()
-    acc = b.op("MatMulInteger", q, _weight(b, first, weight, int8_only=True), offset)
-    # acc * (2 * x_scale) * (w_scale / 2): torchquant's acc * x_scale * w_scale, float for float. Not
-    # Mul(Cast(acc), Mul(x_scale, w_scale)), nor a doubled scale made by a Mul: onnxruntime fuses any Mul with a
-    # Cast(MatMulInteger) parent and a Mul parent into MatMulIntegerToFloat without checking the scales' shapes
-    # (its kernel scales the bias by a per-row x_scale too, and older kernels take only a scalar x_scale).
-    sizes = [layer.weight.shape[0] for layer in layers]
-    half_weight_scale = torch.cat([layer.weight_scale.expand(n) * 0.5 for layer, n in zip(layers, sizes)])
-    per_column = len(layers) > 1 or first.per_channel
-    half_weight_scale = half_weight_scale.numpy() if per_column else _f32(half_weight_scale[0])
-    scaled = b.op("Mul", b.op("Cast", acc, to=b.onnx.TensorProto.FLOAT), double_scale)
-    scaled = b.op("Mul", scaled, b.const("half_weight_scale", half_weight_scale),
-                  output=outputs[0] if len(layers) == 1 and first.bias is None else None)
-    if any(layer.bias is not None for layer in layers):
-        bias = torch.cat([torch.zeros(n) if layer.bias is None else layer.bias for layer, n in zip(layers, sizes)])
-        scaled = b.op("Add", scaled, b.const("bias", bias.numpy()), output=outputs[0] if len(layers) == 1 else None)
-    if len(layers) > 1:
-        b.nodes.append(b.onnx.helper.make_node("Split", [scaled, b.const("sizes", np.array(sizes, np.int64))],
-                                               list(outputs), name=b.name("Split_node"), axis=-1))
+    for layer, y in zip(layers, outputs):
+        acc = b.op("MatMulInteger", q, _weight(b, layer, layer.weight.t().contiguous(), int8_only=True), offset)
+        # acc * (2 * x_scale) * (w_scale / 2): torchquant's acc * x_scale * w_scale, float for float. Not
+        # Mul(Cast(acc), Mul(x_scale, w_scale)), nor a doubled scale made by a Mul: onnxruntime fuses any Mul with a
+        # Cast(MatMulInteger) parent and a Mul parent into MatMulIntegerToFloat without checking the scales' shapes
+        # (its kernel scales the bias by a per-row x_scale too, and older kernels take only a scalar x_scale).
+        half_weight_scale = layer.weight_scale * 0.5
+        half_weight_scale = half_weight_scale.numpy() if layer.per_channel else _f32(half_weight_scale[0])
+        scaled = b.op("Mul", b.op("Cast", acc, to=b.onnx.TensorProto.FLOAT), double_scale)
+        scaled = b.op("Mul", scaled, b.const("half_weight_scale", half_weight_scale),
+                      output=y if layer.bias is None else None)
+        if layer.bias is not None:
+            # a [1, N] bias, not [N]: onnxruntime fuses Add of a 1-D bias with a following Gelu into BiasGelu,
+            # which runs at a third of the speed of its Gelu (all-MiniLM-L6-v2's feed-forward layers)
+            b.op("Add", scaled, b.const("bias", layer.bias.numpy().reshape(1, -1)), output=y)
 
 
 def _layer_nodes(b: _GraphBuilder, layer: _Layer, x: str, y: str, q_name: str) -> None:
@@ -377,7 +373,7 @@ def _layer_nodes(b: _GraphBuilder, layer: _Layer, x: str, y: str, q_name: str) -
 
 
 def _group_key(node, layer: _Layer, position: int) -> tuple:
-    """Dynamic Linear layers with the same key share one quantized input and one MatMulInteger."""
+    """Dynamic Linear layers with the same key share one quantized input."""
     act = layer.activation
     if isinstance(layer.module, QuantLinear) and act is not None and act.dynamic:
         return ("integer", node.input[0], act.bits, act.rounding, layer.module.input_quantizer.per_token,
