@@ -109,6 +109,21 @@ void check_output_dtype(const char* op, at::ScalarType out_dtype, std::optional<
   check_float_out_dtype(op, out_dtype);
 }
 
+ActivationClamp check_activation_clamp(const char* op, std::optional<double> clamp_min,
+                                       std::optional<double> clamp_max) {
+  ActivationClamp c;
+  if (clamp_min.has_value()) {
+    c.lo = static_cast<float>(*clamp_min);
+    TQ_CHECK(std::isfinite(c.lo), op, ": clamp_min must be finite (as float32), got ", *clamp_min);
+  }
+  if (clamp_max.has_value()) {
+    c.hi = static_cast<float>(*clamp_max);
+    TQ_CHECK(std::isfinite(c.hi), op, ": clamp_max must be finite (as float32), got ", *clamp_max);
+  }
+  TQ_CHECK(c.lo <= c.hi, op, ": clamp_min (", *clamp_min, ") must not exceed clamp_max (", *clamp_max, ")");
+  return c;
+}
+
 ConvGeometry check_conv_arguments(const char* op, const at::Tensor& x_q, int64_t out_channels,
                                   at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
                                   at::IntArrayRef dilation, int64_t groups) {
@@ -145,6 +160,81 @@ ConvGeometry check_conv_arguments(const char* op, const at::Tensor& x_q, int64_t
   g.rows = checked_mul(op, "the output size (batch * out_height * out_width)",
                        checked_mul(op, "the output size", g.batch, g.out_h), g.out_w);
   checked_mul(op, "the output size (batch * out_height * out_width * out_channels)", g.rows, out_channels);
+  return g;
+}
+
+namespace {
+
+void check_add_operand(const char* name, const at::Tensor& t, const char* scale_name, const at::Tensor& scale,
+                       int64_t zero_point, const at::Tensor& a) {
+  constexpr const char* op = "quantized_add";
+  const bool is_int8 = t.scalar_type() == at::kChar;
+  TQ_CHECK(is_int8 || t.scalar_type() == at::kByte, op, ": ", name, " must be int8 or uint8, got ", t.scalar_type());
+  TQ_CHECK(t.device() == a.device(), op, ": ", name, " must be on a's device (", a.device(), "), got ", t.device());
+  const int64_t zp_min = is_int8 ? -128 : 0, zp_max = is_int8 ? 127 : 255;
+  TQ_CHECK(zero_point >= zp_min && zero_point <= zp_max, op, ": ", name, "_zero_point must lie in [", zp_min, ", ",
+           zp_max, "] for ", t.scalar_type(), " ", name, ", got ", zero_point);
+  TQ_CHECK(scale.device() == a.device(), op, ": ", scale_name, " must be on a's device (", a.device(), "), got ",
+           scale.device());
+  TQ_CHECK(scale.scalar_type() == at::kFloat && scale.numel() == 1, op, ": ", scale_name,
+           " must be a float32 tensor of 1 element, got ", scale.scalar_type(), " of shape ", scale.sizes());
+}
+
+}  // namespace
+
+QuantizedAddTensors prepare_quantized_add(const at::Tensor& a, const at::Tensor& a_scale, int64_t a_zero_point,
+                                          const at::Tensor& b, const at::Tensor& b_scale, int64_t b_zero_point,
+                                          at::ScalarType out_dtype, std::optional<double> out_scale,
+                                          int64_t out_zero_point) {
+  check_add_operand("a", a, "a_scale", a_scale, a_zero_point, a);
+  check_add_operand("b", b, "b_scale", b_scale, b_zero_point, a);
+  TQ_CHECK(a.sizes() == b.sizes(), "quantized_add: a and b must have the same shape (no broadcasting), got ",
+           a.sizes(), " and ", b.sizes());
+  check_output_dtype("quantized_add", out_dtype, out_scale, out_zero_point);
+  QuantizedAddTensors t;
+  t.out = at::empty_like(a, a.options().dtype(out_dtype), at::MemoryFormat::Preserve);
+  const auto laid_out = [&](const at::Tensor& x) {
+    return x.strides() == t.out.strides() ? x : at::empty_like(t.out, x.options()).copy_(x);
+  };
+  t.a = laid_out(a);
+  t.b = laid_out(b);
+  return t;
+}
+
+PoolGeometry check_max_pool2d_arguments(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                        at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode) {
+  constexpr const char* op = "quantized_max_pool2d";
+  TQ_CHECK(x.scalar_type() == at::kChar || x.scalar_type() == at::kByte, op, ": x must be int8 or uint8, got ",
+           x.scalar_type());
+  TQ_CHECK(x.dim() == 3 || x.dim() == 4, op, ": x must be 3-d [C, H, W] or 4-d [B, C, H, W], got ", x.dim(), "-d");
+  TQ_CHECK(kernel_size.size() == 2 && stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
+           ": kernel_size, stride, padding and dilation must have 2 entries each");
+  TQ_CHECK(kernel_size[0] >= 1 && kernel_size[1] >= 1, op, ": kernel_size must be >= 1, got ", kernel_size);
+  TQ_CHECK(stride[0] >= 1 && stride[1] >= 1, op, ": stride must be >= 1, got ", stride);
+  TQ_CHECK(dilation[0] >= 1 && dilation[1] >= 1, op, ": dilation must be >= 1, got ", dilation);
+  const int64_t d = x.dim();
+  PoolGeometry g{d == 4 ? x.size(0) : 1, x.size(d - 3), x.size(d - 2), x.size(d - 1), kernel_size[0], kernel_size[1],
+                 stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], 0, 0};
+  TQ_CHECK(g.channels >= 1 && g.height >= 1 && g.width >= 1, op, ": x must have non-empty channel and spatial "
+           "dimensions, got shape ", x.sizes());
+  int64_t out[2];
+  for (int i = 0; i < 2; ++i) {
+    const int64_t in = x.size(d - 2 + i);
+    // the dilated kernel (and everything below) is formed with checked arithmetic
+    const int64_t extent = checked_add(op, "the dilated kernel size",
+                                       checked_mul(op, "the dilated kernel size", dilation[i], kernel_size[i] - 1), 1);
+    TQ_CHECK(padding[i] >= 0 && padding[i] <= extent / 2, op, ": padding must be >= 0 and at most half the (dilated) "
+             "kernel size, got padding ", padding, " with kernel_size ", kernel_size, " and dilation ", dilation);
+    const int64_t span = checked_add(op, "the padded input size", in, 2 * padding[i]) - extent;
+    TQ_CHECK(span >= 0, op, ": the (dilated) kernel ", kernel_size, " is larger than the padded input ",
+             x.sizes().slice(d - 2), " with padding ", padding);
+    int64_t o = (span + (ceil_mode ? stride[i] - 1 : 0)) / stride[i] + 1;
+    if (ceil_mode && (o - 1) * stride[i] >= in + padding[i]) --o;  // the last window must start inside
+    out[i] = o;
+  }
+  g.out_h = out[0];
+  g.out_w = out[1];
+  checked_mul(op, "the output size", checked_mul(op, "the output size", g.batch * g.channels, g.out_h), g.out_w);
   return g;
 }
 

@@ -59,6 +59,11 @@ void check_float_out_dtype(const char* op, at::ScalarType out_dtype);
 void check_output_dtype(const char* op, at::ScalarType out_dtype, std::optional<double> out_scale,
                          int64_t out_zero_point);
 
+// int8_linear's and int8_conv2d's fused activation clamp: clamp_min / clamp_max, each optional, finite as float32
+// and clamp_min <= clamp_max; the absent bounds are -inf / +inf.
+ActivationClamp check_activation_clamp(const char* op, std::optional<double> clamp_min,
+                                       std::optional<double> clamp_max);
+
 // The shape of an int8_conv2d: input [batch, channels, height, width], kernel, stride, padding, dilation, groups
 // and the output size.
 struct ConvGeometry {
@@ -74,6 +79,34 @@ struct ConvGeometry {
 // them (padded input, dilated kernel, window, output rows and elements) below 2^63; returns the geometry.
 ConvGeometry check_conv_arguments(const char* op, const at::Tensor& x_q, int64_t out_channels, at::IntArrayRef kernel_size,
                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
+
+// quantized_add's tensors as its kernels read them: the output (a's shape and memory format, at::empty_like's
+// Preserve) and a and b laid out alike (out's strides; an operand in another layout is copied).
+struct QuantizedAddTensors {
+  at::Tensor out, a, b;
+};
+
+// Checks quantized_add's arguments (a and b int8 or uint8 of the same shape on one device, zero points in their
+// ranges, a_scale and b_scale float32 tensors of 1 element on that device, and out_dtype / out_scale /
+// out_zero_point as check_output_dtype wants them; scale values are checked by each kernel) and allocates the
+// output on the current device.
+QuantizedAddTensors prepare_quantized_add(const at::Tensor& a, const at::Tensor& a_scale, int64_t a_zero_point,
+                                          const at::Tensor& b, const at::Tensor& b_scale, int64_t b_zero_point,
+                                          at::ScalarType out_dtype, std::optional<double> out_scale,
+                                          int64_t out_zero_point);
+
+// The shape of a max_pool2d over x [B?, C, H, W]: torch's rules for the output size (ceil_mode: a last window that
+// starts in the input or its left padding) and for the arguments.
+struct PoolGeometry {
+  int64_t batch, channels, height, width;
+  int64_t kh, kw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
+  int64_t out_h, out_w;
+};
+
+// quantized_max_pool2d: x int8 or uint8, 3-d or 4-d and not empty in C, H, W; 2-entry kernel_size, stride,
+// dilation >= 1, padding >= 0 and at most half the dilated kernel; an output of at least 1 x 1.
+PoolGeometry check_max_pool2d_arguments(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                        at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode);
 
 // fake_quantize backward: grad must have x's shape and dtype (devices are checked by each kernel).
 void check_grad_like(const at::Tensor& grad, const at::Tensor& x);

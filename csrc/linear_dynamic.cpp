@@ -16,7 +16,7 @@ namespace {
 using QuantizePerTokenFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, int64_t);
 using Int8LinearFn = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, const at::Tensor&, const at::Tensor&,
                                 const at::Tensor&, const std::optional<at::Tensor>&, int64_t, at::ScalarType,
-                                std::optional<double>, int64_t);
+                                std::optional<double>, int64_t, std::optional<double>, std::optional<double>);
 
 at::Tensor int8_linear_dynamic(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& w_sum,
                                const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
@@ -33,7 +33,7 @@ at::Tensor int8_linear_dynamic(const at::Tensor& x, const at::Tensor& w_packed, 
   const auto [x_q, x_scale] = quantize_per_token.call(x, 8);
   // x_scale keeps the shape x.shape[:-1]: int8_linear takes one scale per row in any shape
   return int8_linear.call(x_q, x_scale, 0, w_packed, w_sum, w_scale, bias, out_features, x.scalar_type(),
-                          std::nullopt, 0);
+                          std::nullopt, 0, std::nullopt, std::nullopt);
 }
 
 // No gradient flows through integer kernels (quantize_per_token passes none to x), so the autograd step is to run

@@ -35,18 +35,37 @@ TORCH_LIBRARY(torchquant, m) {
   // x_q: [M, K] int8 or uint8; x_scale: float32 [M] (per token) or [1]; w_sum[n] = sum_k w[n, k] (int32);
   // out_dtype float32/float16/bfloat16, or int8/uint8 with out_scale: requantized
   // clamp(rne(y * (1 / out_scale)) + out_zero_point) for integer-only pipelines.
+  // clamp_min / clamp_max (each optional, finite, clamp_min <= clamp_max): a fused activation applied to y before
+  // the conversion, y = min(max(y, float(clamp_min)), float(clamp_max)) with NaN kept (ReLU: clamp_min 0; ReLU6 /
+  // hardtanh: both).
   m.def("int8_linear(Tensor x_q, Tensor x_scale, int x_zero_point, Tensor w_packed, Tensor w_sum, Tensor w_scale, "
-        "Tensor? bias, int out_features, ScalarType out_dtype, float? out_scale=None, int out_zero_point=0) -> Tensor");
+        "Tensor? bias, int out_features, ScalarType out_dtype, float? out_scale=None, int out_zero_point=0, "
+        "float? clamp_min=None, float? clamp_max=None) -> Tensor");
   // the int8-dynamic Linear forward in one call: quantize_per_token(x, 8) then int8_linear with x_zero_point 0 and
   // out_dtype = x's dtype (one implementation for every device: csrc/linear_dynamic.cpp)
   m.def("int8_linear_dynamic(Tensor x, Tensor w_packed, Tensor w_sum, Tensor w_scale, Tensor? bias, "
         "int out_features) -> Tensor");
   // x_q: [B, C, H, W] int8/uint8 (any memory format); weight packed from [G, OC/G, KH*KW*C/G] with the
   // reduction index ordered (kh, kw, c) and viewed as [G, OC/G, KH, KW, C/G]; output [B, OC, OH, OW] of out_dtype in channels-last memory format,
-  // float or requantized to int8/uint8 with out_scale / out_zero_point as in int8_linear.
+  // float or requantized to int8/uint8 with out_scale / out_zero_point, and clamped by clamp_min / clamp_max, as in
+  // int8_linear.
   m.def("int8_conv2d(Tensor x_q, Tensor x_scale, int x_zero_point, Tensor w_packed, Tensor w_sum, Tensor w_scale, "
         "Tensor? bias, int out_channels, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, "
-        "int groups, ScalarType out_dtype, float? out_scale=None, int out_zero_point=0) -> Tensor");
+        "int groups, ScalarType out_dtype, float? out_scale=None, int out_zero_point=0, float? clamp_min=None, "
+        "float? clamp_max=None) -> Tensor");
+
+  // ---- integer element-wise ops: csrc/cpu/quantize.cpp, csrc/cuda/quantize.cu ----
+  // y = float(a - a_zero_point) * a_scale + float(b - b_zero_point) * b_scale in float32 (those operations in that
+  // order, no fused multiply-add), then y = max(y, 0) when relu; a and b int8 or uint8 (each either) of the same
+  // shape, any strides; scales float32 [1]. Output of a's shape and memory format: float32/float16/bfloat16 (a cast),
+  // or int8/uint8 requantized with out_scale / out_zero_point as in int8_linear (a residual add in an integer
+  // pipeline).
+  m.def("quantized_add(Tensor a, Tensor a_scale, int a_zero_point, Tensor b, Tensor b_scale, int b_zero_point, "
+        "ScalarType out_dtype, float? out_scale=None, int out_zero_point=0, bool relu=False) -> Tensor");
+  // torch.nn.functional.max_pool2d of an int8/uint8 x [B?, C, H, W] (same output size, memory format and argument
+  // rules) on every device: csrc/cpu/pool.cpp and csrc/cuda/pool.cu (torch's CUDA max_pool2d takes floats only).
+  m.def("quantized_max_pool2d(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, "
+        "bool ceil_mode) -> Tensor");
 
   // ---- the CPU code path the kernels run now: "avx512_vnni", "avx2" or "scalar" (csrc/cpu/isa.cpp) ----
   m.def("cpu_kernel_path() -> str");

@@ -42,6 +42,19 @@ TQ_HOST_DEVICE float quantize_value(float x, float inv_scale, float zero_point, 
   return fminf(fmaxf(q, f.qmin), f.qmax);
 }
 
+// A fused activation clamp: y = min(max(y, lo), hi), lo/hi at -inf/+inf when not asked for (ReLU: lo = 0; ReLU6:
+// lo = 0, hi = 6). NaN stays NaN, as torch.clamp keeps it; written as comparisons so that SIMD max/min (which
+// return their second operand on NaN) give the same bits: max(lo, y) == (y < lo ? lo : y).
+struct ActivationClamp {
+  float lo = -INFINITY;
+  float hi = INFINITY;
+};
+
+TQ_HOST_DEVICE float clamp_activation(float y, ActivationClamp c) {
+  y = y < c.lo ? c.lo : y;
+  return y > c.hi ? c.hi : y;
+}
+
 // quantize then dequantize; NaN stays NaN.
 TQ_HOST_DEVICE float fake_quantize_value(float x, float scale, float inv_scale, float zero_point, QuantFormat f,
                                          Rounding rounding) {

@@ -124,32 +124,65 @@ def _requantize(y: torch.Tensor, out_scale: float, out_zero_point: int, out_dtyp
     return q.clamp(info.min, info.max).to(out_dtype)
 
 
+def _activation_clamp(y: torch.Tensor, clamp_min, clamp_max) -> torch.Tensor:
+    """The fused activation: y = min(max(y, float32(clamp_min)), float32(clamp_max)), each when given; NaN stays."""
+    if clamp_min is None and clamp_max is None:
+        return y
+    return torch.clamp(y, clamp_min, clamp_max)
+
+
+def _convert_output(y: torch.Tensor, out_dtype, out_scale, out_zero_point) -> torch.Tensor:
+    """y cast to a float out_dtype, or requantized to int8/uint8 when out_scale is given."""
+    return _requantize(y, out_scale, out_zero_point, out_dtype) if out_scale is not None else y.to(out_dtype)
+
+
 def int8_linear(x_q: torch.Tensor, x_scale, x_zero_point: int, w_q: torch.Tensor, w_scale: torch.Tensor,
-                bias=None, *, out_dtype=torch.float32, out_scale=None, out_zero_point: int = 0) -> torch.Tensor:
+                bias=None, *, out_dtype=torch.float32, out_scale=None, out_zero_point: int = 0, clamp_min=None,
+                clamp_max=None) -> torch.Tensor:
     """y = (sum_k (x_q - x_zero_point) * w_q[n, k]) * x_scale * w_scale[n] + bias[n] over the last dim of
     x_q [..., K], with the unpacked int8 weight w_q [N, K]; x_scale per token (x_q.shape[:-1]) or 1 element.
-    out_dtype float, or int8/uint8 requantized: clamp(rne(y * (1 / out_scale)) + out_zero_point)."""
+    Then the fused activation clamp (clamp_min / clamp_max, each when given), and out_dtype float, or int8/uint8
+    requantized: clamp(rne(y * (1 / out_scale)) + out_zero_point)."""
     acc = (x_q.cpu().to(torch.int64) - x_zero_point) @ w_q.cpu().to(torch.int64).t()
     x_scale = torch.as_tensor(x_scale, dtype=torch.float32).cpu()
     x_scale = x_scale.reshape(()) if x_scale.numel() == 1 else x_scale.reshape(*x_q.shape[:-1], 1)
     y = acc.to(torch.int32).to(torch.float32) * x_scale * w_scale.cpu().float()
     if bias is not None:
         y = y + bias.cpu().float()
-    out = _requantize(y, out_scale, out_zero_point, out_dtype) if out_scale is not None else y.to(out_dtype)
-    return out.to(x_q.device)
+    y = _activation_clamp(y, clamp_min, clamp_max)
+    return _convert_output(y, out_dtype, out_scale, out_zero_point).to(x_q.device)
 
 
 def int8_conv2d(x_q: torch.Tensor, x_scale, x_zero_point: int, w_q: torch.Tensor, w_scale: torch.Tensor,
                 bias=None, *, stride=1, padding=0, dilation=1, groups=1, out_dtype=torch.float32, out_scale=None,
-                out_zero_point: int = 0) -> torch.Tensor:
+                out_zero_point: int = 0, clamp_min=None, clamp_max=None) -> torch.Tensor:
     """Quantized conv2d with the unpacked weight w_q [OC, C/G, KH, KW]: the integer sums of (x_q - x_zero_point)
     * w_q (exact: a float64 convolution of integers far below 2^53), then acc * x_scale * w_scale[oc] + bias[oc]
-    in float32, stored as out_dtype or requantized like int8_linear's; channels-last output like the kernels'."""
+    in float32, clamped, stored as out_dtype or requantized like int8_linear's; channels-last output like the
+    kernels'."""
     xf = x_q.cpu().to(torch.float64) - x_zero_point
     acc = torch.nn.functional.conv2d(xf, w_q.cpu().to(torch.float64), None, stride, padding, dilation, groups)
     x_scale = torch.as_tensor(x_scale, dtype=torch.float32).cpu().reshape(())
     y = acc.to(torch.int64).to(torch.int32).to(torch.float32) * x_scale * w_scale.cpu().float().reshape(-1, 1, 1)
     if bias is not None:
         y = y + bias.cpu().float().reshape(-1, 1, 1)
-    out = _requantize(y, out_scale, out_zero_point, out_dtype) if out_scale is not None else y.to(out_dtype)
+    y = _activation_clamp(y, clamp_min, clamp_max)
+    out = _convert_output(y, out_dtype, out_scale, out_zero_point)
     return out.contiguous(memory_format=torch.channels_last).to(x_q.device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Integer element-wise family
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def quantized_add(a: torch.Tensor, a_scale, a_zero_point: int, b: torch.Tensor, b_scale, b_zero_point: int, *,
+                  out_dtype=torch.float32, out_scale=None, out_zero_point: int = 0, relu: bool = False):
+    """y = float(a - a_zero_point) * a_scale + float(b - b_zero_point) * b_scale in float32 (each product rounded,
+    then the sum), max(y, 0) when relu, then cast to out_dtype or requantized like int8_linear's output."""
+    a_scale = torch.as_tensor(a_scale, dtype=torch.float32).cpu().reshape(())
+    b_scale = torch.as_tensor(b_scale, dtype=torch.float32).cpu().reshape(())
+    y = (a.cpu().float() - a_zero_point) * a_scale + (b.cpu().float() - b_zero_point) * b_scale
+    if relu:
+        y = torch.clamp(y, min=0.0)
+    return _convert_output(y, out_dtype, out_scale, out_zero_point).to(a.device)

@@ -72,7 +72,8 @@ at::Tensor int8_conv2d_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, int
                            const at::Tensor& w_packed, const at::Tensor& w_sum, const at::Tensor& w_scale,
                            const std::optional<at::Tensor>& bias, int64_t out_channels, at::IntArrayRef kernel_size,
                            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                           at::ScalarType out_dtype, std::optional<double> out_scale, int64_t out_zero_point) {
+                           at::ScalarType out_dtype, std::optional<double> out_scale, int64_t out_zero_point,
+                           std::optional<double> clamp_min, std::optional<double> clamp_max) {
   constexpr const char* op = "int8_conv2d";
   const ConvGeometry g = check_conv_arguments(op, x_q, out_channels, kernel_size, stride, padding, dilation, groups);
   const int64_t cg = g.channels / groups, ocg = out_channels / groups;
@@ -80,6 +81,7 @@ at::Tensor int8_conv2d_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, int
   TQ_CHECK(window >= 1, op, ": x_q must have at least one channel");
   const int64_t kp = check_packed_weight(op, w_packed, x_q, groups, ocg, {g.kh, g.kw, cg}, kConvWeightShape);
   check_output_dtype(op, out_dtype, out_scale, out_zero_point);
+  const ActivationClamp clamp = check_activation_clamp(op, clamp_min, clamp_max);
   TQ_CHECK(x_scale.numel() == 1, op, ": x_scale must have 1 element (per-tensor activations), got ",
               x_scale.numel());
   const int64_t m = g.rows;
@@ -112,7 +114,9 @@ at::Tensor int8_conv2d_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, int
   args.n = ocg;
   args.k = window;
   args.groups = groups;
-  gemm_u8s8(args, in.epilogue(out_dtype, out_nhwc.data_ptr(), out_channels, out_scale, out_zero_point), cpu_isa());
+  Epilogue ep = in.epilogue(out_dtype, out_nhwc.data_ptr(), out_channels, out_scale, out_zero_point);
+  ep.clamp = clamp;
+  gemm_u8s8(args, ep, cpu_isa());
   return out;
 }
 

@@ -123,7 +123,8 @@ at::Tensor pack_int8_weight_cpu(const at::Tensor& w) {
 at::Tensor int8_linear_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, int64_t x_zero_point,
                            const at::Tensor& w_packed, const at::Tensor& w_sum, const at::Tensor& w_scale,
                            const std::optional<at::Tensor>& bias, int64_t out_features, at::ScalarType out_dtype,
-                           std::optional<double> out_scale, int64_t out_zero_point) {
+                           std::optional<double> out_scale, int64_t out_zero_point, std::optional<double> clamp_min,
+                           std::optional<double> clamp_max) {
   constexpr const char* op = "int8_linear";
   TQ_CHECK(x_q.dim() >= 1, op, ": x_q must have at least 1 dimension [..., K]");
   TQ_CHECK(out_features >= 1, op, ": out_features must be >= 1, got ", out_features);
@@ -134,6 +135,7 @@ at::Tensor int8_linear_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, int
   const EpilogueInputs in = prepare_epilogue_inputs(op, x_q, x_zero_point, x_scale, m, w_sum, w_scale, bias, n);
 
   check_output_dtype(op, out_dtype, out_scale, out_zero_point);
+  const ActivationClamp clamp = check_activation_clamp(op, clamp_min, clamp_max);
 
   std::vector<int64_t> out_shape(x_q.sizes().begin(), x_q.sizes().end());
   out_shape.back() = n;
@@ -159,7 +161,8 @@ at::Tensor int8_linear_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, int
   args.m = m;
   args.n = n;
   args.k = k;
-  const Epilogue ep = in.epilogue(out_dtype, out.data_ptr(), n, out_scale, out_zero_point);
+  Epilogue ep = in.epilogue(out_dtype, out.data_ptr(), n, out_scale, out_zero_point);
+  ep.clamp = clamp;
   gemm_u8s8(args, ep, cpu_isa());
   return out;
 }

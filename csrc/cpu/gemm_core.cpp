@@ -199,6 +199,7 @@ void epilogue_row_scalar(const Epilogue& ep, const int32_t* acc, int64_t row, in
     }
     float y = static_cast<float>(v) * xs * ep.col_scale[n];
     if (ep.bias != nullptr) y += ep.bias[n];
+    y = clamp_activation(y, ep.clamp);
     switch (ep.kind) {
       case OutKind::Float32: out_at<float>(ep, row, col0)[c] = y; break;
       case OutKind::Float16: out_at<c10::Half>(ep, row, col0)[c] = c10::Half(y); break;
@@ -242,8 +243,8 @@ TQ_TARGET_VNNI inline void store_vector(void* p, __m128i v, __mmask16 mask, bool
 }
 
 // The epilogue of a whole tile (rows x ncols <= 64), 16 columns at a time, with the per-column inputs loaded once.
-// Matches epilogue_row_scalar: same operation order, round-to-nearest-even conversions (vcvtps2ph, a bit-exact
-// bfloat16 rounding), NaN -> zero point when requantizing.
+// Matches epilogue_row_scalar: same operation order (the activation clamp included), round-to-nearest-even
+// conversions (vcvtps2ph, a bit-exact bfloat16 rounding), NaN -> zero point when requantizing.
 template <OutKind KIND, typename T>
 TQ_TARGET_VNNI void epilogue_tile_avx512_kind(const Epilogue& ep, const int32_t* tile, int64_t row0, int64_t rows,
                                               int64_t col0, int64_t ncols) {
@@ -253,6 +254,7 @@ TQ_TARGET_VNNI void epilogue_tile_avx512_kind(const Epilogue& ep, const int32_t*
   __m512i offset[kVectors];
   __m512 scale[kVectors], bias[kVectors];
   const bool has_bias = ep.bias != nullptr;
+  const __m512 clamp_lo = _mm512_set1_ps(ep.clamp.lo), clamp_hi = _mm512_set1_ps(ep.clamp.hi);
   for (int j = 0; j < vectors; ++j) {
     mask[j] = ncols - 16 * j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (ncols - 16 * j)) - 1);
     offset[j] = _mm512_maskz_loadu_epi32(mask[j], ep.col_offset + col0 + 16 * j);
@@ -275,6 +277,7 @@ TQ_TARGET_VNNI void epilogue_tile_avx512_kind(const Epilogue& ep, const int32_t*
       }
       __m512 y = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(v), xs), scale[j]);
       if (has_bias) y = _mm512_add_ps(y, bias[j]);
+      y = _mm512_min_ps(clamp_hi, _mm512_max_ps(clamp_lo, y));  // clamp_activation: NaN passes (second operand)
       if constexpr (KIND == OutKind::Float32) {
         store_vector(dst, _mm512_castps_si512(y), mask[j], stream);
       } else if constexpr (KIND == OutKind::Float16) {

@@ -12,6 +12,7 @@
 #include <cstdint>
 
 #include "cpu/isa.h"
+#include "quant_math.h"
 #include "sizes.h"
 
 namespace torchquant::gemm {
@@ -23,7 +24,7 @@ static_assert(kPackAlign % kPanelCols == 0, "packed weights hold whole panels");
 // What the GEMM's store does with each int32 accumulator acc[m][n] (already summed over k):
 //   v = acc - col_offset[n]                                    (zero-point / shift correction)
 //   Int32:         out = v
-//   float kinds:   out = v * row_scale[m or 0] * col_scale[n] + bias[n]
+//   float kinds:   out = clamp_activation(v * row_scale[m or 0] * col_scale[n] + bias[n], clamp)
 //   Int8 / UInt8:  out = clamp(rne(y * inv_out_scale) + out_zero_point, qmin, qmax), y as above
 enum class OutKind { Int32, Float32, Float16, BFloat16, Int8, UInt8 };
 
@@ -40,6 +41,7 @@ struct Epilogue {
   float out_zero_point = 0.0f;
   float qmin = 0.0f;
   float qmax = 0.0f;
+  ActivationClamp clamp;  // the fused activation (none: -inf / +inf)
   bool streaming = false;  // non-temporal stores (set by gemm_u8s8 for outputs larger than the caches)
 };
 

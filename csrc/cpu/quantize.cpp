@@ -1,4 +1,5 @@
-// CPU kernels of the quantize family (schemas in csrc/ops.cpp, element math in csrc/quant_math.h).
+// CPU kernels of the quantize family and of quantized_add (schemas in csrc/ops.cpp, element math in
+// csrc/quant_math.h).
 //
 // Every op is an element-wise map over x viewed as [outer, channels, inner]: flat index i belongs to channel
 // (i / inner) % channels (per-tensor: one channel). The map runs in spans; a span either shares one channel's
@@ -17,6 +18,7 @@
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -47,6 +49,18 @@ struct SpanParams {
     else return *this;
   }
 };
+
+// quantized_add's element map: y = (float(a) - a_zero_point) * a_scale + (float(b) - b_zero_point) * b_scale, then
+// the clamp (ReLU: [0, inf)), then the output conversion (requantized with out_format for int8/uint8).
+struct AddParams {
+  float a_scale, a_zero_point, b_scale, b_zero_point;
+  ActivationClamp clamp;
+  float inv_out_scale, out_zero_point;
+  QuantFormat out_format;
+};
+
+template <class T>
+constexpr bool kIsByte = std::is_same_v<T, int8_t> || std::is_same_v<T, uint8_t>;
 
 // ---------------------------------------------------------------------------------------------------------------
 // Scalar path: quant_math.h element by element. Also the tail of every SIMD span.
@@ -92,6 +106,18 @@ void dequantize_span(const In* q, Out* y, int64_t n, SpanParams p) {
   for (int64_t i = 0; i < n; ++i) {
     const int64_t k = at<PerElement>(i);
     y[i] = static_cast<Out>((static_cast<float>(q[i]) - p.zero_point[k]) * p.scale[k]);
+  }
+}
+
+template <class A, class B, class Out>
+void add_span(const A* a, const B* b, Out* y, int64_t n, const AddParams& p) {
+  for (int64_t i = 0; i < n; ++i) {
+    float v = (static_cast<float>(a[i]) - p.a_zero_point) * p.a_scale +
+              (static_cast<float>(b[i]) - p.b_zero_point) * p.b_scale;
+    v = clamp_activation(v, p.clamp);
+    if constexpr (kIsByte<Out>)
+      y[i] = static_cast<Out>(quantize_value(v, p.inv_out_scale, p.out_zero_point, p.out_format, Rounding::Nearest));
+    else y[i] = static_cast<Out>(v);
   }
 }
 
@@ -282,6 +308,10 @@ TQ_TARGET inline void vstore(uint8_t* p, V v) {
     template <class In>                                                                                          \
     static float finite_absmax(const In* x, int64_t n) {                                                         \
       return ns::finite_absmax(x, n);                                                                            \
+    }                                                                                                            \
+    template <class A, class B, class Out>                                                                       \
+    static void add_span(const A* a, const B* b, Out* y, int64_t n, const AddParams& p) {                        \
+      ns::add_span(a, b, y, n, p);                                                                               \
     }                                                                                                            \
   };
 TQ_ISA_STRUCT(Scalar, scalar_spans)
@@ -532,9 +562,57 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_cpu(const at::Tensor& x, i
   return {q, scale};
 }
 
+// An element-wise map over a, b and the output laid out alike in memory (prepare_quantized_add).
+at::Tensor quantized_add_cpu(const at::Tensor& a, const at::Tensor& a_scale, int64_t a_zero_point, const at::Tensor& b,
+                             const at::Tensor& b_scale, int64_t b_zero_point, at::ScalarType out_dtype,
+                             std::optional<double> out_scale, int64_t out_zero_point, bool relu) {
+  constexpr const char* op = "quantized_add";
+  TQ_CHECK(a.device().is_cpu(), op, ": a must be a CPU tensor for the CPU kernel, got ", a.device());
+  const QuantizedAddTensors t =
+      prepare_quantized_add(a, a_scale, a_zero_point, b, b_scale, b_zero_point, out_dtype, out_scale, out_zero_point);
+  const at::Tensor a_scale_1 = a_scale.reshape({1}).contiguous(), b_scale_1 = b_scale.reshape({1}).contiguous();
+  check_scale_values(op, "a_scale", a_scale_1);
+  check_scale_values(op, "b_scale", b_scale_1);
+  const int64_t numel = t.out.numel();
+  if (numel == 0) return t.out;
+  AddParams p{};
+  p.a_scale = *a_scale_1.data_ptr<float>();
+  p.a_zero_point = static_cast<float>(a_zero_point);
+  p.b_scale = *b_scale_1.data_ptr<float>();
+  p.b_zero_point = static_cast<float>(b_zero_point);
+  if (relu) p.clamp.lo = 0.0f;
+  p.inv_out_scale = out_scale.has_value() ? 1.0f / static_cast<float>(*out_scale) : 1.0f;
+  p.out_zero_point = static_cast<float>(out_zero_point);
+  p.out_format = quant_format(8, out_dtype == at::kChar);
+  const auto with_out_type = [&](const auto& body) {
+    if (out_dtype == at::kChar || out_dtype == at::kByte) with_byte_type(out_dtype, "out_dtype", body);
+    else with_float_type(out_dtype, "out_dtype", body);
+  };
+  with_byte_type(a.scalar_type(), "a", [&](auto a_tag) {
+    using A = decltype(a_tag);
+    with_byte_type(b.scalar_type(), "b", [&](auto b_tag) {
+      using B = decltype(b_tag);
+      with_out_type([&](auto out_tag) {
+        using Out = decltype(out_tag);
+        const A* ap = t.a.data_ptr<A>();
+        const B* bp = t.b.data_ptr<B>();
+        Out* yp = t.out.data_ptr<Out>();
+        with_cpu_isa([&](auto isa) {
+          using Isa = decltype(isa);
+          at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
+            Isa::add_span(ap + begin, bp + begin, yp + begin, end - begin, p);
+          });
+        });
+      });
+    });
+  });
+  return t.out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(torchquant, CPU, m) {
+  m.impl("quantized_add", &quantized_add_cpu);
   m.impl("quantize", &quantize_cpu);
   m.impl("dequantize", &dequantize_cpu);
   m.impl("fake_quantize", &fake_quantize_cpu);

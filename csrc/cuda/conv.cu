@@ -61,7 +61,8 @@ at::Tensor int8_conv2d_cuda(const at::Tensor& x_q, const at::Tensor& x_scale, in
                             const at::Tensor& w_packed, const at::Tensor& w_sum, const at::Tensor& w_scale,
                             const std::optional<at::Tensor>& bias, int64_t out_channels, at::IntArrayRef kernel_size,
                             at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                            at::ScalarType out_dtype, std::optional<double> out_scale, int64_t out_zero_point) {
+                            at::ScalarType out_dtype, std::optional<double> out_scale, int64_t out_zero_point,
+                            std::optional<double> clamp_min, std::optional<double> clamp_max) {
   constexpr const char* op = "int8_conv2d";
   TQ_CHECK(x_q.is_cuda(), op, ": x_q must be a CUDA tensor for the CUDA kernel, got ", x_q.device());
   const ConvGeometry g = check_conv_arguments(op, x_q, out_channels, kernel_size, stride, padding, dilation, groups);
@@ -70,6 +71,7 @@ at::Tensor int8_conv2d_cuda(const at::Tensor& x_q, const at::Tensor& x_scale, in
   TQ_CHECK(window >= 1, op, ": x_q must have at least one channel");
   const int64_t kp = check_packed_weight(op, w_packed, x_q, groups, ocg, {g.kh, g.kw, cg}, kConvWeightShape);
   check_output_dtype(op, out_dtype, out_scale, out_zero_point);
+  const ActivationClamp clamp = check_activation_clamp(op, clamp_min, clamp_max);
   TQ_CHECK(x_scale.numel() == 1, op, ": x_scale must have 1 element (per-tensor activations), got ",
               x_scale.numel());
   const int64_t m = g.rows;
@@ -119,8 +121,9 @@ at::Tensor int8_conv2d_cuda(const at::Tensor& x_q, const at::Tensor& x_scale, in
   args.N = static_cast<int>(ocg);
   args.K = static_cast<int>(round_up(window, 16));
   args.groups = static_cast<int>(groups);
-  run_int8_gemm(args, x_q.scalar_type() == at::kByte,
-                in.epilogue(out_nhwc, out_channels, x_zero_point, out_scale, out_zero_point));
+  DequantEpilogue ep = in.epilogue(out_nhwc, out_channels, x_zero_point, out_scale, out_zero_point);
+  ep.clamp = clamp;
+  run_int8_gemm(args, x_q.scalar_type() == at::kByte, ep);
   return out;
 }
 

@@ -534,7 +534,8 @@ at::Tensor pack_int8_weight_cuda(const at::Tensor& w) {
 at::Tensor int8_linear_cuda(const at::Tensor& x_q, const at::Tensor& x_scale, int64_t x_zero_point,
                             const at::Tensor& w_packed, const at::Tensor& w_sum, const at::Tensor& w_scale,
                             const std::optional<at::Tensor>& bias, int64_t out_features, at::ScalarType out_dtype,
-                            std::optional<double> out_scale, int64_t out_zero_point) {
+                            std::optional<double> out_scale, int64_t out_zero_point, std::optional<double> clamp_min,
+                            std::optional<double> clamp_max) {
   constexpr const char* op = "int8_linear";
   TQ_CHECK(x_q.is_cuda(), op, ": x_q must be a CUDA tensor for the CUDA kernel, got ", x_q.device());
   TQ_CHECK(x_q.dim() >= 1, op, ": x_q must have at least 1 dimension [..., K]");
@@ -545,6 +546,7 @@ at::Tensor int8_linear_cuda(const at::Tensor& x_q, const at::Tensor& x_scale, in
   const int64_t kp = check_packed_weight(op, w_packed, x_q, 0, n, {k}, kLinearWeightShape);
   const EpilogueInputs in = prepare_epilogue_inputs(op, x_q, x_zero_point, x_scale, m, w_sum, w_scale, bias, n);
   check_output_dtype(op, out_dtype, out_scale, out_zero_point);
+  const ActivationClamp clamp = check_activation_clamp(op, clamp_min, clamp_max);
   const c10::cuda::CUDAGuard guard(x_q.device());
   std::vector<int64_t> out_shape(x_q.sizes().begin(), x_q.sizes().end());
   out_shape.back() = n;
@@ -555,7 +557,9 @@ at::Tensor int8_linear_cuda(const at::Tensor& x_q, const at::Tensor& x_scale, in
   const GemmArgs args{static_cast<const int8_t*>(x_rows.data_ptr()), operand_ld(x_rows), 0,
                       w_packed.data_ptr<int8_t>(), kp, 0,
                       static_cast<int>(m), static_cast<int>(n), static_cast<int>(round_up(k, 16)), 1};
-  run_int8_gemm(args, x_q.scalar_type() == at::kByte, in.epilogue(out, n, x_zero_point, out_scale, out_zero_point));
+  DequantEpilogue ep = in.epilogue(out, n, x_zero_point, out_scale, out_zero_point);
+  ep.clamp = clamp;
+  run_int8_gemm(args, x_q.scalar_type() == at::kByte, ep);
   return out;
 }
 

@@ -57,8 +57,8 @@ struct Int32Epilogue : NoEpilogueInputs<Int32Epilogue> {
 enum class OutKind : int { Float32, Float16, BFloat16, Int8, UInt8 };
 
 // y = float(acc - x_zero_point * w_sum[n]) * x_scale[m or 0] * w_scale[n] + bias[n] (no fused multiply-adds, the
-// same operations in the same order as the CPU epilogue), stored as a float type or requantized to int8/uint8:
-// clamp(rne(y * inv_out_scale) + out_zero_point).
+// same operations in the same order as the CPU epilogue), then the activation clamp, stored as a float type or
+// requantized to int8/uint8: clamp(rne(y * inv_out_scale) + out_zero_point).
 struct DequantEpilogue {
   void* out;
   int64_t ldo;
@@ -72,6 +72,7 @@ struct DequantEpilogue {
   float inv_out_scale;
   float out_zero_point;
   QuantFormat out_format;
+  ActivationClamp clamp;  // the fused activation (none: -inf / +inf)
 
   struct Column {
     uint32_t zero_point_times_sum;  // x_zero_point * w_sum[n], modulo 2^32 like the accumulator itself
@@ -92,6 +93,7 @@ struct DequantEpilogue {
     const int32_t centered = static_cast<int32_t>(static_cast<uint32_t>(acc) - c.zero_point_times_sum);
     float y = __fmul_rn(__fmul_rn(static_cast<float>(centered), row_scale), c.scale);
     if (bias != nullptr) y = __fadd_rn(y, c.bias);
+    y = clamp_activation(y, clamp);
     const int64_t o = static_cast<int64_t>(m) * ldo + n;
     switch (kind) {
       case OutKind::Float32: static_cast<float*>(out)[o] = y; break;

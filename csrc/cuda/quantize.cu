@@ -1,5 +1,5 @@
-// CUDA kernels of the quantize family (schemas in csrc/ops.cpp, element math in csrc/quant_math.h, the same
-// functions the CPU kernels use, so both produce the same integers).
+// CUDA kernels of the quantize family and of quantized_add (schemas in csrc/ops.cpp, element math in
+// csrc/quant_math.h, the same functions the CPU kernels use, so both produce the same integers).
 //
 // Every op is an element-wise map over x viewed as [outer, channels, inner]: flat index i belongs to channel
 // (i / inner) % channels (per-tensor: one channel). Threads walk the tensor in 16-byte vectors (grid-stride), with a
@@ -456,9 +456,114 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_cuda(const at::Tensor& x, 
   return {q, scale};
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// quantized_add: a grid-stride map over a, b and the output laid out alike (prepare_quantized_add), 16 elements (16
+// bytes of each input) per thread and step, the tail one by one. The scales are read on the device (no host
+// synchronization); the same float operations in the same order as the CPU kernel, rounded one by one.
+// ---------------------------------------------------------------------------------------------------------------
+
+struct AddArgs {
+  const float* a_scale;
+  const float* b_scale;
+  float a_zero_point, b_zero_point;
+  ActivationClamp clamp;  // relu: [0, inf)
+  float inv_out_scale, out_zero_point;
+  QuantFormat out_format;
+};
+
+template <typename Out>
+__device__ __forceinline__ Out add_value(float a, float b, float a_scale, float b_scale, const AddArgs& p) {
+  float y = __fadd_rn(__fmul_rn(a - p.a_zero_point, a_scale), __fmul_rn(b - p.b_zero_point, b_scale));
+  y = clamp_activation(y, p.clamp);
+  if constexpr (std::is_same_v<Out, int8_t> || std::is_same_v<Out, uint8_t>)
+    return static_cast<Out>(
+        static_cast<int>(quantize_value(y, p.inv_out_scale, p.out_zero_point, p.out_format, Rounding::Nearest)));
+  else return static_cast<Out>(y);
+}
+
+constexpr int kAddVec = 16;
+
+template <int VEC, typename A, typename B, typename Out, typename Index>
+__global__ void __launch_bounds__(kThreads) quantized_add_kernel(const A* __restrict__ a, const B* __restrict__ b,
+                                                                  Out* __restrict__ y, Index n, AddArgs p) {
+  const float a_scale = *p.a_scale, b_scale = *p.b_scale;
+  const Index stride = static_cast<Index>(gridDim.x) * kThreads;
+  const Index first = static_cast<Index>(blockIdx.x) * kThreads + threadIdx.x;
+  const Index vectors = n / VEC;
+  for (Index v = first; v < vectors; v += stride) {
+    const Vec<A, VEC> av = load_vec<A, VEC>(a + v * VEC);
+    const Vec<B, VEC> bv = load_vec<B, VEC>(b + v * VEC);
+    Vec<Out, VEC> yv;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j)
+      yv.v[j] = add_value<Out>(static_cast<float>(av.v[j]), static_cast<float>(bv.v[j]), a_scale, b_scale, p);
+    store_vec<Out, VEC>(y + v * VEC, yv);
+  }
+  for (Index i = vectors * VEC + first; i < n; i += stride)
+    y[i] = add_value<Out>(static_cast<float>(a[i]), static_cast<float>(b[i]), a_scale, b_scale, p);
+}
+
+template <int VEC, typename A, typename B, typename Out, typename Index>
+void launch_quantized_add(const A* a, const B* b, Out* y, int64_t n, const AddArgs& p) {
+  const int64_t work = std::max<int64_t>(n / VEC, 1);
+  const int blocks =
+      static_cast<int>(std::min<int64_t>((work + kThreads - 1) / kThreads, max_resident_blocks(kThreads)));
+  quantized_add_kernel<VEC, A, B, Out, Index><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      a, b, y, static_cast<Index>(n), p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor quantized_add_cuda(const at::Tensor& a, const at::Tensor& a_scale, int64_t a_zero_point,
+                              const at::Tensor& b, const at::Tensor& b_scale, int64_t b_zero_point,
+                              at::ScalarType out_dtype, std::optional<double> out_scale, int64_t out_zero_point,
+                              bool relu) {
+  TQ_CHECK(a.is_cuda(), "quantized_add: a must be a CUDA tensor for the CUDA kernel, got ", a.device());
+  const c10::cuda::CUDAGuard guard(a.device());
+  const QuantizedAddTensors t =
+      prepare_quantized_add(a, a_scale, a_zero_point, b, b_scale, b_zero_point, out_dtype, out_scale, out_zero_point);
+  const int64_t n = t.out.numel();
+  if (n == 0) return t.out;
+  const at::Tensor a_scale_1 = a_scale.reshape({1}).contiguous(), b_scale_1 = b_scale.reshape({1}).contiguous();
+  AddArgs p{};
+  p.a_scale = a_scale_1.data_ptr<float>();
+  p.b_scale = b_scale_1.data_ptr<float>();
+  p.a_zero_point = static_cast<float>(a_zero_point);
+  p.b_zero_point = static_cast<float>(b_zero_point);
+  if (relu) p.clamp.lo = 0.0f;
+  p.inv_out_scale = out_scale.has_value() ? 1.0f / static_cast<float>(*out_scale) : 1.0f;
+  p.out_zero_point = static_cast<float>(out_zero_point);
+  p.out_format = quant_format(8, out_dtype == at::kChar);
+  const auto with_out_type = [&](const auto& body) {
+    if (out_dtype == at::kChar || out_dtype == at::kByte) with_byte_type(out_dtype, "out_dtype", body);
+    else with_float_type(out_dtype, "out_dtype", body);
+  };
+  with_byte_type(a.scalar_type(), "a", [&](auto a_tag) {
+    using A = decltype(a_tag);
+    with_byte_type(b.scalar_type(), "b", [&](auto b_tag) {
+      using B = decltype(b_tag);
+      with_out_type([&](auto out_tag) {
+        using Out = decltype(out_tag);
+        const A* ap = t.a.data_ptr<A>();
+        const B* bp = t.b.data_ptr<B>();
+        Out* yp = t.out.data_ptr<Out>();
+        const bool vectorized = is_aligned<A, kAddVec>(ap) && is_aligned<B, kAddVec>(bp) && is_aligned<Out, kAddVec>(yp);
+        if (n <= INT32_MAX) {
+          if (vectorized) launch_quantized_add<kAddVec, A, B, Out, uint32_t>(ap, bp, yp, n, p);
+          else launch_quantized_add<1, A, B, Out, uint32_t>(ap, bp, yp, n, p);
+        } else {
+          if (vectorized) launch_quantized_add<kAddVec, A, B, Out, int64_t>(ap, bp, yp, n, p);
+          else launch_quantized_add<1, A, B, Out, int64_t>(ap, bp, yp, n, p);
+        }
+      });
+    });
+  });
+  return t.out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(torchquant, CUDA, m) {
+  m.impl("quantized_add", &quantized_add_cuda);
   m.impl("quantize", &quantize_cuda);
   m.impl("dequantize", &dequantize_cuda);
   m.impl("fake_quantize", &fake_quantize_cuda);

@@ -72,6 +72,18 @@ def _scale_tensor(op: str, name: str, scale, device: torch.device) -> torch.Tens
     return scale.reshape(-1)
 
 
+def _clamp_bound(op: str, name: str, value) -> Optional[float]:
+    """A fused activation bound as the kernels take it: None or a finite float (the kernels check the float32 value
+    and the order of the two)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{op}: {name} must be a number or None, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{op}: {name} must be finite, got {value!r}")
+    return float(value)
+
+
 def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Exact int32 [M, N] = a [M, K] int8 @ b [K, N] int8, for any sizes and strides (b = w.t() of an [N, K]
     weight is the fast case)."""
@@ -102,12 +114,14 @@ def pack_int8_weight(w: torch.Tensor) -> torch.Tensor:
 def int8_linear(x_q: torch.Tensor, x_scale, x_zero_point: int, w_packed: torch.Tensor, w_sum: torch.Tensor,
                 w_scale: torch.Tensor, bias: Optional[torch.Tensor] = None, *, out_features: int,
                 out_dtype: torch.dtype = torch.float32, out_scale: Optional[float] = None,
-                out_zero_point: int = 0) -> torch.Tensor:
+                out_zero_point: int = 0, clamp_min: Optional[float] = None,
+                clamp_max: Optional[float] = None) -> torch.Tensor:
     """y = (sum_k (x_q - x_zero_point) * w) * x_scale * w_scale + bias over the last dim of x_q [..., K].
 
     x_scale: float32, one per token (shape x_q.shape[:-1]) or 1 element (or a Python float); w_sum = w.sum(1)
-    (int32 [N]); w_scale float32 [N]. out_dtype float32/float16/bfloat16, or int8/uint8 with out_scale and
-    out_zero_point (requantized: clamp(rne(y / out_scale) + out_zero_point))."""
+    (int32 [N]); w_scale float32 [N]. clamp_min / clamp_max: a fused activation, y = min(max(y, clamp_min),
+    clamp_max) (each when given; ReLU: clamp_min=0, ReLU6: 0 and 6). out_dtype float32/float16/bfloat16, or
+    int8/uint8 with out_scale and out_zero_point (requantized: clamp(rne(y / out_scale) + out_zero_point))."""
     _require_tensor("x_q", x_q)
     _require_dtype("x_q", x_q, _ACTIVATION_DTYPES)
     if x_q.dim() < 1:
@@ -121,7 +135,9 @@ def int8_linear(x_q: torch.Tensor, x_scale, x_zero_point: int, w_packed: torch.T
     if out_dtype not in FLOAT_DTYPES + _ACTIVATION_DTYPES:
         raise TypeError(f"int8_linear: out_dtype must be float32, float16, bfloat16, int8 or uint8, got {out_dtype}")
     return ops.int8_linear(x_q, x_scale, int(x_zero_point), w_packed, w_sum, w_scale, bias, int(out_features),
-                           out_dtype, None if out_scale is None else float(out_scale), int(out_zero_point))
+                           out_dtype, None if out_scale is None else float(out_scale), int(out_zero_point),
+                           _clamp_bound("int8_linear", "clamp_min", clamp_min),
+                           _clamp_bound("int8_linear", "clamp_max", clamp_max))
 
 
 def dynamic_int8_linear(x: torch.Tensor, w_packed: torch.Tensor, w_sum: torch.Tensor, w_scale: torch.Tensor,
@@ -158,11 +174,13 @@ def int8_conv2d(x_q: torch.Tensor, x_scale, x_zero_point: int, w_packed: torch.T
                 kernel_size: Union[int, Sequence[int]], stride: Union[int, Sequence[int]] = 1,
                 padding: Union[int, Sequence[int]] = 0, dilation: Union[int, Sequence[int]] = 1, groups: int = 1,
                 out_dtype: torch.dtype = torch.float32, out_scale: Optional[float] = None,
-                out_zero_point: int = 0) -> torch.Tensor:
+                out_zero_point: int = 0, clamp_min: Optional[float] = None,
+                clamp_max: Optional[float] = None) -> torch.Tensor:
     """Quantized conv2d: x_q [B, C, H, W] int8/uint8 with a per-tensor x_scale and x_zero_point, a weight from
     pack_conv_weight with w_sum[oc] = w_q[oc].sum() and w_scale [OC]; returns [B, OC, OH, OW] of out_dtype in
     channels-last memory format: float32/float16/bfloat16, or int8/uint8 requantized with out_scale and
-    out_zero_point as in int8_linear (an integer-only pipeline's next input)."""
+    out_zero_point as in int8_linear (an integer-only pipeline's next input), after the fused activation clamp
+    (clamp_min / clamp_max, as in int8_linear)."""
     _require_tensor("x_q", x_q)
     _require_dtype("x_q", x_q, _ACTIVATION_DTYPES)
     if x_q.dim() != 4:
@@ -181,7 +199,9 @@ def int8_conv2d(x_q: torch.Tensor, x_scale, x_zero_point: int, w_packed: torch.T
     return ops.int8_conv2d(x_q, x_scale, int(x_zero_point), w_packed, w_sum, w_scale, bias, int(out_channels),
                            _pair("kernel_size", kernel_size), _pair("stride", stride), _pair("padding", padding),
                            _pair("dilation", dilation), groups, out_dtype,
-                           None if out_scale is None else float(out_scale), int(out_zero_point))
+                           None if out_scale is None else float(out_scale), int(out_zero_point),
+                           _clamp_bound("int8_conv2d", "clamp_min", clamp_min),
+                           _clamp_bound("int8_conv2d", "clamp_max", clamp_max))
 
 
 # ---- fake kernels: shapes and dtypes only, for torch.compile / meta tensors ----
@@ -207,7 +227,7 @@ def _pack_int8_weight_fake(w):
 
 @torch.library.register_fake("torchquant::int8_linear")
 def _int8_linear_fake(x_q, x_scale, x_zero_point, w_packed, w_sum, w_scale, bias, out_features, out_dtype,
-                      out_scale=None, out_zero_point=0):
+                      out_scale=None, out_zero_point=0, clamp_min=None, clamp_max=None):
     check_fake_devices("int8_linear", "x_q", x_q, x_scale=x_scale, w_packed=w_packed, w_sum=w_sum, w_scale=w_scale,
                        bias=bias)
     return x_q.new_empty((*x_q.shape[:-1], out_features), dtype=out_dtype)
@@ -225,7 +245,8 @@ def _conv_out_size(size, kernel, stride, padding, dilation):
 
 @torch.library.register_fake("torchquant::int8_conv2d")
 def _int8_conv2d_fake(x_q, x_scale, x_zero_point, w_packed, w_sum, w_scale, bias, out_channels, kernel_size, stride,
-                      padding, dilation, groups, out_dtype, out_scale=None, out_zero_point=0):
+                      padding, dilation, groups, out_dtype, out_scale=None, out_zero_point=0, clamp_min=None,
+                      clamp_max=None):
     check_fake_devices("int8_conv2d", "x_q", x_q, x_scale=x_scale, w_packed=w_packed, w_sum=w_sum, w_scale=w_scale,
                        bias=bias)
     b, _, h, w = x_q.shape

@@ -62,6 +62,8 @@ class QuantLayerBase(nn.Module):
         self.bn_frozen = False
         self.bn_steps = 0  # training steps with batch statistics since the BatchNorm was attached
         self.weight_shape = tuple(self.weight.shape)
+        self.clamp_min = None  # the fused output activation (set_activation_clamp)
+        self.clamp_max = None
         self._build_quantizers()
         self.fused = self._has_fused_forward()
         self.register_load_state_dict_post_hook(QuantLayerBase._after_load)
@@ -133,6 +135,28 @@ class QuantLayerBase(nn.Module):
             return self.weight, self.bias
         return fold_running(self.weight, self.bias, self.bn)
 
+    # ---- fused output activation ----
+    def set_activation_clamp(self, clamp_min: float | None = None, clamp_max: float | None = None) -> None:
+        """Makes the layer's output y = clamp(y, clamp_min, clamp_max) (each bound when given; ReLU: clamp_min=0,
+        ReLU6 / hardtanh: both), computed by the integer kernels' epilogue once converted and by torch.clamp before;
+        no bounds removes it."""
+        for name, value in (("clamp_min", clamp_min), ("clamp_max", clamp_max)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value)):
+                raise ValueError(f"{type(self).__name__}.set_activation_clamp: {name} must be a finite number or "
+                                 f"None, got {value!r}")
+        if clamp_min is not None and clamp_max is not None and clamp_min > clamp_max:
+            raise ValueError(f"{type(self).__name__}.set_activation_clamp: clamp_min ({clamp_min}) must not exceed "
+                             f"clamp_max ({clamp_max})")
+        self.clamp_min = None if clamp_min is None else float(clamp_min)
+        self.clamp_max = None if clamp_max is None else float(clamp_max)
+
+    def _clamped(self, y: torch.Tensor) -> torch.Tensor:
+        """The fused activation applied outside a kernel (fake-quant, weight-only and per-token forwards)."""
+        if self.clamp_min is None and self.clamp_max is None:
+            return y
+        return torch.clamp(y, self.clamp_min, self.clamp_max)
+
     # ---- forward ----
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.converted:
@@ -147,7 +171,7 @@ class QuantLayerBase(nn.Module):
             weight, bias = self._batch_folded_weight_bias(x)
         else:
             weight, bias = self.float_weight_bias()
-        return self._float_op(x, self.weight_quantizer(weight), bias)
+        return self._clamped(self._float_op(x, self.weight_quantizer(weight), bias))
 
     def _weight_int8(self) -> torch.Tensor:
         """The integer weight as int8 in the float weight's shape."""
@@ -175,9 +199,9 @@ class QuantLayerBase(nn.Module):
         if x.device != self._device:
             raise ValueError(f"{type(self).__name__}: input is on {x.device} but the layer is on {self._device}")
         if self._weight_only:  # float compute with the dequantized weight
-            return self._float_op(x, self.dequantized_weight(x.dtype), self.bias)
+            return self._clamped(self._float_op(x, self.dequantized_weight(x.dtype), self.bias))
         if self.fused:
-            return self._fused_forward(x)
+            return self._clamped(self._fused_forward(x))
         x_q, x_scale = self._quantize_input(x)
         return self._int_op(x_q, x_scale, self.input_zero_point, x.dtype)
 

@@ -87,7 +87,8 @@ class QuantConv2d(QuantLayerBase):
                 list(self.stride), list(self.padding), list(self.dilation), self.groups)
 
     def _int_op(self, x_q, x_scale, x_zero_point, out_dtype):
-        return ops.int8_conv2d(x_q, x_scale, x_zero_point, *self._kernel_args, out_dtype)
+        return ops.int8_conv2d(x_q, x_scale, x_zero_point, *self._kernel_args, out_dtype, None, 0, self.clamp_min,
+                               self.clamp_max)
 
     def _shape_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

@@ -5,7 +5,7 @@
 //
 // Numerics: the accumulator is exact int32 (wrapping, like the mma.sync kernels); the epilogue computes
 //   centered = acc - x_zero_point * w_sum[n]       (uint32 arithmetic, modulo 2^32)
-//   y = float(centered) * x_scale[m or 0] * w_scale[n] + bias[n]
+//   y = clamp_activation(float(centered) * x_scale[m or 0] * w_scale[n] + bias[n], clamp)
 // with the float operations of DequantEpilogue (gemm.cuh) in the same order and rounded one by one (__fmul_rn,
 // __fadd_rn: no contraction into fused multiply-adds), then stores y as fp32/fp16/bf16 (round to nearest even) or
 // requantizes it with quantize_value. Without bias, the bias node reads -0.0f: y + (-0.0f) == y for every y, -0.0
@@ -86,10 +86,12 @@ struct CenterFn {
 struct DequantArguments {
   float inv_out_scale = 1.0f;   // requantized outputs only
   float out_zero_point = 0.0f;  // requantized outputs only
+  ActivationClamp clamp;        // the fused activation (none: -inf / +inf)
 };
 
-// y = centered * row_scale * column_scale + bias (one rounding each), requantized when Out is int8/uint8; the
-// result is a float that the store converts to Out (round to nearest even; exact for requantized integers).
+// y = centered * row_scale * column_scale + bias (one rounding each), clamped, requantized when Out is
+// int8/uint8; the result is a float that the store converts to Out (round to nearest even; exact for requantized
+// integers).
 template <class Out>
 struct DequantFor {
   template <class>
@@ -103,7 +105,8 @@ struct DequantFor {
       cutlass::Array<float, N> y;
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < N; ++i) {
-        y[i] = __fadd_rn(__fmul_rn(__fmul_rn(centered[i], row_scale[i]), column_scale[i]), bias[i]);
+        y[i] = clamp_activation(
+            __fadd_rn(__fmul_rn(__fmul_rn(centered[i], row_scale[i]), column_scale[i]), bias[i]), args.clamp);
         if constexpr (std::is_same_v<Out, int8_t> || std::is_same_v<Out, uint8_t>)
           y[i] = quantize_value(y[i], args.inv_out_scale, args.out_zero_point,
                                 quant_format(8, std::is_same_v<Out, int8_t>), Rounding::Nearest);
@@ -211,7 +214,7 @@ void run_dequant(const GemmArgs& g, const DequantEpilogue& e) {
   get<1>(dequant) = {e.x_scale, 0.0f, {e.per_row_scale, _0{}, _0{}}};
   get<2>(dequant) = {e.w_scale, 0.0f, {}};
   get<3>(dequant) = {e.bias, -0.0f, {}};
-  get<4>(dequant) = {e.inv_out_scale, e.out_zero_point};
+  get<4>(dequant) = {e.inv_out_scale, e.out_zero_point, e.clamp};
   launch<typename K::Gemm>(args);
 }
 

@@ -1,0 +1,463 @@
+"""The kernels of an integer pipeline: the fused activation clamp of int8_linear / int8_conv2d, quantized_add and
+quantized_max_pool2d.
+
+Integers and float outputs are compared bit for bit with torchquant.reference (the same float32 operations in the
+same order) and, within the requantization error, with a float64 reference of the unfused ops; every CPU
+instruction-set path gives the same bits as the scalar one.
+"""
+import math
+
+import pytest
+import torch
+
+import torchquant.functional as F
+from torchquant import reference
+from torchquant._ops import FLOAT_DTYPES, ops
+
+from conftest import SUPPORTED_ISAS, assert_same, bit_patterns, cuda_ready, randint8
+
+ALL_OUT_DTYPES = FLOAT_DTYPES + (torch.int8, torch.uint8)
+CLAMPS = [(0.0, None), (0.0, 6.0), (None, 0.5), (-1.0, 1.0), (0.25, 0.25)]  # ReLU, ReLU6, ..., a point
+
+
+def linear_case(m, k, n, seed, device, x_dtype=torch.int8):
+    g = torch.Generator().manual_seed(seed)
+    x_q = randint8((m, k), generator=g, dtype=x_dtype)
+    w = randint8((n, k), generator=g)
+    x_scale = torch.rand(m, generator=g) * 0.02 + 0.001
+    w_scale = torch.rand(n, generator=g) * 0.02 + 0.001
+    bias = torch.randn(n, generator=g)
+    packed = F.pack_int8_weight(w.to(device))
+    return x_q.to(device), x_scale.to(device), w, packed, w.sum(1, dtype=torch.int32).to(device), w_scale.to(device), \
+        bias.to(device)
+
+
+def out_kwargs(out_dtype, y):
+    """Requantization parameters that make some outputs clamp at the type's ends."""
+    if out_dtype.is_floating_point:
+        return {}
+    return dict(out_scale=float(y.abs().max()) / 100, out_zero_point=-3 if out_dtype == torch.int8 else 120)
+
+
+def float64_linear(x_q, x_scale, x_zp, w, w_scale, bias):
+    acc = (x_q.cpu().double() - x_zp) @ w.double().t()
+    return acc * x_scale.cpu().double().reshape(-1, 1) * w_scale.cpu().double() + bias.cpu().double()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fused activation clamp: int8_linear
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("clamp", CLAMPS, ids=lambda c: f"{c}")
+@pytest.mark.parametrize("out_dtype", ALL_OUT_DTYPES, ids=str)
+def test_int8_linear_clamp(device, isa, clamp, out_dtype):
+    m, k, n = 37, 150, 130  # a partial row chunk and a partial weight panel
+    x_q, x_scale, w, packed, w_sum, w_scale, bias = linear_case(m, k, n, 1, device)
+    y = reference.int8_linear(x_q, x_scale, 0, w, w_scale, bias)
+    kw = out_kwargs(out_dtype, y)
+    got = F.int8_linear(x_q, x_scale, 0, packed, w_sum, w_scale, bias, out_features=n, out_dtype=out_dtype,
+                        clamp_min=clamp[0], clamp_max=clamp[1], **kw)
+    want = reference.int8_linear(x_q, x_scale, 0, w, w_scale, bias, out_dtype=out_dtype, clamp_min=clamp[0],
+                                 clamp_max=clamp[1], **kw)
+    if device == "cpu":
+        assert_same(got, want)  # the same float32 operations in the same order
+    else:  # a rounding tie of the requantization may move by one where the device's float y differs in its last bit
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert (got.cpu().double() - want.double()).abs().max() <= (1 if not out_dtype.is_floating_point else 1e-2)
+    # against float64 of the unfused ops: the clamp happens before the conversion
+    y64 = float64_linear(x_q, x_scale, 0, w, w_scale, bias)
+    lo = -math.inf if clamp[0] is None else clamp[0]
+    hi = math.inf if clamp[1] is None else clamp[1]
+    y64 = y64.clamp(lo, hi)
+    if out_dtype.is_floating_point:
+        torch.testing.assert_close(got.cpu().double(), y64, atol=1e-2 * max(1.0, float(y64.abs().max())), rtol=1e-2)
+    else:
+        info = torch.iinfo(out_dtype)
+        q64 = torch.round(y64 / kw["out_scale"]) + kw["out_zero_point"]
+        assert (got.cpu().double() - q64.clamp(info.min, info.max)).abs().max() <= 1
+
+
+def test_int8_linear_relu_matches_unfused(device, isa):
+    """ReLU fused into the epilogue equals relu of the unfused float output, and requantizing after it equals
+    requantizing the clamped float output (both bit for bit)."""
+    x_q, x_scale, w, packed, w_sum, w_scale, bias = linear_case(20, 64, 70, 2, device, torch.uint8)
+    args = (x_q, x_scale, 7, packed, w_sum, w_scale, bias)
+    plain = F.int8_linear(*args, out_features=70)
+    assert_same(F.int8_linear(*args, out_features=70, clamp_min=0.0), torch.relu(plain))
+    assert_same(F.int8_linear(*args, out_features=70, clamp_min=0.0, clamp_max=6.0),
+                torch.nn.functional.relu6(plain))
+    q = F.int8_linear(*args, out_features=70, out_dtype=torch.uint8, out_scale=0.01, clamp_min=0.0)
+    assert_same(q, reference._requantize(torch.relu(plain).cpu(), 0.01, 0, torch.uint8).to(device))
+
+
+def test_int8_linear_clamp_ties(device, isa):
+    """Unit scales, zero bias and out_scale 2: every odd y is a tie of the requantization (round half to even),
+    including at the clamp bounds."""
+    g = torch.Generator().manual_seed(5)
+    x_q, w = randint8((16, 4), generator=g), torch.randint(-2, 3, (64, 4), generator=g, dtype=torch.int8)
+    packed, w_sum = F.pack_int8_weight(w.to(device)), w.sum(1, dtype=torch.int32).to(device)
+    ones = torch.ones(64, device=device)
+    for out_dtype in (torch.int8, torch.uint8):
+        zp = 0 if out_dtype == torch.int8 else 100
+        got = F.int8_linear(x_q.to(device), 1.0, 0, packed, w_sum, ones, out_features=64, out_dtype=out_dtype,
+                            out_scale=2.0, out_zero_point=zp, clamp_min=-51.0, clamp_max=101.0)
+        y = (x_q.long() @ w.long().t()).float().clamp(-51, 101)
+        assert (y % 2 == 1).any()  # ties present
+        info = torch.iinfo(out_dtype)
+        assert_same(got, (torch.round(y / 2) + zp).clamp(info.min, info.max).to(out_dtype))
+
+
+def test_int8_linear_clamp_special_values_all_paths(monkeypatch):
+    """NaN and infinite biases through the clamp (NaN stays NaN, then the zero point when requantized; +-inf go to
+    the bounds) and -0.0 at a bound of 0, bit for bit the same on every CPU path."""
+    x_q, x_scale, w, packed, w_sum, w_scale, bias = linear_case(13, 40, 80, 3, "cpu")
+    bias[0], bias[1], bias[2], bias[3] = float("nan"), float("inf"), -float("inf"), -0.0
+    x_q[:, :] = torch.where(torch.arange(40) < 20, 0, x_q)  # some rows near zero
+    results = {}
+    for isa in SUPPORTED_ISAS:
+        monkeypatch.setenv("TORCHQUANT_CPU_ISA", isa)
+        for out_dtype in ALL_OUT_DTYPES:
+            kw = {} if out_dtype.is_floating_point else dict(out_scale=0.05, out_zero_point=9)
+            for clamp in CLAMPS + [(None, None)]:
+                out = F.int8_linear(x_q, x_scale, 0, packed, w_sum, w_scale, bias, out_features=80,
+                                    out_dtype=out_dtype, clamp_min=clamp[0], clamp_max=clamp[1], **kw)
+                results.setdefault((out_dtype, clamp), []).append((isa, out))
+    for (out_dtype, clamp), outs in results.items():
+        want = reference.int8_linear(x_q, x_scale, 0, w, w_scale, bias, out_dtype=out_dtype, clamp_min=clamp[0],
+                                     clamp_max=clamp[1],
+                                     **({} if out_dtype.is_floating_point else dict(out_scale=0.05, out_zero_point=9)))
+        for isa, out in outs:
+            assert torch.equal(bit_patterns(out), bit_patterns(outs[0][1])), f"{isa} differs: {out_dtype} {clamp}"
+            assert_same(out, want)
+        if out_dtype.is_floating_point and clamp != (None, None):
+            assert torch.isnan(outs[0][1][:, 0]).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fused activation clamp: int8_conv2d
+# ---------------------------------------------------------------------------------------------------------------
+
+CONVS = [  # batch, in_ch, h, w, out_ch, kernel, stride, padding, groups
+    (2, 8, 9, 9, 16, 3, 1, 1, 1),
+    (1, 16, 8, 8, 24, 1, 1, 0, 1),  # pointwise
+    (1, 8, 10, 9, 12, 3, 2, 1, 4),  # stride, groups
+]
+
+
+@pytest.mark.parametrize("conv", CONVS, ids=[f"conv{i}" for i in range(len(CONVS))])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.uint8, torch.int8], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_int8_conv2d_clamp(device, isa, conv, out_dtype, channels_last):
+    b, c, h, w_, oc, kernel, stride, padding, groups = conv
+    g = torch.Generator().manual_seed(oc)
+    x_q = torch.randint(0, 256, (b, c, h, w_), dtype=torch.uint8, generator=g)
+    if channels_last:
+        x_q = x_q.contiguous(memory_format=torch.channels_last)
+    w_q = randint8((oc, c // groups, kernel, kernel), generator=g)
+    w_scale = torch.rand(oc, generator=g) * 0.01 + 0.001
+    bias = torch.randn(oc, generator=g)
+    kwargs = dict(stride=stride, padding=padding, groups=groups)
+    y = reference.int8_conv2d(x_q, 0.03, 100, w_q, w_scale, bias, **kwargs)
+    kw = out_kwargs(out_dtype, y)
+    for clamp in [(0.0, None), (0.0, 6.0), (-0.5, 0.5)]:
+        got = F.int8_conv2d(x_q.to(device), 0.03, 100, F.pack_conv_weight(w_q.to(device), groups),
+                            w_q.sum((1, 2, 3), dtype=torch.int32).to(device), w_scale.to(device), bias.to(device),
+                            out_channels=oc, kernel_size=kernel, out_dtype=out_dtype, clamp_min=clamp[0],
+                            clamp_max=clamp[1], **kw, **kwargs)
+        want = reference.int8_conv2d(x_q, 0.03, 100, w_q, w_scale, bias, out_dtype=out_dtype, clamp_min=clamp[0],
+                                     clamp_max=clamp[1], **kw, **kwargs)
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        if device == "cpu":
+            assert_same(got, want)
+        else:
+            assert (got.cpu().double() - want.double()).abs().max() <= (1 if not out_dtype.is_floating_point else 1e-2)
+
+
+def test_clamp_bad_inputs(device):
+    x_q, x_scale, w, packed, w_sum, w_scale, bias = linear_case(4, 16, 8, 4, device)
+
+    def linear(**kw):
+        return F.int8_linear(x_q, x_scale, 0, packed, w_sum, w_scale, out_features=8, **kw)
+
+    with pytest.raises(ValueError, match="int8_linear: clamp_min must be finite"):
+        linear(clamp_min=float("nan"))
+    with pytest.raises(ValueError, match="int8_linear: clamp_max must be finite"):
+        linear(clamp_max=float("inf"))
+    with pytest.raises(TypeError, match="int8_linear: clamp_min must be a number or None"):
+        linear(clamp_min="0")
+    with pytest.raises(RuntimeError, match=r"int8_linear: clamp_min \(1\) must not exceed clamp_max \(0.5\)"):
+        linear(clamp_min=1.0, clamp_max=0.5)
+    # the op itself checks, with the same messages (float32: 1e39 is infinite)
+    with pytest.raises(RuntimeError, match=r"int8_linear: clamp_max must be finite \(as float32\), got 1e\+39"):
+        ops.int8_linear(x_q, x_scale, 0, packed, w_sum, w_scale, None, 8, torch.float32, None, 0, None, 1e39)
+    with pytest.raises(RuntimeError, match=r"int8_linear: clamp_min must be finite \(as float32\), got nan"):
+        ops.int8_linear(x_q, x_scale, 0, packed, w_sum, w_scale, None, 8, torch.float32, None, 0, math.nan, None)
+    w_q = randint8((8, 4, 3, 3), device=device)
+    conv_args = (randint8((1, 4, 6, 6), device=device), torch.ones(1, device=device), 0, F.pack_conv_weight(w_q),
+                 w_q.sum((1, 2, 3), dtype=torch.int32), torch.ones(8, device=device), None, 8, [3, 3], [1, 1], [0, 0],
+                 [1, 1], 1, torch.float32, None, 0)
+    with pytest.raises(RuntimeError, match=r"int8_conv2d: clamp_min \(6\) must not exceed clamp_max \(0\)"):
+        ops.int8_conv2d(*conv_args, 6.0, 0.0)
+    with pytest.raises(RuntimeError, match="int8_conv2d: clamp_min must be finite"):
+        ops.int8_conv2d(*conv_args, -math.inf, None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# quantized_add
+# ---------------------------------------------------------------------------------------------------------------
+
+def add_case(shape, a_dtype, b_dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    a, b = randint8(shape, generator=g, dtype=a_dtype), randint8(shape, generator=g, dtype=b_dtype)
+    a_zp = -5 if a_dtype == torch.int8 else 130
+    b_zp = 17 if b_dtype == torch.int8 else 3
+    return a, b, a_zp, b_zp
+
+
+def add_out_kwargs(out_dtype):
+    if out_dtype.is_floating_point:
+        return {}
+    return dict(out_scale=0.07, out_zero_point=-10 if out_dtype == torch.int8 else 128)
+
+
+@pytest.mark.parametrize("a_dtype,b_dtype", [(torch.int8, torch.int8), (torch.uint8, torch.uint8),
+                                             (torch.int8, torch.uint8), (torch.uint8, torch.int8)], ids=str)
+@pytest.mark.parametrize("out_dtype", ALL_OUT_DTYPES, ids=str)
+@pytest.mark.parametrize("relu", [False, True])
+def test_quantized_add(device, isa, a_dtype, b_dtype, out_dtype, relu):
+    # odd sizes: vector bodies and scalar tails; 70001 elements: more than one parallel task
+    for shape in [(1,), (15,), (3, 17), (2, 8, 5, 7), (70001,)]:
+        a, b, a_zp, b_zp = add_case(shape, a_dtype, b_dtype, len(shape))
+        kw = add_out_kwargs(out_dtype)
+        got = F.quantized_add(a.to(device), 0.05, a_zp, b.to(device), torch.tensor([0.031], device=device), b_zp,
+                              out_dtype, relu=relu, **kw)
+        want = reference.quantized_add(a, 0.05, a_zp, b, 0.031, b_zp, out_dtype=out_dtype, relu=relu, **kw)
+        assert_same(got, want)
+        # float64 of the unfused ops: dequantize, add, relu, quantize
+        y64 = (a.double() - a_zp) * 0.05 + (b.double() - b_zp) * torch.tensor(0.031).double()
+        if relu:
+            y64 = y64.clamp(min=0)
+        if out_dtype.is_floating_point:
+            torch.testing.assert_close(got.cpu().double(), y64, atol=0.05, rtol=1e-2)
+        else:
+            info = torch.iinfo(out_dtype)
+            q64 = (torch.round(y64 / kw["out_scale"]) + kw["out_zero_point"]).clamp(info.min, info.max)
+            assert (got.cpu().double() - q64).abs().max() <= 1
+
+
+def test_quantized_add_ties_and_extremes(device, isa):
+    """Scales 0.5 and 0.25 with out_scale 1: y is a multiple of 0.25, so .5 ties occur (round half to even);
+    the ends of both ranges and zero points, and scales so large that y overflows to +-inf (or NaN: inf - inf)."""
+    vals = torch.tensor([-128, -127, -1, 0, 1, 126, 127], dtype=torch.int8)
+    a = vals.repeat_interleave(7)
+    b = vals.repeat(7)
+    for out_dtype in ALL_OUT_DTYPES:
+        kw = {} if out_dtype.is_floating_point else dict(out_scale=1.0, out_zero_point=0)
+        for a_scale, b_scale, zps in [(0.5, 0.25, (0, 0)), (0.5, 0.25, (-128, 127)), (3e38, 3e38, (0, 0)),
+                                      (3e38, 1.0, (-128, -128))]:
+            for relu in (False, True):
+                got = F.quantized_add(a.to(device), a_scale, zps[0], b.to(device), b_scale, zps[1], out_dtype,
+                                      relu=relu, **kw)
+                want = reference.quantized_add(a, a_scale, zps[0], b, b_scale, zps[1], out_dtype=out_dtype,
+                                               relu=relu, **kw)
+                assert_same(got, want)
+    y = (a.float() * 0.5 + b.float() * 0.25)
+    assert ((y - y.floor()) == 0.5).any()
+
+
+def test_quantized_add_paths_bit_identical(monkeypatch):
+    a, b, a_zp, b_zp = add_case((5, 1031), torch.uint8, torch.int8, 9)
+    for out_dtype in ALL_OUT_DTYPES:
+        kw = add_out_kwargs(out_dtype)
+        outs = []
+        for isa in SUPPORTED_ISAS:
+            monkeypatch.setenv("TORCHQUANT_CPU_ISA", isa)
+            for a_scale in (0.013, 3e38):
+                outs.append(F.quantized_add(a, a_scale, a_zp, b, 0.02, b_zp, out_dtype, relu=True, **kw))
+        per_isa = len(outs) // len(SUPPORTED_ISAS)
+        for i, out in enumerate(outs):
+            assert torch.equal(bit_patterns(out), bit_patterns(outs[i % per_isa])), out_dtype
+
+
+def test_quantized_add_layouts(device):
+    """Output in a's memory format (channels-last in, channels-last out); any strides in; b in another layout."""
+    a, b, a_zp, b_zp = add_case((2, 6, 5, 4), torch.uint8, torch.uint8, 11)
+    a_cl = a.contiguous(memory_format=torch.channels_last).to(device)
+    for b_in in (b, b.contiguous(memory_format=torch.channels_last), b.transpose(2, 3).contiguous().transpose(2, 3)):
+        got = F.quantized_add(a_cl, 0.1, a_zp, b_in.to(device), 0.2, b_zp, torch.uint8, 0.3, 5, True)
+        assert got.is_contiguous(memory_format=torch.channels_last) and not got.is_contiguous()
+        assert_same(got, reference.quantized_add(a, 0.1, a_zp, b, 0.2, b_zp, out_dtype=torch.uint8, out_scale=0.3,
+                                                 out_zero_point=5, relu=True))
+    # non-contiguous, non-dense inputs: a slice with steps
+    big_a, big_b, _, _ = add_case((4, 9, 10), torch.int8, torch.int8, 12)
+    sa, sb = big_a[::2, 1::2, ::3].to(device), big_b[1::2, :8:2, ::3].to(device)
+    got = F.quantized_add(sa, 0.1, 3, sb, 0.2, -3, torch.float32)
+    assert_same(got, reference.quantized_add(sa, 0.1, 3, sb, 0.2, -3))
+    # a 0-d pair and empty tensors
+    assert_same(F.quantized_add(a[0, 0, 0, 0].to(device), 0.1, 0, b[0, 0, 0, 0].to(device), 0.1, 0),
+                reference.quantized_add(a[0, 0, 0, 0], 0.1, 0, b[0, 0, 0, 0], 0.1, 0))
+    empty = F.quantized_add(a[:0].to(device), 0.1, 0, b[:0].to(device), 0.1, 0, torch.int8, 0.5)
+    assert empty.shape == (0, 6, 5, 4) and empty.dtype == torch.int8
+
+
+def test_quantized_add_bad_inputs(device):
+    a = randint8((3, 4), device=device)
+    b = randint8((3, 4), device=device)
+
+    def call(a=a, a_scale=0.1, a_zp=0, b=b, b_scale=0.1, b_zp=0, out_dtype=torch.float32, **kw):
+        return F.quantized_add(a, a_scale, a_zp, b, b_scale, b_zp, out_dtype, **kw)
+
+    with pytest.raises(TypeError, match="a must be int8 or uint8, got float32"):
+        call(a=a.float())
+    with pytest.raises(TypeError, match="b must be int8 or uint8, got int32"):
+        call(b=b.int())
+    with pytest.raises(ValueError, match=r"quantized_add: a and b must have the same shape \(no broadcasting\), "
+                                         r"got \(3, 4\) and \(1, 4\)"):
+        call(b=b[:1])
+    with pytest.raises(ValueError, match="quantized_add: a_scale must be positive and finite"):
+        call(a_scale=0.0)
+    with pytest.raises(ValueError, match="quantized_add: b_scale must be positive and finite"):
+        call(b_scale=float("nan"))
+    with pytest.raises(TypeError, match="out_dtype must be float32, float16, bfloat16, int8 or uint8"):
+        call(out_dtype=torch.int32)
+    # the op's own checks (same messages from C++)
+    s = torch.tensor([0.1], device=device)
+    with pytest.raises(RuntimeError, match=r"quantized_add: a and b must have the same shape \(no broadcasting\), "
+                                           r"got \[3, 4\] and \[4\]"):
+        ops.quantized_add(a, s, 0, b[0], s, 0, torch.float32)
+    with pytest.raises(RuntimeError, match=r"quantized_add: a_zero_point must lie in \[-128, 127\] for Char a"):
+        ops.quantized_add(a, s, 128, b, s, 0, torch.float32)
+    with pytest.raises(RuntimeError, match=r"quantized_add: b_zero_point must lie in \[0, 255\] for Byte b, got -1"):
+        ops.quantized_add(a, s, 0, b.to(torch.uint8), s, -1, torch.float32)
+    with pytest.raises(RuntimeError, match="quantized_add: b_scale must be a float32 tensor of 1 element"):
+        ops.quantized_add(a, s, 0, b, s.repeat(2), 0, torch.float32)
+    with pytest.raises(RuntimeError, match="quantized_add: a_scale must be a float32 tensor of 1 element"):
+        ops.quantized_add(a, s.double(), 0, b, s, 0, torch.float32)
+    with pytest.raises(RuntimeError, match="quantized_add: out_dtype Char .* needs out_scale"):
+        ops.quantized_add(a, s, 0, b, s, 0, torch.int8)
+    with pytest.raises(RuntimeError, match="quantized_add: out_scale is only for int8/uint8 out_dtype"):
+        ops.quantized_add(a, s, 0, b, s, 0, torch.float32, 0.5)
+    with pytest.raises(RuntimeError, match="quantized_add: out_zero_point must lie in"):
+        ops.quantized_add(a, s, 0, b, s, 0, torch.uint8, 0.5, 256)
+    with pytest.raises(RuntimeError, match="quantized_add: out_dtype must be float32, float16 or bfloat16"):
+        ops.quantized_add(a, s, 0, b, s, 0, torch.float64)
+    if device == "cpu":
+        with pytest.raises(RuntimeError, match="quantized_add: a_scale must be positive and finite, got inf"):
+            ops.quantized_add(a, torch.tensor([math.inf]), 0, b, s, 0, torch.float32)
+
+
+def test_quantized_add_different_devices():
+    if not cuda_ready():
+        pytest.skip("needs a CUDA device")
+    a = randint8((3, 4))
+    with pytest.raises(ValueError, match="b is on cuda"):
+        F.quantized_add(a, 0.1, 0, a.cuda(), 0.1, 0)
+    with pytest.raises(RuntimeError, match="quantized_add: b must be on a's device"):
+        ops.quantized_add(a, torch.ones(1), 0, a.cuda(), torch.ones(1), 0, torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# quantized_max_pool2d
+# ---------------------------------------------------------------------------------------------------------------
+
+POOLS = [  # shape, kernel, stride, padding, dilation, ceil_mode
+    ((2, 3, 9, 9), 3, 2, 1, 1, False),
+    ((2, 3, 9, 10), 3, 2, 1, 1, True),     # ceil mode: a last window that starts inside
+    ((1, 5, 12, 11), (3, 2), (2, 1), (1, 0), (2, 1), False),  # dilation, non-square
+    ((2, 32, 14, 14), 3, 2, 1, 1, False),  # channels-last: 16 channels per thread
+    ((1, 16, 8, 8), 2, None, 0, 1, True),
+    ((4, 7, 7), 3, 1, 1, 1, False),        # unbatched
+]
+
+
+@pytest.mark.parametrize("pool", POOLS, ids=[f"pool{i}" for i in range(len(POOLS))])
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_quantized_max_pool2d(device, pool, dtype, layout):
+    shape, kernel, stride, padding, dilation, ceil_mode = pool
+    if layout != "contiguous" and len(shape) == 3:
+        pytest.skip("layouts of 4-d inputs")
+    x = randint8((shape[0] * 2, *shape[1:]), seed=sum(shape), dtype=dtype)
+    x = x[::2] if layout == "strided" else x[: shape[0]]
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    got = F.quantized_max_pool2d(x.to(device), kernel, stride, padding, dilation, ceil_mode)
+    # torch's channels-last CPU kernel fails on integers once H * W > 127: the reference pools a contiguous copy
+    want = torch.nn.functional.max_pool2d(x.contiguous(), kernel, stride, padding, dilation, ceil_mode)
+    assert_same(got, want)
+    assert got.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+    # the maximum commutes with dequantization: the float pool of the float values gives the same numbers
+    assert_same(got.float(), torch.nn.functional.max_pool2d(x.float(), kernel, stride, padding, dilation, ceil_mode))
+
+
+def test_quantized_max_pool2d_bad_inputs(device):
+    x = randint8((1, 2, 6, 6), device=device)
+    with pytest.raises(TypeError, match="x must be int8 or uint8, got float32"):
+        F.quantized_max_pool2d(x.float(), 2)
+    with pytest.raises(TypeError, match="kernel_size must be an int or a pair"):
+        F.quantized_max_pool2d(x, (2, 2, 2))
+    with pytest.raises(RuntimeError, match="quantized_max_pool2d: padding must be >= 0 and at most half"):
+        F.quantized_max_pool2d(x, 3, 1, 2)
+    with pytest.raises(RuntimeError, match="quantized_max_pool2d: stride must be >= 1"):
+        F.quantized_max_pool2d(x, 3, 0)
+    with pytest.raises(RuntimeError, match="quantized_max_pool2d: the \\(dilated\\) kernel \\[7, 7\\] is larger"):
+        F.quantized_max_pool2d(x, 7)
+    with pytest.raises(RuntimeError, match="quantized_max_pool2d: x must be 3-d"):
+        F.quantized_max_pool2d(x[0, 0], 2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# opcheck: schemas, fake kernels, dispatch
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_opcheck_int_pipeline_ops(device):
+    x_q, x_scale, w, packed, w_sum, w_scale, bias = linear_case(4, 64, 64, 6, device)  # unpadded packed weight
+    torch.library.opcheck(ops.int8_linear, (x_q, x_scale, 0, packed, w_sum, w_scale, bias, 64, torch.float16, None, 0,
+                                            0.0, 6.0))
+    torch.library.opcheck(ops.int8_linear, (x_q, x_scale[:1], 0, packed, w_sum, w_scale, None, 64, torch.uint8, 0.5,
+                                            10, 0.0, None))
+    w_q = randint8((128, 16, 2, 2), device=device)
+    torch.library.opcheck(ops.int8_conv2d, (randint8((2, 32, 7, 6), device=device), x_scale[:1], 1,
+                                            F.pack_conv_weight(w_q, 2), w_q.sum((1, 2, 3), dtype=torch.int32),
+                                            torch.rand(128, device=device), None, 128, [2, 2], [2, 1], [1, 0], [1, 2],
+                                            2, torch.int8, 0.25, -3, None, 1.5))
+    a, b, a_zp, b_zp = add_case((2, 3, 4, 5), torch.uint8, torch.int8, 7)
+    a, b = a.to(device), b.to(device)
+    s = torch.tensor([0.1], device=device)
+    torch.library.opcheck(ops.quantized_add, (a, s, a_zp, b, s * 2, b_zp, torch.float32))
+    torch.library.opcheck(ops.quantized_add, (a.contiguous(memory_format=torch.channels_last), s, a_zp, b, s, b_zp,
+                                              torch.uint8, 0.3, 4, True))
+    torch.library.opcheck(ops.quantized_add, (a[:, :, ::2], s, a_zp, b[:, :, 1::2], s, b_zp, torch.bfloat16, None, 0,
+                                              True))
+    torch.library.opcheck(ops.quantized_max_pool2d, (a, [3, 3], [2, 2], [1, 1], [1, 1], True))
+    torch.library.opcheck(ops.quantized_max_pool2d, (b.contiguous(memory_format=torch.channels_last), [2, 3], [1, 2],
+                                                     [0, 1], [2, 1], False))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Layers: the fused activation of a converted QuantLinear / QuantConv2d
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("preset", ["int8-static", "int8-dynamic"])
+def test_layers_activation_clamp(preset):
+    from torchquant.nn import QuantConv2d, QuantLinear
+    torch.manual_seed(0)
+    cases = [(QuantLinear(32, 24, config=preset), torch.randn(5, 32)),
+             (QuantConv2d(8, 12, 3, padding=1, config=preset), torch.randn(2, 8, 6, 6))]
+    for layer, x in cases:
+        if preset == "int8-static":
+            layer(x)  # training mode: the input observer records the range
+        layer.eval()
+        plain_fake = layer(x)
+        layer.set_activation_clamp(0.0, 0.5)
+        torch.testing.assert_close(layer(x), plain_fake.clamp(0.0, 0.5), rtol=0, atol=0)
+        layer.convert()
+        clamped = layer(x)
+        layer.set_activation_clamp()
+        plain = layer(x)
+        assert (plain < 0).any() and (plain > 0.5).any()
+        assert_same(clamped, plain.clamp(0.0, 0.5))
+    with pytest.raises(ValueError, match="clamp_min .* must not exceed clamp_max"):
+        cases[0][0].set_activation_clamp(1.0, 0.0)
+    with pytest.raises(ValueError, match="clamp_max must be a finite number or None"):
+        cases[0][0].set_activation_clamp(None, math.inf)

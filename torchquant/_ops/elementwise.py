@@ -1,0 +1,69 @@
+"""Integer element-wise ops of an integer pipeline (quantized_add) and integer max-pooling: wrappers and fake
+kernels."""
+from typing import Optional, Sequence, Union
+
+import torch
+
+from torchquant._ops import FLOAT_DTYPES, check_fake_devices, ops
+from torchquant._ops.gemm import (_ACTIVATION_DTYPES, _pair, _require_dtype, _require_same_device, _require_tensor,
+                                  _scale_tensor)
+
+__all__ = ["quantized_add", "quantized_max_pool2d"]
+
+
+def quantized_add(a: torch.Tensor, a_scale, a_zero_point: int, b: torch.Tensor, b_scale, b_zero_point: int,
+                  out_dtype: torch.dtype = torch.float32, out_scale: Optional[float] = None, out_zero_point: int = 0,
+                  relu: bool = False) -> torch.Tensor:
+    """The sum of two quantized tensors (a residual add in an integer pipeline), fused with an optional ReLU:
+
+        y = float(a - a_zero_point) * a_scale + float(b - b_zero_point) * b_scale    (float32)
+        y = max(y, 0) when relu
+
+    a, b: int8 or uint8 (each either) of the same shape, any strides; a_scale, b_scale: positive finite Python
+    floats or float32 tensors of 1 element. Returns a tensor of a's shape and memory format: float32, float16 or
+    bfloat16 (y cast), or int8/uint8 requantized with out_scale and out_zero_point as int8_linear does:
+    clamp(rne(y * (1 / out_scale)) + out_zero_point)."""
+    _require_tensor("a", a)
+    _require_tensor("b", b)
+    _require_dtype("a", a, _ACTIVATION_DTYPES)
+    _require_dtype("b", b, _ACTIVATION_DTYPES)
+    _require_same_device(a.device, b=b)
+    if a.shape != b.shape:
+        raise ValueError(f"quantized_add: a and b must have the same shape (no broadcasting), got {tuple(a.shape)} "
+                         f"and {tuple(b.shape)}")
+    a_scale = _scale_tensor("quantized_add", "a_scale", a_scale, a.device)
+    b_scale = _scale_tensor("quantized_add", "b_scale", b_scale, a.device)
+    _require_same_device(a.device, a_scale=a_scale, b_scale=b_scale)
+    if out_dtype not in FLOAT_DTYPES + _ACTIVATION_DTYPES:
+        raise TypeError(f"quantized_add: out_dtype must be float32, float16, bfloat16, int8 or uint8, got {out_dtype}")
+    return ops.quantized_add(a, a_scale, int(a_zero_point), b, b_scale, int(b_zero_point), out_dtype,
+                             None if out_scale is None else float(out_scale), int(out_zero_point), bool(relu))
+
+
+def quantized_max_pool2d(x: torch.Tensor, kernel_size: Union[int, Sequence[int]],
+                         stride: Optional[Union[int, Sequence[int]]] = None, padding: Union[int, Sequence[int]] = 0,
+                         dilation: Union[int, Sequence[int]] = 1, ceil_mode: bool = False) -> torch.Tensor:
+    """torch.nn.functional.max_pool2d of an int8/uint8 x [B, C, H, W] (or [C, H, W]) on the CPU and on CUDA (where
+    torch's takes floating types only; on the CPU its channels-last kernel fails for H * W > 127): the same output
+    size, argument rules and memory format. The maximum of integers commutes with the (monotonic) dequantization,
+    so the output keeps x's scale and zero point."""
+    _require_tensor("x", x)
+    _require_dtype("x", x, _ACTIVATION_DTYPES)
+    kernel = _pair("kernel_size", kernel_size)
+    return ops.quantized_max_pool2d(x, kernel, kernel if stride is None else _pair("stride", stride),
+                                    _pair("padding", padding), _pair("dilation", dilation), bool(ceil_mode))
+
+
+# ---- fake kernels: shapes and dtypes only, for torch.compile / meta tensors ----
+
+@torch.library.register_fake("torchquant::quantized_add")
+def _quantized_add_fake(a, a_scale, a_zero_point, b, b_scale, b_zero_point, out_dtype, out_scale=None,
+                        out_zero_point=0, relu=False):
+    check_fake_devices("quantized_add", "a", a, a_scale=a_scale, b=b, b_scale=b_scale)
+    torch._check(a.shape == b.shape, lambda: "quantized_add: a and b must have the same shape (no broadcasting)")
+    return torch.empty_like(a, dtype=out_dtype, memory_format=torch.preserve_format)
+
+
+@torch.library.register_fake("torchquant::quantized_max_pool2d")
+def _quantized_max_pool2d_fake(x, kernel_size, stride, padding, dilation, ceil_mode):
+    return torch.nn.functional.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
