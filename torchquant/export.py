@@ -15,7 +15,7 @@ zero point and saturates; DequantizeLinear then carries the real scale.
   QuantizeLinear(1, zero_point) -> DequantizeLinear(scale, zero_point) in front of the MatMul / Conv, whose int8
   weight initializer has its own DequantizeLinear (per channel: axis set);
 - dynamic activations: the scale absmax / qmax of each row (Linear, per token) or of the tensor (Conv) is computed
-  in the graph (ReduceMax, ReduceMin, Div, Max with the smallest normal float32); a Linear then runs MatMulInteger on
+  in the graph (Abs, ReduceMax, Div, Max with the smallest normal float32); a Linear then runs MatMulInteger on
   uint8 activations (the int8 values plus 128, zero point 128) and int8 weights, and scales the exact int32 sums as
   torchquant's kernel does: acc * x_scale * w_scale + bias (layers reading the same tensor in the same format, as a
   transformer's query, key and value do, share the quantization, each with its own MatMulInteger); a Conv
@@ -288,11 +288,8 @@ def _dynamic_qparams(b: _GraphBuilder, x: str, act: _Activation, per_row: bool) 
     differently, and leaves this alone; the 2 is folded into the weight scale (or a Mul by 0.5) afterwards."""
     import numpy as np
     qmax = qrange(act.bits, act.signed)[1]
-    # max(|x|) as max(max(x), -min(x)), exactly: two reductions that only read x, where Abs would write a copy
     axes = [b.const("last_axis", np.array([-1], np.int64))] if per_row else []
-    keepdims = 1 if per_row else 0
-    absmax = b.op("Max", b.op("ReduceMax", x, *axes, keepdims=keepdims),
-                  b.op("Neg", b.op("ReduceMin", x, *axes, keepdims=keepdims)))
+    absmax = b.op("ReduceMax", b.op("Abs", x), *axes, keepdims=1 if per_row else 0)
     double_scale = b.op("Max", b.op("Div", absmax, b.const("half_qmax", _f32(qmax / 2))),
                         b.const("double_tiny", _f32(2 * _TINY)))
     return double_scale, b.op("Div", b.const("two", _f32(2.0)), double_scale)
