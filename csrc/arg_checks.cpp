@@ -31,16 +31,15 @@ void check_bias(const char* op, const at::Tensor& bias, int64_t n) {
   TQ_CHECK(bias.dim() == 1 && bias.size(0) == n, op, ": bias must have shape [", n, "], got ", bias.sizes());
 }
 
+PackedWeightLayout packed_weight_layout(const char* op, int64_t groups, int64_t n, int64_t k) {
+  const int64_t kp = round_up(k, kPackAlign);
+  const int64_t group_bytes = checked_mul(op, "the packed weight's size", round_up(n, kPackAlign), kp);
+  checked_mul(op, "the packed weight's size", groups, group_bytes);
+  return {groups, n, k, kp, group_bytes};
+}
+
 PackedWeightLayout packed_weight_layout(const at::Tensor& w) {
-  constexpr const char* op = "pack_int8_weight";
-  PackedWeightLayout layout;
-  layout.groups = w.dim() == 3 ? w.size(0) : 1;
-  layout.n = w.size(-2);
-  layout.k = w.size(-1);
-  layout.kp = round_up(layout.k, kPackAlign);
-  layout.group_bytes = checked_mul(op, "the packed weight's size", round_up(layout.n, kPackAlign), layout.kp);
-  checked_mul(op, "the packed weight's size", layout.groups, layout.group_bytes);
-  return layout;
+  return packed_weight_layout("pack_int8_weight", w.dim() == 3 ? w.size(0) : 1, w.size(-2), w.size(-1));
 }
 
 at::Tensor empty_packed_weight(const at::Tensor& w, const PackedWeightLayout& layout, bool zeroed) {
@@ -52,8 +51,8 @@ at::Tensor empty_packed_weight(const at::Tensor& w, const PackedWeightLayout& la
   return at::empty({0}, options).set_(buffer.storage(), 0, w.sizes(), strides);
 }
 
-int64_t check_packed_weight(const char* op, const at::Tensor& w_packed, const at::Tensor& x_q, int64_t groups,
-                            int64_t n, at::IntArrayRef k_dims, const char* needed) {
+PackedWeightLayout check_packed_weight(const char* op, const at::Tensor& w_packed, const at::Tensor& x_q,
+                                       int64_t groups, int64_t n, at::IntArrayRef k_dims, const char* needed) {
   check_on_device_of(op, "w_packed", w_packed, x_q, " (re-pack the weight with pack_int8_weight after moving it)");
   TQ_CHECK(w_packed.scalar_type() == at::kChar, op, ": w_packed must be int8 (from pack_int8_weight), got ",
            w_packed.scalar_type());
@@ -66,27 +65,26 @@ int64_t check_packed_weight(const char* op, const at::Tensor& w_packed, const at
            " but this call needs ", want_ref, " ", needed);
   int64_t k = 1;
   for (const int64_t d : k_dims) k = checked_mul(op, "the packed weight's reduction size", k, d);
-  const int64_t kp = round_up(k, kPackAlign);
-  const int64_t group_bytes = checked_mul(op, "the packed weight's size", round_up(n, kPackAlign), kp);
+  const PackedWeightLayout layout = packed_weight_layout(op, std::max<int64_t>(groups, 1), n, k);
   // the padded layout: rows kp bytes apart, groups group_bytes apart, the reduction dims row-major in between
   // (strides of size-1 dims do not matter)
   const size_t n_dim = want.size() - k_dims.size() - 1;
   std::vector<int64_t> strides(want.size());
-  strides[n_dim] = kp;
-  if (groups > 0) strides[0] = group_bytes;
+  strides[n_dim] = layout.kp;
+  if (groups > 0) strides[0] = layout.group_bytes;
   int64_t inner = 1;
   for (size_t d = want.size() - 1; d > n_dim; --d) {
     strides[d] = inner;
     inner *= want[d];
   }
-  bool layout_ok = w_packed.storage_offset() % group_bytes == 0;
+  bool layout_ok = w_packed.storage_offset() % layout.group_bytes == 0;
   for (size_t d = 0; d < want.size(); ++d) layout_ok = layout_ok && (want[d] == 1 || w_packed.stride(d) == strides[d]);
-  const int64_t bytes = checked_mul(op, "the packed weight's size", std::max<int64_t>(groups, 1), group_bytes);
+  const int64_t bytes = layout.groups * layout.group_bytes;
   layout_ok = layout_ok && w_packed.storage_offset() <= static_cast<int64_t>(w_packed.storage().nbytes()) - bytes;
   TQ_CHECK(layout_ok, op, ": w_packed must be laid out as pack_int8_weight returns it (strides ", w_packed.strides(),
            ", storage offset ", w_packed.storage_offset(), " of ", static_cast<int64_t>(w_packed.storage().nbytes()),
            " bytes; expected strides ", at::IntArrayRef(strides), " over ", bytes, " bytes): pack the weight again");
-  return kp;
+  return layout;
 }
 
 void check_float_out_dtype(const char* op, at::ScalarType out_dtype) {
@@ -239,6 +237,7 @@ PoolGeometry check_max_pool2d_arguments(const at::Tensor& x, at::IntArrayRef ker
 }
 
 void check_grad_like(const at::Tensor& grad, const at::Tensor& x) {
+  TQ_CHECK(grad.device() == x.device(), "grad must be on x's device (", x.device(), "), got ", grad.device());
   TQ_CHECK(grad.sizes() == x.sizes(), "grad must have x's shape ", x.sizes(), ", got ", grad.sizes());
   TQ_CHECK(grad.scalar_type() == x.scalar_type(), "grad must have x's dtype ", x.scalar_type(), ", got ",
               grad.scalar_type());

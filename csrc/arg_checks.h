@@ -21,14 +21,17 @@ void check_int8_mm_operands(const at::Tensor& a, const at::Tensor& b);
 void check_weight_to_pack(const at::Tensor& w);
 
 // How pack_int8_weight lays out w [N, K] or [G, N, K]: the packed tensor has w's (logical) shape, and its bytes fill
-// a [G, round_up(N, 64), round_up(K, 64)] buffer zero padded in both dims, whose order inside each group is the
-// device's own (CPU: VNNI panels, CUDA: row-major, so that there the logical view reads the weight itself).
+// a [G, round_up(N, kPackAlign), round_up(K, kPackAlign)] buffer zero padded in both dims, whose order inside each
+// group is the device's own (CPU: VNNI panels, CUDA: row-major, so that there the logical view reads the weight
+// itself).
 struct PackedWeightLayout {
   int64_t groups, n, k;
-  int64_t kp;           // round_up(k, 64): the bytes between rows (the packed tensor's stride(-2))
-  int64_t group_bytes;  // round_up(n, 64) * kp (stride(0) of a grouped one)
+  int64_t kp;           // round_up(k, kPackAlign): the bytes between rows (the packed tensor's stride(-2))
+  int64_t group_bytes;  // round_up(n, kPackAlign) * kp (stride(0) of a grouped one)
 };
 PackedWeightLayout packed_weight_layout(const at::Tensor& w);
+// The layout of `groups` packed [n, k] weights; `op` names the operator in the message of a size overflow.
+PackedWeightLayout packed_weight_layout(const char* op, int64_t groups, int64_t n, int64_t k);
 
 // An uninitialized (or zeroed) packed weight for w: shape w.sizes(), strides [group_bytes?, kp, 1], over a buffer
 // of groups * group_bytes bytes.
@@ -45,11 +48,11 @@ void check_epilogue_vector(const char* op, const char* name, const at::Tensor& t
 void check_bias(const char* op, const at::Tensor& bias, int64_t n);
 
 // w_packed must be a packed weight as pack_int8_weight returns it, on x_q's device: int8 of the logical shape
-// [groups, n, *k_dims] ([n, *k_dims] when groups is 0, i.e. ungrouped) over a buffer of [groups?, round_up(n, 64),
-// round_up(k, 64)] bytes, k the product of k_dims (int8_linear: [K]; int8_conv2d: [KH, KW, C/G]). `needed` says
-// where the wanted shape comes from. Returns round_up(k, 64), the padded depth (the bytes between weight rows).
-int64_t check_packed_weight(const char* op, const at::Tensor& w_packed, const at::Tensor& x_q, int64_t groups,
-                            int64_t n, at::IntArrayRef k_dims, const char* needed);
+// [groups, n, *k_dims] ([n, *k_dims] when groups is 0, i.e. ungrouped) laid out as PackedWeightLayout says, k the
+// product of k_dims (int8_linear: [K]; int8_conv2d: [KH, KW, C/G]). `needed` says where the wanted shape comes
+// from. Returns the layout.
+PackedWeightLayout check_packed_weight(const char* op, const at::Tensor& w_packed, const at::Tensor& x_q,
+                                       int64_t groups, int64_t n, at::IntArrayRef k_dims, const char* needed);
 
 // out_dtype must be float32, float16 or bfloat16.
 void check_float_out_dtype(const char* op, at::ScalarType out_dtype);
@@ -108,7 +111,7 @@ struct PoolGeometry {
 PoolGeometry check_max_pool2d_arguments(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                         at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode);
 
-// fake_quantize backward: grad must have x's shape and dtype (devices are checked by each kernel).
+// fake_quantize backward: grad must have x's device, shape and dtype.
 void check_grad_like(const at::Tensor& grad, const at::Tensor& x);
 
 // CUDA kernels: t must be on x_q's device.

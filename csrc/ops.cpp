@@ -4,6 +4,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "sizes.h"
+
 // Conventions shared by every op:
 //   scale:       float32 tensor, 1 element (per-tensor) or one per channel along `axis` (per-channel)
 //   zero_point:  int32 tensor, same length as scale
@@ -72,8 +74,16 @@ TORCH_LIBRARY(torchquant, m) {
 }
 
 // A module torchquant._C that Python can import; loading it runs the registrations above.
-// Its functions are the direct Python calls of the quantize family (csrc/python_calls.cpp).
+// Its functions are the direct Python calls of the quantize family (csrc/python_calls.cpp); PACK_ALIGN is the
+// packed weights' padding (kPackAlign), for the fake kernel of pack_int8_weight.
 extern PyMethodDef torchquant_python_calls[];
 static PyModuleDef torchquant_module = {PyModuleDef_HEAD_INIT, "_C", "torchquant compiled ops", -1,
                                         torchquant_python_calls};
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&torchquant_module); }
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* module = PyModule_Create(&torchquant_module);
+  if (module != nullptr && PyModule_AddIntConstant(module, "PACK_ALIGN", torchquant::kPackAlign) != 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}

@@ -536,6 +536,9 @@ def test_kernel_checks_devices_and_dtypes():
     with pytest.raises(RuntimeError, match="grad must have x's shape"):
         ops.fake_quantize_backward(X[:2], X, torch.ones(1), torch.zeros(1, dtype=torch.int32), None, 8, True,
                                    "nearest")
+    with pytest.raises(RuntimeError, match="grad must have x's dtype"):
+        ops.fake_quantize_backward(X.half(), X, torch.ones(1), torch.zeros(1, dtype=torch.int32), None, 8, True,
+                                   "nearest")
 
 
 def test_choose_qparams_bad_input():

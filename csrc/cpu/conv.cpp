@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cstring>
 #include <optional>
+#include <vector>
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -74,30 +75,20 @@ at::Tensor int8_conv2d_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, int
                            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                            at::ScalarType out_dtype, std::optional<double> out_scale, int64_t out_zero_point,
                            std::optional<double> clamp_min, std::optional<double> clamp_max) {
-  constexpr const char* op = "int8_conv2d";
-  const ConvGeometry g = check_conv_arguments(op, x_q, out_channels, kernel_size, stride, padding, dilation, groups);
+  const ConvFront f = int8_conv2d_front(x_q, x_scale, x_zero_point, w_packed, w_sum, w_scale, bias, out_channels,
+                                        kernel_size, stride, padding, dilation, groups, out_dtype, out_scale,
+                                        out_zero_point, clamp_min, clamp_max);
+  const ConvGeometry& g = f.g;
   const int64_t cg = g.channels / groups, ocg = out_channels / groups;
-  const int64_t window = g.window;
-  TQ_CHECK(window >= 1, op, ": x_q must have at least one channel");
-  const int64_t kp = check_packed_weight(op, w_packed, x_q, groups, ocg, {g.kh, g.kw, cg}, kConvWeightShape);
-  check_output_dtype(op, out_dtype, out_scale, out_zero_point);
-  const ActivationClamp clamp = check_activation_clamp(op, clamp_min, clamp_max);
-  TQ_CHECK(x_scale.numel() == 1, op, ": x_scale must have 1 element (per-tensor activations), got ",
-              x_scale.numel());
-  const int64_t m = g.rows;
-  const EpilogueInputs in =
-      prepare_epilogue_inputs(op, x_q, x_zero_point, x_scale, m, w_sum, w_scale, bias, out_channels);
-
-  at::Tensor out_nhwc = at::empty({g.batch, g.out_h, g.out_w, out_channels}, x_q.options().dtype(out_dtype));
-  at::Tensor out = out_nhwc.permute({0, 3, 1, 2});
-  if (m == 0) return out;
+  at::Tensor out = f.out_nhwc.permute({0, 3, 1, 2});
+  if (g.rows == 0) return out;
 
   const at::Tensor x_nhwc = x_q.contiguous(at::MemoryFormat::ChannelsLast);
   const uint8_t* x_bytes = static_cast<const uint8_t*>(x_nhwc.data_ptr());
   const uint8_t flip = activation_flip(x_q);
   GemmArgs args;
   const Im2colSource im2col{x_bytes, g, static_cast<uint8_t>(static_cast<uint8_t>(x_zero_point) ^ flip), flip,
-                            round_up(window, 4)};
+                            round_up(g.window, 4)};
   const bool pointwise = g.kh == 1 && g.kw == 1 && g.stride_h == 1 && g.stride_w == 1 && g.pad_h == 0 && g.pad_w == 0;
   if (pointwise && flip == 0 && cg % 4 == 0) {  // uint8 1x1: the channels-last input is the GEMM's row matrix
     args.a = x_bytes;
@@ -108,15 +99,14 @@ at::Tensor int8_conv2d_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, int
     args.fill_context = &im2col;
   }
   args.b = w_packed.data_ptr<int8_t>();
-  args.b_group_stride = round_up(ocg, kPackAlign) * kp;
-  args.kp = kp;
-  args.m = m;
+  args.ldb = f.weight.kp;
+  args.b_group_stride = f.weight.group_bytes;
+  args.m = g.rows;
   args.n = ocg;
-  args.k = window;
+  args.k = g.window;
   args.groups = groups;
-  Epilogue ep = in.epilogue(out_dtype, out_nhwc.data_ptr(), out_channels, out_scale, out_zero_point);
-  ep.clamp = clamp;
-  gemm_u8s8(args, ep, cpu_isa());
+  std::vector<int32_t> col_offset;
+  gemm_u8s8(args, epilogue_for(f.epilogue, flip, f.out_nhwc.data_ptr(), out_channels, col_offset), cpu_isa());
   return out;
 }
 

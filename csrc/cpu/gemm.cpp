@@ -13,62 +13,31 @@
 
 namespace torchquant::gemm {
 
-namespace {
-
-// The output kind of a validated out_dtype (see check_output_dtype).
-OutKind out_kind(at::ScalarType out_dtype) {
-  switch (out_dtype) {
-    case at::kHalf: return OutKind::Float16;
-    case at::kBFloat16: return OutKind::BFloat16;
-    case at::kChar: return OutKind::Int8;
-    case at::kByte: return OutKind::UInt8;
-    default: return OutKind::Float32;
-  }
-}
-
-}  // namespace
-
-Epilogue EpilogueInputs::epilogue(at::ScalarType out_dtype, void* out, int64_t out_row_stride,
-                                  std::optional<double> out_scale, int64_t out_zero_point) const {
+Epilogue epilogue_for(const EpilogueInputs& in, uint8_t flip, void* out, int64_t out_row_stride,
+                      std::vector<int32_t>& col_offset) {
+  // sum_k (x - zp) w = sum_k x_u8 w - (zp + shift) * w_sum, computed modulo 2^32 like the accumulators
+  const uint32_t shift = static_cast<uint32_t>(in.x_zero_point + (flip != 0 ? 128 : 0));
+  const int64_t n = in.w_sum.numel();
+  const int32_t* sums = in.w_sum.data_ptr<int32_t>();
+  col_offset.resize(n);
+  for (int64_t i = 0; i < n; ++i) col_offset[i] = static_cast<int32_t>(shift * static_cast<uint32_t>(sums[i]));
   Epilogue ep;
-  ep.kind = out_kind(out_dtype);
+  ep.kind = in.kind;
   ep.out = out;
   ep.out_row_stride = out_row_stride;
-  ep.col_offset = col_offset.data_ptr<int32_t>();
-  ep.row_scale = x_scale.data_ptr<float>();
-  ep.per_row_scale = x_scale.numel() > 1;
-  ep.col_scale = w_scale.data_ptr<float>();
-  ep.bias = bias.has_value() ? bias->data_ptr<float>() : nullptr;
-  if (out_scale.has_value()) {
-    ep.inv_out_scale = 1.0f / static_cast<float>(*out_scale);
-    ep.out_zero_point = static_cast<float>(out_zero_point);
-    ep.qmin = ep.kind == OutKind::Int8 ? -128.0f : 0.0f;
-    ep.qmax = ep.kind == OutKind::Int8 ? 127.0f : 255.0f;
+  ep.col_offset = col_offset.data();
+  ep.row_scale = in.x_scale.data_ptr<float>();
+  ep.per_row_scale = in.x_scale.numel() > 1;
+  ep.col_scale = in.w_scale.data_ptr<float>();
+  ep.bias = in.bias.has_value() ? in.bias->data_ptr<float>() : nullptr;
+  ep.clamp = in.clamp;
+  if (in.kind == OutKind::Int8 || in.kind == OutKind::UInt8) {
+    ep.inv_out_scale = in.inv_out_scale;
+    ep.out_zero_point = in.out_zero_point;
+    ep.qmin = in.kind == OutKind::Int8 ? -128.0f : 0.0f;
+    ep.qmax = in.kind == OutKind::Int8 ? 127.0f : 255.0f;
   }
   return ep;
-}
-
-EpilogueInputs prepare_epilogue_inputs(const char* op, const at::Tensor& x_q, int64_t x_zero_point,
-                                       const at::Tensor& x_scale, int64_t rows, const at::Tensor& w_sum,
-                                       const at::Tensor& w_scale, const std::optional<at::Tensor>& bias, int64_t n) {
-  check_epilogue_inputs(op, x_q, x_zero_point, x_scale, rows, w_sum, w_scale, bias, n);
-  const bool is_int8 = x_q.scalar_type() == at::kChar;
-  EpilogueInputs in;
-  if (bias.has_value()) {
-    in.bias = bias->to(at::kFloat).contiguous();
-  }
-  in.x_scale = x_scale.contiguous();
-  in.w_scale = w_scale.contiguous();
-  check_scale_values(op, "x_scale", in.x_scale);
-  check_scale_values(op, "w_scale", in.w_scale);
-  // sum_k (x - zp) w = sum_k x_u8 w - (zp + shift) * w_sum, computed modulo 2^32 like the accumulators
-  const uint32_t shift = static_cast<uint32_t>(x_zero_point + (is_int8 ? 128 : 0));
-  in.col_offset = at::empty({n}, w_sum.options());
-  const at::Tensor w_sum_c = w_sum.contiguous();
-  const int32_t* sums = w_sum_c.data_ptr<int32_t>();
-  int32_t* offsets = in.col_offset.data_ptr<int32_t>();
-  for (int64_t i = 0; i < n; ++i) offsets[i] = static_cast<int32_t>(shift * static_cast<uint32_t>(sums[i]));
-  return in;
 }
 
 namespace {
@@ -84,7 +53,7 @@ at::Tensor int8_mm_cpu(const at::Tensor& a, const at::Tensor& b) {
   const int64_t k4 = round_up(k, 4);
   const ScratchScope weights_scope(Scratch::Weights), activations_scope(Scratch::Activations);
   int8_t* b_packed = reinterpret_cast<int8_t*>(
-      scratch_buffer(Scratch::Weights, checked_mul("int8_mm", "the packed b size", round_up(n, kPanelCols), k4)));
+      scratch_buffer(Scratch::Weights, checked_mul("int8_mm", "the packed b size", round_up(n, kPackAlign), k4)));
   std::vector<int32_t> col_offset(n);
   pack_weight(b.data_ptr<int8_t>(), n, k, b.stride(1), b.stride(0), k4, b_packed, col_offset.data());
   for (auto& c : col_offset) c = static_cast<int32_t>(128u * static_cast<uint32_t>(c));  // the +128 shift of a
@@ -95,7 +64,7 @@ at::Tensor int8_mm_cpu(const at::Tensor& a, const at::Tensor& b) {
   args.a = a_packed;
   args.lda = k4;
   args.b = b_packed;
-  args.kp = k4;
+  args.ldb = k4;
   args.m = m;
   args.n = n;
   args.k = k;
@@ -126,21 +95,10 @@ at::Tensor int8_linear_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, int
                            std::optional<double> out_scale, int64_t out_zero_point, std::optional<double> clamp_min,
                            std::optional<double> clamp_max) {
   constexpr const char* op = "int8_linear";
-  TQ_CHECK(x_q.dim() >= 1, op, ": x_q must have at least 1 dimension [..., K]");
-  TQ_CHECK(out_features >= 1, op, ": out_features must be >= 1, got ", out_features);
-  const int64_t k = x_q.size(-1), n = out_features;
-  TQ_CHECK(k >= 1, op, ": x_q's last dimension (K) must be >= 1");
-  const int64_t m = x_q.numel() / k;
-  const int64_t kp = check_packed_weight(op, w_packed, x_q, 0, n, {k}, kLinearWeightShape);
-  const EpilogueInputs in = prepare_epilogue_inputs(op, x_q, x_zero_point, x_scale, m, w_sum, w_scale, bias, n);
-
-  check_output_dtype(op, out_dtype, out_scale, out_zero_point);
-  const ActivationClamp clamp = check_activation_clamp(op, clamp_min, clamp_max);
-
-  std::vector<int64_t> out_shape(x_q.sizes().begin(), x_q.sizes().end());
-  out_shape.back() = n;
-  at::Tensor out = at::empty(out_shape, x_q.options().dtype(out_dtype));
-  if (m == 0) return out;
+  const LinearFront f = int8_linear_front(x_q, x_scale, x_zero_point, w_packed, w_sum, w_scale, bias,
+                                          out_features, out_dtype, out_scale, out_zero_point, clamp_min, clamp_max);
+  const int64_t m = f.m, n = f.n, k = f.k;
+  if (m == 0) return f.out;
 
   const at::Tensor x2 = x_q.reshape({m, k});
   const uint8_t flip = activation_flip(x_q);
@@ -157,14 +115,13 @@ at::Tensor int8_linear_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, int
     args.a = a_packed;
   }
   args.b = w_packed.data_ptr<int8_t>();
-  args.kp = kp;
+  args.ldb = f.weight.kp;
   args.m = m;
   args.n = n;
   args.k = k;
-  Epilogue ep = in.epilogue(out_dtype, out.data_ptr(), n, out_scale, out_zero_point);
-  ep.clamp = clamp;
-  gemm_u8s8(args, ep, cpu_isa());
-  return out;
+  std::vector<int32_t> col_offset;
+  gemm_u8s8(args, epilogue_for(f.epilogue, flip, f.out.data_ptr(), n, col_offset), cpu_isa());
+  return f.out;
 }
 
 }  // namespace

@@ -67,7 +67,7 @@ TQ_TARGET_VNNI void microkernel_vnni(const uint8_t* a, int64_t a_row, const int8
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
     for (int j = 0; j < NV; ++j)
-      acc[r][j] = first ? _mm512_setzero_si512() : _mm512_loadu_si512(tile + r * kPanelCols + 16 * j);
+      acc[r][j] = first ? _mm512_setzero_si512() : _mm512_loadu_si512(tile + r * kPackAlign + 16 * j);
   for (int64_t s = 0; s < steps; ++s) {
     const int8_t* bs = b + s * kStepBytes;
     __m512i bv[NV];
@@ -83,7 +83,7 @@ TQ_TARGET_VNNI void microkernel_vnni(const uint8_t* a, int64_t a_row, const int8
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) _mm512_storeu_si512(tile + r * kPanelCols + 16 * j, acc[r][j]);
+    for (int j = 0; j < NV; ++j) _mm512_storeu_si512(tile + r * kPackAlign + 16 * j, acc[r][j]);
 }
 
 template <int NV>
@@ -144,7 +144,7 @@ TQ_TARGET_AVX2 void microkernel_avx2(const uint8_t* a, int64_t a_row, const int8
       // hadd gives columns (0 1 4 5 | 2 3 6 7); the 64-bit permute puts them in order
       const __m256i lo = _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[r][0], acc[r][1]), 0xD8);
       const __m256i hi = _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[r][2], acc[r][3]), 0xD8);
-      __m256i* dst = reinterpret_cast<__m256i*>(tile + r * kPanelCols + 16 * q);
+      __m256i* dst = reinterpret_cast<__m256i*>(tile + r * kPackAlign + 16 * q);
       if (first) {
         _mm256_storeu_si256(dst, lo);
         _mm256_storeu_si256(dst + 1, hi);
@@ -168,11 +168,11 @@ void microkernel_scalar(const uint8_t* a, int64_t a_row, const int8_t* b, int64_
   for (int r = 0; r < rows; ++r) {
     const uint8_t* ar = a + r * a_row;
     for (int64_t col = 0; col < 16 * vectors; ++col) {
-      uint32_t sum = first ? 0u : static_cast<uint32_t>(tile[r * kPanelCols + col]);
+      uint32_t sum = first ? 0u : static_cast<uint32_t>(tile[r * kPackAlign + col]);
       for (int64_t s = 0; s < steps; ++s)
         for (int j = 0; j < 4; ++j)
           sum += static_cast<uint32_t>(static_cast<int32_t>(ar[4 * s + j]) * b[s * kStepBytes + col * 4 + j]);
-      tile[r * kPanelCols + col] = static_cast<int32_t>(sum);
+      tile[r * kPackAlign + col] = static_cast<int32_t>(sum);
     }
   }
 }
@@ -219,7 +219,7 @@ void epilogue_row_scalar(const Epilogue& ep, const int32_t* acc, int64_t row, in
 
 void epilogue_tile_scalar(const Epilogue& ep, const int32_t* tile, int64_t row0, int64_t rows, int64_t col0,
                           int64_t ncols) {
-  for (int64_t r = 0; r < rows; ++r) epilogue_row_scalar(ep, tile + r * kPanelCols, row0 + r, col0, ncols);
+  for (int64_t r = 0; r < rows; ++r) epilogue_row_scalar(ep, tile + r * kPackAlign, row0 + r, col0, ncols);
 }
 
 // Stores the valid lanes (mask) of one output vector at p: a streaming store when asked and the vector is whole
@@ -248,7 +248,7 @@ TQ_TARGET_VNNI inline void store_vector(void* p, __m128i v, __mmask16 mask, bool
 template <OutKind KIND, typename T>
 TQ_TARGET_VNNI void epilogue_tile_avx512_kind(const Epilogue& ep, const int32_t* tile, int64_t row0, int64_t rows,
                                               int64_t col0, int64_t ncols) {
-  constexpr int kVectors = kPanelCols / 16;
+  constexpr int kVectors = kPackAlign / 16;
   const int vectors = static_cast<int>((ncols + 15) / 16);
   __mmask16 mask[kVectors];
   __m512i offset[kVectors];
@@ -269,7 +269,7 @@ TQ_TARGET_VNNI void epilogue_tile_avx512_kind(const Epilogue& ep, const int32_t*
     const bool stream = ep.streaming && reinterpret_cast<uintptr_t>(out) % (16 * sizeof(T)) == 0;
     const __m512 xs = _mm512_set1_ps(ep.row_scale == nullptr ? 1.0f : ep.row_scale[ep.per_row_scale ? row : 0]);
     for (int j = 0; j < vectors; ++j) {
-      const __m512i v = _mm512_sub_epi32(_mm512_load_si512(tile + r * kPanelCols + 16 * j), offset[j]);
+      const __m512i v = _mm512_sub_epi32(_mm512_load_si512(tile + r * kPackAlign + 16 * j), offset[j]);
       T* dst = out + 16 * j;
       if constexpr (KIND == OutKind::Int32) {
         store_vector(dst, v, mask[j], stream);
@@ -371,7 +371,7 @@ ScratchScope::~ScratchScope() {
 void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa) {
   const IsaPath path = isa_path(isa);
   const int64_t k4 = round_up(args.k, 4);
-  const int64_t n_panels = (args.n + kPanelCols - 1) / kPanelCols;
+  const int64_t n_panels = (args.n + kPackAlign - 1) / kPackAlign;
   // rows split evenly over the fewest chunks of <= kRowsPerChunk (128 rows: 2 x 66, not 96 + 32, which would
   // leave one of two threads a quarter of the work), rounded to whole microkernel row groups
   const int64_t min_chunks = (args.m + kRowsPerChunk - 1) / kRowsPerChunk;
@@ -379,7 +379,7 @@ void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa) {
   const int64_t m_chunks = (args.m + chunk_rows - 1) / chunk_rows;
   const int64_t items = args.groups * n_panels * m_chunks;
   // ~1M multiply-adds (or weight bytes, for few rows) per task before a second thread is worth waking
-  const int64_t item_cost = (std::min(args.m, chunk_rows) + 4) * kPanelCols * k4;
+  const int64_t item_cost = (std::min(args.m, chunk_rows) + 4) * kPackAlign * k4;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(item_cost, 1));
 
   // Work order. Chunk-major (each chunk meets every panel while it stays in L2) streams the weight once per chunk;
@@ -392,7 +392,7 @@ void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa) {
   // Where the activation rows come from: args.a, or rows that fill_rows produces. Produced rows are made once up
   // front for the panel-major order (they fit in L2), else one chunk at a time by the thread about to use it, so
   // that they are still in its caches (an im2col matrix written whole first went out to memory and back).
-  const uint8_t* a_rows = args.a;
+  const uint8_t* a_rows = static_cast<const uint8_t*>(args.a);
   int64_t lda = args.lda, a_group_offset = args.a_group_offset;
   const bool rows_per_chunk = args.fill_rows != nullptr && !panel_major;
   const ScratchScope rows_scope(Scratch::GemmRows);  // the rows made up front, read by every thread
@@ -419,7 +419,7 @@ void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa) {
   out_ep.streaming = args.m * ep.out_row_stride * out_kind_bytes(ep.kind) >= kStreamingOutputBytes;
 
   at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
-    alignas(64) int32_t tile[kRowsPerChunk * kPanelCols];
+    alignas(64) int32_t tile[kRowsPerChunk * kPackAlign];
     std::optional<ScratchScope> chunk_scope;  // each thread's own chunk rows
     uint8_t* chunk_buffer = nullptr;
     if (rows_per_chunk) {
@@ -442,16 +442,16 @@ void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa) {
         }
         a = chunk_buffer;
       }
-      const int8_t* b = args.b + g * args.b_group_stride + panel * args.kp * kPanelCols;
-      const int64_t col0 = g * args.n + panel * kPanelCols;
-      const int64_t ncols = std::min(kPanelCols, args.n - panel * kPanelCols);
+      const int8_t* b = args.b + g * args.b_group_stride + panel * args.ldb * kPackAlign;
+      const int64_t col0 = g * args.n + panel * kPackAlign;
+      const int64_t ncols = std::min(kPackAlign, args.n - panel * kPackAlign);
       const int vectors = static_cast<int>((ncols + 15) / 16);
       for (int64_t k0 = 0; k0 < k4; k0 += kKBlock) {
         const int64_t steps = std::min(kKBlock, k4 - k0) / 4;
         for (int64_t r = 0; r < rows; r += path.rows) {
           const int mr = static_cast<int>(std::min<int64_t>(path.rows, rows - r));
           // rows are read in place: re-laying them as sequential micro-panels first measured no faster
-          path.kernel(a + r * lda + k0, lda, b + k0 * kPanelCols, steps, tile + r * kPanelCols, mr, vectors,
+          path.kernel(a + r * lda + k0, lda, b + k0 * kPackAlign, steps, tile + r * kPackAlign, mr, vectors,
                       k0 == 0);
         }
       }
@@ -466,8 +466,8 @@ namespace {
 // Zeros the bytes of a panel that no weight lands in: padding columns, and everything from the step holding k on
 // (its tail bytes and the padded depth).
 void zero_panel_padding(int8_t* panel, int64_t cols, int64_t k, int64_t kp) {
-  if (cols < kPanelCols) std::memset(panel, 0, kp * kPanelCols);
-  else std::memset(panel + (k / 4) * kStepBytes, 0, (kp - (k / 4) * 4) * kPanelCols);
+  if (cols < kPackAlign) std::memset(panel, 0, kp * kPackAlign);
+  else std::memset(panel + (k / 4) * kStepBytes, 0, (kp - (k / 4) * 4) * kPackAlign);
 }
 
 // The nn.Linear layout (k contiguous per column): 4 columns at a time over all of k, so 4 long sequential read
@@ -505,9 +505,9 @@ void fill_steps_n_contiguous(const int8_t* w, int64_t n, int64_t k, int64_t stri
   for (int64_t s = s_begin; s < s_end; ++s) {
     const int64_t rows = std::min<int64_t>(4, k - 4 * s);
     const int8_t* r = w + 4 * s * stride_k;
-    for (int64_t n0 = 0; n0 < n; n0 += kPanelCols) {
-      int8_t* out = dst + (n0 / kPanelCols) * kp * kPanelCols + s * kStepBytes;
-      const int64_t cols = std::min(kPanelCols, n - n0);
+    for (int64_t n0 = 0; n0 < n; n0 += kPackAlign) {
+      int8_t* out = dst + (n0 / kPackAlign) * kp * kPackAlign + s * kStepBytes;
+      const int64_t cols = std::min(kPackAlign, n - n0);
       int64_t c = 0;
       if (rows == 4) {
         for (; c + 16 <= cols; c += 16) {
@@ -541,13 +541,13 @@ void panel_col_sums(const int8_t* panel, int64_t cols, int64_t k, int32_t* col_s
 
 void pack_weight(const int8_t* w, int64_t n, int64_t k, int64_t stride_n, int64_t stride_k, int64_t kp, int8_t* dst,
                  int32_t* col_sums) {
-  const int64_t n_panels = (n + kPanelCols - 1) / kPanelCols;
-  const int64_t panel_grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(kp * kPanelCols, 1));
+  const int64_t n_panels = (n + kPackAlign - 1) / kPackAlign;
+  const int64_t panel_grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(kp * kPackAlign, 1));
   const bool rows_contiguous = stride_n == 1 && stride_k != 1;
   at::parallel_for(0, n_panels, panel_grain, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
-      int8_t* panel = dst + p * kp * kPanelCols;
-      const int64_t n0 = p * kPanelCols, cols = std::min(kPanelCols, n - n0);
+      int8_t* panel = dst + p * kp * kPackAlign;
+      const int64_t n0 = p * kPackAlign, cols = std::min(kPackAlign, n - n0);
       zero_panel_padding(panel, cols, k, kp);
       if (rows_contiguous) continue;  // filled by steps below
       if (stride_k == 1) fill_panel_k_contiguous(w + n0 * stride_n, cols, k, stride_n, panel);
@@ -564,8 +564,8 @@ void pack_weight(const int8_t* w, int64_t n, int64_t k, int64_t stride_n, int64_
   if (col_sums == nullptr) return;
   at::parallel_for(0, n_panels, panel_grain, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p)
-      panel_col_sums(dst + p * kp * kPanelCols, std::min(kPanelCols, n - p * kPanelCols), k,
-                     col_sums + p * kPanelCols);
+      panel_col_sums(dst + p * kp * kPackAlign, std::min(kPackAlign, n - p * kPackAlign), k,
+                     col_sums + p * kPackAlign);
   });
 }
 

@@ -4,29 +4,28 @@
 //   activations: uint8 rows, one row per output row, `lda` bytes apart, at least round_up(K, 4) readable bytes each
 //                (bytes past K multiply zero weights). Signed int8 activations are stored shifted by +128 (x ^ 0x80)
 //                so the u8 x s8 instructions apply; the epilogue subtracts the matching correction per column.
-//   weights:     packed panels of 64 output columns; inside a panel the bytes run [k / 4][column][k % 4] (the
-//                VNNI order: one 64-byte vector holds 4 consecutive k of 16 columns). Zero padded to
-//                round_up(N, 64) columns and the panel depth `kp` (a multiple of 4, >= K).
+//   weights:     packed panels of kPackAlign (64) output columns; inside a panel the bytes run [k / 4][column][k % 4]
+//                (the VNNI order: one 64-byte vector holds 4 consecutive k of 16 columns). Zero padded to whole
+//                panels and the panel depth GemmArgs::ldb (a multiple of 4, >= K).
 // Every path (AVX-512 VNNI, AVX2, scalar) reads the same packed layouts and produces the same integers.
 #pragma once
 #include <cstdint>
 
 #include "cpu/isa.h"
+#include "gemm_front.h"
 #include "quant_math.h"
 #include "sizes.h"
 
 namespace torchquant::gemm {
 
-constexpr int64_t kPanelCols = 64;  // output columns per weight panel: 4 zmm of int32 accumulators
-constexpr int64_t kStepBytes = 4 * kPanelCols;  // one k-step (4 values of k) of a panel
-static_assert(kPackAlign % kPanelCols == 0, "packed weights hold whole panels");
+// A weight panel holds kPackAlign output columns (4 zmm of int32 accumulators), so packed weights hold whole panels.
+constexpr int64_t kStepBytes = 4 * kPackAlign;  // one k-step (4 values of k) of a panel
 
 // What the GEMM's store does with each int32 accumulator acc[m][n] (already summed over k):
 //   v = acc - col_offset[n]                                    (zero-point / shift correction)
 //   Int32:         out = v
 //   float kinds:   out = clamp_activation(v * row_scale[m or 0] * col_scale[n] + bias[n], clamp)
 //   Int8 / UInt8:  out = clamp(rne(y * inv_out_scale) + out_zero_point, qmin, qmax), y as above
-enum class OutKind { Int32, Float32, Float16, BFloat16, Int8, UInt8 };
 
 struct Epilogue {
   OutKind kind = OutKind::Int32;
@@ -43,23 +42,6 @@ struct Epilogue {
   float qmax = 0.0f;
   ActivationClamp clamp;  // the fused activation (none: -inf / +inf)
   bool streaming = false;  // non-temporal stores (set by gemm_u8s8 for outputs larger than the caches)
-};
-
-// Writes the activation rows [row0, row0 + rows) of group g, round_up(k, 4) bytes each (zero filled past k),
-// consecutively at dst: an implicit activation matrix (im2col) that the GEMM produces piece by piece.
-using RowFiller = void (*)(const void* context, int64_t g, int64_t row0, int64_t rows, uint8_t* dst);
-
-// One (possibly grouped) GEMM: for each group g, out[:, g*n:(g+1)*n] = a_g [m, k] @ b_g [k, n].
-struct GemmArgs {
-  const uint8_t* a = nullptr;  // the activation rows, unless fill_rows produces them
-  int64_t lda = 0;             // bytes between activation rows
-  int64_t a_group_offset = 0;  // bytes from group g's activation columns to group g+1's
-  RowFiller fill_rows = nullptr;
-  const void* fill_context = nullptr;
-  const int8_t* b = nullptr;
-  int64_t b_group_stride = 0;  // bytes between packed weight groups
-  int64_t kp = 0;              // packed panel depth
-  int64_t m = 0, n = 0, k = 0, groups = 1;
 };
 
 // Scratch memory of the calling thread, reused across calls: activations re-laid by the ops, weights packed on the
@@ -87,11 +69,12 @@ class ScratchScope {
   Scratch slot_;
 };
 
-// Runs the GEMM with the epilogue on the given ISA path, threaded with at::parallel_for.
+// Runs the GEMM (GemmArgs, gemm_front.h: activations as above, in place or from fill_rows; k unpadded) with the
+// epilogue on the given ISA path, threaded with at::parallel_for.
 void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa);
 
-// Packs w[n, k] (element (n, k) at w + n * stride_n + k * stride_k) into round_up(n, 64) / 64 panels of depth kp
-// at dst. With col_sums non-null also writes col_sums[n] = sum_k w[n, k].
+// Packs w[n, k] (element (n, k) at w + n * stride_n + k * stride_k) into round_up(n, kPackAlign) / kPackAlign
+// panels of depth kp at dst. With col_sums non-null also writes col_sums[n] = sum_k w[n, k].
 void pack_weight(const int8_t* w, int64_t n, int64_t k, int64_t stride_n, int64_t stride_k, int64_t kp, int8_t* dst,
                  int32_t* col_sums);
 

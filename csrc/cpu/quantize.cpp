@@ -419,12 +419,38 @@ void for_each_span(int64_t numel, QuantLayout layout, const ChannelParams& p, co
 // The ops.
 // ---------------------------------------------------------------------------------------------------------------
 
-at::Tensor quantize_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
-                        std::optional<int64_t> axis, int64_t bits, bool is_signed, c10::string_view rounding) {
+// Runs span(isa, per_element, offset, length, params) over [0, numel) on the code path cpu_isa() picks (isa: Scalar,
+// Avx2 or Avx512), per_element a std::bool_constant: whether the span carries one parameter per element.
+template <class Span>
+void map_spans(int64_t numel, QuantLayout layout, const ChannelParams& p, const Span& span) {
+  with_cpu_isa([&](auto isa) {
+    for_each_span(numel, layout, p, [&](int64_t i, int64_t n, SpanParams sp, bool per_element) {
+      if (per_element) span(isa, std::true_type{}, i, n, sp);
+      else span(isa, std::false_type{}, i, n, sp);
+    });
+  });
+}
+
+// The checked arguments of quantize, fake_quantize and its backward.
+struct QuantizeArgs {
+  QuantFormat format;
+  Rounding rounding;
+  QuantLayout layout;
+  ChannelParams params;
+};
+
+QuantizeArgs checked_quantize_args(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
+                                   std::optional<int64_t> axis, int64_t bits, bool is_signed,
+                                   c10::string_view rounding) {
   const QuantFormat f = checked_format(bits, is_signed);
   const Rounding r = parse_rounding(rounding);
   const QuantLayout layout = checked_layout(x, scale, zero_point, axis);
-  const ChannelParams p = checked_params(scale, zero_point, f.binary ? 0.0f : f.qmin, f.binary ? 0.0f : f.qmax);
+  return {f, r, layout, checked_params(scale, zero_point, f.binary ? 0.0f : f.qmin, f.binary ? 0.0f : f.qmax)};
+}
+
+at::Tensor quantize_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
+                        std::optional<int64_t> axis, int64_t bits, bool is_signed, c10::string_view rounding) {
+  const QuantizeArgs args = checked_quantize_args(x, scale, zero_point, axis, bits, is_signed, rounding);
   const at::Tensor xc = x.contiguous();
   at::Tensor q = at::empty(x.sizes(), x.options().dtype(is_signed ? at::kChar : at::kByte));
   with_float_type(x.scalar_type(), "x", [&](auto in_tag) {
@@ -433,12 +459,9 @@ at::Tensor quantize_cpu(const at::Tensor& x, const at::Tensor& scale, const at::
       using Out = decltype(out_tag);
       const In* xp = xc.data_ptr<In>();
       Out* qp = q.data_ptr<Out>();
-      with_cpu_isa([&](auto isa) {
-        using Isa = decltype(isa);
-        for_each_span(x.numel(), layout, p, [&](int64_t i, int64_t n, SpanParams sp, bool per_element) {
-          if (per_element) Isa::template quantize_span<true>(xp + i, qp + i, n, sp, f, r);
-          else Isa::template quantize_span<false>(xp + i, qp + i, n, sp, f, r);
-        });
+      map_spans(x.numel(), args.layout, args.params, [&](auto isa, auto per_element, int64_t i, int64_t n,
+                                                         SpanParams sp) {
+        decltype(isa)::template quantize_span<per_element>(xp + i, qp + i, n, sp, args.format, args.rounding);
       });
     });
   });
@@ -460,12 +483,8 @@ at::Tensor dequantize_cpu(const at::Tensor& q, const at::Tensor& scale, const at
       using Out = decltype(out_tag);
       const In* qp = qc.data_ptr<In>();
       Out* yp = y.data_ptr<Out>();
-      with_cpu_isa([&](auto isa) {
-        using Isa = decltype(isa);
-        for_each_span(q.numel(), layout, p, [&](int64_t i, int64_t n, SpanParams sp, bool per_element) {
-          if (per_element) Isa::template dequantize_span<true>(qp + i, yp + i, n, sp);
-          else Isa::template dequantize_span<false>(qp + i, yp + i, n, sp);
-        });
+      map_spans(q.numel(), layout, p, [&](auto isa, auto per_element, int64_t i, int64_t n, SpanParams sp) {
+        decltype(isa)::template dequantize_span<per_element>(qp + i, yp + i, n, sp);
       });
     });
   });
@@ -474,22 +493,16 @@ at::Tensor dequantize_cpu(const at::Tensor& q, const at::Tensor& scale, const at
 
 at::Tensor fake_quantize_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
                              std::optional<int64_t> axis, int64_t bits, bool is_signed, c10::string_view rounding) {
-  const QuantFormat f = checked_format(bits, is_signed);
-  const Rounding r = parse_rounding(rounding);
-  const QuantLayout layout = checked_layout(x, scale, zero_point, axis);
-  const ChannelParams p = checked_params(scale, zero_point, f.binary ? 0.0f : f.qmin, f.binary ? 0.0f : f.qmax);
+  const QuantizeArgs args = checked_quantize_args(x, scale, zero_point, axis, bits, is_signed, rounding);
   const at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty(x.sizes(), x.options());
   with_float_type(x.scalar_type(), "x", [&](auto tag) {
     using T = decltype(tag);
     const T* xp = xc.data_ptr<T>();
     T* yp = y.data_ptr<T>();
-    with_cpu_isa([&](auto isa) {
-      using Isa = decltype(isa);
-      for_each_span(x.numel(), layout, p, [&](int64_t i, int64_t n, SpanParams sp, bool per_element) {
-        if (per_element) Isa::template fake_quantize_span<true>(xp + i, yp + i, n, sp, f, r);
-        else Isa::template fake_quantize_span<false>(xp + i, yp + i, n, sp, f, r);
-      });
+    map_spans(x.numel(), args.layout, args.params, [&](auto isa, auto per_element, int64_t i, int64_t n,
+                                                       SpanParams sp) {
+      decltype(isa)::template fake_quantize_span<per_element>(xp + i, yp + i, n, sp, args.format, args.rounding);
     });
   });
   return y;
@@ -498,14 +511,8 @@ at::Tensor fake_quantize_cpu(const at::Tensor& x, const at::Tensor& scale, const
 at::Tensor fake_quantize_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& scale,
                                       const at::Tensor& zero_point, std::optional<int64_t> axis, int64_t bits,
                                       bool is_signed, c10::string_view rounding) {
-  const QuantFormat f = checked_format(bits, is_signed);
-  const Rounding r = parse_rounding(rounding);
-  const QuantLayout layout = checked_layout(x, scale, zero_point, axis);
-  TQ_CHECK(grad.device().is_cpu(), "grad must be on x's device (cpu), got ", grad.device());
-  TQ_CHECK(grad.sizes() == x.sizes(), "grad must have x's shape ", x.sizes(), ", got ", grad.sizes());
-  TQ_CHECK(grad.scalar_type() == x.scalar_type(), "grad must have x's dtype ", x.scalar_type(), ", got ",
-              grad.scalar_type());
-  const ChannelParams p = checked_params(scale, zero_point, f.binary ? 0.0f : f.qmin, f.binary ? 0.0f : f.qmax);
+  const QuantizeArgs args = checked_quantize_args(x, scale, zero_point, axis, bits, is_signed, rounding);
+  check_grad_like(grad, x);
   const at::Tensor xc = x.contiguous();
   const at::Tensor gc = grad.contiguous();
   at::Tensor grad_x = at::empty(x.sizes(), x.options());
@@ -514,12 +521,10 @@ at::Tensor fake_quantize_backward_cpu(const at::Tensor& grad, const at::Tensor& 
     const T* xp = xc.data_ptr<T>();
     const T* gp = gc.data_ptr<T>();
     T* op = grad_x.data_ptr<T>();
-    with_cpu_isa([&](auto isa) {
-      using Isa = decltype(isa);
-      for_each_span(x.numel(), layout, p, [&](int64_t i, int64_t n, SpanParams sp, bool per_element) {
-        if (per_element) Isa::template fake_quantize_backward_span<true>(gp + i, xp + i, op + i, n, sp, f, r);
-        else Isa::template fake_quantize_backward_span<false>(gp + i, xp + i, op + i, n, sp, f, r);
-      });
+    map_spans(x.numel(), args.layout, args.params, [&](auto isa, auto per_element, int64_t i, int64_t n,
+                                                       SpanParams sp) {
+      decltype(isa)::template fake_quantize_backward_span<per_element>(gp + i, xp + i, op + i, n, sp, args.format,
+                                                                        args.rounding);
     });
   });
   return grad_x;

@@ -65,30 +65,22 @@ at::Tensor int8_conv2d_cuda(const at::Tensor& x_q, const at::Tensor& x_scale, in
                             std::optional<double> clamp_min, std::optional<double> clamp_max) {
   constexpr const char* op = "int8_conv2d";
   TQ_CHECK(x_q.is_cuda(), op, ": x_q must be a CUDA tensor for the CUDA kernel, got ", x_q.device());
-  const ConvGeometry g = check_conv_arguments(op, x_q, out_channels, kernel_size, stride, padding, dilation, groups);
+  const ConvFront f = int8_conv2d_front(x_q, x_scale, x_zero_point, w_packed, w_sum, w_scale, bias, out_channels,
+                                        kernel_size, stride, padding, dilation, groups, out_dtype, out_scale,
+                                        out_zero_point, clamp_min, clamp_max);
+  const ConvGeometry& g = f.g;
   const int64_t cg = g.channels / groups, ocg = out_channels / groups;
-  const int64_t window = g.window;
-  TQ_CHECK(window >= 1, op, ": x_q must have at least one channel");
-  const int64_t kp = check_packed_weight(op, w_packed, x_q, groups, ocg, {g.kh, g.kw, cg}, kConvWeightShape);
-  check_output_dtype(op, out_dtype, out_scale, out_zero_point);
-  const ActivationClamp clamp = check_activation_clamp(op, clamp_min, clamp_max);
-  TQ_CHECK(x_scale.numel() == 1, op, ": x_scale must have 1 element (per-tensor activations), got ",
-              x_scale.numel());
-  const int64_t m = g.rows;
-  const EpilogueInputs in =
-      prepare_epilogue_inputs(op, x_q, x_zero_point, x_scale, m, w_sum, w_scale, bias, out_channels);
-
-  const c10::cuda::CUDAGuard guard(x_q.device());
-  at::Tensor out_nhwc = at::empty({g.batch, g.out_h, g.out_w, out_channels}, x_q.options().dtype(out_dtype));
-  at::Tensor out = out_nhwc.permute({0, 3, 1, 2});
+  const int64_t m = g.rows, window = g.window;
+  at::Tensor out = f.out_nhwc.permute({0, 3, 1, 2});
   if (m == 0) return out;
+  const c10::cuda::CUDAGuard guard(x_q.device());
   TQ_CHECK(m <= INT32_MAX - 256 && ocg <= INT32_MAX - 256 && window <= INT32_MAX - 256, op,
            ": sizes must be below 2^31");
 
   const at::Tensor x_nhwc = x_q.contiguous(at::MemoryFormat::ChannelsLast);
   const int8_t* x_bytes = static_cast<const int8_t*>(x_nhwc.data_ptr());
   const bool pointwise = g.kh == 1 && g.kw == 1 && g.stride_h == 1 && g.stride_w == 1 && g.pad_h == 0 && g.pad_w == 0;
-  GemmArgs args{};
+  GemmArgs args;
   at::Tensor columns;
   if (pointwise && cg % 16 == 0 && is_aligned<int8_t, 16>(x_bytes)) {  // the input is the GEMM's row matrix
     args.a = x_bytes;
@@ -115,15 +107,13 @@ at::Tensor int8_conv2d_cuda(const at::Tensor& x_q, const at::Tensor& x_scale, in
     args.a_group_offset = k16;
   }
   args.b = w_packed.data_ptr<int8_t>();
-  args.ldb = kp;
-  args.b_group_stride = round_up(ocg, kPackAlign) * kp;
-  args.M = static_cast<int>(m);
-  args.N = static_cast<int>(ocg);
-  args.K = static_cast<int>(round_up(window, 16));
-  args.groups = static_cast<int>(groups);
-  DequantEpilogue ep = in.epilogue(out_nhwc, out_channels, x_zero_point, out_scale, out_zero_point);
-  ep.clamp = clamp;
-  run_int8_gemm(args, x_q.scalar_type() == at::kByte, ep);
+  args.ldb = f.weight.kp;
+  args.b_group_stride = f.weight.group_bytes;
+  args.m = m;
+  args.n = ocg;
+  args.k = round_up(window, 16);
+  args.groups = groups;
+  run_int8_gemm(args, x_q.scalar_type() == at::kByte, epilogue_for(f.epilogue, f.out_nhwc, out_channels));
   return out;
 }
 

@@ -111,11 +111,11 @@ __global__ void __launch_bounds__(kTiledThreads) gemm_tiled_kernel(GemmArgs args
   const int warp_m = warp >> 2;  // 0..1: 64 rows each
   const int warp_n = warp & 3;   // 0..3: 32 columns each
 
-  const int M = args.M, N = args.N, K = args.K;
+  const int M = static_cast<int>(args.m), N = static_cast<int>(args.n), K = static_cast<int>(args.k);
   const auto [m0, n0] = tile_origin(M, N, kBM, kBN);
 
   const int group = blockIdx.z;
-  const int8_t* a = args.a + group * args.a_group_offset;
+  const int8_t* a = static_cast<const int8_t*>(args.a) + group * args.a_group_offset;
   const int8_t* b = args.b + group * args.b_group_stride;
 
   int32_t acc[4][4][4];
@@ -220,15 +220,16 @@ __global__ void __launch_bounds__(kSmallThreads) gemm_small_m_kernel(GemmArgs ar
   const int k_part = warp / kSmallNGroups;
   const int g = lane >> 2;
   const int t = lane & 3;
-  const int M = args.M, N = args.N, K = args.K;
+  const int M = static_cast<int>(args.m), N = static_cast<int>(args.n), K = static_cast<int>(args.k);
   const int n0 = (blockIdx.x * kSmallNGroups + n_group) * 8;
 
   const bool b_row_ok = n0 + g < N;
   const bool a_row0_ok = g < M;
   const bool a_row1_ok = g + 8 < M;
   const int8_t* b_row = args.b + static_cast<int64_t>(b_row_ok ? n0 + g : 0) * args.ldb;
-  const int8_t* a_row0 = args.a + static_cast<int64_t>(a_row0_ok ? g : 0) * args.lda;
-  const int8_t* a_row1 = args.a + static_cast<int64_t>(a_row1_ok ? g + 8 : 0) * args.lda;
+  const int8_t* a_rows = static_cast<const int8_t*>(args.a);
+  const int8_t* a_row0 = a_rows + static_cast<int64_t>(a_row0_ok ? g : 0) * args.lda;
+  const int8_t* a_row1 = a_rows + static_cast<int64_t>(a_row1_ok ? g + 8 : 0) * args.lda;
 
   int32_t acc[4] = {0, 0, 0, 0};
   const int chunks = (K + 63) / 64;
@@ -343,17 +344,17 @@ int64_t output_element_size(const DequantEpilogue& e) {
 }
 
 void run_cutlass(const GemmArgs& args, bool, const Int32Epilogue& e) {
-  sm90::run_cutlass_gemm(sm90::cutlass_tile_for(args.M, args.N), args, e);
+  sm90::run_cutlass_gemm(sm90::cutlass_tile_for(args.m, args.n), args, e);
 }
 void run_cutlass(const GemmArgs& args, bool a_unsigned, const DequantEpilogue& e) {
-  sm90::run_cutlass_gemm(sm90::cutlass_tile_for(args.M, args.N), a_unsigned, args, e);
+  sm90::run_cutlass_gemm(sm90::cutlass_tile_for(args.m, args.n), a_unsigned, args, e);
 }
 
 // Runs the GEMM on the CUTLASS kernels when the request, the device and the shapes allow it (see the top of this
 // file); returns whether it did.
 template <typename Epilogue>
 bool launched_cutlass(const GemmArgs& args, bool a_unsigned, const Epilogue& epilogue, GemmKernel requested) {
-  const bool wanted = requested == GemmKernel::Cutlass || (requested == GemmKernel::Auto && args.M > kSmallMaxM);
+  const bool wanted = requested == GemmKernel::Cutlass || (requested == GemmKernel::Auto && args.m > kSmallMaxM);
   if (!wanted || !sm90a_device() ||
       !sm90::cutlass_can_run(args, epilogue.out, epilogue.ldo, output_element_size(epilogue)))
     return false;
@@ -385,8 +386,8 @@ void launch_gemm(const GemmArgs& args, const Epilogue& epilogue, GemmKernel requ
   if (launched_cutlass(args, A_UNSIGNED, epilogue, requested)) return;
 #endif
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  if (args.M <= kSmallMaxM && args.groups == 1) {
-    const int blocks = (args.N + kSmallNGroups * 8 - 1) / (kSmallNGroups * 8);
+  if (args.m <= kSmallMaxM && args.groups == 1) {
+    const int blocks = static_cast<int>((args.n + kSmallNGroups * 8 - 1) / (kSmallNGroups * 8));
     gemm_small_m_kernel<A_UNSIGNED, Epilogue><<<blocks, kSmallThreads, 0, stream>>>(args, epilogue);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
@@ -397,33 +398,33 @@ void launch_gemm(const GemmArgs& args, const Epilogue& epilogue, GemmKernel requ
 #else
   const TileShape tile = kMmaTile;
 #endif
-  const int64_t tiles = ((args.M + tile.bm - 1) / tile.bm) * static_cast<int64_t>((args.N + tile.bn - 1) / tile.bn);
+  const int64_t tiles = ((args.m + tile.bm - 1) / tile.bm) * ((args.n + tile.bn - 1) / tile.bn);
   TQ_CHECK(tiles <= INT32_MAX && args.groups <= 65535, "int8 GEMM too large: ", tiles, " tiles, ", args.groups,
               " groups");
-  const int splits = split_k_count(tiles * args.groups, args.K, tile.bk);
+  const int splits = split_k_count(tiles * args.groups, static_cast<int>(args.k), tile.bk);
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(splits), static_cast<unsigned>(args.groups));
   if (splits == 1) {
     launch_tiled<A_UNSIGNED>(kernel, args, epilogue, grid, stream);
     return;
   }
-  const int64_t cols = static_cast<int64_t>(args.N) * args.groups;  // the epilogue's column g * N + n
-  const at::Tensor sums = at::zeros({args.M, cols}, at::TensorOptions().dtype(at::kInt).device(
+  const int64_t cols = args.n * args.groups;  // the epilogue's column g * N + n
+  const at::Tensor sums = at::zeros({args.m, cols}, at::TensorOptions().dtype(at::kInt).device(
                                                         at::kCUDA, c10::cuda::current_device()));
   launch_tiled<A_UNSIGNED>(kernel, args, AtomicAddEpilogue{sums.data_ptr<int32_t>(), cols}, grid, stream);
-  const int64_t total = args.M * cols;
+  const int64_t total = args.m * cols;
   const int blocks = static_cast<int>(std::min<int64_t>((total + kEpilogueThreads - 1) / kEpilogueThreads,
                                                         max_resident_blocks(kEpilogueThreads)));
-  apply_epilogue_kernel<Epilogue><<<blocks, kEpilogueThreads, 0, stream>>>(sums.data_ptr<int32_t>(), args.M, cols,
+  apply_epilogue_kernel<Epilogue><<<blocks, kEpilogueThreads, 0, stream>>>(sums.data_ptr<int32_t>(), args.m, cols,
                                                                            epilogue);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename Epilogue>
 void dispatch_gemm(const GemmArgs& args, bool a_unsigned, const Epilogue& epilogue) {
-  TQ_CHECK(args.M >= 1 && args.N >= 1 && args.K >= 16 && args.K % 16 == 0 && args.groups >= 1,
-              "int8 GEMM: bad sizes M=", args.M, " N=", args.N, " K=", args.K, " groups=", args.groups);
+  TQ_CHECK(args.m >= 1 && args.n >= 1 && args.k >= 16 && args.k % 16 == 0 && args.groups >= 1,
+              "int8 GEMM: bad sizes M=", args.m, " N=", args.n, " K=", args.k, " groups=", args.groups);
   TQ_CHECK(args.lda % 16 == 0 && args.ldb % 16 == 0 && args.a_group_offset % 16 == 0 &&
-                  args.b_group_stride % 16 == 0 && (is_aligned<int8_t, 16>(args.a)) && (is_aligned<int8_t, 16>(args.b)),
+                  args.b_group_stride % 16 == 0 && (is_aligned<int8_t, 16>(static_cast<const int8_t*>(args.a))) && (is_aligned<int8_t, 16>(args.b)),
               "int8 GEMM: operands must be 16-byte aligned");
   const GemmKernel requested = requested_gemm_kernel();  // checked on every call, whichever kernel runs
   if (a_unsigned) launch_gemm<true>(args, epilogue, requested);
@@ -460,42 +461,21 @@ int64_t operand_ld(const at::Tensor& rows) {
 
 }  // namespace
 
-EpilogueInputs prepare_epilogue_inputs(const char* op, const at::Tensor& x_q, int64_t x_zero_point,
-                                       const at::Tensor& x_scale, int64_t rows, const at::Tensor& w_sum,
-                                       const at::Tensor& w_scale, const std::optional<at::Tensor>& bias, int64_t n) {
-  check_epilogue_inputs(op, x_q, x_zero_point, x_scale, rows, w_sum, w_scale, bias, n);
-  EpilogueInputs in;
-  if (bias.has_value()) {
-    in.bias = bias->scalar_type() == at::kFloat ? bias->contiguous() : bias->to(at::kFloat).contiguous();
-  }
-  in.x_scale = x_scale.contiguous();
-  in.w_sum = w_sum.contiguous();
-  in.w_scale = w_scale.contiguous();
-  return in;
-}
-
-DequantEpilogue EpilogueInputs::epilogue(const at::Tensor& out, int64_t ldo, int64_t x_zero_point,
-                                         std::optional<double> out_scale, int64_t out_zero_point) const {
+DequantEpilogue epilogue_for(const EpilogueInputs& in, const at::Tensor& out, int64_t ldo) {
   DequantEpilogue ep{};
   ep.out = out.data_ptr();
   ep.ldo = ldo;
-  switch (out.scalar_type()) {
-    case at::kFloat: ep.kind = OutKind::Float32; break;
-    case at::kHalf: ep.kind = OutKind::Float16; break;
-    case at::kBFloat16: ep.kind = OutKind::BFloat16; break;
-    case at::kChar: ep.kind = OutKind::Int8; break;
-    case at::kByte: ep.kind = OutKind::UInt8; break;
-    default: TQ_CHECK(false, "int8 GEMM epilogue: unsupported output dtype ", out.scalar_type());
-  }
-  ep.x_scale = x_scale.data_ptr<float>();
-  ep.per_row_scale = x_scale.numel() > 1;
-  ep.x_zero_point = static_cast<int32_t>(x_zero_point);
-  ep.w_sum = w_sum.data_ptr<int32_t>();
-  ep.w_scale = w_scale.data_ptr<float>();
-  ep.bias = bias.has_value() ? bias->data_ptr<float>() : nullptr;
-  ep.inv_out_scale = out_scale.has_value() ? 1.0f / static_cast<float>(*out_scale) : 1.0f;
-  ep.out_zero_point = static_cast<float>(out_zero_point);
-  ep.out_format = quant_format(8, out.scalar_type() != at::kByte);
+  ep.kind = in.kind;
+  ep.x_scale = in.x_scale.data_ptr<float>();
+  ep.per_row_scale = in.x_scale.numel() > 1;
+  ep.x_zero_point = in.x_zero_point;
+  ep.w_sum = in.w_sum.data_ptr<int32_t>();
+  ep.w_scale = in.w_scale.data_ptr<float>();
+  ep.bias = in.bias.has_value() ? in.bias->data_ptr<float>() : nullptr;
+  ep.clamp = in.clamp;
+  ep.inv_out_scale = in.inv_out_scale;
+  ep.out_zero_point = in.out_zero_point;
+  ep.out_format = quant_format(8, in.kind != OutKind::UInt8);
   return ep;
 }
 
@@ -515,9 +495,14 @@ at::Tensor int8_mm_cuda(const at::Tensor& a, const at::Tensor& b) {
   const int64_t k16 = round_up(k, 16);
   const at::Tensor a_rows = gemm_operand(a, k16);
   const at::Tensor b_rows = gemm_operand(b.t(), k16);  // [N, K]: the tensor cores' "col" operand
-  const GemmArgs args{static_cast<const int8_t*>(a_rows.data_ptr()), operand_ld(a_rows), 0,
-                      static_cast<const int8_t*>(b_rows.data_ptr()), operand_ld(b_rows), 0,
-                      static_cast<int>(m), static_cast<int>(n), static_cast<int>(k16), 1};
+  GemmArgs args;
+  args.a = a_rows.data_ptr();
+  args.lda = operand_ld(a_rows);
+  args.b = static_cast<const int8_t*>(b_rows.data_ptr());
+  args.ldb = operand_ld(b_rows);
+  args.m = m;
+  args.n = n;
+  args.k = k16;
   run_int8_gemm(args, false, Int32Epilogue{out.data_ptr<int32_t>(), n});
   return out;
 }
@@ -538,29 +523,23 @@ at::Tensor int8_linear_cuda(const at::Tensor& x_q, const at::Tensor& x_scale, in
                             std::optional<double> clamp_max) {
   constexpr const char* op = "int8_linear";
   TQ_CHECK(x_q.is_cuda(), op, ": x_q must be a CUDA tensor for the CUDA kernel, got ", x_q.device());
-  TQ_CHECK(x_q.dim() >= 1, op, ": x_q must have at least 1 dimension [..., K]");
-  TQ_CHECK(out_features >= 1, op, ": out_features must be >= 1, got ", out_features);
-  const int64_t k = x_q.size(-1), n = out_features;
-  TQ_CHECK(k >= 1, op, ": x_q's last dimension (K) must be >= 1");
-  const int64_t m = x_q.numel() / k;
-  const int64_t kp = check_packed_weight(op, w_packed, x_q, 0, n, {k}, kLinearWeightShape);
-  const EpilogueInputs in = prepare_epilogue_inputs(op, x_q, x_zero_point, x_scale, m, w_sum, w_scale, bias, n);
-  check_output_dtype(op, out_dtype, out_scale, out_zero_point);
-  const ActivationClamp clamp = check_activation_clamp(op, clamp_min, clamp_max);
+  const LinearFront f = int8_linear_front(x_q, x_scale, x_zero_point, w_packed, w_sum, w_scale, bias,
+                                          out_features, out_dtype, out_scale, out_zero_point, clamp_min, clamp_max);
+  const int64_t m = f.m, n = f.n, k = f.k;
+  if (m == 0) return f.out;
   const c10::cuda::CUDAGuard guard(x_q.device());
-  std::vector<int64_t> out_shape(x_q.sizes().begin(), x_q.sizes().end());
-  out_shape.back() = n;
-  at::Tensor out = at::empty(out_shape, x_q.options().dtype(out_dtype));
-  if (m == 0) return out;
   TQ_CHECK(m <= INT32_MAX - 256 && n <= INT32_MAX - 256 && k <= INT32_MAX - 256, op, ": sizes must be below 2^31");
   const at::Tensor x_rows = gemm_operand(x_q.dim() == 2 ? x_q : x_q.reshape({m, k}), round_up(k, 16));
-  const GemmArgs args{static_cast<const int8_t*>(x_rows.data_ptr()), operand_ld(x_rows), 0,
-                      w_packed.data_ptr<int8_t>(), kp, 0,
-                      static_cast<int>(m), static_cast<int>(n), static_cast<int>(round_up(k, 16)), 1};
-  DequantEpilogue ep = in.epilogue(out, n, x_zero_point, out_scale, out_zero_point);
-  ep.clamp = clamp;
-  run_int8_gemm(args, x_q.scalar_type() == at::kByte, ep);
-  return out;
+  GemmArgs args;
+  args.a = x_rows.data_ptr();
+  args.lda = operand_ld(x_rows);
+  args.b = w_packed.data_ptr<int8_t>();
+  args.ldb = f.weight.kp;
+  args.m = m;
+  args.n = n;
+  args.k = round_up(k, 16);
+  run_int8_gemm(args, x_q.scalar_type() == at::kByte, epilogue_for(f.epilogue, f.out, n));
+  return f.out;
 }
 
 }  // namespace

@@ -1,6 +1,6 @@
 // The CUDA int8 GEMM engine shared by int8_mm, int8_linear (gemm.cu) and int8_conv2d (conv.cu).
 //
-// Operands (both K-contiguous, "row.col" for the tensor cores):
+// Operands (GemmArgs, gemm_front.h; both K-contiguous, "row.col" for the tensor cores):
 //   A: int8 or uint8 rows [M, K], row r at a + r * lda; B: int8 rows [N, K] (the weight, or b transposed).
 //   K is a multiple of 16, lda/ldb and both base pointers are multiples of 16 bytes; columns from K on are never
 //   read (callers zero-pad K up to a multiple of 16, see gemm_operand). M and N are arbitrary.
@@ -13,21 +13,11 @@
 #include <ATen/ATen.h>
 #include <cuda_runtime.h>
 
+#include "gemm_front.h"
 #include "quant_math.h"
 #include "sizes.h"
 
 namespace torchquant {
-
-struct GemmArgs {
-  const int8_t* a;
-  int64_t lda;
-  int64_t a_group_offset;
-  const int8_t* b;
-  int64_t ldb;
-  int64_t b_group_stride;
-  int M, N, K;
-  int groups;
-};
 
 // Epilogues are called per output element as epilogue(m, n, acc). The tiled kernel instead loads the per-column
 // and per-row inputs once per column and row it owns (column(n), row(m)) and calls store(m, n, acc, column, row);
@@ -53,8 +43,6 @@ struct Int32Epilogue : NoEpilogueInputs<Int32Epilogue> {
     out[static_cast<int64_t>(m) * ldo + n] = acc;
   }
 };
-
-enum class OutKind : int { Float32, Float16, BFloat16, Int8, UInt8 };
 
 // y = float(acc - x_zero_point * w_sum[n]) * x_scale[m or 0] * w_scale[n] + bias[n] (no fused multiply-adds, the
 // same operations in the same order as the CPU epilogue), then the activation clamp, stored as a float type or
@@ -107,6 +95,7 @@ struct DequantEpilogue {
         static_cast<uint8_t*>(out)[o] = static_cast<uint8_t>(static_cast<int>(
             quantize_value(y, inv_out_scale, out_zero_point, out_format, Rounding::Nearest)));
         break;
+      case OutKind::Int32: break;  // Int32Epilogue's
     }
   }
 };
@@ -183,22 +172,7 @@ void run_int8_gemm(const GemmArgs& args, bool a_unsigned, const DequantEpilogue&
 // its rows already qualify, else a copy zero-padded from column C on.
 at::Tensor gemm_operand(const at::Tensor& x, int64_t padded_cols);
 
-// The validated float32/int32 epilogue inputs of int8_linear and int8_conv2d, kept alive while the GEMM runs.
-struct EpilogueInputs {
-  at::Tensor x_scale;              // float32, rows or 1 elements
-  at::Tensor w_sum;                // int32 [n]
-  at::Tensor w_scale;              // float32 [n]
-  std::optional<at::Tensor> bias;  // float32 [n]
-
-  // The epilogue writing out (rows ldo elements apart) as out's dtype; out_scale: requantized int8/uint8 output.
-  DequantEpilogue epilogue(const at::Tensor& out, int64_t ldo, int64_t x_zero_point, std::optional<double> out_scale,
-                           int64_t out_zero_point) const;
-};
-
-// Checks x_q's dtype and zero point, x_scale ([rows] or [1]), w_sum, w_scale and bias ([n]) against x_q's device;
-// `op` names the operator in the messages.
-EpilogueInputs prepare_epilogue_inputs(const char* op, const at::Tensor& x_q, int64_t x_zero_point,
-                                       const at::Tensor& x_scale, int64_t rows, const at::Tensor& w_sum,
-                                       const at::Tensor& w_scale, const std::optional<at::Tensor>& bias, int64_t n);
+// The epilogue of `in` writing out (rows ldo elements apart).
+DequantEpilogue epilogue_for(const EpilogueInputs& in, const at::Tensor& out, int64_t ldo);
 
 }  // namespace torchquant

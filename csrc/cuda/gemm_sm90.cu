@@ -190,11 +190,11 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_wgmma_kernel(GemmArgs args, 
   const uint32_t ring = (shared_address(smem) + kAtomBytes - 1) & ~static_cast<uint32_t>(kAtomBytes - 1);
   const int tid = threadIdx.x;
   const int warpgroup = tid / kWarpgroupThreads;
-  const int M = args.M, N = args.N, K = args.K;
+  const int M = static_cast<int>(args.m), N = static_cast<int>(args.n), K = static_cast<int>(args.k);
   const TileOrigin origin = tile_origin(M, N, kBM, kBN);  // named members: a lambda below captures them
   const int m0 = origin.m0, n0 = origin.n0;
   const int group = blockIdx.z;
-  const int8_t* a = args.a + group * args.a_group_offset;
+  const int8_t* a = static_cast<const int8_t*>(args.a) + group * args.a_group_offset;
   const int8_t* b = args.b + group * args.b_group_stride;
 
   const auto load_stage = [&](int stage, int k_tile) {

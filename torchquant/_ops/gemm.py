@@ -9,6 +9,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
+from torchquant import _C
 from torchquant._ops import FLOAT_DTYPES, check_fake_devices, ops
 
 __all__ = [
@@ -21,7 +22,6 @@ __all__ = [
 ]
 
 _ACTIVATION_DTYPES = (torch.int8, torch.uint8)
-_PACK_ALIGN = 64  # packed weights are zero padded to multiples of this in both dims (kPackAlign, csrc/sizes.h)
 
 
 def _round_up(x: int, m: int) -> int:
@@ -216,8 +216,8 @@ def _int8_mm_fake(a, b):
 
 def _packed_strides(shape):
     """The strides of pack_int8_weight's result for a weight of this shape (see its docstring)."""
-    kp = _round_up(shape[-1], _PACK_ALIGN)
-    return (_round_up(shape[-2], _PACK_ALIGN) * kp, kp, 1)[3 - len(shape):]
+    kp = _round_up(shape[-1], _C.PACK_ALIGN)
+    return (_round_up(shape[-2], _C.PACK_ALIGN) * kp, kp, 1)[3 - len(shape):]
 
 
 @torch.library.register_fake("torchquant::pack_int8_weight")

@@ -193,8 +193,8 @@ typename K::Gemm::Arguments arguments(const GemmArgs& g, Out* out, int64_t ldo) 
   get<0>(stride_d) = ldo;
   typename K::Gemm::Arguments args{};
   args.mode = cutlass::gemm::GemmUniversalMode::kGemm;
-  args.problem_shape = {g.M, g.N, g.K, 1};
-  args.mainloop = {reinterpret_cast<const ElementA*>(g.a), stride_a, g.b, stride_b};
+  args.problem_shape = {static_cast<int>(g.m), static_cast<int>(g.n), static_cast<int>(g.k), 1};
+  args.mainloop = {static_cast<const ElementA*>(g.a), stride_a, g.b, stride_b};
   args.epilogue.ptr_C = nullptr;
   args.epilogue.dC = stride_d;
   args.epilogue.ptr_D = out;

@@ -13,7 +13,7 @@ namespace torchquant::sm90 {
 enum class CutlassTile { Large, StreamK };
 
 // Large when its 128 x 256 tiles cover every multiprocessor at least once, else StreamK.
-CutlassTile cutlass_tile_for(int M, int N);
+CutlassTile cutlass_tile_for(int64_t m, int64_t n);
 
 // Whether the kernels can take the GEMM: one group, 16-byte aligned operand rows (K is a multiple of 16 already) and
 // output rows: TMA stores need N * element size, ldo * element size and the output pointer to be multiples of 16

@@ -9,16 +9,17 @@
 
 namespace torchquant::sm90 {
 
-CutlassTile cutlass_tile_for(int M, int N) {
-  const int64_t tiles = static_cast<int64_t>((M + 127) / 128) * ((N + 255) / 256);
+CutlassTile cutlass_tile_for(int64_t m, int64_t n) {
+  const int64_t tiles = ((m + 127) / 128) * ((n + 255) / 256);
   return tiles >= at::cuda::getCurrentDeviceProperties()->multiProcessorCount ? CutlassTile::Large
                                                                                : CutlassTile::StreamK;
 }
 
 bool cutlass_can_run(const GemmArgs& args, const void* out, int64_t ldo, int64_t out_element_size) {
-  return args.groups == 1 && args.K % 16 == 0 && args.lda % 16 == 0 && args.ldb % 16 == 0 &&
-         is_aligned<int8_t, 16>(args.a) && is_aligned<int8_t, 16>(args.b) && (ldo * out_element_size) % 16 == 0 &&
-         (args.N * out_element_size) % 16 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0;
+  return args.groups == 1 && args.k % 16 == 0 && args.lda % 16 == 0 && args.ldb % 16 == 0 &&
+         is_aligned<int8_t, 16>(static_cast<const int8_t*>(args.a)) && is_aligned<int8_t, 16>(args.b) &&
+         (ldo * out_element_size) % 16 == 0 && (args.n * out_element_size) % 16 == 0 &&
+         reinterpret_cast<uintptr_t>(out) % 16 == 0;
 }
 
 void run_cutlass_gemm(CutlassTile tile, bool a_unsigned, const GemmArgs& args, const DequantEpilogue& epilogue) {
@@ -30,6 +31,7 @@ void run_cutlass_gemm(CutlassTile tile, bool a_unsigned, const GemmArgs& args, c
     case OutKind::BFloat16: return run_cutlass_dequant<A_TYPE, cutlass::bfloat16_t>(tile, args, epilogue); \
     case OutKind::Int8: return run_cutlass_dequant<A_TYPE, int8_t>(tile, args, epilogue);                  \
     case OutKind::UInt8: return run_cutlass_dequant<A_TYPE, uint8_t>(tile, args, epilogue);                \
+    case OutKind::Int32: break;                                                                            \
   }
   if (a_unsigned) {
     TQ_OUT_SWITCH(uint8_t)
