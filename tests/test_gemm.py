@@ -255,6 +255,31 @@ def test_dynamic_int8_linear(device, isa, dtype):
     assert (got.float() - float_out).abs().max() < 0.05 * float_out.abs().max()
 
 
+# the CPU kernel quantizes straight into the GEMM's activation rows: odd K (padding), several row chunks and
+# threads, leading dims, rows of zeros, NaN, +-inf, ties and tiny values
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (2, 7, 67), (130, 384), (97, 1030), (0, 9), (4, 0, 12)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_int8_linear_dynamic_equals_two_ops(device, isa, shape, dtype):
+    g = torch.Generator().manual_seed(sum(shape) + 7)
+    k, n = shape[-1], 70
+    x = (torch.randn(shape, generator=g) * 3).to(dtype)
+    flat = x.view(-1, k)
+    if flat.shape[0] >= 4:
+        flat[0] = 0.0
+        flat[1, 0], flat[2, -1] = float("nan"), float("inf")
+        flat[3] = torch.arange(k, dtype=torch.float32).remainder(5).sub(2).mul(0.5).to(dtype)  # ties at .5 steps
+        if k > 1:
+            flat[1, 1], flat[2, 0] = float("-inf"), 1e-30
+    x = x.to(device)
+    w, w_packed, w_sum, w_scale = quantized_weight(n, k, device)
+    bias = torch.randn(n, generator=g).to(device)
+    got = ops.int8_linear_dynamic(x, w_packed, w_sum, w_scale, bias, n)
+    x_q, x_scale = ops.quantize_per_token(x, 8)
+    want = ops.int8_linear(x_q, x_scale, 0, w_packed, w_sum, w_scale, bias, n, dtype)
+    assert got.dtype == dtype and got.shape == (*shape[:-1], n)
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+
 def test_int8_linear_dynamic_op_checks(device):
     # the one-call op behind dynamic_int8_linear and the converted QuantLinear checks its own input in C++
     w, w_packed, w_sum, w_scale = quantized_weight(7, 9, device)

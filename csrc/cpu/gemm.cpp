@@ -1,5 +1,6 @@
 // CPU kernels of int8_mm, pack_int8_weight and int8_linear (schemas in csrc/ops.cpp) on the engine of gemm_core.
 #include "check.h"
+#include <algorithm>
 #include <optional>
 #include <vector>
 
@@ -10,6 +11,7 @@
 #include "cpu/gemm_core.h"
 #include "cpu/gemm_ops.h"
 #include "cpu/isa.h"
+#include "cpu/per_token.h"
 
 namespace torchquant::gemm {
 
@@ -89,12 +91,13 @@ at::Tensor pack_int8_weight_cpu(const at::Tensor& w) {
   return packed;
 }
 
-at::Tensor int8_linear_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, int64_t x_zero_point,
-                           const at::Tensor& w_packed, const at::Tensor& w_sum, const at::Tensor& w_scale,
-                           const std::optional<at::Tensor>& bias, int64_t out_features, at::ScalarType out_dtype,
-                           std::optional<double> out_scale, int64_t out_zero_point, std::optional<double> clamp_min,
-                           std::optional<double> clamp_max) {
-  constexpr const char* op = "int8_linear";
+// int8_linear's kernel. rows_padded: x_q's rows (unsigned) are readable up to round_up(K, 4) bytes, so that the
+// GEMM reads them in place whatever K is.
+at::Tensor int8_linear_impl(const char* op, const at::Tensor& x_q, const at::Tensor& x_scale, int64_t x_zero_point,
+                            const at::Tensor& w_packed, const at::Tensor& w_sum, const at::Tensor& w_scale,
+                            const std::optional<at::Tensor>& bias, int64_t out_features, at::ScalarType out_dtype,
+                            std::optional<double> out_scale, int64_t out_zero_point, std::optional<double> clamp_min,
+                            std::optional<double> clamp_max, bool rows_padded) {
   const LinearFront f = int8_linear_front(x_q, x_scale, x_zero_point, w_packed, w_sum, w_scale, bias,
                                           out_features, out_dtype, out_scale, out_zero_point, clamp_min, clamp_max);
   const int64_t m = f.m, n = f.n, k = f.k;
@@ -105,7 +108,7 @@ at::Tensor int8_linear_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, int
   const uint8_t* x_bytes = static_cast<const uint8_t*>(x2.data_ptr());
   GemmArgs args;
   const ScratchScope activations_scope(Scratch::Activations);
-  if (flip == 0 && k % 4 == 0 && x2.stride(1) == 1) {  // uint8 rows are read in place
+  if (flip == 0 && x2.stride(1) == 1 && (k % 4 == 0 || rows_padded)) {  // uint8 rows are read in place
     args.a = x_bytes;
     args.lda = x2.stride(0);
   } else {
@@ -124,6 +127,41 @@ at::Tensor int8_linear_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, int
   return f.out;
 }
 
+at::Tensor int8_linear_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, int64_t x_zero_point,
+                           const at::Tensor& w_packed, const at::Tensor& w_sum, const at::Tensor& w_scale,
+                           const std::optional<at::Tensor>& bias, int64_t out_features, at::ScalarType out_dtype,
+                           std::optional<double> out_scale, int64_t out_zero_point, std::optional<double> clamp_min,
+                           std::optional<double> clamp_max) {
+  return int8_linear_impl("int8_linear", x_q, x_scale, x_zero_point, w_packed, w_sum, w_scale, bias, out_features,
+                          out_dtype, out_scale, out_zero_point, clamp_min, clamp_max, false);
+}
+
+// quantize_per_token(x, 8) + int8_linear in one pass over x: the per-token quantization writes the GEMM's activation
+// rows itself, as the unsigned bytes q + 128 zero padded to round_up(K, 4), which int8_linear reads in place as
+// uint8 activations with zero point 128. The same integers (sum (q + 128 - 128) * w) and epilogue as the two ops,
+// without the int8 tensor between them and the second pass that re-laid it for the GEMM.
+at::Tensor int8_linear_dynamic_cpu(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& w_sum,
+                                   const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
+                                   int64_t out_features) {
+  constexpr const char* op = "int8_linear_dynamic";
+  TQ_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, op,
+           ": x must be float32, float16 or bfloat16, got ", x.scalar_type());
+  TQ_CHECK(x.dim() >= 1, op, ": x must have at least 1 dimension [..., K]");
+  const int64_t k = x.size(-1);
+  TQ_CHECK(k >= 1, op, ": x's last dimension (K) must be >= 1");
+  const int64_t m = x.numel() / k;
+  const int64_t lda = round_up(k, 4);
+  const ScratchScope activations_scope(Scratch::Activations);
+  uint8_t* rows = scratch_buffer(Scratch::Activations, std::max<int64_t>(checked_mul(op, "the quantized x size", m, lda), 1));
+  at::Tensor x_scale = at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(at::kFloat));
+  quantize_rows_per_token(x.contiguous(), m, 8, 128, rows, lda, x_scale.data_ptr<float>());
+  std::vector<int64_t> strides(x.dim(), 1);
+  for (int64_t d = x.dim() - 2; d >= 0; --d) strides[d] = (d == x.dim() - 2 ? lda : strides[d + 1] * x.size(d + 1));
+  const at::Tensor x_q = at::from_blob(rows, x.sizes(), strides, x.options().dtype(at::kByte));
+  return int8_linear_impl(op, x_q, x_scale, 128, w_packed, w_sum, w_scale, bias, out_features, x.scalar_type(),
+                          std::nullopt, 0, std::nullopt, std::nullopt, true);
+}
+
 }  // namespace
 }  // namespace torchquant::gemm
 
@@ -131,4 +169,5 @@ TORCH_LIBRARY_IMPL(torchquant, CPU, m) {
   m.impl("int8_mm", &torchquant::gemm::int8_mm_cpu);
   m.impl("pack_int8_weight", &torchquant::gemm::pack_int8_weight_cpu);
   m.impl("int8_linear", &torchquant::gemm::int8_linear_cpu);
+  m.impl("int8_linear_dynamic", &torchquant::gemm::int8_linear_dynamic_cpu);
 }

@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -27,6 +28,7 @@
 
 #include "arg_checks.h"
 #include "cpu/isa.h"
+#include "cpu/per_token.h"
 #include "dtype_dispatch.h"
 #include "quant_math.h"
 
@@ -415,6 +417,48 @@ void for_each_span(int64_t numel, QuantLayout layout, const ChannelParams& p, co
   });
 }
 
+}  // namespace
+
+// Per row: the finite absmax (one read), then the quantization of the row while it is still in cache. The values
+// are written as q + offset through the (bits, signed) format [offset - qmax, offset + qmax] with zero point
+// `offset`: rne(x / s) is a small integer, so clamp(rne(x / s) + offset) is exactly clamp(rne(x / s)) + offset,
+// and NaN lands on offset as it lands on 0.
+void quantize_rows_per_token(const at::Tensor& x, int64_t rows, int64_t bits, uint8_t offset, uint8_t* out,
+                             int64_t out_row_stride, float* scale) {
+  const float qmax = static_cast<float>((1 << (bits - 1)) - 1);
+  const float zero_point = offset;
+  const QuantFormat f{zero_point - qmax, zero_point + qmax, false};
+  const int64_t row_len = x.size(-1);
+  with_float_type(x.scalar_type(), "x", [&](auto tag) {
+    using T = decltype(tag);
+    const T* xp = x.data_ptr<T>();
+    with_cpu_isa([&](auto isa) {
+      using Isa = decltype(isa);
+      const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(row_len, 1));
+      at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+        for (int64_t row = begin; row < end; ++row) {
+          const T* xr = xp + row * row_len;
+          const float absmax = Isa::finite_absmax(xr, row_len);
+          const float s = absmax > 0.0f ? absmax / qmax : 1.0f;
+          const float inv = 1.0f / s;
+          scale[row] = s;
+          const SpanParams params{&s, &inv, &zero_point};
+          uint8_t* qr = out + row * out_row_stride;
+          if (offset == 0) {
+            Isa::template quantize_span<false>(xr, reinterpret_cast<int8_t*>(qr), row_len, params, f,
+                                               Rounding::Nearest);
+          } else {
+            Isa::template quantize_span<false>(xr, qr, row_len, params, f, Rounding::Nearest);
+          }
+          std::memset(qr + row_len, 0, out_row_stride - row_len);
+        }
+      });
+    });
+  });
+}
+
+namespace {
+
 // ---------------------------------------------------------------------------------------------------------------
 // The ops.
 // ---------------------------------------------------------------------------------------------------------------
@@ -530,40 +574,14 @@ at::Tensor fake_quantize_backward_cpu(const at::Tensor& grad, const at::Tensor& 
   return grad_x;
 }
 
-// Per row: the finite absmax (one read), then the quantization of the row while it is still in cache.
 std::tuple<at::Tensor, at::Tensor> quantize_per_token_cpu(const at::Tensor& x, int64_t bits) {
   TQ_CHECK(x.device().is_cpu(), "x must be a CPU tensor for the CPU kernel, got ", x.device());
   TQ_CHECK(x.dim() >= 1, "x must have at least 1 dimension (tokens along the last)");
   TQ_CHECK(bits >= 2 && bits <= 8, "bits must be in [2, 8] for per-token quantization, got ", bits);
-  const float qmax = static_cast<float>((1 << (bits - 1)) - 1);
-  const QuantFormat f{-qmax, qmax, false};
-  const at::Tensor xc = x.contiguous();
-  const int64_t row_len = x.size(-1);
   at::Tensor q = at::empty(x.sizes(), x.options().dtype(at::kChar));
   at::Tensor scale = at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(at::kFloat));
-  const int64_t rows = scale.numel();
-  const float zero = 0.0f;
-  with_float_type(x.scalar_type(), "x", [&](auto tag) {
-    using T = decltype(tag);
-    const T* xp = xc.data_ptr<T>();
-    int8_t* qp = q.data_ptr<int8_t>();
-    float* sp = scale.data_ptr<float>();
-    with_cpu_isa([&](auto isa) {
-      using Isa = decltype(isa);
-      const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(row_len, 1));
-      at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-        for (int64_t row = begin; row < end; ++row) {
-          const T* xr = xp + row * row_len;
-          const float absmax = Isa::finite_absmax(xr, row_len);
-          const float s = absmax > 0.0f ? absmax / qmax : 1.0f;
-          const float inv = 1.0f / s;
-          sp[row] = s;
-          Isa::template quantize_span<false>(xr, qp + row * row_len, row_len, SpanParams{&s, &inv, &zero}, f,
-                                             Rounding::Nearest);
-        }
-      });
-    });
-  });
+  quantize_rows_per_token(x.contiguous(), scale.numel(), bits, 0, static_cast<uint8_t*>(q.data_ptr()), x.size(-1),
+                          scale.data_ptr<float>());
   return {q, scale};
 }
 
