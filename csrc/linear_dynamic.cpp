@@ -1,7 +1,8 @@
 // int8_linear_dynamic: the int8-dynamic Linear forward (per-token quantize_per_token + int8_linear) as one
-// dispatcher call. Both steps are called through the dispatcher, so the one implementation, registered as
-// CompositeExplicitAutograd, runs the CPU or CUDA kernels of whichever device x is on; what it saves is the
-// Python-side cost of two op calls (and of quantize_per_token's Python autograd kernel) per forward.
+// dispatcher call. The CPU has its own kernel, which fuses both steps (csrc/cpu/gemm.cpp); elsewhere this
+// implementation, registered as CompositeExplicitAutograd, calls both steps through the dispatcher, so it runs the
+// kernels of whichever device x is on. Either way a forward pays for one op call instead of two (and of none of
+// quantize_per_token's autograd handling).
 #include "check.h"
 #include <optional>
 #include <tuple>
@@ -39,11 +40,18 @@ at::Tensor int8_linear_dynamic(const at::Tensor& x, const at::Tensor& w_packed, 
 // No gradient flows through integer kernels (quantize_per_token passes none to x), so the autograd step is to run
 // below autograd, as an explicit kernel: the boxed not-implemented fallback it replaces cost ~5 us per call, more
 // than the whole op at small sizes. The output does not require grad, as int8_linear's integer input never did.
+// It calls the op itself again below autograd (not the composite above), so that the device's own kernel runs
+// (the CPU one fuses both steps) and a traced graph (torch.compile, torch.export) holds one int8_linear_dynamic
+// node per layer instead of its two steps.
 at::Tensor int8_linear_dynamic_autograd(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& w_sum,
                                         const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
                                         int64_t out_features) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("torchquant::int8_linear_dynamic", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                               const at::Tensor&, const std::optional<at::Tensor>&, int64_t)>();
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return int8_linear_dynamic(x, w_packed, w_sum, w_scale, bias, out_features);
+  return op.call(x, w_packed, w_sum, w_scale, bias, out_features);
 }
 
 }  // namespace

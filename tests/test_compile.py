@@ -1,6 +1,8 @@
 """torch.compile(converted_model, fullgraph=True) runs and matches eager (one small model: compiling is slow)."""
 import torch
 import torch.nn as nn
+from functorch.compile import make_boxed_func
+from torch._dynamo.backends.common import aot_autograd
 
 import torchquant as tq
 from torchquant.nn import QuantConv2d, QuantLinear
@@ -23,3 +25,30 @@ def test_compiled_converted_model_matches_eager(device):
     compiled = torch.compile(model, fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_dynamic_shapes_compile_once():
+    # torch.compile(dynamic=True) of a converted model: one graph for every batch size and sequence length (sizes
+    # 0 and 1 aside, which torch specializes in any model), one op per int8-dynamic Linear, no recompiles
+    torch.manual_seed(0)
+    model = nn.Sequential(QuantLinear(16, 32, config="int8-dynamic"), nn.GELU(),
+                          QuantLinear(32, 16, config="int8-static"), nn.ReLU(),
+                          QuantLinear(16, 8, config="w4a8-dynamic"))
+    tq.calibrate(model, [torch.randn(4, 6, 16)], progress=False)
+    tq.convert(model.eval())
+    torch._dynamo.reset()
+    graphs = []  # the graphs after AOTAutograd, as a compiler backend gets them
+
+    def keep_graph(gm, example_inputs):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    compiled = torch.compile(model, dynamic=True, backend=aot_autograd(fw_compiler=keep_graph))
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        for shape in [(2, 3, 16), (5, 7, 16), (3, 2, 16), (8, 33, 16), (2, 128, 16)]:
+            x = torch.randn(shape)
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    assert len(graphs) == 1
+    targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert sum("int8_linear_dynamic" in t for t in targets) == 2, targets
+    assert not any("quantize_per_token" in t for t in targets), targets
