@@ -1,0 +1,143 @@
+"""torchquant int8-dynamic in PyTorch (eager and torch.compile) against onnxruntime's int8 (CPU, one thread).
+
+The baseline is what an onnxruntime user gets: the float model exported to ONNX, quantized with
+onnxruntime.quantization.quantize_dynamic (QInt8 weights), run by the CPU execution provider with one intra-op
+thread. torchquant runs the converted model in PyTorch with torch.set_num_threads(1), eagerly and compiled
+(torch.compile, default backend, shapes of the measured input). Models: all-MiniLM-L6-v2 (the sentence encoder,
+batch 1 and batch 32 of the evaluation sentences padded to the longest) and a BERT-base-shaped encoder with random
+weights (batch 1 x 128 tokens). All variants of one input run in one process, interleaved (ABC CBA ...), so the
+noise of a shared machine falls on all alike; each sample also records the thread's CPU time, which excludes the
+time this process waited for a core.
+
+    python -m benchmarks.bench_vs_onnxruntime [--repeats 200] [--models minilm bert-base] [--output FILE.md]
+"""
+import argparse
+import copy
+import os
+import statistics
+import tempfile
+import time
+import warnings
+
+import torch
+
+import torchquant
+from benchmarks import minilm as minilm_lib
+from benchmarks.bench_onnx import machine
+from torchquant.timing import markdown_table
+
+BERT_BASE_TOKENS = 128
+
+
+def _ort_int8_session(encoder: torch.nn.Module, inputs, directory: str, tag: str):
+    """onnxruntime's dynamic int8 quantization of encoder's float ONNX export (one thread) and its input feeds."""
+    import onnxruntime as ort
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    float_path = os.path.join(directory, f"float_{tag}.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(encoder, inputs, float_path, dynamo=True, verbose=False)
+    int8_path = os.path.join(directory, f"ort_int8_{tag}.onnx")
+    quantize_dynamic(float_path, int8_path, weight_type=QuantType.QInt8)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    session = ort.InferenceSession(int8_path, options, providers=["CPUExecutionProvider"])
+    feeds = {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs)}
+    return lambda: session.run(None, feeds)
+
+
+def _interleaved(fns: dict, repeats: int) -> dict:
+    """{name: (wall seconds list, thread CPU seconds list)} of single calls, run interleaved after a warm-up."""
+    for fn in fns.values():
+        for _ in range(3):
+            fn()
+    samples = {name: ([], []) for name in fns}
+    order = list(fns)
+    for r in range(repeats):
+        for name in (order if r % 2 == 0 else order[::-1]):
+            wall, cpu = time.perf_counter(), time.thread_time()
+            fns[name]()
+            samples[name][1].append(time.thread_time() - cpu)
+            samples[name][0].append(time.perf_counter() - wall)
+    return samples
+
+
+def compare_input(label: str, encoder: torch.nn.Module, inputs, directory: str, tag: str, repeats: int) -> list:
+    """Rows for one model input: onnxruntime int8, torchquant int8-dynamic eager and compiled."""
+    quantized = torchquant.quantize_model(copy.deepcopy(encoder), "int8-dynamic").eval()
+    torch._dynamo.reset()
+    compiled = torch.compile(quantized)
+    with torch.inference_mode():
+        fns = {"onnxruntime int8": _ort_int8_session(encoder, inputs, directory, tag),
+               "torchquant int8-dynamic eager": lambda: quantized(*inputs),
+               "torchquant int8-dynamic torch.compile": lambda: compiled(*inputs)}
+        samples = _interleaved(fns, repeats)
+    base_wall, base_cpu = (statistics.median(s) for s in samples["onnxruntime int8"])
+    base_min = min(samples["onnxruntime int8"][0])
+    rows = []
+    for name, (wall, cpu) in samples.items():
+        rows.append({"input": label, "variant": name, "median ms": statistics.median(wall) * 1e3,
+                     "min ms": min(wall) * 1e3, "CPU ms (median)": statistics.median(cpu) * 1e3,
+                     "vs onnxruntime (median)": base_wall / statistics.median(wall),
+                     "vs onnxruntime (min)": base_min / min(wall),
+                     "vs onnxruntime (CPU time)": base_cpu / statistics.median(cpu)})
+    return rows
+
+
+def minilm_rows(directory: str, repeats: int) -> list:
+    minilm = minilm_lib.load_minilm()
+    sentences = minilm_lib.evaluation_sentences()
+    rows = []
+    for batch, runs in ((1, repeats), (32, max(repeats // 10, 10))):
+        inputs = minilm.tokenize(sentences[:batch])
+        label = f"all-MiniLM-L6-v2, batch {batch} x {inputs[0].shape[1]} tokens"
+        rows += compare_input(label, minilm.encoder, inputs, directory, f"minilm_b{batch}", runs)
+    return rows
+
+
+def bert_base_rows(directory: str, repeats: int) -> list:
+    from transformers import BertConfig, BertModel
+    torch.manual_seed(0)
+    config = BertConfig()  # bert-base-uncased's shape: 12 layers, hidden 768, 12 heads, FFN 3072
+    encoder = minilm_lib.SentenceEncoder(BertModel(config, add_pooling_layer=False)).eval()
+    g = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(1000, config.vocab_size, (1, BERT_BASE_TOKENS), generator=g)
+    inputs = (input_ids, torch.ones_like(input_ids), torch.zeros_like(input_ids))
+    label = f"BERT-base shape (random weights), batch 1 x {BERT_BASE_TOKENS} tokens"
+    return compare_input(label, encoder, inputs, directory, "bert_base", max(repeats // 10, 10))
+
+
+MODELS = {"minilm": minilm_rows, "bert-base": bert_base_rows}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=200,
+                        help="interleaved runs at batch 1 of MiniLM (a tenth, at least 10, for the larger inputs)")
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--output", help="also write the table to this Markdown file")
+    args = parser.parse_args(argv)
+    reason = minilm_lib.unavailable_reason()
+    if reason is not None:
+        raise SystemExit(f"bench_vs_onnxruntime: {reason}")
+    torch.set_num_threads(1)
+    header = machine()
+    rows = []
+    with tempfile.TemporaryDirectory() as directory:
+        for name in args.models:
+            rows += MODELS[name](directory, args.repeats)
+    columns = ["input", "variant", "median ms", "min ms", "CPU ms (median)", "vs onnxruntime (median)",
+               "vs onnxruntime (min)", "vs onnxruntime (CPU time)"]
+    text = "\n".join(["# torchquant in PyTorch against onnxruntime int8 (CPU, 1 thread)", "",
+                      f"Machine: {header}; torchquant with torch.set_num_threads(1).", "",
+                      markdown_table(rows, columns), ""])
+    print(text)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
