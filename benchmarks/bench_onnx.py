@@ -28,7 +28,8 @@ from torchquant.timing import markdown_table
 VARIANTS = ("float", "onnxruntime int8", "torchquant int8")
 
 
-def _session(path: str):
+def ort_session(path: str):
+    """An onnxruntime CPU session of the model at path with one intra-op (and inter-op) thread."""
     import onnxruntime as ort
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
@@ -37,7 +38,8 @@ def _session(path: str):
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
-def _feeds(session, inputs):
+def ort_feeds(session, inputs) -> dict:
+    """The input feeds of session for a tuple of tensors, in order."""
     return {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs)}
 
 
@@ -71,8 +73,8 @@ def quality(minilm, quantized, directory: str) -> list:
     paths = _models(minilm, quantized, example, directory, "quality", dynamic_batch=True)
     rows = []
     for variant, path in paths.items():
-        session = _session(path)
-        embeddings = torch.from_numpy(session.run(None, _feeds(session, inputs))[0])
+        session = ort_session(path)
+        embeddings = torch.from_numpy(session.run(None, ort_feeds(session, inputs))[0])
         to_float = _cosines(embeddings, reference)
         row = {"variant": variant, "cos_mean": to_float.mean().item(), "cos_min": to_float.min().item()}
         if variant == "torchquant int8":
@@ -88,8 +90,8 @@ def quality(minilm, quantized, directory: str) -> list:
 def latency(minilm, quantized, directory: str, batch: int, repeats: int) -> list:
     inputs = minilm.tokenize(minilm_lib.evaluation_sentences()[:batch])
     paths = _models(minilm, quantized, inputs, directory, f"b{batch}", dynamic_batch=False)
-    sessions = {variant: _session(path) for variant, path in paths.items()}
-    feeds = {variant: _feeds(session, inputs) for variant, session in sessions.items()}
+    sessions = {variant: ort_session(path) for variant, path in paths.items()}
+    feeds = {variant: ort_feeds(session, inputs) for variant, session in sessions.items()}
     # wall time, and the CPU time of this thread (onnxruntime with one intra-op thread runs a model on the calling
     # thread): on a shared machine the second counts less of the time other jobs hold the cores
     samples = {variant: [] for variant in sessions}
@@ -158,9 +160,14 @@ def main(argv=None) -> None:
         markdown_table(latency_rows, ["input", "variant", "median ms", "min ms",
                                       "speed vs onnxruntime int8 (median)", "CPU-time median ms",
                                       "speed vs onnxruntime int8 (CPU time)"]), ""])
+    emit(text, args.output)
+
+
+def emit(text: str, output=None) -> None:
+    """Prints a report and, with output given, also writes it to that file."""
     print(text)
-    if args.output:
-        with open(args.output, "w") as f:
+    if output:
+        with open(output, "w") as f:
             f.write(text)
 
 

@@ -3,7 +3,7 @@
 The baseline is what an onnxruntime user gets: the float model exported to ONNX, quantized with
 onnxruntime.quantization.quantize_dynamic (QInt8 weights), run by the CPU execution provider with one intra-op
 thread. torchquant runs the converted model in PyTorch with torch.set_num_threads(1), eagerly and compiled
-(torch.compile, default backend, shapes of the measured input). Models: all-MiniLM-L6-v2 (the sentence encoder,
+(torch.compile, default backend, shapes of the measured input; also with inductor's C++ wrapper). Models: all-MiniLM-L6-v2 (the sentence encoder,
 batch 1 and batch 32 of the evaluation sentences padded to the longest) and a BERT-base-shaped encoder with random
 weights (batch 1 x 128 tokens). All variants of one input run in one process, interleaved (ABC CBA ...), so the
 noise of a shared machine falls on all alike; each sample also records the thread's CPU time, which excludes the
@@ -23,7 +23,7 @@ import torch
 
 import torchquant
 from benchmarks import minilm as minilm_lib
-from benchmarks.bench_onnx import machine
+from benchmarks.bench_onnx import emit, machine, ort_feeds, ort_session
 from torchquant.timing import markdown_table
 
 BERT_BASE_TOKENS = 128
@@ -31,7 +31,6 @@ BERT_BASE_TOKENS = 128
 
 def _ort_int8_session(encoder: torch.nn.Module, inputs, directory: str, tag: str):
     """onnxruntime's dynamic int8 quantization of encoder's float ONNX export (one thread) and its input feeds."""
-    import onnxruntime as ort
     from onnxruntime.quantization import QuantType, quantize_dynamic
     float_path = os.path.join(directory, f"float_{tag}.onnx")
     with warnings.catch_warnings():
@@ -39,12 +38,8 @@ def _ort_int8_session(encoder: torch.nn.Module, inputs, directory: str, tag: str
         torch.onnx.export(encoder, inputs, float_path, dynamo=True, verbose=False)
     int8_path = os.path.join(directory, f"ort_int8_{tag}.onnx")
     quantize_dynamic(float_path, int8_path, weight_type=QuantType.QInt8)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    session = ort.InferenceSession(int8_path, options, providers=["CPUExecutionProvider"])
-    feeds = {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs)}
+    session = ort_session(int8_path)
+    feeds = ort_feeds(session, inputs)
     return lambda: session.run(None, feeds)
 
 
@@ -69,10 +64,13 @@ def compare_input(label: str, encoder: torch.nn.Module, inputs, directory: str, 
     quantized = torchquant.quantize_model(copy.deepcopy(encoder), "int8-dynamic").eval()
     torch._dynamo.reset()
     compiled = torch.compile(quantized)
+    # the C++ wrapper calls the compiled kernels and ops without a Python line per call
+    compiled_cpp = torch.compile(quantized, options={"cpp_wrapper": True})
     with torch.inference_mode():
         fns = {"onnxruntime int8": _ort_int8_session(encoder, inputs, directory, tag),
                "torchquant int8-dynamic eager": lambda: quantized(*inputs),
-               "torchquant int8-dynamic torch.compile": lambda: compiled(*inputs)}
+               "torchquant int8-dynamic torch.compile": lambda: compiled(*inputs),
+               "torchquant int8-dynamic torch.compile (cpp_wrapper)": lambda: compiled_cpp(*inputs)}
         samples = _interleaved(fns, repeats)
     base_wall, base_cpu = (statistics.median(s) for s in samples["onnxruntime int8"])
     base_min = min(samples["onnxruntime int8"][0])
@@ -133,10 +131,7 @@ def main(argv=None) -> None:
     text = "\n".join(["# torchquant in PyTorch against onnxruntime int8 (CPU, 1 thread)", "",
                       f"Machine: {header}; torchquant with torch.set_num_threads(1).", "",
                       markdown_table(rows, columns), ""])
-    print(text)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(text)
+    emit(text, args.output)
 
 
 if __name__ == "__main__":

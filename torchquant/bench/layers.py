@@ -21,7 +21,7 @@ from torchquant._ops import ops
 from torchquant.bench.timing import run_tables, tables_main, torch_ao_engine
 from torchquant.timing import compare, num_threads
 
-LINEAR_SHAPES = ((384, 1536), (1536, 384), (768, 3072))  # in, out
+LINEAR_SHAPES = ((384, 384), (384, 1536), (1536, 384), (768, 768), (768, 3072), (3072, 768))  # in, out: MiniLM, BERT-base
 LINEAR_ROWS = (1, 16, 128, 512)
 CONV_LAYERS = (  # name, in_channels, size, out_channels, kernel, stride, padding
     ("3x3 64->64 @56", 64, 56, 64, 3, 1, 1),
