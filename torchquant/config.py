@@ -120,6 +120,10 @@ PRESETS: dict[str, Preset] = {
                            "int8 per-channel weights, int8 per-token activations quantized at run time"),
     "int8-static": Preset(lambda: QuantConfig(weight=_weight_spec(8), activation=STATIC_TENSOR_UINT8),
                           "int8 per-channel weights, uint8 per-tensor activations calibrated beforehand"),
+    "int8-pipeline": Preset(lambda: QuantConfig(weight=_weight_spec(8), activation=STATIC_TENSOR_UINT8,
+                                                integer_pipeline=True),
+                            "int8-static traced into an integer pipeline: uint8 tensors between layers, integer "
+                            "residual adds and pooling, one quantize at the input and one dequantize at the output"),
     # 4-bit weights lose much more to outliers: the MSE-optimal clipping range is worth its search
     "w4a8-dynamic": Preset(lambda: QuantConfig(weight=_weight_spec(4, "mse"), activation=DYNAMIC_TOKEN_INT8),
                            "4-bit per-channel weights (MSE-searched ranges), int8 per-token dynamic activations"),
@@ -137,6 +141,13 @@ class QuantConfig:
     follows a Linear) into the layer. freeze_bn_after: in quantization-aware training, a folded BatchNorm
     normalizes with the batch's statistics for this many training steps after prepare, then with its frozen
     running statistics (None: until torchquant.freeze_bn_stats is called).
+
+    integer_pipeline: prepare traces the model with torch.fx and builds an integer pipeline (torchquant.graph):
+    the input is quantized once, quantized layers pass uint8/int8 tensors to each other (through ReLU, max-pool,
+    flatten, reshape, concatenation and residual adds, which run on integers) and the output is dequantized once.
+    It needs static 8-bit activations rounded to nearest (dynamic activations are quantized per call from float
+    rows, so those configs keep the module swap). integer_output: the converted pipeline returns its quantized
+    outputs as integers (torchquant.graph.output_qparams gives their scales) instead of dequantizing them.
     """
 
     weight: QuantSpec = dataclasses.field(default_factory=lambda: _weight_spec(8))
@@ -144,6 +155,8 @@ class QuantConfig:
     skip: tuple = ()
     fold_bn: bool = True
     freeze_bn_after: int | None = None
+    integer_pipeline: bool = False
+    integer_output: bool = False
 
     def __post_init__(self):
         if not isinstance(self.weight, QuantSpec):
@@ -181,6 +194,14 @@ class QuantConfig:
         after = self.freeze_bn_after
         if after is not None and (isinstance(after, bool) or not isinstance(after, int) or after < 0):
             raise ValueError(f"QuantConfig: freeze_bn_after must be a non-negative int or None, got {after!r}")
+        for name in ("integer_pipeline", "integer_output"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"QuantConfig: {name} must be a bool, got {type(getattr(self, name)).__name__}")
+        if self.integer_pipeline and (a is None or a.dynamic or a.bits != 8 or a.rounding != "nearest"):
+            raise ValueError("QuantConfig: integer_pipeline=True needs static 8-bit activations rounded to nearest "
+                             "(activation=QuantSpec(bits=8, dynamic=False, rounding='nearest', ...))")
+        if self.integer_output and not self.integer_pipeline:
+            raise ValueError("QuantConfig: integer_output=True needs integer_pipeline=True")
 
     @classmethod
     def preset(cls, name: str) -> "QuantConfig":
@@ -204,16 +225,19 @@ class QuantConfig:
             "skip": list(self.skip),
             "fold_bn": self.fold_bn,
             "freeze_bn_after": self.freeze_bn_after,
+            "integer_pipeline": self.integer_pipeline,
+            "integer_output": self.integer_output,
         }
 
     @classmethod
     def from_dict(cls, data: dict) -> "QuantConfig":
         if not isinstance(data, dict):
             raise TypeError(f"QuantConfig.from_dict: data must be a dict, got {type(data).__name__}")
-        unknown = set(data) - {"weight", "activation", "skip", "fold_bn", "freeze_bn_after"}
+        unknown = set(data) - {"weight", "activation", "skip", "fold_bn", "freeze_bn_after", "integer_pipeline",
+                               "integer_output"}
         if unknown or "weight" not in data:
             raise ValueError(f"QuantConfig.from_dict: expected keys weight, activation, skip, fold_bn, "
-                             f"freeze_bn_after; got {sorted(data)}")
+                             f"freeze_bn_after, integer_pipeline, integer_output; got {sorted(data)}")
         activation = data.get("activation")
         return cls(
             weight=QuantSpec.from_dict(data["weight"]),
@@ -221,6 +245,8 @@ class QuantConfig:
             skip=tuple(data.get("skip", ())),
             fold_bn=data.get("fold_bn", True),
             freeze_bn_after=data.get("freeze_bn_after"),
+            integer_pipeline=data.get("integer_pipeline", False),
+            integer_output=data.get("integer_output", False),
         )
 
 

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from torchquant.config import QuantConfig, resolve_config
 from torchquant.fold import find_bn_pairs, folded_bn, parent_and_key
+from torchquant.graph import convert_pipeline, is_pipeline, prepare_pipeline
 from torchquant.nn import QuantConv2d, QuantLinear
 from torchquant.nn.base import QuantLayerBase
 from torchquant.nn.quantizers import InputQuantizer
@@ -112,17 +113,39 @@ def _unfold_plan(model: nn.Module, layers: Iterable[QuantLayerBase]) -> list:
             for key, child in parent._modules.items() if id(child) in folded]
 
 
+def _swap_layers(model: nn.Module, config: QuantConfig) -> None:
+    _swap(_plan_swaps(model, config))
+
+
+def _prepared_pipeline(model: nn.Module, config: QuantConfig):
+    """The prepared integer pipeline of model (torchquant.graph), or None when torch.fx cannot trace it (warned)."""
+    swap_type = QUANT_TYPES.get(type(model))
+    if swap_type is not None:
+        raise TypeError(f"prepare: model is itself a {type(model).__name__}; wrap it in a container "
+                        f"(e.g. nn.Sequential) or use {swap_type.__name__}.from_float")
+    return prepare_pipeline(model, config, _swap_layers)
+
+
 def prepare(model: nn.Module, config=None, *, inplace: bool = True) -> nn.Module:
     """Replaces every nn.Linear and nn.Conv2d (except those `config.skip` selects) with QuantLinear/QuantConv2d
     in fake-quant mode, sharing the float parameters. config: a QuantConfig, a preset name or None (int8-dynamic).
     With config.fold_bn (the default) a BatchNorm that only reads such a layer's output folds into the layer (see
     torchquant.fold): a FoldedBatchNorm with the same parameters and buffers, under the same names, takes its place
-    and passes its input through, the layer applying the BatchNorm; convert() replaces it with nn.Identity."""
+    and passes its input through, the layer applying the BatchNorm; convert() replaces it with nn.Identity.
+
+    With config.integer_pipeline (preset 'int8-pipeline') the model is traced with torch.fx and the result is a new
+    model, a torch.fx.GraphModule that shares the float model's parameters and leaves the float model itself as it
+    is (use the returned model): see torchquant.graph. A model torch.fx cannot trace is prepared by the module swap
+    above instead, with a warning that says why."""
     _check_model(model, "prepare")
     config = resolve_config(config)
     if not inplace:
         model = copy.deepcopy(model)
-    _swap(_plan_swaps(model, config))
+    if config.integer_pipeline:
+        pipeline = _prepared_pipeline(model, config)
+        if pipeline is not None:
+            return pipeline
+    _swap_layers(model, config)
     return model
 
 
@@ -194,10 +217,12 @@ def calibrate(model: nn.Module, batches: Iterable, *, progress: bool = True) -> 
 def convert(model: nn.Module, *, inplace: bool = True) -> nn.Module:
     """Converts every fake-quant layer of a prepared (and, for static activations, calibrated) model to integer
     weights and kernels. Idempotent; already converted layers are left alone. Either every layer converts or
-    none does."""
+    none does. A prepared integer pipeline (torchquant.graph) becomes the converted pipeline."""
     _check_model(model, "convert")
     if not inplace:
         model = copy.deepcopy(model)
+    if is_pipeline(model):
+        return convert_pipeline(model)
     layers = quant_layers(model)
     if not layers:
         warnings.warn("convert: model has no quantized layers (call torchquant.prepare first)", UserWarning,
@@ -222,6 +247,11 @@ def quantize_model(model: nn.Module, config=None, calibration: Iterable | None =
                          "batches (calibration=...), or use a dynamic preset such as 'int8-dynamic'")
     if not inplace:
         model = copy.deepcopy(model)
+    pipeline = _prepared_pipeline(model, config) if config.integer_pipeline else None
+    if pipeline is not None:  # the float model is left as it is whatever happens
+        if calibration is not None:
+            calibrate(pipeline, calibration)
+        return convert_pipeline(pipeline)
     plan = _plan_swaps(model, config)
     _swap(plan)
     try:

@@ -61,6 +61,9 @@ class QuantLayerBase(nn.Module):
         self.folded_bn = None  # its name in the model, for reports and checkpoints
         self.bn_frozen = False
         self.bn_steps = 0  # training steps with batch statistics since the BatchNorm was attached
+        # in an integer pipeline (torchquant.graph) the input arrives quantized by the pipeline's quantizer of that
+        # tensor, which input_quantizer then references without owning
+        self.graph_input = False
         self.weight_shape = tuple(self.weight.shape)
         self.clamp_min = None  # the fused output activation (set_activation_clamp)
         self.clamp_max = None
@@ -165,7 +168,7 @@ class QuantLayerBase(nn.Module):
             # BatchNorm1d normalizes dim 1, the features of the layer's output only when it is 2-D
             raise ValueError(f"{type(self).__name__}: a folded BatchNorm1d needs 2-D input [batch, features], "
                              f"got {list(x.shape)}")
-        if self.input_quantizer is not None:
+        if self.input_quantizer is not None and not self.graph_input:
             x = self.input_quantizer(x)
         if self.bn is not None and self._bn_uses_batch_stats():
             weight, bias = self._batch_folded_weight_bias(x)
@@ -204,6 +207,13 @@ class QuantLayerBase(nn.Module):
             return self._clamped(self._fused_forward(x))
         x_q, x_scale = self._quantize_input(x)
         return self._int_op(x_q, x_scale, self.input_zero_point, x.dtype)
+
+    def pipeline_op(self, x_q: torch.Tensor, out_dtype: torch.dtype, out_scale: float | None = None,
+                    out_zero_point: int = 0) -> torch.Tensor:
+        """A converted layer in an integer pipeline (torchquant.graph): the integer op on x_q, which holds the input
+        quantized with input_quantizer's qparams; the output (with the layer's activation clamp) float of out_dtype,
+        or requantized to out_dtype int8/uint8 with out_scale and out_zero_point."""
+        return self._int_op(x_q, self._static_scale, self.input_zero_point, out_dtype, out_scale, out_zero_point)
 
     def _quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         quantizer = self.input_quantizer
@@ -295,7 +305,8 @@ class QuantLayerBase(nn.Module):
             self._input_zero_point_tensor = torch.tensor([self.input_zero_point], dtype=torch.int32,
                                                          device=self._device)
             if not spec.dynamic:  # checked here once, not by a wrapper on every call
-                self._static_scale = self._checked_static_input_scale()
+                # (to the layer's device: a pipeline's quantizer may move after the layer)
+                self._static_scale = self._checked_static_input_scale().to(self._device)
         self._kernel_args = self._int_op_args()
 
     def _checked_static_input_scale(self) -> torch.Tensor:

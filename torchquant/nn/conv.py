@@ -86,9 +86,9 @@ class QuantConv2d(QuantLayerBase):
         return (self.w_packed, self.w_sum, self.weight_scale, self.bias, self.out_channels, list(self.kernel_size),
                 list(self.stride), list(self.padding), list(self.dilation), self.groups)
 
-    def _int_op(self, x_q, x_scale, x_zero_point, out_dtype):
-        return ops.int8_conv2d(x_q, x_scale, x_zero_point, *self._kernel_args, out_dtype, None, 0, self.clamp_min,
-                               self.clamp_max)
+    def _int_op(self, x_q, x_scale, x_zero_point, out_dtype, out_scale=None, out_zero_point=0):
+        return ops.int8_conv2d(x_q, x_scale, x_zero_point, *self._kernel_args, out_dtype, out_scale, out_zero_point,
+                               self.clamp_min, self.clamp_max)
 
     def _shape_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

@@ -55,10 +55,10 @@ class QuantLinear(QuantLayerBase):
     def _fused_forward(self, x):
         return ops.int8_linear_dynamic(x, *self._kernel_args)
 
-    def _int_op(self, x_q, x_scale, x_zero_point, out_dtype):
+    def _int_op(self, x_q, x_scale, x_zero_point, out_dtype, out_scale=None, out_zero_point=0):
         # the kernel takes any leading dims of x_q, with x_scale [1] or one per row
-        return ops.int8_linear(x_q, x_scale, x_zero_point, *self._kernel_args, out_dtype, None, 0, self.clamp_min,
-                               self.clamp_max)
+        return ops.int8_linear(x_q, x_scale, x_zero_point, *self._kernel_args, out_dtype, out_scale, out_zero_point,
+                               self.clamp_min, self.clamp_max)
 
     def _shape_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

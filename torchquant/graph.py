@@ -1,0 +1,587 @@
+"""The integer pipeline: a static-activation model traced with torch.fx and run on integers between its layers.
+
+prepare_pipeline traces the float model (torch.fx symbolic tracing), swaps its Conv2d/Linear layers for quantized
+ones and folds their BatchNorms (as the module swap does), and finds these patterns on the graph:
+
+- layer [+ folded BatchNorm] [+ ReLU / ReLU6 / hardtanh, as a module, F.relu, torch.relu or Tensor.relu]: one
+  integer kernel whose epilogue applies the BatchNorm (folded into weight and bias) and the clamp, then writes the
+  output requantized to uint8/int8;
+- a + b / torch.add(a, b) of two tensors [+ ReLU]: one integer add (torchquant.functional.quantized_add) that
+  reads both quantized inputs and writes its requantized output;
+- max-pool, flatten, reshape/view, a ReLU after an integer tensor, nn.Identity: run on the integers (they keep the
+  scale); torch.cat of integer tensors: its inputs share one scale (one quantizer observes them all), so the
+  concatenation runs on the integers too;
+- everything else (average pooling among them) runs in float: its integer inputs are dequantized and its output,
+  where an integer op reads it, quantized again (average pooling thus requantizes).
+
+Every integer tensor of the pipeline has one activation quantizer (an ActivationQuantizer under `act_quant`): the
+prepared model fake-quantizes each tensor with it exactly where the converted model quantizes (after a fused
+activation, at an add's output, at the model's input), so calibration and quantization-aware training see the
+function that runs. convert_pipeline then rewrites the graph: producers write integers at their consumers' scale,
+the input is quantized once and the outputs are dequantized once (or returned as integers with
+QuantConfig.integer_output).
+
+A model that torch.fx cannot trace falls back to the module swap, with one warning that says why.
+"""
+from __future__ import annotations
+
+import operator
+import warnings
+from collections import Counter
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import fx
+
+from torchquant import functional as F_q
+from torchquant.config import QuantConfig
+from torchquant.fold import _Tracer
+from torchquant.nn.base import QuantLayerBase
+from torchquant.nn.quantizers import InputQuantizer
+
+ACT_QUANT = "act_quant"  # the ModuleDict of a pipeline's activation quantizers
+META_KEY = "torchquant"  # GraphModule.meta entry of a pipeline: its options
+
+_RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
+_ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
+_MAX_POOL_FUNCTIONS = (F.max_pool2d, torch.max_pool2d)
+_PASSTHROUGH_FUNCTIONS = (torch.flatten, torch.reshape)
+_PASSTHROUGH_METHODS = ("flatten", "reshape", "view", "contiguous")
+_SHAPE_FUNCTIONS = (getattr, len)
+_SHAPE_METHODS = ("size", "dim")
+_AVG_POOLS = (nn.AvgPool2d, nn.AdaptiveAvgPool2d)
+_AVG_POOL_FUNCTIONS = (F.avg_pool2d, F.adaptive_avg_pool2d)
+
+
+class ActivationQuantizer(InputQuantizer):
+    """The static quantizer of one integer tensor of a pipeline: fake-quantizes it in the prepared model, holds
+    its scale and zero point in the converted one. `qparams` caches them as the kernels take them (float32 scale
+    tensor [1], scale as a Python float, zero point as a Python int, storage dtype), refreshed whenever they change
+    (convert, load, move), so the converted forward never reads a tensor value."""
+
+    def __init__(self, spec):
+        super().__init__(spec, per_token_ok=False)
+        self.qparams = None
+
+    def refresh(self) -> None:
+        scale = self.scale.detach().reshape(1).float()
+        self.qparams = (scale, float(scale.item()), int(self.zero_point.item()),
+                        torch.int8 if self.spec.signed else torch.uint8)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.qparams is not None:
+            self.refresh()
+        return self
+
+
+def is_pipeline(model: nn.Module) -> bool:
+    """Whether model was made by prepare_pipeline (prepared or converted)."""
+    return isinstance(model, fx.GraphModule) and META_KEY in getattr(model, "meta", {})
+
+
+def _meta(model: fx.GraphModule) -> dict:
+    return model.meta[META_KEY]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# pattern matching
+
+def _constant_args(node: fx.Node, skip: int = 1) -> bool:
+    return not any(isinstance(a, fx.Node) for a in (*node.args[skip:], *node.kwargs.values()))
+
+
+def activation_clamp(node: fx.Node, modules: dict) -> Optional[tuple]:
+    """(clamp_min, clamp_max) (each a float or None) of a ReLU / ReLU6 / hardtanh node applied to its first
+    argument, None for anything else."""
+    if node.op == "call_module":
+        m = modules.get(node.target)
+        if type(m) is nn.ReLU:
+            return (0.0, None)
+        if type(m) in (nn.ReLU6, nn.Hardtanh):
+            return (float(m.min_val), float(m.max_val))
+        return None
+    if not node.args or not _constant_args(node):
+        return None
+    if node.op == "call_function":
+        if node.target in _RELU_FUNCTIONS:
+            return (0.0, None)
+        if node.target is F.relu6:
+            return (0.0, 6.0)
+        if node.target is F.hardtanh:
+            bounds = dict(zip(("min_val", "max_val"), node.args[1:3]), **node.kwargs)
+            low, high = bounds.get("min_val", -1.0), bounds.get("max_val", 1.0)
+            return (float(low), float(high))
+    if node.op == "call_method" and node.target in ("relu", "relu_") and len(node.args) == 1:
+        return (0.0, None)
+    return None
+
+
+def _only_user(node: fx.Node) -> Optional[fx.Node]:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def layer_chain(node: fx.Node, modules: dict, calls: Counter) -> Optional[tuple[list, tuple]]:
+    """([layer node, folded BatchNorm node?, activation node?], clamp) for a pipeline layer's call (a quantized
+    layer called once in the graph), else None."""
+    if node.op != "call_module" or calls[node.target] != 1:
+        return None
+    layer = modules.get(node.target)
+    if not isinstance(layer, QuantLayerBase) or len(node.args) != 1 or node.kwargs:
+        return None
+    chain, clamp = [node], (None, None)
+    user = _only_user(node)
+    if user is not None and layer.folded_bn is not None and user.op == "call_module" and user.target == layer.folded_bn:
+        chain.append(user)
+        user = _only_user(user)
+    if user is not None and user.args and user.args[0] is chain[-1]:
+        found = activation_clamp(user, modules)
+        if found is not None:
+            chain.append(user)
+            clamp = found
+    return chain, clamp
+
+
+def _is_add(node: fx.Node) -> bool:
+    if node.op == "call_function" and node.target in _ADD_FUNCTIONS:
+        pass
+    elif node.op == "call_method" and node.target in ("add", "add_"):
+        pass
+    else:
+        return False
+    return len(node.args) == 2 and not node.kwargs and all(isinstance(a, fx.Node) for a in node.args)
+
+
+def _fused_relu(node: fx.Node, modules: dict) -> Optional[fx.Node]:
+    """The ReLU that is the only user of node, if any (an add fuses a plain ReLU only)."""
+    user = _only_user(node)
+    if user is not None and user.args and user.args[0] is node and activation_clamp(user, modules) == (0.0, None):
+        return user
+    return None
+
+
+def _is_max_pool(node: fx.Node, modules: dict) -> bool:
+    if node.op == "call_module":
+        m = modules.get(node.target)
+        return type(m) is nn.MaxPool2d and not m.return_indices
+    return (node.op == "call_function" and node.target in _MAX_POOL_FUNCTIONS and _constant_args(node)
+            and not node.kwargs.get("return_indices", False))
+
+
+def _is_passthrough(node: fx.Node, modules: dict) -> bool:
+    """Ops that map integer tensors to integer tensors at the same scale (the first argument is the tensor)."""
+    if not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    if node.op == "call_module":
+        m = modules.get(node.target)
+        return type(m) in (nn.Flatten, nn.Identity) or _is_max_pool(node, modules) \
+            or activation_clamp(node, modules) == (0.0, None)
+    if node.op == "call_function":
+        if node.target in _PASSTHROUGH_FUNCTIONS or _is_max_pool(node, modules):
+            return True
+    if node.op == "call_method" and node.target in _PASSTHROUGH_METHODS:
+        return True
+    return activation_clamp(node, modules) == (0.0, None)
+
+
+def _is_shape_query(node: fx.Node) -> bool:
+    """Ops that read a tensor's shape only (integer tensors have their float tensor's shape)."""
+    return ((node.op == "call_function" and node.target in _SHAPE_FUNCTIONS)
+            or (node.op == "call_method" and node.target in _SHAPE_METHODS))
+
+
+def _is_cat(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target is torch.cat and node.args
+            and isinstance(node.args[0], (list, tuple)) and all(isinstance(a, fx.Node) for a in node.args[0])
+            and _constant_args(node))
+
+
+def _tensor_like(node: fx.Node) -> bool:
+    """Whether node may be a tensor (shape queries and getitem of them are not)."""
+    if _is_shape_query(node):
+        return False
+    if node.op == "call_function" and node.target is operator.getitem:
+        return False
+    return node.op != "get_attr"
+
+
+def _is_avg_pool(node: fx.Node, modules: dict) -> bool:
+    if node.op == "call_module":
+        return type(modules.get(node.target)) in _AVG_POOLS
+    return node.op == "call_function" and node.target in _AVG_POOL_FUNCTIONS
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# prepare
+
+class _Groups:
+    """Union-find over the integer tensors' scale groups."""
+
+    def __init__(self):
+        self.parent: list[int] = []
+
+    def new(self) -> int:
+        self.parent.append(len(self.parent))
+        return len(self.parent) - 1
+
+    def find(self, g: int) -> int:
+        while self.parent[g] != g:
+            self.parent[g] = self.parent[self.parent[g]]
+            g = self.parent[g]
+        return g
+
+    def union(self, a: int, b: int) -> int:
+        a, b = self.find(a), self.find(b)
+        self.parent[max(a, b)] = min(a, b)
+        return min(a, b)
+
+
+def _plan(graph: fx.Graph, modules: dict, integer_output: bool) -> tuple[dict, dict, list, list]:
+    """The integer tensors of graph: (group of each integer value node, root nodes -> group (the values the
+    pipeline quantizes: producer outputs and float values an integer op reads), [(layer node, input node)], float
+    ops that read integer tensors)."""
+    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+    groups = _Groups()
+    group: dict[fx.Node, int] = {}
+    roots: dict[fx.Node, str] = {}  # root -> "producer" | "quantize"
+    layers: list[tuple[fx.Node, fx.Node]] = []
+    int_consumers: set[fx.Node] = set()  # layer heads, adds and cats: they read integers
+    fused: set[fx.Node] = set()
+
+    def ensure_int(value: fx.Node) -> int:
+        if value not in group:
+            group[value] = groups.new()
+            roots[value] = "quantize"
+        return group[value]
+
+    def produce(node: fx.Node) -> None:
+        group[node] = groups.new()
+        roots[node] = "producer"
+
+    for node in list(graph.nodes):
+        if node in fused:
+            continue
+        found = layer_chain(node, modules, calls)
+        if found is not None:
+            chain, _ = found
+            if not _tensor_like(node.args[0]):
+                continue
+            ensure_int(node.args[0])
+            layers.append((node, node.args[0]))
+            int_consumers.add(node)
+            fused.update(chain[1:])
+            produce(chain[-1])
+            continue
+        if _is_add(node) and all(_tensor_like(a) for a in node.args) and any(a in group for a in node.args):
+            for a in node.args:
+                ensure_int(a)
+            int_consumers.add(node)
+            relu = _fused_relu(node, modules)
+            if relu is not None:
+                fused.add(relu)
+            produce(relu or node)
+            continue
+        if _is_cat(node) and any(a in group for a in node.args[0]) and all(_tensor_like(a) for a in node.args[0]):
+            g = ensure_int(node.args[0][0])
+            for a in node.args[0][1:]:
+                g = groups.union(g, ensure_int(a))
+            group[node] = g
+            int_consumers.add(node)
+            continue
+        if _is_passthrough(node, modules) and node.args[0] in group:
+            group[node] = group[node.args[0]]
+
+    # producers whose integers nothing reads as integers write float instead (the last layer, usually)
+    needed: dict[fx.Node, bool] = {}
+    for node in reversed(list(graph.nodes)):
+        if node not in group:
+            continue
+        need = False
+        for user in node.users:
+            if user in int_consumers:  # reads node as integers
+                need = True
+            elif user in group and user not in int_consumers:  # a passthrough of node
+                need = need or needed.get(user, False)
+            elif user.op == "output":
+                need = need or integer_output
+        needed[node] = need or node in roots and roots[node] == "quantize"
+    for node in graph.nodes:
+        if node in group and roots.get(node) == "producer" and not needed[node]:
+            del group[node], roots[node]
+        elif node in group and node not in roots and node not in int_consumers and node.args[0] not in group:
+            del group[node]  # a passthrough of a producer that now writes float
+    float_readers = [user for node in group for user in node.users
+                     if user not in group and user not in int_consumers and user not in fused
+                     and user.op != "output" and not _is_shape_query(user) and not _is_avg_pool(user, modules)]
+    return ({node: groups.find(g) for node, g in group.items()}, roots, layers, list(dict.fromkeys(float_readers)))
+
+
+def _describe(node: fx.Node) -> str:
+    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    return f"{node.name} ({target})"
+
+
+def prepare_pipeline(model: nn.Module, config: QuantConfig, swap) -> Optional[fx.GraphModule]:
+    """The prepared pipeline of model (left unchanged: the pipeline shares its parameters), or None with a warning
+    when torch.fx cannot trace it. swap(gm, config) swaps the layers of the traced module (the module swap's
+    planner, with BatchNorm folding)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tracer's own warnings
+            graph = _Tracer().trace(model)
+    except Exception as exc:  # noqa: BLE001 -- any tracing failure means: the module swap instead
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        warnings.warn(f"prepare: torch.fx cannot trace {type(model).__name__} ({type(exc).__name__}: {reason}); "
+                      f"the model is quantized layer by layer (module swap) instead of as an integer pipeline",
+                      UserWarning, stacklevel=4)
+        return None
+    gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
+    gm.meta[META_KEY] = {"integer_output": config.integer_output, "converted": False}
+    swap(gm, config)
+    modules = dict(gm.named_modules())
+    group, roots, layers, float_readers = _plan(gm.graph, modules, config.integer_output)
+    # one quantizer per scale group, named after the group's first root
+    gm.add_module(ACT_QUANT, nn.ModuleDict())
+    quantizers: dict[int, str] = {}
+    for node in gm.graph.nodes:
+        if node in roots and group[node] not in quantizers:
+            quantizers[group[node]] = node.name
+            gm.get_submodule(ACT_QUANT)[node.name] = ActivationQuantizer(config.activation).to(_device_of(gm))
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node in [n for n in gm.graph.nodes if n in roots]:
+        after = placeholders[-1] if node.op == "placeholder" else node
+        with gm.graph.inserting_after(after):
+            fq = gm.graph.call_module(f"{ACT_QUANT}.{quantizers[group[node]]}", (node,))
+        node.replace_all_uses_with(fq, delete_user_cb=lambda user, fq=fq: user is not fq)
+    act_quant = gm.get_submodule(ACT_QUANT)
+    for head, value in layers:
+        layer = modules[head.target]
+        del layer._modules["input_quantizer"]
+        layer.__dict__["input_quantizer"] = act_quant[quantizers[group[value]]]
+        layer.graph_input = True
+    gm.graph.lint()
+    gm.recompile()
+    gm.register_load_state_dict_post_hook(_after_load)
+    if float_readers:
+        warnings.warn(f"prepare: kept float between integer layers (their integer inputs are dequantized): "
+                      f"{', '.join(_describe(n) for n in float_readers)}", UserWarning, stacklevel=4)
+    _meta(gm)["float_ops"] = [_describe(n) for n in float_readers]
+    return gm
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def _after_load(module, incompatible_keys) -> None:
+    """After a state dict loads into a converted pipeline: the layers read their input qparams again (their
+    quantizers may have loaded after them) and the quantizers cache theirs."""
+    if not _meta(module)["converted"]:
+        return
+    for m in module.modules():
+        if isinstance(m, ActivationQuantizer):
+            m.refresh()
+    for m in module.modules():
+        if isinstance(m, QuantLayerBase) and m.converted:
+            m._set_input_zero_point()
+            m._prepare_forward()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the converted pipeline's ops (called from the rewritten graph)
+
+def quantize_input(x: torch.Tensor, quantizer: ActivationQuantizer) -> torch.Tensor:
+    scale, _, zero_point, _ = quantizer.qparams
+    spec = quantizer.spec
+    return F_q.quantize(x, scale, zero_point, bits=spec.bits, signed=spec.signed, rounding=spec.rounding)
+
+
+def dequantize_output(q: torch.Tensor, quantizer: ActivationQuantizer, dtype: torch.dtype) -> torch.Tensor:
+    scale, _, zero_point, _ = quantizer.qparams
+    return F_q.dequantize(q, scale, zero_point, dtype=dtype)
+
+
+def integer_layer(layer: QuantLayerBase, x_q: torch.Tensor, out: Optional[ActivationQuantizer], clamp_min,
+                  clamp_max, dtype: torch.dtype) -> torch.Tensor:
+    """The layer's integer op on x_q (at the layer's input scale) with the clamp of a fused activation, writing
+    `out`'s integers (or float of dtype when out is None)."""
+    if out is None:
+        return layer.pipeline_op(x_q, dtype, None, 0, clamp_min, clamp_max)
+    _, scale, zero_point, out_dtype = out.qparams
+    return layer.pipeline_op(x_q, out_dtype, scale, zero_point, clamp_min, clamp_max)
+
+
+def integer_add(a: torch.Tensor, b: torch.Tensor, qa: ActivationQuantizer, qb: ActivationQuantizer,
+                out: Optional[ActivationQuantizer], relu: bool, dtype: torch.dtype) -> torch.Tensor:
+    sa, _, za, _ = qa.qparams
+    sb, _, zb, _ = qb.qparams
+    if out is None:
+        return F_q.quantized_add(a, sa, za, b, sb, zb, out_dtype=dtype, relu=relu)
+    _, scale, zero_point, out_dtype = out.qparams
+    return F_q.quantized_add(a, sa, za, b, sb, zb, out_dtype=out_dtype, out_scale=scale, out_zero_point=zero_point,
+                             relu=relu)
+
+
+def integer_relu(q: torch.Tensor, quantizer: ActivationQuantizer) -> torch.Tensor:
+    """ReLU on integers: the zero point is the quantized 0."""
+    return torch.clamp_min(q, quantizer.qparams[2])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# convert
+
+def _float_dtype(layers) -> torch.dtype:
+    for layer in layers:
+        return layer.weight.dtype if not layer.converted else layer.bias.dtype if layer.bias is not None \
+            else torch.float32
+    return torch.float32
+
+
+def convert_pipeline(gm: fx.GraphModule) -> fx.GraphModule:
+    """Converts a prepared pipeline in place: every layer's integer state is computed first (a failure leaves gm
+    as it was), then installed, and the graph rewritten to pass integers."""
+    if _meta(gm)["converted"]:
+        return gm
+    modules = dict(gm.named_modules())
+    quantizers = [m for m in gm.get_submodule(ACT_QUANT).values()]
+    for q in quantizers:
+        if not q.ready:
+            raise RuntimeError("convert: the integer pipeline needs calibration before convert (an activation "
+                               "quantizer observed no data)")
+    layers = [m for m in modules.values() if isinstance(m, QuantLayerBase)]
+    pending = [(layer, layer.converted_state()) for layer in layers if not layer.converted]
+    dtype = _float_dtype(layers)
+    for layer, state in pending:
+        layer._install_converted(state)
+    _lower(gm, dtype)
+    return gm
+
+
+def converted_skeleton(gm: fx.GraphModule) -> None:
+    """A prepared pipeline turned into the converted layout with placeholder states, for loading a converted
+    pipeline's state dict (whose post hook then refreshes what the forward reads)."""
+    layers = [m for m in gm.modules() if isinstance(m, QuantLayerBase)]
+    dtype = _float_dtype(layers)
+    for layer in layers:
+        layer._converted_skeleton()
+    _lower(gm, dtype)
+
+
+def _lower(gm: fx.GraphModule, dtype: torch.dtype) -> None:
+    """Rewrites the prepared graph: fake-quant nodes after producers go (the producer writes those integers), the
+    others become quantize nodes, fused chains and adds become integer calls, integer tensors read by float ops are
+    dequantized."""
+    graph = gm.graph
+    modules = dict(gm.named_modules())
+    integer_output = _meta(gm)["integer_output"]
+    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+    act_prefix = ACT_QUANT + "."
+    int_of: dict[fx.Node, fx.Node] = {}  # integer value -> get_attr node of its quantizer
+    attrs: dict[str, fx.Node] = {}
+    dequantized: dict[fx.Node, fx.Node] = {}
+    erased: set[fx.Node] = set()
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+
+    def attr(target: str) -> fx.Node:
+        if target not in attrs:
+            with graph.inserting_after(placeholders[-1]) if placeholders else graph.inserting_before(None):
+                attrs[target] = graph.get_attr(target)
+        return attrs[target]
+
+    def fake_quant_after(node: fx.Node) -> Optional[fx.Node]:
+        user = _only_user(node)
+        if user is not None and user.op == "call_module" and user.target.startswith(act_prefix):
+            return user
+        return None
+
+    def replace(old_nodes: list, new: fx.Node, quantizer: Optional[fx.Node]) -> None:
+        old_nodes[-1].replace_all_uses_with(new)
+        for n in reversed(old_nodes):
+            graph.erase_node(n)
+            erased.add(n)
+        if quantizer is not None:
+            int_of[new] = quantizer
+
+    def dequantize(value: fx.Node) -> fx.Node:
+        if value not in dequantized:
+            with graph.inserting_after(value):
+                dequantized[value] = graph.call_function(dequantize_output, (value, int_of[value], dtype))
+        return dequantized[value]
+
+    for node in list(graph.nodes):
+        if node in erased or node.op in ("placeholder", "get_attr"):
+            continue
+        found = layer_chain(node, modules, calls)
+        if found is not None and modules[node.target].graph_input:
+            chain, (clamp_min, clamp_max) = found
+            fq = fake_quant_after(chain[-1])
+            out = None if fq is None else attr(fq.target)
+            with graph.inserting_after(fq or chain[-1]):
+                new = graph.call_function(integer_layer, (attr(node.target), node.args[0], out, clamp_min,
+                                                          clamp_max, dtype))
+            replace(chain + ([fq] if fq else []), new, out)
+            continue
+        if _is_add(node) and all(a in int_of for a in node.args):
+            relu = _fused_relu(node, modules)
+            end = relu or node
+            fq = fake_quant_after(end)
+            out = None if fq is None else attr(fq.target)
+            with graph.inserting_after(fq or end):
+                new = graph.call_function(integer_add, (*node.args, *(int_of[a] for a in node.args), out,
+                                                        relu is not None, dtype))
+            replace([node] + ([relu] if relu else []) + ([fq] if fq else []), new, out)
+            continue
+        if node.op == "call_module" and node.target.startswith(act_prefix):  # quantizes a float value
+            with graph.inserting_after(node):
+                new = graph.call_function(quantize_input, (node.args[0], attr(node.target)))
+            replace([node], new, attrs[node.target])
+            continue
+        if _is_cat(node) and all(a in int_of for a in node.args[0]):
+            int_of[node] = int_of[node.args[0][0]]
+            continue
+        if node.args and isinstance(node.args[0], fx.Node) and node.args[0] in int_of \
+                and _is_passthrough(node, modules):
+            quantizer = int_of[node.args[0]]
+            if activation_clamp(node, modules) == (0.0, None):
+                with graph.inserting_after(node):
+                    new = graph.call_function(integer_relu, (node.args[0], quantizer))
+                replace([node], new, quantizer)
+            else:
+                int_of[node] = quantizer
+            continue
+        if node.op == "output" and integer_output or _is_shape_query(node):
+            continue
+        node.args = fx.node.map_arg(node.args, lambda a: dequantize(a) if a in int_of else a)
+        node.kwargs = fx.node.map_arg(node.kwargs, lambda a: dequantize(a) if a in int_of else a)
+    _meta(gm).update(converted=True, output_quantizers=[int_of[n].target if n in int_of else None
+                                                          for n in _output_nodes(graph)])
+    graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    for q in gm.get_submodule(ACT_QUANT).values():
+        q.refresh()
+
+
+def _output_nodes(graph: fx.Graph) -> list:
+    nodes = []
+    fx.node.map_arg(next(n for n in graph.nodes if n.op == "output").args, nodes.append)
+    return nodes
+
+
+def output_qparams(model: fx.GraphModule) -> list:
+    """(scale, zero_point) of each integer output of a converted pipeline built with integer_output=True (in the
+    order of the output's tensors; None for an output that is float)."""
+    if not is_pipeline(model) or not _meta(model)["converted"]:
+        raise ValueError("output_qparams: model must be a converted integer pipeline")
+    result = []
+    for target in _meta(model)["output_quantizers"]:
+        if target is None:
+            result.append(None)
+        else:
+            _, scale, zero_point, _ = model.get_submodule(target).qparams
+            result.append((scale, zero_point))
+    return result
