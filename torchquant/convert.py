@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from torchquant.config import QuantConfig, resolve_config
 from torchquant.fold import find_bn_pairs, folded_bn, parent_and_key
-from torchquant.graph import convert_pipeline, is_pipeline, prepare_pipeline
+from torchquant.graph import META_KEY as PIPELINE_META, convert_pipeline, is_pipeline, prepare_pipeline
 from torchquant.nn import QuantConv2d, QuantLinear
 from torchquant.nn.base import QuantLayerBase
 from torchquant.nn.quantizers import InputQuantizer
@@ -123,7 +123,14 @@ def _prepared_pipeline(model: nn.Module, config: QuantConfig):
     if swap_type is not None:
         raise TypeError(f"prepare: model is itself a {type(model).__name__}; wrap it in a container "
                         f"(e.g. nn.Sequential) or use {swap_type.__name__}.from_float")
-    return prepare_pipeline(model, config, _swap_layers)
+    pipeline = prepare_pipeline(model, config, _swap_layers)
+    if pipeline is not None:
+        # what save() writes: skip rules that are not name globs become the names they matched
+        skipped = [r for r in config.skip if isinstance(r, str)] + [
+            name for name, module in model.named_modules() if name and any(
+                _rule_matches(rule, name, module) for rule in config.skip if not isinstance(rule, str))]
+        pipeline.meta[PIPELINE_META]["config"] = dataclasses.replace(config, skip=tuple(skipped)).to_dict()
+    return pipeline
 
 
 def prepare(model: nn.Module, config=None, *, inplace: bool = True) -> nn.Module:

@@ -19,6 +19,7 @@ import signal
 import stat
 import tempfile
 import threading
+import warnings
 from contextlib import contextmanager
 from typing import Callable, Iterator, Optional
 
@@ -31,6 +32,7 @@ from torchquant._ops.quantize import qrange
 from torchquant.config import QuantConfig
 from torchquant.convert import QUANT_TYPES, _check_model
 from torchquant.fold import attach_folded_bn
+from torchquant.graph import ACT_QUANT, META_KEY as PIPELINE_META, converted_skeleton, is_pipeline
 from torchquant.nn.base import QuantLayerBase, unpack_int4
 from torchquant.nn.quantizers import InputQuantizer, WeightQuantizer
 from torchquant.observers import Observer
@@ -146,6 +148,14 @@ def _layer_layout(model: nn.Module) -> dict:
     return layout
 
 
+def _pipeline_layout(model: nn.Module) -> dict:
+    """What load() needs to rebuild an integer pipeline on the float model: the config it was prepared with,
+    whether it is converted, and its activation quantizers' names (checked against the rebuilt ones)."""
+    info = model.meta[PIPELINE_META]
+    return {"config": info["config"], "converted": info["converted"],
+            "quantizers": sorted(model.get_submodule(ACT_QUANT)._modules)}
+
+
 def write_checkpoint(model: nn.Module, path: str) -> None:
     """Writes the checkpoint straight to path (save() does it atomically)."""
     tensors, aliases, storages = {}, {}, {}
@@ -157,6 +167,8 @@ def write_checkpoint(model: nn.Module, path: str) -> None:
         storages[ptr] = key
         tensors[key] = t.detach().to("cpu").contiguous().clone()
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "layers": _layer_layout(model), "aliases": aliases}
+    if is_pipeline(model):
+        meta["pipeline"] = _pipeline_layout(model)
     save_file(tensors, path, metadata={FORMAT: json.dumps(meta)})
 
 
@@ -189,7 +201,7 @@ def _parse_meta(path: str, text: str, tensor_names) -> dict:
         raise malformed(f"not valid JSON ({e})") from None
     if not isinstance(meta, dict):
         raise malformed(f"expected a JSON object, got {_json_type(meta)}")
-    unknown = sorted(set(meta) - {"format", "version", "layers", "aliases"})
+    unknown = sorted(set(meta) - {"format", "version", "layers", "aliases", "pipeline"})
     if unknown or meta.get("format") != FORMAT:
         raise malformed(f"expected keys format ('{FORMAT}'), version, layers and aliases; got {sorted(meta)}")
     version = meta.get("version")
@@ -213,6 +225,20 @@ def _parse_meta(path: str, text: str, tensor_names) -> dict:
             entry["config"] = QuantConfig.from_dict({"weight": entry["weight"], "activation": entry["activation"]})
         except (TypeError, ValueError, KeyError, AttributeError) as e:
             raise malformed(f"layer {name!r} has an invalid quantization config: {e}") from None
+    if "pipeline" in meta:
+        pipeline = meta["pipeline"]
+        if not isinstance(pipeline, dict) or set(pipeline) != {"config", "converted", "quantizers"}:
+            raise malformed("'pipeline' must be an object with keys config, converted and quantizers")
+        if not isinstance(pipeline["converted"], bool):
+            raise malformed(f"pipeline 'converted' must be true or false, got {pipeline['converted']!r}")
+        if not isinstance(pipeline["quantizers"], list) or not all(isinstance(q, str) for q in pipeline["quantizers"]):
+            raise malformed("pipeline 'quantizers' must be a list of names")
+        try:
+            pipeline["config"] = QuantConfig.from_dict(pipeline["config"])
+        except (TypeError, ValueError, KeyError, AttributeError) as e:
+            raise malformed(f"pipeline has an invalid quantization config: {e}") from None
+        if not pipeline["config"].integer_pipeline:
+            raise malformed("pipeline config must have integer_pipeline true")
     if not isinstance(aliases, dict):
         raise malformed(f"'aliases' must be an object, got {_json_type(aliases)}")
     for key, target in aliases.items():
@@ -453,6 +479,8 @@ def load(path, model: nn.Module) -> nn.Module:
     _check_model(model, "load")
     path = _check_path(path, "load")
     meta, tensors = _read(path)
+    if "pipeline" in meta or is_pipeline(model):
+        return _load_pipeline(path, model, meta, tensors)
     plan = _plan(path, model, meta["layers"])
     _install(plan, 3)
     try:
@@ -478,3 +506,40 @@ def load(path, model: nn.Module) -> nn.Module:
         raise
     _install(plan, 3)
     return model
+
+
+def _load_pipeline(path: str, model: nn.Module, meta: dict, tensors: dict) -> nn.Module:
+    """load() of an integer pipeline: into the same pipeline (in place), or into the float model, on which it is
+    rebuilt (prepared as the file's config says and, for a converted file, converted) beside the model, which is
+    left as it is; the new pipeline is returned."""
+    from torchquant.convert import prepare  # (convert imports this module's neighbours; import when used)
+    pipeline = meta.get("pipeline")
+    if pipeline is None:
+        raise ValueError(f"load: {path} holds a layer-by-layer model, but the model is an integer pipeline; "
+                         f"load it into the float model instead")
+    if is_pipeline(model):
+        if model.meta[PIPELINE_META]["converted"] != pipeline["converted"]:
+            state = "converted" if pipeline["converted"] else "prepared"
+            raise ValueError(f"load: {path} holds a {state} integer pipeline, the model is not {state}; load it "
+                             f"into the float model instead")
+        built = model
+    else:
+        if any(isinstance(m, QuantLayerBase) for m in model.modules()):
+            raise ValueError(f"load: {path} holds an integer pipeline; load it into the float model")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # prepare's notes on what stays float were given when it was made
+            built = prepare(model, pipeline["config"], inplace=False)
+        if not is_pipeline(built):
+            raise ValueError(f"load: {path} holds an integer pipeline, but torch.fx cannot trace the model")
+        if pipeline["converted"]:
+            converted_skeleton(built)
+    found = {"layers": _layer_layout(built), "quantizers": sorted(built.get_submodule(ACT_QUANT)._modules)}
+    for key, want in (("layers", meta["layers"]), ("quantizers", pipeline["quantizers"])):
+        expected = {name: {k: v for k, v in entry.items() if k != "config"} for name, entry in want.items()} \
+            if key == "layers" else want
+        if found[key] != expected:
+            raise ValueError(f"load: {path} does not fit the model: its integer pipeline has other {key} than "
+                             f"the model's")
+    _check_tensors(path, built, tensors)
+    built.load_state_dict(tensors)
+    return built
