@@ -10,7 +10,7 @@ from torch import nn
 
 from torchquant.config import QuantConfig, resolve_config
 from torchquant.convert import calibrate, convert, prepare
-from torchquant.nn.base import QuantLayerBase
+from torchquant.nn.base import QuantLayerBase, set_weight_spec
 from torchquant.report import FLOAT_LAYER_TYPES, LayerMeasurement, eval_mode, measure_layers
 
 __all__ = ["quantize_with_budget"]
@@ -28,6 +28,8 @@ def _quantize_copy(model: nn.Module, config: QuantConfig, calibration, plan: Opt
     plan = plan or {}
     layers = _float_layer_names(model)
     result = copy.deepcopy(model)
+    if config.integer_pipeline:
+        return _quantize_pipeline_copy(result, config, calibration, plan, progress=progress)
     groups = [(config, layers - set(plan))]
     for bits in sorted({bits for bits in plan.values() if bits is not None}):
         group_config = replace(config, weight=replace(config.weight, bits=bits), skip=())
@@ -41,6 +43,21 @@ def _quantize_copy(model: nn.Module, config: QuantConfig, calibration, plan: Opt
         return result  # every layer kept float
     if calibration is not None and config.activation is not None and not config.activation.dynamic:
         calibrate(result, calibration, progress=progress)
+    return convert(result)
+
+
+def _quantize_pipeline_copy(model: nn.Module, config: QuantConfig, calibration, plan: Dict[str, Optional[int]], *,
+                            progress: bool) -> nn.Module:
+    """_quantize_copy for an integer pipeline: one graph, in which the layers the plan keeps float are skipped and
+    the others get the plan's weight bits."""
+    kept = {name for name, bits in plan.items() if bits is None}
+    result = prepare(model, config.with_skip([lambda name, module: name in kept]) if kept else config)
+    for name, bits in plan.items():
+        if bits is not None and isinstance(layer := result.get_submodule(name), QuantLayerBase):
+            set_weight_spec(layer, replace(config.weight, bits=bits))
+    if not any(isinstance(m, QuantLayerBase) for m in result.modules()):
+        return model  # every layer kept float
+    calibrate(result, calibration, progress=progress)
     return convert(result)
 
 

@@ -197,7 +197,7 @@ def config_from_args(args):
             raise UsageError("--act-bits: the chosen preset keeps activations in float")
         activation = adjusted(activation, "--act-bits", bits=args.act_bits)
     try:
-        return QuantConfig(weight=weight, activation=activation, skip=tuple(args.skip))
+        return dataclasses.replace(config, weight=weight, activation=activation, skip=tuple(args.skip))
     except (TypeError, ValueError) as exc:
         raise UsageError(f"configuration: {str(exc).removeprefix('QuantConfig: ')}") from exc
 

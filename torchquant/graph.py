@@ -585,3 +585,28 @@ def output_qparams(model: fx.GraphModule) -> list:
             _, scale, zero_point, _ = model.get_submodule(target).qparams
             result.append((scale, zero_point))
     return result
+
+
+def pipeline_notes(model: fx.GraphModule) -> tuple[dict, list]:
+    """For reports on a converted pipeline: ({layer name: what its integer call fuses and writes}, notes on the
+    whole graph: how many integer adds, quantizes and dequantizes it runs, and the ops kept float)."""
+    if not is_pipeline(model) or not _meta(model)["converted"]:
+        return {}, []
+    layers, counts = {}, Counter()
+    for node in model.graph.nodes:
+        counts[node.target] += 1
+        if node.target is integer_layer:
+            _, _, out, clamp_min, clamp_max, _ = node.args
+            parts = ["integer input"]
+            if (clamp_min, clamp_max) == (0.0, None):
+                parts.append("ReLU fused")
+            elif clamp_min is not None or clamp_max is not None:
+                parts.append(f"clamp [{clamp_min}, {clamp_max}] fused")
+            parts.append("float output" if out is None else
+                         f"{'int8' if model.get_submodule(out.target).spec.signed else 'uint8'} output")
+            layers[node.args[0].target] = ", ".join(parts)
+    notes = [f"integer pipeline: {counts[integer_layer]} integer layer call(s), {counts[integer_add]} integer "
+             f"add(s), {counts[quantize_input]} quantize(s), {counts[dequantize_output]} dequantize(s)"]
+    if _meta(model)["float_ops"]:
+        notes.append("kept float between integer layers: " + ", ".join(_meta(model)["float_ops"]))
+    return layers, notes

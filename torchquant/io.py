@@ -33,7 +33,7 @@ from torchquant.config import QuantConfig
 from torchquant.convert import QUANT_TYPES, _check_model
 from torchquant.fold import attach_folded_bn
 from torchquant.graph import ACT_QUANT, META_KEY as PIPELINE_META, converted_skeleton, is_pipeline
-from torchquant.nn.base import QuantLayerBase, unpack_int4
+from torchquant.nn.base import QuantLayerBase, set_weight_spec, unpack_int4
 from torchquant.nn.quantizers import InputQuantizer, WeightQuantizer
 from torchquant.observers import Observer
 
@@ -531,6 +531,10 @@ def _load_pipeline(path: str, model: nn.Module, meta: dict, tensors: dict) -> nn
             built = prepare(model, pipeline["config"], inplace=False)
         if not is_pipeline(built):
             raise ValueError(f"load: {path} holds an integer pipeline, but torch.fx cannot trace the model")
+        for name, entry in meta["layers"].items():  # layers given other weight bits (torchquant.budget)
+            layer = _child(built, name)
+            if isinstance(layer, QuantLayerBase) and layer.config.weight != entry["config"].weight:
+                set_weight_spec(layer, entry["config"].weight)
         if pipeline["converted"]:
             converted_skeleton(built)
     found = {"layers": _layer_layout(built), "quantizers": sorted(built.get_submodule(ACT_QUANT)._modules)}

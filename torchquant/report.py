@@ -22,6 +22,7 @@ from torchquant import functional as F_q
 from torchquant.config import QuantConfig, resolve_config
 from torchquant.convert import QUANT_TYPES
 from torchquant.fold import fold_running
+from torchquant.graph import pipeline_notes
 from torchquant.nn.base import QuantLayerBase
 from torchquant.timing import compare, markdown_table
 
@@ -343,6 +344,7 @@ def build_report(float_model: nn.Module, quantized_model: nn.Module, config=None
             measure_layers(float_model, quantized_model, batches, time_layers=time_layers, repeats=repeats,
                      progress=progress) if batches else ({}, None, None))
     layers = []
+    fused, graph_notes = pipeline_notes(quantized_model)
     for name, float_layer, layer in _layer_pairs(float_model, quantized_model):
         row = LayerReport(name=name, type=type(float_layer).__name__, shape=list(float_layer.weight.shape),
                           quantized=_is_quantized(layer), bytes_float=state_bytes(float_layer),
@@ -366,10 +368,12 @@ def build_report(float_model: nn.Module, quantized_model: nn.Module, config=None
                 row.latency_float_s, row.latency_quantized_s = m.latency_float_s, m.latency_quantized_s
         elif not row.note:
             row.note = "kept float (skip rule)" if isinstance(layer, FLOAT_LAYER_TYPES) else "not converted"
+        if name in fused:
+            row.note = "; ".join(filter(None, [row.note, fused[name]]))
         layers.append(row)
     report = ModelReport(config=_config_dict(config), layers=layers, bytes_float=state_bytes(float_model),
                          bytes_quantized=state_bytes(quantized_model), min_sqnr=min_sqnr, min_speedup=min_speedup,
-                         decisions=decisions)
+                         decisions=decisions, notes=graph_notes)
     if batches:
         report.batch_shape = list(batches[0].shape)
         report.output_sqnr_db = end_to_end.sqnr_db

@@ -18,6 +18,7 @@ buffers rebuilt from `qweight` whenever the layer moves (`_apply`) or loads a st
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -44,6 +45,12 @@ def unpack_int4(packed: torch.Tensor, k: int) -> torch.Tensor:
     low = ((p & 0xF) ^ 8) - 8
     high = ((p >> 4) ^ 8) - 8
     return torch.stack([low, high], dim=2).reshape(packed.shape[0], -1)[:, :k].to(torch.int8)
+
+
+def set_weight_spec(layer: "QuantLayerBase", spec) -> None:
+    """Gives a fake-quant layer another weight spec (a new weight quantizer; its input quantizer stays)."""
+    layer.config = dataclasses.replace(layer.config, weight=spec)
+    layer.weight_quantizer = WeightQuantizer(spec, layer.weight_shape[0]).to(layer.weight.device)
 
 
 class QuantLayerBase(nn.Module):
