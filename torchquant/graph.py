@@ -170,6 +170,18 @@ def _is_max_pool(node: fx.Node, modules: dict) -> bool:
             and not node.kwargs.get("return_indices", False))
 
 
+def _max_pool_arguments(node: fx.Node, modules: dict) -> dict:
+    """The pooling arguments of a max-pool node (module or function) as keyword arguments of
+    functional.quantized_max_pool2d."""
+    names = ("kernel_size", "stride", "padding", "dilation", "ceil_mode")
+    if node.op == "call_module":
+        m = modules[node.target]
+        return {name: getattr(m, name) for name in names}
+    given = dict(zip(names, node.args[1:]), **node.kwargs)
+    given.pop("return_indices", None)
+    return given
+
+
 def _is_passthrough(node: fx.Node, modules: dict) -> bool:
     """Ops that map integer tensors to integer tensors at the same scale (the first argument is the tensor)."""
     if not node.args or not isinstance(node.args[0], fx.Node):
@@ -256,9 +268,12 @@ def _plan(graph: fx.Graph, modules: dict, integer_output: bool) -> tuple[dict, d
             roots[value] = "quantize"
         return group[value]
 
+    producers: set[fx.Node] = set()
+
     def produce(node: fx.Node) -> None:
         group[node] = groups.new()
         roots[node] = "producer"
+        producers.add(node)
 
     for node in list(graph.nodes):
         if node in fused:
@@ -312,10 +327,34 @@ def _plan(graph: fx.Graph, modules: dict, integer_output: bool) -> tuple[dict, d
             del group[node], roots[node]
         elif node in group and node not in roots and node not in int_consumers and node.args[0] not in group:
             del group[node]  # a passthrough of a producer that now writes float
-    float_readers = [user for node in group for user in node.users
-                     if user not in group and user not in int_consumers and user not in fused
-                     and user.op != "output" and not _is_shape_query(user) and not _is_avg_pool(user, modules)]
-    return ({node: groups.find(g) for node, g in group.items()}, roots, layers, list(dict.fromkeys(float_readers)))
+    return ({node: groups.find(g) for node, g in group.items()}, roots, layers,
+            _kept_float(graph, modules, calls, producers, roots,
+                        int_consumers | fused | {n for n in group if roots.get(n) != "quantize"}))
+
+
+def _kept_float(graph: fx.Graph, modules: dict, calls: Counter, producers: set, roots: dict, pipeline: set) -> list:
+    """The ops on a path from a pipeline producer to a quantized input that the pipeline does not run on integers
+    (except average pooling, passthroughs, which run float where their input is float, and shape queries), and the
+    quantized layers called more than once (each quantizes its own input)."""
+    after_producer: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node in producers or any(a in after_producer for a in node.all_input_nodes):
+            after_producer.add(node)
+    before_quantize: set[fx.Node] = set()
+    for node in reversed(list(graph.nodes)):
+        if roots.get(node) == "quantize" or any(u in before_quantize for u in node.users):
+            before_quantize.add(node)
+    kept = []
+    for node in graph.nodes:
+        if node.op not in ("call_module", "call_function", "call_method") or node in pipeline:
+            continue
+        layer = modules.get(node.target) if node.op == "call_module" else None
+        if isinstance(layer, QuantLayerBase) and calls[node.target] > 1:
+            kept.append(node)
+        elif (node in after_producer and node in before_quantize and not _is_shape_query(node)
+              and not _is_avg_pool(node, modules) and not _is_passthrough(node, modules)):
+            kept.append(node)
+    return kept
 
 
 def _describe(node: fx.Node) -> str:
@@ -343,12 +382,15 @@ def prepare_pipeline(model: nn.Module, config: QuantConfig, swap) -> Optional[fx
     modules = dict(gm.named_modules())
     group, roots, layers, float_readers = _plan(gm.graph, modules, config.integer_output)
     # one quantizer per scale group, named after the group's first root
-    gm.add_module(ACT_QUANT, nn.ModuleDict())
+    # the new modules take the float model's mode (train() would also set the float model's own modules' modes)
+    gm.training = model.training
+    gm.add_module(ACT_QUANT, nn.ModuleDict().train(model.training))
     quantizers: dict[int, str] = {}
     for node in gm.graph.nodes:
         if node in roots and group[node] not in quantizers:
             quantizers[group[node]] = node.name
-            gm.get_submodule(ACT_QUANT)[node.name] = ActivationQuantizer(config.activation).to(_device_of(gm))
+            quantizer = ActivationQuantizer(config.activation).to(_device_of(gm)).train(model.training)
+            gm.get_submodule(ACT_QUANT)[node.name] = quantizer
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for node in [n for n in gm.graph.nodes if n in roots]:
         after = placeholders[-1] if node.op == "placeholder" else node
@@ -365,7 +407,7 @@ def prepare_pipeline(model: nn.Module, config: QuantConfig, swap) -> Optional[fx
     gm.recompile()
     gm.register_load_state_dict_post_hook(_after_load)
     if float_readers:
-        warnings.warn(f"prepare: kept float between integer layers (their integer inputs are dequantized): "
+        warnings.warn(f"prepare: kept float between integer layers (each costs a float round trip): "
                       f"{', '.join(_describe(n) for n in float_readers)}", UserWarning, stacklevel=4)
     _meta(gm)["float_ops"] = [_describe(n) for n in float_readers]
     return gm
@@ -546,7 +588,12 @@ def _lower(gm: fx.GraphModule, dtype: torch.dtype) -> None:
         if node.args and isinstance(node.args[0], fx.Node) and node.args[0] in int_of \
                 and _is_passthrough(node, modules):
             quantizer = int_of[node.args[0]]
-            if activation_clamp(node, modules) == (0.0, None):
+            if _is_max_pool(node, modules):
+                with graph.inserting_after(node):
+                    new = graph.call_function(F_q.quantized_max_pool2d, (node.args[0],), _max_pool_arguments(
+                        node, modules))
+                replace([node], new, quantizer)
+            elif activation_clamp(node, modules) == (0.0, None):
                 with graph.inserting_after(node):
                     new = graph.call_function(integer_relu, (node.args[0], quantizer))
                 replace([node], new, quantizer)

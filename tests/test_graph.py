@@ -1,0 +1,438 @@
+"""The integer pipeline (torchquant.graph): pattern matching on traced models, fake-quant vs converted parity on
+every pattern, the float reference, fallbacks, save/load, report and CLI."""
+import copy
+import dataclasses
+import json
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import torchquant as tq
+from torchquant import graph
+from torchquant.config import QuantConfig, QuantSpec
+from torchquant.nn import QuantConv2d, QuantLinear
+from torchquant.report import build_report
+
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
+
+PIPELINE = QuantConfig.preset("int8-pipeline")
+INTEGER_OUT = dataclasses.replace(PIPELINE, integer_output=True)
+
+
+class ConvBnReLU(nn.Module):
+    """Conv + BatchNorm + each activation form the pipeline fuses, then max-pool, flatten and a Linear."""
+
+    def __init__(self, act: str):
+        super().__init__()
+        self.act = act
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU() if act == "module" else nn.ReLU6() if act == "relu6_module" else None
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(8 * 4 * 4, 10)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        if self.act in ("module", "relu6_module"):
+            y = self.relu(y)
+        elif self.act == "F.relu":
+            y = F.relu(y)
+        elif self.act == "torch.relu":
+            y = torch.relu(y)
+        elif self.act == "method":
+            y = y.relu()
+        elif self.act == "hardtanh":
+            y = F.hardtanh(y, -0.5, 0.75)
+        y = self.pool(F.relu(self.conv2(y)))
+        return self.fc(torch.flatten(y, 1))
+
+
+class BasicBlockNet(nn.Module):
+    """A stem and two residual blocks (identity and 1x1 shortcut), `+` and torch.add, F.relu after the add, global
+    average pooling, view and a Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.stem_bn = nn.BatchNorm2d(8)
+        self.a1 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.a1_bn = nn.BatchNorm2d(8)
+        self.a2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.a2_bn = nn.BatchNorm2d(8)
+        self.b1 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.b2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.down = nn.Conv2d(8, 16, 1, stride=2)
+        self.relu = nn.ReLU(inplace=True)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.relu(self.stem_bn(self.stem(x)))
+        x = F.max_pool2d(x, 3, 2, 1)
+        y = self.a2_bn(self.a2(self.relu(self.a1_bn(self.a1(x)))))
+        x = self.relu(y + x)
+        y = self.b2(F.relu(self.b1(x)))
+        x = F.relu(torch.add(y, self.down(x)))
+        x = F.adaptive_avg_pool2d(x, 1)
+        return self.head(x.view(x.size(0), -1))
+
+
+class CatNet(nn.Module):
+    """Two branches concatenated (their scales shared), reshape, an MLP with torch.relu."""
+
+    def __init__(self):
+        super().__init__()
+        self.left = nn.Conv2d(2, 4, 3, padding=1)
+        self.right = nn.Conv2d(2, 4, 1)
+        self.merge = nn.Conv2d(8, 4, 1)
+        self.fc1 = nn.Linear(4 * 6 * 6, 16)
+        self.fc2 = nn.Linear(16, 3)
+
+    def forward(self, x):
+        y = torch.cat([F.relu(self.left(x)), self.right(x)], dim=1)
+        y = self.merge(y)
+        y = torch.relu(self.fc1(y.reshape(y.shape[0], -1)))
+        return self.fc2(y)
+
+
+def _randomize_bn(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.data = torch.rand(m.num_features, generator=g) + 0.5
+            m.bias.data = torch.randn(m.num_features, generator=g) * 0.2
+            m.running_mean = torch.randn(m.num_features, generator=g) * 0.2
+            m.running_var = torch.rand(m.num_features, generator=g) + 0.5
+    return model.eval()
+
+
+def _batches(shape, n=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*shape, generator=g) for _ in range(n)]
+
+
+MODELS = {
+    **{f"conv-bn-{act}": (lambda act=act: ConvBnReLU(act), (4, 3, 8, 8))
+       for act in ("module", "F.relu", "torch.relu", "method", "relu6_module", "hardtanh", "none")},
+    "basic-blocks": (BasicBlockNet, (2, 3, 12, 12)),
+    "cat": (CatNet, (3, 2, 6, 6)),
+}
+
+
+def _prepared(name, config=PIPELINE):
+    factory, shape = MODELS[name]
+    torch.manual_seed(0)
+    model = _randomize_bn(factory())
+    batches = _batches(shape)
+    prepared = tq.calibrate(tq.prepare(model, config), batches, progress=False)
+    return model, prepared, batches
+
+
+def _assert_integers_match(converted_q, prepared_y, scale, zero_point):
+    """The converted pipeline's integers against the fake-quant model's output on the same grid. Each integer op
+    gives the fake-quant integers, or one step apart where float summation order moved a value across a rounding
+    boundary (rarely); through a few layers such steps can add up to two."""
+    expected = torch.round(prepared_y / scale) + zero_point
+    diff = (converted_q.float() - expected).abs()
+    assert diff.max() <= 2, diff.max()
+    assert (diff > 0).float().mean() <= 0.1
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_converted_pipeline_computes_the_fake_quant_function(name):
+    model, prepared, batches = _prepared(name, INTEGER_OUT)
+    assert graph.is_pipeline(prepared)
+    with torch.no_grad():
+        expected = [prepared(b) for b in batches]
+    converted = tq.convert(prepared)
+    (qparams,) = graph.output_qparams(converted)
+    for batch, y in zip(batches, expected):
+        with torch.no_grad():
+            q = converted(batch)
+        assert q.dtype == torch.uint8
+        _assert_integers_match(q, y, *qparams)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_converted_pipeline_is_close_to_float_and_fake_quant(name):
+    model, prepared, batches = _prepared(name)
+    with torch.no_grad():
+        fake = prepared(batches[0])
+        converted = tq.convert(prepared)
+        y = converted(batches[0])
+        ref = model(batches[0])
+    assert y.dtype == torch.float32
+    assert tq.functional.quantization_error(ref, y)["sqnr_db"] > 20
+    # a one-step difference inside can move the float output by about one output step
+    assert (y - fake).abs().max() <= 0.05 * ref.abs().max()
+
+
+def _graph_targets(model):
+    return [n.target for n in model.graph.nodes]
+
+
+def test_patterns_are_fused_and_run_on_integers():
+    _, prepared, batches = _prepared("basic-blocks")
+    converted = tq.convert(prepared)
+    targets = _graph_targets(converted)
+    assert targets.count(graph.integer_layer) == 7
+    assert targets.count(graph.integer_add) == 2
+    assert targets.count(graph.quantize_input) == 2  # the input, and the average pool's output
+    # only the average pool reads the last add: it writes float, which nothing dequantizes
+    assert targets.count(graph.dequantize_output) == 0
+    assert not any(isinstance(m, (nn.BatchNorm2d, nn.ReLU)) for m in converted.modules())
+    layers, notes = graph.pipeline_notes(converted)
+    assert layers["stem"] == "integer input, ReLU fused, uint8 output"
+    assert layers["a2"] == "integer input, uint8 output"
+    assert layers["head"] == "integer input, float output"
+    assert "2 integer add(s)" in notes[0]
+
+
+def test_prepared_pipeline_fake_quantizes_where_the_converted_one_quantizes():
+    _, prepared, _ = _prepared("basic-blocks")
+    quantized = [n.args[0].name for n in prepared.graph.nodes
+                 if n.op == "call_module" and n.target.startswith(graph.ACT_QUANT + ".")]
+    # at the model input, after the fused ReLUs and BatchNorms, at the first add's output (after its ReLU) and
+    # after the average pool (view); not after the last add (only the average pool reads it) nor the head
+    assert quantized == ["x", "relu", "relu_1", "a2_bn", "relu_2", "relu_3", "b2", "down", "view"]
+
+
+def test_cat_inputs_share_one_quantizer():
+    _, prepared, _ = _prepared("cat")
+    cat = next(n for n in prepared.graph.nodes if n.target is torch.cat)
+    assert len({a.target for a in cat.args[0]}) == 1
+
+
+def test_layer_input_scale_is_its_producers_output_scale():
+    _, prepared, _ = _prepared("conv-bn-module")
+    assert prepared.conv2.input_quantizer is prepared.act_quant.relu
+    assert prepared.conv2.graph_input
+    assert "input_quantizer" not in prepared.conv2._modules  # referenced, owned by the pipeline
+
+
+def test_float_model_is_left_unchanged_and_parameters_are_shared():
+    model = _randomize_bn(BasicBlockNet())
+    before = copy.deepcopy(model.state_dict())
+    prepared = tq.prepare(model, PIPELINE)
+    assert all(type(m) is not QuantConv2d for m in model.modules())
+    assert prepared.stem.weight is model.stem.weight
+    assert prepared.stem_bn.weight is model.stem_bn.weight
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_quantize_model_and_convert_not_inplace():
+    model, prepared, batches = _prepared("cat")
+    converted = tq.convert(prepared, inplace=False)
+    assert not graph._meta(prepared)["converted"] and graph._meta(converted)["converted"]
+    direct = tq.quantize_model(model, "int8-pipeline", calibration=batches)
+    with torch.no_grad():
+        assert torch.equal(direct(batches[0]), converted(batches[0]))
+    assert tq.convert(converted) is converted  # idempotent
+
+
+def test_untraceable_model_falls_back_to_the_module_swap_with_one_warning():
+    class Dynamic(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+            self.b = nn.Linear(4, 2)
+
+        def forward(self, x):
+            y = self.a(x)
+            if y.sum() > 0:  # control flow on a value: not traceable
+                y = y * 2
+            return self.b(y)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = tq.quantize_model(Dynamic(), PIPELINE, calibration=[torch.randn(3, 4)])
+    assert len(caught) == 1 and "cannot trace Dynamic" in str(caught[0].message)
+    assert "module swap" in str(caught[0].message)
+    assert isinstance(model.a, QuantLinear) and model.a.converted
+    assert model(torch.randn(3, 4)).shape == (3, 2)
+
+
+def test_unsupported_op_stays_float_and_is_named():
+    class Sigmoid(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(1, 4, 3)
+            self.b = nn.Conv2d(4, 4, 3)
+
+        def forward(self, x):
+            return self.b(torch.sigmoid(self.a(x)))
+
+    model = Sigmoid().eval()
+    with pytest.warns(UserWarning, match=r"kept float between integer layers .*: sigmoid \(sigmoid\)$"):
+        prepared = tq.prepare(model, PIPELINE)
+    converted = tq.convert(tq.calibrate(prepared, _batches((2, 1, 7, 7)), progress=False))
+    targets = _graph_targets(converted)
+    assert targets.count(graph.integer_layer) == 2
+    assert targets.count(graph.dequantize_output) == 1 and targets.count(graph.quantize_input) == 2
+    x = torch.randn(2, 1, 7, 7)
+    with torch.no_grad():
+        assert tq.functional.quantization_error(model(x), converted(x))["sqnr_db"] > 25
+
+
+def test_skipped_layer_stays_float_between_integer_layers():
+    model, _, batches = _prepared("cat")
+    config = PIPELINE.with_skip(["merge"])
+    with pytest.warns(UserWarning, match="merge"):
+        converted = tq.quantize_model(model, config, calibration=batches)
+    assert type(converted.merge) is nn.Conv2d
+    with torch.no_grad():
+        assert tq.functional.quantization_error(model(batches[0]), converted(batches[0]))["sqnr_db"] > 25
+
+
+def test_layer_called_twice_runs_on_its_own_quantizer():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+            self.b = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.b(self.b(F.relu(self.a(x))))
+
+    model = Twice().eval()
+    batches = _batches((3, 4))
+    with pytest.warns(UserWarning, match=r"kept float between integer layers .*: b \(b\), b_1 \(b\)$"):
+        converted = tq.quantize_model(model, PIPELINE, calibration=batches)
+    assert converted.b.converted and not converted.b.graph_input
+    with torch.no_grad():
+        assert tq.functional.quantization_error(model(batches[0]), converted(batches[0]))["sqnr_db"] > 25
+
+
+def test_config_rules():
+    with pytest.raises(ValueError, match="integer_pipeline=True needs static 8-bit"):
+        dataclasses.replace(QuantConfig.preset("int8-dynamic"), integer_pipeline=True)
+    with pytest.raises(ValueError, match="integer_pipeline=True needs static 8-bit"):
+        QuantConfig(activation=QuantSpec(bits=4, signed=False, symmetric=False, granularity="per_tensor"),
+                    integer_pipeline=True)
+    with pytest.raises(ValueError, match="integer_output=True needs integer_pipeline=True"):
+        QuantConfig(integer_output=True)
+    with pytest.raises(TypeError, match="integer_pipeline must be a bool"):
+        QuantConfig(integer_pipeline=1)
+    assert QuantConfig.from_dict(json.loads(json.dumps(INTEGER_OUT.to_dict()))) == INTEGER_OUT
+
+
+def test_calibration_is_needed_before_convert():
+    model = CatNet().eval()
+    with pytest.raises(RuntimeError, match="needs calibration"):
+        tq.convert(tq.prepare(model, PIPELINE))
+    with pytest.raises(ValueError, match="calibration"):
+        tq.quantize_model(model, PIPELINE)
+
+
+# ---- save / load ----
+
+@pytest.mark.parametrize("converted", [False, True])
+def test_save_load_round_trips_the_pipeline_into_the_float_model(tmp_path, converted):
+    model, prepared, batches = _prepared("basic-blocks")
+    if converted:
+        tq.convert(prepared)
+    path = tmp_path / "pipeline.safetensors"
+    tq.save(prepared, path)
+    skeleton = _randomize_bn(BasicBlockNet(), seed=5)
+    before = copy.deepcopy(skeleton.state_dict())
+    loaded = tq.load(path, skeleton)
+    assert graph.is_pipeline(loaded) and graph._meta(loaded)["converted"] == converted
+    with torch.no_grad():
+        for b in batches:
+            assert torch.equal(loaded(b), prepared(b))
+    for k, v in skeleton.state_dict().items():  # the float skeleton itself is left as it was
+        assert torch.equal(v, before[k])
+    again = tq.load(path, loaded)  # into the same pipeline, in place
+    assert again is loaded
+
+
+def _rewrite(path, out, *, metadata=None, tensors=None):
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["torchquant"])
+        data = {k: f.get_tensor(k) for k in f.keys()}
+    if metadata:
+        metadata(meta)
+    if tensors:
+        tensors(data)
+    save_file(data, str(out), metadata={"torchquant": json.dumps(meta)})
+
+
+def test_load_rejects_bad_pipeline_files_and_changes_nothing(tmp_path):
+    model, prepared, _ = _prepared("basic-blocks")
+    tq.convert(prepared)
+    path = tmp_path / "pipeline.safetensors"
+    tq.save(prepared, path)
+    bad = tmp_path / "bad.safetensors"
+
+    def check(match, **rewrite):
+        _rewrite(path, bad, **rewrite)
+        skeleton = BasicBlockNet()
+        state = copy.deepcopy(skeleton.state_dict())
+        with pytest.raises(ValueError, match=match):
+            tq.load(bad, skeleton)
+        assert all(torch.equal(v, state[k]) for k, v in skeleton.state_dict().items())
+
+    check(r"act_quant\.x\.scale.*finite and positive",
+          tensors=lambda d: d.__setitem__("act_quant.x.scale", torch.tensor([float("nan")])))
+    check(r"act_quant\.relu\.zero_point.*must be in \[0, 255\]",
+          tensors=lambda d: d.__setitem__("act_quant.relu.zero_point", torch.tensor([300], dtype=torch.int32)))
+    check("missing", tensors=lambda d: d.pop("act_quant.relu_2.scale"))
+    check("'pipeline' must be an object", metadata=lambda m: m.__setitem__("pipeline", []))
+    check("invalid quantization config", metadata=lambda m: m["pipeline"].__setitem__("config", {"weight": 1}))
+    check("integer_pipeline true",
+          metadata=lambda m: m["pipeline"]["config"].__setitem__("integer_pipeline", False))
+    check("other quantizers", metadata=lambda m: m["pipeline"].__setitem__("quantizers", ["x"]))
+    with pytest.raises(ValueError, match="not converted"):
+        tq.load(path, tq.prepare(BasicBlockNet(), PIPELINE))
+    with pytest.raises(ValueError, match="does not fit|other layers"):
+        tq.load(path, CatNet())
+
+
+def test_layer_by_layer_file_does_not_load_into_a_pipeline(tmp_path):
+    model = CatNet().eval()
+    swapped = tq.quantize_model(copy.deepcopy(model), "int8-static", calibration=_batches((3, 2, 6, 6)))
+    tq.save(swapped, tmp_path / "swap.safetensors")
+    with pytest.raises(ValueError, match="layer-by-layer"):
+        tq.load(tmp_path / "swap.safetensors", tq.prepare(model, PIPELINE))
+
+
+def test_moved_and_copied_pipeline_runs():
+    _, prepared, batches = _prepared("basic-blocks")
+    converted = tq.convert(prepared)
+    with torch.no_grad():
+        y = converted(batches[0])
+        assert torch.equal(copy.deepcopy(converted)(batches[0]), y)
+        assert torch.equal(converted.to("cpu")(batches[0]), y)
+
+
+# ---- report and command line ----
+
+def test_report_shows_folding_fusion_and_pipeline_counts():
+    model, prepared, batches = _prepared("basic-blocks")
+    converted = tq.convert(prepared)
+    report = build_report(model, converted, PIPELINE, calibration=batches, time_layers=False)
+    rows = {row.name: row for row in report.layers}
+    assert rows["stem"].note == "bn folded (stem_bn); integer input, ReLU fused, uint8 output"
+    assert rows["head"].quantized and rows["head"].output_sqnr_db > 20
+    assert any("2 integer add(s)" in note for note in report.notes)
+    assert report.output_sqnr_db > 20
+
+
+def test_cli_convert_and_report_use_the_pipeline(tmp_path, capsys):
+    from torchquant.cli import main
+    torch.save([torch.randn(4, 1, 8, 8) for _ in range(2)], tmp_path / "calib.pt")
+    out = tmp_path / "q.safetensors"
+    assert main(["convert", "torchquant.examples:DigitsBNCNN", "--config", "int8-pipeline", "--calib",
+                 str(tmp_path / "calib.pt"), "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "bn folded (bn1); integer input, ReLU fused, uint8 output" in text
+    assert "integer pipeline:" in text
+    from torchquant.examples import DigitsBNCNN
+    loaded = tq.load(out, DigitsBNCNN())
+    assert graph.is_pipeline(loaded) and graph._meta(loaded)["converted"]
