@@ -140,3 +140,28 @@ def test_bn_qat_4bit_with_folding_within_one_point_of_float(bn_float, digits, re
     steps_before = int(bn.num_batches_tracked)
     _qat_within_one_point(qat, bn_float_accuracy, digits, record_property, "BN w4a8 QAT")
     assert int(bn.num_batches_tracked) == steps_before + 60  # then frozen
+
+
+# ---- the same model as an integer pipeline (torchquant.graph): uint8 tensors between the layers ----
+
+def test_bn_int8_pipeline_ptq_within_0_3_points_of_float(bn_float, digits, record_property):
+    from torchquant.graph import is_pipeline
+    bn_float_model, bn_float_accuracy = bn_float
+    quantized = _ptq(bn_float_model, digits, "int8-pipeline")
+    assert is_pipeline(quantized) and _folded(quantized) == {"bn1", "bn2"}
+    accuracy = evaluate(quantized, digits)
+    record_property("BN int8-pipeline accuracy", accuracy)
+    print(f"BN int8-pipeline: {accuracy:.2f}% (float {bn_float_accuracy:.2f}%)")
+    assert accuracy >= bn_float_accuracy - 0.3
+
+
+def test_bn_qat_4bit_pipeline_with_folding_within_one_point_of_float(bn_float, digits, record_property):
+    from torchquant.config import QuantConfig, QuantSpec
+    from torchquant.graph import is_pipeline
+    bn_float_model, bn_float_accuracy = bn_float
+    config = QuantConfig(weight=QuantSpec(bits=4), integer_pipeline=True, freeze_bn_after=60,
+                         activation=QuantSpec(bits=8, signed=False, symmetric=False, granularity="per_tensor",
+                                              observer="moving_average"))
+    qat = torchquant.prepare(copy.deepcopy(bn_float_model), config)
+    assert is_pipeline(qat) and _folded(qat) == {"bn1", "bn2"}
+    _qat_within_one_point(qat, bn_float_accuracy, digits, record_property, "BN w4a8 pipeline QAT")
