@@ -436,3 +436,9 @@ def test_cli_convert_and_report_use_the_pipeline(tmp_path, capsys):
     from torchquant.examples import DigitsBNCNN
     loaded = tq.load(out, DigitsBNCNN())
     assert graph.is_pipeline(loaded) and graph._meta(loaded)["converted"]
+
+
+def test_export_onnx_names_the_pipeline(tmp_path):
+    _, prepared, batches = _prepared("cat")
+    with pytest.raises(tq.export.ExportError, match="integer pipeline .* is not exported to ONNX"):
+        tq.export_onnx(prepared, batches[0], tmp_path / "m.onnx")

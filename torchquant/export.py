@@ -43,6 +43,7 @@ import torch
 import torch.nn as nn
 
 from torchquant._ops.quantize import qrange
+from torchquant.graph import is_pipeline
 from torchquant.nn.base import QuantLayerBase
 from torchquant.nn.conv import QuantConv2d
 from torchquant.nn.linear import QuantLinear
@@ -580,6 +581,9 @@ def export_onnx(model: nn.Module, example_inputs: Union[torch.Tensor, Tuple[torc
     torch.export cannot trace; ModuleNotFoundError when onnx or onnxscript is missing (pip install
     'torchquant[onnx]')."""
     path = _check_path(path)
+    if is_pipeline(model):
+        raise ExportError("export_onnx: an integer pipeline (QuantConfig.integer_pipeline, preset 'int8-pipeline') "
+                          "is not exported to ONNX; export the layer-by-layer model (preset 'int8-static')")
     for package in ("onnx", "onnxscript"):
         try:
             __import__(package)
