@@ -17,9 +17,8 @@ import torch
 from torch import nn
 
 import torchquant
-from benchmarks.models import TORCH_AO, latency_rows, machine_description, torch_ao_static, _quiet_torch_ao, \
-    _quantized_engine, _engine_for
-from torchquant.timing import markdown_table
+from benchmarks.models import (TORCH_AO, _engine_for, _quantized_engine, _quiet_torch_ao, format_tables, latency_rows,
+                               machine_description, torch_ao_static)
 
 
 class BasicBlock(nn.Module):
@@ -150,6 +149,12 @@ def run(models=("resnet18", "resnet50"), batches=(1, 8), threads=(1, 2), repeats
     return rows
 
 
+TITLES = {"latency": "Latency (CPU, 224x224, random weights)", "sqnr": "Output SQNR against float32 (batch 8)"}
+COLUMNS = {"latency": ["model", "input", "threads", "variant", "ms", "vs float", "vs torch.ao"],
+           "sqnr": ["model", "variant", "output SQNR dB"]}
+LEGEND = "ms: median of interleaved samples; vs float / vs torch.ao: speed-up over that baseline (> 1 is faster)."
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.resnet", description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=list(ARCHITECTURES), default=list(ARCHITECTURES))
@@ -159,14 +164,7 @@ def main(argv=None) -> None:
     parser.add_argument("--output", help="also write the tables, with the machine and date, to this Markdown file")
     args = parser.parse_args(argv)
     rows = run(args.models, args.batches, args.threads, args.repeats)
-    latency = [r for r in rows if r["table"] == "latency"]
-    sqnr = [r for r in rows if r["table"] == "sqnr"]
-    text = (f"### Latency (CPU, 224x224, random weights)\n\n"
-            f"{markdown_table(latency, ['model', 'input', 'threads', 'variant', 'ms', 'vs float', 'vs torch.ao'])}"
-            f"\n\n### Output SQNR against float32 (batch 8)\n\n"
-            f"{markdown_table(sqnr, ['model', 'variant', 'output SQNR dB'])}\n\n"
-            f"ms: median of interleaved samples; vs float / vs torch.ao: speed-up over that baseline (> 1 is "
-            f"faster).\n\nMachine: {machine_description()}\n")
+    text = f"{format_tables(rows, TITLES, COLUMNS)}\n{LEGEND}\n\nMachine: {machine_description()}\n"
     print(text)
     if args.output:
         with open(args.output, "w") as f:
