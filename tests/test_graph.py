@@ -172,6 +172,21 @@ def test_converted_pipeline_is_close_to_float_and_fake_quant(name):
     assert (y - fake).abs().max() <= 0.05 * ref.abs().max()
 
 
+@pytest.mark.parametrize("name", ["basic-blocks", "cat"])
+def test_pipeline_integers_are_identical_on_every_cpu_path_and_cuda(name, device, isa, monkeypatch):
+    _, prepared, batches = _prepared(name, INTEGER_OUT)
+    converted = tq.convert(prepared)
+    monkeypatch.setenv("TORCHQUANT_CPU_ISA", "scalar")
+    with torch.no_grad():
+        reference = [converted(b) for b in batches]
+    if isa is not None:
+        monkeypatch.setenv("TORCHQUANT_CPU_ISA", isa)
+    converted.to(device)
+    with torch.no_grad():
+        for b, expected in zip(batches, reference):
+            assert torch.equal(converted(b.to(device)).cpu(), expected)
+
+
 def _graph_targets(model):
     return [n.target for n in model.graph.nodes]
 
