@@ -83,27 +83,31 @@ class BasicBlockNet(nn.Module):
 
 
 class CatNet(nn.Module):
-    """Two branches concatenated (their scales shared), reshape, an MLP with torch.relu."""
+    """Two branches concatenated (their scales shared), an in-place residual add, reshape, an MLP with a folded
+    BatchNorm1d and torch.relu."""
 
     def __init__(self):
         super().__init__()
         self.left = nn.Conv2d(2, 4, 3, padding=1)
         self.right = nn.Conv2d(2, 4, 1)
         self.merge = nn.Conv2d(8, 4, 1)
+        self.skip = nn.Conv2d(2, 4, 1)
         self.fc1 = nn.Linear(4 * 6 * 6, 16)
+        self.fc1_bn = nn.BatchNorm1d(16)
         self.fc2 = nn.Linear(16, 3)
 
     def forward(self, x):
         y = torch.cat([F.relu(self.left(x)), self.right(x)], dim=1)
         y = self.merge(y)
-        y = torch.relu(self.fc1(y.reshape(y.shape[0], -1)))
+        y += self.skip(x)
+        y = torch.relu(self.fc1_bn(self.fc1(y.reshape(y.shape[0], -1))))
         return self.fc2(y)
 
 
 def _randomize_bn(model, seed=0):
     g = torch.Generator().manual_seed(seed)
     for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
             m.weight.data = torch.rand(m.num_features, generator=g) + 0.5
             m.bias.data = torch.randn(m.num_features, generator=g) * 0.2
             m.running_mean = torch.randn(m.num_features, generator=g) * 0.2
@@ -221,6 +225,9 @@ def test_cat_inputs_share_one_quantizer():
     _, prepared, _ = _prepared("cat")
     cat = next(n for n in prepared.graph.nodes if n.target is torch.cat)
     assert len({a.target for a in cat.args[0]}) == 1
+    assert prepared.fc1.folded_bn == "fc1_bn"
+    targets = _graph_targets(tq.convert(prepared))
+    assert targets.count(graph.integer_add) == 1 and targets.count(graph.integer_layer) == 6
 
 
 def test_layer_input_scale_is_its_producers_output_scale():
