@@ -464,3 +464,18 @@ def test_export_onnx_names_the_pipeline(tmp_path):
     _, prepared, batches = _prepared("cat")
     with pytest.raises(tq.export.ExportError, match="integer pipeline .* is not exported to ONNX"):
         tq.export_onnx(prepared, batches[0], tmp_path / "m.onnx")
+
+
+def test_budget_builds_one_pipeline_with_per_layer_weight_bits_that_round_trips(tmp_path):
+    from torchquant.budget import quantize_with_budget
+    model = _randomize_bn(CatNet())
+    batches = _batches((3, 2, 6, 6))
+    config = dataclasses.replace(PIPELINE, weight=QuantSpec(bits=3))
+    quantized, decisions = quantize_with_budget(model, config, batches, min_sqnr=22)
+    assert graph.is_pipeline(quantized) and decisions
+    bits = {name: quantized.get_submodule(name).config.weight.bits for name in ("left", "right", "fc2")}
+    assert bits["right"] == 3 and all(bits[name] == (8 if name in decisions else 3) for name in bits)
+    tq.save(quantized, tmp_path / "q.safetensors")
+    loaded = tq.load(tmp_path / "q.safetensors", CatNet())
+    with torch.no_grad():
+        assert torch.equal(loaded(batches[0]), quantized(batches[0]))
