@@ -479,3 +479,14 @@ def test_budget_builds_one_pipeline_with_per_layer_weight_bits_that_round_trips(
     loaded = tq.load(tmp_path / "q.safetensors", CatNet())
     with torch.no_grad():
         assert torch.equal(loaded(batches[0]), quantized(batches[0]))
+
+
+def test_converted_pipeline_compiles_and_exports():
+    _, prepared, batches = _prepared("basic-blocks")
+    converted = tq.convert(prepared)
+    with torch.no_grad():
+        expected = converted(batches[0])
+        assert torch.equal(torch.compile(converted, fullgraph=True)(batches[0]), expected)
+    program = torch.export.export(converted, (batches[0],))
+    with torch.no_grad():
+        assert torch.equal(program.module()(batches[0]), expected)
