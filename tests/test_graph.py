@@ -490,3 +490,25 @@ def test_converted_pipeline_compiles_and_exports():
     program = torch.export.export(converted, (batches[0],))
     with torch.no_grad():
         assert torch.equal(program.module()(batches[0]), expected)
+
+
+def test_in_place_ops_are_read_as_the_float_model_reads_them():
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(2, 4, 3, padding=1)
+            self.b = nn.Conv2d(4, 4, 1)
+            self.c = nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            y = self.a(x)
+            z = self.b(y)
+            F.relu(y, inplace=True)  # later readers of y see the ReLU's result
+            y += self.c(y)
+            return z + y
+
+    model = InPlace().eval()
+    batches = _batches((2, 2, 5, 5))
+    converted = tq.quantize_model(model, PIPELINE, calibration=batches)
+    with torch.no_grad():
+        assert tq.functional.quantization_error(model(batches[0]), converted(batches[0]))["sqnr_db"] > 25

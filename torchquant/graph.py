@@ -182,6 +182,32 @@ def _max_pool_arguments(node: fx.Node, modules: dict) -> dict:
     return given
 
 
+def _in_place(node: fx.Node, modules: dict) -> bool:
+    """Whether node is an activation or add that writes into its first argument."""
+    if node.op == "call_module":
+        return activation_clamp(node, modules) is not None and bool(getattr(modules[node.target], "inplace", False))
+    if node.op == "call_method":
+        return node.target in ("relu_", "add_")
+    if node.target in (torch.relu_, operator.iadd):
+        return True
+    if activation_clamp(node, modules) is not None:
+        return bool(node.kwargs.get("inplace", False)) or (node.target in (F.relu, F.relu6) and len(node.args) > 1
+                                                           and bool(node.args[1]))
+    return False
+
+
+def _functionalize_in_place(graph: fx.Graph, modules: dict) -> None:
+    """After an in-place activation or add, its input tensor holds the result: the graph's later readers of the
+    input read the op's output instead, so that the pipeline, whose integer ops write new tensors, computes what
+    the float model does."""
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    for node in graph.nodes:
+        if node.args and isinstance(node.args[0], fx.Node) and _in_place(node, modules):
+            for user in list(node.args[0].users):
+                if order[user] > order[node]:
+                    user.replace_input_with(node.args[0], node)
+
+
 def _is_passthrough(node: fx.Node, modules: dict) -> bool:
     """Ops that map integer tensors to integer tensors at the same scale (the first argument is the tensor)."""
     if not node.args or not isinstance(node.args[0], fx.Node):
@@ -380,6 +406,7 @@ def prepare_pipeline(model: nn.Module, config: QuantConfig, swap) -> Optional[fx
     gm.meta[META_KEY] = {"integer_output": config.integer_output, "converted": False}
     swap(gm, config)
     modules = dict(gm.named_modules())
+    _functionalize_in_place(gm.graph, modules)
     group, roots, layers, float_readers = _plan(gm.graph, modules, config.integer_output)
     # one quantizer per scale group, named after the group's first root
     # the new modules take the float model's mode (train() would also set the float model's own modules' modes)
