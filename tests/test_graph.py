@@ -344,6 +344,13 @@ def test_config_rules():
     assert QuantConfig.from_dict(json.loads(json.dumps(INTEGER_OUT.to_dict()))) == INTEGER_OUT
 
 
+def test_output_qparams_needs_a_converted_pipeline():
+    _, prepared, _ = _prepared("cat", INTEGER_OUT)
+    for model in (prepared, CatNet()):
+        with pytest.raises(ValueError, match="output_qparams: model must be a converted integer pipeline"):
+            graph.output_qparams(model)
+
+
 def test_calibration_is_needed_before_convert():
     model = CatNet().eval()
     with pytest.raises(RuntimeError, match="needs calibration"):
