@@ -216,9 +216,13 @@ def test_prepared_pipeline_fake_quantizes_where_the_converted_one_quantizes():
     _, prepared, _ = _prepared("basic-blocks")
     quantized = [n.args[0].name for n in prepared.graph.nodes
                  if n.op == "call_module" and n.target.startswith(graph.ACT_QUANT + ".")]
-    # at the model input, after the fused ReLUs and BatchNorms, at the first add's output (after its ReLU) and
-    # after the average pool (view); not after the last add (only the average pool reads it) nor the head
-    assert quantized == ["x", "relu", "relu_1", "a2_bn", "relu_2", "relu_3", "b2", "down", "view"]
+    # at the model input, after each layer (its ReLU is its activation clamp now), at the first add's output (after
+    # its ReLU) and after the average pool (view); not after the last add (only the average pool reads it) nor
+    # after the head
+    assert quantized == ["x", "stem_bn", "a1_bn", "a2_bn", "relu_2", "b1", "b2", "down", "view"]
+    assert (prepared.stem.clamp_min, prepared.stem.clamp_max) == (0.0, None)
+    assert not any(n.target in ("relu", F.relu) for n in prepared.graph.nodes if n.args and n.args[0].name in (
+        "stem_bn", "b1"))
 
 
 def test_cat_inputs_share_one_quantizer():
@@ -232,7 +236,7 @@ def test_cat_inputs_share_one_quantizer():
 
 def test_layer_input_scale_is_its_producers_output_scale():
     _, prepared, _ = _prepared("conv-bn-module")
-    assert prepared.conv2.input_quantizer is prepared.act_quant.relu
+    assert prepared.conv2.input_quantizer is prepared.act_quant.bn
     assert prepared.conv2.graph_input
     assert "input_quantizer" not in prepared.conv2._modules  # referenced, owned by the pipeline
 
@@ -409,8 +413,8 @@ def test_load_rejects_bad_pipeline_files_and_changes_nothing(tmp_path):
 
     check(r"act_quant\.x\.scale.*finite and positive",
           tensors=lambda d: d.__setitem__("act_quant.x.scale", torch.tensor([float("nan")])))
-    check(r"act_quant\.relu\.zero_point.*must be in \[0, 255\]",
-          tensors=lambda d: d.__setitem__("act_quant.relu.zero_point", torch.tensor([300], dtype=torch.int32)))
+    check(r"act_quant\.stem_bn\.zero_point.*must be in \[0, 255\]",
+          tensors=lambda d: d.__setitem__("act_quant.stem_bn.zero_point", torch.tensor([300], dtype=torch.int32)))
     check("missing", tensors=lambda d: d.pop("act_quant.relu_2.scale"))
     check("'pipeline' must be an object", metadata=lambda m: m.__setitem__("pipeline", []))
     check("invalid quantization config", metadata=lambda m: m["pipeline"].__setitem__("config", {"weight": 1}))

@@ -4,8 +4,9 @@ prepare_pipeline traces the float model (torch.fx symbolic tracing), swaps its C
 ones and folds their BatchNorms (as the module swap does), and finds these patterns on the graph:
 
 - layer [+ folded BatchNorm] [+ ReLU / ReLU6 / hardtanh, as a module, F.relu, torch.relu or Tensor.relu]: one
-  integer kernel whose epilogue applies the BatchNorm (folded into weight and bias) and the clamp, then writes the
-  output requantized to uint8/int8;
+  integer kernel whose epilogue applies the BatchNorm (folded into weight and bias) and the activation (the
+  layer's activation clamp, which its fake-quant forward applies too), then writes the output requantized to
+  uint8/int8;
 - a + b / torch.add(a, b) of two tensors [+ ReLU]: one integer add (torchquant.functional.quantized_add) that
   reads both quantized inputs and writes its requantized output;
 - max-pool, flatten, reshape/view, a ReLU after an integer tensor, nn.Identity: run on the integers (they keep the
@@ -124,25 +125,38 @@ def _only_user(node: fx.Node) -> Optional[fx.Node]:
     return next(iter(node.users)) if len(node.users) == 1 else None
 
 
-def layer_chain(node: fx.Node, modules: dict, calls: Counter) -> Optional[tuple[list, tuple]]:
-    """([layer node, folded BatchNorm node?, activation node?], clamp) for a pipeline layer's call (a quantized
-    layer called once in the graph), else None."""
+def layer_chain(node: fx.Node, modules: dict, calls: Counter) -> Optional[list]:
+    """[layer node, folded BatchNorm node?] for a pipeline layer's call (a quantized layer called once in the
+    graph), else None."""
     if node.op != "call_module" or calls[node.target] != 1:
         return None
     layer = modules.get(node.target)
     if not isinstance(layer, QuantLayerBase) or len(node.args) != 1 or node.kwargs:
         return None
-    chain, clamp = [node], (None, None)
     user = _only_user(node)
     if user is not None and layer.folded_bn is not None and user.op == "call_module" and user.target == layer.folded_bn:
-        chain.append(user)
-        user = _only_user(user)
-    if user is not None and user.args and user.args[0] is chain[-1]:
-        found = activation_clamp(user, modules)
-        if found is not None:
-            chain.append(user)
-            clamp = found
-    return chain, clamp
+        return [node, user]
+    return [node]
+
+
+def _fuse_activations(graph: fx.Graph, modules: dict) -> None:
+    """A ReLU / ReLU6 / hardtanh that alone reads a pipeline layer's output (after its folded BatchNorm) becomes the
+    layer's activation clamp (QuantLayerBase.set_activation_clamp: in the fake-quant forward and the integer
+    kernels' epilogue) and leaves the graph."""
+    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+    for node in list(graph.nodes):
+        chain = layer_chain(node, modules, calls)
+        if chain is None:
+            continue
+        layer, user = modules[node.target], _only_user(chain[-1])
+        if user is None or not user.args or user.args[0] is not chain[-1] or (layer.clamp_min, layer.clamp_max) != (
+                None, None):
+            continue
+        clamp = activation_clamp(user, modules)
+        if clamp is not None:
+            layer.set_activation_clamp(*clamp)
+            user.replace_all_uses_with(chain[-1])
+            graph.erase_node(user)
 
 
 def _is_add(node: fx.Node) -> bool:
@@ -305,9 +319,8 @@ def _plan(graph: fx.Graph, modules: dict, integer_output: bool) -> tuple[dict, d
     for node in list(graph.nodes):
         if node in fused:
             continue
-        found = layer_chain(node, modules, calls)
-        if found is not None:
-            chain, _ = found
+        chain = layer_chain(node, modules, calls)
+        if chain is not None:
             if not _tensor_like(node.args[0]):
                 continue
             ensure_int(node.args[0])
@@ -408,6 +421,7 @@ def prepare_pipeline(model: nn.Module, config: QuantConfig, swap) -> Optional[fx
     swap(gm, config)
     modules = dict(gm.named_modules())
     _functionalize_in_place(gm.graph, modules)
+    _fuse_activations(gm.graph, modules)
     group, roots, layers, float_readers = _plan(gm.graph, modules, config.integer_output)
     # one quantizer per scale group, named after the group's first root
     # the new modules take the float model's mode (train() would also set the float model's own modules' modes)
@@ -478,14 +492,14 @@ def dequantize_output(q: torch.Tensor, quantizer: ActivationQuantizer, dtype: to
     return F_q.dequantize(q, scale, zero_point, dtype=dtype)
 
 
-def integer_layer(layer: QuantLayerBase, x_q: torch.Tensor, out: Optional[ActivationQuantizer], clamp_min,
-                  clamp_max, dtype: torch.dtype) -> torch.Tensor:
-    """The layer's integer op on x_q (at the layer's input scale) with the clamp of a fused activation, writing
-    `out`'s integers (or float of dtype when out is None)."""
+def integer_layer(layer: QuantLayerBase, x_q: torch.Tensor, out: Optional[ActivationQuantizer],
+                  dtype: torch.dtype) -> torch.Tensor:
+    """The layer's integer op on x_q (at the layer's input scale, with its activation clamp), writing `out`'s
+    integers (or float of dtype when out is None)."""
     if out is None:
-        return layer.pipeline_op(x_q, dtype, None, 0, clamp_min, clamp_max)
+        return layer.pipeline_op(x_q, dtype)
     _, scale, zero_point, out_dtype = out.qparams
-    return layer.pipeline_op(x_q, out_dtype, scale, zero_point, clamp_min, clamp_max)
+    return layer.pipeline_op(x_q, out_dtype, scale, zero_point)
 
 
 def integer_add(a: torch.Tensor, b: torch.Tensor, qa: ActivationQuantizer, qb: ActivationQuantizer,
@@ -588,14 +602,12 @@ def _lower(gm: fx.GraphModule, dtype: torch.dtype) -> None:
     for node in list(graph.nodes):
         if node in erased or node.op in ("placeholder", "get_attr"):
             continue
-        found = layer_chain(node, modules, calls)
-        if found is not None and modules[node.target].graph_input:
-            chain, (clamp_min, clamp_max) = found
+        chain = layer_chain(node, modules, calls)
+        if chain is not None and modules[node.target].graph_input:
             fq = fake_quant_after(chain[-1])
             out = None if fq is None else attr(fq.target)
             with graph.inserting_after(fq or chain[-1]):
-                new = graph.call_function(integer_layer, (attr(node.target), node.args[0], out, clamp_min,
-                                                          clamp_max, dtype))
+                new = graph.call_function(integer_layer, (attr(node.target), node.args[0], out, dtype))
             replace(chain + ([fq] if fq else []), new, out)
             continue
         if _is_add(node) and all(a in int_of for a in node.args):
@@ -676,7 +688,9 @@ def pipeline_notes(model: fx.GraphModule) -> tuple[dict, list]:
     for node in model.graph.nodes:
         counts[node.target] += 1
         if node.target is integer_layer:
-            _, _, out, clamp_min, clamp_max, _ = node.args
+            layer, _, out, _ = node.args
+            clamp_min, clamp_max = (model.get_submodule(layer.target).clamp_min,
+                                    model.get_submodule(layer.target).clamp_max)
             parts = ["integer input"]
             if (clamp_min, clamp_max) == (0.0, None):
                 parts.append("ReLU fused")

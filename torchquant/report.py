@@ -262,7 +262,10 @@ def measure_layers(float_model, quantized_model, batches: Sequence[torch.Tensor]
 
     def compare_output(name, quantized_layer):
         def hook(module, inputs, output):
-            measured[name].output.add(output, quantized_layer(last_inputs.pop(name)))
+            # a layer with an activation clamp (a fused ReLU of an integer pipeline) computes the clamped output
+            clamp = (quantized_layer.clamp_min, quantized_layer.clamp_max)
+            reference = output if clamp == (None, None) else output.clamp(*clamp)
+            measured[name].output.add(reference, quantized_layer(last_inputs.pop(name)))
         return hook
 
     end_to_end = _ErrorSums()
