@@ -388,11 +388,17 @@ def main(argv=None) -> None:
     if min(args.threads) < 1:
         parser.error("--threads must be >= 1")
     rows = run(args.parts, threads=tuple(args.threads), repeats=args.repeats)
-    text = f"{format_tables(rows)}\n{LEGEND}\n\nMachine: {machine_description()}\n"
+    write_tables(rows, "Real models on the CPU", args.output)
+
+
+def write_tables(rows: List[dict], title: str, output: Optional[str], titles: Dict[str, str] = TITLES,
+           columns: Dict[str, List[str]] = COLUMNS, legend: str = LEGEND) -> None:
+    """Prints the tables of rows with the legend and the machine, and writes them under `title` to output."""
+    text = f"{format_tables(rows, titles, columns)}\n{legend}\n\nMachine: {machine_description()}\n"
     print(text)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(f"# Real models on the CPU\n\n{text}")
+    if output:
+        with open(output, "w") as f:
+            f.write(f"# {title}\n\n{text}")
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 import torchquant
-from benchmarks.models import (TORCH_AO, _engine_for, _quantized_engine, _quiet_torch_ao, format_tables, latency_rows,
-                               machine_description, torch_ao_static)
+from benchmarks.models import (TORCH_AO, _engine_for, _quantized_engine, _quiet_torch_ao, latency_rows, torch_ao_static,
+                               write_tables)
 
 
 class BasicBlock(nn.Module):
@@ -164,11 +164,7 @@ def main(argv=None) -> None:
     parser.add_argument("--output", help="also write the tables, with the machine and date, to this Markdown file")
     args = parser.parse_args(argv)
     rows = run(args.models, args.batches, args.threads, args.repeats)
-    text = f"{format_tables(rows, TITLES, COLUMNS)}\n{LEGEND}\n\nMachine: {machine_description()}\n"
-    print(text)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(f"# ResNet-18 / ResNet-50 int8-static on the CPU\n\n{text}")
+    write_tables(rows, "ResNet-18 / ResNet-50 int8-static on the CPU", args.output, TITLES, COLUMNS, LEGEND)
 
 
 if __name__ == "__main__":
