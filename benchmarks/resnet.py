@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 import torchquant
-from benchmarks.models import (TORCH_AO, _engine_for, _quantized_engine, _quiet_torch_ao, latency_rows, torch_ao_static,
-                               write_tables)
+from benchmarks.models import (TORCH_AO, _engine_for, _quantized_engine, _quiet_torch_ao, latency_rows,
+                               torch_ao_static, write_tables)
 
 
 class BasicBlock(nn.Module):
