@@ -396,6 +396,25 @@ def test_usage_errors_from_argparse_exit_2(capsys):
     assert "-o/--output" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, option, bad", [
+    (["convert", FACTORY, "-o", "out.safetensors", "--config", "int3"], "--config", "int3"),
+    (["report", FACTORY, "--observer", "median"], "--observer", "median"),
+    (["bench", "--only", "quantize", "gemm"], "--only", "gemm"),
+])
+def test_bad_choice_is_the_usage_and_one_line(tmp_path, argv, option, bad):
+    """A name outside an option's table, as a user meets it: the usage, then one error line naming the valid
+    choices, exit status 2, no traceback."""
+    result = run_cli(*argv, cwd=tmp_path)
+    assert result.returncode == 2 and result.stdout == ""
+    assert "Traceback" not in result.stderr
+    *usage, error = result.stderr.rstrip("\n").splitlines()
+    assert usage and usage[0].startswith(f"usage: torchquant {argv[0]} ")
+    assert all(line.startswith(" ") for line in usage[1:]), result.stderr
+    assert error.startswith(f"torchquant {argv[0]}: error: argument {option}")
+    assert f"invalid choice: '{bad}' (choose from " in error
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_presets_and_observers_come_from_their_tables(work, tmp_path, monkeypatch, capsys):
     """Adding a preset or an observer is one table entry: QuantConfig.preset, QuantSpec, the command line's
     choices, help and errors all read the tables."""

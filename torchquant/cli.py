@@ -4,6 +4,7 @@ Problems with the user's input (files, specs, options, data that does not fit th
 on stderr with exit status 2; --debug prints the traceback as well.
 """
 import argparse
+import collections.abc
 import dataclasses
 import os
 import sys
@@ -13,7 +14,6 @@ from typing import List, Optional
 
 import torch
 
-from torchquant.bench import BENCHMARKS, run_benchmarks  # the kernel benchmarks: `torchquant bench` is their entry
 from torchquant._cli_io import (UsageError, atomic_output, batches_of, check_output, load_inputs, load_model,
                                 same_file, _one_line)
 from torchquant.config import DEFAULT_PRESET, PRESETS
@@ -25,6 +25,21 @@ __all__ = ["main", "build_parser"]
 
 # ----------------------------------------------------------------------------------------------------------
 # options shared by subcommands
+
+class _BenchmarkNames(collections.abc.Sequence):
+    """torchquant.bench.BENCHMARKS as bench's --only choices, imported only when argparse reads them (bench's
+    --help, or --only given): the library never loads its benchmarks otherwise."""
+
+    def _names(self):
+        from torchquant.bench import BENCHMARKS
+        return BENCHMARKS
+
+    def __getitem__(self, index):
+        return self._names()[index]
+
+    def __len__(self) -> int:
+        return len(self._names())
+
 
 def _common_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
@@ -116,9 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="cpu",
                        help="cpu (quantize, gemm_cpu, layers) or cuda (gpu); default: cpu")
     bench.add_argument("--quick", action="store_true", help="small sizes, few repeats")
-    bench.add_argument("--only", nargs="+", metavar="NAME", choices=BENCHMARKS,
-                       help=f"run only these benchmarks ({', '.join(BENCHMARKS)}; default: all that fit "
-                            f"--device)")
+    bench.add_argument("--only", nargs="+", metavar="NAME", choices=_BenchmarkNames(),
+                       help="run only these benchmarks (%(choices)s; default: all that fit --device)")
     bench.set_defaults(handler=_cmd_bench)
 
     export = commands.add_parser(
@@ -433,6 +447,7 @@ def _cmd_export(args) -> int:
 
 def _cmd_bench(args) -> int:
     import torchquant
+    from torchquant.bench import BENCHMARKS, run_benchmarks
     device = _device(args.device)
     if device.type == "cpu":
         print(f"CPU kernels: {torchquant.cpu_kernel_path()} (each table's threads column gives its thread count)")
