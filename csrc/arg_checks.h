@@ -58,7 +58,7 @@ PackedWeightLayout check_packed_weight(const char* op, const at::Tensor& w_packe
 void check_float_out_dtype(const char* op, at::ScalarType out_dtype);
 
 // int8_linear's and int8_conv2d's out_dtype with out_scale and out_zero_point: a float dtype without out_scale, or
-// int8/uint8 with a positive finite out_scale and out_zero_point in the output's range.
+// int8/uint8 with a positive finite out_scale (a normal float32) and out_zero_point in the output's range.
 void check_output_dtype(const char* op, at::ScalarType out_dtype, std::optional<double> out_scale,
                          int64_t out_zero_point);
 
@@ -107,7 +107,7 @@ struct PoolGeometry {
 };
 
 // quantized_max_pool2d: x int8 or uint8, 3-d or 4-d and not empty in C, H, W; 2-entry kernel_size, stride,
-// dilation >= 1, padding >= 0 and at most half the dilated kernel; an output of at least 1 x 1.
+// dilation >= 1, padding >= 0 and at most half the kernel; an output of at least 1 x 1 (torch's rules).
 PoolGeometry check_max_pool2d_arguments(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                         at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode);
 
