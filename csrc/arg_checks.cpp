@@ -185,7 +185,7 @@ void check_add_operand(const char* name, const at::Tensor& t, const char* scale_
 QuantizedAddTensors prepare_quantized_add(const at::Tensor& a, const at::Tensor& a_scale, int64_t a_zero_point,
                                           const at::Tensor& b, const at::Tensor& b_scale, int64_t b_zero_point,
                                           at::ScalarType out_dtype, std::optional<double> out_scale,
-                                          int64_t out_zero_point) {
+                                          int64_t out_zero_point, bool relu) {
   check_add_operand("a", a, "a_scale", a_scale, a_zero_point, a);
   check_add_operand("b", b, "b_scale", b_scale, b_zero_point, a);
   TQ_CHECK(a.sizes() == b.sizes(), "quantized_add: a and b must have the same shape (no broadcasting), got ",
@@ -198,6 +198,12 @@ QuantizedAddTensors prepare_quantized_add(const at::Tensor& a, const at::Tensor&
   };
   t.a = laid_out(a);
   t.b = laid_out(b);
+  t.map.a_zero_point = static_cast<float>(a_zero_point);
+  t.map.b_zero_point = static_cast<float>(b_zero_point);
+  if (relu) t.map.clamp.lo = 0.0f;
+  t.map.inv_out_scale = out_scale.has_value() ? 1.0f / static_cast<float>(*out_scale) : 1.0f;
+  t.map.out_zero_point = static_cast<float>(out_zero_point);
+  t.map.out_format = quant_format(8, out_dtype == at::kChar);
   return t;
 }
 

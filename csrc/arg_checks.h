@@ -87,16 +87,17 @@ ConvGeometry check_conv_arguments(const char* op, const at::Tensor& x_q, int64_t
 // Preserve) and a and b laid out alike (out's strides; an operand in another layout is copied).
 struct QuantizedAddTensors {
   at::Tensor out, a, b;
+  AddMap map;
 };
 
 // Checks quantized_add's arguments (a and b int8 or uint8 of the same shape on one device, zero points in their
 // ranges, a_scale and b_scale float32 tensors of 1 element on that device, and out_dtype / out_scale /
-// out_zero_point as check_output_dtype wants them; scale values are checked by each kernel) and allocates the
-// output on the current device.
+// out_zero_point as check_output_dtype wants them; scale values are checked by each kernel), allocates the
+// output on the current device and sets up the element map.
 QuantizedAddTensors prepare_quantized_add(const at::Tensor& a, const at::Tensor& a_scale, int64_t a_zero_point,
                                           const at::Tensor& b, const at::Tensor& b_scale, int64_t b_zero_point,
                                           at::ScalarType out_dtype, std::optional<double> out_scale,
-                                          int64_t out_zero_point);
+                                          int64_t out_zero_point, bool relu);
 
 // The shape of a max_pool2d over x [B?, C, H, W]: torch's rules for the output size (ceil_mode: a last window that
 // starts in the input or its left padding) and for the arguments.

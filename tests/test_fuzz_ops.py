@@ -86,6 +86,21 @@ def _int8(rng: random.Random, shape, dtype=torch.int8) -> torch.Tensor:
     return randint8(shape, rng.randrange(2**31), dtype=dtype)
 
 
+def _out_format(rng: random.Random):
+    """An integer op's output: (out_dtype, out_scale, out_zero_point, valid) with float or requantized int8/uint8
+    outputs, sometimes a bad dtype, scale or zero point."""
+    out_dtype = rng.choice(FLOATS + (torch.int8, torch.uint8)) if rng.random() < 0.97 else torch.int32
+    valid = out_dtype != torch.int32
+    out_scale, out_zp = None, 0
+    if out_dtype in (torch.int8, torch.uint8):
+        out_scale = rng.choice(SCALES[:5]) if rng.random() < 0.9 else rng.choice(SCALES)
+        valid = valid and _scale_ok(out_scale, TINY)  # a normal float32: 1 / out_scale is finite
+        low, high = (0, 255) if out_dtype == torch.uint8 else (-128, 127)
+        out_zp = rng.randint(low, high) if rng.random() < 0.95 else high + 1
+        valid = valid and low <= out_zp <= high
+    return out_dtype, out_scale, out_zp, valid
+
+
 def _clamp(seed: str):
     """A fused activation clamp (clamp_min, clamp_max) and whether it is valid: none, ReLU, ReLU6, one bound, a
     point, or a bad one (NaN, infinite as a float32, min > max). Drawn from its own generator seeded with the case's
@@ -340,15 +355,8 @@ def linear_case(rng: random.Random):
     x_scale = torch.tensor(x_scale_values).reshape(lead if per_token else (1,))
     if not per_token and op == "int8_linear" and rng.random() < 0.5:
         x_scale = x_scale_values[0]
-    out_dtype = rng.choice(FLOATS + (torch.int8, torch.uint8)) if rng.random() < 0.97 else torch.int32
-    valid = valid and out_dtype != torch.int32
-    out_scale, out_zp = None, 0
-    if out_dtype in (torch.int8, torch.uint8):
-        out_scale = rng.choice(SCALES[:5]) if rng.random() < 0.9 else rng.choice(SCALES)
-        valid = valid and _scale_ok(out_scale, TINY)  # a normal float32: 1 / out_scale is finite
-        o_low, o_high = (0, 255) if out_dtype == torch.uint8 else (-128, 127)
-        out_zp = rng.randint(o_low, o_high) if rng.random() < 0.95 else o_high + 1
-        valid = valid and o_low <= out_zp <= o_high
+    out_dtype, out_scale, out_zp, out_ok = _out_format(rng)
+    valid = valid and out_ok
     clamp_min, clamp_max, clamp_ok = _clamp(f"{tuple(x_q.shape)} {x_zp} {w_scale_values} {out_dtype}")
     valid = valid and clamp_ok
     if op == "int8_linear":
@@ -516,15 +524,8 @@ def add_case(rng: random.Random):
         valid = valid and low <= zps[-1] <= high
         scales.append(rng.choice(SCALES[:5]) if rng.random() < 0.9 else rng.choice(SCALES))
         valid = valid and _scale_ok(scales[-1], 0.0)
-    out_dtype = rng.choice(FLOATS + (torch.int8, torch.uint8)) if rng.random() < 0.97 else torch.int32
-    valid = valid and out_dtype != torch.int32
-    out_scale, out_zp = None, 0
-    if out_dtype in (torch.int8, torch.uint8):
-        out_scale = rng.choice(SCALES[:5]) if rng.random() < 0.9 else rng.choice(SCALES)
-        valid = valid and _scale_ok(out_scale, TINY)  # a normal float32: 1 / out_scale is finite
-        low, high = (0, 255) if out_dtype == torch.uint8 else (-128, 127)
-        out_zp = rng.randint(low, high) if rng.random() < 0.95 else high + 1
-        valid = valid and low <= out_zp <= high
+    out_dtype, out_scale, out_zp, out_ok = _out_format(rng)
+    valid = valid and out_ok
     relu = rng.random() < 0.5
     if raw:
         sa, sb = torch.tensor([scales[0]]), torch.tensor([scales[1]])
