@@ -3,6 +3,7 @@
 #include <algorithm>
 #include "arg_checks.h"
 
+#include <cfloat>
 #include <cmath>
 #include <vector>
 
@@ -96,8 +97,9 @@ void check_output_dtype(const char* op, at::ScalarType out_dtype, std::optional<
                         int64_t out_zero_point) {
   if (out_dtype == at::kChar || out_dtype == at::kByte) {
     TQ_CHECK(out_scale.has_value(), op, ": out_dtype ", out_dtype, " (requantized output) needs out_scale");
-    TQ_CHECK(std::isfinite(*out_scale) && *out_scale > 0, op, ": out_scale must be positive and finite, got ",
-                *out_scale);
+    // a normal float32 keeps 1 / out_scale finite (y * inf would turn a zero into NaN)
+    TQ_CHECK(std::isfinite(static_cast<float>(*out_scale)) && static_cast<float>(*out_scale) >= FLT_MIN, op,
+             ": out_scale must be positive and finite (at least 1.17549e-38 as float32), got ", *out_scale);
     const int64_t qmin = out_dtype == at::kChar ? -128 : 0, qmax = out_dtype == at::kChar ? 127 : 255;
     TQ_CHECK(out_zero_point >= qmin && out_zero_point <= qmax, op, ": out_zero_point must lie in [", qmin, ", ",
                 qmax, "] for ", out_dtype, " output, got ", out_zero_point);
@@ -183,7 +185,7 @@ void check_add_operand(const char* name, const at::Tensor& t, const char* scale_
 QuantizedAddTensors prepare_quantized_add(const at::Tensor& a, const at::Tensor& a_scale, int64_t a_zero_point,
                                           const at::Tensor& b, const at::Tensor& b_scale, int64_t b_zero_point,
                                           at::ScalarType out_dtype, std::optional<double> out_scale,
-                                          int64_t out_zero_point) {
+                                          int64_t out_zero_point, bool relu) {
   check_add_operand("a", a, "a_scale", a_scale, a_zero_point, a);
   check_add_operand("b", b, "b_scale", b_scale, b_zero_point, a);
   TQ_CHECK(a.sizes() == b.sizes(), "quantized_add: a and b must have the same shape (no broadcasting), got ",
@@ -196,6 +198,12 @@ QuantizedAddTensors prepare_quantized_add(const at::Tensor& a, const at::Tensor&
   };
   t.a = laid_out(a);
   t.b = laid_out(b);
+  t.map.a_zero_point = static_cast<float>(a_zero_point);
+  t.map.b_zero_point = static_cast<float>(b_zero_point);
+  if (relu) t.map.clamp.lo = 0.0f;
+  t.map.inv_out_scale = out_scale.has_value() ? 1.0f / static_cast<float>(*out_scale) : 1.0f;
+  t.map.out_zero_point = static_cast<float>(out_zero_point);
+  t.map.out_format = quant_format(8, out_dtype == at::kChar);
   return t;
 }
 
@@ -221,13 +229,16 @@ PoolGeometry check_max_pool2d_arguments(const at::Tensor& x, at::IntArrayRef ker
     // the dilated kernel (and everything below) is formed with checked arithmetic
     const int64_t extent = checked_add(op, "the dilated kernel size",
                                        checked_mul(op, "the dilated kernel size", dilation[i], kernel_size[i] - 1), 1);
-    TQ_CHECK(padding[i] >= 0 && padding[i] <= extent / 2, op, ": padding must be >= 0 and at most half the (dilated) "
-             "kernel size, got padding ", padding, " with kernel_size ", kernel_size, " and dilation ", dilation);
-    const int64_t span = checked_add(op, "the padded input size", in, 2 * padding[i]) - extent;
-    TQ_CHECK(span >= 0, op, ": the (dilated) kernel ", kernel_size, " is larger than the padded input ",
-             x.sizes().slice(d - 2), " with padding ", padding);
-    int64_t o = (span + (ceil_mode ? stride[i] - 1 : 0)) / stride[i] + 1;
-    if (ceil_mode && (o - 1) * stride[i] >= in + padding[i]) --o;  // the last window must start inside
+    TQ_CHECK(padding[i] >= 0 && padding[i] <= kernel_size[i] / 2, op, ": padding must be >= 0 and at most half the "
+             "kernel size, got padding ", padding, " with kernel_size ", kernel_size);
+    // torch's output size: floor((in + 2 pad - extent (+ stride - 1 in ceil mode)) / stride) + 1, less one in ceil
+    // mode when the last window would start past the input and its left padding
+    const int64_t span = checked_add(op, "the padded input size", in, 2 * padding[i]) - extent +
+                         (ceil_mode ? stride[i] - 1 : 0);
+    int64_t o = (span >= 0 ? span / stride[i] : -((-span + stride[i] - 1) / stride[i])) + 1;
+    if (ceil_mode && (o - 1) * stride[i] >= in + padding[i]) --o;
+    TQ_CHECK(o >= 1, op, ": the output would be empty: the (dilated) kernel ", kernel_size, " with dilation ",
+             dilation, " does not fit the input ", x.sizes().slice(d - 2), " with padding ", padding);
     out[i] = o;
   }
   g.out_h = out[0];

@@ -58,7 +58,7 @@ PackedWeightLayout check_packed_weight(const char* op, const at::Tensor& w_packe
 void check_float_out_dtype(const char* op, at::ScalarType out_dtype);
 
 // int8_linear's and int8_conv2d's out_dtype with out_scale and out_zero_point: a float dtype without out_scale, or
-// int8/uint8 with a positive finite out_scale and out_zero_point in the output's range.
+// int8/uint8 with a positive finite out_scale (a normal float32) and out_zero_point in the output's range.
 void check_output_dtype(const char* op, at::ScalarType out_dtype, std::optional<double> out_scale,
                          int64_t out_zero_point);
 
@@ -87,16 +87,17 @@ ConvGeometry check_conv_arguments(const char* op, const at::Tensor& x_q, int64_t
 // Preserve) and a and b laid out alike (out's strides; an operand in another layout is copied).
 struct QuantizedAddTensors {
   at::Tensor out, a, b;
+  AddMap map;
 };
 
 // Checks quantized_add's arguments (a and b int8 or uint8 of the same shape on one device, zero points in their
 // ranges, a_scale and b_scale float32 tensors of 1 element on that device, and out_dtype / out_scale /
-// out_zero_point as check_output_dtype wants them; scale values are checked by each kernel) and allocates the
-// output on the current device.
+// out_zero_point as check_output_dtype wants them; scale values are checked by each kernel), allocates the
+// output on the current device and sets up the element map.
 QuantizedAddTensors prepare_quantized_add(const at::Tensor& a, const at::Tensor& a_scale, int64_t a_zero_point,
                                           const at::Tensor& b, const at::Tensor& b_scale, int64_t b_zero_point,
                                           at::ScalarType out_dtype, std::optional<double> out_scale,
-                                          int64_t out_zero_point);
+                                          int64_t out_zero_point, bool relu);
 
 // The shape of a max_pool2d over x [B?, C, H, W]: torch's rules for the output size (ceil_mode: a last window that
 // starts in the input or its left padding) and for the arguments.
@@ -107,7 +108,7 @@ struct PoolGeometry {
 };
 
 // quantized_max_pool2d: x int8 or uint8, 3-d or 4-d and not empty in C, H, W; 2-entry kernel_size, stride,
-// dilation >= 1, padding >= 0 and at most half the dilated kernel; an output of at least 1 x 1.
+// dilation >= 1, padding >= 0 and at most half the kernel; an output of at least 1 x 1 (torch's rules).
 PoolGeometry check_max_pool2d_arguments(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                         at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode);
 

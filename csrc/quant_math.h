@@ -55,6 +55,17 @@ TQ_HOST_DEVICE float clamp_activation(float y, ActivationClamp c) {
   return y > c.hi ? c.hi : y;
 }
 
+// quantized_add's element map apart from the scales (shared by the CPU and CUDA kernels, set up by
+// prepare_quantized_add): y = (float(a) - a_zero_point) * a_scale + (float(b) - b_zero_point) * b_scale, then
+// clamp_activation(y, clamp), then the float cast or, for int8/uint8 outputs, quantize_value(y, inv_out_scale,
+// out_zero_point, out_format).
+struct AddMap {
+  float a_zero_point, b_zero_point;
+  ActivationClamp clamp;  // relu: [0, inf)
+  float inv_out_scale, out_zero_point;
+  QuantFormat out_format;
+};
+
 // quantize then dequantize; NaN stays NaN.
 TQ_HOST_DEVICE float fake_quantize_value(float x, float scale, float inv_scale, float zero_point, QuantFormat f,
                                          Rounding rounding) {

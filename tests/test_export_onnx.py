@@ -293,6 +293,31 @@ def test_layers_sharing_an_input_share_one_quantization(preset):
     assert tensors["q"][1] == tensors["k"][1] == tensors["v"][1] != tensors["other_format"][1]
 
 
+@pytest.mark.parametrize("preset", ["int8-dynamic", "int8-static"])
+@pytest.mark.parametrize("converted", [False, True], ids=["prepared", "converted"])
+def test_fused_activation_clamps(preset, converted):
+    """Layers with a fused activation clamp (set_activation_clamp) export a Clip of their float output: ReLU,
+    ReLU6-like and one-sided bounds on convs and on dynamic Linear layers that share one quantized input."""
+    torch.manual_seed(0)
+    model = torchquant.prepare(ConvShapes().eval(), preset)
+    shared = torchquant.prepare(SharedInput().eval(), preset)
+    calibrated(model, [torch.randn(4, 4, 12, 12) for _ in range(3)])
+    calibrated(shared, [torch.randn(2, 5, 16) for _ in range(3)])
+    model.a.set_activation_clamp(0.0, None)
+    model.b.set_activation_clamp(-0.3, 0.3)
+    model.d.set_activation_clamp(None, 0.1)
+    shared.q.set_activation_clamp(0.0, 6.0)
+    shared.k.set_activation_clamp(-0.2, None)
+    if converted:
+        torchquant.convert(model)
+        torchquant.convert(shared)
+    x = torch.randn(2, 4, 12, 12)
+    assert check_export(model, x) > 0
+    assert check_export(shared, torch.randn(2, 5, 16)) > 0
+    proto, _ = _onnx_model(model, (x,), None, True)
+    assert [n.op_type for n in proto.graph.node].count("Clip") >= 3
+
+
 class CalledTwice(nn.Module):
     def __init__(self):
         super().__init__()

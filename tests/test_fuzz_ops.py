@@ -86,6 +86,32 @@ def _int8(rng: random.Random, shape, dtype=torch.int8) -> torch.Tensor:
     return randint8(shape, rng.randrange(2**31), dtype=dtype)
 
 
+def _out_format(rng: random.Random):
+    """An integer op's output: (out_dtype, out_scale, out_zero_point, valid) with float or requantized int8/uint8
+    outputs, sometimes a bad dtype, scale or zero point."""
+    out_dtype = rng.choice(FLOATS + (torch.int8, torch.uint8)) if rng.random() < 0.97 else torch.int32
+    valid = out_dtype != torch.int32
+    out_scale, out_zp = None, 0
+    if out_dtype in (torch.int8, torch.uint8):
+        out_scale = rng.choice(SCALES[:5]) if rng.random() < 0.9 else rng.choice(SCALES)
+        valid = valid and _scale_ok(out_scale, TINY)  # a normal float32: 1 / out_scale is finite
+        low, high = (0, 255) if out_dtype == torch.uint8 else (-128, 127)
+        out_zp = rng.randint(low, high) if rng.random() < 0.95 else high + 1
+        valid = valid and low <= out_zp <= high
+    return out_dtype, out_scale, out_zp, valid
+
+
+def _clamp(seed: str):
+    """A fused activation clamp (clamp_min, clamp_max) and whether it is valid: none, ReLU, ReLU6, one bound, a
+    point, or a bad one (NaN, infinite as a float32, min > max). Drawn from its own generator seeded with the case's
+    description, so that the family's other draws (and cases) stay as they were before the clamp existed."""
+    rng = random.Random(seed)
+    if rng.random() < 0.9:
+        return rng.choice([(None, None), (None, None), (0.0, None), (0.0, 6.0), (None, 0.5), (-1.0, 1.0), (2.0, 2.0),
+                           (-3e38, 3e38)]) + (True,)
+    return rng.choice([(math.nan, None), (None, math.inf), (1.0, 0.0), (None, 1e39), (-math.inf, 0.0)]) + (False,)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Quantize family: quantize, dequantize, fake_quantize (+ backward), quantize_per_token, choose_qparams,
 # quantization_error
@@ -329,27 +355,24 @@ def linear_case(rng: random.Random):
     x_scale = torch.tensor(x_scale_values).reshape(lead if per_token else (1,))
     if not per_token and op == "int8_linear" and rng.random() < 0.5:
         x_scale = x_scale_values[0]
-    out_dtype = rng.choice(FLOATS + (torch.int8, torch.uint8)) if rng.random() < 0.97 else torch.int32
-    valid = valid and out_dtype != torch.int32
-    out_scale, out_zp = None, 0
-    if out_dtype in (torch.int8, torch.uint8):
-        out_scale = rng.choice(SCALES[:5]) if rng.random() < 0.9 else rng.choice(SCALES)
-        valid = valid and math.isfinite(out_scale) and out_scale > 0
-        o_low, o_high = (0, 255) if out_dtype == torch.uint8 else (-128, 127)
-        out_zp = rng.randint(o_low, o_high) if rng.random() < 0.95 else o_high + 1
-        valid = valid and o_low <= out_zp <= o_high
+    out_dtype, out_scale, out_zp, out_ok = _out_format(rng)
+    valid = valid and out_ok
+    clamp_min, clamp_max, clamp_ok = _clamp(f"{tuple(x_q.shape)} {x_zp} {w_scale_values} {out_dtype}")
+    valid = valid and clamp_ok
     if op == "int8_linear":
         fn = lambda: F.int8_linear(x_q, x_scale, x_zp, packed, w_sum, w_scale, bias, out_features=n_arg,  # noqa
-                                   out_dtype=out_dtype, out_scale=out_scale, out_zero_point=out_zp)
+                                   out_dtype=out_dtype, out_scale=out_scale, out_zero_point=out_zp,
+                                   clamp_min=clamp_min, clamp_max=clamp_max)
     else:
         x_scale_t = torch.as_tensor(x_scale, dtype=torch.float32)
         fn = lambda: ops.int8_linear(x_q, x_scale_t, x_zp, packed, w_sum, w_scale, bias, n_arg, out_dtype,  # noqa
-                                     out_scale, out_zp)
+                                     out_scale, out_zp, clamp_min, clamp_max)
     want = lambda: reference.int8_linear(x_q, x_scale, x_zp, w_q, w_scale, bias, out_dtype=out_dtype,  # noqa: E731
-                                         out_scale=out_scale, out_zero_point=out_zp)
+                                         out_scale=out_scale, out_zero_point=out_zp, clamp_min=clamp_min,
+                                         clamp_max=clamp_max)
     desc = (f"{op}(x_q {tuple(x_q.shape)} {x_dtype} {x_q.stride()}, x_scale {x_scale_values}, zp {x_zp}, "
             f"w [{n}, {k}], out_features {n_arg}, w_scale {w_scale_values}, bias {bias is not None}, "
-            f"{out_dtype}, out_scale {out_scale}, out_zp {out_zp})")
+            f"{out_dtype}, out_scale {out_scale}, out_zp {out_zp}, clamp {clamp_min} {clamp_max})")
     return desc, fn, want if valid else ERROR
 
 
@@ -457,21 +480,90 @@ def conv_case(rng: random.Random):
     bias = torch.randn(oc) if rng.random() < 0.5 else None
     out_dtype = rng.choice(FLOATS + (torch.int8, torch.uint8))
     out_scale = 0.3 if out_dtype in (torch.int8, torch.uint8) else None
-    valid = (channels == groups * cg and kernel == [kh, kw]
+    clamp_min, clamp_max, clamp_ok = _clamp(f"{tuple(x_q.shape)} {x_zp} {kernel} {stride} {out_dtype}")
+    valid = (channels == groups * cg and kernel == [kh, kw] and clamp_ok
              and _conv_valid(h, w, kernel, stride, padding, dilation))
     w_sum = w_q.sum((1, 2, 3), dtype=torch.int32)
     args = (x_q, 0.05, x_zp, packed, w_sum, w_scale, bias)
     if raw:
         fn = lambda: ops.int8_conv2d(x_q, torch.tensor([0.05]), x_zp, packed, w_sum, w_scale, bias, oc,  # noqa
-                                     kernel, stride, padding, dilation, groups, out_dtype, out_scale, 0)
+                                     kernel, stride, padding, dilation, groups, out_dtype, out_scale, 0, clamp_min,
+                                     clamp_max)
     else:
         fn = lambda: F.int8_conv2d(*args, out_channels=oc, kernel_size=kernel, stride=stride, padding=padding,  # noqa
-                                   dilation=dilation, groups=groups, out_dtype=out_dtype, out_scale=out_scale)
+                                   dilation=dilation, groups=groups, out_dtype=out_dtype, out_scale=out_scale,
+                                   clamp_min=clamp_min, clamp_max=clamp_max)
     want = lambda: reference.int8_conv2d(x_q, 0.05, x_zp, w_q, w_scale, bias, stride=stride, padding=padding,  # noqa
-                                         dilation=dilation, groups=groups, out_dtype=out_dtype, out_scale=out_scale)
+                                         dilation=dilation, groups=groups, out_dtype=out_dtype, out_scale=out_scale,
+                                         clamp_min=clamp_min, clamp_max=clamp_max)
     desc = (f"{'raw ' if raw else ''}int8_conv2d(x {tuple(x_q.shape)} {x_dtype} {x_q.stride()}, w {tuple(w_q.shape)},"
-            f" groups {groups}, kernel {kernel}, stride {stride}, padding {padding}, dilation {dilation}, {out_dtype})")
+            f" groups {groups}, kernel {kernel}, stride {stride}, padding {padding}, dilation {dilation}, {out_dtype},"
+            f" clamp {clamp_min} {clamp_max})")
     return desc, fn, want if valid else ERROR
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Integer element-wise ops: quantized_add, quantized_max_pool2d
+# ---------------------------------------------------------------------------------------------------------------
+
+def add_case(rng: random.Random):
+    raw = rng.random() < 0.3
+    shape = _shape(rng, max_dim=4)
+    b_shape = shape if rng.random() < 0.95 else _shape(rng, max_dim=4)
+    dtypes = [rng.choice([torch.int8, torch.uint8]) if rng.random() < 0.95 else rng.choice([torch.int32, torch.float32])
+              for _ in range(2)]
+    a = _layout(rng, _int8(rng, shape, torch.uint8 if dtypes[0] == torch.uint8 else torch.int8).to(dtypes[0]))
+    b = _layout(rng, _int8(rng, b_shape, torch.uint8 if dtypes[1] == torch.uint8 else torch.int8).to(dtypes[1]))
+    if len(shape) == 4 and rng.random() < 0.3:
+        a = a.contiguous(memory_format=torch.channels_last)
+    valid = all(d in (torch.int8, torch.uint8) for d in dtypes) and b_shape == shape
+    zps, scales = [], []
+    for t in (a, b):
+        low, high = (0, 255) if t.dtype == torch.uint8 else (-128, 127)
+        zps.append(rng.randint(low, high) if rng.random() < 0.95 else rng.choice([low - 1, high + 1]))
+        valid = valid and low <= zps[-1] <= high
+        scales.append(rng.choice(SCALES[:5]) if rng.random() < 0.9 else rng.choice(SCALES))
+        valid = valid and _scale_ok(scales[-1], 0.0)
+    out_dtype, out_scale, out_zp, out_ok = _out_format(rng)
+    valid = valid and out_ok
+    relu = rng.random() < 0.5
+    if raw:
+        sa, sb = torch.tensor([scales[0]]), torch.tensor([scales[1]])
+        fn = lambda: ops.quantized_add(a, sa, zps[0], b, sb, zps[1], out_dtype, out_scale, out_zp, relu)  # noqa
+    else:
+        fn = lambda: F.quantized_add(a, scales[0], zps[0], b, scales[1], zps[1], out_dtype, out_scale, out_zp,  # noqa
+                                     relu)
+    want = lambda: reference.quantized_add(a, scales[0], zps[0], b, scales[1], zps[1], out_dtype=out_dtype,  # noqa
+                                           out_scale=out_scale, out_zero_point=out_zp, relu=relu)
+    desc = (f"{'raw ' if raw else ''}quantized_add(a {tuple(a.shape)} {a.dtype} {a.stride()}, b {tuple(b.shape)} "
+            f"{b.dtype} {b.stride()}, scales {scales}, zps {zps}, {out_dtype}, out_scale {out_scale}, out_zp {out_zp}, "
+            f"relu {relu})")
+    return desc, fn, want if valid else ERROR
+
+
+def pool_case(rng: random.Random):
+    shape = tuple(rng.choice([0, 1, 2, 3, 5, 9, 16]) if rng.random() < 0.1 else rng.choice([1, 2, 3, 5, 9, 16])
+                  for _ in range(rng.choice([4, 4, 3, 2])))
+    dtype = rng.choice([torch.int8, torch.uint8]) if rng.random() < 0.95 else torch.float32
+    x = _layout(rng, _int8(rng, shape, torch.uint8 if dtype == torch.uint8 else torch.int8).to(dtype))
+    if len(shape) == 4 and rng.random() < 0.4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    kernel = [rng.choice([1, 2, 3]) if rng.random() < 0.95 else rng.choice([0, 7]) for _ in range(2)]
+    stride = [rng.choice([1, 2, 3]) if rng.random() < 0.95 else 0 for _ in range(2)]
+    padding = [rng.choice([0, 0, 1]) if rng.random() < 0.9 else rng.choice([2, -1]) for _ in range(2)]
+    dilation = [rng.choice([1, 1, 2]) for _ in range(2)]
+    ceil_mode = rng.random() < 0.4
+    args = (kernel, stride, padding, dilation, ceil_mode)
+    try:  # torch's own rules decide what is valid (on a float copy: its pooling takes any float input)
+        # a window without a tap inside the input gives -inf: the integer type's lowest value
+        lowest = 0 if dtype == torch.uint8 else -128
+        expected = torch.nn.functional.max_pool2d(x.float().contiguous(), *args).clamp(min=lowest).to(dtype)
+        valid = dtype != torch.float32
+    except RuntimeError:
+        valid = False
+    fn = lambda: F.quantized_max_pool2d(x, *args)  # noqa: E731
+    desc = f"quantized_max_pool2d(x {tuple(x.shape)} {x.dtype} {x.stride()}, {args})"
+    return desc, fn, (lambda: expected) if valid else ERROR
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -479,9 +571,10 @@ def conv_case(rng: random.Random):
 # ---------------------------------------------------------------------------------------------------------------
 
 FAMILIES = {"quantize": quantize_case, "misc": misc_quantize_case, "mm": mm_case, "pack": pack_case,
-            "linear": linear_case, "conv": conv_case}
+            "linear": linear_case, "conv": conv_case, "add": add_case, "pool": pool_case}
 # cases per family: a few thousand in all, about two minutes on a 2-core CI machine
-COUNTS = {"quantize": 2500, "misc": 800, "mm": 1000, "pack": 400, "linear": 2000, "conv": 1500}
+COUNTS = {"quantize": 2500, "misc": 800, "mm": 1000, "pack": 400, "linear": 2000, "conv": 1500, "add": 1000,
+          "pool": 600}
 
 
 def check_case(desc, fn, want):

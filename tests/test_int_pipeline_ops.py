@@ -367,6 +367,9 @@ POOLS = [  # shape, kernel, stride, padding, dilation, ceil_mode
     ((2, 32, 14, 14), 3, 2, 1, 1, False),  # channels-last: 16 channels per thread
     ((1, 16, 8, 8), 2, None, 0, 1, True),
     ((4, 7, 7), 3, 1, 1, 1, False),        # unbatched
+    ((1, 16, 2, 5), 3, 2, 1, 1, True),     # ceil mode: a window past the padded input (as torch allows)
+    ((0, 3, 5, 5), 2, 2, 0, 1, False),     # empty batch
+    ((2, 16, 1, 2), 3, (3, 2), (1, 0), (2, 1), True),  # a window with no tap inside: the type's lowest value
 ]
 
 
@@ -385,9 +388,13 @@ def test_quantized_max_pool2d(device, pool, dtype, layout):
     # torch's channels-last CPU kernel fails on integers once H * W > 127: the reference pools a contiguous copy
     want = torch.nn.functional.max_pool2d(x.contiguous(), kernel, stride, padding, dilation, ceil_mode)
     assert_same(got, want)
-    assert got.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
-    # the maximum commutes with dequantization: the float pool of the float values gives the same numbers
-    assert_same(got.float(), torch.nn.functional.max_pool2d(x.float(), kernel, stride, padding, dilation, ceil_mode))
+    if got.numel():
+        assert got.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else
+                                 torch.contiguous_format)
+    # the maximum commutes with dequantization: the float pool of the float values gives the same numbers (where a
+    # window has no tap inside the input, -inf for floats and the lowest value for integers)
+    float_pool = torch.nn.functional.max_pool2d(x.float(), kernel, stride, padding, dilation, ceil_mode)
+    assert_same(got.float(), float_pool.clamp(min=torch.iinfo(dtype).min))
 
 
 def test_quantized_max_pool2d_bad_inputs(device):
@@ -396,12 +403,15 @@ def test_quantized_max_pool2d_bad_inputs(device):
         F.quantized_max_pool2d(x.float(), 2)
     with pytest.raises(TypeError, match="kernel_size must be an int or a pair"):
         F.quantized_max_pool2d(x, (2, 2, 2))
-    with pytest.raises(RuntimeError, match="quantized_max_pool2d: padding must be >= 0 and at most half"):
+    with pytest.raises(RuntimeError, match="quantized_max_pool2d: padding must be >= 0 and at most half the kernel"):
         F.quantized_max_pool2d(x, 3, 1, 2)
     with pytest.raises(RuntimeError, match="quantized_max_pool2d: stride must be >= 1"):
         F.quantized_max_pool2d(x, 3, 0)
-    with pytest.raises(RuntimeError, match="quantized_max_pool2d: the \\(dilated\\) kernel \\[7, 7\\] is larger"):
+    with pytest.raises(RuntimeError, match="quantized_max_pool2d: the output would be empty: the \\(dilated\\) "
+                                           "kernel \\[7, 7\\]"):
         F.quantized_max_pool2d(x, 7)
+    with pytest.raises(RuntimeError, match="quantized_max_pool2d: x must have non-empty channel and spatial"):
+        F.quantized_max_pool2d(x[:, :0], 2)
     with pytest.raises(RuntimeError, match="quantized_max_pool2d: x must be 3-d"):
         F.quantized_max_pool2d(x[0, 0], 2)
 

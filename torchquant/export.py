@@ -88,6 +88,7 @@ class _Layer:
     weight_bits: int
     bias: Optional[torch.Tensor]
     activation: Optional[_Activation]
+    clamp: Tuple[Optional[float], Optional[float]] = (None, None)  # the fused output activation
 
 
 def _layer_state(name: str, layer: QuantLayerBase) -> _Layer:
@@ -121,7 +122,8 @@ def _layer_state(name: str, layer: QuantLayerBase) -> _Layer:
             activation.scale = float(s[0])
             activation.inv_scale = float((1.0 / s)[0])  # in float32, as the kernels compute it
             activation.zero_point = int(quantizer.zero_point.reshape(-1)[0])
-    return _Layer(name, layer, weight, scale, spec.granularity == "per_channel", spec.bits, bias, activation)
+    return _Layer(name, layer, weight, scale, spec.granularity == "per_channel", spec.bits, bias, activation,
+                  (layer.clamp_min, layer.clamp_max))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -370,6 +372,18 @@ def _layer_nodes(b: _GraphBuilder, layer: _Layer, x: str, y: str, q_name: str) -
          pads=[ph, pw, ph, pw], dilations=list(conv.dilation), group=conv.groups)
 
 
+def _clamped_outputs(b: _GraphBuilder, layers: Sequence[_Layer], outputs: Sequence[str], emit) -> None:
+    """emit(names) writes the layers' outputs to names; a layer with a fused activation clamp writes an unclamped
+    tensor that a Clip turns into its output (the clamp of the float y, as the kernels' epilogue does)."""
+    raw = [y if layer.clamp == (None, None) else b.name("unclamped") for layer, y in zip(layers, outputs)]
+    emit(raw)
+    for layer, r, y in zip(layers, raw, outputs):
+        if r != y:
+            lo, hi = layer.clamp
+            b.op("Clip", r, "" if lo is None else b.const("clamp_min", _f32(lo)),
+                 "" if hi is None else b.const("clamp_max", _f32(hi)), output=y)
+
+
 def _group_key(node, layer: _Layer, position: int) -> tuple:
     """Dynamic Linear layers with the same key share one quantized input."""
     act = layer.activation
@@ -551,10 +565,12 @@ def _replace_placeholders(proto, quant_layers: Sequence[QuantLayerBase], names: 
             builder = _GraphBuilder(re.sub(r"[^A-Za-z0-9_.]", "_", layer.name) + suffix, opset)
             q_name = group_q_names[key] = input_q_name(layer.name) + suffix
             if key[0] == "alone":
-                _layer_nodes(builder, layer, node.input[0], node.output[0], q_name)
+                _clamped_outputs(builder, [layer], [node.output[0]],
+                                 lambda ys: _layer_nodes(builder, layer, node.input[0], ys[0], q_name))
             else:
-                _linear_integer(builder, [placeholders[m] for m in members], node.input[0],
-                                [original[m].output[0] for m in members], q_name)
+                layers = [placeholders[m] for m in members]
+                _clamped_outputs(builder, layers, [original[m].output[0] for m in members],
+                                 lambda ys: _linear_integer(builder, layers, node.input[0], ys, q_name))
             nodes.extend(builder.nodes)
             graph.initializer.extend(builder.initializers)
         q_name = group_q_names[key] if layer.activation is not None else None

@@ -1,10 +1,13 @@
 // CPU quantized_max_pool2d (schema in csrc/ops.cpp). torch's own max_pool2d takes int8/uint8 on the CPU, but its
 // channels-last kernel indexes the input with the element type itself (it fails once H * W > 127 for int8), so
 // channels-last inputs run here: per output pixel, the byte-wise maximum of its taps' channel vectors (a loop the
-// compiler vectorizes). Other layouts go to torch's kernel. csrc/cuda/pool.cu has the CUDA kernel.
+// compiler vectorizes; a window without a tap inside the input, possible in ceil mode with dilation, gives the type's
+// lowest value as torch's integer kernel does). Other layouts go to torch's kernel. csrc/cuda/pool.cu has the CUDA
+// kernel.
 #include "check.h"
 
 #include <algorithm>
+#include <limits>
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -30,7 +33,7 @@ void max_pool2d_channels_last(const T* x, T* out, const PoolGeometry& g, int64_t
       const int64_t w_end = std::min(w0 + (g.kw - 1) * g.dil_w + 1, g.width);
       while (w0 < 0) w0 += g.dil_w;
       T* o = out + ((b * g.out_h + oh) * g.out_w + ow) * c_count;
-      std::copy_n(x + ((b * g.height + h0) * g.width + w0) * c_count, c_count, o);
+      std::fill_n(o, c_count, std::numeric_limits<T>::lowest());  // a window with no tap inside, as torch's
       for (int64_t ih = h0; ih < h_end; ih += g.dil_h)
         for (int64_t iw = w0; iw < w_end; iw += g.dil_w) {
           const T* in = x + ((b * g.height + ih) * g.width + iw) * c_count;

@@ -52,13 +52,10 @@ struct SpanParams {
   }
 };
 
-// quantized_add's element map: y = (float(a) - a_zero_point) * a_scale + (float(b) - b_zero_point) * b_scale, then
-// the clamp (ReLU: [0, inf)), then the output conversion (requantized with out_format for int8/uint8).
+// quantized_add's element map (AddMap, quant_math.h) with the scales' values.
 struct AddParams {
-  float a_scale, a_zero_point, b_scale, b_zero_point;
-  ActivationClamp clamp;
-  float inv_out_scale, out_zero_point;
-  QuantFormat out_format;
+  float a_scale, b_scale;
+  AddMap map;
 };
 
 template <class T>
@@ -114,11 +111,12 @@ void dequantize_span(const In* q, Out* y, int64_t n, SpanParams p) {
 template <class A, class B, class Out>
 void add_span(const A* a, const B* b, Out* y, int64_t n, const AddParams& p) {
   for (int64_t i = 0; i < n; ++i) {
-    float v = (static_cast<float>(a[i]) - p.a_zero_point) * p.a_scale +
-              (static_cast<float>(b[i]) - p.b_zero_point) * p.b_scale;
-    v = clamp_activation(v, p.clamp);
+    const AddMap& m = p.map;
+    float v = (static_cast<float>(a[i]) - m.a_zero_point) * p.a_scale +
+              (static_cast<float>(b[i]) - m.b_zero_point) * p.b_scale;
+    v = clamp_activation(v, m.clamp);
     if constexpr (kIsByte<Out>)
-      y[i] = static_cast<Out>(quantize_value(v, p.inv_out_scale, p.out_zero_point, p.out_format, Rounding::Nearest));
+      y[i] = static_cast<Out>(quantize_value(v, m.inv_out_scale, m.out_zero_point, m.out_format, Rounding::Nearest));
     else y[i] = static_cast<Out>(v);
   }
 }
@@ -591,41 +589,25 @@ at::Tensor quantized_add_cpu(const at::Tensor& a, const at::Tensor& a_scale, int
                              std::optional<double> out_scale, int64_t out_zero_point, bool relu) {
   constexpr const char* op = "quantized_add";
   TQ_CHECK(a.device().is_cpu(), op, ": a must be a CPU tensor for the CPU kernel, got ", a.device());
-  const QuantizedAddTensors t =
-      prepare_quantized_add(a, a_scale, a_zero_point, b, b_scale, b_zero_point, out_dtype, out_scale, out_zero_point);
+  const QuantizedAddTensors t = prepare_quantized_add(a, a_scale, a_zero_point, b, b_scale, b_zero_point, out_dtype,
+                                                      out_scale, out_zero_point, relu);
   const at::Tensor a_scale_1 = a_scale.reshape({1}).contiguous(), b_scale_1 = b_scale.reshape({1}).contiguous();
   check_scale_values(op, "a_scale", a_scale_1);
   check_scale_values(op, "b_scale", b_scale_1);
   const int64_t numel = t.out.numel();
   if (numel == 0) return t.out;
-  AddParams p{};
-  p.a_scale = *a_scale_1.data_ptr<float>();
-  p.a_zero_point = static_cast<float>(a_zero_point);
-  p.b_scale = *b_scale_1.data_ptr<float>();
-  p.b_zero_point = static_cast<float>(b_zero_point);
-  if (relu) p.clamp.lo = 0.0f;
-  p.inv_out_scale = out_scale.has_value() ? 1.0f / static_cast<float>(*out_scale) : 1.0f;
-  p.out_zero_point = static_cast<float>(out_zero_point);
-  p.out_format = quant_format(8, out_dtype == at::kChar);
-  const auto with_out_type = [&](const auto& body) {
-    if (out_dtype == at::kChar || out_dtype == at::kByte) with_byte_type(out_dtype, "out_dtype", body);
-    else with_float_type(out_dtype, "out_dtype", body);
-  };
-  with_byte_type(a.scalar_type(), "a", [&](auto a_tag) {
+  const AddParams p{*a_scale_1.data_ptr<float>(), *b_scale_1.data_ptr<float>(), t.map};
+  with_add_types(a.scalar_type(), b.scalar_type(), out_dtype, [&](auto a_tag, auto b_tag, auto out_tag) {
     using A = decltype(a_tag);
-    with_byte_type(b.scalar_type(), "b", [&](auto b_tag) {
-      using B = decltype(b_tag);
-      with_out_type([&](auto out_tag) {
-        using Out = decltype(out_tag);
-        const A* ap = t.a.data_ptr<A>();
-        const B* bp = t.b.data_ptr<B>();
-        Out* yp = t.out.data_ptr<Out>();
-        with_cpu_isa([&](auto isa) {
-          using Isa = decltype(isa);
-          at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
-            Isa::add_span(ap + begin, bp + begin, yp + begin, end - begin, p);
-          });
-        });
+    using B = decltype(b_tag);
+    using Out = decltype(out_tag);
+    const A* ap = t.a.data_ptr<A>();
+    const B* bp = t.b.data_ptr<B>();
+    Out* yp = t.out.data_ptr<Out>();
+    with_cpu_isa([&](auto isa) {
+      using Isa = decltype(isa);
+      at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
+        Isa::add_span(ap + begin, bp + begin, yp + begin, end - begin, p);
       });
     });
   });

@@ -1,7 +1,8 @@
 // CUDA quantized_max_pool2d (schema in csrc/ops.cpp): torch's CUDA max_pool2d takes floating types only. One thread
 // per output element (or per 16 channels of a channels-last output, read with 16-byte loads), the input read through
 // its strides; the output has the input's suggested memory format, as torch's max_pool2d does. Padding never wins:
-// windows skip the taps outside the input (every window holds at least one inside, by the argument checks).
+// windows skip the taps outside the input; one without a tap inside (possible in ceil mode with dilation) gives the
+// type's lowest value, as torch's integer CPU kernel does.
 #include "check.h"
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -10,6 +11,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 
 #include "arg_checks.h"
 #include "cuda/common.cuh"
@@ -51,7 +53,7 @@ __global__ void __launch_bounds__(kPoolThreads) max_pool2d_kernel(const T* __res
     const T* xb = x + b * xs.b + c * xs.c;
     Vec<T, VEC> best;
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) best.v[j] = xb[h0 * xs.h + w0 * xs.w + j];
+    for (int j = 0; j < VEC; ++j) best.v[j] = std::numeric_limits<T>::lowest();
     for (int64_t ih = h0; ih < h_end; ih += g.dil_h)
       for (int64_t iw = w0; iw < w_end; iw += g.dil_w) {
         const Vec<T, VEC> v = load_vec<T, VEC>(xb + ih * xs.h + iw * xs.w);

@@ -461,22 +461,20 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_cuda(const at::Tensor& x, 
 // synchronization); the same float operations in the same order as the CPU kernel, rounded one by one.
 // ---------------------------------------------------------------------------------------------------------------
 
+// quantized_add's element map (AddMap, quant_math.h) with the scales in device memory.
 struct AddArgs {
   const float* a_scale;
   const float* b_scale;
-  float a_zero_point, b_zero_point;
-  ActivationClamp clamp;  // relu: [0, inf)
-  float inv_out_scale, out_zero_point;
-  QuantFormat out_format;
+  AddMap map;
 };
 
 template <typename Out>
-__device__ __forceinline__ Out add_value(float a, float b, float a_scale, float b_scale, const AddArgs& p) {
-  float y = __fadd_rn(__fmul_rn(a - p.a_zero_point, a_scale), __fmul_rn(b - p.b_zero_point, b_scale));
-  y = clamp_activation(y, p.clamp);
+__device__ __forceinline__ Out add_value(float a, float b, float a_scale, float b_scale, const AddMap& m) {
+  float y = __fadd_rn(__fmul_rn(a - m.a_zero_point, a_scale), __fmul_rn(b - m.b_zero_point, b_scale));
+  y = clamp_activation(y, m.clamp);
   if constexpr (std::is_same_v<Out, int8_t> || std::is_same_v<Out, uint8_t>)
     return static_cast<Out>(
-        static_cast<int>(quantize_value(y, p.inv_out_scale, p.out_zero_point, p.out_format, Rounding::Nearest)));
+        static_cast<int>(quantize_value(y, m.inv_out_scale, m.out_zero_point, m.out_format, Rounding::Nearest)));
   else return static_cast<Out>(y);
 }
 
@@ -495,11 +493,11 @@ __global__ void __launch_bounds__(kThreads) quantized_add_kernel(const A* __rest
     Vec<Out, VEC> yv;
 #pragma unroll
     for (int j = 0; j < VEC; ++j)
-      yv.v[j] = add_value<Out>(static_cast<float>(av.v[j]), static_cast<float>(bv.v[j]), a_scale, b_scale, p);
+      yv.v[j] = add_value<Out>(static_cast<float>(av.v[j]), static_cast<float>(bv.v[j]), a_scale, b_scale, p.map);
     store_vec<Out, VEC>(y + v * VEC, yv);
   }
   for (Index i = vectors * VEC + first; i < n; i += stride)
-    y[i] = add_value<Out>(static_cast<float>(a[i]), static_cast<float>(b[i]), a_scale, b_scale, p);
+    y[i] = add_value<Out>(static_cast<float>(a[i]), static_cast<float>(b[i]), a_scale, b_scale, p.map);
 }
 
 template <int VEC, typename A, typename B, typename Out, typename Index>
@@ -518,43 +516,27 @@ at::Tensor quantized_add_cuda(const at::Tensor& a, const at::Tensor& a_scale, in
                               bool relu) {
   TQ_CHECK(a.is_cuda(), "quantized_add: a must be a CUDA tensor for the CUDA kernel, got ", a.device());
   const c10::cuda::CUDAGuard guard(a.device());
-  const QuantizedAddTensors t =
-      prepare_quantized_add(a, a_scale, a_zero_point, b, b_scale, b_zero_point, out_dtype, out_scale, out_zero_point);
+  const QuantizedAddTensors t = prepare_quantized_add(a, a_scale, a_zero_point, b, b_scale, b_zero_point, out_dtype,
+                                                      out_scale, out_zero_point, relu);
   const int64_t n = t.out.numel();
   if (n == 0) return t.out;
   const at::Tensor a_scale_1 = a_scale.reshape({1}).contiguous(), b_scale_1 = b_scale.reshape({1}).contiguous();
-  AddArgs p{};
-  p.a_scale = a_scale_1.data_ptr<float>();
-  p.b_scale = b_scale_1.data_ptr<float>();
-  p.a_zero_point = static_cast<float>(a_zero_point);
-  p.b_zero_point = static_cast<float>(b_zero_point);
-  if (relu) p.clamp.lo = 0.0f;
-  p.inv_out_scale = out_scale.has_value() ? 1.0f / static_cast<float>(*out_scale) : 1.0f;
-  p.out_zero_point = static_cast<float>(out_zero_point);
-  p.out_format = quant_format(8, out_dtype == at::kChar);
-  const auto with_out_type = [&](const auto& body) {
-    if (out_dtype == at::kChar || out_dtype == at::kByte) with_byte_type(out_dtype, "out_dtype", body);
-    else with_float_type(out_dtype, "out_dtype", body);
-  };
-  with_byte_type(a.scalar_type(), "a", [&](auto a_tag) {
+  const AddArgs p{a_scale_1.data_ptr<float>(), b_scale_1.data_ptr<float>(), t.map};
+  with_add_types(a.scalar_type(), b.scalar_type(), out_dtype, [&](auto a_tag, auto b_tag, auto out_tag) {
     using A = decltype(a_tag);
-    with_byte_type(b.scalar_type(), "b", [&](auto b_tag) {
-      using B = decltype(b_tag);
-      with_out_type([&](auto out_tag) {
-        using Out = decltype(out_tag);
-        const A* ap = t.a.data_ptr<A>();
-        const B* bp = t.b.data_ptr<B>();
-        Out* yp = t.out.data_ptr<Out>();
-        const bool vectorized = is_aligned<A, kAddVec>(ap) && is_aligned<B, kAddVec>(bp) && is_aligned<Out, kAddVec>(yp);
-        if (n <= INT32_MAX) {
-          if (vectorized) launch_quantized_add<kAddVec, A, B, Out, uint32_t>(ap, bp, yp, n, p);
-          else launch_quantized_add<1, A, B, Out, uint32_t>(ap, bp, yp, n, p);
-        } else {
-          if (vectorized) launch_quantized_add<kAddVec, A, B, Out, int64_t>(ap, bp, yp, n, p);
-          else launch_quantized_add<1, A, B, Out, int64_t>(ap, bp, yp, n, p);
-        }
-      });
-    });
+    using B = decltype(b_tag);
+    using Out = decltype(out_tag);
+    const A* ap = t.a.data_ptr<A>();
+    const B* bp = t.b.data_ptr<B>();
+    Out* yp = t.out.data_ptr<Out>();
+    const bool vectorized = is_aligned<A, kAddVec>(ap) && is_aligned<B, kAddVec>(bp) && is_aligned<Out, kAddVec>(yp);
+    if (n <= INT32_MAX) {
+      if (vectorized) launch_quantized_add<kAddVec, A, B, Out, uint32_t>(ap, bp, yp, n, p);
+      else launch_quantized_add<1, A, B, Out, uint32_t>(ap, bp, yp, n, p);
+    } else {
+      if (vectorized) launch_quantized_add<kAddVec, A, B, Out, int64_t>(ap, bp, yp, n, p);
+      else launch_quantized_add<1, A, B, Out, int64_t>(ap, bp, yp, n, p);
+    }
   });
   return t.out;
 }

@@ -7,7 +7,7 @@ from typing import Callable, List, Optional, Sequence
 from torchquant.timing import markdown_table
 
 # torchquant/bench/<name>.py, run in this order; "gpu" measures the GPU, the others the CPU
-BENCHMARKS = ("quantize", "gemm_cpu", "layers", "gpu")
+BENCHMARKS = ("quantize", "gemm_cpu", "layers", "elementwise", "gpu")
 
 # Arguments for each benchmark's run() under --quick: small sizes, one thread, few samples (only the
 # arguments its run() takes are passed, so a benchmark that changes its signature still runs).
@@ -15,6 +15,7 @@ QUICK = {
     "quantize": {"numel": 4 << 20, "channels": 1024, "repeats": 3},
     "gemm_cpu": {"tables": ("linear",), "repeats": 3},
     "layers": {"tables": ("linear",), "repeats": 3},
+    "elementwise": {"tables": ("add",), "repeats": 3},
     "gpu": {"quant_numel": 16 << 20, "sections": ("quantize", "linear")},
 }
 

@@ -1,0 +1,3 @@
+from torchquant.bench.elementwise import main
+
+main()

@@ -1,0 +1,90 @@
+"""CPU benchmark of the integer pipeline's element-wise ops on ResNet activation shapes (channels-last), at 1 and 2
+threads, every row timed interleaved with its baselines in this process:
+
+- residual add: quantized_add of two uint8 tensors requantized to uint8 (with and without the fused ReLU) against
+  torch.ao's `torch.ops.quantized.add` / `add_relu` on quint8 tensors (x86 engine) and a float32 add (`a + b`, and
+  `relu(a + b)`, on the dequantized values); bytes moved 2 read + 1 written per element (the float add: 8 + 4),
+  "of copy" compares ours with `copy_` bandwidth at the same size.
+- max-pool: quantized_max_pool2d 3x3 stride 2 (ResNet's stem) on uint8 against torch's float32 max_pool2d (torch's
+  own integer kernel fails on channels-last inputs of more than 127 pixels).
+"""
+from typing import List, Sequence
+
+import torch
+
+from torchquant import functional as F_q
+from torchquant.bench.timing import copy_bandwidth, run_tables, tables_main, torch_ao_engine
+from torchquant.timing import compare, num_threads
+
+ADD_SHAPES = (  # name, batch, channels, size: the outputs of ResNet-18 / ResNet-50 stages, where residual adds are
+    ("R18 stage 1", 1, 64, 56),
+    ("R50 stage 1", 1, 256, 56),
+    ("R50 stage 2", 1, 512, 28),
+    ("R50 stage 3", 1, 1024, 14),
+    ("R50 stage 4", 1, 2048, 7),
+    ("R50 stage 1 b8", 8, 256, 56),
+)
+POOL_SHAPES = (("R50 stem", 1, 64, 112), ("R50 stem b8", 8, 64, 112))
+
+
+def _uint8(batch: int, channels: int, size: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (batch, channels, size, size), dtype=torch.uint8, generator=g)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def bench_add(threads: int, repeats: int) -> List[dict]:
+    rows = []
+    a_scale, a_zp, b_scale, b_zp, out_scale, out_zp = 0.05, 120, 0.03, 130, 0.07, 100
+    for name, batch, channels, size in ADD_SHAPES:
+        a, b = _uint8(batch, channels, size, 0), _uint8(batch, channels, size, 1)
+        numel = a.numel()
+        with torch_ao_engine("x86"):
+            qa = torch._make_per_tensor_quantized_tensor(a, a_scale, a_zp)
+            qb = torch._make_per_tensor_quantized_tensor(b, b_scale, b_zp)
+            fa, fb = qa.dequantize(), qb.dequantize()
+            for relu in (False, True):
+                ours = lambda: F_q.quantized_add(a, a_scale, a_zp, b, b_scale, b_zp, torch.uint8, out_scale,  # noqa
+                                                 out_zp, relu)
+                ao_op = torch.ops.quantized.add_relu if relu else torch.ops.quantized.add
+                ao = lambda: ao_op(qa, qb, out_scale, out_zp)  # noqa: E731
+                flt = (lambda: torch.relu(fa + fb)) if relu else (lambda: fa + fb)
+                with num_threads(threads):
+                    copy_bw = copy_bandwidth(numel, repeats=repeats)
+                    t = compare({"ours": ours, "ao": ao, "float": flt}, repeats=repeats)
+                bandwidth = 3 * numel / t["ours"]
+                rows.append({"threads": threads, "shape": f"{name} [{batch}, {channels}, {size}, {size}]",
+                             "relu": relu, "ours us": t["ours"] * 1e6, "torch.ao us": t["ao"] * 1e6,
+                             "vs torch.ao": t["ao"] / t["ours"], "float us": t["float"] * 1e6,
+                             "vs float": t["float"] / t["ours"], "GB/s": bandwidth / 1e9,
+                             "of copy": bandwidth / copy_bw})
+    return rows
+
+
+def bench_max_pool(threads: int, repeats: int) -> List[dict]:
+    rows = []
+    for name, batch, channels, size in POOL_SHAPES:
+        x = _uint8(batch, channels, size, 2)
+        xf = x.float()
+        with num_threads(threads):
+            t = compare({"ours": lambda: F_q.quantized_max_pool2d(x, 3, 2, 1),
+                         "float": lambda: torch.nn.functional.max_pool2d(xf, 3, 2, 1)}, repeats=repeats)
+        rows.append({"threads": threads, "shape": f"{name} [{batch}, {channels}, {size}, {size}]",
+                     "ours us": t["ours"] * 1e6, "float us": t["float"] * 1e6, "vs float": t["float"] / t["ours"]})
+    return rows
+
+
+TABLES = {
+    "add": (bench_add, ["threads", "shape", "relu", "ours us", "torch.ao us", "vs torch.ao", "float us", "vs float",
+                        "GB/s", "of copy"]),
+    "max_pool": (bench_max_pool, ["threads", "shape", "ours us", "float us", "vs float"]),
+}
+
+
+def run(tables: Sequence[str] = tuple(TABLES), threads: Sequence[int] = (1, 2), repeats: int = 9) -> List[dict]:
+    """Rows of every requested table at every thread count."""
+    return run_tables(TABLES, tables, threads, repeats)
+
+
+def main(argv=None) -> None:
+    tables_main(TABLES, __doc__.split("\n\n")[0], argv)
