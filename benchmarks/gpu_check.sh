@@ -77,7 +77,8 @@ lib=$(ls torchquant/_C*.so | head -n 1)
 if command -v cuobjdump >/dev/null; then
   cuobjdump -sass "$lib" >"$WORK/sass.txt" 2>&1
   echo "SASS of $lib: $(grep -c IGMMA "$WORK/sass.txt") IGMMA instructions, $(grep -c 'Function : .*GemmUniversal' \
-    "$WORK/sass.txt") CUTLASS kernels, $(grep -c 'Function :' "$WORK/sass.txt") kernels" |
+    "$WORK/sass.txt") CUTLASS GEMM and $(grep -c 'Function : .*ConvUniversal' "$WORK/sass.txt") CUTLASS conv kernels, \
+$(grep -c 'Function :' "$WORK/sass.txt") kernels" |
     tee -a "$OUT/build.log" "$OUT/summary.md"
 fi
 
