@@ -17,13 +17,17 @@
 namespace torchquant::sm90 {
 
 // The GEMM view of the convolution: M = batch * OH * OW output pixels, N = OC, K = (C, KW, KH). CUTLASS 4.2's sm90
-// conv kernels are not persistent (one CTA per output tile) with one consumer warpgroup, so 128 x 128 is the largest
-// tile whose int32 accumulators fit its registers. The k-tile is 64 channels of one filter tap (TMA im2col loads one
-// tap at a time): C = 64, common in ResNets, fills it exactly, while a 128-channel k-tile would multiply zeros in
-// half of every step there.
+// conv kernels are not persistent (one CTA per output tile, one consumer warpgroup), so the epilogue of one tile
+// overlaps the main loop of another only when two CTAs share a multiprocessor: 128 x 64 tiles (64 int32
+// accumulators per thread) and kStages pipeline stages keep each CTA within half of the registers and shared memory.
+// 64 output channels (ResNets' narrow layers) fill the tile exactly, where a 128-wide tile would compute zeros in
+// half of every step. The k-tile is 64 channels of one filter tap (TMA im2col loads one tap at a time): C = 64 fills
+// it, C = 128, 256, ... take several.
 struct ConvConfig {
-  using TileShape = Shape<_128, _128, Shape<_64>>;
+  using TileShape = Shape<_128, _64, Shape<_64>>;
   using ClusterShape = Shape<_1, _1, _1>;
+  static constexpr int kStages = 7;                          // 12 KiB each
+  static constexpr int kMaxSharedBytes = (228 / 2 - 1) * 1024;  // half a multiprocessor, less the per-CTA reserve
 };
 
 using ConvProblem = cutlass::conv::ConvProblemShape<cutlass::conv::Operator::kFprop, 2>;
@@ -40,12 +44,13 @@ struct ConvKernel {
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, cutlass::conv::Operator::kFprop, ElementA,
       cutlass::layout::TensorNHWC, 16, int8_t, cutlass::layout::TensorNHWC, 16, int32_t, ConvConfig::TileShape,
       ConvConfig::ClusterShape,
-      cutlass::conv::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
+      cutlass::conv::collective::StageCount<ConvConfig::kStages>,
       cutlass::conv::KernelImplicitTmaWarpSpecializedSm90>::CollectiveOp;
   // PersistentScheduler is what the default (void) scheduler means here; naming it keeps CUTLASS 2.x's GemmUniversal
   // (also declared, through the GEMM headers) from matching the same arguments
   using Kernel = cutlass::conv::kernel::ConvUniversal<ConvProblem, Mainloop, Epilogue, cutlass::gemm::PersistentScheduler>;
   using Conv = cutlass::conv::device::ConvUniversalAdapter<Kernel>;
+  static_assert(Kernel::SharedStorageSize <= ConvConfig::kMaxSharedBytes, "two CTAs per multiprocessor");
 };
 
 template <class A, class Out>
