@@ -278,16 +278,16 @@ def cutlass_takes(c, oc, out_dtype, stride=(1, 1)):
     return c % 16 == 0 and oc * torch.empty(0, dtype=out_dtype).element_size() % 16 == 0 and max(stride) <= 8
 
 
-# (B, C, (H, W), OC, (KH, KW), stride, padding, dilation). ResNet-50's layers at batch 2 (the bottleneck 1x1s, the
+# (B, C, (H, W), OC, (KH, KW), stride, padding, dilation). ResNet-50's layers at batch 1-2 (the bottleneck 1x1s, the
 # 3x3s of every stage, the strided 3x3 and 1x1 downsamples), then odd ones: C = 16, 48 (a part of the 64-channel
 # k-tile) and 80 (a full and a partial k-tile per tap), odd and non-square images and kernels, unequal strides,
 # paddings and dilations, a kernel as large as the padded image (one output pixel), OC = 8 (16-byte bf16 pixels,
-# fp32/int8 fall back), OC not a multiple of the 128-channel tile.
+# fp32/int8 fall back), OC not a multiple of the 64-channel tile.
 RESNET50_CONVS = [
-    (2, 64, (56, 56), 64, (3, 3), (1, 1), (1, 1), (1, 1)),
-    (2, 64, (56, 56), 256, (1, 1), (1, 1), (0, 0), (1, 1)),
-    (2, 256, (56, 56), 64, (1, 1), (1, 1), (0, 0), (1, 1)),
-    (2, 128, (56, 56), 128, (3, 3), (2, 2), (1, 1), (1, 1)),
+    (1, 64, (56, 56), 64, (3, 3), (1, 1), (1, 1), (1, 1)),
+    (1, 64, (56, 56), 256, (1, 1), (1, 1), (0, 0), (1, 1)),
+    (1, 256, (56, 56), 64, (1, 1), (1, 1), (0, 0), (1, 1)),
+    (1, 128, (56, 56), 128, (3, 3), (2, 2), (1, 1), (1, 1)),
     (2, 512, (28, 28), 1024, (1, 1), (2, 2), (0, 0), (1, 1)),
     (2, 128, (28, 28), 128, (3, 3), (1, 1), (1, 1), (1, 1)),
     (2, 256, (14, 14), 256, (3, 3), (1, 1), (1, 1), (1, 1)),

@@ -83,7 +83,8 @@ bool launched_cutlass_conv(const ConvGeometry& g, const at::Tensor& x_nhwc, int6
   at::Tensor padded;
   if (x_zero_point != 0 && (g.pad_h > 0 || g.pad_w > 0)) {
     padded = at::constant_pad_nd(x_nhwc.permute({0, 2, 3, 1}), {0, 0, g.pad_w, g.pad_w, g.pad_h, g.pad_h},
-                                 x_zero_point);  // [B, H + 2 pad_h, W + 2 pad_w, C]
+                                 x_zero_point)
+                 .contiguous();  // [B, H + 2 pad_h, W + 2 pad_w, C]
     geometry.height += 2 * g.pad_h;
     geometry.width += 2 * g.pad_w;
     geometry.pad_h = geometry.pad_w = 0;

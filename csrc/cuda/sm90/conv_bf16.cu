@@ -3,7 +3,7 @@
 
 namespace torchquant::sm90 {
 template bool run_cutlass_conv_dequant<int8_t, cutlass::bfloat16_t>(const ConvGeometry&, const ConvOperands&, int64_t,
-                                                   const DequantEpilogue&);
-template bool run_cutlass_conv_dequant<uint8_t, cutlass::bfloat16_t>(const ConvGeometry&, const ConvOperands&, int64_t,
                                                     const DequantEpilogue&);
+template bool run_cutlass_conv_dequant<uint8_t, cutlass::bfloat16_t>(const ConvGeometry&, const ConvOperands&, int64_t,
+                                                     const DequantEpilogue&);
 }  // namespace torchquant::sm90

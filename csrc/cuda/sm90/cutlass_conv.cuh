@@ -26,7 +26,7 @@ namespace torchquant::sm90 {
 struct ConvConfig {
   using TileShape = Shape<_128, _64, Shape<_64>>;
   using ClusterShape = Shape<_1, _1, _1>;
-  static constexpr int kStages = 7;                          // 12 KiB each
+  static constexpr int kStages = 7;                             // 12 KiB each
   static constexpr int kMaxSharedBytes = (228 / 2 - 1) * 1024;  // half a multiprocessor, less the per-CTA reserve
 };
 
@@ -43,12 +43,12 @@ struct ConvKernel {
   using Mainloop = typename cutlass::conv::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, cutlass::conv::Operator::kFprop, ElementA,
       cutlass::layout::TensorNHWC, 16, int8_t, cutlass::layout::TensorNHWC, 16, int32_t, ConvConfig::TileShape,
-      ConvConfig::ClusterShape,
-      cutlass::conv::collective::StageCount<ConvConfig::kStages>,
+      ConvConfig::ClusterShape, cutlass::conv::collective::StageCount<ConvConfig::kStages>,
       cutlass::conv::KernelImplicitTmaWarpSpecializedSm90>::CollectiveOp;
   // PersistentScheduler is what the default (void) scheduler means here; naming it keeps CUTLASS 2.x's GemmUniversal
   // (also declared, through the GEMM headers) from matching the same arguments
-  using Kernel = cutlass::conv::kernel::ConvUniversal<ConvProblem, Mainloop, Epilogue, cutlass::gemm::PersistentScheduler>;
+  using Kernel =
+      cutlass::conv::kernel::ConvUniversal<ConvProblem, Mainloop, Epilogue, cutlass::gemm::PersistentScheduler>;
   using Conv = cutlass::conv::device::ConvUniversalAdapter<Kernel>;
   static_assert(Kernel::SharedStorageSize <= ConvConfig::kMaxSharedBytes, "two CTAs per multiprocessor");
 };
