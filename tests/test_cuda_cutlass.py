@@ -351,6 +351,18 @@ def test_int8_conv2d_cutlass_zero_points(monkeypatch, x_dtype, x_zp, padding):
     assert_float32_rounding(out, core + b, core.abs() + b.abs())
 
 
+@pytest.mark.parametrize("clamp", [(0.0, None), (-0.5, 0.5)])  # a fused ReLU, a two-sided clamp
+def test_int8_conv2d_cutlass_fused_clamp(monkeypatch, clamp):
+    args, w = conv_case(2, 64, (14, 14), 64, (3, 3), torch.uint8, 131, True, 5)
+    geometry = ([3, 3], [1, 1], [1, 1], [1, 1], 1)
+    for out_dtype, out_scale, out_zp in OUTPUTS:
+        call = (*geometry, out_dtype, out_scale, out_zp, *clamp)
+        names, out = kernels_run(monkeypatch, "", ops.int8_conv2d, *args, *call)
+        assert CONV_KERNEL in names
+        assert_same_bits(under(monkeypatch, "mma", ops.int8_conv2d, *args, *call), out, f"{out_dtype} {clamp}")
+        assert_same_bits(ops.int8_conv2d(*on_cpu(args, w), *call), out.cpu(), f"{out_dtype} {clamp} vs CPU")
+
+
 def test_int8_conv2d_cutlass_negative_zero_and_nan_pass_through(monkeypatch):
     """Without bias the bias node adds -0.0: -0.0 outputs keep their sign; a NaN scale gives NaN, as on mma.sync."""
     args, _ = conv_case(1, 16, (6, 6), 16, (1, 1), torch.int8, 0, False, 3)
