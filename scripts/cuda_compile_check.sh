@@ -4,8 +4,8 @@
 # against torch 2.14.1, the CUDA 13.0 build on local disk, in its own venv (CUDA_VENV, default .venv-cuda; the
 # CUTLASS headers come from the nvidia-cutlass wheel installed there), and checks that the built library registers
 # CUDA kernels for every op (and holds the CUTLASS GEMM and conv kernels and the wgmma kernel when the arch list has
-# 9.0). Needs no GPU. MAX_JOBS (default 2) sets the parallel compiles: each CUTLASS GEMM translation unit takes about
-# a minute of one core, each conv one (two kernels) about SECONDS_PLACEHOLDER.
+# 9.0). Needs no GPU. MAX_JOBS (default 2) sets the parallel compiles: each CUTLASS translation unit (a GEMM type
+# pair, or a conv output type with its two kernels) takes one to one and a half minutes of one core and up to 5 GB.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${CUDA_VENV:-.venv-cuda}
