@@ -58,10 +58,12 @@ CUTLASS_REQUIREMENT = "nvidia-cutlass==4.2.0.0"
 
 
 def cutlass_include_dirs():
-    """The CUTLASS/CuTe header folder (holding cutlass/ and cute/) for the sm_90a GEMMs of csrc/cuda/sm90.
+    """The CUTLASS/CuTe header folder (holding cutlass/ and cute/) for the sm_90a kernels of csrc/cuda/sm90, and the
+    utility headers beside it (tools/util/include: cutlass/util/packed_stride.hpp, which the conv kernels include).
 
     CUTLASS_INCLUDE_DIR names it explicitly (e.g. a CUTLASS checkout's include/); otherwise it comes from the
-    installed nvidia-cutlass wheel (the `cuda` extra), which ships the headers under cutlass_library/source/include.
+    installed nvidia-cutlass wheel (the `cuda` extra), which ships the headers under cutlass_library/source/include
+    (and source/tools/util/include), laid out as in a checkout.
     """
     folder = os.environ.get("CUTLASS_INCLUDE_DIR")
     if folder:
@@ -80,7 +82,10 @@ def cutlass_include_dirs():
         where = f"the installed cutlass_library ({spec.origin})"
     if not os.path.isfile(os.path.join(folder, "cutlass", "gemm", "collective", "collective_builder.hpp")):
         sys.exit(f"no CUTLASS 3.x headers (cutlass/gemm/collective/collective_builder.hpp) in {folder}, from {where}")
-    return [folder]
+    util = os.path.normpath(os.path.join(folder, "..", "tools", "util", "include"))
+    if not os.path.isfile(os.path.join(util, "cutlass", "util", "packed_stride.hpp")):
+        sys.exit(f"no CUTLASS utility headers (cutlass/util/packed_stride.hpp) in {util}, beside {folder} from {where}")
+    return [folder, util]
 
 
 def rel(paths):

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Compiles the extension with its CUDA kernels (nvcc; TORCH_CUDA_ARCH_LIST 9.0 by default, which setup.py builds as
-# sm_90a, with the CUTLASS GEMMs of csrc/cuda/sm90 and the wgmma GEMM of csrc/cuda/gemm_sm90.cu) against torch
-# 2.14.1, the CUDA 13.0 build on local disk, in its own venv (CUDA_VENV, default .venv-cuda; the CUTLASS headers come
-# from the nvidia-cutlass wheel installed there), and checks that the built library registers CUDA kernels for every
-# op (and holds the CUTLASS and wgmma kernels when the arch list has 9.0). Needs no GPU. MAX_JOBS (default 2) sets
-# the parallel compiles: each CUTLASS translation unit takes about a minute of one core.
+# sm_90a, with the CUTLASS GEMMs and convolution of csrc/cuda/sm90 and the wgmma GEMM of csrc/cuda/gemm_sm90.cu)
+# against torch 2.14.1, the CUDA 13.0 build on local disk, in its own venv (CUDA_VENV, default .venv-cuda; the
+# CUTLASS headers come from the nvidia-cutlass wheel installed there), and checks that the built library registers
+# CUDA kernels for every op (and holds the CUTLASS GEMM and conv kernels and the wgmma kernel when the arch list has
+# 9.0). Needs no GPU. MAX_JOBS (default 2) sets the parallel compiles: each CUTLASS translation unit (a GEMM type
+# pair, or a conv output type with its two kernels) takes one to one and a half minutes of one core and up to 5 GB.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${CUDA_VENV:-.venv-cuda}
@@ -47,11 +48,14 @@ if any(a.split("+")[0] in ("9.0", "9.0a") for a in archs):
         data = f.read()
     if b"gemm_wgmma_kernel" not in data:
         raise SystemExit("the arch list has 9.0 but the library holds no gemm_wgmma_kernel (csrc/cuda/gemm_sm90.cu)")
-    # the mangled names of the CUTLASS kernels: TMA warp-specialized main loop, int8 x int8 and uint8 x int8 wgmma
+    # the mangled names of the CUTLASS kernels: TMA warp-specialized main loop, int8 x int8 and uint8 x int8 wgmma;
+    # the implicit-GEMM conv (ConvUniversal) with its TMA im2col main loop and 64x128 wgmma tiles
     for needle in (b"MainloopSm90TmaGmmaWarpSpecialized", b"MMA_64x256x32_S32S8S8_SS_TN",
-                   b"MMA_64x256x32_S32U8S8_SS_TN", b"StreamKScheduler"):
+                   b"MMA_64x256x32_S32U8S8_SS_TN", b"StreamKScheduler", b"ConvUniversal",
+                   b"MainloopSm90TmaGmmaWarpSpecializedImplicitGemm", b"SM90_TMA_LOAD_IM2COL",
+                   b"MMA_64x128x32_S32S8S8_SS_TN", b"MMA_64x128x32_S32U8S8_SS_TN"):
         if needle not in data:
             raise SystemExit(f"the arch list has 9.0 but the library holds no {needle.decode()} kernel "
                              "(csrc/cuda/sm90)")
-    print("the sm_90a CUTLASS and wgmma GEMM kernels are built in")
+    print("the sm_90a CUTLASS GEMM and conv kernels and the wgmma GEMM kernel are built in")
 PYEOF

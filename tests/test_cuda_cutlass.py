@@ -1,4 +1,5 @@
-"""The CUTLASS sm_90a GEMMs (csrc/cuda/sm90), the default kernels for M > 16 on a compute capability 9.0 GPU.
+"""The CUTLASS sm_90a GEMMs (csrc/cuda/sm90), the default kernels for M > 16 on a compute capability 9.0 GPU, and the
+CUTLASS implicit-GEMM convolution, the default for int8_conv2d there.
 
 Every bucket of the dispatch: both kernel shapes (128x256 tiles when they fill the GPU, 128x128 stream-K below
 that, K split over the multiprocessors), odd M, N and K on every tile tail, M = 1 (CUTLASS forced with
@@ -7,7 +8,11 @@ shapes CUTLASS cannot take (output rows that are not a multiple of 16 bytes, gro
 to mma.sync. int32 results are compared exactly against int64 products and the CPU kernel; the fused epilogues
 (fp32/fp16/bf16 and requantized int8/uint8 outputs, int8 and uint8 activations with zero points, per-token and
 per-tensor scales, with and without bias) must give the very bytes of the mma.sync kernel's epilogue, whose float
-operations they repeat in the same order, and stay within float32 rounding of the float64 reference.
+operations they repeat in the same order, and stay within float32 rounding of the float64 reference. The
+convolution (ResNet-50's layers and odd shapes, strides, paddings, dilations, every output type, int8 and uint8
+activations with zero points) must give the very bytes of the im2col + mma.sync path and of the CPU kernel; the
+convolutions it cannot take (groups, channel counts that are not multiples of 16 bytes, TMA im2col's limits) fall
+back to that path, as does TORCHQUANT_CUDA_GEMM=mma.
 Skipped visibly without a compute capability 9.0 GPU (the kernels exist nowhere else).
 """
 import pytest
@@ -242,46 +247,197 @@ def test_dynamic_int8_linear_batched(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# int8_conv2d
+# int8_conv2d: the CUTLASS implicit-GEMM convolution
 # ---------------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kernel,stride,padding,channels,out_channels", [
-    (1, 1, 0, 64, 256),   # pointwise: the channels-last input is the GEMM's A, read in place
-    (3, 1, 1, 64, 64),    # im2col rows of 576 bytes
-    (7, 2, 3, 3, 64),     # 3 channels: K = 147 zero-padded to 160
-    (3, 2, 1, 32, 40),    # bf16 rows of 80 bytes
-])
-@pytest.mark.parametrize("x_dtype", [torch.int8, torch.uint8])
-def test_int8_conv2d_identical_to_mma(monkeypatch, kernel, stride, padding, channels, out_channels, x_dtype):
-    x_q = randint8((4, channels, 15, 15), channels + kernel, dtype=x_dtype, device="cuda")
+CONV_KERNEL = "ConvUniversal"  # in the name of the CUTLASS conv kernel (cutlass::device_kernel<ConvUniversal<..>>)
+IM2COL_KERNEL = "im2col_nhwc_kernel"
+
+
+def conv_case(b, c, hw, oc, kernel, x_dtype, x_zp, with_bias, seed):
+    """int8_conv2d's tensor arguments on the GPU (a channels-last input) and the int8 weight [OC, C, KH, KW]."""
+    gen = torch.Generator().manual_seed(seed)
+    x_q = randint8((b, c, *hw), generator=gen, dtype=x_dtype, device="cuda")
     x_q = x_q.contiguous(memory_format=torch.channels_last)
-    w = randint8((out_channels, channels, kernel, kernel), out_channels + kernel, device="cuda")
-    packed = pack_conv_weight(w)
-    w_sum = w.int().sum((1, 2, 3), dtype=torch.int32)
+    w = randint8((oc, c, *kernel), generator=gen, device="cuda")
     x_scale = torch.tensor([0.02], device="cuda")
-    w_scale = torch.rand(out_channels, device="cuda") * 0.01 + 0.001
-    bias = torch.randn(out_channels, device="cuda")
-    x_zp = 3 if x_dtype == torch.int8 else 120
-    args = (x_q, x_scale, x_zp, packed, w_sum, w_scale, bias, out_channels, [kernel] * 2, [stride] * 2,
-            [padding] * 2, [1, 1], 1)
-    for out_dtype in (torch.float32, torch.bfloat16):
-        names, cutlass = kernels_run(monkeypatch, "", ops.int8_conv2d, *args, out_dtype)
-        assert CUTLASS_KERNEL in names
+    w_scale = (torch.rand(oc, generator=gen) * 0.01 + 0.001).cuda()
+    bias = torch.randn(oc, generator=gen).cuda() if with_bias else None
+    args = (x_q, x_scale, x_zp, pack_conv_weight(w), w.int().sum((1, 2, 3), dtype=torch.int32), w_scale, bias, oc)
+    return args, w
+
+
+def on_cpu(args, w, groups=1):
+    """int8_conv2d's tensor arguments moved to the CPU, the weight w packed there."""
+    return tuple(pack_conv_weight(w.cpu(), groups) if i == 3 else (t.cpu() if isinstance(t, torch.Tensor) else t)
+                 for i, t in enumerate(args))
+
+
+def cutlass_takes(c, oc, out_dtype, stride=(1, 1)):
+    """Whether the CUTLASS conv takes a 1-group conv: 16-byte input pixels, 16-byte output pixels, strides <= 8."""
+    return c % 16 == 0 and oc * torch.empty(0, dtype=out_dtype).element_size() % 16 == 0 and max(stride) <= 8
+
+
+# (B, C, (H, W), OC, (KH, KW), stride, padding, dilation). ResNet-50's layers at batch 1-2 (the bottleneck 1x1s, the
+# 3x3s of every stage, the strided 3x3 and 1x1 downsamples), then odd ones: C = 16, 48 (a part of the 64-channel
+# k-tile) and 80 (a full and a partial k-tile per tap), odd and non-square images and kernels, unequal strides,
+# paddings and dilations, a kernel as large as the padded image (one output pixel), OC = 8 (16-byte bf16 pixels,
+# fp32/int8 fall back), OC not a multiple of the 64-channel tile.
+RESNET50_CONVS = [
+    (1, 64, (56, 56), 64, (3, 3), (1, 1), (1, 1), (1, 1)),
+    (1, 64, (56, 56), 256, (1, 1), (1, 1), (0, 0), (1, 1)),
+    (1, 256, (56, 56), 64, (1, 1), (1, 1), (0, 0), (1, 1)),
+    (1, 128, (56, 56), 128, (3, 3), (2, 2), (1, 1), (1, 1)),
+    (2, 512, (28, 28), 1024, (1, 1), (2, 2), (0, 0), (1, 1)),
+    (2, 128, (28, 28), 128, (3, 3), (1, 1), (1, 1), (1, 1)),
+    (2, 256, (14, 14), 256, (3, 3), (1, 1), (1, 1), (1, 1)),
+    (2, 512, (7, 7), 512, (3, 3), (1, 1), (1, 1), (1, 1)),
+    (2, 512, (7, 7), 2048, (1, 1), (1, 1), (0, 0), (1, 1)),
+]
+ODD_CONVS = [
+    (3, 16, (9, 11), 48, (3, 3), (1, 1), (1, 1), (1, 1)),
+    (1, 48, (13, 17), 32, (3, 1), (2, 1), (1, 0), (1, 1)),
+    (2, 80, (10, 10), 40, (1, 5), (1, 1), (0, 2), (1, 2)),
+    (1, 32, (15, 15), 64, (3, 3), (3, 3), (2, 2), (2, 2)),
+    (2, 64, (7, 5), 16, (7, 5), (1, 1), (3, 2), (1, 1)),
+    (1, 64, (5, 5), 200, (5, 5), (1, 1), (0, 0), (1, 1)),
+    (4, 32, (12, 12), 8, (3, 3), (1, 2), (2, 1), (3, 1)),
+]
+# (activation dtype, zero point): a nonzero zero point with padding pads the input with it before the CUTLASS conv
+ACTIVATIONS = [(torch.int8, 0), (torch.uint8, 131)]
+
+
+@pytest.mark.parametrize("case", RESNET50_CONVS + ODD_CONVS)
+@pytest.mark.parametrize("x_dtype,x_zp", ACTIVATIONS)
+def test_int8_conv2d_cutlass_identical_to_mma_and_cpu(monkeypatch, case, x_dtype, x_zp):
+    b, c, hw, oc, kernel, stride, padding, dilation = case
+    seed = b * c + oc + sum(kernel) + sum(stride) + sum(padding) + sum(dilation) + x_zp
+    args, w = conv_case(b, c, hw, oc, kernel, x_dtype, x_zp, seed % 2 == 0, seed)
+    geometry = (list(kernel), list(stride), list(padding), list(dilation), 1)
+
+    def every_output(conv_args):
+        return [ops.int8_conv2d(*conv_args, *geometry, out_dtype, out_scale, out_zp)
+                for out_dtype, out_scale, out_zp in OUTPUTS]
+
+    monkeypatch.setenv(GEMM_VARIABLE, "")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        outputs = every_output(args)
+        torch.cuda.synchronize()
+    kernels = {event.key for event in prof.key_averages() if CONV_KERNEL in event.key}  # one per (input, output) type
+    takes = [cutlass_takes(c, oc, out_dtype, stride) for out_dtype, _, _ in OUTPUTS]
+    assert len(kernels) == sum(takes), f"{case}: CUTLASS conv expected for {takes}, ran {len(kernels)} kernels"
+    for (out_dtype, _, _), cutlass, mma, cpu in zip(OUTPUTS, outputs, under(monkeypatch, "mma", every_output, args),
+                                                    every_output(on_cpu(args, w))):
         assert cutlass.is_contiguous(memory_format=torch.channels_last)
-        assert_same_bits(under(monkeypatch, "mma", ops.int8_conv2d, *args, out_dtype), cutlass, f"{out_dtype}")
-    core = F.conv2d(x_q.cpu().double() - x_zp, w.cpu().double(), None, stride, padding)
-    core = core * 0.02 * w_scale.cpu().double().view(1, -1, 1, 1)
+        assert_same_bits(mma, cutlass, f"{case} {out_dtype} vs mma.sync")
+        assert_same_bits(cpu, cutlass.cpu(), f"{case} {out_dtype} vs CPU")
+
+
+@pytest.mark.parametrize("x_dtype,x_zp", [(torch.int8, -7), (torch.uint8, 0), (torch.uint8, 255)])
+@pytest.mark.parametrize("padding", [(1, 1), (0, 2), (0, 0)])
+def test_int8_conv2d_cutlass_zero_points(monkeypatch, x_dtype, x_zp, padding):
+    """Taps outside the image count as the zero point (x - zero point = 0 there), on every path: with a nonzero
+    zero point and padding the input is padded explicitly, without either TMA's zero fill is right."""
+    args, w = conv_case(2, 32, (9, 9), 64, (3, 3), x_dtype, x_zp, True, 7 + x_zp)
+    geometry = ([3, 3], [1, 1], list(padding), [1, 1], 1)
+    names, out = kernels_run(monkeypatch, "", ops.int8_conv2d, *args, *geometry, torch.float32)
+    assert CONV_KERNEL in names
+    assert_same_bits(under(monkeypatch, "mma", ops.int8_conv2d, *args, *geometry, torch.float32), out)
+    assert_same_bits(ops.int8_conv2d(*on_cpu(args, w), *geometry, torch.float32), out.cpu())
+    x_q, _, _, _, _, w_scale, bias, _ = args
+    core = F.conv2d(x_q.cpu().double() - x_zp, w.cpu().double(), None, 1, padding) * 0.02
+    core = core * w_scale.cpu().double().view(1, -1, 1, 1)
     b = bias.cpu().double().view(1, -1, 1, 1)
-    out = under(monkeypatch, "", ops.int8_conv2d, *args, torch.float32)
     assert_float32_rounding(out, core + b, core.abs() + b.abs())
 
 
-def test_grouped_conv2d_falls_back(monkeypatch):
-    x_q = randint8((2, 64, 10, 10), 1, device="cuda").contiguous(memory_format=torch.channels_last)
-    w = randint8((64, 32, 3, 3), 2, device="cuda")
-    packed = pack_conv_weight(w, 2)
-    args = (x_q, torch.tensor([0.02], device="cuda"), 0, packed, w.int().sum((1, 2, 3), dtype=torch.int32),
-            torch.full((64,), 0.01, device="cuda"), None, 64, [3, 3], [1, 1], [1, 1], [1, 1], 2, torch.float32)
-    names, out = kernels_run(monkeypatch, "cutlass", ops.int8_conv2d, *args)
-    assert CUTLASS_KERNEL not in names
-    assert_same_bits(under(monkeypatch, "mma", ops.int8_conv2d, *args), out)
+@pytest.mark.parametrize("clamp", [(0.0, None), (-0.5, 0.5)])  # a fused ReLU, a two-sided clamp
+def test_int8_conv2d_cutlass_fused_clamp(monkeypatch, clamp):
+    args, w = conv_case(2, 64, (14, 14), 64, (3, 3), torch.uint8, 131, True, 5)
+    geometry = ([3, 3], [1, 1], [1, 1], [1, 1], 1)
+    for out_dtype, out_scale, out_zp in OUTPUTS:
+        call = (*geometry, out_dtype, out_scale, out_zp, *clamp)
+        names, out = kernels_run(monkeypatch, "", ops.int8_conv2d, *args, *call)
+        assert CONV_KERNEL in names
+        assert_same_bits(under(monkeypatch, "mma", ops.int8_conv2d, *args, *call), out, f"{out_dtype} {clamp}")
+        assert_same_bits(ops.int8_conv2d(*on_cpu(args, w), *call), out.cpu(), f"{out_dtype} {clamp} vs CPU")
+
+
+def test_int8_conv2d_cutlass_negative_zero_and_nan_pass_through(monkeypatch):
+    """Without bias the bias node adds -0.0: -0.0 outputs keep their sign; a NaN scale gives NaN, as on mma.sync."""
+    args, _ = conv_case(1, 16, (6, 6), 16, (1, 1), torch.int8, 0, False, 3)
+    x_q, _, _, packed, w_sum, _, _, oc = args
+    x_q[0, :, 0, 0] = 0
+    w_scale = torch.full((16,), 0.01, device="cuda")
+    w_scale[5] = float("nan")
+    geometry = ([1, 1], [1, 1], [0, 0], [1, 1], 1)
+    conv_args = (x_q, torch.tensor([-0.5], device="cuda"), 0, packed, w_sum, w_scale, None, oc, *geometry,
+                 torch.float32)
+    names, out = kernels_run(monkeypatch, "", ops.int8_conv2d, *conv_args)
+    assert CONV_KERNEL in names
+    zero_pixel = torch.cat([out[0, :5, 0, 0], out[0, 6:, 0, 0]])
+    assert torch.signbit(zero_pixel).all() and (zero_pixel == 0).all()  # 0 * -0.5 * 0.01 = -0.0
+    assert out[:, 5].isnan().all()
+    assert_same_bits(under(monkeypatch, "mma", ops.int8_conv2d, *conv_args), out)
+
+
+@pytest.mark.parametrize("what,b,c,hw,oc,kernel,stride,padding,dilation,groups,out_dtype", [
+    ("grouped", 2, 64, (10, 10), 64, (3, 3), (1, 1), (1, 1), (1, 1), 2, torch.float32),
+    ("3 input channels", 2, 3, (16, 16), 64, (7, 7), (2, 2), (3, 3), (1, 1), 1, torch.bfloat16),
+    ("40 input channels", 1, 40, (8, 8), 32, (3, 3), (1, 1), (1, 1), (1, 1), 1, torch.float32),
+    ("bf16 pixels of 8 bytes", 1, 32, (8, 8), 4, (3, 3), (1, 1), (1, 1), (1, 1), 1, torch.bfloat16),
+    ("stride 9", 1, 16, (20, 20), 16, (3, 3), (9, 9), (0, 0), (1, 1), 1, torch.float32),
+    ("dilation beyond TMA im2col", 1, 16, (150, 12), 16, (3, 1), (1, 1), (0, 0), (70, 1), 1, torch.float32),
+    ("padding beyond TMA im2col", 1, 16, (4, 4), 16, (1, 1), (1, 1), (300, 0), (1, 1), 1, torch.float32),
+])
+def test_int8_conv2d_falls_back(monkeypatch, what, b, c, hw, oc, kernel, stride, padding, dilation, groups,
+                                out_dtype):
+    """Convolutions the CUTLASS conv cannot take run the im2col + GEMM path, with the same results."""
+    gen = torch.Generator().manual_seed(b + c + oc)
+    x_q = randint8((b, c, *hw), generator=gen, device="cuda").contiguous(memory_format=torch.channels_last)
+    w = randint8((oc, c // groups, *kernel), generator=gen, device="cuda")
+    args = (x_q, torch.tensor([0.02], device="cuda"), 0, pack_conv_weight(w, groups),
+            w.int().sum((1, 2, 3), dtype=torch.int32), torch.full((oc,), 0.01, device="cuda"), None, oc,
+            list(kernel), list(stride), list(padding), list(dilation), groups, out_dtype)
+    names, out = kernels_run(monkeypatch, "", ops.int8_conv2d, *args)
+    assert CONV_KERNEL not in names, what
+    assert_same_bits(under(monkeypatch, "mma", ops.int8_conv2d, *args), out, what)
+    assert_same_bits(ops.int8_conv2d(*on_cpu(args[:8], w, groups), *args[8:]), out.cpu(), what)
+
+
+def test_mma_variable_keeps_the_im2col_path(monkeypatch):
+    args, _ = conv_case(2, 64, (14, 14), 64, (3, 3), torch.uint8, 0, True, 11)
+    geometry = ([3, 3], [1, 1], [1, 1], [1, 1], 1)
+    names, out = kernels_run(monkeypatch, "mma", ops.int8_conv2d, *args, *geometry, torch.bfloat16)
+    assert CONV_KERNEL not in names and IM2COL_KERNEL in names and CUTLASS_KERNEL not in names
+    names, cutlass = kernels_run(monkeypatch, "cutlass", ops.int8_conv2d, *args, *geometry, torch.bfloat16)
+    assert CONV_KERNEL in names and IM2COL_KERNEL not in names
+    assert_same_bits(out, cutlass)
+
+
+def test_converted_convs_stay_channels_last(monkeypatch):
+    """A converted conv stack on the GPU: every conv runs the CUTLASS conv on channels-last activations, and the
+    activations between the layers stay channels-last (no layout copies)."""
+    monkeypatch.setenv(GEMM_VARIABLE, "")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(64, 64, 1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(64, 128, 3, stride=2, padding=1)).cuda()
+    model = model.to(memory_format=torch.channels_last)
+    x = torch.randn(4, 32, 16, 16, device="cuda").contiguous(memory_format=torch.channels_last)
+    torchquant.quantize_model(model, "int8-static", calibration=[x])
+    seen = []
+    for layer in model:
+        if isinstance(layer, torchquant.nn.QuantConv2d):
+            layer.register_forward_hook(lambda mod, inputs, out: seen.append((inputs[0], out)))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        y = model(x)
+        torch.cuda.synchronize()
+    assert len(seen) == 3
+    for inp, out in seen:
+        assert inp.is_contiguous(memory_format=torch.channels_last)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    launches = [event for event in prof.key_averages() if CONV_KERNEL in event.key]
+    assert sum(event.count for event in launches) == 3
+    assert not any(IM2COL_KERNEL in event.key for event in prof.key_averages())
+    assert y.is_contiguous(memory_format=torch.channels_last)

@@ -1,6 +1,12 @@
-// CUDA int8_conv2d (schema in csrc/ops.cpp): the input in channels-last order, im2col rows ordered (kh, kw, c) per
-// group (a 1x1 stride-1 unpadded conv reads the input in place), then the grouped tensor-core GEMM of gemm.cuh with
-// the float epilogue writing the channels-last output directly.
+// CUDA int8_conv2d (schema in csrc/ops.cpp), the input in channels-last order and the output written channels-last
+// by the float epilogue. Two paths:
+//   CUTLASS (csrc/cuda/sm90, compute capability 9.0): an implicit-GEMM convolution reading the input through TMA's
+//     im2col mode, with the GEMMs' fused epilogue; takes ungrouped convs with C a multiple of 16, 16-byte output
+//     pixels and strides up to 8 (TMA's im2col limits on padding and dilation are checked by CUTLASS).
+//   everything else (other GPUs, grouped or unaligned convs, TORCHQUANT_CUDA_GEMM=mma or wgmma): im2col rows ordered
+//     (kh, kw, c) per group (a 1x1 stride-1 unpadded conv reads the input in place), then the grouped tensor-core
+//     GEMM of gemm.cuh.
+// Both compute the same integers and the same float operations, so they give the same bits.
 #include "check.h"
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -11,6 +17,9 @@
 #include "arg_checks.h"
 #include "cuda/common.cuh"
 #include "cuda/gemm.cuh"
+#if defined(TORCHQUANT_CUTLASS)
+#include "cuda/sm90/cutlass_conv.h"
+#endif
 
 namespace torchquant {
 namespace {
@@ -57,6 +66,34 @@ __global__ void __launch_bounds__(kIm2colThreads) im2col_nhwc_kernel(const int8_
   }
 }
 
+#if defined(TORCHQUANT_CUTLASS)
+// Runs the CUTLASS implicit-GEMM convolution when the request, the device and the shapes allow it; returns whether
+// it did. TMA's im2col reads the taps outside the image as zeros, where the im2col path reads the activation zero
+// point (so that x - zero point is 0 there, as on the CPU): with a nonzero zero point and padding, the input is first
+// padded explicitly with the zero point (one pass over the input; a zero point of 0 needs none) and the convolution
+// runs unpadded.
+bool launched_cutlass_conv(const ConvGeometry& g, const at::Tensor& x_nhwc, int64_t x_zero_point,
+                           const at::Tensor& w_packed, int64_t kp, int64_t out_channels,
+                           const DequantEpilogue& epilogue) {
+  if (!cutlass_conv_wanted()) return false;
+  ConvGeometry geometry = g;
+  sm90::ConvOperands operands{x_nhwc.data_ptr(), w_packed.data_ptr<int8_t>(), kp};
+  if (!sm90::cutlass_conv_can_run(geometry, operands, epilogue.out, out_channels, out_element_size(epilogue.kind)))
+    return false;
+  at::Tensor padded;
+  if (x_zero_point != 0 && (g.pad_h > 0 || g.pad_w > 0)) {
+    padded = at::constant_pad_nd(x_nhwc.permute({0, 2, 3, 1}), {0, 0, g.pad_w, g.pad_w, g.pad_h, g.pad_h},
+                                 x_zero_point)
+                 .contiguous();  // [B, H + 2 pad_h, W + 2 pad_w, C]
+    geometry.height += 2 * g.pad_h;
+    geometry.width += 2 * g.pad_w;
+    geometry.pad_h = geometry.pad_w = 0;
+    operands.x = padded.data_ptr();
+  }
+  return sm90::run_cutlass_conv(x_nhwc.scalar_type() == at::kByte, geometry, operands, out_channels, epilogue);
+}
+#endif
+
 at::Tensor int8_conv2d_cuda(const at::Tensor& x_q, const at::Tensor& x_scale, int64_t x_zero_point,
                             const at::Tensor& w_packed, const at::Tensor& w_sum, const at::Tensor& w_scale,
                             const std::optional<at::Tensor>& bias, int64_t out_channels, at::IntArrayRef kernel_size,
@@ -78,6 +115,10 @@ at::Tensor int8_conv2d_cuda(const at::Tensor& x_q, const at::Tensor& x_scale, in
            ": sizes must be below 2^31");
 
   const at::Tensor x_nhwc = x_q.contiguous(at::MemoryFormat::ChannelsLast);
+  const DequantEpilogue epilogue = epilogue_for(f.epilogue, f.out_nhwc, out_channels);
+#if defined(TORCHQUANT_CUTLASS)
+  if (launched_cutlass_conv(g, x_nhwc, x_zero_point, w_packed, f.weight.kp, out_channels, epilogue)) return out;
+#endif
   const int8_t* x_bytes = static_cast<const int8_t*>(x_nhwc.data_ptr());
   const bool pointwise = g.kh == 1 && g.kw == 1 && g.stride_h == 1 && g.stride_w == 1 && g.pad_h == 0 && g.pad_w == 0;
   GemmArgs args;
@@ -113,7 +154,7 @@ at::Tensor int8_conv2d_cuda(const at::Tensor& x_q, const at::Tensor& x_scale, in
   args.n = ocg;
   args.k = round_up(window, 16);
   args.groups = groups;
-  run_int8_gemm(args, x_q.scalar_type() == at::kByte, epilogue_for(f.epilogue, f.out_nhwc, out_channels));
+  run_int8_gemm(args, x_q.scalar_type() == at::kByte, epilogue);
   return out;
 }
 

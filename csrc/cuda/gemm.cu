@@ -335,13 +335,7 @@ TiledKernel tiled_kernel(GemmKernel requested) {
 
 #if defined(TORCHQUANT_CUTLASS)
 int64_t output_element_size(const Int32Epilogue&) { return 4; }
-int64_t output_element_size(const DequantEpilogue& e) {
-  switch (e.kind) {
-    case OutKind::Float32: return 4;
-    case OutKind::Float16: case OutKind::BFloat16: return 2;
-    default: return 1;
-  }
-}
+int64_t output_element_size(const DequantEpilogue& e) { return out_element_size(e.kind); }
 
 void run_cutlass(const GemmArgs& args, bool, const Int32Epilogue& e) {
   sm90::run_cutlass_gemm(sm90::cutlass_tile_for(args.m, args.n), args, e);
@@ -432,6 +426,13 @@ void dispatch_gemm(const GemmArgs& args, bool a_unsigned, const Epilogue& epilog
 }
 
 }  // namespace
+
+#if defined(TORCHQUANT_CUTLASS)
+bool cutlass_conv_wanted() {
+  const GemmKernel requested = requested_gemm_kernel();
+  return (requested == GemmKernel::Auto || requested == GemmKernel::Cutlass) && sm90a_device();
+}
+#endif
 
 void run_int8_gemm(const GemmArgs& args, bool a_unsigned, const Int32Epilogue& epilogue) {
   dispatch_gemm(args, a_unsigned, epilogue);

@@ -44,6 +44,16 @@ struct Int32Epilogue : NoEpilogueInputs<Int32Epilogue> {
   }
 };
 
+// Bytes per output element.
+inline int64_t out_element_size(OutKind kind) {
+  switch (kind) {
+    case OutKind::Int32: case OutKind::Float32: return 4;
+    case OutKind::Float16: case OutKind::BFloat16: return 2;
+    case OutKind::Int8: case OutKind::UInt8: return 1;
+  }
+  return 1;
+}
+
 // y = float(acc - x_zero_point * w_sum[n]) * x_scale[m or 0] * w_scale[n] + bias[n] (no fused multiply-adds, the
 // same operations in the same order as the CPU epilogue), then the activation clamp, stored as a float type or
 // requantized to int8/uint8: clamp(rne(y * inv_out_scale) + out_zero_point).
@@ -162,6 +172,13 @@ constexpr TileShape kWgmmaTile{128, 256, 128};
 
 template <bool A_UNSIGNED, typename Epilogue>
 void launch_wgmma_gemm(const GemmArgs& args, const Epilogue& epilogue, dim3 grid, cudaStream_t stream);
+#endif
+
+#if defined(TORCHQUANT_CUTLASS)
+// Whether int8_conv2d may run the CUTLASS implicit-GEMM convolution (csrc/cuda/sm90): a compute capability 9.0
+// device, and TORCHQUANT_CUDA_GEMM unset or "cutlass" ("mma" and "wgmma" keep the im2col + GEMM path; the value is
+// checked as for every GEMM).
+bool cutlass_conv_wanted();
 #endif
 
 // Runs the GEMM on the current stream (M, N, K, groups >= 1). a_unsigned: A holds uint8.

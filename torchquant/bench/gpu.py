@@ -8,7 +8,8 @@
 - dynamic int8 linear (torchquant.functional.dynamic_int8_linear: quantize_per_token + int8_linear against a packed
   weight, bf16 in and out, with its argument checks) against bf16 F.linear on the same shapes.
 - int8 conv2d (uint8 channels-last activations, bf16 output) against cuDNN bf16 channels-last on ResNet-50 layers,
-  batch 32.
+  batch 32; on a compute capability 9.0 GPU the CUTLASS implicit-GEMM conv, also timed against the im2col + mma.sync
+  path it replaces ("[mma]").
 Shapes whose weights fit in L2 (M <= 128) rotate over several weight copies, so that the weights come from memory.
 `--device cpu` runs the same code on the CPU with every size divided by 32 (and conv batch 1): a check of the
 plumbing, whose numbers mean nothing.
@@ -44,14 +45,19 @@ GEMM_SHAPES = [  # M, K, N
     (1, 4096, 4096), (16, 4096, 4096), (128, 4096, 4096), (1024, 4096, 4096),
     (4096, 4096, 11008), (4096, 11008, 4096), (16, 4096, 11008), (16, 11008, 4096),
 ]
-CONV_LAYERS = (  # name, in_channels, size, out_channels, kernel, stride, padding
-    ("7x7 3->64 s2 @224", 3, 224, 64, 7, 2, 3),
-    ("3x3 64->64 @56", 64, 56, 64, 3, 1, 1),
-    ("1x1 64->256 @56", 64, 56, 256, 1, 1, 0),
-    ("3x3 128->128 @28", 128, 28, 128, 3, 1, 1),
-    ("1x1 256->1024 @14", 256, 14, 1024, 1, 1, 0),
-    ("3x3 256->256 @14", 256, 14, 256, 3, 1, 1),
-    ("3x3 512->512 @7", 512, 7, 512, 3, 1, 1),
+# name, in_channels, size, out_channels, kernel, stride, padding, activation zero point. Inside a ResNet every conv
+# but the stem reads a ReLU's output, whose uint8 zero point is 0; the stem (an image) and one 3x3 row take 128, the
+# case where the CUTLASS conv pads the input with the zero point first.
+CONV_LAYERS = (
+    ("7x7 3->64 s2 @224", 3, 224, 64, 7, 2, 3, 128),
+    ("3x3 64->64 @56", 64, 56, 64, 3, 1, 1, 0),
+    ("3x3 64->64 @56 zp 128", 64, 56, 64, 3, 1, 1, 128),
+    ("1x1 64->256 @56", 64, 56, 256, 1, 1, 0, 0),
+    ("1x1 256->64 @56", 256, 56, 64, 1, 1, 0, 0),
+    ("3x3 128->128 @28", 128, 28, 128, 3, 1, 1, 0),
+    ("1x1 256->1024 @14", 256, 14, 1024, 1, 1, 0, 0),
+    ("3x3 256->256 @14", 256, 14, 256, 3, 1, 1, 0),
+    ("3x3 512->512 @7", 512, 7, 512, 3, 1, 1, 0),
 )
 CONV_BATCH = 32
 L2_ROTATION = 4  # copies of the weights for shapes whose weights fit in L2
@@ -297,10 +303,10 @@ def conv_rows() -> List[dict]:
     rows: List[dict] = []
     torch.backends.cudnn.benchmark = True
     batch = max(1, CONV_BATCH // SHRINK)
-    for layer, c, size, oc, kernel, stride, padding in CONV_LAYERS:
+    for layer, c, size, oc, kernel, stride, padding, x_zp in CONV_LAYERS:
         name = f"conv {layer} b{batch}"
 
-        def body(name=name, c=c, size=size, oc=oc, kernel=kernel, stride=stride, padding=padding):
+        def body(c=c, size=size, oc=oc, kernel=kernel, stride=stride, padding=padding, x_zp=x_zp):
             cl = torch.channels_last
             x = torch.randn(batch, c, size, size, device=DEVICE, dtype=torch.bfloat16).contiguous(memory_format=cl)
             w = (torch.randn(oc, c, kernel, kernel, device=DEVICE) * 0.05).to(torch.bfloat16)
@@ -314,16 +320,16 @@ def conv_rows() -> List[dict]:
             packed = pack_conv_weight(w_q)
             w_sum = w_q.sum((1, 2, 3), dtype=torch.int32)
             ks, st, pd = [kernel, kernel], [stride, stride], [padding, padding]
-            fns = {
-                "ours": lambda: ops.int8_conv2d(x_q, x_scale, 128, packed, w_sum, w_scale, bias32, oc, ks, st, pd,
-                                                [1, 1], 1, torch.bfloat16),
-                "cuDNN bf16 channels-last": lambda: F.conv2d(x, w, bias, stride, padding),
-            }
-            times = _compare(fns)
             out_size = (size + 2 * padding - kernel) // stride + 1
             flops = 2 * batch * out_size * out_size * oc * c * kernel * kernel
-            return _rows("conv", name, times, "ours", {"cuDNN bf16 channels-last": 1.0},
-                         f"{flops / times['ours'] / 1e12:.0f} TOPS")
+            # on Hopper also the im2col + GEMM path ("[mma]"), which the CUTLASS conv replaces
+            times = _compare_gemm_kernels(
+                lambda: ops.int8_conv2d(x_q, x_scale, x_zp, packed, w_sum, w_scale, bias32, oc, ks, st, pd, [1, 1],
+                                        1, torch.bfloat16),
+                {"cuDNN bf16 channels-last": lambda: F.conv2d(x, w, bias, stride, padding)},
+                batch * out_size * out_size, wgmma=False)
+            return _rows_per_kernel("conv", name, times, {"cuDNN bf16 channels-last": 1.0},
+                                    lambda t: f"{flops / t / 1e12:.0f} TOPS")
 
         rows.extend(_guarded("conv", name, body))
     return rows

@@ -131,6 +131,19 @@ using DequantTree = cutlass::epilogue::fusion::Sm90EVT<
     cutlass::epilogue::fusion::Sm90RowBroadcast<0, typename Config::TileShape, float, float>,   // w_scale[n]
     cutlass::epilogue::fusion::Sm90RowBroadcast<0, typename Config::TileShape, float, float>>;  // bias[n] or -0.0f
 
+// Fills a DequantTree's arguments from the epilogue: a tuple {center, x_scale, w_scale, bias, dequant}; center is
+// {acc, w_sum, zero point}.
+template <class TreeArguments>
+void set_dequant_arguments(TreeArguments& dequant, const DequantEpilogue& e) {
+  auto& center = get<0>(dequant);
+  center.op_1 = {e.x_zero_point != 0 ? e.w_sum : nullptr, 0, {}};
+  center.op_2 = {e.x_zero_point};
+  get<1>(dequant) = {e.x_scale, 0.0f, {e.per_row_scale, _0{}, _0{}}};
+  get<2>(dequant) = {e.w_scale, 0.0f, {}};
+  get<3>(dequant) = {e.bias, -0.0f, {}};
+  get<4>(dequant) = {e.inv_out_scale, e.out_zero_point, e.clamp};
+}
+
 // The raw accumulator (int8_mm).
 using Int32Tree = cutlass::epilogue::fusion::Sm90AccFetch;
 
@@ -158,25 +171,27 @@ struct Kernel {
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<GemmKernel>;
 };
 
-template <class Gemm>
-void launch(typename Gemm::Arguments& arguments) {
+// Runs a CUTLASS device operator (a GemmUniversalAdapter or a ConvUniversalAdapter) on the current stream; `what`
+// names it in the messages.
+template <class Operator>
+void launch(typename Operator::Arguments& arguments, const char* what) {
   const at::Device device(at::kCUDA, c10::cuda::current_device());
   arguments.hw_info.device_id = device.index();
   arguments.hw_info.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  Gemm gemm;
-  cutlass::Status status = gemm.can_implement(arguments);
-  TQ_CHECK(status == cutlass::Status::kSuccess, "int8 GEMM: the CUTLASS kernel cannot take this problem: ",
+  Operator op;
+  cutlass::Status status = op.can_implement(arguments);
+  TQ_CHECK(status == cutlass::Status::kSuccess, what, ": the CUTLASS kernel cannot take this problem: ",
            cutlass::cutlassGetStatusString(status));
-  const size_t workspace_bytes = Gemm::get_workspace_size(arguments);
+  const size_t workspace_bytes = Operator::get_workspace_size(arguments);
   at::Tensor workspace;
   if (workspace_bytes > 0)
     workspace = at::empty({static_cast<int64_t>(workspace_bytes)}, at::TensorOptions().dtype(at::kByte).device(device));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  status = gemm.initialize(arguments, workspace_bytes > 0 ? workspace.data_ptr() : nullptr, stream);
-  TQ_CHECK(status == cutlass::Status::kSuccess, "int8 GEMM: CUTLASS initialize failed: ",
+  status = op.initialize(arguments, workspace_bytes > 0 ? workspace.data_ptr() : nullptr, stream);
+  TQ_CHECK(status == cutlass::Status::kSuccess, what, ": CUTLASS initialize failed: ",
            cutlass::cutlassGetStatusString(status));
-  status = gemm.run(stream);
-  TQ_CHECK(status == cutlass::Status::kSuccess, "int8 GEMM: CUTLASS launch failed: ",
+  status = op.run(stream);
+  TQ_CHECK(status == cutlass::Status::kSuccess, what, ": CUTLASS launch failed: ",
            cutlass::cutlassGetStatusString(status));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -206,23 +221,15 @@ template <class Config, class ElementA, class Out>
 void run_dequant(const GemmArgs& g, const DequantEpilogue& e) {
   using K = Kernel<Config, ElementA, Out, DequantTree<Config, Out>>;
   auto args = arguments<K, ElementA, Out>(g, static_cast<Out*>(e.out), e.ldo);
-  // the tree's arguments: a tuple {center, x_scale, w_scale, bias, dequant}; center is {acc, w_sum, zero point}
-  auto& dequant = args.epilogue.thread;
-  auto& center = get<0>(dequant);
-  center.op_1 = {e.x_zero_point != 0 ? e.w_sum : nullptr, 0, {}};
-  center.op_2 = {e.x_zero_point};
-  get<1>(dequant) = {e.x_scale, 0.0f, {e.per_row_scale, _0{}, _0{}}};
-  get<2>(dequant) = {e.w_scale, 0.0f, {}};
-  get<3>(dequant) = {e.bias, -0.0f, {}};
-  get<4>(dequant) = {e.inv_out_scale, e.out_zero_point, e.clamp};
-  launch<typename K::Gemm>(args);
+  set_dequant_arguments(args.epilogue.thread, e);
+  launch<typename K::Gemm>(args, "int8 GEMM");
 }
 
 template <class Config>
 void run_int32(const GemmArgs& g, const Int32Epilogue& e) {
   using K = Kernel<Config, int8_t, int32_t, Int32Tree>;
   auto args = arguments<K, int8_t, int32_t>(g, e.out, e.ldo);
-  launch<typename K::Gemm>(args);
+  launch<typename K::Gemm>(args, "int8_mm");
 }
 
 template <class A, class Out>
