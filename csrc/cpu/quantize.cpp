@@ -448,7 +448,7 @@ void quantize_rows_per_token(const at::Tensor& x, int64_t rows, int64_t bits, ui
           } else {
             Isa::template quantize_span<false>(xr, qr, row_len, params, f, Rounding::Nearest);
           }
-          std::memset(qr + row_len, 0, out_row_stride - row_len);
+          if (out_row_stride > row_len) std::memset(qr + row_len, 0, out_row_stride - row_len);  // not on empty q
         }
       });
     });
