@@ -414,3 +414,49 @@ def test_failed_load_of_a_folded_batchnorm_leaves_the_skeleton_as_it_was(tmp_pat
 def _snapshot_folded(model):
     return [(n, id(m), type(m)) for n, m in model.named_modules()], \
         [(k, v.tolist()) for k, v in model.state_dict().items()]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# a layer's fused activation clamp is part of its function: stored, restored, checked
+
+@pytest.mark.parametrize("state", ["prepared", "converted"])
+@pytest.mark.parametrize("clamp", [(0.0, None), (-1.0, 0.25), (None, 0.0)])
+def test_activation_clamp_round_trips(tmp_path, state, clamp):
+    model = _small() if state == "converted" else tq.prepare(_skeleton(), "int8-static")
+    model[0].set_activation_clamp(*clamp)
+    x = torch.randn(8, 5, generator=torch.Generator().manual_seed(3))
+    path = tmp_path / "clamped.safetensors"
+    tq.save(model, path)
+    for target in (_skeleton(), tq.prepare(_skeleton(), "int8-static")):
+        if state == "converted" and isinstance(target[0], QuantLinear):
+            continue  # a converted file does not load into a fake-quant model
+        loaded = tq.load(path, target)
+        assert (loaded[0].clamp_min, loaded[0].clamp_max) == clamp
+        assert (loaded[2].clamp_min, loaded[2].clamp_max) == (None, None)
+        assert torch.equal(_outputs(loaded, x), _outputs(model, x))
+    # a file without a clamp removes one the model's layer has (fake-quant, loaded in place)
+    plain = tq.prepare(_skeleton(), "int8-static")
+    tq.save(plain, tmp_path / "plain.safetensors")
+    model = tq.prepare(_skeleton(), "int8-static")
+    model[0].set_activation_clamp(0.0, 6.0)
+    assert tq.load(tmp_path / "plain.safetensors", model)[0].clamp_min is None
+
+
+@pytest.mark.parametrize("clamp", [[1.0], [None, "6"], [True, None], [2.0, 1.0], "relu"])
+def test_malformed_clamp_is_refused(tmp_path, clamp):
+    good = tmp_path / "good.safetensors"
+    tq.save(_small(), good)
+    bad = _rewrite(good, tmp_path / "bad.safetensors", layout=lambda m: m["layers"]["0"].update(clamp=clamp))
+    model = _skeleton()
+    with pytest.raises(ValueError, match=r"layer '0': 'clamp' must be \[clamp_min, clamp_max\]"):
+        tq.load(bad, model)
+    assert _types(model) == _types(_skeleton())
+
+
+def test_clamp_nan_in_json_is_refused(tmp_path):
+    good = tmp_path / "good.safetensors"
+    tq.save(_small(), good)
+    bad = _rewrite(good, tmp_path / "bad.safetensors",
+                   layout=lambda m: m["layers"]["0"].update(clamp=[float("nan"), None]))
+    with pytest.raises(ValueError, match="'clamp' must be"):
+        tq.load(bad, _skeleton())

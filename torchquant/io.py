@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import signal
 import stat
@@ -41,6 +42,7 @@ FORMAT = "torchquant"
 FORMAT_VERSION = 1
 _LAYER_TYPES = {cls.__name__: cls for cls in QUANT_TYPES.values()}
 _ENTRY_KEYS = {"type", "converted", "weight", "activation"}
+_OPTIONAL_ENTRY_KEYS = {"folded_bn", "clamp"}
 _TINY = torch.finfo(torch.float32).tiny
 
 
@@ -145,6 +147,8 @@ def _layer_layout(model: nn.Module) -> dict:
             }
             if module.folded_bn is not None:
                 layout[name]["folded_bn"] = module.folded_bn
+            if module.clamp_min is not None or module.clamp_max is not None:
+                layout[name]["clamp"] = [module.clamp_min, module.clamp_max]
     return layout
 
 
@@ -211,7 +215,7 @@ def _parse_meta(path: str, text: str, tensor_names) -> dict:
     if not isinstance(layers, dict):
         raise malformed(f"'layers' must be an object, got {_json_type(layers)}")
     for name, entry in layers.items():
-        if not isinstance(entry, dict) or set(entry) - {"folded_bn"} != _ENTRY_KEYS:
+        if not isinstance(entry, dict) or set(entry) - _OPTIONAL_ENTRY_KEYS != _ENTRY_KEYS:
             raise malformed(f"layer {name!r} must be an object with keys {sorted(_ENTRY_KEYS)}, got "
                             f"{sorted(entry) if isinstance(entry, dict) else _json_type(entry)}")
         if not isinstance(entry["type"], str) or entry["type"] not in _LAYER_TYPES:
@@ -221,6 +225,12 @@ def _parse_meta(path: str, text: str, tensor_names) -> dict:
             raise malformed(f"layer {name!r}: 'folded_bn' must be a module name, got {entry['folded_bn']!r}")
         if not isinstance(entry["converted"], bool):
             raise malformed(f"layer {name!r}: 'converted' must be true or false, got {entry['converted']!r}")
+        clamp = entry.get("clamp", [None, None])
+        if not (isinstance(clamp, list) and len(clamp) == 2 and all(
+                v is None or (type(v) in (int, float) and math.isfinite(v)) for v in clamp)
+                and (None in clamp or clamp[0] <= clamp[1])):
+            raise malformed(f"layer {name!r}: 'clamp' must be [clamp_min, clamp_max], each a finite number or null "
+                            f"and clamp_min <= clamp_max, got {clamp!r}")
         try:
             entry["config"] = QuantConfig.from_dict({"weight": entry["weight"], "activation": entry["activation"]})
         except (TypeError, ValueError, KeyError, AttributeError) as e:
@@ -505,6 +515,8 @@ def load(path, model: nn.Module) -> nn.Module:
         _install(plan, 2)
         raise
     _install(plan, 3)
+    for name, entry in meta["layers"].items():  # the fused activation is part of each layer's function
+        _child(model, name).set_activation_clamp(*entry.get("clamp", (None, None)))
     return model
 
 
