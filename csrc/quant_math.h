@@ -1,6 +1,7 @@
 // Scalar quantization math shared by the CPU and CUDA kernels, so both produce the same integers.
 // SIMD code paths must reproduce these functions exactly; tests compare them against each other.
 #pragma once
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 
@@ -40,6 +41,13 @@ TQ_HOST_DEVICE float quantize_value(float x, float inv_scale, float zero_point, 
   if (f.binary) return x >= 0.0f ? 1.0f : -1.0f;
   const float q = round_scaled(x, inv_scale, rounding) + zero_point;
   return fminf(fmaxf(q, f.qmin), f.qmax);
+}
+
+// The per-token scale of a row whose largest finite |x| is absmax: absmax / qmax, 1.0 for a row without a
+// nonzero finite value, and at least the smallest normal float32, so that 1 / scale stays finite (a subnormal
+// scale would make 0 * (1 / scale) NaN). The exported ONNX graph computes the same Max.
+TQ_HOST_DEVICE float per_token_scale(float absmax, float qmax) {
+  return absmax > 0.0f ? fmaxf(absmax / qmax, FLT_MIN) : 1.0f;
 }
 
 // A fused activation clamp: y = min(max(y, lo), hi), lo/hi at -inf/+inf when not asked for (ReLU: lo = 0; ReLU6:

@@ -301,6 +301,22 @@ def test_quantize_per_token_specials(device):
     assert s.tolist() == (torch.tensor([2.0]) / 127).tolist() and q.tolist() == [[64, -127, 0, 127, -127, 32]]
 
 
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_quantize_per_token_tiny_rows(device, isa, dtype):
+    # rows whose absmax / qmax is subnormal (or whose values are): the scale stops at the smallest normal float32,
+    # so 1 / scale stays finite and zeros stay 0 instead of 0 * inf = NaN
+    tiny = torch.finfo(torch.float32).tiny
+    rows = [[0.0, 9.18e-41] + [0.0] * 37, [0.0, -tiny] + [tiny / 2] * 37, [0.0, 126 * tiny] + [-3 * tiny] * 37,
+            [0.0, 1e-38] + [-5e-39] * 37]
+    x = torch.tensor(rows, dtype=torch.float32).to(device=device, dtype=dtype)
+    for bits in (8, 4):
+        q, s = F.quantize_per_token(x, bits=bits)
+        q_ref, s_ref = R.quantize_per_token(x, bits=bits)
+        assert_same(q, q_ref)
+        assert_same(s, s_ref)
+        assert (s >= tiny).all() and (q[:, 0] == 0).all()
+
+
 def test_choose_qparams(device):
     x = torch.tensor([[-1.0, 0.5, 3.0], [2.0, 0.0, -4.0]], device=device)
     s, z = F.choose_qparams(x)

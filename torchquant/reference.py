@@ -89,8 +89,9 @@ def fake_quantize_backward(grad, x, scale, zero_point, *, bits=8, signed=True, r
 
 
 def quantize_per_token(x, *, bits=8):
-    """Symmetric per-row int8 quantization over the last dim. scale = (largest finite |x| of the row) / qmax,
-    1.0 for a row without a non-zero finite value; q = clamp(round(x * (1 / scale)), -qmax, qmax), NaN -> 0."""
+    """Symmetric per-row int8 quantization over the last dim. scale = (largest finite |x| of the row) / qmax, at
+    least the smallest normal float32 (1 / scale stays finite), 1.0 for a row without a non-zero finite value;
+    q = clamp(round(x * (1 / scale)), -qmax, qmax), NaN -> 0."""
     qmax = (1 << (bits - 1)) - 1
     x32 = x.float()
     if x.shape[-1] == 0:
@@ -99,7 +100,8 @@ def quantize_per_token(x, *, bits=8):
         absmax = torch.where(torch.isfinite(x32), x32.abs(), 0.0).amax(-1)
     # a tensor divisor: torch divides by a Python scalar on CUDA as a multiplication by its reciprocal, which can
     # differ from true division in the last bit
-    scale = torch.where(absmax > 0, absmax / torch.full_like(absmax, qmax), 1.0)
+    tiny = torch.finfo(torch.float32).tiny
+    scale = torch.where(absmax > 0, torch.clamp_min(absmax / torch.full_like(absmax, qmax), tiny), 1.0)
     q = torch.clamp(torch.round(x32 * (1.0 / scale)[..., None]), -qmax, qmax)
     q = torch.where(torch.isnan(x32), 0.0, q)
     return q.to(torch.int8), scale

@@ -437,7 +437,7 @@ void quantize_rows_per_token(const at::Tensor& x, int64_t rows, int64_t bits, ui
         for (int64_t row = begin; row < end; ++row) {
           const T* xr = xp + row * row_len;
           const float absmax = Isa::finite_absmax(xr, row_len);
-          const float s = absmax > 0.0f ? absmax / qmax : 1.0f;
+          const float s = per_token_scale(absmax, qmax);
           const float inv = 1.0f / s;
           scale[row] = s;
           const SpanParams params{&s, &inv, &zero_point};

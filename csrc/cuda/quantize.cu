@@ -310,7 +310,7 @@ __global__ void __launch_bounds__(kThreads) quantize_per_token_kernel(const T* _
   }
   absmax = block_max(absmax);
 
-  const float s = absmax > 0.0f ? absmax / qmax : 1.0f;
+  const float s = per_token_scale(absmax, qmax);
   const float inv = 1.0f / s;
   if (threadIdx.x == 0) scale[row] = s;
   const QuantFormat f{-qmax, qmax, false};
@@ -364,7 +364,7 @@ __device__ __forceinline__ void quantize_row_in_registers(const T* __restrict__ 
       absmax = fmaxf(absmax, __shfl_xor_sync(0xffffffffu, absmax, offset));
   }
 
-  const float s = absmax > 0.0f ? absmax / qmax : 1.0f;
+  const float s = per_token_scale(absmax, qmax);
   const float inv = 1.0f / s;
   if (thread == 0) *scale_out = s;
   const QuantFormat f{-qmax, qmax, false};
