@@ -10,9 +10,12 @@ import torch
 import torch.nn as nn
 
 import torchquant
+import torchquant.examples
 from torchquant import functional as F_q
+from torchquant import graph as pipeline
 from torchquant.config import QuantConfig, QuantSpec
 from torchquant.examples import DigitsCNN
+import test_graph
 
 onnx = pytest.importorskip("onnx", reason="onnx not installed (pip install 'torchquant[onnx]')")
 pytest.importorskip("onnxscript", reason="onnxscript not installed (pip install 'torchquant[onnx]')")
@@ -569,9 +572,179 @@ def test_placeholder_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.torchquant_export.linear.default, (torch.randn(2, 3, 5), 7, 0))
     torch.library.opcheck(torch.ops.torchquant_export.conv2d.default,
                           (torch.randn(2, 3, 9, 8), 4, [3, 2], [2, 1], [1, 0], [1, 2], 1))
+    ops = torch.ops.torchquant_export
+    q = torch.randint(0, 255, (2, 3, 9, 8), dtype=torch.uint8)
+    torch.library.opcheck(ops.pipeline_elementwise.default, (q, q, torch.int8, 0))
+    torch.library.opcheck(ops.pipeline_elementwise.default, (torch.randn(2, 3), None, torch.uint8, 0))
+    torch.library.opcheck(ops.pipeline_linear.default, (q, 5, torch.float32, 0))
+    torch.library.opcheck(ops.pipeline_conv2d.default, (q, 4, [3, 2], [2, 1], [1, 0], [1, 2], torch.uint8, 0))
+    torch.library.opcheck(ops.pipeline_max_pool2d.default, (q, [3, 3], [2, 2], [1, 1], [1, 1], True, 0))
     out = torch.ops.torchquant_export.conv2d(torch.randn(2, 3, 9, 8), 4, [3, 2], [2, 1], [1, 0], [1, 2], 1)
     assert out.shape == torch.nn.functional.conv2d(torch.randn(2, 3, 9, 8), torch.randn(4, 3, 3, 2), None, [2, 1],
                                                    [1, 0], [1, 2]).shape
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# integer pipelines (QuantConfig(integer_pipeline=True)): torchquant's integers end to end
+
+
+class PipelineBlock(nn.Module):
+    """A ResNet-style stem and block with functional ops: conv + BatchNorm + F.relu, a padded max-pool and a ReLU
+    after it, a residual
+    add with F.relu, a strided block whose shortcut is a 1x1 conv (torch.add, torch.relu), a ReLU6 branch, and
+    flatten + concatenation into a Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.stem_bn = nn.BatchNorm2d(8)
+        self.a1 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.a1_bn = nn.BatchNorm2d(8)
+        self.a2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.b1 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.down = nn.Conv2d(8, 16, 1, stride=2)
+        self.branch = nn.Conv2d(16, 4, 1)
+        self.head = nn.Linear(20 * 3 * 3, 5)
+
+    def forward(self, x):
+        x = torch.nn.functional.relu(self.stem_bn(self.stem(x)))
+        x = torch.nn.functional.relu(torch.nn.functional.max_pool2d(x, 3, 2, 1))  # a ReLU on the integers
+        y = self.a2(torch.nn.functional.relu(self.a1_bn(self.a1(x))))
+        x = torch.nn.functional.relu(y + x)
+        x = torch.relu(torch.add(self.b1(x), self.down(x)))
+        z = torch.nn.functional.relu6(self.branch(x))
+        return self.head(torch.cat([x, z], dim=1).flatten(1))
+
+
+PIPELINE_MODELS = {"digits-bn": (torchquant.examples.DigitsBNCNN, (1, 8, 8)),
+                   "resnet-block": (PipelineBlock, (3, 12, 12))}
+
+
+def pipeline_config(signed=False, weight_bits=8, integer_output=False):
+    activation = QuantSpec(bits=8, signed=signed, symmetric=False, granularity="per_tensor")
+    return QuantConfig(weight=QuantSpec(bits=weight_bits, granularity="per_channel"), activation=activation,
+                       integer_pipeline=True, integer_output=integer_output)
+
+
+def prepared_pipeline(name, config):
+    factory, shape = PIPELINE_MODELS[name]
+    torch.manual_seed(0)
+    model = test_graph._randomize_bn(factory())
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randn(6, *shape, generator=g) for _ in range(3)]
+    prepared = torchquant.prepare(model, config)
+    assert pipeline.is_pipeline(prepared)
+    return calibrated(prepared, batches), torch.randn(5, *shape, generator=g)
+
+
+def pipeline_run(converted, x):
+    """The converted pipeline's output and the integer input of each of its layers ({layer name: tensor})."""
+    names = {id(m): name for name, m in converted.named_modules()}
+    inputs = {}
+
+    class Recorder(torch.fx.Interpreter):
+        def call_function(self, target, args, kwargs):
+            if target is pipeline.integer_layer:
+                inputs[names[id(args[0])]] = args[1]
+            return super().call_function(target, args, kwargs)
+
+    with torch.no_grad():
+        return Recorder(converted).run(x), inputs
+
+
+def check_pipeline_export(model, converted, x):
+    """Exports model (a prepared or converted pipeline), runs it in onnxruntime and checks the integer input of
+    every layer of `converted` and its output: identical. Returns the number of integers compared."""
+    proto, tensors = _onnx_model(model, (x,), None, True)
+    expected_output, expected_inputs = pipeline_run(converted, x)
+    assert set(tensors) == set(expected_inputs)
+    (output, *_), values = run_onnx(proto, (x,), [q for _, q in tensors.values()])
+    compared = 0
+    for name, (_, q_name) in tensors.items():
+        got, expected = torch.from_numpy(values[q_name]), expected_inputs[name]
+        assert got.dtype == expected.dtype and got.shape == expected.shape, name
+        mismatches = int((got != expected).sum())
+        assert mismatches == 0, f"{name}: {mismatches} of {got.numel()} integers differ"
+        compared += got.numel()
+    output = torch.from_numpy(output)
+    assert output.dtype == expected_output.dtype and output.shape == expected_output.shape
+    assert torch.equal(output, expected_output), (output.float() - expected_output.float()).abs().max()
+    return compared, proto
+
+
+@pytest.mark.parametrize("name", list(PIPELINE_MODELS))
+@pytest.mark.parametrize("signed", [False, True], ids=["uint8", "int8"])
+@pytest.mark.parametrize("weight_bits", [8, 4])
+def test_pipeline_integers_and_outputs_equal_torchquants(name, signed, weight_bits):
+    prepared, x = prepared_pipeline(name, pipeline_config(signed, weight_bits))
+    converted = torchquant.convert(copy.deepcopy(prepared))
+    compared, proto = check_pipeline_export(converted, converted, x)
+    assert compared > 0
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("QuantizeLinear") >= 1 and "MaxPool" in ops
+    assert ops.count("ConvInteger") + ops.count("MatMulInteger") == len(pipeline_run(converted, x)[1])
+    assert "Conv" not in ops and "MatMul" not in ops  # no float conv or matmul: all on integers
+    # the prepared (fake-quant) pipeline is exported as convert makes it, and left unchanged
+    state = copy.deepcopy(prepared.state_dict())
+    check_pipeline_export(prepared, converted, x)
+    assert pipeline.is_pipeline(prepared) and not any(m.converted for m in quantized_layers(prepared).values())
+    assert all(torch.equal(v, state[k]) for k, v in prepared.state_dict().items())
+
+
+def test_pipeline_integer_outputs_and_residual_add_ops():
+    prepared, x = prepared_pipeline("resnet-block", pipeline_config(integer_output=True))
+    converted = torchquant.convert(prepared)
+    _, proto = check_pipeline_export(converted, converted, x)
+    assert proto.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    ops = [n.op_type for n in proto.graph.node]
+    # two residual adds (dequantize both inputs, Add, Relu, requantize), the ReLU after the max-pool on integers
+    assert ops.count("Add") >= 2 and ops.count("Concat") == 1 and ops.count("MaxPool") == 1 and "Max" in ops
+
+
+@pytest.mark.parametrize("name", ["basic-blocks", "cat"])
+def test_pipelines_with_float_ops_between_integer_ones(name):
+    """The integer pipeline tests' models: an average pool kept float (dequantized, then quantized again),
+    view(x.size(0), -1), in-place adds, a Linear with a folded BatchNorm1d."""
+    _, prepared, batches = test_graph._prepared(name)
+    converted = torchquant.convert(prepared)
+    assert check_pipeline_export(converted, converted, batches[0])[0] > 0
+
+
+def test_pipeline_dynamic_batch_and_ties():
+    """Inputs placed on rounding ties of the input scale (x = (k + 0.5) * scale) and a batch the export never saw."""
+    prepared, _ = prepared_pipeline("digits-bn", pipeline_config())
+    converted = torchquant.convert(prepared)
+    quantizer = next(iter(converted.get_submodule(pipeline.ACT_QUANT).values()))
+    scale = float(quantizer.scale)
+    k = torch.randint(-40, 40, (9, 1, 8, 8)).float()
+    x = ((k + 0.5) * scale).float()
+    proto, _ = _onnx_model(converted, (x[:2],), None, True)
+    (output, *_), _ = run_onnx(proto, (x,))
+    assert torch.equal(torch.from_numpy(output), pipeline_run(converted, x)[0])
+
+
+def test_pipeline_unsupported_node_names_it(tmp_path):
+    prepared, x = prepared_pipeline("digits-bn", pipeline_config())
+    converted = torchquant.convert(prepared)
+    node = next(n for n in converted.graph.nodes if n.target is pipeline.quantize_input)
+    x_node, quantizer, _ = node.args
+    quantizer = converted.get_submodule(quantizer.target)
+    node.target, node.args = F_q.quantize, (x_node, float(quantizer.scale), int(quantizer.zero_point))
+    node.kwargs = {"signed": False}
+    converted.recompile()
+    with torch.no_grad():
+        converted(x)  # a model that runs
+    with pytest.raises(ExportError, match=rf"integer pipeline node '{node.name}' calls quantize, which has no "
+                                          rf"ONNX mapping"):
+        export_onnx(converted, x, tmp_path / "m.onnx")
+    assert_no_file(tmp_path)
+
+
+def test_uncalibrated_pipeline(tmp_path):
+    model = torchquant.prepare(torchquant.examples.DigitsBNCNN().eval(), pipeline_config())
+    with pytest.raises(ExportError, match="integer pipeline cannot be converted.*calibration"):
+        export_onnx(model, torch.rand(2, 1, 8, 8), tmp_path / "m.onnx")
+    assert_no_file(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -694,6 +867,23 @@ def test_cli_export_of_a_converted_checkpoint(cli_files, tmp_path, capsys):
     rc, err = run_main(["export", "torchquant.examples:DigitsCNN", "--weights", checkpoint, "--bits", "4",
                         "--input-shape", "1,1,8,8", "-o", out], capsys)
     assert rc == 2 and "--bits: --weights" in err and "is already quantized" in err and not out.exists()
+
+
+def test_cli_export_of_an_int8_pipeline(cli_files, tmp_path, capsys):
+    from safetensors.torch import load_file
+    out = tmp_path / "digits.onnx"
+    rc, err = run_main(["export", "torchquant.examples:DigitsCNN", "--weights", cli_files / "digits.safetensors",
+                        "--config", "int8-pipeline", "--calib", cli_files / "calib.pt", "-o", out], capsys)
+    assert rc == 0 and f"wrote {out}" in err
+    proto = onnx.load(str(out))
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("QuantizeLinear") >= 1 and "ConvInteger" in ops and "MatMulInteger" in ops
+    model = DigitsCNN().eval()
+    model.load_state_dict(load_file(cli_files / "digits.safetensors"))
+    x = torch.rand(3, 1, 8, 8)
+    (output, *_), _ = run_onnx(proto, (x,))
+    with torch.no_grad():
+        assert cosine(torch.from_numpy(output), model(x)) >= 0.99
 
 
 @pytest.mark.parametrize("args, message", [

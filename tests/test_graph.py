@@ -471,12 +471,6 @@ def test_cli_convert_and_report_use_the_pipeline(tmp_path, capsys):
     assert graph.is_pipeline(loaded) and graph._meta(loaded)["converted"]
 
 
-def test_export_onnx_names_the_pipeline(tmp_path):
-    _, prepared, batches = _prepared("cat")
-    with pytest.raises(tq.export.ExportError, match="integer pipeline .* is not exported to ONNX"):
-        tq.export_onnx(prepared, batches[0], tmp_path / "m.onnx")
-
-
 def test_budget_builds_one_pipeline_with_per_layer_weight_bits_that_round_trips(tmp_path):
     from torchquant.budget import quantize_with_budget
     model = _randomize_bn(CatNet())

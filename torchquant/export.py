@@ -24,6 +24,8 @@ zero point and saturates; DequantizeLinear then carries the real scale.
 - signed 1-bit (sign binarization): Where(x >= 0, 1, -1);
 - weights of 4 bits or fewer: INT4 initializers (opset 21 and later; DequantizeLinear reads them, or a Cast to int8
   feeds MatMulInteger), int8 initializers at lower opsets.
+- integer pipelines (torchquant.graph; a prepared one is converted first, on a copy): every integer op of the
+  converted graph becomes a placeholder too, replaced by exact integer ONNX (see "Integer pipelines" below).
 
 NaN and infinite inputs are not carried over: torchquant maps NaN to the zero point and leaves infinities out of
 dynamic ranges; the exported graph does neither.
@@ -42,8 +44,9 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
+from torchquant import graph as pipeline
+from torchquant import functional as F_q
 from torchquant._ops.quantize import qrange
-from torchquant.graph import is_pipeline
 from torchquant.nn.base import QuantLayerBase
 from torchquant.nn.conv import QuantConv2d
 from torchquant.nn.linear import QuantLinear
@@ -91,6 +94,17 @@ class _Layer:
     clamp: Tuple[Optional[float], Optional[float]] = (None, None)  # the fused output activation
 
 
+def _static_activation(quantizer, what: str) -> _Activation:
+    """The format and qparams of a calibrated static quantizer (a layer's input or a pipeline's tensor)."""
+    a = quantizer.spec
+    s = quantizer.scale.detach().cpu().float().reshape(1)
+    if not bool(torch.isfinite(s).all() and (s >= _TINY).all()):
+        raise ExportError(f"export_onnx: {what} has an input scale that is not positive and finite: {s.tolist()}")
+    return _Activation(a.bits, a.signed, a.rounding, False, False, scale=float(s[0]),
+                       inv_scale=float((1.0 / s)[0]),  # in float32, as the kernels compute it
+                       zero_point=int(quantizer.zero_point.reshape(-1)[0]))
+
+
 def _layer_state(name: str, layer: QuantLayerBase) -> _Layer:
     """The integer weight, scales and input quantization of `layer` as its converted forward uses them."""
     what = f"module {name!r} ({type(layer).__name__})"
@@ -110,18 +124,13 @@ def _layer_state(name: str, layer: QuantLayerBase) -> _Layer:
     activation = None
     if quantizer is not None:
         a = quantizer.spec
-        activation = _Activation(a.bits, a.signed, a.rounding, a.dynamic, quantizer.per_token)
-        if not a.dynamic:
-            if not quantizer.ready:
-                raise ExportError(f"export_onnx: {what} quantizes its input statically but was never "
-                                  f"calibrated (no input range observed): run torchquant.calibrate first")
-            s = quantizer.scale.detach().cpu().float().reshape(1)
-            if not bool(torch.isfinite(s).all() and (s >= _TINY).all()):
-                raise ExportError(f"export_onnx: {what} has an input scale that is not positive and finite: "
-                                  f"{s.tolist()}")
-            activation.scale = float(s[0])
-            activation.inv_scale = float((1.0 / s)[0])  # in float32, as the kernels compute it
-            activation.zero_point = int(quantizer.zero_point.reshape(-1)[0])
+        if a.dynamic:
+            activation = _Activation(a.bits, a.signed, a.rounding, True, quantizer.per_token)
+        elif not layer.converted and not quantizer.ready:
+            raise ExportError(f"export_onnx: {what} quantizes its input statically but was never "
+                              f"calibrated (no input range observed): run torchquant.calibrate first")
+        else:
+            activation = _static_activation(quantizer, what)
     return _Layer(name, layer, weight, scale, spec.granularity == "per_channel", spec.bits, bias, activation,
                   (layer.clamp_min, layer.clamp_max))
 
@@ -186,6 +195,15 @@ def _translations():
             outputs=[onnx.defs.OpSchema.FormalParameter("y", "T")],
             type_constraints=[("T", ["tensor(float)"], "float32")],
             attributes=[onnx.defs.OpSchema.Attribute("index", onnx.defs.OpSchema.AttrType.INT, "layer number")]))
+    if not onnx.defs.has("PipelineStep", _DOMAIN):
+        types = ["tensor(float)", "tensor(uint8)", "tensor(int8)"]
+        onnx.defs.register_schema(onnx.defs.OpSchema(
+            "PipelineStep", _DOMAIN, 1,
+            inputs=[onnx.defs.OpSchema.FormalParameter(
+                "xs", "T1", param_option=onnx.defs.OpSchema.FormalParameterOption.Variadic, is_homogeneous=False)],
+            outputs=[onnx.defs.OpSchema.FormalParameter("y", "T2")],
+            type_constraints=[("T1", types, "float32 or 8-bit integers"), ("T2", types, "float32 or 8-bit integers")],
+            attributes=[onnx.defs.OpSchema.Attribute("index", onnx.defs.OpSchema.AttrType.INT, "step number")]))
     domain = onnxscript.values.Opset(_DOMAIN, 1)
 
     def linear(x, out_features: int, index: int):
@@ -195,8 +213,24 @@ def _translations():
                dilation: Sequence[int], index: int):
         return domain.QuantLayer(x, index=index)
 
-    return {torch.ops.torchquant_export.linear.default: linear,
-            torch.ops.torchquant_export.conv2d.default: conv2d}
+    def elementwise(x, other, dtype, index: int):
+        return domain.PipelineStep(*([x] if other is None else [x, other]), index=index)
+
+    def pipeline_linear(x, out_features: int, dtype, index: int):
+        return domain.PipelineStep(x, index=index)
+
+    def pipeline_conv2d(x, out_channels: int, kernel_size: Sequence[int], stride: Sequence[int],
+                        padding: Sequence[int], dilation: Sequence[int], dtype, index: int):
+        return domain.PipelineStep(x, index=index)
+
+    def pipeline_max_pool2d(x, kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+                            dilation: Sequence[int], ceil_mode: bool, index: int):
+        return domain.PipelineStep(x, index=index)
+
+    ops = torch.ops.torchquant_export
+    return {ops.linear.default: linear, ops.conv2d.default: conv2d,
+            ops.pipeline_elementwise.default: elementwise, ops.pipeline_linear.default: pipeline_linear,
+            ops.pipeline_conv2d.default: pipeline_conv2d, ops.pipeline_max_pool2d.default: pipeline_max_pool2d}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -400,6 +434,243 @@ def input_q_name(layer_name: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Integer pipelines (torchquant.graph): every integer op of the converted graph becomes one placeholder, then
+# exact integer ONNX (below)
+# ---------------------------------------------------------------------------------------------------------------
+#
+# A pipeline's integers are exported exactly, end to end: ConvInteger / MatMulInteger give the int32 sums, which
+# are scaled in float32 in the order of torchquant's epilogue, (acc * x_scale) * w_scale + bias, then clamped (the
+# fused activation: Clip, or Relu for a plain ReLU, on the float y, where the kernels clamp it) and requantized as
+# everywhere here: Mul(1 / out_scale) -> QuantizeLinear(scale 1, out_zero_point). An integer add is
+# DequantizeLinear (float(q - zero_point) * scale, as torchquant's) of both inputs -> Add -> [Relu] -> the same
+# requantization; max-pool runs MaxPool on the integers, a ReLU between layers is Max(q, zero point), and
+# flatten / reshape / concatenation act on the integer tensors. A QDQ Conv (DequantizeLinear -> Conv ->
+# QuantizeLinear) would not give torchquant's integers: run unfused it sums dequantized floats, and onnxruntime's
+# fused QLinearConv quantizes the bias to int32 and requantizes with one combined multiplier.
+
+_PIPELINE_KINDS = {pipeline.quantize_input: "quantize", pipeline.dequantize_output: "dequantize",
+                   pipeline.integer_relu: "relu", F_q.quantized_max_pool2d: "max_pool",
+                   pipeline.integer_add: "add", pipeline.integer_layer: "layer"}
+
+
+@dataclass
+class _Step:
+    """One integer op of a converted pipeline, with the qparams of its integer inputs and of its output (None: the
+    output is float32)."""
+    kind: str
+    node: str
+    dtype: torch.dtype  # of the output
+    inputs: Tuple[_Activation, ...]
+    out: Optional[_Activation]
+    layer: Optional[_Layer] = None
+    pool: Optional[dict] = None
+    relu: bool = False
+
+
+@torch.library.custom_op("torchquant_export::pipeline_elementwise", mutates_args=())
+def _elementwise_placeholder(x: torch.Tensor, other: Optional[torch.Tensor], dtype: torch.dtype,
+                             index: int) -> torch.Tensor:
+    """Stands for pipeline step `index` (same shape as x, of dtype) during export only."""
+    return x.new_zeros(x.shape, dtype=dtype)
+
+
+@_elementwise_placeholder.register_fake
+def _(x, other, dtype, index):
+    return x.new_empty(x.shape, dtype=dtype)
+
+
+@torch.library.custom_op("torchquant_export::pipeline_linear", mutates_args=())
+def _pipeline_linear_placeholder(x: torch.Tensor, out_features: int, dtype: torch.dtype, index: int) -> torch.Tensor:
+    return x.new_zeros((*x.shape[:-1], out_features), dtype=dtype)
+
+
+@_pipeline_linear_placeholder.register_fake
+def _(x, out_features, dtype, index):
+    return x.new_empty((*x.shape[:-1], out_features), dtype=dtype)
+
+
+@torch.library.custom_op("torchquant_export::pipeline_conv2d", mutates_args=())
+def _pipeline_conv2d_placeholder(x: torch.Tensor, out_channels: int, kernel_size: Sequence[int],
+                                 stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+                                 dtype: torch.dtype, index: int) -> torch.Tensor:
+    return x.new_zeros(_conv_output_shape(x, out_channels, kernel_size, stride, padding, dilation), dtype=dtype)
+
+
+@_pipeline_conv2d_placeholder.register_fake
+def _(x, out_channels, kernel_size, stride, padding, dilation, dtype, index):
+    return x.new_empty(_conv_output_shape(x, out_channels, kernel_size, stride, padding, dilation), dtype=dtype)
+
+
+@torch.library.custom_op("torchquant_export::pipeline_max_pool2d", mutates_args=())
+def _pipeline_max_pool2d_placeholder(x: torch.Tensor, kernel_size: Sequence[int], stride: Sequence[int],
+                                     padding: Sequence[int], dilation: Sequence[int], ceil_mode: bool,
+                                     index: int) -> torch.Tensor:
+    return torch.nn.functional.max_pool2d(x.float(), kernel_size, stride, padding, dilation, ceil_mode).to(x.dtype)
+
+
+@_pipeline_max_pool2d_placeholder.register_fake
+def _(x, kernel_size, stride, padding, dilation, ceil_mode, index):
+    return torch.nn.functional.max_pool2d(x.new_empty(x.shape, dtype=torch.float32), kernel_size, stride, padding,
+                                          dilation, ceil_mode).to(x.dtype)
+
+
+def _pair(value) -> list:
+    return [int(v) for v in value] if isinstance(value, (tuple, list)) else [int(value)] * 2
+
+
+def _pipeline_steps(gm) -> list:
+    """Rewrites gm, a copy of a converted pipeline, so that each of its integer ops calls a placeholder numbered
+    into the returned list of _Steps; a torchquant function the export does not know is an ExportError that names
+    the graph node."""
+    graph = gm.graph
+    steps = []
+
+    def quantizer(arg, what) -> Optional[_Activation]:
+        return None if arg is None else _static_activation(gm.get_submodule(arg.target), what)
+
+    def dtype_of(act: Optional[_Activation]) -> torch.dtype:
+        return torch.float32 if act is None else torch.int8 if act.signed else torch.uint8
+
+    step_dtypes = {}
+
+    def integer_dtype(value) -> torch.dtype:
+        """The dtype of an integer tensor: its step's output, through flatten / reshape / concatenation."""
+        while value not in step_dtypes:
+            value = value.args[0][0] if isinstance(value.args[0], (list, tuple)) else value.args[0]
+        return step_dtypes[value]
+
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        kind = _PIPELINE_KINDS.get(node.target)
+        if kind is None:
+            module = getattr(node.target, "__module__", None) or ""
+            if module.split(".")[0] == "torchquant" or getattr(node.target, "namespace", None) == "torchquant":
+                raise ExportError(f"export_onnx: integer pipeline node {node.name!r} calls "
+                                  f"{getattr(node.target, '__name__', node.target)}, which has no ONNX mapping")
+            continue
+        what = f"integer pipeline node {node.name!r}"
+        index = len(steps)
+        elementwise = torch.ops.torchquant_export.pipeline_elementwise
+        if kind == "quantize":
+            x, q, _ = node.args
+            out = quantizer(q, what)
+            step = _Step(kind, node.name, dtype_of(out), (), out)
+            call = (elementwise, (x, None, step.dtype, index))
+        elif kind == "dequantize":
+            x, q, _ = node.args
+            step = _Step(kind, node.name, torch.float32, (quantizer(q, what),), None)
+            call = (elementwise, (x, None, step.dtype, index))
+        elif kind == "relu":
+            x, q = node.args
+            step = _Step(kind, node.name, dtype_of(quantizer(q, what)), (quantizer(q, what),), None)
+            call = (elementwise, (x, None, step.dtype, index))
+        elif kind == "max_pool":
+            pool = dict(zip(("kernel_size", "stride", "padding", "dilation", "ceil_mode"), node.args[1:]),
+                        **node.kwargs)
+            kernel = _pair(pool["kernel_size"])
+            stride = kernel if pool.get("stride") is None else _pair(pool["stride"])
+            pool = {"kernel_size": kernel, "stride": stride, "padding": _pair(pool.get("padding", 0)),
+                    "dilation": _pair(pool.get("dilation", 1)), "ceil_mode": bool(pool.get("ceil_mode", False))}
+            step = _Step(kind, node.name, integer_dtype(node.args[0]), (), None, pool=pool)
+            call = (torch.ops.torchquant_export.pipeline_max_pool2d, (node.args[0], *pool.values(), index))
+        elif kind == "add":
+            a, b, qa, qb, out, relu, _ = node.args
+            out = quantizer(out, what)
+            step = _Step(kind, node.name, dtype_of(out), (quantizer(qa, what), quantizer(qb, what)), out,
+                         relu=bool(relu))
+            call = (elementwise, (a, b, step.dtype, index))
+        else:
+            layer_attr, x, out, _ = node.args
+            layer = gm.get_submodule(layer_attr.target)
+            out = quantizer(out, what)
+            step = _Step(kind, node.name, dtype_of(out), (), out, layer=_layer_state(layer_attr.target, layer))
+            if isinstance(layer, QuantLinear):
+                call = (torch.ops.torchquant_export.pipeline_linear, (x, layer.out_features, step.dtype, index))
+            else:
+                call = (torch.ops.torchquant_export.pipeline_conv2d,
+                        (x, layer.out_channels, list(layer.kernel_size), list(layer.stride), list(layer.padding),
+                         list(layer.dilation), step.dtype, index))
+        steps.append(step)
+        with graph.inserting_before(node):
+            new = graph.call_function(*call)
+        step_dtypes[new] = step.dtype
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+    graph.eliminate_dead_code()  # the quantizers' and layers' get_attr nodes
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return steps
+
+
+def _zero_point(b: _GraphBuilder, act: _Activation) -> str:
+    import numpy as np
+    return b.const("zero_point", np.array(act.zero_point, np.int8 if act.signed else np.uint8))
+
+
+def _requantized(b: _GraphBuilder, y: str, out: Optional[_Activation], output: str) -> None:
+    """The float32 y to `output`: as it is (out None) or quantized to out's integers as torchquant's epilogue
+    requantizes (clamp(rne(y * (1 / scale)) + zero_point), in out's 8-bit storage)."""
+    if out is None:
+        b.op("Identity", y, output=output)
+    else:
+        _quantized(b, y, b.const("inv_scale", _f32(out.inv_scale)), out, _zero_point(b, out), output)
+
+
+def _dequantized(b: _GraphBuilder, q: str, act: _Activation, output: Optional[str] = None) -> str:
+    return b.op("DequantizeLinear", q, b.const("scale", _f32(act.scale)), _zero_point(b, act), output=output)
+
+
+def _integer_layer_nodes(b: _GraphBuilder, layer: _Layer, x_q: str, out: Optional[_Activation], y: str) -> None:
+    """The exact int32 sums of a pipeline layer (ConvInteger / MatMulInteger on its integer input), then its
+    epilogue in float32 and requantization."""
+    act = layer.activation
+    if isinstance(layer.module, QuantLinear):
+        acc = b.op("MatMulInteger", x_q, _weight(b, layer, layer.weight.t().contiguous(), int8_only=True),
+                   _zero_point(b, act))
+        channel_shape = (-1,)
+    else:
+        conv = layer.module
+        ph, pw = conv.padding
+        acc = b.op("ConvInteger", x_q, _weight(b, layer, layer.weight, int8_only=True), _zero_point(b, act),
+                   kernel_shape=list(conv.kernel_size), strides=list(conv.stride), pads=[ph, pw, ph, pw],
+                   dilations=list(conv.dilation), group=conv.groups)
+        channel_shape = (-1, 1, 1)
+    v = b.op("Mul", b.op("Cast", acc, to=b.onnx.TensorProto.FLOAT), b.const("input_scale", _f32(act.scale)))
+    weight_scale = layer.weight_scale.reshape(channel_shape).numpy() if layer.per_channel \
+        else _f32(layer.weight_scale[0])
+    v = b.op("Mul", v, b.const("weight_scale", weight_scale))
+    if layer.bias is not None:
+        v = b.op("Add", v, b.const("bias", layer.bias.reshape(channel_shape).numpy()))
+    lo, hi = layer.clamp
+    if (lo, hi) == (0.0, None):
+        v = b.op("Relu", v)
+    elif (lo, hi) != (None, None):
+        v = b.op("Clip", v, "" if lo is None else b.const("clamp_min", _f32(lo)),
+                 "" if hi is None else b.const("clamp_max", _f32(hi)))
+    _requantized(b, v, out, y)
+
+
+def _pipeline_step_nodes(b: _GraphBuilder, step: _Step, inputs: Sequence[str], y: str) -> None:
+    if step.kind == "quantize":
+        _requantized(b, inputs[0], step.out, y)
+    elif step.kind == "dequantize":
+        _dequantized(b, inputs[0], step.inputs[0], output=y)
+    elif step.kind == "relu":  # max(q, zero_point): the zero point is the quantized 0
+        b.op("Max", inputs[0], _zero_point(b, step.inputs[0]), output=y)
+    elif step.kind == "max_pool":
+        pool = step.pool
+        ph, pw = pool["padding"]
+        b.op("MaxPool", inputs[0], output=y, kernel_shape=pool["kernel_size"], strides=pool["stride"],
+             pads=[ph, pw, ph, pw], dilations=pool["dilation"], ceil_mode=int(pool["ceil_mode"]))
+    elif step.kind == "add":
+        v = b.op("Add", *(_dequantized(b, q, act) for q, act in zip(inputs, step.inputs)))
+        _requantized(b, b.op("Relu", v) if step.relu else v, step.out, y)
+    else:
+        _integer_layer_nodes(b, step.layer, inputs[0], step.out, y)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Export
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -515,6 +786,15 @@ def _onnx_model(model: nn.Module, example_inputs, opset: Optional[int], dynamic_
     if "" in names:
         raise ExportError("export_onnx: the model is itself a single quantized layer; wrap it in a module")
     copied = copy.deepcopy(model).cpu().float().eval()
+    steps = []
+    if pipeline.is_pipeline(copied):
+        try:  # a prepared pipeline is exported as convert makes it
+            pipeline.convert_pipeline(copied)
+        except (RuntimeError, ValueError) as exc:
+            raise ExportError(f"export_onnx: the integer pipeline cannot be converted: {exc}") from exc
+        steps = _pipeline_steps(copied)
+        # the layers the pipeline still calls as modules (one called more than once runs on its own)
+        names = [name for name, m in copied.named_modules() if isinstance(m, QuantLayerBase)]
     quant_layers = [copied.get_submodule(name) for name in names]  # read from the copy: nothing touches the model
     for index, name in enumerate(names):
         parent_name, _, child = name.rpartition(".")
@@ -532,19 +812,34 @@ def _onnx_model(model: nn.Module, example_inputs, opset: Optional[int], dynamic_
         except Exception as exc:
             raise ExportError(f"export_onnx: torch.onnx could not convert the model ({type(exc).__name__}: "
                               f"{_first_line(exc)})") from exc
+    _type_pipeline_steps(onnx_program.model, steps)
     proto = onnx_program.model_proto
-    tensors = _replace_placeholders(proto, quant_layers, names, opset)
+    tensors = _replace_placeholders(proto, quant_layers, names, steps, opset)
     onnx.checker.check_model(proto)
     return proto, tensors
 
 
-def _replace_placeholders(proto, quant_layers: Sequence[QuantLayerBase], names: Sequence[str], opset: int) -> dict:
-    """Replaces each placeholder node of proto by its layer's subgraph (layers sharing an input and a dynamic
-    format: one subgraph) and drops the placeholder domain. Returns _onnx_model's layer -> tensor names map."""
+def _type_pipeline_steps(model, steps: Sequence[_Step]) -> None:
+    """Sets the type of each pipeline step's output in the exported IR model, which the exporter does not always
+    keep (the placeholder's schema allows several)."""
+    import onnx_ir as ir
+    types = {torch.float32: ir.DataType.FLOAT, torch.uint8: ir.DataType.UINT8, torch.int8: ir.DataType.INT8}
+    for node in model.graph:
+        if node.domain == _DOMAIN and node.op_type == "PipelineStep":
+            node.outputs[0].dtype = types[steps[node.attributes["index"].value].dtype]
+
+
+def _replace_placeholders(proto, quant_layers: Sequence[QuantLayerBase], names: Sequence[str],
+                          steps: Sequence[_Step], opset: int) -> dict:
+    """Replaces each placeholder node of proto by its layer's (or pipeline step's) subgraph (layers sharing an
+    input and a dynamic format: one subgraph) and drops the placeholder domain. Returns _onnx_model's layer ->
+    tensor names map."""
     graph = proto.graph
     original = list(graph.node)
-    called = {i: next(a.i for a in node.attribute if a.name == "index")
-              for i, node in enumerate(original) if node.domain == _DOMAIN}
+    indices = {i: next(a.i for a in node.attribute if a.name == "index")
+               for i, node in enumerate(original) if node.domain == _DOMAIN}
+    called = {i: index for i, index in indices.items() if original[i].op_type == "QuantLayer"}
+    pipeline_steps = {i: steps[index] for i, index in indices.items() if original[i].op_type == "PipelineStep"}
     # the integer state of the layers the forward calls (a layer it never calls may be uncalibrated)
     states = {index: _layer_state(names[index], quant_layers[index]) for index in set(called.values())}
     placeholders = {i: states[index] for i, index in called.items()}
@@ -553,6 +848,15 @@ def _replace_placeholders(proto, quant_layers: Sequence[QuantLayerBase], names: 
         groups.setdefault(_group_key(original[i], layer, i), []).append(i)
     nodes, tensors, group_q_names = [], {}, {}
     for i, node in enumerate(original):
+        step = pipeline_steps.get(i)
+        if step is not None:
+            builder = _GraphBuilder(re.sub(r"[^A-Za-z0-9_.]", "_", step.node), opset)
+            _pipeline_step_nodes(builder, step, node.input, node.output[0])
+            nodes.extend(builder.nodes)
+            graph.initializer.extend(builder.initializers)
+            if step.layer is not None:
+                tensors[step.layer.name] = (node.input[0], node.input[0])
+            continue
         layer = placeholders.get(i)
         if layer is None:
             nodes.append(node)
@@ -592,14 +896,13 @@ def export_onnx(model: nn.Module, example_inputs: Union[torch.Tensor, Tuple[torc
     `example_inputs`: a tensor or a tuple of tensors, the forward's arguments (floating ones are exported as
     float32). `opset`: ONNX opset, 18 or later (default 21: 4-bit weights stored as INT4). `dynamic_batch`: the
     first dimension of every input is left free. The model is not modified. The file is written whole or not at
-    all (a temporary file renamed into place). Raises ExportError (naming the module and the reason) for a float
-    model, an uncalibrated static layer, a torchquant op outside a QuantLinear/QuantConv2d, or a forward that
-    torch.export cannot trace; ModuleNotFoundError when onnx or onnxscript is missing (pip install
+    all (a temporary file renamed into place). An integer pipeline (preset 'int8-pipeline') is written with its
+    integers end to end (ConvInteger / MatMulInteger, integer adds, max-pool on integers), as convert makes it.
+    Raises ExportError (naming the module or graph node and the reason) for a float model, an uncalibrated static
+    layer or pipeline, a torchquant op outside a QuantLinear/QuantConv2d or a pipeline's known ops, or a forward
+    that torch.export cannot trace; ModuleNotFoundError when onnx or onnxscript is missing (pip install
     'torchquant[onnx]')."""
     path = _check_path(path)
-    if is_pipeline(model):
-        raise ExportError("export_onnx: an integer pipeline (QuantConfig.integer_pipeline, preset 'int8-pipeline') "
-                          "is not exported to ONNX; export the layer-by-layer model (preset 'int8-static')")
     for package in ("onnx", "onnxscript"):
         try:
             __import__(package)
