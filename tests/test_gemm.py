@@ -312,6 +312,9 @@ CONVS = [  # batch, in_ch, h, w, out_ch, kernel, stride, padding, dilation, grou
     (1, 3, 9, 13, 4, (1, 5), 1, (0, 2), (1, 2), 1),
     (1, 12, 6, 6, 12, (3, 3), 1, 1, 1, 12),     # depthwise
     (1, 4, 3, 3, 70, (3, 3), 1, 0, 1, 1),       # one output pixel, output channels past one panel
+    (2, 3, 15, 14, 16, (7, 7), 2, 3, 1, 1),     # a ResNet stem: im2col runs of 21 bytes, padded borders
+    (1, 6, 7, 8, 8, (3, 3), 1, 2, 2, 1),        # dilation: im2col runs of one pixel's 6 bytes
+    (1, 40, 6, 6, 8, (2, 2), 1, 1, 1, 1),       # runs of 80 bytes (whole vectors and an overlapping tail)
 ]
 
 

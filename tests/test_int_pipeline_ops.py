@@ -370,6 +370,7 @@ POOLS = [  # shape, kernel, stride, padding, dilation, ceil_mode
     ((1, 16, 2, 5), 3, 2, 1, 1, True),     # ceil mode: a window past the padded input (as torch allows)
     ((0, 3, 5, 5), 2, 2, 0, 1, False),     # empty batch
     ((2, 16, 1, 2), 3, (3, 2), (1, 0), (2, 1), True),  # a window with no tap inside: the type's lowest value
+    ((1, 37, 9, 8), 3, 2, 1, 1, False),    # channels in whole vectors of 16 and a tail
 ]
 
 
