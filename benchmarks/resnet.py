@@ -3,22 +3,32 @@ do not import against the CPU torch) int8-static on the CPU: torchquant's intege
 and its layer-by-layer conversion (int8-static) against torch.ao FX graph mode (x86 engine) and the float32 model,
 at batch 1 and 8, 224x224, 1 and 2 threads; and the output SQNR of each against float.
 
+On a shared machine the 1-thread rows are better timed in thread CPU time (--timer thread: the interleaved minimum
+of the calling thread's CPU time per call, which other processes do not inflate); 2-thread rows are always wall
+time (median of interleaved samples). --layers adds a per-layer table of the converted models (thread CPU time of
+each graph node at 1 thread, summed per conv shape or op) against torch.ao's, with the convs' multiply-add rate and,
+given --peak-gmacs (one core's u8 x s8 multiply-add peak, e.g. 2 vpdpbusd per cycle x 64 x clock), its fraction.
+
 Weights are random (torchvision's initialisation) with BatchNorm statistics taken from a few batches of random
 images, so activations have the ranges of a trained network's; calibration uses other random images.
 
     python -m benchmarks.resnet [--models resnet18 resnet50] [--batches 1 8] [--threads 1 2] [--repeats 5]
+                                [--timer wall|thread] [--layers] [--peak-gmacs G]
                                 [--output benchmarks/results/resnet-cpu.md]
 """
 import argparse
 import copy
-from typing import Dict, List, Sequence
+import time
+from collections import defaultdict
+from typing import Dict, List, Optional, Sequence
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 import torchquant
-from benchmarks.models import (TORCH_AO, _engine_for, _quantized_engine, _quiet_torch_ao, latency_rows,
-                               torch_ao_static, write_tables)
+from benchmarks.models import (CPU_BASELINES, TORCH_AO, _engine_for, _quantized_engine, _quiet_torch_ao,
+                               latency_rows, torch_ao_static, write_tables)
+from torchquant.timing import num_threads
 
 
 class BasicBlock(nn.Module):
@@ -130,7 +140,109 @@ def sqnr_rows(model_name: str, variants: Dict[str, nn.Module], x: torch.Tensor) 
             for name, y in outputs.items() if name != "float"]
 
 
-def run(models=("resnet18", "resnet50"), batches=(1, 8), threads=(1, 2), repeats: int = 5) -> List[dict]:
+def thread_time_rows(model_name: str, variants: Dict[str, nn.Module], inputs: Dict[str, tuple], repeats: int
+                     ) -> List[dict]:
+    """1-thread rows like latency_rows, timed in thread CPU time: per variant the minimum over `repeats`
+    interleaved samples of one call each."""
+    rows = []
+    for input_name, args in inputs.items():
+        best = {name: float("inf") for name in variants}
+        with num_threads(1), torch.inference_mode(), _quiet_torch_ao():
+            for _ in range(repeats + 1):  # the first round warms up
+                for name, model in variants.items():
+                    with _quantized_engine(_engine_for(name)):
+                        start = time.thread_time()
+                        model(*args)
+                        best[name] = min(best[name], time.thread_time() - start)
+        reference = {column: next(best[n] for n in best if n.startswith(start)) for column, start in
+                     CPU_BASELINES.items()}
+        rows += [{"model": model_name, "input": input_name, "threads": 1, "timer": "thread CPU", "variant": name,
+                  "ms": 1e3 * t, **{column: r / t for column, r in reference.items()}} for name, t in best.items()]
+    return rows
+
+
+def _node_kind(gm: fx.GraphModule, node: fx.Node, args: tuple) -> tuple:
+    """(what a graph node computes: "conv KxK/S Cin->Cout" or the op's name, its first tensor's shape, multiply-adds
+    of a conv)."""
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    module = gm.get_submodule(node.target) if node.op == "call_module" else None
+    if node.op == "call_function" and getattr(node.target, "__name__", "") == "integer_layer":
+        module, tensors = args[0], [args[1]]  # torchquant's pipeline calls layers through integer_layer
+    shape = tuple(tensors[0].shape) if tensors else ()
+    if module is not None and hasattr(module, "in_channels") and hasattr(module, "kernel_size"):
+        k, stride = module.kernel_size, module.stride
+        k, stride = (k if isinstance(k, tuple) else (k, k)), (stride if isinstance(stride, tuple) else (stride,))
+        b, _, h, w = shape
+        pad = module.padding if isinstance(module.padding, tuple) else (module.padding,) * 2
+        out_h, out_w = (h + 2 * pad[0] - k[0]) // stride[0] + 1, (w + 2 * pad[-1] - k[1]) // stride[-1] + 1
+        macs = b * out_h * out_w * module.out_channels * module.in_channels // module.groups * k[0] * k[1]
+        return f"conv {k[0]}x{k[1]}/{stride[0]} {module.in_channels}->{module.out_channels}", shape, macs
+    if module is not None:
+        return type(module).__name__, shape, 0
+    return getattr(node.target, "__name__", str(node.target)), shape, 0
+
+
+def node_times(gm: fx.GraphModule, x: torch.Tensor, repeats: int) -> Dict[tuple, list]:
+    """{(kind, input shape): [calls, seconds, multiply-adds]} of one forward of gm at 1 thread: each node's
+    minimum thread CPU time over `repeats` calls on the inputs the forward gives it."""
+    totals: Dict[tuple, list] = defaultdict(lambda: [0, 0.0, 0])
+
+    class Timed(fx.Interpreter):
+        def run_node(self, node):
+            if node.op not in ("call_module", "call_function", "call_method"):
+                return super().run_node(node)
+            args, kwargs = self.fetch_args_kwargs_from_env(node)
+            best = float("inf")
+            for _ in range(repeats):
+                start = time.thread_time()
+                out = getattr(self, node.op)(node.target, args, kwargs)
+                best = min(best, time.thread_time() - start)
+            kind, shape, macs = _node_kind(gm, node, args)
+            entry = totals[(kind, shape)]
+            entry[0] += 1
+            entry[1] += best
+            entry[2] += macs
+            return out
+
+    with num_threads(1), torch.inference_mode():
+        Timed(gm).run(x)
+    return totals
+
+
+def layer_rows(model_name: str, ours: fx.GraphModule, theirs: fx.GraphModule, x: torch.Tensor, repeats: int,
+               peak_gmacs: Optional[float]) -> List[dict]:
+    """Per conv shape (and per other op) of the model: torchquant's time against torch.ao's."""
+    with _quiet_torch_ao():
+        with _quantized_engine("fbgemm"):
+            mine = node_times(ours, x, repeats)
+        with _quantized_engine("x86"):
+            ao = node_times(theirs, x, repeats)
+    rows = []
+    for key in sorted(set(mine) | set(ao), key=lambda k: -max(mine.get(k, [0, 0.0])[1], ao.get(k, [0, 0.0])[1])):
+        kind, shape = key
+        calls, ours_s, macs = mine.get(key, [0, 0.0, 0])
+        ao_calls, ao_s, ao_macs = ao.get(key, [0, 0.0, 0])
+        row = {"model": model_name, "input": f"batch {x.shape[0]}", "op": kind, "input shape": "x".join(map(str,
+               shape)), "calls": max(calls, ao_calls), "ms": 1e3 * ours_s if calls else "", "torch.ao ms": 1e3 * ao_s
+               if ao_calls else ""}
+        if calls and ao_calls:
+            row["vs torch.ao"] = ao_s / ours_s
+        if macs and calls:
+            row["GMAC/s"] = macs / ours_s / 1e9
+            row["torch.ao GMAC/s"] = ao_macs / ao_s / 1e9 if ao_calls else ""
+            if peak_gmacs:
+                row["% peak"] = 100 * macs / ours_s / 1e9 / peak_gmacs
+                row["torch.ao % peak"] = 100 * ao_macs / ao_s / 1e9 / peak_gmacs if ao_calls else ""
+        rows.append(row)
+    total_ours = sum(v[1] for v in mine.values())
+    total_ao = sum(v[1] for v in ao.values())
+    rows.append({"model": model_name, "input": f"batch {x.shape[0]}", "op": "all nodes", "ms": 1e3 * total_ours,
+                 "torch.ao ms": 1e3 * total_ao, "vs torch.ao": total_ao / total_ours})
+    return rows
+
+
+def run(models=("resnet18", "resnet50"), batches=(1, 8), threads=(1, 2), repeats: int = 5, timer: str = "wall",
+        layers: bool = False, peak_gmacs: Optional[float] = None) -> List[dict]:
     rows = []
     generator = torch.Generator().manual_seed(1)
     for name in models:
@@ -145,14 +257,29 @@ def run(models=("resnet18", "resnet50"), batches=(1, 8), threads=(1, 2), repeats
         rows += [{"table": "sqnr", **row}
                  for row in sqnr_rows(name, variants, torch.randn(8, 3, 224, 224, generator=generator))]
         inputs = {f"batch {b} x 3x224x224": (torch.randn(b, 3, 224, 224, generator=generator),) for b in batches}
-        rows += [{"table": "latency", **row} for row in latency_rows(name, variants, inputs, threads, repeats)]
+        wall_threads = [t for t in threads if t != 1 or timer == "wall"]
+        if timer == "thread" and 1 in threads:
+            rows += [{"table": "latency", **row} for row in thread_time_rows(name, variants, inputs, repeats)]
+        rows += [{"table": "latency", "timer": "wall", **row}
+                 for row in latency_rows(name, variants, inputs, wall_threads, repeats)]
+        if layers:
+            for (x,) in inputs.values():
+                rows += [{"table": "layers", **row} for row in layer_rows(
+                    name, variants["torchquant int8-pipeline"], variants[f"{TORCH_AO} static (FX, x86)"], x,
+                    repeats, peak_gmacs)]
     return rows
 
 
-TITLES = {"latency": "Latency (CPU, 224x224, random weights)", "sqnr": "Output SQNR against float32 (batch 8)"}
-COLUMNS = {"latency": ["model", "input", "threads", "variant", "ms", "vs float", "vs torch.ao"],
-           "sqnr": ["model", "variant", "output SQNR dB"]}
-LEGEND = "ms: median of interleaved samples; vs float / vs torch.ao: speed-up over that baseline (> 1 is faster)."
+TITLES = {"latency": "Latency (CPU, 224x224, random weights)", "sqnr": "Output SQNR against float32 (batch 8)",
+          "layers": "Per layer, 1 thread (thread CPU time of each graph node, summed per conv shape or op)"}
+COLUMNS = {"latency": ["model", "input", "threads", "timer", "variant", "ms", "vs float", "vs torch.ao"],
+           "sqnr": ["model", "variant", "output SQNR dB"],
+           "layers": ["model", "input", "op", "input shape", "calls", "ms", "torch.ao ms", "vs torch.ao", "GMAC/s",
+                      "torch.ao GMAC/s", "% peak", "torch.ao % peak"]}
+LEGEND = ("ms: wall time (median of interleaved samples) or thread CPU time (minimum of interleaved samples, "
+          "1 thread), as the timer column says; vs float / vs torch.ao: speed-up over that baseline (> 1 is "
+          "faster). Per layer: the minimum of repeated calls of each node on its own (warm caches), so the sum "
+          "differs from a whole forward.")
 
 
 def main(argv=None) -> None:
@@ -161,9 +288,13 @@ def main(argv=None) -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=5, help="interleaved samples per timing (median)")
+    parser.add_argument("--timer", choices=["wall", "thread"], default="wall",
+                        help="how 1-thread rows are timed: wall time (median) or thread CPU time (minimum)")
+    parser.add_argument("--layers", action="store_true", help="add the per-layer table (1 thread)")
+    parser.add_argument("--peak-gmacs", type=float, help="one core's int8 multiply-add peak, for the per-layer table")
     parser.add_argument("--output", help="also write the tables, with the machine and date, to this Markdown file")
     args = parser.parse_args(argv)
-    rows = run(args.models, args.batches, args.threads, args.repeats)
+    rows = run(args.models, args.batches, args.threads, args.repeats, args.timer, args.layers, args.peak_gmacs)
     write_tables(rows, "ResNet-18 / ResNet-50 int8-static on the CPU", args.output, TITLES, COLUMNS, LEGEND)
 
 
