@@ -315,6 +315,7 @@ CONVS = [  # batch, in_ch, h, w, out_ch, kernel, stride, padding, dilation, grou
     (2, 3, 15, 14, 16, (7, 7), 2, 3, 1, 1),     # a ResNet stem: im2col runs of 21 bytes, padded borders
     (1, 6, 7, 8, 8, (3, 3), 1, 2, 2, 1),        # dilation: im2col runs of one pixel's 6 bytes
     (1, 40, 6, 6, 8, (2, 2), 1, 1, 1, 1),       # runs of 80 bytes (whole vectors and an overlapping tail)
+    (2, 8, 11, 9, 8, (3, 3), 1, (2, 1), (2, 1), 1),  # dilated rows only: whole-pixel runs 2 input rows apart
 ]
 
 

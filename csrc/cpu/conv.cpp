@@ -64,11 +64,18 @@ inline void copy_run(uint8_t* dst, const uint8_t* src, int64_t n, uint8_t flip) 
 // RowFiller of int8_conv2d: row (b, oh, ow) of group grp holds that output pixel's window values, k = (kh, kw, c).
 void fill_im2col_rows(const void* context, int64_t grp, int64_t row0, int64_t rows, uint8_t* dst) {
   const Im2colSource& src = *static_cast<const Im2colSource*>(context);
-  const ConvGeometry& g = src.g;
+  // local copies: the byte stores below may alias any object, so fields read through `src` would be loaded again
+  // after every store (a third of a 7x7 stem's fill time)
+  const ConvGeometry g = src.g;
+  const uint8_t* const x = src.x;
+  const uint8_t flip = src.flip, pad_byte = src.pad_byte;
+  const int64_t k4 = src.k4;
   const int64_t cg = g.channels / g.groups;
-  const int64_t window = g.window;
-  // undilated kernel rows of an ungrouped conv read consecutive channels-last pixels
+  const int64_t pixel_row = g.width * g.channels;  // bytes between input rows
+  // undilated kernel rows of an ungrouped conv read consecutive channels-last pixels: kw * channels bytes, one
+  // copy (what makes im2col cheap for few channels, where per-tap copies of a few bytes dominate)
   const bool whole_pixels = g.dil_w == 1 && g.groups == 1;
+  const int64_t run = g.kw * cg;
   // (b, oh, ow) of the row, stepped rather than divided out per row (three divisions per row were a fifth of a
   // small conv's im2col time)
   int64_t b = row0 / (g.out_h * g.out_w), oh = (row0 / g.out_w) % g.out_h, ow = row0 % g.out_w - 1;
@@ -80,27 +87,28 @@ void fill_im2col_rows(const void* context, int64_t grp, int64_t row0, int64_t ro
         ++b;
       }
     }
-    uint8_t* out = dst + row * src.k4;
-    for (int64_t i = 0; i < g.kh; ++i) {
-      const int64_t ih = oh * g.stride_h - g.pad_h + i * g.dil_h;
-      const int64_t iw0 = ow * g.stride_w - g.pad_w;
-      if (whole_pixels && ih >= 0 && ih < g.height && iw0 >= 0 && iw0 + g.kw <= g.width) {
-        // the kernel row lies inside the image: its kw pixels are kw * channels consecutive bytes, one copy
-        // (what makes im2col cheap for few channels, where per-tap copies of a few bytes dominate)
-        copy_run(out, src.x + ((b * g.height + ih) * g.width + iw0) * g.channels, g.kw * cg, src.flip);
-        out += g.kw * cg;
-        continue;
-      }
-      for (int64_t j = 0; j < g.kw; ++j, out += cg) {
-        const int64_t iw = ow * g.stride_w - g.pad_w + j * g.dil_w;
-        if (ih < 0 || ih >= g.height || iw < 0 || iw >= g.width) {
-          std::memset(out, src.pad_byte, cg);
+    uint8_t* out = dst + row * k4;
+    const int64_t ih0 = oh * g.stride_h - g.pad_h, iw0 = ow * g.stride_w - g.pad_w;
+    const int64_t pixel = ((b * g.height + ih0) * g.width + iw0) * g.channels;  // tap (0, 0)'s offset, maybe outside
+    if (whole_pixels && ih0 >= 0 && ih0 + (g.kh - 1) * g.dil_h < g.height && iw0 >= 0 && iw0 + g.kw <= g.width) {
+      for (int64_t i = 0; i < g.kh; ++i, out += run) copy_run(out, x + pixel + i * g.dil_h * pixel_row, run, flip);
+    } else {
+      for (int64_t i = 0; i < g.kh; ++i) {
+        const int64_t ih = ih0 + i * g.dil_h;
+        const int64_t in_row = pixel + i * g.dil_h * pixel_row;
+        if (whole_pixels && ih >= 0 && ih < g.height && iw0 >= 0 && iw0 + g.kw <= g.width) {
+          copy_run(out, x + in_row, run, flip);
+          out += run;
           continue;
         }
-        copy_run(out, src.x + ((b * g.height + ih) * g.width + iw) * g.channels + grp * cg, cg, src.flip);
+        for (int64_t j = 0; j < g.kw; ++j, out += cg) {
+          const int64_t iw = iw0 + j * g.dil_w;
+          if (ih < 0 || ih >= g.height || iw < 0 || iw >= g.width) std::memset(out, pad_byte, cg);
+          else copy_run(out, x + in_row + j * g.dil_w * g.channels + grp * cg, cg, flip);
+        }
       }
     }
-    for (int64_t i = window; i < src.k4; ++i) *out++ = 0;
+    for (int64_t i = g.window; i < k4; ++i) *out++ = 0;
   }
 }
 
