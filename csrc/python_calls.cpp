@@ -1,19 +1,36 @@
-// Direct Python entry points of the quantize family: torchquant._C.quantize(...) etc. call the same dispatcher ops
-// as torch.ops.torchquant.* (every device kernel, the autograd kernels, tensor subclasses and dispatch modes), but
-// through the typed (unboxed) call, without torch.ops' Python layer and argument boxing, which cost ~2 us a call:
-// as much as the whole op on a few thousand elements. The Python wrappers (torchquant/_ops/quantize.py) validate
-// the arguments first and use torch.ops instead under torch.compile or __torch_function__ overrides.
+// The fast path of the public quantize-family functions (torchquant/_ops/quantize.py): torchquant._C.quantize(x,
+// scale, zero_point, axis, bits, signed, rounding) and its siblings take the wrapper's arguments as the user gave
+// them (Python numbers or tensors), accept the common well-formed call, turn it into the op's arguments and make
+// the typed dispatcher call (every device kernel, the autograd kernels, dispatch modes). The Python checks and
+// torch.ops' argument boxing this replaces cost 1.5-3 us a call: more than the op itself on a few thousand elements.
+//
+// Anything else returns NotImplemented and the wrapper takes its checked Python path, which raises the error with
+// its message or handles the rarer valid forms: a wrong argument, a float zero point, a zero point tensor that is
+// not int32, a scale tensor that is not float32, a scale or zero point tensor off the CPU (whose values the wrapper
+// checks), a tensor subclass or an active __torch_function__ mode. The accepted calls are a subset of what the
+// wrapper accepts, converted exactly as it converts them; the kernels check the values of CPU scale and zero point
+// tensors themselves.
 #include <Python.h>
 
+#include <cfloat>
+#include <cstdint>
 #include <optional>
 #include <string>
 #include <tuple>
+#include <unordered_map>
 
+#include <ATen/ATen.h>
+#include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/InferenceMode.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
+#include <c10/util/hash.h>
 #include <torch/csrc/Dtype.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/utils/pybind.h>
+
+#include "quant_math.h"
 
 namespace torchquant {
 namespace {
@@ -29,33 +46,133 @@ c10::TypedOperatorHandle<Fn> find_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
 }
 
-// Argument conversions: a TypeError naming the argument on anything else.
-const at::Tensor& tensor_arg(PyObject* o, const char* name) {
-  if (!THPVariable_Check(o)) throw torch::TypeError(std::string(name) + " must be a Tensor");
-  return THPVariable_Unpack(o);
+// Tensors at least this large run without the GIL, so that other Python threads run meanwhile; below it, releasing
+// and taking the GIL back costs more than it lets run.
+constexpr int64_t kReleaseGilNumel = 1 << 16;
+
+template <class Call>
+auto call_op(int64_t numel, const Call& call) {
+  if (numel < kReleaseGilNumel) return call();
+  pybind11::gil_scoped_release no_gil;
+  return call();
 }
-int64_t int_arg(PyObject* o, const char* name) {
-  if (!PyLong_Check(o) || PyBool_Check(o)) throw torch::TypeError(std::string(name) + " must be an int");
-  const long long v = PyLong_AsLongLong(o);
-  if (v == -1 && PyErr_Occurred()) throw python_error();
+
+// The argument conversions below return null / nullopt / false for anything the fast path leaves to the wrapper.
+
+// A torch.Tensor or nn.Parameter (no __torch_function__ of its own) while no __torch_function__ mode is active.
+const at::Tensor* plain_tensor(PyObject* o) {
+  if (!THPVariable_CheckExact(o) || at::impl::torch_function_mode_enabled()) return nullptr;
+  return &THPVariable_Unpack(o);
+}
+
+bool is_float(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; }
+
+// An int (not a bool or an int subclass) in [low, high].
+std::optional<int64_t> int_in(PyObject* o, int64_t low, int64_t high) {
+  if (!PyLong_CheckExact(o)) return std::nullopt;
+  int overflow = 0;
+  const long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
+  if (overflow != 0 || v < low || v > high) return std::nullopt;
   return v;
 }
-std::optional<int64_t> axis_arg(PyObject* o) {
-  if (o == Py_None) return std::nullopt;
-  return int_arg(o, "axis");
+
+// axis: None, or an int in [-x.dim(), x.dim()), made non-negative.
+bool axis_arg(PyObject* o, const at::Tensor& x, std::optional<int64_t>& axis) {
+  if (o == Py_None) return true;
+  const auto a = int_in(o, -x.dim(), x.dim() - 1);
+  if (a) axis = *a < 0 ? *a + x.dim() : *a;
+  return a.has_value();
 }
-bool bool_arg(PyObject* o, const char* name) {
-  if (!PyBool_Check(o)) throw torch::TypeError(std::string(name) + " must be a bool");
-  return o == Py_True;
-}
-c10::string_view str_arg(PyObject* o, const char* name) {
+
+// rounding: "nearest" or "truncate".
+std::optional<c10::string_view> rounding_arg(PyObject* o) {
+  if (!PyUnicode_Check(o)) return std::nullopt;
   Py_ssize_t size = 0;
-  const char* s = PyUnicode_Check(o) ? PyUnicode_AsUTF8AndSize(o, &size) : nullptr;
-  if (s == nullptr) throw torch::TypeError(std::string(name) + " must be a str");
-  return c10::string_view(s, size);
+  const char* s = PyUnicode_AsUTF8AndSize(o, &size);
+  if (s == nullptr) {
+    PyErr_Clear();
+    return std::nullopt;
+  }
+  const c10::string_view r(s, size);
+  if (r != "nearest" && r != "truncate") return std::nullopt;
+  return r;
 }
+
+// Python-number scales and zero points as the tensors the ops take, one per (value, length, dtype, device):
+// building a tensor costs as much as quantizing a few thousand elements, and the ops only read these. Guarded by
+// the GIL; cleared when it reaches kMaxNumberTensors.
+struct NumberKey {
+  double value;
+  int64_t length;
+  at::ScalarType dtype;
+  at::Device device;
+  bool operator==(const NumberKey& o) const {
+    return value == o.value && length == o.length && dtype == o.dtype && device == o.device;
+  }
+};
+struct NumberKeyHash {
+  size_t operator()(const NumberKey& k) const {
+    return c10::get_hash(k.value, k.length, static_cast<int>(k.dtype), static_cast<int>(k.device.type()),
+                         static_cast<int>(k.device.index()));
+  }
+};
+constexpr size_t kMaxNumberTensors = 4096;
+
+std::optional<at::Tensor> number_tensor(double value, int64_t length, at::ScalarType dtype, at::Device device) {
+  // never destroyed: cached CUDA tensors must not be freed after the CUDA runtime has shut down at exit
+  static auto* cache = new std::unordered_map<NumberKey, at::Tensor, NumberKeyHash>();
+  const NumberKey key{value, length, dtype, device};
+  const auto it = cache->find(key);
+  if (it != cache->end()) return it->second;
+  if (c10::impl::dispatch_mode_enabled()) return std::nullopt;  // a dispatch mode would make it one of its own
+  if (cache->size() >= kMaxNumberTensors) cache->clear();
+  at::Tensor t;
+  {
+    c10::InferenceMode usable_in_and_out_of_inference_mode(false);
+    t = at::full({length}, value, at::TensorOptions().dtype(dtype).device(device));
+  }
+  cache->emplace(key, t);
+  return t;
+}
+
+// scale (dtype float32) or zero_point (int32) of x as the op takes it, with `length` entries (1 per tensor, x's
+// channels per channel): a number in [low, high] (the scale may be a float, the zero point only an int) as a cached
+// tensor, or a CPU tensor of that dtype and length on x's device, as a 1-D view.
+std::optional<at::Tensor> qparam_arg(PyObject* o, at::ScalarType dtype, double low, double high, int64_t length,
+                                     const at::Tensor& x) {
+  if (THPVariable_Check(o)) {
+    const at::Tensor* t = plain_tensor(o);
+    if (t == nullptr || t->scalar_type() != dtype || !t->is_cpu() || !x.is_cpu() || t->numel() != length)
+      return std::nullopt;
+    return t->dim() == 1 ? *t : t->reshape({length});
+  }
+  double value = 0;
+  if (dtype == at::kFloat && PyFloat_CheckExact(o)) {
+    value = PyFloat_AS_DOUBLE(o);
+  } else if (PyLong_CheckExact(o)) {
+    int overflow = 0;
+    const long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
+    if (overflow != 0) return std::nullopt;
+    value = static_cast<double>(v);
+  } else {
+    return std::nullopt;
+  }
+  if (!(value >= low && value <= high)) return std::nullopt;  // also NaN
+  return number_tensor(value, length, dtype, x.device());
+}
+
+// A scale: positive and finite as a float32, at least the smallest normal one (1 / scale stays finite).
+std::optional<at::Tensor> scale_arg(PyObject* o, int64_t length, const at::Tensor& x) {
+  return qparam_arg(o, at::kFloat, FLT_MIN, FLT_MAX, length, x);
+}
+std::optional<at::Tensor> zero_point_arg(PyObject* o, int64_t low, int64_t high, int64_t length, const at::Tensor& x) {
+  return qparam_arg(o, at::kInt, static_cast<double>(low), static_cast<double>(high), length, x);
+}
+
 void check_nargs(Py_ssize_t nargs, Py_ssize_t want, const char* fn) {
-  if (nargs != want) throw torch::TypeError(std::string(fn) + " takes " + std::to_string(want) + " arguments, got " + std::to_string(nargs));
+  if (nargs != want)
+    throw torch::TypeError(std::string(fn) + " takes " + std::to_string(want) + " arguments, got " +
+                           std::to_string(nargs));
 }
 
 // quantize / fake_quantize (x, scale, zero_point, axis, bits, signed, rounding) -> Tensor
@@ -63,20 +180,23 @@ template <const char* Name>
 PyObject* call_quantize_like(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   check_nargs(nargs, 7, Name);
-  const at::Tensor& x = tensor_arg(args[0], "x");
-  const at::Tensor& scale = tensor_arg(args[1], "scale");
-  const at::Tensor& zero_point = tensor_arg(args[2], "zero_point");
-  const auto axis = axis_arg(args[3]);
-  const int64_t bits = int_arg(args[4], "bits");
-  const bool is_signed = bool_arg(args[5], "signed");
-  const c10::string_view rounding = str_arg(args[6], "rounding");
+  const at::Tensor* x = plain_tensor(args[0]);
+  std::optional<int64_t> axis;
+  const auto bits = int_in(args[4], 1, 8);
+  const auto rounding = rounding_arg(args[6]);
+  if (x == nullptr || !is_float(x->scalar_type()) || !axis_arg(args[3], *x, axis) || !bits || !PyBool_Check(args[5]) ||
+      !rounding)
+    Py_RETURN_NOTIMPLEMENTED;
+  const bool is_signed = args[5] == Py_True;
+  const int64_t length = axis ? x->size(*axis) : 1;
+  const QuantFormat f = quant_format(*bits, is_signed);  // sign binarization: zero point 0 only
+  const auto scale = scale_arg(args[1], length, *x);
+  const auto zero_point = zero_point_arg(args[2], f.binary ? 0 : static_cast<int64_t>(f.qmin),
+                                         f.binary ? 0 : static_cast<int64_t>(f.qmax), length, *x);
+  if (!scale || !zero_point) Py_RETURN_NOTIMPLEMENTED;
   static const auto op = find_op<QuantizeFn>(Name);
-  at::Tensor out;
-  {
-    pybind11::gil_scoped_release no_gil;
-    out = op.call(x, scale, zero_point, axis, bits, is_signed, rounding);
-  }
-  return THPVariable_Wrap(std::move(out));
+  return THPVariable_Wrap(
+      call_op(x->numel(), [&] { return op.call(*x, *scale, *zero_point, axis, *bits, is_signed, *rounding); }));
   END_HANDLE_TH_ERRORS
 }
 
@@ -87,19 +207,20 @@ constexpr char kFakeQuantize[] = "torchquant::fake_quantize";
 PyObject* call_dequantize(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   check_nargs(nargs, 5, "dequantize");
-  const at::Tensor& q = tensor_arg(args[0], "q");
-  const at::Tensor& scale = tensor_arg(args[1], "scale");
-  const at::Tensor& zero_point = tensor_arg(args[2], "zero_point");
-  const auto axis = axis_arg(args[3]);
-  if (!THPDtype_Check(args[4])) throw torch::TypeError(std::string("dtype must be a torch.dtype"));
+  const at::Tensor* q = plain_tensor(args[0]);
+  std::optional<int64_t> axis;
+  if (q == nullptr || (q->scalar_type() != at::kChar && q->scalar_type() != at::kByte) ||
+      !axis_arg(args[3], *q, axis) || !THPDtype_Check(args[4]))
+    Py_RETURN_NOTIMPLEMENTED;
   const at::ScalarType dtype = reinterpret_cast<THPDtype*>(args[4])->scalar_type;
+  if (!is_float(dtype)) Py_RETURN_NOTIMPLEMENTED;
+  const bool is_signed = q->scalar_type() == at::kChar;
+  const int64_t length = axis ? q->size(*axis) : 1;
+  const auto scale = scale_arg(args[1], length, *q);
+  const auto zero_point = zero_point_arg(args[2], is_signed ? -128 : 0, is_signed ? 127 : 255, length, *q);
+  if (!scale || !zero_point) Py_RETURN_NOTIMPLEMENTED;
   static const auto op = find_op<DequantizeFn>("torchquant::dequantize");
-  at::Tensor out;
-  {
-    pybind11::gil_scoped_release no_gil;
-    out = op.call(q, scale, zero_point, axis, dtype);
-  }
-  return THPVariable_Wrap(std::move(out));
+  return THPVariable_Wrap(call_op(q->numel(), [&] { return op.call(*q, *scale, *zero_point, axis, dtype); }));
   END_HANDLE_TH_ERRORS
 }
 
@@ -107,18 +228,15 @@ PyObject* call_dequantize(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 PyObject* call_quantize_per_token(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   check_nargs(nargs, 2, "quantize_per_token");
-  const at::Tensor& x = tensor_arg(args[0], "x");
-  const int64_t bits = int_arg(args[1], "bits");
+  const at::Tensor* x = plain_tensor(args[0]);
+  const auto bits = int_in(args[1], 2, 8);
+  if (x == nullptr || !is_float(x->scalar_type()) || x->dim() == 0 || !bits) Py_RETURN_NOTIMPLEMENTED;
   static const auto op = find_op<QuantizePerTokenFn>("torchquant::quantize_per_token");
-  std::tuple<at::Tensor, at::Tensor> out;
-  {
-    pybind11::gil_scoped_release no_gil;
-    out = op.call(x, bits);
-  }
+  auto [q, scale] = call_op(x->numel(), [&] { return op.call(*x, *bits); });
   PyObject* result = PyTuple_New(2);
   if (result == nullptr) throw python_error();
-  PyTuple_SET_ITEM(result, 0, THPVariable_Wrap(std::move(std::get<0>(out))));
-  PyTuple_SET_ITEM(result, 1, THPVariable_Wrap(std::move(std::get<1>(out))));
+  PyTuple_SET_ITEM(result, 0, THPVariable_Wrap(std::move(q)));
+  PyTuple_SET_ITEM(result, 1, THPVariable_Wrap(std::move(scale)));
   return result;
   END_HANDLE_TH_ERRORS
 }
@@ -129,13 +247,13 @@ PyObject* call_quantize_per_token(PyObject*, PyObject* const* args, Py_ssize_t n
 PyMethodDef torchquant_python_calls[] = {
     {"quantize", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(
                      &torchquant::call_quantize_like<torchquant::kQuantize>)),
-     METH_FASTCALL, "torch.ops.torchquant.quantize without torch.ops' Python layer"},
+     METH_FASTCALL, "functional.quantize's fast path: the op's result, or NotImplemented"},
     {"fake_quantize", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(
                           &torchquant::call_quantize_like<torchquant::kFakeQuantize>)),
-     METH_FASTCALL, "torch.ops.torchquant.fake_quantize without torch.ops' Python layer"},
+     METH_FASTCALL, "functional.fake_quantize's fast path: the op's result, or NotImplemented"},
     {"dequantize", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&torchquant::call_dequantize)),
-     METH_FASTCALL, "torch.ops.torchquant.dequantize without torch.ops' Python layer"},
+     METH_FASTCALL, "functional.dequantize's fast path: the op's result, or NotImplemented"},
     {"quantize_per_token",
      reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&torchquant::call_quantize_per_token)), METH_FASTCALL,
-     "torch.ops.torchquant.quantize_per_token without torch.ops' Python layer"},
+     "functional.quantize_per_token's fast path: the op's result, or NotImplemented"},
     {nullptr, nullptr, 0, nullptr}};

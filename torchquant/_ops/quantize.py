@@ -1,15 +1,18 @@
 """Quantize / dequantize / fake-quantize ops: wrappers and fake kernels (autograd: csrc/quantize_autograd.cpp).
 
-The wrappers validate their arguments (Python exceptions naming the argument), turn Python numbers into the
-scale/zero_point tensors the compiled ops take, and call torch.ops.torchquant.*. Checks on tensor *values*
-(scale > 0, zero point in range) are made by the CPU kernels themselves, and here only for tensors on other
-devices outside torch.compile, so a compiled graph never breaks on them. A call costs a few microseconds before
-any work: Python numbers become cached tensors and error messages are only built when raised.
+Each wrapper first offers its arguments, as given, to its fast path in torchquant._C (csrc/python_calls.cpp),
+which takes the common well-formed call straight to the op (Python-number scales and zero points as cached
+tensors) and returns NotImplemented for anything else. The checked path below then validates the arguments
+(Python exceptions naming the argument), turns Python numbers into the scale/zero_point tensors the compiled ops
+take, and calls torch.ops.torchquant.*; it is also what torch.compile traces. Checks on tensor *values* (scale > 0,
+zero point in range) are made by the CPU kernels themselves, and here only for tensors on other devices outside
+torch.compile, so a compiled graph never breaks on them.
 """
 import math
 from typing import Dict, Optional, Tuple, Union
 
 import torch
+from torch.compiler import is_compiling
 
 from torchquant import _C
 from torchquant._ops import FLOAT_DTYPES, ROUNDINGS, check_fake_devices, ops
@@ -77,27 +80,12 @@ _HUGE = torch.finfo(torch.float32).max
 
 def _eager_value_check(t: torch.Tensor) -> bool:
     """Whether this wrapper checks the values of t (see the module docstring)."""
-    return not t.is_cpu and not torch.compiler.is_compiling()
-
-
-# Python-number scales and zero points as tensors, one per (value, length, dtype, device): building a tensor costs
-# more than quantizing a few thousand elements, and the ops only read these. Cleared when it grows past the bound.
-_NUMBER_QPARAMS: Dict[tuple, torch.Tensor] = {}
-_NUMBER_QPARAMS_MAX = 4096
+    return not t.is_cpu and not is_compiling()
 
 
 def _number_qparam(value: Number, length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    if torch.compiler.is_compiling():
-        return torch.full((length,), value, dtype=dtype, device=device)
-    key = (value, length, dtype, device)
-    t = _NUMBER_QPARAMS.get(key)
-    if t is None:
-        if len(_NUMBER_QPARAMS) >= _NUMBER_QPARAMS_MAX:
-            _NUMBER_QPARAMS.clear()
-        with torch.inference_mode(False):  # usable both in and out of inference mode (and saved for backward)
-            t = torch.full((length,), value, dtype=dtype, device=device)
-        _NUMBER_QPARAMS[key] = t
-    return t
+    """A Python-number scale or zero point as a tensor of `length` entries (per tensor 1, per channel C)."""
+    return torch.full((length,), value, dtype=dtype, device=device)
 
 
 def _tensor_qparam(value: torch.Tensor, name: str, x: torch.Tensor, axis: Optional[int], dtype: torch.dtype,
@@ -134,8 +122,6 @@ def _scale_message(fn: str) -> str:
 
 def _checked_scale(scale, x: torch.Tensor, axis: Optional[int], fn: str) -> torch.Tensor:
     """scale as the float32 tensor the ops take (a number is broadcast to every channel)."""
-    if type(scale) is float and _TINY <= scale <= _HUGE:
-        return _number_qparam(scale, 1 if axis is None else x.shape[axis], torch.float32, x.device)
     if isinstance(scale, torch.Tensor):
         scale_t = _tensor_qparam(scale, "scale", x, axis, torch.float32, fn)
         if _eager_value_check(scale_t) and not bool((torch.isfinite(scale_t) & (scale_t >= _TINY)).all()):
@@ -144,15 +130,14 @@ def _checked_scale(scale, x: torch.Tensor, axis: Optional[int], fn: str) -> torc
     _check_number(scale, "scale", fn)
     if not _TINY <= scale <= _HUGE:  # also false for NaN; huge: finite as a float32
         raise ValueError(f"{_scale_message(fn)}, got {scale!r}")
-    return _number_qparam(scale, 1 if axis is None else x.shape[axis], torch.float32, x.device)
+    # float(): an int scale past int64 (2**70) is still a float32 scale
+    return _number_qparam(float(scale), 1 if axis is None else x.shape[axis], torch.float32, x.device)
 
 
 def _checked_zero_point(zero_point, x: torch.Tensor, axis: Optional[int], zp_range: "_ZeroPointRange",
                         fn: str) -> torch.Tensor:
     """zero_point as the int32 tensor the ops take (a number is broadcast to every channel)."""
     low, high = zp_range.low, zp_range.high
-    if type(zero_point) is int and low <= zero_point <= high:
-        return _number_qparam(zero_point, 1 if axis is None else x.shape[axis], torch.int32, x.device)
     if isinstance(zero_point, torch.Tensor):
         zp_t = _tensor_qparam(zero_point, "zero_point", x, axis, torch.int32, fn)
         if _eager_value_check(zp_t) and not bool(((zp_t >= low) & (zp_t <= high)).all()):
@@ -189,27 +174,13 @@ _DTYPE_ZERO_POINTS = {dtype: _ZeroPointRange(low, high, f"the range of {dtype}")
                       for dtype, (low, high) in ((torch.int8, (-128, 127)), (torch.uint8, (0, 255)))}
 
 
-def _direct_call(*tensors: torch.Tensor) -> bool:
-    """Whether to call the op through torchquant._C's direct entry points (the same dispatcher op, without
-    torch.ops' Python layer): not while torch.compile traces, nor for __torch_function__ overrides."""
-    return not torch.compiler.is_compiling() and not torch.overrides.has_torch_function(tensors)
-
-
 def _quant_args(fn, x, scale, zero_point, bits, signed, rounding, axis):
-    """Shared validation of quantize / fake_quantize: returns (scale, zero_point, axis) as the ops take them.
-
-    Each check runs its checker (which raises with the message) only when a quick test of the common case fails:
-    a call costs few enough microseconds that each Python function call counts."""
-    if not (isinstance(x, torch.Tensor) and x.dtype in FLOAT_DTYPES):
-        _check_float_tensor(x, "x", fn)
-    if type(bits) is not int or not 1 <= bits <= 8:
-        _check_bits(bits, fn)
-    if type(signed) is not bool:
-        _check_flag(signed, "signed", fn)
-    if rounding not in ROUNDINGS:
-        _check_rounding(rounding, fn)
-    if axis is not None and not (type(axis) is int and 0 <= axis < x.dim()):
-        axis = _normalized_axis(axis, x, fn)
+    """Shared validation of quantize / fake_quantize: returns (scale, zero_point, axis) as the ops take them."""
+    _check_float_tensor(x, "x", fn)
+    _check_bits(bits, fn)
+    _check_flag(signed, "signed", fn)
+    _check_rounding(rounding, fn)
+    axis = _normalized_axis(axis, x, fn)
     scale_t = _checked_scale(scale, x, axis, fn)
     zp_t = _checked_zero_point(zero_point, x, axis, _FORMAT_ZERO_POINTS[bits, signed], fn)
     return scale_t, zp_t, axis
@@ -227,26 +198,31 @@ def quantize(x: torch.Tensor, scale: Union[Number, torch.Tensor], zero_point: Un
 
     rounding "nearest" rounds half to even, "truncate" toward zero. axis given: per-channel scale/zero_point
     along that axis. NaN -> zero_point, +-inf -> qmax/qmin; signed 1 bit is sign binarization (+1 / -1)."""
+    if not is_compiling():
+        q = _C.quantize(x, scale, zero_point, axis, bits, signed, rounding)
+        if q is not NotImplemented:
+            return q
     scale_t, zp_t, axis = _quant_args("quantize", x, scale, zero_point, bits, signed, rounding, axis)
-    op = _C.quantize if _direct_call(x, scale_t, zp_t) else ops.quantize
-    return op(x, scale_t, zp_t, axis, bits, signed, rounding)
+    return ops.quantize(x, scale_t, zp_t, axis, bits, signed, rounding)
 
 
 def dequantize(q: torch.Tensor, scale: Union[Number, torch.Tensor], zero_point: Union[int, torch.Tensor] = 0, *,
                axis: Optional[int] = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(q - zero_point) * scale, computed in float32 and returned as dtype (float32, float16 or bfloat16)."""
+    if not is_compiling():
+        y = _C.dequantize(q, scale, zero_point, axis, dtype)
+        if y is not NotImplemented:
+            return y
     fn = "dequantize"
     _check_tensor(q, "q", fn)
     if q.dtype not in _DTYPE_ZERO_POINTS:
         raise TypeError(f"{fn}: q must be an int8 or uint8 tensor, got {q.dtype}")
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"{fn}: dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype}")
-    if axis is not None and not (type(axis) is int and 0 <= axis < q.dim()):
-        axis = _normalized_axis(axis, q, fn)
+    axis = _normalized_axis(axis, q, fn)
     scale_t = _checked_scale(scale, q, axis, fn)
     zp_t = _checked_zero_point(zero_point, q, axis, _DTYPE_ZERO_POINTS[q.dtype], fn)
-    op = _C.dequantize if _direct_call(q, scale_t, zp_t) else ops.dequantize
-    return op(q, scale_t, zp_t, axis, dtype)
+    return ops.dequantize(q, scale_t, zp_t, axis, dtype)
 
 
 def fake_quantize(x: torch.Tensor, scale: Union[Number, torch.Tensor], zero_point: Union[int, torch.Tensor] = 0, *,
@@ -256,9 +232,12 @@ def fake_quantize(x: torch.Tensor, scale: Union[Number, torch.Tensor], zero_poin
 
     Differentiable w.r.t. x: the gradient passes where round(x / scale) + zero_point lies inside [qmin, qmax]
     (sign binarization: |x| <= scale) and is zero elsewhere, as in torch.fake_quantize_per_tensor_affine."""
+    if not is_compiling():
+        y = _C.fake_quantize(x, scale, zero_point, axis, bits, signed, rounding)
+        if y is not NotImplemented:
+            return y
     scale_t, zp_t, axis = _quant_args("fake_quantize", x, scale, zero_point, bits, signed, rounding, axis)
-    op = _C.fake_quantize if _direct_call(x, scale_t, zp_t) else ops.fake_quantize
-    return op(x, scale_t, zp_t, axis, bits, signed, rounding)
+    return ops.fake_quantize(x, scale_t, zp_t, axis, bits, signed, rounding)
 
 
 def choose_qparams(x: torch.Tensor, *, bits: int = 8, signed: bool = True, symmetric: bool = True,
@@ -314,13 +293,16 @@ def quantize_per_token(x: torch.Tensor, *, bits: int = 8) -> Tuple[torch.Tensor,
     scale = (largest finite |x| of the row) / (2^(bits-1) - 1), 1.0 for a row of zeros; q = clamp(round(x * (1 /
     scale)), -qmax, qmax) with NaN -> 0 and +-inf -> +-qmax. dequantize: q * scale[..., None]. Not
     differentiable: no gradient reaches x."""
+    if not is_compiling():
+        out = _C.quantize_per_token(x, bits)
+        if out is not NotImplemented:
+            return out
     fn = "quantize_per_token"
     _check_float_tensor(x, "x", fn)
     _check_bits(bits, fn, low=2)
     if x.dim() == 0:
         raise ValueError(f"{fn}: x must have at least 1 dimension (tokens along the last), got a 0-d tensor")
-    op = _C.quantize_per_token if _direct_call(x) else ops.quantize_per_token
-    return op(x, bits)
+    return ops.quantize_per_token(x, bits)
 
 
 def quantization_error(x: torch.Tensor, x_hat: torch.Tensor) -> Dict[str, float]:

@@ -1,0 +1,248 @@
+"""The quantize family's fast path (torchquant._C.quantize and siblings, which the functional wrappers try first)
+against the wrappers' checked Python path: the same results for every argument form it takes, NotImplemented (and
+so the checked path, with its errors) for every other, and tensor subclasses, __torch_function__ and dispatch modes
+and inference mode handled as before."""
+import numpy as np
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import torchquant.functional as F
+from torchquant import _C
+from torchquant._ops import ops
+
+from conftest import assert_same
+
+
+class PassThrough(TorchFunctionMode):
+    """A __torch_function__ mode that changes nothing: inside it every wrapper takes its checked path."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def both_paths(fn):
+    """fn() on the fast path and on the checked path, which must agree exactly."""
+    fast = fn()
+    with PassThrough():
+        checked = fn()
+    return fast, checked
+
+
+def x_of(shape, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * 4).to(dtype)
+
+
+FAST_QUANTIZE_ARGS = [
+    # (scale, zero_point, kwargs) with x [6, 5]
+    (0.05, 3, {}),
+    (1, 0, {}),                                                           # an int scale
+    (0.3, -7, dict(bits=4)),
+    (0.3, 9, dict(bits=4, signed=False)),
+    (0.2, 0, dict(bits=1)),                                               # sign binarization
+    (0.2, 1, dict(bits=1, signed=False)),
+    (0.07, 2, dict(rounding="truncate")),
+    (torch.tensor(0.05), torch.tensor(3, dtype=torch.int32), {}),        # 0-d tensors
+    (torch.tensor([0.05]), torch.tensor([-3], dtype=torch.int32), {}),
+    (torch.rand(6) + 0.01, torch.arange(6, dtype=torch.int32), dict(axis=0)),
+    (torch.rand(5) + 0.01, torch.arange(5, dtype=torch.int32), dict(axis=-1)),
+    (torch.rand(5, 1) + 0.01, torch.zeros(5, 1, dtype=torch.int32), dict(axis=1)),  # reshaped to [5]
+    (0.05, 3, dict(axis=1)),                                              # numbers broadcast to every channel
+    (torch.finfo(torch.float32).tiny, 0, {}),
+    (torch.finfo(torch.float32).max, 0, {}),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("scale,zero_point,kwargs", FAST_QUANTIZE_ARGS)
+def test_fast_path_matches_checked_path(scale, zero_point, kwargs, dtype):
+    x = x_of((6, 5), dtype)
+    axis = kwargs.get("axis")
+    args = (x, scale, zero_point, axis, kwargs.get("bits", 8), kwargs.get("signed", True),
+            kwargs.get("rounding", "nearest"))
+    assert _C.quantize(*args) is not NotImplemented and _C.fake_quantize(*args) is not NotImplemented
+    for fn in (F.quantize, F.fake_quantize):
+        assert_same(*both_paths(lambda: fn(x, scale, zero_point, **kwargs)))
+        assert_same(*both_paths(lambda: fn(x.t().contiguous().t(), scale, zero_point, **kwargs)))  # strided
+    if kwargs.get("bits", 8) == 8 and "rounding" not in kwargs:
+        q = F.quantize(x, scale, zero_point, signed=kwargs.get("signed", True), axis=axis)
+        assert _C.dequantize(q, scale, zero_point, axis, dtype) is not NotImplemented
+        assert_same(*both_paths(lambda: F.dequantize(q, scale, zero_point, axis=axis, dtype=dtype)))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("shape", [(7,), (3, 33), (2, 3, 16), (4, 0)])
+def test_fast_path_per_token_matches_checked_path(shape, bits):
+    x = x_of(shape)
+    assert _C.quantize_per_token(x, bits) is not NotImplemented
+    (q, s), (q_checked, s_checked) = both_paths(lambda: F.quantize_per_token(x, bits=bits))
+    assert_same(q, q_checked)
+    assert_same(s, s_checked)
+
+
+# Valid calls the fast path leaves to the checked path: the same results through it.
+SLOW_VALID = [  # 0.0625: exact in every float dtype
+    dict(scale=torch.tensor([0.0625], dtype=torch.float64), zero_point=3),
+    dict(scale=torch.tensor([0.0625], dtype=torch.float16), zero_point=3),
+    dict(scale=0.0625, zero_point=torch.tensor([3])),                    # int64
+    dict(scale=0.0625, zero_point=torch.tensor([3], dtype=torch.int8)),
+    dict(scale=0.0625, zero_point=3.0),                                  # an integral float
+    dict(scale=np.float64(0.0625), zero_point=3),                        # a float subclass
+]
+
+
+def test_int_scale_past_int64():
+    x = x_of((6, 5)) * 1e22
+    assert _C.quantize(x, 2**70, 0, None, 8, True, "nearest") is NotImplemented
+    assert_same(F.quantize(x, 2**70), F.quantize(x, float(2**70)))
+    assert_same(F.quantize(x, 2**62), F.quantize(x, float(2**62)))
+
+
+@pytest.mark.parametrize("case", SLOW_VALID)
+def test_forms_left_to_the_checked_path_give_the_same_results(case):
+    x = x_of((6, 5))
+    scale, zero_point = case["scale"], case["zero_point"]
+    assert _C.quantize(x, scale, zero_point, None, 8, True, "nearest") is NotImplemented
+    want = F.quantize(x, 0.0625, 3)
+    assert_same(F.quantize(x, scale, zero_point), want)
+    assert_same(F.fake_quantize(x, scale, zero_point), F.fake_quantize(x, 0.0625, 3))
+    assert_same(F.dequantize(want, scale, zero_point), F.dequantize(want, 0.0625, 3))
+
+
+# Bad calls: the fast path declines them all, so every error comes from the checked path with its message.
+BAD_QUANTIZE = [
+    (torch.zeros(4, dtype=torch.int32), 0.1, 0, None, 8, True, "nearest"),
+    ([1.0, 2.0], 0.1, 0, None, 8, True, "nearest"),
+    (torch.zeros(4), 0.0, 0, None, 8, True, "nearest"),
+    (torch.zeros(4), float("nan"), 0, None, 8, True, "nearest"),
+    (torch.zeros(4), float("inf"), 0, None, 8, True, "nearest"),
+    (torch.zeros(4), 1e-39, 0, None, 8, True, "nearest"),
+    (torch.zeros(4), 1e39, 0, None, 8, True, "nearest"),
+    (torch.zeros(4), True, 0, None, 8, True, "nearest"),
+    (torch.zeros(4), 2**200, 0, None, 8, True, "nearest"),
+    (torch.zeros(4), "0.1", 0, None, 8, True, "nearest"),
+    (torch.zeros(4), torch.ones(1, dtype=torch.int64), 0, None, 8, True, "nearest"),
+    (torch.zeros(4), torch.ones(2), 0, None, 8, True, "nearest"),
+    (torch.zeros(4), torch.ones(1, device="meta"), 0, None, 8, True, "nearest"),
+    (torch.zeros(4), 0.1, 128, None, 8, True, "nearest"),
+    (torch.zeros(4), 0.1, -1, None, 8, False, "nearest"),
+    (torch.zeros(4), 0.1, 1, None, 1, True, "nearest"),
+    (torch.zeros(4), 0.1, 2**70, None, 8, True, "nearest"),
+    (torch.zeros(4), 0.1, True, None, 8, True, "nearest"),
+    (torch.zeros(4), 0.1, 0.5, None, 8, True, "nearest"),
+    (torch.zeros(4), 0.1, torch.zeros(1), None, 8, True, "nearest"),
+    (torch.zeros(4), 0.1, 0, None, 0, True, "nearest"),
+    (torch.zeros(4), 0.1, 0, None, 9, True, "nearest"),
+    (torch.zeros(4), 0.1, 0, None, 8.0, True, "nearest"),
+    (torch.zeros(4), 0.1, 0, None, True, True, "nearest"),
+    (torch.zeros(4), 0.1, 0, None, 8, 1, "nearest"),
+    (torch.zeros(4), 0.1, 0, None, 8, True, "floor"),
+    (torch.zeros(4), 0.1, 0, None, 8, True, None),
+    (torch.zeros(4, 3), 0.1, 0, 2, 8, True, "nearest"),
+    (torch.zeros(4, 3), 0.1, 0, -3, 8, True, "nearest"),
+    (torch.zeros(4, 3), 0.1, 0, 1.0, 8, True, "nearest"),
+    (torch.zeros(4, 3), 0.1, 0, True, 8, True, "nearest"),
+    (torch.zeros(()), 0.1, 0, 0, 8, True, "nearest"),
+]
+
+
+@pytest.mark.parametrize("args", BAD_QUANTIZE, ids=range(len(BAD_QUANTIZE)))
+def test_fast_path_declines_bad_quantize_calls(args):
+    x, scale, zero_point, axis, bits, signed, rounding = args
+    for fast, public in ((_C.quantize, F.quantize), (_C.fake_quantize, F.fake_quantize)):
+        assert fast(*args) is NotImplemented
+        with pytest.raises((TypeError, ValueError)):
+            public(x, scale, zero_point, axis=axis, bits=bits, signed=signed, rounding=rounding)
+
+
+def test_fast_path_declines_bad_dequantize_and_per_token_calls():
+    q = torch.zeros(4, dtype=torch.int8)
+    for args in [(q.float(), 0.1, 0, None, torch.float32), (q, 0.1, 0, None, torch.int8), (q, 0.1, 0, None, "f"),
+                 (q, 0.1, 128, None, torch.float32), (q.byte(), 0.1, -1, None, torch.float32),
+                 (q, -0.1, 0, None, torch.float32), (q, 0.1, 0, 1, torch.float32)]:
+        assert _C.dequantize(*args) is NotImplemented
+        with pytest.raises((TypeError, ValueError)):
+            F.dequantize(args[0], args[1], args[2], axis=args[3], dtype=args[4])
+    for x, bits in [(torch.zeros(()), 8), (torch.zeros(3, dtype=torch.int8), 8), (torch.zeros(3), 1),
+                    (torch.zeros(3), 9), (torch.zeros(3), 8.0), (torch.zeros(3), True)]:
+        assert _C.quantize_per_token(x, bits) is NotImplemented
+        with pytest.raises((TypeError, ValueError)):
+            F.quantize_per_token(x, bits=bits)
+
+
+def test_kernel_checks_the_values_of_cpu_qparam_tensors():
+    # the fast path passes CPU tensors through; the kernel rejects bad values with its own message
+    x = torch.zeros(4)
+    with pytest.raises(RuntimeError, match="scale must be positive and finite"):
+        F.quantize(x, torch.tensor([0.0]))
+    with pytest.raises(RuntimeError, match=r"zero_point must be in \[-128, 127\]"):
+        F.fake_quantize(x, 0.1, torch.tensor([200], dtype=torch.int32))
+
+
+class Counting(torch.Tensor):
+    """A tensor subclass with __torch_function__ of its own: calls reach it through torch.ops."""
+    calls = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        cls.calls.append(str(func))
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **(kwargs or {}))
+
+
+def test_subclasses_and_modes_see_the_op():
+    x = x_of((4, 3)).as_subclass(Counting)
+    Counting.calls.clear()
+    assert _C.quantize(x, 0.1, 0, None, 8, True, "nearest") is NotImplemented
+    F.quantize(x, 0.1, 0)
+    F.fake_quantize(x, 0.1, 0)
+    F.quantize_per_token(x)
+    assert any("torchquant.quantize" in c for c in Counting.calls), Counting.calls
+    assert any("torchquant.fake_quantize" in c for c in Counting.calls), Counting.calls
+    assert any("torchquant.quantize_per_token" in c for c in Counting.calls), Counting.calls
+
+    class Recording(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    plain = x_of((4, 3))
+    with Recording() as mode:
+        F.quantize(plain, 0.125, 0)   # fast path: the dispatcher reaches the mode
+        F.quantize(plain, 0.1234567, 0)  # a scale not seen before: built on the checked path, under the mode
+    assert sum("torchquant.quantize" in op for op in mode.ops) == 2, mode.ops
+
+
+def test_number_qparams_made_in_inference_mode_serve_autograd():
+    # the cached tensor of a Python-number scale is first built inside inference mode, then saved for backward
+    x = x_of((5, 4))
+    scale = 0.0371234  # a value no other test uses, so that the first call builds its tensor
+    with torch.inference_mode():
+        F.fake_quantize(x, scale, 1, axis=0)
+        F.fake_quantize(x, scale, 1)
+    for axis in (None, 0):
+        xg = x.clone().requires_grad_()
+        F.fake_quantize(xg, scale, 1, axis=axis).sum().backward()
+        x_want = x.clone().requires_grad_()
+        length = 1 if axis is None else x.shape[axis]
+        F.fake_quantize(x_want, torch.full((length,), scale), torch.ones(length, dtype=torch.int32),
+                        axis=axis).sum().backward()
+        assert_same(xg.grad, x_want.grad)
+
+
+def test_fast_path_keeps_autograd():
+    x = x_of((6, 5)).requires_grad_()
+    scale, zp = torch.rand(6) + 0.05, torch.zeros(6, dtype=torch.int32)
+    y = F.fake_quantize(x, scale, zp, axis=0)
+    assert y.requires_grad and y.grad_fn is not None
+    grad = torch.randn(6, 5)
+    y.backward(grad)
+    want = ops.fake_quantize_backward(grad, x.detach(), scale, zp, 0, 8, True, "nearest")
+    assert_same(x.grad, want)
+    assert not F.quantize(x, 0.1).requires_grad
