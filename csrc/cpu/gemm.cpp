@@ -122,7 +122,7 @@ at::Tensor int8_linear_impl(const char* op, const at::Tensor& x_q, const at::Ten
   args.m = m;
   args.n = n;
   args.k = k;
-  std::vector<int32_t> col_offset;
+  thread_local std::vector<int32_t> col_offset;  // kept across calls: no allocation per call of a small layer
   gemm_u8s8(args, epilogue_for(f.epilogue, flip, f.out.data_ptr(), n, col_offset), cpu_isa());
   return f.out;
 }
@@ -155,7 +155,7 @@ at::Tensor int8_linear_dynamic_cpu(const at::Tensor& x, const at::Tensor& w_pack
   uint8_t* rows = scratch_buffer(Scratch::Activations, std::max<int64_t>(checked_mul(op, "the quantized x size", m, lda), 1));
   at::Tensor x_scale = at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(at::kFloat));
   quantize_rows_per_token(x.contiguous(), m, 8, 128, rows, lda, x_scale.data_ptr<float>());
-  std::vector<int64_t> strides(x.dim(), 1);
+  c10::SmallVector<int64_t, 6> strides(x.dim(), 1);
   for (int64_t d = x.dim() - 2; d >= 0; --d) strides[d] = (d == x.dim() - 2 ? lda : strides[d + 1] * x.size(d + 1));
   const at::Tensor x_q = at::from_blob(rows, x.sizes(), strides, x.options().dtype(at::kByte));
   return int8_linear_impl(op, x_q, x_scale, 128, w_packed, w_sum, w_scale, bias, out_features, x.scalar_type(),

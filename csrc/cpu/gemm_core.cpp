@@ -324,6 +324,15 @@ struct IsaPath {
   int rows;
 };
 
+// The rows of the next microkernel call, `left` rows of the chunk remaining: full groups of `rows`, except that
+// the last 7 or 8 rows of a 6-row kernel go as 4 + 3 or 4 + 4. A kernel of 1 or 2 rows loads the same 4 weight
+// vectors per k-step as one of 6 for a third of the multiply-adds or less, so it runs bound by the loads (M = 20:
+// 6 + 6 + 6 + 2); from 3 rows on the multiply-adds dominate again.
+int group_rows(int rows, int64_t left) {
+  if (left > rows && left < rows + 3) return static_cast<int>((left + 1) / 2);
+  return static_cast<int>(std::min<int64_t>(rows, left));
+}
+
 IsaPath isa_path(CpuIsa isa) {
   switch (isa) {
     case CpuIsa::Avx512Vnni: return {microkernel_vnni_rows, epilogue_tile_avx512, kVnniRows};
@@ -448,11 +457,12 @@ void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa) {
       const int vectors = static_cast<int>((ncols + 15) / 16);
       for (int64_t k0 = 0; k0 < k4; k0 += kKBlock) {
         const int64_t steps = std::min(kKBlock, k4 - k0) / 4;
-        for (int64_t r = 0; r < rows; r += path.rows) {
-          const int mr = static_cast<int>(std::min<int64_t>(path.rows, rows - r));
+        for (int64_t r = 0; r < rows;) {
+          const int mr = group_rows(path.rows, rows - r);
           // rows are read in place: re-laying them as sequential micro-panels first measured no faster
           path.kernel(a + r * lda + k0, lda, b + k0 * kPackAlign, steps, tile + r * kPackAlign, mr, vectors,
                       k0 == 0);
+          r += mr;
         }
       }
       path.epilogue(out_ep, tile, row0, rows, col0, ncols);

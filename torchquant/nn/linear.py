@@ -6,8 +6,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from torchquant import functional as F_q
-from torchquant._ops import ops
+from torchquant._ops import FLOAT_DTYPES, ops
 from torchquant.nn.base import QuantLayerBase
+
+_INT8_LINEAR_DYNAMIC = ops.int8_linear_dynamic.default
 
 
 class QuantLinear(QuantLayerBase):
@@ -32,6 +34,16 @@ class QuantLinear(QuantLayerBase):
         return cls(linear.in_features, linear.out_features, linear.bias is not None, config, device=device,
                    dtype=linear.weight.dtype)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # A converted int8-dynamic layer is one kernel call; its input checks are inlined here because the method
+        # calls of the general path cost as much as the kernel for a few tokens (a transformer at batch 1). Any
+        # input that fails them takes the general path, which raises the precise error.
+        if (self.converted and self.fused and self.clamp_min is None and self.clamp_max is None
+                and isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[-1] == self.in_features
+                and x.dtype in FLOAT_DTYPES and x.device == self._device):
+            return _INT8_LINEAR_DYNAMIC(x, *self._kernel_args)
+        return super().forward(x)
+
     def _float_op(self, x, weight, bias):
         return F.linear(x, weight, bias)
 
@@ -53,7 +65,7 @@ class QuantLinear(QuantLayerBase):
         return (self.w_packed, self.w_sum, self.weight_scale, self.bias, self.out_features)
 
     def _fused_forward(self, x):
-        return ops.int8_linear_dynamic(x, *self._kernel_args)
+        return _INT8_LINEAR_DYNAMIC(x, *self._kernel_args)
 
     def _int_op(self, x_q, x_scale, x_zero_point, out_dtype, out_scale=None, out_zero_point=0):
         # the kernel takes any leading dims of x_q, with x_scale [1] or one per row
