@@ -480,16 +480,26 @@ def test_file_is_standard_qdq_and_model_unchanged(tmp_path):
     assert outputs[0].shape == (5, 10)
 
 
-def test_dynamic_epilogue_is_not_fused_by_onnxruntime(tmp_path):
-    """onnxruntime's MatMulIntegerToFloat fusion ignores the shape of the activation scale (with a per-row scale it
-    scales the bias too): the exported epilogue must stay out of its pattern."""
-    model = torchquant.quantize_model(MLP().eval(), "int8-dynamic")
+def test_dynamic_epilogue_fuses_into_matmul_integer_to_float_exactly(tmp_path):
+    """onnxruntime fuses each dynamic Linear's GEMM and row scaling into MatMulIntegerToFloat (its kernel applies a
+    per-row activation scale after the GEMM, so the weight scale and the bias stay outside it, in torchquant's
+    order); the layers of a shared input too. The fused graph gives the converted model's own outputs exactly."""
+    model = torchquant.convert(mixed_mlp("dynamic"))
     proto, _ = _onnx_model(model, torch.randn(4, 24), None, True)
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
     ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
-    assert ops.count("MatMulInteger") == 7 and "MatMulIntegerToFloat" not in ops
+    assert ops.count("MatMulIntegerToFloat") == 7 and "MatMulInteger" not in ops
+    x = torch.randn(9, 24) * 2
+    (output, *_), _ = run_onnx(proto, (x,))
+    with torch.no_grad():
+        assert torch.equal(torch.from_numpy(output), model(x))
+    shared = torchquant.quantize_model(SharedInput().eval(), "int8-dynamic")
+    proto, _ = _onnx_model(shared, torch.randn(4, 16), None, True)
+    ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert "MatMulInteger" not in ops and ops.count("MatMulIntegerToFloat") == len(quantized_layers(shared))
 
 
 class LinearGelu(nn.Module):
