@@ -133,17 +133,23 @@ def machine() -> str:
             f"{onnxruntime.__version__}, onnx {onnx.__version__}; onnxruntime with 1 intra-op thread")
 
 
+def parse_minilm_bench_args(parser: argparse.ArgumentParser, argv, name: str):
+    """The MiniLM benchmarks' command line: parser's arguments and --output; exits when MiniLM is not installed,
+    then runs torch on one thread. Returns (args, the machine line of the report)."""
+    parser.add_argument("--output", help="also write the report to this Markdown file")
+    args = parser.parse_args(argv)
+    reason = minilm_lib.unavailable_reason()
+    if reason is not None:
+        raise SystemExit(f"{name}: {reason}")
+    torch.set_num_threads(1)
+    return args, machine()
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats-1", type=int, default=300, help="interleaved runs at batch 1 (default 300)")
     parser.add_argument("--repeats-32", type=int, default=30, help="interleaved runs at batch 32 (default 30)")
-    parser.add_argument("--output", help="also write the tables to this Markdown file")
-    args = parser.parse_args(argv)
-    reason = minilm_lib.unavailable_reason()
-    if reason is not None:
-        raise SystemExit(f"bench_onnx: {reason}")
-    torch.set_num_threads(1)
-    header = machine()
+    args, header = parse_minilm_bench_args(parser, argv, "bench_onnx")
     minilm = minilm_lib.load_minilm()
     quantized = torchquant.quantize_model(copy.deepcopy(minilm.encoder), "int8-dynamic")
     with tempfile.TemporaryDirectory() as directory:

@@ -23,7 +23,7 @@ import torch
 
 import torchquant
 from benchmarks import minilm as minilm_lib
-from benchmarks.bench_onnx import emit, machine, ort_feeds, ort_session
+from benchmarks.bench_onnx import emit, ort_feeds, ort_session, parse_minilm_bench_args
 from torchquant.timing import markdown_table
 
 BERT_BASE_TOKENS = 128
@@ -115,13 +115,7 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=200,
                         help="interleaved runs at batch 1 of MiniLM (a tenth, at least 10, for the larger inputs)")
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
-    parser.add_argument("--output", help="also write the table to this Markdown file")
-    args = parser.parse_args(argv)
-    reason = minilm_lib.unavailable_reason()
-    if reason is not None:
-        raise SystemExit(f"bench_vs_onnxruntime: {reason}")
-    torch.set_num_threads(1)
-    header = machine()
+    args, header = parse_minilm_bench_args(parser, argv, "bench_vs_onnxruntime")
     rows = []
     with tempfile.TemporaryDirectory() as directory:
         for name in args.models:

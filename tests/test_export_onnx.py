@@ -480,16 +480,26 @@ def test_file_is_standard_qdq_and_model_unchanged(tmp_path):
     assert outputs[0].shape == (5, 10)
 
 
-def test_dynamic_epilogue_is_not_fused_by_onnxruntime(tmp_path):
-    """onnxruntime's MatMulIntegerToFloat fusion ignores the shape of the activation scale (with a per-row scale it
-    scales the bias too): the exported epilogue must stay out of its pattern."""
-    model = torchquant.quantize_model(MLP().eval(), "int8-dynamic")
+def test_dynamic_epilogue_fuses_into_matmul_integer_to_float_exactly(tmp_path):
+    """onnxruntime fuses each dynamic Linear's GEMM and row scaling into MatMulIntegerToFloat (its kernel applies a
+    per-row activation scale after the GEMM, so the weight scale and the bias stay outside it, in torchquant's
+    order); the layers of a shared input too. The fused graph gives the converted model's own outputs exactly."""
+    model = torchquant.convert(mixed_mlp("dynamic"))
     proto, _ = _onnx_model(model, torch.randn(4, 24), None, True)
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
     ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
-    assert ops.count("MatMulInteger") == 7 and "MatMulIntegerToFloat" not in ops
+    assert ops.count("MatMulIntegerToFloat") == 7 and "MatMulInteger" not in ops
+    x = torch.randn(9, 24) * 2
+    (output, *_), _ = run_onnx(proto, (x,))
+    with torch.no_grad():
+        assert torch.equal(torch.from_numpy(output), model(x))
+    shared = torchquant.quantize_model(SharedInput().eval(), "int8-dynamic")
+    proto, _ = _onnx_model(shared, torch.randn(4, 16), None, True)
+    ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert "MatMulInteger" not in ops and ops.count("MatMulIntegerToFloat") == len(quantized_layers(shared))
 
 
 class LinearGelu(nn.Module):
@@ -588,30 +598,22 @@ def test_placeholder_ops_pass_opcheck():
 # integer pipelines (QuantConfig(integer_pipeline=True)): torchquant's integers end to end
 
 
-class PipelineBlock(nn.Module):
-    """A ResNet-style stem and block with functional ops: conv + BatchNorm + F.relu, a padded max-pool and a ReLU
-    after it, a residual
-    add with F.relu, a strided block whose shortcut is a 1x1 conv (torch.add, torch.relu), a ReLU6 branch, and
-    flatten + concatenation into a Linear head."""
+class PipelineBlock(test_graph.BasicBlockNet):
+    """The integer pipeline tests' residual net with other functional forms: F.relu after the padded max-pool (a
+    ReLU on integers), torch.relu after torch.add, a ReLU6 branch, and flatten + cat into the head instead of
+    average pooling."""
 
     def __init__(self):
         super().__init__()
-        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
-        self.stem_bn = nn.BatchNorm2d(8)
-        self.a1 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
-        self.a1_bn = nn.BatchNorm2d(8)
-        self.a2 = nn.Conv2d(8, 8, 3, padding=1)
-        self.b1 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
-        self.down = nn.Conv2d(8, 16, 1, stride=2)
         self.branch = nn.Conv2d(16, 4, 1)
         self.head = nn.Linear(20 * 3 * 3, 5)
 
     def forward(self, x):
-        x = torch.nn.functional.relu(self.stem_bn(self.stem(x)))
-        x = torch.nn.functional.relu(torch.nn.functional.max_pool2d(x, 3, 2, 1))  # a ReLU on the integers
-        y = self.a2(torch.nn.functional.relu(self.a1_bn(self.a1(x))))
-        x = torch.nn.functional.relu(y + x)
-        x = torch.relu(torch.add(self.b1(x), self.down(x)))
+        relu = torch.nn.functional.relu
+        x = relu(self.stem_bn(self.stem(x)))
+        x = relu(torch.nn.functional.max_pool2d(x, 3, 2, 1))
+        x = relu(self.a2_bn(self.a2(relu(self.a1_bn(self.a1(x))))) + x)
+        x = torch.relu(torch.add(self.b2(relu(self.b1(x))), self.down(x)))
         z = torch.nn.functional.relu6(self.branch(x))
         return self.head(torch.cat([x, z], dim=1).flatten(1))
 
@@ -838,16 +840,24 @@ def run_main(args, capsys):
     return rc, capsys.readouterr().err
 
 
-def test_cli_export_quantizes_a_float_model(cli_files, tmp_path, capsys):
+@pytest.mark.parametrize("config, integer_ops", [("int8-static", []), ("int8-pipeline", ["ConvInteger",
+                                                                                      "MatMulInteger"])])
+def test_cli_export_quantizes_a_float_model(cli_files, tmp_path, capsys, config, integer_ops):
+    from safetensors.torch import load_file
     out = tmp_path / "digits.onnx"
     rc, err = run_main(["export", "torchquant.examples:DigitsCNN", "--weights", cli_files / "digits.safetensors",
-                        "--config", "int8-static", "--calib", cli_files / "calib.pt", "-o", out], capsys)
+                        "--config", config, "--calib", cli_files / "calib.pt", "-o", out], capsys)
     assert rc == 0 and f"wrote {out}" in err
     proto = onnx.load(str(out))
-    assert [n.op_type for n in proto.graph.node].count("QuantizeLinear") == 4
+    ops = [n.op_type for n in proto.graph.node]
+    # int8-static: one per layer's input; int8-pipeline: the input, then the three layers' requantized outputs
+    assert ops.count("QuantizeLinear") == 4 and all(op in ops for op in integer_ops)
+    model = DigitsCNN().eval()
+    model.load_state_dict(load_file(cli_files / "digits.safetensors"))
     x = torch.rand(3, 1, 8, 8)
     (output, *_), _ = run_onnx(proto, (x,))
-    assert output.shape == (3, 10)
+    with torch.no_grad():
+        assert cosine(torch.from_numpy(output), model(x)) >= 0.99
 
 
 def test_cli_export_of_a_converted_checkpoint(cli_files, tmp_path, capsys):
@@ -867,23 +877,6 @@ def test_cli_export_of_a_converted_checkpoint(cli_files, tmp_path, capsys):
     rc, err = run_main(["export", "torchquant.examples:DigitsCNN", "--weights", checkpoint, "--bits", "4",
                         "--input-shape", "1,1,8,8", "-o", out], capsys)
     assert rc == 2 and "--bits: --weights" in err and "is already quantized" in err and not out.exists()
-
-
-def test_cli_export_of_an_int8_pipeline(cli_files, tmp_path, capsys):
-    from safetensors.torch import load_file
-    out = tmp_path / "digits.onnx"
-    rc, err = run_main(["export", "torchquant.examples:DigitsCNN", "--weights", cli_files / "digits.safetensors",
-                        "--config", "int8-pipeline", "--calib", cli_files / "calib.pt", "-o", out], capsys)
-    assert rc == 0 and f"wrote {out}" in err
-    proto = onnx.load(str(out))
-    ops = [n.op_type for n in proto.graph.node]
-    assert ops.count("QuantizeLinear") >= 1 and "ConvInteger" in ops and "MatMulInteger" in ops
-    model = DigitsCNN().eval()
-    model.load_state_dict(load_file(cli_files / "digits.safetensors"))
-    x = torch.rand(3, 1, 8, 8)
-    (output, *_), _ = run_onnx(proto, (x,))
-    with torch.no_grad():
-        assert cosine(torch.from_numpy(output), model(x)) >= 0.99
 
 
 @pytest.mark.parametrize("args, message", [

@@ -356,9 +356,17 @@ def _quantized_input(b: _GraphBuilder, x: str, act: _Activation, q_name: str) ->
     return b.op("DequantizeLinear", q, scale, zero_point)
 
 
-def _linear_integer(b: _GraphBuilder, layers: Sequence[_Layer], x: str, outputs: Sequence[str], q_name: str) -> None:
+def _distinct_half(b: _GraphBuilder, scale: str, index: int, rank: int) -> str:
+    """scale * 0.5 written differently for each index (operand order, then the rank of the 0.5, up to `rank`, the
+    rank of scale): onnxruntime merges identical nodes, and a Mul shared by several layers does not fuse."""
+    half = b.const("half", _f32(0.5).reshape([1] * min(index // 2, rank)))
+    return b.op("Mul", *((scale, half) if index % 2 == 0 else (half, scale)))
+
+
+def _linear_integer(b: _GraphBuilder, layers: Sequence[_Layer], x: str, outputs: Sequence[str], q_name: str,
+                    rank: int) -> None:
     """Dynamic Linear layers that read the same x with the same activation format (a transformer's query, key and
-    value): x quantized once, then for each layer MatMulInteger on the exact integers and
+    value): x (of the given rank) quantized once, then for each layer MatMulInteger on the exact integers and
     acc * x_scale * w_scale + bias (one GEMM per layer: a merged GEMM would need a Split, which copies its output)."""
     import numpy as np
     first = layers[0]
@@ -373,17 +381,18 @@ def _linear_integer(b: _GraphBuilder, layers: Sequence[_Layer], x: str, outputs:
     else:
         act_u8 = _Activation(act.bits, False, act.rounding, True, act.per_token, zero_point=128)
         q = _quantized(b, x, inv, act_u8, offset, q_name)
-    for layer, y in zip(layers, outputs):
+    for index, (layer, y) in enumerate(zip(layers, outputs)):
         acc = b.op("MatMulInteger", q, _weight(b, layer, layer.weight.t().contiguous(), int8_only=True), offset)
-        # acc * (2 * x_scale) * (w_scale / 2): torchquant's acc * x_scale * w_scale, float for float. Not
-        # Mul(Cast(acc), Mul(x_scale, w_scale)), nor a doubled scale made by a Mul: onnxruntime fuses any Mul with a
-        # Cast(MatMulInteger) parent and a Mul parent into MatMulIntegerToFloat without checking the scales' shapes
-        # (its kernel scales the bias by a per-row x_scale too, and older kernels take only a scalar x_scale).
-        half_weight_scale = layer.weight_scale * 0.5
-        half_weight_scale = half_weight_scale.numpy() if layer.per_channel else _f32(half_weight_scale[0])
-        scaled = b.op("Mul", b.op("Cast", acc, to=b.onnx.TensorProto.FLOAT), double_scale)
-        scaled = b.op("Mul", scaled, b.const("half_weight_scale", half_weight_scale),
-                      output=y if layer.bias is None else None)
+        # (acc * x_scale) * w_scale + bias, float for float as torchquant's kernel. The first product is written
+        # Mul(Cast(acc), Mul(2 * x_scale, 0.5)), which onnxruntime fuses into MatMulIntegerToFloat(a_scale = 2 *
+        # x_scale per row, b_scale = 0.5): its GEMM writes acc * 0.5 (exact) and scales each row by 2 * x_scale
+        # afterwards, one rounding of acc * x_scale; unfused, the graph computes acc * x_scale directly. (A scale
+        # of 1 would be removed before the fusion; w_scale cannot go in: the kernel would apply it before x_scale,
+        # and the bias it takes before the row scale.)
+        x_scale = _distinct_half(b, double_scale, index, rank)
+        scaled = b.op("Mul", b.op("Cast", acc, to=b.onnx.TensorProto.FLOAT), x_scale)
+        weight_scale = layer.weight_scale.numpy() if layer.per_channel else _f32(layer.weight_scale[0])
+        scaled = b.op("Mul", scaled, b.const("weight_scale", weight_scale), output=y if layer.bias is None else None)
         if layer.bias is not None:
             # a [1, N] bias, not [N]: onnxruntime fuses Add of a 1-D bias with a following Gelu into BiasGelu,
             # which runs at a third of the speed of its Gelu (all-MiniLM-L6-v2's feed-forward layers)
@@ -847,6 +856,8 @@ def _replace_placeholders(proto, quant_layers: Sequence[QuantLayerBase], names: 
     for i, layer in placeholders.items():
         groups.setdefault(_group_key(original[i], layer, i), []).append(i)
     nodes, tensors, group_q_names = [], {}, {}
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in (*graph.input, *graph.value_info)
+             if v.type.tensor_type.HasField("shape")}
     for i, node in enumerate(original):
         step = pipeline_steps.get(i)
         if step is not None:
@@ -874,7 +885,8 @@ def _replace_placeholders(proto, quant_layers: Sequence[QuantLayerBase], names: 
             else:
                 layers = [placeholders[m] for m in members]
                 _clamped_outputs(builder, layers, [original[m].output[0] for m in members],
-                                 lambda ys: _linear_integer(builder, layers, node.input[0], ys, q_name))
+                                 lambda ys: _linear_integer(builder, layers, node.input[0], ys, q_name,
+                                                            ranks.get(node.input[0], 1)))
             nodes.extend(builder.nodes)
             graph.initializer.extend(builder.initializers)
         q_name = group_q_names[key] if layer.activation is not None else None
