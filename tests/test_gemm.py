@@ -346,7 +346,9 @@ def test_int8_conv2d(device, isa, conv, x_dtype, x_zp):
 # im2col matrices over 512 KB are produced chunk by chunk inside the GEMM (the small ones above are made whole
 # first); the 200-channel float32 output (2.5 MB) is written with streaming stores.
 BIG_CONVS = [(2, 32, 40, 40, 200, (3, 3), 1, 1, 1, 1), (2, 32, 41, 40, 80, (3, 3), 1, 1, 1, 2),
-             (1, 16, 81, 80, 70, (3, 3), 1, 1, 1, 1)]
+             (1, 16, 81, 80, 70, (3, 3), 1, 1, 1, 1),
+             # up to 64 output channels: uint8 window rows read in place, output rows split in segments of <= 96
+             (1, 12, 9, 203, 64, (3, 3), 1, 1, 1, 1), (2, 4, 12, 211, 40, (5, 3), 2, (2, 1), (2, 1), 1)]
 
 
 @pytest.mark.parametrize("conv", BIG_CONVS, ids=[f"big{i}" for i in range(len(BIG_CONVS))])

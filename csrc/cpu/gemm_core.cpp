@@ -605,4 +605,55 @@ void pack_activation_rows(const uint8_t* src, int64_t m, int64_t k, int64_t stri
   });
 }
 
+void conv_u8s8_in_place(const GemmArgs& args, const ConvGeometry& g, const uint8_t* x, const Epilogue& ep,
+                        CpuIsa isa) {
+  const IsaPath path = isa_path(isa);
+  const int64_t k4 = round_up(args.k, 4);
+  const int64_t run = g.kw * g.channels;  // bytes of one kernel row, a multiple of 4
+  const int64_t n_panels = (args.n + kPackAlign - 1) / kPackAlign;
+  // work items: segments of <= kRowsPerChunk output pixels of one output row (b, oh), times the panels
+  const int64_t segments_per_row = (g.out_w + kRowsPerChunk - 1) / kRowsPerChunk;
+  const int64_t segment_len = (g.out_w + segments_per_row - 1) / segments_per_row;
+  const int64_t items = g.batch * g.out_h * segments_per_row * n_panels;
+  const int64_t item_cost = (segment_len + 4) * kPackAlign * k4;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(item_cost, 1));
+  Epilogue out_ep = ep;
+  out_ep.streaming = args.m * ep.out_row_stride * out_kind_bytes(ep.kind) >= kStreamingOutputBytes;
+
+  at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
+    alignas(64) int32_t tile[kRowsPerChunk * kPackAlign];
+    const ScratchScope rows_scope(Scratch::GemmRows);
+    uint8_t* window_rows = scratch_buffer(Scratch::GemmRows, checked_mul("int8_conv2d", "the row buffer", 8, k4));
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t panel = item % n_panels, segment = item / n_panels;
+      const int64_t image_row = segment / segments_per_row;  // b * out_h + oh
+      const int64_t ow0 = (segment % segments_per_row) * segment_len;
+      const int64_t rows = std::min(segment_len, g.out_w - ow0);
+      const int64_t row0 = image_row * g.out_w + ow0;
+      const int64_t b = image_row / g.out_h, oh = image_row % g.out_h;
+      const int64_t ih0 = oh * g.stride_h - g.pad_h;
+      const bool rows_inside = ih0 >= 0 && ih0 + (g.kh - 1) * g.dil_h < g.height;
+      const int8_t* w = args.b + panel * args.ldb * kPackAlign;
+      const int64_t ncols = std::min(kPackAlign, args.n - panel * kPackAlign);
+      const int vectors = static_cast<int>((ncols + 15) / 16);
+      for (int64_t r = 0; r < rows; r += path.rows) {
+        const int mr = static_cast<int>(std::min<int64_t>(path.rows, rows - r));
+        int32_t* t = tile + r * kPackAlign;
+        const int64_t iw0 = (ow0 + r) * g.stride_w - g.pad_w;
+        if (rows_inside && iw0 >= 0 && iw0 + (mr - 1) * g.stride_w + g.kw <= g.width) {
+          for (int64_t i = 0; i < g.kh; ++i) {
+            const uint8_t* a = x + ((b * g.height + ih0 + i * g.dil_h) * g.width + iw0) * g.channels;
+            path.kernel(a, g.stride_w * g.channels, w + i * run * kPackAlign, run / 4, t, mr, vectors, i == 0);
+          }
+        } else {
+          args.fill_rows(args.fill_context, 0, row0 + r, mr, window_rows);
+          path.kernel(window_rows, k4, w, k4 / 4, t, mr, vectors, true);
+        }
+      }
+      path.epilogue(out_ep, tile, row0, rows, panel * kPackAlign, ncols);
+    }
+    if (out_ep.streaming) _mm_sfence();
+  });
+}
+
 }  // namespace torchquant::gemm

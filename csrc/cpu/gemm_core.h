@@ -73,6 +73,15 @@ class ScratchScope {
 // epilogue on the given ISA path, threaded with at::parallel_for.
 void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa);
 
+// int8_conv2d without an im2col copy for windows inside the input: groups == 1, uint8 channels-last x, dil_w == 1
+// and kw * channels a multiple of 4. A kernel row of the window is then kw * channels consecutive input bytes, and
+// the same k range of the packed weight (k runs (kh, kw, c)), so each run of up to 6 output pixels along an output
+// row is multiplied kernel row by kernel row straight from the input, consecutive pixels stride_w * channels
+// bytes apart. Pixels whose windows reach into the padding take their rows from args.fill_rows (im2col). args as
+// for gemm_u8s8 (m: the output pixels, k: the window) with groups == 1.
+void conv_u8s8_in_place(const GemmArgs& args, const ConvGeometry& g, const uint8_t* x, const Epilogue& ep,
+                        CpuIsa isa);
+
 // Packs w[n, k] (element (n, k) at w + n * stride_n + k * stride_k) into round_up(n, kPackAlign) / kPackAlign
 // panels of depth kp at dst. With col_sums non-null also writes col_sums[n] = sum_k w[n, k].
 void pack_weight(const int8_t* w, int64_t n, int64_t k, int64_t stride_n, int64_t stride_k, int64_t kp, int8_t* dst,
