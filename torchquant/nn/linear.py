@@ -9,8 +9,6 @@ from torchquant import functional as F_q
 from torchquant._ops import FLOAT_DTYPES, ops
 from torchquant.nn.base import QuantLayerBase
 
-_INT8_LINEAR_DYNAMIC = ops.int8_linear_dynamic.default
-
 
 class QuantLinear(QuantLayerBase):
     """nn.Linear(in_features, out_features, bias) quantized per `config` (a QuantConfig or a preset name;
@@ -41,7 +39,7 @@ class QuantLinear(QuantLayerBase):
         if (self.converted and self.fused and self.clamp_min is None and self.clamp_max is None
                 and isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[-1] == self.in_features
                 and x.dtype in FLOAT_DTYPES and x.device == self._device):
-            return _INT8_LINEAR_DYNAMIC(x, *self._kernel_args)
+            return ops.int8_linear_dynamic(x, *self._kernel_args)
         return super().forward(x)
 
     def _float_op(self, x, weight, bias):
@@ -65,7 +63,7 @@ class QuantLinear(QuantLayerBase):
         return (self.w_packed, self.w_sum, self.weight_scale, self.bias, self.out_features)
 
     def _fused_forward(self, x):
-        return _INT8_LINEAR_DYNAMIC(x, *self._kernel_args)
+        return ops.int8_linear_dynamic(x, *self._kernel_args)
 
     def _int_op(self, x_q, x_scale, x_zero_point, out_dtype, out_scale=None, out_zero_point=0):
         # the kernel takes any leading dims of x_q, with x_scale [1] or one per row
