@@ -14,17 +14,16 @@
 
 #include <cfloat>
 #include <cstdint>
+#include <cstring>
 #include <optional>
 #include <string>
 #include <tuple>
-#include <unordered_map>
 
 #include <ATen/ATen.h>
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/InferenceMode.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
-#include <c10/util/hash.h>
 #include <torch/csrc/Dtype.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
@@ -98,41 +97,51 @@ std::optional<c10::string_view> rounding_arg(PyObject* o) {
   return r;
 }
 
-// Python-number scales and zero points as the tensors the ops take, one per (value, length, dtype, device):
-// building a tensor costs as much as quantizing a few thousand elements, and the ops only read these. Guarded by
-// the GIL; cleared when it reaches kMaxNumberTensors.
+// Python-number scales and zero points as the tensors the ops take, one per (value, length, dtype, device): building
+// a tensor costs as much as quantizing a few thousand elements, and the ops only read these. A direct-mapped table
+// (a new key replaces the one in its slot): one hash and one comparison a call, and a bounded size. Guarded by the
+// GIL.
 struct NumberKey {
-  double value;
-  int64_t length;
-  at::ScalarType dtype;
-  at::Device device;
+  double value = 0;
+  int64_t length = 0;
+  at::ScalarType dtype = at::kFloat;
+  at::Device device = at::kCPU;
   bool operator==(const NumberKey& o) const {
     return value == o.value && length == o.length && dtype == o.dtype && device == o.device;
   }
 };
-struct NumberKeyHash {
-  size_t operator()(const NumberKey& k) const {
-    return c10::get_hash(k.value, k.length, static_cast<int>(k.dtype), static_cast<int>(k.device.type()),
-                         static_cast<int>(k.device.index()));
-  }
+struct NumberSlot {
+  NumberKey key;
+  at::Tensor tensor;  // undefined: an empty slot
 };
-constexpr size_t kMaxNumberTensors = 4096;
+constexpr size_t kNumberSlots = 1024;
+
+size_t slot_of(const NumberKey& k) {
+  uint64_t bits = 0;
+  static_assert(sizeof(bits) == sizeof(k.value));
+  std::memcpy(&bits, &k.value, sizeof(bits));
+  uint64_t h = bits ^ (static_cast<uint64_t>(k.length) * 0x9E3779B97F4A7C15ull) ^
+               (static_cast<uint64_t>(k.dtype) << 48) ^ (static_cast<uint64_t>(k.device.type()) << 40) ^
+               (static_cast<uint64_t>(static_cast<uint8_t>(k.device.index())) << 32);
+  h ^= h >> 29;
+  h *= 0xBF58476D1CE4E5B9ull;
+  h ^= h >> 32;
+  return h % kNumberSlots;
+}
 
 std::optional<at::Tensor> number_tensor(double value, int64_t length, at::ScalarType dtype, at::Device device) {
   // never destroyed: cached CUDA tensors must not be freed after the CUDA runtime has shut down at exit
-  static auto* cache = new std::unordered_map<NumberKey, at::Tensor, NumberKeyHash>();
+  static auto* slots = new NumberSlot[kNumberSlots];
   const NumberKey key{value, length, dtype, device};
-  const auto it = cache->find(key);
-  if (it != cache->end()) return it->second;
+  NumberSlot& slot = slots[slot_of(key)];
+  if (slot.tensor.defined() && slot.key == key) return slot.tensor;
   if (c10::impl::dispatch_mode_enabled()) return std::nullopt;  // a dispatch mode would make it one of its own
-  if (cache->size() >= kMaxNumberTensors) cache->clear();
-  at::Tensor t;
   {
     c10::InferenceMode usable_in_and_out_of_inference_mode(false);
-    t = at::full({length}, value, at::TensorOptions().dtype(dtype).device(device));
+    slot.tensor = at::full({length}, value, at::TensorOptions().dtype(dtype).device(device));
   }
-  cache->emplace(key, t);
-  return t;
+  slot.key = key;
+  return slot.tensor;
 }
 
 // scale (dtype float32) or zero_point (int32) of x as the op takes it, with `length` entries (1 per tensor, x's

@@ -2,7 +2,8 @@
 // dispatcher). Each op has an explicit kernel here because what it replaces cost more than a small op itself:
 // torch's boxed not-implemented fallback (~5 us a call) and torch.library's Python autograd wrapper (~8 us a call,
 // paid even when nothing requires grad). When grad mode is off or no input requires grad, every kernel calls the
-// op below autograd directly.
+// op below autograd directly: a redispatch with the call's own dispatch keys, below autograd and ADInplaceOrView
+// (which the guard also excludes for anything the kernels call).
 //
 //   quantize:                integer output, never differentiable.
 //   fake_quantize:           straight-through gradient to x (grad where x quantizes inside [qmin, qmax], 0 elsewhere),
@@ -107,42 +108,48 @@ struct QuantizePerTokenFunction : public torch::autograd::Function<QuantizePerTo
   static variable_list backward(AutogradContext*, variable_list) { return variable_list(2); }
 };
 
-at::Tensor quantize_autograd(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
-                             std::optional<int64_t> axis, int64_t bits, bool is_signed, c10::string_view rounding) {
+constexpr c10::DispatchKeySet kBelowAutograd = c10::after_ADInplaceOrView_keyset;
+
+at::Tensor quantize_autograd(c10::DispatchKeySet ks, const at::Tensor& x, const at::Tensor& scale,
+                             const at::Tensor& zero_point, std::optional<int64_t> axis, int64_t bits, bool is_signed,
+                             c10::string_view rounding) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return quantize_op().call(x, scale, zero_point, axis, bits, is_signed, rounding);
+  return quantize_op().redispatch(ks & kBelowAutograd, x, scale, zero_point, axis, bits, is_signed, rounding);
 }
 
-at::Tensor fake_quantize_autograd(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
-                                  std::optional<int64_t> axis, int64_t bits, bool is_signed,
-                                  c10::string_view rounding) {
+at::Tensor fake_quantize_autograd(c10::DispatchKeySet ks, const at::Tensor& x, const at::Tensor& scale,
+                                  const at::Tensor& zero_point, std::optional<int64_t> axis, int64_t bits,
+                                  bool is_signed, c10::string_view rounding) {
   if (records_grad(x, scale, zero_point))
     return FakeQuantizeFunction::apply(x, scale, zero_point, axis, bits, is_signed, rounding);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return fake_quantize_op().call(x, scale, zero_point, axis, bits, is_signed, rounding);
+  return fake_quantize_op().redispatch(ks & kBelowAutograd, x, scale, zero_point, axis, bits, is_signed, rounding);
 }
 
-at::Tensor dequantize_autograd(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& zero_point,
-                               std::optional<int64_t> axis, at::ScalarType dtype) {
+at::Tensor dequantize_autograd(c10::DispatchKeySet ks, const at::Tensor& q, const at::Tensor& scale,
+                               const at::Tensor& zero_point, std::optional<int64_t> axis, at::ScalarType dtype) {
   if (records_grad(q, scale, zero_point)) return DequantizeFunction::apply(q, scale, zero_point, axis, dtype);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return dequantize_op().call(q, scale, zero_point, axis, dtype);
+  return dequantize_op().redispatch(ks & kBelowAutograd, q, scale, zero_point, axis, dtype);
 }
 
-at::Tensor fake_quantize_backward_autograd(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& scale,
-                                           const at::Tensor& zero_point, std::optional<int64_t> axis, int64_t bits,
-                                           bool is_signed, c10::string_view rounding) {
+at::Tensor fake_quantize_backward_autograd(c10::DispatchKeySet ks, const at::Tensor& grad, const at::Tensor& x,
+                                           const at::Tensor& scale, const at::Tensor& zero_point,
+                                           std::optional<int64_t> axis, int64_t bits, bool is_signed,
+                                           c10::string_view rounding) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return fake_quantize_backward_op().call(grad, x, scale, zero_point, axis, bits, is_signed, rounding);
+  return fake_quantize_backward_op().redispatch(ks & kBelowAutograd, grad, x, scale, zero_point, axis, bits,
+                                                is_signed, rounding);
 }
 
-std::tuple<at::Tensor, at::Tensor> quantize_per_token_autograd(const at::Tensor& x, int64_t bits) {
+std::tuple<at::Tensor, at::Tensor> quantize_per_token_autograd(c10::DispatchKeySet ks, const at::Tensor& x,
+                                                                int64_t bits) {
   if (records_grad(x)) {
     const variable_list out = QuantizePerTokenFunction::apply(x, bits);
     return {out[0], out[1]};
   }
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return quantize_per_token_op().call(x, bits);
+  return quantize_per_token_op().redispatch(ks & kBelowAutograd, x, bits);
 }
 
 }  // namespace

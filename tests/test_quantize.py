@@ -579,5 +579,6 @@ def test_public_names():
 
 def test_benchmark_runs():
     from torchquant.bench.quantize import COLUMNS, run
-    rows = run(sizes=(1 << 12,), threads=(1,), repeats=1)
-    assert len(rows) == 9 and all(set(COLUMNS) <= set(r) for r in rows)  # no time is asserted
+    rows = run(sizes=(1 << 12,), threads=(1,), repeats=1, cpu_time=True)
+    assert len(rows) == 11 and all(set(COLUMNS) <= set(r) for r in rows)  # no time is asserted
+    assert {r["clock"] for r in rows} == {"cpu"}

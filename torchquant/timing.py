@@ -16,11 +16,12 @@ def _sync(device: str) -> None:
 
 
 def compare(fns: Dict[str, Callable[[], object]], *, device: str = "cpu", repeats: int = 15,
-            min_sample_s: float = 0.02, statistic: Callable[[List[float]], float] = statistics.median
-            ) -> Dict[str, float]:
+            min_sample_s: float = 0.02, statistic: Callable[[List[float]], float] = statistics.median,
+            clock: Callable[[], float] = time.perf_counter) -> Dict[str, float]:
     """Median (or `statistic`, e.g. min on a loaded machine) seconds per call of each function, sampled interleaved
     (A B C A B C ...) so that drift and noise of the machine fall on all of them alike. Each sample repeats a call
-    enough times to last min_sample_s."""
+    enough times to last min_sample_s. `clock`: wall time by default; time.thread_time measures the CPU time of
+    the calling thread (steadier on a loaded machine, and complete only for single-threaded calls)."""
     inner = {}
     for name, fn in fns.items():
         fn()  # warm-up (allocations, lazy init, caches)
@@ -33,11 +34,11 @@ def compare(fns: Dict[str, Callable[[], object]], *, device: str = "cpu", repeat
     for _ in range(repeats):
         for name, fn in fns.items():
             _sync(device)
-            start = time.perf_counter()
+            start = clock()
             for _ in range(inner[name]):
                 fn()
             _sync(device)
-            samples[name].append((time.perf_counter() - start) / inner[name])
+            samples[name].append((clock() - start) / inner[name])
     return {name: statistic(s) for name, s in samples.items()}
 
 

@@ -20,10 +20,11 @@
 #include <cmath>
 #include <cstring>
 #include <type_traits>
-#include <vector>
 
 #include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
+#include <c10/util/SmallVector.h>
 #include <torch/library.h>
 
 #include "arg_checks.h"
@@ -333,8 +334,8 @@ void with_cpu_isa(const Body& body) {
 // Parameters, layout and the parallel span walk.
 // ---------------------------------------------------------------------------------------------------------------
 
-struct ChannelParams {
-  std::vector<float> scale, inv_scale, zero_point;
+struct ChannelParams {  // inline for per-tensor parameters: no heap allocation on a small call
+  c10::SmallVector<float, 1> scale, inv_scale, zero_point;
 };
 
 // Validates x against scale/zero_point/axis and returns its [outer, channels, inner] view.
@@ -490,11 +491,15 @@ QuantizeArgs checked_quantize_args(const at::Tensor& x, const at::Tensor& scale,
   return {f, r, layout, checked_params(scale, zero_point, f.binary ? 0.0f : f.qmin, f.binary ? 0.0f : f.qmax)};
 }
 
+// A kernel's output: straight from the CPU allocator (at::empty would dispatch again, which costs as much as the
+// work on a few thousand elements).
+at::Tensor empty_cpu(at::IntArrayRef sizes, at::ScalarType dtype) { return at::detail::empty_cpu(sizes, dtype); }
+
 at::Tensor quantize_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
                         std::optional<int64_t> axis, int64_t bits, bool is_signed, c10::string_view rounding) {
   const QuantizeArgs args = checked_quantize_args(x, scale, zero_point, axis, bits, is_signed, rounding);
   const at::Tensor xc = x.contiguous();
-  at::Tensor q = at::empty(x.sizes(), x.options().dtype(is_signed ? at::kChar : at::kByte));
+  at::Tensor q = empty_cpu(x.sizes(), is_signed ? at::kChar : at::kByte);
   with_float_type(x.scalar_type(), "x", [&](auto in_tag) {
     using In = decltype(in_tag);
     with_byte_type(q.scalar_type(), "output", [&](auto out_tag) {
@@ -518,7 +523,7 @@ at::Tensor dequantize_cpu(const at::Tensor& q, const at::Tensor& scale, const at
   const bool is_signed = q.scalar_type() == at::kChar;
   const ChannelParams p = checked_params(scale, zero_point, is_signed ? -128.0f : 0.0f, is_signed ? 127.0f : 255.0f);
   const at::Tensor qc = q.contiguous();
-  at::Tensor y = at::empty(q.sizes(), q.options().dtype(dtype));
+  at::Tensor y = empty_cpu(q.sizes(), dtype);
   with_byte_type(q.scalar_type(), "q", [&](auto in_tag) {
     using In = decltype(in_tag);
     with_float_type(dtype, "dtype", [&](auto out_tag) {
@@ -537,7 +542,7 @@ at::Tensor fake_quantize_cpu(const at::Tensor& x, const at::Tensor& scale, const
                              std::optional<int64_t> axis, int64_t bits, bool is_signed, c10::string_view rounding) {
   const QuantizeArgs args = checked_quantize_args(x, scale, zero_point, axis, bits, is_signed, rounding);
   const at::Tensor xc = x.contiguous();
-  at::Tensor y = at::empty(x.sizes(), x.options());
+  at::Tensor y = empty_cpu(x.sizes(), x.scalar_type());
   with_float_type(x.scalar_type(), "x", [&](auto tag) {
     using T = decltype(tag);
     const T* xp = xc.data_ptr<T>();
@@ -557,7 +562,7 @@ at::Tensor fake_quantize_backward_cpu(const at::Tensor& grad, const at::Tensor& 
   check_grad_like(grad, x);
   const at::Tensor xc = x.contiguous();
   const at::Tensor gc = grad.contiguous();
-  at::Tensor grad_x = at::empty(x.sizes(), x.options());
+  at::Tensor grad_x = empty_cpu(x.sizes(), x.scalar_type());
   with_float_type(x.scalar_type(), "x", [&](auto tag) {
     using T = decltype(tag);
     const T* xp = xc.data_ptr<T>();

@@ -4,7 +4,8 @@ Each wrapper first offers its arguments, as given, to its fast path in torchquan
 which takes the common well-formed call straight to the op (Python-number scales and zero points as cached
 tensors) and returns NotImplemented for anything else. The checked path below then validates the arguments
 (Python exceptions naming the argument), turns Python numbers into the scale/zero_point tensors the compiled ops
-take, and calls torch.ops.torchquant.*; it is also what torch.compile traces. Checks on tensor *values* (scale > 0,
+take, and calls torch.ops.torchquant.*; it is also what torch.compile traces (torch.export's non-strict tracing
+passes fake tensors, which the fast path leaves to it). Checks on tensor *values* (scale > 0,
 zero point in range) are made by the CPU kernels themselves, and here only for tensors on other devices outside
 torch.compile, so a compiled graph never breaks on them.
 """
@@ -12,7 +13,7 @@ import math
 from typing import Dict, Optional, Tuple, Union
 
 import torch
-from torch.compiler import is_compiling
+from torch.compiler import is_compiling, is_dynamo_compiling
 
 from torchquant import _C
 from torchquant._ops import FLOAT_DTYPES, ROUNDINGS, check_fake_devices, ops
@@ -198,7 +199,7 @@ def quantize(x: torch.Tensor, scale: Union[Number, torch.Tensor], zero_point: Un
 
     rounding "nearest" rounds half to even, "truncate" toward zero. axis given: per-channel scale/zero_point
     along that axis. NaN -> zero_point, +-inf -> qmax/qmin; signed 1 bit is sign binarization (+1 / -1)."""
-    if not is_compiling():
+    if not is_dynamo_compiling():
         q = _C.quantize(x, scale, zero_point, axis, bits, signed, rounding)
         if q is not NotImplemented:
             return q
@@ -209,7 +210,7 @@ def quantize(x: torch.Tensor, scale: Union[Number, torch.Tensor], zero_point: Un
 def dequantize(q: torch.Tensor, scale: Union[Number, torch.Tensor], zero_point: Union[int, torch.Tensor] = 0, *,
                axis: Optional[int] = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(q - zero_point) * scale, computed in float32 and returned as dtype (float32, float16 or bfloat16)."""
-    if not is_compiling():
+    if not is_dynamo_compiling():
         y = _C.dequantize(q, scale, zero_point, axis, dtype)
         if y is not NotImplemented:
             return y
@@ -232,7 +233,7 @@ def fake_quantize(x: torch.Tensor, scale: Union[Number, torch.Tensor], zero_poin
 
     Differentiable w.r.t. x: the gradient passes where round(x / scale) + zero_point lies inside [qmin, qmax]
     (sign binarization: |x| <= scale) and is zero elsewhere, as in torch.fake_quantize_per_tensor_affine."""
-    if not is_compiling():
+    if not is_dynamo_compiling():
         y = _C.fake_quantize(x, scale, zero_point, axis, bits, signed, rounding)
         if y is not NotImplemented:
             return y
@@ -293,7 +294,7 @@ def quantize_per_token(x: torch.Tensor, *, bits: int = 8) -> Tuple[torch.Tensor,
     scale = (largest finite |x| of the row) / (2^(bits-1) - 1), 1.0 for a row of zeros; q = clamp(round(x * (1 /
     scale)), -qmax, qmax) with NaN -> 0 and +-inf -> +-qmax. dequantize: q * scale[..., None]. Not
     differentiable: no gradient reaches x."""
-    if not is_compiling():
+    if not is_dynamo_compiling():
         out = _C.quantize_per_token(x, bits)
         if out is not NotImplemented:
             return out

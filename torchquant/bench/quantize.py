@@ -7,7 +7,9 @@ halves the float side); "of copy" compares that with `copy_` of a float32 buffer
 ("reused") or get fresh pages, each page-faulted and zeroed by the kernel on first touch ("fresh"): glibc serves
 large blocks with mmap (above its threshold, at most 32 MiB by default), which every library pays alike.
 `--reuse-memory` sets glibc's mmap threshold high so that every output reuses freed heap memory; it applies to
-every function timed, PyTorch's included.
+every function timed, PyTorch's included. `--cpu-time` times the 1-thread rows in CPU time of the calling thread
+(`time.thread_time`: it leaves out the time the thread waited for a core on a shared machine; the "clock" column
+says which rows); 2-thread rows are always wall time. The load average is printed before and after.
 """
 import argparse
 import ctypes
@@ -27,7 +29,7 @@ from torchquant._ops import cpu_kernel_path
 from torchquant.bench.timing import copy_bandwidth
 from torchquant.timing import compare, markdown_table, num_threads
 
-COLUMNS = ["op", "granularity", "dtype", "elements", "threads", "busy threads", "output memory", "ours us",
+COLUMNS = ["op", "granularity", "dtype", "elements", "threads", "clock", "busy threads", "output memory", "ours us",
            "torch us", "vs torch", "GB/s", "of copy"]
 SIZES = (4 << 10, 64 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20)
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -109,6 +111,8 @@ def cases(numel: int):
          lambda: torch.quantize_per_tensor(x_bf16.float(), scale, zp, torch.qint8)),  # takes float32 only
         ("quantize", "per-channel", "float32", lambda: F_q.quantize(x, scales, zps, axis=0),
          lambda: torch.quantize_per_channel(x, scales, zps, 0, torch.qint8)),
+        ("quantize", "per-channel", "bfloat16", lambda: F_q.quantize(x_bf16, scales, zps, axis=0),
+         lambda: torch.quantize_per_channel(x_bf16.float(), scales, zps, 0, torch.qint8)),
         ("dequantize", "per-tensor", "float32", lambda: F_q.dequantize(q, scale, zp), q_torch.dequantize),
         ("dequantize", "per-channel", "float32", lambda: F_q.dequantize(qc, scales, zps, axis=0), qc_torch.dequantize),
         ("fake_quantize", "per-tensor", "float32", lambda: F_q.fake_quantize(x, scale, zp),
@@ -117,6 +121,8 @@ def cases(numel: int):
          lambda: torch.fake_quantize_per_tensor_affine(x_bf16, scale, zp, -128, 127)),
         ("fake_quantize", "per-channel", "float32", lambda: F_q.fake_quantize(x, scales, zps, axis=0),
          lambda: torch.fake_quantize_per_channel_affine(x, scales, zps, 0, -128, 127)),
+        ("fake_quantize", "per-channel", "bfloat16", lambda: F_q.fake_quantize(x_bf16, scales, zps, axis=0),
+         lambda: torch.fake_quantize_per_channel_affine(x_bf16, scales, zps, 0, -128, 127)),
         # PyTorch has no per-token op: its baseline is the same computation in PyTorch ops (torchquant.reference)
         ("quantize_per_token", f"rows of {tokens.shape[1]}", "float32", lambda: F_q.quantize_per_token(tokens),
          lambda: reference.quantize_per_token(tokens)),
@@ -124,20 +130,24 @@ def cases(numel: int):
 
 
 def run(sizes: Sequence[int] = SIZES, threads: Sequence[int] = (1, 2), repeats: int = 15,
-        statistic=statistics.median) -> List[dict]:
-    """One row per (size, thread count, op): statistic (median by default) of `repeats` interleaved samples."""
+        statistic=statistics.median, cpu_time: bool = False) -> List[dict]:
+    """One row per (size, thread count, op): statistic (median by default) of `repeats` interleaved samples;
+    cpu_time: 1-thread rows in CPU time of this thread (see the module docstring)."""
     rows = []
     for numel in sizes:
         for n_threads in threads:
+            clock = time.thread_time if cpu_time and n_threads == 1 else time.perf_counter
             with num_threads(n_threads):
                 copy_bw = copy_bandwidth(4 * numel, repeats=repeats)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     for op, granularity, dtype, ours, theirs in cases(numel):
-                        t = compare({"ours": ours, "torch": theirs}, repeats=repeats, statistic=statistic)
+                        t = compare({"ours": ours, "torch": theirs}, repeats=repeats, statistic=statistic,
+                                    clock=clock)
                         bandwidth = bytes_per_element(op, dtype) * numel / t["ours"]
                         rows.append({"op": op, "granularity": granularity, "dtype": dtype, "elements": numel,
-                                     "threads": n_threads, "busy threads": busy_threads(ours, 0.1),
+                                     "threads": n_threads, "clock": "cpu" if clock is time.thread_time else "wall",
+                                     "busy threads": busy_threads(ours, 0.1),
                                      "output memory": output_memory(ours),
                                      "ours us": t["ours"] * 1e6, "torch us": t["torch"] * 1e6,
                                      "vs torch": t["torch"] / t["ours"], "GB/s": bandwidth / 1e9,
@@ -156,6 +166,10 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def load_average() -> str:
+    return f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "unknown"
+
+
 def size_label(numel: int) -> str:
     return f"{numel >> 20}M" if numel >= 1 << 20 else f"{numel >> 10}K"
 
@@ -168,15 +182,18 @@ def main(argv=None) -> None:
     parser.add_argument("--min", action="store_true", help="report the minimum of the samples, not the median "
                         "(steadier on a loaded machine)")
     parser.add_argument("--reuse-memory", action="store_true", help="keep freed outputs in the heap (see above)")
+    parser.add_argument("--cpu-time", action="store_true", help="1-thread rows in thread CPU time (see above)")
     args = parser.parse_args(argv)
     if args.reuse_memory:
         reuse_freed_memory()
-    rows = run(args.sizes, tuple(args.threads), args.repeats, min if args.min else statistics.median)
+    load_before = load_average()
+    rows = run(args.sizes, tuple(args.threads), args.repeats, min if args.min else statistics.median, args.cpu_time)
     for row in rows:
         row["elements"] = size_label(row["elements"])
     print(f"quantize family, {cpu_name()} (CPU kernels: {cpu_kernel_path()}), torch {torch.__version__}, "
           f"{'minimum' if args.min else 'median'} of {args.repeats} interleaved samples, "
-          f"{'outputs reuse freed heap memory' if args.reuse_memory else 'default allocator'}")
+          f"{'outputs reuse freed heap memory' if args.reuse_memory else 'default allocator'}; "
+          f"load average (1 min) {load_before} before, {load_average()} after")
     print(markdown_table(rows, COLUMNS))
 
 
