@@ -138,7 +138,7 @@ def run(sizes: Sequence[int] = SIZES, threads: Sequence[int] = (1, 2), repeats: 
         for n_threads in threads:
             clock = time.thread_time if cpu_time and n_threads == 1 else time.perf_counter
             with num_threads(n_threads):
-                copy_bw = copy_bandwidth(4 * numel, repeats=repeats)
+                copy_bw = copy_bandwidth(4 * numel, repeats=repeats, clock=clock)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     for op, granularity, dtype, ours, theirs in cases(numel):

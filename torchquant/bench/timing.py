@@ -2,6 +2,7 @@
 torchquant.timing)."""
 import argparse
 import contextlib
+import time
 import warnings
 from typing import Callable, Dict, List, Sequence, Tuple
 
@@ -11,11 +12,13 @@ from torchquant._ops import cpu_kernel_path
 from torchquant.timing import compare, markdown_table
 
 
-def copy_bandwidth(numel_bytes: int, *, device: str = "cpu", repeats: int = 15) -> float:
-    """Bytes per second (read + write counted) of `dst.copy_(src)` on buffers of numel_bytes each."""
+def copy_bandwidth(numel_bytes: int, *, device: str = "cpu", repeats: int = 15,
+                   clock: Callable[[], float] = time.perf_counter) -> float:
+    """Bytes per second (read + write counted) of `dst.copy_(src)` on buffers of numel_bytes each, timed by
+    `clock` (see torchquant.timing.compare)."""
     src = torch.empty(numel_bytes, dtype=torch.uint8, device=device).random_()
     dst = torch.empty_like(src)
-    seconds = compare({"copy": lambda: dst.copy_(src)}, device=device, repeats=repeats)["copy"]
+    seconds = compare({"copy": lambda: dst.copy_(src)}, device=device, repeats=repeats, clock=clock)["copy"]
     return 2 * numel_bytes / seconds
 
 
