@@ -6,8 +6,8 @@
 //
 // Anything else returns NotImplemented and the wrapper takes its checked Python path, which raises the error with
 // its message or handles the rarer valid forms: a wrong argument, a float zero point, a zero point tensor that is
-// not int32, a scale tensor that is not float32, a scale or zero point tensor off the CPU (whose values the wrapper
-// checks), a tensor subclass or an active __torch_function__ mode. The accepted calls are a subset of what the
+// not int32, a scale tensor that is not float32, an x, scale or zero point off the CPU (the wrapper checks device
+// qparams' values), a tensor subclass or an active __torch_function__ mode. The accepted calls are a subset of what the
 // wrapper accepts, converted exactly as it converts them; the kernels check the values of CPU scale and zero point
 // tensors themselves.
 #include <Python.h>
@@ -97,17 +97,17 @@ std::optional<c10::string_view> rounding_arg(PyObject* o) {
   return r;
 }
 
-// Python-number scales and zero points as the tensors the ops take, one per (value, length, dtype, device): building
-// a tensor costs as much as quantizing a few thousand elements, and the ops only read these. A direct-mapped table
+// Python-number scales and zero points of CPU calls as the CPU tensors the ops take, one per (value, length, dtype):
+// building a tensor costs as much as quantizing a few thousand elements, and the ops only read these. (Not for
+// other devices: a cached device tensor would outlive the stream and graph-capture pool it was made in.) A direct-mapped table
 // (a new key replaces the one in its slot): one hash and one comparison a call, and a bounded size. Guarded by the
 // GIL.
 struct NumberKey {
   double value = 0;
   int64_t length = 0;
   at::ScalarType dtype = at::kFloat;
-  at::Device device = at::kCPU;
   bool operator==(const NumberKey& o) const {
-    return value == o.value && length == o.length && dtype == o.dtype && device == o.device;
+    return value == o.value && length == o.length && dtype == o.dtype;
   }
 };
 struct NumberSlot {
@@ -121,32 +121,30 @@ size_t slot_of(const NumberKey& k) {
   static_assert(sizeof(bits) == sizeof(k.value));
   std::memcpy(&bits, &k.value, sizeof(bits));
   uint64_t h = bits ^ (static_cast<uint64_t>(k.length) * 0x9E3779B97F4A7C15ull) ^
-               (static_cast<uint64_t>(k.dtype) << 48) ^ (static_cast<uint64_t>(k.device.type()) << 40) ^
-               (static_cast<uint64_t>(static_cast<uint8_t>(k.device.index())) << 32);
+               (static_cast<uint64_t>(k.dtype) << 48);
   h ^= h >> 29;
   h *= 0xBF58476D1CE4E5B9ull;
   h ^= h >> 32;
   return h % kNumberSlots;
 }
 
-std::optional<at::Tensor> number_tensor(double value, int64_t length, at::ScalarType dtype, at::Device device) {
-  // never destroyed: cached CUDA tensors must not be freed after the CUDA runtime has shut down at exit
-  static auto* slots = new NumberSlot[kNumberSlots];
-  const NumberKey key{value, length, dtype, device};
+std::optional<at::Tensor> number_tensor(double value, int64_t length, at::ScalarType dtype) {
+  static auto* slots = new NumberSlot[kNumberSlots];  // never destroyed: no tensor destructors at exit
+  const NumberKey key{value, length, dtype};
   NumberSlot& slot = slots[slot_of(key)];
   if (slot.tensor.defined() && slot.key == key) return slot.tensor;
   if (c10::impl::dispatch_mode_enabled()) return std::nullopt;  // a dispatch mode would make it one of its own
   {
     c10::InferenceMode usable_in_and_out_of_inference_mode(false);
-    slot.tensor = at::full({length}, value, at::TensorOptions().dtype(dtype).device(device));
+    slot.tensor = at::full({length}, value, at::TensorOptions().dtype(dtype));
   }
   slot.key = key;
   return slot.tensor;
 }
 
 // scale (dtype float32) or zero_point (int32) of x as the op takes it, with `length` entries (1 per tensor, x's
-// channels per channel): a number in [low, high] (the scale may be a float, the zero point only an int) as a cached
-// tensor, or a CPU tensor of that dtype and length on x's device, as a 1-D view.
+// channels per channel) for a CPU x: a number in [low, high] (the scale may be a float, the zero point only an int)
+// as a cached tensor, or a CPU tensor of that dtype and length, as a 1-D view. Other devices take the Python path.
 std::optional<at::Tensor> qparam_arg(PyObject* o, at::ScalarType dtype, double low, double high, int64_t length,
                                      const at::Tensor& x) {
   if (THPVariable_Check(o)) {
@@ -167,7 +165,8 @@ std::optional<at::Tensor> qparam_arg(PyObject* o, at::ScalarType dtype, double l
     return std::nullopt;
   }
   if (!(value >= low && value <= high)) return std::nullopt;  // also NaN
-  return number_tensor(value, length, dtype, x.device());
+  if (!x.is_cpu()) return std::nullopt;
+  return number_tensor(value, length, dtype);
 }
 
 // A scale: positive and finite as a float32, at least the smallest normal one (1 / scale stays finite).
