@@ -137,7 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser(
         "export", parents=[model_opts, common], help="write a quantized model as ONNX (QDQ)",
-        description="Write MODEL as a standard ONNX QDQ graph that onnxruntime and TensorRT run: a float MODEL is "
+        description="Write MODEL as standard ONNX that onnxruntime runs with torchquant's integers (QDQ around "
+                    "static layers; MatMulInteger/ConvInteger with a float epilogue for dynamic Linears and integer "
+                    "pipelines): a float MODEL is "
                     "quantized first (as convert does); a MODEL that is already quantized, or --weights holding a "
                     "checkpoint written by convert, is exported as it is. The example input that fixes the input "
                     "shape is the first --calib batch or --input-shape.")
