@@ -120,14 +120,16 @@ def _folded(model):
     return {m.folded_bn for m in model.modules() if isinstance(m, QuantConv2d)}
 
 
-def test_bn_int8_static_ptq_within_0_3_points_of_float(bn_float, digits, record_property):
+@pytest.mark.parametrize("preset", ["int8-static", "int8-pipeline"])  # layer by layer; uint8 between the layers
+def test_bn_int8_ptq_within_0_3_points_of_float(bn_float, digits, record_property, preset):
+    from torchquant.graph import is_pipeline
     bn_float_model, bn_float_accuracy = bn_float
-    quantized = _ptq(bn_float_model, digits, "int8-static")
-    assert _folded(quantized) == {"bn1", "bn2"}
+    quantized = _ptq(bn_float_model, digits, preset)
+    assert _folded(quantized) == {"bn1", "bn2"} and is_pipeline(quantized) == (preset == "int8-pipeline")
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in quantized.modules())
     accuracy = evaluate(quantized, digits)
-    record_property("BN int8-static accuracy", accuracy)
-    print(f"BN int8-static: {accuracy:.2f}% (float {bn_float_accuracy:.2f}%)")
+    record_property(f"BN {preset} accuracy", accuracy)
+    print(f"BN {preset}: {accuracy:.2f}% (float {bn_float_accuracy:.2f}%)")
     assert accuracy >= bn_float_accuracy - 0.3
 
 
@@ -142,18 +144,7 @@ def test_bn_qat_4bit_with_folding_within_one_point_of_float(bn_float, digits, re
     assert int(bn.num_batches_tracked) == steps_before + 60  # then frozen
 
 
-# ---- the same model as an integer pipeline (torchquant.graph): uint8 tensors between the layers ----
-
-def test_bn_int8_pipeline_ptq_within_0_3_points_of_float(bn_float, digits, record_property):
-    from torchquant.graph import is_pipeline
-    bn_float_model, bn_float_accuracy = bn_float
-    quantized = _ptq(bn_float_model, digits, "int8-pipeline")
-    assert is_pipeline(quantized) and _folded(quantized) == {"bn1", "bn2"}
-    accuracy = evaluate(quantized, digits)
-    record_property("BN int8-pipeline accuracy", accuracy)
-    print(f"BN int8-pipeline: {accuracy:.2f}% (float {bn_float_accuracy:.2f}%)")
-    assert accuracy >= bn_float_accuracy - 0.3
-
+# ---- 4-bit QAT of the same model as an integer pipeline (torchquant.graph): uint8 tensors between the layers ----
 
 def test_bn_qat_4bit_pipeline_with_folding_within_one_point_of_float(bn_float, digits, record_property):
     from torchquant.config import QuantConfig, QuantSpec
