@@ -602,13 +602,7 @@ at::Tensor quantized_add_cpu(const at::Tensor& a, const at::Tensor& a_scale, int
   const int64_t numel = t.out.numel();
   if (numel == 0) return t.out;
   const AddParams p{*a_scale_1.data_ptr<float>(), *b_scale_1.data_ptr<float>(), t.map};
-  with_add_types(a.scalar_type(), b.scalar_type(), out_dtype, [&](auto a_tag, auto b_tag, auto out_tag) {
-    using A = decltype(a_tag);
-    using B = decltype(b_tag);
-    using Out = decltype(out_tag);
-    const A* ap = t.a.data_ptr<A>();
-    const B* bp = t.b.data_ptr<B>();
-    Out* yp = t.out.data_ptr<Out>();
+  with_add_pointers(t.a, t.b, t.out, [&](const auto* ap, const auto* bp, auto* yp) {
     with_cpu_isa([&](auto isa) {
       using Isa = decltype(isa);
       at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {

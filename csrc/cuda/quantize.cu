@@ -522,13 +522,10 @@ at::Tensor quantized_add_cuda(const at::Tensor& a, const at::Tensor& a_scale, in
   if (n == 0) return t.out;
   const at::Tensor a_scale_1 = a_scale.reshape({1}).contiguous(), b_scale_1 = b_scale.reshape({1}).contiguous();
   const AddArgs p{a_scale_1.data_ptr<float>(), b_scale_1.data_ptr<float>(), t.map};
-  with_add_types(a.scalar_type(), b.scalar_type(), out_dtype, [&](auto a_tag, auto b_tag, auto out_tag) {
-    using A = decltype(a_tag);
-    using B = decltype(b_tag);
-    using Out = decltype(out_tag);
-    const A* ap = t.a.data_ptr<A>();
-    const B* bp = t.b.data_ptr<B>();
-    Out* yp = t.out.data_ptr<Out>();
+  with_add_pointers(t.a, t.b, t.out, [&](const auto* ap, const auto* bp, auto* yp) {
+    using A = std::remove_cv_t<std::remove_pointer_t<decltype(ap)>>;
+    using B = std::remove_cv_t<std::remove_pointer_t<decltype(bp)>>;
+    using Out = std::remove_pointer_t<decltype(yp)>;
     const bool vectorized = is_aligned<A, kAddVec>(ap) && is_aligned<B, kAddVec>(bp) && is_aligned<Out, kAddVec>(yp);
     if (n <= INT32_MAX) {
       if (vectorized) launch_quantized_add<kAddVec, A, B, Out, uint32_t>(ap, bp, yp, n, p);
