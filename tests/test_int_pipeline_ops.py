@@ -371,13 +371,15 @@ POOLS = [  # shape, kernel, stride, padding, dilation, ceil_mode
     ((0, 3, 5, 5), 2, 2, 0, 1, False),     # empty batch
     ((2, 16, 1, 2), 3, (3, 2), (1, 0), (2, 1), True),  # a window with no tap inside: the type's lowest value
     ((1, 37, 9, 8), 3, 2, 1, 1, False),    # channels in whole vectors of 16 and a tail
+    ((2, 64, 12, 11), 3, 2, 1, 1, False),  # whole 64-byte vectors (a ResNet stem's pool)
+    ((1, 101, 5, 6), 2, 1, 0, 1, False),   # 64 + 32 + 5 channels: each vector width and a tail
 ]
 
 
 @pytest.mark.parametrize("pool", POOLS, ids=[f"pool{i}" for i in range(len(POOLS))])
 @pytest.mark.parametrize("dtype", [torch.int8, torch.uint8], ids=str)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
-def test_quantized_max_pool2d(device, pool, dtype, layout):
+def test_quantized_max_pool2d(device, isa, pool, dtype, layout):
     shape, kernel, stride, padding, dilation, ceil_mode = pool
     if layout != "contiguous" and len(shape) == 3:
         pytest.skip("layouts of 4-d inputs")

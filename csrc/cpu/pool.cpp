@@ -1,11 +1,11 @@
 // CPU quantized_max_pool2d (schema in csrc/ops.cpp). torch's own max_pool2d takes int8/uint8 on the CPU, but its
 // channels-last kernel indexes the input with the element type itself (it fails once H * W > 127 for int8), so
-// channels-last inputs run here: per output pixel, the byte-wise maximum of its taps' channel vectors (a window
-// without a tap inside the input, possible in ceil mode with dilation, gives the type's lowest value as torch's
-// integer kernel does). Other layouts go to torch's kernel. csrc/cuda/pool.cu has the CUDA
-// kernel.
+// channels-last inputs run here: per output pixel, the byte-wise maximum of its taps' channel vectors, in 64-,
+// 32- or 16-byte registers by the CPU's instruction set (TORCHQUANT_CPU_ISA) (a window without a tap inside the
+// input, possible in ceil mode with dilation, gives the type's lowest value as torch's integer kernel does). Other
+// layouts go to torch's kernel. csrc/cuda/pool.cu has the CUDA kernel.
 #include "check.h"
-#include <emmintrin.h>
+#include <immintrin.h>
 
 #include <algorithm>
 #include <type_traits>
@@ -15,20 +15,84 @@
 #include <torch/library.h>
 
 #include "arg_checks.h"
+#include "cpu/isa.h"
 #include "dtype_dispatch.h"
 
 namespace torchquant {
 namespace {
 
-// Output rows (b, oh) [begin, end) of a channels-last x and out. Each output pixel's channels are taken 16 at a
-// time in one register across all its taps (SSE2 unsigned byte maximum; int8 bytes compare as unsigned once their
-// sign bit is flipped), stored once: a per-tap read-modify-write of the output made the pool twice as slow.
+#define TQ_TARGET_AVX512BW __attribute__((target("avx512f,avx512bw")))
+#define TQ_TARGET_AVX2 __attribute__((target("avx2")))
+
+// The taps of one output pixel inside the input: rows x cols channel vectors, the first at `first`.
+struct Taps {
+  const uint8_t* first;
+  int64_t rows, cols, row_step, col_step;  // steps in bytes
+};
+
+// out[c] = the maximum over the taps of byte c, for c in [c0, channels): 16 channels at a time in one register
+// across all taps (SSE2 unsigned byte maximum; int8 bytes compare as unsigned once their sign bit is flipped),
+// stored once (a per-tap read-modify-write of the output made the pool twice as slow), then byte by byte. No
+// taps give the type's lowest value (byte 0 once flipped).
 template <typename T>
-void max_pool2d_channels_last(const T* x, T* out, const PoolGeometry& g, int64_t begin, int64_t end) {
-  const int64_t c_count = g.channels;
-  constexpr uint8_t flip = std::is_signed_v<T> ? 0x80 : 0;  // lowest value -> byte 0
+void pixel_max_sse2(const Taps& t, int64_t channels, int64_t c0, uint8_t* out) {
+  constexpr uint8_t flip = std::is_signed_v<T> ? 0x80 : 0;
   const __m128i f = _mm_set1_epi8(static_cast<char>(flip));
-  const uint8_t* xb = reinterpret_cast<const uint8_t*>(x);
+  int64_t c = c0;
+  for (; c + 16 <= channels; c += 16) {
+    __m128i m = _mm_setzero_si128();
+    for (int64_t i = 0; i < t.rows; ++i)
+      for (int64_t j = 0; j < t.cols; ++j) {
+        const uint8_t* in = t.first + i * t.row_step + j * t.col_step + c;
+        m = _mm_max_epu8(m, _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in)), f));
+      }
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + c), _mm_xor_si128(m, f));
+  }
+  for (; c < channels; ++c) {
+    uint8_t m = 0;
+    for (int64_t i = 0; i < t.rows; ++i)
+      for (int64_t j = 0; j < t.cols; ++j) m = std::max<uint8_t>(m, t.first[i * t.row_step + j * t.col_step + c] ^ flip);
+    out[c] = m ^ flip;
+  }
+}
+
+// The same with 32-byte vectors first (a 64-channel pixel in two registers rather than four).
+template <typename T>
+TQ_TARGET_AVX2 void pixel_max_avx2(const Taps& t, int64_t channels, uint8_t* out) {
+  int64_t c = 0;
+  for (; c + 32 <= channels; c += 32) {
+    __m256i m = _mm256_set1_epi8(std::is_signed_v<T> ? -128 : 0);
+    for (int64_t i = 0; i < t.rows; ++i)
+      for (int64_t j = 0; j < t.cols; ++j) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.first + i * t.row_step +
+                                                                              j * t.col_step + c));
+        m = std::is_signed_v<T> ? _mm256_max_epi8(m, v) : _mm256_max_epu8(m, v);
+      }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c), m);
+  }
+  pixel_max_sse2<T>(t, channels, c, out);
+}
+
+// 64-byte vectors, the last one masked (masked-off lanes load as zero and are not stored).
+template <typename T>
+TQ_TARGET_AVX512BW void pixel_max_avx512(const Taps& t, int64_t channels, uint8_t* out) {
+  for (int64_t c = 0; c < channels; c += 64) {
+    const __mmask64 mask = channels - c >= 64 ? ~__mmask64{0} : (__mmask64{1} << (channels - c)) - 1;
+    __m512i m = _mm512_set1_epi8(std::is_signed_v<T> ? -128 : 0);
+    for (int64_t i = 0; i < t.rows; ++i)
+      for (int64_t j = 0; j < t.cols; ++j) {
+        const __m512i v = _mm512_maskz_loadu_epi8(mask, t.first + i * t.row_step + j * t.col_step + c);
+        m = std::is_signed_v<T> ? _mm512_max_epi8(m, v) : _mm512_max_epu8(m, v);
+      }
+    _mm512_mask_storeu_epi8(out + c, mask, m);
+  }
+}
+
+// Output rows (b, oh) [begin, end) of a channels-last x and out, pixel by pixel with PixelMax (one of the above).
+template <typename PixelMax>
+void max_pool2d_channels_last(const uint8_t* x, uint8_t* out, const PoolGeometry& g, int64_t begin, int64_t end,
+                              PixelMax pixel_max) {
+  const int64_t c_count = g.channels;
   for (int64_t row = begin; row < end; ++row) {
     const int64_t b = row / g.out_h, oh = row % g.out_h;
     int64_t h0 = oh * g.stride_h - g.pad_h;
@@ -38,25 +102,12 @@ void max_pool2d_channels_last(const T* x, T* out, const PoolGeometry& g, int64_t
       int64_t w0 = ow * g.stride_w - g.pad_w;
       const int64_t w_end = std::min(w0 + (g.kw - 1) * g.dil_w + 1, g.width);
       while (w0 < 0) w0 += g.dil_w;
-      uint8_t* o = reinterpret_cast<uint8_t*>(out) + ((b * g.out_h + oh) * g.out_w + ow) * c_count;
-      // a window with no tap inside (possible in ceil mode with dilation) gives the lowest value, as torch's
-      int64_t c = 0;
-      for (; c + 16 <= c_count; c += 16) {
-        __m128i m = _mm_setzero_si128();
-        for (int64_t ih = h0; ih < h_end; ih += g.dil_h)
-          for (int64_t iw = w0; iw < w_end; iw += g.dil_w) {
-            const uint8_t* in = xb + ((b * g.height + ih) * g.width + iw) * c_count + c;
-            m = _mm_max_epu8(m, _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in)), f));
-          }
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(o + c), _mm_xor_si128(m, f));
-      }
-      for (; c < c_count; ++c) {
-        uint8_t m = 0;
-        for (int64_t ih = h0; ih < h_end; ih += g.dil_h)
-          for (int64_t iw = w0; iw < w_end; iw += g.dil_w)
-            m = std::max<uint8_t>(m, xb[((b * g.height + ih) * g.width + iw) * c_count + c] ^ flip);
-        o[c] = m ^ flip;
-      }
+      // a window with no tap inside (possible in ceil mode with dilation) has rows or cols 0
+      const Taps taps{x + ((b * g.height + h0) * g.width + w0) * c_count,
+                      h0 < h_end ? (h_end - h0 + g.dil_h - 1) / g.dil_h : 0,
+                      w0 < w_end ? (w_end - w0 + g.dil_w - 1) / g.dil_w : 0, g.dil_h * g.width * c_count,
+                      g.dil_w * c_count};
+      pixel_max(taps, c_count, out + ((b * g.out_h + oh) * g.out_w + ow) * c_count);
     }
   }
 }
@@ -74,8 +125,15 @@ at::Tensor quantized_max_pool2d_cpu(const at::Tensor& x, at::IntArrayRef kernel_
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(g.out_w * g.channels, 1));
   with_byte_type(x.scalar_type(), "x", [&](auto tag) {
     using T = decltype(tag);
+    const uint8_t* xp = static_cast<const uint8_t*>(xc.data_ptr());
+    uint8_t* op = static_cast<uint8_t*>(out.data_ptr());
+    const CpuIsa isa = cpu_isa();
     at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-      max_pool2d_channels_last(xc.data_ptr<T>(), out.data_ptr<T>(), g, begin, end);
+      if (isa == CpuIsa::Avx512Vnni) max_pool2d_channels_last(xp, op, g, begin, end, pixel_max_avx512<T>);
+      else if (isa == CpuIsa::Avx2) max_pool2d_channels_last(xp, op, g, begin, end, pixel_max_avx2<T>);
+      else max_pool2d_channels_last(xp, op, g, begin, end, [](const Taps& t, int64_t channels, uint8_t* o) {
+        pixel_max_sse2<T>(t, channels, 0, o);
+      });
     });
   });
   return out;
