@@ -729,7 +729,7 @@ def test_pipeline_unsupported_node_names_it(tmp_path):
     prepared, x = prepared_pipeline("digits-bn", pipeline_config())
     converted = torchquant.convert(prepared)
     node = next(n for n in converted.graph.nodes if n.target is pipeline.quantize_input)
-    x_node, quantizer, _ = node.args
+    x_node, quantizer = node.args
     quantizer = converted.get_submodule(quantizer.target)
     node.target, node.args = F_q.quantize, (x_node, float(quantizer.scale), int(quantizer.zero_point))
     node.kwargs = {"signed": False}

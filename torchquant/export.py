@@ -562,7 +562,7 @@ def _pipeline_steps(gm) -> list:
         index = len(steps)
         elementwise = torch.ops.torchquant_export.pipeline_elementwise
         if kind == "quantize":
-            x, q, _ = node.args
+            x, q = node.args
             out = quantizer(q, what)
             step = _Step(kind, node.name, dtype_of(out), (), out)
             call = (elementwise, (x, None, step.dtype, index))

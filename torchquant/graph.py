@@ -40,7 +40,6 @@ from torchquant import functional as F_q
 from torchquant.config import QuantConfig
 from torchquant.fold import _Tracer
 from torchquant.nn.base import QuantLayerBase
-from torchquant.nn.conv import QuantConv2d
 from torchquant.nn.quantizers import InputQuantizer
 
 ACT_QUANT = "act_quant"  # the ModuleDict of a pipeline's activation quantizers
@@ -478,13 +477,12 @@ def _after_load(module, incompatible_keys) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # the converted pipeline's ops (called from the rewritten graph)
 
-def quantize_input(x: torch.Tensor, quantizer: ActivationQuantizer, channels_last: bool = False) -> torch.Tensor:
-    """x quantized with quantizer's qparams; channels_last: a 4-d result in channels-last memory format, the layout
-    the conv kernels read fastest (the copy of the bytes costs far less than the conv saves)."""
+def quantize_input(x: torch.Tensor, quantizer: ActivationQuantizer) -> torch.Tensor:
+    """x quantized with quantizer's qparams, in x's layout (a conv reading it re-lays it channels-last itself, an
+    image's 3 channels faster than a copy here would)."""
     scale, _, zero_point, _ = quantizer.qparams
     spec = quantizer.spec
-    q = F_q.quantize(x, scale, zero_point, bits=spec.bits, signed=spec.signed, rounding=spec.rounding)
-    return q.contiguous(memory_format=torch.channels_last) if channels_last and q.dim() == 4 else q
+    return F_q.quantize(x, scale, zero_point, bits=spec.bits, signed=spec.signed, rounding=spec.rounding)
 
 
 def dequantize_output(q: torch.Tensor, quantizer: ActivationQuantizer, dtype: torch.dtype) -> torch.Tensor:
@@ -621,10 +619,8 @@ def _lower(gm: fx.GraphModule, dtype: torch.dtype) -> None:
             replace([node] + ([relu] if relu else []) + ([fq] if fq else []), new, out)
             continue
         if node.op == "call_module" and node.target.startswith(act_prefix):  # quantizes a float value
-            to_convs = all(u.op == "call_module" and isinstance(modules.get(u.target), QuantConv2d)
-                           for u in node.users)
             with graph.inserting_after(node):
-                new = graph.call_function(quantize_input, (node.args[0], attr(node.target), to_convs))
+                new = graph.call_function(quantize_input, (node.args[0], attr(node.target)))
             replace([node], new, attrs[node.target])
             continue
         if _is_cat(node) and all(a in int_of for a in node.args[0]):
