@@ -39,6 +39,8 @@ using QuantizeFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Te
 using DequantizeFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, std::optional<int64_t>,
                                 at::ScalarType);
 using QuantizePerTokenFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, int64_t);
+using Int8LinearDynamicFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                       const std::optional<at::Tensor>&, int64_t);
 
 template <class Fn>
 c10::TypedOperatorHandle<Fn> find_op(const char* name) {
@@ -249,6 +251,31 @@ PyObject* call_quantize_per_token(PyObject*, PyObject* const* args, Py_ssize_t n
   END_HANDLE_TH_ERRORS
 }
 
+// int8_linear_dynamic(x, in_features, w_packed, w_sum, w_scale, bias, out_features) -> Tensor: QuantLinear's
+// converted int8-dynamic forward, whose weight-side arguments the layer prepared (the op's arguments but for
+// in_features). Only x comes from the caller: it must be a float tensor [..., in_features] on the weight's device.
+PyObject* call_int8_linear_dynamic(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  check_nargs(nargs, 7, "int8_linear_dynamic");
+  const at::Tensor* x = plain_tensor(args[0]);
+  const auto in_features = int_in(args[1], 0, INT64_MAX);
+  const at::Tensor* w_packed = plain_tensor(args[2]);
+  const at::Tensor* w_sum = plain_tensor(args[3]);
+  const at::Tensor* w_scale = plain_tensor(args[4]);
+  const at::Tensor* bias = args[5] == Py_None ? nullptr : plain_tensor(args[5]);
+  const auto out_features = int_in(args[6], 0, INT64_MAX);
+  if (x == nullptr || !in_features || w_packed == nullptr || w_sum == nullptr || w_scale == nullptr ||
+      (bias == nullptr && args[5] != Py_None) || !out_features || !is_float(x->scalar_type()) || x->dim() == 0 ||
+      x->size(-1) != *in_features || x->device() != w_packed->device())
+    Py_RETURN_NOTIMPLEMENTED;
+  static const auto op = find_op<Int8LinearDynamicFn>("torchquant::int8_linear_dynamic");
+  const std::optional<at::Tensor> bias_arg = bias == nullptr ? std::nullopt : std::optional<at::Tensor>(*bias);
+  return THPVariable_Wrap(call_op(x->numel(), [&] {
+    return op.call(*x, *w_packed, *w_sum, *w_scale, bias_arg, *out_features);
+  }));
+  END_HANDLE_TH_ERRORS
+}
+
 }  // namespace
 }  // namespace torchquant
 
@@ -264,4 +291,7 @@ PyMethodDef torchquant_python_calls[] = {
     {"quantize_per_token",
      reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&torchquant::call_quantize_per_token)), METH_FASTCALL,
      "functional.quantize_per_token's fast path: the op's result, or NotImplemented"},
+    {"int8_linear_dynamic",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&torchquant::call_int8_linear_dynamic)),
+     METH_FASTCALL, "QuantLinear's converted int8-dynamic forward: the op's result, or NotImplemented"},
     {nullptr, nullptr, 0, nullptr}};

@@ -246,3 +246,57 @@ def test_fast_path_keeps_autograd():
     want = ops.fake_quantize_backward(grad, x.detach(), scale, zp, 0, 8, True, "nearest")
     assert_same(x.grad, want)
     assert not F.quantize(x, 0.1).requires_grad
+
+
+def converted_linear(in_features=7, out_features=5, bias=True):
+    torch.manual_seed(0)
+    from torchquant.nn import QuantLinear
+    return QuantLinear(in_features, out_features, bias).convert()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 7), (7,), (2, 0, 7), (2, 3, 7)])
+def test_quant_linear_fast_path_matches_the_op(shape, dtype, bias):
+    layer = converted_linear(bias=bias)
+    x = x_of(shape, dtype)
+    fast = _C.int8_linear_dynamic(x, layer.in_features, *layer._kernel_args)
+    assert fast is not NotImplemented
+    want = ops.int8_linear_dynamic(x, *layer._kernel_args)
+    assert_same(fast, want)
+    assert_same(layer(x), want)
+    with PassThrough():  # the layer's Python path
+        assert_same(layer(x), want)
+    x_t = x_of((shape[-1], 4), dtype).t()  # non-contiguous
+    assert_same(layer(x_t), ops.int8_linear_dynamic(x_t.contiguous(), *layer._kernel_args))
+
+
+def test_quant_linear_fast_path_declines_bad_inputs():
+    layer = converted_linear()
+    args = layer._kernel_args
+    for x in [torch.zeros(3, 6), torch.zeros(()), torch.zeros(3, 7, dtype=torch.int8), torch.zeros(3, 7).to("meta"),
+              x_of((3, 7)).as_subclass(Counting), [1.0] * 7]:
+        assert _C.int8_linear_dynamic(x, 7, *args) is NotImplemented
+    assert _C.int8_linear_dynamic(torch.zeros(3, 7), 7, args[0], args[1], args[2], 1.0, 5) is NotImplemented
+    assert _C.int8_linear_dynamic(torch.zeros(3, 7), 7, *args[:-1], True) is NotImplemented
+    with pytest.raises(TypeError, match="takes 7 arguments"):
+        _C.int8_linear_dynamic(torch.zeros(3, 7), *args)
+    # the layer's general path raises its own messages
+    with pytest.raises(ValueError, match=r"input must have shape \[..., 7\]"):
+        layer(torch.zeros(3, 6))
+    with pytest.raises(TypeError, match="input must be float32, float16 or bfloat16"):
+        layer(torch.zeros(3, 7, dtype=torch.int8))
+    with pytest.raises(TypeError, match="input must be a tensor"):
+        layer([1.0] * 7)
+
+
+def test_quant_linear_fast_path_subclasses_and_autograd():
+    layer = converted_linear()
+    x = x_of((3, 7)).as_subclass(Counting)
+    Counting.calls.clear()
+    layer(x)
+    assert any("torchquant.int8_linear_dynamic" in c for c in Counting.calls), Counting.calls
+    xg = x_of((3, 7)).requires_grad_()
+    y = layer(xg)  # no gradient flows through the integer kernel, as on the op
+    assert not y.requires_grad
+    assert_same(y, ops.int8_linear_dynamic(xg.detach(), *layer._kernel_args))

@@ -5,6 +5,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from torch.compiler import is_dynamo_compiling
+
+from torchquant import _C
 from torchquant import functional as F_q
 from torchquant._ops import FLOAT_DTYPES, ops
 from torchquant.nn.base import QuantLayerBase
@@ -33,13 +36,17 @@ class QuantLinear(QuantLayerBase):
                    dtype=linear.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # A converted int8-dynamic layer is one kernel call; its input checks are inlined here because the method
-        # calls of the general path cost as much as the kernel for a few tokens (a transformer at batch 1). Any
-        # input that fails them takes the general path, which raises the precise error.
-        if (self.converted and self.fused and self.clamp_min is None and self.clamp_max is None
-                and isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[-1] == self.in_features
-                and x.dtype in FLOAT_DTYPES and x.device == self._device):
-            return ops.int8_linear_dynamic(x, *self._kernel_args)
+        # A converted int8-dynamic layer is one kernel call. Its input checks are inlined here (in C++ when eager)
+        # because the method calls of the general path cost as much as the kernel for a few tokens (a transformer at
+        # batch 1). Any input that fails them takes the general path, which raises the precise error.
+        if self.converted and self.fused and self.clamp_min is None and self.clamp_max is None:
+            if not is_dynamo_compiling():
+                y = _C.int8_linear_dynamic(x, self.in_features, *self._kernel_args)
+                if y is not NotImplemented:
+                    return y
+            elif (isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[-1] == self.in_features
+                  and x.dtype in FLOAT_DTYPES and x.device == self._device):
+                return ops.int8_linear_dynamic(x, *self._kernel_args)
         return super().forward(x)
 
     def _float_op(self, x, weight, bias):
