@@ -3,7 +3,8 @@
 The baseline is what an onnxruntime user gets: the float model exported to ONNX, quantized with
 onnxruntime.quantization.quantize_dynamic (QInt8 weights), run by the CPU execution provider with one intra-op
 thread. torchquant runs the converted model in PyTorch with torch.set_num_threads(1), eagerly and compiled
-(torch.compile, default backend, shapes of the measured input; also with inductor's C++ wrapper). Models: all-MiniLM-L6-v2 (the sentence encoder,
+(torch.compile, default backend, shapes of the measured input; also with inductor's C++ wrapper, and with its
+freezing, which makes the weights constants of the compiled graph). Models: all-MiniLM-L6-v2 (the sentence encoder,
 batch 1 and batch 32 of the evaluation sentences padded to the longest) and a BERT-base-shaped encoder with random
 weights (batch 1 x 128 tokens). All variants of one input run in one process, interleaved (ABC CBA ...), so the
 noise of a shared machine falls on all alike; each sample also records the thread's CPU time, which excludes the
@@ -66,11 +67,14 @@ def compare_input(label: str, encoder: torch.nn.Module, inputs, directory: str, 
     compiled = torch.compile(quantized)
     # the C++ wrapper calls the compiled kernels and ops without a Python line per call
     compiled_cpp = torch.compile(quantized, options={"cpp_wrapper": True})
+    # freezing: the weights become constants of the compiled graph instead of inputs checked on every call
+    compiled_frozen = torch.compile(quantized, options={"freezing": True})
     with torch.inference_mode():
         fns = {"onnxruntime int8": _ort_int8_session(encoder, inputs, directory, tag),
                "torchquant int8-dynamic eager": lambda: quantized(*inputs),
                "torchquant int8-dynamic torch.compile": lambda: compiled(*inputs),
-               "torchquant int8-dynamic torch.compile (cpp_wrapper)": lambda: compiled_cpp(*inputs)}
+               "torchquant int8-dynamic torch.compile (cpp_wrapper)": lambda: compiled_cpp(*inputs),
+               "torchquant int8-dynamic torch.compile (freezing)": lambda: compiled_frozen(*inputs)}
         samples = _interleaved(fns, repeats)
     base_wall, base_cpu = (statistics.median(s) for s in samples["onnxruntime int8"])
     base_min = min(samples["onnxruntime int8"][0])

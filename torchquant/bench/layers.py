@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import torchquant as tq
-from torchquant._ops import ops
+from torchquant import _C
 from torchquant.bench.timing import run_tables, tables_main, torch_ao_engine
 from torchquant.timing import compare, num_threads
 
@@ -41,14 +41,15 @@ def _settings(threads: int, engine: str):
 
 
 def module_overhead_s(layer: nn.Module, x: torch.Tensor, repeats: int) -> float:
-    """Seconds per call a converted QuantLinear spends outside its kernel (nn.Module dispatch, input checks):
-    layer(x) with the kernel replaced by a stub that returns a ready output, minus the stub alone. Timed without
-    the kernel because the kernel's own run-to-run noise is far larger than this cost at most shapes."""
+    """Seconds per call a converted QuantLinear spends outside its kernel call (nn.Module dispatch, the forward's
+    Python): layer(x) with the kernel call (torchquant._C.int8_linear_dynamic, which checks x in C++ and calls the
+    op) replaced by a stub that returns a ready output, minus the stub alone. Timed without the kernel because the
+    kernel's own run-to-run noise is far larger than this cost at most shapes."""
     out = layer(x)
 
     def stub(*args):
         return out
-    with mock.patch.object(ops, "int8_linear_dynamic", stub):
+    with mock.patch.object(_C, "int8_linear_dynamic", stub):
         t = compare({"layer": lambda: layer(x), "stub": lambda: stub(x)}, repeats=repeats)
     return t["layer"] - t["stub"]
 
