@@ -208,6 +208,14 @@ QuantizedAddTensors prepare_quantized_add(const at::Tensor& a, const at::Tensor&
   return t;
 }
 
+namespace {
+
+// a / b rounded down and up, for any a and b >= 1 (C++ division truncates toward zero)
+int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-(a + 1)) / b) - 1; }
+int64_t ceil_div(int64_t a, int64_t b) { return a >= 0 ? a / b + (a % b != 0) : -((-a) / b); }
+
+}  // namespace
+
 PoolGeometry check_max_pool2d_arguments(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                         at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode) {
   constexpr const char* op = "quantized_max_pool2d";
@@ -233,11 +241,11 @@ PoolGeometry check_max_pool2d_arguments(const at::Tensor& x, at::IntArrayRef ker
     TQ_CHECK(padding[i] >= 0 && padding[i] <= kernel_size[i] / 2, op, ": padding must be >= 0 and at most half the "
              "kernel size, got padding ", padding, " with kernel_size ", kernel_size);
     // torch's output size: floor((in + 2 pad - extent (+ stride - 1 in ceil mode)) / stride) + 1, less one in ceil
-    // mode when the last window would start past the input and its left padding
-    const int64_t span = checked_add(op, "the padded input size", in, 2 * padding[i]) - extent +
-                         (ceil_mode ? stride[i] - 1 : 0);
-    int64_t o = (span >= 0 ? span / stride[i] : -((-span + stride[i] - 1) / stride[i])) + 1;
-    if (ceil_mode && (o - 1) * stride[i] >= in + padding[i]) --o;
+    // mode when the last window would start past the input and its left padding ((o - 1) * stride >= in + pad),
+    // in divisions that cannot overflow for any stride
+    const int64_t span = checked_add(op, "the padded input size", in, 2 * padding[i]) - extent;
+    int64_t o = (ceil_mode ? ceil_div(span, stride[i]) : floor_div(span, stride[i])) + 1;
+    if (ceil_mode && o - 1 >= ceil_div(in + padding[i], stride[i])) --o;
     TQ_CHECK(o >= 1, op, ": the output would be empty: the (dilated) kernel ", kernel_size, " with dilation ",
              dilation, " does not fit the input ", x.sizes().slice(d - 2), " with padding ", padding);
     out[i] = o;

@@ -74,6 +74,15 @@ struct AddMap {
   QuantFormat out_format;
 };
 
+// The first tap inside the input (index >= 0) of a max-pool window starting at `start` with taps `dilation` apart:
+// computed rather than stepped to, as the left padding may be up to half of a kernel of 2^62 (stepping would loop
+// that many times). May lie past the window's end (no tap inside).
+TQ_HOST_DEVICE int64_t first_tap_inside(int64_t start, int64_t dilation) {
+  if (start >= 0) return start;
+  const int64_t taps_before = -start / dilation + (-start % dilation != 0);
+  return start + taps_before * dilation;
+}
+
 // quantize then dequantize; NaN stays NaN.
 TQ_HOST_DEVICE float fake_quantize_value(float x, float scale, float inv_scale, float zero_point, QuantFormat f,
                                          Rounding rounding) {

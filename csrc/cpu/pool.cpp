@@ -95,13 +95,13 @@ void max_pool2d_channels_last(const uint8_t* x, uint8_t* out, const PoolGeometry
   const int64_t c_count = g.channels;
   for (int64_t row = begin; row < end; ++row) {
     const int64_t b = row / g.out_h, oh = row % g.out_h;
-    int64_t h0 = oh * g.stride_h - g.pad_h;
-    const int64_t h_end = std::min(h0 + (g.kh - 1) * g.dil_h + 1, g.height);
-    while (h0 < 0) h0 += g.dil_h;
+    const int64_t h_start = oh * g.stride_h - g.pad_h;
+    const int64_t h_end = std::min(h_start + (g.kh - 1) * g.dil_h + 1, g.height);
+    const int64_t h0 = first_tap_inside(h_start, g.dil_h);
     for (int64_t ow = 0; ow < g.out_w; ++ow) {
-      int64_t w0 = ow * g.stride_w - g.pad_w;
-      const int64_t w_end = std::min(w0 + (g.kw - 1) * g.dil_w + 1, g.width);
-      while (w0 < 0) w0 += g.dil_w;
+      const int64_t w_start = ow * g.stride_w - g.pad_w;
+      const int64_t w_end = std::min(w_start + (g.kw - 1) * g.dil_w + 1, g.width);
+      const int64_t w0 = first_tap_inside(w_start, g.dil_w);
       // a window with no tap inside (possible in ceil mode with dilation) has rows or cols 0
       const Taps taps{x + ((b * g.height + h0) * g.width + w0) * c_count,
                       h0 < h_end ? (h_end - h0 + g.dil_h - 1) / g.dil_h : 0,

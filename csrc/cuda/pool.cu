@@ -45,11 +45,10 @@ __global__ void __launch_bounds__(kPoolThreads) max_pool2d_kernel(const T* __res
       c = (u / (g.out_w * g.out_h)) % g.channels;
       b = u / (g.out_w * g.out_h * g.channels);
     }
-    int64_t h0 = oh * g.stride_h - g.pad_h, w0 = ow * g.stride_w - g.pad_w;
-    const int64_t h_end = std::min(h0 + (g.kh - 1) * g.dil_h + 1, g.height);
-    const int64_t w_end = std::min(w0 + (g.kw - 1) * g.dil_w + 1, g.width);
-    while (h0 < 0) h0 += g.dil_h;
-    while (w0 < 0) w0 += g.dil_w;
+    const int64_t h_start = oh * g.stride_h - g.pad_h, w_start = ow * g.stride_w - g.pad_w;
+    const int64_t h_end = std::min(h_start + (g.kh - 1) * g.dil_h + 1, g.height);
+    const int64_t w_end = std::min(w_start + (g.kw - 1) * g.dil_w + 1, g.width);
+    const int64_t h0 = first_tap_inside(h_start, g.dil_h), w0 = first_tap_inside(w_start, g.dil_w);
     const T* xb = x + b * xs.b + c * xs.c;
     Vec<T, VEC> best;
 #pragma unroll

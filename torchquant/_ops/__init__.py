@@ -32,3 +32,10 @@ def check_fake_devices(op: str, anchor_name: str, anchor: torch.Tensor, **tensor
         if t is not None:
             torch._check(t.device == anchor.device,
                          lambda: f"{op}: {name} must be on {anchor_name}'s device ({anchor.device}), got {t.device}")
+
+
+def check_fake_dtype(op: str, name: str, t: torch.Tensor, dtypes) -> None:
+    """For fake (meta) kernels: t's dtype must be one of dtypes, as the device kernels require (a meta call raises
+    where a real one would, instead of returning a result)."""
+    wanted = " or ".join(str(d).replace("torch.", "") for d in dtypes)
+    torch._check(t.dtype in dtypes, lambda: f"{op}: {name} must be {wanted}, got {t.dtype}")

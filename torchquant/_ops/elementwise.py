@@ -4,9 +4,9 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from torchquant._ops import FLOAT_DTYPES, check_fake_devices, ops
-from torchquant._ops.gemm import (_ACTIVATION_DTYPES, _pair, _require_dtype, _require_same_device, _require_tensor,
-                                  _scale_tensor)
+from torchquant._ops import FLOAT_DTYPES, check_fake_devices, check_fake_dtype, ops
+from torchquant._ops.gemm import (_ACTIVATION_DTYPES, _integer, _pair, _require_dtype, _require_same_device,
+                                  _require_tensor, _scale_tensor)
 
 __all__ = ["quantized_add", "quantized_max_pool2d"]
 
@@ -36,8 +36,11 @@ def quantized_add(a: torch.Tensor, a_scale, a_zero_point: int, b: torch.Tensor, 
     _require_same_device(a.device, a_scale=a_scale, b_scale=b_scale)
     if out_dtype not in FLOAT_DTYPES + _ACTIVATION_DTYPES:
         raise TypeError(f"quantized_add: out_dtype must be float32, float16, bfloat16, int8 or uint8, got {out_dtype}")
-    return ops.quantized_add(a, a_scale, int(a_zero_point), b, b_scale, int(b_zero_point), out_dtype,
-                             None if out_scale is None else float(out_scale), int(out_zero_point), bool(relu))
+    op = "quantized_add"
+    return ops.quantized_add(a, a_scale, _integer(op, "a_zero_point", a_zero_point), b, b_scale,
+                             _integer(op, "b_zero_point", b_zero_point), out_dtype,
+                             None if out_scale is None else float(out_scale),
+                             _integer(op, "out_zero_point", out_zero_point), bool(relu))
 
 
 def quantized_max_pool2d(x: torch.Tensor, kernel_size: Union[int, Sequence[int]],
@@ -60,10 +63,13 @@ def quantized_max_pool2d(x: torch.Tensor, kernel_size: Union[int, Sequence[int]]
 def _quantized_add_fake(a, a_scale, a_zero_point, b, b_scale, b_zero_point, out_dtype, out_scale=None,
                         out_zero_point=0, relu=False):
     check_fake_devices("quantized_add", "a", a, a_scale=a_scale, b=b, b_scale=b_scale)
+    check_fake_dtype("quantized_add", "a", a, _ACTIVATION_DTYPES)
+    check_fake_dtype("quantized_add", "b", b, _ACTIVATION_DTYPES)
     torch._check(a.shape == b.shape, lambda: "quantized_add: a and b must have the same shape (no broadcasting)")
     return torch.empty_like(a, dtype=out_dtype, memory_format=torch.preserve_format)
 
 
 @torch.library.register_fake("torchquant::quantized_max_pool2d")
 def _quantized_max_pool2d_fake(x, kernel_size, stride, padding, dilation, ceil_mode):
+    check_fake_dtype("quantized_max_pool2d", "x", x, _ACTIVATION_DTYPES)
     return torch.nn.functional.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)

@@ -5,12 +5,13 @@ The wrappers check what the message should name in Python terms (types, ranks, d
 stays cheap. Packed weights are device specific: re-pack after moving a weight to another device.
 """
 import math
+import numbers
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
 from torchquant import _C
-from torchquant._ops import FLOAT_DTYPES, check_fake_devices, ops
+from torchquant._ops import FLOAT_DTYPES, check_fake_devices, check_fake_dtype, ops
 
 __all__ = [
     "int8_mm",
@@ -53,10 +54,30 @@ def _pair(name: str, v: Union[int, Sequence[int]]) -> Tuple[int, int]:
     raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
 
 
+def _integer(op: str, name: str, value) -> int:
+    """An integer argument (a zero point, a size) as the int the op takes: an int, an integral float or a
+    one-element integer tensor. Anything else raises naming it: int() would truncate 0.5 to 0 and fail on NaN
+    without naming the argument, and an int past int64 would reach the op as a puzzling schema error."""
+    if type(value) is int or isinstance(value, torch.SymInt):
+        pass
+    elif isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        value = int(value)
+    elif isinstance(value, float) and value.is_integer():
+        value = int(value)
+    elif (isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point()
+          and not value.is_complex() and value.dtype != torch.bool):
+        value = int(value)
+    else:
+        raise TypeError(f"{op}: {name} must be an integer, got {value!r}")
+    if type(value) is int and not -2**63 <= value < 2**63:
+        raise ValueError(f"{op}: {name} is out of range, got {value}")
+    return value
+
+
 def _require_positive_finite(op: str, name: str, scale: torch.Tensor) -> None:
     """The CPU kernels check scale values themselves; elsewhere (a device->host copy) this wrapper does, outside
-    torch.compile so that a compiled graph never breaks on it."""
-    if scale.device.type != "cpu" and not torch.compiler.is_compiling():
+    torch.compile so that a compiled graph never breaks on it (meta tensors have no values)."""
+    if scale.device.type not in ("cpu", "meta") and not torch.compiler.is_compiling():
         if not bool((torch.isfinite(scale) & (scale > 0)).all()):
             raise ValueError(f"{op}: {name} must be positive and finite, got {scale.tolist()}")
 
@@ -134,8 +155,11 @@ def int8_linear(x_q: torch.Tensor, x_scale, x_zero_point: int, w_packed: torch.T
     _require_positive_finite("int8_linear", "w_scale", w_scale)
     if out_dtype not in FLOAT_DTYPES + _ACTIVATION_DTYPES:
         raise TypeError(f"int8_linear: out_dtype must be float32, float16, bfloat16, int8 or uint8, got {out_dtype}")
-    return ops.int8_linear(x_q, x_scale, int(x_zero_point), w_packed, w_sum, w_scale, bias, int(out_features),
-                           out_dtype, None if out_scale is None else float(out_scale), int(out_zero_point),
+    op = "int8_linear"
+    return ops.int8_linear(x_q, x_scale, _integer(op, "x_zero_point", x_zero_point), w_packed, w_sum, w_scale, bias,
+                           _integer(op, "out_features", out_features), out_dtype,
+                           None if out_scale is None else float(out_scale),
+                           _integer(op, "out_zero_point", out_zero_point),
                            _clamp_bound("int8_linear", "clamp_min", clamp_min),
                            _clamp_bound("int8_linear", "clamp_max", clamp_max))
 
@@ -151,7 +175,8 @@ def dynamic_int8_linear(x: torch.Tensor, w_packed: torch.Tensor, w_sum: torch.Te
     _require_same_device(x.device, w_packed=w_packed, w_sum=w_sum, w_scale=w_scale, bias=bias)
     _require_positive_finite("dynamic_int8_linear", "w_scale", w_scale)
     # one dispatcher call (quantize_per_token + int8_linear in C++): no Python autograd kernel, no second op call
-    return ops.int8_linear_dynamic(x, w_packed, w_sum, w_scale, bias, int(out_features))
+    return ops.int8_linear_dynamic(x, w_packed, w_sum, w_scale, bias,
+                                   _integer("dynamic_int8_linear", "out_features", out_features))
 
 
 def pack_conv_weight(w_q: torch.Tensor, groups: int = 1) -> torch.Tensor:
@@ -191,15 +216,18 @@ def int8_conv2d(x_q: torch.Tensor, x_scale, x_zero_point: int, w_packed: torch.T
     x_scale = _scale_tensor("int8_conv2d", "x_scale", x_scale, x_q.device)
     _require_same_device(x_q.device, x_scale=x_scale, w_packed=w_packed, w_sum=w_sum, w_scale=w_scale, bias=bias)
     _require_positive_finite("int8_conv2d", "w_scale", w_scale)
+    out_channels = _integer("int8_conv2d", "out_channels", out_channels)
     if not isinstance(groups, int) or groups < 1 or x_q.shape[1] % groups or out_channels % groups:
         raise ValueError(f"int8_conv2d: groups must be a positive int dividing the input channels ({x_q.shape[1]}) "
                          f"and out_channels ({out_channels}), got {groups!r}")
     if out_dtype not in FLOAT_DTYPES + _ACTIVATION_DTYPES:
         raise TypeError(f"int8_conv2d: out_dtype must be float32, float16, bfloat16, int8 or uint8, got {out_dtype}")
-    return ops.int8_conv2d(x_q, x_scale, int(x_zero_point), w_packed, w_sum, w_scale, bias, int(out_channels),
-                           _pair("kernel_size", kernel_size), _pair("stride", stride), _pair("padding", padding),
-                           _pair("dilation", dilation), groups, out_dtype,
-                           None if out_scale is None else float(out_scale), int(out_zero_point),
+    op = "int8_conv2d"
+    return ops.int8_conv2d(x_q, x_scale, _integer(op, "x_zero_point", x_zero_point), w_packed, w_sum, w_scale, bias,
+                           out_channels, _pair("kernel_size", kernel_size), _pair("stride", stride),
+                           _pair("padding", padding), _pair("dilation", dilation), groups, out_dtype,
+                           None if out_scale is None else float(out_scale),
+                           _integer(op, "out_zero_point", out_zero_point),
                            _clamp_bound("int8_conv2d", "clamp_min", clamp_min),
                            _clamp_bound("int8_conv2d", "clamp_max", clamp_max))
 
@@ -209,6 +237,8 @@ def int8_conv2d(x_q: torch.Tensor, x_scale, x_zero_point: int, w_packed: torch.T
 @torch.library.register_fake("torchquant::int8_mm")
 def _int8_mm_fake(a, b):
     check_fake_devices("int8_mm", "a", a, b=b)
+    check_fake_dtype("int8_mm", "a", a, (torch.int8,))
+    check_fake_dtype("int8_mm", "b", b, (torch.int8,))
     torch._check(a.dim() == 2 and b.dim() == 2, lambda: "int8_mm: a and b must be 2-d")
     torch._check(a.shape[1] == b.shape[0], lambda: "int8_mm: inner sizes differ")
     return a.new_empty((a.shape[0], b.shape[1]), dtype=torch.int32)
@@ -222,6 +252,9 @@ def _packed_strides(shape):
 
 @torch.library.register_fake("torchquant::pack_int8_weight")
 def _pack_int8_weight_fake(w):
+    check_fake_dtype("pack_int8_weight", "w", w, (torch.int8,))
+    torch._check(w.dim() in (2, 3) and w.numel() > 0,
+                 lambda: f"pack_int8_weight: w must be a non-empty [N, K] or [G, N, K] tensor, got {tuple(w.shape)}")
     return w.new_empty_strided(w.shape, _packed_strides(w.shape), dtype=torch.int8)
 
 
@@ -230,12 +263,20 @@ def _int8_linear_fake(x_q, x_scale, x_zero_point, w_packed, w_sum, w_scale, bias
                       out_scale=None, out_zero_point=0, clamp_min=None, clamp_max=None):
     check_fake_devices("int8_linear", "x_q", x_q, x_scale=x_scale, w_packed=w_packed, w_sum=w_sum, w_scale=w_scale,
                        bias=bias)
+    check_fake_dtype("int8_linear", "x_q", x_q, _ACTIVATION_DTYPES)
+    torch._check(out_dtype in FLOAT_DTYPES + _ACTIVATION_DTYPES,
+                 lambda: f"int8_linear: out_dtype must be float32, float16, bfloat16, int8 or uint8, got {out_dtype}")
+    torch._check(x_q.dim() >= 1, lambda: "int8_linear: x_q must have at least 1 dimension [..., K]")
+    torch._check(out_features >= 1, lambda: f"int8_linear: out_features must be >= 1, got {out_features}")
     return x_q.new_empty((*x_q.shape[:-1], out_features), dtype=out_dtype)
 
 
 @torch.library.register_fake("torchquant::int8_linear_dynamic")
 def _int8_linear_dynamic_fake(x, w_packed, w_sum, w_scale, bias, out_features):
     check_fake_devices("int8_linear_dynamic", "x", x, w_packed=w_packed, w_sum=w_sum, w_scale=w_scale, bias=bias)
+    check_fake_dtype("int8_linear_dynamic", "x", x, FLOAT_DTYPES)
+    torch._check(x.dim() >= 1, lambda: "int8_linear_dynamic: x must have at least 1 dimension [..., K]")
+    torch._check(out_features >= 1, lambda: f"int8_linear_dynamic: out_features must be >= 1, got {out_features}")
     return x.new_empty((*x.shape[:-1], out_features))
 
 
@@ -247,9 +288,20 @@ def _conv_out_size(size, kernel, stride, padding, dilation):
 def _int8_conv2d_fake(x_q, x_scale, x_zero_point, w_packed, w_sum, w_scale, bias, out_channels, kernel_size, stride,
                       padding, dilation, groups, out_dtype, out_scale=None, out_zero_point=0, clamp_min=None,
                       clamp_max=None):
-    check_fake_devices("int8_conv2d", "x_q", x_q, x_scale=x_scale, w_packed=w_packed, w_sum=w_sum, w_scale=w_scale,
-                       bias=bias)
+    op = "int8_conv2d"
+    check_fake_devices(op, "x_q", x_q, x_scale=x_scale, w_packed=w_packed, w_sum=w_sum, w_scale=w_scale, bias=bias)
+    check_fake_dtype(op, "x_q", x_q, _ACTIVATION_DTYPES)
+    # the argument checks the output size needs (the CPU kernel's messages); the rest are left to the kernels
+    torch._check(x_q.dim() == 4, lambda: f"{op}: x_q must be 4-d [B, C, H, W], got {x_q.dim()}-d")
+    torch._check(all(len(v) == 2 for v in (kernel_size, stride, padding, dilation)),
+                 lambda: f"{op}: kernel_size, stride, padding and dilation must have 2 entries each")
+    torch._check(min(kernel_size) >= 1 and min(stride) >= 1 and min(padding) >= 0 and min(dilation) >= 1,
+                 lambda: f"{op}: kernel_size, stride and dilation must be >= 1 and padding >= 0, got {kernel_size}, "
+                         f"{stride}, {padding} and {dilation}")
     b, _, h, w = x_q.shape
     oh = _conv_out_size(h, kernel_size[0], stride[0], padding[0], dilation[0])
     ow = _conv_out_size(w, kernel_size[1], stride[1], padding[1], dilation[1])
+    for out_size in (oh, ow):
+        torch._check(out_size >= 1, lambda: f"{op}: the (dilated) kernel {kernel_size} is larger than the padded "
+                                            f"input {[h, w]} with padding {padding}")
     return x_q.new_empty((b, oh, ow, out_channels), dtype=out_dtype).permute(0, 3, 1, 2)

@@ -16,7 +16,7 @@ import torch
 from torch.compiler import is_compiling, is_dynamo_compiling
 
 from torchquant import _C
-from torchquant._ops import FLOAT_DTYPES, ROUNDINGS, check_fake_devices, ops
+from torchquant._ops import FLOAT_DTYPES, ROUNDINGS, check_fake_devices, check_fake_dtype, ops
 
 __all__ = ["quantize", "dequantize", "fake_quantize", "choose_qparams", "quantize_per_token", "quantization_error"]
 
@@ -81,12 +81,15 @@ _HUGE = torch.finfo(torch.float32).max
 
 def _eager_value_check(t: torch.Tensor) -> bool:
     """Whether this wrapper checks the values of t (see the module docstring)."""
-    return not t.is_cpu and not is_compiling()
+    return not t.is_cpu and not t.is_meta and not is_compiling()
 
 
 def _number_qparam(value: Number, length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A Python-number scale or zero point as a tensor of `length` entries (per tensor 1, per channel C)."""
     return torch.full((length,), value, dtype=dtype, device=device)
+
+
+_WIDER_THAN_INT32 = (torch.int64, torch.uint32, torch.uint64)
 
 
 def _tensor_qparam(value: torch.Tensor, name: str, x: torch.Tensor, axis: Optional[int], dtype: torch.dtype,
@@ -104,9 +107,10 @@ def _tensor_qparam(value: torch.Tensor, name: str, x: torch.Tensor, axis: Option
         where = "per-tensor" if axis is None else f"per-channel (x.shape[{axis}] = {length})"
         raise ValueError(f"{fn}: {name} must have {length} element(s) for {where} quantization, "
                          f"got shape {tuple(value.shape)}")
-    if dtype == torch.int32 and value.dtype == torch.int64:
-        # saturate rather than wrap (2**32 would become 0): the range checks then reject it
-        value = value.clamp(torch.iinfo(torch.int32).min, torch.iinfo(torch.int32).max)
+    if dtype == torch.int32 and value.dtype in _WIDER_THAN_INT32:
+        # saturate rather than wrap (2**32 would become 0, an unsigned 2**32 - 1 would become -1): the range checks
+        # then reject it. Through float64, which holds every int32 exactly (the unsigned types have no clamp).
+        value = value.double().clamp(torch.iinfo(torch.int32).min, torch.iinfo(torch.int32).max)
     if value.dim() != 1:
         value = value.reshape(length)
     return value if value.dtype == dtype else value.to(dtype)
@@ -341,18 +345,22 @@ def quantization_error(x: torch.Tensor, x_hat: torch.Tensor) -> Dict[str, float]
 @torch.library.register_fake("torchquant::quantize")
 def _quantize_fake(x, scale, zero_point, axis, bits, signed, rounding):
     check_fake_devices("quantize", "x", x, scale=scale, zero_point=zero_point)
+    check_fake_dtype("quantize", "x", x, FLOAT_DTYPES)
     return x.new_empty(x.shape, dtype=torch.int8 if signed else torch.uint8)
 
 
 @torch.library.register_fake("torchquant::dequantize")
 def _dequantize_fake(q, scale, zero_point, axis, dtype):
     check_fake_devices("dequantize", "q", q, scale=scale, zero_point=zero_point)
+    check_fake_dtype("dequantize", "q", q, (torch.int8, torch.uint8))
+    torch._check(dtype in FLOAT_DTYPES, lambda: f"dequantize: dtype must be float32, float16 or bfloat16, got {dtype}")
     return q.new_empty(q.shape, dtype=dtype)
 
 
 @torch.library.register_fake("torchquant::fake_quantize")
 def _fake_quantize_fake(x, scale, zero_point, axis, bits, signed, rounding):
     check_fake_devices("fake_quantize", "x", x, scale=scale, zero_point=zero_point)
+    check_fake_dtype("fake_quantize", "x", x, FLOAT_DTYPES)
     return x.new_empty(x.shape)
 
 
@@ -364,4 +372,6 @@ def _fake_quantize_backward_fake(grad, x, scale, zero_point, axis, bits, signed,
 
 @torch.library.register_fake("torchquant::quantize_per_token")
 def _quantize_per_token_fake(x, bits):
+    check_fake_dtype("quantize_per_token", "x", x, FLOAT_DTYPES)
+    torch._check(x.dim() >= 1, lambda: "quantize_per_token: x must have at least 1 dimension (tokens along the last)")
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[:-1], dtype=torch.float32)

@@ -1,0 +1,221 @@
+"""Unusual and adversarial arguments to the public ops: each call either computes exactly what
+torchquant.reference (or torch) computes, or raises a RuntimeError / ValueError / TypeError naming the argument.
+Calls that once hung run in a child process with a time limit."""
+import math
+import textwrap
+
+import pytest
+import torch
+
+import torchquant.functional as F
+from torchquant import reference
+from torchquant._ops import ops
+
+from conftest import randint8, run_python_child
+
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
+
+# ---------------------------------------------------------------------------------------------------------------
+# quantized_max_pool2d: a left padding of up to half a huge kernel
+# ---------------------------------------------------------------------------------------------------------------
+
+POOL_HUGE_PADDING_CHILD = textwrap.dedent("""
+    import torch, torchquant.functional as F
+    torch.manual_seed(0)
+    for dtype in (torch.int8, torch.uint8):
+        x = torch.randint(0, 100, (2, 3, 16, 16), dtype=dtype).contiguous(memory_format=torch.channels_last)
+        # every window (kernel 2^30, left padding 2^29, stride 1) covers the whole input: 17 x 17 outputs, each the
+        # maximum of its channel
+        y = F.quantized_max_pool2d(x, 2**30, 1, 2**29)
+        assert y.shape == (2, 3, 17, 17), y.shape
+        assert torch.equal(y, x.amax((2, 3), keepdim=True).expand(2, 3, 17, 17)), y
+        # a stride near 2^63 in ceil mode: one window
+        y = F.quantized_max_pool2d(x, 2, 2**63 - 1, ceil_mode=True)
+        assert torch.equal(y, x[:, :, :2, :2].amax((2, 3), keepdim=True)), y
+    print("ok")
+""")
+
+
+def test_max_pool_huge_padding_does_not_step_through_it():
+    """The first tap inside the input was found by stepping through the left padding one dilation at a time: a
+    channels-last input with kernel 2^30 and padding 2^29 (valid by torch's rules) looped 2^29 times per output."""
+    assert "ok" in run_python_child(POOL_HUGE_PADDING_CHILD, timeout=120)
+
+
+@pytest.mark.parametrize("ceil_mode", [False, True])
+@pytest.mark.parametrize("dilation", [1, 2, 3])
+def test_max_pool_padding_against_torch(ceil_mode, dilation):
+    """Windows that start in the left padding, with dilation, against torch's max_pool2d."""
+    x = randint8((2, 19, 9, 11), seed=dilation).contiguous(memory_format=torch.channels_last)
+    for kernel, padding in ((3, 1), (5, 2), (7, 3), (2, 1)):
+        for stride in (1, 2, 3):
+            args = (kernel, stride, padding, dilation, ceil_mode)
+            try:
+                want = torch.nn.functional.max_pool2d(x.float(), *args).clamp(min=-128).to(torch.int8)
+            except RuntimeError:
+                with pytest.raises(RuntimeError, match="quantized_max_pool2d"):
+                    F.quantized_max_pool2d(x, *args)
+                continue
+            assert torch.equal(F.quantized_max_pool2d(x, *args), want), args
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# zero points in unsigned and wide integer tensors
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype,value", [(torch.uint32, 2**32 - 1), (torch.uint64, 2**32), (torch.uint64, 2**64 - 1),
+                                         (torch.uint16, 2**16 - 1), (torch.int64, 2**32), (torch.int64, -2**63)])
+@pytest.mark.parametrize("op", ["quantize", "fake_quantize", "dequantize"])
+def test_wide_zero_point_tensors_are_not_wrapped(op, dtype, value):
+    """A uint32 zero point 2^32 - 1 was converted to int32 -1 and a uint64 2^32 to 0: in range, so the call
+    silently used another zero point."""
+    zero_point = torch.tensor([value], dtype=dtype)
+    if op == "dequantize":
+        call = lambda: F.dequantize(torch.zeros(4, dtype=torch.int8), 0.5, zero_point)  # noqa: E731
+    else:
+        call = lambda: getattr(F, op)(torch.randn(4), 0.5, zero_point)  # noqa: E731
+    with pytest.raises((RuntimeError, ValueError), match="zero_point must be in"):
+        call()
+
+
+@pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.uint64, torch.int64])
+def test_unsigned_zero_point_tensors_in_range_work(dtype):
+    x = torch.randn(3, 5) * 10
+    zero_point = torch.tensor([0, 7, 100], dtype=dtype)
+    scale = torch.tensor([0.1, 0.2, 0.3])
+    want = reference.quantize(x, scale, zero_point.to(torch.int32), signed=False, axis=0)
+    assert torch.equal(F.quantize(x, scale, zero_point, signed=False, axis=0), want)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# integer arguments of the integer ops
+# ---------------------------------------------------------------------------------------------------------------
+
+def _linear():
+    w = randint8((4, 8), seed=1)
+    x = randint8((3, 8), seed=2)
+    return x, w, F.pack_int8_weight(w), w.sum(1, dtype=torch.int32), torch.rand(4) + 0.1
+
+
+@pytest.mark.parametrize("value", [0.5, math.nan, math.inf, "3", True, torch.tensor(1.5), None])
+def test_int8_linear_zero_point_must_be_an_integer(value):
+    """int(x_zero_point) truncated 0.5 to 0 (a silently different zero point) and failed on NaN without naming
+    the argument."""
+    x, _, packed, w_sum, w_scale = _linear()
+    with pytest.raises(TypeError, match="int8_linear: x_zero_point must be an integer"):
+        F.int8_linear(x, 0.1, value, packed, w_sum, w_scale, out_features=4)
+
+
+@pytest.mark.parametrize("name", ["x_zero_point", "out_zero_point"])
+def test_int8_linear_integers_past_int64(name):
+    x, _, packed, w_sum, w_scale = _linear()
+    kwargs = {"x_zero_point": 0, "out_zero_point": 0, "out_dtype": torch.int8, "out_scale": 1.0, name: 2**70}
+    zp = kwargs.pop("x_zero_point")
+    with pytest.raises(ValueError, match=f"int8_linear: {name} is out of range, got {2**70}"):
+        F.int8_linear(x, 0.1, zp, packed, w_sum, w_scale, out_features=4, **kwargs)
+
+
+def test_int8_linear_integer_forms_compute_exactly():
+    """Integral floats, numpy-like integers and one-element integer tensors are the integers they hold."""
+    x, w, packed, w_sum, w_scale = _linear()
+    want = reference.int8_linear(x, 0.1, 3, w, w_scale)
+    for zp in (3, 3.0, torch.tensor(3), torch.tensor([3], dtype=torch.int16)):
+        got = F.int8_linear(x, 0.1, zp, packed, w_sum, w_scale, out_features=4.0 if isinstance(zp, float) else 4)
+        assert torch.equal(got, want), zp
+
+
+def test_out_features_and_out_channels_must_be_integers():
+    x, _, packed, w_sum, w_scale = _linear()
+    with pytest.raises(TypeError, match="int8_linear: out_features must be an integer, got 4.5"):
+        F.int8_linear(x, 0.1, 0, packed, w_sum, w_scale, out_features=4.5)
+    with pytest.raises(TypeError, match="dynamic_int8_linear: out_features must be an integer"):
+        F.dynamic_int8_linear(torch.randn(2, 8), packed, w_sum, w_scale, out_features=4.5)
+    w = randint8((4, 2, 3, 3), seed=3)
+    x_q = randint8((1, 2, 5, 5), seed=4)
+    with pytest.raises(TypeError, match="int8_conv2d: out_channels must be an integer, got 4.5"):
+        F.int8_conv2d(x_q, 0.1, 0, F.pack_conv_weight(w), w.sum((1, 2, 3), dtype=torch.int32), torch.ones(4),
+                      out_channels=4.5, kernel_size=3)
+    with pytest.raises(TypeError, match="int8_conv2d: x_zero_point must be an integer"):
+        F.int8_conv2d(x_q, 0.1, 0.25, F.pack_conv_weight(w), w.sum((1, 2, 3), dtype=torch.int32), torch.ones(4),
+                      out_channels=4, kernel_size=3)
+
+
+@pytest.mark.parametrize("name", ["a_zero_point", "b_zero_point", "out_zero_point"])
+def test_quantized_add_zero_points_must_be_integers(name):
+    a = randint8((5,), seed=5)
+    kwargs = {"a_zero_point": 0, "b_zero_point": 0, "out_zero_point": 0, name: 0.5}
+    with pytest.raises(TypeError, match=f"quantized_add: {name} must be an integer, got 0.5"):
+        F.quantized_add(a, 0.1, kwargs["a_zero_point"], a, 0.2, kwargs["b_zero_point"], torch.int8, 0.3,
+                        kwargs["out_zero_point"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# meta tensors: shapes out, or the kernels' errors; never an IndexError or a value read
+# ---------------------------------------------------------------------------------------------------------------
+
+def meta(*shape, dtype=torch.float32):
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+def test_meta_functional_calls_give_shapes():
+    """The wrappers' value checks of scales on other devices read meta tensors' values (which they have none of)."""
+    x_q, w_packed = meta(3, 8, dtype=torch.int8), ops.pack_int8_weight(meta(4, 8, dtype=torch.int8))
+    w_sum, w_scale = meta(4, dtype=torch.int32), meta(4)
+    assert F.int8_linear(x_q, meta(1), 0, w_packed, w_sum, w_scale, out_features=4).shape == (3, 4)
+    assert F.dynamic_int8_linear(meta(2, 8), w_packed, w_sum, w_scale, out_features=4).shape == (2, 4)
+    zp = meta(5, dtype=torch.int32)
+    assert F.quantize(meta(2, 5), meta(5), zp, axis=1).dtype == torch.int8
+    assert F.fake_quantize(meta(2, 5), meta(5), zp, axis=-1).shape == (2, 5)
+    assert F.dequantize(meta(2, 5, dtype=torch.uint8), meta(5), zp, axis=1).shape == (2, 5)
+    w = ops.pack_int8_weight(meta(1, 3, 18, dtype=torch.int8)).unflatten(-1, (3, 3, 2))
+    y = F.int8_conv2d(meta(1, 2, 5, 5, dtype=torch.int8), meta(1), 0, w, meta(3, dtype=torch.int32), meta(3),
+                      out_channels=3, kernel_size=3, padding=1)
+    assert y.shape == (1, 3, 5, 5)
+
+
+@pytest.mark.parametrize("shape", [(), (5,), (2, 2, 2, 2), (0, 3)])
+def test_meta_pack_rejects_what_the_kernel_rejects(shape):
+    """The fake kernel of pack_int8_weight indexed the shape (IndexError for 0-d and 1-d) or built bad strides."""
+    with pytest.raises(RuntimeError, match=r"pack_int8_weight: w must be a non-empty \[N, K\] or \[G, N, K\]"):
+        ops.pack_int8_weight(meta(*shape, dtype=torch.int8))
+    with pytest.raises(RuntimeError, match="pack_int8_weight: w must be int8, got torch.float32"):
+        ops.pack_int8_weight(meta(4, 4))
+
+
+def _raw_meta_conv(x, kernel_size=(3, 3), stride=(1, 1), padding=(0, 0), dilation=(1, 1)):
+    w = meta(1, 3, 3, 3, 2, dtype=torch.int8)
+    return ops.int8_conv2d(x, meta(1), 0, w, meta(3, dtype=torch.int32), meta(3), None, 3, list(kernel_size),
+                           list(stride), list(padding), list(dilation), 1, torch.float32)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"stride": (0, 1)}, "stride and dilation must be >= 1"),          # was ZeroDivisionError
+    ({"kernel_size": (3,)}, "must have 2 entries each"),               # was IndexError
+    ({"dilation": (1, 0)}, "stride and dilation must be >= 1"),
+    ({"padding": (-1, 0)}, "padding >= 0"),
+    ({"kernel_size": (9, 3)}, "larger than the padded input"),         # was an empty output
+])
+def test_meta_conv_rejects_bad_geometry(kwargs, match):
+    with pytest.raises(RuntimeError, match=match):
+        _raw_meta_conv(meta(1, 2, 5, 5, dtype=torch.int8), **kwargs)
+
+
+def test_meta_ops_check_ranks_and_dtypes():
+    with pytest.raises(RuntimeError, match="int8_conv2d: x_q must be 4-d"):  # was a tuple-unpacking ValueError
+        _raw_meta_conv(meta(2, 5, 5, dtype=torch.int8))
+    with pytest.raises(RuntimeError, match="int8_conv2d: x_q must be int8 or uint8"):
+        _raw_meta_conv(meta(1, 2, 5, 5))
+    w_packed = ops.pack_int8_weight(meta(4, 8, dtype=torch.int8))
+    with pytest.raises(RuntimeError, match="int8_linear: x_q must be int8 or uint8, got torch.int32"):
+        ops.int8_linear(meta(2, 8, dtype=torch.int32), meta(1), 0, w_packed, meta(4, dtype=torch.int32), meta(4),
+                        None, 4, torch.float32)
+    with pytest.raises(RuntimeError, match="int8_mm: a must be int8"):
+        ops.int8_mm(meta(2, 8, dtype=torch.int32), meta(8, 2, dtype=torch.int8))
+    with pytest.raises(RuntimeError, match="quantize_per_token: x must have at least 1 dimension"):
+        ops.quantize_per_token(meta(), 8)
+    with pytest.raises(RuntimeError, match="quantize: x must be float32 or float16 or bfloat16, got torch.int64"):
+        ops.quantize(meta(3, dtype=torch.int64), meta(1), meta(1, dtype=torch.int32), None, 8, True, "nearest")
+    with pytest.raises(RuntimeError, match="quantized_add: a must be int8 or uint8"):
+        ops.quantized_add(meta(3), meta(1), 0, meta(3), meta(1), 0, torch.float32)
+    with pytest.raises(RuntimeError, match="quantized_max_pool2d: x must be int8 or uint8"):
+        ops.quantized_max_pool2d(meta(1, 1, 4, 4), [2, 2], [2, 2], [0, 0], [1, 1], False)
