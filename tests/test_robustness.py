@@ -219,3 +219,28 @@ def test_meta_ops_check_ranks_and_dtypes():
         ops.quantized_add(meta(3), meta(1), 0, meta(3), meta(1), 0, torch.float32)
     with pytest.raises(RuntimeError, match="quantized_max_pool2d: x must be int8 or uint8"):
         ops.quantized_max_pool2d(meta(1, 1, 4, 4), [2, 2], [2, 2], [0, 0], [1, 1], False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# layers and models
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layer", [torch.nn.Linear(0, 4), torch.nn.Linear(4, 0), torch.nn.Conv2d(2, 0, 3)])
+def test_empty_layers_are_rejected_and_the_model_kept(layer):
+    """An empty weight failed deep inside conversion ("cannot reshape tensor of 0 elements", "observer input must
+    not be empty"); now prepare names the layer and the problem before it changes anything."""
+    import torchquant as tq
+    model = torch.nn.Sequential(torch.nn.Identity(), layer)
+    with pytest.raises(ValueError, match=r"cannot quantize an empty weight \(shape \[.*0.*\]\)"):
+        tq.quantize_model(model, "int8-static", calibration=[torch.randn(2, 2, 5, 5)])
+    assert model[1] is layer
+
+
+def test_static_converted_model_moves_to_meta():
+    """Moving a converted int8-static layer to the meta device read its (meta) input scale's values."""
+    import torchquant as tq
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    tq.quantize_model(model, "int8-static", calibration=[torch.randn(5, 4)])
+    model.to("meta")
+    y = model(meta(2, 4))
+    assert y.shape == (2, 3) and y.is_meta

@@ -62,6 +62,11 @@ class QuantLayerBase(nn.Module):
 
     def _init_quant(self, config) -> None:
         """Called by subclass constructors once `weight` exists."""
+        if self.weight.numel() == 0:
+            # nothing to quantize, and no scale to choose (prepare fails here, before it changes the model)
+            raise ValueError(f"{type(self).__name__}: cannot quantize an empty weight (shape "
+                             f"{list(self.weight.shape)}): every feature and channel count must be >= 1 (leave such "
+                             f"a layer float with QuantConfig.skip)")
         self.config: QuantConfig = resolve_config(config)
         self.converted = False
         self.bn = None  # the folded BatchNorm (attach_bn)
@@ -320,7 +325,7 @@ class QuantLayerBase(nn.Module):
         """The static input scale as the kernels take it (float32 [1]); raises unless it is positive and finite."""
         scale = self.input_quantizer.scale.detach().reshape(1).float()
         tiny = torch.finfo(torch.float32).tiny
-        if not bool((torch.isfinite(scale) & (scale >= tiny)).all()):
+        if not scale.is_meta and not bool((torch.isfinite(scale) & (scale >= tiny)).all()):  # meta: no values
             raise ValueError(f"{type(self).__name__}: the input scale must be positive and finite (at least "
                              f"{tiny:g}), got {scale.tolist()}")
         return scale
