@@ -117,6 +117,9 @@ struct NumberSlot {
   at::Tensor tensor;  // undefined: an empty slot
 };
 constexpr size_t kNumberSlots = 1024;
+// Longer tensors (a number broadcast to many channels) are made per call: 1024 slots of x.size(axis) floats each
+// could hold gigabytes.
+constexpr int64_t kCachedLengthMax = 4096;
 
 size_t slot_of(const NumberKey& k) {
   uint64_t bits = 0;
@@ -131,6 +134,10 @@ size_t slot_of(const NumberKey& k) {
 }
 
 std::optional<at::Tensor> number_tensor(double value, int64_t length, at::ScalarType dtype) {
+  if (length > kCachedLengthMax) {
+    if (c10::impl::dispatch_mode_enabled()) return std::nullopt;
+    return at::full({length}, value, at::TensorOptions().dtype(dtype));
+  }
   static auto* slots = new NumberSlot[kNumberSlots];  // never destroyed: no tensor destructors at exit
   const NumberKey key{value, length, dtype};
   NumberSlot& slot = slots[slot_of(key)];

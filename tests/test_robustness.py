@@ -2,6 +2,7 @@
 torchquant.reference (or torch) computes, or raises a RuntimeError / ValueError / TypeError naming the argument.
 Calls that once hung run in a child process with a time limit."""
 import math
+import os
 import textwrap
 
 import pytest
@@ -85,6 +86,34 @@ def test_unsigned_zero_point_tensors_in_range_work(dtype):
     scale = torch.tensor([0.1, 0.2, 0.3])
     want = reference.quantize(x, scale, zero_point.to(torch.int32), signed=False, axis=0)
     assert torch.equal(F.quantize(x, scale, zero_point, signed=False, axis=0), want)
+
+
+NUMBER_CACHE_BOUND_CHILD = textwrap.dedent("""
+    import torch, torchquant.functional as F
+
+    def rss():
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) << 10
+
+    x = torch.randn(2**20)
+    y = torch.empty_like(x)
+    F.fake_quantize(x, 0.5, 0, axis=0)
+    before = rss()
+    for i in range(64):  # a number scale broadcast to 2^20 channels, 64 values: 256 MiB if each were kept
+        y = F.fake_quantize(x, 0.5 + i / 64, 0, axis=0)
+    kept = rss() - before
+    print(kept >> 20)
+    assert kept < (64 << 20), f"the process kept {kept >> 20} MiB"
+""")
+
+
+@pytest.mark.skipif(os.environ.get("TORCHQUANT_SANITIZED") == "1",
+                    reason="memory measurements do not apply under AddressSanitizer")
+def test_number_scales_for_many_channels_are_not_kept():
+    """The fast path keeps the tensors it makes of Python-number scales, 1024 of them: a number broadcast to a
+    million channels kept 4 MiB per distinct value."""
+    run_python_child(NUMBER_CACHE_BOUND_CHILD)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -225,11 +254,13 @@ def test_meta_ops_check_ranks_and_dtypes():
 # layers and models
 # ---------------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("layer", [torch.nn.Linear(0, 4), torch.nn.Linear(4, 0), torch.nn.Conv2d(2, 0, 3)])
-def test_empty_layers_are_rejected_and_the_model_kept(layer):
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+@pytest.mark.parametrize("kind,sizes", [("Linear", (0, 4)), ("Linear", (4, 0)), ("Conv2d", (2, 0, 3))])
+def test_empty_layers_are_rejected_and_the_model_kept(kind, sizes):
     """An empty weight failed deep inside conversion ("cannot reshape tensor of 0 elements", "observer input must
     not be empty"); now prepare names the layer and the problem before it changes anything."""
     import torchquant as tq
+    layer = getattr(torch.nn, kind)(*sizes)
     model = torch.nn.Sequential(torch.nn.Identity(), layer)
     with pytest.raises(ValueError, match=r"cannot quantize an empty weight \(shape \[.*0.*\]\)"):
         tq.quantize_model(model, "int8-static", calibration=[torch.randn(2, 2, 5, 5)])
