@@ -275,3 +275,16 @@ def test_static_converted_model_moves_to_meta():
     model.to("meta")
     y = model(meta(2, 4))
     assert y.shape == (2, 3) and y.is_meta
+
+
+def test_float64_layers_are_rejected_by_prepare_and_the_model_kept():
+    """A float64 layer was prepared and then failed at its first forward (calibration or use) with a message about
+    quantize_per_token's input; prepare now says why before it changes the model."""
+    import torchquant as tq
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3)).double()
+    with pytest.raises(TypeError, match=r"QuantLinear: the weight must be float32, float16 or bfloat16, got "
+                                        r"torch.float64 \(convert the model with .float\(\) first\)"):
+        tq.quantize_model(model, "int8-dynamic")
+    assert type(model[0]) is torch.nn.Linear
+    with pytest.raises(TypeError, match="QuantConv2d: the weight must be float32"):
+        tq.nn.QuantConv2d(2, 3, 3, dtype=torch.float64)
