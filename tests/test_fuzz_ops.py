@@ -3,7 +3,8 @@
 Cases come from a seeded generator (the same cases on every run): random shapes (empty, 1, odd, huge through
 expand), dtypes, layouts (transposed, strided, storage offsets, expanded), scales (0, negative, NaN, inf,
 subnormal, huge), zero points (out of range, int64 beyond int32, wrong dtype), conv geometry up to 2**62,
-mismatched packed weights and meta/cpu device mixes; packed weights are read back exactly. The contract: a call either returns exactly what
+mismatched packed weights and meta/cpu device mixes; packed weights are read back exactly; every raw op on meta
+tensors (its fake kernel) against the CPU kernel. The contract: a call either returns exactly what
 torchquant.reference computes (bit for bit, NaN included) or raises RuntimeError, ValueError, TypeError or
 MemoryError with a message; it raises exactly when the arguments are invalid. Each family of cases runs in a child
 process, so a crash fails the test (naming the case that crashed) instead of killing pytest.
@@ -567,14 +568,116 @@ def pool_case(rng: random.Random):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Fake (meta) kernels against the CPU kernels
+# ---------------------------------------------------------------------------------------------------------------
+
+def _on_meta(arg):
+    if isinstance(arg, torch.Tensor):
+        return torch.empty_strided(arg.shape, arg.stride(), dtype=arg.dtype, device="meta")
+    if isinstance(arg, (list, tuple)):
+        return type(arg)(_on_meta(a) for a in arg)
+    return arg
+
+
+def _geometry(rng: random.Random, low: int):
+    """A 2-entry kernel/stride/padding/dilation list, sometimes of another length or out of range."""
+    if rng.random() < 0.05:
+        return [rng.randint(low, 3) for _ in range(rng.choice([0, 1, 3]))]
+    return [rng.randint(low, 3) if rng.random() < 0.9 else rng.choice([-1, 0, 9]) for _ in range(2)]
+
+
+def meta_case(rng: random.Random):
+    """A raw op on random (often invalid) arguments, called on CPU tensors and on meta tensors of the same shapes,
+    strides and dtypes. The meta call (a fake kernel) must give the CPU result's shape, dtype and strides when the
+    CPU call works, and may only raise the allowed exceptions otherwise; it cannot check values (scales, zero
+    points), so it may accept what the CPU kernel rejects for a value."""
+    op = rng.choice(["quantize", "dequantize", "quantize_per_token", "int8_mm", "pack_int8_weight", "int8_linear",
+                     "int8_conv2d", "quantized_add", "quantized_max_pool2d"])
+    dtype = lambda *good: rng.choice(good) if rng.random() < 0.9 else rng.choice(  # noqa: E731
+        [torch.int32, torch.float64, torch.int8, torch.float32, torch.uint8])
+    shape = _shape(rng, max_dim=4)
+    if op in ("quantize", "dequantize"):
+        x = _layout(rng, torch.zeros(shape, dtype=dtype(*FLOATS) if op == "quantize" else dtype(torch.int8)))
+        axis = None if rng.random() < 0.5 or not shape else rng.randrange(len(shape))
+        length = 1 if axis is None else shape[axis]
+        qparams = (torch.ones(length), torch.zeros(length, dtype=torch.int32))
+        if op == "quantize":
+            args = (x, *qparams, axis, rng.choice([8, 4, 1, 0, 9]), rng.random() < 0.5,
+                    rng.choice(["nearest", "nearest", "up"]))
+        else:
+            args = (x, *qparams, axis, dtype(*FLOATS))
+    elif op == "quantize_per_token":
+        args = (_layout(rng, torch.zeros(shape, dtype=dtype(*FLOATS))), rng.choice([8, 4, 1, 9]))
+    elif op == "int8_mm":
+        m, k, n = (rng.choice([0, 1, 3, 65]) for _ in range(3))
+        args = (torch.zeros(m, k, dtype=dtype(torch.int8)),
+                _layout(rng, torch.zeros(k if rng.random() < 0.9 else k + 1, n, dtype=dtype(torch.int8))))
+    elif op == "pack_int8_weight":
+        args = (_layout(rng, torch.zeros(tuple(d + 1 for d in shape), dtype=dtype(torch.int8))),)
+    elif op == "int8_linear":
+        k, n = rng.choice([1, 3, 65]), rng.choice([1, 3, 65])
+        w = F.pack_int8_weight(torch.zeros(n, k, dtype=torch.int8))
+        x_q = torch.zeros((*_shape(rng, max_dim=2), k) if rng.random() < 0.95 else (), dtype=dtype(torch.int8))
+        args = (x_q, torch.ones(1), 0, w, torch.zeros(n, dtype=torch.int32), torch.ones(n), None,
+                n if rng.random() < 0.9 else rng.choice([0, -1, n + 1]), dtype(*FLOATS), None, 0, None, None)
+    elif op == "int8_conv2d":
+        groups, cg, ocg = rng.choice([1, 2]), rng.choice([1, 3]), rng.choice([1, 2])
+        kernel, stride, padding, dilation = (_geometry(rng, 1), _geometry(rng, 1), _geometry(rng, 0),
+                                             _geometry(rng, 1))
+        kh, kw = (kernel + [1, 1])[:2] if len(kernel) != 2 else kernel
+        w = F.pack_conv_weight(torch.zeros(groups * ocg, cg, max(kh, 1), max(kw, 1), dtype=torch.int8), groups)
+        x_shape = (rng.choice([0, 1, 2]), groups * cg, rng.choice([1, 4, 6]), rng.choice([1, 5]))
+        x_q = torch.zeros(x_shape if rng.random() < 0.95 else x_shape[1:], dtype=dtype(torch.int8, torch.uint8))
+        if x_q.dim() == 4 and rng.random() < 0.3:
+            x_q = x_q.contiguous(memory_format=torch.channels_last)
+        oc = groups * ocg
+        args = (x_q, torch.ones(1), 0, w, torch.zeros(oc, dtype=torch.int32), torch.ones(oc), None, oc, kernel, stride,
+                padding, dilation, groups, dtype(*FLOATS), None, 0, None, None)
+    elif op == "quantized_add":
+        a = _layout(rng, torch.zeros(shape, dtype=dtype(torch.int8, torch.uint8)))
+        b = _layout(rng, torch.zeros(shape if rng.random() < 0.95 else _shape(rng), dtype=dtype(torch.int8)))
+        args = (a, torch.ones(1), 0, b, torch.ones(1), 0, dtype(*FLOATS), None, 0, rng.random() < 0.5)
+    else:
+        x = _layout(rng, torch.zeros(tuple(rng.choice([1, 2, 5]) for _ in range(rng.choice([3, 4, 4, 2]))),
+                                     dtype=dtype(torch.int8, torch.uint8)))
+        if x.dim() == 4 and rng.random() < 0.4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        args = (x, _geometry(rng, 1), _geometry(rng, 1), _geometry(rng, 0), _geometry(rng, 1), rng.random() < 0.5)
+    call = getattr(ops, op)
+
+    def compare():
+        try:
+            want = call(*args)
+        except ALLOWED:
+            want = None
+        try:
+            got = call(*_on_meta(args))  # another exception type is reported by check_case
+        except ALLOWED as e:
+            assert want is None, f"the meta call raised where the CPU call works: {type(e).__name__}: {e}"
+            assert str(e).strip(), f"the meta call raised {type(e).__name__} without a message"
+            return torch.zeros(1)
+        if want is None:
+            return torch.zeros(1)  # the meta call may accept what the CPU kernel rejects for a value
+        for g, w in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+            assert (g.shape, g.dtype) == (w.shape, w.dtype), (g.shape, g.dtype, w.shape, w.dtype)
+            strides = [(a, b) for a, b, size in zip(g.stride(), w.stride(), w.shape) if size > 1]  # others: any
+            assert g.numel() == 0 or op == "quantized_max_pool2d" or all(a == b for a, b in strides), strides
+        return torch.zeros(1)
+
+    desc = f"meta {op}(" + ", ".join(f"{tuple(a.shape)} {a.dtype}" if isinstance(a, torch.Tensor) else repr(a)
+                                     for a in args) + ")"
+    return desc, compare, lambda: torch.zeros(1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Running the cases (in a child process: python tests/test_fuzz_ops.py FAMILY SEED COUNT LAST_CASE_FILE)
 # ---------------------------------------------------------------------------------------------------------------
 
 FAMILIES = {"quantize": quantize_case, "misc": misc_quantize_case, "mm": mm_case, "pack": pack_case,
-            "linear": linear_case, "conv": conv_case, "add": add_case, "pool": pool_case}
+            "linear": linear_case, "conv": conv_case, "add": add_case, "pool": pool_case, "meta": meta_case}
 # cases per family: a few thousand in all, about two minutes on a 2-core CI machine
 COUNTS = {"quantize": 2500, "misc": 800, "mm": 1000, "pack": 400, "linear": 2000, "conv": 1500, "add": 1000,
-          "pool": 600}
+          "pool": 600, "meta": 1000}
 
 
 def check_case(desc, fn, want):

@@ -72,4 +72,6 @@ def _quantized_add_fake(a, a_scale, a_zero_point, b, b_scale, b_zero_point, out_
 @torch.library.register_fake("torchquant::quantized_max_pool2d")
 def _quantized_max_pool2d_fake(x, kernel_size, stride, padding, dilation, ceil_mode):
     check_fake_dtype("quantized_max_pool2d", "x", x, _ACTIVATION_DTYPES)
+    torch._check(x.dim() in (3, 4), lambda: f"quantized_max_pool2d: x must be 3-d [C, H, W] or 4-d [B, C, H, W], got "
+                                            f"{x.dim()}-d")  # torch's meta max_pool2d raises an IndexError
     return torch.nn.functional.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
