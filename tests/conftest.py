@@ -132,13 +132,13 @@ def bit_patterns(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
-def run_python_child(code: str, timeout: float = 300) -> str:
-    """Runs code in a fresh Python process and returns its output. A crash (segfault, abort) or any non-zero exit
-    fails the calling test with the output, instead of taking the test process down."""
+def run_python_child(code: str, timeout: float = 300, args=()) -> str:
+    """Runs code in a fresh Python process (with sys.argv[1:] = args) and returns its output. A crash (segfault,
+    abort) or any non-zero exit fails the calling test with the output, instead of taking the test process down."""
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"child process exited with {proc.returncode}:\n{output}"
     return output
