@@ -4,7 +4,7 @@ Cases come from a seeded generator (the same cases on every run): random shapes 
 expand), dtypes, layouts (transposed, strided, storage offsets, expanded), scales (0, negative, NaN, inf,
 subnormal, huge), zero points (out of range, int64 beyond int32, wrong dtype), conv geometry up to 2**62,
 mismatched packed weights and meta/cpu device mixes; packed weights are read back exactly; every raw op on meta
-tensors (its fake kernel) against the CPU kernel. The contract: a call either returns exactly what
+tensors (its fake kernel) against the CPU kernel; every public function with arguments of the wrong kind. The contract: a call either returns exactly what
 torchquant.reference computes (bit for bit, NaN included) or raises RuntimeError, ValueError, TypeError or
 MemoryError with a message; it raises exactly when the arguments are invalid. Each family of cases runs in a child
 process, so a crash fails the test (naming the case that crashed) instead of killing pytest.
@@ -670,14 +670,75 @@ def meta_case(rng: random.Random):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Arguments of the wrong kind to every public function
+# ---------------------------------------------------------------------------------------------------------------
+
+ANY = "any"  # the expected outcome of a call that may work or raise (checked: only the allowed exceptions)
+
+
+def _junk(rng: random.Random):
+    return rng.choice([None, "x", b"nearest", [1, 2], (3,), {"a": 1}, object(), 2**70, -2**70, math.nan, math.inf,
+                       True, 0, 1, -1, 0.5, 8, 1 + 2j, torch.int8, torch.float32, torch.float64, torch.tensor(1.5),
+                       torch.tensor([1, 2]), torch.zeros((), dtype=torch.int8), torch.zeros(3, dtype=torch.int8),
+                       torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.uint8), torch.zeros(4, dtype=torch.int32)])
+
+
+def _public_calls():
+    """(function, positional arguments, keyword arguments) of a valid call of each public function."""
+    w = randint8((4, 8), 1)
+    packed, w_sum, w_scale = F.pack_int8_weight(w), w.sum(1, dtype=torch.int32), torch.ones(4)
+    cw = randint8((4, 2, 3, 3), 2)
+    x8 = torch.zeros(3, dtype=torch.int8)
+    return [
+        (F.quantize, [torch.randn(3, 4), 0.1, 0], dict(bits=8, signed=True, rounding="nearest", axis=None)),
+        (F.dequantize, [torch.zeros(3, 4, dtype=torch.int8), 0.1, 0], dict(axis=None, dtype=torch.float32)),
+        (F.fake_quantize, [torch.randn(3, 4), 0.1, 0], dict(bits=8, signed=True, rounding="nearest", axis=None)),
+        (F.choose_qparams, [torch.randn(3, 4)], dict(bits=8, signed=True, symmetric=True, axis=None)),
+        (F.quantize_per_token, [torch.randn(3, 4)], dict(bits=8)),
+        (F.quantization_error, [torch.randn(3, 4), torch.randn(3, 4)], {}),
+        (F.int8_mm, [torch.zeros(2, 8, dtype=torch.int8), w.t()], {}),
+        (F.pack_int8_weight, [w], {}),
+        (F.int8_linear, [torch.zeros(2, 8, dtype=torch.int8), 0.1, 0, packed, w_sum, w_scale, None],
+         dict(out_features=4, out_dtype=torch.float32, out_scale=None, out_zero_point=0, clamp_min=None,
+              clamp_max=None)),
+        (F.dynamic_int8_linear, [torch.randn(2, 8), packed, w_sum, w_scale, None], dict(out_features=4)),
+        (F.pack_conv_weight, [cw, 1], {}),
+        (F.int8_conv2d, [torch.zeros(1, 2, 5, 5, dtype=torch.int8), 0.1, 0, F.pack_conv_weight(cw),
+                         cw.sum((1, 2, 3), dtype=torch.int32), w_scale, None],
+         dict(out_channels=4, kernel_size=3, stride=1, padding=0, dilation=1, groups=1, out_dtype=torch.float32,
+              out_scale=None, out_zero_point=0, clamp_min=None, clamp_max=None)),
+        (F.quantized_add, [x8, 0.1, 0, x8, 0.1, 0, torch.float32, None, 0, False], {}),
+        (F.quantized_max_pool2d, [torch.zeros(1, 2, 4, 4, dtype=torch.int8), 2, None, 0, 1, False], {}),
+    ]
+
+
+def args_case(rng: random.Random):
+    """A public function with one or two of its arguments replaced by a value of another kind (None, a string, a
+    list, a huge int, NaN, a dtype, a tensor of another dtype or shape, ...): it works or raises an allowed
+    exception with a message, never another exception (an AttributeError or IndexError from the wrapper)."""
+    fn, args, kwargs = rng.choice(_public_calls())
+    slots = [("arg", i) for i in range(len(args))] + [("kwarg", k) for k in kwargs]
+    changed = []
+    for kind, key in rng.sample(slots, min(len(slots), rng.choice([1, 1, 2]))):
+        value = _junk(rng)
+        if kind == "arg":
+            args[key] = value
+        else:
+            kwargs[key] = value
+        changed.append(f"{key}={value!r}")
+    return f"{fn.__name__}({', '.join(changed)})", lambda: fn(*args, **kwargs), ANY
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Running the cases (in a child process: python tests/test_fuzz_ops.py FAMILY SEED COUNT LAST_CASE_FILE)
 # ---------------------------------------------------------------------------------------------------------------
 
 FAMILIES = {"quantize": quantize_case, "misc": misc_quantize_case, "mm": mm_case, "pack": pack_case,
-            "linear": linear_case, "conv": conv_case, "add": add_case, "pool": pool_case, "meta": meta_case}
+            "linear": linear_case, "conv": conv_case, "add": add_case, "pool": pool_case, "meta": meta_case,
+            "args": args_case}
 # cases per family: a few thousand in all, about two minutes on a 2-core CI machine
 COUNTS = {"quantize": 2500, "misc": 800, "mm": 1000, "pack": 400, "linear": 2000, "conv": 1500, "add": 1000,
-          "pool": 600, "meta": 1000}
+          "pool": 600, "meta": 1000, "args": 1500}
 
 
 def check_case(desc, fn, want):
@@ -687,11 +748,13 @@ def check_case(desc, fn, want):
     except ALLOWED as e:
         if not str(e).strip():
             return f"raised {type(e).__name__} without a message"
-        if want is not ERROR:
+        if want is not ERROR and want is not ANY:
             return f"raised on valid arguments: {type(e).__name__}: {e}"
         return None
     except Exception as e:  # noqa: BLE001 (any other exception type breaks the contract)
         return f"raised {type(e).__name__} (not RuntimeError/ValueError/TypeError/MemoryError): {e}"
+    if want is ANY:
+        return None
     if want is ERROR:
         return "accepted invalid arguments"
     expected = want()

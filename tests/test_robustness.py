@@ -171,6 +171,18 @@ def test_out_features_and_out_channels_must_be_integers():
                       out_channels=4, kernel_size=3)
 
 
+def test_tensor_arguments_of_another_kind_are_type_errors():
+    """A bias (or dynamic_int8_linear's weight tensors) that is not a tensor raised an AttributeError ('float'
+    object has no attribute 'device')."""
+    x, _, packed, w_sum, w_scale = _linear()
+    with pytest.raises(TypeError, match="bias must be a torch.Tensor, got float"):
+        F.int8_linear(x, 0.1, 0, packed, w_sum, w_scale, 0.5, out_features=4)
+    with pytest.raises(TypeError, match="w_scale must be a torch.Tensor, got NoneType"):
+        F.dynamic_int8_linear(torch.randn(2, 8), packed, w_sum, None, out_features=4)
+    with pytest.raises(TypeError, match="w_sum must be a torch.Tensor, got list"):
+        F.dynamic_int8_linear(torch.randn(2, 8), packed, [1, 2], w_scale, out_features=4)
+
+
 @pytest.mark.parametrize("name", ["a_zero_point", "b_zero_point", "out_zero_point"])
 def test_quantized_add_zero_points_must_be_integers(name):
     a = randint8((5,), seed=5)

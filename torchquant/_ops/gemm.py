@@ -41,8 +41,12 @@ def _require_dtype(name: str, t: torch.Tensor, dtypes: Tuple[torch.dtype, ...]) 
 
 
 def _require_same_device(device: torch.device, **tensors) -> None:
+    """Each of tensors (None: an absent optional one) is a tensor on device."""
     for name, t in tensors.items():
-        if t is not None and t.device != device:
+        if t is None:
+            continue
+        _require_tensor(name, t)
+        if t.device != device:
             raise ValueError(f"{name} is on {t.device} but the input is on {device}: move all tensors to one device")
 
 
@@ -172,6 +176,9 @@ def dynamic_int8_linear(x: torch.Tensor, w_packed: torch.Tensor, w_sum: torch.Te
     _require_dtype("x", x, FLOAT_DTYPES)
     if x.dim() < 1:
         raise ValueError("dynamic_int8_linear: x must have at least 1 dimension [..., K]")
+    _require_tensor("w_packed", w_packed)
+    _require_tensor("w_sum", w_sum)
+    _require_tensor("w_scale", w_scale)
     _require_same_device(x.device, w_packed=w_packed, w_sum=w_sum, w_scale=w_scale, bias=bias)
     _require_positive_finite("dynamic_int8_linear", "w_scale", w_scale)
     # one dispatcher call (quantize_per_token + int8_linear in C++): no Python autograd kernel, no second op call
