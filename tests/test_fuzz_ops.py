@@ -4,10 +4,11 @@ Cases come from a seeded generator (the same cases on every run): random shapes 
 expand), dtypes, layouts (transposed, strided, storage offsets, expanded), scales (0, negative, NaN, inf,
 subnormal, huge), zero points (out of range, int64 beyond int32, wrong dtype), conv geometry up to 2**62,
 mismatched packed weights and meta/cpu device mixes; packed weights are read back exactly; every raw op on meta
-tensors (its fake kernel) against the CPU kernel; every public function with arguments of the wrong kind. The contract: a call either returns exactly what
-torchquant.reference computes (bit for bit, NaN included) or raises RuntimeError, ValueError, TypeError or
-MemoryError with a message; it raises exactly when the arguments are invalid. Each family of cases runs in a child
-process, so a crash fails the test (naming the case that crashed) instead of killing pytest.
+tensors (its fake kernel) against the CPU kernel; every public function with arguments of the wrong kind. The
+contract: a call either returns exactly what torchquant.reference computes (bit for bit, NaN included) or raises
+RuntimeError, ValueError, TypeError or MemoryError with a message; it raises exactly when the arguments are
+invalid. Each family of cases runs in a child process, so a crash fails the test (naming the case that crashed)
+instead of killing pytest.
 """
 import math
 import os
