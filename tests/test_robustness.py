@@ -38,7 +38,7 @@ POOL_HUGE_PADDING_CHILD = textwrap.dedent("""
 """)
 
 
-def test_max_pool_huge_padding_does_not_step_through_it(device):
+def test_max_pool_huge_padding_does_not_step_through_it(device, isa):
     """The first tap inside the input was found by stepping through the left padding one dilation at a time: a
     channels-last input with kernel 2^30 and padding 2^29 (valid by torch's rules) looped 2^29 times per output
     (on the CPU; on CUDA, every input layout)."""
@@ -47,7 +47,7 @@ def test_max_pool_huge_padding_does_not_step_through_it(device):
 
 @pytest.mark.parametrize("ceil_mode", [False, True])
 @pytest.mark.parametrize("dilation", [1, 2, 3])
-def test_max_pool_padding_against_torch(ceil_mode, dilation):
+def test_max_pool_padding_against_torch(ceil_mode, dilation, isa):
     """Windows that start in the left padding, with dilation, against torch's max_pool2d."""
     x = randint8((2, 19, 9, 11), seed=dilation).contiguous(memory_format=torch.channels_last)
     for kernel, padding in ((3, 1), (5, 2), (7, 3), (2, 1)):
