@@ -192,6 +192,25 @@ def test_quantized_add_zero_points_must_be_integers(name):
                         kwargs["out_zero_point"])
 
 
+@pytest.mark.parametrize("value", ["no", None, 2, 0.5])
+def test_flags_must_be_bools(value):
+    a = randint8((5,), seed=5)
+    with pytest.raises(TypeError, match=f"quantized_add: relu must be a bool, got {value!r}"):
+        F.quantized_add(a, 0.1, 0, a, 0.2, 0, torch.int8, 0.3, 0, relu=value)
+    x = randint8((1, 2, 5, 5), seed=6)
+    with pytest.raises(TypeError, match=f"quantized_max_pool2d: ceil_mode must be a bool, got {value!r}"):
+        F.quantized_max_pool2d(x, 2, ceil_mode=value)
+
+
+def test_flags_take_bools_and_0_or_1():
+    a = randint8((5,), seed=5)
+    on = F.quantized_add(a, 0.1, 0, a, 0.2, 0, torch.int8, 0.3, 0, relu=True)
+    assert torch.equal(F.quantized_add(a, 0.1, 0, a, 0.2, 0, torch.int8, 0.3, 0, relu=1), on)
+    x = randint8((1, 2, 5, 5), seed=6)
+    assert F.quantized_max_pool2d(x, 2, ceil_mode=0).shape == F.quantized_max_pool2d(x, 2, ceil_mode=False).shape
+    assert F.quantized_max_pool2d(x, 2, ceil_mode=1).shape[-1] == 3
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # meta tensors: shapes out, or the kernels' errors; never an IndexError or a value read
 # ---------------------------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from torchquant._ops import FLOAT_DTYPES, check_fake_devices, check_fake_dtype, ops
-from torchquant._ops.gemm import (_ACTIVATION_DTYPES, _integer, _pair, _require_dtype, _require_same_device,
+from torchquant._ops.gemm import (_ACTIVATION_DTYPES, _flag, _integer, _pair, _require_dtype, _require_same_device,
                                   _require_tensor, _scale_tensor)
 
 __all__ = ["quantized_add", "quantized_max_pool2d"]
@@ -40,7 +40,7 @@ def quantized_add(a: torch.Tensor, a_scale, a_zero_point: int, b: torch.Tensor, 
     return ops.quantized_add(a, a_scale, _integer(op, "a_zero_point", a_zero_point), b, b_scale,
                              _integer(op, "b_zero_point", b_zero_point), out_dtype,
                              None if out_scale is None else float(out_scale),
-                             _integer(op, "out_zero_point", out_zero_point), bool(relu))
+                             _integer(op, "out_zero_point", out_zero_point), _flag(op, "relu", relu))
 
 
 def quantized_max_pool2d(x: torch.Tensor, kernel_size: Union[int, Sequence[int]],
@@ -54,7 +54,8 @@ def quantized_max_pool2d(x: torch.Tensor, kernel_size: Union[int, Sequence[int]]
     _require_dtype("x", x, _ACTIVATION_DTYPES)
     kernel = _pair("kernel_size", kernel_size)
     return ops.quantized_max_pool2d(x, kernel, kernel if stride is None else _pair("stride", stride),
-                                    _pair("padding", padding), _pair("dilation", dilation), bool(ceil_mode))
+                                    _pair("padding", padding), _pair("dilation", dilation),
+                                    _flag("quantized_max_pool2d", "ceil_mode", ceil_mode))
 
 
 # ---- fake kernels: shapes and dtypes only, for torch.compile / meta tensors ----

@@ -78,6 +78,13 @@ def _integer(op: str, name: str, value) -> int:
     return value
 
 
+def _flag(op: str, name: str, value) -> bool:
+    """A boolean argument: a bool (or the int 0 or 1). bool() would take any object, the string "no" as True."""
+    if isinstance(value, int) and value in (0, 1):  # bool is an int
+        return bool(value)
+    raise TypeError(f"{op}: {name} must be a bool, got {value!r}")
+
+
 def _require_positive_finite(op: str, name: str, scale: torch.Tensor) -> None:
     """The CPU kernels check scale values themselves; elsewhere (a device->host copy) this wrapper does, outside
     torch.compile so that a compiled graph never breaks on it (meta tensors have no values)."""
