@@ -83,6 +83,12 @@ TQ_HOST_DEVICE int64_t first_tap_inside(int64_t start, int64_t dilation) {
   return start + taps_before * dilation;
 }
 
+// How many taps `dilation` apart lie in [first, end): counted without forming first + k * dilation past end, which
+// could overflow int64 for dilations near 2^63.
+TQ_HOST_DEVICE int64_t taps_inside(int64_t first, int64_t end, int64_t dilation) {
+  return first < end ? (end - 1 - first) / dilation + 1 : 0;
+}
+
 // quantize then dequantize; NaN stays NaN.
 TQ_HOST_DEVICE float fake_quantize_value(float x, float scale, float inv_scale, float zero_point, QuantFormat f,
                                          Rounding rounding) {

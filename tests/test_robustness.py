@@ -39,9 +39,9 @@ POOL_HUGE_PADDING_CHILD = textwrap.dedent("""
 
 
 def test_max_pool_huge_padding_does_not_step_through_it(device, isa):
-    """The first tap inside the input was found by stepping through the left padding one dilation at a time: a
-    channels-last input with kernel 2^30 and padding 2^29 (valid by torch's rules) looped 2^29 times per output
-    (on the CPU; on CUDA, every input layout)."""
+    """The first tap inside the input is computed, not stepped to through the left padding one dilation at a time:
+    a channels-last input with kernel 2^30 and padding 2^29 (valid by torch's rules) would loop 2^29 times per
+    output (on the CPU; on CUDA, every input layout). A child process, so that a hang fails the test."""
     assert "ok" in run_python_child(POOL_HUGE_PADDING_CHILD, timeout=120, args=[device])
 
 
@@ -49,7 +49,8 @@ def test_max_pool_huge_padding_does_not_step_through_it(device, isa):
 @pytest.mark.parametrize("dilation", [1, 2, 3])
 def test_max_pool_padding_against_torch(ceil_mode, dilation, isa):
     """Windows that start in the left padding, with dilation, against torch's max_pool2d."""
-    x = randint8((2, 19, 9, 11), seed=dilation).contiguous(memory_format=torch.channels_last)
+    # 83 channels: the 64-, 32- and 16-byte loops and the byte tail of every instruction-set path
+    x = randint8((2, 83, 9, 11), seed=dilation).contiguous(memory_format=torch.channels_last)
     for kernel, padding in ((3, 1), (5, 2), (7, 3), (2, 1)):
         for stride in (1, 2, 3):
             args = (kernel, stride, padding, dilation, ceil_mode)
@@ -60,6 +61,16 @@ def test_max_pool_padding_against_torch(ceil_mode, dilation, isa):
                     F.quantized_max_pool2d(x, *args)
                 continue
             assert torch.equal(F.quantized_max_pool2d(x, *args), want), args
+
+
+def test_max_pool_dilations_near_int64_max(device, isa):
+    """Tap counts and steps for dilations near 2^63, which torch's argument rules allow: no sum past INT64_MAX."""
+    x = randint8((1, 3, 16, 16), seed=7).contiguous(memory_format=torch.channels_last).to(device)
+    # ceil mode with a huge stride: one window, whose only tap inside is (0, 0)
+    y = F.quantized_max_pool2d(x, 2, 2**63 - 1, 0, 2**63 - 2, ceil_mode=True)
+    assert torch.equal(y, x[:, :, :1, :1]), y
+    # kernel 1: each output is its own input pixel, the dilation never applies
+    assert torch.equal(F.quantized_max_pool2d(x, 1, 1, 0, 2**63 - 1), x)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -147,10 +158,11 @@ def test_int8_linear_integers_past_int64(name):
 
 
 def test_int8_linear_integer_forms_compute_exactly():
-    """Integral floats, numpy-like integers and one-element integer tensors are the integers they hold."""
+    """Integral floats, numpy integers and one-element integer tensors are the integers they hold."""
+    import numpy as np
     x, w, packed, w_sum, w_scale = _linear()
     want = reference.int8_linear(x, 0.1, 3, w, w_scale)
-    for zp in (3, 3.0, torch.tensor(3), torch.tensor([3], dtype=torch.int16)):
+    for zp in (3, 3.0, np.int64(3), np.uint8(3), torch.tensor(3), torch.tensor([3], dtype=torch.int16)):
         got = F.int8_linear(x, 0.1, zp, packed, w_sum, w_scale, out_features=4.0 if isinstance(zp, float) else 4)
         assert torch.equal(got, want), zp
 
@@ -203,9 +215,13 @@ def test_flags_must_be_bools(value):
 
 
 def test_flags_take_bools_and_0_or_1():
+    import numpy as np
     a = randint8((5,), seed=5)
     on = F.quantized_add(a, 0.1, 0, a, 0.2, 0, torch.int8, 0.3, 0, relu=True)
-    assert torch.equal(F.quantized_add(a, 0.1, 0, a, 0.2, 0, torch.int8, 0.3, 0, relu=1), on)
+    for flag in (1, np.True_, torch.tensor(True)):
+        assert torch.equal(F.quantized_add(a, 0.1, 0, a, 0.2, 0, torch.int8, 0.3, 0, relu=flag), on), flag
+    off = F.quantized_add(a, 0.1, 0, a, 0.2, 0, torch.int8, 0.3, 0, relu=np.False_)
+    assert torch.equal(off, F.quantized_add(a, 0.1, 0, a, 0.2, 0, torch.int8, 0.3, 0)) and not torch.equal(off, on)
     x = randint8((1, 2, 5, 5), seed=6)
     assert F.quantized_max_pool2d(x, 2, ceil_mode=0).shape == F.quantized_max_pool2d(x, 2, ceil_mode=False).shape
     assert F.quantized_max_pool2d(x, 2, ceil_mode=1).shape[-1] == 3
@@ -251,11 +267,11 @@ def _raw_meta_conv(x, kernel_size=(3, 3), stride=(1, 1), padding=(0, 0), dilatio
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"stride": (0, 1)}, "stride and dilation must be >= 1"),          # was ZeroDivisionError
-    ({"kernel_size": (3,)}, "must have 2 entries each"),               # was IndexError
+    ({"stride": (0, 1)}, "stride and dilation must be >= 1"),
+    ({"kernel_size": (3,)}, "must have 2 entries each"),
     ({"dilation": (1, 0)}, "stride and dilation must be >= 1"),
     ({"padding": (-1, 0)}, "padding >= 0"),
-    ({"kernel_size": (9, 3)}, "larger than the padded input"),         # was an empty output
+    ({"kernel_size": (9, 3)}, "larger than the padded input"),  # not an empty output
 ])
 def test_meta_conv_rejects_bad_geometry(kwargs, match):
     with pytest.raises(RuntimeError, match=match):
@@ -263,7 +279,7 @@ def test_meta_conv_rejects_bad_geometry(kwargs, match):
 
 
 def test_meta_ops_check_ranks_and_dtypes():
-    with pytest.raises(RuntimeError, match="int8_conv2d: x_q must be 4-d"):  # was a tuple-unpacking ValueError
+    with pytest.raises(RuntimeError, match="int8_conv2d: x_q must be 4-d"):
         _raw_meta_conv(meta(2, 5, 5, dtype=torch.int8))
     with pytest.raises(RuntimeError, match="int8_conv2d: x_q must be int8 or uint8"):
         _raw_meta_conv(meta(1, 2, 5, 5))
@@ -311,8 +327,8 @@ def test_static_converted_model_moves_to_meta():
 
 
 def test_float64_layers_are_rejected_by_prepare_and_the_model_kept():
-    """A float64 layer was prepared and then failed at its first forward (calibration or use) with a message about
-    quantize_per_token's input; prepare now says why before it changes the model."""
+    """A float64 layer is refused when it is built, naming the dtype, before prepare changes the model (not at its
+    first forward, with a message about a kernel's input)."""
     import torchquant as tq
     model = torch.nn.Sequential(torch.nn.Linear(4, 3)).double()
     with pytest.raises(TypeError, match=r"QuantLinear: the weight must be float32, float16 or bfloat16, got "

@@ -102,11 +102,11 @@ void max_pool2d_channels_last(const uint8_t* x, uint8_t* out, const PoolGeometry
       const int64_t w_start = ow * g.stride_w - g.pad_w;
       const int64_t w_end = std::min(w_start + (g.kw - 1) * g.dil_w + 1, g.width);
       const int64_t w0 = first_tap_inside(w_start, g.dil_w);
-      // a window with no tap inside (possible in ceil mode with dilation) has rows or cols 0
-      const Taps taps{x + ((b * g.height + h0) * g.width + w0) * c_count,
-                      h0 < h_end ? (h_end - h0 + g.dil_h - 1) / g.dil_h : 0,
-                      w0 < w_end ? (w_end - w0 + g.dil_w - 1) / g.dil_w : 0, g.dil_h * g.width * c_count,
-                      g.dil_w * c_count};
+      // a window with no tap inside (possible in ceil mode with dilation) has rows or cols 0; a step is formed only
+      // where there is a second tap (it is inside the input then, so the product does not overflow)
+      const int64_t rows = taps_inside(h0, h_end, g.dil_h), cols = taps_inside(w0, w_end, g.dil_w);
+      const Taps taps{x + ((b * g.height + h0) * g.width + w0) * c_count, rows, cols,
+                      rows > 1 ? g.dil_h * g.width * c_count : 0, cols > 1 ? g.dil_w * c_count : 0};
       pixel_max(taps, c_count, out + ((b * g.out_h + oh) * g.out_w + ow) * c_count);
     }
   }

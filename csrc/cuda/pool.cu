@@ -53,9 +53,12 @@ __global__ void __launch_bounds__(kPoolThreads) max_pool2d_kernel(const T* __res
     Vec<T, VEC> best;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) best.v[j] = std::numeric_limits<T>::lowest();
-    for (int64_t ih = h0; ih < h_end; ih += g.dil_h)
-      for (int64_t iw = w0; iw < w_end; iw += g.dil_w) {
-        const Vec<T, VEC> v = load_vec<T, VEC>(xb + ih * xs.h + iw * xs.w);
+    // tap counts, not ih += dil_h < h_end: that sum could pass INT64_MAX for dilations near 2^63
+    const int64_t rows = taps_inside(h0, h_end, g.dil_h), cols = taps_inside(w0, w_end, g.dil_w);
+    for (int64_t tap_h = 0; tap_h < rows; ++tap_h)
+      for (int64_t tap_w = 0; tap_w < cols; ++tap_w) {
+        const Vec<T, VEC> v =
+            load_vec<T, VEC>(xb + (h0 + tap_h * g.dil_h) * xs.h + (w0 + tap_w * g.dil_w) * xs.w);
 #pragma unroll
         for (int j = 0; j < VEC; ++j) best.v[j] = v.v[j] > best.v[j] ? v.v[j] : best.v[j];
       }

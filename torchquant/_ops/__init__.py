@@ -34,8 +34,12 @@ def check_fake_devices(op: str, anchor_name: str, anchor: torch.Tensor, **tensor
                          lambda: f"{op}: {name} must be on {anchor_name}'s device ({anchor.device}), got {t.device}")
 
 
+def dtype_names(dtypes) -> str:
+    """"int8 or uint8": dtypes as error messages name them."""
+    return " or ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
 def check_fake_dtype(op: str, name: str, t: torch.Tensor, dtypes) -> None:
     """For fake (meta) kernels: t's dtype must be one of dtypes, as the device kernels require (a meta call raises
     where a real one would, instead of returning a result)."""
-    wanted = " or ".join(str(d).replace("torch.", "") for d in dtypes)
-    torch._check(t.dtype in dtypes, lambda: f"{op}: {name} must be {wanted}, got {t.dtype}")
+    torch._check(t.dtype in dtypes, lambda: f"{op}: {name} must be {dtype_names(dtypes)}, got {t.dtype}")

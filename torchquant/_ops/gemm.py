@@ -11,7 +11,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 
 from torchquant import _C
-from torchquant._ops import FLOAT_DTYPES, check_fake_devices, check_fake_dtype, ops
+from torchquant._ops import FLOAT_DTYPES, check_fake_devices, check_fake_dtype, dtype_names, ops
 
 __all__ = [
     "int8_mm",
@@ -36,8 +36,7 @@ def _require_tensor(name: str, t) -> None:
 
 def _require_dtype(name: str, t: torch.Tensor, dtypes: Tuple[torch.dtype, ...]) -> None:
     if t.dtype not in dtypes:
-        wanted = " or ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise TypeError(f"{name} must be {wanted}, got {str(t.dtype).replace('torch.', '')}")
+        raise TypeError(f"{name} must be {dtype_names(dtypes)}, got {str(t.dtype).replace('torch.', '')}")
 
 
 def _require_same_device(device: torch.device, **tensors) -> None:
@@ -59,9 +58,10 @@ def _pair(name: str, v: Union[int, Sequence[int]]) -> Tuple[int, int]:
 
 
 def _integer(op: str, name: str, value) -> int:
-    """An integer argument (a zero point, a size) as the int the op takes: an int, an integral float or a
-    one-element integer tensor. Anything else raises naming it: int() would truncate 0.5 to 0 and fail on NaN
-    without naming the argument, and an int past int64 would reach the op as a puzzling schema error."""
+    """An integer argument (a zero point, a size) as the int the op takes: an int (or a SymInt while tracing), a
+    numpy integer, an integral float or a one-element integer tensor; not a bool. Anything else raises naming it:
+    int() would truncate 0.5 to 0 and fail on NaN without naming the argument, and an int past int64 would reach
+    the op as a puzzling schema error."""
     if type(value) is int or isinstance(value, torch.SymInt):
         pass
     elif isinstance(value, numbers.Integral) and not isinstance(value, bool):
@@ -79,8 +79,13 @@ def _integer(op: str, name: str, value) -> int:
 
 
 def _flag(op: str, name: str, value) -> bool:
-    """A boolean argument: a bool (or the int 0 or 1). bool() would take any object, the string "no" as True."""
+    """A boolean argument: a bool, the int 0 or 1, a numpy bool or a one-element bool tensor. bool() would take any
+    object, the string "no" as True."""
     if isinstance(value, int) and value in (0, 1):  # bool is an int
+        return bool(value)
+    if isinstance(value, torch.Tensor) and value.dtype == torch.bool and value.numel() == 1:
+        return bool(value)
+    if getattr(getattr(value, "dtype", None), "kind", None) == "b" and getattr(value, "shape", None) == ():  # numpy
         return bool(value)
     raise TypeError(f"{op}: {name} must be a bool, got {value!r}")
 

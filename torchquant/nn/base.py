@@ -63,7 +63,7 @@ class QuantLayerBase(nn.Module):
     def _init_quant(self, config) -> None:
         """Called by subclass constructors once `weight` exists."""
         if self.weight.dtype not in FLOAT_DTYPES:
-            # the quantize kernels take these only (a float64 layer failed at its first forward, after prepare)
+            # the quantize kernels take these only: refused here, before prepare changes the model
             raise TypeError(f"{type(self).__name__}: the weight must be float32, float16 or bfloat16, got "
                             f"{self.weight.dtype} (convert the model with .float() first)")
         if self.weight.numel() == 0:
