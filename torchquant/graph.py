@@ -478,8 +478,8 @@ def _after_load(module, incompatible_keys) -> None:
 # the converted pipeline's ops (called from the rewritten graph)
 
 def quantize_input(x: torch.Tensor, quantizer: ActivationQuantizer) -> torch.Tensor:
-    """x quantized with quantizer's qparams, in x's layout (a conv reading it re-lays it channels-last itself, an
-    image's 3 channels faster than a copy here would)."""
+    """x quantized with quantizer's qparams, in x's layout. Each conv reading it lays it out channels-last itself: a
+    3-channel image by an interleave faster than a copy here would be, other channel counts by a copy per conv."""
     scale, _, zero_point, _ = quantizer.qparams
     spec = quantizer.spec
     return F_q.quantize(x, scale, zero_point, bits=spec.bits, signed=spec.signed, rounding=spec.rounding)
