@@ -156,12 +156,8 @@ std::optional<at::Tensor> number_tensor(double value, int64_t length, at::Scalar
 // as a cached tensor, or a CPU tensor of that dtype and length, as a 1-D view. Other devices take the Python path.
 std::optional<at::Tensor> qparam_arg(PyObject* o, at::ScalarType dtype, double low, double high, int64_t length,
                                      const at::Tensor& x) {
-  if (THPVariable_Check(o)) {
-    const at::Tensor* t = plain_tensor(o);
-    if (t == nullptr || t->scalar_type() != dtype || !t->is_cpu() || !x.is_cpu() || t->numel() != length)
-      return std::nullopt;
-    return t->dim() == 1 ? *t : t->reshape({length});
-  }
+  // Numbers first: their exact-type tests are pointer comparisons, while THPVariable_Check on a non-tensor is an
+  // isinstance call (a metaclass lookup) that costs tens of nanoseconds.
   double value = 0;
   if (dtype == at::kFloat && PyFloat_CheckExact(o)) {
     value = PyFloat_AS_DOUBLE(o);
@@ -170,6 +166,11 @@ std::optional<at::Tensor> qparam_arg(PyObject* o, at::ScalarType dtype, double l
     const long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
     if (overflow != 0) return std::nullopt;
     value = static_cast<double>(v);
+  } else if (THPVariable_Check(o)) {
+    const at::Tensor* t = plain_tensor(o);
+    if (t == nullptr || t->scalar_type() != dtype || !t->is_cpu() || !x.is_cpu() || t->numel() != length)
+      return std::nullopt;
+    return t->dim() == 1 ? *t : t->reshape({length});
   } else {
     return std::nullopt;
   }

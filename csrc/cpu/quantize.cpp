@@ -353,9 +353,13 @@ ChannelParams checked_params(const at::Tensor& scale, const at::Tensor& zero_poi
   const int32_t* zp = z.data_ptr<int32_t>();
   ChannelParams p;
   const int64_t n = s.numel();
-  p.scale.resize(n);
-  p.inv_scale.resize(n);
-  p.zero_point.resize(n);
+  p.scale.resize_for_overwrite(n);  // every entry is written below
+  p.inv_scale.resize_for_overwrite(n);
+  p.zero_point.resize_for_overwrite(n);
+  // Local pointers: stores through the vectors' own would reload their data pointers on every channel.
+  float* scale_out = p.scale.data();
+  float* inv_scale_out = p.inv_scale.data();
+  float* zero_point_out = p.zero_point.data();
   for (int64_t c = 0; c < n; ++c) {
     // A normal float32 (>= FLT_MIN) keeps 1 / scale finite, so that x * (1 / scale) is never 0 * inf.
     TQ_CHECK(std::isfinite(sp[c]) && sp[c] >= FLT_MIN,
@@ -363,9 +367,9 @@ ChannelParams checked_params(const at::Tensor& scale, const at::Tensor& zero_poi
                 n > 1 ? " in channel " + std::to_string(c) : std::string());
     TQ_CHECK(zp[c] >= zp_min && zp[c] <= zp_max, "zero_point must be in [", zp_min, ", ", zp_max, "], got ",
                 zp[c], n > 1 ? " in channel " + std::to_string(c) : std::string());
-    p.scale[c] = sp[c];
-    p.inv_scale[c] = 1.0f / sp[c];
-    p.zero_point[c] = static_cast<float>(zp[c]);
+    scale_out[c] = sp[c];
+    inv_scale_out[c] = 1.0f / sp[c];
+    zero_point_out[c] = static_cast<float>(zp[c]);
   }
   return p;
 }
@@ -375,13 +379,14 @@ template <class Span>
 void for_each_span(int64_t numel, QuantLayout layout, const ChannelParams& p, const Span& span) {
   const bool broadcast = layout.channels == 1 || layout.inner >= kBroadcastRowMin;
   at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
-    if (broadcast) {
-      for (int64_t i = begin; i < end;) {
-        const int64_t row = i / layout.inner;
-        const int64_t c = row % layout.channels;
+    if (broadcast) {  // one span per row: the row and its channel advance by one (no division per row)
+      int64_t row = begin / layout.inner;
+      int64_t c = row % layout.channels;
+      for (int64_t i = begin; i < end; ++row) {
         const int64_t stop = std::min(end, (row + 1) * layout.inner);
         span(i, stop - i, SpanParams{&p.scale[c], &p.inv_scale[c], &p.zero_point[c]}, false);
         i = stop;
+        if (++c == layout.channels) c = 0;
       }
       return;
     }
