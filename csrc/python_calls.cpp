@@ -23,6 +23,7 @@
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/InferenceMode.h>
+#include <c10/util/MaybeOwned.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/Dtype.h>
 #include <torch/csrc/Exceptions.h>
@@ -154,7 +155,9 @@ std::optional<at::Tensor> number_tensor(double value, int64_t length, at::Scalar
 // scale (dtype float32) or zero_point (int32) of x as the op takes it, with `length` entries (1 per tensor, x's
 // channels per channel) for a CPU x: a number in [low, high] (the scale may be a float, the zero point only an int)
 // as a cached tensor, or a CPU tensor of that dtype and length, as a 1-D view. Other devices take the Python path.
-std::optional<at::Tensor> qparam_arg(PyObject* o, at::ScalarType dtype, double low, double high, int64_t length,
+// A 1-D tensor argument is borrowed (it outlives the call; a copy costs two atomic reference counts); a cached
+// number's tensor is owned, as the other qparam's lookup may replace its slot.
+std::optional<c10::MaybeOwned<at::Tensor>> qparam_arg(PyObject* o, at::ScalarType dtype, double low, double high, int64_t length,
                                      const at::Tensor& x) {
   // Numbers first: their exact-type tests are pointer comparisons, while THPVariable_Check on a non-tensor is an
   // isinstance call (a metaclass lookup) that costs tens of nanoseconds.
@@ -170,20 +173,24 @@ std::optional<at::Tensor> qparam_arg(PyObject* o, at::ScalarType dtype, double l
     const at::Tensor* t = plain_tensor(o);
     if (t == nullptr || t->scalar_type() != dtype || !t->is_cpu() || !x.is_cpu() || t->numel() != length)
       return std::nullopt;
-    return t->dim() == 1 ? *t : t->reshape({length});
+    return t->dim() == 1 ? c10::MaybeOwned<at::Tensor>::borrowed(*t)
+                         : c10::MaybeOwned<at::Tensor>::owned(t->reshape({length}));
   } else {
     return std::nullopt;
   }
   if (!(value >= low && value <= high)) return std::nullopt;  // also NaN
   if (!x.is_cpu()) return std::nullopt;
-  return number_tensor(value, length, dtype);
+  auto tensor = number_tensor(value, length, dtype);
+  if (!tensor) return std::nullopt;
+  return c10::MaybeOwned<at::Tensor>::owned(std::move(*tensor));
 }
 
 // A scale: positive and finite as a float32, at least the smallest normal one (1 / scale stays finite).
-std::optional<at::Tensor> scale_arg(PyObject* o, int64_t length, const at::Tensor& x) {
+std::optional<c10::MaybeOwned<at::Tensor>> scale_arg(PyObject* o, int64_t length, const at::Tensor& x) {
   return qparam_arg(o, at::kFloat, FLT_MIN, FLT_MAX, length, x);
 }
-std::optional<at::Tensor> zero_point_arg(PyObject* o, int64_t low, int64_t high, int64_t length, const at::Tensor& x) {
+std::optional<c10::MaybeOwned<at::Tensor>> zero_point_arg(PyObject* o, int64_t low, int64_t high, int64_t length,
+                                                          const at::Tensor& x) {
   return qparam_arg(o, at::kInt, static_cast<double>(low), static_cast<double>(high), length, x);
 }
 
@@ -214,7 +221,7 @@ PyObject* call_quantize_like(PyObject*, PyObject* const* args, Py_ssize_t nargs)
   if (!scale || !zero_point) Py_RETURN_NOTIMPLEMENTED;
   static const auto op = find_op<QuantizeFn>(Name);
   return THPVariable_Wrap(
-      call_op(x->numel(), [&] { return op.call(*x, *scale, *zero_point, axis, *bits, is_signed, *rounding); }));
+      call_op(x->numel(), [&] { return op.call(*x, **scale, **zero_point, axis, *bits, is_signed, *rounding); }));
   END_HANDLE_TH_ERRORS
 }
 
@@ -238,7 +245,7 @@ PyObject* call_dequantize(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   const auto zero_point = zero_point_arg(args[2], is_signed ? -128 : 0, is_signed ? 127 : 255, length, *q);
   if (!scale || !zero_point) Py_RETURN_NOTIMPLEMENTED;
   static const auto op = find_op<DequantizeFn>("torchquant::dequantize");
-  return THPVariable_Wrap(call_op(q->numel(), [&] { return op.call(*q, *scale, *zero_point, axis, dtype); }));
+  return THPVariable_Wrap(call_op(q->numel(), [&] { return op.call(*q, **scale, **zero_point, axis, dtype); }));
   END_HANDLE_TH_ERRORS
 }
 

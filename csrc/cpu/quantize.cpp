@@ -24,6 +24,7 @@
 #include <ATen/ATen.h>
 #include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
+#include <c10/util/MaybeOwned.h>
 #include <c10/util/SmallVector.h>
 #include <torch/library.h>
 
@@ -347,12 +348,13 @@ QuantLayout checked_layout(const at::Tensor& x, const at::Tensor& scale, const a
 
 // scale, 1 / scale and zero_point as floats, each checked (scale positive and finite, zero point in range).
 ChannelParams checked_params(const at::Tensor& scale, const at::Tensor& zero_point, float zp_min, float zp_max) {
-  const at::Tensor s = scale.contiguous();
-  const at::Tensor z = zero_point.contiguous();
-  const float* sp = s.data_ptr<float>();
-  const int32_t* zp = z.data_ptr<int32_t>();
+  // expect_contiguous: a contiguous tensor is borrowed, not copied (each copy is two atomic reference counts).
+  const c10::MaybeOwned<at::Tensor> s = scale.expect_contiguous();
+  const c10::MaybeOwned<at::Tensor> z = zero_point.expect_contiguous();
+  const float* sp = s->data_ptr<float>();
+  const int32_t* zp = z->data_ptr<int32_t>();
   ChannelParams p;
-  const int64_t n = s.numel();
+  const int64_t n = s->numel();
   p.scale.resize_for_overwrite(n);  // every entry is written below
   p.inv_scale.resize_for_overwrite(n);
   p.zero_point.resize_for_overwrite(n);
@@ -503,13 +505,13 @@ at::Tensor empty_cpu(at::IntArrayRef sizes, at::ScalarType dtype) { return at::d
 at::Tensor quantize_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
                         std::optional<int64_t> axis, int64_t bits, bool is_signed, c10::string_view rounding) {
   const QuantizeArgs args = checked_quantize_args(x, scale, zero_point, axis, bits, is_signed, rounding);
-  const at::Tensor xc = x.contiguous();
+  const c10::MaybeOwned<at::Tensor> xc = x.expect_contiguous();
   at::Tensor q = empty_cpu(x.sizes(), is_signed ? at::kChar : at::kByte);
   with_float_type(x.scalar_type(), "x", [&](auto in_tag) {
     using In = decltype(in_tag);
     with_byte_type(q.scalar_type(), "output", [&](auto out_tag) {
       using Out = decltype(out_tag);
-      const In* xp = xc.data_ptr<In>();
+      const In* xp = xc->data_ptr<In>();
       Out* qp = q.data_ptr<Out>();
       map_spans(x.numel(), args.layout, args.params, [&](auto isa, auto per_element, int64_t i, int64_t n,
                                                          SpanParams sp) {
@@ -527,13 +529,13 @@ at::Tensor dequantize_cpu(const at::Tensor& q, const at::Tensor& scale, const at
   const QuantLayout layout = checked_layout(q, scale, zero_point, axis);
   const bool is_signed = q.scalar_type() == at::kChar;
   const ChannelParams p = checked_params(scale, zero_point, is_signed ? -128.0f : 0.0f, is_signed ? 127.0f : 255.0f);
-  const at::Tensor qc = q.contiguous();
+  const c10::MaybeOwned<at::Tensor> qc = q.expect_contiguous();
   at::Tensor y = empty_cpu(q.sizes(), dtype);
   with_byte_type(q.scalar_type(), "q", [&](auto in_tag) {
     using In = decltype(in_tag);
     with_float_type(dtype, "dtype", [&](auto out_tag) {
       using Out = decltype(out_tag);
-      const In* qp = qc.data_ptr<In>();
+      const In* qp = qc->data_ptr<In>();
       Out* yp = y.data_ptr<Out>();
       map_spans(q.numel(), layout, p, [&](auto isa, auto per_element, int64_t i, int64_t n, SpanParams sp) {
         decltype(isa)::template dequantize_span<per_element>(qp + i, yp + i, n, sp);
@@ -546,11 +548,11 @@ at::Tensor dequantize_cpu(const at::Tensor& q, const at::Tensor& scale, const at
 at::Tensor fake_quantize_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
                              std::optional<int64_t> axis, int64_t bits, bool is_signed, c10::string_view rounding) {
   const QuantizeArgs args = checked_quantize_args(x, scale, zero_point, axis, bits, is_signed, rounding);
-  const at::Tensor xc = x.contiguous();
+  const c10::MaybeOwned<at::Tensor> xc = x.expect_contiguous();
   at::Tensor y = empty_cpu(x.sizes(), x.scalar_type());
   with_float_type(x.scalar_type(), "x", [&](auto tag) {
     using T = decltype(tag);
-    const T* xp = xc.data_ptr<T>();
+    const T* xp = xc->data_ptr<T>();
     T* yp = y.data_ptr<T>();
     map_spans(x.numel(), args.layout, args.params, [&](auto isa, auto per_element, int64_t i, int64_t n,
                                                        SpanParams sp) {
@@ -565,13 +567,13 @@ at::Tensor fake_quantize_backward_cpu(const at::Tensor& grad, const at::Tensor& 
                                       bool is_signed, c10::string_view rounding) {
   const QuantizeArgs args = checked_quantize_args(x, scale, zero_point, axis, bits, is_signed, rounding);
   check_grad_like(grad, x);
-  const at::Tensor xc = x.contiguous();
-  const at::Tensor gc = grad.contiguous();
+  const c10::MaybeOwned<at::Tensor> xc = x.expect_contiguous();
+  const c10::MaybeOwned<at::Tensor> gc = grad.expect_contiguous();
   at::Tensor grad_x = empty_cpu(x.sizes(), x.scalar_type());
   with_float_type(x.scalar_type(), "x", [&](auto tag) {
     using T = decltype(tag);
-    const T* xp = xc.data_ptr<T>();
-    const T* gp = gc.data_ptr<T>();
+    const T* xp = xc->data_ptr<T>();
+    const T* gp = gc->data_ptr<T>();
     T* op = grad_x.data_ptr<T>();
     map_spans(x.numel(), args.layout, args.params, [&](auto isa, auto per_element, int64_t i, int64_t n,
                                                        SpanParams sp) {
