@@ -102,9 +102,9 @@ std::optional<c10::string_view> rounding_arg(PyObject* o) {
 
 // Python-number scales and zero points of CPU calls as the CPU tensors the ops take, one per (value, length, dtype):
 // building a tensor costs as much as quantizing a few thousand elements, and the ops only read these. (Not for
-// other devices: a cached device tensor would outlive the stream and graph-capture pool it was made in.) A direct-mapped table
-// (a new key replaces the one in its slot): one hash and one comparison a call, and a bounded size. Guarded by the
-// GIL.
+// other devices: a cached device tensor would outlive the stream and graph-capture pool it was made in.) A
+// direct-mapped table (a new key replaces the one in its slot): one hash and one comparison a call, and a bounded
+// size. Guarded by the GIL.
 struct NumberKey {
   double value = 0;
   int64_t length = 0;
@@ -157,8 +157,8 @@ std::optional<at::Tensor> number_tensor(double value, int64_t length, at::Scalar
 // as a cached tensor, or a CPU tensor of that dtype and length, as a 1-D view. Other devices take the Python path.
 // A 1-D tensor argument is borrowed (it outlives the call; a copy costs two atomic reference counts); a cached
 // number's tensor is owned, as the other qparam's lookup may replace its slot.
-std::optional<c10::MaybeOwned<at::Tensor>> qparam_arg(PyObject* o, at::ScalarType dtype, double low, double high, int64_t length,
-                                     const at::Tensor& x) {
+std::optional<c10::MaybeOwned<at::Tensor>> qparam_arg(PyObject* o, at::ScalarType dtype, double low, double high,
+                                                      int64_t length, const at::Tensor& x) {
   // Numbers first: their exact-type tests are pointer comparisons, while THPVariable_Check on a non-tensor is an
   // isinstance call (a metaclass lookup) that costs tens of nanoseconds.
   double value = 0;
