@@ -227,6 +227,30 @@ def test_flags_take_bools_and_0_or_1():
     assert F.quantized_max_pool2d(x, 2, ceil_mode=1).shape[-1] == 3
 
 
+def test_sizes_take_numpy_integers_and_refuse_bools():
+    """kernel_size, stride, padding, dilation and groups: numpy integers are the sizes they hold; True is not a
+    size (it was taken as 1)."""
+    import numpy as np
+    x = randint8((1, 2, 6, 6), seed=8)
+    want = F.quantized_max_pool2d(x, 3, 2, 1)
+    assert torch.equal(F.quantized_max_pool2d(x, np.int64(3), (np.int32(2), 2), np.uint8(1)), want)
+    with pytest.raises(TypeError, match="kernel_size must be an int or a pair of ints, got True"):
+        F.quantized_max_pool2d(x, True)
+    with pytest.raises(TypeError, match=r"stride must be an int or a pair of ints, got \(2, False\)"):
+        F.quantized_max_pool2d(x, 2, (2, False))
+    w = randint8((4, 2, 3, 3), seed=9)
+    assert torch.equal(F.pack_conv_weight(w, np.int64(2)), F.pack_conv_weight(w, 2))
+    with pytest.raises(ValueError, match="pack_conv_weight: groups must be a positive int dividing out_channels"):
+        F.pack_conv_weight(w, True)
+    packed, w_sum, w_scale = F.pack_conv_weight(w), w.sum((1, 2, 3), dtype=torch.int32), torch.ones(4)
+    want = F.int8_conv2d(x, 0.1, 0, packed, w_sum, w_scale, out_channels=4, kernel_size=3)
+    got = F.int8_conv2d(x, 0.1, 0, packed, w_sum, w_scale, out_channels=4, kernel_size=np.int64(3),
+                        groups=np.int64(1))
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="int8_conv2d: groups must be a positive int"):
+        F.int8_conv2d(x, 0.1, 0, packed, w_sum, w_scale, out_channels=4, kernel_size=3, groups=True)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # meta tensors: shapes out, or the kernels' errors; never an IndexError or a value read
 # ---------------------------------------------------------------------------------------------------------------

@@ -49,11 +49,20 @@ def _require_same_device(device: torch.device, **tensors) -> None:
             raise ValueError(f"{name} is on {t.device} but the input is on {device}: move all tensors to one device")
 
 
+def _is_int(v) -> bool:
+    """An int, a numpy integer or a SymInt; not a bool (True is not a size)."""
+    return isinstance(v, (numbers.Integral, torch.SymInt)) and not isinstance(v, bool)
+
+
+def _as_int(v):
+    return v if isinstance(v, torch.SymInt) else int(v)
+
+
 def _pair(name: str, v: Union[int, Sequence[int]]) -> Tuple[int, int]:
-    if isinstance(v, int):
-        return (v, v)
-    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(i, int) for i in v):
-        return (int(v[0]), int(v[1]))
+    if _is_int(v):
+        return (_as_int(v), _as_int(v))
+    if isinstance(v, (tuple, list)) and len(v) == 2 and all(_is_int(i) for i in v):
+        return (_as_int(v[0]), _as_int(v[1]))
     raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
 
 
@@ -205,9 +214,10 @@ def pack_conv_weight(w_q: torch.Tensor, groups: int = 1) -> torch.Tensor:
     _require_dtype("w_q", w_q, (torch.int8,))
     if w_q.dim() != 4 or w_q.numel() == 0:
         raise ValueError(f"pack_conv_weight: w_q must be a non-empty [OC, IC/G, KH, KW] tensor, got {tuple(w_q.shape)}")
-    if not isinstance(groups, int) or groups < 1 or w_q.shape[0] % groups:
+    if not _is_int(groups) or groups < 1 or w_q.shape[0] % groups:
         raise ValueError(f"pack_conv_weight: groups must be a positive int dividing out_channels ({w_q.shape[0]}), "
                          f"got {groups!r}")
+    groups = _as_int(groups)
     oc, cg, kh, kw = w_q.shape
     packed = ops.pack_int8_weight(w_q.permute(0, 2, 3, 1).reshape(groups, oc // groups, kh * kw * cg))
     return packed.unflatten(-1, (kh, kw, cg))  # [G, OC/G, KH, KW, C/G]: int8_conv2d checks each against its input
@@ -236,9 +246,10 @@ def int8_conv2d(x_q: torch.Tensor, x_scale, x_zero_point: int, w_packed: torch.T
     _require_same_device(x_q.device, x_scale=x_scale, w_packed=w_packed, w_sum=w_sum, w_scale=w_scale, bias=bias)
     _require_positive_finite("int8_conv2d", "w_scale", w_scale)
     out_channels = _integer("int8_conv2d", "out_channels", out_channels)
-    if not isinstance(groups, int) or groups < 1 or x_q.shape[1] % groups or out_channels % groups:
+    if not _is_int(groups) or groups < 1 or x_q.shape[1] % groups or out_channels % groups:
         raise ValueError(f"int8_conv2d: groups must be a positive int dividing the input channels ({x_q.shape[1]}) "
                          f"and out_channels ({out_channels}), got {groups!r}")
+    groups = _as_int(groups)
     if out_dtype not in FLOAT_DTYPES + _ACTIVATION_DTYPES:
         raise TypeError(f"int8_conv2d: out_dtype must be float32, float16, bfloat16, int8 or uint8, got {out_dtype}")
     op = "int8_conv2d"
