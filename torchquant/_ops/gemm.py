@@ -71,10 +71,8 @@ def _integer(op: str, name: str, value) -> int:
     numpy integer, an integral float or a one-element integer tensor; not a bool. Anything else raises naming it:
     int() would truncate 0.5 to 0 and fail on NaN without naming the argument, and an int past int64 would reach
     the op as a puzzling schema error."""
-    if type(value) is int or isinstance(value, torch.SymInt):
-        pass
-    elif isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        value = int(value)
+    if _is_int(value):
+        value = _as_int(value)
     elif isinstance(value, float) and value.is_integer():
         value = int(value)
     elif (isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point()
