@@ -447,6 +447,8 @@ def conv_case(rng: random.Random):
     raw = rng.random() < 0.3
     groups = rng.choice([1, 1, 2, 3])
     cg, ocg = rng.choice([1, 2, 3, 4, 16]), rng.choice([1, 2, 5, 64])
+    if rng.random() < 0.15:  # depthwise: one channel per group, many groups
+        groups, cg, ocg = rng.choice([5, 16, 64, 70]), 1, 1
     kh, kw = rng.choice([1, 2, 3]), rng.choice([1, 2, 3])
     b, h, w = rng.choice([0, 1, 2]), rng.choice([1, 3, 6]), rng.choice([1, 4, 7])
     oc = groups * ocg

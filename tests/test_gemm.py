@@ -316,6 +316,16 @@ CONVS = [  # batch, in_ch, h, w, out_ch, kernel, stride, padding, dilation, grou
     (1, 6, 7, 8, 8, (3, 3), 1, 2, 2, 1),        # dilation: im2col runs of one pixel's 6 bytes
     (1, 40, 6, 6, 8, (2, 2), 1, 1, 1, 1),       # runs of 80 bytes (whole vectors and an overlapping tail)
     (2, 8, 11, 9, 8, (3, 3), 1, (2, 1), (2, 1), 1),  # dilated rows only: whole-pixel runs 2 input rows apart
+    # depthwise (groups == channels == out_channels): channels are the vector lanes, 64 per tile row
+    (2, 70, 9, 75, 70, (3, 3), 1, 1, 1, 70),    # a full and a 6-channel block; rows of 75 in two segments
+    (2, 128, 7, 7, 128, (3, 3), 1, 1, 1, 128),  # two full blocks; 7-pixel rows: one 4-pixel block and edges
+    (1, 48, 9, 10, 48, (3, 3), 2, 1, 1, 48),    # stride 2, three vectors
+    (1, 32, 12, 13, 32, (5, 5), 1, 2, 1, 32),   # 5x5, two pixels of padding
+    (1, 16, 10, 11, 16, (3, 3), 1, 2, 2, 16),   # dilation
+    (1, 8, 6, 30, 8, (1, 7), (1, 2), (0, 3), 1, 8),  # 1x7 along the row, a partial vector
+    (1, 64, 3, 3, 64, (3, 3), 1, 0, 1, 64),     # one output pixel
+    (1, 24, 5, 9, 24, (3, 3), 1, 4, 1, 24),     # padding wider than the kernel: output pixels reading no input
+    (1, 20, 5, 5, 40, (3, 3), 1, 1, 1, 20),     # channel multiplier 2: the GEMM
 ]
 
 
@@ -369,7 +379,8 @@ def test_int8_conv2d_large(device, isa, conv, x_dtype, x_zp):
 
 
 @pytest.mark.parametrize("out_dtype,out_zp", [(torch.int8, 0), (torch.int8, -5), (torch.uint8, 128)])
-@pytest.mark.parametrize("conv", [CONVS[0], CONVS[1], CONVS[5], BIG_CONVS[0]], ids=["3x3", "1x1", "groups", "big"])
+@pytest.mark.parametrize("conv", [CONVS[0], CONVS[1], CONVS[5], CONVS[13], BIG_CONVS[0]],
+                         ids=["3x3", "1x1", "groups", "depthwise", "big"])
 def test_int8_conv2d_requantized(device, isa, conv, out_dtype, out_zp):
     b, c, h, w_, oc, kernel, stride, padding, dilation, groups = conv
     g = torch.Generator().manual_seed(oc + out_zp)

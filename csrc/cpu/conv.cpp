@@ -171,6 +171,178 @@ const uint8_t* channels_last_bytes(const at::Tensor& x_q, at::Tensor& copy) {
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// Depthwise conv (groups == channels == out_channels): output channel c sums the taps of input channel c only, so
+// there is no reduction over channels for the GEMM to vectorize (it ran a 64-column weight panel per channel for
+// one valid column, 20x slower than float on MobileNet-style blocks). Here channels are the vector lanes: 64
+// channels of an output pixel (a tile row) are acc[c] = sum over taps of x_u8[tap pixel][c] * w[c][tap], taps
+// outside the input reading the zero point, the same sums the GEMM forms; the GEMM's epilogue then finishes them.
+// ---------------------------------------------------------------------------------------------------------------
+
+struct DepthwiseSource {
+  const uint8_t* x;  // channels-last input bytes
+  ConvGeometry g;
+  const int32_t* w;  // [tap][channel], the tap's int8 weight
+  uint8_t pad_byte;  // the zero point, as the flipped byte
+};
+
+constexpr int64_t kDepthwiseChannels = kPackAlign;  // the channels of a tile row
+constexpr int64_t kDepthwisePixels = 64;            // tile rows (output pixels along an output row) per work item
+
+// The sums of one output pixel (b, oh, ow) for channels c0..c0+ncols, portable: wrapping uint32 arithmetic, the
+// accumulators' behaviour on every path. Inlined into one function per instruction set, which the compiler
+// vectorizes over the channels.
+template <bool FLIP>
+__attribute__((always_inline)) inline void depthwise_pixel_portable(const DepthwiseSource& s, int64_t b, int64_t oh,
+                                                                    int64_t ow, int64_t c0, int64_t ncols,
+                                                                    int32_t* tile_row) {
+  const ConvGeometry& g = s.g;
+  uint32_t acc[kDepthwiseChannels] = {};
+  const int64_t ih0 = oh * g.stride_h - g.pad_h, iw0 = ow * g.stride_w - g.pad_w;
+  for (int64_t i = 0; i < g.kh; ++i) {
+    const int64_t ih = ih0 + i * g.dil_h;
+    for (int64_t j = 0; j < g.kw; ++j) {
+      const int64_t iw = iw0 + j * g.dil_w;
+      const int32_t* w = s.w + (i * g.kw + j) * g.channels + c0;
+      if (ih >= 0 && ih < g.height && iw >= 0 && iw < g.width) {
+        const uint8_t* p = s.x + ((b * g.height + ih) * g.width + iw) * g.channels + c0;
+        for (int64_t c = 0; c < ncols; ++c)
+          acc[c] += static_cast<uint32_t>(FLIP ? p[c] ^ 0x80 : p[c]) * static_cast<uint32_t>(w[c]);
+      } else {
+        for (int64_t c = 0; c < ncols; ++c) acc[c] += s.pad_byte * static_cast<uint32_t>(w[c]);
+      }
+    }
+  }
+  for (int64_t c = 0; c < ncols; ++c) tile_row[c] = static_cast<int32_t>(acc[c]);
+}
+
+template <bool FLIP>
+void depthwise_pixel_scalar(const DepthwiseSource& s, int64_t b, int64_t oh, int64_t ow, int64_t c0, int64_t ncols,
+                            int32_t* tile_row) {
+  depthwise_pixel_portable<FLIP>(s, b, oh, ow, c0, ncols, tile_row);
+}
+
+template <bool FLIP>
+TQ_TARGET_AVX2 void depthwise_pixel_avx2(const DepthwiseSource& s, int64_t b, int64_t oh, int64_t ow, int64_t c0,
+                                         int64_t ncols, int32_t* tile_row) {
+  depthwise_pixel_portable<FLIP>(s, b, oh, ow, c0, ncols, tile_row);
+}
+
+// AVX-512 VNNI: R consecutive output pixels x V vectors of 16 channels, R * V int32 accumulators. Each byte is
+// zero extended to an int32 lane and the tap's weight sits in the low int16 half of its lane, so vpdpwssd
+// (int16 pair products summed into int32) adds exactly x * w (the high halves multiply a zero). R > 1 only where
+// every tap of the R pixels is inside the input along the row; a kernel row above or below the input reads the
+// zero point. The last vector holds the lanes of `mask`.
+template <int R, int V, bool FLIP>
+TQ_TARGET_VNNI void depthwise_pixels_avx512(const DepthwiseSource& s, int64_t b, int64_t oh, int64_t ow, int64_t c0,
+                                            __mmask16 mask, int32_t* tile) {
+  const ConvGeometry& g = s.g;
+  __m512i acc[R][V];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) acc[r][v] = _mm512_setzero_si512();
+  const __m512i pad = _mm512_set1_epi32(s.pad_byte);
+  const __m128i flip = _mm_set1_epi8(static_cast<char>(0x80));
+  const int64_t ih0 = oh * g.stride_h - g.pad_h, iw0 = ow * g.stride_w - g.pad_w;
+  for (int64_t i = 0; i < g.kh; ++i) {
+    const int64_t ih = ih0 + i * g.dil_h;
+    const bool row_inside = ih >= 0 && ih < g.height;
+    const int64_t row = (b * g.height + ih) * g.width;
+    for (int64_t j = 0; j < g.kw; ++j) {
+      const int32_t* wt = s.w + (i * g.kw + j) * g.channels + c0;
+      __m512i w[V];
+      for (int v = 0; v < V; ++v)
+        w[v] = v == V - 1 ? _mm512_maskz_loadu_epi32(mask, wt + 16 * v) : _mm512_loadu_si512(wt + 16 * v);
+      for (int r = 0; r < R; ++r) {
+        const int64_t iw = iw0 + r * g.stride_w + j * g.dil_w;
+        const bool inside = row_inside && (R > 1 || (iw >= 0 && iw < g.width));
+        const uint8_t* p = inside ? s.x + (row + iw) * g.channels + c0 : nullptr;
+        for (int v = 0; v < V; ++v) {
+          __m512i xv = pad;
+          if (inside) {
+            __m128i bytes = v == V - 1 ? _mm_maskz_loadu_epi8(mask, p + 16 * v)
+                                       : _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * v));
+            if (FLIP) bytes = _mm_xor_si128(bytes, flip);
+            xv = _mm512_cvtepu8_epi32(bytes);
+          }
+          acc[r][v] = _mm512_dpwssd_epi32(acc[r][v], xv, w[v]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) _mm512_store_si512(tile + r * kPackAlign + 16 * v, acc[r][v]);
+}
+
+constexpr int kDepthwiseRows = 4;  // pixels per AVX-512 block: 16 accumulators + 4 weight vectors at V = 4
+
+template <int V, bool FLIP>
+TQ_TARGET_VNNI void depthwise_segment_avx512(const DepthwiseSource& s, int64_t b, int64_t oh, int64_t ow0,
+                                             int64_t rows, int64_t c0, int64_t ncols, int32_t* tile) {
+  const ConvGeometry& g = s.g;
+  const __mmask16 mask = static_cast<__mmask16>((1u << (ncols - 16 * (V - 1))) - 1);
+  const int64_t span = (g.kw - 1) * g.dil_w;  // the kernel's extent along the row past its first tap
+  int64_t r = 0;
+  while (r < rows) {
+    const int64_t iw_first = (ow0 + r) * g.stride_w - g.pad_w;
+    const int64_t iw_last = (ow0 + r + kDepthwiseRows - 1) * g.stride_w - g.pad_w + span;
+    if (r + kDepthwiseRows <= rows && iw_first >= 0 && iw_last < g.width) {
+      depthwise_pixels_avx512<kDepthwiseRows, V, FLIP>(s, b, oh, ow0 + r, c0, mask, tile + r * kPackAlign);
+      r += kDepthwiseRows;
+    } else {
+      depthwise_pixels_avx512<1, V, FLIP>(s, b, oh, ow0 + r, c0, mask, tile + r * kPackAlign);
+      ++r;
+    }
+  }
+}
+
+template <bool FLIP>
+void depthwise_segment(const DepthwiseSource& s, int64_t b, int64_t oh, int64_t ow0, int64_t rows, int64_t c0,
+                       int64_t ncols, int32_t* tile, CpuIsa isa) {
+  if (isa == CpuIsa::Avx512Vnni) {
+    switch ((ncols + 15) / 16) {
+      case 1: return depthwise_segment_avx512<1, FLIP>(s, b, oh, ow0, rows, c0, ncols, tile);
+      case 2: return depthwise_segment_avx512<2, FLIP>(s, b, oh, ow0, rows, c0, ncols, tile);
+      case 3: return depthwise_segment_avx512<3, FLIP>(s, b, oh, ow0, rows, c0, ncols, tile);
+      default: return depthwise_segment_avx512<4, FLIP>(s, b, oh, ow0, rows, c0, ncols, tile);
+    }
+  }
+  const auto pixel = isa == CpuIsa::Avx2 ? depthwise_pixel_avx2<FLIP> : depthwise_pixel_scalar<FLIP>;
+  for (int64_t r = 0; r < rows; ++r) pixel(s, b, oh, ow0 + r, c0, ncols, tile + r * kPackAlign);
+}
+
+// The depthwise int8_conv2d: x channels-last bytes, the weight as packed for the GEMM (one panel per group, its
+// first column the channel's taps), the epilogue as for the GEMM.
+void conv_u8s8_depthwise(const ConvGeometry& g, const uint8_t* x, const int8_t* w_packed, int64_t group_bytes,
+                         uint8_t flip, uint8_t pad_byte, const Epilogue& ep, CpuIsa isa) {
+  const int64_t taps = g.kh * g.kw;
+  std::vector<int32_t> w(checked_mul("int8_conv2d", "the depthwise weight size", taps, g.channels));
+  for (int64_t c = 0; c < g.channels; ++c)
+    for (int64_t t = 0; t < taps; ++t) w[t * g.channels + c] = w_packed[c * group_bytes + (t / 4) * kStepBytes + t % 4];
+  const DepthwiseSource src{x, g, w.data(), pad_byte};
+  const int64_t blocks = (g.channels + kDepthwiseChannels - 1) / kDepthwiseChannels;
+  const int64_t segments = (g.out_w + kDepthwisePixels - 1) / kDepthwisePixels;
+  const int64_t segment_len = (g.out_w + segments - 1) / segments;
+  const int64_t items = g.batch * g.out_h * segments * blocks;
+  const int64_t item_cost = segment_len * kDepthwiseChannels * taps;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(item_cost, 1));
+  const Epilogue out_ep = with_streaming(ep, g.rows);
+  at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
+    alignas(64) int32_t tile[kDepthwisePixels * kPackAlign];
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t block = item % blocks, segment = item / blocks;
+      const int64_t image_row = segment / segments;  // b * out_h + oh
+      const int64_t ow0 = (segment % segments) * segment_len;
+      const int64_t rows = std::min(segment_len, g.out_w - ow0);
+      const int64_t c0 = block * kDepthwiseChannels, ncols = std::min(kDepthwiseChannels, g.channels - c0);
+      const int64_t b = image_row / g.out_h, oh = image_row % g.out_h;
+      if (flip != 0) depthwise_segment<true>(src, b, oh, ow0, rows, c0, ncols, tile, isa);
+      else depthwise_segment<false>(src, b, oh, ow0, rows, c0, ncols, tile, isa);
+      epilogue_tile(out_ep, tile, image_row * g.out_w + ow0, rows, c0, ncols, isa);
+    }
+    if (out_ep.streaming) _mm_sfence();
+  });
+}
+
 at::Tensor int8_conv2d_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, int64_t x_zero_point,
                            const at::Tensor& w_packed, const at::Tensor& w_sum, const at::Tensor& w_scale,
                            const std::optional<at::Tensor>& bias, int64_t out_channels, at::IntArrayRef kernel_size,
@@ -212,7 +384,10 @@ at::Tensor int8_conv2d_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, int
   const Epilogue ep = epilogue_for(f.epilogue, flip, f.out_nhwc.data_ptr(), out_channels, col_offset);
   // one weight panel: no other panel shares the cost of an im2col row (a sixth of a 3x3 conv's time at 64
   // channels); with more panels, reading rows in place measured slower than the im2col rows they reuse
-  if (!pointwise && flip == 0 && groups == 1 && g.dil_w == 1 && g.kw * g.channels % 4 == 0 && ocg <= kPackAlign)
+  if (groups == g.channels && ocg == 1)
+    conv_u8s8_depthwise(g, x_bytes, args.b, args.b_group_stride, flip, im2col.pad_byte, ep, cpu_isa());
+  else if (!pointwise && flip == 0 && groups == 1 && g.dil_w == 1 && g.kw * g.channels % 4 == 0 &&
+           ocg <= kPackAlign)
     conv_u8s8_in_place(args, g, x_bytes, ep, cpu_isa());
   else
     gemm_u8s8(args, ep, cpu_isa());

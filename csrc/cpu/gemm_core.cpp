@@ -16,9 +16,6 @@
 
 #include "quant_math.h"
 
-#define TQ_TARGET_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
-#define TQ_TARGET_AVX2 __attribute__((target("avx2,fma")))
-
 namespace torchquant::gemm {
 namespace {
 
@@ -421,11 +418,7 @@ void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa) {
     lda = k4;
   }
 
-  // An output larger than the L2 caches is written with streaming stores: no read-for-ownership of lines that are
-  // fully overwritten (a 25 MB float32 output of a 1x1 conv took a third less time, and ResNet-style stages ran
-  // 2-6 % faster with this threshold than with none or 4-16 MB ones); a smaller one stays cached for the next op.
-  Epilogue out_ep = ep;
-  out_ep.streaming = args.m * ep.out_row_stride * out_kind_bytes(ep.kind) >= kStreamingOutputBytes;
+  const Epilogue out_ep = with_streaming(ep, args.m);
 
   at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
     alignas(64) int32_t tile[kRowsPerChunk * kPackAlign];
@@ -605,6 +598,20 @@ void pack_activation_rows(const uint8_t* src, int64_t m, int64_t k, int64_t stri
   });
 }
 
+// An output larger than the L2 caches is written with streaming stores: no read-for-ownership of lines that are
+// fully overwritten (a 25 MB float32 output of a 1x1 conv took a third less time, and ResNet-style stages ran
+// 2-6 % faster with this threshold than with none or 4-16 MB ones); a smaller one stays cached for the next op.
+Epilogue with_streaming(const Epilogue& ep, int64_t rows) {
+  Epilogue out = ep;
+  out.streaming = rows * ep.out_row_stride * out_kind_bytes(ep.kind) >= kStreamingOutputBytes;
+  return out;
+}
+
+void epilogue_tile(const Epilogue& ep, const int32_t* tile, int64_t row0, int64_t rows, int64_t col0, int64_t ncols,
+                   CpuIsa isa) {
+  isa_path(isa).epilogue(ep, tile, row0, rows, col0, ncols);
+}
+
 void conv_u8s8_in_place(const GemmArgs& args, const ConvGeometry& g, const uint8_t* x, const Epilogue& ep,
                         CpuIsa isa) {
   const IsaPath path = isa_path(isa);
@@ -617,8 +624,7 @@ void conv_u8s8_in_place(const GemmArgs& args, const ConvGeometry& g, const uint8
   const int64_t items = g.batch * g.out_h * segments_per_row * n_panels;
   const int64_t item_cost = (segment_len + 4) * kPackAlign * k4;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(item_cost, 1));
-  Epilogue out_ep = ep;
-  out_ep.streaming = args.m * ep.out_row_stride * out_kind_bytes(ep.kind) >= kStreamingOutputBytes;
+  const Epilogue out_ep = with_streaming(ep, args.m);
 
   at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
     alignas(64) int32_t tile[kRowsPerChunk * kPackAlign];

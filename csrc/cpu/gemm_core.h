@@ -73,6 +73,15 @@ class ScratchScope {
 // epilogue on the given ISA path, threaded with at::parallel_for.
 void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa);
 
+// ep with `streaming` set for an output of `rows` rows: streaming stores when the output is larger than the caches
+// (a kernel that sets it issues an sfence before its threads join).
+Epilogue with_streaming(const Epilogue& ep, int64_t rows);
+
+// The fused epilogue of gemm_u8s8 applied to a tile of int32 sums that a kernel made itself (the depthwise conv):
+// tile[r * kPackAlign + c] is the sum of output row row0 + r, column col0 + c, for r < rows, c < ncols <= kPackAlign.
+void epilogue_tile(const Epilogue& ep, const int32_t* tile, int64_t row0, int64_t rows, int64_t col0, int64_t ncols,
+                   CpuIsa isa);
+
 // int8_conv2d without an im2col copy for windows inside the input: groups == 1, uint8 channels-last x, dil_w == 1
 // and kw * channels a multiple of 4. A kernel row of the window is then kw * channels consecutive input bytes, and
 // the same k range of the packed weight (k runs (kh, kw, c)), so each run of up to 6 output pixels along an output

@@ -7,6 +7,10 @@
 
 #include <c10/util/Exception.h>
 
+// Function attributes of the code paths that cpu_isa() chooses between (what detected_cpu_isa() checks for).
+#define TQ_TARGET_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+#define TQ_TARGET_AVX2 __attribute__((target("avx2,fma")))
+
 namespace torchquant {
 
 enum class CpuIsa : int { Scalar = 0, Avx2 = 1, Avx512Vnni = 2 };

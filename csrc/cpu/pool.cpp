@@ -22,7 +22,6 @@ namespace torchquant {
 namespace {
 
 #define TQ_TARGET_AVX512BW __attribute__((target("avx512f,avx512bw")))
-#define TQ_TARGET_AVX2 __attribute__((target("avx2")))
 
 // The taps of one output pixel inside the input: rows x cols channel vectors, the first at `first`.
 struct Taps {
