@@ -325,6 +325,7 @@ CONVS = [  # batch, in_ch, h, w, out_ch, kernel, stride, padding, dilation, grou
     (1, 8, 6, 30, 8, (1, 7), (1, 2), (0, 3), 1, 8),  # 1x7 along the row, a partial vector
     (1, 64, 3, 3, 64, (3, 3), 1, 0, 1, 64),     # one output pixel
     (1, 24, 5, 9, 24, (3, 3), 1, 4, 1, 24),     # padding wider than the kernel: output pixels reading no input
+    (1, 16, 12, 20, 16, (9, 3), 1, 4, 1, 16),   # 9 kernel rows: past the AVX-512 column quads (up to 8 rows)
     (1, 20, 5, 5, 40, (3, 3), 1, 1, 1, 20),     # channel multiplier 2: the GEMM
 ]
 
@@ -379,8 +380,8 @@ def test_int8_conv2d_large(device, isa, conv, x_dtype, x_zp):
 
 
 @pytest.mark.parametrize("out_dtype,out_zp", [(torch.int8, 0), (torch.int8, -5), (torch.uint8, 128)])
-@pytest.mark.parametrize("conv", [CONVS[0], CONVS[1], CONVS[5], CONVS[13], BIG_CONVS[0]],
-                         ids=["3x3", "1x1", "groups", "depthwise", "big"])
+@pytest.mark.parametrize("conv", [CONVS[0], CONVS[1], CONVS[5], CONVS[13], CONVS[16], BIG_CONVS[0]],
+                         ids=["3x3", "1x1", "groups", "depthwise", "depthwise-5x5", "big"])
 def test_int8_conv2d_requantized(device, isa, conv, out_dtype, out_zp):
     b, c, h, w_, oc, kernel, stride, padding, dilation, groups = conv
     g = torch.Generator().manual_seed(oc + out_zp)

@@ -174,16 +174,17 @@ const uint8_t* channels_last_bytes(const at::Tensor& x_q, at::Tensor& copy) {
 // ---------------------------------------------------------------------------------------------------------------
 // Depthwise conv (groups == channels == out_channels): output channel c sums the taps of input channel c only, so
 // there is no reduction over channels for the GEMM to vectorize (it ran a 64-column weight panel per channel for
-// one valid column, 20x slower than float on MobileNet-style blocks). Here channels are the vector lanes: 64
+// one valid column, over 15x slower than float on MobileNet-style blocks). Here channels are the vector lanes: 64
 // channels of an output pixel (a tile row) are acc[c] = sum over taps of x_u8[tap pixel][c] * w[c][tap], taps
 // outside the input reading the zero point, the same sums the GEMM forms; the GEMM's epilogue then finishes them.
 // ---------------------------------------------------------------------------------------------------------------
 
 struct DepthwiseSource {
-  const uint8_t* x;  // channels-last input bytes
+  const uint8_t* x;       // channels-last input bytes
   ConvGeometry g;
-  const int32_t* w;  // [tap][channel], the tap's int8 weight
-  uint8_t pad_byte;  // the zero point, as the flipped byte
+  const int32_t* w;       // [tap][channel], the tap's int8 weight
+  const int8_t* w_quads;  // the AVX-512 path's weights (weight_quads), or nullptr for the portable one
+  uint8_t pad_byte;       // the zero point, as the flipped byte
 };
 
 constexpr int64_t kDepthwiseChannels = kPackAlign;  // the channels of a tile row
@@ -228,85 +229,132 @@ TQ_TARGET_AVX2 void depthwise_pixel_avx2(const DepthwiseSource& s, int64_t b, in
   depthwise_pixel_portable<FLIP>(s, b, oh, ow, c0, ncols, tile_row);
 }
 
-// AVX-512 VNNI: R consecutive output pixels x V vectors of 16 channels, R * V int32 accumulators. Each byte is
-// zero extended to an int32 lane and the tap's weight sits in the low int16 half of its lane, so vpdpwssd
-// (int16 pair products summed into int32) adds exactly x * w (the high halves multiply a zero). R > 1 only where
-// every tap of the R pixels is inside the input along the row; a kernel row above or below the input reads the
-// zero point. The last vector holds the lanes of `mask`.
-template <int R, int V, bool FLIP>
-TQ_TARGET_VNNI void depthwise_pixels_avx512(const DepthwiseSource& s, int64_t b, int64_t oh, int64_t ow, int64_t c0,
-                                            __mmask16 mask, int32_t* tile) {
+// AVX-512 VNNI. vpdpbusd sums 4 byte products into each int32 lane: here the 4 bytes of a channel's lane are 4
+// kernel rows of one input column (a column quad: 4 vectors of 16 channels, in channel order), so one instruction
+// adds 4 taps of 16 channels. A work item builds the quads of the input columns its output pixels read once (taps
+// outside the input read the zero point), and each quad serves every pixel whose window covers its column.
+constexpr int64_t kQuadBytes = 4 * kDepthwiseChannels;  // one column quad of 64 channels: 4 vectors
+constexpr int64_t kMaxQuadRowGroups = 2;                // kernels of up to 8 rows
+constexpr int64_t kMaxQuadColumns = 256;                // input columns per work item
+
+int64_t quad_row_groups(const ConvGeometry& g) { return (g.kh + 3) / 4; }
+
+// The input columns of a segment of `rows` output pixels, or -1 beyond what the quad path takes.
+int64_t quad_columns(const ConvGeometry& g, int64_t rows) {
+  if (quad_row_groups(g) > kMaxQuadRowGroups || g.stride_w > kMaxQuadColumns || g.kw > kMaxQuadColumns ||
+      g.dil_w > kMaxQuadColumns)
+    return -1;
+  const int64_t columns = (rows - 1) * g.stride_w + (g.kw - 1) * g.dil_w + 1;
+  return columns <= kMaxQuadColumns ? columns : -1;
+}
+
+// The quads [column][row group] of input columns iw_first.. for output row oh, channels c0.. (mask).
+template <bool FLIP>
+TQ_TARGET_VNNI void build_quads(const DepthwiseSource& s, int64_t b, int64_t oh, int64_t iw_first, int64_t columns,
+                                int64_t c0, __mmask64 mask, uint8_t* quads) {
   const ConvGeometry& g = s.g;
-  __m512i acc[R][V];
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) acc[r][v] = _mm512_setzero_si512();
-  const __m512i pad = _mm512_set1_epi32(s.pad_byte);
-  const __m128i flip = _mm_set1_epi8(static_cast<char>(0x80));
-  const int64_t ih0 = oh * g.stride_h - g.pad_h, iw0 = ow * g.stride_w - g.pad_w;
-  for (int64_t i = 0; i < g.kh; ++i) {
-    const int64_t ih = ih0 + i * g.dil_h;
-    const bool row_inside = ih >= 0 && ih < g.height;
-    const int64_t row = (b * g.height + ih) * g.width;
+  const int64_t groups = quad_row_groups(g);
+  const __m512i pad = _mm512_set1_epi8(static_cast<char>(s.pad_byte));
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  // The byte unpacks below interleave within 128-bit lanes: vector m of their result takes dword m of each lane.
+  // Dword 4 L + m of a row moved to 4 m + L first puts channels 16 m .. 16 m + 15 in vector m.
+  const __m512i lanes_to_vectors = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  const int64_t ih0 = oh * g.stride_h - g.pad_h;
+  for (int64_t q = 0; q < groups; ++q) {
+    const uint8_t* rows[4];  // the kernel rows' input rows at column 0; nullptr: outside the input or the kernel
+    for (int k = 0; k < 4; ++k) {
+      const int64_t i = 4 * q + k, ih = ih0 + i * g.dil_h;
+      rows[k] = i < g.kh && ih >= 0 && ih < g.height ? s.x + (b * g.height + ih) * g.width * g.channels + c0 : nullptr;
+    }
+    for (int64_t p = 0; p < columns; ++p) {
+      const int64_t iw = iw_first + p;
+      __m512i* out = reinterpret_cast<__m512i*>(quads + (p * groups + q) * kQuadBytes);
+      if (iw < 0 || iw >= g.width) {
+        for (int m = 0; m < 4; ++m) _mm512_storeu_si512(out + m, pad);
+        continue;
+      }
+      __m512i r[4];
+      for (int k = 0; k < 4; ++k) {
+        r[k] = pad;
+        if (rows[k] != nullptr) {
+          r[k] = _mm512_permutexvar_epi32(lanes_to_vectors, _mm512_maskz_loadu_epi8(mask, rows[k] + iw * g.channels));
+          if (FLIP) r[k] = _mm512_xor_si512(r[k], flip);
+        }
+      }
+      const __m512i lo01 = _mm512_unpacklo_epi8(r[0], r[1]), hi01 = _mm512_unpackhi_epi8(r[0], r[1]);
+      const __m512i lo23 = _mm512_unpacklo_epi8(r[2], r[3]), hi23 = _mm512_unpackhi_epi8(r[2], r[3]);
+      _mm512_storeu_si512(out, _mm512_unpacklo_epi16(lo01, lo23));
+      _mm512_storeu_si512(out + 1, _mm512_unpackhi_epi16(lo01, lo23));
+      _mm512_storeu_si512(out + 2, _mm512_unpacklo_epi16(hi01, hi23));
+      _mm512_storeu_si512(out + 3, _mm512_unpackhi_epi16(hi01, hi23));
+    }
+  }
+}
+
+// The sums of `blocks` blocks of R consecutive output pixels, the first pixel reading quad column 0, from the
+// channel block's weight quads.
+template <int R>
+TQ_TARGET_VNNI void depthwise_quad_pixels(const ConvGeometry& g, const uint8_t* quads, int64_t blocks,
+                                          const int8_t* w_quads, int32_t* tile) {
+  const int64_t groups = quad_row_groups(g);
+  for (int64_t block = 0; block < blocks; ++block) {
+    const uint8_t* block_quads = quads + block * R * g.stride_w * groups * kQuadBytes;
+    __m512i acc[R][4];
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < 4; ++m) acc[r][m] = _mm512_setzero_si512();
     for (int64_t j = 0; j < g.kw; ++j) {
-      const int32_t* wt = s.w + (i * g.kw + j) * g.channels + c0;
-      __m512i w[V];
-      for (int v = 0; v < V; ++v)
-        w[v] = v == V - 1 ? _mm512_maskz_loadu_epi32(mask, wt + 16 * v) : _mm512_loadu_si512(wt + 16 * v);
-      for (int r = 0; r < R; ++r) {
-        const int64_t iw = iw0 + r * g.stride_w + j * g.dil_w;
-        const bool inside = row_inside && (R > 1 || (iw >= 0 && iw < g.width));
-        const uint8_t* p = inside ? s.x + (row + iw) * g.channels + c0 : nullptr;
-        for (int v = 0; v < V; ++v) {
-          __m512i xv = pad;
-          if (inside) {
-            __m128i bytes = v == V - 1 ? _mm_maskz_loadu_epi8(mask, p + 16 * v)
-                                       : _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * v));
-            if (FLIP) bytes = _mm_xor_si128(bytes, flip);
-            xv = _mm512_cvtepu8_epi32(bytes);
-          }
-          acc[r][v] = _mm512_dpwssd_epi32(acc[r][v], xv, w[v]);
+      for (int64_t q = 0; q < groups; ++q) {
+        const int8_t* wq = w_quads + (j * groups + q) * kQuadBytes;
+        __m512i w[4];
+        for (int m = 0; m < 4; ++m) w[m] = _mm512_loadu_si512(wq + m * kDepthwiseChannels);
+        for (int r = 0; r < R; ++r) {
+          const uint8_t* quad = block_quads + ((r * g.stride_w + j * g.dil_w) * groups + q) * kQuadBytes;
+          for (int m = 0; m < 4; ++m)
+            acc[r][m] = _mm512_dpbusd_epi32(acc[r][m], _mm512_loadu_si512(quad + m * kDepthwiseChannels), w[m]);
         }
       }
     }
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < 4; ++m) _mm512_store_si512(tile + (block * R + r) * kPackAlign + 16 * m, acc[r][m]);
   }
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) _mm512_store_si512(tile + r * kPackAlign + 16 * v, acc[r][v]);
 }
 
-constexpr int kDepthwiseRows = 4;  // pixels per AVX-512 block: 16 accumulators + 4 weight vectors at V = 4
+constexpr int kDepthwiseRows = 4;  // pixels per block: 16 accumulators and 4 weight vectors
 
-template <int V, bool FLIP>
+template <bool FLIP>
 TQ_TARGET_VNNI void depthwise_segment_avx512(const DepthwiseSource& s, int64_t b, int64_t oh, int64_t ow0,
-                                             int64_t rows, int64_t c0, int64_t ncols, int32_t* tile) {
+                                             int64_t rows, int64_t c0, int64_t ncols, int32_t* tile, uint8_t* quads) {
   const ConvGeometry& g = s.g;
-  const __mmask16 mask = static_cast<__mmask16>((1u << (ncols - 16 * (V - 1))) - 1);
-  const int64_t span = (g.kw - 1) * g.dil_w;  // the kernel's extent along the row past its first tap
-  int64_t r = 0;
-  while (r < rows) {
-    const int64_t iw_first = (ow0 + r) * g.stride_w - g.pad_w;
-    const int64_t iw_last = (ow0 + r + kDepthwiseRows - 1) * g.stride_w - g.pad_w + span;
-    if (r + kDepthwiseRows <= rows && iw_first >= 0 && iw_last < g.width) {
-      depthwise_pixels_avx512<kDepthwiseRows, V, FLIP>(s, b, oh, ow0 + r, c0, mask, tile + r * kPackAlign);
-      r += kDepthwiseRows;
-    } else {
-      depthwise_pixels_avx512<1, V, FLIP>(s, b, oh, ow0 + r, c0, mask, tile + r * kPackAlign);
-      ++r;
-    }
+  const __mmask64 mask = ncols == 64 ? ~__mmask64{0} : (__mmask64{1} << ncols) - 1;
+  build_quads<FLIP>(s, b, oh, ow0 * g.stride_w - g.pad_w, quad_columns(g, rows), c0, mask, quads);
+  const int8_t* w_quads = s.w_quads + (c0 / kDepthwiseChannels) * g.kw * quad_row_groups(g) * kQuadBytes;
+  const int64_t full = rows / kDepthwiseRows * kDepthwiseRows;
+  depthwise_quad_pixels<kDepthwiseRows>(g, quads, full / kDepthwiseRows, w_quads, tile);
+  depthwise_quad_pixels<1>(g, quads + full * g.stride_w * quad_row_groups(g) * kQuadBytes, rows - full, w_quads,
+                           tile + full * kPackAlign);
+}
+
+// The weight quads of the AVX-512 path: [block][kernel column][row group][64 channels][4 bytes], kernel row
+// 4 q + k of the group at byte k; zero past the kernel and the channels.
+std::vector<int8_t> weight_quads(const ConvGeometry& g, const std::vector<int32_t>& w) {
+  const int64_t groups = quad_row_groups(g), blocks = (g.channels + kDepthwiseChannels - 1) / kDepthwiseChannels;
+  std::vector<int8_t> quads(blocks * g.kw * groups * kQuadBytes, 0);
+  for (int64_t c = 0; c < g.channels; ++c) {
+    const int64_t block = c / kDepthwiseChannels;
+    for (int64_t i = 0; i < g.kh; ++i)
+      for (int64_t j = 0; j < g.kw; ++j)
+        quads[((block * g.kw + j) * groups + i / 4) * kQuadBytes + (c % kDepthwiseChannels) * 4 + i % 4] =
+            static_cast<int8_t>(w[(i * g.kw + j) * g.channels + c]);
   }
+  return quads;
 }
 
 template <bool FLIP>
 void depthwise_segment(const DepthwiseSource& s, int64_t b, int64_t oh, int64_t ow0, int64_t rows, int64_t c0,
-                       int64_t ncols, int32_t* tile, CpuIsa isa) {
-  if (isa == CpuIsa::Avx512Vnni) {
-    switch ((ncols + 15) / 16) {
-      case 1: return depthwise_segment_avx512<1, FLIP>(s, b, oh, ow0, rows, c0, ncols, tile);
-      case 2: return depthwise_segment_avx512<2, FLIP>(s, b, oh, ow0, rows, c0, ncols, tile);
-      case 3: return depthwise_segment_avx512<3, FLIP>(s, b, oh, ow0, rows, c0, ncols, tile);
-      default: return depthwise_segment_avx512<4, FLIP>(s, b, oh, ow0, rows, c0, ncols, tile);
-    }
-  }
-  const auto pixel = isa == CpuIsa::Avx2 ? depthwise_pixel_avx2<FLIP> : depthwise_pixel_scalar<FLIP>;
+                       int64_t ncols, int32_t* tile, uint8_t* quads, CpuIsa isa) {
+  if (s.w_quads != nullptr) return depthwise_segment_avx512<FLIP>(s, b, oh, ow0, rows, c0, ncols, tile, quads);
+  // AVX-512 machines take the AVX2 code for kernels too wide or tall for column quads
+  const auto pixel = isa != CpuIsa::Scalar ? depthwise_pixel_avx2<FLIP> : depthwise_pixel_scalar<FLIP>;
   for (int64_t r = 0; r < rows; ++r) pixel(s, b, oh, ow0 + r, c0, ncols, tile + r * kPackAlign);
 }
 
@@ -318,16 +366,23 @@ void conv_u8s8_depthwise(const ConvGeometry& g, const uint8_t* x, const int8_t* 
   std::vector<int32_t> w(checked_mul("int8_conv2d", "the depthwise weight size", taps, g.channels));
   for (int64_t c = 0; c < g.channels; ++c)
     for (int64_t t = 0; t < taps; ++t) w[t * g.channels + c] = w_packed[c * group_bytes + (t / 4) * kStepBytes + t % 4];
-  const DepthwiseSource src{x, g, w.data(), pad_byte};
   const int64_t blocks = (g.channels + kDepthwiseChannels - 1) / kDepthwiseChannels;
   const int64_t segments = (g.out_w + kDepthwisePixels - 1) / kDepthwisePixels;
   const int64_t segment_len = (g.out_w + segments - 1) / segments;
+  const int64_t columns = quad_columns(g, segment_len);
+  const std::vector<int8_t> w_quads = isa == CpuIsa::Avx512Vnni && columns > 0 ? weight_quads(g, w)
+                                                                               : std::vector<int8_t>();
+  const DepthwiseSource src{x, g, w.data(), w_quads.empty() ? nullptr : w_quads.data(), pad_byte};
   const int64_t items = g.batch * g.out_h * segments * blocks;
   const int64_t item_cost = segment_len * kDepthwiseChannels * taps;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(item_cost, 1));
   const Epilogue out_ep = with_streaming(ep, g.rows);
   at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
     alignas(64) int32_t tile[kDepthwisePixels * kPackAlign];
+    const ScratchScope quads_scope(Scratch::GemmRows);
+    uint8_t* quads = src.w_quads == nullptr ? nullptr
+                                            : scratch_buffer(Scratch::GemmRows,
+                                                             columns * quad_row_groups(g) * kQuadBytes);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t block = item % blocks, segment = item / blocks;
       const int64_t image_row = segment / segments;  // b * out_h + oh
@@ -335,8 +390,8 @@ void conv_u8s8_depthwise(const ConvGeometry& g, const uint8_t* x, const int8_t* 
       const int64_t rows = std::min(segment_len, g.out_w - ow0);
       const int64_t c0 = block * kDepthwiseChannels, ncols = std::min(kDepthwiseChannels, g.channels - c0);
       const int64_t b = image_row / g.out_h, oh = image_row % g.out_h;
-      if (flip != 0) depthwise_segment<true>(src, b, oh, ow0, rows, c0, ncols, tile, isa);
-      else depthwise_segment<false>(src, b, oh, ow0, rows, c0, ncols, tile, isa);
+      if (flip != 0) depthwise_segment<true>(src, b, oh, ow0, rows, c0, ncols, tile, quads, isa);
+      else depthwise_segment<false>(src, b, oh, ow0, rows, c0, ncols, tile, quads, isa);
       epilogue_tile(out_ep, tile, image_row * g.out_w + ow0, rows, c0, ncols, isa);
     }
     if (out_ep.streaming) _mm_sfence();

@@ -1,12 +1,13 @@
 // CUDA int8_conv2d (schema in csrc/ops.cpp), the input in channels-last order and the output written channels-last
-// by the float epilogue. Two paths:
+// by the float epilogue. Three paths:
 //   CUTLASS (csrc/cuda/sm90, compute capability 9.0): an implicit-GEMM convolution reading the input through TMA's
 //     im2col mode, with the GEMMs' fused epilogue; takes ungrouped convs with C a multiple of 16, 16-byte output
 //     pixels and strides up to 8 (TMA's im2col limits on padding and dilation are checked by CUTLASS).
+//   depthwise convs: a direct kernel, one thread per output value, with the GEMMs' epilogue;
 //   everything else (other GPUs, grouped or unaligned convs, TORCHQUANT_CUDA_GEMM=mma or wgmma): im2col rows ordered
 //     (kh, kw, c) per group (a 1x1 stride-1 unpadded conv reads the input in place), then the grouped tensor-core
 //     GEMM of gemm.cuh.
-// Both compute the same integers and the same float operations, so they give the same bits.
+// All compute the same integers and the same float operations, so they give the same bits.
 #include "check.h"
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -66,6 +67,37 @@ __global__ void __launch_bounds__(kIm2colThreads) im2col_nhwc_kernel(const int8_
   }
 }
 
+constexpr int kDepthwiseThreads = 256;
+
+// Depthwise convs (groups == channels == out_channels), where the GEMM would multiply one valid weight column per
+// group: one thread per output pixel and channel, consecutive threads on consecutive channels (channels-last reads
+// and writes coalesce). Taps outside the image read the zero point; the sums are the GEMM's, modulo 2^32 like its
+// accumulators, and finish in the same epilogue. w: the packed weight, channel c's taps (kh, kw) at c * group_bytes.
+template <typename T>
+__global__ void __launch_bounds__(kDepthwiseThreads)
+    depthwise_conv_kernel(const T* __restrict__ x, const int8_t* __restrict__ w, int64_t group_bytes, ConvGeometry g,
+                          int32_t zero_point, DequantEpilogue epilogue) {
+  const int64_t total = g.rows * g.channels;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kDepthwiseThreads;
+  for (int64_t u = static_cast<int64_t>(blockIdx.x) * kDepthwiseThreads + threadIdx.x; u < total; u += stride) {
+    const int64_t c = u % g.channels, row = u / g.channels;
+    const int64_t ow = row % g.out_w, oh = (row / g.out_w) % g.out_h, b = row / (g.out_w * g.out_h);
+    const int8_t* taps = w + c * group_bytes;
+    uint32_t acc = 0;
+    for (int64_t i = 0; i < g.kh; ++i) {
+      const int64_t ih = oh * g.stride_h - g.pad_h + i * g.dil_h;
+      for (int64_t j = 0; j < g.kw; ++j) {
+        const int64_t iw = ow * g.stride_w - g.pad_w + j * g.dil_w;
+        const int32_t v = ih >= 0 && ih < g.height && iw >= 0 && iw < g.width
+                              ? static_cast<int32_t>(x[((b * g.height + ih) * g.width + iw) * g.channels + c])
+                              : zero_point;
+        acc += static_cast<uint32_t>(v) * static_cast<uint32_t>(static_cast<int32_t>(taps[i * g.kw + j]));
+      }
+    }
+    epilogue(static_cast<int>(row), static_cast<int>(c), static_cast<int32_t>(acc));
+  }
+}
+
 #if defined(TORCHQUANT_CUTLASS)
 // Runs the CUTLASS implicit-GEMM convolution when the request, the device and the shapes allow it; returns whether
 // it did. TMA's im2col reads the taps outside the image as zeros, where the im2col path reads the activation zero
@@ -119,6 +151,23 @@ at::Tensor int8_conv2d_cuda(const at::Tensor& x_q, const at::Tensor& x_scale, in
 #if defined(TORCHQUANT_CUTLASS)
   if (launched_cutlass_conv(g, x_nhwc, x_zero_point, w_packed, f.weight.kp, out_channels, epilogue)) return out;
 #endif
+  if (groups == g.channels && ocg == 1) {
+    TQ_CHECK(g.channels <= INT32_MAX, op, ": sizes must be below 2^31");
+    const int64_t units = m * g.channels;
+    const int blocks = static_cast<int>(std::min<int64_t>((units + kDepthwiseThreads - 1) / kDepthwiseThreads,
+                                                          max_resident_blocks(kDepthwiseThreads)));
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    const int8_t* w = w_packed.data_ptr<int8_t>();
+    const int32_t zero_point = static_cast<int32_t>(x_zero_point);
+    if (x_q.scalar_type() == at::kByte)
+      depthwise_conv_kernel<uint8_t><<<blocks, kDepthwiseThreads, 0, stream>>>(
+          static_cast<const uint8_t*>(x_nhwc.data_ptr()), w, f.weight.group_bytes, g, zero_point, epilogue);
+    else
+      depthwise_conv_kernel<int8_t><<<blocks, kDepthwiseThreads, 0, stream>>>(
+          static_cast<const int8_t*>(x_nhwc.data_ptr()), w, f.weight.group_bytes, g, zero_point, epilogue);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return out;
+  }
   const int8_t* x_bytes = static_cast<const int8_t*>(x_nhwc.data_ptr());
   const bool pointwise = g.kh == 1 && g.kw == 1 && g.stride_h == 1 && g.stride_w == 1 && g.pad_h == 0 && g.pad_w == 0;
   GemmArgs args;
