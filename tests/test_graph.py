@@ -104,6 +104,33 @@ class CatNet(nn.Module):
         return self.fc2(y)
 
 
+class InvertedResidualNet(nn.Module):
+    """MobileNetV2's block: a 1x1 expansion and a depthwise 3x3, each with ReLU6, a 1x1 projection added to its input
+    (no activation after the add), global average pooling, dropout and a Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, stride=2, padding=1, bias=False)
+        self.stem_bn = nn.BatchNorm2d(16)
+        self.expand = nn.Conv2d(16, 64, 1, bias=False)
+        self.expand_bn = nn.BatchNorm2d(64)
+        self.depthwise = nn.Conv2d(64, 64, 3, padding=1, groups=64, bias=False)
+        self.depthwise_bn = nn.BatchNorm2d(64)
+        self.project = nn.Conv2d(64, 16, 1, bias=False)
+        self.project_bn = nn.BatchNorm2d(16)
+        self.relu6 = nn.ReLU6(inplace=True)
+        self.drop = nn.Dropout(0.2)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = F.relu6(self.stem_bn(self.stem(x)))
+        y = self.relu6(self.expand_bn(self.expand(x)))
+        y = self.relu6(self.depthwise_bn(self.depthwise(y)))
+        x = x + self.project_bn(self.project(y))
+        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return self.head(self.drop(x))
+
+
 def _randomize_bn(model, seed=0):
     g = torch.Generator().manual_seed(seed)
     for m in model.modules():
@@ -125,6 +152,7 @@ MODELS = {
        for act in ("module", "F.relu", "torch.relu", "method", "relu6_module", "hardtanh", "none")},
     "basic-blocks": (BasicBlockNet, (2, 3, 12, 12)),
     "cat": (CatNet, (3, 2, 6, 6)),
+    "inverted-residual": (InvertedResidualNet, (2, 3, 12, 12)),
 }
 
 
@@ -210,6 +238,18 @@ def test_patterns_are_fused_and_run_on_integers():
     assert layers["a2"] == "integer input, uint8 output"
     assert layers["head"] == "integer input, float output"
     assert "2 integer add(s)" in notes[0]
+
+
+def test_depthwise_block_and_dropout_run_on_integers():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is kept float between integer layers
+        _, prepared, _ = _prepared("inverted-residual")
+        converted = tq.convert(prepared)
+    targets = _graph_targets(converted)
+    assert targets.count(graph.integer_layer) == 5 and targets.count(graph.integer_add) == 1
+    layers, _ = graph.pipeline_notes(converted)
+    assert layers["depthwise"] == "integer input, clamp [0.0, 6.0] fused, uint8 output"
+    assert layers["head"] == "integer input, float output"  # through the pooling's requantize and the dropout
 
 
 def test_prepared_pipeline_fake_quantizes_where_the_converted_one_quantizes():

@@ -9,9 +9,10 @@ ones and folds their BatchNorms (as the module swap does), and finds these patte
   uint8/int8;
 - a + b / torch.add(a, b) of two tensors [+ ReLU]: one integer add (torchquant.functional.quantized_add) that
   reads both quantized inputs and writes its requantized output;
-- max-pool, flatten, reshape/view, a ReLU after an integer tensor, nn.Identity: run on the integers (they keep the
-  scale); torch.cat of integer tensors: its inputs share one scale (one quantizer observes them all), so the
-  concatenation runs on the integers too;
+- max-pool, flatten, reshape/view, a ReLU after an integer tensor, nn.Identity, dropout modules (the identity in
+  evaluation, which is what a converted model runs): run on the integers (they keep the scale); torch.cat of
+  integer tensors: its inputs share one scale (one quantizer observes them all), so the concatenation runs on the
+  integers too;
 - everything else (average pooling among them) runs in float: its integer inputs are dequantized and its output,
   where an integer op reads it, quantized again (average pooling thus requantizes).
 
@@ -54,6 +55,8 @@ _SHAPE_FUNCTIONS = (getattr, len)
 _SHAPE_METHODS = ("size", "dim")
 _AVG_POOLS = (nn.AvgPool2d, nn.AdaptiveAvgPool2d)
 _AVG_POOL_FUNCTIONS = (F.avg_pool2d, F.adaptive_avg_pool2d)
+_PASSTHROUGH_MODULES = (nn.Flatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                        nn.FeatureAlphaDropout)
 
 
 class ActivationQuantizer(InputQuantizer):
@@ -228,7 +231,7 @@ def _is_passthrough(node: fx.Node, modules: dict) -> bool:
         return False
     if node.op == "call_module":
         m = modules.get(node.target)
-        return type(m) in (nn.Flatten, nn.Identity) or _is_max_pool(node, modules) \
+        return type(m) in _PASSTHROUGH_MODULES or _is_max_pool(node, modules) \
             or activation_clamp(node, modules) == (0.0, None)
     if node.op == "call_function":
         if node.target in _PASSTHROUGH_FUNCTIONS or _is_max_pool(node, modules):
