@@ -117,7 +117,12 @@ ARCHITECTURES = {"resnet18": (BasicBlock, (2, 2, 2, 2)), "resnet50": (Bottleneck
 def resnet(name: str, *, seed: int = 0) -> ResNet:
     """A ResNet in eval mode with random weights and BatchNorm statistics measured on random images."""
     torch.manual_seed(seed)
-    model = ResNet(*ARCHITECTURES[name])
+    return with_batchnorm_statistics(ResNet(*ARCHITECTURES[name]))
+
+
+def with_batchnorm_statistics(model: nn.Module) -> nn.Module:
+    """model in eval mode, its BatchNorm statistics measured on random images (the activation ranges of a trained
+    network rather than those of fresh statistics)."""
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.momentum = None  # cumulative average over the batches below
@@ -242,11 +247,12 @@ def layer_rows(model_name: str, ours: fx.GraphModule, theirs: fx.GraphModule, x:
 
 
 def run(models=("resnet18", "resnet50"), batches=(1, 8), threads=(1, 2), repeats: int = 5, timer: str = "wall",
-        layers: bool = False, peak_gmacs: Optional[float] = None) -> List[dict]:
+        layers: bool = False, peak_gmacs: Optional[float] = None, build=None) -> List[dict]:
+    """The tables' rows for each model name, built by build(name) (default: resnet)."""
     rows = []
     generator = torch.Generator().manual_seed(1)
     for name in models:
-        model = resnet(name)
+        model = (build or resnet)(name)
         calibration = [torch.randn(8, 3, 224, 224, generator=generator) for _ in range(2)]
         variants = {"float": model,
                     "torchquant int8-pipeline": torchquant.quantize_model(copy.deepcopy(model), "int8-pipeline",
@@ -282,9 +288,11 @@ LEGEND = ("ms: wall time (median of interleaved samples) or thread CPU time (min
           "differs from a whole forward.")
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.resnet", description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", choices=list(ARCHITECTURES), default=list(ARCHITECTURES))
+def main(argv=None, prog: str = "python -m benchmarks.resnet", architectures=tuple(ARCHITECTURES), build=resnet,
+         title: str = "ResNet-18 / ResNet-50 int8-static on the CPU", description: str = __doc__) -> None:
+    """The command line of this benchmark, for the given model names built by build(name)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description.splitlines()[0])
+    parser.add_argument("--models", nargs="+", choices=list(architectures), default=list(architectures))
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=5, help="interleaved samples per timing (median)")
@@ -294,8 +302,8 @@ def main(argv=None) -> None:
     parser.add_argument("--peak-gmacs", type=float, help="one core's int8 multiply-add peak, for the per-layer table")
     parser.add_argument("--output", help="also write the tables, with the machine and date, to this Markdown file")
     args = parser.parse_args(argv)
-    rows = run(args.models, args.batches, args.threads, args.repeats, args.timer, args.layers, args.peak_gmacs)
-    write_tables(rows, "ResNet-18 / ResNet-50 int8-static on the CPU", args.output, TITLES, COLUMNS, LEGEND)
+    rows = run(args.models, args.batches, args.threads, args.repeats, args.timer, args.layers, args.peak_gmacs, build)
+    write_tables(rows, title, args.output, TITLES, COLUMNS, LEGEND)
 
 
 if __name__ == "__main__":

@@ -61,3 +61,28 @@ def test_bad_arguments():
     for argv in (["--repeats", "0"], ["--threads", "0"], ["--parts", "bogus"]):
         with pytest.raises(SystemExit):
             models.main(argv)
+
+
+def test_mobilenet_v2_converts_to_one_integer_pipeline():
+    """benchmarks/mobilenet.py's MobileNetV2 (on a small image): torchvision's layer counts, 17 depthwise convs, and
+    the int8 pipeline runs every layer on integers (nothing kept float) close to the float model."""
+    import warnings
+
+    import torchquant
+    from benchmarks.mobilenet import mobilenet_v2
+    from torchquant import graph
+    model = mobilenet_v2()
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 52 and sum(c.groups == c.in_channels > 1 for c in convs) == 17
+    g = torch.Generator().manual_seed(1)
+    calibration = [torch.randn(2, 3, 64, 64, generator=g)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quantized = torchquant.quantize_model(model, "int8-pipeline", calibration=calibration)
+    layers, _ = graph.pipeline_notes(quantized)
+    assert len(layers) == 53 and all("integer input" in note for note in layers.values())
+    x = torch.randn(2, 3, 64, 64, generator=g)
+    with torch.no_grad():
+        want, got = model(x), quantized(x)
+    assert got.shape == (2, 1000)
+    assert torchquant.functional.quantization_error(want, got)["sqnr_db"] > 10
