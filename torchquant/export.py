@@ -26,6 +26,9 @@ zero point and saturates; DequantizeLinear then carries the real scale.
   feeds MatMulInteger), int8 initializers at lower opsets.
 - integer pipelines (torchquant.graph; a prepared one is converted first, on a copy): every integer op of the
   converted graph becomes a placeholder too, replaced by exact integer ONNX (see "Integer pipelines" below).
+- an Add that feeds a LayerNormalization (a transformer's residual sum) is written as Sum, the same float sum:
+  onnxruntime fuses Add + LayerNormalization into SkipLayerNormalization, whose CPU kernel is several times slower
+  than the two nodes (see _sums_before_layer_norms).
 
 NaN and infinite inputs are not carried over: torchquant maps NaN to the zero point and leaves infinities out of
 dynamic ranges; the exported graph does neither.
@@ -824,8 +827,21 @@ def _onnx_model(model: nn.Module, example_inputs, opset: Optional[int], dynamic_
     _type_pipeline_steps(onnx_program.model, steps)
     proto = onnx_program.model_proto
     tensors = _replace_placeholders(proto, quant_layers, names, steps, opset)
+    _sums_before_layer_norms(proto.graph)
     onnx.checker.check_model(proto)
     return proto, tensors
+
+
+def _sums_before_layer_norms(graph) -> None:
+    """Rewrites each Add whose output a LayerNormalization normalizes as Sum of the same two inputs (the same float
+    sum, broadcast alike). onnxruntime fuses Add + LayerNormalization (and a bias Add before it) into its
+    SkipLayerNormalization, whose CPU kernel takes 3x (1 x 12 x 384) to 8x (32 x 20 x 384) the time of Add and
+    LayerNormalization run apart in onnxruntime 1.32: 12 of them were a quarter of all-MiniLM-L6-v2's time. The
+    fusion matches Add only."""
+    normalized = {n.input[0] for n in graph.node if n.op_type == "LayerNormalization" and n.domain in ("", "ai.onnx")}
+    for node in graph.node:
+        if node.op_type == "Add" and node.domain in ("", "ai.onnx") and node.output[0] in normalized:
+            node.op_type = "Sum"
 
 
 def _type_pipeline_steps(model, steps: Sequence[_Step]) -> None:
