@@ -73,6 +73,18 @@ def test_max_pool_dilations_near_int64_max(device, isa):
     assert torch.equal(F.quantized_max_pool2d(x, 1, 1, 0, 2**63 - 1), x)
 
 
+def test_depthwise_conv_dilation_near_int64_max(device, isa):
+    """A depthwise conv whose kernel rows lie 2^61 apart, in padding of 2^60 rows: every tap reads the zero point,
+    so each sum of (x - zero point) * w is 0, and no row index past the kernel's is computed (3 * 2^61 would
+    overflow)."""
+    x = torch.randint(0, 256, (1, 16, 4, 4), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    w = randint8((16, 1, 2, 3), seed=3)
+    y = F.int8_conv2d(x.to(device), 1.0, 7, F.pack_conv_weight(w, 16).to(device),
+                      w.sum((1, 2, 3), dtype=torch.int32).to(device), torch.ones(16, device=device), out_channels=16,
+                      kernel_size=(2, 3), padding=(2**60, 1), dilation=(2**61, 1), groups=16)
+    assert y.shape == (1, 16, 4, 4) and torch.equal(y.cpu(), torch.zeros(1, 16, 4, 4)), y
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # zero points in unsigned and wide integer tensors
 # ---------------------------------------------------------------------------------------------------------------

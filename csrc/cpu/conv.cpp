@@ -263,8 +263,9 @@ TQ_TARGET_VNNI void build_quads(const DepthwiseSource& s, int64_t b, int64_t oh,
   for (int64_t q = 0; q < groups; ++q) {
     const uint8_t* rows[4];  // the kernel rows' input rows at column 0; nullptr: outside the input or the kernel
     for (int k = 0; k < 4; ++k) {
-      const int64_t i = 4 * q + k, ih = ih0 + i * g.dil_h;
-      rows[k] = i < g.kh && ih >= 0 && ih < g.height ? s.x + (b * g.height + ih) * g.width * g.channels + c0 : nullptr;
+      const int64_t i = 4 * q + k;
+      const int64_t ih = i < g.kh ? ih0 + i * g.dil_h : -1;  // rows past the kernel: no product that may overflow
+      rows[k] = ih >= 0 && ih < g.height ? s.x + (b * g.height + ih) * g.width * g.channels + c0 : nullptr;
     }
     for (int64_t p = 0; p < columns; ++p) {
       const int64_t iw = iw_first + p;
