@@ -230,10 +230,12 @@ TQ_TARGET_AVX2 void depthwise_pixel_avx2(const DepthwiseSource& s, int64_t b, in
 }
 
 // AVX-512 VNNI. vpdpbusd sums 4 byte products into each int32 lane: here the 4 bytes of a channel's lane are 4
-// kernel rows of one input column (a column quad: 4 vectors of 16 channels, in channel order), so one instruction
-// adds 4 taps of 16 channels. A work item builds the quads of the input columns its output pixels read once (taps
-// outside the input read the zero point), and each quad serves every pixel whose window covers its column.
-constexpr int64_t kQuadBytes = 4 * kDepthwiseChannels;  // one column quad of 64 channels: 4 vectors
+// kernel rows of one input column (a column quad: 4 vectors of a channel block, in channel order), so one
+// instruction adds 4 taps of 16 channels (8 in a ymm). A work item builds the quads of the input columns its output
+// pixels read once (taps outside the input read the zero point), and each quad serves every pixel whose window
+// covers its column. Blocks of up to 32 channels (16- and 32-channel layers, the rest of 96) use ymm vectors: the
+// same instructions at half the width, rather than zmm vectors half empty.
+constexpr int64_t kQuadBytes = 4 * kDepthwiseChannels;  // a column quad of a 64-channel block: 4 vectors
 constexpr int64_t kMaxQuadRowGroups = 2;                // kernels of up to 8 rows
 constexpr int64_t kMaxQuadColumns = 256;                // input columns per work item
 
@@ -248,17 +250,62 @@ int64_t quad_columns(const ConvGeometry& g, int64_t rows) {
   return columns <= kMaxQuadColumns ? columns : -1;
 }
 
+// The channels (bytes) of a quad vector: 64 (zmm) or 32 (ymm) for blocks of up to 32 channels.
+int64_t quad_width(int64_t ncols) { return ncols <= 32 ? 32 : 64; }
+
+// The instructions of the quad path for W-byte vectors. The byte unpacks interleave within 128-bit lanes, so
+// vector m of their result takes dword m of each lane: in_vector_order moves dword 4 L + m of a row to the place
+// that ends up in vector m, which then holds channels (W / 4) m .. (W / 4) (m + 1) - 1.
+template <int W>
+struct QuadOps;
+
+template <>
+struct QuadOps<64> {
+  using V = __m512i;
+  using Mask = __mmask64;
+  static TQ_TARGET_VNNI V zero() { return _mm512_setzero_si512(); }
+  static TQ_TARGET_VNNI V bytes(uint8_t b) { return _mm512_set1_epi8(static_cast<char>(b)); }
+  static TQ_TARGET_VNNI V load(const void* p) { return _mm512_loadu_si512(p); }
+  static TQ_TARGET_VNNI void store(void* p, V v) { _mm512_storeu_si512(p, v); }
+  static TQ_TARGET_VNNI V load_row(Mask mask, const uint8_t* p) {
+    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    return _mm512_permutexvar_epi32(order, _mm512_maskz_loadu_epi8(mask, p));
+  }
+  static TQ_TARGET_VNNI V xor_(V a, V b) { return _mm512_xor_si512(a, b); }
+  static TQ_TARGET_VNNI V lo8(V a, V b) { return _mm512_unpacklo_epi8(a, b); }
+  static TQ_TARGET_VNNI V hi8(V a, V b) { return _mm512_unpackhi_epi8(a, b); }
+  static TQ_TARGET_VNNI V lo16(V a, V b) { return _mm512_unpacklo_epi16(a, b); }
+  static TQ_TARGET_VNNI V hi16(V a, V b) { return _mm512_unpackhi_epi16(a, b); }
+  static TQ_TARGET_VNNI V dot(V acc, V x, V w) { return _mm512_dpbusd_epi32(acc, x, w); }
+};
+
+template <>
+struct QuadOps<32> {
+  using V = __m256i;
+  using Mask = __mmask32;
+  static TQ_TARGET_VNNI V zero() { return _mm256_setzero_si256(); }
+  static TQ_TARGET_VNNI V bytes(uint8_t b) { return _mm256_set1_epi8(static_cast<char>(b)); }
+  static TQ_TARGET_VNNI V load(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+  static TQ_TARGET_VNNI void store(void* p, V v) { _mm256_storeu_si256(static_cast<__m256i*>(p), v); }
+  static TQ_TARGET_VNNI V load_row(Mask mask, const uint8_t* p) {
+    return _mm256_permutexvar_epi32(_mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7), _mm256_maskz_loadu_epi8(mask, p));
+  }
+  static TQ_TARGET_VNNI V xor_(V a, V b) { return _mm256_xor_si256(a, b); }
+  static TQ_TARGET_VNNI V lo8(V a, V b) { return _mm256_unpacklo_epi8(a, b); }
+  static TQ_TARGET_VNNI V hi8(V a, V b) { return _mm256_unpackhi_epi8(a, b); }
+  static TQ_TARGET_VNNI V lo16(V a, V b) { return _mm256_unpacklo_epi16(a, b); }
+  static TQ_TARGET_VNNI V hi16(V a, V b) { return _mm256_unpackhi_epi16(a, b); }
+  static TQ_TARGET_VNNI V dot(V acc, V x, V w) { return _mm256_dpbusd_epi32(acc, x, w); }
+};
+
 // The quads [column][row group] of input columns iw_first.. for output row oh, channels c0.. (mask).
-template <bool FLIP>
+template <int W, bool FLIP>
 TQ_TARGET_VNNI void build_quads(const DepthwiseSource& s, int64_t b, int64_t oh, int64_t iw_first, int64_t columns,
-                                int64_t c0, __mmask64 mask, uint8_t* quads) {
+                                int64_t c0, typename QuadOps<W>::Mask mask, uint8_t* quads) {
+  using Op = QuadOps<W>;
   const ConvGeometry& g = s.g;
   const int64_t groups = quad_row_groups(g);
-  const __m512i pad = _mm512_set1_epi8(static_cast<char>(s.pad_byte));
-  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
-  // The byte unpacks below interleave within 128-bit lanes: vector m of their result takes dword m of each lane.
-  // Dword 4 L + m of a row moved to 4 m + L first puts channels 16 m .. 16 m + 15 in vector m.
-  const __m512i lanes_to_vectors = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  const auto pad = Op::bytes(s.pad_byte), flip = Op::bytes(0x80);
   const int64_t ih0 = oh * g.stride_h - g.pad_h;
   for (int64_t q = 0; q < groups; ++q) {
     const uint8_t* rows[4];  // the kernel rows' input rows at column 0; nullptr: outside the input or the kernel
@@ -269,82 +316,84 @@ TQ_TARGET_VNNI void build_quads(const DepthwiseSource& s, int64_t b, int64_t oh,
     }
     for (int64_t p = 0; p < columns; ++p) {
       const int64_t iw = iw_first + p;
-      __m512i* out = reinterpret_cast<__m512i*>(quads + (p * groups + q) * kQuadBytes);
+      uint8_t* out = quads + (p * groups + q) * 4 * W;
       if (iw < 0 || iw >= g.width) {
-        for (int m = 0; m < 4; ++m) _mm512_storeu_si512(out + m, pad);
+        for (int m = 0; m < 4; ++m) Op::store(out + m * W, pad);
         continue;
       }
-      __m512i r[4];
+      typename Op::V r[4];
       for (int k = 0; k < 4; ++k) {
         r[k] = pad;
         if (rows[k] != nullptr) {
-          r[k] = _mm512_permutexvar_epi32(lanes_to_vectors, _mm512_maskz_loadu_epi8(mask, rows[k] + iw * g.channels));
-          if (FLIP) r[k] = _mm512_xor_si512(r[k], flip);
+          r[k] = Op::load_row(mask, rows[k] + iw * g.channels);
+          if (FLIP) r[k] = Op::xor_(r[k], flip);
         }
       }
-      const __m512i lo01 = _mm512_unpacklo_epi8(r[0], r[1]), hi01 = _mm512_unpackhi_epi8(r[0], r[1]);
-      const __m512i lo23 = _mm512_unpacklo_epi8(r[2], r[3]), hi23 = _mm512_unpackhi_epi8(r[2], r[3]);
-      _mm512_storeu_si512(out, _mm512_unpacklo_epi16(lo01, lo23));
-      _mm512_storeu_si512(out + 1, _mm512_unpackhi_epi16(lo01, lo23));
-      _mm512_storeu_si512(out + 2, _mm512_unpacklo_epi16(hi01, hi23));
-      _mm512_storeu_si512(out + 3, _mm512_unpackhi_epi16(hi01, hi23));
+      const auto lo01 = Op::lo8(r[0], r[1]), hi01 = Op::hi8(r[0], r[1]);
+      const auto lo23 = Op::lo8(r[2], r[3]), hi23 = Op::hi8(r[2], r[3]);
+      Op::store(out, Op::lo16(lo01, lo23));
+      Op::store(out + W, Op::hi16(lo01, lo23));
+      Op::store(out + 2 * W, Op::lo16(hi01, hi23));
+      Op::store(out + 3 * W, Op::hi16(hi01, hi23));
     }
   }
 }
 
 // The sums of `blocks` blocks of R consecutive output pixels, the first pixel reading quad column 0, from the
 // channel block's weight quads.
-template <int R>
+template <int W, int R>
 TQ_TARGET_VNNI void depthwise_quad_pixels(const ConvGeometry& g, const uint8_t* quads, int64_t blocks,
                                           const int8_t* w_quads, int32_t* tile) {
+  using Op = QuadOps<W>;
   const int64_t groups = quad_row_groups(g);
   for (int64_t block = 0; block < blocks; ++block) {
-    const uint8_t* block_quads = quads + block * R * g.stride_w * groups * kQuadBytes;
-    __m512i acc[R][4];
+    const uint8_t* block_quads = quads + block * R * g.stride_w * groups * 4 * W;
+    typename Op::V acc[R][4];
     for (int r = 0; r < R; ++r)
-      for (int m = 0; m < 4; ++m) acc[r][m] = _mm512_setzero_si512();
+      for (int m = 0; m < 4; ++m) acc[r][m] = Op::zero();
     for (int64_t j = 0; j < g.kw; ++j) {
       for (int64_t q = 0; q < groups; ++q) {
-        const int8_t* wq = w_quads + (j * groups + q) * kQuadBytes;
-        __m512i w[4];
-        for (int m = 0; m < 4; ++m) w[m] = _mm512_loadu_si512(wq + m * kDepthwiseChannels);
+        const int8_t* wq = w_quads + (j * groups + q) * 4 * W;
+        typename Op::V w[4];
+        for (int m = 0; m < 4; ++m) w[m] = Op::load(wq + m * W);
         for (int r = 0; r < R; ++r) {
-          const uint8_t* quad = block_quads + ((r * g.stride_w + j * g.dil_w) * groups + q) * kQuadBytes;
-          for (int m = 0; m < 4; ++m)
-            acc[r][m] = _mm512_dpbusd_epi32(acc[r][m], _mm512_loadu_si512(quad + m * kDepthwiseChannels), w[m]);
+          const uint8_t* quad = block_quads + ((r * g.stride_w + j * g.dil_w) * groups + q) * 4 * W;
+          for (int m = 0; m < 4; ++m) acc[r][m] = Op::dot(acc[r][m], Op::load(quad + m * W), w[m]);
         }
       }
     }
     for (int r = 0; r < R; ++r)
-      for (int m = 0; m < 4; ++m) _mm512_store_si512(tile + (block * R + r) * kPackAlign + 16 * m, acc[r][m]);
+      for (int m = 0; m < 4; ++m) Op::store(tile + (block * R + r) * kPackAlign + W / 4 * m, acc[r][m]);
   }
 }
 
 constexpr int kDepthwiseRows = 4;  // pixels per block: 16 accumulators and 4 weight vectors
 
-template <bool FLIP>
+template <int W, bool FLIP>
 TQ_TARGET_VNNI void depthwise_segment_avx512(const DepthwiseSource& s, int64_t b, int64_t oh, int64_t ow0,
                                              int64_t rows, int64_t c0, int64_t ncols, int32_t* tile, uint8_t* quads) {
   const ConvGeometry& g = s.g;
-  const __mmask64 mask = ncols == 64 ? ~__mmask64{0} : (__mmask64{1} << ncols) - 1;
-  build_quads<FLIP>(s, b, oh, ow0 * g.stride_w - g.pad_w, quad_columns(g, rows), c0, mask, quads);
+  const auto mask = static_cast<typename QuadOps<W>::Mask>(ncols == 64 ? ~uint64_t{0} : (uint64_t{1} << ncols) - 1);
+  build_quads<W, FLIP>(s, b, oh, ow0 * g.stride_w - g.pad_w, quad_columns(g, rows), c0, mask, quads);
   const int8_t* w_quads = s.w_quads + (c0 / kDepthwiseChannels) * g.kw * quad_row_groups(g) * kQuadBytes;
   const int64_t full = rows / kDepthwiseRows * kDepthwiseRows;
-  depthwise_quad_pixels<kDepthwiseRows>(g, quads, full / kDepthwiseRows, w_quads, tile);
-  depthwise_quad_pixels<1>(g, quads + full * g.stride_w * quad_row_groups(g) * kQuadBytes, rows - full, w_quads,
-                           tile + full * kPackAlign);
+  depthwise_quad_pixels<W, kDepthwiseRows>(g, quads, full / kDepthwiseRows, w_quads, tile);
+  depthwise_quad_pixels<W, 1>(g, quads + full * g.stride_w * quad_row_groups(g) * 4 * W, rows - full, w_quads,
+                              tile + full * kPackAlign);
 }
 
-// The weight quads of the AVX-512 path: [block][kernel column][row group][64 channels][4 bytes], kernel row
-// 4 q + k of the group at byte k; zero past the kernel and the channels.
+// The weight quads of the AVX-512 path: [block][kernel column][row group][channel of the block][4 bytes], kernel
+// row 4 q + k of the group at byte k; zero past the kernel and the channels. Blocks are kQuadBytes * kw * groups
+// apart; the quads of a block of W = 32 channels take the first half of that.
 std::vector<int8_t> weight_quads(const ConvGeometry& g, const std::vector<int32_t>& w) {
   const int64_t groups = quad_row_groups(g), blocks = (g.channels + kDepthwiseChannels - 1) / kDepthwiseChannels;
   std::vector<int8_t> quads(blocks * g.kw * groups * kQuadBytes, 0);
   for (int64_t c = 0; c < g.channels; ++c) {
     const int64_t block = c / kDepthwiseChannels;
+    const int64_t width = quad_width(std::min(kDepthwiseChannels, g.channels - block * kDepthwiseChannels));
     for (int64_t i = 0; i < g.kh; ++i)
       for (int64_t j = 0; j < g.kw; ++j)
-        quads[((block * g.kw + j) * groups + i / 4) * kQuadBytes + (c % kDepthwiseChannels) * 4 + i % 4] =
+        quads[block * g.kw * groups * kQuadBytes + (j * groups + i / 4) * 4 * width + (c % width) * 4 + i % 4] =
             static_cast<int8_t>(w[(i * g.kw + j) * g.channels + c]);
   }
   return quads;
@@ -353,7 +402,10 @@ std::vector<int8_t> weight_quads(const ConvGeometry& g, const std::vector<int32_
 template <bool FLIP>
 void depthwise_segment(const DepthwiseSource& s, int64_t b, int64_t oh, int64_t ow0, int64_t rows, int64_t c0,
                        int64_t ncols, int32_t* tile, uint8_t* quads, CpuIsa isa) {
-  if (s.w_quads != nullptr) return depthwise_segment_avx512<FLIP>(s, b, oh, ow0, rows, c0, ncols, tile, quads);
+  if (s.w_quads != nullptr) {
+    if (quad_width(ncols) == 32) return depthwise_segment_avx512<32, FLIP>(s, b, oh, ow0, rows, c0, ncols, tile, quads);
+    return depthwise_segment_avx512<64, FLIP>(s, b, oh, ow0, rows, c0, ncols, tile, quads);
+  }
   // AVX-512 machines take the AVX2 code for kernels too wide or tall for column quads
   const auto pixel = isa != CpuIsa::Scalar ? depthwise_pixel_avx2<FLIP> : depthwise_pixel_scalar<FLIP>;
   for (int64_t r = 0; r < rows; ++r) pixel(s, b, oh, ow0 + r, c0, ncols, tile + r * kPackAlign);
