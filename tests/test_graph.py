@@ -252,6 +252,20 @@ def test_depthwise_block_and_dropout_run_on_integers():
     assert layers["head"] == "integer input, float output"  # through the pooling's requantize and the dropout
 
 
+def test_dropout_on_integers_is_left_out_of_the_converted_graph():
+    """A dropout between integer layers passes their integers on (prepare keeps them integer); the converted model
+    runs the identity in train mode too (dropout on integers would be neither dropout nor the identity)."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Dropout2d(0.5), nn.Conv2d(8, 4, 3), nn.Flatten(),
+                          nn.Dropout(0.5), nn.Linear(4 * 4 * 4, 3)).eval()
+    batches = _batches((2, 3, 8, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing kept float
+        converted = tq.convert(tq.calibrate(tq.prepare(model, PIPELINE), batches, progress=False))
+    assert not any(isinstance(m, (nn.Dropout, nn.Dropout2d)) for m in converted.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(converted.train()(batches[0]), converted.eval()(batches[0]), rtol=0, atol=0)
+
+
 def test_prepared_pipeline_fake_quantizes_where_the_converted_one_quantizes():
     _, prepared, _ = _prepared("basic-blocks")
     quantized = [n.args[0].name for n in prepared.graph.nodes

@@ -55,8 +55,8 @@ _SHAPE_FUNCTIONS = (getattr, len)
 _SHAPE_METHODS = ("size", "dim")
 _AVG_POOLS = (nn.AvgPool2d, nn.AdaptiveAvgPool2d)
 _AVG_POOL_FUNCTIONS = (F.avg_pool2d, F.adaptive_avg_pool2d)
-_PASSTHROUGH_MODULES = (nn.Flatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-                        nn.FeatureAlphaDropout)
+_DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+_PASSTHROUGH_MODULES = (nn.Flatten, nn.Identity) + _DROPOUT_MODULES
 
 
 class ActivationQuantizer(InputQuantizer):
@@ -641,6 +641,12 @@ def _lower(gm: fx.GraphModule, dtype: torch.dtype) -> None:
                 with graph.inserting_after(node):
                     new = graph.call_function(integer_relu, (node.args[0], quantizer))
                 replace([node], new, quantizer)
+            elif node.op == "call_module" and type(modules.get(node.target)) in _DROPOUT_MODULES:
+                # the identity at inference, which is all a converted model runs (in train mode too: dropout on
+                # the integers would be neither dropout nor the identity)
+                node.replace_all_uses_with(node.args[0])
+                graph.erase_node(node)
+                erased.add(node)
             else:
                 int_of[node] = quantizer
             continue
