@@ -70,19 +70,18 @@ __global__ void __launch_bounds__(kIm2colThreads) im2col_nhwc_kernel(const int8_
 constexpr int kDepthwiseThreads = 256;
 
 // Depthwise convs (groups == channels == out_channels), where the GEMM would multiply one valid weight column per
-// group: one thread per output pixel and channel, consecutive threads on consecutive channels (channels-last reads
-// and writes coalesce). Taps outside the image read the zero point; the sums are the GEMM's, modulo 2^32 like its
-// accumulators, and finish in the same epilogue. w: the packed weight, channel c's taps (kh, kw) at c * group_bytes.
+// group: one thread per output pixel and channel, consecutive threads on consecutive channels, so that the
+// channels-last reads and writes and the tap-major weights ([tap][channel]) coalesce. Taps outside the image read
+// the zero point; the sums are the GEMM's, modulo 2^32 like its accumulators, and finish in the same epilogue.
 template <typename T>
 __global__ void __launch_bounds__(kDepthwiseThreads)
-    depthwise_conv_kernel(const T* __restrict__ x, const int8_t* __restrict__ w, int64_t group_bytes, ConvGeometry g,
-                          int32_t zero_point, DequantEpilogue epilogue) {
+    depthwise_conv_kernel(const T* __restrict__ x, const int8_t* __restrict__ w, ConvGeometry g, int32_t zero_point,
+                          DequantEpilogue epilogue) {
   const int64_t total = g.rows * g.channels;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kDepthwiseThreads;
   for (int64_t u = static_cast<int64_t>(blockIdx.x) * kDepthwiseThreads + threadIdx.x; u < total; u += stride) {
     const int64_t c = u % g.channels, row = u / g.channels;
     const int64_t ow = row % g.out_w, oh = (row / g.out_w) % g.out_h, b = row / (g.out_w * g.out_h);
-    const int8_t* taps = w + c * group_bytes;
     uint32_t acc = 0;
     for (int64_t i = 0; i < g.kh; ++i) {
       const int64_t ih = oh * g.stride_h - g.pad_h + i * g.dil_h;
@@ -91,7 +90,8 @@ __global__ void __launch_bounds__(kDepthwiseThreads)
         const int32_t v = ih >= 0 && ih < g.height && iw >= 0 && iw < g.width
                               ? static_cast<int32_t>(x[((b * g.height + ih) * g.width + iw) * g.channels + c])
                               : zero_point;
-        acc += static_cast<uint32_t>(v) * static_cast<uint32_t>(static_cast<int32_t>(taps[i * g.kw + j]));
+        const int32_t tap = w[(i * g.kw + j) * g.channels + c];
+        acc += static_cast<uint32_t>(v) * static_cast<uint32_t>(tap);
       }
     }
     epilogue(static_cast<int>(row), static_cast<int>(c), static_cast<int32_t>(acc));
@@ -157,14 +157,16 @@ at::Tensor int8_conv2d_cuda(const at::Tensor& x_q, const at::Tensor& x_scale, in
     const int blocks = static_cast<int>(std::min<int64_t>((units + kDepthwiseThreads - 1) / kDepthwiseThreads,
                                                           max_resident_blocks(kDepthwiseThreads)));
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-    const int8_t* w = w_packed.data_ptr<int8_t>();
+    // the packed weight's logical view [channels, 1, kh, kw, 1] is the weight: its taps, tap-major
+    const at::Tensor taps = w_packed.reshape({g.channels, g.kh * g.kw}).t().contiguous();
+    const int8_t* w = taps.data_ptr<int8_t>();
     const int32_t zero_point = static_cast<int32_t>(x_zero_point);
     if (x_q.scalar_type() == at::kByte)
       depthwise_conv_kernel<uint8_t><<<blocks, kDepthwiseThreads, 0, stream>>>(
-          static_cast<const uint8_t*>(x_nhwc.data_ptr()), w, f.weight.group_bytes, g, zero_point, epilogue);
+          static_cast<const uint8_t*>(x_nhwc.data_ptr()), w, g, zero_point, epilogue);
     else
       depthwise_conv_kernel<int8_t><<<blocks, kDepthwiseThreads, 0, stream>>>(
-          static_cast<const int8_t*>(x_nhwc.data_ptr()), w, f.weight.group_bytes, g, zero_point, epilogue);
+          static_cast<const int8_t*>(x_nhwc.data_ptr()), w, g, zero_point, epilogue);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return out;
   }
