@@ -133,6 +133,72 @@ def test_int8_linear_clamp_special_values_all_paths(monkeypatch):
             assert torch.isnan(outs[0][1][:, 0]).all()
 
 
+# The AVX-512 path multiplies a full 64-column weight panel whose k fits one 1024-byte block and stores it in one
+# pass (sums in registers, the activation clamp folded into the requantization, a row of int8/uint8 packed into
+# one store); other panels go through an int32 tile. Row counts cover every kernel height (1-6, and the 4 + 3 / 4 +
+# 4 split of 7 and 8 rows), n a partial panel after full ones, k both sides of the block.
+FUSED_SHAPES = [(1, 4, 64), (5, 64, 64), (7, 64, 128), (8, 1024, 150), (13, 1028, 64), (97, 36, 192)]
+
+
+@pytest.mark.parametrize("m,k,n", FUSED_SHAPES, ids=lambda v: str(v))
+def test_int8_linear_fused_panels_all_paths(monkeypatch, m, k, n):
+    """Every output kind and clamp, with NaN, infinite and -0.0 biases: the reference's values (NaN as NaN), and the
+    same bits on every path."""
+    x_q, x_scale, w, packed, w_sum, w_scale, bias = linear_case(m, k, n, m + k, "cpu", torch.uint8)
+    bias[0], bias[1], bias[2], bias[3] = float("nan"), float("inf"), -float("inf"), -0.0
+    bias[n - 1] = float("nan")  # in the last panel
+    y = reference.int8_linear(x_q, x_scale, 7, w, w_scale, bias[4:].repeat(2)[:n].nan_to_num())
+    first = {}
+    for isa in SUPPORTED_ISAS:
+        monkeypatch.setenv("TORCHQUANT_CPU_ISA", isa)
+        for out_dtype in ALL_OUT_DTYPES:
+            kw = out_kwargs(out_dtype, y[y.isfinite()])
+            for clamp in CLAMPS + [(None, None), (None, -1e30), (1e30, None)]:  # the last two: below / above the range
+                for b in (bias, None):
+                    got = F.int8_linear(x_q, x_scale, 7, packed, w_sum, w_scale, b, out_features=n,
+                                        out_dtype=out_dtype, clamp_min=clamp[0], clamp_max=clamp[1], **kw)
+                    want = reference.int8_linear(x_q, x_scale, 7, w, w_scale, b, out_dtype=out_dtype,
+                                                 clamp_min=clamp[0], clamp_max=clamp[1], **kw)
+                    assert_same(got, want)
+                    bits = first.setdefault((out_dtype, clamp, b is None), bit_patterns(got))
+                    assert torch.equal(bit_patterns(got), bits), (isa, out_dtype, clamp, b is None)
+
+
+# uint8 convs with exactly 64 output channels read their windows in place and sum the kernel rows in registers;
+# rows of output pixels whose windows reach into the padding come from im2col. Output widths leave every remainder
+# of the 6-row kernel.
+FUSED_CONVS = [(2, 8, 9, 13, (3, 3), 1, 1), (1, 16, 8, 25, (3, 3), 2, 1), (1, 4, 7, 17, (5, 3), 1, (2, 1)),
+               (2, 64, 5, 7, (1, 1), 1, 0)]
+
+
+@pytest.mark.parametrize("conv", FUSED_CONVS, ids=lambda v: str(v))
+@pytest.mark.parametrize("x_dtype", [torch.uint8, torch.int8], ids=str)
+def test_int8_conv2d_fused_panels_all_paths(monkeypatch, conv, x_dtype):
+    b, c, h, w_, kernel, stride, padding = conv
+    g = torch.Generator().manual_seed(c + h)
+    x_q = randint8((b, c, h, w_), generator=g, dtype=x_dtype)
+    w_q = randint8((64, c, *kernel), generator=g)
+    w_scale = torch.rand(64, generator=g) * 0.01 + 0.001
+    bias = torch.randn(64, generator=g)
+    bias[5] = float("nan")
+    packed, w_sum = F.pack_conv_weight(w_q), w_q.sum((1, 2, 3), dtype=torch.int32)
+    kwargs = dict(stride=stride, padding=padding)
+    y = reference.int8_conv2d(x_q, 0.03, 4, w_q, w_scale, bias.nan_to_num(), **kwargs)
+    first = {}
+    for isa in SUPPORTED_ISAS:
+        monkeypatch.setenv("TORCHQUANT_CPU_ISA", isa)
+        for out_dtype in ALL_OUT_DTYPES:
+            kw = out_kwargs(out_dtype, y)
+            for clamp in ((None, None), (0.0, None), (0.0, 6.0)):
+                got = F.int8_conv2d(x_q, 0.03, 4, packed, w_sum, w_scale, bias, out_channels=64, kernel_size=kernel,
+                                    out_dtype=out_dtype, clamp_min=clamp[0], clamp_max=clamp[1], **kwargs, **kw)
+                want = reference.int8_conv2d(x_q, 0.03, 4, w_q, w_scale, bias, out_dtype=out_dtype,
+                                             clamp_min=clamp[0], clamp_max=clamp[1], **kwargs, **kw)
+                assert_same(got, want)
+                bits = first.setdefault((out_dtype, clamp), bit_patterns(got))
+                assert torch.equal(bit_patterns(got), bits), (isa, out_dtype, clamp)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Fused activation clamp: int8_conv2d
 # ---------------------------------------------------------------------------------------------------------------

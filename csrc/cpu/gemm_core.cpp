@@ -5,10 +5,12 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <memory>
 #include <new>
 #include <optional>
+#include <vector>
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -56,15 +58,11 @@ inline int32_t load_i32(const void* p) {
 // the weight vectors and a broadcast; vpdpbusd does 64 u8 x s8 products per instruction without saturation.
 constexpr int kVnniRows = 6;
 
+// acc[r][j] += the products of `steps` k-steps, rows a + r * a_row, weight steps from b on.
 template <int MR, int NV>
-TQ_TARGET_VNNI void microkernel_vnni(const uint8_t* a, int64_t a_row, const int8_t* b, int64_t steps,
-                                     int32_t* tile, bool first) {
-  __m512i acc[MR][NV];
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j)
-      acc[r][j] = first ? _mm512_setzero_si512() : _mm512_loadu_si512(tile + r * kPackAlign + 16 * j);
+TQ_TARGET_VNNI inline __attribute__((always_inline)) void accumulate_vnni(__m512i (&acc)[MR][NV], const uint8_t* a,
+                                                                         int64_t a_row, const int8_t* b,
+                                                                         int64_t steps) {
   for (int64_t s = 0; s < steps; ++s) {
     const int8_t* bs = b + s * kStepBytes;
     __m512i bv[NV];
@@ -77,6 +75,18 @@ TQ_TARGET_VNNI void microkernel_vnni(const uint8_t* a, int64_t a_row, const int8
       for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_dpbusd_epi32(acc[r][j], av, bv[j]);
     }
   }
+}
+
+template <int MR, int NV>
+TQ_TARGET_VNNI void microkernel_vnni(const uint8_t* a, int64_t a_row, const int8_t* b, int64_t steps,
+                                     int32_t* tile, bool first) {
+  __m512i acc[MR][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j)
+      acc[r][j] = first ? _mm512_setzero_si512() : _mm512_loadu_si512(tile + r * kPackAlign + 16 * j);
+  accumulate_vnni<MR, NV>(acc, a, a_row, b, steps);
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
@@ -214,7 +224,10 @@ void epilogue_row_scalar(const Epilogue& ep, const int32_t* acc, int64_t row, in
   }
 }
 
-void epilogue_tile_scalar(const Epilogue& ep, const int32_t* tile, int64_t row0, int64_t rows, int64_t col0,
+struct PanelEpilogue;
+
+void epilogue_tile_scalar(const Epilogue& ep, const PanelEpilogue&, const int32_t* tile, int64_t row0, int64_t rows,
+                          int64_t col0,
                           int64_t ncols) {
   for (int64_t r = 0; r < rows; ++r) epilogue_row_scalar(ep, tile + r * kPackAlign, row0 + r, col0, ncols);
 }
@@ -239,76 +252,264 @@ TQ_TARGET_VNNI inline void store_vector(void* p, __m128i v, __mmask16 mask, bool
   else _mm_storeu_si128(static_cast<__m128i*>(p), v);
 }
 
-// The epilogue of a whole tile (rows x ncols <= 64), 16 columns at a time, with the per-column inputs loaded once.
-// Matches epilogue_row_scalar: same operation order (the activation clamp included), round-to-nearest-even
-// conversions (vcvtps2ph, a bit-exact bfloat16 rounding), NaN -> zero point when requantizing.
-template <OutKind KIND, typename T>
-TQ_TARGET_VNNI void epilogue_tile_avx512_kind(const Epilogue& ep, const int32_t* tile, int64_t row0, int64_t rows,
-                                              int64_t col0, int64_t ncols) {
-  constexpr int kVectors = kPackAlign / 16;
-  const int vectors = static_cast<int>((ncols + 15) / 16);
-  __mmask16 mask[kVectors];
-  __m512i offset[kVectors];
-  __m512 scale[kVectors], bias[kVectors];
-  const bool has_bias = ep.bias != nullptr;
-  const __m512 clamp_lo = _mm512_set1_ps(ep.clamp.lo), clamp_hi = _mm512_set1_ps(ep.clamp.hi);
-  for (int j = 0; j < vectors; ++j) {
-    mask[j] = ncols - 16 * j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (ncols - 16 * j)) - 1);
-    offset[j] = _mm512_maskz_loadu_epi32(mask[j], ep.col_offset + col0 + 16 * j);
-    if (KIND == OutKind::Int32) continue;
-    scale[j] = _mm512_maskz_loadu_ps(mask[j], ep.col_scale + col0 + 16 * j);
-    bias[j] = has_bias ? _mm512_maskz_loadu_ps(mask[j], ep.bias + col0 + 16 * j) : _mm512_setzero_ps();
+// The AVX-512 epilogue's inputs for one panel (up to 64 columns from col0), made once per GEMM call: the per-column
+// values zero filled past ncols, and for int8/uint8 outputs the requantization folded into one clamp.
+//
+// Folding: with 1 / out_scale finite and positive (out_scale >= FLT_MIN, as the ops check), clamp_activation(y) * inv
+// equals y * inv clamped to
+// [lo * inv, hi * inv] (rounded multiplication by a positive number is monotone), rounding to nearest commutes with
+// a clamp to integer bounds, and a clamp of a clamp is one clamp; so quantize_value(clamp_activation(y)) is
+// rne(min(q_hi, max(q_lo, y * inv))) + zero point bit for bit, with q_lo / q_hi the scalar formula's values at
+// -inf / +inf, and NaN y (NaN y * inv) the zero point: five operations per vector instead of nine.
+struct PanelEpilogue {
+  alignas(64) int32_t offset[kPackAlign];
+  alignas(64) float scale[kPackAlign];
+  alignas(64) float bias[kPackAlign];  // -0.0 without a bias: y + -0.0 == y for every y, -0.0 included
+  __mmask16 mask[kPackAlign / 16];
+  int ncols, vectors;
+  float clamp_lo, clamp_hi;  // the activation clamp of float outputs
+  float inv_out_scale, q_lo, q_hi;
+  int16_t zero_point;
+};
+
+void panel_epilogue(const Epilogue& ep, int64_t col0, int64_t ncols, PanelEpilogue& c) {
+  c.ncols = static_cast<int>(ncols);
+  c.vectors = static_cast<int>((ncols + 15) / 16);
+  for (int j = 0; j < kPackAlign / 16; ++j) {
+    const int64_t valid = std::clamp<int64_t>(ncols - 16 * j, 0, 16);
+    c.mask[j] = static_cast<__mmask16>((1u << valid) - 1);
   }
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t row = row0 + r;
-    T* out = static_cast<T*>(ep.out) + row * ep.out_row_stride + col0;
-    // streaming stores need vector-aligned addresses: the row start decides for all its vectors
-    const bool stream = ep.streaming && reinterpret_cast<uintptr_t>(out) % (16 * sizeof(T)) == 0;
-    const __m512 xs = _mm512_set1_ps(ep.row_scale == nullptr ? 1.0f : ep.row_scale[ep.per_row_scale ? row : 0]);
-    for (int j = 0; j < vectors; ++j) {
-      const __m512i v = _mm512_sub_epi32(_mm512_load_si512(tile + r * kPackAlign + 16 * j), offset[j]);
-      T* dst = out + 16 * j;
-      if constexpr (KIND == OutKind::Int32) {
-        store_vector(dst, v, mask[j], stream);
-        continue;
-      }
-      __m512 y = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(v), xs), scale[j]);
-      if (has_bias) y = _mm512_add_ps(y, bias[j]);
-      y = _mm512_min_ps(clamp_hi, _mm512_max_ps(clamp_lo, y));  // clamp_activation: NaN passes (second operand)
-      if constexpr (KIND == OutKind::Float32) {
-        store_vector(dst, _mm512_castps_si512(y), mask[j], stream);
-      } else if constexpr (KIND == OutKind::Float16) {
-        store_vector(dst, _mm512_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), mask[j], stream);
-      } else if constexpr (KIND == OutKind::BFloat16) {
-        const __m512i bits = _mm512_castps_si512(y);
-        const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-        __m512i h = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
-        h = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q), h, _mm512_set1_epi32(0x7FC0));
-        store_vector(dst, _mm512_cvtepi32_epi16(h), mask[j], stream);
-      } else {  // Int8 / UInt8: values are already clamped to the type's range, so truncating the bytes is exact
-        __m512 q = _mm512_roundscale_ps(_mm512_mul_ps(y, _mm512_set1_ps(ep.inv_out_scale)),
+  // copied whole (a loop per element cost a tenth of a small-k GEMM's epilogue)
+  const auto copy = [&](auto* dst, const auto* src, auto fill) {
+    const int64_t valid = src == nullptr ? 0 : ncols;
+    if (valid > 0) std::memcpy(dst, src + col0, valid * sizeof(*dst));
+    std::fill(dst + valid, dst + kPackAlign, fill);
+  };
+  copy(c.offset, ep.col_offset, 0);
+  copy(c.scale, ep.col_scale, 0.0f);
+  copy(c.bias, ep.bias, -0.0f);
+  c.clamp_lo = ep.clamp.lo;
+  c.clamp_hi = ep.clamp.hi;
+  c.inv_out_scale = ep.inv_out_scale;
+  c.zero_point = static_cast<int16_t>(ep.out_zero_point);
+  const float inv = ep.inv_out_scale;
+  TQ_CHECK(inv > 0.0f && inv < INFINITY, "int8 GEMM: 1 / out_scale must be finite and positive, got ", inv);
+  const float lo = ep.clamp.lo * inv, hi = ep.clamp.hi * inv;
+  const auto fold = [&](float x) {
+    x = x < lo ? lo : x;
+    x = x > hi ? hi : x;
+    return fminf(fmaxf(x, ep.qmin - ep.out_zero_point), ep.qmax - ep.out_zero_point);
+  };
+  c.q_lo = fold(-INFINITY);
+  c.q_hi = fold(INFINITY);
+}
+
+// The PanelEpilogue of every panel of every group, [group * panels + panel].
+std::vector<PanelEpilogue> panel_epilogues(const Epilogue& ep, int64_t groups, int64_t n) {
+  const int64_t n_panels = (n + kPackAlign - 1) / kPackAlign;
+  std::vector<PanelEpilogue> panels(groups * n_panels);
+  for (int64_t g = 0; g < groups; ++g)
+    for (int64_t p = 0; p < n_panels; ++p)
+      panel_epilogue(ep, g * n + p * kPackAlign, std::min(kPackAlign, n - p * kPackAlign), panels[g * n_panels + p]);
+  return panels;
+}
+
+// A PanelEpilogue's scalars broadcast, taken into registers (locals) before a loop of stores: the output's bytes
+// may alias any memory, so fields read through a reference would be loaded again after every store.
+struct EpilogueVectors {
+  __m512 inv_out_scale, q_lo, q_hi, clamp_lo, clamp_hi;
+  __m512i zero_point;  // int16 lanes
+};
+
+TQ_TARGET_VNNI inline __attribute__((always_inline)) EpilogueVectors epilogue_vectors(const PanelEpilogue& c) {
+  return {_mm512_set1_ps(c.inv_out_scale), _mm512_set1_ps(c.q_lo),     _mm512_set1_ps(c.q_hi),
+          _mm512_set1_ps(c.clamp_lo),      _mm512_set1_ps(c.clamp_hi), _mm512_set1_epi16(c.zero_point)};
+}
+
+// Output vector j of a row (16 columns) from v = acc - offset: the float value y before the activation clamp.
+TQ_TARGET_VNNI inline __attribute__((always_inline)) __m512 epilogue_float(const PanelEpilogue& c, __m512i v,
+                                                                           __m512 xs, int j) {
+  const __m512 y = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(v), xs), _mm512_load_ps(c.scale + 16 * j));
+  return _mm512_add_ps(y, _mm512_load_ps(c.bias + 16 * j));
+}
+
+TQ_TARGET_VNNI inline __m512i less_offset(const PanelEpilogue& c, __m512i acc, int j) {
+  return _mm512_sub_epi32(acc, _mm512_load_si512(c.offset + 16 * j));
+}
+
+// The output values of a requantized vector less the zero point, int32 in [qmin, qmax] - zero point (see
+// PanelEpilogue; NaN y gives 0).
+TQ_TARGET_VNNI inline __attribute__((always_inline)) __m512i requantize(const EpilogueVectors& e, __m512 y) {
+  const __m512 x = _mm512_mul_ps(y, e.inv_out_scale);
+  const __m512 q = _mm512_min_ps(_mm512_max_ps(x, e.q_lo), e.q_hi);
+  return _mm512_maskz_cvt_roundps_epi32(_mm512_cmp_ps_mask(x, x, _CMP_ORD_Q), q,
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        q = _mm512_add_ps(q, _mm512_set1_ps(ep.out_zero_point));
-        q = _mm512_min_ps(_mm512_max_ps(q, _mm512_set1_ps(ep.qmin)), _mm512_set1_ps(ep.qmax));
-        q = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q), q, _mm512_set1_ps(ep.out_zero_point));
-        store_vector(dst, _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(q)), mask[j], stream);
-      }
+}
+
+// One output row of a panel from v[j] = acc - offset, j < c.vectors. FULL: all 64 columns valid, where an
+// int8/uint8 row is packed into one 64-byte store (saturating packs are exact on values already in range; the
+// packs interleave 128-bit lanes, which one dword permute undoes; the zero point is added to int16 lanes). Matches
+// epilogue_row_scalar: same operation order (the activation clamp included), round-to-nearest-even conversions
+// (vcvtps2ph, a bit-exact bfloat16 rounding), NaN -> zero point when requantizing. Streaming stores when asked and
+// the row start is aligned to the store.
+template <OutKind KIND, typename T, bool FULL>
+TQ_TARGET_VNNI inline __attribute__((always_inline)) void epilogue_row_avx512(const PanelEpilogue& c,
+                                                                              const EpilogueVectors& e,
+                                                                              __m512i v0, __m512i v1, __m512i v2,
+                                                                              __m512i v3, __m512 xs, T* out,
+                                                                              bool streaming) {
+  const __m512i v[4] = {v0, v1, v2, v3};
+  constexpr bool kBytes = KIND == OutKind::Int8 || KIND == OutKind::UInt8;
+  if constexpr (kBytes) {
+    __m512i q[4];
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j)
+      q[j] = FULL || j < c.vectors ? requantize(e, epilogue_float(c, v[j], xs, j)) : _mm512_setzero_si512();
+    const __m512i w01 = _mm512_adds_epi16(_mm512_packs_epi32(q[0], q[1]), e.zero_point);
+    const __m512i w23 = _mm512_adds_epi16(_mm512_packs_epi32(q[2], q[3]), e.zero_point);
+    const __m512i bytes = KIND == OutKind::UInt8 ? _mm512_packus_epi16(w01, w23) : _mm512_packs_epi16(w01, w23);
+    // dword 4 * lane + j of `bytes` holds vector j's columns 4 * lane .. 4 * lane + 3
+    const __m512i row =
+        _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), bytes);
+    if (!FULL) _mm512_mask_storeu_epi8(out, _cvtu64_mask64(~0ull >> (kPackAlign - c.ncols)), row);
+    else if (streaming && reinterpret_cast<uintptr_t>(out) % 64 == 0)
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(out), row);
+    else _mm512_storeu_si512(out, row);
+    return;
+  }
+  // streaming stores need vector-aligned addresses: the row start decides for all its vectors
+  const bool stream = streaming && reinterpret_cast<uintptr_t>(out) % (16 * sizeof(T)) == 0;
+  const int vectors = FULL ? 4 : c.vectors;
+  for (int j = 0; j < vectors; ++j) {
+    const __mmask16 mask = FULL ? __mmask16(0xFFFF) : c.mask[j];
+    T* dst = out + 16 * j;
+    if constexpr (KIND == OutKind::Int32) {
+      store_vector(dst, v[j], mask, stream);
+      continue;
+    }
+    const __m512 y = _mm512_min_ps(e.clamp_hi, _mm512_max_ps(e.clamp_lo, epilogue_float(c, v[j], xs, j)));
+    if constexpr (KIND == OutKind::Float32) {
+      store_vector(dst, _mm512_castps_si512(y), mask, stream);
+    } else if constexpr (KIND == OutKind::Float16) {
+      store_vector(dst, _mm512_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), mask, stream);
+    } else if constexpr (KIND == OutKind::BFloat16) {
+      const __m512i bits = _mm512_castps_si512(y);
+      const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+      __m512i h = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+      h = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q), h, _mm512_set1_epi32(0x7FC0));
+      store_vector(dst, _mm512_cvtepi32_epi16(h), mask, stream);
     }
   }
 }
 
-TQ_TARGET_VNNI void epilogue_tile_avx512(const Epilogue& ep, const int32_t* tile, int64_t row0, int64_t rows,
-                                         int64_t col0, int64_t ncols) {
-  switch (ep.kind) {
-    case OutKind::Int32: return epilogue_tile_avx512_kind<OutKind::Int32, int32_t>(ep, tile, row0, rows, col0, ncols);
-    case OutKind::Float32: return epilogue_tile_avx512_kind<OutKind::Float32, float>(ep, tile, row0, rows, col0, ncols);
-    case OutKind::Float16:
-      return epilogue_tile_avx512_kind<OutKind::Float16, c10::Half>(ep, tile, row0, rows, col0, ncols);
-    case OutKind::BFloat16:
-      return epilogue_tile_avx512_kind<OutKind::BFloat16, c10::BFloat16>(ep, tile, row0, rows, col0, ncols);
-    case OutKind::Int8: return epilogue_tile_avx512_kind<OutKind::Int8, int8_t>(ep, tile, row0, rows, col0, ncols);
-    case OutKind::UInt8: return epilogue_tile_avx512_kind<OutKind::UInt8, uint8_t>(ep, tile, row0, rows, col0, ncols);
+// Where the rows of a panel go and their row scales, copied out of the Epilogue (see EpilogueVectors).
+template <typename T>
+struct OutRows {
+  T* base;
+  int64_t stride;
+  const float* row_scale;  // per row, or null
+  float scale;             // otherwise
+  bool streaming;
+
+  OutRows(const Epilogue& ep, int64_t col0)
+      : base(static_cast<T*>(ep.out) + col0), stride(ep.out_row_stride),
+        row_scale(ep.per_row_scale ? ep.row_scale : nullptr),
+        scale(ep.row_scale == nullptr || ep.per_row_scale ? 1.0f : ep.row_scale[0]), streaming(ep.streaming) {}
+  T* row(int64_t r) const { return base + r * stride; }
+  TQ_TARGET_VNNI __m512 xs(int64_t r) const { return _mm512_set1_ps(row_scale == nullptr ? scale : row_scale[r]); }
+};
+
+// The epilogue of a whole tile (rows x ncols <= 64).
+template <OutKind KIND, typename T>
+TQ_TARGET_VNNI void epilogue_tile_avx512_kind(const Epilogue& ep, const PanelEpilogue& c, const int32_t* tile,
+                                              int64_t row0, int64_t rows, int64_t col0, int64_t ncols) {
+  const EpilogueVectors e = epilogue_vectors(c);
+  const OutRows<T> out(ep, col0);
+  const int vectors = c.vectors;
+  for (int64_t r = 0; r < rows; ++r) {
+    __m512i v[kPackAlign / 16] = {};
+    for (int j = 0; j < vectors; ++j) v[j] = less_offset(c, _mm512_load_si512(tile + r * kPackAlign + 16 * j), j);
+    const __m512 xs = out.xs(row0 + r);
+    if (ncols == kPackAlign)
+      epilogue_row_avx512<KIND, T, true>(c, e, v[0], v[1], v[2], v[3], xs, out.row(row0 + r), out.streaming);
+    else
+      epilogue_row_avx512<KIND, T, false>(c, e, v[0], v[1], v[2], v[3], xs, out.row(row0 + r), out.streaming);
   }
+}
+
+TQ_TARGET_VNNI void epilogue_tile_avx512(const Epilogue& ep, const PanelEpilogue& c, const int32_t* tile,
+                                         int64_t row0, int64_t rows, int64_t col0, int64_t ncols) {
+  switch (ep.kind) {
+    case OutKind::Int32:
+      return epilogue_tile_avx512_kind<OutKind::Int32, int32_t>(ep, c, tile, row0, rows, col0, ncols);
+    case OutKind::Float32:
+      return epilogue_tile_avx512_kind<OutKind::Float32, float>(ep, c, tile, row0, rows, col0, ncols);
+    case OutKind::Float16:
+      return epilogue_tile_avx512_kind<OutKind::Float16, c10::Half>(ep, c, tile, row0, rows, col0, ncols);
+    case OutKind::BFloat16:
+      return epilogue_tile_avx512_kind<OutKind::BFloat16, c10::BFloat16>(ep, c, tile, row0, rows, col0, ncols);
+    case OutKind::Int8: return epilogue_tile_avx512_kind<OutKind::Int8, int8_t>(ep, c, tile, row0, rows, col0, ncols);
+    case OutKind::UInt8:
+      return epilogue_tile_avx512_kind<OutKind::UInt8, uint8_t>(ep, c, tile, row0, rows, col0, ncols);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Fused AVX-512 kernel: a full panel whose k range fits one block, multiplied and stored in one pass (the sums go
+// from registers to the epilogue, no tile round trip, which cost as much as the multiplies at k = 64). The k range
+// is `runs.count` runs of `runs.steps` k-steps whose activation rows start `runs.stride` bytes apart (the kernel rows
+// of a conv window read in place; one run for GEMM rows); the weight steps follow each other. (Sums started at -offset instead of zero made GCC spill them inside the loop.)
+// ---------------------------------------------------------------------------------------------------------------
+
+struct KRuns {
+  int64_t count, stride, steps;
+};
+
+template <int MR, OutKind KIND, typename T>
+TQ_TARGET_VNNI void fused_vnni(const uint8_t* a, int64_t a_row, const int8_t* b, KRuns runs, const PanelEpilogue& c,
+                               const Epilogue& ep, int64_t row0, int64_t col0) {
+  __m512i acc[MR][4];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_si512();
+  for (int64_t i = 0; i < runs.count; ++i)
+    accumulate_vnni<MR, 4>(acc, a + i * runs.stride, a_row, b + i * runs.steps * kStepBytes, runs.steps);
+  const EpilogueVectors e = epilogue_vectors(c);
+  const OutRows<T> out(ep, col0);
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    epilogue_row_avx512<KIND, T, true>(c, e, less_offset(c, acc[r][0], 0), less_offset(c, acc[r][1], 1),
+                                              less_offset(c, acc[r][2], 2), less_offset(c, acc[r][3], 3),
+                                              out.xs(row0 + r), out.row(row0 + r), out.streaming);
+  }
+}
+
+using FusedKernel = void (*)(const uint8_t*, int64_t, const int8_t*, KRuns, const PanelEpilogue&, const Epilogue&,
+                             int64_t, int64_t);
+
+template <OutKind KIND, typename T>
+FusedKernel fused_rows(int rows) {
+  switch (rows) {
+    case 6: return fused_vnni<6, KIND, T>;
+    case 5: return fused_vnni<5, KIND, T>;
+    case 4: return fused_vnni<4, KIND, T>;
+    case 3: return fused_vnni<3, KIND, T>;
+    case 2: return fused_vnni<2, KIND, T>;
+    default: return fused_vnni<1, KIND, T>;
+  }
+}
+
+FusedKernel fused_kernel(OutKind kind, int rows) {
+  switch (kind) {
+    case OutKind::Int32: break;
+    case OutKind::Float32: return fused_rows<OutKind::Float32, float>(rows);
+    case OutKind::Float16: return fused_rows<OutKind::Float16, c10::Half>(rows);
+    case OutKind::BFloat16: return fused_rows<OutKind::BFloat16, c10::BFloat16>(rows);
+    case OutKind::Int8: return fused_rows<OutKind::Int8, int8_t>(rows);
+    case OutKind::UInt8: return fused_rows<OutKind::UInt8, uint8_t>(rows);
+  }
+  return fused_rows<OutKind::Int32, int32_t>(rows);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -317,8 +518,9 @@ TQ_TARGET_VNNI void epilogue_tile_avx512(const Epilogue& ep, const int32_t* tile
 
 struct IsaPath {
   void (*kernel)(const uint8_t*, int64_t, const int8_t*, int64_t, int32_t*, int, int, bool);
-  void (*epilogue)(const Epilogue&, const int32_t*, int64_t, int64_t, int64_t, int64_t);
+  void (*epilogue)(const Epilogue&, const PanelEpilogue&, const int32_t*, int64_t, int64_t, int64_t, int64_t);
   int rows;
+  bool fused;  // fused_kernel applies to full panels
 };
 
 // The rows of the next microkernel call, `left` rows of the chunk remaining: full groups of `rows`, except that
@@ -332,11 +534,11 @@ int group_rows(int rows, int64_t left) {
 
 IsaPath isa_path(CpuIsa isa) {
   switch (isa) {
-    case CpuIsa::Avx512Vnni: return {microkernel_vnni_rows, epilogue_tile_avx512, kVnniRows};
-    case CpuIsa::Avx2: return {microkernel_avx2_rows, epilogue_tile_scalar, kAvx2Rows};
+    case CpuIsa::Avx512Vnni: return {microkernel_vnni_rows, epilogue_tile_avx512, kVnniRows, true};
+    case CpuIsa::Avx2: return {microkernel_avx2_rows, epilogue_tile_scalar, kAvx2Rows, false};
     case CpuIsa::Scalar: break;
   }
-  return {microkernel_scalar, epilogue_tile_scalar, kVnniRows};
+  return {microkernel_scalar, epilogue_tile_scalar, kVnniRows, false};
 }
 
 }  // namespace
@@ -419,6 +621,7 @@ void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa) {
   }
 
   const Epilogue out_ep = with_streaming(ep, args.m);
+  const std::vector<PanelEpilogue> panels = panel_epilogues(out_ep, args.groups, args.n);
 
   at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
     alignas(64) int32_t tile[kRowsPerChunk * kPackAlign];
@@ -448,6 +651,15 @@ void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa) {
       const int64_t col0 = g * args.n + panel * kPackAlign;
       const int64_t ncols = std::min(kPackAlign, args.n - panel * kPackAlign);
       const int vectors = static_cast<int>((ncols + 15) / 16);
+      if (path.fused && ncols == kPackAlign && k4 <= kKBlock) {
+        for (int64_t r = 0; r < rows;) {
+          const int mr = group_rows(path.rows, rows - r);
+          fused_kernel(out_ep.kind, mr)(a + r * lda, lda, b, KRuns{1, 0, k4 / 4}, panels[g * n_panels + panel], out_ep,
+                                        row0 + r, col0);
+          r += mr;
+        }
+        continue;
+      }
       for (int64_t k0 = 0; k0 < k4; k0 += kKBlock) {
         const int64_t steps = std::min(kKBlock, k4 - k0) / 4;
         for (int64_t r = 0; r < rows;) {
@@ -458,7 +670,7 @@ void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa) {
           r += mr;
         }
       }
-      path.epilogue(out_ep, tile, row0, rows, col0, ncols);
+      path.epilogue(out_ep, panels[g * n_panels + panel], tile, row0, rows, col0, ncols);
     }
     if (out_ep.streaming) _mm_sfence();  // streaming stores are weakly ordered: make them visible before the join
   });
@@ -609,7 +821,9 @@ Epilogue with_streaming(const Epilogue& ep, int64_t rows) {
 
 void epilogue_tile(const Epilogue& ep, const int32_t* tile, int64_t row0, int64_t rows, int64_t col0, int64_t ncols,
                    CpuIsa isa) {
-  isa_path(isa).epilogue(ep, tile, row0, rows, col0, ncols);
+  PanelEpilogue c;
+  panel_epilogue(ep, col0, ncols, c);
+  isa_path(isa).epilogue(ep, c, tile, row0, rows, col0, ncols);
 }
 
 void conv_u8s8_in_place(const GemmArgs& args, const ConvGeometry& g, const uint8_t* x, const Epilogue& ep,
@@ -625,6 +839,7 @@ void conv_u8s8_in_place(const GemmArgs& args, const ConvGeometry& g, const uint8
   const int64_t item_cost = (segment_len + 4) * kPackAlign * k4;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(item_cost, 1));
   const Epilogue out_ep = with_streaming(ep, args.m);
+  const std::vector<PanelEpilogue> panels = panel_epilogues(out_ep, 1, args.n);
 
   at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
     alignas(64) int32_t tile[kRowsPerChunk * kPackAlign];
@@ -642,21 +857,34 @@ void conv_u8s8_in_place(const GemmArgs& args, const ConvGeometry& g, const uint8
       const int8_t* w = args.b + panel * args.ldb * kPackAlign;
       const int64_t ncols = std::min(kPackAlign, args.n - panel * kPackAlign);
       const int vectors = static_cast<int>((ncols + 15) / 16);
+      const int64_t col0 = panel * kPackAlign;
+      // full panels on AVX-512: the kernel rows summed in registers and stored by the fused kernel
+      const bool fused = path.fused && ncols == kPackAlign;
       for (int64_t r = 0; r < rows; r += path.rows) {
         const int mr = static_cast<int>(std::min<int64_t>(path.rows, rows - r));
         int32_t* t = tile + r * kPackAlign;
         const int64_t iw0 = (ow0 + r) * g.stride_w - g.pad_w;
         if (rows_inside && iw0 >= 0 && iw0 + (mr - 1) * g.stride_w + g.kw <= g.width) {
-          for (int64_t i = 0; i < g.kh; ++i) {
-            const uint8_t* a = x + ((b * g.height + ih0 + i * g.dil_h) * g.width + iw0) * g.channels;
-            path.kernel(a, g.stride_w * g.channels, w + i * run * kPackAlign, run / 4, t, mr, vectors, i == 0);
+          const uint8_t* a = x + ((b * g.height + ih0) * g.width + iw0) * g.channels;
+          const int64_t a_row = g.stride_w * g.channels, kernel_rows_apart = g.dil_h * g.width * g.channels;
+          if (fused) {
+            fused_kernel(out_ep.kind, mr)(a, a_row, w, KRuns{g.kh, kernel_rows_apart, run / 4}, panels[panel], out_ep,
+                                          row0 + r, col0);
+            continue;
           }
+          for (int64_t i = 0; i < g.kh; ++i)
+            path.kernel(a + i * kernel_rows_apart, a_row, w + i * run * kPackAlign, run / 4, t, mr, vectors, i == 0);
         } else {
           args.fill_rows(args.fill_context, 0, row0 + r, mr, window_rows);
+          if (fused) {
+            fused_kernel(out_ep.kind, mr)(window_rows, k4, w, KRuns{1, 0, k4 / 4}, panels[panel], out_ep, row0 + r,
+                                          col0);
+            continue;
+          }
           path.kernel(window_rows, k4, w, k4 / 4, t, mr, vectors, true);
         }
       }
-      path.epilogue(out_ep, tile, row0, rows, panel * kPackAlign, ncols);
+      if (!fused) path.epilogue(out_ep, panels[panel], tile, row0, rows, col0, ncols);
     }
     if (out_ep.streaming) _mm_sfence();
   });
