@@ -166,9 +166,10 @@ def test_int8_linear_fused_panels_all_paths(monkeypatch, m, k, n):
 
 # uint8 convs with exactly 64 output channels read their windows in place and sum the kernel rows in registers;
 # rows of output pixels whose windows reach into the padding come from im2col. Output widths leave every remainder
-# of the 6-row kernel.
+# of the 6-row kernel. 3-channel 7x7 kernels (a ResNet stem) read their 21-byte kernel rows as 24 against zero
+# weights, but from im2col where that would read past the input's end (the last row, without padding).
 FUSED_CONVS = [(2, 8, 9, 13, (3, 3), 1, 1), (1, 16, 8, 25, (3, 3), 2, 1), (1, 4, 7, 17, (5, 3), 1, (2, 1)),
-               (2, 64, 5, 7, (1, 1), 1, 0)]
+               (2, 64, 5, 7, (1, 1), 1, 0), (2, 3, 23, 20, (7, 7), 2, 3), (1, 3, 9, 11, (7, 7), 1, 0)]
 
 
 @pytest.mark.parametrize("conv", FUSED_CONVS, ids=lambda v: str(v))

@@ -27,7 +27,8 @@ struct Im2colSource {
   ConvGeometry g;
   uint8_t pad_byte;  // taps outside the image read the zero point
   uint8_t flip;      // XOR of every byte (int8 -> shifted uint8)
-  int64_t k4;        // bytes per row: the window, zero filled to a multiple of 4
+  int64_t run_stride;  // bytes per kernel row: its kw * channels values, zero filled to run_stride
+  int64_t k4;          // bytes per row: kh * run_stride, zero filled to a multiple of 4
 };
 
 // dst[i] = src[i] ^ flip for i < n with whole-vector moves only: a run of n >= 16 bytes ends with a 16-byte move
@@ -71,7 +72,7 @@ void fill_im2col_rows(const void* context, int64_t grp, int64_t row0, int64_t ro
   const ConvGeometry g = src.g;
   const uint8_t* const x = src.x;
   const uint8_t flip = src.flip, pad_byte = src.pad_byte;
-  const int64_t k4 = src.k4;
+  const int64_t k4 = src.k4, run_stride = src.run_stride;
   const int64_t cg = g.channels / g.groups;
   const int64_t pixel_row = g.width * g.channels;  // bytes between input rows
   // undilated kernel rows of an ungrouped conv read consecutive channels-last pixels: kw * channels bytes, one
@@ -93,24 +94,28 @@ void fill_im2col_rows(const void* context, int64_t grp, int64_t row0, int64_t ro
     const int64_t ih0 = oh * g.stride_h - g.pad_h, iw0 = ow * g.stride_w - g.pad_w;
     const int64_t pixel = ((b * g.height + ih0) * g.width + iw0) * g.channels;  // tap (0, 0)'s offset, maybe outside
     if (whole_pixels && ih0 >= 0 && ih0 + (g.kh - 1) * g.dil_h < g.height && iw0 >= 0 && iw0 + g.kw <= g.width) {
-      for (int64_t i = 0; i < g.kh; ++i, out += run) copy_run(out, x + pixel + i * g.dil_h * pixel_row, run, flip);
+      for (int64_t i = 0; i < g.kh; ++i, out += run_stride) {
+        copy_run(out, x + pixel + i * g.dil_h * pixel_row, run, flip);
+        for (int64_t j = run; j < run_stride; ++j) out[j] = 0;
+      }
     } else {
       for (int64_t i = 0; i < g.kh; ++i) {
         const int64_t ih = ih0 + i * g.dil_h;
         const int64_t in_row = pixel + i * g.dil_h * pixel_row;
         if (whole_pixels && ih >= 0 && ih < g.height && iw0 >= 0 && iw0 + g.kw <= g.width) {
           copy_run(out, x + in_row, run, flip);
-          out += run;
-          continue;
+        } else {
+          for (int64_t j = 0; j < g.kw; ++j) {
+            const int64_t iw = iw0 + j * g.dil_w;
+            if (ih < 0 || ih >= g.height || iw < 0 || iw >= g.width) std::memset(out + j * cg, pad_byte, cg);
+            else copy_run(out + j * cg, x + in_row + j * g.dil_w * g.channels + grp * cg, cg, flip);
+          }
         }
-        for (int64_t j = 0; j < g.kw; ++j, out += cg) {
-          const int64_t iw = iw0 + j * g.dil_w;
-          if (ih < 0 || ih >= g.height || iw < 0 || iw >= g.width) std::memset(out, pad_byte, cg);
-          else copy_run(out, x + in_row + j * g.dil_w * g.channels + grp * cg, cg, flip);
-        }
+        for (int64_t j = run; j < run_stride; ++j) out[j] = 0;
+        out += run_stride;
       }
     }
-    for (int64_t i = g.window; i < k4; ++i) *out++ = 0;
+    for (int64_t i = g.kh * run_stride; i < k4; ++i) *out++ = 0;
   }
 }
 
@@ -451,6 +456,22 @@ void conv_u8s8_depthwise(const ConvGeometry& g, const uint8_t* x, const int8_t* 
   });
 }
 
+// The packed conv weight w (n columns, panels of depth kp, k running (kh, kw, c)) with each kernel row's `run`
+// values followed by padded_run - run zero weights: the layout conv_u8s8_in_place reads when kw * channels is not a
+// multiple of 4. dst holds round_up(n, kPackAlign) / kPackAlign panels of depth kh * padded_run.
+void pad_kernel_rows(const int8_t* w, int64_t n, int64_t kp, int64_t kh, int64_t run, int64_t padded_run, int8_t* dst) {
+  const int64_t panels = (n + kPackAlign - 1) / kPackAlign, padded_kp = kh * padded_run;
+  std::memset(dst, 0, panels * padded_kp * kPackAlign);
+  for (int64_t p = 0; p < panels; ++p)
+    for (int64_t i = 0; i < kh; ++i)
+      for (int64_t t = 0; t < run; ++t) {
+        const int64_t k = i * run + t, padded_k = i * padded_run + t;
+        const int8_t* from = w + p * kp * kPackAlign + (k / 4) * kStepBytes + k % 4;
+        int8_t* to = dst + p * padded_kp * kPackAlign + (padded_k / 4) * kStepBytes + padded_k % 4;
+        for (int64_t col = 0; col < kPackAlign; ++col) to[4 * col] = from[4 * col];
+      }
+}
+
 at::Tensor int8_conv2d_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, int64_t x_zero_point,
                            const at::Tensor& w_packed, const at::Tensor& w_sum, const at::Tensor& w_scale,
                            const std::optional<at::Tensor>& bias, int64_t out_channels, at::IntArrayRef kernel_size,
@@ -470,9 +491,18 @@ at::Tensor int8_conv2d_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, int
   const uint8_t* x_bytes = channels_last_bytes(x_q, x_copy);
   const uint8_t flip = activation_flip(x_q);
   GemmArgs args;
-  const Im2colSource im2col{x_bytes, g, static_cast<uint8_t>(static_cast<uint8_t>(x_zero_point) ^ flip), flip,
-                            round_up(g.window, 4)};
   const bool pointwise = g.kh == 1 && g.kw == 1 && g.stride_h == 1 && g.stride_w == 1 && g.pad_h == 0 && g.pad_w == 0;
+  // one weight panel: no other panel shares the cost of an im2col row (a sixth of a 3x3 conv's time at 64
+  // channels); with more panels, reading rows in place measured slower than the im2col rows they reuse. Kernel rows
+  // of kw * channels bytes not a multiple of 4 are read padded to one, against zero weights, where that adds at
+  // most a quarter of the multiplies (a ResNet stem's 21-byte rows as 24: im2col had been a quarter of its time).
+  const int64_t run = g.kw * cg, padded_run = round_up(run, 4);
+  const bool depthwise = groups == g.channels && ocg == 1;
+  const bool in_place = !depthwise && !pointwise && flip == 0 && groups == 1 && g.dil_w == 1 && ocg <= kPackAlign &&
+                        4 * (padded_run - run) <= run;
+  const int64_t run_stride = in_place ? padded_run : run;
+  const Im2colSource im2col{x_bytes, g, static_cast<uint8_t>(static_cast<uint8_t>(x_zero_point) ^ flip), flip,
+                            run_stride, round_up(g.kh * run_stride, 4)};
   if (pointwise && flip == 0 && cg % 4 == 0) {  // uint8 1x1: the channels-last input is the GEMM's row matrix
     args.a = x_bytes;
     args.lda = g.channels;
@@ -488,14 +518,19 @@ at::Tensor int8_conv2d_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, int
   args.n = ocg;
   args.k = g.window;
   args.groups = groups;
+  const ScratchScope weight_scope(Scratch::Weights);
+  if (run_stride != run) {
+    args.k = g.kh * run_stride;
+    int8_t* padded = reinterpret_cast<int8_t*>(scratch_buffer(Scratch::Weights, args.k * kPackAlign));
+    pad_kernel_rows(args.b, ocg, args.ldb, g.kh, run, run_stride, padded);
+    args.b = padded;
+    args.ldb = args.k;
+  }
   std::vector<int32_t> col_offset;
   const Epilogue ep = epilogue_for(f.epilogue, flip, f.out_nhwc.data_ptr(), out_channels, col_offset);
-  // one weight panel: no other panel shares the cost of an im2col row (a sixth of a 3x3 conv's time at 64
-  // channels); with more panels, reading rows in place measured slower than the im2col rows they reuse
-  if (groups == g.channels && ocg == 1)
+  if (depthwise)
     conv_u8s8_depthwise(g, x_bytes, args.b, args.b_group_stride, flip, im2col.pad_byte, ep, cpu_isa());
-  else if (!pointwise && flip == 0 && groups == 1 && g.dil_w == 1 && g.kw * g.channels % 4 == 0 &&
-           ocg <= kPackAlign)
+  else if (in_place)
     conv_u8s8_in_place(args, g, x_bytes, ep, cpu_isa());
   else
     gemm_u8s8(args, ep, cpu_isa());

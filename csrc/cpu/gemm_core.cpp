@@ -830,7 +830,8 @@ void conv_u8s8_in_place(const GemmArgs& args, const ConvGeometry& g, const uint8
                         CpuIsa isa) {
   const IsaPath path = isa_path(isa);
   const int64_t k4 = round_up(args.k, 4);
-  const int64_t run = g.kw * g.channels;  // bytes of one kernel row, a multiple of 4
+  const int64_t run = round_up(g.kw * g.channels, 4);  // bytes of one kernel row as the weight holds it
+  const int64_t x_bytes = g.batch * g.height * g.width * g.channels;
   const int64_t n_panels = (args.n + kPackAlign - 1) / kPackAlign;
   // work items: segments of <= kRowsPerChunk output pixels of one output row (b, oh), times the panels
   const int64_t segments_per_row = (g.out_w + kRowsPerChunk - 1) / kRowsPerChunk;
@@ -864,9 +865,12 @@ void conv_u8s8_in_place(const GemmArgs& args, const ConvGeometry& g, const uint8
         const int mr = static_cast<int>(std::min<int64_t>(path.rows, rows - r));
         int32_t* t = tile + r * kPackAlign;
         const int64_t iw0 = (ow0 + r) * g.stride_w - g.pad_w;
-        if (rows_inside && iw0 >= 0 && iw0 + (mr - 1) * g.stride_w + g.kw <= g.width) {
-          const uint8_t* a = x + ((b * g.height + ih0) * g.width + iw0) * g.channels;
-          const int64_t a_row = g.stride_w * g.channels, kernel_rows_apart = g.dil_h * g.width * g.channels;
+        const int64_t a_offset = ((b * g.height + ih0) * g.width + iw0) * g.channels;  // tap (0, 0) of row r
+        const int64_t a_row = g.stride_w * g.channels, kernel_rows_apart = g.dil_h * g.width * g.channels;
+        // (a padded run reads up to 3 bytes past the window: not past the input's end)
+        if (rows_inside && iw0 >= 0 && iw0 + (mr - 1) * g.stride_w + g.kw <= g.width &&
+            a_offset + (g.kh - 1) * kernel_rows_apart + (mr - 1) * a_row + run <= x_bytes) {
+          const uint8_t* a = x + a_offset;
           if (fused) {
             fused_kernel(out_ep.kind, mr)(a, a_row, w, KRuns{g.kh, kernel_rows_apart, run / 4}, panels[panel], out_ep,
                                           row0 + r, col0);

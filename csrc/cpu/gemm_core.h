@@ -82,12 +82,14 @@ Epilogue with_streaming(const Epilogue& ep, int64_t rows);
 void epilogue_tile(const Epilogue& ep, const int32_t* tile, int64_t row0, int64_t rows, int64_t col0, int64_t ncols,
                    CpuIsa isa);
 
-// int8_conv2d without an im2col copy for windows inside the input: groups == 1, uint8 channels-last x, dil_w == 1
-// and kw * channels a multiple of 4. A kernel row of the window is then kw * channels consecutive input bytes, and
-// the same k range of the packed weight (k runs (kh, kw, c)), so each run of up to 6 output pixels along an output
-// row is multiplied kernel row by kernel row straight from the input, consecutive pixels stride_w * channels
-// bytes apart. Pixels whose windows reach into the padding take their rows from args.fill_rows (im2col). args as
-// for gemm_u8s8 (m: the output pixels, k: the window) with groups == 1.
+// int8_conv2d without an im2col copy for windows inside the input: groups == 1, uint8 channels-last x, dil_w == 1.
+// A kernel row of the window is kw * channels consecutive input bytes, and the same k range of the packed weight (k
+// runs (kh, kw, c)), so each run of up to 6 output pixels along an output row is multiplied kernel row by kernel row
+// straight from the input, consecutive pixels stride_w * channels bytes apart. The weight's kernel rows are
+// round_up(kw * channels, 4) deep (zero weights past kw * channels: the bytes read past the window's row multiply
+// them), args.k = kh times that. Pixels whose windows reach into the padding (or whose padded rows would be read
+// past the input's end) take their rows from args.fill_rows (im2col, the same padded layout). args as for gemm_u8s8
+// (m: the output pixels) with groups == 1.
 void conv_u8s8_in_place(const GemmArgs& args, const ConvGeometry& g, const uint8_t* x, const Epilogue& ep,
                         CpuIsa isa);
 
