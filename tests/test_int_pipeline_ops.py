@@ -164,7 +164,8 @@ def test_int8_linear_fused_panels_all_paths(monkeypatch, m, k, n):
                     assert torch.equal(bit_patterns(got), bits), (isa, out_dtype, clamp, b is None)
 
 
-# uint8 convs with exactly 64 output channels read their windows in place and sum the kernel rows in registers;
+# uint8 convs with up to 128 output channels read their windows in place, full 64-channel panels summing the kernel
+# rows in registers (100 channels: a full panel and a partial one);
 # rows of output pixels whose windows reach into the padding come from im2col. Output widths leave every remainder
 # of the 6-row kernel. 3-channel 7x7 kernels (a ResNet stem) read their 21-byte kernel rows as 24 against zero
 # weights, but from im2col where that would read past the input's end (the last row, without padding).
@@ -174,13 +175,14 @@ FUSED_CONVS = [(2, 8, 9, 13, (3, 3), 1, 1), (1, 16, 8, 25, (3, 3), 2, 1), (1, 4,
 
 @pytest.mark.parametrize("conv", FUSED_CONVS, ids=lambda v: str(v))
 @pytest.mark.parametrize("x_dtype", [torch.uint8, torch.int8], ids=str)
-def test_int8_conv2d_fused_panels_all_paths(monkeypatch, conv, x_dtype):
+@pytest.mark.parametrize("oc", [64, 100])
+def test_int8_conv2d_fused_panels_all_paths(monkeypatch, conv, x_dtype, oc):
     b, c, h, w_, kernel, stride, padding = conv
     g = torch.Generator().manual_seed(c + h)
     x_q = randint8((b, c, h, w_), generator=g, dtype=x_dtype)
-    w_q = randint8((64, c, *kernel), generator=g)
-    w_scale = torch.rand(64, generator=g) * 0.01 + 0.001
-    bias = torch.randn(64, generator=g)
+    w_q = randint8((oc, c, *kernel), generator=g)
+    w_scale = torch.rand(oc, generator=g) * 0.01 + 0.001
+    bias = torch.randn(oc, generator=g)
     bias[5] = float("nan")
     packed, w_sum = F.pack_conv_weight(w_q), w_q.sum((1, 2, 3), dtype=torch.int32)
     kwargs = dict(stride=stride, padding=padding)
@@ -191,7 +193,7 @@ def test_int8_conv2d_fused_panels_all_paths(monkeypatch, conv, x_dtype):
         for out_dtype in ALL_OUT_DTYPES:
             kw = out_kwargs(out_dtype, y)
             for clamp in ((None, None), (0.0, None), (0.0, 6.0)):
-                got = F.int8_conv2d(x_q, 0.03, 4, packed, w_sum, w_scale, bias, out_channels=64, kernel_size=kernel,
+                got = F.int8_conv2d(x_q, 0.03, 4, packed, w_sum, w_scale, bias, out_channels=oc, kernel_size=kernel,
                                     out_dtype=out_dtype, clamp_min=clamp[0], clamp_max=clamp[1], **kwargs, **kw)
                 want = reference.int8_conv2d(x_q, 0.03, 4, w_q, w_scale, bias, out_dtype=out_dtype,
                                              clamp_min=clamp[0], clamp_max=clamp[1], **kwargs, **kw)
