@@ -522,7 +522,7 @@ at::Tensor int8_conv2d_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, int
   const ScratchScope weight_scope(Scratch::Weights);
   if (run_stride != run) {
     args.k = g.kh * run_stride;
-    int8_t* padded = reinterpret_cast<int8_t*>(scratch_buffer(Scratch::Weights, args.k * kPackAlign));
+    int8_t* padded = reinterpret_cast<int8_t*>(scratch_buffer(Scratch::Weights, round_up(ocg, kPackAlign) * args.k));
     pad_kernel_rows(args.b, ocg, args.ldb, g.kh, run, run_stride, padded);
     args.b = padded;
     args.ldb = args.k;

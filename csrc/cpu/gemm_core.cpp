@@ -270,6 +270,7 @@ struct PanelEpilogue {
   alignas(64) float bias[kPackAlign];  // -0.0 without a bias: y + -0.0 == y for every y, -0.0 included
   __mmask16 mask[kPackAlign / 16];
   int ncols, vectors;
+  bool may_be_nan;  // whether a requantized y can be NaN (a NaN or infinite bias or scale, per-row scales)
   float clamp_lo, clamp_hi;  // the activation clamp of float outputs
   float inv_out_scale, q_lo, q_hi;
   int16_t zero_point;
@@ -291,6 +292,11 @@ void panel_epilogue(const Epilogue& ep, int64_t col0, int64_t ncols, PanelEpilog
   copy(c.offset, ep.col_offset, 0);
   copy(c.scale, ep.col_scale, 0.0f);
   copy(c.bias, ep.bias, -0.0f);
+  // y = float(v) * xs * scale + bias is NaN only from a NaN or infinite operand (or inf * 0 of an overflowed
+  // product and a zero scale); y * inv_out_scale only from NaN y
+  c.may_be_nan = ep.row_scale != nullptr && (ep.per_row_scale || !std::isfinite(ep.row_scale[0]));
+  for (int64_t i = 0; i < ncols; ++i)
+    c.may_be_nan |= !std::isfinite(c.bias[i]) || !std::isfinite(c.scale[i]) || c.scale[i] == 0.0f;
   c.clamp_lo = ep.clamp.lo;
   c.clamp_hi = ep.clamp.hi;
   c.inv_out_scale = ep.inv_out_scale;
@@ -341,12 +347,15 @@ TQ_TARGET_VNNI inline __m512i less_offset(const PanelEpilogue& c, __m512i acc, i
 }
 
 // The output values of a requantized vector less the zero point, int32 in [qmin, qmax] - zero point (see
-// PanelEpilogue; NaN y gives 0).
+// PanelEpilogue; NaN y gives 0, looked for only where y may be NaN: a tenth of the epilogue at k = 64).
+template <bool MAY_BE_NAN>
 TQ_TARGET_VNNI inline __attribute__((always_inline)) __m512i requantize(const EpilogueVectors& e, __m512 y) {
   const __m512 x = _mm512_mul_ps(y, e.inv_out_scale);
   const __m512 q = _mm512_min_ps(_mm512_max_ps(x, e.q_lo), e.q_hi);
-  return _mm512_maskz_cvt_roundps_epi32(_mm512_cmp_ps_mask(x, x, _CMP_ORD_Q), q,
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  if constexpr (MAY_BE_NAN)
+    return _mm512_maskz_cvt_roundps_epi32(_mm512_cmp_ps_mask(x, x, _CMP_ORD_Q), q,
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm512_cvt_roundps_epi32(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
 
 // One output row of a panel from v[j] = acc - offset, j < c.vectors. FULL: all 64 columns valid, where an
@@ -355,7 +364,7 @@ TQ_TARGET_VNNI inline __attribute__((always_inline)) __m512i requantize(const Ep
 // epilogue_row_scalar: same operation order (the activation clamp included), round-to-nearest-even conversions
 // (vcvtps2ph, a bit-exact bfloat16 rounding), NaN -> zero point when requantizing. Streaming stores when asked and
 // the row start is aligned to the store.
-template <OutKind KIND, typename T, bool FULL>
+template <OutKind KIND, typename T, bool FULL, bool MAY_BE_NAN>
 TQ_TARGET_VNNI inline __attribute__((always_inline)) void epilogue_row_avx512(const PanelEpilogue& c,
                                                                               const EpilogueVectors& e,
                                                                               __m512i v0, __m512i v1, __m512i v2,
@@ -367,7 +376,7 @@ TQ_TARGET_VNNI inline __attribute__((always_inline)) void epilogue_row_avx512(co
     __m512i q[4];
 #pragma GCC unroll 4
     for (int j = 0; j < 4; ++j)
-      q[j] = FULL || j < c.vectors ? requantize(e, epilogue_float(c, v[j], xs, j)) : _mm512_setzero_si512();
+      q[j] = FULL || j < c.vectors ? requantize<MAY_BE_NAN>(e, epilogue_float(c, v[j], xs, j)) : _mm512_setzero_si512();
     const __m512i w01 = _mm512_adds_epi16(_mm512_packs_epi32(q[0], q[1]), e.zero_point);
     const __m512i w23 = _mm512_adds_epi16(_mm512_packs_epi32(q[2], q[3]), e.zero_point);
     const __m512i bytes = KIND == OutKind::UInt8 ? _mm512_packus_epi16(w01, w23) : _mm512_packs_epi16(w01, w23);
@@ -423,7 +432,7 @@ struct OutRows {
 };
 
 // The epilogue of a whole tile (rows x ncols <= 64).
-template <OutKind KIND, typename T>
+template <OutKind KIND, typename T, bool MAY_BE_NAN>
 TQ_TARGET_VNNI void epilogue_tile_avx512_kind(const Epilogue& ep, const PanelEpilogue& c, const int32_t* tile,
                                               int64_t row0, int64_t rows, int64_t col0, int64_t ncols) {
   const EpilogueVectors e = epilogue_vectors(c);
@@ -434,26 +443,35 @@ TQ_TARGET_VNNI void epilogue_tile_avx512_kind(const Epilogue& ep, const PanelEpi
     for (int j = 0; j < vectors; ++j) v[j] = less_offset(c, _mm512_load_si512(tile + r * kPackAlign + 16 * j), j);
     const __m512 xs = out.xs(row0 + r);
     if (ncols == kPackAlign)
-      epilogue_row_avx512<KIND, T, true>(c, e, v[0], v[1], v[2], v[3], xs, out.row(row0 + r), out.streaming);
+      epilogue_row_avx512<KIND, T, true, MAY_BE_NAN>(c, e, v[0], v[1], v[2], v[3], xs, out.row(row0 + r),
+                                                     out.streaming);
     else
-      epilogue_row_avx512<KIND, T, false>(c, e, v[0], v[1], v[2], v[3], xs, out.row(row0 + r), out.streaming);
+      epilogue_row_avx512<KIND, T, false, MAY_BE_NAN>(c, e, v[0], v[1], v[2], v[3], xs, out.row(row0 + r),
+                                                      out.streaming);
   }
+}
+
+template <OutKind KIND, typename T>
+TQ_TARGET_VNNI void epilogue_tile_avx512_bytes(const Epilogue& ep, const PanelEpilogue& c, const int32_t* tile,
+                                               int64_t row0, int64_t rows, int64_t col0, int64_t ncols) {
+  (c.may_be_nan ? epilogue_tile_avx512_kind<KIND, T, true>
+                : epilogue_tile_avx512_kind<KIND, T, false>)(ep, c, tile, row0, rows, col0, ncols);
 }
 
 TQ_TARGET_VNNI void epilogue_tile_avx512(const Epilogue& ep, const PanelEpilogue& c, const int32_t* tile,
                                          int64_t row0, int64_t rows, int64_t col0, int64_t ncols) {
   switch (ep.kind) {
     case OutKind::Int32:
-      return epilogue_tile_avx512_kind<OutKind::Int32, int32_t>(ep, c, tile, row0, rows, col0, ncols);
+      return epilogue_tile_avx512_kind<OutKind::Int32, int32_t, true>(ep, c, tile, row0, rows, col0, ncols);
     case OutKind::Float32:
-      return epilogue_tile_avx512_kind<OutKind::Float32, float>(ep, c, tile, row0, rows, col0, ncols);
+      return epilogue_tile_avx512_kind<OutKind::Float32, float, true>(ep, c, tile, row0, rows, col0, ncols);
     case OutKind::Float16:
-      return epilogue_tile_avx512_kind<OutKind::Float16, c10::Half>(ep, c, tile, row0, rows, col0, ncols);
+      return epilogue_tile_avx512_kind<OutKind::Float16, c10::Half, true>(ep, c, tile, row0, rows, col0, ncols);
     case OutKind::BFloat16:
-      return epilogue_tile_avx512_kind<OutKind::BFloat16, c10::BFloat16>(ep, c, tile, row0, rows, col0, ncols);
-    case OutKind::Int8: return epilogue_tile_avx512_kind<OutKind::Int8, int8_t>(ep, c, tile, row0, rows, col0, ncols);
+      return epilogue_tile_avx512_kind<OutKind::BFloat16, c10::BFloat16, true>(ep, c, tile, row0, rows, col0, ncols);
+    case OutKind::Int8: return epilogue_tile_avx512_bytes<OutKind::Int8, int8_t>(ep, c, tile, row0, rows, col0, ncols);
     case OutKind::UInt8:
-      return epilogue_tile_avx512_kind<OutKind::UInt8, uint8_t>(ep, c, tile, row0, rows, col0, ncols);
+      return epilogue_tile_avx512_bytes<OutKind::UInt8, uint8_t>(ep, c, tile, row0, rows, col0, ncols);
   }
 }
 
@@ -469,7 +487,7 @@ struct KRuns {
   int64_t count, stride, steps;
 };
 
-template <int MR, OutKind KIND, typename T>
+template <int MR, OutKind KIND, typename T, bool MAY_BE_NAN>
 TQ_TARGET_VNNI void fused_vnni(const uint8_t* a, int64_t a_row, const int8_t* b, KRuns runs, const PanelEpilogue& c,
                                const Epilogue& ep, int64_t row0, int64_t col0) {
   __m512i acc[MR][4];
@@ -483,7 +501,7 @@ TQ_TARGET_VNNI void fused_vnni(const uint8_t* a, int64_t a_row, const int8_t* b,
   const OutRows<T> out(ep, col0);
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) {
-    epilogue_row_avx512<KIND, T, true>(c, e, less_offset(c, acc[r][0], 0), less_offset(c, acc[r][1], 1),
+    epilogue_row_avx512<KIND, T, true, MAY_BE_NAN>(c, e, less_offset(c, acc[r][0], 0), less_offset(c, acc[r][1], 1),
                                               less_offset(c, acc[r][2], 2), less_offset(c, acc[r][3], 3),
                                               out.xs(row0 + r), out.row(row0 + r), out.streaming);
   }
@@ -492,26 +510,31 @@ TQ_TARGET_VNNI void fused_vnni(const uint8_t* a, int64_t a_row, const int8_t* b,
 using FusedKernel = void (*)(const uint8_t*, int64_t, const int8_t*, KRuns, const PanelEpilogue&, const Epilogue&,
                              int64_t, int64_t);
 
-template <OutKind KIND, typename T>
+template <OutKind KIND, typename T, bool MAY_BE_NAN = true>
 FusedKernel fused_rows(int rows) {
   switch (rows) {
-    case 6: return fused_vnni<6, KIND, T>;
-    case 5: return fused_vnni<5, KIND, T>;
-    case 4: return fused_vnni<4, KIND, T>;
-    case 3: return fused_vnni<3, KIND, T>;
-    case 2: return fused_vnni<2, KIND, T>;
-    default: return fused_vnni<1, KIND, T>;
+    case 6: return fused_vnni<6, KIND, T, MAY_BE_NAN>;
+    case 5: return fused_vnni<5, KIND, T, MAY_BE_NAN>;
+    case 4: return fused_vnni<4, KIND, T, MAY_BE_NAN>;
+    case 3: return fused_vnni<3, KIND, T, MAY_BE_NAN>;
+    case 2: return fused_vnni<2, KIND, T, MAY_BE_NAN>;
+    default: return fused_vnni<1, KIND, T, MAY_BE_NAN>;
   }
 }
 
-FusedKernel fused_kernel(OutKind kind, int rows) {
+// The fused kernel of `rows` rows storing panel c as `kind`.
+FusedKernel fused_kernel(OutKind kind, const PanelEpilogue& c, int rows) {
   switch (kind) {
     case OutKind::Int32: break;
     case OutKind::Float32: return fused_rows<OutKind::Float32, float>(rows);
     case OutKind::Float16: return fused_rows<OutKind::Float16, c10::Half>(rows);
     case OutKind::BFloat16: return fused_rows<OutKind::BFloat16, c10::BFloat16>(rows);
-    case OutKind::Int8: return fused_rows<OutKind::Int8, int8_t>(rows);
-    case OutKind::UInt8: return fused_rows<OutKind::UInt8, uint8_t>(rows);
+    case OutKind::Int8:
+      return c.may_be_nan ? fused_rows<OutKind::Int8, int8_t, true>(rows)
+                          : fused_rows<OutKind::Int8, int8_t, false>(rows);
+    case OutKind::UInt8:
+      return c.may_be_nan ? fused_rows<OutKind::UInt8, uint8_t, true>(rows)
+                          : fused_rows<OutKind::UInt8, uint8_t, false>(rows);
   }
   return fused_rows<OutKind::Int32, int32_t>(rows);
 }
@@ -658,8 +681,8 @@ void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa) {
       if (path.fused && ncols == kPackAlign && k4 <= kFusedMaxK) {
         for (int64_t r = 0; r < rows;) {
           const int mr = group_rows(path.rows, rows - r);
-          fused_kernel(out_ep.kind, mr)(a + r * lda, lda, b, KRuns{1, 0, k4 / 4}, panels[g * n_panels + panel], out_ep,
-                                        row0 + r, col0);
+          const PanelEpilogue& pe = panels[g * n_panels + panel];
+          fused_kernel(out_ep.kind, pe, mr)(a + r * lda, lda, b, KRuns{1, 0, k4 / 4}, pe, out_ep, row0 + r, col0);
           r += mr;
         }
         continue;
@@ -865,6 +888,7 @@ void conv_u8s8_in_place(const GemmArgs& args, const ConvGeometry& g, const uint8
       const int64_t col0 = panel * kPackAlign;
       // full panels on AVX-512: the kernel rows summed in registers and stored by the fused kernel
       const bool fused = path.fused && ncols == kPackAlign;
+      const PanelEpilogue& pe = panels[panel];
       for (int64_t r = 0; r < rows; r += path.rows) {
         const int mr = static_cast<int>(std::min<int64_t>(path.rows, rows - r));
         int32_t* t = tile + r * kPackAlign;
@@ -876,8 +900,8 @@ void conv_u8s8_in_place(const GemmArgs& args, const ConvGeometry& g, const uint8
             a_offset + (g.kh - 1) * kernel_rows_apart + (mr - 1) * a_row + run <= x_bytes) {
           const uint8_t* a = x + a_offset;
           if (fused) {
-            fused_kernel(out_ep.kind, mr)(a, a_row, w, KRuns{g.kh, kernel_rows_apart, run / 4}, panels[panel], out_ep,
-                                          row0 + r, col0);
+            fused_kernel(out_ep.kind, pe, mr)(a, a_row, w, KRuns{g.kh, kernel_rows_apart, run / 4}, pe, out_ep,
+                                              row0 + r, col0);
             continue;
           }
           for (int64_t i = 0; i < g.kh; ++i)
@@ -885,14 +909,13 @@ void conv_u8s8_in_place(const GemmArgs& args, const ConvGeometry& g, const uint8
         } else {
           args.fill_rows(args.fill_context, 0, row0 + r, mr, window_rows);
           if (fused) {
-            fused_kernel(out_ep.kind, mr)(window_rows, k4, w, KRuns{1, 0, k4 / 4}, panels[panel], out_ep, row0 + r,
-                                          col0);
+            fused_kernel(out_ep.kind, pe, mr)(window_rows, k4, w, KRuns{1, 0, k4 / 4}, pe, out_ep, row0 + r, col0);
             continue;
           }
           path.kernel(window_rows, k4, w, k4 / 4, t, mr, vectors, true);
         }
       }
-      if (!fused) path.epilogue(out_ep, panels[panel], tile, row0, rows, col0, ncols);
+      if (!fused) path.epilogue(out_ep, pe, tile, row0, rows, col0, ncols);
     }
     if (out_ep.streaming) _mm_sfence();
   });
