@@ -492,11 +492,11 @@ at::Tensor int8_conv2d_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, int
   const uint8_t flip = activation_flip(x_q);
   GemmArgs args;
   const bool pointwise = g.kh == 1 && g.kw == 1 && g.stride_h == 1 && g.stride_w == 1 && g.pad_h == 0 && g.pad_w == 0;
-  // up to two weight panels: few panels share the cost of an im2col row (a sixth of a 3x3 conv's time at 64
-  // channels; at 128, in place measured 3-6 % faster); with four, reading rows in place measured 7 % slower than
-  // the im2col rows they reuse. Kernel rows
-  // of kw * channels bytes not a multiple of 4 are read padded to one, against zero weights, where that adds at
-  // most a quarter of the multiplies (a ResNet stem's 21-byte rows as 24: im2col had been a quarter of its time).
+  // Windows read in place for up to two weight panels: few panels share the cost of an im2col row (a sixth of a
+  // 3x3 conv's time at 64 channels; at 128, in place measured 3-6 % faster); with four, reading rows in place
+  // measured 7 % slower than the im2col rows they reuse. Kernel rows of kw * channels bytes not a multiple of 4 are
+  // read padded to one, against zero weights, where that adds at most a quarter of the multiplies (a ResNet stem's
+  // 21-byte rows as 24: im2col had been a quarter of its time).
   const int64_t run = g.kw * cg, padded_run = round_up(run, 4);
   const bool depthwise = groups == g.channels && ocg == 1;
   const bool in_place = !depthwise && !pointwise && flip == 0 && groups == 1 && g.dil_w == 1 &&

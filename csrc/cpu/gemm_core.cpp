@@ -229,9 +229,9 @@ void epilogue_row_scalar(const Epilogue& ep, const int32_t* acc, int64_t row, in
 
 struct PanelEpilogue;
 
+// (the PanelEpilogue is the AVX-512 epilogue's)
 void epilogue_tile_scalar(const Epilogue& ep, const PanelEpilogue&, const int32_t* tile, int64_t row0, int64_t rows,
-                          int64_t col0,
-                          int64_t ncols) {
+                          int64_t col0, int64_t ncols) {
   for (int64_t r = 0; r < rows; ++r) epilogue_row_scalar(ep, tile + r * kPackAlign, row0 + r, col0, ncols);
 }
 
@@ -258,12 +258,12 @@ TQ_TARGET_VNNI inline void store_vector(void* p, __m128i v, __mmask16 mask, bool
 // The AVX-512 epilogue's inputs for one panel (up to 64 columns from col0), made once per GEMM call: the per-column
 // values zero filled past ncols, and for int8/uint8 outputs the requantization folded into one clamp.
 //
-// Folding: with 1 / out_scale finite and positive (out_scale >= FLT_MIN, as the ops check), clamp_activation(y) * inv
-// equals y * inv clamped to
-// [lo * inv, hi * inv] (rounded multiplication by a positive number is monotone), rounding to nearest commutes with
-// a clamp to integer bounds, and a clamp of a clamp is one clamp; so quantize_value(clamp_activation(y)) is
-// rne(min(q_hi, max(q_lo, y * inv))) + zero point bit for bit, with q_lo / q_hi the scalar formula's values at
-// -inf / +inf, and NaN y (NaN y * inv) the zero point: five operations per vector instead of nine.
+// Folding: with 1 / out_scale finite and positive (out_scale >= FLT_MIN, as the ops check), clamp_activation(y) *
+// inv equals y * inv clamped to [lo * inv, hi * inv] (rounded multiplication by a positive number is monotone),
+// rounding to nearest commutes with a clamp to integer bounds, and a clamp of a clamp is one clamp; so
+// quantize_value(clamp_activation(y)) is rne(min(q_hi, max(q_lo, y * inv))) + zero point bit for bit, with q_lo /
+// q_hi the scalar formula's values at -inf / +inf, and NaN y (NaN y * inv) the zero point: five operations per
+// vector instead of nine.
 struct PanelEpilogue {
   alignas(64) int32_t offset[kPackAlign];
   alignas(64) float scale[kPackAlign];
