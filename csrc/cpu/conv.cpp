@@ -192,7 +192,7 @@ struct DepthwiseSource {
   uint8_t pad_byte;       // the zero point, as the flipped byte
 };
 
-constexpr int64_t kDepthwiseChannels = kPackAlign;  // the channels of a tile row
+constexpr int64_t kDepthwiseChannels = kPackAlign;  // the channels of a tile row (one epilogue panel)
 constexpr int64_t kDepthwisePixels = 64;            // tile rows (output pixels along an output row) per work item
 
 // The sums of one output pixel (b, oh, ow) for channels c0..c0+ncols, portable: wrapping uint32 arithmetic, the
@@ -435,6 +435,7 @@ void conv_u8s8_depthwise(const ConvGeometry& g, const uint8_t* x, const int8_t* 
   const int64_t item_cost = segment_len * kDepthwiseChannels * taps;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(item_cost, 1));
   const Epilogue out_ep = with_streaming(ep, g.rows);
+  const std::vector<PanelEpilogue> panels = panel_epilogues(out_ep, 1, g.channels);  // one per channel block
   at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
     alignas(64) int32_t tile[kDepthwisePixels * kPackAlign];
     const ScratchScope quads_scope(Scratch::GemmRows);
@@ -450,7 +451,7 @@ void conv_u8s8_depthwise(const ConvGeometry& g, const uint8_t* x, const int8_t* 
       const int64_t b = image_row / g.out_h, oh = image_row % g.out_h;
       if (flip != 0) depthwise_segment<true>(src, b, oh, ow0, rows, c0, ncols, tile, quads, isa);
       else depthwise_segment<false>(src, b, oh, ow0, rows, c0, ncols, tile, quads, isa);
-      epilogue_tile(out_ep, tile, image_row * g.out_w + ow0, rows, c0, ncols, isa);
+      epilogue_tile(out_ep, panels[block], tile, image_row * g.out_w + ow0, rows, c0, ncols, isa);
     }
     if (out_ep.streaming) _mm_sfence();
   });

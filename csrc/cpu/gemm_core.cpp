@@ -227,8 +227,6 @@ void epilogue_row_scalar(const Epilogue& ep, const int32_t* acc, int64_t row, in
   }
 }
 
-struct PanelEpilogue;
-
 // (the PanelEpilogue is the AVX-512 epilogue's)
 void epilogue_tile_scalar(const Epilogue& ep, const PanelEpilogue&, const int32_t* tile, int64_t row0, int64_t rows,
                           int64_t col0, int64_t ncols) {
@@ -255,33 +253,12 @@ TQ_TARGET_VNNI inline void store_vector(void* p, __m128i v, __mmask16 mask, bool
   else _mm_storeu_si128(static_cast<__m128i*>(p), v);
 }
 
-// The AVX-512 epilogue's inputs for one panel (up to 64 columns from col0), made once per GEMM call: the per-column
-// values zero filled past ncols, and for int8/uint8 outputs the requantization folded into one clamp.
-//
-// Folding: with 1 / out_scale finite and positive (out_scale >= FLT_MIN, as the ops check), clamp_activation(y) *
-// inv equals y * inv clamped to [lo * inv, hi * inv] (rounded multiplication by a positive number is monotone),
-// rounding to nearest commutes with a clamp to integer bounds, and a clamp of a clamp is one clamp; so
-// quantize_value(clamp_activation(y)) is rne(min(q_hi, max(q_lo, y * inv))) + zero point bit for bit, with q_lo /
-// q_hi the scalar formula's values at -inf / +inf, and NaN y (NaN y * inv) the zero point: five operations per
-// vector instead of nine.
-struct PanelEpilogue {
-  alignas(64) int32_t offset[kPackAlign];
-  alignas(64) float scale[kPackAlign];
-  alignas(64) float bias[kPackAlign];  // -0.0 without a bias: y + -0.0 == y for every y, -0.0 included
-  __mmask16 mask[kPackAlign / 16];
-  int ncols, vectors;
-  bool may_be_nan;  // whether a requantized y can be NaN (a NaN or infinite bias or scale, per-row scales)
-  float clamp_lo, clamp_hi;  // the activation clamp of float outputs
-  float inv_out_scale, q_lo, q_hi;
-  int16_t zero_point;
-};
-
 void panel_epilogue(const Epilogue& ep, int64_t col0, int64_t ncols, PanelEpilogue& c) {
   c.ncols = static_cast<int>(ncols);
   c.vectors = static_cast<int>((ncols + 15) / 16);
   for (int j = 0; j < kPackAlign / 16; ++j) {
     const int64_t valid = std::clamp<int64_t>(ncols - 16 * j, 0, 16);
-    c.mask[j] = static_cast<__mmask16>((1u << valid) - 1);
+    c.mask[j] = static_cast<uint16_t>((1u << valid) - 1);
   }
   // copied whole (a loop per element cost a tenth of a small-k GEMM's epilogue)
   const auto copy = [&](auto* dst, const auto* src, auto fill) {
@@ -313,15 +290,6 @@ void panel_epilogue(const Epilogue& ep, int64_t col0, int64_t ncols, PanelEpilog
   c.q_hi = fold(INFINITY);
 }
 
-// The PanelEpilogue of every panel of every group, [group * panels + panel].
-std::vector<PanelEpilogue> panel_epilogues(const Epilogue& ep, int64_t groups, int64_t n) {
-  const int64_t n_panels = (n + kPackAlign - 1) / kPackAlign;
-  std::vector<PanelEpilogue> panels(groups * n_panels);
-  for (int64_t g = 0; g < groups; ++g)
-    for (int64_t p = 0; p < n_panels; ++p)
-      panel_epilogue(ep, g * n + p * kPackAlign, std::min(kPackAlign, n - p * kPackAlign), panels[g * n_panels + p]);
-  return panels;
-}
 
 // A PanelEpilogue's scalars broadcast, taken into registers (locals) before a loop of stores: the output's bytes
 // may alias any memory, so fields read through a reference would be loaded again after every store.
@@ -846,11 +814,18 @@ Epilogue with_streaming(const Epilogue& ep, int64_t rows) {
   return out;
 }
 
-void epilogue_tile(const Epilogue& ep, const int32_t* tile, int64_t row0, int64_t rows, int64_t col0, int64_t ncols,
-                   CpuIsa isa) {
-  PanelEpilogue c;
-  panel_epilogue(ep, col0, ncols, c);
-  isa_path(isa).epilogue(ep, c, tile, row0, rows, col0, ncols);
+std::vector<PanelEpilogue> panel_epilogues(const Epilogue& ep, int64_t groups, int64_t n) {
+  const int64_t n_panels = (n + kPackAlign - 1) / kPackAlign;
+  std::vector<PanelEpilogue> panels(groups * n_panels);
+  for (int64_t g = 0; g < groups; ++g)
+    for (int64_t p = 0; p < n_panels; ++p)
+      panel_epilogue(ep, g * n + p * kPackAlign, std::min(kPackAlign, n - p * kPackAlign), panels[g * n_panels + p]);
+  return panels;
+}
+
+void epilogue_tile(const Epilogue& ep, const PanelEpilogue& panel, const int32_t* tile, int64_t row0, int64_t rows,
+                   int64_t col0, int64_t ncols, CpuIsa isa) {
+  isa_path(isa).epilogue(ep, panel, tile, row0, rows, col0, ncols);
 }
 
 void conv_u8s8_in_place(const GemmArgs& args, const ConvGeometry& g, const uint8_t* x, const Epilogue& ep,

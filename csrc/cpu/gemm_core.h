@@ -10,6 +10,7 @@
 // Every path (AVX-512 VNNI, AVX2, scalar) reads the same packed layouts and produces the same integers.
 #pragma once
 #include <cstdint>
+#include <vector>
 
 #include "cpu/isa.h"
 #include "gemm_front.h"
@@ -77,10 +78,35 @@ void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa);
 // (a kernel that sets it issues an sfence before its threads join).
 Epilogue with_streaming(const Epilogue& ep, int64_t rows);
 
+// The AVX-512 epilogue's inputs for one panel (up to kPackAlign columns), made once per call: the per-column
+// values zero filled past ncols, and for int8/uint8 outputs the requantization folded into one clamp.
+//
+// Folding: with 1 / out_scale finite and positive (out_scale >= FLT_MIN, as the ops check), clamp_activation(y) *
+// inv equals y * inv clamped to [lo * inv, hi * inv] (rounded multiplication by a positive number is monotone),
+// rounding to nearest commutes with a clamp to integer bounds, and a clamp of a clamp is one clamp; so
+// quantize_value(clamp_activation(y)) is rne(min(q_hi, max(q_lo, y * inv))) + zero point bit for bit, with q_lo /
+// q_hi the scalar formula's values at -inf / +inf, and NaN y (NaN y * inv) the zero point: five operations per
+// vector instead of nine.
+struct PanelEpilogue {
+  alignas(64) int32_t offset[kPackAlign];
+  alignas(64) float scale[kPackAlign];
+  alignas(64) float bias[kPackAlign];  // -0.0 without a bias: y + -0.0 == y for every y, -0.0 included
+  uint16_t mask[kPackAlign / 16];  // the valid columns of each 16-column vector
+  int ncols, vectors;
+  bool may_be_nan;  // whether a requantized y can be NaN (a NaN or infinite bias or scale, per-row scales)
+  float clamp_lo, clamp_hi;  // the activation clamp of float outputs
+  float inv_out_scale, q_lo, q_hi;
+  int16_t zero_point;
+};
+
+// The PanelEpilogue of every panel of every group of an output of groups x n columns, [group * panels + panel].
+std::vector<PanelEpilogue> panel_epilogues(const Epilogue& ep, int64_t groups, int64_t n);
+
 // The fused epilogue of gemm_u8s8 applied to a tile of int32 sums that a kernel made itself (the depthwise conv):
-// tile[r * kPackAlign + c] is the sum of output row row0 + r, column col0 + c, for r < rows, c < ncols <= kPackAlign.
-void epilogue_tile(const Epilogue& ep, const int32_t* tile, int64_t row0, int64_t rows, int64_t col0, int64_t ncols,
-                   CpuIsa isa);
+// tile[r * kPackAlign + c] is the sum of output row row0 + r, column col0 + c, for r < rows, c < ncols <= kPackAlign;
+// panel: panel_epilogues' entry of the panel starting at column col0.
+void epilogue_tile(const Epilogue& ep, const PanelEpilogue& panel, const int32_t* tile, int64_t row0, int64_t rows,
+                   int64_t col0, int64_t ncols, CpuIsa isa);
 
 // int8_conv2d without an im2col copy for windows inside the input: groups == 1, uint8 channels-last x, dil_w == 1.
 // A kernel row of the window is kw * channels consecutive input bytes, and the same k range of the packed weight (k
