@@ -868,11 +868,17 @@ void conv_u8s8_in_place(const GemmArgs& args, const ConvGeometry& g, const uint8
         const int mr = static_cast<int>(std::min<int64_t>(path.rows, rows - r));
         int32_t* t = tile + r * kPackAlign;
         const int64_t iw0 = (ow0 + r) * g.stride_w - g.pad_w;
-        const int64_t a_offset = ((b * g.height + ih0) * g.width + iw0) * g.channels;  // tap (0, 0) of row r
-        const int64_t a_row = g.stride_w * g.channels, kernel_rows_apart = g.dil_h * g.width * g.channels;
-        // (a padded run reads up to 3 bytes past the window: not past the input's end)
-        if (rows_inside && iw0 >= 0 && iw0 + (mr - 1) * g.stride_w + g.kw <= g.width &&
-            a_offset + (g.kh - 1) * kernel_rows_apart + (mr - 1) * a_row + run <= x_bytes) {
+        // windows inside the input, whose padded kernel rows (up to 3 bytes past the window) stay inside it too;
+        // the offsets are formed only for windows inside (a stride or dilation near 2^63 overflows them otherwise)
+        bool inside = rows_inside && iw0 >= 0 && iw0 + (mr - 1) * g.stride_w + g.kw <= g.width;
+        int64_t a_offset = 0, a_row = 0, kernel_rows_apart = 0;
+        if (inside) {
+          a_offset = ((b * g.height + ih0) * g.width + iw0) * g.channels;  // tap (0, 0) of row r
+          a_row = mr > 1 ? g.stride_w * g.channels : 0;
+          kernel_rows_apart = g.kh > 1 ? g.dil_h * g.width * g.channels : 0;
+          inside = a_offset + (g.kh - 1) * kernel_rows_apart + (mr - 1) * a_row + run <= x_bytes;
+        }
+        if (inside) {
           const uint8_t* a = x + a_offset;
           if (fused) {
             fused_kernel(out_ep.kind, pe, mr)(a, a_row, w, KRuns{g.kh, kernel_rows_apart, run / 4}, pe, out_ep,
