@@ -1,6 +1,7 @@
 // CPU int8_conv2d (schema in csrc/ops.cpp): channels-last input, im2col rows ordered (kh, kw, c) per group produced
-// by the int8 GEMM of gemm_core as it needs them (or, for uint8 convs with one weight panel, window rows read in
-// place by conv_u8s8_in_place), and its float epilogue writing the channels-last output directly.
+// by the int8 GEMM of gemm_core as it needs them (or, for uint8 convs with up to two weight panels, window rows read
+// in place by conv_u8s8_in_place; depthwise convs: a direct kernel below), and the GEMM's epilogue writing the
+// channels-last output directly.
 #include "check.h"
 #include <immintrin.h>
 

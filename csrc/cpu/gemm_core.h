@@ -42,7 +42,7 @@ struct Epilogue {
   float qmin = 0.0f;
   float qmax = 0.0f;
   ActivationClamp clamp;  // the fused activation (none: -inf / +inf)
-  bool streaming = false;  // non-temporal stores (set by gemm_u8s8 for outputs larger than the caches)
+  bool streaming = false;  // non-temporal stores (with_streaming sets it for outputs larger than the caches)
 };
 
 // Scratch memory of the calling thread, reused across calls: activations re-laid by the ops, weights packed on the
@@ -103,8 +103,9 @@ struct PanelEpilogue {
 std::vector<PanelEpilogue> panel_epilogues(const Epilogue& ep, int64_t groups, int64_t n);
 
 // The fused epilogue of gemm_u8s8 applied to a tile of int32 sums that a kernel made itself (the depthwise conv):
-// tile[r * kPackAlign + c] is the sum of output row row0 + r, column col0 + c, for r < rows, c < ncols <= kPackAlign;
-// panel: panel_epilogues' entry of the panel starting at column col0.
+// tile[r * kPackAlign + c] is the sum of output row row0 + r, column col0 + c, for r < rows, c < ncols <= kPackAlign
+// (tile 64-byte aligned: the AVX-512 path loads whole rows); panel: panel_epilogues' entry of the panel starting at
+// column col0.
 void epilogue_tile(const Epilogue& ep, const PanelEpilogue& panel, const int32_t* tile, int64_t row0, int64_t rows,
                    int64_t col0, int64_t ncols, CpuIsa isa);
 
