@@ -259,9 +259,10 @@ int64_t quad_columns(const ConvGeometry& g, int64_t rows) {
 // The channels (bytes) of a quad vector: 64 (zmm) or 32 (ymm) for blocks of up to 32 channels.
 int64_t quad_width(int64_t ncols) { return ncols <= 32 ? 32 : 64; }
 
-// The instructions of the quad path for W-byte vectors. The byte unpacks interleave within 128-bit lanes, so
-// vector m of their result takes dword m of each lane: in_vector_order moves dword 4 L + m of a row to the place
-// that ends up in vector m, which then holds channels (W / 4) m .. (W / 4) (m + 1) - 1.
+// The instructions of the quad path for W-byte vectors (one table per width: the intrinsics differ). The byte
+// unpacks interleave within 128-bit lanes, so vector m of their result takes dword m of each lane: load_row moves
+// dword 4 L + m of a row to the place that ends up in vector m, which then holds channels (W / 4) m .. (W / 4)
+// (m + 1) - 1.
 template <int W>
 struct QuadOps;
 
