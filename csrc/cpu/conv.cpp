@@ -425,7 +425,7 @@ void conv_u8s8_depthwise(const ConvGeometry& g, const uint8_t* x, const int8_t* 
   const int64_t taps = g.kh * g.kw;
   std::vector<int32_t> w(checked_mul("int8_conv2d", "the depthwise weight size", taps, g.channels));
   for (int64_t c = 0; c < g.channels; ++c)
-    for (int64_t t = 0; t < taps; ++t) w[t * g.channels + c] = w_packed[c * group_bytes + (t / 4) * kStepBytes + t % 4];
+    for (int64_t t = 0; t < taps; ++t) w[t * g.channels + c] = w_packed[c * group_bytes + panel_byte(t, 0)];
   const int64_t blocks = (g.channels + kDepthwiseChannels - 1) / kDepthwiseChannels;
   const int64_t segments = (g.out_w + kDepthwisePixels - 1) / kDepthwisePixels;
   const int64_t segment_len = (g.out_w + segments - 1) / segments;
@@ -469,9 +469,9 @@ void pad_kernel_rows(const int8_t* w, int64_t n, int64_t kp, int64_t kh, int64_t
     for (int64_t i = 0; i < kh; ++i)
       for (int64_t t = 0; t < run; ++t) {
         const int64_t k = i * run + t, padded_k = i * padded_run + t;
-        const int8_t* from = w + p * kp * kPackAlign + (k / 4) * kStepBytes + k % 4;
-        int8_t* to = dst + p * padded_kp * kPackAlign + (padded_k / 4) * kStepBytes + padded_k % 4;
-        for (int64_t col = 0; col < kPackAlign; ++col) to[4 * col] = from[4 * col];
+        const int8_t* from = w + p * kp * kPackAlign;
+        int8_t* to = dst + p * padded_kp * kPackAlign;
+        for (int64_t col = 0; col < kPackAlign; ++col) to[panel_byte(padded_k, col)] = from[panel_byte(k, col)];
       }
 }
 

@@ -702,9 +702,8 @@ void fill_panel_k_contiguous(const int8_t* src, int64_t cols, int64_t k, int64_t
 
 void fill_panel_strided(const int8_t* src, int64_t cols, int64_t k, int64_t stride_n, int64_t stride_k, int8_t* panel) {
   for (int64_t kk = 0; kk < k; ++kk) {
-    int8_t* out = panel + (kk / 4) * kStepBytes + kk % 4;
     const int8_t* row = src + kk * stride_k;
-    for (int64_t c = 0; c < cols; ++c) out[4 * c] = row[c * stride_n];
+    for (int64_t c = 0; c < cols; ++c) panel[panel_byte(kk, c)] = row[c * stride_n];
   }
 }
 

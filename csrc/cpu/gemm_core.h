@@ -22,6 +22,9 @@ namespace torchquant::gemm {
 // A weight panel holds kPackAlign output columns (4 zmm of int32 accumulators), so packed weights hold whole panels.
 constexpr int64_t kStepBytes = 4 * kPackAlign;  // one k-step (4 values of k) of a panel
 
+// The byte of a packed panel that holds the weight of column col at depth k.
+constexpr int64_t panel_byte(int64_t k, int64_t col) { return (k / 4) * kStepBytes + 4 * col + k % 4; }
+
 // What the GEMM's store does with each int32 accumulator acc[m][n] (already summed over k):
 //   v = acc - col_offset[n]                                    (zero-point / shift correction)
 //   Int32:         out = v
