@@ -12,6 +12,7 @@
 // tensors themselves.
 #include <Python.h>
 
+#include <array>
 #include <cfloat>
 #include <cstdint>
 #include <cstring>
@@ -42,6 +43,13 @@ using DequantizeFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::
 using QuantizePerTokenFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, int64_t);
 using Int8LinearDynamicFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                        const std::optional<at::Tensor>&, int64_t);
+using Int8LinearFn = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, const at::Tensor&, const at::Tensor&,
+                                const at::Tensor&, const std::optional<at::Tensor>&, int64_t, at::ScalarType,
+                                std::optional<double>, int64_t, std::optional<double>, std::optional<double>);
+using Int8Conv2dFn = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, const at::Tensor&, const at::Tensor&,
+                                const at::Tensor&, const std::optional<at::Tensor>&, int64_t, at::IntArrayRef,
+                                at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t, at::ScalarType,
+                                std::optional<double>, int64_t, std::optional<double>, std::optional<double>);
 
 template <class Fn>
 c10::TypedOperatorHandle<Fn> find_op(const char* name) {
@@ -291,6 +299,122 @@ PyObject* call_int8_linear_dynamic(PyObject*, PyObject* const* args, Py_ssize_t 
   END_HANDLE_TH_ERRORS
 }
 
+// A clamp bound or an output scale: None, or a float.
+bool optional_float_arg(PyObject* o, std::optional<double>& bound) {
+  if (o == Py_None) return true;
+  if (!PyFloat_CheckExact(o)) return false;
+  bound = PyFloat_AS_DOUBLE(o);
+  return true;
+}
+
+// Two ints (a conv's kernel_size, stride, padding or dilation as QuantConv2d keeps them).
+bool pair_arg(PyObject* o, std::array<int64_t, 2>& pair) {
+  if (!PyList_CheckExact(o) || PyList_GET_SIZE(o) != 2) return false;
+  for (int i = 0; i < 2; ++i) {
+    const auto v = int_in(PyList_GET_ITEM(o, i), INT64_MIN, INT64_MAX);
+    if (!v) return false;
+    pair[i] = *v;
+  }
+  return true;
+}
+
+// quantized_layer_forward(x, layer_args, clamp_min, clamp_max) -> Tensor: the converted forward of a QuantLinear or
+// QuantConv2d whose input is quantized per tensor (static, or dynamic on the CPU) and runs int8_linear /
+// int8_conv2d with a float output of x's dtype. layer_args is the tuple the layer prepared (_quantized_call_args):
+// (in_features or in_channels, static scale or None (dynamic), zero point tensor, zero point, bits, signed, rounding,
+// the integer op's weight-side arguments); the clamps are read on every call (set_activation_clamp may change
+// them). It makes the calls of the layer's Python path (QuantLayerBase._converted_forward) from C++: their
+// Python method calls and the op calls' argument boxing cost 5-6 us, more than both kernels at batch 1.
+// quantized_layer_forward(x_q, layer_args, clamp_min, clamp_max, out_dtype, out_scale, out_zero_point) -> Tensor:
+// the same layer in an integer pipeline (QuantLayerBase.pipeline_op): x_q int8/uint8 already at the layer's static
+// input scale, the integer op's output of out_dtype (requantized with out_scale and out_zero_point when int8/uint8).
+PyObject* call_quantized_layer_forward(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 4 && nargs != 7) check_nargs(nargs, 4, "quantized_layer_forward");
+  const bool pipeline = nargs == 7;
+  PyObject* layer = args[1];
+  constexpr Py_ssize_t kLinearArgs = 12, kConvArgs = 17;
+  if (!PyTuple_CheckExact(layer)) Py_RETURN_NOTIMPLEMENTED;
+  const Py_ssize_t n = PyTuple_GET_SIZE(layer);
+  if (n != kLinearArgs && n != kConvArgs) Py_RETURN_NOTIMPLEMENTED;
+  const bool conv = n == kConvArgs;
+  auto item = [&](int i) { return PyTuple_GET_ITEM(layer, i); };
+  const at::Tensor* x = plain_tensor(args[0]);
+  const auto in_dim = int_in(item(0), 0, INT64_MAX);
+  PyObject* scale_o = item(1);
+  const at::Tensor* static_scale = scale_o == Py_None ? nullptr : plain_tensor(scale_o);
+  const at::Tensor* zero_point_t = plain_tensor(item(2));
+  const auto zero_point = int_in(item(3), -128, 255);
+  const auto bits = int_in(item(4), 1, 8);
+  const auto rounding = rounding_arg(item(6));
+  const at::Tensor* w_packed = plain_tensor(item(7));
+  const at::Tensor* w_sum = plain_tensor(item(8));
+  const at::Tensor* w_scale = plain_tensor(item(9));
+  const at::Tensor* bias = item(10) == Py_None ? nullptr : plain_tensor(item(10));
+  const auto out_features = int_in(item(11), 0, INT64_MAX);
+  std::optional<double> clamp_min, clamp_max;
+  if (x == nullptr || !in_dim || (static_scale == nullptr && scale_o != Py_None) || zero_point_t == nullptr ||
+      !zero_point || !bits || !PyBool_Check(item(5)) || !rounding || w_packed == nullptr || w_sum == nullptr ||
+      w_scale == nullptr || (bias == nullptr && item(10) != Py_None) || !out_features ||
+      !optional_float_arg(args[2], clamp_min) || !optional_float_arg(args[3], clamp_max) || x->device() != w_packed->device())
+    Py_RETURN_NOTIMPLEMENTED;
+  at::ScalarType out_dtype = x->scalar_type();
+  std::optional<double> out_scale;
+  std::optional<int64_t> out_zero_point = 0;
+  if (pipeline) {
+    if ((x->scalar_type() != at::kChar && x->scalar_type() != at::kByte) || static_scale == nullptr ||
+        !THPDtype_Check(args[4]) || !optional_float_arg(args[5], out_scale))
+      Py_RETURN_NOTIMPLEMENTED;
+    out_dtype = reinterpret_cast<THPDtype*>(args[4])->scalar_type;
+    out_zero_point = int_in(args[6], INT64_MIN, INT64_MAX);
+    if (!out_zero_point) Py_RETURN_NOTIMPLEMENTED;
+  } else if (!is_float(x->scalar_type())) {
+    Py_RETURN_NOTIMPLEMENTED;
+  }
+  if (conv ? x->dim() != 4 || x->size(1) != *in_dim : x->dim() == 0 || x->size(-1) != *in_dim)
+    Py_RETURN_NOTIMPLEMENTED;
+  // the dynamic scale as InputQuantizer.dynamic_qparams computes it on the CPU; the other cases take its Python path
+  if (static_scale == nullptr && (!x->is_cpu() || *bits == 1)) Py_RETURN_NOTIMPLEMENTED;
+  std::array<int64_t, 2> kernel{}, stride{}, padding{}, dilation{};
+  std::optional<int64_t> groups;
+  if (conv) {
+    groups = int_in(item(16), 1, INT64_MAX);
+    if (!pair_arg(item(12), kernel) || !pair_arg(item(13), stride) || !pair_arg(item(14), padding) ||
+        !pair_arg(item(15), dilation) || !groups)
+      Py_RETURN_NOTIMPLEMENTED;
+  }
+  const bool is_signed = item(5) == Py_True;
+  const std::optional<at::Tensor> bias_arg = bias == nullptr ? std::nullopt : std::optional<at::Tensor>(*bias);
+  static const auto quantize = find_op<QuantizeFn>("torchquant::quantize");
+  static const auto quantize_per_token = find_op<QuantizePerTokenFn>("torchquant::quantize_per_token");
+  static const auto int8_linear = find_op<Int8LinearFn>("torchquant::int8_linear");
+  static const auto int8_conv2d = find_op<Int8Conv2dFn>("torchquant::int8_conv2d");
+  return THPVariable_Wrap(call_op(x->numel(), [&] {
+    // per-tensor quantization is elementwise: a channels-last input is quantized as the NHWC tensor it is in
+    // memory, so the integer input stays channels-last (QuantConv2d._quantize_input)
+    const bool channels_last =
+        !pipeline && conv && !x->is_contiguous() && x->is_contiguous(at::MemoryFormat::ChannelsLast);
+    const at::Tensor x_flat = channels_last ? x->permute({0, 2, 3, 1}) : *x;
+    at::Tensor scale;
+    if (static_scale != nullptr) {
+      scale = *static_scale;
+    } else {  // choose_qparams' symmetric signed scale: the per-token scale of x as one row, at least FLT_MIN
+      // (an empty x gets some scale, which quantizes it to nothing)
+      scale = std::get<1>(quantize_per_token.call(x_flat.detach().reshape({1, -1}), *bits)).clamp_min_(FLT_MIN);
+    }
+    at::Tensor x_q = pipeline ? *x : quantize.call(x_flat, scale, *zero_point_t, std::nullopt, *bits, is_signed,
+                                                   *rounding);
+    if (channels_last) x_q = x_q.permute({0, 3, 1, 2});
+    if (!conv)
+      return int8_linear.call(x_q, scale, *zero_point, *w_packed, *w_sum, *w_scale, bias_arg, *out_features,
+                              out_dtype, out_scale, *out_zero_point, clamp_min, clamp_max);
+    return int8_conv2d.call(x_q, scale, *zero_point, *w_packed, *w_sum, *w_scale, bias_arg, *out_features, kernel,
+                            stride, padding, dilation, *groups, out_dtype, out_scale, *out_zero_point, clamp_min,
+                            clamp_max);
+  }));
+  END_HANDLE_TH_ERRORS
+}
+
 }  // namespace
 }  // namespace torchquant
 
@@ -309,4 +433,8 @@ PyMethodDef torchquant_python_calls[] = {
     {"int8_linear_dynamic",
      reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&torchquant::call_int8_linear_dynamic)),
      METH_FASTCALL, "QuantLinear's converted int8-dynamic forward: the op's result, or NotImplemented"},
+    {"quantized_layer_forward",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&torchquant::call_quantized_layer_forward)),
+     METH_FASTCALL,
+     "the converted forward of a layer with a per-tensor quantized input: the op's result, or NotImplemented"},
     {nullptr, nullptr, 0, nullptr}};

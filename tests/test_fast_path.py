@@ -2,17 +2,21 @@
 against the wrappers' checked Python path: the same results for every argument form it takes, NotImplemented (and
 so the checked path, with its errors) for every other, and tensor subclasses, __torch_function__ and dispatch modes
 and inference mode handled as before. Likewise QuantLinear's converted int8-dynamic forward
-(torchquant._C.int8_linear_dynamic) against the op."""
+(torchquant._C.int8_linear_dynamic) against the op, and the converted forward of layers with a per-tensor
+quantized input (torchquant._C.quantized_layer_forward, also a pipeline layer's integer op) against the layers'
+Python path."""
 import numpy as np
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import torchquant as tq
 import torchquant.functional as F
 from torchquant import _C
 from torchquant._ops import ops
-from torchquant.nn import QuantLinear
+from torchquant.config import QuantConfig, QuantSpec
+from torchquant.nn import QuantConv2d, QuantLinear
 
 from conftest import assert_same
 
@@ -295,3 +299,138 @@ def test_quant_linear_fast_path_subclasses_and_autograd():
     y = layer(xg)  # no gradient flows through the integer kernel, as on the op
     assert not y.requires_grad
     assert_same(y, ops.int8_linear_dynamic(xg.detach(), *layer._kernel_args))
+
+
+# ---- converted layers with a per-tensor quantized input: torchquant._C.quantized_layer_forward ----
+
+LAYER_CONFIGS = {
+    "int8-static": "int8-static",
+    "static-int4-signed-truncate": QuantConfig(QuantSpec(bits=5), QuantSpec(bits=4, granularity="per_tensor",
+                                                                            rounding="truncate")),
+    "dynamic-tensor": QuantConfig(QuantSpec(), QuantSpec(granularity="per_tensor", dynamic=True)),
+    "dynamic-tensor-6bit-truncate": QuantConfig(QuantSpec(bits=4), QuantSpec(bits=6, granularity="per_tensor",
+                                                                             dynamic=True, rounding="truncate")),
+}
+
+
+def converted_layer(kind, config, clamp=None):
+    torch.manual_seed(0)
+    if kind == "linear":
+        layer, shape = QuantLinear(11, 6, config=config), (5, 11)
+    elif kind == "conv":
+        layer, shape = QuantConv2d(5, 7, 3, stride=2, padding=1, config=config), (2, 5, 9, 8)
+    else:  # depthwise
+        layer, shape = QuantConv2d(6, 6, 3, padding=1, groups=6, bias=False, config=config), (2, 6, 7, 7)
+    tq.calibrate(layer, [x_of(shape, seed=s) for s in range(3)], progress=False)
+    if clamp is not None:
+        layer.set_activation_clamp(*clamp)
+    return layer.eval().convert(), shape
+
+
+def layer_inputs(shape, dtype):
+    x = x_of(shape, dtype, seed=7)
+    inputs = [x, x_of(shape[:-1] + (2 * shape[-1],), dtype, seed=8)[..., ::2],  # non-contiguous
+              torch.zeros((0,) + shape[1:], dtype=dtype)]
+    if len(shape) == 4:
+        inputs.append(x.to(memory_format=torch.channels_last))
+    else:
+        inputs.append(x_of((2,) + shape, dtype, seed=9))  # extra leading dims
+    return inputs
+
+
+@pytest.mark.parametrize("clamp", [None, (0.0, None), (-0.5, 1.5)], ids=["none", "relu", "clamp"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("config", list(LAYER_CONFIGS))
+@pytest.mark.parametrize("kind", ["linear", "conv", "depthwise"])
+def test_quantized_layer_fast_path_matches_the_python_path(kind, config, dtype, clamp):
+    layer, shape = converted_layer(kind, LAYER_CONFIGS[config], clamp)
+    assert layer._quantized_call_args is not None
+    for x in layer_inputs(shape, dtype):
+        fast = _C.quantized_layer_forward(x, layer._quantized_call_args, layer.clamp_min, layer.clamp_max)
+        assert fast is not NotImplemented
+        with PassThrough():  # the layer's Python path
+            checked = layer(x)
+        assert_same(fast, checked)
+        assert_same(layer(x), checked)
+        assert fast.dtype == dtype and fast.shape == checked.shape and fast.stride() == checked.stride()
+
+
+@pytest.mark.parametrize("out", ["float", "uint8", "int8"])
+@pytest.mark.parametrize("kind", ["linear", "conv", "depthwise"])
+def test_pipeline_op_fast_path_matches_the_op(kind, out):
+    layer, shape = converted_layer(kind, "int8-static", clamp=(0.0, None))
+    g = torch.Generator().manual_seed(3)
+    x_q = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
+    inputs = [x_q, x_q[:0]] + ([x_q.to(memory_format=torch.channels_last)] if len(shape) == 4 else [])
+    out_args = {"float": (torch.float32, None, 0), "uint8": (torch.uint8, 0.037, 11),
+                "int8": (torch.int8, 0.05, -3)}[out]
+    for x in inputs:
+        fast = _C.quantized_layer_forward(x, layer._quantized_call_args, layer.clamp_min, layer.clamp_max,
+                                          *out_args)
+        assert fast is not NotImplemented
+        want = layer._int_op(x, layer._static_scale, layer.input_zero_point, *out_args)
+        assert_same(fast, want)
+        assert_same(layer.pipeline_op(x, *out_args), want)
+
+
+def test_quantized_layer_fast_path_follows_a_later_clamp():
+    layer, shape = converted_layer("conv", "int8-static")
+    x = x_of(shape)
+    unclamped = layer(x)
+    assert unclamped.min() < 0
+    layer.set_activation_clamp(0.0, None)
+    with PassThrough():
+        want = layer(x)
+    assert want.min() == 0
+    assert_same(layer(x), want)
+
+
+def test_quantized_layer_fast_path_declines_what_it_does_not_take():
+    layer, shape = converted_layer("conv", "int8-static")
+    args = layer._quantized_call_args
+    x = x_of(shape)
+    for bad in [x[:, :4], x[0], x.to(torch.int32), x.to("meta"), x.as_subclass(Counting), [1.0]]:
+        assert _C.quantized_layer_forward(bad, args, None, None) is NotImplemented
+    assert _C.quantized_layer_forward(x, args[:-1], None, None) is NotImplemented  # not a layer's tuple
+    assert _C.quantized_layer_forward(x, list(args), None, None) is NotImplemented
+    assert _C.quantized_layer_forward(x, args, 0, None) is NotImplemented  # a clamp that is not a float
+    # the pipeline form takes integers at a static scale only
+    assert _C.quantized_layer_forward(x, args, None, None, torch.float32, None, 0) is NotImplemented
+    x_q = torch.zeros(shape, dtype=torch.uint8)
+    assert _C.quantized_layer_forward(x_q, args, None, None) is NotImplemented
+    assert _C.quantized_layer_forward(x_q, args, None, None, "float32", None, 0) is NotImplemented
+    assert _C.quantized_layer_forward(x_q, args, None, None, torch.uint8, 1, 0) is NotImplemented
+    dynamic, _ = converted_layer("conv", LAYER_CONFIGS["dynamic-tensor"])
+    assert _C.quantized_layer_forward(x_q, dynamic._quantized_call_args, None, None, torch.uint8, 0.1,
+                                      0) is NotImplemented
+    with pytest.raises(TypeError, match="takes 4 arguments"):
+        _C.quantized_layer_forward(x, args)
+    # and the layer raises its Python path's messages
+    with pytest.raises(ValueError, match=r"input must have shape \[batch, 5, height, width\]"):
+        layer(x[:, :4])
+    with pytest.raises(TypeError, match="input must be float32, float16 or bfloat16"):
+        layer(x.to(torch.int32))
+
+
+@pytest.mark.parametrize("config", ["int8-dynamic", "weight-only", "binary-dynamic"])
+def test_quantized_layer_fast_path_not_prepared_for_other_forwards(config):
+    configs = {"int8-dynamic": "int8-dynamic", "weight-only": QuantConfig(QuantSpec(bits=4), None),
+               "binary-dynamic": QuantConfig(QuantSpec(), QuantSpec(bits=1, granularity="per_tensor",
+                                                                    dynamic=True))}
+    layer, shape = converted_layer("linear", configs[config])
+    assert layer._quantized_call_args is None
+    conv, _ = converted_layer("conv", configs[config])
+    assert (conv._quantized_call_args is None) == (config != "int8-dynamic")  # a conv's dynamic input is per tensor
+
+
+def test_quantized_layer_fast_path_subclasses_and_autograd():
+    layer, shape = converted_layer("linear", "int8-static")
+    Counting.calls.clear()
+    layer(x_of(shape).as_subclass(Counting))  # the Python path: the subclass sees the quantize op
+    assert any("torchquant.quantize" in c for c in Counting.calls), Counting.calls
+    xg = x_of(shape).requires_grad_()
+    with PassThrough():
+        want = layer(xg)
+    got = layer(xg)
+    assert got.requires_grad == want.requires_grad
+    assert_same(got.detach(), want.detach())

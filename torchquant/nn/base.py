@@ -24,6 +24,9 @@ import math
 import torch
 import torch.nn as nn
 
+from torch.compiler import is_dynamo_compiling
+
+from torchquant import _C
 from torchquant import functional as F_q
 from torchquant._ops import FLOAT_DTYPES, ops
 from torchquant.config import QuantConfig, resolve_config
@@ -55,7 +58,7 @@ def set_weight_spec(layer: "QuantLayerBase", spec) -> None:
 
 class QuantLayerBase(nn.Module):
     """Subclasses set FLOAT_TYPE and implement the constructor (calling _init_quant), _like, _float_op,
-    _int_op, _pack, _check_input and _shape_repr."""
+    _int_op, _input_features, _pack, _check_input and _shape_repr."""
 
     FLOAT_TYPE: type = nn.Module
     PER_TOKEN_INPUT = False  # whether per-token activation scales apply (Linear) or become per tensor (Conv)
@@ -179,6 +182,11 @@ class QuantLayerBase(nn.Module):
     # ---- forward ----
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.converted:
+            if self._quantized_call_args is not None and not is_dynamo_compiling():
+                # _converted_forward's calls made in C++ (it checks x there and declines what it does not take)
+                y = _C.quantized_layer_forward(x, self._quantized_call_args, self.clamp_min, self.clamp_max)
+                if y is not NotImplemented:
+                    return y
             return self._converted_forward(x)
         if self.bn is not None and x.dim() != 2 and isinstance(self.bn, nn.BatchNorm1d):
             # BatchNorm1d normalizes dim 1, the features of the layer's output only when it is 2-D
@@ -229,6 +237,11 @@ class QuantLayerBase(nn.Module):
         """A converted layer in an integer pipeline (torchquant.graph): the integer op on x_q, which holds the input
         quantized with input_quantizer's qparams; the output (with the layer's activation clamp) float of out_dtype,
         or requantized to out_dtype int8/uint8 with out_scale and out_zero_point."""
+        if self._quantized_call_args is not None and not is_dynamo_compiling():
+            y = _C.quantized_layer_forward(x_q, self._quantized_call_args, self.clamp_min, self.clamp_max, out_dtype,
+                                           out_scale, out_zero_point)
+            if y is not NotImplemented:
+                return y
         return self._int_op(x_q, self._static_scale, self.input_zero_point, out_dtype, out_scale, out_zero_point)
 
     def _quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -324,6 +337,18 @@ class QuantLayerBase(nn.Module):
                 # (to the layer's device: a pipeline's quantizer may move after the layer)
                 self._static_scale = self._checked_static_input_scale().to(self._device)
         self._kernel_args = self._int_op_args()
+        self._quantized_call_args = self._quantized_layer_args()
+
+    def _quantized_layer_args(self) -> tuple | None:
+        """The layer's arguments of torchquant._C.quantized_layer_forward, which makes _converted_forward's calls for
+        an input quantized per tensor (static, or dynamic but for sign binarization), or None for the other
+        forwards."""
+        quantizer = self.input_quantizer
+        if (self._weight_only or self.fused or quantizer.per_token
+                or (quantizer.spec.dynamic and quantizer.spec.bits == 1)):
+            return None
+        return (self._input_features(), self._static_scale, self._input_zero_point_tensor, self.input_zero_point,
+                *self._input_format, *self._kernel_args)
 
     def _checked_static_input_scale(self) -> torch.Tensor:
         """The static input scale as the kernels take it (float32 [1]); raises unless it is positive and finite."""
@@ -336,6 +361,10 @@ class QuantLayerBase(nn.Module):
 
     def _int_op_args(self) -> tuple:
         """The weight-side arguments of the integer op, in its schema's order."""
+        raise NotImplementedError
+
+    def _input_features(self) -> int:
+        """The size of the input's feature dimension (Linear: the last, Conv2d: dim 1)."""
         raise NotImplementedError
 
     @staticmethod

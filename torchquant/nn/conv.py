@@ -82,6 +82,9 @@ class QuantConv2d(QuantLayerBase):
             return x_q.permute(0, 3, 1, 2), x_scale
         return super()._quantize_input(x)
 
+    def _input_features(self) -> int:
+        return self.in_channels
+
     def _int_op_args(self) -> tuple:
         return (self.w_packed, self.w_sum, self.weight_scale, self.bias, self.out_channels, list(self.kernel_size),
                 list(self.stride), list(self.padding), list(self.dilation), self.groups)

@@ -66,6 +66,9 @@ class QuantLinear(QuantLayerBase):
         return (quantizer is not None and quantizer.per_token and quantizer.spec.bits == 8
                 and quantizer.spec.rounding == "nearest")
 
+    def _input_features(self) -> int:
+        return self.in_features
+
     def _int_op_args(self) -> tuple:
         return (self.w_packed, self.w_sum, self.weight_scale, self.bias, self.out_features)
 
