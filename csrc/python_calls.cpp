@@ -43,6 +43,8 @@ using DequantizeFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::
 using QuantizePerTokenFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, int64_t);
 using Int8LinearDynamicFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                        const std::optional<at::Tensor>&, int64_t);
+using QuantizedAddFn = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, const at::Tensor&, const at::Tensor&,
+                                  int64_t, at::ScalarType, std::optional<double>, int64_t, bool);
 using Int8LinearFn = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, const at::Tensor&, const at::Tensor&,
                                 const at::Tensor&, const std::optional<at::Tensor>&, int64_t, at::ScalarType,
                                 std::optional<double>, int64_t, std::optional<double>, std::optional<double>);
@@ -307,6 +309,37 @@ bool optional_float_arg(PyObject* o, std::optional<double>& bound) {
   return true;
 }
 
+bool is_int8(at::ScalarType t) { return t == at::kChar || t == at::kByte; }
+
+// quantized_add(a, a_scale, a_zero_point, b, b_scale, b_zero_point, out_dtype, out_scale, out_zero_point, relu) ->
+// Tensor: CPU a and b of one shape, Python-number or float32 [1] scales, int zero points (the kernel checks their
+// ranges), an out_scale that is None or a float, relu a bool.
+PyObject* call_quantized_add(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  check_nargs(nargs, 10, "quantized_add");
+  const at::Tensor* a = plain_tensor(args[0]);
+  const at::Tensor* b = plain_tensor(args[3]);
+  const auto a_zero_point = int_in(args[2], INT64_MIN, INT64_MAX);
+  const auto b_zero_point = int_in(args[5], INT64_MIN, INT64_MAX);
+  const auto out_zero_point = int_in(args[8], INT64_MIN, INT64_MAX);
+  std::optional<double> out_scale;
+  if (a == nullptr || b == nullptr || !is_int8(a->scalar_type()) || !is_int8(b->scalar_type()) ||
+      !a->is_cpu() || !b->is_cpu() || a->sizes() != b->sizes() || !a_zero_point || !b_zero_point ||
+      !out_zero_point || !THPDtype_Check(args[6]) || !optional_float_arg(args[7], out_scale) || !PyBool_Check(args[9]))
+    Py_RETURN_NOTIMPLEMENTED;
+  const at::ScalarType out_dtype = reinterpret_cast<THPDtype*>(args[6])->scalar_type;
+  if (!is_float(out_dtype) && !is_int8(out_dtype)) Py_RETURN_NOTIMPLEMENTED;
+  const auto a_scale = scale_arg(args[1], 1, *a);
+  const auto b_scale = scale_arg(args[4], 1, *a);
+  if (!a_scale || !b_scale) Py_RETURN_NOTIMPLEMENTED;
+  static const auto op = find_op<QuantizedAddFn>("torchquant::quantized_add");
+  return THPVariable_Wrap(call_op(a->numel(), [&] {
+    return op.call(*a, **a_scale, *a_zero_point, *b, **b_scale, *b_zero_point, out_dtype, out_scale,
+                   *out_zero_point, args[9] == Py_True);
+  }));
+  END_HANDLE_TH_ERRORS
+}
+
 // Two ints (a conv's kernel_size, stride, padding or dilation as QuantConv2d keeps them).
 bool pair_arg(PyObject* o, std::array<int64_t, 2>& pair) {
   if (!PyList_CheckExact(o) || PyList_GET_SIZE(o) != 2) return false;
@@ -356,13 +389,14 @@ PyObject* call_quantized_layer_forward(PyObject*, PyObject* const* args, Py_ssiz
   if (x == nullptr || !in_dim || (static_scale == nullptr && scale_o != Py_None) || zero_point_t == nullptr ||
       !zero_point || !bits || !PyBool_Check(item(5)) || !rounding || w_packed == nullptr || w_sum == nullptr ||
       w_scale == nullptr || (bias == nullptr && item(10) != Py_None) || !out_features ||
-      !optional_float_arg(args[2], clamp_min) || !optional_float_arg(args[3], clamp_max) || x->device() != w_packed->device())
+      !optional_float_arg(args[2], clamp_min) || !optional_float_arg(args[3], clamp_max) ||
+      x->device() != w_packed->device())
     Py_RETURN_NOTIMPLEMENTED;
   at::ScalarType out_dtype = x->scalar_type();
   std::optional<double> out_scale;
   std::optional<int64_t> out_zero_point = 0;
   if (pipeline) {
-    if ((x->scalar_type() != at::kChar && x->scalar_type() != at::kByte) || static_scale == nullptr ||
+    if (!is_int8(x->scalar_type()) || static_scale == nullptr ||
         !THPDtype_Check(args[4]) || !optional_float_arg(args[5], out_scale))
       Py_RETURN_NOTIMPLEMENTED;
     out_dtype = reinterpret_cast<THPDtype*>(args[4])->scalar_type;
@@ -433,6 +467,8 @@ PyMethodDef torchquant_python_calls[] = {
     {"int8_linear_dynamic",
      reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&torchquant::call_int8_linear_dynamic)),
      METH_FASTCALL, "QuantLinear's converted int8-dynamic forward: the op's result, or NotImplemented"},
+    {"quantized_add", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&torchquant::call_quantized_add)),
+     METH_FASTCALL, "functional.quantized_add's fast path: the op's result, or NotImplemented"},
     {"quantized_layer_forward",
      reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&torchquant::call_quantized_layer_forward)),
      METH_FASTCALL,

@@ -434,3 +434,57 @@ def test_quantized_layer_fast_path_subclasses_and_autograd():
     got = layer(xg)
     assert got.requires_grad == want.requires_grad
     assert_same(got.detach(), want.detach())
+
+
+# ---- quantized_add ----
+
+ADD_ARGS = [
+    # (a_scale, a_zero_point, b_scale, b_zero_point, out_dtype, out_scale, out_zero_point, relu)
+    (0.1, 3, 0.05, -4, torch.float32, None, 0, False),
+    (torch.tensor([0.1]), 3, torch.tensor(0.05), 0, torch.uint8, 0.2, 7, True),
+    (1, 0, 2, 0, torch.int8, 0.5, -3, False),                               # int scales
+    (0.1, 0, 0.1, 0, torch.bfloat16, None, 0, True),
+    (0.1, 0, 0.1, 0, torch.float16, None, 0, False),
+]
+
+
+@pytest.mark.parametrize("args", ADD_ARGS, ids=range(len(ADD_ARGS)))
+@pytest.mark.parametrize("dtypes", [(torch.uint8, torch.uint8), (torch.int8, torch.uint8), (torch.int8, torch.int8)])
+def test_quantized_add_fast_path_matches_the_checked_path(dtypes, args):
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-128, 128, (2, 5, 3, 4), generator=g, dtype=torch.int16)
+    b = torch.randint(-128, 128, (2, 5, 3, 4), generator=g, dtype=torch.int16)
+    a, b = (t.clamp(*((0, 255) if d == torch.uint8 else (-128, 127))).to(d) for t, d in zip((a, b), dtypes))
+    a_scale, a_zp, b_scale, b_zp, out_dtype, out_scale, out_zp, relu = args
+    if dtypes[1] == torch.uint8:
+        b_zp = abs(b_zp)
+    for x, y in [(a, b), (a.to(memory_format=torch.channels_last), b), (a[:, ::2], b[:, ::2]), (a[:0], b[:0])]:
+        assert _C.quantized_add(x, a_scale, a_zp, y, b_scale, b_zp, out_dtype, out_scale, out_zp,
+                                relu) is not NotImplemented
+        fast, checked = both_paths(lambda: F.quantized_add(x, a_scale, a_zp, y, b_scale, b_zp, out_dtype, out_scale,
+                                                           out_zp, relu))
+        assert_same(fast, checked)
+        assert fast.stride() == checked.stride()
+
+
+def test_quantized_add_fast_path_declines_what_the_checked_path_handles():
+    a = torch.zeros(3, 4, dtype=torch.uint8)
+    good = (a, 0.1, 0, a, 0.1, 0, torch.float32, None, 0, False)
+    assert _C.quantized_add(*good) is not NotImplemented
+    for i, bad in [(0, a.float()), (3, a[:2]), (3, a.as_subclass(Counting)), (0, a.to("meta")), (1, -0.1),
+                   (1, float("nan")), (1, torch.tensor([0.1, 0.2])), (1, torch.tensor([0.1], dtype=torch.float64)),
+                   (2, 1.0), (2, True), (6, torch.int32), (6, "float32"), (7, 1), (9, 1), (8, 2**70)]:
+        args = list(good)
+        args[i] = bad
+        assert _C.quantized_add(*args) is NotImplemented, (i, bad)
+    with pytest.raises(TypeError, match="takes 10 arguments"):
+        _C.quantized_add(*good[:-1])
+    # the checked path keeps its messages, and the kernel its own for values
+    with pytest.raises(ValueError, match="same shape"):
+        F.quantized_add(a, 0.1, 0, a[:2], 0.1, 0)
+    with pytest.raises(ValueError, match="a_scale must be positive and finite"):
+        F.quantized_add(a, -0.1, 0, a, 0.1, 0)
+    with pytest.raises(RuntimeError, match="zero_point"):
+        F.quantized_add(a, 0.1, 300, a, 0.1, 0)
+    assert_same(F.quantized_add(a, 0.1, 2.0, a, 0.1, 0, out_dtype=torch.uint8, out_scale=1, relu=1),
+                F.quantized_add(a, 0.1, 2, a, 0.1, 0, out_dtype=torch.uint8, out_scale=1.0, relu=True))

@@ -3,7 +3,9 @@ kernels."""
 from typing import Optional, Sequence, Union
 
 import torch
+from torch.compiler import is_dynamo_compiling
 
+from torchquant import _C
 from torchquant._ops import FLOAT_DTYPES, check_fake_devices, check_fake_dtype, ops
 from torchquant._ops.gemm import (_ACTIVATION_DTYPES, _flag, _integer, _pair, _require_dtype, _require_same_device,
                                   _require_tensor, _scale_tensor)
@@ -23,6 +25,11 @@ def quantized_add(a: torch.Tensor, a_scale, a_zero_point: int, b: torch.Tensor, 
     floats or float32 tensors of 1 element. Returns a tensor of a's shape and memory format: float32, float16 or
     bfloat16 (y cast), or int8/uint8 requantized with out_scale and out_zero_point as int8_linear does:
     clamp(rne(y * (1 / out_scale)) + out_zero_point)."""
+    if not is_dynamo_compiling():  # the common CPU call, checked and made in C++ (csrc/python_calls.cpp)
+        y = _C.quantized_add(a, a_scale, a_zero_point, b, b_scale, b_zero_point, out_dtype, out_scale, out_zero_point,
+                             relu)
+        if y is not NotImplemented:
+            return y
     _require_tensor("a", a)
     _require_tensor("b", b)
     _require_dtype("a", a, _ACTIVATION_DTYPES)
