@@ -208,6 +208,23 @@ QuantizedAddTensors prepare_quantized_add(const at::Tensor& a, const at::Tensor&
   return t;
 }
 
+LookupTensors prepare_quantized_lookup(const at::Tensor& x, const at::Tensor& table) {
+  constexpr const char* op = "quantized_lookup";
+  TQ_CHECK(x.scalar_type() == at::kChar || x.scalar_type() == at::kByte, op, ": x must be int8 or uint8, got ",
+           x.scalar_type());
+  TQ_CHECK(table.scalar_type() == at::kChar || table.scalar_type() == at::kByte, op,
+           ": table must be int8 or uint8, got ", table.scalar_type());
+  TQ_CHECK(table.dim() == 1 && table.size(0) == 256, op, ": table must be 1-d with 256 entries, got shape ",
+           table.sizes());
+  TQ_CHECK(table.device() == x.device(), op, ": table must be on x's device (", x.device(), "), got ",
+           table.device());
+  LookupTensors t;
+  t.out = at::empty_like(x, x.options().dtype(table.scalar_type()), at::MemoryFormat::Preserve);
+  t.x = x.strides() == t.out.strides() ? x : at::empty_like(t.out, x.options()).copy_(x);
+  t.table = table.contiguous();
+  return t;
+}
+
 namespace {
 
 // a / b rounded down and up, for any a and b >= 1 (C++ division truncates toward zero)

@@ -99,6 +99,16 @@ QuantizedAddTensors prepare_quantized_add(const at::Tensor& a, const at::Tensor&
                                           at::ScalarType out_dtype, std::optional<double> out_scale,
                                           int64_t out_zero_point, bool relu);
 
+// quantized_lookup's tensors: the output (x's shape and memory format, the table's dtype), x laid out as the output
+// is (so both are read and written as one dense span) and the table, contiguous.
+struct LookupTensors {
+  at::Tensor out, x, table;
+};
+
+// Checks quantized_lookup's arguments (x int8 or uint8; table int8 or uint8, 1-d with 256 entries, on x's device) and
+// allocates the output on the current device.
+LookupTensors prepare_quantized_lookup(const at::Tensor& x, const at::Tensor& table);
+
 // The shape of a max_pool2d over x [B?, C, H, W]: torch's rules for the output size (ceil_mode: a last window that
 // starts in the input or its left padding) and for the arguments.
 struct PoolGeometry {

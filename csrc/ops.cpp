@@ -64,6 +64,11 @@ TORCH_LIBRARY(torchquant, m) {
   // pipeline).
   m.def("quantized_add(Tensor a, Tensor a_scale, int a_zero_point, Tensor b, Tensor b_scale, int b_zero_point, "
         "ScalarType out_dtype, float? out_scale=None, int out_zero_point=0, bool relu=False) -> Tensor");
+  // y[i] = table[uint8 bits of x[i]]: an element-wise function of a quantized tensor (an activation in an integer
+  // pipeline) as a 256-entry table. x int8 or uint8, any shape and strides; table 1-d with 256 entries, int8 or
+  // uint8 (the output dtype), on x's device. An int8 x indexes by its two's-complement byte (-128 -> 128, -1 -> 255).
+  // Output of x's shape and memory format: csrc/cpu/lookup.cpp, csrc/cuda/quantize.cu.
+  m.def("quantized_lookup(Tensor x, Tensor table) -> Tensor");
   // torch.nn.functional.max_pool2d of an int8/uint8 x [B?, C, H, W] (same output size, memory format and argument
   // rules) on every device: csrc/cpu/pool.cpp and csrc/cuda/pool.cu (torch's CUDA max_pool2d takes floats only).
   m.def("quantized_max_pool2d(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, "

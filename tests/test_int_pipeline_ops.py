@@ -1,5 +1,5 @@
-"""The kernels of an integer pipeline: the fused activation clamp of int8_linear / int8_conv2d, quantized_add and
-quantized_max_pool2d.
+"""The kernels of an integer pipeline: the fused activation clamp of int8_linear / int8_conv2d, quantized_add,
+quantized_lookup and quantized_max_pool2d.
 
 Integers and float outputs are compared bit for bit with torchquant.reference (the same float32 operations in the
 same order) and, within the requantization error, with a float64 reference of the unfused ops; every CPU
@@ -489,6 +489,113 @@ def test_quantized_max_pool2d_bad_inputs(device):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# quantized_lookup
+# ---------------------------------------------------------------------------------------------------------------
+
+def lookup_table(dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return randint8((256,), generator=g, dtype=dtype)
+
+
+LOOKUP_SHAPES = [(0,), (1,), (63,), (64,), (65,), (3, 129), (2, 7, 9, 11), (1000003,), ()]
+
+
+@pytest.mark.parametrize("shape", LOOKUP_SHAPES, ids=str)
+@pytest.mark.parametrize("x_dtype", [torch.int8, torch.uint8], ids=str)
+@pytest.mark.parametrize("table_dtype", [torch.int8, torch.uint8], ids=str)
+def test_quantized_lookup(device, isa, shape, x_dtype, table_dtype):
+    x = randint8(shape, seed=len(shape) + sum(shape), dtype=x_dtype)
+    table = lookup_table(table_dtype, 3)
+    got = F.quantized_lookup(x.to(device), table.to(device))
+    assert_same(got, reference.quantized_lookup(x, table))
+    assert got.dtype == table_dtype and got.shape == x.shape
+
+
+def test_quantized_lookup_index_order(device):
+    """Every byte value, each at a position of every 64-byte vector lane: an int8 x indexes by its two's-complement
+    byte (-128 -> 128, -1 -> 255), a uint8 x by its value."""
+    table = torch.arange(256, dtype=torch.uint8, device=device)
+    codes = torch.arange(256 * 65, dtype=torch.int64) % 256
+    got_u8 = F.quantized_lookup(codes.to(torch.uint8).to(device), table)
+    assert_same(got_u8, codes.to(torch.uint8))
+    signed = codes.to(torch.uint8).view(torch.int8)
+    got_s8 = F.quantized_lookup(signed.to(device), table)
+    assert_same(got_s8, codes.to(torch.uint8))
+    assert F.quantized_lookup(torch.tensor([-128, -1, 0, 127], dtype=torch.int8, device=device), table).tolist() == \
+        [128, 255, 0, 127]
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "strided", "transposed", "offset"])
+def test_quantized_lookup_layouts(device, isa, layout):
+    x = randint8((4, 20, 9, 7), seed=11, dtype=torch.int8)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = x[::2, 1::3, :, ::2]
+    elif layout == "transposed":
+        x = x.transpose(1, 3)
+    else:  # a view whose data does not start on a vector boundary
+        x = x.flatten()[5:]
+    table = lookup_table(torch.uint8, 4)
+    got = F.quantized_lookup(x.to(device), table.to(device))
+    assert_same(got, reference.quantized_lookup(x, table))
+    if layout in ("channels_last", "transposed"):  # dense inputs keep their memory format
+        assert got.stride() == x.stride()
+    # a table that is itself a view (a strided slice)
+    wide = torch.stack([table, table.flip(0)], 1)
+    assert_same(F.quantized_lookup(x.to(device), wide[:, 1].to(device)), reference.quantized_lookup(x, table.flip(0)))
+
+
+def test_quantized_lookup_paths_bit_identical(monkeypatch):
+    x = randint8((3, 1001), seed=21)
+    table = lookup_table(torch.int8, 22)
+    outs = []
+    for isa in SUPPORTED_ISAS:
+        monkeypatch.setenv("TORCHQUANT_CPU_ISA", isa)
+        outs.append(F.quantized_lookup(x, table))
+        outs.append(F.quantized_lookup(x[:, 1:], table))  # an unaligned start and a tail in every vector path
+    for i, out in enumerate(outs):
+        assert torch.equal(out, outs[i % 2]), SUPPORTED_ISAS[i // 2]
+
+
+def test_quantized_lookup_bad_inputs(device):
+    x = randint8((3, 4), device=device)
+    table = lookup_table(torch.uint8, 5).to(device)
+    with pytest.raises(TypeError, match="x must be int8 or uint8, got float32"):
+        F.quantized_lookup(x.float(), table)
+    with pytest.raises(TypeError, match="table must be int8 or uint8, got int32"):
+        F.quantized_lookup(x, table.int())
+    with pytest.raises(ValueError, match=r"quantized_lookup: table must be 1-d with 256 entries, got shape \(255,\)"):
+        F.quantized_lookup(x, table[:255])
+    with pytest.raises(ValueError, match=r"quantized_lookup: table must be 1-d with 256 entries, got shape "
+                                         r"\(2, 128\)"):
+        F.quantized_lookup(x, table.reshape(2, 128))
+    with pytest.raises(TypeError, match="table must be a torch.Tensor, got list"):
+        F.quantized_lookup(x, list(range(256)))
+    # the op's own checks (same messages from C++)
+    with pytest.raises(RuntimeError, match="quantized_lookup: x must be int8 or uint8, got Short"):
+        ops.quantized_lookup(x.short(), table)
+    with pytest.raises(RuntimeError, match="quantized_lookup: table must be int8 or uint8, got Float"):
+        ops.quantized_lookup(x, table.float())
+    with pytest.raises(RuntimeError, match=r"quantized_lookup: table must be 1-d with 256 entries, got shape \[257\]"):
+        ops.quantized_lookup(x, torch.zeros(257, dtype=torch.uint8, device=device))
+    with pytest.raises(RuntimeError, match=r"quantized_lookup: table must be 1-d with 256 entries, got shape "
+                                           r"\[16, 16\]"):
+        ops.quantized_lookup(x, table.reshape(16, 16))
+
+
+def test_quantized_lookup_different_devices():
+    if not cuda_ready():
+        pytest.skip("needs a CUDA device")
+    x = randint8((3, 4))
+    table = lookup_table(torch.uint8, 6)
+    with pytest.raises(ValueError, match="table is on cuda"):
+        F.quantized_lookup(x, table.cuda())
+    with pytest.raises(RuntimeError, match="quantized_lookup: table must be on x's device"):
+        ops.quantized_lookup(x.cuda(), table)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # opcheck: schemas, fake kernels, dispatch
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -511,6 +618,11 @@ def test_opcheck_int_pipeline_ops(device):
                                               torch.uint8, 0.3, 4, True))
     torch.library.opcheck(ops.quantized_add, (a[:, :, ::2], s, a_zp, b[:, :, 1::2], s, b_zp, torch.bfloat16, None, 0,
                                               True))
+    table = lookup_table(torch.int8, 8).to(device)
+    torch.library.opcheck(ops.quantized_lookup, (a, table))
+    torch.library.opcheck(ops.quantized_lookup, (b.contiguous(memory_format=torch.channels_last), table))
+    torch.library.opcheck(ops.quantized_lookup, (b[:, :, ::2], table.to(torch.uint8)))
+    torch.library.opcheck(ops.quantized_lookup, (b[:0], table))
     torch.library.opcheck(ops.quantized_max_pool2d, (a, [3, 3], [2, 2], [1, 1], [1, 1], True))
     torch.library.opcheck(ops.quantized_max_pool2d, (b.contiguous(memory_format=torch.channels_last), [2, 3], [1, 2],
                                                      [0, 1], [2, 1], False))

@@ -188,3 +188,8 @@ def quantized_add(a: torch.Tensor, a_scale, a_zero_point: int, b: torch.Tensor, 
     if relu:
         y = torch.clamp(y, min=0.0)
     return _convert_output(y, out_dtype, out_scale, out_zero_point).to(a.device)
+
+
+def quantized_lookup(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """table[x's byte as uint8]: x & 255 maps int8 -128..-1 to 128..255 and leaves uint8 as it is."""
+    return table[x.long() & 255]

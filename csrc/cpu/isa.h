@@ -10,6 +10,8 @@
 // Function attributes of the code paths that cpu_isa() chooses between (what detected_cpu_isa() checks for).
 #define TQ_TARGET_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 #define TQ_TARGET_AVX2 __attribute__((target("avx2,fma")))
+// The byte permutes (vpermb / vpermi2b) that table lookups use on the avx512_vnni path, where cpu_has_avx512_vbmi().
+#define TQ_TARGET_VBMI __attribute__((target("avx512f,avx512bw,avx512vbmi")))
 
 namespace torchquant {
 
@@ -25,6 +27,16 @@ inline CpuIsa detected_cpu_isa() {
     return CpuIsa::Scalar;
   }();
   return isa;
+}
+
+// AVX-512 VBMI is not part of any path's requirements (some AVX-512 VNNI CPUs lack it): kernels that use it check
+// this as well as cpu_isa() == CpuIsa::Avx512Vnni.
+inline bool cpu_has_avx512_vbmi() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512vbmi") != 0;
+  }();
+  return has;
 }
 
 // The path to run now: the detected one, or the one TORCHQUANT_CPU_ISA asks for (read on every call so tests

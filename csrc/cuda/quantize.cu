@@ -1,5 +1,5 @@
-// CUDA kernels of the quantize family and of quantized_add (schemas in csrc/ops.cpp, element math in
-// csrc/quant_math.h, the same functions the CPU kernels use, so both produce the same integers).
+// CUDA kernels of the quantize family, of quantized_add and of quantized_lookup (schemas in csrc/ops.cpp, element
+// math in csrc/quant_math.h, the same functions the CPU kernels use, so both produce the same integers).
 //
 // Every op is an element-wise map over x viewed as [outer, channels, inner]: flat index i belongs to channel
 // (i / inner) % channels (per-tensor: one channel). Threads walk the tensor in 16-byte vectors (grid-stride), with a
@@ -538,10 +538,68 @@ at::Tensor quantized_add_cuda(const at::Tensor& a, const at::Tensor& a_scale, in
   return t.out;
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// quantized_lookup: each block copies the 256-byte table into shared memory, then a grid-stride map over x and the
+// output laid out alike (prepare_quantized_lookup), 16 bytes per thread and step, the tail byte by byte.
+// ---------------------------------------------------------------------------------------------------------------
+
+constexpr int kLookupVec = 16;
+
+template <int VEC, typename Index>
+__global__ void __launch_bounds__(kThreads) quantized_lookup_kernel(const uint8_t* __restrict__ x,
+                                                                     const uint8_t* __restrict__ table,
+                                                                     uint8_t* __restrict__ y, Index n) {
+  __shared__ uint8_t shared_table[256];
+  for (int i = threadIdx.x; i < 256; i += kThreads) shared_table[i] = table[i];
+  __syncthreads();
+  const Index stride = static_cast<Index>(gridDim.x) * kThreads;
+  const Index first = static_cast<Index>(blockIdx.x) * kThreads + threadIdx.x;
+  const Index vectors = n / VEC;
+  for (Index v = first; v < vectors; v += stride) {
+    const Vec<uint8_t, VEC> xv = load_vec<uint8_t, VEC>(x + v * VEC);
+    Vec<uint8_t, VEC> yv;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) yv.v[j] = shared_table[xv.v[j]];
+    store_vec<uint8_t, VEC>(y + v * VEC, yv);
+  }
+  for (Index i = vectors * VEC + first; i < n; i += stride) y[i] = shared_table[x[i]];
+}
+
+template <int VEC, typename Index>
+void launch_quantized_lookup(const uint8_t* x, const uint8_t* table, uint8_t* y, int64_t n) {
+  const int64_t work = std::max<int64_t>(n / VEC, 1);
+  const int blocks =
+      static_cast<int>(std::min<int64_t>((work + kThreads - 1) / kThreads, max_resident_blocks(kThreads)));
+  quantized_lookup_kernel<VEC, Index><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      x, table, y, static_cast<Index>(n));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor quantized_lookup_cuda(const at::Tensor& x, const at::Tensor& table) {
+  TQ_CHECK(x.is_cuda(), "quantized_lookup: x must be a CUDA tensor for the CUDA kernel, got ", x.device());
+  const c10::cuda::CUDAGuard guard(x.device());
+  const LookupTensors t = prepare_quantized_lookup(x, table);
+  const int64_t n = t.out.numel();
+  if (n == 0) return t.out;
+  const auto* xp = static_cast<const uint8_t*>(t.x.const_data_ptr());
+  const auto* tp = static_cast<const uint8_t*>(t.table.const_data_ptr());
+  auto* yp = static_cast<uint8_t*>(t.out.data_ptr());
+  const bool vectorized = is_aligned<uint8_t, kLookupVec>(xp) && is_aligned<uint8_t, kLookupVec>(yp);
+  if (n <= INT32_MAX) {
+    if (vectorized) launch_quantized_lookup<kLookupVec, uint32_t>(xp, tp, yp, n);
+    else launch_quantized_lookup<1, uint32_t>(xp, tp, yp, n);
+  } else {
+    if (vectorized) launch_quantized_lookup<kLookupVec, int64_t>(xp, tp, yp, n);
+    else launch_quantized_lookup<1, int64_t>(xp, tp, yp, n);
+  }
+  return t.out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(torchquant, CUDA, m) {
   m.impl("quantized_add", &quantized_add_cuda);
+  m.impl("quantized_lookup", &quantized_lookup_cuda);
   m.impl("quantize", &quantize_cuda);
   m.impl("dequantize", &dequantize_cuda);
   m.impl("fake_quantize", &fake_quantize_cuda);

@@ -1,5 +1,5 @@
-"""Integer element-wise ops of an integer pipeline (quantized_add) and integer max-pooling: wrappers and fake
-kernels."""
+"""Integer element-wise ops of an integer pipeline (quantized_add, quantized_lookup) and integer max-pooling:
+wrappers and fake kernels."""
 from typing import Optional, Sequence, Union
 
 import torch
@@ -10,7 +10,7 @@ from torchquant._ops import FLOAT_DTYPES, check_fake_devices, check_fake_dtype, 
 from torchquant._ops.gemm import (_ACTIVATION_DTYPES, _flag, _integer, _pair, _require_dtype, _require_same_device,
                                   _require_tensor, _scale_tensor)
 
-__all__ = ["quantized_add", "quantized_max_pool2d"]
+__all__ = ["quantized_add", "quantized_lookup", "quantized_max_pool2d"]
 
 
 def quantized_add(a: torch.Tensor, a_scale, a_zero_point: int, b: torch.Tensor, b_scale, b_zero_point: int,
@@ -50,6 +50,23 @@ def quantized_add(a: torch.Tensor, a_scale, a_zero_point: int, b: torch.Tensor, 
                              _integer(op, "out_zero_point", out_zero_point), _flag(op, "relu", relu))
 
 
+def quantized_lookup(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """An element-wise function of a quantized tensor as a 256-entry table (an activation in an integer pipeline):
+
+        y[i] = table[x[i] as uint8 bits]    (int8 x: -128 -> table[128], -1 -> table[255])
+
+    x: int8 or uint8, any shape and strides; table: int8 or uint8, 1-d with 256 entries, on x's device. Returns a
+    tensor of x's shape and memory format with the table's dtype."""
+    _require_tensor("x", x)
+    _require_tensor("table", table)
+    _require_dtype("x", x, _ACTIVATION_DTYPES)
+    _require_dtype("table", table, _ACTIVATION_DTYPES)
+    if table.shape != (256,):
+        raise ValueError(f"quantized_lookup: table must be 1-d with 256 entries, got shape {tuple(table.shape)}")
+    _require_same_device(x.device, table=table)
+    return ops.quantized_lookup(x, table)
+
+
 def quantized_max_pool2d(x: torch.Tensor, kernel_size: Union[int, Sequence[int]],
                          stride: Optional[Union[int, Sequence[int]]] = None, padding: Union[int, Sequence[int]] = 0,
                          dilation: Union[int, Sequence[int]] = 1, ceil_mode: bool = False) -> torch.Tensor:
@@ -75,6 +92,16 @@ def _quantized_add_fake(a, a_scale, a_zero_point, b, b_scale, b_zero_point, out_
     check_fake_dtype("quantized_add", "b", b, _ACTIVATION_DTYPES)
     torch._check(a.shape == b.shape, lambda: "quantized_add: a and b must have the same shape (no broadcasting)")
     return torch.empty_like(a, dtype=out_dtype, memory_format=torch.preserve_format)
+
+
+@torch.library.register_fake("torchquant::quantized_lookup")
+def _quantized_lookup_fake(x, table):
+    check_fake_devices("quantized_lookup", "x", x, table=table)
+    check_fake_dtype("quantized_lookup", "x", x, _ACTIVATION_DTYPES)
+    check_fake_dtype("quantized_lookup", "table", table, _ACTIVATION_DTYPES)
+    torch._check(table.shape == (256,), lambda: f"quantized_lookup: table must be 1-d with 256 entries, got shape "
+                                                f"{tuple(table.shape)}")
+    return torch.empty_like(x, dtype=table.dtype, memory_format=torch.preserve_format)
 
 
 @torch.library.register_fake("torchquant::quantized_max_pool2d")
