@@ -131,6 +131,55 @@ class InvertedResidualNet(nn.Module):
         return self.head(self.drop(x))
 
 
+class HardswishBlockNet(nn.Module):
+    """MobileNetV3's block: conv-BN-hardswish stem, a 1x1 expansion and a depthwise 3x3 with BN and hardswish (a
+    module, in place, and F.hardswish), a 1x1 projection added to the block's input, then hardsigmoid before the
+    head: every activation reads an integer tensor and an integer op reads its output."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, stride=2, padding=1, bias=False)
+        self.stem_bn = nn.BatchNorm2d(16)
+        self.expand = nn.Conv2d(16, 48, 1, bias=False)
+        self.expand_bn = nn.BatchNorm2d(48)
+        self.depthwise = nn.Conv2d(48, 48, 3, padding=1, groups=48, bias=False)
+        self.depthwise_bn = nn.BatchNorm2d(48)
+        self.project = nn.Conv2d(48, 16, 1, bias=False)
+        self.project_bn = nn.BatchNorm2d(16)
+        self.hardswish = nn.Hardswish(inplace=True)
+        self.gate = nn.Hardsigmoid()
+        self.head = nn.Conv2d(16, 5, 1)
+
+    def forward(self, x):
+        x = self.hardswish(self.stem_bn(self.stem(x)))
+        y = self.hardswish(self.expand_bn(self.expand(x)))
+        y = F.hardswish(self.depthwise_bn(self.depthwise(y)))
+        x = x + self.project_bn(self.project(y))
+        return self.head(self.gate(x)).flatten(1)
+
+
+class SmoothActivationNet(nn.Module):
+    """SiLU (module and F.silu in place), GELU, sigmoid (torch function and tensor method) and tanh between integer
+    layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 12, 3, padding=1)
+        self.b = nn.Conv2d(12, 12, 3, padding=1, groups=3)
+        self.c = nn.Conv2d(12, 8, 1)
+        self.d = nn.Linear(8 * 6 * 6, 16)
+        self.e = nn.Linear(16, 4)
+        self.silu = nn.SiLU()
+        self.gelu = nn.GELU()
+
+    def forward(self, x):
+        y = self.silu(self.a(x))
+        y = F.silu(self.b(y), inplace=True)
+        y = torch.sigmoid(self.gelu(self.c(y)))
+        y = self.d(y.flatten(1)).sigmoid()
+        return self.e(torch.tanh(y))
+
+
 def _randomize_bn(model, seed=0):
     g = torch.Generator().manual_seed(seed)
     for m in model.modules():
@@ -153,6 +202,8 @@ MODELS = {
     "basic-blocks": (BasicBlockNet, (2, 3, 12, 12)),
     "cat": (CatNet, (3, 2, 6, 6)),
     "inverted-residual": (InvertedResidualNet, (2, 3, 12, 12)),
+    "hardswish-block": (HardswishBlockNet, (2, 3, 12, 12)),
+    "smooth-activations": (SmoothActivationNet, (3, 3, 6, 6)),
 }
 
 
@@ -204,7 +255,7 @@ def test_converted_pipeline_is_close_to_float_and_fake_quant(name):
     assert (y - fake).abs().max() <= 0.05 * ref.abs().max()
 
 
-@pytest.mark.parametrize("name", ["basic-blocks", "cat"])
+@pytest.mark.parametrize("name", ["basic-blocks", "cat", "hardswish-block", "smooth-activations"])
 def test_pipeline_integers_are_identical_on_every_cpu_path_and_cuda(name, device, isa, monkeypatch):
     _, prepared, batches = _prepared(name, INTEGER_OUT)
     converted = tq.convert(prepared)
@@ -250,6 +301,97 @@ def test_depthwise_block_and_dropout_run_on_integers():
     layers, _ = graph.pipeline_notes(converted)
     assert layers["depthwise"] == "integer input, clamp [0.0, 6.0] fused, uint8 output"
     assert layers["head"] == "integer input, float output"  # through the pooling's requantize and the dropout
+
+
+@pytest.mark.parametrize("name, lookups", [("hardswish-block", 4), ("smooth-activations", 6)])
+def test_activations_between_integer_layers_run_as_lookups(name, lookups):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no activation is kept float between integer layers
+        _, prepared, _ = _prepared(name)
+        converted = tq.convert(prepared)
+    targets = _graph_targets(converted)
+    assert targets.count(tq.functional.quantized_lookup) == lookups
+    assert targets.count(graph.dequantize_output) == 0 and targets.count(graph.quantize_input) == 1
+    assert not any(isinstance(m, (nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.GELU)) for m in converted.modules())
+    _, notes = graph.pipeline_notes(converted)
+    assert f"{lookups} activation lookup(s)" in notes[0]
+    assert notes[1].startswith("activations run on integers as 256-entry table lookups: ")
+
+
+def _activation_between_convs(activation):
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), activation, nn.Conv2d(6, 4, 3)).eval()
+    batches = _batches((2, 3, 7, 7))
+    return model, tq.calibrate(tq.prepare(model, PIPELINE), batches, progress=False), batches
+
+
+@pytest.mark.parametrize("activation", [nn.Hardswish(), nn.SiLU(inplace=True), nn.GELU(approximate="tanh"),
+                                        nn.LeakyReLU(0.2), nn.ELU(0.5), nn.Softplus(2.0), nn.Mish(), nn.Tanh()],
+                         ids=lambda m: type(m).__name__)
+def test_lookup_table_is_the_activation_between_the_two_quantizers(activation):
+    """table[i] = quantize(f(dequantize(i))) with the input's (the conv's output) qparams and the activation's own:
+    a table built from another scale fails here."""
+    from torchquant import reference
+    _, prepared, _ = _activation_between_convs(activation)
+    q_in, q_out = prepared.act_quant["_0"], prepared.act_quant["_1"]
+    s_in, zp_in = q_in.scale.clone(), int(q_in.zero_point)
+    s_out, zp_out = q_out.scale.clone(), int(q_out.zero_point)
+    assert s_in != s_out
+    converted = tq.convert(prepared)
+    (table,) = converted.lookup_tables.buffers()
+    codes = torch.arange(256, dtype=torch.uint8)  # the pipeline's activations are uint8
+    expected = reference.quantize(activation(reference.dequantize(codes, s_in, zp_in)), s_out, zp_out, bits=8,
+                                  signed=False)
+    assert torch.equal(table, expected)
+
+
+def test_activation_whose_output_stays_float_runs_in_float():
+    """A SiLU that only an average pool reads (float) is no lookup: the layer before it writes float."""
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3)
+            self.fc = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.fc(F.adaptive_avg_pool2d(F.silu(self.conv(x)), 1).flatten(1))
+
+    model = Head().eval()
+    with pytest.warns(UserWarning, match=r"kept float between integer layers .*: silu \(silu\)$"):
+        converted = tq.quantize_model(model, PIPELINE, calibration=_batches((2, 3, 6, 6)))
+    targets = _graph_targets(converted)
+    assert tq.functional.quantized_lookup not in targets and F.silu in targets
+    layers, _ = graph.pipeline_notes(converted)
+    assert layers["conv"] == "integer input, float output"
+
+
+def test_in_place_activations_train_and_are_read_as_the_float_model_reads_them():
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(2, 4, 3, padding=1)
+            self.b = nn.Conv2d(4, 4, 1)
+            self.c = nn.Conv2d(4, 4, 1)
+            self.act = nn.Hardswish(inplace=True)
+
+        def forward(self, x):
+            y = self.a(x)
+            self.act(y)  # later readers of y see the activation's result
+            z = self.b(y)
+            F.silu(z, inplace=True)
+            z.sigmoid_()
+            return self.c(z) + y
+
+    model = InPlace().eval()
+    batches = _batches((2, 2, 5, 5))
+    prepared = tq.prepare(copy.deepcopy(model).train(), PIPELINE)
+    prepared(batches[0]).square().mean().backward()  # quantization-aware training through the in-place ops
+    assert prepared.a.weight.grad is not None and prepared.a.weight.grad.abs().sum() > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        converted = tq.quantize_model(model, PIPELINE, calibration=batches)
+    assert _graph_targets(converted).count(tq.functional.quantized_lookup) == 3
+    with torch.no_grad():
+        assert tq.functional.quantization_error(model(batches[1]), converted(batches[1]))["sqnr_db"] > 25
 
 
 def test_dropout_on_integers_is_left_out_of_the_converted_graph():
@@ -339,17 +481,17 @@ def test_untraceable_model_falls_back_to_the_module_swap_with_one_warning():
 
 
 def test_unsupported_op_stays_float_and_is_named():
-    class Sigmoid(nn.Module):
+    class Sine(nn.Module):
         def __init__(self):
             super().__init__()
             self.a = nn.Conv2d(1, 4, 3)
             self.b = nn.Conv2d(4, 4, 3)
 
         def forward(self, x):
-            return self.b(torch.sigmoid(self.a(x)))
+            return self.b(torch.sin(self.a(x)))
 
-    model = Sigmoid().eval()
-    with pytest.warns(UserWarning, match=r"kept float between integer layers .*: sigmoid \(sigmoid\)$"):
+    model = Sine().eval()
+    with pytest.warns(UserWarning, match=r"kept float between integer layers .*: sin \(sin\)$"):
         prepared = tq.prepare(model, PIPELINE)
     converted = tq.convert(tq.calibrate(prepared, _batches((2, 1, 7, 7)), progress=False))
     targets = _graph_targets(converted)
@@ -419,14 +561,15 @@ def test_calibration_is_needed_before_convert():
 
 # ---- save / load ----
 
+@pytest.mark.parametrize("name", ["basic-blocks", "hardswish-block"])  # the second with lookup tables
 @pytest.mark.parametrize("converted", [False, True])
-def test_save_load_round_trips_the_pipeline_into_the_float_model(tmp_path, converted):
-    model, prepared, batches = _prepared("basic-blocks")
+def test_save_load_round_trips_the_pipeline_into_the_float_model(tmp_path, converted, name):
+    model, prepared, batches = _prepared(name)
     if converted:
         tq.convert(prepared)
     path = tmp_path / "pipeline.safetensors"
     tq.save(prepared, path)
-    skeleton = _randomize_bn(BasicBlockNet(), seed=5)
+    skeleton = _randomize_bn(MODELS[name][0](), seed=5)
     before = copy.deepcopy(skeleton.state_dict())
     loaded = tq.load(path, skeleton)
     assert graph.is_pipeline(loaded) and graph._meta(loaded)["converted"] == converted
@@ -540,8 +683,9 @@ def test_budget_builds_one_pipeline_with_per_layer_weight_bits_that_round_trips(
         assert torch.equal(loaded(batches[0]), quantized(batches[0]))
 
 
-def test_converted_pipeline_compiles_and_exports():
-    _, prepared, batches = _prepared("basic-blocks")
+@pytest.mark.parametrize("name", ["basic-blocks", "hardswish-block"])
+def test_converted_pipeline_compiles_and_exports(name):
+    _, prepared, batches = _prepared(name)
     converted = tq.convert(prepared)
     with torch.no_grad():
         expected = converted(batches[0])

@@ -13,6 +13,11 @@ ones and folds their BatchNorms (as the module swap does), and finds these patte
   evaluation, which is what a converted model runs): run on the integers (they keep the scale); torch.cat of
   integer tensors: its inputs share one scale (one quantizer observes them all), so the concatenation runs on the
   integers too;
+- an element-wise activation (hardswish, hardsigmoid, SiLU, sigmoid, tanh, GELU, ELU, leaky ReLU, Mish, softplus and
+  the others of _LOOKUP_MODULES / _LOOKUP_FUNCTIONS / _LOOKUP_METHODS, as modules, functions or tensor methods, in
+  place or not) of an integer tensor whose output an integer op reads: a 256-entry table lookup
+  (torchquant.functional.quantized_lookup) from its input's integers to its output's, which get a quantizer of their
+  own; the table is the activation itself run on the 256 dequantized input values, then quantized;
 - everything else (average pooling among them) runs in float: its integer inputs are dequantized and its output,
   where an integer op reads it, quantized again (average pooling thus requantizes).
 
@@ -27,6 +32,7 @@ A model that torch.fx cannot trace falls back to the module swap, with one warni
 """
 from __future__ import annotations
 
+import inspect
 import operator
 import warnings
 from collections import Counter
@@ -57,6 +63,17 @@ _AVG_POOLS = (nn.AvgPool2d, nn.AdaptiveAvgPool2d)
 _AVG_POOL_FUNCTIONS = (F.avg_pool2d, F.adaptive_avg_pool2d)
 _DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 _PASSTHROUGH_MODULES = (nn.Flatten, nn.Identity) + _DROPOUT_MODULES
+# element-wise activations that run as table lookups on integers (a ReLU6 / hardtanh that no layer's epilogue fuses
+# among them; a plain ReLU keeps its integer clamp)
+_LOOKUP_MODULES = (nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.GELU, nn.ELU, nn.CELU, nn.SELU,
+                   nn.LeakyReLU, nn.Mish, nn.Softplus, nn.Softsign, nn.Tanhshrink, nn.LogSigmoid, nn.Hardshrink,
+                   nn.Softshrink, nn.ReLU6, nn.Hardtanh)
+_LOOKUP_FUNCTIONS = (F.hardswish, F.hardsigmoid, F.silu, F.gelu, F.elu, F.elu_, F.celu, F.selu, F.leaky_relu,
+                     F.leaky_relu_, F.mish, F.softplus, F.softsign, F.tanhshrink, F.logsigmoid, F.hardshrink,
+                     F.softshrink, F.relu6, F.hardtanh, F.hardtanh_, torch.sigmoid, torch.sigmoid_, torch.tanh,
+                     torch.tanh_)
+_LOOKUP_METHODS = {"sigmoid": torch.sigmoid, "sigmoid_": torch.sigmoid, "tanh": torch.tanh, "tanh_": torch.tanh}
+LOOKUP_TABLES = "lookup_tables"  # the module holding a converted pipeline's lookup tables (buffers)
 
 
 class ActivationQuantizer(InputQuantizer):
@@ -120,6 +137,21 @@ def activation_clamp(node: fx.Node, modules: dict) -> Optional[tuple]:
             return (float(low), float(high))
     if node.op == "call_method" and node.target in ("relu", "relu_") and len(node.args) == 1:
         return (0.0, None)
+    return None
+
+
+def lookup_function(node: fx.Node, modules: dict):
+    """The float function (tensor -> tensor) of an element-wise activation node that an integer pipeline runs as a
+    table lookup (of its first argument, the other arguments constant), None for anything else."""
+    if node.op == "call_module":
+        m = modules.get(node.target)
+        return m if type(m) in _LOOKUP_MODULES and len(node.args) == 1 and not node.kwargs else None
+    if not node.args or not isinstance(node.args[0], fx.Node) or not _constant_args(node):
+        return None
+    if node.op == "call_function" and node.target in _LOOKUP_FUNCTIONS:
+        return lambda x: node.target(x, *node.args[1:], **node.kwargs)
+    if node.op == "call_method" and node.target in _LOOKUP_METHODS and len(node.args) == 1 and not node.kwargs:
+        return _LOOKUP_METHODS[node.target]
     return None
 
 
@@ -200,17 +232,25 @@ def _max_pool_arguments(node: fx.Node, modules: dict) -> dict:
 
 
 def _in_place(node: fx.Node, modules: dict) -> bool:
-    """Whether node is an activation or add that writes into its first argument."""
-    if node.op == "call_module":
-        return activation_clamp(node, modules) is not None and bool(getattr(modules[node.target], "inplace", False))
-    if node.op == "call_method":
-        return node.target in ("relu_", "add_")
-    if node.target in (torch.relu_, operator.iadd):
+    """Whether node is an activation or add that writes into its first argument: a module with inplace=True, a
+    method or torch function whose name ends in "_" (relu_, sigmoid_, F.elu_, ...), operator.iadd, or a function
+    called with inplace=True (by keyword or position)."""
+    if (node.op == "call_method" and node.target == "add_") or (node.op == "call_function"
+                                                                and node.target is operator.iadd):
         return True
-    if activation_clamp(node, modules) is not None:
-        return bool(node.kwargs.get("inplace", False)) or (node.target in (F.relu, F.relu6) and len(node.args) > 1
-                                                           and bool(node.args[1]))
-    return False
+    if activation_clamp(node, modules) is None and lookup_function(node, modules) is None:
+        return False
+    if node.op == "call_module":
+        return bool(getattr(modules[node.target], "inplace", False))
+    if node.op == "call_method":
+        return node.target.endswith("_")
+    if getattr(node.target, "__name__", "").endswith("_"):
+        return True
+    try:
+        bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
+    except (TypeError, ValueError):  # a builtin without a Python signature: inplace only by keyword
+        return bool(node.kwargs.get("inplace", False))
+    return bool(bound.arguments.get("inplace", False))
 
 
 def _functionalize_in_place(graph: fx.Graph, modules: dict) -> None:
@@ -302,7 +342,8 @@ def _plan(graph: fx.Graph, modules: dict, integer_output: bool) -> tuple[dict, d
     group: dict[fx.Node, int] = {}
     roots: dict[fx.Node, str] = {}  # root -> "producer" | "quantize"
     layers: list[tuple[fx.Node, fx.Node]] = []
-    int_consumers: set[fx.Node] = set()  # layer heads, adds and cats: they read integers
+    int_consumers: set[fx.Node] = set()  # layer heads, adds, cats and lookups: they read integers
+    lookups: set[fx.Node] = set()
     fused: set[fx.Node] = set()
 
     def ensure_int(value: fx.Node) -> int:
@@ -349,15 +390,22 @@ def _plan(graph: fx.Graph, modules: dict, integer_output: bool) -> tuple[dict, d
             continue
         if _is_passthrough(node, modules) and node.args[0] in group:
             group[node] = group[node.args[0]]
+        elif lookup_function(node, modules) is not None and node.args[0] in group:
+            int_consumers.add(node)
+            lookups.add(node)
+            produce(node)
 
-    # producers whose integers nothing reads as integers write float instead (the last layer, usually)
+    # producers whose integers nothing reads as integers write float instead (the last layer, usually); a lookup
+    # reads its input as integers only where its own output is read so (else it runs in float)
     needed: dict[fx.Node, bool] = {}
     for node in reversed(list(graph.nodes)):
         if node not in group:
             continue
         need = False
         for user in node.users:
-            if user in int_consumers:  # reads node as integers
+            if user in lookups:
+                need = need or needed[user]
+            elif user in int_consumers:  # reads node as integers
                 need = True
             elif user in group and user not in int_consumers:  # a passthrough of node
                 need = need or needed.get(user, False)
@@ -369,6 +417,7 @@ def _plan(graph: fx.Graph, modules: dict, integer_output: bool) -> tuple[dict, d
             del group[node], roots[node]
         elif node in group and node not in roots and node not in int_consumers and node.args[0] not in group:
             del group[node]  # a passthrough of a producer that now writes float
+    int_consumers -= lookups - group.keys()  # lookups whose output is float run in float
     return ({node: groups.find(g) for node, g in group.items()}, roots, layers,
             _kept_float(graph, modules, calls, producers, roots,
                         int_consumers | fused | {n for n in group if roots.get(n) != "quantize"}))
@@ -514,6 +563,19 @@ def integer_add(a: torch.Tensor, b: torch.Tensor, qa: ActivationQuantizer, qb: A
                              relu=relu)
 
 
+def lookup_table(fn, input_quantizer: ActivationQuantizer, output_quantizer: ActivationQuantizer,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """The 256-entry table of quantized_lookup for the activation fn between two integer tensors:
+    table[byte i] = quantize_out(fn(dequantize_in(i))), i the input's integer with those bits. fn runs on the 256
+    dequantized values in the model's float dtype and device, as the fake-quant model runs it on its (fake-quantized)
+    input, so the converted integers are the fake-quant model's (up to how fn's kernel rounds other shapes)."""
+    input_quantizer.refresh()
+    output_quantizer.refresh()
+    codes = torch.arange(256, dtype=torch.uint8, device=input_quantizer.scale.device).view(input_quantizer.qparams[3])
+    with torch.no_grad():
+        return quantize_input(fn(dequantize_output(codes, input_quantizer, dtype)), output_quantizer)
+
+
 def integer_relu(q: torch.Tensor, quantizer: ActivationQuantizer) -> torch.Tensor:
     """ReLU on integers: the zero point is the quantized 0."""
     return torch.clamp_min(q, quantizer.qparams[2])
@@ -545,7 +607,7 @@ def convert_pipeline(gm: fx.GraphModule) -> fx.GraphModule:
     dtype = _float_dtype(layers)
     for layer, state in pending:
         layer._install_converted(state)
-    _lower(gm, dtype)
+    _lower(gm, dtype, build_tables=True)
     return gm
 
 
@@ -556,13 +618,14 @@ def converted_skeleton(gm: fx.GraphModule) -> None:
     dtype = _float_dtype(layers)
     for layer in layers:
         layer._converted_skeleton()
-    _lower(gm, dtype)
+    _lower(gm, dtype, build_tables=False)
 
 
-def _lower(gm: fx.GraphModule, dtype: torch.dtype) -> None:
+def _lower(gm: fx.GraphModule, dtype: torch.dtype, build_tables: bool) -> None:
     """Rewrites the prepared graph: fake-quant nodes after producers go (the producer writes those integers), the
-    others become quantize nodes, fused chains and adds become integer calls, integer tensors read by float ops are
-    dequantized."""
+    others become quantize nodes, fused chains, adds and lookups become integer calls, integer tensors read by float
+    ops are dequantized. Lookup tables are built from the calibrated quantizers when build_tables, else left zero
+    (for a state dict to fill)."""
     graph = gm.graph
     modules = dict(gm.named_modules())
     integer_output = _meta(gm)["integer_output"]
@@ -572,6 +635,9 @@ def _lower(gm: fx.GraphModule, dtype: torch.dtype) -> None:
     attrs: dict[str, fx.Node] = {}
     dequantized: dict[fx.Node, fx.Node] = {}
     erased: set[fx.Node] = set()
+    tables = nn.Module()  # (left out below by delete_all_unused_submodules when nothing reads it)
+    gm.add_module(LOOKUP_TABLES, tables)
+    lookups = []  # the activations that became lookups, as reports name them
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
 
     def attr(target: str) -> fx.Node:
@@ -626,6 +692,20 @@ def _lower(gm: fx.GraphModule, dtype: torch.dtype) -> None:
                 new = graph.call_function(quantize_input, (node.args[0], attr(node.target)))
             replace([node], new, attrs[node.target])
             continue
+        activation = lookup_function(node, modules)
+        fq = fake_quant_after(node)
+        if activation is not None and node.args[0] in int_of and fq is not None:
+            out = attr(fq.target)
+            out_quantizer = gm.get_submodule(fq.target)
+            table = lookup_table(activation, gm.get_submodule(int_of[node.args[0]].target), out_quantizer, dtype) \
+                if build_tables else torch.zeros(256, dtype=torch.int8 if out_quantizer.spec.signed else torch.uint8,
+                                                 device=out_quantizer.scale.device)
+            tables.register_buffer(node.name, table)
+            lookups.append(_describe(node))
+            with graph.inserting_after(fq):
+                new = graph.call_function(F_q.quantized_lookup, (node.args[0], attr(f"{LOOKUP_TABLES}.{node.name}")))
+            replace([node, fq], new, out)
+            continue
         if _is_cat(node) and all(a in int_of for a in node.args[0]):
             int_of[node] = int_of[node.args[0][0]]
             continue
@@ -654,7 +734,7 @@ def _lower(gm: fx.GraphModule, dtype: torch.dtype) -> None:
             continue
         node.args = fx.node.map_arg(node.args, lambda a: dequantize(a) if a in int_of else a)
         node.kwargs = fx.node.map_arg(node.kwargs, lambda a: dequantize(a) if a in int_of else a)
-    _meta(gm).update(converted=True, output_quantizers=[int_of[n].target if n in int_of else None
+    _meta(gm).update(converted=True, lookups=lookups, output_quantizers=[int_of[n].target if n in int_of else None
                                                           for n in _output_nodes(graph)])
     graph.lint()
     gm.delete_all_unused_submodules()
@@ -705,7 +785,10 @@ def pipeline_notes(model: fx.GraphModule) -> tuple[dict, list]:
                          f"{'int8' if model.get_submodule(out.target).spec.signed else 'uint8'} output")
             layers[node.args[0].target] = ", ".join(parts)
     notes = [f"integer pipeline: {counts[integer_layer]} integer layer call(s), {counts[integer_add]} integer "
-             f"add(s), {counts[quantize_input]} quantize(s), {counts[dequantize_output]} dequantize(s)"]
+             f"add(s), {counts[F_q.quantized_lookup]} activation lookup(s), {counts[quantize_input]} quantize(s), "
+             f"{counts[dequantize_output]} dequantize(s)"]
+    if _meta(model).get("lookups"):
+        notes.append("activations run on integers as 256-entry table lookups: " + ", ".join(_meta(model)["lookups"]))
     if _meta(model)["float_ops"]:
         notes.append("kept float between integer layers: " + ", ".join(_meta(model)["float_ops"]))
     return layers, notes
