@@ -743,6 +743,27 @@ def test_pipelines_with_float_ops_between_integer_ones(name):
     assert check_pipeline_export(converted, converted, batches[0])[0] > 0
 
 
+@pytest.mark.parametrize("name", ["hardswish-block", "smooth-activations"])
+@pytest.mark.parametrize("signed", [False, True], ids=["uint8", "int8"])
+def test_pipeline_activation_lookups(name, signed):
+    """Hardswish / hardsigmoid / SiLU / GELU / sigmoid / tanh lookups: Cast (+ 128 for int8) and Gather from the
+    table; every layer's integer input and the output as torchquant's, on uint8 and int8 activations."""
+    factory, shape = test_graph.MODELS[name]
+    torch.manual_seed(0)
+    model = test_graph._randomize_bn(factory())
+    batches = test_graph._batches(shape)
+    prepared = calibrated(torchquant.prepare(model, pipeline_config(signed)), batches)
+    converted = torchquant.convert(prepared)
+    lookups = [n for n in converted.graph.nodes if n.target is F_q.quantized_lookup]
+    assert lookups and all(converted.get_buffer(n.args[1].target).dtype == (torch.int8 if signed else torch.uint8)
+                           for n in lookups)
+    x = test_graph._batches(shape, seed=7)[0]
+    compared, proto = check_pipeline_export(converted, converted, x)
+    assert compared > 0
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("Gather") == len(lookups)
+
+
 def test_pipeline_dynamic_batch_and_ties():
     """Inputs placed on rounding ties of the input scale (x = (k + 0.5) * scale) and a batch the export never saw."""
     prepared, _ = prepared_pipeline("digits-bn", pipeline_config())

@@ -476,13 +476,15 @@ def input_q_name(layer_name: str) -> str:
 # everywhere here: Mul(1 / out_scale) -> QuantizeLinear(scale 1, out_zero_point). An integer add is
 # DequantizeLinear (float(q - zero_point) * scale, as torchquant's) of both inputs -> Add -> [Relu] -> the same
 # requantization; max-pool runs MaxPool on the integers, a ReLU between layers is Max(q, zero point), and
-# flatten / reshape / concatenation act on the integer tensors. A QDQ Conv (DequantizeLinear -> Conv ->
+# flatten / reshape / concatenation act on the integer tensors, and an activation lookup (quantized_lookup) is a
+# Gather from its 256-entry table: Cast of the integers to an int32 index, for int8 ones plus 128 into the table
+# rotated by 128 entries (the same entry for each value as torchquant's byte index, with no negative index). A QDQ Conv (DequantizeLinear -> Conv ->
 # QuantizeLinear) would not give torchquant's integers: run unfused it sums dequantized floats, and onnxruntime's
 # fused QLinearConv quantizes the bias to int32 and requantizes with one combined multiplier.
 
 _PIPELINE_KINDS = {pipeline.quantize_input: "quantize", pipeline.dequantize_output: "dequantize",
                    pipeline.integer_relu: "relu", F_q.quantized_max_pool2d: "max_pool",
-                   pipeline.integer_add: "add", pipeline.integer_layer: "layer"}
+                   pipeline.integer_add: "add", pipeline.integer_layer: "layer", F_q.quantized_lookup: "lookup"}
 
 
 @dataclass
@@ -497,6 +499,8 @@ class _Step:
     layer: Optional[_Layer] = None
     pool: Optional[dict] = None
     relu: bool = False
+    table: Optional[torch.Tensor] = None  # a lookup's
+    input_dtype: Optional[torch.dtype] = None  # a lookup's integer input
 
 
 @torch.library.custom_op("torchquant_export::pipeline_elementwise", mutates_args=())
@@ -606,6 +610,11 @@ def _pipeline_steps(gm) -> list:
                     "dilation": _pair(pool.get("dilation", 1)), "ceil_mode": bool(pool.get("ceil_mode", False))}
             step = _Step(kind, node.name, integer_dtype(node.args[0]), (), None, pool=pool)
             call = (torch.ops.torchquant_export.pipeline_max_pool2d, (node.args[0], *pool.values(), index))
+        elif kind == "lookup":
+            x, table = node.args
+            table = gm.get_buffer(table.target)
+            step = _Step(kind, node.name, table.dtype, (), None, table=table.cpu(), input_dtype=integer_dtype(x))
+            call = (elementwise, (x, None, step.dtype, index))
         elif kind == "add":
             a, b, qa, qb, out, relu, _ = node.args
             out = quantizer(out, what)
@@ -695,6 +704,14 @@ def _pipeline_step_nodes(b: _GraphBuilder, step: _Step, inputs: Sequence[str], y
         ph, pw = pool["padding"]
         b.op("MaxPool", inputs[0], output=y, kernel_shape=pool["kernel_size"], strides=pool["stride"],
              pads=[ph, pw, ph, pw], dilations=pool["dilation"], ceil_mode=int(pool["ceil_mode"]))
+    elif step.kind == "lookup":
+        import numpy as np
+        index = b.op("Cast", inputs[0], to=b.onnx.TensorProto.INT32)
+        table = step.table
+        if step.input_dtype == torch.int8:  # value v at entry v + 128: the entry of v's byte, rotated by 128
+            index = b.op("Add", index, b.const("offset", np.array(128, np.int32)))
+            table = torch.roll(table, 128)
+        b.op("Gather", b.const("table", table.numpy()), index, output=y)
     elif step.kind == "add":
         v = b.op("Add", *(_dequantized(b, q, act) for q, act in zip(inputs, step.inputs)))
         _requantized(b, b.op("Relu", v) if step.relu else v, step.out, y)
