@@ -63,24 +63,35 @@ def test_bad_arguments():
             models.main(argv)
 
 
-def test_mobilenet_v2_converts_to_one_integer_pipeline():
+@pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v2_hardswish"])
+def test_mobilenet_v2_converts_to_one_integer_pipeline(name):
     """benchmarks/mobilenet.py's MobileNetV2 (on a small image): torchvision's layer counts, 17 depthwise convs, and
-    the int8 pipeline runs every layer on integers (nothing kept float) close to the float model."""
+    the int8 pipeline runs every layer on integers close to the float model: nothing kept float with ReLU6 (fused);
+    with hardswish, 34 table lookups between integer layers and only the last hardswish, which the average pool
+    reads, kept float."""
     import warnings
 
     import torchquant
     from benchmarks.mobilenet import mobilenet_v2
     from torchquant import graph
-    model = mobilenet_v2()
+    model = mobilenet_v2(name)
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     assert len(convs) == 52 and sum(c.groups == c.in_channels > 1 for c in convs) == 17
     g = torch.Generator().manual_seed(1)
     calibration = [torch.randn(2, 3, 64, 64, generator=g)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         quantized = torchquant.quantize_model(model, "int8-pipeline", calibration=calibration)
-    layers, _ = graph.pipeline_notes(quantized)
+    messages = [str(w.message) for w in caught]
+    if name == "mobilenet_v2":
+        assert messages == []
+    else:
+        assert len(messages) == 1 and messages[0].endswith("kept float between integer layers (each costs a float "
+                                                           "round trip): features_18_2 (features.18.2)")
+    layers, notes = graph.pipeline_notes(quantized)
     assert len(layers) == 53 and all("integer input" in note for note in layers.values())
+    lookups = [n for n in quantized.graph.nodes if n.target is torchquant.functional.quantized_lookup]
+    assert len(lookups) == (34 if name == "mobilenet_v2_hardswish" else 0)
     x = torch.randn(2, 3, 64, 64, generator=g)
     with torch.no_grad():
         want, got = model(x), quantized(x)

@@ -313,8 +313,10 @@ def test_activations_between_integer_layers_run_as_lookups(name, lookups):
     assert targets.count(tq.functional.quantized_lookup) == lookups
     assert targets.count(graph.dequantize_output) == 0 and targets.count(graph.quantize_input) == 1
     assert not any(isinstance(m, (nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.GELU)) for m in converted.modules())
-    _, notes = graph.pipeline_notes(converted)
+    layers, notes = graph.pipeline_notes(converted)
     assert f"{lookups} activation lookup(s)" in notes[0]
+    first, activation = {"hardswish-block": ("stem", "hardswish"), "smooth-activations": ("a", "silu")}[name]
+    assert layers[first] == f"integer input, uint8 output, then {activation} ({activation}) as a table lookup"
     assert notes[1].startswith("activations run on integers as 256-entry table lookups: ")
 
 

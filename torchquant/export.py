@@ -475,12 +475,13 @@ def input_q_name(layer_name: str) -> str:
 # fused activation: Clip, or Relu for a plain ReLU, on the float y, where the kernels clamp it) and requantized as
 # everywhere here: Mul(1 / out_scale) -> QuantizeLinear(scale 1, out_zero_point). An integer add is
 # DequantizeLinear (float(q - zero_point) * scale, as torchquant's) of both inputs -> Add -> [Relu] -> the same
-# requantization; max-pool runs MaxPool on the integers, a ReLU between layers is Max(q, zero point), and
+# requantization; max-pool runs MaxPool on the integers, a ReLU between layers is Max(q, zero point),
 # flatten / reshape / concatenation act on the integer tensors, and an activation lookup (quantized_lookup) is a
 # Gather from its 256-entry table: Cast of the integers to an int32 index, for int8 ones plus 128 into the table
-# rotated by 128 entries (the same entry for each value as torchquant's byte index, with no negative index). A QDQ Conv (DequantizeLinear -> Conv ->
-# QuantizeLinear) would not give torchquant's integers: run unfused it sums dequantized floats, and onnxruntime's
-# fused QLinearConv quantizes the bias to int32 and requantizes with one combined multiplier.
+# rotated by 128 entries (the same entry for each value as torchquant's byte index, with no negative index). A QDQ
+# Conv (DequantizeLinear -> Conv -> QuantizeLinear) would not give torchquant's integers: run unfused it sums
+# dequantized floats, and onnxruntime's fused QLinearConv quantizes the bias to int32 and requantizes with one
+# combined multiplier.
 
 _PIPELINE_KINDS = {pipeline.quantize_input: "quantize", pipeline.dequantize_output: "dequantize",
                    pipeline.integer_relu: "relu", F_q.quantized_max_pool2d: "max_pool",

@@ -637,7 +637,7 @@ def _lower(gm: fx.GraphModule, dtype: torch.dtype, build_tables: bool) -> None:
     erased: set[fx.Node] = set()
     tables = nn.Module()  # (left out below by delete_all_unused_submodules when nothing reads it)
     gm.add_module(LOOKUP_TABLES, tables)
-    lookups = []  # the activations that became lookups, as reports name them
+    lookups = {}  # lookup node name -> the activation it runs, as reports name it
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
 
     def attr(target: str) -> fx.Node:
@@ -701,10 +701,10 @@ def _lower(gm: fx.GraphModule, dtype: torch.dtype, build_tables: bool) -> None:
                 if build_tables else torch.zeros(256, dtype=torch.int8 if out_quantizer.spec.signed else torch.uint8,
                                                  device=out_quantizer.scale.device)
             tables.register_buffer(node.name, table)
-            lookups.append(_describe(node))
             with graph.inserting_after(fq):
                 new = graph.call_function(F_q.quantized_lookup, (node.args[0], attr(f"{LOOKUP_TABLES}.{node.name}")))
             replace([node, fq], new, out)
+            lookups[new.name] = _describe(node)
             continue
         if _is_cat(node) and all(a in int_of for a in node.args[0]):
             int_of[node] = int_of[node.args[0][0]]
@@ -783,12 +783,15 @@ def pipeline_notes(model: fx.GraphModule) -> tuple[dict, list]:
                 parts.append(f"clamp [{clamp_min}, {clamp_max}] fused")
             parts.append("float output" if out is None else
                          f"{'int8' if model.get_submodule(out.target).spec.signed else 'uint8'} output")
+            parts += [f"then {_meta(model)['lookups'][user.name]} as a table lookup" for user in node.users
+                      if user.target is F_q.quantized_lookup]
             layers[node.args[0].target] = ", ".join(parts)
     notes = [f"integer pipeline: {counts[integer_layer]} integer layer call(s), {counts[integer_add]} integer "
              f"add(s), {counts[F_q.quantized_lookup]} activation lookup(s), {counts[quantize_input]} quantize(s), "
              f"{counts[dequantize_output]} dequantize(s)"]
-    if _meta(model).get("lookups"):
-        notes.append("activations run on integers as 256-entry table lookups: " + ", ".join(_meta(model)["lookups"]))
+    if _meta(model)["lookups"]:
+        notes.append("activations run on integers as 256-entry table lookups: "
+                     + ", ".join(_meta(model)["lookups"].values()))
     if _meta(model)["float_ops"]:
         notes.append("kept float between integer layers: " + ", ".join(_meta(model)["float_ops"]))
     return layers, notes

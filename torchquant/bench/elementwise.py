@@ -7,12 +7,19 @@ threads, every row timed interleaved with its baselines in this process:
   "of copy" compares ours with `copy_` bandwidth at the same size.
 - max-pool: quantized_max_pool2d 3x3 stride 2 (ResNet's stem) on uint8 against torch's float32 max_pool2d (torch's
   own integer kernel fails on channels-last inputs of more than 127 pixels).
+- lookup: a hardswish as quantized_lookup on uint8 MobileNetV3 activations (channels-last) against the float round
+  trip it replaces in an integer pipeline (dequantize, F.hardswish, quantize), torch.ao's quantized hardswish on
+  quint8 (x86 engine), torch indexing (`table[x.long()]`) and our kernel's plain byte loop (the path it runs where
+  the CPU lacks AVX-512 VBMI). At 1 thread the times are the calling thread's CPU time (time.thread_time).
 """
+import os
+import time
 from typing import List, Sequence
 
 import torch
 
 from torchquant import functional as F_q
+from torchquant._ops import cpu_kernel_path
 from torchquant.bench.timing import copy_bandwidth, run_tables, tables_main, torch_ao_engine
 from torchquant.timing import compare, num_threads
 
@@ -25,6 +32,13 @@ ADD_SHAPES = (  # name, batch, channels, size: the outputs of ResNet-18 / ResNet
     ("R50 stage 1 b8", 8, 256, 56),
 )
 POOL_SHAPES = (("R50 stem", 1, 64, 112), ("R50 stem b8", 8, 64, 112))
+LOOKUP_SHAPES = (  # name, batch, channels, size: MobileNetV3-Large activations that a hardswish reads
+    ("V3 stem", 1, 16, 112),
+    ("V3 stage 3 expand", 1, 240, 28),
+    ("V3 stage 4 expand", 1, 480, 14),
+    ("V3 stage 5 expand", 1, 960, 7),
+    ("V3 stage 3 expand b8", 8, 240, 28),
+)
 
 
 def _uint8(batch: int, channels: int, size: int, seed: int) -> torch.Tensor:
@@ -74,10 +88,55 @@ def bench_max_pool(threads: int, repeats: int) -> List[dict]:
     return rows
 
 
+def _on_path(isa: str, fn):
+    """fn run with the CPU kernels forced onto one instruction-set path (the variable is read on every call)."""
+    def call():
+        before = os.environ.get("TORCHQUANT_CPU_ISA")
+        os.environ["TORCHQUANT_CPU_ISA"] = isa
+        try:
+            return fn()
+        finally:
+            if before is None:
+                del os.environ["TORCHQUANT_CPU_ISA"]
+            else:
+                os.environ["TORCHQUANT_CPU_ISA"] = before
+    return call
+
+
+def bench_lookup(threads: int, repeats: int) -> List[dict]:
+    rows = []
+    in_scale, in_zp, out_scale, out_zp = 0.04, 128, 0.03, 13
+    codes = F_q.dequantize(torch.arange(256, dtype=torch.uint8), in_scale, in_zp)
+    table = F_q.quantize(torch.nn.functional.hardswish(codes), out_scale, out_zp, signed=False)
+    for name, batch, channels, size in LOOKUP_SHAPES:
+        x = _uint8(batch, channels, size, 3)
+        with torch_ao_engine("x86"):
+            qx = torch._make_per_tensor_quantized_tensor(x, in_scale, in_zp)
+        fns = {
+            "ours": _on_path(cpu_kernel_path(), lambda: F_q.quantized_lookup(x, table)),  # (the same overhead)
+            "loop": _on_path("scalar", lambda: F_q.quantized_lookup(x, table)),
+            "ao": lambda: torch.ops.quantized.hardswish(qx, out_scale, out_zp),
+            "index": lambda: table[x.long()],
+            "float": lambda: F_q.quantize(torch.nn.functional.hardswish(F_q.dequantize(x, in_scale, in_zp)),
+                                          out_scale, out_zp, signed=False),
+        }
+        with torch_ao_engine("x86"), num_threads(threads):
+            t = compare(fns, repeats=repeats, clock=time.thread_time if threads == 1 else time.perf_counter)
+        rows.append({"threads": threads, "shape": f"{name} [{batch}, {channels}, {size}, {size}]",
+                     "ours us": t["ours"] * 1e6, "byte loop us": t["loop"] * 1e6, "vs loop": t["loop"] / t["ours"],
+                     "torch.ao us": t["ao"] * 1e6, "vs torch.ao": t["ao"] / t["ours"],
+                     "table[x.long()] us": t["index"] * 1e6, "vs index": t["index"] / t["ours"],
+                     "float round trip us": t["float"] * 1e6, "vs float": t["float"] / t["ours"],
+                     "GB/s": 2 * x.numel() / t["ours"] / 1e9})
+    return rows
+
+
 TABLES = {
     "add": (bench_add, ["threads", "shape", "relu", "ours us", "torch.ao us", "vs torch.ao", "float us", "vs float",
                         "GB/s", "of copy"]),
     "max_pool": (bench_max_pool, ["threads", "shape", "ours us", "float us", "vs float"]),
+    "lookup": (bench_lookup, ["threads", "shape", "ours us", "byte loop us", "vs loop", "torch.ao us", "vs torch.ao",
+                              "table[x.long()] us", "vs index", "float round trip us", "vs float", "GB/s"]),
 }
 
 
