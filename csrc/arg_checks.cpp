@@ -222,6 +222,10 @@ LookupTensors prepare_quantized_lookup(const at::Tensor& x, const at::Tensor& ta
   t.out = at::empty_like(x, x.options().dtype(table.scalar_type()), at::MemoryFormat::Preserve);
   t.x = x.strides() == t.out.strides() ? x : at::empty_like(t.out, x.options()).copy_(x);
   t.table = table.contiguous();
+  t.x_bytes = static_cast<const uint8_t*>(t.x.const_data_ptr());
+  t.table_bytes = static_cast<const uint8_t*>(t.table.const_data_ptr());
+  t.out_bytes = static_cast<uint8_t*>(t.out.data_ptr());
+  t.numel = t.out.numel();
   return t;
 }
 

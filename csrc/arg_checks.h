@@ -100,9 +100,14 @@ QuantizedAddTensors prepare_quantized_add(const at::Tensor& a, const at::Tensor&
                                           int64_t out_zero_point, bool relu);
 
 // quantized_lookup's tensors: the output (x's shape and memory format, the table's dtype), x laid out as the output
-// is (so both are read and written as one dense span) and the table, contiguous.
+// is (so both are read and written as one dense span) and the table, contiguous; with their bytes (int8 and uint8
+// alike) and the element count.
 struct LookupTensors {
   at::Tensor out, x, table;
+  const uint8_t* x_bytes;
+  const uint8_t* table_bytes;
+  uint8_t* out_bytes;
+  int64_t numel;
 };
 
 // Checks quantized_lookup's arguments (x int8 or uint8; table int8 or uint8, 1-d with 256 entries, on x's device) and

@@ -131,21 +131,13 @@ class InvertedResidualNet(nn.Module):
         return self.head(self.drop(x))
 
 
-class HardswishBlockNet(nn.Module):
-    """MobileNetV3's block: conv-BN-hardswish stem, a 1x1 expansion and a depthwise 3x3 with BN and hardswish (a
-    module, in place, and F.hardswish), a 1x1 projection added to the block's input, then hardsigmoid before the
-    head: every activation reads an integer tensor and an integer op reads its output."""
+class HardswishBlockNet(InvertedResidualNet):
+    """MobileNetV3's block: InvertedResidualNet's layers with hardswish (a module, in place, and F.hardswish) in
+    place of ReLU6, then hardsigmoid before a 1x1 conv head: every activation reads an integer tensor and an integer
+    op reads its output."""
 
     def __init__(self):
         super().__init__()
-        self.stem = nn.Conv2d(3, 16, 3, stride=2, padding=1, bias=False)
-        self.stem_bn = nn.BatchNorm2d(16)
-        self.expand = nn.Conv2d(16, 48, 1, bias=False)
-        self.expand_bn = nn.BatchNorm2d(48)
-        self.depthwise = nn.Conv2d(48, 48, 3, padding=1, groups=48, bias=False)
-        self.depthwise_bn = nn.BatchNorm2d(48)
-        self.project = nn.Conv2d(48, 16, 1, bias=False)
-        self.project_bn = nn.BatchNorm2d(16)
         self.hardswish = nn.Hardswish(inplace=True)
         self.gate = nn.Hardsigmoid()
         self.head = nn.Conv2d(16, 5, 1)
@@ -346,6 +338,33 @@ def test_lookup_table_is_the_activation_between_the_two_quantizers(activation):
     assert torch.equal(table, expected)
 
 
+def test_clamps_fuse_into_layers_and_are_lookups_after_adds():
+    """A ReLU6 / hardtanh after a layer stays its epilogue clamp (no lookup); after an integer add it is a lookup."""
+    class AddThenClamp(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 6, 3, padding=1)
+            self.b = nn.Conv2d(6, 6, 1)
+            self.c = nn.Conv2d(6, 4, 1)
+
+        def forward(self, x):
+            y = F.relu6(self.a(x))
+            y = F.hardtanh(y + self.b(y), -1.0, 2.0)
+            return self.c(y)
+
+    model = AddThenClamp().eval()
+    batches = _batches((2, 3, 6, 6))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        converted = tq.quantize_model(model, PIPELINE, calibration=batches)
+    assert _graph_targets(converted).count(tq.functional.quantized_lookup) == 1
+    layers, notes = graph.pipeline_notes(converted)
+    assert layers["a"] == "integer input, clamp [0.0, 6.0] fused, uint8 output"
+    assert notes[1].endswith("lookups: hardtanh (hardtanh)")
+    with torch.no_grad():
+        assert tq.functional.quantization_error(model(batches[0]), converted(batches[0]))["sqnr_db"] > 25
+
+
 def test_activation_whose_output_stays_float_runs_in_float():
     """A SiLU that only an average pool reads (float) is no lookup: the layer before it writes float."""
     class Head(nn.Module):
@@ -366,24 +385,34 @@ def test_activation_whose_output_stays_float_runs_in_float():
     assert layers["conv"] == "integer input, float output"
 
 
-def test_in_place_activations_train_and_are_read_as_the_float_model_reads_them():
-    class InPlace(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = nn.Conv2d(2, 4, 3, padding=1)
-            self.b = nn.Conv2d(4, 4, 1)
-            self.c = nn.Conv2d(4, 4, 1)
-            self.act = nn.Hardswish(inplace=True)
+class InPlaceNet(nn.Module):
+    """In-place ops whose results the later readers of their input see: a ReLU and an add, or (lookups) a hardswish
+    module, F.silu and Tensor.sigmoid_."""
 
-        def forward(self, x):
-            y = self.a(x)
-            self.act(y)  # later readers of y see the activation's result
+    def __init__(self, lookups: bool):
+        super().__init__()
+        self.a = nn.Conv2d(2, 4, 3, padding=1)
+        self.b = nn.Conv2d(4, 4, 1)
+        self.c = nn.Conv2d(4, 4, 1)
+        self.act = nn.Hardswish(inplace=True)
+        self.lookups = lookups
+
+    def forward(self, x):
+        y = self.a(x)
+        if self.lookups:
+            self.act(y)
             z = self.b(y)
             F.silu(z, inplace=True)
             z.sigmoid_()
             return self.c(z) + y
+        z = self.b(y)
+        F.relu(y, inplace=True)
+        y += self.c(y)
+        return z + y
 
-    model = InPlace().eval()
+
+def test_in_place_activations_train_and_are_read_as_the_float_model_reads_them():
+    model = InPlaceNet(lookups=True).eval()
     batches = _batches((2, 2, 5, 5))
     prepared = tq.prepare(copy.deepcopy(model).train(), PIPELINE)
     prepared(batches[0]).square().mean().backward()  # quantization-aware training through the in-place ops
@@ -698,21 +727,7 @@ def test_converted_pipeline_compiles_and_exports(name):
 
 
 def test_in_place_ops_are_read_as_the_float_model_reads_them():
-    class InPlace(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = nn.Conv2d(2, 4, 3, padding=1)
-            self.b = nn.Conv2d(4, 4, 1)
-            self.c = nn.Conv2d(4, 4, 1)
-
-        def forward(self, x):
-            y = self.a(x)
-            z = self.b(y)
-            F.relu(y, inplace=True)  # later readers of y see the ReLU's result
-            y += self.c(y)
-            return z + y
-
-    model = InPlace().eval()
+    model = InPlaceNet(lookups=False).eval()
     batches = _batches((2, 2, 5, 5))
     converted = tq.quantize_model(model, PIPELINE, calibration=batches)
     with torch.no_grad():

@@ -579,11 +579,10 @@ at::Tensor quantized_lookup_cuda(const at::Tensor& x, const at::Tensor& table) {
   TQ_CHECK(x.is_cuda(), "quantized_lookup: x must be a CUDA tensor for the CUDA kernel, got ", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
   const LookupTensors t = prepare_quantized_lookup(x, table);
-  const int64_t n = t.out.numel();
+  const int64_t n = t.numel;
   if (n == 0) return t.out;
-  const auto* xp = static_cast<const uint8_t*>(t.x.const_data_ptr());
-  const auto* tp = static_cast<const uint8_t*>(t.table.const_data_ptr());
-  auto* yp = static_cast<uint8_t*>(t.out.data_ptr());
+  const uint8_t *xp = t.x_bytes, *tp = t.table_bytes;
+  uint8_t* yp = t.out_bytes;
   const bool vectorized = is_aligned<uint8_t, kLookupVec>(xp) && is_aligned<uint8_t, kLookupVec>(yp);
   if (n <= INT32_MAX) {
     if (vectorized) launch_quantized_lookup<kLookupVec, uint32_t>(xp, tp, yp, n);
