@@ -584,6 +584,7 @@ def test_quantized_lookup_bad_inputs(device):
         ops.quantized_lookup(x, table.reshape(16, 16))
 
 
+@pytest.mark.cuda
 def test_quantized_lookup_different_devices():
     if not cuda_ready():
         pytest.skip("needs a CUDA device")
