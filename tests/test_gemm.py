@@ -160,11 +160,16 @@ def test_int8_linear_requantized(device, isa, out_dtype, out_zp):
     assert got.min() == info.min or got.max() == info.max  # the clamp was exercised
 
 
-# Outputs of >= 2 MB are written with streaming stores, whole vectors only where a row starts vector-aligned: N =
-# 520 float32 rows are 2080 bytes apart (every other row 64-byte aligned), 1040 bfloat16 and 2100 uint8 ones too.
+# Outputs of >= 16 MB (TORCHQUANT_STREAMING_BYTES: here 0, every output) are written with streaming stores where
+# every store fills whole 64-byte lines: N = 512 float32, 1024 bfloat16 and 2048 uint8 rows; N = 520 float32 rows
+# are 2080 bytes apart (every other row 64-byte aligned), 1040 bfloat16 and 2100 uint8 ones too: stored normally.
+@pytest.mark.parametrize("streamed", [False, True], ids=["cached", "streamed"])
 @pytest.mark.parametrize("out_dtype,n", [(torch.float32, 520), (torch.bfloat16, 1040), (torch.uint8, 2100),
-                                         (torch.int32, 520)])
-def test_int8_linear_large_outputs(device, isa, out_dtype, n):
+                                         (torch.int32, 520), (torch.float32, 512), (torch.bfloat16, 1024),
+                                         (torch.uint8, 2048), (torch.int32, 512)])
+def test_int8_linear_large_outputs(device, isa, monkeypatch, streamed, out_dtype, n):
+    if streamed:
+        monkeypatch.setenv("TORCHQUANT_STREAMING_BYTES", "0")
     g = torch.Generator().manual_seed(n)
     m, k = 1010, 20
     x_q = randint8((m, k), device=device, generator=g)
@@ -186,6 +191,14 @@ def test_int8_linear_large_outputs(device, isa, out_dtype, n):
     else:  # a rounding tie may move by one (see test_int8_linear_requantized)
         diff = (got.int() - want.int()).abs()
         assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01
+
+
+@pytest.mark.parametrize("value", ["-1", "2MB", "1e6"])
+def test_streaming_bytes_bad_value(monkeypatch, value):
+    monkeypatch.setenv("TORCHQUANT_STREAMING_BYTES", value)
+    x_q, w, w_packed, w_sum, w_scale = randint8((3, 8)), *quantized_weight(4, 8, "cpu")
+    with pytest.raises(RuntimeError, match="TORCHQUANT_STREAMING_BYTES must be a non-negative integer, got '"):
+        F.int8_linear(x_q, 0.1, 0, w_packed, w_sum, w_scale, out_features=4)
 
 
 def test_int8_linear_non_contiguous(device, isa):
@@ -330,9 +343,13 @@ CONVS = [  # batch, in_ch, h, w, out_ch, kernel, stride, padding, dilation, grou
 ]
 
 
+# streamed: every output whose stores fill whole cache lines is written with streaming stores (64 or 128 channels)
+@pytest.mark.parametrize("streamed", [False, True], ids=["cached", "streamed"])
 @pytest.mark.parametrize("conv", CONVS, ids=[f"conv{i}" for i in range(len(CONVS))])
 @pytest.mark.parametrize("x_dtype,x_zp", [(torch.int8, 3), (torch.uint8, 120)])
-def test_int8_conv2d(device, isa, conv, x_dtype, x_zp):
+def test_int8_conv2d(device, isa, monkeypatch, streamed, conv, x_dtype, x_zp):
+    if streamed:
+        monkeypatch.setenv("TORCHQUANT_STREAMING_BYTES", "0")
     b, c, h, w_, oc, kernel, stride, padding, dilation, groups = conv
     g = torch.Generator().manual_seed(sum(map(hash, (b, c, h, oc))) % 1000)
     lo, hi = (0, 256) if x_dtype == torch.uint8 else (-128, 128)
@@ -355,7 +372,7 @@ def test_int8_conv2d(device, isa, conv, x_dtype, x_zp):
 
 
 # im2col matrices over 512 KB are produced chunk by chunk inside the GEMM (the small ones above are made whole
-# first); the 200-channel float32 output (2.5 MB) is written with streaming stores.
+# first).
 BIG_CONVS = [(2, 32, 40, 40, 200, (3, 3), 1, 1, 1, 1), (2, 32, 41, 40, 80, (3, 3), 1, 1, 1, 2),
              (1, 16, 81, 80, 70, (3, 3), 1, 1, 1, 1),
              # up to 64 output channels: uint8 window rows read in place, output rows split in segments of <= 96

@@ -77,9 +77,10 @@ class ScratchScope {
 // epilogue on the given ISA path, threaded with at::parallel_for.
 void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa);
 
-// ep with `streaming` set for an output of `rows` rows: streaming stores when the output is larger than the caches
-// (a kernel that sets it issues an sfence before its threads join).
-Epilogue with_streaming(const Epilogue& ep, int64_t rows);
+// ep with `streaming` set for an output of `rows` rows, each group of `cols` columns: streaming stores when the
+// output is larger than the caches (TORCHQUANT_STREAMING_BYTES, default 16 MB) and they fill whole cache lines (a
+// kernel that sets it issues an sfence before its threads join).
+Epilogue with_streaming(const Epilogue& ep, int64_t rows, int64_t cols);
 
 // The AVX-512 epilogue's inputs for one panel (up to kPackAlign columns), made once per call: the per-column
 // values zero filled past ncols, and for int8/uint8 outputs the requantization folded into one clamp.
