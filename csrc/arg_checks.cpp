@@ -19,7 +19,8 @@ void check_int8_mm_operands(const at::Tensor& a, const at::Tensor& b) {
 
 void check_weight_to_pack(const at::Tensor& w) {
   TQ_CHECK(w.scalar_type() == at::kChar, "pack_int8_weight: w must be int8, got ", w.scalar_type());
-  TQ_CHECK(w.dim() == 2 || w.dim() == 3, "pack_int8_weight: w must be [N, K] or [G, N, K], got ", w.dim(), "-d");
+  TQ_CHECK(w.dim() == 2 || w.dim() == 3 || w.dim() == 5,
+           "pack_int8_weight: w must be [N, K], [G, N, K] or [G, N, KH, KW, C], got ", w.dim(), "-d");
   TQ_CHECK(w.numel() > 0, "pack_int8_weight: w must not be empty, got shape ", w.sizes());
 }
 
@@ -41,15 +42,22 @@ PackedWeightLayout packed_weight_layout(const char* op, int64_t groups, int64_t 
 }
 
 PackedWeightLayout packed_weight_layout(const at::Tensor& w) {
-  return packed_weight_layout("pack_int8_weight", w.dim() == 3 ? w.size(0) : 1, w.size(-2), w.size(-1));
+  const int64_t n_dim = w.dim() == 2 ? 0 : 1;
+  int64_t k = 1;
+  for (int64_t d = n_dim + 1; d < w.dim(); ++d) k = checked_mul("pack_int8_weight", "the weight's size", k, w.size(d));
+  return packed_weight_layout("pack_int8_weight", n_dim == 1 ? w.size(0) : 1, w.size(n_dim), k);
 }
 
-at::Tensor empty_packed_weight(const at::Tensor& w, const PackedWeightLayout& layout, bool zeroed) {
+at::Tensor empty_packed_weight(const at::Tensor& w, const PackedWeightLayout& layout, bool zeroed,
+                               int64_t trailing_bytes) {
   const at::TensorOptions options = w.options();
-  const int64_t bytes = layout.groups * layout.group_bytes;
+  const int64_t bytes = layout.groups * layout.group_bytes + trailing_bytes;
   const at::Tensor buffer = zeroed ? at::zeros({bytes}, options) : at::empty({bytes}, options);
-  std::vector<int64_t> strides = {layout.kp, 1};
-  if (w.dim() == 3) strides.insert(strides.begin(), layout.group_bytes);
+  const int64_t n_dim = w.dim() == 2 ? 0 : 1;
+  std::vector<int64_t> strides(w.dim(), 1);
+  for (int64_t d = w.dim() - 2; d > n_dim; --d) strides[d] = strides[d + 1] * w.size(d + 1);
+  strides[n_dim] = layout.kp;
+  if (n_dim == 1) strides[0] = layout.group_bytes;
   return at::empty({0}, options).set_(buffer.storage(), 0, w.sizes(), strides);
 }
 

@@ -17,7 +17,8 @@ namespace torchquant {
 // int8_mm: a and b int8, 2-d, with a.size(1) == b.size(0) (devices are checked by each kernel).
 void check_int8_mm_operands(const at::Tensor& a, const at::Tensor& b);
 
-// pack_int8_weight: w int8, non-empty [N, K] or [G, N, K].
+// pack_int8_weight: w int8, non-empty [N, K], [G, N, K] or a conv weight [G, N, KH, KW, C] (packed as [G, N, K]
+// with K = KH * KW * C, keeping its shape).
 void check_weight_to_pack(const at::Tensor& w);
 
 // How pack_int8_weight lays out w [N, K] or [G, N, K]: the packed tensor has w's (logical) shape, and its bytes fill
@@ -33,9 +34,10 @@ PackedWeightLayout packed_weight_layout(const at::Tensor& w);
 // The layout of `groups` packed [n, k] weights; `op` names the operator in the message of a size overflow.
 PackedWeightLayout packed_weight_layout(const char* op, int64_t groups, int64_t n, int64_t k);
 
-// An uninitialized (or zeroed) packed weight for w: shape w.sizes(), strides [group_bytes?, kp, 1], over a buffer
-// of groups * group_bytes bytes.
-at::Tensor empty_packed_weight(const at::Tensor& w, const PackedWeightLayout& layout, bool zeroed = false);
+// An uninitialized (or zeroed) packed weight for w: shape w.sizes(), strides [group_bytes?, kp, (k dims row-major)],
+// over a buffer of groups * group_bytes bytes followed by trailing_bytes more (a device's own extras).
+at::Tensor empty_packed_weight(const at::Tensor& w, const PackedWeightLayout& layout, bool zeroed = false,
+                               int64_t trailing_bytes = 0);
 
 // What int8_linear's and int8_conv2d's packed weights must match, for check_packed_weight's message.
 constexpr const char* kLinearWeightShape = "[out_features, x_q.size(-1)]";

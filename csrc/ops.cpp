@@ -16,7 +16,7 @@
 //   packed int8 weights: made by pack_int8_weight from w [G?, N, K]: int8 of w's logical shape (the kernels check it
 //                against their other arguments) with strides [round_up(N, 64) * round_up(K, 64)?, round_up(K, 64), 1]
 //                over a zero-padded buffer whose byte order is the device's own (CPU: VNNI blocks, CUDA:
-//                row-major). int8_conv2d's is viewed as [G, OC/G, KH, KW, C/G] (pack_conv_weight).
+//                row-major). int8_conv2d's is packed as [G, OC/G, KH, KW, C/G] (pack_conv_weight).
 TORCH_LIBRARY(torchquant, m) {
   // ---- quantize family: csrc/cpu/quantize.cpp, csrc/cuda/quantize.cu ----
   m.def("quantize(Tensor x, Tensor scale, Tensor zero_point, int? axis, int bits, bool signed, str rounding) -> Tensor");
@@ -31,7 +31,8 @@ TORCH_LIBRARY(torchquant, m) {
   // ---- integer matrix family: csrc/cpu/gemm.cpp + csrc/cpu/conv.cpp, csrc/cuda/gemm.cu + csrc/cuda/conv.cu ----
   // exact int32 [M, N] = a [M, K] int8 @ b [K, N] int8, any strides
   m.def("int8_mm(Tensor a, Tensor b) -> Tensor");
-  // [N, K] or [G, N, K] int8 weight -> packed weight of the same shape (see above)
+  // [N, K] or [G, N, K] int8 weight, or a conv weight [G, N, KH, KW, C] (packed as [G, N, KH*KW*C]) -> packed
+  // weight of the same shape (see above)
   m.def("pack_int8_weight(Tensor w) -> Tensor");
   // y[m, n] = (sum_k (x_q[m, k] - x_zero_point) * w[n, k]) * x_scale[m or 0] * w_scale[n] + bias[n]
   // x_q: [M, K] int8 or uint8; x_scale: float32 [M] (per token) or [1]; w_sum[n] = sum_k w[n, k] (int32);
@@ -47,8 +48,8 @@ TORCH_LIBRARY(torchquant, m) {
   // out_dtype = x's dtype (one implementation for every device: csrc/linear_dynamic.cpp)
   m.def("int8_linear_dynamic(Tensor x, Tensor w_packed, Tensor w_sum, Tensor w_scale, Tensor? bias, "
         "int out_features) -> Tensor");
-  // x_q: [B, C, H, W] int8/uint8 (any memory format); weight packed from [G, OC/G, KH*KW*C/G] with the
-  // reduction index ordered (kh, kw, c) and viewed as [G, OC/G, KH, KW, C/G]; output [B, OC, OH, OW] of out_dtype in channels-last memory format,
+  // x_q: [B, C, H, W] int8/uint8 (any memory format); weight packed as [G, OC/G, KH, KW, C/G] (the
+  // reduction index ordered (kh, kw, c)); output [B, OC, OH, OW] of out_dtype in channels-last memory format,
   // float or requantized to int8/uint8 with out_scale / out_zero_point, and clamped by clamp_min / clamp_max, as in
   // int8_linear.
   m.def("int8_conv2d(Tensor x_q, Tensor x_scale, int x_zero_point, Tensor w_packed, Tensor w_sum, Tensor w_scale, "

@@ -371,6 +371,27 @@ def test_int8_conv2d(device, isa, monkeypatch, streamed, conv, x_dtype, x_zp):
     torch.testing.assert_close(got_int, want_int, rtol=0, atol=0)
 
 
+# Depthwise weights packed by pack_conv_weight ([G, 1, KH, KW, 1]) carry the kernel's own layouts after the panels;
+# one packed as a [G, 1, KH*KW] matrix and viewed as the conv weight has none, and the kernel derives them per call.
+# Channel counts around the 32- and 64-channel blocks, strides, padding, 1 to 3 images.
+@pytest.mark.parametrize("packing", ["conv", "matrix"])
+@pytest.mark.parametrize("channels", [1, 2, 31, 32, 33, 63, 64, 65, 96, 129, 200])
+@pytest.mark.parametrize("batch,size,stride,padding", [(1, 5, 1, 1), (3, 9, 2, 1), (2, 7, 2, 0), (1, 6, 1, 2)])
+def test_int8_conv2d_depthwise_channels(isa, packing, channels, batch, size, stride, padding):
+    g = torch.Generator().manual_seed(channels * 7 + stride)
+    x_q = torch.randint(0, 256, (batch, channels, size, size + 1), dtype=torch.uint8, generator=g)
+    w_q = randint8((channels, 1, 3, 3), generator=g)
+    if packing == "conv":
+        w_packed = F.pack_conv_weight(w_q, channels)
+    else:
+        w_packed = ops.pack_int8_weight(w_q.reshape(channels, 1, 9)).unflatten(-1, (3, 3, 1))
+    ones = torch.ones(channels)
+    kwargs = dict(stride=stride, padding=padding, groups=channels)
+    got = F.int8_conv2d(x_q, 1.0, 77, w_packed, w_q.sum((1, 2, 3), dtype=torch.int32), ones, out_channels=channels,
+                        kernel_size=3, **kwargs)
+    torch.testing.assert_close(got, reference.int8_conv2d(x_q, 1.0, 77, w_q, ones, **kwargs), rtol=0, atol=0)
+
+
 # im2col matrices over 512 KB are produced chunk by chunk inside the GEMM (the small ones above are made whole
 # first).
 BIG_CONVS = [(2, 32, 40, 40, 200, (3, 3), 1, 1, 1, 1), (2, 32, 41, 40, 80, (3, 3), 1, 1, 1, 2),
@@ -484,6 +505,8 @@ def test_opcheck(device):
     torch.library.opcheck(ops.int8_mm, (a, b))
     torch.library.opcheck(ops.pack_int8_weight, (randint8((7, 9), device=device),))
     torch.library.opcheck(ops.pack_int8_weight, (randint8((2, 7, 9), device=device),))
+    torch.library.opcheck(ops.pack_int8_weight, (randint8((2, 7, 3, 2, 5), device=device),))  # a conv weight
+    torch.library.opcheck(ops.pack_int8_weight, (randint8((6, 1, 3, 3, 1), device=device),))  # a depthwise one
     w, w_packed, w_sum, w_scale = quantized_weight(64, 64, device)
     x_scale = torch.rand(3, 5, device=device).reshape(-1)
     bias = torch.randn(64, device=device)

@@ -188,7 +188,7 @@ const uint8_t* channels_last_bytes(const at::Tensor& x_q, at::Tensor& copy) {
 struct DepthwiseSource {
   const uint8_t* x;       // channels-last input bytes
   ConvGeometry g;
-  const int32_t* w;       // [tap][channel], the tap's int8 weight
+  const int8_t* w;        // [tap][channel], the tap's weight (the packed weight's tap-major copy)
   const int8_t* w_quads;  // the AVX-512 path's weights (weight_quads), or nullptr for the portable one
   uint8_t pad_byte;       // the zero point, as the flipped byte
 };
@@ -210,7 +210,7 @@ __attribute__((always_inline)) inline void depthwise_pixel_portable(const Depthw
     const int64_t ih = ih0 + i * g.dil_h;
     for (int64_t j = 0; j < g.kw; ++j) {
       const int64_t iw = iw0 + j * g.dil_w;
-      const int32_t* w = s.w + (i * g.kw + j) * g.channels + c0;
+      const int8_t* w = s.w + (i * g.kw + j) * g.channels + c0;
       if (ih >= 0 && ih < g.height && iw >= 0 && iw < g.width) {
         const uint8_t* p = s.x + ((b * g.height + ih) * g.width + iw) * g.channels + c0;
         for (int64_t c = 0; c < ncols; ++c)
@@ -245,7 +245,8 @@ constexpr int64_t kQuadBytes = 4 * kDepthwiseChannels;  // a column quad of a 64
 constexpr int64_t kMaxQuadRowGroups = 2;                // kernels of up to 8 rows
 constexpr int64_t kMaxQuadColumns = 256;                // input columns per work item
 
-int64_t quad_row_groups(const ConvGeometry& g) { return (g.kh + 3) / 4; }
+int64_t quad_row_groups(int64_t kh) { return (kh + 3) / 4; }
+int64_t quad_row_groups(const ConvGeometry& g) { return quad_row_groups(g.kh); }
 
 // The input columns of a segment of `rows` output pixels, or -1 beyond what the quad path takes.
 int64_t quad_columns(const ConvGeometry& g, int64_t rows) {
@@ -391,19 +392,26 @@ TQ_TARGET_VNNI void depthwise_segment_avx512(const DepthwiseSource& s, int64_t b
 
 // The weight quads of the AVX-512 path: [block][kernel column][row group][channel of the block][4 bytes], kernel
 // row 4 q + k of the group at byte k; zero past the kernel and the channels. Blocks are kQuadBytes * kw * groups
-// apart; the quads of a block of W = 32 channels take the first half of that.
-std::vector<int8_t> weight_quads(const ConvGeometry& g, const std::vector<int32_t>& w) {
-  const int64_t groups = quad_row_groups(g), blocks = (g.channels + kDepthwiseChannels - 1) / kDepthwiseChannels;
-  std::vector<int8_t> quads(blocks * g.kw * groups * kQuadBytes, 0);
-  for (int64_t c = 0; c < g.channels; ++c) {
+// apart; the quads of a block of W = 32 channels take the first half of that. Empty for kernels of more rows than
+// the quads take.
+int64_t weight_quads_bytes(int64_t channels, int64_t kh, int64_t kw) {
+  if (quad_row_groups(kh) > kMaxQuadRowGroups) return 0;
+  return (channels + kDepthwiseChannels - 1) / kDepthwiseChannels * kw * quad_row_groups(kh) * kQuadBytes;
+}
+
+// The quads at `quads` (weight_quads_bytes of them: none past the quads' kernel rows) of w [tap][channel].
+void weight_quads(int64_t channels, int64_t kh, int64_t kw, const int8_t* w, int8_t* quads) {
+  const int64_t groups = quad_row_groups(kh);
+  if (groups > kMaxQuadRowGroups) return;
+  std::memset(quads, 0, weight_quads_bytes(channels, kh, kw));
+  for (int64_t c = 0; c < channels; ++c) {
     const int64_t block = c / kDepthwiseChannels;
-    const int64_t width = quad_width(std::min(kDepthwiseChannels, g.channels - block * kDepthwiseChannels));
-    for (int64_t i = 0; i < g.kh; ++i)
-      for (int64_t j = 0; j < g.kw; ++j)
-        quads[block * g.kw * groups * kQuadBytes + (j * groups + i / 4) * 4 * width + (c % width) * 4 + i % 4] =
-            static_cast<int8_t>(w[(i * g.kw + j) * g.channels + c]);
+    const int64_t width = quad_width(std::min(kDepthwiseChannels, channels - block * kDepthwiseChannels));
+    for (int64_t i = 0; i < kh; ++i)
+      for (int64_t j = 0; j < kw; ++j)
+        quads[block * kw * groups * kQuadBytes + (j * groups + i / 4) * 4 * width + (c % width) * 4 + i % 4] =
+            w[(i * kw + j) * channels + c];
   }
-  return quads;
 }
 
 template <bool FLIP>
@@ -418,21 +426,61 @@ void depthwise_segment(const DepthwiseSource& s, int64_t b, int64_t oh, int64_t 
   for (int64_t r = 0; r < rows; ++r) pixel(s, b, oh, ow0 + r, c0, ncols, tile + r * kPackAlign);
 }
 
-// The depthwise int8_conv2d: x channels-last bytes, the weight as packed for the GEMM (one panel per group, its
-// first column the channel's taps), the epilogue as for the GEMM.
-void conv_u8s8_depthwise(const ConvGeometry& g, const uint8_t* x, const int8_t* w_packed, int64_t group_bytes,
-                         uint8_t flip, uint8_t pad_byte, const Epilogue& ep, CpuIsa isa) {
+}  // namespace
+
+// The extras of a depthwise weight (gemm_ops.h): the weight [tap][channel], then its quads.
+int64_t depthwise_extra_bytes(at::IntArrayRef w_sizes) {
+  if (w_sizes.size() != 5 || w_sizes[1] != 1 || w_sizes[4] != 1) return 0;
+  const int64_t channels = w_sizes[0], kh = w_sizes[2], kw = w_sizes[3];
+  return kh * kw * channels + weight_quads_bytes(channels, kh, kw);
+}
+
+void pack_depthwise_extras(const at::Tensor& w_taps, int64_t kh, int64_t kw, int8_t* dst) {
+  const int64_t channels = w_taps.size(0), taps = kh * kw;
+  const int8_t* w = w_taps.data_ptr<int8_t>();
+  for (int64_t t = 0; t < taps; ++t)
+    for (int64_t c = 0; c < channels; ++c) dst[t * channels + c] = w[c * w_taps.stride(0) + t * w_taps.stride(1)];
+  weight_quads(channels, kh, kw, dst, dst + taps * channels);
+}
+
+namespace {
+
+// The depthwise weight as the kernel reads it: [tap][channel], and the quads.
+struct DepthwiseWeight {
+  const int8_t* taps;
+  const int8_t* quads;
+  std::vector<int8_t> derived;  // both, when w_packed does not end with them (packed otherwise than as [G, 1, KH, KW, 1])
+};
+
+DepthwiseWeight depthwise_weight(const ConvGeometry& g, const at::Tensor& w_packed, const PackedWeightLayout& layout) {
+  const int64_t panels = layout.groups * layout.group_bytes, taps = g.kh * g.kw;
+  const int64_t extras = depthwise_extra_bytes({g.channels, 1, g.kh, g.kw, 1});
+  DepthwiseWeight w;
+  if (w_packed.storage_offset() == 0 && static_cast<int64_t>(w_packed.storage().nbytes()) == panels + extras) {
+    w.taps = static_cast<const int8_t*>(w_packed.storage().data()) + panels;
+  } else {
+    w.derived.resize(extras);
+    const int8_t* packed = w_packed.data_ptr<int8_t>();
+    for (int64_t t = 0; t < taps; ++t)
+      for (int64_t c = 0; c < g.channels; ++c)
+        w.derived[t * g.channels + c] = packed[c * layout.group_bytes + panel_byte(t, 0)];
+    weight_quads(g.channels, g.kh, g.kw, w.derived.data(), w.derived.data() + taps * g.channels);
+    w.taps = w.derived.data();
+  }
+  w.quads = weight_quads_bytes(g.channels, g.kh, g.kw) > 0 ? w.taps + taps * g.channels : nullptr;
+  return w;
+}
+
+// The depthwise int8_conv2d: x channels-last bytes, w the weight, the epilogue as for the GEMM.
+void conv_u8s8_depthwise(const ConvGeometry& g, const uint8_t* x, const DepthwiseWeight& w, uint8_t flip,
+                         uint8_t pad_byte, const Epilogue& ep, CpuIsa isa) {
   const int64_t taps = g.kh * g.kw;
-  std::vector<int32_t> w(checked_mul("int8_conv2d", "the depthwise weight size", taps, g.channels));
-  for (int64_t c = 0; c < g.channels; ++c)
-    for (int64_t t = 0; t < taps; ++t) w[t * g.channels + c] = w_packed[c * group_bytes + panel_byte(t, 0)];
   const int64_t blocks = (g.channels + kDepthwiseChannels - 1) / kDepthwiseChannels;
   const int64_t segments = (g.out_w + kDepthwisePixels - 1) / kDepthwisePixels;
   const int64_t segment_len = (g.out_w + segments - 1) / segments;
   const int64_t columns = quad_columns(g, segment_len);
-  const std::vector<int8_t> w_quads = isa == CpuIsa::Avx512Vnni && columns > 0 ? weight_quads(g, w)
-                                                                               : std::vector<int8_t>();
-  const DepthwiseSource src{x, g, w.data(), w_quads.empty() ? nullptr : w_quads.data(), pad_byte};
+  const int8_t* w_quads = isa == CpuIsa::Avx512Vnni && columns > 0 ? w.quads : nullptr;
+  const DepthwiseSource src{x, g, w.taps, w_quads, pad_byte};
   const int64_t items = g.batch * g.out_h * segments * blocks;
   const int64_t item_cost = segment_len * kDepthwiseChannels * taps;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(item_cost, 1));
@@ -533,7 +581,7 @@ at::Tensor int8_conv2d_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, int
   std::vector<int32_t> col_offset;
   const Epilogue ep = epilogue_for(f.epilogue, flip, f.out_nhwc.data_ptr(), out_channels, col_offset);
   if (depthwise)
-    conv_u8s8_depthwise(g, x_bytes, args.b, args.b_group_stride, flip, im2col.pad_byte, ep, cpu_isa());
+    conv_u8s8_depthwise(g, x_bytes, depthwise_weight(g, w_packed, f.weight), flip, im2col.pad_byte, ep, cpu_isa());
   else if (in_place)
     conv_u8s8_in_place(args, g, x_bytes, ep, cpu_isa());
   else

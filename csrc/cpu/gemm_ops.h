@@ -18,4 +18,11 @@ inline uint8_t activation_flip(const at::Tensor& x_q) { return x_q.scalar_type()
 Epilogue epilogue_for(const EpilogueInputs& in, uint8_t flip, void* out, int64_t out_row_stride,
                       std::vector<int32_t>& col_offset);
 
+// A depthwise conv's packed weight ([G, 1, KH, KW, 1]: one input and one output channel per group) is followed in its
+// storage by two layouts of it for the depthwise kernel (conv.cpp), made by pack_int8_weight: derived on every call,
+// one byte per 4 KB panel, they took longer than the conv itself at 960 channels of 7x7 pixels. The extras' size
+// for w (0 for other weights), and the extras written at dst for w viewed as [G, KH * KW].
+int64_t depthwise_extra_bytes(at::IntArrayRef w_sizes);
+void pack_depthwise_extras(const at::Tensor& w_taps, int64_t kh, int64_t kw, int8_t* dst);
+
 }  // namespace torchquant::gemm

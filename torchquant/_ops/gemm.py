@@ -207,7 +207,7 @@ def dynamic_int8_linear(x: torch.Tensor, w_packed: torch.Tensor, w_sum: torch.Te
 
 def pack_conv_weight(w_q: torch.Tensor, groups: int = 1) -> torch.Tensor:
     """Packs an int8 conv weight [OC, IC/G, KH, KW] for int8_conv2d: pack_int8_weight of the [G, OC/G, KH*KW*IC/G]
-    matrix whose reduction index runs (kh, kw, c), viewed as [G, OC/G, KH, KW, IC/G]."""
+    matrix whose reduction index runs (kh, kw, c), with the shape [G, OC/G, KH, KW, IC/G]."""
     _require_tensor("w_q", w_q)
     _require_dtype("w_q", w_q, (torch.int8,))
     if w_q.dim() != 4 or w_q.numel() == 0:
@@ -217,8 +217,9 @@ def pack_conv_weight(w_q: torch.Tensor, groups: int = 1) -> torch.Tensor:
                          f"got {groups!r}")
     groups = _as_int(groups)
     oc, cg, kh, kw = w_q.shape
-    packed = ops.pack_int8_weight(w_q.permute(0, 2, 3, 1).reshape(groups, oc // groups, kh * kw * cg))
-    return packed.unflatten(-1, (kh, kw, cg))  # [G, OC/G, KH, KW, C/G]: int8_conv2d checks each against its input
+    # [G, OC/G, KH, KW, C/G]: int8_conv2d checks each against its input (and the CPU packs a depthwise weight's
+    # kernel layouts with it)
+    return ops.pack_int8_weight(w_q.permute(0, 2, 3, 1).reshape(groups, oc // groups, kh, kw, cg))
 
 
 def int8_conv2d(x_q: torch.Tensor, x_scale, x_zero_point: int, w_packed: torch.Tensor, w_sum: torch.Tensor,
@@ -273,16 +274,22 @@ def _int8_mm_fake(a, b):
 
 
 def _packed_strides(shape):
-    """The strides of pack_int8_weight's result for a weight of this shape (see its docstring)."""
-    kp = _round_up(shape[-1], _C.PACK_ALIGN)
-    return (_round_up(shape[-2], _C.PACK_ALIGN) * kp, kp, 1)[3 - len(shape):]
+    """The strides of pack_int8_weight's result for a weight of this shape ([N, K], [G, N, K] or [G, N, KH, KW, C]:
+    see its docstring and pack_conv_weight's)."""
+    n_dim = 0 if len(shape) == 2 else 1
+    k_strides = [1]
+    for size in reversed(shape[n_dim + 2:]):
+        k_strides.insert(0, k_strides[0] * size)
+    kp = _round_up(math.prod(shape[n_dim + 1:]), _C.PACK_ALIGN)
+    return ((_round_up(shape[n_dim], _C.PACK_ALIGN) * kp,) if n_dim else ()) + (kp, *k_strides)
 
 
 @torch.library.register_fake("torchquant::pack_int8_weight")
 def _pack_int8_weight_fake(w):
     check_fake_dtype("pack_int8_weight", "w", w, (torch.int8,))
-    torch._check(w.dim() in (2, 3) and w.numel() > 0,
-                 lambda: f"pack_int8_weight: w must be a non-empty [N, K] or [G, N, K] tensor, got {tuple(w.shape)}")
+    torch._check(w.dim() in (2, 3, 5) and w.numel() > 0,
+                 lambda: f"pack_int8_weight: w must be a non-empty [N, K], [G, N, K] or [G, N, KH, KW, C] tensor, "
+                         f"got {tuple(w.shape)}")
     return w.new_empty_strided(w.shape, _packed_strides(w.shape), dtype=torch.int8)
 
 
