@@ -617,7 +617,7 @@ void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa) {
   }
 
   const Epilogue out_ep = with_streaming(ep, args.m, args.n);
-  const std::vector<PanelEpilogue> panels = panel_epilogues(out_ep, args.groups, args.n);
+  const PanelEpilogues panels(out_ep, args.groups, args.n, isa);
 
   at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
     alignas(64) int32_t tile[kRowsPerChunk * kPackAlign];
@@ -831,13 +831,13 @@ Epilogue with_streaming(const Epilogue& ep, int64_t rows, int64_t cols) {
   return out;
 }
 
-std::vector<PanelEpilogue> panel_epilogues(const Epilogue& ep, int64_t groups, int64_t n) {
+PanelEpilogues::PanelEpilogues(const Epilogue& ep, int64_t groups, int64_t n, CpuIsa isa) {
+  if (isa != CpuIsa::Avx512Vnni) return;
   const int64_t n_panels = (n + kPackAlign - 1) / kPackAlign;
-  std::vector<PanelEpilogue> panels(groups * n_panels);
+  panels_.resize(groups * n_panels);
   for (int64_t g = 0; g < groups; ++g)
     for (int64_t p = 0; p < n_panels; ++p)
-      panel_epilogue(ep, g * n + p * kPackAlign, std::min(kPackAlign, n - p * kPackAlign), panels[g * n_panels + p]);
-  return panels;
+      panel_epilogue(ep, g * n + p * kPackAlign, std::min(kPackAlign, n - p * kPackAlign), panels_[g * n_panels + p]);
 }
 
 void epilogue_tile(const Epilogue& ep, const PanelEpilogue& panel, const int32_t* tile, int64_t row0, int64_t rows,
@@ -859,7 +859,7 @@ void conv_u8s8_in_place(const GemmArgs& args, const ConvGeometry& g, const uint8
   const int64_t item_cost = (segment_len + 4) * kPackAlign * k4;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(item_cost, 1));
   const Epilogue out_ep = with_streaming(ep, args.m, args.n);
-  const std::vector<PanelEpilogue> panels = panel_epilogues(out_ep, 1, args.n);
+  const PanelEpilogues panels(out_ep, 1, args.n, isa);
 
   at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
     alignas(64) int32_t tile[kRowsPerChunk * kPackAlign];

@@ -103,12 +103,22 @@ struct PanelEpilogue {
   int16_t zero_point;
 };
 
-// The PanelEpilogue of every panel of every group of an output of groups x n columns, [group * panels + panel].
-std::vector<PanelEpilogue> panel_epilogues(const Epilogue& ep, int64_t groups, int64_t n);
+// The PanelEpilogue of every panel of every group of an output of groups x n columns, [group * panels + panel], for
+// the epilogue of the `isa` path: made only for the AVX-512 one (the AVX2 and scalar epilogues read the Epilogue
+// itself, and get a placeholder).
+class PanelEpilogues {
+ public:
+  PanelEpilogues(const Epilogue& ep, int64_t groups, int64_t n, CpuIsa isa);
+  const PanelEpilogue& operator[](int64_t i) const { return panels_.empty() ? unused_ : panels_[i]; }
+
+ private:
+  std::vector<PanelEpilogue> panels_;
+  PanelEpilogue unused_{};
+};
 
 // The fused epilogue of gemm_u8s8 applied to a tile of int32 sums that a kernel made itself (the depthwise conv):
 // tile[r * kPackAlign + c] is the sum of output row row0 + r, column col0 + c, for r < rows, c < ncols <= kPackAlign
-// (tile 64-byte aligned: the AVX-512 path loads whole rows); panel: panel_epilogues' entry of the panel starting at
+// (tile 64-byte aligned: the AVX-512 path loads whole rows); panel: the PanelEpilogues entry of the panel starting at
 // column col0.
 void epilogue_tile(const Epilogue& ep, const PanelEpilogue& panel, const int32_t* tile, int64_t row0, int64_t rows,
                    int64_t col0, int64_t ncols, CpuIsa isa);
