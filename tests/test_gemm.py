@@ -392,6 +392,29 @@ def test_int8_conv2d_depthwise_channels(isa, packing, channels, batch, size, str
     torch.testing.assert_close(got, reference.int8_conv2d(x_q, 1.0, 77, w_q, ones, **kwargs), rtol=0, atol=0)
 
 
+# Ungrouped uint8 convs of up to 128 outputs read windows in place, kernel rows of kw * channels bytes padded to a
+# multiple of 4 (a 7x7 stem of 3 channels: 21 -> 24) when that adds at most a quarter: pack_conv_weight stores the
+# padded rows with the weight; a weight packed as a matrix and viewed as the conv weight is padded per call. 129
+# outputs: im2col rows.
+@pytest.mark.parametrize("packing", ["conv", "matrix"])
+@pytest.mark.parametrize("c,kernel,oc", [(3, (7, 7), 64), (3, (7, 7), 1), (5, (3, 3), 70), (3, (3, 5), 128),
+                                         (3, (7, 7), 129), (6, (1, 3), 16)])
+@pytest.mark.parametrize("batch,stride,padding", [(1, 2, 3), (2, 1, 0)])
+def test_int8_conv2d_padded_kernel_rows(isa, packing, c, kernel, oc, batch, stride, padding):
+    g = torch.Generator().manual_seed(oc * 3 + c)
+    x_q = torch.randint(0, 256, (batch, c, 13, 12), dtype=torch.uint8, generator=g)
+    w_q = randint8((oc, c, *kernel), generator=g)
+    if packing == "conv":
+        w_packed = F.pack_conv_weight(w_q)
+    else:
+        w_packed = ops.pack_int8_weight(w_q.permute(0, 2, 3, 1).reshape(1, oc, -1)).unflatten(-1, (*kernel, c))
+    ones = torch.ones(oc)
+    kwargs = dict(stride=stride, padding=padding)
+    got = F.int8_conv2d(x_q, 1.0, 99, w_packed, w_q.sum((1, 2, 3), dtype=torch.int32), ones, out_channels=oc,
+                        kernel_size=kernel, **kwargs)
+    torch.testing.assert_close(got, reference.int8_conv2d(x_q, 1.0, 99, w_q, ones, **kwargs), rtol=0, atol=0)
+
+
 # im2col matrices over 512 KB are produced chunk by chunk inside the GEMM (the small ones above are made whole
 # first).
 BIG_CONVS = [(2, 32, 40, 40, 200, (3, 3), 1, 1, 1, 1), (2, 32, 41, 40, 80, (3, 3), 1, 1, 1, 2),

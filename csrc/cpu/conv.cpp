@@ -426,44 +426,25 @@ void depthwise_segment(const DepthwiseSource& s, int64_t b, int64_t oh, int64_t 
   for (int64_t r = 0; r < rows; ++r) pixel(s, b, oh, ow0 + r, c0, ncols, tile + r * kPackAlign);
 }
 
-}  // namespace
-
-// The extras of a depthwise weight (gemm_ops.h): the weight [tap][channel], then its quads.
-int64_t depthwise_extra_bytes(at::IntArrayRef w_sizes) {
-  if (w_sizes.size() != 5 || w_sizes[1] != 1 || w_sizes[4] != 1) return 0;
-  const int64_t channels = w_sizes[0], kh = w_sizes[2], kw = w_sizes[3];
-  return kh * kw * channels + weight_quads_bytes(channels, kh, kw);
-}
-
-void pack_depthwise_extras(const at::Tensor& w_taps, int64_t kh, int64_t kw, int8_t* dst) {
-  const int64_t channels = w_taps.size(0), taps = kh * kw;
-  const int8_t* w = w_taps.data_ptr<int8_t>();
-  for (int64_t t = 0; t < taps; ++t)
-    for (int64_t c = 0; c < channels; ++c) dst[t * channels + c] = w[c * w_taps.stride(0) + t * w_taps.stride(1)];
-  weight_quads(channels, kh, kw, dst, dst + taps * channels);
-}
-
-namespace {
-
 // The depthwise weight as the kernel reads it: [tap][channel], and the quads.
 struct DepthwiseWeight {
   const int8_t* taps;
   const int8_t* quads;
-  std::vector<int8_t> derived;  // both, when w_packed does not end with them (packed otherwise than as [G, 1, KH, KW, 1])
+  std::vector<int8_t> derived;  // both, for a weight packed without them (as a matrix viewed as the conv weight)
 };
 
-DepthwiseWeight depthwise_weight(const ConvGeometry& g, const at::Tensor& w_packed, const PackedWeightLayout& layout) {
-  const int64_t panels = layout.groups * layout.group_bytes, taps = g.kh * g.kw;
-  const int64_t extras = depthwise_extra_bytes({g.channels, 1, g.kh, g.kw, 1});
+// extras: the packed weight's (conv_weight_extras), or nullptr.
+DepthwiseWeight depthwise_weight(const ConvGeometry& g, const int8_t* w_packed, int64_t group_bytes,
+                                 const int8_t* extras) {
+  const int64_t taps = g.kh * g.kw;
   DepthwiseWeight w;
-  if (w_packed.storage_offset() == 0 && static_cast<int64_t>(w_packed.storage().nbytes()) == panels + extras) {
-    w.taps = static_cast<const int8_t*>(w_packed.storage().data()) + panels;
+  if (extras != nullptr) {
+    w.taps = extras;
   } else {
-    w.derived.resize(extras);
-    const int8_t* packed = w_packed.data_ptr<int8_t>();
+    w.derived.resize(taps * g.channels + weight_quads_bytes(g.channels, g.kh, g.kw));
     for (int64_t t = 0; t < taps; ++t)
       for (int64_t c = 0; c < g.channels; ++c)
-        w.derived[t * g.channels + c] = packed[c * layout.group_bytes + panel_byte(t, 0)];
+        w.derived[t * g.channels + c] = w_packed[c * group_bytes + panel_byte(t, 0)];
     weight_quads(g.channels, g.kh, g.kw, w.derived.data(), w.derived.data() + taps * g.channels);
     w.taps = w.derived.data();
   }
@@ -523,6 +504,43 @@ void pad_kernel_rows(const int8_t* w, int64_t n, int64_t kp, int64_t kh, int64_t
       }
 }
 
+// Whether windows of kernel rows of `run` bytes may be read in place for ocg output channels (see int8_conv2d_cpu).
+bool windows_in_place(int64_t ocg, int64_t run) { return ocg <= 2 * kPackAlign && 4 * (round_up(run, 4) - run) <= run; }
+
+// A conv weight [G, N, KH, KW, C] of one input and one output channel per group is a depthwise conv's.
+bool depthwise_weight_shape(at::IntArrayRef w) { return w.size() == 5 && w[1] == 1 && w[4] == 1; }
+
+// The packed weight's extras of a conv weight w [G, N, KH, KW, C] ([tap][channel] and quads of a depthwise
+// weight, padded kernel rows of an ungrouped one that may be read in place), or nullptr without them.
+const int8_t* conv_weight_extras(const at::Tensor& w_packed, const PackedWeightLayout& layout) {
+  const int64_t panels = layout.groups * layout.group_bytes, extras = conv_weight_extra_bytes(w_packed.sizes());
+  const bool present = extras > 0 && w_packed.storage_offset() == 0 &&
+                       static_cast<int64_t>(w_packed.storage().nbytes()) == panels + extras;
+  return present ? static_cast<const int8_t*>(w_packed.storage().data()) + panels : nullptr;
+}
+
+}  // namespace
+
+int64_t conv_weight_extra_bytes(at::IntArrayRef w) {
+  if (w.size() != 5) return 0;
+  const int64_t groups = w[0], n = w[1], kh = w[2], kw = w[3], run = kw * w[4], padded_run = round_up(run, 4);
+  if (depthwise_weight_shape(w)) return kh * kw * groups + weight_quads_bytes(groups, kh, kw);
+  if (groups == 1 && padded_run != run && windows_in_place(n, run)) return round_up(n, kPackAlign) * kh * padded_run;
+  return 0;
+}
+
+void pack_conv_weight_extras(const at::Tensor& w, const int8_t* panels, int64_t kp, int8_t* dst) {
+  const int64_t groups = w.size(0), n = w.size(1), kh = w.size(2), kw = w.size(3), run = kw * w.size(4);
+  if (!depthwise_weight_shape(w.sizes())) return pad_kernel_rows(panels, n, kp, kh, run, round_up(run, 4), dst);
+  const at::Tensor taps = w.reshape({groups, kh * kw});
+  const int8_t* src = taps.data_ptr<int8_t>();
+  for (int64_t t = 0; t < kh * kw; ++t)
+    for (int64_t c = 0; c < groups; ++c) dst[t * groups + c] = src[c * taps.stride(0) + t * taps.stride(1)];
+  weight_quads(groups, kh, kw, dst, dst + kh * kw * groups);
+}
+
+namespace {
+
 at::Tensor int8_conv2d_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, int64_t x_zero_point,
                            const at::Tensor& w_packed, const at::Tensor& w_sum, const at::Tensor& w_scale,
                            const std::optional<at::Tensor>& bias, int64_t out_channels, at::IntArrayRef kernel_size,
@@ -551,7 +569,7 @@ at::Tensor int8_conv2d_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, int
   const int64_t run = g.kw * cg, padded_run = round_up(run, 4);
   const bool depthwise = groups == g.channels && ocg == 1;
   const bool in_place = !depthwise && !pointwise && flip == 0 && groups == 1 && g.dil_w == 1 &&
-                        ocg <= 2 * kPackAlign && 4 * (padded_run - run) <= run;
+                        windows_in_place(ocg, run);
   const int64_t run_stride = in_place ? padded_run : run;
   const Im2colSource im2col{x_bytes, g, static_cast<uint8_t>(static_cast<uint8_t>(x_zero_point) ^ flip), flip,
                             run_stride, round_up(g.kh * run_stride, 4)};
@@ -570,18 +588,23 @@ at::Tensor int8_conv2d_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, int
   args.n = ocg;
   args.k = g.window;
   args.groups = groups;
+  const int8_t* extras = conv_weight_extras(w_packed, f.weight);
   const ScratchScope weight_scope(Scratch::Weights);
-  if (run_stride != run) {
+  if (run_stride != run) {  // the padded kernel rows packed with the weight, or made here
     args.k = g.kh * run_stride;
-    int8_t* padded = reinterpret_cast<int8_t*>(scratch_buffer(Scratch::Weights, round_up(ocg, kPackAlign) * args.k));
-    pad_kernel_rows(args.b, ocg, args.ldb, g.kh, run, run_stride, padded);
-    args.b = padded;
+    if (extras == nullptr) {
+      int8_t* padded = reinterpret_cast<int8_t*>(scratch_buffer(Scratch::Weights, round_up(ocg, kPackAlign) * args.k));
+      pad_kernel_rows(args.b, ocg, args.ldb, g.kh, run, run_stride, padded);
+      extras = padded;
+    }
+    args.b = extras;
     args.ldb = args.k;
   }
   std::vector<int32_t> col_offset;
   const Epilogue ep = epilogue_for(f.epilogue, flip, f.out_nhwc.data_ptr(), out_channels, col_offset);
   if (depthwise)
-    conv_u8s8_depthwise(g, x_bytes, depthwise_weight(g, w_packed, f.weight), flip, im2col.pad_byte, ep, cpu_isa());
+    conv_u8s8_depthwise(g, x_bytes, depthwise_weight(g, args.b, args.b_group_stride, extras), flip, im2col.pad_byte,
+                        ep, cpu_isa());
   else if (in_place)
     conv_u8s8_in_place(args, g, x_bytes, ep, cpu_isa());
   else

@@ -82,7 +82,7 @@ at::Tensor int8_mm_cpu(const at::Tensor& a, const at::Tensor& b) {
 at::Tensor pack_int8_weight_cpu(const at::Tensor& w) {
   check_weight_to_pack(w);
   const PackedWeightLayout layout = packed_weight_layout(w);
-  const int64_t extras = depthwise_extra_bytes(w.sizes());
+  const int64_t extras = conv_weight_extra_bytes(w.sizes());
   at::Tensor packed = empty_packed_weight(w, layout, false, extras);
   int8_t* dst = packed.data_ptr<int8_t>();
   const at::Tensor w3 = w.dim() == 5 ? w.reshape({layout.groups, layout.n, layout.k}) : w;  // a conv weight's matrix
@@ -91,8 +91,7 @@ at::Tensor pack_int8_weight_cpu(const at::Tensor& w) {
     pack_weight(src, layout.n, layout.k, w3.stride(-2), w3.stride(-1), layout.kp, dst + g * layout.group_bytes,
                 nullptr);
   }
-  if (extras > 0)
-    pack_depthwise_extras(w3.select(1, 0), w.size(2), w.size(3), dst + layout.groups * layout.group_bytes);
+  if (extras > 0) pack_conv_weight_extras(w, dst, layout.kp, dst + layout.groups * layout.group_bytes);
   return packed;
 }
 

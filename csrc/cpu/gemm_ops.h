@@ -18,11 +18,13 @@ inline uint8_t activation_flip(const at::Tensor& x_q) { return x_q.scalar_type()
 Epilogue epilogue_for(const EpilogueInputs& in, uint8_t flip, void* out, int64_t out_row_stride,
                       std::vector<int32_t>& col_offset);
 
-// A depthwise conv's packed weight ([G, 1, KH, KW, 1]: one input and one output channel per group) is followed in its
-// storage by two layouts of it for the depthwise kernel (conv.cpp), made by pack_int8_weight: derived on every call,
-// one byte per 4 KB panel, they took longer than the conv itself at 960 channels of 7x7 pixels. The extras' size
-// for w (0 for other weights), and the extras written at dst for w viewed as [G, KH * KW].
-int64_t depthwise_extra_bytes(at::IntArrayRef w_sizes);
-void pack_depthwise_extras(const at::Tensor& w_taps, int64_t kh, int64_t kw, int8_t* dst);
+// A conv weight's layouts that int8_conv2d would otherwise derive from the panels on every call, which
+// pack_int8_weight stores after the panels of a conv weight w [G, N, KH, KW, C]: a depthwise one's ([G, 1, KH, KW,
+// 1]) [tap][channel] weight and AVX-512 quads (gathered one byte per 4 KB panel, they took longer than the conv
+// itself at 960 channels of 7x7 pixels), and an ungrouped one's kernel rows padded to a multiple of 4 bytes where
+// windows are read in place (a 7x7 stem of 3 channels: 2.5 us a call). Their size for w's sizes (0: none), and the
+// extras of w (the weight itself, any strides) written at dst from its panels (kp deep).
+int64_t conv_weight_extra_bytes(at::IntArrayRef w);
+void pack_conv_weight_extras(const at::Tensor& w, const int8_t* panels, int64_t kp, int8_t* dst);
 
 }  // namespace torchquant::gemm
