@@ -290,7 +290,8 @@ def test_meta_functional_calls_give_shapes():
 @pytest.mark.parametrize("shape", [(), (5,), (2, 2, 2, 2), (0, 3)])
 def test_meta_pack_rejects_what_the_kernel_rejects(shape):
     """The fake kernel of pack_int8_weight indexed the shape (IndexError for 0-d and 1-d) or built bad strides."""
-    with pytest.raises(RuntimeError, match=r"pack_int8_weight: w must be a non-empty \[N, K\] or \[G, N, K\]"):
+    with pytest.raises(RuntimeError,
+                       match=r"pack_int8_weight: w must be a non-empty \[N, K\], \[G, N, K\] or \[G, N, KH, KW, C\]"):
         ops.pack_int8_weight(meta(*shape, dtype=torch.int8))
     with pytest.raises(RuntimeError, match="pack_int8_weight: w must be int8, got torch.float32"):
         ops.pack_int8_weight(meta(4, 4))
