@@ -62,6 +62,10 @@ def work(tmp_path_factory):
     torch.save(torch.randn(8, 3, 8, 8), path / "calib_wrong_shape.pt")
     torch.save({"inputs": data.test_x[:10].clone(), "labels": data.test_y[:9].clone()}, path / "eval_bad_labels.pt")
     torch.save((data.test_x[:4].clone(), torch.tensor([0, 1, 2, 12])), path / "eval_label_range.pt")
+    torch.save(data.train_x[:8].to_sparse(), path / "calib_sparse.pt")
+    torch.save(torch.empty(8, 1, 8, 8, device="meta"), path / "calib_meta.pt")
+    torch.save({"inputs": data.test_x[:4].clone(), "labels": torch.zeros(4, dtype=torch.complex64)},
+               path / "eval_complex_labels.pt")
     (path / "text.pt").write_text("not a tensor file\n")
     whole = (path / "digits.safetensors").read_bytes()
     (path / "truncated.safetensors").write_bytes(whole[: len(whole) // 2])
@@ -327,6 +331,12 @@ ERROR_CASES = {
                                    ["10 inputs but 9 labels"]),
     "labels out of range": (["report", FACTORY, "--eval", "eval_label_range.pt"] + GOOD,
                             ["labels must be in [0, 9]", "got [0, 12]"]),
+    "sparse calibration": (["convert", FACTORY, "--calib", "calib_sparse.pt"] + GOOD,
+                           ["--calib: the inputs in calib_sparse.pt must be a dense tensor", "sparse_coo"]),
+    "meta calibration": (["convert", FACTORY, "--calib", "calib_meta.pt"] + GOOD,
+                         ["--calib: the inputs in calib_meta.pt must be a dense tensor", "meta"]),
+    "complex labels": (["report", FACTORY, "--eval", "eval_complex_labels.pt"] + GOOD,
+                       ["--eval: the labels in eval_complex_labels.pt must be a 1-D integer tensor"]),
     "budget without calibration": (["convert", FACTORY, "--min-sqnr", "30"] + GOOD, ["--calib"]),
     "output overwrites an input": (["convert", FACTORY, "--calib", "calib.pt", "-o", "calib.pt"] + GOOD,
                                    ["input files are never overwritten"]),

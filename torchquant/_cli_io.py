@@ -271,10 +271,14 @@ def load_inputs(path: str, option: str, *, want_labels: bool = False
         raise UsageError(f"{option}: {path} holds {type(content).__name__}"
                          f"{' with keys ' + str(sorted(content)) if isinstance(content, Mapping) else ''}; "
                          f"expected {kinds}")
+    if isinstance(inputs, torch.Tensor) and not _holds_values(inputs):
+        raise UsageError(f"{option}: the inputs in {path} must be a dense tensor that holds values, got a "
+                         f"{_tensor_kind(inputs)} tensor")
     if not isinstance(inputs, torch.Tensor) or inputs.dim() < 1 or inputs.shape[0] == 0:
         raise UsageError(f"{option}: the inputs in {path} must be a tensor with at least one sample (dim 0)")
     if labels is not None:
-        if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.dim() != 1:
+        if (not isinstance(labels, torch.Tensor) or not _holds_values(labels) or labels.dtype not in _LABEL_DTYPES
+                or labels.dim() != 1):
             raise UsageError(f"{option}: the labels in {path} must be a 1-D integer tensor")
         if labels.shape[0] != inputs.shape[0]:
             raise UsageError(f"{option}: {path} has {inputs.shape[0]} inputs but {labels.shape[0]} labels")
@@ -283,11 +287,32 @@ def load_inputs(path: str, option: str, *, want_labels: bool = False
     return inputs, labels
 
 
+_LABEL_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def _holds_values(t: torch.Tensor) -> bool:
+    """Whether t is an ordinary dense tensor with values: not sparse, nested, meta (no data) or quantized, which
+    the model's float layers cannot take (their errors would not say what is wrong with the file)."""
+    return t.layout == torch.strided and not (t.is_nested or t.is_meta or t.is_quantized)
+
+
+def _tensor_kind(t: torch.Tensor) -> str:
+    """What is wrong with a tensor _holds_values refuses, for the message."""
+    if t.is_nested:
+        return "nested"
+    if t.is_meta:
+        return "meta (it has no data)"
+    if t.is_quantized:
+        return "quantized"
+    return str(t.layout).replace("torch.", "")
+
+
 def _is_batch_list(content) -> bool:
     """A list or tuple of float tensors of one sample shape (batches as a calibration loop takes them), other than
     an (inputs, labels) pair."""
     return (isinstance(content, (tuple, list)) and len(content) > 0
-            and all(isinstance(t, torch.Tensor) and t.dtype.is_floating_point and t.dim() >= 1 for t in content)
+            and all(isinstance(t, torch.Tensor) and _holds_values(t) and t.dtype.is_floating_point
+                    and t.dim() >= 1 for t in content)
             and len({tuple(t.shape[1:]) for t in content}) == 1 and len({t.dtype for t in content}) == 1)
 
 
