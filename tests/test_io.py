@@ -1,4 +1,5 @@
 import json
+import os
 import signal
 import struct
 import subprocess
@@ -345,6 +346,15 @@ def test_save_refuses_a_read_only_file_unless_forced(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         tq.save(_small(), tmp_path / "no" / "m.safetensors")
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc")
+def test_save_into_a_directory_that_refuses_files_names_it():
+    # access() allows root to write /proc, but no file can be created there: the error names the destination,
+    # not the temporary file
+    with pytest.raises(OSError, match=r"^save: cannot (create files in /proc)") as info:
+        tq.save(_small(), "/proc/m.safetensors")
+    assert ".tmp" not in str(info.value)
 
 
 def test_failed_save_leaves_nothing(tmp_path, monkeypatch):

@@ -119,7 +119,10 @@ def atomic_write(path: str, where: str, *, force: bool = False, force_hint: str 
     with _sigterm_unwinds() as disarm:
         temp = None
         try:
-            fd, temp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".tmp{ext}", dir=directory)
+            try:
+                fd, temp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".tmp{ext}", dir=directory)
+            except OSError as exc:  # a directory that refuses new files although access() allows them (/proc)
+                raise type(exc)(f"{where}: cannot create files in {directory}: {exc.strerror}") from exc
             os.close(fd)
             yield temp
             # mkstemp (and some writers, e.g. safetensors) make the file private; give it the usual permissions
