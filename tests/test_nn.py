@@ -271,6 +271,24 @@ def test_converted_forward_follows_loaded_state():
         torch.testing.assert_close(loaded(x), saved(x), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("bad", [0.0, float("nan"), -1.0])
+def test_load_state_dict_with_a_bad_input_scale_leaves_the_layer_as_it_was(bad):
+    # the loaded state is refused before anything is copied: before, the layer kept the new weights and zero point
+    # beside its old packed weight and, its static scale dropped, quietly quantized inputs with dynamic scales
+    torch.manual_seed(0)
+    x = torch.randn(5, 8)
+    layer = tq.quantize_model(nn.Sequential(nn.Linear(8, 6)), "int8-static", [x]).eval()
+    other = tq.quantize_model(nn.Sequential(nn.Linear(8, 6)), "int8-static", [x * 3]).eval()
+    state = other.state_dict()
+    state["0.input_quantizer.scale"] = torch.tensor([bad])
+    before, want = {k: v.clone() for k, v in layer.state_dict().items()}, layer(x)
+    with pytest.raises(ValueError, match="input scale must be positive and finite"):
+        layer.load_state_dict(state)
+    after = layer.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    torch.testing.assert_close(layer(x), want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("name", ["int8-static", "w4a8-dynamic"])
 def test_dequantized_weight(name):
     torch.manual_seed(0)

@@ -88,6 +88,7 @@ class QuantLayerBase(nn.Module):
         self.clamp_max = None
         self._build_quantizers()
         self.fused = self._has_fused_forward()
+        self.register_load_state_dict_pre_hook(QuantLayerBase._before_load)
         self.register_load_state_dict_post_hook(QuantLayerBase._after_load)
 
     def _build_quantizers(self) -> None:
@@ -350,9 +351,10 @@ class QuantLayerBase(nn.Module):
         return (self._input_features(), self._static_scale, self._input_zero_point_tensor, self.input_zero_point,
                 *self._input_format, *self._kernel_args)
 
-    def _checked_static_input_scale(self) -> torch.Tensor:
-        """The static input scale as the kernels take it (float32 [1]); raises unless it is positive and finite."""
-        scale = self.input_quantizer.scale.detach().reshape(1).float()
+    def _checked_static_input_scale(self, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """The static input scale (input_quantizer's, or `scale`) as the kernels take it (float32 [1]); raises unless
+        it is positive and finite."""
+        scale = (self.input_quantizer.scale if scale is None else scale).detach().reshape(1).float()
         tiny = torch.finfo(torch.float32).tiny
         if not scale.is_meta and not bool((torch.isfinite(scale) & (scale >= tiny)).all()):  # meta: no values
             raise ValueError(f"{type(self).__name__}: the input scale must be positive and finite (at least "
@@ -366,6 +368,17 @@ class QuantLayerBase(nn.Module):
     def _input_features(self) -> int:
         """The size of the input's feature dimension (Linear: the last, Conv2d: dim 1)."""
         raise NotImplementedError
+
+    @staticmethod
+    def _before_load(module, state_dict, prefix, *args) -> None:
+        """A converted layer prepares its forward from what it loads (_after_load), which refuses an input scale the
+        kernels cannot take: refused here, before anything is copied, a bad scale leaves the layer as it was instead
+        of half loaded (new weights and zero point beside the old packed weight, no static scale)."""
+        quantizer = module.input_quantizer
+        scale = state_dict.get(prefix + "input_quantizer.scale")
+        if (module.converted and quantizer is not None and not quantizer.spec.dynamic and not module.graph_input
+                and isinstance(scale, torch.Tensor) and scale.numel() == 1):  # other sizes: load_state_dict says
+            module._checked_static_input_scale(scale)
 
     @staticmethod
     def _after_load(module, incompatible_keys) -> None:
