@@ -207,6 +207,35 @@ def test_tensor_arguments_of_another_kind_are_type_errors():
         F.dynamic_int8_linear(torch.randn(2, 8), packed, [1, 2], w_scale, out_features=4)
 
 
+def _out_scale_calls():
+    """A call of each op with a requantized output, as a function of out_scale."""
+    x, _, packed, w_sum, w_scale = _linear()
+    w = randint8((4, 2, 3, 3), seed=3)
+    x_q, a = randint8((1, 2, 5, 5), seed=4), randint8((5,), seed=5)
+    return {
+        "int8_linear": lambda s: F.int8_linear(x, 0.1, 0, packed, w_sum, w_scale, out_features=4,
+                                               out_dtype=torch.int8, out_scale=s),
+        "int8_conv2d": lambda s: F.int8_conv2d(x_q, 0.1, 0, F.pack_conv_weight(w), w.sum((1, 2, 3), dtype=torch.int32),
+                                               torch.ones(4), out_channels=4, kernel_size=3, out_dtype=torch.int8,
+                                               out_scale=s),
+        "quantized_add": lambda s: F.quantized_add(a, 0.1, 0, a, 0.2, 0, torch.int8, s),
+    }
+
+
+@pytest.mark.parametrize("op", ["int8_linear", "int8_conv2d", "quantized_add"])
+def test_out_scale_must_be_a_number(op):
+    """float(out_scale) took True as 1.0 and "0.5" as 0.5, and failed on "x" or a 2-element tensor with a message
+    that did not name out_scale."""
+    import numpy as np
+    call = _out_scale_calls()[op]
+    for bad in (True, "0.5", "x", [0.5], torch.tensor([0.5, 0.25]), torch.tensor(True)):
+        with pytest.raises(TypeError, match=f"{op}: out_scale must be a number or None, got"):
+            call(bad)
+    want = call(0.5)
+    for same in (np.float32(0.5), torch.tensor(0.5), torch.tensor([0.5], dtype=torch.float64)):
+        assert torch.equal(call(same), want), same
+
+
 @pytest.mark.parametrize("name", ["a_zero_point", "b_zero_point", "out_zero_point"])
 def test_quantized_add_zero_points_must_be_integers(name):
     a = randint8((5,), seed=5)

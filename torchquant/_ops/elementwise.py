@@ -7,8 +7,8 @@ from torch.compiler import is_dynamo_compiling
 
 from torchquant import _C
 from torchquant._ops import FLOAT_DTYPES, check_fake_devices, check_fake_dtype, ops
-from torchquant._ops.gemm import (_ACTIVATION_DTYPES, _flag, _integer, _pair, _require_dtype, _require_same_device,
-                                  _require_tensor, _scale_tensor)
+from torchquant._ops.gemm import (_ACTIVATION_DTYPES, _flag, _integer, _optional_number, _pair, _require_dtype,
+                                  _require_same_device, _require_tensor, _scale_tensor)
 
 __all__ = ["quantized_add", "quantized_lookup", "quantized_max_pool2d"]
 
@@ -46,7 +46,7 @@ def quantized_add(a: torch.Tensor, a_scale, a_zero_point: int, b: torch.Tensor, 
     op = "quantized_add"
     return ops.quantized_add(a, a_scale, _integer(op, "a_zero_point", a_zero_point), b, b_scale,
                              _integer(op, "b_zero_point", b_zero_point), out_dtype,
-                             None if out_scale is None else float(out_scale),
+                             _optional_number(op, "out_scale", out_scale),
                              _integer(op, "out_zero_point", out_zero_point), _flag(op, "relu", relu))
 
 

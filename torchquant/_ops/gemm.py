@@ -116,16 +116,26 @@ def _scale_tensor(op: str, name: str, scale, device: torch.device) -> torch.Tens
     return scale.reshape(-1)
 
 
+def _optional_number(op: str, name: str, value) -> Optional[float]:
+    """None, or a real number as the float an op takes: a Python or numpy number or a one-element real tensor; not
+    a bool or a string, which float() would take as 1.0 or parse, or fail on without naming the argument."""
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        if value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool:
+            return float(value)
+    elif isinstance(value, (numbers.Real, torch.SymFloat, torch.SymInt)) and not isinstance(value, bool):
+        return float(value)
+    raise TypeError(f"{op}: {name} must be a number or None, got {value!r}")
+
+
 def _clamp_bound(op: str, name: str, value) -> Optional[float]:
     """A fused activation bound as the kernels take it: None or a finite float (the kernels check the float32 value
     and the order of the two)."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{op}: {name} must be a number or None, got {type(value).__name__}")
-    if not math.isfinite(value):
+    bound = _optional_number(op, name, value)
+    if bound is not None and not math.isfinite(bound):
         raise ValueError(f"{op}: {name} must be finite, got {value!r}")
-    return float(value)
+    return bound
 
 
 def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -181,7 +191,7 @@ def int8_linear(x_q: torch.Tensor, x_scale, x_zero_point: int, w_packed: torch.T
     op = "int8_linear"
     return ops.int8_linear(x_q, x_scale, _integer(op, "x_zero_point", x_zero_point), w_packed, w_sum, w_scale, bias,
                            _integer(op, "out_features", out_features), out_dtype,
-                           None if out_scale is None else float(out_scale),
+                           _optional_number(op, "out_scale", out_scale),
                            _integer(op, "out_zero_point", out_zero_point),
                            _clamp_bound("int8_linear", "clamp_min", clamp_min),
                            _clamp_bound("int8_linear", "clamp_max", clamp_max))
@@ -255,7 +265,7 @@ def int8_conv2d(x_q: torch.Tensor, x_scale, x_zero_point: int, w_packed: torch.T
     return ops.int8_conv2d(x_q, x_scale, _integer(op, "x_zero_point", x_zero_point), w_packed, w_sum, w_scale, bias,
                            out_channels, _pair("kernel_size", kernel_size), _pair("stride", stride),
                            _pair("padding", padding), _pair("dilation", dilation), groups, out_dtype,
-                           None if out_scale is None else float(out_scale),
+                           _optional_number(op, "out_scale", out_scale),
                            _integer(op, "out_zero_point", out_zero_point),
                            _clamp_bound("int8_conv2d", "clamp_min", clamp_min),
                            _clamp_bound("int8_conv2d", "clamp_max", clamp_max))
