@@ -738,6 +738,8 @@ def _lower(gm: fx.GraphModule, dtype: torch.dtype, build_tables: bool) -> None:
                                                           for n in _output_nodes(graph)])
     graph.lint()
     gm.delete_all_unused_submodules()
+    if not hasattr(gm, ACT_QUANT):  # an empty one (no layer takes integers: each is called more than once) goes
+        gm.add_module(ACT_QUANT, nn.ModuleDict())
     gm.recompile()
     for q in gm.get_submodule(ACT_QUANT).values():
         q.refresh()
