@@ -28,6 +28,27 @@ def test_minmax_matches_choose_qparams_of_all_data(device, symmetric, axis):
     assert obs.lo.device.type == device and int(obs.batches) == 3
 
 
+@pytest.mark.parametrize("observer", ["minmax", "moving_average", "percentile", "mse"])
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_non_finite_values_are_ignored(device, observer, bad):
+    # as choose_qparams ignores them: one inf in a calibration batch made the range [min, 0] (every positive value
+    # clipped to 0), one NaN made it NaN (scale 1.0)
+    spec = QuantSpec(bits=8, signed=False, symmetric=False, granularity="per_tensor", observer=observer)
+    batches = _batches(device)
+    damaged, zeroed = [b.clone() for b in batches], [b.clone() for b in batches]
+    damaged[1][2, 3], zeroed[1][2, 3] = bad, 0.0
+    got, want = Observer(spec).to(device), Observer(spec).to(device)
+    for b, z in zip(damaged, zeroed):
+        got(b)
+        want(z)
+    for g, w in zip(got.qparams(), want.qparams()):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    if observer == "minmax":
+        everything = torch.cat(damaged, dim=1)
+        for g, w in zip(got.qparams(), F_q.choose_qparams(everything, bits=8, signed=False, symmetric=False)):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
 def test_moving_average():
     spec = QuantSpec(observer="moving_average", averaging_constant=0.25, granularity="per_tensor")
     obs = Observer(spec)
