@@ -612,3 +612,13 @@ def test_load_inputs_takes_a_list_of_batches(tmp_path):
     torch.save([torch.randn(2, 4), torch.randn(2, 5), torch.randn(2, 4)], tmp_path / "mixed.pt")
     with pytest.raises(UsageError, match=r"--calib: .*mixed.pt holds list; expected .*a list of input batches"):
         load_inputs(str(tmp_path / "mixed.pt"), "--calib")
+
+
+def test_special_files_are_refused_without_opening_them(tmp_path):
+    # a pipe was reported as empty and /dev/zero as empty; neither is opened (reading a pipe could wait forever)
+    from torchquant._cli_io import load_inputs
+    fifo = tmp_path / "pipe.pt"
+    os.mkfifo(fifo)
+    for path in (str(fifo), "/dev/zero"):
+        with pytest.raises(UsageError, match=f"--calib: {path} is not a regular file"):
+            load_inputs(path, "--calib")

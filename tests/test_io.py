@@ -101,6 +101,24 @@ def test_load_errors(tmp_path):
     assert _types(model) == _types(_net())
 
 
+def test_load_refuses_special_files_without_opening_them(tmp_path):
+    # they were reported as missing; a pipe is never opened (a read would wait for a writer)
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)
+    for path in (fifo, "/dev/null"):
+        with pytest.raises(ValueError, match="is not a regular file"):
+            tq.load(path, _net())
+
+
+def test_save_refuses_a_model_on_the_meta_device(tmp_path):
+    # every meta tensor's storage is at address 0, so they all looked tied; then copying one failed with
+    # "Cannot copy out of meta tensor"
+    model = tq.quantize_model(nn.Sequential(nn.Linear(8, 4, device="meta")))
+    with pytest.raises(ValueError, match=r"save: 0\.bias is on the meta device, which holds no values"):
+        tq.save(model, tmp_path / "m.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_load_into_wrong_model_leaves_it_unchanged(tmp_path):
     path = tmp_path / "m.safetensors"
     tq.save(tq.quantize_model(_net()), path)

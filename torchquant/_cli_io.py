@@ -35,6 +35,8 @@ def _check_readable(path: str, option: str) -> None:
         raise UsageError(f"{option}: no such file: {path}")
     if os.path.isdir(path):
         raise UsageError(f"{option}: {path} is a directory, expected a file")
+    if not os.path.isfile(path):  # never opened: reading a pipe could wait forever
+        raise UsageError(f"{option}: {path} is not a regular file (a device, pipe or socket)")
     if not os.access(path, os.R_OK):
         raise UsageError(f"{option}: {path} is not readable")
     if os.path.getsize(path) == 0:

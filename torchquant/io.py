@@ -167,6 +167,9 @@ def write_checkpoint(model: nn.Module, path: str) -> None:
     """Writes the checkpoint straight to path (save() does it atomically)."""
     tensors, aliases, storages = {}, {}, {}
     for key, t in model.state_dict().items():
+        if t.is_meta:  # (every meta tensor's storage is at 0: they would all look tied)
+            raise ValueError(f"save: {key} is on the meta device, which holds no values: load or initialise the "
+                             f"model's weights before saving it")
         ptr = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
         if t.numel() and ptr in storages:  # a tied tensor: stored once
             aliases[key] = storages[ptr]
@@ -263,8 +266,10 @@ def _parse_meta(path: str, text: str, tensor_names) -> dict:
 def _read(path: str) -> tuple[dict, dict]:
     if os.path.isdir(path):
         raise IsADirectoryError(f"load: {path} is a directory, expected a checkpoint file")
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise FileNotFoundError(f"load: no such file: {path}")
+    if not os.path.isfile(path):  # never opened: reading a pipe could wait forever
+        raise ValueError(f"load: {path} is not a regular file (a device, pipe or socket), expected a checkpoint file")
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
