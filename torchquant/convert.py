@@ -234,7 +234,15 @@ def convert(model: nn.Module, *, inplace: bool = True) -> nn.Module:
     if not layers:
         warnings.warn("convert: model has no quantized layers (call torchquant.prepare first)", UserWarning,
                       stacklevel=2)
-    pending = [(layer, layer.converted_state()) for layer in layers if not layer.converted]
+    pending = []
+    for name, layer in model.named_modules():
+        if isinstance(layer, QuantLayerBase) and not layer.converted:
+            try:
+                pending.append((layer, layer.converted_state()))
+            except (RuntimeError, ValueError) as exc:
+                if type(exc) not in (RuntimeError, ValueError):
+                    raise
+                raise type(exc)(f"convert: layer '{name}': {exc}") from exc  # which one, in a model of many
     unfold = _unfold_plan(model, [layer for layer, _ in pending])
     for layer, state in pending:
         layer._install_converted(state)
