@@ -1,3 +1,4 @@
+import copy
 import warnings
 
 import pytest
@@ -207,3 +208,41 @@ def test_calibrate_failure_restores_observers():
     with pytest.raises(RuntimeError):
         tq.calibrate(model, _batches(2) + [torch.randn(4, 7, 6, 6)])
     assert _same_state(state, _state(model))
+
+
+def _encoder_layer(seed=0):
+    torch.manual_seed(seed)  # an even head count and batch_first: the layer's fused inference path applies
+    return nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, dropout=0.0).eval()
+
+
+@pytest.mark.parametrize("preset", ["int8-dynamic", "int8-static", "w4a8-dynamic"])
+def test_transformer_encoder_layer_runs_its_quantized_layers(preset):
+    # in eval mode the layer's fused path computed with linear1/linear2's float weights instead of calling them: the
+    # prepared model was not quantized, calibration saw nothing, and the converted one raised AttributeError
+    x = torch.randn(2, 5, 16)
+    prepared = tq.calibrate(tq.prepare(_encoder_layer(), preset), [x])
+    fake = prepared(x)  # (a hook on linear1 to see it called would itself turn the fused path off)
+    assert not torch.equal(fake, _encoder_layer()(x))
+    converted = tq.convert(prepared)
+    torch.testing.assert_close(converted(x), fake, rtol=1e-5, atol=1e-5)
+
+
+def test_transformer_encoder_with_padding_mask_round_trips(tmp_path):
+    # nn.TransformerEncoder's nested-tensor path, taken with a padding mask, also read the float weights
+    torch.manual_seed(0)
+    encoder = nn.TransformerEncoder(_encoder_layer(), 2, enable_nested_tensor=True).eval()
+    x, mask = torch.randn(2, 5, 16), torch.zeros(2, 5, dtype=torch.bool)
+    mask[1, 3:] = True
+    converted = tq.quantize_model(copy.deepcopy(encoder), "int8-dynamic")
+    y = converted(x, src_key_padding_mask=mask)
+    assert tq.functional.quantization_error(encoder(x, src_key_padding_mask=mask)[~mask], y[~mask])["sqnr_db"] > 30
+    tq.save(converted, tmp_path / "encoder.safetensors")
+    loaded = tq.load(tmp_path / "encoder.safetensors", copy.deepcopy(encoder))
+    assert torch.equal(loaded(x, src_key_padding_mask=mask), y)
+
+
+def test_failed_conversion_leaves_a_transformer_fused():
+    layer = _encoder_layer()
+    with pytest.raises(RuntimeError):
+        tq.quantize_model(layer, "int8-static", calibration=[torch.randn(2, 5, 7)])
+    assert isinstance(layer.linear1, nn.Linear) and not layer._forward_pre_hooks

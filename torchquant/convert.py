@@ -115,6 +115,32 @@ def _unfold_plan(model: nn.Module, layers: Iterable[QuantLayerBase]) -> list:
 
 def _swap_layers(model: nn.Module, config: QuantConfig) -> None:
     _swap(_plan_swaps(model, config))
+    unfuse_transformers(model)
+
+
+def _keep_layers_called(module: nn.Module, args) -> None:
+    """A forward pre-hook that does nothing: a hook turns off nn.TransformerEncoderLayer's fused inference path."""
+
+
+def unfuse_transformers(model: nn.Module) -> list:
+    """Turns off the fused inference paths of torch's transformer modules that hold quantized layers, and returns
+    what undoes that (callables). In eval mode nn.TransformerEncoderLayer (and nn.TransformerEncoder, given a
+    padding mask) compute with linear1's and linear2's float weights themselves instead of calling the layers:
+    a prepared model ran unquantized and calibrated nothing, a converted one (no float weight) raised
+    AttributeError. A forward pre-hook on the layer and use_nested_tensor=False on the encoder turn them off, as
+    torch documents (the layer then calls its submodules)."""
+    undo = []
+    for m in model.modules():
+        if (not isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerEncoder))
+                or not any(isinstance(c, QuantLayerBase) for c in m.modules())):
+            continue
+        if isinstance(m, nn.TransformerEncoderLayer):
+            if _keep_layers_called not in m._forward_pre_hooks.values():
+                undo.append(m.register_forward_pre_hook(_keep_layers_called).remove)
+        elif getattr(m, "use_nested_tensor", False):
+            m.use_nested_tensor = False
+            undo.append(lambda m=m: setattr(m, "use_nested_tensor", True))
+    return undo
 
 
 def _prepared_pipeline(model: nn.Module, config: QuantConfig):
@@ -269,11 +295,14 @@ def quantize_model(model: nn.Module, config=None, calibration: Iterable | None =
         return convert_pipeline(pipeline)
     plan = _plan_swaps(model, config)
     _swap(plan)
+    unfuse = unfuse_transformers(model)
     try:
         if calibration is not None:
             calibrate(model, calibration)
         convert(model)
     except BaseException:
+        for undo in unfuse:
+            undo()
         _swap(plan, undo=True)
         raise
     return model

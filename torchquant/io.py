@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 
 from torchquant._ops.quantize import qrange
 from torchquant.config import QuantConfig
-from torchquant.convert import QUANT_TYPES, _check_model
+from torchquant.convert import QUANT_TYPES, _check_model, unfuse_transformers
 from torchquant.fold import attach_folded_bn
 from torchquant.graph import ACT_QUANT, META_KEY as PIPELINE_META, converted_skeleton, is_pipeline
 from torchquant.nn.base import QuantLayerBase, set_weight_spec, unpack_int4
@@ -523,6 +523,7 @@ def load(path, model: nn.Module) -> nn.Module:
         _install(plan, 2)
         raise
     _install(plan, 3)
+    unfuse_transformers(model)
     for name, entry in meta["layers"].items():  # the fused activation is part of each layer's function
         _child(model, name).set_activation_clamp(*entry.get("clamp", (None, None)))
     return model
