@@ -195,7 +195,7 @@ def test_failed_convert_converts_nothing():
     state = _state(model)
     # the message names the first layer that saw no data
     with pytest.raises(RuntimeError, match="convert: layer 'shared': QuantLinear: static activation quantization "
-                                           "needs calibration"):
+                                           "needs calibration .* leave it float with QuantConfig.skip"):
         tq.convert(model)
     assert not any(m.converted for m in model.modules() if isinstance(m, (QuantLinear, QuantConv2d)))
     assert _same_state(state, _state(model))

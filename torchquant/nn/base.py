@@ -264,7 +264,8 @@ class QuantLayerBase(nn.Module):
         """The integer state convert() installs, computed without changing the layer (may raise)."""
         if self.input_quantizer is not None and not self.input_quantizer.ready:
             raise RuntimeError(f"{type(self).__name__}: static activation quantization needs calibration "
-                               f"before convert (no input range observed)")
+                               f"before convert (no input range observed: if the model never calls this layer on "
+                               f"its calibration inputs, leave it float with QuantConfig.skip)")
         if self.input_quantizer is not None and not self.input_quantizer.spec.dynamic:
             self._checked_static_input_scale()  # so that installing the converted state cannot fail
         weight, bias = self.float_weight_bias()
