@@ -82,12 +82,13 @@ def batch_range(x: torch.Tensor, spec: QuantSpec, axis: int | None = None) -> tu
         raise ValueError("observer input must not be empty")
     # NaN and inf are ignored, as choose_qparams ignores them (taken as 0, which every range holds): a min or max
     # of inf, which choose_qparams then drops, made one inf clip everything on its side to 0, and one NaN made the
-    # whole range NaN. The CPU replaces them only when the range shows one (no extra pass over finite data); other
-    # devices always do (the check would wait for the device).
-    if not rows.is_cpu:
+    # whole range NaN. The eager CPU replaces them only when the range shows one (no extra pass over finite data);
+    # other devices (the check would wait for the device) and traced graphs (no values to check) always do.
+    check = rows.is_cpu and not torch.compiler.is_compiling()
+    if not check:
         rows = torch.nan_to_num(rows, nan=0.0, posinf=0.0, neginf=0.0)
     lo, hi = OBSERVERS[spec.observer].batch_range(rows, spec)
-    if rows.is_cpu and not bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+    if check and not bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()):
         lo, hi = OBSERVERS[spec.observer].batch_range(torch.nan_to_num(rows, nan=0.0, posinf=0.0, neginf=0.0), spec)
     return lo, hi
 
