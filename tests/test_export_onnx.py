@@ -861,6 +861,22 @@ def test_untraceable_forward(tmp_path, capsys):
     assert "def forward" not in capsys.readouterr().err  # torch.export's graph dump is kept off stderr
 
 
+@pytest.mark.parametrize("converted", [False, True])
+def test_inputs_the_layers_would_refuse(tmp_path, converted):
+    # the layers' placeholders computed their output shape from any input width: an example input of the wrong
+    # width (or channel count) was exported as a graph that cannot run
+    mlp = torchquant.prepare(MLP().eval(), "int8-dynamic")
+    cnn = torchquant.prepare(DigitsCNN().eval(), "int8-dynamic")
+    if converted:
+        torchquant.convert(mlp)
+        torchquant.convert(cnn)
+    with pytest.raises(ExportError, match=r"QuantLinear: input must have shape \[\.\.\., 24\], got \[.*, 23\]"):
+        export_onnx(mlp, torch.randn(2, 23), tmp_path / "m.onnx")
+    with pytest.raises(ExportError, match=r"QuantConv2d: input must have shape \[batch, 1, height, width\]"):
+        export_onnx(cnn, torch.rand(2, 3, 8, 8), tmp_path / "m.onnx")
+    assert_no_file(tmp_path)
+
+
 def test_bad_arguments(tmp_path):
     model = torchquant.quantize_model(MLP().eval(), "int8-dynamic")
     with pytest.raises(TypeError, match="example_inputs"):

@@ -177,6 +177,7 @@ class _Placeholder(nn.Module):
         super().__init__()
         self.layer_type = type(layer)
         self.index = index
+        self.check_input = layer._check_input  # the placeholder's shape rule would take any input width
         if isinstance(layer, QuantLinear):
             self.args = (layer.out_features,)
         else:
@@ -184,6 +185,7 @@ class _Placeholder(nn.Module):
                          list(layer.dilation))
 
     def forward(self, x):
+        self.check_input(x)
         if self.layer_type is QuantLinear:
             return torch.ops.torchquant_export.linear(x, *self.args, self.index)
         return torch.ops.torchquant_export.conv2d(x, *self.args, self.index)
