@@ -77,6 +77,15 @@ def test_bad_config():
         QuantSpec.from_dict({"bits": 8, "colour": "red"})
 
 
+def test_from_dict_takes_skip_as_a_single_glob_or_a_list():
+    # tuple("encoder.*") made one-letter globs (skipping any module named 'e', 'n', ...)
+    base = QuantConfig().to_dict()
+    assert QuantConfig.from_dict({**base, "skip": "encoder.*"}).skip == ("encoder.*",)
+    assert QuantConfig.from_dict({**base, "skip": ["a", "b.*"]}).skip == ("a", "b.*")
+    with pytest.raises(TypeError, match="skip must be a tuple"):
+        QuantConfig.from_dict({**base, "skip": 5})
+
+
 def test_skip_forms_and_frozen():
     rule = lambda name, module: name.startswith("x")  # noqa: E731
     config = QuantConfig(skip="head")

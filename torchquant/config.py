@@ -242,7 +242,7 @@ class QuantConfig:
         return cls(
             weight=QuantSpec.from_dict(data["weight"]),
             activation=None if activation is None else QuantSpec.from_dict(activation),
-            skip=tuple(data.get("skip", ())),
+            skip=data.get("skip", ()),  # (tuple() of a single glob would split it into one-letter globs)
             fold_bn=data.get("fold_bn", True),
             freeze_bn_after=data.get("freeze_bn_after"),
             integer_pipeline=data.get("integer_pipeline", False),
