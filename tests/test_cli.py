@@ -622,3 +622,7 @@ def test_special_files_are_refused_without_opening_them(tmp_path):
     for path in (str(fifo), "/dev/zero"):
         with pytest.raises(UsageError, match=f"--calib: {path} is not a regular file"):
             load_inputs(path, "--calib")
+    # nor replaced as an output (-o /dev/null as root replaced the device with the checkpoint)
+    from torchquant._cli_io import check_output
+    with pytest.raises(UsageError, match=f"-o: {fifo} is not a regular file"):
+        check_output(str(fifo), "-o")

@@ -1,6 +1,7 @@
 import json
 import os
 import signal
+import stat
 import struct
 import subprocess
 import sys
@@ -108,6 +109,15 @@ def test_load_refuses_special_files_without_opening_them(tmp_path):
     for path in (fifo, "/dev/null"):
         with pytest.raises(ValueError, match="is not a regular file"):
             tq.load(path, _net())
+
+
+def test_save_never_replaces_a_special_file(tmp_path):
+    # the temporary file was renamed over it: saving to /dev/null as root replaced the device with a regular file
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)
+    with pytest.raises(FileExistsError, match="is not a regular file .* it is never replaced"):
+        tq.save(_small(), fifo)
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and os.listdir(tmp_path) == ["pipe.safetensors"]
 
 
 def test_save_refuses_a_model_on_the_meta_device(tmp_path):

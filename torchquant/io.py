@@ -101,6 +101,9 @@ def check_destination(path: str, where: str, *, force: bool = False, force_hint:
         raise FileNotFoundError(f"{where}: directory {directory} does not exist")
     if os.path.isdir(path):
         raise IsADirectoryError(f"{where}: {path} is a directory, expected a file name")
+    if os.path.exists(path) and not os.path.isfile(path):  # the rename would replace /dev/null itself
+        raise FileExistsError(f"{where}: {path} is not a regular file (a device, pipe or socket); it is never "
+                              f"replaced")
     # as cp: a file we may not write; and one nobody may write, though root may write anything
     if not force and os.path.isfile(path) and (not os.access(path, os.W_OK) or
                                                not os.stat(path).st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)):
