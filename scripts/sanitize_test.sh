@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the C++ kernels with AddressSanitizer + UndefinedBehaviorSanitizer into build-sanitize/ (apart from the
-# normal in-place build, which stays as it is) and runs the CPU op, layer, I/O, fuzz and robustness tests against
+# normal in-place build, which stays as it is) and runs the CPU op, layer, I/O, fuzz, robustness, integer-pipeline-op and fast-path tests against
 # that build.
 # Any sanitizer report aborts the run with a non-zero exit. Extra arguments go to pytest.
 set -euo pipefail
@@ -33,4 +33,4 @@ ctypes.CDLL(None).__asan_report_load1  # AttributeError unless ASan is loaded
 LD_PRELOAD=$PRELOAD "$PY" -m pytest -q -p no:cacheprovider --capture=sys \
   "$ROOT/tests/test_gemm.py" "$ROOT/tests/test_quantize.py" "$ROOT/tests/test_bad_input.py" \
   "$ROOT/tests/test_fuzz_ops.py" "$ROOT/tests/test_nn.py" "$ROOT/tests/test_io.py" \
-  "$ROOT/tests/test_robustness.py" "$@"
+  "$ROOT/tests/test_robustness.py" "$ROOT/tests/test_int_pipeline_ops.py" "$ROOT/tests/test_fast_path.py" "$@"
