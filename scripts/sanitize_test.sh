@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the C++ kernels with AddressSanitizer + UndefinedBehaviorSanitizer into build-sanitize/ (apart from the
-# normal in-place build, which stays as it is) and runs the CPU op, layer, I/O, fuzz, robustness, integer-pipeline-op and fast-path tests against
-# that build.
+# normal in-place build, which stays as it is) and runs the CPU op, layer, I/O, fuzz, robustness, integer-pipeline
+# op and fast-path tests against that build.
 # Any sanitizer report aborts the run with a non-zero exit. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
