@@ -9,7 +9,11 @@
 // not int32, a scale tensor that is not float32, an x, scale or zero point off the CPU (the wrapper checks device
 // qparams' values), a tensor subclass or an active __torch_function__ mode. The accepted calls are a subset of what the
 // wrapper accepts, converted exactly as it converts them; the kernels check the values of CPU scale and zero point
-// tensors themselves.
+// tensors themselves. quantized_add's entry works alike.
+//
+// The converted layers' entries (int8_linear_dynamic, quantized_layer_forward) take the arguments the layer prepared
+// at convert / load / move time, on any device, and check only the caller's input; they decline what the layer's
+// Python forward would treat differently, which then raises its errors.
 #include <Python.h>
 
 #include <array>

@@ -227,6 +227,16 @@ def test_transformer_encoder_layer_runs_its_quantized_layers(preset):
     torch.testing.assert_close(converted(x), fake, rtol=1e-5, atol=1e-5)
 
 
+def test_convert_of_layers_put_in_a_transformer_by_hand():
+    layer = _encoder_layer()
+    x = torch.randn(2, 5, 16)
+    want = tq.quantize_model(_encoder_layer(), "int8-dynamic")(x)
+    layer.linear1 = QuantLinear.from_float(layer.linear1, "int8-dynamic")
+    layer.linear2 = QuantLinear.from_float(layer.linear2, "int8-dynamic")
+    tq.convert(layer)
+    torch.testing.assert_close(layer(x), want, rtol=0, atol=0)
+
+
 def test_transformer_encoder_with_padding_mask_round_trips(tmp_path):
     # nn.TransformerEncoder's nested-tensor path, taken with a padding mask, also read the float weights
     torch.manual_seed(0)

@@ -120,6 +120,30 @@ def test_save_never_replaces_a_special_file(tmp_path):
     assert stat.S_ISFIFO(os.stat(fifo).st_mode) and os.listdir(tmp_path) == ["pipe.safetensors"]
 
 
+def test_save_writes_through_a_symbolic_link(tmp_path):
+    # the rename replaced the link itself with the new file (/dev/stdout, redirected to a file, as root)
+    model = _small()
+    (tmp_path / "real").mkdir()
+    target = tmp_path / "real" / "target.safetensors"
+    target.write_bytes(b"old\n")
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(target)
+    tq.save(model, str(link))
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert target.read_bytes() != b"old\n"
+    assert sorted(os.listdir(tmp_path / "real")) == ["target.safetensors"]  # no temporary file left
+    again = tq.load(str(target), _small())
+    for a, b in zip(again.state_dict().values(), model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    dangling = tmp_path / "dangling.safetensors"
+    dangling.symlink_to(tmp_path / "real" / "new.safetensors")
+    tq.save(model, str(dangling))
+    assert dangling.is_symlink() and (tmp_path / "real" / "new.safetensors").is_file()
+    os.chmod(target, 0o444)
+    with pytest.raises(PermissionError, match="read-only"):
+        tq.save(model, str(link))
+
+
 def test_save_refuses_a_model_on_the_meta_device(tmp_path):
     # every meta tensor's storage is at address 0, so they all looked tied; then copying one failed with
     # "Cannot copy out of meta tensor"

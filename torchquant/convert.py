@@ -126,7 +126,7 @@ def unfuse_transformers(model: nn.Module) -> list:
     """Turns off the fused inference paths of torch's transformer modules that hold quantized layers, and returns
     what undoes that (callables). In eval mode nn.TransformerEncoderLayer (and nn.TransformerEncoder, given a
     padding mask) compute with linear1's and linear2's float weights themselves instead of calling the layers:
-    a prepared model ran unquantized and calibrated nothing, a converted one (no float weight) raised
+    a prepared model would run unquantized and calibrate nothing, a converted one (no float weight) would raise
     AttributeError. A forward pre-hook on the layer and use_nested_tensor=False on the encoder turn them off, as
     torch documents (the layer then calls its submodules)."""
     undo = []
@@ -273,6 +273,7 @@ def convert(model: nn.Module, *, inplace: bool = True) -> nn.Module:
     for layer, state in pending:
         layer._install_converted(state)
     _swap(unfold)
+    unfuse_transformers(model)  # also for layers put in place by hand (from_float)
     return model
 
 

@@ -93,20 +93,28 @@ def _sigterm_unwinds() -> Iterator[Callable[[], None]]:
             signal.raise_signal(signal.SIGTERM)  # the previous handler's turn: by default the process ends here
 
 
+def written_path(path: str) -> str:
+    """The file a write to `path` replaces: a symbolic link is written through (the file it names is replaced,
+    the link stays), as `open(path, "w")` would."""
+    return os.path.realpath(path)
+
+
 def check_destination(path: str, where: str, *, force: bool = False, force_hint: str = "force=True") -> None:
     """Raises an OSError naming `where` unless `path` can be written as a new file: its directory exists, it is
     not a directory, and it is not an existing read-only file (replaced only with `force`, like cp -f)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"{where}: directory {directory} does not exist")
     if os.path.isdir(path):
         raise IsADirectoryError(f"{where}: {path} is a directory, expected a file name")
     if os.path.exists(path) and not os.path.isfile(path):  # the rename would replace /dev/null itself
         raise FileExistsError(f"{where}: {path} is not a regular file (a device, pipe or socket); it is never "
                               f"replaced")
+    target = written_path(path)
+    directory = os.path.dirname(target)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{where}: directory {directory} does not exist")
     # as cp: a file we may not write; and one nobody may write, though root may write anything
-    if not force and os.path.isfile(path) and (not os.access(path, os.W_OK) or
-                                               not os.stat(path).st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)):
+    if not force and os.path.isfile(target) and (
+            not os.access(target, os.W_OK) or
+            not os.stat(target).st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)):
         raise PermissionError(f"{where}: {path} exists and is read-only; pass {force_hint} to replace it")
     if not os.access(directory, os.W_OK | os.X_OK):
         raise PermissionError(f"{where}: cannot create files in {directory} (permission denied)")
@@ -114,10 +122,12 @@ def check_destination(path: str, where: str, *, force: bool = False, force_hint:
 
 @contextmanager
 def atomic_write(path: str, where: str, *, force: bool = False, force_hint: str = "force=True") -> Iterator[str]:
-    """Yields a temporary file name beside `path` to write; when the block succeeds the file is renamed to
-    `path` (atomically replacing it), otherwise (an exception, SIGINT or SIGTERM) it is removed."""
+    """Yields a temporary file name beside `path` (beside the file it names, if `path` is a symbolic link) to write;
+    when the block succeeds the file is renamed to that path (atomically replacing it), otherwise (an exception,
+    SIGINT or SIGTERM) it is removed."""
     check_destination(path, where, force=force, force_hint=force_hint)
-    directory = os.path.dirname(os.path.abspath(path))
+    path = written_path(path)
+    directory = os.path.dirname(path)
     stem, ext = os.path.splitext(os.path.basename(path))
     with _sigterm_unwinds() as disarm:
         temp = None

@@ -81,8 +81,8 @@ def batch_range(x: torch.Tensor, spec: QuantSpec, axis: int | None = None) -> tu
     if rows.shape[1] == 0:
         raise ValueError("observer input must not be empty")
     # NaN and inf are ignored, as choose_qparams ignores them (taken as 0, which every range holds): a min or max
-    # of inf, which choose_qparams then drops, made one inf clip everything on its side to 0, and one NaN made the
-    # whole range NaN. The eager CPU replaces them only when the range shows one (no extra pass over finite data);
+    # of inf, which choose_qparams then drops, would make one inf clip everything on its side to 0, and one NaN
+    # would make the whole range NaN. The eager CPU replaces them only when the range shows one (no extra pass over finite data);
     # other devices (the check would wait for the device) and traced graphs (no values to check) always do.
     check = rows.is_cpu and not torch.compiler.is_compiling()
     if not check:

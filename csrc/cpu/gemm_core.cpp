@@ -822,8 +822,8 @@ int64_t streaming_output_bytes() {
 // for the next op: MobileNetV2 at batch 8 (activations up to 9.6 MB) ran 14 % faster with a 16 MB threshold than
 // with 2 MB, ResNet-50 the same. Only outputs whose stores all fill whole 64-byte lines stream (rows and each
 // group's columns a multiple of 64 bytes, so full vectors start on lines): rows of 96 uint8 channels, one in two
-// starting on a line, streamed one line in three and stored the other two through the cache (read for ownership
-// and written back), interleaved, and took 2-5x as long as cached stores throughout.
+// starting on a line, would stream one line in three and store the other two through the cache (read for
+// ownership and written back), interleaved, which takes 2-5x as long as cached stores throughout.
 Epilogue with_streaming(const Epilogue& ep, int64_t rows, int64_t cols) {
   Epilogue out = ep;
   const int64_t bytes = out_kind_bytes(ep.kind);
