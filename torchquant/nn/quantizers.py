@@ -153,7 +153,9 @@ class InputQuantizer(Float32StateModule):
         self.zero_point.copy_(zero_point)
 
     def dynamic_qparams(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Run-time scale: per token ([rows]) of x viewed as [rows, K], or per tensor ([1]); zero point 0."""
+        """Run-time scale: per token ([rows]) of x viewed as [rows, K], or per tensor ([1]); zero point 0. (A converted
+        layer's C++ entry, quantized_layer_forward in csrc/python_calls.cpp, computes the per-tensor CPU case the
+        same way: keep the two alike.)"""
         x = x.detach()
         if self.per_token:
             return F_q.quantize_per_token(x.reshape(-1, x.shape[-1]), bits=self.spec.bits)[1], None
