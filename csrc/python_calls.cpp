@@ -82,6 +82,7 @@ const at::Tensor* plain_tensor(PyObject* o) {
 }
 
 bool is_float(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; }
+bool is_int8(at::ScalarType t) { return t == at::kChar || t == at::kByte; }
 
 // An int (not a bool or an int subclass) in [low, high].
 std::optional<int64_t> int_in(PyObject* o, int64_t low, int64_t high) {
@@ -248,7 +249,7 @@ PyObject* call_dequantize(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   check_nargs(nargs, 5, "dequantize");
   const at::Tensor* q = plain_tensor(args[0]);
   std::optional<int64_t> axis;
-  if (q == nullptr || (q->scalar_type() != at::kChar && q->scalar_type() != at::kByte) ||
+  if (q == nullptr || !is_int8(q->scalar_type()) ||
       !axis_arg(args[3], *q, axis) || !THPDtype_Check(args[4]))
     Py_RETURN_NOTIMPLEMENTED;
   const at::ScalarType dtype = reinterpret_cast<THPDtype*>(args[4])->scalar_type;
@@ -312,8 +313,6 @@ bool optional_float_arg(PyObject* o, std::optional<double>& bound) {
   bound = PyFloat_AS_DOUBLE(o);
   return true;
 }
-
-bool is_int8(at::ScalarType t) { return t == at::kChar || t == at::kByte; }
 
 // quantized_add(a, a_scale, a_zero_point, b, b_scale, b_zero_point, out_dtype, out_scale, out_zero_point, relu) ->
 // Tensor: CPU a and b of one shape, Python-number or float32 [1] scales, int zero points (the kernel checks their
