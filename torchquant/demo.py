@@ -1,5 +1,5 @@
 """`torchquant demo`: train the digits CNN, quantize it several ways, and compare accuracy, size and CPU latency
-with float (what the seed document asks of a quantized model)."""
+with float."""
 import copy
 import dataclasses
 import sys
@@ -19,7 +19,8 @@ def demo_variants():
     static = QuantConfig.preset("int8-static")
     truncate = QuantConfig(weight=dataclasses.replace(static.weight, rounding="truncate"),
                            activation=dataclasses.replace(static.activation, rounding="truncate"))
-    return [("int8-static", static), ("int8-dynamic", QuantConfig.preset("int8-dynamic")),
+    return [("int8-static", static), ("int8-pipeline", QuantConfig.preset("int8-pipeline")),
+            ("int8-dynamic", QuantConfig.preset("int8-dynamic")),
             ("w4a8-dynamic", QuantConfig.preset("w4a8-dynamic")), ("int8-static, truncate rounding", truncate)]
 
 
