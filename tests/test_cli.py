@@ -316,7 +316,7 @@ ERROR_CASES = {
     "pickled model of a class from a script": (["convert", "script_model.pt", "--trust-pickle"],
                                                ["class ScriptNet was defined in the script", "module:factory"]),
     "nothing to quantize, strict": (["convert", "mymodels:NoQuant", "--strict"],
-                                    ["nothing was quantized: MODEL has no nn.Linear or nn.Conv2d layer"]),
+                                    ["nothing was quantized: MODEL has no nn.Linear, nn.Conv2d or nn.Conv1d layer"]),
     "no weights, strict": (["convert", "mymodels:MLP", "--strict"], ["no --weights", "random initialisation"]),
     "state dict as model": (["convert", "digits_state.pt"], ["holds weights", "--weights"]),
     "missing model file": (["convert", "nope.pt"], ["MODEL: no such file"]),
@@ -511,11 +511,11 @@ def test_nothing_quantized_is_one_warning(in_work, tmp_path, capsys):
     out = tmp_path / "nq.safetensors"
     status, err = run_main(["convert", "mymodels:NoQuant", "-o", out, "-q"], capsys)
     assert status == 0 and out.exists()
-    assert err == [f"torchquant convert: warning: nothing was quantized: MODEL has no nn.Linear or nn.Conv2d "
-                   f"layer; {out} holds the float model"]
+    assert err == [f"torchquant convert: warning: nothing was quantized: MODEL has no nn.Linear, nn.Conv2d or "
+                   f"nn.Conv1d layer; {out} holds the float model"]
     status, err = run_main(["convert", FACTORY, "--weights", "digits.safetensors", "--skip", "*", "-o", out, "-q"],
                            capsys)
-    assert status == 0 and len(err) == 1 and "every Linear/Conv2d layer was kept float (--skip" in err[0]
+    assert status == 0 and len(err) == 1 and "every Linear/Conv2d/Conv1d layer was kept float (--skip" in err[0]
 
 
 def test_factory_without_weights_warns(in_work, tmp_path, capsys):

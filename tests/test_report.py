@@ -147,3 +147,30 @@ def test_bad_arguments(model, batches):
         build_report(model, None)
     with pytest.raises(ValueError, match="repeats must be a positive int"):
         build_report(model, model, repeats=0)
+
+
+def test_layers_without_a_quantized_type_are_named():
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 8)
+            self.gru = nn.GRU(8, 8, batch_first=True)
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.up = nn.ConvTranspose1d(8, 8, 2)
+            self.norm = nn.LayerNorm(8)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, tokens):
+            x, _ = self.gru(self.emb(tokens))
+            x = self.attn(x, x, x, need_weights=False)[0]
+            x = self.up(x.transpose(1, 2)).transpose(1, 2)
+            return self.head(self.norm(x))
+
+    model = Mixed().eval()
+    tokens = torch.randint(0, 10, (2, 5))
+    quantized = torchquant.quantize_model(model, "int8-dynamic", inplace=False)
+    report = build_report(model, quantized, calibration=[tokens], time_layers=False)
+    assert [layer.name for layer in report.layers] == ["head"] and report.layers[0].quantized
+    line = ("kept float, no quantized layer type for them: gru (GRU), attn (MultiheadAttention), "
+            "attn.out_proj (NonDynamicallyQuantizableLinear), up (ConvTranspose1d)")
+    assert line in report.notes and line in report.format_table()

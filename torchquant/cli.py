@@ -330,9 +330,9 @@ def _cmd_convert(args) -> int:
                     f"unless it loads trained weights itself)")
     quantized, decisions = job.quantize(progress=not args.quiet)
     if not quant_layers(quantized):
-        why = ("every Linear/Conv2d layer was kept float (--skip, --min-sqnr, --min-speedup)"
+        why = ("every Linear/Conv2d/Conv1d layer was kept float (--skip, --min-sqnr, --min-speedup)"
                if any(type(m) in QUANT_TYPES for m in job.model.modules())
-               else "MODEL has no nn.Linear or nn.Conv2d layer")
+               else "MODEL has no nn.Linear, nn.Conv2d or nn.Conv1d layer")
         _warn(args, f"nothing was quantized: {why}; {args.output} holds the float model")
     with atomic_output(args.output, "-o", force=args.force) as temp:
         write_checkpoint(quantized, temp)

@@ -19,13 +19,13 @@ from tqdm.auto import tqdm
 from torchquant.config import QuantConfig, resolve_config
 from torchquant.fold import find_bn_pairs, folded_bn, parent_and_key
 from torchquant.graph import META_KEY as PIPELINE_META, convert_pipeline, is_pipeline, prepare_pipeline
-from torchquant.nn import QuantConv2d, QuantLinear
+from torchquant.nn import QuantConv1d, QuantConv2d, QuantLinear
 from torchquant.nn.base import QuantLayerBase
 from torchquant.nn.quantizers import InputQuantizer
 
 # exact types only: subclasses (e.g. the out_proj of nn.MultiheadAttention) may be used through their weight
 # directly, which a swapped layer would not see
-QUANT_TYPES = {nn.Linear: QuantLinear, nn.Conv2d: QuantConv2d}
+QUANT_TYPES = {nn.Linear: QuantLinear, nn.Conv2d: QuantConv2d, nn.Conv1d: QuantConv1d}
 
 
 def _check_model(model, where: str) -> None:
@@ -160,8 +160,9 @@ def _prepared_pipeline(model: nn.Module, config: QuantConfig):
 
 
 def prepare(model: nn.Module, config=None, *, inplace: bool = True) -> nn.Module:
-    """Replaces every nn.Linear and nn.Conv2d (except those `config.skip` selects) with QuantLinear/QuantConv2d
-    in fake-quant mode, sharing the float parameters. config: a QuantConfig, a preset name or None (int8-dynamic).
+    """Replaces every nn.Linear, nn.Conv2d and nn.Conv1d (except those `config.skip` selects) with
+    QuantLinear/QuantConv2d/QuantConv1d in fake-quant mode, sharing the float parameters. config: a QuantConfig, a
+    preset name or None (int8-dynamic).
     With config.fold_bn (the default) a BatchNorm that only reads such a layer's output folds into the layer (see
     torchquant.fold): a FoldedBatchNorm with the same parameters and buffers, under the same names, takes its place
     and passes its input through, the layer applying the BatchNorm; convert() replaces it with nn.Identity.

@@ -1,6 +1,6 @@
 """ONNX export of prepared (fake-quant) and converted models as a standard QuantizeLinear/DequantizeLinear graph.
 
-How: a copy of the model has each QuantLinear/QuantConv2d replaced by a placeholder op; torch.onnx's exporter
+How: a copy of the model has each QuantLinear/QuantConv2d/QuantConv1d replaced by a placeholder op; torch.onnx's exporter
 (torch.export underneath) turns everything else into ONNX and each placeholder into one node of a private domain;
 those nodes are then replaced by the layer's quantized subgraph, written here with the `onnx` helpers from the
 layer's own integer weights and qparams.
@@ -51,7 +51,7 @@ from torchquant import graph as pipeline
 from torchquant import functional as F_q
 from torchquant._ops.quantize import qrange
 from torchquant.nn.base import QuantLayerBase
-from torchquant.nn.conv import QuantConv2d
+from torchquant.nn.conv import QuantConv1d, QuantConv2d
 from torchquant.nn.linear import QuantLinear
 
 __all__ = ["export_onnx", "ExportError", "has_quantized_layers"]
@@ -111,9 +111,9 @@ def _static_activation(quantizer, what: str) -> _Activation:
 def _layer_state(name: str, layer: QuantLayerBase) -> _Layer:
     """The integer weight, scales and input quantization of `layer` as its converted forward uses them."""
     what = f"module {name!r} ({type(layer).__name__})"
-    if type(layer) not in (QuantLinear, QuantConv2d):
+    if type(layer) not in (QuantLinear, QuantConv2d, QuantConv1d):
         raise ExportError(f"export_onnx: {what} is a torchquant layer type with no ONNX mapping "
-                          f"(QuantLinear and QuantConv2d are exported)")
+                          f"(QuantLinear, QuantConv2d and QuantConv1d are exported)")
     spec = layer.config.weight
     with torch.no_grad():
         if layer.converted:
@@ -435,9 +435,8 @@ def _layer_nodes(b: _GraphBuilder, layer: _Layer, x: str, y: str, q_name: str) -
     x_in = x if act is None else _quantized_input(b, x, act, q_name)
     w = _dequantized_weight(b, layer, layer.weight, axis=0)
     inputs = [x_in, w] + ([b.const("bias", layer.bias.numpy())] if layer.bias is not None else [])
-    ph, pw = conv.padding
     b.op("Conv", *inputs, output=y, kernel_shape=list(conv.kernel_size), strides=list(conv.stride),
-         pads=[ph, pw, ph, pw], dilations=list(conv.dilation), group=conv.groups)
+         pads=list(conv.padding) * 2, dilations=list(conv.dilation), group=conv.groups)
 
 
 def _clamped_outputs(b: _GraphBuilder, layers: Sequence[_Layer], outputs: Sequence[str], emit) -> None:
@@ -675,11 +674,10 @@ def _integer_layer_nodes(b: _GraphBuilder, layer: _Layer, x_q: str, out: Optiona
         channel_shape = (-1,)
     else:
         conv = layer.module
-        ph, pw = conv.padding
         acc = b.op("ConvInteger", x_q, _weight(b, layer, layer.weight, int8_only=True), _zero_point(b, act),
-                   kernel_shape=list(conv.kernel_size), strides=list(conv.stride), pads=[ph, pw, ph, pw],
+                   kernel_shape=list(conv.kernel_size), strides=list(conv.stride), pads=list(conv.padding) * 2,
                    dilations=list(conv.dilation), group=conv.groups)
-        channel_shape = (-1, 1, 1)
+        channel_shape = (-1, *[1] * len(conv.kernel_size))
     v = b.op("Mul", b.op("Cast", acc, to=b.onnx.TensorProto.FLOAT), b.const("input_scale", _f32(act.scale)))
     weight_scale = layer.weight_scale.reshape(channel_shape).numpy() if layer.per_channel \
         else _f32(layer.weight_scale[0])
@@ -816,7 +814,7 @@ def _traced(model: nn.Module, inputs: Tuple[torch.Tensor, ...], dynamic_batch: b
         target = node.target
         if node.op == "call_function" and getattr(target, "namespace", None) == "torchquant":
             raise ExportError(f"export_onnx: {_module_of(node)} calls {target.name()}, which has no ONNX mapping "
-                              f"(only QuantLinear and QuantConv2d layers are exported)")
+                              f"(only QuantLinear, QuantConv2d and QuantConv1d layers are exported)")
     return program
 
 

@@ -1,8 +1,8 @@
 """BatchNorm folding: finding the layer -> BatchNorm pairs of a model and the folding arithmetic.
 
 A BatchNorm in eval mode is a per-channel affine map, y = (x - mean) * gamma / sqrt(var + eps) + beta, so a
-Conv2d/Linear whose output feeds only a BatchNorm computes, with the BatchNorm, the same function as one layer of
-weight w * s and bias beta + (b - mean) * s, s = gamma / sqrt(var + eps) per output channel. Quantizing that
+Conv2d/Conv1d/Linear whose output feeds only a BatchNorm computes, with the BatchNorm, the same function as one
+layer of weight w * s and bias beta + (b - mean) * s, s = gamma / sqrt(var + eps) per output channel. Quantizing that
 folded weight instead of w leaves one integer layer where there were two float ops.
 
 Pairs are found on the model's torch.fx graph (a layer called once whose only user is a BatchNorm called once),
@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 # the BatchNorm type that can fold into each layer type (exact types, like the layer swap)
-FOLDABLE = {nn.Conv2d: nn.BatchNorm2d, nn.Linear: nn.BatchNorm1d}
+FOLDABLE = {nn.Conv2d: nn.BatchNorm2d, nn.Conv1d: nn.BatchNorm1d, nn.Linear: nn.BatchNorm1d}
 
 
 def foldable(layer: nn.Module, bn: nn.Module) -> bool:

@@ -1,7 +1,7 @@
 """The integer pipeline: a static-activation model traced with torch.fx and run on integers between its layers.
 
-prepare_pipeline traces the float model (torch.fx symbolic tracing), swaps its Conv2d/Linear layers for quantized
-ones and folds their BatchNorms (as the module swap does), and finds these patterns on the graph:
+prepare_pipeline traces the float model (torch.fx symbolic tracing), swaps its Conv2d/Conv1d/Linear layers for
+quantized ones and folds their BatchNorms (as the module swap does), and finds these patterns on the graph:
 
 - layer [+ folded BatchNorm] [+ ReLU / ReLU6 / hardtanh, as a module, F.relu, torch.relu or Tensor.relu]: one
   integer kernel whose epilogue applies the BatchNorm (folded into weight and bias) and the activation (the

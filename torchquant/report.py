@@ -34,7 +34,7 @@ FLOAT_LAYER_TYPES = tuple(QUANT_TYPES)  # the layer types conversion swaps (exac
 
 @dataclass
 class LayerReport:
-    """One Linear/Conv2d layer of the model. Latencies in seconds (median), errors in float64 math."""
+    """One Linear/Conv2d/Conv1d layer of the model. Latencies in seconds (median), errors in float64 math."""
     name: str
     type: str
     shape: List[int]
@@ -201,10 +201,19 @@ def state_bytes(module: nn.Module) -> int:
 
 
 def _layer_pairs(float_model: nn.Module, quantized_model: nn.Module):
-    """(name, float layer, layer of the quantized model) for every Linear/Conv2d of the float model."""
+    """(name, float layer, layer of the quantized model) for every Linear/Conv2d/Conv1d of the float model."""
     quantized = dict(quantized_model.named_modules())
     return [(name, module, quantized.get(name)) for name, module in float_model.named_modules()
             if type(module) in FLOAT_LAYER_TYPES]
+
+
+def _float_only_layers(model: nn.Module) -> List[str]:
+    """'name (type)' of the modules with a weight matrix of their own that no quantized layer type replaces (an LSTM,
+    a ConvTranspose2d, a Linear subclass, ...): they stay float in every preset. Embedding tables are lookups, not
+    matrix products, and are left out."""
+    return [f"{name} ({type(module).__name__})" for name, module in model.named_modules()
+            if type(module) not in FLOAT_LAYER_TYPES and not isinstance(module, (nn.Embedding, nn.EmbeddingBag))
+            and any(p.dim() >= 2 and p.is_floating_point() for p in module.parameters(recurse=False))]
 
 
 def _is_quantized(module) -> bool:
@@ -374,6 +383,9 @@ def build_report(float_model: nn.Module, quantized_model: nn.Module, config=None
         if name in fused:
             row.note = "; ".join(filter(None, [row.note, fused[name]]))
         layers.append(row)
+    float_only = _float_only_layers(float_model)
+    if float_only:
+        graph_notes.append("kept float, no quantized layer type for them: " + ", ".join(float_only))
     report = ModelReport(config=_config_dict(config), layers=layers, bytes_float=state_bytes(float_model),
                          bytes_quantized=state_bytes(quantized_model), min_sqnr=min_sqnr, min_speedup=min_speedup,
                          decisions=decisions, notes=graph_notes)

@@ -1,5 +1,6 @@
-"""Quantized layers: drop-in QuantLinear and QuantConv2d (fake-quant for training, integer kernels once converted)."""
-from torchquant.nn.conv import QuantConv2d  # noqa: F401
+"""Quantized layers: drop-in QuantLinear, QuantConv2d and QuantConv1d (fake-quant for training, integer kernels once
+converted)."""
+from torchquant.nn.conv import QuantConv1d, QuantConv2d  # noqa: F401
 from torchquant.nn.linear import QuantLinear  # noqa: F401
 
-__all__ = ["QuantLinear", "QuantConv2d"]
+__all__ = ["QuantLinear", "QuantConv2d", "QuantConv1d"]

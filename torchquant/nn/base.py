@@ -189,8 +189,8 @@ class QuantLayerBase(nn.Module):
                 if y is not NotImplemented:
                     return y
             return self._converted_forward(x)
-        if self.bn is not None and x.dim() != 2 and isinstance(self.bn, nn.BatchNorm1d):
-            # BatchNorm1d normalizes dim 1, the features of the layer's output only when it is 2-D
+        if self.bn is not None and x.dim() != 2 and self.FLOAT_TYPE is nn.Linear:
+            # BatchNorm1d normalizes dim 1, the features of a Linear's output only when it is 2-D
             raise ValueError(f"{type(self).__name__}: a folded BatchNorm1d needs 2-D input [batch, features], "
                              f"got {list(x.shape)}")
         if self.input_quantizer is not None and not self.graph_input:

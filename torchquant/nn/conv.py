@@ -1,31 +1,34 @@
-"""QuantConv2d: a drop-in nn.Conv2d that trains with fake quantization and runs on int8 kernels once converted.
+"""QuantConv2d / QuantConv1d: drop-in nn.Conv2d / nn.Conv1d that train with fake quantization and run on int8
+kernels once converted.
 
 Activations are quantized per tensor (a per_token dynamic spec means per tensor here: the conv kernel takes one
-input scale).
+input scale). A converted QuantConv1d runs the 2-D integer conv on its input viewed as [batch, channels, 1, length].
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.modules.utils import _pair
+from torch.compiler import is_dynamo_compiling
 
+from torchquant import _C
 from torchquant import functional as F_q
 from torchquant._ops import ops
 from torchquant.nn.base import QuantLayerBase
 
 
-def _explicit_padding(padding, kernel_size, dilation) -> tuple[int, int]:
-    """nn.Conv2d padding (ints or 'valid'/'same') as explicit symmetric padding."""
-    if padding == "valid":
-        return (0, 0)
-    if padding == "same":
-        total = [d * (k - 1) for d, k in zip(dilation, kernel_size)]
+def _explicit_padding(conv: nn.Conv1d | nn.Conv2d, layer_type: str) -> tuple[int, ...]:
+    """The float conv's padding (ints or 'valid'/'same') as explicit symmetric padding per spatial dimension."""
+    if conv.padding == "valid":
+        return (0,) * len(conv.kernel_size)
+    if conv.padding == "same":
+        total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
         if any(t % 2 for t in total):
-            raise ValueError("QuantConv2d: padding='same' needs an even dilation * (kernel_size - 1) in each "
-                             f"dimension (symmetric padding), got kernel_size={kernel_size}, dilation={dilation}")
-        return (total[0] // 2, total[1] // 2)
-    return _pair(padding)
+            raise ValueError(f"{layer_type}: padding='same' needs an even dilation * (kernel_size - 1) in each "
+                             f"dimension (symmetric padding), got kernel_size={conv.kernel_size}, "
+                             f"dilation={conv.dilation}")
+        return tuple(t // 2 for t in total)
+    return tuple(conv.padding)
 
 
 class QuantConv2d(QuantLayerBase):
@@ -39,14 +42,14 @@ class QuantConv2d(QuantLayerBase):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, config=None, *, device=None, dtype=None):
         super().__init__()
-        float_layer = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-                                device=device, dtype=dtype)
+        float_layer = self.FLOAT_TYPE(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                                      bias, device=device, dtype=dtype)
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = float_layer.kernel_size
         self.stride = float_layer.stride
         self.dilation = float_layer.dilation
-        self.padding = _explicit_padding(float_layer.padding, self.kernel_size, self.dilation)
+        self.padding = _explicit_padding(float_layer, type(self).__name__)
         self.groups = groups
         self.weight = float_layer.weight
         self.bias = float_layer.bias
@@ -55,7 +58,7 @@ class QuantConv2d(QuantLayerBase):
     @classmethod
     def _like(cls, conv: nn.Conv2d, config, device):
         if conv.padding_mode != "zeros":
-            raise ValueError(f"QuantConv2d.from_float: only padding_mode='zeros' is supported, got "
+            raise ValueError(f"{cls.__name__}.from_float: only padding_mode='zeros' is supported, got "
                              f"{conv.padding_mode!r}")
         return cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
                    conv.groups, conv.bias is not None, config, device=device, dtype=conv.weight.dtype)
@@ -97,3 +100,60 @@ class QuantConv2d(QuantLayerBase):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
                 f"bias={self.bias is not None}")
+
+
+class QuantConv1d(QuantConv2d):
+    """nn.Conv1d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias) quantized per
+    `config`, as QuantConv2d. Converted, it runs the 2-D integer conv with a 1 x kernel_size kernel on the input
+    viewed as [batch, channels, 1, length]; the output [batch, out_channels, length'] is channels-last in memory
+    (strides [length' * out_channels, 1, out_channels]), as QuantConv2d's is."""
+
+    FLOAT_TYPE = nn.Conv1d
+
+    def _entry_call(self, x, *pipeline_args):
+        """torchquant._C.quantized_layer_forward on the 4-D view of a 3-D x (the entry would take a 4-D x as the
+        2-D conv it computes), or NotImplemented where the Python path runs."""
+        if (self._quantized_call_args is None or is_dynamo_compiling() or not isinstance(x, torch.Tensor)
+                or x.dim() != 3):
+            return NotImplemented
+        y = _C.quantized_layer_forward(x.unsqueeze(2), self._quantized_call_args, self.clamp_min, self.clamp_max,
+                                       *pipeline_args)
+        return y if y is NotImplemented else y.squeeze(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.converted:
+            return super().forward(x)
+        y = self._entry_call(x)
+        return self._converted_forward(x) if y is NotImplemented else y
+
+    def pipeline_op(self, x_q: torch.Tensor, out_dtype: torch.dtype, out_scale: float | None = None,
+                    out_zero_point: int = 0) -> torch.Tensor:
+        y = self._entry_call(x_q, out_dtype, out_scale, out_zero_point)
+        if y is NotImplemented:
+            y = self._int_op(x_q, self._static_scale, self.input_zero_point, out_dtype, out_scale, out_zero_point)
+        return y
+
+    def _float_op(self, x, weight, bias):
+        return F.conv1d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"QuantConv1d: input must be a tensor, got {type(x).__name__}")
+        if x.dim() != 3 or x.shape[1] != self.in_channels:
+            raise ValueError(f"QuantConv1d: input must have shape [batch, {self.in_channels}, length], "
+                             f"got {list(x.shape)}")
+
+    def _pack(self, w_int8: torch.Tensor) -> torch.Tensor:
+        return F_q.pack_conv_weight(w_int8.unsqueeze(2), self.groups)
+
+    def _quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return QuantLayerBase._quantize_input(self, x)
+
+    def _int_op_args(self) -> tuple:
+        # the 2-D conv's arguments for a 1 x kernel_size kernel
+        return (self.w_packed, self.w_sum, self.weight_scale, self.bias, self.out_channels,
+                [1, *self.kernel_size], [1, *self.stride], [0, *self.padding], [1, *self.dilation], self.groups)
+
+    def _int_op(self, x_q, x_scale, x_zero_point, out_dtype, out_scale=None, out_zero_point=0):
+        return super()._int_op(x_q.unsqueeze(2), x_scale, x_zero_point, out_dtype, out_scale,
+                               out_zero_point).squeeze(2)
