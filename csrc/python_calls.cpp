@@ -445,9 +445,12 @@ PyObject* call_quantized_layer_forward(PyObject*, PyObject* const* args, Py_ssiz
     if (!conv)
       return int8_linear.call(x_q, scale, *zero_point, *w_packed, *w_sum, *w_scale, bias_arg, *out_features,
                               out_dtype, out_scale, *out_zero_point, clamp_min, clamp_max);
-    return int8_conv2d.call(x_q, scale, *zero_point, *w_packed, *w_sum, *w_scale, bias_arg, *out_features, kernel,
-                            stride, padding, dilation, *groups, out_dtype, out_scale, *out_zero_point, clamp_min,
-                            clamp_max);
+    at::Tensor y = int8_conv2d.call(x_q, scale, *zero_point, *w_packed, *w_sum, *w_scale, bias_arg, *out_features,
+                                    kernel, stride, padding, dilation, *groups, out_dtype, out_scale,
+                                    *out_zero_point, clamp_min, clamp_max);
+    // the kernel writes channels-last; a layer's output has the memory format torch suggests for its input, as
+    // nn.Conv2d's (QuantConv2d._converted_forward); a pipeline keeps channels-last between its layers
+    return pipeline || x->suggest_memory_format() == at::MemoryFormat::ChannelsLast ? y : y.contiguous();
   }));
   END_HANDLE_TH_ERRORS
 }

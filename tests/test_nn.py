@@ -117,6 +117,42 @@ def test_odd_inputs_empty_strided_channels_last(device, name):
             torch.testing.assert_close(layer(x), fake, rtol=2e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["int8-dynamic", "int8-static", "w4a8-dynamic", "weight-only-w4",
+                                  "w3-a1-binary-static"])
+def test_conv_output_memory_format_follows_the_input(device, name):
+    """As nn.Conv2d's: contiguous for a contiguous input (so a model's y.view(n, -1) after the conv keeps working),
+    channels-last for a channels-last input."""
+    torch.manual_seed(0)
+
+    class LeNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 6, 5)
+            self.fc = nn.Linear(6 * 6 * 6, 10)
+
+        def forward(self, x):
+            y = nn.functional.max_pool2d(nn.functional.relu(self.conv(x)), 2)
+            return self.fc(y.view(y.size(0), -1))
+
+    model = LeNet().to(device).eval()
+    x = torch.randn(4, 3, 16, 16, device=device)
+    quantized = tq.quantize_model(model, CONFIGS[name], calibration=[x], inplace=False)
+    with torch.no_grad():
+        assert quantized(x).shape == (4, 10)
+        expanded = torch.randn(4, 16, 16, 1, device=device).expand(4, 16, 16, 3).permute(0, 3, 1, 2)
+        cases = [(quantized.conv, model.conv, batch) for batch in (
+            x, x.to(memory_format=torch.channels_last), x[:, :, ::2, :13], x.permute(0, 1, 3, 2), expanded)]
+        # one input channel: both layouts are contiguous and channels-last, told apart by the strides
+        one = nn.Sequential(nn.Conv2d(1, 4, 3)).to(device)
+        one_quantized = tq.quantize_model(one, CONFIGS[name], calibration=[x[:, :1]], inplace=False)
+        cases += [(one_quantized, one, batch) for batch in (x[:, :1], x[:, :1].to(memory_format=torch.channels_last))]
+        for layer, float_layer, batch in cases:
+            y, ref = layer(batch), float_layer(batch)
+            assert y.is_contiguous() == ref.is_contiguous()
+            assert y.is_contiguous(memory_format=torch.channels_last) == ref.is_contiguous(
+                memory_format=torch.channels_last)
+
+
 def test_conv_half(device):
     torch.manual_seed(0)
     layer = QuantConv2d(4, 8, 3, padding=1, config="int8-static").to(device, torch.bfloat16)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch._prims_common import suggest_memory_format
 from torch.compiler import is_dynamo_compiling
 
 from torchquant import _C
@@ -85,6 +86,15 @@ class QuantConv2d(QuantLayerBase):
             return x_q.permute(0, 3, 1, 2), x_scale
         return super()._quantize_input(x)
 
+    def _converted_forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the kernel writes channels-last; the output takes the memory format torch suggests for the input, as
+        # nn.Conv2d's does (code that calls y.view(n, -1) on the conv output of a contiguous input keeps working):
+        # channels-last inputs skip the copy
+        y = super()._converted_forward(x)
+        if x.dim() == 4 and suggest_memory_format(x) == torch.channels_last:
+            return y
+        return y.contiguous()
+
     def _input_features(self) -> int:
         return self.in_channels
 
@@ -105,8 +115,7 @@ class QuantConv2d(QuantLayerBase):
 class QuantConv1d(QuantConv2d):
     """nn.Conv1d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias) quantized per
     `config`, as QuantConv2d. Converted, it runs the 2-D integer conv with a 1 x kernel_size kernel on the input
-    viewed as [batch, channels, 1, length]; the output [batch, out_channels, length'] is channels-last in memory
-    (strides [length' * out_channels, 1, out_channels]), as QuantConv2d's is."""
+    viewed as [batch, channels, 1, length]."""
 
     FLOAT_TYPE = nn.Conv1d
 
