@@ -1,5 +1,6 @@
 // CPU int8_conv2d (schema in csrc/ops.cpp): channels-last input, im2col rows ordered (kh, kw, c) per group produced
-// by the int8 GEMM of gemm_core as it needs them (or, for uint8 convs with up to two weight panels, window rows read
+// by the int8 GEMM of gemm_core as it needs them (or, on AVX-512, the direct conv of gemm_core for uint8 inputs of a
+// multiple of 4 channels and full weight panels; for other uint8 convs with up to two weight panels, window rows read
 // in place by conv_u8s8_in_place; depthwise convs: a direct kernel below), and the GEMM's epilogue writing the
 // channels-last output directly.
 #include "check.h"

@@ -580,7 +580,7 @@ struct IsaPath {
   void (*kernel)(const uint8_t*, int64_t, const int8_t*, int64_t, int32_t*, int, int, bool);
   void (*epilogue)(const Epilogue&, const PanelEpilogue&, const int32_t*, int64_t, int64_t, int64_t, int64_t);
   int rows;
-  bool fused;  // fused_kernel applies to full panels
+  bool fused;  // the fused kernels apply to full panels
 };
 
 // The rows of the next microkernel call, `left` rows of the chunk remaining: full groups of `rows`, except that
@@ -715,7 +715,8 @@ void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa) {
         for (int64_t r = 0; r < rows;) {
           const int mr = group_rows(path.rows, rows - r);
           const PanelEpilogue& pe = panels[g * n_panels + panel];
-          fused_kernel<FusedVnni>(out_ep.kind, pe, mr)(a + r * lda, lda, b, KRuns{1, 0, k4 / 4}, pe, out_ep, row0 + r, col0);
+          fused_kernel<FusedVnni>(out_ep.kind, pe, mr)(a + r * lda, lda, b, KRuns{1, 0, k4 / 4}, pe, out_ep,
+                                                       row0 + r, col0);
           r += mr;
         }
         continue;
@@ -963,8 +964,8 @@ void conv_u8s8_in_place(const GemmArgs& args, const ConvGeometry& g, const uint8
         if (inside) {
           const uint8_t* a = x + a_offset;
           if (fused) {
-            fused_kernel<FusedVnni>(out_ep.kind, pe, mr)(a, a_row, w, KRuns{g.kh, kernel_rows_apart, run / 4}, pe, out_ep,
-                                              row0 + r, col0);
+            fused_kernel<FusedVnni>(out_ep.kind, pe, mr)(a, a_row, w, KRuns{g.kh, kernel_rows_apart, run / 4}, pe,
+                                                         out_ep, row0 + r, col0);
             continue;
           }
           for (int64_t i = 0; i < g.kh; ++i)
@@ -972,7 +973,8 @@ void conv_u8s8_in_place(const GemmArgs& args, const ConvGeometry& g, const uint8
         } else {
           args.fill_rows(args.fill_context, 0, row0 + r, mr, window_rows);
           if (fused) {
-            fused_kernel<FusedVnni>(out_ep.kind, pe, mr)(window_rows, k4, w, KRuns{1, 0, k4 / 4}, pe, out_ep, row0 + r, col0);
+            fused_kernel<FusedVnni>(out_ep.kind, pe, mr)(window_rows, k4, w, KRuns{1, 0, k4 / 4}, pe, out_ep,
+                                                         row0 + r, col0);
             continue;
           }
           path.kernel(window_rows, k4, w, k4 / 4, t, mr, vectors, true);
