@@ -990,8 +990,9 @@ namespace {
 
 // The output pixels of a direct conv in the order its groups take them: region by region, where a region is the
 // output pixels whose windows have the same kernel rows and the same kernel columns inside the input (one
-// interior, edges and corners), image by image in it, row-major inside. Pixels of a region share the taps they
-// skip, so groups of consecutive pixels mostly do too.
+// interior, edges and corners), image by image in it, row-major inside. Groups end where a class of regions ends
+// (the regions of a band of output rows whose windows reach into the top or bottom padding, which share the kernel
+// rows they skip; any other region on its own), so that their pixels share the taps they skip.
 class DirectPixels {
  public:
   explicit DirectPixels(const ConvGeometry& g) : g_(g) {
@@ -1011,7 +1012,9 @@ class DirectPixels {
     const auto rows = bands(g.out_h, g.kh, g.stride_h, g.pad_h, g.dil_h, g.height);
     const auto cols = bands(g.out_w, g.kw, g.stride_w, g.pad_w, g.dil_w, g.width);
     int64_t start = 0;
-    for (size_t i = 0; i < rows.size(); ++i)
+    const uint64_t all_rows = g.kh == 64 ? ~uint64_t{0} : (uint64_t{1} << g.kh) - 1;
+    for (size_t i = 0; i < rows.size(); ++i) {
+      const size_t band_start = regions_.size();
       for (size_t j = 0; j < cols.size(); ++j) {
         Region r;
         r.oh0 = rows[i].first;
@@ -1025,8 +1028,12 @@ class DirectPixels {
               r.inside |= uint64_t{1} << (a * g.kw + b);
         r.start = start;
         start += g.batch * (r.oh1 - r.oh0) * (r.ow1 - r.ow0);
+        r.class_end = start;
         regions_.push_back(r);
       }
+      if (rows[i].second != all_rows)
+        for (size_t k = band_start; k < regions_.size(); ++k) regions_[k].class_end = start;
+    }
   }
 
   // A walk over the pixels from position q of the order on.
@@ -1039,7 +1046,10 @@ class DirectPixels {
       b_ = rem / area;
       oh_ = r.oh0 + (rem % area) / (r.ow1 - r.ow0);
       ow_ = r.ow0 + (rem % area) % (r.ow1 - r.ow0);
+      q_ = q;
     }
+    // The pixels from the current one to the end of its class.
+    int64_t left_in_class() const { return p_.regions_[region_].class_end - q_; }
     // Row r of `group` from the current pixel, then steps to the next one.
     void take(PixelGroup& group, int r) {
       const ConvGeometry& g = p_.g_;
@@ -1048,6 +1058,7 @@ class DirectPixels {
                         g.channels;
       group.inside[r] = reg.inside;
       group.out_row[r] = (b_ * g.out_h + oh_) * g.out_w + ow_;
+      ++q_;
       if (++ow_ < reg.ow1) return;
       ow_ = reg.ow0;
       if (++oh_ < reg.oh1) return;
@@ -1064,12 +1075,12 @@ class DirectPixels {
    private:
     const DirectPixels& p_;
     size_t region_ = 0;
-    int64_t b_ = 0, oh_ = 0, ow_ = 0;
+    int64_t q_ = 0, b_ = 0, oh_ = 0, ow_ = 0;
   };
 
  private:
   struct Region {
-    int64_t oh0, oh1, ow0, ow1, start;
+    int64_t oh0, oh1, ow0, ow1, start, class_end;
     uint64_t inside;
   };
   ConvGeometry g_;
@@ -1104,8 +1115,10 @@ void conv_u8s8_direct(const GemmArgs& args, const ConvGeometry& g, const uint8_t
   const PanelEpilogues panels(out_ep, 1, args.n, CpuIsa::Avx512Vnni);
 
   at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
-    PixelGroup groups[kRowsPerChunk / kVnniRows];
-    int group_rows_of[kRowsPerChunk / kVnniRows];
+    // every group but a chunk's last has 3 rows or more
+    constexpr int64_t kMaxGroups = kRowsPerChunk / 3 + 1;
+    PixelGroup groups[kMaxGroups];
+    int group_rows_of[kMaxGroups];
     int n_groups = 0;
     int64_t filled = -1;  // the chunk whose groups `groups` holds
     for (int64_t item = begin; item < end; ++item) {
@@ -1116,7 +1129,10 @@ void conv_u8s8_direct(const GemmArgs& args, const ConvGeometry& g, const uint8_t
         DirectPixels::Cursor cursor(pixels, row0);
         n_groups = 0;
         for (int64_t r = 0; r < rows; ++n_groups) {
-          const int mr = group_rows(kVnniRows, rows - r);
+          // a group ends with its class, unless fewer than 3 pixels are left in it (groups of 1 or 2 rows run
+          // bound by the weight loads)
+          const int64_t in_class = std::min(cursor.left_in_class(), rows - r);
+          const int mr = group_rows(kVnniRows, in_class >= 3 ? in_class : rows - r);
           for (int i = 0; i < mr; ++i) cursor.take(groups[n_groups], i);
           group_rows_of[n_groups] = mr;
           r += mr;
