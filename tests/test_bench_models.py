@@ -97,3 +97,17 @@ def test_mobilenet_v2_converts_to_one_integer_pipeline(name):
         want, got = model(x), quantized(x)
     assert got.shape == (2, 1000)
     assert torchquant.functional.quantization_error(want, got)["sqnr_db"] > 10
+
+
+@pytest.mark.parametrize("zero_point", [0, 128])
+def test_resnet_convs_compares_the_same_conv(zero_point):
+    # benchmarks/resnet_convs.py times torchquant's and torch.ao's kernels on the same integers: their uint8 outputs
+    # agree up to a requantization rounding step
+    from benchmarks import resnet_convs
+    with torch.inference_mode():
+        kernels = resnet_convs.conv_kernels(2, 64, 6, zero_point)
+        ours, theirs = kernels["torchquant"](), kernels["torch.ao"]().int_repr()
+    assert ours.dtype == torch.uint8 and ours.shape == theirs.shape == (2, 64, 6, 6)
+    assert (ours.int() - theirs.int()).abs().max() <= 1 and ours.float().std() > 1
+    row = resnet_convs.conv_row(1, 64, 6, zero_point, 1, 573.0)
+    assert row["conv"] == "3x3/1 64->64" and row["input"] == "1x64x6x6" and row["% peak"] > 0
