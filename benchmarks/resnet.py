@@ -4,8 +4,9 @@ and its layer-by-layer conversion (int8-static) against torch.ao FX graph mode (
 at batch 1 and 8, 224x224, 1 and 2 threads; and the output SQNR of each against float.
 
 On a shared machine the 1-thread rows are better timed in thread CPU time (--timer thread: the interleaved minimum
-of the calling thread's CPU time per call, which other processes do not inflate); 2-thread rows are always wall
-time (median of interleaved samples). --layers adds a per-layer table of the converted models (thread CPU time of
+of the calling thread's CPU time per call, which other processes do not inflate; --warm adds the same with each
+variant's calls back to back, its weights and activations still in the caches, as when one model runs over and
+over); 2-thread rows are always wall time (median of interleaved samples). --layers adds a per-layer table of the converted models (thread CPU time of
 each graph node at 1 thread, summed per conv shape or op) against torch.ao's, with the convs' multiply-add rate and,
 given --peak-gmacs (one core's u8 x s8 multiply-add peak, e.g. 2 vpdpbusd per cycle x 64 x clock), its fraction.
 
@@ -13,7 +14,7 @@ Weights are random (torchvision's initialisation) with BatchNorm statistics take
 images, so activations have the ranges of a trained network's; calibration uses other random images.
 
     python -m benchmarks.resnet [--models resnet18 resnet50] [--batches 1 8] [--threads 1 2] [--repeats 5]
-                                [--timer wall|thread] [--layers] [--peak-gmacs G]
+                                [--timer wall|thread] [--warm] [--layers] [--peak-gmacs G]
                                 [--output benchmarks/results/resnet-cpu.md]
 """
 import argparse
@@ -145,23 +146,28 @@ def sqnr_rows(model_name: str, variants: Dict[str, nn.Module], x: torch.Tensor) 
             for name, y in outputs.items() if name != "float"]
 
 
-def thread_time_rows(model_name: str, variants: Dict[str, nn.Module], inputs: Dict[str, tuple], repeats: int
-                     ) -> List[dict]:
-    """1-thread rows like latency_rows, timed in thread CPU time: per variant the minimum over `repeats`
-    interleaved samples of one call each."""
+def thread_time_rows(model_name: str, variants: Dict[str, nn.Module], inputs: Dict[str, tuple], repeats: int,
+                     warm: bool = False) -> List[dict]:
+    """1-thread rows like latency_rows, timed in thread CPU time: per variant the minimum over `repeats` samples of
+    one call each (after one more that warms up), interleaved across the variants, so that each call finds the caches
+    holding the other variants' weights and activations; with `warm` each variant's calls run back to back, so that
+    they find their own (a model run over and over on its own)."""
     rows = []
+    rounds = range(repeats + 1)
+    order = [(i, n) for n in variants for i in rounds] if warm else [(i, n) for i in rounds for n in variants]
     for input_name, args in inputs.items():
         best = {name: float("inf") for name in variants}
         with num_threads(1), torch.inference_mode(), _quiet_torch_ao():
-            for _ in range(repeats + 1):  # the first round warms up
-                for name, model in variants.items():
-                    with _quantized_engine(_engine_for(name)):
-                        start = time.thread_time()
-                        model(*args)
+            for i, name in order:
+                with _quantized_engine(_engine_for(name)):
+                    start = time.thread_time()
+                    variants[name](*args)
+                    if i > 0:
                         best[name] = min(best[name], time.thread_time() - start)
         reference = {column: next(best[n] for n in best if n.startswith(start)) for column, start in
                      CPU_BASELINES.items()}
-        rows += [{"model": model_name, "input": input_name, "threads": 1, "timer": "thread CPU", "variant": name,
+        timer = "thread CPU, warm" if warm else "thread CPU"
+        rows += [{"model": model_name, "input": input_name, "threads": 1, "timer": timer, "variant": name,
                   "ms": 1e3 * t, **{column: r / t for column, r in reference.items()}} for name, t in best.items()]
     return rows
 
@@ -247,7 +253,7 @@ def layer_rows(model_name: str, ours: fx.GraphModule, theirs: fx.GraphModule, x:
 
 
 def run(models=("resnet18", "resnet50"), batches=(1, 8), threads=(1, 2), repeats: int = 5, timer: str = "wall",
-        layers: bool = False, peak_gmacs: Optional[float] = None, build=None) -> List[dict]:
+        layers: bool = False, peak_gmacs: Optional[float] = None, build=None, warm: bool = False) -> List[dict]:
     """The tables' rows for each model name, built by build(name) (default: resnet)."""
     rows = []
     generator = torch.Generator().manual_seed(1)
@@ -266,6 +272,9 @@ def run(models=("resnet18", "resnet50"), batches=(1, 8), threads=(1, 2), repeats
         wall_threads = [t for t in threads if t != 1 or timer == "wall"]
         if timer == "thread" and 1 in threads:
             rows += [{"table": "latency", **row} for row in thread_time_rows(name, variants, inputs, repeats)]
+            if warm:
+                rows += [{"table": "latency", **row}
+                         for row in thread_time_rows(name, variants, inputs, repeats, warm=True)]
         rows += [{"table": "latency", "timer": "wall", **row}
                  for row in latency_rows(name, variants, inputs, wall_threads, repeats)]
         if layers:
@@ -283,7 +292,7 @@ COLUMNS = {"latency": ["model", "input", "threads", "timer", "variant", "ms", "v
            "layers": ["model", "input", "op", "input shape", "calls", "ms", "torch.ao ms", "vs torch.ao", "GMAC/s",
                       "torch.ao GMAC/s", "% peak", "torch.ao % peak"]}
 LEGEND = ("ms: wall time (median of interleaved samples) or thread CPU time (minimum of interleaved samples, "
-          "1 thread), as the timer column says; vs float / vs torch.ao: speed-up over that baseline (> 1 is "
+          "1 thread; warm: of each variant's calls back to back), as the timer column says; vs float / vs torch.ao: speed-up over that baseline (> 1 is "
           "faster). Per layer: the minimum of repeated calls of each node on its own (warm caches), so the sum "
           "differs from a whole forward.")
 
@@ -299,10 +308,13 @@ def main(argv=None, prog: str = "python -m benchmarks.resnet", architectures=tup
     parser.add_argument("--timer", choices=["wall", "thread"], default="wall",
                         help="how 1-thread rows are timed: wall time (median) or thread CPU time (minimum)")
     parser.add_argument("--layers", action="store_true", help="add the per-layer table (1 thread)")
+    parser.add_argument("--warm", action="store_true",
+                        help="with --timer thread, also time each variant's 1-thread calls back to back (caches warm)")
     parser.add_argument("--peak-gmacs", type=float, help="one core's int8 multiply-add peak, for the per-layer table")
     parser.add_argument("--output", help="also write the tables, with the machine and date, to this Markdown file")
     args = parser.parse_args(argv)
-    rows = run(args.models, args.batches, args.threads, args.repeats, args.timer, args.layers, args.peak_gmacs, build)
+    rows = run(args.models, args.batches, args.threads, args.repeats, args.timer, args.layers, args.peak_gmacs, build,
+               args.warm)
     write_tables(rows, title, args.output, TITLES, COLUMNS, LEGEND)
 
 

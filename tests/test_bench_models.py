@@ -97,3 +97,41 @@ def test_mobilenet_v2_converts_to_one_integer_pipeline(name):
         want, got = model(x), quantized(x)
     assert got.shape == (2, 1000)
     assert torchquant.functional.quantization_error(want, got)["sqnr_db"] > 10
+
+
+@pytest.mark.parametrize("zero_point", [0, 128])
+def test_resnet_convs_compares_the_same_conv(zero_point):
+    # benchmarks/resnet_convs.py times torchquant's and torch.ao's kernels on the same integers: their uint8 outputs
+    # agree up to a requantization rounding step
+    from benchmarks import resnet_convs
+    with torch.inference_mode():
+        kernels = resnet_convs.conv_kernels(2, 64, 6, zero_point)
+        ours, theirs = kernels["torchquant"](), kernels["torch.ao"]().int_repr()
+    assert ours.dtype == torch.uint8 and ours.shape == theirs.shape == (2, 64, 6, 6)
+    assert (ours.int() - theirs.int()).abs().max() <= 1 and ours.float().std() > 1
+    row = resnet_convs.conv_row(1, 64, 6, zero_point, 1, 573.0)
+    assert row["conv"] == "3x3/1 64->64" and row["input"] == "1x64x6x6" and row["% peak"] > 0
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_thread_time_rows_interleaved_or_warm(warm):
+    from benchmarks import resnet
+    calls = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+        def forward(self, x):
+            calls.append(self.name)
+            return x
+
+    variants = {name: Recorder(name) for name in (models.FLOAT, "torchquant int8-pipeline", models.TORCH_AO)}
+    rows = resnet.thread_time_rows("tiny", variants, {"batch 1": (torch.zeros(1),)}, repeats=2, warm=warm)
+    names = list(variants)
+    # 3 calls of each (one warms up): back to back when warm, else round by round
+    assert calls == ([n for n in names for _ in range(3)] if warm else names * 3)
+    assert [r["variant"] for r in rows] == names
+    assert {r["timer"] for r in rows} == {"thread CPU, warm" if warm else "thread CPU"}
+    assert all(r["ms"] >= 0 and r["vs float"] > 0 for r in rows)

@@ -440,6 +440,51 @@ def test_int8_conv2d_large(device, isa, conv, x_dtype, x_zp):
     torch.testing.assert_close(got, reference.int8_conv2d(x_q, 1.0, x_zp, w_q, ones, **kwargs), rtol=0, atol=0)
 
 
+# Ungrouped uint8 convs with a multiple of 4 input channels and of 64 output channels run as a direct conv on the
+# AVX-512 path: groups of output pixels across output rows and images, each tap read in place, taps in the padding
+# read as the zero point or, with a zero point of 0, skipped where they are outside for the whole group.
+DIRECT_CONVS = [  # batch, in_ch, h, w, out_ch, kernel, stride, padding, dilation
+    (2, 8, 7, 7, 64, (3, 3), 1, 1, 1),             # edges, corners and interior across 2 images
+    (3, 4, 9, 11, 128, (3, 3), 2, 1, 1),           # stride, two panels, non-square input
+    (1, 16, 12, 10, 64, (5, 3), 1, (2, 1), (2, 1)),  # non-square dilated kernel
+    (2, 12, 6, 5, 64, (1, 1), 2, 0, 1),            # 1x1 with stride 2 (not the in-place pointwise GEMM)
+    (1, 4, 5, 6, 64, (8, 8), 1, 4, 1),             # 64 taps, the most a direct conv takes
+    (1, 8, 4, 4, 64, (3, 3), 1, 4, 1),             # padding wider than the kernel: pixels with no tap inside
+    (1, 4, 3, 3, 64, (9, 9), 1, 3, 1),             # 81 taps: the GEMM path
+    (2, 64, 20, 20, 192, (3, 3), 1, 1, 1),         # row chunks, panel-major (input under 512 KB)
+    (1, 8, 200, 340, 64, (3, 3), 1, 1, 1),         # row chunks, chunk-major (input over 512 KB)
+]
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["cached", "streamed"])
+@pytest.mark.parametrize("conv", DIRECT_CONVS, ids=[f"direct{i}" for i in range(len(DIRECT_CONVS))])
+@pytest.mark.parametrize("x_zp", [0, 9])
+def test_int8_conv2d_direct(isa, monkeypatch, streamed, conv, x_zp):
+    if streamed:
+        monkeypatch.setenv("TORCHQUANT_STREAMING_BYTES", "0")
+    b, c, h, w_, oc, kernel, stride, padding, dilation = conv
+    g = torch.Generator().manual_seed(oc + c + h)
+    x_q = torch.randint(0, 256, (b, c, h, w_), dtype=torch.uint8, generator=g)
+    w_q = randint8((oc, c, *kernel), generator=g)
+    w_packed, w_sum = F.pack_conv_weight(w_q), w_q.sum((1, 2, 3), dtype=torch.int32)
+    ones = torch.ones(oc)
+    kwargs = dict(stride=stride, padding=padding, dilation=dilation)
+    got = F.int8_conv2d(x_q, 1.0, x_zp, w_packed, w_sum, ones, out_channels=oc, kernel_size=kernel, **kwargs)
+    torch.testing.assert_close(got, reference.int8_conv2d(x_q, 1.0, x_zp, w_q, ones, **kwargs), rtol=0, atol=0)
+    # requantized uint8 with a fused ReLU, as the integer pipeline calls it
+    w_scale = torch.rand(oc, generator=g) * 0.01 + 0.001
+    bias = torch.randn(oc, generator=g)
+    y = reference.int8_conv2d(x_q, 0.03, x_zp, w_q, w_scale, bias, **kwargs)
+    out_scale = float(y.abs().max()) / 200
+    q = dict(out_dtype=torch.uint8, out_scale=out_scale, out_zero_point=0, clamp_min=0.0)
+    got = F.int8_conv2d(x_q, 0.03, x_zp, w_packed, w_sum, w_scale, bias, out_channels=oc, kernel_size=kernel,
+                        **q, **kwargs)
+    want = reference.int8_conv2d(x_q, 0.03, x_zp, w_q, w_scale, bias, **q, **kwargs)
+    diff = (got.int() - want.int()).abs()  # the float y may move a rounding tie by one
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01
+
+
 @pytest.mark.parametrize("out_dtype,out_zp", [(torch.int8, 0), (torch.int8, -5), (torch.uint8, 128)])
 @pytest.mark.parametrize("conv", [CONVS[0], CONVS[1], CONVS[5], CONVS[13], CONVS[16], BIG_CONVS[0]],
                          ids=["3x3", "1x1", "groups", "depthwise", "depthwise-5x5", "big"])

@@ -1,5 +1,6 @@
 // CPU int8_conv2d (schema in csrc/ops.cpp): channels-last input, im2col rows ordered (kh, kw, c) per group produced
-// by the int8 GEMM of gemm_core as it needs them (or, for uint8 convs with up to two weight panels, window rows read
+// by the int8 GEMM of gemm_core as it needs them (or, on AVX-512, the direct conv of gemm_core for uint8 inputs of a
+// multiple of 4 channels and full weight panels; for other uint8 convs with up to two weight panels, window rows read
 // in place by conv_u8s8_in_place; depthwise convs: a direct kernel below), and the GEMM's epilogue writing the
 // channels-last output directly.
 #include "check.h"
@@ -568,7 +569,11 @@ at::Tensor int8_conv2d_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, int
   // 21-byte rows as 24: im2col had been a quarter of its time).
   const int64_t run = g.kw * cg, padded_run = round_up(run, 4);
   const bool depthwise = groups == g.channels && ocg == 1;
-  const bool in_place = !depthwise && !pointwise && flip == 0 && groups == 1 && g.dil_w == 1 &&
+  // uint8 windows of whole 4-byte steps per tap and full weight panels on AVX-512: the direct conv, which reads
+  // every tap in place and skips taps in the padding (no im2col rows at all)
+  const bool direct = cpu_isa() == CpuIsa::Avx512Vnni && !depthwise && !pointwise && flip == 0 && groups == 1 &&
+                      cg % 4 == 0 && ocg % kPackAlign == 0 && g.kh * g.kw <= kMaxDirectTaps;
+  const bool in_place = !direct && !depthwise && !pointwise && flip == 0 && groups == 1 && g.dil_w == 1 &&
                         windows_in_place(ocg, run);
   const int64_t run_stride = in_place ? padded_run : run;
   const Im2colSource im2col{x_bytes, g, static_cast<uint8_t>(static_cast<uint8_t>(x_zero_point) ^ flip), flip,
@@ -605,6 +610,8 @@ at::Tensor int8_conv2d_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, int
   if (depthwise)
     conv_u8s8_depthwise(g, x_bytes, depthwise_weight(g, args.b, args.b_group_stride, extras), flip, im2col.pad_byte,
                         ep, cpu_isa());
+  else if (direct)
+    conv_u8s8_direct(args, g, x_bytes, im2col.pad_byte, ep);
   else if (in_place)
     conv_u8s8_in_place(args, g, x_bytes, ep, cpu_isa());
   else

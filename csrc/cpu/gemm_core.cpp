@@ -62,11 +62,11 @@ inline int32_t load_i32(const void* p) {
 // the weight vectors and a broadcast; vpdpbusd does 64 u8 x s8 products per instruction without saturation.
 constexpr int kVnniRows = 6;
 
-// acc[r][j] += the products of `steps` k-steps, rows a + r * a_row, weight steps from b on.
+// acc[r][j] += the products of `steps` k-steps, activation rows rows[r], weight steps from b on.
 template <int MR, int NV>
-TQ_TARGET_VNNI inline __attribute__((always_inline)) void accumulate_vnni(__m512i (&acc)[MR][NV], const uint8_t* a,
-                                                                         int64_t a_row, const int8_t* b,
-                                                                         int64_t steps) {
+TQ_TARGET_VNNI inline __attribute__((always_inline)) void accumulate_vnni_rows(__m512i (&acc)[MR][NV],
+                                                                              const uint8_t* const (&rows)[MR],
+                                                                              const int8_t* b, int64_t steps) {
   for (int64_t s = 0; s < steps; ++s) {
     const int8_t* bs = b + s * kStepBytes;
     __m512i bv[NV];
@@ -74,11 +74,22 @@ TQ_TARGET_VNNI inline __attribute__((always_inline)) void accumulate_vnni(__m512
     for (int j = 0; j < NV; ++j) bv[j] = _mm512_loadu_si512(bs + 64 * j);
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
-      const __m512i av = _mm512_set1_epi32(load_i32(a + r * a_row + 4 * s));
+      const __m512i av = _mm512_set1_epi32(load_i32(rows[r] + 4 * s));
 #pragma GCC unroll 4
       for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_dpbusd_epi32(acc[r][j], av, bv[j]);
     }
   }
+}
+
+// The same over rows a + r * a_row.
+template <int MR, int NV>
+TQ_TARGET_VNNI inline __attribute__((always_inline)) void accumulate_vnni(__m512i (&acc)[MR][NV], const uint8_t* a,
+                                                                         int64_t a_row, const int8_t* b,
+                                                                         int64_t steps) {
+  const uint8_t* rows[MR];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) rows[r] = a + r * a_row;
+  accumulate_vnni_rows<MR, NV>(acc, rows, b, steps);
 }
 
 template <int MR, int NV>
@@ -456,56 +467,109 @@ struct KRuns {
   int64_t count, stride, steps;
 };
 
+// acc[r] (a full panel's sums) through the epilogue to output row out_rows[r], or row0 + r without out_rows.
 template <int MR, OutKind KIND, typename T, bool MAY_BE_NAN>
-TQ_TARGET_VNNI void fused_vnni(const uint8_t* a, int64_t a_row, const int8_t* b, KRuns runs, const PanelEpilogue& c,
-                               const Epilogue& ep, int64_t row0, int64_t col0) {
-  __m512i acc[MR][4];
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_si512();
-  for (int64_t i = 0; i < runs.count; ++i)
-    accumulate_vnni<MR, 4>(acc, a + i * runs.stride, a_row, b + i * runs.steps * kStepBytes, runs.steps);
+TQ_TARGET_VNNI inline __attribute__((always_inline)) void store_fused(__m512i (&acc)[MR][4], const PanelEpilogue& c,
+                                                                     const Epilogue& ep, int64_t row0,
+                                                                     const int64_t* out_rows, int64_t col0) {
   const EpilogueVectors e = epilogue_vectors(c);
   const OutRows<T> out(ep, col0);
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) {
+    const int64_t row = out_rows == nullptr ? row0 + r : out_rows[r];
     epilogue_row_avx512<KIND, T, true, MAY_BE_NAN>(c, e, less_offset(c, acc[r][0], 0), less_offset(c, acc[r][1], 1),
-                                              less_offset(c, acc[r][2], 2), less_offset(c, acc[r][3], 3),
-                                              out.xs(row0 + r), out.row(row0 + r), out.streaming);
+                                                   less_offset(c, acc[r][2], 2), less_offset(c, acc[r][3], 3),
+                                                   out.xs(row), out.row(row), out.streaming);
   }
 }
 
-using FusedKernel = void (*)(const uint8_t*, int64_t, const int8_t*, KRuns, const PanelEpilogue&, const Epilogue&,
-                             int64_t, int64_t);
+template <int MR, OutKind KIND, typename T, bool MAY_BE_NAN>
+struct FusedVnni {
+  TQ_TARGET_VNNI static void run(const uint8_t* a, int64_t a_row, const int8_t* b, KRuns runs,
+                                 const PanelEpilogue& c, const Epilogue& ep, int64_t row0, int64_t col0) {
+    __m512i acc[MR][4];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_si512();
+    for (int64_t i = 0; i < runs.count; ++i)
+      accumulate_vnni<MR, 4>(acc, a + i * runs.stride, a_row, b + i * runs.steps * kStepBytes, runs.steps);
+    store_fused<MR, KIND, T, MAY_BE_NAN>(acc, c, ep, row0, nullptr, col0);
+  }
+};
 
-template <OutKind KIND, typename T, bool MAY_BE_NAN = true>
-FusedKernel fused_rows(int rows) {
+// Direct conv (conv_u8s8_direct): a group of up to kVnniRows output pixels, each with the input offset of its
+// window's tap (0, 0) (outside the input where the window reaches into the padding), the taps of its window that lie
+// inside the input (bit i * kw + j), and its output row.
+struct PixelGroup {
+  int64_t offset[kVnniRows];
+  uint64_t inside[kVnniRows];
+  int64_t out_row[kVnniRows];
+};
+
+// What every group of a direct conv shares: tap t of a window is tap_steps k-steps of weight from step
+// t * tap_steps on and tap_offset[t] input bytes from the window's tap (0, 0); taps outside the input read pad_row
+// (the zero point, tap_steps * 4 bytes), and with skip_padding (a zero point of 0) taps outside the input for every
+// pixel of a group are not multiplied at all.
+struct DirectTaps {
+  const uint8_t* x;
+  const uint8_t* pad_row;
+  const int64_t* tap_offset;
+  int64_t taps, tap_steps;
+  bool skip_padding;
+};
+
+template <int MR, OutKind KIND, typename T, bool MAY_BE_NAN>
+struct DirectVnni {
+  TQ_TARGET_VNNI static void run(const DirectTaps& d, const PixelGroup& grp, const int8_t* b, const PanelEpilogue& c,
+                                 const Epilogue& ep, int64_t col0) {
+    __m512i acc[MR][4];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_si512();
+    uint64_t any_inside = 0;
+    for (int r = 0; r < MR; ++r) any_inside |= grp.inside[r];
+    for (int64_t t = 0; t < d.taps; ++t) {
+      if (d.skip_padding && ((any_inside >> t) & 1) == 0) continue;
+      const uint8_t* rows[MR];
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r)
+        rows[r] = ((grp.inside[r] >> t) & 1) != 0 ? d.x + (grp.offset[r] + d.tap_offset[t]) : d.pad_row;
+      accumulate_vnni_rows<MR, 4>(acc, rows, b + t * d.tap_steps * kStepBytes, d.tap_steps);
+    }
+    store_fused<MR, KIND, T, MAY_BE_NAN>(acc, c, ep, 0, grp.out_row, col0);
+  }
+};
+
+// K<rows, kind, type, may be NaN>::run of a full panel c stored as `kind` (K: FusedVnni or DirectVnni).
+template <template <int, OutKind, typename, bool> class K, OutKind KIND, typename T, bool MAY_BE_NAN = true>
+auto fused_rows(int rows) {
   switch (rows) {
-    case 6: return fused_vnni<6, KIND, T, MAY_BE_NAN>;
-    case 5: return fused_vnni<5, KIND, T, MAY_BE_NAN>;
-    case 4: return fused_vnni<4, KIND, T, MAY_BE_NAN>;
-    case 3: return fused_vnni<3, KIND, T, MAY_BE_NAN>;
-    case 2: return fused_vnni<2, KIND, T, MAY_BE_NAN>;
-    default: return fused_vnni<1, KIND, T, MAY_BE_NAN>;
+    case 6: return &K<6, KIND, T, MAY_BE_NAN>::run;
+    case 5: return &K<5, KIND, T, MAY_BE_NAN>::run;
+    case 4: return &K<4, KIND, T, MAY_BE_NAN>::run;
+    case 3: return &K<3, KIND, T, MAY_BE_NAN>::run;
+    case 2: return &K<2, KIND, T, MAY_BE_NAN>::run;
+    default: return &K<1, KIND, T, MAY_BE_NAN>::run;
   }
 }
 
-// The fused kernel of `rows` rows storing panel c as `kind`.
-FusedKernel fused_kernel(OutKind kind, const PanelEpilogue& c, int rows) {
+template <template <int, OutKind, typename, bool> class K>
+auto fused_kernel(OutKind kind, const PanelEpilogue& c, int rows) {
   switch (kind) {
     case OutKind::Int32: break;
-    case OutKind::Float32: return fused_rows<OutKind::Float32, float>(rows);
-    case OutKind::Float16: return fused_rows<OutKind::Float16, c10::Half>(rows);
-    case OutKind::BFloat16: return fused_rows<OutKind::BFloat16, c10::BFloat16>(rows);
+    case OutKind::Float32: return fused_rows<K, OutKind::Float32, float>(rows);
+    case OutKind::Float16: return fused_rows<K, OutKind::Float16, c10::Half>(rows);
+    case OutKind::BFloat16: return fused_rows<K, OutKind::BFloat16, c10::BFloat16>(rows);
     case OutKind::Int8:
-      return c.may_be_nan ? fused_rows<OutKind::Int8, int8_t, true>(rows)
-                          : fused_rows<OutKind::Int8, int8_t, false>(rows);
+      return c.may_be_nan ? fused_rows<K, OutKind::Int8, int8_t, true>(rows)
+                          : fused_rows<K, OutKind::Int8, int8_t, false>(rows);
     case OutKind::UInt8:
-      return c.may_be_nan ? fused_rows<OutKind::UInt8, uint8_t, true>(rows)
-                          : fused_rows<OutKind::UInt8, uint8_t, false>(rows);
+      return c.may_be_nan ? fused_rows<K, OutKind::UInt8, uint8_t, true>(rows)
+                          : fused_rows<K, OutKind::UInt8, uint8_t, false>(rows);
   }
-  return fused_rows<OutKind::Int32, int32_t>(rows);
+  return fused_rows<K, OutKind::Int32, int32_t>(rows);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -516,7 +580,7 @@ struct IsaPath {
   void (*kernel)(const uint8_t*, int64_t, const int8_t*, int64_t, int32_t*, int, int, bool);
   void (*epilogue)(const Epilogue&, const PanelEpilogue&, const int32_t*, int64_t, int64_t, int64_t, int64_t);
   int rows;
-  bool fused;  // fused_kernel applies to full panels
+  bool fused;  // the fused kernels apply to full panels
 };
 
 // The rows of the next microkernel call, `left` rows of the chunk remaining: full groups of `rows`, except that
@@ -651,7 +715,8 @@ void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa) {
         for (int64_t r = 0; r < rows;) {
           const int mr = group_rows(path.rows, rows - r);
           const PanelEpilogue& pe = panels[g * n_panels + panel];
-          fused_kernel(out_ep.kind, pe, mr)(a + r * lda, lda, b, KRuns{1, 0, k4 / 4}, pe, out_ep, row0 + r, col0);
+          fused_kernel<FusedVnni>(out_ep.kind, pe, mr)(a + r * lda, lda, b, KRuns{1, 0, k4 / 4}, pe, out_ep,
+                                                       row0 + r, col0);
           r += mr;
         }
         continue;
@@ -899,8 +964,8 @@ void conv_u8s8_in_place(const GemmArgs& args, const ConvGeometry& g, const uint8
         if (inside) {
           const uint8_t* a = x + a_offset;
           if (fused) {
-            fused_kernel(out_ep.kind, pe, mr)(a, a_row, w, KRuns{g.kh, kernel_rows_apart, run / 4}, pe, out_ep,
-                                              row0 + r, col0);
+            fused_kernel<FusedVnni>(out_ep.kind, pe, mr)(a, a_row, w, KRuns{g.kh, kernel_rows_apart, run / 4}, pe,
+                                                         out_ep, row0 + r, col0);
             continue;
           }
           for (int64_t i = 0; i < g.kh; ++i)
@@ -908,13 +973,176 @@ void conv_u8s8_in_place(const GemmArgs& args, const ConvGeometry& g, const uint8
         } else {
           args.fill_rows(args.fill_context, 0, row0 + r, mr, window_rows);
           if (fused) {
-            fused_kernel(out_ep.kind, pe, mr)(window_rows, k4, w, KRuns{1, 0, k4 / 4}, pe, out_ep, row0 + r, col0);
+            fused_kernel<FusedVnni>(out_ep.kind, pe, mr)(window_rows, k4, w, KRuns{1, 0, k4 / 4}, pe, out_ep,
+                                                         row0 + r, col0);
             continue;
           }
           path.kernel(window_rows, k4, w, k4 / 4, t, mr, vectors, true);
         }
       }
       if (!fused) path.epilogue(out_ep, pe, tile, row0, rows, col0, ncols);
+    }
+    if (out_ep.streaming) _mm_sfence();
+  });
+}
+
+namespace {
+
+// The output pixels of a direct conv in the order its groups take them: region by region, where a region is the
+// output pixels whose windows have the same kernel rows and the same kernel columns inside the input (one
+// interior, edges and corners), image by image in it, row-major inside. Groups end where a class of regions ends
+// (the regions of a band of output rows whose windows reach into the top or bottom padding, which share the kernel
+// rows they skip; any other region on its own), so that their pixels share the taps they skip.
+class DirectPixels {
+ public:
+  explicit DirectPixels(const ConvGeometry& g) : g_(g) {
+    // bands: maximal runs of output rows (columns) whose windows have the same kernel rows (columns) inside
+    const auto bands = [](int64_t outs, int64_t taps, int64_t stride, int64_t pad, int64_t dil, int64_t size) {
+      std::vector<std::pair<int64_t, uint64_t>> out;  // (first output index, kernel index mask)
+      for (int64_t o = 0; o < outs; ++o) {
+        uint64_t mask = 0;
+        for (int64_t i = 0; i < taps; ++i) {
+          const int64_t at = o * stride - pad + i * dil;
+          if (at >= 0 && at < size) mask |= uint64_t{1} << i;
+        }
+        if (out.empty() || out.back().second != mask) out.emplace_back(o, mask);
+      }
+      return out;
+    };
+    const auto rows = bands(g.out_h, g.kh, g.stride_h, g.pad_h, g.dil_h, g.height);
+    const auto cols = bands(g.out_w, g.kw, g.stride_w, g.pad_w, g.dil_w, g.width);
+    int64_t start = 0;
+    const uint64_t all_rows = g.kh == 64 ? ~uint64_t{0} : (uint64_t{1} << g.kh) - 1;
+    for (size_t i = 0; i < rows.size(); ++i) {
+      const size_t band_start = regions_.size();
+      for (size_t j = 0; j < cols.size(); ++j) {
+        Region r;
+        r.oh0 = rows[i].first;
+        r.oh1 = i + 1 < rows.size() ? rows[i + 1].first : g.out_h;
+        r.ow0 = cols[j].first;
+        r.ow1 = j + 1 < cols.size() ? cols[j + 1].first : g.out_w;
+        r.inside = 0;
+        for (int64_t a = 0; a < g.kh; ++a)
+          for (int64_t b = 0; b < g.kw; ++b)
+            if (((rows[i].second >> a) & 1) != 0 && ((cols[j].second >> b) & 1) != 0)
+              r.inside |= uint64_t{1} << (a * g.kw + b);
+        r.start = start;
+        start += g.batch * (r.oh1 - r.oh0) * (r.ow1 - r.ow0);
+        r.class_end = start;
+        regions_.push_back(r);
+      }
+      if (rows[i].second != all_rows)
+        for (size_t k = band_start; k < regions_.size(); ++k) regions_[k].class_end = start;
+    }
+  }
+
+  // A walk over the pixels from position q of the order on.
+  class Cursor {
+   public:
+    Cursor(const DirectPixels& p, int64_t q) : p_(p) {
+      while (region_ + 1 < p.regions_.size() && p.regions_[region_ + 1].start <= q) ++region_;
+      const Region& r = p.regions_[region_];
+      const int64_t area = (r.oh1 - r.oh0) * (r.ow1 - r.ow0), rem = q - r.start;
+      b_ = rem / area;
+      oh_ = r.oh0 + (rem % area) / (r.ow1 - r.ow0);
+      ow_ = r.ow0 + (rem % area) % (r.ow1 - r.ow0);
+      q_ = q;
+    }
+    // The pixels from the current one to the end of its class.
+    int64_t left_in_class() const { return p_.regions_[region_].class_end - q_; }
+    // Row r of `group` from the current pixel, then steps to the next one.
+    void take(PixelGroup& group, int r) {
+      const ConvGeometry& g = p_.g_;
+      const Region& reg = p_.regions_[region_];
+      group.offset[r] = ((b_ * g.height + oh_ * g.stride_h - g.pad_h) * g.width + ow_ * g.stride_w - g.pad_w) *
+                        g.channels;
+      group.inside[r] = reg.inside;
+      group.out_row[r] = (b_ * g.out_h + oh_) * g.out_w + ow_;
+      ++q_;
+      if (++ow_ < reg.ow1) return;
+      ow_ = reg.ow0;
+      if (++oh_ < reg.oh1) return;
+      oh_ = reg.oh0;
+      if (++b_ < g.batch) return;
+      b_ = 0;
+      if (region_ + 1 < p_.regions_.size()) {
+        const Region& next = p_.regions_[++region_];
+        oh_ = next.oh0;
+        ow_ = next.ow0;
+      }
+    }
+
+   private:
+    const DirectPixels& p_;
+    size_t region_ = 0;
+    int64_t q_ = 0, b_ = 0, oh_ = 0, ow_ = 0;
+  };
+
+ private:
+  struct Region {
+    int64_t oh0, oh1, ow0, ow1, start, class_end;
+    uint64_t inside;
+  };
+  ConvGeometry g_;
+  std::vector<Region> regions_;
+};
+
+}  // namespace
+
+void conv_u8s8_direct(const GemmArgs& args, const ConvGeometry& g, const uint8_t* x, uint8_t pad_byte,
+                      const Epilogue& ep) {
+  TQ_CHECK(g.groups == 1 && g.channels % 4 == 0 && args.n % kPackAlign == 0 && g.kh * g.kw <= kMaxDirectTaps,
+           "int8_conv2d: the direct conv kernel does not take this geometry");
+  const int64_t taps = g.kh * g.kw, tap_steps = g.channels / 4;
+  std::vector<int64_t> tap_offset(taps);
+  for (int64_t i = 0; i < g.kh; ++i)
+    for (int64_t j = 0; j < g.kw; ++j)
+      tap_offset[i * g.kw + j] = (i * g.dil_h * g.width + j * g.dil_w) * g.channels;
+  const std::vector<uint8_t> pad_row(g.channels, pad_byte);
+  const DirectTaps d{x, pad_row.data(), tap_offset.data(), taps, tap_steps, pad_byte == 0};
+  const DirectPixels pixels(g);
+  const int64_t n_panels = args.n / kPackAlign;
+  const int64_t min_chunks = (args.m + kRowsPerChunk - 1) / kRowsPerChunk;
+  const int64_t chunk_rows = round_up((args.m + min_chunks - 1) / std::max<int64_t>(min_chunks, 1), kVnniRows);
+  const int64_t m_chunks = (args.m + chunk_rows - 1) / chunk_rows;
+  // chunk-major unless the input fits in L2 (then panel-major streams the weight once, as in gemm_u8s8)
+  const bool panel_major =
+      m_chunks > 1 && g.batch * g.height * g.width * g.channels <= kCachedActivationBytes;
+  const int64_t items = n_panels * m_chunks;
+  const int64_t item_cost = (std::min(args.m, chunk_rows) + 4) * kPackAlign * args.k;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(item_cost, 1));
+  const Epilogue out_ep = with_streaming(ep, args.m, args.n);
+  const PanelEpilogues panels(out_ep, 1, args.n, CpuIsa::Avx512Vnni);
+
+  at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
+    // every group but a chunk's last has 3 rows or more
+    constexpr int64_t kMaxGroups = kRowsPerChunk / 3 + 1;
+    PixelGroup groups[kMaxGroups];
+    int group_rows_of[kMaxGroups];
+    int n_groups = 0;
+    int64_t filled = -1;  // the chunk whose groups `groups` holds
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t panel = panel_major ? item / m_chunks : item % n_panels;
+      const int64_t chunk = panel_major ? item % m_chunks : item / n_panels;
+      if (chunk != filled) {
+        const int64_t row0 = chunk * chunk_rows, rows = std::min(chunk_rows, args.m - row0);
+        DirectPixels::Cursor cursor(pixels, row0);
+        n_groups = 0;
+        for (int64_t r = 0; r < rows; ++n_groups) {
+          // a group ends with its class, unless fewer than 3 pixels are left in it (groups of 1 or 2 rows run
+          // bound by the weight loads)
+          const int64_t in_class = std::min(cursor.left_in_class(), rows - r);
+          const int mr = group_rows(kVnniRows, in_class >= 3 ? in_class : rows - r);
+          for (int i = 0; i < mr; ++i) cursor.take(groups[n_groups], i);
+          group_rows_of[n_groups] = mr;
+          r += mr;
+        }
+        filled = chunk;
+      }
+      const int8_t* w = args.b + panel * args.ldb * kPackAlign;
+      const PanelEpilogue& pe = panels[panel];
+      for (int i = 0; i < n_groups; ++i)
+        fused_kernel<DirectVnni>(out_ep.kind, pe, group_rows_of[i])(d, groups[i], w, pe, out_ep, panel * kPackAlign);
     }
     if (out_ep.streaming) _mm_sfence();
   });

@@ -134,6 +134,19 @@ void epilogue_tile(const Epilogue& ep, const PanelEpilogue& panel, const int32_t
 void conv_u8s8_in_place(const GemmArgs& args, const ConvGeometry& g, const uint8_t* x, const Epilogue& ep,
                         CpuIsa isa);
 
+// The kernel taps a direct conv takes at most (one bit each in a 64-bit mask).
+constexpr int64_t kMaxDirectTaps = 64;
+
+// int8_conv2d as a direct conv on the AVX-512 path: groups == 1, uint8 channels-last x with a multiple of 4 channels,
+// n a multiple of kPackAlign, at most kMaxDirectTaps kernel taps. Groups of up to 6 output pixels are multiplied tap
+// by tap straight from the input (each pixel's tap is g.channels consecutive bytes, the same k range of the packed
+// weight for every pixel: k runs (kh, kw, c)), with taps outside the input reading pad_byte (the zero point); where
+// pad_byte is 0 the taps outside the input for all pixels of a group are skipped (they add nothing). Pixels are
+// grouped by which of their taps lie inside, across output rows and images. args as for gemm_u8s8 (m: the output
+// pixels, b / ldb: the packed weight; a and fill_rows unused).
+void conv_u8s8_direct(const GemmArgs& args, const ConvGeometry& g, const uint8_t* x, uint8_t pad_byte,
+                      const Epilogue& ep);
+
 // Packs w[n, k] (element (n, k) at w + n * stride_n + k * stride_k) into round_up(n, kPackAlign) / kPackAlign
 // panels of depth kp at dst. With col_sums non-null also writes col_sums[n] = sum_k w[n, k].
 void pack_weight(const int8_t* w, int64_t n, int64_t k, int64_t stride_n, int64_t stride_k, int64_t kp, int8_t* dst,
