@@ -678,6 +678,36 @@ def test_load_rejects_bad_pipeline_files_and_changes_nothing(tmp_path):
         tq.load(path, CatNet())
 
 
+@pytest.mark.parametrize("key, bad, match", [
+    ("act_quant.view.scale", 0.0, r"'act_quant\.view\.scale' \(the input of 'head'\) must be finite and positive"),
+    ("act_quant.view.scale", -1.0, "finite and positive"),
+    ("act_quant.view.scale", float("nan"), "finite and positive"),
+    ("act_quant.view.scale", float("inf"), "finite and positive"),
+    ("act_quant.down.scale", 0.0, r"'act_quant\.down\.scale' must be finite and positive"),  # an add's input
+    ("act_quant.relu_2.zero_point", 300, r"\(the input of 'b1', 'down'\) must be in \[0, 255\]"),
+])
+def test_load_state_dict_with_bad_qparams_leaves_the_converted_pipeline_as_it_was(key, bad, match):
+    # model.load_state_dict (not torchquant.load): a bad scale of a later layer's input left the layers before it
+    # loaded and the forward broken; now everything is checked before anything is copied
+    _, prepared, batches = _prepared("basic-blocks")
+    converted = tq.convert(prepared)
+    other = tq.convert(tq.calibrate(tq.prepare(_randomize_bn(BasicBlockNet(), seed=3), PIPELINE),
+                                    [b * 2 for b in batches], progress=False))
+    state = other.state_dict()
+    state[key] = torch.full_like(state[key], bad)
+    before = {k: v.clone() for k, v in converted.state_dict().items()}
+    with torch.no_grad():
+        want = converted(batches[0])
+    with pytest.raises(ValueError, match=match + ".*nothing was loaded"):
+        converted.load_state_dict(state)
+    assert all(torch.equal(converted.state_dict()[k], v) for k, v in before.items())
+    with torch.no_grad():
+        assert torch.equal(converted(batches[0]), want)
+    converted.load_state_dict(other.state_dict())  # a good one loads
+    with torch.no_grad():
+        assert torch.equal(converted(batches[0]), other(batches[0]))
+
+
 def test_layer_by_layer_file_does_not_load_into_a_pipeline(tmp_path):
     model = CatNet().eval()
     swapped = tq.quantize_model(copy.deepcopy(model), "int8-static", calibration=_batches((3, 2, 6, 6)))

@@ -307,22 +307,26 @@ def test_converted_forward_follows_loaded_state():
         torch.testing.assert_close(loaded(x), saved(x), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("bad", [0.0, float("nan"), -1.0])
-def test_load_state_dict_with_a_bad_input_scale_leaves_the_layer_as_it_was(bad):
+@pytest.mark.parametrize("bad", [0.0, float("nan"), -1.0, float("inf"), 1e39])
+def test_load_state_dict_with_a_bad_input_scale_leaves_the_model_as_it_was(bad):
     # the loaded state is refused before anything is copied: before, the layer kept the new weights and zero point
-    # beside its old packed weight and, its static scale dropped, quietly quantized inputs with dynamic scales
+    # beside its old packed weight and, its static scale dropped, quietly quantized inputs with dynamic scales; and
+    # a bad scale of a later layer left the layers before it loaded (1e39 is inf once copied into float32)
     torch.manual_seed(0)
     x = torch.randn(5, 8)
-    layer = tq.quantize_model(nn.Sequential(nn.Linear(8, 6)), "int8-static", [x]).eval()
-    other = tq.quantize_model(nn.Sequential(nn.Linear(8, 6)), "int8-static", [x * 3]).eval()
+    model = tq.quantize_model(nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4)), "int8-static", [x]).eval()
+    other = tq.quantize_model(nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4)), "int8-static", [x * 3])
     state = other.state_dict()
-    state["0.input_quantizer.scale"] = torch.tensor([bad])
-    before, want = {k: v.clone() for k, v in layer.state_dict().items()}, layer(x)
-    with pytest.raises(ValueError, match="input scale must be positive and finite"):
-        layer.load_state_dict(state)
-    after = layer.state_dict()
+    state["2.input_quantizer.scale"] = torch.tensor([bad], dtype=torch.float64)
+    before, want = {k: v.clone() for k, v in model.state_dict().items()}, model(x)
+    with pytest.raises(ValueError, match=r"'2\.input_quantizer\.scale' must be finite and positive.*nothing was loaded"):
+        model.load_state_dict(state)
+    layer_state = {k[2:]: v for k, v in state.items() if k.startswith("2.")}
+    with pytest.raises(ValueError, match="input scale must be positive and finite"):  # the layer alone
+        model[2].load_state_dict(layer_state)
+    after = model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())
-    torch.testing.assert_close(layer(x), want, rtol=0, atol=0)
+    torch.testing.assert_close(model(x), want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name", ["int8-static", "w4a8-dynamic"])

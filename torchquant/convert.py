@@ -255,8 +255,9 @@ def convert(model: nn.Module, *, inplace: bool = True) -> nn.Module:
     _check_model(model, "convert")
     if not inplace:
         model = copy.deepcopy(model)
+    from torchquant.io import guard_loads  # (io imports this module)
     if is_pipeline(model):
-        return convert_pipeline(model)
+        return guard_loads(convert_pipeline(model))
     layers = quant_layers(model)
     if not layers:
         warnings.warn("convert: model has no quantized layers (call torchquant.prepare first)", UserWarning,
@@ -275,7 +276,7 @@ def convert(model: nn.Module, *, inplace: bool = True) -> nn.Module:
         layer._install_converted(state)
     _swap(unfold)
     unfuse_transformers(model)  # also for layers put in place by hand (from_float)
-    return model
+    return guard_loads(model)
 
 
 def quantize_model(model: nn.Module, config=None, calibration: Iterable | None = None, *,
@@ -294,7 +295,7 @@ def quantize_model(model: nn.Module, config=None, calibration: Iterable | None =
     if pipeline is not None:  # the float model is left as it is whatever happens
         if calibration is not None:
             calibrate(pipeline, calibration)
-        return convert_pipeline(pipeline)
+        return convert(pipeline)
     plan = _plan_swaps(model, config)
     _swap(plan)
     unfuse = unfuse_transformers(model)

@@ -337,7 +337,7 @@ def _check_qweight(t: torch.Tensor, bits: int, k: int) -> Optional[str]:
 
 def _check_observer_range(lo_key: str, tensors: dict) -> Callable:
     def check(hi: torch.Tensor) -> Optional[str]:
-        lo = tensors[lo_key]
+        lo = tensors.get(lo_key, hi)  # (a state dict loaded without strict may hold one of the two)
         if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
             return f"must be finite, as must {lo_key}"
         if (lo > hi).any():
@@ -391,6 +391,43 @@ def _check_tensors(path: str, model: nn.Module, tensors: dict) -> None:
         problem = check(tensors[key])
         if problem:
             raise ValueError(f"load: {path}: tensor {key!r} {problem}")
+
+
+def check_before_load(model: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """A load_state_dict pre-hook on the converted models convert() and load() make (guard_loads): the tensors of
+    state_dict are checked as load() checks a file's (shapes, and the values a format bounds; load_state_dict casts
+    other dtypes) before anything is copied, so that a bad one leaves the whole model as it was. (Each layer's own
+    pre-hook sees only the layer's tensors, after the layers before it have loaded.)"""
+    local = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix) and isinstance(v, torch.Tensor)}
+    expected = model.state_dict()
+
+    def refuse(key: str, problem: str) -> None:
+        owner = _child(model, key.rpartition(".")[0])  # a pipeline's quantizer: name the layers reading it
+        readers = [repr(prefix + name) for name, m in model.named_modules()
+                   if isinstance(m, QuantLayerBase) and m.graph_input and m.input_quantizer is owner]
+        read_by = f" (the input of {', '.join(readers)})" if readers else ""
+        raise ValueError(f"load_state_dict: tensor {prefix + key!r}{read_by} {problem}; nothing was loaded")
+
+    for key, got in local.items():
+        want = expected.get(key)
+        if want is None:
+            continue
+        # (load_state_dict also takes a [1] tensor for a 0-d one)
+        if got.shape != want.shape and not (want.dim() == 0 and got.shape == (1,)):
+            refuse(key, f"is {list(got.shape)}, the model expects {list(want.shape)}")
+        local[key] = got.to(want.dtype)  # the values checked are those the copy stores
+    for key, check in _value_checks(model, local).items():
+        problem = check(local[key]) if key in local else None
+        if problem:
+            refuse(key, problem)
+
+
+def guard_loads(model: nn.Module) -> nn.Module:
+    """Registers check_before_load on model (once)."""
+    hooks = model._load_state_dict_pre_hooks.values()
+    if not any(getattr(h, "hook", h) is check_before_load for h in hooks):
+        model.register_load_state_dict_pre_hook(check_before_load)
+    return model
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -537,6 +574,7 @@ def load(path, model: nn.Module) -> nn.Module:
         raise
     _install(plan, 3)
     unfuse_transformers(model)
+    guard_loads(model)
     for name, entry in meta["layers"].items():  # the fused activation is part of each layer's function
         _child(model, name).set_activation_clamp(*entry.get("clamp", (None, None)))
     return model
@@ -580,4 +618,4 @@ def _load_pipeline(path: str, model: nn.Module, meta: dict, tensors: dict) -> nn
                              f"the model's")
     _check_tensors(path, built, tensors)
     built.load_state_dict(tensors)
-    return built
+    return guard_loads(built) if pipeline["converted"] else built
