@@ -479,6 +479,44 @@ def test_float_model_is_left_unchanged_and_parameters_are_shared():
         assert torch.equal(v, before[k])
 
 
+class EncoderNet(nn.Module):
+    """A Linear before an nn.TransformerEncoderLayer, which torch.fx calls as one module (its linears inside)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(16, 16)
+        self.encoder = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.1, batch_first=True)
+        self.norm = nn.LayerNorm(16)
+
+    def forward(self, x):
+        return self.norm(self.encoder(self.embed(x)))
+
+
+def test_prepared_pipeline_has_its_own_modules():
+    # the GraphModule referenced the float model's nn.TransformerEncoderLayer: prepare swapped the float model's
+    # own linear1/linear2 for quantized layers and hooked it, train() on the pipeline set its modes, convert left
+    # it computing with integer layers
+    torch.manual_seed(0)
+    model = EncoderNet().eval()
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        want = model(x)
+    prepared = tq.prepare(model, PIPELINE)
+    assert prepared.encoder is not model.encoder and prepared.norm is not model.norm
+    assert type(model.encoder.linear1) is nn.Linear and type(prepared.encoder.linear1) is QuantLinear
+    assert not model.encoder._forward_pre_hooks
+    assert prepared.encoder.linear1.weight is model.encoder.linear1.weight  # the tensors are shared
+    assert prepared.encoder.norm1.weight is model.encoder.norm1.weight and prepared.norm.bias is model.norm.bias
+    prepared.train()
+    assert not any(m.training for m in model.modules())
+    model.encoder.dropout.p = 0.5  # an edit of the float model stays there
+    assert prepared.encoder.dropout.p == 0.1
+    converted = tq.convert(tq.calibrate(prepared.eval(), [x], progress=False))
+    with torch.no_grad():
+        assert torch.equal(model(x), want)
+        torch.testing.assert_close(converted(x), want, atol=0.1, rtol=0)
+
+
 def test_quantize_model_and_convert_not_inplace():
     model, prepared, batches = _prepared("cat")
     converted = tq.convert(prepared, inplace=False)

@@ -168,9 +168,12 @@ def prepare(model: nn.Module, config=None, *, inplace: bool = True) -> nn.Module
     and passes its input through, the layer applying the BatchNorm; convert() replaces it with nn.Identity.
 
     With config.integer_pipeline (preset 'int8-pipeline') the model is traced with torch.fx and the result is a new
-    model, a torch.fx.GraphModule that shares the float model's parameters and leaves the float model itself as it
-    is (use the returned model): see torchquant.graph. A model torch.fx cannot trace is prepared by the module swap
-    above instead, with a warning that says why."""
+    model, a torch.fx.GraphModule (use the returned model): see torchquant.graph. Its modules are its own (the
+    float model's modules, nn.TransformerEncoderLayer and the like included, are left as they are: swaps, hooks,
+    train()/eval() and later edits of one model do not reach the other), but with inplace=True its parameters and
+    buffers are the float model's tensors, as the module swap's layers share theirs: training the prepared model
+    trains them, and a converted pipeline computes from its own integer copies. inplace=False shares nothing. A model
+    torch.fx cannot trace is prepared by the module swap above instead, with a warning that says why."""
     _check_model(model, "prepare")
     config = resolve_config(config)
     if not inplace:

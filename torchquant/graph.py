@@ -32,6 +32,7 @@ A model that torch.fx cannot trace falls back to the module swap, with one warni
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import operator
 import warnings
@@ -454,9 +455,9 @@ def _describe(node: fx.Node) -> str:
 
 
 def prepare_pipeline(model: nn.Module, config: QuantConfig, swap) -> Optional[fx.GraphModule]:
-    """The prepared pipeline of model (left unchanged: the pipeline shares its parameters), or None with a warning
-    when torch.fx cannot trace it. swap(gm, config) swaps the layers of the traced module (the module swap's
-    planner, with BatchNorm folding)."""
+    """The prepared pipeline of model (left unchanged: the pipeline has its own modules, sharing the model's
+    parameters and buffers), or None with a warning when torch.fx cannot trace it. swap(gm, config) swaps the layers
+    of the traced module (the module swap's planner, with BatchNorm folding)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the tracer's own warnings
@@ -468,6 +469,7 @@ def prepare_pipeline(model: nn.Module, config: QuantConfig, swap) -> Optional[fx
                       UserWarning, stacklevel=4)
         return None
     gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
+    _own_modules(gm, graph)
     gm.meta[META_KEY] = {"integer_output": config.integer_output, "converted": False}
     swap(gm, config)
     modules = dict(gm.named_modules())
@@ -504,6 +506,19 @@ def prepare_pipeline(model: nn.Module, config: QuantConfig, swap) -> Optional[fx
                       f"{', '.join(_describe(n) for n in float_readers)}", UserWarning, stacklevel=4)
     _meta(gm)["float_ops"] = [_describe(n) for n in float_readers]
     return gm
+
+
+def _own_modules(gm: fx.GraphModule, graph: fx.Graph) -> None:
+    """fx.GraphModule references the modules the graph calls (its new parents aside): each becomes a copy sharing
+    their parameters and buffers, so that what prepare and convert do to them (swapping the layers inside an
+    nn.TransformerEncoderLayer, turning off its fast path), what train()/eval() sets and what is changed on either
+    model later stays in that model."""
+    called = {node.target: gm.get_submodule(node.target) for node in graph.nodes if node.op == "call_module"}
+    memo = {id(t): t for m in called.values() for t in (*m.parameters(), *m.buffers())}
+    for target in sorted(called, key=lambda t: t.count(".")):  # a called module before those called inside it
+        parent, _, key = target.rpartition(".")
+        # (through memo, a module reached by several names stays one module)
+        setattr(gm.get_submodule(parent), key, copy.deepcopy(called[target], memo))
 
 
 def _device_of(model: nn.Module) -> torch.device:
