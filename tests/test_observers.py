@@ -49,6 +49,30 @@ def test_non_finite_values_are_ignored(device, observer, bad):
             torch.testing.assert_close(g, w, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("observer", ["minmax", "moving_average", "percentile", "mse"])
+def test_observer_replaces_non_finite_values_only_when_there_are_some(device, observer, monkeypatch):
+    # an observer waits for the device anyway (it reads its batch count), so on every device finite data is reduced
+    # once, with no element-wise pass to replace NaN/inf first; the path that always replaces them (traced graphs,
+    # the weight quantizers on a GPU) gives the same ranges
+    spec = QuantSpec(bits=8, signed=False, symmetric=False, granularity="per_tensor", observer=observer)
+    batches = _batches(device)
+    batches[1][2, 3], batches[2][0, 0] = float("nan"), float("-inf")
+    replaced = []
+    real = torch.nan_to_num
+    monkeypatch.setattr(torch, "nan_to_num", lambda *a, **k: replaced.append(1) or real(*a, **k))
+    eager = Observer(spec).to(device)
+    eager(batches[0])
+    assert not replaced
+    for b in batches[1:]:
+        eager(b)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    always = Observer(spec).to(device)
+    for b in batches:
+        always(b)
+    assert torch.equal(eager.lo, always.lo) and torch.equal(eager.hi, always.hi)
+    assert torch.isfinite(eager.lo).all() and torch.isfinite(eager.hi).all()
+
+
 def test_moving_average():
     spec = QuantSpec(observer="moving_average", averaging_constant=0.25, granularity="per_tensor")
     obs = Observer(spec)

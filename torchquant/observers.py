@@ -42,7 +42,7 @@ def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> t
 
 
 def _minmax(rows: torch.Tensor, spec: QuantSpec | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    return rows.amin(dim=1), rows.amax(dim=1)
+    return torch.aminmax(rows, dim=1)  # one pass over rows (amin and amax make two)
 
 
 def _percentile_range(rows: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,16 +75,20 @@ def _mse_range(rows: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch
     return factors[best] * lo, factors[best] * hi
 
 
-def batch_range(x: torch.Tensor, spec: QuantSpec, axis: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One batch's (lo, hi) float32 [C] per the spec's observer (moving_average uses min/max per batch)."""
+def batch_range(x: torch.Tensor, spec: QuantSpec, axis: int | None = None, *,
+                synced: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch's (lo, hi) float32 [C] per the spec's observer (moving_average uses min/max per batch). synced:
+    the caller waits for the device after this anyway, so a check of the range's values costs no extra wait."""
     rows = as_channel_rows(x, axis)
     if rows.shape[1] == 0:
         raise ValueError("observer input must not be empty")
     # NaN and inf are ignored, as choose_qparams ignores them (taken as 0, which every range holds): a min or max
     # of inf, which choose_qparams then drops, would make one inf clip everything on its side to 0, and one NaN
-    # would make the whole range NaN. The eager CPU replaces them only when the range shows one (no extra pass over finite data);
-    # other devices (the check would wait for the device) and traced graphs (no values to check) always do.
-    check = rows.is_cpu and not torch.compiler.is_compiling()
+    # would make the whole range NaN. No torch reduction skips them (no nanmin/nanmax; a mask or torch.where is an
+    # element-wise pass too), so they are replaced: in eager mode on the CPU, or where the caller syncs anyway, only
+    # when the range shows one (no extra pass over finite data); elsewhere (a check would make the device wait) and in
+    # traced graphs (no values to check) always, by an element-wise pass before the reduction.
+    check = (rows.is_cpu or synced) and not torch.compiler.is_compiling()
     if not check:
         rows = torch.nan_to_num(rows, nan=0.0, posinf=0.0, neginf=0.0)
     lo, hi = OBSERVERS[spec.observer].batch_range(rows, spec)
@@ -185,7 +189,7 @@ class Observer(Float32StateModule):
         if self.axis is not None and x.shape[self.axis] != self.lo.numel():
             raise ValueError(f"Observer: expected {self.lo.numel()} channels along axis {self.axis}, "
                              f"got {x.shape[self.axis]}")
-        lo, hi = batch_range(x, self.spec, self.axis)
+        lo, hi = batch_range(x, self.spec, self.axis, synced=True)  # (reading self.batches below waits)
         if self.sync:
             lo, hi = _sync_range(lo, hi, self.spec)
         lo, hi = lo.to(self.lo.device), hi.to(self.hi.device)
