@@ -3,6 +3,7 @@ every pattern, the float reference, fallbacks, save/load, report and CLI."""
 import copy
 import dataclasses
 import json
+from collections import Counter
 import warnings
 
 import pytest
@@ -761,6 +762,36 @@ def test_moved_and_copied_pipeline_runs():
         y = converted(batches[0])
         assert torch.equal(copy.deepcopy(converted)(batches[0]), y)
         assert torch.equal(converted.to("cpu")(batches[0]), y)
+
+
+@pytest.mark.parametrize("name", ["basic-blocks", "hardswish-block", "conv-bn-module"])
+def test_pipeline_pickles(tmp_path, name):
+    # unpickling rebuilds a GraphModule by tracing its code: the converted graph's ops (quantize_input,
+    # integer_layer, quantized_lookup, ...) were traced into with proxies and raised TypeError
+    import pickle
+    _, prepared, batches = _prepared(name)
+    with torch.no_grad():
+        want_prepared = prepared(batches[0])
+    again = pickle.loads(pickle.dumps(prepared))
+    assert list(again.state_dict()) == list(prepared.state_dict())
+    with torch.no_grad():
+        assert torch.equal(again(batches[0]), want_prepared)
+    converted = tq.convert(prepared)
+    tq.convert(again)  # (act_quant is a ModuleDict again)
+    with torch.no_grad():
+        assert torch.equal(again(batches[0]), converted(batches[0]))
+    torch.save(converted, tmp_path / "model.pt")
+    for copied in (pickle.loads(pickle.dumps(converted)), torch.load(tmp_path / "model.pt", weights_only=False)):
+        assert graph.is_pipeline(copied) and graph._meta(copied)["converted"]
+        calls = [Counter(n.target for n in m.graph.nodes if n.op == "call_function") for m in (copied, converted)]
+        assert calls[0] == calls[1]
+        assert copied._load_state_dict_pre_hooks and copied._load_state_dict_post_hooks
+        with torch.no_grad():
+            assert torch.equal(copied(batches[0]), converted(batches[0]))
+        state = converted.state_dict()
+        copied.load_state_dict(state)
+        with pytest.raises(ValueError, match="nothing was loaded"):
+            copied.load_state_dict({**state, "act_quant.x.scale": torch.zeros(1)})
 
 
 # ---- report and command line ----

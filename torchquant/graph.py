@@ -99,6 +99,33 @@ class ActivationQuantizer(InputQuantizer):
         return self
 
 
+class _Pipeline(fx.GraphModule):
+    """A pipeline's GraphModule. Unpickling (pickle, torch.save) rebuilds a GraphModule from its code: a plain one,
+    without the meta and load_state_dict hooks that make it a pipeline, which _unpickled_pipeline puts back."""
+
+    def __reduce__(self):
+        rebuild, (body, import_block) = super().__reduce__()
+        # the pre-hooks without their reference to this module (pickled, it would be another module)
+        pre_hooks = [(h.hook, h.with_module) for h in body.pop("_load_state_dict_pre_hooks").values()]
+        return (_unpickled_pipeline, (rebuild, body, import_block, pre_hooks))
+
+
+def _unpickled_pipeline(rebuild, body: dict, import_block: str, pre_hooks: list) -> _Pipeline:
+    plain = rebuild(body, import_block)
+    gm = _Pipeline(plain, plain.graph, class_name=type(plain).__name__)
+    # the modules as pickled: a GraphModule keeps only those its code reads (not the quantizers of lookup outputs,
+    # which their tables hold), in new plain containers (act_quant is a ModuleDict)
+    gm._modules.clear()
+    gm._modules.update(body["_modules"])
+    gm.meta = body["meta"]
+    gm.training = body["training"]
+    for hook, with_module in pre_hooks:
+        gm._register_load_state_dict_pre_hook(hook, with_module=with_module)
+    for hook in body["_load_state_dict_post_hooks"].values():
+        gm.register_load_state_dict_post_hook(hook)
+    return gm
+
+
 def is_pipeline(model: nn.Module) -> bool:
     """Whether model was made by prepare_pipeline (prepared or converted)."""
     return isinstance(model, fx.GraphModule) and META_KEY in getattr(model, "meta", {})
@@ -461,14 +488,14 @@ def prepare_pipeline(model: nn.Module, config: QuantConfig, swap) -> Optional[fx
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the tracer's own warnings
-            graph = _Tracer().trace(model)
+            graph = _PipelineTracer().trace(model)
     except Exception as exc:  # noqa: BLE001 -- any tracing failure means: the module swap instead
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         warnings.warn(f"prepare: torch.fx cannot trace {type(model).__name__} ({type(exc).__name__}: {reason}); "
                       f"the model is quantized layer by layer (module swap) instead of as an integer pipeline",
                       UserWarning, stacklevel=4)
         return None
-    gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
+    gm = _Pipeline(model, graph, class_name=type(model).__name__)
     _own_modules(gm, graph)
     gm.meta[META_KEY] = {"integer_output": config.integer_output, "converted": False}
     swap(gm, config)
@@ -758,6 +785,15 @@ def _lower(gm: fx.GraphModule, dtype: torch.dtype, build_tables: bool) -> None:
     gm.recompile()
     for q in gm.get_submodule(ACT_QUANT).values():
         q.refresh()
+
+
+class _PipelineTracer(_Tracer):
+    """The tracer of a pipeline, which torch.fx also uses to rebuild it from its code when it is unpickled
+    (pickle, torch.save, copy.copy): the converted graph's ops are recorded as calls, not traced into."""
+
+    def __init__(self):
+        super().__init__(autowrap_functions=(quantize_input, dequantize_output, integer_layer, integer_add,
+                                             integer_relu, F_q.quantized_lookup, F_q.quantized_max_pool2d))
 
 
 def _output_nodes(graph: fx.Graph) -> list:
