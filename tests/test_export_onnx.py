@@ -705,6 +705,17 @@ def check_pipeline_export(model, converted, x):
     return compared, proto
 
 
+def test_pipeline_with_broadcasting_adds_exports_its_integers():
+    # the export's stand-in for an integer add had its first input's shape, wrong where the add broadcasts
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    prepared = calibrated(torchquant.prepare(test_graph.BroadcastAddNet(), pipeline_config()),
+                          [torch.randn(4, 3, 6, 6, generator=g) for _ in range(3)])
+    converted = torchquant.convert(copy.deepcopy(prepared))
+    compared, _ = check_pipeline_export(converted, converted, torch.randn(3, 3, 6, 6, generator=g))
+    assert compared > 0
+
+
 @pytest.mark.parametrize("name", list(PIPELINE_MODELS))
 @pytest.mark.parametrize("signed", [False, True], ids=["uint8", "int8"])
 @pytest.mark.parametrize("weight_bits", [8, 4])

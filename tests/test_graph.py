@@ -173,6 +173,22 @@ class SmoothActivationNet(nn.Module):
         return self.e(torch.tanh(y))
 
 
+class BroadcastAddNet(nn.Module):
+    """Integer adds whose inputs broadcast: a scalar or a pooled tensor on either side, in place too."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.mid = nn.Conv2d(4, 4, 1)
+        self.head = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        y = self.stem(x)
+        y = y.mean() + self.mid(y + y.mean(dim=1, keepdim=True))
+        y += y.mean(dim=(2, 3), keepdim=True)
+        return self.head(y)
+
+
 def _randomize_bn(model, seed=0):
     g = torch.Generator().manual_seed(seed)
     for m in model.modules():
@@ -197,6 +213,7 @@ MODELS = {
     "inverted-residual": (InvertedResidualNet, (2, 3, 12, 12)),
     "hardswish-block": (HardswishBlockNet, (2, 3, 12, 12)),
     "smooth-activations": (SmoothActivationNet, (3, 3, 6, 6)),
+    "broadcast-add": (BroadcastAddNet, (2, 3, 6, 6)),
 }
 
 

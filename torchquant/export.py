@@ -508,13 +508,18 @@ class _Step:
 @torch.library.custom_op("torchquant_export::pipeline_elementwise", mutates_args=())
 def _elementwise_placeholder(x: torch.Tensor, other: Optional[torch.Tensor], dtype: torch.dtype,
                              index: int) -> torch.Tensor:
-    """Stands for pipeline step `index` (same shape as x, of dtype) during export only."""
-    return x.new_zeros(x.shape, dtype=dtype)
+    """Stands for pipeline step `index` (x's shape, broadcast with other's for an add; of dtype) during export
+    only."""
+    return x.new_zeros(_elementwise_shape(x, other), dtype=dtype)
 
 
 @_elementwise_placeholder.register_fake
 def _(x, other, dtype, index):
-    return x.new_empty(x.shape, dtype=dtype)
+    return x.new_empty(_elementwise_shape(x, other), dtype=dtype)
+
+
+def _elementwise_shape(x: torch.Tensor, other: Optional[torch.Tensor]) -> torch.Size:
+    return x.shape if other is None else torch.broadcast_shapes(x.shape, other.shape)
 
 
 @torch.library.custom_op("torchquant_export::pipeline_linear", mutates_args=())

@@ -596,6 +596,8 @@ def integer_layer(layer: QuantLayerBase, x_q: torch.Tensor, out: Optional[Activa
 
 def integer_add(a: torch.Tensor, b: torch.Tensor, qa: ActivationQuantizer, qb: ActivationQuantizer,
                 out: Optional[ActivationQuantizer], relu: bool, dtype: torch.dtype) -> torch.Tensor:
+    if a.shape != b.shape:  # an add that broadcasts (y + y.mean()): quantized_add takes one shape
+        a, b = torch.broadcast_tensors(a, b)
     sa, _, za, _ = qa.qparams
     sb, _, zb, _ = qb.qparams
     if out is None:
