@@ -781,6 +781,38 @@ def test_moved_and_copied_pipeline_runs():
         assert torch.equal(converted.to("cpu")(batches[0]), y)
 
 
+class GroupNormNet(nn.Module):
+    """A float op with parameters (GroupNorm) between integer layers, then average pooling and a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 4)
+        self.mid = nn.Conv2d(4, 4, 1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = self.mid(self.norm(self.stem(x)))
+        return self.fc(F.adaptive_avg_pool2d(y, 1).flatten(1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_converted_pipeline_follows_a_cast_of_the_model(dtype):
+    # the converted graph's float outputs kept the dtype of convert time: after model.half() the pipeline returned
+    # float32, and the GroupNorm (now half) raised "mixed dtype" on the float32 it was given
+    torch.manual_seed(0)
+    batches = _batches((2, 3, 6, 6))
+    converted = tq.quantize_model(GroupNormNet().eval(), PIPELINE, batches)
+    with torch.no_grad():
+        want = converted(batches[0])
+        cast = copy.deepcopy(converted).to(dtype)
+        y = cast(batches[0].to(dtype))
+        assert y.dtype == dtype
+        torch.testing.assert_close(y.float(), want, atol=0.05, rtol=0.05)
+        assert cast.to("cpu")(batches[0].to(dtype)).dtype == dtype  # a move keeps the dtype
+        assert cast.float()(batches[0]).dtype == torch.float32
+
+
 @pytest.mark.parametrize("name", ["basic-blocks", "hardswish-block", "conv-bn-module"])
 def test_pipeline_pickles(tmp_path, name):
     # unpickling rebuilds a GraphModule by tracing its code: the converted graph's ops (quantize_input,

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from torchquant import functional as F_q
+from torchquant._ops import FLOAT_DTYPES
 from torchquant.config import QuantConfig
 from torchquant.fold import _Tracer
 from torchquant.nn.base import QuantLayerBase
@@ -102,6 +103,19 @@ class ActivationQuantizer(InputQuantizer):
 class _Pipeline(fx.GraphModule):
     """A pipeline's GraphModule. Unpickling (pickle, torch.save) rebuilds a GraphModule from its code: a plain one,
     without the meta and load_state_dict hooks that make it a pipeline, which _unpickled_pipeline puts back."""
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        # a cast of the model (half(), to(torch.bfloat16)) maps float32 and float16 alike: the converted graph's
+        # float outputs take that dtype too, as the float ops reading them (and the caller) expect
+        dtype = fn(torch.empty(0)).dtype
+        if (self.meta.get(META_KEY, {}).get("converted") and dtype in FLOAT_DTYPES
+                and fn(torch.empty(0, dtype=torch.float16)).dtype == dtype):
+            for node in self.graph.nodes:
+                if node.target in _FLOAT_DTYPE_ARG:
+                    node.update_arg(_FLOAT_DTYPE_ARG[node.target], dtype)
+            self.recompile()
+        return self
 
     def __reduce__(self):
         rebuild, (body, import_block) = super().__reduce__()
@@ -796,6 +810,10 @@ class _PipelineTracer(_Tracer):
     def __init__(self):
         super().__init__(autowrap_functions=(quantize_input, dequantize_output, integer_layer, integer_add,
                                              integer_relu, F_q.quantized_lookup, F_q.quantized_max_pool2d))
+
+
+# where the converted graph's calls take the pipeline's float dtype
+_FLOAT_DTYPE_ARG = {dequantize_output: 2, integer_layer: 3, integer_add: 6}
 
 
 def _output_nodes(graph: fx.Graph) -> list:
