@@ -400,6 +400,16 @@ def test_save_refuses_a_read_only_file_unless_forced(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
 
 
+def test_save_refuses_a_path_that_names_no_file(tmp_path, monkeypatch):
+    # "" resolved to the current directory (the rename failed with a bare IsADirectoryError) and "out/" wrote a
+    # file called out
+    monkeypatch.chdir(tmp_path)
+    for path in ("", "out/", str(tmp_path / "out") + "/"):
+        with pytest.raises(IsADirectoryError, match="is not a file name"):
+            tq.save(_small(), path)
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc")
 def test_save_into_a_directory_that_refuses_files_names_it():
     # access() allows root to write /proc, but no file can be created there: the error names the destination,

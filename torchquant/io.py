@@ -102,6 +102,8 @@ def written_path(path: str) -> str:
 def check_destination(path: str, where: str, *, force: bool = False, force_hint: str = "force=True") -> None:
     """Raises an OSError naming `where` unless `path` can be written as a new file: its directory exists, it is
     not a directory, and it is not an existing read-only file (replaced only with `force`, like cp -f)."""
+    if not path or path.endswith(("/", os.sep)):  # (realpath would make "" the current directory, "out/" a file)
+        raise IsADirectoryError(f"{where}: {path!r} is not a file name (empty, or ending in a separator)")
     if os.path.isdir(path):
         raise IsADirectoryError(f"{where}: {path} is a directory, expected a file name")
     if os.path.exists(path) and not os.path.isfile(path):  # the rename would replace /dev/null itself
