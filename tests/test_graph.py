@@ -813,6 +813,22 @@ def test_converted_pipeline_follows_a_cast_of_the_model(dtype):
         assert cast.float()(batches[0]).dtype == torch.float32
 
 
+def test_converted_pipeline_to_meta_and_back_by_load_state_dict():
+    # the quantizers read their qparams' values after a move: .to("meta") raised midway (Tensor.item() on meta),
+    # leaving the model half moved
+    _, prepared, batches = _prepared("hardswish-block")
+    converted = tq.convert(prepared)
+    state = converted.state_dict()
+    with torch.no_grad():
+        want = converted(batches[0])
+    converted.to("meta")
+    assert all(t.is_meta for t in converted.state_dict().values())
+    converted.to_empty(device="cpu")
+    converted.load_state_dict(state)
+    with torch.no_grad():
+        assert torch.equal(converted(batches[0]), want)
+
+
 @pytest.mark.parametrize("name", ["basic-blocks", "hardswish-block", "conv-bn-module"])
 def test_pipeline_pickles(tmp_path, name):
     # unpickling rebuilds a GraphModule by tracing its code: the converted graph's ops (quantize_input,

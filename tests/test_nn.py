@@ -307,6 +307,24 @@ def test_converted_forward_follows_loaded_state():
         torch.testing.assert_close(loaded(x), saved(x), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("name", ["int8-static", "int8-dynamic", "w4a8-dynamic"])
+@pytest.mark.parametrize("converted", [False, True])
+def test_meta_then_to_empty_then_load_state_dict(name, converted):
+    # PyTorch's deferred initialisation: the quantization state was moved off "meta" with .to(), which cannot copy
+    # a tensor without data (NotImplementedError); it now starts from placeholders until the state dict loads
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, 6)
+    model = tq.prepare(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64, 5)), name)
+    tq.calibrate(model, [x], progress=False)
+    if converted:
+        tq.convert(model)
+    state, want = model.state_dict(), model(x)
+    model.to("meta")
+    model.to_empty(device="cpu")
+    model.load_state_dict(state)
+    torch.testing.assert_close(model(x), want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("bad", [0.0, float("nan"), -1.0, float("inf"), 1e39])
 def test_load_state_dict_with_a_bad_input_scale_leaves_the_model_as_it_was(bad):
     # the loaded state is refused before anything is copied: before, the layer kept the new weights and zero point

@@ -95,7 +95,7 @@ class ActivationQuantizer(InputQuantizer):
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
-        if self.qparams is not None:
+        if self.qparams is not None and not self.scale.is_meta:  # (meta: no values; a load refreshes them)
             self.refresh()
         return self
 

@@ -117,6 +117,15 @@ def _sync_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple[to
     return lo, hi
 
 
+def moved_state(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Quantization state t on device with its dtype. A meta tensor has no values to move (model.to_empty): it becomes
+    the placeholder a new layer starts from (ones for floats, a valid scale; zeros for integers) until a state dict
+    loads."""
+    if not t.is_meta:
+        return t.to(device)
+    return (torch.ones_like if t.is_floating_point() else torch.zeros_like)(t, device=device)
+
+
 class Float32StateModule(nn.Module):
     """A module whose own tensors are quantization state: `.to(device)` moves them, dtype casts leave them, and a
     state dict without any of them (a float checkpoint) loads, keeping the current state."""
@@ -141,9 +150,9 @@ class Float32StateModule(nn.Module):
                     continue
                 device = fn(t.new_empty(0)).device  # what fn would do, for the device only
                 if not isinstance(t, nn.Parameter):
-                    tensors[name] = t.to(device)
+                    tensors[name] = moved_state(t, device)
                     continue
-                moved = t.data.to(device)
+                moved = moved_state(t.data, device)
                 if torch._has_compatible_shallow_copy_type(t, moved):
                     t.data = moved  # the same Parameter object, so an optimizer holding it stays valid
                 else:  # e.g. to or from "meta": a new Parameter, as nn.Module._apply does

@@ -32,6 +32,7 @@ from torchquant._ops import FLOAT_DTYPES, ops
 from torchquant.config import QuantConfig, resolve_config
 from torchquant.fold import fold_running, folded_weight_bias
 from torchquant.nn.quantizers import InputQuantizer, WeightQuantizer
+from torchquant.observers import moved_state
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -337,7 +338,7 @@ class QuantLayerBase(nn.Module):
                                                          device=self._device)
             if not spec.dynamic:  # checked here once, not by a wrapper on every call
                 # (to the layer's device: a pipeline's quantizer may move after the layer)
-                self._static_scale = self._checked_static_input_scale().to(self._device)
+                self._static_scale = moved_state(self._checked_static_input_scale(), self._device)
         self._kernel_args = self._int_op_args()
         self._quantized_call_args = self._quantized_layer_args()
 
@@ -397,7 +398,7 @@ class QuantLayerBase(nn.Module):
         try:
             super()._apply(fn, recurse)
         finally:
-            self._buffers["weight_scale"] = scale.to(self.qweight.device)
+            self._buffers["weight_scale"] = moved_state(scale, self.qweight.device)
         self._repack()
         return self
 
