@@ -423,3 +423,11 @@ def test_prepare_with_learned_scales():
         assert isinstance(layer.input_quantizer.scale, nn.Parameter)
     model[0](torch.randn(3, 6)).sum().backward()
     assert model[0].weight_quantizer.scale.grad is not None
+
+
+@pytest.mark.parametrize("name", ["int8-dynamic", "w4a8-dynamic"])
+def test_fake_quant_per_token_layer_refuses_a_0d_input(name):
+    # was IndexError (tuple index out of range) from the per-token scale
+    layer = QuantLinear(8, 4, config=name)
+    with pytest.raises(ValueError, match="needs an input with a feature dimension"):
+        layer(torch.tensor(1.0))

@@ -158,6 +158,9 @@ class InputQuantizer(Float32StateModule):
         same way: keep the two alike.)"""
         x = x.detach()
         if self.per_token:
+            if x.dim() == 0:
+                raise ValueError("per-token activation quantization needs an input with a feature dimension [..., K], "
+                                 "got a 0-d tensor")
             return F_q.quantize_per_token(x.reshape(-1, x.shape[-1]), bits=self.spec.bits)[1], None
         if x.numel() == 0:  # an empty batch has no range; any scale quantizes it to nothing
             return torch.ones(1, device=x.device), None
