@@ -92,7 +92,7 @@ def batch_range(x: torch.Tensor, spec: QuantSpec, axis: int | None = None, *,
     if not check:
         rows = torch.nan_to_num(rows, nan=0.0, posinf=0.0, neginf=0.0)
     lo, hi = OBSERVERS[spec.observer].batch_range(rows, spec)
-    if check and not bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+    if check and not bool(torch.isfinite(lo).all() & torch.isfinite(hi).all()):  # (one wait for the device)
         lo, hi = OBSERVERS[spec.observer].batch_range(torch.nan_to_num(rows, nan=0.0, posinf=0.0, neginf=0.0), spec)
     return lo, hi
 
