@@ -443,6 +443,76 @@ def test_in_place_activations_train_and_are_read_as_the_float_model_reads_them()
         assert tq.functional.quantization_error(model(batches[1]), converted(batches[1]))["sqnr_db"] > 25
 
 
+class InPlaceMethodNet(nn.Module):
+    """In-place tensor methods that are no activations (mul_, clamp_, copy_) on a layer's output, unassigned."""
+
+    def __init__(self, method: str):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(4, 4, 1)
+        self.method = method
+
+    def forward(self, x):
+        y = self.a(x)
+        if self.method == "mul_":
+            y.mul_(2)
+        elif self.method == "clamp_":
+            y.clamp_(-0.5, 0.5)
+        else:
+            y.copy_(torch.flip(y, [3]))
+        return self.b(y)
+
+
+@pytest.mark.parametrize("method", ["mul_", "clamp_", "copy_"])
+def test_in_place_methods_are_read_as_the_float_model_reads_them(method):
+    # the converted pipeline ran the method on a dequantized copy and the next layer read the unchanged integers
+    torch.manual_seed(0)
+    model = InPlaceMethodNet(method).eval()
+    batches = _batches((2, 3, 6, 6))
+    prepared = tq.calibrate(tq.prepare(model, PIPELINE), batches, progress=False)
+    with torch.no_grad():
+        want = model(batches[0].clone())
+        fake = prepared(batches[0].clone())
+        converted = tq.convert(copy.deepcopy(prepared))(batches[0].clone())
+    torch.testing.assert_close(converted, fake, atol=1e-5, rtol=0)
+    torch.testing.assert_close(converted, want, atol=0.1, rtol=0)
+
+
+class ViewNet(nn.Module):
+    """A conv's output flattened with Tensor.view for a Linear (the conv writes its integers channels-last)."""
+
+    def __init__(self, in_place_on_view=False):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 6 * 6, 5)
+        self.in_place_on_view = in_place_on_view
+
+    def forward(self, x):
+        y = F.relu(self.conv(x))
+        if self.in_place_on_view:
+            y[:, :2].sigmoid_()
+        return self.fc(y.view(y.size(0), -1))
+
+
+def test_view_of_integers_runs_where_their_layout_differs():
+    # RuntimeError: view size is not compatible with input tensor's size and stride
+    torch.manual_seed(0)
+    model = ViewNet().eval()
+    batches = _batches((2, 3, 6, 6))
+    converted = tq.quantize_model(model, PIPELINE, batches)
+    assert "view" not in [n.target for n in converted.graph.nodes]
+    with torch.no_grad():
+        torch.testing.assert_close(converted(batches[0]), model(batches[0]), atol=0.05, rtol=0)
+
+
+def test_in_place_op_on_a_view_falls_back_to_the_module_swap():
+    # y[:, :2].sigmoid_() changes y behind the graph: the pipeline quantized y before the change and lost it
+    model = ViewNet(in_place_on_view=True).eval()
+    with pytest.warns(UserWarning, match=r"writes in place into a view \(sigmoid_"):
+        prepared = tq.prepare(model, PIPELINE)
+    assert not graph.is_pipeline(prepared) and isinstance(prepared.conv, QuantConv2d)
+
+
 def test_dropout_on_integers_is_left_out_of_the_converted_graph():
     """A dropout between integer layers passes their integers on (prepare keeps them integer); the converted model
     runs the identity in train mode too (dropout on integers would be neither dropout nor the identity)."""

@@ -65,6 +65,16 @@ _AVG_POOLS = (nn.AvgPool2d, nn.AdaptiveAvgPool2d)
 _AVG_POOL_FUNCTIONS = (F.avg_pool2d, F.adaptive_avg_pool2d)
 _DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 _PASSTHROUGH_MODULES = (nn.Flatten, nn.Identity) + _DROPOUT_MODULES
+_IN_PLACE_OPERATORS = (operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                       operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift,
+                       operator.irshift)
+# ops whose result may share its input's memory
+_VIEW_METHODS = ("view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "narrow", "select", "transpose",
+                 "swapaxes", "t", "permute", "movedim", "expand", "expand_as", "squeeze", "unsqueeze", "diagonal",
+                 "unfold", "as_strided", "detach", "split", "chunk", "unbind", "contiguous")
+_VIEW_FUNCTIONS = (operator.getitem, torch.flatten, torch.reshape, torch.narrow, torch.select, torch.transpose,
+                   torch.swapaxes, torch.t, torch.permute, torch.movedim, torch.squeeze, torch.unsqueeze,
+                   torch.diagonal, torch.as_strided, torch.detach, torch.split, torch.chunk, torch.unbind)
 # element-wise activations that run as table lookups on integers (a ReLU6 / hardtanh that no layer's epilogue fuses
 # among them; a plain ReLU keeps its integer clamp)
 _LOOKUP_MODULES = (nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.GELU, nn.ELU, nn.CELU, nn.SELU,
@@ -274,25 +284,36 @@ def _max_pool_arguments(node: fx.Node, modules: dict) -> dict:
 
 
 def _in_place(node: fx.Node, modules: dict) -> bool:
-    """Whether node is an activation or add that writes into its first argument: a module with inplace=True, a
-    method or torch function whose name ends in "_" (relu_, sigmoid_, F.elu_, ...), operator.iadd, or a function
-    called with inplace=True (by keyword or position)."""
-    if (node.op == "call_method" and node.target == "add_") or (node.op == "call_function"
-                                                                and node.target is operator.iadd):
+    """Whether node writes into its first argument: a tensor method or torch function whose name ends in "_"
+    (relu_, mul_, clamp_, copy_, F.elu_, ...), an augmented assignment (+=, *=, ...), or an activation module or
+    function with inplace=True (by keyword or position)."""
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.startswith("_")
+    if node.op == "call_function" and (node.target in _IN_PLACE_OPERATORS
+                                       or getattr(node.target, "__name__", "").endswith("_")):
         return True
     if activation_clamp(node, modules) is None and lookup_function(node, modules) is None:
         return False
     if node.op == "call_module":
         return bool(getattr(modules[node.target], "inplace", False))
-    if node.op == "call_method":
-        return node.target.endswith("_")
-    if getattr(node.target, "__name__", "").endswith("_"):
-        return True
     try:
         bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
     except (TypeError, ValueError):  # a builtin without a Python signature: inplace only by keyword
         return bool(node.kwargs.get("inplace", False))
     return bool(bound.arguments.get("inplace", False))
+
+
+def _in_place_on_a_view(graph: fx.Graph, modules: dict) -> Optional[fx.Node]:
+    """An in-place op that writes into a view of another tensor (y[:, :2].sigmoid_(), y.view(-1).relu_()), which
+    changes that tensor behind the graph's back: the pipeline, which quantizes tensors where they are made, would
+    miss the change."""
+    for node in graph.nodes:
+        base = node.args[0] if node.args else None
+        if (isinstance(base, fx.Node) and _in_place(node, modules)
+                and (base.op == "call_method" and base.target in _VIEW_METHODS
+                     or base.op == "call_function" and base.target in _VIEW_FUNCTIONS)):
+            return node
+    return None
 
 
 def _functionalize_in_place(graph: fx.Graph, modules: dict) -> None:
@@ -319,7 +340,7 @@ def _is_passthrough(node: fx.Node, modules: dict) -> bool:
         if node.target in _PASSTHROUGH_FUNCTIONS or _is_max_pool(node, modules):
             return True
     if node.op == "call_method" and node.target in _PASSTHROUGH_METHODS:
-        return True
+        return not any(isinstance(a, torch.dtype) for a in node.args)  # (view(dtype) reinterprets the bytes)
     return activation_clamp(node, modules) == (0.0, None)
 
 
@@ -507,6 +528,12 @@ def prepare_pipeline(model: nn.Module, config: QuantConfig, swap) -> Optional[fx
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         warnings.warn(f"prepare: torch.fx cannot trace {type(model).__name__} ({type(exc).__name__}: {reason}); "
                       f"the model is quantized layer by layer (module swap) instead of as an integer pipeline",
+                      UserWarning, stacklevel=4)
+        return None
+    in_place = _in_place_on_a_view(graph, dict(model.named_modules()))
+    if in_place is not None:
+        warnings.warn(f"prepare: {type(model).__name__} writes in place into a view ({_describe(in_place)}); the "
+                      f"model is quantized layer by layer (module swap) instead of as an integer pipeline",
                       UserWarning, stacklevel=4)
         return None
     gm = _Pipeline(model, graph, class_name=type(model).__name__)
@@ -786,6 +813,10 @@ def _lower(gm: fx.GraphModule, dtype: torch.dtype, build_tables: bool) -> None:
                 graph.erase_node(node)
                 erased.add(node)
             else:
+                if node.op == "call_method" and node.target == "view":
+                    # the integers may be laid out otherwise than the float tensor (a conv writes channels-last),
+                    # where a view of the same shape fails; reshape copies only then
+                    node.target = "reshape"
                 int_of[node] = quantizer
             continue
         if node.op == "output" and integer_output or _is_shape_query(node):
