@@ -419,7 +419,7 @@ def check_before_load(model: nn.Module, state_dict: dict, prefix: str, *args) ->
             refuse(key, f"is {list(got.shape)}, the model expects {list(want.shape)}")
         local[key] = got.to(want.dtype)  # the values checked are those the copy stores
     for key, check in _value_checks(model, local).items():
-        problem = check(local[key]) if key in local else None
+        problem = check(local[key]) if key in local and not local[key].is_meta else None  # (meta: no values)
         if problem:
             refuse(key, problem)
 
