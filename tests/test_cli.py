@@ -571,6 +571,21 @@ def test_read_only_output_needs_force(in_work, tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir()] == ["out.safetensors"]
 
 
+def test_export_force_replaces_a_read_only_output(in_work, tmp_path, capsys):
+    # --force passed the command line's check, but export_onnx, not given it, refused the file ("pass --force")
+    pytest.importorskip("onnxscript")
+    out = tmp_path / "m.onnx"
+    out.write_bytes(b"previous")
+    out.chmod(0o444)
+    args = ["export", FACTORY, "--weights", "digits.safetensors", "--input-shape", "1,1,8,8", "-o", out, "-q",
+            "--threads", "1"]
+    status, err = run_main(args, capsys)
+    assert status == 2 and "read-only; pass --force" in err[0] and out.read_bytes() == b"previous"
+    status, err = run_main(args + ["--force"], capsys)
+    assert (status, err) == (0, []) and out.read_bytes() != b"previous"
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+
+
 INTERRUPTED_CONVERT = """
 import os, signal, sys, time
 import torchquant.io

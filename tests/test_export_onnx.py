@@ -705,6 +705,24 @@ def check_pipeline_export(model, converted, x):
     return compared, proto
 
 
+def test_export_refuses_paths_as_save_does(tmp_path):
+    # export_onnx raised the command line's UsageError and had no force for a read-only file
+    torch.manual_seed(0)
+    model, x = torchquant.convert(torchquant.prepare(DigitsCNN().eval(), "int8-dynamic")), torch.rand(2, 1, 8, 8)
+    for path, error in (("", IsADirectoryError), (str(tmp_path) + "/", IsADirectoryError),
+                        (tmp_path / "no" / "m.onnx", FileNotFoundError)):
+        with pytest.raises(error, match="export_onnx: path"):
+            export_onnx(model, x, path)
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"previous")
+    path.chmod(0o444)
+    with pytest.raises(PermissionError, match="read-only; pass force=True"):
+        export_onnx(model, x, path)
+    assert path.read_bytes() == b"previous"
+    export_onnx(model, x, path, force=True)
+    assert onnx.load(str(path)).graph.node
+
+
 def test_pipeline_with_broadcasting_adds_exports_its_integers():
     # the export's stand-in for an integer add had its first input's shape, wrong where the add broadcasts
     torch.manual_seed(0)

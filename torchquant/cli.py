@@ -438,7 +438,8 @@ def _cmd_export(args) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.export's and onnxscript's notes about their own internals
-            export_onnx(model, example, args.output, opset=args.opset, dynamic_batch=not args.fixed_batch)
+            export_onnx(model, example, args.output, opset=args.opset, dynamic_batch=not args.fixed_batch,
+                        force=args.force)
     except (ExportError, ValueError, TypeError) as exc:
         raise UsageError(str(exc).splitlines()[0]) from exc
     except ModuleNotFoundError as exc:

@@ -50,6 +50,7 @@ import torch.nn as nn
 from torchquant import graph as pipeline
 from torchquant import functional as F_q
 from torchquant._ops.quantize import qrange
+from torchquant.io import atomic_write
 from torchquant.nn.base import QuantLayerBase
 from torchquant.nn.conv import QuantConv1d, QuantConv2d
 from torchquant.nn.linear import QuantLinear
@@ -959,7 +960,8 @@ def _replace_placeholders(proto, quant_layers: Sequence[QuantLayerBase], names: 
 
 
 def export_onnx(model: nn.Module, example_inputs: Union[torch.Tensor, Tuple[torch.Tensor, ...]],
-                path: Union[str, os.PathLike], *, opset: Optional[int] = None, dynamic_batch: bool = True) -> str:
+                path: Union[str, os.PathLike], *, opset: Optional[int] = None, dynamic_batch: bool = True,
+                force: bool = False) -> str:
     """Writes a prepared (fake-quant) or converted `model` to `path` as standard ONNX (QuantizeLinear /
     DequantizeLinear around its quantized MatMul / Conv; MatMulInteger for dynamically quantized Linear layers)
     and returns the path.
@@ -967,7 +969,8 @@ def export_onnx(model: nn.Module, example_inputs: Union[torch.Tensor, Tuple[torc
     `example_inputs`: a tensor or a tuple of tensors, the forward's arguments (floating ones are exported as
     float32). `opset`: ONNX opset, 18 or later (default 21: 4-bit weights stored as INT4). `dynamic_batch`: the
     first dimension of every input is left free. The model is not modified. The file is written whole or not at
-    all (a temporary file renamed into place). An integer pipeline (preset 'int8-pipeline') is written with its
+    all (a temporary file renamed into place); an existing read-only file raises PermissionError unless force=True
+    (like cp -f). An integer pipeline (preset 'int8-pipeline') is written with its
     integers end to end (ConvInteger / MatMulInteger, integer adds, max-pool on integers), as convert makes it.
     Raises ExportError (naming the module or graph node and the reason) for a float model, an uncalibrated static
     layer or pipeline, a torchquant op outside a QuantLinear/QuantConv2d or a pipeline's known ops, or a forward
@@ -980,8 +983,7 @@ def export_onnx(model: nn.Module, example_inputs: Union[torch.Tensor, Tuple[torc
         except ModuleNotFoundError as exc:
             raise ModuleNotFoundError(f"export_onnx needs {package}: pip install 'torchquant[onnx]'") from exc
     proto, _ = _onnx_model(model, example_inputs, opset, dynamic_batch)
-    from torchquant._cli_io import atomic_output
     import onnx
-    with atomic_output(path, "path") as temp:
+    with atomic_write(path, "export_onnx: path", force=force) as temp:
         onnx.save(proto, temp)
     return path
