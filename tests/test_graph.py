@@ -479,35 +479,41 @@ def test_in_place_methods_are_read_as_the_float_model_reads_them(method):
 
 
 class ViewNet(nn.Module):
-    """A conv's output flattened with Tensor.view for a Linear (the conv writes its integers channels-last)."""
+    """A conv's output flattened with Tensor.view for a Linear (the conv writes its integers channels-last): of the
+    integers, of the conv's float output, or of its integers dequantized for a float op."""
 
-    def __init__(self, in_place_on_view=False):
+    def __init__(self, kind="integers"):
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.other = nn.Conv2d(4, 4, 1)
         self.fc = nn.Linear(4 * 6 * 6, 5)
-        self.in_place_on_view = in_place_on_view
+        self.kind = kind
 
     def forward(self, x):
         y = F.relu(self.conv(x))
-        if self.in_place_on_view:
+        if self.kind == "in place on a view":
             y[:, :2].sigmoid_()
+        if self.kind == "float output":
+            y = y * 0.5
+        if self.kind == "dequantized":
+            return self.fc((y * 0.5).view(y.size(0), -1)) + self.other(y).mean()
         return self.fc(y.view(y.size(0), -1))
 
 
-def test_view_of_integers_runs_where_their_layout_differs():
+@pytest.mark.parametrize("kind", ["integers", "float output", "dequantized"])
+def test_view_runs_where_the_pipeline_lays_tensors_out_otherwise(kind):
     # RuntimeError: view size is not compatible with input tensor's size and stride
     torch.manual_seed(0)
-    model = ViewNet().eval()
+    model = ViewNet(kind).eval()
     batches = _batches((2, 3, 6, 6))
     converted = tq.quantize_model(model, PIPELINE, batches)
-    assert "view" not in [n.target for n in converted.graph.nodes]
     with torch.no_grad():
         torch.testing.assert_close(converted(batches[0]), model(batches[0]), atol=0.05, rtol=0)
 
 
 def test_in_place_op_on_a_view_falls_back_to_the_module_swap():
     # y[:, :2].sigmoid_() changes y behind the graph: the pipeline quantized y before the change and lost it
-    model = ViewNet(in_place_on_view=True).eval()
+    model = ViewNet("in place on a view").eval()
     with pytest.warns(UserWarning, match=r"writes in place into a view \(sigmoid_"):
         prepared = tq.prepare(model, PIPELINE)
     assert not graph.is_pipeline(prepared) and isinstance(prepared.conv, QuantConv2d)

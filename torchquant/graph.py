@@ -628,9 +628,10 @@ def dequantize_output(q: torch.Tensor, quantizer: ActivationQuantizer, dtype: to
 def integer_layer(layer: QuantLayerBase, x_q: torch.Tensor, out: Optional[ActivationQuantizer],
                   dtype: torch.dtype) -> torch.Tensor:
     """The layer's integer op on x_q (at the layer's input scale, with its activation clamp), writing `out`'s
-    integers (or float of dtype when out is None)."""
+    integers (or float of dtype when out is None). A conv writes channels-last; its float output is made
+    contiguous, the layout the float model's conv gives the float ops after it (x.view(n, -1) fails on the other)."""
     if out is None:
-        return layer.pipeline_op(x_q, dtype)
+        return layer.pipeline_op(x_q, dtype).contiguous()
     _, scale, zero_point, out_dtype = out.qparams
     return layer.pipeline_op(x_q, out_dtype, scale, zero_point)
 
