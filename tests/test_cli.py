@@ -278,6 +278,13 @@ def test_demo_runs(work):
     assert "accuracy %" in result.stdout and "size KiB" in result.stdout
 
 
+def test_demo_refuses_a_seed_torch_cannot_take(capsys):
+    # was "error: ValueError: Overflow when unpacking long long", naming no option
+    status, err = run_main(["demo", "--seed", str(2 ** 64), "--epochs", "1"], capsys)
+    assert status == 2 and err == [f"torchquant demo: error: --seed: expected an integer in [-2**63, 2**64), got "
+                                   f"{2 ** 64}"]
+
+
 def test_bench_quick(work):
     result = run_cli("bench", "--quick", "--only", "quantize", "--threads", "1", cwd=work)
     assert result.returncode == 0, result.stderr

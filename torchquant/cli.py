@@ -466,6 +466,8 @@ def _cmd_demo(args) -> int:
     for option, value in (("--epochs", args.epochs), ("--qat-epochs", args.qat_epochs)):
         if value < 1:
             raise UsageError(f"{option}: expected a positive integer, got {value}")
+    if not -2 ** 63 <= args.seed < 2 ** 64:  # what torch.manual_seed takes
+        raise UsageError(f"--seed: expected an integer in [-2**63, 2**64), got {args.seed}")
     run_demo(epochs=args.epochs, qat_epochs=args.qat_epochs, seed=args.seed,
              threads=args.threads or DEFAULT_THREADS, quiet=args.quiet)
     return 0
