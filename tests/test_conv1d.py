@@ -73,7 +73,7 @@ def test_fast_path_equals_python_path():
         for batch in inputs:
             fast, slow = layer(batch), layer._converted_forward(batch)
             assert fast.shape == slow.shape and torch.equal(fast, slow)
-    assert layer(x).shape == (2, 24, 40) and layer(x).is_contiguous()  # as nn.Conv1d's
+            assert fast.is_contiguous() and slow.is_contiguous()  # as nn.Conv1d's, whatever the input's strides
     x_q = torch.randint(0, 256, (2, 16, 40), dtype=torch.uint8)
     for out in ((torch.float32,), (torch.uint8, 0.05, 3), (torch.int8, 0.02, -1)):
         fast = layer.pipeline_op(x_q, *out)
@@ -182,3 +182,21 @@ def test_bad_input():
         QuantConv1d(3, 4, 2, padding="same")
     with pytest.raises(TypeError, match="QuantConv1d.from_float: module must be a Conv1d, got Conv2d"):
         QuantConv1d.from_float(nn.Conv2d(3, 4, 3))
+
+
+@pytest.mark.parametrize("conv", [nn.Conv1d(4, 8, 3, padding=1, padding_mode="circular"),
+                                  nn.Conv1d(4, 8, 4, padding="same"),
+                                  nn.Conv2d(4, 8, 3, padding=1, padding_mode="reflect")], ids=str)
+def test_a_conv_with_no_quantized_form_stays_float(conv):
+    """The rest of the model is quantized; the conv stays float with a warning and a report note saying why."""
+    from torchquant.report import build_report
+    model = nn.Sequential(conv, nn.ReLU(), nn.Flatten(), nn.LazyLinear(3)).eval()
+    x = torch.randn(2, 4, 10) if isinstance(conv, nn.Conv1d) else torch.randn(2, 4, 6, 6)
+    model(x)  # materializes the lazy Linear
+    with pytest.warns(UserWarning, match=r"prepare: 0 \((Conv1d|Conv2d)\) stays float: (padding_mode=|padding='same')"):
+        quantized = tq.quantize_model(model, "int8-dynamic", inplace=False)
+    assert type(quantized[0]) is type(conv) and isinstance(quantized[3], tq.nn.QuantLinear)
+    with torch.no_grad():
+        torch.testing.assert_close(quantized(x), model(x), rtol=0.05, atol=0.05)
+    report = build_report(model, quantized, time_layers=False)
+    assert report.layers[0].note.startswith("kept float: ") and not report.layers[0].quantized

@@ -173,4 +173,6 @@ def test_layers_without_a_quantized_type_are_named():
     assert [layer.name for layer in report.layers] == ["head"] and report.layers[0].quantized
     line = ("kept float, no quantized layer type for them: gru (GRU), attn (MultiheadAttention), "
             "attn.out_proj (NonDynamicallyQuantizableLinear), up (ConvTranspose1d)")
+    model.class_token = nn.Parameter(torch.zeros(1, 1, 8))  # not a weight matrix: not named
+    report = build_report(model, quantized, calibration=[tokens], time_layers=False)
     assert line in report.notes and line in report.format_table()

@@ -71,7 +71,13 @@ def _plan_swaps(model: nn.Module, config: QuantConfig) -> list[tuple[nn.Module, 
                 skipped_names.append(name)
                 continue
             swap_type = QUANT_TYPES.get(type(child))
-            if swap_type is not None:
+            reason = None if swap_type is None else swap_type.unsupported(child)
+            if reason is not None:
+                if id(child) not in visited:
+                    visited.add(id(child))
+                    warnings.warn(f"prepare: {name} ({type(child).__name__}) stays float: {reason}", UserWarning,
+                                  stacklevel=4)
+            elif swap_type is not None:
                 if id(child) not in replacements:
                     replacements[id(child)] = swap_type.from_float(child, layer_config)
                 plan.append((parent, key, child, replacements[id(child)]))

@@ -208,12 +208,14 @@ def _layer_pairs(float_model: nn.Module, quantized_model: nn.Module):
 
 
 def _float_only_layers(model: nn.Module) -> List[str]:
-    """'name (type)' of the modules with a weight matrix of their own that no quantized layer type replaces (an LSTM,
-    a ConvTranspose2d, a Linear subclass, ...): they stay float in every preset. Embedding tables are lookups, not
+    """'name (type)' of the modules with a weight matrix of their own (a parameter named *weight* with 2 or more
+    dimensions: not a class token or a position embedding) that no quantized layer type replaces (an LSTM, a
+    ConvTranspose2d, a Linear subclass, ...): they stay float in every preset. Embedding tables are lookups, not
     matrix products, and are left out."""
-    return [f"{name} ({type(module).__name__})" for name, module in model.named_modules()
+    return [f"{name or '(the model)'} ({type(module).__name__})" for name, module in model.named_modules()
             if type(module) not in FLOAT_LAYER_TYPES and not isinstance(module, (nn.Embedding, nn.EmbeddingBag))
-            and any(p.dim() >= 2 and p.is_floating_point() for p in module.parameters(recurse=False))]
+            and any("weight" in key and p.dim() >= 2 and p.is_floating_point()
+                    for key, p in module.named_parameters(recurse=False))]
 
 
 def _is_quantized(module) -> bool:
@@ -379,7 +381,9 @@ def build_report(float_model: nn.Module, quantized_model: nn.Module, config=None
                 row.output_sqnr_db = m.output.sqnr_db
                 row.latency_float_s, row.latency_quantized_s = m.latency_float_s, m.latency_quantized_s
         elif not row.note:
-            row.note = "kept float (skip rule)" if isinstance(layer, FLOAT_LAYER_TYPES) else "not converted"
+            reason = QUANT_TYPES[type(float_layer)].unsupported(float_layer)
+            row.note = (f"kept float: {reason}" if reason is not None else "kept float (skip rule)"
+                        if isinstance(layer, FLOAT_LAYER_TYPES) else "not converted")
         if name in fused:
             row.note = "; ".join(filter(None, [row.note, fused[name]]))
         layers.append(row)

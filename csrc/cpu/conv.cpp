@@ -570,7 +570,7 @@ at::Tensor int8_conv2d_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, int
   const int64_t run = g.kw * cg, padded_run = round_up(run, 4);
   const bool depthwise = groups == g.channels && ocg == 1;
   // uint8 windows of whole 4-byte steps per tap and full weight panels on AVX-512: the direct conv, which reads
-  // every tap in place and skips taps in the padding (no im2col rows at all)
+  // every tap in place (no im2col rows at all) and, when the zero point is 0, skips the taps in the padding
   const bool direct = cpu_isa() == CpuIsa::Avx512Vnni && !depthwise && !pointwise && flip == 0 && groups == 1 &&
                       cg % 4 == 0 && ocg % kPackAlign == 0 && g.kh * g.kw <= kMaxDirectTaps;
   const bool in_place = !direct && !depthwise && !pointwise && flip == 0 && groups == 1 && g.dil_w == 1 &&

@@ -101,6 +101,11 @@ class QuantLayerBase(nn.Module):
 
     # ---- construction from a float layer ----
     @classmethod
+    def unsupported(cls, module: nn.Module) -> str | None:
+        """Why module (of FLOAT_TYPE) has no quantized form, so that model conversion leaves it float, or None."""
+        return None
+
+    @classmethod
     def from_float(cls, module: nn.Module, config=None):
         """A fake-quant layer sharing `module`'s weight and bias parameters (optimizers keep working)."""
         if type(module) is not cls.FLOAT_TYPE:

@@ -57,6 +57,15 @@ class QuantConv2d(QuantLayerBase):
         self._init_quant(config)
 
     @classmethod
+    def unsupported(cls, conv: nn.Conv1d | nn.Conv2d) -> str | None:
+        """Why conv has no quantized form (it then stays float), or None."""
+        if conv.padding_mode != "zeros":
+            return f"padding_mode={conv.padding_mode!r} (only 'zeros' is supported)"
+        if conv.padding == "same" and any(d * (k - 1) % 2 for d, k in zip(conv.dilation, conv.kernel_size)):
+            return "padding='same' with an odd total padding (only symmetric padding is supported)"
+        return None
+
+    @classmethod
     def _like(cls, conv: nn.Conv2d, config, device):
         if conv.padding_mode != "zeros":
             raise ValueError(f"{cls.__name__}.from_float: only padding_mode='zeros' is supported, got "
@@ -133,7 +142,9 @@ class QuantConv1d(QuantConv2d):
         if not self.converted:
             return super().forward(x)
         y = self._entry_call(x)
-        return self._converted_forward(x) if y is NotImplemented else y
+        # nn.Conv1d's output is contiguous whatever its input's strides (the 4-D view of a transposed input reads
+        # as channels-last to the entry)
+        return self._converted_forward(x) if y is NotImplemented else y.contiguous()
 
     def pipeline_op(self, x_q: torch.Tensor, out_dtype: torch.dtype, out_scale: float | None = None,
                     out_zero_point: int = 0) -> torch.Tensor:
