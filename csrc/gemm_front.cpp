@@ -18,6 +18,12 @@ OutKind out_kind(at::ScalarType out_dtype) {
   }
 }
 
+Gelu parse_activation(const char* op, c10::string_view activation) {
+  if (activation == "gelu") return Gelu::Erf;
+  if (activation == "gelu_tanh") return Gelu::Tanh;
+  TQ_CHECK(false, op, ": activation must be 'gelu' or 'gelu_tanh', got '", std::string(activation), "'");
+}
+
 namespace {
 
 // Checks x_q's dtype and zero point, x_scale ([rows] or [1]), w_sum, w_scale and bias ([n]) against x_q's device,

@@ -40,6 +40,13 @@ enum class OutKind { Int32, Float32, Float16, BFloat16, Int8, UInt8 };
 // The output kind of a float or int8/uint8 out_dtype (as check_output_dtype accepts).
 OutKind out_kind(at::ScalarType out_dtype);
 
+// A float activation of the epilogue (int8_linear_dynamic.activation's), applied to y after the bias: none, GELU in
+// its erf form, or GELU in its tanh form.
+enum class Gelu : uint8_t { None, Erf, Tanh };
+
+// int8_linear_dynamic.activation's activation argument: "gelu" or "gelu_tanh" (anything else raises, naming op).
+Gelu parse_activation(const char* op, c10::string_view activation);
+
 // The epilogue of int8_linear and int8_conv2d, per output element:
 //   y = clamp_activation(float(acc - x_zero_point * w_sum[n]) * x_scale[m or 0] * w_scale[n] + bias[n], clamp)
 // stored as the output's float type or requantized: clamp(rne(y * inv_out_scale) + out_zero_point). The tensors are
@@ -54,6 +61,7 @@ struct EpilogueInputs {
   float inv_out_scale = 1.0f;  // requantized outputs: 1 / out_scale
   float out_zero_point = 0.0f;
   ActivationClamp clamp;  // the fused activation (none: -inf / +inf)
+  Gelu gelu = Gelu::None;  // applied before the clamp (float outputs only: int8_linear_dynamic's)
 };
 
 // int8_linear on any device, checked: x_q [..., K] times the packed weight [n, K] into out [..., n].

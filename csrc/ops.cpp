@@ -48,6 +48,12 @@ TORCH_LIBRARY(torchquant, m) {
   // out_dtype = x's dtype (one implementation for every device: csrc/linear_dynamic.cpp)
   m.def("int8_linear_dynamic(Tensor x, Tensor w_packed, Tensor w_sum, Tensor w_scale, Tensor? bias, "
         "int out_features) -> Tensor");
+  // the same with a float activation applied to y before the cast to x's dtype, as torch.nn.functional.gelu computes
+  // it: "gelu" (the erf form) or "gelu_tanh" (approximate="tanh"); the CPU kernel computes it in the GEMM's epilogue.
+  // (An overload rather than a defaulted argument: inductor's C++ wrapper calls ops with the arguments its graph
+  // holds, which leaves out those at their default.)
+  m.def("int8_linear_dynamic.activation(Tensor x, Tensor w_packed, Tensor w_sum, Tensor w_scale, Tensor? bias, "
+        "int out_features, str activation) -> Tensor");
   // x_q: [B, C, H, W] int8/uint8 (any memory format); weight packed as [G, OC/G, KH, KW, C/G] (the
   // reduction index ordered (kh, kw, c)); output [B, OC, OH, OW] of out_dtype in channels-last memory format,
   // float or requantized to int8/uint8 with out_scale / out_zero_point, and clamped by clamp_min / clamp_max, as in

@@ -47,6 +47,9 @@ using DequantizeFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::
 using QuantizePerTokenFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, int64_t);
 using Int8LinearDynamicFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                        const std::optional<at::Tensor>&, int64_t);
+using Int8LinearDynamicActivationFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                 const at::Tensor&, const std::optional<at::Tensor>&, int64_t,
+                                                 c10::string_view);
 using QuantizedAddFn = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, const at::Tensor&, const at::Tensor&,
                                   int64_t, at::ScalarType, std::optional<double>, int64_t, bool);
 using Int8LinearFn = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, const at::Tensor&, const at::Tensor&,
@@ -58,8 +61,8 @@ using Int8Conv2dFn = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, c
                                 std::optional<double>, int64_t, std::optional<double>, std::optional<double>);
 
 template <class Fn>
-c10::TypedOperatorHandle<Fn> find_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
+c10::TypedOperatorHandle<Fn> find_op(const char* name, const char* overload = "") {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, overload).typed<Fn>();
 }
 
 // Tensors at least this large run without the GIL, so that other Python threads run meanwhile; below it, releasing
@@ -281,12 +284,13 @@ PyObject* call_quantize_per_token(PyObject*, PyObject* const* args, Py_ssize_t n
   END_HANDLE_TH_ERRORS
 }
 
-// int8_linear_dynamic(x, in_features, w_packed, w_sum, w_scale, bias, out_features) -> Tensor: QuantLinear's
-// converted int8-dynamic forward, whose weight-side arguments the layer prepared (the op's arguments but for
-// in_features). Only x comes from the caller: it must be a float tensor [..., in_features] on the weight's device.
+// int8_linear_dynamic(x, in_features, w_packed, w_sum, w_scale, bias, out_features, activation) -> Tensor:
+// QuantLinear's converted int8-dynamic forward, whose weight-side arguments the layer prepared (the op's arguments
+// but for in_features; activation None or a str). Only x comes from the caller: it must be a float tensor
+// [..., in_features] on the weight's device.
 PyObject* call_int8_linear_dynamic(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  check_nargs(nargs, 7, "int8_linear_dynamic");
+  check_nargs(nargs, 8, "int8_linear_dynamic");
   const at::Tensor* x = plain_tensor(args[0]);
   const auto in_features = int_in(args[1], 0, INT64_MAX);
   const at::Tensor* w_packed = plain_tensor(args[2]);
@@ -294,14 +298,26 @@ PyObject* call_int8_linear_dynamic(PyObject*, PyObject* const* args, Py_ssize_t 
   const at::Tensor* w_scale = plain_tensor(args[4]);
   const at::Tensor* bias = args[5] == Py_None ? nullptr : plain_tensor(args[5]);
   const auto out_features = int_in(args[6], 0, INT64_MAX);
+  c10::string_view activation;  // empty: None
+  if (args[7] != Py_None) {
+    if (!PyUnicode_Check(args[7])) Py_RETURN_NOTIMPLEMENTED;
+    Py_ssize_t size = 0;
+    const char* text = PyUnicode_AsUTF8AndSize(args[7], &size);
+    if (text == nullptr) throw python_error();
+    if (size == 0) Py_RETURN_NOTIMPLEMENTED;
+    activation = c10::string_view(text, static_cast<size_t>(size));
+  }
   if (x == nullptr || !in_features || w_packed == nullptr || w_sum == nullptr || w_scale == nullptr ||
       (bias == nullptr && args[5] != Py_None) || !out_features || !is_float(x->scalar_type()) || x->dim() == 0 ||
       x->size(-1) != *in_features || x->device() != w_packed->device())
     Py_RETURN_NOTIMPLEMENTED;
   static const auto op = find_op<Int8LinearDynamicFn>("torchquant::int8_linear_dynamic");
+  static const auto op_activation =
+      find_op<Int8LinearDynamicActivationFn>("torchquant::int8_linear_dynamic", "activation");
   const std::optional<at::Tensor> bias_arg = bias == nullptr ? std::nullopt : std::optional<at::Tensor>(*bias);
   return THPVariable_Wrap(call_op(x->numel(), [&] {
-    return op.call(*x, *w_packed, *w_sum, *w_scale, bias_arg, *out_features);
+    if (activation.empty()) return op.call(*x, *w_packed, *w_sum, *w_scale, bias_arg, *out_features);
+    return op_activation.call(*x, *w_packed, *w_sum, *w_scale, bias_arg, *out_features, activation);
   }));
   END_HANDLE_TH_ERRORS
 }

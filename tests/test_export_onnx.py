@@ -322,6 +322,44 @@ def test_fused_activation_clamps(preset, converted):
     assert [n.op_type for n in proto.graph.node].count("Clip") >= 3
 
 
+class GeluMLP(nn.Module):
+    """Linear -> GELU pairs that convert() fuses (erf and tanh forms), one of them sharing its input with another
+    dynamic Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(16, 48)
+        self.act = nn.GELU()
+        self.gate = nn.Linear(16, 48)
+        self.tanh_mlp = nn.Sequential(nn.Linear(48, 32), nn.GELU(approximate="tanh"))
+        self.down = nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.down(self.tanh_mlp(self.act(self.up(x)) * self.gate(x)))
+
+
+@pytest.mark.parametrize("opset", [18, 21])
+def test_fused_gelu(opset):
+    """A GELU fused into a converted int8-dynamic Linear is a Gelu node (opset 20 on; its Erf / Tanh definition
+    before) after the layer's integer GEMM, and onnxruntime computes the converted model's output."""
+    torch.manual_seed(0)
+    model = torchquant.quantize_model(GeluMLP().eval(), "int8-dynamic")
+    assert model.up.fused_activation == "gelu" and model.tanh_mlp[0].fused_activation == "gelu_tanh"
+    x = torch.randn(3, 5, 16)
+    proto, tensors = _onnx_model(model, (x,), opset, True)
+    ops_used = [n.op_type for n in proto.graph.node]
+    if opset >= 20:
+        assert ops_used.count("Gelu") == 2
+        assert {a.s for n in proto.graph.node if n.op_type == "Gelu" for a in n.attribute} == {b"none", b"tanh"}
+    else:
+        assert "Gelu" not in ops_used and "Erf" in ops_used and "Tanh" in ops_used
+    (output,), _ = run_onnx(proto, (x,))
+    with torch.no_grad():
+        expected = model(x)
+    torch.testing.assert_close(torch.from_numpy(output), expected, rtol=1e-4, atol=1e-5)
+    assert check_export(model, x) > 0
+
+
 class CalledTwice(nn.Module):
     def __init__(self):
         super().__init__()

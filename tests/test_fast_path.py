@@ -265,7 +265,7 @@ def converted_linear(in_features=7, out_features=5, bias=True):
 def test_quant_linear_fast_path_matches_the_op(shape, dtype, bias):
     layer = converted_linear(bias=bias)
     x = x_of(shape, dtype)
-    fast = _C.int8_linear_dynamic(x, layer.in_features, *layer._kernel_args)
+    fast = _C.int8_linear_dynamic(x, layer.in_features, *layer._kernel_args, None)
     assert fast is not NotImplemented
     want = ops.int8_linear_dynamic(x, *layer._kernel_args)
     assert_same(fast, want)
@@ -281,11 +281,12 @@ def test_quant_linear_fast_path_declines_bad_inputs():
     args = layer._kernel_args
     for x in [torch.zeros(3, 6), torch.zeros(()), torch.zeros(3, 7, dtype=torch.int8), torch.zeros(3, 7).to("meta"),
               x_of((3, 7)).as_subclass(Counting), [1.0] * 7]:
-        assert _C.int8_linear_dynamic(x, 7, *args) is NotImplemented
-    assert _C.int8_linear_dynamic(torch.zeros(3, 7), 7, args[0], args[1], args[2], 1.0, 5) is NotImplemented
-    assert _C.int8_linear_dynamic(torch.zeros(3, 7), 7, *args[:-1], True) is NotImplemented
-    with pytest.raises(TypeError, match="takes 7 arguments"):
-        _C.int8_linear_dynamic(torch.zeros(3, 7), *args)
+        assert _C.int8_linear_dynamic(x, 7, *args, None) is NotImplemented
+    assert _C.int8_linear_dynamic(torch.zeros(3, 7), 7, args[0], args[1], args[2], 1.0, 5, None) is NotImplemented
+    assert _C.int8_linear_dynamic(torch.zeros(3, 7), 7, *args[:-1], True, None) is NotImplemented
+    assert _C.int8_linear_dynamic(torch.zeros(3, 7), 7, *args, 1) is NotImplemented  # activation: None or a str
+    with pytest.raises(TypeError, match="takes 8 arguments"):
+        _C.int8_linear_dynamic(torch.zeros(3, 7), *args, None)
     # (the layer then raises its general path's messages: test_nn's test_converted_bad_input)
 
 

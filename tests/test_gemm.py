@@ -582,10 +582,11 @@ def test_opcheck(device):
                                             bias, 64, torch.bfloat16, None, 0))
     torch.library.opcheck(ops.int8_linear, (randint8((4, 64), device=device), x_scale[:1], 0, w_packed, w_sum, w_scale,
                                             None, 64, torch.uint8, 0.5, 10))
-    torch.library.opcheck(ops.int8_linear_dynamic, (torch.randn(3, 5, 64, device=device), w_packed, w_sum, w_scale,
-                                                    bias, 64))
-    torch.library.opcheck(ops.int8_linear_dynamic, (torch.randn(4, 64, device=device, dtype=torch.bfloat16), w_packed,
-                                                    w_sum, w_scale, None, 64))
+    # (the overload int8_linear_dynamic.activation: test_fused_gelu)
+    torch.library.opcheck(ops.int8_linear_dynamic.default, (torch.randn(3, 5, 64, device=device), w_packed, w_sum,
+                                                            w_scale, bias, 64))
+    torch.library.opcheck(ops.int8_linear_dynamic.default, (torch.randn(4, 64, device=device, dtype=torch.bfloat16),
+                                                            w_packed, w_sum, w_scale, None, 64))
     w_q = randint8((128, 16, 2, 2), device=device)  # 2 groups of 64 outputs, window 2 * 2 * 16 = 64
     w_sum, w_scale = w_q.sum((1, 2, 3), dtype=torch.int32), torch.rand(128, device=device)
     torch.library.opcheck(ops.int8_conv2d, (randint8((2, 32, 7, 6), device=device), x_scale[:1], 1,

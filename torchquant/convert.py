@@ -9,15 +9,19 @@ from __future__ import annotations
 import copy
 import dataclasses
 import fnmatch
+import functools
 import warnings
-from typing import Iterable
+from collections import Counter
+from typing import Iterable, Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from torchquant._ops.gemm import GELU_APPROXIMATE
 from torchquant.config import QuantConfig, resolve_config
-from torchquant.fold import find_bn_pairs, folded_bn, parent_and_key
+from torchquant.fold import _Tracer, find_bn_pairs, folded_bn, parent_and_key
 from torchquant.graph import META_KEY as PIPELINE_META, convert_pipeline, is_pipeline, prepare_pipeline
 from torchquant.nn import QuantConv1d, QuantConv2d, QuantLinear
 from torchquant.nn.base import QuantLayerBase
@@ -257,10 +261,79 @@ def calibrate(model: nn.Module, batches: Iterable, *, progress: bool = True) -> 
     return model
 
 
+def gelu_form(module: nn.Module) -> Optional[str]:
+    """"gelu" or "gelu_tanh" for a module whose forward is torch.nn.functional.gelu of its input (approximate "none"
+    or "tanh"): nn.GELU, and Hugging Face's GELUActivation and GELUTanh when they call it; None for any other."""
+    if type(module) is nn.GELU:
+        return next((form for form, approximate in GELU_APPROXIMATE.items() if approximate == module.approximate),
+                    None)
+    cls = type(module)
+    if cls.__module__ != "transformers.activations":
+        return None
+    act = getattr(module, "act", None)
+    if cls.__name__ == "GELUActivation" and act is F.gelu:
+        return "gelu"
+    if (cls.__name__ == "GELUTanh" and isinstance(act, functools.partial) and act.func is F.gelu and not act.args
+            and act.keywords == {"approximate": "tanh"}):
+        return "gelu_tanh"
+    return None
+
+
+class _GeluTracer(_Tracer):
+    """torchquant's tracer with GELU modules as leaves too."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return gelu_form(m) is not None or super().is_leaf_module(m, qualname)
+
+
+def _layer_gelu_pairs(parent: nn.Module) -> list[tuple[str, str]]:
+    """(layer key, GELU key) for the children of parent where the forward of parent passes the output of a converted
+    QuantLinear child, and nothing else reads it, to a GELU child (Hugging Face's BertIntermediate: dense, then
+    intermediate_act_fn). Traced with torch.fx; a parent it cannot trace has none."""
+    children = parent._modules
+    if not (any(isinstance(c, QuantLinear) for c in children.values())
+            and any(gelu_form(c) is not None for c in children.values() if c is not None)):
+        return []
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph = _GeluTracer().trace(parent)
+    except Exception:  # noqa: BLE001 -- a parent torch.fx cannot trace: nothing is fused in it
+        return []
+    calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or "." in node.target or calls[node.target] != 1 or len(node.users) != 1:
+            continue
+        (user,) = node.users
+        if (user.op == "call_module" and "." not in user.target and calls[user.target] == 1
+                and user.args == (node,) and not user.kwargs and isinstance(children.get(node.target), QuantLinear)
+                and gelu_form(children.get(user.target)) is not None):
+            pairs.append((node.target, user.target))
+    return pairs
+
+
+def fuse_activations(model: nn.Module) -> nn.Module:
+    """Fuses each GELU module that only follows a converted int8-dynamic QuantLinear (see _layer_gelu_pairs) into
+    the layer (QuantLinear.fuse_activation): the kernel computes it in its epilogue, and an nn.Identity takes the
+    module's place. Modules reachable under several names are left alone. Returns model."""
+    names = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+    for parent_name, parent in list(model.named_modules()):
+        for layer_key, gelu_key in _layer_gelu_pairs(parent):
+            layer, gelu = parent._modules[layer_key], parent._modules[gelu_key]
+            if (names[id(layer)] != 1 or names[id(gelu)] != 1 or layer.fused_activation is not None
+                    or not (layer.converted and layer.fused and layer.clamp_min is None and layer.clamp_max is None)):
+                continue
+            layer.fuse_activation(gelu_form(gelu), f"{parent_name}.{gelu_key}" if parent_name else gelu_key)
+            parent._modules[gelu_key] = nn.Identity()
+    return model
+
+
 def convert(model: nn.Module, *, inplace: bool = True) -> nn.Module:
     """Converts every fake-quant layer of a prepared (and, for static activations, calibrated) model to integer
     weights and kernels. Idempotent; already converted layers are left alone. Either every layer converts or
-    none does. A prepared integer pipeline (torchquant.graph) becomes the converted pipeline."""
+    none does. A GELU module that only reads an int8-dynamic Linear's output is fused into it (fuse_activations).
+    A prepared integer pipeline (torchquant.graph) becomes the converted pipeline."""
     _check_model(model, "convert")
     if not inplace:
         model = copy.deepcopy(model)
@@ -285,6 +358,7 @@ def convert(model: nn.Module, *, inplace: bool = True) -> nn.Module:
         layer._install_converted(state)
     _swap(unfold)
     unfuse_transformers(model)  # also for layers put in place by hand (from_float)
+    fuse_activations(model)
     return guard_loads(model)
 
 

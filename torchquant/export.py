@@ -39,6 +39,7 @@ import contextlib
 import copy
 import io
 import logging
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -96,6 +97,7 @@ class _Layer:
     bias: Optional[torch.Tensor]
     activation: Optional[_Activation]
     clamp: Tuple[Optional[float], Optional[float]] = (None, None)  # the fused output activation
+    gelu: Optional[str] = None  # a fused GELU ("gelu" / "gelu_tanh"), before the clamp
 
 
 def _static_activation(quantizer, what: str) -> _Activation:
@@ -136,7 +138,7 @@ def _layer_state(name: str, layer: QuantLayerBase) -> _Layer:
         else:
             activation = _static_activation(quantizer, what)
     return _Layer(name, layer, weight, scale, spec.granularity == "per_channel", spec.bits, bias, activation,
-                  (layer.clamp_min, layer.clamp_max))
+                  (layer.clamp_min, layer.clamp_max), getattr(layer, "fused_activation", None))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -440,16 +442,41 @@ def _layer_nodes(b: _GraphBuilder, layer: _Layer, x: str, y: str, q_name: str) -
          pads=list(conv.padding) * 2, dilations=list(conv.dilation), group=conv.groups)
 
 
+def _gelu(b: _GraphBuilder, x: str, form: str, output: str) -> None:
+    """output = torch.nn.functional.gelu(x) (form "gelu": the erf form, "gelu_tanh": approximate="tanh"): one Gelu
+    node from opset 20 on, its definition in Erf / Tanh and arithmetic before."""
+    if b.opset >= 20:
+        b.op("Gelu", x, output=output, approximate="tanh" if form == "gelu_tanh" else "none")
+        return
+    if form == "gelu_tanh":  # 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))
+        cube = b.op("Mul", b.op("Mul", x, x), x)
+        inner = b.op("Mul", b.op("Add", x, b.op("Mul", cube, b.const("kappa", _f32(0.044715)))),
+                     b.const("beta", _f32(math.sqrt(2 / math.pi))))
+        phi2 = b.op("Add", b.op("Tanh", inner), b.const("one", _f32(1.0)))
+    else:  # x 0.5 (1 + erf(x / sqrt(2)))
+        phi2 = b.op("Add", b.op("Erf", b.op("Mul", x, b.const("sqrt_half", _f32(math.sqrt(0.5))))),
+                    b.const("one", _f32(1.0)))
+    b.op("Mul", b.op("Mul", x, b.const("half", _f32(0.5))), phi2, output=output)
+
+
 def _clamped_outputs(b: _GraphBuilder, layers: Sequence[_Layer], outputs: Sequence[str], emit) -> None:
-    """emit(names) writes the layers' outputs to names; a layer with a fused activation clamp writes an unclamped
-    tensor that a Clip turns into its output (the clamp of the float y, as the kernels' epilogue does)."""
-    raw = [y if layer.clamp == (None, None) else b.name("unclamped") for layer, y in zip(layers, outputs)]
+    """emit(names) writes the layers' outputs to names; a layer with a fused activation (a GELU, then a clamp)
+    writes a tensor that a Gelu and a Clip turn into its output (as the kernels' epilogue computes it, on the float
+    y)."""
+    raw = [y if layer.clamp == (None, None) and layer.gelu is None else b.name("unactivated")
+           for layer, y in zip(layers, outputs)]
     emit(raw)
     for layer, r, y in zip(layers, raw, outputs):
-        if r != y:
-            lo, hi = layer.clamp
-            b.op("Clip", r, "" if lo is None else b.const("clamp_min", _f32(lo)),
-                 "" if hi is None else b.const("clamp_max", _f32(hi)), output=y)
+        if r == y:
+            continue
+        lo, hi = layer.clamp
+        if layer.gelu is not None:
+            _gelu(b, r, layer.gelu, output=y if layer.clamp == (None, None) else b.name("gelu"))
+            if layer.clamp == (None, None):
+                continue
+            r = b.nodes[-1].output[0]
+        b.op("Clip", r, "" if lo is None else b.const("clamp_min", _f32(lo)),
+             "" if hi is None else b.const("clamp_max", _f32(hi)), output=y)
 
 
 def _group_key(node, layer: _Layer, position: int) -> tuple:

@@ -31,8 +31,9 @@ from safetensors.torch import save_file
 
 from torchquant._ops.quantize import qrange
 from torchquant.config import QuantConfig
-from torchquant.convert import QUANT_TYPES, _check_model, unfuse_transformers
-from torchquant.fold import attach_folded_bn
+from torchquant._ops.gemm import GELU_APPROXIMATE
+from torchquant.convert import QUANT_TYPES, _check_model, gelu_form, unfuse_transformers
+from torchquant.fold import attach_folded_bn, parent_and_key
 from torchquant.graph import ACT_QUANT, META_KEY as PIPELINE_META, converted_skeleton, is_pipeline
 from torchquant.nn.base import QuantLayerBase, set_weight_spec, unpack_int4
 from torchquant.nn.quantizers import InputQuantizer, WeightQuantizer
@@ -42,7 +43,7 @@ FORMAT = "torchquant"
 FORMAT_VERSION = 1
 _LAYER_TYPES = {cls.__name__: cls for cls in QUANT_TYPES.values()}
 _ENTRY_KEYS = {"type", "converted", "weight", "activation"}
-_OPTIONAL_ENTRY_KEYS = {"folded_bn", "clamp"}
+_OPTIONAL_ENTRY_KEYS = {"folded_bn", "clamp", "fused_activation"}
 _TINY = torch.finfo(torch.float32).tiny
 
 
@@ -167,6 +168,8 @@ def _layer_layout(model: nn.Module) -> dict:
                 layout[name]["folded_bn"] = module.folded_bn
             if module.clamp_min is not None or module.clamp_max is not None:
                 layout[name]["clamp"] = [module.clamp_min, module.clamp_max]
+            if getattr(module, "fused_activation", None) is not None:
+                layout[name]["fused_activation"] = [module.fused_activation, module.fused_activation_module]
     return layout
 
 
@@ -252,6 +255,12 @@ def _parse_meta(path: str, text: str, tensor_names) -> dict:
                 and (None in clamp or clamp[0] <= clamp[1])):
             raise malformed(f"layer {name!r}: 'clamp' must be [clamp_min, clamp_max], each a finite number or null "
                             f"and clamp_min <= clamp_max, got {clamp!r}")
+        fused = entry.get("fused_activation")
+        if fused is not None and not (isinstance(fused, list) and len(fused) == 2
+                                      and fused[0] in GELU_APPROXIMATE and isinstance(fused[1], str)
+                                      and entry["converted"] and entry["type"] == "QuantLinear"):
+            raise malformed(f"layer {name!r}: 'fused_activation' must be [form, module name] with form 'gelu' or "
+                            f"'gelu_tanh', on a converted QuantLinear, got {fused!r}")
         try:
             entry["config"] = QuantConfig.from_dict({"weight": entry["weight"], "activation": entry["activation"]})
         except (TypeError, ValueError, KeyError, AttributeError) as e:
@@ -518,6 +527,17 @@ def _plan(path: str, model: nn.Module, layers: dict) -> list[tuple[nn.Module, st
                       for parent, key, bn_name in paths.get(id(module.bn), [])]
         if converted:
             layer._converted_skeleton()
+        if entry.get("fused_activation") is not None:
+            # the GELU the layer computes: the model's GELU module (a float skeleton) gives way to an identity
+            form, gelu_name = entry["fused_activation"]
+            gelu = _child(model, gelu_name)
+            if gelu_form(gelu) == form:
+                parent, key = parent_and_key(model, gelu_name)
+                folds.append((parent, key, gelu, nn.Identity(), gelu_name))
+            elif type(gelu) is not nn.Identity:
+                raise ValueError(f"load: {path} has the GELU {gelu_name!r} fused into {name!r}, but the model has "
+                                 f"{'nothing' if gelu is None else 'a ' + type(gelu).__name__} there, not a GELU "
+                                 f"of that form")
         chosen[id(module)] = (layer, name)
     plan = []
     for module_id, (layer, first) in chosen.items():
@@ -577,8 +597,11 @@ def load(path, model: nn.Module) -> nn.Module:
     _install(plan, 3)
     unfuse_transformers(model)
     guard_loads(model)
-    for name, entry in meta["layers"].items():  # the fused activation is part of each layer's function
-        _child(model, name).set_activation_clamp(*entry.get("clamp", (None, None)))
+    for name, entry in meta["layers"].items():  # the fused activations are part of each layer's function
+        layer = _child(model, name)
+        layer.set_activation_clamp(*entry.get("clamp", (None, None)))
+        if entry.get("fused_activation") is not None:
+            layer.fuse_activation(*entry["fused_activation"])
     return model
 
 

@@ -19,6 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from torchquant import functional as F_q
+from torchquant._ops.gemm import GELU_APPROXIMATE
 from torchquant.config import QuantConfig, resolve_config
 from torchquant.convert import QUANT_TYPES
 from torchquant.fold import fold_running
@@ -273,7 +274,11 @@ def measure_layers(float_model, quantized_model, batches: Sequence[torch.Tensor]
 
     def compare_output(name, quantized_layer):
         def hook(module, inputs, output):
-            # a layer with an activation clamp (a fused ReLU of an integer pipeline) computes the clamped output
+            # a layer with a fused GELU (convert() fuses the one after an int8-dynamic Linear) or an activation clamp
+            # (a fused ReLU of an integer pipeline) computes the activation of the output
+            gelu = getattr(quantized_layer, "fused_activation", None)
+            if gelu is not None:
+                output = nn.functional.gelu(output, approximate=GELU_APPROXIMATE[gelu])
             clamp = (quantized_layer.clamp_min, quantized_layer.clamp_max)
             reference = output if clamp == (None, None) else output.clamp(*clamp)
             measured[name].output.add(reference, quantized_layer(last_inputs.pop(name)))

@@ -33,6 +33,7 @@ Epilogue epilogue_for(const EpilogueInputs& in, uint8_t flip, void* out, int64_t
   ep.col_scale = in.w_scale.data_ptr<float>();
   ep.bias = in.bias.has_value() ? in.bias->data_ptr<float>() : nullptr;
   ep.clamp = in.clamp;
+  ep.gelu = in.gelu;
   if (in.kind == OutKind::Int8 || in.kind == OutKind::UInt8) {
     ep.inv_out_scale = in.inv_out_scale;
     ep.out_zero_point = in.out_zero_point;
@@ -96,14 +97,15 @@ at::Tensor pack_int8_weight_cpu(const at::Tensor& w) {
 }
 
 // int8_linear's kernel. rows_padded: x_q's rows (unsigned) are readable up to round_up(K, 4) bytes, so that the
-// GEMM reads them in place whatever K is.
+// GEMM reads them in place whatever K is. gelu: the epilogue's activation (float outputs).
 at::Tensor int8_linear_impl(const char* op, const at::Tensor& x_q, const at::Tensor& x_scale, int64_t x_zero_point,
                             const at::Tensor& w_packed, const at::Tensor& w_sum, const at::Tensor& w_scale,
                             const std::optional<at::Tensor>& bias, int64_t out_features, at::ScalarType out_dtype,
                             std::optional<double> out_scale, int64_t out_zero_point, std::optional<double> clamp_min,
-                            std::optional<double> clamp_max, bool rows_padded) {
-  const LinearFront f = int8_linear_front(x_q, x_scale, x_zero_point, w_packed, w_sum, w_scale, bias,
-                                          out_features, out_dtype, out_scale, out_zero_point, clamp_min, clamp_max);
+                            std::optional<double> clamp_max, bool rows_padded, Gelu gelu) {
+  LinearFront f = int8_linear_front(x_q, x_scale, x_zero_point, w_packed, w_sum, w_scale, bias, out_features,
+                                    out_dtype, out_scale, out_zero_point, clamp_min, clamp_max);
+  f.epilogue.gelu = gelu;
   const int64_t m = f.m, n = f.n, k = f.k;
   if (m == 0) return f.out;
 
@@ -137,16 +139,17 @@ at::Tensor int8_linear_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, int
                            std::optional<double> out_scale, int64_t out_zero_point, std::optional<double> clamp_min,
                            std::optional<double> clamp_max) {
   return int8_linear_impl("int8_linear", x_q, x_scale, x_zero_point, w_packed, w_sum, w_scale, bias, out_features,
-                          out_dtype, out_scale, out_zero_point, clamp_min, clamp_max, false);
+                          out_dtype, out_scale, out_zero_point, clamp_min, clamp_max, false, Gelu::None);
 }
 
 // quantize_per_token(x, 8) + int8_linear in one pass over x: the per-token quantization writes the GEMM's activation
 // rows itself, as the unsigned bytes q + 128 zero padded to round_up(K, 4), which int8_linear reads in place as
 // uint8 activations with zero point 128. The same integers (sum (q + 128 - 128) * w) and epilogue as the two ops,
-// without the int8 tensor between them and the second pass that re-laid it for the GEMM.
-at::Tensor int8_linear_dynamic_cpu(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& w_sum,
-                                   const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
-                                   int64_t out_features) {
+// without the int8 tensor between them and the second pass that re-laid it for the GEMM. The activation runs in the
+// epilogue, on the float32 y before the cast: no pass of its own over the output.
+at::Tensor int8_linear_dynamic_with(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& w_sum,
+                                    const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
+                                    int64_t out_features, Gelu gelu) {
   constexpr const char* op = "int8_linear_dynamic";
   TQ_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, op,
            ": x must be float32, float16 or bfloat16, got ", x.scalar_type());
@@ -163,7 +166,21 @@ at::Tensor int8_linear_dynamic_cpu(const at::Tensor& x, const at::Tensor& w_pack
   for (int64_t d = x.dim() - 2; d >= 0; --d) strides[d] = (d == x.dim() - 2 ? lda : strides[d + 1] * x.size(d + 1));
   const at::Tensor x_q = at::from_blob(rows, x.sizes(), strides, x.options().dtype(at::kByte));
   return int8_linear_impl(op, x_q, x_scale, 128, w_packed, w_sum, w_scale, bias, out_features, x.scalar_type(),
-                          std::nullopt, 0, std::nullopt, std::nullopt, true);
+                          std::nullopt, 0, std::nullopt, std::nullopt, true, gelu);
+}
+
+at::Tensor int8_linear_dynamic_cpu(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& w_sum,
+                                   const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
+                                   int64_t out_features) {
+  return int8_linear_dynamic_with(x, w_packed, w_sum, w_scale, bias, out_features, Gelu::None);
+}
+
+at::Tensor int8_linear_dynamic_activation_cpu(const at::Tensor& x, const at::Tensor& w_packed,
+                                              const at::Tensor& w_sum, const at::Tensor& w_scale,
+                                              const std::optional<at::Tensor>& bias, int64_t out_features,
+                                              c10::string_view activation) {
+  const Gelu gelu = parse_activation("int8_linear_dynamic", activation);
+  return int8_linear_dynamic_with(x, w_packed, w_sum, w_scale, bias, out_features, gelu);
 }
 
 }  // namespace
@@ -174,4 +191,5 @@ TORCH_LIBRARY_IMPL(torchquant, CPU, m) {
   m.impl("pack_int8_weight", &torchquant::gemm::pack_int8_weight_cpu);
   m.impl("int8_linear", &torchquant::gemm::int8_linear_cpu);
   m.impl("int8_linear_dynamic", &torchquant::gemm::int8_linear_dynamic_cpu);
+  m.impl("int8_linear_dynamic.activation", &torchquant::gemm::int8_linear_dynamic_activation_cpu);
 }

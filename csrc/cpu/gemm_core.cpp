@@ -200,6 +200,69 @@ void microkernel_scalar(const uint8_t* a, int64_t a_row, const int8_t* b, int64_
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// GELU of the epilogue, y * P(y), in the forms of torch.nn.functional.gelu: P the normal CDF (the erf form) or
+// 1 / (1 + e^(-2u)), u = sqrt(2 / pi) (y + 0.044715 y^3) (approximate="tanh"). P is a polynomial of degree
+// kGeluDegree in v = y - center on each of kGeluIntervals intervals of [-kGeluRange, kGeluRange]
+// (scripts/gelu_tables.py fits them: |error| < 6e-8, half a float32 ulp of 1), 0 below and 1 above (where P is
+// within 2e-8 of those). The epilogue's GELU is bound by the vector units' instruction throughput: this takes ~25
+// instructions a vector (an exp-based erf, A&S 7.1.26 as torch's kernel, ~35 measured a tenth slower). The
+// scalar and AVX-512 versions run the same correctly rounded operations in the same order, so every ISA path gives
+// the same bits; gelu(+inf) = +inf, gelu(-inf) = NaN (-inf * 0), as torch's y * 0.5 * (1 + erf(y / sqrt(2))).
+// ---------------------------------------------------------------------------------------------------------------
+
+#include "cpu/gelu_tables.inc"
+
+constexpr float kGeluIndexScale = kGeluIntervals / (2 * kGeluRange);
+
+// The intervals' centers, (2i - 31) * kGeluHalfWidth: exact float32 values (an integer times 11 / 64).
+constexpr auto kGeluCenters = [] {
+  struct Centers {
+    alignas(64) float values[kGeluIntervals];
+    constexpr operator const float*() const { return values; }
+  } c{};
+  for (int i = 0; i < kGeluIntervals; ++i)
+    c.values[i] = static_cast<float>(2 * i - (kGeluIntervals - 1)) * kGeluHalfWidth;
+  return c;
+}();
+
+using GeluCoeffs = float[kGeluDegree + 1][kGeluIntervals];
+
+constexpr const GeluCoeffs& gelu_coeffs(Gelu kind) { return kind == Gelu::Tanh ? kGeluTanhCoeffs : kGeluErfCoeffs; }
+
+float gelu_scalar(float y, Gelu kind) {
+  if (std::isnan(y) || y > kGeluRange) return y;  // y * 1 (NaN: y * P(y))
+  if (y < -kGeluRange) return y * 0.0f;
+  const GeluCoeffs& c = gelu_coeffs(kind);
+  const int i = std::min(static_cast<int>((y + kGeluRange) * kGeluIndexScale), kGeluIntervals - 1);
+  const float v = y - kGeluCenters.values[i];
+  float p = c[kGeluDegree][i];
+  for (int d = kGeluDegree - 1; d >= 0; --d) p = std::fma(p, v, c[d][i]);
+  return y * p;
+}
+
+// Entry i (a vector of interval indices, 0..31) of a 32-entry table.
+TQ_TARGET_VNNI inline __attribute__((always_inline)) __m512 gelu_table(const float* row, __m512i i) {
+  return _mm512_permutex2var_ps(_mm512_load_ps(row), i, _mm512_load_ps(row + 16));
+}
+
+template <Gelu KIND>
+TQ_TARGET_VNNI inline __attribute__((always_inline)) __m512 gelu_avx512(__m512 y) {
+  static_assert(kGeluIntervals == 32, "one two-register permute per coefficient");
+  const GeluCoeffs& c = gelu_coeffs(KIND);
+  const __m512 range = _mm512_set1_ps(kGeluRange);
+  // the interval of y, clamped to the table (y outside the range, or NaN: any interval, and P(y) set below)
+  __m512i i = _mm512_cvttps_epi32(_mm512_mul_ps(_mm512_add_ps(y, range), _mm512_set1_ps(kGeluIndexScale)));
+  i = _mm512_min_epi32(_mm512_max_epi32(i, _mm512_setzero_si512()), _mm512_set1_epi32(kGeluIntervals - 1));
+  const __m512 v = _mm512_sub_ps(y, gelu_table(kGeluCenters, i));
+  __m512 p = gelu_table(c[kGeluDegree], i);
+#pragma GCC unroll 8
+  for (int d = kGeluDegree - 1; d >= 0; --d) p = _mm512_fmadd_ps(p, v, gelu_table(c[d], i));
+  p = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(y, _mm512_set1_ps(-kGeluRange), _CMP_LT_OQ), p, _mm512_setzero_ps());
+  p = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(y, range, _CMP_GT_OQ), p, _mm512_set1_ps(1.0f));
+  return _mm512_mul_ps(y, p);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // Epilogue: one row of a tile (ncols <= 64 valid columns) to the output. Pointers are already at the panel's first
 // column; `row` indexes the output row.
 // ---------------------------------------------------------------------------------------------------------------
@@ -221,6 +284,7 @@ void epilogue_row_scalar(const Epilogue& ep, const int32_t* acc, int64_t row, in
     }
     float y = static_cast<float>(v) * xs * ep.col_scale[n];
     if (ep.bias != nullptr) y += ep.bias[n];
+    if (ep.gelu != Gelu::None) y = gelu_scalar(y, ep.gelu);
     y = clamp_activation(y, ep.clamp);
     switch (ep.kind) {
       case OutKind::Float32: out_at<float>(ep, row, col0)[c] = y; break;
@@ -288,6 +352,7 @@ void panel_epilogue(const Epilogue& ep, int64_t col0, int64_t ncols, PanelEpilog
     c.may_be_nan |= !std::isfinite(c.bias[i]) || !std::isfinite(c.scale[i]) || c.scale[i] == 0.0f;
   c.clamp_lo = ep.clamp.lo;
   c.clamp_hi = ep.clamp.hi;
+  c.gelu = ep.gelu;
   c.inv_out_scale = ep.inv_out_scale;
   c.zero_point = static_cast<int16_t>(ep.out_zero_point);
   const float inv = ep.inv_out_scale;
@@ -344,7 +409,7 @@ TQ_TARGET_VNNI inline __attribute__((always_inline)) __m512i requantize(const Ep
 // epilogue_row_scalar: same operation order (the activation clamp included), round-to-nearest-even conversions
 // (vcvtps2ph, a bit-exact bfloat16 rounding), NaN -> zero point when requantizing. Streaming stores when asked and
 // the row start is aligned to the store.
-template <OutKind KIND, typename T, bool FULL, bool MAY_BE_NAN>
+template <OutKind KIND, typename T, bool FULL, bool MAY_BE_NAN, Gelu GELU = Gelu::None>
 TQ_TARGET_VNNI inline __attribute__((always_inline)) void epilogue_row_avx512(const PanelEpilogue& c,
                                                                               const EpilogueVectors& e,
                                                                               __m512i v0, __m512i v1, __m512i v2,
@@ -379,7 +444,9 @@ TQ_TARGET_VNNI inline __attribute__((always_inline)) void epilogue_row_avx512(co
       store_vector(dst, v[j], mask, stream);
       continue;
     }
-    const __m512 y = _mm512_min_ps(e.clamp_hi, _mm512_max_ps(e.clamp_lo, epilogue_float(c, v[j], xs, j)));
+    __m512 y = epilogue_float(c, v[j], xs, j);
+    if constexpr (GELU != Gelu::None) y = gelu_avx512<GELU>(y);  // (int8_linear_dynamic's: no clamp)
+    else y = _mm512_min_ps(e.clamp_hi, _mm512_max_ps(e.clamp_lo, y));
     if constexpr (KIND == OutKind::Float32) {
       store_vector(dst, _mm512_castps_si512(y), mask, stream);
     } else if constexpr (KIND == OutKind::Float16) {
@@ -412,7 +479,7 @@ struct OutRows {
 };
 
 // The epilogue of a whole tile (rows x ncols <= 64).
-template <OutKind KIND, typename T, bool MAY_BE_NAN>
+template <OutKind KIND, typename T, bool MAY_BE_NAN, Gelu GELU = Gelu::None>
 TQ_TARGET_VNNI void epilogue_tile_avx512_kind(const Epilogue& ep, const PanelEpilogue& c, const int32_t* tile,
                                               int64_t row0, int64_t rows, int64_t col0, int64_t ncols) {
   const EpilogueVectors e = epilogue_vectors(c);
@@ -423,11 +490,11 @@ TQ_TARGET_VNNI void epilogue_tile_avx512_kind(const Epilogue& ep, const PanelEpi
     for (int j = 0; j < vectors; ++j) v[j] = less_offset(c, _mm512_load_si512(tile + r * kPackAlign + 16 * j), j);
     const __m512 xs = out.xs(row0 + r);
     if (ncols == kPackAlign)
-      epilogue_row_avx512<KIND, T, true, MAY_BE_NAN>(c, e, v[0], v[1], v[2], v[3], xs, out.row(row0 + r),
-                                                     out.streaming);
+      epilogue_row_avx512<KIND, T, true, MAY_BE_NAN, GELU>(c, e, v[0], v[1], v[2], v[3], xs, out.row(row0 + r),
+                                                           out.streaming);
     else
-      epilogue_row_avx512<KIND, T, false, MAY_BE_NAN>(c, e, v[0], v[1], v[2], v[3], xs, out.row(row0 + r),
-                                                      out.streaming);
+      epilogue_row_avx512<KIND, T, false, MAY_BE_NAN, GELU>(c, e, v[0], v[1], v[2], v[3], xs, out.row(row0 + r),
+                                                            out.streaming);
   }
 }
 
@@ -438,17 +505,30 @@ TQ_TARGET_VNNI void epilogue_tile_avx512_bytes(const Epilogue& ep, const PanelEp
                 : epilogue_tile_avx512_kind<KIND, T, false>)(ep, c, tile, row0, rows, col0, ncols);
 }
 
+// A float kind's tile epilogue with the panel's GELU.
+template <OutKind KIND, typename T>
+TQ_TARGET_VNNI void epilogue_tile_avx512_float(const Epilogue& ep, const PanelEpilogue& c, const int32_t* tile,
+                                               int64_t row0, int64_t rows, int64_t col0, int64_t ncols) {
+  switch (c.gelu) {
+    case Gelu::None: return epilogue_tile_avx512_kind<KIND, T, true>(ep, c, tile, row0, rows, col0, ncols);
+    case Gelu::Erf:
+      return epilogue_tile_avx512_kind<KIND, T, true, Gelu::Erf>(ep, c, tile, row0, rows, col0, ncols);
+    case Gelu::Tanh:
+      return epilogue_tile_avx512_kind<KIND, T, true, Gelu::Tanh>(ep, c, tile, row0, rows, col0, ncols);
+  }
+}
+
 TQ_TARGET_VNNI void epilogue_tile_avx512(const Epilogue& ep, const PanelEpilogue& c, const int32_t* tile,
                                          int64_t row0, int64_t rows, int64_t col0, int64_t ncols) {
   switch (ep.kind) {
     case OutKind::Int32:
       return epilogue_tile_avx512_kind<OutKind::Int32, int32_t, true>(ep, c, tile, row0, rows, col0, ncols);
     case OutKind::Float32:
-      return epilogue_tile_avx512_kind<OutKind::Float32, float, true>(ep, c, tile, row0, rows, col0, ncols);
+      return epilogue_tile_avx512_float<OutKind::Float32, float>(ep, c, tile, row0, rows, col0, ncols);
     case OutKind::Float16:
-      return epilogue_tile_avx512_kind<OutKind::Float16, c10::Half, true>(ep, c, tile, row0, rows, col0, ncols);
+      return epilogue_tile_avx512_float<OutKind::Float16, c10::Half>(ep, c, tile, row0, rows, col0, ncols);
     case OutKind::BFloat16:
-      return epilogue_tile_avx512_kind<OutKind::BFloat16, c10::BFloat16, true>(ep, c, tile, row0, rows, col0, ncols);
+      return epilogue_tile_avx512_float<OutKind::BFloat16, c10::BFloat16>(ep, c, tile, row0, rows, col0, ncols);
     case OutKind::Int8: return epilogue_tile_avx512_bytes<OutKind::Int8, int8_t>(ep, c, tile, row0, rows, col0, ncols);
     case OutKind::UInt8:
       return epilogue_tile_avx512_bytes<OutKind::UInt8, uint8_t>(ep, c, tile, row0, rows, col0, ncols);
@@ -468,7 +548,7 @@ struct KRuns {
 };
 
 // acc[r] (a full panel's sums) through the epilogue to output row out_rows[r], or row0 + r without out_rows.
-template <int MR, OutKind KIND, typename T, bool MAY_BE_NAN>
+template <int MR, OutKind KIND, typename T, bool MAY_BE_NAN, Gelu GELU>
 TQ_TARGET_VNNI inline __attribute__((always_inline)) void store_fused(__m512i (&acc)[MR][4], const PanelEpilogue& c,
                                                                      const Epilogue& ep, int64_t row0,
                                                                      const int64_t* out_rows, int64_t col0) {
@@ -477,14 +557,16 @@ TQ_TARGET_VNNI inline __attribute__((always_inline)) void store_fused(__m512i (&
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) {
     const int64_t row = out_rows == nullptr ? row0 + r : out_rows[r];
-    epilogue_row_avx512<KIND, T, true, MAY_BE_NAN>(c, e, less_offset(c, acc[r][0], 0), less_offset(c, acc[r][1], 1),
-                                                   less_offset(c, acc[r][2], 2), less_offset(c, acc[r][3], 3),
-                                                   out.xs(row), out.row(row), out.streaming);
+    epilogue_row_avx512<KIND, T, true, MAY_BE_NAN, GELU>(c, e, less_offset(c, acc[r][0], 0),
+                                                         less_offset(c, acc[r][1], 1), less_offset(c, acc[r][2], 2),
+                                                         less_offset(c, acc[r][3], 3), out.xs(row), out.row(row),
+                                                         out.streaming);
   }
 }
 
-template <int MR, OutKind KIND, typename T, bool MAY_BE_NAN>
+template <int MR, OutKind KIND, typename T, bool MAY_BE_NAN, Gelu GELU>
 struct FusedVnni {
+  static constexpr bool kTakesGelu = true;
   TQ_TARGET_VNNI static void run(const uint8_t* a, int64_t a_row, const int8_t* b, KRuns runs,
                                  const PanelEpilogue& c, const Epilogue& ep, int64_t row0, int64_t col0) {
     __m512i acc[MR][4];
@@ -494,7 +576,7 @@ struct FusedVnni {
       for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_si512();
     for (int64_t i = 0; i < runs.count; ++i)
       accumulate_vnni<MR, 4>(acc, a + i * runs.stride, a_row, b + i * runs.steps * kStepBytes, runs.steps);
-    store_fused<MR, KIND, T, MAY_BE_NAN>(acc, c, ep, row0, nullptr, col0);
+    store_fused<MR, KIND, T, MAY_BE_NAN, GELU>(acc, c, ep, row0, nullptr, col0);
   }
 };
 
@@ -519,8 +601,9 @@ struct DirectTaps {
   bool skip_padding;
 };
 
-template <int MR, OutKind KIND, typename T, bool MAY_BE_NAN>
+template <int MR, OutKind KIND, typename T, bool MAY_BE_NAN, Gelu GELU>
 struct DirectVnni {
+  static constexpr bool kTakesGelu = false;  // (convs have no fused GELU: not instantiated with one)
   TQ_TARGET_VNNI static void run(const DirectTaps& d, const PixelGroup& grp, const int8_t* b, const PanelEpilogue& c,
                                  const Epilogue& ep, int64_t col0) {
     __m512i acc[MR][4];
@@ -538,30 +621,41 @@ struct DirectVnni {
         rows[r] = ((grp.inside[r] >> t) & 1) != 0 ? d.x + (grp.offset[r] + d.tap_offset[t]) : d.pad_row;
       accumulate_vnni_rows<MR, 4>(acc, rows, b + t * d.tap_steps * kStepBytes, d.tap_steps);
     }
-    store_fused<MR, KIND, T, MAY_BE_NAN>(acc, c, ep, 0, grp.out_row, col0);
+    store_fused<MR, KIND, T, MAY_BE_NAN, GELU>(acc, c, ep, 0, grp.out_row, col0);
   }
 };
 
-// K<rows, kind, type, may be NaN>::run of a full panel c stored as `kind` (K: FusedVnni or DirectVnni).
-template <template <int, OutKind, typename, bool> class K, OutKind KIND, typename T, bool MAY_BE_NAN = true>
+// K<rows, kind, type, may be NaN, GELU>::run of a full panel c stored as `kind` (K: FusedVnni or DirectVnni).
+template <template <int, OutKind, typename, bool, Gelu> class K, OutKind KIND, typename T, bool MAY_BE_NAN = true,
+          Gelu GELU = Gelu::None>
 auto fused_rows(int rows) {
   switch (rows) {
-    case 6: return &K<6, KIND, T, MAY_BE_NAN>::run;
-    case 5: return &K<5, KIND, T, MAY_BE_NAN>::run;
-    case 4: return &K<4, KIND, T, MAY_BE_NAN>::run;
-    case 3: return &K<3, KIND, T, MAY_BE_NAN>::run;
-    case 2: return &K<2, KIND, T, MAY_BE_NAN>::run;
-    default: return &K<1, KIND, T, MAY_BE_NAN>::run;
+    case 6: return &K<6, KIND, T, MAY_BE_NAN, GELU>::run;
+    case 5: return &K<5, KIND, T, MAY_BE_NAN, GELU>::run;
+    case 4: return &K<4, KIND, T, MAY_BE_NAN, GELU>::run;
+    case 3: return &K<3, KIND, T, MAY_BE_NAN, GELU>::run;
+    case 2: return &K<2, KIND, T, MAY_BE_NAN, GELU>::run;
+    default: return &K<1, KIND, T, MAY_BE_NAN, GELU>::run;
   }
 }
 
-template <template <int, OutKind, typename, bool> class K>
+// A float kind's kernel with the panel's GELU.
+template <template <int, OutKind, typename, bool, Gelu> class K, OutKind KIND, typename T>
+auto fused_float_rows(const PanelEpilogue& c, int rows) {
+  if constexpr (K<1, KIND, T, true, Gelu::None>::kTakesGelu) {
+    if (c.gelu == Gelu::Erf) return fused_rows<K, KIND, T, true, Gelu::Erf>(rows);
+    if (c.gelu == Gelu::Tanh) return fused_rows<K, KIND, T, true, Gelu::Tanh>(rows);
+  }
+  return fused_rows<K, KIND, T>(rows);
+}
+
+template <template <int, OutKind, typename, bool, Gelu> class K>
 auto fused_kernel(OutKind kind, const PanelEpilogue& c, int rows) {
   switch (kind) {
     case OutKind::Int32: break;
-    case OutKind::Float32: return fused_rows<K, OutKind::Float32, float>(rows);
-    case OutKind::Float16: return fused_rows<K, OutKind::Float16, c10::Half>(rows);
-    case OutKind::BFloat16: return fused_rows<K, OutKind::BFloat16, c10::BFloat16>(rows);
+    case OutKind::Float32: return fused_float_rows<K, OutKind::Float32, float>(c, rows);
+    case OutKind::Float16: return fused_float_rows<K, OutKind::Float16, c10::Half>(c, rows);
+    case OutKind::BFloat16: return fused_float_rows<K, OutKind::BFloat16, c10::BFloat16>(c, rows);
     case OutKind::Int8:
       return c.may_be_nan ? fused_rows<K, OutKind::Int8, int8_t, true>(rows)
                           : fused_rows<K, OutKind::Int8, int8_t, false>(rows);

@@ -28,7 +28,8 @@ constexpr int64_t panel_byte(int64_t k, int64_t col) { return (k / 4) * kStepByt
 // What the GEMM's store does with each int32 accumulator acc[m][n] (already summed over k):
 //   v = acc - col_offset[n]                                    (zero-point / shift correction)
 //   Int32:         out = v
-//   float kinds:   out = clamp_activation(v * row_scale[m or 0] * col_scale[n] + bias[n], clamp)
+//   float kinds:   out = clamp_activation(gelu(v * row_scale[m or 0] * col_scale[n] + bias[n]), clamp), gelu the
+//                  identity unless asked for
 //   Int8 / UInt8:  out = clamp(rne(y * inv_out_scale) + out_zero_point, qmin, qmax), y as above
 
 struct Epilogue {
@@ -45,6 +46,7 @@ struct Epilogue {
   float qmin = 0.0f;
   float qmax = 0.0f;
   ActivationClamp clamp;  // the fused activation (none: -inf / +inf)
+  Gelu gelu = Gelu::None;  // float kinds without a clamp only
   bool streaming = false;  // non-temporal stores (with_streaming sets it for outputs larger than the caches)
 };
 
@@ -99,6 +101,7 @@ struct PanelEpilogue {
   int ncols, vectors;
   bool may_be_nan;  // whether a requantized y can be NaN (a NaN or infinite bias or scale, per-row scales)
   float clamp_lo, clamp_hi;  // the activation clamp of float outputs
+  Gelu gelu;
   float inv_out_scale, q_lo, q_hi;
   int16_t zero_point;
 };

@@ -197,10 +197,19 @@ def int8_linear(x_q: torch.Tensor, x_scale, x_zero_point: int, w_packed: torch.T
                            _clamp_bound("int8_linear", "clamp_max", clamp_max))
 
 
+# dynamic_int8_linear's fused activations, and torch.nn.functional.gelu's `approximate` for each
+GELU_APPROXIMATE = {"gelu": "none", "gelu_tanh": "tanh"}
+
+
 def dynamic_int8_linear(x: torch.Tensor, w_packed: torch.Tensor, w_sum: torch.Tensor, w_scale: torch.Tensor,
-                        bias: Optional[torch.Tensor] = None, *, out_features: int) -> torch.Tensor:
+                        bias: Optional[torch.Tensor] = None, *, out_features: int,
+                        activation: Optional[str] = None) -> torch.Tensor:
     """The int8-dynamic Linear forward: per-token symmetric int8 quantization of x [..., K] (float32, float16 or
-    bfloat16), then int8_linear against the packed weight; the output has x's dtype."""
+    bfloat16), then int8_linear against the packed weight; the output has x's dtype. activation: None, or "gelu" /
+    "gelu_tanh": torch.nn.functional.gelu (approximate "none" / "tanh") of the float32 result before the cast,
+    computed in the GEMM's epilogue on the CPU."""
+    if activation is not None and activation not in GELU_APPROXIMATE:
+        raise ValueError(f"dynamic_int8_linear: activation must be None, 'gelu' or 'gelu_tanh', got {activation!r}")
     _require_tensor("x", x)
     _require_dtype("x", x, FLOAT_DTYPES)
     if x.dim() < 1:
@@ -211,8 +220,10 @@ def dynamic_int8_linear(x: torch.Tensor, w_packed: torch.Tensor, w_sum: torch.Te
     _require_same_device(x.device, w_packed=w_packed, w_sum=w_sum, w_scale=w_scale, bias=bias)
     _require_positive_finite("dynamic_int8_linear", "w_scale", w_scale)
     # one dispatcher call (quantize_per_token + int8_linear in C++): no Python autograd kernel, no second op call
-    return ops.int8_linear_dynamic(x, w_packed, w_sum, w_scale, bias,
-                                   _integer("dynamic_int8_linear", "out_features", out_features))
+    out_features = _integer("dynamic_int8_linear", "out_features", out_features)
+    if activation is None:
+        return ops.int8_linear_dynamic(x, w_packed, w_sum, w_scale, bias, out_features)
+    return ops.int8_linear_dynamic.activation(x, w_packed, w_sum, w_scale, bias, out_features, activation)
 
 
 def pack_conv_weight(w_q: torch.Tensor, groups: int = 1) -> torch.Tensor:
@@ -323,6 +334,13 @@ def _int8_linear_dynamic_fake(x, w_packed, w_sum, w_scale, bias, out_features):
     torch._check(x.dim() >= 1, lambda: "int8_linear_dynamic: x must have at least 1 dimension [..., K]")
     torch._check(out_features >= 1, lambda: f"int8_linear_dynamic: out_features must be >= 1, got {out_features}")
     return x.new_empty((*x.shape[:-1], out_features))
+
+
+@torch.library.register_fake("torchquant::int8_linear_dynamic.activation")
+def _int8_linear_dynamic_activation_fake(x, w_packed, w_sum, w_scale, bias, out_features, activation):
+    torch._check(activation in GELU_APPROXIMATE,
+                 lambda: f"int8_linear_dynamic: activation must be 'gelu' or 'gelu_tanh', got '{activation}'")
+    return _int8_linear_dynamic_fake(x, w_packed, w_sum, w_scale, bias, out_features)
 
 
 def _conv_out_size(size, kernel, stride, padding, dilation):

@@ -10,6 +10,7 @@ from torch.compiler import is_dynamo_compiling
 from torchquant import _C
 from torchquant import functional as F_q
 from torchquant._ops import FLOAT_DTYPES, ops
+from torchquant._ops.gemm import GELU_APPROXIMATE
 from torchquant.nn.base import QuantLayerBase
 
 
@@ -29,6 +30,11 @@ class QuantLinear(QuantLayerBase):
         self.weight = float_layer.weight
         self.bias = float_layer.bias
         self._init_quant(config)
+        # "gelu" / "gelu_tanh": torch.nn.functional.gelu (approximate "none" / "tanh") of the output, computed by the
+        # kernel's epilogue (fuse_activation: convert() fuses the GELU module that followed the layer), and that
+        # module's name in the model, where an nn.Identity now stands
+        self.fused_activation = None
+        self.fused_activation_module = None
 
     @classmethod
     def _like(cls, linear: nn.Linear, config, device):
@@ -41,13 +47,25 @@ class QuantLinear(QuantLayerBase):
         # batch 1). Any input that fails them takes the general path, which raises the precise error.
         if self.converted and self.fused and self.clamp_min is None and self.clamp_max is None:
             if not is_dynamo_compiling():
-                y = _C.int8_linear_dynamic(x, self.in_features, *self._kernel_args)
+                y = _C.int8_linear_dynamic(x, self.in_features, *self._kernel_args, self.fused_activation)
                 if y is not NotImplemented:
                     return y
             elif (isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[-1] == self.in_features
                   and x.dtype in FLOAT_DTYPES and x.device == self._device):
-                return ops.int8_linear_dynamic(x, *self._kernel_args)
+                return self._fused_forward(x)
         return super().forward(x)
+
+    def fuse_activation(self, form: str, module_name: str | None = None) -> None:
+        """Makes the layer's output gelu(y) (form "gelu", or "gelu_tanh" for approximate="tanh"), computed by the
+        int8-dynamic kernel: a converted layer whose input is quantized per token to 8 bits only. module_name: the
+        GELU module this replaces in the model (recorded for save and load)."""
+        if form not in GELU_APPROXIMATE:
+            raise ValueError(f"QuantLinear.fuse_activation: form must be 'gelu' or 'gelu_tanh', got {form!r}")
+        if not (self.converted and self.fused and self.clamp_min is None and self.clamp_max is None):
+            raise ValueError("QuantLinear.fuse_activation: the layer must be converted, quantize its input per token "
+                             "to 8 bits (int8-dynamic) and have no activation clamp")
+        self.fused_activation = form
+        self.fused_activation_module = module_name
 
     def _float_op(self, x, weight, bias):
         return F.linear(x, weight, bias)
@@ -73,7 +91,9 @@ class QuantLinear(QuantLayerBase):
         return (self.w_packed, self.w_sum, self.weight_scale, self.bias, self.out_features)
 
     def _fused_forward(self, x):
-        return ops.int8_linear_dynamic(x, *self._kernel_args)
+        if self.fused_activation is None:
+            return ops.int8_linear_dynamic(x, *self._kernel_args)
+        return ops.int8_linear_dynamic.activation(x, *self._kernel_args, self.fused_activation)
 
     def _int_op(self, x_q, x_scale, x_zero_point, out_dtype, out_scale=None, out_zero_point=0):
         # the kernel takes any leading dims of x_q, with x_scale [1] or one per row
