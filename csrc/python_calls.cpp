@@ -374,8 +374,9 @@ bool pair_arg(PyObject* o, std::array<int64_t, 2>& pair) {
 // QuantConv2d whose input is quantized per tensor (static, or dynamic on the CPU) and runs int8_linear /
 // int8_conv2d with a float output of x's dtype. layer_args is the tuple the layer prepared (_quantized_call_args):
 // (in_features or in_channels, static scale or None (dynamic), zero point tensor, zero point, bits, signed, rounding,
-// the integer op's weight-side arguments); the clamps are read on every call (set_activation_clamp may change
-// them). It makes the calls of the layer's Python path (QuantLayerBase._converted_forward) from C++: their
+// the integer op's weight-side arguments, and for a conv its output's memory format: True channels-last, False
+// contiguous, None the one torch suggests for the input); the clamps are read on every call (set_activation_clamp
+// may change them). It makes the calls of the layer's Python path (QuantLayerBase._converted_forward) from C++: their
 // Python method calls and the op calls' argument boxing cost 5-6 us, more than both kernels at batch 1.
 // quantized_layer_forward(x_q, layer_args, clamp_min, clamp_max, out_dtype, out_scale, out_zero_point) -> Tensor:
 // the same layer in an integer pipeline (QuantLayerBase.pipeline_op): x_q int8/uint8 already at the layer's static
@@ -385,7 +386,7 @@ PyObject* call_quantized_layer_forward(PyObject*, PyObject* const* args, Py_ssiz
   if (nargs != 4 && nargs != 7) check_nargs(nargs, 4, "quantized_layer_forward");
   const bool pipeline = nargs == 7;
   PyObject* layer = args[1];
-  constexpr Py_ssize_t kLinearArgs = 12, kConvArgs = 17;
+  constexpr Py_ssize_t kLinearArgs = 12, kConvArgs = 18;
   if (!PyTuple_CheckExact(layer)) Py_RETURN_NOTIMPLEMENTED;
   const Py_ssize_t n = PyTuple_GET_SIZE(layer);
   if (n != kLinearArgs && n != kConvArgs) Py_RETURN_NOTIMPLEMENTED;
@@ -433,7 +434,7 @@ PyObject* call_quantized_layer_forward(PyObject*, PyObject* const* args, Py_ssiz
   if (conv) {
     groups = int_in(item(16), 1, INT64_MAX);
     if (!pair_arg(item(12), kernel) || !pair_arg(item(13), stride) || !pair_arg(item(14), padding) ||
-        !pair_arg(item(15), dilation) || !groups)
+        !pair_arg(item(15), dilation) || !groups || !(PyBool_Check(item(17)) || item(17) == Py_None))
       Py_RETURN_NOTIMPLEMENTED;
   }
   const bool is_signed = item(5) == Py_True;
@@ -464,9 +465,12 @@ PyObject* call_quantized_layer_forward(PyObject*, PyObject* const* args, Py_ssiz
     at::Tensor y = int8_conv2d.call(x_q, scale, *zero_point, *w_packed, *w_sum, *w_scale, bias_arg, *out_features,
                                     kernel, stride, padding, dilation, *groups, out_dtype, out_scale,
                                     *out_zero_point, clamp_min, clamp_max);
-    // the kernel writes channels-last; a layer's output has the memory format torch suggests for its input, as
-    // nn.Conv2d's (QuantConv2d._converted_forward); a pipeline keeps channels-last between its layers
-    return pipeline || x->suggest_memory_format() == at::MemoryFormat::ChannelsLast ? y : y.contiguous();
+    // the kernel writes channels-last: kept in a pipeline and where the layer says so, else contiguous where the
+    // layer says so or the input is not channels-last (QuantConv2d._converted_forward, set_output_memory_format)
+    PyObject* layout = item(17);
+    const bool keep = pipeline || layout == Py_True ||
+                      (layout == Py_None && x->suggest_memory_format() == at::MemoryFormat::ChannelsLast);
+    return keep ? y : y.contiguous();
   }));
   END_HANDLE_TH_ERRORS
 }

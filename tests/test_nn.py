@@ -120,8 +120,8 @@ def test_odd_inputs_empty_strided_channels_last(device, name):
 @pytest.mark.parametrize("name", ["int8-dynamic", "int8-static", "w4a8-dynamic", "weight-only-w4",
                                   "w3-a1-binary-static"])
 def test_conv_output_memory_format_follows_the_input(device, name):
-    """As nn.Conv2d's: contiguous for a contiguous input (so a model's y.view(n, -1) after the conv keeps working),
-    channels-last for a channels-last input."""
+    """A model that views a conv's output runs converted; a conv layer's output has, by default, nn.Conv2d's memory
+    format: contiguous for a contiguous input, channels-last for a channels-last input."""
     torch.manual_seed(0)
 
     class LeNet(nn.Module):
@@ -146,11 +146,52 @@ def test_conv_output_memory_format_follows_the_input(device, name):
         one = nn.Sequential(nn.Conv2d(1, 4, 3)).to(device)
         one_quantized = tq.quantize_model(one, CONFIGS[name], calibration=[x[:, :1]], inplace=False)
         cases += [(one_quantized, one, batch) for batch in (x[:, :1], x[:, :1].to(memory_format=torch.channels_last))]
+        for layer in (quantized.conv, one_quantized[0]):  # convert() chose contiguous (a view, the output): the default
+            assert layer.output_memory_format == torch.contiguous_format
+            layer.set_output_memory_format(None)
         for layer, float_layer, batch in cases:
             y, ref = layer(batch), float_layer(batch)
             assert y.is_contiguous() == ref.is_contiguous()
             assert y.is_contiguous(memory_format=torch.channels_last) == ref.is_contiguous(
                 memory_format=torch.channels_last)
+
+
+def test_convert_keeps_channels_last_where_no_view_reads(tmp_path):
+    """convert() lets a conv keep the kernels' channels-last output when nothing after it can view it (the next conv,
+    a flatten or a reshape comes first), and makes it contiguous where a view, or the model's output, is reachable;
+    save/load rebuilds the same choice."""
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+            self.d, self.fc = nn.Conv2d(8, 4, 1), nn.Linear(8 * 6 * 6, 5)
+
+        def forward(self, x):
+            y = torch.relu(self.a(x))
+            y = torch.relu(self.b(y) + y)  # a's output reaches the next conv and this add
+            head = self.fc(nn.functional.max_pool2d(self.c(y), 1).flatten(1))
+            side = self.d(y)
+            return head, side.view(side.shape[0], -1)  # d's output is viewed; y's other readers are convs
+
+    model = Net().eval()
+    x = torch.randn(2, 3, 6, 6)
+    quantized = tq.quantize_model(model, "int8-static", calibration=[x], inplace=False)
+    cl, contiguous = torch.channels_last, torch.contiguous_format
+    assert [quantized.get_submodule(n).output_memory_format for n in "abcd"] == [cl, cl, cl, contiguous]
+    with torch.no_grad():
+        for out, ref in zip(quantized(x), model(x)):
+            torch.testing.assert_close(out, ref, rtol=0.05, atol=0.05)
+        assert quantized.b(x.new_ones(2, 8, 6, 6)).is_contiguous(memory_format=torch.channels_last)
+        assert quantized.d(x.new_ones(2, 8, 6, 6).to(memory_format=cl)).is_contiguous()
+        path = tmp_path / "net.safetensors"
+        tq.save(quantized, path)
+        loaded = tq.load(path, Net())
+        assert [loaded.get_submodule(n).output_memory_format for n in "abcd"] == [cl, cl, cl, contiguous]
+        compiled = torch.compile(loaded, fullgraph=True)
+        for out, ref in zip(compiled(x), quantized(x)):
+            assert torch.equal(out, ref)
 
 
 def test_conv_half(device):

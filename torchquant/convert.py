@@ -329,11 +329,63 @@ def fuse_activations(model: nn.Module) -> nn.Module:
     return model
 
 
+# methods and functions whose result has a layout of its own (contiguous): a view after them reads that, not the
+# layout of their input
+_RELAYOUT_METHODS = {"flatten", "reshape", "contiguous"}
+_RELAYOUT_FUNCTIONS = {torch.flatten, torch.reshape}
+
+
+def _reaches_a_view(node: torch.fx.Node, model: nn.Module) -> bool:
+    """Whether node's tensor, or one computed from it, can reach a Tensor.view / view_as or the model's output (where
+    the caller may view it) without passing through a quantized layer or a relayout (flatten, reshape, contiguous)."""
+    seen, todo = set(), list(node.users)
+    while todo:
+        user = todo.pop()
+        if user in seen:
+            continue
+        seen.add(user)
+        if user.op == "output" or (user.op == "call_method" and user.target in ("view", "view_as")):
+            return True
+        if ((user.op == "call_module" and isinstance(model.get_submodule(user.target), QuantLayerBase))
+                or (user.op == "call_method" and user.target in _RELAYOUT_METHODS)
+                or (user.op == "call_function" and user.target in _RELAYOUT_FUNCTIONS)):
+            continue
+        todo.extend(user.users)
+    return False
+
+
+def set_conv_layouts(model: nn.Module) -> nn.Module:
+    """Sets the output memory format of every converted QuantConv2d of a module-swapped model
+    (QuantConv2d.set_output_memory_format): contiguous where a view can read it (see _reaches_a_view), as the float
+    model's conv gives it to that view from a contiguous input; elsewhere channels-last, the kernels' own layout,
+    which the float ops after it and the next conv take as it is (no copy per conv). Traced with torch.fx; in a model
+    it cannot trace, every conv's output has nn.Conv2d's layout. Returns model."""
+    convs = [m for m in model.modules() if type(m) is QuantConv2d and m.converted]
+    if not convs:
+        return model
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph = _Tracer().trace(model)
+    except Exception:  # noqa: BLE001 -- any tracing failure: nn.Conv2d's layouts
+        for conv in convs:
+            conv.set_output_memory_format(None)
+        return model
+    viewed = {id(m): False for m in convs}
+    for node in graph.nodes:
+        if node.op == "call_module" and id(module := model.get_submodule(node.target)) in viewed:
+            viewed[id(module)] |= _reaches_a_view(node, model)
+    for conv in convs:
+        conv.set_output_memory_format(torch.contiguous_format if viewed[id(conv)] else torch.channels_last)
+    return model
+
+
 def convert(model: nn.Module, *, inplace: bool = True) -> nn.Module:
     """Converts every fake-quant layer of a prepared (and, for static activations, calibrated) model to integer
     weights and kernels. Idempotent; already converted layers are left alone. Either every layer converts or
     none does. A GELU module that only reads an int8-dynamic Linear's output is fused into it (fuse_activations).
-    A prepared integer pipeline (torchquant.graph) becomes the converted pipeline."""
+    A converted conv whose output no view reads keeps its channels-last output (set_conv_layouts). A prepared
+    integer pipeline (torchquant.graph) becomes the converted pipeline."""
     _check_model(model, "convert")
     if not inplace:
         model = copy.deepcopy(model)
@@ -359,6 +411,7 @@ def convert(model: nn.Module, *, inplace: bool = True) -> nn.Module:
     _swap(unfold)
     unfuse_transformers(model)  # also for layers put in place by hand (from_float)
     fuse_activations(model)
+    set_conv_layouts(model)
     return guard_loads(model)
 
 

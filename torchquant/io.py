@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 from torchquant._ops.quantize import qrange
 from torchquant.config import QuantConfig
 from torchquant._ops.gemm import GELU_APPROXIMATE
-from torchquant.convert import QUANT_TYPES, _check_model, gelu_form, unfuse_transformers
+from torchquant.convert import QUANT_TYPES, _check_model, gelu_form, set_conv_layouts, unfuse_transformers
 from torchquant.fold import attach_folded_bn, parent_and_key
 from torchquant.graph import ACT_QUANT, META_KEY as PIPELINE_META, converted_skeleton, is_pipeline
 from torchquant.nn.base import QuantLayerBase, set_weight_spec, unpack_int4
@@ -602,6 +602,7 @@ def load(path, model: nn.Module) -> nn.Module:
         layer.set_activation_clamp(*entry.get("clamp", (None, None)))
         if entry.get("fused_activation") is not None:
             layer.fuse_activation(*entry["fused_activation"])
+    set_conv_layouts(model)
     return model
 
 

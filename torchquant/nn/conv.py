@@ -39,6 +39,7 @@ class QuantConv2d(QuantLayerBase):
 
     FLOAT_TYPE = nn.Conv2d
     PER_TOKEN_INPUT = False
+    output_memory_format = None  # set_output_memory_format
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, config=None, *, device=None, dtype=None):
@@ -95,14 +96,31 @@ class QuantConv2d(QuantLayerBase):
             return x_q.permute(0, 3, 1, 2), x_scale
         return super()._quantize_input(x)
 
+    def set_output_memory_format(self, memory_format: torch.memory_format | None) -> None:
+        """The memory format of the converted conv's output. None (the default): the one nn.Conv2d's output would
+        have, channels-last for a channels-last input and contiguous otherwise (one copy of the kernels'
+        channels-last output), so that code such as y.view(n, -1) works as with nn.Conv2d. torch.channels_last: the
+        kernels' output as it is, for any input (no copy). torch.contiguous_format: always contiguous. convert()
+        sets one of the last two on every conv of a model it can trace (torchquant.convert.set_conv_layouts)."""
+        if memory_format not in (None, torch.channels_last, torch.contiguous_format):
+            raise ValueError(f"{type(self).__name__}.set_output_memory_format: expected None, torch.channels_last "
+                             f"or torch.contiguous_format, got {memory_format!r}")
+        self.output_memory_format = memory_format
+        if self.converted:
+            self._prepare_forward()
+
     def _converted_forward(self, x: torch.Tensor) -> torch.Tensor:
-        # the kernel writes channels-last; the output takes the memory format torch suggests for the input, as
-        # nn.Conv2d's does (code that calls y.view(n, -1) on the conv output of a contiguous input keeps working):
-        # channels-last inputs skip the copy
-        y = super()._converted_forward(x)
-        if x.dim() == 4 and suggest_memory_format(x) == torch.channels_last:
-            return y
-        return y.contiguous()
+        y = super()._converted_forward(x)  # channels-last, as the kernels write it
+        keep = self.output_memory_format
+        if keep is None:
+            keep = suggest_memory_format(x) if x.dim() == 4 else torch.contiguous_format
+        return y if keep == torch.channels_last else y.contiguous()
+
+    def _quantized_layer_args(self) -> tuple | None:
+        # the C++ entry reads the output format as True (channels-last), False (contiguous) or None (the input's)
+        args = super()._quantized_layer_args()
+        layout = {None: None, torch.channels_last: True, torch.contiguous_format: False}[self.output_memory_format]
+        return None if args is None else (*args, layout)
 
     def _input_features(self) -> int:
         return self.in_channels
