@@ -79,10 +79,7 @@ def run_demo(*, epochs: int = 10, qat_epochs: int = 3, seed: int = 0, threads: i
 
     say(f"measuring accuracy and CPU latency on {threads} thread(s) ...")
     accuracy = {label: evaluate(m, data) for label, m in models.items()}
-    # channels-last inputs, the fast memory format of PyTorch's CPU convolutions, float and quantized alike (each conv
-    # then hands the next op channels-last outputs)
-    batch_all = data.test_x.to(memory_format=torch.channels_last)
-    batch_one = batch_all[:1]
+    batch_all, batch_one = data.test_x, data.test_x[:1]
     with torch.no_grad(), num_threads(threads):
         latency_all = compare({label: (lambda m=m: m(batch_all)) for label, m in models.items()}, repeats=9)
         latency_one = compare({label: (lambda m=m: m(batch_one)) for label, m in models.items()}, repeats=9)
@@ -101,6 +98,6 @@ def run_demo(*, epochs: int = 10, qat_epochs: int = 3, seed: int = 0, threads: i
         })
     print(markdown_table(rows, list(rows[0])), file=out)
     say(f"\nLatency: median of interleaved runs on the CPU with {threads} thread(s) (CPU kernels: "
-        f"{torchquant.cpu_kernel_path()}), torch {torch.__version__}, channels-last inputs. Size: every tensor of the "
-        f"state dict (weights, scales, biases).")
+        f"{torchquant.cpu_kernel_path()}), torch {torch.__version__}. Size: every tensor of the state dict (weights, "
+        f"scales, biases).")
     return rows

@@ -30,8 +30,8 @@ constexpr int64_t kKBlock = 1024;      // bytes of k per cache block (a multiple
 // The fused kernel (full panels on AVX-512) runs k whole: up to this k (a 3x3 conv over 512 channels, a 295 KB
 // panel of weight) 1-3 % faster than in blocks with the tile between them, as far as measured.
 constexpr int64_t kFusedMaxK = 4608;
-constexpr int64_t kCachedActivationBytes = 512 << 10;  // activations this small stay in L2 (1 MB on Zen 4)
-// outputs from this size (half of a Zen 4 L3) bypass the caches, unless TORCHQUANT_STREAMING_BYTES says otherwise
+constexpr int64_t kCachedActivationBytes = 512 << 10;  // activations this small stay in L2 (1 MB on Zen 5)
+// outputs from this size (half of a Zen 5 L3) bypass the caches, unless TORCHQUANT_STREAMING_BYTES says otherwise
 constexpr int64_t kStreamingOutputBytes = int64_t{16} << 20;
 
 int64_t out_kind_bytes(OutKind kind) {
@@ -312,7 +312,7 @@ void epilogue_tile_scalar(const Epilogue& ep, const PanelEpilogue&, const int32_
 // Stores the valid lanes (mask) of one output vector at p: a streaming store when asked and the vector is whole
 // (p is then aligned to its size, see epilogue_tile_avx512), else a normal one. Conversions to narrower types
 // happen in registers first: the memory forms of vpmov* and masked narrow stores were the epilogue's slowest
-// instructions on Zen 4.
+// instructions on Zen 5.
 TQ_TARGET_VNNI inline void store_vector(void* p, __m512i v, __mmask16 mask, bool stream) {
   if (mask != 0xFFFF) _mm512_mask_storeu_epi32(p, mask, v);
   else if (stream) _mm512_stream_si512(static_cast<__m512i*>(p), v);
