@@ -257,7 +257,7 @@ def test_save_and_load_fused_gelu(tmp_path):
     other = Block(act=nn.ReLU()).eval()
     before = copy.deepcopy(other.state_dict())
     with pytest.raises(ValueError, match="has the GELU 'intermediate.intermediate_act_fn' fused into "
-                                         "'intermediate.dense', but the model has a ReLU there"):
+                                         "'intermediate.dense', but the model does not pass .* a ReLU there"):
         torchquant.load(path, other)
     assert type(other.intermediate.intermediate_act_fn) is nn.ReLU and type(other.intermediate.dense) is nn.Linear
     assert all(torch.equal(v, other.state_dict()[k]) for k, v in before.items())
@@ -299,3 +299,51 @@ def test_malformed_fused_activation_is_refused(tmp_path, entry):
     with pytest.raises(ValueError, match=r"layer 'intermediate.dense': 'fused_activation' must be \[form, module"):
         torchquant.load(tmp_path / "bad.safetensors", model)
     assert type(model.intermediate.intermediate_act_fn) is nn.GELU and type(model.intermediate.dense) is nn.Linear
+
+
+class _GeluFirst(nn.Module):
+    """Intermediate's children, called in the other order: dense(gelu(x))."""
+
+    def __init__(self, hidden=48, inner=96):
+        super().__init__()
+        self.dense = nn.Linear(hidden, inner)
+        self.intermediate_act_fn = nn.GELU()
+
+    def forward(self, x):
+        return self.dense(self.intermediate_act_fn(x))
+
+
+class _GeluLater(nn.Module):
+    """dense, an Identity where the checkpoint's GELU was, then a GELU of its own."""
+
+    def __init__(self, hidden=48, inner=96):
+        super().__init__()
+        self.dense = nn.Linear(hidden, inner)
+        self.intermediate_act_fn = nn.Identity()
+        self.post = nn.GELU()
+
+    def forward(self, x):
+        return self.post(self.intermediate_act_fn(self.dense(x)))
+
+
+@pytest.mark.parametrize("skeleton", [_GeluFirst, _GeluLater])
+def test_load_fuses_only_where_the_model_feeds_the_layer_to_its_gelu(tmp_path, skeleton):
+    """A checkpoint's fused GELU is refused by a model with the same names whose forward does not pass the layer's
+    output, and nothing else, to that GELU (it would compute another function, or the GELU twice)."""
+    torch.manual_seed(0)
+    converted = torchquant.quantize_model(Intermediate(48, 96, nn.GELU()).eval(), "int8-dynamic")
+    assert converted.dense.fused_activation == "gelu"
+    path = tmp_path / "intermediate.safetensors"
+    torchquant.save(converted, path)
+    with pytest.raises(ValueError, match="does not pass that layer's output, and nothing else, to a GELU"):
+        torchquant.load(path, skeleton().eval())
+
+
+def test_a_gelu_with_hooks_is_not_fused():
+    torch.manual_seed(0)
+    model = Intermediate(48, 96, nn.GELU()).eval()
+    model.intermediate_act_fn.register_forward_hook(lambda module, args, out: out * 0)
+    converted = torchquant.quantize_model(copy.deepcopy(model), "int8-dynamic")
+    assert converted.dense.fused_activation is None and type(converted.intermediate_act_fn) is nn.GELU
+    with torch.no_grad():
+        assert not converted(torch.randn(2, 48)).any()

@@ -444,7 +444,8 @@ def test_in_place_activations_train_and_are_read_as_the_float_model_reads_them()
 
 
 class InPlaceMethodNet(nn.Module):
-    """In-place tensor methods that are no activations (mul_, clamp_, copy_) on a layer's output, unassigned."""
+    """In-place tensor methods that are no activations (mul_, clamp_, copy_, __iadd__) on a layer's output,
+    unassigned."""
 
     def __init__(self, method: str):
         super().__init__()
@@ -458,12 +459,14 @@ class InPlaceMethodNet(nn.Module):
             y.mul_(2)
         elif self.method == "clamp_":
             y.clamp_(-0.5, 0.5)
+        elif self.method == "__iadd__":
+            y.__iadd__(y.mean())
         else:
             y.copy_(torch.flip(y, [3]))
         return self.b(y)
 
 
-@pytest.mark.parametrize("method", ["mul_", "clamp_", "copy_"])
+@pytest.mark.parametrize("method", ["mul_", "clamp_", "copy_", "__iadd__"])
 def test_in_place_methods_are_read_as_the_float_model_reads_them(method):
     # the converted pipeline ran the method on a dequantized copy and the next layer read the unchanged integers
     torch.manual_seed(0)

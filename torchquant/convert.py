@@ -286,12 +286,12 @@ class _GeluTracer(_Tracer):
         return gelu_form(m) is not None or super().is_leaf_module(m, qualname)
 
 
-def _layer_gelu_pairs(parent: nn.Module) -> list[tuple[str, str]]:
-    """(layer key, GELU key) for the children of parent where the forward of parent passes the output of a converted
-    QuantLinear child, and nothing else reads it, to a GELU child (Hugging Face's BertIntermediate: dense, then
-    intermediate_act_fn). Traced with torch.fx; a parent it cannot trace has none."""
+def _layer_gelu_pairs(parent: nn.Module, layer_types: tuple = (QuantLinear,)) -> list[tuple[str, str]]:
+    """(layer key, GELU key) for the children of parent where the forward of parent passes the output of a
+    QuantLinear child (or of another of layer_types), and nothing else reads it, to a GELU child (Hugging Face's
+    BertIntermediate: dense, then intermediate_act_fn). Traced with torch.fx; a parent it cannot trace has none."""
     children = parent._modules
-    if not (any(isinstance(c, QuantLinear) for c in children.values())
+    if not (any(isinstance(c, layer_types) for c in children.values())
             and any(gelu_form(c) is not None for c in children.values() if c is not None)):
         return []
     try:
@@ -307,7 +307,7 @@ def _layer_gelu_pairs(parent: nn.Module) -> list[tuple[str, str]]:
             continue
         (user,) = node.users
         if (user.op == "call_module" and "." not in user.target and calls[user.target] == 1
-                and user.args == (node,) and not user.kwargs and isinstance(children.get(node.target), QuantLinear)
+                and user.args == (node,) and not user.kwargs and isinstance(children.get(node.target), layer_types)
                 and gelu_form(children.get(user.target)) is not None):
             pairs.append((node.target, user.target))
     return pairs
@@ -321,7 +321,8 @@ def fuse_activations(model: nn.Module) -> nn.Module:
     for parent_name, parent in list(model.named_modules()):
         for layer_key, gelu_key in _layer_gelu_pairs(parent):
             layer, gelu = parent._modules[layer_key], parent._modules[gelu_key]
-            if (names[id(layer)] != 1 or names[id(gelu)] != 1 or layer.fused_activation is not None
+            hooked = gelu._forward_hooks or gelu._forward_pre_hooks or layer._forward_hooks  # would be lost or moved
+            if (names[id(layer)] != 1 or names[id(gelu)] != 1 or layer.fused_activation is not None or hooked
                     or not (layer.converted and layer.fused and layer.clamp_min is None and layer.clamp_max is None)):
                 continue
             layer.fuse_activation(gelu_form(gelu), f"{parent_name}.{gelu_key}" if parent_name else gelu_key)

@@ -68,6 +68,7 @@ _PASSTHROUGH_MODULES = (nn.Flatten, nn.Identity) + _DROPOUT_MODULES
 _IN_PLACE_OPERATORS = (operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
                        operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift,
                        operator.irshift)
+_IN_PLACE_DUNDERS = {f"__{op.__name__}__" for op in _IN_PLACE_OPERATORS}  # y.__iadd__(t), ...
 # ops whose result may share its input's memory
 _VIEW_METHODS = ("view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "narrow", "select", "transpose",
                  "swapaxes", "t", "permute", "movedim", "expand", "expand_as", "squeeze", "unsqueeze", "diagonal",
@@ -285,10 +286,11 @@ def _max_pool_arguments(node: fx.Node, modules: dict) -> dict:
 
 def _in_place(node: fx.Node, modules: dict) -> bool:
     """Whether node writes into its first argument: a tensor method or torch function whose name ends in "_"
-    (relu_, mul_, clamp_, copy_, F.elu_, ...), an augmented assignment (+=, *=, ...), or an activation module or
+    (relu_, mul_, clamp_, copy_, F.elu_, ...), an augmented assignment (+=, *=, ..., or its method called by name:
+    y.__iadd__(t)), or an activation module or
     function with inplace=True (by keyword or position)."""
     if node.op == "call_method":
-        return node.target.endswith("_") and not node.target.startswith("_")
+        return (node.target.endswith("_") and not node.target.startswith("_")) or node.target in _IN_PLACE_DUNDERS
     if node.op == "call_function" and (node.target in _IN_PLACE_OPERATORS
                                        or getattr(node.target, "__name__", "").endswith("_")):
         return True

@@ -32,7 +32,8 @@ from safetensors.torch import save_file
 from torchquant._ops.quantize import qrange
 from torchquant.config import QuantConfig
 from torchquant._ops.gemm import GELU_APPROXIMATE
-from torchquant.convert import QUANT_TYPES, _check_model, gelu_form, set_conv_layouts, unfuse_transformers
+from torchquant.convert import (QUANT_TYPES, _check_model, _layer_gelu_pairs, gelu_form, set_conv_layouts,
+                                unfuse_transformers)
 from torchquant.fold import attach_folded_bn, parent_and_key
 from torchquant.graph import ACT_QUANT, META_KEY as PIPELINE_META, converted_skeleton, is_pipeline
 from torchquant.nn.base import QuantLayerBase, set_weight_spec, unpack_int4
@@ -529,15 +530,23 @@ def _plan(path: str, model: nn.Module, layers: dict) -> list[tuple[nn.Module, st
             layer._converted_skeleton()
         if entry.get("fused_activation") is not None:
             # the GELU the layer computes: the model's GELU module (a float skeleton) gives way to an identity
+            # only where the model's forward feeds this layer's output, and nothing else, to that GELU (as convert()
+            # fused it), or where an earlier load already fused it
             form, gelu_name = entry["fused_activation"]
             gelu = _child(model, gelu_name)
-            if gelu_form(gelu) == form:
+            parent_name, _, layer_key = name.rpartition(".")
+            gelu_parent, _, gelu_key = gelu_name.rpartition(".")
+            if type(gelu) is nn.Identity and getattr(module, "fused_activation", None) == form:
+                pass
+            elif (gelu_form(gelu) == form and gelu_parent == parent_name
+                  and (layer_key, gelu_key) in _layer_gelu_pairs(_child(model, parent_name) if parent_name else model,
+                                                                 (nn.Linear, QuantLayerBase))):
                 parent, key = parent_and_key(model, gelu_name)
                 folds.append((parent, key, gelu, nn.Identity(), gelu_name))
-            elif type(gelu) is not nn.Identity:
-                raise ValueError(f"load: {path} has the GELU {gelu_name!r} fused into {name!r}, but the model has "
-                                 f"{'nothing' if gelu is None else 'a ' + type(gelu).__name__} there, not a GELU "
-                                 f"of that form")
+            else:
+                raise ValueError(f"load: {path} has the GELU {gelu_name!r} fused into {name!r}, but the model does "
+                                 f"not pass that layer's output, and nothing else, to a GELU of that form there "
+                                 f"(it has {'nothing' if gelu is None else 'a ' + type(gelu).__name__} there)")
         chosen[id(module)] = (layer, name)
     plan = []
     for module_id, (layer, first) in chosen.items():

@@ -75,6 +75,11 @@ def _mse_range(rows: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch
     return factors[best] * lo, factors[best] * hi
 
 
+# observers whose range comes out NaN or infinite whenever the data holds a NaN or an inf (it starts from the min and
+# max), so that checking the range finds them; a percentile can stay finite but shifted by them
+_RANGE_SHOWS_NON_FINITE = {"minmax", "moving_average", "mse"}
+
+
 def batch_range(x: torch.Tensor, spec: QuantSpec, axis: int | None = None, *,
                 synced: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One batch's (lo, hi) float32 [C] per the spec's observer (moving_average uses min/max per batch). synced:
@@ -86,9 +91,11 @@ def batch_range(x: torch.Tensor, spec: QuantSpec, axis: int | None = None, *,
     # of inf, which choose_qparams then drops, would make one inf clip everything on its side to 0, and one NaN
     # would make the whole range NaN. No torch reduction skips them (no nanmin/nanmax; a mask or torch.where is an
     # element-wise pass too), so they are replaced: in eager mode on the CPU, or where the caller syncs anyway, only
-    # when the range shows one (no extra pass over finite data); elsewhere (a check would make the device wait) and in
-    # traced graphs (no values to check) always, by an element-wise pass before the reduction.
-    check = (rows.is_cpu or synced) and not torch.compiler.is_compiling()
+    # when the range shows one (no extra pass over finite data); elsewhere (a check would make the device wait), in
+    # traced graphs (no values to check) and for the percentile observer always, by an element-wise pass before the
+    # reduction.
+    check = ((rows.is_cpu or synced) and not torch.compiler.is_compiling()
+             and spec.observer in _RANGE_SHOWS_NON_FINITE)
     if not check:
         rows = torch.nan_to_num(rows, nan=0.0, posinf=0.0, neginf=0.0)
     lo, hi = OBSERVERS[spec.observer].batch_range(rows, spec)
