@@ -198,6 +198,8 @@ def test_convert_fuses_gelu_modules_and_computes_the_same_function():
     assert converted.mlp[0].fused_activation == "gelu_tanh" and type(converted.mlp[1]) is nn.Identity
     assert converted.side.fused_activation is None and type(converted.gelu_read_twice) is nn.GELU
     assert converted.output.fused_activation is None
+    assert "fused gelu (was intermediate.intermediate_act_fn)" in repr(converted.intermediate.dense)
+    assert "fused" not in repr(converted.output)
     x = torch.randn(3, 11, 48)
     with torch.no_grad():
         fake = prepared(x)

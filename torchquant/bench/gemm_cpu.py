@@ -1,8 +1,8 @@
 """CPU integer matrix kernels against PyTorch: int8_mm, the int8-dynamic linear and the int8 conv2d.
 
 Three tables, each at 1 and 2 threads, every row timed interleaved with its baselines in this process:
-- int8_mm: GOP/s, fraction of the AVX-512 VNNI peak (64 multiply-adds per cycle per core, about 455 GOP/s per
-  core on the CI machine), ratio to torch._int_mm (oneDNN) and to float32 torch.mm.
+- int8_mm: GOP/s (2 per multiply-add), fraction of the AVX-512 VNNI peak (VNNI_PEAK_GOPS_PER_CORE), ratio to
+  torch._int_mm (oneDNN) and to float32 torch.mm.
 - dynamic linear (per-token activation quantize + GEMM + epilogue, float32 in and out) on MiniLM/BERT shapes and
   4096x4096 against torch.ao.quantization.quantize_dynamic's Linear (fbgemm) and float F.linear.
 - conv2d on ResNet-style layers (uint8 channels-last activations, per-channel int8 weights, float32 output)
@@ -17,7 +17,10 @@ from torchquant import functional as F_q
 from torchquant.bench.timing import run_tables, tables_main, torch_ao_engine
 from torchquant.timing import compare, num_threads
 
-VNNI_PEAK_GOPS_PER_CORE = 455.0
+# One core's vpdpbusd peak on the 2-core Zen 5 machine of benchmarks/results: two 512-bit instructions (64 u8 x s8
+# multiply-adds each) per cycle at 4.48 GHz, 573 G multiply-adds/s, measured with a loop of independent
+# instructions. Other CPUs differ (one instruction per cycle on most Intel cores).
+VNNI_PEAK_GOPS_PER_CORE = 2 * 573.0
 MM_SHAPES = ((1024, 1024, 1024), (2048, 2048, 2048), (128, 4096, 4096))  # M, K, N
 LINEAR_SHAPES = ((384, 384), (384, 1536), (1536, 384), (768, 768), (768, 3072), (3072, 768), (4096, 4096))  # K, N
 LINEAR_ROWS = (1, 16, 128, 512)

@@ -102,3 +102,8 @@ class QuantLinear(QuantLayerBase):
 
     def _shape_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+    def extra_repr(self) -> str:
+        if self.fused_activation is None:
+            return super().extra_repr()
+        return f"{super().extra_repr()}, fused {self.fused_activation} (was {self.fused_activation_module})"
