@@ -356,6 +356,25 @@ def test_quantized_layer_fast_path_matches_the_python_path(kind, config, dtype, 
         assert fast.dtype == dtype and fast.shape == checked.shape and fast.stride() == checked.stride()
 
 
+# The kernels write channels-last; a contiguous float output is transposed by the entry in 16-byte tiles (4 float32
+# or 8 half channels by as many pixels, single elements past them), the same values as torch's copy.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("out_channels,batch,h,w", [(1, 1, 3, 5), (3, 2, 4, 4), (5, 1, 9, 7), (8, 3, 5, 6),
+                                                      (17, 1, 16, 17), (64, 2, 7, 7)])
+def test_conv_contiguous_output_is_transposed_exactly(dtype, out_channels, batch, h, w):
+    torch.manual_seed(out_channels)
+    layer = QuantConv2d(6, out_channels, 3, padding=1, config="int8-static")
+    x = x_of((batch, 6, h, w), dtype, seed=5)
+    tq.calibrate(layer, [x.float()], progress=False)
+    layer.eval().convert()
+    layer.set_output_memory_format(torch.channels_last)
+    want = layer(x).contiguous()
+    layer.set_output_memory_format(torch.contiguous_format)
+    got = layer(x)
+    assert got.is_contiguous() and got.dtype == dtype
+    assert_same(got, want)
+
+
 @pytest.mark.parametrize("out", ["float", "uint8", "int8"])
 @pytest.mark.parametrize("kind", ["linear", "conv", "depthwise"])
 def test_pipeline_op_fast_path_matches_the_op(kind, out):

@@ -371,6 +371,24 @@ def test_int8_conv2d(device, isa, monkeypatch, streamed, conv, x_dtype, x_zp):
     torch.testing.assert_close(got_int, want_int, rtol=0, atol=0)
 
 
+# A contiguous (NCHW) input is transposed to channels-last by the kernel itself: 16 x 16 byte blocks, single bytes
+# for the channels and pixels past them, 256-pixel tasks. Its output equals that of the same values handed over in
+# channels-last, and the reference.
+@pytest.mark.parametrize("channels", [1, 2, 4, 15, 16, 17, 33, 48, 100])
+@pytest.mark.parametrize("batch,h,w", [(1, 1, 7), (2, 5, 3), (1, 16, 16), (3, 15, 17), (1, 19, 27)])
+def test_int8_conv2d_contiguous_input_transposed(isa, channels, batch, h, w):
+    g = torch.Generator().manual_seed(channels * 100 + h * w)
+    x_q = torch.randint(0, 256, (batch, channels, h, w), dtype=torch.uint8, generator=g)
+    w_q = randint8((8, channels, 1, 1), generator=g)
+    w_scale = torch.ones(8)
+    packed, w_sum = F.pack_conv_weight(w_q), w_q.sum((1, 2, 3), dtype=torch.int32)
+    got = F.int8_conv2d(x_q, 1.0, 5, packed, w_sum, w_scale, out_channels=8, kernel_size=1)
+    from_channels_last = F.int8_conv2d(x_q.contiguous(memory_format=torch.channels_last), 1.0, 5, packed, w_sum,
+                                       w_scale, out_channels=8, kernel_size=1)
+    torch.testing.assert_close(got, from_channels_last, rtol=0, atol=0)
+    torch.testing.assert_close(got, reference.int8_conv2d(x_q, 1.0, 5, w_q, w_scale), rtol=0, atol=0)
+
+
 # Depthwise weights packed by pack_conv_weight ([G, 1, KH, KW, 1]) carry the kernel's own layouts after the panels;
 # one packed as a [G, 1, KH*KW] matrix and viewed as the conv weight has none, and the kernel derives them per call.
 # Channel counts around the 32- and 64-channel blocks, strides, padding, 1 to 3 images.

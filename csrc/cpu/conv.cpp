@@ -154,17 +154,94 @@ __attribute__((target("ssse3"))) void interleave3_ssse3(const uint8_t* c0, const
   interleave3(c0 + p, c1 + p, c2 + p, n - p, out + 3 * p);
 }
 
-// x_q's bytes in channels-last order. A contiguous 3-channel input (an image network's first conv) is interleaved
-// here into the calling thread's scratch buffer (torch's copy took six times as long as quantizing the image);
-// other layouts are copied by torch (kept alive by `copy`), channels-last inputs read as they are.
+// The transpose of a tile of 16 bytes x 16 / E elements of E bytes (row i at src + i * src_row bytes) into
+// dst (row j at dst + j * dst_row bytes): rounds that interleave pairs of vectors at E, 2E, ... 8 bytes leave
+// column bit_reversed(j) in vector j.
+template <int E>
+inline void transpose_tile(const uint8_t* src, int64_t src_row, uint8_t* dst, int64_t dst_row) {
+  constexpr int kRows = 16 / E, kHalf = kRows / 2;
+  __m128i r[kRows], t[kRows];
+  for (int i = 0; i < kRows; ++i) r[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i * src_row));
+  const auto round = [&](auto unpack_lo, auto unpack_hi) {
+    for (int i = 0; i < kHalf; ++i) {
+      t[i] = unpack_lo(r[2 * i], r[2 * i + 1]);
+      t[i + kHalf] = unpack_hi(r[2 * i], r[2 * i + 1]);
+    }
+    std::copy(t, t + kRows, r);
+  };
+  if constexpr (E == 1) round([](__m128i a, __m128i b) { return _mm_unpacklo_epi8(a, b); },
+                              [](__m128i a, __m128i b) { return _mm_unpackhi_epi8(a, b); });
+  if constexpr (E <= 2) round([](__m128i a, __m128i b) { return _mm_unpacklo_epi16(a, b); },
+                              [](__m128i a, __m128i b) { return _mm_unpackhi_epi16(a, b); });
+  round([](__m128i a, __m128i b) { return _mm_unpacklo_epi32(a, b); },
+        [](__m128i a, __m128i b) { return _mm_unpackhi_epi32(a, b); });
+  round([](__m128i a, __m128i b) { return _mm_unpacklo_epi64(a, b); },
+        [](__m128i a, __m128i b) { return _mm_unpackhi_epi64(a, b); });
+  for (int j = 0; j < kRows; ++j) {
+    int reversed = 0;
+    for (int bit = 1, mirror = kHalf; bit < kRows; bit <<= 1, mirror >>= 1) reversed |= (j & bit) ? mirror : 0;
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + reversed * dst_row), r[j]);
+  }
+}
+
+// dst[j][i] = src[i][j] for an m x n matrix of E-byte elements (row strides in elements): whole tiles, then
+// element by element for the rows and columns past them.
+template <int E>
+void transpose_block(const uint8_t* src, int64_t src_row, uint8_t* dst, int64_t dst_row, int64_t m, int64_t n) {
+  constexpr int64_t kTile = 16 / E;
+  const int64_t full_m = m - m % kTile, full_n = n - n % kTile;
+  for (int64_t j = 0; j < full_n; j += kTile)
+    for (int64_t i = 0; i < full_m; i += kTile)
+      transpose_tile<E>(src + (i * src_row + j) * E, src_row * E, dst + (j * dst_row + i) * E, dst_row * E);
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t i = j < full_n ? full_m : 0; i < m; ++i)
+      std::memcpy(dst + (j * dst_row + i) * E, src + (i * src_row + j) * E, E);
+}
+
+// Pixels [p0, p0 + n) of each image between the NCHW and NHWC orders of E-byte elements, in either direction.
+template <int E>
+void transpose_pixels(const uint8_t* src, uint8_t* dst, int64_t channels, int64_t pixels, int64_t p0, int64_t n,
+                      bool to_channels_last) {
+  if (to_channels_last)
+    transpose_block<E>(src + p0 * E, pixels, dst + p0 * channels * E, channels, channels, n);
+  else
+    transpose_block<E>(src + p0 * channels * E, channels, dst + p0 * E, pixels, n, channels);
+}
+
+// Every image of x (images x channels x pixels elements of `element` bytes) from NCHW to NHWC order or back, in
+// parallel tasks of 256 pixels (a task's rows stay in L1/L2 while its tiles read them).
+void transpose_images(const uint8_t* x, uint8_t* out, int64_t element, int64_t images, int64_t channels,
+                      int64_t pixels, bool to_channels_last) {
+  constexpr int64_t kBlock = 256;
+  const int64_t blocks = (pixels + kBlock - 1) / kBlock, image = channels * pixels * element;
+  at::parallel_for(0, images * blocks, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / blocks, p0 = (i % blocks) * kBlock, n = std::min(kBlock, pixels - p0);
+      const uint8_t* src = x + b * image;
+      uint8_t* dst = out + b * image;
+      if (element == 1) transpose_pixels<1>(src, dst, channels, pixels, p0, n, to_channels_last);
+      else if (element == 2) transpose_pixels<2>(src, dst, channels, pixels, p0, n, to_channels_last);
+      else transpose_pixels<4>(src, dst, channels, pixels, p0, n, to_channels_last);
+    }
+  });
+}
+
+// x_q's bytes in channels-last order: a channels-last input as it is; a contiguous one transposed here into the
+// calling thread's scratch buffer (torch's copy ran at 1-7 GB/s, as long as the conv itself for some layers; 3
+// channels, an image network's first conv, interleaved by byte shuffles); other layouts copied by torch (kept alive
+// by `copy`).
 const uint8_t* channels_last_bytes(const at::Tensor& x_q, at::Tensor& copy) {
-  if (x_q.size(1) != 3 || !x_q.is_contiguous() || x_q.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+  if (x_q.is_contiguous(at::MemoryFormat::ChannelsLast) || !x_q.is_contiguous()) {
     copy = x_q.contiguous(at::MemoryFormat::ChannelsLast);
     return static_cast<const uint8_t*>(copy.data_ptr());
   }
   const uint8_t* x = static_cast<const uint8_t*>(x_q.data_ptr());
-  const int64_t pixels = x_q.size(2) * x_q.size(3);
+  const int64_t channels = x_q.size(1), pixels = x_q.size(2) * x_q.size(3);
   uint8_t* out = scratch_buffer(Scratch::Activations, x_q.numel());
+  if (channels != 3) {
+    transpose_images(x, out, 1, x_q.size(0), channels, pixels, true);
+    return out;
+  }
   const bool simd = cpu_isa() != CpuIsa::Scalar;  // SSSE3 comes with every AVX2 CPU
   constexpr int64_t kBlock = 4096;  // pixels per task
   const int64_t blocks = (pixels + kBlock - 1) / kBlock;
@@ -177,6 +254,21 @@ const uint8_t* channels_last_bytes(const at::Tensor& x_q, at::Tensor& copy) {
   });
   return out;
 }
+
+}  // namespace
+
+at::Tensor contiguous_from_channels_last(const at::Tensor& y) {
+  const int64_t element = y.element_size();
+  if (!y.is_cpu() || y.dim() != 4 || y.is_contiguous() || !y.is_contiguous(at::MemoryFormat::ChannelsLast) ||
+      !y.is_floating_point() || (element != 2 && element != 4))
+    return y.contiguous();
+  at::Tensor out = at::empty(y.sizes(), y.options());
+  transpose_images(static_cast<const uint8_t*>(y.data_ptr()), static_cast<uint8_t*>(out.data_ptr()), element,
+                   y.size(0), y.size(1), y.size(2) * y.size(3), false);
+  return out;
+}
+
+namespace {
 
 // ---------------------------------------------------------------------------------------------------------------
 // Depthwise conv (groups == channels == out_channels): output channel c sums the taps of input channel c only, so
