@@ -429,14 +429,15 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-# a save that signals its own process halfway through writing
+# a save that signals its own thread halfway through writing (os.kill(os.getpid()) could reach one of torch's
+# threads, and Python would act on it in the main thread only once the sleep below had ended, the write done)
 SIGNALLED_SAVE = """
 import os, signal, sys, time
 import torch.nn as nn
 import torchquant, torchquant.io
 def partial(tensors, path, metadata=None):
     open(path, "wb").write(b"partial")
-    os.kill(os.getpid(), getattr(signal, sys.argv[2]))
+    signal.raise_signal(getattr(signal, sys.argv[2]))
     time.sleep(30)
 torchquant.io.save_file = partial
 if sys.argv[3] == "handler":  # a handler of the user's that does not end the process: save raises instead

@@ -114,6 +114,24 @@ def test_skipped_layers_and_evaluation(model, batches):
     assert agreement.eval_metric == "agreement" and 0 <= agreement.eval_quantized <= 100
 
 
+def test_agreement_of_dense_predictions_counts_classes_along_dim_1():
+    # a segmentation-style model: [N, classes, H, W] outputs, one prediction per pixel
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 5, 1)).eval()
+    batches = [torch.randn(2, 3, 6, 7) for _ in range(2)]
+    quantized, _ = quantize_with_budget(model, "int8-static", batches)
+    report = build_report(model, quantized, "int8-static", calibration=batches, evaluation=(batches, None),
+                          time_layers=False)
+    assert report.eval_class_dim == 1 and report.eval_samples == 2 * 2 * 6 * 7
+    want = sum((model(b).argmax(1) == quantized(b).argmax(1)).sum().item() for b in batches) / (2 * 2 * 6 * 7)
+    assert report.eval_quantized == pytest.approx(100 * want)
+    assert "top-1 agreement with float (classes along dim 1) on 168 predictions" in report.format_table()
+    with pytest.raises(ValueError, match=r"one class per sample fits outputs of shape \[N, classes\]; the "
+                                         r"model's outputs have shape \[2, 5, 6, 7\]"):
+        build_report(model, quantized, "int8-static", evaluation=(batches, [torch.zeros(2, dtype=torch.long)] * 2),
+                     time_layers=False)
+
+
 def test_outputs(model, batches, tmp_path):
     quantized, _ = quantize_with_budget(model, "int8-dynamic")
     report = build_report(model, quantized, "int8-dynamic")  # no data: weights and sizes only

@@ -71,6 +71,7 @@ class ModelReport:
     output_sqnr_db: Optional[float] = None
     eval_metric: Optional[str] = None  # "accuracy" (labels given) or "agreement" (top-1 agreement with float)
     eval_samples: int = 0
+    eval_class_dim: int = -1  # the outputs' dimension that holds the classes (1 for [N, C, H, W] outputs)
     eval_float: Optional[float] = None
     eval_quantized: Optional[float] = None
     min_sqnr: Optional[float] = None
@@ -120,7 +121,9 @@ class ModelReport:
                          f"{self.eval_quantized:.2f}% quantized ({self.eval_quantized - self.eval_float:+.2f} "
                          f"points)")
         elif self.eval_metric == "agreement":
-            lines.append(f"top-1 agreement with float on {self.eval_samples} samples: {self.eval_quantized:.2f}%")
+            over = "" if self.eval_class_dim == -1 else f" (classes along dim {self.eval_class_dim})"
+            lines.append(f"top-1 agreement with float{over} on {self.eval_samples} predictions: "
+                         f"{self.eval_quantized:.2f}%")
         if self.min_sqnr is not None or self.min_speedup is not None:
             budget = ", ".join(text for text in (
                 None if self.min_sqnr is None else f"output SQNR >= {self.min_sqnr:g} dB",
@@ -320,23 +323,35 @@ def _activation_label(spec) -> str:
     return f"{storage}{spec.bits} {'dynamic' if spec.dynamic else 'static'}"
 
 
+def _class_dim(output: torch.Tensor) -> int:
+    """The dimension of a model output that holds the classes: 1 of [N, C, H, W, ...] (a dense prediction, as
+    cross_entropy reads it), the last of [N, C] and of [N, tokens, vocabulary]."""
+    return 1 if output.dim() >= 4 else -1
+
+
 @torch.no_grad()
 def _evaluate(float_model, quantized_model, evaluation, progress: bool):
-    """(metric, samples, float value, quantized value): accuracy % with labels, else top-1 agreement %."""
+    """(metric, predictions, float value, quantized value, class dim): accuracy % with labels, else top-1
+    agreement % over the outputs' class dimension (_class_dim)."""
     batches, labels = evaluation
     correct_float = correct_quantized = agree = samples = 0
+    dim = -1
     for i, batch in enumerate(tqdm(batches, desc="evaluating", disable=None if progress else True, leave=False)):
         ref = _first_tensor(float_model(batch))
         out = _first_tensor(quantized_model(batch))
-        top_ref, top_out = ref.argmax(-1).cpu(), out.argmax(-1).cpu()
+        dim = _class_dim(ref)
+        top_ref, top_out = ref.argmax(dim).cpu(), out.argmax(dim).cpu()
         samples += top_ref.numel()
         agree += (top_ref == top_out).sum().item()
         if labels is not None:
+            if top_ref.shape != labels[i].shape:
+                raise ValueError(f"evaluation labels: one class per sample fits outputs of shape [N, classes]; the "
+                                 f"model's outputs have shape {list(ref.shape)}")
             correct_float += (top_ref == labels[i]).sum().item()
             correct_quantized += (top_out == labels[i]).sum().item()
     if labels is not None:
-        return "accuracy", samples, 100.0 * correct_float / samples, 100.0 * correct_quantized / samples
-    return "agreement", samples, 100.0, 100.0 * agree / samples
+        return "accuracy", samples, 100.0 * correct_float / samples, 100.0 * correct_quantized / samples, dim
+    return "agreement", samples, 100.0, 100.0 * agree / samples, dim
 
 
 def build_report(float_model: nn.Module, quantized_model: nn.Module, config=None, *,
@@ -407,8 +422,8 @@ def build_report(float_model: nn.Module, quantized_model: nn.Module, config=None
         report.notes.append("no calibration or evaluation inputs: output errors and latencies not measured")
     if evaluation is not None:
         with eval_mode(float_model, quantized_model):
-            (report.eval_metric, report.eval_samples, report.eval_float,
-             report.eval_quantized) = _evaluate(float_model, quantized_model, evaluation, progress)
+            (report.eval_metric, report.eval_samples, report.eval_float, report.eval_quantized,
+             report.eval_class_dim) = _evaluate(float_model, quantized_model, evaluation, progress)
     return report
 
 
