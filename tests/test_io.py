@@ -429,12 +429,14 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-# a save that signals its own thread halfway through writing (os.kill(os.getpid()) could reach one of torch's
-# threads, and Python would act on it in the main thread only once the sleep below had ended, the write done)
+# a save that signals its own thread halfway through writing. SIGINT gets Python's usual handler first: a process
+# started in the background by a shell inherits SIGINT ignored, and then the signal did nothing and the "partial"
+# write below completed.
 SIGNALLED_SAVE = """
 import os, signal, sys, time
 import torch.nn as nn
 import torchquant, torchquant.io
+signal.signal(signal.SIGINT, signal.default_int_handler)
 def partial(tensors, path, metadata=None):
     open(path, "wb").write(b"partial")
     signal.raise_signal(getattr(signal, sys.argv[2]))
