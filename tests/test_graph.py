@@ -514,6 +514,53 @@ def test_view_runs_where_the_pipeline_lays_tensors_out_otherwise(kind):
         torch.testing.assert_close(converted(batches[0]), model(batches[0]), atol=0.05, rtol=0)
 
 
+class SqueezeExciteNet(nn.Module):
+    """Float ops between integer layers (a squeeze-excitation product, max-pool, concatenation, upsampling), and a
+    view of a float tensor made from the last conv's integers."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc1, self.fc2 = nn.Conv2d(8, 4, 1), nn.Conv2d(4, 8, 1)
+        self.conv2 = nn.Conv2d(16, 4, 3, padding=1)
+        self.head = nn.Linear(4 * 8 * 8, 3)
+
+    def forward(self, x):
+        y = F.relu(self.conv(x))
+        y = y * torch.sigmoid(self.fc2(F.relu(self.fc1(F.adaptive_avg_pool2d(y, 1)))))
+        y = torch.cat([y, F.interpolate(F.max_pool2d(y, 2), scale_factor=2.0)], dim=1)
+        z = self.conv2(y) * 0.5
+        return self.head(z.view(z.size(0), -1)), z
+
+
+def test_float_values_between_integer_layers_keep_the_kernels_layout():
+    # a conv writes channels-last: the float ops between integer layers take that layout as it is (no copy to
+    # contiguous and back, 2x on a U-Net), while what a view or the caller reads is contiguous as in the float model
+    torch.manual_seed(0)
+    model = SqueezeExciteNet().eval()
+    batches = _batches((2, 3, 8, 8))
+    converted = tq.quantize_model(copy.deepcopy(model), PIPELINE, batches)
+    kept = {n.name: n.kwargs.get("keep_layout", False) for n in converted.graph.nodes if n.op == "call_function"
+            and (n.target is graph.dequantize_output or n.target is graph.integer_layer and n.args[2] is None)}
+    # conv's dequantized output and fc2's float output keep the layout; conv2's (z), read by a view and the caller,
+    # and the head's (the caller's) are contiguous
+    assert kept == {"dequantize_output": True, "integer_layer_2": True, "integer_layer_3": False,
+                    "integer_layer_4": False}
+    contiguous = copy.deepcopy(converted)
+    for node in contiguous.graph.nodes:
+        node.kwargs = {k: v for k, v in node.kwargs.items() if k != "keep_layout"}
+    contiguous.recompile()
+    x = batches[0]
+    with torch.no_grad():
+        (y, z), (y_ref, z_ref) = converted(x), contiguous(x)
+        assert z.is_contiguous() and torch.equal(z, z_ref) and torch.equal(y, y_ref)
+        torch.testing.assert_close(y, model(x)[0], atol=0.1, rtol=0)
+    # a channels-last input is quantized in memory order: the integers stay channels-last
+    quantizer = converted.get_submodule(graph.ACT_QUANT)["x"]
+    q = graph.quantize_input(x.to(memory_format=torch.channels_last), quantizer)
+    assert q.is_contiguous(memory_format=torch.channels_last) and torch.equal(q, graph.quantize_input(x, quantizer))
+
+
 def test_in_place_op_on_a_view_falls_back_to_the_module_swap():
     # y[:, :2].sigmoid_() changes y behind the graph: the pipeline quantized y before the change and lost it
     model = ViewNet("in place on a view").eval()

@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 from torchquant._ops.gemm import GELU_APPROXIMATE
 from torchquant.config import QuantConfig, resolve_config
 from torchquant.fold import _Tracer, find_bn_pairs, folded_bn, parent_and_key
-from torchquant.graph import META_KEY as PIPELINE_META, convert_pipeline, is_pipeline, prepare_pipeline
+from torchquant.graph import (META_KEY as PIPELINE_META, convert_pipeline, is_pipeline, prepare_pipeline,
+                              reaches_a_view)
 from torchquant.nn import QuantConv1d, QuantConv2d, QuantLinear
 from torchquant.nn.base import QuantLayerBase
 from torchquant.nn.quantizers import InputQuantizer
@@ -330,35 +331,11 @@ def fuse_activations(model: nn.Module) -> nn.Module:
     return model
 
 
-# methods and functions whose result has a layout of its own (contiguous): a view after them reads that, not the
-# layout of their input
-_RELAYOUT_METHODS = {"flatten", "reshape", "contiguous"}
-_RELAYOUT_FUNCTIONS = {torch.flatten, torch.reshape}
-
-
-def _reaches_a_view(node: torch.fx.Node, model: nn.Module) -> bool:
-    """Whether node's tensor, or one computed from it, can reach a Tensor.view / view_as or the model's output (where
-    the caller may view it) without passing through a quantized layer or a relayout (flatten, reshape, contiguous)."""
-    seen, todo = set(), list(node.users)
-    while todo:
-        user = todo.pop()
-        if user in seen:
-            continue
-        seen.add(user)
-        if user.op == "output" or (user.op == "call_method" and user.target in ("view", "view_as")):
-            return True
-        if ((user.op == "call_module" and isinstance(model.get_submodule(user.target), QuantLayerBase))
-                or (user.op == "call_method" and user.target in _RELAYOUT_METHODS)
-                or (user.op == "call_function" and user.target in _RELAYOUT_FUNCTIONS)):
-            continue
-        todo.extend(user.users)
-    return False
-
-
 def set_conv_layouts(model: nn.Module) -> nn.Module:
     """Sets the output memory format of every converted QuantConv2d of a module-swapped model
     (QuantConv2d.set_output_memory_format): contiguous where a view can read it (see _reaches_a_view), as the float
-    model's conv gives it to that view from a contiguous input; elsewhere channels-last, the kernels' own layout,
+    model's conv gives it to that view from a contiguous input (torchquant.graph.reaches_a_view, up to the next
+    quantized layer); elsewhere channels-last, the kernels' own layout,
     which the float ops after it and the next conv take as it is (no copy per conv). Traced with torch.fx; in a model
     it cannot trace, every conv's output has nn.Conv2d's layout. Returns model."""
     convs = [m for m in model.modules() if type(m) is QuantConv2d and m.converted]
@@ -375,7 +352,8 @@ def set_conv_layouts(model: nn.Module) -> nn.Module:
     viewed = {id(m): False for m in convs}
     for node in graph.nodes:
         if node.op == "call_module" and id(module := model.get_submodule(node.target)) in viewed:
-            viewed[id(module)] |= _reaches_a_view(node, model)
+            viewed[id(module)] |= reaches_a_view(node, lambda user: user.op == "call_module" and isinstance(
+                model.get_submodule(user.target), QuantLayerBase))
     for conv in convs:
         conv.set_output_memory_format(torch.contiguous_format if viewed[id(conv)] else torch.channels_last)
     return model

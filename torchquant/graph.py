@@ -614,28 +614,68 @@ def _after_load(module, incompatible_keys) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # the converted pipeline's ops (called from the rewritten graph)
 
+def _channels_last(x: torch.Tensor) -> bool:
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
 def quantize_input(x: torch.Tensor, quantizer: ActivationQuantizer) -> torch.Tensor:
-    """x quantized with quantizer's qparams, in x's layout. Each conv reading it lays it out channels-last itself: a
-    3-channel image by an interleave faster than a copy here would be, other channel counts by a copy per conv."""
+    """x quantized with quantizer's (per-tensor) qparams, in x's layout: a channels-last x in memory order, so
+    that the integers stay channels-last (the layout the convs read) without a copy. Each conv reading a contiguous
+    one lays it out channels-last itself."""
     scale, _, zero_point, _ = quantizer.qparams
     spec = quantizer.spec
-    return F_q.quantize(x, scale, zero_point, bits=spec.bits, signed=spec.signed, rounding=spec.rounding)
+    nhwc = _channels_last(x)
+    q = F_q.quantize(x.permute(0, 2, 3, 1) if nhwc else x, scale, zero_point, bits=spec.bits, signed=spec.signed,
+                     rounding=spec.rounding)
+    return q.permute(0, 3, 1, 2) if nhwc else q
 
 
-def dequantize_output(q: torch.Tensor, quantizer: ActivationQuantizer, dtype: torch.dtype) -> torch.Tensor:
+def dequantize_output(q: torch.Tensor, quantizer: ActivationQuantizer, dtype: torch.dtype, *,
+                      keep_layout: bool = False) -> torch.Tensor:
+    """q's float values, contiguous; with keep_layout, a channels-last q (a conv's output) gives a channels-last
+    tensor, dequantized in memory order (no copy), for float ops that take any layout."""
     scale, _, zero_point, _ = quantizer.qparams
+    if keep_layout and _channels_last(q):
+        return F_q.dequantize(q.permute(0, 2, 3, 1), scale, zero_point, dtype=dtype).permute(0, 3, 1, 2)
     return F_q.dequantize(q, scale, zero_point, dtype=dtype)
 
 
 def integer_layer(layer: QuantLayerBase, x_q: torch.Tensor, out: Optional[ActivationQuantizer],
-                  dtype: torch.dtype) -> torch.Tensor:
+                  dtype: torch.dtype, *, keep_layout: bool = False) -> torch.Tensor:
     """The layer's integer op on x_q (at the layer's input scale, with its activation clamp), writing `out`'s
     integers (or float of dtype when out is None). A conv writes channels-last; its float output is made
-    contiguous, the layout the float model's conv gives the float ops after it (x.view(n, -1) fails on the other)."""
+    contiguous, the layout the float model's conv gives the float ops after it (x.view(n, -1) fails on the other),
+    unless keep_layout."""
     if out is None:
-        return layer.pipeline_op(x_q, dtype).contiguous()
+        y = layer.pipeline_op(x_q, dtype)
+        return y if keep_layout else y.contiguous()
     _, scale, zero_point, out_dtype = out.qparams
     return layer.pipeline_op(x_q, out_dtype, scale, zero_point)
+
+
+# methods and functions whose result has a layout of its own (contiguous): a view after them reads that, not the
+# layout of their input
+_RELAYOUT_METHODS = {"flatten", "reshape", "contiguous"}
+_RELAYOUT_FUNCTIONS = {torch.flatten, torch.reshape}
+
+
+def reaches_a_view(node: fx.Node, stops) -> bool:
+    """Whether node's tensor, or one computed from it, can reach a Tensor.view / view_as or the graph's output
+    (where the caller may view it) without passing through a node for which stops(node) is true or a relayout
+    (flatten, reshape, contiguous)."""
+    seen, todo = set(), list(node.users)
+    while todo:
+        user = todo.pop()
+        if user in seen:
+            continue
+        seen.add(user)
+        if user.op == "output" or (user.op == "call_method" and user.target in ("view", "view_as")):
+            return True
+        if (stops(user) or (user.op == "call_method" and user.target in _RELAYOUT_METHODS)
+                or (user.op == "call_function" and user.target in _RELAYOUT_FUNCTIONS)):
+            continue
+        todo.extend(user.users)
+    return False
 
 
 def integer_add(a: torch.Tensor, b: torch.Tensor, qa: ActivationQuantizer, qb: ActivationQuantizer,
@@ -826,6 +866,13 @@ def _lower(gm: fx.GraphModule, dtype: torch.dtype, build_tables: bool) -> None:
             continue
         node.args = fx.node.map_arg(node.args, lambda a: dequantize(a) if a in int_of else a)
         node.kwargs = fx.node.map_arg(node.kwargs, lambda a: dequantize(a) if a in int_of else a)
+    # float values made from integers keep the kernels' channels-last layout where no view can read them (the float
+    # ops between integer layers, SE blocks' products, concatenations, upsampling, run on it as they are)
+    for node in graph.nodes:
+        float_from_integers = node.target is dequantize_output or (node.target is integer_layer and node.args[2] is None)
+        if (node.op == "call_function" and float_from_integers
+                and not reaches_a_view(node, lambda user: user.target is quantize_input)):
+            node.kwargs = {**node.kwargs, "keep_layout": True}
     _meta(gm).update(converted=True, lookups=lookups, output_quantizers=[int_of[n].target if n in int_of else None
                                                           for n in _output_nodes(graph)])
     graph.lint()
