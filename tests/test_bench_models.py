@@ -72,9 +72,9 @@ def test_mobilenet_v2_converts_to_one_integer_pipeline(name):
     import warnings
 
     import torchquant
-    from benchmarks.mobilenet import mobilenet_v2
+    from benchmarks.mobilenet import mobilenet
     from torchquant import graph
-    model = mobilenet_v2(name)
+    model = mobilenet(name)
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     assert len(convs) == 52 and sum(c.groups == c.in_channels > 1 for c in convs) == 17
     g = torch.Generator().manual_seed(1)
@@ -92,6 +92,35 @@ def test_mobilenet_v2_converts_to_one_integer_pipeline(name):
     assert len(layers) == 53 and all("integer input" in note for note in layers.values())
     lookups = [n for n in quantized.graph.nodes if n.target is torchquant.functional.quantized_lookup]
     assert len(lookups) == (34 if name == "mobilenet_v2_hardswish" else 0)
+    x = torch.randn(2, 3, 64, 64, generator=g)
+    with torch.no_grad():
+        want, got = model(x), quantized(x)
+    assert got.shape == (2, 1000)
+    assert torchquant.functional.quantization_error(want, got)["sqnr_db"] > 10
+
+
+def test_mobilenet_v3_large_converts_to_one_integer_pipeline():
+    """benchmarks/mobilenet.py's MobileNetV3-Large (on a small image): torchvision's parameter count, 15 depthwise
+    convs (6 of them 5x5), 8 squeeze-excitation blocks whose products run in float between integer layers, and an
+    integer pipeline close to the float model."""
+    import warnings
+
+    import torchquant
+    from benchmarks.mobilenet import SqueezeExcitation, mobilenet
+    from torchquant import graph
+    model = mobilenet("mobilenet_v3_large")
+    assert sum(p.numel() for p in model.parameters()) == 5483032  # torchvision's mobilenet_v3_large
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    depthwise = [c for c in convs if c.groups == c.in_channels > 1]
+    assert len(depthwise) == 15 and sum(c.kernel_size == (5, 5) for c in depthwise) == 6
+    assert sum(isinstance(m, SqueezeExcitation) for m in model.modules()) == 8
+    g = torch.Generator().manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantized = torchquant.quantize_model(model, "int8-pipeline",
+                                              calibration=[torch.randn(2, 3, 64, 64, generator=g)])
+    layers, _ = graph.pipeline_notes(quantized)
+    assert len(layers) == len(convs) + 2 and all("integer input" in note for note in layers.values())
     x = torch.randn(2, 3, 64, 64, generator=g)
     with torch.no_grad():
         want, got = model(x), quantized(x)
