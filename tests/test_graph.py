@@ -555,6 +555,9 @@ def test_float_values_between_integer_layers_keep_the_kernels_layout():
         (y, z), (y_ref, z_ref) = converted(x), contiguous(x)
         assert z.is_contiguous() and torch.equal(z, z_ref) and torch.equal(y, y_ref)
         torch.testing.assert_close(y, model(x)[0], atol=0.1, rtol=0)
+    import pickle  # the layouts survive pickling (which rebuilds the graph from its code)
+    again = pickle.loads(pickle.dumps(converted))
+    assert {n.name: n.kwargs.get("keep_layout", False) for n in again.graph.nodes if n.name in kept} == kept
     # a channels-last input is quantized in memory order: the integers stay channels-last
     quantizer = converted.get_submodule(graph.ACT_QUANT)["x"]
     q = graph.quantize_input(x.to(memory_format=torch.channels_last), quantizer)
@@ -974,6 +977,10 @@ def test_pipeline_pickles(tmp_path, name):
     torch.save(converted, tmp_path / "model.pt")
     for copied in (pickle.loads(pickle.dumps(converted)), torch.load(tmp_path / "model.pt", weights_only=False)):
         assert graph.is_pipeline(copied) and graph._meta(copied)["converted"]
+        assert type(copied).__name__ == type(converted).__name__ != "GraphModule"  # the model's class name
+        layouts = [{n.name: n.kwargs.get("keep_layout") for n in m.graph.nodes if n.op == "call_function"}
+                   for m in (copied, converted)]
+        assert layouts[0] == layouts[1]
         calls = [Counter(n.target for n in m.graph.nodes if n.op == "call_function") for m in (copied, converted)]
         assert calls[0] == calls[1]
         assert copied._load_state_dict_pre_hooks and copied._load_state_dict_post_hooks

@@ -130,6 +130,7 @@ class _Pipeline(fx.GraphModule):
 
     def __reduce__(self):
         rebuild, (body, import_block) = super().__reduce__()
+        body["_graphmodule_cls_name"] = type(self).__name__  # the model's class name (fx's pickling drops it)
         # the pre-hooks without their reference to this module (pickled, it would be another module)
         pre_hooks = [(h.hook, h.with_module) for h in body.pop("_load_state_dict_pre_hooks").values()]
         return (_unpickled_pipeline, (rebuild, body, import_block, pre_hooks))
