@@ -466,13 +466,12 @@ PyObject* call_quantized_layer_forward(PyObject*, PyObject* const* args, Py_ssiz
     at::Tensor y = int8_conv2d.call(x_q, scale, *zero_point, *w_packed, *w_sum, *w_scale, bias_arg, *out_features,
                                     kernel, stride, padding, dilation, *groups, out_dtype, out_scale,
                                     *out_zero_point, clamp_min, clamp_max);
-    // the kernel writes channels-last: kept for a pipeline's integer output and where the layer says so, else
-    // contiguous (a pipeline's float output, read by float ops; QuantConv2d._converted_forward and
-    // set_output_memory_format for a layer: where it says so or the input is not channels-last)
+    // the kernel writes channels-last: kept in a pipeline (graph.integer_layer decides) and where the layer says
+    // so, else contiguous where the layer says so or the input is not channels-last
+    // (QuantConv2d._converted_forward, set_output_memory_format)
     PyObject* layout = item(17);
-    const bool keep = pipeline ? is_int8(out_dtype)
-                               : layout == Py_True || (layout == Py_None &&
-                                                       x->suggest_memory_format() == at::MemoryFormat::ChannelsLast);
+    const bool keep = pipeline || layout == Py_True ||
+                      (layout == Py_None && x->suggest_memory_format() == at::MemoryFormat::ChannelsLast);
     return keep ? y : gemm::contiguous_from_channels_last(y);
   }));
   END_HANDLE_TH_ERRORS

@@ -564,6 +564,73 @@ def test_float_values_between_integer_layers_keep_the_kernels_layout():
     assert q.is_contiguous(memory_format=torch.channels_last) and torch.equal(q, graph.quantize_input(x, quantizer))
 
 
+@torch.fx.wrap
+def _flat_view(t):
+    return t.view(t.size(0), -1)
+
+
+class LayoutReaderNet(nn.Module):
+    """A float value made from a conv's integers (w), read by something that depends on its memory layout after
+    ops that keep it: a flatten of the spatial dims only, a reshape, a function torch.fx does not see into, an
+    as_strided, the caller."""
+
+    def __init__(self, mode):
+        super().__init__()
+        self.mode = mode
+        self.conv1, self.conv2, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1), nn.Linear(512, 4)
+
+    def forward(self, x):
+        y = F.relu(self.conv1(x))
+        w = y * 2
+        if self.mode == "flatten(2) to the caller":
+            return self.conv2(y), w.flatten(2)
+        if self.mode == "flatten(2).view":
+            return self.conv2(y), w.flatten(2).view(2, -1)
+        if self.mode == "reshape.view":
+            return self.conv2(y), w.reshape(2, 8, -1).view(2, -1)
+        if self.mode == "wrapped function":
+            return self.conv2(y), self.fc(_flat_view(w))
+        return self.conv2(y), self.fc(w.as_strided((2, 512), (512, 1)))
+
+
+@pytest.mark.parametrize("config", ["int8-pipeline", "int8-static"])
+@pytest.mark.parametrize("mode", ["flatten(2) to the caller", "flatten(2).view", "reshape.view", "wrapped function",
+                                  "as_strided"])
+def test_float_values_that_may_be_read_by_layout_stay_contiguous(mode, config):
+    # the view failed ("view size is not compatible"), as_strided read other elements, or the caller got
+    # channels-last strides, where the pipeline's keep_layout (or, layer by layer, a conv's channels-last output)
+    # was set past a flatten / reshape that keeps the layout or into code torch.fx does not see
+    torch.manual_seed(0)
+    model = LayoutReaderNet(mode).eval()
+    batches = _batches((2, 3, 8, 8))
+    if config == "int8-static" and mode not in ("wrapped function", "as_strided"):
+        config = QuantConfig.preset(config).with_skip(["fc"])  # (not called)
+    converted = tq.quantize_model(copy.deepcopy(model), config, batches)
+    if config == "int8-pipeline":
+        dequantize = next(n for n in converted.graph.nodes if n.target is graph.dequantize_output)
+        assert not dequantize.kwargs.get("keep_layout", False)
+    else:
+        assert converted.conv1.output_memory_format == torch.contiguous_format
+    with torch.no_grad():
+        got, want = converted(batches[0])[1], model(batches[0])[1]
+    assert got.is_contiguous() and got.shape == want.shape
+    torch.testing.assert_close(got, want, atol=0.1, rtol=0)
+
+
+def test_a_float_conv_output_keeps_its_layout_on_every_path():
+    # integer_layer(keep_layout=True) returned a contiguous tensor through the C++ entry, channels-last through the
+    # Python path (torch.compile's)
+    torch.manual_seed(0)
+    converted = tq.quantize_model(SqueezeExciteNet().eval(), PIPELINE, _batches((2, 3, 8, 8)))
+    layer = converted.fc2
+    x_q = torch.randint(0, 256, (2, 4, 5, 5), dtype=torch.uint8)
+    eager = graph.integer_layer(layer, x_q, None, torch.float32, keep_layout=True)
+    assert eager.is_contiguous(memory_format=torch.channels_last) and not eager.is_contiguous()
+    python = layer._int_op(x_q, layer._static_scale, layer.input_zero_point, torch.float32)
+    assert python.stride() == eager.stride() and torch.equal(python, eager)
+    assert graph.integer_layer(layer, x_q, None, torch.float32).is_contiguous()
+
+
 def test_in_place_op_on_a_view_falls_back_to_the_module_swap():
     # y[:, :2].sigmoid_() changes y behind the graph: the pipeline quantized y before the change and lost it
     model = ViewNet("in place on a view").eval()

@@ -126,8 +126,9 @@ def test_agreement_of_dense_predictions_counts_classes_along_dim_1():
     want = sum((model(b).argmax(1) == quantized(b).argmax(1)).sum().item() for b in batches) / (2 * 2 * 6 * 7)
     assert report.eval_quantized == pytest.approx(100 * want)
     assert "top-1 agreement with float (classes along dim 1) on 168 predictions" in report.format_table()
-    with pytest.raises(ValueError, match=r"one class per sample fits outputs of shape \[N, classes\]; the "
-                                         r"model's outputs have shape \[2, 5, 6, 7\]"):
+    with pytest.raises(ValueError, match=r"evaluation labels of shape \[2\] do not match the predictions of "
+                                         r"outputs of shape \[2, 5, 6, 7\] \(classes along dim 1: predictions of "
+                                         r"shape \[2, 6, 7\]\)"):
         build_report(model, quantized, "int8-static", evaluation=(batches, [torch.zeros(2, dtype=torch.long)] * 2),
                      time_layers=False)
 

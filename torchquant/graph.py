@@ -654,27 +654,60 @@ def integer_layer(layer: QuantLayerBase, x_q: torch.Tensor, out: Optional[Activa
     return layer.pipeline_op(x_q, out_dtype, scale, zero_point)
 
 
-# methods and functions whose result has a layout of its own (contiguous): a view after them reads that, not the
-# layout of their input
-_RELAYOUT_METHODS = {"flatten", "reshape", "contiguous"}
-_RELAYOUT_FUNCTIONS = {torch.flatten, torch.reshape}
+# methods that read a tensor's strides or memory as they are (a view of a tensor laid out otherwise fails)
+_STRIDE_METHODS = {"view", "view_as", "as_strided", "numpy", "data_ptr", "untyped_storage", "storage", "stride"}
 
 
-def reaches_a_view(node: fx.Node, stops) -> bool:
-    """Whether node's tensor, or one computed from it, can reach a Tensor.view / view_as or the graph's output
-    (where the caller may view it) without passing through a node for which stops(node) is true or a relayout
-    (flatten, reshape, contiguous)."""
+def _makes_contiguous(node: fx.Node) -> bool:
+    """x.contiguous(), and a flatten from dim 0 or 1 to the last (of a channels-last x: a copy, contiguous)."""
+    if node.op == "call_method" and node.target == "contiguous":
+        return True
+    if not ((node.op == "call_method" and node.target == "flatten") or
+            (node.op == "call_function" and node.target is torch.flatten)):
+        return False
+    start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+    end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+    return start in (0, 1) and end == -1
+
+
+def _reads_metadata(node: fx.Node) -> bool:
+    """x.size(), x.dim(), len(x), x.shape and the like: no tensor comes out."""
+    if node.op == "call_function" and node.target is getattr:
+        return len(node.args) > 1 and node.args[1] in ("shape", "ndim", "dtype", "device", "is_cuda")
+    return _is_shape_query(node)
+
+
+def _may_read_layout(node: fx.Node, gm: nn.Module) -> bool:
+    """Whether node may depend on its tensor inputs' memory layout: the graph's output (the caller), a stride-reading
+    method, or code other than PyTorch's own ops and modules (a function wrapped for torch.fx, a custom leaf
+    module), which may view its input."""
+    if node.op == "output":
+        return True
+    if node.op == "call_method":
+        return node.target in _STRIDE_METHODS
+    if node.op == "call_function":
+        module = getattr(node.target, "__module__", None) or ""
+        return node.target is torch.as_strided or not (module.split(".")[0] in ("torch", "_operator", "operator")
+                                                        or node.target in (getattr, len))
+    if node.op == "call_module":
+        return not type(gm.get_submodule(node.target)).__module__.startswith("torch.nn.")
+    return False
+
+
+def reaches_a_view(node: fx.Node, gm: nn.Module, stops) -> bool:
+    """Whether node's tensor, or one computed from it, can reach something that may read its memory layout
+    (_may_read_layout: a Tensor.view, the caller, code outside PyTorch) without passing through a node for which
+    stops(node) is true (where the caller's check ends), a copy to the contiguous layout, or a shape query."""
     seen, todo = set(), list(node.users)
     while todo:
         user = todo.pop()
         if user in seen:
             continue
         seen.add(user)
-        if user.op == "output" or (user.op == "call_method" and user.target in ("view", "view_as")):
-            return True
-        if (stops(user) or (user.op == "call_method" and user.target in _RELAYOUT_METHODS)
-                or (user.op == "call_function" and user.target in _RELAYOUT_FUNCTIONS)):
+        if stops(user) or _makes_contiguous(user) or _reads_metadata(user):
             continue
+        if _may_read_layout(user, gm):
+            return True
         todo.extend(user.users)
     return False
 
@@ -872,7 +905,7 @@ def _lower(gm: fx.GraphModule, dtype: torch.dtype, build_tables: bool) -> None:
     for node in graph.nodes:
         float_from_integers = node.target is dequantize_output or (node.target is integer_layer and node.args[2] is None)
         if (node.op == "call_function" and float_from_integers
-                and not reaches_a_view(node, lambda user: user.target is quantize_input)):
+                and not reaches_a_view(node, gm, lambda user: user.target is quantize_input)):
             node.kwargs = {**node.kwargs, "keep_layout": True}
     _meta(gm).update(converted=True, lookups=lookups, output_quantizers=[int_of[n].target if n in int_of else None
                                                           for n in _output_nodes(graph)])

@@ -324,8 +324,9 @@ def _activation_label(spec) -> str:
 
 
 def _class_dim(output: torch.Tensor) -> int:
-    """The dimension of a model output that holds the classes: 1 of [N, C, H, W, ...] (a dense prediction, as
-    cross_entropy reads it), the last of [N, C] and of [N, tokens, vocabulary]."""
+    """The dimension of a model output that holds the classes: 1 of [N, C, H, W, ...] (a prediction per pixel, as
+    cross_entropy reads it), the last of [N, C] and of a 3-D output, read as [N, tokens, vocabulary] (a language
+    model's logits; a Conv1d's [N, C, L] is read that way too)."""
     return 1 if output.dim() >= 4 else -1
 
 
@@ -345,8 +346,9 @@ def _evaluate(float_model, quantized_model, evaluation, progress: bool):
         agree += (top_ref == top_out).sum().item()
         if labels is not None:
             if top_ref.shape != labels[i].shape:
-                raise ValueError(f"evaluation labels: one class per sample fits outputs of shape [N, classes]; the "
-                                 f"model's outputs have shape {list(ref.shape)}")
+                raise ValueError(f"evaluation labels of shape {list(labels[i].shape)} do not match the predictions "
+                                 f"of outputs of shape {list(ref.shape)} (classes along dim {dim}: predictions of "
+                                 f"shape {list(top_ref.shape)})")
             correct_float += (top_ref == labels[i]).sum().item()
             correct_quantized += (top_out == labels[i]).sum().item()
     if labels is not None:

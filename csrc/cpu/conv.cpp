@@ -226,12 +226,14 @@ void transpose_images(const uint8_t* x, uint8_t* out, int64_t element, int64_t i
   });
 }
 
-// x_q's bytes in channels-last order: a channels-last input as it is; a contiguous one transposed here into the
-// calling thread's scratch buffer (torch's copy ran at 1-7 GB/s, as long as the conv itself for some layers; 3
-// channels, an image network's first conv, interleaved by byte shuffles); other layouts copied by torch (kept alive
-// by `copy`).
+// x_q's bytes in channels-last order: a channels-last input as it is; a contiguous one of 16 or more channels
+// transposed here into the calling thread's scratch buffer (torch's copy ran at 1-7 GB/s, as long as the conv itself
+// for some layers; 3 channels, an image network's first conv, interleaved by byte shuffles); other layouts copied by
+// torch (kept alive by `copy`).
 const uint8_t* channels_last_bytes(const at::Tensor& x_q, at::Tensor& copy) {
-  if (x_q.is_contiguous(at::MemoryFormat::ChannelsLast) || !x_q.is_contiguous()) {
+  // (under 16 channels but 3, the tiles' byte-by-byte remainder was no faster than torch's copy)
+  if (x_q.is_contiguous(at::MemoryFormat::ChannelsLast) || !x_q.is_contiguous() ||
+      (x_q.size(1) < 16 && x_q.size(1) != 3)) {
     copy = x_q.contiguous(at::MemoryFormat::ChannelsLast);
     return static_cast<const uint8_t*>(copy.data_ptr());
   }
@@ -259,8 +261,9 @@ const uint8_t* channels_last_bytes(const at::Tensor& x_q, at::Tensor& copy) {
 
 at::Tensor contiguous_from_channels_last(const at::Tensor& y) {
   const int64_t element = y.element_size();
+  // (under one tile of channels, 4 float32 or 8 half, the element-by-element remainder is no faster than torch)
   if (!y.is_cpu() || y.dim() != 4 || y.is_contiguous() || !y.is_contiguous(at::MemoryFormat::ChannelsLast) ||
-      !y.is_floating_point() || (element != 2 && element != 4))
+      !y.is_floating_point() || (element != 2 && element != 4) || y.size(1) < 16 / element)
     return y.contiguous();
   at::Tensor out = at::empty(y.sizes(), y.options());
   transpose_images(static_cast<const uint8_t*>(y.data_ptr()), static_cast<uint8_t*>(out.data_ptr()), element,

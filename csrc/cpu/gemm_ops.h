@@ -28,8 +28,9 @@ Epilogue epilogue_for(const EpilogueInputs& in, uint8_t flip, void* out, int64_t
 int64_t conv_weight_extra_bytes(at::IntArrayRef w);
 void pack_conv_weight_extras(const at::Tensor& w, const int8_t* panels, int64_t kp, int8_t* dst);
 
-// y in the contiguous memory format: a CPU channels-last 4-D float32/float16/bfloat16 tensor (a conv kernel's
-// output) transposed by 16-byte tiles (torch's copy ran at 5-13 GB/s there), anything else by y.contiguous().
+// y in the contiguous memory format: a CPU channels-last 4-D float32/float16/bfloat16 tensor of at least one
+// 16-byte tile of channels (a conv kernel's output) transposed by 16-byte tiles (torch's copy ran at 5-13 GB/s
+// there), anything else by y.contiguous().
 at::Tensor contiguous_from_channels_last(const at::Tensor& y);
 
 }  // namespace torchquant::gemm

@@ -106,4 +106,5 @@ class QuantLinear(QuantLayerBase):
     def extra_repr(self) -> str:
         if self.fused_activation is None:
             return super().extra_repr()
-        return f"{super().extra_repr()}, fused {self.fused_activation} (was {self.fused_activation_module})"
+        replaced = "" if self.fused_activation_module is None else f" (was {self.fused_activation_module})"
+        return f"{super().extra_repr()}, fused {self.fused_activation}{replaced}"
