@@ -373,7 +373,8 @@ bool pair_arg(PyObject* o, std::array<int64_t, 2>& pair) {
 
 // quantized_layer_forward(x, layer_args, clamp_min, clamp_max) -> Tensor: the converted forward of a QuantLinear or
 // QuantConv2d whose input is quantized per tensor (static, or dynamic on the CPU) and runs int8_linear /
-// int8_conv2d with a float output of x's dtype. layer_args is the tuple the layer prepared (_quantized_call_args):
+// int8_conv2d with a float output of x's dtype (a conv's x [N, C, H, W], or unbatched [C, H, W] as nn.Conv2d
+// takes it). layer_args is the tuple the layer prepared (_quantized_call_args):
 // (in_features or in_channels, static scale or None (dynamic), zero point tensor, zero point, bits, signed, rounding,
 // the integer op's weight-side arguments, and for a conv its output's memory format: True channels-last, False
 // contiguous, None the one torch suggests for the input); the clamps are read on every call (set_activation_clamp
@@ -426,7 +427,10 @@ PyObject* call_quantized_layer_forward(PyObject*, PyObject* const* args, Py_ssiz
   } else if (!is_float(x->scalar_type())) {
     Py_RETURN_NOTIMPLEMENTED;
   }
-  if (conv ? x->dim() != 4 || x->size(1) != *in_dim : x->dim() == 0 || x->size(-1) != *in_dim)
+  // an unbatched conv input [C, H, W], as nn.Conv2d takes it: the batch of one it is, with an unbatched output
+  const bool unbatched = conv && x->dim() == 3;
+  if (conv ? (x->dim() != 4 && !unbatched) || x->size(unbatched ? 0 : 1) != *in_dim
+           : x->dim() == 0 || x->size(-1) != *in_dim)
     Py_RETURN_NOTIMPLEMENTED;
   // the dynamic scale as InputQuantizer.dynamic_qparams computes it on the CPU; the other cases take its Python path
   if (static_scale == nullptr && (!x->is_cpu() || *bits == 1)) Py_RETURN_NOTIMPLEMENTED;
@@ -445,11 +449,13 @@ PyObject* call_quantized_layer_forward(PyObject*, PyObject* const* args, Py_ssiz
   static const auto int8_linear = find_op<Int8LinearFn>("torchquant::int8_linear");
   static const auto int8_conv2d = find_op<Int8Conv2dFn>("torchquant::int8_conv2d");
   return THPVariable_Wrap(call_op(x->numel(), [&] {
+    const auto x_in = unbatched ? c10::MaybeOwned<at::Tensor>::owned(x->unsqueeze(0))
+                                : c10::MaybeOwned<at::Tensor>::borrowed(*x);
     // per-tensor quantization is elementwise: a channels-last input is quantized as the NHWC tensor it is in
     // memory, so the integer input stays channels-last (QuantConv2d._quantize_input)
     const bool channels_last =
-        !pipeline && conv && !x->is_contiguous() && x->is_contiguous(at::MemoryFormat::ChannelsLast);
-    const at::Tensor x_flat = channels_last ? x->permute({0, 2, 3, 1}) : *x;
+        !pipeline && conv && !x_in->is_contiguous() && x_in->is_contiguous(at::MemoryFormat::ChannelsLast);
+    const at::Tensor x_flat = channels_last ? x_in->permute({0, 2, 3, 1}) : *x_in;
     at::Tensor scale;
     if (static_scale != nullptr) {
       scale = *static_scale;
@@ -457,7 +463,7 @@ PyObject* call_quantized_layer_forward(PyObject*, PyObject* const* args, Py_ssiz
       // (an empty x gets some scale, which quantizes it to nothing)
       scale = std::get<1>(quantize_per_token.call(x_flat.detach().reshape({1, -1}), *bits)).clamp_min_(FLT_MIN);
     }
-    at::Tensor x_q = pipeline ? *x : quantize.call(x_flat, scale, *zero_point_t, std::nullopt, *bits, is_signed,
+    at::Tensor x_q = pipeline ? *x_in : quantize.call(x_flat, scale, *zero_point_t, std::nullopt, *bits, is_signed,
                                                    *rounding);
     if (channels_last) x_q = x_q.permute({0, 3, 1, 2});
     if (!conv)
@@ -468,11 +474,14 @@ PyObject* call_quantized_layer_forward(PyObject*, PyObject* const* args, Py_ssiz
                                     *out_zero_point, clamp_min, clamp_max);
     // the kernel writes channels-last: kept in a pipeline (graph.integer_layer decides) and where the layer says
     // so, else contiguous where the layer says so or the input is not channels-last
-    // (QuantConv2d._converted_forward, set_output_memory_format)
+    // (QuantConv2d._converted_forward, set_output_memory_format); a layer's unbatched output is contiguous (3-D
+    // tensors have no channels-last form)
     PyObject* layout = item(17);
-    const bool keep = pipeline || layout == Py_True ||
-                      (layout == Py_None && x->suggest_memory_format() == at::MemoryFormat::ChannelsLast);
-    return keep ? y : gemm::contiguous_from_channels_last(y);
+    const bool keep = pipeline || (!unbatched && (layout == Py_True ||
+                                                  (layout == Py_None &&
+                                                   x->suggest_memory_format() == at::MemoryFormat::ChannelsLast)));
+    if (!keep) y = gemm::contiguous_from_channels_last(y);
+    return unbatched ? y.squeeze(0) : y;
   }));
   END_HANDLE_TH_ERRORS
 }

@@ -170,9 +170,10 @@ def test_onnx_export(tmp_path, name):
 
 def test_bad_input():
     conv = QuantConv1d(3, 4, 3).eval().convert()
-    with pytest.raises(ValueError, match=r"QuantConv1d: input must have shape \[batch, 3, length\], got \[3, 5\]"):
-        conv(torch.randn(3, 5))
-    with pytest.raises(ValueError, match=r"\[batch, 3, length\], got \[1, 3, 1, 5\]"):
+    with pytest.raises(ValueError, match=r"QuantConv1d: input must have shape \[batch, 3, length\] or \[3, length\], "
+                                         r"got \[2, 5\]"):
+        conv(torch.randn(2, 5))
+    with pytest.raises(ValueError, match=r"\[batch, 3, length\] or \[3, length\], got \[1, 3, 1, 5\]"):
         conv(torch.randn(1, 3, 1, 5))
     with pytest.raises(TypeError, match="got torch.int64"):
         conv(torch.ones(1, 3, 5, dtype=torch.int64))

@@ -409,7 +409,7 @@ def test_quantized_layer_fast_path_declines_what_it_does_not_take():
     layer, shape = converted_layer("conv", "int8-static")
     args = layer._quantized_call_args
     x = x_of(shape)
-    for bad in [x[:, :4], x[0], x.to(torch.int32), x.to("meta"), x.as_subclass(Counting), [1.0]]:
+    for bad in [x[:, :4], x[0, :4], x[None], x.to(torch.int32), x.to("meta"), x.as_subclass(Counting), [1.0]]:
         assert _C.quantized_layer_forward(bad, args, None, None) is NotImplemented
     assert _C.quantized_layer_forward(x, args[:-1], None, None) is NotImplemented  # not a layer's tuple
     assert _C.quantized_layer_forward(x, list(args), None, None) is NotImplemented

@@ -443,8 +443,11 @@ def test_converted_bad_input():
     with pytest.raises(TypeError, match="input must be a tensor"):
         lin([1.0] * 8)
     conv = QuantConv2d(3, 4, 3).eval().convert()
-    with pytest.raises(ValueError, match=r"shape \[batch, 3, height, width\], got \[3, 5, 5\]"):
-        conv(torch.randn(3, 5, 5))
+    with pytest.raises(ValueError,
+                       match=r"shape \[batch, 3, height, width\] or \[3, height, width\], got \[2, 5, 5\]"):
+        conv(torch.randn(2, 5, 5))
+    with pytest.raises(ValueError, match=r"got \[1, 1, 3, 5, 5\]"):
+        conv(torch.randn(1, 1, 3, 5, 5))
     with pytest.raises(TypeError, match="got torch.int64"):
         conv(torch.ones(1, 3, 5, 5, dtype=torch.int64))
     with pytest.raises(RuntimeError, match="needs calibration before convert"):

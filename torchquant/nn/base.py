@@ -195,10 +195,13 @@ class QuantLayerBase(nn.Module):
                 if y is not NotImplemented:
                     return y
             return self._converted_forward(x)
-        if self.bn is not None and x.dim() != 2 and self.FLOAT_TYPE is nn.Linear:
-            # BatchNorm1d normalizes dim 1, the features of a Linear's output only when it is 2-D
-            raise ValueError(f"{type(self).__name__}: a folded BatchNorm1d needs 2-D input [batch, features], "
-                             f"got {list(x.shape)}")
+        if self.bn is not None and isinstance(x, torch.Tensor) and x.dim() != len(self.weight_shape):
+            # the BatchNorm normalizes dim 1 of a batch: the features of a Linear's output only when it is 2-D, the
+            # channels of a conv's only when it is batched (not an unbatched [channels, ...] output)
+            batch = {2: "[batch, features]", 3: "[batch, channels, length]",
+                     4: "[batch, channels, height, width]"}[len(self.weight_shape)]
+            raise ValueError(f"{type(self).__name__}: a folded {type(self.bn).__name__.removeprefix('Folded')} needs "
+                             f"{len(self.weight_shape)}-D input {batch}, got {list(x.shape)}")
         if self.input_quantizer is not None and not self.graph_input:
             x = self.input_quantizer(x)
         if self.bn is not None and self._bn_uses_batch_stats():

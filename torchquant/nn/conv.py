@@ -3,6 +3,8 @@ kernels once converted.
 
 Activations are quantized per tensor (a per_token dynamic spec means per tensor here: the conv kernel takes one
 input scale). A converted QuantConv1d runs the 2-D integer conv on its input viewed as [batch, channels, 1, length].
+Like nn.Conv2d / nn.Conv1d, the layers also take an unbatched input ([channels, height, width] / [channels, length])
+and then return an unbatched output; converted, they run it as a batch of one.
 """
 from __future__ import annotations
 
@@ -80,9 +82,9 @@ class QuantConv2d(QuantLayerBase):
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"QuantConv2d: input must be a tensor, got {type(x).__name__}")
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"QuantConv2d: input must have shape [batch, {self.in_channels}, height, width], "
-                             f"got {list(x.shape)}")
+        if x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:
+            raise ValueError(f"QuantConv2d: input must have shape [batch, {self.in_channels}, height, width] or "
+                             f"[{self.in_channels}, height, width], got {list(x.shape)}")
 
     def _pack(self, w_int8: torch.Tensor) -> torch.Tensor:
         return F_q.pack_conv_weight(w_int8, self.groups)
@@ -91,7 +93,7 @@ class QuantConv2d(QuantLayerBase):
         # per-tensor quantization is elementwise: a channels-last input is quantized as the contiguous NHWC tensor
         # it is in memory, so the integer input stays channels-last (the layout the conv kernel reads) and nothing
         # is transposed twice
-        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
             x_q, x_scale = super()._quantize_input(x.permute(0, 2, 3, 1))
             return x_q.permute(0, 3, 1, 2), x_scale
         return super()._quantize_input(x)
@@ -111,9 +113,10 @@ class QuantConv2d(QuantLayerBase):
 
     def _converted_forward(self, x: torch.Tensor) -> torch.Tensor:
         y = super()._converted_forward(x)  # channels-last, as the kernels write it
-        keep = self.output_memory_format
+        # (an unbatched or 1-D conv's output is contiguous: 3-D tensors have no channels-last form)
+        keep = self.output_memory_format if x.dim() == 4 else torch.contiguous_format
         if keep is None:
-            keep = suggest_memory_format(x) if x.dim() == 4 else torch.contiguous_format
+            keep = suggest_memory_format(x)
         return y if keep == torch.channels_last else y.contiguous()
 
     def _quantized_layer_args(self) -> tuple | None:
@@ -130,8 +133,10 @@ class QuantConv2d(QuantLayerBase):
                 list(self.stride), list(self.padding), list(self.dilation), self.groups)
 
     def _int_op(self, x_q, x_scale, x_zero_point, out_dtype, out_scale=None, out_zero_point=0):
-        return ops.int8_conv2d(x_q, x_scale, x_zero_point, *self._kernel_args, out_dtype, out_scale, out_zero_point,
-                               self.clamp_min, self.clamp_max)
+        unbatched = x_q.dim() == 3  # a batch of one
+        y = ops.int8_conv2d(x_q.unsqueeze(0) if unbatched else x_q, x_scale, x_zero_point, *self._kernel_args,
+                            out_dtype, out_scale, out_zero_point, self.clamp_min, self.clamp_max)
+        return y.squeeze(0) if unbatched else y
 
     def _shape_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -147,14 +152,15 @@ class QuantConv1d(QuantConv2d):
     FLOAT_TYPE = nn.Conv1d
 
     def _entry_call(self, x, *pipeline_args):
-        """torchquant._C.quantized_layer_forward on the 4-D view of a 3-D x (the entry would take a 4-D x as the
-        2-D conv it computes), or NotImplemented where the Python path runs."""
+        """torchquant._C.quantized_layer_forward on the 2-D conv's view of x [batch, channels, length] or unbatched
+        [channels, length] (a length-1 height before the length: the entry would take x itself as the 2-D conv's
+        input), or NotImplemented where the Python path runs."""
         if (self._quantized_call_args is None or is_dynamo_compiling() or not isinstance(x, torch.Tensor)
-                or x.dim() != 3):
+                or x.dim() not in (2, 3)):
             return NotImplemented
-        y = _C.quantized_layer_forward(x.unsqueeze(2), self._quantized_call_args, self.clamp_min, self.clamp_max,
+        y = _C.quantized_layer_forward(x.unsqueeze(-2), self._quantized_call_args, self.clamp_min, self.clamp_max,
                                        *pipeline_args)
-        return y if y is NotImplemented else y.squeeze(2)
+        return y if y is NotImplemented else y.squeeze(-2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.converted:
@@ -177,9 +183,9 @@ class QuantConv1d(QuantConv2d):
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"QuantConv1d: input must be a tensor, got {type(x).__name__}")
-        if x.dim() != 3 or x.shape[1] != self.in_channels:
-            raise ValueError(f"QuantConv1d: input must have shape [batch, {self.in_channels}, length], "
-                             f"got {list(x.shape)}")
+        if x.dim() not in (2, 3) or x.shape[-2] != self.in_channels:
+            raise ValueError(f"QuantConv1d: input must have shape [batch, {self.in_channels}, length] or "
+                             f"[{self.in_channels}, length], got {list(x.shape)}")
 
     def _pack(self, w_int8: torch.Tensor) -> torch.Tensor:
         return F_q.pack_conv_weight(w_int8.unsqueeze(2), self.groups)
@@ -193,5 +199,5 @@ class QuantConv1d(QuantConv2d):
                 [1, *self.kernel_size], [1, *self.stride], [0, *self.padding], [1, *self.dilation], self.groups)
 
     def _int_op(self, x_q, x_scale, x_zero_point, out_dtype, out_scale=None, out_zero_point=0):
-        return super()._int_op(x_q.unsqueeze(2), x_scale, x_zero_point, out_dtype, out_scale,
-                               out_zero_point).squeeze(2)
+        return super()._int_op(x_q.unsqueeze(-2), x_scale, x_zero_point, out_dtype, out_scale,
+                               out_zero_point).squeeze(-2)
