@@ -78,3 +78,81 @@ def test_unbatched_input_with_a_folded_batchnorm_in_training_is_refused():
     with pytest.raises(ValueError, match=r"folded BatchNorm2d needs 4-D input \[batch, channels, height, width\], "
                                          r"got \[3, 6, 6\]"):
         prepared(torch.randn(3, 6, 6))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# load_state_dict into a converted model: assign=True, and into a submodule
+
+def two_block_model() -> nn.Module:
+    torch.manual_seed(2)
+    return nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)))
+
+
+@pytest.mark.parametrize("key, dtype", [("0.weight_scale", torch.float64), ("2.2.qweight", torch.int16),
+                                        ("0.input_quantizer.scale", torch.float64),
+                                        ("2.0.input_quantizer.zero_point", torch.int64), ("2.2.bias", torch.float64)])
+def test_load_with_assign_refuses_other_dtypes(key, dtype):
+    """load_state_dict(assign=True) stores the state dict's tensors themselves, uncast: a converted layer's tensor
+    of another dtype (the kernels refused a float64 weight scale at every forward; an int16 weight failed half way
+    through the load) is refused before anything is assigned."""
+    x = torch.randn(3, 8)
+    _, converted = quantized(two_block_model(), "int8-static", x)
+    want = converted(x)
+    state = {k: v.clone() for k, v in converted.state_dict().items()}
+    before = {k: v.clone() for k, v in state.items()}
+    state[key] = state[key].to(dtype)
+    with pytest.raises(ValueError, match=rf"tensor '{key}' is {str(dtype)[6:]}, the model expects .*assign=True"):
+        converted.load_state_dict(state, assign=True)
+    assert all(torch.equal(v, before[k]) for k, v in converted.state_dict().items())
+    assert torch.equal(converted(x), want)
+    state[key] = before[key]
+    converted.load_state_dict(state, assign=True)  # the model's own dtypes: assigned
+    assert converted.state_dict()[key].data_ptr() == state[key].data_ptr() and torch.equal(converted(x), want)
+
+
+@pytest.mark.parametrize("target", ["2", "2.0"])
+def test_load_into_a_submodule_is_checked_before_anything_is_copied(target):
+    """A submodule of a converted model (a block, or a layer itself) checks a state dict loaded into it as the whole
+    model does: a bad weight scale of its last layer leaves it as it was (it loaded, and every forward raised)."""
+    x = torch.randn(3, 8)
+    _, converted = quantized(two_block_model(), "int8-static", x)
+    want = converted(x)
+    sub = converted.get_submodule(target)
+    state = {k: v.clone() for k, v in sub.state_dict().items()}
+    state[[k for k in state if k.endswith("weight_scale")][-1]][0] = -1.0
+    with pytest.raises(ValueError, match=r"weight_scale' must be finite and positive .* got -1.0 at index \[0\]; "
+                                         r"nothing was loaded"):
+        sub.load_state_dict(state)
+    assert torch.equal(converted(x), want)
+    # a wrapper around the converted model: its own check covers it
+    wrapper = nn.Sequential(converted)
+    state = {f"0.{k}": v.clone() for k, v in converted.state_dict().items()}
+    state["0.2.0.weight_scale"][1] = float("nan")
+    with pytest.raises(ValueError, match=r"'0.2.0.weight_scale' must be finite"):
+        wrapper.load_state_dict(state)
+    assert torch.equal(converted(x), want)
+
+
+def test_pipeline_quantizers_load_only_with_the_pipeline():
+    """A converted pipeline's layers cache their input quantizers' scales and zero points: loading the quantizers
+    alone computed with the new scales beside the old zero points. Refused; the pipeline's own load refreshes them,
+    and a layer of the pipeline loads on its own, checked."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.Flatten(), nn.Linear(64, 5))
+    x = torch.randn(2, 3, 8, 8)
+    _, converted = quantized(model, "int8-pipeline", x)
+    want = converted(x)
+    quantizers = converted.act_quant
+    state = {k: v * 2 for k, v in quantizers.state_dict().items()}
+    for module in (quantizers, next(iter(quantizers.values()))):
+        with pytest.raises(ValueError, match="activation quantizers of a converted integer pipeline load only with "
+                                             "the pipeline"):
+            module.load_state_dict(state if module is quantizers else {k.partition(".")[2]: v for k, v in
+                                                                          state.items() if k.startswith("input_1.")})
+    assert torch.equal(converted(x), want)
+    layer = next(m for m in converted.modules() if isinstance(m, QuantConv2d))
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    state["weight_scale"][0] = 0.0
+    with pytest.raises(ValueError, match="'weight_scale' must be finite and positive"):
+        layer.load_state_dict(state)
+    assert torch.equal(converted(x), want)

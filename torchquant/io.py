@@ -35,7 +35,8 @@ from torchquant._ops.gemm import GELU_APPROXIMATE
 from torchquant.convert import (QUANT_TYPES, _check_model, _layer_gelu_pairs, gelu_form, set_conv_layouts,
                                 unfuse_transformers)
 from torchquant.fold import attach_folded_bn, parent_and_key
-from torchquant.graph import ACT_QUANT, META_KEY as PIPELINE_META, converted_skeleton, is_pipeline
+from torchquant.graph import (ACT_QUANT, META_KEY as PIPELINE_META, ActivationQuantizer, converted_skeleton,
+                              is_pipeline)
 from torchquant.nn.base import QuantLayerBase, set_weight_spec, unpack_int4
 from torchquant.nn.quantizers import InputQuantizer, WeightQuantizer
 from torchquant.observers import Observer
@@ -405,13 +406,15 @@ def _check_tensors(path: str, model: nn.Module, tensors: dict) -> None:
             raise ValueError(f"load: {path}: tensor {key!r} {problem}")
 
 
-def check_before_load(model: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+def check_before_load(model: nn.Module, state_dict: dict, prefix: str, local_metadata: dict, *args) -> None:
     """A load_state_dict pre-hook on the converted models convert() and load() make (guard_loads): the tensors of
     state_dict are checked as load() checks a file's (shapes, and the values a format bounds; load_state_dict casts
-    other dtypes) before anything is copied, so that a bad one leaves the whole model as it was. (Each layer's own
-    pre-hook sees only the layer's tensors, after the layers before it have loaded.)"""
+    other dtypes, but with assign=True it stores them as they are, so then a dtype must be the model's) before
+    anything is copied, so that a bad one leaves the whole model as it was. (Each layer's own pre-hook sees only the
+    layer's tensors, after the layers before it have loaded.)"""
     local = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix) and isinstance(v, torch.Tensor)}
     expected = model.state_dict()
+    assign = local_metadata.get("assign_to_params_buffers", False)
 
     def refuse(key: str, problem: str) -> None:
         owner = _child(model, key.rpartition(".")[0])  # a pipeline's quantizer: name the layers reading it
@@ -427,6 +430,9 @@ def check_before_load(model: nn.Module, state_dict: dict, prefix: str, *args) ->
         # (load_state_dict also takes a [1] tensor for a 0-d one)
         if got.shape != want.shape and not (want.dim() == 0 and got.shape == (1,)):
             refuse(key, f"is {list(got.shape)}, the model expects {list(want.shape)}")
+        if assign and got.dtype != want.dtype:
+            refuse(key, f"is {_dtype(got)}, the model expects {_dtype(want)} (load_state_dict(assign=True) stores "
+                        f"the state dict's tensors as they are: cast them, or load without assign)")
         local[key] = got.to(want.dtype)  # the values checked are those the copy stores
     for key, check in _value_checks(model, local).items():
         problem = check(local[key]) if key in local and not local[key].is_meta else None  # (meta: no values)
@@ -434,11 +440,36 @@ def check_before_load(model: nn.Module, state_dict: dict, prefix: str, *args) ->
             refuse(key, problem)
 
 
+def _check_before_submodule_load(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """check_before_load on the submodules of a converted model that hold converted state, for a load_state_dict
+    called on the submodule itself (prefix ""); in a load of the whole model the model's hook checked its tensors.
+    A converted pipeline's activation quantizers load only with the pipeline: the layers and lookups reading them
+    keep their scales and zero points, refreshed when the pipeline loads."""
+    if prefix:
+        return
+    if isinstance(module, ActivationQuantizer) or (
+            isinstance(module, nn.ModuleDict) and any(isinstance(m, ActivationQuantizer) for m in module.values())):
+        raise ValueError("load_state_dict: the activation quantizers of a converted integer pipeline load only with "
+                         "the pipeline (the layers reading them keep their scales and zero points): call "
+                         "load_state_dict on the pipeline; nothing was loaded")
+    check_before_load(module, state_dict, prefix, *args)
+
+
+def _holds_converted_state(module: nn.Module) -> bool:
+    return any((isinstance(m, QuantLayerBase) and m.converted) or isinstance(m, ActivationQuantizer)
+               for m in module.modules())
+
+
 def guard_loads(model: nn.Module) -> nn.Module:
-    """Registers check_before_load on model (once)."""
-    hooks = model._load_state_dict_pre_hooks.values()
-    if not any(getattr(h, "hook", h) is check_before_load for h in hooks):
-        model.register_load_state_dict_pre_hook(check_before_load)
+    """Registers check_before_load on model and _check_before_submodule_load on its submodules that hold converted
+    state (once each)."""
+    guards = (check_before_load, _check_before_submodule_load)
+    for module in model.modules():
+        if module is not model and not _holds_converted_state(module):
+            continue
+        hooks = module._load_state_dict_pre_hooks.values()
+        if not any(getattr(h, "hook", h) in guards for h in hooks):
+            module.register_load_state_dict_pre_hook(guards[module is not model])
     return model
 
 
