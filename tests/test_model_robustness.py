@@ -156,3 +156,37 @@ def test_pipeline_quantizers_load_only_with_the_pipeline():
     with pytest.raises(ValueError, match="'weight_scale' must be finite and positive"):
         layer.load_state_dict(state)
     assert torch.equal(converted(x), want)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# copies: deepcopy, pickle, torch.save
+
+@pytest.mark.parametrize("preset", ["int8-static", "int8-dynamic", "int8-pipeline"])
+def test_converted_models_copy_pickle_and_torch_save(preset, tmp_path):
+    """torch.save(model) of a converted conv model raised 'cannot pickle module object' (the convs' output memory
+    format, a torch.memory_format, which torch.save cannot pickle). Every copy computes the same outputs and keeps
+    the load checks."""
+    import copy
+    import pickle
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Sequential(nn.Conv2d(8, 4, 3), nn.Flatten()),
+                          nn.Linear(64, 5))
+    x = torch.randn(2, 3, 8, 8)
+    _, converted = quantized(model, preset, x)
+    want = converted(x)
+    torch.save(converted, tmp_path / "model.pt")
+    copies = [copy.deepcopy(converted), pickle.loads(pickle.dumps(converted)),
+              torch.load(tmp_path / "model.pt", weights_only=False)]
+    for copied in copies:
+        assert torch.equal(copied(x), want)
+        state = {k: v.clone() for k, v in copied.state_dict().items()}
+        key = [k for k in state if k.endswith("weight_scale")][-1]
+        state[key][0] = float("inf")
+        with pytest.raises(ValueError, match="must be finite and positive"):
+            copied.load_state_dict(state)
+        owner = copied.get_submodule(key.rpartition(".")[0].rpartition(".")[0]) if key.count(".") > 1 else None
+        if owner is not None:  # a block of it
+            prefix = key.rpartition(".")[0].rpartition(".")[0] + "."
+            with pytest.raises(ValueError, match="must be finite and positive"):
+                owner.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        assert torch.equal(copied(x), want)

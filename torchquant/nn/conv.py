@@ -41,7 +41,9 @@ class QuantConv2d(QuantLayerBase):
 
     FLOAT_TYPE = nn.Conv2d
     PER_TOKEN_INPUT = False
-    output_memory_format = None  # set_output_memory_format
+    # set_output_memory_format's choice as the C++ entry reads it: None, True (channels-last) or False (contiguous);
+    # a torch.memory_format attribute would make torch.save of the model fail (it cannot pickle one)
+    _output_channels_last = None
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, config=None, *, device=None, dtype=None):
@@ -107,9 +109,16 @@ class QuantConv2d(QuantLayerBase):
         if memory_format not in (None, torch.channels_last, torch.contiguous_format):
             raise ValueError(f"{type(self).__name__}.set_output_memory_format: expected None, torch.channels_last "
                              f"or torch.contiguous_format, got {memory_format!r}")
-        self.output_memory_format = memory_format
+        self._output_channels_last = None if memory_format is None else memory_format == torch.channels_last
         if self.converted:
             self._prepare_forward()
+
+    @property
+    def output_memory_format(self) -> torch.memory_format | None:
+        """The memory format set_output_memory_format set (None: nn.Conv2d's)."""
+        if self._output_channels_last is None:
+            return None
+        return torch.channels_last if self._output_channels_last else torch.contiguous_format
 
     def _converted_forward(self, x: torch.Tensor) -> torch.Tensor:
         y = super()._converted_forward(x)  # channels-last, as the kernels write it
@@ -120,10 +129,8 @@ class QuantConv2d(QuantLayerBase):
         return y if keep == torch.channels_last else y.contiguous()
 
     def _quantized_layer_args(self) -> tuple | None:
-        # the C++ entry reads the output format as True (channels-last), False (contiguous) or None (the input's)
         args = super()._quantized_layer_args()
-        layout = {None: None, torch.channels_last: True, torch.contiguous_format: False}[self.output_memory_format]
-        return None if args is None else (*args, layout)
+        return None if args is None else (*args, self._output_channels_last)
 
     def _input_features(self) -> int:
         return self.in_channels
