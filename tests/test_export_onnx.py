@@ -1063,3 +1063,28 @@ def test_minilm_embeddings_in_onnxruntime(minilm, preset):
     own_to_float = torch.nn.functional.cosine_similarity(own, float_embeddings)
     assert to_own.mean() >= 0.999, to_own
     assert to_float.mean() >= min(0.99, own_to_float.mean() - 1e-3), (to_float.mean(), own_to_float.mean())
+
+
+class ReusedLayer(nn.Module):
+    """One Linear held under two names (an attribute and a ModuleList entry) and called three times."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.blocks = nn.ModuleList([self.fc, nn.ReLU(), self.fc])
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.out(self.fc(x))
+
+
+@pytest.mark.parametrize("preset", ["int8-static", "int8-dynamic"])
+def test_a_layer_held_under_several_names(preset):
+    """Each name of the layer calls its subgraph: only the first had one, and the export failed ('blocks.0 calls
+    torchquant::quantize, which has no ONNX mapping')."""
+    torch.manual_seed(0)
+    batches = [torch.randn(6, 8) for _ in range(3)]
+    model = torchquant.quantize_model(ReusedLayer().eval(), preset, batches if preset == "int8-static" else None)
+    assert check_export(model, batches[0], static_atol=1e-5 if preset == "int8-static" else None) > 0

@@ -879,10 +879,12 @@ def _onnx_model(model: nn.Module, example_inputs, opset: Optional[int], dynamic_
         # the layers the pipeline still calls as modules (one called more than once runs on its own)
         names = [name for name, m in copied.named_modules() if isinstance(m, QuantLayerBase)]
     quant_layers = [copied.get_submodule(name) for name in names]  # read from the copy: nothing touches the model
-    for index, name in enumerate(names):
-        parent_name, _, child = name.rpartition(".")
-        parent = copied.get_submodule(parent_name) if parent_name else copied
-        setattr(parent, child, _Placeholder(parent.get_submodule(child), index))
+    placeholders = {id(layer): _Placeholder(layer, index) for index, layer in enumerate(quant_layers)}
+    # every name of a layer the model holds under several (a module called from two places) gets its placeholder
+    for parent in list(copied.modules()):
+        for child, module in parent._modules.items():
+            if id(module) in placeholders:
+                parent._modules[child] = placeholders[id(module)]
     if dynamic_batch:
         # torch.export specializes a dimension of size 1: trace a batch of 2 (the batch is only a shape here)
         inputs = tuple(torch.cat([t, t]) if t.dim() > 0 and t.shape[0] == 1 else t for t in inputs)
