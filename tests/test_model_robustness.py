@@ -190,3 +190,55 @@ def test_converted_models_copy_pickle_and_torch_save(preset, tmp_path):
             with pytest.raises(ValueError, match="must be finite and positive"):
                 owner.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
         assert torch.equal(copied(x), want)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tied weights
+
+class TiedLM(nn.Module):
+    """A language model's head tied to its embedding, and two layers sharing one weight."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(5)
+        self.embed = nn.Embedding(20, 8)
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 8)
+        self.b.weight = self.a.weight
+        self.lm_head = nn.Linear(8, 20, bias=False)
+        self.lm_head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.lm_head(torch.relu(self.b(torch.relu(self.a(self.embed(ids))))))
+
+
+def assert_tied(model: nn.Module) -> None:
+    assert model.get_submodule("lm_head").weight is model.get_submodule("embed").weight
+    assert model.get_submodule("a").weight is model.get_submodule("b").weight
+
+
+@pytest.mark.parametrize("preset", ["int8-dynamic", "int8-static", "int8-pipeline"])
+def test_tied_weights_stay_tied_through_prepare_save_and_load(preset, tmp_path):
+    """prepare keeps the ties (the layers share the float parameters); save stores a tied tensor once, and load
+    into the float model ties the fake-quant layers it builds to the model's parameters again (each held a copy,
+    which training then moved apart from the embedding). Converted, the head holds its own integer weight and the
+    embedding stays float: outputs survive save and load exactly."""
+    ids = torch.randint(0, 20, (3, 5))
+    prepared, converted = quantized(TiedLM(), preset, ids)
+    assert_tied(prepared)
+    torchquant.save(prepared, tmp_path / "prepared.safetensors")
+    loaded = torchquant.load(tmp_path / "prepared.safetensors", TiedLM())
+    assert_tied(loaded)
+    assert torch.equal(loaded(ids), prepared(ids))
+    # a training step moves each tied parameter once, and the embedding with the head
+    optimizer = torch.optim.SGD(loaded.parameters(), lr=0.1)
+    loaded.train()
+    loaded(ids).square().mean().backward()
+    optimizer.step()
+    assert_tied(loaded)
+    assert not torch.equal(loaded.get_submodule("embed").weight, prepared.get_submodule("embed").weight)
+
+    assert torch.equal(converted.get_submodule("embed").weight, TiedLM().embed.weight)
+    torchquant.save(converted, tmp_path / "converted.safetensors")
+    reloaded = torchquant.load(tmp_path / "converted.safetensors", TiedLM())
+    assert torch.equal(reloaded(ids), converted(ids))

@@ -590,6 +590,23 @@ def _plan(path: str, model: nn.Module, layers: dict) -> list[tuple[nn.Module, st
     return plan + folds
 
 
+def _retie(plan: list, aliases: dict) -> None:
+    """A fake-quant layer built for a float layer whose weight or bias the file stores tied to other tensors (a
+    language model's head and its embedding, two layers sharing a weight) takes the float layer's parameter, with
+    the loaded values, as prepare() would: in a model of the same architecture that parameter is the one the model
+    ties (the built layer's own copy would drift apart from it in training)."""
+    tied = set(aliases) | set(aliases.values())
+    for _, _, module, layer, name, *_ in plan:
+        if not isinstance(layer, QuantLayerBase) or layer.converted or isinstance(module, QuantLayerBase):
+            continue
+        for attr in ("weight", "bias"):
+            param = getattr(module, attr)
+            if param is not None and f"{name}.{attr}" in tied:
+                with torch.no_grad():
+                    param.copy_(getattr(layer, attr))
+                setattr(layer, attr, param)
+
+
 def _install(plan, index: int) -> None:
     for entry in plan:
         parent, key = entry[0], entry[1]
@@ -635,6 +652,7 @@ def load(path, model: nn.Module) -> nn.Module:
         _install(plan, 2)
         raise
     _install(plan, 3)
+    _retie(plan, meta["aliases"])
     unfuse_transformers(model)
     guard_loads(model)
     for name, entry in meta["layers"].items():  # the fused activations are part of each layer's function
