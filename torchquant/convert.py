@@ -172,8 +172,8 @@ def _prepared_pipeline(model: nn.Module, config: QuantConfig):
 
 def prepare(model: nn.Module, config=None, *, inplace: bool = True) -> nn.Module:
     """Replaces every nn.Linear, nn.Conv2d and nn.Conv1d (except those `config.skip` selects) with
-    QuantLinear/QuantConv2d/QuantConv1d in fake-quant mode, sharing the float parameters. config: a QuantConfig, a
-    preset name or None (int8-dynamic).
+    QuantLinear/QuantConv2d/QuantConv1d in fake-quant mode, sharing the float parameters (tied weights stay tied).
+    config: a QuantConfig, a preset name or None (int8-dynamic).
     With config.fold_bn (the default) a BatchNorm that only reads such a layer's output folds into the layer (see
     torchquant.fold): a FoldedBatchNorm with the same parameters and buffers, under the same names, takes its place
     and passes its input through, the layer applying the BatchNorm; convert() replaces it with nn.Identity.
@@ -364,7 +364,11 @@ def convert(model: nn.Module, *, inplace: bool = True) -> nn.Module:
     weights and kernels. Idempotent; already converted layers are left alone. Either every layer converts or
     none does. A GELU module that only reads an int8-dynamic Linear's output is fused into it (fuse_activations).
     A converted conv whose output no view reads keeps its channels-last output (set_conv_layouts). A prepared
-    integer pipeline (torchquant.graph) becomes the converted pipeline."""
+    integer pipeline (torchquant.graph) becomes the converted pipeline.
+
+    Tied weights: a layer whose weight is tied to another module's parameter (a language model's head and its
+    embedding) gets its own integer weight, and the other module keeps the float parameter; layers sharing one weight
+    get one integer copy each (the same values)."""
     _check_model(model, "convert")
     if not inplace:
         model = copy.deepcopy(model)

@@ -617,7 +617,8 @@ def load(path, model: nn.Module) -> nn.Module:
     """Loads a checkpoint written by save() into model (a float skeleton of the same architecture, or the same
     prepared or converted model) and returns model. Layers the checkpoint holds quantized are quantized the same
     way; fake-quant layers of the model are loaded in place (an optimizer over their parameters stays valid),
-    other quantized layers are replaced by new ones.
+    other quantized layers are replaced by new ones (a fake-quant one whose weight the file stores tied to another
+    tensor takes the model's parameter, so that a tie of the model stays a tie).
 
     All-or-nothing: if the file is malformed (ValueError naming the file and the problem) or does not fit the
     model, or a tensor has another dtype or shape than the layer holding it expects, or values outside its format
