@@ -242,3 +242,53 @@ def test_tied_weights_stay_tied_through_prepare_save_and_load(preset, tmp_path):
     torchquant.save(converted, tmp_path / "converted.safetensors")
     reloaded = torchquant.load(tmp_path / "converted.safetensors", TiedLM())
     assert torch.equal(reloaded(ids), converted(ids))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# hooks, weight_norm, parametrize
+
+@pytest.mark.parametrize("preset", ["int8-dynamic", "int8-static", "int8-pipeline"])
+def test_forward_hooks_of_quantized_layers_keep_running(preset):
+    """A forward pre-hook that changes a layer's input and a forward hook that records its output run around the
+    quantized layer, prepared and converted (prepare dropped them: other outputs, and the recording hook never
+    ran). The integer pipeline, which calls no module's hooks, gives way to the module swap with a warning; a
+    hooked layer's BatchNorm is not folded into it (its hook would see the BatchNorm's output)."""
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(288, 3)).eval()
+    seen = []
+    model[0].register_forward_hook(lambda module, args, y: seen.append(y.detach()))
+    model[4].register_forward_pre_hook(lambda module, args: (args[0] * 2,))
+    x = torch.randn(2, 3, 8, 8)
+    want = model(x)
+    with pytest.warns(UserWarning, match="has forward hooks") if preset == "int8-pipeline" else warnings.catch_warnings():
+        prepared = torchquant.prepare(model, preset, inplace=False)
+    if preset != "int8-dynamic":
+        torchquant.calibrate(prepared, [x], progress=False)
+    converted = torchquant.convert(prepared, inplace=False)
+    for m in (prepared, converted):
+        seen.clear()
+        y = m(x)
+        assert len(seen) == 1 and seen[0].shape == (2, 8, 6, 6)
+        torch.testing.assert_close(y, want, atol=0.05, rtol=0.05)
+        assert isinstance(m[1], nn.BatchNorm2d)  # not folded
+
+
+@pytest.mark.parametrize("norm", ["weight_norm", "spectral_norm"])
+def test_old_style_weight_norm_layers_stay_float(norm):
+    """torch.nn.utils.weight_norm / spectral_norm compute the weight in a forward pre-hook: prepare raised
+    TypeError ('cannot assign torch.FloatTensor as parameter weight'); such a layer stays float with a warning."""
+    torch.manual_seed(7)
+    model = nn.Sequential(getattr(nn.utils, norm)(nn.Linear(8, 8)), nn.ReLU(), nn.Linear(8, 3)).eval()
+    x = torch.randn(4, 8)
+    want = model(x)
+    with pytest.warns(UserWarning, match=r"0 \(Linear\) stays float: its weight is not a parameter"):
+        quantized = torchquant.quantize_model(model, "int8-dynamic")  # (torch cannot deepcopy it after a call)
+    assert type(quantized[0]) is nn.Linear and quantized[2].converted
+    torch.testing.assert_close(quantized(x), want, atol=0.05, rtol=0.05)
+
+
+def test_parametrized_layers_stay_float_with_a_warning():
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(8, 8)), nn.ReLU(), nn.Linear(8, 3))
+    with pytest.warns(UserWarning, match=r"0 \(ParametrizedLinear\) stays float: it is parametrized"):
+        torchquant.prepare(model, "int8-dynamic")

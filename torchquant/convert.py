@@ -17,6 +17,7 @@ from typing import Iterable, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 from torchquant._ops.gemm import GELU_APPROXIMATE
@@ -77,6 +78,9 @@ def _plan_swaps(model: nn.Module, config: QuantConfig) -> list[tuple[nn.Module, 
                 continue
             swap_type = QUANT_TYPES.get(type(child))
             reason = None if swap_type is None else swap_type.unsupported(child)
+            if swap_type is None and parametrize.type_before_parametrizations(child) in QUANT_TYPES:
+                reason = ("it is parametrized (torch.nn.utils.parametrize, e.g. parametrizations.weight_norm); "
+                          "parametrize.remove_parametrizations first to quantize it")
             if reason is not None:
                 if id(child) not in visited:
                     visited.add(id(child))

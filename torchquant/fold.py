@@ -22,12 +22,19 @@ import torch.nn as nn
 FOLDABLE = {nn.Conv2d: nn.BatchNorm2d, nn.Conv1d: nn.BatchNorm1d, nn.Linear: nn.BatchNorm1d}
 
 
+def has_forward_hooks(module: nn.Module) -> bool:
+    """Whether module has forward hooks or forward pre-hooks (which see its input and output as they are)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
 def foldable(layer: nn.Module, bn: nn.Module) -> bool:
     """Whether bn, applied to layer's output, folds into layer: the matching BatchNorm type over its output
     channels, with running statistics (a BatchNorm without them normalizes with batch statistics even in eval
-    mode, which no fixed weight computes)."""
+    mode, which no fixed weight computes), and neither has forward hooks (folded, a hook on the layer would see the
+    BatchNorm's output, one on the BatchNorm its input)."""
     return (FOLDABLE.get(type(layer)) is type(bn) and bn.track_running_stats and bn.running_var is not None
-            and bn.num_features == layer.weight.shape[0])
+            and bn.num_features == layer.weight.shape[0] and not has_forward_hooks(layer)
+            and not has_forward_hooks(bn))
 
 
 def bn_scale(bn: nn.BatchNorm2d | nn.BatchNorm1d, var: torch.Tensor) -> torch.Tensor:

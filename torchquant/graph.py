@@ -47,7 +47,7 @@ from torch import fx
 from torchquant import functional as F_q
 from torchquant._ops import FLOAT_DTYPES
 from torchquant.config import QuantConfig
-from torchquant.fold import _Tracer
+from torchquant.fold import _Tracer, has_forward_hooks
 from torchquant.nn.base import QuantLayerBase
 from torchquant.nn.quantizers import InputQuantizer
 
@@ -532,6 +532,12 @@ def prepare_pipeline(model: nn.Module, config: QuantConfig, swap) -> Optional[fx
         warnings.warn(f"prepare: torch.fx cannot trace {type(model).__name__} ({type(exc).__name__}: {reason}); "
                       f"the model is quantized layer by layer (module swap) instead of as an integer pipeline",
                       UserWarning, stacklevel=4)
+        return None
+    hooked = next((name for name, m in model.named_modules() if has_forward_hooks(m)), None)
+    if hooked is not None:  # the converted graph calls no module's hooks (a traced-through one's, none at all)
+        warnings.warn(f"prepare: {type(model).__name__} has forward hooks (on {hooked or 'the model'}); the model is "
+                      f"quantized layer by layer (module swap) instead of as an integer pipeline", UserWarning,
+                      stacklevel=4)
         return None
     in_place = _in_place_on_a_view(graph, dict(model.named_modules()))
     if in_place is not None:

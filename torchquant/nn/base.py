@@ -57,6 +57,21 @@ def set_weight_spec(layer: "QuantLayerBase", spec) -> None:
     layer.weight_quantizer = WeightQuantizer(spec, layer.weight_shape[0]).to(layer.weight.device)
 
 
+def _computed_weight(module: nn.Module) -> str | None:
+    """Why module's weight cannot be quantized in place (it is computed on every call), or None."""
+    if isinstance(module.weight, nn.Parameter):
+        return None
+    # torch.nn.utils.weight_norm / spectral_norm: a forward pre-hook computes it from other parameters
+    return (f"its weight is not a parameter but a {type(module.weight).__name__} computed from others (as "
+            f"torch.nn.utils.weight_norm / spectral_norm do; remove_weight_norm / remove_spectral_norm first to "
+            f"quantize it)")
+
+
+# the hooks a float layer hands to the quantized layer taking its place (with the flags that say how they are called)
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+               "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks")
+
+
 class QuantLayerBase(nn.Module):
     """Subclasses set FLOAT_TYPE and implement the constructor (calling _init_quant), _like, _float_op,
     _int_op, _input_features, _pack, _check_input and _shape_repr."""
@@ -103,19 +118,26 @@ class QuantLayerBase(nn.Module):
     @classmethod
     def unsupported(cls, module: nn.Module) -> str | None:
         """Why module (of FLOAT_TYPE) has no quantized form, so that model conversion leaves it float, or None."""
-        return None
+        return _computed_weight(module)
 
     @classmethod
     def from_float(cls, module: nn.Module, config=None):
-        """A fake-quant layer sharing `module`'s weight and bias parameters (optimizers keep working)."""
+        """A fake-quant layer sharing `module`'s weight and bias parameters (optimizers keep working) and its forward
+        and backward hooks (they run around the quantized layer where they ran around the float one)."""
         if type(module) is not cls.FLOAT_TYPE:
             raise TypeError(f"{cls.__name__}.from_float: module must be a {cls.FLOAT_TYPE.__name__}, "
                             f"got {type(module).__name__}")
+        reason = _computed_weight(module)
+        if reason is not None:
+            raise ValueError(f"{cls.__name__}.from_float: {reason}")
         layer = cls._like(module, config, device="meta")  # no throwaway weight allocation
         layer.weight = module.weight
         layer.bias = module.bias
         layer._build_quantizers()
         layer.train(module.training)
+        for hooks in _HOOK_DICTS:
+            getattr(layer, hooks).update(getattr(module, hooks))
+        layer._is_full_backward_hook = module._is_full_backward_hook
         return layer
 
     # ---- BatchNorm folding ----

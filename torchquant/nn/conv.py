@@ -64,6 +64,9 @@ class QuantConv2d(QuantLayerBase):
     @classmethod
     def unsupported(cls, conv: nn.Conv1d | nn.Conv2d) -> str | None:
         """Why conv has no quantized form (it then stays float), or None."""
+        reason = super().unsupported(conv)
+        if reason is not None:
+            return reason
         if conv.padding_mode != "zeros":
             return f"padding_mode={conv.padding_mode!r} (only 'zeros' is supported)"
         if conv.padding == "same" and any(d * (k - 1) % 2 for d, k in zip(conv.dilation, conv.kernel_size)):
