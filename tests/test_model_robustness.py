@@ -292,3 +292,17 @@ def test_parametrized_layers_stay_float_with_a_warning():
     model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(8, 8)), nn.ReLU(), nn.Linear(8, 3))
     with pytest.warns(UserWarning, match=r"0 \(ParametrizedLinear\) stays float: it is parametrized"):
         torchquant.prepare(model, "int8-dynamic")
+
+
+def test_load_into_a_hooked_float_model_keeps_the_hooks(tmp_path):
+    """load() builds the quantized layers of a float skeleton: they take the float layers' hooks as prepare's do."""
+    torch.manual_seed(9)
+    x = torch.randn(4, 8)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    torchquant.save(torchquant.quantize_model(model, "int8-static", [x], inplace=False), tmp_path / "m.safetensors")
+    seen = []
+    skeleton = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    skeleton[2].register_forward_hook(lambda module, args, y: seen.append(y))
+    loaded = torchquant.load(tmp_path / "m.safetensors", skeleton)
+    y = loaded(x)
+    assert len(seen) == 1 and seen[0] is y

@@ -509,6 +509,7 @@ def _built_layer(module: nn.Module, layer_type: type, config: QuantConfig) -> Qu
                 setattr(layer, name, nn.Parameter(torch.empty_like(like), requires_grad=like.requires_grad))
         layer._build_quantizers()  # on the weight's device, at their initial state
         layer.train(module.training)
+        layer._take_hooks(module)  # as prepare's layer would
     return layer
 
 

@@ -135,10 +135,15 @@ class QuantLayerBase(nn.Module):
         layer.bias = module.bias
         layer._build_quantizers()
         layer.train(module.training)
-        for hooks in _HOOK_DICTS:
-            getattr(layer, hooks).update(getattr(module, hooks))
-        layer._is_full_backward_hook = module._is_full_backward_hook
+        layer._take_hooks(module)
         return layer
+
+    def _take_hooks(self, module: nn.Module) -> None:
+        """Adds module's forward and backward hooks to this layer's (they run around it as they ran around module)."""
+        for hooks in _HOOK_DICTS:
+            getattr(self, hooks).update(getattr(module, hooks))
+        if module._is_full_backward_hook is not None:
+            self._is_full_backward_hook = module._is_full_backward_hook
 
     # ---- BatchNorm folding ----
     def attach_bn(self, bn: nn.Module, name: str | None = None) -> None:
