@@ -306,3 +306,15 @@ def test_load_into_a_hooked_float_model_keeps_the_hooks(tmp_path):
     loaded = torchquant.load(tmp_path / "m.safetensors", skeleton)
     y = loaded(x)
     assert len(seen) == 1 and seen[0] is y
+
+
+def test_prepare_with_another_config_says_the_quantized_layers_keep_theirs():
+    """A second prepare with another config left the layers the first one quantized as they were, silently."""
+    model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 2))
+    torchquant.prepare(model, "int8-dynamic")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torchquant.prepare(model, "int8-dynamic")  # the same config: nothing to say
+    with pytest.warns(UserWarning, match=r"prepare: 0, 2 quantized already with another config keep theirs"):
+        torchquant.prepare(model, "int8-static")
+    assert model[0].config.activation.dynamic

@@ -58,6 +58,7 @@ def _plan_swaps(model: nn.Module, config: QuantConfig) -> list[tuple[nn.Module, 
     matched: set[int] = set()
     skipped_names: list[str] = []
     swapped: dict[str, nn.Module] = {}
+    other_config: list[str] = []  # quantized layers whose config is not this one
     plan = []
 
     def skipped(name: str, module: nn.Module) -> bool:
@@ -86,6 +87,9 @@ def _plan_swaps(model: nn.Module, config: QuantConfig) -> list[tuple[nn.Module, 
                     visited.add(id(child))
                     warnings.warn(f"prepare: {name} ({type(child).__name__}) stays float: {reason}", UserWarning,
                                   stacklevel=4)
+            elif isinstance(child, QuantLayerBase):
+                if (child.config.weight, child.config.activation) != (config.weight, config.activation):
+                    other_config.append(name)
             elif swap_type is not None:
                 if id(child) not in replacements:
                     replacements[id(child)] = swap_type.from_float(child, layer_config)
@@ -112,6 +116,9 @@ def _plan_swaps(model: nn.Module, config: QuantConfig) -> list[tuple[nn.Module, 
     for i, rule in enumerate(config.skip):
         if i not in matched:
             warnings.warn(f"prepare: skip rule {rule!r} matched no module", UserWarning, stacklevel=3)
+    if other_config:
+        warnings.warn(f"prepare: {', '.join(other_config)} quantized already with another config keep theirs "
+                      f"(prepare the float model to change it)", UserWarning, stacklevel=3)
     return plan
 
 
