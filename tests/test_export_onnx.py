@@ -1088,3 +1088,17 @@ def test_a_layer_held_under_several_names(preset):
     batches = [torch.randn(6, 8) for _ in range(3)]
     model = torchquant.quantize_model(ReusedLayer().eval(), preset, batches if preset == "int8-static" else None)
     assert check_export(model, batches[0], static_atol=1e-5 if preset == "int8-static" else None) > 0
+
+
+@pytest.mark.parametrize("conv, shape", [(nn.Conv2d, (3, 8, 8)), (nn.Conv1d, (3, 12))], ids=["conv2d", "conv1d"])
+@pytest.mark.parametrize("preset", ["int8-static", "int8-dynamic"])
+def test_unbatched_conv_input(conv, shape, preset):
+    """An unbatched example input ([C, H, W] / [C, L], as nn.Conv2d / nn.Conv1d take it) exports as a batch of one
+    (the file had a Conv node on the 3-D tensor, which onnxruntime refused to load)."""
+    torch.manual_seed(0)
+    x = torch.randn(*shape)
+    model = torchquant.quantize_model(nn.Sequential(conv(3, 4, 3), nn.ReLU()).eval(), preset,
+                                      [x[None]] if preset == "int8-static" else None)
+    proto, _ = _onnx_model(model, (x,), None, False)
+    (output,), _ = run_onnx(proto, (x,), [])
+    torch.testing.assert_close(torch.from_numpy(output), model(x), atol=1e-5, rtol=0)

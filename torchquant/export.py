@@ -191,6 +191,8 @@ class _Placeholder(nn.Module):
         self.check_input(x)
         if self.layer_type is QuantLinear:
             return torch.ops.torchquant_export.linear(x, *self.args, self.index)
+        if x.dim() == len(self.args[1]) + 1:  # unbatched, as nn.Conv2d / nn.Conv1d take it: a batch of one
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         return torch.ops.torchquant_export.conv2d(x, *self.args, self.index)
 
 
