@@ -123,7 +123,8 @@ class QuantLayerBase(nn.Module):
     @classmethod
     def from_float(cls, module: nn.Module, config=None):
         """A fake-quant layer sharing `module`'s weight and bias parameters (optimizers keep working) and its forward
-        and backward hooks (they run around the quantized layer where they ran around the float one)."""
+        and backward hooks (they run around the quantized layer where they ran around the float one; the handles
+        register_forward_hook returned remove them from `module` only)."""
         if type(module) is not cls.FLOAT_TYPE:
             raise TypeError(f"{cls.__name__}.from_float: module must be a {cls.FLOAT_TYPE.__name__}, "
                             f"got {type(module).__name__}")
