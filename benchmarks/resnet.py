@@ -177,8 +177,10 @@ def _node_kind(gm: fx.GraphModule, node: fx.Node, args: tuple) -> tuple:
     of a conv)."""
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     module = gm.get_submodule(node.target) if node.op == "call_module" else None
-    if node.op == "call_function" and getattr(node.target, "__name__", "") == "integer_layer":
-        module, tensors = args[0], [args[1]]  # torchquant's pipeline calls layers through integer_layer
+    fused_add = node.op == "call_function" and getattr(node.target, "__name__", "") == "integer_conv_add"
+    if node.op == "call_function" and getattr(node.target, "__name__", "") == "integer_layer" or fused_add:
+        # torchquant's pipeline calls layers through integer_layer, or integer_conv_add with a residual add
+        module, tensors = args[0], [args[1]]
     shape = tuple(tensors[0].shape) if tensors else ()
     if module is not None and hasattr(module, "in_channels") and hasattr(module, "kernel_size"):
         k, stride = module.kernel_size, module.stride
@@ -187,7 +189,8 @@ def _node_kind(gm: fx.GraphModule, node: fx.Node, args: tuple) -> tuple:
         pad = module.padding if isinstance(module.padding, tuple) else (module.padding,) * 2
         out_h, out_w = (h + 2 * pad[0] - k[0]) // stride[0] + 1, (w + 2 * pad[-1] - k[1]) // stride[-1] + 1
         macs = b * out_h * out_w * module.out_channels * module.in_channels // module.groups * k[0] * k[1]
-        return f"conv {k[0]}x{k[1]}/{stride[0]} {module.in_channels}->{module.out_channels}", shape, macs
+        kind = f"conv {k[0]}x{k[1]}/{stride[0]} {module.in_channels}->{module.out_channels}"
+        return kind + (" + add" if fused_add else ""), shape, macs
     if module is not None:
         return type(module).__name__, shape, 0
     return getattr(node.target, "__name__", str(node.target)), shape, 0

@@ -172,31 +172,36 @@ ConvGeometry check_conv_arguments(const char* op, const at::Tensor& x_q, int64_t
   return g;
 }
 
-namespace {
-
-void check_add_operand(const char* name, const at::Tensor& t, const char* scale_name, const at::Tensor& scale,
-                       int64_t zero_point, const at::Tensor& a) {
-  constexpr const char* op = "quantized_add";
+void check_quantized_operand(const char* op, const char* name, const at::Tensor& t, const char* scale_name,
+                             const at::Tensor& scale, int64_t zero_point, const char* anchor_name,
+                             const at::Tensor& anchor) {
   const bool is_int8 = t.scalar_type() == at::kChar;
   TQ_CHECK(is_int8 || t.scalar_type() == at::kByte, op, ": ", name, " must be int8 or uint8, got ", t.scalar_type());
-  TQ_CHECK(t.device() == a.device(), op, ": ", name, " must be on a's device (", a.device(), "), got ", t.device());
+  TQ_CHECK(t.device() == anchor.device(), op, ": ", name, " must be on ", anchor_name, "'s device (", anchor.device(),
+           "), got ", t.device());
   const int64_t zp_min = is_int8 ? -128 : 0, zp_max = is_int8 ? 127 : 255;
   TQ_CHECK(zero_point >= zp_min && zero_point <= zp_max, op, ": ", name, "_zero_point must lie in [", zp_min, ", ",
            zp_max, "] for ", t.scalar_type(), " ", name, ", got ", zero_point);
-  TQ_CHECK(scale.device() == a.device(), op, ": ", scale_name, " must be on a's device (", a.device(), "), got ",
-           scale.device());
+  TQ_CHECK(scale.device() == anchor.device(), op, ": ", scale_name, " must be on ", anchor_name, "'s device (",
+           anchor.device(), "), got ", scale.device());
   TQ_CHECK(scale.scalar_type() == at::kFloat && scale.numel() == 1, op, ": ", scale_name,
            " must be a float32 tensor of 1 element, got ", scale.scalar_type(), " of shape ", scale.sizes());
 }
 
-}  // namespace
+void check_conv_residual(const at::Tensor& x_q, at::IntArrayRef out_sizes, const at::Tensor& residual,
+                         const at::Tensor& residual_scale, int64_t residual_zero_point) {
+  check_quantized_operand("int8_conv2d", "residual", residual, "residual_scale", residual_scale, residual_zero_point,
+                          "x_q", x_q);
+  TQ_CHECK(residual.sizes() == out_sizes, "int8_conv2d: residual must have the output's shape ", out_sizes,
+           " (no broadcasting), got ", residual.sizes());
+}
 
 QuantizedAddTensors prepare_quantized_add(const at::Tensor& a, const at::Tensor& a_scale, int64_t a_zero_point,
                                           const at::Tensor& b, const at::Tensor& b_scale, int64_t b_zero_point,
                                           at::ScalarType out_dtype, std::optional<double> out_scale,
                                           int64_t out_zero_point, bool relu) {
-  check_add_operand("a", a, "a_scale", a_scale, a_zero_point, a);
-  check_add_operand("b", b, "b_scale", b_scale, b_zero_point, a);
+  check_quantized_operand("quantized_add", "a", a, "a_scale", a_scale, a_zero_point, "a", a);
+  check_quantized_operand("quantized_add", "b", b, "b_scale", b_scale, b_zero_point, "a", a);
   TQ_CHECK(a.sizes() == b.sizes(), "quantized_add: a and b must have the same shape (no broadcasting), got ",
            a.sizes(), " and ", b.sizes());
   check_output_dtype("quantized_add", out_dtype, out_scale, out_zero_point);

@@ -87,6 +87,17 @@ ConvGeometry check_conv_arguments(const char* op, const at::Tensor& x_q, int64_t
 
 // quantized_add's tensors as its kernels read them: the output (a's shape and memory format, at::empty_like's
 // Preserve) and a and b laid out alike (out's strides; an operand in another layout is copied).
+// A quantized operand of an element-wise step (quantized_add's a and b, int8_conv2d.residual's residual): t int8
+// or uint8 on anchor's device, zero_point in t's range, scale a float32 tensor of 1 element on that device (its
+// value is checked by each kernel). Messages name op, name, scale_name and anchor_name.
+void check_quantized_operand(const char* op, const char* name, const at::Tensor& t, const char* scale_name,
+                             const at::Tensor& scale, int64_t zero_point, const char* anchor_name,
+                             const at::Tensor& anchor);
+
+// int8_conv2d.residual's residual as check_quantized_operand wants it (anchor x_q), of the output's sizes.
+void check_conv_residual(const at::Tensor& x_q, at::IntArrayRef out_sizes, const at::Tensor& residual,
+                         const at::Tensor& residual_scale, int64_t residual_zero_point);
+
 struct QuantizedAddTensors {
   at::Tensor out, a, b;
   AddMap map;

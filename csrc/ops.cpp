@@ -62,6 +62,17 @@ TORCH_LIBRARY(torchquant, m) {
         "Tensor? bias, int out_channels, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, "
         "int groups, ScalarType out_dtype, float? out_scale=None, int out_zero_point=0, float? clamp_min=None, "
         "float? clamp_max=None) -> Tensor");
+  // the same conv with a residual add (an integer pipeline's conv + add [+ ReLU] in one op): y as int8_conv2d
+  // computes it for a float32 output (clamped by clamp_min / clamp_max), then y = y + float(residual -
+  // residual_zero_point) * residual_scale in float32 (the product rounded, then the sum), y = max(y, 0) when relu, and
+  // the output conversion of int8_conv2d. residual: int8/uint8 of the output's shape on x_q's device (any memory
+  // format; channels-last is read without a copy); residual_scale: float32 [1]. The CPU kernel adds it in the
+  // conv's epilogue; other devices run int8_conv2d, dequantize, the add, the ReLU and quantize in that order (the
+  // same bits). (An overload without defaults: see int8_linear_dynamic.activation.)
+  m.def("int8_conv2d.residual(Tensor x_q, Tensor x_scale, int x_zero_point, Tensor w_packed, Tensor w_sum, "
+        "Tensor w_scale, Tensor? bias, int out_channels, int[2] kernel_size, int[2] stride, int[2] padding, "
+        "int[2] dilation, int groups, ScalarType out_dtype, float? out_scale, int out_zero_point, float? clamp_min, "
+        "float? clamp_max, Tensor residual, Tensor residual_scale, int residual_zero_point, bool relu) -> Tensor");
 
   // ---- integer element-wise ops: csrc/cpu/quantize.cpp, csrc/cuda/quantize.cu ----
   // y = float(a - a_zero_point) * a_scale + float(b - b_zero_point) * b_scale in float32 (those operations in that

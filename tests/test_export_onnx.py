@@ -801,7 +801,7 @@ def test_pipeline_integer_outputs_and_residual_add_ops():
     assert ops.count("Add") >= 2 and ops.count("Concat") == 1 and ops.count("MaxPool") == 1 and "Max" in ops
 
 
-@pytest.mark.parametrize("name", ["basic-blocks", "cat", "inverted-residual"])
+@pytest.mark.parametrize("name", ["basic-blocks", "bottleneck", "conv1d-residual", "cat", "inverted-residual"])
 def test_pipelines_with_float_ops_between_integer_ones(name):
     """The integer pipeline tests' models: an average pool kept float (dequantized, then quantized again),
     view(x.size(0), -1), in-place adds, a Linear with a folded BatchNorm1d, a depthwise conv, dropout."""

@@ -83,6 +83,66 @@ class BasicBlockNet(nn.Module):
         return self.head(x.view(x.size(0), -1))
 
 
+class Bottleneck(nn.Module):
+    """torchvision's ResNet bottleneck: 1x1, 3x3 (stride), 1x1 convs with BatchNorm, an optional downsampling
+    shortcut (1x1 conv + BatchNorm) computed after the main path, `out += identity` in place, ReLU in place."""
+
+    def __init__(self, inplanes, planes, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or inplanes != planes * 4:
+            self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes * 4, 1, stride, bias=False),
+                                            nn.BatchNorm2d(planes * 4))
+
+    def forward(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+
+class BottleneckNet(nn.Module):
+    """A stem, a downsampling bottleneck and an identity one, global average pooling and a Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.stem_bn = nn.BatchNorm2d(16)
+        self.blocks = nn.Sequential(Bottleneck(16, 8, stride=2), Bottleneck(32, 8))
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x):
+        x = self.blocks(F.relu(self.stem_bn(self.stem(x))))
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class Conv1dResidualNet(nn.Module):
+    """1-d convs with a residual add whose conv is the second input (x + conv(...)), then a ReLU method."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv1d(2, 12, 3, padding=1)
+        self.a = nn.Conv1d(12, 12, 3, padding=1)
+        self.b = nn.Conv1d(12, 12, 5, padding=2)
+        self.head = nn.Linear(12 * 10, 3)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        x = (x + self.b(F.relu(self.a(x)))).relu()
+        return self.head(x.flatten(1))
+
+
 class CatNet(nn.Module):
     """Two branches concatenated (their scales shared), an in-place residual add, reshape, an MLP with a folded
     BatchNorm1d and torch.relu."""
@@ -209,6 +269,8 @@ MODELS = {
     **{f"conv-bn-{act}": (lambda act=act: ConvBnReLU(act), (4, 3, 8, 8))
        for act in ("module", "F.relu", "torch.relu", "method", "relu6_module", "hardtanh", "none")},
     "basic-blocks": (BasicBlockNet, (2, 3, 12, 12)),
+    "bottleneck": (BottleneckNet, (2, 3, 12, 12)),
+    "conv1d-residual": (Conv1dResidualNet, (3, 2, 10)),
     "cat": (CatNet, (3, 2, 6, 6)),
     "inverted-residual": (InvertedResidualNet, (2, 3, 12, 12)),
     "hardswish-block": (HardswishBlockNet, (2, 3, 12, 12)),
@@ -265,7 +327,8 @@ def test_converted_pipeline_is_close_to_float_and_fake_quant(name):
     assert (y - fake).abs().max() <= 0.05 * ref.abs().max()
 
 
-@pytest.mark.parametrize("name", ["basic-blocks", "cat", "hardswish-block", "smooth-activations"])
+@pytest.mark.parametrize("name", ["basic-blocks", "bottleneck", "conv1d-residual", "cat", "hardswish-block",
+                                  "smooth-activations"])
 def test_pipeline_integers_are_identical_on_every_cpu_path_and_cuda(name, device, isa, monkeypatch):
     _, prepared, batches = _prepared(name, INTEGER_OUT)
     converted = tq.convert(prepared)
@@ -288,17 +351,20 @@ def test_patterns_are_fused_and_run_on_integers():
     _, prepared, batches = _prepared("basic-blocks")
     converted = tq.convert(prepared)
     targets = _graph_targets(converted)
-    assert targets.count(graph.integer_layer) == 7
-    assert targets.count(graph.integer_add) == 2
+    # each block's last conv (a2, b2) runs its residual add and ReLU in its epilogue
+    assert targets.count(graph.integer_layer) == 5
+    assert targets.count(graph.integer_conv_add) == 2 and targets.count(graph.integer_add) == 0
     assert targets.count(graph.quantize_input) == 2  # the input, and the average pool's output
     # only the average pool reads the last add: it writes float, which nothing dequantizes
     assert targets.count(graph.dequantize_output) == 0
     assert not any(isinstance(m, (nn.BatchNorm2d, nn.ReLU)) for m in converted.modules())
     layers, notes = graph.pipeline_notes(converted)
     assert layers["stem"] == "integer input, ReLU fused, uint8 output"
-    assert layers["a2"] == "integer input, uint8 output"
+    assert layers["a2"] == "integer input, residual add + ReLU fused, uint8 output"
+    assert layers["b2"] == "integer input, residual add + ReLU fused, float output"  # (only the pool reads it)
+    assert layers["down"] == "integer input, uint8 output"
     assert layers["head"] == "integer input, float output"
-    assert "2 integer add(s)" in notes[0]
+    assert "2 integer add(s) (2 fused into a conv's epilogue)" in notes[0]
 
 
 def test_depthwise_block_and_dropout_run_on_integers():
@@ -307,8 +373,9 @@ def test_depthwise_block_and_dropout_run_on_integers():
         _, prepared, _ = _prepared("inverted-residual")
         converted = tq.convert(prepared)
     targets = _graph_targets(converted)
-    assert targets.count(graph.integer_layer) == 5 and targets.count(graph.integer_add) == 1
+    assert targets.count(graph.integer_layer) == 4 and targets.count(graph.integer_conv_add) == 1
     layers, _ = graph.pipeline_notes(converted)
+    assert layers["project"] == "integer input, residual add fused, float output"  # (only the pool reads it)
     assert layers["depthwise"] == "integer input, clamp [0.0, 6.0] fused, uint8 output"
     assert layers["head"] == "integer input, float output"  # through the pooling's requantize and the dropout
 
@@ -657,10 +724,10 @@ def test_prepared_pipeline_fake_quantizes_where_the_converted_one_quantizes():
     _, prepared, _ = _prepared("basic-blocks")
     quantized = [n.args[0].name for n in prepared.graph.nodes
                  if n.op == "call_module" and n.target.startswith(graph.ACT_QUANT + ".")]
-    # at the model input, after each layer (its ReLU is its activation clamp now), at the first add's output (after
-    # its ReLU) and after the average pool (view); not after the last add (only the average pool reads it) nor
-    # after the head
-    assert quantized == ["x", "stem_bn", "a1_bn", "a2_bn", "relu_2", "b1", "b2", "down", "view"]
+    # at the model input, after each layer (its ReLU is its activation clamp now) but those whose residual add
+    # alone reads their output (a2, b2: the add is their epilogue), at the first add's output (after its ReLU) and
+    # after the average pool (view); not after the last add (only the average pool reads it) nor after the head
+    assert quantized == ["x", "stem_bn", "a1_bn", "relu_2", "b1", "down", "view"]
     assert (prepared.stem.clamp_min, prepared.stem.clamp_max) == (0.0, None)
     assert not any(n.target in ("relu", F.relu) for n in prepared.graph.nodes if n.args and n.args[0].name in (
         "stem_bn", "b1"))
@@ -672,7 +739,8 @@ def test_cat_inputs_share_one_quantizer():
     assert len({a.target for a in cat.args[0]}) == 1
     assert prepared.fc1.folded_bn == "fc1_bn"
     targets = _graph_targets(tq.convert(prepared))
-    assert targets.count(graph.integer_add) == 1 and targets.count(graph.integer_layer) == 6
+    # merge's output the in-place add alone reads: the add is merge's epilogue
+    assert targets.count(graph.integer_conv_add) == 1 and targets.count(graph.integer_layer) == 5
 
 
 def test_layer_input_scale_is_its_producers_output_scale():
@@ -1068,7 +1136,7 @@ def test_report_shows_folding_fusion_and_pipeline_counts():
     rows = {row.name: row for row in report.layers}
     assert rows["stem"].note == "bn folded (stem_bn); integer input, ReLU fused, uint8 output"
     assert rows["head"].quantized and rows["head"].output_sqnr_db > 20
-    assert any("2 integer add(s)" in note for note in report.notes)
+    assert any("2 integer add(s) (2 fused into a conv's epilogue)" in note for note in report.notes)
     assert report.output_sqnr_db > 20
 
 
@@ -1101,7 +1169,7 @@ def test_budget_builds_one_pipeline_with_per_layer_weight_bits_that_round_trips(
         assert torch.equal(loaded(batches[0]), quantized(batches[0]))
 
 
-@pytest.mark.parametrize("name", ["basic-blocks", "hardswish-block"])
+@pytest.mark.parametrize("name", ["basic-blocks", "bottleneck", "hardswish-block"])
 def test_converted_pipeline_compiles_and_exports(name):
     _, prepared, batches = _prepared(name)
     converted = tq.convert(prepared)

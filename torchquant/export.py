@@ -229,9 +229,9 @@ def _translations():
     def pipeline_linear(x, out_features: int, dtype, index: int):
         return domain.PipelineStep(x, index=index)
 
-    def pipeline_conv2d(x, out_channels: int, kernel_size: Sequence[int], stride: Sequence[int],
+    def pipeline_conv2d(x, residual, out_channels: int, kernel_size: Sequence[int], stride: Sequence[int],
                         padding: Sequence[int], dilation: Sequence[int], dtype, index: int):
-        return domain.PipelineStep(x, index=index)
+        return domain.PipelineStep(*([x] if residual is None else [x, residual]), index=index)
 
     def pipeline_max_pool2d(x, kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
                             dilation: Sequence[int], ceil_mode: bool, index: int):
@@ -506,7 +506,8 @@ def input_q_name(layer_name: str) -> str:
 # fused activation: Clip, or Relu for a plain ReLU, on the float y, where the kernels clamp it) and requantized as
 # everywhere here: Mul(1 / out_scale) -> QuantizeLinear(scale 1, out_zero_point). An integer add is
 # DequantizeLinear (float(q - zero_point) * scale, as torchquant's) of both inputs -> Add -> [Relu] -> the same
-# requantization; max-pool runs MaxPool on the integers, a ReLU between layers is Max(q, zero point),
+# requantization, and a conv with the add in its epilogue adds the DequantizeLinear of its residual to its float y
+# (after the clamp), then [Relu] and the requantization; max-pool runs MaxPool on the integers, a ReLU between layers is Max(q, zero point),
 # flatten / reshape / concatenation act on the integer tensors, and an activation lookup (quantized_lookup) is a
 # Gather from its 256-entry table: Cast of the integers to an int32 index, for int8 ones plus 128 into the table
 # rotated by 128 entries (the same entry for each value as torchquant's byte index, with no negative index). A QDQ
@@ -516,7 +517,8 @@ def input_q_name(layer_name: str) -> str:
 
 _PIPELINE_KINDS = {pipeline.quantize_input: "quantize", pipeline.dequantize_output: "dequantize",
                    pipeline.integer_relu: "relu", F_q.quantized_max_pool2d: "max_pool",
-                   pipeline.integer_add: "add", pipeline.integer_layer: "layer", F_q.quantized_lookup: "lookup"}
+                   pipeline.integer_add: "add", pipeline.integer_layer: "layer",
+                   pipeline.integer_conv_add: "conv_add", F_q.quantized_lookup: "lookup"}
 
 
 @dataclass
@@ -563,14 +565,15 @@ def _(x, out_features, dtype, index):
 
 
 @torch.library.custom_op("torchquant_export::pipeline_conv2d", mutates_args=())
-def _pipeline_conv2d_placeholder(x: torch.Tensor, out_channels: int, kernel_size: Sequence[int],
-                                 stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
-                                 dtype: torch.dtype, index: int) -> torch.Tensor:
+def _pipeline_conv2d_placeholder(x: torch.Tensor, residual: Optional[torch.Tensor], out_channels: int,
+                                 kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+                                 dilation: Sequence[int], dtype: torch.dtype, index: int) -> torch.Tensor:
+    """A pipeline conv (with the residual its epilogue adds, or None) during export only."""
     return x.new_zeros(_conv_output_shape(x, out_channels, kernel_size, stride, padding, dilation), dtype=dtype)
 
 
 @_pipeline_conv2d_placeholder.register_fake
-def _(x, out_channels, kernel_size, stride, padding, dilation, dtype, index):
+def _(x, residual, out_channels, kernel_size, stride, padding, dilation, dtype, index):
     return x.new_empty(_conv_output_shape(x, out_channels, kernel_size, stride, padding, dilation), dtype=dtype)
 
 
@@ -659,16 +662,21 @@ def _pipeline_steps(gm) -> list:
                          relu=bool(relu))
             call = (elementwise, (a, b, step.dtype, index))
         else:
-            layer_attr, x, out, _ = node.args
+            if kind == "conv_add":
+                layer_attr, x, residual, q_residual, out, relu, _ = node.args
+                inputs = (quantizer(q_residual, what),)
+            else:
+                (layer_attr, x, out, _), residual, inputs, relu = node.args, None, (), False
             layer = gm.get_submodule(layer_attr.target)
             out = quantizer(out, what)
-            step = _Step(kind, node.name, dtype_of(out), (), out, layer=_layer_state(layer_attr.target, layer))
+            step = _Step(kind, node.name, dtype_of(out), inputs, out, layer=_layer_state(layer_attr.target, layer),
+                         relu=bool(relu))
             if isinstance(layer, QuantLinear):
                 call = (torch.ops.torchquant_export.pipeline_linear, (x, layer.out_features, step.dtype, index))
             else:
                 call = (torch.ops.torchquant_export.pipeline_conv2d,
-                        (x, layer.out_channels, list(layer.kernel_size), list(layer.stride), list(layer.padding),
-                         list(layer.dilation), step.dtype, index))
+                        (x, residual, layer.out_channels, list(layer.kernel_size), list(layer.stride),
+                         list(layer.padding), list(layer.dilation), step.dtype, index))
         steps.append(step)
         with graph.inserting_before(node):
             new = graph.call_function(*call)
@@ -699,9 +707,11 @@ def _dequantized(b: _GraphBuilder, q: str, act: _Activation, output: Optional[st
     return b.op("DequantizeLinear", q, b.const("scale", _f32(act.scale)), _zero_point(b, act), output=output)
 
 
-def _integer_layer_nodes(b: _GraphBuilder, layer: _Layer, x_q: str, out: Optional[_Activation], y: str) -> None:
+def _integer_layer_nodes(b: _GraphBuilder, layer: _Layer, x_q: str, out: Optional[_Activation], y: str,
+                         residual: Optional[tuple] = None, relu: bool = False) -> None:
     """The exact int32 sums of a pipeline layer (ConvInteger / MatMulInteger on its integer input), then its
-    epilogue in float32 and requantization."""
+    epilogue in float32 (with residual, (its tensor, its _Activation): + its DequantizeLinear, then Relu when relu)
+    and requantization."""
     act = layer.activation
     if isinstance(layer.module, QuantLinear):
         acc = b.op("MatMulInteger", x_q, _weight(b, layer, layer.weight.t().contiguous(), int8_only=True),
@@ -725,6 +735,9 @@ def _integer_layer_nodes(b: _GraphBuilder, layer: _Layer, x_q: str, out: Optiona
     elif (lo, hi) != (None, None):
         v = b.op("Clip", v, "" if lo is None else b.const("clamp_min", _f32(lo)),
                  "" if hi is None else b.const("clamp_max", _f32(hi)))
+    if residual is not None:
+        v = b.op("Add", v, _dequantized(b, *residual))
+        v = b.op("Relu", v) if relu else v
     _requantized(b, v, out, y)
 
 
@@ -751,6 +764,8 @@ def _pipeline_step_nodes(b: _GraphBuilder, step: _Step, inputs: Sequence[str], y
     elif step.kind == "add":
         v = b.op("Add", *(_dequantized(b, q, act) for q, act in zip(inputs, step.inputs)))
         _requantized(b, b.op("Relu", v) if step.relu else v, step.out, y)
+    elif step.kind == "conv_add":
+        _integer_layer_nodes(b, step.layer, inputs[0], step.out, y, (inputs[1], step.inputs[0]), step.relu)
     else:
         _integer_layer_nodes(b, step.layer, inputs[0], step.out, y)
 

@@ -8,7 +8,10 @@ quantized ones and folds their BatchNorms (as the module swap does), and finds t
   layer's activation clamp, which its fake-quant forward applies too), then writes the output requantized to
   uint8/int8;
 - a + b / torch.add(a, b) of two tensors [+ ReLU]: one integer add (torchquant.functional.quantized_add) that
-  reads both quantized inputs and writes its requantized output;
+  reads both quantized inputs and writes its requantized output; where one input is a conv layer's output that
+  the add alone reads and the other an integer tensor (a residual block), the add [+ ReLU] becomes that conv's
+  epilogue instead (int8_conv2d's residual form: the conv's float32 output plus the dequantized other input,
+  requantized once), and the conv's output gets no quantizer of its own;
 - max-pool, flatten, reshape/view, a ReLU after an integer tensor, nn.Identity, dropout modules (the identity in
   evaluation, which is what a converted model runs): run on the integers (they keep the scale); torch.cat of
   integer tensors: its inputs share one scale (one quantizer observes them all), so the concatenation runs on the
@@ -49,6 +52,7 @@ from torchquant._ops import FLOAT_DTYPES
 from torchquant.config import QuantConfig
 from torchquant.fold import _Tracer, has_forward_hooks
 from torchquant.nn.base import QuantLayerBase
+from torchquant.nn.conv import QuantConv2d
 from torchquant.nn.quantizers import InputQuantizer
 
 ACT_QUANT = "act_quant"  # the ModuleDict of a pipeline's activation quantizers
@@ -257,6 +261,29 @@ def _is_add(node: fx.Node) -> bool:
     return len(node.args) == 2 and not node.kwargs and all(isinstance(a, fx.Node) for a in node.args)
 
 
+def _chain_ending_at(node: fx.Node, modules: dict, calls: Counter) -> Optional[list]:
+    """The layer chain (layer_chain) whose last node is node, if any."""
+    if node.op != "call_module":
+        return None
+    chain = layer_chain(node, modules, calls)
+    if chain is None and node.args and isinstance(node.args[0], fx.Node):
+        chain = layer_chain(node.args[0], modules, calls)  # node: a folded BatchNorm
+    return chain if chain is not None and chain[-1] is node else None
+
+
+def residual_conv(add: fx.Node, modules: dict, calls: Counter, is_integer) -> Optional[tuple[list, fx.Node]]:
+    """(conv chain, the other input) when the add's epilogue form applies: an input of the add (the first that
+    qualifies) is the output of a pipeline conv (QuantConv2d / QuantConv1d) chain that the add alone reads, and the
+    other input is a different node for which is_integer holds."""
+    for i, value in enumerate(add.args):
+        other = add.args[1 - i]
+        chain = _chain_ending_at(value, modules, calls)
+        if (chain is not None and isinstance(modules[chain[0].target], QuantConv2d) and _only_user(value) is add
+                and other is not value and is_integer(other)):
+            return chain, other
+    return None
+
+
 def _fused_relu(node: fx.Node, modules: dict) -> Optional[fx.Node]:
     """The ReLU that is the only user of node, if any (an add fuses a plain ReLU only)."""
     user = _only_user(node)
@@ -439,8 +466,16 @@ def _plan(graph: fx.Graph, modules: dict, integer_output: bool) -> tuple[dict, d
             produce(chain[-1])
             continue
         if _is_add(node) and all(_tensor_like(a) for a in node.args) and any(a in group for a in node.args):
+            conv = residual_conv(node, modules, calls, lambda value: value in group)
+            if conv is not None and conv[0][-1] not in producers:  # (a layer whose input is not a tensor)
+                conv = None
+            if conv is not None:  # the add is the conv's epilogue: the conv's output is not quantized
+                end = conv[0][-1]
+                del group[end], roots[end]
+                producers.discard(end)
             for a in node.args:
-                ensure_int(a)
+                if conv is None or a is not conv[0][-1]:
+                    ensure_int(a)
             int_consumers.add(node)
             relu = _fused_relu(node, modules)
             if relu is not None:
@@ -731,6 +766,30 @@ def integer_add(a: torch.Tensor, b: torch.Tensor, qa: ActivationQuantizer, qb: A
                              relu=relu)
 
 
+def _conv_output_shape(layer: QuantConv2d, x: torch.Tensor) -> tuple:
+    return (x.shape[0], layer.out_channels,
+            *((size + 2 * p - d * (k - 1) - 1) // s + 1 for size, k, s, p, d in zip(
+                x.shape[2:], layer.kernel_size, layer.stride, layer.padding, layer.dilation)))
+
+
+def integer_conv_add(layer: QuantConv2d, x_q: torch.Tensor, residual: torch.Tensor, residual_quantizer:
+                     ActivationQuantizer, out: Optional[ActivationQuantizer], relu: bool,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """A conv layer's integer op on x_q with the residual add [+ ReLU] that alone reads its output as its epilogue:
+    y = the conv's float32 output (with its activation clamp) + the dequantized residual, max(y, 0) when relu,
+    written as `out`'s integers (or float of dtype when out is None). An add that broadcasts runs those steps in
+    float32."""
+    scale, _, zero_point, _ = residual_quantizer.qparams
+    if residual.shape != _conv_output_shape(layer, x_q):
+        y = layer.pipeline_op(x_q, torch.float32) + F_q.dequantize(residual, scale, zero_point)
+        y = torch.clamp_min(y, 0.0) if relu else y
+        return y.to(dtype) if out is None else quantize_input(y, out)
+    if out is None:
+        return layer.pipeline_residual_op(x_q, residual, scale, zero_point, relu, dtype).contiguous()
+    _, out_scale, out_zero_point, out_dtype = out.qparams
+    return layer.pipeline_residual_op(x_q, residual, scale, zero_point, relu, out_dtype, out_scale, out_zero_point)
+
+
 def lookup_table(fn, input_quantizer: ActivationQuantizer, output_quantizer: ActivationQuantizer,
                  dtype: torch.dtype) -> torch.Tensor:
     """The 256-entry table of quantized_lookup for the activation fn between two integer tensors:
@@ -834,17 +893,43 @@ def _lower(gm: fx.GraphModule, dtype: torch.dtype, build_tables: bool) -> None:
                 dequantized[value] = graph.call_function(dequantize_output, (value, int_of[value], dtype))
         return dequantized[value]
 
+    def lower_layer(chain: list) -> None:
+        fq = fake_quant_after(chain[-1])
+        out = None if fq is None else attr(fq.target)
+        with graph.inserting_after(fq or chain[-1]):
+            new = graph.call_function(integer_layer, (attr(chain[0].target), chain[0].args[0], out, dtype))
+        replace(chain + ([fq] if fq else []), new, out)
+
+    # conv chains whose output an add alone reads, without a quantizer: the add's epilogue form (lowered with it)
+    residual_chains: set[fx.Node] = set()
     for node in list(graph.nodes):
         if node in erased or node.op in ("placeholder", "get_attr"):
             continue
         chain = layer_chain(node, modules, calls)
         if chain is not None and modules[node.target].graph_input:
-            fq = fake_quant_after(chain[-1])
-            out = None if fq is None else attr(fq.target)
-            with graph.inserting_after(fq or chain[-1]):
-                new = graph.call_function(integer_layer, (attr(node.target), node.args[0], out, dtype))
-            replace(chain + ([fq] if fq else []), new, out)
+            user = _only_user(chain[-1])
+            if (fake_quant_after(chain[-1]) is None and user is not None and _is_add(user)
+                    and isinstance(modules[node.target], QuantConv2d)):
+                residual_chains.add(chain[-1])
+                continue
+            lower_layer(chain)
             continue
+        if _is_add(node) and any(a in residual_chains for a in node.args):
+            conv = residual_conv(node, modules, calls, lambda value: value in int_of)
+            for a in node.args:  # (a prepared model whose add is float: the conv writes float)
+                if a in residual_chains and (conv is None or a is not conv[0][-1]):
+                    lower_layer(_chain_ending_at(a, modules, calls))
+            if conv is not None:
+                chain, other = conv
+                relu = _fused_relu(node, modules)
+                end = relu or node
+                fq = fake_quant_after(end)
+                out = None if fq is None else attr(fq.target)
+                with graph.inserting_after(fq or end):
+                    new = graph.call_function(integer_conv_add, (attr(chain[0].target), chain[0].args[0], other,
+                                                                 int_of[other], out, relu is not None, dtype))
+                replace(chain + [node] + ([relu] if relu else []) + ([fq] if fq else []), new, out)
+                continue
         if _is_add(node) and all(a in int_of for a in node.args):
             relu = _fused_relu(node, modules)
             end = relu or node
@@ -930,11 +1015,12 @@ class _PipelineTracer(_Tracer):
 
     def __init__(self):
         super().__init__(autowrap_functions=(quantize_input, dequantize_output, integer_layer, integer_add,
-                                             integer_relu, F_q.quantized_lookup, F_q.quantized_max_pool2d))
+                                             integer_conv_add, integer_relu, F_q.quantized_lookup,
+                                             F_q.quantized_max_pool2d))
 
 
 # where the converted graph's calls take the pipeline's float dtype
-_FLOAT_DTYPE_ARG = {dequantize_output: 2, integer_layer: 3, integer_add: 6}
+_FLOAT_DTYPE_ARG = {dequantize_output: 2, integer_layer: 3, integer_add: 6, integer_conv_add: 6}
 
 
 def _output_nodes(graph: fx.Graph) -> list:
@@ -966,8 +1052,8 @@ def pipeline_notes(model: fx.GraphModule) -> tuple[dict, list]:
     layers, counts = {}, Counter()
     for node in model.graph.nodes:
         counts[node.target] += 1
-        if node.target is integer_layer:
-            layer, _, out, _ = node.args
+        if node.target in (integer_layer, integer_conv_add):
+            layer, out = node.args[0], node.args[2 if node.target is integer_layer else 4]
             clamp_min, clamp_max = (model.get_submodule(layer.target).clamp_min,
                                     model.get_submodule(layer.target).clamp_max)
             parts = ["integer input"]
@@ -975,14 +1061,17 @@ def pipeline_notes(model: fx.GraphModule) -> tuple[dict, list]:
                 parts.append("ReLU fused")
             elif clamp_min is not None or clamp_max is not None:
                 parts.append(f"clamp [{clamp_min}, {clamp_max}] fused")
+            if node.target is integer_conv_add:
+                parts.append("residual add + ReLU fused" if node.args[5] else "residual add fused")
             parts.append("float output" if out is None else
                          f"{'int8' if model.get_submodule(out.target).spec.signed else 'uint8'} output")
             parts += [f"then {_meta(model)['lookups'][user.name]} as a table lookup" for user in node.users
                       if user.target is F_q.quantized_lookup]
             layers[node.args[0].target] = ", ".join(parts)
-    notes = [f"integer pipeline: {counts[integer_layer]} integer layer call(s), {counts[integer_add]} integer "
-             f"add(s), {counts[F_q.quantized_lookup]} activation lookup(s), {counts[quantize_input]} quantize(s), "
-             f"{counts[dequantize_output]} dequantize(s)"]
+    notes = [f"integer pipeline: {counts[integer_layer] + counts[integer_conv_add]} integer layer call(s), "
+             f"{counts[integer_add] + counts[integer_conv_add]} integer add(s) ({counts[integer_conv_add]} fused into "
+             f"a conv's epilogue), {counts[F_q.quantized_lookup]} activation lookup(s), {counts[quantize_input]} "
+             f"quantize(s), {counts[dequantize_output]} dequantize(s)"]
     if _meta(model)["lookups"]:
         notes.append("activations run on integers as 256-entry table lookups: "
                      + ", ".join(_meta(model)["lookups"].values()))

@@ -173,6 +173,24 @@ def int8_conv2d(x_q: torch.Tensor, x_scale, x_zero_point: int, w_q: torch.Tensor
     return out.contiguous(memory_format=torch.channels_last).to(x_q.device)
 
 
+def int8_conv2d_residual(x_q: torch.Tensor, x_scale, x_zero_point: int, w_q: torch.Tensor, w_scale: torch.Tensor,
+                         bias=None, *, residual: torch.Tensor, residual_scale, residual_zero_point: int,
+                         relu: bool = False, stride=1, padding=0, dilation=1, groups=1, out_dtype=torch.float32,
+                         out_scale=None, out_zero_point: int = 0, clamp_min=None, clamp_max=None) -> torch.Tensor:
+    """int8_conv2d with a residual add, as its steps: y = int8_conv2d's float32 output (clamped), then y +
+    dequantize(residual) (float(residual - residual_zero_point) * residual_scale, the product rounded to float32,
+    then the sum), max(y, 0) when relu, then out_dtype or requantized like int8_conv2d's output."""
+    y = int8_conv2d(x_q, x_scale, x_zero_point, w_q, w_scale, bias, stride=stride, padding=padding,
+                    dilation=dilation, groups=groups, out_dtype=torch.float32, clamp_min=clamp_min,
+                    clamp_max=clamp_max).cpu()
+    y = y + dequantize(residual.cpu(), torch.as_tensor(residual_scale, dtype=torch.float32).cpu().reshape(()),
+                       residual_zero_point)
+    if relu:
+        y = torch.clamp(y, min=0.0)
+    out = _convert_output(y, out_dtype, out_scale, out_zero_point)
+    return out.contiguous(memory_format=torch.channels_last).to(x_q.device)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Integer element-wise family
 # ---------------------------------------------------------------------------------------------------------------

@@ -637,19 +637,12 @@ void pack_conv_weight_extras(const at::Tensor& w, const int8_t* panels, int64_t 
 
 namespace {
 
-at::Tensor int8_conv2d_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, int64_t x_zero_point,
-                           const at::Tensor& w_packed, const at::Tensor& w_sum, const at::Tensor& w_scale,
-                           const std::optional<at::Tensor>& bias, int64_t out_channels, at::IntArrayRef kernel_size,
-                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                           at::ScalarType out_dtype, std::optional<double> out_scale, int64_t out_zero_point,
-                           std::optional<double> clamp_min, std::optional<double> clamp_max) {
-  const ConvFront f = int8_conv2d_front(x_q, x_scale, x_zero_point, w_packed, w_sum, w_scale, bias, out_channels,
-                                        kernel_size, stride, padding, dilation, groups, out_dtype, out_scale,
-                                        out_zero_point, clamp_min, clamp_max);
+// The conv of a checked ConvFront into f.out_nhwc (g.rows > 0), with the residual add of int8_conv2d.residual when
+// residual.data is set (int8/uint8 outputs).
+void conv_cpu(const ConvFront& f, const at::Tensor& x_q, int64_t x_zero_point, const at::Tensor& w_packed,
+              int64_t out_channels, int64_t groups, const ResidualInput& residual) {
   const ConvGeometry& g = f.g;
   const int64_t cg = g.channels / groups, ocg = out_channels / groups;
-  at::Tensor out = f.out_nhwc.permute({0, 3, 1, 2});
-  if (g.rows == 0) return out;
 
   const ScratchScope input_scope(Scratch::Activations);
   at::Tensor x_copy;
@@ -701,7 +694,8 @@ at::Tensor int8_conv2d_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, int
     args.ldb = args.k;
   }
   std::vector<int32_t> col_offset;
-  const Epilogue ep = epilogue_for(f.epilogue, flip, f.out_nhwc.data_ptr(), out_channels, col_offset);
+  Epilogue ep = epilogue_for(f.epilogue, flip, f.out_nhwc.data_ptr(), out_channels, col_offset);
+  ep.residual = residual;
   if (depthwise)
     conv_u8s8_depthwise(g, x_bytes, depthwise_weight(g, args.b, args.b_group_stride, extras), flip, im2col.pad_byte,
                         ep, cpu_isa());
@@ -711,10 +705,62 @@ at::Tensor int8_conv2d_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, int
     conv_u8s8_in_place(args, g, x_bytes, ep, cpu_isa());
   else
     gemm_u8s8(args, ep, cpu_isa());
+}
+
+at::Tensor int8_conv2d_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, int64_t x_zero_point,
+                           const at::Tensor& w_packed, const at::Tensor& w_sum, const at::Tensor& w_scale,
+                           const std::optional<at::Tensor>& bias, int64_t out_channels, at::IntArrayRef kernel_size,
+                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                           at::ScalarType out_dtype, std::optional<double> out_scale, int64_t out_zero_point,
+                           std::optional<double> clamp_min, std::optional<double> clamp_max) {
+  const ConvFront f = int8_conv2d_front(x_q, x_scale, x_zero_point, w_packed, w_sum, w_scale, bias, out_channels,
+                                        kernel_size, stride, padding, dilation, groups, out_dtype, out_scale,
+                                        out_zero_point, clamp_min, clamp_max);
+  if (f.g.rows > 0) conv_cpu(f, x_q, x_zero_point, w_packed, out_channels, groups, ResidualInput{});
+  return f.out_nhwc.permute({0, 3, 1, 2});
+}
+
+// int8_conv2d.residual: the add in the conv's epilogue for int8/uint8 outputs (every path: GEMM, direct, windows in
+// place, depthwise), reading the residual's channels-last rows beside the output's; float outputs run the steps.
+at::Tensor int8_conv2d_residual_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, int64_t x_zero_point,
+                                    const at::Tensor& w_packed, const at::Tensor& w_sum, const at::Tensor& w_scale,
+                                    const std::optional<at::Tensor>& bias, int64_t out_channels,
+                                    at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                                    at::IntArrayRef dilation, int64_t groups, at::ScalarType out_dtype,
+                                    std::optional<double> out_scale, int64_t out_zero_point,
+                                    std::optional<double> clamp_min, std::optional<double> clamp_max,
+                                    const at::Tensor& residual, const at::Tensor& residual_scale,
+                                    int64_t residual_zero_point, bool relu) {
+  if (out_dtype != at::kChar && out_dtype != at::kByte)
+    return int8_conv2d_residual_steps(x_q, x_scale, x_zero_point, w_packed, w_sum, w_scale, bias, out_channels,
+                                      kernel_size, stride, padding, dilation, groups, out_dtype, out_scale,
+                                      out_zero_point, clamp_min, clamp_max, residual, residual_scale,
+                                      residual_zero_point, relu);
+  const ConvFront f = int8_conv2d_front(x_q, x_scale, x_zero_point, w_packed, w_sum, w_scale, bias, out_channels,
+                                        kernel_size, stride, padding, dilation, groups, out_dtype, out_scale,
+                                        out_zero_point, clamp_min, clamp_max);
+  at::Tensor out = f.out_nhwc.permute({0, 3, 1, 2});
+  check_conv_residual(x_q, out.sizes(), residual, residual_scale, residual_zero_point);
+  check_scale_values("int8_conv2d", "residual_scale", residual_scale);
+  if (f.g.rows == 0) return out;
+  // rows of out_channels bytes, as the output's (a copy only for another layout)
+  const at::Tensor rows = residual.contiguous(at::MemoryFormat::ChannelsLast);
+  const bool is_int8 = residual.scalar_type() == at::kChar;
+  ResidualInput r;
+  r.data = static_cast<const uint8_t*>(rows.const_data_ptr());
+  r.row_stride = out_channels;
+  r.flip = is_int8 ? 0x80 : 0;
+  r.scale = residual_scale.item<float>();
+  r.zero_point = static_cast<float>(residual_zero_point + (is_int8 ? 128 : 0));
+  if (relu) r.clamp.lo = 0.0f;
+  conv_cpu(f, x_q, x_zero_point, w_packed, out_channels, groups, r);
   return out;
 }
 
 }  // namespace
 }  // namespace torchquant::gemm
 
-TORCH_LIBRARY_IMPL(torchquant, CPU, m) { m.impl("int8_conv2d", &torchquant::gemm::int8_conv2d_cpu); }
+TORCH_LIBRARY_IMPL(torchquant, CPU, m) {
+  m.impl("int8_conv2d", &torchquant::gemm::int8_conv2d_cpu);
+  m.impl("int8_conv2d.residual", &torchquant::gemm::int8_conv2d_residual_cpu);
+}

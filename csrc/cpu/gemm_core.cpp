@@ -286,6 +286,11 @@ void epilogue_row_scalar(const Epilogue& ep, const int32_t* acc, int64_t row, in
     if (ep.bias != nullptr) y += ep.bias[n];
     if (ep.gelu != Gelu::None) y = gelu_scalar(y, ep.gelu);
     y = clamp_activation(y, ep.clamp);
+    if (ep.residual.data != nullptr) {
+      const uint8_t r = ep.residual.data[row * ep.residual.row_stride + n] ^ ep.residual.flip;
+      y = clamp_activation(y + (static_cast<float>(r) - ep.residual.zero_point) * ep.residual.scale,
+                           ep.residual.clamp);
+    }
     switch (ep.kind) {
       case OutKind::Float32: out_at<float>(ep, row, col0)[c] = y; break;
       case OutKind::Float16: out_at<c10::Half>(ep, row, col0)[c] = c10::Half(y); break;
@@ -355,9 +360,15 @@ void panel_epilogue(const Epilogue& ep, int64_t col0, int64_t ncols, PanelEpilog
   c.gelu = ep.gelu;
   c.inv_out_scale = ep.inv_out_scale;
   c.zero_point = static_cast<int16_t>(ep.out_zero_point);
+  c.residual_scale = ep.residual.scale;
+  c.residual_zero_point = ep.residual.zero_point;
+  c.residual_flip = ep.residual.flip;
   const float inv = ep.inv_out_scale;
   TQ_CHECK(inv > 0.0f && inv < INFINITY, "int8 GEMM: 1 / out_scale must be finite and positive, got ", inv);
-  const float lo = ep.clamp.lo * inv, hi = ep.clamp.hi * inv;
+  // the clamp just before the requantization: the residual's when there is one (the activation clamp then comes
+  // before the add, in add_residual)
+  const ActivationClamp last = ep.residual.data != nullptr ? ep.residual.clamp : ep.clamp;
+  const float lo = last.lo * inv, hi = last.hi * inv;
   const auto fold = [&](float x) {
     x = x < lo ? lo : x;
     x = x > hi ? hi : x;
@@ -373,11 +384,20 @@ void panel_epilogue(const Epilogue& ep, int64_t col0, int64_t ncols, PanelEpilog
 struct EpilogueVectors {
   __m512 inv_out_scale, q_lo, q_hi, clamp_lo, clamp_hi;
   __m512i zero_point;  // int16 lanes
+  __m512 residual_scale, residual_zero_point;
+  __m128i residual_flip;
 };
 
 TQ_TARGET_VNNI inline __attribute__((always_inline)) EpilogueVectors epilogue_vectors(const PanelEpilogue& c) {
-  return {_mm512_set1_ps(c.inv_out_scale), _mm512_set1_ps(c.q_lo),     _mm512_set1_ps(c.q_hi),
-          _mm512_set1_ps(c.clamp_lo),      _mm512_set1_ps(c.clamp_hi), _mm512_set1_epi16(c.zero_point)};
+  return {_mm512_set1_ps(c.inv_out_scale),
+          _mm512_set1_ps(c.q_lo),
+          _mm512_set1_ps(c.q_hi),
+          _mm512_set1_ps(c.clamp_lo),
+          _mm512_set1_ps(c.clamp_hi),
+          _mm512_set1_epi16(c.zero_point),
+          _mm512_set1_ps(c.residual_scale),
+          _mm512_set1_ps(c.residual_zero_point),
+          _mm_set1_epi8(static_cast<char>(c.residual_flip))};
 }
 
 // Output vector j of a row (16 columns) from v = acc - offset: the float value y before the activation clamp.
@@ -385,6 +405,17 @@ TQ_TARGET_VNNI inline __attribute__((always_inline)) __m512 epilogue_float(const
                                                                            __m512 xs, int j) {
   const __m512 y = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(v), xs), _mm512_load_ps(c.scale + 16 * j));
   return _mm512_add_ps(y, _mm512_load_ps(c.bias + 16 * j));
+}
+
+// y of a requantized vector with a residual: the activation clamp, then y + (float(r ^ flip) - zero point) * scale
+// for the 16 residual bytes at r (the valid lanes of mask), as epilogue_row_scalar computes it; the residual's clamp
+// is folded into the requantization's (PanelEpilogue).
+TQ_TARGET_VNNI inline __attribute__((always_inline)) __m512 add_residual(const EpilogueVectors& e, __m512 y,
+                                                                         const uint8_t* r, __mmask16 mask) {
+  y = _mm512_min_ps(e.clamp_hi, _mm512_max_ps(e.clamp_lo, y));
+  const __m128i bytes = _mm_xor_si128(_mm_maskz_loadu_epi8(mask, r), e.residual_flip);
+  const __m512 rf = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes));
+  return _mm512_add_ps(y, _mm512_mul_ps(_mm512_sub_ps(rf, e.residual_zero_point), e.residual_scale));
 }
 
 TQ_TARGET_VNNI inline __m512i less_offset(const PanelEpilogue& c, __m512i acc, int j) {
@@ -414,14 +445,22 @@ TQ_TARGET_VNNI inline __attribute__((always_inline)) void epilogue_row_avx512(co
                                                                               const EpilogueVectors& e,
                                                                               __m512i v0, __m512i v1, __m512i v2,
                                                                               __m512i v3, __m512 xs, T* out,
-                                                                              bool streaming) {
+                                                                              bool streaming,
+                                                                              const uint8_t* residual) {
   const __m512i v[4] = {v0, v1, v2, v3};
   constexpr bool kBytes = KIND == OutKind::Int8 || KIND == OutKind::UInt8;
   if constexpr (kBytes) {
     __m512i q[4];
 #pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j)
-      q[j] = FULL || j < c.vectors ? requantize<MAY_BE_NAN>(e, epilogue_float(c, v[j], xs, j)) : _mm512_setzero_si512();
+    for (int j = 0; j < 4; ++j) {
+      if (!FULL && j >= c.vectors) {
+        q[j] = _mm512_setzero_si512();
+        continue;
+      }
+      __m512 y = epilogue_float(c, v[j], xs, j);
+      if (residual != nullptr) y = add_residual(e, y, residual + 16 * j, FULL ? __mmask16(0xFFFF) : c.mask[j]);
+      q[j] = requantize<MAY_BE_NAN>(e, y);
+    }
     const __m512i w01 = _mm512_adds_epi16(_mm512_packs_epi32(q[0], q[1]), e.zero_point);
     const __m512i w23 = _mm512_adds_epi16(_mm512_packs_epi32(q[2], q[3]), e.zero_point);
     const __m512i bytes = KIND == OutKind::UInt8 ? _mm512_packus_epi16(w01, w23) : _mm512_packs_epi16(w01, w23);
@@ -461,7 +500,8 @@ TQ_TARGET_VNNI inline __attribute__((always_inline)) void epilogue_row_avx512(co
   }
 }
 
-// Where the rows of a panel go and their row scales, copied out of the Epilogue (see EpilogueVectors).
+// Where the rows of a panel go, their row scales and residual rows, copied out of the Epilogue (see
+// EpilogueVectors).
 template <typename T>
 struct OutRows {
   T* base;
@@ -469,12 +509,17 @@ struct OutRows {
   const float* row_scale;  // per row, or null
   float scale;             // otherwise
   bool streaming;
+  const uint8_t* residual;  // at the panel's first column, or null
+  int64_t residual_stride;
 
   OutRows(const Epilogue& ep, int64_t col0)
       : base(static_cast<T*>(ep.out) + col0), stride(ep.out_row_stride),
         row_scale(ep.per_row_scale ? ep.row_scale : nullptr),
-        scale(ep.row_scale == nullptr || ep.per_row_scale ? 1.0f : ep.row_scale[0]), streaming(ep.streaming) {}
+        scale(ep.row_scale == nullptr || ep.per_row_scale ? 1.0f : ep.row_scale[0]), streaming(ep.streaming),
+        residual(ep.residual.data == nullptr ? nullptr : ep.residual.data + col0),
+        residual_stride(ep.residual.row_stride) {}
   T* row(int64_t r) const { return base + r * stride; }
+  const uint8_t* residual_row(int64_t r) const { return residual == nullptr ? nullptr : residual + r * residual_stride; }
   TQ_TARGET_VNNI __m512 xs(int64_t r) const { return _mm512_set1_ps(row_scale == nullptr ? scale : row_scale[r]); }
 };
 
@@ -491,10 +536,10 @@ TQ_TARGET_VNNI void epilogue_tile_avx512_kind(const Epilogue& ep, const PanelEpi
     const __m512 xs = out.xs(row0 + r);
     if (ncols == kPackAlign)
       epilogue_row_avx512<KIND, T, true, MAY_BE_NAN, GELU>(c, e, v[0], v[1], v[2], v[3], xs, out.row(row0 + r),
-                                                           out.streaming);
+                                                           out.streaming, out.residual_row(row0 + r));
     else
       epilogue_row_avx512<KIND, T, false, MAY_BE_NAN, GELU>(c, e, v[0], v[1], v[2], v[3], xs, out.row(row0 + r),
-                                                            out.streaming);
+                                                            out.streaming, out.residual_row(row0 + r));
   }
 }
 
@@ -560,7 +605,7 @@ TQ_TARGET_VNNI inline __attribute__((always_inline)) void store_fused(__m512i (&
     epilogue_row_avx512<KIND, T, true, MAY_BE_NAN, GELU>(c, e, less_offset(c, acc[r][0], 0),
                                                          less_offset(c, acc[r][1], 1), less_offset(c, acc[r][2], 2),
                                                          less_offset(c, acc[r][3], 3), out.xs(row), out.row(row),
-                                                         out.streaming);
+                                                         out.streaming, out.residual_row(row));
   }
 }
 

@@ -249,12 +249,22 @@ def int8_conv2d(x_q: torch.Tensor, x_scale, x_zero_point: int, w_packed: torch.T
                 padding: Union[int, Sequence[int]] = 0, dilation: Union[int, Sequence[int]] = 1, groups: int = 1,
                 out_dtype: torch.dtype = torch.float32, out_scale: Optional[float] = None,
                 out_zero_point: int = 0, clamp_min: Optional[float] = None,
-                clamp_max: Optional[float] = None) -> torch.Tensor:
+                clamp_max: Optional[float] = None, residual: Optional[torch.Tensor] = None, residual_scale=None,
+                residual_zero_point: int = 0, relu: bool = False) -> torch.Tensor:
     """Quantized conv2d: x_q [B, C, H, W] int8/uint8 with a per-tensor x_scale and x_zero_point, a weight from
     pack_conv_weight with w_sum[oc] = w_q[oc].sum() and w_scale [OC]; returns [B, OC, OH, OW] of out_dtype in
     channels-last memory format: float32/float16/bfloat16, or int8/uint8 requantized with out_scale and
     out_zero_point as in int8_linear (an integer-only pipeline's next input), after the fused activation clamp
-    (clamp_min / clamp_max, as in int8_linear)."""
+    (clamp_min / clamp_max, as in int8_linear).
+
+    residual: a quantized tensor of the output's shape (int8/uint8, on x_q's device; channels-last is read without a
+    copy) added before the output conversion, with residual_scale (a positive finite float or float32 tensor of 1
+    element) and residual_zero_point, then ReLU when relu (a residual block's add in an integer pipeline):
+
+        y = conv's float32 y (clamped) + float(residual - residual_zero_point) * residual_scale
+        y = max(y, 0) when relu
+
+    The CPU kernel adds it in the conv's epilogue (int8/uint8 outputs)."""
     _require_tensor("x_q", x_q)
     _require_dtype("x_q", x_q, _ACTIVATION_DTYPES)
     if x_q.dim() != 4:
@@ -273,13 +283,25 @@ def int8_conv2d(x_q: torch.Tensor, x_scale, x_zero_point: int, w_packed: torch.T
     if out_dtype not in FLOAT_DTYPES + _ACTIVATION_DTYPES:
         raise TypeError(f"int8_conv2d: out_dtype must be float32, float16, bfloat16, int8 or uint8, got {out_dtype}")
     op = "int8_conv2d"
-    return ops.int8_conv2d(x_q, x_scale, _integer(op, "x_zero_point", x_zero_point), w_packed, w_sum, w_scale, bias,
-                           out_channels, _pair("kernel_size", kernel_size), _pair("stride", stride),
-                           _pair("padding", padding), _pair("dilation", dilation), groups, out_dtype,
-                           _optional_number(op, "out_scale", out_scale),
-                           _integer(op, "out_zero_point", out_zero_point),
-                           _clamp_bound("int8_conv2d", "clamp_min", clamp_min),
-                           _clamp_bound("int8_conv2d", "clamp_max", clamp_max))
+    args = (x_q, x_scale, _integer(op, "x_zero_point", x_zero_point), w_packed, w_sum, w_scale, bias, out_channels,
+            _pair("kernel_size", kernel_size), _pair("stride", stride), _pair("padding", padding),
+            _pair("dilation", dilation), groups, out_dtype, _optional_number(op, "out_scale", out_scale),
+            _integer(op, "out_zero_point", out_zero_point), _clamp_bound(op, "clamp_min", clamp_min),
+            _clamp_bound(op, "clamp_max", clamp_max))
+    if residual is None:
+        if residual_scale is not None or relu is not False:
+            raise ValueError("int8_conv2d: residual_scale and relu apply to a residual: pass residual too")
+        return ops.int8_conv2d(*args)
+    _require_tensor("residual", residual)
+    _require_dtype("residual", residual, _ACTIVATION_DTYPES)
+    _require_same_device(x_q.device, residual=residual)
+    if residual_scale is None:
+        raise ValueError("int8_conv2d: a residual needs its residual_scale")
+    residual_scale = _scale_tensor(op, "residual_scale", residual_scale, x_q.device)
+    _require_same_device(x_q.device, residual_scale=residual_scale)
+    return ops.int8_conv2d.residual(*args, residual, residual_scale,
+                                    _integer(op, "residual_zero_point", residual_zero_point),
+                                    _flag(op, "relu", relu))
 
 
 # ---- fake kernels: shapes and dtypes only, for torch.compile / meta tensors ----
@@ -368,3 +390,18 @@ def _int8_conv2d_fake(x_q, x_scale, x_zero_point, w_packed, w_sum, w_scale, bias
         torch._check(out_size >= 1, lambda: f"{op}: the (dilated) kernel {kernel_size} is larger than the padded "
                                             f"input {[h, w]} with padding {padding}")
     return x_q.new_empty((b, oh, ow, out_channels), dtype=out_dtype).permute(0, 3, 1, 2)
+
+
+@torch.library.register_fake("torchquant::int8_conv2d.residual")
+def _int8_conv2d_residual_fake(x_q, x_scale, x_zero_point, w_packed, w_sum, w_scale, bias, out_channels, kernel_size,
+                               stride, padding, dilation, groups, out_dtype, out_scale, out_zero_point, clamp_min,
+                               clamp_max, residual, residual_scale, residual_zero_point, relu):
+    out = _int8_conv2d_fake(x_q, x_scale, x_zero_point, w_packed, w_sum, w_scale, bias, out_channels, kernel_size,
+                            stride, padding, dilation, groups, out_dtype, out_scale, out_zero_point, clamp_min,
+                            clamp_max)
+    op = "int8_conv2d"
+    check_fake_devices(op, "x_q", x_q, residual=residual, residual_scale=residual_scale)
+    check_fake_dtype(op, "residual", residual, _ACTIVATION_DTYPES)
+    torch._check(residual.shape == out.shape, lambda: f"{op}: residual must have the output's shape "
+                                                      f"{list(out.shape)} (no broadcasting), got {list(residual.shape)}")
+    return out

@@ -148,6 +148,15 @@ class QuantConv2d(QuantLayerBase):
                             out_dtype, out_scale, out_zero_point, self.clamp_min, self.clamp_max)
         return y.squeeze(0) if unbatched else y
 
+    def pipeline_residual_op(self, x_q: torch.Tensor, residual: torch.Tensor, residual_scale: torch.Tensor,
+                             residual_zero_point: int, relu: bool, out_dtype: torch.dtype,
+                             out_scale: float | None = None, out_zero_point: int = 0) -> torch.Tensor:
+        """pipeline_op with a residual add [+ ReLU] after the activation clamp, in the conv's epilogue
+        (int8_conv2d.residual): residual int8/uint8 of the output's shape, residual_scale a float32 tensor [1]."""
+        return ops.int8_conv2d.residual(x_q, self._static_scale, self.input_zero_point, *self._kernel_args, out_dtype,
+                                        out_scale, out_zero_point, self.clamp_min, self.clamp_max, residual,
+                                        residual_scale, residual_zero_point, relu)
+
     def _shape_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
@@ -211,3 +220,6 @@ class QuantConv1d(QuantConv2d):
     def _int_op(self, x_q, x_scale, x_zero_point, out_dtype, out_scale=None, out_zero_point=0):
         return super()._int_op(x_q.unsqueeze(-2), x_scale, x_zero_point, out_dtype, out_scale,
                                out_zero_point).squeeze(-2)
+
+    def pipeline_residual_op(self, x_q, residual, *args):
+        return super().pipeline_residual_op(x_q.unsqueeze(-2), residual.unsqueeze(-2), *args).squeeze(-2)

@@ -1,0 +1,223 @@
+"""int8_conv2d's residual form (the overload int8_conv2d.residual): the conv's float32 y plus a dequantized residual
+[+ ReLU], then the output conversion, as an integer pipeline's residual add in the conv's epilogue.
+
+The CPU kernel (every conv path: the GEMM on im2col rows or the input itself, the direct conv, windows read in place,
+depthwise; every instruction-set path), the composite of the other devices and torchquant.reference agree bit for
+bit.
+"""
+import pytest
+import torch
+
+import torchquant.functional as F
+from torchquant import reference
+from torchquant._ops import ops
+
+from conftest import assert_same, randint8
+
+# batch, in_ch, h, w, out_ch, kernel, stride, padding, dilation, groups: each reaches one conv path of the CPU kernel
+# for a uint8 input (an int8 input takes the GEMM on im2col rows, except depthwise)
+CONVS = {
+    "pointwise": (2, 16, 7, 9, 24, (1, 1), 1, 0, 1, 1),           # the GEMM on the input itself, a partial panel
+    "pointwise-full-panels": (1, 32, 5, 6, 128, (1, 1), 1, 0, 1, 1),  # the fused AVX-512 kernel, two panels
+    "pointwise-groups-odd": (1, 6, 5, 5, 10, (1, 1), 1, 0, 1, 2),  # grouped, channels not a multiple of 4
+    "direct": (2, 8, 9, 9, 64, (3, 3), 1, 1, 1, 1),               # uint8: the direct conv (AVX-512)
+    "in-place-strided": (2, 8, 11, 10, 16, (3, 3), 2, 1, 1, 1),   # uint8: windows read in place
+    "odd-channels": (1, 5, 9, 8, 7, (3, 3), 1, 1, 1, 1),           # im2col rows, odd sizes
+    "dilated": (1, 8, 10, 10, 12, (3, 3), 1, 2, 2, 1),
+    "groups": (1, 8, 10, 9, 12, (3, 1), (2, 1), (1, 0), 1, 4),
+    "depthwise": (2, 70, 6, 9, 70, (3, 3), 1, 1, 1, 70),         # a full and a partial 64-channel block
+    "stem": (1, 3, 15, 14, 16, (7, 7), 2, 3, 1, 1),
+    "one-pixel": (1, 4, 3, 3, 70, (3, 3), 1, 0, 1, 1),
+}
+
+
+def conv_case(conv, x_dtype, seed, device="cpu"):
+    b, c, h, w_, oc, kernel, stride, padding, dilation, groups = conv
+    g = torch.Generator().manual_seed(seed)
+    x_q = randint8((b, c, h, w_), generator=g, dtype=x_dtype).to(device)
+    w_q = randint8((oc, c // groups, *kernel), generator=g)
+    w_scale = torch.rand(oc, generator=g) * 0.01 + 0.001
+    bias = torch.randn(oc, generator=g)
+    geometry = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    return x_q, w_q.to(device), w_scale.to(device), bias.to(device), geometry
+
+
+def packed(w_q, groups):
+    return F.pack_conv_weight(w_q, groups), w_q.sum((1, 2, 3), dtype=torch.int32)
+
+
+def residual_like(y, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    r = randint8(y.shape, generator=g, dtype=dtype).to(y.device)
+    return r.contiguous(memory_format=torch.channels_last)
+
+
+def requantization(y, out_dtype):
+    """An output scale that makes the largest sums clamp, and a zero point off the middle."""
+    return dict(out_dtype=out_dtype, out_scale=float(y.abs().max()) / 150,
+                out_zero_point=-7 if out_dtype == torch.int8 else 100)
+
+
+def both(conv, x_q, x_zp, w_q, w_scale, bias, geometry, residual, r_scale, r_zp, relu, **out):
+    """(the op's output, the reference's)."""
+    w_packed, w_sum = packed(w_q, geometry["groups"])
+    got = F.int8_conv2d(x_q, 0.02, x_zp, w_packed, w_sum, w_scale, bias, out_channels=w_q.shape[0],
+                        kernel_size=w_q.shape[2:], residual=residual, residual_scale=r_scale,
+                        residual_zero_point=r_zp, relu=relu, **geometry, **out)
+    want = reference.int8_conv2d_residual(x_q, 0.02, x_zp, w_q, w_scale, bias, residual=residual,
+                                          residual_scale=r_scale, residual_zero_point=r_zp, relu=relu, **geometry,
+                                          **out)
+    return got, want
+
+
+@pytest.mark.parametrize("conv", CONVS.values(), ids=CONVS.keys())
+@pytest.mark.parametrize("x_dtype,x_zp", [(torch.uint8, 0), (torch.uint8, 120), (torch.int8, 3)])
+def test_int8_conv2d_residual_matches_the_reference(device, isa, conv, x_dtype, x_zp):
+    x_q, w_q, w_scale, bias, geometry = conv_case(conv, x_dtype, seed=conv[4] + x_zp)
+    x_q, w_q, w_scale, bias = (t.to(device) for t in (x_q, w_q, w_scale, bias))
+    y = reference.int8_conv2d(x_q, 0.02, x_zp, w_q, w_scale, bias, **geometry)
+    for r_dtype, r_zp in ((torch.uint8, 130), (torch.int8, -4)):
+        residual = residual_like(y, r_dtype, seed=r_zp)
+        r_scale = float(y.abs().max()) / 100  # the residual as large as y: the sum and the ReLU both matter
+        for relu in (False, True):
+            for out_dtype in (torch.int8, torch.uint8, torch.float32, torch.bfloat16):
+                out = requantization(y, out_dtype) if not out_dtype.is_floating_point else {"out_dtype": out_dtype}
+                got, want = both(conv, x_q, x_zp, w_q, w_scale, bias, geometry, residual, r_scale, r_zp, relu,
+                                 **out)
+                assert_same(got, want)
+                assert got.is_contiguous(memory_format=torch.channels_last)
+                if out_dtype == torch.uint8 and relu:  # the ReLU and the clamp at both ends were exercised
+                    assert (got == 100).any() and (got == 255).any()
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["cached", "streamed"])
+@pytest.mark.parametrize("conv", [CONVS["pointwise-full-panels"], CONVS["direct"], CONVS["depthwise"]],
+                         ids=["pointwise", "direct", "depthwise"])
+def test_int8_conv2d_residual_with_clamp_and_streaming(isa, monkeypatch, streamed, conv):
+    """The layer's activation clamp applies to y before the add; streaming stores write the same bytes."""
+    if streamed:
+        monkeypatch.setenv("TORCHQUANT_STREAMING_BYTES", "0")
+    x_q, w_q, w_scale, bias, geometry = conv_case(conv, torch.uint8, seed=5)
+    y = reference.int8_conv2d(x_q, 0.02, 0, w_q, w_scale, bias, **geometry)
+    residual = residual_like(y, torch.uint8, seed=6)
+    for clamp in ((0.0, None), (-0.5, 0.5)):
+        out = dict(requantization(y, torch.uint8), clamp_min=clamp[0], clamp_max=clamp[1])
+        got, want = both(conv, x_q, 0, w_q, w_scale, bias, geometry, residual, 0.01, 128, True, **out)
+        assert_same(got, want)
+
+
+def test_int8_conv2d_residual_equals_the_unfused_ops(device):
+    """The fused op is the conv with a float32 output, then dequantize, add, ReLU and quantize: each an op of its
+    own, and together the same bits."""
+    conv = CONVS["direct"]
+    x_q, w_q, w_scale, bias, geometry = conv_case(conv, torch.uint8, seed=9, device=device)
+    w_packed, w_sum = packed(w_q, 1)
+    kwargs = dict(out_channels=64, kernel_size=(3, 3), **geometry)
+    y = F.int8_conv2d(x_q, 0.02, 0, w_packed, w_sum, w_scale, bias, **kwargs)
+    residual = residual_like(y, torch.int8, seed=10)
+    out_scale = float(y.abs().max()) / 100
+    unfused = F.quantize(torch.relu(y + F.dequantize(residual, 0.01, -3)), out_scale, 5)
+    fused = F.int8_conv2d(x_q, 0.02, 0, w_packed, w_sum, w_scale, bias, **kwargs, out_dtype=torch.int8,
+                          out_scale=out_scale, out_zero_point=5, residual=residual, residual_scale=0.01,
+                          residual_zero_point=-3, relu=True)
+    assert_same(fused, unfused)
+
+
+def test_int8_conv2d_residual_composite_matches_the_cpu_kernel():
+    """The implementation of the devices without a fused kernel (the steps through the dispatcher), run on the CPU,
+    gives the CPU kernel's bits."""
+    conv = CONVS["in-place-strided"]
+    x_q, w_q, w_scale, bias, geometry = conv_case(conv, torch.uint8, seed=11)
+    w_packed, w_sum = packed(w_q, 1)
+    y = reference.int8_conv2d(x_q, 0.02, 7, w_q, w_scale, bias, **geometry)
+    residual = residual_like(y, torch.uint8, seed=12)
+    for out_dtype in (torch.int8, torch.uint8, torch.float16):
+        out = requantization(y, out_dtype) if not out_dtype.is_floating_point else {"out_dtype": out_dtype}
+        args = (x_q, torch.tensor([0.02]), 7, w_packed, w_sum, w_scale, bias, 16, [3, 3], [2, 2], [1, 1], [1, 1], 1,
+                out["out_dtype"], out.get("out_scale"), out.get("out_zero_point", 0), None, None, residual,
+                torch.tensor([0.03]), 90, True)
+        kernel = ops.int8_conv2d.residual(*args)
+        composite = ops.int8_conv2d.residual._op_dk(torch._C.DispatchKey.CompositeExplicitAutograd, *args)
+        assert_same(composite, kernel)
+        assert composite.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "strided", "broadcast-view"])
+def test_int8_conv2d_residual_in_other_layouts(device, layout):
+    """A residual in another memory format is read as its values (a channels-last copy); a residual that only
+    broadcasts to the output's shape is refused, naming both shapes."""
+    conv = CONVS["pointwise"]
+    x_q, w_q, w_scale, bias, geometry = conv_case(conv, torch.uint8, seed=13, device=device)
+    y = reference.int8_conv2d(x_q, 0.02, 0, w_q, w_scale, bias, **geometry)
+    base = residual_like(y, torch.uint8, seed=14)
+    if layout == "broadcast-view":
+        residual = base[:, :, :1, :]
+        w_packed, w_sum = packed(w_q, 1)
+        with pytest.raises(RuntimeError, match=r"residual must have the output's shape \[2, 24, 7, 9\] \(no "
+                                               r"broadcasting\), got \[2, 24, 1, 9\]"):
+            F.int8_conv2d(x_q, 0.02, 0, w_packed, w_sum, w_scale, bias, out_channels=24, kernel_size=1,
+                          out_dtype=torch.uint8, out_scale=0.1, residual=residual, residual_scale=0.1)
+        return
+    residual = base.contiguous() if layout == "contiguous" else \
+        torch.empty(*y.shape[:3], 2 * y.shape[3], dtype=torch.uint8, device=device)[..., ::2].copy_(base)
+    out = requantization(y, torch.uint8)
+    got, want = both(conv, x_q, 0, w_q, w_scale, bias, geometry, residual, 0.05, 7, True, **out)
+    assert_same(got, want)
+    got_cl, _ = both(conv, x_q, 0, w_q, w_scale, bias, geometry, base, 0.05, 7, True, **out)
+    assert_same(got, got_cl)
+
+
+def test_int8_conv2d_residual_batch_one_and_empty(device):
+    conv = CONVS["odd-channels"]
+    x_q, w_q, w_scale, bias, geometry = conv_case(conv, torch.int8, seed=15, device=device)
+    for batch in (1, 0):
+        x = x_q[:batch]
+        y = reference.int8_conv2d(x, 0.02, 3, w_q, w_scale, bias, **geometry)
+        residual = residual_like(y, torch.uint8, seed=16)
+        out = dict(out_dtype=torch.uint8, out_scale=0.05, out_zero_point=10)
+        got, want = both(conv, x, 3, w_q, w_scale, bias, geometry, residual, 0.05, 7, True, **out)
+        assert_same(got, want)
+        assert got.shape[0] == batch
+
+
+def test_int8_conv2d_residual_bad_inputs(device):
+    conv = CONVS["pointwise"]
+    x_q, w_q, w_scale, bias, geometry = conv_case(conv, torch.uint8, seed=17, device=device)
+    w_packed, w_sum = packed(w_q, 1)
+    residual = torch.zeros(2, 24, 7, 9, dtype=torch.uint8, device=device)
+    call = dict(out_channels=24, kernel_size=1, out_dtype=torch.uint8, out_scale=0.1)
+    cases = [
+        (dict(residual=residual.float(), residual_scale=0.1), TypeError, "residual must be int8 or uint8, got float32"),
+        (dict(residual=residual), ValueError, "a residual needs its residual_scale"),
+        (dict(residual=residual, residual_scale=-1.0), ValueError, "residual_scale must be positive and finite"),
+        (dict(residual_scale=0.1), ValueError, "residual_scale and relu apply to a residual"),
+        (dict(relu=True), ValueError, "residual_scale and relu apply to a residual"),
+        (dict(residual=residual, residual_scale=0.1, relu="yes"), TypeError, "relu must be a bool"),
+        (dict(residual=residual[:, :23], residual_scale=0.1), RuntimeError, "residual must have the output's shape"),
+    ]
+    for kwargs, error, message in cases:
+        with pytest.raises(error, match=message):
+            F.int8_conv2d(x_q, 0.02, 0, w_packed, w_sum, w_scale, bias, **call, **kwargs)
+    args = (x_q, torch.tensor([0.02], device=device), 0, w_packed, w_sum, w_scale, bias, 24, [1, 1], [1, 1], [0, 0],
+            [1, 1], 1, torch.uint8, 0.1, 0, None, None)
+    with pytest.raises(RuntimeError, match=r"residual_zero_point must lie in \[0, 255\] for Byte residual, got 256"):
+        ops.int8_conv2d.residual(*args, residual, torch.tensor([0.1], device=device), 256, False)
+    with pytest.raises(RuntimeError, match="residual_scale must be a float32 tensor of 1 element"):
+        ops.int8_conv2d.residual(*args, residual, torch.tensor([0.1, 0.2], device=device), 0, False)
+    if device == "cpu":
+        with pytest.raises(RuntimeError, match="residual_scale"):
+            ops.int8_conv2d.residual(*args, residual, torch.tensor([float("nan")]), 0, False)
+
+
+def test_int8_conv2d_residual_opcheck(device):
+    """opcheck (schema, fake kernel, dispatch) with a weight that needs no padding (64 outputs, window 64)."""
+    w_q = randint8((64, 16, 2, 2), seed=18, device=device)
+    w_packed, w_sum = F.pack_conv_weight(w_q), w_q.sum((1, 2, 3), dtype=torch.int32)
+    w_scale = torch.rand(64, device=device)
+    x_q = randint8((2, 16, 5, 6), seed=19, dtype=torch.uint8, device=device)
+    residual = randint8((2, 64, 4, 5), seed=20, device=device).contiguous(memory_format=torch.channels_last)
+    scale = torch.tensor([0.25], device=device)
+    for out in ((torch.uint8, 0.5, 3), (torch.float32, None, 0)):
+        torch.library.opcheck(ops.int8_conv2d.residual, (x_q, scale, 2, w_packed, w_sum, w_scale, None, 64, [2, 2],
+                                                         [1, 1], [0, 0], [1, 1], 1, *out, None, None, residual, scale,
+                                                         -5, True))
