@@ -656,7 +656,10 @@ def test_placeholder_ops_pass_opcheck():
     torch.library.opcheck(ops.pipeline_elementwise.default, (q, q, torch.int8, 0))
     torch.library.opcheck(ops.pipeline_elementwise.default, (torch.randn(2, 3), None, torch.uint8, 0))
     torch.library.opcheck(ops.pipeline_linear.default, (q, 5, torch.float32, 0))
-    torch.library.opcheck(ops.pipeline_conv2d.default, (q, 4, [3, 2], [2, 1], [1, 0], [1, 2], torch.uint8, 0))
+    torch.library.opcheck(ops.pipeline_conv2d.default, (q, None, 4, [3, 2], [2, 1], [1, 0], [1, 2], torch.uint8, 0))
+    residual = torch.randint(0, 255, (2, 4, 5, 7), dtype=torch.uint8)  # the output's shape
+    torch.library.opcheck(ops.pipeline_conv2d.default, (q, residual, 4, [3, 2], [2, 1], [1, 0], [1, 2], torch.uint8,
+                                                        0))
     torch.library.opcheck(ops.pipeline_max_pool2d.default, (q, [3, 3], [2, 2], [1, 1], [1, 1], True, 0))
     out = torch.ops.torchquant_export.conv2d(torch.randn(2, 3, 9, 8), 4, [3, 2], [2, 1], [1, 0], [1, 2], 1)
     assert out.shape == torch.nn.functional.conv2d(torch.randn(2, 3, 9, 8), torch.randn(4, 3, 3, 2), None, [2, 1],
@@ -715,7 +718,7 @@ def pipeline_run(converted, x):
 
     class Recorder(torch.fx.Interpreter):
         def call_function(self, target, args, kwargs):
-            if target is pipeline.integer_layer:
+            if target in (pipeline.integer_layer, pipeline.integer_conv_add):
                 inputs[names[id(args[0])]] = args[1]
             return super().call_function(target, args, kwargs)
 

@@ -607,12 +607,14 @@ def test_opcheck(device):
                                                             w_packed, w_sum, w_scale, None, 64))
     w_q = randint8((128, 16, 2, 2), device=device)  # 2 groups of 64 outputs, window 2 * 2 * 16 = 64
     w_sum, w_scale = w_q.sum((1, 2, 3), dtype=torch.int32), torch.rand(128, device=device)
-    torch.library.opcheck(ops.int8_conv2d, (randint8((2, 32, 7, 6), device=device), x_scale[:1], 1,
-                                            F.pack_conv_weight(w_q, 2), w_sum, w_scale, torch.randn(128, device=device),
-                                            128, [2, 2], [2, 1], [1, 0], [1, 2], 2, torch.float32))
-    torch.library.opcheck(ops.int8_conv2d, (randint8((1, 32, 5, 5), device=device), x_scale[:1], 0,
-                                            F.pack_conv_weight(w_q, 2), w_sum, w_scale, None, 128, [2, 2], [1, 1],
-                                            [0, 0], [1, 1], 2, torch.int8, 0.25, -3))
+    # (the overload int8_conv2d.residual: test_conv_residual)
+    torch.library.opcheck(ops.int8_conv2d.default,
+                          (randint8((2, 32, 7, 6), device=device), x_scale[:1], 1, F.pack_conv_weight(w_q, 2), w_sum,
+                           w_scale, torch.randn(128, device=device), 128, [2, 2], [2, 1], [1, 0], [1, 2], 2,
+                           torch.float32))
+    torch.library.opcheck(ops.int8_conv2d.default,
+                          (randint8((1, 32, 5, 5), device=device), x_scale[:1], 0, F.pack_conv_weight(w_q, 2), w_sum,
+                           w_scale, None, 128, [2, 2], [1, 1], [0, 0], [1, 1], 2, torch.int8, 0.25, -3))
 
 
 def test_copied_packed_weight_rejected(device):

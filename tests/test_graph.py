@@ -1181,6 +1181,20 @@ def test_converted_pipeline_compiles_and_exports(name):
         assert torch.equal(program.module()(batches[0]), expected)
 
 
+@pytest.mark.parametrize("options", [{}, {"cpp_wrapper": True}], ids=["python_wrapper", "cpp_wrapper"])
+def test_fused_residual_adds_under_torch_compile(options):
+    """The bottleneck blocks' convs with their residual adds in the epilogue (int8_conv2d.residual, an overload
+    without defaulted arguments, which inductor's C++ wrapper would leave out) compile to the same integers."""
+    _, prepared, batches = _prepared("bottleneck", INTEGER_OUT)
+    converted = tq.convert(prepared)
+    assert _graph_targets(converted).count(graph.integer_conv_add) == 2
+    with torch.no_grad():
+        want = converted(batches[0])
+        torch._dynamo.reset()
+        got = torch.compile(converted, options=options)(batches[0])
+    assert torch.equal(got, want)
+
+
 def test_in_place_ops_are_read_as_the_float_model_reads_them():
     model = InPlaceNet(lookups=False).eval()
     batches = _batches((2, 2, 5, 5))

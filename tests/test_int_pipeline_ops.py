@@ -607,10 +607,10 @@ def test_opcheck_int_pipeline_ops(device):
     torch.library.opcheck(ops.int8_linear, (x_q, x_scale[:1], 0, packed, w_sum, w_scale, None, 64, torch.uint8, 0.5,
                                             10, 0.0, None))
     w_q = randint8((128, 16, 2, 2), device=device)
-    torch.library.opcheck(ops.int8_conv2d, (randint8((2, 32, 7, 6), device=device), x_scale[:1], 1,
-                                            F.pack_conv_weight(w_q, 2), w_q.sum((1, 2, 3), dtype=torch.int32),
-                                            torch.rand(128, device=device), None, 128, [2, 2], [2, 1], [1, 0], [1, 2],
-                                            2, torch.int8, 0.25, -3, None, 1.5))
+    torch.library.opcheck(ops.int8_conv2d.default,
+                          (randint8((2, 32, 7, 6), device=device), x_scale[:1], 1, F.pack_conv_weight(w_q, 2),
+                           w_q.sum((1, 2, 3), dtype=torch.int32), torch.rand(128, device=device), None, 128, [2, 2],
+                           [2, 1], [1, 0], [1, 2], 2, torch.int8, 0.25, -3, None, 1.5))
     a, b, a_zp, b_zp = add_case((2, 3, 4, 5), torch.uint8, torch.int8, 7)
     a, b = a.to(device), b.to(device)
     s = torch.tensor([0.1], device=device)
