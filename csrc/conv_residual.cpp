@@ -1,7 +1,8 @@
-// int8_conv2d.residual as its steps (int8_conv2d with a float32 output, dequantize, the add, the ReLU, quantize or
-// the cast), each through the dispatcher, so that it runs the kernels of whichever device x_q is on: registered as
-// CompositeExplicitAutograd for the devices without a fused kernel (the CPU has one: csrc/cpu/conv.cpp). Every step
-// is bit-exact against torchquant/reference.py, so the composition is too.
+// int8_conv2d.residual as its steps in the order its schema states (int8_conv2d with a float32 output, dequantize,
+// the float32 add, the ReLU, quantize or the cast), each through the dispatcher, so that it runs the kernels of
+// whichever device x_q is on: registered as CompositeExplicitAutograd for the devices without a fused kernel (the
+// CPU has one: csrc/cpu/conv.cpp). Every step is bit-exact against torchquant/reference.py, so the composition is
+// too.
 #include "check.h"
 #include <optional>
 
@@ -10,9 +11,9 @@
 #include <torch/library.h>
 
 #include "arg_checks.h"
-#include "gemm_front.h"
 
 namespace torchquant {
+namespace {
 
 using Int8Conv2dFn = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, const at::Tensor&, const at::Tensor&,
                                 const at::Tensor&, const std::optional<at::Tensor>&, int64_t, at::IntArrayRef,
@@ -57,6 +58,7 @@ at::Tensor int8_conv2d_residual_steps(const at::Tensor& x_q, const at::Tensor& x
       .permute({0, 3, 1, 2});
 }
 
+}  // namespace
 }  // namespace torchquant
 
 TORCH_LIBRARY_IMPL(torchquant, CompositeExplicitAutograd, m) {

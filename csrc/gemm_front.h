@@ -92,17 +92,4 @@ ConvFront int8_conv2d_front(const at::Tensor& x_q, const at::Tensor& x_scale, in
                             at::ScalarType out_dtype, std::optional<double> out_scale, int64_t out_zero_point,
                             std::optional<double> clamp_min, std::optional<double> clamp_max);
 
-// int8_conv2d.residual as its steps through the dispatcher, in the order its schema states: int8_conv2d with a
-// float32 output, dequantize of the residual, the float32 add, the ReLU, then quantize (int8/uint8 out_dtype) or the
-// cast. Every device's implementation but the CPU kernel's, which runs it for float outputs (csrc/conv_residual.cpp).
-at::Tensor int8_conv2d_residual_steps(const at::Tensor& x_q, const at::Tensor& x_scale, int64_t x_zero_point,
-                                      const at::Tensor& w_packed, const at::Tensor& w_sum, const at::Tensor& w_scale,
-                                      const std::optional<at::Tensor>& bias, int64_t out_channels,
-                                      at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
-                                      at::IntArrayRef dilation, int64_t groups, at::ScalarType out_dtype,
-                                      std::optional<double> out_scale, int64_t out_zero_point,
-                                      std::optional<double> clamp_min, std::optional<double> clamp_max,
-                                      const at::Tensor& residual, const at::Tensor& residual_scale,
-                                      int64_t residual_zero_point, bool relu);
-
 }  // namespace torchquant

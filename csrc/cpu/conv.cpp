@@ -638,7 +638,7 @@ void pack_conv_weight_extras(const at::Tensor& w, const int8_t* panels, int64_t 
 namespace {
 
 // The conv of a checked ConvFront into f.out_nhwc (g.rows > 0), with the residual add of int8_conv2d.residual when
-// residual.data is set (int8/uint8 outputs).
+// residual.data is set.
 void conv_cpu(const ConvFront& f, const at::Tensor& x_q, int64_t x_zero_point, const at::Tensor& w_packed,
               int64_t out_channels, int64_t groups, const ResidualInput& residual) {
   const ConvGeometry& g = f.g;
@@ -720,8 +720,8 @@ at::Tensor int8_conv2d_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, int
   return f.out_nhwc.permute({0, 3, 1, 2});
 }
 
-// int8_conv2d.residual: the add in the conv's epilogue for int8/uint8 outputs (every path: GEMM, direct, windows in
-// place, depthwise), reading the residual's channels-last rows beside the output's; float outputs run the steps.
+// int8_conv2d.residual: the add in the conv's epilogue (every path: GEMM, direct, windows in place, depthwise),
+// reading the residual's channels-last rows beside the output's.
 at::Tensor int8_conv2d_residual_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, int64_t x_zero_point,
                                     const at::Tensor& w_packed, const at::Tensor& w_sum, const at::Tensor& w_scale,
                                     const std::optional<at::Tensor>& bias, int64_t out_channels,
@@ -731,11 +731,6 @@ at::Tensor int8_conv2d_residual_cpu(const at::Tensor& x_q, const at::Tensor& x_s
                                     std::optional<double> clamp_min, std::optional<double> clamp_max,
                                     const at::Tensor& residual, const at::Tensor& residual_scale,
                                     int64_t residual_zero_point, bool relu) {
-  if (out_dtype != at::kChar && out_dtype != at::kByte)
-    return int8_conv2d_residual_steps(x_q, x_scale, x_zero_point, w_packed, w_sum, w_scale, bias, out_channels,
-                                      kernel_size, stride, padding, dilation, groups, out_dtype, out_scale,
-                                      out_zero_point, clamp_min, clamp_max, residual, residual_scale,
-                                      residual_zero_point, relu);
   const ConvFront f = int8_conv2d_front(x_q, x_scale, x_zero_point, w_packed, w_sum, w_scale, bias, out_channels,
                                         kernel_size, stride, padding, dilation, groups, out_dtype, out_scale,
                                         out_zero_point, clamp_min, clamp_max);

@@ -362,6 +362,8 @@ void panel_epilogue(const Epilogue& ep, int64_t col0, int64_t ncols, PanelEpilog
   c.zero_point = static_cast<int16_t>(ep.out_zero_point);
   c.residual_scale = ep.residual.scale;
   c.residual_zero_point = ep.residual.zero_point;
+  c.residual_lo = ep.residual.clamp.lo;
+  c.residual_hi = ep.residual.clamp.hi;
   c.residual_flip = ep.residual.flip;
   const float inv = ep.inv_out_scale;
   TQ_CHECK(inv > 0.0f && inv < INFINITY, "int8 GEMM: 1 / out_scale must be finite and positive, got ", inv);
@@ -384,7 +386,7 @@ void panel_epilogue(const Epilogue& ep, int64_t col0, int64_t ncols, PanelEpilog
 struct EpilogueVectors {
   __m512 inv_out_scale, q_lo, q_hi, clamp_lo, clamp_hi;
   __m512i zero_point;  // int16 lanes
-  __m512 residual_scale, residual_zero_point;
+  __m512 residual_scale, residual_zero_point, residual_lo, residual_hi;
   __m128i residual_flip;
 };
 
@@ -397,6 +399,8 @@ TQ_TARGET_VNNI inline __attribute__((always_inline)) EpilogueVectors epilogue_ve
           _mm512_set1_epi16(c.zero_point),
           _mm512_set1_ps(c.residual_scale),
           _mm512_set1_ps(c.residual_zero_point),
+          _mm512_set1_ps(c.residual_lo),
+          _mm512_set1_ps(c.residual_hi),
           _mm_set1_epi8(static_cast<char>(c.residual_flip))};
 }
 
@@ -407,12 +411,16 @@ TQ_TARGET_VNNI inline __attribute__((always_inline)) __m512 epilogue_float(const
   return _mm512_add_ps(y, _mm512_load_ps(c.bias + 16 * j));
 }
 
-// y of a requantized vector with a residual: the activation clamp, then y + (float(r ^ flip) - zero point) * scale
-// for the 16 residual bytes at r (the valid lanes of mask), as epilogue_row_scalar computes it; the residual's clamp
-// is folded into the requantization's (PanelEpilogue).
+// The activation clamp of y (NaN kept, as clamp_activation).
+TQ_TARGET_VNNI inline __attribute__((always_inline)) __m512 activation_clamp(const EpilogueVectors& e, __m512 y) {
+  return _mm512_min_ps(e.clamp_hi, _mm512_max_ps(e.clamp_lo, y));
+}
+
+// y (after the activation clamp) + (float(r ^ flip) - zero point) * scale for the 16 residual bytes at r (the valid
+// lanes of mask), as epilogue_row_scalar computes it; the residual's clamp follows (folded into the requantization's
+// for int8/uint8 outputs, see PanelEpilogue).
 TQ_TARGET_VNNI inline __attribute__((always_inline)) __m512 add_residual(const EpilogueVectors& e, __m512 y,
                                                                          const uint8_t* r, __mmask16 mask) {
-  y = _mm512_min_ps(e.clamp_hi, _mm512_max_ps(e.clamp_lo, y));
   const __m128i bytes = _mm_xor_si128(_mm_maskz_loadu_epi8(mask, r), e.residual_flip);
   const __m512 rf = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes));
   return _mm512_add_ps(y, _mm512_mul_ps(_mm512_sub_ps(rf, e.residual_zero_point), e.residual_scale));
@@ -458,7 +466,8 @@ TQ_TARGET_VNNI inline __attribute__((always_inline)) void epilogue_row_avx512(co
         continue;
       }
       __m512 y = epilogue_float(c, v[j], xs, j);
-      if (residual != nullptr) y = add_residual(e, y, residual + 16 * j, FULL ? __mmask16(0xFFFF) : c.mask[j]);
+      if (residual != nullptr)
+        y = add_residual(e, activation_clamp(e, y), residual + 16 * j, FULL ? __mmask16(0xFFFF) : c.mask[j]);
       q[j] = requantize<MAY_BE_NAN>(e, y);
     }
     const __m512i w01 = _mm512_adds_epi16(_mm512_packs_epi32(q[0], q[1]), e.zero_point);
@@ -484,8 +493,13 @@ TQ_TARGET_VNNI inline __attribute__((always_inline)) void epilogue_row_avx512(co
       continue;
     }
     __m512 y = epilogue_float(c, v[j], xs, j);
-    if constexpr (GELU != Gelu::None) y = gelu_avx512<GELU>(y);  // (int8_linear_dynamic's: no clamp)
-    else y = _mm512_min_ps(e.clamp_hi, _mm512_max_ps(e.clamp_lo, y));
+    if constexpr (GELU != Gelu::None) {
+      y = gelu_avx512<GELU>(y);  // (int8_linear_dynamic's: no clamp, no residual)
+    } else {
+      y = activation_clamp(e, y);
+      if (residual != nullptr)
+        y = _mm512_min_ps(e.residual_hi, _mm512_max_ps(e.residual_lo, add_residual(e, y, residual + 16 * j, mask)));
+    }
     if constexpr (KIND == OutKind::Float32) {
       store_vector(dst, _mm512_castps_si512(y), mask, stream);
     } else if constexpr (KIND == OutKind::Float16) {

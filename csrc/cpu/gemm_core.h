@@ -31,8 +31,8 @@ constexpr int64_t panel_byte(int64_t k, int64_t col) { return (k / 4) * kStepByt
 //   float kinds:   out = clamp_activation(gelu(v * row_scale[m or 0] * col_scale[n] + bias[n]), clamp), gelu the
 //                  identity unless asked for
 //   Int8 / UInt8:  out = clamp(rne(y * inv_out_scale) + out_zero_point, qmin, qmax), y as above
-//   with a residual (int8/uint8 outputs only): y = clamp_activation(y + (float(r[m][n] ^ flip) - zero_point) *
-//   scale, residual.clamp) before the requantization (int8_conv2d.residual)
+//   with a residual: y = clamp_activation(y + (float(r[m][n] ^ flip) - zero_point) * scale, residual.clamp) after
+//   the activation clamp, before the conversion (int8_conv2d.residual; no GELU)
 
 // The residual add of int8_conv2d.residual: bytes [m][n] `row_stride` apart (the output's layout), int8 ones read
 // shifted like the activations (r ^ 0x80, with zero_point + 128: the same float values exactly).
@@ -60,7 +60,7 @@ struct Epilogue {
   ActivationClamp clamp;  // the fused activation (none: -inf / +inf)
   Gelu gelu = Gelu::None;  // float kinds without a clamp only
   bool streaming = false;  // non-temporal stores (with_streaming sets it for outputs larger than the caches)
-  ResidualInput residual;  // int8/uint8 kinds only
+  ResidualInput residual;  // float, int8 and uint8 kinds
 };
 
 // Scratch memory of the calling thread, reused across calls: activations re-laid by the ops, weights packed on the
@@ -118,6 +118,7 @@ struct PanelEpilogue {
   float inv_out_scale, q_lo, q_hi;  // with a residual, q_lo / q_hi fold its clamp (the activation clamp comes first)
   int16_t zero_point;
   float residual_scale, residual_zero_point;
+  float residual_lo, residual_hi;  // the residual's clamp (float kinds; folded into q_lo / q_hi for the others)
   uint8_t residual_flip;
 };
 
