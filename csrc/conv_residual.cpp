@@ -45,8 +45,12 @@ at::Tensor int8_conv2d_residual_steps(const at::Tensor& x_q, const at::Tensor& x
                            stride, padding, dilation, groups, at::kFloat, std::nullopt, 0, clamp_min, clamp_max);
   check_conv_residual(x_q, y.sizes(), residual, residual_scale, residual_zero_point);
   const at::TensorOptions int32 = residual_scale.options().dtype(at::kInt);
-  y.add_(dequantize.call(residual, residual_scale, at::full({1}, residual_zero_point, int32), std::nullopt,
-                         at::kFloat));
+  // dequantized as the NHWC tensor of its channels-last layout (element-wise: the same values), so that the add
+  // reads both operands in y's layout
+  const at::Tensor residual_nhwc = residual.contiguous(at::MemoryFormat::ChannelsLast).permute({0, 2, 3, 1});
+  y.add_(dequantize.call(residual_nhwc, residual_scale, at::full({1}, residual_zero_point, int32), std::nullopt,
+                         at::kFloat)
+             .permute({0, 3, 1, 2}));
   if (relu) y.clamp_min_(0);
   if (!out_scale.has_value()) return y.to(out_dtype);
   const at::Tensor scale = at::full({1}, static_cast<float>(*out_scale), residual_scale.options());

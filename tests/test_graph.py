@@ -143,6 +143,21 @@ class Conv1dResidualNet(nn.Module):
         return self.head(x.flatten(1))
 
 
+class BroadcastResidualNet(nn.Module):
+    """A conv's output added to an integer tensor it broadcasts with (a max-pooled one), then ReLU: the add is the
+    conv's epilogue in the prepared model, and runs in float in the converted one (the residual has another shape)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        return self.head(F.relu(self.conv(x) + F.max_pool2d(x, 6)))
+
+
 class CatNet(nn.Module):
     """Two branches concatenated (their scales shared), an in-place residual add, reshape, an MLP with a folded
     BatchNorm1d and torch.relu."""
@@ -271,6 +286,7 @@ MODELS = {
     "basic-blocks": (BasicBlockNet, (2, 3, 12, 12)),
     "bottleneck": (BottleneckNet, (2, 3, 12, 12)),
     "conv1d-residual": (Conv1dResidualNet, (3, 2, 10)),
+    "broadcast-residual": (BroadcastResidualNet, (2, 3, 6, 6)),
     "cat": (CatNet, (3, 2, 6, 6)),
     "inverted-residual": (InvertedResidualNet, (2, 3, 12, 12)),
     "hardswish-block": (HardswishBlockNet, (2, 3, 12, 12)),
