@@ -774,18 +774,19 @@ def _conv_output_shape(layer: QuantConv2d, x: torch.Tensor) -> tuple:
 
 def integer_conv_add(layer: QuantConv2d, x_q: torch.Tensor, residual: torch.Tensor, residual_quantizer:
                      ActivationQuantizer, out: Optional[ActivationQuantizer], relu: bool,
-                     dtype: torch.dtype) -> torch.Tensor:
+                     dtype: torch.dtype, *, keep_layout: bool = False) -> torch.Tensor:
     """A conv layer's integer op on x_q with the residual add [+ ReLU] that alone reads its output as its epilogue:
     y = the conv's float32 output (with its activation clamp) + the dequantized residual, max(y, 0) when relu,
-    written as `out`'s integers (or float of dtype when out is None). An add that broadcasts runs those steps in
-    float32."""
+    written as `out`'s integers (or float of dtype when out is None: contiguous unless keep_layout, as
+    integer_layer's). An add that broadcasts runs those steps in float32."""
     scale, _, zero_point, _ = residual_quantizer.qparams
     if residual.shape != _conv_output_shape(layer, x_q):
         y = layer.pipeline_op(x_q, torch.float32) + F_q.dequantize(residual, scale, zero_point)
         y = torch.clamp_min(y, 0.0) if relu else y
         return y.to(dtype) if out is None else quantize_input(y, out)
     if out is None:
-        return layer.pipeline_residual_op(x_q, residual, scale, zero_point, relu, dtype).contiguous()
+        y = layer.pipeline_residual_op(x_q, residual, scale, zero_point, relu, dtype)
+        return y if keep_layout else y.contiguous()
     _, out_scale, out_zero_point, out_dtype = out.qparams
     return layer.pipeline_residual_op(x_q, residual, scale, zero_point, relu, out_dtype, out_scale, out_zero_point)
 
@@ -994,7 +995,8 @@ def _lower(gm: fx.GraphModule, dtype: torch.dtype, build_tables: bool) -> None:
     # float values made from integers keep the kernels' channels-last layout where no view can read them (the float
     # ops between integer layers, SE blocks' products, concatenations, upsampling, run on it as they are)
     for node in graph.nodes:
-        float_from_integers = node.target is dequantize_output or (node.target is integer_layer and node.args[2] is None)
+        float_from_integers = (node.target is dequantize_output or (node.target is integer_layer and node.args[2] is None)
+                               or (node.target is integer_conv_add and node.args[4] is None))
         if (node.op == "call_function" and float_from_integers
                 and not reaches_a_view(node, gm, lambda user: user.target is quantize_input)):
             node.kwargs = {**node.kwargs, "keep_layout": True}
