@@ -1109,6 +1109,36 @@ def test_converted_pipeline_to_meta_and_back_by_load_state_dict():
         assert torch.equal(converted(batches[0]), want)
 
 
+@pytest.mark.parametrize("converted", [False, True])
+def test_checkpoint_saved_before_residual_adds_were_fused_still_loads(tmp_path, converted):
+    # such a checkpoint quantizes the conv's output before the add: load refused it ("does not fit the model") once
+    # convs fused their residual adds; it now rebuilds the pipeline it was saved from, computing the same function
+    torch.manual_seed(0)
+    model = BasicBlockNet().eval()
+    batches = _batches((2, 3, 8, 8))
+    with graph.residual_adds_in_convs(False):
+        old = tq.calibrate(tq.prepare(copy.deepcopy(model), PIPELINE), batches, progress=False)
+    if converted:
+        old = tq.convert(old)
+    assert not any(n.target is graph.integer_conv_add for n in old.graph.nodes)
+    path = str(tmp_path / "old.safetensors")
+    tq.save(old, path)
+    with safe_open(path, "pt") as f:  # the file as torchquant wrote it before the flag existed
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    meta = json.loads(metadata["torchquant"])
+    assert meta["pipeline"].pop("residual_adds_in_convs") is False
+    save_file(tensors, path, metadata={**metadata, "torchquant": json.dumps(meta)})
+    again = tq.load(path, copy.deepcopy(model))
+    with torch.no_grad():
+        assert torch.equal(again(batches[0]), old(batches[0]))
+    new = tq.quantize_model(copy.deepcopy(model), PIPELINE, batches)  # today's pipeline fuses, and says so
+    tq.save(new, str(tmp_path / "new.safetensors"))
+    with safe_open(str(tmp_path / "new.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["torchquant"])["pipeline"]["residual_adds_in_convs"] is True
+    assert any(n.target is graph.integer_conv_add for n in tq.load(str(tmp_path / "new.safetensors"),
+                                                                    copy.deepcopy(model)).graph.nodes)
+
+
 @pytest.mark.parametrize("name", ["basic-blocks", "hardswish-block", "conv-bn-module"])
 def test_pipeline_pickles(tmp_path, name):
     # unpickling rebuilds a GraphModule by tracing its code: the converted graph's ops (quantize_input,

@@ -35,12 +35,14 @@ A model that torch.fx cannot trace falls back to the module swap, with one warni
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import inspect
 import operator
 import warnings
 from collections import Counter
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -466,7 +468,8 @@ def _plan(graph: fx.Graph, modules: dict, integer_output: bool) -> tuple[dict, d
             produce(chain[-1])
             continue
         if _is_add(node) and all(_tensor_like(a) for a in node.args) and any(a in group for a in node.args):
-            conv = residual_conv(node, modules, calls, lambda value: value in group)
+            conv = residual_conv(node, modules, calls, lambda value: value in group) \
+                if _RESIDUAL_ADDS_IN_CONVS.get() else None
             if conv is not None and conv[0][-1] not in producers:  # (a layer whose input is not a tensor)
                 conv = None
             if conv is not None:  # the add is the conv's epilogue: the conv's output is not quantized
@@ -554,6 +557,21 @@ def _describe(node: fx.Node) -> str:
     return f"{node.name} ({target})"
 
 
+# whether a conv's residual add becomes its epilogue (off only where load() rebuilds a pipeline saved before
+# torchquant fused them: that checkpoint quantizes the conv's output, and its function is the unfused one)
+_RESIDUAL_ADDS_IN_CONVS = contextvars.ContextVar("torchquant_residual_adds_in_convs", default=True)
+
+
+@contextlib.contextmanager
+def residual_adds_in_convs(enabled: bool) -> Iterator[None]:
+    """Inside, prepare_pipeline fuses residual adds into convs or not, as `enabled` says."""
+    token = _RESIDUAL_ADDS_IN_CONVS.set(enabled)
+    try:
+        yield
+    finally:
+        _RESIDUAL_ADDS_IN_CONVS.reset(token)
+
+
 def prepare_pipeline(model: nn.Module, config: QuantConfig, swap) -> Optional[fx.GraphModule]:
     """The prepared pipeline of model (left unchanged: the pipeline has its own modules, sharing the model's
     parameters and buffers), or None with a warning when torch.fx cannot trace it. swap(gm, config) swaps the layers
@@ -582,7 +600,8 @@ def prepare_pipeline(model: nn.Module, config: QuantConfig, swap) -> Optional[fx
         return None
     gm = _Pipeline(model, graph, class_name=type(model).__name__)
     _own_modules(gm, graph)
-    gm.meta[META_KEY] = {"integer_output": config.integer_output, "converted": False}
+    gm.meta[META_KEY] = {"integer_output": config.integer_output, "converted": False,
+                         "residual_adds_in_convs": _RESIDUAL_ADDS_IN_CONVS.get()}
     swap(gm, config)
     modules = dict(gm.named_modules())
     _functionalize_in_place(gm.graph, modules)
