@@ -754,7 +754,7 @@ def _may_read_layout(node: fx.Node, gm: nn.Module) -> bool:
     return False
 
 
-def reaches_a_view(node: fx.Node, gm: nn.Module, stops) -> bool:
+def reaches_a_layout_reader(node: fx.Node, gm: nn.Module, stops) -> bool:
     """Whether node's tensor, or one computed from it, can reach something that may read its memory layout
     (_may_read_layout: a Tensor.view, the caller, code outside PyTorch) without passing through a node for which
     stops(node) is true (where the caller's check ends), a copy to the contiguous layout, or a shape query."""
@@ -1014,10 +1014,11 @@ def _lower(gm: fx.GraphModule, dtype: torch.dtype, build_tables: bool) -> None:
     # float values made from integers keep the kernels' channels-last layout where no view can read them (the float
     # ops between integer layers, SE blocks' products, concatenations, upsampling, run on it as they are)
     for node in graph.nodes:
-        float_from_integers = (node.target is dequantize_output or (node.target is integer_layer and node.args[2] is None)
+        float_from_integers = (node.target is dequantize_output
+                               or (node.target is integer_layer and node.args[2] is None)
                                or (node.target is integer_conv_add and node.args[4] is None))
         if (node.op == "call_function" and float_from_integers
-                and not reaches_a_view(node, gm, lambda user: user.target is quantize_input)):
+                and not reaches_a_layout_reader(node, gm, lambda user: user.target is quantize_input)):
             node.kwargs = {**node.kwargs, "keep_layout": True}
     _meta(gm).update(converted=True, lookups=lookups, output_quantizers=[int_of[n].target if n in int_of else None
                                                           for n in _output_nodes(graph)])

@@ -740,13 +740,12 @@ at::Tensor int8_conv2d_residual_cpu(const at::Tensor& x_q, const at::Tensor& x_s
   if (f.g.rows == 0) return out;
   // rows of out_channels bytes, as the output's (a copy only for another layout)
   const at::Tensor rows = residual.contiguous(at::MemoryFormat::ChannelsLast);
-  const bool is_int8 = residual.scalar_type() == at::kChar;
   ResidualInput r;
   r.data = static_cast<const uint8_t*>(rows.const_data_ptr());
   r.row_stride = out_channels;
-  r.flip = is_int8 ? 0x80 : 0;
+  r.flip = activation_flip(residual);  // int8 bytes read as uint8 hold the value + 128
   r.scale = residual_scale.item<float>();
-  r.zero_point = static_cast<float>(residual_zero_point + (is_int8 ? 128 : 0));
+  r.zero_point = static_cast<float>(residual_zero_point + (r.flip ? 128 : 0));
   if (relu) r.clamp.lo = 0.0f;
   conv_cpu(f, x_q, x_zero_point, w_packed, out_channels, groups, r);
   return out;
