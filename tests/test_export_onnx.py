@@ -511,7 +511,9 @@ def test_file_is_standard_qdq_and_model_unchanged(tmp_path):
     weights = {i.name: i for i in proto.graph.initializer}
     dq_weights = [n for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in weights]
     assert len(dq_weights) == 4
-    assert all(weights[n.input[0]].data_type == onnx.TensorProto.INT8 for n in dq_weights)
+    # uint8 with zero point 128: onnxruntime's kernels multiply uint8 x int8 inexactly on CPUs without AVX-512 VNNI
+    assert all(weights[n.input[0]].data_type == onnx.TensorProto.UINT8 for n in dq_weights)
+    assert all((onnx.numpy_helper.to_array(weights[n.input[2]]) == 128).all() for n in dq_weights)
     assert all(any(a.name == "axis" for a in n.attribute) for n in dq_weights)  # per channel
     assert not [f for f in os.listdir(tmp_path) if f != "digits.onnx"]
     # dynamic batch: another batch size runs
@@ -595,14 +597,34 @@ def test_residual_add_stays_out_of_skip_layer_normalization(tmp_path, preset):
     assert check_export(model, x) > 0
 
 
-@pytest.mark.parametrize("opset, storage", [(21, onnx.TensorProto.INT4), (18, onnx.TensorProto.INT8)])
+@pytest.mark.parametrize("preset", ["int8-dynamic", "int8-static", "int8-pipeline"])
+def test_products_that_saturate_int16_pair_sums(preset):
+    """Activations and weights at their extremes: a uint8 x int8 kernel built on vpmaddubsw (onnxruntime's on x86
+    CPUs without AVX-512 VNNI) saturates 255 * 127 + 255 * 127 to 32767; the exported weights are uint8, which it
+    multiplies exactly."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    with torch.no_grad():
+        model[0].weight.fill_(0.5)
+        model[0].weight[4:] = -0.5
+        model[0].bias.zero_()
+    x = torch.full((3, 64), 4.0)
+    x[1] = -4.0
+    quantized = torchquant.quantize_model(model, preset, calibration=[x])
+    (output, *_), _ = run_onnx(_onnx_model(quantized, (x,), None, True)[0], (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(output), quantized(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("opset, storage", [(21, onnx.TensorProto.INT4), (18, onnx.TensorProto.UINT8)])
 def test_four_bit_weights_storage(opset, storage):
     torch.manual_seed(0)
     model = torchquant.quantize_model(MLP().eval(), "w4a8-dynamic")
     x = torch.randn(4, 24)
     proto, _ = _onnx_model(model, x, opset, True)
     kinds = {i.data_type for i in proto.graph.initializer if len(i.dims) == 2}
-    assert storage in kinds and ({onnx.TensorProto.INT4, onnx.TensorProto.INT8} - {storage}).isdisjoint(kinds)
+    weight_kinds = {onnx.TensorProto.INT4, onnx.TensorProto.INT8, onnx.TensorProto.UINT8}
+    assert storage in kinds and (weight_kinds - {storage}).isdisjoint(kinds)
     (output, *_), _ = run_onnx(proto, (x,))
     with torch.no_grad():
         assert cosine(torch.from_numpy(output), model(x)) >= 0.9999

@@ -12,18 +12,20 @@ uses and hands the product to QuantizeLinear with scale 1 (an exact division), w
 zero point and saturates; DequantizeLinear then carries the real scale.
 
 - static activations (per tensor): Mul(1 / scale) [-> truncation] [-> Clip to a < 8-bit range] ->
-  QuantizeLinear(1, zero_point) -> DequantizeLinear(scale, zero_point) in front of the MatMul / Conv, whose int8
-  weight initializer has its own DequantizeLinear (per channel: axis set);
+  QuantizeLinear(1, zero_point) -> DequantizeLinear(scale, zero_point) in front of the MatMul / Conv, whose weight
+  initializer (in the activations' type: the int8 values plus 128 as uint8 beside uint8 activations, see
+  _weight_in_activation_type) has its own DequantizeLinear (per channel: axis set);
 - dynamic activations: the scale absmax / qmax of each row (Linear, per token) or of the tensor (Conv) is computed
   in the graph (Abs, ReduceMax, Div, Max with the smallest normal float32); a Linear then runs MatMulInteger on
-  uint8 activations (the int8 values plus 128, zero point 128) and int8 weights, and scales the exact int32 sums as
-  torchquant's kernel does: acc * x_scale * w_scale + bias (layers reading the same tensor in the same format, as a
-  transformer's query, key and value do, share the quantization and one MatMulInteger over their weights side by
-  side, split into their outputs after the scaling); a Conv dequantizes and runs a float Conv;
+  uint8 activations (the int8 values plus 128, zero point 128) and uint8 weights (likewise: see
+  _weight_in_activation_type), and scales the exact int32 sums as torchquant's kernel does: acc * x_scale *
+  w_scale + bias (layers reading the same tensor in the same format, as a transformer's query, key and value do,
+  share the quantization and one MatMulInteger over their weights side by side, split into their outputs after the
+  scaling); a Conv dequantizes and runs a float Conv;
 - rounding="truncate": Sign(v) * Floor(Abs(v)) (exact) before QuantizeLinear;
 - signed 1-bit (sign binarization): Where(x >= 0, 1, -1);
-- weights of 4 bits or fewer: INT4 initializers (opset 21 and later; DequantizeLinear reads them, or a Cast to int8
-  feeds MatMulInteger), int8 initializers at lower opsets.
+- weights of 4 bits or fewer: INT4 initializers (opset 21 and later; DequantizeLinear reads them, or Casts (and an
+  Add) make the int8 (uint8) weight of MatMulInteger / ConvInteger), int8 / uint8 initializers at lower opsets.
 - integer pipelines (torchquant.graph; a prepared one is converted first, on a copy): every integer op of the
   converted graph becomes a placeholder too, replaced by exact integer ONNX (see "Integer pipelines" below).
 - an Add that feeds a LayerNormalization (a transformer's residual sum) is written as Sum, the same float sum:
@@ -288,22 +290,57 @@ def _f32(value: float):
     return np.array(float(value), dtype=np.float32)
 
 
-def _weight(b: _GraphBuilder, layer: _Layer, weight: torch.Tensor, int8_only: bool) -> str:
-    """The integer weight initializer: INT4 for <= 4 bits where the opset has it (Cast to int8 when int8 is
-    needed), else int8."""
-    if layer.weight_bits <= 4 and b.opset >= _INT4_OPSET:
-        name = b.const_int4("weight_int4", weight)
-        if int8_only:
-            return b.op("Cast", name, to=b.onnx.TensorProto.INT8)
-        return name
-    return b.const("weight_int8", weight.numpy())
+def _int4_weight(b: _GraphBuilder, layer: _Layer) -> bool:
+    """Whether the layer's weight is written as INT4 (<= 4 bits, where the opset has it)."""
+    return layer.weight_bits <= 4 and b.opset >= _INT4_OPSET
+
+
+def _weight_in_activation_type(b: _GraphBuilder, weight: torch.Tensor, signed: bool) -> Tuple[str, int]:
+    """The weight initializer of a layer whose integer activations are int8 (signed) or uint8, and its zero point:
+    int8 (0) beside int8 activations, the int8 values plus 128 as uint8 (128) beside uint8 ones. onnxruntime's x86
+    kernels without AVX-512 VNNI multiply uint8 x int8 (either way round) with vpmaddubsw, whose int16 pair sums
+    saturate (255 * 127 * 2 > 32767): other integers than torchquant's, in MatMulInteger / ConvInteger and in the
+    integer kernels it fuses a QuantizeLinear / DequantizeLinear pair around a MatMul or Conv into. Operands of one
+    type they multiply exactly."""
+    if signed:
+        return b.const("weight_int8", weight.numpy()), 0
+    return b.const("weight_uint8", (weight.to(torch.int16) + 128).to(torch.uint8).numpy()), 128
+
+
+def _integer_weight(b: _GraphBuilder, layer: _Layer, weight: torch.Tensor, x_q: str, x_zero_point: str,
+                    signed: bool) -> Tuple[str, ...]:
+    """The inputs of a MatMulInteger / ConvInteger of x_q (int8 when signed, else uint8; zero point x_zero_point)
+    by `weight`, in x_q's type (see _weight_in_activation_type)."""
+    import numpy as np
+    if _int4_weight(b, layer):  # INT4 in the file, made int8 (and uint8) in the graph
+        name = b.op("Cast", b.const_int4("weight_int4", weight), to=b.onnx.TensorProto.INT8)
+        if signed:
+            return x_q, name, x_zero_point
+        wide = b.op("Cast", name, to=b.onnx.TensorProto.INT16)
+        name = b.op("Cast", b.op("Add", wide, b.const("offset", np.array(128, np.int16))),
+                    to=b.onnx.TensorProto.UINT8)
+        return x_q, name, x_zero_point, b.const("weight_zero_point", np.array(128, np.uint8))
+    name, zero_point = _weight_in_activation_type(b, weight, signed)
+    if zero_point == 0:
+        return x_q, name, x_zero_point
+    return x_q, name, x_zero_point, b.const("weight_zero_point", np.array(zero_point, np.uint8))
 
 
 def _dequantized_weight(b: _GraphBuilder, layer: _Layer, weight: torch.Tensor, axis: int) -> str:
-    q = _weight(b, layer, weight, int8_only=False)
-    if layer.per_channel:
-        return b.op("DequantizeLinear", q, b.const("weight_scale", layer.weight_scale.numpy()), axis=axis)
-    return b.op("DequantizeLinear", q, b.const("weight_scale", _f32(layer.weight_scale[0])))
+    """The weight's DequantizeLinear: INT4, or in the type of the layer's activations (see
+    _weight_in_activation_type; int8 for float inputs)."""
+    import numpy as np
+    scale = layer.weight_scale.numpy() if layer.per_channel else _f32(layer.weight_scale[0])
+    per_channel = {"axis": axis} if layer.per_channel else {}
+    if _int4_weight(b, layer):
+        return b.op("DequantizeLinear", b.const_int4("weight_int4", weight), b.const("weight_scale", scale),
+                    **per_channel)
+    act = layer.activation
+    name, zero_point = _weight_in_activation_type(b, weight, act is None or act.signed)
+    if zero_point == 0:
+        return b.op("DequantizeLinear", name, b.const("weight_scale", scale), **per_channel)
+    return b.op("DequantizeLinear", name, b.const("weight_scale", scale),
+                b.const("weight_zero_point", np.full(scale.shape, zero_point, np.uint8)), **per_channel)
 
 
 def _truncated(b: _GraphBuilder, v: str) -> str:
@@ -385,7 +422,7 @@ def _linear_integer(b: _GraphBuilder, layers: Sequence[_Layer], x: str, outputs:
     first = layers[0]
     act = first.activation
     double_scale, inv = _dynamic_qparams(b, x, act, per_row=first.module.input_quantizer.per_token)
-    offset = b.const("zero_point_128", np.array(128, np.uint8))  # int8 + 128 as uint8: MLAS's fast u8 x s8 GEMM
+    offset = b.const("zero_point_128", np.array(128, np.uint8))  # int8 + 128 as uint8
     if act.bits == 1:  # sign binarization, as int8, moved to uint8
         q = _quantized(b, x, inv, act, None, b.name("sign"))
         q = b.op("Cast", b.op("Add", b.op("Cast", q, to=b.onnx.TensorProto.INT16),
@@ -400,7 +437,7 @@ def _linear_integer(b: _GraphBuilder, layers: Sequence[_Layer], x: str, outputs:
     for index, members in enumerate(m for m in (biased, unbiased) if m):
         group = [layers[i] for i in members]
         weight = torch.cat([layer.weight.t() for layer in group], dim=1).contiguous()
-        acc = b.op("MatMulInteger", q, _weight(b, first, weight, int8_only=True), offset)
+        acc = b.op("MatMulInteger", *_integer_weight(b, first, weight, q, offset, signed=False))
         # (acc * x_scale) * w_scale + bias, float for float as torchquant's kernel. The first product is written
         # Mul(Cast(acc), Mul(2 * x_scale, 0.5)), which onnxruntime fuses into MatMulIntegerToFloat(a_scale = 2 *
         # x_scale per row, b_scale = 0.5): its GEMM writes acc * 0.5 (exact) and scales each row by 2 * x_scale
@@ -714,12 +751,13 @@ def _integer_layer_nodes(b: _GraphBuilder, layer: _Layer, x_q: str, out: Optiona
     and requantization."""
     act = layer.activation
     if isinstance(layer.module, QuantLinear):
-        acc = b.op("MatMulInteger", x_q, _weight(b, layer, layer.weight.t().contiguous(), int8_only=True),
-                   _zero_point(b, act))
+        acc = b.op("MatMulInteger", *_integer_weight(b, layer, layer.weight.t().contiguous(), x_q,
+                                                     _zero_point(b, act), act.signed))
         channel_shape = (-1,)
     else:
         conv = layer.module
-        acc = b.op("ConvInteger", x_q, _weight(b, layer, layer.weight, int8_only=True), _zero_point(b, act),
+        acc = b.op("ConvInteger", *_integer_weight(b, layer, layer.weight, x_q, _zero_point(b, act),
+                                                   act.signed),
                    kernel_shape=list(conv.kernel_size), strides=list(conv.stride), pads=list(conv.padding) * 2,
                    dilations=list(conv.dilation), group=conv.groups)
         channel_shape = (-1, *[1] * len(conv.kernel_size))
