@@ -1127,3 +1127,59 @@ def test_unbatched_conv_input(conv, shape, preset):
     proto, _ = _onnx_model(model, (x,), None, False)
     (output,), _ = run_onnx(proto, (x,), [])
     torch.testing.assert_close(torch.from_numpy(output), model(x), atol=1e-5, rtol=0)
+
+
+class SaturatingNet(nn.Module):
+    """Every weight and input at the top of its range: a uint8 x int8 GEMM that adds pairs of products in 16 bits
+    (onnxruntime's u8 x s8 kernels on x86 without VNNI, vpmaddubsw) saturates (2 * 255 * 127 > 32767)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(16, 8, 3, padding=1)
+        self.linear = nn.Linear(64, 32)
+        self.head = nn.Linear(32, 4)
+        for layer in (self.conv, self.linear, self.head):
+            nn.init.constant_(layer.weight, 0.5)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x)).flatten(1)
+        y = torch.relu(self.linear(x)) / 100  # back to [0, ~1]: the head's inputs at the top of their range too
+        return self.head(torch.stack([y, y], dim=1))  # a 3-D input: onnxruntime fuses 3-D QDQ MatMuls
+
+
+@pytest.mark.parametrize("preset", ["int8-static", "int8-dynamic", "int8-pipeline"])
+def test_integer_gemms_do_not_saturate(preset):
+    """The exported integer sums are exact for the largest products (inputs at qmax, weights at +127) on every
+    CPU: onnxruntime's u8 x s8 MatMulInteger / fused QDQ MatMul on x86 without VNNI gave 32767 for each pair of
+    255 * 127 products (outputs off by half here), so 8-bit weights read by uint8 integers are exported as uint8."""
+    torch.manual_seed(0)
+    x = torch.ones(2, 16, 2, 4)
+    model = torchquant.quantize_model(SaturatingNet().eval(), preset, [x], inplace=False)
+    proto, _ = _onnx_model(model, (x,), None, True)
+    (output, *_), _ = run_onnx(proto, (x,))
+    with torch.no_grad():
+        expected = model(x)
+    torch.testing.assert_close(torch.from_numpy(output), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_cli_export_of_a_model_that_takes_token_ids(tmp_path, capsys, monkeypatch):
+    """--input-shape makes float32 zeros, which an nn.Embedding refuses: the error says to give --calib, and with
+    it (int64 ids) the export works."""
+    (tmp_path / "idsmodel.py").write_text(
+        "import torch.nn as nn\n\n\n"
+        "class Ids(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.emb = nn.Embedding(50, 16)\n"
+        "        self.fc = nn.Linear(16, 3)\n\n"
+        "    def forward(self, ids):\n"
+        "        return self.fc(self.emb(ids).mean(1))\n")
+    monkeypatch.chdir(tmp_path)
+    torch.save(torch.randint(0, 50, (8, 7)), tmp_path / "ids.pt")
+    rc, err = run_main(["export", "idsmodel:Ids", "--input-shape", "1,7", "-o", tmp_path / "m.onnx", "-q"], capsys)
+    assert rc == 2 and "do not fit the model" in err and "give the example input as --calib FILE" in err
+    assert not (tmp_path / "m.onnx").exists()
+    rc, err = run_main(["export", "idsmodel:Ids", "--calib", tmp_path / "ids.pt", "-o", tmp_path / "m.onnx", "-q"],
+                       capsys)
+    assert rc == 0 and (tmp_path / "m.onnx").exists(), err

@@ -434,7 +434,14 @@ def _cmd_export(args) -> int:
             example = job.calib[0]
     from torchquant.examples import model_device
     option = "--calib" if args.input_shape is None else "--input-shape"
-    _check_fits(model, example.to(model_device(model)), option, args.calib or "the given shape")
+    try:
+        _check_fits(model, example.to(model_device(model)), option, args.calib or "the given shape")
+    except UsageError as exc:
+        if args.input_shape is None or not any(isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag))
+                                               for m in model.modules()):
+            raise
+        raise UsageError(f"{exc} (--input-shape gives float32 zeros; for an nn.Embedding's token ids, give the "
+                         f"example input as --calib FILE)") from exc
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.export's and onnxscript's notes about their own internals
