@@ -13,7 +13,7 @@ import torchquant.functional as F
 from torchquant import reference
 from torchquant._ops import FLOAT_DTYPES, ops
 
-from conftest import randint8
+from conftest import SUPPORTED_ISAS, randint8
 
 
 def quantized_weight(n, k, device, seed=0):
@@ -431,6 +431,70 @@ def test_int8_conv2d_padded_kernel_rows(isa, packing, c, kernel, oc, batch, stri
     got = F.int8_conv2d(x_q, 1.0, 99, w_packed, w_q.sum((1, 2, 3), dtype=torch.int32), ones, out_channels=oc,
                         kernel_size=kernel, **kwargs)
     torch.testing.assert_close(got, reference.int8_conv2d(x_q, 1.0, 99, w_q, ones, **kwargs), rtol=0, atol=0)
+
+
+# Weight panels with fewer than 64 columns: on AVX-512 a fused kernel takes groups of 12, 8 or 6 rows (1, 2, or 3-4
+# vectors of 16 columns), the rows left over go through the tile. Every row count behind such groups, every output
+# kind, the GEMM (int8_mm, int8_linear, 1x1 convs) and the windows read in place (3x3): identical on every
+# instruction-set path, and as the reference.
+PARTIAL_COLUMNS = [1, 16, 17, 24, 33, 48, 56, 70, 100]
+
+
+def on_every_isa(fn):
+    """fn() on each supported instruction-set path, all results identical; the first one."""
+    results = []
+    for isa in SUPPORTED_ISAS:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("TORCHQUANT_CPU_ISA", isa)
+            results.append(fn())
+    for isa, got in zip(SUPPORTED_ISAS[1:], results[1:]):
+        assert torch.equal(got, results[0]), f"{isa} differs from {SUPPORTED_ISAS[0]}"
+    return results[0]
+
+
+@pytest.mark.parametrize("n", PARTIAL_COLUMNS)
+def test_partial_panels_gemm(n):
+    g = torch.Generator().manual_seed(n)
+    for m in (1, 5, 11, 12, 13, 23, 25, 37, 100):
+        a, b = randint8((m, 40), generator=g), randint8((40, n), generator=g)
+        assert torch.equal(on_every_isa(lambda: F.int8_mm(a, b)), a.int() @ b.int())
+        w, w_packed, w_sum, w_scale = quantized_weight(n, 40, "cpu", seed=m)
+        x_q = torch.randint(0, 256, (m, 40), dtype=torch.uint8, generator=g)
+        x_scale = torch.rand(m, generator=g) + 0.01  # per-row scales
+        bias = torch.randn(n, generator=g)
+        for out_dtype in FLOAT_DTYPES:
+            got = on_every_isa(lambda: F.int8_linear(x_q, x_scale, 9, w_packed, w_sum, w_scale, bias,
+                                                     out_features=n, out_dtype=out_dtype))
+            want = reference.int8_linear(x_q, x_scale, 9, w, w_scale, bias, out_dtype=out_dtype)
+            torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("n", PARTIAL_COLUMNS)
+@pytest.mark.parametrize("kernel,padding", [((1, 1), 0), ((3, 3), 1)], ids=["1x1", "3x3"])
+@pytest.mark.parametrize("out_dtype", [torch.uint8, torch.int8, torch.float32, torch.float16])
+def test_partial_panels_conv(n, kernel, padding, out_dtype):
+    g = torch.Generator().manual_seed(n * 10 + kernel[0])
+    w_q = randint8((n, 8, *kernel), generator=g)
+    w_packed, w_sum = F.pack_conv_weight(w_q), w_q.sum((1, 2, 3), dtype=torch.int32)
+    w_scale = torch.rand(n, generator=g) * 0.01 + 0.001
+    bias = torch.randn(n, generator=g)
+    for width in (1, 6, 11, 12, 13, 20, 25, 30):  # output rows of one image row: tails of 0-11 behind the groups
+        x_q = torch.randint(0, 256, (2, 8, 3, width), dtype=torch.uint8, generator=g)
+        x_q = x_q.contiguous(memory_format=torch.channels_last)
+        y = reference.int8_conv2d(x_q, 0.03, 100, w_q, w_scale, bias, padding=padding)
+        q = {} if out_dtype.is_floating_point else dict(out_scale=float(y.abs().max()) / 100, out_zero_point=3)
+        residual = torch.randint(0, 256, y.shape, dtype=torch.uint8, generator=g)
+        for r in (None, residual):
+            extra = {} if r is None else dict(residual=r, residual_scale=0.02, residual_zero_point=128, relu=True)
+            got = on_every_isa(lambda: F.int8_conv2d(x_q, 0.03, 100, w_packed, w_sum, w_scale, bias, out_channels=n,
+                                                     kernel_size=kernel, padding=padding, out_dtype=out_dtype,
+                                                     clamp_min=0.0, **q, **extra))
+            want = (reference.int8_conv2d if r is None else reference.int8_conv2d_residual)(
+                x_q, 0.03, 100, w_q, w_scale, bias, padding=padding, out_dtype=out_dtype, clamp_min=0.0, **q, **extra)
+            if out_dtype.is_floating_point:
+                torch.testing.assert_close(got, want)
+            else:  # the float y may differ in its last bit from the reference's, moving a rounding tie by one
+                assert (got.int() - want.int()).abs().max() <= 1
 
 
 # im2col matrices over 512 KB are produced chunk by chunk inside the GEMM (the small ones above are made whole

@@ -282,11 +282,13 @@ namespace {
 // ---------------------------------------------------------------------------------------------------------------
 
 struct DepthwiseSource {
-  const uint8_t* x;       // channels-last input bytes
+  const uint8_t* x;        // channels-last input bytes
   ConvGeometry g;
-  const int8_t* w;        // [tap][channel], the tap's weight (the packed weight's tap-major copy)
-  const int8_t* w_quads;  // the AVX-512 path's weights (weight_quads), or nullptr for the portable one
-  uint8_t pad_byte;       // the zero point, as the flipped byte
+  const int8_t* w;         // [tap][channel], the tap's weight (the packed weight's tap-major copy)
+  const int8_t* w_quads;   // the AVX-512 path's weights (weight_quads), or nullptr
+  const int16_t* w_pairs;  // the AVX2 path's weights (weight_pairs), or nullptr
+  const int64_t* tap_offsets;  // with them: tap t's input bytes from tap 0's, for windows inside the input
+  uint8_t pad_byte;        // the zero point, as the flipped byte
 };
 
 constexpr int64_t kDepthwiseChannels = kPackAlign;  // the channels of a tile row (one epilogue panel)
@@ -325,10 +327,93 @@ void depthwise_pixel_scalar(const DepthwiseSource& s, int64_t b, int64_t oh, int
   depthwise_pixel_portable<FLIP>(s, b, oh, ow, c0, ncols, tile_row);
 }
 
+// AVX2: vpmaddwd on two taps of 16 channels at once, widened to int16 (x * w fits: 255 * 128 < 2^15): the two
+// taps' input bytes interleaved per channel (unpacks within 128-bit lanes: channels 0-3 and 8-11 in one vector,
+// 4-7 and 12-15 in the other) against weight_pairs, which hold the weights in that order; 2.5x the products per
+// instruction of 32-bit multiplies.
+constexpr int64_t kPairChannels = 16;
+
+// The AVX2 weights: [tap pair][16-channel block][2 vectors of 8 (channel, tap 2p, tap 2p + 1) int16], channels
+// padded with zeros to whole blocks, an odd last tap paired with a zero one.
+int64_t weight_pairs_size(int64_t channels, int64_t taps) {
+  return (taps + 1) / 2 * ((channels + kPairChannels - 1) / kPairChannels) * 2 * kPairChannels;
+}
+
+void weight_pairs(int64_t channels, int64_t taps, const int8_t* w, int16_t* pairs) {
+  constexpr int kLanes[2][8] = {{0, 1, 2, 3, 8, 9, 10, 11}, {4, 5, 6, 7, 12, 13, 14, 15}};
+  const int64_t blocks = (channels + kPairChannels - 1) / kPairChannels;
+  for (int64_t p = 0; p < (taps + 1) / 2; ++p)
+    for (int64_t blk = 0; blk < blocks; ++blk)
+      for (int half = 0; half < 2; ++half)
+        for (int i = 0; i < 8; ++i)
+          for (int k = 0; k < 2; ++k) {
+            const int64_t t = 2 * p + k, c = blk * kPairChannels + kLanes[half][i];
+            pairs[((p * blocks + blk) * 2 + half) * kPairChannels + 2 * i + k] =
+                t < taps && c < channels ? w[t * channels + c] : 0;
+          }
+}
+
+// The 16 input bytes of channels c.. of a tap (p: its pixel's first channel, nullptr outside the input), widened;
+// bytes past the pixel's channels meet zero weights, and are read through a buffer where the input ends before them.
+template <bool FLIP>
+TQ_TARGET_AVX2 inline __attribute__((always_inline)) __m256i depthwise_tap_bytes(const uint8_t* p, int64_t c,
+                                                                                 int64_t left, const uint8_t* x_end,
+                                                                                 uint8_t pad_byte) {
+  if (p == nullptr) return _mm256_set1_epi16(pad_byte);
+  __m128i bytes;
+  if (left >= kPairChannels || x_end - (p + c) >= kPairChannels) {
+    bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + c));
+  } else {
+    alignas(16) uint8_t buffer[kPairChannels] = {};
+    std::memcpy(buffer, p + c, left);
+    bytes = _mm_load_si128(reinterpret_cast<const __m128i*>(buffer));
+  }
+  if (FLIP) bytes = _mm_xor_si128(bytes, _mm_set1_epi8(static_cast<char>(0x80)));
+  return _mm256_cvtepu8_epi16(bytes);
+}
+
 template <bool FLIP>
 TQ_TARGET_AVX2 void depthwise_pixel_avx2(const DepthwiseSource& s, int64_t b, int64_t oh, int64_t ow, int64_t c0,
                                          int64_t ncols, int32_t* tile_row) {
-  depthwise_pixel_portable<FLIP>(s, b, oh, ow, c0, ncols, tile_row);
+  const ConvGeometry& g = s.g;
+  constexpr int kBlocks = kDepthwiseChannels / kPairChannels;
+  const int64_t taps = g.kh * g.kw, blocks = (ncols + kPairChannels - 1) / kPairChannels;
+  const int64_t channel_blocks = (g.channels + kPairChannels - 1) / kPairChannels;
+  const uint8_t* x_end = s.x + g.batch * g.height * g.width * g.channels;
+  const int64_t ih0 = oh * g.stride_h - g.pad_h, iw0 = ow * g.stride_w - g.pad_w;
+  // a window inside the input (most are) reads its taps at fixed offsets from tap 0
+  const bool inside = s.tap_offsets != nullptr && ih0 >= 0 && iw0 >= 0 && g.height - ih0 > (g.kh - 1) * g.dil_h &&
+                      g.width - iw0 > (g.kw - 1) * g.dil_w;
+  const uint8_t* window = inside ? s.x + ((b * g.height + ih0) * g.width + iw0) * g.channels : nullptr;
+  // the pixel of tap t (its first channel), nullptr outside the input
+  const auto tap_pixel = [&](int64_t t) -> const uint8_t* {
+    if (t >= taps) return nullptr;
+    if (inside) return window + s.tap_offsets[t];
+    const int64_t ih = ih0 + (t / g.kw) * g.dil_h, iw = iw0 + (t % g.kw) * g.dil_w;
+    if (ih < 0 || ih >= g.height || iw < 0 || iw >= g.width) return nullptr;
+    return s.x + ((b * g.height + ih) * g.width + iw) * g.channels;
+  };
+  __m256i lo[kBlocks], hi[kBlocks];
+  for (int blk = 0; blk < kBlocks; ++blk) lo[blk] = hi[blk] = _mm256_setzero_si256();
+  for (int64_t t = 0; t < taps; t += 2) {
+    const uint8_t* p0 = tap_pixel(t);
+    const uint8_t* p1 = tap_pixel(t + 1);  // past the last tap: zero weights, any bytes
+    const int16_t* w = s.w_pairs + ((t / 2) * channel_blocks + c0 / kPairChannels) * 2 * kPairChannels;
+    for (int blk = 0; blk < blocks; ++blk) {
+      const int64_t c = c0 + blk * kPairChannels, left = g.channels - c;
+      const __m256i x0 = depthwise_tap_bytes<FLIP>(p0, c, left, x_end, s.pad_byte);
+      const __m256i x1 = depthwise_tap_bytes<FLIP>(p1, c, left, x_end, s.pad_byte);
+      const __m256i* wb = reinterpret_cast<const __m256i*>(w + blk * 2 * kPairChannels);
+      lo[blk] = _mm256_add_epi32(lo[blk], _mm256_madd_epi16(_mm256_unpacklo_epi16(x0, x1), _mm256_loadu_si256(wb)));
+      hi[blk] = _mm256_add_epi32(hi[blk],
+                                 _mm256_madd_epi16(_mm256_unpackhi_epi16(x0, x1), _mm256_loadu_si256(wb + 1)));
+    }
+  }
+  for (int blk = 0; blk < blocks; ++blk) {  // back to channel order (tile rows hold whole blocks)
+    __m256i* dst = reinterpret_cast<__m256i*>(tile_row + blk * kPairChannels);
+    _mm256_storeu_si256(dst, _mm256_permute2x128_si256(lo[blk], hi[blk], 0x20));
+    _mm256_storeu_si256(dst + 1, _mm256_permute2x128_si256(lo[blk], hi[blk], 0x31));
+  }
 }
 
 // AVX-512 VNNI. vpdpbusd sums 4 byte products into each int32 lane: here the 4 bytes of a channel's lane are 4
@@ -557,7 +642,18 @@ void conv_u8s8_depthwise(const ConvGeometry& g, const uint8_t* x, const Depthwis
   const int64_t segment_len = (g.out_w + segments - 1) / segments;
   const int64_t columns = quad_columns(g, segment_len);
   const int8_t* w_quads = isa == CpuIsa::Avx512Vnni && columns > 0 ? w.quads : nullptr;
-  const DepthwiseSource src{x, g, w.taps, w_quads, pad_byte};
+  std::vector<int16_t> pairs;  // the AVX2 code's weights and tap offsets
+  std::vector<int64_t> tap_offsets;
+  if (isa != CpuIsa::Scalar && w_quads == nullptr) {
+    pairs.resize(weight_pairs_size(g.channels, taps));
+    weight_pairs(g.channels, taps, w.taps, pairs.data());
+    // (only where a window fits in the input: the offsets stay inside it)
+    if ((g.kh - 1) * g.dil_h < g.height && (g.kw - 1) * g.dil_w < g.width)
+      for (int64_t t = 0; t < taps; ++t)
+        tap_offsets.push_back(((t / g.kw) * g.dil_h * g.width + (t % g.kw) * g.dil_w) * g.channels);
+  }
+  const DepthwiseSource src{x, g, w.taps, w_quads, pairs.empty() ? nullptr : pairs.data(),
+                            tap_offsets.empty() ? nullptr : tap_offsets.data(), pad_byte};
   const int64_t items = g.batch * g.out_h * segments * blocks;
   const int64_t item_cost = segment_len * kDepthwiseChannels * taps;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(item_cost, 1));

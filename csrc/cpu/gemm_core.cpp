@@ -25,7 +25,7 @@ namespace {
 // Work item: up to kRowsPerChunk rows x one 64-column panel. Its int32 tile (24 KB) stays in L1/L2 while k runs in
 // blocks of kKBlock: the panel's slice of the weight for one block (64 KB) stays in L2 across the chunk's rows.
 // Blocks of 1024 measured 0-10 % faster than 256 (which kept the slice in L1): fewer tile round trips.
-constexpr int64_t kRowsPerChunk = 96;  // at most; a multiple of every microkernel's row count (6, 2, 1)
+constexpr int64_t kRowsPerChunk = 96;  // at most; a multiple of every microkernel's row count (6, 4, 2, 1)
 constexpr int64_t kKBlock = 1024;      // bytes of k per cache block (a multiple of 4)
 // The fused kernel (full panels on AVX-512) runs k whole: up to this k (a 3x3 conv over 512 channels, a 295 KB
 // panel of weight) 1-3 % faster than in blocks with the tile between them, as far as measured.
@@ -49,6 +49,12 @@ int64_t out_kind_bytes(OutKind kind) {
 inline int32_t load_i32(const void* p) {
   int32_t v;
   std::memcpy(&v, p, 4);
+  return v;
+}
+
+inline int64_t load_i64(const void* p) {
+  int64_t v;
+  std::memcpy(&v, p, 8);
   return v;
 }
 
@@ -136,52 +142,65 @@ TQ_TARGET_VNNI void microkernel_vnni_rows(const uint8_t* a, int64_t a_row, const
 // AVX2, exact: u8 activations and s8 weights widened to int16, then vpmaddwd (int16 x int16 -> int32 pair sums,
 // |sum| <= 2 * 255 * 128, no saturation, unlike vpmaddubsw). A 16-byte slice of a panel step holds 4 columns x 4 k;
 // widened and multiplied by the broadcast 4 activation values it gives 2 partial sums per column, which are
-// added pairwise (hadd) when the block ends. MR rows x 4 ymm per 16-column quarter = 8 accumulators at MR = 2.
-constexpr int kAvx2Rows = 2;
+// added pairwise (hadd) when the block ends. The rows' activations are widened once per call into a buffer of
+// 4-value groups (each then one broadcast load), not once per group of columns. The k-steps run over 8 columns at a
+// time: MR rows x 2 ymm = 8 accumulators at MR = 4, with 2 weight vectors and the 4 broadcasts in the 16 registers
+// (16 columns at a time left GCC keeping accumulators on the stack at 3 rows or more).
+constexpr int kAvx2Rows = 4;
+constexpr int64_t kAvx2WideSteps = kKBlock / 4;  // the k-steps of one call at most (a k block)
 
 template <int MR>
 TQ_TARGET_AVX2 void microkernel_avx2(const uint8_t* a, int64_t a_row, const int8_t* b, int64_t steps,
                                      int32_t* tile, int vectors, bool first) {
-  for (int q = 0; q < vectors; ++q) {
-    __m256i acc[MR][4];
+  alignas(32) int16_t wide[MR][kAvx2WideSteps * 4];
+  for (int r = 0; r < MR; ++r) {
+    const uint8_t* ar = a + r * a_row;
+    int64_t s = 0;
+    for (; s + 4 <= steps; s += 4)  // 16 values a vector
+      _mm256_store_si256(reinterpret_cast<__m256i*>(wide[r] + 4 * s),
+                         _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ar + 4 * s))));
+    for (; s < steps; ++s)
+      for (int i = 0; i < 4; ++i) wide[r][4 * s + i] = ar[4 * s + i];
+  }
+  for (int h = 0; h < 2 * vectors; ++h) {  // 8 columns: 2 slices of 4
+    __m256i acc[MR][2];
 #pragma GCC unroll 4
-    for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-      for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_setzero_si256();
+    for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+    const int8_t* bh = b + 32 * h;
     for (int64_t s = 0; s < steps; ++s) {
-      __m256i av[MR];
+      const int8_t* bs = bh + s * kStepBytes;
+      const __m256i b0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bs)));
+      const __m256i b1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bs + 16)));
 #pragma GCC unroll 4
-      for (int r = 0; r < MR; ++r)
-        av[r] = _mm256_broadcastq_epi64(_mm_cvtepu8_epi16(_mm_cvtsi32_si128(load_i32(a + r * a_row + 4 * s))));
-      const int8_t* bs = b + s * kStepBytes + 64 * q;
-#pragma GCC unroll 4
-      for (int j = 0; j < 4; ++j) {
-        const __m256i bw = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bs + 16 * j)));
-#pragma GCC unroll 4
-        for (int r = 0; r < MR; ++r) acc[r][j] = _mm256_add_epi32(acc[r][j], _mm256_madd_epi16(bw, av[r]));
+      for (int r = 0; r < MR; ++r) {
+        const __m256i av = _mm256_set1_epi64x(load_i64(wide[r] + 4 * s));
+        acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(b0, av));
+        acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(b1, av));
       }
     }
 #pragma GCC unroll 4
     for (int r = 0; r < MR; ++r) {
       // hadd gives columns (0 1 4 5 | 2 3 6 7); the 64-bit permute puts them in order
-      const __m256i lo = _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[r][0], acc[r][1]), 0xD8);
-      const __m256i hi = _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[r][2], acc[r][3]), 0xD8);
-      __m256i* dst = reinterpret_cast<__m256i*>(tile + r * kPackAlign + 16 * q);
-      if (first) {
-        _mm256_storeu_si256(dst, lo);
-        _mm256_storeu_si256(dst + 1, hi);
-      } else {
-        _mm256_storeu_si256(dst, _mm256_add_epi32(_mm256_loadu_si256(dst), lo));
-        _mm256_storeu_si256(dst + 1, _mm256_add_epi32(_mm256_loadu_si256(dst + 1), hi));
-      }
+      const __m256i sums = _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[r][0], acc[r][1]), 0xD8);
+      __m256i* dst = reinterpret_cast<__m256i*>(tile + r * kPackAlign + 8 * h);
+      _mm256_storeu_si256(dst, first ? sums : _mm256_add_epi32(_mm256_loadu_si256(dst), sums));
     }
   }
 }
 
+// Calls of more k-steps than the buffer holds (the conv kernel rows read in place are shorter) go in parts.
 TQ_TARGET_AVX2 void microkernel_avx2_rows(const uint8_t* a, int64_t a_row, const int8_t* b,
                                           int64_t steps, int32_t* tile, int rows, int vectors, bool first) {
-  if (rows == 2) microkernel_avx2<2>(a, a_row, b, steps, tile, vectors, first);
-  else microkernel_avx2<1>(a, a_row, b, steps, tile, vectors, first);
+  for (int64_t s0 = 0; s0 < steps; s0 += kAvx2WideSteps) {
+    const int64_t part = std::min(kAvx2WideSteps, steps - s0);
+    const uint8_t* as = a + 4 * s0;
+    const int8_t* bs = b + s0 * kStepBytes;
+    const bool start = first && s0 == 0;
+    if (rows == 4) microkernel_avx2<4>(as, a_row, bs, part, tile, vectors, start);
+    else if (rows == 3) microkernel_avx2<3>(as, a_row, bs, part, tile, vectors, start);
+    else if (rows == 2) microkernel_avx2<2>(as, a_row, bs, part, tile, vectors, start);
+    else microkernel_avx2<1>(as, a_row, bs, part, tile, vectors, start);
+  }
 }
 
 // Portable path. Sums in uint32: wrap-around (the hardware's behaviour) without signed-overflow UB.
@@ -229,7 +248,7 @@ using GeluCoeffs = float[kGeluDegree + 1][kGeluIntervals];
 
 constexpr const GeluCoeffs& gelu_coeffs(Gelu kind) { return kind == Gelu::Tanh ? kGeluTanhCoeffs : kGeluErfCoeffs; }
 
-float gelu_scalar(float y, Gelu kind) {
+inline __attribute__((always_inline)) float gelu_scalar(float y, Gelu kind) {
   if (std::isnan(y) || y > kGeluRange) return y;  // y * 1 (NaN: y * P(y))
   if (y < -kGeluRange) return y * 0.0f;
   const GeluCoeffs& c = gelu_coeffs(kind);
@@ -272,7 +291,8 @@ inline T* out_at(const Epilogue& ep, int64_t row, int64_t col0) {
   return static_cast<T*>(ep.out) + row * ep.out_row_stride + col0;
 }
 
-void epilogue_row_scalar(const Epilogue& ep, const int32_t* acc, int64_t row, int64_t col0, int64_t ncols) {
+inline __attribute__((always_inline)) void epilogue_row_scalar(const Epilogue& ep, const int32_t* acc, int64_t row,
+                                                               int64_t col0, int64_t ncols) {
   const float xs = ep.row_scale == nullptr ? 1.0f : ep.row_scale[ep.per_row_scale ? row : 0];
   const QuantFormat fmt{ep.qmin, ep.qmax, false};
   for (int64_t c = 0; c < ncols; ++c) {
@@ -595,6 +615,172 @@ TQ_TARGET_VNNI void epilogue_tile_avx512(const Epilogue& ep, const PanelEpilogue
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// AVX2 epilogue: the AVX-512 epilogue's operations in the same order on 8-column vectors, from the same
+// PanelEpilogue (a scalar epilogue cost 4-10x the multiplies of a small-k conv: 30+ scalar operations an output).
+// Rows of a partial panel (or of a GELU, which the scalar epilogue computes) are formed in a buffer and copied.
+// ---------------------------------------------------------------------------------------------------------------
+
+struct EpilogueVectors256 {
+  __m256 inv_out_scale, q_lo, q_hi, clamp_lo, clamp_hi;
+  __m256i zero_point;  // int16 lanes
+  __m256 residual_scale, residual_zero_point, residual_lo, residual_hi;
+  __m128i residual_flip;
+};
+
+TQ_TARGET_AVX2 inline __attribute__((always_inline)) EpilogueVectors256 epilogue_vectors_avx2(const PanelEpilogue& c) {
+  return {_mm256_set1_ps(c.inv_out_scale),
+          _mm256_set1_ps(c.q_lo),
+          _mm256_set1_ps(c.q_hi),
+          _mm256_set1_ps(c.clamp_lo),
+          _mm256_set1_ps(c.clamp_hi),
+          _mm256_set1_epi16(c.zero_point),
+          _mm256_set1_ps(c.residual_scale),
+          _mm256_set1_ps(c.residual_zero_point),
+          _mm256_set1_ps(c.residual_lo),
+          _mm256_set1_ps(c.residual_hi),
+          _mm_set1_epi8(static_cast<char>(c.residual_flip))};
+}
+
+// Output vector j (8 columns) of a row of sums: y before the activation clamp, as epilogue_float.
+TQ_TARGET_AVX2 inline __attribute__((always_inline)) __m256 epilogue_float_avx2(const PanelEpilogue& c,
+                                                                                const int32_t* sums, __m256 xs,
+                                                                                int j) {
+  const __m256i v = _mm256_sub_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sums + 8 * j)),
+                                     _mm256_load_si256(reinterpret_cast<const __m256i*>(c.offset + 8 * j)));
+  const __m256 y = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(v), xs), _mm256_load_ps(c.scale + 8 * j));
+  return _mm256_add_ps(y, _mm256_load_ps(c.bias + 8 * j));
+}
+
+TQ_TARGET_AVX2 inline __attribute__((always_inline)) __m256 activation_clamp_avx2(const EpilogueVectors256& e,
+                                                                                  __m256 y) {
+  return _mm256_min_ps(e.clamp_hi, _mm256_max_ps(e.clamp_lo, y));
+}
+
+// y + (float(r ^ flip) - zero point) * scale for the 8 residual bytes at r, as add_residual.
+TQ_TARGET_AVX2 inline __attribute__((always_inline)) __m256 add_residual_avx2(const EpilogueVectors256& e, __m256 y,
+                                                                              const uint8_t* r) {
+  const __m128i bytes = _mm_xor_si128(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(r)), e.residual_flip);
+  const __m256 rf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
+  return _mm256_add_ps(y, _mm256_mul_ps(_mm256_sub_ps(rf, e.residual_zero_point), e.residual_scale));
+}
+
+// As requantize: the output value less the zero point, NaN y giving 0.
+template <bool MAY_BE_NAN>
+TQ_TARGET_AVX2 inline __attribute__((always_inline)) __m256i requantize_avx2(const EpilogueVectors256& e, __m256 y) {
+  const __m256 x = _mm256_mul_ps(y, e.inv_out_scale);
+  const __m256i q = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(x, e.q_lo), e.q_hi));  // MXCSR: nearest even
+  if constexpr (MAY_BE_NAN) return _mm256_and_si256(q, _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_ORD_Q)));
+  return q;
+}
+
+// One row of `vectors` 8-column vectors of sums (the sums, residual bytes and output of whole vectors; the caller
+// buffers partial ones) through the epilogue.
+template <OutKind KIND, typename T, bool MAY_BE_NAN>
+TQ_TARGET_AVX2 inline __attribute__((always_inline)) void epilogue_row_avx2(const PanelEpilogue& c,
+                                                                            const EpilogueVectors256& e,
+                                                                            const int32_t* sums, int vectors,
+                                                                            __m256 xs, T* out,
+                                                                            const uint8_t* residual) {
+  if constexpr (KIND == OutKind::Int8 || KIND == OutKind::UInt8) {
+    for (int j0 = 0; j0 < vectors; j0 += 4) {  // 32 columns: 4 vectors packed into one 32-byte store
+      __m256i q[4];
+      for (int i = 0; i < 4; ++i) {
+        const int j = j0 + i;
+        if (j >= vectors) {
+          q[i] = _mm256_setzero_si256();
+          continue;
+        }
+        __m256 y = epilogue_float_avx2(c, sums, xs, j);
+        if (residual != nullptr) y = add_residual_avx2(e, activation_clamp_avx2(e, y), residual + 8 * j);
+        q[i] = requantize_avx2<MAY_BE_NAN>(e, y);
+      }
+      const __m256i w01 = _mm256_adds_epi16(_mm256_packs_epi32(q[0], q[1]), e.zero_point);
+      const __m256i w23 = _mm256_adds_epi16(_mm256_packs_epi32(q[2], q[3]), e.zero_point);
+      const __m256i bytes = KIND == OutKind::UInt8 ? _mm256_packus_epi16(w01, w23) : _mm256_packs_epi16(w01, w23);
+      // dword 4 * lane + i of `bytes` holds vector i's columns 4 * lane .. 4 * lane + 3
+      const __m256i row = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 8 * j0), row);
+    }
+    return;
+  }
+  for (int j = 0; j < vectors; ++j) {
+    T* dst = out + 8 * j;
+    if constexpr (KIND == OutKind::Int32) {
+      const __m256i v = _mm256_sub_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sums + 8 * j)),
+                                         _mm256_load_si256(reinterpret_cast<const __m256i*>(c.offset + 8 * j)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), v);
+      continue;
+    }
+    __m256 y = activation_clamp_avx2(e, epilogue_float_avx2(c, sums, xs, j));
+    if (residual != nullptr)
+      y = _mm256_min_ps(e.residual_hi, _mm256_max_ps(e.residual_lo, add_residual_avx2(e, y, residual + 8 * j)));
+    if constexpr (KIND == OutKind::Float32) {
+      _mm256_storeu_ps(reinterpret_cast<float*>(dst), y);
+    } else if constexpr (KIND == OutKind::Float16) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT));
+    } else if constexpr (KIND == OutKind::BFloat16) {  // as the AVX-512 epilogue: round to nearest even, NaN quiet
+      const __m256i bits = _mm256_castps_si256(y);
+      const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+      __m256i h = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+      h = _mm256_blendv_epi8(h, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(y, y, _CMP_UNORD_Q)));
+      const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(h, h), 0xD8);  // h <= 0xFFFF: exact
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_castsi256_si128(packed));
+    }
+  }
+}
+
+template <OutKind KIND, typename T, bool MAY_BE_NAN>
+TQ_TARGET_AVX2 void epilogue_tile_avx2_kind(const Epilogue& ep, const PanelEpilogue& c, const int32_t* tile,
+                                            int64_t row0, int64_t rows, int64_t col0, int64_t ncols) {
+  const EpilogueVectors256 e = epilogue_vectors_avx2(c);
+  const OutRows<T> out(ep, col0);
+  const bool whole = ncols == kPackAlign;
+  const int vectors = static_cast<int>((ncols + 7) / 8);
+  alignas(32) T buffer[kPackAlign];
+  alignas(32) uint8_t residual_buffer[kPackAlign];
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t row = row0 + r;
+    const __m256 xs = _mm256_set1_ps(out.row_scale == nullptr ? out.scale : out.row_scale[row]);
+    const uint8_t* residual = out.residual_row(row);
+    if (residual != nullptr && !whole) {
+      std::memcpy(residual_buffer, residual, ncols);
+      residual = residual_buffer;
+    }
+    T* dst = whole ? out.row(row) : buffer;
+    epilogue_row_avx2<KIND, T, MAY_BE_NAN>(c, e, tile + r * kPackAlign, vectors, xs, dst, residual);
+    if (!whole) std::memcpy(out.row(row), buffer, ncols * sizeof(T));
+  }
+}
+
+template <OutKind KIND, typename T>
+TQ_TARGET_AVX2 void epilogue_tile_avx2_bytes(const Epilogue& ep, const PanelEpilogue& c, const int32_t* tile,
+                                             int64_t row0, int64_t rows, int64_t col0, int64_t ncols) {
+  (c.may_be_nan ? epilogue_tile_avx2_kind<KIND, T, true>
+                : epilogue_tile_avx2_kind<KIND, T, false>)(ep, c, tile, row0, rows, col0, ncols);
+}
+
+TQ_TARGET_AVX2 void epilogue_tile_avx2(const Epilogue& ep, const PanelEpilogue& c, const int32_t* tile,
+                                       int64_t row0, int64_t rows, int64_t col0, int64_t ncols) {
+  if (c.gelu != Gelu::None) {  // the scalar epilogue, its std::fma one instruction here
+    for (int64_t r = 0; r < rows; ++r) epilogue_row_scalar(ep, tile + r * kPackAlign, row0 + r, col0, ncols);
+    return;
+  }
+  switch (ep.kind) {
+    case OutKind::Int32:
+      return epilogue_tile_avx2_kind<OutKind::Int32, int32_t, true>(ep, c, tile, row0, rows, col0, ncols);
+    case OutKind::Float32:
+      return epilogue_tile_avx2_kind<OutKind::Float32, float, true>(ep, c, tile, row0, rows, col0, ncols);
+    case OutKind::Float16:
+      return epilogue_tile_avx2_kind<OutKind::Float16, c10::Half, true>(ep, c, tile, row0, rows, col0, ncols);
+    case OutKind::BFloat16:
+      return epilogue_tile_avx2_kind<OutKind::BFloat16, c10::BFloat16, true>(ep, c, tile, row0, rows, col0, ncols);
+    case OutKind::Int8: return epilogue_tile_avx2_bytes<OutKind::Int8, int8_t>(ep, c, tile, row0, rows, col0, ncols);
+    case OutKind::UInt8:
+      return epilogue_tile_avx2_bytes<OutKind::UInt8, uint8_t>(ep, c, tile, row0, rows, col0, ncols);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // Fused AVX-512 kernel: a full panel multiplied over its whole k range and stored in one pass (the sums go from
 // registers to the epilogue, no tile round trip, which cost as much as the multiplies at k = 64). The k range is
 // `runs.count` runs of `runs.steps` k-steps whose activation rows start `runs.stride` bytes apart (the kernel rows
@@ -748,7 +934,7 @@ int group_rows(int rows, int64_t left) {
 IsaPath isa_path(CpuIsa isa) {
   switch (isa) {
     case CpuIsa::Avx512Vnni: return {microkernel_vnni_rows, epilogue_tile_avx512, kVnniRows, true};
-    case CpuIsa::Avx2: return {microkernel_avx2_rows, epilogue_tile_scalar, kAvx2Rows, false};
+    case CpuIsa::Avx2: return {microkernel_avx2_rows, epilogue_tile_avx2, kAvx2Rows, false};
     case CpuIsa::Scalar: break;
   }
   return {microkernel_scalar, epilogue_tile_scalar, kVnniRows, false};
@@ -1051,7 +1237,7 @@ Epilogue with_streaming(const Epilogue& ep, int64_t rows, int64_t cols) {
 }
 
 PanelEpilogues::PanelEpilogues(const Epilogue& ep, int64_t groups, int64_t n, CpuIsa isa) {
-  if (isa != CpuIsa::Avx512Vnni) return;
+  if (isa == CpuIsa::Scalar) return;
   const int64_t n_panels = (n + kPackAlign - 1) / kPackAlign;
   panels_.resize(groups * n_panels);
   for (int64_t g = 0; g < groups; ++g)

@@ -123,8 +123,8 @@ struct PanelEpilogue {
 };
 
 // The PanelEpilogue of every panel of every group of an output of groups x n columns, [group * panels + panel], for
-// the epilogue of the `isa` path: made only for the AVX-512 one (the AVX2 and scalar epilogues read the Epilogue
-// itself, and get a placeholder).
+// the epilogue of the `isa` path: made for the AVX-512 and AVX2 ones (the scalar epilogue reads the Epilogue itself,
+// and gets a placeholder).
 class PanelEpilogues {
  public:
   PanelEpilogues(const Epilogue& ep, int64_t groups, int64_t n, CpuIsa isa);

@@ -9,7 +9,7 @@
 
 // Function attributes of the code paths that cpu_isa() chooses between (what detected_cpu_isa() checks for).
 #define TQ_TARGET_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
-#define TQ_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define TQ_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
 // The byte permutes (vpermb / vpermi2b) that table lookups use on the avx512_vnni path, where cpu_has_avx512_vbmi().
 #define TQ_TARGET_VBMI __attribute__((target("avx512f,avx512bw,avx512vbmi")))
 
@@ -23,7 +23,8 @@ inline CpuIsa detected_cpu_isa() {
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))
       return CpuIsa::Avx512Vnni;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return CpuIsa::Avx2;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+      return CpuIsa::Avx2;
     return CpuIsa::Scalar;
   }();
   return isa;
