@@ -78,6 +78,29 @@ def test_layer_output_sqnr_is_the_isolated_error(model, batches):
     assert report.layers[2].latency_float_s is None and report.latency_float_s is None
 
 
+def test_layer_with_an_input_changing_pre_hook_is_measured_on_the_input_it_computes(model, batches):
+    """A forward pre-hook that changes a layer's input runs once around the float layer and once around the quantized
+    one (it moved with the layer): the measurement feeds both the input before the hook (it fed the quantized layer
+    the float layer's hooked input, which the hook changed again), so the figure is the isolated error as without
+    the hook."""
+    expected = build_report(model, quantize_with_budget(model, "int8-dynamic", batches)[0], "int8-dynamic",
+                            calibration=batches, time_layers=False).layers[2].output_sqnr_db
+    model.head[3].register_forward_pre_hook(lambda m, args: (args[0] * 4 + 3,))
+    quantized, _ = quantize_with_budget(model, "int8-dynamic", batches)
+    captured = []
+    handle = model.head[3].register_forward_pre_hook(lambda m, args: captured.append(args[0]), prepend=True)
+    with torch.no_grad():
+        for batch in batches:
+            model(batch)
+    handle.remove()
+    x = torch.cat(captured)  # the input before the hook
+    with torch.no_grad():
+        want = F_q.quantization_error(model.head[3](x), quantized.head[3](x))["sqnr_db"]
+    report = build_report(model, quantized, "int8-dynamic", calibration=batches, repeats=1)
+    assert report.layers[2].output_sqnr_db == pytest.approx(want, rel=1e-6)
+    assert abs(want - expected) < 6 and report.layers[2].latency_quantized_s > 0
+
+
 def test_budget_falls_back_to_8_bits_then_float(model, batches):
     # 4-bit weights cannot reach 40 dB, 8-bit ones can: every layer moves to 8 bits
     quantized, decisions = quantize_with_budget(model, "w4a8-dynamic", batches, min_sqnr=40)

@@ -288,7 +288,9 @@ def measure_layers(float_model, quantized_model, batches: Sequence[torch.Tensor]
         return hook
 
     end_to_end = _ErrorSums()
-    handles = [f.register_forward_pre_hook(record_input(n)) for n, f, q in pairs]
+    # the input before the layer's own pre-hooks (the quantized layer has them too): feeding the quantized layer, and
+    # the timed calls of both, the hooked input would apply an input-changing hook twice
+    handles = [f.register_forward_pre_hook(record_input(n), prepend=True) for n, f, q in pairs]
     handles += [ends[n].register_forward_hook(compare_output(n, q)) for n, f, q in pairs]
     try:
         for batch in tqdm(batches, desc=desc, disable=None if progress else True, leave=False):
