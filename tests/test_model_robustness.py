@@ -10,6 +10,7 @@ import torch.nn as nn
 import torchquant
 from torchquant import _C
 from torchquant.nn import QuantConv1d, QuantConv2d
+from torchquant.nn.base import _HOOK_DICTS
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
@@ -271,6 +272,41 @@ def test_forward_hooks_of_quantized_layers_keep_running(preset):
         assert len(seen) == 1 and seen[0].shape == (2, 8, 6, 6)
         torch.testing.assert_close(y, want, atol=0.05, rtol=0.05)
         assert isinstance(m[1], nn.BatchNorm2d)  # not folded
+
+
+@pytest.mark.parametrize("preset", ["int8-dynamic", "int8-static"])
+def test_hook_handles_taken_before_prepare_remove_the_hooks_from_the_quantized_layer(preset):
+    """The quantized layer takes over the float layer's hooks themselves (the same dicts, not copies): a handle that
+    register_forward_hook & co. returned before prepare removes its hook from the prepared and the converted layer
+    (it removed it from the float layer only, which the model no longer calls, and the hook kept running)."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    x = torch.randn(4, 8)
+    want = model(x)
+    seen = []
+    handles = [model[0].register_forward_pre_hook(lambda module, args: (-args[0],)),
+               model[2].register_forward_hook(lambda module, args, kwargs, y: seen.append(y), with_kwargs=True),
+               model[2].register_forward_pre_hook(lambda module, args, kwargs: seen.append(args), with_kwargs=True)]
+    torchquant.prepare(model, preset)
+    if preset != "int8-dynamic":
+        torchquant.calibrate(model, [x], progress=False)
+    handles[1].remove()
+    seen.clear()
+    model(x)
+    assert len(seen) == 1  # the pre-hook with kwargs only
+    torchquant.convert(model)
+    for handle in handles:
+        handle.remove()
+    seen.clear()
+    y = model(x)
+    assert not seen and not any(getattr(model[i], d) for i in (0, 2) for d in _HOOK_DICTS)
+    torch.testing.assert_close(y, want, atol=0.05, rtol=0.05)
+    # hooks registered on the quantized layer come and go with their own handles
+    handle = model[2].register_forward_hook(lambda module, args, y: seen.append(y))
+    model(x)
+    handle.remove()
+    model(x)
+    assert len(seen) == 1
 
 
 @pytest.mark.parametrize("norm", ["weight_norm", "spectral_norm"])

@@ -123,8 +123,8 @@ class QuantLayerBase(nn.Module):
     @classmethod
     def from_float(cls, module: nn.Module, config=None):
         """A fake-quant layer sharing `module`'s weight and bias parameters (optimizers keep working) and its forward
-        and backward hooks (they run around the quantized layer where they ran around the float one; the handles
-        register_forward_hook returned remove them from `module` only)."""
+        and backward hooks (they run around the quantized layer where they ran around the float one, and the handles
+        register_forward_hook & co. returned remove them from both)."""
         if type(module) is not cls.FLOAT_TYPE:
             raise TypeError(f"{cls.__name__}.from_float: module must be a {cls.FLOAT_TYPE.__name__}, "
                             f"got {type(module).__name__}")
@@ -140,9 +140,10 @@ class QuantLayerBase(nn.Module):
         return layer
 
     def _take_hooks(self, module: nn.Module) -> None:
-        """Adds module's forward and backward hooks to this layer's (they run around it as they ran around module)."""
+        """Takes over module's forward and backward hooks: the same dicts, not copies, so that a handle registering a
+        hook on module returned removes it from this layer too (hooks registered on either later run around both)."""
         for hooks in _HOOK_DICTS:
-            getattr(self, hooks).update(getattr(module, hooks))
+            self.__dict__[hooks] = getattr(module, hooks)
         if module._is_full_backward_hook is not None:
             self._is_full_backward_hook = module._is_full_backward_hook
 
