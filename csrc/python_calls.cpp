@@ -33,6 +33,7 @@
 #include <torch/csrc/Dtype.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/jit/frontend/tracer.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include "cpu/gemm_ops.h"
@@ -154,6 +155,9 @@ size_t slot_of(const NumberKey& k) {
 }
 
 std::optional<at::Tensor> number_tensor(double value, int64_t length, at::ScalarType dtype) {
+  // torch.jit.trace records how the tensor was made: a cached one would be a constant in one trace and an aten::full
+  // in another, and trace's check that two runs record the same graph fails (the Python path makes one per call)
+  if (torch::jit::tracer::isTracing()) return std::nullopt;
   if (length > kCachedLengthMax) {
     if (c10::impl::dispatch_mode_enabled()) return std::nullopt;
     return at::full({length}, value, at::TensorOptions().dtype(dtype));

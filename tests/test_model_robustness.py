@@ -354,3 +354,25 @@ def test_prepare_with_another_config_says_the_quantized_layers_keep_theirs():
     with pytest.warns(UserWarning, match=r"prepare: 0, 2 quantized already with another config keep theirs"):
         torchquant.prepare(model, "int8-static")
     assert model[0].config.activation.dynamic
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torch.jit.trace
+
+def small_cnn() -> nn.Module:
+    torch.manual_seed(10)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+
+
+@pytest.mark.parametrize("preset", ["int8-pipeline", "int8-static", "int8-dynamic"])
+def test_jit_trace_of_quantized_models(preset):
+    """torch.jit.trace records what the eager model computes, and its check (two runs record the same graph)
+    passes: the integer pipeline's Python-number zero points were cached tensors made on the first call only (an
+    aten::full in one trace, a constant in the other: 'Graphs differed across invocations')."""
+    x = torch.randn(2, 3, 8, 8)
+    prepared, converted = quantized(small_cnn(), preset, x)
+    for m in (prepared, converted):
+        traced = torch.jit.trace(m, x)
+        for batch in (x, torch.randn(3, 3, 8, 8)):
+            assert torch.equal(traced(batch), m(batch))
