@@ -1,6 +1,6 @@
 // The one place where every torchquant op schema is declared. CPU kernels register in csrc/cpu/*.cpp,
 // CUDA kernels in csrc/cuda/*.cu, fake (meta) kernels in torchquant/_ops/*.py, autograd kernels in
-// csrc/quantize_autograd.cpp and csrc/linear_dynamic.cpp.
+// csrc/quantize_autograd.cpp and csrc/linear_dynamic.cpp, autocast kernels of the layer ops in csrc/autocast.cpp.
 #include <Python.h>
 #include <torch/library.h>
 

@@ -52,3 +52,29 @@ def test_dynamic_shapes_compile_once():
     targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
     assert sum("int8_linear_dynamic" in t for t in targets) == 2, targets
     assert not any("quantize_per_token" in t for t in targets), targets
+
+
+def test_compiled_converted_model_follows_autocast():
+    # under torch.autocast (entered around the compiled model or inside the compiled function) the converted layers'
+    # float outputs take autocast's dtype in the traced graph as in eager
+    torch.manual_seed(0)
+    model = nn.Sequential(QuantConv2d(3, 4, 3, padding=1, config="int8-static"), nn.ReLU(), nn.Flatten(),
+                          QuantLinear(4 * 5 * 5, 8, config="int8-dynamic"), nn.ReLU(),
+                          QuantLinear(8, 3, config="int8-static"))
+    x = torch.randn(2, 3, 5, 5)
+    tq.calibrate(model, [x], progress=False)
+    tq.convert(model.eval())
+
+    def under_autocast(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(x)
+
+    with torch.no_grad():
+        want = under_autocast(x)
+        assert want.dtype == torch.bfloat16
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(compiled(x), want)
+        torch._dynamo.reset()
+        assert torch.equal(torch.compile(under_autocast, fullgraph=True, backend="aot_eager")(x), want)

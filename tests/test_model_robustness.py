@@ -376,3 +376,42 @@ def test_jit_trace_of_quantized_models(preset):
         traced = torch.jit.trace(m, x)
         for batch in (x, torch.randn(3, 3, 8, 8)):
             assert torch.equal(traced(batch), m(batch))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torch.autocast
+
+AUTOCAST_LAYERS = [(lambda: nn.Linear(6, 5), (4, 6)), (lambda: nn.Conv2d(3, 5, 3), (2, 3, 6, 6)),
+                   (lambda: nn.Conv1d(3, 5, 3), (2, 3, 7))]
+WEIGHT_ONLY = torchquant.QuantConfig(weight=torchquant.QuantSpec(), activation=None)
+
+
+@pytest.mark.parametrize("preset", ["int8-dynamic", "int8-static", "w4a8-dynamic", "int8-pipeline", "weight-only"])
+@pytest.mark.parametrize("make, shape", AUTOCAST_LAYERS, ids=["linear", "conv2d", "conv1d"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_quantized_layers_follow_autocast(device, make, shape, preset, dtype):
+    """Under torch.autocast a prepared and a converted layer return autocast's dtype, as nn.Linear / nn.Conv2d do
+    (converted layers returned float32). The converted layer's integers are those outside autocast (its input is
+    not cast): the output is the one outside autocast rounded to that dtype."""
+    torch.manual_seed(11)
+    model = nn.Sequential(make()).to(device)
+    x = torch.randn(*shape, device=device)
+    prepared, converted = quantized(model, WEIGHT_ONLY if preset == "weight-only" else preset, x)
+    outside = converted(x)
+    with torch.autocast(device, dtype=dtype):
+        assert model(x).dtype == prepared(x).dtype == converted(x).dtype == dtype
+        if preset != "weight-only":  # (float compute: F.linear / F.conv2d in dtype)
+            assert torch.equal(converted(x), outside.to(dtype))
+    assert converted(x).dtype == torch.float32  # (nothing cached)
+
+
+def test_integer_pipeline_under_autocast_keeps_integers_between_layers(device):
+    """Only a layer's float output follows autocast: the requantized int8/uint8 outputs between a pipeline's layers
+    stay integer, so the whole pipeline's output is the one outside autocast, rounded."""
+    torch.manual_seed(12)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).to(device)
+    x = torch.randn(5, 8, device=device)
+    _, converted = quantized(model, "int8-pipeline", x)
+    want = converted(x)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        assert torch.equal(converted(x), want.to(torch.bfloat16))
