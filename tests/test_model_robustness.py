@@ -72,6 +72,34 @@ def test_unbatched_converted_conv_layer(conv, shape, layout, path):
         layer(torch.randn(shape[1:]))
 
 
+class ResidualBlock(nn.Module):
+    def __init__(self, conv):
+        super().__init__()
+        self.conv1 = conv(3, 8, 3, padding=1)
+        self.conv2 = conv(8, 8, 3, padding=1)
+        self.conv3 = conv(8, 4, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.conv1(x))
+        return self.conv3(torch.relu(self.conv2(y) + y))
+
+
+@pytest.mark.parametrize("conv, shape", [(nn.Conv2d, (3, 8, 8)), (nn.Conv1d, (3, 8)), (nn.Conv2d, (3, 11, 13))],
+                         ids=["conv2d", "conv1d", "conv2d-not-square"])
+def test_unbatched_input_to_a_pipeline_conv_with_its_residual_add(conv, shape):
+    """The integer pipeline's conv that adds the residual in its epilogue takes an unbatched input as the other
+    convs do: the add's shape check read its [channels, height, width] as [batch, channels, height] (an add it
+    took for a broadcasting one ran in float; where the sizes agreed by chance, int8_conv2d.residual raised 'x_q
+    must be 4-d [B, C, H, W], got 3-d')."""
+    torch.manual_seed(3)
+    x = torch.randn(*shape)
+    prepared, converted = quantized(ResidualBlock(conv).eval(), "int8-pipeline", torch.randn(4, *shape))
+    assert "integer_conv_add" in converted.code
+    for m in (prepared, converted):
+        got = m(x)
+        assert got.shape == m(x[None]).shape[1:] and torch.equal(got, m(x[None])[0])
+
+
 def test_unbatched_input_with_a_folded_batchnorm_in_training_is_refused():
     """The folded BatchNorm's batch statistics need a batch (the float BatchNorm2d refuses a 3-D input too)."""
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))

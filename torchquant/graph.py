@@ -786,9 +786,11 @@ def integer_add(a: torch.Tensor, b: torch.Tensor, qa: ActivationQuantizer, qb: A
 
 
 def _conv_output_shape(layer: QuantConv2d, x: torch.Tensor) -> tuple:
-    return (x.shape[0], layer.out_channels,
+    """The conv's output shape for x, batched or not (as nn.Conv2d / nn.Conv1d take it)."""
+    spatial = x.shape[-len(layer.kernel_size):]
+    return (*x.shape[:-len(layer.kernel_size) - 1], layer.out_channels,
             *((size + 2 * p - d * (k - 1) - 1) // s + 1 for size, k, s, p, d in zip(
-                x.shape[2:], layer.kernel_size, layer.stride, layer.padding, layer.dilation)))
+                spatial, layer.kernel_size, layer.stride, layer.padding, layer.dilation)))
 
 
 def integer_conv_add(layer: QuantConv2d, x_q: torch.Tensor, residual: torch.Tensor, residual_quantizer:

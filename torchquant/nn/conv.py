@@ -153,6 +153,10 @@ class QuantConv2d(QuantLayerBase):
                              out_scale: float | None = None, out_zero_point: int = 0) -> torch.Tensor:
         """pipeline_op with a residual add [+ ReLU] after the activation clamp, in the conv's epilogue
         (int8_conv2d.residual): residual int8/uint8 of the output's shape, residual_scale a float32 tensor [1]."""
+        if x_q.dim() == 3:  # unbatched: a batch of one, as _int_op runs it
+            return QuantConv2d.pipeline_residual_op(self, x_q.unsqueeze(0), residual.unsqueeze(0), residual_scale,
+                                                    residual_zero_point, relu, out_dtype, out_scale,
+                                                    out_zero_point).squeeze(0)
         return ops.int8_conv2d.residual(x_q, self._static_scale, self.input_zero_point, *self._kernel_args, out_dtype,
                                         out_scale, out_zero_point, self.clamp_min, self.clamp_max, residual,
                                         residual_scale, residual_zero_point, relu)
