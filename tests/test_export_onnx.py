@@ -4,6 +4,7 @@ input and its outputs within float rounding; bad input fails with one clear erro
 Skips visibly without onnx, onnxscript or onnxruntime (pip install 'torchquant[onnx]')."""
 import copy
 import os
+import re
 
 import pytest
 import torch
@@ -1183,3 +1184,53 @@ def test_cli_export_of_a_model_that_takes_token_ids(tmp_path, capsys, monkeypatc
     rc, err = run_main(["export", "idsmodel:Ids", "--calib", tmp_path / "ids.pt", "-o", tmp_path / "m.onnx", "-q"],
                        capsys)
     assert rc == 0 and (tmp_path / "m.onnx").exists(), err
+
+
+@pytest.mark.parametrize("preset", ["int8-static", "int8-pipeline"])
+def test_unbatched_example_input_with_dynamic_batch_says_so(tmp_path, preset):
+    """dynamic_batch=True with an unbatched example (a Linear's [features], a conv's [channels, height, width]):
+    the error says the model fixes that first dimension and what to do (it was torch.export's 'Constraints
+    violated (batch)' under 'data-dependent control flow and Python side effects are not exportable')."""
+    torch.manual_seed(0)
+    for model, x in [(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)), torch.randn(8)),
+                     (nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()), torch.randn(3, 8, 8))]:
+        quantized = torchquant.quantize_model(model.eval(), preset, [x[None].repeat(4, *[1] * x.dim())])
+        shape = re.escape(str(list(x.shape)))
+        with pytest.raises(ExportError, match=rf"dynamic_batch=True .* the model fixes it to {x.shape[0]} \(input 0 of "
+                                              rf"shape {shape}\).*x\.unsqueeze\(0\).* dynamic_batch=False"):
+            export_onnx(quantized, x, tmp_path / "m.onnx")
+        assert_no_file(tmp_path)
+
+
+class UnbatchedResidual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x):
+        y = torch.relu(self.conv1(x))
+        return self.pool(torch.relu(self.conv2(y) + y))
+
+
+@pytest.mark.parametrize("preset", ["int8-static", "int8-dynamic", "int8-pipeline"])
+@pytest.mark.parametrize("make, shape", [(lambda: nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)), (8,)),
+                                         (UnbatchedResidual, (3, 8, 8)),
+                                         (lambda: nn.Sequential(nn.Conv1d(3, 8, 3), nn.ReLU(), nn.Conv1d(8, 4, 3)),
+                                          (3, 12))], ids=["linear", "residual", "conv1d"])
+def test_unbatched_example_input_with_a_fixed_batch(make, shape, preset):
+    """dynamic_batch=False exports an unbatched model as the float layers take it: a dynamic Linear's output was
+    [1, N] for an [K] input (its [1, N] bias broadcast), and a pipeline's unbatched conv and max-pool gave
+    ConvInteger / MaxPool a 3-D input (a file onnxruntime refused) or failed to run (the residual conv)."""
+    torch.manual_seed(1)
+    x = torch.randn(*shape)
+    model = torchquant.quantize_model(make().eval(), preset, [torch.randn(4, *shape)])
+    with torch.no_grad():
+        want = model(x)
+        assert torch.equal(want, model(x[None])[0])
+    proto, _ = _onnx_model(model, x, None, False)
+    (output, *_), _ = run_onnx(proto, (x,))
+    assert output.shape == want.shape
+    if preset != "int8-dynamic" or len(shape) > 1:  # (onnxruntime's u8 x s8 MatMulInteger saturates on AVX2 CPUs)
+        torch.testing.assert_close(torch.from_numpy(output), want, rtol=1e-5, atol=1e-5)

@@ -192,6 +192,8 @@ class _Placeholder(nn.Module):
     def forward(self, x):
         self.check_input(x)
         if self.layer_type is QuantLinear:
+            if x.dim() == 1:  # one sample, as nn.Linear takes it: a batch of one (the graph's bias is [1, N])
+                return self.forward(x.unsqueeze(0)).squeeze(0)
             return torch.ops.torchquant_export.linear(x, *self.args, self.index)
         if x.dim() == len(self.args[1]) + 1:  # unbatched, as nn.Conv2d / nn.Conv1d take it: a batch of one
             return self.forward(x.unsqueeze(0)).squeeze(0)
@@ -627,6 +629,30 @@ def _(x, kernel_size, stride, padding, dilation, ceil_mode, index):
                                           dilation, ceil_mode).to(x.dtype)
 
 
+def _pipeline_linear(x, in_features, *args):
+    """The pipeline Linear's placeholder call, on an input of the layer's width (the placeholder takes any: a free
+    first dimension of an unbatched input would be exported as a batch)."""
+    torch._check(x.shape[-1] == in_features, lambda: f"a pipeline Linear needs {in_features} input features")
+    return torch.ops.torchquant_export.pipeline_linear(x, *args)
+
+
+def _pipeline_conv2d(x, in_channels, residual, out_channels, kernel_size, *args):
+    """The pipeline conv's placeholder call, on an input of the layer's channels; an unbatched x (as nn.Conv2d /
+    nn.Conv1d take it) as the batch of one it is (ConvInteger takes batches only)."""
+    if x.dim() == len(kernel_size) + 1:
+        residual = None if residual is None else residual.unsqueeze(0)
+        return _pipeline_conv2d(x.unsqueeze(0), in_channels, residual, out_channels, kernel_size, *args).squeeze(0)
+    torch._check(x.shape[1] == in_channels, lambda: f"a pipeline conv needs {in_channels} input channels")
+    return torch.ops.torchquant_export.pipeline_conv2d(x, residual, out_channels, kernel_size, *args)
+
+
+def _pipeline_max_pool2d(x, *args):
+    """The pipeline max-pool's placeholder call; an unbatched x as a batch of one (ONNX MaxPool takes batches)."""
+    if x.dim() == 3:
+        return _pipeline_max_pool2d(x.unsqueeze(0), *args).squeeze(0)
+    return torch.ops.torchquant_export.pipeline_max_pool2d(x, *args)
+
+
 def _pair(value) -> list:
     return [int(v) for v in value] if isinstance(value, (tuple, list)) else [int(value)] * 2
 
@@ -686,7 +712,7 @@ def _pipeline_steps(gm) -> list:
             pool = {"kernel_size": kernel, "stride": stride, "padding": _pair(pool.get("padding", 0)),
                     "dilation": _pair(pool.get("dilation", 1)), "ceil_mode": bool(pool.get("ceil_mode", False))}
             step = _Step(kind, node.name, integer_dtype(node.args[0]), (), None, pool=pool)
-            call = (torch.ops.torchquant_export.pipeline_max_pool2d, (node.args[0], *pool.values(), index))
+            call = (_pipeline_max_pool2d, (node.args[0], *pool.values(), index))
         elif kind == "lookup":
             x, table = node.args
             table = gm.get_buffer(table.target)
@@ -709,11 +735,11 @@ def _pipeline_steps(gm) -> list:
             step = _Step(kind, node.name, dtype_of(out), inputs, out, layer=_layer_state(layer_attr.target, layer),
                          relu=bool(relu))
             if isinstance(layer, QuantLinear):
-                call = (torch.ops.torchquant_export.pipeline_linear, (x, layer.out_features, step.dtype, index))
+                call = (_pipeline_linear, (x, layer.in_features, layer.out_features, step.dtype, index))
             else:
-                call = (torch.ops.torchquant_export.pipeline_conv2d,
-                        (x, residual, layer.out_channels, list(layer.kernel_size), list(layer.stride),
-                         list(layer.padding), list(layer.dilation), step.dtype, index))
+                call = (_pipeline_conv2d,
+                        (x, layer.in_channels, residual, layer.out_channels, list(layer.kernel_size),
+                         list(layer.stride), list(layer.padding), list(layer.dilation), step.dtype, index))
         steps.append(step)
         with graph.inserting_before(node):
             new = graph.call_function(*call)
@@ -884,13 +910,24 @@ def _traced(model: nn.Module, inputs: Tuple[torch.Tensor, ...], dynamic_batch: b
     """torch.export of the placeholder model; untraceable forwards and torchquant ops left outside the quantized
     layers become ExportErrors."""
     dynamic_shapes = None
+    example = inputs
     if dynamic_batch:
         batch = torch.export.Dim("batch")
         dynamic_shapes = tuple({0: batch} if t.dim() > 0 else None for t in inputs)
+        # torch.export specializes a dimension of size 1: trace a batch of 2 (the batch is only a shape here)
+        inputs = tuple(torch.cat([t, t]) if t.dim() > 0 and t.shape[0] == 1 else t for t in inputs)
     try:
         with _quiet_exporters():
             program = torch.export.export(model, inputs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as exc:  # torch.export raises many types (UserError, GuardOnDataDependentSymNode, ...)
+        constant = re.search(r"specialized it to be a constant \((\d+)\)", str(exc)) if dynamic_batch else None
+        if constant is not None:  # the model computes with a fixed first dimension (an unbatched input's features)
+            fixed = [f"input {i} of shape {list(t.shape)}" for i, (t, traced) in enumerate(zip(example, inputs))
+                     if traced.dim() > 0 and traced.shape[0] == int(constant[1])]
+            raise ExportError(f"export_onnx: dynamic_batch=True leaves the first dimension of every input free as "
+                              f"the batch, but the model fixes it to {constant[1]} ({', '.join(fixed) or 'an input'}):"
+                              f" it is not a batch dimension (an unbatched input?); export a batched example input "
+                              f"(x.unsqueeze(0) for one sample) or pass dynamic_batch=False") from exc
         lines = [line.strip() for line in str(exc).splitlines()]
         # torch.export names the user's line that failed after this header
         where = next((lines[i + 1] for i, line in enumerate(lines[:-1])
@@ -940,9 +977,6 @@ def _onnx_model(model: nn.Module, example_inputs, opset: Optional[int], dynamic_
         for child, module in parent._modules.items():
             if id(module) in placeholders:
                 parent._modules[child] = placeholders[id(module)]
-    if dynamic_batch:
-        # torch.export specializes a dimension of size 1: trace a batch of 2 (the batch is only a shape here)
-        inputs = tuple(torch.cat([t, t]) if t.dim() > 0 and t.shape[0] == 1 else t for t in inputs)
     with torch.no_grad():
         program = _traced(copied, inputs, dynamic_batch)
         try:
