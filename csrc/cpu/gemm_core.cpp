@@ -248,7 +248,7 @@ using GeluCoeffs = float[kGeluDegree + 1][kGeluIntervals];
 
 constexpr const GeluCoeffs& gelu_coeffs(Gelu kind) { return kind == Gelu::Tanh ? kGeluTanhCoeffs : kGeluErfCoeffs; }
 
-inline __attribute__((always_inline)) float gelu_scalar(float y, Gelu kind) {
+float gelu_scalar(float y, Gelu kind) {
   if (std::isnan(y) || y > kGeluRange) return y;  // y * 1 (NaN: y * P(y))
   if (y < -kGeluRange) return y * 0.0f;
   const GeluCoeffs& c = gelu_coeffs(kind);
@@ -281,6 +281,22 @@ TQ_TARGET_VNNI inline __attribute__((always_inline)) __m512 gelu_avx512(__m512 y
   return _mm512_mul_ps(y, p);
 }
 
+// The same on 8 lanes (AVX2), the table entries gathered.
+template <Gelu KIND>
+TQ_TARGET_AVX2 inline __attribute__((always_inline)) __m256 gelu_avx2(__m256 y) {
+  const GeluCoeffs& c = gelu_coeffs(KIND);
+  const __m256 range = _mm256_set1_ps(kGeluRange);
+  __m256i i = _mm256_cvttps_epi32(_mm256_mul_ps(_mm256_add_ps(y, range), _mm256_set1_ps(kGeluIndexScale)));
+  i = _mm256_min_epi32(_mm256_max_epi32(i, _mm256_setzero_si256()), _mm256_set1_epi32(kGeluIntervals - 1));
+  const __m256 v = _mm256_sub_ps(y, _mm256_i32gather_ps(kGeluCenters.values, i, 4));
+  __m256 p = _mm256_i32gather_ps(c[kGeluDegree], i, 4);
+#pragma GCC unroll 8
+  for (int d = kGeluDegree - 1; d >= 0; --d) p = _mm256_fmadd_ps(p, v, _mm256_i32gather_ps(c[d], i, 4));
+  p = _mm256_blendv_ps(p, _mm256_setzero_ps(), _mm256_cmp_ps(y, _mm256_set1_ps(-kGeluRange), _CMP_LT_OQ));
+  p = _mm256_blendv_ps(p, _mm256_set1_ps(1.0f), _mm256_cmp_ps(y, range, _CMP_GT_OQ));
+  return _mm256_mul_ps(y, p);
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Epilogue: one row of a tile (ncols <= 64 valid columns) to the output. Pointers are already at the panel's first
 // column; `row` indexes the output row.
@@ -291,8 +307,7 @@ inline T* out_at(const Epilogue& ep, int64_t row, int64_t col0) {
   return static_cast<T*>(ep.out) + row * ep.out_row_stride + col0;
 }
 
-inline __attribute__((always_inline)) void epilogue_row_scalar(const Epilogue& ep, const int32_t* acc, int64_t row,
-                                                               int64_t col0, int64_t ncols) {
+void epilogue_row_scalar(const Epilogue& ep, const int32_t* acc, int64_t row, int64_t col0, int64_t ncols) {
   const float xs = ep.row_scale == nullptr ? 1.0f : ep.row_scale[ep.per_row_scale ? row : 0];
   const QuantFormat fmt{ep.qmin, ep.qmax, false};
   for (int64_t c = 0; c < ncols; ++c) {
@@ -617,7 +632,7 @@ TQ_TARGET_VNNI void epilogue_tile_avx512(const Epilogue& ep, const PanelEpilogue
 // ---------------------------------------------------------------------------------------------------------------
 // AVX2 epilogue: the AVX-512 epilogue's operations in the same order on 8-column vectors, from the same
 // PanelEpilogue (a scalar epilogue cost 4-10x the multiplies of a small-k conv: 30+ scalar operations an output).
-// Rows of a partial panel (or of a GELU, which the scalar epilogue computes) are formed in a buffer and copied.
+// Rows of a partial panel are formed in a buffer and copied.
 // ---------------------------------------------------------------------------------------------------------------
 
 struct EpilogueVectors256 {
@@ -675,7 +690,7 @@ TQ_TARGET_AVX2 inline __attribute__((always_inline)) __m256i requantize_avx2(con
 
 // One row of `vectors` 8-column vectors of sums (the sums, residual bytes and output of whole vectors; the caller
 // buffers partial ones) through the epilogue.
-template <OutKind KIND, typename T, bool MAY_BE_NAN>
+template <OutKind KIND, typename T, bool MAY_BE_NAN, Gelu GELU = Gelu::None>
 TQ_TARGET_AVX2 inline __attribute__((always_inline)) void epilogue_row_avx2(const PanelEpilogue& c,
                                                                             const EpilogueVectors256& e,
                                                                             const int32_t* sums, int vectors,
@@ -711,9 +726,14 @@ TQ_TARGET_AVX2 inline __attribute__((always_inline)) void epilogue_row_avx2(cons
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), v);
       continue;
     }
-    __m256 y = activation_clamp_avx2(e, epilogue_float_avx2(c, sums, xs, j));
-    if (residual != nullptr)
-      y = _mm256_min_ps(e.residual_hi, _mm256_max_ps(e.residual_lo, add_residual_avx2(e, y, residual + 8 * j)));
+    __m256 y = epilogue_float_avx2(c, sums, xs, j);
+    if constexpr (GELU != Gelu::None) {
+      y = gelu_avx2<GELU>(y);  // (int8_linear_dynamic's: no clamp, no residual)
+    } else {
+      y = activation_clamp_avx2(e, y);
+      if (residual != nullptr)
+        y = _mm256_min_ps(e.residual_hi, _mm256_max_ps(e.residual_lo, add_residual_avx2(e, y, residual + 8 * j)));
+    }
     if constexpr (KIND == OutKind::Float32) {
       _mm256_storeu_ps(reinterpret_cast<float*>(dst), y);
     } else if constexpr (KIND == OutKind::Float16) {
@@ -729,7 +749,7 @@ TQ_TARGET_AVX2 inline __attribute__((always_inline)) void epilogue_row_avx2(cons
   }
 }
 
-template <OutKind KIND, typename T, bool MAY_BE_NAN>
+template <OutKind KIND, typename T, bool MAY_BE_NAN, Gelu GELU = Gelu::None>
 TQ_TARGET_AVX2 void epilogue_tile_avx2_kind(const Epilogue& ep, const PanelEpilogue& c, const int32_t* tile,
                                             int64_t row0, int64_t rows, int64_t col0, int64_t ncols) {
   const EpilogueVectors256 e = epilogue_vectors_avx2(c);
@@ -747,7 +767,7 @@ TQ_TARGET_AVX2 void epilogue_tile_avx2_kind(const Epilogue& ep, const PanelEpilo
       residual = residual_buffer;
     }
     T* dst = whole ? out.row(row) : buffer;
-    epilogue_row_avx2<KIND, T, MAY_BE_NAN>(c, e, tile + r * kPackAlign, vectors, xs, dst, residual);
+    epilogue_row_avx2<KIND, T, MAY_BE_NAN, GELU>(c, e, tile + r * kPackAlign, vectors, xs, dst, residual);
     if (!whole) std::memcpy(out.row(row), buffer, ncols * sizeof(T));
   }
 }
@@ -759,21 +779,29 @@ TQ_TARGET_AVX2 void epilogue_tile_avx2_bytes(const Epilogue& ep, const PanelEpil
                 : epilogue_tile_avx2_kind<KIND, T, false>)(ep, c, tile, row0, rows, col0, ncols);
 }
 
+// A float kind's tile epilogue with the panel's GELU.
+template <OutKind KIND, typename T>
+TQ_TARGET_AVX2 void epilogue_tile_avx2_float(const Epilogue& ep, const PanelEpilogue& c, const int32_t* tile,
+                                             int64_t row0, int64_t rows, int64_t col0, int64_t ncols) {
+  switch (c.gelu) {
+    case Gelu::None: return epilogue_tile_avx2_kind<KIND, T, true>(ep, c, tile, row0, rows, col0, ncols);
+    case Gelu::Erf: return epilogue_tile_avx2_kind<KIND, T, true, Gelu::Erf>(ep, c, tile, row0, rows, col0, ncols);
+    case Gelu::Tanh:
+      return epilogue_tile_avx2_kind<KIND, T, true, Gelu::Tanh>(ep, c, tile, row0, rows, col0, ncols);
+  }
+}
+
 TQ_TARGET_AVX2 void epilogue_tile_avx2(const Epilogue& ep, const PanelEpilogue& c, const int32_t* tile,
                                        int64_t row0, int64_t rows, int64_t col0, int64_t ncols) {
-  if (c.gelu != Gelu::None) {  // the scalar epilogue, its std::fma one instruction here
-    for (int64_t r = 0; r < rows; ++r) epilogue_row_scalar(ep, tile + r * kPackAlign, row0 + r, col0, ncols);
-    return;
-  }
   switch (ep.kind) {
     case OutKind::Int32:
       return epilogue_tile_avx2_kind<OutKind::Int32, int32_t, true>(ep, c, tile, row0, rows, col0, ncols);
     case OutKind::Float32:
-      return epilogue_tile_avx2_kind<OutKind::Float32, float, true>(ep, c, tile, row0, rows, col0, ncols);
+      return epilogue_tile_avx2_float<OutKind::Float32, float>(ep, c, tile, row0, rows, col0, ncols);
     case OutKind::Float16:
-      return epilogue_tile_avx2_kind<OutKind::Float16, c10::Half, true>(ep, c, tile, row0, rows, col0, ncols);
+      return epilogue_tile_avx2_float<OutKind::Float16, c10::Half>(ep, c, tile, row0, rows, col0, ncols);
     case OutKind::BFloat16:
-      return epilogue_tile_avx2_kind<OutKind::BFloat16, c10::BFloat16, true>(ep, c, tile, row0, rows, col0, ncols);
+      return epilogue_tile_avx2_float<OutKind::BFloat16, c10::BFloat16>(ep, c, tile, row0, rows, col0, ncols);
     case OutKind::Int8: return epilogue_tile_avx2_bytes<OutKind::Int8, int8_t>(ep, c, tile, row0, rows, col0, ncols);
     case OutKind::UInt8:
       return epilogue_tile_avx2_bytes<OutKind::UInt8, uint8_t>(ep, c, tile, row0, rows, col0, ncols);
