@@ -573,9 +573,16 @@ struct OutRows {
 };
 
 // The epilogue of a whole tile (rows x ncols <= 64).
-template <OutKind KIND, typename T, bool MAY_BE_NAN, Gelu GELU = Gelu::None>
-TQ_TARGET_VNNI void epilogue_tile_avx512_kind(const Epilogue& ep, const PanelEpilogue& c, const int32_t* tile,
-                                              int64_t row0, int64_t rows, int64_t col0, int64_t ncols) {
+template <OutKind KIND, typename T, bool MAY_BE_NAN, Gelu GELU>
+struct TileAvx512 {
+  TQ_TARGET_VNNI static void run(const Epilogue& ep, const PanelEpilogue& c, const int32_t* tile, int64_t row0,
+                                 int64_t rows, int64_t col0, int64_t ncols);
+};
+
+template <OutKind KIND, typename T, bool MAY_BE_NAN, Gelu GELU>
+TQ_TARGET_VNNI void TileAvx512<KIND, T, MAY_BE_NAN, GELU>::run(const Epilogue& ep, const PanelEpilogue& c,
+                                                                const int32_t* tile, int64_t row0, int64_t rows,
+                                                                int64_t col0, int64_t ncols) {
   const EpilogueVectors e = epilogue_vectors(c);
   const OutRows<T> out(ep, col0);
   const int vectors = c.vectors;
@@ -592,41 +599,46 @@ TQ_TARGET_VNNI void epilogue_tile_avx512_kind(const Epilogue& ep, const PanelEpi
   }
 }
 
-template <OutKind KIND, typename T>
-TQ_TARGET_VNNI void epilogue_tile_avx512_bytes(const Epilogue& ep, const PanelEpilogue& c, const int32_t* tile,
-                                               int64_t row0, int64_t rows, int64_t col0, int64_t ncols) {
-  (c.may_be_nan ? epilogue_tile_avx512_kind<KIND, T, true>
-                : epilogue_tile_avx512_kind<KIND, T, false>)(ep, c, tile, row0, rows, col0, ncols);
-}
-
-// A float kind's tile epilogue with the panel's GELU.
-template <OutKind KIND, typename T>
-TQ_TARGET_VNNI void epilogue_tile_avx512_float(const Epilogue& ep, const PanelEpilogue& c, const int32_t* tile,
-                                               int64_t row0, int64_t rows, int64_t col0, int64_t ncols) {
+// The tile epilogue of ep.kind: Tile<KIND, T, MAY_BE_NAN, GELU>::run, Tile an instruction set's (the NaN test only
+// where a requantized value may be NaN, the panel's GELU for float kinds).
+template <template <OutKind, typename, bool, Gelu> class Tile, OutKind KIND, typename T>
+void epilogue_tile_float(const Epilogue& ep, const PanelEpilogue& c, const int32_t* tile, int64_t row0, int64_t rows,
+                         int64_t col0, int64_t ncols) {
   switch (c.gelu) {
-    case Gelu::None: return epilogue_tile_avx512_kind<KIND, T, true>(ep, c, tile, row0, rows, col0, ncols);
-    case Gelu::Erf:
-      return epilogue_tile_avx512_kind<KIND, T, true, Gelu::Erf>(ep, c, tile, row0, rows, col0, ncols);
-    case Gelu::Tanh:
-      return epilogue_tile_avx512_kind<KIND, T, true, Gelu::Tanh>(ep, c, tile, row0, rows, col0, ncols);
+    case Gelu::None: return Tile<KIND, T, true, Gelu::None>::run(ep, c, tile, row0, rows, col0, ncols);
+    case Gelu::Erf: return Tile<KIND, T, true, Gelu::Erf>::run(ep, c, tile, row0, rows, col0, ncols);
+    case Gelu::Tanh: return Tile<KIND, T, true, Gelu::Tanh>::run(ep, c, tile, row0, rows, col0, ncols);
   }
 }
 
-TQ_TARGET_VNNI void epilogue_tile_avx512(const Epilogue& ep, const PanelEpilogue& c, const int32_t* tile,
-                                         int64_t row0, int64_t rows, int64_t col0, int64_t ncols) {
+template <template <OutKind, typename, bool, Gelu> class Tile, OutKind KIND, typename T>
+void epilogue_tile_bytes(const Epilogue& ep, const PanelEpilogue& c, const int32_t* tile, int64_t row0, int64_t rows,
+                         int64_t col0, int64_t ncols) {
+  (c.may_be_nan ? Tile<KIND, T, true, Gelu::None>::run
+                : Tile<KIND, T, false, Gelu::None>::run)(ep, c, tile, row0, rows, col0, ncols);
+}
+
+template <template <OutKind, typename, bool, Gelu> class Tile>
+void epilogue_tile_kinds(const Epilogue& ep, const PanelEpilogue& c, const int32_t* tile, int64_t row0, int64_t rows,
+                         int64_t col0, int64_t ncols) {
   switch (ep.kind) {
     case OutKind::Int32:
-      return epilogue_tile_avx512_kind<OutKind::Int32, int32_t, true>(ep, c, tile, row0, rows, col0, ncols);
+      return Tile<OutKind::Int32, int32_t, true, Gelu::None>::run(ep, c, tile, row0, rows, col0, ncols);
     case OutKind::Float32:
-      return epilogue_tile_avx512_float<OutKind::Float32, float>(ep, c, tile, row0, rows, col0, ncols);
+      return epilogue_tile_float<Tile, OutKind::Float32, float>(ep, c, tile, row0, rows, col0, ncols);
     case OutKind::Float16:
-      return epilogue_tile_avx512_float<OutKind::Float16, c10::Half>(ep, c, tile, row0, rows, col0, ncols);
+      return epilogue_tile_float<Tile, OutKind::Float16, c10::Half>(ep, c, tile, row0, rows, col0, ncols);
     case OutKind::BFloat16:
-      return epilogue_tile_avx512_float<OutKind::BFloat16, c10::BFloat16>(ep, c, tile, row0, rows, col0, ncols);
-    case OutKind::Int8: return epilogue_tile_avx512_bytes<OutKind::Int8, int8_t>(ep, c, tile, row0, rows, col0, ncols);
+      return epilogue_tile_float<Tile, OutKind::BFloat16, c10::BFloat16>(ep, c, tile, row0, rows, col0, ncols);
+    case OutKind::Int8: return epilogue_tile_bytes<Tile, OutKind::Int8, int8_t>(ep, c, tile, row0, rows, col0, ncols);
     case OutKind::UInt8:
-      return epilogue_tile_avx512_bytes<OutKind::UInt8, uint8_t>(ep, c, tile, row0, rows, col0, ncols);
+      return epilogue_tile_bytes<Tile, OutKind::UInt8, uint8_t>(ep, c, tile, row0, rows, col0, ncols);
   }
+}
+
+void epilogue_tile_avx512(const Epilogue& ep, const PanelEpilogue& c, const int32_t* tile, int64_t row0, int64_t rows,
+                          int64_t col0, int64_t ncols) {
+  epilogue_tile_kinds<TileAvx512>(ep, c, tile, row0, rows, col0, ncols);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -749,9 +761,16 @@ TQ_TARGET_AVX2 inline __attribute__((always_inline)) void epilogue_row_avx2(cons
   }
 }
 
-template <OutKind KIND, typename T, bool MAY_BE_NAN, Gelu GELU = Gelu::None>
-TQ_TARGET_AVX2 void epilogue_tile_avx2_kind(const Epilogue& ep, const PanelEpilogue& c, const int32_t* tile,
-                                            int64_t row0, int64_t rows, int64_t col0, int64_t ncols) {
+template <OutKind KIND, typename T, bool MAY_BE_NAN, Gelu GELU>
+struct TileAvx2 {
+  TQ_TARGET_AVX2 static void run(const Epilogue& ep, const PanelEpilogue& c, const int32_t* tile, int64_t row0,
+                                 int64_t rows, int64_t col0, int64_t ncols);
+};
+
+template <OutKind KIND, typename T, bool MAY_BE_NAN, Gelu GELU>
+TQ_TARGET_AVX2 void TileAvx2<KIND, T, MAY_BE_NAN, GELU>::run(const Epilogue& ep, const PanelEpilogue& c,
+                                                              const int32_t* tile, int64_t row0, int64_t rows,
+                                                              int64_t col0, int64_t ncols) {
   const EpilogueVectors256 e = epilogue_vectors_avx2(c);
   const OutRows<T> out(ep, col0);
   const bool whole = ncols == kPackAlign;
@@ -772,40 +791,9 @@ TQ_TARGET_AVX2 void epilogue_tile_avx2_kind(const Epilogue& ep, const PanelEpilo
   }
 }
 
-template <OutKind KIND, typename T>
-TQ_TARGET_AVX2 void epilogue_tile_avx2_bytes(const Epilogue& ep, const PanelEpilogue& c, const int32_t* tile,
-                                             int64_t row0, int64_t rows, int64_t col0, int64_t ncols) {
-  (c.may_be_nan ? epilogue_tile_avx2_kind<KIND, T, true>
-                : epilogue_tile_avx2_kind<KIND, T, false>)(ep, c, tile, row0, rows, col0, ncols);
-}
-
-// A float kind's tile epilogue with the panel's GELU.
-template <OutKind KIND, typename T>
-TQ_TARGET_AVX2 void epilogue_tile_avx2_float(const Epilogue& ep, const PanelEpilogue& c, const int32_t* tile,
-                                             int64_t row0, int64_t rows, int64_t col0, int64_t ncols) {
-  switch (c.gelu) {
-    case Gelu::None: return epilogue_tile_avx2_kind<KIND, T, true>(ep, c, tile, row0, rows, col0, ncols);
-    case Gelu::Erf: return epilogue_tile_avx2_kind<KIND, T, true, Gelu::Erf>(ep, c, tile, row0, rows, col0, ncols);
-    case Gelu::Tanh:
-      return epilogue_tile_avx2_kind<KIND, T, true, Gelu::Tanh>(ep, c, tile, row0, rows, col0, ncols);
-  }
-}
-
-TQ_TARGET_AVX2 void epilogue_tile_avx2(const Epilogue& ep, const PanelEpilogue& c, const int32_t* tile,
-                                       int64_t row0, int64_t rows, int64_t col0, int64_t ncols) {
-  switch (ep.kind) {
-    case OutKind::Int32:
-      return epilogue_tile_avx2_kind<OutKind::Int32, int32_t, true>(ep, c, tile, row0, rows, col0, ncols);
-    case OutKind::Float32:
-      return epilogue_tile_avx2_float<OutKind::Float32, float>(ep, c, tile, row0, rows, col0, ncols);
-    case OutKind::Float16:
-      return epilogue_tile_avx2_float<OutKind::Float16, c10::Half>(ep, c, tile, row0, rows, col0, ncols);
-    case OutKind::BFloat16:
-      return epilogue_tile_avx2_float<OutKind::BFloat16, c10::BFloat16>(ep, c, tile, row0, rows, col0, ncols);
-    case OutKind::Int8: return epilogue_tile_avx2_bytes<OutKind::Int8, int8_t>(ep, c, tile, row0, rows, col0, ncols);
-    case OutKind::UInt8:
-      return epilogue_tile_avx2_bytes<OutKind::UInt8, uint8_t>(ep, c, tile, row0, rows, col0, ncols);
-  }
+void epilogue_tile_avx2(const Epilogue& ep, const PanelEpilogue& c, const int32_t* tile, int64_t row0, int64_t rows,
+                        int64_t col0, int64_t ncols) {
+  epilogue_tile_kinds<TileAvx2>(ep, c, tile, row0, rows, col0, ncols);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
