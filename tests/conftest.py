@@ -1,3 +1,4 @@
+import contextlib
 import os
 
 import pytest
@@ -52,19 +53,27 @@ def one_cpu_thread():
 ISAS = ["avx512_vnni", "avx2", "scalar"]
 
 
-def cpu_supports(isa: str) -> bool:
-    """Whether this CPU can run the `isa` path."""
+@contextlib.contextmanager
+def forced_isa(isa: str):
+    """The CPU kernels take the `isa` path inside the block."""
     previous = os.environ.get("TORCHQUANT_CPU_ISA")
     os.environ["TORCHQUANT_CPU_ISA"] = isa
     try:
-        return torchquant.cpu_kernel_path() == isa
-    except RuntimeError:
-        return False
+        yield
     finally:
         if previous is None:
             del os.environ["TORCHQUANT_CPU_ISA"]
         else:
             os.environ["TORCHQUANT_CPU_ISA"] = previous
+
+
+def cpu_supports(isa: str) -> bool:
+    """Whether this CPU can run the `isa` path."""
+    with forced_isa(isa):
+        try:
+            return torchquant.cpu_kernel_path() == isa
+        except RuntimeError:
+            return False
 
 
 SUPPORTED_ISAS = [isa for isa in ISAS if cpu_supports(isa)]

@@ -13,7 +13,7 @@ import torchquant.functional as F
 from torchquant import reference
 from torchquant._ops import FLOAT_DTYPES, ops
 
-from conftest import SUPPORTED_ISAS, randint8
+from conftest import SUPPORTED_ISAS, forced_isa, randint8
 
 
 def quantized_weight(n, k, device, seed=0):
@@ -444,8 +444,7 @@ def on_every_isa(fn):
     """fn() on each supported instruction-set path, all results identical; the first one."""
     results = []
     for isa in SUPPORTED_ISAS:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("TORCHQUANT_CPU_ISA", isa)
+        with forced_isa(isa):
             results.append(fn())
     for isa, got in zip(SUPPORTED_ISAS[1:], results[1:]):
         assert torch.equal(got, results[0]), f"{isa} differs from {SUPPORTED_ISAS[0]}"

@@ -2,8 +2,6 @@
 inputs (shapes from empty to odd sizes, any float32 value including subnormals and huge ones, exact ties at .5,
 every bit width and rounding, every qparam in range), on every instruction-set path this CPU has. The examples are
 derandomized, so a run is reproducible; hypothesis prints the failing example."""
-import contextlib
-import os
 
 import numpy as np
 import pytest
@@ -12,23 +10,10 @@ from hypothesis import given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
 import torchquant.functional as F
-from conftest import SUPPORTED_ISAS, assert_same, randint8
+from conftest import SUPPORTED_ISAS, assert_same, forced_isa, randint8
 from torchquant import reference
 
 PROPERTY = settings(max_examples=80, deadline=None, derandomize=True, database=None)
-
-
-@contextlib.contextmanager
-def forced_isa(isa: str):
-    previous = os.environ.get("TORCHQUANT_CPU_ISA")
-    os.environ["TORCHQUANT_CPU_ISA"] = isa
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ["TORCHQUANT_CPU_ISA"]
-        else:
-            os.environ["TORCHQUANT_CPU_ISA"] = previous
 
 
 def _on_every_isa(compute, expected) -> None:
