@@ -96,13 +96,17 @@ def extension():
     sources = rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
     # -ffp-contract=off: no fused multiply-adds the source does not write, so that every CPU path (and the CUDA
     # epilogue, which uses __fmul_rn / __fadd_rn) rounds each float operation the same way
-    cxx_flags = ["-O3", "-ffp-contract=off", "-fopenmp", "-DTORCHQUANT_OPENMP"]
+    # -g0: Python's build flags ask for full debug info, which doubles the compile time of the kernel templates;
+    # TORCHQUANT_DEBUG_INFO=1 keeps it
+    debug_info = [] if os.environ.get("TORCHQUANT_DEBUG_INFO") == "1" else ["-g0"]
+    cxx_flags = ["-O3", *debug_info, "-ffp-contract=off", "-fopenmp", "-DTORCHQUANT_OPENMP"]
     link_flags = ["-fopenmp"]
     if os.environ.get("TORCHQUANT_SANITIZE") == "1":
         # -fno-wrapv undoes Python's -fwrapv so that signed overflow is reported; vptr checks need RTTI that
-        # torch's own (unsanitized) libraries do not provide
+        # torch's own (unsanitized) libraries do not provide. -O1 and line tables (-g1), as the sanitizers'
+        # documentation advises: -O3 with full debug info compiles six times slower under instrumentation
         sanitize = ["-fsanitize=address,undefined", "-fno-sanitize=vptr", "-fno-sanitize-recover=all"]
-        cxx_flags += [*sanitize, "-fno-wrapv", "-fno-omit-frame-pointer", "-g"]
+        cxx_flags += [*sanitize, "-O1", "-g1", "-fno-wrapv", "-fno-omit-frame-pointer"]
         link_flags += sanitize
     extra = {"cxx": cxx_flags}
     include_dirs = [os.path.join(ROOT, "csrc")]
