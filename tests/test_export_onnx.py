@@ -683,7 +683,8 @@ def test_placeholder_ops_pass_opcheck():
     residual = torch.randint(0, 255, (2, 4, 5, 7), dtype=torch.uint8)  # the output's shape
     torch.library.opcheck(ops.pipeline_conv2d.default, (q, residual, 4, [3, 2], [2, 1], [1, 0], [1, 2], torch.uint8,
                                                         0))
-    torch.library.opcheck(ops.pipeline_max_pool2d.default, (q, [3, 3], [2, 2], [1, 1], [1, 1], True, 0))
+    torch.library.opcheck(ops.pipeline_max_pool.default, (q, [3, 3], [2, 2], [1, 1], [1, 1], True, 0))
+    torch.library.opcheck(ops.pipeline_max_pool.default, (q[0], [3], [2], [1], [2], True, 0))  # 1-d: [B, C, L]
     out = torch.ops.torchquant_export.conv2d(torch.randn(2, 3, 9, 8), 4, [3, 2], [2, 1], [1, 0], [1, 2], 1)
     assert out.shape == torch.nn.functional.conv2d(torch.randn(2, 3, 9, 8), torch.randn(4, 3, 3, 2), None, [2, 1],
                                                    [1, 0], [1, 2]).shape
@@ -714,7 +715,8 @@ class PipelineBlock(test_graph.BasicBlockNet):
 
 
 PIPELINE_MODELS = {"digits-bn": (torchquant.examples.DigitsBNCNN, (1, 8, 8)),
-                   "resnet-block": (PipelineBlock, (3, 12, 12))}
+                   "resnet-block": (PipelineBlock, (3, 12, 12)),
+                   "keyword-spotting": (test_graph.KeywordSpottingNet, (4, 20))}
 
 
 def pipeline_config(signed=False, weight_bits=8, integer_output=False):

@@ -712,6 +712,7 @@ def _public_calls():
               out_scale=None, out_zero_point=0, clamp_min=None, clamp_max=None)),
         (F.quantized_add, [x8, 0.1, 0, x8, 0.1, 0, torch.float32, None, 0, False], {}),
         (F.quantized_max_pool2d, [torch.zeros(1, 2, 4, 4, dtype=torch.int8), 2, None, 0, 1, False], {}),
+        (F.quantized_max_pool1d, [torch.zeros(1, 2, 6, dtype=torch.int8), 2, None, 0, 1, False], {}),
     ]
 
 

@@ -143,6 +143,26 @@ class Conv1dResidualNet(nn.Module):
         return self.head(x.flatten(1))
 
 
+class KeywordSpottingNet(nn.Module):
+    """A keyword-spotting 1-d CNN: Conv1d + BatchNorm1d + ReLU, a MaxPool1d module, F.max_pool1d with padding and
+    ceil mode after torch.relu, a dilated conv, and an average pool into the head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv1d(4, 16, 5, padding=2, bias=False)
+        self.stem_bn = nn.BatchNorm1d(16)
+        self.pool = nn.MaxPool1d(2)
+        self.a = nn.Conv1d(16, 24, 3, padding=1)
+        self.b = nn.Conv1d(24, 24, 3, padding=2, dilation=2)
+        self.head = nn.Linear(24, 5)
+
+    def forward(self, x):
+        x = self.pool(F.relu(self.stem_bn(self.stem(x))))
+        x = F.max_pool1d(torch.relu(self.a(x)), 3, 2, 1, ceil_mode=True)
+        x = F.relu(self.b(x))
+        return self.head(torch.flatten(F.adaptive_avg_pool1d(x, 1), 1))
+
+
 class BroadcastResidualNet(nn.Module):
     """A conv's output added to an integer tensor it broadcasts with (a max-pooled one), then ReLU: the add is the
     conv's epilogue in the prepared model, and runs in float in the converted one (the residual has another shape)."""
@@ -286,6 +306,7 @@ MODELS = {
     "basic-blocks": (BasicBlockNet, (2, 3, 12, 12)),
     "bottleneck": (BottleneckNet, (2, 3, 12, 12)),
     "conv1d-residual": (Conv1dResidualNet, (3, 2, 10)),
+    "keyword-spotting": (KeywordSpottingNet, (3, 4, 20)),
     "broadcast-residual": (BroadcastResidualNet, (2, 3, 6, 6)),
     "cat": (CatNet, (3, 2, 6, 6)),
     "inverted-residual": (InvertedResidualNet, (2, 3, 12, 12)),
@@ -343,8 +364,8 @@ def test_converted_pipeline_is_close_to_float_and_fake_quant(name):
     assert (y - fake).abs().max() <= 0.05 * ref.abs().max()
 
 
-@pytest.mark.parametrize("name", ["basic-blocks", "bottleneck", "conv1d-residual", "cat", "hardswish-block",
-                                  "smooth-activations"])
+@pytest.mark.parametrize("name", ["basic-blocks", "bottleneck", "conv1d-residual", "keyword-spotting", "cat",
+                                  "hardswish-block", "smooth-activations"])
 def test_pipeline_integers_are_identical_on_every_cpu_path_and_cuda(name, device, isa, monkeypatch):
     _, prepared, batches = _prepared(name, INTEGER_OUT)
     converted = tq.convert(prepared)
@@ -394,6 +415,21 @@ def test_depthwise_block_and_dropout_run_on_integers():
     assert layers["project"] == "integer input, residual add fused, float output"  # (only the pool reads it)
     assert layers["depthwise"] == "integer input, clamp [0.0, 6.0] fused, uint8 output"
     assert layers["head"] == "integer input, float output"  # through the pooling's requantize and the dropout
+
+
+def test_1d_max_pools_run_on_integers():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is kept float between integer layers
+        _, prepared, batches = _prepared("keyword-spotting")
+        converted = tq.convert(prepared)
+    targets = _graph_targets(converted)
+    assert targets.count(tq.functional.quantized_max_pool1d) == 2
+    assert targets.count(graph.integer_layer) == 4 and targets.count(graph.quantize_input) == 2  # input, avg pool
+    layers, _ = graph.pipeline_notes(converted)
+    assert layers["stem"] == "integer input, ReLU fused, uint8 output"  # (BatchNorm1d folded)
+    assert layers["a"] == "integer input, ReLU fused, uint8 output"
+    assert layers["b"] == "integer input, ReLU fused, float output"  # (only the average pool reads it)
+    assert not any(isinstance(m, (nn.BatchNorm1d, nn.MaxPool1d)) for m in converted.modules())
 
 
 @pytest.mark.parametrize("name, lookups", [("hardswish-block", 4), ("smooth-activations", 6)])

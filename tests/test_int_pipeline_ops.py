@@ -1,5 +1,5 @@
 """The kernels of an integer pipeline: the fused activation clamp of int8_linear / int8_conv2d, quantized_add,
-quantized_lookup and quantized_max_pool2d.
+quantized_lookup, quantized_max_pool1d and quantized_max_pool2d.
 
 Integers and float outputs are compared bit for bit with torchquant.reference (the same float32 operations in the
 same order) and, within the requantization error, with a float64 reference of the unfused ops; every CPU
@@ -486,6 +486,56 @@ def test_quantized_max_pool2d_bad_inputs(device):
         F.quantized_max_pool2d(x[:, :0], 2)
     with pytest.raises(RuntimeError, match="quantized_max_pool2d: x must be 3-d"):
         F.quantized_max_pool2d(x[0, 0], 2)
+
+
+POOLS_1D = [  # shape, kernel, stride, padding, dilation, ceil_mode
+    ((2, 3, 20), 3, 2, 1, 1, False),
+    ((3, 16, 10), 3, 2, 1, 1, True),       # ceil mode: a last window that starts inside
+    ((1, 40, 33), (4,), (3,), (2,), (2,), False),  # 1-tuples, dilation, 40 channels: vectors and a tail
+    ((5, 9), 2, None, 0, 1, False),        # unbatched
+    ((2, 16, 5), 3, 2, 1, 1, True),        # ceil mode at the end of a short input
+    ((0, 3, 5), 2, 2, 0, 1, False),        # empty batch
+]
+
+
+@pytest.mark.parametrize("pool", POOLS_1D, ids=[f"pool{i}" for i in range(len(POOLS_1D))])
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "strided", "channels_last"])
+def test_quantized_max_pool1d(device, isa, pool, dtype, layout):
+    shape, kernel, stride, padding, dilation, ceil_mode = pool
+    x = randint8((*shape[:-1], shape[-1] * 2), seed=sum(shape), dtype=dtype)
+    x = x[..., ::2] if layout == "strided" else x[..., : shape[-1]]
+    if layout == "channels_last":  # as an integer pipeline's Conv1d writes it: [B, C, L] with the channels innermost
+        x = x.transpose(-1, -2).contiguous().transpose(-1, -2)
+    got = F.quantized_max_pool1d(x.to(device), kernel, stride, padding, dilation, ceil_mode)
+    # the float pool of the float values (where a window has no tap inside the input: the type's lowest value)
+    want = torch.nn.functional.max_pool1d(x.float(), kernel, stride, padding, dilation, ceil_mode)
+    assert_same(got.cpu().float(), want.clamp(min=torch.iinfo(dtype).min))
+    assert got.dtype == dtype and got.device.type == device
+
+
+def test_quantized_max_pool1d_compiles_and_bad_inputs(device):
+    x = randint8((2, 3, 12), device=device)
+    compiled = torch.compile(F.quantized_max_pool1d, fullgraph=True, dynamic=False)
+    assert_same(compiled(x, 3, 2, 1), F.quantized_max_pool1d(x, 3, 2, 1))
+    with pytest.raises(TypeError, match="x must be int8 or uint8, got float32"):
+        F.quantized_max_pool1d(x.float(), 2)
+    with pytest.raises(ValueError, match="quantized_max_pool1d: x must be 2-d \\[C, L\\] or 3-d \\[B, C, L\\], "
+                                         "got 4-d"):
+        F.quantized_max_pool1d(x[None], 2)
+    with pytest.raises(TypeError, match="kernel_size must be an int or a 1-tuple"):
+        F.quantized_max_pool1d(x, (2, 2))
+    # the rules and messages of torch's max_pool1d, not the 2-d sizes the kernel is called with
+    with pytest.raises(RuntimeError, match="max_pool1d\\(\\) padding should be at most half of kernel size, but got "
+                                           "padding=2 and kernel_size=3"):
+        F.quantized_max_pool1d(x, 3, 1, 2)
+    with pytest.raises(RuntimeError, match="max_pool1d\\(\\) stride must be greater than zero"):
+        F.quantized_max_pool1d(x, 3, 0)
+    with pytest.raises(RuntimeError, match="max_pool1d\\(\\) Invalid computed output size: 0"):
+        F.quantized_max_pool1d(x, 13)
+    with pytest.raises(RuntimeError, match="max_pool1d: Expected 2D or 3D \\(batch mode\\) tensor with optional 0 dim "
+                                           "batch size"):
+        F.quantized_max_pool1d(x[:, :0], 2)
 
 
 # ---------------------------------------------------------------------------------------------------------------

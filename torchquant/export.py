@@ -237,14 +237,14 @@ def _translations():
                         padding: Sequence[int], dilation: Sequence[int], dtype, index: int):
         return domain.PipelineStep(*([x] if residual is None else [x, residual]), index=index)
 
-    def pipeline_max_pool2d(x, kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
-                            dilation: Sequence[int], ceil_mode: bool, index: int):
+    def pipeline_max_pool(x, kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+                          dilation: Sequence[int], ceil_mode: bool, index: int):
         return domain.PipelineStep(x, index=index)
 
     ops = torch.ops.torchquant_export
     return {ops.linear.default: linear, ops.conv2d.default: conv2d,
             ops.pipeline_elementwise.default: elementwise, ops.pipeline_linear.default: pipeline_linear,
-            ops.pipeline_conv2d.default: pipeline_conv2d, ops.pipeline_max_pool2d.default: pipeline_max_pool2d}
+            ops.pipeline_conv2d.default: pipeline_conv2d, ops.pipeline_max_pool.default: pipeline_max_pool}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -555,7 +555,8 @@ def input_q_name(layer_name: str) -> str:
 # combined multiplier.
 
 _PIPELINE_KINDS = {pipeline.quantize_input: "quantize", pipeline.dequantize_output: "dequantize",
-                   pipeline.integer_relu: "relu", F_q.quantized_max_pool2d: "max_pool",
+                   pipeline.integer_relu: "relu", F_q.quantized_max_pool1d: "max_pool",
+                   F_q.quantized_max_pool2d: "max_pool",
                    pipeline.integer_add: "add", pipeline.integer_layer: "layer",
                    pipeline.integer_conv_add: "conv_add", F_q.quantized_lookup: "lookup"}
 
@@ -616,17 +617,23 @@ def _(x, residual, out_channels, kernel_size, stride, padding, dilation, dtype, 
     return x.new_empty(_conv_output_shape(x, out_channels, kernel_size, stride, padding, dilation), dtype=dtype)
 
 
-@torch.library.custom_op("torchquant_export::pipeline_max_pool2d", mutates_args=())
-def _pipeline_max_pool2d_placeholder(x: torch.Tensor, kernel_size: Sequence[int], stride: Sequence[int],
-                                     padding: Sequence[int], dilation: Sequence[int], ceil_mode: bool,
-                                     index: int) -> torch.Tensor:
-    return torch.nn.functional.max_pool2d(x.float(), kernel_size, stride, padding, dilation, ceil_mode).to(x.dtype)
+def _max_pool(x, kernel_size, *args):
+    """torch's max_pool1d or max_pool2d of float x, as kernel_size has 1 or 2 entries."""
+    pool = torch.nn.functional.max_pool1d if len(kernel_size) == 1 else torch.nn.functional.max_pool2d
+    return pool(x, kernel_size, *args)
 
 
-@_pipeline_max_pool2d_placeholder.register_fake
+@torch.library.custom_op("torchquant_export::pipeline_max_pool", mutates_args=())
+def _pipeline_max_pool_placeholder(x: torch.Tensor, kernel_size: Sequence[int], stride: Sequence[int],
+                                   padding: Sequence[int], dilation: Sequence[int], ceil_mode: bool,
+                                   index: int) -> torch.Tensor:
+    return _max_pool(x.float(), kernel_size, stride, padding, dilation, ceil_mode).to(x.dtype)
+
+
+@_pipeline_max_pool_placeholder.register_fake
 def _(x, kernel_size, stride, padding, dilation, ceil_mode, index):
-    return torch.nn.functional.max_pool2d(x.new_empty(x.shape, dtype=torch.float32), kernel_size, stride, padding,
-                                          dilation, ceil_mode).to(x.dtype)
+    return _max_pool(x.new_empty(x.shape, dtype=torch.float32), kernel_size, stride, padding, dilation,
+                     ceil_mode).to(x.dtype)
 
 
 def _pipeline_linear(x, in_features, *args):
@@ -646,15 +653,16 @@ def _pipeline_conv2d(x, in_channels, residual, out_channels, kernel_size, *args)
     return torch.ops.torchquant_export.pipeline_conv2d(x, residual, out_channels, kernel_size, *args)
 
 
-def _pipeline_max_pool2d(x, *args):
+def _pipeline_max_pool(x, kernel_size, *args):
     """The pipeline max-pool's placeholder call; an unbatched x as a batch of one (ONNX MaxPool takes batches)."""
-    if x.dim() == 3:
-        return _pipeline_max_pool2d(x.unsqueeze(0), *args).squeeze(0)
-    return torch.ops.torchquant_export.pipeline_max_pool2d(x, *args)
+    if x.dim() == len(kernel_size) + 1:
+        return _pipeline_max_pool(x.unsqueeze(0), kernel_size, *args).squeeze(0)
+    return torch.ops.torchquant_export.pipeline_max_pool(x, kernel_size, *args)
 
 
-def _pair(value) -> list:
-    return [int(v) for v in value] if isinstance(value, (tuple, list)) else [int(value)] * 2
+def _sizes(value, n: int) -> list:
+    """A pooling argument as n ints (an int stands for all n)."""
+    return [int(v) for v in value] if isinstance(value, (tuple, list)) else [int(value)] * n
 
 
 def _pipeline_steps(gm) -> list:
@@ -707,12 +715,13 @@ def _pipeline_steps(gm) -> list:
         elif kind == "max_pool":
             pool = dict(zip(("kernel_size", "stride", "padding", "dilation", "ceil_mode"), node.args[1:]),
                         **node.kwargs)
-            kernel = _pair(pool["kernel_size"])
-            stride = kernel if pool.get("stride") is None else _pair(pool["stride"])
-            pool = {"kernel_size": kernel, "stride": stride, "padding": _pair(pool.get("padding", 0)),
-                    "dilation": _pair(pool.get("dilation", 1)), "ceil_mode": bool(pool.get("ceil_mode", False))}
+            n = 1 if node.target is F_q.quantized_max_pool1d else 2
+            kernel = _sizes(pool["kernel_size"], n)
+            stride = kernel if pool.get("stride") is None else _sizes(pool["stride"], n)
+            pool = {"kernel_size": kernel, "stride": stride, "padding": _sizes(pool.get("padding", 0), n),
+                    "dilation": _sizes(pool.get("dilation", 1), n), "ceil_mode": bool(pool.get("ceil_mode", False))}
             step = _Step(kind, node.name, integer_dtype(node.args[0]), (), None, pool=pool)
-            call = (_pipeline_max_pool2d, (node.args[0], *pool.values(), index))
+            call = (_pipeline_max_pool, (node.args[0], *pool.values(), index))
         elif kind == "lookup":
             x, table = node.args
             table = gm.get_buffer(table.target)
@@ -813,10 +822,9 @@ def _pipeline_step_nodes(b: _GraphBuilder, step: _Step, inputs: Sequence[str], y
     elif step.kind == "relu":  # max(q, zero_point): the zero point is the quantized 0
         b.op("Max", inputs[0], _zero_point(b, step.inputs[0]), output=y)
     elif step.kind == "max_pool":
-        pool = step.pool
-        ph, pw = pool["padding"]
+        pool = step.pool  # ONNX pads: the start of each spatial axis, then their ends
         b.op("MaxPool", inputs[0], output=y, kernel_shape=pool["kernel_size"], strides=pool["stride"],
-             pads=[ph, pw, ph, pw], dilations=pool["dilation"], ceil_mode=int(pool["ceil_mode"]))
+             pads=pool["padding"] * 2, dilations=pool["dilation"], ceil_mode=int(pool["ceil_mode"]))
     elif step.kind == "lookup":
         import numpy as np
         index = b.op("Cast", inputs[0], to=b.onnx.TensorProto.INT32)

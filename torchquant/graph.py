@@ -62,13 +62,16 @@ META_KEY = "torchquant"  # GraphModule.meta entry of a pipeline: its options
 
 _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
-_MAX_POOL_FUNCTIONS = (F.max_pool2d, torch.max_pool2d)
+# max-pool modules and functions, with the integer op that runs each
+_MAX_POOLS = {nn.MaxPool1d: F_q.quantized_max_pool1d, nn.MaxPool2d: F_q.quantized_max_pool2d}
+_MAX_POOL_FUNCTIONS = {F.max_pool1d: F_q.quantized_max_pool1d, torch.max_pool1d: F_q.quantized_max_pool1d,
+                       F.max_pool2d: F_q.quantized_max_pool2d, torch.max_pool2d: F_q.quantized_max_pool2d}
 _PASSTHROUGH_FUNCTIONS = (torch.flatten, torch.reshape)
 _PASSTHROUGH_METHODS = ("flatten", "reshape", "view", "contiguous")
 _SHAPE_FUNCTIONS = (getattr, len)
 _SHAPE_METHODS = ("size", "dim")
-_AVG_POOLS = (nn.AvgPool2d, nn.AdaptiveAvgPool2d)
-_AVG_POOL_FUNCTIONS = (F.avg_pool2d, F.adaptive_avg_pool2d)
+_AVG_POOLS = (nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
+_AVG_POOL_FUNCTIONS = (F.avg_pool1d, F.adaptive_avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool2d)
 _DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 _PASSTHROUGH_MODULES = (nn.Flatten, nn.Identity) + _DROPOUT_MODULES
 _IN_PLACE_OPERATORS = (operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
@@ -297,14 +300,19 @@ def _fused_relu(node: fx.Node, modules: dict) -> Optional[fx.Node]:
 def _is_max_pool(node: fx.Node, modules: dict) -> bool:
     if node.op == "call_module":
         m = modules.get(node.target)
-        return type(m) is nn.MaxPool2d and not m.return_indices
+        return type(m) in _MAX_POOLS and not m.return_indices
     return (node.op == "call_function" and node.target in _MAX_POOL_FUNCTIONS and _constant_args(node)
             and not node.kwargs.get("return_indices", False))
 
 
+def _integer_max_pool(node: fx.Node, modules: dict):
+    """The functional.quantized_max_pool1d / 2d that runs a max-pool node on integers."""
+    return _MAX_POOLS[type(modules[node.target])] if node.op == "call_module" else _MAX_POOL_FUNCTIONS[node.target]
+
+
 def _max_pool_arguments(node: fx.Node, modules: dict) -> dict:
     """The pooling arguments of a max-pool node (module or function) as keyword arguments of
-    functional.quantized_max_pool2d."""
+    functional.quantized_max_pool1d / 2d."""
     names = ("kernel_size", "stride", "padding", "dilation", "ceil_mode")
     if node.op == "call_module":
         m = modules[node.target]
@@ -989,8 +997,8 @@ def _lower(gm: fx.GraphModule, dtype: torch.dtype, build_tables: bool) -> None:
             quantizer = int_of[node.args[0]]
             if _is_max_pool(node, modules):
                 with graph.inserting_after(node):
-                    new = graph.call_function(F_q.quantized_max_pool2d, (node.args[0],), _max_pool_arguments(
-                        node, modules))
+                    new = graph.call_function(_integer_max_pool(node, modules), (node.args[0],),
+                                              _max_pool_arguments(node, modules))
                 replace([node], new, quantizer)
             elif activation_clamp(node, modules) == (0.0, None):
                 with graph.inserting_after(node):
@@ -1040,7 +1048,7 @@ class _PipelineTracer(_Tracer):
     def __init__(self):
         super().__init__(autowrap_functions=(quantize_input, dequantize_output, integer_layer, integer_add,
                                              integer_conv_add, integer_relu, F_q.quantized_lookup,
-                                             F_q.quantized_max_pool2d))
+                                             F_q.quantized_max_pool1d, F_q.quantized_max_pool2d))
 
 
 # where the converted graph's calls take the pipeline's float dtype

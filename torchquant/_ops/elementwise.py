@@ -1,5 +1,5 @@
-"""Integer element-wise ops of an integer pipeline (quantized_add, quantized_lookup) and integer max-pooling:
-wrappers and fake kernels."""
+"""Integer element-wise ops of an integer pipeline (quantized_add, quantized_lookup) and integer max-pooling (1-d
+and 2-d): wrappers and fake kernels."""
 from typing import Optional, Sequence, Union
 
 import torch
@@ -7,10 +7,10 @@ from torch.compiler import is_dynamo_compiling
 
 from torchquant import _C
 from torchquant._ops import FLOAT_DTYPES, check_fake_devices, check_fake_dtype, ops
-from torchquant._ops.gemm import (_ACTIVATION_DTYPES, _flag, _integer, _optional_number, _pair, _require_dtype,
-                                  _require_same_device, _require_tensor, _scale_tensor)
+from torchquant._ops.gemm import (_ACTIVATION_DTYPES, _as_int, _flag, _integer, _is_int, _optional_number, _pair,
+                                  _require_dtype, _require_same_device, _require_tensor, _scale_tensor)
 
-__all__ = ["quantized_add", "quantized_lookup", "quantized_max_pool2d"]
+__all__ = ["quantized_add", "quantized_lookup", "quantized_max_pool1d", "quantized_max_pool2d"]
 
 
 def quantized_add(a: torch.Tensor, a_scale, a_zero_point: int, b: torch.Tensor, b_scale, b_zero_point: int,
@@ -80,6 +80,38 @@ def quantized_max_pool2d(x: torch.Tensor, kernel_size: Union[int, Sequence[int]]
     return ops.quantized_max_pool2d(x, kernel, kernel if stride is None else _pair("stride", stride),
                                     _pair("padding", padding), _pair("dilation", dilation),
                                     _flag("quantized_max_pool2d", "ceil_mode", ceil_mode))
+
+
+def _single(name: str, v: Union[int, Sequence[int]]) -> int:
+    if _is_int(v):
+        return _as_int(v)
+    if isinstance(v, (tuple, list)) and len(v) == 1 and _is_int(v[0]):
+        return _as_int(v[0])
+    raise TypeError(f"{name} must be an int or a 1-tuple of ints, got {v!r}")
+
+
+def quantized_max_pool1d(x: torch.Tensor, kernel_size: Union[int, Sequence[int]],
+                         stride: Optional[Union[int, Sequence[int]]] = None, padding: Union[int, Sequence[int]] = 0,
+                         dilation: Union[int, Sequence[int]] = 1, ceil_mode: bool = False) -> torch.Tensor:
+    """torch.nn.functional.max_pool1d of an int8/uint8 x [B, C, L] (or [C, L]) on the CPU and on CUDA: the same
+    output size and argument rules; quantized_max_pool2d's kernels over x as [B, C, 1, L]. The output keeps x's
+    scale and zero point."""
+    _require_tensor("x", x)
+    _require_dtype("x", x, _ACTIVATION_DTYPES)
+    if x.dim() not in (2, 3):
+        raise ValueError(f"quantized_max_pool1d: x must be 2-d [C, L] or 3-d [B, C, L], got {x.dim()}-d")
+    kernel = _single("kernel_size", kernel_size)
+    stride = kernel if stride is None else _single("stride", stride)
+    padding, dilation = _single("padding", padding), _single("dilation", dilation)
+    ceil_mode = _flag("quantized_max_pool1d", "ceil_mode", ceil_mode)
+    try:
+        y = ops.quantized_max_pool2d(x.unsqueeze(-2), (1, kernel), (1, stride), (0, padding), (1, dilation), ceil_mode)
+    except RuntimeError:
+        # the 2-d op names 2-d sizes; torch's max_pool1d has the same rules and says what is wrong in 1-d terms
+        torch.nn.functional.max_pool1d(torch.empty(x.shape, device="meta"), kernel, stride, padding, dilation,
+                                       ceil_mode)
+        raise
+    return y.squeeze(-2)
 
 
 # ---- fake kernels: shapes and dtypes only, for torch.compile / meta tensors ----
