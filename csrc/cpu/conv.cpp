@@ -3,8 +3,8 @@
 // multiple of 4 channels and full weight panels; for other uint8 convs with up to two weight panels, window rows read
 // in place by conv_u8s8_in_place; depthwise convs: a direct kernel below), and the GEMM's epilogue writing the
 // channels-last output directly.
+#include "cpu/simd.h"  // first: see there
 #include "check.h"
-#include <immintrin.h>
 
 #include <algorithm>
 #include <cstring>

@@ -1,8 +1,7 @@
 // The CPU int8 GEMM engine: packing, register-blocked microkernels per ISA, the fused epilogue, and the
 // cache-blocked, threaded driver. Layouts: see gemm_core.h.
+#include "cpu/simd.h"  // first: see there
 #include "cpu/gemm_core.h"
-
-#include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>

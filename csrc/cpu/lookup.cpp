@@ -4,8 +4,8 @@
 // bytes of x take two two-register byte permutes (vpermi2b, indexed by the low 7 bits: table[0, 128) and
 // table[128, 256)) and a blend on the index's top bit. Every other path runs the plain byte loop (there is no byte
 // gather to vectorize it with).
+#include "cpu/simd.h"  // first: see there
 #include "check.h"
-#include <immintrin.h>
 
 #include <cstdint>
 

@@ -4,8 +4,8 @@
 // 32- or 16-byte registers by the CPU's instruction set (TORCHQUANT_CPU_ISA) (a window without a tap inside the
 // input, possible in ceil mode with dilation, gives the type's lowest value as torch's integer kernel does). Other
 // layouts go to torch's kernel. csrc/cuda/pool.cu has the CUDA kernel.
+#include "cpu/simd.h"  // first: see there
 #include "check.h"
-#include <immintrin.h>
 
 #include <algorithm>
 #include <type_traits>

@@ -12,8 +12,8 @@
 // uninitialized in every caller; the value is never read.
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include "cpu/simd.h"  // first: see there
 #include "check.h"
-#include <immintrin.h>
 
 #include <algorithm>
 #include <cfloat>
