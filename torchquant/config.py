@@ -187,7 +187,8 @@ class QuantConfig:
             raise TypeError(f"QuantConfig: skip must be a tuple of name globs, types or callables, got {skip!r}")
         for rule in skip:
             if not (isinstance(rule, (str, type)) or callable(rule)):
-                raise TypeError(f"QuantConfig: skip entries must be name globs, module types or callables, got {rule!r}")
+                raise TypeError(f"QuantConfig: skip entries must be name globs, module types or callables, "
+                                f"got {rule!r}")
         object.__setattr__(self, "skip", tuple(skip))
         if not isinstance(self.fold_bn, bool):
             raise TypeError(f"QuantConfig: fold_bn must be a bool, got {type(self.fold_bn).__name__}")

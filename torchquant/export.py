@@ -1,9 +1,9 @@
 """ONNX export of prepared (fake-quant) and converted models as a standard QuantizeLinear/DequantizeLinear graph.
 
-How: a copy of the model has each QuantLinear/QuantConv2d/QuantConv1d replaced by a placeholder op; torch.onnx's exporter
-(torch.export underneath) turns everything else into ONNX and each placeholder into one node of a private domain;
-those nodes are then replaced by the layer's quantized subgraph, written here with the `onnx` helpers from the
-layer's own integer weights and qparams.
+How: a copy of the model has each QuantLinear/QuantConv2d/QuantConv1d replaced by a placeholder op; torch.onnx's
+exporter (torch.export underneath) turns everything else into ONNX and each placeholder into one node of a private
+domain; those nodes are then replaced by the layer's quantized subgraph, written here with the `onnx` helpers from
+the layer's own integer weights and qparams.
 
 The subgraphs give the integers torchquant gives, ties included. torchquant quantizes with q = clamp(rne(x *
 (1 / scale)) + zero_point) where 1 / scale is a float32; ONNX QuantizeLinear divides by its scale, and x / scale
@@ -546,8 +546,9 @@ def input_q_name(layer_name: str) -> str:
 # everywhere here: Mul(1 / out_scale) -> QuantizeLinear(scale 1, out_zero_point). An integer add is
 # DequantizeLinear (float(q - zero_point) * scale, as torchquant's) of both inputs -> Add -> [Relu] -> the same
 # requantization, and a conv with the add in its epilogue adds the DequantizeLinear of its residual to its float y
-# (after the clamp), then [Relu] and the requantization; max-pool runs MaxPool on the integers, a ReLU between layers is Max(q, zero point),
-# flatten / reshape / concatenation act on the integer tensors, and an activation lookup (quantized_lookup) is a
+# (after the clamp), then [Relu] and the requantization; max-pool (1-d or 2-d) runs MaxPool on the integers, a ReLU
+# between layers is Max(q, zero point), flatten / reshape / concatenation act on the integer tensors, and an
+# activation lookup (quantized_lookup) is a
 # Gather from its 256-entry table: Cast of the integers to an int32 index, for int8 ones plus 128 into the table
 # rotated by 128 entries (the same entry for each value as torchquant's byte index, with no negative index). A QDQ
 # Conv (DequantizeLinear -> Conv -> QuantizeLinear) would not give torchquant's integers: run unfused it sums

@@ -402,6 +402,7 @@ def _int8_conv2d_residual_fake(x_q, x_scale, x_zero_point, w_packed, w_sum, w_sc
     op = "int8_conv2d"
     check_fake_devices(op, "x_q", x_q, residual=residual, residual_scale=residual_scale)
     check_fake_dtype(op, "residual", residual, _ACTIVATION_DTYPES)
-    torch._check(residual.shape == out.shape, lambda: f"{op}: residual must have the output's shape "
-                                                      f"{list(out.shape)} (no broadcasting), got {list(residual.shape)}")
+    torch._check(residual.shape == out.shape,
+                 lambda: f"{op}: residual must have the output's shape {list(out.shape)} (no broadcasting), "
+                         f"got {list(residual.shape)}")
     return out
