@@ -404,11 +404,15 @@ def test_patterns_are_fused_and_run_on_integers():
     assert "2 integer add(s) (2 fused into a conv's epilogue)" in notes[0]
 
 
-def test_depthwise_block_and_dropout_run_on_integers():
+def _converted_with_nothing_kept_float(name):
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # nothing is kept float between integer layers
-        _, prepared, _ = _prepared("inverted-residual")
-        converted = tq.convert(prepared)
+        warnings.simplefilter("error")  # prepare warns of what it keeps float between integer layers
+        _, prepared, _ = _prepared(name)
+        return tq.convert(prepared)
+
+
+def test_depthwise_block_and_dropout_run_on_integers():
+    converted = _converted_with_nothing_kept_float("inverted-residual")
     targets = _graph_targets(converted)
     assert targets.count(graph.integer_layer) == 4 and targets.count(graph.integer_conv_add) == 1
     layers, _ = graph.pipeline_notes(converted)
@@ -418,10 +422,7 @@ def test_depthwise_block_and_dropout_run_on_integers():
 
 
 def test_1d_max_pools_run_on_integers():
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # nothing is kept float between integer layers
-        _, prepared, batches = _prepared("keyword-spotting")
-        converted = tq.convert(prepared)
+    converted = _converted_with_nothing_kept_float("keyword-spotting")
     targets = _graph_targets(converted)
     assert targets.count(tq.functional.quantized_max_pool1d) == 2
     assert targets.count(graph.integer_layer) == 4 and targets.count(graph.quantize_input) == 2  # input, avg pool
