@@ -54,6 +54,8 @@ using Int8LinearDynamicActivationFn = at::Tensor(const at::Tensor&, const at::Te
                                                  c10::string_view);
 using QuantizedAddFn = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, const at::Tensor&, const at::Tensor&,
                                   int64_t, at::ScalarType, std::optional<double>, int64_t, bool);
+using QuantizedMaxPool2dFn = at::Tensor(const at::Tensor&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
+                                       at::IntArrayRef, bool);
 using Int8LinearFn = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, const at::Tensor&, const at::Tensor&,
                                 const at::Tensor&, const std::optional<at::Tensor>&, int64_t, at::ScalarType,
                                 std::optional<double>, int64_t, std::optional<double>, std::optional<double>);
@@ -364,15 +366,41 @@ PyObject* call_quantized_add(PyObject*, PyObject* const* args, Py_ssize_t nargs)
   END_HANDLE_TH_ERRORS
 }
 
-// Two ints (a conv's kernel_size, stride, padding or dilation as QuantConv2d keeps them).
+// Two ints: a list or tuple of two, or one int for both (a conv's kernel_size, stride, padding or dilation as
+// QuantConv2d keeps them; a max-pool's as F.max_pool2d takes them).
 bool pair_arg(PyObject* o, std::array<int64_t, 2>& pair) {
-  if (!PyList_CheckExact(o) || PyList_GET_SIZE(o) != 2) return false;
+  if (const auto v = int_in(o, INT64_MIN, INT64_MAX)) {
+    pair = {*v, *v};
+    return true;
+  }
+  const bool list = PyList_CheckExact(o);
+  if (!(list || PyTuple_CheckExact(o)) || Py_SIZE(o) != 2) return false;
   for (int i = 0; i < 2; ++i) {
-    const auto v = int_in(PyList_GET_ITEM(o, i), INT64_MIN, INT64_MAX);
+    const auto v = int_in(list ? PyList_GET_ITEM(o, i) : PyTuple_GET_ITEM(o, i), INT64_MIN, INT64_MAX);
     if (!v) return false;
     pair[i] = *v;
   }
   return true;
+}
+
+// quantized_max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode) -> Tensor: a CPU int8/uint8 x, each
+// size one int or two (stride None: the kernel size), ceil_mode a bool; the op checks the rest. The wrapper's
+// argument conversions and the op call from Python cost more than the pooling of a small CNN's feature map.
+PyObject* call_quantized_max_pool2d(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  check_nargs(nargs, 6, "quantized_max_pool2d");
+  const at::Tensor* x = plain_tensor(args[0]);
+  std::array<int64_t, 2> kernel{}, stride{}, padding{}, dilation{};
+  if (x == nullptr || !is_int8(x->scalar_type()) || !x->is_cpu() || !pair_arg(args[1], kernel) ||
+      !pair_arg(args[3], padding) || !pair_arg(args[4], dilation) || !PyBool_Check(args[5]))
+    Py_RETURN_NOTIMPLEMENTED;
+  if (args[2] == Py_None) stride = kernel;
+  else if (!pair_arg(args[2], stride)) Py_RETURN_NOTIMPLEMENTED;
+  static const auto op = find_op<QuantizedMaxPool2dFn>("torchquant::quantized_max_pool2d");
+  return THPVariable_Wrap(call_op(x->numel(), [&] {
+    return op.call(*x, kernel, stride, padding, dilation, args[5] == Py_True);
+  }));
+  END_HANDLE_TH_ERRORS
 }
 
 // quantized_layer_forward(x, layer_args, clamp_min, clamp_max) -> Tensor: the converted forward of a QuantLinear or
@@ -510,6 +538,9 @@ PyMethodDef torchquant_python_calls[] = {
      METH_FASTCALL, "QuantLinear's converted int8-dynamic forward: the op's result, or NotImplemented"},
     {"quantized_add", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&torchquant::call_quantized_add)),
      METH_FASTCALL, "functional.quantized_add's fast path: the op's result, or NotImplemented"},
+    {"quantized_max_pool2d",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&torchquant::call_quantized_max_pool2d)),
+     METH_FASTCALL, "functional.quantized_max_pool2d's fast path: the op's result, or NotImplemented"},
     {"quantized_layer_forward",
      reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&torchquant::call_quantized_layer_forward)),
      METH_FASTCALL,

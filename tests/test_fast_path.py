@@ -508,3 +508,45 @@ def test_quantized_add_fast_path_declines_what_the_checked_path_handles():
         F.quantized_add(a, 0.1, 300, a, 0.1, 0)
     assert_same(F.quantized_add(a, 0.1, 2.0, a, 0.1, 0, out_dtype=torch.uint8, out_scale=1, relu=1),
                 F.quantized_add(a, 0.1, 2, a, 0.1, 0, out_dtype=torch.uint8, out_scale=1.0, relu=True))
+
+
+# ---- quantized_max_pool2d ----
+
+POOL_ARGS = [  # (kernel_size, stride, padding, dilation, ceil_mode)
+    (2, None, 0, 1, False),
+    (3, 2, 1, 1, True),
+    ((3, 2), [2, 1], (1, 0), [2, 1], False),  # tuples and lists
+    ((1, 3), (1, 2), (0, 1), (1, 1), False),  # as quantized_max_pool1d calls it
+]
+
+
+@pytest.mark.parametrize("args", POOL_ARGS, ids=range(len(POOL_ARGS)))
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8], ids=str)
+def test_quantized_max_pool2d_fast_path_matches_the_checked_path(dtype, args):
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-128, 128, (2, 5, 9, 8), generator=g, dtype=torch.int16)
+    a = a.clamp(*((0, 255) if dtype == torch.uint8 else (-128, 127))).to(dtype)
+    for x in [a, a.to(memory_format=torch.channels_last), a[:, ::2], a[0], a[:0]]:
+        assert _C.quantized_max_pool2d(x, *args) is not NotImplemented
+        fast, checked = both_paths(lambda: F.quantized_max_pool2d(x, *args))
+        assert_same(fast, checked)
+        assert fast.stride() == checked.stride()
+
+
+def test_quantized_max_pool2d_fast_path_declines_what_the_checked_path_handles():
+    a = torch.zeros(1, 2, 6, 6, dtype=torch.uint8)
+    good = (a, 2, None, 0, 1, False)
+    assert _C.quantized_max_pool2d(*good) is not NotImplemented
+    for i, bad in [(0, a.float()), (0, a.as_subclass(Counting)), (0, a.to("meta")), (1, (2, 2, 2)), (1, True),
+                   (1, 2.0), (1, (2, "2")), (2, [2]), (3, 2**70), (4, None), (5, 1), (5, None)]:
+        args = list(good)
+        args[i] = bad
+        assert _C.quantized_max_pool2d(*args) is NotImplemented, (i, bad)
+    with pytest.raises(TypeError, match="takes 6 arguments"):
+        _C.quantized_max_pool2d(*good[:-1])
+    # the checked path keeps its messages and takes the rarer forms, the kernel checks the values
+    with pytest.raises(TypeError, match="kernel_size must be an int or a pair"):
+        F.quantized_max_pool2d(a, (2, 2, 2))
+    with pytest.raises(RuntimeError, match="quantized_max_pool2d: stride must be >= 1"):
+        F.quantized_max_pool2d(a, 2, 0)
+    assert_same(F.quantized_max_pool2d(a, np.int64(2), ceil_mode=1), F.quantized_max_pool2d(a, 2))

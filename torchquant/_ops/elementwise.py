@@ -74,6 +74,10 @@ def quantized_max_pool2d(x: torch.Tensor, kernel_size: Union[int, Sequence[int]]
     torch's takes floating types only; on the CPU its channels-last kernel fails for H * W > 127): the same output
     size, argument rules and memory format. The maximum of integers commutes with the (monotonic) dequantization,
     so the output keeps x's scale and zero point."""
+    if not is_dynamo_compiling():  # the common CPU call, checked and made in C++ (csrc/python_calls.cpp)
+        y = _C.quantized_max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
+        if y is not NotImplemented:
+            return y
     _require_tensor("x", x)
     _require_dtype("x", x, _ACTIVATION_DTYPES)
     kernel = _pair("kernel_size", kernel_size)
@@ -105,7 +109,7 @@ def quantized_max_pool1d(x: torch.Tensor, kernel_size: Union[int, Sequence[int]]
     padding, dilation = _single("padding", padding), _single("dilation", dilation)
     ceil_mode = _flag("quantized_max_pool1d", "ceil_mode", ceil_mode)
     try:
-        y = ops.quantized_max_pool2d(x.unsqueeze(-2), (1, kernel), (1, stride), (0, padding), (1, dilation), ceil_mode)
+        y = quantized_max_pool2d(x.unsqueeze(-2), (1, kernel), (1, stride), (0, padding), (1, dilation), ceil_mode)
     except RuntimeError:
         # the 2-d op names 2-d sizes; torch's max_pool1d has the same rules and says what is wrong in 1-d terms
         torch.nn.functional.max_pool1d(torch.empty(x.shape, device="meta"), kernel, stride, padding, dilation,

@@ -51,11 +51,12 @@ def _require_same_device(device: torch.device, **tensors) -> None:
 
 def _is_int(v) -> bool:
     """An int, a numpy integer or a SymInt; not a bool (True is not a size)."""
-    return isinstance(v, (numbers.Integral, torch.SymInt)) and not isinstance(v, bool)
+    # a plain int first: the check against the numbers.Integral ABC costs about a microsecond a call
+    return type(v) is int or (isinstance(v, (numbers.Integral, torch.SymInt)) and not isinstance(v, bool))
 
 
 def _as_int(v):
-    return v if isinstance(v, torch.SymInt) else int(v)
+    return v if type(v) is int or isinstance(v, torch.SymInt) else int(v)
 
 
 def _pair(name: str, v: Union[int, Sequence[int]]) -> Tuple[int, int]:
