@@ -7,8 +7,9 @@ On a shared machine the 1-thread rows are better timed in thread CPU time (--tim
 of the calling thread's CPU time per call, which other processes do not inflate; --warm adds the same with each
 variant's calls back to back, its weights and activations still in the caches, as when one model runs over and
 over); 2-thread rows are always wall time (median of interleaved samples). --layers adds a per-layer table of the converted models (thread CPU time of
-each graph node at 1 thread, summed per conv shape or op) against torch.ao's, with the convs' multiply-add rate and,
-given --peak-gmacs (one core's u8 x s8 multiply-add peak, e.g. 2 vpdpbusd per cycle x 64 x clock), its fraction.
+each graph node at 1 thread, summed per conv shape or op) against torch.ao's, with the convs' multiply-add rate and
+its fraction of one core's peak: the rate of the kernel path's multiply-add instruction measured on this core
+(torchquant.bench.timing.multiply_add_peak), or --peak-gmacs.
 
 Weights are random (torchvision's initialisation) with BatchNorm statistics taken from a few batches of random
 images, so activations have the ranges of a trained network's; calibration uses other random images.
@@ -29,6 +30,7 @@ from torch import fx, nn
 import torchquant
 from benchmarks.models import (CPU_BASELINES, TORCH_AO, _engine_for, _quantized_engine, _quiet_torch_ao,
                                latency_rows, torch_ao_static, write_tables)
+from torchquant.bench.timing import multiply_add_peak
 from torchquant.timing import num_threads
 
 
@@ -313,10 +315,14 @@ def main(argv=None, prog: str = "python -m benchmarks.resnet", architectures=tup
     parser.add_argument("--layers", action="store_true", help="add the per-layer table (1 thread)")
     parser.add_argument("--warm", action="store_true",
                         help="with --timer thread, also time each variant's 1-thread calls back to back (caches warm)")
-    parser.add_argument("--peak-gmacs", type=float, help="one core's int8 multiply-add peak, for the per-layer table")
+    parser.add_argument("--peak-gmacs", type=float,
+                        help="one core's int8 multiply-add peak for the per-layer table (default: measured here)")
     parser.add_argument("--output", help="also write the tables, with the machine and date, to this Markdown file")
     args = parser.parse_args(argv)
-    rows = run(args.models, args.batches, args.threads, args.repeats, args.timer, args.layers, args.peak_gmacs, build,
+    peak_gmacs = args.peak_gmacs
+    if args.layers and peak_gmacs is None:
+        peak_gmacs = multiply_add_peak() / 1e9 or None  # (none on the scalar path)
+    rows = run(args.models, args.batches, args.threads, args.repeats, args.timer, args.layers, peak_gmacs, build,
                args.warm)
     write_tables(rows, title, args.output, TITLES, COLUMNS, LEGEND)
 

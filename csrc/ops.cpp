@@ -94,6 +94,8 @@ TORCH_LIBRARY(torchquant, m) {
 
   // ---- the CPU code path the kernels run now: "avx512_vnni", "avx2" or "scalar" (csrc/cpu/isa.cpp) ----
   m.def("cpu_kernel_path() -> str");
+  // multiply-adds per second of one core running only that path's multiply-add instruction: the benchmarks' limit
+  m.def("cpu_multiply_add_peak(int iterations) -> float");
 }
 
 // A module torchquant._C that Python can import; loading it runs the registrations above.

@@ -277,6 +277,16 @@ def test_cpu_kernel_path_names_the_path_that_runs(monkeypatch):
     assert torchquant.cpu_kernel_path() == SUPPORTED_ISAS[0]
 
 
+def test_cpu_multiply_add_peak_measures_the_path_that_runs(monkeypatch):
+    """The benchmarks' limit: a rate for each vector path (no time is asserted), none for the scalar one."""
+    for isa in SUPPORTED_ISAS:
+        monkeypatch.setenv("TORCHQUANT_CPU_ISA", isa)
+        peak = torch.ops.torchquant.cpu_multiply_add_peak(1000)
+        assert (peak == 0.0) if isa == "scalar" else (math.isfinite(peak) and peak > 0), (isa, peak)
+    with pytest.raises(RuntimeError, match="cpu_multiply_add_peak: iterations must be >= 1, got 0"):
+        torch.ops.torchquant.cpu_multiply_add_peak(0)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # quantize_per_token, choose_qparams, quantization_error
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """CPU integer matrix kernels against PyTorch: int8_mm, the int8-dynamic linear and the int8 conv2d.
 
 Three tables, each at 1 and 2 threads, every row timed interleaved with its baselines in this process:
-- int8_mm: GOP/s (2 per multiply-add), fraction of the AVX-512 VNNI peak (VNNI_PEAK_GOPS_PER_CORE), ratio to
-  torch._int_mm (oneDNN) and to float32 torch.mm.
+- int8_mm: GOP/s (2 per multiply-add), fraction of the peak of the kernel path's multiply-add instruction measured on
+  this machine (torchquant.bench.timing.multiply_add_peak, times the threads), ratio to torch._int_mm (oneDNN) and
+  to float32 torch.mm.
 - dynamic linear (per-token activation quantize + GEMM + epilogue, float32 in and out) on MiniLM/BERT shapes and
   4096x4096 against torch.ao.quantization.quantize_dynamic's Linear (fbgemm) and float F.linear.
 - conv2d on ResNet-style layers (uint8 channels-last activations, per-channel int8 weights, float32 output)
@@ -14,13 +15,9 @@ import torch
 from torch import nn
 
 from torchquant import functional as F_q
-from torchquant.bench.timing import run_tables, tables_main, torch_ao_engine
+from torchquant.bench.timing import multiply_add_peak, run_tables, tables_main, torch_ao_engine
 from torchquant.timing import compare, num_threads
 
-# One core's vpdpbusd peak on the 2-core Zen 5 machine of benchmarks/results: two 512-bit instructions (64 u8 x s8
-# multiply-adds each) per cycle at 4.48 GHz, 573 G multiply-adds/s, measured with a loop of independent
-# instructions. Other CPUs differ (one instruction per cycle on most Intel cores).
-VNNI_PEAK_GOPS_PER_CORE = 2 * 573.0
 MM_SHAPES = ((1024, 1024, 1024), (2048, 2048, 2048), (128, 4096, 4096))  # M, K, N
 LINEAR_SHAPES = ((384, 384), (384, 1536), (1536, 384), (768, 768), (768, 3072), (3072, 768), (4096, 4096))  # K, N
 LINEAR_ROWS = (1, 16, 128, 512)
@@ -50,6 +47,7 @@ def _per_channel_int8(w: torch.Tensor):
 
 def bench_int8_mm(threads: int, repeats: int) -> List[dict]:
     rows = []
+    peak_gops = 2 * multiply_add_peak() / 1e9 * threads
     for m, k, n in MM_SHAPES:
         a, w = _int8(m, k), _int8(n, k)
         b = w.t()  # the nn.Linear weight layout
@@ -59,7 +57,7 @@ def bench_int8_mm(threads: int, repeats: int) -> List[dict]:
                          "fp32": lambda: torch.mm(af, bf)}, repeats=repeats)
         gops = 2 * m * n * k / t["tq"] / 1e9
         rows.append({"threads": threads, "M x K x N": f"{m}x{k}x{n}", "ms": t["tq"] * 1e3, "GOP/s": gops,
-                     "of VNNI peak": gops / (VNNI_PEAK_GOPS_PER_CORE * threads),
+                     "of peak": gops / peak_gops if peak_gops else "",
                      "_int_mm GOP/s": 2 * m * n * k / t["int_mm"] / 1e9, "vs _int_mm": t["int_mm"] / t["tq"],
                      "vs fp32 mm": t["fp32"] / t["tq"]})
     return rows
@@ -119,7 +117,7 @@ def bench_conv(threads: int, repeats: int) -> List[dict]:
 
 
 TABLES = {
-    "int8_mm": (bench_int8_mm, ("threads", "M x K x N", "ms", "GOP/s", "of VNNI peak", "_int_mm GOP/s", "vs _int_mm",
+    "int8_mm": (bench_int8_mm, ("threads", "M x K x N", "ms", "GOP/s", "of peak", "_int_mm GOP/s", "vs _int_mm",
                                 "vs fp32 mm")),
     "linear": (bench_dynamic_linear, ("threads", "K x N", "M", "us", "GOP/s", "vs quantize_dynamic",
                                       "vs fp32 F.linear")),

@@ -1,5 +1,5 @@
-"""The benchmarks' side of timing: copy bandwidth and the table-registry command line (the timing itself is
-torchquant.timing)."""
+"""The benchmarks' side of timing: copy bandwidth, the CPU's multiply-add peak and the table-registry command line
+(the timing itself is torchquant.timing)."""
 import argparse
 import contextlib
 import time
@@ -20,6 +20,14 @@ def copy_bandwidth(numel_bytes: int, *, device: str = "cpu", repeats: int = 15,
     dst = torch.empty_like(src)
     seconds = compare({"copy": lambda: dst.copy_(src)}, device=device, repeats=repeats, clock=clock)["copy"]
     return 2 * numel_bytes / seconds
+
+
+def multiply_add_peak(repeats: int = 5, iterations: int = 10_000_000) -> float:
+    """Multiply-adds per second of one core running nothing but the CPU kernel path's integer multiply-add
+    instruction on independent accumulators (vpdpbusd on avx512_vnni; vpmaddwd + vpaddd, the exact AVX2 path's
+    pair, on avx2), in thread CPU time, the best of `repeats` runs: the physical limit of the int8 GEMMs and convs on
+    this core (times the thread count for more). 0.0 on the scalar path."""
+    return max(torch.ops.torchquant.cpu_multiply_add_peak(iterations) for _ in range(repeats))
 
 
 @contextlib.contextmanager
