@@ -906,6 +906,31 @@ def test_unsupported_op_stays_float_and_is_named():
         assert tq.functional.quantization_error(model(x), converted(x))["sqnr_db"] > 25
 
 
+def test_shape_arithmetic_is_not_named_as_kept_float():
+    # `n, c, length = y.shape` and `c * length` read only the integer tensor's shape: prepare's warning named the
+    # getitems and the product as float ops kept between integer layers (each "a float round trip")
+    class Unpacked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(3, 4, 3, padding=1)
+            self.fc = nn.Linear(4 * 6, 2)
+
+        def forward(self, x):
+            y = F.relu(self.conv(x))
+            n, c, length = y.shape
+            return self.fc(torch.sin(y.reshape(n, c * length)) * y.size(0))
+
+    model = Unpacked().eval()
+    with pytest.warns(UserWarning, match=r"kept float between integer layers .*: sin \(sin\), mul_1 \(mul\)$"):
+        prepared = tq.prepare(model, PIPELINE)
+    converted = tq.convert(tq.calibrate(prepared, _batches((2, 3, 6)), progress=False))
+    assert graph._meta(converted)["float_ops"] == ["sin (sin)", "mul_1 (mul)"]
+    assert _graph_targets(converted).count(graph.integer_layer) == 2
+    x = torch.randn(2, 3, 6)
+    with torch.no_grad():
+        assert tq.functional.quantization_error(model(x), converted(x))["sqnr_db"] > 15
+
+
 def test_skipped_layer_stays_float_between_integer_layers():
     model, _, batches = _prepared("cat")
     config = PIPELINE.with_skip(["merge"])

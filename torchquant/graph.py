@@ -541,7 +541,9 @@ def _kept_float(graph: fx.Graph, modules: dict, calls: Counter, producers: set, 
     quantized layers called more than once (each quantizes its own input)."""
     after_producer: set[fx.Node] = set()
     for node in graph.nodes:
-        if node in producers or any(a in after_producer for a in node.all_input_nodes):
+        # (a shape query's value, and arithmetic on it such as `n, c, length = y.shape; c * length`, is no tensor)
+        if node in producers or (any(a in after_producer for a in node.all_input_nodes)
+                                 and not _is_shape_query(node)):
             after_producer.add(node)
     before_quantize: set[fx.Node] = set()
     for node in reversed(list(graph.nodes)):
