@@ -409,10 +409,22 @@ def convert(model: nn.Module, *, inplace: bool = True) -> nn.Module:
     return guard_loads(model)
 
 
+def _nothing_quantized(model: nn.Module) -> nn.Module:
+    """quantize_model's result when prepare quantized no layer (each stayed float for a reason prepare warned
+    about, or a skip rule, or there is none): the float model, with a warning that says so."""
+    why = ("every nn.Linear, nn.Conv2d and nn.Conv1d layer stayed float (skipped, or not supported: see prepare's "
+           "warnings)" if any(type(m) in QUANT_TYPES for m in model.modules())
+           else "the model has no nn.Linear, nn.Conv2d or nn.Conv1d layer")
+    warnings.warn(f"quantize_model: nothing was quantized: {why}; the model is returned as it is", UserWarning,
+                  stacklevel=3)
+    return model
+
+
 def quantize_model(model: nn.Module, config=None, calibration: Iterable | None = None, *,
                    inplace: bool = True) -> nn.Module:
     """prepare + calibrate (when calibration batches are given) + convert. Static activation configs need
-    calibration. On failure the model is left as it was."""
+    calibration. On failure the model is left as it was. When no layer gets quantized (each stays float: skipped or
+    not supported, as prepare warns, or there is none) it warns and returns the model as it is."""
     _check_model(model, "quantize_model")
     config = resolve_config(config)
     act = config.activation
@@ -423,11 +435,15 @@ def quantize_model(model: nn.Module, config=None, calibration: Iterable | None =
         model = copy.deepcopy(model)
     pipeline = _prepared_pipeline(model, config) if config.integer_pipeline else None
     if pipeline is not None:  # the float model is left as it is whatever happens
+        if not quant_layers(pipeline):
+            return _nothing_quantized(model)
         if calibration is not None:
             calibrate(pipeline, calibration)
         return convert(pipeline)
     plan = _plan_swaps(model, config)
     _swap(plan)
+    if not quant_layers(model):
+        return _nothing_quantized(model)
     unfuse = unfuse_transformers(model)
     try:
         if calibration is not None:
