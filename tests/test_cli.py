@@ -635,8 +635,21 @@ def test_load_inputs_takes_a_list_of_batches(tmp_path):
     inputs, labels = load_inputs(str(tmp_path / "pair.pt"), "--eval", want_labels=True)
     assert torch.equal(inputs, batches[0]) and labels.tolist() == [0, 1, 2]
     torch.save([torch.randn(2, 4), torch.randn(2, 5), torch.randn(2, 4)], tmp_path / "mixed.pt")
-    with pytest.raises(UsageError, match=r"--calib: .*mixed.pt holds list; expected .*a list of input batches"):
+    with pytest.raises(UsageError, match=r"--calib: the batches in .*mixed.pt differ in sample shape \(batch 0: "
+                                         r"\[4\], batch 1: \[5\]\); they are joined into one tensor"):
         load_inputs(str(tmp_path / "mixed.pt"), "--calib")
+    # two batches of variable-length sequences were read as an (inputs, labels) pair: "the labels in ... must be a
+    # 1-D integer tensor"
+    torch.save([torch.randn(8, 4, 40), torch.randn(8, 4, 32)], tmp_path / "lengths.pt")
+    with pytest.raises(UsageError, match=r"--calib: the batches in .*lengths.pt differ in sample shape \(batch 0: "
+                                         r"\[4, 40\], batch 1: \[4, 32\]\)"):
+        load_inputs(str(tmp_path / "lengths.pt"), "--calib")
+    torch.save((torch.randn(3, 4), torch.randn(3, 4).half()), tmp_path / "dtypes.pt")
+    with pytest.raises(UsageError, match=r"differ in dtype \(batch 0: float32, batch 1: float16\)"):
+        load_inputs(str(tmp_path / "dtypes.pt"), "--calib")
+    torch.save((batches[0], torch.tensor([0.0, 1.0, 2.0])), tmp_path / "float_labels.pt")  # still a pair
+    with pytest.raises(UsageError, match="the labels in .*float_labels.pt must be a 1-D integer tensor"):
+        load_inputs(str(tmp_path / "float_labels.pt"), "--eval", want_labels=True)
 
 
 def test_special_files_are_refused_without_opening_them(tmp_path):

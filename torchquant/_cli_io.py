@@ -267,6 +267,9 @@ def load_inputs(path: str, option: str, *, want_labels: bool = False
         inputs, labels = content["inputs"], content.get("labels")
     elif _is_batch_list(content):
         inputs, labels = torch.cat(list(content)), None
+    elif (mismatch := _batch_mismatch(content)) is not None:
+        raise UsageError(f"{option}: the batches in {path} differ in {mismatch}; they are joined into one tensor, so "
+                         f"they need one sample shape and dtype (pad or crop them to one size)")
     elif isinstance(content, (tuple, list)) and len(content) == 2:
         inputs, labels = content
     else:
@@ -316,6 +319,24 @@ def _is_batch_list(content) -> bool:
             and all(isinstance(t, torch.Tensor) and _holds_values(t) and t.dtype.is_floating_point
                     and t.dim() >= 1 for t in content)
             and len({tuple(t.shape[1:]) for t in content}) == 1 and len({t.dtype for t in content}) == 1)
+
+
+def _batch_mismatch(content) -> Optional[str]:
+    """For a list or tuple of float tensors of two or more dimensions that _is_batch_list refuses (batches of
+    variable-length sequences, say): what the first batch unlike batch 0 differs in, for the message. None for
+    anything else (an (inputs, labels) pair has 1-D integer labels)."""
+    if not (isinstance(content, (tuple, list)) and len(content) > 1
+            and all(isinstance(t, torch.Tensor) and _holds_values(t) and t.dtype.is_floating_point and t.dim() >= 2
+                    for t in content)):
+        return None
+    first = content[0]
+    for i, t in enumerate(content):
+        if t.shape[1:] != first.shape[1:]:
+            return f"sample shape (batch 0: {list(first.shape[1:])}, batch {i}: {list(t.shape[1:])})"
+        if t.dtype != first.dtype:
+            return f"dtype (batch 0: {str(first.dtype).replace('torch.', '')}, batch {i}: " \
+                   f"{str(t.dtype).replace('torch.', '')})"
+    return None
 
 
 def batches_of(inputs: torch.Tensor, batch_size: int) -> List[torch.Tensor]:
