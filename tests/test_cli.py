@@ -456,18 +456,22 @@ def test_presets_and_observers_come_from_their_tables(work, tmp_path, monkeypatc
     help_text = " ".join(capsys.readouterr().out.split())
     assert "w6_weight_only: 6-bit weights, float activations" in help_text
     assert "half_minmax: half the min/max range" in help_text
-    for option, bad in (("--config", "int3"), ("--observer", "median")):
+    for option, name, bad in (("--config", "--config/--preset", "int3"), ("--preset", "--config/--preset", "int3"),
+                              ("--observer", "--observer", "median")):
         with pytest.raises(SystemExit) as exit_info:
             main(["convert", FACTORY, "-o", str(tmp_path / "out.safetensors"), option, bad])
         assert exit_info.value.code == 2
         error = capsys.readouterr().err
-        assert f"argument {option}: invalid choice: '{bad}'" in error
-        assert ("'w6_weight_only'" if option == "--config" else "'half_minmax'") in error
+        assert f"argument {name}: invalid choice: '{bad}'" in error
+        assert ("'half_minmax'" if option == "--observer" else "'w6_weight_only'") in error
 
     args = build_parser().parse_args(["convert", FACTORY, "-o", "out.safetensors", "--config", "w6_weight_only",
                                       "--observer", "half_minmax"])
     config = config_from_args(args)
     assert config.weight.bits == 6 and config.weight.observer == "half_minmax" and config.activation is None
+    # --preset, the README's word for the configurations, is the same option
+    assert config_from_args(build_parser().parse_args(["convert", FACTORY, "-o", "out.safetensors", "--preset",
+                                                       "w6_weight_only", "--observer", "half_minmax"])) == config
     out = tmp_path / "w6.safetensors"
     monkeypatch.chdir(work)
     assert main(["convert", FACTORY, "--weights", "digits.safetensors", "--config", "w6_weight_only",

@@ -64,7 +64,7 @@ def _model_options() -> argparse.ArgumentParser:
     group.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
 
     group = opts.add_argument_group("quantization (a preset, optionally adjusted)")
-    group.add_argument("--config", metavar="PRESET", choices=list(PRESETS),
+    group.add_argument("--config", "--preset", metavar="PRESET", choices=list(PRESETS),
                        help="; ".join(f"{name}{' (default)' if name == DEFAULT_PRESET else ''}: {preset.description}"
                                       for name, preset in PRESETS.items()))
     group.add_argument("--bits", type=int, metavar="N", help="weight bits, 1-8")
