@@ -24,24 +24,22 @@ double thread_seconds() {
 // accumulators on the stack: the instruction stream is exactly the one measured. Register values do not change the
 // instructions' speed.
 
+// The loops' registers (x/y/zmm0-13): zeroed before the loop, and declared clobbered.
+#define TQ_ZERO_REGISTERS                                                                                   \
+  "vpxor %%xmm0, %%xmm0, %%xmm0\n\tvpxor %%xmm1, %%xmm1, %%xmm1\n\tvpxor %%xmm2, %%xmm2, %%xmm2\n\t"             \
+  "vpxor %%xmm3, %%xmm3, %%xmm3\n\tvpxor %%xmm4, %%xmm4, %%xmm4\n\tvpxor %%xmm5, %%xmm5, %%xmm5\n\t"             \
+  "vpxor %%xmm6, %%xmm6, %%xmm6\n\tvpxor %%xmm7, %%xmm7, %%xmm7\n\tvpxor %%xmm8, %%xmm8, %%xmm8\n\t"             \
+  "vpxor %%xmm9, %%xmm9, %%xmm9\n\tvpxor %%xmm10, %%xmm10, %%xmm10\n\tvpxor %%xmm11, %%xmm11, %%xmm11\n\t"       \
+  "vpxor %%xmm12, %%xmm12, %%xmm12\n\tvpxor %%xmm13, %%xmm13, %%xmm13\n\t"
+#define TQ_USED_REGISTERS                                                                                   \
+  "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", \
+      "cc"
+
 // vpdpbusd into 12 independent accumulators (more than its latency times its throughput on current cores): 64 u8 x
 // s8 multiply-adds an instruction.
 TQ_TARGET_VNNI void vnni_multiply_adds(int64_t iterations) {
   __asm__ volatile(
-      "vpxor %%xmm0, %%xmm0, %%xmm0\n\t"
-      "vpxor %%xmm1, %%xmm1, %%xmm1\n\t"
-      "vpxor %%xmm2, %%xmm2, %%xmm2\n\t"
-      "vpxor %%xmm3, %%xmm3, %%xmm3\n\t"
-      "vpxor %%xmm4, %%xmm4, %%xmm4\n\t"
-      "vpxor %%xmm5, %%xmm5, %%xmm5\n\t"
-      "vpxor %%xmm6, %%xmm6, %%xmm6\n\t"
-      "vpxor %%xmm7, %%xmm7, %%xmm7\n\t"
-      "vpxor %%xmm8, %%xmm8, %%xmm8\n\t"
-      "vpxor %%xmm9, %%xmm9, %%xmm9\n\t"
-      "vpxor %%xmm10, %%xmm10, %%xmm10\n\t"
-      "vpxor %%xmm11, %%xmm11, %%xmm11\n\t"
-      "vpxor %%xmm12, %%xmm12, %%xmm12\n\t"
-      "vpxor %%xmm13, %%xmm13, %%xmm13\n\t"
+      TQ_ZERO_REGISTERS
       "1:\n\t"
       "vpdpbusd %%zmm13, %%zmm12, %%zmm0\n\t"
       "vpdpbusd %%zmm13, %%zmm12, %%zmm1\n\t"
@@ -59,28 +57,14 @@ TQ_TARGET_VNNI void vnni_multiply_adds(int64_t iterations) {
       "jnz 1b\n\t"
       : "+r"(iterations)
       :
-      : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12",
-        "xmm13", "cc");
+      : TQ_USED_REGISTERS);
   _mm256_zeroupper();
 }
 
 // The exact AVX2 path's pair, vpmaddwd (16 int16 products summed in pairs) + vpaddd, into 8 accumulators.
 TQ_TARGET_AVX2 void avx2_multiply_adds(int64_t iterations) {
   __asm__ volatile(
-      "vpxor %%xmm0, %%xmm0, %%xmm0\n\t"
-      "vpxor %%xmm1, %%xmm1, %%xmm1\n\t"
-      "vpxor %%xmm2, %%xmm2, %%xmm2\n\t"
-      "vpxor %%xmm3, %%xmm3, %%xmm3\n\t"
-      "vpxor %%xmm4, %%xmm4, %%xmm4\n\t"
-      "vpxor %%xmm5, %%xmm5, %%xmm5\n\t"
-      "vpxor %%xmm6, %%xmm6, %%xmm6\n\t"
-      "vpxor %%xmm7, %%xmm7, %%xmm7\n\t"
-      "vpxor %%xmm8, %%xmm8, %%xmm8\n\t"
-      "vpxor %%xmm9, %%xmm9, %%xmm9\n\t"
-      "vpxor %%xmm10, %%xmm10, %%xmm10\n\t"
-      "vpxor %%xmm11, %%xmm11, %%xmm11\n\t"
-      "vpxor %%xmm12, %%xmm12, %%xmm12\n\t"
-      "vpxor %%xmm13, %%xmm13, %%xmm13\n\t"
+      TQ_ZERO_REGISTERS
       "1:\n\t"
       "vpmaddwd %%ymm12, %%ymm13, %%ymm8\n\t"
       "vpaddd %%ymm8, %%ymm0, %%ymm0\n\t"
@@ -102,8 +86,7 @@ TQ_TARGET_AVX2 void avx2_multiply_adds(int64_t iterations) {
       "jnz 1b\n\t"
       : "+r"(iterations)
       :
-      : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12",
-        "xmm13", "cc");
+      : TQ_USED_REGISTERS);
   _mm256_zeroupper();
 }
 
