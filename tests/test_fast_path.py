@@ -36,6 +36,13 @@ def both_paths(fn):
     return fast, checked
 
 
+def assert_declines(fast_path, good, i, bad):
+    """fast_path (a torchquant._C entry) returns NotImplemented for the arguments `good` with argument i `bad`."""
+    args = list(good)
+    args[i] = bad
+    assert fast_path(*args) is NotImplemented, (i, bad)
+
+
 def x_of(shape, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(*shape, generator=g) * 4).to(dtype)
@@ -494,9 +501,7 @@ def test_quantized_add_fast_path_declines_what_the_checked_path_handles():
     for i, bad in [(0, a.float()), (3, a[:2]), (3, a.as_subclass(Counting)), (0, a.to("meta")), (1, -0.1),
                    (1, float("nan")), (1, torch.tensor([0.1, 0.2])), (1, torch.tensor([0.1], dtype=torch.float64)),
                    (2, 1.0), (2, True), (6, torch.int32), (6, "float32"), (7, 1), (9, 1), (8, 2**70)]:
-        args = list(good)
-        args[i] = bad
-        assert _C.quantized_add(*args) is NotImplemented, (i, bad)
+        assert_declines(_C.quantized_add, good, i, bad)
     with pytest.raises(TypeError, match="takes 10 arguments"):
         _C.quantized_add(*good[:-1])
     # the checked path keeps its messages, and the kernel its own for values
@@ -539,9 +544,7 @@ def test_quantized_max_pool2d_fast_path_declines_what_the_checked_path_handles()
     assert _C.quantized_max_pool2d(*good) is not NotImplemented
     for i, bad in [(0, a.float()), (0, a.as_subclass(Counting)), (0, a.to("meta")), (1, (2, 2, 2)), (1, True),
                    (1, 2.0), (1, (2, "2")), (2, [2]), (3, 2**70), (4, None), (5, 1), (5, None)]:
-        args = list(good)
-        args[i] = bad
-        assert _C.quantized_max_pool2d(*args) is NotImplemented, (i, bad)
+        assert_declines(_C.quantized_max_pool2d, good, i, bad)
     with pytest.raises(TypeError, match="takes 6 arguments"):
         _C.quantized_max_pool2d(*good[:-1])
     # the checked path keeps its messages and takes the rarer forms, the kernel checks the values

@@ -548,9 +548,9 @@ def input_q_name(layer_name: str) -> str:
 # requantization, and a conv with the add in its epilogue adds the DequantizeLinear of its residual to its float y
 # (after the clamp), then [Relu] and the requantization; max-pool (1-d or 2-d) runs MaxPool on the integers, a ReLU
 # between layers is Max(q, zero point), flatten / reshape / concatenation act on the integer tensors, and an
-# activation lookup (quantized_lookup) is a
-# Gather from its 256-entry table: Cast of the integers to an int32 index, for int8 ones plus 128 into the table
-# rotated by 128 entries (the same entry for each value as torchquant's byte index, with no negative index). A QDQ
+# activation lookup (quantized_lookup) is a Gather from its 256-entry table: Cast of the integers to an int32 index,
+# for int8 ones plus 128 into the table rotated by 128 entries (the same entry for each value as torchquant's byte
+# index, with no negative index). A QDQ
 # Conv (DequantizeLinear -> Conv -> QuantizeLinear) would not give torchquant's integers: run unfused it sums
 # dequantized floats, and onnxruntime's fused QLinearConv quantizes the bias to int32 and requantizes with one
 # combined multiplier.
