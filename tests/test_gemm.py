@@ -503,7 +503,10 @@ BIG_CONVS = [(2, 32, 40, 40, 200, (3, 3), 1, 1, 1, 1), (2, 32, 41, 40, 80, (3, 3
              # up to 64 output channels: uint8 window rows read in place, output rows split in segments of <= 96
              (1, 12, 9, 203, 64, (3, 3), 1, 1, 1, 1), (2, 4, 12, 211, 40, (5, 3), 2, (2, 1), (2, 1), 1),
              # a contiguous 3-channel input is interleaved channels-last 4096 pixels per task: two per image
-             (2, 3, 70, 61, 16, (7, 7), 2, 3, 1, 1)]
+             (2, 3, 70, 61, 16, (7, 7), 2, 3, 1, 1),
+             # windows read in place over several k blocks of the AVX2 kernel on widened operands (512 bytes), a
+             # block ending inside a kernel row; dilated rows, a stride along them, two panels
+             (1, 80, 9, 30, 64, (3, 3), 1, 1, 1, 1), (2, 64, 9, 23, 128, (3, 3), (1, 2), 1, (2, 1), 1)]
 
 
 @pytest.mark.parametrize("conv", BIG_CONVS, ids=[f"big{i}" for i in range(len(BIG_CONVS))])

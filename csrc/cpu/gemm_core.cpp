@@ -26,6 +26,7 @@ namespace {
 // Blocks of 1024 measured 0-10 % faster than 256 (which kept the slice in L1): fewer tile round trips.
 constexpr int64_t kRowsPerChunk = 96;  // at most; a multiple of every microkernel's row count (6, 4, 2, 1)
 constexpr int64_t kKBlock = 1024;      // bytes of k per cache block (a multiple of 4)
+constexpr int64_t kWideKBlock = 512;   // the same for the AVX2 kernel on widened operands (WidePanels)
 // The fused kernel (full panels on AVX-512) runs k whole: up to this k (a 3x3 conv over 512 channels, a 295 KB
 // panel of weight) 1-3 % faster than in blocks with the tile between them, as far as measured.
 constexpr int64_t kFusedMaxK = 4608;
@@ -199,6 +200,114 @@ TQ_TARGET_AVX2 void microkernel_avx2_rows(const uint8_t* a, int64_t a_row, const
     else if (rows == 3) microkernel_avx2<3>(as, a_row, bs, part, tile, vectors, start);
     else if (rows == 2) microkernel_avx2<2>(as, a_row, bs, part, tile, vectors, start);
     else microkernel_avx2<1>(as, a_row, bs, part, tile, vectors, start);
+  }
+}
+
+// The AVX2 kernel on operands that the driver widened to int16 once for all the row groups of a work item
+// (WidePanels): activation rows kWideRowValues values apart, and one 16-column vector of a weight block, its k-steps
+// one after the other (64 values each). Nothing is widened in its loop, and the weights are vpmaddwd's memory
+// operand: a k-step of 3 rows x 16 columns is 3 broadcast loads + 12 vpmaddwd + 12 vpaddd, into 12 accumulators
+// (with the 3 broadcasts and a product, the 16 registers). One 16-column vector per call: the driver runs each vector
+// of the block over all the row groups, so that its 16 KB stay in L1 (all 4 vectors, 64 KB, would not).
+constexpr int kAvx2WideRows = 3;
+constexpr int64_t kWideRowValues = kWideKBlock;  // int16 values from one activation row to the next
+
+// acc[r][j] += the products of one k-step of 3 rows x 16 columns: row r's 4 values at a + r * kWideRowValues, the
+// 4 weight vectors (4 columns x 4 k each) at w. In assembly: from intrinsics, GCC loaded weight vectors into
+// registers and kept 8 of the 12 accumulators on the stack (a load and a store each per k-step). The pointers are
+// registers, with a memory clobber: the loads as memory operands would exceed asm's 30 operands (an in-out operand
+// counts twice).
+#define TQ_WIDE_ROW_BYTES "1024"
+static_assert(kWideRowValues * sizeof(int16_t) == 1024, "TQ_WIDE_ROW_BYTES");
+#define TQ_MADD_ADD(r, j) \
+  "vpmaddwd 32*" #j "(%[w]), %[x" #r "], %[t]\n\tvpaddd %[t], %[c" #r #j "], %[c" #r #j "]\n\t"
+#define TQ_MADD_ADD_ROWS(j) TQ_MADD_ADD(0, j) TQ_MADD_ADD(1, j) TQ_MADD_ADD(2, j)
+TQ_TARGET_AVX2 inline __attribute__((always_inline)) void step_avx2_3x16(__m256i (&acc)[3][4], const int16_t* a,
+                                                                       const int16_t* w) {
+  __m256i x0, x1, x2, t;
+  __asm__("vpbroadcastq (%[a]), %[x0]\n\t"
+          "vpbroadcastq " TQ_WIDE_ROW_BYTES "(%[a]), %[x1]\n\t"
+          "vpbroadcastq 2*" TQ_WIDE_ROW_BYTES "(%[a]), %[x2]\n\t"
+          TQ_MADD_ADD_ROWS(0) TQ_MADD_ADD_ROWS(1) TQ_MADD_ADD_ROWS(2) TQ_MADD_ADD_ROWS(3)
+          : [c00] "+x"(acc[0][0]), [c01] "+x"(acc[0][1]), [c02] "+x"(acc[0][2]), [c03] "+x"(acc[0][3]),
+            [c10] "+x"(acc[1][0]), [c11] "+x"(acc[1][1]), [c12] "+x"(acc[1][2]), [c13] "+x"(acc[1][3]),
+            [c20] "+x"(acc[2][0]), [c21] "+x"(acc[2][1]), [c22] "+x"(acc[2][2]), [c23] "+x"(acc[2][3]),
+            [x0] "=&x"(x0), [x1] "=&x"(x1), [x2] "=&x"(x2), [t] "=&x"(t)
+          : [a] "r"(a), [w] "r"(w)
+          : "memory");
+}
+#undef TQ_MADD_ADD_ROWS
+#undef TQ_MADD_ADD
+#undef TQ_WIDE_ROW_BYTES
+
+// tile[r][0..16) (+)= the sums over `steps` k-steps of the MR rows from a on and the weight vector at w.
+template <int MR>
+TQ_TARGET_AVX2 void microkernel_avx2_wide(const int16_t* a, const int16_t* w, int64_t steps, int32_t* tile,
+                                          bool first) {
+  __m256i acc[MR][4];
+#pragma GCC unroll 4
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_setzero_si256();
+  for (int64_t s = 0; s < steps; ++s) {
+    if constexpr (MR == 3) {
+      step_avx2_3x16(acc, a + 4 * s, w + 64 * s);
+    } else {
+      __m256i av[MR];
+#pragma GCC unroll 4
+      for (int r = 0; r < MR; ++r) av[r] = _mm256_set1_epi64x(load_i64(a + r * kWideRowValues + 4 * s));
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {
+        const __m256i wj = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 64 * s + 16 * j));
+#pragma GCC unroll 4
+        for (int r = 0; r < MR; ++r) acc[r][j] = _mm256_add_epi32(acc[r][j], _mm256_madd_epi16(wj, av[r]));
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {
+      // hadd gives columns (0 1 4 5 | 2 3 6 7); the 64-bit permute puts them in order
+      const __m256i sums = _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[r][2 * h], acc[r][2 * h + 1]), 0xD8);
+      __m256i* dst = reinterpret_cast<__m256i*>(tile + r * kPackAlign + 8 * h);
+      _mm256_storeu_si256(dst, first ? sums : _mm256_add_epi32(_mm256_loadu_si256(dst), sums));
+    }
+}
+
+TQ_TARGET_AVX2 void microkernel_avx2_wide_rows(const int16_t* a, const int16_t* w, int64_t steps, int32_t* tile,
+                                               int rows, bool first) {
+  if (rows == 3) microkernel_avx2_wide<3>(a, w, steps, tile, first);
+  else if (rows == 2) microkernel_avx2_wide<2>(a, w, steps, tile, first);
+  else microkernel_avx2_wide<1>(a, w, steps, tile, first);
+}
+
+// The weight operand of microkernel_avx2_wide: `steps` k-steps of the packed panel at b, vector v's 64 values of
+// step s at dst + (v * steps + s) * 64.
+TQ_TARGET_AVX2 void widen_weights(const int8_t* b, int64_t steps, int16_t* dst) {
+  for (int64_t s = 0; s < steps; ++s)
+    for (int v = 0; v < 4; ++v)
+      for (int q = 0; q < 4; ++q) {
+        const int8_t* src = b + s * kStepBytes + 64 * v + 16 * q;
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (v * steps + s) * 64 + 16 * q),
+                            _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))));
+      }
+}
+
+// An activation row of microkernel_avx2_wide: dst[i] = byte k0 + i of a row made of runs of `run` bytes, run j at
+// base + j * run_stride (a conv window's kernel rows; one run for a GEMM row), for i < len.
+TQ_TARGET_AVX2 void widen_row(const uint8_t* base, int64_t run_stride, int64_t run, int64_t k0, int64_t len,
+                              int16_t* dst) {
+  for (int64_t k = k0; k < k0 + len;) {
+    const uint8_t* src = base + (k / run) * run_stride + k % run;
+    const int64_t n = std::min(run - k % run, k0 + len - k);
+    int16_t* out = dst + (k - k0);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i),
+                          _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+    for (; i < n; ++i) out[i] = src[i];
+    k += n;
   }
 }
 
@@ -932,9 +1041,12 @@ auto fused_kernel(OutKind kind, const PanelEpilogue& c, int rows) {
 
 struct IsaPath {
   void (*kernel)(const uint8_t*, int64_t, const int8_t*, int64_t, int32_t*, int, int, bool);
+  // the kernel on widened operands (WidePanels), of up to wide_rows rows; null where the path has none
+  void (*wide_kernel)(const int16_t*, const int16_t*, int64_t, int32_t*, int, bool);
   void (*epilogue)(const Epilogue&, const PanelEpilogue&, const int32_t*, int64_t, int64_t, int64_t, int64_t);
   int rows;
   bool fused;  // the fused kernels apply to full panels
+  int wide_rows = 0;
 };
 
 // The rows of the next microkernel call, `left` rows of the chunk remaining: full groups of `rows`, except that
@@ -948,12 +1060,57 @@ int group_rows(int rows, int64_t left) {
 
 IsaPath isa_path(CpuIsa isa) {
   switch (isa) {
-    case CpuIsa::Avx512Vnni: return {microkernel_vnni_rows, epilogue_tile_avx512, kVnniRows, true};
-    case CpuIsa::Avx2: return {microkernel_avx2_rows, epilogue_tile_avx2, kAvx2Rows, false};
+    case CpuIsa::Avx512Vnni: return {microkernel_vnni_rows, nullptr, epilogue_tile_avx512, kVnniRows, true};
+    case CpuIsa::Avx2:
+      return {microkernel_avx2_rows, microkernel_avx2_wide_rows, epilogue_tile_avx2, kAvx2Rows, false, kAvx2WideRows};
     case CpuIsa::Scalar: break;
   }
-  return {microkernel_scalar, epilogue_tile_scalar, kVnniRows, false};
+  return {microkernel_scalar, nullptr, epilogue_tile_scalar, kVnniRows, false};
 }
+
+// The operands of a path's wide kernel for one k block (<= kWideKBlock) of a work item, widened to int16 in the
+// thread's Scratch::WideOperands buffer, for the one parallel task that owns it.
+class WidePanels {
+  static constexpr int64_t kWideBlockValues = kWideKBlock * kPackAlign;  // a k block of a panel
+
+ public:
+  WidePanels() : scope_(Scratch::WideOperands) {}
+
+  // the weight vectors of `steps` k-steps of the packed panel at b (widen_weights)
+  void widen_block(const int8_t* b, int64_t steps) {
+    if (wide_b_ == nullptr) {
+      // 64-byte aligned (new[] gives 16): 32-byte loads from 16-byte aligned addresses split a cache line every
+      // second time, which cost the kernel a quarter of its speed
+      uint8_t* buffer = scratch_buffer(Scratch::WideOperands,
+                                       (kWideBlockValues + kRowsPerChunk * kWideRowValues) * sizeof(int16_t) + 64);
+      wide_b_ = reinterpret_cast<int16_t*>(buffer + (-reinterpret_cast<uintptr_t>(buffer) & 63));
+      wide_a_ = wide_b_ + kWideBlockValues;
+    }
+    steps_ = steps;
+    widen_weights(b, steps, wide_b_);
+  }
+  // activation row r (< kRowsPerChunk) of the block from k0 on (widen_row)
+  void widen_activations(int64_t r, const uint8_t* base, int64_t run_stride, int64_t run, int64_t k0) {
+    widen_row(base, run_stride, run, k0, 4 * steps_, wide_a_ + r * kWideRowValues);
+  }
+
+  // tile[r][c] (+)= the block's products, r < rows, c < 16 * vectors: each 16-column vector over all the row groups
+  void multiply(const IsaPath& path, int64_t rows, int vectors, int32_t* tile, bool first) const {
+    for (int v = 0; v < vectors; ++v)
+      for (int64_t r = 0; r < rows;) {
+        const int mr = group_rows(path.wide_rows, rows - r);
+        path.wide_kernel(wide_a_ + r * kWideRowValues, wide_b_ + v * steps_ * 64, steps_,
+                         tile + r * kPackAlign + 16 * v, mr, first);
+        r += mr;
+      }
+  }
+
+ private:
+  ScratchScope scope_;
+  int16_t* wide_b_ = nullptr;
+  int16_t* wide_a_ = nullptr;
+  int64_t steps_ = 0;
+};
 
 }  // namespace
 
@@ -963,7 +1120,7 @@ struct ScratchSlot {
   std::unique_ptr<uint8_t[]> data;
   int64_t size = 0;
 };
-thread_local ScratchSlot scratch_slots[3];
+thread_local ScratchSlot scratch_slots[4];
 
 }  // namespace
 
@@ -1046,6 +1203,7 @@ void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa) {
       chunk_buffer = scratch_buffer(Scratch::GemmRows, checked_mul("int8 GEMM", "the row buffer", chunk_rows, k4));
     }
     int64_t filled = -1;  // the (group, chunk) whose rows chunk_buffer holds
+    WidePanels wide;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t g = item / (m_chunks * n_panels);
       const int64_t in_group = item % (m_chunks * n_panels);
@@ -1073,6 +1231,17 @@ void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa) {
                                                        row0 + r, col0);
           r += mr;
         }
+        continue;
+      }
+      if (path.wide_kernel != nullptr && rows > path.rows) {
+        // operands widened once per k block; each 16-column vector over all the row groups (see WidePanels)
+        for (int64_t k0 = 0; k0 < k4; k0 += kWideKBlock) {
+          const int64_t steps = std::min(kWideKBlock, k4 - k0) / 4;
+          wide.widen_block(b + k0 * kPackAlign, steps);
+          for (int64_t r = 0; r < rows; ++r) wide.widen_activations(r, a + r * lda, 0, k4, k0);
+          wide.multiply(path, rows, vectors, tile, k0 == 0);
+        }
+        path.epilogue(out_ep, panels[g * n_panels + panel], tile, row0, rows, col0, ncols);
         continue;
       }
       for (int64_t k0 = 0; k0 < k4; k0 += kKBlock) {
@@ -1285,6 +1454,7 @@ void conv_u8s8_in_place(const GemmArgs& args, const ConvGeometry& g, const uint8
     alignas(64) int32_t tile[kRowsPerChunk * kPackAlign];
     const ScratchScope rows_scope(Scratch::GemmRows);
     uint8_t* window_rows = scratch_buffer(Scratch::GemmRows, checked_mul("int8_conv2d", "the row buffer", 8, k4));
+    WidePanels wide;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t panel = item % n_panels, segment = item / n_panels;
       const int64_t image_row = segment / segments_per_row;  // b * out_h + oh
@@ -1301,6 +1471,28 @@ void conv_u8s8_in_place(const GemmArgs& args, const ConvGeometry& g, const uint8
       // full panels on AVX-512: the kernel rows summed in registers and stored by the fused kernel
       const bool fused = path.fused && ncols == kPackAlign;
       const PanelEpilogue& pe = panels[panel];
+      if (path.wide_kernel != nullptr && rows > path.rows) {  // as in gemm_u8s8
+        for (int64_t k0 = 0; k0 < k4; k0 += kWideKBlock) {
+          const int64_t steps = std::min(kWideKBlock, k4 - k0) / 4;
+          wide.widen_block(w + k0 * kPackAlign, steps);
+          for (int64_t r = 0; r < rows; ++r) {
+            const int64_t iw0 = (ow0 + r) * g.stride_w - g.pad_w;
+            const int64_t a_offset = rows_inside && iw0 >= 0 && iw0 + g.kw <= g.width
+                                         ? ((b * g.height + ih0) * g.width + iw0) * g.channels
+                                         : -1;
+            const int64_t kernel_rows_apart = g.kh > 1 ? g.dil_h * g.width * g.channels : 0;
+            if (a_offset >= 0 && a_offset + (g.kh - 1) * kernel_rows_apart + run <= x_bytes) {
+              wide.widen_activations(r, x + a_offset, kernel_rows_apart, run, k0);
+            } else {  // the window's im2col row (the same runs, one after the other)
+              args.fill_rows(args.fill_context, 0, row0 + r, 1, window_rows);
+              wide.widen_activations(r, window_rows, run, run, k0);
+            }
+          }
+          wide.multiply(path, rows, vectors, tile, k0 == 0);
+        }
+        path.epilogue(out_ep, pe, tile, row0, rows, col0, ncols);
+        continue;
+      }
       for (int64_t r = 0; r < rows; r += path.rows) {
         const int mr = static_cast<int>(std::min<int64_t>(path.rows, rows - r));
         int32_t* t = tile + r * kPackAlign;

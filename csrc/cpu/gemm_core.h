@@ -64,11 +64,11 @@ struct Epilogue {
 };
 
 // Scratch memory of the calling thread, reused across calls: activations re-laid by the ops, weights packed on the
-// fly, and activation rows that the GEMM has a RowFiller produce. A fresh multi-megabyte allocation costs a page
-// fault per 4 KB on first touch, as much as the packing itself, so a buffer is kept for the next call, but only up
-// to kScratchKeptBytes: a ScratchScope frees larger ones when it ends. A failed allocation (std::bad_alloc, a
-// MemoryError in Python) leaves the slot empty and usable.
-enum class Scratch { Activations = 0, Weights = 1, GemmRows = 2 };
+// fly, activation rows that the GEMM has a RowFiller produce, and the AVX2 kernel's operands widened to int16. A
+// fresh multi-megabyte allocation costs a page fault per 4 KB on first touch, as much as the packing itself, so a
+// buffer is kept for the next call, but only up to kScratchKeptBytes: a ScratchScope frees larger ones when it ends.
+// A failed allocation (std::bad_alloc, a MemoryError in Python) leaves the slot empty and usable.
+enum class Scratch { Activations = 0, Weights = 1, GemmRows = 2, WideOperands = 3 };
 // per slot and thread: enough for the weight of a 4096 x 8192 int8_mm, so such calls keep their buffers (a fresh
 // 16 MiB buffer cost ~5 ms of page faults, a fifth of a 256 x 4096 x 4096 int8_mm)
 constexpr int64_t kScratchKeptBytes = int64_t{32} << 20;
