@@ -1068,6 +1068,13 @@ IsaPath isa_path(CpuIsa isa) {
   return {microkernel_scalar, nullptr, epilogue_tile_scalar, kVnniRows, false};
 }
 
+// The k blocks of the wide kernel for a depth of k4 bytes: the fewest of <= kWideKBlock, of equal size (rounded to a
+// k-step): 576 as 2 x 288, not 512 + 64, whose 16 k-steps would cost a kernel call each for little work.
+int64_t wide_k_block(int64_t k4) {
+  const int64_t blocks = (k4 + kWideKBlock - 1) / kWideKBlock;
+  return round_up((k4 + blocks - 1) / std::max<int64_t>(blocks, 1), 4);
+}
+
 // The operands of a path's wide kernel for one k block (<= kWideKBlock) of a work item, widened to int16 in the
 // thread's Scratch::WideOperands buffer, for the one parallel task that owns it.
 class WidePanels {
@@ -1235,8 +1242,9 @@ void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa) {
       }
       if (path.wide_kernel != nullptr && rows > path.rows) {
         // operands widened once per k block; each 16-column vector over all the row groups (see WidePanels)
-        for (int64_t k0 = 0; k0 < k4; k0 += kWideKBlock) {
-          const int64_t steps = std::min(kWideKBlock, k4 - k0) / 4;
+        const int64_t k_block = wide_k_block(k4);
+        for (int64_t k0 = 0; k0 < k4; k0 += k_block) {
+          const int64_t steps = std::min(k_block, k4 - k0) / 4;
           wide.widen_block(b + k0 * kPackAlign, steps);
           for (int64_t r = 0; r < rows; ++r) wide.widen_activations(r, a + r * lda, 0, k4, k0);
           wide.multiply(path, rows, vectors, tile, k0 == 0);
@@ -1472,8 +1480,9 @@ void conv_u8s8_in_place(const GemmArgs& args, const ConvGeometry& g, const uint8
       const bool fused = path.fused && ncols == kPackAlign;
       const PanelEpilogue& pe = panels[panel];
       if (path.wide_kernel != nullptr && rows > path.rows) {  // as in gemm_u8s8
-        for (int64_t k0 = 0; k0 < k4; k0 += kWideKBlock) {
-          const int64_t steps = std::min(kWideKBlock, k4 - k0) / 4;
+        const int64_t k_block = wide_k_block(k4);
+        for (int64_t k0 = 0; k0 < k4; k0 += k_block) {
+          const int64_t steps = std::min(k_block, k4 - k0) / 4;
           wide.widen_block(w + k0 * kPackAlign, steps);
           for (int64_t r = 0; r < rows; ++r) {
             const int64_t iw0 = (ow0 + r) * g.stride_w - g.pad_w;
