@@ -526,7 +526,7 @@ def test_nothing_quantized_is_one_warning(in_work, tmp_path, capsys):
                    f"nn.Conv1d layer; {out} holds the float model"]
     status, err = run_main(["convert", FACTORY, "--weights", "digits.safetensors", "--skip", "*", "-o", out, "-q"],
                            capsys)
-    assert status == 0 and len(err) == 1 and "every Linear/Conv2d/Conv1d layer was kept float (--skip" in err[0]
+    assert status == 0 and len(err) == 1 and "every nn.Linear, nn.Conv2d and nn.Conv1d layer stayed float (--skip" in err[0]
 
 
 def test_factory_without_weights_warns(in_work, tmp_path, capsys):

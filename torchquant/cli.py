@@ -315,7 +315,7 @@ def _warn(args, message: str) -> None:
 
 
 def _cmd_convert(args) -> int:
-    from torchquant.convert import QUANT_TYPES, quant_layers
+    from torchquant.convert import nothing_quantized_reason, quant_layers
     from torchquant.io import write_checkpoint
     from torchquant.report import write_json
     _check_output_path(args.output, "-o", args)
@@ -330,9 +330,7 @@ def _cmd_convert(args) -> int:
                     f"unless it loads trained weights itself)")
     quantized, decisions = job.quantize(progress=not args.quiet)
     if not quant_layers(quantized):
-        why = ("every Linear/Conv2d/Conv1d layer was kept float (--skip, --min-sqnr, --min-speedup)"
-               if any(type(m) in QUANT_TYPES for m in job.model.modules())
-               else "MODEL has no nn.Linear, nn.Conv2d or nn.Conv1d layer")
+        why = nothing_quantized_reason(job.model, "--skip, --min-sqnr, --min-speedup", "MODEL")
         _warn(args, f"nothing was quantized: {why}; {args.output} holds the float model")
     with atomic_output(args.output, "-o", force=args.force) as temp:
         write_checkpoint(quantized, temp)

@@ -409,12 +409,18 @@ def convert(model: nn.Module, *, inplace: bool = True) -> nn.Module:
     return guard_loads(model)
 
 
+def nothing_quantized_reason(model: nn.Module, kept_float: str, name: str = "the model") -> str:
+    """Why a conversion of `model` quantized no layer: its layers all stayed float (for the reasons `kept_float`
+    names), or it has none (`name` names the model)."""
+    if any(type(m) in QUANT_TYPES for m in model.modules()):
+        return f"every nn.Linear, nn.Conv2d and nn.Conv1d layer stayed float ({kept_float})"
+    return f"{name} has no nn.Linear, nn.Conv2d or nn.Conv1d layer"
+
+
 def _nothing_quantized(model: nn.Module) -> nn.Module:
     """quantize_model's result when prepare quantized no layer (each stayed float for a reason prepare warned
     about, or a skip rule, or there is none): the float model, with a warning that says so."""
-    why = ("every nn.Linear, nn.Conv2d and nn.Conv1d layer stayed float (skipped, or not supported: see prepare's "
-           "warnings)" if any(type(m) in QUANT_TYPES for m in model.modules())
-           else "the model has no nn.Linear, nn.Conv2d or nn.Conv1d layer")
+    why = nothing_quantized_reason(model, "skipped, or not supported: see prepare's warnings")
     warnings.warn(f"quantize_model: nothing was quantized: {why}; the model is returned as it is", UserWarning,
                   stacklevel=3)
     return model
