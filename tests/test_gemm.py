@@ -504,8 +504,8 @@ BIG_CONVS = [(2, 32, 40, 40, 200, (3, 3), 1, 1, 1, 1), (2, 32, 41, 40, 80, (3, 3
              (1, 12, 9, 203, 64, (3, 3), 1, 1, 1, 1), (2, 4, 12, 211, 40, (5, 3), 2, (2, 1), (2, 1), 1),
              # a contiguous 3-channel input is interleaved channels-last 4096 pixels per task: two per image
              (2, 3, 70, 61, 16, (7, 7), 2, 3, 1, 1),
-             # windows read in place over several k blocks of the AVX2 kernel on widened operands (512 bytes), a
-             # block ending inside a kernel row; dilated rows, a stride along them, two panels
+             # windows read in place, 720 and 576 bytes deep (beyond the AVX2 kernel's 512-byte blocks of widened
+             # operands in the GEMM); dilated rows, a stride along them, two panels
              (1, 80, 9, 30, 64, (3, 3), 1, 1, 1, 1), (2, 64, 9, 23, 128, (3, 3), (1, 2), 1, (2, 1), 1)]
 
 

@@ -294,21 +294,13 @@ TQ_TARGET_AVX2 void widen_weights(const int8_t* b, int64_t steps, int16_t* dst) 
       }
 }
 
-// An activation row of microkernel_avx2_wide: dst[i] = byte k0 + i of a row made of runs of `run` bytes, run j at
-// base + j * run_stride (a conv window's kernel rows; one run for a GEMM row), for i < len.
-TQ_TARGET_AVX2 void widen_row(const uint8_t* base, int64_t run_stride, int64_t run, int64_t k0, int64_t len,
-                              int16_t* dst) {
-  for (int64_t k = k0; k < k0 + len;) {
-    const uint8_t* src = base + (k / run) * run_stride + k % run;
-    const int64_t n = std::min(run - k % run, k0 + len - k);
-    int16_t* out = dst + (k - k0);
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i),
-                          _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
-    for (; i < n; ++i) out[i] = src[i];
-    k += n;
-  }
+// An activation row of microkernel_avx2_wide: dst[i] = src[i] for i < len.
+TQ_TARGET_AVX2 void widen_row(const uint8_t* src, int64_t len, int16_t* dst) {
+  int64_t i = 0;
+  for (; i + 16 <= len; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
+                        _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  for (; i < len; ++i) dst[i] = src[i];
 }
 
 // Portable path. Sums in uint32: wrap-around (the hardware's behaviour) without signed-overflow UB.
@@ -1104,10 +1096,8 @@ class WidePanels {
     steps_ = steps;
     widen_weights(b, steps, wide_b_);
   }
-  // activation row r (< kRowsPerChunk) of the block from k0 on (widen_row)
-  void widen_activations(int64_t r, const uint8_t* base, int64_t run_stride, int64_t run, int64_t k0) {
-    widen_row(base, run_stride, run, k0, 4 * steps_, wide_a_ + r * kWideRowValues);
-  }
+  // activation row r (< kRowsPerChunk) of the block, whose values start at row
+  void widen_activations(int64_t r, const uint8_t* row) { widen_row(row, 4 * steps_, wide_a_ + r * kWideRowValues); }
 
   // tile[r][c] (+)= the block's products, r < rows, c < 16 * vectors: each 16-column vector over all the row groups
   void multiply(const IsaPath& path, int64_t rows, int vectors, int32_t* tile, bool first) const {
@@ -1254,7 +1244,7 @@ void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa) {
         for (int64_t k0 = 0; k0 < k4; k0 += k_block) {
           const int64_t steps = std::min(k_block, k4 - k0) / 4;
           wide.widen_block(b + k0 * kPackAlign, steps);
-          for (int64_t r = 0; r < rows; ++r) wide.widen_activations(r, a + r * lda, 0, k4, k0);
+          for (int64_t r = 0; r < rows; ++r) wide.widen_activations(r, a + r * lda + k0);
           wide.multiply(path, rows, vectors, tile, k0 == 0);
         }
         path.epilogue(out_ep, panels[g * n_panels + panel], tile, row0, rows, col0, ncols);
@@ -1470,7 +1460,6 @@ void conv_u8s8_in_place(const GemmArgs& args, const ConvGeometry& g, const uint8
     alignas(64) int32_t tile[kRowsPerChunk * kPackAlign];
     const ScratchScope rows_scope(Scratch::GemmRows);
     uint8_t* window_rows = scratch_buffer(Scratch::GemmRows, checked_mul("int8_conv2d", "the row buffer", 8, k4));
-    WidePanels wide;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t panel = item % n_panels, segment = item / n_panels;
       const int64_t image_row = segment / segments_per_row;  // b * out_h + oh
@@ -1487,29 +1476,6 @@ void conv_u8s8_in_place(const GemmArgs& args, const ConvGeometry& g, const uint8
       // full panels on AVX-512: the kernel rows summed in registers and stored by the fused kernel
       const bool fused = path.fused && ncols == kPackAlign;
       const PanelEpilogue& pe = panels[panel];
-      if (uses_wide_kernel(path, rows, k4)) {  // as in gemm_u8s8
-        const int64_t k_block = wide_k_block(k4);
-        for (int64_t k0 = 0; k0 < k4; k0 += k_block) {
-          const int64_t steps = std::min(k_block, k4 - k0) / 4;
-          wide.widen_block(w + k0 * kPackAlign, steps);
-          for (int64_t r = 0; r < rows; ++r) {
-            const int64_t iw0 = (ow0 + r) * g.stride_w - g.pad_w;
-            const int64_t a_offset = rows_inside && iw0 >= 0 && iw0 + g.kw <= g.width
-                                         ? ((b * g.height + ih0) * g.width + iw0) * g.channels
-                                         : -1;
-            const int64_t kernel_rows_apart = g.kh > 1 ? g.dil_h * g.width * g.channels : 0;
-            if (a_offset >= 0 && a_offset + (g.kh - 1) * kernel_rows_apart + run <= x_bytes) {
-              wide.widen_activations(r, x + a_offset, kernel_rows_apart, run, k0);
-            } else {  // the window's im2col row (the same runs, one after the other)
-              args.fill_rows(args.fill_context, 0, row0 + r, 1, window_rows);
-              wide.widen_activations(r, window_rows, run, run, k0);
-            }
-          }
-          wide.multiply(path, rows, vectors, tile, k0 == 0);
-        }
-        path.epilogue(out_ep, pe, tile, row0, rows, col0, ncols);
-        continue;
-      }
       for (int64_t r = 0; r < rows; r += path.rows) {
         const int mr = static_cast<int>(std::min<int64_t>(path.rows, rows - r));
         int32_t* t = tile + r * kPackAlign;

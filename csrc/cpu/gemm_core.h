@@ -148,9 +148,8 @@ void epilogue_tile(const Epilogue& ep, const PanelEpilogue& panel, const int32_t
 // straight from the input, consecutive pixels stride_w * channels bytes apart. The weight's kernel rows are
 // round_up(kw * channels, 4) deep (zero weights past kw * channels: the bytes read past the window's row multiply
 // them), args.k = kh times that. Pixels whose windows reach into the padding (or whose padded rows would be read
-// past the input's end) take their rows from args.fill_rows (im2col, the same padded layout). On the AVX2 path, work
-// items of more rows than its int8 kernel takes read the windows in place to widen them to int16 (as gemm_u8s8 widens
-// its rows). args as for gemm_u8s8 (m: the output pixels) with groups == 1.
+// past the input's end) take their rows from args.fill_rows (im2col, the same padded layout). args as for gemm_u8s8
+// (m: the output pixels) with groups == 1.
 void conv_u8s8_in_place(const GemmArgs& args, const ConvGeometry& g, const uint8_t* x, const Epilogue& ep,
                         CpuIsa isa);
 
