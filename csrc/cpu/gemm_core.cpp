@@ -149,19 +149,30 @@ TQ_TARGET_VNNI void microkernel_vnni_rows(const uint8_t* a, int64_t a_row, const
 constexpr int kAvx2Rows = 4;
 constexpr int64_t kAvx2WideSteps = kKBlock / 4;  // the k-steps of one call at most (a k block)
 
+// An activation row of the AVX2 kernels: dst[i] = src[i] for i < len (u8 to int16).
+TQ_TARGET_AVX2 void widen_row(const uint8_t* src, int64_t len, int16_t* dst) {
+  int64_t i = 0;
+  for (; i + 16 <= len; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
+                        _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  for (; i < len; ++i) dst[i] = src[i];
+}
+
+// dst[0..8) (+)= the column sums of two accumulators of 4 columns x 2 partial sums each (columns 0-3 in lo, 4-7 in
+// hi): written when first, else added.
+TQ_TARGET_AVX2 inline __attribute__((always_inline)) void store_column_sums_avx2(__m256i lo, __m256i hi,
+                                                                               int32_t* dst, bool first) {
+  // hadd gives columns (0 1 4 5 | 2 3 6 7); the 64-bit permute puts them in order
+  const __m256i sums = _mm256_permute4x64_epi64(_mm256_hadd_epi32(lo, hi), 0xD8);
+  __m256i* d = reinterpret_cast<__m256i*>(dst);
+  _mm256_storeu_si256(d, first ? sums : _mm256_add_epi32(_mm256_loadu_si256(d), sums));
+}
+
 template <int MR>
 TQ_TARGET_AVX2 void microkernel_avx2(const uint8_t* a, int64_t a_row, const int8_t* b, int64_t steps,
                                      int32_t* tile, int vectors, bool first) {
   alignas(32) int16_t wide[MR][kAvx2WideSteps * 4];
-  for (int r = 0; r < MR; ++r) {
-    const uint8_t* ar = a + r * a_row;
-    int64_t s = 0;
-    for (; s + 4 <= steps; s += 4)  // 16 values a vector
-      _mm256_store_si256(reinterpret_cast<__m256i*>(wide[r] + 4 * s),
-                         _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ar + 4 * s))));
-    for (; s < steps; ++s)
-      for (int i = 0; i < 4; ++i) wide[r][4 * s + i] = ar[4 * s + i];
-  }
+  for (int r = 0; r < MR; ++r) widen_row(a + r * a_row, 4 * steps, wide[r]);
   for (int h = 0; h < 2 * vectors; ++h) {  // 8 columns: 2 slices of 4
     __m256i acc[MR][2];
 #pragma GCC unroll 4
@@ -179,12 +190,7 @@ TQ_TARGET_AVX2 void microkernel_avx2(const uint8_t* a, int64_t a_row, const int8
       }
     }
 #pragma GCC unroll 4
-    for (int r = 0; r < MR; ++r) {
-      // hadd gives columns (0 1 4 5 | 2 3 6 7); the 64-bit permute puts them in order
-      const __m256i sums = _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[r][0], acc[r][1]), 0xD8);
-      __m256i* dst = reinterpret_cast<__m256i*>(tile + r * kPackAlign + 8 * h);
-      _mm256_storeu_si256(dst, first ? sums : _mm256_add_epi32(_mm256_loadu_si256(dst), sums));
-    }
+    for (int r = 0; r < MR; ++r) store_column_sums_avx2(acc[r][0], acc[r][1], tile + r * kPackAlign + 8 * h, first);
   }
 }
 
@@ -267,12 +273,8 @@ TQ_TARGET_AVX2 void microkernel_avx2_wide(const int16_t* a, const int16_t* w, in
 #pragma GCC unroll 4
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 2
-    for (int h = 0; h < 2; ++h) {
-      // hadd gives columns (0 1 4 5 | 2 3 6 7); the 64-bit permute puts them in order
-      const __m256i sums = _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[r][2 * h], acc[r][2 * h + 1]), 0xD8);
-      __m256i* dst = reinterpret_cast<__m256i*>(tile + r * kPackAlign + 8 * h);
-      _mm256_storeu_si256(dst, first ? sums : _mm256_add_epi32(_mm256_loadu_si256(dst), sums));
-    }
+    for (int h = 0; h < 2; ++h)
+      store_column_sums_avx2(acc[r][2 * h], acc[r][2 * h + 1], tile + r * kPackAlign + 8 * h, first);
 }
 
 TQ_TARGET_AVX2 void microkernel_avx2_wide_rows(const int16_t* a, const int16_t* w, int64_t steps, int32_t* tile,
@@ -292,15 +294,6 @@ TQ_TARGET_AVX2 void widen_weights(const int8_t* b, int64_t steps, int16_t* dst) 
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (v * steps + s) * 64 + 16 * q),
                             _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))));
       }
-}
-
-// An activation row of microkernel_avx2_wide: dst[i] = src[i] for i < len.
-TQ_TARGET_AVX2 void widen_row(const uint8_t* src, int64_t len, int16_t* dst) {
-  int64_t i = 0;
-  for (; i + 16 <= len; i += 16)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
-                        _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
-  for (; i < len; ++i) dst[i] = src[i];
 }
 
 // Portable path. Sums in uint32: wrap-around (the hardware's behaviour) without signed-overflow UB.
@@ -1125,7 +1118,7 @@ struct ScratchSlot {
   std::unique_ptr<uint8_t[]> data;
   int64_t size = 0;
 };
-thread_local ScratchSlot scratch_slots[4];
+thread_local ScratchSlot scratch_slots[static_cast<int>(Scratch::WideOperands) + 1];  // one per Scratch
 
 }  // namespace
 
