@@ -506,7 +506,10 @@ BIG_CONVS = [(2, 32, 40, 40, 200, (3, 3), 1, 1, 1, 1), (2, 32, 41, 40, 80, (3, 3
              (2, 3, 70, 61, 16, (7, 7), 2, 3, 1, 1),
              # windows read in place, 720 and 576 bytes deep (beyond the AVX2 kernel's 512-byte blocks of widened
              # operands in the GEMM); dilated rows, a stride along them, two panels
-             (1, 80, 9, 30, 64, (3, 3), 1, 1, 1, 1), (2, 64, 9, 23, 128, (3, 3), (1, 2), 1, (2, 1), 1)]
+             (1, 80, 9, 30, 64, (3, 3), 1, 1, 1, 1), (2, 64, 9, 23, 128, (3, 3), (1, 2), 1, (2, 1), 1),
+             # kernel rows of 600 and 652 (650 padded) bytes read in place: the AVX2 wide kernel takes each in two
+             # parts; a full and a partial panel, a Conv1d-like row of 5 taps
+             (2, 200, 6, 14, 96, (3, 3), 1, 1, 1, 1), (3, 130, 1, 40, 100, (1, 5), 1, (0, 2), 1, 1)]
 
 
 @pytest.mark.parametrize("conv", BIG_CONVS, ids=[f"big{i}" for i in range(len(BIG_CONVS))])

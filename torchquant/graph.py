@@ -68,7 +68,6 @@ _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 _MAX_POOLS = {nn.MaxPool1d: F_q.quantized_max_pool1d, nn.MaxPool2d: F_q.quantized_max_pool2d}
 _MAX_POOL_FUNCTIONS = {F.max_pool1d: F_q.quantized_max_pool1d, torch.max_pool1d: F_q.quantized_max_pool1d,
                        F.max_pool2d: F_q.quantized_max_pool2d, torch.max_pool2d: F_q.quantized_max_pool2d}
-# ops that move or regroup a tensor's values without changing them: they run on the integers as they are
 # max-pools that can be global (adaptive ones to size 1), with the number of dims they pool
 _ADAPTIVE_MAX_POOLS = {nn.AdaptiveMaxPool1d: 1, nn.AdaptiveMaxPool2d: 2}
 _ADAPTIVE_MAX_POOL_FUNCTIONS = {F.adaptive_max_pool1d: 1, F.adaptive_max_pool2d: 2}
@@ -76,6 +75,7 @@ _POOLED_DIMS = {F_q.quantized_max_pool1d: 1, F_q.quantized_max_pool2d: 2}
 # nearest-neighbour upsampling copies values: it runs on uint8 integers as it is (torch has no int8 kernel)
 _UPSAMPLE_FUNCTIONS = (F.interpolate, F.upsample, F.upsample_nearest)
 _NEAREST_MODES = ("nearest", "nearest-exact")
+# ops that move or regroup a tensor's values without changing them: they run on the integers as they are
 _PASSTHROUGH_FUNCTIONS = (torch.flatten, torch.reshape, torch.unflatten, torch.squeeze, torch.unsqueeze,
                           torch.transpose, torch.swapaxes, torch.swapdims, torch.t, torch.permute, torch.movedim,
                           torch.moveaxis)

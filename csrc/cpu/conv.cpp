@@ -798,7 +798,7 @@ void conv_cpu(const ConvFront& f, const at::Tensor& x_q, int64_t x_zero_point, c
   else if (direct)
     conv_u8s8_direct(args, g, x_bytes, im2col.pad_byte, ep);
   else if (in_place)
-    conv_u8s8_in_place(args, g, x_bytes, ep, cpu_isa());
+    conv_u8s8_in_place(args, g, x_bytes, im2col.pad_byte, ep, cpu_isa());
   else
     gemm_u8s8(args, ep, cpu_isa());
 }

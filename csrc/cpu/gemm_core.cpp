@@ -210,46 +210,44 @@ TQ_TARGET_AVX2 void microkernel_avx2_rows(const uint8_t* a, int64_t a_row, const
 }
 
 // The AVX2 kernel on operands that the driver widened to int16 once for all the row groups of a work item
-// (WidePanels): activation rows kWideRowValues values apart, and one 16-column vector of a weight block, its k-steps
-// one after the other (64 values each). Nothing is widened in its loop, and the weights are vpmaddwd's memory
+// (WidePanels, WideConvOperands): activation rows a_row values apart, and one 16-column vector of a weight block, its
+// k-steps one after the other (64 values each). Nothing is widened in its loop, and the weights are vpmaddwd's memory
 // operand: a k-step of 3 rows x 16 columns is 3 broadcast loads + 12 vpmaddwd + 12 vpaddd, into 12 accumulators
 // (with the 3 broadcasts and a product, the 16 registers). One 16-column vector per call: the driver runs each vector
 // of the block over all the row groups, so that its 16 KB stay in L1 (all 4 vectors, 64 KB, would not).
 constexpr int kAvx2WideRows = 3;
-constexpr int64_t kWideRowValues = kWideKBlock;  // int16 values from one activation row to the next
+constexpr int64_t kWideRowValues = kWideKBlock;  // WidePanels: int16 values from one activation row to the next
 
-// acc[r][j] += the products of one k-step of 3 rows x 16 columns: row r's 4 values at a + r * kWideRowValues, the
+// acc[r][j] += the products of one k-step of 3 rows x 16 columns: row r's 4 values at a + r * row_bytes bytes, the
 // 4 weight vectors (4 columns x 4 k each) at w. In assembly: from intrinsics, GCC loaded weight vectors into
 // registers and kept 8 of the 12 accumulators on the stack (a load and a store each per k-step). The pointers are
-// registers, with a memory clobber: the loads as memory operands would exceed asm's 30 operands (an in-out operand
-// counts twice).
-#define TQ_WIDE_ROW_BYTES "1024"
-static_assert(kWideRowValues * sizeof(int16_t) == 1024, "TQ_WIDE_ROW_BYTES");
+// registers, with a memory clobber, and the product register is ymm15, clobbered: asm takes at most 30 operands
+// (an in-out operand counts twice), which loads as memory operands or the product as an operand would exceed.
 #define TQ_MADD_ADD(r, j) \
-  "vpmaddwd 32*" #j "(%[w]), %[x" #r "], %[t]\n\tvpaddd %[t], %[c" #r #j "], %[c" #r #j "]\n\t"
+  "vpmaddwd 32*" #j "(%[w]), %[x" #r "], %%ymm15\n\tvpaddd %%ymm15, %[c" #r #j "], %[c" #r #j "]\n\t"
 #define TQ_MADD_ADD_ROWS(j) TQ_MADD_ADD(0, j) TQ_MADD_ADD(1, j) TQ_MADD_ADD(2, j)
 TQ_TARGET_AVX2 inline __attribute__((always_inline)) void step_avx2_3x16(__m256i (&acc)[3][4], const int16_t* a,
-                                                                       const int16_t* w) {
-  __m256i x0, x1, x2, t;
+                                                                       int64_t row_bytes, const int16_t* w) {
+  __m256i x0, x1, x2;
   __asm__("vpbroadcastq (%[a]), %[x0]\n\t"
-          "vpbroadcastq " TQ_WIDE_ROW_BYTES "(%[a]), %[x1]\n\t"
-          "vpbroadcastq 2*" TQ_WIDE_ROW_BYTES "(%[a]), %[x2]\n\t"
+          "vpbroadcastq (%[a],%[s],1), %[x1]\n\t"
+          "vpbroadcastq (%[a],%[s],2), %[x2]\n\t"
           TQ_MADD_ADD_ROWS(0) TQ_MADD_ADD_ROWS(1) TQ_MADD_ADD_ROWS(2) TQ_MADD_ADD_ROWS(3)
           : [c00] "+x"(acc[0][0]), [c01] "+x"(acc[0][1]), [c02] "+x"(acc[0][2]), [c03] "+x"(acc[0][3]),
             [c10] "+x"(acc[1][0]), [c11] "+x"(acc[1][1]), [c12] "+x"(acc[1][2]), [c13] "+x"(acc[1][3]),
             [c20] "+x"(acc[2][0]), [c21] "+x"(acc[2][1]), [c22] "+x"(acc[2][2]), [c23] "+x"(acc[2][3]),
-            [x0] "=&x"(x0), [x1] "=&x"(x1), [x2] "=&x"(x2), [t] "=&x"(t)
-          : [a] "r"(a), [w] "r"(w)
-          : "memory");
+            [x0] "=&x"(x0), [x1] "=&x"(x1), [x2] "=&x"(x2)
+          : [a] "r"(a), [s] "r"(row_bytes), [w] "r"(w)
+          : "xmm15", "memory");
 }
 #undef TQ_MADD_ADD_ROWS
 #undef TQ_MADD_ADD
-#undef TQ_WIDE_ROW_BYTES
 
-// tile[r][0..16) (+)= the sums over `steps` k-steps of the MR rows from a on and the weight vector at w.
+// tile[r][0..16) (+)= the sums over `steps` k-steps of the MR rows from a on (a_row values apart) and the weight
+// vector at w.
 template <int MR>
-TQ_TARGET_AVX2 void microkernel_avx2_wide(const int16_t* a, const int16_t* w, int64_t steps, int32_t* tile,
-                                          bool first) {
+TQ_TARGET_AVX2 void microkernel_avx2_wide(const int16_t* a, int64_t a_row, const int16_t* w, int64_t steps,
+                                          int32_t* tile, bool first) {
   __m256i acc[MR][4];
 #pragma GCC unroll 4
   for (int r = 0; r < MR; ++r)
@@ -257,11 +255,11 @@ TQ_TARGET_AVX2 void microkernel_avx2_wide(const int16_t* a, const int16_t* w, in
     for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_setzero_si256();
   for (int64_t s = 0; s < steps; ++s) {
     if constexpr (MR == 3) {
-      step_avx2_3x16(acc, a + 4 * s, w + 64 * s);
+      step_avx2_3x16(acc, a + 4 * s, a_row * static_cast<int64_t>(sizeof(int16_t)), w + 64 * s);
     } else {
       __m256i av[MR];
 #pragma GCC unroll 4
-      for (int r = 0; r < MR; ++r) av[r] = _mm256_set1_epi64x(load_i64(a + r * kWideRowValues + 4 * s));
+      for (int r = 0; r < MR; ++r) av[r] = _mm256_set1_epi64x(load_i64(a + r * a_row + 4 * s));
 #pragma GCC unroll 4
       for (int j = 0; j < 4; ++j) {
         const __m256i wj = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 64 * s + 16 * j));
@@ -277,11 +275,11 @@ TQ_TARGET_AVX2 void microkernel_avx2_wide(const int16_t* a, const int16_t* w, in
       store_column_sums_avx2(acc[r][2 * h], acc[r][2 * h + 1], tile + r * kPackAlign + 8 * h, first);
 }
 
-TQ_TARGET_AVX2 void microkernel_avx2_wide_rows(const int16_t* a, const int16_t* w, int64_t steps, int32_t* tile,
-                                               int rows, bool first) {
-  if (rows == 3) microkernel_avx2_wide<3>(a, w, steps, tile, first);
-  else if (rows == 2) microkernel_avx2_wide<2>(a, w, steps, tile, first);
-  else microkernel_avx2_wide<1>(a, w, steps, tile, first);
+TQ_TARGET_AVX2 void microkernel_avx2_wide_rows(const int16_t* a, int64_t a_row, const int16_t* w, int64_t steps,
+                                               int32_t* tile, int rows, bool first) {
+  if (rows == 3) microkernel_avx2_wide<3>(a, a_row, w, steps, tile, first);
+  else if (rows == 2) microkernel_avx2_wide<2>(a, a_row, w, steps, tile, first);
+  else microkernel_avx2_wide<1>(a, a_row, w, steps, tile, first);
 }
 
 // The weight operand of microkernel_avx2_wide: `steps` k-steps of the packed panel at b, vector v's 64 values of
@@ -1026,8 +1024,9 @@ auto fused_kernel(OutKind kind, const PanelEpilogue& c, int rows) {
 
 struct IsaPath {
   void (*kernel)(const uint8_t*, int64_t, const int8_t*, int64_t, int32_t*, int, int, bool);
-  // the kernel on widened operands (WidePanels), of up to wide_rows rows; null where the path has none
-  void (*wide_kernel)(const int16_t*, const int16_t*, int64_t, int32_t*, int, bool);
+  // the kernel on widened operands (WidePanels, WideConvOperands), of up to wide_rows rows; null where the path has
+  // none
+  void (*wide_kernel)(const int16_t*, int64_t, const int16_t*, int64_t, int32_t*, int, bool);
   void (*epilogue)(const Epilogue&, const PanelEpilogue&, const int32_t*, int64_t, int64_t, int64_t, int64_t);
   int rows;
   bool fused;  // the fused kernels apply to full panels
@@ -1097,7 +1096,7 @@ class WidePanels {
     for (int v = 0; v < vectors; ++v)
       for (int64_t r = 0; r < rows;) {
         const int mr = group_rows(path.wide_rows, rows - r);
-        path.wide_kernel(wide_a_ + r * kWideRowValues, wide_b_ + v * steps_ * 64, steps_,
+        path.wide_kernel(wide_a_ + r * kWideRowValues, kWideRowValues, wide_b_ + v * steps_ * 64, steps_,
                          tile + r * kPackAlign + 16 * v, mr, first);
         r += mr;
       }
@@ -1108,6 +1107,73 @@ class WidePanels {
   int16_t* wide_b_ = nullptr;
   int16_t* wide_a_ = nullptr;
   int64_t steps_ = 0;
+};
+
+// The most bytes of a widened weight panel that WideConvOperands holds for a thread (half of a Zen 3 core's L2).
+constexpr int64_t kWideConvPanelBytes = int64_t{256} << 10;
+
+// The operands of path's wide kernel for a conv that reads its windows in place (conv_u8s8_in_place), in the
+// thread's Scratch::WideOperands buffer, for the one parallel task that owns it: the weight panel widened once for
+// all the work items of the panel that the task runs one after the other, and for each item one widened input row
+// per kernel row, spanning the item's windows (the padding byte where they leave the input). Window r's kernel row
+// i starts r * stride_w * channels values into widened row i, so overlapping windows share their widened values.
+// Kernel rows deeper than kWideKBlock go in equal parts of at most that (part()), each part's weight block widened
+// on its own (widen_weights), so that a 16-column vector's block stays in L1.
+class WideConvOperands {
+ public:
+  // run: a kernel row's bytes in the weight (kw * channels rounded up to 4); segment: the most windows of an item
+  WideConvOperands(const ConvGeometry& g, int64_t run, int64_t segment, uint8_t pad_byte)
+      : scope_(Scratch::WideOperands), g_(g), run_(run), part_(wide_k_block(run)), pad_(pad_byte) {
+    // (the rounded-up run reads up to 3 values past the last window: they meet zero weights)
+    row_values_ = round_up(((segment - 1) * g.stride_w + g.kw) * g.channels + 4, 32);
+    const int64_t weight_values = g.kh * run * kPackAlign;
+    const int64_t values = weight_values + g.kh * row_values_;
+    uint8_t* buffer = scratch_buffer(Scratch::WideOperands, values * static_cast<int64_t>(sizeof(int16_t)) + 64);
+    weights_ = reinterpret_cast<int16_t*>(buffer + (-reinterpret_cast<uintptr_t>(buffer) & 63));  // (see WidePanels)
+    rows_ = weights_ + weight_values;
+  }
+
+  // The widened panel at w: the part of `steps` k-steps from the panel's byte k0 on (k0 = i * run + a multiple of
+  // part()) has vector v's k-steps at weights(k0) + v * steps * 64.
+  void hold_panel(const int8_t* w) {
+    if (w == held_) return;
+    for (int64_t i = 0; i < g_.kh; ++i)
+      for (int64_t k0 = i * run_; k0 < (i + 1) * run_; k0 += part_)
+        widen_weights(w + k0 * kPackAlign, std::min(part_, (i + 1) * run_ - k0) / 4, weights_ + k0 * kPackAlign);
+    held_ = w;
+  }
+  const int16_t* weights(int64_t k0) const { return weights_ + k0 * kPackAlign; }
+  int64_t part() const { return part_; }
+
+  // The input rows of `windows` windows from input position (b, ih0, iw0) on (the first window's top-left tap).
+  void widen_windows(const uint8_t* x, int64_t b, int64_t ih0, int64_t iw0, int64_t windows) {
+    const int64_t span = (windows - 1) * g_.stride_w + g_.kw;  // input columns
+    const int64_t lo = std::clamp<int64_t>(-iw0, 0, span), hi = std::clamp<int64_t>(g_.width - iw0, lo, span);
+    for (int64_t i = 0; i < g_.kh; ++i) {
+      int16_t* dst = rows_ + i * row_values_;
+      const int64_t ih = ih0 + i * g_.dil_h;
+      if (ih < 0 || ih >= g_.height) {
+        std::fill(dst, dst + span * g_.channels, pad_);
+      } else {
+        std::fill(dst, dst + lo * g_.channels, pad_);
+        if (hi > lo)
+          widen_row(x + ((b * g_.height + ih) * g_.width + iw0 + lo) * g_.channels, (hi - lo) * g_.channels,
+                    dst + lo * g_.channels);
+        std::fill(dst + hi * g_.channels, dst + span * g_.channels, pad_);
+      }
+      std::fill(dst + span * g_.channels, dst + span * g_.channels + 4, int16_t{0});
+    }
+  }
+  const int16_t* row(int64_t i) const { return rows_ + i * row_values_; }
+
+ private:
+  ScratchScope scope_;
+  const ConvGeometry& g_;
+  int64_t run_, part_, row_values_ = 0;
+  int16_t pad_;
+  int16_t* weights_ = nullptr;
+  int16_t* rows_ = nullptr;
+  const int8_t* held_ = nullptr;  // the panel weights_ holds
 };
 
 }  // namespace
@@ -1433,8 +1499,8 @@ void epilogue_tile(const Epilogue& ep, const PanelEpilogue& panel, const int32_t
   isa_path(isa).epilogue(ep, panel, tile, row0, rows, col0, ncols);
 }
 
-void conv_u8s8_in_place(const GemmArgs& args, const ConvGeometry& g, const uint8_t* x, const Epilogue& ep,
-                        CpuIsa isa) {
+void conv_u8s8_in_place(const GemmArgs& args, const ConvGeometry& g, const uint8_t* x, uint8_t pad_byte,
+                        const Epilogue& ep, CpuIsa isa) {
   const IsaPath path = isa_path(isa);
   const int64_t k4 = round_up(args.k, 4);
   const int64_t run = round_up(g.kw * g.channels, 4);  // bytes of one kernel row as the weight holds it
@@ -1443,7 +1509,13 @@ void conv_u8s8_in_place(const GemmArgs& args, const ConvGeometry& g, const uint8
   // work items: segments of <= kRowsPerChunk output pixels of one output row (b, oh), times the panels
   const int64_t segments_per_row = (g.out_w + kRowsPerChunk - 1) / kRowsPerChunk;
   const int64_t segment_len = (g.out_w + segments_per_row - 1) / segments_per_row;
-  const int64_t items = g.batch * g.out_h * segments_per_row * n_panels;
+  const int64_t segments = g.batch * g.out_h * segments_per_row;
+  const int64_t items = segments * n_panels;
+  // The wide kernel (AVX2) where the widened panel fits kWideConvPanelBytes and the windows overlap or nearly
+  // (strides up to 4: the widened rows span the windows' input). Its items go panel by panel (a task widens each
+  // panel's weight once), the others segment by segment (a segment's input rows stay in cache for its panels).
+  const bool wide = uses_wide_kernel(path, segment_len, k4) &&
+                    k4 * kPackAlign * static_cast<int64_t>(sizeof(int16_t)) <= kWideConvPanelBytes && g.stride_w <= 4;
   const int64_t item_cost = (segment_len + 4) * kPackAlign * k4;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(item_cost, 1));
   const Epilogue out_ep = with_streaming(ep, args.m, args.n);
@@ -1453,8 +1525,11 @@ void conv_u8s8_in_place(const GemmArgs& args, const ConvGeometry& g, const uint8
     alignas(64) int32_t tile[kRowsPerChunk * kPackAlign];
     const ScratchScope rows_scope(Scratch::GemmRows);
     uint8_t* window_rows = scratch_buffer(Scratch::GemmRows, checked_mul("int8_conv2d", "the row buffer", 8, k4));
+    std::optional<WideConvOperands> wide_operands;
+    if (wide) wide_operands.emplace(g, run, segment_len, pad_byte);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t panel = item % n_panels, segment = item / n_panels;
+      const int64_t panel = wide ? item / segments : item % n_panels;
+      const int64_t segment = wide ? item % segments : item / n_panels;
       const int64_t image_row = segment / segments_per_row;  // b * out_h + oh
       const int64_t ow0 = (segment % segments_per_row) * segment_len;
       const int64_t rows = std::min(segment_len, g.out_w - ow0);
@@ -1469,6 +1544,26 @@ void conv_u8s8_in_place(const GemmArgs& args, const ConvGeometry& g, const uint8
       // full panels on AVX-512: the kernel rows summed in registers and stored by the fused kernel
       const bool fused = path.fused && ncols == kPackAlign;
       const PanelEpilogue& pe = panels[panel];
+      if (wide) {
+        WideConvOperands& operands = *wide_operands;
+        operands.hold_panel(w);
+        operands.widen_windows(x, b, ih0, ow0 * g.stride_w - g.pad_w, rows);
+        const int64_t window_apart = g.stride_w * g.channels;
+        for (int64_t i = 0; i < g.kh; ++i)
+          for (int64_t j = 0; j < run; j += operands.part()) {
+            const int64_t steps = std::min(operands.part(), run - j) / 4;
+            const int16_t* weights = operands.weights(i * run + j);
+            for (int v = 0; v < vectors; ++v)
+              for (int64_t r = 0; r < rows;) {
+                const int mr = group_rows(path.wide_rows, rows - r);
+                path.wide_kernel(operands.row(i) + r * window_apart + j, window_apart, weights + v * steps * 64, steps,
+                                 tile + r * kPackAlign + 16 * v, mr, i == 0 && j == 0);
+                r += mr;
+              }
+          }
+        path.epilogue(out_ep, pe, tile, row0, rows, col0, ncols);
+        continue;
+      }
       for (int64_t r = 0; r < rows; r += path.rows) {
         const int mr = static_cast<int>(std::min<int64_t>(path.rows, rows - r));
         int32_t* t = tile + r * kPackAlign;

@@ -148,10 +148,11 @@ void epilogue_tile(const Epilogue& ep, const PanelEpilogue& panel, const int32_t
 // straight from the input, consecutive pixels stride_w * channels bytes apart. The weight's kernel rows are
 // round_up(kw * channels, 4) deep (zero weights past kw * channels: the bytes read past the window's row multiply
 // them), args.k = kh times that. Pixels whose windows reach into the padding (or whose padded rows would be read
-// past the input's end) take their rows from args.fill_rows (im2col, the same padded layout). args as for gemm_u8s8
-// (m: the output pixels) with groups == 1.
-void conv_u8s8_in_place(const GemmArgs& args, const ConvGeometry& g, const uint8_t* x, const Epilogue& ep,
-                        CpuIsa isa);
+// past the input's end) take their rows from args.fill_rows (im2col, the same padded layout). On AVX2 the rows of an
+// item's windows are widened to int16 instead (pad_byte, x's zero point, where they leave the input) for the wide
+// kernel. args as for gemm_u8s8 (m: the output pixels) with groups == 1.
+void conv_u8s8_in_place(const GemmArgs& args, const ConvGeometry& g, const uint8_t* x, uint8_t pad_byte,
+                        const Epilogue& ep, CpuIsa isa);
 
 // The kernel taps a direct conv takes at most (one bit each in a 64-bit mask).
 constexpr int64_t kMaxDirectTaps = 64;
