@@ -536,6 +536,46 @@ def test_global_max_pools_run_on_integers():
     assert layers["conv2d"] == "integer input, ReLU fused, uint8 output"
 
 
+GLOBAL_POOL_DIMS = {"F.max_pool2d(x, x.shape[2:])": (lambda x: F.max_pool2d(x, x.shape[2:]), (2, 3)),
+                    "F.max_pool2d(x, x.size()[-2:])": (lambda x: F.max_pool2d(x, x.size()[-2:]), (-2, -1)),
+                    "F.max_pool2d(x, (x.size(2), x.size(3)), x.shape[2:])":
+                        (lambda x: F.max_pool2d(x, (x.size(2), x.size(3)), x.shape[2:]), (2, 3)),
+                    "F.max_pool1d(x, x.shape[-1])": (lambda x: F.max_pool1d(x, x.shape[-1]), (-1,)),
+                    "F.adaptive_max_pool2d(x, (1, 1))": (lambda x: F.adaptive_max_pool2d(x, (1, 1)), (-2, -1)),
+                    "nn.AdaptiveMaxPool1d(1)": (nn.AdaptiveMaxPool1d(1), (-1,)),
+                    # not global on every input: on an unbatched [C, H, W], (x.size(2), x.size(-1)) is W x W
+                    "F.max_pool2d(x, (x.size(2), x.size(-1)))": (lambda x: F.max_pool2d(x, (x.size(2), x.size(-1))),
+                                                                 None),
+                    "F.max_pool2d(x, x.shape[2:], x.shape[-2:])":
+                        (lambda x: F.max_pool2d(x, x.shape[2:], x.shape[-2:]), None),
+                    "F.max_pool2d(x, x.shape[1:])": (lambda x: F.max_pool2d(x, x.shape[1:]), None),
+                    "F.adaptive_max_pool2d(x, (1, None))": (lambda x: F.adaptive_max_pool2d(x, (1, None)), None)}
+
+
+@pytest.mark.parametrize("pool", list(GLOBAL_POOL_DIMS))
+def test_global_max_pool_dims_are_the_pooled_ones_on_every_input(pool):
+    # x.shape[2:] of an unbatched [C, H, W] is (W,), which max_pool2d takes as a W x W window: a global pool read
+    # over dims (-2, -1) would have pooled all of H; over (2, 3) it fails as the float model does not
+    fn, dims = GLOBAL_POOL_DIMS[pool]
+
+    class Pool(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pool = fn if isinstance(fn, nn.Module) else None
+
+        def forward(self, x):
+            return self.pool(x) if self.pool is not None else fn(x)
+
+    traced = torch.fx.symbolic_trace(Pool())
+    modules = dict(traced.named_modules())
+    pools = (F.max_pool1d, F.max_pool2d, F.adaptive_max_pool1d, F.adaptive_max_pool2d)
+    (node,) = [n for n in traced.graph.nodes if n.op == "call_module" or n.target in pools]
+    assert graph._global_max_pool_dims(node, modules) == dims
+    if dims is not None:  # the dims pool the batched input as the float op does
+        x = torch.randn(2, 3, 5, 4) if len(dims) == 2 else torch.randn(2, 3, 7)
+        torch.testing.assert_close(torch.amax(x, dims, keepdim=True), traced(x), rtol=0, atol=0)
+
+
 NOT_GLOBAL_POOLS = {"F.max_pool1d(y, 3)": lambda y: F.max_pool1d(y, 3),
                     "F.max_pool1d(y, y.size(1))": lambda y: F.max_pool1d(y, y.size(1)),
                     "F.max_pool1d(y, y.size(2), 1)": lambda y: F.max_pool1d(y, y.size(2), 1),

@@ -94,10 +94,11 @@ _IN_PLACE_DUNDERS = {f"__{op.__name__}__" for op in _IN_PLACE_OPERATORS}  # y.__
 # ops whose result may share its input's memory
 _VIEW_METHODS = ("view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "narrow", "select", "transpose",
                  "swapaxes", "t", "permute", "movedim", "expand", "expand_as", "squeeze", "unsqueeze", "diagonal",
-                 "unfold", "as_strided", "detach", "split", "chunk", "unbind", "contiguous")
+                 "unfold", "as_strided", "detach", "split", "chunk", "unbind", "contiguous", "swapdims", "moveaxis")
 _VIEW_FUNCTIONS = (operator.getitem, torch.flatten, torch.reshape, torch.narrow, torch.select, torch.transpose,
                    torch.swapaxes, torch.t, torch.permute, torch.movedim, torch.squeeze, torch.unsqueeze,
-                   torch.diagonal, torch.as_strided, torch.detach, torch.split, torch.chunk, torch.unbind)
+                   torch.diagonal, torch.as_strided, torch.detach, torch.split, torch.chunk, torch.unbind,
+                   torch.swapdims, torch.moveaxis, torch.unflatten)
 # element-wise activations that run as table lookups on integers (a ReLU6 / hardtanh that no layer's epilogue fuses
 # among them; a plain ReLU keeps its integer clamp)
 _LOOKUP_MODULES = (nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.GELU, nn.ELU, nn.CELU, nn.SELU,
@@ -318,10 +319,12 @@ def _is_max_pool(node: fx.Node, modules: dict) -> bool:
             and not node.kwargs.get("return_indices", False))
 
 
-def _is_spatial_size(arg, x: fx.Node, n: int) -> bool:
-    """Whether arg is read from x's shape as the sizes of its last n (of n + 2) dims: x.size(2) / x.size(-1) /
-    x.shape[2] / x.size()[-1] for n = 1, x.shape[2:] / x.size()[-2:] / (x.size(2), x.size(3)) for n = 2."""
-    def dim_of(v):  # the dim of x whose size v is, or None
+def _spatial_dims(arg, x: fx.Node, n: int) -> Optional[tuple]:
+    """The dims of x whose sizes arg is, read from x's shape, when they are the pooled dims of an n-d pool: x.size(2)
+    / x.shape[2] / x.size()[-1] ... for n = 1, x.shape[2:] / x.size()[-2:] / (x.size(2), x.size(3)) for n = 2; None
+    otherwise. Positive dims stay positive: on an unbatched input x.shape[2:] is (W,), which a 2-d pool takes as a W x W
+    window, and amax over dims (2, 3) then fails as the pool's float model does not, rather than pooling otherwise."""
+    def dim_of(v):  # the dim (or slice of dims) of x whose size v is, or None
         if isinstance(v, fx.Node) and v.op == "call_method" and v.target == "size" and len(v.args) == 2:
             return v.args[1] if v.args[0] is x else None
         if isinstance(v, fx.Node) and v.op == "call_function" and v.target is operator.getitem:
@@ -329,11 +332,13 @@ def _is_spatial_size(arg, x: fx.Node, n: int) -> bool:
             return index if _is_shape_of(shape, x) else None
         return None
 
+    positive, negative = tuple(range(2, 2 + n)), tuple(range(-n, 0))
     if isinstance(arg, (tuple, list)):
-        return len(arg) == n and all(dim_of(v) in (i + 2, i - n) for i, v in enumerate(arg))
-    if n == 1:
-        return dim_of(arg) in (2, -1)
-    return dim_of(arg) in (slice(2, None, None), slice(-2, None, None))
+        dims = tuple(dim_of(v) for v in arg)
+    else:
+        dim = dim_of(arg)  # (slices are not hashable before Python 3.12)
+        dims = (dim,) if n == 1 else positive if dim == slice(2, None) else negative if dim == slice(-2, None) else None
+    return dims if dims in (positive, negative) else None
 
 
 def _is_shape_of(node, x: fx.Node) -> bool:
@@ -362,12 +367,13 @@ def _global_max_pool_dims(node: fx.Node, modules: dict) -> Optional[tuple]:
         n = _POOLED_DIMS[_MAX_POOL_FUNCTIONS[node.target]]
         given = dict(zip(("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
                          node.args[1:]), **node.kwargs)
-        x = node.args[0]
-        global_pool = (_is_spatial_size(given.get("kernel_size"), x, n)
-                       and (given.get("stride") is None or _is_spatial_size(given["stride"], x, n))
+        dims = _spatial_dims(given.get("kernel_size"), node.args[0], n)
+        stride = given.get("stride")
+        global_pool = (dims is not None and (stride is None or _spatial_dims(stride, node.args[0], n) == dims)
                        and given.get("padding", 0) in (0, (0,) * n, [0] * n)
                        and given.get("dilation", 1) in (1, (1,) * n, [1] * n)
                        and not given.get("return_indices", False))
+        return dims if global_pool else None
     else:
         return None
     return tuple(range(-n, 0)) if global_pool else None
