@@ -1069,6 +1069,27 @@ int64_t wide_k_block(int64_t k4) {
 
 // The operands of a path's wide kernel for one k block (<= kWideKBlock) of a work item, widened to int16 in the
 // thread's Scratch::WideOperands buffer, for the one parallel task that owns it.
+// `values` int16 values of the calling thread's Scratch::WideOperands buffer, 64-byte aligned (new[] gives 16):
+// 32-byte loads from 16-byte aligned addresses split a cache line every second time, which cost the wide kernel a
+// quarter of its speed.
+int16_t* wide_scratch(int64_t values) {
+  uint8_t* buffer = scratch_buffer(Scratch::WideOperands, values * static_cast<int64_t>(sizeof(int16_t)) + 64);
+  return reinterpret_cast<int16_t*>(buffer + (-reinterpret_cast<uintptr_t>(buffer) & 63));
+}
+
+// tile[r][c] (+)= the products of `rows` widened activation rows from a on (a_row values apart) and a widened weight
+// block at w of `steps` k-steps (widen_weights), r < rows, c < 16 * vectors: each 16-column vector over all the row
+// groups, so that its block stays in L1.
+void multiply_wide(const IsaPath& path, const int16_t* a, int64_t a_row, const int16_t* w, int64_t steps, int64_t rows,
+                   int vectors, int32_t* tile, bool first) {
+  for (int v = 0; v < vectors; ++v)
+    for (int64_t r = 0; r < rows;) {
+      const int mr = group_rows(path.wide_rows, rows - r);
+      path.wide_kernel(a + r * a_row, a_row, w + v * steps * 64, steps, tile + r * kPackAlign + 16 * v, mr, first);
+      r += mr;
+    }
+}
+
 class WidePanels {
   static constexpr int64_t kWideBlockValues = kWideKBlock * kPackAlign;  // a k block of a panel
 
@@ -1078,11 +1099,7 @@ class WidePanels {
   // the weight vectors of `steps` k-steps of the packed panel at b (widen_weights)
   void widen_block(const int8_t* b, int64_t steps) {
     if (wide_b_ == nullptr) {
-      // 64-byte aligned (new[] gives 16): 32-byte loads from 16-byte aligned addresses split a cache line every
-      // second time, which cost the kernel a quarter of its speed
-      uint8_t* buffer = scratch_buffer(Scratch::WideOperands,
-                                       (kWideBlockValues + kRowsPerChunk * kWideRowValues) * sizeof(int16_t) + 64);
-      wide_b_ = reinterpret_cast<int16_t*>(buffer + (-reinterpret_cast<uintptr_t>(buffer) & 63));
+      wide_b_ = wide_scratch(kWideBlockValues + kRowsPerChunk * kWideRowValues);
       wide_a_ = wide_b_ + kWideBlockValues;
     }
     steps_ = steps;
@@ -1091,15 +1108,9 @@ class WidePanels {
   // activation row r (< kRowsPerChunk) of the block, whose values start at row
   void widen_activations(int64_t r, const uint8_t* row) { widen_row(row, 4 * steps_, wide_a_ + r * kWideRowValues); }
 
-  // tile[r][c] (+)= the block's products, r < rows, c < 16 * vectors: each 16-column vector over all the row groups
+  // tile[r][c] (+)= the block's products, r < rows, c < 16 * vectors (multiply_wide)
   void multiply(const IsaPath& path, int64_t rows, int vectors, int32_t* tile, bool first) const {
-    for (int v = 0; v < vectors; ++v)
-      for (int64_t r = 0; r < rows;) {
-        const int mr = group_rows(path.wide_rows, rows - r);
-        path.wide_kernel(wide_a_ + r * kWideRowValues, kWideRowValues, wide_b_ + v * steps_ * 64, steps_,
-                         tile + r * kPackAlign + 16 * v, mr, first);
-        r += mr;
-      }
+    multiply_wide(path, wide_a_, kWideRowValues, wide_b_, steps_, rows, vectors, tile, first);
   }
 
  private:
@@ -1127,9 +1138,7 @@ class WideConvOperands {
     // (the rounded-up run reads up to 3 values past the last window: they meet zero weights)
     row_values_ = round_up(((segment - 1) * g.stride_w + g.kw) * g.channels + 4, 32);
     const int64_t weight_values = g.kh * run * kPackAlign;
-    const int64_t values = weight_values + g.kh * row_values_;
-    uint8_t* buffer = scratch_buffer(Scratch::WideOperands, values * static_cast<int64_t>(sizeof(int16_t)) + 64);
-    weights_ = reinterpret_cast<int16_t*>(buffer + (-reinterpret_cast<uintptr_t>(buffer) & 63));  // (see WidePanels)
+    weights_ = wide_scratch(weight_values + g.kh * row_values_);
     rows_ = weights_ + weight_values;
   }
 
@@ -1550,17 +1559,9 @@ void conv_u8s8_in_place(const GemmArgs& args, const ConvGeometry& g, const uint8
         operands.widen_windows(x, b, ih0, ow0 * g.stride_w - g.pad_w, rows);
         const int64_t window_apart = g.stride_w * g.channels;
         for (int64_t i = 0; i < g.kh; ++i)
-          for (int64_t j = 0; j < run; j += operands.part()) {
-            const int64_t steps = std::min(operands.part(), run - j) / 4;
-            const int16_t* weights = operands.weights(i * run + j);
-            for (int v = 0; v < vectors; ++v)
-              for (int64_t r = 0; r < rows;) {
-                const int mr = group_rows(path.wide_rows, rows - r);
-                path.wide_kernel(operands.row(i) + r * window_apart + j, window_apart, weights + v * steps * 64, steps,
-                                 tile + r * kPackAlign + 16 * v, mr, i == 0 && j == 0);
-                r += mr;
-              }
-          }
+          for (int64_t j = 0; j < run; j += operands.part())
+            multiply_wide(path, operands.row(i) + j, window_apart, operands.weights(i * run + j),
+                          std::min(operands.part(), run - j) / 4, rows, vectors, tile, i == 0 && j == 0);
         path.epilogue(out_ep, pe, tile, row0, rows, col0, ncols);
         continue;
       }
