@@ -359,24 +359,25 @@ def _global_max_pool_dims(node: fx.Node, modules: dict) -> Optional[tuple]:
         m = modules.get(node.target)
         n = _ADAPTIVE_MAX_POOLS.get(type(m))
         global_pool = n is not None and not m.return_indices and ones(m.output_size, n)
-    elif node.op == "call_function" and node.target in _ADAPTIVE_MAX_POOL_FUNCTIONS and _constant_args(node):
-        n = _ADAPTIVE_MAX_POOL_FUNCTIONS[node.target]
-        given = dict(zip(("output_size", "return_indices"), node.args[1:]), **node.kwargs)
-        global_pool = not given.get("return_indices", False) and ones(given.get("output_size"), n)
-    elif node.op == "call_function" and node.target in _MAX_POOL_FUNCTIONS and node.args:
-        n = _POOLED_DIMS[_MAX_POOL_FUNCTIONS[node.target]]
-        given = dict(zip(("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
-                         node.args[1:]), **node.kwargs)
-        dims = _spatial_dims(given.get("kernel_size"), node.args[0], n)
-        stride = given.get("stride")
-        global_pool = (dims is not None and (stride is None or _spatial_dims(stride, node.args[0], n) == dims)
-                       and given.get("padding", 0) in (0, (0,) * n, [0] * n)
-                       and given.get("dilation", 1) in (1, (1,) * n, [1] * n)
-                       and not given.get("return_indices", False))
-        return dims if global_pool else None
-    else:
+        return tuple(range(-n, 0)) if global_pool else None
+    if node.op != "call_function" or not node.args:
         return None
-    return tuple(range(-n, 0)) if global_pool else None
+    if node.target in _ADAPTIVE_MAX_POOL_FUNCTIONS and _constant_args(node):
+        n = _ADAPTIVE_MAX_POOL_FUNCTIONS[node.target]
+        given = _given_arguments(node, ("output_size", "return_indices"))
+        global_pool = not given.get("return_indices", False) and ones(given.get("output_size"), n)
+        return tuple(range(-n, 0)) if global_pool else None
+    if node.target not in _MAX_POOL_FUNCTIONS:
+        return None
+    n = _POOLED_DIMS[_MAX_POOL_FUNCTIONS[node.target]]
+    given = _given_arguments(node, _MAX_POOL_ARGUMENTS)
+    dims = _spatial_dims(given.get("kernel_size"), node.args[0], n)
+    stride = given.get("stride")
+    global_pool = (dims is not None and (stride is None or _spatial_dims(stride, node.args[0], n) == dims)
+                   and given.get("padding", 0) in (0, (0,) * n, [0] * n)
+                   and given.get("dilation", 1) in (1, (1,) * n, [1] * n)
+                   and not given.get("return_indices", False))
+    return dims if global_pool else None
 
 
 def _is_nearest_upsample(node: fx.Node, modules: dict) -> bool:
@@ -395,14 +396,21 @@ def _integer_max_pool(node: fx.Node, modules: dict):
     return _MAX_POOLS[type(modules[node.target])] if node.op == "call_module" else _MAX_POOL_FUNCTIONS[node.target]
 
 
+_MAX_POOL_ARGUMENTS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+
+
+def _given_arguments(node: fx.Node, names: tuple) -> dict:
+    """The arguments a function node was called with after its tensor, by name (names: its parameters in order)."""
+    return dict(zip(names, node.args[1:]), **node.kwargs)
+
+
 def _max_pool_arguments(node: fx.Node, modules: dict) -> dict:
     """The pooling arguments of a max-pool node (module or function) as keyword arguments of
     functional.quantized_max_pool1d / 2d."""
-    names = ("kernel_size", "stride", "padding", "dilation", "ceil_mode")
     if node.op == "call_module":
         m = modules[node.target]
-        return {name: getattr(m, name) for name in names}
-    given = dict(zip(names, node.args[1:]), **node.kwargs)
+        return {name: getattr(m, name) for name in _MAX_POOL_ARGUMENTS[:-1]}
+    given = _given_arguments(node, _MAX_POOL_ARGUMENTS)
     given.pop("return_indices", None)
     return given
 
@@ -1088,10 +1096,9 @@ def _lower(gm: fx.GraphModule, dtype: torch.dtype, build_tables: bool) -> None:
                     new = graph.call_function(_integer_max_pool(node, modules), (node.args[0],),
                                               _max_pool_arguments(node, modules))
                 replace([node], new, quantizer)
-            elif _global_max_pool_dims(node, modules) is not None:
+            elif (pooled := _global_max_pool_dims(node, modules)) is not None:
                 with graph.inserting_after(node):
-                    new = graph.call_function(torch.amax, (node.args[0], _global_max_pool_dims(node, modules)),
-                                              {"keepdim": True})
+                    new = graph.call_function(torch.amax, (node.args[0], pooled), {"keepdim": True})
                 replace([node], new, quantizer)
             elif _is_nearest_upsample(node, modules) and gm.get_submodule(quantizer.target).spec.signed:
                 # int8 through float32 (exact): torch's nearest upsampling has no int8 kernel
