@@ -314,9 +314,10 @@ class SpectrogramViewNet(nn.Module):
 
 class TextCNNNet(nn.Module):
     """Kim's text CNN on embedded tokens [B, T, E]: three Conv1d widths + ReLU, each max-pooled over time with its
-    kernel read from its shape (F.max_pool1d(a, a.size(2)), kernel_size=b.shape[-1]) or an AdaptiveMaxPool1d(1);
-    a Conv2d branch pooled globally three ways (AdaptiveMaxPool2d((1, 1)), F.adaptive_max_pool2d(z, 1),
-    F.max_pool2d(z, z.shape[2:])); all squeezed and concatenated into a Linear head."""
+    kernel read from its shape (F.max_pool1d(a, a.size(2)), kernel_size=b.shape[-1]) or an AdaptiveMaxPool1d(1),
+    and reduced over time with the tensor idioms (a.max(dim=2)[0], torch.max(b, 2).values, `values, _ = c.max(-1)`,
+    c.mT.amin(1)); a Conv2d branch pooled globally three ways (AdaptiveMaxPool2d((1, 1)),
+    F.adaptive_max_pool2d(z, 1), F.max_pool2d(z, z.shape[2:])); all squeezed and concatenated into a Linear head."""
 
     def __init__(self):
         super().__init__()
@@ -324,12 +325,14 @@ class TextCNNNet(nn.Module):
         self.pool = nn.AdaptiveMaxPool1d(1)
         self.conv2d = nn.Conv2d(1, 6, 3, padding=1)
         self.pool2d = nn.AdaptiveMaxPool2d((1, 1))
-        self.head = nn.Linear(6 * 6, 4)
+        self.head = nn.Linear(6 * 10, 4)
 
     def forward(self, x):
         a, b, c = [F.relu(conv(x.transpose(1, 2))) for conv in self.convs]
         pooled = [F.max_pool1d(a, a.size(2)).squeeze(2), F.max_pool1d(b, kernel_size=b.shape[-1]).squeeze(-1),
                   self.pool(c).squeeze(2)]
+        c_max, _ = c.max(-1)
+        pooled += [a.max(dim=2)[0], torch.max(b, 2).values, c_max, c.mT.amin(1)]
         z = F.relu(self.conv2d(x.unsqueeze(1)))
         pooled += [self.pool2d(z).flatten(1), F.adaptive_max_pool2d(z, 1).flatten(1),
                    F.max_pool2d(z, z.shape[2:]).flatten(1)]
@@ -526,10 +529,13 @@ def test_squeeze_transpose_and_permute_run_on_integers():
 
 
 def test_global_max_pools_run_on_integers():
-    # adaptive max-pools and max-pools sized from their input's shape were float ops between integer layers
+    # adaptive max-pools and max-pools sized from their input's shape were float ops between integer layers, and so
+    # were max / min over a dim (three as torch.max values, x.mT.amin(1))
     converted = _converted_with_nothing_kept_float("text-cnn")
     targets = _graph_targets(converted)
-    assert targets.count(torch.amax) == 6 and targets.count(graph.integer_layer) == 5
+    assert targets.count(torch.amax) == 9 and targets.count(graph.integer_layer) == 5
+    assert [n.target for n in converted.graph.nodes if n.op == "call_method"].count("amin") == 1
+    assert torch.max not in targets and graph.max_values not in targets  # (nothing computes indices)
     assert targets.count(graph.dequantize_output) == 0
     assert not any(isinstance(m, (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)) for m in converted.modules())
     layers, _ = graph.pipeline_notes(converted)
@@ -626,6 +632,62 @@ def test_max_pools_that_are_not_global_stay_what_they_are(pool):
     assert torch.amax not in _graph_targets(converted)
     with torch.no_grad():
         torch.testing.assert_close(converted(batches[0]), model(batches[0]), atol=0.05, rtol=0)
+
+
+EXTREMA_KEPT_FLOAT = {"values, indices = y.max(2)": lambda y: (lambda r: torch.cat([r[0], r[1] * r[0]], 1))(y.max(2)),
+                      "torch.max(y, y.flip(2))": lambda y: torch.max(y, y.flip(2)).flatten(1),
+                      "y.max(dim=y.dim() - 1)[0]": lambda y: y.max(dim=y.dim() - 1)[0]}
+
+
+@pytest.mark.parametrize("form", list(EXTREMA_KEPT_FLOAT))
+def test_max_whose_indices_are_read_stays_float(form):
+    # only a max / min whose values alone are read is a passthrough: indices, a max of two tensors (one scale each)
+    # and a dim computed at run time keep the float op
+    class MaxNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(3, 4, 3)
+            self.head = nn.LazyLinear(2)
+
+        def forward(self, x):
+            return self.head(EXTREMA_KEPT_FLOAT[form](F.relu(self.conv(x))))
+
+    torch.manual_seed(0)
+    model = MaxNet().eval()
+    batches = _batches((2, 3, 9))
+    model(batches[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (what is kept float, where the conv's integers are read)
+        converted = tq.quantize_model(model, PIPELINE, batches, inplace=False)
+    targets = _graph_targets(converted)
+    assert graph.max_values not in targets and torch.amax not in targets
+    with torch.no_grad():
+        torch.testing.assert_close(converted(batches[0]), model(batches[0]), atol=0.05, rtol=0)
+
+
+def test_tensor_attributes_of_integer_tensors_are_their_float_tensors():
+    # y.dtype and y.mT.sum() of an integer tensor read the integers themselves (uint8, a sum of integers);
+    # y.mT and y.T between layers run on the integers
+    class AttributeNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c, self.d = nn.Linear(8, 8), nn.Linear(8, 5), nn.Linear(6, 3), nn.Linear(6, 2)
+
+        def forward(self, x):
+            y = torch.relu(self.a(x))  # [B, 6, 8]
+            return self.b(y), self.c(y.mT), self.d(y[0].T), y.mT.sum((1, 2)), torch.full((2,), 1, dtype=y.dtype)
+
+    torch.manual_seed(0)
+    model = AttributeNet().eval()
+    batches = _batches((4, 6, 8))
+    converted = tq.quantize_model(model, PIPELINE, batches, inplace=False)
+    with torch.no_grad():
+        out, expected = converted(batches[0]), model(batches[0])
+    for o, e in zip(out, expected):
+        assert o.dtype == e.dtype == torch.float32
+        torch.testing.assert_close(o, e, atol=0.05 * e.abs().max().item(), rtol=0)
+    layers, _ = graph.pipeline_notes(converted)
+    assert layers["c"].startswith("integer input") and layers["d"].startswith("integer input")
 
 
 @pytest.mark.parametrize("name, lookups", [("hardswish-block", 4), ("smooth-activations", 6)])

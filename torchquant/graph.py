@@ -12,8 +12,9 @@ quantized ones and folds their BatchNorms (as the module swap does), and finds t
   the add alone reads and the other an integer tensor (a residual block), the add [+ ReLU] becomes that conv's
   epilogue instead (int8_conv2d's residual form: the conv's float32 output plus the dequantized other input,
   requantized once), and the conv's output gets no quantizer of its own;
-- max-pool (a global one, adaptive to size 1 or of the input's size read from its shape, as torch.amax), flatten,
-  reshape/view, squeeze/unsqueeze, transpose/permute/movedim, nearest-neighbour upsampling (int8 ones through
+- max-pool (a global one, adaptive to size 1 or of the input's size read from its shape, as torch.amax), maxima and
+  minima (amax / amin, x.max(), x.max(dim)[0] whose indices nothing reads, as torch.amax), flatten, reshape/view,
+  squeeze/unsqueeze, transpose/permute/movedim/.T/.mT, nearest-neighbour upsampling (int8 ones through
   float32, exact: torch has no int8 kernel for it), a ReLU after an integer tensor, nn.Identity, dropout
   modules (the identity in evaluation, which is what a converted model runs): run on the integers (they keep the
   scale); torch.cat of integer tensors: its inputs share one scale (one quantizer observes them all), so the
@@ -81,7 +82,16 @@ _PASSTHROUGH_FUNCTIONS = (torch.flatten, torch.reshape, torch.unflatten, torch.s
                           torch.moveaxis)
 _PASSTHROUGH_METHODS = ("flatten", "reshape", "view", "contiguous", "unflatten", "squeeze", "unsqueeze", "transpose",
                         "swapaxes", "swapdims", "t", "permute", "movedim", "moveaxis")
-_SHAPE_FUNCTIONS = (getattr, len)
+_PASSTHROUGH_ATTRIBUTES = ("T", "mT")
+# largest / smallest values: dequantization is increasing, so they commute with it (an integer tensor's maxima are
+# its float tensor's, quantized); torch.max / torch.min of one tensor, or over one dim, the values of which
+# _merge_extremum_values makes one node of
+_EXTREMA_FUNCTIONS = (torch.amax, torch.amin)
+_EXTREMA_METHODS = ("amax", "amin")
+_WHOLE_EXTREMA_FUNCTIONS = (torch.max, torch.min)
+_WHOLE_EXTREMA_METHODS = ("max", "min")
+# shape queries: attributes an integer tensor shares with its float tensor (not dtype, nor any tensor-valued one)
+_SHAPE_ATTRIBUTES = ("shape", "ndim", "device", "is_cuda", "is_cpu")
 _SHAPE_METHODS = ("size", "dim")
 _AVG_POOLS = (nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
 _AVG_POOL_FUNCTIONS = (F.avg_pool1d, F.adaptive_avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool2d)
@@ -461,6 +471,55 @@ def _functionalize_in_place(graph: fx.Graph, modules: dict) -> None:
                     user.replace_input_with(node.args[0], node)
 
 
+def max_values(x: torch.Tensor, dim: int, keepdim: bool = False) -> torch.Tensor:
+    """torch.max(x, dim, keepdim).values: a prepared pipeline's x.max(dim)[0] whose indices nothing reads (the
+    converted pipeline runs torch.amax on the integers instead, the same values)."""
+    return torch.max(x, dim, keepdim).values
+
+
+def min_values(x: torch.Tensor, dim: int, keepdim: bool = False) -> torch.Tensor:
+    """torch.min(x, dim, keepdim).values, as max_values."""
+    return torch.min(x, dim, keepdim).values
+
+
+# torch.max / torch.min and their methods over one dim -> their values alone
+_VALUES_OF = {torch.max: max_values, "max": max_values, torch.min: min_values, "min": min_values}
+_REDUCTION_OF_VALUES = {max_values: torch.amax, min_values: torch.amin}
+
+
+def _merge_extremum_values(graph: fx.Graph) -> None:
+    """torch.max / torch.min over one dim (or their methods) whose indices nothing reads (x.max(2)[0],
+    torch.min(x, dim=1).values, `values, _ = x.max(-1)`) become one max_values / min_values node of the tensor, which
+    the pipeline runs on integers as it does amax."""
+    for node in list(graph.nodes):
+        values_of = _VALUES_OF.get(node.target) if node.op in ("call_function", "call_method") else None
+        given = _given_arguments(node, ("dim", "keepdim")) if values_of is not None else {}
+        if (not isinstance(given.get("dim"), int) or not set(given) <= {"dim", "keepdim"}
+                or not isinstance(node.args[0], fx.Node) or not _constant_args(node)):
+            continue
+        values = [u for u in node.users if u.op == "call_function" and (
+            u.target is operator.getitem and u.args[1:] == (0,) or u.target is getattr and u.args[1:] == ("values",))]
+        if any(u not in values and u.users for u in node.users):
+            continue  # the indices are read
+        with graph.inserting_after(node):
+            merged = graph.call_function(values_of, (node.args[0], given["dim"], given.get("keepdim", False)))
+        for user in list(node.users):
+            user.replace_all_uses_with(merged)
+            graph.erase_node(user)
+        graph.erase_node(node)
+
+
+def _is_extremum(node: fx.Node) -> bool:
+    """amax / amin, the max / min of a whole tensor, max_values / min_values: the largest or smallest values."""
+    if not _constant_args(node):
+        return False
+    if node.op == "call_function":
+        return node.target in (*_EXTREMA_FUNCTIONS, *_REDUCTION_OF_VALUES) or (
+            node.target in _WHOLE_EXTREMA_FUNCTIONS and len(node.args) == 1 and not node.kwargs)
+    return node.op == "call_method" and (node.target in _EXTREMA_METHODS or (
+        node.target in _WHOLE_EXTREMA_METHODS and len(node.args) == 1 and not node.kwargs))
+
+
 def _is_passthrough(node: fx.Node, modules: dict) -> bool:
     """Ops that map integer tensors to integer tensors at the same scale (the first argument is the tensor)."""
     if not node.args or not isinstance(node.args[0], fx.Node):
@@ -471,16 +530,18 @@ def _is_passthrough(node: fx.Node, modules: dict) -> bool:
             or _global_max_pool_dims(node, modules) is not None or activation_clamp(node, modules) == (0.0, None)
     if node.op == "call_function":
         if (node.target in _PASSTHROUGH_FUNCTIONS or _is_max_pool(node, modules) or _is_nearest_upsample(node, modules)
-                or _global_max_pool_dims(node, modules) is not None):
+                or _global_max_pool_dims(node, modules) is not None or _is_extremum(node)
+                or node.target is getattr and node.args[1:] in [(a,) for a in _PASSTHROUGH_ATTRIBUTES]):
             return True
-    if node.op == "call_method" and node.target in _PASSTHROUGH_METHODS:
+    if node.op == "call_method" and (node.target in _PASSTHROUGH_METHODS or _is_extremum(node)):
         return not any(isinstance(a, torch.dtype) for a in node.args)  # (view(dtype) reinterprets the bytes)
     return activation_clamp(node, modules) == (0.0, None)
 
 
 def _is_shape_query(node: fx.Node) -> bool:
     """Ops that read a tensor's shape only (integer tensors have their float tensor's shape)."""
-    return ((node.op == "call_function" and node.target in _SHAPE_FUNCTIONS)
+    return ((node.op == "call_function" and (node.target is len or node.target is getattr
+                                             and node.args[1:] in [(a,) for a in _SHAPE_ATTRIBUTES]))
             or (node.op == "call_method" and node.target in _SHAPE_METHODS))
 
 
@@ -709,6 +770,7 @@ def prepare_pipeline(model: nn.Module, config: QuantConfig, swap) -> Optional[fx
     swap(gm, config)
     modules = dict(gm.named_modules())
     _functionalize_in_place(gm.graph, modules)
+    _merge_extremum_values(gm.graph)
     _fuse_activations(gm.graph, modules)
     group, roots, layers, float_readers = _plan(gm.graph, modules, config.integer_output)
     # one quantizer per scale group, named after the group's first root
@@ -1120,6 +1182,8 @@ def _lower(gm: fx.GraphModule, dtype: torch.dtype, build_tables: bool) -> None:
                 graph.erase_node(node)
                 erased.add(node)
             else:
+                if node.target in _REDUCTION_OF_VALUES:  # the same values, without the indices
+                    node.target = _REDUCTION_OF_VALUES[node.target]
                 if node.op == "call_method" and node.target == "view":
                     # the integers may be laid out otherwise than the float tensor (a conv writes channels-last),
                     # where a view of the same shape fails; reshape copies only then
