@@ -719,7 +719,8 @@ PIPELINE_MODELS = {"digits-bn": (torchquant.examples.DigitsBNCNN, (1, 8, 8)),
                    "keyword-spotting": (test_graph.KeywordSpottingNet, (4, 20)),
                    "spectrogram-views": (test_graph.SpectrogramViewNet, (4, 10)),
                    "text-cnn": (test_graph.TextCNNNet, (10, 8)),
-                   "unet": (test_graph.UNetNet, (3, 10, 10))}
+                   "unet": (test_graph.UNetNet, (3, 10, 10)),
+                   "shuffle-block": (test_graph.ShuffleBlockNet, (3, 8, 8))}
 
 
 def pipeline_config(signed=False, weight_bits=8, integer_output=False):

@@ -339,6 +339,36 @@ class TextCNNNet(nn.Module):
         return self.head(torch.cat(pooled, dim=1))
 
 
+class ShuffleBlockNet(nn.Module):
+    """ShuffleNetV2's unit: a stem conv + BatchNorm + ReLU and a max-pool; the channels split in two
+    (x.chunk(2, dim=1)), one half through 1x1 conv-BN-ReLU, a depthwise 3x3 conv-BN and 1x1 conv-BN-ReLU,
+    concatenated with the other half and shuffled (view, transpose, contiguous, view); a side conv reads a flipped
+    slice (y[:, :4].flip(3)), another conv a stack of its halves (torch.stack([top, bottom], 1).flatten(1, 2),
+    `top, bottom = y.split(4, 1)`); global
+    average and max pools into a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.branch = nn.Sequential(nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+                                    nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False), nn.BatchNorm2d(4),
+                                    nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4), nn.ReLU())
+        self.side = nn.Conv2d(4, 6, 3, padding=1)
+        self.mix = nn.Conv2d(8, 6, 1)
+        self.head = nn.Linear(8 + 6 + 6, 5)
+
+    def forward(self, x):
+        x = F.max_pool2d(self.stem(x), 2)
+        left, right = x.chunk(2, dim=1)
+        y = torch.cat([left, self.branch(right)], dim=1)
+        b, c, h, w = y.shape
+        y = y.view(b, 2, c // 2, h, w).transpose(1, 2).contiguous().view(b, c, h, w)
+        s = F.relu(self.side(y[:, :4].flip(3)))
+        top, bottom = y.split(4, 1)
+        m = F.relu(self.mix(torch.stack([top, bottom], 1).flatten(1, 2)))
+        return self.head(torch.cat([F.adaptive_avg_pool2d(y, 1).flatten(1), s.amax((2, 3)), m.amax((2, 3))], 1))
+
+
 class UNetNet(nn.Module):
     """A small U-Net: down by max-pools, up by nearest-neighbour upsampling (F.interpolate to a skip tensor's size
     read from its shape, an nn.Upsample module, F.interpolate in "nearest-exact" mode with a scale factor), each
@@ -395,6 +425,7 @@ MODELS = {
     "spectrogram-views": (SpectrogramViewNet, (3, 4, 10)),
     "text-cnn": (TextCNNNet, (3, 10, 8)),
     "unet": (UNetNet, (2, 3, 10, 10)),
+    "shuffle-block": (ShuffleBlockNet, (2, 3, 8, 8)),
 }
 
 
@@ -447,7 +478,7 @@ def test_converted_pipeline_is_close_to_float_and_fake_quant(name):
 
 
 @pytest.mark.parametrize("name", ["basic-blocks", "bottleneck", "conv1d-residual", "keyword-spotting", "cat",
-                                  "spectrogram-views", "text-cnn", "unet",
+                                  "spectrogram-views", "text-cnn", "unet", "shuffle-block",
                                   "hardswish-block", "smooth-activations"])
 def test_pipeline_integers_are_identical_on_every_cpu_path_and_cuda(name, device, isa, monkeypatch):
     _, prepared, batches = _prepared(name, INTEGER_OUT)
@@ -542,6 +573,18 @@ def test_global_max_pools_run_on_integers():
     assert layers["conv2d"] == "integer input, ReLU fused, uint8 output"
 
 
+def test_splits_slices_and_shuffles_run_on_integers():
+    # chunk / split read by indexing, slices, flip, stack and the channel shuffle's views were float ops between
+    # integer layers
+    converted = _converted_with_nothing_kept_float("shuffle-block")
+    targets = _graph_targets(converted)
+    assert targets.count(graph.integer_layer) == 7 and targets.count(graph.quantize_input) == 2  # input, avg pool
+    assert targets.count(graph.dequantize_output) == 1  # the average pool's input
+    assert {"chunk", "split", "flip", "reshape"} <= {n.target for n in converted.graph.nodes if n.op == "call_method"}
+    layers, _ = graph.pipeline_notes(converted)
+    assert layers["side"] == layers["mix"] == "integer input, ReLU fused, uint8 output"
+
+
 GLOBAL_POOL_DIMS = {"F.max_pool2d(x, x.shape[2:])": (lambda x: F.max_pool2d(x, x.shape[2:]), (2, 3)),
                     "F.max_pool2d(x, x.size()[-2:])": (lambda x: F.max_pool2d(x, x.size()[-2:]), (-2, -1)),
                     "F.max_pool2d(x, (x.size(2), x.size(3)), x.shape[2:])":
@@ -587,7 +630,10 @@ NOT_GLOBAL_POOLS = {"F.max_pool1d(y, 3)": lambda y: F.max_pool1d(y, 3),
                     "F.max_pool1d(y, y.size(2), 1)": lambda y: F.max_pool1d(y, y.size(2), 1),
                     "F.max_pool1d(y, y.size(-1), padding=1)": lambda y: F.max_pool1d(y, y.size(-1), padding=1),
                     "F.adaptive_max_pool1d(y, 2)": lambda y: F.adaptive_max_pool1d(y, 2),
-                    "F.adaptive_max_pool1d(y, 1, True)[0]": lambda y: F.adaptive_max_pool1d(y, 1, True)[0]}
+                    "F.adaptive_max_pool1d(y, 1, True)[0]": lambda y: F.adaptive_max_pool1d(y, 1, True)[0],
+                    # (its indices asked for positionally: a float op, not an integer max-pool)
+                    "F.max_pool1d(y, 2, 2, 0, 1, False, True)[0]":
+                        lambda y: F.max_pool1d(y, 2, 2, 0, 1, False, True)[0]}
 
 
 @pytest.mark.parametrize("signed", [False, True], ids=["uint8", "int8"])
@@ -1534,7 +1580,7 @@ def test_budget_builds_one_pipeline_with_per_layer_weight_bits_that_round_trips(
         assert torch.equal(loaded(batches[0]), quantized(batches[0]))
 
 
-@pytest.mark.parametrize("name", ["basic-blocks", "bottleneck", "hardswish-block", "text-cnn"])
+@pytest.mark.parametrize("name", ["basic-blocks", "bottleneck", "hardswish-block", "text-cnn", "shuffle-block"])
 def test_converted_pipeline_compiles_and_exports(name):
     _, prepared, batches = _prepared(name)
     converted = tq.convert(prepared)

@@ -14,11 +14,12 @@ quantized ones and folds their BatchNorms (as the module swap does), and finds t
   requantized once), and the conv's output gets no quantizer of its own;
 - max-pool (a global one, adaptive to size 1 or of the input's size read from its shape, as torch.amax), maxima and
   minima (amax / amin, x.max(), x.max(dim)[0] whose indices nothing reads, as torch.amax), flatten, reshape/view,
-  squeeze/unsqueeze, transpose/permute/movedim/.T/.mT, nearest-neighbour upsampling (int8 ones through
+  squeeze/unsqueeze, transpose/permute/movedim/.T/.mT, indexing and slicing, flip/roll/narrow/select/repeat/tile/
+  expand, chunk/split/tensor_split/unbind read by indexing, nearest-neighbour upsampling (int8 ones through
   float32, exact: torch has no int8 kernel for it), a ReLU after an integer tensor, nn.Identity, dropout
   modules (the identity in evaluation, which is what a converted model runs): run on the integers (they keep the
-  scale); torch.cat of integer tensors: its inputs share one scale (one quantizer observes them all), so the
-  concatenation runs on the integers too;
+  scale); torch.cat / torch.stack of integer tensors: its inputs share one scale (one quantizer observes them all),
+  so the concatenation runs on the integers too;
 - an element-wise activation (hardswish, hardsigmoid, SiLU, sigmoid, tanh, GELU, ELU, leaky ReLU, Mish, softplus and
   the others of _LOOKUP_MODULES / _LOOKUP_FUNCTIONS / _LOOKUP_METHODS, as modules, functions or tensor methods, in
   place or not) of an integer tensor whose output an integer op reads: a 256-entry table lookup
@@ -77,11 +78,18 @@ _POOLED_DIMS = {F_q.quantized_max_pool1d: 1, F_q.quantized_max_pool2d: 2}
 _UPSAMPLE_FUNCTIONS = (F.interpolate, F.upsample, F.upsample_nearest)
 _NEAREST_MODES = ("nearest", "nearest-exact")
 # ops that move or regroup a tensor's values without changing them: they run on the integers as they are
+# (and indexing or slicing: operator.getitem of a tensor)
 _PASSTHROUGH_FUNCTIONS = (torch.flatten, torch.reshape, torch.unflatten, torch.squeeze, torch.unsqueeze,
                           torch.transpose, torch.swapaxes, torch.swapdims, torch.t, torch.permute, torch.movedim,
-                          torch.moveaxis)
+                          torch.moveaxis, torch.flip, torch.roll, torch.narrow, torch.select, torch.tile,
+                          operator.getitem)
 _PASSTHROUGH_METHODS = ("flatten", "reshape", "view", "contiguous", "unflatten", "squeeze", "unsqueeze", "transpose",
-                        "swapaxes", "swapdims", "t", "permute", "movedim", "moveaxis")
+                        "swapaxes", "swapdims", "t", "permute", "movedim", "moveaxis", "flip", "roll", "narrow",
+                        "select", "tile", "repeat", "expand")
+# ops that split a tensor into a tuple of tensors: passthroughs where only indexing reads the tuple (x.chunk(2, 1))
+_SPLIT_FUNCTIONS = (torch.chunk, torch.split, torch.tensor_split, torch.unbind)
+_SPLIT_METHODS = ("chunk", "split", "tensor_split", "unbind")
+_CAT_FUNCTIONS = (torch.cat, torch.concat, torch.concatenate, torch.stack)
 _PASSTHROUGH_ATTRIBUTES = ("T", "mT")
 # largest / smallest values: dequantization is increasing, so they commute with it (an integer tensor's maxima are
 # its float tensor's, quantized); torch.max / torch.min of one tensor, or over one dim, the values of which
@@ -326,7 +334,7 @@ def _is_max_pool(node: fx.Node, modules: dict) -> bool:
         m = modules.get(node.target)
         return type(m) in _MAX_POOLS and not m.return_indices
     return (node.op == "call_function" and node.target in _MAX_POOL_FUNCTIONS and _constant_args(node)
-            and not node.kwargs.get("return_indices", False))
+            and not _given_arguments(node, _MAX_POOL_ARGUMENTS).get("return_indices", False))
 
 
 def _spatial_dims(arg, x: fx.Node, n: int) -> Optional[tuple]:
@@ -535,7 +543,14 @@ def _is_passthrough(node: fx.Node, modules: dict) -> bool:
             return True
     if node.op == "call_method" and (node.target in _PASSTHROUGH_METHODS or _is_extremum(node)):
         return not any(isinstance(a, torch.dtype) for a in node.args)  # (view(dtype) reinterprets the bytes)
-    return activation_clamp(node, modules) == (0.0, None)
+    return _is_split(node) or activation_clamp(node, modules) == (0.0, None)
+
+
+def _is_split(node: fx.Node) -> bool:
+    """chunk / split / tensor_split / unbind whose tuple of tensors only indexing reads."""
+    return ((node.op == "call_function" and node.target in _SPLIT_FUNCTIONS
+             or node.op == "call_method" and node.target in _SPLIT_METHODS)
+            and bool(node.users) and all(u.op == "call_function" and u.target is operator.getitem for u in node.users))
 
 
 def _is_shape_query(node: fx.Node) -> bool:
@@ -546,17 +561,19 @@ def _is_shape_query(node: fx.Node) -> bool:
 
 
 def _is_cat(node: fx.Node) -> bool:
-    return (node.op == "call_function" and node.target is torch.cat and node.args
+    """torch.cat / stack of tensors."""
+    return (node.op == "call_function" and node.target in _CAT_FUNCTIONS and node.args
             and isinstance(node.args[0], (list, tuple)) and all(isinstance(a, fx.Node) for a in node.args[0])
             and _constant_args(node))
 
 
 def _tensor_like(node: fx.Node) -> bool:
-    """Whether node may be a tensor (shape queries and getitem of them are not)."""
+    """Whether node may be a tensor: not a shape query, nor an item of one (x.shape[2]) or of an input (a list)."""
     if _is_shape_query(node):
         return False
     if node.op == "call_function" and node.target is operator.getitem:
-        return False
+        base = node.args[0]
+        return isinstance(base, fx.Node) and base.op.startswith("call_") and _tensor_like(base)
     return node.op != "get_attr"
 
 
