@@ -1,4 +1,4 @@
-"""torchquant int8-dynamic in PyTorch (eager and torch.compile) against onnxruntime's int8 (CPU, one thread).
+"""torchquant's dynamic presets in PyTorch (eager and torch.compile) against onnxruntime's int8 (CPU, one thread).
 
 The baseline is what an onnxruntime user gets: the float model exported to ONNX, quantized with
 onnxruntime.quantization.quantize_dynamic (QInt8 weights), run by the CPU execution provider with one intra-op
@@ -8,9 +8,11 @@ freezing, which makes the weights constants of the compiled graph). Models: all-
 batch 1 and batch 32 of the evaluation sentences padded to the longest) and a BERT-base-shaped encoder with random
 weights (batch 1 x 128 tokens). All variants of one input run in one process, interleaved (ABC CBA ...), so the
 noise of a shared machine falls on all alike; each sample also records the thread's CPU time, which excludes the
-time this process waited for a core.
+time this process waited for a core. --presets picks torchquant's configurations (int8-dynamic by default;
+w7a8-dynamic runs the AVX2 byte kernel on CPUs without AVX-512 VNNI).
 
-    python -m benchmarks.bench_vs_onnxruntime [--repeats 200] [--models minilm bert-base] [--output FILE.md]
+    python -m benchmarks.bench_vs_onnxruntime [--repeats 200] [--models minilm bert-base]
+        [--presets int8-dynamic w7a8-dynamic] [--output FILE.md]
 """
 import argparse
 import copy
@@ -25,6 +27,7 @@ import torch
 import torchquant
 from benchmarks import minilm as minilm_lib
 from benchmarks.bench_onnx import emit, ort_feeds, ort_session, parse_minilm_bench_args
+from torchquant.config import PRESETS
 from torchquant.timing import markdown_table
 
 BERT_BASE_TOKENS = 128
@@ -60,21 +63,28 @@ def _interleaved(fns: dict, repeats: int) -> dict:
     return samples
 
 
-def compare_input(label: str, encoder: torch.nn.Module, inputs, directory: str, tag: str, repeats: int) -> list:
-    """Rows for one model input: onnxruntime int8, torchquant int8-dynamic eager and compiled."""
-    quantized = torchquant.quantize_model(copy.deepcopy(encoder), "int8-dynamic").eval()
-    torch._dynamo.reset()
+def _torchquant_variants(encoder: torch.nn.Module, inputs, preset: str) -> dict:
+    """encoder converted with `preset`, run eagerly and compiled, by variant name."""
+    quantized = torchquant.quantize_model(copy.deepcopy(encoder), preset).eval()
     compiled = torch.compile(quantized)
     # the C++ wrapper calls the compiled kernels and ops without a Python line per call
     compiled_cpp = torch.compile(quantized, options={"cpp_wrapper": True})
     # freezing: the weights become constants of the compiled graph instead of inputs checked on every call
     compiled_frozen = torch.compile(quantized, options={"freezing": True})
+    return {f"torchquant {preset} eager": lambda: quantized(*inputs),
+            f"torchquant {preset} torch.compile": lambda: compiled(*inputs),
+            f"torchquant {preset} torch.compile (cpp_wrapper)": lambda: compiled_cpp(*inputs),
+            f"torchquant {preset} torch.compile (freezing)": lambda: compiled_frozen(*inputs)}
+
+
+def compare_input(label: str, encoder: torch.nn.Module, inputs, directory: str, tag: str, repeats: int,
+                  presets=("int8-dynamic",)) -> list:
+    """Rows for one model input: onnxruntime int8, torchquant's presets eager and compiled."""
+    torch._dynamo.reset()
     with torch.inference_mode():
-        fns = {"onnxruntime int8": _ort_int8_session(encoder, inputs, directory, tag),
-               "torchquant int8-dynamic eager": lambda: quantized(*inputs),
-               "torchquant int8-dynamic torch.compile": lambda: compiled(*inputs),
-               "torchquant int8-dynamic torch.compile (cpp_wrapper)": lambda: compiled_cpp(*inputs),
-               "torchquant int8-dynamic torch.compile (freezing)": lambda: compiled_frozen(*inputs)}
+        fns = {"onnxruntime int8": _ort_int8_session(encoder, inputs, directory, tag)}
+        for preset in presets:
+            fns.update(_torchquant_variants(encoder, inputs, preset))
         samples = _interleaved(fns, repeats)
     base_wall, base_cpu = (statistics.median(s) for s in samples["onnxruntime int8"])
     base_min = min(samples["onnxruntime int8"][0])
@@ -88,18 +98,18 @@ def compare_input(label: str, encoder: torch.nn.Module, inputs, directory: str, 
     return rows
 
 
-def minilm_rows(directory: str, repeats: int) -> list:
+def minilm_rows(directory: str, repeats: int, presets) -> list:
     minilm = minilm_lib.load_minilm()
     sentences = minilm_lib.evaluation_sentences()
     rows = []
     for batch, runs in ((1, repeats), (32, max(repeats // 10, 10))):
         inputs = minilm.tokenize(sentences[:batch])
         label = f"all-MiniLM-L6-v2, batch {batch} x {inputs[0].shape[1]} tokens"
-        rows += compare_input(label, minilm.encoder, inputs, directory, f"minilm_b{batch}", runs)
+        rows += compare_input(label, minilm.encoder, inputs, directory, f"minilm_b{batch}", runs, presets)
     return rows
 
 
-def bert_base_rows(directory: str, repeats: int) -> list:
+def bert_base_rows(directory: str, repeats: int, presets) -> list:
     from transformers import BertConfig, BertModel
     torch.manual_seed(0)
     config = BertConfig()  # bert-base-uncased's shape: 12 layers, hidden 768, 12 heads, FFN 3072
@@ -108,7 +118,7 @@ def bert_base_rows(directory: str, repeats: int) -> list:
     input_ids = torch.randint(1000, config.vocab_size, (1, BERT_BASE_TOKENS), generator=g)
     inputs = (input_ids, torch.ones_like(input_ids), torch.zeros_like(input_ids))
     label = f"BERT-base shape (random weights), batch 1 x {BERT_BASE_TOKENS} tokens"
-    return compare_input(label, encoder, inputs, directory, "bert_base", max(repeats // 10, 10))
+    return compare_input(label, encoder, inputs, directory, "bert_base", max(repeats // 10, 10), presets)
 
 
 MODELS = {"minilm": minilm_rows, "bert-base": bert_base_rows}
@@ -119,11 +129,13 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=200,
                         help="interleaved runs at batch 1 of MiniLM (a tenth, at least 10, for the larger inputs)")
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--presets", nargs="+", choices=[p for p in PRESETS if "dynamic" in p],
+                        default=["int8-dynamic"], help="torchquant's configurations (dynamic ones: no calibration)")
     args, header = parse_minilm_bench_args(parser, argv, "bench_vs_onnxruntime")
     rows = []
     with tempfile.TemporaryDirectory() as directory:
         for name in args.models:
-            rows += MODELS[name](directory, args.repeats)
+            rows += MODELS[name](directory, args.repeats, args.presets)
     columns = ["input", "variant", "median ms", "min ms", "CPU ms (median)", "vs onnxruntime (median)",
                "vs onnxruntime (min)", "vs onnxruntime (CPU time)"]
     text = "\n".join(["# torchquant in PyTorch against onnxruntime int8 (CPU, 1 thread)", "",

@@ -1,6 +1,7 @@
 """ResNet-18 and ResNet-50 (torchvision's architecture, written here: torchvision's PyPI wheels are CUDA builds that
-do not import against the CPU torch) int8-static on the CPU: torchquant's integer pipeline (preset int8-pipeline)
-and its layer-by-layer conversion (int8-static) against torch.ao FX graph mode (x86 engine) and the float32 model,
+do not import against the CPU torch) int8-static on the CPU: torchquant's integer pipeline (preset int8-pipeline,
+and the same with 7-bit weights, which the AVX2 kernels multiply as bytes) and its layer-by-layer conversion
+(int8-static) against torch.ao FX graph mode (x86 engine) and the float32 model,
 at batch 1 and 8, 224x224, 1 and 2 threads; and the output SQNR of each against float.
 
 On a shared machine the 1-thread rows are better timed in thread CPU time (--timer thread: the interleaved minimum
@@ -20,6 +21,7 @@ images, so activations have the ranges of a trained network's; calibration uses 
 """
 import argparse
 import copy
+import dataclasses
 import time
 from collections import defaultdict
 from typing import Dict, List, Optional, Sequence
@@ -257,6 +259,11 @@ def layer_rows(model_name: str, ours: fx.GraphModule, theirs: fx.GraphModule, x:
     return rows
 
 
+PIPELINE_7BIT_WEIGHTS = dataclasses.replace(torchquant.QuantConfig.preset("int8-pipeline"),
+                                            weight=dataclasses.replace(torchquant.QuantConfig.preset(
+                                                "int8-pipeline").weight, bits=7))
+
+
 def run(models=("resnet18", "resnet50"), batches=(1, 8), threads=(1, 2), repeats: int = 5, timer: str = "wall",
         layers: bool = False, peak_gmacs: Optional[float] = None, build=None, warm: bool = False) -> List[dict]:
     """The tables' rows for each model name, built by build(name) (default: resnet)."""
@@ -268,6 +275,9 @@ def run(models=("resnet18", "resnet50"), batches=(1, 8), threads=(1, 2), repeats
         variants = {"float": model,
                     "torchquant int8-pipeline": torchquant.quantize_model(copy.deepcopy(model), "int8-pipeline",
                                                                           calibration=calibration),
+                    # weights in [-64, 64]: the AVX2 kernels multiply them as bytes (the same speed on AVX-512)
+                    "torchquant int8-pipeline, 7-bit weights": torchquant.quantize_model(
+                        copy.deepcopy(model), PIPELINE_7BIT_WEIGHTS, calibration=calibration),
                     "torchquant int8-static (layer by layer)": torchquant.quantize_model(
                         copy.deepcopy(model), "int8-static", calibration=calibration),
                     f"{TORCH_AO} static (FX, x86)": torch_ao_static(model, calibration)}

@@ -19,7 +19,9 @@ def test_defaults_and_presets():
     assert not static.activation.signed and not static.activation.symmetric
     w4 = QuantConfig.preset("w4a8-dynamic")
     assert w4.weight.bits == 4 and w4.activation.bits == 8 and w4.activation.dynamic
-    assert set(PRESETS) >= {"int8-dynamic", "int8-static", "w4a8-dynamic"}
+    w7 = QuantConfig.preset("w7a8-dynamic")  # weights in [-64, 64]: the AVX2 byte kernel's
+    assert w7.weight.bits == 7 and w7.weight.symmetric and w7.activation == dyn.activation
+    assert set(PRESETS) >= {"int8-dynamic", "int8-static", "w4a8-dynamic", "w7a8-dynamic"}
     assert resolve_config("int8-static") == static
 
 

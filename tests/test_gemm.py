@@ -55,6 +55,28 @@ def test_int8_mm_extremes(device, isa, k, va, vb):
                                rtol=0, atol=0)
 
 
+# Weights in [-64, 64] (7-bit and narrower ones) take the AVX2 path's byte kernel (vpmaddubsw, exact for them) in
+# the k blocks where they all lie there; one weight outside ([65, 127], -128) sends its block to the widened kernel.
+# Shapes with work items of many rows and k blocks of 128 bytes or more, 16-column and partial panels.
+SMALL_WEIGHT_SHAPES = [(100, 300, 70), (130, 1200, 129), (7, 520, 16), (200, 2700, 300), (9, 600, 33)]
+
+
+@pytest.mark.parametrize("m,k,n", SMALL_WEIGHT_SHAPES)
+@pytest.mark.parametrize("outlier", [None, 65, -65, -128, 127])
+def test_int8_mm_small_weights_exact(device, isa, m, k, n, outlier):
+    g = torch.Generator().manual_seed(m * 7 + k + n)
+    a = randint8((m, k), generator=g)
+    b = torch.randint(-64, 65, (k, n), dtype=torch.int8, generator=g)
+    # the largest pair sums vpmaddubsw forms: 2 * 255 * 64 (activations 127, shifted to 255) and 2 * 255 * -64
+    a[:, :4] = 127
+    b[:2], b[2:4] = 64, -64
+    b[-4:-2], a[-1, -4:] = -64, -128
+    if outlier is not None:
+        b[k - 5, n // 2] = outlier  # in the last k block
+    a, b = a.to(device), b.to(device)
+    torch.testing.assert_close(F.int8_mm(a, b), reference.int8_mm(a, b), rtol=0, atol=0)
+
+
 def test_int8_mm_matches_torch_int_mm(device, isa):
     a, b = randint8((64, 256), device=device), randint8((256, 96), device=device)
     torch.testing.assert_close(F.int8_mm(a, b), torch._int_mm(a, b), rtol=0, atol=0)
@@ -468,6 +490,25 @@ def test_partial_panels_gemm(n):
             torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("bits", [7, 4])
+@pytest.mark.parametrize("m,n", [(100, 130), (37, 16)])
+def test_int8_linear_narrow_weights_on_every_isa(bits, m, n):
+    # 7- and 4-bit weights (the byte kernel on AVX2) with uint8 activations over their whole range
+    g = torch.Generator().manual_seed(bits * m)
+    k = 600
+    w = torch.randint(-(2 ** (bits - 1)), 2 ** (bits - 1), (n, k), dtype=torch.int8, generator=g)
+    w_scale = torch.rand(n, generator=g) * 0.02 + 0.001
+    x_q = torch.randint(0, 256, (m, k), dtype=torch.uint8, generator=g)
+    x_q[:, :8] = 255
+    x_scale = torch.rand(m, generator=g) + 0.01
+    bias = torch.randn(n, generator=g)
+    w_packed, w_sum = F.pack_int8_weight(w), w.sum(1, dtype=torch.int32)
+    for out_dtype in FLOAT_DTYPES:
+        got = on_every_isa(lambda: F.int8_linear(x_q, x_scale, 9, w_packed, w_sum, w_scale, bias, out_features=n,
+                                                 out_dtype=out_dtype))
+        torch.testing.assert_close(got, reference.int8_linear(x_q, x_scale, 9, w, w_scale, bias, out_dtype=out_dtype))
+
+
 @pytest.mark.parametrize("n", PARTIAL_COLUMNS)
 @pytest.mark.parametrize("kernel,padding", [((1, 1), 0), ((3, 3), 1)], ids=["1x1", "3x3"])
 @pytest.mark.parametrize("out_dtype", [torch.uint8, torch.int8, torch.float32, torch.float16])
@@ -525,6 +566,33 @@ def test_int8_conv2d_large(device, isa, conv, x_dtype, x_zp):
     kwargs = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
     got = F.int8_conv2d(x_q, 1.0, x_zp, w_packed, w_sum, ones, out_channels=oc, kernel_size=kernel, **kwargs)
     torch.testing.assert_close(got, reference.int8_conv2d(x_q, 1.0, x_zp, w_q, ones, **kwargs), rtol=0, atol=0)
+
+
+# batch, in_ch, h, w, out_ch, kernel, stride, padding, groups: windows read in place (with and without padding),
+# through the GEMM's im2col rows (more than 128 output channels, groups), 1x1, a deep 3x3
+NARROW_WEIGHT_CONVS = [(2, 16, 12, 11, 100, (3, 3), 1, 1, 1), (1, 3, 20, 19, 64, (7, 7), 2, 3, 1),
+                       (2, 32, 9, 9, 200, (3, 3), 2, 1, 1), (1, 64, 8, 8, 40, (1, 1), 1, 0, 1),
+                       (1, 24, 9, 10, 48, (3, 3), 1, 0, 2), (1, 160, 7, 7, 70, (3, 3), 1, 1, 1)]
+
+
+@pytest.mark.parametrize("conv", NARROW_WEIGHT_CONVS, ids=[f"conv{i}" for i in range(len(NARROW_WEIGHT_CONVS))])
+@pytest.mark.parametrize("outlier", [None, 65, -128])
+def test_int8_conv2d_narrow_weights(isa, conv, outlier):
+    # weights in [-64, 64] take the AVX2 byte kernel panel by panel; an outlier in the last panel sends it back
+    b, c, h, w_, oc, kernel, stride, padding, groups = conv
+    g = torch.Generator().manual_seed(oc * 7 + c)
+    x_q = torch.randint(0, 256, (b, c, h, w_), dtype=torch.uint8, generator=g).to(memory_format=torch.channels_last)
+    x_q[:, :, :2] = 255
+    w_q = torch.randint(-64, 65, (oc, c // groups, *kernel), dtype=torch.int8, generator=g)
+    w_q[: oc // 2, :, 0] = 64
+    w_q[oc // 2:, :, -1] = -64
+    if outlier is not None:
+        w_q[-1, 0, 0, 0] = outlier
+    ones = torch.ones(oc)
+    kwargs = dict(stride=stride, padding=padding, groups=groups)
+    got = F.int8_conv2d(x_q, 1.0, 99, F.pack_conv_weight(w_q, groups), w_q.sum((1, 2, 3), dtype=torch.int32), ones,
+                        out_channels=oc, kernel_size=kernel, **kwargs)
+    torch.testing.assert_close(got, reference.int8_conv2d(x_q, 1.0, 99, w_q, ones, **kwargs), rtol=0, atol=0)
 
 
 # Ungrouped uint8 convs with a multiple of 4 input channels and of 64 output channels run as a direct conv on the

@@ -22,6 +22,7 @@ CONFIGS = {
     "int8-dynamic": "int8-dynamic",
     "int8-static": "int8-static",
     "w4a8-dynamic": "w4a8-dynamic",
+    "w7a8-dynamic": "w7a8-dynamic",
     "w2-per-tensor-a6-token": QuantConfig(QuantSpec(bits=2, granularity="per_tensor"),
                                           QuantSpec(bits=6, granularity="per_token", dynamic=True)),
     "w1-binary": QuantConfig(QuantSpec(bits=1, observer="mse"), DYN8),
@@ -87,8 +88,8 @@ CONV_SHAPES = [  # in, out, kernel, stride, padding, dilation, groups, bias
 
 
 @pytest.mark.parametrize("shape", CONV_SHAPES, ids=lambda s: "x".join(map(str, s[:3])))
-@pytest.mark.parametrize("name", ["int8-dynamic", "int8-static", "w4a8-dynamic", "w5-truncate-a8-truncate",
-                                  "w3-a1-binary-static"])
+@pytest.mark.parametrize("name", ["int8-dynamic", "int8-static", "w4a8-dynamic", "w7a8-dynamic",
+                                  "w5-truncate-a8-truncate", "w3-a1-binary-static"])
 def test_conv_converted_equals_fake_quant(device, shape, name):
     torch.manual_seed(0)
     cin, cout, k, s, p, d, g, b = shape

@@ -124,6 +124,10 @@ PRESETS: dict[str, Preset] = {
                                                 integer_pipeline=True),
                             "int8-static traced into an integer pipeline: uint8 tensors between layers, integer "
                             "residual adds and pooling, one quantize at the input and one dequantize at the output"),
+    # weights in [-64, 64]: the AVX2 kernels multiply them as bytes (vpmaddubsw, exact for them) instead of widened
+    "w7a8-dynamic": Preset(lambda: QuantConfig(weight=_weight_spec(7), activation=DYNAMIC_TOKEN_INT8),
+                           "7-bit per-channel weights, int8 per-token dynamic activations: int8-dynamic with a "
+                           "weight bit less, 1.1-1.6x its speed on CPUs without AVX-512 VNNI (the same elsewhere)"),
     # 4-bit weights lose much more to outliers: the MSE-optimal clipping range is worth its search
     "w4a8-dynamic": Preset(lambda: QuantConfig(weight=_weight_spec(4, "mse"), activation=DYNAMIC_TOKEN_INT8),
                            "4-bit per-channel weights (MSE-searched ranges), int8 per-token dynamic activations"),
