@@ -711,6 +711,58 @@ def test_max_whose_indices_are_read_stays_float(form):
         torch.testing.assert_close(converted(batches[0]), model(batches[0]), atol=0.05, rtol=0)
 
 
+class TupleNet(nn.Module):
+    """A conv's output (integers, which another conv reads) in tuples: the values and indices of its max returned
+    whole, or a slice of its chunks concatenated."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.a, self.b = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = F.relu(self.a(x))
+        if self.kind == "max with indices":
+            return self.b(y), y.max(1)
+        return self.b(y), torch.cat(y.chunk(4, 1)[:2], 1)
+
+
+@pytest.mark.parametrize("kind", ["max with indices", "a slice of chunks"])
+def test_tuples_of_integer_tensors_stay_float_ops(kind):
+    # the output's (values, indices) pair was erased by the max's rewrite; a slice of a split was a tuple taken for
+    # an integer tensor and dequantized
+    torch.manual_seed(0)
+    batches = _batches((2, 3, 6, 6))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = tq.calibrate(tq.prepare(TupleNet(kind).eval(), PIPELINE), batches, progress=False)
+    with torch.no_grad():
+        fake = prepared(batches[0])
+        out = tq.convert(prepared)(batches[0])
+    torch.testing.assert_close(out[0], fake[0], atol=1e-5, rtol=0)
+    if kind == "max with indices":
+        torch.testing.assert_close(out[1].values, fake[1].values, atol=1e-6, rtol=0)
+        assert torch.equal(out[1].indices, fake[1].indices)  # (the same values, so the same first maxima)
+    else:
+        torch.testing.assert_close(out[1], fake[1], atol=1e-6, rtol=0)
+
+
+def test_in_place_op_through_a_transpose_falls_back_to_the_module_swap():
+    class MTNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            y = self.a(x)
+            y.mT.relu_()
+            return self.b(y)
+
+    with pytest.warns(UserWarning, match=r"writes in place into a view \(relu_"):
+        prepared = tq.prepare(MTNet().eval(), PIPELINE)
+    assert not graph.is_pipeline(prepared)
+
+
 def test_tensor_attributes_of_integer_tensors_are_their_float_tensors():
     # y.dtype and y.mT.sum() of an integer tensor read the integers themselves (uint8, a sum of integers);
     # y.mT and y.T between layers run on the integers

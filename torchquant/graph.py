@@ -462,7 +462,9 @@ def _in_place_on_a_view(graph: fx.Graph, modules: dict) -> Optional[fx.Node]:
         base = node.args[0] if node.args else None
         if (isinstance(base, fx.Node) and _in_place(node, modules)
                 and (base.op == "call_method" and base.target in _VIEW_METHODS
-                     or base.op == "call_function" and base.target in _VIEW_FUNCTIONS)):
+                     or base.op == "call_function" and base.target in _VIEW_FUNCTIONS
+                     or base.op == "call_function" and base.target is getattr and base.args[1:] in [
+                         (a,) for a in _PASSTHROUGH_ATTRIBUTES])):  # (y.mT.relu_())
             return node
     return None
 
@@ -507,8 +509,9 @@ def _merge_extremum_values(graph: fx.Graph) -> None:
             continue
         values = [u for u in node.users if u.op == "call_function" and (
             u.target is operator.getitem and u.args[1:] == (0,) or u.target is getattr and u.args[1:] == ("values",))]
-        if any(u not in values and u.users for u in node.users):
-            continue  # the indices are read
+        # (an unused item, as `_` of `values, _ = x.max(1)`, may go; anything else reads the pair or its indices)
+        if not values or any(u not in values and (u.users or u.target is not operator.getitem) for u in node.users):
+            continue
         with graph.inserting_after(node):
             merged = graph.call_function(values_of, (node.args[0], given["dim"], given.get("keepdim", False)))
         for user in list(node.users):
@@ -546,11 +549,16 @@ def _is_passthrough(node: fx.Node, modules: dict) -> bool:
     return _is_split(node) or activation_clamp(node, modules) == (0.0, None)
 
 
+def _splits(node: fx.Node) -> bool:
+    """chunk / split / tensor_split / unbind: a tuple of tensors."""
+    return (node.op == "call_function" and node.target in _SPLIT_FUNCTIONS
+            or node.op == "call_method" and node.target in _SPLIT_METHODS)
+
+
 def _is_split(node: fx.Node) -> bool:
-    """chunk / split / tensor_split / unbind whose tuple of tensors only indexing reads."""
-    return ((node.op == "call_function" and node.target in _SPLIT_FUNCTIONS
-             or node.op == "call_method" and node.target in _SPLIT_METHODS)
-            and bool(node.users) and all(u.op == "call_function" and u.target is operator.getitem for u in node.users))
+    """A split whose tensors are only read one by one (t[i]; a slice of the tuple is a tuple)."""
+    return _splits(node) and bool(node.users) and all(
+        u.op == "call_function" and u.target is operator.getitem and isinstance(u.args[1], int) for u in node.users)
 
 
 def _is_shape_query(node: fx.Node) -> bool:
@@ -568,12 +576,15 @@ def _is_cat(node: fx.Node) -> bool:
 
 
 def _tensor_like(node: fx.Node) -> bool:
-    """Whether node may be a tensor: not a shape query, nor an item of one (x.shape[2]) or of an input (a list)."""
+    """Whether node may be a tensor: not a shape query, nor an item of one (x.shape[2]) or of an input (a list);
+    an item of another op is a tensor where it slices (y[:, :4]) or picks from a split (x.chunk(2)[0]), not where an
+    int picks from what may be a tuple of ints (x.stride()[1])."""
     if _is_shape_query(node):
         return False
     if node.op == "call_function" and node.target is operator.getitem:
-        base = node.args[0]
-        return isinstance(base, fx.Node) and base.op.startswith("call_") and _tensor_like(base)
+        base, index = node.args
+        return (isinstance(base, fx.Node) and base.op.startswith("call_") and _tensor_like(base)
+                and (not isinstance(index, int) or _splits(base)))
     return node.op != "get_attr"
 
 
