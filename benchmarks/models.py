@@ -32,7 +32,7 @@ import torchquant
 from benchmarks import minilm as minilm_lib
 from torchquant.timing import compare, markdown_table, num_threads
 
-PRESETS = ("int8-dynamic", "int8-static", "w4a8-dynamic")
+PRESETS = ("int8-dynamic", "int8-static", "w4a8-dynamic", "w7a8-dynamic")
 PARTS = ("minilm-quality", "minilm-latency", "digits", "convnets", "textcnn")
 FLOAT = "float"
 TORCH_AO = "torch.ao"
