@@ -259,9 +259,8 @@ def layer_rows(model_name: str, ours: fx.GraphModule, theirs: fx.GraphModule, x:
     return rows
 
 
-PIPELINE_7BIT_WEIGHTS = dataclasses.replace(torchquant.QuantConfig.preset("int8-pipeline"),
-                                            weight=dataclasses.replace(torchquant.QuantConfig.preset(
-                                                "int8-pipeline").weight, bits=7))
+_PIPELINE = torchquant.QuantConfig.preset("int8-pipeline")
+PIPELINE_7BIT_WEIGHTS = dataclasses.replace(_PIPELINE, weight=dataclasses.replace(_PIPELINE.weight, bits=7))
 
 
 def run(models=("resnet18", "resnet50"), batches=(1, 8), threads=(1, 2), repeats: int = 5, timer: str = "wall",

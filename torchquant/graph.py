@@ -91,13 +91,6 @@ _SPLIT_FUNCTIONS = (torch.chunk, torch.split, torch.tensor_split, torch.unbind)
 _SPLIT_METHODS = ("chunk", "split", "tensor_split", "unbind")
 _CAT_FUNCTIONS = (torch.cat, torch.concat, torch.concatenate, torch.stack)
 _PASSTHROUGH_ATTRIBUTES = ("T", "mT")
-# largest / smallest values: dequantization is increasing, so they commute with it (an integer tensor's maxima are
-# its float tensor's, quantized); torch.max / torch.min of one tensor, or over one dim, the values of which
-# _merge_extremum_values makes one node of
-_EXTREMA_FUNCTIONS = (torch.amax, torch.amin)
-_EXTREMA_METHODS = ("amax", "amin")
-_WHOLE_EXTREMA_FUNCTIONS = (torch.max, torch.min)
-_WHOLE_EXTREMA_METHODS = ("max", "min")
 # shape queries: attributes an integer tensor shares with its float tensor (not dtype, nor any tensor-valued one)
 _SHAPE_ATTRIBUTES = ("shape", "ndim", "device", "is_cuda", "is_cpu")
 _SHAPE_METHODS = ("size", "dim")
@@ -362,7 +355,7 @@ def _spatial_dims(arg, x: fx.Node, n: int) -> Optional[tuple]:
 def _is_shape_of(node, x: fx.Node) -> bool:
     """x.shape or x.size()."""
     return isinstance(node, fx.Node) and node.args[:1] == (x,) and (
-        node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",)
+        _is_attribute(node, ("shape",))
         or node.op == "call_method" and node.target == "size" and len(node.args) == 1 and not node.kwargs)
 
 
@@ -454,6 +447,12 @@ def _in_place(node: fx.Node, modules: dict) -> bool:
     return bool(bound.arguments.get("inplace", False))
 
 
+def _is_attribute(node: fx.Node, names: tuple) -> bool:
+    """getattr(x, name) of one of names (x.shape, x.mT, ...)."""
+    return (node.op == "call_function" and node.target is getattr and len(node.args) == 2
+            and node.args[1] in names)
+
+
 def _in_place_on_a_view(graph: fx.Graph, modules: dict) -> Optional[fx.Node]:
     """An in-place op that writes into a view of another tensor (y[:, :2].sigmoid_(), y.view(-1).relu_()), which
     changes that tensor behind the graph's back: the pipeline, which quantizes tensors where they are made, would
@@ -463,8 +462,7 @@ def _in_place_on_a_view(graph: fx.Graph, modules: dict) -> Optional[fx.Node]:
         if (isinstance(base, fx.Node) and _in_place(node, modules)
                 and (base.op == "call_method" and base.target in _VIEW_METHODS
                      or base.op == "call_function" and base.target in _VIEW_FUNCTIONS
-                     or base.op == "call_function" and base.target is getattr and base.args[1:] in [
-                         (a,) for a in _PASSTHROUGH_ATTRIBUTES])):  # (y.mT.relu_())
+                     or _is_attribute(base, _PASSTHROUGH_ATTRIBUTES))):  # (y.mT.relu_())
             return node
     return None
 
@@ -495,6 +493,10 @@ def min_values(x: torch.Tensor, dim: int, keepdim: bool = False) -> torch.Tensor
 # torch.max / torch.min and their methods over one dim -> their values alone
 _VALUES_OF = {torch.max: max_values, "max": max_values, torch.min: min_values, "min": min_values}
 _REDUCTION_OF_VALUES = {max_values: torch.amax, min_values: torch.amin}
+# largest / smallest values: dequantization is increasing, so they commute with it (an integer tensor's maxima are
+# its float tensor's, quantized): amax / amin as functions or methods, max_values / min_values (and the max / min of
+# a whole tensor: _VALUES_OF's ops with no other argument)
+_EXTREMA = (torch.amax, torch.amin, "amax", "amin", *_REDUCTION_OF_VALUES)
 
 
 def _merge_extremum_values(graph: fx.Graph) -> None:
@@ -522,13 +524,9 @@ def _merge_extremum_values(graph: fx.Graph) -> None:
 
 def _is_extremum(node: fx.Node) -> bool:
     """amax / amin, the max / min of a whole tensor, max_values / min_values: the largest or smallest values."""
-    if not _constant_args(node):
+    if node.op not in ("call_function", "call_method") or not _constant_args(node):
         return False
-    if node.op == "call_function":
-        return node.target in (*_EXTREMA_FUNCTIONS, *_REDUCTION_OF_VALUES) or (
-            node.target in _WHOLE_EXTREMA_FUNCTIONS and len(node.args) == 1 and not node.kwargs)
-    return node.op == "call_method" and (node.target in _EXTREMA_METHODS or (
-        node.target in _WHOLE_EXTREMA_METHODS and len(node.args) == 1 and not node.kwargs))
+    return node.target in _EXTREMA or node.target in _VALUES_OF and len(node.args) == 1 and not node.kwargs
 
 
 def _is_passthrough(node: fx.Node, modules: dict) -> bool:
@@ -542,7 +540,7 @@ def _is_passthrough(node: fx.Node, modules: dict) -> bool:
     if node.op == "call_function":
         if (node.target in _PASSTHROUGH_FUNCTIONS or _is_max_pool(node, modules) or _is_nearest_upsample(node, modules)
                 or _global_max_pool_dims(node, modules) is not None or _is_extremum(node)
-                or node.target is getattr and node.args[1:] in [(a,) for a in _PASSTHROUGH_ATTRIBUTES]):
+                or _is_attribute(node, _PASSTHROUGH_ATTRIBUTES)):
             return True
     if node.op == "call_method" and (node.target in _PASSTHROUGH_METHODS or _is_extremum(node)):
         return not any(isinstance(a, torch.dtype) for a in node.args)  # (view(dtype) reinterprets the bytes)
@@ -563,8 +561,7 @@ def _is_split(node: fx.Node) -> bool:
 
 def _is_shape_query(node: fx.Node) -> bool:
     """Ops that read a tensor's shape only (integer tensors have their float tensor's shape)."""
-    return ((node.op == "call_function" and (node.target is len or node.target is getattr
-                                             and node.args[1:] in [(a,) for a in _SHAPE_ATTRIBUTES]))
+    return ((node.op == "call_function" and node.target is len) or _is_attribute(node, _SHAPE_ATTRIBUTES)
             or (node.op == "call_method" and node.target in _SHAPE_METHODS))
 
 
