@@ -286,8 +286,7 @@ struct DepthwiseSource {
   ConvGeometry g;
   const int8_t* w;         // [tap][channel], the tap's weight (the packed weight's tap-major copy)
   const int8_t* w_quads;   // the AVX-512 path's weights (weight_quads), or nullptr
-  const int16_t* w_pairs;  // the AVX2 path's weights (weight_pairs), or nullptr
-  const int64_t* tap_offsets;  // with them: tap t's input bytes from tap 0's, for windows inside the input
+  const int8_t* w_pairs;   // the AVX2 path's weights (weight_pairs), or nullptr
   uint8_t pad_byte;        // the zero point, as the flipped byte
 };
 
@@ -295,12 +294,10 @@ constexpr int64_t kDepthwiseChannels = kPackAlign;  // the channels of a tile ro
 constexpr int64_t kDepthwisePixels = 64;            // tile rows (output pixels along an output row) per work item
 
 // The sums of one output pixel (b, oh, ow) for channels c0..c0+ncols, portable: wrapping uint32 arithmetic, the
-// accumulators' behaviour on every path. Inlined into one function per instruction set, which the compiler
-// vectorizes over the channels.
+// accumulators' behaviour on every path (the compiler vectorizes it over the channels).
 template <bool FLIP>
-__attribute__((always_inline)) inline void depthwise_pixel_portable(const DepthwiseSource& s, int64_t b, int64_t oh,
-                                                                    int64_t ow, int64_t c0, int64_t ncols,
-                                                                    int32_t* tile_row) {
+void depthwise_pixel_scalar(const DepthwiseSource& s, int64_t b, int64_t oh, int64_t ow, int64_t c0, int64_t ncols,
+                            int32_t* tile_row) {
   const ConvGeometry& g = s.g;
   uint32_t acc[kDepthwiseChannels] = {};
   const int64_t ih0 = oh * g.stride_h - g.pad_h, iw0 = ow * g.stride_w - g.pad_w;
@@ -321,98 +318,146 @@ __attribute__((always_inline)) inline void depthwise_pixel_portable(const Depthw
   for (int64_t c = 0; c < ncols; ++c) tile_row[c] = static_cast<int32_t>(acc[c]);
 }
 
-template <bool FLIP>
-void depthwise_pixel_scalar(const DepthwiseSource& s, int64_t b, int64_t oh, int64_t ow, int64_t c0, int64_t ncols,
-                            int32_t* tile_row) {
-  depthwise_pixel_portable<FLIP>(s, b, oh, ow, c0, ncols, tile_row);
-}
-
-// AVX2: vpmaddwd on two taps of 16 channels at once, widened to int16 (x * w fits: 255 * 128 < 2^15): the two
-// taps' input bytes interleaved per channel (unpacks within 128-bit lanes: channels 0-3 and 8-11 in one vector,
-// 4-7 and 12-15 in the other) against weight_pairs, which hold the weights in that order; 2.5x the products per
-// instruction of 32-bit multiplies.
+// AVX2: vpmaddwd on two kernel rows of 16 channels at once, widened to int16 (x * w fits: 255 * 128 < 2^15). As on
+// the AVX-512 path, a work item first lays out the input columns its output pixels read: for each column and each
+// pair of kernel rows (2q, 2q + 1), the two input rows' bytes of 16 channels widened and interleaved per channel
+// (unpacks within 128-bit lanes: channels 0-3 and 8-11 in one vector, 4-7 and 12-15 in the other). Every output
+// pixel whose window covers the column reads them as they are against weight_pairs, which hold the weights in that
+// order, so the widening and interleaving happen once per column rather than for each tap of every pixel, and 4
+// pixels share each weight vector with their sums in registers.
 constexpr int64_t kPairChannels = 16;
+constexpr int64_t kPairValues = 2 * kPairChannels;  // int16 values of one column's row pair: 2 vectors
+constexpr int64_t kMaxPairColumns = 256;            // input columns per work item, where the geometry allows
+constexpr int kPairPixels = 4;                      // pixels per call: 8 accumulators and 2 weight vectors
 
-// The AVX2 weights: [tap pair][16-channel block][2 vectors of 8 (channel, tap 2p, tap 2p + 1) int16], channels
-// padded with zeros to whole blocks, an odd last tap paired with a zero one.
-int64_t weight_pairs_size(int64_t channels, int64_t taps) {
-  return (taps + 1) / 2 * ((channels + kPairChannels - 1) / kPairChannels) * 2 * kPairChannels;
+int64_t pair_row_groups(int64_t kh) { return (kh + 1) / 2; }
+
+// The input columns that `rows` consecutive output pixels read.
+int64_t pair_columns(const ConvGeometry& g, int64_t rows) { return (rows - 1) * g.stride_w + (g.kw - 1) * g.dil_w + 1; }
+
+// The AVX2 weights: [16-channel block][kernel column][row pair][2 vectors of 8 (channel, row 2q, row 2q + 1)] bytes
+// (the kernel widens them), zero past the channels and the kernel's last row.
+int64_t weight_pairs_bytes(int64_t channels, int64_t kh, int64_t kw) {
+  return (channels + kPairChannels - 1) / kPairChannels * kw * pair_row_groups(kh) * kPairValues;
 }
 
-void weight_pairs(int64_t channels, int64_t taps, const int8_t* w, int16_t* pairs) {
-  constexpr int kLanes[2][8] = {{0, 1, 2, 3, 8, 9, 10, 11}, {4, 5, 6, 7, 12, 13, 14, 15}};
-  const int64_t blocks = (channels + kPairChannels - 1) / kPairChannels;
-  for (int64_t p = 0; p < (taps + 1) / 2; ++p)
-    for (int64_t blk = 0; blk < blocks; ++blk)
-      for (int half = 0; half < 2; ++half)
-        for (int i = 0; i < 8; ++i)
-          for (int k = 0; k < 2; ++k) {
-            const int64_t t = 2 * p + k, c = blk * kPairChannels + kLanes[half][i];
-            pairs[((p * blocks + blk) * 2 + half) * kPairChannels + 2 * i + k] =
-                t < taps && c < channels ? w[t * channels + c] : 0;
-          }
+// The pairs at `pairs` (weight_pairs_bytes of them) of w [tap][channel].
+void weight_pairs(int64_t channels, int64_t kh, int64_t kw, const int8_t* w, int8_t* pairs) {
+  const int64_t groups = pair_row_groups(kh);
+  std::memset(pairs, 0, weight_pairs_bytes(channels, kh, kw));
+  for (int64_t c = 0; c < channels; ++c) {
+    // channel lane l of a block sits in vector (l / 4) % 2, at pair (l / 8) * 4 + l % 4 (the unpacks' order)
+    const int64_t lane = c % kPairChannels;
+    const int64_t at = ((lane / 4) % 2) * kPairChannels + 2 * ((lane / 8) * 4 + lane % 4);
+    for (int64_t i = 0; i < kh; ++i)
+      for (int64_t j = 0; j < kw; ++j)
+        pairs[((c / kPairChannels * kw + j) * groups + i / 2) * kPairValues + at + i % 2] =
+            w[(i * kw + j) * channels + c];
+  }
 }
 
-// The 16 input bytes of channels c.. of a tap (p: its pixel's first channel, nullptr outside the input), widened;
-// bytes past the pixel's channels meet zero weights, and are read through a buffer where the input ends before them.
+// The 16 bytes of an input pixel from p on, widened; read through a buffer where the input ends before them (the
+// bytes past the input's last channel meet zero weights).
 template <bool FLIP>
-TQ_TARGET_AVX2 inline __attribute__((always_inline)) __m256i depthwise_tap_bytes(const uint8_t* p, int64_t c,
-                                                                                 int64_t left, const uint8_t* x_end,
-                                                                                 uint8_t pad_byte) {
-  if (p == nullptr) return _mm256_set1_epi16(pad_byte);
+TQ_TARGET_AVX2 inline __attribute__((always_inline)) __m256i widened_pixel_bytes(const uint8_t* p,
+                                                                                 const uint8_t* x_end) {
   __m128i bytes;
-  if (left >= kPairChannels || x_end - (p + c) >= kPairChannels) {
-    bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + c));
+  if (x_end - p >= kPairChannels) {
+    bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   } else {
     alignas(16) uint8_t buffer[kPairChannels] = {};
-    std::memcpy(buffer, p + c, left);
+    std::memcpy(buffer, p, x_end - p);
     bytes = _mm_load_si128(reinterpret_cast<const __m128i*>(buffer));
   }
   if (FLIP) bytes = _mm_xor_si128(bytes, _mm_set1_epi8(static_cast<char>(0x80)));
   return _mm256_cvtepu8_epi16(bytes);
 }
 
+// Two rows' widened bytes interleaved per channel (the unpacks' order) at out (32-byte aligned).
+TQ_TARGET_AVX2 inline __attribute__((always_inline)) void store_pair(__m256i r0, __m256i r1, int16_t* out) {
+  _mm256_store_si256(reinterpret_cast<__m256i*>(out), _mm256_unpacklo_epi16(r0, r1));
+  _mm256_store_si256(reinterpret_cast<__m256i*>(out) + 1, _mm256_unpackhi_epi16(r0, r1));
+}
+
+// The row pairs [column][row pair] (kPairValues values each) of input columns iw_first.. for output row oh, the 16
+// channels from c on; the padding byte outside the input.
 template <bool FLIP>
-TQ_TARGET_AVX2 void depthwise_pixel_avx2(const DepthwiseSource& s, int64_t b, int64_t oh, int64_t ow, int64_t c0,
-                                         int64_t ncols, int32_t* tile_row) {
+TQ_TARGET_AVX2 void build_pairs(const DepthwiseSource& s, int64_t b, int64_t oh, int64_t iw_first, int64_t columns,
+                                int64_t c, int16_t* pairs) {
   const ConvGeometry& g = s.g;
-  constexpr int kBlocks = kDepthwiseChannels / kPairChannels;
-  const int64_t taps = g.kh * g.kw, blocks = (ncols + kPairChannels - 1) / kPairChannels;
-  const int64_t channel_blocks = (g.channels + kPairChannels - 1) / kPairChannels;
+  const int64_t groups = pair_row_groups(g.kh);
   const uint8_t* x_end = s.x + g.batch * g.height * g.width * g.channels;
-  const int64_t ih0 = oh * g.stride_h - g.pad_h, iw0 = ow * g.stride_w - g.pad_w;
-  // a window inside the input (most are) reads its taps at fixed offsets from tap 0
-  const bool inside = s.tap_offsets != nullptr && ih0 >= 0 && iw0 >= 0 && g.height - ih0 > (g.kh - 1) * g.dil_h &&
-                      g.width - iw0 > (g.kw - 1) * g.dil_w;
-  const uint8_t* window = inside ? s.x + ((b * g.height + ih0) * g.width + iw0) * g.channels : nullptr;
-  // the pixel of tap t (its first channel), nullptr outside the input
-  const auto tap_pixel = [&](int64_t t) -> const uint8_t* {
-    if (t >= taps) return nullptr;
-    if (inside) return window + s.tap_offsets[t];
-    const int64_t ih = ih0 + (t / g.kw) * g.dil_h, iw = iw0 + (t % g.kw) * g.dil_w;
-    if (ih < 0 || ih >= g.height || iw < 0 || iw >= g.width) return nullptr;
-    return s.x + ((b * g.height + ih) * g.width + iw) * g.channels;
-  };
-  __m256i lo[kBlocks], hi[kBlocks];
-  for (int blk = 0; blk < kBlocks; ++blk) lo[blk] = hi[blk] = _mm256_setzero_si256();
-  for (int64_t t = 0; t < taps; t += 2) {
-    const uint8_t* p0 = tap_pixel(t);
-    const uint8_t* p1 = tap_pixel(t + 1);  // past the last tap: zero weights, any bytes
-    const int16_t* w = s.w_pairs + ((t / 2) * channel_blocks + c0 / kPairChannels) * 2 * kPairChannels;
-    for (int blk = 0; blk < blocks; ++blk) {
-      const int64_t c = c0 + blk * kPairChannels, left = g.channels - c;
-      const __m256i x0 = depthwise_tap_bytes<FLIP>(p0, c, left, x_end, s.pad_byte);
-      const __m256i x1 = depthwise_tap_bytes<FLIP>(p1, c, left, x_end, s.pad_byte);
-      const __m256i* wb = reinterpret_cast<const __m256i*>(w + blk * 2 * kPairChannels);
-      lo[blk] = _mm256_add_epi32(lo[blk], _mm256_madd_epi16(_mm256_unpacklo_epi16(x0, x1), _mm256_loadu_si256(wb)));
-      hi[blk] = _mm256_add_epi32(hi[blk],
-                                 _mm256_madd_epi16(_mm256_unpackhi_epi16(x0, x1), _mm256_loadu_si256(wb + 1)));
+  const __m256i pad = _mm256_set1_epi16(s.pad_byte);
+  const int64_t ih0 = oh * g.stride_h - g.pad_h;
+  // columns [lo, hi) lie inside the input
+  const int64_t lo = std::clamp<int64_t>(-iw_first, 0, columns), hi = std::clamp<int64_t>(g.width - iw_first, lo, columns);
+  for (int64_t q = 0; q < groups; ++q) {
+    const uint8_t* rows[2];  // the kernel rows' input pixels at column lo; nullptr: outside the input or the kernel
+    for (int k = 0; k < 2; ++k) {
+      const int64_t i = 2 * q + k;
+      const int64_t ih = i < g.kh ? ih0 + i * g.dil_h : -1;  // a row past the kernel meets zero weights
+      rows[k] = ih >= 0 && ih < g.height ? s.x + ((b * g.height + ih) * g.width + iw_first + lo) * g.channels + c
+                                         : nullptr;
     }
+    int16_t* out = pairs + q * kPairValues;
+    const int64_t step = groups * kPairValues;  // from one column's pairs to the next
+    for (int64_t p = 0; p < lo; ++p) store_pair(pad, pad, out + p * step);
+    const uint8_t *p0 = rows[0], *p1 = rows[1];
+    for (int64_t p = lo; p < hi; ++p) {
+      store_pair(p0 != nullptr ? widened_pixel_bytes<FLIP>(p0, x_end) : pad,
+                 p1 != nullptr ? widened_pixel_bytes<FLIP>(p1, x_end) : pad, out + p * step);
+      if (p0 != nullptr) p0 += g.channels;
+      if (p1 != nullptr) p1 += g.channels;
+    }
+    for (int64_t p = hi; p < columns; ++p) store_pair(pad, pad, out + p * step);
   }
-  for (int blk = 0; blk < blocks; ++blk) {  // back to channel order (tile rows hold whole blocks)
-    __m256i* dst = reinterpret_cast<__m256i*>(tile_row + blk * kPairChannels);
-    _mm256_storeu_si256(dst, _mm256_permute2x128_si256(lo[blk], hi[blk], 0x20));
-    _mm256_storeu_si256(dst + 1, _mm256_permute2x128_si256(lo[blk], hi[blk], 0x31));
+}
+
+// The sums of P consecutive output pixels for a 16-channel block, the first pixel's window from pairs' column 0 on,
+// from the block's weight pairs w; into tile rows kPackAlign apart, in channel order.
+template <int P>
+TQ_TARGET_AVX2 void depthwise_pair_pixels(const ConvGeometry& g, const int16_t* pairs, const int8_t* w,
+                                          int32_t* tile) {
+  const int64_t groups = pair_row_groups(g.kh), pixel_step = g.stride_w * groups * kPairValues;
+  __m256i lo[P], hi[P];
+  for (int r = 0; r < P; ++r) lo[r] = hi[r] = _mm256_setzero_si256();
+  for (int64_t j = 0; j < g.kw; ++j)
+    for (int64_t q = 0; q < groups; ++q) {
+      const __m128i* wv = reinterpret_cast<const __m128i*>(w + (j * groups + q) * kPairValues);
+      const __m256i w_lo = _mm256_cvtepi8_epi16(_mm_loadu_si128(wv)), w_hi = _mm256_cvtepi8_epi16(_mm_loadu_si128(wv + 1));
+      const int16_t* column = pairs + (j * g.dil_w * groups + q) * kPairValues;
+      for (int r = 0; r < P; ++r) {
+        const __m256i* v = reinterpret_cast<const __m256i*>(column + r * pixel_step);
+        lo[r] = _mm256_add_epi32(lo[r], _mm256_madd_epi16(_mm256_loadu_si256(v), w_lo));
+        hi[r] = _mm256_add_epi32(hi[r], _mm256_madd_epi16(_mm256_loadu_si256(v + 1), w_hi));
+      }
+    }
+  for (int r = 0; r < P; ++r) {  // back to channel order
+    __m256i* dst = reinterpret_cast<__m256i*>(tile + r * kPackAlign);
+    _mm256_storeu_si256(dst, _mm256_permute2x128_si256(lo[r], hi[r], 0x20));
+    _mm256_storeu_si256(dst + 1, _mm256_permute2x128_si256(lo[r], hi[r], 0x31));
+  }
+}
+
+// A segment of `rows` output pixels from (b, oh, ow0) on, channels c0..c0+ncols, 16 at a time: the block's row pairs
+// into `pairs` (pair_columns(g, rows) columns), then its pixels 4 at a time.
+template <bool FLIP>
+TQ_TARGET_AVX2 void depthwise_segment_avx2(const DepthwiseSource& s, int64_t b, int64_t oh, int64_t ow0, int64_t rows,
+                                           int64_t c0, int64_t ncols, int32_t* tile, int16_t* pairs) {
+  const ConvGeometry& g = s.g;
+  const int64_t groups = pair_row_groups(g.kh), pixel_step = g.stride_w * groups * kPairValues;
+  for (int64_t c = c0; c < c0 + ncols; c += kPairChannels) {
+    build_pairs<FLIP>(s, b, oh, ow0 * g.stride_w - g.pad_w, pair_columns(g, rows), c, pairs);
+    const int8_t* w = s.w_pairs + c / kPairChannels * g.kw * groups * kPairValues;
+    int32_t* block_tile = tile + (c - c0);
+    int64_t r = 0;
+    for (; r + kPairPixels <= rows; r += kPairPixels)
+      depthwise_pair_pixels<kPairPixels>(g, pairs + r * pixel_step, w, block_tile + r * kPackAlign);
+    switch (rows - r) {  // the last 1-3 pixels in one call
+      case 3: depthwise_pair_pixels<3>(g, pairs + r * pixel_step, w, block_tile + r * kPackAlign); break;
+      case 2: depthwise_pair_pixels<2>(g, pairs + r * pixel_step, w, block_tile + r * kPackAlign); break;
+      case 1: depthwise_pair_pixels<1>(g, pairs + r * pixel_step, w, block_tile + r * kPackAlign); break;
+    }
   }
 }
 
@@ -595,24 +640,40 @@ void weight_quads(int64_t channels, int64_t kh, int64_t kw, const int8_t* w, int
   }
 }
 
+// columns: the segment's quads (AVX-512) or row pairs (AVX2), built there
 template <bool FLIP>
 void depthwise_segment(const DepthwiseSource& s, int64_t b, int64_t oh, int64_t ow0, int64_t rows, int64_t c0,
-                       int64_t ncols, int32_t* tile, uint8_t* quads, CpuIsa isa) {
+                       int64_t ncols, int32_t* tile, void* columns, CpuIsa isa) {
   if (s.w_quads != nullptr) {
+    uint8_t* quads = static_cast<uint8_t*>(columns);
     if (quad_width(ncols) == 32) return depthwise_segment_avx512<32, FLIP>(s, b, oh, ow0, rows, c0, ncols, tile, quads);
     return depthwise_segment_avx512<64, FLIP>(s, b, oh, ow0, rows, c0, ncols, tile, quads);
   }
   // AVX-512 machines take the AVX2 code for kernels too wide or tall for column quads
-  const auto pixel = isa != CpuIsa::Scalar ? depthwise_pixel_avx2<FLIP> : depthwise_pixel_scalar<FLIP>;
-  for (int64_t r = 0; r < rows; ++r) pixel(s, b, oh, ow0 + r, c0, ncols, tile + r * kPackAlign);
+  if (isa != CpuIsa::Scalar)
+    return depthwise_segment_avx2<FLIP>(s, b, oh, ow0, rows, c0, ncols, tile, static_cast<int16_t*>(columns));
+  for (int64_t r = 0; r < rows; ++r) depthwise_pixel_scalar<FLIP>(s, b, oh, ow0 + r, c0, ncols, tile + r * kPackAlign);
 }
 
-// The depthwise weight as the kernel reads it: [tap][channel], and the quads.
+// The depthwise weight as the kernels read it: [tap][channel], the quads and the pairs.
 struct DepthwiseWeight {
   const int8_t* taps;
-  const int8_t* quads;
-  std::vector<int8_t> derived;  // both, for a weight packed without them (as a matrix viewed as the conv weight)
+  const int8_t* quads;  // nullptr for kernels of more rows than the quads take
+  const int8_t* pairs;
+  std::vector<int8_t> derived;  // all three, for a weight packed without them (as a matrix viewed as the conv weight)
 };
+
+// The bytes of a depthwise weight's kernel layouts after its panels: taps, quads, pairs.
+int64_t depthwise_extra_bytes(int64_t channels, int64_t kh, int64_t kw) {
+  return kh * kw * channels + weight_quads_bytes(channels, kh, kw) + weight_pairs_bytes(channels, kh, kw);
+}
+
+// The quads and pairs after the taps [tap][channel] at w.
+void depthwise_layouts(int64_t channels, int64_t kh, int64_t kw, int8_t* w) {
+  int8_t* quads = w + kh * kw * channels;
+  weight_quads(channels, kh, kw, w, quads);
+  weight_pairs(channels, kh, kw, w, quads + weight_quads_bytes(channels, kh, kw));
+}
 
 // extras: the packed weight's (conv_weight_extras), or nullptr.
 DepthwiseWeight depthwise_weight(const ConvGeometry& g, const int8_t* w_packed, int64_t group_bytes,
@@ -622,14 +683,16 @@ DepthwiseWeight depthwise_weight(const ConvGeometry& g, const int8_t* w_packed, 
   if (extras != nullptr) {
     w.taps = extras;
   } else {
-    w.derived.resize(taps * g.channels + weight_quads_bytes(g.channels, g.kh, g.kw));
+    w.derived.resize(depthwise_extra_bytes(g.channels, g.kh, g.kw));
     for (int64_t t = 0; t < taps; ++t)
       for (int64_t c = 0; c < g.channels; ++c)
         w.derived[t * g.channels + c] = w_packed[c * group_bytes + panel_byte(t, 0)];
-    weight_quads(g.channels, g.kh, g.kw, w.derived.data(), w.derived.data() + taps * g.channels);
+    depthwise_layouts(g.channels, g.kh, g.kw, w.derived.data());
     w.taps = w.derived.data();
   }
-  w.quads = weight_quads_bytes(g.channels, g.kh, g.kw) > 0 ? w.taps + taps * g.channels : nullptr;
+  const int64_t quads_bytes = weight_quads_bytes(g.channels, g.kh, g.kw);
+  w.quads = quads_bytes > 0 ? w.taps + taps * g.channels : nullptr;
+  w.pairs = w.taps + taps * g.channels + quads_bytes;
   return w;
 }
 
@@ -638,22 +701,22 @@ void conv_u8s8_depthwise(const ConvGeometry& g, const uint8_t* x, const Depthwis
                          uint8_t pad_byte, const Epilogue& ep, CpuIsa isa) {
   const int64_t taps = g.kh * g.kw;
   const int64_t blocks = (g.channels + kDepthwiseChannels - 1) / kDepthwiseChannels;
-  const int64_t segments = (g.out_w + kDepthwisePixels - 1) / kDepthwisePixels;
-  const int64_t segment_len = (g.out_w + segments - 1) / segments;
-  const int64_t columns = quad_columns(g, segment_len);
-  const int8_t* w_quads = isa == CpuIsa::Avx512Vnni && columns > 0 ? w.quads : nullptr;
-  std::vector<int16_t> pairs;  // the AVX2 code's weights and tap offsets
-  std::vector<int64_t> tap_offsets;
-  if (isa != CpuIsa::Scalar && w_quads == nullptr) {
-    pairs.resize(weight_pairs_size(g.channels, taps));
-    weight_pairs(g.channels, taps, w.taps, pairs.data());
-    // (only where a window fits in the input: the offsets stay inside it)
-    if ((g.kh - 1) * g.dil_h < g.height && (g.kw - 1) * g.dil_w < g.width)
-      for (int64_t t = 0; t < taps; ++t)
-        tap_offsets.push_back(((t / g.kw) * g.dil_h * g.width + (t % g.kw) * g.dil_w) * g.channels);
+  int64_t segments = (g.out_w + kDepthwisePixels - 1) / kDepthwisePixels;
+  int64_t segment_len = (g.out_w + segments - 1) / segments;
+  const int64_t quad_cols = quad_columns(g, segment_len);
+  const int8_t* w_quads = isa == CpuIsa::Avx512Vnni && quad_cols > 0 ? w.quads : nullptr;
+  const int8_t* w_pairs = isa != CpuIsa::Scalar && w_quads == nullptr ? w.pairs : nullptr;
+  int64_t column_bytes = 0;  // a work item's quads or row pairs
+  if (w_quads != nullptr) {
+    column_bytes = quad_cols * quad_row_groups(g) * kQuadBytes;
+  } else if (w_pairs != nullptr) {
+    if (pair_columns(g, segment_len) > kMaxPairColumns) {  // strides or dilations that spread the windows
+      segment_len = std::max<int64_t>(1, (kMaxPairColumns - (g.kw - 1) * g.dil_w - 1) / g.stride_w + 1);
+      segments = (g.out_w + segment_len - 1) / segment_len;
+    }
+    column_bytes = pair_columns(g, segment_len) * pair_row_groups(g.kh) * kPairValues * sizeof(int16_t);
   }
-  const DepthwiseSource src{x, g, w.taps, w_quads, pairs.empty() ? nullptr : pairs.data(),
-                            tap_offsets.empty() ? nullptr : tap_offsets.data(), pad_byte};
+  const DepthwiseSource src{x, g, w.taps, w_quads, w_pairs, pad_byte};
   const int64_t items = g.batch * g.out_h * segments * blocks;
   const int64_t item_cost = segment_len * kDepthwiseChannels * taps;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(item_cost, 1));
@@ -661,10 +724,12 @@ void conv_u8s8_depthwise(const ConvGeometry& g, const uint8_t* x, const Depthwis
   const PanelEpilogues panels(out_ep, 1, g.channels, isa);  // one per channel block
   at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
     alignas(64) int32_t tile[kDepthwisePixels * kPackAlign];
-    const ScratchScope quads_scope(Scratch::GemmRows);
-    uint8_t* quads = src.w_quads == nullptr ? nullptr
-                                            : scratch_buffer(Scratch::GemmRows,
-                                                             columns * quad_row_groups(g) * kQuadBytes);
+    const ScratchScope columns_scope(Scratch::GemmRows);
+    void* columns = nullptr;
+    if (column_bytes > 0) {  // 64-byte aligned: the vectors' loads then never split a cache line
+      uint8_t* buffer = scratch_buffer(Scratch::GemmRows, column_bytes + 64);
+      columns = buffer + (-reinterpret_cast<uintptr_t>(buffer) & 63);
+    }
     for (int64_t item = begin; item < end; ++item) {
       const int64_t block = item % blocks, segment = item / blocks;
       const int64_t image_row = segment / segments;  // b * out_h + oh
@@ -672,8 +737,8 @@ void conv_u8s8_depthwise(const ConvGeometry& g, const uint8_t* x, const Depthwis
       const int64_t rows = std::min(segment_len, g.out_w - ow0);
       const int64_t c0 = block * kDepthwiseChannels, ncols = std::min(kDepthwiseChannels, g.channels - c0);
       const int64_t b = image_row / g.out_h, oh = image_row % g.out_h;
-      if (flip != 0) depthwise_segment<true>(src, b, oh, ow0, rows, c0, ncols, tile, quads, isa);
-      else depthwise_segment<false>(src, b, oh, ow0, rows, c0, ncols, tile, quads, isa);
+      if (flip != 0) depthwise_segment<true>(src, b, oh, ow0, rows, c0, ncols, tile, columns, isa);
+      else depthwise_segment<false>(src, b, oh, ow0, rows, c0, ncols, tile, columns, isa);
       epilogue_tile(out_ep, panels[block], tile, image_row * g.out_w + ow0, rows, c0, ncols, isa);
     }
     if (out_ep.streaming) _mm_sfence();
@@ -702,7 +767,7 @@ bool windows_in_place(int64_t ocg, int64_t run) { return ocg <= 2 * kPackAlign &
 // A conv weight [G, N, KH, KW, C] of one input and one output channel per group is a depthwise conv's.
 bool depthwise_weight_shape(at::IntArrayRef w) { return w.size() == 5 && w[1] == 1 && w[4] == 1; }
 
-// The packed weight's extras of a conv weight w [G, N, KH, KW, C] ([tap][channel] and quads of a depthwise
+// The packed weight's extras of a conv weight w [G, N, KH, KW, C] ([tap][channel], quads and pairs of a depthwise
 // weight, padded kernel rows of an ungrouped one that may be read in place), or nullptr without them.
 const int8_t* conv_weight_extras(const at::Tensor& w_packed, const PackedWeightLayout& layout) {
   const int64_t panels = layout.groups * layout.group_bytes, extras = conv_weight_extra_bytes(w_packed.sizes());
@@ -716,7 +781,7 @@ const int8_t* conv_weight_extras(const at::Tensor& w_packed, const PackedWeightL
 int64_t conv_weight_extra_bytes(at::IntArrayRef w) {
   if (w.size() != 5) return 0;
   const int64_t groups = w[0], n = w[1], kh = w[2], kw = w[3], run = kw * w[4], padded_run = round_up(run, 4);
-  if (depthwise_weight_shape(w)) return kh * kw * groups + weight_quads_bytes(groups, kh, kw);
+  if (depthwise_weight_shape(w)) return depthwise_extra_bytes(groups, kh, kw);
   if (groups == 1 && padded_run != run && windows_in_place(n, run)) return round_up(n, kPackAlign) * kh * padded_run;
   return 0;
 }
@@ -728,7 +793,7 @@ void pack_conv_weight_extras(const at::Tensor& w, const int8_t* panels, int64_t 
   const int8_t* src = taps.data_ptr<int8_t>();
   for (int64_t t = 0; t < kh * kw; ++t)
     for (int64_t c = 0; c < groups; ++c) dst[t * groups + c] = src[c * taps.stride(0) + t * taps.stride(1)];
-  weight_quads(groups, kh, kw, dst, dst + kh * kw * groups);
+  depthwise_layouts(groups, kh, kw, dst);
 }
 
 namespace {

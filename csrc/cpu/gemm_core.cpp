@@ -942,7 +942,9 @@ TQ_TARGET_AVX2 void TileAvx2<KIND, T, MAY_BE_NAN, GELU>::run(const Epilogue& ep,
                                                               int64_t col0, int64_t ncols) {
   const EpilogueVectors256 e = epilogue_vectors_avx2(c);
   const OutRows<T> out(ep, col0);
-  const bool whole = ncols == kPackAlign;
+  // rows whose vectors' stores end at their last column are written in place, others through a buffer
+  constexpr int64_t kStoreColumns = KIND == OutKind::Int8 || KIND == OutKind::UInt8 ? 32 : 8;
+  const bool whole = ncols % kStoreColumns == 0;
   const int vectors = static_cast<int>((ncols + 7) / 8);
   alignas(32) T buffer[kPackAlign];
   alignas(32) uint8_t residual_buffer[kPackAlign];
