@@ -369,6 +369,28 @@ class ShuffleBlockNet(nn.Module):
         return self.head(torch.cat([F.adaptive_avg_pool2d(y, 1).flatten(1), s.amax((2, 3)), m.amax((2, 3))], 1))
 
 
+class PaddedNet(nn.Module):
+    """Padding between integer layers: nn.ZeroPad2d before an unpadded stride-2 conv (asymmetric "same" padding),
+    F.pad with zeros of a conv output whose zero point lies inside its range (the padding is that zero point),
+    nn.ReflectionPad2d, and F.pad in replicate mode; global max pools into a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.pad = nn.ZeroPad2d((0, 1, 0, 1))
+        self.down = nn.Conv2d(8, 8, 3, stride=2)
+        self.mid = nn.Conv2d(8, 8, 3)
+        self.reflect = nn.ReflectionPad2d(1)
+        self.side = nn.Conv2d(8, 4, 3)
+        self.head = nn.Linear(8 + 4, 5)
+
+    def forward(self, x):  # [B, 3, 8, 8]
+        y = self.down(self.pad(F.relu(self.stem(x))))  # 4 x 4, no activation
+        z = F.relu(self.mid(F.pad(y, (1, 1, 1, 1))))
+        s = F.pad(F.relu(self.side(self.reflect(z))), (1, 1, 1, 1), mode="replicate")
+        return self.head(torch.cat([z.amax((2, 3)), s.amax((2, 3))], 1))
+
+
 class UNetNet(nn.Module):
     """A small U-Net: down by max-pools, up by nearest-neighbour upsampling (F.interpolate to a skip tensor's size
     read from its shape, an nn.Upsample module, F.interpolate in "nearest-exact" mode with a scale factor), each
@@ -426,6 +448,7 @@ MODELS = {
     "text-cnn": (TextCNNNet, (3, 10, 8)),
     "unet": (UNetNet, (2, 3, 10, 10)),
     "shuffle-block": (ShuffleBlockNet, (2, 3, 8, 8)),
+    "padded": (PaddedNet, (2, 3, 8, 8)),
 }
 
 
@@ -478,7 +501,7 @@ def test_converted_pipeline_is_close_to_float_and_fake_quant(name):
 
 
 @pytest.mark.parametrize("name", ["basic-blocks", "bottleneck", "conv1d-residual", "keyword-spotting", "cat",
-                                  "spectrogram-views", "text-cnn", "unet", "shuffle-block",
+                                  "spectrogram-views", "text-cnn", "unet", "shuffle-block", "padded",
                                   "hardswish-block", "smooth-activations"])
 def test_pipeline_integers_are_identical_on_every_cpu_path_and_cuda(name, device, isa, monkeypatch):
     _, prepared, batches = _prepared(name, INTEGER_OUT)
@@ -583,6 +606,42 @@ def test_splits_slices_and_shuffles_run_on_integers():
     assert {"chunk", "split", "flip", "reshape"} <= {n.target for n in converted.graph.nodes if n.op == "call_method"}
     layers, _ = graph.pipeline_notes(converted)
     assert layers["side"] == layers["mix"] == "integer input, ReLU fused, uint8 output"
+
+
+def test_padding_runs_on_integers():
+    # zeros are the zero point of the padded integers, reflect / replicate copy them; they were float ops between
+    # integer layers
+    converted = _converted_with_nothing_kept_float("padded")
+    targets = _graph_targets(converted)
+    assert targets.count(graph.integer_pad) == 4 and targets.count(graph.integer_layer) == 5
+    assert targets.count(graph.quantize_input) == 1 and targets.count(graph.dequantize_output) == 0
+    pads = [n for n in converted.graph.nodes if n.target is graph.integer_pad]
+    assert [n.args[2] for n in pads] == ["constant", "constant", "reflect", "replicate"]
+    padded_conv = next(n for n in pads if n.args[0].target is graph.integer_layer and n.args[1] == (1, 1, 1, 1))
+    assert converted.get_submodule(padded_conv.args[3].target).qparams[2] > 0  # not the padding of a ReLU output
+
+
+@pytest.mark.parametrize("pad", [lambda y: F.pad(y, (1, 1, 1, 1), value=0.5), nn.ConstantPad2d(1, -1.0)],
+                         ids=["F.pad value=0.5", "nn.ConstantPad2d(1, -1.0)"])
+def test_padding_with_a_nonzero_constant_stays_float(pad):
+    class PadBetweenConvs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.pad, self.conv2 = nn.Conv2d(3, 4, 3), pad, nn.Conv2d(4, 2, 3)
+
+        def forward(self, x):
+            return self.conv2(self.pad(F.relu(self.conv1(x))))
+
+    torch.manual_seed(0)
+    model = PadBetweenConvs().eval()
+    batches = _batches((2, 3, 8, 8))
+    with pytest.warns(UserWarning, match="pad"):
+        prepared = tq.calibrate(tq.prepare(model, PIPELINE), batches, progress=False)
+    converted = tq.convert(prepared)
+    targets = _graph_targets(converted)
+    assert graph.integer_pad not in targets and targets.count(graph.dequantize_output) == 1
+    with torch.no_grad():
+        assert tq.functional.quantization_error(model(batches[0]), converted(batches[0]))["sqnr_db"] > 20
 
 
 GLOBAL_POOL_DIMS = {"F.max_pool2d(x, x.shape[2:])": (lambda x: F.max_pool2d(x, x.shape[2:]), (2, 3)),
@@ -1368,7 +1427,7 @@ def test_calibration_is_needed_before_convert():
 
 # ---- save / load ----
 
-@pytest.mark.parametrize("name", ["basic-blocks", "hardswish-block"])  # the second with lookup tables
+@pytest.mark.parametrize("name", ["basic-blocks", "hardswish-block", "padded"])  # lookup tables, zero-point pads
 @pytest.mark.parametrize("converted", [False, True])
 def test_save_load_round_trips_the_pipeline_into_the_float_model(tmp_path, converted, name):
     model, prepared, batches = _prepared(name)
@@ -1556,7 +1615,7 @@ def test_checkpoint_saved_before_residual_adds_were_fused_still_loads(tmp_path, 
                                                                     copy.deepcopy(model)).graph.nodes)
 
 
-@pytest.mark.parametrize("name", ["basic-blocks", "hardswish-block", "conv-bn-module"])
+@pytest.mark.parametrize("name", ["basic-blocks", "hardswish-block", "conv-bn-module", "padded"])
 def test_pipeline_pickles(tmp_path, name):
     # unpickling rebuilds a GraphModule by tracing its code: the converted graph's ops (quantize_input,
     # integer_layer, quantized_lookup, ...) were traced into with proxies and raised TypeError
@@ -1632,7 +1691,8 @@ def test_budget_builds_one_pipeline_with_per_layer_weight_bits_that_round_trips(
         assert torch.equal(loaded(batches[0]), quantized(batches[0]))
 
 
-@pytest.mark.parametrize("name", ["basic-blocks", "bottleneck", "hardswish-block", "text-cnn", "shuffle-block"])
+@pytest.mark.parametrize("name", ["basic-blocks", "bottleneck", "hardswish-block", "text-cnn", "shuffle-block",
+                                  "padded"])
 def test_converted_pipeline_compiles_and_exports(name):
     _, prepared, batches = _prepared(name)
     converted = tq.convert(prepared)

@@ -547,10 +547,10 @@ def input_q_name(layer_name: str) -> str:
 # DequantizeLinear (float(q - zero_point) * scale, as torchquant's) of both inputs -> Add -> [Relu] -> the same
 # requantization, and a conv with the add in its epilogue adds the DequantizeLinear of its residual to its float y
 # (after the clamp), then [Relu] and the requantization; max-pool (1-d or 2-d) runs MaxPool on the integers, a ReLU
-# between layers is Max(q, zero point), flatten / reshape / concatenation act on the integer tensors, and an
-# activation lookup (quantized_lookup) is a Gather from its 256-entry table: Cast of the integers to an int32 index,
-# for int8 ones plus 128 into the table rotated by 128 entries (the same entry for each value as torchquant's byte
-# index, with no negative index). A QDQ Conv (DequantizeLinear -> Conv -> QuantizeLinear) would not give
+# between layers is Max(q, zero point), flatten / reshape / concatenation act on the integer tensors, padding is Pad
+# of the integers (constant padding with the zero point), and an activation lookup (quantized_lookup) is a Gather
+# from its 256-entry table: Cast of the integers to an int32 index, for int8 ones plus 128 into the table rotated by
+# 128 entries (the same entry for each value as torchquant's byte index, with no negative index). A QDQ Conv (DequantizeLinear -> Conv -> QuantizeLinear) would not give
 # torchquant's integers: run unfused it sums dequantized floats, and onnxruntime's fused QLinearConv quantizes the
 # bias to int32 and requantizes with one combined multiplier.
 
@@ -688,6 +688,15 @@ def _pipeline_steps(gm) -> list:
 
     for node in list(graph.nodes):
         if node.op != "call_function":
+            continue
+        if node.target is pipeline.integer_pad:  # ONNX Pad of the integers, constants with the zero point
+            x, pad, mode, q = node.args
+            value = {"value": quantizer(q, f"integer pipeline node {node.name!r}").zero_point} \
+                if mode == "constant" else {}
+            with graph.inserting_before(node):
+                new = graph.call_function(torch.nn.functional.pad, (x, pad), {"mode": mode, **value})
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
             continue
         kind = _PIPELINE_KINDS.get(node.target)
         if kind is None:

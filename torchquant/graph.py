@@ -16,7 +16,9 @@ quantized ones and folds their BatchNorms (as the module swap does), and finds t
   minima (amax / amin, x.max(), x.max(dim)[0] whose indices nothing reads, as torch.amax), flatten, reshape/view,
   squeeze/unsqueeze, transpose/permute/movedim/.T/.mT, indexing and slicing, flip/roll/narrow/select/repeat/tile/
   expand, chunk/split/tensor_split/unbind read by indexing, nearest-neighbour upsampling (int8 ones through
-  float32, exact: torch has no int8 kernel for it), a ReLU after an integer tensor, nn.Identity, dropout
+  float32, exact: torch has no int8 kernel for it), padding (F.pad, nn.ZeroPad2d and the other padding modules:
+  reflect / replicate / circular copy values, zeros are the zero point; a nonzero constant, which may lie off the
+  integers' grid, stays float), a ReLU after an integer tensor, nn.Identity, dropout
   modules (the identity in evaluation, which is what a converted model runs): run on the integers (they keep the
   scale); torch.cat / torch.stack of integer tensors: its inputs share one scale (one quantizer observes them all),
   so the concatenation runs on the integers too;
@@ -46,7 +48,7 @@ import inspect
 import operator
 import warnings
 from collections import Counter
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -91,6 +93,12 @@ _SPLIT_FUNCTIONS = (torch.chunk, torch.split, torch.tensor_split, torch.unbind)
 _SPLIT_METHODS = ("chunk", "split", "tensor_split", "unbind")
 _CAT_FUNCTIONS = (torch.cat, torch.concat, torch.concatenate, torch.stack)
 _PASSTHROUGH_ATTRIBUTES = ("T", "mT")
+# padding modules by the F.pad mode they run (the constant ones pad with their `value`)
+_PAD_MODULES = {**{m: "constant" for m in (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d,
+                                           nn.ConstantPad2d, nn.ConstantPad3d)},
+                **{m: "reflect" for m in (nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d)},
+                **{m: "replicate" for m in (nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d)},
+                **{m: "circular" for m in (nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d)}}
 # shape queries: attributes an integer tensor shares with its float tensor (not dtype, nor any tensor-valued one)
 _SHAPE_ATTRIBUTES = ("shape", "ndim", "device", "is_cuda", "is_cpu")
 _SHAPE_METHODS = ("size", "dim")
@@ -529,6 +537,23 @@ def _is_extremum(node: fx.Node) -> bool:
     return node.target in _EXTREMA or node.target in _VALUES_OF and len(node.args) == 1 and not node.kwargs
 
 
+def _integer_padding(node: fx.Node, modules: dict) -> Optional[tuple]:
+    """(pad, mode) of F.pad or a padding module that runs on integers: one that copies values (reflect, replicate,
+    circular) or pads with zeros (the zero point); None for anything else (a nonzero constant may lie off the
+    integers' grid)."""
+    if node.op == "call_module" and type(modules.get(node.target)) in _PAD_MODULES:
+        m = modules[node.target]
+        pad, mode, value = m.padding, _PAD_MODULES[type(m)], getattr(m, "value", None)
+    elif node.op == "call_function" and node.target is F.pad:
+        arguments = dict(zip(("input", "pad", "mode", "value"), node.args), **node.kwargs)
+        pad, mode, value = arguments.get("pad"), arguments.get("mode", "constant"), arguments.get("value")
+        if pad is None or isinstance(mode, fx.Node) or isinstance(value, fx.Node):
+            return None
+    else:
+        return None
+    return (pad, mode) if mode != "constant" or value is None or value == 0 else None
+
+
 def _is_passthrough(node: fx.Node, modules: dict) -> bool:
     """Ops that map integer tensors to integer tensors at the same scale (the first argument is the tensor)."""
     if not node.args or not isinstance(node.args[0], fx.Node):
@@ -536,11 +561,12 @@ def _is_passthrough(node: fx.Node, modules: dict) -> bool:
     if node.op == "call_module":
         m = modules.get(node.target)
         return type(m) in _PASSTHROUGH_MODULES or _is_max_pool(node, modules) or _is_nearest_upsample(node, modules) \
-            or _global_max_pool_dims(node, modules) is not None or activation_clamp(node, modules) == (0.0, None)
+            or _global_max_pool_dims(node, modules) is not None or activation_clamp(node, modules) == (0.0, None) \
+            or _integer_padding(node, modules) is not None
     if node.op == "call_function":
         if (node.target in _PASSTHROUGH_FUNCTIONS or _is_max_pool(node, modules) or _is_nearest_upsample(node, modules)
                 or _global_max_pool_dims(node, modules) is not None or _is_extremum(node)
-                or _is_attribute(node, _PASSTHROUGH_ATTRIBUTES)):
+                or _is_attribute(node, _PASSTHROUGH_ATTRIBUTES) or _integer_padding(node, modules) is not None):
             return True
     if node.op == "call_method" and (node.target in _PASSTHROUGH_METHODS or _is_extremum(node)):
         return not any(isinstance(a, torch.dtype) for a in node.args)  # (view(dtype) reinterprets the bytes)
@@ -1021,6 +1047,13 @@ def integer_relu(q: torch.Tensor, quantizer: ActivationQuantizer) -> torch.Tenso
     return torch.clamp_min(q, quantizer.qparams[2])
 
 
+def integer_pad(q: torch.Tensor, pad: Sequence[int], mode: str, quantizer: ActivationQuantizer) -> torch.Tensor:
+    """F.pad on integers: constant padding (with zeros) writes the zero point, the other modes copy values."""
+    if mode == "constant":
+        return F.pad(q, pad, value=quantizer.qparams[2])
+    return F.pad(q, pad, mode=mode)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # convert
 
@@ -1200,6 +1233,10 @@ def _lower(gm: fx.GraphModule, dtype: torch.dtype, build_tables: bool) -> None:
                 with graph.inserting_after(node):
                     new = graph.call_function(integer_relu, (node.args[0], quantizer))
                 replace([node], new, quantizer)
+            elif (padding := _integer_padding(node, modules)) is not None:
+                with graph.inserting_after(node):
+                    new = graph.call_function(integer_pad, (node.args[0], *padding, quantizer))
+                replace([node], new, quantizer)
             elif node.op == "call_module" and type(modules.get(node.target)) in _DROPOUT_MODULES:
                 # the identity at inference, which is all a converted model runs (in train mode too: dropout on
                 # the integers would be neither dropout nor the identity)
@@ -1245,7 +1282,7 @@ class _PipelineTracer(_Tracer):
 
     def __init__(self):
         super().__init__(autowrap_functions=(quantize_input, dequantize_output, integer_layer, integer_add,
-                                             integer_conv_add, integer_relu, F_q.quantized_lookup,
+                                             integer_conv_add, integer_relu, integer_pad, F_q.quantized_lookup,
                                              F_q.quantized_max_pool1d, F_q.quantized_max_pool2d))
 
 
