@@ -361,7 +361,7 @@ CONVS = [  # batch, in_ch, h, w, out_ch, kernel, stride, padding, dilation, grou
     (1, 64, 3, 3, 64, (3, 3), 1, 0, 1, 64),     # one output pixel
     (1, 24, 5, 9, 24, (3, 3), 1, 4, 1, 24),     # padding wider than the kernel: output pixels reading no input
     (1, 16, 12, 20, 16, (9, 3), 1, 4, 1, 16),   # 9 kernel rows: past the AVX-512 column quads (up to 8 rows)
-    (1, 16, 3, 400, 16, (1, 3), (1, 6), (0, 1), 1, 16),  # stride 6: shorter segments to keep 256 input columns
+    (1, 16, 3, 300, 16, (1, 3), (1, 6), (0, 1), 1, 16),  # stride 6: 2 segments of <= 256 input columns, not 1
     (1, 8, 3, 300, 8, (1, 3), 1, (0, 130), (1, 130), 8),  # windows 261 columns wide: one pixel per segment
     (1, 20, 5, 5, 40, (3, 3), 1, 1, 1, 20),     # channel multiplier 2: the GEMM
 ]

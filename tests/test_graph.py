@@ -1592,7 +1592,7 @@ def test_checkpoint_saved_before_residual_adds_were_fused_still_loads(tmp_path, 
     torch.manual_seed(0)
     model = BasicBlockNet().eval()
     batches = _batches((2, 3, 8, 8))
-    with graph.residual_adds_in_convs(False):
+    with graph.pipeline_rules(residual_adds_in_convs=False):
         old = tq.calibrate(tq.prepare(copy.deepcopy(model), PIPELINE), batches, progress=False)
     if converted:
         old = tq.convert(old)
@@ -1613,6 +1613,53 @@ def test_checkpoint_saved_before_residual_adds_were_fused_still_loads(tmp_path, 
         assert json.loads(f.metadata()["torchquant"])["pipeline"]["residual_adds_in_convs"] is True
     assert any(n.target is graph.integer_conv_add for n in tq.load(str(tmp_path / "new.safetensors"),
                                                                     copy.deepcopy(model)).graph.nodes)
+
+
+class PadBranchNet(nn.Module):
+    """A conv output read by a padded conv and by an unpadded one (so it is an integer tensor either way)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.padded, self.plain = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 1)
+        self.pad = nn.ZeroPad2d(1)
+
+    def forward(self, x):
+        y = self.stem(x)
+        return torch.cat([self.padded(self.pad(y)), self.plain(y)], 1)
+
+
+@pytest.mark.parametrize("converted", [False, True])
+def test_checkpoint_saved_before_padding_ran_on_integers_still_loads(tmp_path, converted):
+    # such a checkpoint quantizes the padding's output (a float op then): it loads into the pipeline it was saved
+    # from, which keeps padding float also when it is converted later
+    torch.manual_seed(0)
+    model = PadBranchNet().eval()
+    batches = _batches((2, 3, 8, 8))
+    with graph.pipeline_rules(integer_padding=False):
+        old = tq.calibrate(tq.prepare(copy.deepcopy(model), PIPELINE), batches, progress=False)
+    if converted:
+        old = tq.convert(old)
+        assert graph.integer_pad not in _graph_targets(old)
+    path = str(tmp_path / "old.safetensors")
+    tq.save(old, path)
+    with safe_open(path, "pt") as f:  # the file as torchquant wrote it before the rule existed
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    meta = json.loads(metadata["torchquant"])
+    assert meta["pipeline"].pop("integer_padding") is False
+    save_file(tensors, path, metadata={**metadata, "torchquant": json.dumps(meta)})
+    again = tq.load(path, copy.deepcopy(model))
+    with torch.no_grad():
+        assert torch.equal(again(batches[0]), old(batches[0]))
+    again = tq.convert(again)
+    assert graph.integer_pad not in _graph_targets(again)
+    with torch.no_grad():
+        assert torch.equal(again(batches[0]), tq.convert(old)(batches[0]))
+    new = tq.quantize_model(copy.deepcopy(model), PIPELINE, batches)  # today's pipeline pads integers, and says so
+    assert graph.integer_pad in _graph_targets(new)
+    tq.save(new, str(tmp_path / "new.safetensors"))
+    with safe_open(str(tmp_path / "new.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["torchquant"])["pipeline"]["integer_padding"] is True
+    assert graph.integer_pad in _graph_targets(tq.load(str(tmp_path / "new.safetensors"), copy.deepcopy(model)))
 
 
 @pytest.mark.parametrize("name", ["basic-blocks", "hardswish-block", "conv-bn-module", "padded"])

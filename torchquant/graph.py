@@ -541,6 +541,8 @@ def _integer_padding(node: fx.Node, modules: dict) -> Optional[tuple]:
     """(pad, mode) of F.pad or a padding module that runs on integers: one that copies values (reflect, replicate,
     circular) or pads with zeros (the zero point); None for anything else (a nonzero constant may lie off the
     integers' grid)."""
+    if not _RULES.get()["integer_padding"]:
+        return None
     if node.op == "call_module" and type(modules.get(node.target)) in _PAD_MODULES:
         m = modules[node.target]
         pad, mode, value = m.padding, _PAD_MODULES[type(m)], getattr(m, "value", None)
@@ -683,7 +685,7 @@ def _plan(graph: fx.Graph, modules: dict, integer_output: bool) -> tuple[dict, d
             continue
         if _is_add(node) and all(_tensor_like(a) for a in node.args) and any(a in group for a in node.args):
             conv = residual_conv(node, modules, calls, lambda value: value in group) \
-                if _RESIDUAL_ADDS_IN_CONVS.get() else None
+                if _RULES.get()["residual_adds_in_convs"] else None
             if conv is not None and conv[0][-1] not in producers:  # (a layer whose input is not a tensor)
                 conv = None
             if conv is not None:  # the add is the conv's epilogue: the conv's output is not quantized
@@ -773,19 +775,23 @@ def _describe(node: fx.Node) -> str:
     return f"{node.name} ({target})"
 
 
-# whether a conv's residual add becomes its epilogue (off only where load() rebuilds a pipeline saved before
-# torchquant fused them: that checkpoint quantizes the conv's output, and its function is the unfused one)
-_RESIDUAL_ADDS_IN_CONVS = contextvars.ContextVar("torchquant_residual_adds_in_convs", default=True)
+# Rules of the pipeline's planning that came in after pipelines were first saved; each applies unless load()
+# rebuilds a pipeline saved before it did (its checkpoint says which), whose quantizers and function are those of the
+# pipeline without it:
+# - residual_adds_in_convs: a conv's residual add becomes its epilogue (before: the conv's output was quantized);
+# - integer_padding: padding runs on integers (before: a float op, its output quantized).
+PIPELINE_RULES = ("residual_adds_in_convs", "integer_padding")
+_RULES = contextvars.ContextVar("torchquant_pipeline_rules", default=dict.fromkeys(PIPELINE_RULES, True))
 
 
 @contextlib.contextmanager
-def residual_adds_in_convs(enabled: bool) -> Iterator[None]:
-    """Inside, prepare_pipeline fuses residual adds into convs or not, as `enabled` says."""
-    token = _RESIDUAL_ADDS_IN_CONVS.set(enabled)
+def pipeline_rules(**rules: bool) -> Iterator[None]:
+    """Inside, prepare_pipeline applies the named rules of PIPELINE_RULES as given (the others as they are)."""
+    token = _RULES.set({**_RULES.get(), **rules})
     try:
         yield
     finally:
-        _RESIDUAL_ADDS_IN_CONVS.reset(token)
+        _RULES.reset(token)
 
 
 def prepare_pipeline(model: nn.Module, config: QuantConfig, swap) -> Optional[fx.GraphModule]:
@@ -816,8 +822,7 @@ def prepare_pipeline(model: nn.Module, config: QuantConfig, swap) -> Optional[fx
         return None
     gm = _Pipeline(model, graph, class_name=type(model).__name__)
     _own_modules(gm, graph)
-    gm.meta[META_KEY] = {"integer_output": config.integer_output, "converted": False,
-                         "residual_adds_in_convs": _RESIDUAL_ADDS_IN_CONVS.get()}
+    gm.meta[META_KEY] = {"integer_output": config.integer_output, "converted": False, **_RULES.get()}
     swap(gm, config)
     modules = dict(gm.named_modules())
     _functionalize_in_place(gm.graph, modules)
@@ -1098,7 +1103,12 @@ def _lower(gm: fx.GraphModule, dtype: torch.dtype, build_tables: bool) -> None:
     """Rewrites the prepared graph: fake-quant nodes after producers go (the producer writes those integers), the
     others become quantize nodes, fused chains, adds and lookups become integer calls, integer tensors read by float
     ops are dequantized. Lookup tables are built from the calibrated quantizers when build_tables, else left zero
-    (for a state dict to fill)."""
+    (for a state dict to fill). The rules are those gm was planned with."""
+    with pipeline_rules(**{rule: _meta(gm).get(rule, True) for rule in PIPELINE_RULES}):
+        _lower_planned(gm, dtype, build_tables)
+
+
+def _lower_planned(gm: fx.GraphModule, dtype: torch.dtype, build_tables: bool) -> None:
     graph = gm.graph
     modules = dict(gm.named_modules())
     integer_output = _meta(gm)["integer_output"]

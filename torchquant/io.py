@@ -36,7 +36,7 @@ from torchquant.convert import (QUANT_TYPES, _check_model, _layer_gelu_pairs, ge
                                 unfuse_transformers)
 from torchquant.fold import attach_folded_bn, parent_and_key
 from torchquant.graph import (ACT_QUANT, META_KEY as PIPELINE_META, ActivationQuantizer, converted_skeleton,
-                              is_pipeline, residual_adds_in_convs)
+                              is_pipeline, pipeline_rules, PIPELINE_RULES)
 from torchquant.nn.base import QuantLayerBase, set_weight_spec, unpack_int4
 from torchquant.nn.quantizers import InputQuantizer, WeightQuantizer
 from torchquant.observers import Observer
@@ -181,7 +181,7 @@ def _pipeline_layout(model: nn.Module) -> dict:
     info = model.meta[PIPELINE_META]
     return {"config": info["config"], "converted": info["converted"],
             "quantizers": sorted(model.get_submodule(ACT_QUANT)._modules),
-            "residual_adds_in_convs": info.get("residual_adds_in_convs", False)}  # (absent: built before)
+            **{rule: info.get(rule, False) for rule in PIPELINE_RULES}}  # (absent: planned before the rule)
 
 
 def write_checkpoint(model: nn.Module, path: str) -> None:
@@ -270,14 +270,14 @@ def _parse_meta(path: str, text: str, tensor_names) -> dict:
             raise malformed(f"layer {name!r} has an invalid quantization config: {e}") from None
     if "pipeline" in meta:
         pipeline = meta["pipeline"]
-        # (residual_adds_in_convs: absent from checkpoints saved before convs fused their residual adds)
+        # (the planning rules: absent from checkpoints saved before the pipeline applied them)
         if not isinstance(pipeline, dict) or not ({"config", "converted", "quantizers"} <= set(pipeline) <= {
-                "config", "converted", "quantizers", "residual_adds_in_convs"}):
-            raise malformed("'pipeline' must be an object with keys config, converted, quantizers and optionally "
-                            "residual_adds_in_convs")
-        if not isinstance(pipeline.setdefault("residual_adds_in_convs", False), bool):
-            raise malformed(f"pipeline 'residual_adds_in_convs' must be true or false, got "
-                            f"{pipeline['residual_adds_in_convs']!r}")
+                "config", "converted", "quantizers", *PIPELINE_RULES}):
+            raise malformed(f"'pipeline' must be an object with keys config, converted, quantizers and optionally "
+                            f"{', '.join(PIPELINE_RULES)}")
+        for rule in PIPELINE_RULES:
+            if not isinstance(pipeline.setdefault(rule, False), bool):
+                raise malformed(f"pipeline {rule!r} must be true or false, got {pipeline[rule]!r}")
         if not isinstance(pipeline["converted"], bool):
             raise malformed(f"pipeline 'converted' must be true or false, got {pipeline['converted']!r}")
         if not isinstance(pipeline["quantizers"], list) or not all(isinstance(q, str) for q in pipeline["quantizers"]):
@@ -691,7 +691,7 @@ def _load_pipeline(path: str, model: nn.Module, meta: dict, tensors: dict) -> nn
     else:
         if any(isinstance(m, QuantLayerBase) for m in model.modules()):
             raise ValueError(f"load: {path} holds an integer pipeline; load it into the float model")
-        with warnings.catch_warnings(), residual_adds_in_convs(pipeline["residual_adds_in_convs"]):
+        with warnings.catch_warnings(), pipeline_rules(**{rule: pipeline[rule] for rule in PIPELINE_RULES}):
             warnings.simplefilter("ignore")  # prepare's notes on what stays float were given when it was made
             built = prepare(model, pipeline["config"], inplace=False)
         if not is_pipeline(built):

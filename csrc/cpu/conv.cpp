@@ -392,12 +392,13 @@ TQ_TARGET_AVX2 void build_pairs(const DepthwiseSource& s, int64_t b, int64_t oh,
   // columns [lo, hi) lie inside the input
   const int64_t lo = std::clamp<int64_t>(-iw_first, 0, columns), hi = std::clamp<int64_t>(g.width - iw_first, lo, columns);
   for (int64_t q = 0; q < groups; ++q) {
-    const uint8_t* rows[2];  // the kernel rows' input pixels at column lo; nullptr: outside the input or the kernel
+    const uint8_t* rows[2];  // the rows' pixels at column lo; nullptr: outside the input or kernel, no column inside
     for (int k = 0; k < 2; ++k) {
       const int64_t i = 2 * q + k;
       const int64_t ih = i < g.kh ? ih0 + i * g.dil_h : -1;  // a row past the kernel meets zero weights
-      rows[k] = ih >= 0 && ih < g.height ? s.x + ((b * g.height + ih) * g.width + iw_first + lo) * g.channels + c
-                                         : nullptr;
+      rows[k] = lo < hi && ih >= 0 && ih < g.height
+                    ? s.x + ((b * g.height + ih) * g.width + iw_first + lo) * g.channels + c
+                    : nullptr;
     }
     int16_t* out = pairs + q * kPairValues;
     const int64_t step = groups * kPairValues;  // from one column's pairs to the next
