@@ -292,6 +292,12 @@ struct DepthwiseSource {
 
 constexpr int64_t kDepthwiseChannels = kPackAlign;  // the channels of a tile row (one epilogue panel)
 constexpr int64_t kDepthwisePixels = 64;            // tile rows (output pixels along an output row) per work item
+constexpr int64_t kMaxSegmentColumns = 256;         // input columns a work item lays out, where the geometry allows
+
+// The input columns that `rows` consecutive output pixels of a row read.
+int64_t segment_columns(const ConvGeometry& g, int64_t rows) {
+  return (rows - 1) * g.stride_w + (g.kw - 1) * g.dil_w + 1;
+}
 
 // The sums of one output pixel (b, oh, ow) for channels c0..c0+ncols, portable: wrapping uint32 arithmetic, the
 // accumulators' behaviour on every path (the compiler vectorizes it over the channels).
@@ -327,13 +333,9 @@ void depthwise_pixel_scalar(const DepthwiseSource& s, int64_t b, int64_t oh, int
 // pixels share each weight vector with their sums in registers.
 constexpr int64_t kPairChannels = 16;
 constexpr int64_t kPairValues = 2 * kPairChannels;  // int16 values of one column's row pair: 2 vectors
-constexpr int64_t kMaxPairColumns = 256;            // input columns per work item, where the geometry allows
 constexpr int kPairPixels = 4;                      // pixels per call: 8 accumulators and 2 weight vectors
 
 int64_t pair_row_groups(int64_t kh) { return (kh + 1) / 2; }
-
-// The input columns that `rows` consecutive output pixels read.
-int64_t pair_columns(const ConvGeometry& g, int64_t rows) { return (rows - 1) * g.stride_w + (g.kw - 1) * g.dil_w + 1; }
 
 // The AVX2 weights: [16-channel block][kernel column][row pair][2 vectors of 8 (channel, row 2q, row 2q + 1)] bytes
 // (the kernel widens them), zero past the channels and the kernel's last row.
@@ -441,14 +443,14 @@ TQ_TARGET_AVX2 void depthwise_pair_pixels(const ConvGeometry& g, const int16_t* 
 }
 
 // A segment of `rows` output pixels from (b, oh, ow0) on, channels c0..c0+ncols, 16 at a time: the block's row pairs
-// into `pairs` (pair_columns(g, rows) columns), then its pixels 4 at a time.
+// into `pairs` (segment_columns(g, rows) columns), then its pixels 4 at a time.
 template <bool FLIP>
 TQ_TARGET_AVX2 void depthwise_segment_avx2(const DepthwiseSource& s, int64_t b, int64_t oh, int64_t ow0, int64_t rows,
                                            int64_t c0, int64_t ncols, int32_t* tile, int16_t* pairs) {
   const ConvGeometry& g = s.g;
   const int64_t groups = pair_row_groups(g.kh), pixel_step = g.stride_w * groups * kPairValues;
   for (int64_t c = c0; c < c0 + ncols; c += kPairChannels) {
-    build_pairs<FLIP>(s, b, oh, ow0 * g.stride_w - g.pad_w, pair_columns(g, rows), c, pairs);
+    build_pairs<FLIP>(s, b, oh, ow0 * g.stride_w - g.pad_w, segment_columns(g, rows), c, pairs);
     const int8_t* w = s.w_pairs + c / kPairChannels * g.kw * groups * kPairValues;
     int32_t* block_tile = tile + (c - c0);
     int64_t r = 0;
@@ -470,18 +472,17 @@ TQ_TARGET_AVX2 void depthwise_segment_avx2(const DepthwiseSource& s, int64_t b, 
 // same instructions at half the width, rather than zmm vectors half empty.
 constexpr int64_t kQuadBytes = 4 * kDepthwiseChannels;  // a column quad of a 64-channel block: 4 vectors
 constexpr int64_t kMaxQuadRowGroups = 2;                // kernels of up to 8 rows
-constexpr int64_t kMaxQuadColumns = 256;                // input columns per work item
 
 int64_t quad_row_groups(int64_t kh) { return (kh + 3) / 4; }
 int64_t quad_row_groups(const ConvGeometry& g) { return quad_row_groups(g.kh); }
 
 // The input columns of a segment of `rows` output pixels, or -1 beyond what the quad path takes.
 int64_t quad_columns(const ConvGeometry& g, int64_t rows) {
-  if (quad_row_groups(g) > kMaxQuadRowGroups || g.stride_w > kMaxQuadColumns || g.kw > kMaxQuadColumns ||
-      g.dil_w > kMaxQuadColumns)
+  if (quad_row_groups(g) > kMaxQuadRowGroups || g.stride_w > kMaxSegmentColumns || g.kw > kMaxSegmentColumns ||
+      g.dil_w > kMaxSegmentColumns)
     return -1;
-  const int64_t columns = (rows - 1) * g.stride_w + (g.kw - 1) * g.dil_w + 1;
-  return columns <= kMaxQuadColumns ? columns : -1;
+  const int64_t columns = segment_columns(g, rows);
+  return columns <= kMaxSegmentColumns ? columns : -1;
 }
 
 // The channels (bytes) of a quad vector: 64 (zmm) or 32 (ymm) for blocks of up to 32 channels.
@@ -711,11 +712,11 @@ void conv_u8s8_depthwise(const ConvGeometry& g, const uint8_t* x, const Depthwis
   if (w_quads != nullptr) {
     column_bytes = quad_cols * quad_row_groups(g) * kQuadBytes;
   } else if (w_pairs != nullptr) {
-    if (pair_columns(g, segment_len) > kMaxPairColumns) {  // strides or dilations that spread the windows
-      segment_len = std::max<int64_t>(1, (kMaxPairColumns - (g.kw - 1) * g.dil_w - 1) / g.stride_w + 1);
+    if (segment_columns(g, segment_len) > kMaxSegmentColumns) {  // strides or dilations that spread the windows
+      segment_len = std::max<int64_t>(1, (kMaxSegmentColumns - (g.kw - 1) * g.dil_w - 1) / g.stride_w + 1);
       segments = (g.out_w + segment_len - 1) / segment_len;
     }
-    column_bytes = pair_columns(g, segment_len) * pair_row_groups(g.kh) * kPairValues * sizeof(int16_t);
+    column_bytes = segment_columns(g, segment_len) * pair_row_groups(g.kh) * kPairValues * sizeof(int16_t);
   }
   const DepthwiseSource src{x, g, w.taps, w_quads, w_pairs, pad_byte};
   const int64_t items = g.batch * g.out_h * segments * blocks;
