@@ -1585,36 +1585,6 @@ def test_converted_pipeline_to_meta_and_back_by_load_state_dict():
         assert torch.equal(converted(batches[0]), want)
 
 
-@pytest.mark.parametrize("converted", [False, True])
-def test_checkpoint_saved_before_residual_adds_were_fused_still_loads(tmp_path, converted):
-    # such a checkpoint quantizes the conv's output before the add: load refused it ("does not fit the model") once
-    # convs fused their residual adds; it now rebuilds the pipeline it was saved from, computing the same function
-    torch.manual_seed(0)
-    model = BasicBlockNet().eval()
-    batches = _batches((2, 3, 8, 8))
-    with graph.pipeline_rules(residual_adds_in_convs=False):
-        old = tq.calibrate(tq.prepare(copy.deepcopy(model), PIPELINE), batches, progress=False)
-    if converted:
-        old = tq.convert(old)
-    assert not any(n.target is graph.integer_conv_add for n in old.graph.nodes)
-    path = str(tmp_path / "old.safetensors")
-    tq.save(old, path)
-    with safe_open(path, "pt") as f:  # the file as torchquant wrote it before the flag existed
-        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    meta = json.loads(metadata["torchquant"])
-    assert meta["pipeline"].pop("residual_adds_in_convs") is False
-    save_file(tensors, path, metadata={**metadata, "torchquant": json.dumps(meta)})
-    again = tq.load(path, copy.deepcopy(model))
-    with torch.no_grad():
-        assert torch.equal(again(batches[0]), old(batches[0]))
-    new = tq.quantize_model(copy.deepcopy(model), PIPELINE, batches)  # today's pipeline fuses, and says so
-    tq.save(new, str(tmp_path / "new.safetensors"))
-    with safe_open(str(tmp_path / "new.safetensors"), "pt") as f:
-        assert json.loads(f.metadata()["torchquant"])["pipeline"]["residual_adds_in_convs"] is True
-    assert any(n.target is graph.integer_conv_add for n in tq.load(str(tmp_path / "new.safetensors"),
-                                                                    copy.deepcopy(model)).graph.nodes)
-
-
 class PadBranchNet(nn.Module):
     """A conv output read by a padded conv and by an unpadded one (so it is an integer tensor either way)."""
 
@@ -1628,38 +1598,47 @@ class PadBranchNet(nn.Module):
         return torch.cat([self.padded(self.pad(y)), self.plain(y)], 1)
 
 
+# each planning rule of graph.PIPELINE_RULES, a model it changes, and the converted op that shows it applied
+RULE_MODELS = {"residual_adds_in_convs": (BasicBlockNet, graph.integer_conv_add),
+               "integer_padding": (PadBranchNet, graph.integer_pad)}
+
+
 @pytest.mark.parametrize("converted", [False, True])
-def test_checkpoint_saved_before_padding_ran_on_integers_still_loads(tmp_path, converted):
-    # such a checkpoint quantizes the padding's output (a float op then): it loads into the pipeline it was saved
-    # from, which keeps padding float also when it is converted later
+@pytest.mark.parametrize("rule", list(RULE_MODELS))
+def test_checkpoint_saved_before_a_planning_rule_still_loads(tmp_path, rule, converted):
+    # such a checkpoint quantizes where the pipeline without the rule did (a conv's output before its residual add,
+    # a padding's output): load refused it ("does not fit the model") once the rule came in; it now rebuilds the
+    # pipeline it was saved from, computing the same function, which also converts without the rule later
+    assert set(RULE_MODELS) == set(graph.PIPELINE_RULES)
+    factory, op = RULE_MODELS[rule]
     torch.manual_seed(0)
-    model = PadBranchNet().eval()
+    model = factory().eval()
     batches = _batches((2, 3, 8, 8))
-    with graph.pipeline_rules(integer_padding=False):
+    with graph.pipeline_rules(**{rule: False}):
         old = tq.calibrate(tq.prepare(copy.deepcopy(model), PIPELINE), batches, progress=False)
     if converted:
         old = tq.convert(old)
-        assert graph.integer_pad not in _graph_targets(old)
+        assert op not in _graph_targets(old)
     path = str(tmp_path / "old.safetensors")
     tq.save(old, path)
-    with safe_open(path, "pt") as f:  # the file as torchquant wrote it before the rule existed
+    with safe_open(path, "pt") as f:  # the file as torchquant wrote it before it recorded the rule
         metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     meta = json.loads(metadata["torchquant"])
-    assert meta["pipeline"].pop("integer_padding") is False
+    assert meta["pipeline"].pop(rule) is False
     save_file(tensors, path, metadata={**metadata, "torchquant": json.dumps(meta)})
     again = tq.load(path, copy.deepcopy(model))
     with torch.no_grad():
         assert torch.equal(again(batches[0]), old(batches[0]))
     again = tq.convert(again)
-    assert graph.integer_pad not in _graph_targets(again)
+    assert op not in _graph_targets(again)
     with torch.no_grad():
         assert torch.equal(again(batches[0]), tq.convert(old)(batches[0]))
-    new = tq.quantize_model(copy.deepcopy(model), PIPELINE, batches)  # today's pipeline pads integers, and says so
-    assert graph.integer_pad in _graph_targets(new)
+    new = tq.quantize_model(copy.deepcopy(model), PIPELINE, batches)  # today's pipeline applies it, and says so
+    assert op in _graph_targets(new)
     tq.save(new, str(tmp_path / "new.safetensors"))
     with safe_open(str(tmp_path / "new.safetensors"), "pt") as f:
-        assert json.loads(f.metadata()["torchquant"])["pipeline"]["integer_padding"] is True
-    assert graph.integer_pad in _graph_targets(tq.load(str(tmp_path / "new.safetensors"), copy.deepcopy(model)))
+        assert json.loads(f.metadata()["torchquant"])["pipeline"][rule] is True
+    assert op in _graph_targets(tq.load(str(tmp_path / "new.safetensors"), copy.deepcopy(model)))
 
 
 @pytest.mark.parametrize("name", ["basic-blocks", "hardswish-block", "conv-bn-module", "padded"])

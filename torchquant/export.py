@@ -550,9 +550,10 @@ def input_q_name(layer_name: str) -> str:
 # between layers is Max(q, zero point), flatten / reshape / concatenation act on the integer tensors, padding is Pad
 # of the integers (constant padding with the zero point), and an activation lookup (quantized_lookup) is a Gather
 # from its 256-entry table: Cast of the integers to an int32 index, for int8 ones plus 128 into the table rotated by
-# 128 entries (the same entry for each value as torchquant's byte index, with no negative index). A QDQ Conv (DequantizeLinear -> Conv -> QuantizeLinear) would not give
-# torchquant's integers: run unfused it sums dequantized floats, and onnxruntime's fused QLinearConv quantizes the
-# bias to int32 and requantizes with one combined multiplier.
+# 128 entries (the same entry for each value as torchquant's byte index, with no negative index). A QDQ Conv
+# (DequantizeLinear -> Conv -> QuantizeLinear) would not give torchquant's integers: run unfused it sums dequantized
+# floats, and onnxruntime's fused QLinearConv quantizes the bias to int32 and requantizes with one combined
+# multiplier.
 
 _PIPELINE_KINDS = {pipeline.quantize_input: "quantize", pipeline.dequantize_output: "dequantize",
                    pipeline.integer_relu: "relu", F_q.quantized_max_pool1d: "max_pool",
