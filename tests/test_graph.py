@@ -3,6 +3,7 @@ every pattern, the float reference, fallbacks, save/load, report and CLI."""
 import copy
 import dataclasses
 import json
+import os
 from collections import Counter
 import warnings
 
@@ -413,6 +414,29 @@ class UNetNet(nn.Module):
         d2 = F.relu(self.dec2(torch.cat([F.interpolate(m, size=e2.shape[2:]), e2], dim=1)))
         d1 = F.relu(self.dec1(torch.cat([self.up(d2), e1], dim=1)))
         return self.head(F.interpolate(d1, scale_factor=1.5, mode="nearest-exact"))
+
+
+class DropoutNet(nn.Module):
+    """Dropout modules between integer layers (the identity in evaluation)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Dropout2d(0.5), nn.Conv2d(8, 4, 3), nn.Flatten(),
+                                 nn.Dropout(0.5), nn.Linear(4 * 4 * 4, 3))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class TransposedFeaturesNet(nn.Module):
+    """A Conv1d's output read through .mT by a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv1d(4, 8, 3, padding=1), nn.Linear(8, 6)
+
+    def forward(self, x):  # [B, 4, T]
+        return self.fc(F.relu(self.conv(x)).mT)
 
 
 def _randomize_bn(model, seed=0):
@@ -1585,60 +1609,81 @@ def test_converted_pipeline_to_meta_and_back_by_load_state_dict():
         assert torch.equal(converted(batches[0]), want)
 
 
-class PadBranchNet(nn.Module):
-    """A conv output read by a padded conv and by an unpadded one (so it is an integer tensor either way)."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem, self.padded, self.plain = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 1)
-        self.pad = nn.ZeroPad2d(1)
-
-    def forward(self, x):
-        y = self.stem(x)
-        return torch.cat([self.padded(self.pad(y)), self.plain(y)], 1)
+def _quantizer_names(model):
+    return sorted(model.get_submodule(graph.ACT_QUANT)._modules)
 
 
-# each planning rule of graph.PIPELINE_RULES, a model it changes, and the converted op that shows it applied
-RULE_MODELS = {"residual_adds_in_convs": (BasicBlockNet, graph.integer_conv_add),
-               "integer_padding": (PadBranchNet, graph.integer_pad)}
+# pipeline checkpoints written by torchquant before each planning rule came in (prepared and converted, with their
+# outputs on the model's first test batch), and two planned with every rule but recording only some of them: the
+# model of each (of MODELS or _FIXTURE_MODELS) and the rule it predates
+CHECKPOINTS = os.path.join(os.path.dirname(__file__), "data", "pipeline_checkpoints")
+OLD_CHECKPOINTS = {"before-integer_dropout": ("dropout", "integer_dropout"),
+                   "before-integer_lookups": ("smooth-activations", "integer_lookups"),
+                   "before-residual_adds_in_convs": ("basic-blocks", "residual_adds_in_convs"),
+                   "before-integer_max_pool1d": ("keyword-spotting", "integer_max_pool1d"),
+                   "before-integer_views": ("spectrogram-views", "integer_views"),
+                   "before-integer_extrema": ("text-cnn", "integer_extrema"),
+                   "before-integer_extrema-mT": ("transposed-features", "integer_extrema"),
+                   "before-integer_indexing": ("shuffle-block", "integer_indexing"),
+                   "before-integer_padding": ("padded", "integer_padding"),
+                   "integer_padding-unrecorded": ("padded", None),
+                   "residual-and-padding-recorded": ("text-cnn", None)}
+_FIXTURE_MODELS = {"dropout": (DropoutNet, (2, 3, 8, 8)), "transposed-features": (TransposedFeaturesNet, (2, 4, 6))}
 
 
-@pytest.mark.parametrize("converted", [False, True])
-@pytest.mark.parametrize("rule", list(RULE_MODELS))
-def test_checkpoint_saved_before_a_planning_rule_still_loads(tmp_path, rule, converted):
-    # such a checkpoint quantizes where the pipeline without the rule did (a conv's output before its residual add,
-    # a padding's output): load refused it ("does not fit the model") once the rule came in; it now rebuilds the
-    # pipeline it was saved from, computing the same function, which also converts without the rule later
-    assert set(RULE_MODELS) == set(graph.PIPELINE_RULES)
-    factory, op = RULE_MODELS[rule]
+@pytest.mark.parametrize("kind", ["prepared", "converted"])
+@pytest.mark.parametrize("name", list(OLD_CHECKPOINTS))
+def test_checkpoints_of_earlier_planners_load_as_they_were_saved(name, kind):
+    # each loads into a fresh float model (the weights are the file's) and computes what it computed when saved, with
+    # the rules it was planned with: those before the one it predates, or all; a converted one's integer ops ran
+    # then on the same kernels
+    assert {rule for _, rule in OLD_CHECKPOINTS.values()} == {*graph.PIPELINE_RULES, None}
+    model_name, predates = OLD_CHECKPOINTS[name]
+    factory, shape = {**MODELS, **_FIXTURE_MODELS}[model_name]
+    loaded = tq.load(os.path.join(CHECKPOINTS, f"{name}.{kind}.safetensors"), factory().eval())
+    applied = graph.PIPELINE_RULES[:graph.PIPELINE_RULES.index(predates)] if predates else graph.PIPELINE_RULES
+    assert {r for r in graph.PIPELINE_RULES if graph._meta(loaded)[r]} == set(applied)
+    with safe_open(os.path.join(CHECKPOINTS, "expected_outputs.safetensors"), "pt") as f:
+        expected = f.get_tensor(f"{name}.{kind}")
+    with torch.no_grad():
+        assert torch.equal(loaded(_batches(shape)[0]), expected)
+    if kind == "prepared":  # converted now, with the rules it was planned with: the converted file's function
+        with safe_open(os.path.join(CHECKPOINTS, "expected_outputs.safetensors"), "pt") as f:
+            expected = f.get_tensor(f"{name}.converted")
+        with torch.no_grad():
+            assert torch.equal(tq.convert(loaded)(_batches(shape)[0]), expected)
+
+
+def test_pipeline_checkpoints_record_every_planning_rule(tmp_path):
+    factory, shape = MODELS["text-cnn"]
     torch.manual_seed(0)
     model = factory().eval()
-    batches = _batches((2, 3, 8, 8))
-    with graph.pipeline_rules(**{rule: False}):
-        old = tq.calibrate(tq.prepare(copy.deepcopy(model), PIPELINE), batches, progress=False)
-    if converted:
-        old = tq.convert(old)
-        assert op not in _graph_targets(old)
-    path = str(tmp_path / "old.safetensors")
-    tq.save(old, path)
-    with safe_open(path, "pt") as f:  # the file as torchquant wrote it before it recorded the rule
-        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    meta = json.loads(metadata["torchquant"])
-    assert meta["pipeline"].pop(rule) is False
-    save_file(tensors, path, metadata={**metadata, "torchquant": json.dumps(meta)})
-    again = tq.load(path, copy.deepcopy(model))
-    with torch.no_grad():
-        assert torch.equal(again(batches[0]), old(batches[0]))
-    again = tq.convert(again)
-    assert op not in _graph_targets(again)
-    with torch.no_grad():
-        assert torch.equal(again(batches[0]), tq.convert(old)(batches[0]))
-    new = tq.quantize_model(copy.deepcopy(model), PIPELINE, batches)  # today's pipeline applies it, and says so
-    assert op in _graph_targets(new)
-    tq.save(new, str(tmp_path / "new.safetensors"))
-    with safe_open(str(tmp_path / "new.safetensors"), "pt") as f:
-        assert json.loads(f.metadata()["torchquant"])["pipeline"][rule] is True
-    assert op in _graph_targets(tq.load(str(tmp_path / "new.safetensors"), copy.deepcopy(model)))
+    batches = _batches(shape)
+    prepared = tq.calibrate(tq.prepare(copy.deepcopy(model), PIPELINE), batches, progress=False)
+    for pipeline in (prepared, tq.convert(copy.deepcopy(prepared))):
+        path = str(tmp_path / "model.safetensors")
+        tq.save(pipeline, path)
+        with safe_open(path, "pt") as f:
+            recorded = json.loads(f.metadata()["torchquant"])["pipeline"]
+        assert all(recorded[r] is True for r in graph.PIPELINE_RULES)
+        again = tq.load(path, copy.deepcopy(model))
+        assert _quantizer_names(again) == _quantizer_names(pipeline)
+        with torch.no_grad():
+            assert torch.equal(again(batches[0]), pipeline(batches[0]))
+
+
+def test_rules_a_checkpoint_may_have():
+    rules = graph.PIPELINE_RULES
+    assert graph.rules_a_checkpoint_may_have(dict.fromkeys(rules, True)) == [dict.fromkeys(rules, True)]
+    # files record every rule up to the latest one they record
+    assert graph.rules_a_checkpoint_may_have({"residual_adds_in_convs": False, "integer_padding": False}) == [
+        {**dict.fromkeys(rules, True), "residual_adds_in_convs": False, "integer_padding": False}]
+    # the rules after the latest recorded one applied up to some point in their order, the newest first
+    residual = rules.index("residual_adds_in_convs")
+    assert graph.rules_a_checkpoint_may_have({"residual_adds_in_convs": True}) == [
+        {r: r in rules[:n] for r in rules} for n in range(len(rules), residual, -1)]
+    assert graph.rules_a_checkpoint_may_have({}) == [{r: r in rules[:n] for r in rules}
+                                                     for n in range(len(rules), -1, -1)]
 
 
 @pytest.mark.parametrize("name", ["basic-blocks", "hardswish-block", "conv-bn-module", "padded"])

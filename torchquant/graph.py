@@ -79,15 +79,17 @@ _POOLED_DIMS = {F_q.quantized_max_pool1d: 1, F_q.quantized_max_pool2d: 2}
 # nearest-neighbour upsampling copies values: it runs on uint8 integers as it is (torch has no int8 kernel)
 _UPSAMPLE_FUNCTIONS = (F.interpolate, F.upsample, F.upsample_nearest)
 _NEAREST_MODES = ("nearest", "nearest-exact")
-# ops that move or regroup a tensor's values without changing them: they run on the integers as they are
-# (and indexing or slicing: operator.getitem of a tensor)
-_PASSTHROUGH_FUNCTIONS = (torch.flatten, torch.reshape, torch.unflatten, torch.squeeze, torch.unsqueeze,
-                          torch.transpose, torch.swapaxes, torch.swapdims, torch.t, torch.permute, torch.movedim,
-                          torch.moveaxis, torch.flip, torch.roll, torch.narrow, torch.select, torch.tile,
-                          operator.getitem)
-_PASSTHROUGH_METHODS = ("flatten", "reshape", "view", "contiguous", "unflatten", "squeeze", "unsqueeze", "transpose",
-                        "swapaxes", "swapdims", "t", "permute", "movedim", "moveaxis", "flip", "roll", "narrow",
-                        "select", "tile", "repeat", "expand")
+# ops that move or regroup a tensor's values without changing them: they run on the integers as they are (and
+# indexing or slicing: operator.getitem of a tensor); functions and tensor methods, by the planning rule that brought
+# them in (None: from the start)
+_PASSTHROUGHS = {
+    None: (torch.flatten, torch.reshape, "flatten", "reshape", "view", "contiguous"),
+    "integer_views": (torch.unflatten, torch.squeeze, torch.unsqueeze, torch.transpose, torch.swapaxes, torch.swapdims,
+                      torch.t, torch.permute, torch.movedim, torch.moveaxis, "unflatten", "squeeze", "unsqueeze",
+                      "transpose", "swapaxes", "swapdims", "t", "permute", "movedim", "moveaxis"),
+    "integer_indexing": (torch.flip, torch.roll, torch.narrow, torch.select, torch.tile, operator.getitem, "flip",
+                         "roll", "narrow", "select", "tile", "repeat", "expand")}
+_PASSTHROUGH_RULE = {op: rule for rule, ops in _PASSTHROUGHS.items() for op in ops}
 # ops that split a tensor into a tuple of tensors: passthroughs where only indexing reads the tuple (x.chunk(2, 1))
 _SPLIT_FUNCTIONS = (torch.chunk, torch.split, torch.tensor_split, torch.unbind)
 _SPLIT_METHODS = ("chunk", "split", "tensor_split", "unbind")
@@ -105,7 +107,7 @@ _SHAPE_METHODS = ("size", "dim")
 _AVG_POOLS = (nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
 _AVG_POOL_FUNCTIONS = (F.avg_pool1d, F.adaptive_avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool2d)
 _DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
-_PASSTHROUGH_MODULES = (nn.Flatten, nn.Identity) + _DROPOUT_MODULES
+_PASSTHROUGH_MODULES = (nn.Flatten, nn.Identity)
 _IN_PLACE_OPERATORS = (operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
                        operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift,
                        operator.irshift)
@@ -333,9 +335,11 @@ def _fused_relu(node: fx.Node, modules: dict) -> Optional[fx.Node]:
 def _is_max_pool(node: fx.Node, modules: dict) -> bool:
     if node.op == "call_module":
         m = modules.get(node.target)
-        return type(m) in _MAX_POOLS and not m.return_indices
-    return (node.op == "call_function" and node.target in _MAX_POOL_FUNCTIONS and _constant_args(node)
-            and not _given_arguments(node, _MAX_POOL_ARGUMENTS).get("return_indices", False))
+        found = type(m) in _MAX_POOLS and not m.return_indices
+    else:
+        found = (node.op == "call_function" and node.target in _MAX_POOL_FUNCTIONS and _constant_args(node)
+                 and not _given_arguments(node, _MAX_POOL_ARGUMENTS).get("return_indices", False))
+    return found and (_POOLED_DIMS[_integer_max_pool(node, modules)] == 2 or _RULES.get()["integer_max_pool1d"])
 
 
 def _spatial_dims(arg, x: fx.Node, n: int) -> Optional[tuple]:
@@ -374,6 +378,8 @@ def _global_max_pool_dims(node: fx.Node, modules: dict) -> Optional[tuple]:
     def ones(size, n):
         return size == 1 or isinstance(size, (tuple, list)) and tuple(size) == (1,) * n
 
+    if not _RULES.get()["integer_views"]:
+        return None
     if node.op == "call_module":
         m = modules.get(node.target)
         n = _ADAPTIVE_MAX_POOLS.get(type(m))
@@ -401,6 +407,8 @@ def _global_max_pool_dims(node: fx.Node, modules: dict) -> Optional[tuple]:
 
 def _is_nearest_upsample(node: fx.Node, modules: dict) -> bool:
     """nn.Upsample / nn.UpsamplingNearest2d, F.interpolate / F.upsample in a nearest mode, F.upsample_nearest."""
+    if not _RULES.get()["integer_views"]:
+        return False
     if node.op == "call_module":
         m = modules.get(node.target)
         return isinstance(m, nn.Upsample) and m.mode in _NEAREST_MODES
@@ -511,6 +519,8 @@ def _merge_extremum_values(graph: fx.Graph) -> None:
     """torch.max / torch.min over one dim (or their methods) whose indices nothing reads (x.max(2)[0],
     torch.min(x, dim=1).values, `values, _ = x.max(-1)`) become one max_values / min_values node of the tensor, which
     the pipeline runs on integers as it does amax."""
+    if not _RULES.get()["integer_extrema"]:
+        return
     for node in list(graph.nodes):
         values_of = _VALUES_OF.get(node.target) if node.op in ("call_function", "call_method") else None
         given = _given_arguments(node, ("dim", "keepdim")) if values_of is not None else {}
@@ -533,6 +543,8 @@ def _merge_extremum_values(graph: fx.Graph) -> None:
 def _is_extremum(node: fx.Node) -> bool:
     """amax / amin, the max / min of a whole tensor, max_values / min_values: the largest or smallest values."""
     if node.op not in ("call_function", "call_method") or not _constant_args(node):
+        return False
+    if not _RULES.get()["integer_extrema"]:
         return False
     return node.target in _EXTREMA or node.target in _VALUES_OF and len(node.args) == 1 and not node.kwargs
 
@@ -562,17 +574,29 @@ def _is_passthrough(node: fx.Node, modules: dict) -> bool:
         return False
     if node.op == "call_module":
         m = modules.get(node.target)
-        return type(m) in _PASSTHROUGH_MODULES or _is_max_pool(node, modules) or _is_nearest_upsample(node, modules) \
+        return type(m) in _PASSTHROUGH_MODULES or type(m) in _DROPOUT_MODULES and _RULES.get()["integer_dropout"] \
+            or _is_max_pool(node, modules) or _is_nearest_upsample(node, modules) \
             or _global_max_pool_dims(node, modules) is not None or activation_clamp(node, modules) == (0.0, None) \
             or _integer_padding(node, modules) is not None
     if node.op == "call_function":
-        if (node.target in _PASSTHROUGH_FUNCTIONS or _is_max_pool(node, modules) or _is_nearest_upsample(node, modules)
+        if (_is_listed_passthrough(node) or _is_max_pool(node, modules) or _is_nearest_upsample(node, modules)
                 or _global_max_pool_dims(node, modules) is not None or _is_extremum(node)
-                or _is_attribute(node, _PASSTHROUGH_ATTRIBUTES) or _integer_padding(node, modules) is not None):
+                or _is_matrix_transpose(node) or _integer_padding(node, modules) is not None):
             return True
-    if node.op == "call_method" and (node.target in _PASSTHROUGH_METHODS or _is_extremum(node)):
+    if node.op == "call_method" and (_is_listed_passthrough(node) or _is_extremum(node)):
         return not any(isinstance(a, torch.dtype) for a in node.args)  # (view(dtype) reinterprets the bytes)
     return _is_split(node) or activation_clamp(node, modules) == (0.0, None)
+
+
+def _is_listed_passthrough(node: fx.Node) -> bool:
+    """A function or method of _PASSTHROUGHS whose rule applies."""
+    rule = _PASSTHROUGH_RULE.get(node.target, False)
+    return rule is None or rule is not False and _RULES.get()[rule]
+
+
+def _is_matrix_transpose(node: fx.Node) -> bool:
+    """x.T / x.mT (which came with the extrema)."""
+    return _is_attribute(node, _PASSTHROUGH_ATTRIBUTES) and _RULES.get()["integer_extrema"]
 
 
 def _splits(node: fx.Node) -> bool:
@@ -583,7 +607,7 @@ def _splits(node: fx.Node) -> bool:
 
 def _is_split(node: fx.Node) -> bool:
     """A split whose tensors are only read one by one (t[i]; a slice of the tuple is a tuple)."""
-    return _splits(node) and bool(node.users) and all(
+    return _splits(node) and _RULES.get()["integer_indexing"] and bool(node.users) and all(
         u.op == "call_function" and u.target is operator.getitem and isinstance(u.args[1], int) for u in node.users)
 
 
@@ -596,6 +620,7 @@ def _is_shape_query(node: fx.Node) -> bool:
 def _is_cat(node: fx.Node) -> bool:
     """torch.cat / stack of tensors."""
     return (node.op == "call_function" and node.target in _CAT_FUNCTIONS and node.args
+            and (node.target is not torch.stack or _RULES.get()["integer_indexing"])
             and isinstance(node.args[0], (list, tuple)) and all(isinstance(a, fx.Node) for a in node.args[0])
             and _constant_args(node))
 
@@ -604,9 +629,11 @@ def _tensor_like(node: fx.Node) -> bool:
     """Whether node may be a tensor: not a shape query, nor an item of one (x.shape[2]) or of an input (a list);
     an item of another op is a tensor where it slices (y[:, :4]) or picks from a split (x.chunk(2)[0]), not where an
     int picks from what may be a tuple of ints (x.stride()[1])."""
-    if _is_shape_query(node):
-        return False
+    if _is_shape_query(node) or _is_attribute(node, _PASSTHROUGH_ATTRIBUTES) and not _is_matrix_transpose(node):
+        return False  # (without the integer_extrema rule .T / .mT are read as shape queries)
     if node.op == "call_function" and node.target is operator.getitem:
+        if not _RULES.get()["integer_indexing"]:
+            return False  # (without the integer_indexing rule no item is a tensor to integer ops)
         base, index = node.args
         return (isinstance(base, fx.Node) and base.op.startswith("call_") and _tensor_like(base)
                 and (not isinstance(index, int) or _splits(base)))
@@ -710,7 +737,7 @@ def _plan(graph: fx.Graph, modules: dict, integer_output: bool) -> tuple[dict, d
             continue
         if _is_passthrough(node, modules) and node.args[0] in group:
             group[node] = group[node.args[0]]
-        elif lookup_function(node, modules) is not None and node.args[0] in group:
+        elif _RULES.get()["integer_lookups"] and lookup_function(node, modules) is not None and node.args[0] in group:
             int_consumers.add(node)
             lookups.add(node)
             produce(node)
@@ -775,13 +802,39 @@ def _describe(node: fx.Node) -> str:
     return f"{node.name} ({target})"
 
 
-# Rules of the pipeline's planning that came in after pipelines were first saved; each applies unless load()
-# rebuilds a pipeline saved before it did (its checkpoint says which), whose quantizers and function are those of the
-# pipeline without it:
+# Rules of the pipeline's planning that came in after pipelines were first saved, in the order they came; each applies
+# unless load() rebuilds a pipeline saved before it did, whose quantizers and function are those of the pipeline
+# without it. Before each, the ops it names were float ops (their outputs quantized where integer ops read them):
+# - integer_dropout: dropout modules pass integers through;
+# - integer_lookups: element-wise activations run as table lookups;
 # - residual_adds_in_convs: a conv's residual add becomes its epilogue (before: the conv's output was quantized);
-# - integer_padding: padding runs on integers (before: a float op, its output quantized).
-PIPELINE_RULES = ("residual_adds_in_convs", "integer_padding")
+# - integer_max_pool1d: 1-d max-pools run on integers;
+# - integer_views: squeeze / unsqueeze / transpose / permute / movedim / unflatten, nearest upsampling and global
+#   max-pools run on integers;
+# - integer_extrema: amax / amin and the values of max / min run on integers; .T / .mT pass integers through (before:
+#   they were read as shape queries, which an integer op does not take);
+# - integer_indexing: indexing and slicing, flip / roll / narrow / select / tile / repeat / expand, splits read by
+#   indexing and torch.stack run on integers (before: an item or slice was no tensor to integer ops);
+# - integer_padding: padding runs on integers.
+# Checkpoints record the rules their pipeline was planned with; a file older than a rule does not (load() then
+# rebuilds the pipeline whose quantizers and tensors it holds: rules_a_checkpoint_may_have).
+PIPELINE_RULES = ("integer_dropout", "integer_lookups", "residual_adds_in_convs", "integer_max_pool1d", "integer_views",
+                  "integer_extrema", "integer_indexing", "integer_padding")
 _RULES = contextvars.ContextVar("torchquant_pipeline_rules", default=dict.fromkeys(PIPELINE_RULES, True))
+
+
+def rules_a_checkpoint_may_have(recorded: dict) -> list[dict]:
+    """The rule sets a pipeline checkpoint recording the given rules (a dict of some of PIPELINE_RULES) may have been
+    planned with, the newest first. A rule it does not record came in after it was saved, or was not recorded yet
+    then (files record every rule but those that came after the latest one they record): those after its latest
+    recorded rule applied up to some point in their order."""
+    latest = max((i for i, rule in enumerate(PIPELINE_RULES) if rule in recorded), default=-1)
+    candidates = []
+    for applied in range(len(PIPELINE_RULES), latest, -1):  # the rules before `applied` applied
+        rules = {rule: recorded.get(rule, i < applied) for i, rule in enumerate(PIPELINE_RULES)}
+        if rules not in candidates:
+            candidates.append(rules)
+    return candidates
 
 
 @contextlib.contextmanager
@@ -1203,7 +1256,7 @@ def _lower_planned(gm: fx.GraphModule, dtype: torch.dtype, build_tables: bool) -
             continue
         activation = lookup_function(node, modules)
         fq = fake_quant_after(node)
-        if activation is not None and node.args[0] in int_of and fq is not None:
+        if activation is not None and node.args[0] in int_of and fq is not None and _RULES.get()["integer_lookups"]:
             out = attr(fq.target)
             out_quantizer = gm.get_submodule(fq.target)
             table = lookup_table(activation, gm.get_submodule(int_of[node.args[0]].target), out_quantizer, dtype) \

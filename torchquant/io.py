@@ -36,7 +36,7 @@ from torchquant.convert import (QUANT_TYPES, _check_model, _layer_gelu_pairs, ge
                                 unfuse_transformers)
 from torchquant.fold import attach_folded_bn, parent_and_key
 from torchquant.graph import (ACT_QUANT, META_KEY as PIPELINE_META, ActivationQuantizer, converted_skeleton,
-                              is_pipeline, pipeline_rules, PIPELINE_RULES)
+                              is_pipeline, pipeline_rules, rules_a_checkpoint_may_have, PIPELINE_RULES)
 from torchquant.nn.base import QuantLayerBase, set_weight_spec, unpack_int4
 from torchquant.nn.quantizers import InputQuantizer, WeightQuantizer
 from torchquant.observers import Observer
@@ -276,7 +276,7 @@ def _parse_meta(path: str, text: str, tensor_names) -> dict:
             raise malformed(f"'pipeline' must be an object with keys config, converted, quantizers and optionally "
                             f"{', '.join(PIPELINE_RULES)}")
         for rule in PIPELINE_RULES:
-            if not isinstance(pipeline.setdefault(rule, False), bool):
+            if rule in pipeline and not isinstance(pipeline[rule], bool):
                 raise malformed(f"pipeline {rule!r} must be true or false, got {pipeline[rule]!r}")
         if not isinstance(pipeline["converted"], bool):
             raise malformed(f"pipeline 'converted' must be true or false, got {pipeline['converted']!r}")
@@ -691,17 +691,23 @@ def _load_pipeline(path: str, model: nn.Module, meta: dict, tensors: dict) -> nn
     else:
         if any(isinstance(m, QuantLayerBase) for m in model.modules()):
             raise ValueError(f"load: {path} holds an integer pipeline; load it into the float model")
-        with warnings.catch_warnings(), pipeline_rules(**{rule: pipeline[rule] for rule in PIPELINE_RULES}):
-            warnings.simplefilter("ignore")  # prepare's notes on what stays float were given when it was made
-            built = prepare(model, pipeline["config"], inplace=False)
-        if not is_pipeline(built):
-            raise ValueError(f"load: {path} holds an integer pipeline, but torch.fx cannot trace the model")
-        for name, entry in meta["layers"].items():  # layers given other weight bits (torchquant.budget)
-            layer = _child(built, name)
-            if isinstance(layer, QuantLayerBase) and layer.config.weight != entry["config"].weight:
-                set_weight_spec(layer, entry["config"].weight)
-        if pipeline["converted"]:
-            converted_skeleton(built)
+        # the pipeline the file was saved from: planned with the rules it records, and of those it does not record,
+        # with the ones whose plan has its quantizers and tensors (none has: the checks below refuse the last)
+        for rules in rules_a_checkpoint_may_have({r: pipeline[r] for r in PIPELINE_RULES if r in pipeline}):
+            with warnings.catch_warnings(), pipeline_rules(**rules):
+                warnings.simplefilter("ignore")  # prepare's notes on what stays float were given when it was made
+                built = prepare(model, pipeline["config"], inplace=False)
+            if not is_pipeline(built):
+                raise ValueError(f"load: {path} holds an integer pipeline, but torch.fx cannot trace the model")
+            for name, entry in meta["layers"].items():  # layers given other weight bits (torchquant.budget)
+                layer = _child(built, name)
+                if isinstance(layer, QuantLayerBase) and layer.config.weight != entry["config"].weight:
+                    set_weight_spec(layer, entry["config"].weight)
+            if pipeline["converted"]:
+                converted_skeleton(built)
+            if (sorted(built.get_submodule(ACT_QUANT)._modules) == pipeline["quantizers"]
+                    and built.state_dict().keys() == tensors.keys()):
+                break
     found = {"layers": _layer_layout(built), "quantizers": sorted(built.get_submodule(ACT_QUANT)._modules)}
     for key, want in (("layers", meta["layers"]), ("quantizers", pipeline["quantizers"])):
         expected = {name: {k: v for k, v in entry.items() if k != "config"} for name, entry in want.items()} \
