@@ -1616,7 +1616,7 @@ def _quantizer_names(model):
 # pipeline checkpoints written by torchquant before each planning rule came in (prepared and converted, with their
 # outputs on the model's first test batch), and two planned with every rule but recording only some of them: the
 # model of each (of MODELS or _FIXTURE_MODELS) and the rule it predates
-CHECKPOINTS = os.path.join(os.path.dirname(__file__), "data", "pipeline_checkpoints")
+CHECKPOINTS = os.path.join(os.path.dirname(__file__), "data", "checkpoints", "pipeline")
 OLD_CHECKPOINTS = {"before-integer_dropout": ("dropout", "integer_dropout"),
                    "before-integer_lookups": ("smooth-activations", "integer_lookups"),
                    "before-residual_adds_in_convs": ("basic-blocks", "residual_adds_in_convs"),

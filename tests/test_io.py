@@ -486,6 +486,23 @@ def test_failed_load_of_a_folded_batchnorm_leaves_the_skeleton_as_it_was(tmp_pat
     assert type(loaded[1]) is nn.Identity and torch.equal(_outputs(loaded, x), _outputs(model, x))
 
 
+def test_prepared_checkpoint_with_the_folded_batchnorm_inside_its_layer_loads():
+    # a prepared (fake-quant) DigitsBNCNN(channels=4, hidden=8) written by a torchquant that stored a folded
+    # BatchNorm inside its layer (conv1.bn.weight) instead of under its own name (bn1.weight): it failed with
+    # "missing ['bn1.weight', ...]"; it loads into the float model and computes what it computed then
+    from torchquant.examples import DigitsBNCNN
+    folder = os.path.join(os.path.dirname(__file__), "data", "checkpoints")
+    with safe_open(os.path.join(folder, "prepared-bn-inside-layer.safetensors"), "pt") as f:
+        assert "conv1.bn.weight" in f.keys() and "bn1.weight" not in f.keys()
+    loaded = tq.load(os.path.join(folder, "prepared-bn-inside-layer.safetensors"), DigitsBNCNN(4, 8).eval())
+    assert loaded.conv1.folded_bn == "bn1" and "bn1.weight" in loaded.state_dict()
+    with safe_open(os.path.join(folder, "prepared-bn-inside-layer.expected.safetensors"), "pt") as f:
+        x, y = f.get_tensor("x"), f.get_tensor("y")
+    with torch.no_grad():
+        assert torch.equal(loaded(x), y)
+        assert torch.equal(tq.convert(loaded)(x).argmax(1), y.argmax(1))
+
+
 def _snapshot_folded(model):
     return [(n, id(m), type(m)) for n, m in model.named_modules()], \
         [(k, v.tolist()) for k, v in model.state_dict().items()]

@@ -317,7 +317,18 @@ def _read(path: str) -> tuple[dict, dict]:
     meta = _parse_meta(path, metadata[FORMAT], tensors.keys())
     for key, target in meta["aliases"].items():
         tensors[key] = tensors[target]
-    return meta, tensors
+    return meta, _folded_bn_under_its_name(meta, tensors)
+
+
+def _folded_bn_under_its_name(meta: dict, tensors: dict) -> dict:
+    """tensors with a prepared layer's folded BatchNorm under the BatchNorm's own name (bn1.weight): files that
+    stored it inside the layer (conv1.bn.weight) load as those that store it under its name."""
+    renamed = {}
+    for name, entry in meta["layers"].items():
+        inside, bn = f"{name}.bn.", entry.get("folded_bn")
+        if bn is not None and not entry["converted"] and not any(k.startswith(f"{bn}.") for k in tensors):
+            renamed.update({k: f"{bn}.{k[len(inside):]}" for k in tensors if k.startswith(inside)})
+    return {renamed.get(k, k): t for k, t in tensors.items()}
 
 
 def _first_bad(t: torch.Tensor, bad: torch.Tensor) -> str:
