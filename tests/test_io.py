@@ -488,19 +488,22 @@ def test_failed_load_of_a_folded_batchnorm_leaves_the_skeleton_as_it_was(tmp_pat
 
 def test_prepared_checkpoint_with_the_folded_batchnorm_inside_its_layer_loads():
     # a prepared (fake-quant) DigitsBNCNN(channels=4, hidden=8) written by a torchquant that stored a folded
-    # BatchNorm inside its layer (conv1.bn.weight) instead of under its own name (bn1.weight): it failed with
-    # "missing ['bn1.weight', ...]"; it loads into the float model and computes what it computed then
+    # BatchNorm inside its layer (conv1.bn.weight) instead of under its own name (bn1.weight), see
+    # scripts/write_old_checkpoints.py: it failed with "missing ['bn1.weight', ...]"; it loads into the float model
+    # and computes what it computed then, converted too
     from torchquant.examples import DigitsBNCNN
     folder = os.path.join(os.path.dirname(__file__), "data", "checkpoints")
-    with safe_open(os.path.join(folder, "prepared-bn-inside-layer.safetensors"), "pt") as f:
+    path = os.path.join(folder, "prepared-bn-inside-layer.prepared.safetensors")
+    with safe_open(path, "pt") as f:
         assert "conv1.bn.weight" in f.keys() and "bn1.weight" not in f.keys()
-    loaded = tq.load(os.path.join(folder, "prepared-bn-inside-layer.safetensors"), DigitsBNCNN(4, 8).eval())
+    loaded = tq.load(path, DigitsBNCNN(4, 8).eval())
     assert loaded.conv1.folded_bn == "bn1" and "bn1.weight" in loaded.state_dict()
-    with safe_open(os.path.join(folder, "prepared-bn-inside-layer.expected.safetensors"), "pt") as f:
-        x, y = f.get_tensor("x"), f.get_tensor("y")
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    with safe_open(os.path.join(folder, "expected_outputs.safetensors"), "pt") as f:
+        expected = {kind: f.get_tensor(f"prepared-bn-inside-layer.{kind}") for kind in ("prepared", "converted")}
     with torch.no_grad():
-        assert torch.equal(loaded(x), y)
-        assert torch.equal(tq.convert(loaded)(x).argmax(1), y.argmax(1))
+        assert torch.equal(loaded(x), expected["prepared"])
+        assert torch.equal(tq.convert(loaded)(x), expected["converted"])
 
 
 def _snapshot_folded(model):

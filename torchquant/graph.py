@@ -581,7 +581,7 @@ def _is_passthrough(node: fx.Node, modules: dict) -> bool:
     if node.op == "call_function":
         if (_is_listed_passthrough(node) or _is_max_pool(node, modules) or _is_nearest_upsample(node, modules)
                 or _global_max_pool_dims(node, modules) is not None or _is_extremum(node)
-                or _is_matrix_transpose(node) or _integer_padding(node, modules) is not None):
+                or _is_attribute(node, _PASSTHROUGH_ATTRIBUTES) or _integer_padding(node, modules) is not None):
             return True
     if node.op == "call_method" and (_is_listed_passthrough(node) or _is_extremum(node)):
         return not any(isinstance(a, torch.dtype) for a in node.args)  # (view(dtype) reinterprets the bytes)
@@ -592,11 +592,6 @@ def _is_listed_passthrough(node: fx.Node) -> bool:
     """A function or method of _PASSTHROUGHS whose rule applies."""
     rule = _PASSTHROUGH_RULE.get(node.target, False)
     return rule is None or rule is not False and _RULES.get()[rule]
-
-
-def _is_matrix_transpose(node: fx.Node) -> bool:
-    """x.T / x.mT (which came with the extrema)."""
-    return _is_attribute(node, _PASSTHROUGH_ATTRIBUTES) and _RULES.get()["integer_extrema"]
 
 
 def _splits(node: fx.Node) -> bool:
@@ -620,7 +615,7 @@ def _is_shape_query(node: fx.Node) -> bool:
 def _is_cat(node: fx.Node) -> bool:
     """torch.cat / stack of tensors."""
     return (node.op == "call_function" and node.target in _CAT_FUNCTIONS and node.args
-            and (node.target is not torch.stack or _RULES.get()["integer_indexing"])
+            and (node.target is torch.cat or _RULES.get()["integer_indexing"])
             and isinstance(node.args[0], (list, tuple)) and all(isinstance(a, fx.Node) for a in node.args[0])
             and _constant_args(node))
 
@@ -629,8 +624,8 @@ def _tensor_like(node: fx.Node) -> bool:
     """Whether node may be a tensor: not a shape query, nor an item of one (x.shape[2]) or of an input (a list);
     an item of another op is a tensor where it slices (y[:, :4]) or picks from a split (x.chunk(2)[0]), not where an
     int picks from what may be a tuple of ints (x.stride()[1])."""
-    if _is_shape_query(node) or _is_attribute(node, _PASSTHROUGH_ATTRIBUTES) and not _is_matrix_transpose(node):
-        return False  # (without the integer_extrema rule .T / .mT are read as shape queries)
+    if _is_shape_query(node) or node.target is getattr and not _RULES.get()["integer_extrema"]:
+        return False  # (without the integer_extrema rule every attribute is read as a shape query)
     if node.op == "call_function" and node.target is operator.getitem:
         if not _RULES.get()["integer_indexing"]:
             return False  # (without the integer_indexing rule no item is a tensor to integer ops)
@@ -812,9 +807,10 @@ def _describe(node: fx.Node) -> str:
 # - integer_views: squeeze / unsqueeze / transpose / permute / movedim / unflatten, nearest upsampling and global
 #   max-pools run on integers;
 # - integer_extrema: amax / amin and the values of max / min run on integers; .T / .mT pass integers through (before:
-#   they were read as shape queries, which an integer op does not take);
+#   every attribute was read as a shape query, which an integer op does not take);
 # - integer_indexing: indexing and slicing, flip / roll / narrow / select / tile / repeat / expand, splits read by
-#   indexing and torch.stack run on integers (before: an item or slice was no tensor to integer ops);
+#   indexing, torch.stack and the torch.cat aliases concat / concatenate run on integers (before: an item or slice
+#   was no tensor to integer ops);
 # - integer_padding: padding runs on integers.
 # Checkpoints record the rules their pipeline was planned with; a file older than a rule does not (load() then
 # rebuilds the pipeline whose quantizers and tensors it holds: rules_a_checkpoint_may_have).
@@ -825,9 +821,8 @@ _RULES = contextvars.ContextVar("torchquant_pipeline_rules", default=dict.fromke
 
 def rules_a_checkpoint_may_have(recorded: dict) -> list[dict]:
     """The rule sets a pipeline checkpoint recording the given rules (a dict of some of PIPELINE_RULES) may have been
-    planned with, the newest first. A rule it does not record came in after it was saved, or was not recorded yet
-    then (files record every rule but those that came after the latest one they record): those after its latest
-    recorded rule applied up to some point in their order."""
+    planned with, the newest first. Every rule before the latest one it records applied; a rule after it came in
+    after the file was saved, or was not recorded yet then: those applied up to some point in their order."""
     latest = max((i for i, rule in enumerate(PIPELINE_RULES) if rule in recorded), default=-1)
     candidates = []
     for applied in range(len(PIPELINE_RULES), latest, -1):  # the rules before `applied` applied

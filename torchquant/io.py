@@ -703,24 +703,31 @@ def _load_pipeline(path: str, model: nn.Module, meta: dict, tensors: dict) -> nn
         if any(isinstance(m, QuantLayerBase) for m in model.modules()):
             raise ValueError(f"load: {path} holds an integer pipeline; load it into the float model")
         # the pipeline the file was saved from: planned with the rules it records, and of those it does not record,
-        # with the ones whose plan has its quantizers and tensors (none has: the checks below refuse the last)
+        # with the ones whose plan has its quantizers and tensors (none has: the checks below refuse the first plan
+        # with its quantizers, or else the first plan)
+        first = fitting = None
         for rules in rules_a_checkpoint_may_have({r: pipeline[r] for r in PIPELINE_RULES if r in pipeline}):
             with warnings.catch_warnings(), pipeline_rules(**rules):
                 warnings.simplefilter("ignore")  # prepare's notes on what stays float were given when it was made
-                built = prepare(model, pipeline["config"], inplace=False)
-            if not is_pipeline(built):
+                planned = prepare(model, pipeline["config"], inplace=False)
+            if not is_pipeline(planned):
                 raise ValueError(f"load: {path} holds an integer pipeline, but torch.fx cannot trace the model")
+            first = planned if first is None else first
+            if sorted(planned.get_submodule(ACT_QUANT)._modules) != pipeline["quantizers"]:
+                continue
             for name, entry in meta["layers"].items():  # layers given other weight bits (torchquant.budget)
-                layer = _child(built, name)
+                layer = _child(planned, name)
                 if isinstance(layer, QuantLayerBase) and layer.config.weight != entry["config"].weight:
                     set_weight_spec(layer, entry["config"].weight)
             if pipeline["converted"]:
-                converted_skeleton(built)
-            if (sorted(built.get_submodule(ACT_QUANT)._modules) == pipeline["quantizers"]
-                    and built.state_dict().keys() == tensors.keys()):
+                converted_skeleton(planned)
+            fitting = planned if fitting is None else fitting
+            if planned.state_dict().keys() == tensors.keys():
+                fitting = planned
                 break
+        built = first if fitting is None else fitting
     found = {"layers": _layer_layout(built), "quantizers": sorted(built.get_submodule(ACT_QUANT)._modules)}
-    for key, want in (("layers", meta["layers"]), ("quantizers", pipeline["quantizers"])):
+    for key, want in (("quantizers", pipeline["quantizers"]), ("layers", meta["layers"])):
         expected = {name: {k: v for k, v in entry.items() if k != "config"} for name, entry in want.items()} \
             if key == "layers" else want
         if found[key] != expected:
