@@ -450,35 +450,56 @@ TQ_TARGET_VNNI inline __attribute__((always_inline)) __m512 gelu_avx512(__m512 y
   return _mm512_mul_ps(y, p);
 }
 
-// The same on 8 lanes (AVX2). A table entry is four 8-entry permutes blended by bits 3 and 4 of the interval index
-// (vgatherdps, 8 of them a vector, took ~4 ns an element on Zen 3, 4x torch's own GELU).
-struct GeluIntervalAvx2 {
-  __m256i i;           // the interval (vpermps reads its bits 0-2)
-  __m256 bit3, bit4;   // its bits 3 and 4 as the sign bits that blendv reads
-};
+// The same on 8 lanes (AVX2), whose permutes reach 8 table entries: each lane loads its interval's row of the
+// table below (center, then the coefficients in the order the polynomial uses them: 32 bytes) and an 8 x 8
+// transpose turns the rows into one vector per entry (8 loads and 24 shuffles a vector; four permutes and three
+// blends for each of the 8 entries took ~1.7 times as long, vgatherdps ~4 ns an element on Zen 3).
+template <Gelu KIND>
+constexpr auto kGeluRows = [] {
+  static_assert(kGeluDegree + 2 == 8, "a row is the center and the coefficients: one 8-lane vector");
+  struct Rows {
+    alignas(64) float values[kGeluIntervals][8];
+  } rows{};
+  for (int i = 0; i < kGeluIntervals; ++i) {
+    rows.values[i][0] = kGeluCenters.values[i];
+    for (int d = kGeluDegree; d >= 0; --d) rows.values[i][1 + kGeluDegree - d] = gelu_coeffs(KIND)[d][i];
+  }
+  return rows;
+}();
 
-TQ_TARGET_AVX2 inline __attribute__((always_inline)) __m256 gelu_table_avx2(const float* row,
-                                                                             const GeluIntervalAvx2& x) {
-  const __m256 lo = _mm256_blendv_ps(_mm256_permutevar8x32_ps(_mm256_load_ps(row), x.i),
-                                     _mm256_permutevar8x32_ps(_mm256_load_ps(row + 8), x.i), x.bit3);
-  const __m256 hi = _mm256_blendv_ps(_mm256_permutevar8x32_ps(_mm256_load_ps(row + 16), x.i),
-                                     _mm256_permutevar8x32_ps(_mm256_load_ps(row + 24), x.i), x.bit3);
-  return _mm256_blendv_ps(lo, hi, x.bit4);
+// Rows r[0..7] (lane j's row in r[j]) to columns: r[k] becomes entry k of every lane's row.
+TQ_TARGET_AVX2 inline __attribute__((always_inline)) void transpose_8x8(__m256 (&r)[8]) {
+  __m256 t[8], u[8];
+  for (int j = 0; j < 8; j += 2) {
+    t[j] = _mm256_unpacklo_ps(r[j], r[j + 1]);
+    t[j + 1] = _mm256_unpackhi_ps(r[j], r[j + 1]);
+  }
+  for (int j = 0; j < 8; j += 4) {
+    u[j] = _mm256_shuffle_ps(t[j], t[j + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    u[j + 1] = _mm256_shuffle_ps(t[j], t[j + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    u[j + 2] = _mm256_shuffle_ps(t[j + 1], t[j + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    u[j + 3] = _mm256_shuffle_ps(t[j + 1], t[j + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int k = 0; k < 4; ++k) {
+    r[k] = _mm256_permute2f128_ps(u[k], u[k + 4], 0x20);
+    r[k + 4] = _mm256_permute2f128_ps(u[k], u[k + 4], 0x31);
+  }
 }
 
 template <Gelu KIND>
 TQ_TARGET_AVX2 inline __attribute__((always_inline)) __m256 gelu_avx2(__m256 y) {
-  static_assert(kGeluIntervals == 32, "four 8-entry permutes per coefficient");
-  const GeluCoeffs& c = gelu_coeffs(KIND);
   const __m256 range = _mm256_set1_ps(kGeluRange);
   __m256i i = _mm256_cvttps_epi32(_mm256_mul_ps(_mm256_add_ps(y, range), _mm256_set1_ps(kGeluIndexScale)));
   i = _mm256_min_epi32(_mm256_max_epi32(i, _mm256_setzero_si256()), _mm256_set1_epi32(kGeluIntervals - 1));
-  const GeluIntervalAvx2 x{i, _mm256_castsi256_ps(_mm256_slli_epi32(i, 28)),
-                           _mm256_castsi256_ps(_mm256_slli_epi32(i, 27))};
-  const __m256 v = _mm256_sub_ps(y, gelu_table_avx2(kGeluCenters, x));
-  __m256 p = gelu_table_avx2(c[kGeluDegree], x);
+  alignas(32) int32_t row_of[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(row_of), i);
+  __m256 r[8];
+  for (int j = 0; j < 8; ++j) r[j] = _mm256_load_ps(kGeluRows<KIND>.values[row_of[j]]);
+  transpose_8x8(r);
+  const __m256 v = _mm256_sub_ps(y, r[0]);
+  __m256 p = r[1];
 #pragma GCC unroll 8
-  for (int d = kGeluDegree - 1; d >= 0; --d) p = _mm256_fmadd_ps(p, v, gelu_table_avx2(c[d], x));
+  for (int k = 2; k < 8; ++k) p = _mm256_fmadd_ps(p, v, r[k]);
   p = _mm256_blendv_ps(p, _mm256_setzero_ps(), _mm256_cmp_ps(y, _mm256_set1_ps(-kGeluRange), _CMP_LT_OQ));
   p = _mm256_blendv_ps(p, _mm256_set1_ps(1.0f), _mm256_cmp_ps(y, range, _CMP_GT_OQ));
   return _mm256_mul_ps(y, p);
