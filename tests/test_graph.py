@@ -1722,6 +1722,37 @@ def test_checkpoints_of_earlier_planners_load_as_they_were_saved(name, kind):
         assert (converted - _expected_output(f"pipeline/{name}.prepared")).abs().max() < 0.05
 
 
+class SharedDropoutNet(nn.Module):
+    """A conv output read by a conv directly and through dropout and stacked with itself by another."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 1)
+        self.d, self.drop = nn.Conv2d(16, 4, 1), nn.Dropout(0.5)
+
+    def forward(self, x):
+        y = F.relu(self.a(x))
+        return self.b(y) + self.c(self.drop(y)) + self.d(torch.stack([y, y], 1).flatten(1, 2))
+
+
+@pytest.mark.parametrize("rule", ["integer_dropout", "integer_indexing"])
+def test_a_pipeline_converts_as_planned_whatever_its_recorded_rules(rule):
+    # a prepared pipeline unpickled from an earlier version records none of the later rules; converted, it was lowered
+    # with them: a dropout (or stack) planned as a float op, its output quantized, but whose input is an integer
+    # tensor (another layer reads it) became a passthrough and the quantizer quantized integers as floats
+    torch.manual_seed(0)
+    model = SharedDropoutNet().eval()
+    batches = _batches((2, 3, 6, 6))
+    with graph.pipeline_rules(**{rule: False}), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = tq.calibrate(tq.prepare(copy.deepcopy(model), PIPELINE), batches, progress=False)
+    with torch.no_grad():
+        expected = tq.convert(copy.deepcopy(prepared))(batches[0])
+    del graph._meta(prepared)[rule]
+    with torch.no_grad():
+        assert torch.equal(tq.convert(prepared)(batches[0]), expected)
+
+
 def test_pipeline_checkpoints_record_every_planning_rule(tmp_path):
     factory, shape = MODELS["text-cnn"]
     torch.manual_seed(0)

@@ -1263,11 +1263,13 @@ def _lower_planned(gm: fx.GraphModule, dtype: torch.dtype, build_tables: bool) -
             replace([node, fq], new, out)
             lookups[new.name] = _describe(node)
             continue
-        if _is_cat(node) and all(a in int_of for a in node.args[0]):
+        # (a cat or passthrough whose output is quantized was planned as a float op: by rules a pipeline unpickled
+        # from an earlier version does not record)
+        if _is_cat(node) and all(a in int_of for a in node.args[0]) and fq is None:
             int_of[node] = int_of[node.args[0][0]]
             continue
         if node.args and isinstance(node.args[0], fx.Node) and node.args[0] in int_of \
-                and _is_passthrough(node, modules):
+                and _is_passthrough(node, modules) and fq is None:
             quantizer = int_of[node.args[0]]
             if _is_max_pool(node, modules):
                 with graph.inserting_after(node):
