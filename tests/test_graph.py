@@ -1659,10 +1659,6 @@ def test_converted_pipeline_to_meta_and_back_by_load_state_dict():
         assert torch.equal(converted(batches[0]), want)
 
 
-def _quantizer_names(model):
-    return sorted(model.get_submodule(graph.ACT_QUANT)._modules)
-
-
 # pipeline checkpoints written by earlier revisions of torchquant (scripts/write_old_checkpoints.py) before each
 # planning rule came in, and two planned with every rule but recording only some of them: the model of each (of
 # MODELS or _FIXTURE_MODELS) and the rule it predates; the outputs they computed on the model's first test batch
@@ -1751,6 +1747,11 @@ def test_a_pipeline_converts_as_planned_whatever_its_recorded_rules(rule):
     del graph._meta(prepared)[rule]
     with torch.no_grad():
         assert torch.equal(tq.convert(prepared)(batches[0]), expected)
+
+
+def _quantizer_names(model):
+    # (not torchquant.io's: scripts/write_old_checkpoints.py imports this module with earlier torchquants)
+    return sorted(model.get_submodule(graph.ACT_QUANT)._modules)
 
 
 def test_pipeline_checkpoints_record_every_planning_rule(tmp_path):

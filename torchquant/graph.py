@@ -542,9 +542,8 @@ def _merge_extremum_values(graph: fx.Graph) -> None:
 
 def _is_extremum(node: fx.Node) -> bool:
     """amax / amin, the max / min of a whole tensor, max_values / min_values: the largest or smallest values."""
-    if node.op not in ("call_function", "call_method") or not _constant_args(node):
-        return False
-    if not _RULES.get()["integer_extrema"]:
+    if (node.op not in ("call_function", "call_method") or not _constant_args(node)
+            or not _RULES.get()["integer_extrema"]):
         return False
     return node.target in _EXTREMA or node.target in _VALUES_OF and len(node.args) == 1 and not node.kwargs
 
@@ -590,8 +589,10 @@ def _is_passthrough(node: fx.Node, modules: dict) -> bool:
 
 def _is_listed_passthrough(node: fx.Node) -> bool:
     """A function or method of _PASSTHROUGHS whose rule applies."""
-    rule = _PASSTHROUGH_RULE.get(node.target, False)
-    return rule is None or rule is not False and _RULES.get()[rule]
+    if node.target not in _PASSTHROUGH_RULE:
+        return False
+    rule = _PASSTHROUGH_RULE[node.target]
+    return rule is None or _RULES.get()[rule]
 
 
 def _splits(node: fx.Node) -> bool:

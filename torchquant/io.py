@@ -175,12 +175,17 @@ def _layer_layout(model: nn.Module) -> dict:
     return layout
 
 
+def _quantizer_names(pipeline: nn.Module) -> list:
+    """The sorted names of an integer pipeline's activation quantizers (as its checkpoint records them)."""
+    return sorted(pipeline.get_submodule(ACT_QUANT)._modules)
+
+
 def _pipeline_layout(model: nn.Module) -> dict:
     """What load() needs to rebuild an integer pipeline on the float model: the config it was prepared with,
     whether it is converted, and its activation quantizers' names (checked against the rebuilt ones)."""
     info = model.meta[PIPELINE_META]
     return {"config": info["config"], "converted": info["converted"],
-            "quantizers": sorted(model.get_submodule(ACT_QUANT)._modules),
+            "quantizers": _quantizer_names(model),
             **{rule: info.get(rule, False) for rule in PIPELINE_RULES}}  # (absent: planned before the rule)
 
 
@@ -713,7 +718,7 @@ def _load_pipeline(path: str, model: nn.Module, meta: dict, tensors: dict) -> nn
             if not is_pipeline(planned):
                 raise ValueError(f"load: {path} holds an integer pipeline, but torch.fx cannot trace the model")
             first = planned if first is None else first
-            if sorted(planned.get_submodule(ACT_QUANT)._modules) != pipeline["quantizers"]:
+            if _quantizer_names(planned) != pipeline["quantizers"]:
                 continue
             for name, entry in meta["layers"].items():  # layers given other weight bits (torchquant.budget)
                 layer = _child(planned, name)
@@ -726,7 +731,7 @@ def _load_pipeline(path: str, model: nn.Module, meta: dict, tensors: dict) -> nn
                 fitting = planned
                 break
         built = first if fitting is None else fitting
-    found = {"layers": _layer_layout(built), "quantizers": sorted(built.get_submodule(ACT_QUANT)._modules)}
+    found = {"layers": _layer_layout(built), "quantizers": _quantizer_names(built)}
     for key, want in (("quantizers", pipeline["quantizers"]), ("layers", meta["layers"])):
         expected = {name: {k: v for k, v in entry.items() if k != "config"} for name, entry in want.items()} \
             if key == "layers" else want
