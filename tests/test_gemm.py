@@ -364,6 +364,8 @@ CONVS = [  # batch, in_ch, h, w, out_ch, kernel, stride, padding, dilation, grou
     (1, 16, 3, 300, 16, (1, 3), (1, 6), (0, 1), 1, 16),  # stride 6: 2 segments of <= 256 input columns, not 1
     (1, 8, 3, 300, 8, (1, 3), 1, (0, 130), (1, 130), 8),  # windows 261 columns wide: one pixel per segment
     (1, 20, 5, 5, 40, (3, 3), 1, 1, 1, 20),     # channel multiplier 2: the GEMM
+    (2, 1, 9, 10, 16, (3, 3), 1, 1, 1, 1),      # one channel: kernel rows of 3 bytes read in place as 4
+    (1, 3, 5, 6, 8, (3, 3), 2, 4, 1, 1),        # padding wider than the kernel: windows partly or wholly outside
 ]
 
 
@@ -435,12 +437,14 @@ def test_int8_conv2d_depthwise_channels(isa, packing, channels, batch, size, str
 
 
 # Ungrouped uint8 convs of up to 128 outputs read windows in place, kernel rows of kw * channels bytes padded to a
-# multiple of 4 (a 7x7 stem of 3 channels: 21 -> 24) when that adds at most a quarter: pack_conv_weight stores the
-# padded rows with the weight; a weight packed as a matrix and viewed as the conv weight is padded per call. 129
-# outputs: im2col rows.
+# multiple of 4 (a 7x7 stem of 3 channels: 21 -> 24; one channel, 3 -> 4) when that adds at most a quarter to the
+# multiplies of an im2col row (kh * kw * channels bytes padded once; 3x3 of 3 channels: 36 against 28, im2col):
+# pack_conv_weight stores the padded rows with the weight; a weight packed as a matrix and viewed as the conv weight
+# is padded per call. 129 outputs: im2col rows.
 @pytest.mark.parametrize("packing", ["conv", "matrix"])
 @pytest.mark.parametrize("c,kernel,oc", [(3, (7, 7), 64), (3, (7, 7), 1), (5, (3, 3), 70), (3, (3, 5), 128),
-                                         (3, (7, 7), 129), (6, (1, 3), 16)])
+                                         (3, (7, 7), 129), (6, (1, 3), 16), (1, (3, 3), 16), (2, (3, 3), 64),
+                                         (1, (7, 7), 32), (1, (5, 5), 8), (3, (3, 3), 16)])
 @pytest.mark.parametrize("batch,stride,padding", [(1, 2, 3), (2, 1, 0)])
 def test_int8_conv2d_padded_kernel_rows(isa, packing, c, kernel, oc, batch, stride, padding):
     g = torch.Generator().manual_seed(oc * 3 + c)

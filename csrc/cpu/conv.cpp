@@ -66,6 +66,31 @@ inline void copy_run(uint8_t* dst, const uint8_t* src, int64_t n, uint8_t flip) 
   }
 }
 
+// dst[i] = byte for i < n, with the stores of copy_run (the padding of an im2col row is a few bytes per tap for
+// few channels, where a memset call per tap cost more than the copies).
+inline void fill_run(uint8_t* dst, uint8_t byte, int64_t n) {
+  if (n >= 16) {
+    const __m128i v = _mm_set1_epi8(static_cast<char>(byte));
+    for (int64_t i = 0; i + 16 < n; i += 16) _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), v);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + n - 16), v);
+    return;
+  }
+  const auto store = [&](auto word, int64_t i) {
+    using Word = decltype(word);
+    const Word v = static_cast<Word>(0x0101010101010101ull * byte);
+    std::memcpy(dst + i, &v, sizeof(Word));
+  };
+  if (n >= 8) {
+    store(uint64_t{}, 0);
+    store(uint64_t{}, n - 8);
+  } else if (n >= 4) {
+    store(uint32_t{}, 0);
+    store(uint32_t{}, n - 4);
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = byte;
+  }
+}
+
 // RowFiller of int8_conv2d: row (b, oh, ow) of group grp holds that output pixel's window values, k = (kh, kw, c).
 void fill_im2col_rows(const void* context, int64_t grp, int64_t row0, int64_t rows, uint8_t* dst) {
   const Im2colSource& src = *static_cast<const Im2colSource*>(context);
@@ -101,15 +126,21 @@ void fill_im2col_rows(const void* context, int64_t grp, int64_t row0, int64_t ro
         for (int64_t j = run; j < run_stride; ++j) out[j] = 0;
       }
     } else {
+      // taps [lo, hi) of an undilated kernel row lie inside the input columns
+      const int64_t lo = std::clamp<int64_t>(-iw0, 0, g.kw), hi = std::clamp<int64_t>(g.width - iw0, lo, g.kw);
       for (int64_t i = 0; i < g.kh; ++i) {
         const int64_t ih = ih0 + i * g.dil_h;
         const int64_t in_row = pixel + i * g.dil_h * pixel_row;
-        if (whole_pixels && ih >= 0 && ih < g.height && iw0 >= 0 && iw0 + g.kw <= g.width) {
-          copy_run(out, x + in_row, run, flip);
+        if (ih < 0 || ih >= g.height) {
+          fill_run(out, pad_byte, run);
+        } else if (whole_pixels) {  // one run inside, the padding byte on either side
+          fill_run(out, pad_byte, lo * cg);
+          copy_run(out + lo * cg, x + in_row + lo * cg, (hi - lo) * cg, flip);
+          fill_run(out + hi * cg, pad_byte, (g.kw - hi) * cg);
         } else {
           for (int64_t j = 0; j < g.kw; ++j) {
             const int64_t iw = iw0 + j * g.dil_w;
-            if (ih < 0 || ih >= g.height || iw < 0 || iw >= g.width) std::memset(out + j * cg, pad_byte, cg);
+            if (iw < 0 || iw >= g.width) fill_run(out + j * cg, pad_byte, cg);
             else copy_run(out + j * cg, x + in_row + j * g.dil_w * g.channels + grp * cg, cg, flip);
           }
         }
@@ -763,8 +794,18 @@ void pad_kernel_rows(const int8_t* w, int64_t n, int64_t kp, int64_t kh, int64_t
       }
 }
 
-// Whether windows of kernel rows of `run` bytes may be read in place for ocg output channels (see int8_conv2d_cpu).
-bool windows_in_place(int64_t ocg, int64_t run) { return ocg <= 2 * kPackAlign && 4 * (round_up(run, 4) - run) <= run; }
+// Whether windows of kh kernel rows of `run` bytes may be read in place for ocg output channels on `isa` (see
+// conv_cpu): up to two weight panels, and kernel rows padded to whole 4-byte steps where that adds at most a quarter
+// to the multiplies, on AVX-512 those of an im2col row (kh * run bytes padded once: one channel's 3x3 kernel rows
+// of 3 bytes read as 4 make no more), on AVX2 those of the kernel row (its kernel widens the rows of every window
+// segment, which for a few bytes a row cost more than the im2col rows: 1.1-1.3x slower on 1-channel 3x3 convs).
+// nullopt: either ISA's rule, for the weight packed on one machine and run on another.
+bool windows_in_place(int64_t ocg, int64_t kh, int64_t run, std::optional<CpuIsa> isa) {
+  const int64_t padded_run = round_up(run, 4);
+  const bool row_rule = 4 * (padded_run - run) <= run, window_rule = 4 * kh * padded_run <= 5 * round_up(kh * run, 4);
+  const bool padding_pays = !isa ? row_rule || window_rule : *isa == CpuIsa::Avx512Vnni ? window_rule : row_rule;
+  return ocg <= 2 * kPackAlign && padding_pays;
+}
 
 // A conv weight [G, N, KH, KW, C] of one input and one output channel per group is a depthwise conv's.
 bool depthwise_weight_shape(at::IntArrayRef w) { return w.size() == 5 && w[1] == 1 && w[4] == 1; }
@@ -784,7 +825,8 @@ int64_t conv_weight_extra_bytes(at::IntArrayRef w) {
   if (w.size() != 5) return 0;
   const int64_t groups = w[0], n = w[1], kh = w[2], kw = w[3], run = kw * w[4], padded_run = round_up(run, 4);
   if (depthwise_weight_shape(w)) return depthwise_extra_bytes(groups, kh, kw);
-  if (groups == 1 && padded_run != run && windows_in_place(n, run)) return round_up(n, kPackAlign) * kh * padded_run;
+  if (groups == 1 && padded_run != run && windows_in_place(n, kh, run, std::nullopt))
+    return round_up(n, kPackAlign) * kh * padded_run;
   return 0;
 }
 
@@ -825,7 +867,7 @@ void conv_cpu(const ConvFront& f, const at::Tensor& x_q, int64_t x_zero_point, c
   const bool direct = cpu_isa() == CpuIsa::Avx512Vnni && !depthwise && !pointwise && flip == 0 && groups == 1 &&
                       cg % 4 == 0 && ocg % kPackAlign == 0 && g.kh * g.kw <= kMaxDirectTaps;
   const bool in_place = !direct && !depthwise && !pointwise && flip == 0 && groups == 1 && g.dil_w == 1 &&
-                        windows_in_place(ocg, run);
+                        windows_in_place(ocg, g.kh, run, cpu_isa());
   const int64_t run_stride = in_place ? padded_run : run;
   const Im2colSource im2col{x_bytes, g, static_cast<uint8_t>(static_cast<uint8_t>(x_zero_point) ^ flip), flip,
                             run_stride, round_up(g.kh * run_stride, 4)};

@@ -1687,6 +1687,11 @@ void conv_u8s8_in_place(const GemmArgs& args, const ConvGeometry& g, const uint8
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(item_cost, 1));
   const Epilogue out_ep = with_streaming(ep, args.m, args.n);
   const PanelEpilogues panels(out_ep, 1, args.n, isa);
+  // output columns [inside_lo, inside_hi) have their windows inside the input columns (undilated kernel rows): the
+  // row groups of a segment end where they begin and end, so that a few border windows take the im2col rows and
+  // not the whole group around them (on 8-pixel rows every group held a border window)
+  const int64_t inside_lo = (g.pad_w + g.stride_w - 1) / g.stride_w;
+  const int64_t inside_hi = g.width + g.pad_w >= g.kw ? (g.width + g.pad_w - g.kw) / g.stride_w + 1 : 0;
 
   at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
     alignas(64) int32_t tile[kRowsPerChunk * kPackAlign];
@@ -1726,8 +1731,11 @@ void conv_u8s8_in_place(const GemmArgs& args, const ConvGeometry& g, const uint8
         path.epilogue(out_ep, pe, tile, row0, rows, col0, ncols);
         continue;
       }
-      for (int64_t r = 0; r < rows; r += path.rows) {
-        const int mr = static_cast<int>(std::min<int64_t>(path.rows, rows - r));
+      const int64_t lo = std::clamp<int64_t>(inside_lo - ow0, 0, rows);
+      const int64_t hi = std::clamp<int64_t>(inside_hi - ow0, lo, rows);
+      int mr = 0;
+      for (int64_t r = 0; r < rows; r += mr) {
+        mr = static_cast<int>(std::min<int64_t>(path.rows, (r < lo ? lo : r < hi ? hi : rows) - r));
         int32_t* t = tile + r * kPackAlign;
         const int64_t iw0 = (ow0 + r) * g.stride_w - g.pad_w;
         // windows inside the input, whose padded kernel rows (up to 3 bytes past the window) stay inside it too;
