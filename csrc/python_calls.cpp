@@ -518,6 +518,19 @@ PyObject* call_quantized_layer_forward(PyObject*, PyObject* const* args, Py_ssiz
   END_HANDLE_TH_ERRORS
 }
 
+// contiguous_from_channels_last (y) -> Tensor: a conv's channels-last float output made contiguous by the tile
+// transposes of the CPU kernels (Tensor.contiguous() for the other layouts and devices); NotImplemented where the
+// caller's y.contiguous() must run instead: a tensor that records gradients, a tensor subclass, a mode or a tracer.
+PyObject* call_contiguous_from_channels_last(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  check_nargs(nargs, 1, "contiguous_from_channels_last");
+  const at::Tensor* y = plain_tensor(args[0]);
+  if (y == nullptr || y->requires_grad() || c10::impl::dispatch_mode_enabled() || torch::jit::tracer::isTracing())
+    Py_RETURN_NOTIMPLEMENTED;
+  return THPVariable_Wrap(call_op(y->numel(), [&] { return gemm::contiguous_from_channels_last(*y); }));
+  END_HANDLE_TH_ERRORS
+}
+
 }  // namespace
 }  // namespace torchquant
 
@@ -545,4 +558,7 @@ PyMethodDef torchquant_python_calls[] = {
      reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&torchquant::call_quantized_layer_forward)),
      METH_FASTCALL,
      "the converted forward of a layer with a per-tensor quantized input: the op's result, or NotImplemented"},
+    {"contiguous_from_channels_last",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&torchquant::call_contiguous_from_channels_last)),
+     METH_FASTCALL, "a channels-last conv output made contiguous by the CPU kernels' transposes, or NotImplemented"},
     {nullptr, nullptr, 0, nullptr}};

@@ -205,6 +205,18 @@ class Counting(torch.Tensor):
             return func(*args, **(kwargs or {}))
 
 
+class Recording(TorchDispatchMode):
+    """A dispatch mode that records the ops it sees and changes nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
 def test_subclasses_and_modes_see_the_op():
     x = x_of((4, 3)).as_subclass(Counting)
     Counting.calls.clear()
@@ -215,15 +227,6 @@ def test_subclasses_and_modes_see_the_op():
     assert any("torchquant.quantize" in c for c in Counting.calls), Counting.calls
     assert any("torchquant.fake_quantize" in c for c in Counting.calls), Counting.calls
     assert any("torchquant.quantize_per_token" in c for c in Counting.calls), Counting.calls
-
-    class Recording(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
 
     plain = x_of((4, 3))
     with Recording() as mode:
@@ -380,6 +383,44 @@ def test_conv_contiguous_output_is_transposed_exactly(dtype, out_channels, batch
     got = layer(x)
     assert got.is_contiguous() and got.dtype == dtype
     assert_same(got, want)
+
+
+# contiguous_output (a pipeline conv's float output where the graph needs it contiguous, and QuantConv2d's Python
+# path) transposes a channels-last float tensor with the kernels' tiles: torch's copy's values and layout for every
+# float dtype, channel count (under a tile: torch's copy) and layout; tensors that record gradients, subclasses,
+# modes and tracers get Tensor.contiguous() itself.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 1, 3, 5), (2, 3, 4, 4), (1, 4, 9, 7), (3, 17, 5, 6), (2, 64, 7, 7),
+                                   (0, 16, 3, 3)])
+def test_contiguous_output_is_torch_contiguous(dtype, shape):
+    from torchquant.nn.conv import contiguous_output
+    y = torch.randn(shape).to(dtype)
+    for layout in (y.to(memory_format=torch.channels_last), y, y.transpose(2, 3), y[..., ::2]):
+        got = contiguous_output(layout)
+        assert got.is_contiguous() and got.dtype == dtype
+        assert_same(got, layout.contiguous())
+    nhwc = y.to(memory_format=torch.channels_last)
+    if nhwc.size(1) >= 4 and nhwc.numel() > 0:  # the tile transposes: a new tensor, not the input
+        assert _C.contiguous_from_channels_last(nhwc).data_ptr() != nhwc.data_ptr()
+
+
+def test_contiguous_output_leaves_autograd_subclasses_and_modes_to_torch():
+    from torchquant.nn.conv import contiguous_output
+    nhwc = torch.randn(2, 16, 5, 5).to(memory_format=torch.channels_last)
+    assert _C.contiguous_from_channels_last(nhwc.clone().requires_grad_()) is NotImplemented
+    assert _C.contiguous_from_channels_last(nhwc.as_subclass(Counting)) is NotImplemented
+    with pytest.raises(TypeError, match="takes 1 arguments, got 2"):
+        _C.contiguous_from_channels_last(nhwc, nhwc)
+    xg = nhwc.clone().requires_grad_()
+    got = contiguous_output(xg)
+    got.sum().backward()  # torch's copy, which autograd records
+    assert got.is_contiguous() and torch.equal(xg.grad, torch.ones_like(xg))
+    with PassThrough():
+        assert _C.contiguous_from_channels_last(nhwc) is NotImplemented
+    with Recording() as mode:
+        assert _C.contiguous_from_channels_last(nhwc) is NotImplemented
+        assert_same(contiguous_output(nhwc), nhwc.contiguous())
+    assert any("clone" in op or "copy" in op for op in mode.ops), mode.ops
 
 
 @pytest.mark.parametrize("out", ["float", "uint8", "int8"])

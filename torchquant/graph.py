@@ -60,7 +60,7 @@ from torchquant._ops import FLOAT_DTYPES
 from torchquant.config import QuantConfig
 from torchquant.fold import _Tracer, has_forward_hooks
 from torchquant.nn.base import QuantLayerBase
-from torchquant.nn.conv import QuantConv2d
+from torchquant.nn.conv import QuantConv2d, contiguous_output
 from torchquant.nn.quantizers import InputQuantizer
 
 ACT_QUANT = "act_quant"  # the ModuleDict of a pipeline's activation quantizers
@@ -980,7 +980,7 @@ def integer_layer(layer: QuantLayerBase, x_q: torch.Tensor, out: Optional[Activa
     unless keep_layout."""
     if out is None:
         y = layer.pipeline_op(x_q, dtype)
-        return y if keep_layout else y.contiguous()
+        return y if keep_layout else contiguous_output(y)
     _, scale, zero_point, out_dtype = out.qparams
     return layer.pipeline_op(x_q, out_dtype, scale, zero_point)
 
@@ -1078,7 +1078,7 @@ def integer_conv_add(layer: QuantConv2d, x_q: torch.Tensor, residual: torch.Tens
         return y.to(dtype) if out is None else quantize_input(y, out)
     if out is None:
         y = layer.pipeline_residual_op(x_q, residual, scale, zero_point, relu, dtype)
-        return y if keep_layout else y.contiguous()
+        return y if keep_layout else contiguous_output(y)
     _, out_scale, out_zero_point, out_dtype = out.qparams
     return layer.pipeline_residual_op(x_q, residual, scale, zero_point, relu, out_dtype, out_scale, out_zero_point)
 

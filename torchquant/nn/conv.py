@@ -34,6 +34,17 @@ def _explicit_padding(conv: nn.Conv1d | nn.Conv2d, layer_type: str) -> tuple[int
     return tuple(conv.padding)
 
 
+def contiguous_output(y: torch.Tensor) -> torch.Tensor:
+    """y.contiguous() of a conv's channels-last output: on the CPU by the kernels' tile transposes (torch's copy of a
+    channels-last float tensor to the contiguous layout runs at a fraction of the memory bandwidth), torch's own
+    copy under torch.compile and wherever the transposes decline (other devices, layouts, autograd, modes)."""
+    if not is_dynamo_compiling():
+        out = _C.contiguous_from_channels_last(y)
+        if out is not NotImplemented:
+            return out
+    return y.contiguous()
+
+
 class QuantConv2d(QuantLayerBase):
     """nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias) quantized per
     `config` (a QuantConfig or a preset name; default int8-dynamic). Same parameters and initialisation as
@@ -129,7 +140,7 @@ class QuantConv2d(QuantLayerBase):
         keep = self.output_memory_format if x.dim() == 4 else torch.contiguous_format
         if keep is None:
             keep = suggest_memory_format(x)
-        return y if keep == torch.channels_last else y.contiguous()
+        return y if keep == torch.channels_last else contiguous_output(y)
 
     def _quantized_layer_args(self) -> tuple | None:
         args = super()._quantized_layer_args()
