@@ -461,10 +461,10 @@ def test_int8_conv2d_padded_kernel_rows(isa, packing, c, kernel, oc, batch, stri
     torch.testing.assert_close(got, reference.int8_conv2d(x_q, 1.0, 99, w_q, ones, **kwargs), rtol=0, atol=0)
 
 
-# Weight panels with fewer than 64 columns: on AVX-512 a fused kernel takes groups of 12, 8 or 6 rows (1, 2, or 3-4
-# vectors of 16 columns), the rows left over go through the tile. Every row count behind such groups, every output
-# kind, the GEMM (int8_mm, int8_linear, 1x1 convs) and the windows read in place (3x3): identical on every
-# instruction-set path, and as the reference.
+# Weight panels with fewer than 64 columns: the microkernels multiply only the 16-column vectors that hold output
+# columns (1 to 4) into the tile, in groups of rows, and the epilogue stores the panel's columns. Every row count
+# behind such groups, every output kind, the GEMM (int8_mm, int8_linear, 1x1 convs) and the windows read in place
+# (3x3): identical on every instruction-set path, and as the reference.
 PARTIAL_COLUMNS = [1, 16, 17, 24, 33, 48, 56, 70, 100]
 
 
