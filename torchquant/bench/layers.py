@@ -6,6 +6,8 @@
   torch.ao (quantize_per_tensor -> torch.ao.nn.quantized.Conv2d (x86) -> dequantize) and the float conv.
 - small: the per-call fixed cost at small sizes, where it dominates: small Linears (int8-dynamic and
   int8-static) against quantize_dynamic and float, and the layers of the digits CNN (torchquant.examples).
+- few_channels: the first conv of a network on 1- to 3-channel images (grayscale, spectrograms, RGB) with its
+  ReLU, contiguous float in and out: QuantConv2d int8-static and the int8-pipeline model against the float conv.
 """
 from __future__ import annotations
 
@@ -30,6 +32,10 @@ CONV_LAYERS = (  # name, in_channels, size, out_channels, kernel, stride, paddin
 )
 CONV_BATCHES = (1, 8)
 SMALL_LINEARS = ((384, 384, 1), (768, 768, 16), (64, 10, 32))  # in, out, rows
+FEW_CHANNEL_CONVS = (  # in_channels, size, out_channels, kernel, batch
+    (1, 32, 16, 3, 32), (1, 28, 32, 3, 64), (2, 32, 16, 3, 32), (1, 64, 16, 7, 8), (3, 32, 16, 3, 32),
+    (3, 224, 64, 7, 1),
+)
 DIGITS_BATCH = 32
 
 
@@ -152,16 +158,37 @@ def bench_small(threads: int, repeats: int) -> List[dict]:
     return _small_linear_rows(threads, repeats) + _digits_rows(threads, repeats)
 
 
+def bench_few_channels(threads: int, repeats: int) -> List[dict]:
+    rows = []
+    for c, size, oc, kernel, batch in FEW_CHANNEL_CONVS:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(c, oc, kernel, padding=kernel // 2), nn.ReLU()).eval()
+        x = torch.randn(batch, c, size, size)
+        layer = tq.quantize_model(model, "int8-static", [x], inplace=False).eval()
+        pipeline = tq.quantize_model(model, "int8-pipeline", [x], inplace=False).eval()
+        with _settings(threads, "x86"):
+            t = compare({"layer": lambda: layer(x), "pipeline": lambda: pipeline(x), "fp32": lambda: model(x)},
+                        repeats=repeats)
+        rows.append({"threads": threads, "conv": f"{kernel}x{kernel} {c}->{oc} @{size}", "batch": batch,
+                     "int8-static ms": t["layer"] * 1e3, "int8-pipeline ms": t["pipeline"] * 1e3,
+                     "fp32 ms": t["fp32"] * 1e3, "int8-static vs fp32": t["fp32"] / t["layer"],
+                     "int8-pipeline vs fp32": t["fp32"] / t["pipeline"]})
+    return rows
+
+
 TABLES = {
     "linear": (bench_linear, ("threads", "in x out", "M", "us", "vs quantize_dynamic", "vs fp32",
                               "module overhead us")),
     "conv": (bench_conv, ("threads", "layer", "batch", "ms", "vs ao Conv2d pipeline", "vs fp32")),
     "small": (bench_small, ("threads", "layer", "config", "rows", "us", "ao us", "fp32 us")),
+    "few_channels": (bench_few_channels, ("threads", "conv", "batch", "int8-static ms", "int8-pipeline ms",
+                                          "fp32 ms", "int8-static vs fp32", "int8-pipeline vs fp32")),
 }
 
 
 def run(tables: Sequence[str] = tuple(TABLES), threads: Sequence[int] = (1, 2), repeats: int = 9) -> List[dict]:
-    """Rows of every requested table ("linear", "conv", "small"), each tagged with its table name."""
+    """Rows of every requested table ("linear", "conv", "small", "few_channels"), each tagged with its table
+    name."""
     return run_tables(TABLES, tables, threads, repeats)
 
 
