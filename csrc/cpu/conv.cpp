@@ -66,29 +66,12 @@ inline void copy_run(uint8_t* dst, const uint8_t* src, int64_t n, uint8_t flip) 
   }
 }
 
-// dst[i] = byte for i < n, with the stores of copy_run (the padding of an im2col row is a few bytes per tap for
-// few channels, where a memset call per tap cost more than the copies).
+// dst[i] = byte for i < n: copy_run of zero bytes flipped to `byte` (the padding of an im2col row is a few bytes
+// per tap for few channels, where a memset call per tap cost more than the copies).
 inline void fill_run(uint8_t* dst, uint8_t byte, int64_t n) {
-  if (n >= 16) {
-    const __m128i v = _mm_set1_epi8(static_cast<char>(byte));
-    for (int64_t i = 0; i + 16 < n; i += 16) _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), v);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + n - 16), v);
-    return;
-  }
-  const auto store = [&](auto word, int64_t i) {
-    using Word = decltype(word);
-    const Word v = static_cast<Word>(0x0101010101010101ull * byte);
-    std::memcpy(dst + i, &v, sizeof(Word));
-  };
-  if (n >= 8) {
-    store(uint64_t{}, 0);
-    store(uint64_t{}, n - 8);
-  } else if (n >= 4) {
-    store(uint32_t{}, 0);
-    store(uint32_t{}, n - 4);
-  } else {
-    for (int64_t i = 0; i < n; ++i) dst[i] = byte;
-  }
+  static constexpr uint8_t kZeros[256] = {};
+  for (int64_t i = 0; i < n; i += sizeof(kZeros))
+    copy_run(dst + i, kZeros, std::min<int64_t>(sizeof(kZeros), n - i), byte);
 }
 
 // RowFiller of int8_conv2d: row (b, oh, ow) of group grp holds that output pixel's window values, k = (kh, kw, c).
