@@ -4,7 +4,8 @@ The baseline is what an onnxruntime user gets: the float model exported to ONNX,
 onnxruntime.quantization.quantize_dynamic (QInt8 weights), run by the CPU execution provider with one intra-op
 thread. torchquant runs the converted model in PyTorch with torch.set_num_threads(1), eagerly and compiled
 (torch.compile, default backend, shapes of the measured input; also with inductor's C++ wrapper, and with its
-freezing, which makes the weights constants of the compiled graph). Models: all-MiniLM-L6-v2 (the sentence encoder,
+freezing, which makes the weights constants of the compiled graph), and as an AOTInductor package (torch.export with
+free batch and sequence dims, compiled ahead of time, loaded with torch._inductor.aoti_load_package). Models: all-MiniLM-L6-v2 (the sentence encoder,
 batch 1 and batch 32 of the evaluation sentences padded to the longest) and a BERT-base-shaped encoder with random
 weights (batch 1 x 128 tokens). All variants of one input run in one process, interleaved (ABC CBA ...), so the
 noise of a shared machine falls on all alike; each sample also records the thread's CPU time, which excludes the
@@ -63,18 +64,29 @@ def _interleaved(fns: dict, repeats: int) -> dict:
     return samples
 
 
-def _torchquant_variants(encoder: torch.nn.Module, inputs, preset: str) -> dict:
-    """encoder converted with `preset`, run eagerly and compiled, by variant name."""
+def _aoti_package(model: torch.nn.Module, inputs, path: str):
+    """model exported with free batch and sequence dims and compiled ahead of time by AOTInductor into a package at
+    path, loaded back: the deployment counterpart of an onnxruntime session (no guards to check, no Python per op)."""
+    batch, tokens = torch.export.Dim("batch"), torch.export.Dim("tokens", max=minilm_lib.MAX_LENGTH)
+    example = tuple(t.repeat(2, 1) for t in inputs)  # a free dim is traced at a size other than 1
+    program = torch.export.export(model, example, dynamic_shapes=tuple({0: batch, 1: tokens} for _ in inputs))
+    return torch._inductor.aoti_load_package(torch._inductor.aoti_compile_and_package(program, package_path=path))
+
+
+def _torchquant_variants(encoder: torch.nn.Module, inputs, preset: str, directory: str, tag: str) -> dict:
+    """encoder converted with `preset`, run eagerly, compiled and as an AOTInductor package, by variant name."""
     quantized = torchquant.quantize_model(copy.deepcopy(encoder), preset).eval()
     compiled = torch.compile(quantized)
     # the C++ wrapper calls the compiled kernels and ops without a Python line per call
     compiled_cpp = torch.compile(quantized, options={"cpp_wrapper": True})
     # freezing: the weights become constants of the compiled graph instead of inputs checked on every call
     compiled_frozen = torch.compile(quantized, options={"freezing": True})
+    package = _aoti_package(quantized, inputs, os.path.join(directory, f"aoti_{preset}_{tag}.pt2"))
     return {f"torchquant {preset} eager": lambda: quantized(*inputs),
             f"torchquant {preset} torch.compile": lambda: compiled(*inputs),
             f"torchquant {preset} torch.compile (cpp_wrapper)": lambda: compiled_cpp(*inputs),
-            f"torchquant {preset} torch.compile (freezing)": lambda: compiled_frozen(*inputs)}
+            f"torchquant {preset} torch.compile (freezing)": lambda: compiled_frozen(*inputs),
+            f"torchquant {preset} AOTInductor": lambda: package(*inputs)}
 
 
 def compare_input(label: str, encoder: torch.nn.Module, inputs, directory: str, tag: str, repeats: int,
@@ -84,7 +96,7 @@ def compare_input(label: str, encoder: torch.nn.Module, inputs, directory: str, 
     with torch.inference_mode():
         fns = {"onnxruntime int8": _ort_int8_session(encoder, inputs, directory, tag)}
         for preset in presets:
-            fns.update(_torchquant_variants(encoder, inputs, preset))
+            fns.update(_torchquant_variants(encoder, inputs, preset, directory, tag))
         samples = _interleaved(fns, repeats)
     base_wall, base_cpu = (statistics.median(s) for s in samples["onnxruntime int8"])
     base_min = min(samples["onnxruntime int8"][0])

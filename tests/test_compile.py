@@ -78,3 +78,28 @@ def test_compiled_converted_model_follows_autocast():
             assert torch.equal(compiled(x), want)
         torch._dynamo.reset()
         assert torch.equal(torch.compile(under_autocast, fullgraph=True, backend="aot_eager")(x), want)
+
+
+def test_aoti_package_of_converted_layers(tmp_path):
+    """AOTInductor (torch.export, then aoti_compile_and_package) compiles converted layers into a package that
+    computes the eager model's numbers for every batch size of a dynamic batch dimension: the program holds the
+    whole packed-weight buffers (AOTInductor copies a buffer over the bytes its view spans, and the kernels read the
+    zero padding past the weight's view), and calls torchquant's ops where they are registered."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        QuantConv2d(3, 5, 3, padding=1, config="int8-static"), nn.ReLU(),
+        QuantConv2d(5, 6, (1, 3), stride=2, config="int8-dynamic"), nn.Flatten(),
+        QuantLinear(6 * 2 * 2, 10, config="int8-dynamic"), nn.GELU(),
+        QuantLinear(10, 7, config="int8-static"), nn.ReLU(),
+        QuantLinear(7, 3, config="w4a8-dynamic"))
+    tq.calibrate(model, [torch.randn(4, 3, 3, 5)], progress=False)
+    tq.convert(model.eval())
+    assert model[4].fused_activation == "gelu"
+    x = torch.randn(2, 3, 3, 5)
+    with torch.no_grad():
+        program = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+        path = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "model.pt2"))
+        package = torch._inductor.aoti_load_package(path)
+        for batch in (2, 1, 5):
+            x = torch.randn(batch, 3, 3, 5)
+            torch.testing.assert_close(package(x), model(x), rtol=1e-6, atol=1e-6)

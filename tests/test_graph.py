@@ -1875,6 +1875,20 @@ def test_converted_pipeline_compiles_and_exports(name):
         assert torch.equal(program.module()(batches[0]), expected)
 
 
+def test_converted_pipeline_aoti_package(tmp_path):
+    """An integer pipeline (bottleneck blocks: convs with their residual adds in the epilogue, integer outputs
+    between layers) compiled by AOTInductor gives the eager integers at every batch size of a dynamic batch dim."""
+    _, prepared, batches = _prepared("bottleneck")
+    converted = tq.convert(prepared)
+    with torch.no_grad():
+        program = torch.export.export(converted, (batches[0],),
+                                      dynamic_shapes=({0: torch.export.Dim("batch")},))
+        package = torch._inductor.aoti_load_package(
+            torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "pipeline.pt2")))
+        for x in (batches[0], batches[1][:1], torch.cat(batches[:2])):
+            assert torch.equal(package(x), converted(x))
+
+
 @pytest.mark.parametrize("options", [{}, {"cpp_wrapper": True}], ids=["python_wrapper", "cpp_wrapper"])
 def test_fused_residual_adds_under_torch_compile(options):
     """The bottleneck blocks' convs with their residual adds in the epilogue (int8_conv2d.residual, an overload

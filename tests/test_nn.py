@@ -417,6 +417,26 @@ def test_converted_layer_moves_and_casts(device):
     layer.convert()  # idempotent
 
 
+def test_converted_buffers_span_their_storage(device):
+    # a program that copies each buffer over the bytes its view spans (AOTInductor does) keeps every byte the
+    # kernels read: the packed weight's zero padding and a device's extras past the view are part of the buffer
+    torch.manual_seed(0)
+    layers = [(QuantLinear(10, 7, config="int8-dynamic"), (3, 10)),
+              (QuantLinear(13, 5, config="w4a8-dynamic"), (3, 13)),
+              (QuantConv2d(3, 5, 3, padding=1, config="int8-static"), (2, 3, 6, 6)),
+              (QuantConv2d(4, 6, (1, 3), groups=2, config="int8-dynamic"), (2, 4, 5, 5)),
+              (tq.nn.QuantConv1d(3, 5, 3, config="int8-static"), (2, 3, 9))]
+    for layer, shape in layers:
+        layer, _ = _calibrated(layer, shape, device)
+        layer.eval().convert()
+        for name, buffer in layer.named_buffers():
+            if buffer.numel() == 0:
+                continue
+            spanned = buffer.storage_offset() + sum((size - 1) * stride for size, stride in
+                                                     zip(buffer.shape, buffer.stride())) + 1
+            assert spanned * buffer.element_size() == buffer.untyped_storage().nbytes(), (type(layer), name)
+
+
 def test_load_state_dict_into_converted_skeleton():
     torch.manual_seed(0)
     layer = QuantConv2d(3, 4, 3, config="w4a8-dynamic").eval().convert()

@@ -358,7 +358,13 @@ class QuantLayerBase(nn.Module):
     def _repack(self) -> None:
         w = self._weight_int8()
         self.register_buffer("w_sum", w.reshape(w.shape[0], -1).sum(dim=1, dtype=torch.int32), persistent=False)
-        self.register_buffer("w_packed", self._pack(w), persistent=False)
+        packed = self._pack(w)
+        # The buffer is the packed weight's whole storage (its zero padding, and a device's extras past the view's
+        # last element, included); the kernels take the view. A buffer that is a view would lose those bytes where a
+        # program copies only the bytes its view spans (AOTInductor's copies of the buffers it compiles in).
+        self.register_buffer("w_packed", torch.empty(0, dtype=packed.dtype, device=packed.device).set_(
+            packed.untyped_storage()), persistent=False)
+        self._packed_view = (tuple(packed.shape), packed.stride(), packed.storage_offset())
         self._prepare_forward()
 
     def _prepare_forward(self) -> None:
@@ -376,7 +382,7 @@ class QuantLayerBase(nn.Module):
             if not spec.dynamic:  # checked here once, not by a wrapper on every call
                 # (to the layer's device: a pipeline's quantizer may move after the layer)
                 self._static_scale = moved_state(self._checked_static_input_scale(), self._device)
-        self._kernel_args = self._int_op_args()
+        self._kernel_args = (self.w_packed.as_strided(*self._packed_view), *self._int_op_args())
         self._quantized_call_args = self._quantized_layer_args()
 
     def _quantized_layer_args(self) -> tuple | None:
@@ -401,8 +407,16 @@ class QuantLayerBase(nn.Module):
         return scale
 
     def _int_op_args(self) -> tuple:
-        """The weight-side arguments of the integer op, in its schema's order."""
+        """The weight-side arguments of the integer op after the packed weight, in its schema's order."""
         raise NotImplementedError
+
+    def _op_args(self) -> tuple:
+        """The integer op's weight-side arguments (_kernel_args) for a call: while torch.compile or torch.export
+        traces the layer, the packed weight's view is made in the traced graph from the w_packed buffer, so the
+        program holds the whole buffer."""
+        if torch.compiler.is_compiling():
+            return (self.w_packed.as_strided(*self._packed_view), *self._kernel_args[1:])
+        return self._kernel_args
 
     def _input_features(self) -> int:
         """The size of the input's feature dimension (Linear: the last, Conv2d: dim 1)."""

@@ -150,12 +150,12 @@ class QuantConv2d(QuantLayerBase):
         return self.in_channels
 
     def _int_op_args(self) -> tuple:
-        return (self.w_packed, self.w_sum, self.weight_scale, self.bias, self.out_channels, list(self.kernel_size),
+        return (self.w_sum, self.weight_scale, self.bias, self.out_channels, list(self.kernel_size),
                 list(self.stride), list(self.padding), list(self.dilation), self.groups)
 
     def _int_op(self, x_q, x_scale, x_zero_point, out_dtype, out_scale=None, out_zero_point=0):
         unbatched = x_q.dim() == 3  # a batch of one
-        y = ops.int8_conv2d(x_q.unsqueeze(0) if unbatched else x_q, x_scale, x_zero_point, *self._kernel_args,
+        y = ops.int8_conv2d(x_q.unsqueeze(0) if unbatched else x_q, x_scale, x_zero_point, *self._op_args(),
                             out_dtype, out_scale, out_zero_point, self.clamp_min, self.clamp_max)
         return y.squeeze(0) if unbatched else y
 
@@ -168,7 +168,7 @@ class QuantConv2d(QuantLayerBase):
             return QuantConv2d.pipeline_residual_op(self, x_q.unsqueeze(0), residual.unsqueeze(0), residual_scale,
                                                     residual_zero_point, relu, out_dtype, out_scale,
                                                     out_zero_point).squeeze(0)
-        return ops.int8_conv2d.residual(x_q, self._static_scale, self.input_zero_point, *self._kernel_args, out_dtype,
+        return ops.int8_conv2d.residual(x_q, self._static_scale, self.input_zero_point, *self._op_args(), out_dtype,
                                         out_scale, out_zero_point, self.clamp_min, self.clamp_max, residual,
                                         residual_scale, residual_zero_point, relu)
 
@@ -229,7 +229,7 @@ class QuantConv1d(QuantConv2d):
 
     def _int_op_args(self) -> tuple:
         # the 2-D conv's arguments for a 1 x kernel_size kernel
-        return (self.w_packed, self.w_sum, self.weight_scale, self.bias, self.out_channels,
+        return (self.w_sum, self.weight_scale, self.bias, self.out_channels,
                 [1, *self.kernel_size], [1, *self.stride], [0, *self.padding], [1, *self.dilation], self.groups)
 
     def _int_op(self, x_q, x_scale, x_zero_point, out_dtype, out_scale=None, out_zero_point=0):

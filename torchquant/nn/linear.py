@@ -88,16 +88,16 @@ class QuantLinear(QuantLayerBase):
         return self.in_features
 
     def _int_op_args(self) -> tuple:
-        return (self.w_packed, self.w_sum, self.weight_scale, self.bias, self.out_features)
+        return (self.w_sum, self.weight_scale, self.bias, self.out_features)
 
     def _fused_forward(self, x):
         if self.fused_activation is None:
-            return ops.int8_linear_dynamic(x, *self._kernel_args)
-        return ops.int8_linear_dynamic.activation(x, *self._kernel_args, self.fused_activation)
+            return ops.int8_linear_dynamic(x, *self._op_args())
+        return ops.int8_linear_dynamic.activation(x, *self._op_args(), self.fused_activation)
 
     def _int_op(self, x_q, x_scale, x_zero_point, out_dtype, out_scale=None, out_zero_point=0):
         # the kernel takes any leading dims of x_q, with x_scale [1] or one per row
-        return ops.int8_linear(x_q, x_scale, x_zero_point, *self._kernel_args, out_dtype, out_scale, out_zero_point,
+        return ops.int8_linear(x_q, x_scale, x_zero_point, *self._op_args(), out_dtype, out_scale, out_zero_point,
                                self.clamp_min, self.clamp_max)
 
     def _shape_repr(self) -> str:
