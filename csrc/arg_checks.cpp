@@ -90,10 +90,16 @@ PackedWeightLayout check_packed_weight(const char* op, const at::Tensor& w_packe
   bool layout_ok = w_packed.storage_offset() % layout.group_bytes == 0;
   for (size_t d = 0; d < want.size(); ++d) layout_ok = layout_ok && (want[d] == 1 || w_packed.stride(d) == strides[d]);
   const int64_t bytes = layout.groups * layout.group_bytes;
-  layout_ok = layout_ok && w_packed.storage_offset() <= static_cast<int64_t>(w_packed.storage().nbytes()) - bytes;
+  const int64_t storage_bytes = static_cast<int64_t>(w_packed.storage().nbytes());
   TQ_CHECK(layout_ok, op, ": w_packed must be laid out as pack_int8_weight returns it (strides ", w_packed.strides(),
-           ", storage offset ", w_packed.storage_offset(), " of ", static_cast<int64_t>(w_packed.storage().nbytes()),
-           " bytes; expected strides ", at::IntArrayRef(strides), " over ", bytes, " bytes): pack the weight again");
+           ", storage offset ", w_packed.storage_offset(), "; expected strides ", at::IntArrayRef(strides),
+           "): pack the weight again");
+  TQ_CHECK(w_packed.storage_offset() <= storage_bytes - bytes, op,
+           ": w_packed must be laid out as pack_int8_weight returns it, over ", bytes, " bytes of its storage from "
+           "its offset; its storage holds ", storage_bytes - w_packed.storage_offset(),
+           ". A copy of the packed tensor's view alone (clone(), contiguous(), or AOTInductor's copy of a buffer) "
+           "loses the padding the kernels read: keep its whole storage (torchquant's layers register that as their "
+           "w_packed buffer and view it in the traced graph), or pack the weight again");
   return layout;
 }
 

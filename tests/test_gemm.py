@@ -768,6 +768,12 @@ def test_copied_packed_weight_rejected(device):
     for copy in (w_packed.clone(), w_packed.contiguous()):
         with pytest.raises(RuntimeError, match="w_packed must be laid out as pack_int8_weight returns it"):
             F.int8_linear(x_q, 0.5, 0, copy, w_sum, w_scale, out_features=7)
+    # a copy of the bytes the view spans, with its strides (how AOTInductor copies a buffer): the message says why
+    spanned = sum((size - 1) * stride for size, stride in zip(w_packed.shape, w_packed.stride())) + 1
+    copy = torch.as_strided(w_packed, (spanned,), (1,)).clone().as_strided(w_packed.shape, w_packed.stride())
+    with pytest.raises(RuntimeError, match=r"over 4096 bytes of its storage from its offset; its storage holds "
+                                           rf"{spanned}\. A copy of the packed tensor's view alone"):
+        F.int8_linear(x_q, 0.5, 0, copy, w_sum, w_scale, out_features=7)
     # a group of a grouped packed weight is a packed weight itself
     w3 = randint8((3, 7, 9), device=device)
     packed3 = F.pack_int8_weight(w3)
