@@ -1,4 +1,6 @@
-"""torch.compile(converted_model, fullgraph=True) runs and matches eager (one small model: compiling is slow)."""
+"""torch.compile(converted_model, fullgraph=True) runs and matches eager (one small model: compiling is slow), and
+AOTInductor packages (torchquant.export_aoti) compute the eager numbers."""
+import pytest
 import torch
 import torch.nn as nn
 from functorch.compile import make_boxed_func
@@ -81,10 +83,10 @@ def test_compiled_converted_model_follows_autocast():
 
 
 def test_aoti_package_of_converted_layers(tmp_path):
-    """AOTInductor (torch.export, then aoti_compile_and_package) compiles converted layers into a package that
-    computes the eager model's numbers for every batch size of a dynamic batch dimension: the program holds the
-    whole packed-weight buffers (AOTInductor copies a buffer over the bytes its view spans, and the kernels read the
-    zero padding past the weight's view), and calls torchquant's ops where they are registered."""
+    """export_aoti compiles converted layers into an AOTInductor package that computes the eager model's numbers for
+    every batch size of the free batch dimension: the program holds the whole packed-weight buffers (AOTInductor
+    copies a buffer over the bytes its view spans, and the kernels read the zero padding past the weight's view),
+    and calls torchquant's ops, which are registered where torchquant is imported."""
     torch.manual_seed(0)
     model = nn.Sequential(
         QuantConv2d(3, 5, 3, padding=1, config="int8-static"), nn.ReLU(),
@@ -95,11 +97,66 @@ def test_aoti_package_of_converted_layers(tmp_path):
     tq.calibrate(model, [torch.randn(4, 3, 3, 5)], progress=False)
     tq.convert(model.eval())
     assert model[4].fused_activation == "gelu"
-    x = torch.randn(2, 3, 3, 5)
+    path = tq.export_aoti(model, torch.randn(1, 3, 3, 5), tmp_path / "model.pt2")  # a batch of 1: still free
+    assert path == str(tmp_path / "model.pt2") and sorted(p.name for p in tmp_path.iterdir()) == ["model.pt2"]
+    package = torch._inductor.aoti_load_package(path)
     with torch.no_grad():
-        program = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
-        path = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "model.pt2"))
-        package = torch._inductor.aoti_load_package(path)
         for batch in (2, 1, 5):
             x = torch.randn(batch, 3, 3, 5)
             torch.testing.assert_close(package(x), model(x), rtol=1e-6, atol=1e-6)
+
+
+class _DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = QuantLinear(4, 2, config="int8-dynamic")
+
+    def forward(self, x):
+        return self.fc(x) if x.sum() > 0 else -self.fc(x)
+
+
+def test_export_aoti_bad_input(tmp_path):
+    model = tq.convert(_DataDependent().eval())
+    x = torch.randn(2, 4)
+    with pytest.raises(ValueError, match=r"export_aoti: path must end in \.pt2 \(an AOTInductor package\), got "):
+        tq.export_aoti(model, x, tmp_path / "model.onnx")
+    with pytest.raises(TypeError, match="export_aoti: example_inputs must be a tensor or a non-empty tuple of "
+                                        "tensors, got list"):
+        tq.export_aoti(model, [x], tmp_path / "model.pt2")
+    with pytest.raises(TypeError, match="export_aoti: dynamic_batch must be a bool, got str"):
+        tq.export_aoti(model, x, tmp_path / "model.pt2", dynamic_batch="yes")
+    with pytest.raises(TypeError, match="export_aoti: model must be an nn.Module, got function"):
+        tq.export_aoti(lambda x: x, x, tmp_path / "model.pt2")
+    with pytest.raises(FileNotFoundError, match="export_aoti: path: directory .* does not exist"):
+        tq.export_aoti(model, x, tmp_path / "missing" / "model.pt2")
+    with pytest.raises(tq.export.ExportError, match=r"export_aoti: the model's forward cannot be traced by "
+                                                    r"torch.export \(File .*test_compile.py\", line \d+, in forward\): "
+                                                    r"GuardOnDataDependentSymNode"):
+        tq.export_aoti(model, x, tmp_path / "model.pt2")
+    read_only = tmp_path / "old.pt2"
+    read_only.write_bytes(b"previous")
+    read_only.chmod(0o444)
+    with pytest.raises(PermissionError, match="read-only"):
+        tq.export_aoti(tq.convert(nn.Sequential(QuantLinear(4, 2, config="int8-dynamic")).eval()), x, read_only)
+    assert read_only.read_bytes() == b"previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.pt2"]
+
+
+def test_cli_export_writes_an_aoti_package(tmp_path, capsys):
+    from torchquant.cli import main
+    from torchquant.examples import DigitsCNN
+    torch.manual_seed(0)
+    calib = [torch.rand(8, 1, 8, 8) for _ in range(2)]
+    checkpoint, out = tmp_path / "digits.safetensors", tmp_path / "digits.pt2"
+    tq.save(tq.quantize_model(DigitsCNN().eval(), "int8-pipeline", calibration=calib), checkpoint)
+    args = ["export", "torchquant.examples:DigitsCNN", "--weights", str(checkpoint), "--input-shape", "1,1,8,8",
+            "-o", str(out), "--threads", "1"]
+    assert main(args + ["--opset", "18"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"torchquant export: error: --opset: {out} is an AOTInductor package (.pt2), not ONNX"]
+    assert main(args) == 0 and capsys.readouterr().err.splitlines() == [f"wrote {out}"]
+    package = torch._inductor.aoti_load_package(str(out))
+    model = tq.load(checkpoint, DigitsCNN())
+    x = torch.rand(3, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(package(x), model(x))

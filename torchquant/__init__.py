@@ -4,7 +4,7 @@ from torchquant import nn  # noqa: F401
 from torchquant._ops import cpu_kernel_path, has_cuda_kernels  # noqa: F401
 from torchquant.config import QuantConfig, QuantSpec  # noqa: F401
 from torchquant.convert import calibrate, convert, freeze_bn_stats, prepare, quantize_model  # noqa: F401
-from torchquant.export import export_onnx  # noqa: F401  (onnx itself is imported only when it runs)
+from torchquant.export import export_aoti, export_onnx  # noqa: F401  (onnx itself is imported only when it runs)
 from torchquant.io import load, save  # noqa: F401
 
 __version__ = "0.1.0"

@@ -136,14 +136,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(handler=_cmd_bench)
 
     export = commands.add_parser(
-        "export", parents=[model_opts, common], help="write a quantized model as ONNX (QDQ)",
+        "export", parents=[model_opts, common],
+        help="write a quantized model as ONNX (QDQ) or as an AOTInductor package",
         description="Write MODEL as standard ONNX that onnxruntime runs with torchquant's integers (QDQ around "
                     "static layers; MatMulInteger/ConvInteger with a float epilogue for dynamic Linears and integer "
-                    "pipelines): a float MODEL is "
-                    "quantized first (as convert does); a MODEL that is already quantized, or --weights holding a "
-                    "checkpoint written by convert, is exported as it is. The example input that fixes the input "
-                    "shape is the first --calib batch or --input-shape.")
-    export.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="ONNX file to write")
+                    "pipelines), or, for an OUT ending in .pt2, as an AOTInductor package that calls torchquant's "
+                    "kernels (run it with torch._inductor.aoti_load_package where torchquant is imported): a float "
+                    "MODEL is quantized first (as convert does); a MODEL that is already quantized, or --weights "
+                    "holding a checkpoint written by convert, is exported as it is. The example input that fixes the "
+                    "input shape is the first --calib batch or --input-shape.")
+    export.add_argument("-o", "--output", required=True, metavar="OUT.onnx|OUT.pt2",
+                        help="ONNX file, or AOTInductor package (.pt2), to write")
     export.add_argument("--input-shape", metavar="N,C,...",
                         help="shape of the example input (float32) when --calib is not given, e.g. 1,1,8,8")
     export.add_argument("--opset", type=int, metavar="N", help="ONNX opset (default: 21)")
@@ -402,8 +405,11 @@ def _is_checkpoint(path: str) -> bool:
 
 def _cmd_export(args) -> int:
     import torchquant
-    from torchquant.export import ExportError, export_onnx, has_quantized_layers
+    from torchquant.export import ExportError, export_aoti, export_onnx, has_quantized_layers
     _check_output_path(args.output, "-o", args)
+    package = args.output.endswith(".pt2")
+    if package and args.opset is not None:
+        raise UsageError(f"--opset: {args.output} is an AOTInductor package (.pt2), not ONNX")
     if args.input_shape is None and args.calib is None:
         raise UsageError("--input-shape: export needs an example input; give --input-shape or --calib")
     example = None if args.input_shape is None else torch.zeros(_input_shape(args.input_shape))
@@ -443,8 +449,11 @@ def _cmd_export(args) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.export's and onnxscript's notes about their own internals
-            export_onnx(model, example, args.output, opset=args.opset, dynamic_batch=not args.fixed_batch,
-                        force=args.force)
+            if package:
+                export_aoti(model, example, args.output, dynamic_batch=not args.fixed_batch, force=args.force)
+            else:
+                export_onnx(model, example, args.output, opset=args.opset, dynamic_batch=not args.fixed_batch,
+                            force=args.force)
     except (ExportError, ValueError, TypeError) as exc:
         raise UsageError(str(exc).splitlines()[0]) from exc
     except ModuleNotFoundError as exc:

@@ -34,6 +34,10 @@ zero point and saturates; DequantizeLinear then carries the real scale.
 
 NaN and infinite inputs are not carried over: torchquant maps NaN to the zero point and leaves infinities out of
 dynamic ranges; the exported graph does neither.
+
+export_aoti, the other way out of eager PyTorch, keeps torchquant's ops: torch.export's program of the model,
+compiled by AOTInductor into a package that calls the same kernels (the same numbers, up to inductor's fusion of the
+float ops between layers).
 """
 from __future__ import annotations
 
@@ -44,6 +48,7 @@ import logging
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple, Union
 
@@ -58,7 +63,7 @@ from torchquant.nn.base import QuantLayerBase
 from torchquant.nn.conv import QuantConv1d, QuantConv2d
 from torchquant.nn.linear import QuantLinear
 
-__all__ = ["export_onnx", "ExportError", "has_quantized_layers"]
+__all__ = ["export_onnx", "export_aoti", "ExportError", "has_quantized_layers"]
 
 DEFAULT_OPSET = 21
 MIN_OPSET = 18  # torch.onnx's exporter writes opset 18 and converts up from there
@@ -874,23 +879,24 @@ def _check_opset(opset) -> int:
     return opset
 
 
-def _check_inputs(example_inputs) -> Tuple[torch.Tensor, ...]:
+def _check_inputs(example_inputs, function: str = "export_onnx") -> Tuple[torch.Tensor, ...]:
+    """example_inputs as a tuple of detached tensors (TypeError unless a tensor or a non-empty tuple of them)."""
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
     if not isinstance(inputs, tuple) or not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
-        raise TypeError(f"export_onnx: example_inputs must be a tensor or a non-empty tuple of tensors, got "
+        raise TypeError(f"{function}: example_inputs must be a tensor or a non-empty tuple of tensors, got "
                         f"{type(example_inputs).__name__}")
-    return tuple(t.detach().cpu().float() if t.is_floating_point() else t.detach().cpu() for t in inputs)
+    return tuple(t.detach() for t in inputs)
 
 
-def _check_path(path) -> str:
+def _check_path(path, function: str = "export_onnx") -> str:
     if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"export_onnx: path must be a str or os.PathLike, got {type(path).__name__}")
+        raise TypeError(f"{function}: path must be a str or os.PathLike, got {type(path).__name__}")
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
-        raise FileNotFoundError(f"export_onnx: path: directory {directory} does not exist")
+        raise FileNotFoundError(f"{function}: path: directory {directory} does not exist")
     if os.path.isdir(path):
-        raise IsADirectoryError(f"export_onnx: path: {path} is a directory, expected a file name")
+        raise IsADirectoryError(f"{function}: path: {path} is a directory, expected a file name")
     return path
 
 
@@ -924,9 +930,9 @@ def _first_line(exc: BaseException) -> str:
     return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
 
 
-def _traced(model: nn.Module, inputs: Tuple[torch.Tensor, ...], dynamic_batch: bool):
-    """torch.export of the placeholder model; untraceable forwards and torchquant ops left outside the quantized
-    layers become ExportErrors."""
+def _traced(model: nn.Module, inputs: Tuple[torch.Tensor, ...], dynamic_batch: bool, function: str):
+    """torch.export of model (the first dimension of every input free with dynamic_batch); an untraceable forward,
+    or one that fixes that dimension, becomes an ExportError that `function` raises."""
     dynamic_shapes = None
     example = inputs
     if dynamic_batch:
@@ -942,7 +948,7 @@ def _traced(model: nn.Module, inputs: Tuple[torch.Tensor, ...], dynamic_batch: b
         if constant is not None:  # the model computes with a fixed first dimension (an unbatched input's features)
             fixed = [f"input {i} of shape {list(t.shape)}" for i, (t, traced) in enumerate(zip(example, inputs))
                      if traced.dim() > 0 and traced.shape[0] == int(constant[1])]
-            raise ExportError(f"export_onnx: dynamic_batch=True leaves the first dimension of every input free as "
+            raise ExportError(f"{function}: dynamic_batch=True leaves the first dimension of every input free as "
                               f"the batch, but the model fixes it to {constant[1]} ({', '.join(fixed) or 'an input'}):"
                               f" it is not a batch dimension (an unbatched input?); export a batched example input "
                               f"(x.unsqueeze(0) for one sample) or pass dynamic_batch=False") from exc
@@ -950,14 +956,9 @@ def _traced(model: nn.Module, inputs: Tuple[torch.Tensor, ...], dynamic_batch: b
         # torch.export names the user's line that failed after this header
         where = next((lines[i + 1] for i, line in enumerate(lines[:-1])
                       if line.startswith("The following call raised this error")), "")
-        raise ExportError(f"export_onnx: the model's forward cannot be traced by torch.export"
+        raise ExportError(f"{function}: the model's forward cannot be traced by torch.export"
                           f"{' (' + where + ')' if where else ''}: {type(exc).__name__}: {_first_line(exc)}; "
                           f"data-dependent control flow and Python side effects are not exportable") from exc
-    for node in program.graph.nodes:
-        target = node.target
-        if node.op == "call_function" and getattr(target, "namespace", None) == "torchquant":
-            raise ExportError(f"export_onnx: {_module_of(node)} calls {target.name()}, which has no ONNX mapping "
-                              f"(only QuantLinear, QuantConv2d and QuantConv1d layers are exported)")
     return program
 
 
@@ -970,7 +971,7 @@ def _onnx_model(model: nn.Module, example_inputs, opset: Optional[int], dynamic_
     if not isinstance(dynamic_batch, bool):
         raise TypeError(f"export_onnx: dynamic_batch must be a bool, got {type(dynamic_batch).__name__}")
     opset = _check_opset(opset)
-    inputs = _check_inputs(example_inputs)
+    inputs = tuple(t.cpu().float() if t.is_floating_point() else t.cpu() for t in _check_inputs(example_inputs))
     names = [name for name, m in model.named_modules() if isinstance(m, QuantLayerBase)]
     if not names:
         raise ExportError(f"export_onnx: {type(model).__name__} has no quantized layers: quantize it first "
@@ -996,7 +997,12 @@ def _onnx_model(model: nn.Module, example_inputs, opset: Optional[int], dynamic_
             if id(module) in placeholders:
                 parent._modules[child] = placeholders[id(module)]
     with torch.no_grad():
-        program = _traced(copied, inputs, dynamic_batch)
+        program = _traced(copied, inputs, dynamic_batch, "export_onnx")
+        for node in program.graph.nodes:
+            target = node.target
+            if node.op == "call_function" and getattr(target, "namespace", None) == "torchquant":
+                raise ExportError(f"export_onnx: {_module_of(node)} calls {target.name()}, which has no ONNX mapping "
+                                  f"(only QuantLinear, QuantConv2d and QuantConv1d layers are exported)")
         try:
             with _quiet_exporters():
                 onnx_program = torch.onnx.export(program, (), dynamo=True, opset_version=opset,
@@ -1122,4 +1128,37 @@ def export_onnx(model: nn.Module, example_inputs: Union[torch.Tensor, Tuple[torc
     import onnx
     with atomic_write(path, "export_onnx: path", force=force) as temp:
         onnx.save(proto, temp)
+    return path
+
+
+def export_aoti(model: nn.Module, example_inputs: Union[torch.Tensor, Tuple[torch.Tensor, ...]],
+                path: Union[str, os.PathLike], *, dynamic_batch: bool = True, force: bool = False) -> str:
+    """Compiles `model` (converted, or prepared) ahead of time with AOTInductor into a package at `path` (a .pt2
+    file) and returns the path. torch.export traces the model with torchquant's ops kept as ops; AOTInductor
+    compiles the rest. Run it where torchquant is imported (it registers the ops the package calls):
+    `torch._inductor.aoti_load_package(path)(*inputs)`. A package checks no guards and runs no Python per op, which
+    makes it the fastest way to run a converted model at small batches (a transformer at batch 1).
+
+    The package runs on the device and in the dtypes of the model and of `example_inputs` (a tensor or a tuple of
+    tensors, the forward's arguments). `dynamic_batch`: the first dimension of every input is left free. The model
+    is not modified (an eval-mode copy is compiled). The file is written whole or not at all; an existing read-only
+    file raises PermissionError unless force=True. Raises ExportError for a forward that torch.export cannot trace
+    (naming the line), or one that fixes the first dimension with dynamic_batch=True; ValueError unless path ends in
+    .pt2 (AOTInductor's suffix). Compiling takes a C++ compiler and seconds to minutes (inductor compiles every
+    fused kernel)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"export_aoti: model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(dynamic_batch, bool):
+        raise TypeError(f"export_aoti: dynamic_batch must be a bool, got {type(dynamic_batch).__name__}")
+    inputs = _check_inputs(example_inputs, "export_aoti")
+    path = _check_path(path, "export_aoti")
+    if not path.endswith(".pt2"):
+        raise ValueError(f"export_aoti: path must end in .pt2 (an AOTInductor package), got {path}")
+    copied = copy.deepcopy(model).eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        # a note about torch's own internals that packaging raises
+        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+        program = _traced(copied, inputs, dynamic_batch, "export_aoti")
+        with atomic_write(path, "export_aoti: path", force=force) as temp:  # its name ends in .pt2 too
+            torch._inductor.aoti_compile_and_package(program, package_path=temp)
     return path
