@@ -106,6 +106,19 @@ def test_aoti_package_of_converted_layers(tmp_path):
             torch.testing.assert_close(package(x), model(x), rtol=1e-6, atol=1e-6)
 
 
+def test_aoti_package_with_a_free_sequence_length(tmp_path):
+    # a transformer's tokens: dynamic_shapes (torch.export's) frees the sequence dim beside the batch
+    torch.manual_seed(0)
+    model = tq.quantize_model(nn.Sequential(nn.Linear(16, 24), nn.GELU(), nn.Linear(24, 16)).eval(), "int8-dynamic")
+    dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("tokens")}
+    package = torch._inductor.aoti_load_package(
+        tq.export_aoti(model, torch.randn(2, 5, 16), tmp_path / "tokens.pt2", dynamic_shapes=(dims,)))
+    with torch.no_grad():
+        for shape in ((2, 5, 16), (3, 9, 16), (1, 1, 16)):
+            x = torch.randn(shape)
+            torch.testing.assert_close(package(x), model(x), rtol=1e-6, atol=1e-6)
+
+
 class _DataDependent(nn.Module):
     def __init__(self):
         super().__init__()

@@ -930,12 +930,15 @@ def _first_line(exc: BaseException) -> str:
     return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
 
 
-def _traced(model: nn.Module, inputs: Tuple[torch.Tensor, ...], dynamic_batch: bool, function: str):
-    """torch.export of model (the first dimension of every input free with dynamic_batch); an untraceable forward,
-    or one that fixes that dimension, becomes an ExportError that `function` raises."""
-    dynamic_shapes = None
+def _traced(model: nn.Module, inputs: Tuple[torch.Tensor, ...], dynamic_batch: bool, function: str,
+            dynamic_shapes=None):
+    """torch.export of model (the first dimension of every input free with dynamic_batch, or the free dims
+    dynamic_shapes gives, torch.export's argument); an untraceable forward, or one that fixes the batch dimension,
+    becomes an ExportError that `function` raises."""
     example = inputs
-    if dynamic_batch:
+    if dynamic_shapes is not None:
+        dynamic_batch = False  # the caller's dims instead
+    elif dynamic_batch:
         batch = torch.export.Dim("batch")
         dynamic_shapes = tuple({0: batch} if t.dim() > 0 else None for t in inputs)
         # torch.export specializes a dimension of size 1: trace a batch of 2 (the batch is only a shape here)
@@ -1132,7 +1135,8 @@ def export_onnx(model: nn.Module, example_inputs: Union[torch.Tensor, Tuple[torc
 
 
 def export_aoti(model: nn.Module, example_inputs: Union[torch.Tensor, Tuple[torch.Tensor, ...]],
-                path: Union[str, os.PathLike], *, dynamic_batch: bool = True, force: bool = False) -> str:
+                path: Union[str, os.PathLike], *, dynamic_batch: bool = True, dynamic_shapes=None,
+                force: bool = False) -> str:
     """Compiles `model` (converted, or prepared) ahead of time with AOTInductor into a package at `path` (a .pt2
     file) and returns the path. torch.export traces the model with torchquant's ops kept as ops; AOTInductor
     compiles the rest. Run it where torchquant is imported (it registers the ops the package calls):
@@ -1140,7 +1144,10 @@ def export_aoti(model: nn.Module, example_inputs: Union[torch.Tensor, Tuple[torc
     makes it the fastest way to run a converted model at small batches (a transformer at batch 1).
 
     The package runs on the device and in the dtypes of the model and of `example_inputs` (a tensor or a tuple of
-    tensors, the forward's arguments). `dynamic_batch`: the first dimension of every input is left free. The model
+    tensors, the forward's arguments). `dynamic_batch`: the first dimension of every input is left free.
+    `dynamic_shapes`: torch.export.export's argument instead, for other free dims (a transformer's sequence length:
+    `tuple({0: torch.export.Dim("batch"), 1: torch.export.Dim("tokens")} for _ in inputs)`); the examples' free
+    dims must then be at least 2 (torch.export fixes a dim of size 1). The model
     is not modified (an eval-mode copy is compiled). The file is written whole or not at all; an existing read-only
     file raises PermissionError unless force=True. Raises ExportError for a forward that torch.export cannot trace
     (naming the line), or one that fixes the first dimension with dynamic_batch=True; ValueError unless path ends in
@@ -1158,7 +1165,7 @@ def export_aoti(model: nn.Module, example_inputs: Union[torch.Tensor, Tuple[torc
     with torch.no_grad(), warnings.catch_warnings():
         # a note about torch's own internals that packaging raises
         warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
-        program = _traced(copied, inputs, dynamic_batch, "export_aoti")
+        program = _traced(copied, inputs, dynamic_batch, "export_aoti", dynamic_shapes)
         with atomic_write(path, "export_aoti: path", force=force) as temp:  # its name ends in .pt2 too
             torch._inductor.aoti_compile_and_package(program, package_path=temp)
     return path
