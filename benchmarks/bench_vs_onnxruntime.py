@@ -4,9 +4,9 @@ The baseline is what an onnxruntime user gets: the float model exported to ONNX,
 onnxruntime.quantization.quantize_dynamic (QInt8 weights), run by the CPU execution provider with one intra-op
 thread. torchquant runs the converted model in PyTorch with torch.set_num_threads(1), eagerly and compiled
 (torch.compile, default backend, shapes of the measured input; also with inductor's C++ wrapper, and with its
-freezing, which makes the weights constants of the compiled graph), and as an AOTInductor package (torch.export with
-free batch and sequence dims, compiled ahead of time, loaded with torch._inductor.aoti_load_package). Models: all-MiniLM-L6-v2 (the sentence encoder,
-batch 1 and batch 32 of the evaluation sentences padded to the longest) and a BERT-base-shaped encoder with random
+freezing, which makes the weights constants of the compiled graph), and as an AOTInductor package
+(torchquant.export_aoti with free batch and sequence dims, loaded with torch._inductor.aoti_load_package). Models:
+all-MiniLM-L6-v2 (the sentence encoder, batch 1 and batch 32 of the evaluation sentences padded to the longest) and a BERT-base-shaped encoder with random
 weights (batch 1 x 128 tokens). All variants of one input run in one process, interleaved (ABC CBA ...), so the
 noise of a shared machine falls on all alike; each sample also records the thread's CPU time, which excludes the
 time this process waited for a core. --presets picks torchquant's configurations (int8-dynamic by default;
@@ -69,8 +69,8 @@ def _aoti_package(model: torch.nn.Module, inputs, path: str):
     path, loaded back: the deployment counterpart of an onnxruntime session (no guards to check, no Python per op)."""
     batch, tokens = torch.export.Dim("batch"), torch.export.Dim("tokens", max=minilm_lib.MAX_LENGTH)
     example = tuple(t.repeat(2, 1) for t in inputs)  # a free dim is traced at a size other than 1
-    program = torch.export.export(model, example, dynamic_shapes=tuple({0: batch, 1: tokens} for _ in inputs))
-    return torch._inductor.aoti_load_package(torch._inductor.aoti_compile_and_package(program, package_path=path))
+    return torch._inductor.aoti_load_package(torchquant.export_aoti(
+        model, example, path, dynamic_shapes=tuple({0: batch, 1: tokens} for _ in inputs)))
 
 
 def _torchquant_variants(encoder: torch.nn.Module, inputs, preset: str, directory: str, tag: str) -> dict:

@@ -1147,9 +1147,9 @@ def export_aoti(model: nn.Module, example_inputs: Union[torch.Tensor, Tuple[torc
     tensors, the forward's arguments). `dynamic_batch`: the first dimension of every input is left free.
     `dynamic_shapes`: torch.export.export's argument instead, for other free dims (a transformer's sequence length:
     `tuple({0: torch.export.Dim("batch"), 1: torch.export.Dim("tokens")} for _ in inputs)`); the examples' free
-    dims must then be at least 2 (torch.export fixes a dim of size 1). The model
-    is not modified (an eval-mode copy is compiled). The file is written whole or not at all; an existing read-only
-    file raises PermissionError unless force=True. Raises ExportError for a forward that torch.export cannot trace
+    dims must then be at least 2 (torch.export fixes a dim of size 1). The model is not modified (an eval-mode copy
+    is compiled). The file is written whole or not at all; an existing read-only file raises PermissionError unless
+    force=True. Raises ExportError for a forward that torch.export cannot trace
     (naming the line), or one that fixes the first dimension with dynamic_batch=True; ValueError unless path ends in
     .pt2 (AOTInductor's suffix). Compiling takes a C++ compiler and seconds to minutes (inductor compiles every
     fused kernel)."""
