@@ -82,7 +82,7 @@ def test_compiled_converted_model_follows_autocast():
         assert torch.equal(torch.compile(under_autocast, fullgraph=True, backend="aot_eager")(x), want)
 
 
-def test_aoti_package_of_converted_layers(tmp_path):
+def test_aoti_package_of_converted_layers(tmp_path, device):
     """export_aoti compiles converted layers into an AOTInductor package that computes the eager model's numbers for
     every batch size of the free batch dimension: the program holds the whole packed-weight buffers (AOTInductor
     copies a buffer over the bytes its view spans, and the kernels read the zero padding past the weight's view),
@@ -93,16 +93,16 @@ def test_aoti_package_of_converted_layers(tmp_path):
         QuantConv2d(5, 6, (1, 3), stride=2, config="int8-dynamic"), nn.Flatten(),
         QuantLinear(6 * 2 * 2, 10, config="int8-dynamic"), nn.GELU(),
         QuantLinear(10, 7, config="int8-static"), nn.ReLU(),
-        QuantLinear(7, 3, config="w4a8-dynamic"))
-    tq.calibrate(model, [torch.randn(4, 3, 3, 5)], progress=False)
+        QuantLinear(7, 3, config="w4a8-dynamic")).to(device)
+    tq.calibrate(model, [torch.randn(4, 3, 3, 5, device=device)], progress=False)
     tq.convert(model.eval())
     assert model[4].fused_activation == "gelu"
-    path = tq.export_aoti(model, torch.randn(1, 3, 3, 5), tmp_path / "model.pt2")  # a batch of 1: still free
+    path = tq.export_aoti(model, torch.randn(1, 3, 3, 5, device=device), tmp_path / "model.pt2")  # batch 1: still free
     assert path == str(tmp_path / "model.pt2") and sorted(p.name for p in tmp_path.iterdir()) == ["model.pt2"]
     package = torch._inductor.aoti_load_package(path)
     with torch.no_grad():
         for batch in (2, 1, 5):
-            x = torch.randn(batch, 3, 3, 5)
+            x = torch.randn(batch, 3, 3, 5, device=device)
             torch.testing.assert_close(package(x), model(x), rtol=1e-6, atol=1e-6)
 
 
