@@ -936,9 +936,8 @@ def _traced(model: nn.Module, inputs: Tuple[torch.Tensor, ...], dynamic_batch: b
     dynamic_shapes gives, torch.export's argument); an untraceable forward, or one that fixes the batch dimension,
     becomes an ExportError that `function` raises."""
     example = inputs
-    if dynamic_shapes is not None:
-        dynamic_batch = False  # the caller's dims instead
-    elif dynamic_batch:
+    batch_only = dynamic_batch and dynamic_shapes is None  # else the caller's dims, or none free
+    if batch_only:
         batch = torch.export.Dim("batch")
         dynamic_shapes = tuple({0: batch} if t.dim() > 0 else None for t in inputs)
         # torch.export specializes a dimension of size 1: trace a batch of 2 (the batch is only a shape here)
@@ -947,7 +946,7 @@ def _traced(model: nn.Module, inputs: Tuple[torch.Tensor, ...], dynamic_batch: b
         with _quiet_exporters():
             program = torch.export.export(model, inputs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as exc:  # torch.export raises many types (UserError, GuardOnDataDependentSymNode, ...)
-        constant = re.search(r"specialized it to be a constant \((\d+)\)", str(exc)) if dynamic_batch else None
+        constant = re.search(r"specialized it to be a constant \((\d+)\)", str(exc)) if batch_only else None
         if constant is not None:  # the model computes with a fixed first dimension (an unbatched input's features)
             fixed = [f"input {i} of shape {list(t.shape)}" for i, (t, traced) in enumerate(zip(example, inputs))
                      if traced.dim() > 0 and traced.shape[0] == int(constant[1])]
