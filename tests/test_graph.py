@@ -1,5 +1,6 @@
 """The integer pipeline (torchquant.graph): pattern matching on traced models, fake-quant vs converted parity on
 every pattern, the float reference, fallbacks, save/load, report and CLI."""
+import collections
 import copy
 import dataclasses
 import json
@@ -893,6 +894,52 @@ def test_in_place_op_through_a_transpose_falls_back_to_the_module_swap():
 
     with pytest.warns(UserWarning, match=r"writes in place into a view \(relu_"):
         prepared = tq.prepare(MTNet().eval(), PIPELINE)
+    assert not graph.is_pipeline(prepared)
+
+
+class TensorTo(nn.Module):
+    """A Tensor.to() call (named `to`, like nn.Module.to) whose output a layer reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.b(F.relu(self.a(x)).to(torch.float32))
+
+
+def _names_of_methods(kind: str) -> nn.Module:
+    if kind == "Tensor.to":
+        return TensorTo()
+    # modules named like ModuleDict methods
+    return nn.Sequential(collections.OrderedDict(keys=nn.Conv2d(3, 8, 3), relu=nn.ReLU(), values=nn.Conv2d(8, 8, 1),
+                                                 items=nn.Sigmoid(), out=nn.Conv2d(8, 4, 1)))
+
+
+@pytest.mark.parametrize("kind, renamed", [("Tensor.to", {"to_"}), ("method names", {"keys_", "values_", "items_"})])
+def test_node_names_of_container_methods_get_their_own_modules(kind, renamed, tmp_path):
+    # act_quant[node.name] = ... raised "attribute 'keys' already exists" ('to' for a Tensor.to() call)
+    torch.manual_seed(0)
+    model, batches = _names_of_methods(kind).eval(), _batches((2, 3, 8, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the .to() is kept float between the layers)
+        converted = tq.quantize_model(model, PIPELINE, batches, inplace=False)
+        path = tmp_path / "m.safetensors"
+        tq.save(converted, path)
+        loaded = tq.load(path, _names_of_methods(kind))
+    assert renamed <= set(converted.get_submodule(graph.ACT_QUANT)._modules)
+    with torch.no_grad():
+        out, expected = converted(batches[0]), model(batches[0])
+        assert torch.equal(loaded(batches[0]), out)
+    torch.testing.assert_close(out, expected, atol=0.05 * expected.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("name", [graph.ACT_QUANT, graph.LOOKUP_TABLES])
+def test_a_model_attribute_named_like_the_pipelines_modules_falls_back_to_the_module_swap(name):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 1)).eval()
+    setattr(model, name, nn.Identity())  # (a child the forward does not call)
+    with pytest.warns(UserWarning, match=f"has an attribute named '{name}', which an integer pipeline needs"):
+        prepared = tq.prepare(model, PIPELINE)
     assert not graph.is_pipeline(prepared)
 
 

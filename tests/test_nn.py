@@ -325,6 +325,51 @@ def test_dynamic_per_tensor_scale_is_choose_qparams(device, bits):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+def test_learned_scales_driven_to_zero_or_below_are_floored_and_train_on(device):
+    # an optimizer step took a learned scale <= 0 and the next forward raised "scale must be positive" from the
+    # kernel, naming no layer; the forward floors it (in place, outside autograd's version counting: a graph
+    # built before it, as in gradient accumulation, still runs its backward)
+    torch.manual_seed(0)
+    config = QuantConfig(QuantSpec(bits=4, learn_scale=True),
+                         QuantSpec(bits=8, signed=False, symmetric=False, granularity="per_tensor", learn_scale=True))
+    layer = QuantLinear(12, 6, config=config).to(device)
+    x = torch.randn(32, 12, device=device)
+    layer(x)  # initialises the scales
+    with torch.no_grad():
+        layer.weight_quantizer.scale[[1, 4]] = torch.tensor([-0.01, 0.0], device=device)
+        layer.input_quantizer.scale.fill_(-0.5)
+    first = layer(x).square().mean()
+    second = layer(x).square().mean()  # floors the scales the first graph saved once more
+    (first + second).backward()
+    tiny = torch.finfo(torch.float32).tiny
+    assert layer.weight_quantizer.scale[1].item() == layer.weight_quantizer.scale[4].item() == tiny
+    assert layer.input_quantizer.scale.item() == tiny
+    assert torch.isfinite(layer.weight_quantizer.scale.grad).all() and torch.isfinite(layer.input_quantizer.scale.grad).all()
+    # training goes on (this loss pulls channel 4 back to the floor, channel 1 off it); the converted layer
+    # computes what the fake-quant one does
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-3)
+    for _ in range(3):
+        opt.zero_grad()
+        layer(x).square().mean().backward()
+        opt.step()
+    layer(x)
+    assert (layer.weight_quantizer.scale >= tiny).all() and (layer.input_quantizer.scale >= tiny).all()
+    assert layer.weight_quantizer.scale[1] > 1e-4
+    _assert_same_function(layer, x)
+
+
+def test_convert_rejects_a_bad_learned_weight_scale():
+    config = QuantConfig(QuantSpec(bits=4, learn_scale=True), QuantSpec(bits=8, granularity="per_tensor"))
+    model = tq.prepare(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)), config)
+    model(torch.randn(2, 4))
+    with torch.no_grad():
+        model[2].weight_quantizer.scale[1] = -1.0  # (an optimizer step after the last forward)
+    with pytest.raises(ValueError, match=r"layer '2': QuantLinear: the learned weight scale must be positive and "
+                                         r"finite \(at least 1.17549e-38\), got -1 in channel 1"):
+        tq.convert(model)
+    assert not model[2].converted and not model[0].converted
+
+
 def test_convert_rejects_a_bad_learned_input_scale():
     # the static input scale is checked once at convert (and load), not on every forward
     config = QuantConfig(QuantSpec(bits=8), QuantSpec(bits=8, granularity="per_tensor", learn_scale=True))

@@ -869,6 +869,12 @@ def prepare_pipeline(model: nn.Module, config: QuantConfig, swap) -> Optional[fx
                       f"model is quantized layer by layer (module swap) instead of as an integer pipeline",
                       UserWarning, stacklevel=4)
         return None
+    taken = next((name for name in (ACT_QUANT, LOOKUP_TABLES) if hasattr(model, name)), None)
+    if taken is not None:  # the pipeline's own modules have these names
+        warnings.warn(f"prepare: {type(model).__name__} has an attribute named {taken!r}, which an integer pipeline "
+                      f"needs for itself; the model is quantized layer by layer (module swap) instead", UserWarning,
+                      stacklevel=4)
+        return None
     gm = _Pipeline(model, graph, class_name=type(model).__name__)
     _own_modules(gm, graph)
     gm.meta[META_KEY] = {"integer_output": config.integer_output, "converted": False, **_RULES.get()}
@@ -885,9 +891,9 @@ def prepare_pipeline(model: nn.Module, config: QuantConfig, swap) -> Optional[fx
     quantizers: dict[int, str] = {}
     for node in gm.graph.nodes:
         if node in roots and group[node] not in quantizers:
-            quantizers[group[node]] = node.name
+            name = quantizers[group[node]] = _free_attribute(gm.get_submodule(ACT_QUANT), node.name)
             quantizer = ActivationQuantizer(config.activation).to(_device_of(gm)).train(model.training)
-            gm.get_submodule(ACT_QUANT)[node.name] = quantizer
+            gm.get_submodule(ACT_QUANT)[name] = quantizer
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for node in [n for n in gm.graph.nodes if n in roots]:
         after = placeholders[-1] if node.op == "placeholder" else node
@@ -908,6 +914,16 @@ def prepare_pipeline(model: nn.Module, config: QuantConfig, swap) -> Optional[fx
                       f"{', '.join(_describe(n) for n in float_readers)}", UserWarning, stacklevel=4)
     _meta(gm)["float_ops"] = [_describe(n) for n in float_readers]
     return gm
+
+
+def _free_attribute(container: nn.Module, name: str) -> str:
+    """name, or name with underscores appended where container already has that attribute: a graph node's name
+    may be a method of the container (a submodule called `keys` or `values` beside a ModuleDict's methods, a
+    Tensor.to() call beside nn.Module.to; a model's own modules cannot be named like nn.Module's). A pure function of the names before it, so that a checkpoint's
+    names are found again when the same model is prepared again."""
+    while hasattr(container, name):
+        name += "_"
+    return name
 
 
 def _own_modules(gm: fx.GraphModule, graph: fx.Graph) -> None:

@@ -306,6 +306,8 @@ class QuantLayerBase(nn.Module):
                                f"its calibration inputs, leave it float with QuantConfig.skip)")
         if self.input_quantizer is not None and not self.input_quantizer.spec.dynamic:
             self._checked_static_input_scale()  # so that installing the converted state cannot fail
+        if self.weight_quantizer.spec.learn_scale:
+            self._check_learned_weight_scale()
         weight, bias = self.float_weight_bias()
         q, scale = self.weight_quantizer.quantize(weight)
         if self.config.weight.bits <= 4:
@@ -405,6 +407,16 @@ class QuantLayerBase(nn.Module):
             raise ValueError(f"{type(self).__name__}: the input scale must be positive and finite (at least "
                              f"{tiny:g}), got {scale.tolist()}")
         return scale
+
+    def _check_learned_weight_scale(self) -> None:
+        """Raises unless the learned weight scale is positive and finite (an optimizer step after the last forward,
+        which floors it, may have taken it to 0 or below)."""
+        scale = self.weight_quantizer.scale.detach().flatten()
+        tiny = torch.finfo(torch.float32).tiny
+        bad = (~(torch.isfinite(scale) & (scale >= tiny))).nonzero().flatten().tolist() if not scale.is_meta else []
+        if bad:
+            raise ValueError(f"{type(self).__name__}: the learned weight scale must be positive and finite (at least "
+                             f"{tiny:g}), got {scale[bad[0]].item():g} in channel {bad[0]}")
 
     def _int_op_args(self) -> tuple:
         """The weight-side arguments of the integer op after the packed weight, in its schema's order."""

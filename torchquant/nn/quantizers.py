@@ -26,6 +26,16 @@ def _channel_view(t: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.T
     return t.reshape(shape)
 
 
+def floor_learned_scale(scale: torch.nn.Parameter) -> torch.Tensor:
+    """scale, floored in place at the smallest scale the kernels take: an optimizer step may take a learned scale
+    to 0 or below, and training goes on (torch.ao's learnable fake-quant clamps its own alike; convert and load
+    check the scale they are given). Through .data, outside autograd's version
+    counting, so that a graph built before (gradient accumulation) still runs its backward; a scale above the
+    floor keeps its value."""
+    scale.data.clamp_(min=_TINY)
+    return scale
+
+
 class _LSQFakeQuantize(torch.autograd.Function):
     """fake_quantize with a learned scale: straight-through gradient to x and the LSQ gradient to scale
     (Esser et al. 2020: d x_hat / d s = round(x/s) - x/s inside the range, q_min - z or q_max - z outside,
@@ -99,7 +109,7 @@ class WeightQuantizer(Float32StateModule):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         scale, zero_point = self.qparams(weight)
         if self.spec.learn_scale:
-            return _LSQFakeQuantize.apply(weight, scale, zero_point, self.spec, self.axis)
+            return _LSQFakeQuantize.apply(weight, floor_learned_scale(scale), zero_point, self.spec, self.axis)
         return fake_quantize_spec(weight, scale, zero_point, self.spec, self.axis)
 
     @torch.no_grad()
@@ -189,7 +199,7 @@ class InputQuantizer(Float32StateModule):
         if not exporting and not self.observer.has_data:
             return x
         if spec.learn_scale:
-            return _LSQFakeQuantize.apply(x, self.scale, self.zero_point, spec, None)
+            return _LSQFakeQuantize.apply(x, floor_learned_scale(self.scale), self.zero_point, spec, None)
         return fake_quantize_spec(x, self.scale, self.zero_point, spec, None)
 
     def quantize(self, x: torch.Tensor, zero_point: int) -> tuple[torch.Tensor, torch.Tensor]:
