@@ -892,7 +892,7 @@ def test_in_place_op_through_a_transpose_falls_back_to_the_module_swap():
             y.mT.relu_()
             return self.b(y)
 
-    with pytest.warns(UserWarning, match=r"writes in place into a view \(relu_"):
+    with pytest.warns(UserWarning, match=r"writes in place into a tensor that shares its memory with another \(relu_"):
         prepared = tq.prepare(MTNet().eval(), PIPELINE)
     assert not graph.is_pipeline(prepared)
 
@@ -1289,9 +1289,61 @@ def test_a_float_conv_output_keeps_its_layout_on_every_path():
 def test_in_place_op_on_a_view_falls_back_to_the_module_swap():
     # y[:, :2].sigmoid_() changes y behind the graph: the pipeline quantized y before the change and lost it
     model = ViewNet("in place on a view").eval()
-    with pytest.warns(UserWarning, match=r"writes in place into a view \(sigmoid_"):
+    with pytest.warns(UserWarning, match=r"writes in place into a tensor that shares its memory with another "
+                                         r"\(sigmoid_"):
         prepared = tq.prepare(model, PIPELINE)
     assert not graph.is_pipeline(prepared) and isinstance(prepared.conv, QuantConv2d)
+
+
+class AliasNet(nn.Module):
+    """In-place writes the pipeline's new integer tensors would not pass on: `v += 1` into a slice (torch.fx traces
+    it as an unused v + 1), an in-place ReLU after a view was taken (the view sees the ReLU)."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        if self.kind == "augmented slice":
+            v = y[:, :, :4]
+            v += 1.0
+            return self.b(y)
+        flat = y.flatten(1)
+        y.relu_()
+        return self.b(y), flat.min(1).values
+
+
+@pytest.mark.parametrize("kind, op", [("augmented slice", "add"), ("view before in place", "relu_")])
+@pytest.mark.parametrize("preset", ["int8-pipeline", "int8-static"])
+def test_writes_through_aliases_reach_their_readers(kind, op, preset):
+    # the pipeline (prepared and converted) dropped both writes; the module-swapped conv's channels-last output
+    # made flatten(1) a copy that missed the ReLU
+    torch.manual_seed(0)
+    model, batches = AliasNet(kind).eval(), _batches((2, 3, 6, 6))
+    with pytest.warns(UserWarning, match=rf"shares its memory with another \({op}") if preset == "int8-pipeline" \
+            else warnings.catch_warnings():
+        prepared = tq.calibrate(tq.prepare(model, preset, inplace=False), batches, progress=False)
+    assert not graph.is_pipeline(prepared)
+    converted = tq.convert(prepared, inplace=False)
+    with torch.no_grad():
+        expected = model(batches[0].clone())
+        for out in (prepared(batches[0].clone()), converted(batches[0].clone())):
+            for o, e in zip(out if isinstance(out, tuple) else (out,), expected if kind != "augmented slice"
+                            else (expected,)):
+                torch.testing.assert_close(o, e, atol=0.05 * e.abs().max().item(), rtol=0)
+    if kind == "view before in place":
+        assert converted.a.output_memory_format == torch.contiguous_format
+        assert (converted(batches[0])[1] >= 0).all()
+
+
+def test_an_in_place_relu_of_a_conv_output_keeps_its_channels_last_layout():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(inplace=True), nn.Conv2d(8, 4, 1), nn.ReLU(inplace=True),
+                          nn.Flatten()).eval()
+    converted = tq.quantize_model(model, "int8-static", _batches((2, 3, 6, 6)), inplace=False)
+    assert converted[0].output_memory_format == torch.channels_last  # (read by the next conv only)
+    assert converted[2].output_memory_format == torch.contiguous_format  # (flattened: a view of the output)
 
 
 def test_dropout_on_integers_is_left_out_of_the_converted_graph():

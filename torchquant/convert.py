@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 from torchquant._ops.gemm import GELU_APPROXIMATE
 from torchquant.config import QuantConfig, resolve_config
 from torchquant.fold import _Tracer, find_bn_pairs, folded_bn, parent_and_key
-from torchquant.graph import (META_KEY as PIPELINE_META, convert_pipeline, is_pipeline, prepare_pipeline,
-                              reaches_a_layout_reader)
+from torchquant.graph import (META_KEY as PIPELINE_META, aliases_copied_by_a_layout, convert_pipeline, is_pipeline,
+                              prepare_pipeline, reaches_a_layout_reader)
 from torchquant.nn import QuantConv1d, QuantConv2d, QuantLinear
 from torchquant.nn.base import QuantLayerBase
 from torchquant.nn.quantizers import InputQuantizer
@@ -345,10 +345,11 @@ def fuse_activations(model: nn.Module) -> nn.Module:
 def set_conv_layouts(model: nn.Module) -> nn.Module:
     """Sets the output memory format of every converted QuantConv2d of a module-swapped model
     (QuantConv2d.set_output_memory_format): contiguous where a view (or the caller, or code outside PyTorch) can
-    read it (torchquant.graph.reaches_a_layout_reader, up to the next quantized layer), as the float model's conv
+    read it (torchquant.graph.reaches_a_layout_reader, up to the next quantized layer) or where an in-place write
+    reaches it through a flatten or reshape (torchquant.graph.aliases_copied_by_a_layout), as the float model's conv
     gives it from a contiguous input; elsewhere channels-last, the kernels' own layout, which the float ops after
-    it and the next conv take as it is (no copy per conv). Traced with torch.fx; in a model
-    it cannot trace, every conv's output has nn.Conv2d's layout. Returns model."""
+    it and the next conv take as it is (no copy per conv). Traced with torch.fx; in a model it cannot trace, every
+    conv's output has nn.Conv2d's layout. Returns model."""
     convs = [m for m in model.modules() if type(m) is QuantConv2d and m.converted]
     if not convs:
         return model
@@ -361,10 +362,12 @@ def set_conv_layouts(model: nn.Module) -> nn.Module:
             conv.set_output_memory_format(None)
         return model
     viewed = {id(m): False for m in convs}
+    modules = dict(model.named_modules())
     for node in graph.nodes:
         if node.op == "call_module" and id(module := model.get_submodule(node.target)) in viewed:
-            viewed[id(module)] |= reaches_a_layout_reader(node, model, lambda user: user.op == "call_module" and
-                                                          isinstance(model.get_submodule(user.target), QuantLayerBase))
+            viewed[id(module)] |= (reaches_a_layout_reader(node, model, lambda user: user.op == "call_module" and
+                                                           isinstance(modules[user.target], QuantLayerBase))
+                                   or aliases_copied_by_a_layout(node, modules))
     for conv in convs:
         conv.set_output_memory_format(torch.contiguous_format if viewed[id(conv)] else torch.channels_last)
     return model

@@ -469,18 +469,60 @@ def _is_attribute(node: fx.Node, names: tuple) -> bool:
             and node.args[1] in names)
 
 
-def _in_place_on_a_view(graph: fx.Graph, modules: dict) -> Optional[fx.Node]:
-    """An in-place op that writes into a view of another tensor (y[:, :2].sigmoid_(), y.view(-1).relu_()), which
-    changes that tensor behind the graph's back: the pipeline, which quantizes tensors where they are made, would
-    miss the change."""
+def _is_view(node: fx.Node) -> bool:
+    """Whether node's result may share its first argument's memory (y[:, :2], y.flatten(1), y.mT, ...)."""
+    return (node.op == "call_method" and node.target in _VIEW_METHODS
+            or node.op == "call_function" and node.target in _VIEW_FUNCTIONS
+            or _is_attribute(node, _PASSTHROUGH_ATTRIBUTES))
+
+
+def _aliases(node: fx.Node, modules: dict) -> list:
+    """node and the nodes whose results may share its memory: its views, the in-place ops writing into it (which
+    return it), and theirs in turn."""
+    found, todo = [node], [node]
+    while todo:
+        for user in todo.pop().users:
+            if user not in found and user.args and user.args[0] in found and (_is_view(user)
+                                                                              or _in_place(user, modules)):
+                found.append(user)
+                todo.append(user)
+    return found
+
+
+# operators that torch.fx records in place of an augmented assignment (fx's proxies have no __iadd__: `v += t`
+# becomes `v = v + t`)
+_AUGMENTABLE_OPERATORS = (operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.mod,
+                          operator.pow, operator.and_, operator.or_, operator.xor, operator.lshift, operator.rshift)
+
+
+def _in_place_through_an_alias(graph: fx.Graph, modules: dict) -> Optional[fx.Node]:
+    """An in-place op whose write the pipeline, which quantizes tensors where they are made and writes new ones,
+    would miss: one into a view of another tensor (y[:, :2].sigmoid_(), y.view(-1).relu_()), one into a tensor of
+    which a view taken before it is read after it (f = y.flatten(1); y.relu_(); f.sum()), or an augmented assignment
+    to a view (v = y[:, :2]; v += 1), which torch.fx traces as an out-of-place op whose result nothing reads."""
+    order = {node: i for i, node in enumerate(graph.nodes)}
     for node in graph.nodes:
         base = node.args[0] if node.args else None
-        if (isinstance(base, fx.Node) and _in_place(node, modules)
-                and (base.op == "call_method" and base.target in _VIEW_METHODS
-                     or base.op == "call_function" and base.target in _VIEW_FUNCTIONS
-                     or _is_attribute(base, _PASSTHROUGH_ATTRIBUTES))):  # (y.mT.relu_())
+        if not isinstance(base, fx.Node) or not _is_view(base) and not _in_place(node, modules):
+            continue
+        if _is_view(base) and (_in_place(node, modules) or node.op == "call_function" and not node.users
+                               and node.target in _AUGMENTABLE_OPERATORS):
+            return node
+        if _in_place(node, modules) and any(order[alias] < order[node] and any(order[u] > order[node] for u in
+                                                                             alias.users)
+                                            for alias in _aliases(base, modules)[1:]):
             return node
     return None
+
+
+def aliases_copied_by_a_layout(node: fx.Node, modules: dict) -> bool:
+    """Whether node's tensor has an alias (_aliases) that is a view of a contiguous tensor but a copy of a
+    channels-last one (y.flatten(1), y.reshape(n, -1)) where an in-place op writes into one of those aliases: the
+    write reaches the other side only in the contiguous layout."""
+    aliases = _aliases(node, modules)
+    return (any(_in_place(a, modules) for a in aliases)
+            and any(a.op in ("call_method", "call_function") and getattr(a.target, "__name__", a.target)
+                    in ("flatten", "reshape", "reshape_as", "contiguous") for a in aliases))
 
 
 def _functionalize_in_place(graph: fx.Graph, modules: dict) -> None:
@@ -863,11 +905,11 @@ def prepare_pipeline(model: nn.Module, config: QuantConfig, swap) -> Optional[fx
                       f"quantized layer by layer (module swap) instead of as an integer pipeline", UserWarning,
                       stacklevel=4)
         return None
-    in_place = _in_place_on_a_view(graph, dict(model.named_modules()))
+    in_place = _in_place_through_an_alias(graph, dict(model.named_modules()))
     if in_place is not None:
-        warnings.warn(f"prepare: {type(model).__name__} writes in place into a view ({_describe(in_place)}); the "
-                      f"model is quantized layer by layer (module swap) instead of as an integer pipeline",
-                      UserWarning, stacklevel=4)
+        warnings.warn(f"prepare: {type(model).__name__} writes in place into a tensor that shares its memory with "
+                      f"another ({_describe(in_place)}); the model is quantized layer by layer (module swap) "
+                      f"instead of as an integer pipeline", UserWarning, stacklevel=4)
         return None
     taken = next((name for name in (ACT_QUANT, LOOKUP_TABLES) if hasattr(model, name)), None)
     if taken is not None:  # the pipeline's own modules have these names
