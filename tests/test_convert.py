@@ -132,6 +132,32 @@ def test_calibrate_restores_modes_and_takes_batch_forms():
         tq.calibrate(_net(), batches)
 
 
+def test_calibrate_says_how_a_batch_that_does_not_fit_the_forward_is_read():
+    # a DataLoader of (input, target) pairs raised forward()'s bare "takes 2 positional arguments but 3 were given"
+    from torch.utils.data import DataLoader, TensorDataset
+    model = tq.prepare(nn.Sequential(nn.Linear(8, 4)), "int8-static")
+    loader = DataLoader(TensorDataset(torch.randn(16, 8), torch.randint(0, 4, (16,))), batch_size=4)
+    with pytest.raises(TypeError, match=r"calibrate: batch 0 is a list of 2, passed as 2 positional inputs, which "
+                                        r"Sequential.forward\(input\) does not take \(too many positional arguments\); "
+                                        r"for a DataLoader of \(input, target\) pairs pass the inputs alone"):
+        tq.calibrate(model, loader, progress=False)
+    with pytest.raises(TypeError, match=r"batch 1 is a dict, passed as keyword inputs, which Sequential.forward"):
+        tq.calibrate(model, [torch.randn(2, 8), {"x": torch.randn(2, 8)}], progress=False)
+    tq.calibrate(model, (x for x, _ in loader), progress=False)
+    # a TypeError raised inside a forward that takes the batch is the model's own
+    with pytest.raises(TypeError, match="unsupported operand"):
+        tq.calibrate(tq.prepare(_BadForward(), "int8-static"), [torch.randn(2, 8)], progress=False)
+
+
+class _BadForward(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(x) + "a"
+
+
 @pytest.mark.parametrize("preset", ["int8-dynamic", "int8-static", "w4a8-dynamic"])
 def test_model_converted_equals_fake_quant(device, preset):
     model = tq.prepare(_net(), preset).to(device)

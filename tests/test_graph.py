@@ -1346,6 +1346,26 @@ def test_an_in_place_relu_of_a_conv_output_keeps_its_channels_last_layout():
     assert converted[2].output_memory_format == torch.contiguous_format  # (flattened: a view of the output)
 
 
+def test_a_pipeline_prepared_again_is_kept_as_it_is():
+    # tracing a pipeline again failed inside torch.fx (a lint error, KeyError 'input_quantizer')
+    torch.manual_seed(0)
+    model, batches = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3)).eval(), \
+        _batches((2, 3, 6, 6))
+    prepared = tq.prepare(model, PIPELINE, inplace=False)
+    with pytest.warns(UserWarning, match=r"prepare: model is a prepared integer pipeline already and is kept as it "
+                                         r"is \(prepare the float model to change it\)") as caught:
+        assert tq.prepare(prepared, PIPELINE) is prepared
+    assert caught[0].filename == __file__
+    converted = tq.quantize_model(model, PIPELINE, batches, inplace=False)
+    with torch.no_grad():
+        expected = converted(batches[0])
+    with pytest.warns(UserWarning, match=r"model is a converted integer pipeline already"):
+        again = tq.quantize_model(converted, PIPELINE, batches)
+    assert again is converted and graph.is_pipeline(again)
+    with torch.no_grad():
+        assert torch.equal(again(batches[0]), expected)
+
+
 def test_dropout_on_integers_is_left_out_of_the_converted_graph():
     """A dropout between integer layers passes their integers on (prepare keeps them integer); the converted model
     runs the identity in train mode too (dropout on integers would be neither dropout nor the identity)."""

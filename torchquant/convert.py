@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import fnmatch
 import functools
+import inspect
 import warnings
 from collections import Counter
 from typing import Iterable, Optional
@@ -171,6 +172,11 @@ def _prepared_pipeline(model: nn.Module, config: QuantConfig):
     if swap_type is not None:
         raise TypeError(f"prepare: model is itself a {type(model).__name__}; wrap it in a container "
                         f"(e.g. nn.Sequential) or use {swap_type.__name__}.from_float")
+    if is_pipeline(model):  # as layers quantized already keep their configs
+        state = "converted" if model.meta[PIPELINE_META]["converted"] else "prepared"
+        warnings.warn(f"prepare: model is a {state} integer pipeline already and is kept as it is (prepare the "
+                      f"float model to change it)", UserWarning, stacklevel=3)
+        return model
     pipeline = prepare_pipeline(model, config, _swap_layers)
     if pipeline is not None:
         # what save() writes: skip rules that are not name globs become the names they matched
@@ -222,16 +228,32 @@ def quant_layers(model: nn.Module) -> list[QuantLayerBase]:
     return [m for m in model.modules() if isinstance(m, QuantLayerBase)]
 
 
-def _run_batch(model: nn.Module, batch) -> None:
+def _run_batch(model: nn.Module, batch, index: int) -> None:
     if isinstance(batch, torch.Tensor):
-        model(batch)
+        args, kwargs = (batch,), {}
     elif isinstance(batch, (tuple, list)):
-        model(*batch)
+        args, kwargs = tuple(batch), {}
     elif isinstance(batch, dict):
-        model(**batch)
+        args, kwargs = (), batch
     else:
         raise TypeError(f"calibrate: each batch must be a tensor, a tuple/list of positional inputs or a dict of "
                         f"keyword inputs, got {type(batch).__name__}")
+    try:
+        model(*args, **kwargs)
+    except TypeError as exc:
+        try:
+            signature = inspect.signature(model.forward)
+            signature.bind(*args, **kwargs)
+        except TypeError as mismatch:  # the batch's form, not the model, is at fault: say how batches are read
+            form = (f"a {type(batch).__name__} of {len(batch)}, passed as {len(batch)} positional inputs"
+                    if isinstance(batch, (tuple, list)) else "a dict, passed as keyword inputs"
+                    if isinstance(batch, dict) else "a tensor, passed as the one positional input")
+            raise TypeError(f"calibrate: batch {index} is {form}, which {type(model).__name__}.forward{signature} "
+                            f"does not take ({mismatch}); for a DataLoader of (input, target) pairs pass the inputs "
+                            f"alone, e.g. calibration=(x for x, _ in loader)") from exc
+        except ValueError:  # (no signature to compare with)
+            pass
+        raise
 
 
 def calibrate(model: nn.Module, batches: Iterable, *, progress: bool = True) -> nn.Module:
@@ -257,7 +279,7 @@ def calibrate(model: nn.Module, batches: Iterable, *, progress: bool = True) -> 
             total = len(batches) if hasattr(batches, "__len__") else None
             for batch in tqdm(batches, total=total, desc="calibrate", unit="batch", disable=not progress or None,
                               leave=False):
-                _run_batch(model, batch)
+                _run_batch(model, batch, seen)
                 seen += 1
         if seen == 0:
             raise ValueError("calibrate: batches is empty")
