@@ -98,6 +98,21 @@ def test_moving_average():
     assert obs.hi.item() == pytest.approx(1.0 + 0.25 * (9.0 - 1.0))
 
 
+@pytest.mark.parametrize("observer, expected", [("moving_average", 3.0e38 - 0.01 * 6.0e38), ("mse", 0.0),
+                                                 ("percentile", 0.0)])
+def test_averaged_ranges_near_the_float32_limit_stay_finite(observer, expected):
+    # running += c * (new - running) overflowed to -inf for batches at +-3e38 (scale 1.0 came out of it)
+    spec = QuantSpec(bits=8, signed=False, symmetric=False, granularity="per_tensor", observer=observer,
+                     percentile=100.0)
+    obs = Observer(spec)
+    for b in (torch.full((4, 8), 3.0e38), torch.full((4, 8), -3.0e38)):
+        obs(b)
+    assert obs.lo.item() == pytest.approx(expected, rel=1e-6, abs=1e30)
+    assert obs.hi.item() == pytest.approx(expected, rel=1e-6, abs=1e30)
+    if observer == "moving_average":
+        assert obs.qparams()[0].item() == pytest.approx(expected / 255, rel=1e-6)
+
+
 def test_percentile_ignores_outliers(device):
     x = torch.linspace(-1, 1, 10001, device=device)
     x[0], x[-1] = -100.0, 100.0

@@ -236,16 +236,24 @@ def _fold_extremes(observer: Observer, lo: torch.Tensor, hi: torch.Tensor, batch
     torch.maximum(observer.hi, hi, out=observer.hi)
 
 
+def _move_toward(running: torch.Tensor, new: torch.Tensor, weight: float) -> None:
+    """running += weight * (new - running), in place; where the difference of two finite values overflows float32
+    (ranges near its limit, of opposite signs) as running * (1 - weight) + new * weight, which cannot."""
+    step = (new - running) * weight
+    overflow = ~torch.isfinite(step) & torch.isfinite(new) & torch.isfinite(running)
+    running.copy_(torch.where(overflow, running * (1 - weight) + new * weight, running + step))
+
+
 def _fold_moving_average(observer: Observer, lo: torch.Tensor, hi: torch.Tensor, batches: int) -> None:
     c = observer.spec.averaging_constant
-    observer.lo.add_(c * (lo - observer.lo))
-    observer.hi.add_(c * (hi - observer.hi))
+    _move_toward(observer.lo, lo, c)
+    _move_toward(observer.hi, hi, c)
 
 
 def _fold_mean(observer: Observer, lo: torch.Tensor, hi: torch.Tensor, batches: int) -> None:
     """The mean of the per-batch estimates (`batches` of them folded so far)."""
-    observer.lo.add_((lo - observer.lo) / (batches + 1))
-    observer.hi.add_((hi - observer.hi) / (batches + 1))
+    _move_toward(observer.lo, lo, 1 / (batches + 1))
+    _move_toward(observer.hi, hi, 1 / (batches + 1))
 
 
 @dataclass(frozen=True)
