@@ -406,6 +406,29 @@ def test_jit_trace_of_quantized_models(preset):
             assert torch.equal(traced(batch), m(batch))
 
 
+@pytest.mark.parametrize("preset", ["int8-pipeline", "int8-static"])
+def test_jit_script_says_to_trace_export_or_compile(preset):
+    # torch.jit.script failed on TorchScript's typing of a QuantSpec / torch.memory_format
+    prepared, converted = quantized(small_cnn(), preset, torch.randn(2, 3, 8, 8))
+    for m in (prepared, converted):
+        with pytest.raises(RuntimeError, match=r"QuantConv2d: torchquant's layers are not TorchScript-scriptable; "
+                                               r"trace the model instead \(torch.jit.trace\), or export it"):
+            torch.jit.script(m)
+
+
+@pytest.mark.parametrize("conv, shape, expected", [
+    (nn.Conv2d, (1, 4, 6, 6), r"QuantConv2d: input must have shape \[batch, 3, height, width\] or \[3, height, "
+                              r"width\], got \[1, 4, 6, 6\]"),
+    (nn.Conv1d, (1, 4, 6), r"QuantConv1d: input must have shape \[batch, 3, length\] or \[3, length\], got "
+                           r"\[1, 4, 6\]")], ids=["conv2d", "conv1d"])
+def test_pipeline_input_of_the_wrong_channel_count_is_named(conv, shape, expected):
+    # the pipeline's conv reported the packed weight's layout (int8_conv2d: w_packed holds ...)
+    model = nn.Sequential(conv(3, 8, 3, padding=1), nn.ReLU(), conv(8, 4, 1))
+    _, converted = quantized(model, "int8-pipeline", torch.randn(2, 3, *shape[2:]))
+    with pytest.raises(ValueError, match=expected):
+        converted(torch.randn(shape))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # torch.autocast
 

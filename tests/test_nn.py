@@ -370,6 +370,32 @@ def test_convert_rejects_a_bad_learned_weight_scale():
     assert not model[2].converted and not model[0].converted
 
 
+@pytest.mark.parametrize("layer", [nn.Linear(8, 8), nn.Conv1d(8, 8, 1)], ids=["linear", "conv1d"])
+@pytest.mark.parametrize("preset", ["int8-dynamic", "int8-static", "int8-pipeline", "weight-only"])
+def test_a_converted_model_warns_where_it_cuts_the_autograd_graph(preset, layer):
+    # the integer kernels' output silently left the graph of an input that requires grad (x.grad missed them)
+    import warnings
+    torch.manual_seed(0)
+    config = QuantConfig(QuantSpec(bits=8), None) if preset == "weight-only" else preset
+    shape = (4, 8) if isinstance(layer, nn.Linear) else (4, 8, 5)
+    model = tq.quantize_model(nn.Sequential(layer), config, [torch.randn(shape)], inplace=False)
+    x = torch.randn(shape, requires_grad=True)
+    if preset == "weight-only":  # float compute: the gradient goes through
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            model(x).sum().backward()
+        assert x.grad.abs().sum() > 0
+        return
+    with pytest.warns(UserWarning, match=r"integer kernels have no gradient, so their output is cut from the autograd "
+                                         r"graph of an input that requires grad: train the prepared"):
+        assert not model(x).requires_grad
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            model(x)
+        model(x.detach())
+
+
 def test_convert_rejects_a_bad_learned_input_scale():
     # the static input scale is checked once at convert (and load), not on every forward
     config = QuantConfig(QuantSpec(bits=8), QuantSpec(bits=8, granularity="per_tensor", learn_scale=True))

@@ -59,7 +59,7 @@ from torchquant import functional as F_q
 from torchquant._ops import FLOAT_DTYPES
 from torchquant.config import QuantConfig
 from torchquant.fold import _Tracer, has_forward_hooks
-from torchquant.nn.base import QuantLayerBase
+from torchquant.nn.base import QuantLayerBase, warn_if_gradient_cut
 from torchquant.nn.conv import QuantConv2d, contiguous_output
 from torchquant.nn.quantizers import InputQuantizer
 
@@ -961,8 +961,8 @@ def prepare_pipeline(model: nn.Module, config: QuantConfig, swap) -> Optional[fx
 def _free_attribute(container: nn.Module, name: str) -> str:
     """name, or name with underscores appended where container already has that attribute: a graph node's name
     may be a method of the container (a submodule called `keys` or `values` beside a ModuleDict's methods, a
-    Tensor.to() call beside nn.Module.to; a model's own modules cannot be named like nn.Module's). A pure function of the names before it, so that a checkpoint's
-    names are found again when the same model is prepared again."""
+    Tensor.to() call beside nn.Module.to; a model's own modules cannot be named like nn.Module's). A pure function
+    of the names before it, so that a checkpoint's names are found again when the same model is prepared again."""
     while hasattr(container, name):
         name += "_"
     return name
@@ -1012,6 +1012,8 @@ def quantize_input(x: torch.Tensor, quantizer: ActivationQuantizer) -> torch.Ten
     """x quantized with quantizer's (per-tensor) qparams, in x's layout: a channels-last x in memory order, so
     that the integers stay channels-last (the layout the convs read) without a copy. Each conv reading a contiguous
     one lays it out channels-last itself."""
+    if x.requires_grad:
+        warn_if_gradient_cut("integer pipeline", x)
     scale, _, zero_point, _ = quantizer.qparams
     spec = quantizer.spec
     nhwc = _channels_last(x)

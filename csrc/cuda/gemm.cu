@@ -337,7 +337,8 @@ TiledKernel tiled_kernel(GemmKernel requested) {
 int64_t output_element_size(const Int32Epilogue&) { return 4; }
 int64_t output_element_size(const DequantEpilogue& e) { return out_element_size(e.kind); }
 
-void run_cutlass(const GemmArgs& args, bool, const Int32Epilogue& e) {
+void run_cutlass(const GemmArgs& args, bool a_unsigned, const Int32Epilogue& e) {
+  TQ_CHECK(!a_unsigned, "int8_mm on CUTLASS: the int32-output kernel takes int8 activations only");
   sm90::run_cutlass_gemm(sm90::cutlass_tile_for(args.m, args.n), args, e);
 }
 void run_cutlass(const GemmArgs& args, bool a_unsigned, const DequantEpilogue& e) {

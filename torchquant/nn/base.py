@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 
 import torch
 import torch.nn as nn
@@ -70,6 +71,16 @@ def _computed_weight(module: nn.Module) -> str | None:
 # the hooks a float layer hands to the quantized layer taking its place (with the flags that say how they are called)
 _HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
                "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks")
+
+
+def warn_if_gradient_cut(what: str, x: torch.Tensor) -> None:
+    """Warns where integer kernels receive an x that autograd records (they have no gradient: their output
+    leaves x's graph, and a backward through it would silently leave out what went through them)."""
+    if x.requires_grad and torch.is_grad_enabled() and not is_dynamo_compiling():
+        warnings.warn(f"{what}: a converted model's integer kernels have no gradient, so their output is cut from "
+                      f"the autograd graph of an input that requires grad: train the prepared (fake-quant) model, "
+                      f"and run the converted one under torch.no_grad() or torch.inference_mode()", UserWarning,
+                      stacklevel=2)
 
 
 class QuantLayerBase(nn.Module):
@@ -215,9 +226,18 @@ class QuantLayerBase(nn.Module):
             return y
         return torch.clamp(y, self.clamp_min, self.clamp_max)
 
+    def __prepare_scriptable__(self):
+        # (torch.jit.script calls it on every module before compiling: without it the error names TorchScript's
+        # failure to type a QuantSpec)
+        raise RuntimeError(f"{type(self).__name__}: torchquant's layers are not TorchScript-scriptable; trace the "
+                           f"model instead (torch.jit.trace), or export it (torch.export, torchquant.export_aoti, "
+                           f"torchquant.export_onnx) or compile it (torch.compile)")
+
     # ---- forward ----
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.converted:
+            if x.requires_grad and not self._weight_only:
+                warn_if_gradient_cut(type(self).__name__, x)
             if self._quantized_call_args is not None and not is_dynamo_compiling():
                 # _converted_forward's calls made in C++ (it checks x there and declines what it does not take)
                 y = _C.quantized_layer_forward(x, self._quantized_call_args, self.clamp_min, self.clamp_max)
@@ -281,6 +301,7 @@ class QuantLayerBase(nn.Module):
                                            out_scale, out_zero_point)
             if y is not NotImplemented:
                 return y
+        self._check_input(x_q)  # (the C++ entry declines what it does not take)
         return self._int_op(x_q, self._static_scale, self.input_zero_point, out_dtype, out_scale, out_zero_point)
 
     def _quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,7 +17,7 @@ from torch.compiler import is_dynamo_compiling
 from torchquant import _C
 from torchquant import functional as F_q
 from torchquant._ops import ops
-from torchquant.nn.base import QuantLayerBase
+from torchquant.nn.base import QuantLayerBase, warn_if_gradient_cut
 
 
 def _explicit_padding(conv: nn.Conv1d | nn.Conv2d, layer_type: str) -> tuple[int, ...]:
@@ -199,6 +199,8 @@ class QuantConv1d(QuantConv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.converted:
             return super().forward(x)
+        if getattr(x, "requires_grad", False) and not self._weight_only:
+            warn_if_gradient_cut(type(self).__name__, x)
         y = self._entry_call(x)
         # nn.Conv1d's output is contiguous whatever its input's strides (the 4-D view of a transposed input reads
         # as channels-last to the entry)
@@ -208,6 +210,7 @@ class QuantConv1d(QuantConv2d):
                     out_zero_point: int = 0) -> torch.Tensor:
         y = self._entry_call(x_q, out_dtype, out_scale, out_zero_point)
         if y is NotImplemented:
+            self._check_input(x_q)
             y = self._int_op(x_q, self._static_scale, self.input_zero_point, out_dtype, out_scale, out_zero_point)
         return y
 

@@ -11,7 +11,7 @@ from torchquant import _C
 from torchquant import functional as F_q
 from torchquant._ops import FLOAT_DTYPES, ops
 from torchquant._ops.gemm import GELU_APPROXIMATE
-from torchquant.nn.base import QuantLayerBase
+from torchquant.nn.base import QuantLayerBase, warn_if_gradient_cut
 
 
 class QuantLinear(QuantLayerBase):
@@ -49,6 +49,8 @@ class QuantLinear(QuantLayerBase):
             if not is_dynamo_compiling():
                 y = _C.int8_linear_dynamic(x, self.in_features, *self._kernel_args, self.fused_activation)
                 if y is not NotImplemented:
+                    if x.requires_grad:
+                        warn_if_gradient_cut(type(self).__name__, x)
                     return y
             elif (isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[-1] == self.in_features
                   and x.dtype in FLOAT_DTYPES and x.device == self._device):

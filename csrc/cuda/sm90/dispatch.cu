@@ -17,7 +17,9 @@ CutlassTile cutlass_tile_for(int64_t m, int64_t n) {
 }
 
 bool cutlass_can_run(const GemmArgs& args, const void* out, int64_t ldo, int64_t out_element_size) {
-  return args.groups == 1 && args.k % 16 == 0 && args.lda % 16 == 0 && args.ldb % 16 == 0 &&
+  // rows that overlap (an expanded operand's stride 0) make no TMA descriptor: the tiled kernels take them
+  const bool rows_apart = (args.m == 1 || args.lda >= args.k) && (args.n == 1 || args.ldb >= args.k);
+  return rows_apart && args.groups == 1 && args.k % 16 == 0 && args.lda % 16 == 0 && args.ldb % 16 == 0 &&
          is_aligned<int8_t, 16>(static_cast<const int8_t*>(args.a)) && is_aligned<int8_t, 16>(args.b) &&
          (ldo * out_element_size) % 16 == 0 && (args.n * out_element_size) % 16 == 0 &&
          reinterpret_cast<uintptr_t>(out) % 16 == 0;
