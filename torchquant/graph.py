@@ -479,14 +479,14 @@ def _is_view(node: fx.Node) -> bool:
 def _aliases(node: fx.Node, modules: dict) -> list:
     """node and the nodes whose results may share its memory: its views, the in-place ops writing into it (which
     return it), and theirs in turn."""
-    found, todo = [node], [node]
+    found, todo = {node: None}, [node]  # (a dict: insertion-ordered, node first)
     while todo:
         for user in todo.pop().users:
-            if user not in found and user.args and user.args[0] in found and (_is_view(user)
-                                                                              or _in_place(user, modules)):
-                found.append(user)
+            if (user not in found and user.args and isinstance(user.args[0], fx.Node) and user.args[0] in found
+                    and (_is_view(user) or _in_place(user, modules))):
+                found[user] = None
                 todo.append(user)
-    return found
+    return list(found)
 
 
 # operators that torch.fx records in place of an augmented assignment (fx's proxies have no __iadd__: `v += t`

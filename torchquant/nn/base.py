@@ -236,7 +236,7 @@ class QuantLayerBase(nn.Module):
     # ---- forward ----
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.converted:
-            if x.requires_grad and not self._weight_only:
+            if getattr(x, "requires_grad", False) and not self._weight_only:
                 warn_if_gradient_cut(type(self).__name__, x)
             if self._quantized_call_args is not None and not is_dynamo_compiling():
                 # _converted_forward's calls made in C++ (it checks x there and declines what it does not take)
