@@ -34,6 +34,16 @@ def test_json_round_trip(name):
     assert QuantSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
 
 
+def test_with_skip_takes_one_rule_or_several():
+    base = QuantConfig.preset("int8-static")
+    assert base.with_skip("head*").skip == ("head*",)  # (a string is one glob, not its letters)
+    assert base.with_skip(nn.Linear).with_skip(["a", "b"]).skip == (nn.Linear, "a", "b")
+    with pytest.raises(TypeError, match="QuantConfig.with_skip: skip must be"):
+        base.with_skip(3)
+    with pytest.raises(ValueError, match="QuantConfig.preset: unknown preset"):
+        QuantConfig.preset(["int8-static"])
+
+
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(bits=0), ValueError, r"bits must be in \[1, 8\], got 0"),
     (dict(bits=9), ValueError, r"bits must be in \[1, 8\], got 9"),

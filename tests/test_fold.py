@@ -341,6 +341,20 @@ def test_training_folds_batch_statistics_and_updates_running_ones_like_batchnorm
     assert layer.weight.grad is not None and layer.bn.weight.grad is not None
 
 
+def test_a_batchnorm_set_to_eval_alone_trains_on_its_running_statistics():
+    """model.train(); bn.eval(): the usual way to freeze a BatchNorm while fine-tuning the rest."""
+    conv, bn = _conv_bn(bias=True)
+    float_model = nn.Sequential(conv, bn)
+    prepared = tq.prepare(copy.deepcopy(float_model), W8_FLOAT_ACT)
+    float_model.train()[1].eval()
+    prepared.train()[1].eval()
+    running = prepared[0].bn.running_mean.clone()
+    x = _inputs(4, shape=(4, 5, 5))
+    torch.testing.assert_close(prepared(x), float_model(x), rtol=0, atol=0.05)  # 8-bit weight error only
+    assert torch.equal(prepared[0].bn.running_mean, running)
+    assert int(prepared[0].bn.num_batches_tracked) == 0
+
+
 def test_qat_fake_quant_matches_converted_after_training():
     model = tq.prepare(ConvBnNet(), "int8-static")
     _train_steps(model, 5)
@@ -376,11 +390,24 @@ def test_batch_statistics_need_more_than_one_value_per_channel():
         model(_inputs(1))
 
 
-def test_folded_batchnorm1d_needs_2d_input():
-    model = tq.prepare(nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4)), W8_FLOAT_ACT).eval()
-    with pytest.raises(ValueError, match=r"folded BatchNorm1d needs 2-D input \[batch, features\], got \[2, 4, 6\]"):
-        model(torch.randn(2, 4, 6))
-    assert model(torch.randn(3, 6)).shape == (3, 4)
+@pytest.mark.parametrize("preset", [W8_FLOAT_ACT, "int8-dynamic", "int8-static"])
+def test_folded_batchnorm1d_needs_2d_input(preset):
+    # converted too: a dynamic model folds without seeing an input, and a [batch, 4, 6] input (BatchNorm1d over
+    # dim 1, 4 long like the features) converted without a word and computed another function
+    model = tq.calibrate(tq.prepare(nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4)), preset).eval(),
+                         [torch.randn(3, 6)], progress=False)
+    for layer in (model, tq.convert(copy.deepcopy(model))):
+        with pytest.raises(ValueError, match=r"folded BatchNorm1d needs 2-D input \[batch, features\], got "
+                                             r"\[2, 4, 6\] \(to keep '1' a BatchNorm, .*fold_bn=False"):
+            layer(torch.randn(2, 4, 6))
+        assert layer(torch.randn(3, 6)).shape == (3, 4)
+
+
+def test_folded_batchnorm1d_of_a_converted_conv1d_needs_a_batch():
+    model = tq.quantize_model(nn.Sequential(nn.Conv1d(3, 4, 3), nn.BatchNorm1d(4).eval()), "int8-dynamic")
+    with pytest.raises(ValueError, match=r"folded BatchNorm1d needs 3-D input \[batch, channels, length\]"):
+        model(torch.randn(3, 9))
+    assert model(torch.randn(2, 3, 9)).shape == (2, 4, 7)
 
 
 # ---- save / load -----------------------------------------------------------------------------------------------

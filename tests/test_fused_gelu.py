@@ -265,6 +265,22 @@ def test_save_and_load_fused_gelu(tmp_path):
     assert all(torch.equal(v, other.state_dict()[k]) for k, v in before.items())
 
 
+@pytest.mark.parametrize("edit", [{"activation": None}, {"clamp": [0.0, None]}])
+def test_load_refuses_a_fused_gelu_the_layer_cannot_compute_before_changing_the_model(tmp_path, edit):
+    # (the check ran after the layers were installed: the model was left half-loaded, its GELU gone)
+    from test_io import _rewrite
+    torch.manual_seed(0)
+    model = Block().eval()
+    path = tmp_path / "block.safetensors"
+    torchquant.save(torchquant.quantize_model(copy.deepcopy(model), "int8-dynamic"), path)
+    bad = _rewrite(path, tmp_path / "bad.safetensors",
+                   layout=lambda meta: meta["layers"]["intermediate.dense"].update(edit))
+    with pytest.raises(ValueError, match="malformed torchquant metadata: layer 'intermediate.dense': a "
+                                         "'fused_activation' needs 8-bit per-token dynamic activations"):
+        torchquant.load(bad, model)
+    assert type(model.intermediate.dense) is nn.Linear and type(model.intermediate.intermediate_act_fn) is nn.GELU
+
+
 def test_hugging_face_bert_intermediate_fuses():
     transformers = pytest.importorskip("transformers", reason="transformers not installed")
     config = transformers.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,

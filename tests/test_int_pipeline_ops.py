@@ -704,5 +704,5 @@ def test_layers_activation_clamp(preset):
         assert_same(clamped, plain.clamp(0.0, 0.5))
     with pytest.raises(ValueError, match="clamp_min .* must not exceed clamp_max"):
         cases[0][0].set_activation_clamp(1.0, 0.0)
-    with pytest.raises(ValueError, match="clamp_max must be a finite number or None"):
+    with pytest.raises(ValueError, match="clamp_max must be None or a number finite as float32"):
         cases[0][0].set_activation_clamp(None, math.inf)

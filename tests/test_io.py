@@ -153,6 +153,20 @@ def test_save_refuses_a_model_on_the_meta_device(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_load_refuses_a_model_on_the_meta_device(tmp_path):
+    # (a dynamic model loaded nothing and said nothing; a static one failed inside with Tensor.item())
+    path = tmp_path / "m.safetensors"
+    tq.save(_small(), path)
+    with torch.device("meta"):
+        model = _skeleton()
+    with pytest.raises(ValueError, match=r"load: 0\.weight of the model is on the meta device; .*to_empty"):
+        tq.load(path, model)
+    assert _types(model) == _types(_skeleton())
+    loaded = tq.load(path, model.to_empty(device="cpu"))
+    x = torch.randn(4, 5)
+    assert torch.equal(_outputs(loaded, x), _outputs(_small(), x))
+
+
 def test_load_into_wrong_model_leaves_it_unchanged(tmp_path):
     path = tmp_path / "m.safetensors"
     tq.save(tq.quantize_model(_net()), path)
@@ -537,7 +551,8 @@ def test_activation_clamp_round_trips(tmp_path, state, clamp):
     assert tq.load(tmp_path / "plain.safetensors", model)[0].clamp_min is None
 
 
-@pytest.mark.parametrize("clamp", [[1.0], [None, "6"], [True, None], [2.0, 1.0], "relu"])
+@pytest.mark.parametrize("clamp", [[1.0], [None, "6"], [True, None], [2.0, 1.0], "relu", [-1e300, 1e300],
+                                   [None, 3.5e38]])
 def test_malformed_clamp_is_refused(tmp_path, clamp):
     good = tmp_path / "good.safetensors"
     tq.save(_small(), good)
@@ -555,3 +570,62 @@ def test_clamp_nan_in_json_is_refused(tmp_path):
                    layout=lambda m: m["layers"]["0"].update(clamp=[float("nan"), None]))
     with pytest.raises(ValueError, match="'clamp' must be"):
         tq.load(bad, _skeleton())
+
+
+# ------------------------------------------------------------------------------------------------------------
+# where quantization-aware training stands with a folded BatchNorm travels with a prepared checkpoint
+
+def _conv_bn_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+
+
+@pytest.mark.parametrize("preset", ["int8-static", "int8-pipeline"])
+@pytest.mark.parametrize("how", ["freeze_bn_stats", "freeze_bn_after"])
+def test_prepared_checkpoint_keeps_the_batchnorm_freeze(tmp_path, preset, how):
+    config = QuantConfig.preset(preset)
+    if how == "freeze_bn_after":
+        config = QuantConfig.from_dict({**config.to_dict(), "freeze_bn_after": 2})
+    model = tq.prepare(_conv_bn_net(), config).train()
+    for seed in range(3):
+        model(torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(seed)))
+    if how == "freeze_bn_stats":
+        tq.freeze_bn_stats(model)
+    path = tmp_path / "qat.safetensors"
+    tq.save(model, path)
+    loaded = tq.load(path, _conv_bn_net()).train()
+    x = torch.randn(2, 3, 6, 6)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    want, got = model(x), loaded(x)
+    assert torch.equal(got, want)  # frozen: the running statistics, not this batch's
+    assert all(torch.equal(v, before[k]) for k, v in loaded.state_dict().items() if "running" in k)
+    # the state is stored, not compared: a checkpoint saved at another step loads into this model in place
+    fresh = tq.prepare(_conv_bn_net(), config)
+    tq.save(fresh, tmp_path / "fresh.safetensors")
+    assert tq.load(tmp_path / "fresh.safetensors", loaded) is not None
+
+
+def test_prepared_checkpoint_without_the_batchnorm_state_loads(tmp_path):
+    # files of earlier versions do not record it
+    model = tq.prepare(_conv_bn_net(), "int8-static")
+    path = tmp_path / "qat.safetensors"
+    tq.save(model, path)
+    old = _rewrite(path, tmp_path / "old.safetensors",
+                   layout=lambda meta: [entry.pop("bn_training") for entry in meta["layers"].values()])
+    loaded = tq.load(old, _conv_bn_net())
+    x = torch.randn(2, 3, 6, 6)
+    assert torch.equal(loaded.eval()(x), model.eval()(x))
+
+
+@pytest.mark.parametrize("state", [{"frozen": 1, "steps": 0, "freeze_after": None},
+                                   {"frozen": True, "steps": -1, "freeze_after": None},
+                                   {"frozen": True, "steps": 0}, "frozen"])
+def test_malformed_batchnorm_state_is_refused(tmp_path, state):
+    path = tmp_path / "qat.safetensors"
+    tq.save(tq.prepare(_conv_bn_net(), "int8-static"), path)
+    bad = _rewrite(path, tmp_path / "bad.safetensors",
+                   layout=lambda meta: meta["layers"]["0"].update(bn_training=state))
+    model = _conv_bn_net()
+    with pytest.raises(ValueError, match="layer '0': 'bn_training' must be"):
+        tq.load(bad, model)
+    assert _types(model) == _types(_conv_bn_net())

@@ -247,6 +247,27 @@ def test_training_drop_in():
     assert model[0].weight.grad is not None and model[0].bias.grad is not None
 
 
+def test_static_layer_called_twice_before_backward_keeps_each_calls_qparams():
+    """A shared layer, gradient accumulation over two batches: each call observes and updates the input qparams;
+    the backward of the first call uses the qparams that call quantized with."""
+    torch.manual_seed(0)
+    layer = QuantLinear(8, 4, config="int8-static").train()
+    quantizer, spec = layer.input_quantizer, layer.input_quantizer.spec
+    qmin, qmax = (-(1 << spec.bits - 1), (1 << spec.bits - 1) - 1) if spec.signed else (0, (1 << spec.bits) - 1)
+    xs = [(torch.randn(5, 8) * s).requires_grad_() for s in (3.0, 0.5)]
+    loss, expected = 0, 0
+    for x in xs:
+        y = layer(x)
+        x_fq = torch.fake_quantize_per_tensor_affine(x, quantizer.scale.clone(), quantizer.zero_point.clone(), qmin,
+                                                     qmax)
+        expected = expected + (x_fq @ layer.weight_quantizer(layer.weight).T + layer.bias).square().sum()
+        loss = loss + y.square().sum()
+    torch.testing.assert_close(loss, expected)
+    grads = torch.autograd.grad(loss, xs)
+    for got, want in zip(grads, torch.autograd.grad(expected, xs)):
+        torch.testing.assert_close(got, want)
+
+
 def test_straight_through_gradient():
     torch.manual_seed(0)
     layer = QuantLinear(5, 3)

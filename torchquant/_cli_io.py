@@ -4,6 +4,7 @@ Every problem with a user's file becomes a UsageError whose message is one line 
 the CLI prints it and exits with status 2. Input files are only ever read.
 """
 import importlib
+import importlib.util
 import os
 import re
 import sys
@@ -138,6 +139,22 @@ def _import_factory(spec: str):
     if not callable(factory):
         raise UsageError(f"MODEL: {spec!r} is not callable (a class or function returning an nn.Module)")
     return factory
+
+
+def factory_source(spec: str) -> Optional[str]:
+    """The Python file that defines MODEL's factory module (package.module:factory), where one can be found without
+    running that module (its parent packages are imported); None otherwise (a file MODEL, a module that is not a
+    file, or one that cannot be found: loading the model says why)."""
+    module_name = spec.partition(":")[0]
+    if os.path.exists(spec) or not module_name:
+        return None
+    with _cwd_importable():
+        try:
+            found = importlib.util.find_spec(module_name)
+        except Exception:  # (a parent package that fails to import: load_model reports it)
+            return None
+    origin = getattr(found, "origin", None)
+    return origin if origin is not None and os.path.isfile(origin) else None
 
 
 def _model_from_factory(spec: str) -> nn.Module:

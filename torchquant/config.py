@@ -135,6 +135,11 @@ PRESETS: dict[str, Preset] = {
 DEFAULT_PRESET = "int8-dynamic"
 
 
+def _as_rules(skip):
+    """One skip rule (a name glob, a module type or a callable) as a tuple of it; anything else as it is."""
+    return (skip,) if isinstance(skip, (str, type)) or callable(skip) else skip
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     """Weights spec, activation spec (None: activations stay float), the layers to leave float (skip) and
@@ -184,9 +189,7 @@ class QuantConfig:
             if a.bits == 1 and a.granularity == "per_token":
                 raise ValueError("QuantConfig: per_token activations need bits in [2, 8] (a symmetric per-token "
                                  "range has no 1-bit form)")
-        skip = self.skip
-        if isinstance(skip, (str, type)) or callable(skip):
-            skip = (skip,)
+        skip = _as_rules(self.skip)
         if not isinstance(skip, (tuple, list)):
             raise TypeError(f"QuantConfig: skip must be a tuple of name globs, types or callables, got {skip!r}")
         for rule in skip:
@@ -211,12 +214,17 @@ class QuantConfig:
     @classmethod
     def preset(cls, name: str) -> "QuantConfig":
         """The configuration of a preset of torchquant.config.PRESETS (DEFAULT_PRESET is 'int8-dynamic')."""
-        if name not in PRESETS:
+        if not isinstance(name, str) or name not in PRESETS:
             raise ValueError(f"QuantConfig.preset: unknown preset {name!r}; expected one of "
                              f"{', '.join(PRESETS)}")
         return PRESETS[name].build()
 
     def with_skip(self, skip) -> "QuantConfig":
+        """This config with skip's rules (one rule, or a tuple or list of them) added to its own."""
+        skip = _as_rules(skip)
+        if not isinstance(skip, (tuple, list)):  # (the constructor names what else is wrong)
+            raise TypeError(f"QuantConfig.with_skip: skip must be a name glob, type or callable, or a tuple of "
+                            f"them, got {skip!r}")
         return dataclasses.replace(self, skip=tuple(self.skip) + tuple(skip))
 
     def to_dict(self) -> dict:

@@ -13,8 +13,8 @@ partial file, and a save that fails or is interrupted (SIGINT or SIGTERM) leaves
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
-import math
 import os
 import signal
 import stat
@@ -37,7 +37,8 @@ from torchquant.convert import (QUANT_TYPES, _check_model, _layer_gelu_pairs, ge
 from torchquant.fold import attach_folded_bn, parent_and_key
 from torchquant.graph import (ACT_QUANT, META_KEY as PIPELINE_META, ActivationQuantizer, converted_skeleton,
                               is_pipeline, pipeline_rules, rules_a_checkpoint_may_have, PIPELINE_RULES)
-from torchquant.nn.base import QuantLayerBase, set_weight_spec, unpack_int4
+from torchquant.nn import QuantLinear
+from torchquant.nn.base import QuantLayerBase, is_clamp_bound, set_weight_spec, unpack_int4
 from torchquant.nn.quantizers import InputQuantizer, WeightQuantizer
 from torchquant.observers import Observer
 
@@ -45,7 +46,9 @@ FORMAT = "torchquant"
 FORMAT_VERSION = 1
 _LAYER_TYPES = {cls.__name__: cls for cls in QUANT_TYPES.values()}
 _ENTRY_KEYS = {"type", "converted", "weight", "activation"}
-_OPTIONAL_ENTRY_KEYS = {"folded_bn", "clamp", "fused_activation"}
+_OPTIONAL_ENTRY_KEYS = {"folded_bn", "clamp", "fused_activation", "bn_training"}
+# a layer's state that is not its function: absent from checkpoints of earlier versions, compared with nothing
+_TRAINING_STATE_KEYS = {"config", "bn_training"}
 _TINY = torch.finfo(torch.float32).tiny
 
 
@@ -168,6 +171,9 @@ def _layer_layout(model: nn.Module) -> dict:
             }
             if module.folded_bn is not None:
                 layout[name]["folded_bn"] = module.folded_bn
+                if not module.converted:  # where quantization-aware training stands with the BatchNorm
+                    layout[name]["bn_training"] = {"frozen": module.bn_frozen, "steps": module.bn_steps,
+                                                   "freeze_after": config.freeze_bn_after}
             if module.clamp_min is not None or module.clamp_max is not None:
                 layout[name]["clamp"] = [module.clamp_min, module.clamp_max]
             if getattr(module, "fused_activation", None) is not None:
@@ -259,20 +265,33 @@ def _parse_meta(path: str, text: str, tensor_names) -> dict:
             raise malformed(f"layer {name!r}: 'converted' must be true or false, got {entry['converted']!r}")
         clamp = entry.get("clamp", [None, None])
         if not (isinstance(clamp, list) and len(clamp) == 2 and all(
-                v is None or (type(v) in (int, float) and math.isfinite(v)) for v in clamp)
+                v is None or (type(v) in (int, float) and is_clamp_bound(v)) for v in clamp)
                 and (None in clamp or clamp[0] <= clamp[1])):
-            raise malformed(f"layer {name!r}: 'clamp' must be [clamp_min, clamp_max], each a finite number or null "
-                            f"and clamp_min <= clamp_max, got {clamp!r}")
+            raise malformed(f"layer {name!r}: 'clamp' must be [clamp_min, clamp_max], each null or a number finite "
+                            f"as float32, and clamp_min <= clamp_max, got {clamp!r}")
         fused = entry.get("fused_activation")
         if fused is not None and not (isinstance(fused, list) and len(fused) == 2
                                       and fused[0] in GELU_APPROXIMATE and isinstance(fused[1], str)
                                       and entry["converted"] and entry["type"] == "QuantLinear"):
             raise malformed(f"layer {name!r}: 'fused_activation' must be [form, module name] with form 'gelu' or "
                             f"'gelu_tanh', on a converted QuantLinear, got {fused!r}")
+        bn_training = entry.get("bn_training")
+        if bn_training is not None and not (
+                isinstance(bn_training, dict) and set(bn_training) == {"frozen", "steps", "freeze_after"}
+                and type(bn_training["frozen"]) is bool and type(bn_training["steps"]) is int
+                and bn_training["steps"] >= 0 and (bn_training["freeze_after"] is None or (
+                    type(bn_training["freeze_after"]) is int and bn_training["freeze_after"] >= 0))
+                and entry.get("folded_bn") is not None and not entry["converted"]):
+            raise malformed(f"layer {name!r}: 'bn_training' must be {{frozen: bool, steps: int >= 0, freeze_after: "
+                            f"int >= 0 or null}}, on a fake-quant layer with a folded BatchNorm, got {bn_training!r}")
         try:
             entry["config"] = QuantConfig.from_dict({"weight": entry["weight"], "activation": entry["activation"]})
         except (TypeError, ValueError, KeyError, AttributeError) as e:
             raise malformed(f"layer {name!r} has an invalid quantization config: {e}") from None
+        if fused is not None and not (QuantLinear.fuses_input_quantize(entry["config"].activation)
+                                      and clamp == [None, None]):
+            raise malformed(f"layer {name!r}: a 'fused_activation' needs 8-bit per-token dynamic activations rounded "
+                            f"to nearest and no 'clamp' (QuantLinear.fuse_activation)")
     if "pipeline" in meta:
         pipeline = meta["pipeline"]
         # (the planning rules: absent from checkpoints saved before the pipeline applied them)
@@ -649,6 +668,10 @@ def load(path, model: nn.Module) -> nn.Module:
     (an integer weight out of its bit range, a scale that is not finite and positive, a zero point out of range),
     ValueError is raised and the model is exactly as it was."""
     _check_model(model, "load")
+    meta_tensor = next((key for key, t in model.state_dict().items() if t.is_meta), None)
+    if meta_tensor is not None:  # (its values could not be written in place)
+        raise ValueError(f"load: {meta_tensor} of the model is on the meta device; give the model storage first, "
+                         f"e.g. model.to_empty(device='cpu'), then load")
     path = _check_path(path, "load")
     meta, tensors = _read(path)
     if "pipeline" in meta or is_pipeline(model):
@@ -685,8 +708,20 @@ def load(path, model: nn.Module) -> nn.Module:
         layer.set_activation_clamp(*entry.get("clamp", (None, None)))
         if entry.get("fused_activation") is not None:
             layer.fuse_activation(*entry["fused_activation"])
+    _restore_bn_training(model, meta["layers"])
     set_conv_layouts(model)
     return model
+
+
+def _restore_bn_training(model: nn.Module, layers: dict) -> None:
+    """Each fake-quant layer's folded-BatchNorm training state as the file records it (files of earlier versions
+    record none: the layer's stays)."""
+    for name, entry in layers.items():
+        state = entry.get("bn_training")
+        if state is not None:
+            layer = _child(model, name)
+            layer.bn_frozen, layer.bn_steps = state["frozen"], state["steps"]
+            layer.config = dataclasses.replace(layer.config, freeze_bn_after=state["freeze_after"])
 
 
 def _load_pipeline(path: str, model: nn.Module, meta: dict, tensors: dict) -> nn.Module:
@@ -733,11 +768,13 @@ def _load_pipeline(path: str, model: nn.Module, meta: dict, tensors: dict) -> nn
         built = first if fitting is None else fitting
     found = {"layers": _layer_layout(built), "quantizers": _quantizer_names(built)}
     for key, want in (("quantizers", pipeline["quantizers"]), ("layers", meta["layers"])):
-        expected = {name: {k: v for k, v in entry.items() if k != "config"} for name, entry in want.items()} \
-            if key == "layers" else want
-        if found[key] != expected:
+        if key == "layers":
+            found[key], want = ({name: {k: v for k, v in entry.items() if k not in _TRAINING_STATE_KEYS}
+                                 for name, entry in layout.items()} for layout in (found[key], want))
+        if found[key] != want:
             raise ValueError(f"load: {path} does not fit the model: its integer pipeline has other {key} than "
                              f"the model's")
     _check_tensors(path, built, tensors)
     built.load_state_dict(tensors)
+    _restore_bn_training(built, meta["layers"])
     return guard_loads(built) if pipeline["converted"] else built

@@ -52,6 +52,12 @@ def unpack_int4(packed: torch.Tensor, k: int) -> torch.Tensor:
     return torch.stack([low, high], dim=2).reshape(packed.shape[0], -1)[:, :k].to(torch.int8)
 
 
+def is_clamp_bound(value) -> bool:
+    """Whether value can bound a fused activation clamp: a number the kernels' float32 epilogue holds finite."""
+    return (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+            and abs(value) <= torch.finfo(torch.float32).max)
+
+
 def set_weight_spec(layer: "QuantLayerBase", spec) -> None:
     """Gives a fake-quant layer another weight spec (a new weight quantizer; its input quantizer stays)."""
     layer.config = dataclasses.replace(layer.config, weight=spec)
@@ -174,7 +180,9 @@ class QuantLayerBase(nn.Module):
 
     def _bn_uses_batch_stats(self) -> bool:
         after = self.config.freeze_bn_after
-        return self.training and not self.bn_frozen and (after is None or self.bn_steps < after)
+        # the BatchNorm's own mode, as in the float model (a BatchNorm set to eval() alone fine-tunes on its
+        # running statistics)
+        return self.bn.training and not self.bn_frozen and (after is None or self.bn_steps < after)
 
     def _batch_folded_weight_bias(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The weight and bias folded with the statistics of this batch's float output; updates the running
@@ -210,10 +218,9 @@ class QuantLayerBase(nn.Module):
         ReLU6 / hardtanh: both), computed by the integer kernels' epilogue once converted and by torch.clamp before;
         no bounds removes it."""
         for name, value in (("clamp_min", clamp_min), ("clamp_max", clamp_max)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                      or not math.isfinite(value)):
-                raise ValueError(f"{type(self).__name__}.set_activation_clamp: {name} must be a finite number or "
-                                 f"None, got {value!r}")
+            if value is not None and not is_clamp_bound(value):
+                raise ValueError(f"{type(self).__name__}.set_activation_clamp: {name} must be None or a number "
+                                 f"finite as float32, got {value!r}")
         if clamp_min is not None and clamp_max is not None and clamp_min > clamp_max:
             raise ValueError(f"{type(self).__name__}.set_activation_clamp: clamp_min ({clamp_min}) must not exceed "
                              f"clamp_max ({clamp_max})")
@@ -234,7 +241,20 @@ class QuantLayerBase(nn.Module):
                            f"torchquant.export_onnx) or compile it (torch.compile)")
 
     # ---- forward ----
+    def _check_folded_input(self, x) -> None:
+        """The BatchNorm folded into the layer normalizes dim 1 of a batch: the features of a Linear's output only
+        when it is 2-D, the channels of a conv's only when it is batched (not an unbatched [channels, ...] output).
+        Checked converted too: a dynamic model folds without seeing an input."""
+        if self.folded_bn is not None and isinstance(x, torch.Tensor) and x.dim() != len(self.weight_shape):
+            batch = {2: "[batch, features]", 3: "[batch, channels, length]",
+                     4: "[batch, channels, height, width]"}[len(self.weight_shape)]
+            bn = f"BatchNorm{len(self.weight_shape) - 2 or 1}d"
+            raise ValueError(f"{type(self).__name__}: a folded {bn} needs {len(self.weight_shape)}-D input {batch}, "
+                             f"got {list(x.shape)} (to keep {self.folded_bn!r} a BatchNorm, prepare with "
+                             f"QuantConfig(fold_bn=False))")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_folded_input(x)
         if self.converted:
             if getattr(x, "requires_grad", False) and not self._weight_only:
                 warn_if_gradient_cut(type(self).__name__, x)
@@ -244,13 +264,6 @@ class QuantLayerBase(nn.Module):
                 if y is not NotImplemented:
                     return y
             return self._converted_forward(x)
-        if self.bn is not None and isinstance(x, torch.Tensor) and x.dim() != len(self.weight_shape):
-            # the BatchNorm normalizes dim 1 of a batch: the features of a Linear's output only when it is 2-D, the
-            # channels of a conv's only when it is batched (not an unbatched [channels, ...] output)
-            batch = {2: "[batch, features]", 3: "[batch, channels, length]",
-                     4: "[batch, channels, height, width]"}[len(self.weight_shape)]
-            raise ValueError(f"{type(self).__name__}: a folded {type(self.bn).__name__.removeprefix('Folded')} needs "
-                             f"{len(self.weight_shape)}-D input {batch}, got {list(x.shape)}")
         if self.input_quantizer is not None and not self.graph_input:
             x = self.input_quantizer(x)
         if self.bn is not None and self._bn_uses_batch_stats():

@@ -199,6 +199,7 @@ class QuantConv1d(QuantConv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.converted:
             return super().forward(x)
+        self._check_folded_input(x)
         if getattr(x, "requires_grad", False) and not self._weight_only:
             warn_if_gradient_cut(type(self).__name__, x)
         y = self._entry_call(x)

@@ -46,6 +46,8 @@ class QuantLinear(QuantLayerBase):
         # because the method calls of the general path cost as much as the kernel for a few tokens (a transformer at
         # batch 1). Any input that fails them takes the general path, which raises the precise error.
         if self.converted and self.fused and self.clamp_min is None and self.clamp_max is None:
+            if self.folded_bn is not None:
+                self._check_folded_input(x)
             if not is_dynamo_compiling():
                 y = _C.int8_linear_dynamic(x, self.in_features, *self._kernel_args, self.fused_activation)
                 if y is not NotImplemented:
@@ -81,10 +83,15 @@ class QuantLinear(QuantLayerBase):
     def _pack(self, w_int8: torch.Tensor) -> torch.Tensor:
         return F_q.pack_int8_weight(w_int8)
 
+    @staticmethod
+    def fuses_input_quantize(activation) -> bool:
+        """Whether a QuantLinear with this activation spec quantizes its input inside the int8-dynamic kernel
+        (8-bit per token, rounded to nearest), the kernel that also computes a fused GELU."""
+        return (activation is not None and activation.dynamic and activation.granularity == "per_token"
+                and activation.bits == 8 and activation.rounding == "nearest")
+
     def _has_fused_forward(self) -> bool:
-        quantizer = self.input_quantizer
-        return (quantizer is not None and quantizer.per_token and quantizer.spec.bits == 8
-                and quantizer.spec.rounding == "nearest")
+        return self.fuses_input_quantize(self.config.activation)
 
     def _input_features(self) -> int:
         return self.in_features

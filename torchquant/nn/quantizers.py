@@ -191,7 +191,8 @@ class InputQuantizer(Float32StateModule):
                 rows = x.reshape(-1, x.shape[-1])
                 return fake_quantize_spec(rows, scale, 0, spec, 0).reshape(x.shape)
             return fake_quantize_spec(x, scale, 0, spec, None)
-        if self.training or self.calibrating:
+        observing = self.training or self.calibrating
+        if observing:
             self._observe(x)
         # torch.export traces the observer's count as an unknown symbol: an exported quantizer is taken as
         # calibrated (export_onnx checks that it is)
@@ -200,6 +201,9 @@ class InputQuantizer(Float32StateModule):
             return x
         if spec.learn_scale:
             return _LSQFakeQuantize.apply(x, floor_learned_scale(self.scale), self.zero_point, spec, None)
+        if observing:  # autograd keeps this call's qparams, which the next observed call (a layer or quantizer used
+            # twice before backward) updates in place
+            return fake_quantize_spec(x, self.scale.clone(), self.zero_point.clone(), spec, None)
         return fake_quantize_spec(x, self.scale, self.zero_point, spec, None)
 
     def quantize(self, x: torch.Tensor, zero_point: int) -> tuple[torch.Tensor, torch.Tensor]:
