@@ -270,8 +270,10 @@ def test_report_writes_table_json_and_markdown(work, tmp_path):
 
 def test_demo_runs(work):
     result = run_cli("demo", "--epochs", "2", "--qat-epochs", "1", cwd=work, check_rc=0)
-    # latency on one thread unless --threads says otherwise, and the line says so and names the CPU kernels
-    assert f"with 1 thread(s) (CPU kernels: {torchquant.cpu_kernel_path()})" in result.stdout
+    # latency on one thread (its CPU time) unless --threads says otherwise, and the line says so and names the
+    # CPU kernels
+    assert (f"(thread CPU time) on the CPU with 1 thread(s) (CPU kernels: {torchquant.cpu_kernel_path()})"
+            in result.stdout)
     for label in ("float32", "int8-static", "int8-pipeline", "int8-dynamic", "w4a8-dynamic",
                   "int8-static, truncate rounding", "w4a8 QAT (1 epochs)"):
         assert f"| {label} |" in result.stdout

@@ -218,3 +218,20 @@ def test_layers_without_a_quantized_type_are_named():
     model.class_token = nn.Parameter(torch.zeros(1, 1, 8))  # not a weight matrix: not named
     report = build_report(model, quantized, calibration=[tokens], time_layers=False)
     assert line in report.notes and line in report.format_table()
+
+
+@pytest.mark.parametrize("threads, clock", [(1, "thread CPU time"), (2, "wall time")])
+def test_latencies_are_thread_cpu_time_on_one_thread(model, batches, monkeypatch, threads, clock):
+    """On one CPU thread the latencies leave out the time spent waiting for a core (a loaded machine made a
+    0.3 ms layer read 24 ms); the summary and the JSON say which clock measured them."""
+    import time
+    calls = []
+    thread_time = time.thread_time
+    monkeypatch.setattr(time, "thread_time", lambda: calls.append(1) or thread_time())
+    quantized, _ = quantize_with_budget(model, "int8-dynamic", batches)
+    with torchquant.timing.num_threads(threads):
+        report = build_report(model, quantized, "int8-dynamic", calibration=batches, repeats=1)
+    assert report.latency_clock == clock and bool(calls) == (threads == 1)
+    assert any(line.startswith("latency (batch 4x3x6x6, " + clock + "): ") for line in report.summary_lines())
+    assert report.to_dict()["latency_clock"] == clock
+    assert all(layer.latency_quantized_s > 0 for layer in report.layers)

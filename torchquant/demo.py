@@ -8,7 +8,7 @@ from typing import List
 
 import torch
 
-from torchquant.timing import compare, markdown_table, num_threads
+from torchquant.timing import compare, latency_clock, markdown_table, num_threads
 
 __all__ = ["run_demo", "demo_variants", "qat_config"]
 
@@ -81,8 +81,11 @@ def run_demo(*, epochs: int = 10, qat_epochs: int = 3, seed: int = 0, threads: i
     accuracy = {label: evaluate(m, data) for label, m in models.items()}
     batch_all, batch_one = data.test_x, data.test_x[:1]
     with torch.no_grad(), num_threads(threads):
-        latency_all = compare({label: (lambda m=m: m(batch_all)) for label, m in models.items()}, repeats=9)
-        latency_one = compare({label: (lambda m=m: m(batch_one)) for label, m in models.items()}, repeats=9)
+        clock, clock_name = latency_clock()
+        latency_all = compare({label: (lambda m=m: m(batch_all)) for label, m in models.items()}, repeats=9,
+                              clock=clock)
+        latency_one = compare({label: (lambda m=m: m(batch_one)) for label, m in models.items()}, repeats=9,
+                              clock=clock)
     size_float = state_bytes(model)
     rows = []
     for label, m in models.items():
@@ -97,7 +100,7 @@ def run_demo(*, epochs: int = 10, qat_epochs: int = 3, seed: int = 0, threads: i
             "speed-up (batch 1)": f"{latency_one['float32'] / latency_one[label]:.2f}x",
         })
     print(markdown_table(rows, list(rows[0])), file=out)
-    say(f"\nLatency: median of interleaved runs on the CPU with {threads} thread(s) (CPU kernels: "
+    say(f"\nLatency: median of interleaved runs ({clock_name}) on the CPU with {threads} thread(s) (CPU kernels: "
         f"{torchquant.cpu_kernel_path()}), torch {torch.__version__}. Size: every tensor of the state dict (weights, "
         f"scales, biases).")
     return rows

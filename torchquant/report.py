@@ -25,7 +25,7 @@ from torchquant.convert import QUANT_TYPES
 from torchquant.fold import fold_running
 from torchquant.graph import pipeline_notes
 from torchquant.nn.base import QuantLayerBase
-from torchquant.timing import compare, markdown_table
+from torchquant.timing import compare, latency_clock, markdown_table
 
 __all__ = ["LayerReport", "ModelReport", "build_report", "state_bytes", "write_json", "write_markdown",
            "to_markdown"]
@@ -68,6 +68,7 @@ class ModelReport:
     batch_shape: Optional[List[int]] = None
     latency_float_s: Optional[float] = None
     latency_quantized_s: Optional[float] = None
+    latency_clock: Optional[str] = None  # "thread CPU time" (CPU, one thread) or "wall time"
     output_sqnr_db: Optional[float] = None
     eval_metric: Optional[str] = None  # "accuracy" (labels given) or "agreement" (top-1 agreement with float)
     eval_samples: int = 0
@@ -111,7 +112,7 @@ class ModelReport:
         lines = [f"model size: {self.bytes_float / 1024:.1f} KiB float -> {self.bytes_quantized / 1024:.1f} KiB "
                  f"quantized ({self.bytes_float / max(self.bytes_quantized, 1):.2f}x smaller)"]
         if self.speedup is not None:
-            lines.append(f"latency (batch {'x'.join(map(str, self.batch_shape))}): "
+            lines.append(f"latency (batch {'x'.join(map(str, self.batch_shape))}, {self.latency_clock}): "
                          f"{self.latency_float_s * 1e3:.3f} ms float -> {self.latency_quantized_s * 1e3:.3f} ms "
                          f"quantized ({_fmt_x(self.speedup)})")
         if self.output_sqnr_db is not None:
@@ -302,6 +303,7 @@ def measure_layers(float_model, quantized_model, batches: Sequence[torch.Tensor]
     model_latency = None
     if time_layers and batches:
         device = str(batches[0].device)
+        clock, _ = latency_clock(device)
         for name, f, q in tqdm(pairs, desc="timing layers", disable=None if progress else True, leave=False):
             x = first_inputs.get(name)
             if x is None:  # a layer the model never called
@@ -309,11 +311,11 @@ def measure_layers(float_model, quantized_model, batches: Sequence[torch.Tensor]
             end = ends[name]
             float_layer = (lambda: f(x)) if end is f else (lambda: end(f(x)))
             times = compare({"float": float_layer, "quantized": lambda: q(x)}, device=device, repeats=repeats,
-                            min_sample_s=0.005)
+                            min_sample_s=0.005, clock=clock)
             measured[name].latency_float_s, measured[name].latency_quantized_s = times["float"], times["quantized"]
         b = batches[0]
         times = compare({"float": lambda: float_model(b), "quantized": lambda: quantized_model(b)},
-                        device=device, repeats=repeats)
+                        device=device, repeats=repeats, clock=clock)
         model_latency = times["float"], times["quantized"]
     return measured, end_to_end, model_latency
 
@@ -422,6 +424,7 @@ def build_report(float_model: nn.Module, quantized_model: nn.Module, config=None
         report.output_sqnr_db = end_to_end.sqnr_db
         if model_latency is not None:
             report.latency_float_s, report.latency_quantized_s = model_latency
+            report.latency_clock = latency_clock(str(batches[0].device))[1]
     else:
         report.notes.append("no calibration or evaluation inputs: output errors and latencies not measured")
     if evaluation is not None:

@@ -3,11 +3,11 @@ the results. Used by `torchquant report`/`demo` and the benchmarks; never used t
 import contextlib
 import statistics
 import time
-from typing import Callable, Dict, Iterator, List, Sequence
+from typing import Callable, Dict, Iterator, List, Sequence, Tuple
 
 import torch
 
-__all__ = ["compare", "markdown_table", "num_threads"]
+__all__ = ["compare", "latency_clock", "markdown_table", "num_threads"]
 
 
 def _sync(device: str) -> None:
@@ -40,6 +40,15 @@ def compare(fns: Dict[str, Callable[[], object]], *, device: str = "cpu", repeat
             _sync(device)
             samples[name].append((clock() - start) / inner[name])
     return {name: statistic(s) for name, s in samples.items()}
+
+
+def latency_clock(device: str = "cpu") -> Tuple[Callable[[], float], str]:
+    """The clock for `compare` and its name: on the CPU with one torch thread, the calling thread's CPU time, which
+    leaves out the time spent waiting for a core while other jobs load the machine; else wall time (the only
+    complete measure of multi-threaded or GPU work)."""
+    if not str(device).startswith("cuda") and torch.get_num_threads() == 1:
+        return time.thread_time, "thread CPU time"
+    return time.perf_counter, "wall time"
 
 
 @contextlib.contextmanager
