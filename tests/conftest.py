@@ -50,7 +50,7 @@ def one_cpu_thread():
 # helpers shared by the kernel tests (import them: `from conftest import assert_same, randint8`)
 
 # The CPU instruction-set paths (TORCHQUANT_CPU_ISA), best first
-ISAS = ["avx512_vnni", "avx2", "scalar"]
+ISAS = ["avx512_amx", "avx512_vnni", "avx2", "scalar"]
 
 
 @contextlib.contextmanager

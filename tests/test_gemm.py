@@ -779,3 +779,15 @@ def test_copied_packed_weight_rejected(device):
     packed3 = F.pack_int8_weight(w3)
     got = F.int8_linear(x_q, 0.5, 0, packed3[2], w3[2].sum(1, dtype=torch.int32), w_scale, out_features=7)
     torch.testing.assert_close(got, reference.int8_linear(x_q, 0.5, 0, w3[2], w_scale), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("m", [16, 17, 31, 32, 33, 47, 96, 97, 200])
+def test_int8_mm_tile_edges_on_every_path(m, isa):
+    """Rows, depth and columns around the AMX kernel's tiles (16 rows, 64 bytes of k, 16 and 32 columns) and the
+    driver's 96-row chunks: exact on every path (the k past the last whole 64 goes to the vector kernel)."""
+    generator = torch.Generator().manual_seed(m)
+    for k in (64, 65, 68, 127, 128, 200, 1030):
+        for n in (1, 16, 32, 33, 64, 65, 130):
+            a = randint8((m, k), generator=generator)
+            b = randint8((k, n), generator=generator)
+            assert torch.equal(torch.ops.torchquant.int8_mm(a, b), a.int() @ b.int()), (m, k, n)

@@ -1826,7 +1826,13 @@ def test_checkpoints_of_earlier_planners_load_as_they_were_saved(name, kind):
     applied = graph.PIPELINE_RULES[:graph.PIPELINE_RULES.index(predates)] if predates else graph.PIPELINE_RULES
     assert {r for r in graph.PIPELINE_RULES if graph._meta(loaded)[r]} == set(applied)
     with torch.no_grad():
-        assert torch.equal(loaded(_batches(shape)[0]), _expected_output(f"pipeline/{name}.{kind}"))
+        output, expected = loaded(_batches(shape)[0]), _expected_output(f"pipeline/{name}.{kind}")
+    if kind == "converted":
+        assert torch.equal(output, expected)
+    else:
+        # fake quantization runs torch's float convs, whose last bits depend on the CPU's kernels (oneDNN chooses them
+        # by instruction set); a value that sits on a rounding boundary may move by one quantization step
+        torch.testing.assert_close(output, expected, rtol=0, atol=0.05)
     if kind == "prepared" and name not in _PREPARED_ONLY:
         # converted now, with the rules it was planned with: the converted file's function
         with torch.no_grad():

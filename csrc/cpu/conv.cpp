@@ -845,12 +845,15 @@ void conv_cpu(const ConvFront& f, const at::Tensor& x_q, int64_t x_zero_point, c
   // 21-byte rows as 24: im2col had been a quarter of its time).
   const int64_t run = g.kw * cg, padded_run = round_up(run, 4);
   const bool depthwise = groups == g.channels && ocg == 1;
+  bool amx = false;
+  const CpuIsa isa = cpu_isa(&amx);
   // uint8 windows of whole 4-byte steps per tap and full weight panels on AVX-512: the direct conv, which reads
-  // every tap in place (no im2col rows at all) and, when the zero point is 0, skips the taps in the padding
-  const bool direct = cpu_isa() == CpuIsa::Avx512Vnni && !depthwise && !pointwise && flip == 0 && groups == 1 &&
+  // every tap in place (no im2col rows at all) and, when the zero point is 0, skips the taps in the padding. With
+  // AMX the GEMM on im2col rows multiplies on tiles, which outruns both vector kernels that read windows in place.
+  const bool direct = isa == CpuIsa::Avx512Vnni && !amx && !depthwise && !pointwise && flip == 0 && groups == 1 &&
                       cg % 4 == 0 && ocg % kPackAlign == 0 && g.kh * g.kw <= kMaxDirectTaps;
-  const bool in_place = !direct && !depthwise && !pointwise && flip == 0 && groups == 1 && g.dil_w == 1 &&
-                        windows_in_place(ocg, g.kh, run, cpu_isa());
+  const bool in_place = !direct && !amx && !depthwise && !pointwise && flip == 0 && groups == 1 && g.dil_w == 1 &&
+                        windows_in_place(ocg, g.kh, run, isa);
   const int64_t run_stride = in_place ? padded_run : run;
   const Im2colSource im2col{x_bytes, g, static_cast<uint8_t>(static_cast<uint8_t>(x_zero_point) ^ flip), flip,
                             run_stride, round_up(g.kh * run_stride, 4)};
@@ -886,13 +889,13 @@ void conv_cpu(const ConvFront& f, const at::Tensor& x_q, int64_t x_zero_point, c
   ep.residual = residual;
   if (depthwise)
     conv_u8s8_depthwise(g, x_bytes, depthwise_weight(g, args.b, args.b_group_stride, extras), flip, im2col.pad_byte,
-                        ep, cpu_isa());
+                        ep, isa);
   else if (direct)
     conv_u8s8_direct(args, g, x_bytes, im2col.pad_byte, ep);
   else if (in_place)
-    conv_u8s8_in_place(args, g, x_bytes, im2col.pad_byte, ep, cpu_isa());
+    conv_u8s8_in_place(args, g, x_bytes, im2col.pad_byte, ep, isa);
   else
-    gemm_u8s8(args, ep, cpu_isa());
+    gemm_u8s8(args, ep, isa);
 }
 
 at::Tensor int8_conv2d_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, int64_t x_zero_point,

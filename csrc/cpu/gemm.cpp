@@ -1,4 +1,5 @@
 // CPU kernels of int8_mm, pack_int8_weight and int8_linear (schemas in csrc/ops.cpp) on the engine of gemm_core.
+#include "cpu/simd.h"  // first: see there
 #include "check.h"
 #include <algorithm>
 #include <optional>

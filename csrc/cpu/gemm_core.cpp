@@ -372,6 +372,83 @@ TQ_TARGET_AVX2 void multiply_avx2_bytes(const uint8_t* a, int64_t a_row, const i
   }
 }
 
+// AMX (the avx512_amx path): tdpbusd multiplies a tile of 16 rows x 64 u8 activation bytes by a tile of 16 k-steps
+// x 16 columns x 4 s8 weights into 16 x 16 int32 sums, exactly (no saturation), 16384 multiply-adds an instruction.
+// A 16-column slice of a packed panel is such a weight tile as it lies (k-steps kStepBytes apart), and activation
+// rows are read in place. Blocks of 32 rows x 32 columns: 4 accumulator tiles, 2 activation and 2 weight tiles.
+constexpr int64_t kAmxChunk = 64;  // bytes of k per tdpbusd
+constexpr int64_t kAmxRows = 16;   // rows of a tile
+constexpr int64_t kAmxMinRows = 16;  // the fewest rows of a work item that the AMX kernel takes
+
+// Palette 1's tile configuration (the layout ldtilecfg reads): tiles 0-3 the sums of rows [0, 16) x columns [0, 16),
+// rows [0, 16) x [16, 32), rows [16, 32) x [0, 16), [16, 32) x [16, 32); tiles 4 and 5 activation rows [0, 16) and
+// [16, 32); tiles 6 and 7 weight columns [0, 16) and [16, 32). A tile of 0 rows is left unconfigured.
+struct alignas(64) AmxConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t bytes_per_row[16] = {};
+  uint8_t rows[16] = {};
+};
+
+TQ_TARGET_AMX void configure_amx(int rows_lo, int rows_hi) {
+  AmxConfig c;
+  const int rows[8] = {rows_lo, rows_lo, rows_hi, rows_hi, rows_lo, rows_hi, kAmxRows, kAmxRows};
+  for (int t = 0; t < 8; ++t) {
+    c.rows[t] = static_cast<uint8_t>(rows[t]);
+    c.bytes_per_row[t] = rows[t] > 0 ? 64 : 0;
+  }
+  load_tile_config(&c);
+}
+
+// tile[r][0..32 halves) = the sums over `chunks` whole k-chunks (kAmxChunk bytes) of `rows` activation rows from a on
+// (a_row bytes apart) and the packed panel at b (the caller adds any k past them). Leaves the tiles released.
+TQ_TARGET_AMX void multiply_amx(const uint8_t* a, int64_t a_row, const int8_t* b, int64_t chunks, int64_t rows,
+                                int halves, int32_t* tile) {
+  constexpr int64_t tile_row = kPackAlign * sizeof(int32_t);  // bytes between the int32 tile's rows
+  constexpr int64_t chunk_bytes = kAmxChunk / 4 * kStepBytes;  // the weight bytes of one k-chunk
+  int configured_lo = -1, configured_hi = -1;
+  for (int64_t r0 = 0; r0 < rows; r0 += 2 * kAmxRows) {
+    const int lo = static_cast<int>(std::min(kAmxRows, rows - r0));
+    const int hi = static_cast<int>(std::clamp<int64_t>(rows - r0 - kAmxRows, 0, kAmxRows));
+    if (lo != configured_lo || hi != configured_hi) {  // (a new configuration zeroes every tile)
+      configure_amx(lo, hi);
+      configured_lo = lo;
+      configured_hi = hi;
+    }
+    const uint8_t* a_lo = a + r0 * a_row;
+    const uint8_t* a_hi = a_lo + kAmxRows * a_row;
+    for (int h = 0; h < halves; ++h) {
+      const int8_t* w = b + h * 32 * 4;
+      int32_t* out = tile + r0 * kPackAlign + h * 32;
+      _tile_zero(0);
+      _tile_zero(1);
+      if (hi > 0) {
+        _tile_zero(2);
+        _tile_zero(3);
+      }
+      for (int64_t j = 0; j < chunks; ++j) {
+        _tile_loadd(4, a_lo + j * kAmxChunk, a_row);
+        _tile_loadd(6, w + j * chunk_bytes, kStepBytes);
+        _tile_loadd(7, w + j * chunk_bytes + 64, kStepBytes);
+        _tile_dpbusd(0, 4, 6);
+        _tile_dpbusd(1, 4, 7);
+        if (hi > 0) {
+          _tile_loadd(5, a_hi + j * kAmxChunk, a_row);
+          _tile_dpbusd(2, 5, 6);
+          _tile_dpbusd(3, 5, 7);
+        }
+      }
+      _tile_stored(0, out, tile_row);
+      _tile_stored(1, out + 16, tile_row);
+      if (hi > 0) {
+        _tile_stored(2, out + kAmxRows * kPackAlign, tile_row);
+        _tile_stored(3, out + kAmxRows * kPackAlign + 16, tile_row);
+      }
+    }
+  }
+  _tile_release();
+  __asm__ volatile("" ::: "memory");  // the tile stores' asm names no memory: the epilogue reads what they wrote
+}
+
 // Portable path. Sums in uint32: wrap-around (the hardware's behaviour) without signed-overflow UB.
 void microkernel_scalar(const uint8_t* a, int64_t a_row, const int8_t* b, int64_t steps,
                         int32_t* tile, int rows, int vectors, bool first) {
@@ -1372,6 +1449,10 @@ ScratchScope::~ScratchScope() {
 void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa) {
   const IsaPath path = isa_path(isa);
   const int64_t k4 = round_up(args.k, 4);
+  bool amx = false;
+  cpu_isa(&amx);
+  // AMX for work items of at least one tile of rows and one k-chunk
+  amx = amx && isa == CpuIsa::Avx512Vnni && k4 >= kAmxChunk;
   const int64_t n_panels = (args.n + kPackAlign - 1) / kPackAlign;
   // rows split evenly over the fewest chunks of <= kRowsPerChunk (128 rows: 2 x 66, not 96 + 32, which would
   // leave one of two threads a quarter of the work), rounded to whole microkernel row groups
@@ -1446,6 +1527,18 @@ void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa) {
       const int64_t col0 = g * args.n + panel * kPackAlign;
       const int64_t ncols = std::min(kPackAlign, args.n - panel * kPackAlign);
       const int vectors = static_cast<int>((ncols + 15) / 16);
+      if (amx && rows >= kAmxMinRows) {
+        const int64_t chunks = k4 / kAmxChunk, k0 = chunks * kAmxChunk;
+        multiply_amx(a, lda, b, chunks, rows, ncols > 32 ? 2 : 1, tile);
+        for (int64_t r = 0; k0 < k4 && r < rows;) {  // the k-steps past the last whole chunk
+          const int mr = group_rows(path.rows, rows - r);
+          path.kernel(a + r * lda + k0, lda, b + k0 * kPackAlign, (k4 - k0) / 4, tile + r * kPackAlign, mr, vectors,
+                      false);
+          r += mr;
+        }
+        path.epilogue(out_ep, panels[g * n_panels + panel], tile, row0, rows, col0, ncols);
+        continue;
+      }
       if (path.fused && ncols == kPackAlign && k4 <= kFusedMaxK) {
         for (int64_t r = 0; r < rows;) {
           const int mr = group_rows(path.rows, rows - r);

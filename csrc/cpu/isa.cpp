@@ -90,11 +90,39 @@ TQ_TARGET_AVX2 void avx2_multiply_adds(int64_t iterations) {
   _mm256_zeroupper();
 }
 
+// tdpbusd into 4 tile accumulators (16 x 16 int32 each) from 2 + 2 operand tiles of 16 x 64 bytes: 16 x 16 x 64
+// u8 x s8 multiply-adds an instruction, the avx512_amx path's GEMM step.
+TQ_TARGET_AMX void amx_multiply_adds(int64_t iterations) {
+  alignas(64) uint8_t config[64] = {};
+  config[0] = 1;  // palette 1: bytes 16.. hold each tile's bytes per row (2 bytes), 48.. its rows
+  for (int t = 0; t < 8; ++t) {
+    config[16 + 2 * t] = 64;
+    config[48 + t] = 16;
+  }
+  load_tile_config(config);
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  _tile_zero(4);
+  _tile_zero(5);
+  _tile_zero(6);
+  _tile_zero(7);
+  for (int64_t i = 0; i < iterations; ++i) {
+    _tile_dpbusd(0, 4, 6);
+    _tile_dpbusd(1, 4, 7);
+    _tile_dpbusd(2, 5, 6);
+    _tile_dpbusd(3, 5, 7);
+  }
+  _tile_release();
+}
+
 }  // namespace
 
 static std::string cpu_kernel_path() {
-  switch (cpu_isa()) {
-    case CpuIsa::Avx512Vnni: return "avx512_vnni";
+  bool amx = false;
+  switch (cpu_isa(&amx)) {
+    case CpuIsa::Avx512Vnni: return amx ? "avx512_amx" : "avx512_vnni";
     case CpuIsa::Avx2: return "avx2";
     case CpuIsa::Scalar: break;
   }
@@ -105,11 +133,15 @@ static std::string cpu_kernel_path() {
 // 0 on the scalar path, which has no instruction to measure.
 static double cpu_multiply_add_peak(int64_t iterations) {
   TQ_CHECK(iterations >= 1, "cpu_multiply_add_peak: iterations must be >= 1, got ", iterations);
-  const CpuIsa isa = cpu_isa();
+  bool amx = false;
+  const CpuIsa isa = cpu_isa(&amx);
   if (isa == CpuIsa::Scalar) return 0.0;
   const double start = thread_seconds();
   double multiply_adds;
-  if (isa == CpuIsa::Avx512Vnni) {
+  if (amx) {
+    amx_multiply_adds(iterations);
+    multiply_adds = 4.0 * 16 * 16 * 64 * static_cast<double>(iterations);
+  } else if (isa == CpuIsa::Avx512Vnni) {
     vnni_multiply_adds(iterations);
     multiply_adds = 12.0 * 64.0 * static_cast<double>(iterations);
   } else {

@@ -1,7 +1,12 @@
 // Run-time choice of the CPU instruction set for the kernels that have several code paths.
-// TORCHQUANT_CPU_ISA=avx512_vnni|avx2|scalar forces a path (lower than the CPU supports) so tests can run each one.
+// TORCHQUANT_CPU_ISA=avx512_amx|avx512_vnni|avx2|scalar forces a path (lower than the CPU supports) so tests can run
+// each one. avx512_amx is the avx512_vnni path whose GEMMs multiply on AMX tiles (tdpbusd).
 #pragma once
+#include "cpu/simd.h"  // the AMX intrinsics (sources include it first; see there)
 #include "check.h"
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include <cstdlib>
 #include <cstring>
 
@@ -12,8 +17,17 @@
 #define TQ_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
 // The byte permutes (vpermb / vpermi2b) that table lookups use on the avx512_vnni path, where cpu_has_avx512_vbmi().
 #define TQ_TARGET_VBMI __attribute__((target("avx512f,avx512bw,avx512vbmi")))
+// The AMX tile kernels of the avx512_amx path (they also run the avx512_vnni path's code).
+#define TQ_TARGET_AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,amx-tile,amx-int8")))
 
 namespace torchquant {
+
+// ldtilecfg of the 64-byte configuration at config. GCC does not count the configuration as read by
+// _tile_loadconfig and drops the stores that fill it in: the barrier makes them happen first.
+TQ_TARGET_AMX inline void load_tile_config(const void* config) {
+  __asm__ volatile("" : : "r"(config) : "memory");
+  _tile_loadconfig(config);
+}
 
 enum class CpuIsa : int { Scalar = 0, Avx2 = 1, Avx512Vnni = 2 };
 
@@ -40,19 +54,40 @@ inline bool cpu_has_avx512_vbmi() {
   return has;
 }
 
+// Whether this CPU has AMX with int8 tiles and Linux lets this process use them: the tile data is state that the
+// kernel saves only for processes that ask for it (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA; without
+// it the first tile instruction raises SIGILL). Asked once, for the whole process.
+inline bool detected_cpu_amx() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    if (detected_cpu_isa() != CpuIsa::Avx512Vnni || !__builtin_cpu_supports("amx-tile") ||
+        !__builtin_cpu_supports("amx-int8"))
+      return false;
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return has;
+}
+
 // The path to run now: the detected one, or the one TORCHQUANT_CPU_ISA asks for (read on every call so tests
-// can switch paths inside one process; getenv is cheap next to any kernel launch).
-inline CpuIsa cpu_isa() {
+// can switch paths inside one process; getenv is cheap next to any kernel launch). amx: whether the GEMMs multiply
+// on AMX tiles (the avx512_amx path), where the caller asks.
+inline CpuIsa cpu_isa(bool* amx = nullptr) {
   const CpuIsa detected = detected_cpu_isa();
   const char* forced = std::getenv("TORCHQUANT_CPU_ISA");
-  if (forced == nullptr || forced[0] == '\0') return detected;
+  if (forced == nullptr || forced[0] == '\0') {
+    if (amx != nullptr) *amx = detected_cpu_amx();
+    return detected;
+  }
   CpuIsa want;
-  if (std::strcmp(forced, "avx512_vnni") == 0) want = CpuIsa::Avx512Vnni;
+  const bool want_amx = std::strcmp(forced, "avx512_amx") == 0;
+  if (want_amx || std::strcmp(forced, "avx512_vnni") == 0) want = CpuIsa::Avx512Vnni;
   else if (std::strcmp(forced, "avx2") == 0) want = CpuIsa::Avx2;
   else if (std::strcmp(forced, "scalar") == 0) want = CpuIsa::Scalar;
-  else TQ_CHECK(false, "TORCHQUANT_CPU_ISA must be avx512_vnni, avx2 or scalar, got '", forced, "'");
-  TQ_CHECK(static_cast<int>(want) <= static_cast<int>(detected), "TORCHQUANT_CPU_ISA=", forced,
-              " is not supported by this CPU");
+  else TQ_CHECK(false, "TORCHQUANT_CPU_ISA must be avx512_amx, avx512_vnni, avx2 or scalar, got '", forced, "'");
+  TQ_CHECK(static_cast<int>(want) <= static_cast<int>(detected) && (!want_amx || detected_cpu_amx()),
+           "TORCHQUANT_CPU_ISA=", forced, " is not supported by this CPU");
+  if (amx != nullptr) *amx = want_amx;
   return want;
 }
 

@@ -20,8 +20,9 @@ def has_cuda_kernels() -> bool:
 
 
 def cpu_kernel_path() -> str:
-    """The instruction-set path the CPU kernels run now: "avx512_vnni", "avx2" or "scalar" (the best this CPU
-    supports, or the one the environment variable TORCHQUANT_CPU_ISA forces)."""
+    """The instruction-set path the CPU kernels run now: "avx512_amx" (avx512_vnni with the GEMMs on AMX tiles),
+    "avx512_vnni", "avx2" or "scalar" (the best this CPU supports, or the one the environment variable
+    TORCHQUANT_CPU_ISA forces)."""
     return ops.cpu_kernel_path()
 
 

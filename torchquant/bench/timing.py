@@ -24,8 +24,8 @@ def copy_bandwidth(numel_bytes: int, *, device: str = "cpu", repeats: int = 15,
 
 def multiply_add_peak(repeats: int = 5, iterations: int = 10_000_000) -> float:
     """Multiply-adds per second of one core running nothing but the CPU kernel path's integer multiply-add
-    instruction on independent accumulators (vpdpbusd on avx512_vnni; vpmaddwd + vpaddd, the exact AVX2 path's
-    pair, on avx2), in thread CPU time, the best of `repeats` runs: the physical limit of the int8 GEMMs and convs on
+    instruction on independent accumulators (tdpbusd on avx512_amx; vpdpbusd on avx512_vnni; vpmaddwd + vpaddd, the
+    exact AVX2 path's pair, on avx2), in thread CPU time, the best of `repeats` runs: the physical limit of the int8 GEMMs and convs on
     this core (times the thread count for more). 0.0 on the scalar path."""
     return max(torch.ops.torchquant.cpu_multiply_add_peak(iterations) for _ in range(repeats))
 
