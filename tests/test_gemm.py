@@ -615,10 +615,23 @@ DIRECT_CONVS = [  # batch, in_ch, h, w, out_ch, kernel, stride, padding, dilatio
     (2, 64, 20, 20, 192, (3, 3), 1, 1, 1),         # row chunks, panel-major (input under 512 KB)
     (1, 8, 200, 340, 64, (3, 3), 1, 1, 1),         # row chunks, chunk-major (input over 512 KB)
 ]
+# Ungrouped uint8 convs whose kernel rows are whole 64-byte k-chunks and whose output rows have 16 or more pixels with
+# their windows inside the input read those windows in place on AMX tiles (avx512_amx); the border pixels and
+# rows take im2col rows (on tiles from 16 of them).
+AMX_WINDOW_CONVS = [  # batch, in_ch, h, w, out_ch, kernel, stride, padding, dilation
+    (2, 64, 6, 20, 64, (3, 3), 1, 1, 1),           # 18 inside of 20 per row, 2 images
+    (1, 64, 5, 40, 96, (3, 3), 2, 1, 1),           # stride 2, a half-full second panel
+    (1, 128, 4, 21, 130, (3, 3), 1, 0, 1),         # no padding, 3 panels, 2 columns in the last
+    (1, 32, 7, 24, 64, (3, 2), 1, 1, (2, 1)),      # 2 x 32 channels a kernel row, dilated rows
+    (2, 64, 3, 120, 32, (3, 3), 1, 1, 1),          # 2 segments a row, one half-panel
+    (1, 64, 3, 18, 64, (3, 3), 1, (2, 1), 1),      # 16 inside, top and bottom rows all border (32 im2col rows)
+]
 
 
 @pytest.mark.parametrize("streamed", [False, True], ids=["cached", "streamed"])
-@pytest.mark.parametrize("conv", DIRECT_CONVS, ids=[f"direct{i}" for i in range(len(DIRECT_CONVS))])
+@pytest.mark.parametrize("conv", DIRECT_CONVS + AMX_WINDOW_CONVS,
+                         ids=[f"direct{i}" for i in range(len(DIRECT_CONVS))]
+                         + [f"amx{i}" for i in range(len(AMX_WINDOW_CONVS))])
 @pytest.mark.parametrize("x_zp", [0, 9])
 def test_int8_conv2d_direct(isa, monkeypatch, streamed, conv, x_zp):
     if streamed:

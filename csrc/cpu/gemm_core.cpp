@@ -399,9 +399,16 @@ TQ_TARGET_AMX void configure_amx(int rows_lo, int rows_hi) {
   load_tile_config(&c);
 }
 
-// tile[r][0..32 halves) = the sums over `chunks` whole k-chunks (kAmxChunk bytes) of `rows` activation rows from a on
-// (a_row bytes apart) and the packed panel at b (the caller adds any k past them). Leaves the tiles released.
-TQ_TARGET_AMX void multiply_amx(const uint8_t* a, int64_t a_row, const int8_t* b, int64_t chunks, int64_t rows,
+// The k range of multiply_amx: `count` runs of `chunks` whole k-chunks (kAmxChunk bytes) each, whose activation bytes
+// start `stride` bytes apart (a conv window's kernel rows read in place; one run for GEMM rows); the weight's k-chunks
+// follow each other.
+struct AmxRuns {
+  int64_t count, stride, chunks;
+};
+
+// tile[r][0..32 halves) = the sums over the k range `k` of `rows` activation rows from a on (a_row bytes apart) and
+// the packed panel at b (the caller adds any k past it). Leaves the tiles released.
+TQ_TARGET_AMX void multiply_amx(const uint8_t* a, int64_t a_row, const int8_t* b, const AmxRuns& k, int64_t rows,
                                 int halves, int32_t* tile) {
   constexpr int64_t tile_row = kPackAlign * sizeof(int32_t);  // bytes between the int32 tile's rows
   constexpr int64_t chunk_bytes = kAmxChunk / 4 * kStepBytes;  // the weight bytes of one k-chunk
@@ -425,16 +432,22 @@ TQ_TARGET_AMX void multiply_amx(const uint8_t* a, int64_t a_row, const int8_t* b
         _tile_zero(2);
         _tile_zero(3);
       }
-      for (int64_t j = 0; j < chunks; ++j) {
-        _tile_loadd(4, a_lo + j * kAmxChunk, a_row);
-        _tile_loadd(6, w + j * chunk_bytes, kStepBytes);
-        _tile_loadd(7, w + j * chunk_bytes + 64, kStepBytes);
-        _tile_dpbusd(0, 4, 6);
-        _tile_dpbusd(1, 4, 7);
-        if (hi > 0) {
-          _tile_loadd(5, a_hi + j * kAmxChunk, a_row);
-          _tile_dpbusd(2, 5, 6);
-          _tile_dpbusd(3, 5, 7);
+      const int8_t* wc = w;
+      for (int64_t i = 0; i < k.count; ++i) {
+        for (int64_t j = 0; j < k.chunks; ++j, wc += chunk_bytes) {
+          const int64_t offset = i * k.stride + j * kAmxChunk;
+          // (the loads of a step ahead of its products: loading each tile just before its first product measured
+          // a quarter slower)
+          _tile_loadd(4, a_lo + offset, a_row);
+          _tile_loadd(6, wc, kStepBytes);
+          _tile_loadd(7, wc + 64, kStepBytes);
+          _tile_dpbusd(0, 4, 6);
+          _tile_dpbusd(1, 4, 7);
+          if (hi > 0) {
+            _tile_loadd(5, a_hi + offset, a_row);
+            _tile_dpbusd(2, 5, 6);
+            _tile_dpbusd(3, 5, 7);
+          }
         }
       }
       _tile_stored(0, out, tile_row);
@@ -1529,7 +1542,7 @@ void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa) {
       const int vectors = static_cast<int>((ncols + 15) / 16);
       if (amx && rows >= kAmxMinRows) {
         const int64_t chunks = k4 / kAmxChunk, k0 = chunks * kAmxChunk;
-        multiply_amx(a, lda, b, chunks, rows, ncols > 32 ? 2 : 1, tile);
+        multiply_amx(a, lda, b, AmxRuns{1, 0, chunks}, rows, ncols > 32 ? 2 : 1, tile);
         for (int64_t r = 0; k0 < k4 && r < rows;) {  // the k-steps past the last whole chunk
           const int mr = group_rows(path.rows, rows - r);
           path.kernel(a + r * lda + k0, lda, b + k0 * kPackAlign, (k4 - k0) / 4, tile + r * kPackAlign, mr, vectors,
@@ -1759,6 +1772,83 @@ void epilogue_tile(const Epilogue& ep, const PanelEpilogue& panel, const int32_t
   isa_path(isa).epilogue(ep, panel, tile, row0, rows, col0, ncols);
 }
 
+std::pair<int64_t, int64_t> inside_columns(const ConvGeometry& g) {
+  const int64_t lo = (g.pad_w + g.stride_w - 1) / g.stride_w;
+  const int64_t hi = g.width + g.pad_w >= g.kw ? (g.width + g.pad_w - g.kw) / g.stride_w + 1 : 0;
+  return {std::min(lo, g.out_w), std::clamp(hi, std::min(lo, g.out_w), g.out_w)};
+}
+
+bool amx_reads_windows(const ConvGeometry& g) {
+  const auto [lo, hi] = inside_columns(g);
+  return g.groups == 1 && g.dil_w == 1 && g.kw * g.channels % kAmxChunk == 0 && hi - lo >= kAmxRows;
+}
+
+void conv_u8s8_amx(const GemmArgs& args, const ConvGeometry& g, const uint8_t* x, const Epilogue& ep) {
+  const IsaPath path = isa_path(CpuIsa::Avx512Vnni);  // its epilogue, and its kernel for a few border windows
+  const int64_t run = g.kw * g.channels, k4 = args.k;  // whole k-chunks: k4 = kh * run
+  const int64_t x_bytes = g.batch * g.height * g.width * g.channels;
+  const int64_t n_panels = (args.n + kPackAlign - 1) / kPackAlign;
+  // work items: segments of <= kRowsPerChunk output pixels of one output row (b, oh), times the panels
+  const int64_t segments_per_row = (g.out_w + kRowsPerChunk - 1) / kRowsPerChunk;
+  const int64_t segment_len = (g.out_w + segments_per_row - 1) / segments_per_row;
+  const int64_t segments = g.batch * g.out_h * segments_per_row;
+  const int64_t item_cost = (segment_len + 4) * kPackAlign * k4;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(item_cost, 1));
+  const Epilogue out_ep = with_streaming(ep, args.m, args.n);
+  const PanelEpilogues panels(out_ep, 1, args.n, CpuIsa::Avx512Vnni);
+  const auto [inside_lo, inside_hi] = inside_columns(g);
+
+  at::parallel_for(0, segments * n_panels, grain, [&](int64_t begin, int64_t end) {
+    alignas(64) int32_t tile[kRowsPerChunk * kPackAlign];
+    const ScratchScope rows_scope(Scratch::GemmRows);
+    uint8_t* window_rows =
+        scratch_buffer(Scratch::GemmRows, checked_mul("int8_conv2d", "the row buffer", kRowsPerChunk, k4));
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t panel = item % n_panels, segment = item / n_panels;
+      const int64_t image_row = segment / segments_per_row;  // b * out_h + oh
+      const int64_t ow0 = (segment % segments_per_row) * segment_len;
+      const int64_t rows = std::min(segment_len, g.out_w - ow0);
+      const int64_t row0 = image_row * g.out_w + ow0;
+      const int64_t b = image_row / g.out_h, oh = image_row % g.out_h;
+      const int64_t ih0 = oh * g.stride_h - g.pad_h;
+      const bool rows_inside = ih0 >= 0 && ih0 + (g.kh - 1) * g.dil_h < g.height;
+      const int8_t* w = args.b + panel * args.ldb * kPackAlign;
+      const int64_t ncols = std::min(kPackAlign, args.n - panel * kPackAlign);
+      const int halves = ncols > 32 ? 2 : 1;
+      // pixels [lo, hi) read their windows in place, the others take im2col rows
+      const int64_t lo = rows_inside ? std::clamp<int64_t>(inside_lo - ow0, 0, rows) : rows;
+      const int64_t hi = rows_inside ? std::clamp<int64_t>(inside_hi - ow0, lo, rows) : rows;
+      const int64_t parts[3][2] = {{0, lo}, {lo, hi}, {hi, rows}};
+      for (int part = 0; part < 3; ++part) {
+        const int64_t r = parts[part][0], count = parts[part][1] - r;
+        if (count == 0) continue;
+        if (part == 1) {
+          const int64_t kernel_rows_apart = g.dil_h * g.width * g.channels;
+          const int64_t a_offset = ((b * g.height + ih0) * g.width + (ow0 + r) * g.stride_w - g.pad_w) * g.channels;
+          const int64_t a_row = g.stride_w * g.channels;
+          if (a_offset + (g.kh - 1) * kernel_rows_apart + (count - 1) * a_row + run <= x_bytes) {
+            multiply_amx(x + a_offset, a_row, w, AmxRuns{g.kh, kernel_rows_apart, run / kAmxChunk}, count, halves,
+                         tile + r * kPackAlign);
+            continue;
+          }
+        }
+        args.fill_rows(args.fill_context, 0, row0 + r, count, window_rows);
+        if (count >= kAmxMinRows) {
+          multiply_amx(window_rows, k4, w, AmxRuns{1, 0, k4 / kAmxChunk}, count, halves, tile + r * kPackAlign);
+          continue;
+        }
+        for (int64_t i = 0; i < count;) {
+          const int mr = group_rows(path.rows, count - i);
+          path.kernel(window_rows + i * k4, k4, w, k4 / 4, tile + (r + i) * kPackAlign, mr, halves * 2, true);
+          i += mr;
+        }
+      }
+      path.epilogue(out_ep, panels[panel], tile, row0, rows, panel * kPackAlign, ncols);
+    }
+    if (out_ep.streaming) _mm_sfence();
+  });
+}
+
 void conv_u8s8_in_place(const GemmArgs& args, const ConvGeometry& g, const uint8_t* x, uint8_t pad_byte,
                         const Epilogue& ep, CpuIsa isa) {
   const IsaPath path = isa_path(isa);
@@ -1780,11 +1870,10 @@ void conv_u8s8_in_place(const GemmArgs& args, const ConvGeometry& g, const uint8
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(item_cost, 1));
   const Epilogue out_ep = with_streaming(ep, args.m, args.n);
   const PanelEpilogues panels(out_ep, 1, args.n, isa);
-  // output columns [inside_lo, inside_hi) have their windows inside the input columns (undilated kernel rows): the
-  // row groups of a segment end where they begin and end, so that a few border windows take the im2col rows and
-  // not the whole group around them (on 8-pixel rows every group held a border window)
-  const int64_t inside_lo = (g.pad_w + g.stride_w - 1) / g.stride_w;
-  const int64_t inside_hi = g.width + g.pad_w >= g.kw ? (g.width + g.pad_w - g.kw) / g.stride_w + 1 : 0;
+  // the row groups of a segment end where the columns with windows inside the input begin and end, so that a few
+  // border windows take the im2col rows and not the whole group around them (on 8-pixel rows every group held a
+  // border window)
+  const auto [inside_lo, inside_hi] = inside_columns(g);
 
   at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
     alignas(64) int32_t tile[kRowsPerChunk * kPackAlign];

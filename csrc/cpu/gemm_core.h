@@ -10,6 +10,7 @@
 // Every path (AVX-512 VNNI, AVX2, scalar) reads the same packed layouts and produces the same integers.
 #pragma once
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "cpu/isa.h"
@@ -153,6 +154,21 @@ void epilogue_tile(const Epilogue& ep, const PanelEpilogue& panel, const int32_t
 // kernel. args as for gemm_u8s8 (m: the output pixels) with groups == 1.
 void conv_u8s8_in_place(const GemmArgs& args, const ConvGeometry& g, const uint8_t* x, uint8_t pad_byte,
                         const Epilogue& ep, CpuIsa isa);
+
+// The output columns [first, last) whose windows lie inside the input's columns (undilated kernel rows).
+std::pair<int64_t, int64_t> inside_columns(const ConvGeometry& g);
+
+// Whether conv_u8s8_amx takes the conv g: groups == 1, undilated kernel rows of whole 64-byte k-chunks (kw *
+// channels a multiple of 64: 3x3 kernels over a multiple of 64 channels), and at least 16 output columns with their
+// windows inside the input.
+bool amx_reads_windows(const ConvGeometry& g);
+
+// int8_conv2d on AMX tiles (the avx512_amx path) for a conv amx_reads_windows takes, with uint8 channels-last x:
+// runs of output pixels along an output row whose windows lie inside the input are multiplied kernel row by kernel
+// row straight from the input (a tile's 16 rows are 16 pixels' bytes of one k-chunk, stride_w * channels bytes
+// apart), the others on im2col rows from args.fill_rows (k unpadded: args.k = kh * kw * channels). args as for
+// gemm_u8s8 with groups == 1.
+void conv_u8s8_amx(const GemmArgs& args, const ConvGeometry& g, const uint8_t* x, const Epilogue& ep);
 
 // The kernel taps a direct conv takes at most (one bit each in a 64-bit mask).
 constexpr int64_t kMaxDirectTaps = 64;
