@@ -1772,6 +1772,28 @@ void epilogue_tile(const Epilogue& ep, const PanelEpilogue& panel, const int32_t
   isa_path(isa).epilogue(ep, panel, tile, row0, rows, col0, ncols);
 }
 
+// The work of the convs that read windows in place: segments of <= kRowsPerChunk output pixels of one output row
+// (b, oh), split evenly; segment i's pixels and the first input row of their windows.
+struct RowSegments {
+  struct Segment {
+    int64_t ow0, rows, row0, b, ih0;  // first output column, pixels, first output pixel, image, first input row
+    bool rows_inside;                 // whether every kernel row of the windows lies inside the input
+  };
+  explicit RowSegments(const ConvGeometry& geometry)
+      : g(geometry),
+        per_row((g.out_w + kRowsPerChunk - 1) / kRowsPerChunk),
+        len((g.out_w + per_row - 1) / per_row),
+        count(g.batch * g.out_h * per_row) {}
+  Segment operator[](int64_t i) const {
+    const int64_t image_row = i / per_row;  // b * out_h + oh
+    const int64_t ow0 = (i % per_row) * len, ih0 = (image_row % g.out_h) * g.stride_h - g.pad_h;
+    return {ow0, std::min(len, g.out_w - ow0), image_row * g.out_w + ow0, image_row / g.out_h, ih0,
+            ih0 >= 0 && ih0 + (g.kh - 1) * g.dil_h < g.height};
+  }
+  const ConvGeometry& g;
+  int64_t per_row, len, count;
+};
+
 std::pair<int64_t, int64_t> inside_columns(const ConvGeometry& g) {
   const int64_t lo = (g.pad_w + g.stride_w - 1) / g.stride_w;
   const int64_t hi = g.width + g.pad_w >= g.kw ? (g.width + g.pad_w - g.kw) / g.stride_w + 1 : 0;
@@ -1788,30 +1810,21 @@ void conv_u8s8_amx(const GemmArgs& args, const ConvGeometry& g, const uint8_t* x
   const int64_t run = g.kw * g.channels, k4 = args.k;  // whole k-chunks: k4 = kh * run
   const int64_t x_bytes = g.batch * g.height * g.width * g.channels;
   const int64_t n_panels = (args.n + kPackAlign - 1) / kPackAlign;
-  // work items: segments of <= kRowsPerChunk output pixels of one output row (b, oh), times the panels
-  const int64_t segments_per_row = (g.out_w + kRowsPerChunk - 1) / kRowsPerChunk;
-  const int64_t segment_len = (g.out_w + segments_per_row - 1) / segments_per_row;
-  const int64_t segments = g.batch * g.out_h * segments_per_row;
-  const int64_t item_cost = (segment_len + 4) * kPackAlign * k4;
+  const RowSegments segments(g);  // work items: the segments times the panels
+  const int64_t item_cost = (segments.len + 4) * kPackAlign * k4;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(item_cost, 1));
   const Epilogue out_ep = with_streaming(ep, args.m, args.n);
   const PanelEpilogues panels(out_ep, 1, args.n, CpuIsa::Avx512Vnni);
   const auto [inside_lo, inside_hi] = inside_columns(g);
 
-  at::parallel_for(0, segments * n_panels, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, segments.count * n_panels, grain, [&](int64_t begin, int64_t end) {
     alignas(64) int32_t tile[kRowsPerChunk * kPackAlign];
     const ScratchScope rows_scope(Scratch::GemmRows);
     uint8_t* window_rows =
         scratch_buffer(Scratch::GemmRows, checked_mul("int8_conv2d", "the row buffer", kRowsPerChunk, k4));
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t panel = item % n_panels, segment = item / n_panels;
-      const int64_t image_row = segment / segments_per_row;  // b * out_h + oh
-      const int64_t ow0 = (segment % segments_per_row) * segment_len;
-      const int64_t rows = std::min(segment_len, g.out_w - ow0);
-      const int64_t row0 = image_row * g.out_w + ow0;
-      const int64_t b = image_row / g.out_h, oh = image_row % g.out_h;
-      const int64_t ih0 = oh * g.stride_h - g.pad_h;
-      const bool rows_inside = ih0 >= 0 && ih0 + (g.kh - 1) * g.dil_h < g.height;
+      const int64_t panel = item % n_panels;
+      const auto [ow0, rows, row0, b, ih0, rows_inside] = segments[item / n_panels];
       const int8_t* w = args.b + panel * args.ldb * kPackAlign;
       const int64_t ncols = std::min(kPackAlign, args.n - panel * kPackAlign);
       const int halves = ncols > 32 ? 2 : 1;
@@ -1856,17 +1869,14 @@ void conv_u8s8_in_place(const GemmArgs& args, const ConvGeometry& g, const uint8
   const int64_t run = round_up(g.kw * g.channels, 4);  // bytes of one kernel row as the weight holds it
   const int64_t x_bytes = g.batch * g.height * g.width * g.channels;
   const int64_t n_panels = (args.n + kPackAlign - 1) / kPackAlign;
-  // work items: segments of <= kRowsPerChunk output pixels of one output row (b, oh), times the panels
-  const int64_t segments_per_row = (g.out_w + kRowsPerChunk - 1) / kRowsPerChunk;
-  const int64_t segment_len = (g.out_w + segments_per_row - 1) / segments_per_row;
-  const int64_t segments = g.batch * g.out_h * segments_per_row;
-  const int64_t items = segments * n_panels;
+  const RowSegments segments(g);  // work items: the segments times the panels
+  const int64_t items = segments.count * n_panels;
   // The wide kernel (AVX2) where the widened panel fits kWideConvPanelBytes and the windows overlap or nearly
   // (strides up to 4: the widened rows span the windows' input). Its items go panel by panel (a task widens each
   // panel's weight once), the others segment by segment (a segment's input rows stay in cache for its panels).
-  const bool wide = uses_wide_kernel(path, segment_len, k4) &&
+  const bool wide = uses_wide_kernel(path, segments.len, k4) &&
                     k4 * kPackAlign * static_cast<int64_t>(sizeof(int16_t)) <= kWideConvPanelBytes && g.stride_w <= 4;
-  const int64_t item_cost = (segment_len + 4) * kPackAlign * k4;
+  const int64_t item_cost = (segments.len + 4) * kPackAlign * k4;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(item_cost, 1));
   const Epilogue out_ep = with_streaming(ep, args.m, args.n);
   const PanelEpilogues panels(out_ep, 1, args.n, isa);
@@ -1880,18 +1890,11 @@ void conv_u8s8_in_place(const GemmArgs& args, const ConvGeometry& g, const uint8
     const ScratchScope rows_scope(Scratch::GemmRows);
     uint8_t* window_rows = scratch_buffer(Scratch::GemmRows, checked_mul("int8_conv2d", "the row buffer", 8, k4));
     std::optional<WideConvOperands> wide_operands;
-    if (wide) wide_operands.emplace(g, run, segment_len, pad_byte);
+    if (wide) wide_operands.emplace(g, run, segments.len, pad_byte);
     ByteKernelBlocks byte_panels;
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t panel = wide ? item / segments : item % n_panels;
-      const int64_t segment = wide ? item % segments : item / n_panels;
-      const int64_t image_row = segment / segments_per_row;  // b * out_h + oh
-      const int64_t ow0 = (segment % segments_per_row) * segment_len;
-      const int64_t rows = std::min(segment_len, g.out_w - ow0);
-      const int64_t row0 = image_row * g.out_w + ow0;
-      const int64_t b = image_row / g.out_h, oh = image_row % g.out_h;
-      const int64_t ih0 = oh * g.stride_h - g.pad_h;
-      const bool rows_inside = ih0 >= 0 && ih0 + (g.kh - 1) * g.dil_h < g.height;
+      const int64_t panel = wide ? item / segments.count : item % n_panels;
+      const auto [ow0, rows, row0, b, ih0, rows_inside] = segments[wide ? item % segments.count : item / n_panels];
       const int8_t* w = args.b + panel * args.ldb * kPackAlign;
       const int64_t ncols = std::min(kPackAlign, args.n - panel * kPackAlign);
       const int vectors = static_cast<int>((ncols + 15) / 16);
