@@ -1806,7 +1806,7 @@ bool amx_reads_windows(const ConvGeometry& g) {
 }
 
 void conv_u8s8_amx(const GemmArgs& args, const ConvGeometry& g, const uint8_t* x, const Epilogue& ep) {
-  const IsaPath path = isa_path(CpuIsa::Avx512Vnni);  // its epilogue, and its kernel for a few border windows
+  const IsaPath path = isa_path(CpuIsa::Avx512Vnni);  // its epilogue
   const int64_t run = g.kw * g.channels, k4 = args.k;  // whole k-chunks: k4 = kh * run
   const int64_t x_bytes = g.batch * g.height * g.width * g.channels;
   const int64_t n_panels = (args.n + kPackAlign - 1) / kPackAlign;
@@ -1845,16 +1845,9 @@ void conv_u8s8_amx(const GemmArgs& args, const ConvGeometry& g, const uint8_t* x
             continue;
           }
         }
+        // (a tile of one or two border rows costs what 16 cost, still less than the vector kernel on them)
         args.fill_rows(args.fill_context, 0, row0 + r, count, window_rows);
-        if (count >= kAmxMinRows) {
-          multiply_amx(window_rows, k4, w, AmxRuns{1, 0, k4 / kAmxChunk}, count, halves, tile + r * kPackAlign);
-          continue;
-        }
-        for (int64_t i = 0; i < count;) {
-          const int mr = group_rows(path.rows, count - i);
-          path.kernel(window_rows + i * k4, k4, w, k4 / 4, tile + (r + i) * kPackAlign, mr, halves * 2, true);
-          i += mr;
-        }
+        multiply_amx(window_rows, k4, w, AmxRuns{1, 0, k4 / kAmxChunk}, count, halves, tile + r * kPackAlign);
       }
       path.epilogue(out_ep, panels[panel], tile, row0, rows, panel * kPackAlign, ncols);
     }
