@@ -1468,9 +1468,11 @@ void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa) {
   amx = amx && isa == CpuIsa::Avx512Vnni && k4 >= kAmxChunk;
   const int64_t n_panels = (args.n + kPackAlign - 1) / kPackAlign;
   // rows split evenly over the fewest chunks of <= kRowsPerChunk (128 rows: 2 x 66, not 96 + 32, which would
-  // leave one of two threads a quarter of the work), rounded to whole microkernel row groups
+  // leave one of two threads a quarter of the work), rounded to whole microkernel row groups, on AMX to whole pairs
+  // of tiles (2 x 64: a tile of 2 rows costs what one of 16 costs)
   const int64_t min_chunks = (args.m + kRowsPerChunk - 1) / kRowsPerChunk;
-  const int64_t chunk_rows = round_up((args.m + min_chunks - 1) / std::max<int64_t>(min_chunks, 1), kVnniRows);
+  const int64_t chunk_rows = round_up((args.m + min_chunks - 1) / std::max<int64_t>(min_chunks, 1),
+                                      amx ? 2 * kAmxRows : kVnniRows);
   const int64_t m_chunks = (args.m + chunk_rows - 1) / chunk_rows;
   const int64_t items = args.groups * n_panels * m_chunks;
   // ~1M multiply-adds (or weight bytes, for few rows) per task before a second thread is worth waking
