@@ -968,8 +968,8 @@ def test_untraceable_forward(tmp_path, capsys):
 
 @pytest.mark.parametrize("converted", [False, True])
 def test_inputs_the_layers_would_refuse(tmp_path, converted):
-    # the layers' placeholders computed their output shape from any input width: an example input of the wrong
-    # width (or channel count) was exported as a graph that cannot run
+    # the layers' placeholders computed their output shape from any input width and dtype: an example input of the
+    # wrong width (or channel count) was exported as a graph that cannot run, an integer one as a file that cannot load
     mlp = torchquant.prepare(MLP().eval(), "int8-dynamic")
     cnn = torchquant.prepare(DigitsCNN().eval(), "int8-dynamic")
     if converted:
@@ -979,6 +979,8 @@ def test_inputs_the_layers_would_refuse(tmp_path, converted):
         export_onnx(mlp, torch.randn(2, 23), tmp_path / "m.onnx")
     with pytest.raises(ExportError, match=r"QuantConv2d: input must have shape \[batch, 1, height, width\]"):
         export_onnx(cnn, torch.rand(2, 3, 8, 8), tmp_path / "m.onnx")
+    with pytest.raises(ExportError, match=r"QuantLinear: input must be float32, float16 or bfloat16, got torch.int64"):
+        export_onnx(mlp, torch.randint(0, 3, (2, 24)), tmp_path / "m.onnx")
     assert_no_file(tmp_path)
 
 

@@ -187,7 +187,8 @@ class _Placeholder(nn.Module):
         super().__init__()
         self.layer_type = type(layer)
         self.index = index
-        self.check_input = layer._check_input  # the placeholder's shape rule would take any input width
+        # the placeholder would take any input width and dtype (an integer input exported as a graph that cannot load)
+        self.check_input = layer._check_float_input
         if isinstance(layer, QuantLinear):
             self.args = (layer.out_features,)
         else:

@@ -289,12 +289,16 @@ class QuantLayerBase(nn.Module):
     def _weight_numel_per_channel(self) -> int:
         return math.prod(self.weight_shape[1:])
 
-    def _converted_forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Input checks only read Python attributes (no tensor is made, nothing syncs); the kernels' TORCH_CHECKs
-        # guard the rest. Everything that does not depend on x was prepared by _prepare_forward.
+    def _check_float_input(self, x: torch.Tensor) -> None:
+        """The shape rule of _check_input, and a float dtype (the input a converted layer quantizes)."""
         self._check_input(x)
         if x.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{type(self).__name__}: input must be float32, float16 or bfloat16, got {x.dtype}")
+
+    def _converted_forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Input checks only read Python attributes (no tensor is made, nothing syncs); the kernels' TORCH_CHECKs
+        # guard the rest. Everything that does not depend on x was prepared by _prepare_forward.
+        self._check_float_input(x)
         if x.device != self._device:
             raise ValueError(f"{type(self).__name__}: input is on {x.device} but the layer is on {self._device}")
         if self._weight_only:  # float compute with the dequantized weight
