@@ -129,6 +129,11 @@ def _layer_state(name: str, layer: QuantLayerBase) -> _Layer:
         if layer.converted:
             weight, scale, bias = layer._weight_int8(), layer.weight_scale, layer.bias
         else:  # the weight and bias a folded BatchNorm makes, quantized as convert would
+            if spec.learn_scale:  # convert's check: an optimizer step may have left the learned scale <= 0
+                try:
+                    layer._check_learned_weight_scale()
+                except ValueError as exc:
+                    raise ExportError(f"export_onnx: layer {name!r}: {exc}") from exc
             float_weight, bias = layer.float_weight_bias()
             weight, scale = layer.weight_quantizer.quantize(float_weight)
     weight, scale = weight.detach().cpu(), scale.detach().cpu().float()
