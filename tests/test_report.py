@@ -183,6 +183,9 @@ def test_bad_arguments(model, batches):
         quantize_with_budget(model, "int8-dynamic", None, min_sqnr=30)
     with pytest.raises(ValueError, match="fallback_bits"):
         quantize_with_budget(model, "w4a8-dynamic", batches, min_sqnr=30, fallback_bits=9)
+    for repeats in (0, -1, 2.5):  # (0 failed inside the timing's median, 2.5 in range())
+        with pytest.raises(ValueError, match=rf"quantize_with_budget: repeats must be a positive int, got {repeats}"):
+            quantize_with_budget(model, "int8-dynamic", batches, min_speedup=0.5, repeats=repeats)
     with pytest.raises(ValueError, match="unknown preset"):
         quantize_with_budget(model, "int3", batches)
     with pytest.raises(TypeError, match="must be nn.Modules"):

@@ -95,6 +95,8 @@ def quantize_with_budget(model: nn.Module, config=None, calibration: Optional[It
         raise ValueError(f"quantize_with_budget: min_speedup must be positive, got {min_speedup}")
     if not isinstance(fallback_bits, int) or not 1 <= fallback_bits <= 8:
         raise ValueError(f"quantize_with_budget: fallback_bits must be an int in [1, 8], got {fallback_bits!r}")
+    if not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"quantize_with_budget: repeats must be a positive int, got {repeats!r}")
     batches = None if calibration is None else list(calibration)
     if min_sqnr is None and min_speedup is None:
         return _quantize_copy(model, config, batches, progress=progress), {}
