@@ -156,6 +156,31 @@ def test_agreement_of_dense_predictions_counts_classes_along_dim_1():
                      time_layers=False)
 
 
+def test_models_of_several_inputs_are_measured_on_tuple_batches():
+    # calibration unpacks a tuple batch into positional inputs; the budget's and the report's measurements passed
+    # the tuple as the one input
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 4), nn.Linear(6, 4)
+
+        def forward(self, x, y):
+            return self.a(x) + self.b(y)
+
+    torch.manual_seed(0)
+    model = TwoInputs().eval()
+    batches = [(torch.randn(3, 8), torch.randn(3, 6)) for _ in range(2)]
+    quantized, decisions = quantize_with_budget(model, "int8-static", batches, min_sqnr=10, min_speedup=1e-6,
+                                                repeats=1)
+    assert decisions == {} and isinstance(quantized.a, QuantLinear) and isinstance(quantized.b, QuantLinear)
+    report = build_report(model, quantized, "int8-static", calibration=batches, evaluation=(batches, None),
+                          repeats=1)
+    want = F_q.quantization_error(torch.cat([model(*b) for b in batches]),
+                                  torch.cat([quantized(*b) for b in batches]))["sqnr_db"]
+    assert report.output_sqnr_db == pytest.approx(want, rel=1e-6) and report.batch_shape == [3, 8]
+    assert report.latency_quantized_s > 0 and report.eval_samples == 6
+
+
 def test_outputs(model, batches, tmp_path):
     quantized, _ = quantize_with_budget(model, "int8-dynamic")
     report = build_report(model, quantized, "int8-dynamic")  # no data: weights and sizes only

@@ -228,7 +228,9 @@ def quant_layers(model: nn.Module) -> list[QuantLayerBase]:
     return [m for m in model.modules() if isinstance(m, QuantLayerBase)]
 
 
-def _run_batch(model: nn.Module, batch, index: int) -> None:
+def _run_batch(model: nn.Module, batch, index: int):
+    """model's output on one batch: a tensor is the one positional input, a tuple/list the positional inputs, a
+    dict the keyword inputs (as calibrate reads them; the report and the budget measure the same batches)."""
     if isinstance(batch, torch.Tensor):
         args, kwargs = (batch,), {}
     elif isinstance(batch, (tuple, list)):
@@ -239,7 +241,7 @@ def _run_batch(model: nn.Module, batch, index: int) -> None:
         raise TypeError(f"calibrate: each batch must be a tensor, a tuple/list of positional inputs or a dict of "
                         f"keyword inputs, got {type(batch).__name__}")
     try:
-        model(*args, **kwargs)
+        return model(*args, **kwargs)
     except TypeError as exc:
         try:
             signature = inspect.signature(model.forward)

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from torchquant import functional as F_q
 from torchquant._ops.gemm import GELU_APPROXIMATE
 from torchquant.config import QuantConfig, resolve_config
-from torchquant.convert import QUANT_TYPES
+from torchquant.convert import QUANT_TYPES, _run_batch
 from torchquant.fold import fold_running
 from torchquant.graph import pipeline_notes
 from torchquant.nn.base import QuantLayerBase
@@ -294,15 +294,15 @@ def measure_layers(float_model, quantized_model, batches: Sequence[torch.Tensor]
     handles = [f.register_forward_pre_hook(record_input(n), prepend=True) for n, f, q in pairs]
     handles += [ends[n].register_forward_hook(compare_output(n, q)) for n, f, q in pairs]
     try:
-        for batch in tqdm(batches, desc=desc, disable=None if progress else True, leave=False):
-            reference = _first_tensor(float_model(batch))
-            end_to_end.add(reference, _first_tensor(quantized_model(batch)))
+        for i, batch in enumerate(tqdm(batches, desc=desc, disable=None if progress else True, leave=False)):
+            reference = _first_tensor(_run_batch(float_model, batch, i))
+            end_to_end.add(reference, _first_tensor(_run_batch(quantized_model, batch, i)))
     finally:
         for handle in handles:
             handle.remove()
     model_latency = None
     if time_layers and batches:
-        device = str(batches[0].device)
+        device = str(_first_tensor(batches[0]).device)
         clock, _ = latency_clock(device)
         for name, f, q in tqdm(pairs, desc="timing layers", disable=None if progress else True, leave=False):
             x = first_inputs.get(name)
@@ -314,7 +314,8 @@ def measure_layers(float_model, quantized_model, batches: Sequence[torch.Tensor]
                             min_sample_s=0.005, clock=clock)
             measured[name].latency_float_s, measured[name].latency_quantized_s = times["float"], times["quantized"]
         b = batches[0]
-        times = compare({"float": lambda: float_model(b), "quantized": lambda: quantized_model(b)},
+        times = compare({"float": lambda: _run_batch(float_model, b, 0),
+                         "quantized": lambda: _run_batch(quantized_model, b, 0)},
                         device=device, repeats=repeats, clock=clock)
         model_latency = times["float"], times["quantized"]
     return measured, end_to_end, model_latency
@@ -342,8 +343,8 @@ def _evaluate(float_model, quantized_model, evaluation, progress: bool):
     correct_float = correct_quantized = agree = samples = 0
     dim = -1
     for i, batch in enumerate(tqdm(batches, desc="evaluating", disable=None if progress else True, leave=False)):
-        ref = _first_tensor(float_model(batch))
-        out = _first_tensor(quantized_model(batch))
+        ref = _first_tensor(_run_batch(float_model, batch, i))
+        out = _first_tensor(_run_batch(quantized_model, batch, i))
         dim = _class_dim(ref)
         top_ref, top_out = ref.argmax(dim).cpu(), out.argmax(dim).cpu()
         samples += top_ref.numel()
@@ -369,7 +370,8 @@ def build_report(float_model: nn.Module, quantized_model: nn.Module, config=None
     """The report on quantizing float_model into quantized_model (both left unchanged).
 
     calibration: batches the layer errors and latencies are measured on (else the evaluation inputs; without
-    either, only weight errors and sizes are reported). evaluation: (input batches, label batches or None).
+    either, only weight errors and sizes are reported), each a tensor, a tuple of positional inputs or a dict of
+    keyword inputs, as calibrate takes them. evaluation: (input batches, label batches or None).
     decisions: layer name -> why it was kept float or at 8 bits (from torchquant.budget.quantize_with_budget).
     """
     if not isinstance(float_model, nn.Module) or not isinstance(quantized_model, nn.Module):
@@ -420,11 +422,12 @@ def build_report(float_model: nn.Module, quantized_model: nn.Module, config=None
                          bytes_quantized=state_bytes(quantized_model), min_sqnr=min_sqnr, min_speedup=min_speedup,
                          decisions=decisions, notes=graph_notes)
     if batches:
-        report.batch_shape = list(batches[0].shape)
+        first = _first_tensor(batches[0])  # (a model of several inputs: its first)
+        report.batch_shape = list(first.shape)
         report.output_sqnr_db = end_to_end.sqnr_db
         if model_latency is not None:
             report.latency_float_s, report.latency_quantized_s = model_latency
-            report.latency_clock = latency_clock(str(batches[0].device))[1]
+            report.latency_clock = latency_clock(str(first.device))[1]
     else:
         report.notes.append("no calibration or evaluation inputs: output errors and latencies not measured")
     if evaluation is not None:
