@@ -1762,6 +1762,39 @@ def test_converted_pipeline_follows_a_cast_of_the_model(dtype):
         assert cast.float()(batches[0]).dtype == torch.float32
 
 
+class AutocastNet(nn.Module):
+    """Float outputs of each kind: a layer's, a layer's integers, an add's, a max-pool's, and the model's input
+    (quantized for the first conv) read by a float op."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.d = (nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1),
+                                          nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1))
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = F.relu(self.a(x))
+        z = self.b(y)
+        s = F.relu(z + self.c(y))
+        return self.head(self.d(s).amax((2, 3))), z, s, F.max_pool2d(s, 2), x * 2
+
+
+def test_converted_pipeline_follows_autocast_as_the_float_model_does():
+    # the dequantized integers kept the dtype of convert time: under autocast a layer's integers came out float32
+    # where the float and fake-quant models give autocast's dtype; what comes from the model's input keeps its dtype
+    torch.manual_seed(0)
+    batches = _batches((2, 3, 6, 6))
+    model = AutocastNet().eval()
+    converted = tq.quantize_model(model, PIPELINE, batches, inplace=False)
+    with torch.no_grad():
+        want = converted(batches[0])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            dtypes = [t.dtype for t in model(batches[0])]
+            y = copy.deepcopy(converted)(batches[0])
+    assert dtypes == [torch.bfloat16] * 4 + [torch.float32] and [t.dtype for t in y] == dtypes
+    assert all(torch.equal(a, b.to(a.dtype)) for a, b in zip(y, want))  # the same values, rounded once
+
+
 def test_converted_pipeline_to_meta_and_back_by_load_state_dict():
     # the quantizers read their qparams' values after a move: .to("meta") raised midway (Tensor.item() on meta),
     # leaving the model half moved

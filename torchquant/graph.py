@@ -1023,9 +1023,13 @@ def quantize_input(x: torch.Tensor, quantizer: ActivationQuantizer) -> torch.Ten
 
 
 def dequantize_output(q: torch.Tensor, quantizer: ActivationQuantizer, dtype: torch.dtype, *,
-                      keep_layout: bool = False) -> torch.Tensor:
+                      keep_layout: bool = False, autocast: bool = False) -> torch.Tensor:
     """q's float values, contiguous; with keep_layout, a channels-last q (a conv's output) gives a channels-last
-    tensor, dequantized in memory order (no copy), for float ops that take any layout."""
+    tensor, dequantized in memory order (no copy), for float ops that take any layout. With autocast (q computed
+    from layers' outputs, which take autocast's dtype), the values are of autocast's dtype where it is on for q's
+    device, as the float model's are."""
+    if autocast and torch.is_autocast_enabled(q.device.type):
+        dtype = torch.get_autocast_dtype(q.device.type)
     scale, _, zero_point, _ = quantizer.qparams
     if keep_layout and _channels_last(q):
         return F_q.dequantize(q.permute(0, 2, 3, 1), scale, zero_point, dtype=dtype).permute(0, 3, 1, 2)
@@ -1252,10 +1256,21 @@ def _lower_planned(gm: fx.GraphModule, dtype: torch.dtype, build_tables: bool) -
         if quantizer is not None:
             int_of[new] = quantizer
 
+    def from_layers(value: fx.Node) -> bool:
+        """Whether integer value's float counterpart is computed from layers' outputs only (of autocast's dtype under
+        autocast), not from a float value the graph quantizes (which keeps its dtype: the model's input)."""
+        if value.target is integer_layer:
+            return True
+        if value.target is integer_conv_add:  # the conv's output plus the residual
+            return from_layers(value.args[2])
+        inputs = [a for a in value.all_input_nodes if a in int_of]  # (quantize_input reads a float value)
+        return bool(inputs) and all(from_layers(a) for a in inputs)
+
     def dequantize(value: fx.Node) -> fx.Node:
         if value not in dequantized:
             with graph.inserting_after(value):
-                dequantized[value] = graph.call_function(dequantize_output, (value, int_of[value], dtype))
+                dequantized[value] = graph.call_function(dequantize_output, (value, int_of[value], dtype),
+                                                         {"autocast": True} if from_layers(value) else {})
         return dequantized[value]
 
     def lower_layer(chain: list) -> None:
