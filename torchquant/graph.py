@@ -48,7 +48,7 @@ import inspect
 import operator
 import warnings
 from collections import Counter
-from typing import Iterator, Optional, Sequence
+from typing import Dict, Iterator, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -1256,15 +1256,20 @@ def _lower_planned(gm: fx.GraphModule, dtype: torch.dtype, build_tables: bool) -
         if quantizer is not None:
             int_of[new] = quantizer
 
+    layer_made: Dict[fx.Node, bool] = {}  # from_layers' answers (branches that meet again ask twice)
+
     def from_layers(value: fx.Node) -> bool:
         """Whether integer value's float counterpart is computed from layers' outputs only (of autocast's dtype under
         autocast), not from a float value the graph quantizes (which keeps its dtype: the model's input)."""
-        if value.target is integer_layer:
-            return True
-        if value.target is integer_conv_add:  # the conv's output plus the residual
-            return from_layers(value.args[2])
-        inputs = [a for a in value.all_input_nodes if a in int_of]  # (quantize_input reads a float value)
-        return bool(inputs) and all(from_layers(a) for a in inputs)
+        if value not in layer_made:
+            if value.target is integer_layer:
+                layer_made[value] = True
+            elif value.target is integer_conv_add:  # the conv's output plus the residual
+                layer_made[value] = from_layers(value.args[2])
+            else:
+                inputs = [a for a in value.all_input_nodes if a in int_of]  # (quantize_input reads a float value)
+                layer_made[value] = bool(inputs) and all(from_layers(a) for a in inputs)
+        return layer_made[value]
 
     def dequantize(value: fx.Node) -> fx.Node:
         if value not in dequantized:
