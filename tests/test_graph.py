@@ -1491,6 +1491,163 @@ def test_untraceable_model_falls_back_to_the_module_swap_with_one_warning():
     assert model(torch.randn(3, 4)).shape == (3, 2)
 
 
+class _ReadsTraining(nn.Module):
+    def __init__(self, form):
+        super().__init__()
+        self.form = form
+        self.a = nn.Linear(16, 32)
+        self.b = nn.Linear(32, 4)
+
+    def forward(self, x):
+        y = F.relu(self.a(x))
+        if self.form == "F.dropout":
+            y = F.dropout(y, 0.5, self.training)
+        elif self.training:
+            y = y * torch.rand_like(y)
+        return self.b(y)
+
+
+@pytest.mark.parametrize("form", ["F.dropout", "if self.training"])
+def test_forward_reading_the_training_flag_falls_back_to_the_module_swap(form):
+    """A graph traced with `self.training` read keeps the mode of the trace: prepared for QAT, the converted model
+    would run dropout forever. The module swap runs the forward as it is, in the mode it is called in."""
+    model = _ReadsTraining(form).train()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prepared = tq.prepare(model, PIPELINE, inplace=False)
+    assert len(caught) == 1 and "reads a module's `training` flag" in str(caught[0].message)
+    assert "module swap" in str(caught[0].message)
+    assert not graph.is_pipeline(prepared) and prepared.training
+    assert all(m.training for m in model.modules())  # (the trace flips the modes and puts them back)
+    prepared(torch.randn(8, 16)).square().mean().backward()
+    converted = tq.convert(tq.calibrate(prepared.eval(), _batches((8, 16)), progress=False))
+    x = torch.randn(8, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), converted(x), rtol=0, atol=0)
+        assert tq.functional.quantization_error(model.eval()(x), converted(x))["sqnr_db"] > 25
+
+
+def test_dropout_modules_in_train_mode_keep_the_pipeline():
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 4)).train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prepared = tq.prepare(model, PIPELINE, inplace=False)
+    assert graph.is_pipeline(prepared) and prepared.training
+
+
+class _OptionalBias(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 8)
+        self.b = nn.Linear(8, 4)
+
+    def forward(self, x, bias=None, *, scale=None):
+        y = F.relu(self.a(x))
+        if bias is not None:
+            y = y + bias
+        if scale is not None:
+            y = y * scale
+        return self.b(y)
+
+
+def test_arguments_defaulting_to_none_are_traced_as_none(tmp_path):
+    """`if bias is not None:` is traced with bias left out (the call the model takes without it), not as an input
+    whose branch is taken; passing such an argument to the pipeline raises rather than computing another function."""
+    model = _OptionalBias().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prepared = tq.prepare(model, PIPELINE, inplace=False)
+    prepared = tq.calibrate(prepared, [torch.randn(5, 6), {"x": torch.randn(5, 6)}], progress=False)
+    converted = tq.convert(prepared, inplace=False)
+    assert graph.integer_add not in _graph_targets(converted)
+    tq.save(converted, tmp_path / "c.safetensors")
+    loaded = tq.load(tmp_path / "c.safetensors", _OptionalBias().eval())
+    x = torch.randn(5, 6)
+    with torch.no_grad():
+        assert tq.functional.quantization_error(model(x), converted(x))["sqnr_db"] > 25
+        torch.testing.assert_close(converted(x, None, scale=None), converted(x), rtol=0, atol=0)
+        torch.testing.assert_close(loaded(x), converted(x), rtol=0, atol=0)
+        for pipeline in (prepared, converted, loaded):
+            for args, kwargs in (((x, torch.ones(5, 8)), {}), ((x,), {"bias": torch.ones(5, 8)}),
+                                 ((x,), {"scale": torch.ones(1)})):
+                with pytest.raises(ValueError, match=r"traced with `(bias|scale)` left at its default None"):
+                    pipeline(*args, **kwargs)
+
+
+class _TiedAutoencoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(16, 16)
+        self.enc = nn.Linear(16, 8)
+
+    def forward(self, x):
+        z = F.relu(self.enc(F.relu(self.inp(x))))
+        return F.linear(z, self.enc.weight.t())  # the decoder is the encoder's weight
+
+
+def test_layer_whose_weight_the_forward_reads_stays_float():
+    """A converted layer keeps no float weight: a layer whose weight the graph reads itself stays float (named in a
+    warning), so the pipeline converts, and the others are quantized."""
+    model = _TiedAutoencoder().eval()
+    with pytest.warns(UserWarning, match=r"enc \(Linear\) stays float: the forward reads its tensor enc.weight"):
+        prepared = tq.prepare(model, PIPELINE, inplace=False)
+    assert isinstance(prepared.inp, QuantLinear) and type(prepared.enc) is nn.Linear
+    converted = tq.convert(tq.calibrate(prepared, _batches((8, 16)), progress=False))
+    x = torch.randn(8, 16)
+    with torch.no_grad():
+        assert tq.functional.quantization_error(model(x), converted(x))["sqnr_db"] > 25
+
+
+def test_convert_refusing_a_quantized_layer_whose_weight_the_forward_reads_changes_nothing():
+    """A layer quantized before prepare cannot stay float: convert refuses before converting any layer."""
+    model = _TiedAutoencoder().eval()
+    model.enc = QuantLinear.from_float(model.enc, PIPELINE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = tq.calibrate(tq.prepare(model, PIPELINE, inplace=False), _batches((8, 16)), progress=False)
+    x = torch.randn(8, 16)
+    with torch.no_grad():
+        before = prepared(x)
+    with pytest.raises(RuntimeError, match=r"reads enc.weight of the quantized layer 'enc'"):
+        tq.convert(prepared)
+    assert not any(m.converted for m in prepared.modules() if isinstance(m, QuantLinear))
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(x), before, rtol=0, atol=0)
+
+
+class _AddsANonFloatTensor(nn.Module):
+    def __init__(self, form):
+        super().__init__()
+        self.form = form
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = F.relu(self.a(x))
+        if self.form == "mask":
+            return self.b(y + (x > 0))
+        if self.form == "arange":
+            return self.b(y + torch.arange(y.shape[1]))
+        if self.form == "long":
+            return self.b(torch.add(y, (x < 0).long().flip(0)))
+        return self.b(torch.cat([y, (x > 0) & (x < 1)]))
+
+
+@pytest.mark.parametrize("form", ["mask", "arange", "long", "cat"])
+def test_adds_of_bool_or_integer_tensors_stay_float_ops(form):
+    """A mask or an index added to an activation is no activation to quantize (the observer takes float only): the
+    add runs in float, on the dequantized activation."""
+    model = _AddsANonFloatTensor(form).eval()
+    prepared = tq.calibrate(tq.prepare(model, PIPELINE, inplace=False), _batches((16, 8)), progress=False)
+    x = torch.randn(16, 8)
+    with torch.no_grad():
+        fake_quant = prepared(x)
+        converted = tq.convert(prepared)
+        assert graph.integer_add not in _graph_targets(converted)
+        assert tq.functional.quantization_error(fake_quant, converted(x))["sqnr_db"] > 60
+        assert tq.functional.quantization_error(model(x), converted(x))["sqnr_db"] > 10
+
+
 def test_unsupported_op_stays_float_and_is_named():
     class Sine(nn.Module):
         def __init__(self):

@@ -37,13 +37,18 @@ function that runs. convert_pipeline then rewrites the graph: producers write in
 the input is quantized once and the outputs are dequantized once (or returned as integers with
 QuantConfig.integer_output).
 
-A model that torch.fx cannot trace falls back to the module swap, with one warning that says why.
+A model that torch.fx cannot trace falls back to the module swap, with one warning that says why; so does one whose
+forward reads a module's `training` flag (the graph would keep the mode it was traced in). Arguments of the forward
+that default to None are traced as None (the pipeline refuses a call that passes one); a layer whose tensors the
+forward reads itself (tied weights) stays float; adds and concatenations of bool or integer tensors (masks, indices)
+stay float ops.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
 import copy
+import dataclasses
 import inspect
 import operator
 import warnings
@@ -60,7 +65,8 @@ from torchquant._ops import FLOAT_DTYPES
 from torchquant.config import QuantConfig
 from torchquant.fold import _Tracer, has_forward_hooks
 from torchquant.nn.base import QuantLayerBase, warn_if_gradient_cut
-from torchquant.nn.conv import QuantConv2d, contiguous_output
+from torchquant.nn.conv import QuantConv1d, QuantConv2d, contiguous_output
+from torchquant.nn.linear import QuantLinear
 from torchquant.nn.quantizers import InputQuantizer
 
 ACT_QUANT = "act_quant"  # the ModuleDict of a pipeline's activation quantizers
@@ -131,6 +137,7 @@ _LOOKUP_FUNCTIONS = (F.hardswish, F.hardsigmoid, F.silu, F.gelu, F.elu, F.elu_, 
                      torch.tanh_)
 _LOOKUP_METHODS = {"sigmoid": torch.sigmoid, "sigmoid_": torch.sigmoid, "tanh": torch.tanh, "tanh_": torch.tanh}
 LOOKUP_TABLES = "lookup_tables"  # the module holding a converted pipeline's lookup tables (buffers)
+_LAYER_TYPES = tuple(layer.FLOAT_TYPE for layer in (QuantLinear, QuantConv2d, QuantConv1d))  # what the swap quantizes
 
 
 class ActivationQuantizer(InputQuantizer):
@@ -678,6 +685,45 @@ def _tensor_like(node: fx.Node) -> bool:
     return node.op != "get_attr"
 
 
+# ops whose tensor is bool or integer, whatever their inputs' dtypes (comparisons, logical ops, indices)
+_NOT_FLOAT_FUNCTIONS = (operator.lt, operator.le, operator.eq, operator.ne, operator.ge, operator.gt, operator.not_,
+                        torch.lt, torch.le, torch.eq, torch.ne, torch.ge, torch.gt, torch.less, torch.less_equal,
+                        torch.greater, torch.greater_equal, torch.not_equal, torch.logical_and, torch.logical_or,
+                        torch.logical_xor, torch.logical_not, torch.isnan, torch.isinf, torch.isfinite, torch.signbit,
+                        torch.argmax, torch.argmin, torch.argsort, torch.nonzero, torch.bucketize, torch.searchsorted,
+                        torch.randint, torch.randint_like, torch.randperm)
+_NOT_FLOAT_METHODS = ("lt", "le", "eq", "ne", "ge", "gt", "less", "less_equal", "greater", "greater_equal",
+                      "not_equal", "logical_and", "logical_or", "logical_xor", "logical_not", "isnan", "isinf",
+                      "isfinite", "signbit", "argmax", "argmin", "argsort", "nonzero", "bool", "byte", "char", "short",
+                      "int", "long")
+# factories whose tensor is int64 unless a float number or dtype is given (torch.arange(n), torch.full(size, 2))
+_INTEGER_FACTORIES = (torch.arange, torch.full, torch.full_like)
+# ops that keep an integer tensor integer where their other arguments are not floats
+_INTEGER_PRESERVING = (operator.add, operator.sub, operator.mul, operator.floordiv, operator.mod, operator.neg,
+                       operator.and_, operator.or_, operator.xor, operator.invert, torch.cat, torch.stack, torch.where)
+
+
+def _not_float(node) -> bool:
+    """Whether node's tensor is known to be bool or integer from the op that makes it (a mask, an index): the pipeline
+    quantizes float tensors only (an add of such a tensor and an activation stays a float op)."""
+    if not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method"):
+        return False
+    dtypes = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, torch.dtype)]
+    if dtypes:  # x.to(torch.long), torch.arange(n, dtype=torch.int32), x.view(torch.uint8)
+        return not dtypes[-1].is_floating_point and not dtypes[-1].is_complex
+    if node.target in _NOT_FLOAT_FUNCTIONS or node.op == "call_method" and node.target in _NOT_FLOAT_METHODS:
+        return True
+    arguments = []
+    fx.node.map_aggregate((node.args, node.kwargs), arguments.append)
+    if any(isinstance(a, float) for a in arguments):
+        return False
+    if node.target in _INTEGER_FACTORIES:  # (its Node arguments are sizes, read from shapes)
+        return True
+    tensors = [a for a in node.all_input_nodes if not _is_shape_query(a)]
+    return bool(tensors) and (node.target in _INTEGER_PRESERVING or _is_view(node)
+                              or node.target in _PASSTHROUGH_RULE) and all(_not_float(a) for a in tensors)
+
+
 def _is_avg_pool(node: fx.Node, modules: dict) -> bool:
     if node.op == "call_module":
         return type(modules.get(node.target)) in _AVG_POOLS
@@ -748,7 +794,8 @@ def _plan(graph: fx.Graph, modules: dict, integer_output: bool) -> tuple[dict, d
             fused.update(chain[1:])
             produce(chain[-1])
             continue
-        if _is_add(node) and all(_tensor_like(a) for a in node.args) and any(a in group for a in node.args):
+        if (_is_add(node) and all(_tensor_like(a) and not _not_float(a) for a in node.args)
+                and any(a in group for a in node.args)):
             conv = residual_conv(node, modules, calls, lambda value: value in group) \
                 if _RULES.get()["residual_adds_in_convs"] else None
             if conv is not None and conv[0][-1] not in producers:  # (a layer whose input is not a tensor)
@@ -766,7 +813,8 @@ def _plan(graph: fx.Graph, modules: dict, integer_output: bool) -> tuple[dict, d
                 fused.add(relu)
             produce(relu or node)
             continue
-        if _is_cat(node) and any(a in group for a in node.args[0]) and all(_tensor_like(a) for a in node.args[0]):
+        if (_is_cat(node) and any(a in group for a in node.args[0])
+                and all(_tensor_like(a) and not _not_float(a) for a in node.args[0])):
             g = ensure_int(node.args[0][0])
             for a in node.args[0][1:]:
                 g = groups.union(g, ensure_int(a))
@@ -885,19 +933,63 @@ def pipeline_rules(**rules: bool) -> Iterator[None]:
         _RULES.reset(token)
 
 
+def argument_left_out(value, name: str, model_name: str) -> None:
+    """The converted graph's check that an argument the pipeline was traced without (its default None) is not
+    passed: the branches of the forward that read it are not in the graph."""
+    if value is not None:
+        raise ValueError(f"{model_name}: this integer pipeline was traced with `{name}` left at its default None (the "
+                         f"graph has only the forward's branches for None); call it without `{name}`, or prepare "
+                         f"the model without the integer pipeline (e.g. preset 'int8-static') to pass it")
+
+
+def _trace(model: nn.Module) -> tuple[fx.Graph, bool]:
+    """The graph of model's forward, with the arguments that default to None left at None (an `if mask is not None:`
+    branch would otherwise be traced as taken, for a mask the call without it does not give), and whether the graph
+    depends on the modules' train/eval mode (it is traced again with every module's mode flipped)."""
+    pinned = {name: None for name, p in inspect.signature(model.forward).parameters.items()
+              if p.default is None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's own warnings
+        graph = _PipelineTracer().trace(model, concrete_args=pinned or None)
+        modes = [(m, m.training) for m in model.modules()]
+        try:
+            for m, training in modes:
+                m.training = not training
+            flipped = _PipelineTracer().trace(model, concrete_args=pinned or None).python_code("self").src
+        except Exception:  # noqa: BLE001 -- a forward that fails in the other mode depends on it
+            flipped = None
+        finally:
+            for m, training in modes:
+                m.training = training
+    reads_mode = flipped != graph.python_code("self").src
+    # fx names a pinned argument's placeholder `mask_1` (the forward then takes no `mask=` keyword) and checks it
+    # with a bare AssertionError
+    renamed = {f"{name}_1": name for name in pinned}
+    for node in graph.nodes:
+        if node.op == "placeholder" and node.target in renamed:
+            node.target = renamed[node.target]
+        elif node.op == "call_function" and node.target is fx._symbolic_trace._assert_is_none:
+            node.target, node.args = argument_left_out, (node.args[0], node.args[0].target, type(model).__name__)
+    return graph, reads_mode
+
+
 def prepare_pipeline(model: nn.Module, config: QuantConfig, swap) -> Optional[fx.GraphModule]:
     """The prepared pipeline of model (left unchanged: the pipeline has its own modules, sharing the model's
     parameters and buffers), or None with a warning when torch.fx cannot trace it. swap(gm, config) swaps the layers
     of the traced module (the module swap's planner, with BatchNorm folding)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the tracer's own warnings
-            graph = _PipelineTracer().trace(model)
+        graph, reads_mode = _trace(model)
     except Exception as exc:  # noqa: BLE001 -- any tracing failure means: the module swap instead
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         warnings.warn(f"prepare: torch.fx cannot trace {type(model).__name__} ({type(exc).__name__}: {reason}); "
                       f"the model is quantized layer by layer (module swap) instead of as an integer pipeline",
                       UserWarning, stacklevel=4)
+        return None
+    if reads_mode:  # the graph would keep the mode it was traced in (dropout on after eval(), in the converted model)
+        warnings.warn(f"prepare: {type(model).__name__}'s forward reads a module's `training` flag (train/eval mode, "
+                      f"e.g. F.dropout(x, p, self.training)), which a traced graph fixes at its value now; the model "
+                      f"is quantized layer by layer (module swap) instead of as an integer pipeline", UserWarning,
+                      stacklevel=4)
         return None
     hooked = next((name for name, m in model.named_modules() if has_forward_hooks(m)), None)
     if hooked is not None:  # the converted graph calls no module's hooks (a traced-through one's, none at all)
@@ -920,7 +1012,7 @@ def prepare_pipeline(model: nn.Module, config: QuantConfig, swap) -> Optional[fx
     gm = _Pipeline(model, graph, class_name=type(model).__name__)
     _own_modules(gm, graph)
     gm.meta[META_KEY] = {"integer_output": config.integer_output, "converted": False, **_RULES.get()}
-    swap(gm, config)
+    swap(gm, _keeping_read_layers_float(gm, config))
     modules = dict(gm.named_modules())
     _functionalize_in_place(gm.graph, modules)
     _merge_extremum_values(gm.graph)
@@ -956,6 +1048,22 @@ def prepare_pipeline(model: nn.Module, config: QuantConfig, swap) -> Optional[fx
                       f"{', '.join(_describe(n) for n in float_readers)}", UserWarning, stacklevel=4)
     _meta(gm)["float_ops"] = [_describe(n) for n in float_readers]
     return gm
+
+
+def _keeping_read_layers_float(gm: fx.GraphModule, config: QuantConfig) -> QuantConfig:
+    """config, also skipping (with a warning) the layers whose tensors the forward reads itself (a decoder tied to an
+    encoder's weight: F.linear(z, self.enc.weight.t())): a converted layer keeps no float weight for it to read."""
+    read = {}  # id of a layer -> the first of its tensors the graph reads
+    for node in gm.graph.nodes:
+        owner = gm.get_submodule(node.target.rpartition(".")[0]) if node.op == "get_attr" else None
+        if type(owner) in _LAYER_TYPES and id(owner) not in read:
+            read[id(owner)] = node.target
+            warnings.warn(f"prepare: {node.target.rpartition('.')[0]} ({type(owner).__name__}) stays float: the "
+                          f"forward reads its tensor {node.target} itself, which a converted layer does not keep",
+                          UserWarning, stacklevel=5)
+    if not read:
+        return config
+    return dataclasses.replace(config, skip=(*config.skip, lambda name, module: id(module) in read))
 
 
 def _free_attribute(container: nn.Module, name: str) -> str:
@@ -1193,6 +1301,12 @@ def convert_pipeline(gm: fx.GraphModule) -> fx.GraphModule:
         if not q.ready:
             raise RuntimeError("convert: the integer pipeline needs calibration before convert (an activation "
                                "quantizer observed no data)")
+    for node in gm.graph.nodes:  # (a layer quantized before prepare, which the pipeline could not keep float)
+        owner = node.target.rpartition(".")[0] if node.op == "get_attr" else ""
+        if isinstance(modules.get(owner), QuantLayerBase) and not modules[owner].converted:
+            raise RuntimeError(f"convert: the forward reads {node.target} of the quantized layer {owner!r} itself, "
+                               f"which a converted layer does not keep; prepare the float model with the layer "
+                               f"left float (QuantConfig.skip) to convert it")
     layers = [m for m in modules.values() if isinstance(m, QuantLayerBase)]
     pending = [(layer, layer.converted_state()) for layer in layers if not layer.converted]
     dtype = _float_dtype(layers)
@@ -1424,7 +1538,7 @@ class _PipelineTracer(_Tracer):
     def __init__(self):
         super().__init__(autowrap_functions=(quantize_input, dequantize_output, integer_layer, integer_add,
                                              integer_conv_add, integer_relu, integer_pad, F_q.quantized_lookup,
-                                             F_q.quantized_max_pool1d, F_q.quantized_max_pool2d))
+                                             F_q.quantized_max_pool1d, F_q.quantized_max_pool2d, argument_left_out))
 
 
 # where the converted graph's calls take the pipeline's float dtype
