@@ -674,3 +674,24 @@ def test_special_files_are_refused_without_opening_them(tmp_path):
     from torchquant._cli_io import check_output
     with pytest.raises(UsageError, match=f"-o: {fifo} is not a regular file"):
         check_output(str(fifo), "-o")
+
+
+def test_a_missing_model_file_runs_no_python_file_of_that_name(tmp_path, monkeypatch, capsys):
+    """`model.pt` that does not exist names a file: no `model` module is looked up (which imported ./model.py)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    (tmp_path / "model.py").write_text("open('imported', 'w').close()\n")
+    status, err = run_main(["convert", "model.pt", "-o", "out.safetensors"], capsys)
+    assert status == 2 and err == ["torchquant convert: error: MODEL: no such file: model.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.py"]
+
+
+def test_the_parent_packages_of_a_factory_are_its_source_too(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    (tmp_path / "netpkg").mkdir()
+    (tmp_path / "netpkg" / "__init__.py").write_text("# the package\n")
+    (tmp_path / "netpkg" / "nets.py").write_text("import torch\n\ndef make():\n    return torch.nn.Linear(4, 4)\n")
+    status, err = run_main(["convert", "netpkg.nets:make", "-o", "netpkg/__init__.py"], capsys)
+    assert status == 2 and "-o: netpkg/__init__.py is the MODEL's source file" in err[-1]
+    assert (tmp_path / "netpkg" / "__init__.py").read_text() == "# the package\n"

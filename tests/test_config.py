@@ -38,6 +38,7 @@ def test_with_skip_takes_one_rule_or_several():
     base = QuantConfig.preset("int8-static")
     assert base.with_skip("head*").skip == ("head*",)  # (a string is one glob, not its letters)
     assert base.with_skip(nn.Linear).with_skip(["a", "b"]).skip == (nn.Linear, "a", "b")
+    assert base.with_skip({"a": 1}.keys()).with_skip(r for r in ("b",)).skip == ("a", "b")  # any iterable
     with pytest.raises(TypeError, match="QuantConfig.with_skip: skip must be"):
         base.with_skip(3)
     with pytest.raises(ValueError, match="QuantConfig.preset: unknown preset"):

@@ -390,7 +390,7 @@ def test_batch_statistics_need_more_than_one_value_per_channel():
         model(_inputs(1))
 
 
-@pytest.mark.parametrize("preset", [W8_FLOAT_ACT, "int8-dynamic", "int8-static"])
+@pytest.mark.parametrize("preset", [W8_FLOAT_ACT, "int8-dynamic", "int8-static", "int8-pipeline"])
 def test_folded_batchnorm1d_needs_2d_input(preset):
     # converted too: a dynamic model folds without seeing an input, and a [batch, 4, 6] input (BatchNorm1d over
     # dim 1, 4 long like the features) converted without a word and computed another function

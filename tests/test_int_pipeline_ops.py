@@ -706,3 +706,5 @@ def test_layers_activation_clamp(preset):
         cases[0][0].set_activation_clamp(1.0, 0.0)
     with pytest.raises(ValueError, match="clamp_max must be None or a number finite as float32"):
         cases[0][0].set_activation_clamp(None, math.inf)
+    with pytest.raises(ValueError, match="clamp_max must be None or a number finite as float32"):
+        cases[0][0].set_activation_clamp(0, 10 ** 400)  # (beyond float64: math.isfinite raised OverflowError)

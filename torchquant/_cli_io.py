@@ -141,20 +141,31 @@ def _import_factory(spec: str):
     return factory
 
 
-def factory_source(spec: str) -> Optional[str]:
-    """The Python file that defines MODEL's factory module (package.module:factory), where one can be found without
-    running that module (its parent packages are imported); None otherwise (a file MODEL, a module that is not a
-    file, or one that cannot be found: loading the model says why)."""
+def _names_missing_file(spec: str) -> bool:
+    """Whether MODEL, which does not exist as a file, names a file all the same (and no factory to import)."""
+    return spec.endswith((".pt", ".pth", ".bin", ".safetensors")) or os.sep in spec.partition(":")[0]
+
+
+def factory_sources(spec: str) -> List[str]:
+    """The Python files that MODEL's factory module (package.module:factory) is made of: the module's and its parent
+    packages' `__init__.py`, where they can be found without running the module itself (its parent packages are
+    imported, as loading the model does); none for a file MODEL, one that names a missing file, or a module that
+    cannot be found (loading the model says why)."""
     module_name = spec.partition(":")[0]
-    if os.path.exists(spec) or not module_name:
-        return None
+    if os.path.exists(spec) or ":" not in spec or not module_name or _names_missing_file(spec):
+        return []
+    parts = module_name.split(".")
+    sources = []
     with _cwd_importable():
-        try:
-            found = importlib.util.find_spec(module_name)
-        except Exception:  # (a parent package that fails to import: load_model reports it)
-            return None
-    origin = getattr(found, "origin", None)
-    return origin if origin is not None and os.path.isfile(origin) else None
+        for i in range(1, len(parts) + 1):
+            try:
+                found = importlib.util.find_spec(".".join(parts[:i]))
+            except Exception:  # (a parent package that fails to import: load_model reports it)
+                break
+            origin = getattr(found, "origin", None)
+            if origin is not None and os.path.isfile(origin):
+                sources.append(origin)
+    return sources
 
 
 def _model_from_factory(spec: str) -> nn.Module:
@@ -255,7 +266,7 @@ def load_model(spec: str, *, weights: Optional[str] = None, trust_pickle: bool =
         _check_readable(spec, "MODEL")
         model = _model_from_pickle(spec, trust_pickle)
     else:
-        if spec.endswith((".pt", ".pth", ".bin", ".safetensors")) or os.sep in spec.partition(":")[0]:
+        if _names_missing_file(spec):
             raise UsageError(f"MODEL: no such file: {spec}")
         model = _model_from_factory(spec)
     if weights is not None:

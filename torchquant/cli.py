@@ -14,7 +14,7 @@ from typing import List, Optional
 
 import torch
 
-from torchquant._cli_io import (UsageError, atomic_output, batches_of, check_output, factory_source, load_inputs,
+from torchquant._cli_io import (UsageError, atomic_output, batches_of, check_output, factory_sources, load_inputs,
                                 load_model, same_file, _one_line)
 from torchquant.config import DEFAULT_PRESET, PRESETS
 from torchquant.observers import OBSERVERS
@@ -296,8 +296,9 @@ def _describe(value) -> str:
 def _check_output_path(out: str, option: str, args) -> None:
     """Before any work: the output can be written (see check_output) and is none of the input files."""
     check_output(out, option, force=args.force)
-    for option_in, path in (("MODEL", args.model), ("MODEL's source", factory_source(args.model)),
-                            ("--weights", args.weights), ("--calib", args.calib), ("--eval", args.eval)):
+    sources = [("MODEL's source", path) for path in factory_sources(args.model)]
+    for option_in, path in (("MODEL", args.model), *sources, ("--weights", args.weights), ("--calib", args.calib),
+                            ("--eval", args.eval)):
         if path is not None and same_file(out, path):
             raise UsageError(f"{option}: {out} is the {option_in} file; input files are never overwritten")
 

@@ -220,12 +220,14 @@ class QuantConfig:
         return PRESETS[name].build()
 
     def with_skip(self, skip) -> "QuantConfig":
-        """This config with skip's rules (one rule, or a tuple or list of them) added to its own."""
+        """This config with skip's rules (one rule, or an iterable of them) added to its own."""
         skip = _as_rules(skip)
-        if not isinstance(skip, (tuple, list)):  # (the constructor names what else is wrong)
-            raise TypeError(f"QuantConfig.with_skip: skip must be a name glob, type or callable, or a tuple of "
-                            f"them, got {skip!r}")
-        return dataclasses.replace(self, skip=tuple(self.skip) + tuple(skip))
+        try:
+            rules = tuple(skip)
+        except TypeError:  # (the constructor names what else is wrong)
+            raise TypeError(f"QuantConfig.with_skip: skip must be a name glob, type or callable, or an iterable of "
+                            f"them, got {skip!r}") from None
+        return dataclasses.replace(self, skip=tuple(self.skip) + rules)
 
     def to_dict(self) -> dict:
         """JSON-ready form. Only name-glob skip rules can be written; types and callables raise TypeError."""

@@ -54,8 +54,9 @@ def unpack_int4(packed: torch.Tensor, k: int) -> torch.Tensor:
 
 def is_clamp_bound(value) -> bool:
     """Whether value can bound a fused activation clamp: a number the kernels' float32 epilogue holds finite."""
-    return (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-            and abs(value) <= torch.finfo(torch.float32).max)
+    # (the magnitude first: math.isfinite of an int beyond float64 raises OverflowError)
+    return (not isinstance(value, bool) and isinstance(value, (int, float))
+            and abs(value) <= torch.finfo(torch.float32).max and math.isfinite(value))
 
 
 def set_weight_spec(layer: "QuantLayerBase", spec) -> None:
@@ -313,6 +314,7 @@ class QuantLayerBase(nn.Module):
         """A converted layer in an integer pipeline (torchquant.graph): the integer op on x_q, which holds the input
         quantized with input_quantizer's qparams; the output (with the layer's activation clamp) float of out_dtype,
         or requantized to out_dtype int8/uint8 with out_scale and out_zero_point."""
+        self._check_folded_input(x_q)
         if self._quantized_call_args is not None and not is_dynamo_compiling():
             y = _C.quantized_layer_forward(x_q, self._quantized_call_args, self.clamp_min, self.clamp_max, out_dtype,
                                            out_scale, out_zero_point)
