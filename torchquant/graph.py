@@ -988,7 +988,8 @@ def prepare_pipeline(model: nn.Module, config: QuantConfig, swap) -> Optional[fx
     if reads_mode:  # the graph would keep the mode it was traced in (dropout on after eval(), in the converted model)
         warnings.warn(f"prepare: {type(model).__name__}'s forward reads a module's `training` flag (train/eval mode, "
                       f"e.g. F.dropout(x, p, self.training)), which a traced graph fixes at its value now; the model "
-                      f"is quantized layer by layer (module swap) instead of as an integer pipeline", UserWarning,
+                      f"is quantized layer by layer (module swap) instead of as an integer pipeline (nn.Dropout "
+                      f"modules keep it)", UserWarning,
                       stacklevel=4)
         return None
     hooked = next((name for name, m in model.named_modules() if has_forward_hooks(m)), None)
