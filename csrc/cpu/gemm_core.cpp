@@ -406,20 +406,30 @@ struct AmxRuns {
   int64_t count, stride, chunks;
 };
 
+// The tile configuration a thread has loaded (rows of the two activation tiles; -1: none). A configuration costs
+// about as much as 16 tdpbusd: a thread keeps it across its work items and releases the tiles when it is done.
+struct AmxTiles {
+  int lo = -1, hi = -1;
+  AmxTiles() = default;
+  AmxTiles(const AmxTiles&) = delete;
+  AmxTiles& operator=(const AmxTiles&) = delete;
+  ~AmxTiles() { if (lo >= 0) release(); }
+  static TQ_TARGET_AMX void release() { _tile_release(); }
+};
+
 // tile[r][0..32 halves) = the sums over the k range `k` of `rows` activation rows from a on (a_row bytes apart) and
-// the packed panel at b (the caller adds any k past it). Leaves the tiles released.
+// the packed panel at b (the caller adds any k past it), on the calling thread's tiles.
 TQ_TARGET_AMX void multiply_amx(const uint8_t* a, int64_t a_row, const int8_t* b, const AmxRuns& k, int64_t rows,
-                                int halves, int32_t* tile) {
+                                int halves, int32_t* tile, AmxTiles& tiles) {
   constexpr int64_t tile_row = kPackAlign * sizeof(int32_t);  // bytes between the int32 tile's rows
   constexpr int64_t chunk_bytes = kAmxChunk / 4 * kStepBytes;  // the weight bytes of one k-chunk
-  int configured_lo = -1, configured_hi = -1;
   for (int64_t r0 = 0; r0 < rows; r0 += 2 * kAmxRows) {
     const int lo = static_cast<int>(std::min(kAmxRows, rows - r0));
     const int hi = static_cast<int>(std::clamp<int64_t>(rows - r0 - kAmxRows, 0, kAmxRows));
-    if (lo != configured_lo || hi != configured_hi) {  // (a new configuration zeroes every tile)
+    if (lo != tiles.lo || hi != tiles.hi) {  // (a new configuration zeroes every tile)
       configure_amx(lo, hi);
-      configured_lo = lo;
-      configured_hi = hi;
+      tiles.lo = lo;
+      tiles.hi = hi;
     }
     const uint8_t* a_lo = a + r0 * a_row;
     const uint8_t* a_hi = a_lo + kAmxRows * a_row;
@@ -458,7 +468,6 @@ TQ_TARGET_AMX void multiply_amx(const uint8_t* a, int64_t a_row, const int8_t* b
       }
     }
   }
-  _tile_release();
   __asm__ volatile("" ::: "memory");  // the tile stores' asm names no memory: the epilogue reads what they wrote
 }
 
@@ -1514,6 +1523,7 @@ void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa) {
 
   at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
     alignas(64) int32_t tile[kRowsPerChunk * kPackAlign];
+    AmxTiles amx_tiles;  // (released when the thread is done)
     std::optional<ScratchScope> chunk_scope;  // each thread's own chunk rows
     uint8_t* chunk_buffer = nullptr;
     if (rows_per_chunk) {
@@ -1544,7 +1554,7 @@ void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa) {
       const int vectors = static_cast<int>((ncols + 15) / 16);
       if (amx && rows >= kAmxMinRows) {
         const int64_t chunks = k4 / kAmxChunk, k0 = chunks * kAmxChunk;
-        multiply_amx(a, lda, b, AmxRuns{1, 0, chunks}, rows, ncols > 32 ? 2 : 1, tile);
+        multiply_amx(a, lda, b, AmxRuns{1, 0, chunks}, rows, ncols > 32 ? 2 : 1, tile, amx_tiles);
         for (int64_t r = 0; k0 < k4 && r < rows;) {  // the k-steps past the last whole chunk
           const int mr = group_rows(path.rows, rows - r);
           path.kernel(a + r * lda + k0, lda, b + k0 * kPackAlign, (k4 - k0) / 4, tile + r * kPackAlign, mr, vectors,
@@ -1821,6 +1831,7 @@ void conv_u8s8_amx(const GemmArgs& args, const ConvGeometry& g, const uint8_t* x
 
   at::parallel_for(0, segments.count * n_panels, grain, [&](int64_t begin, int64_t end) {
     alignas(64) int32_t tile[kRowsPerChunk * kPackAlign];
+    AmxTiles amx_tiles;  // (released when the thread is done)
     const ScratchScope rows_scope(Scratch::GemmRows);
     uint8_t* window_rows =
         scratch_buffer(Scratch::GemmRows, checked_mul("int8_conv2d", "the row buffer", kRowsPerChunk, k4));
@@ -1843,13 +1854,14 @@ void conv_u8s8_amx(const GemmArgs& args, const ConvGeometry& g, const uint8_t* x
           const int64_t a_row = g.stride_w * g.channels;
           if (a_offset + (g.kh - 1) * kernel_rows_apart + (count - 1) * a_row + run <= x_bytes) {
             multiply_amx(x + a_offset, a_row, w, AmxRuns{g.kh, kernel_rows_apart, run / kAmxChunk}, count, halves,
-                         tile + r * kPackAlign);
+                         tile + r * kPackAlign, amx_tiles);
             continue;
           }
         }
         // (a tile of one or two border rows costs what 16 cost, still less than the vector kernel on them)
         args.fill_rows(args.fill_context, 0, row0 + r, count, window_rows);
-        multiply_amx(window_rows, k4, w, AmxRuns{1, 0, k4 / kAmxChunk}, count, halves, tile + r * kPackAlign);
+        multiply_amx(window_rows, k4, w, AmxRuns{1, 0, k4 / kAmxChunk}, count, halves, tile + r * kPackAlign,
+                     amx_tiles);
       }
       path.epilogue(out_ep, panels[panel], tile, row0, rows, panel * kPackAlign, ncols);
     }
