@@ -377,27 +377,8 @@ TQ_TARGET_AVX2 void multiply_avx2_bytes(const uint8_t* a, int64_t a_row, const i
 // A 16-column slice of a packed panel is such a weight tile as it lies (k-steps kStepBytes apart), and activation
 // rows are read in place. Blocks of 32 rows x 32 columns: 4 accumulator tiles, 2 activation and 2 weight tiles.
 constexpr int64_t kAmxChunk = 64;  // bytes of k per tdpbusd
-constexpr int64_t kAmxRows = 16;   // rows of a tile
+constexpr int64_t kAmxRows = kAmxTileRows;  // (as int64_t for the row arithmetic)
 constexpr int64_t kAmxMinRows = 16;  // the fewest rows of a work item that the AMX kernel takes
-
-// Palette 1's tile configuration (the layout ldtilecfg reads): tiles 0-3 the sums of rows [0, 16) x columns [0, 16),
-// rows [0, 16) x [16, 32), rows [16, 32) x [0, 16), [16, 32) x [16, 32); tiles 4 and 5 activation rows [0, 16) and
-// [16, 32); tiles 6 and 7 weight columns [0, 16) and [16, 32). A tile of 0 rows is left unconfigured.
-struct alignas(64) AmxConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t bytes_per_row[16] = {};
-  uint8_t rows[16] = {};
-};
-
-TQ_TARGET_AMX void configure_amx(int rows_lo, int rows_hi) {
-  AmxConfig c;
-  const int rows[8] = {rows_lo, rows_lo, rows_hi, rows_hi, rows_lo, rows_hi, kAmxRows, kAmxRows};
-  for (int t = 0; t < 8; ++t) {
-    c.rows[t] = static_cast<uint8_t>(rows[t]);
-    c.bytes_per_row[t] = rows[t] > 0 ? 64 : 0;
-  }
-  load_tile_config(&c);
-}
 
 // The k range of multiply_amx: `count` runs of `chunks` whole k-chunks (kAmxChunk bytes) each, whose activation bytes
 // start `stride` bytes apart (a conv window's kernel rows read in place; one run for GEMM rows); the weight's k-chunks

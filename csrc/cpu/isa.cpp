@@ -93,13 +93,7 @@ TQ_TARGET_AVX2 void avx2_multiply_adds(int64_t iterations) {
 // tdpbusd into 4 tile accumulators (16 x 16 int32 each) from 2 + 2 operand tiles of 16 x 64 bytes: 16 x 16 x 64
 // u8 x s8 multiply-adds an instruction, the avx512_amx path's GEMM step.
 TQ_TARGET_AMX void amx_multiply_adds(int64_t iterations) {
-  alignas(64) uint8_t config[64] = {};
-  config[0] = 1;  // palette 1: bytes 16.. hold each tile's bytes per row (2 bytes), 48.. its rows
-  for (int t = 0; t < 8; ++t) {
-    config[16 + 2 * t] = 64;
-    config[48 + t] = 16;
-  }
-  load_tile_config(config);
+  configure_amx(kAmxTileRows, kAmxTileRows);
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);

@@ -7,6 +7,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 
@@ -22,11 +23,31 @@
 
 namespace torchquant {
 
-// ldtilecfg of the 64-byte configuration at config. GCC does not count the configuration as read by
-// _tile_loadconfig and drops the stores that fill it in: the barrier makes them happen first.
-TQ_TARGET_AMX inline void load_tile_config(const void* config) {
-  __asm__ volatile("" : : "r"(config) : "memory");
-  _tile_loadconfig(config);
+constexpr int kAmxTileRows = 16;  // the most rows of an AMX tile
+
+// Palette 1's tile configuration (the layout ldtilecfg reads), as the AMX kernels use the tiles: 0-3 the int32 sums
+// of rows [0, 16) x columns [0, 16), rows [0, 16) x [16, 32), rows [16, 32) x [0, 16), [16, 32) x [16, 32); 4 and 5
+// activation rows [0, 16) and [16, 32) (64 bytes each); 6 and 7 weight columns [0, 16) and [16, 32) (16 k-steps).
+// A tile of 0 rows is left unconfigured.
+struct alignas(64) AmxConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t bytes_per_row[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Loads the configuration above with rows_lo rows in the tiles of rows [0, 16) and rows_hi in those of [16, 32)
+// (a new configuration zeroes every tile).
+TQ_TARGET_AMX inline void configure_amx(int rows_lo, int rows_hi) {
+  AmxConfig c;
+  const int rows[8] = {rows_lo, rows_lo, rows_hi, rows_hi, rows_lo, rows_hi, kAmxTileRows, kAmxTileRows};
+  for (int t = 0; t < 8; ++t) {
+    c.rows[t] = static_cast<uint8_t>(rows[t]);
+    c.bytes_per_row[t] = rows[t] > 0 ? 64 : 0;
+  }
+  // GCC does not count the configuration as read by _tile_loadconfig and drops the stores that fill it in: the
+  // barrier makes them happen first
+  __asm__ volatile("" : : "r"(&c) : "memory");
+  _tile_loadconfig(&c);
 }
 
 enum class CpuIsa : int { Scalar = 0, Avx2 = 1, Avx512Vnni = 2 };
