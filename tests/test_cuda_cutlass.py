@@ -416,8 +416,9 @@ def test_mma_variable_keeps_the_im2col_path(monkeypatch):
 
 
 def test_converted_convs_stay_channels_last(monkeypatch):
-    """A converted conv stack on the GPU: every conv runs the CUTLASS conv on channels-last activations, and the
-    activations between the layers stay channels-last (no layout copies)."""
+    """A converted conv stack on the GPU: every conv runs the CUTLASS conv on channels-last activations, the
+    activations between the layers stay channels-last (no layout copies), and the model's output has the float
+    model's layout for its contiguous input (convert's set_conv_layouts: the caller may view it)."""
     monkeypatch.setenv(GEMM_VARIABLE, "")
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.ReLU(),
@@ -434,10 +435,11 @@ def test_converted_convs_stay_channels_last(monkeypatch):
         y = model(x)
         torch.cuda.synchronize()
     assert len(seen) == 3
-    for inp, out in seen:
+    for inp, _ in seen:
         assert inp.is_contiguous(memory_format=torch.channels_last)
+    for _, out in seen[:-1]:
         assert out.is_contiguous(memory_format=torch.channels_last)
+    assert seen[-1][1] is y and y.is_contiguous()
     launches = [event for event in prof.key_averages() if CONV_KERNEL in event.key]
     assert sum(event.count for event in launches) == 3
     assert not any(IM2COL_KERNEL in event.key for event in prof.key_averages())
-    assert y.is_contiguous(memory_format=torch.channels_last)

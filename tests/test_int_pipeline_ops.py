@@ -63,7 +63,8 @@ def test_int8_linear_clamp(device, isa, clamp, out_dtype):
         assert_same(got, want)  # the same float32 operations in the same order
     else:  # a rounding tie of the requantization may move by one where the device's float y differs in its last bit
         assert got.dtype == want.dtype and got.shape == want.shape
-        assert (got.cpu().double() - want.double()).abs().max() <= (1 if not out_dtype.is_floating_point else 1e-2)
+        error = (got.cpu().double() - want.cpu().double()).abs().max()
+        assert error <= (1 if not out_dtype.is_floating_point else 1e-2)
     # against float64 of the unfused ops: the clamp happens before the conversion
     y64 = float64_linear(x_q, x_scale, 0, w, w_scale, bias)
     lo = -math.inf if clamp[0] is None else clamp[0]

@@ -8,7 +8,7 @@ import torch
 import torchquant
 import torchquant.functional as F
 from torchquant import reference as R
-from torchquant._ops import FLOAT_DTYPES as FLOATS, ROUNDINGS, ops
+from torchquant._ops import FLOAT_DTYPES as FLOATS, ROUNDINGS, device_values_hold, ops
 
 from conftest import SUPPORTED_ISAS, assert_same
 
@@ -456,6 +456,37 @@ def test_bad_scale_number(scale):
 def test_bad_scale_tensor(device, scale):
     with pytest.raises((ValueError, RuntimeError), match="scale must be positive and finite"):
         F.fake_quantize(X.to(device), torch.tensor(scale, device=device), axis=1)
+
+
+def test_value_check_once_per_tensor_version(device):
+    """Outside the CPU the wrappers read scale values with a device sync, once per tensor version: an unchanged
+    scale is not read again, and an in-place write makes the next call check it anew."""
+    scale = torch.full((6,), 0.5, device=device)
+    reads = []
+
+    def positive(s):
+        reads.append(1)
+        return s > 0
+
+    assert device_values_hold(scale, "test", positive) and device_values_hold(scale, "test", positive)
+    assert len(reads) == 1
+    scale[2] = -1.0  # an in-place write advances the version counter
+    assert not device_values_hold(scale, "test", positive) and not device_values_hold(scale, "test", positive)
+    assert len(reads) == 3  # a failing tensor is never remembered
+    scale.fill_(0.25)
+    assert device_values_hold(scale, "test", positive) and len(reads) == 4
+    assert device_values_hold(scale, "other", positive) and len(reads) == 5  # each check by its own name
+    with torch.inference_mode():
+        fresh = torch.ones(3, device=device)  # no version counter: read each time
+        assert device_values_hold(fresh, "test", positive) and device_values_hold(fresh, "test", positive)
+    assert len(reads) == 7
+    if device != "cpu":  # the wrapper itself, after an in-place write to a scale it took before
+        x = X.to(device)
+        scale = torch.full((6,), 0.1, device=device)
+        F.fake_quantize(x, scale, axis=1)
+        scale[0] = 0.0
+        with pytest.raises((ValueError, RuntimeError), match="scale must be positive and finite"):
+            F.fake_quantize(x, scale, axis=1)
 
 
 def test_bad_scale_type():

@@ -3,6 +3,8 @@
 Importing this package loads torchquant._C, which registers every op schema (csrc/ops.cpp) and the CPU
 (and, when built, CUDA) kernels with the dispatcher.
 """
+from typing import Callable
+
 import torch
 
 from torchquant import _C  # noqa: F401  (loading the library registers the ops)
@@ -24,6 +26,26 @@ def cpu_kernel_path() -> str:
     "avx512_vnni", "avx2" or "scalar" (the best this CPU supports, or the one the environment variable
     TORCHQUANT_CPU_ISA forces)."""
     return ops.cpu_kernel_path()
+
+
+def device_values_hold(t: torch.Tensor, check: str, condition: Callable[[torch.Tensor], torch.Tensor]) -> bool:
+    """Whether the boolean tensor condition(t) is true everywhere, for t on an accelerator: one device->host copy,
+    a device sync. A tensor found good is remembered with its version counter (which every in-place write
+    advances) under the name `check`, so that the same tensor, unchanged, is not read again: a layer's weight scale
+    or a calibrated input scale costs no sync per call. Inference tensors have no version counter: checked on
+    every call."""
+    try:
+        version = t._version
+    except RuntimeError:
+        version = None
+    checked = t.__dict__.get("_torchquant_checked_versions")
+    if version is not None and checked is not None and checked.get(check) == version:
+        return True
+    if not bool(condition(t).all()):
+        return False
+    if version is not None:
+        t.__dict__.setdefault("_torchquant_checked_versions", {})[check] = version
+    return True
 
 
 def check_fake_devices(op: str, anchor_name: str, anchor: torch.Tensor, **tensors) -> None:

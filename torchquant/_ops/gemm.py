@@ -11,7 +11,8 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 
 from torchquant import _C
-from torchquant._ops import FLOAT_DTYPES, check_fake_devices, check_fake_dtype, dtype_names, ops
+from torchquant._ops import (FLOAT_DTYPES, check_fake_devices, check_fake_dtype, device_values_hold, dtype_names,
+                             ops)
 
 __all__ = [
     "int8_mm",
@@ -99,10 +100,11 @@ def _flag(op: str, name: str, value) -> bool:
 
 
 def _require_positive_finite(op: str, name: str, scale: torch.Tensor) -> None:
-    """The CPU kernels check scale values themselves; elsewhere (a device->host copy) this wrapper does, outside
-    torch.compile so that a compiled graph never breaks on it (meta tensors have no values)."""
+    """The CPU kernels check scale values themselves; elsewhere this wrapper does (device_values_hold: once per
+    tensor version), outside torch.compile so that a compiled graph never breaks on it (meta tensors have no
+    values)."""
     if scale.device.type not in ("cpu", "meta") and not torch.compiler.is_compiling():
-        if not bool((torch.isfinite(scale) & (scale > 0)).all()):
+        if not device_values_hold(scale, "positive finite", lambda s: torch.isfinite(s) & (s > 0)):
             raise ValueError(f"{op}: {name} must be positive and finite, got {scale.tolist()}")
 
 

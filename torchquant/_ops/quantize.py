@@ -7,7 +7,7 @@ tensors) and returns NotImplemented for anything else. The checked path below th
 take, and calls torch.ops.torchquant.*; it is also what torch.compile traces (torch.export's non-strict tracing
 passes fake tensors, which the fast path leaves to it). Checks on tensor *values* (scale > 0,
 zero point in range) are made by the CPU kernels themselves, and here only for tensors on other devices outside
-torch.compile, so a compiled graph never breaks on them.
+torch.compile, so a compiled graph never breaks on them (once per tensor version: device_values_hold).
 """
 import math
 from typing import Dict, Optional, Tuple, Union
@@ -16,7 +16,8 @@ import torch
 from torch.compiler import is_compiling, is_dynamo_compiling
 
 from torchquant import _C
-from torchquant._ops import FLOAT_DTYPES, ROUNDINGS, check_fake_devices, check_fake_dtype, ops
+from torchquant._ops import (FLOAT_DTYPES, ROUNDINGS, check_fake_devices, check_fake_dtype, device_values_hold,
+                             ops)
 
 __all__ = ["quantize", "dequantize", "fake_quantize", "choose_qparams", "quantize_per_token", "quantization_error"]
 
@@ -129,7 +130,8 @@ def _checked_scale(scale, x: torch.Tensor, axis: Optional[int], fn: str) -> torc
     """scale as the float32 tensor the ops take (a number is broadcast to every channel)."""
     if isinstance(scale, torch.Tensor):
         scale_t = _tensor_qparam(scale, "scale", x, axis, torch.float32, fn)
-        if _eager_value_check(scale_t) and not bool((torch.isfinite(scale_t) & (scale_t >= _TINY)).all()):
+        if _eager_value_check(scale_t) and not device_values_hold(
+                scale_t, "scale", lambda s: torch.isfinite(s) & (s >= _TINY)):
             raise ValueError(f"{_scale_message(fn)}, got {scale_t.tolist()}")
         return scale_t
     _check_number(scale, "scale", fn)
@@ -145,7 +147,8 @@ def _checked_zero_point(zero_point, x: torch.Tensor, axis: Optional[int], zp_ran
     low, high = zp_range.low, zp_range.high
     if isinstance(zero_point, torch.Tensor):
         zp_t = _tensor_qparam(zero_point, "zero_point", x, axis, torch.int32, fn)
-        if _eager_value_check(zp_t) and not bool(((zp_t >= low) & (zp_t <= high)).all()):
+        if _eager_value_check(zp_t) and not device_values_hold(
+                zp_t, f"zero point in [{low}, {high}]", lambda z: (z >= low) & (z <= high)):
             raise ValueError(f"{zp_range.message(fn)}, got {zp_t.tolist()}")
         return zp_t
     _check_number(zero_point, "zero_point", fn)
