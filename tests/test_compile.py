@@ -9,6 +9,7 @@ from torch._dynamo.backends.common import aot_autograd
 import torchquant as tq
 from torchquant.nn import QuantConv2d, QuantLinear
 
+from conftest import requires_aoti
 from test_nn import exact_float_reference  # noqa: F401  (autouse fixture)
 
 
@@ -82,6 +83,7 @@ def test_compiled_converted_model_follows_autocast():
         assert torch.equal(torch.compile(under_autocast, fullgraph=True, backend="aot_eager")(x), want)
 
 
+@requires_aoti
 def test_aoti_package_of_converted_layers(tmp_path, device):
     """export_aoti compiles converted layers into an AOTInductor package that computes the eager model's numbers for
     every batch size of the free batch dimension: the program holds the whole packed-weight buffers (AOTInductor
@@ -106,6 +108,7 @@ def test_aoti_package_of_converted_layers(tmp_path, device):
             torch.testing.assert_close(package(x), model(x), rtol=1e-6, atol=1e-6)
 
 
+@requires_aoti
 def test_aoti_package_with_a_free_sequence_length(tmp_path):
     # a transformer's tokens: dynamic_shapes (torch.export's) frees the sequence dim beside the batch
     torch.manual_seed(0)
@@ -128,6 +131,7 @@ class _DataDependent(nn.Module):
         return self.fc(x) if x.sum() > 0 else -self.fc(x)
 
 
+@requires_aoti
 def test_export_aoti_bad_input(tmp_path):
     model = tq.convert(_DataDependent().eval())
     x = torch.randn(2, 4)
@@ -155,6 +159,16 @@ def test_export_aoti_bad_input(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old.pt2"]
 
 
+def test_export_aoti_refuses_torch_before_2_13(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch, "__version__", "2.11.0+cu130")
+    model = tq.convert(nn.Sequential(QuantLinear(4, 2, config="int8-dynamic")).eval())
+    with pytest.raises(tq.export.ExportError, match=r"export_aoti: AOTInductor packages of torchquant's ops need "
+                                                    r"torch 2\.13 or newer, this is torch 2\.11\.0\+cu130"):
+        tq.export_aoti(model, torch.randn(2, 4), tmp_path / "model.pt2")
+    assert list(tmp_path.iterdir()) == []
+
+
+@requires_aoti
 def test_cli_export_writes_an_aoti_package(tmp_path, capsys):
     from torchquant.cli import main
     from torchquant.examples import DigitsCNN

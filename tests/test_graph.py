@@ -20,6 +20,7 @@ from torchquant import graph
 from torchquant.config import QuantConfig, QuantSpec
 from torchquant.nn import QuantConv2d, QuantLinear
 from torchquant.report import build_report
+from conftest import requires_aoti
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
@@ -2190,6 +2191,7 @@ def test_converted_pipeline_compiles_and_exports(name):
         assert torch.equal(program.module()(batches[0]), expected)
 
 
+@requires_aoti
 def test_converted_pipeline_aoti_package(tmp_path):
     """An integer pipeline (bottleneck blocks: convs with their residual adds in the epilogue, integer outputs
     between layers) compiled by AOTInductor gives the eager integers at every batch size of a dynamic batch dim."""

@@ -354,7 +354,7 @@ def test_learned_scales_driven_to_zero_or_below_are_floored_and_train_on(device)
     config = QuantConfig(QuantSpec(bits=4, learn_scale=True),
                          QuantSpec(bits=8, signed=False, symmetric=False, granularity="per_tensor", learn_scale=True))
     layer = QuantLinear(12, 6, config=config).to(device)
-    x = torch.randn(32, 12, device=device)
+    x = torch.randn(32, 12).to(device)  # the same data on every device: the loss's pull on each scale too
     layer(x)  # initialises the scales
     with torch.no_grad():
         layer.weight_quantizer.scale[[1, 4]] = torch.tensor([-0.01, 0.0], device=device)
@@ -519,7 +519,7 @@ def test_converted_buffers_span_their_storage(device):
               (QuantConv2d(4, 6, (1, 3), groups=2, config="int8-dynamic"), (2, 4, 5, 5)),
               (tq.nn.QuantConv1d(3, 5, 3, config="int8-static"), (2, 3, 9))]
     for layer, shape in layers:
-        layer, _ = _calibrated(layer, shape, device)
+        layer, _ = _calibrated(layer.to(device), shape, device)
         layer.eval().convert()
         for name, buffer in layer.named_buffers():
             if buffer.numel() == 0:

@@ -79,7 +79,7 @@ def test_depthwise_conv_dilation_near_int64_max(device, isa):
     overflow)."""
     x = torch.randint(0, 256, (1, 16, 4, 4), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
     w = randint8((16, 1, 2, 3), seed=3)
-    y = F.int8_conv2d(x.to(device), 1.0, 7, F.pack_conv_weight(w, 16).to(device),
+    y = F.int8_conv2d(x.to(device), 1.0, 7, F.pack_conv_weight(w.to(device), 16),
                       w.sum((1, 2, 3), dtype=torch.int32).to(device), torch.ones(16, device=device), out_channels=16,
                       kernel_size=(2, 3), padding=(2**60, 1), dilation=(2**61, 1), groups=16)
     assert y.shape == (1, 16, 4, 4) and torch.equal(y.cpu(), torch.zeros(1, 16, 4, 4)), y

@@ -1139,6 +1139,16 @@ def export_onnx(model: nn.Module, example_inputs: Union[torch.Tensor, Tuple[torc
     return path
 
 
+# The oldest torch whose AOTInductor runs torchquant's ops correctly from a package: torch 2.11's passes them wrong
+# arguments (a float32 out_dtype arrived as float64 on CUDA) or crashes loading the package (CPU).
+AOTI_MIN_TORCH = (2, 13)
+
+
+def aoti_supported() -> bool:
+    """Whether this torch's AOTInductor can package torchquant's ops (export_aoti)."""
+    return torch.torch_version.TorchVersion(torch.__version__) >= AOTI_MIN_TORCH
+
+
 def export_aoti(model: nn.Module, example_inputs: Union[torch.Tensor, Tuple[torch.Tensor, ...]],
                 path: Union[str, os.PathLike], *, dynamic_batch: bool = True, dynamic_shapes=None,
                 force: bool = False) -> str:
@@ -1157,7 +1167,7 @@ def export_aoti(model: nn.Module, example_inputs: Union[torch.Tensor, Tuple[torc
     force=True. Raises ExportError for a forward that torch.export cannot trace
     (naming the line), or one that fixes the first dimension with dynamic_batch=True; ValueError unless path ends in
     .pt2 (AOTInductor's suffix). Compiling takes a C++ compiler and seconds to minutes (inductor compiles every
-    fused kernel)."""
+    fused kernel). Needs torch 2.13 or newer (aoti_supported; ExportError on older ones)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"export_aoti: model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(dynamic_batch, bool):
@@ -1166,6 +1176,10 @@ def export_aoti(model: nn.Module, example_inputs: Union[torch.Tensor, Tuple[torc
     path = _check_path(path, "export_aoti")
     if not path.endswith(".pt2"):
         raise ValueError(f"export_aoti: path must end in .pt2 (an AOTInductor package), got {path}")
+    if not aoti_supported():
+        raise ExportError(f"export_aoti: AOTInductor packages of torchquant's ops need torch "
+                          f"{'.'.join(map(str, AOTI_MIN_TORCH))} or newer, this is torch {torch.__version__} (whose "
+                          f"AOTInductor runs the ops with wrong arguments or crashes loading the package)")
     copied = copy.deepcopy(model).eval()
     with torch.no_grad(), warnings.catch_warnings():
         # a note about torch's own internals that packaging raises
