@@ -23,9 +23,9 @@
 #                    int8-dynamic at batch 32 x 128 against bf16, all-MiniLM-L6-v2 at batch 1/8/64, ResNet stages
 #   summary.md       test summaries and all tables (also printed at the end)
 # Each step is bounded (seconds: build 220, tests 140, wgmma tests 35, kernel benchmarks 80, models 75, 550 in all,
-# within 9.5 minutes); on an H200 it took 5.5 minutes (build 129 s, the CUDA suite about 95 s), most of it the build (12 CUTLASS GEMM translation units
-# of ~1 core-minute each and 5 CUTLASS conv ones of about as much, in parallel). A failing test does not stop the benchmarks, a crashing benchmark row does not
-# stop the others. Exit status: non-zero when the build, a test step or a benchmark failed.
+# within 9.5 minutes); on an H200 it took 5.5 minutes, most of it the build (129 s: 12 CUTLASS GEMM translation units
+# and 5 CUTLASS conv ones, in parallel) and the CUDA suite (about 95 s). A failing test does not stop the
+# benchmarks, a crashing benchmark row does not stop the others. Exit status: non-zero when the build, a test step or a benchmark failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-${OUT:-out/gpu}}
