@@ -619,12 +619,16 @@ DIRECT_CONVS = [  # batch, in_ch, h, w, out_ch, kernel, stride, padding, dilatio
 # their windows inside the input read those windows in place on AMX tiles (avx512_amx); the border pixels and
 # rows take im2col rows (on tiles from 16 of them).
 AMX_WINDOW_CONVS = [  # batch, in_ch, h, w, out_ch, kernel, stride, padding, dilation
-    (2, 64, 6, 20, 64, (3, 3), 1, 1, 1),           # 18 inside of 20 per row, 2 images
-    (1, 64, 5, 40, 96, (3, 3), 2, 1, 1),           # stride 2, a half-full second panel
+    (2, 64, 6, 20, 64, (3, 3), 1, 1, 1),           # tiles across output rows (22-pixel padded rows), 2 images
+    (1, 64, 5, 40, 96, (3, 3), 2, 1, 1),           # stride 2: tiles within a row, a half-full second panel
     (1, 128, 4, 21, 130, (3, 3), 1, 0, 1),         # no padding, 3 panels, 2 columns in the last
     (1, 32, 7, 24, 64, (3, 2), 1, 1, (2, 1)),      # 2 x 32 channels a kernel row, dilated rows
-    (2, 64, 3, 120, 32, (3, 3), 1, 1, 1),          # 2 segments a row, one half-panel
-    (1, 64, 3, 18, 64, (3, 3), 1, (2, 1), 1),      # 16 inside, top and bottom rows all border (32 im2col rows)
+    (2, 64, 3, 120, 32, (3, 3), 1, 1, 1),          # several pieces an image, one half-panel
+    (1, 64, 3, 18, 64, (3, 3), 1, (2, 1), 1),      # padding taller than wide: whole padded rows in the windows
+    (3, 64, 7, 7, 64, (3, 3), 1, 1, 1),            # 7x7 images: 61 pixels of 9-pixel rows, one piece each
+    (1, 64, 2, 2, 64, (3, 3), 1, 1, 1),            # a 2x2 image: a piece mostly junk
+    (2, 64, 5, 17, 64, (1, 3), 1, (0, 1), 1),      # one kernel row, padded across only
+    (1, 64, 9, 33, 64, (3, 3), (2, 1), 1, 1),      # stride 2 down, 1 across: tiles within a row
 ]
 
 

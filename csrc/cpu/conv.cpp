@@ -854,7 +854,7 @@ void conv_cpu(const ConvFront& f, const at::Tensor& x_q, int64_t x_zero_point, c
                       cg % 4 == 0 && ocg % kPackAlign == 0 && g.kh * g.kw <= kMaxDirectTaps;
   const bool in_place = !direct && !amx && !depthwise && !pointwise && flip == 0 && groups == 1 && g.dil_w == 1 &&
                         windows_in_place(ocg, g.kh, run, isa);
-  const bool amx_windows = amx && !depthwise && !pointwise && flip == 0 && amx_reads_windows(g);
+  const bool amx_windows = amx && !depthwise && !pointwise && flip == 0 && amx_pads_windows(g);
   const int64_t run_stride = in_place ? padded_run : run;
   const Im2colSource im2col{x_bytes, g, static_cast<uint8_t>(static_cast<uint8_t>(x_zero_point) ^ flip), flip,
                             run_stride, round_up(g.kh * run_stride, 4)};
@@ -892,7 +892,7 @@ void conv_cpu(const ConvFront& f, const at::Tensor& x_q, int64_t x_zero_point, c
     conv_u8s8_depthwise(g, x_bytes, depthwise_weight(g, args.b, args.b_group_stride, extras), flip, im2col.pad_byte,
                         ep, isa);
   else if (amx_windows)
-    conv_u8s8_amx(args, g, x_bytes, ep);
+    conv_u8s8_amx(args, g, x_bytes, im2col.pad_byte, ep);
   else if (direct)
     conv_u8s8_direct(args, g, x_bytes, im2col.pad_byte, ep);
   else if (in_place)

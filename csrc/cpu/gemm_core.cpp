@@ -1422,7 +1422,7 @@ struct ScratchSlot {
   std::unique_ptr<uint8_t[]> data;
   int64_t size = 0;
 };
-thread_local ScratchSlot scratch_slots[static_cast<int>(Scratch::WideOperands) + 1];  // one per Scratch
+thread_local ScratchSlot scratch_slots[static_cast<int>(Scratch::PaddedInput) + 1];  // one per Scratch
 
 }  // namespace
 
@@ -1793,58 +1793,123 @@ std::pair<int64_t, int64_t> inside_columns(const ConvGeometry& g) {
   return {std::min(lo, g.out_w), std::clamp(hi, std::min(lo, g.out_w), g.out_w)};
 }
 
-bool amx_reads_windows(const ConvGeometry& g) {
-  const auto [lo, hi] = inside_columns(g);
-  return g.groups == 1 && g.dil_w == 1 && g.kw * g.channels % kAmxChunk == 0 && hi - lo >= kAmxRows;
+namespace {
+
+// The zero-padded copy of the input that conv_u8s8_amx reads its windows from: images of (height + 2 pad_h) rows
+// of (width + 2 pad_w) pixels, then `slack` bytes that the junk rows of the last tiles may read.
+struct PaddedInput {
+  int64_t width, height, image_bytes, bytes;
+  explicit PaddedInput(const ConvGeometry& g, int64_t slack)
+      : width(g.width + 2 * g.pad_w),
+        height(g.height + 2 * g.pad_h),
+        image_bytes(checked_mul("int8_conv2d", "the padded input size", checked_mul("int8_conv2d",
+                                "the padded input size", width, height), g.channels)),
+        bytes(checked_add("int8_conv2d", "the padded input size",
+                          checked_mul("int8_conv2d", "the padded input size", image_bytes, g.batch), slack)) {}
+};
+
+void pad_input(const ConvGeometry& g, const uint8_t* x, uint8_t pad_byte, const PaddedInput& p, uint8_t* dst) {
+  const int64_t c = g.channels, row_bytes = p.width * c;
+  at::parallel_for(0, g.batch * p.height, std::max<int64_t>(1, (int64_t{1} << 16) / row_bytes),
+                   [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / p.height, ih = r % p.height - g.pad_h;
+      uint8_t* out = dst + r * row_bytes;
+      if (ih < 0 || ih >= g.height) {
+        std::memset(out, pad_byte, row_bytes);
+        continue;
+      }
+      std::memset(out, pad_byte, g.pad_w * c);
+      std::memcpy(out + g.pad_w * c, x + (b * g.height + ih) * g.width * c, g.width * c);
+      std::memset(out + (g.pad_w + g.width) * c, pad_byte, g.pad_w * c);
+    }
+  });
+  std::memset(dst + g.batch * p.image_bytes, pad_byte, p.bytes - g.batch * p.image_bytes);
 }
 
-void conv_u8s8_amx(const GemmArgs& args, const ConvGeometry& g, const uint8_t* x, const Epilogue& ep) {
+}  // namespace
+
+// How conv_u8s8_amx splits the output pixels into work items. With stride 1 the pixels of an image run on through
+// the padded rows, pixel v = oh * padded width + ow reading its window at v * channels, so that a tile's rows may
+// span output rows; the pixels whose ow >= out_w are junk (the kw - 1 windows that straddle two padded rows),
+// multiplied and never stored. With other strides a tile's rows stay in one output row (stride_w * channels bytes
+// apart). Such a line of pixels is cut into pieces of whole pairs of tiles (at most kRowsPerChunk pixels), the last
+// one multiplied in whole pairs too (the rows past its end are junk as well: one tile configuration for the conv).
+struct AmxLines {
+  explicit AmxLines(const ConvGeometry& g)
+      : spans_rows(g.stride_h == 1 && g.stride_w == 1),
+        line(spans_rows ? (g.out_h - 1) * (g.width + 2 * g.pad_w) + g.out_w : g.out_w),
+        lines(spans_rows ? g.batch : g.batch * g.out_h),
+        len(std::min(kRowsPerChunk, round_up(ceil_div(line, ceil_div(line, kRowsPerChunk)), 2 * kAmxRows))),
+        per_line(ceil_div(line, len)) {}
+  static int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+  // the pixels a line stores, and those it multiplies
+  int64_t stored(const ConvGeometry& g) const { return spans_rows ? g.out_h * g.out_w : g.out_w; }
+  int64_t multiplied() const { return (per_line - 1) * len + round_up(line - (per_line - 1) * len, 2 * kAmxRows); }
+  bool spans_rows;
+  int64_t line, lines, len, per_line;  // pixels a line, lines, pixels a piece, pieces a line
+};
+
+bool amx_pads_windows(const ConvGeometry& g) {
+  const int64_t extent_h = (g.kh - 1) * g.dil_h + 1;
+  // padding no wider than the kernel ('same' convs: the padded copy is at most a few times the input), and at
+  // least 7 stored pixels in 8 multiplied (7x7 images, 49 in 64, ran faster on im2col rows)
+  if (g.groups != 1 || g.dil_w != 1 || g.kw * g.channels % kAmxChunk != 0 || g.pad_w >= g.kw ||
+      g.pad_h >= extent_h || extent_h > g.height + 2 * g.pad_h)
+    return false;
+  const AmxLines lines(g);
+  return lines.stored(g) * 8 >= lines.multiplied() * 7;
+}
+
+void conv_u8s8_amx(const GemmArgs& args, const ConvGeometry& g, const uint8_t* x, uint8_t pad_byte,
+                   const Epilogue& ep) {
   const IsaPath path = isa_path(CpuIsa::Avx512Vnni);  // its epilogue
-  const int64_t run = g.kw * g.channels, k4 = args.k;  // whole k-chunks: k4 = kh * run
-  const int64_t x_bytes = g.batch * g.height * g.width * g.channels;
+  const int64_t c = g.channels, run = g.kw * c;  // whole k-chunks: args.k = kh * run
   const int64_t n_panels = (args.n + kPackAlign - 1) / kPackAlign;
-  const RowSegments segments(g);  // work items: the segments times the panels
-  const int64_t item_cost = (segments.len + 4) * kPackAlign * k4;
+  const AmxLines split(g);
+  const auto [spans_rows, line, lines, len, per_line] = split;
+  const int64_t a_row = g.stride_w * c;
+  const PaddedInput padded(g, checked_add("int8_conv2d", "the padded input size",
+                                          checked_mul("int8_conv2d", "the padded input size", len, a_row), run));
+  const ScratchScope padded_scope(Scratch::PaddedInput);
+  uint8_t* xp = scratch_buffer(Scratch::PaddedInput, padded.bytes);
+  pad_input(g, x, pad_byte, padded, xp);
+  const int64_t kernel_rows_apart = g.dil_h * padded.width * c;
+  const int64_t item_cost = (len + 4) * kPackAlign * args.k;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(item_cost, 1));
   const Epilogue out_ep = with_streaming(ep, args.m, args.n);
   const PanelEpilogues panels(out_ep, 1, args.n, CpuIsa::Avx512Vnni);
-  const auto [inside_lo, inside_hi] = inside_columns(g);
 
-  at::parallel_for(0, segments.count * n_panels, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, lines * per_line * n_panels, grain, [&](int64_t begin, int64_t end) {
     alignas(64) int32_t tile[kRowsPerChunk * kPackAlign];
     AmxTiles amx_tiles;  // (released when the thread is done)
-    const ScratchScope rows_scope(Scratch::GemmRows);
-    uint8_t* window_rows =
-        scratch_buffer(Scratch::GemmRows, checked_mul("int8_conv2d", "the row buffer", kRowsPerChunk, k4));
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t panel = item % n_panels;
-      const auto [ow0, rows, row0, b, ih0, rows_inside] = segments[item / n_panels];
+      const int64_t panel = item % n_panels, piece = item / n_panels;
+      const int64_t line_index = piece / per_line, v0 = (piece % per_line) * len;
+      const int64_t rows = std::min(len, line - v0);
+      // the first pixel's window: image b's padded rows (spanning) or output row (b, oh)'s first kernel row
+      const int64_t b = spans_rows ? line_index : line_index / g.out_h;
+      const int64_t oh = spans_rows ? 0 : line_index % g.out_h;
+      const uint8_t* a = xp + b * padded.image_bytes + (oh * g.stride_h * padded.width + v0 * g.stride_w) * c;
       const int8_t* w = args.b + panel * args.ldb * kPackAlign;
       const int64_t ncols = std::min(kPackAlign, args.n - panel * kPackAlign);
-      const int halves = ncols > 32 ? 2 : 1;
-      // pixels [lo, hi) read their windows in place, the others take im2col rows
-      const int64_t lo = rows_inside ? std::clamp<int64_t>(inside_lo - ow0, 0, rows) : rows;
-      const int64_t hi = rows_inside ? std::clamp<int64_t>(inside_hi - ow0, lo, rows) : rows;
-      const int64_t parts[3][2] = {{0, lo}, {lo, hi}, {hi, rows}};
-      for (int part = 0; part < 3; ++part) {
-        const int64_t r = parts[part][0], count = parts[part][1] - r;
-        if (count == 0) continue;
-        if (part == 1) {
-          const int64_t kernel_rows_apart = g.dil_h * g.width * g.channels;
-          const int64_t a_offset = ((b * g.height + ih0) * g.width + (ow0 + r) * g.stride_w - g.pad_w) * g.channels;
-          const int64_t a_row = g.stride_w * g.channels;
-          if (a_offset + (g.kh - 1) * kernel_rows_apart + (count - 1) * a_row + run <= x_bytes) {
-            multiply_amx(x + a_offset, a_row, w, AmxRuns{g.kh, kernel_rows_apart, run / kAmxChunk}, count, halves,
-                         tile + r * kPackAlign, amx_tiles);
-            continue;
-          }
-        }
-        // (a tile of one or two border rows costs what 16 cost, still less than the vector kernel on them)
-        args.fill_rows(args.fill_context, 0, row0 + r, count, window_rows);
-        multiply_amx(window_rows, k4, w, AmxRuns{1, 0, k4 / kAmxChunk}, count, halves, tile + r * kPackAlign,
-                     amx_tiles);
+      multiply_amx(a, a_row, w, AmxRuns{g.kh, kernel_rows_apart, run / kAmxChunk}, round_up(rows, 2 * kAmxRows),
+                   ncols > 32 ? 2 : 1, tile, amx_tiles);
+      if (!spans_rows) {
+        path.epilogue(out_ep, panels[panel], tile, line_index * g.out_w + v0, rows, panel * kPackAlign, ncols);
+        continue;
       }
-      path.epilogue(out_ep, panels[panel], tile, row0, rows, panel * kPackAlign, ncols);
+      for (int64_t v = v0; v < v0 + rows;) {  // the pixels of each output row the piece holds
+        const int64_t row = v / padded.width, ow = v % padded.width;
+        if (ow >= g.out_w) {
+          v = (row + 1) * padded.width;
+          continue;
+        }
+        const int64_t count = std::min(g.out_w - ow, v0 + rows - v);
+        path.epilogue(out_ep, panels[panel], tile + (v - v0) * kPackAlign, (b * g.out_h + row) * g.out_w + ow, count,
+                      panel * kPackAlign, ncols);
+        v += count;
+      }
     }
     if (out_ep.streaming) _mm_sfence();
   });

@@ -69,7 +69,7 @@ struct Epilogue {
 // fresh multi-megabyte allocation costs a page fault per 4 KB on first touch, as much as the packing itself, so a
 // buffer is kept for the next call, but only up to kScratchKeptBytes: a ScratchScope frees larger ones when it ends.
 // A failed allocation (std::bad_alloc, a MemoryError in Python) leaves the slot empty and usable.
-enum class Scratch { Activations = 0, Weights = 1, GemmRows = 2, WideOperands = 3 };
+enum class Scratch { Activations = 0, Weights = 1, GemmRows = 2, WideOperands = 3, PaddedInput = 4 };
 // per slot and thread: enough for the weight of a 4096 x 8192 int8_mm, so such calls keep their buffers (a fresh
 // 16 MiB buffer cost ~5 ms of page faults, a fifth of a 256 x 4096 x 4096 int8_mm)
 constexpr int64_t kScratchKeptBytes = int64_t{32} << 20;
@@ -159,16 +159,17 @@ void conv_u8s8_in_place(const GemmArgs& args, const ConvGeometry& g, const uint8
 std::pair<int64_t, int64_t> inside_columns(const ConvGeometry& g);
 
 // Whether conv_u8s8_amx takes the conv g: groups == 1, undilated kernel rows of whole 64-byte k-chunks (kw *
-// channels a multiple of 64: 3x3 kernels over a multiple of 64 channels), and at least 16 output columns with their
-// windows inside the input.
-bool amx_reads_windows(const ConvGeometry& g);
+// channels a multiple of 64: 3x3 kernels over a multiple of 64 channels), padding narrower than the kernel, and
+// stride 1 or at least 16 output columns.
+bool amx_pads_windows(const ConvGeometry& g);
 
-// int8_conv2d on AMX tiles (the avx512_amx path) for a conv amx_reads_windows takes, with uint8 channels-last x:
-// runs of output pixels along an output row whose windows lie inside the input are multiplied kernel row by kernel
-// row straight from the input (a tile's 16 rows are 16 pixels' bytes of one k-chunk, stride_w * channels bytes
-// apart), the others on im2col rows from args.fill_rows (k unpadded: args.k = kh * kw * channels). args as for
-// gemm_u8s8 with groups == 1.
-void conv_u8s8_amx(const GemmArgs& args, const ConvGeometry& g, const uint8_t* x, const Epilogue& ep);
+// int8_conv2d on AMX tiles (the avx512_amx path) for a conv amx_pads_windows takes, with uint8 channels-last x: the
+// input is copied once with its padding (pad_byte, x's zero point) into a scratch buffer, from which every window
+// is read in place, kernel row by kernel row (a tile's 16 rows are 16 pixels' bytes of one k-chunk); with stride 1
+// a tile's rows run on across output rows, through the windows that straddle two padded rows, which are multiplied
+// and not stored. args as for gemm_u8s8 with groups == 1 (k = kh * kw * channels, unpadded).
+void conv_u8s8_amx(const GemmArgs& args, const ConvGeometry& g, const uint8_t* x, uint8_t pad_byte,
+                   const Epilogue& ep);
 
 // The kernel taps a direct conv takes at most (one bit each in a 64-bit mask).
 constexpr int64_t kMaxDirectTaps = 64;
