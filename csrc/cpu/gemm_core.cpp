@@ -1799,8 +1799,9 @@ std::pair<int64_t, int64_t> inside_columns(const ConvGeometry& g) {
 
 namespace {
 
-// The zero-padded copy of the input that conv_u8s8_amx reads its windows from: images of (height + 2 pad_h) rows
-// of (width + 2 pad_w) pixels, then `slack` bytes that the junk rows of the last tiles may read.
+// The padded copy of the input that conv_u8s8_amx reads its windows from: images of (height + 2 pad_h) rows of
+// (width + 2 pad_w) pixels, the padding x's zero point, then `slack` bytes that the junk rows of the last tiles may
+// read.
 struct PaddedInput {
   int64_t width, height, image_bytes, bytes;
   explicit PaddedInput(const ConvGeometry& g, int64_t slack)
