@@ -615,9 +615,9 @@ DIRECT_CONVS = [  # batch, in_ch, h, w, out_ch, kernel, stride, padding, dilatio
     (2, 64, 20, 20, 192, (3, 3), 1, 1, 1),         # row chunks, panel-major (input under 512 KB)
     (1, 8, 200, 340, 64, (3, 3), 1, 1, 1),         # row chunks, chunk-major (input over 512 KB)
 ]
-# Ungrouped uint8 convs whose kernel rows are whole 64-byte k-chunks and whose output rows have 16 or more pixels with
-# their windows inside the input read those windows in place on AMX tiles (avx512_amx); the border pixels and
-# rows take im2col rows (on tiles from 16 of them).
+# Ungrouped uint8 convs whose kernel rows are whole 64-byte k-chunks read their windows on AMX tiles (avx512_amx)
+# from a copy of the input with its padding; with stride 1 a tile's rows run on across output rows (the straddling
+# windows multiplied, not stored), else they stay in one output row of 16 or more pixels.
 AMX_WINDOW_CONVS = [  # batch, in_ch, h, w, out_ch, kernel, stride, padding, dilation
     (2, 64, 6, 20, 64, (3, 3), 1, 1, 1),           # tiles across output rows (22-pixel padded rows), 2 images
     (1, 64, 5, 40, 96, (3, 3), 2, 1, 1),           # stride 2: tiles within a row, a half-full second panel
@@ -798,10 +798,11 @@ def test_copied_packed_weight_rejected(device):
     torch.testing.assert_close(got, reference.int8_linear(x_q, 0.5, 0, w3[2], w_scale), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("m", [16, 17, 31, 32, 33, 47, 96, 97, 200])
+@pytest.mark.parametrize("m", [7, 8, 12, 15, 16, 17, 31, 32, 33, 47, 96, 97, 200])
 def test_int8_mm_tile_edges_on_every_path(m, isa):
-    """Rows, depth and columns around the AMX kernel's tiles (16 rows, 64 bytes of k, 16 and 32 columns) and the
-    driver's 96-row chunks: exact on every path (the k past the last whole 64 goes to the vector kernel)."""
+    """Rows, depth and columns around the AMX kernel's tiles (8 rows the fewest it takes, 16 rows a tile, 64 bytes
+    of k, 16 and 32 columns) and the driver's 96-row chunks: exact on every path (the k past the last whole 64 goes
+    to the vector kernel)."""
     generator = torch.Generator().manual_seed(m)
     for k in (64, 65, 68, 127, 128, 200, 1030):
         for n in (1, 16, 32, 33, 64, 65, 130):
