@@ -1888,7 +1888,7 @@ void conv_u8s8_amx(const GemmArgs& args, const ConvGeometry& g, const uint8_t* x
   const PanelEpilogues panels(out_ep, 1, args.n, CpuIsa::Avx512Vnni);
 
   at::parallel_for(0, lines * per_line * n_panels, grain, [&](int64_t begin, int64_t end) {
-    alignas(64) int32_t tile[kRowsPerChunk * kPackAlign];
+    alignas(64) int32_t tile[2 * kAmxRows * kPackAlign];
     AmxTiles amx_tiles;  // (released when the thread is done)
     for (int64_t item = begin; item < end; ++item) {
       const int64_t panel = item % n_panels, piece = item / n_panels;
@@ -1900,22 +1900,28 @@ void conv_u8s8_amx(const GemmArgs& args, const ConvGeometry& g, const uint8_t* x
       const uint8_t* a = xp + b * padded.image_bytes + (oh * g.stride_h * padded.width + v0 * g.stride_w) * c;
       const int8_t* w = args.b + panel * args.ldb * kPackAlign;
       const int64_t ncols = std::min(kPackAlign, args.n - panel * kPackAlign);
-      multiply_amx(a, a_row, w, AmxRuns{g.kh, kernel_rows_apart, run / kAmxChunk}, round_up(rows, 2 * kAmxRows),
-                   ncols > 32 ? 2 : 1, tile, amx_tiles);
-      if (!spans_rows) {
-        path.epilogue(out_ep, panels[panel], tile, line_index * g.out_w + v0, rows, panel * kPackAlign, ncols);
-        continue;
-      }
-      for (int64_t v = v0; v < v0 + rows;) {  // the pixels of each output row the piece holds
-        const int64_t row = v / padded.width, ow = v % padded.width;
-        if (ow >= g.out_w) {
-          v = (row + 1) * padded.width;
+      // a pair of tiles at a time, each stored through the epilogue at once: the sums of a whole piece (24 KB)
+      // pushed the weight panel out of L1 between the pairs
+      for (int64_t r0 = 0; r0 < rows; r0 += 2 * kAmxRows) {
+        const int64_t block = std::min(2 * kAmxRows, rows - r0);
+        multiply_amx(a + r0 * a_row, a_row, w, AmxRuns{g.kh, kernel_rows_apart, run / kAmxChunk}, 2 * kAmxRows,
+                     ncols > 32 ? 2 : 1, tile, amx_tiles);
+        if (!spans_rows) {
+          path.epilogue(out_ep, panels[panel], tile, line_index * g.out_w + v0 + r0, block, panel * kPackAlign,
+                        ncols);
           continue;
         }
-        const int64_t count = std::min(g.out_w - ow, v0 + rows - v);
-        path.epilogue(out_ep, panels[panel], tile + (v - v0) * kPackAlign, (b * g.out_h + row) * g.out_w + ow, count,
-                      panel * kPackAlign, ncols);
-        v += count;
+        for (int64_t v = v0 + r0; v < v0 + r0 + block;) {  // the pixels of each output row the block holds
+          const int64_t row = v / padded.width, ow = v % padded.width;
+          if (ow >= g.out_w) {
+            v = (row + 1) * padded.width;
+            continue;
+          }
+          const int64_t count = std::min(g.out_w - ow, v0 + r0 + block - v);
+          path.epilogue(out_ep, panels[panel], tile + (v - v0 - r0) * kPackAlign, (b * g.out_h + row) * g.out_w + ow,
+                        count, panel * kPackAlign, ncols);
+          v += count;
+        }
       }
     }
     if (out_ep.streaming) _mm_sfence();
