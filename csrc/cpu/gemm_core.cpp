@@ -1541,14 +1541,19 @@ void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa) {
       const int vectors = static_cast<int>((ncols + 15) / 16);
       if (amx && rows >= kAmxMinRows) {
         const int64_t chunks = k4 / kAmxChunk, k0 = chunks * kAmxChunk;
-        multiply_amx(a, lda, b, AmxRuns{1, 0, chunks}, rows, ncols > 32 ? 2 : 1, tile, amx_tiles);
-        for (int64_t r = 0; k0 < k4 && r < rows;) {  // the k-steps past the last whole chunk
-          const int mr = group_rows(path.rows, rows - r);
-          path.kernel(a + r * lda + k0, lda, b + k0 * kPackAlign, (k4 - k0) / 4, tile + r * kPackAlign, mr, vectors,
-                      false);
-          r += mr;
+        // a pair of tiles at a time through the epilogue, as conv_u8s8_amx does (the panel stays in L1)
+        for (int64_t r0 = 0; r0 < rows; r0 += 2 * kAmxRows) {
+          const int64_t block = std::min(2 * kAmxRows, rows - r0);
+          const uint8_t* ab = a + r0 * lda;
+          multiply_amx(ab, lda, b, AmxRuns{1, 0, chunks}, block, ncols > 32 ? 2 : 1, tile, amx_tiles);
+          for (int64_t r = 0; k0 < k4 && r < block;) {  // the k-steps past the last whole chunk
+            const int mr = group_rows(path.rows, block - r);
+            path.kernel(ab + r * lda + k0, lda, b + k0 * kPackAlign, (k4 - k0) / 4, tile + r * kPackAlign, mr,
+                        vectors, false);
+            r += mr;
+          }
+          path.epilogue(out_ep, panels[g * n_panels + panel], tile, row0 + r0, block, col0, ncols);
         }
-        path.epilogue(out_ep, panels[g * n_panels + panel], tile, row0, rows, col0, ncols);
         continue;
       }
       if (path.fused && ncols == kPackAlign && k4 <= kFusedMaxK) {
