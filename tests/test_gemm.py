@@ -630,12 +630,20 @@ AMX_WINDOW_CONVS = [  # batch, in_ch, h, w, out_ch, kernel, stride, padding, dil
     (2, 64, 5, 17, 64, (1, 3), 1, (0, 1), 1),      # one kernel row, padded across only
     (1, 64, 9, 33, 64, (3, 3), (2, 1), 1, 1),      # stride 2 down, 1 across: tiles within a row
 ]
+# Stride-2 convs over at most 4 channels (a stem) run on AMX tiles as a stride-1 conv over 2x2 blocks of 16 channels
+AMX_BLOCK_CONVS = [  # batch, in_ch, h, w, out_ch, kernel, stride, padding, dilation
+    (2, 3, 32, 30, 64, (7, 7), 2, 3, 1),           # ResNet's stem, small
+    (3, 4, 17, 19, 70, (8, 8), 2, (3, 2), 1),      # the largest kernel and channels, a second panel
+    (1, 1, 20, 21, 10, (3, 3), 2, 1, 1),           # one channel, a part panel
+    (1, 2, 16, 16, 32, (5, 4), 2, 0, 1),           # no padding, a half-panel
+]
 
 
 @pytest.mark.parametrize("streamed", [False, True], ids=["cached", "streamed"])
-@pytest.mark.parametrize("conv", DIRECT_CONVS + AMX_WINDOW_CONVS,
+@pytest.mark.parametrize("conv", DIRECT_CONVS + AMX_WINDOW_CONVS + AMX_BLOCK_CONVS,
                          ids=[f"direct{i}" for i in range(len(DIRECT_CONVS))]
-                         + [f"amx{i}" for i in range(len(AMX_WINDOW_CONVS))])
+                         + [f"amx{i}" for i in range(len(AMX_WINDOW_CONVS))]
+                         + [f"blocks{i}" for i in range(len(AMX_BLOCK_CONVS))])
 @pytest.mark.parametrize("x_zp", [0, 9])
 def test_int8_conv2d_direct(isa, monkeypatch, streamed, conv, x_zp):
     if streamed:

@@ -855,6 +855,7 @@ void conv_cpu(const ConvFront& f, const at::Tensor& x_q, int64_t x_zero_point, c
   const bool in_place = !direct && !amx && !depthwise && !pointwise && flip == 0 && groups == 1 && g.dil_w == 1 &&
                         windows_in_place(ocg, g.kh, run, isa);
   const bool amx_windows = amx && !depthwise && !pointwise && flip == 0 && amx_pads_windows(g);
+  const bool amx_blocks = amx && !depthwise && !amx_windows && flip == 0 && amx_takes_blocks(g);
   const int64_t run_stride = in_place ? padded_run : run;
   const Im2colSource im2col{x_bytes, g, static_cast<uint8_t>(static_cast<uint8_t>(x_zero_point) ^ flip), flip,
                             run_stride, round_up(g.kh * run_stride, 4)};
@@ -893,6 +894,8 @@ void conv_cpu(const ConvFront& f, const at::Tensor& x_q, int64_t x_zero_point, c
                         ep, isa);
   else if (amx_windows)
     conv_u8s8_amx(args, g, x_bytes, im2col.pad_byte, ep);
+  else if (amx_blocks)
+    conv_u8s8_amx_blocks(args, g, x_bytes, im2col.pad_byte, ep);
   else if (direct)
     conv_u8s8_direct(args, g, x_bytes, im2col.pad_byte, ep);
   else if (in_place)

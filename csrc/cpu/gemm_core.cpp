@@ -1425,7 +1425,7 @@ struct ScratchSlot {
   uint8_t* aligned = nullptr;  // data's first 64-byte boundary
   int64_t size = 0;
 };
-thread_local ScratchSlot scratch_slots[static_cast<int>(Scratch::PaddedInput) + 1];  // one per Scratch
+thread_local ScratchSlot scratch_slots[static_cast<int>(Scratch::Blocks) + 1];  // one per Scratch
 
 }  // namespace
 
@@ -1931,6 +1931,91 @@ void conv_u8s8_amx(const GemmArgs& args, const ConvGeometry& g, const uint8_t* x
     }
     if (out_ep.streaming) _mm_sfence();
   });
+}
+
+namespace {
+
+constexpr int64_t kBlockChannels = 16;  // the channels of a 2x2 block of pixels: kBlockColumns of them a k-chunk
+constexpr int64_t kBlockColumns = kAmxChunk / kBlockChannels;
+
+// The stride-1 conv over the 2x2 blocks of g's padded input (see conv_u8s8_amx_blocks): the same output pixels.
+ConvGeometry block_geometry(const ConvGeometry& g) {
+  ConvGeometry s = g;
+  s.channels = kBlockChannels;
+  s.kh = (g.kh + 1) / 2;
+  s.kw = kBlockColumns;
+  s.height = g.out_h + s.kh - 1;
+  s.width = g.out_w + s.kw - 1;
+  s.stride_h = s.stride_w = 1;
+  s.pad_h = s.pad_w = 0;
+  s.window = s.kh * s.kw * s.channels;
+  return s;
+}
+
+// Block pixel (u, v) of image b: channel (p * 2 + q) * C + c is the input's (2u + p - pad_h, 2v + q - pad_w, c),
+// pad_byte outside the input and in the channels past 4C.
+template <int C>
+void fill_blocks(const ConvGeometry& g, const ConvGeometry& s, const uint8_t* x, uint8_t pad_byte, uint8_t* z) {
+  at::parallel_for(0, s.batch * s.height, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / s.height, u = r % s.height;
+      uint8_t* out = z + r * s.width * kBlockChannels;
+      std::memset(out, pad_byte, s.width * kBlockChannels);
+      for (int p = 0; p < 2; ++p) {
+        const int64_t ih = 2 * u + p - g.pad_h;
+        if (ih < 0 || ih >= g.height) continue;
+        const uint8_t* in_row = x + (b * g.height + ih) * g.width * C;
+        for (int64_t v = 0; v < s.width; ++v)
+          for (int q = 0; q < 2; ++q) {
+            const int64_t iw = 2 * v + q - g.pad_w;
+            if (iw >= 0 && iw < g.width) std::memcpy(out + v * kBlockChannels + (p * 2 + q) * C, in_row + iw * C, C);
+          }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+bool amx_takes_blocks(const ConvGeometry& g) {
+  return g.groups == 1 && g.stride_h == 2 && g.stride_w == 2 && g.dil_h == 1 && g.dil_w == 1 && g.channels <= 4 &&
+         g.kh <= 8 && g.kw <= 8 && g.pad_h < g.kh && g.pad_w < g.kw && amx_pads_windows(block_geometry(g));
+}
+
+void conv_u8s8_amx_blocks(const GemmArgs& args, const ConvGeometry& g, const uint8_t* x, uint8_t pad_byte,
+                          const Epilogue& ep) {
+  const ConvGeometry s = block_geometry(g);
+  const int64_t c = g.channels;
+  const ScratchScope blocks_scope(Scratch::Blocks);
+  uint8_t* z = scratch_buffer(Scratch::Blocks, checked_mul("int8_conv2d", "the block input size", checked_mul(
+      "int8_conv2d", "the block input size", s.batch * s.height, s.width), kBlockChannels));
+  switch (c) {
+    case 1: fill_blocks<1>(g, s, x, pad_byte, z); break;
+    case 2: fill_blocks<2>(g, s, x, pad_byte, z); break;
+    case 3: fill_blocks<3>(g, s, x, pad_byte, z); break;
+    default: fill_blocks<4>(g, s, x, pad_byte, z); break;
+  }
+  // the weight of the block conv, packed as args.b is (panels of 64 columns, k-steps of 4 bytes): tap (i, j) channel
+  // ch goes to block tap (i / 2, j / 2), channel (i % 2 * 2 + j % 2) * C + ch
+  const int64_t n_panels = (args.n + kPackAlign - 1) / kPackAlign, kp = s.window;
+  int8_t* w = reinterpret_cast<int8_t*>(scratch_buffer(Scratch::Weights, n_panels * kPackAlign * kp));
+  std::memset(w, 0, n_panels * kPackAlign * kp);
+  for (int64_t oc = 0; oc < args.n; ++oc) {
+    const int8_t* from = args.b + oc / kPackAlign * args.ldb * kPackAlign + oc % kPackAlign * 4;
+    int8_t* to = w + oc / kPackAlign * kp * kPackAlign + oc % kPackAlign * 4;
+    for (int64_t i = 0; i < g.kh; ++i)
+      for (int64_t j = 0; j < g.kw; ++j)
+        for (int64_t ch = 0; ch < c; ++ch) {
+          const int64_t k = (i * g.kw + j) * c + ch;
+          const int64_t kb = ((i / 2) * kBlockColumns + j / 2) * kBlockChannels + (i % 2 * 2 + j % 2) * c + ch;
+          to[kb / 4 * kStepBytes + kb % 4] = from[k / 4 * kStepBytes + k % 4];
+        }
+  }
+  GemmArgs blocks = args;
+  blocks.b = w;
+  blocks.ldb = kp;
+  blocks.k = kp;
+  conv_u8s8_amx(blocks, s, z, pad_byte, ep);
 }
 
 void conv_u8s8_in_place(const GemmArgs& args, const ConvGeometry& g, const uint8_t* x, uint8_t pad_byte,

@@ -69,7 +69,7 @@ struct Epilogue {
 // fresh multi-megabyte allocation costs a page fault per 4 KB on first touch, as much as the packing itself, so a
 // buffer is kept for the next call, but only up to kScratchKeptBytes: a ScratchScope frees larger ones when it ends.
 // A failed allocation (std::bad_alloc, a MemoryError in Python) leaves the slot empty and usable.
-enum class Scratch { Activations = 0, Weights = 1, GemmRows = 2, WideOperands = 3, PaddedInput = 4 };
+enum class Scratch { Activations = 0, Weights = 1, GemmRows = 2, WideOperands = 3, PaddedInput = 4, Blocks = 5 };
 // per slot and thread: enough for the weight of a 4096 x 8192 int8_mm, so such calls keep their buffers (a fresh
 // 16 MiB buffer cost ~5 ms of page faults, a fifth of a 256 x 4096 x 4096 int8_mm)
 constexpr int64_t kScratchKeptBytes = int64_t{32} << 20;
@@ -170,6 +170,19 @@ bool amx_pads_windows(const ConvGeometry& g);
 // and not stored. args as for gemm_u8s8 with groups == 1 (k = kh * kw * channels, unpadded).
 void conv_u8s8_amx(const GemmArgs& args, const ConvGeometry& g, const uint8_t* x, uint8_t pad_byte,
                    const Epilogue& ep);
+
+// Whether conv_u8s8_amx_blocks takes the conv g: ungrouped, stride 2 both ways, undilated, at most 4 channels, a
+// kernel of at most 8 x 8 and padding narrower than it (a network's stem: 7x7 over 3 channels, whose 21-byte kernel
+// rows are no whole k-chunk), where the stride-1 conv it becomes is one conv_u8s8_amx takes.
+bool amx_takes_blocks(const ConvGeometry& g);
+
+// int8_conv2d on AMX tiles of a conv amx_takes_blocks takes, with uint8 channels-last x: each 2x2 block of the
+// padded input (the padding x's zero point) becomes one pixel of 16 channels (4 x channels, then the zero point),
+// which makes the conv an unpadded stride-1 conv with a ceil(kh / 2) x 4 kernel whose rows are one 64-byte k-chunk,
+// run by conv_u8s8_amx against the weight rearranged alike (zeros for the taps past kh x kw: ResNet's stem
+// multiplies 256 bytes of k for its 147). args as for gemm_u8s8 with groups == 1.
+void conv_u8s8_amx_blocks(const GemmArgs& args, const ConvGeometry& g, const uint8_t* x, uint8_t pad_byte,
+                          const Epilogue& ep);
 
 // The kernel taps a direct conv takes at most (one bit each in a 64-bit mask).
 constexpr int64_t kMaxDirectTaps = 64;
