@@ -49,12 +49,12 @@ def one_cpu_thread():
 # ---------------------------------------------------------------------------------------------------------------
 # helpers shared by the kernel tests (import them: `from conftest import assert_same, randint8`)
 
-# The CPU instruction-set paths (TORCHQUANT_CPU_ISA), best first
 # AOTInductor packages of torchquant's ops run on torch 2.13 and newer (torchquant.export.aoti_supported)
 requires_aoti = pytest.mark.skipif(not torchquant.export.aoti_supported(),
                                    reason=f"export_aoti needs torch 2.13 or newer, this is {torch.__version__}")
 
 
+# The CPU instruction-set paths (TORCHQUANT_CPU_ISA), best first
 ISAS = ["avx512_amx", "avx512_vnni", "avx2", "scalar"]
 
 

@@ -617,25 +617,28 @@ DIRECT_CONVS = [  # batch, in_ch, h, w, out_ch, kernel, stride, padding, dilatio
 ]
 # Ungrouped uint8 convs whose kernel rows are whole 64-byte k-chunks read their windows on AMX tiles (avx512_amx)
 # from a copy of the input with its padding; with stride 1 a tile's rows run on across output rows (the straddling
-# windows multiplied, not stored), else they stay in one output row of 16 or more pixels.
+# windows multiplied, not stored), else they stay in one output row. The path takes a conv when at least 7 of 8
+# multiplied pixels are stored (these are; the last two are not, and take im2col rows).
 AMX_WINDOW_CONVS = [  # batch, in_ch, h, w, out_ch, kernel, stride, padding, dilation
-    (2, 64, 6, 20, 64, (3, 3), 1, 1, 1),           # tiles across output rows (22-pixel padded rows), 2 images
-    (1, 64, 5, 40, 96, (3, 3), 2, 1, 1),           # stride 2: tiles within a row, a half-full second panel
-    (1, 128, 4, 21, 130, (3, 3), 1, 0, 1),         # no padding, 3 panels, 2 columns in the last
-    (1, 32, 7, 24, 64, (3, 2), 1, 1, (2, 1)),      # 2 x 32 channels a kernel row, dilated rows
+    (2, 64, 6, 40, 64, (3, 3), 1, 1, 1),           # tiles across output rows (42-pixel padded rows), 2 images
+    (1, 64, 5, 64, 96, (3, 3), 2, 1, 1),           # stride 2: tiles within a row, a half-full second panel
+    (1, 128, 4, 64, 130, (3, 3), 1, 0, 1),         # no padding, 3 panels, 2 columns in the last
+    (1, 32, 7, 64, 64, (3, 2), 1, 1, (2, 1)),      # 2 x 32 channels a kernel row, dilated rows
     (2, 64, 3, 120, 32, (3, 3), 1, 1, 1),          # several pieces an image, one half-panel
-    (1, 64, 3, 18, 64, (3, 3), 1, (2, 1), 1),      # padding taller than wide: whole padded rows in the windows
-    (3, 64, 7, 7, 64, (3, 3), 1, 1, 1),            # 7x7 images: 61 pixels of 9-pixel rows, one piece each
-    (1, 64, 2, 2, 64, (3, 3), 1, 1, 1),            # a 2x2 image: a piece mostly junk
+    (1, 64, 3, 64, 64, (3, 3), 1, (2, 1), 1),      # padding taller than wide: whole padded rows in the windows
     (2, 64, 5, 17, 64, (1, 3), 1, (0, 1), 1),      # one kernel row, padded across only
-    (1, 64, 9, 33, 64, (3, 3), (2, 1), 1, 1),      # stride 2 down, 1 across: tiles within a row
+    (1, 64, 9, 64, 64, (3, 3), (2, 1), 1, 1),      # stride 2 down, 1 across: tiles within a row
+    (3, 64, 7, 7, 64, (3, 3), 1, 1, 1),            # 7x7 images (49 of 64 stored): im2col rows
+    (1, 64, 2, 2, 64, (3, 3), 1, 1, 1),            # a 2x2 image: im2col rows
 ]
-# Stride-2 convs over at most 4 channels (a stem) run on AMX tiles as a stride-1 conv over 2x2 blocks of 16 channels
+# Stride-2 convs over at most 4 channels (a stem) run on AMX tiles as a stride-1 conv over 2x2 blocks of 16
+# channels, where that conv is one the padded-window path takes (these are; the last is not: im2col rows)
 AMX_BLOCK_CONVS = [  # batch, in_ch, h, w, out_ch, kernel, stride, padding, dilation
-    (2, 3, 32, 30, 64, (7, 7), 2, 3, 1),           # ResNet's stem, small
-    (3, 4, 17, 19, 70, (8, 8), 2, (3, 2), 1),      # the largest kernel and channels, a second panel
-    (1, 1, 20, 21, 10, (3, 3), 2, 1, 1),           # one channel, a part panel
-    (1, 2, 16, 16, 32, (5, 4), 2, 0, 1),           # no padding, a half-panel
+    (2, 3, 64, 64, 64, (7, 7), 2, 3, 1),           # ResNet's stem, smaller
+    (1, 4, 40, 120, 70, (8, 8), 2, (3, 2), 1),     # the largest kernel and channels, a second panel
+    (1, 1, 20, 130, 10, (3, 3), 2, 1, 1),          # one channel, a part panel
+    (1, 2, 16, 130, 32, (5, 4), 2, 0, 1),          # no padding, a half-panel
+    (2, 3, 32, 30, 64, (7, 7), 2, 3, 1),           # small images: im2col rows
 ]
 
 

@@ -1,5 +1,6 @@
 """The quantize family (quantize, dequantize, fake_quantize and its gradient, quantize_per_token, choose_qparams,
 quantization_error) against torch's own fake-quantize ops and torchquant.reference."""
+import copy
 import math
 
 import pytest
@@ -480,6 +481,10 @@ def test_value_check_once_per_tensor_version(device):
         fresh = torch.ones(3, device=device)  # no version counter: read each time
         assert device_values_hold(fresh, "test", positive) and device_values_hold(fresh, "test", positive)
     assert len(reads) == 7
+    copied = copy.deepcopy(scale)  # a copy carries no verdict: it is read once itself
+    assert device_values_hold(copied, "test", positive) and len(reads) == 8
+    scale.data = torch.full((6,), -1.0, device=device)  # new data under the same tensor: read again
+    assert not device_values_hold(scale, "test", positive) and len(reads) == 9
     if device != "cpu":  # the wrapper itself, after an in-place write to a scale it took before
         x = X.to(device)
         scale = torch.full((6,), 0.1, device=device)

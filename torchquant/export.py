@@ -1145,8 +1145,10 @@ AOTI_MIN_TORCH = (2, 13)
 
 
 def aoti_supported() -> bool:
-    """Whether this torch's AOTInductor can package torchquant's ops (export_aoti)."""
-    return torch.torch_version.TorchVersion(torch.__version__) >= AOTI_MIN_TORCH
+    """Whether this torch's AOTInductor can package torchquant's ops (export_aoti): its release, major.minor, at
+    least AOTI_MIN_TORCH (a 2.13 pre-release or source build counts as 2.13)."""
+    release = re.match(r"(\d+)\.(\d+)", torch.__version__)
+    return release is not None and (int(release[1]), int(release[2])) >= AOTI_MIN_TORCH
 
 
 def export_aoti(model: nn.Module, example_inputs: Union[torch.Tensor, Tuple[torch.Tensor, ...]],

@@ -1425,7 +1425,7 @@ struct ScratchSlot {
   uint8_t* aligned = nullptr;  // data's first 64-byte boundary
   int64_t size = 0;
 };
-thread_local ScratchSlot scratch_slots[static_cast<int>(Scratch::Blocks) + 1];  // one per Scratch
+thread_local ScratchSlot scratch_slots[static_cast<int>(Scratch::PaddedInput) + 1];  // one per Scratch
 
 }  // namespace
 
@@ -1804,43 +1804,6 @@ std::pair<int64_t, int64_t> inside_columns(const ConvGeometry& g) {
   return {std::min(lo, g.out_w), std::clamp(hi, std::min(lo, g.out_w), g.out_w)};
 }
 
-namespace {
-
-// The padded copy of the input that conv_u8s8_amx reads its windows from: images of (height + 2 pad_h) rows of
-// (width + 2 pad_w) pixels, the padding x's zero point, then `slack` bytes that the junk rows of the last tiles may
-// read.
-struct PaddedInput {
-  int64_t width, height, image_bytes, bytes;
-  explicit PaddedInput(const ConvGeometry& g, int64_t slack)
-      : width(g.width + 2 * g.pad_w),
-        height(g.height + 2 * g.pad_h),
-        image_bytes(checked_mul("int8_conv2d", "the padded input size", checked_mul("int8_conv2d",
-                                "the padded input size", width, height), g.channels)),
-        bytes(checked_add("int8_conv2d", "the padded input size",
-                          checked_mul("int8_conv2d", "the padded input size", image_bytes, g.batch), slack)) {}
-};
-
-void pad_input(const ConvGeometry& g, const uint8_t* x, uint8_t pad_byte, const PaddedInput& p, uint8_t* dst) {
-  const int64_t c = g.channels, row_bytes = p.width * c;
-  at::parallel_for(0, g.batch * p.height, std::max<int64_t>(1, (int64_t{1} << 16) / row_bytes),
-                   [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t b = r / p.height, ih = r % p.height - g.pad_h;
-      uint8_t* out = dst + r * row_bytes;
-      if (ih < 0 || ih >= g.height) {
-        std::memset(out, pad_byte, row_bytes);
-        continue;
-      }
-      std::memset(out, pad_byte, g.pad_w * c);
-      std::memcpy(out + g.pad_w * c, x + (b * g.height + ih) * g.width * c, g.width * c);
-      std::memset(out + (g.pad_w + g.width) * c, pad_byte, g.pad_w * c);
-    }
-  });
-  std::memset(dst + g.batch * p.image_bytes, pad_byte, p.bytes - g.batch * p.image_bytes);
-}
-
-}  // namespace
-
 // How conv_u8s8_amx splits the output pixels into work items. With stride 1 the pixels of an image run on through
 // the padded rows, pixel v = oh * padded width + ow reading its window at v * channels, so that a tile's rows may
 // span output rows; the pixels whose ow >= out_w are junk (the kw - 1 windows that straddle two padded rows),
@@ -1862,6 +1825,45 @@ struct AmxLines {
   int64_t line, lines, len, per_line;  // pixels a line, lines, pixels a piece, pieces a line
 };
 
+namespace {
+
+// The padded copy of the input that conv_u8s8_amx reads its windows from: images of (height + 2 pad_h) rows of
+// (width + 2 pad_w) pixels, the padding x's zero point, then the bytes that the junk rows of the last tiles may
+// read (a piece's rows past the line's end, and the last window's run).
+struct PaddedInput {
+  int64_t width, height, image_bytes, bytes;
+  explicit PaddedInput(const ConvGeometry& g)
+      : width(g.width + 2 * g.pad_w),
+        height(g.height + 2 * g.pad_h),
+        image_bytes(checked_mul("int8_conv2d", "the padded input size", checked_mul("int8_conv2d",
+                                "the padded input size", width, height), g.channels)),
+        bytes(checked_add("int8_conv2d", "the padded input size",
+                          checked_mul("int8_conv2d", "the padded input size", image_bytes, g.batch),
+                          (AmxLines(g).len * g.stride_w + g.kw) * g.channels)) {}
+  int64_t slack_offset(const ConvGeometry& g) const { return g.batch * image_bytes; }
+};
+
+void pad_input(const ConvGeometry& g, const uint8_t* x, uint8_t pad_byte, const PaddedInput& p, uint8_t* dst) {
+  const int64_t c = g.channels, row_bytes = p.width * c;
+  at::parallel_for(0, g.batch * p.height, std::max<int64_t>(1, (int64_t{1} << 16) / row_bytes),
+                   [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / p.height, ih = r % p.height - g.pad_h;
+      uint8_t* out = dst + r * row_bytes;
+      if (ih < 0 || ih >= g.height) {
+        std::memset(out, pad_byte, row_bytes);
+        continue;
+      }
+      std::memset(out, pad_byte, g.pad_w * c);
+      std::memcpy(out + g.pad_w * c, x + (b * g.height + ih) * g.width * c, g.width * c);
+      std::memset(out + (g.pad_w + g.width) * c, pad_byte, g.pad_w * c);
+    }
+  });
+  std::memset(dst + p.slack_offset(g), pad_byte, p.bytes - p.slack_offset(g));
+}
+
+}  // namespace
+
 bool amx_pads_windows(const ConvGeometry& g) {
   const int64_t extent_h = (g.kh - 1) * g.dil_h + 1;
   // padding no wider than the kernel ('same' convs: the padded copy is at most a few times the input), and at
@@ -1873,19 +1875,17 @@ bool amx_pads_windows(const ConvGeometry& g) {
   return lines.stored(g) * 8 >= lines.multiplied() * 7;
 }
 
-void conv_u8s8_amx(const GemmArgs& args, const ConvGeometry& g, const uint8_t* x, uint8_t pad_byte,
-                   const Epilogue& ep) {
+namespace {
+
+// conv_u8s8_amx on the padded input xp made already
+void conv_u8s8_amx_padded(const GemmArgs& args, const ConvGeometry& g, const PaddedInput& padded, const uint8_t* xp,
+                          const Epilogue& ep) {
   const IsaPath path = isa_path(CpuIsa::Avx512Vnni);  // its epilogue
   const int64_t c = g.channels, run = g.kw * c;  // whole k-chunks: args.k = kh * run
   const int64_t n_panels = (args.n + kPackAlign - 1) / kPackAlign;
   const AmxLines split(g);
   const auto [spans_rows, line, lines, len, per_line] = split;
   const int64_t a_row = g.stride_w * c;
-  const PaddedInput padded(g, checked_add("int8_conv2d", "the padded input size",
-                                          checked_mul("int8_conv2d", "the padded input size", len, a_row), run));
-  const ScratchScope padded_scope(Scratch::PaddedInput);
-  uint8_t* xp = scratch_buffer(Scratch::PaddedInput, padded.bytes);
-  pad_input(g, x, pad_byte, padded, xp);
   const int64_t kernel_rows_apart = g.dil_h * padded.width * c;
   const int64_t item_cost = (len + 4) * kPackAlign * args.k;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(item_cost, 1));
@@ -1931,6 +1931,17 @@ void conv_u8s8_amx(const GemmArgs& args, const ConvGeometry& g, const uint8_t* x
     }
     if (out_ep.streaming) _mm_sfence();
   });
+}
+
+}  // namespace
+
+void conv_u8s8_amx(const GemmArgs& args, const ConvGeometry& g, const uint8_t* x, uint8_t pad_byte,
+                   const Epilogue& ep) {
+  const PaddedInput padded(g);
+  const ScratchScope padded_scope(Scratch::PaddedInput);
+  uint8_t* xp = scratch_buffer(Scratch::PaddedInput, padded.bytes);
+  pad_input(g, x, pad_byte, padded, xp);
+  conv_u8s8_amx_padded(args, g, padded, xp, ep);
 }
 
 namespace {
@@ -1986,9 +1997,11 @@ void conv_u8s8_amx_blocks(const GemmArgs& args, const ConvGeometry& g, const uin
                           const Epilogue& ep) {
   const ConvGeometry s = block_geometry(g);
   const int64_t c = g.channels;
-  const ScratchScope blocks_scope(Scratch::Blocks);
-  uint8_t* z = scratch_buffer(Scratch::Blocks, checked_mul("int8_conv2d", "the block input size", checked_mul(
-      "int8_conv2d", "the block input size", s.batch * s.height, s.width), kBlockChannels));
+  // the blocks are the block conv's padded input (it has no padding): made straight into its buffer
+  const PaddedInput padded(s);
+  const ScratchScope padded_scope(Scratch::PaddedInput), weights_scope(Scratch::Weights);
+  uint8_t* z = scratch_buffer(Scratch::PaddedInput, padded.bytes);
+  std::memset(z + padded.slack_offset(s), pad_byte, padded.bytes - padded.slack_offset(s));
   switch (c) {
     case 1: fill_blocks<1>(g, s, x, pad_byte, z); break;
     case 2: fill_blocks<2>(g, s, x, pad_byte, z); break;
@@ -2015,7 +2028,7 @@ void conv_u8s8_amx_blocks(const GemmArgs& args, const ConvGeometry& g, const uin
   blocks.b = w;
   blocks.ldb = kp;
   blocks.k = kp;
-  conv_u8s8_amx(blocks, s, z, pad_byte, ep);
+  conv_u8s8_amx_padded(blocks, s, padded, z, ep);
 }
 
 void conv_u8s8_in_place(const GemmArgs& args, const ConvGeometry& g, const uint8_t* x, uint8_t pad_byte,

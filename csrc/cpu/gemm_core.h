@@ -69,7 +69,7 @@ struct Epilogue {
 // fresh multi-megabyte allocation costs a page fault per 4 KB on first touch, as much as the packing itself, so a
 // buffer is kept for the next call, but only up to kScratchKeptBytes: a ScratchScope frees larger ones when it ends.
 // A failed allocation (std::bad_alloc, a MemoryError in Python) leaves the slot empty and usable.
-enum class Scratch { Activations = 0, Weights = 1, GemmRows = 2, WideOperands = 3, PaddedInput = 4, Blocks = 5 };
+enum class Scratch { Activations = 0, Weights = 1, GemmRows = 2, WideOperands = 3, PaddedInput = 4 };
 // per slot and thread: enough for the weight of a 4096 x 8192 int8_mm, so such calls keep their buffers (a fresh
 // 16 MiB buffer cost ~5 ms of page faults, a fifth of a 256 x 4096 x 4096 int8_mm)
 constexpr int64_t kScratchKeptBytes = int64_t{32} << 20;
@@ -159,8 +159,8 @@ void conv_u8s8_in_place(const GemmArgs& args, const ConvGeometry& g, const uint8
 std::pair<int64_t, int64_t> inside_columns(const ConvGeometry& g);
 
 // Whether conv_u8s8_amx takes the conv g: groups == 1, undilated kernel rows of whole 64-byte k-chunks (kw *
-// channels a multiple of 64: 3x3 kernels over a multiple of 64 channels), padding narrower than the kernel, and
-// stride 1 or at least 16 output columns.
+// channels a multiple of 64: 3x3 kernels over a multiple of 64 channels), padding narrower than the kernel, and at
+// least 7 of 8 multiplied pixels stored (see AmxLines in gemm_core.cpp).
 bool amx_pads_windows(const ConvGeometry& g);
 
 // int8_conv2d on AMX tiles (the avx512_amx path) for a conv amx_pads_windows takes, with uint8 channels-last x: the

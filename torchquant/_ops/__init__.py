@@ -3,7 +3,8 @@
 Importing this package loads torchquant._C, which registers every op schema (csrc/ops.cpp) and the CPU
 (and, when built, CUDA) kernels with the dispatcher.
 """
-from typing import Callable
+import weakref
+from typing import Callable, Dict, Tuple
 
 import torch
 
@@ -28,23 +29,36 @@ def cpu_kernel_path() -> str:
     return ops.cpu_kernel_path()
 
 
+# The tensors device_values_hold found good: (id, check) -> (a weak reference to the tensor, its version and data
+# pointer then). Kept outside the tensor, so that a deep copy or a pickle of it carries no verdict along.
+_GOOD_VALUES: Dict[Tuple[int, str], Tuple[weakref.ref, int, int]] = {}
+_GOOD_VALUES_KEPT = 4096  # entries at most: past it the dead ones go, and if none are dead, all
+
+
 def device_values_hold(t: torch.Tensor, check: str, condition: Callable[[torch.Tensor], torch.Tensor]) -> bool:
     """Whether the boolean tensor condition(t) is true everywhere, for t on an accelerator: one device->host copy,
-    a device sync. A tensor found good is remembered with its version counter (which every in-place write
-    advances) under the name `check`, so that the same tensor, unchanged, is not read again: a layer's weight scale
-    or a calibrated input scale costs no sync per call. Inference tensors have no version counter: checked on
-    every call."""
+    a device sync. A tensor found good is remembered under the name `check` with its version counter, which every
+    in-place op on it advances, and its data pointer, so that the same tensor, unchanged, is not read again: a
+    layer's weight scale or a calibrated input scale costs no sync per call. A write that bypasses the version
+    counter (through `t.data` or the storage) is not seen until the tensor is written in place or replaced.
+    Inference tensors have no version counter: checked on every call."""
     try:
         version = t._version
     except RuntimeError:
         version = None
-    checked = t.__dict__.get("_torchquant_checked_versions")
-    if version is not None and checked is not None and checked.get(check) == version:
+    key = (id(t), check)
+    seen = _GOOD_VALUES.get(key)
+    if version is not None and seen is not None and seen[0]() is t and seen[1:] == (version, t.data_ptr()):
         return True
     if not bool(condition(t).all()):
         return False
     if version is not None:
-        t.__dict__.setdefault("_torchquant_checked_versions", {})[check] = version
+        if len(_GOOD_VALUES) >= _GOOD_VALUES_KEPT:
+            for dead in [k for k, (ref, _, _) in _GOOD_VALUES.items() if ref() is None]:
+                del _GOOD_VALUES[dead]
+            if len(_GOOD_VALUES) >= _GOOD_VALUES_KEPT:
+                _GOOD_VALUES.clear()
+        _GOOD_VALUES[key] = (weakref.ref(t), version, t.data_ptr())
     return True
 
 
