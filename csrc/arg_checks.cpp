@@ -248,14 +248,6 @@ LookupTensors prepare_quantized_lookup(const at::Tensor& x, const at::Tensor& ta
   return t;
 }
 
-namespace {
-
-// a / b rounded down and up, for any a and b >= 1 (C++ division truncates toward zero)
-int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-(a + 1)) / b) - 1; }
-int64_t ceil_div(int64_t a, int64_t b) { return a >= 0 ? a / b + (a % b != 0) : -((-a) / b); }
-
-}  // namespace
-
 PoolGeometry check_max_pool2d_arguments(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                         at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode) {
   constexpr const char* op = "quantized_max_pool2d";

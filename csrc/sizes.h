@@ -25,6 +25,10 @@ inline int64_t checked_add(const char* op, const char* what, int64_t a, int64_t 
   return a + b;
 }
 
+// a / b rounded down and up, for any a and b >= 1 (C++ division truncates toward zero)
+constexpr int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-(a + 1)) / b) - 1; }
+constexpr int64_t ceil_div(int64_t a, int64_t b) { return a >= 0 ? a / b + (a % b != 0) : -((-a) / b); }
+
 // x rounded up to a multiple of m (x >= 0, m >= 1).
 inline int64_t round_up(int64_t x, int64_t m) {
   TQ_CHECK(x <= std::numeric_limits<int64_t>::max() - (m - 1), "size ", x, " rounded up to a multiple of ", m,

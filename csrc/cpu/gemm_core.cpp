@@ -10,6 +10,7 @@
 #include <memory>
 #include <new>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include <ATen/Parallel.h>
@@ -1776,6 +1777,8 @@ void epilogue_tile(const Epilogue& ep, const PanelEpilogue& panel, const int32_t
   isa_path(isa).epilogue(ep, panel, tile, row0, rows, col0, ncols);
 }
 
+namespace {
+
 // The work of the convs that read windows in place: segments of <= kRowsPerChunk output pixels of one output row
 // (b, oh), split evenly; segment i's pixels and the first input row of their windows.
 struct RowSegments {
@@ -1785,8 +1788,8 @@ struct RowSegments {
   };
   explicit RowSegments(const ConvGeometry& geometry)
       : g(geometry),
-        per_row((g.out_w + kRowsPerChunk - 1) / kRowsPerChunk),
-        len((g.out_w + per_row - 1) / per_row),
+        per_row(ceil_div(g.out_w, kRowsPerChunk)),
+        len(ceil_div(g.out_w, per_row)),
         count(g.batch * g.out_h * per_row) {}
   Segment operator[](int64_t i) const {
     const int64_t image_row = i / per_row;  // b * out_h + oh
@@ -1798,6 +1801,7 @@ struct RowSegments {
   int64_t per_row, len, count;
 };
 
+// The output columns [first, last) whose windows lie inside the input's columns (undilated kernel rows).
 std::pair<int64_t, int64_t> inside_columns(const ConvGeometry& g) {
   const int64_t lo = (g.pad_w + g.stride_w - 1) / g.stride_w;
   const int64_t hi = g.width + g.pad_w >= g.kw ? (g.width + g.pad_w - g.kw) / g.stride_w + 1 : 0;
@@ -1817,15 +1821,12 @@ struct AmxLines {
         lines(spans_rows ? g.batch : g.batch * g.out_h),
         len(std::min(kRowsPerChunk, round_up(ceil_div(line, ceil_div(line, kRowsPerChunk)), 2 * kAmxRows))),
         per_line(ceil_div(line, len)) {}
-  static int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
   // the pixels a line stores, and those it multiplies
   int64_t stored(const ConvGeometry& g) const { return spans_rows ? g.out_h * g.out_w : g.out_w; }
   int64_t multiplied() const { return (per_line - 1) * len + round_up(line - (per_line - 1) * len, 2 * kAmxRows); }
   bool spans_rows;
   int64_t line, lines, len, per_line;  // pixels a line, lines, pixels a piece, pieces a line
 };
-
-namespace {
 
 // The padded copy of the input that conv_u8s8_amx reads its windows from: images of (height + 2 pad_h) rows of
 // (width + 2 pad_w) pixels, the padding x's zero point, then the bytes that the junk rows of the last tiles may

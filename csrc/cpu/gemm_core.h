@@ -10,7 +10,6 @@
 // Every path (AVX-512 VNNI, AVX2, scalar) reads the same packed layouts and produces the same integers.
 #pragma once
 #include <cstdint>
-#include <utility>
 #include <vector>
 
 #include "cpu/isa.h"
@@ -154,9 +153,6 @@ void epilogue_tile(const Epilogue& ep, const PanelEpilogue& panel, const int32_t
 // kernel. args as for gemm_u8s8 (m: the output pixels) with groups == 1.
 void conv_u8s8_in_place(const GemmArgs& args, const ConvGeometry& g, const uint8_t* x, uint8_t pad_byte,
                         const Epilogue& ep, CpuIsa isa);
-
-// The output columns [first, last) whose windows lie inside the input's columns (undilated kernel rows).
-std::pair<int64_t, int64_t> inside_columns(const ConvGeometry& g);
 
 // Whether conv_u8s8_amx takes the conv g: groups == 1, undilated kernel rows of whole 64-byte k-chunks (kw *
 // channels a multiple of 64: 3x3 kernels over a multiple of 64 channels), padding narrower than the kernel, and at
