@@ -257,10 +257,11 @@ class LayerMeasurement:
 @torch.no_grad()
 def measure_layers(float_model, quantized_model, batches: Sequence[torch.Tensor], *, names: Optional[set] = None,
              time_layers: bool = True, repeats: int = 5, progress: bool = False, desc: str = "measuring layers"
-             ) -> Tuple[Dict[str, LayerMeasurement], _ErrorSums, Optional[Tuple[float, float]]]:
+             ) -> Tuple[Dict[str, LayerMeasurement], _ErrorSums, Optional[Tuple[float, float, str]]]:
     """Per quantized layer (restricted to `names` when given): isolated output error over all batches and,
     with time_layers, the median latency of the float and the quantized layer on the first batch's input.
-    Also the end-to-end output error and (with time_layers) the whole models' latencies on the first batch."""
+    Also the end-to-end output error and (with time_layers) the whole models' latencies on the first batch, with the
+    name of the clock that timed them."""
     pairs = [(n, f, q) for n, f, q in _layer_pairs(float_model, quantized_model)
              if _is_quantized(q) and (names is None or n in names)]
     measured = {name: LayerMeasurement() for name, _, _ in pairs}
@@ -303,7 +304,7 @@ def measure_layers(float_model, quantized_model, batches: Sequence[torch.Tensor]
     model_latency = None
     if time_layers and batches:
         device = str(_first_tensor(batches[0]).device)
-        clock, _ = latency_clock(device)
+        clock, clock_name = latency_clock(device)
         for name, f, q in tqdm(pairs, desc="timing layers", disable=None if progress else True, leave=False):
             x = first_inputs.get(name)
             if x is None:  # a layer the model never called
@@ -317,7 +318,7 @@ def measure_layers(float_model, quantized_model, batches: Sequence[torch.Tensor]
         times = compare({"float": lambda: _run_batch(float_model, b, 0),
                          "quantized": lambda: _run_batch(quantized_model, b, 0)},
                         device=device, repeats=repeats, clock=clock)
-        model_latency = times["float"], times["quantized"]
+        model_latency = times["float"], times["quantized"], clock_name
     return measured, end_to_end, model_latency
 
 
@@ -422,12 +423,10 @@ def build_report(float_model: nn.Module, quantized_model: nn.Module, config=None
                          bytes_quantized=state_bytes(quantized_model), min_sqnr=min_sqnr, min_speedup=min_speedup,
                          decisions=decisions, notes=graph_notes)
     if batches:
-        first = _first_tensor(batches[0])  # (a model of several inputs: its first)
-        report.batch_shape = list(first.shape)
+        report.batch_shape = list(_first_tensor(batches[0]).shape)  # (a model of several inputs: its first)
         report.output_sqnr_db = end_to_end.sqnr_db
         if model_latency is not None:
-            report.latency_float_s, report.latency_quantized_s = model_latency
-            report.latency_clock = latency_clock(str(first.device))[1]
+            report.latency_float_s, report.latency_quantized_s, report.latency_clock = model_latency
     else:
         report.notes.append("no calibration or evaluation inputs: output errors and latencies not measured")
     if evaluation is not None:
