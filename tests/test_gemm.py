@@ -34,9 +34,15 @@ ODD = (1, 3, 17, 33)
 # beyond the odd sizes: several row chunks (<= 96 rows), k blocks (1024 bytes) and weight panels (64 columns), in
 # both work orders (activations under 512 KB: panel-major; above: chunk-major)
 LARGER = [(100, 300, 70), (130, 520, 129), (101, 260, 257), (200, 2700, 300)]
+# on AMX tiles (avx512_amx): work items of 8-16 rows sum a whole 64-column panel at once (a few tokens), larger ones
+# pairs of 16-row tiles; from 32 k-chunks (K >= 2048) each pair's epilogue runs while the next pair is summed; 193
+# rows make chunks of 96, 96 and 1 (the last on the VNNI kernel, after the AMX blocks on the same thread); K past
+# the last 64-byte chunk
+AMX_ROWS = [(12, 384, 1536), (8, 130, 64), (16, 64, 100), (9, 1536, 129), (193, 256, 130), (40, 200, 70),
+            (70, 64, 64), (193, 2100, 130), (40, 2048, 64)]
 
 
-@pytest.mark.parametrize("m,k,n", list(itertools.product(ODD, ODD, ODD)) + LARGER)
+@pytest.mark.parametrize("m,k,n", list(itertools.product(ODD, ODD, ODD)) + LARGER + AMX_ROWS)
 def test_int8_mm_exact(device, isa, m, k, n):
     g = torch.Generator().manual_seed(m * 10007 + k * 101 + n)
     a, b = randint8((m, k), device=device, generator=g), randint8((k, n), device=device, generator=g)
@@ -180,6 +186,28 @@ def test_int8_linear_requantized(device, isa, out_dtype, out_zp):
     assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01
     info = torch.iinfo(out_dtype)
     assert got.min() == info.min or got.max() == info.max  # the clamp was exercised
+
+
+# The epilogue is one code on every AVX-512 path: the float and requantized outputs of the AMX tiles are those of
+# the VNNI kernel bit for bit, whatever order the blocks go through it in
+@pytest.mark.parametrize("m,k,n", AMX_ROWS)
+def test_int8_linear_amx_matches_vnni(m, k, n):
+    if "avx512_amx" not in SUPPORTED_ISAS:
+        pytest.skip("this CPU has no AMX tiles")
+    g = torch.Generator().manual_seed(m + k + n)
+    x_q = torch.randint(0, 256, (m, k), dtype=torch.uint8, generator=g)
+    w, w_packed, w_sum, w_scale = quantized_weight(n, k, "cpu")
+    bias = torch.randn(n, generator=g)
+    x_scale = torch.rand(m, generator=g) + 0.01
+    for out in [dict(out_dtype=torch.float32), dict(out_dtype=torch.bfloat16),
+                dict(out_dtype=torch.uint8, out_scale=0.05, out_zero_point=3, clamp_min=0.0)]:
+        got = {}
+        for isa in ("avx512_amx", "avx512_vnni"):
+            with forced_isa(isa):
+                got[isa] = F.int8_linear(x_q, x_scale, 128, w_packed, w_sum, w_scale, bias, out_features=n, **out)
+        torch.testing.assert_close(got["avx512_amx"], got["avx512_vnni"], rtol=0, atol=0)
+    torch.testing.assert_close(got["avx512_amx"], reference.int8_linear(x_q, x_scale, 128, w, w_scale, bias, **out),
+                               rtol=0, atol=1)
 
 
 # Outputs of >= 16 MB (TORCHQUANT_STREAMING_BYTES: here 0, every output) are written with streaming stores where
@@ -628,6 +656,8 @@ AMX_WINDOW_CONVS = [  # batch, in_ch, h, w, out_ch, kernel, stride, padding, dil
     (1, 64, 3, 64, 64, (3, 3), 1, (2, 1), 1),      # padding taller than wide: whole padded rows in the windows
     (2, 64, 5, 17, 64, (1, 3), 1, (0, 1), 1),      # one kernel row, padded across only
     (1, 64, 9, 64, 64, (3, 3), (2, 1), 1, 1),      # stride 2 down, 1 across: tiles within a row
+    (1, 256, 4, 30, 64, (3, 3), 1, 1, 1),          # 36 k-chunks a tile: each block's epilogue during the next
+    (1, 256, 9, 64, 70, (3, 3), 2, 1, 1),          # the same within output rows, 2 panels
     (3, 64, 7, 7, 64, (3, 3), 1, 1, 1),            # 7x7 images (49 of 64 stored): im2col rows
     (1, 64, 2, 2, 64, (3, 3), 1, 1, 1),            # a 2x2 image: im2col rows
 ]

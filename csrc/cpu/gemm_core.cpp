@@ -376,7 +376,8 @@ TQ_TARGET_AVX2 void multiply_avx2_bytes(const uint8_t* a, int64_t a_row, const i
 // AMX (the avx512_amx path): tdpbusd multiplies a tile of 16 rows x 64 u8 activation bytes by a tile of 16 k-steps
 // x 16 columns x 4 s8 weights into 16 x 16 int32 sums, exactly (no saturation), 16384 multiply-adds an instruction.
 // A 16-column slice of a packed panel is such a weight tile as it lies (k-steps kStepBytes apart), and activation
-// rows are read in place. Blocks of 32 rows x 32 columns: 4 accumulator tiles, 2 activation and 2 weight tiles.
+// rows are read in place. Blocks of 32 rows x 32 columns: 4 accumulator tiles, 2 activation and 2 weight tiles
+// (16 rows x 64 columns when there is a single tile of rows).
 constexpr int64_t kAmxChunk = 64;  // bytes of k per tdpbusd
 constexpr int64_t kAmxRows = kAmxTileRows;  // (as int64_t for the row arithmetic)
 // the fewest rows of a work item that the AMX kernel takes: 12 x 384 x 1536 took 35 us on tiles against 46 us on
@@ -402,11 +403,52 @@ struct AmxTiles {
 };
 
 // tile[r][0..32 halves) = the sums over the k range `k` of `rows` activation rows from a on (a_row bytes apart) and
-// the packed panel at b (the caller adds any k past it), on the calling thread's tiles.
+// the packed panel at b (the caller adds any k past it), on the calling thread's tiles. between(step, steps) runs
+// after each of the `steps` k-chunk steps, while the tile unit works on them (PendingEpilogue's slices).
+template <class Between>
 TQ_TARGET_AMX void multiply_amx(const uint8_t* a, int64_t a_row, const int8_t* b, const AmxRuns& k, int64_t rows,
-                                int halves, int32_t* tile, AmxTiles& tiles) {
+                                int halves, int32_t* tile, AmxTiles& tiles, const Between& between) {
   constexpr int64_t tile_row = kPackAlign * sizeof(int32_t);  // bytes between the int32 tile's rows
   constexpr int64_t chunk_bytes = kAmxChunk / 4 * kStepBytes;  // the weight bytes of one k-chunk
+  const int64_t k_steps = k.count * k.chunks;
+  if (rows <= kAmxRows && halves == 2) {
+    // One tile of rows (a few tokens): the panel's four 16-column groups at once, one activation load a k-chunk and
+    // four independent sums in flight (two sums of one half at a time chained each product on the last: 12 x 1536
+    // x 384 took 27.6 us against 22.0 with the weights streaming from L3)
+    const int lo = static_cast<int>(rows);
+    if (lo != tiles.lo || lo != tiles.hi) {  // tiles 0-3 and the activation tile all `rows` rows
+      configure_amx(lo, lo);
+      tiles.lo = lo;
+      tiles.hi = lo;
+    }
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    const int8_t* wc = b;
+    for (int64_t i = 0; i < k.count; ++i) {
+      for (int64_t j = 0; j < k.chunks; ++j, wc += chunk_bytes) {
+        _tile_loadd(4, a + i * k.stride + j * kAmxChunk, a_row);
+        _tile_loadd(6, wc, kStepBytes);
+        _tile_loadd(7, wc + 64, kStepBytes);
+        _tile_dpbusd(0, 4, 6);
+        _tile_dpbusd(1, 4, 7);
+        _tile_loadd(6, wc + 128, kStepBytes);
+        _tile_loadd(7, wc + 192, kStepBytes);
+        _tile_dpbusd(2, 4, 6);
+        _tile_dpbusd(3, 4, 7);
+        between(i * k.chunks + j, k_steps);
+      }
+    }
+    _tile_stored(0, tile, tile_row);
+    _tile_stored(1, tile + 16, tile_row);
+    _tile_stored(2, tile + 32, tile_row);
+    _tile_stored(3, tile + 48, tile_row);
+    __asm__ volatile("" ::: "memory");  // (as below)
+    return;
+  }
+  const int64_t steps = ceil_div(rows, 2 * kAmxRows) * halves * k_steps;
+  int64_t step = 0;
   for (int64_t r0 = 0; r0 < rows; r0 += 2 * kAmxRows) {
     const int lo = static_cast<int>(std::min(kAmxRows, rows - r0));
     const int hi = static_cast<int>(std::clamp<int64_t>(rows - r0 - kAmxRows, 0, kAmxRows));
@@ -442,6 +484,7 @@ TQ_TARGET_AMX void multiply_amx(const uint8_t* a, int64_t a_row, const int8_t* b
             _tile_dpbusd(2, 5, 6);
             _tile_dpbusd(3, 5, 7);
           }
+          between(step++, steps);
         }
       }
       _tile_stored(0, out, tile_row);
@@ -678,9 +721,17 @@ void panel_epilogue(const Epilogue& ep, int64_t col0, int64_t ncols, PanelEpilog
   copy(c.bias, ep.bias, -0.0f);
   // y = float(v) * xs * scale + bias is NaN only from a NaN or infinite operand (or inf * 0 of an overflowed
   // product and a zero scale); y * inv_out_scale only from NaN y
-  c.may_be_nan = ep.row_scale != nullptr && (ep.per_row_scale || !std::isfinite(ep.row_scale[0]));
-  for (int64_t i = 0; i < ncols; ++i)
-    c.may_be_nan |= !std::isfinite(c.bias[i]) || !std::isfinite(c.scale[i]) || c.scale[i] == 0.0f;
+  // (tested on the bits, without branches: the loop vectorizes; it was most of a small GEMM's set-up)
+  uint32_t special = 0;
+  for (int64_t i = 0; i < ncols; ++i) {
+    uint32_t scale_bits, bias_bits;
+    std::memcpy(&scale_bits, &c.scale[i], 4);
+    std::memcpy(&bias_bits, &c.bias[i], 4);
+    special |= static_cast<uint32_t>((bias_bits & 0x7f800000u) == 0x7f800000u) |
+               static_cast<uint32_t>((scale_bits & 0x7f800000u) == 0x7f800000u) |
+               static_cast<uint32_t>((scale_bits & 0x7fffffffu) == 0);
+  }
+  c.may_be_nan = special != 0 || (ep.row_scale != nullptr && (ep.per_row_scale || !std::isfinite(ep.row_scale[0])));
   c.clamp_lo = ep.clamp.lo;
   c.clamp_hi = ep.clamp.hi;
   c.gelu = ep.gelu;
@@ -1239,6 +1290,99 @@ struct IsaPath {
   bool (*fits_byte_kernel)(const int8_t*, int64_t) = nullptr;
 };
 
+// A block of AMX sums waiting for the epilogue. Tile row r is output row out_row0 + r; or, where the conv's tiles
+// span output rows (padded_width > 0), padded pixel first_pixel + r of the image whose first output row is out_row0,
+// stored only where its column is below out_w (the rest straddle the border: junk).
+struct TileBlock {
+  const int32_t* tile = nullptr;
+  int64_t rows = 0;
+  const PanelEpilogue* panel = nullptr;
+  int64_t col0 = 0, ncols = 0, out_row0 = 0;
+  int64_t padded_width = 0, first_pixel = 0, out_w = 0;
+};
+
+// The epilogue of the last block a thread summed on tiles, run in slices between the k-chunk steps of its next block
+// (multiply_amx's `between`) where the blocks are deep: the vector work then overlaps the tile unit's. ResNet's 3x3
+// convs at batch 8, one thread: 256 channels (36 k-chunks a tile) 0.63 -> 0.54 ms, 512 channels 0.91 -> 0.86 ms,
+// 2048-deep GEMMs ~14 % faster; but 64 channels (9 k-chunks) 0.77 -> 0.85 ms and 128 (18) 0.61 -> 0.66 ms, so blocks
+// of fewer k-chunks go through the epilogue as soon as they are summed.
+// The caller keeps two tile buffers (the pending block's and the one being summed) and calls finish() before it
+// reuses the pending buffer or its thread is done.
+class PendingEpilogue {
+ public:
+  static constexpr int64_t kOverlapMinChunks = 32;  // k-chunks a tile of sums, to overlap
+
+  PendingEpilogue(const Epilogue& ep, const IsaPath& path, int64_t k_chunks)
+      : ep_(ep), path_(path), overlap_(k_chunks >= kOverlapMinChunks) {}
+  // whether blocks wait for the next one (the caller then sums into two tile buffers in turn; one otherwise, which
+  // keeps more of L1 for the weight panel)
+  bool overlaps() const { return overlap_; }
+  // multiply_amx(..., between) of a block: with the slices of this one where it overlaps, else with nothing between
+  // the steps (a check there slowed the shallow blocks)
+  template <class Multiply>
+  void multiply(const Multiply& multiply_amx_with) {
+    if (overlap_) {
+      multiply_amx_with([this](int64_t step, int64_t steps) { advance(step, steps); });
+    } else {
+      multiply_amx_with([](int64_t, int64_t) {});
+    }
+  }
+  // Runs the rest of the pending block, and makes `block` the pending one.
+  void start(const TileBlock& block) {
+    finish();
+    block_ = block;
+    done_ = 0;
+    if (block.padded_width > 0) {
+      row_ = block.first_pixel / block.padded_width;
+      column_ = block.first_pixel % block.padded_width;
+    }
+    if (!overlap_) finish();
+  }
+  // Step `step` of `steps` of the next block: the pending rows up to the step's share, in slices of at least
+  // kMinSlice rows (each slice costs a call and the epilogue's set-up).
+  void advance(int64_t step, int64_t steps) {
+    if (block_.tile == nullptr) return;
+    const int64_t end = (step + 1) * block_.rows / steps;
+    if (end - done_ >= kMinSlice || step + 1 == steps) run_to(end);
+  }
+  void finish() {
+    if (block_.tile == nullptr) return;
+    run_to(block_.rows);
+    block_.tile = nullptr;
+  }
+
+ private:
+  static constexpr int64_t kMinSlice = 4;
+
+  void run_to(int64_t end) {
+    const TileBlock& b = block_;
+    if (b.padded_width == 0 && end > done_) {
+      path_.epilogue(ep_, *b.panel, b.tile + done_ * kPackAlign, b.out_row0 + done_, end - done_, b.col0, b.ncols);
+      done_ = end;
+    }
+    while (done_ < end) {  // the pixels of each output row in rows [done_, end); (row_, column_): done_'s
+      const int64_t count = std::min((column_ < b.out_w ? b.out_w : b.padded_width) - column_, end - done_);
+      if (column_ < b.out_w) {
+        path_.epilogue(ep_, *b.panel, b.tile + done_ * kPackAlign, b.out_row0 + row_ * b.out_w + column_, count,
+                       b.col0, b.ncols);
+      }
+      done_ += count;
+      column_ += count;
+      if (column_ == b.padded_width) {
+        column_ = 0;
+        ++row_;
+      }
+    }
+  }
+
+  const Epilogue& ep_;
+  const IsaPath& path_;
+  const bool overlap_;
+  TileBlock block_;
+  int64_t done_ = 0;
+  int64_t row_ = 0, column_ = 0;  // the padded pixel of tile row done_ (conv tiles spanning output rows)
+};
+
 // The rows of the next microkernel call, `left` rows of the chunk remaining: full groups of `rows`, except that
 // the last 7 or 8 rows of a 6-row kernel go as 4 + 3 or 4 + 4. A kernel of 1 or 2 rows loads the same 4 weight
 // vectors per k-step as one of 6 for a third of the multiply-adds or less, so it runs bound by the loads (M = 20:
@@ -1510,8 +1654,11 @@ void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa) {
   const PanelEpilogues panels(out_ep, args.groups, args.n, isa);
 
   at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
-    alignas(64) int32_t tile[kRowsPerChunk * kPackAlign];
+    alignas(64) int32_t tile[kRowsPerChunk * kPackAlign];  // (on AMX: two blocks of 2 * kAmxRows rows, in turn)
+    static_assert(kRowsPerChunk >= 4 * kAmxRows);
     AmxTiles amx_tiles;  // (released when the thread is done)
+    PendingEpilogue pending(out_ep, path, k4 / kAmxChunk);
+    int amx_buffer = 0;
     std::optional<ScratchScope> chunk_scope;  // each thread's own chunk rows
     uint8_t* chunk_buffer = nullptr;
     if (rows_per_chunk) {
@@ -1546,17 +1693,23 @@ void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa) {
         for (int64_t r0 = 0; r0 < rows; r0 += 2 * kAmxRows) {
           const int64_t block = std::min(2 * kAmxRows, rows - r0);
           const uint8_t* ab = a + r0 * lda;
-          multiply_amx(ab, lda, b, AmxRuns{1, 0, chunks}, block, ncols > 32 ? 2 : 1, tile, amx_tiles);
+          int32_t* block_tile = tile + amx_buffer * 2 * kAmxRows * kPackAlign;
+          amx_buffer ^= static_cast<int>(pending.overlaps());
+          pending.multiply([&](const auto& between) {
+            multiply_amx(ab, lda, b, AmxRuns{1, 0, chunks}, block, ncols > 32 ? 2 : 1, block_tile, amx_tiles,
+                         between);
+          });
           for (int64_t r = 0; k0 < k4 && r < block;) {  // the k-steps past the last whole chunk
             const int mr = group_rows(path.rows, block - r);
-            path.kernel(ab + r * lda + k0, lda, b + k0 * kPackAlign, (k4 - k0) / 4, tile + r * kPackAlign, mr,
+            path.kernel(ab + r * lda + k0, lda, b + k0 * kPackAlign, (k4 - k0) / 4, block_tile + r * kPackAlign, mr,
                         vectors, false);
             r += mr;
           }
-          path.epilogue(out_ep, panels[g * n_panels + panel], tile, row0 + r0, block, col0, ncols);
+          pending.start(TileBlock{block_tile, block, &panels[g * n_panels + panel], col0, ncols, row0 + r0});
         }
         continue;
       }
+      pending.finish();  // (the other kernels sum into the whole tile buffer)
       if (path.fused && ncols == kPackAlign && k4 <= kFusedMaxK) {
         for (int64_t r = 0; r < rows;) {
           const int mr = group_rows(path.rows, rows - r);
@@ -1599,6 +1752,7 @@ void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa) {
       }
       path.epilogue(out_ep, panels[g * n_panels + panel], tile, row0, rows, col0, ncols);
     }
+    pending.finish();
     if (out_ep.streaming) _mm_sfence();  // streaming stores are weakly ordered: make them visible before the join
   });
 }
@@ -1894,8 +2048,10 @@ void conv_u8s8_amx_padded(const GemmArgs& args, const ConvGeometry& g, const Pad
   const PanelEpilogues panels(out_ep, 1, args.n, CpuIsa::Avx512Vnni);
 
   at::parallel_for(0, lines * per_line * n_panels, grain, [&](int64_t begin, int64_t end) {
-    alignas(64) int32_t tile[2 * kAmxRows * kPackAlign];
+    alignas(64) int32_t tiles[2][2 * kAmxRows * kPackAlign];  // the pending block's and the one being summed
     AmxTiles amx_tiles;  // (released when the thread is done)
+    PendingEpilogue pending(out_ep, path, g.kh * (run / kAmxChunk));
+    int buffer = 0;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t panel = item % n_panels, piece = item / n_panels;
       const int64_t line_index = piece / per_line, v0 = (piece % per_line) * len;
@@ -1906,30 +2062,27 @@ void conv_u8s8_amx_padded(const GemmArgs& args, const ConvGeometry& g, const Pad
       const uint8_t* a = xp + b * padded.image_bytes + (oh * g.stride_h * padded.width + v0 * g.stride_w) * c;
       const int8_t* w = args.b + panel * args.ldb * kPackAlign;
       const int64_t ncols = std::min(kPackAlign, args.n - panel * kPackAlign);
-      // a pair of tiles at a time, each stored through the epilogue at once: the sums of a whole piece (24 KB)
-      // pushed the weight panel out of L1 between the pairs
+      // a pair of tiles at a time, each through the epilogue while the next pair is summed: the sums of a whole
+      // piece (24 KB) pushed the weight panel out of L1 between the pairs
       for (int64_t r0 = 0; r0 < rows; r0 += 2 * kAmxRows) {
         const int64_t block = std::min(2 * kAmxRows, rows - r0);
-        multiply_amx(a + r0 * a_row, a_row, w, AmxRuns{g.kh, kernel_rows_apart, run / kAmxChunk}, 2 * kAmxRows,
-                     ncols > 32 ? 2 : 1, tile, amx_tiles);
-        if (!spans_rows) {
-          path.epilogue(out_ep, panels[panel], tile, line_index * g.out_w + v0 + r0, block, panel * kPackAlign,
-                        ncols);
-          continue;
+        int32_t* tile = tiles[buffer];
+        buffer ^= static_cast<int>(pending.overlaps());
+        pending.multiply([&](const auto& between) {
+          multiply_amx(a + r0 * a_row, a_row, w, AmxRuns{g.kh, kernel_rows_apart, run / kAmxChunk}, 2 * kAmxRows,
+                       ncols > 32 ? 2 : 1, tile, amx_tiles, between);
+        });
+        TileBlock summed{tile, block, &panels[panel], panel * kPackAlign, ncols, line_index * g.out_w + v0 + r0};
+        if (spans_rows) {
+          summed.out_row0 = b * g.out_h * g.out_w;
+          summed.padded_width = padded.width;
+          summed.first_pixel = v0 + r0;
+          summed.out_w = g.out_w;
         }
-        for (int64_t v = v0 + r0; v < v0 + r0 + block;) {  // the pixels of each output row the block holds
-          const int64_t row = v / padded.width, ow = v % padded.width;
-          if (ow >= g.out_w) {
-            v = (row + 1) * padded.width;
-            continue;
-          }
-          const int64_t count = std::min(g.out_w - ow, v0 + r0 + block - v);
-          path.epilogue(out_ep, panels[panel], tile + (v - v0 - r0) * kPackAlign, (b * g.out_h + row) * g.out_w + ow,
-                        count, panel * kPackAlign, ncols);
-          v += count;
-        }
+        pending.start(summed);
       }
     }
+    pending.finish();
     if (out_ep.streaming) _mm_sfence();
   });
 }

@@ -37,7 +37,7 @@
 namespace torchquant {
 namespace {
 
-constexpr int64_t kGrain = 1 << 16;          // elements per parallel task: tensors below this stay on one thread
+constexpr int64_t kGrain = 1 << 15;          // elements per parallel task: tensors below this stay on one thread
 constexpr int64_t kBroadcastRowMin = 16;     // rows at least this long use broadcast parameters
 constexpr int64_t kParamChunk = 512;         // elements per per-element parameter buffer
 
