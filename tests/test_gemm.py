@@ -35,11 +35,11 @@ ODD = (1, 3, 17, 33)
 # both work orders (activations under 512 KB: panel-major; above: chunk-major)
 LARGER = [(100, 300, 70), (130, 520, 129), (101, 260, 257), (200, 2700, 300)]
 # on AMX tiles (avx512_amx): work items of 8-16 rows sum a whole 64-column panel at once (a few tokens), larger ones
-# pairs of 16-row tiles; from 32 k-chunks (K >= 2048) each pair's epilogue runs while the next pair is summed; 193
+# pairs of 16-row tiles; from 16 k-chunks (K >= 1024) each pair's epilogue runs while the next pair is summed; 193
 # rows make chunks of 96, 96 and 1 (the last on the VNNI kernel, after the AMX blocks on the same thread); K past
 # the last 64-byte chunk
 AMX_ROWS = [(12, 384, 1536), (8, 130, 64), (16, 64, 100), (9, 1536, 129), (193, 256, 130), (40, 200, 70),
-            (70, 64, 64), (193, 2100, 130), (40, 2048, 64)]
+            (70, 64, 64), (193, 2100, 130), (40, 2048, 64), (70, 1536, 130)]
 
 
 @pytest.mark.parametrize("m,k,n", list(itertools.product(ODD, ODD, ODD)) + LARGER + AMX_ROWS)

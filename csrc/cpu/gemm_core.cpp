@@ -1290,6 +1290,14 @@ struct IsaPath {
   bool (*fits_byte_kernel)(const int8_t*, int64_t) = nullptr;
 };
 
+// The fewest k-chunks of a block of AMX sums whose epilogue overlaps the next block's products (PendingEpilogue), one
+// thread, batch 8. GEMMs: 640 x 1536 x 384 (24 chunks) 282 -> 225 us, 1568 x 1024 x 256 (16) 303 -> 290 us, but
+// 4- and 8-chunk ones up to 15 % slower. ResNet's 3x3 convs: 256 channels (36 chunks) 0.63 -> 0.54 ms, 512 (72)
+// 0.91 -> 0.86 ms, but 128 (18) 0.61 -> 0.65 ms and 64 (9) 0.77 -> 0.85 ms: their padded windows and weight panel
+// fill L1 with one tile buffer already.
+constexpr int64_t kGemmOverlapMinChunks = 16;
+constexpr int64_t kConvOverlapMinChunks = 32;
+
 // A block of AMX sums waiting for the epilogue. Tile row r is output row out_row0 + r; or, where the conv's tiles
 // span output rows (padded_width > 0), padded pixel first_pixel + r of the image whose first output row is out_row0,
 // stored only where its column is below out_w (the rest straddle the border: junk).
@@ -1302,18 +1310,13 @@ struct TileBlock {
 };
 
 // The epilogue of the last block a thread summed on tiles, run in slices between the k-chunk steps of its next block
-// (multiply_amx's `between`) where the blocks are deep: the vector work then overlaps the tile unit's. ResNet's 3x3
-// convs at batch 8, one thread: 256 channels (36 k-chunks a tile) 0.63 -> 0.54 ms, 512 channels 0.91 -> 0.86 ms,
-// 2048-deep GEMMs ~14 % faster; but 64 channels (9 k-chunks) 0.77 -> 0.85 ms and 128 (18) 0.61 -> 0.66 ms, so blocks
-// of fewer k-chunks go through the epilogue as soon as they are summed.
-// The caller keeps two tile buffers (the pending block's and the one being summed) and calls finish() before it
-// reuses the pending buffer or its thread is done.
+// (multiply_amx's `between`) where the blocks are deep: the vector work then overlaps the tile unit's. Shallower
+// blocks go through the epilogue as soon as they are summed (overlap false). The caller keeps two tile buffers (the
+// pending block's and the one being summed) and calls finish() before it reuses the pending buffer or its thread is
+// done.
 class PendingEpilogue {
  public:
-  static constexpr int64_t kOverlapMinChunks = 32;  // k-chunks a tile of sums, to overlap
-
-  PendingEpilogue(const Epilogue& ep, const IsaPath& path, int64_t k_chunks)
-      : ep_(ep), path_(path), overlap_(k_chunks >= kOverlapMinChunks) {}
+  PendingEpilogue(const Epilogue& ep, const IsaPath& path, bool overlap) : ep_(ep), path_(path), overlap_(overlap) {}
   // whether blocks wait for the next one (the caller then sums into two tile buffers in turn; one otherwise, which
   // keeps more of L1 for the weight panel)
   bool overlaps() const { return overlap_; }
@@ -1657,7 +1660,7 @@ void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa) {
     alignas(64) int32_t tile[kRowsPerChunk * kPackAlign];  // (on AMX: two blocks of 2 * kAmxRows rows, in turn)
     static_assert(kRowsPerChunk >= 4 * kAmxRows);
     AmxTiles amx_tiles;  // (released when the thread is done)
-    PendingEpilogue pending(out_ep, path, k4 / kAmxChunk);
+    PendingEpilogue pending(out_ep, path, k4 / kAmxChunk >= kGemmOverlapMinChunks);
     int amx_buffer = 0;
     std::optional<ScratchScope> chunk_scope;  // each thread's own chunk rows
     uint8_t* chunk_buffer = nullptr;
@@ -2052,7 +2055,7 @@ void conv_u8s8_amx_padded(const GemmArgs& args, const ConvGeometry& g, const Pad
   at::parallel_for(0, lines * per_line * n_panels, grain, [&](int64_t begin, int64_t end) {
     alignas(64) int32_t tiles[2][2 * kAmxRows * kPackAlign];  // the pending block's and the one being summed
     AmxTiles amx_tiles;  // (released when the thread is done)
-    PendingEpilogue pending(out_ep, path, g.kh * (run / kAmxChunk));
+    PendingEpilogue pending(out_ep, path, g.kh * (run / kAmxChunk) >= kConvOverlapMinChunks);
     int buffer = 0;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t panel = item % n_panels, piece = item / n_panels;
