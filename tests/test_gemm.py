@@ -34,8 +34,8 @@ ODD = (1, 3, 17, 33)
 # beyond the odd sizes: several row chunks (<= 96 rows), k blocks (1024 bytes) and weight panels (64 columns), in
 # both work orders (activations under 512 KB: panel-major; above: chunk-major)
 LARGER = [(100, 300, 70), (130, 520, 129), (101, 260, 257), (200, 2700, 300)]
-# on AMX tiles (avx512_amx): work items of 8-16 rows sum a whole 64-column panel at once (a few tokens), larger ones
-# pairs of 16-row tiles; from 16 k-chunks (K >= 1024) each pair's epilogue runs while the next pair is summed; 193
+# on AMX tiles (avx512_amx): blocks of at most 16 rows (work items of 8-16 rows, the last rows of larger ones) sum a
+# whole 64-column panel at once, larger ones pairs of 16-row tiles; from 16 k-chunks (K >= 1024) each pair's epilogue runs while the next pair is summed; 193
 # rows make chunks of 96, 96 and 1 (the last on the VNNI kernel, after the AMX blocks on the same thread); K past
 # the last 64-byte chunk
 AMX_ROWS = [(12, 384, 1536), (8, 130, 64), (16, 64, 100), (9, 1536, 129), (193, 256, 130), (40, 200, 70),
@@ -186,6 +186,37 @@ def test_int8_linear_requantized(device, isa, out_dtype, out_zp):
     assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01
     info = torch.iinfo(out_dtype)
     assert got.min() == info.min or got.max() == info.max  # the clamp was exercised
+
+
+# With one thread every block of a thread's work but its first waits for the next one's products (PendingEpilogue),
+# the last rows of a 193-row GEMM run on the VNNI kernel after AMX blocks, and conv slices start in junk columns
+@pytest.mark.parametrize("case", ["gemm", "conv"])
+def test_amx_overlapped_epilogue_one_thread(monkeypatch, case):
+    if "avx512_amx" not in SUPPORTED_ISAS:
+        pytest.skip("this CPU has no AMX tiles")
+    monkeypatch.setenv("TORCHQUANT_CPU_ISA", "avx512_amx")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        if case == "gemm":
+            for m, k, n in [(193, 2100, 130), (70, 1536, 130), (9, 1536, 129)]:
+                g = torch.Generator().manual_seed(m + k)
+                a, b = randint8((m, k), generator=g), randint8((k, n), generator=g)
+                torch.testing.assert_close(F.int8_mm(a, b), reference.int8_mm(a, b), rtol=0, atol=0)
+            return
+        for b, c, h, w_, oc, kernel, stride, padding, dilation in AMX_WINDOW_CONVS:
+            if c < 256:  # (fewer than 32 k-chunks a block: no overlap)
+                continue
+            g = torch.Generator().manual_seed(oc + h)
+            x_q = torch.randint(0, 256, (b, c, h, w_), dtype=torch.uint8, generator=g)
+            w_q = randint8((oc, c, *kernel), generator=g)
+            kwargs = dict(stride=stride, padding=padding, dilation=dilation)
+            got = F.int8_conv2d(x_q, 1.0, 3, F.pack_conv_weight(w_q), w_q.sum((1, 2, 3), dtype=torch.int32),
+                                torch.ones(oc), out_channels=oc, kernel_size=kernel, **kwargs)
+            torch.testing.assert_close(got, reference.int8_conv2d(x_q, 1.0, 3, w_q, torch.ones(oc), **kwargs),
+                                       rtol=0, atol=0)
+    finally:
+        torch.set_num_threads(threads)
 
 
 # The epilogue is one code on every AVX-512 path: the float and requantized outputs of the AMX tiles are those of
@@ -637,6 +668,7 @@ DIRECT_CONVS = [  # batch, in_ch, h, w, out_ch, kernel, stride, padding, dilatio
     (3, 4, 9, 11, 128, (3, 3), 2, 1, 1),           # stride, two panels, non-square input
     (1, 16, 12, 10, 64, (5, 3), 1, (2, 1), (2, 1)),  # non-square dilated kernel
     (2, 12, 6, 5, 64, (1, 1), 2, 0, 1),            # 1x1 with stride 2 (not the in-place pointwise GEMM)
+    (1, 64, 9, 9, 64, (1, 1), 2, 0, 1),            # the same over whole 64-byte rows (AMX: im2col rows, no padded copy)
     (1, 4, 5, 6, 64, (8, 8), 1, 4, 1),             # 64 taps, the most a direct conv takes
     (1, 8, 4, 4, 64, (3, 3), 1, 4, 1),             # padding wider than the kernel: pixels with no tap inside
     (1, 4, 3, 3, 64, (9, 9), 1, 3, 1),             # 81 taps: the GEMM path
@@ -658,6 +690,7 @@ AMX_WINDOW_CONVS = [  # batch, in_ch, h, w, out_ch, kernel, stride, padding, dil
     (1, 64, 9, 64, 64, (3, 3), (2, 1), 1, 1),      # stride 2 down, 1 across: tiles within a row
     (1, 256, 4, 30, 64, (3, 3), 1, 1, 1),          # 36 k-chunks a tile: each block's epilogue during the next
     (1, 256, 9, 64, 70, (3, 3), 2, 1, 1),          # the same within output rows, 2 panels
+    (1, 256, 5, 29, 64, (3, 3), 1, 1, 1),          # the same, slices starting in the junk columns (31-pixel rows)
     (3, 64, 7, 7, 64, (3, 3), 1, 1, 1),            # 7x7 images (49 of 64 stored): im2col rows
     (1, 64, 2, 2, 64, (3, 3), 1, 1, 1),            # a 2x2 image: im2col rows
 ]

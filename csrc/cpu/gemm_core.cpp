@@ -727,9 +727,11 @@ void panel_epilogue(const Epilogue& ep, int64_t col0, int64_t ncols, PanelEpilog
     uint32_t scale_bits, bias_bits;
     std::memcpy(&scale_bits, &c.scale[i], 4);
     std::memcpy(&bias_bits, &c.bias[i], 4);
+    // a bias or scale inf or NaN (all exponent bits), or a scale of zero exponent: zero, or subnormal (zero where
+    // denormals flush)
     special |= static_cast<uint32_t>((bias_bits & 0x7f800000u) == 0x7f800000u) |
                static_cast<uint32_t>((scale_bits & 0x7f800000u) == 0x7f800000u) |
-               static_cast<uint32_t>((scale_bits & 0x7fffffffu) == 0);
+               static_cast<uint32_t>((scale_bits & 0x7f800000u) == 0);
   }
   c.may_be_nan = special != 0 || (ep.row_scale != nullptr && (ep.per_row_scale || !std::isfinite(ep.row_scale[0])));
   c.clamp_lo = ep.clamp.lo;
@@ -1313,7 +1315,8 @@ struct TileBlock {
 // (multiply_amx's `between`) where the blocks are deep: the vector work then overlaps the tile unit's. Shallower
 // blocks go through the epilogue as soon as they are summed (overlap false). The caller keeps two tile buffers (the
 // pending block's and the one being summed) and calls finish() before it reuses the pending buffer or its thread is
-// done.
+// done. The epilogue runs while the next block's sums are live in the tiles: it is compiled without AMX, and the ABI
+// leaves tile registers to the caller, so it must stay tile-free.
 class PendingEpilogue {
  public:
   PendingEpilogue(const Epilogue& ep, const IsaPath& path, bool overlap) : ep_(ep), path_(path), overlap_(overlap) {}

@@ -199,7 +199,7 @@ TQ_TARGET inline void vstore(uint8_t* p, V v) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(v)));
 }
 // Four vectors of integers inside Out's range as 4 * W bytes in order (the packs never saturate them): one 64-byte
-// store and fewer shuffle-port operations than four vstore (per-tensor quantize 1M floats: 215 -> 199 us).
+// store and fewer shuffle-port operations than four vstore (per-tensor float32 quantize at 64K: 7.06 -> 6.13 us).
 template <class Out>
 TQ_TARGET inline void vstore4(Out* p, V a, V b, V c, V d) {
   const __m512i ab = _mm512_packs_epi32(_mm512_cvtps_epi32(a), _mm512_cvtps_epi32(b));
