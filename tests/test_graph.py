@@ -2147,6 +2147,7 @@ def test_report_shows_folding_fusion_and_pipeline_counts():
     assert rows["head"].quantized and rows["head"].output_sqnr_db > 20
     assert any("2 integer add(s) (2 fused into a conv's epilogue)" in note for note in report.notes)
     assert report.output_sqnr_db > 20
+    assert not any("each layer alone" in note for note in report.notes)  # (no latencies measured)
 
 
 def test_cli_convert_and_report_use_the_pipeline(tmp_path, capsys):
@@ -2158,6 +2159,8 @@ def test_cli_convert_and_report_use_the_pipeline(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "bn folded (bn1); integer input, ReLU fused, uint8 output" in text
     assert "integer pipeline:" in text
+    # the per-layer latencies time each layer alone, which the table says (the pipeline's calls differ)
+    assert "float us / quant us: each layer alone, from a float input to a float output" in text
     from torchquant.examples import DigitsBNCNN
     loaded = tq.load(out, DigitsBNCNN())
     assert graph.is_pipeline(loaded) and graph._meta(loaded)["converted"]

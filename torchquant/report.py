@@ -427,6 +427,10 @@ def build_report(float_model: nn.Module, quantized_model: nn.Module, config=None
         report.output_sqnr_db = end_to_end.sqnr_db
         if model_latency is not None:
             report.latency_float_s, report.latency_quantized_s, report.latency_clock = model_latency
+            if fused:  # a pipeline's layer timed alone is not the call the pipeline makes
+                report.notes.append("float us / quant us: each layer alone, from a float input to a float output; "
+                                    "the integer pipeline passes integers between its layers (its time: the "
+                                    "latency line)")
     else:
         report.notes.append("no calibration or evaluation inputs: output errors and latencies not measured")
     if evaluation is not None:
