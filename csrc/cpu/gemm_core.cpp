@@ -1313,16 +1313,17 @@ struct TileBlock {
 
 // The epilogue of the last block a thread summed on tiles, run in slices between the k-chunk steps of its next block
 // (multiply_amx's `between`) where the blocks are deep: the vector work then overlaps the tile unit's. Shallower
-// blocks go through the epilogue as soon as they are summed (overlap false). The caller keeps two tile buffers (the
-// pending block's and the one being summed) and calls finish() before it reuses the pending buffer or its thread is
-// done. The epilogue runs while the next block's sums are live in the tiles: it is compiled without AMX, and the ABI
-// leaves tile registers to the caller, so it must stay tile-free.
+// blocks go through the epilogue as soon as they are summed (overlap false). Blocks are summed into free_tile(), one
+// of the caller's two tile buffers (of 2 * kAmxRows rows); the caller calls finish() before its other kernels reuse
+// those buffers or its thread is done. The epilogue runs while the next block's sums are live in the tiles: it is
+// compiled without AMX, and the ABI leaves tile registers to the caller, so it must stay tile-free.
 class PendingEpilogue {
  public:
-  PendingEpilogue(const Epilogue& ep, const IsaPath& path, bool overlap) : ep_(ep), path_(path), overlap_(overlap) {}
-  // whether blocks wait for the next one (the caller then sums into two tile buffers in turn; one otherwise, which
-  // keeps more of L1 for the weight panel)
-  bool overlaps() const { return overlap_; }
+  PendingEpilogue(const Epilogue& ep, const IsaPath& path, bool overlap, int32_t* buffer0, int32_t* buffer1)
+      : ep_(ep), path_(path), overlap_(overlap), buffers_{buffer0, buffer1} {}
+  // the buffer the pending block is not in: with no block pending (always, where blocks do not overlap) the first,
+  // so that the second stays out of L1 and leaves it to the weight panel
+  int32_t* free_tile() const { return block_.tile == buffers_[0] ? buffers_[1] : buffers_[0]; }
   // multiply_amx(..., between) of a block: with the slices of this one where it overlaps, else with nothing between
   // the steps (a check there slowed the shallow blocks)
   template <class Multiply>
@@ -1362,9 +1363,12 @@ class PendingEpilogue {
 
   void run_to(int64_t end) {
     const TileBlock& b = block_;
-    if (b.padded_width == 0 && end > done_) {
-      path_.epilogue(ep_, *b.panel, b.tile + done_ * kPackAlign, b.out_row0 + done_, end - done_, b.col0, b.ncols);
-      done_ = end;
+    if (b.padded_width == 0) {
+      if (end > done_) {
+        path_.epilogue(ep_, *b.panel, b.tile + done_ * kPackAlign, b.out_row0 + done_, end - done_, b.col0, b.ncols);
+        done_ = end;
+      }
+      return;
     }
     while (done_ < end) {  // the pixels of each output row in rows [done_, end); (row_, column_): done_'s
       const int64_t count = std::min((column_ < b.out_w ? b.out_w : b.padded_width) - column_, end - done_);
@@ -1384,6 +1388,7 @@ class PendingEpilogue {
   const Epilogue& ep_;
   const IsaPath& path_;
   const bool overlap_;
+  int32_t* const buffers_[2];
   TileBlock block_;
   int64_t done_ = 0;
   int64_t row_ = 0, column_ = 0;  // the padded pixel of tile row done_ (conv tiles spanning output rows)
@@ -1660,11 +1665,11 @@ void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa) {
   const PanelEpilogues panels(out_ep, args.groups, args.n, isa);
 
   at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
-    alignas(64) int32_t tile[kRowsPerChunk * kPackAlign];  // (on AMX: two blocks of 2 * kAmxRows rows, in turn)
+    alignas(64) int32_t tile[kRowsPerChunk * kPackAlign];  // (on AMX: PendingEpilogue's two buffers)
     static_assert(kRowsPerChunk >= 4 * kAmxRows);
     AmxTiles amx_tiles;  // (released when the thread is done)
-    PendingEpilogue pending(out_ep, path, k4 / kAmxChunk >= kGemmOverlapMinChunks);
-    int amx_buffer = 0;
+    PendingEpilogue pending(out_ep, path, k4 / kAmxChunk >= kGemmOverlapMinChunks, tile,
+                            tile + 2 * kAmxRows * kPackAlign);
     std::optional<ScratchScope> chunk_scope;  // each thread's own chunk rows
     uint8_t* chunk_buffer = nullptr;
     if (rows_per_chunk) {
@@ -1699,8 +1704,7 @@ void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa) {
         for (int64_t r0 = 0; r0 < rows; r0 += 2 * kAmxRows) {
           const int64_t block = std::min(2 * kAmxRows, rows - r0);
           const uint8_t* ab = a + r0 * lda;
-          int32_t* block_tile = tile + amx_buffer * 2 * kAmxRows * kPackAlign;
-          amx_buffer ^= static_cast<int>(pending.overlaps());
+          int32_t* block_tile = pending.free_tile();
           pending.multiply([&](const auto& between) {
             multiply_amx(ab, lda, b, AmxRuns{1, 0, chunks}, block, ncols > 32 ? 2 : 1, block_tile, amx_tiles,
                          between);
@@ -2058,8 +2062,7 @@ void conv_u8s8_amx_padded(const GemmArgs& args, const ConvGeometry& g, const Pad
   at::parallel_for(0, lines * per_line * n_panels, grain, [&](int64_t begin, int64_t end) {
     alignas(64) int32_t tiles[2][2 * kAmxRows * kPackAlign];  // the pending block's and the one being summed
     AmxTiles amx_tiles;  // (released when the thread is done)
-    PendingEpilogue pending(out_ep, path, g.kh * (run / kAmxChunk) >= kConvOverlapMinChunks);
-    int buffer = 0;
+    PendingEpilogue pending(out_ep, path, g.kh * (run / kAmxChunk) >= kConvOverlapMinChunks, tiles[0], tiles[1]);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t panel = item % n_panels, piece = item / n_panels;
       const int64_t line_index = piece / per_line, v0 = (piece % per_line) * len;
@@ -2074,8 +2077,7 @@ void conv_u8s8_amx_padded(const GemmArgs& args, const ConvGeometry& g, const Pad
       // piece (24 KB) pushed the weight panel out of L1 between the pairs
       for (int64_t r0 = 0; r0 < rows; r0 += 2 * kAmxRows) {
         const int64_t block = std::min(2 * kAmxRows, rows - r0);
-        int32_t* tile = tiles[buffer];
-        buffer ^= static_cast<int>(pending.overlaps());
+        int32_t* tile = pending.free_tile();
         pending.multiply([&](const auto& between) {
           multiply_amx(a + r0 * a_row, a_row, w, AmxRuns{g.kh, kernel_rows_apart, run / kAmxChunk}, 2 * kAmxRows,
                        ncols > 32 ? 2 : 1, tile, amx_tiles, between);
@@ -2172,7 +2174,7 @@ void conv_u8s8_amx_blocks(const GemmArgs& args, const ConvGeometry& g, const uin
   }
   // the weight of the block conv, packed as args.b is (panels of 64 columns, k-steps of 4 bytes): tap (i, j) channel
   // ch goes to block tap (i / 2, j / 2), channel (i % 2 * 2 + j % 2) * C + ch
-  const int64_t n_panels = (args.n + kPackAlign - 1) / kPackAlign, kp = s.window;
+  const int64_t n_panels = ceil_div(args.n, kPackAlign), kp = s.window;
   int8_t* w = reinterpret_cast<int8_t*>(scratch_buffer(Scratch::Weights, n_panels * kPackAlign * kp));
   std::memset(w, 0, n_panels * kPackAlign * kp);
   for (int64_t oc = 0; oc < args.n; ++oc) {
