@@ -19,11 +19,13 @@
 #   bench.log        the logs of the kernel and model benchmarks
 #   gpu_bench.json / gpu_bench.md       kernel rows (torchquant.bench.gpu): quantize family, int8_mm, dynamic linear,
 #                    conv, each against its baseline; on Hopper the GEMM rows also time CUTLASS, mma.sync and wgmma
-#   models-gpu.json / models-gpu.md     model rows (benchmarks/models_gpu.py): a BERT-base-shaped encoder
-#                    int8-dynamic at batch 32 x 128 against bf16, all-MiniLM-L6-v2 at batch 1/8/64, ResNet stages
+#   models-gpu.json / models-gpu.md     model rows (benchmarks/models_gpu.py): ResNet-18/50 at 224x224 (int8-static
+#                    and int8-pipeline, eager and replayed from CUDA graphs, and ResNet-50's top kernels), a
+#                    BERT-base-shaped encoder int8-dynamic at batch 32 x 128 against bf16, all-MiniLM-L6-v2 at batch
+#                    1/8/64, ResNet stages
 #   summary.md       test summaries and all tables (also printed at the end)
-# Each step is bounded (seconds: build 220, tests 140, wgmma tests 35, kernel benchmarks 80, models 75, 550 in all,
-# within 9.5 minutes); on an H200 it took 5.5 minutes, most of it the build (129 s: 12 CUTLASS GEMM translation units
+# Each step is bounded (seconds: build 200, tests 140, wgmma tests 35, kernel benchmarks 80, models 130, 585 in
+# all, within 9.75 minutes); on an H200 it took 5.5 minutes, most of it the build (129 s: 12 CUTLASS GEMM translation units
 # and 5 CUTLASS conv ones, in parallel) and the CUDA suite (about 95 s). A failing test does not stop the
 # benchmarks, a crashing benchmark row does not stop the others. Exit status: non-zero when the build, a test step or a benchmark failed.
 set -uo pipefail
@@ -42,11 +44,11 @@ for inc in "$SITE"/nvidia/cu13/include "$SITE"/nvidia/*/include; do
   [ -d "$inc" ] && CPATH="${CPATH:+$CPATH:}$inc"
 done
 export CPATH=${CPATH:-}
-BUILD_TIMEOUT=${BUILD_TIMEOUT:-220}
+BUILD_TIMEOUT=${BUILD_TIMEOUT:-200}
 TEST_TIMEOUT=${TEST_TIMEOUT:-140}  # all attempts together (about 95 s on an H200)
 WGMMA_TEST_TIMEOUT=${WGMMA_TEST_TIMEOUT:-35}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-80}  # the conv rows (last) time the CUTLASS conv, the im2col path and cuDNN
-MODEL_TIMEOUT=${MODEL_TIMEOUT:-75}  # the three model parts together (each gets at least 20)
+MODEL_TIMEOUT=${MODEL_TIMEOUT:-130}  # the four model parts together (each gets at least 20)
 
 {
   echo "== machine"
@@ -164,7 +166,7 @@ else
   echo "no MiniLM bundle at $MINILM_BUNDLE (make gpu-bundle, then bring .gpu-carry): the MiniLM rows are skipped"
 fi
 model_rc=0
-parts=(bert minilm convnets)
+parts=(resnet bert minilm convnets)  # the whole ResNets first: the goal rows
 for part in "${parts[@]}"; do
   left=$((MODEL_TIMEOUT - (SECONDS - start)))
   [ "$left" -lt 20 ] && left=20

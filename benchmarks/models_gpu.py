@@ -13,6 +13,12 @@ Three parts, each written to --out as models-gpu-<part>.json and .md as soon as 
 - convnets: the ResNet-style stages of benchmarks/models.py, channels-last, in fp32 and bf16 (cuDNN) and
   torchquant int8-static (calibrated and converted from the bf16 model on the device): latency at batch 1 and 32,
   and the relative error of the output against fp32.
+- resnet: ResNet-18 and ResNet-50 of benchmarks/resnet.py (stem, four stages, pool and head) at 224x224,
+  channels-last, in fp32, bf16, torchquant int8-static and int8-pipeline (integer activations between the layers),
+  each quantized from the bf16 model; bf16 and the torchquant models also replayed from a CUDA graph captured for
+  the input's shape (one launch for the whole network, as torch.compile's mode="reduce-overhead" runs it), which
+  shows the device time where eager calls are bound by the host's launches. Then the CUDA kernels of one ResNet-50
+  forward at the largest batch, per variant: the kernels that take the most device time.
 
 Every variant is built and run once on a small batch before anything is measured: one that fails is reported in a
 note row and left out, and the others still run. With --device cpu the same code runs on the CPU, which checks
@@ -38,7 +44,7 @@ from benchmarks.models import latency_rows, on_device, relative_errors
 FP32, BF16 = "fp32", "bf16"
 BASELINES = {"vs bf16": BF16, "vs fp32": FP32}  # speed-up columns: column -> baseline variant
 MINILM_PRESETS = ("int8-dynamic", "w4a8-dynamic", "int8-static")
-PARTS = ("bert", "minilm", "convnets")
+PARTS = ("bert", "minilm", "convnets", "resnet")
 TITLES = {
     "bert": "BERT-base-shaped encoder on the GPU (random weights, hidden 768, 12 heads): latency and output "
             "cosine to fp32",
@@ -47,12 +53,16 @@ TITLES = {
     "minilm-latency": "all-MiniLM-L6-v2 on the GPU: latency (encoder + mean pooling)",
     "convnets": "ResNet-style stages on the GPU (random weights, four stages halving the input, channels-last): "
                 "latency",
+    "resnet": "ResNet-18 and ResNet-50 on the GPU (224x224, random weights, channels-last): latency",
+    "resnet-kernels": "ResNet-50 on the GPU: the CUDA kernels of one forward that take the most device time",
 }
 COLUMNS = {
     "bert": ["input", "variant", "ms", "vs bf16", "vs fp32", "cosine"],
     "minilm-quality": ["variant", "cos_mean", "cos_min", "nn_agreement", "group_accuracy"],
     "minilm-latency": ["input", "variant", "ms", "vs bf16", "vs fp32"],
     "convnets": ["model", "input", "variant", "ms", "vs bf16", "vs fp32", "rel. error"],
+    "resnet": ["model", "input", "variant", "ms", "vs bf16", "vs bf16 graph", "vs fp32", "rel. error"],
+    "resnet-kernels": ["input", "variant", "kernel", "calls", "us", "share"],
 }
 LEGEND = {  # what the columns of each table mean, printed under the tables that are there
     "all": ["fp32 / bf16: the float model in that dtype (fp32: TF32 off for matmuls, cuDNN's default for convs).",
@@ -65,6 +75,11 @@ LEGEND = {  # what the columns of each table mean, printed under the tables that
         "nn_agreement: fraction of sentences whose nearest neighbour (among the 86) is the one the fp32 model finds.",
         "group_accuracy: fraction of sentences whose nearest neighbour is a paraphrase from their own group."],
     "convnets": ["rel. error: ||y - y_fp32|| / ||y_fp32|| of the network output."],
+    "resnet": ["rel. error: ||y - y_fp32|| / ||y_fp32|| of the logits at the first batch.",
+               "+ CUDA graph: the model captured once for that input's shape and replayed (the input copied in); "
+               "vs bf16 graph: speed-up over bf16 replayed the same way."],
+    "resnet-kernels": ["us: device time of that kernel over one forward (all its calls); share: of the forward's "
+                       "kernel time; kernel names cut at 90 characters."],
     "bert": ["cosine: cosine similarity of each token's output vector to the fp32 model's, the mean over tokens."],
 }
 
@@ -274,12 +289,139 @@ def convnet_rows(device: Union[str, torch.device] = "cuda", *, batches: Sequence
     return rows
 
 
+# ---------------------------------------------------------------- whole ResNets
+
+GRAPH = " + CUDA graph"
+PIPELINE = "torchquant int8-pipeline"
+
+
+class CudaGraphed(nn.Module):
+    """`model` captured in a CUDA graph for inputs shaped like `example` and replayed on each call: the input is
+    copied into the graph's input buffer and the graph's own output buffer is returned (overwritten by the next
+    call, as with torch.compile's mode="reduce-overhead"). `difference`: the largest absolute difference between
+    the replay's output and an eager call's on `example` (0 where the kernels are deterministic)."""
+
+    def __init__(self, model: nn.Module, example: Sequence[torch.Tensor]):
+        super().__init__()
+        self.model = model
+        with torch.inference_mode():
+            self.inputs = tuple(a.clone() for a in example)
+            expected = model(*self.inputs).clone()
+            # warm-up on a side stream (lazy initialisation, cuDNN's algorithm search) before the capture
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                model(*self.inputs)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.output = model(*self.inputs)
+            self.graph.replay()
+            self.difference = (self.output.float() - expected.float()).abs().max().item()
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        for buffer, a in zip(self.inputs, args):
+            buffer.copy_(a)
+        self.graph.replay()
+        return self.output
+
+
+def kernel_rows(variants: Dict[str, nn.Module], args: Dict[str, tuple], input_name: str, top: int = 12
+                ) -> List[dict]:
+    """The `top` CUDA kernels of one forward of each variant by device time (torch.profiler, after a warm-up)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    rows = []
+    for name, model in variants.items():
+        with torch.inference_mode():
+            model(*args[name])
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                model(*args[name])
+                torch.cuda.synchronize()
+        totals: Dict[str, List[float]] = {}
+        for event in prof.events():
+            if event.device_type == DeviceType.CUDA:
+                calls_and_us = totals.setdefault(event.name, [0, 0.0])
+                calls_and_us[0] += 1
+                calls_and_us[1] += event.time_range.elapsed_us()
+        whole = sum(us for _, us in totals.values()) or 1.0
+        for kernel, (calls, us) in sorted(totals.items(), key=lambda item: -item[1][1])[:top]:
+            rows.append({"table": "resnet-kernels", "input": input_name, "variant": name, "kernel": kernel[:90],
+                         "calls": calls, "us": us, "share": f"{100 * us / whole:.1f}%"})
+        rows.append({"table": "resnet-kernels", "input": input_name, "variant": name, "kernel": "(all kernels)",
+                     "calls": sum(c for c, _ in totals.values()), "us": whole, "share": "100%"})
+    return rows
+
+
+def resnet_rows(device: Union[str, torch.device] = "cuda", *, names: Sequence[str] = ("resnet18", "resnet50"),
+                batches: Sequence[int] = (1, 32), size: int = 224, calibration_batch: int = 8, repeats: int = 21,
+                seed: int = 0) -> List[dict]:
+    """The resnet rows on `device` (CUDA graphs and the kernel table only on a GPU)."""
+    from benchmarks import resnet as resnet_lib
+    device = torch.device(device)
+    cl = torch.channels_last
+    rows: List[dict] = []
+    generator = torch.Generator().manual_seed(seed)
+    quantized = ("torchquant int8-static", PIPELINE)
+    with _cudnn_autotune():
+        for model_name in names:
+            model = resnet_lib.resnet(model_name, seed=seed)
+            title = {"resnet18": "ResNet-18", "resnet50": "ResNet-50"}[model_name]
+            calibration = [torch.randn(calibration_batch, 3, size, size, generator=generator)
+                           .to(device, torch.bfloat16, memory_format=cl) for _ in range(2)]
+            inputs = {f"batch {b} x 3x{size}x{size}":
+                      (torch.randn(b, 3, size, size, generator=generator).contiguous(memory_format=cl),)
+                      for b in batches}
+            dtypes = {FP32: torch.float32, BF16: torch.bfloat16, **{q: torch.bfloat16 for q in quantized}}
+            builders = {FP32: lambda _: copy.deepcopy(model).to(device, memory_format=cl),
+                        BF16: lambda _: copy.deepcopy(model).to(device, torch.bfloat16, memory_format=cl)}
+            for preset_variant in quantized:
+                builders[preset_variant] = lambda done, v=preset_variant: models.torchquant_quantized(
+                    done[BF16], v.split()[-1], calibration)
+            largest = f"batch {max(batches)} x 3x{size}x{size}"
+            x_largest = inputs[largest][0]
+            variants = _checked_variants(rows, builders, {v: on_device((x_largest,), device, dtypes[v])
+                                                          for v in builders}, device)
+            errors = {}
+            if FP32 in variants:
+                errors = _attempt(rows, f"{title}: output error", device, lambda: relative_errors(
+                    variants, next(iter(inputs.values()))[0], reference=FP32, device=device, dtypes=dtypes)) or {}
+            for input_name, args in inputs.items():
+                timed = dict(variants)
+                if device.type == "cuda":
+                    for name in (BF16, *quantized):
+                        if name in variants:
+                            graphed = _attempt(rows, f"{title} {name}{GRAPH}, {input_name}", device, lambda n=name:
+                                               CudaGraphed(variants[n], on_device(args, device, dtypes[n])))
+                            if graphed is None:
+                                continue
+                            timed[name + GRAPH] = graphed
+                            dtypes[name + GRAPH] = dtypes[name]
+                            if graphed.difference:
+                                rows.append(_note(f"{title} {name}{GRAPH}, {input_name}: the replay differs from an "
+                                                  f"eager call by up to {graphed.difference:.3g}", failed=False))
+                latency = _attempt(rows, f"{title}: latency, {input_name}", device, lambda: latency_rows(
+                    title, timed, {input_name: args}, _current_threads(), repeats, device=device,
+                    baselines={**BASELINES, "vs bf16 graph": BF16 + GRAPH}, dtypes=dtypes)) or []
+                for row in latency:
+                    if row["variant"] in errors:
+                        row["rel. error"] = errors[row["variant"]]
+                    rows.append({"table": "resnet", **row})
+                if device.type == "cuda" and model_name == "resnet50" and input_name == largest:
+                    profiled = {n: variants[n] for n in (BF16, *quantized) if n in variants}
+                    rows += _attempt(rows, f"{title}: kernels, {input_name}", device, lambda: kernel_rows(
+                        profiled, {n: on_device(args, device, dtypes[n]) for n in profiled}, input_name)) or []
+    return rows
+
+
 # ---------------------------------------------------------------- running and reporting
 
 def run(parts: Sequence[str] = PARTS, *, device: Union[str, torch.device] = "cuda",
         bert_batch: int = 32, bert_tokens: int = 128, bert_layers: int = 12,
         minilm_dir: Union[str, os.PathLike, None] = None, minilm_batches: Sequence[int] = (1, 8, 64),
-        conv_batches: Sequence[int] = (1, 32), conv_size: int = 56, repeats: int = 21,
+        conv_batches: Sequence[int] = (1, 32), conv_size: int = 56, resnet_batches: Sequence[int] = (1, 32),
+        resnet_size: int = 224, repeats: int = 21,
         progress: Optional[Callable[[str, List[dict]], None]] = None) -> List[dict]:
     """Rows of every requested part ("table" names its table; notes say what was skipped or failed, "failed"
     whether it failed); progress(part, its rows) after each part."""
@@ -289,11 +431,14 @@ def run(parts: Sequence[str] = PARTS, *, device: Union[str, torch.device] = "cud
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device is cuda but torch.cuda.is_available() is False")
-    for name, sizes in (("minilm_batches", minilm_batches), ("conv_batches", conv_batches)):
+    for name, sizes in (("minilm_batches", minilm_batches), ("conv_batches", conv_batches),
+                        ("resnet_batches", resnet_batches)):
         if not sizes or not all(isinstance(b, int) and b >= 1 for b in sizes):
             raise ValueError(f"{name} must be a non-empty sequence of positive ints, got {sizes!r}")
     if not isinstance(conv_size, int) or conv_size < 8:
         raise ValueError(f"conv_size must be an int >= 8 (four stages halve it three times), got {conv_size!r}")
+    if not isinstance(resnet_size, int) or resnet_size < 32:
+        raise ValueError(f"resnet_size must be an int >= 32 (the network halves it five times), got {resnet_size!r}")
     if not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be a positive int, got {repeats!r}")
     for name, value in (("bert_batch", bert_batch), ("bert_tokens", bert_tokens), ("bert_layers", bert_layers)):
@@ -303,6 +448,7 @@ def run(parts: Sequence[str] = PARTS, *, device: Union[str, torch.device] = "cud
         "bert": lambda: bert_rows(device, batch=bert_batch, tokens=bert_tokens, layers=bert_layers, repeats=repeats),
         "minilm": lambda: minilm_rows(device, minilm_dir=minilm_dir, batches=minilm_batches, repeats=repeats),
         "convnets": lambda: convnet_rows(device, batches=conv_batches, size=conv_size, repeats=repeats),
+        "resnet": lambda: resnet_rows(device, batches=resnet_batches, size=resnet_size, repeats=repeats),
     }
     rows: List[dict] = []
     for part in parts:
@@ -345,6 +491,8 @@ def main(argv=None) -> int:
     parser.add_argument("--minilm-batches", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--conv-batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--conv-size", type=int, default=56, help="input height and width of the convnets")
+    parser.add_argument("--resnet-batches", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--resnet-size", type=int, default=224, help="input height and width of the ResNets")
     parser.add_argument("--repeats", type=int, default=21, help="interleaved samples per timing (median)")
     args = parser.parse_args(argv)
     try:
@@ -368,7 +516,8 @@ def main(argv=None) -> int:
     try:
         rows = run(args.parts, device=device, bert_batch=args.bert_batch, bert_tokens=args.bert_tokens,
                    bert_layers=args.bert_layers, minilm_dir=args.minilm_dir, minilm_batches=tuple(args.minilm_batches),
-                   conv_batches=tuple(args.conv_batches), conv_size=args.conv_size, repeats=args.repeats,
+                   conv_batches=tuple(args.conv_batches), conv_size=args.conv_size,
+                   resnet_batches=tuple(args.resnet_batches), resnet_size=args.resnet_size, repeats=args.repeats,
                    progress=save)
     except ValueError as e:
         parser.error(str(e))

@@ -11,6 +11,7 @@ import torch
 
 from benchmarks import minilm as minilm_lib
 from benchmarks import models, models_gpu
+from conftest import cuda_ready
 
 QUANTIZED = [f"torchquant {p}" for p in models_gpu.MINILM_PRESETS]
 
@@ -101,8 +102,9 @@ def _by_table(rows):
 
 
 def test_gpu_rows_run_every_variant(device, tiny_bundle):
-    rows = models_gpu.run(device=device, bert_batch=2, bert_tokens=8, bert_layers=1, minilm_dir=tiny_bundle,
-                          minilm_batches=(1, 3), conv_batches=(2,), conv_size=8, repeats=1)
+    rows = models_gpu.run(["bert", "minilm", "convnets"], device=device, bert_batch=2, bert_tokens=8,
+                          bert_layers=1, minilm_dir=tiny_bundle, minilm_batches=(1, 3), conv_batches=(2,),
+                          conv_size=8, repeats=1)
     tables = _by_table(rows)
     assert "note" not in tables, tables.get("note")
     variants = [models_gpu.FP32, models_gpu.BF16, *QUANTIZED]
@@ -140,6 +142,45 @@ def test_bert_rows(device):
     assert bert[models_gpu.BF16]["vs bf16"] == 1.0
 
 
+def test_resnet_rows(device):
+    """Whole ResNets (small inputs): every variant timed; on a GPU also replayed from CUDA graphs, whose integer
+    outputs equal the eager ones, and ResNet-50's kernel table at the largest batch."""
+    rows = models_gpu.run(["resnet"], device=device, resnet_batches=(1, 2), resnet_size=32, repeats=1)
+    tables = _by_table(rows)
+    assert "note" not in tables, tables.get("note")
+    eager = [models_gpu.FP32, models_gpu.BF16, "torchquant int8-static", models_gpu.PIPELINE]
+    graphed = [v + models_gpu.GRAPH for v in eager[1:]] if device == "cuda" else []
+    resnet = tables["resnet"]
+    assert [(r["model"], r["input"], r["variant"]) for r in resnet] == [
+        (net, f"batch {b} x 3x32x32", v) for net in ("ResNet-18", "ResNet-50") for b in (1, 2) for v in eager + graphed]
+    for row in resnet:
+        assert row["ms"] > 0 and row["vs bf16"] > 0 and row["vs fp32"] > 0
+        assert ("vs bf16 graph" in row) == (device == "cuda")
+    errors = {r["variant"]: r["rel. error"] for r in resnet[:len(eager)]}
+    assert errors[models_gpu.FP32] == 0.0 and all(errors[v] > 0 for v in eager[1:])
+    if device == "cuda":
+        kernels = tables["resnet-kernels"]
+        assert {r["variant"] for r in kernels} == set(eager[1:])
+        assert all(r["input"] == "batch 2 x 3x32x32" and r["calls"] > 0 and r["us"] > 0 for r in kernels)
+    else:
+        assert "resnet-kernels" not in tables
+
+
+@pytest.mark.cuda
+def test_cuda_graph_replays_the_pipeline_exactly():
+    if not cuda_ready():
+        pytest.skip("needs a CUDA device and the CUDA kernels")
+    torch.manual_seed(0)
+    model = models.resnet_stages("basic").cuda()
+    x = torch.randn(2, 64, 16, 16, device="cuda").relu()
+    pipeline = models.torchquant_quantized(model, "int8-pipeline", [x])
+    graphed = models_gpu.CudaGraphed(pipeline, (x,))
+    assert graphed.difference == 0.0
+    y = torch.randn_like(x).relu()
+    with torch.inference_mode():
+        assert torch.equal(graphed(y), pipeline(y))
+
+
 def test_failing_variant_is_reported_and_the_others_run(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("kernel\nmissing")
@@ -169,11 +210,13 @@ def test_missing_model_is_a_skip_not_a_failure(tmp_path, capsys):
 
 
 def test_bad_arguments():
-    for kwargs, match in (({"parts": ["minilm", "resnet"]}, "parts must be among"),
+    for kwargs, match in (({"parts": ["minilm", "yolo"]}, "parts must be among"),
                           ({"parts": "minilm"}, "parts must be among"),
                           ({"device": "cpu", "conv_batches": ()}, "conv_batches must be a non-empty"),
                           ({"device": "cpu", "minilm_batches": (0,)}, "minilm_batches must be a non-empty"),
                           ({"device": "cpu", "conv_size": 4}, "conv_size must be an int >= 8"),
+                          ({"device": "cpu", "resnet_size": 16}, "resnet_size must be an int >= 32"),
+                          ({"device": "cpu", "resnet_batches": [1, 0]}, "resnet_batches must be a non-empty"),
                           ({"device": "cpu", "repeats": 0}, "repeats must be a positive int"),
                           ({"device": "cpu", "bert_layers": 0}, "bert_layers must be a positive int")):
         with pytest.raises(ValueError, match=match):
