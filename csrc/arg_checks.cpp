@@ -218,13 +218,20 @@ QuantizedAddTensors prepare_quantized_add(const at::Tensor& a, const at::Tensor&
   };
   t.a = laid_out(a);
   t.b = laid_out(b);
-  t.map.a_zero_point = static_cast<float>(a_zero_point);
-  t.map.b_zero_point = static_cast<float>(b_zero_point);
-  if (relu) t.map.clamp.lo = 0.0f;
-  t.map.inv_out_scale = out_scale.has_value() ? 1.0f / static_cast<float>(*out_scale) : 1.0f;
-  t.map.out_zero_point = static_cast<float>(out_zero_point);
-  t.map.out_format = quant_format(8, out_dtype == at::kChar);
+  t.map = add_map(a_zero_point, b_zero_point, out_dtype, out_scale, out_zero_point, relu);
   return t;
+}
+
+AddMap add_map(int64_t a_zero_point, int64_t b_zero_point, at::ScalarType out_dtype, std::optional<double> out_scale,
+               int64_t out_zero_point, bool relu) {
+  AddMap map;
+  map.a_zero_point = static_cast<float>(a_zero_point);
+  map.b_zero_point = static_cast<float>(b_zero_point);
+  if (relu) map.clamp.lo = 0.0f;
+  map.inv_out_scale = out_scale.has_value() ? 1.0f / static_cast<float>(*out_scale) : 1.0f;
+  map.out_zero_point = static_cast<float>(out_zero_point);
+  map.out_format = quant_format(8, out_dtype == at::kChar);
+  return map;
 }
 
 LookupTensors prepare_quantized_lookup(const at::Tensor& x, const at::Tensor& table) {

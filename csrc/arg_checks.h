@@ -112,6 +112,11 @@ QuantizedAddTensors prepare_quantized_add(const at::Tensor& a, const at::Tensor&
                                           at::ScalarType out_dtype, std::optional<double> out_scale,
                                           int64_t out_zero_point, bool relu);
 
+// quantized_add's element map for those zero points, output and ReLU (out_dtype, out_scale and out_zero_point as
+// check_output_dtype wants them).
+AddMap add_map(int64_t a_zero_point, int64_t b_zero_point, at::ScalarType out_dtype, std::optional<double> out_scale,
+               int64_t out_zero_point, bool relu);
+
 // quantized_lookup's tensors: the output (x's shape and memory format, the table's dtype), x laid out as the output
 // is (so both are read and written as one dense span) and the table, contiguous; with their bytes (int8 and uint8
 // alike) and the element count.

@@ -67,8 +67,9 @@ TORCH_LIBRARY(torchquant, m) {
   // residual_zero_point) * residual_scale in float32 (the product rounded, then the sum), y = max(y, 0) when relu, and
   // the output conversion of int8_conv2d. residual: int8/uint8 of the output's shape on x_q's device (any memory
   // format; channels-last is read without a copy); residual_scale: float32 [1]. The CPU kernel adds it in the
-  // conv's epilogue; other devices run int8_conv2d, dequantize, the add, the ReLU and quantize in that order (the
-  // same bits). (An overload without defaults: see int8_linear_dynamic.activation.)
+  // conv's epilogue; the CUDA kernel runs the conv with a float32 output, then the add, the ReLU and the output
+  // conversion in one element-wise pass (quantized_add's). (An overload without defaults: see
+  // int8_linear_dynamic.activation.)
   m.def("int8_conv2d.residual(Tensor x_q, Tensor x_scale, int x_zero_point, Tensor w_packed, Tensor w_sum, "
         "Tensor w_scale, Tensor? bias, int out_channels, int[2] kernel_size, int[2] stride, int[2] padding, "
         "int[2] dilation, int groups, ScalarType out_dtype, float? out_scale, int out_zero_point, float? clamp_min, "

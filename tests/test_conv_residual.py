@@ -2,8 +2,8 @@
 [+ ReLU], then the output conversion, as an integer pipeline's residual add in the conv's epilogue.
 
 The CPU kernel (every conv path: the GEMM on im2col rows or the input itself, the direct conv, windows read in place,
-depthwise; every instruction-set path), the composite of the other devices and torchquant.reference agree bit for
-bit.
+depthwise; every instruction-set path), the CUDA kernel (the conv, then one element-wise pass) and
+torchquant.reference agree bit for bit.
 """
 import pytest
 import torch
@@ -80,7 +80,7 @@ def test_int8_conv2d_residual_matches_the_reference(device, isa, conv, x_dtype, 
         residual = residual_like(y, r_dtype, seed=r_zp)
         r_scale = float(y.abs().max()) / 100  # the residual as large as y: the sum and the ReLU both matter
         for relu in (False, True):
-            for out_dtype in (torch.int8, torch.uint8, torch.float32, torch.bfloat16):
+            for out_dtype in (torch.int8, torch.uint8, torch.float32, torch.bfloat16, torch.float16):
                 out = requantization(y, out_dtype) if not out_dtype.is_floating_point else {"out_dtype": out_dtype}
                 got, want = both(conv, x_q, x_zp, w_q, w_scale, bias, geometry, residual, r_scale, r_zp, relu,
                                  **out)
@@ -123,25 +123,6 @@ def test_int8_conv2d_residual_equals_the_unfused_ops(device):
     assert_same(fused, unfused)
 
 
-def test_int8_conv2d_residual_composite_matches_the_cpu_kernel():
-    """The implementation of the devices without a fused kernel (the steps through the dispatcher), run on the CPU,
-    gives the CPU kernel's bits."""
-    conv = CONVS["in-place-strided"]
-    x_q, w_q, w_scale, bias, geometry = conv_case(conv, torch.uint8, seed=11)
-    w_packed, w_sum = packed(w_q, 1)
-    y = reference.int8_conv2d(x_q, 0.02, 7, w_q, w_scale, bias, **geometry)
-    residual = residual_like(y, torch.uint8, seed=12)
-    for out_dtype in (torch.int8, torch.uint8, torch.float16):
-        out = requantization(y, out_dtype) if not out_dtype.is_floating_point else {"out_dtype": out_dtype}
-        args = (x_q, torch.tensor([0.02]), 7, w_packed, w_sum, w_scale, bias, 16, [3, 3], [2, 2], [1, 1], [1, 1], 1,
-                out["out_dtype"], out.get("out_scale"), out.get("out_zero_point", 0), None, None, residual,
-                torch.tensor([0.03]), 90, True)
-        kernel = ops.int8_conv2d.residual(*args)
-        composite = ops.int8_conv2d.residual._op_dk(torch._C.DispatchKey.CompositeExplicitAutograd, *args)
-        assert_same(composite, kernel)
-        assert composite.is_contiguous(memory_format=torch.channels_last)
-
-
 @pytest.mark.parametrize("layout", ["contiguous", "strided", "broadcast-view"])
 def test_int8_conv2d_residual_in_other_layouts(device, layout):
     """A residual in another memory format is read as its values (a channels-last copy); a residual that only
@@ -165,6 +146,20 @@ def test_int8_conv2d_residual_in_other_layouts(device, layout):
     assert_same(got, want)
     got_cl, _ = both(conv, x_q, 0, w_q, w_scale, bias, geometry, base, 0.05, 7, True, **out)
     assert_same(got, got_cl)
+
+
+def test_int8_conv2d_residual_read_in_place_off_alignment(device):
+    """A channels-last residual at an odd offset (an image of a bigger batch, 7 * 9 * 24 bytes apart): read where it
+    is, without the 16-byte vectors."""
+    conv = CONVS["pointwise"]
+    x_q, w_q, w_scale, bias, geometry = conv_case(conv, torch.uint8, seed=17, device=device)
+    y = reference.int8_conv2d(x_q, 0.02, 0, w_q, w_scale, bias, **geometry)
+    batch = residual_like(torch.cat([y[:1], y]), torch.int8, seed=18).contiguous(memory_format=torch.channels_last)
+    residual = batch[1:]
+    assert residual.is_contiguous(memory_format=torch.channels_last) and residual.data_ptr() % 16 != 0
+    for out in (requantization(y, torch.int8), {"out_dtype": torch.float32}):
+        got, want = both(conv, x_q, 0, w_q, w_scale, bias, geometry, residual, 0.03, -5, True, **out)
+        assert_same(got, want)
 
 
 def test_int8_conv2d_residual_batch_one_and_empty(device):

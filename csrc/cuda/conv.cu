@@ -27,43 +27,66 @@ namespace {
 
 constexpr int kIm2colThreads = 256;
 
+constexpr int kIm2colChunk = 16;  // bytes of a row one thread writes per step
+
 // Writes im2col rows: row (b, oh, ow) holds, for each group, the (kh, kw, c) window in k16 bytes (zero past the
-// window); taps outside the image read pad_byte (the activation zero point). Each thread writes VEC bytes at a
-// time: 16 when the channels of a group are a multiple of 16 (then a VEC never crosses a tap), else 1.
-template <int VEC>
+// window); taps outside the image read pad_byte (the activation zero point). Each thread writes 16-byte chunks of a
+// row. With kVectorLoads (a group's channels a multiple of 16 and a 16-byte aligned input) a chunk is one tap's
+// channels, read in one load; else it is read byte by byte, stepping (c, tap_w, tap_h) along the window rather than
+// dividing for each byte (for the 3-channel stem, divisions per byte made the im2col cost as much as every other
+// conv of the network together).
+template <bool kVectorLoads>
 __global__ void __launch_bounds__(kIm2colThreads) im2col_nhwc_kernel(const int8_t* __restrict__ x,
                                                                       int8_t* __restrict__ columns, ConvGeometry g,
                                                                       int64_t k16, int8_t pad_byte) {
   const int64_t cg = g.channels / g.groups;
-  const int64_t window = g.window;
-  const int64_t units_per_group = k16 / VEC;
-  const int64_t units = g.batch * g.out_h * g.out_w * g.groups * units_per_group;
+  const int64_t chunks_per_group = k16 / kIm2colChunk;
+  const int64_t units = g.rows * g.groups * chunks_per_group;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kIm2colThreads;
   for (int64_t u = static_cast<int64_t>(blockIdx.x) * kIm2colThreads + threadIdx.x; u < units; u += stride) {
-    const int64_t k = (u % units_per_group) * VEC;
-    const int64_t row_group = u / units_per_group;  // row * groups + group
+    const int64_t k = (u % chunks_per_group) * kIm2colChunk;
+    const int64_t row_group = u / chunks_per_group;  // row * groups + group
     const int64_t group = row_group % g.groups;
     const int64_t row = row_group / g.groups;
-    Vec<int8_t, VEC> v;
+    const int64_t ow = row % g.out_w;
+    const int64_t oh = (row / g.out_w) % g.out_h;
+    const int64_t b = row / (g.out_w * g.out_h);
+    const int64_t ih0 = oh * g.stride_h - g.pad_h, iw0 = ow * g.stride_w - g.pad_w;
+    const int8_t* image = x + b * g.height * g.width * g.channels + group * cg;
+    int64_t c = k % cg, tap_w = (k / cg) % g.kw, tap_h = k / (cg * g.kw);
+    Vec<int8_t, kIm2colChunk> v;
+    if constexpr (kVectorLoads) {
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) v.v[j] = 0;
-    if (k < window) {
-      const int64_t c = k % cg;
-      const int64_t tap_w = (k / cg) % g.kw;
-      const int64_t tap_h = k / (cg * g.kw);
-      const int64_t ow = row % g.out_w;
-      const int64_t oh = (row / g.out_w) % g.out_h;
-      const int64_t b = row / (g.out_w * g.out_h);
-      const int64_t ih = oh * g.stride_h - g.pad_h + tap_h * g.dil_h;
-      const int64_t iw = ow * g.stride_w - g.pad_w + tap_w * g.dil_w;
-      if (ih >= 0 && ih < g.height && iw >= 0 && iw < g.width) {
-        v = load_vec<int8_t, VEC>(x + ((b * g.height + ih) * g.width + iw) * g.channels + group * cg + c);
-      } else {
+      for (int j = 0; j < kIm2colChunk; ++j) v.v[j] = 0;
+      if (k < g.window) {
+        const int64_t ih = ih0 + tap_h * g.dil_h, iw = iw0 + tap_w * g.dil_w;
+        if (ih >= 0 && ih < g.height && iw >= 0 && iw < g.width) {
+          v = load_vec<int8_t, kIm2colChunk>(image + (ih * g.width + iw) * g.channels + c);
+        } else {
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) v.v[j] = pad_byte;
+          for (int j = 0; j < kIm2colChunk; ++j) v.v[j] = pad_byte;
+        }
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < kIm2colChunk; ++j) {
+        int8_t byte = 0;
+        if (k + j < g.window) {
+          const int64_t ih = ih0 + tap_h * g.dil_h, iw = iw0 + tap_w * g.dil_w;
+          byte = ih >= 0 && ih < g.height && iw >= 0 && iw < g.width ? image[(ih * g.width + iw) * g.channels + c]
+                                                                     : pad_byte;
+          if (++c == cg) {
+            c = 0;
+            if (++tap_w == g.kw) {
+              tap_w = 0;
+              ++tap_h;
+            }
+          }
+        }
+        v.v[j] = byte;
       }
     }
-    store_vec<int8_t, VEC>(columns + row_group * k16 + k, v);
+    store_vec<int8_t, kIm2colChunk>(columns + row_group * k16 + k, v);
   }
 }
 
@@ -184,15 +207,15 @@ at::Tensor int8_conv2d_cuda(const at::Tensor& x_q, const at::Tensor& x_scale, in
                         x_q.options());
     const int8_t pad_byte = static_cast<int8_t>(static_cast<uint8_t>(x_zero_point));
     const bool vectorized = cg % 16 == 0 && is_aligned<int8_t, 16>(x_bytes);
-    const int64_t units = m * groups * (k16 / (vectorized ? 16 : 1));
+    const int64_t units = m * groups * (k16 / kIm2colChunk);
     const int blocks = static_cast<int>(
         std::min<int64_t>((units + kIm2colThreads - 1) / kIm2colThreads, max_resident_blocks(kIm2colThreads)));
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     int8_t* columns_ptr = static_cast<int8_t*>(columns.data_ptr());
     if (vectorized)
-      im2col_nhwc_kernel<16><<<blocks, kIm2colThreads, 0, stream>>>(x_bytes, columns_ptr, g, k16, pad_byte);
+      im2col_nhwc_kernel<true><<<blocks, kIm2colThreads, 0, stream>>>(x_bytes, columns_ptr, g, k16, pad_byte);
     else
-      im2col_nhwc_kernel<1><<<blocks, kIm2colThreads, 0, stream>>>(x_bytes, columns_ptr, g, k16, pad_byte);
+      im2col_nhwc_kernel<false><<<blocks, kIm2colThreads, 0, stream>>>(x_bytes, columns_ptr, g, k16, pad_byte);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     args.a = columns_ptr;
     args.lda = groups * k16;
@@ -209,7 +232,31 @@ at::Tensor int8_conv2d_cuda(const at::Tensor& x_q, const at::Tensor& x_scale, in
   return out;
 }
 
+// int8_conv2d.residual: the conv with a float32 output, then the add, the ReLU and the output conversion in one
+// element-wise pass (the steps of the schema, four passes over float32 when composed).
+at::Tensor int8_conv2d_residual_cuda(const at::Tensor& x_q, const at::Tensor& x_scale, int64_t x_zero_point,
+                                     const at::Tensor& w_packed, const at::Tensor& w_sum, const at::Tensor& w_scale,
+                                     const std::optional<at::Tensor>& bias, int64_t out_channels,
+                                     at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                                     at::IntArrayRef dilation, int64_t groups, at::ScalarType out_dtype,
+                                     std::optional<double> out_scale, int64_t out_zero_point,
+                                     std::optional<double> clamp_min, std::optional<double> clamp_max,
+                                     const at::Tensor& residual, const at::Tensor& residual_scale,
+                                     int64_t residual_zero_point, bool relu) {
+  check_output_dtype("int8_conv2d", out_dtype, out_scale, out_zero_point);
+  const at::Tensor y = int8_conv2d_cuda(x_q, x_scale, x_zero_point, w_packed, w_sum, w_scale, bias, out_channels,
+                                        kernel_size, stride, padding, dilation, groups, at::kFloat, std::nullopt, 0,
+                                        clamp_min, clamp_max);
+  check_conv_residual(x_q, y.sizes(), residual, residual_scale, residual_zero_point);
+  const c10::cuda::CUDAGuard guard(x_q.device());
+  return add_conv_residual_cuda(y, residual, residual_scale, residual_zero_point, out_dtype, out_scale,
+                                out_zero_point, relu);
+}
+
 }  // namespace
 }  // namespace torchquant
 
-TORCH_LIBRARY_IMPL(torchquant, CUDA, m) { m.impl("int8_conv2d", &torchquant::int8_conv2d_cuda); }
+TORCH_LIBRARY_IMPL(torchquant, CUDA, m) {
+  m.impl("int8_conv2d", &torchquant::int8_conv2d_cuda);
+  m.impl("int8_conv2d.residual", &torchquant::int8_conv2d_residual_cuda);
+}

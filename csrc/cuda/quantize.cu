@@ -461,7 +461,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_cuda(const at::Tensor& x, 
 // synchronization); the same float operations in the same order as the CPU kernel, rounded one by one.
 // ---------------------------------------------------------------------------------------------------------------
 
-// quantized_add's element map (AddMap, quant_math.h) with the scales in device memory.
+// quantized_add's element map (AddMap, quant_math.h) with the scales in device memory (a_scale null: 1).
 struct AddArgs {
   const float* a_scale;
   const float* b_scale;
@@ -483,7 +483,7 @@ constexpr int kAddVec = 16;
 template <int VEC, typename A, typename B, typename Out, typename Index>
 __global__ void __launch_bounds__(kThreads) quantized_add_kernel(const A* __restrict__ a, const B* __restrict__ b,
                                                                   Out* __restrict__ y, Index n, AddArgs p) {
-  const float a_scale = *p.a_scale, b_scale = *p.b_scale;
+  const float a_scale = p.a_scale != nullptr ? *p.a_scale : 1.0f, b_scale = *p.b_scale;
   const Index stride = static_cast<Index>(gridDim.x) * kThreads;
   const Index first = static_cast<Index>(blockIdx.x) * kThreads + threadIdx.x;
   const Index vectors = n / VEC;
@@ -510,6 +510,20 @@ void launch_quantized_add(const A* a, const B* b, Out* y, int64_t n, const AddAr
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The add over n elements of a, b and y laid out alike: 16 at a time where all three are aligned for it, 32-bit
+// indices where they suffice.
+template <typename A, typename B, typename Out>
+void run_quantized_add(const A* a, const B* b, Out* y, int64_t n, const AddArgs& p) {
+  const bool vectorized = is_aligned<A, kAddVec>(a) && is_aligned<B, kAddVec>(b) && is_aligned<Out, kAddVec>(y);
+  if (n <= INT32_MAX) {
+    if (vectorized) launch_quantized_add<kAddVec, A, B, Out, uint32_t>(a, b, y, n, p);
+    else launch_quantized_add<1, A, B, Out, uint32_t>(a, b, y, n, p);
+  } else {
+    if (vectorized) launch_quantized_add<kAddVec, A, B, Out, int64_t>(a, b, y, n, p);
+    else launch_quantized_add<1, A, B, Out, int64_t>(a, b, y, n, p);
+  }
+}
+
 at::Tensor quantized_add_cuda(const at::Tensor& a, const at::Tensor& a_scale, int64_t a_zero_point,
                               const at::Tensor& b, const at::Tensor& b_scale, int64_t b_zero_point,
                               at::ScalarType out_dtype, std::optional<double> out_scale, int64_t out_zero_point,
@@ -522,19 +536,8 @@ at::Tensor quantized_add_cuda(const at::Tensor& a, const at::Tensor& a_scale, in
   if (n == 0) return t.out;
   const at::Tensor a_scale_1 = a_scale.reshape({1}).contiguous(), b_scale_1 = b_scale.reshape({1}).contiguous();
   const AddArgs p{a_scale_1.data_ptr<float>(), b_scale_1.data_ptr<float>(), t.map};
-  with_add_pointers(t.a, t.b, t.out, [&](const auto* ap, const auto* bp, auto* yp) {
-    using A = std::remove_cv_t<std::remove_pointer_t<decltype(ap)>>;
-    using B = std::remove_cv_t<std::remove_pointer_t<decltype(bp)>>;
-    using Out = std::remove_pointer_t<decltype(yp)>;
-    const bool vectorized = is_aligned<A, kAddVec>(ap) && is_aligned<B, kAddVec>(bp) && is_aligned<Out, kAddVec>(yp);
-    if (n <= INT32_MAX) {
-      if (vectorized) launch_quantized_add<kAddVec, A, B, Out, uint32_t>(ap, bp, yp, n, p);
-      else launch_quantized_add<1, A, B, Out, uint32_t>(ap, bp, yp, n, p);
-    } else {
-      if (vectorized) launch_quantized_add<kAddVec, A, B, Out, int64_t>(ap, bp, yp, n, p);
-      else launch_quantized_add<1, A, B, Out, int64_t>(ap, bp, yp, n, p);
-    }
-  });
+  with_add_pointers(t.a, t.b, t.out,
+                    [&](const auto* ap, const auto* bp, auto* yp) { run_quantized_add(ap, bp, yp, n, p); });
   return t.out;
 }
 
@@ -595,6 +598,30 @@ at::Tensor quantized_lookup_cuda(const at::Tensor& x, const at::Tensor& table) {
 }
 
 }  // namespace
+
+at::Tensor add_conv_residual_cuda(const at::Tensor& y, const at::Tensor& residual, const at::Tensor& residual_scale,
+                                  int64_t residual_zero_point, at::ScalarType out_dtype,
+                                  std::optional<double> out_scale, int64_t out_zero_point, bool relu) {
+  at::Tensor out = at::empty_like(y, y.options().dtype(out_dtype), at::MemoryFormat::Preserve);
+  const int64_t n = out.numel();
+  if (n == 0) return out;
+  const at::Tensor b =
+      residual.strides() == out.strides() ? residual : at::empty_like(out, residual.options()).copy_(residual);
+  // y is quantized_add's a with scale 1 (a null a_scale) and zero point 0: float(y - 0) * 1 is y exactly, so the
+  // element map computes y + float(residual - zero point) * scale (the product rounded, then the sum) as the schema
+  // states
+  const at::Tensor b_scale = residual_scale.reshape({1}).contiguous();
+  const AddArgs p{nullptr, b_scale.data_ptr<float>(),
+                  add_map(0, residual_zero_point, out_dtype, out_scale, out_zero_point, relu)};
+  const float* ap = y.data_ptr<float>();
+  with_byte_type(b.scalar_type(), "residual", [&](auto b_tag) {
+    const auto* bp = b.data_ptr<decltype(b_tag)>();
+    const auto with_out = [&](auto out_tag) { run_quantized_add(ap, bp, out.data_ptr<decltype(out_tag)>(), n, p); };
+    if (out_dtype == at::kChar || out_dtype == at::kByte) with_byte_type(out_dtype, "out_dtype", with_out);
+    else with_float_type(out_dtype, "out_dtype", with_out);
+  });
+  return out;
+}
 
 TORCH_LIBRARY_IMPL(torchquant, CUDA, m) {
   m.impl("quantized_add", &quantized_add_cuda);
