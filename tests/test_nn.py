@@ -202,6 +202,28 @@ def test_conv_half(device):
     _assert_same_function(layer, x, torch.bfloat16)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_bias_is_converted_once_for_the_kernels(device, dtype):
+    """A converted layer of a half model hands the kernels its bias in float32, made when the layer is prepared (not
+    converted by every call), with the same outputs; the bias it stores keeps the model's dtype, and a reload or a
+    move makes the float32 copy again."""
+    torch.manual_seed(0)
+    layers = [QuantConv2d(4, 8, 3, padding=1, config="int8-static").to(device, dtype),
+              QuantLinear(16, 8, config="int8-static").to(device, dtype)]
+    for layer, shape in zip(layers, [(2, 4, 6, 6), (3, 16)]):
+        layer, x = _calibrated(layer, shape, device, dtype)
+        layer.eval().convert()
+        bias = layer._kernel_args[3]
+        assert layer.bias.dtype == dtype and bias.dtype == torch.float32 and torch.equal(bias, layer.bias.float())
+        with torch.no_grad():
+            y = layer(x)
+            layer.load_state_dict({**layer.state_dict(), "bias": 2 * layer.bias})
+            assert torch.equal(layer._kernel_args[3], 2 * bias)
+            assert not torch.equal(layer(x), y)
+            layer.to(torch.float32)
+            assert layer._kernel_args[3] is layer.bias  # float32 already: the bias itself
+
+
 def test_construction_is_float_equivalent():
     torch.manual_seed(0)
     ref = nn.Linear(10, 4)

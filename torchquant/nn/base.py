@@ -462,12 +462,18 @@ class QuantLayerBase(nn.Module):
         """The weight-side arguments of the integer op after the packed weight, in its schema's order."""
         raise NotImplementedError
 
+    def _kernel_bias(self) -> torch.Tensor | None:
+        """The bias as the kernels read it, float32: a model of another dtype has its bias converted once here
+        rather than by every call (a conversion kernel a layer a forward on a GPU)."""
+        bias = self.bias
+        return bias if bias is None or bias.dtype == torch.float32 else bias.detach().float()
+
     def _op_args(self) -> tuple:
         """The integer op's weight-side arguments (_kernel_args) for a call: while torch.compile or torch.export
-        traces the layer, the packed weight's view is made in the traced graph from the w_packed buffer, so the
-        program holds the whole buffer."""
+        traces the layer, they are made in the traced graph from the module's buffers (the packed weight's view of
+        the w_packed buffer, the float32 bias), so the program holds the buffers themselves."""
         if torch.compiler.is_compiling():
-            return (self.w_packed.as_strided(*self._packed_view), *self._kernel_args[1:])
+            return (self.w_packed.as_strided(*self._packed_view), *self._int_op_args())
         return self._kernel_args
 
     def _input_features(self) -> int:

@@ -150,7 +150,7 @@ class QuantConv2d(QuantLayerBase):
         return self.in_channels
 
     def _int_op_args(self) -> tuple:
-        return (self.w_sum, self.weight_scale, self.bias, self.out_channels, list(self.kernel_size),
+        return (self.w_sum, self.weight_scale, self._kernel_bias(), self.out_channels, list(self.kernel_size),
                 list(self.stride), list(self.padding), list(self.dilation), self.groups)
 
     def _int_op(self, x_q, x_scale, x_zero_point, out_dtype, out_scale=None, out_zero_point=0):
@@ -233,7 +233,7 @@ class QuantConv1d(QuantConv2d):
 
     def _int_op_args(self) -> tuple:
         # the 2-D conv's arguments for a 1 x kernel_size kernel
-        return (self.w_sum, self.weight_scale, self.bias, self.out_channels,
+        return (self.w_sum, self.weight_scale, self._kernel_bias(), self.out_channels,
                 [1, *self.kernel_size], [1, *self.stride], [0, *self.padding], [1, *self.dilation], self.groups)
 
     def _int_op(self, x_q, x_scale, x_zero_point, out_dtype, out_scale=None, out_zero_point=0):

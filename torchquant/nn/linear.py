@@ -97,7 +97,7 @@ class QuantLinear(QuantLayerBase):
         return self.in_features
 
     def _int_op_args(self) -> tuple:
-        return (self.w_sum, self.weight_scale, self.bias, self.out_features)
+        return (self.w_sum, self.weight_scale, self._kernel_bias(), self.out_features)
 
     def _fused_forward(self, x):
         if self.fused_activation is None:
