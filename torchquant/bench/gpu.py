@@ -8,8 +8,9 @@
 - dynamic int8 linear (torchquant.functional.dynamic_int8_linear: quantize_per_token + int8_linear against a packed
   weight, bf16 in and out, with its argument checks) against bf16 F.linear on the same shapes.
 - int8 conv2d (uint8 channels-last activations, bf16 output) against cuDNN bf16 channels-last on ResNet-50 layers,
-  batch 32; on a compute capability 9.0 GPU the CUTLASS implicit-GEMM conv, also timed against the im2col + mma.sync
-  path it replaces ("[mma]").
+  batch 32, and a bottleneck's last conv with its residual add and ReLU (uint8 out) against cuDNN's conv + add + ReLU;
+  on a compute capability 9.0 GPU the CUTLASS implicit-GEMM conv, also timed against the im2col + mma.sync path it
+  replaces ("[mma]").
 Shapes whose weights fit in L2 (M <= 128) rotate over several weight copies, so that the weights come from memory.
 `--device cpu` runs the same code on the CPU with every size divided by 32 (and conv batch 1): a check of the
 plumbing, whose numbers mean nothing.
@@ -45,19 +46,22 @@ GEMM_SHAPES = [  # M, K, N
     (1, 4096, 4096), (16, 4096, 4096), (128, 4096, 4096), (1024, 4096, 4096),
     (4096, 4096, 11008), (4096, 11008, 4096), (16, 4096, 11008), (16, 11008, 4096),
 ]
-# name, in_channels, size, out_channels, kernel, stride, padding, activation zero point. Inside a ResNet every conv
-# but the stem reads a ReLU's output, whose uint8 zero point is 0; the stem (an image) and one 3x3 row take 128, the
-# case where the CUTLASS conv pads the input with the zero point first.
+# name, in_channels, size, out_channels, kernel, stride, padding, activation zero point, residual. Inside a ResNet
+# every conv but the stem reads a ReLU's output, whose uint8 zero point is 0; the stem (an image) and one 3x3 row take
+# 128, the case where the CUTLASS conv pads the input with the zero point first. A residual row is a bottleneck's last
+# conv as an integer pipeline runs it: int8_conv2d.residual (the add of a uint8 residual and the ReLU after the conv,
+# uint8 out) against cuDNN's conv, the bf16 add and the ReLU.
 CONV_LAYERS = (
-    ("7x7 3->64 s2 @224", 3, 224, 64, 7, 2, 3, 128),
-    ("3x3 64->64 @56", 64, 56, 64, 3, 1, 1, 0),
-    ("3x3 64->64 @56 zp 128", 64, 56, 64, 3, 1, 1, 128),
-    ("1x1 64->256 @56", 64, 56, 256, 1, 1, 0, 0),
-    ("1x1 256->64 @56", 256, 56, 64, 1, 1, 0, 0),
-    ("3x3 128->128 @28", 128, 28, 128, 3, 1, 1, 0),
-    ("1x1 256->1024 @14", 256, 14, 1024, 1, 1, 0, 0),
-    ("3x3 256->256 @14", 256, 14, 256, 3, 1, 1, 0),
-    ("3x3 512->512 @7", 512, 7, 512, 3, 1, 1, 0),
+    ("7x7 3->64 s2 @224", 3, 224, 64, 7, 2, 3, 128, False),
+    ("3x3 64->64 @56", 64, 56, 64, 3, 1, 1, 0, False),
+    ("3x3 64->64 @56 zp 128", 64, 56, 64, 3, 1, 1, 128, False),
+    ("1x1 64->256 @56", 64, 56, 256, 1, 1, 0, 0, False),
+    ("1x1 64->256 @56 + add + ReLU", 64, 56, 256, 1, 1, 0, 0, True),
+    ("1x1 256->64 @56", 256, 56, 64, 1, 1, 0, 0, False),
+    ("3x3 128->128 @28", 128, 28, 128, 3, 1, 1, 0, False),
+    ("1x1 256->1024 @14", 256, 14, 1024, 1, 1, 0, 0, False),
+    ("3x3 256->256 @14", 256, 14, 256, 3, 1, 1, 0, False),
+    ("3x3 512->512 @7", 512, 7, 512, 3, 1, 1, 0, False),
 )
 CONV_BATCH = 32
 L2_ROTATION = 4  # copies of the weights for shapes whose weights fit in L2
@@ -303,10 +307,11 @@ def conv_rows() -> List[dict]:
     rows: List[dict] = []
     torch.backends.cudnn.benchmark = True
     batch = max(1, CONV_BATCH // SHRINK)
-    for layer, c, size, oc, kernel, stride, padding, x_zp in CONV_LAYERS:
+    for layer, c, size, oc, kernel, stride, padding, x_zp, residual in CONV_LAYERS:
         name = f"conv {layer} b{batch}"
 
-        def body(c=c, size=size, oc=oc, kernel=kernel, stride=stride, padding=padding, x_zp=x_zp):
+        def body(c=c, size=size, oc=oc, kernel=kernel, stride=stride, padding=padding, x_zp=x_zp,
+                 residual=residual):
             cl = torch.channels_last
             x = torch.randn(batch, c, size, size, device=DEVICE, dtype=torch.bfloat16).contiguous(memory_format=cl)
             w = (torch.randn(oc, c, kernel, kernel, device=DEVICE) * 0.05).to(torch.bfloat16)
@@ -322,12 +327,27 @@ def conv_rows() -> List[dict]:
             ks, st, pd = [kernel, kernel], [stride, stride], [padding, padding]
             out_size = (size + 2 * padding - kernel) // stride + 1
             flops = 2 * batch * out_size * out_size * oc * c * kernel * kernel
+            conv_args = (x_q, x_scale, x_zp, packed, w_sum, w_scale, bias32, oc, ks, st, pd, [1, 1], 1)
+            if residual:
+                out_shape = (batch, oc, out_size, out_size)
+                r = torch.randn(out_shape, device=DEVICE, dtype=torch.bfloat16).contiguous(memory_format=cl)
+                r_q = torch.randint(0, 256, out_shape, device=DEVICE, dtype=torch.uint8).contiguous(memory_format=cl)
+                r_scale = torch.tensor([0.05], device=DEVICE)
+
+                def ours():
+                    return ops.int8_conv2d.residual(*conv_args, torch.uint8, 0.1, 0, None, None, r_q, r_scale, 0, True)
+
+                def baseline():
+                    return F.relu(F.conv2d(x, w, bias, stride, padding) + r)
+            else:
+                def ours():
+                    return ops.int8_conv2d(*conv_args, torch.bfloat16)
+
+                def baseline():
+                    return F.conv2d(x, w, bias, stride, padding)
             # on Hopper also the im2col + GEMM path ("[mma]"), which the CUTLASS conv replaces
-            times = _compare_gemm_kernels(
-                lambda: ops.int8_conv2d(x_q, x_scale, x_zp, packed, w_sum, w_scale, bias32, oc, ks, st, pd, [1, 1],
-                                        1, torch.bfloat16),
-                {"cuDNN bf16 channels-last": lambda: F.conv2d(x, w, bias, stride, padding)},
-                batch * out_size * out_size, wgmma=False)
+            times = _compare_gemm_kernels(ours, {"cuDNN bf16 channels-last": baseline}, batch * out_size * out_size,
+                                          wgmma=False)
             return _rows_per_kernel("conv", name, times, {"cuDNN bf16 channels-last": 1.0},
                                     lambda t: f"{flops / t / 1e12:.0f} TOPS")
 
