@@ -1,6 +1,6 @@
 """Real models on a GPU: torchquant's converted layers against the bf16 model, the baseline there, in one process.
 
-Three parts, each written to --out as models-gpu-<part>.json and .md as soon as it ends:
+Four parts, each written to --out as models-gpu-<part>.json and .md as soon as it ends:
 - bert: a BERT-base-shaped encoder (12 post-norm layers, hidden 768, 12 heads, feed-forward 3072; random weights, a
   fixed seed) on [32, 128, 768] bf16 hidden states, in fp32, bf16 and torchquant int8-dynamic (converted from the
   bf16 model on the device: every Linear runs per-token quantize + int8 GEMM with the fused epilogue): latency and
@@ -291,21 +291,24 @@ def convnet_rows(device: Union[str, torch.device] = "cuda", *, batches: Sequence
 
 # ---------------------------------------------------------------- whole ResNets
 
-GRAPH = " + CUDA graph"
-PIPELINE = "torchquant int8-pipeline"
+GRAPH_SUFFIX = " + CUDA graph"  # the name of a variant replayed from a CUDA graph: the variant's and this
+STATIC, PIPELINE = "torchquant int8-static", "torchquant int8-pipeline"
+RESNET_PRESETS = {STATIC: "int8-static", PIPELINE: "int8-pipeline"}
+RESNET_TITLES = {"resnet18": "ResNet-18", "resnet50": "ResNet-50"}
 
 
 class CudaGraphed(nn.Module):
     """`model` captured in a CUDA graph for inputs shaped like `example` and replayed on each call: the input is
     copied into the graph's input buffer and the graph's own output buffer is returned (overwritten by the next
-    call, as with torch.compile's mode="reduce-overhead"). `difference`: the largest absolute difference between
-    the replay's output and an eager call's on `example` (0 where the kernels are deterministic)."""
+    call, as with torch.compile's mode="reduce-overhead"); inputs of other shapes or dtypes are refused.
+    `difference`: the largest absolute difference between the replay's output and an eager call's on `example` (0
+    where the kernels are deterministic)."""
 
     def __init__(self, model: nn.Module, example: Sequence[torch.Tensor]):
         super().__init__()
         self.model = model
+        self.inputs = tuple(a.clone() for a in example)  # (outside inference mode: forward copies into them)
         with torch.inference_mode():
-            self.inputs = tuple(a.clone() for a in example)
             expected = model(*self.inputs).clone()
             # warm-up on a side stream (lazy initialisation, cuDNN's algorithm search) before the capture
             side = torch.cuda.Stream()
@@ -320,15 +323,21 @@ class CudaGraphed(nn.Module):
             self.difference = (self.output.float() - expected.float()).abs().max().item()
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        if len(args) != len(self.inputs) or any(a.shape != b.shape or a.dtype != b.dtype
+                                                for a, b in zip(args, self.inputs)):
+            raise ValueError(f"CudaGraphed: captured for {[(tuple(b.shape), b.dtype) for b in self.inputs]}, got "
+                             f"{[(tuple(a.shape), a.dtype) for a in args]}")
         for buffer, a in zip(self.inputs, args):
             buffer.copy_(a)
         self.graph.replay()
         return self.output
 
 
-def kernel_rows(variants: Dict[str, nn.Module], args: Dict[str, tuple], input_name: str, top: int = 12
-                ) -> List[dict]:
-    """The `top` CUDA kernels of one forward of each variant by device time (torch.profiler, after a warm-up)."""
+def kernel_rows(table: str, variants: Dict[str, nn.Module], args: Dict[str, tuple], input_name: str,
+                top: int = 12, name_length: int = 90) -> List[dict]:
+    """Rows of `table`: the `top` CUDA kernels of one eager forward of each variant by device time (torch.profiler,
+    after a warm-up; memory copies and sets left out), kernels grouped by their names cut at name_length, then the
+    total of all kernels."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     rows = []
@@ -341,17 +350,38 @@ def kernel_rows(variants: Dict[str, nn.Module], args: Dict[str, tuple], input_na
                 torch.cuda.synchronize()
         totals: Dict[str, List[float]] = {}
         for event in prof.events():
-            if event.device_type == DeviceType.CUDA:
-                calls_and_us = totals.setdefault(event.name, [0, 0.0])
+            if event.device_type == DeviceType.CUDA and not event.name.startswith(("Memcpy", "Memset")):
+                calls_and_us = totals.setdefault(event.name[:name_length], [0, 0.0])
                 calls_and_us[0] += 1
                 calls_and_us[1] += event.time_range.elapsed_us()
-        whole = sum(us for _, us in totals.values()) or 1.0
+        whole = sum(us for _, us in totals.values())
         for kernel, (calls, us) in sorted(totals.items(), key=lambda item: -item[1][1])[:top]:
-            rows.append({"table": "resnet-kernels", "input": input_name, "variant": name, "kernel": kernel[:90],
-                         "calls": calls, "us": us, "share": f"{100 * us / whole:.1f}%"})
-        rows.append({"table": "resnet-kernels", "input": input_name, "variant": name, "kernel": "(all kernels)",
+            rows.append({"table": table, "input": input_name, "variant": name, "kernel": kernel, "calls": calls,
+                         "us": us, "share": f"{100 * us / whole:.1f}%"})
+        rows.append({"table": table, "input": input_name, "variant": name, "kernel": "(all kernels)",
                      "calls": sum(c for c, _ in totals.values()), "us": whole, "share": "100%"})
     return rows
+
+
+def _graphed(rows: List[dict], what: str, variants: Dict[str, nn.Module], names: Sequence[str], args: tuple,
+             device: torch.device, dtypes: Dict[str, torch.dtype]) -> Dict[str, nn.Module]:
+    """CudaGraphed copies of the variants `names` (those built) for `args`, named with GRAPH_SUFFIX (their input
+    dtypes added to `dtypes`); a note row for each that fails to capture or replays other values than it computes
+    eagerly."""
+    graphed: Dict[str, nn.Module] = {}
+    for name in names:
+        if name not in variants:
+            continue
+        replay = _attempt(rows, f"{what}: {name}{GRAPH_SUFFIX}", device,
+                          lambda: CudaGraphed(variants[name], on_device(args, device, dtypes[name])))
+        if replay is None:
+            continue
+        graphed[name + GRAPH_SUFFIX] = replay
+        dtypes[name + GRAPH_SUFFIX] = dtypes[name]
+        if replay.difference:
+            rows.append(_note(f"{what}: {name}{GRAPH_SUFFIX} replays values up to {replay.difference:.3g} away from an "
+                              "eager call's", failed=False))
+    return graphed
 
 
 def resnet_rows(device: Union[str, torch.device] = "cuda", *, names: Sequence[str] = ("resnet18", "resnet50"),
@@ -363,11 +393,11 @@ def resnet_rows(device: Union[str, torch.device] = "cuda", *, names: Sequence[st
     cl = torch.channels_last
     rows: List[dict] = []
     generator = torch.Generator().manual_seed(seed)
-    quantized = ("torchquant int8-static", PIPELINE)
+    quantized = tuple(RESNET_PRESETS)
     with _cudnn_autotune():
         for model_name in names:
             model = resnet_lib.resnet(model_name, seed=seed)
-            title = {"resnet18": "ResNet-18", "resnet50": "ResNet-50"}[model_name]
+            title = RESNET_TITLES[model_name]
             calibration = [torch.randn(calibration_batch, 3, size, size, generator=generator)
                            .to(device, torch.bfloat16, memory_format=cl) for _ in range(2)]
             inputs = {f"batch {b} x 3x{size}x{size}":
@@ -376,9 +406,9 @@ def resnet_rows(device: Union[str, torch.device] = "cuda", *, names: Sequence[st
             dtypes = {FP32: torch.float32, BF16: torch.bfloat16, **{q: torch.bfloat16 for q in quantized}}
             builders = {FP32: lambda _: copy.deepcopy(model).to(device, memory_format=cl),
                         BF16: lambda _: copy.deepcopy(model).to(device, torch.bfloat16, memory_format=cl)}
-            for preset_variant in quantized:
-                builders[preset_variant] = lambda done, v=preset_variant: models.torchquant_quantized(
-                    done[BF16], v.split()[-1], calibration)
+            for variant, preset in RESNET_PRESETS.items():
+                builders[variant] = lambda done, preset=preset: models.torchquant_quantized(done[BF16], preset,
+                                                                                            calibration)
             largest = f"batch {max(batches)} x 3x{size}x{size}"
             x_largest = inputs[largest][0]
             variants = _checked_variants(rows, builders, {v: on_device((x_largest,), device, dtypes[v])
@@ -390,28 +420,20 @@ def resnet_rows(device: Union[str, torch.device] = "cuda", *, names: Sequence[st
             for input_name, args in inputs.items():
                 timed = dict(variants)
                 if device.type == "cuda":
-                    for name in (BF16, *quantized):
-                        if name in variants:
-                            graphed = _attempt(rows, f"{title} {name}{GRAPH}, {input_name}", device, lambda n=name:
-                                               CudaGraphed(variants[n], on_device(args, device, dtypes[n])))
-                            if graphed is None:
-                                continue
-                            timed[name + GRAPH] = graphed
-                            dtypes[name + GRAPH] = dtypes[name]
-                            if graphed.difference:
-                                rows.append(_note(f"{title} {name}{GRAPH}, {input_name}: the replay differs from an "
-                                                  f"eager call by up to {graphed.difference:.3g}", failed=False))
+                    timed.update(_graphed(rows, f"{title}, {input_name}", variants, (BF16, *quantized), args,
+                                          device, dtypes))
                 latency = _attempt(rows, f"{title}: latency, {input_name}", device, lambda: latency_rows(
                     title, timed, {input_name: args}, _current_threads(), repeats, device=device,
-                    baselines={**BASELINES, "vs bf16 graph": BF16 + GRAPH}, dtypes=dtypes)) or []
+                    baselines={**BASELINES, "vs bf16 graph": BF16 + GRAPH_SUFFIX}, dtypes=dtypes)) or []
                 for row in latency:
                     if row["variant"] in errors:
                         row["rel. error"] = errors[row["variant"]]
                     rows.append({"table": "resnet", **row})
                 if device.type == "cuda" and model_name == "resnet50" and input_name == largest:
                     profiled = {n: variants[n] for n in (BF16, *quantized) if n in variants}
+                    profiled_args = {n: on_device(args, device, dtypes[n]) for n in profiled}
                     rows += _attempt(rows, f"{title}: kernels, {input_name}", device, lambda: kernel_rows(
-                        profiled, {n: on_device(args, device, dtypes[n]) for n in profiled}, input_name)) or []
+                        "resnet-kernels", profiled, profiled_args, input_name)) or []
     return rows
 
 

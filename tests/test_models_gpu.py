@@ -149,7 +149,7 @@ def test_resnet_rows(device):
     tables = _by_table(rows)
     assert "note" not in tables, tables.get("note")
     eager = [models_gpu.FP32, models_gpu.BF16, "torchquant int8-static", models_gpu.PIPELINE]
-    graphed = [v + models_gpu.GRAPH for v in eager[1:]] if device == "cuda" else []
+    graphed = [v + models_gpu.GRAPH_SUFFIX for v in eager[1:]] if device == "cuda" else []
     resnet = tables["resnet"]
     assert [(r["model"], r["input"], r["variant"]) for r in resnet] == [
         (net, f"batch {b} x 3x32x32", v) for net in ("ResNet-18", "ResNet-50") for b in (1, 2) for v in eager + graphed]

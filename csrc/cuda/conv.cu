@@ -33,8 +33,7 @@ constexpr int kIm2colChunk = 16;  // bytes of a row one thread writes per step
 // window); taps outside the image read pad_byte (the activation zero point). Each thread writes 16-byte chunks of a
 // row. With kVectorLoads (a group's channels a multiple of 16 and a 16-byte aligned input) a chunk is one tap's
 // channels, read in one load; else it is read byte by byte, stepping (c, tap_w, tap_h) along the window rather than
-// dividing for each byte (for the 3-channel stem, divisions per byte made the im2col cost as much as every other
-// conv of the network together).
+// dividing for each byte (64-bit divisions per byte would cost the 3-channel stem's im2col more than the GEMM).
 template <bool kVectorLoads>
 __global__ void __launch_bounds__(kIm2colThreads) im2col_nhwc_kernel(const int8_t* __restrict__ x,
                                                                       int8_t* __restrict__ columns, ConvGeometry g,
@@ -233,7 +232,7 @@ at::Tensor int8_conv2d_cuda(const at::Tensor& x_q, const at::Tensor& x_scale, in
 }
 
 // int8_conv2d.residual: the conv with a float32 output, then the add, the ReLU and the output conversion in one
-// element-wise pass (the steps of the schema, four passes over float32 when composed).
+// element-wise pass (rather than a pass over float32 for each step of the schema).
 at::Tensor int8_conv2d_residual_cuda(const at::Tensor& x_q, const at::Tensor& x_scale, int64_t x_zero_point,
                                      const at::Tensor& w_packed, const at::Tensor& w_sum, const at::Tensor& w_scale,
                                      const std::optional<at::Tensor>& bias, int64_t out_channels,

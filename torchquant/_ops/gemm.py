@@ -267,7 +267,7 @@ def int8_conv2d(x_q: torch.Tensor, x_scale, x_zero_point: int, w_packed: torch.T
         y = conv's float32 y (clamped) + float(residual - residual_zero_point) * residual_scale
         y = max(y, 0) when relu
 
-    The CPU kernel adds it in the conv's epilogue (int8/uint8 outputs)."""
+    The CPU kernel adds it in the conv's epilogue; the CUDA kernel in one element-wise pass after the conv."""
     _require_tensor("x_q", x_q)
     _require_dtype("x_q", x_q, _ACTIVATION_DTYPES)
     if x_q.dim() != 4:

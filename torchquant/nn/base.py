@@ -424,7 +424,7 @@ class QuantLayerBase(nn.Module):
             if not spec.dynamic:  # checked here once, not by a wrapper on every call
                 # (to the layer's device: a pipeline's quantizer may move after the layer)
                 self._static_scale = moved_state(self._checked_static_input_scale(), self._device)
-        self._kernel_args = (self.w_packed.as_strided(*self._packed_view), *self._int_op_args())
+        self._kernel_args = self._weight_args()
         self._quantized_call_args = self._quantized_layer_args()
 
     def _quantized_layer_args(self) -> tuple | None:
@@ -463,17 +463,23 @@ class QuantLayerBase(nn.Module):
         raise NotImplementedError
 
     def _kernel_bias(self) -> torch.Tensor | None:
-        """The bias as the kernels read it, float32: a model of another dtype has its bias converted once here
-        rather than by every call (a conversion kernel a layer a forward on a GPU)."""
+        """The bias as the kernels read it, float32. A half model's bias is converted when the layer is prepared
+        (convert, load, move) rather than by every call (one conversion kernel per layer per forward on a GPU): as
+        with the integer weight, change a converted layer's bias through load_state_dict, not in place."""
         bias = self.bias
         return bias if bias is None or bias.dtype == torch.float32 else bias.detach().float()
 
+    def _weight_args(self) -> tuple:
+        """The integer op's weight-side arguments: the packed weight's view of the w_packed buffer, then
+        _int_op_args()."""
+        return (self.w_packed.as_strided(*self._packed_view), *self._int_op_args())
+
     def _op_args(self) -> tuple:
         """The integer op's weight-side arguments (_kernel_args) for a call: while torch.compile or torch.export
-        traces the layer, they are made in the traced graph from the module's buffers (the packed weight's view of
-        the w_packed buffer, the float32 bias), so the program holds the buffers themselves."""
+        traces the layer, they are made in the traced graph from the module's buffers (the packed weight's view, a
+        half bias's float32 copy), so the program holds the buffers themselves."""
         if torch.compiler.is_compiling():
-            return (self.w_packed.as_strided(*self._packed_view), *self._int_op_args())
+            return self._weight_args()
         return self._kernel_args
 
     def _input_features(self) -> int:
