@@ -213,13 +213,14 @@ QuantizedAddTensors prepare_quantized_add(const at::Tensor& a, const at::Tensor&
   check_output_dtype("quantized_add", out_dtype, out_scale, out_zero_point);
   QuantizedAddTensors t;
   t.out = at::empty_like(a, a.options().dtype(out_dtype), at::MemoryFormat::Preserve);
-  const auto laid_out = [&](const at::Tensor& x) {
-    return x.strides() == t.out.strides() ? x : at::empty_like(t.out, x.options()).copy_(x);
-  };
-  t.a = laid_out(a);
-  t.b = laid_out(b);
+  t.a = laid_out_as(a, t.out);
+  t.b = laid_out_as(b, t.out);
   t.map = add_map(a_zero_point, b_zero_point, out_dtype, out_scale, out_zero_point, relu);
   return t;
+}
+
+at::Tensor laid_out_as(const at::Tensor& x, const at::Tensor& out) {
+  return x.strides() == out.strides() ? x : at::empty_like(out, x.options()).copy_(x);
 }
 
 AddMap add_map(int64_t a_zero_point, int64_t b_zero_point, at::ScalarType out_dtype, std::optional<double> out_scale,
@@ -246,7 +247,7 @@ LookupTensors prepare_quantized_lookup(const at::Tensor& x, const at::Tensor& ta
            table.device());
   LookupTensors t;
   t.out = at::empty_like(x, x.options().dtype(table.scalar_type()), at::MemoryFormat::Preserve);
-  t.x = x.strides() == t.out.strides() ? x : at::empty_like(t.out, x.options()).copy_(x);
+  t.x = laid_out_as(x, t.out);
   t.table = table.contiguous();
   t.x_bytes = static_cast<const uint8_t*>(t.x.const_data_ptr());
   t.table_bytes = static_cast<const uint8_t*>(t.table.const_data_ptr());

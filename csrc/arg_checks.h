@@ -112,6 +112,10 @@ QuantizedAddTensors prepare_quantized_add(const at::Tensor& a, const at::Tensor&
                                           at::ScalarType out_dtype, std::optional<double> out_scale,
                                           int64_t out_zero_point, bool relu);
 
+// x (of out's shape) as an element-wise kernel reads it beside out: x itself where its strides are out's, else a copy
+// with out's strides.
+at::Tensor laid_out_as(const at::Tensor& x, const at::Tensor& out);
+
 // quantized_add's element map for those zero points, output and ReLU (out_dtype, out_scale and out_zero_point as
 // check_output_dtype wants them).
 AddMap add_map(int64_t a_zero_point, int64_t b_zero_point, at::ScalarType out_dtype, std::optional<double> out_scale,

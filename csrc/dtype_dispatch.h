@@ -27,18 +27,22 @@ void with_byte_type(at::ScalarType dtype, const char* what, const Body& body) {
   }
 }
 
+// Calls body(T{}) with T the C++ type of an element-wise op's output dtype: int8_t, uint8_t or a float type.
+template <class Body>
+void with_output_type(at::ScalarType out_dtype, const Body& body) {
+  if (out_dtype == at::kChar || out_dtype == at::kByte) with_byte_type(out_dtype, "out_dtype", body);
+  else with_float_type(out_dtype, "out_dtype", body);
+}
+
 // Calls body(ap, bp, yp) with the data pointers of a, b (int8 or uint8) and out (float32, float16, bfloat16, int8
 // or uint8) as their C++ types: quantized_add's kernels.
 template <class Body>
 void with_add_pointers(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out, const Body& body) {
   with_byte_type(a.scalar_type(), "a", [&](auto a_tag) {
     with_byte_type(b.scalar_type(), "b", [&](auto b_tag) {
-      const auto with_out = [&](auto out_tag) {
+      with_output_type(out.scalar_type(), [&](auto out_tag) {
         body(a.data_ptr<decltype(a_tag)>(), b.data_ptr<decltype(b_tag)>(), out.data_ptr<decltype(out_tag)>());
-      };
-      const at::ScalarType out_dtype = out.scalar_type();
-      if (out_dtype == at::kChar || out_dtype == at::kByte) with_byte_type(out_dtype, "out_dtype", with_out);
-      else with_float_type(out_dtype, "out_dtype", with_out);
+      });
     });
   });
 }

@@ -605,8 +605,7 @@ at::Tensor add_conv_residual_cuda(const at::Tensor& y, const at::Tensor& residua
   at::Tensor out = at::empty_like(y, y.options().dtype(out_dtype), at::MemoryFormat::Preserve);
   const int64_t n = out.numel();
   if (n == 0) return out;
-  const at::Tensor b =
-      residual.strides() == out.strides() ? residual : at::empty_like(out, residual.options()).copy_(residual);
+  const at::Tensor b = laid_out_as(residual, out);
   // y is quantized_add's a with scale 1 (a null a_scale) and zero point 0: float(y - 0) * 1 is y exactly, so the
   // element map computes y + float(residual - zero point) * scale (the product rounded, then the sum) as the schema
   // states
@@ -616,9 +615,8 @@ at::Tensor add_conv_residual_cuda(const at::Tensor& y, const at::Tensor& residua
   const float* ap = y.data_ptr<float>();
   with_byte_type(b.scalar_type(), "residual", [&](auto b_tag) {
     const auto* bp = b.data_ptr<decltype(b_tag)>();
-    const auto with_out = [&](auto out_tag) { run_quantized_add(ap, bp, out.data_ptr<decltype(out_tag)>(), n, p); };
-    if (out_dtype == at::kChar || out_dtype == at::kByte) with_byte_type(out_dtype, "out_dtype", with_out);
-    else with_float_type(out_dtype, "out_dtype", with_out);
+    with_output_type(out_dtype,
+                     [&](auto out_tag) { run_quantized_add(ap, bp, out.data_ptr<decltype(out_tag)>(), n, p); });
   });
   return out;
 }
