@@ -11,6 +11,11 @@
 # MiniLM bundle the MiniLM rows are reported as skipped.
 #
 # Usage, from the repository root:   bash benchmarks/gpu_check.sh [OUT]
+# A shorter run (a check of one change) picks its parts through the environment:
+#   TEST_ARGS="tests/test_graph.py ..."             the CUDA suite's files or test ids (default: tests, all)
+#   WGMMA_TESTS=0                                   no wgmma test step (the benchmarks then time no wgmma rows)
+#   BENCH_SECTIONS="conv ..."                       torchquant.bench.gpu's sections (default: all)
+#   MODEL_PARTS="resnet ..."                        benchmarks/models_gpu.py's parts (default: resnet bert minilm convnets)
 # Writes into OUT (default $OUT, else out/gpu) exactly these 8 files:
 #   build.log        the build, its time, the count of wgmma (IGMMA) instructions and of the CUTLASS GEMM and conv
 #                    kernels in the built library
@@ -50,6 +55,9 @@ TEST_TIMEOUT=${TEST_TIMEOUT:-140}  # all attempts together (about 95 s on an H20
 WGMMA_TEST_TIMEOUT=${WGMMA_TEST_TIMEOUT:-35}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-80}  # the conv rows (last) time the CUTLASS conv, the im2col path and cuDNN
 MODEL_TIMEOUT=${MODEL_TIMEOUT:-130}  # the four model parts together (a part with under 20 s left does not run)
+read -r -a test_args <<<"${TEST_ARGS:-tests}"
+read -r -a bench_sections <<<"${BENCH_SECTIONS:-}"
+read -r -a parts <<<"${MODEL_PARTS:-resnet bert minilm convnets}"  # the whole ResNets first: the goal rows
 
 {
   echo "== machine"
@@ -100,7 +108,7 @@ for attempt in 1 2 3; do
   [ "$left" -lt 20 ] && left=20
   # tests/test_wgmma.py forces the hand-written kernel: it runs in the wgmma step below
   TORCHQUANT_REQUIRE_CUDA=1 timeout "$left" "$PY" -m pytest -q -rfE -m "cuda and not slow" --maxfail=25 \
-      --tb=short -p no:cacheprovider --ignore=tests/test_wgmma.py ${deselect[@]+"${deselect[@]}"} tests \
+      --tb=short -p no:cacheprovider --ignore=tests/test_wgmma.py ${deselect[@]+"${deselect[@]}"} "${test_args[@]}" \
       >"$WORK/pytest.$attempt.log" 2>&1
   test_rc=$?
   { echo "== attempt $attempt (rc=$test_rc)"; cat "$WORK/pytest.$attempt.log"; } >>"$OUT/tests.log"
@@ -125,24 +133,31 @@ echo "tests: rc=$test_rc in $((SECONDS - start)) s"
   grep -E "^(FAILED|ERROR) " "$WORK/pytest.$attempt.log"
 } | tee -a "$OUT/summary.md"
 
-echo "== CUDA GEMM tests with TORCHQUANT_CUDA_GEMM=wgmma (log: $OUT/tests.log)"
-start=$SECONDS
-# the hand-written wgmma kernel of csrc/cuda/gemm_sm90.cu, kept only to be timed against CUTLASS: its own tests, and
-# the GEMM, linear and conv cases of the suite again with the variable set (it is read by every GEMM call)
-TORCHQUANT_REQUIRE_CUDA=1 TORCHQUANT_CUDA_GEMM=wgmma timeout "$WGMMA_TEST_TIMEOUT" "$PY" -m pytest -q -rfE \
-    -m "cuda and not slow" -k "wgmma or int8_mm or linear or conv" --maxfail=25 --tb=short -p no:cacheprovider \
-    tests/test_wgmma.py tests/test_cuda.py tests/test_gemm.py >"$WORK/pytest.wgmma.log" 2>&1
-wgmma_rc=$?
-{ echo "== wgmma tests (rc=$wgmma_rc)"; cat "$WORK/pytest.wgmma.log"; } >>"$OUT/tests.log"
-echo "wgmma tests: rc=$wgmma_rc in $((SECONDS - start)) s"
-{
-  echo "== wgmma test summary"
-  grep -E "^=* ?[0-9]+ (passed|failed|skipped|errors?|deselected)|no tests ran" "$WORK/pytest.wgmma.log" | tail -n 1
-  grep -E "^(FAILED|ERROR) " "$WORK/pytest.wgmma.log"
-  [ "$wgmma_rc" -gt 5 ] && tail -n 30 "$WORK/pytest.wgmma.log"  # killed (timeout, crash): show where
-} | tee -a "$OUT/summary.md"
 bench_flags=()
-[ "$wgmma_rc" -ne 0 ] && bench_flags+=(--no-wgmma)
+if [ "${WGMMA_TESTS:-1}" = 0 ]; then
+  wgmma_rc=0
+  bench_flags+=(--no-wgmma)
+  echo "== wgmma tests: not run (WGMMA_TESTS=0)" | tee -a "$OUT/summary.md"
+else
+  echo "== CUDA GEMM tests with TORCHQUANT_CUDA_GEMM=wgmma (log: $OUT/tests.log)"
+  start=$SECONDS
+  # the hand-written wgmma kernel of csrc/cuda/gemm_sm90.cu, kept only to be timed against CUTLASS: its own tests, and
+  # the GEMM, linear and conv cases of the suite again with the variable set (it is read by every GEMM call)
+  TORCHQUANT_REQUIRE_CUDA=1 TORCHQUANT_CUDA_GEMM=wgmma timeout "$WGMMA_TEST_TIMEOUT" "$PY" -m pytest -q -rfE \
+      -m "cuda and not slow" -k "wgmma or int8_mm or linear or conv" --maxfail=25 --tb=short -p no:cacheprovider \
+      tests/test_wgmma.py tests/test_cuda.py tests/test_gemm.py >"$WORK/pytest.wgmma.log" 2>&1
+  wgmma_rc=$?
+  { echo "== wgmma tests (rc=$wgmma_rc)"; cat "$WORK/pytest.wgmma.log"; } >>"$OUT/tests.log"
+  echo "wgmma tests: rc=$wgmma_rc in $((SECONDS - start)) s"
+  {
+    echo "== wgmma test summary"
+    grep -E "^=* ?[0-9]+ (passed|failed|skipped|errors?|deselected)|no tests ran" "$WORK/pytest.wgmma.log" | tail -n 1
+    grep -E "^(FAILED|ERROR) " "$WORK/pytest.wgmma.log"
+    [ "$wgmma_rc" -gt 5 ] && tail -n 30 "$WORK/pytest.wgmma.log"  # killed (timeout, crash): show where
+  } | tee -a "$OUT/summary.md"
+  [ "$wgmma_rc" -ne 0 ] && bench_flags+=(--no-wgmma)
+fi
+[ "${#bench_sections[@]}" -gt 0 ] && bench_flags+=(--sections "${bench_sections[@]}")
 
 echo "== GPU benchmarks (log: $OUT/bench.log)"
 start=$SECONDS
@@ -167,7 +182,6 @@ else
   echo "no MiniLM bundle at $MINILM_BUNDLE (make gpu-bundle, then bring .gpu-carry): the MiniLM rows are skipped"
 fi
 model_rc=0
-parts=(resnet bert minilm convnets)  # the whole ResNets first: the goal rows
 for part in "${parts[@]}"; do
   left=$((MODEL_TIMEOUT - (SECONDS - start)))
   if [ "$left" -lt 20 ]; then  # the budget is spent: the part is reported as not run, and counts as failed

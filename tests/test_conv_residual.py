@@ -28,6 +28,9 @@ CONVS = {
     "depthwise": (2, 70, 6, 9, 70, (3, 3), 1, 1, 1, 70),         # a full and a partial 64-channel block
     "stem": (1, 3, 15, 14, 16, (7, 7), 2, 3, 1, 1),
     "one-pixel": (1, 4, 3, 3, 70, (3, 3), 1, 0, 1, 1),
+    # C and OC multiples of 16: the CUTLASS conv on Hopper, padded (explicitly, for a nonzero zero point) and strided
+    "padded-16": (2, 32, 9, 10, 64, (3, 3), 1, 1, 1, 1),
+    "strided-16": (2, 16, 11, 9, 32, (3, 3), 2, 1, 1, 1),
 }
 
 
@@ -148,14 +151,14 @@ def test_int8_conv2d_residual_in_other_layouts(device, layout):
     assert_same(got, got_cl)
 
 
-def test_int8_conv2d_residual_read_in_place_off_alignment(device):
-    """A channels-last residual at an odd offset (an image of a bigger batch, 7 * 9 * 24 bytes apart): read where it
-    is, without the 16-byte vectors."""
-    conv = CONVS["pointwise"]
+@pytest.mark.parametrize("conv", [CONVS["pointwise"], CONVS["padded-16"]], ids=["pointwise", "padded-16"])
+def test_int8_conv2d_residual_read_in_place_off_alignment(device, conv):
+    """A channels-last residual one byte past a 16-byte boundary: read where it is, without the 16-byte vectors."""
     x_q, w_q, w_scale, bias, geometry = conv_case(conv, torch.uint8, seed=17, device=device)
     y = reference.int8_conv2d(x_q, 0.02, 0, w_q, w_scale, bias, **geometry)
-    batch = residual_like(torch.cat([y[:1], y]), torch.int8, seed=18).contiguous(memory_format=torch.channels_last)
-    residual = batch[1:]
+    base = residual_like(y, torch.int8, seed=18)
+    storage = torch.empty(base.numel() + 1, dtype=torch.int8, device=device)
+    residual = storage[1:].as_strided(base.shape, base.stride()).copy_(base)
     assert residual.is_contiguous(memory_format=torch.channels_last) and residual.data_ptr() % 16 != 0
     for out in (requantization(y, torch.int8), {"out_dtype": torch.float32}):
         got, want = both(conv, x_q, 0, w_q, w_scale, bias, geometry, residual, 0.03, -5, True, **out)

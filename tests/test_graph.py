@@ -116,14 +116,16 @@ class Bottleneck(nn.Module):
 
 
 class BottleneckNet(nn.Module):
-    """A stem, a downsampling bottleneck and an identity one, global average pooling and a Linear head."""
+    """A stem, a downsampling bottleneck and an identity one, global average pooling and a Linear head. At width 16
+    every conv of the blocks reads and writes multiples of 16 channels: on Hopper each is a CUTLASS conv, the first
+    block's last one with its residual add."""
 
-    def __init__(self):
+    def __init__(self, width=8):
         super().__init__()
-        self.stem = nn.Conv2d(3, 16, 3, padding=1, bias=False)
-        self.stem_bn = nn.BatchNorm2d(16)
-        self.blocks = nn.Sequential(Bottleneck(16, 8, stride=2), Bottleneck(32, 8))
-        self.head = nn.Linear(32, 5)
+        self.stem = nn.Conv2d(3, 2 * width, 3, padding=1, bias=False)
+        self.stem_bn = nn.BatchNorm2d(2 * width)
+        self.blocks = nn.Sequential(Bottleneck(2 * width, width, stride=2), Bottleneck(4 * width, width))
+        self.head = nn.Linear(4 * width, 5)
 
     def forward(self, x):
         x = self.blocks(F.relu(self.stem_bn(self.stem(x))))
@@ -512,6 +514,7 @@ MODELS = {
        for act in ("module", "F.relu", "torch.relu", "method", "relu6_module", "hardtanh", "none")},
     "basic-blocks": (BasicBlockNet, (2, 3, 12, 12)),
     "bottleneck": (BottleneckNet, (2, 3, 12, 12)),
+    "wide-bottleneck": (lambda: BottleneckNet(16), (2, 3, 12, 12)),
     "conv1d-residual": (Conv1dResidualNet, (3, 2, 10)),
     "keyword-spotting": (KeywordSpottingNet, (3, 4, 20)),
     "broadcast-residual": (BroadcastResidualNet, (2, 3, 6, 6)),
@@ -576,9 +579,9 @@ def test_converted_pipeline_is_close_to_float_and_fake_quant(name):
     assert (y - fake).abs().max() <= 0.05 * ref.abs().max()
 
 
-@pytest.mark.parametrize("name", ["basic-blocks", "bottleneck", "conv1d-residual", "keyword-spotting", "cat",
-                                  "spectrogram-views", "text-cnn", "unet", "shuffle-block", "padded",
-                                  "hardswish-block", "smooth-activations"])
+@pytest.mark.parametrize("name", ["basic-blocks", "bottleneck", "wide-bottleneck", "conv1d-residual",
+                                  "keyword-spotting", "cat", "spectrogram-views", "text-cnn", "unet", "shuffle-block",
+                                  "padded", "hardswish-block", "smooth-activations"])
 def test_pipeline_integers_are_identical_on_every_cpu_path_and_cuda(name, device, isa, monkeypatch):
     _, prepared, batches = _prepared(name, INTEGER_OUT)
     converted = tq.convert(prepared)

@@ -232,7 +232,10 @@ at::Tensor int8_conv2d_cuda(const at::Tensor& x_q, const at::Tensor& x_scale, in
 }
 
 // int8_conv2d.residual: the conv with a float32 output, then the add, the ReLU and the output conversion in one
-// element-wise pass (rather than a pass over float32 for each step of the schema).
+// element-wise pass (rather than a pass over float32 for each step of the schema). Reading the residual in the
+// CUTLASS conv's epilogue instead (as its TMA source tensor) was slower on an H200: the epilogue tree then needs 143
+// registers a thread, which leaves one CTA per multiprocessor where the plain conv's 124 leave two, and the conv
+// loses the overlap of one tile's epilogue with another's main loop that it is tuned for (cutlass_conv.cuh).
 at::Tensor int8_conv2d_residual_cuda(const at::Tensor& x_q, const at::Tensor& x_scale, int64_t x_zero_point,
                                      const at::Tensor& w_packed, const at::Tensor& w_sum, const at::Tensor& w_scale,
                                      const std::optional<at::Tensor>& bias, int64_t out_channels,
