@@ -251,7 +251,7 @@ def test_dynamic_int8_linear_batched(monkeypatch):
 # ---------------------------------------------------------------------------------------------------------------
 
 CONV_KERNEL = "ConvUniversal"  # in the name of the CUTLASS conv kernel (cutlass::device_kernel<ConvUniversal<..>>)
-IM2COL_KERNEL = "im2col_nhwc_kernel"
+IM2COL_KERNEL = "im2col_nhwc"  # im2col_nhwc_kernel, im2col_nhwc_rows_kernel
 
 
 def conv_case(b, c, hw, oc, kernel, x_dtype, x_zp, with_bias, seed):
@@ -381,26 +381,40 @@ def test_int8_conv2d_cutlass_negative_zero_and_nan_pass_through(monkeypatch):
     assert_same_bits(under(monkeypatch, "mma", ops.int8_conv2d, *conv_args), out)
 
 
-@pytest.mark.parametrize("what,b,c,hw,oc,kernel,stride,padding,dilation,groups,out_dtype", [
-    ("grouped", 2, 64, (10, 10), 64, (3, 3), (1, 1), (1, 1), (1, 1), 2, torch.float32),
-    ("3 input channels", 2, 3, (16, 16), 64, (7, 7), (2, 2), (3, 3), (1, 1), 1, torch.bfloat16),
-    ("40 input channels", 1, 40, (8, 8), 32, (3, 3), (1, 1), (1, 1), (1, 1), 1, torch.float32),
-    ("bf16 pixels of 8 bytes", 1, 32, (8, 8), 4, (3, 3), (1, 1), (1, 1), (1, 1), 1, torch.bfloat16),
-    ("stride 9", 1, 16, (20, 20), 16, (3, 3), (9, 9), (0, 0), (1, 1), 1, torch.float32),
-    ("dilation beyond TMA im2col", 1, 16, (150, 12), 16, (3, 1), (1, 1), (0, 0), (70, 1), 1, torch.float32),
-    ("padding beyond TMA im2col", 1, 16, (4, 4), 16, (1, 1), (1, 1), (300, 0), (1, 1), 1, torch.float32),
+# then: what runs on the im2col rows, the CUTLASS conv as a 1x1 conv ("conv": one group, 16-byte output pixels) or
+# the GEMM
+@pytest.mark.parametrize("what,b,c,hw,oc,kernel,stride,padding,dilation,groups,out_dtype,then", [
+    ("grouped", 2, 64, (10, 10), 64, (3, 3), (1, 1), (1, 1), (1, 1), 2, torch.float32, "gemm"),
+    ("3 input channels", 2, 3, (16, 16), 64, (7, 7), (2, 2), (3, 3), (1, 1), 1, torch.bfloat16, "conv"),
+    ("the stem, odd image", 3, 3, (23, 17), 64, (7, 7), (2, 2), (3, 3), (1, 1), 1, torch.uint8, "conv"),
+    ("5 channels, a row of 48 bytes", 1, 5, (9, 9), 32, (3, 3), (1, 1), (1, 1), (1, 1), 1, torch.float32, "conv"),
+    ("40 input channels", 1, 40, (8, 8), 32, (3, 3), (1, 1), (1, 1), (1, 1), 1, torch.float32, "conv"),
+    ("grouped, 3 channels a group", 2, 6, (11, 11), 32, (3, 3), (2, 1), (1, 0), (1, 2), 2, torch.float32, "gemm"),
+    ("bf16 pixels of 8 bytes", 1, 32, (8, 8), 4, (3, 3), (1, 1), (1, 1), (1, 1), 1, torch.bfloat16, "gemm"),
+    ("3 channels, bf16 pixels of 8 bytes", 1, 3, (8, 8), 4, (3, 3), (1, 1), (1, 1), (1, 1), 1, torch.bfloat16, "gemm"),
+    ("stride 9", 1, 16, (20, 20), 16, (3, 3), (9, 9), (0, 0), (1, 1), 1, torch.float32, "conv"),
+    ("dilation beyond TMA im2col", 1, 16, (150, 12), 16, (3, 1), (1, 1), (0, 0), (70, 1), 1, torch.float32, "conv"),
+    ("padding beyond TMA im2col", 1, 16, (4, 4), 16, (1, 1), (1, 1), (300, 0), (1, 1), 1, torch.float32, "conv"),
 ])
-def test_int8_conv2d_falls_back(monkeypatch, what, b, c, hw, oc, kernel, stride, padding, dilation, groups,
-                                out_dtype):
-    """Convolutions the CUTLASS conv cannot take run the im2col + GEMM path, with the same results."""
-    gen = torch.Generator().manual_seed(b + c + oc)
-    x_q = randint8((b, c, *hw), generator=gen, device="cuda").contiguous(memory_format=torch.channels_last)
+@pytest.mark.parametrize("x_dtype,x_zp", ACTIVATIONS)
+def test_int8_conv2d_im2col_paths(monkeypatch, what, b, c, hw, oc, kernel, stride, padding, dilation, groups,
+                                  out_dtype, then, x_dtype, x_zp):
+    """Convolutions the CUTLASS conv cannot take directly write im2col rows first (taps outside the image read the
+    zero point), then run the CUTLASS conv as a 1x1 conv over them where it takes that, else the GEMM; the same
+    results as the im2col + mma.sync path and the CPU."""
+    gen = torch.Generator().manual_seed(b + c + oc + x_zp)
+    x_q = randint8((b, c, *hw), generator=gen, dtype=x_dtype, device="cuda")
+    x_q = x_q.contiguous(memory_format=torch.channels_last)
     w = randint8((oc, c // groups, *kernel), generator=gen, device="cuda")
-    args = (x_q, torch.tensor([0.02], device="cuda"), 0, pack_conv_weight(w, groups),
+    out_args = (out_dtype, 0.05, 3) if out_dtype == torch.uint8 else (out_dtype,)
+    args = (x_q, torch.tensor([0.02], device="cuda"), x_zp, pack_conv_weight(w, groups),
             w.int().sum((1, 2, 3), dtype=torch.int32), torch.full((oc,), 0.01, device="cuda"), None, oc,
-            list(kernel), list(stride), list(padding), list(dilation), groups, out_dtype)
+            list(kernel), list(stride), list(padding), list(dilation), groups, *out_args)
     names, out = kernels_run(monkeypatch, "", ops.int8_conv2d, *args)
-    assert CONV_KERNEL not in names, what
+    # a nonzero zero point with padding pads the input explicitly: then the CUTLASS conv takes it without im2col
+    direct = what == "padding beyond TMA im2col" and x_zp != 0
+    assert (IM2COL_KERNEL in names) != direct, what
+    assert (CONV_KERNEL in names) == (then == "conv"), what
     assert_same_bits(under(monkeypatch, "mma", ops.int8_conv2d, *args), out, what)
     assert_same_bits(ops.int8_conv2d(*on_cpu(args[:8], w, groups), *args[8:]), out.cpu(), what)
 

@@ -6,7 +6,8 @@
 //   depthwise convs: a direct kernel, one thread per output value, with the GEMMs' epilogue;
 //   everything else (other GPUs, grouped or unaligned convs, TORCHQUANT_CUDA_GEMM=mma or wgmma): im2col rows ordered
 //     (kh, kw, c) per group (a 1x1 stride-1 unpadded conv reads the input in place), then the grouped tensor-core
-//     GEMM of gemm.cuh.
+//     GEMM of gemm.cuh, or, where the CUTLASS conv runs and the conv has one group (the 3-channel stem), that conv
+//     as a 1x1 conv over the rows.
 // All compute the same integers and the same float operations, so they give the same bits.
 #include "check.h"
 #include <ATen/ATen.h>
@@ -30,11 +31,11 @@ constexpr int kIm2colThreads = 256;
 constexpr int kIm2colChunk = 16;  // bytes of a row one thread writes per step
 
 // Writes im2col rows: row (b, oh, ow) holds, for each group, the (kh, kw, c) window in k16 bytes (zero past the
-// window); taps outside the image read pad_byte (the activation zero point). Each thread writes 16-byte chunks of a
-// row. With kVectorLoads (a group's channels a multiple of 16 and a 16-byte aligned input) a chunk is one tap's
-// channels, read in one load; else it is read byte by byte, stepping (c, tap_w, tap_h) along the window rather than
-// dividing for each byte (64-bit divisions per byte would cost the 3-channel stem's im2col more than the GEMM).
-template <bool kVectorLoads>
+// window); taps outside the image read pad_byte (the activation zero point). Two kernels, both writing 16-byte
+// chunks: with a group's channels a multiple of 16 and a 16-byte aligned input, a chunk is one tap's channels, read
+// in one load (one thread per chunk); else one thread writes a whole row of a group, byte by byte, stepping
+// (c, tap_w, tap_h) along the window with a running input offset, so that its divisions happen once a row (per
+// chunk or per byte, 64-bit divisions made the 3-channel stem's im2col slower than its GEMM).
 __global__ void __launch_bounds__(kIm2colThreads) im2col_nhwc_kernel(const int8_t* __restrict__ x,
                                                                       int8_t* __restrict__ columns, ConvGeometry g,
                                                                       int64_t k16, int8_t pad_byte) {
@@ -50,42 +51,68 @@ __global__ void __launch_bounds__(kIm2colThreads) im2col_nhwc_kernel(const int8_
     const int64_t ow = row % g.out_w;
     const int64_t oh = (row / g.out_w) % g.out_h;
     const int64_t b = row / (g.out_w * g.out_h);
-    const int64_t ih0 = oh * g.stride_h - g.pad_h, iw0 = ow * g.stride_w - g.pad_w;
-    const int8_t* image = x + b * g.height * g.width * g.channels + group * cg;
-    int64_t c = k % cg, tap_w = (k / cg) % g.kw, tap_h = k / (cg * g.kw);
+    const int64_t ih = oh * g.stride_h - g.pad_h + (k / (cg * g.kw)) * g.dil_h;
+    const int64_t iw = ow * g.stride_w - g.pad_w + ((k / cg) % g.kw) * g.dil_w;
     Vec<int8_t, kIm2colChunk> v;
-    if constexpr (kVectorLoads) {
 #pragma unroll
-      for (int j = 0; j < kIm2colChunk; ++j) v.v[j] = 0;
-      if (k < g.window) {
-        const int64_t ih = ih0 + tap_h * g.dil_h, iw = iw0 + tap_w * g.dil_w;
-        if (ih >= 0 && ih < g.height && iw >= 0 && iw < g.width) {
-          v = load_vec<int8_t, kIm2colChunk>(image + (ih * g.width + iw) * g.channels + c);
-        } else {
+    for (int j = 0; j < kIm2colChunk; ++j) v.v[j] = 0;
+    if (k < g.window) {
+      if (ih >= 0 && ih < g.height && iw >= 0 && iw < g.width) {
+        v = load_vec<int8_t, kIm2colChunk>(x + ((b * g.height + ih) * g.width + iw) * g.channels + group * cg +
+                                           k % cg);
+      } else {
 #pragma unroll
-          for (int j = 0; j < kIm2colChunk; ++j) v.v[j] = pad_byte;
-        }
+        for (int j = 0; j < kIm2colChunk; ++j) v.v[j] = pad_byte;
       }
-    } else {
+    }
+    store_vec<int8_t, kIm2colChunk>(columns + row_group * k16 + k, v);
+  }
+}
+
+__global__ void __launch_bounds__(kIm2colThreads) im2col_nhwc_rows_kernel(const int8_t* __restrict__ x,
+                                                                           int8_t* __restrict__ columns,
+                                                                           ConvGeometry g, int64_t k16,
+                                                                           int8_t pad_byte) {
+  const int64_t cg = g.channels / g.groups;
+  const int64_t units = g.rows * g.groups;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kIm2colThreads;
+  for (int64_t u = static_cast<int64_t>(blockIdx.x) * kIm2colThreads + threadIdx.x; u < units; u += stride) {
+    const int64_t group = u % g.groups;
+    const int64_t row = u / g.groups;
+    const int64_t ow = row % g.out_w;
+    const int64_t oh = (row / g.out_w) % g.out_h;
+    const int64_t b = row / (g.out_w * g.out_h);
+    const int64_t iw0 = ow * g.stride_w - g.pad_w;
+    const int8_t* image = x + b * g.height * g.width * g.channels + group * cg;
+    int64_t ih = oh * g.stride_h - g.pad_h, iw = iw0, c = 0, tap_w = 0;
+    int64_t offset = (ih * g.width + iw) * g.channels;  // of (ih, iw, c) in the image
+    bool ih_inside = ih >= 0 && ih < g.height;
+    int64_t k = 0;
+    for (int64_t chunk = 0; chunk < k16; chunk += kIm2colChunk) {
+      Vec<int8_t, kIm2colChunk> v;
 #pragma unroll
-      for (int j = 0; j < kIm2colChunk; ++j) {
+      for (int j = 0; j < kIm2colChunk; ++j, ++k) {
         int8_t byte = 0;
-        if (k + j < g.window) {
-          const int64_t ih = ih0 + tap_h * g.dil_h, iw = iw0 + tap_w * g.dil_w;
-          byte = ih >= 0 && ih < g.height && iw >= 0 && iw < g.width ? image[(ih * g.width + iw) * g.channels + c]
-                                                                     : pad_byte;
-          if (++c == cg) {
+        if (k < g.window) {
+          byte = ih_inside && iw >= 0 && iw < g.width ? image[offset] : pad_byte;
+          ++offset;
+          if (++c == cg) {  // the next tap
             c = 0;
-            if (++tap_w == g.kw) {
+            iw += g.dil_w;
+            offset += g.dil_w * g.channels - cg;
+            if (++tap_w == g.kw) {  // the next row of taps
               tap_w = 0;
-              ++tap_h;
+              ih += g.dil_h;
+              iw = iw0;
+              offset = (ih * g.width + iw) * g.channels;
+              ih_inside = ih >= 0 && ih < g.height;
             }
           }
         }
         v.v[j] = byte;
       }
+      store_vec<int8_t, kIm2colChunk>(columns + u * k16 + chunk, v);
     }
-    store_vec<int8_t, kIm2colChunk>(columns + row_group * k16 + k, v);
   }
 }
 
@@ -205,17 +232,37 @@ at::Tensor int8_conv2d_cuda(const at::Tensor& x_q, const at::Tensor& x_scale, in
     columns = at::empty({checked_mul(op, "the im2col matrix size", m, checked_mul(op, "the im2col row size", groups, k16))},
                         x_q.options());
     const int8_t pad_byte = static_cast<int8_t>(static_cast<uint8_t>(x_zero_point));
-    const bool vectorized = cg % 16 == 0 && is_aligned<int8_t, 16>(x_bytes);
-    const int64_t units = m * groups * (k16 / kIm2colChunk);
-    const int blocks = static_cast<int>(
-        std::min<int64_t>((units + kIm2colThreads - 1) / kIm2colThreads, max_resident_blocks(kIm2colThreads)));
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     int8_t* columns_ptr = static_cast<int8_t*>(columns.data_ptr());
-    if (vectorized)
-      im2col_nhwc_kernel<true><<<blocks, kIm2colThreads, 0, stream>>>(x_bytes, columns_ptr, g, k16, pad_byte);
-    else
-      im2col_nhwc_kernel<false><<<blocks, kIm2colThreads, 0, stream>>>(x_bytes, columns_ptr, g, k16, pad_byte);
+    if (cg % 16 == 0 && is_aligned<int8_t, 16>(x_bytes)) {
+      const int64_t units = m * groups * (k16 / kIm2colChunk);
+      const int blocks = static_cast<int>(
+          std::min<int64_t>((units + kIm2colThreads - 1) / kIm2colThreads, max_resident_blocks(kIm2colThreads)));
+      im2col_nhwc_kernel<<<blocks, kIm2colThreads, 0, stream>>>(x_bytes, columns_ptr, g, k16, pad_byte);
+    } else {
+      const int64_t units = m * groups;
+      const int blocks = static_cast<int>(
+          std::min<int64_t>((units + kIm2colThreads - 1) / kIm2colThreads, max_resident_blocks(kIm2colThreads)));
+      im2col_nhwc_rows_kernel<<<blocks, kIm2colThreads, 0, stream>>>(x_bytes, columns_ptr, g, k16, pad_byte);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+#if defined(TORCHQUANT_CUTLASS)
+    // The rows as the input of a 1x1 conv: the CUTLASS conv's 128 x 64 tiles suit the narrow convs that come here
+    // (the 64-channel stem: 3 input channels) far better than the GEMM's 128 x 256 ones, which compute zeros in
+    // three quarters of every step there.
+    if (groups == 1) {
+      ConvGeometry rows_geometry = g;
+      rows_geometry.channels = rows_geometry.window = k16;
+      rows_geometry.height = g.out_h;
+      rows_geometry.width = g.out_w;
+      rows_geometry.kh = rows_geometry.kw = 1;
+      rows_geometry.stride_h = rows_geometry.stride_w = rows_geometry.dil_h = rows_geometry.dil_w = 1;
+      rows_geometry.pad_h = rows_geometry.pad_w = 0;
+      const at::Tensor rows = columns.view({g.batch, g.out_h, g.out_w, k16}).permute({0, 3, 1, 2});
+      if (launched_cutlass_conv(rows_geometry, rows, x_zero_point, w_packed, f.weight.kp, out_channels, epilogue))
+        return out;
+    }
+#endif
     args.a = columns_ptr;
     args.lda = groups * k16;
     args.a_group_offset = k16;
