@@ -701,6 +701,8 @@ AMX_BLOCK_CONVS = [  # batch, in_ch, h, w, out_ch, kernel, stride, padding, dila
     (1, 4, 40, 120, 70, (8, 8), 2, (3, 2), 1),     # the largest kernel and channels, a second panel
     (1, 1, 20, 130, 10, (3, 3), 2, 1, 1),          # one channel, a part panel
     (1, 2, 16, 130, 32, (5, 4), 2, 0, 1),          # no padding, a half-panel
+    (1, 3, 41, 97, 64, (7, 7), 2, 3, 1),           # odd image sizes: edge blocks half outside on both sides
+    (1, 2, 16, 131, 32, (5, 4), 2, 0, 1),          # no padding, an odd width: the last block half outside
     (2, 3, 32, 30, 64, (7, 7), 2, 3, 1),           # small images: im2col rows
 ]
 

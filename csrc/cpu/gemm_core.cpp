@@ -2128,9 +2128,13 @@ ConvGeometry block_geometry(const ConvGeometry& g) {
 }
 
 // Block pixel (u, v) of image b: channel (p * 2 + q) * C + c is the input's (2u + p - pad_h, 2v + q - pad_w, c),
-// pad_byte outside the input and in the channels past 4C.
+// pad_byte outside the input and in the channels past 4C. Where both of a block's input columns lie inside the
+// input (all but the edge blocks), its row p is one copy of 2C bytes (the copies of C bytes with a bounds test each
+// took a sixth of a ResNet stem's time).
 template <int C>
 void fill_blocks(const ConvGeometry& g, const ConvGeometry& s, const uint8_t* x, uint8_t pad_byte, uint8_t* z) {
+  const int64_t inside_lo = std::min(s.width, (g.pad_w + 1) / 2);  // 2v - pad_w >= 0 from here
+  const int64_t inside_hi = std::clamp((g.width + g.pad_w) / 2, inside_lo, s.width);  // 2v + 1 - pad_w < width
   at::parallel_for(0, s.batch * s.height, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / s.height, u = r % s.height;
@@ -2140,11 +2144,16 @@ void fill_blocks(const ConvGeometry& g, const ConvGeometry& s, const uint8_t* x,
         const int64_t ih = 2 * u + p - g.pad_h;
         if (ih < 0 || ih >= g.height) continue;
         const uint8_t* in_row = x + (b * g.height + ih) * g.width * C;
-        for (int64_t v = 0; v < s.width; ++v)
+        const auto edge_block = [&](int64_t v) {
           for (int q = 0; q < 2; ++q) {
             const int64_t iw = 2 * v + q - g.pad_w;
             if (iw >= 0 && iw < g.width) std::memcpy(out + v * kBlockChannels + (p * 2 + q) * C, in_row + iw * C, C);
           }
+        };
+        for (int64_t v = 0; v < inside_lo; ++v) edge_block(v);
+        for (int64_t v = inside_lo; v < inside_hi; ++v)
+          std::memcpy(out + v * kBlockChannels + p * 2 * C, in_row + (2 * v - g.pad_w) * C, 2 * C);
+        for (int64_t v = inside_hi; v < s.width; ++v) edge_block(v);
       }
     }
   });
