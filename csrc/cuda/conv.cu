@@ -234,17 +234,14 @@ at::Tensor int8_conv2d_cuda(const at::Tensor& x_q, const at::Tensor& x_scale, in
     const int8_t pad_byte = static_cast<int8_t>(static_cast<uint8_t>(x_zero_point));
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     int8_t* columns_ptr = static_cast<int8_t*>(columns.data_ptr());
-    if (cg % 16 == 0 && is_aligned<int8_t, 16>(x_bytes)) {
-      const int64_t units = m * groups * (k16 / kIm2colChunk);
-      const int blocks = static_cast<int>(
-          std::min<int64_t>((units + kIm2colThreads - 1) / kIm2colThreads, max_resident_blocks(kIm2colThreads)));
+    const bool vectorized = cg % 16 == 0 && is_aligned<int8_t, 16>(x_bytes);
+    const int64_t units = vectorized ? m * groups * (k16 / kIm2colChunk) : m * groups;  // chunks, or rows of a group
+    const int blocks = static_cast<int>(
+        std::min<int64_t>((units + kIm2colThreads - 1) / kIm2colThreads, max_resident_blocks(kIm2colThreads)));
+    if (vectorized)
       im2col_nhwc_kernel<<<blocks, kIm2colThreads, 0, stream>>>(x_bytes, columns_ptr, g, k16, pad_byte);
-    } else {
-      const int64_t units = m * groups;
-      const int blocks = static_cast<int>(
-          std::min<int64_t>((units + kIm2colThreads - 1) / kIm2colThreads, max_resident_blocks(kIm2colThreads)));
+    else
       im2col_nhwc_rows_kernel<<<blocks, kIm2colThreads, 0, stream>>>(x_bytes, columns_ptr, g, k16, pad_byte);
-    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 #if defined(TORCHQUANT_CUTLASS)
     // The rows as the input of a 1x1 conv: the CUTLASS conv's 128 x 64 tiles suit the narrow convs that come here
