@@ -827,7 +827,7 @@ TQ_TARGET_VNNI inline __attribute__((always_inline)) __m512i requantize(const Ep
 // epilogue_row_scalar: same operation order (the activation clamp included), round-to-nearest-even conversions
 // (vcvtps2ph, a bit-exact bfloat16 rounding), NaN -> zero point when requantizing. Streaming stores when asked and
 // the row start is aligned to the store.
-template <OutKind KIND, typename T, bool FULL, bool MAY_BE_NAN, Gelu GELU = Gelu::None>
+template <OutKind KIND, typename T, bool FULL, bool MAY_BE_NAN, Gelu GELU = Gelu::None, bool CLAMP = true>
 TQ_TARGET_VNNI inline __attribute__((always_inline)) void epilogue_row_avx512(const PanelEpilogue& c,
                                                                               const EpilogueVectors& e,
                                                                               __m512i v0, __m512i v1, __m512i v2,
@@ -846,7 +846,7 @@ TQ_TARGET_VNNI inline __attribute__((always_inline)) void epilogue_row_avx512(co
       }
       __m512 y = epilogue_float(c, v[j], xs, j);
       if (residual != nullptr)
-        y = add_residual(e, activation_clamp(e, y), residual + 16 * j, FULL ? __mmask16(0xFFFF) : c.mask[j]);
+        y = add_residual(e, CLAMP ? activation_clamp(e, y) : y, residual + 16 * j, FULL ? __mmask16(0xFFFF) : c.mask[j]);
       q[j] = requantize<MAY_BE_NAN>(e, y);
     }
     const __m512i w01 = _mm512_adds_epi16(_mm512_packs_epi32(q[0], q[1]), e.zero_point);
@@ -875,7 +875,7 @@ TQ_TARGET_VNNI inline __attribute__((always_inline)) void epilogue_row_avx512(co
     if constexpr (GELU != Gelu::None) {
       y = gelu_avx512<GELU>(y);  // (int8_linear_dynamic's: no clamp, no residual)
     } else {
-      y = activation_clamp(e, y);
+      if constexpr (CLAMP) y = activation_clamp(e, y);
       if (residual != nullptr)
         y = _mm512_min_ps(e.residual_hi, _mm512_max_ps(e.residual_lo, add_residual(e, y, residual + 16 * j, mask)));
     }
@@ -924,10 +924,11 @@ struct TileAvx512 {
 };
 
 // The rows of a tile whose 64 columns are all valid: the column offsets and the row scale kept in registers across
-// the rows, a residual row read only where RESIDUAL. The general loop below spilled its four accumulator vectors
-// and tested the residual pointer for each vector: a ResNet stem at batch 8 (6.4M uint8 outputs) took 2.23 ms
-// with it, 2.04 ms with this loop.
-template <OutKind KIND, typename T, bool MAY_BE_NAN, Gelu GELU, bool RESIDUAL>
+// the rows, a residual row read only where RESIDUAL, the activation clamp applied only where CLAMP (it bounds
+// something: a clamp to +-inf keeps every value, NaN included). The general loop below spilled its four
+// accumulator vectors and tested the residual pointer for each vector: a ResNet stem at batch 8 (6.4M uint8
+// outputs) took 2.23 ms with it, 2.04 ms with this loop.
+template <OutKind KIND, typename T, bool MAY_BE_NAN, Gelu GELU, bool RESIDUAL, bool CLAMP>
 TQ_TARGET_VNNI inline __attribute__((always_inline)) void full_tile_rows(const PanelEpilogue& c,
                                                                         const EpilogueVectors& e,
                                                                         const OutRows<T>& out, const int32_t* tile,
@@ -940,7 +941,7 @@ TQ_TARGET_VNNI inline __attribute__((always_inline)) void full_tile_rows(const P
   for (int64_t r = 0; r < rows; ++r) {
     const int32_t* t = tile + r * kPackAlign;
     const __m512 xs = per_row ? out.xs(row0 + r) : tile_xs;
-    epilogue_row_avx512<KIND, T, true, MAY_BE_NAN, GELU>(
+    epilogue_row_avx512<KIND, T, true, MAY_BE_NAN, GELU, CLAMP>(
         c, e, _mm512_sub_epi32(_mm512_load_si512(t), o0), _mm512_sub_epi32(_mm512_load_si512(t + 16), o1),
         _mm512_sub_epi32(_mm512_load_si512(t + 32), o2), _mm512_sub_epi32(_mm512_load_si512(t + 48), o3), xs,
         out.row(row0 + r), streaming, RESIDUAL ? out.residual_row(row0 + r) : nullptr);
@@ -954,8 +955,13 @@ TQ_TARGET_VNNI void TileAvx512<KIND, T, MAY_BE_NAN, GELU>::run(const Epilogue& e
   const EpilogueVectors e = epilogue_vectors(c);
   const OutRows<T> out(ep, col0);
   if (ncols == kPackAlign) {
-    if (out.residual != nullptr) return full_tile_rows<KIND, T, MAY_BE_NAN, GELU, true>(c, e, out, tile, row0, rows);
-    return full_tile_rows<KIND, T, MAY_BE_NAN, GELU, false>(c, e, out, tile, row0, rows);
+    const bool clamp = c.clamp_lo != -INFINITY || c.clamp_hi != INFINITY;
+    if (out.residual != nullptr) {
+      if (clamp) return full_tile_rows<KIND, T, MAY_BE_NAN, GELU, true, true>(c, e, out, tile, row0, rows);
+      return full_tile_rows<KIND, T, MAY_BE_NAN, GELU, true, false>(c, e, out, tile, row0, rows);
+    }
+    if (clamp) return full_tile_rows<KIND, T, MAY_BE_NAN, GELU, false, true>(c, e, out, tile, row0, rows);
+    return full_tile_rows<KIND, T, MAY_BE_NAN, GELU, false, false>(c, e, out, tile, row0, rows);
   }
   const int vectors = c.vectors;
   for (int64_t r = 0; r < rows; ++r) {
