@@ -936,7 +936,7 @@ TQ_TARGET_VNNI inline __attribute__((always_inline)) void full_tile_rows(const P
   const __m512i o0 = _mm512_load_si512(c.offset), o1 = _mm512_load_si512(c.offset + 16);
   const __m512i o2 = _mm512_load_si512(c.offset + 32), o3 = _mm512_load_si512(c.offset + 48);
   const bool per_row = out.row_scale != nullptr;
-  const __m512 tile_xs = out.xs(row0);
+  const __m512 tile_xs = _mm512_set1_ps(out.scale);  // (the scale of every row without per-row scales)
   const bool streaming = out.streaming;
   for (int64_t r = 0; r < rows; ++r) {
     const int32_t* t = tile + r * kPackAlign;
