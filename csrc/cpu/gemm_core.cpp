@@ -846,7 +846,8 @@ TQ_TARGET_VNNI inline __attribute__((always_inline)) void epilogue_row_avx512(co
       }
       __m512 y = epilogue_float(c, v[j], xs, j);
       if (residual != nullptr)
-        y = add_residual(e, CLAMP ? activation_clamp(e, y) : y, residual + 16 * j, FULL ? __mmask16(0xFFFF) : c.mask[j]);
+        y = add_residual(e, CLAMP ? activation_clamp(e, y) : y, residual + 16 * j,
+                         FULL ? __mmask16(0xFFFF) : c.mask[j]);
       q[j] = requantize<MAY_BE_NAN>(e, y);
     }
     const __m512i w01 = _mm512_adds_epi16(_mm512_packs_epi32(q[0], q[1]), e.zero_point);
