@@ -142,6 +142,7 @@ namespace avx512 {
 #define TQ_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")))
 constexpr int64_t W = 16;
 using V = __m512;
+using VI = __m512i;
 using M = __mmask16;
 constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
 constexpr int kTruncate = _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC;
@@ -157,12 +158,20 @@ TQ_TARGET inline V vround(V a, Rounding r) {
   return r == Rounding::Nearest ? _mm512_roundscale_ps(a, kNearest) : _mm512_roundscale_ps(a, kTruncate);
 }
 TQ_TARGET inline M is_nan(V a) { return _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q); }
+TQ_TARGET inline M not_nan(V a) { return _mm512_cmp_ps_mask(a, a, _CMP_ORD_Q); }
 TQ_TARGET inline M ge(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_GE_OQ); }
 TQ_TARGET inline M le(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_LE_OQ); }
 TQ_TARGET inline M lt(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
 TQ_TARGET inline M both(M a, M b) { return a & b; }
 TQ_TARGET inline V select(M m, V if_true, V if_false) { return _mm512_mask_blend_ps(m, if_false, if_true); }
 TQ_TARGET inline float hmax(V a) { return _mm512_reduce_max_ps(a); }
+TQ_TARGET inline VI iadd(VI a, VI b) { return _mm512_add_epi32(a, b); }
+TQ_TARGET inline VI to_int(V a) { return _mm512_cvtps_epi32(a); }  // a holds integers: exact in any rounding mode
+// a rounded to integers (the rounding embedded in the instruction, whatever MXCSR says), 0 where keep is clear.
+TQ_TARGET inline VI round_to_int(V a, M keep, Rounding r) {
+  return r == Rounding::Nearest ? _mm512_maskz_cvt_roundps_epi32(keep, a, kNearest)
+                                : _mm512_maskz_cvt_roundps_epi32(keep, a, kTruncate);
+}
 
 TQ_TARGET inline V vload(const float* p) { return _mm512_loadu_ps(p); }
 TQ_TARGET inline V vload(const at::Half* p) {
@@ -192,18 +201,18 @@ TQ_TARGET inline void vstore(at::BFloat16* p, V v) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(rounded));
 }
 // v holds integers inside the 8-bit range: keep the low byte of each.
-TQ_TARGET inline void vstore(int8_t* p, V v) {
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(v)));
+template <class Out, class = std::enable_if_t<kIsByte<Out>>>
+TQ_TARGET inline void vstore(Out* p, VI v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtepi32_epi8(v));
 }
-TQ_TARGET inline void vstore(uint8_t* p, V v) {
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(v)));
-}
+template <class Out, class = std::enable_if_t<kIsByte<Out>>>
+TQ_TARGET inline void vstore(Out* p, V v) { vstore(p, to_int(v)); }
 // Four vectors of integers inside Out's range as 4 * W bytes in order (the packs never saturate them): one 64-byte
 // store and fewer shuffle-port operations than four vstore (per-tensor float32 quantize at 64K: 7.06 -> 6.13 us).
 template <class Out>
-TQ_TARGET inline void vstore4(Out* p, V a, V b, V c, V d) {
-  const __m512i ab = _mm512_packs_epi32(_mm512_cvtps_epi32(a), _mm512_cvtps_epi32(b));
-  const __m512i cd = _mm512_packs_epi32(_mm512_cvtps_epi32(c), _mm512_cvtps_epi32(d));
+TQ_TARGET inline void vstore4(Out* p, VI a, VI b, VI c, VI d) {
+  const __m512i ab = _mm512_packs_epi32(a, b);
+  const __m512i cd = _mm512_packs_epi32(c, d);
   const __m512i bytes = std::is_same_v<Out, uint8_t> ? _mm512_packus_epi16(ab, cd) : _mm512_packs_epi16(ab, cd);
   // dword 4 * lane + j holds vector j's elements 4 * lane .. 4 * lane + 3
   const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
@@ -221,6 +230,7 @@ namespace avx2 {
 #define TQ_TARGET __attribute__((target("avx2,fma,f16c")))
 constexpr int64_t W = 8;
 using V = __m256;
+using VI = __m256i;
 using M = __m256;  // all-ones / all-zeros lanes
 constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
 constexpr int kTruncate = _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC;
@@ -236,6 +246,7 @@ TQ_TARGET inline V vround(V a, Rounding r) {
   return r == Rounding::Nearest ? _mm256_round_ps(a, kNearest) : _mm256_round_ps(a, kTruncate);
 }
 TQ_TARGET inline M is_nan(V a) { return _mm256_cmp_ps(a, a, _CMP_UNORD_Q); }
+TQ_TARGET inline M not_nan(V a) { return _mm256_cmp_ps(a, a, _CMP_ORD_Q); }
 TQ_TARGET inline M ge(V a, V b) { return _mm256_cmp_ps(a, b, _CMP_GE_OQ); }
 TQ_TARGET inline M le(V a, V b) { return _mm256_cmp_ps(a, b, _CMP_LE_OQ); }
 TQ_TARGET inline M lt(V a, V b) { return _mm256_cmp_ps(a, b, _CMP_LT_OQ); }
@@ -246,6 +257,12 @@ TQ_TARGET inline float hmax(V a) {
   m = _mm_max_ps(m, _mm_movehl_ps(m, m));
   m = _mm_max_ss(m, _mm_movehdup_ps(m));
   return _mm_cvtss_f32(m);
+}
+TQ_TARGET inline VI iadd(VI a, VI b) { return _mm256_add_epi32(a, b); }
+TQ_TARGET inline VI to_int(V a) { return _mm256_cvtps_epi32(a); }  // a holds integers: exact in any rounding mode
+// a rounded to integers, 0 where keep is clear.
+TQ_TARGET inline VI round_to_int(V a, M keep, Rounding r) {
+  return _mm256_and_si256(to_int(vround(a, r)), _mm256_castps_si256(keep));
 }
 
 TQ_TARGET inline V vload(const float* p) { return _mm256_loadu_ps(p); }
@@ -287,17 +304,17 @@ TQ_TARGET inline void vstore(at::BFloat16* p, V v) {
       _mm256_blendv_ps(_mm256_castsi256_ps(rounded), _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC0)), is_nan(v)));
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), narrow_to_u16(rounded));
 }
-TQ_TARGET inline void vstore(int8_t* p, V v) {
-  _mm_storel_epi64(reinterpret_cast<__m128i*>(p), narrow_to_u8(_mm256_cvtps_epi32(v)));
+template <class Out, class = std::enable_if_t<kIsByte<Out>>>
+TQ_TARGET inline void vstore(Out* p, VI v) {
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(p), narrow_to_u8(v));
 }
-TQ_TARGET inline void vstore(uint8_t* p, V v) {
-  _mm_storel_epi64(reinterpret_cast<__m128i*>(p), narrow_to_u8(_mm256_cvtps_epi32(v)));
-}
+template <class Out, class = std::enable_if_t<kIsByte<Out>>>
+TQ_TARGET inline void vstore(Out* p, V v) { vstore(p, to_int(v)); }
 // as avx512::vstore4
 template <class Out>
-TQ_TARGET inline void vstore4(Out* p, V a, V b, V c, V d) {
-  const __m256i ab = _mm256_packs_epi32(_mm256_cvtps_epi32(a), _mm256_cvtps_epi32(b));
-  const __m256i cd = _mm256_packs_epi32(_mm256_cvtps_epi32(c), _mm256_cvtps_epi32(d));
+TQ_TARGET inline void vstore4(Out* p, VI a, VI b, VI c, VI d) {
+  const __m256i ab = _mm256_packs_epi32(a, b);
+  const __m256i cd = _mm256_packs_epi32(c, d);
   const __m256i bytes = std::is_same_v<Out, uint8_t> ? _mm256_packus_epi16(ab, cd) : _mm256_packs_epi16(ab, cd);
   // dword 4 * lane + j holds vector j's elements 4 * lane .. 4 * lane + 3
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
