@@ -249,6 +249,21 @@ def test_cpu_paths_match_reference(isa):
             assert_same(s, s_ref)
 
 
+def test_cpu_paths_round_at_the_ends_of_the_range(isa):
+    """Values whose scaled form lies at, half a step and a fraction beyond each end of [qmin, qmax] (the vector
+    paths clamp before they round), with the zero point at either end and inside, both roundings, NaN and +-inf."""
+    for bits, signed in [(8, True), (8, False), (4, True), (2, False)]:
+        qmin, qmax = R.qrange(bits, signed)
+        for zp in (qmin, qmax, (qmin + qmax) // 2):
+            scale = 0.25
+            steps = torch.tensor([-1.5, -0.7, -0.5, -0.3, 0.0, 0.3, 0.5, 0.7, 1.5])
+            ends = torch.tensor([qmin - zp, qmax - zp], dtype=torch.float32)
+            x = ((ends[:, None] + steps) * scale).reshape(-1)
+            x = torch.cat([x, torch.tensor([math.nan, math.inf, -math.inf, 1e30, -1e30])]).repeat(9)  # > 4 vectors
+            for rounding in ROUNDINGS:
+                check_all_ops(x, scale, zp, bits=bits, signed=signed, rounding=rounding, axis=None)
+
+
 def test_cpu_paths_agree_on_a_million_elements(monkeypatch):
     x = gen(1 << 20, spread=50.0)
     results = []
