@@ -248,6 +248,23 @@ def test_layers_without_a_quantized_type_are_named():
     assert line in report.notes and line in report.format_table()
 
 
+@pytest.mark.parametrize("threads, load, warned", [(2, 5.0, True), (2, 0.5, False), (1, 5.0, False)])
+def test_busy_machine_is_named_beside_multithreaded_wall_times(model, batches, monkeypatch, threads, load, warned):
+    """Wall times of several torch threads on a machine whose load average exceeds its cores are mostly waits for a
+    core (a small model read 80x slower): the report says so and names --threads 1; one thread's CPU time needs no
+    warning."""
+    import os
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    quantized, _ = quantize_with_budget(model, "int8-dynamic", batches)
+    with torchquant.timing.num_threads(threads):
+        report = build_report(model, quantized, "int8-dynamic", calibration=batches, repeats=1)
+    note = f"the machine was busy while timing (load average {load:.1f} on 2 cores, 2 torch threads): wall times "
+    assert any(line.startswith(note) and line.endswith("--threads 1 measures the thread's CPU time instead")
+               for line in report.summary_lines()) == warned
+    assert (note in json.dumps(report.to_dict())) == warned
+
+
 @pytest.mark.parametrize("threads, clock", [(1, "thread CPU time"), (2, "wall time")])
 def test_latencies_are_thread_cpu_time_on_one_thread(model, batches, monkeypatch, threads, clock):
     """On one CPU thread the latencies leave out the time spent waiting for a core (a loaded machine made a

@@ -25,7 +25,7 @@ from torchquant.convert import QUANT_TYPES, _run_batch
 from torchquant.fold import fold_running
 from torchquant.graph import pipeline_notes
 from torchquant.nn.base import QuantLayerBase
-from torchquant.timing import compare, latency_clock, markdown_table
+from torchquant.timing import busy_machine_note, compare, latency_clock, markdown_table
 
 __all__ = ["LayerReport", "ModelReport", "build_report", "state_bytes", "write_json", "write_markdown",
            "to_markdown"]
@@ -257,11 +257,11 @@ class LayerMeasurement:
 @torch.no_grad()
 def measure_layers(float_model, quantized_model, batches: Sequence[torch.Tensor], *, names: Optional[set] = None,
              time_layers: bool = True, repeats: int = 5, progress: bool = False, desc: str = "measuring layers"
-             ) -> Tuple[Dict[str, LayerMeasurement], _ErrorSums, Optional[Tuple[float, float, str]]]:
+             ) -> Tuple[Dict[str, LayerMeasurement], _ErrorSums, Optional[Tuple[float, float, str, Optional[str]]]]:
     """Per quantized layer (restricted to `names` when given): isolated output error over all batches and,
     with time_layers, the median latency of the float and the quantized layer on the first batch's input.
     Also the end-to-end output error and (with time_layers) the whole models' latencies on the first batch, with the
-    name of the clock that timed them."""
+    name of the clock that timed them and busy_machine_note's warning (None on a machine that was not busy)."""
     pairs = [(n, f, q) for n, f, q in _layer_pairs(float_model, quantized_model)
              if _is_quantized(q) and (names is None or n in names)]
     measured = {name: LayerMeasurement() for name, _, _ in pairs}
@@ -318,7 +318,7 @@ def measure_layers(float_model, quantized_model, batches: Sequence[torch.Tensor]
         times = compare({"float": lambda: _run_batch(float_model, b, 0),
                          "quantized": lambda: _run_batch(quantized_model, b, 0)},
                         device=device, repeats=repeats, clock=clock)
-        model_latency = times["float"], times["quantized"], clock_name
+        model_latency = times["float"], times["quantized"], clock_name, busy_machine_note(device)
     return measured, end_to_end, model_latency
 
 
@@ -426,7 +426,9 @@ def build_report(float_model: nn.Module, quantized_model: nn.Module, config=None
         report.batch_shape = list(_first_tensor(batches[0]).shape)  # (a model of several inputs: its first)
         report.output_sqnr_db = end_to_end.sqnr_db
         if model_latency is not None:
-            report.latency_float_s, report.latency_quantized_s, report.latency_clock = model_latency
+            report.latency_float_s, report.latency_quantized_s, report.latency_clock, busy = model_latency
+            if busy:
+                report.notes.append(busy)
             if fused:  # a pipeline's layer timed alone is not the call the pipeline makes
                 report.notes.append("float us / quant us: each layer alone, from a float input to a float output; "
                                     "the integer pipeline passes integers between its layers (its time: the "

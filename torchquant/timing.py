@@ -1,13 +1,14 @@
 """Measuring on this machine: interleaved median timings, a temporary torch thread count, and Markdown tables of
 the results. Used by `torchquant report`/`demo` and the benchmarks; never used to assert anything."""
 import contextlib
+import os
 import statistics
 import time
-from typing import Callable, Dict, Iterator, List, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["compare", "latency_clock", "markdown_table", "num_threads"]
+__all__ = ["busy_machine_note", "compare", "latency_clock", "markdown_table", "num_threads"]
 
 
 def _sync(device: str) -> None:
@@ -49,6 +50,20 @@ def latency_clock(device: str = "cpu") -> Tuple[Callable[[], float], str]:
     if not str(device).startswith("cuda") and torch.get_num_threads() == 1:
         return time.thread_time, "thread CPU time"
     return time.perf_counter, "wall time"
+
+
+def busy_machine_note(device: str = "cpu") -> Optional[str]:
+    """A warning for multi-threaded CPU wall times taken while the 1-minute load average exceeds the number of
+    cores: torch's threads then wait for cores at every parallel region (a 2-thread model on a 2-core machine
+    running other jobs read 80x slower), which one thread's CPU time does not count. None otherwise."""
+    threads = torch.get_num_threads()
+    if str(device).startswith("cuda") or threads == 1 or not hasattr(os, "getloadavg"):
+        return None
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load <= cores:
+        return None
+    return (f"the machine was busy while timing (load average {load:.1f} on {cores} cores, {threads} torch "
+            f"threads): wall times include waits for a core; --threads 1 measures the thread's CPU time instead")
 
 
 @contextlib.contextmanager
