@@ -7,10 +7,11 @@ at batch 1 and 8, 224x224, 1 and 2 threads; and the output SQNR of each against 
 On a shared machine the 1-thread rows are better timed in thread CPU time (--timer thread: the interleaved minimum
 of the calling thread's CPU time per call, which other processes do not inflate; --warm adds the same with each
 variant's calls back to back, its weights and activations still in the caches, as when one model runs over and
-over); 2-thread rows are always wall time (median of interleaved samples). --layers adds a per-layer table of the converted models (thread CPU time of
-each graph node at 1 thread, summed per conv shape or op) against torch.ao's, with the convs' multiply-add rate and
-its fraction of one core's peak: the rate of the kernel path's multiply-add instruction measured on this core
-(torchquant.bench.timing.multiply_add_peak), or --peak-gmacs.
+over); 2-thread rows are always wall time (median of interleaved samples). --layers adds a per-layer table of the
+converted models (thread CPU time of each graph node at 1 thread, summed per conv shape or op: alone, and inside whole
+forwards) against torch.ao's, with the convs' multiply-add rate and its fraction of one core's peak: the rate of
+the kernel path's multiply-add instruction measured on this core (torchquant.bench.timing.multiply_add_peak), or
+--peak-gmacs.
 
 Weights are random (torchvision's initialisation) with BatchNorm statistics taken from a few batches of random
 images, so activations have the ranges of a trained network's; calibration uses other random images.
@@ -201,21 +202,35 @@ def _node_kind(gm: fx.GraphModule, node: fx.Node, args: tuple) -> tuple:
 
 
 def node_times(gm: fx.GraphModule, x: torch.Tensor, repeats: int) -> Dict[tuple, list]:
-    """{(kind, input shape): [calls, seconds, multiply-adds]} of one forward of gm at 1 thread: each node's
-    minimum thread CPU time over `repeats` calls on the inputs the forward gives it."""
-    totals: Dict[tuple, list] = defaultdict(lambda: [0, 0.0, 0])
+    """{(kind, input shape): [calls, seconds alone, multiply-adds, seconds in forward]} of gm at 1 thread: each
+    node's minimum thread CPU time over `repeats` calls on the inputs the forward gives it (alone: caches warm), and
+    its minimum over `repeats` whole forwards of its time inside them (its inputs and weights where the nodes before
+    it left them)."""
+    totals: Dict[tuple, list] = defaultdict(lambda: [0, 0.0, 0, 0.0])
+    keys: Dict[str, tuple] = {}
+    in_forward: Dict[str, float] = defaultdict(lambda: float("inf"))
 
     class Timed(fx.Interpreter):
+        def __init__(self, alone: bool):
+            super().__init__(gm)
+            self.alone = alone
+
         def run_node(self, node):
             if node.op not in ("call_module", "call_function", "call_method"):
                 return super().run_node(node)
             args, kwargs = self.fetch_args_kwargs_from_env(node)
+            if not self.alone:
+                start = time.thread_time()
+                out = getattr(self, node.op)(node.target, args, kwargs)
+                in_forward[node.name] = min(in_forward[node.name], time.thread_time() - start)
+                return out
             best = float("inf")
             for _ in range(repeats):
                 start = time.thread_time()
                 out = getattr(self, node.op)(node.target, args, kwargs)
                 best = min(best, time.thread_time() - start)
             kind, shape, macs = _node_kind(gm, node, args)
+            keys[node.name] = (kind, shape)
             entry = totals[(kind, shape)]
             entry[0] += 1
             entry[1] += best
@@ -223,7 +238,11 @@ def node_times(gm: fx.GraphModule, x: torch.Tensor, repeats: int) -> Dict[tuple,
             return out
 
     with num_threads(1), torch.inference_mode():
-        Timed(gm).run(x)
+        Timed(alone=True).run(x)
+        for _ in range(repeats):
+            Timed(alone=False).run(x)
+    for name, seconds in in_forward.items():
+        totals[keys[name]][3] += seconds
     return totals
 
 
@@ -238,13 +257,15 @@ def layer_rows(model_name: str, ours: fx.GraphModule, theirs: fx.GraphModule, x:
     rows = []
     for key in sorted(set(mine) | set(ao), key=lambda k: -max(mine.get(k, [0, 0.0])[1], ao.get(k, [0, 0.0])[1])):
         kind, shape = key
-        calls, ours_s, macs = mine.get(key, [0, 0.0, 0])
-        ao_calls, ao_s, ao_macs = ao.get(key, [0, 0.0, 0])
+        calls, ours_s, macs, ours_in_forward = mine.get(key, [0, 0.0, 0, 0.0])
+        ao_calls, ao_s, ao_macs, ao_in_forward = ao.get(key, [0, 0.0, 0, 0.0])
         row = {"model": model_name, "input": f"batch {x.shape[0]}", "op": kind, "input shape": "x".join(map(str,
                shape)), "calls": max(calls, ao_calls), "ms": 1e3 * ours_s if calls else "", "torch.ao ms": 1e3 * ao_s
-               if ao_calls else ""}
+               if ao_calls else "", "ms in forward": 1e3 * ours_in_forward if calls else "",
+               "torch.ao ms in forward": 1e3 * ao_in_forward if ao_calls else ""}
         if calls and ao_calls:
             row["vs torch.ao"] = ao_s / ours_s
+            row["vs torch.ao in forward"] = ao_in_forward / ours_in_forward
         if macs and calls:
             row["GMAC/s"] = macs / ours_s / 1e9
             row["torch.ao GMAC/s"] = ao_macs / ao_s / 1e9 if ao_calls else ""
@@ -252,10 +273,12 @@ def layer_rows(model_name: str, ours: fx.GraphModule, theirs: fx.GraphModule, x:
                 row["% peak"] = 100 * macs / ours_s / 1e9 / peak_gmacs
                 row["torch.ao % peak"] = 100 * ao_macs / ao_s / 1e9 / peak_gmacs if ao_calls else ""
         rows.append(row)
-    total_ours = sum(v[1] for v in mine.values())
-    total_ao = sum(v[1] for v in ao.values())
+    total_ours, total_ao = (sum(v[1] for v in t.values()) for t in (mine, ao))
+    forward_ours, forward_ao = (sum(v[3] for v in t.values()) for t in (mine, ao))
     rows.append({"model": model_name, "input": f"batch {x.shape[0]}", "op": "all nodes", "ms": 1e3 * total_ours,
-                 "torch.ao ms": 1e3 * total_ao, "vs torch.ao": total_ao / total_ours})
+                 "torch.ao ms": 1e3 * total_ao, "vs torch.ao": total_ao / total_ours,
+                 "ms in forward": 1e3 * forward_ours, "torch.ao ms in forward": 1e3 * forward_ao,
+                 "vs torch.ao in forward": forward_ao / forward_ours})
     return rows
 
 
@@ -304,11 +327,13 @@ TITLES = {"latency": "Latency (CPU, 224x224, random weights)", "sqnr": "Output S
 COLUMNS = {"latency": ["model", "input", "threads", "timer", "variant", "ms", "vs float", "vs torch.ao"],
            "sqnr": ["model", "variant", "output SQNR dB"],
            "layers": ["model", "input", "op", "input shape", "calls", "ms", "torch.ao ms", "vs torch.ao", "GMAC/s",
-                      "torch.ao GMAC/s", "% peak", "torch.ao % peak"]}
+                      "torch.ao GMAC/s", "% peak", "torch.ao % peak", "ms in forward", "torch.ao ms in forward",
+                      "vs torch.ao in forward"]}
 LEGEND = ("ms: wall time (median of interleaved samples) or thread CPU time (minimum of interleaved samples, "
-          "1 thread; warm: of each variant's calls back to back), as the timer column says; vs float / vs torch.ao: speed-up over that baseline (> 1 is "
-          "faster). Per layer: the minimum of repeated calls of each node on its own (warm caches), so the sum "
-          "differs from a whole forward.")
+          "1 thread; warm: of each variant's calls back to back), as the timer column says; vs float / vs torch.ao: "
+          "speed-up over that baseline (> 1 is faster). Per layer: the minimum of repeated calls of each node on its "
+          "own (warm caches), so the sum differs from a whole forward; in forward: the minimum over whole forwards "
+          "of the node's time inside them (its inputs and weights where the nodes before it left them).")
 
 
 def main(argv=None, prog: str = "python -m benchmarks.resnet", architectures=tuple(ARCHITECTURES), build=resnet,

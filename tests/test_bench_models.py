@@ -180,3 +180,19 @@ def test_thread_time_rows_interleaved_or_warm(warm):
     assert [r["variant"] for r in rows] == names
     assert {r["timer"] for r in rows} == {"thread CPU, warm" if warm else "thread CPU"}
     assert all(r["ms"] >= 0 and r["vs float"] > 0 for r in rows)
+
+
+def test_layer_rows_time_each_node_alone_and_inside_whole_forwards():
+    from benchmarks import resnet
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 1))
+    gm = torch.fx.symbolic_trace(net.eval())
+    x = torch.randn(2, 3, 6, 6)
+    times = resnet.node_times(gm, x, repeats=2)
+    assert {kind for kind, _ in times} == {"conv 3x3/1 3->8", "ReLU", "conv 1x1/1 8->8"}
+    for calls, alone, macs, in_forward in times.values():
+        assert calls == 1 and alone > 0 and in_forward > 0
+    assert times[("conv 3x3/1 3->8", (2, 3, 6, 6))][2] == 2 * 6 * 6 * 8 * 3 * 9
+    rows = resnet.layer_rows("tiny", gm, gm, x, 2, None)
+    total = rows[-1]
+    assert total["op"] == "all nodes" and total["ms in forward"] > 0 and total["vs torch.ao in forward"] > 0
+    assert all(r["ms in forward"] > 0 and r["torch.ao ms in forward"] > 0 for r in rows)
