@@ -177,9 +177,29 @@ def thread_time_rows(model_name: str, variants: Dict[str, nn.Module], inputs: Di
     return rows
 
 
-def _node_kind(gm: fx.GraphModule, node: fx.Node, args: tuple) -> tuple:
+def _is_conv_module(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op != "call_module":
+        return False
+    module = gm.get_submodule(node.target)
+    return hasattr(module, "in_channels") and hasattr(module, "kernel_size")
+
+
+def residual_adds(gm: fx.GraphModule) -> Dict[str, str]:
+    """{add node's name: the conv node's name} for each residual add (add, add_relu) whose input is a conv module's
+    output that nothing else reads: torch.ao runs such an add as a node of its own where torchquant's pipeline adds
+    in the conv's epilogue, so the tables count the two together (the first such input when both are convs)."""
+    adds = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and getattr(node.target, "__name__", "") in ("add", "add_relu", "iadd"):
+            convs = [a for a in node.args if isinstance(a, fx.Node) and _is_conv_module(gm, a) and len(a.users) == 1]
+            if convs:
+                adds[node.name] = convs[0].name
+    return adds
+
+
+def _node_kind(gm: fx.GraphModule, node: fx.Node, args: tuple, with_add: bool = False) -> tuple:
     """(what a graph node computes: "conv KxK/S Cin->Cout" or the op's name, its first tensor's shape, multiply-adds
-    of a conv)."""
+    of a conv); with_add: the conv's output goes to a residual add timed with it."""
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     module = gm.get_submodule(node.target) if node.op == "call_module" else None
     fused_add = node.op == "call_function" and getattr(node.target, "__name__", "") == "integer_conv_add"
@@ -195,7 +215,7 @@ def _node_kind(gm: fx.GraphModule, node: fx.Node, args: tuple) -> tuple:
         out_h, out_w = (h + 2 * pad[0] - k[0]) // stride[0] + 1, (w + 2 * pad[-1] - k[1]) // stride[-1] + 1
         macs = b * out_h * out_w * module.out_channels * module.in_channels // module.groups * k[0] * k[1]
         kind = f"conv {k[0]}x{k[1]}/{stride[0]} {module.in_channels}->{module.out_channels}"
-        return kind + (" + add" if fused_add else ""), shape, macs
+        return kind + (" + add" if fused_add or with_add else ""), shape, macs
     if module is not None:
         return type(module).__name__, shape, 0
     return getattr(node.target, "__name__", str(node.target)), shape, 0
@@ -205,9 +225,11 @@ def node_times(gm: fx.GraphModule, x: torch.Tensor, repeats: int) -> Dict[tuple,
     """{(kind, input shape): [calls, seconds alone, multiply-adds, seconds in forward]} of gm at 1 thread: each
     node's minimum thread CPU time over `repeats` calls on the inputs the forward gives it (alone: caches warm), and
     its minimum over `repeats` whole forwards of its time inside them (its inputs and weights where the nodes before
-    it left them)."""
+    it left them). A residual add after a conv (residual_adds) counts in that conv's entry, not as a call."""
     totals: Dict[tuple, list] = defaultdict(lambda: [0, 0.0, 0, 0.0])
     keys: Dict[str, tuple] = {}
+    conv_of_add = residual_adds(gm)
+    convs_with_add = set(conv_of_add.values())
     in_forward: Dict[str, float] = defaultdict(lambda: float("inf"))
 
     class Timed(fx.Interpreter):
@@ -229,7 +251,11 @@ def node_times(gm: fx.GraphModule, x: torch.Tensor, repeats: int) -> Dict[tuple,
                 start = time.thread_time()
                 out = getattr(self, node.op)(node.target, args, kwargs)
                 best = min(best, time.thread_time() - start)
-            kind, shape, macs = _node_kind(gm, node, args)
+            if node.name in conv_of_add:
+                keys[node.name] = keys[conv_of_add[node.name]]
+                totals[keys[node.name]][1] += best
+                return out
+            kind, shape, macs = _node_kind(gm, node, args, with_add=node.name in convs_with_add)
             keys[node.name] = (kind, shape)
             entry = totals[(kind, shape)]
             entry[0] += 1
@@ -332,8 +358,10 @@ COLUMNS = {"latency": ["model", "input", "threads", "timer", "variant", "ms", "v
 LEGEND = ("ms: wall time (median of interleaved samples) or thread CPU time (minimum of interleaved samples, "
           "1 thread; warm: of each variant's calls back to back), as the timer column says; vs float / vs torch.ao: "
           "speed-up over that baseline (> 1 is faster). Per layer: the minimum of repeated calls of each node on its "
-          "own (warm caches), so the sum differs from a whole forward; in forward: the minimum over whole forwards "
-          "of the node's time inside them (its inputs and weights where the nodes before it left them).")
+          "own (warm caches), so the sum differs from a whole forward; conv + add: the conv with the residual add "
+          "after it (in torchquant's epilogue; torch.ao's add_relu node counted in its conv's row); in forward: the "
+          "minimum over whole forwards of the node's time inside them (its inputs and weights where the nodes before "
+          "it left them).")
 
 
 def main(argv=None, prog: str = "python -m benchmarks.resnet", architectures=tuple(ARCHITECTURES), build=resnet,

@@ -196,3 +196,23 @@ def test_layer_rows_time_each_node_alone_and_inside_whole_forwards():
     total = rows[-1]
     assert total["op"] == "all nodes" and total["ms in forward"] > 0 and total["vs torch.ao in forward"] > 0
     assert all(r["ms in forward"] > 0 and r["torch.ao ms in forward"] > 0 for r in rows)
+
+
+def test_layer_rows_count_a_residual_add_with_the_conv_before_it():
+    from benchmarks import resnet
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.conv2 = torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            h = self.conv1(x)  # read twice: stays a row of its own
+            return torch.relu(self.conv2(h) + h)
+
+    gm = torch.fx.symbolic_trace(Block().eval())
+    assert resnet.residual_adds(gm) == {"add": "conv2"}
+    times = resnet.node_times(gm, torch.randn(2, 4, 5, 5), repeats=2)
+    assert {kind for kind, _ in times} == {"conv 3x3/1 4->4", "conv 1x1/1 4->4 + add", "relu"}
+    calls, alone, macs, in_forward = times[("conv 1x1/1 4->4 + add", (2, 4, 5, 5))]
+    assert calls == 1 and macs == 2 * 5 * 5 * 4 * 4 and alone > 0 and in_forward > 0
