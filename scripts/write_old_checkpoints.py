@@ -35,6 +35,7 @@ CHECKPOINTS = {
     "pipeline/before-integer_indexing": ("1f8c57f^", "shuffle-block"),
     "pipeline/before-integer_indexing-probe": ("1f8c57f^", "indexing-probe"),
     "pipeline/before-integer_padding": ("84b9b08^", "padded"),
+    "pipeline/before-integer_means": ("3932873", "basic-blocks"),
     # planned with every rule, recording only the residual rule, or the residual and padding rules
     "pipeline/integer_padding-unrecorded": ("84b9b08", "padded"),
     "pipeline/residual-and-padding-recorded": ("099820d", "text-cnn"),

@@ -860,11 +860,29 @@ def test_pipeline_integer_outputs_and_residual_add_ops():
 
 @pytest.mark.parametrize("name", ["basic-blocks", "bottleneck", "conv1d-residual", "cat", "inverted-residual"])
 def test_pipelines_with_float_ops_between_integer_ones(name):
-    """The integer pipeline tests' models: an average pool kept float (dequantized, then quantized again),
-    view(x.size(0), -1), in-place adds, a Linear with a folded BatchNorm1d, a depthwise conv, dropout."""
+    """The integer pipeline tests' models: global average pools on integers, view(x.size(0), -1), in-place adds, a
+    Linear with a folded BatchNorm1d, a depthwise conv, dropout."""
     _, prepared, batches = test_graph._prepared(name)
     converted = torchquant.convert(prepared)
     assert check_pipeline_export(converted, converted, batches[0])[0] > 0
+
+
+@pytest.mark.parametrize("signed", [False, True], ids=["uint8", "int8"])
+def test_pipeline_global_average_pools(signed):
+    """integer_mean (global average pools, torch.mean and Tensor.mean, with and without keepdim): ReduceSum of the
+    integers less the zero point, scaled and divided by the count from the input's shape; every layer's integer
+    input and the output as torchquant's, at the exported batch and another."""
+    torch.manual_seed(0)
+    model = test_graph.GlobalPoolNet().eval()
+    batches = test_graph._batches((4, 3, 8, 8))
+    converted = torchquant.convert(calibrated(torchquant.prepare(model, pipeline_config(signed)), batches))
+    assert [n.target for n in converted.graph.nodes].count(pipeline.integer_mean) == 4
+    x = test_graph._batches((4, 3, 8, 8), seed=7)[0]
+    compared, proto = check_pipeline_export(converted, converted, x)
+    assert compared > 0 and [n.op_type for n in proto.graph.node].count("ReduceSum") == 4
+    proto, _ = _onnx_model(converted, (x[:2],), None, True)
+    (output, *_), _ = run_onnx(proto, (x,))
+    assert torch.equal(torch.from_numpy(output), pipeline_run(converted, x)[0])
 
 
 @pytest.mark.parametrize("name", ["hardswish-block", "smooth-activations"])

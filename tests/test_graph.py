@@ -607,17 +607,17 @@ def test_patterns_are_fused_and_run_on_integers():
     # each block's last conv (a2, b2) runs its residual add and ReLU in its epilogue
     assert targets.count(graph.integer_layer) == 5
     assert targets.count(graph.integer_conv_add) == 2 and targets.count(graph.integer_add) == 0
-    assert targets.count(graph.quantize_input) == 2  # the input, and the average pool's output
-    # only the average pool reads the last add: it writes float, which nothing dequantizes
+    # the input alone: the global average pool reads the last add's integers and requantizes for the head
+    assert targets.count(graph.quantize_input) == 1 and targets.count(graph.integer_mean) == 1
     assert targets.count(graph.dequantize_output) == 0
     assert not any(isinstance(m, (nn.BatchNorm2d, nn.ReLU)) for m in converted.modules())
     layers, notes = graph.pipeline_notes(converted)
     assert layers["stem"] == "integer input, ReLU fused, uint8 output"
     assert layers["a2"] == "integer input, residual add + ReLU fused, uint8 output"
-    assert layers["b2"] == "integer input, residual add + ReLU fused, float output"  # (only the pool reads it)
+    assert layers["b2"] == "integer input, residual add + ReLU fused, uint8 output"  # (the pool reads it)
     assert layers["down"] == "integer input, uint8 output"
     assert layers["head"] == "integer input, float output"
-    assert "2 integer add(s) (2 fused into a conv's epilogue)" in notes[0]
+    assert "2 integer add(s) (2 fused into a conv's epilogue)" in notes[0] and "1 integer mean(s)" in notes[0]
 
 
 def _converted_with_nothing_kept_float(name):
@@ -632,20 +632,22 @@ def test_depthwise_block_and_dropout_run_on_integers():
     targets = _graph_targets(converted)
     assert targets.count(graph.integer_layer) == 4 and targets.count(graph.integer_conv_add) == 1
     layers, _ = graph.pipeline_notes(converted)
-    assert layers["project"] == "integer input, residual add fused, float output"  # (only the pool reads it)
+    assert layers["project"] == "integer input, residual add fused, uint8 output"  # (the pool reads it)
     assert layers["depthwise"] == "integer input, clamp [0.0, 6.0] fused, uint8 output"
-    assert layers["head"] == "integer input, float output"  # through the pooling's requantize and the dropout
+    assert layers["head"] == "integer input, float output"  # through the pool's requantize and the dropout
+    assert targets.count(graph.integer_mean) == 1 and targets.count(graph.quantize_input) == 1
 
 
 def test_1d_max_pools_run_on_integers():
     converted = _converted_with_nothing_kept_float("keyword-spotting")
     targets = _graph_targets(converted)
     assert targets.count(tq.functional.quantized_max_pool1d) == 2
-    assert targets.count(graph.integer_layer) == 4 and targets.count(graph.quantize_input) == 2  # input, avg pool
+    assert targets.count(graph.integer_layer) == 4 and targets.count(graph.quantize_input) == 1
+    assert targets.count(graph.integer_mean) == 1
     layers, _ = graph.pipeline_notes(converted)
     assert layers["stem"] == "integer input, ReLU fused, uint8 output"  # (BatchNorm1d folded)
     assert layers["a"] == "integer input, ReLU fused, uint8 output"
-    assert layers["b"] == "integer input, ReLU fused, float output"  # (only the average pool reads it)
+    assert layers["b"] == "integer input, ReLU fused, uint8 output"  # (the average pool reads it)
     assert not any(isinstance(m, (nn.BatchNorm1d, nn.MaxPool1d)) for m in converted.modules())
 
 
@@ -680,8 +682,8 @@ def test_splits_slices_and_shuffles_run_on_integers():
     # integer layers
     converted = _converted_with_nothing_kept_float("shuffle-block")
     targets = _graph_targets(converted)
-    assert targets.count(graph.integer_layer) == 7 and targets.count(graph.quantize_input) == 2  # input, avg pool
-    assert targets.count(graph.dequantize_output) == 1  # the average pool's input
+    assert targets.count(graph.integer_layer) == 7 and targets.count(graph.quantize_input) == 1
+    assert targets.count(graph.dequantize_output) == 0 and targets.count(graph.integer_mean) == 1
     assert {"chunk", "split", "flip", "reshape"} <= {n.target for n in converted.graph.nodes if n.op == "call_method"}
     layers, _ = graph.pipeline_notes(converted)
     assert layers["side"] == layers["mix"] == "integer input, ReLU fused, uint8 output"
@@ -1043,7 +1045,8 @@ def test_clamps_fuse_into_layers_and_are_lookups_after_adds():
 
 
 def test_activation_whose_output_stays_float_runs_in_float():
-    """A SiLU that only an average pool reads (float) is no lookup: the layer before it writes float."""
+    """A SiLU that only a (non-global) average pool reads, a float op, is no lookup: the layer before it writes
+    float."""
     class Head(nn.Module):
         def __init__(self):
             super().__init__()
@@ -1051,7 +1054,7 @@ def test_activation_whose_output_stays_float_runs_in_float():
             self.fc = nn.Linear(8, 2)
 
         def forward(self, x):
-            return self.fc(F.adaptive_avg_pool2d(F.silu(self.conv(x)), 1).flatten(1))
+            return self.fc(F.avg_pool2d(F.silu(self.conv(x)), 4).flatten(1))
 
     model = Head().eval()
     with pytest.warns(UserWarning, match=r"kept float between integer layers .*: silu \(silu\)$"):
@@ -1389,9 +1392,9 @@ def test_prepared_pipeline_fake_quantizes_where_the_converted_one_quantizes():
     quantized = [n.args[0].name for n in prepared.graph.nodes
                  if n.op == "call_module" and n.target.startswith(graph.ACT_QUANT + ".")]
     # at the model input, after each layer (its ReLU is its activation clamp now) but those whose residual add
-    # alone reads their output (a2, b2: the add is their epilogue), at the first add's output (after its ReLU) and
-    # after the average pool (view); not after the last add (only the average pool reads it) nor after the head
-    assert quantized == ["x", "stem_bn", "a1_bn", "relu_2", "b1", "down", "view"]
+    # alone reads their output (a2, b2: the add is their epilogue), at each add's output (after its ReLU: the global
+    # average pool reads the last one's integers) and after the average pool (requantized); not after the head
+    assert quantized == ["x", "stem_bn", "a1_bn", "relu_2", "b1", "down", "relu_4", "adaptive_avg_pool2d"]
     assert (prepared.stem.clamp_min, prepared.stem.clamp_max) == (0.0, None)
     assert not any(n.target in ("relu", F.relu) for n in prepared.graph.nodes if n.args and n.args[0].name in (
         "stem_bn", "b1"))
@@ -1845,10 +1848,11 @@ def test_load_rejects_bad_pipeline_files_and_changes_nothing(tmp_path):
 
 
 @pytest.mark.parametrize("key, bad, match", [
-    ("act_quant.view.scale", 0.0, r"'act_quant\.view\.scale' \(the input of 'head'\) must be finite and positive"),
-    ("act_quant.view.scale", -1.0, "finite and positive"),
-    ("act_quant.view.scale", float("nan"), "finite and positive"),
-    ("act_quant.view.scale", float("inf"), "finite and positive"),
+    ("act_quant.adaptive_avg_pool2d.scale", 0.0,
+     r"'act_quant\.adaptive_avg_pool2d\.scale' \(the input of 'head'\) must be finite and positive"),
+    ("act_quant.adaptive_avg_pool2d.scale", -1.0, "finite and positive"),
+    ("act_quant.adaptive_avg_pool2d.scale", float("nan"), "finite and positive"),
+    ("act_quant.adaptive_avg_pool2d.scale", float("inf"), "finite and positive"),
     ("act_quant.down.scale", 0.0, r"'act_quant\.down\.scale' must be finite and positive"),  # an add's input
     ("act_quant.relu_2.zero_point", 300, r"\(the input of 'b1', 'down'\) must be in \[0, 255\]"),
 ])
@@ -1989,6 +1993,7 @@ OLD_CHECKPOINTS = {"before-integer_dropout": ("dropout", "integer_dropout"),
                    "before-integer_indexing": ("shuffle-block", "integer_indexing"),
                    "before-integer_indexing-probe": ("indexing-probe", "integer_indexing"),
                    "before-integer_padding": ("padded", "integer_padding"),
+                   "before-integer_means": ("basic-blocks", "integer_means"),
                    "integer_padding-unrecorded": ("padded", None),
                    "residual-and-padding-recorded": ("text-cnn", None)}
 _FIXTURE_MODELS = {"dropout": (DropoutNet, (2, 3, 8, 8)), "transposed-features": (TransposedFeaturesNet, (2, 4, 6)),
@@ -2095,8 +2100,8 @@ def test_rules_a_checkpoint_may_have():
     rules = graph.PIPELINE_RULES
     assert graph.rules_a_checkpoint_may_have(dict.fromkeys(rules, True)) == [dict.fromkeys(rules, True)]
     # files record every rule up to the latest one they record
-    assert graph.rules_a_checkpoint_may_have({"residual_adds_in_convs": False, "integer_padding": False}) == [
-        {**dict.fromkeys(rules, True), "residual_adds_in_convs": False, "integer_padding": False}]
+    assert graph.rules_a_checkpoint_may_have({"residual_adds_in_convs": False, rules[-1]: False}) == [
+        {**dict.fromkeys(rules, True), "residual_adds_in_convs": False, rules[-1]: False}]
     # the rules after the latest recorded one applied up to some point in their order, the newest first
     residual = rules.index("residual_adds_in_convs")
     assert graph.rules_a_checkpoint_may_have({"residual_adds_in_convs": True}) == [
@@ -2232,3 +2237,107 @@ def test_in_place_ops_are_read_as_the_float_model_reads_them():
     converted = tq.quantize_model(model, PIPELINE, calibration=batches)
     with torch.no_grad():
         assert tq.functional.quantization_error(model(batches[0]), converted(batches[0]))["sqnr_db"] > 25
+
+
+def _activation_quantizer(scale, zero_point, signed=False):
+    quantizer = graph.ActivationQuantizer(dataclasses.replace(PIPELINE.activation, signed=signed))
+    quantizer.scale.fill_(scale)
+    quantizer.zero_point.fill_(zero_point)
+    quantizer.refresh()
+    return quantizer
+
+
+@pytest.mark.parametrize("signed", [False, True], ids=["uint8", "int8"])
+@pytest.mark.parametrize("shape, dims", [((2, 5, 3, 7), (-2, -1)), ((3, 4, 9), (-1,)), ((1, 2, 1, 1), (-2, -1)),
+                                         ((2, 300, 17, 13), (-2, -1))])
+def test_integer_mean_against_float64(shape, dims, signed):
+    # the mean of the dequantized values, requantized: equal to the float64 reference but where that lies within
+    # float32 rounding of a tie, and never more than one step off
+    g = torch.Generator().manual_seed(len(shape) + shape[-1])
+    lo, hi = (-128, 128) if signed else (0, 256)
+    q = torch.randint(lo, hi, shape, generator=g, dtype=torch.int32).to(torch.int8 if signed else torch.uint8)
+    if len(shape) == 4 and shape[1] > 1:
+        q = q.contiguous(memory_format=torch.channels_last)  # as a conv writes it
+    for (s_in, z_in), (s_out, z_out) in [((0.05, 3), (0.02, 9)), ((0.013, -128 if signed else 0), (0.1, 0)),
+                                         ((0.7, 250 if not signed else 120), (0.004, 17))]:
+        inp, out = _activation_quantizer(s_in, z_in, signed), _activation_quantizer(s_out, z_out, signed)
+        got = graph.integer_mean(q, dims, True, inp, out)
+        assert got.dtype == q.dtype and got.shape == q.sum(dims, keepdim=True).shape
+        v = (q.double() - inp.qparams[2]).mean(dims, keepdim=True) * inp.qparams[1] / out.qparams[1]
+        want = (torch.round(v) + z_out).clamp(lo, hi - 1)
+        diff = (got.double() - want).abs()
+        assert diff.max() <= 1
+        assert (diff[(v - v.floor() - 0.5).abs() > 1e-5] == 0).all()
+
+
+def test_integer_mean_rounds_ties_to_even():
+    # scale 1 in and out: a mean of k + 0.5 is a tie, which quantize rounds to the even integer (exactly: the sum
+    # is an integer, the division by 2 exact)
+    q = torch.tensor([[[0, 1], [2, 5], [7, 8], [10, 10]]], dtype=torch.uint8)  # means 0.5 3.5 7.5 10
+    one = _activation_quantizer(1.0, 0)
+    assert graph.integer_mean(q, (-1,), False, one, one).flatten().tolist() == [0, 4, 8, 10]
+    # the zero point: means of q - 3 are -2.5, 0.5, 4.5, 7 -> -2, 0, 4, 7 (+ 3 out)
+    three = _activation_quantizer(1.0, 3)
+    assert graph.integer_mean(q, (-1,), True, three, three).flatten().tolist() == [1, 3, 7, 10]
+
+
+class GlobalPoolNet(nn.Module):
+    """Means on integers: global average pools as a module (2-d, output size (1, 1)) and a function (1-d),
+    torch.mean over the last dim, concatenated for the head, and a squeeze (Tensor.mean over the spatial dims, kept)
+    read by a 1x1 conv; the first two after a SiLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.pool, self.conv1d = nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d((1, 1)), nn.Conv1d(8, 8, 1)
+        self.squeeze, self.fc = nn.Conv2d(8, 8, 1), nn.Linear(32, 3)
+
+    def forward(self, x):
+        y = F.silu(self.conv(x))
+        z = self.conv1d(y.flatten(2))
+        a, b, c = self.pool(y).flatten(1), F.adaptive_avg_pool1d(z, 1).flatten(1), torch.mean(z, -1)
+        d = self.squeeze(y.mean((2, 3), keepdim=True)).flatten(1)
+        return self.fc(torch.cat([a, b, c, d], 1))
+
+
+def test_global_average_pools_read_integers_and_requantize():
+    torch.manual_seed(0)
+    model = GlobalPoolNet().eval()
+    batches = _batches((4, 3, 8, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing kept float
+        prepared = tq.calibrate(tq.prepare(copy.deepcopy(model), INTEGER_OUT), batches, progress=False)
+    converted = tq.convert(copy.deepcopy(prepared))
+    targets = _graph_targets(converted)
+    assert targets.count(graph.integer_mean) == 4 and targets.count(graph.quantize_input) == 1
+    assert targets.count(tq.functional.quantized_lookup) == 1 and targets.count(graph.dequantize_output) == 0
+    assert not any(isinstance(m, nn.AdaptiveAvgPool2d) for m in converted.modules())
+    layers, notes = graph.pipeline_notes(converted)
+    assert layers["conv1d"] == layers["squeeze"] == "integer input, uint8 output" and "4 integer mean(s)" in notes[0]
+    # the concatenated means share its quantizer; the squeeze writes the 1x1 conv's input
+    means = [n for n in converted.graph.nodes if n.target is graph.integer_mean]
+    assert [m.args[1:3] for m in means] == [((-2, -1), True), ((-1,), True), ((-1,), False), ((2, 3), True)]
+    assert len({m.args[4].target for m in means[:3]} | {means[3].args[4].target}) == 2
+    (qparams,) = graph.output_qparams(converted)
+    with torch.no_grad():
+        for b in batches:
+            _assert_integers_match(converted(b), prepared(b), *qparams)
+        # the count follows the input's size under torch.compile with dynamic shapes too
+        torch._dynamo.reset()
+        compiled = torch.compile(converted, dynamic=True, fullgraph=True)
+        for x in (batches[0], _batches((2, 3, 11, 9))[0], _batches((1, 3, 6, 7))[0]):
+            assert torch.equal(compiled(x), converted(x))
+
+
+def test_an_average_pool_that_is_not_global_stays_float():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(16, 2)
+
+        def forward(self, x):
+            return self.fc(F.adaptive_avg_pool2d(self.conv(x), 2).flatten(1))
+
+    converted = tq.quantize_model(Net().eval(), PIPELINE, calibration=_batches((2, 3, 6, 6)))
+    targets = _graph_targets(converted)
+    assert graph.integer_mean not in targets and F.adaptive_avg_pool2d in targets
+    assert targets.count(graph.quantize_input) == 2  # the input, and the pool's float output for the head

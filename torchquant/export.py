@@ -252,10 +252,14 @@ def _translations():
                           dilation: Sequence[int], ceil_mode: bool, index: int):
         return domain.PipelineStep(x, index=index)
 
+    def pipeline_mean(x, dims: Sequence[int], keepdim: bool, dtype, index: int):
+        return domain.PipelineStep(x, index=index)
+
     ops = torch.ops.torchquant_export
     return {ops.linear.default: linear, ops.conv2d.default: conv2d,
             ops.pipeline_elementwise.default: elementwise, ops.pipeline_linear.default: pipeline_linear,
-            ops.pipeline_conv2d.default: pipeline_conv2d, ops.pipeline_max_pool.default: pipeline_max_pool}
+            ops.pipeline_conv2d.default: pipeline_conv2d, ops.pipeline_max_pool.default: pipeline_max_pool,
+            ops.pipeline_mean.default: pipeline_mean}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -559,18 +563,20 @@ def input_q_name(layer_name: str) -> str:
 # requantization, and a conv with the add in its epilogue adds the DequantizeLinear of its residual to its float y
 # (after the clamp), then [Relu] and the requantization; max-pool (1-d or 2-d) runs MaxPool on the integers, a ReLU
 # between layers is Max(q, zero point), flatten / reshape / concatenation act on the integer tensors, padding is Pad
-# of the integers (constant padding with the zero point), and an activation lookup (quantized_lookup) is a Gather
-# from its 256-entry table: Cast of the integers to an int32 index, for int8 ones plus 128 into the table rotated by
-# 128 entries (the same entry for each value as torchquant's byte index, with no negative index). A QDQ Conv
-# (DequantizeLinear -> Conv -> QuantizeLinear) would not give torchquant's integers: run unfused it sums dequantized
-# floats, and onnxruntime's fused QLinearConv quantizes the bias to int32 and requantizes with one combined
-# multiplier.
+# of the integers (constant padding with the zero point), a mean or global average pool (integer_mean) is ReduceSum
+# of the integers less their zero point in int32, then Cast, Mul(scale), Div(count) and the requantization, as
+# torchquant computes it, and an activation lookup (quantized_lookup) is a Gather from its 256-entry table: Cast of
+# the integers to an int32 index, for int8 ones plus 128 into the table rotated by 128 entries (the same entry for
+# each value as torchquant's byte index, with no negative index). A QDQ Conv (DequantizeLinear -> Conv ->
+# QuantizeLinear) would not give torchquant's integers: run unfused it sums dequantized floats, and onnxruntime's
+# fused QLinearConv quantizes the bias to int32 and requantizes with one combined multiplier.
 
 _PIPELINE_KINDS = {pipeline.quantize_input: "quantize", pipeline.dequantize_output: "dequantize",
                    pipeline.integer_relu: "relu", F_q.quantized_max_pool1d: "max_pool",
                    F_q.quantized_max_pool2d: "max_pool",
                    pipeline.integer_add: "add", pipeline.integer_layer: "layer",
-                   pipeline.integer_conv_add: "conv_add", F_q.quantized_lookup: "lookup"}
+                   pipeline.integer_conv_add: "conv_add", F_q.quantized_lookup: "lookup",
+                   pipeline.integer_mean: "mean"}
 
 
 @dataclass
@@ -583,7 +589,7 @@ class _Step:
     inputs: Tuple[_Activation, ...]
     out: Optional[_Activation]
     layer: Optional[_Layer] = None
-    pool: Optional[dict] = None
+    pool: Optional[dict] = None  # a max-pool's arguments, a mean's dims and keepdim
     relu: bool = False
     table: Optional[torch.Tensor] = None  # a lookup's
     input_dtype: Optional[torch.dtype] = None  # a lookup's integer input
@@ -646,6 +652,23 @@ def _pipeline_max_pool_placeholder(x: torch.Tensor, kernel_size: Sequence[int], 
 def _(x, kernel_size, stride, padding, dilation, ceil_mode, index):
     return _max_pool(x.new_empty(x.shape, dtype=torch.float32), kernel_size, stride, padding, dilation,
                      ceil_mode).to(x.dtype)
+
+
+@torch.library.custom_op("torchquant_export::pipeline_mean", mutates_args=())
+def _pipeline_mean_placeholder(x: torch.Tensor, dims: Sequence[int], keepdim: bool, dtype: torch.dtype,
+                               index: int) -> torch.Tensor:
+    """A pipeline's mean over dims during export only."""
+    return x.new_zeros(_mean_shape(x, dims, keepdim), dtype=dtype)
+
+
+@_pipeline_mean_placeholder.register_fake
+def _(x, dims, keepdim, dtype, index):
+    return x.new_empty(_mean_shape(x, dims, keepdim), dtype=dtype)
+
+
+def _mean_shape(x: torch.Tensor, dims: Sequence[int], keepdim: bool) -> list:
+    reduced = {d % x.dim() for d in dims}
+    return [1 if i in reduced else size for i, size in enumerate(x.shape) if keepdim or i not in reduced]
 
 
 def _pipeline_linear(x, in_features, *args):
@@ -743,6 +766,12 @@ def _pipeline_steps(gm) -> list:
                     "dilation": _sizes(pool.get("dilation", 1), n), "ceil_mode": bool(pool.get("ceil_mode", False))}
             step = _Step(kind, node.name, integer_dtype(node.args[0]), (), None, pool=pool)
             call = (_pipeline_max_pool, (node.args[0], *pool.values(), index))
+        elif kind == "mean":
+            x, dims, keepdim, q, out = node.args
+            out = quantizer(out, what)
+            step = _Step(kind, node.name, dtype_of(out), (quantizer(q, what),), out,
+                         pool={"dims": list(dims), "keepdim": bool(keepdim)})
+            call = (torch.ops.torchquant_export.pipeline_mean, (x, list(dims), bool(keepdim), step.dtype, index))
         elif kind == "lookup":
             x, table = node.args
             table = gm.get_buffer(table.target)
@@ -846,6 +875,17 @@ def _pipeline_step_nodes(b: _GraphBuilder, step: _Step, inputs: Sequence[str], y
         pool = step.pool  # ONNX pads: the start of each spatial axis, then their ends
         b.op("MaxPool", inputs[0], output=y, kernel_shape=pool["kernel_size"], strides=pool["stride"],
              pads=pool["padding"] * 2, dilations=pool["dilation"], ceil_mode=int(pool["ceil_mode"]))
+    elif step.kind == "mean":  # integer_mean's steps: the int32 sum is exact, the float32 ones round alike
+        import numpy as np
+        axes = b.const("axes", np.array(step.pool["dims"], np.int64))
+        codes = b.op("Sub", b.op("Cast", inputs[0], to=b.onnx.TensorProto.INT32),
+                     b.const("zero_point", np.array(step.inputs[0].zero_point, np.int32)))
+        total = b.op("Cast", b.op("ReduceSum", codes, axes, keepdims=int(step.pool["keepdim"])),
+                     to=b.onnx.TensorProto.FLOAT)
+        count = b.op("Cast", b.op("ReduceProd", b.op("Gather", b.op("Shape", inputs[0]), axes), keepdims=0),
+                     to=b.onnx.TensorProto.FLOAT)
+        v = b.op("Div", b.op("Mul", total, b.const("scale", _f32(step.inputs[0].scale))), count)
+        _requantized(b, v, step.out, y)
     elif step.kind == "lookup":
         import numpy as np
         index = b.op("Cast", inputs[0], to=b.onnx.TensorProto.INT32)

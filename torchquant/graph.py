@@ -81,6 +81,8 @@ _MAX_POOL_FUNCTIONS = {F.max_pool1d: F_q.quantized_max_pool1d, torch.max_pool1d:
 # max-pools that can be global (adaptive ones to size 1), with the number of dims they pool
 _ADAPTIVE_MAX_POOLS = {nn.AdaptiveMaxPool1d: 1, nn.AdaptiveMaxPool2d: 2}
 _ADAPTIVE_MAX_POOL_FUNCTIONS = {F.adaptive_max_pool1d: 1, F.adaptive_max_pool2d: 2}
+_ADAPTIVE_AVG_POOLS = {nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2}
+_ADAPTIVE_AVG_POOL_FUNCTIONS = {F.adaptive_avg_pool1d: 1, F.adaptive_avg_pool2d: 2}
 _POOLED_DIMS = {F_q.quantized_max_pool1d: 1, F_q.quantized_max_pool2d: 2}
 # nearest-neighbour upsampling copies values: it runs on uint8 integers as it is (torch has no int8 kernel)
 _UPSAMPLE_FUNCTIONS = (F.interpolate, F.upsample, F.upsample_nearest)
@@ -378,26 +380,28 @@ def _is_shape_of(node, x: fx.Node) -> bool:
         or node.op == "call_method" and node.target == "size" and len(node.args) == 1 and not node.kwargs)
 
 
+def _all_ones(size, n: int) -> bool:
+    """Whether an adaptive pool's output_size is 1 in each of its n dims."""
+    return size == 1 or isinstance(size, (tuple, list)) and tuple(size) == (1,) * n
+
+
 def _global_max_pool_dims(node: fx.Node, modules: dict) -> Optional[tuple]:
     """The dims of a max-pool whose window is its whole input (adaptive to size 1, or of the input's own spatial
     size: the text CNN's F.max_pool1d(x, x.size(2))), which runs on integers as torch.amax over them (an integer
     max-pool of that size would take it as a constant); None for anything else."""
-    def ones(size, n):
-        return size == 1 or isinstance(size, (tuple, list)) and tuple(size) == (1,) * n
-
     if not _RULES.get()["integer_views"]:
         return None
     if node.op == "call_module":
         m = modules.get(node.target)
         n = _ADAPTIVE_MAX_POOLS.get(type(m))
-        global_pool = n is not None and not m.return_indices and ones(m.output_size, n)
+        global_pool = n is not None and not m.return_indices and _all_ones(m.output_size, n)
         return tuple(range(-n, 0)) if global_pool else None
     if node.op != "call_function" or not node.args:
         return None
     if node.target in _ADAPTIVE_MAX_POOL_FUNCTIONS and _constant_args(node):
         n = _ADAPTIVE_MAX_POOL_FUNCTIONS[node.target]
         given = _given_arguments(node, ("output_size", "return_indices"))
-        global_pool = not given.get("return_indices", False) and ones(given.get("output_size"), n)
+        global_pool = not given.get("return_indices", False) and _all_ones(given.get("output_size"), n)
         return tuple(range(-n, 0)) if global_pool else None
     if node.target not in _MAX_POOL_FUNCTIONS:
         return None
@@ -410,6 +414,31 @@ def _global_max_pool_dims(node: fx.Node, modules: dict) -> Optional[tuple]:
                    and given.get("dilation", 1) in (1, (1,) * n, [1] * n)
                    and not given.get("return_indices", False))
     return dims if global_pool else None
+
+
+def _integer_mean_args(node: fx.Node, modules: dict) -> Optional[tuple[tuple, bool]]:
+    """(dims, keepdim) of a mean that reads integers and requantizes (integer_mean): an adaptive average pool to
+    size 1 (a classifier's global average pool) or x.mean(dims[, keepdim]) / torch.mean over given dims (a
+    squeeze-excitation block's); None for any other node."""
+    if not _RULES.get()["integer_means"]:
+        return None
+    if node.op == "call_module":
+        m = modules.get(node.target)
+        n = _ADAPTIVE_AVG_POOLS.get(type(m))
+        return (tuple(range(-n, 0)), True) if n is not None and _all_ones(m.output_size, n) else None
+    if node.op == "call_function" and node.target in _ADAPTIVE_AVG_POOL_FUNCTIONS and _constant_args(node):
+        n = _ADAPTIVE_AVG_POOL_FUNCTIONS[node.target]
+        global_pool = _all_ones(_given_arguments(node, ("output_size",)).get("output_size"), n)
+        return (tuple(range(-n, 0)), True) if global_pool else None
+    is_mean = (node.op == "call_method" and node.target == "mean"
+               or node.op == "call_function" and node.target is torch.mean)
+    if is_mean and _constant_args(node):
+        given = _given_arguments(node, ("dim", "keepdim"))
+        dim, keepdim = given.pop("dim", None), given.pop("keepdim", False)
+        dims = (dim,) if isinstance(dim, int) else tuple(dim) if isinstance(dim, (tuple, list)) else None
+        if dims and all(isinstance(d, int) for d in dims) and isinstance(keepdim, bool) and not given:
+            return dims, keepdim
+    return None
 
 
 def _is_nearest_upsample(node: fx.Node, modules: dict) -> bool:
@@ -764,8 +793,9 @@ def _plan(graph: fx.Graph, modules: dict, integer_output: bool) -> tuple[dict, d
     group: dict[fx.Node, int] = {}
     roots: dict[fx.Node, str] = {}  # root -> "producer" | "quantize"
     layers: list[tuple[fx.Node, fx.Node]] = []
-    int_consumers: set[fx.Node] = set()  # layer heads, adds, cats and lookups: they read integers
-    lookups: set[fx.Node] = set()
+    int_consumers: set[fx.Node] = set()  # layer heads, adds, cats, lookups and means: they read integers
+    # lookups and means: they read integers only where their output is read as integers
+    if_integer_out: set[fx.Node] = set()
     fused: set[fx.Node] = set()
 
     def ensure_int(value: fx.Node) -> int:
@@ -823,20 +853,21 @@ def _plan(graph: fx.Graph, modules: dict, integer_output: bool) -> tuple[dict, d
             continue
         if _is_passthrough(node, modules) and node.args[0] in group:
             group[node] = group[node.args[0]]
-        elif _RULES.get()["integer_lookups"] and lookup_function(node, modules) is not None and node.args[0] in group:
+        elif (_RULES.get()["integer_lookups"] and lookup_function(node, modules) is not None
+              or _integer_mean_args(node, modules) is not None) and node.args[0] in group:
             int_consumers.add(node)
-            lookups.add(node)
+            if_integer_out.add(node)
             produce(node)
 
-    # producers whose integers nothing reads as integers write float instead (the last layer, usually); a lookup
-    # reads its input as integers only where its own output is read so (else it runs in float)
+    # producers whose integers nothing reads as integers write float instead (the last layer, usually); a lookup or
+    # a mean reads its input as integers only where its own output is read so (else it runs in float)
     needed: dict[fx.Node, bool] = {}
     for node in reversed(list(graph.nodes)):
         if node not in group:
             continue
         need = False
         for user in node.users:
-            if user in lookups:
+            if user in if_integer_out:
                 need = need or needed[user]
             elif user in int_consumers:  # reads node as integers
                 need = True
@@ -850,7 +881,7 @@ def _plan(graph: fx.Graph, modules: dict, integer_output: bool) -> tuple[dict, d
             del group[node], roots[node]
         elif node in group and node not in roots and node not in int_consumers and node.args[0] not in group:
             del group[node]  # a passthrough of a producer that now writes float
-    int_consumers -= lookups - group.keys()  # lookups whose output is float run in float
+    int_consumers -= if_integer_out - group.keys()  # those whose output is float run in float
     return ({node: groups.find(g) for node, g in group.items()}, roots, layers,
             _kept_float(graph, modules, calls, producers, roots,
                         int_consumers | fused | {n for n in group if roots.get(n) != "quantize"}))
@@ -902,11 +933,13 @@ def _describe(node: fx.Node) -> str:
 # - integer_indexing: indexing and slicing, flip / roll / narrow / select / tile / repeat / expand, splits read by
 #   indexing, torch.stack and the torch.cat aliases concat / concatenate run on integers (before: an item or slice
 #   was no tensor to integer ops);
-# - integer_padding: padding runs on integers.
+# - integer_padding: padding runs on integers;
+# - integer_means: global average pools and means over given dims read integers and requantize (before: they ran in
+#   float).
 # Checkpoints record the rules their pipeline was planned with; a file older than a rule does not (load() then
 # rebuilds the pipeline whose quantizers and tensors it holds: rules_a_checkpoint_may_have).
 PIPELINE_RULES = ("integer_dropout", "integer_lookups", "residual_adds_in_convs", "integer_max_pool1d", "integer_views",
-                  "integer_extrema", "integer_indexing", "integer_padding")
+                  "integer_extrema", "integer_indexing", "integer_padding", "integer_means")
 _RULES = contextvars.ContextVar("torchquant_pipeline_rules", default=dict.fromkeys(PIPELINE_RULES, True))
 
 
@@ -1269,6 +1302,20 @@ def lookup_table(fn, input_quantizer: ActivationQuantizer, output_quantizer: Act
         return quantize_input(fn(dequantize_output(codes, input_quantizer, dtype)), output_quantizer)
 
 
+def integer_mean(q: torch.Tensor, dims: tuple, keepdim: bool, quantizer: ActivationQuantizer,
+                 out: ActivationQuantizer) -> torch.Tensor:
+    """A mean (a global average pool) on integers: the mean of q's values over dims, as out's integers. The
+    int32 sum of q - zero point is exact; it is scaled and divided by the count in float32 (a count on q's device,
+    where the division rounds as on the CPU: CUDA multiplies by the reciprocal of a Python number), then quantized:
+    the same integers on every device."""
+    scale, _, zero_point, _ = quantizer.qparams
+    count = 1
+    for d in dims:
+        count *= q.shape[d]
+    total = q.sum(dims, keepdim=keepdim, dtype=torch.int32) - count * zero_point
+    return quantize_input(total.float() * scale / total.new_full((), count, dtype=torch.float32), out)
+
+
 def integer_relu(q: torch.Tensor, quantizer: ActivationQuantizer) -> torch.Tensor:
     """ReLU on integers: the zero point is the quantized 0."""
     return torch.clamp_min(q, quantizer.qparams[2])
@@ -1447,6 +1494,13 @@ def _lower_planned(gm: fx.GraphModule, dtype: torch.dtype, build_tables: bool) -
             continue
         activation = lookup_function(node, modules)
         fq = fake_quant_after(node)
+        mean = _integer_mean_args(node, modules)
+        if mean is not None and node.args[0] in int_of and fq is not None:
+            out = attr(fq.target)
+            with graph.inserting_after(fq):
+                new = graph.call_function(integer_mean, (node.args[0], *mean, int_of[node.args[0]], out))
+            replace([node, fq], new, out)
+            continue
         if activation is not None and node.args[0] in int_of and fq is not None and _RULES.get()["integer_lookups"]:
             out = attr(fq.target)
             out_quantizer = gm.get_submodule(fq.target)
@@ -1538,7 +1592,8 @@ class _PipelineTracer(_Tracer):
 
     def __init__(self):
         super().__init__(autowrap_functions=(quantize_input, dequantize_output, integer_layer, integer_add,
-                                             integer_conv_add, integer_relu, integer_pad, F_q.quantized_lookup,
+                                             integer_conv_add, integer_relu, integer_pad, integer_mean,
+                                             F_q.quantized_lookup,
                                              F_q.quantized_max_pool1d, F_q.quantized_max_pool2d, argument_left_out))
 
 
@@ -1593,8 +1648,9 @@ def pipeline_notes(model: fx.GraphModule) -> tuple[dict, list]:
             layers[node.args[0].target] = ", ".join(parts)
     notes = [f"integer pipeline: {counts[integer_layer] + counts[integer_conv_add]} integer layer call(s), "
              f"{counts[integer_add] + counts[integer_conv_add]} integer add(s) ({counts[integer_conv_add]} fused into "
-             f"a conv's epilogue), {counts[F_q.quantized_lookup]} activation lookup(s), {counts[quantize_input]} "
-             f"quantize(s), {counts[dequantize_output]} dequantize(s)"]
+             f"a conv's epilogue), {counts[F_q.quantized_lookup]} activation lookup(s), {counts[integer_mean]} integer "
+             f"mean(s) (global average pools), {counts[quantize_input]} quantize(s), {counts[dequantize_output]} "
+             f"dequantize(s)"]
     if _meta(model)["lookups"]:
         notes.append("activations run on integers as 256-entry table lookups: "
                      + ", ".join(_meta(model)["lookups"].values()))
