@@ -92,6 +92,10 @@ TORCH_LIBRARY(torchquant, m) {
   // rules) on every device: csrc/cpu/pool.cpp and csrc/cuda/pool.cu (torch's CUDA max_pool2d takes floats only).
   m.def("quantized_max_pool2d(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, "
         "bool ceil_mode) -> Tensor");
+  // torch.sum(x, dim, keepdim, dtype=torch.int32) of an int8/uint8 x: the exact int32 sums of an average pool on
+  // integers. csrc/cpu/pool.cpp (a channels-last x over H and W, vectorized over the channels); elsewhere torch's
+  // sum (CompositeExplicitAutograd, there too).
+  m.def("quantized_sum(Tensor x, int[] dim, bool keepdim=False) -> Tensor");
 
   // ---- the CPU code path the kernels run now: "avx512_vnni", "avx2" or "scalar" (csrc/cpu/isa.cpp) ----
   m.def("cpu_kernel_path() -> str");

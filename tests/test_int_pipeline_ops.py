@@ -1,5 +1,5 @@
 """The kernels of an integer pipeline: the fused activation clamp of int8_linear / int8_conv2d, quantized_add,
-quantized_lookup, quantized_max_pool1d and quantized_max_pool2d.
+quantized_lookup, quantized_max_pool1d, quantized_max_pool2d and quantized_sum.
 
 Integers and float outputs are compared bit for bit with torchquant.reference (the same float32 operations in the
 same order) and, within the requantization error, with a float64 reference of the unfused ops; every CPU
@@ -648,6 +648,62 @@ def test_quantized_lookup_different_devices():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# quantized_sum
+# ---------------------------------------------------------------------------------------------------------------
+
+SUMS = [  # shape, dim
+    ((2, 64, 7, 7), (2, 3)),      # one whole 64-channel block
+    ((3, 130, 5, 3), (-2, -1)),   # two blocks and a masked tail of 2
+    ((1, 37, 9, 11), (3, 2)),     # one masked block, dims in the other order
+    ((2, 1, 4, 4), (2, 3)),       # one channel
+    ((2, 200, 1, 1), (2, 3)),     # one pixel
+    ((0, 16, 3, 3), (2, 3)),      # empty batch
+    ((2, 16, 0, 3), (2, 3)),      # no pixels: zeros
+    ((4, 5, 6), (-1,)),           # other dims and ranks: torch's sum
+    ((3, 8, 4, 4), (1,)),
+]
+
+
+@pytest.mark.parametrize("case", SUMS, ids=[f"sum{i}" for i in range(len(SUMS))])
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("keepdim", [False, True])
+def test_quantized_sum(device, isa, case, dtype, layout, keepdim):
+    shape, dim = case
+    if layout != "contiguous" and len(shape) != 4:
+        pytest.skip("layouts of 4-d inputs")
+    x = randint8((shape[0] * 2, *shape[1:]), seed=sum(shape), dtype=dtype)
+    x = x[::2] if layout == "strided" else x[: shape[0]]
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    assert_same(F.quantized_sum(x.to(device), dim, keepdim), x.sum(dim, keepdim=keepdim, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8], ids=str)
+def test_quantized_sum_at_the_ends_of_the_range(device, isa, dtype):
+    # every byte at the type's lowest or highest value over many pixels: the int32 sums do not wrap, and int8 bytes
+    # widen with their sign
+    for value in (torch.iinfo(dtype).min, torch.iinfo(dtype).max):
+        x = torch.full((2, 70, 64, 50), value, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        got = F.quantized_sum(x.to(device), (2, 3))
+        assert_same(got, torch.full((2, 70), value * 64 * 50, dtype=torch.int32))
+
+
+def test_quantized_sum_bad_inputs(device):
+    x = randint8((1, 2, 6, 6), device=device)
+    with pytest.raises(TypeError, match="x must be int8 or uint8, got float32"):
+        F.quantized_sum(x.float(), (2, 3))
+    with pytest.raises(TypeError, match="quantized_sum: dim must be an int or a non-empty sequence of ints, got 2.0"):
+        F.quantized_sum(x, 2.0)
+    with pytest.raises(TypeError, match="quantized_sum: dim must be an int or a non-empty sequence of ints, got \\(\\)"):
+        F.quantized_sum(x, ())
+    with pytest.raises(RuntimeError, match="quantized_sum: x must be int8 or uint8, got Float"):
+        ops.quantized_sum(x.float(), [2, 3])
+    with pytest.raises(IndexError, match="Dimension out of range"):
+        F.quantized_sum(x.contiguous(memory_format=torch.channels_last), (2, 4))
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # opcheck: schemas, fake kernels, dispatch
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -678,6 +734,9 @@ def test_opcheck_int_pipeline_ops(device):
     torch.library.opcheck(ops.quantized_max_pool2d, (a, [3, 3], [2, 2], [1, 1], [1, 1], True))
     torch.library.opcheck(ops.quantized_max_pool2d, (b.contiguous(memory_format=torch.channels_last), [2, 3], [1, 2],
                                                      [0, 1], [2, 1], False))
+    torch.library.opcheck(ops.quantized_sum, (a.contiguous(memory_format=torch.channels_last), [2, 3], True))
+    torch.library.opcheck(ops.quantized_sum, (b.contiguous(memory_format=torch.channels_last), [-1, -2], False))
+    torch.library.opcheck(ops.quantized_sum, (a, [1], False))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1305,14 +1305,14 @@ def lookup_table(fn, input_quantizer: ActivationQuantizer, output_quantizer: Act
 def integer_mean(q: torch.Tensor, dims: tuple, keepdim: bool, quantizer: ActivationQuantizer,
                  out: ActivationQuantizer) -> torch.Tensor:
     """A mean (a global average pool) on integers: the mean of q's values over dims, as out's integers. The
-    int32 sum of q - zero point is exact; it is scaled and divided by the count in float32 (a count on q's device,
+    int32 sum of q - zero point (quantized_sum) is exact; it is scaled and divided by the count in float32 (a count on q's device,
     where the division rounds as on the CPU: CUDA multiplies by the reciprocal of a Python number), then quantized:
     the same integers on every device."""
     scale, _, zero_point, _ = quantizer.qparams
     count = 1
     for d in dims:
         count *= q.shape[d]
-    total = q.sum(dims, keepdim=keepdim, dtype=torch.int32) - count * zero_point
+    total = F_q.quantized_sum(q, dims, keepdim) - count * zero_point
     return quantize_input(total.float() * scale / total.new_full((), count, dtype=torch.float32), out)
 
 

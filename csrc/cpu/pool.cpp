@@ -3,12 +3,14 @@
 // channels-last inputs run here: per output pixel, the byte-wise maximum of its taps' channel vectors, in 64-,
 // 32- or 16-byte registers by the CPU's instruction set (TORCHQUANT_CPU_ISA) (a window without a tap inside the
 // input, possible in ceil mode with dilation, gives the type's lowest value as torch's integer kernel does). Other
-// layouts go to torch's kernel. csrc/cuda/pool.cu has the CUDA kernel.
+// layouts go to torch's kernel. csrc/cuda/pool.cu has the CUDA kernel. Also quantized_sum: the int32 sums of a
+// channels-last x over H and W (a global average pool on integers).
 #include "cpu/simd.h"  // first: see there
 #include "check.h"
 
 #include <algorithm>
 #include <type_traits>
+#include <vector>
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -138,7 +140,98 @@ at::Tensor quantized_max_pool2d_cpu(const at::Tensor& x, at::IntArrayRef kernel_
   return out;
 }
 
+// quantized_sum's arguments: x int8 or uint8 (the dims are torch.sum's to check).
+void check_quantized_sum(const at::Tensor& x) {
+  TQ_CHECK(x.scalar_type() == at::kChar || x.scalar_type() == at::kByte,
+           "quantized_sum: x must be int8 or uint8, got ", x.scalar_type());
+}
+
+// torch's sum everywhere but the CPU's channels-last case below.
+at::Tensor quantized_sum_any(const at::Tensor& x, at::IntArrayRef dim, bool keepdim) {
+  check_quantized_sum(x);
+  return at::sum(x, dim, keepdim, at::kInt);
+}
+
+// sums[c] += the bytes of `pixels` pixels of `channels` channels, `step` bytes apart, for c in [c0, c0 + width):
+// widened to int32 in registers, 64 channels at a time (four vectors of 16), the last block masked.
+template <typename T>
+TQ_TARGET_AVX512BW void channel_sums_avx512(const uint8_t* x, int64_t pixels, int64_t step, int64_t c0, int64_t width,
+                                            int32_t* sums) {
+  for (int64_t c = c0; c < c0 + width; c += 64) {
+    const int64_t n = std::min<int64_t>(64, c0 + width - c);
+    const __mmask64 mask = n == 64 ? ~__mmask64{0} : (__mmask64{1} << n) - 1;
+    __m512i acc[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+    for (int64_t p = 0; p < pixels; ++p) {
+      const __m512i v = _mm512_maskz_loadu_epi8(mask, x + p * step + c);
+      for (int k = 0; k < 4; ++k) {
+        const __m128i part = _mm512_extracti32x4_epi32(v, k);
+        acc[k] = _mm512_add_epi32(acc[k], std::is_signed_v<T> ? _mm512_cvtepi8_epi32(part) : _mm512_cvtepu8_epi32(part));
+      }
+    }
+    for (int k = 0; k < 4 && 16 * k < n; ++k)
+      _mm512_mask_storeu_epi32(sums + c + 16 * k, static_cast<__mmask16>(mask >> (16 * k)), acc[k]);
+  }
+}
+
+// The same as a plain loop (vectorized by the compiler for the target it is built for).
+template <typename T>
+void channel_sums_loop(const uint8_t* x, int64_t pixels, int64_t step, int64_t c0, int64_t width, int32_t* sums) {
+  std::fill(sums + c0, sums + c0 + width, 0);
+  for (int64_t p = 0; p < pixels; ++p) {
+    const T* row = reinterpret_cast<const T*>(x + p * step);
+    for (int64_t c = c0; c < c0 + width; ++c) sums[c] += row[c];
+  }
+}
+
+template <typename T>
+TQ_TARGET_AVX2 void channel_sums_avx2(const uint8_t* x, int64_t pixels, int64_t step, int64_t c0, int64_t width,
+                                      int32_t* sums) {
+  channel_sums_loop<T>(x, pixels, step, c0, width, sums);
+}
+
+// quantized_sum on the CPU: a channels-last x [B, C, H, W] summed over H and W runs here, per (image, block of 64
+// channels), each block's sums in registers across the image's pixels; anything else is torch's sum.
+at::Tensor quantized_sum_cpu(const at::Tensor& x, at::IntArrayRef dim, bool keepdim) {
+  check_quantized_sum(x);
+  const bool spatial = x.dim() == 4 && dim.size() == 2 && x.numel() > 0 &&
+                       ((at::maybe_wrap_dim(dim[0], 4) == 2 && at::maybe_wrap_dim(dim[1], 4) == 3) ||
+                        (at::maybe_wrap_dim(dim[0], 4) == 3 && at::maybe_wrap_dim(dim[1], 4) == 2));
+  if (!spatial || !x.is_contiguous(at::MemoryFormat::ChannelsLast) || x.is_contiguous())
+    return at::sum(x, dim, keepdim, at::kInt);
+  const int64_t batch = x.size(0), channels = x.size(1), pixels = x.size(2) * x.size(3);
+  const std::vector<int64_t> sizes = keepdim ? std::vector<int64_t>{batch, channels, 1, 1}
+                                             : std::vector<int64_t>{batch, channels};
+  at::Tensor out = at::empty(sizes, x.options().dtype(at::kInt));
+  const int64_t blocks = (channels + 63) / 64;
+  // a task sums one block of one image: ~64 * pixels bytes; below 64 KiB a second thread costs more than it saves
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / (64 * pixels));
+  with_byte_type(x.scalar_type(), "x", [&](auto tag) {
+    using T = decltype(tag);
+    const uint8_t* xp = static_cast<const uint8_t*>(x.data_ptr());
+    int32_t* sums = out.data_ptr<int32_t>();
+    const CpuIsa isa = cpu_isa();
+    const auto block_sums = isa == CpuIsa::Avx512Vnni ? channel_sums_avx512<T>
+                            : isa == CpuIsa::Avx2     ? channel_sums_avx2<T>
+                                                      : channel_sums_loop<T>;
+    at::parallel_for(0, batch * blocks, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / blocks, c0 = task % blocks * 64;
+        block_sums(xp + b * pixels * channels, pixels, channels, c0, std::min<int64_t>(64, channels - c0),
+                   sums + b * channels);
+      }
+    });
+  });
+  return out;
+}
+
 }  // namespace
 }  // namespace torchquant
 
-TORCH_LIBRARY_IMPL(torchquant, CPU, m) { m.impl("quantized_max_pool2d", &torchquant::quantized_max_pool2d_cpu); }
+TORCH_LIBRARY_IMPL(torchquant, CPU, m) {
+  m.impl("quantized_max_pool2d", &torchquant::quantized_max_pool2d_cpu);
+  m.impl("quantized_sum", &torchquant::quantized_sum_cpu);
+}
+
+TORCH_LIBRARY_IMPL(torchquant, CompositeExplicitAutograd, m) {
+  m.impl("quantized_sum", &torchquant::quantized_sum_any);
+}

@@ -1,5 +1,5 @@
-"""Integer element-wise ops of an integer pipeline (quantized_add, quantized_lookup) and integer max-pooling (1-d
-and 2-d): wrappers and fake kernels."""
+"""Integer element-wise ops of an integer pipeline (quantized_add, quantized_lookup), integer max-pooling (1-d and
+2-d) and sums (quantized_sum): wrappers and fake kernels."""
 from typing import Optional, Sequence, Union
 
 import torch
@@ -10,7 +10,7 @@ from torchquant._ops import FLOAT_DTYPES, check_fake_devices, check_fake_dtype, 
 from torchquant._ops.gemm import (_ACTIVATION_DTYPES, _as_int, _flag, _integer, _is_int, _optional_number, _pair,
                                   _require_dtype, _require_same_device, _require_tensor, _scale_tensor)
 
-__all__ = ["quantized_add", "quantized_lookup", "quantized_max_pool1d", "quantized_max_pool2d"]
+__all__ = ["quantized_add", "quantized_lookup", "quantized_max_pool1d", "quantized_max_pool2d", "quantized_sum"]
 
 
 def quantized_add(a: torch.Tensor, a_scale, a_zero_point: int, b: torch.Tensor, b_scale, b_zero_point: int,
@@ -84,6 +84,18 @@ def quantized_max_pool2d(x: torch.Tensor, kernel_size: Union[int, Sequence[int]]
     return ops.quantized_max_pool2d(x, kernel, kernel if stride is None else _pair("stride", stride),
                                     _pair("padding", padding), _pair("dilation", dilation),
                                     _flag("quantized_max_pool2d", "ceil_mode", ceil_mode))
+
+
+def quantized_sum(x: torch.Tensor, dim: Union[int, Sequence[int]], keepdim: bool = False) -> torch.Tensor:
+    """torch.sum(x, dim, keepdim, dtype=torch.int32) of an int8/uint8 x: exact int32 sums (the sums of an average
+    pool on integers), on the CPU over H and W of a channels-last [B, C, H, W] x in vector registers (torch's
+    integer sum there runs at a fraction of the memory's speed)."""
+    _require_tensor("x", x)
+    _require_dtype("x", x, _ACTIVATION_DTYPES)
+    dims = [dim] if _is_int(dim) else list(dim) if isinstance(dim, (tuple, list)) else None
+    if not dims or not all(_is_int(d) for d in dims):
+        raise TypeError(f"quantized_sum: dim must be an int or a non-empty sequence of ints, got {dim!r}")
+    return ops.quantized_sum(x, [_as_int(d) for d in dims], _flag("quantized_sum", "keepdim", keepdim))
 
 
 def _single(name: str, v: Union[int, Sequence[int]]) -> int:
