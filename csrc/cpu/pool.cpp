@@ -152,6 +152,12 @@ at::Tensor quantized_sum_any(const at::Tensor& x, at::IntArrayRef dim, bool keep
   return at::sum(x, dim, keepdim, at::kInt);
 }
 
+// 16 bytes as 16 int32, with their sign for int8.
+template <typename T>
+TQ_TARGET_AVX512BW inline __m512i widened(__m128i bytes) {
+  return std::is_signed_v<T> ? _mm512_cvtepi8_epi32(bytes) : _mm512_cvtepu8_epi32(bytes);
+}
+
 // sums[c] += the bytes of `pixels` pixels of `channels` channels, `step` bytes apart, for c in [c0, c0 + width):
 // widened to int32 in registers, 64 channels at a time (four vectors of 16), the last block masked.
 template <typename T>
@@ -163,10 +169,11 @@ TQ_TARGET_AVX512BW void channel_sums_avx512(const uint8_t* x, int64_t pixels, in
     __m512i acc[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
     for (int64_t p = 0; p < pixels; ++p) {
       const __m512i v = _mm512_maskz_loadu_epi8(mask, x + p * step + c);
-      for (int k = 0; k < 4; ++k) {
-        const __m128i part = _mm512_extracti32x4_epi32(v, k);
-        acc[k] = _mm512_add_epi32(acc[k], std::is_signed_v<T> ? _mm512_cvtepi8_epi32(part) : _mm512_cvtepu8_epi32(part));
-      }
+      // (the lane index is an immediate: written out, as unoptimized builds do not unroll a loop for it)
+      acc[0] = _mm512_add_epi32(acc[0], widened<T>(_mm512_extracti32x4_epi32(v, 0)));
+      acc[1] = _mm512_add_epi32(acc[1], widened<T>(_mm512_extracti32x4_epi32(v, 1)));
+      acc[2] = _mm512_add_epi32(acc[2], widened<T>(_mm512_extracti32x4_epi32(v, 2)));
+      acc[3] = _mm512_add_epi32(acc[3], widened<T>(_mm512_extracti32x4_epi32(v, 3)));
     }
     for (int k = 0; k < 4 && 16 * k < n; ++k)
       _mm512_mask_storeu_epi32(sums + c + 16 * k, static_cast<__mmask16>(mask >> (16 * k)), acc[k]);
