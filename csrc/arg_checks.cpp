@@ -256,9 +256,9 @@ LookupTensors prepare_quantized_lookup(const at::Tensor& x, const at::Tensor& ta
   return t;
 }
 
-PoolGeometry check_max_pool2d_arguments(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                                        at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode) {
-  constexpr const char* op = "quantized_max_pool2d";
+PoolGeometry check_pool2d_arguments(const char* op, const at::Tensor& x, at::IntArrayRef kernel_size,
+                                    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                    bool ceil_mode) {
   TQ_CHECK(x.scalar_type() == at::kChar || x.scalar_type() == at::kByte, op, ": x must be int8 or uint8, got ",
            x.scalar_type());
   TQ_CHECK(x.dim() == 3 || x.dim() == 4, op, ": x must be 3-d [C, H, W] or 4-d [B, C, H, W], got ", x.dim(), "-d");
@@ -293,6 +293,25 @@ PoolGeometry check_max_pool2d_arguments(const at::Tensor& x, at::IntArrayRef ker
   g.out_h = out[0];
   g.out_w = out[1];
   checked_mul(op, "the output size", checked_mul(op, "the output size", g.batch * g.channels, g.out_h), g.out_w);
+  return g;
+}
+
+PoolGeometry check_avg_pool2d_arguments(const at::Tensor& x, double scale, int64_t zero_point,
+                                        at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                                        bool ceil_mode, std::optional<int64_t> divisor_override) {
+  constexpr const char* op = "quantized_avg_pool2d";
+  const int64_t dilation[2] = {1, 1};
+  const PoolGeometry g = check_pool2d_arguments(op, x, kernel_size, stride, padding, dilation, ceil_mode);
+  const float scale_f = static_cast<float>(scale);
+  TQ_CHECK(std::isfinite(scale_f) && scale_f > 0.0f, op, ": scale must be positive and finite (as a float32), got ",
+           scale);
+  const bool is_int8 = x.scalar_type() == at::kChar;
+  const int64_t lo = is_int8 ? -128 : 0, hi = is_int8 ? 127 : 255;
+  TQ_CHECK(zero_point >= lo && zero_point <= hi, op, ": zero_point must lie in [", lo, ", ", hi, "] for ",
+           x.scalar_type(), " x, got ", zero_point);
+  TQ_CHECK(!divisor_override.has_value() || *divisor_override != 0, op, ": divisor_override must not be 0");
+  TQ_CHECK(g.kh <= kMaxExactWindow && g.kw <= kMaxExactWindow / g.kh, op, ": the window may have at most ",
+           kMaxExactWindow, " elements (exact float32 sums), got kernel_size ", kernel_size);
   return g;
 }
 

@@ -144,10 +144,20 @@ struct PoolGeometry {
   int64_t out_h, out_w;
 };
 
-// quantized_max_pool2d: x int8 or uint8, 3-d or 4-d and not empty in C, H, W; 2-entry kernel_size, stride,
-// dilation >= 1, padding >= 0 and at most half the kernel; an output of at least 1 x 1 (torch's rules).
-PoolGeometry check_max_pool2d_arguments(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                                        at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode);
+// quantized_max_pool2d and quantized_avg_pool2d (op, for the messages): x int8 or uint8, 3-d or 4-d and not empty
+// in C, H, W; 2-entry kernel_size, stride, dilation >= 1, padding >= 0 and at most half the kernel; an output of at
+// least 1 x 1 (torch's rules).
+PoolGeometry check_pool2d_arguments(const char* op, const at::Tensor& x, at::IntArrayRef kernel_size,
+                                    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                    bool ceil_mode);
+
+// quantized_avg_pool2d's own rules beside those: scale positive and finite in float32, zero_point in x's range,
+// divisor_override not 0, and a window of at most kMaxExactWindow elements (its float32 sums on other devices are
+// exact below 2**24).
+constexpr int64_t kMaxExactWindow = ((int64_t{1} << 24) - 1) / 255;
+PoolGeometry check_avg_pool2d_arguments(const at::Tensor& x, double scale, int64_t zero_point,
+                                        at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                                        bool ceil_mode, std::optional<int64_t> divisor_override);
 
 // fake_quantize backward: grad must have x's device, shape and dtype.
 void check_grad_like(const at::Tensor& grad, const at::Tensor& x);

@@ -96,6 +96,13 @@ TORCH_LIBRARY(torchquant, m) {
   // integers. csrc/cpu/pool.cpp (a channels-last x over H and W, vectorized over the channels); elsewhere torch's
   // sum (CompositeExplicitAutograd, there too).
   m.def("quantized_sum(Tensor x, int[] dim, bool keepdim=False) -> Tensor");
+  // torch.nn.functional.avg_pool2d of x's dequantized values, (x - zero_point) * scale, of an int8/uint8 x
+  // [B?, C, H, W] (same output size, memory format and argument rules), as float32: each window's exact sum of
+  // x - zero_point over its elements inside the input, times scale, over the divisor (float32 steps, the same on
+  // every device). csrc/cpu/pool.cpp (a channels-last x); elsewhere torch's float32 average pools with divisor 1
+  // (CompositeExplicitAutograd, there too).
+  m.def("quantized_avg_pool2d(Tensor x, float scale, int zero_point, int[2] kernel_size, int[2] stride, "
+        "int[2] padding, bool ceil_mode=False, bool count_include_pad=True, int? divisor_override=None) -> Tensor");
 
   // ---- the CPU code path the kernels run now: "avx512_vnni", "avx2" or "scalar" (csrc/cpu/isa.cpp) ----
   m.def("cpu_kernel_path() -> str");

@@ -4,9 +4,10 @@ that files written by earlier versions still load and compute what they computed
 Each file is written by the torchquant package of the revision named in CHECKPOINTS (taken with `git archive`, with
 the extension built in this tree copied in) from a model of tests/test_graph.py (MODELS or _FIXTURE_MODELS; seeded,
 BatchNorms randomized, calibrated on the model's test batches) or DigitsBNCNN; the outputs it computed on the first
-batch go to expected_outputs.safetensors beside the files. Run from the repository root after building:
+batch go to expected_outputs.safetensors beside the files. Run from the repository root after building, with the
+names of the files to write (all of them when none is given):
 
-    python scripts/write_old_checkpoints.py
+    python scripts/write_old_checkpoints.py [pipeline/before-integer_avg_pools ...]
 """
 import glob
 import os
@@ -36,6 +37,7 @@ CHECKPOINTS = {
     "pipeline/before-integer_indexing-probe": ("1f8c57f^", "indexing-probe"),
     "pipeline/before-integer_padding": ("84b9b08^", "padded"),
     "pipeline/before-integer_means": ("3932873", "basic-blocks"),
+    "pipeline/before-integer_avg_pools": ("ad4cf19", "avg-pools"),
     # planned with every rule, recording only the residual rule, or the residual and padding rules
     "pipeline/integer_padding-unrecorded": ("84b9b08", "padded"),
     "pipeline/residual-and-padding-recorded": ("099820d", "text-cnn"),
@@ -79,35 +81,42 @@ def write(out_stem: str, model_name: str) -> None:
     save_file(outputs, f"{out_stem}.outputs.safetensors")
 
 
-def main() -> None:
+def main(stems: list) -> None:
     from safetensors.torch import load_file, save_file
     built = glob.glob(os.path.join(ROOT, "torchquant", "_C*.so"))
     if not built:
         sys.exit("build the extension first (python setup.py build_ext --inplace)")
+    unknown = [stem for stem in stems if stem not in CHECKPOINTS]
+    if unknown:
+        sys.exit(f"no such checkpoint: {', '.join(unknown)} (they are: {', '.join(CHECKPOINTS)})")
+    chosen = {stem: CHECKPOINTS[stem] for stem in stems or CHECKPOINTS}
+    expected_path = os.path.join(OUT, "expected_outputs.safetensors")
+    # the outputs of the files not rewritten stay
+    expected = {k: v for k, v in load_file(expected_path).items() if k.rsplit(".", 1)[0] not in chosen} \
+        if stems else {}
     with tempfile.TemporaryDirectory() as work:
         trees = {}
-        for revision in sorted({r for r, _ in CHECKPOINTS.values()}):
+        for revision in sorted({r for r, _ in chosen.values()}):
             tree = trees[revision] = os.path.join(work, revision.replace("^", "-parent"))
             os.makedirs(tree)
             archive = subprocess.run(["git", "-C", ROOT, "archive", revision, "torchquant"], check=True,
                                      capture_output=True).stdout
             subprocess.run(["tar", "-x", "-C", tree], input=archive, check=True)
             shutil.copy(built[0], os.path.join(tree, "torchquant"))
-        expected = {}
-        for stem, (revision, model_name) in CHECKPOINTS.items():
+        for stem, (revision, model_name) in chosen.items():
             out_stem = os.path.join(OUT, stem)
             os.makedirs(os.path.dirname(out_stem), exist_ok=True)
             env = {**os.environ, "PYTHONPATH": os.pathsep.join([trees[revision], os.path.join(ROOT, "tests")])}
-            subprocess.run([sys.executable, __file__, out_stem, model_name], env=env, check=True, cwd=work)
+            subprocess.run([sys.executable, __file__, "--write", out_stem, model_name], env=env, check=True, cwd=work)
             for kind, t in load_file(f"{out_stem}.outputs.safetensors").items():
                 expected[f"{stem}.{kind}"] = t
             os.remove(f"{out_stem}.outputs.safetensors")
             print(f"{stem}: written by {revision}")
-        save_file(expected, os.path.join(OUT, "expected_outputs.safetensors"))
+        save_file(expected, expected_path)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3:
-        write(*sys.argv[1:])
+    if sys.argv[1:2] == ["--write"]:
+        write(*sys.argv[2:])
     else:
-        main()
+        main(sys.argv[1:])

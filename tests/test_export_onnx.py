@@ -9,6 +9,7 @@ import re
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import torchquant
 import torchquant.examples
@@ -880,6 +881,62 @@ def test_pipeline_global_average_pools(signed):
     x = test_graph._batches((4, 3, 8, 8), seed=7)[0]
     compared, proto = check_pipeline_export(converted, converted, x)
     assert compared > 0 and [n.op_type for n in proto.graph.node].count("ReduceSum") == 4
+    proto, _ = _onnx_model(converted, (x[:2],), None, True)
+    (output, *_), _ = run_onnx(proto, (x,))
+    assert torch.equal(torch.from_numpy(output), pipeline_run(converted, x)[0])
+
+
+@pytest.mark.parametrize("signed", [False, True], ids=["uint8", "int8"])
+def test_pipeline_average_pools(signed):
+    """integer_avg_pool (a DenseNet transition, an Inception branch, a ResNet-D shortcut in ceil mode whose last
+    windows overhang the input, a 1-d pool not counting its padding, divisor_override): a Conv with a window of ones
+    for the exact sums and counts, then torchquant's float32 steps; every layer's integer input and the output as
+    torchquant's, at the exported batch and another."""
+    torch.manual_seed(0)
+    model = test_graph._randomize_bn(test_graph.AvgPoolNet())
+    batches = test_graph._batches((4, 3, 11, 11))
+    converted = torchquant.convert(calibrated(torchquant.prepare(model, pipeline_config(signed)), batches))
+    assert [n.target for n in converted.graph.nodes].count(pipeline.integer_avg_pool) == 5
+    x = test_graph._batches((4, 3, 11, 11), seed=7)[0]
+    compared, proto = check_pipeline_export(converted, converted, x)
+    assert compared > 0 and "AveragePool" not in [n.op_type for n in proto.graph.node]
+    proto, _ = _onnx_model(converted, (x[:2],), None, True)
+    (output, *_), _ = run_onnx(proto, (x,))
+    assert torch.equal(torch.from_numpy(output), pipeline_run(converted, x)[0])
+
+
+class _PoolBetweenConvs(nn.Module):
+    """conv -> ReLU -> an average pool of integer_avg_pool's arguments -> conv (1-d or 2-d)."""
+
+    def __init__(self, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
+        super().__init__()
+        conv = nn.Conv1d if len(kernel_size) == 1 else nn.Conv2d
+        self.a, self.b = conv(3, 4, 3, padding=1), conv(4, 4, 1)
+        self.args = (kernel_size, stride, padding, ceil_mode, count_include_pad)
+        self.divisor_override = divisor_override
+
+    def forward(self, x):
+        y = F.relu(self.a(x))
+        if len(self.args[0]) == 1:
+            return self.b(F.avg_pool1d(y, *self.args))
+        return self.b(F.avg_pool2d(y, *self.args, divisor_override=self.divisor_override))
+
+
+@pytest.mark.parametrize("pool", list(test_graph.AVG_POOLS))
+def test_pipeline_average_pool_arguments(pool):
+    """Each kind of window of integer_avg_pool's tests on odd sizes (ceil-mode windows that overhang the padded
+    input, and one that torch drops as it would start past the input): the output as torchquant's, at the exported
+    batch and another."""
+    args = test_graph.AVG_POOLS[pool]
+    torch.manual_seed(0)
+    shape = (3, 3, 7, 9) if len(args[0]) == 2 else (3, 3, 11)
+    batches = test_graph._batches(shape)
+    model = _PoolBetweenConvs(*args).eval()
+    converted = torchquant.convert(calibrated(torchquant.prepare(model, pipeline_config()), batches))
+    assert [n.target for n in converted.graph.nodes].count(pipeline.integer_avg_pool) == 1
+    x = test_graph._batches(shape, seed=7)[0]
+    compared, proto = check_pipeline_export(converted, converted, x)
+    assert compared > 0
     proto, _ = _onnx_model(converted, (x[:2],), None, True)
     (output, *_), _ = run_onnx(proto, (x,))
     assert torch.equal(torch.from_numpy(output), pipeline_run(converted, x)[0])

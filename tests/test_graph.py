@@ -396,6 +396,31 @@ class PaddedNet(nn.Module):
         return self.head(torch.cat([z.amax((2, 3)), s.amax((2, 3))], 1))
 
 
+class AvgPoolNet(nn.Module):
+    """Average pools of a fixed window between integer layers: a DenseNet transition (nn.AvgPool2d(2) on an odd
+    size), an Inception branch (F.avg_pool2d(y, 3, 1, 1), padding counted) added back, a ResNet-D shortcut
+    (ceil_mode, padding not counted: its last windows overhang the input), a 1-d pool of the flattened map and a
+    head pool with divisor_override in ceil mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.transition = nn.Sequential(nn.Conv2d(8, 8, 1), nn.AvgPool2d(2))
+        self.branch = nn.Conv2d(8, 8, 1)
+        self.down = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.shortcut = nn.Sequential(nn.AvgPool2d(2, ceil_mode=True, count_include_pad=False), nn.Conv2d(8, 8, 1))
+        self.conv1d = nn.Conv1d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8 * 5 + 8 * 4, 3)
+
+    def forward(self, x):  # [B, 3, 11, 11]
+        y = self.transition(self.stem(x))  # 5 x 5
+        y = y + self.branch(F.avg_pool2d(y, 3, 1, 1))
+        y = F.relu(self.down(y) + self.shortcut(y))  # 3 x 3
+        z = self.conv1d(F.avg_pool1d(y.flatten(2), 3, 2, 1, count_include_pad=False))  # 5
+        w = F.avg_pool2d(y, 2, 2, 1, ceil_mode=True, divisor_override=3)  # 2 x 2 (a third window would start past)
+        return self.head(torch.cat([z.flatten(1), w.flatten(1)], 1))
+
+
 class UNetNet(nn.Module):
     """A small U-Net: down by max-pools, up by nearest-neighbour upsampling (F.interpolate to a skip tensor's size
     read from its shape, an nn.Upsample module, F.interpolate in "nearest-exact" mode with a scale factor), each
@@ -528,6 +553,7 @@ MODELS = {
     "unet": (UNetNet, (2, 3, 10, 10)),
     "shuffle-block": (ShuffleBlockNet, (2, 3, 8, 8)),
     "padded": (PaddedNet, (2, 3, 8, 8)),
+    "avg-pools": (AvgPoolNet, (2, 3, 11, 11)),
 }
 
 
@@ -581,7 +607,7 @@ def test_converted_pipeline_is_close_to_float_and_fake_quant(name):
 
 @pytest.mark.parametrize("name", ["basic-blocks", "bottleneck", "wide-bottleneck", "conv1d-residual",
                                   "keyword-spotting", "cat", "spectrogram-views", "text-cnn", "unet", "shuffle-block",
-                                  "padded", "hardswish-block", "smooth-activations"])
+                                  "padded", "hardswish-block", "smooth-activations", "avg-pools"])
 def test_pipeline_integers_are_identical_on_every_cpu_path_and_cuda(name, device, isa, monkeypatch):
     _, prepared, batches = _prepared(name, INTEGER_OUT)
     converted = tq.convert(prepared)
@@ -1045,16 +1071,16 @@ def test_clamps_fuse_into_layers_and_are_lookups_after_adds():
 
 
 def test_activation_whose_output_stays_float_runs_in_float():
-    """A SiLU that only a (non-global) average pool reads, a float op, is no lookup: the layer before it writes
-    float."""
+    """A SiLU that only an adaptive average pool to size 2 reads, a float op, is no lookup: the layer before it
+    writes float."""
     class Head(nn.Module):
         def __init__(self):
             super().__init__()
             self.conv = nn.Conv2d(3, 8, 3)
-            self.fc = nn.Linear(8, 2)
+            self.fc = nn.Linear(32, 2)
 
         def forward(self, x):
-            return self.fc(F.avg_pool2d(F.silu(self.conv(x)), 4).flatten(1))
+            return self.fc(F.adaptive_avg_pool2d(F.silu(self.conv(x)), 2).flatten(1))
 
     model = Head().eval()
     with pytest.warns(UserWarning, match=r"kept float between integer layers .*: silu \(silu\)$"):
@@ -1994,6 +2020,7 @@ OLD_CHECKPOINTS = {"before-integer_dropout": ("dropout", "integer_dropout"),
                    "before-integer_indexing-probe": ("indexing-probe", "integer_indexing"),
                    "before-integer_padding": ("padded", "integer_padding"),
                    "before-integer_means": ("basic-blocks", "integer_means"),
+                   "before-integer_avg_pools": ("avg-pools", "integer_avg_pools"),
                    "integer_padding-unrecorded": ("padded", None),
                    "residual-and-padding-recorded": ("text-cnn", None)}
 _FIXTURE_MODELS = {"dropout": (DropoutNet, (2, 3, 8, 8)), "transposed-features": (TransposedFeaturesNet, (2, 4, 6)),
@@ -2299,14 +2326,19 @@ class GlobalPoolNet(nn.Module):
         return self.fc(torch.cat([a, b, c, d], 1))
 
 
+def _integer_out_pipeline_with_no_float_op(model, batches):
+    """model prepared as a pipeline with integer output (a warning of an op kept float fails), calibrated on
+    batches, and a converted copy."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prepared = tq.calibrate(tq.prepare(model, INTEGER_OUT), batches, progress=False)
+    return prepared, tq.convert(copy.deepcopy(prepared))
+
+
 def test_global_average_pools_read_integers_and_requantize():
     torch.manual_seed(0)
-    model = GlobalPoolNet().eval()
     batches = _batches((4, 3, 8, 8))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # nothing kept float
-        prepared = tq.calibrate(tq.prepare(copy.deepcopy(model), INTEGER_OUT), batches, progress=False)
-    converted = tq.convert(copy.deepcopy(prepared))
+    prepared, converted = _integer_out_pipeline_with_no_float_op(GlobalPoolNet().eval(), batches)
     targets = _graph_targets(converted)
     assert targets.count(graph.integer_mean) == 4 and targets.count(graph.quantize_input) == 1
     assert targets.count(tq.functional.quantized_lookup) == 1 and targets.count(graph.dequantize_output) == 0
@@ -2317,15 +2349,108 @@ def test_global_average_pools_read_integers_and_requantize():
     means = [n for n in converted.graph.nodes if n.target is graph.integer_mean]
     assert [m.args[1:3] for m in means] == [((-2, -1), True), ((-1,), True), ((-1,), False), ((2, 3), True)]
     assert len({m.args[4].target for m in means[:3]} | {means[3].args[4].target}) == 2
+    # the count follows the input's size under torch.compile with dynamic shapes too
+    _assert_fake_quant_integers_and_dynamic_compile(converted, prepared, batches,
+                                                    [_batches((2, 3, 11, 9))[0], _batches((1, 3, 6, 7))[0]])
+
+
+def _assert_fake_quant_integers_and_dynamic_compile(converted, prepared, batches, other_inputs):
+    """A converted pipeline with integer output gives the fake-quant integers on batches, and compiled with
+    dynamic shapes the converted model's on batches[0] and other_inputs."""
     (qparams,) = graph.output_qparams(converted)
     with torch.no_grad():
         for b in batches:
             _assert_integers_match(converted(b), prepared(b), *qparams)
-        # the count follows the input's size under torch.compile with dynamic shapes too
         torch._dynamo.reset()
         compiled = torch.compile(converted, dynamic=True, fullgraph=True)
-        for x in (batches[0], _batches((2, 3, 11, 9))[0], _batches((1, 3, 6, 7))[0]):
+        for x in (batches[0], *other_inputs):
             assert torch.equal(compiled(x), converted(x))
+
+
+# integer_avg_pool's arguments: (kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
+AVG_POOLS = {
+    "densenet-transition": ((2, 2), (2, 2), (0, 0), False, True, None),
+    "inception-branch": ((3, 3), (1, 1), (1, 1), False, True, None),
+    "padding-not-counted": ((3, 3), (1, 1), (1, 1), False, False, None),
+    "resnet-d-shortcut": ((2, 2), (2, 2), (0, 0), True, False, None),
+    "ceil-padding-counted": ((3, 3), (2, 2), (1, 1), True, True, None),
+    "rectangular-ceil": ((3, 2), (2, 1), (1, 0), True, False, None),
+    "divisor-override": ((2, 2), (1, 1), (1, 1), False, True, 3),
+    "divisor-override-ceil": ((3, 3), (2, 2), (1, 1), True, False, 5),
+    "1d-ceil": ((3,), (2,), (1,), True, True, None),
+    "1d-padding-not-counted": ((4,), (3,), (2,), False, False, None),
+}
+
+
+def _avg_pool_float64(q, zero_point, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
+    """torch's average pool of the dequantized values (less the scale), in float64; a 1-d pool as a 2-d one."""
+    x = q.double() - zero_point
+    if len(kernel_size) == 1:
+        return F.avg_pool2d(x.unsqueeze(-2), (1, *kernel_size), (1, *stride), (0, *padding), ceil_mode,
+                            count_include_pad, divisor_override).squeeze(-2)
+    return F.avg_pool2d(x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
+
+
+@pytest.mark.parametrize("signed", [False, True], ids=["uint8", "int8"])
+@pytest.mark.parametrize("pool", list(AVG_POOLS))
+def test_integer_avg_pool_against_float64(pool, signed):
+    # the pool of the dequantized values, requantized: equal to the float64 reference but where that lies within
+    # float32 rounding of a tie, and never more than one step off; odd sizes (windows overhanging in ceil mode),
+    # channels-last and contiguous, batched and unbatched, an empty batch
+    args = AVG_POOLS[pool]
+    lo, hi = (-128, 128) if signed else (0, 256)
+    shapes = [(2, 5, 6, 7), (1, 3, 4, 4), (3, 1, 9, 5), (5, 6, 7), (0, 2, 5, 5)] if len(args[0]) == 2 \
+        else [(2, 3, 10), (4, 9), (1, 2, 4)]
+    for i, shape in enumerate(shapes):
+        g = torch.Generator().manual_seed(i)
+        q = torch.randint(lo, hi, shape, generator=g, dtype=torch.int32).to(torch.int8 if signed else torch.uint8)
+        if len(shape) == 4 and i == 0:
+            q = q.contiguous(memory_format=torch.channels_last)  # as a conv writes it
+        for (s_in, z_in), (s_out, z_out) in [((0.05, 3), (0.02, 9)), ((0.013, lo), (0.1, 0)),
+                                             ((0.7, hi - 6), (0.004, 17))]:
+            inp, out = _activation_quantizer(s_in, z_in, signed), _activation_quantizer(s_out, z_out, signed)
+            got = graph.integer_avg_pool(q, *args, inp, out)
+            v = _avg_pool_float64(q, inp.qparams[2], *args) * inp.qparams[1] / out.qparams[1]
+            assert got.dtype == q.dtype and got.shape == v.shape
+            want = (torch.round(v) + z_out).clamp(lo, hi - 1)
+            diff = (got.double() - want).abs()
+            assert diff.numel() == 0 or diff.max() <= 1
+            assert (diff[(v - v.floor() - 0.5).abs() > 1e-5] == 0).all()
+
+
+def test_integer_avg_pool_rounds_ties_to_even_and_pads_with_zero():
+    # scale 1 in and out: window sums over 2 are ties, which quantize rounds to the even integer (exactly); the
+    # padding is the real 0 (the zero point), counted or not
+    q = torch.tensor([[[1, 2, 4, 7, 8, 11]]], dtype=torch.uint8)  # 1-d, values less the zero point 3: -2 -1 1 4 5 8
+    three = _activation_quantizer(1.0, 3)
+    # means -1.5 2.5 6.5 -> -2 2 6, + 3
+    assert graph.integer_avg_pool(q, (2,), (2,), (0,), False, True, None, three, three).flatten().tolist() == [1, 5, 9]
+    # windows [pad, -2], [-1, 1], [4, 5], [8, pad]: padding counted -1 0 4.5 4 -> -1 0 4 4; not counted -2 0 4 8
+    counted = graph.integer_avg_pool(q, (2,), (2,), (1,), False, True, None, three, three)
+    assert counted.flatten().tolist() == [2, 3, 7, 7]
+    assert graph.integer_avg_pool(q, (2,), (2,), (1,), False, False, None, three, three).flatten().tolist() == \
+        [1, 3, 7, 11]
+
+
+def test_average_pools_read_integers_and_requantize():
+    torch.manual_seed(0)
+    batches = _batches((4, 3, 11, 11))
+    prepared, converted = _integer_out_pipeline_with_no_float_op(_randomize_bn(AvgPoolNet()), batches)
+    targets = _graph_targets(converted)
+    assert targets.count(graph.integer_avg_pool) == 5 and targets.count(graph.quantize_input) == 1
+    assert targets.count(graph.dequantize_output) == 0
+    assert not any(isinstance(m, nn.AvgPool2d) for m in converted.modules())
+    pools = [n.args[1:7] for n in converted.graph.nodes if n.target is graph.integer_avg_pool]
+    assert pools == [((2, 2), (2, 2), (0, 0), False, True, None), ((3, 3), (1, 1), (1, 1), False, True, None),
+                     ((2, 2), (2, 2), (0, 0), True, False, None), ((3,), (2,), (1,), False, False, None),
+                     ((2, 2), (2, 2), (1, 1), True, True, 3)]
+    layers, notes = graph.pipeline_notes(converted)
+    assert layers["transition.0"] == layers["conv1d"] == "integer input, uint8 output"
+    assert "5 integer average pool(s)" in notes[0]
+    # the windows and divisors follow the input's size under torch.compile with dynamic shapes too (odd sizes: the
+    # ceil-mode pool's last window overhangs)
+    more = [_batches(shape)[0] for shape in ((2, 3, 11, 11), (1, 3, 12, 12), (1, 3, 10, 10))]
+    _assert_fake_quant_integers_and_dynamic_compile(converted, prepared, batches, more)
 
 
 def test_an_average_pool_that_is_not_global_stays_float():

@@ -1,5 +1,5 @@
 """The kernels of an integer pipeline: the fused activation clamp of int8_linear / int8_conv2d, quantized_add,
-quantized_lookup, quantized_max_pool1d, quantized_max_pool2d and quantized_sum.
+quantized_lookup, quantized_max_pool1d, quantized_max_pool2d, quantized_sum and quantized_avg_pool1d / 2d.
 
 Integers and float outputs are compared bit for bit with torchquant.reference (the same float32 operations in the
 same order) and, within the requantization error, with a float64 reference of the unfused ops; every CPU
@@ -426,6 +426,14 @@ def test_quantized_add_different_devices():
         ops.quantized_add(a, torch.ones(1), 0, a.cuda(), torch.ones(1), 0, torch.float32)
 
 
+def laid_out(shape, dtype, layout):
+    """Random integers of shape: contiguous, every other image of a batch twice as large ("strided"), or
+    channels-last."""
+    x = randint8((shape[0] * 2, *shape[1:]), seed=sum(shape), dtype=dtype)
+    x = x[::2] if layout == "strided" else x[: shape[0]]
+    return x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # quantized_max_pool2d
 # ---------------------------------------------------------------------------------------------------------------
@@ -453,10 +461,7 @@ def test_quantized_max_pool2d(device, isa, pool, dtype, layout):
     shape, kernel, stride, padding, dilation, ceil_mode = pool
     if layout != "contiguous" and len(shape) == 3:
         pytest.skip("layouts of 4-d inputs")
-    x = randint8((shape[0] * 2, *shape[1:]), seed=sum(shape), dtype=dtype)
-    x = x[::2] if layout == "strided" else x[: shape[0]]
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = laid_out(shape, dtype, layout)
     got = F.quantized_max_pool2d(x.to(device), kernel, stride, padding, dilation, ceil_mode)
     # torch's channels-last CPU kernel fails on integers once H * W > 127: the reference pools a contiguous copy
     want = torch.nn.functional.max_pool2d(x.contiguous(), kernel, stride, padding, dilation, ceil_mode)
@@ -672,10 +677,7 @@ def test_quantized_sum(device, isa, case, dtype, layout, keepdim):
     shape, dim = case
     if layout != "contiguous" and len(shape) != 4:
         pytest.skip("layouts of 4-d inputs")
-    x = randint8((shape[0] * 2, *shape[1:]), seed=sum(shape), dtype=dtype)
-    x = x[::2] if layout == "strided" else x[: shape[0]]
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = laid_out(shape, dtype, layout)
     assert_same(F.quantized_sum(x.to(device), dim, keepdim), x.sum(dim, keepdim=keepdim, dtype=torch.int32))
 
 
@@ -701,6 +703,124 @@ def test_quantized_sum_bad_inputs(device):
         ops.quantized_sum(x.float(), [2, 3])
     with pytest.raises(IndexError, match="Dimension out of range"):
         F.quantized_sum(x.contiguous(memory_format=torch.channels_last), (2, 4))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# quantized_avg_pool2d / 1d
+# ---------------------------------------------------------------------------------------------------------------
+
+AVG_POOLS = [  # shape, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override
+    ((2, 64, 8, 8), 2, None, 0, False, True, None),       # a DenseNet transition: one whole 64-channel block
+    ((2, 37, 9, 7), 3, 1, 1, False, True, None),          # an Inception branch: a masked block, padding counted
+    ((1, 130, 6, 5), 3, 1, 1, False, False, None),        # two blocks and a tail, padding not counted
+    ((2, 16, 9, 9), 2, 2, 0, True, False, None),          # a ResNet-D shortcut: ceil-mode windows overhang
+    ((1, 8, 4, 6), 3, 2, 1, True, True, None),            # ceil mode past the padded input, padding counted
+    ((1, 8, 5, 5), 2, 2, 1, True, True, None),            # ceil mode: a last window that would start past: dropped
+    ((2, 5, 7, 6), (3, 2), (2, 1), (1, 0), True, False, None),  # non-square
+    ((1, 20, 6, 6), 2, 1, 1, False, True, 3),             # divisor_override
+    ((2, 3, 7, 7), 3, 2, 1, True, False, -5),             # a negative divisor
+    ((4, 7, 7), 3, 1, 1, False, True, None),              # unbatched
+    ((0, 3, 5, 5), 2, 2, 0, False, True, None),           # empty batch
+    ((1, 2, 1, 1), 1, 1, 0, False, True, None),           # one element
+]
+
+
+@pytest.mark.parametrize("pool", AVG_POOLS, ids=[f"pool{i}" for i in range(len(AVG_POOLS))])
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_quantized_avg_pool2d(device, isa, pool, dtype, layout):
+    # bit for bit the reference's float32 steps on exact sums (the channels-last CPU kernel on integers, the other
+    # layouts and devices torch's float32 pools), on every instruction-set path; within one float32 rounding of the
+    # float64 pool of the dequantized values
+    shape, kernel, stride, padding, ceil_mode, count_include_pad, divisor = pool
+    if layout != "contiguous" and len(shape) == 3:
+        pytest.skip("layouts of 4-d inputs")
+    x = laid_out(shape, dtype, layout)
+    zero_point = -3 if dtype == torch.int8 else 131
+    args = (kernel, stride, padding, ceil_mode, count_include_pad, divisor)
+    got = F.quantized_avg_pool2d(x.to(device), 0.037, zero_point, *args)
+    pair = torch.nn.modules.utils._pair
+    want = reference.quantized_avg_pool2d(x, 0.037, zero_point, pair(kernel), pair(stride or kernel), pair(padding),
+                                          ceil_mode, count_include_pad, divisor)
+    assert got.dtype == torch.float32
+    assert_same(got.cpu(), want)
+    if got.numel():
+        assert got.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else
+                                 torch.contiguous_format)
+    float64 = torch.nn.functional.avg_pool2d((x.double() - zero_point) * 0.037, *args)
+    torch.testing.assert_close(got.cpu().double(), float64, rtol=2 ** -22, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8], ids=str)
+def test_quantized_avg_pool2d_at_the_ends_of_the_range(device, isa, dtype):
+    # every byte at the type's lowest or highest value, the zero point at the other end: int8 bytes widen with their
+    # sign, and the sums of the largest windows allowed stay exact
+    lo, hi = torch.iinfo(dtype).min, torch.iinfo(dtype).max
+    for value, zero_point in ((lo, hi), (hi, lo)):
+        x = torch.full((1, 70, 300, 256), value, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        got = F.quantized_avg_pool2d(x.to(device), 1.0, zero_point, (257, 256))
+        assert_same(got.cpu(), torch.full((1, 70, 1, 1), float(value - zero_point)))
+        sums = F.quantized_avg_pool2d(x.to(device), 1.0, zero_point, (257, 256), divisor_override=1)
+        assert_same(sums.cpu(), torch.full((1, 70, 1, 1), float((value - zero_point) * 257 * 256)))
+
+
+POOLS_AVG_1D = [  # shape, kernel, stride, padding, ceil_mode, count_include_pad
+    ((2, 3, 20), 3, 2, 1, False, True),
+    ((3, 16, 10), 3, 2, 1, True, False),
+    ((1, 40, 33), (4,), (3,), (2,), False, False),
+    ((5, 9), 2, None, 0, False, True),    # unbatched
+    ((0, 3, 5), 2, 2, 0, True, True),     # empty batch
+]
+
+
+@pytest.mark.parametrize("pool", POOLS_AVG_1D, ids=[f"pool{i}" for i in range(len(POOLS_AVG_1D))])
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8], ids=str)
+def test_quantized_avg_pool1d(device, isa, pool, dtype):
+    shape, kernel, stride, padding, ceil_mode, count_include_pad = pool
+    x = randint8(shape, seed=sum(shape), dtype=dtype)
+    got = F.quantized_avg_pool1d(x.to(device), 0.5, 7, kernel, stride, padding, ceil_mode, count_include_pad)
+    single = torch.nn.modules.utils._single
+    want = reference.quantized_avg_pool2d(x.unsqueeze(-2), 0.5, 7, (1, *single(kernel)),
+                                          (1, *single(stride or kernel)), (0, *single(padding)), ceil_mode,
+                                          count_include_pad).squeeze(-2)
+    assert_same(got.cpu(), want)
+
+
+def test_quantized_avg_pool_compiles_and_bad_inputs(device):
+    x = randint8((2, 3, 12, 12), device=device)
+    compiled = torch.compile(F.quantized_avg_pool2d, fullgraph=True, dynamic=False)
+    assert_same(compiled(x, 0.1, 2, 3, 2, 1, True, False), F.quantized_avg_pool2d(x, 0.1, 2, 3, 2, 1, True, False))
+    with pytest.raises(TypeError, match="x must be int8 or uint8, got float32"):
+        F.quantized_avg_pool2d(x.float(), 0.1, 0, 2)
+    with pytest.raises(TypeError, match="kernel_size must be an int or a pair"):
+        F.quantized_avg_pool2d(x, 0.1, 0, (2, 2, 2))
+    with pytest.raises(RuntimeError, match="quantized_avg_pool2d: padding must be >= 0 and at most half the kernel"):
+        F.quantized_avg_pool2d(x, 0.1, 0, 3, 1, 2)
+    with pytest.raises(RuntimeError, match="quantized_avg_pool2d: scale must be positive and finite \\(as a "
+                                           "float32\\), got -0.1"):
+        F.quantized_avg_pool2d(x, -0.1, 0, 2)
+    with pytest.raises(RuntimeError, match="quantized_avg_pool2d: scale must be positive and finite"):
+        F.quantized_avg_pool2d(x, 1e-50, 0, 2)  # 0 as a float32
+    with pytest.raises(RuntimeError, match="quantized_avg_pool2d: zero_point must lie in \\[-128, 127\\] for Char x, "
+                                           "got 200"):
+        F.quantized_avg_pool2d(x, 0.1, 200, 2)
+    with pytest.raises(RuntimeError, match="quantized_avg_pool2d: divisor_override must not be 0"):
+        F.quantized_avg_pool2d(x, 0.1, 0, 2, divisor_override=0)
+    with pytest.raises(RuntimeError, match="quantized_avg_pool2d: the window may have at most 65793 elements"):
+        F.quantized_avg_pool2d(randint8((1, 1, 300, 300), device=device), 0.1, 0, 257)
+    with pytest.raises(RuntimeError, match="quantized_avg_pool2d: the output would be empty"):
+        F.quantized_avg_pool2d(x, 0.1, 0, 13)
+    with pytest.raises(TypeError, match="quantized_avg_pool2d: scale must be a number, got 'a'"):
+        F.quantized_avg_pool2d(x, "a", 0, 2)
+    with pytest.raises(TypeError, match="quantized_avg_pool2d: scale must be a number, got None"):
+        F.quantized_avg_pool2d(x, None, 0, 2)
+    with pytest.raises(ValueError, match="quantized_avg_pool1d: x must be 2-d \\[C, L\\] or 3-d \\[B, C, L\\], "
+                                         "got 4-d"):
+        F.quantized_avg_pool1d(x, 0.1, 0, 2)
+    # the rules and messages of torch's avg_pool1d, not the 2-d sizes the kernel is called with
+    with pytest.raises(RuntimeError, match="pad should be at most half of effective kernel size, but got pad=2, "
+                                           "kernel_size=3"):
+        F.quantized_avg_pool1d(x[0], 0.1, 0, 3, 1, 2)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -737,6 +857,11 @@ def test_opcheck_int_pipeline_ops(device):
     torch.library.opcheck(ops.quantized_sum, (a.contiguous(memory_format=torch.channels_last), [2, 3], True))
     torch.library.opcheck(ops.quantized_sum, (b.contiguous(memory_format=torch.channels_last), [-1, -2], False))
     torch.library.opcheck(ops.quantized_sum, (a, [1], False))
+    torch.library.opcheck(ops.quantized_avg_pool2d, (a.contiguous(memory_format=torch.channels_last), 0.1, a_zp,
+                                                     [3, 3], [2, 2], [1, 1], True, False, None))
+    torch.library.opcheck(ops.quantized_avg_pool2d, (b, 0.25, b_zp, [2, 3], [1, 2], [1, 1], False, True, 5))
+    torch.library.opcheck(ops.quantized_avg_pool2d, (b[:, :, ::2].contiguous(memory_format=torch.channels_last), 2.0,
+                                                     b_zp, [2, 2], [2, 2], [0, 0]))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -255,11 +255,15 @@ def _translations():
     def pipeline_mean(x, dims: Sequence[int], keepdim: bool, dtype, index: int):
         return domain.PipelineStep(x, index=index)
 
+    def pipeline_avg_pool(x, kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+                          ceil_mode: bool, count_include_pad: bool, divisor_override: int, dtype, index: int):
+        return domain.PipelineStep(x, index=index)
+
     ops = torch.ops.torchquant_export
     return {ops.linear.default: linear, ops.conv2d.default: conv2d,
             ops.pipeline_elementwise.default: elementwise, ops.pipeline_linear.default: pipeline_linear,
             ops.pipeline_conv2d.default: pipeline_conv2d, ops.pipeline_max_pool.default: pipeline_max_pool,
-            ops.pipeline_mean.default: pipeline_mean}
+            ops.pipeline_mean.default: pipeline_mean, ops.pipeline_avg_pool.default: pipeline_avg_pool}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -565,7 +569,10 @@ def input_q_name(layer_name: str) -> str:
 # between layers is Max(q, zero point), flatten / reshape / concatenation act on the integer tensors, padding is Pad
 # of the integers (constant padding with the zero point), a mean or global average pool (integer_mean) is ReduceSum
 # of the integers less their zero point in int32, then Cast, Mul(scale), Div(count) and the requantization, as
-# torchquant computes it, and an activation lookup (quantized_lookup) is a Gather from its 256-entry table: Cast of
+# torchquant computes it, an average pool of a fixed window (integer_avg_pool) is a Conv with a window of ones of each
+# channel's integers and of a tensor of ones (the exact sums, and how many of each window's elements are inside the
+# input), Sub(that count times the zero point), Mul(scale), Div(the divisor), cut to the pool's size in ceil mode,
+# then the requantization, and an activation lookup (quantized_lookup) is a Gather from its 256-entry table: Cast of
 # the integers to an int32 index, for int8 ones plus 128 into the table rotated by 128 entries (the same entry for
 # each value as torchquant's byte index, with no negative index). A QDQ Conv (DequantizeLinear -> Conv ->
 # QuantizeLinear) would not give torchquant's integers: run unfused it sums dequantized floats, and onnxruntime's
@@ -576,7 +583,7 @@ _PIPELINE_KINDS = {pipeline.quantize_input: "quantize", pipeline.dequantize_outp
                    F_q.quantized_max_pool2d: "max_pool",
                    pipeline.integer_add: "add", pipeline.integer_layer: "layer",
                    pipeline.integer_conv_add: "conv_add", F_q.quantized_lookup: "lookup",
-                   pipeline.integer_mean: "mean"}
+                   pipeline.integer_mean: "mean", pipeline.integer_avg_pool: "avg_pool"}
 
 
 @dataclass
@@ -589,7 +596,7 @@ class _Step:
     inputs: Tuple[_Activation, ...]
     out: Optional[_Activation]
     layer: Optional[_Layer] = None
-    pool: Optional[dict] = None  # a max-pool's arguments, a mean's dims and keepdim
+    pool: Optional[dict] = None  # a max-pool's or average pool's arguments, a mean's dims and keepdim
     relu: bool = False
     table: Optional[torch.Tensor] = None  # a lookup's
     input_dtype: Optional[torch.dtype] = None  # a lookup's integer input
@@ -671,6 +678,29 @@ def _mean_shape(x: torch.Tensor, dims: Sequence[int], keepdim: bool) -> list:
     return [1 if i in reduced else size for i, size in enumerate(x.shape) if keepdim or i not in reduced]
 
 
+def _avg_pool(x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
+    """torch's avg_pool1d or avg_pool2d of float x, as kernel_size has 1 or 2 entries (divisor_override 0: none)."""
+    if len(kernel_size) == 1:
+        return torch.nn.functional.avg_pool1d(x, kernel_size, stride, padding, ceil_mode, count_include_pad)
+    return torch.nn.functional.avg_pool2d(x, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                                          divisor_override or None)
+
+
+@torch.library.custom_op("torchquant_export::pipeline_avg_pool", mutates_args=())
+def _pipeline_avg_pool_placeholder(x: torch.Tensor, kernel_size: Sequence[int], stride: Sequence[int],
+                                   padding: Sequence[int], ceil_mode: bool, count_include_pad: bool,
+                                   divisor_override: int, dtype: torch.dtype, index: int) -> torch.Tensor:
+    """A pipeline's average pool during export only."""
+    return _avg_pool(x.float(), kernel_size, stride, padding, ceil_mode, count_include_pad,
+                     divisor_override).to(dtype)
+
+
+@_pipeline_avg_pool_placeholder.register_fake
+def _(x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override, dtype, index):
+    return _avg_pool(x.new_empty(x.shape, dtype=torch.float32), kernel_size, stride, padding, ceil_mode,
+                     count_include_pad, divisor_override).to(dtype)
+
+
 def _pipeline_linear(x, in_features, *args):
     """The pipeline Linear's placeholder call, on an input of the layer's width (the placeholder takes any: a free
     first dimension of an unbatched input would be exported as a batch)."""
@@ -693,6 +723,13 @@ def _pipeline_max_pool(x, kernel_size, *args):
     if x.dim() == len(kernel_size) + 1:
         return _pipeline_max_pool(x.unsqueeze(0), kernel_size, *args).squeeze(0)
     return torch.ops.torchquant_export.pipeline_max_pool(x, kernel_size, *args)
+
+
+def _pipeline_avg_pool(x, kernel_size, *args):
+    """The pipeline average pool's placeholder call; an unbatched x as a batch of one."""
+    if x.dim() == len(kernel_size) + 1:
+        return _pipeline_avg_pool(x.unsqueeze(0), kernel_size, *args).squeeze(0)
+    return torch.ops.torchquant_export.pipeline_avg_pool(x, kernel_size, *args)
 
 
 def _sizes(value, n: int) -> list:
@@ -772,6 +809,14 @@ def _pipeline_steps(gm) -> list:
             step = _Step(kind, node.name, dtype_of(out), (quantizer(q, what),), out,
                          pool={"dims": list(dims), "keepdim": bool(keepdim)})
             call = (torch.ops.torchquant_export.pipeline_mean, (x, list(dims), bool(keepdim), step.dtype, index))
+        elif kind == "avg_pool":
+            x, kernel, stride, padding, ceil_mode, count_include_pad, divisor, q, out = node.args
+            out = quantizer(out, what)
+            pool = {"kernel_size": list(kernel), "stride": list(stride), "padding": list(padding),
+                    "ceil_mode": bool(ceil_mode), "count_include_pad": bool(count_include_pad),
+                    "divisor_override": int(divisor or 0)}
+            step = _Step(kind, node.name, dtype_of(out), (quantizer(q, what),), out, pool=pool)
+            call = (_pipeline_avg_pool, (x, *pool.values(), step.dtype, index))
         elif kind == "lookup":
             x, table = node.args
             table = gm.get_buffer(table.target)
@@ -864,6 +909,55 @@ def _integer_layer_nodes(b: _GraphBuilder, layer: _Layer, x_q: str, out: Optiona
     _requantized(b, v, out, y)
 
 
+def _avg_pool_nodes(b: _GraphBuilder, step: _Step, x: str, y: str) -> None:
+    """integer_avg_pool's steps on a batch x: the windows' exact sums as a Conv of each channel (as a batch of
+    one-channel images) with a window of ones, in ceil mode padded at the end by stride - 1 (every window torch's
+    pool has, and perhaps one more, cut off at the end), then its float32 steps in torchquant's order."""
+    import numpy as np
+    pool, act = step.pool, step.inputs[0]
+    n, kernel, stride, padding = len(pool["kernel_size"]), pool["kernel_size"], pool["stride"], pool["padding"]
+    float32, int64 = b.onnx.TensorProto.FLOAT, np.int64
+    extra = [s - 1 if pool["ceil_mode"] else 0 for s in stride]
+    window = b.const("window", np.ones((1, 1, *kernel), np.float32))
+
+    def window_sums(t: str, begin: list) -> str:
+        return b.op("Conv", t, window, kernel_shape=kernel, strides=stride,
+                    pads=[*begin, *(p + e for p, e in zip(begin, extra))])
+
+    def ones(spatial: str) -> str:  # float32 ones of shape [1, 1, *spatial]
+        return b.op("ConstantOfShape", b.op("Concat", b.const("one_one", np.array([1, 1], int64)), spatial, axis=0),
+                    value=b.onnx.helper.make_tensor("one", float32, [1], [1.0]))
+
+    shape = b.op("Shape", x)
+    batch_channels = b.op("Slice", shape, b.const("start", np.array([0], int64)), b.const("end", np.array([2], int64)))
+    spatial = b.op("Slice", shape, b.const("start", np.array([2], int64)), b.const("end", np.array([2 + n], int64)))
+    images = b.op("Reshape", b.op("Cast", x, to=float32),
+                  b.op("Concat", b.const("minus_one_one", np.array([-1, 1], int64)), spatial, axis=0))
+    inside = window_sums(ones(spatial), padding)
+    total = b.op("Sub", window_sums(images, padding),
+                 b.op("Mul", inside, b.const("zero_point", _f32(act.zero_point))))
+    if pool["divisor_override"]:
+        divisor = b.const("divisor", _f32(pool["divisor_override"]))
+    elif not pool["count_include_pad"]:
+        divisor = inside
+    elif pool["ceil_mode"]:  # the elements of the padded input each window covers
+        padded = b.op("Add", spatial, b.const("padding", np.array([2 * p for p in padding], int64)))
+        divisor = window_sums(ones(padded), [0] * n)
+    else:
+        divisor = b.const("divisor", _f32(np.prod(kernel)))
+    v = b.op("Div", b.op("Mul", total, b.const("scale", _f32(act.scale))), divisor)
+    sizes = b.op("Slice", b.op("Shape", v), b.const("start", np.array([2], int64)),
+                 b.const("end", np.array([2 + n], int64)))
+    v = b.op("Reshape", v, b.op("Concat", batch_channels, sizes, axis=0))
+    if pool["ceil_mode"]:  # torch drops a last window that would start past the input and its left padding
+        steps = b.op("Mul", b.op("Sub", sizes, b.const("one", np.array([1], int64))),
+                     b.const("stride", np.array(stride, int64)))
+        past = b.op("GreaterOrEqual", steps, b.op("Add", spatial, b.const("padding", np.array(padding, int64))))
+        ends = b.op("Sub", sizes, b.op("Cast", past, to=b.onnx.TensorProto.INT64))
+        v = b.op("Slice", v, b.const("starts", np.zeros(n, int64)), ends, b.const("axes", np.arange(2, 2 + n)))
+    _requantized(b, v, step.out, y)
+
+
 def _pipeline_step_nodes(b: _GraphBuilder, step: _Step, inputs: Sequence[str], y: str) -> None:
     if step.kind == "quantize":
         _requantized(b, inputs[0], step.out, y)
@@ -886,6 +980,8 @@ def _pipeline_step_nodes(b: _GraphBuilder, step: _Step, inputs: Sequence[str], y
                      to=b.onnx.TensorProto.FLOAT)
         v = b.op("Div", b.op("Mul", total, b.const("scale", _f32(step.inputs[0].scale))), count)
         _requantized(b, v, step.out, y)
+    elif step.kind == "avg_pool":
+        _avg_pool_nodes(b, step, inputs[0], y)
     elif step.kind == "lookup":
         import numpy as np
         index = b.op("Cast", inputs[0], to=b.onnx.TensorProto.INT32)

@@ -27,8 +27,12 @@ quantized ones and folds their BatchNorms (as the module swap does), and finds t
   place or not) of an integer tensor whose output an integer op reads: a 256-entry table lookup
   (torchquant.functional.quantized_lookup) from its input's integers to its output's, which get a quantizer of their
   own; the table is the activation itself run on the 256 dequantized input values, then quantized;
-- everything else (average pooling among them) runs in float: its integer inputs are dequantized and its output,
-  where an integer op reads it, quantized again (average pooling thus requantizes).
+- a global average pool (adaptive to size 1), a mean over given dims, and an average pool of a fixed window
+  (nn.AvgPool1d / 2d, F.avg_pool1d / 2d: any padding, ceil_mode, count_include_pad or divisor_override) of an integer
+  tensor whose output an integer op reads: exact sums of the integers, then scaled, divided and requantized to an
+  output quantizer of its own (integer_mean, integer_avg_pool);
+- everything else (adaptive average pools to other sizes among them) runs in float: its integer inputs are
+  dequantized and its output, where an integer op reads it, quantized again.
 
 Every integer tensor of the pipeline has one activation quantizer (an ActivationQuantizer under `act_quant`): the
 prepared model fake-quantizes each tensor with it exactly where the converted model quantizes (after a fused
@@ -50,6 +54,7 @@ import contextvars
 import copy
 import dataclasses
 import inspect
+import math
 import operator
 import warnings
 from collections import Counter
@@ -114,6 +119,12 @@ _SHAPE_ATTRIBUTES = ("shape", "ndim", "device", "is_cuda", "is_cpu")
 _SHAPE_METHODS = ("size", "dim")
 _AVG_POOLS = (nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
 _AVG_POOL_FUNCTIONS = (F.avg_pool1d, F.adaptive_avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool2d)
+# average pools of a fixed window (the number of dims they pool), which run on integers (integer_avg_pool)
+_WINDOW_AVG_POOLS = {nn.AvgPool1d: 1, nn.AvgPool2d: 2}
+_WINDOW_AVG_POOL_FUNCTIONS = {F.avg_pool1d: 1, F.avg_pool2d: 2}
+_AVG_POOL_ARGUMENTS = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
+# the most elements a window of integer_avg_pool may have: its float32 sums of 8-bit integers stay exact (< 2**24)
+_MAX_EXACT_WINDOW = (2 ** 24 - 1) // 255
 _DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 _PASSTHROUGH_MODULES = (nn.Flatten, nn.Identity)
 _IN_PLACE_OPERATORS = (operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
@@ -439,6 +450,41 @@ def _integer_mean_args(node: fx.Node, modules: dict) -> Optional[tuple[tuple, bo
         if dims and all(isinstance(d, int) for d in dims) and isinstance(keepdim, bool) and not given:
             return dims, keepdim
     return None
+
+
+def _integer_avg_pool_args(node: fx.Node, modules: dict) -> Optional[tuple]:
+    """(kernel_size, stride, padding (each a tuple of one int per pooled dim), ceil_mode, count_include_pad,
+    divisor_override) of an average pool that reads integers and requantizes (integer_avg_pool): nn.AvgPool1d / 2d,
+    F.avg_pool1d / 2d with constant arguments; None for any other node (and a window too large for exact sums)."""
+    if not _RULES.get()["integer_avg_pools"]:
+        return None
+    if node.op == "call_module":
+        m = modules.get(node.target)
+        n = _WINDOW_AVG_POOLS.get(type(m))
+        given = {} if n is None else {name: getattr(m, name, None) for name in _AVG_POOL_ARGUMENTS}
+    elif node.op == "call_function" and node.target in _WINDOW_AVG_POOL_FUNCTIONS and _constant_args(node):
+        n = _WINDOW_AVG_POOL_FUNCTIONS[node.target]
+        given = _given_arguments(node, _AVG_POOL_ARGUMENTS)
+    else:
+        return None
+    if n is None:
+        return None
+    kernel = _n_ints(given.get("kernel_size"), n)
+    stride = kernel if given.get("stride") in (None, (), []) else _n_ints(given["stride"], n)
+    padding = _n_ints(given.get("padding", 0), n)
+    divisor = given.get("divisor_override")
+    if kernel is None or stride is None or padding is None or math.prod(kernel) > _MAX_EXACT_WINDOW:
+        return None
+    return (kernel, stride, padding, bool(given.get("ceil_mode", False)),
+            bool(given.get("count_include_pad", True)), None if divisor is None else int(divisor))
+
+
+def _n_ints(value, n: int) -> Optional[tuple]:
+    """A pooling argument as a tuple of n ints (an int, or a sequence of one, stands for all n); None if it is not."""
+    values = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+    if len(values) == 1:
+        values *= n
+    return values if len(values) == n and all(isinstance(v, int) for v in values) else None
 
 
 def _is_nearest_upsample(node: fx.Node, modules: dict) -> bool:
@@ -793,8 +839,8 @@ def _plan(graph: fx.Graph, modules: dict, integer_output: bool) -> tuple[dict, d
     group: dict[fx.Node, int] = {}
     roots: dict[fx.Node, str] = {}  # root -> "producer" | "quantize"
     layers: list[tuple[fx.Node, fx.Node]] = []
-    int_consumers: set[fx.Node] = set()  # layer heads, adds, cats, lookups and means: they read integers
-    # lookups and means: they read integers only where their output is read as integers
+    int_consumers: set[fx.Node] = set()  # layer heads, adds, cats, lookups, means and average pools: read integers
+    # lookups, means and average pools: they read integers only where their output is read as integers
     if_integer_out: set[fx.Node] = set()
     fused: set[fx.Node] = set()
 
@@ -854,7 +900,8 @@ def _plan(graph: fx.Graph, modules: dict, integer_output: bool) -> tuple[dict, d
         if _is_passthrough(node, modules) and node.args[0] in group:
             group[node] = group[node.args[0]]
         elif (_RULES.get()["integer_lookups"] and lookup_function(node, modules) is not None
-              or _integer_mean_args(node, modules) is not None) and node.args[0] in group:
+              or _integer_mean_args(node, modules) is not None
+              or _integer_avg_pool_args(node, modules) is not None) and node.args[0] in group:
             int_consumers.add(node)
             if_integer_out.add(node)
             produce(node)
@@ -935,11 +982,13 @@ def _describe(node: fx.Node) -> str:
 #   was no tensor to integer ops);
 # - integer_padding: padding runs on integers;
 # - integer_means: global average pools and means over given dims read integers and requantize (before: they ran in
-#   float).
+#   float);
+# - integer_avg_pools: average pools of a fixed window read integers and requantize (before: they ran in float).
 # Checkpoints record the rules their pipeline was planned with; a file older than a rule does not (load() then
 # rebuilds the pipeline whose quantizers and tensors it holds: rules_a_checkpoint_may_have).
 PIPELINE_RULES = ("integer_dropout", "integer_lookups", "residual_adds_in_convs", "integer_max_pool1d", "integer_views",
-                  "integer_extrema", "integer_indexing", "integer_padding", "integer_means")
+                  "integer_extrema", "integer_indexing", "integer_padding", "integer_means",
+                  "integer_avg_pools")
 _RULES = contextvars.ContextVar("torchquant_pipeline_rules", default=dict.fromkeys(PIPELINE_RULES, True))
 
 
@@ -1304,16 +1353,31 @@ def lookup_table(fn, input_quantizer: ActivationQuantizer, output_quantizer: Act
 
 def integer_mean(q: torch.Tensor, dims: tuple, keepdim: bool, quantizer: ActivationQuantizer,
                  out: ActivationQuantizer) -> torch.Tensor:
-    """A mean (a global average pool) on integers: the mean of q's values over dims, as out's integers. The
-    int32 sum of q - zero point (quantized_sum) is exact; it is scaled and divided by the count in float32 (a count on q's device,
-    where the division rounds as on the CPU: CUDA multiplies by the reciprocal of a Python number), then quantized:
-    the same integers on every device."""
+    """A mean (a global average pool) on integers: the mean of q's values over dims, as out's integers. The int32
+    sum of q - zero point (quantized_sum) is exact; it is scaled and divided by the count in float32 (a count on q's
+    device, where the division rounds as on the CPU: CUDA multiplies by the reciprocal of a Python number), then
+    quantized: the same integers on every device."""
     scale, _, zero_point, _ = quantizer.qparams
     count = 1
     for d in dims:
         count *= q.shape[d]
     total = F_q.quantized_sum(q, dims, keepdim) - count * zero_point
     return quantize_input(total.float() * scale / total.new_full((), count, dtype=torch.float32), out)
+
+
+def integer_avg_pool(q: torch.Tensor, kernel_size: tuple, stride: tuple, padding: tuple, ceil_mode: bool,
+                     count_include_pad: bool, divisor_override: Optional[int], quantizer: ActivationQuantizer,
+                     out: ActivationQuantizer) -> torch.Tensor:
+    """An average pool (1-d or 2-d, as kernel_size has 1 or 2 entries) on integers: the mean of each window of q's
+    values, as out's integers. functional.quantized_avg_pool1d / 2d sum each window's q - zero point exactly, scale
+    and divide in float32 (the same values on every device); the quantization follows."""
+    _, scale, zero_point, _ = quantizer.qparams
+    if len(kernel_size) == 1:
+        y = F_q.quantized_avg_pool1d(q, scale, zero_point, kernel_size, stride, padding, ceil_mode, count_include_pad)
+    else:
+        y = F_q.quantized_avg_pool2d(q, scale, zero_point, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                                     divisor_override)
+    return quantize_input(y, out)
 
 
 def integer_relu(q: torch.Tensor, quantizer: ActivationQuantizer) -> torch.Tensor:
@@ -1494,11 +1558,12 @@ def _lower_planned(gm: fx.GraphModule, dtype: torch.dtype, build_tables: bool) -
             continue
         activation = lookup_function(node, modules)
         fq = fake_quant_after(node)
-        mean = _integer_mean_args(node, modules)
-        if mean is not None and node.args[0] in int_of and fq is not None:
+        mean, pool = _integer_mean_args(node, modules), _integer_avg_pool_args(node, modules)
+        if (mean is not None or pool is not None) and node.args[0] in int_of and fq is not None:
             out = attr(fq.target)
+            call = (integer_mean, mean) if mean is not None else (integer_avg_pool, pool)
             with graph.inserting_after(fq):
-                new = graph.call_function(integer_mean, (node.args[0], *mean, int_of[node.args[0]], out))
+                new = graph.call_function(call[0], (node.args[0], *call[1], int_of[node.args[0]], out))
             replace([node, fq], new, out)
             continue
         if activation is not None and node.args[0] in int_of and fq is not None and _RULES.get()["integer_lookups"]:
@@ -1593,7 +1658,7 @@ class _PipelineTracer(_Tracer):
     def __init__(self):
         super().__init__(autowrap_functions=(quantize_input, dequantize_output, integer_layer, integer_add,
                                              integer_conv_add, integer_relu, integer_pad, integer_mean,
-                                             F_q.quantized_lookup,
+                                             integer_avg_pool, F_q.quantized_lookup,
                                              F_q.quantized_max_pool1d, F_q.quantized_max_pool2d, argument_left_out))
 
 
@@ -1649,7 +1714,8 @@ def pipeline_notes(model: fx.GraphModule) -> tuple[dict, list]:
     notes = [f"integer pipeline: {counts[integer_layer] + counts[integer_conv_add]} integer layer call(s), "
              f"{counts[integer_add] + counts[integer_conv_add]} integer add(s) ({counts[integer_conv_add]} fused into "
              f"a conv's epilogue), {counts[F_q.quantized_lookup]} activation lookup(s), {counts[integer_mean]} integer "
-             f"mean(s) (global average pools), {counts[quantize_input]} quantize(s), {counts[dequantize_output]} "
+             f"mean(s) (global average pools), {counts[integer_avg_pool]} integer average pool(s), "
+             f"{counts[quantize_input]} quantize(s), {counts[dequantize_output]} "
              f"dequantize(s)"]
     if _meta(model)["lookups"]:
         notes.append("activations run on integers as 256-entry table lookups: "

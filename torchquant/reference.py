@@ -211,3 +211,32 @@ def quantized_add(a: torch.Tensor, a_scale, a_zero_point: int, b: torch.Tensor, 
 def quantized_lookup(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """table[x's byte as uint8]: x & 255 maps int8 -128..-1 to 128..255 and leaves uint8 as it is."""
     return table[x.long() & 255]
+
+
+def _window_counts(size: int, out: int, kernel: int, stride: int, pad: int) -> tuple:
+    """Per output position along one axis: (elements of its window inside the input, elements inside the padded
+    input), the window of output o starting at o * stride - pad (torch's average pool)."""
+    inside, padded = [], []
+    for o in range(out):
+        start = o * stride - pad
+        end = min(start + kernel, size + pad)
+        inside.append(min(end, size) - max(start, 0))
+        padded.append(end - start)
+    return torch.tensor(inside, dtype=torch.float64), torch.tensor(padded, dtype=torch.float64)
+
+
+def quantized_avg_pool2d(x: torch.Tensor, scale: float, zero_point: int, kernel_size, stride, padding,
+                         ceil_mode: bool = False, count_include_pad: bool = True, divisor_override=None):
+    """The average pool of x's dequantized values [B?, C, H, W] in float32: each window's exact sum of x - zero_point
+    (float64 sums of integers), as float32 times float32(scale), over the float32 divisor (divisor_override, the
+    window's elements inside the padded input, or those inside the input)."""
+    x64 = x.cpu().double() - zero_point
+    sums = torch.nn.functional.avg_pool2d(x64, kernel_size, stride, padding, ceil_mode, True, 1)
+    (h_in, h_pad), (w_in, w_pad) = (
+        _window_counts(x.shape[-2 + i], sums.shape[-2 + i], kernel_size[i], stride[i], padding[i]) for i in range(2))
+    if divisor_override is not None:
+        divisor = torch.tensor(float(divisor_override), dtype=torch.float64)
+    else:
+        divisor = torch.outer(h_pad, w_pad) if count_include_pad else torch.outer(h_in, w_in)
+    y = sums.float() * torch.tensor(scale, dtype=torch.float32) / divisor.float()
+    return y.to(x.device)

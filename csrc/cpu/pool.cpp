@@ -4,7 +4,8 @@
 // 32- or 16-byte registers by the CPU's instruction set (TORCHQUANT_CPU_ISA) (a window without a tap inside the
 // input, possible in ceil mode with dilation, gives the type's lowest value as torch's integer kernel does). Other
 // layouts go to torch's kernel. csrc/cuda/pool.cu has the CUDA kernel. Also quantized_sum: the int32 sums of a
-// channels-last x over H and W (a global average pool on integers).
+// channels-last x over H and W (a global average pool on integers), and quantized_avg_pool2d: average pools of a
+// channels-last x's dequantized values from exact int32 window sums.
 #include "cpu/simd.h"  // first: see there
 #include "check.h"
 
@@ -116,7 +117,8 @@ void max_pool2d_channels_last(const uint8_t* x, uint8_t* out, const PoolGeometry
 at::Tensor quantized_max_pool2d_cpu(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                     at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode) {
   TQ_CHECK(x.device().is_cpu(), "quantized_max_pool2d: x must be a CPU tensor for the CPU kernel, got ", x.device());
-  const PoolGeometry g = check_max_pool2d_arguments(x, kernel_size, stride, padding, dilation, ceil_mode);
+  const PoolGeometry g =
+      check_pool2d_arguments("quantized_max_pool2d", x, kernel_size, stride, padding, dilation, ceil_mode);
   if (x.dim() != 4 || x.suggest_memory_format() != at::MemoryFormat::ChannelsLast)
     return at::max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode);
   const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
@@ -158,23 +160,23 @@ TQ_TARGET_AVX512BW inline __m512i widened(__m128i bytes) {
   return std::is_signed_v<T> ? _mm512_cvtepi8_epi32(bytes) : _mm512_cvtepu8_epi32(bytes);
 }
 
-// sums[c] += the bytes of `pixels` pixels of `channels` channels, `step` bytes apart, for c in [c0, c0 + width):
-// widened to int32 in registers, 64 channels at a time (four vectors of 16), the last block masked.
+// sums[c] = the sum over the taps of byte c (as T), for c in [c0, c0 + width): widened to int32 in registers, 64
+// channels at a time (four vectors of 16) across all taps, the last block masked.
 template <typename T>
-TQ_TARGET_AVX512BW void channel_sums_avx512(const uint8_t* x, int64_t pixels, int64_t step, int64_t c0, int64_t width,
-                                            int32_t* sums) {
+TQ_TARGET_AVX512BW void tap_sums_avx512(const Taps& t, int64_t c0, int64_t width, int32_t* sums) {
   for (int64_t c = c0; c < c0 + width; c += 64) {
     const int64_t n = std::min<int64_t>(64, c0 + width - c);
     const __mmask64 mask = n == 64 ? ~__mmask64{0} : (__mmask64{1} << n) - 1;
     __m512i acc[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
-    for (int64_t p = 0; p < pixels; ++p) {
-      const __m512i v = _mm512_maskz_loadu_epi8(mask, x + p * step + c);
-      // (the lane index is an immediate: written out, as unoptimized builds do not unroll a loop for it)
-      acc[0] = _mm512_add_epi32(acc[0], widened<T>(_mm512_extracti32x4_epi32(v, 0)));
-      acc[1] = _mm512_add_epi32(acc[1], widened<T>(_mm512_extracti32x4_epi32(v, 1)));
-      acc[2] = _mm512_add_epi32(acc[2], widened<T>(_mm512_extracti32x4_epi32(v, 2)));
-      acc[3] = _mm512_add_epi32(acc[3], widened<T>(_mm512_extracti32x4_epi32(v, 3)));
-    }
+    for (int64_t i = 0; i < t.rows; ++i)
+      for (int64_t j = 0; j < t.cols; ++j) {
+        const __m512i v = _mm512_maskz_loadu_epi8(mask, t.first + i * t.row_step + j * t.col_step + c);
+        // (the lane index is an immediate: written out, as unoptimized builds do not unroll a loop for it)
+        acc[0] = _mm512_add_epi32(acc[0], widened<T>(_mm512_extracti32x4_epi32(v, 0)));
+        acc[1] = _mm512_add_epi32(acc[1], widened<T>(_mm512_extracti32x4_epi32(v, 1)));
+        acc[2] = _mm512_add_epi32(acc[2], widened<T>(_mm512_extracti32x4_epi32(v, 2)));
+        acc[3] = _mm512_add_epi32(acc[3], widened<T>(_mm512_extracti32x4_epi32(v, 3)));
+      }
     for (int k = 0; k < 4 && 16 * k < n; ++k)
       _mm512_mask_storeu_epi32(sums + c + 16 * k, static_cast<__mmask16>(mask >> (16 * k)), acc[k]);
   }
@@ -182,18 +184,25 @@ TQ_TARGET_AVX512BW void channel_sums_avx512(const uint8_t* x, int64_t pixels, in
 
 // The same as a plain loop (vectorized by the compiler for the target it is built for).
 template <typename T>
-void channel_sums_loop(const uint8_t* x, int64_t pixels, int64_t step, int64_t c0, int64_t width, int32_t* sums) {
+void tap_sums_loop(const Taps& t, int64_t c0, int64_t width, int32_t* sums) {
   std::fill(sums + c0, sums + c0 + width, 0);
-  for (int64_t p = 0; p < pixels; ++p) {
-    const T* row = reinterpret_cast<const T*>(x + p * step);
-    for (int64_t c = c0; c < c0 + width; ++c) sums[c] += row[c];
-  }
+  for (int64_t i = 0; i < t.rows; ++i)
+    for (int64_t j = 0; j < t.cols; ++j) {
+      const T* tap = reinterpret_cast<const T*>(t.first + i * t.row_step + j * t.col_step);
+      for (int64_t c = c0; c < c0 + width; ++c) sums[c] += tap[c];
+    }
 }
 
 template <typename T>
-TQ_TARGET_AVX2 void channel_sums_avx2(const uint8_t* x, int64_t pixels, int64_t step, int64_t c0, int64_t width,
-                                      int32_t* sums) {
-  channel_sums_loop<T>(x, pixels, step, c0, width, sums);
+TQ_TARGET_AVX2 void tap_sums_avx2(const Taps& t, int64_t c0, int64_t width, int32_t* sums) {
+  tap_sums_loop<T>(t, c0, width, sums);
+}
+
+using TapSums = void (*)(const Taps&, int64_t, int64_t, int32_t*);
+
+template <typename T>
+TapSums tap_sums_for(CpuIsa isa) {
+  return isa == CpuIsa::Avx512Vnni ? tap_sums_avx512<T> : isa == CpuIsa::Avx2 ? tap_sums_avx2<T> : tap_sums_loop<T>;
 }
 
 // quantized_sum on the CPU: a channels-last x [B, C, H, W] summed over H and W runs here, per (image, block of 64
@@ -216,15 +225,139 @@ at::Tensor quantized_sum_cpu(const at::Tensor& x, at::IntArrayRef dim, bool keep
     using T = decltype(tag);
     const uint8_t* xp = static_cast<const uint8_t*>(x.data_ptr());
     int32_t* sums = out.data_ptr<int32_t>();
-    const CpuIsa isa = cpu_isa();
-    const auto block_sums = isa == CpuIsa::Avx512Vnni ? channel_sums_avx512<T>
-                            : isa == CpuIsa::Avx2     ? channel_sums_avx2<T>
-                                                      : channel_sums_loop<T>;
+    const TapSums tap_sums = tap_sums_for<T>(cpu_isa());
     at::parallel_for(0, batch * blocks, grain, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / blocks, c0 = task % blocks * 64;
-        block_sums(xp + b * pixels * channels, pixels, channels, c0, std::min<int64_t>(64, channels - c0),
-                   sums + b * channels);
+        // the image's pixels as one row of taps
+        tap_sums(Taps{xp + b * pixels * channels, 1, pixels, 0, channels}, c0, std::min<int64_t>(64, channels - c0),
+                 sums + b * channels);
+      }
+    });
+  });
+  return out;
+}
+
+// quantized_avg_pool2d's float32 steps on a window's int32 sums: out[c] = float(sums[c] - offset) * scale /
+// divisor, offset the zero point times the elements inside the input (the same rounding steps as the composite's
+// tensor ops: each IEEE-rounded in float32, no contraction).
+void window_means_loop(const int32_t* sums, int64_t channels, int32_t offset, float scale, float divisor, float* out) {
+  for (int64_t c = 0; c < channels; ++c) out[c] = static_cast<float>(sums[c] - offset) * scale / divisor;
+}
+
+TQ_TARGET_AVX2 void window_means_avx2(const int32_t* sums, int64_t channels, int32_t offset, float scale,
+                                      float divisor, float* out) {
+  window_means_loop(sums, channels, offset, scale, divisor, out);
+}
+
+TQ_TARGET_AVX512BW void window_means_avx512(const int32_t* sums, int64_t channels, int32_t offset, float scale,
+                                            float divisor, float* out) {
+  const __m512i off = _mm512_set1_epi32(offset);
+  const __m512 sc = _mm512_set1_ps(scale), dv = _mm512_set1_ps(divisor);
+  for (int64_t c = 0; c < channels; c += 16) {
+    const __mmask16 mask = channels - c >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (channels - c)) - 1);
+    const __m512i s = _mm512_maskz_loadu_epi32(mask, sums + c);
+    _mm512_mask_storeu_ps(out + c, mask,
+                          _mm512_div_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(s, off)), sc), dv));
+  }
+}
+
+using WindowMeans = void (*)(const int32_t*, int64_t, int32_t, float, float, float*);
+
+// quantized_avg_pool2d's windows along one axis: the window of output o starts at o * stride - pad; its elements
+// inside the input are [max(start, 0), min(start + kernel, size)), and torch's divisor with padding counted is the
+// part of the window inside the padded input, [start, min(start + kernel, size + pad)).
+struct WindowSpan {
+  int64_t first, inside, padded;
+};
+
+WindowSpan window_span(int64_t o, int64_t stride, int64_t pad, int64_t kernel, int64_t size) {
+  const int64_t start = o * stride - pad;
+  const int64_t end = std::min(start + kernel, size + pad);
+  const int64_t first = std::max<int64_t>(start, 0);
+  return {first, std::min(end, size) - first, end - start};
+}
+
+// quantized_avg_pool2d for any device and layout: the exact window sums of the float32 integers (torch's average
+// pool with divisor 1) less the zero point for each element inside the input (the sums of a tensor of ones), times
+// scale, over the divisor as a tensor on x's device (CUDA divides by a host scalar as a multiplication by its
+// reciprocal): the same float32 steps as the CPU kernel.
+at::Tensor quantized_avg_pool2d_any(const at::Tensor& x, double scale, int64_t zero_point, at::IntArrayRef kernel_size,
+                                    at::IntArrayRef stride, at::IntArrayRef padding, bool ceil_mode,
+                                    bool count_include_pad, std::optional<int64_t> divisor_override) {
+  const PoolGeometry g =
+      check_avg_pool2d_arguments(x, scale, zero_point, kernel_size, stride, padding, ceil_mode, divisor_override);
+  const at::Tensor xf = x.to(at::kFloat);
+  const auto window_sums = [&](const at::Tensor& t, at::IntArrayRef pad) {
+    return at::avg_pool2d(t, kernel_size, stride, pad, ceil_mode, true, 1);
+  };
+  const auto ones = [&](int64_t h, int64_t w) {  // one image of one channel (batched as x is)
+    return x.dim() == 4 ? at::ones({1, 1, h, w}, xf.options()) : at::ones({1, h, w}, xf.options());
+  };
+  const at::Tensor inside = window_sums(ones(g.height, g.width), padding);
+  const at::Tensor total = window_sums(xf, padding) - inside * zero_point;
+  at::Tensor divisor;
+  if (divisor_override.has_value()) {
+    divisor = at::scalar_tensor(static_cast<double>(*divisor_override), xf.options());
+  } else if (!count_include_pad) {
+    divisor = inside;
+  } else if (ceil_mode) {  // the elements of the padded input each window covers (a last one may reach past it)
+    const int64_t pads[2] = {0, 0};
+    divisor = window_sums(ones(g.height + 2 * g.pad_h, g.width + 2 * g.pad_w), pads)
+                  .slice(-2, 0, g.out_h)
+                  .slice(-1, 0, g.out_w);
+  } else {
+    divisor = at::scalar_tensor(static_cast<double>(g.kh * g.kw), xf.options());
+  }
+  return total.mul(scale).div(divisor);
+}
+
+// quantized_avg_pool2d on the CPU: a channels-last x [B, C, H, W] runs here, per output row (b, oh) and pixel: the
+// window's int32 sums over its taps inside the input (vectorized over the channels), then window_means into the
+// channels-last float32 output; anything else is quantized_avg_pool2d_any.
+at::Tensor quantized_avg_pool2d_cpu(const at::Tensor& x, double scale, int64_t zero_point, at::IntArrayRef kernel_size,
+                                    at::IntArrayRef stride, at::IntArrayRef padding, bool ceil_mode,
+                                    bool count_include_pad, std::optional<int64_t> divisor_override) {
+  TQ_CHECK(x.device().is_cpu(), "quantized_avg_pool2d: x must be a CPU tensor for the CPU kernel, got ", x.device());
+  const PoolGeometry g =
+      check_avg_pool2d_arguments(x, scale, zero_point, kernel_size, stride, padding, ceil_mode, divisor_override);
+  if (x.dim() != 4 || x.numel() == 0 || x.suggest_memory_format() != at::MemoryFormat::ChannelsLast)
+    return quantized_avg_pool2d_any(x, scale, zero_point, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                                    divisor_override);
+  const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
+  at::Tensor out = at::empty({g.batch, g.channels, g.out_h, g.out_w}, x.options().dtype(at::kFloat),
+                             at::MemoryFormat::ChannelsLast);
+  const int64_t rows = g.batch * g.out_h;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(g.out_w * g.channels, 1));
+  const float scale_f = static_cast<float>(scale);
+  with_byte_type(x.scalar_type(), "x", [&](auto tag) {
+    using T = decltype(tag);
+    const uint8_t* xp = static_cast<const uint8_t*>(xc.data_ptr());
+    float* op = out.data_ptr<float>();
+    const CpuIsa isa = cpu_isa();
+    const TapSums tap_sums = tap_sums_for<T>(isa);
+    const WindowMeans window_means = isa == CpuIsa::Avx512Vnni ? window_means_avx512
+                                     : isa == CpuIsa::Avx2     ? window_means_avx2
+                                                               : window_means_loop;
+    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+      std::vector<int32_t> sums(g.channels);
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t b = row / g.out_h, oh = row % g.out_h;
+        const WindowSpan h = window_span(oh, g.stride_h, g.pad_h, g.kh, g.height);
+        for (int64_t ow = 0; ow < g.out_w; ++ow) {
+          const WindowSpan w = window_span(ow, g.stride_w, g.pad_w, g.kw, g.width);
+          // (every window has an element inside the input: it starts before the input's end, and the padding is
+          // at most half the kernel)
+          const int64_t inside = h.inside * w.inside;
+          const int64_t divisor = divisor_override.has_value() ? *divisor_override
+                                  : count_include_pad          ? h.padded * w.padded
+                                                               : inside;
+          tap_sums(Taps{xp + ((b * g.height + h.first) * g.width + w.first) * g.channels, h.inside, w.inside,
+                        g.width * g.channels, g.channels},
+                   0, g.channels, sums.data());
+          window_means(sums.data(), g.channels, static_cast<int32_t>(inside * zero_point), scale_f,
+                       static_cast<float>(divisor), op + ((b * g.out_h + oh) * g.out_w + ow) * g.channels);
+        }
       }
     });
   });
@@ -237,8 +370,10 @@ at::Tensor quantized_sum_cpu(const at::Tensor& x, at::IntArrayRef dim, bool keep
 TORCH_LIBRARY_IMPL(torchquant, CPU, m) {
   m.impl("quantized_max_pool2d", &torchquant::quantized_max_pool2d_cpu);
   m.impl("quantized_sum", &torchquant::quantized_sum_cpu);
+  m.impl("quantized_avg_pool2d", &torchquant::quantized_avg_pool2d_cpu);
 }
 
 TORCH_LIBRARY_IMPL(torchquant, CompositeExplicitAutograd, m) {
   m.impl("quantized_sum", &torchquant::quantized_sum_any);
+  m.impl("quantized_avg_pool2d", &torchquant::quantized_avg_pool2d_any);
 }

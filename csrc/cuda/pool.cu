@@ -79,7 +79,8 @@ void launch_max_pool2d(const at::Tensor& x, at::Tensor& out, const PoolGeometry&
 at::Tensor quantized_max_pool2d_cuda(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                      at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode) {
   TQ_CHECK(x.is_cuda(), "quantized_max_pool2d: x must be a CUDA tensor for the CUDA kernel, got ", x.device());
-  const PoolGeometry g = check_max_pool2d_arguments(x, kernel_size, stride, padding, dilation, ceil_mode);
+  const PoolGeometry g =
+      check_pool2d_arguments("quantized_max_pool2d", x, kernel_size, stride, padding, dilation, ceil_mode);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor x4 = x.dim() == 4 ? x : x.unsqueeze(0);
   const at::MemoryFormat format = x.dim() == 4 ? x.suggest_memory_format() : at::MemoryFormat::Contiguous;

@@ -1,5 +1,5 @@
 """Integer element-wise ops of an integer pipeline (quantized_add, quantized_lookup), integer max-pooling (1-d and
-2-d) and sums (quantized_sum): wrappers and fake kernels."""
+2-d), sums (quantized_sum) and average pooling (quantized_avg_pool1d / 2d): wrappers and fake kernels."""
 from typing import Optional, Sequence, Union
 
 import torch
@@ -10,7 +10,10 @@ from torchquant._ops import FLOAT_DTYPES, check_fake_devices, check_fake_dtype, 
 from torchquant._ops.gemm import (_ACTIVATION_DTYPES, _as_int, _flag, _integer, _is_int, _optional_number, _pair,
                                   _require_dtype, _require_same_device, _require_tensor, _scale_tensor)
 
-__all__ = ["quantized_add", "quantized_lookup", "quantized_max_pool1d", "quantized_max_pool2d", "quantized_sum"]
+_MAX_EXACT_WINDOW = (2 ** 24 - 1) // 255  # the most elements of a quantized_avg_pool2d window (csrc/arg_checks.h)
+
+__all__ = ["quantized_add", "quantized_avg_pool1d", "quantized_avg_pool2d", "quantized_lookup", "quantized_max_pool1d",
+           "quantized_max_pool2d", "quantized_sum"]
 
 
 def quantized_add(a: torch.Tensor, a_scale, a_zero_point: int, b: torch.Tensor, b_scale, b_zero_point: int,
@@ -98,6 +101,47 @@ def quantized_sum(x: torch.Tensor, dim: Union[int, Sequence[int]], keepdim: bool
     return ops.quantized_sum(x, [_as_int(d) for d in dims], _flag("quantized_sum", "keepdim", keepdim))
 
 
+def quantized_avg_pool2d(x: torch.Tensor, scale: float, zero_point: int, kernel_size: Union[int, Sequence[int]],
+                         stride: Optional[Union[int, Sequence[int]]] = None, padding: Union[int, Sequence[int]] = 0,
+                         ceil_mode: bool = False, count_include_pad: bool = True,
+                         divisor_override: Optional[int] = None) -> torch.Tensor:
+    """torch.nn.functional.avg_pool2d of the values an int8/uint8 x [B, C, H, W] (or [C, H, W]) stands for,
+    (x - zero_point) * scale, as float32, with the same output size, argument rules and memory format: each window's
+    sum of x - zero_point over its elements inside the input (padding adds 0.0, the zero point) is exact, then it is
+    multiplied by scale and divided by the divisor in float32: the same values on every device. On the CPU a
+    channels-last x sums its integers in int32 registers, 64 channels at a time; elsewhere torch's float32 average
+    pool sums them (exactly: a window may have at most 65793 elements)."""
+    _require_tensor("x", x)
+    _require_dtype("x", x, _ACTIVATION_DTYPES)
+    op = "quantized_avg_pool2d"
+    if scale is None or isinstance(scale, str):
+        raise TypeError(f"{op}: scale must be a number, got {scale!r}")
+    kernel = _pair("kernel_size", kernel_size)
+    return ops.quantized_avg_pool2d(x, _optional_number(op, "scale", scale), _integer(op, "zero_point", zero_point),
+                                    kernel, kernel if stride is None else _pair("stride", stride),
+                                    _pair("padding", padding), _flag(op, "ceil_mode", ceil_mode),
+                                    _flag(op, "count_include_pad", count_include_pad),
+                                    None if divisor_override is None
+                                    else _integer(op, "divisor_override", divisor_override))
+
+
+def quantized_avg_pool1d(x: torch.Tensor, scale: float, zero_point: int, kernel_size: Union[int, Sequence[int]],
+                         stride: Optional[Union[int, Sequence[int]]] = None, padding: Union[int, Sequence[int]] = 0,
+                         ceil_mode: bool = False, count_include_pad: bool = True) -> torch.Tensor:
+    """torch.nn.functional.avg_pool1d of the values an int8/uint8 x [B, C, L] (or [C, L]) stands for, as float32:
+    quantized_avg_pool2d over x as [B, C, 1, L]."""
+    kernel, stride, padding = _pool1d_arguments("quantized_avg_pool1d", x, kernel_size, stride, padding)
+    try:
+        y = quantized_avg_pool2d(x.unsqueeze(-2), scale, zero_point, (1, kernel), (1, stride), (0, padding),
+                                 ceil_mode, count_include_pad)
+    except RuntimeError:
+        # the 2-d op names 2-d sizes; torch's avg_pool1d has the same rules and says what is wrong in 1-d terms
+        torch.nn.functional.avg_pool1d(torch.empty(x.shape, device="meta"), kernel, stride, padding, ceil_mode,
+                                       count_include_pad)
+        raise
+    return y.squeeze(-2)
+
+
 def _single(name: str, v: Union[int, Sequence[int]]) -> int:
     if _is_int(v):
         return _as_int(v)
@@ -106,19 +150,24 @@ def _single(name: str, v: Union[int, Sequence[int]]) -> int:
     raise TypeError(f"{name} must be an int or a 1-tuple of ints, got {v!r}")
 
 
+def _pool1d_arguments(op: str, x: torch.Tensor, kernel_size, stride, padding) -> tuple:
+    """A 1-d pool's checked input and (kernel, stride, padding) as ints (stride None: the kernel)."""
+    _require_tensor("x", x)
+    _require_dtype("x", x, _ACTIVATION_DTYPES)
+    if x.dim() not in (2, 3):
+        raise ValueError(f"{op}: x must be 2-d [C, L] or 3-d [B, C, L], got {x.dim()}-d")
+    kernel = _single("kernel_size", kernel_size)
+    return kernel, kernel if stride is None else _single("stride", stride), _single("padding", padding)
+
+
 def quantized_max_pool1d(x: torch.Tensor, kernel_size: Union[int, Sequence[int]],
                          stride: Optional[Union[int, Sequence[int]]] = None, padding: Union[int, Sequence[int]] = 0,
                          dilation: Union[int, Sequence[int]] = 1, ceil_mode: bool = False) -> torch.Tensor:
     """torch.nn.functional.max_pool1d of an int8/uint8 x [B, C, L] (or [C, L]) on the CPU and on CUDA: the same
     output size and argument rules; quantized_max_pool2d's kernels over x as [B, C, 1, L]. The output keeps x's
     scale and zero point."""
-    _require_tensor("x", x)
-    _require_dtype("x", x, _ACTIVATION_DTYPES)
-    if x.dim() not in (2, 3):
-        raise ValueError(f"quantized_max_pool1d: x must be 2-d [C, L] or 3-d [B, C, L], got {x.dim()}-d")
-    kernel = _single("kernel_size", kernel_size)
-    stride = kernel if stride is None else _single("stride", stride)
-    padding, dilation = _single("padding", padding), _single("dilation", dilation)
+    kernel, stride, padding = _pool1d_arguments("quantized_max_pool1d", x, kernel_size, stride, padding)
+    dilation = _single("dilation", dilation)
     ceil_mode = _flag("quantized_max_pool1d", "ceil_mode", ceil_mode)
     try:
         y = quantized_max_pool2d(x.unsqueeze(-2), (1, kernel), (1, stride), (0, padding), (1, dilation), ceil_mode)
@@ -158,3 +207,17 @@ def _quantized_max_pool2d_fake(x, kernel_size, stride, padding, dilation, ceil_m
     torch._check(x.dim() in (3, 4), lambda: f"quantized_max_pool2d: x must be 3-d [C, H, W] or 4-d [B, C, H, W], got "
                                             f"{x.dim()}-d")  # torch's meta max_pool2d raises an IndexError
     return torch.nn.functional.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
+
+
+@torch.library.register_fake("torchquant::quantized_avg_pool2d")
+def _quantized_avg_pool2d_fake(x, scale, zero_point, kernel_size, stride, padding, ceil_mode=False,
+                               count_include_pad=True, divisor_override=None):
+    op = "quantized_avg_pool2d"
+    check_fake_dtype(op, "x", x, _ACTIVATION_DTYPES)
+    torch._check(x.dim() in (3, 4), lambda: f"{op}: x must be 3-d [C, H, W] or 4-d [B, C, H, W], got {x.dim()}-d")
+    torch._check(divisor_override != 0, lambda: f"{op}: divisor_override must not be 0")
+    torch._check(kernel_size[0] * kernel_size[1] <= _MAX_EXACT_WINDOW,
+                 lambda: f"{op}: the window may have at most {_MAX_EXACT_WINDOW} elements (exact float32 sums), got "
+                         f"kernel_size {list(kernel_size)}")
+    return torch.nn.functional.avg_pool2d(torch.empty_like(x, dtype=torch.float32), kernel_size, stride, padding,
+                                          ceil_mode, count_include_pad, divisor_override)

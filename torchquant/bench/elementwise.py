@@ -11,6 +11,10 @@ threads, every row timed interleaved with its baselines in this process:
   trip it replaces in an integer pipeline (dequantize, F.hardswish, quantize), torch.ao's quantized hardswish on
   quint8 (x86 engine), torch indexing (`table[x.long()]`) and our kernel's plain byte loop (the path it runs where
   the CPU lacks AVX-512 VBMI). At 1 thread the times are the calling thread's CPU time (time.thread_time).
+- average pool: an integer pipeline's average pool (quantized_avg_pool2d's exact window sums, then quantize: uint8
+  in, uint8 out) on DenseNet / Inception / ResNet-D pool inputs against the float path it replaces (torch's float32
+  avg_pool2d of the dequantized tensor, then quantize) and torch.ao's quantized avg_pool2d on quint8 (x86 engine;
+  it keeps the input's scale rather than requantizing). Thread CPU time at 1 thread.
 """
 import os
 import time
@@ -38,6 +42,15 @@ LOOKUP_SHAPES = (  # name, batch, channels, size: MobileNetV3-Large activations 
     ("V3 stage 4 expand", 1, 480, 14),
     ("V3 stage 5 expand", 1, 960, 7),
     ("V3 stage 3 expand b8", 8, 240, 28),
+)
+
+AVG_POOL_SHAPES = (  # name, batch, channels, size, (kernel, stride, padding, ceil_mode, count_include_pad)
+    ("DenseNet-121 transition 1", 1, 128, 56, (2, 2, 0, False, True)),
+    ("DenseNet-121 transition 1 b8", 8, 128, 56, (2, 2, 0, False, True)),
+    ("Inception-v3 pool branch", 1, 192, 35, (3, 1, 1, False, True)),
+    ("Inception-v3 pool branch b8", 8, 192, 35, (3, 1, 1, False, True)),
+    ("ResNet-D shortcut", 1, 256, 56, (2, 2, 0, True, False)),
+    ("ResNet-D shortcut b8", 8, 256, 56, (2, 2, 0, True, False)),
 )
 
 
@@ -131,12 +144,39 @@ def bench_lookup(threads: int, repeats: int) -> List[dict]:
     return rows
 
 
+def bench_avg_pool(threads: int, repeats: int) -> List[dict]:
+    rows = []
+    in_scale, in_zp, out_scale, out_zp = 0.04, 128, 0.02, 120
+    for name, batch, channels, size, args in AVG_POOL_SHAPES:
+        x = _uint8(batch, channels, size, 4)
+        xf = F_q.dequantize(x, in_scale, in_zp)
+        kernel, stride, padding, ceil_mode, count_include_pad = args
+        with torch_ao_engine("x86"):
+            qx = torch._make_per_tensor_quantized_tensor(x, in_scale, in_zp)
+        fns = {
+            "ours": lambda: F_q.quantize(F_q.quantized_avg_pool2d(x, in_scale, in_zp, *args), out_scale, out_zp,
+                                         signed=False),
+            "float": lambda: F_q.quantize(torch.nn.functional.avg_pool2d(xf, *args), out_scale, out_zp, signed=False),
+            "ao": lambda: torch.nn.functional.avg_pool2d(qx, *args),
+        }
+        with torch_ao_engine("x86"), num_threads(threads):
+            t = compare(fns, repeats=repeats, clock=time.thread_time if threads == 1 else time.perf_counter)
+        rows.append({"threads": threads, "shape": f"{name} [{batch}, {channels}, {size}, {size}]",
+                     "pool": f"{kernel}/{stride}/{padding}{' ceil' if ceil_mode else ''}"
+                             f"{'' if count_include_pad else ' excl. pad'}",
+                     "ours us": t["ours"] * 1e6, "float pool us": t["float"] * 1e6, "vs float": t["float"] / t["ours"],
+                     "torch.ao us": t["ao"] * 1e6, "vs torch.ao": t["ao"] / t["ours"]})
+    return rows
+
+
 TABLES = {
     "add": (bench_add, ["threads", "shape", "relu", "ours us", "torch.ao us", "vs torch.ao", "float us", "vs float",
                         "GB/s", "of copy"]),
     "max_pool": (bench_max_pool, ["threads", "shape", "ours us", "float us", "vs float"]),
     "lookup": (bench_lookup, ["threads", "shape", "ours us", "byte loop us", "vs loop", "torch.ao us", "vs torch.ao",
                               "table[x.long()] us", "vs index", "float round trip us", "vs float", "GB/s"]),
+    "avg_pool": (bench_avg_pool, ["threads", "shape", "pool", "ours us", "float pool us", "vs float", "torch.ao us",
+                                  "vs torch.ao"]),
 }
 
 
