@@ -153,10 +153,12 @@ def bench_avg_pool(threads: int, repeats: int) -> List[dict]:
         kernel, stride, padding, ceil_mode, count_include_pad = args
         with torch_ao_engine("x86"):
             qx = torch._make_per_tensor_quantized_tensor(x, in_scale, in_zp)
+        # (both outputs channels-last, quantized in memory order as the pipeline's quantize_input does)
         fns = {
-            "ours": lambda: F_q.quantize(F_q.quantized_avg_pool2d(x, in_scale, in_zp, *args), out_scale, out_zp,
-                                         signed=False),
-            "float": lambda: F_q.quantize(torch.nn.functional.avg_pool2d(xf, *args), out_scale, out_zp, signed=False),
+            "ours": lambda: F_q.quantize(F_q.quantized_avg_pool2d(x, in_scale, in_zp, *args).permute(0, 2, 3, 1),
+                                         out_scale, out_zp, signed=False),
+            "float": lambda: F_q.quantize(torch.nn.functional.avg_pool2d(xf, *args).permute(0, 2, 3, 1), out_scale,
+                                          out_zp, signed=False),
             "ao": lambda: torch.nn.functional.avg_pool2d(qx, *args),
         }
         with torch_ao_engine("x86"), num_threads(threads):
