@@ -67,6 +67,7 @@ from torch import fx
 
 from torchquant import functional as F_q
 from torchquant._ops import FLOAT_DTYPES
+from torchquant._ops.elementwise import _MAX_EXACT_WINDOW  # the largest window quantized_avg_pool2d sums exactly
 from torchquant.config import QuantConfig
 from torchquant.fold import _Tracer, has_forward_hooks
 from torchquant.nn.base import QuantLayerBase, warn_if_gradient_cut
@@ -123,8 +124,6 @@ _AVG_POOL_FUNCTIONS = (F.avg_pool1d, F.adaptive_avg_pool1d, F.avg_pool2d, F.adap
 _WINDOW_AVG_POOLS = {nn.AvgPool1d: 1, nn.AvgPool2d: 2}
 _WINDOW_AVG_POOL_FUNCTIONS = {F.avg_pool1d: 1, F.avg_pool2d: 2}
 _AVG_POOL_ARGUMENTS = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
-# the most elements a window of integer_avg_pool may have: its float32 sums of 8-bit integers stay exact (< 2**24)
-_MAX_EXACT_WINDOW = (2 ** 24 - 1) // 255
 _DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 _PASSTHROUGH_MODULES = (nn.Flatten, nn.Identity)
 _IN_PLACE_OPERATORS = (operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
