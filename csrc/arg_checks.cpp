@@ -392,9 +392,8 @@ QuantLayout checked_quant_layout(const at::Tensor& x, const at::Tensor& scale, c
   TQ_CHECK(a >= 0 && a < x.dim(), "axis must be in [0, ", x.dim(), ") for a ", x.dim(), "-d x, got ", a);
   TQ_CHECK(scale.numel() == x.size(a), "per-channel scale must have x.size(", a, ") = ", x.size(a),
               " elements, got ", scale.numel());
-  int64_t inner = 1;
-  for (int64_t d = a + 1; d < x.dim(); ++d) inner *= x.size(d);
-  return {std::max<int64_t>(x.size(a), 1), std::max<int64_t>(inner, 1), true};
+  if (x.size(a) <= 1) return {1, std::max<int64_t>(x.numel(), 1), true};  // (any stride for a dimension of size 1)
+  return {x.size(a), x.stride(a), true};
 }
 
 }  // namespace torchquant

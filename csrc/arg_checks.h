@@ -181,7 +181,9 @@ Rounding parse_rounding(c10::string_view rounding);
 // bits in [1, 8] -> the format's integer range
 QuantFormat checked_format(int64_t bits, bool is_signed);
 
-// x viewed as [outer, channels, inner] for its per-tensor (channels 1) or per-channel parameters.
+// A non-overlapping, dense x's memory (memory_order.h) viewed as [outer, channels, inner] for its per-tensor
+// (channels 1) or per-channel parameters: the element at offset i from x.data_ptr() has channel (i / inner) %
+// channels, inner being the stride of the channel axis.
 struct QuantLayout {
   int64_t channels;
   int64_t inner;

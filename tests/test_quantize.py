@@ -201,6 +201,52 @@ def test_non_contiguous_inputs(device):
     assert_same(F.dequantize(q.t(), 0.3), F.dequantize(q.t().contiguous(), 0.3))
 
 
+def _layouts(device):
+    """(name, x, per-channel axis) in layouts other than the contiguous one: dense ones (read where they lie) and
+    ones with gaps or overlaps (copied to empty_like's dense layout first)."""
+    nchw = gen(2, 5, 4, 3, device=device)
+    return [
+        ("channels-last", nchw.to(memory_format=torch.channels_last), 1),
+        ("channels-last, axis 3", nchw.to(memory_format=torch.channels_last), 3),
+        ("channels-last, axis 0", nchw.to(memory_format=torch.channels_last), 0),
+        ("transposed", gen(7, 9, device=device).t(), 1),
+        ("permuted 3-d", gen(3, 4, 6, device=device).permute(2, 0, 1), 2),
+        ("size-1 dims with odd strides", gen(6, 1, 5, device=device).as_strided((6, 1, 5), (5, 77, 1)), 1),
+        ("sliced", nchw.to(memory_format=torch.channels_last)[:, :, ::2], 1),
+        ("expanded", gen(1, 6, device=device).expand(4, 6), 1),
+    ]
+
+
+@pytest.mark.parametrize("case", range(8))
+def test_outputs_keep_the_input_layout(device, case):
+    # elementwise over memory: a channels-last or transposed input gives an output laid out alike (torch.empty_like's
+    # strides, as torch's fake-quantize gives), the values of the contiguous input's
+    _, x, axis = _layouts(device)[case]
+    scale, zp = qparams(x.shape[axis], bits=8, signed=False, device=device)
+    q = F.quantize(x, scale, zp, signed=False, axis=axis)
+    assert q.stride() == torch.empty_like(x, dtype=torch.uint8).stride()
+    assert_same(q, R.quantize(x.contiguous(), scale, zp, signed=False, axis=axis))
+    y = F.dequantize(q, scale, zp, axis=axis, dtype=torch.bfloat16)
+    assert y.stride() == torch.empty_like(q, dtype=torch.bfloat16).stride()
+    assert_same(y, R.dequantize(q.contiguous(), scale, zp, axis=axis, dtype=torch.bfloat16))
+    fq = F.fake_quantize(x, scale, zp, signed=False, axis=axis)
+    torch_fq = torch.fake_quantize_per_channel_affine(x, scale, zp, axis, 0, 255)
+    assert fq.stride() == torch.empty_like(x).stride() == torch_fq.stride()
+    assert_same(fq, R.fake_quantize(x.contiguous(), scale, zp, signed=False, axis=axis))
+    args = (scale, zp, axis, 8, False, "nearest")
+    for grad in (gen(*x.shape, device=device, seed=3, specials=False),  # contiguous, whatever x's layout
+                 torch.empty_like(x).copy_(gen(*x.shape, device=device, seed=3, specials=False))):
+        grad_x = ops.fake_quantize_backward(grad, x, *args)
+        assert grad_x.stride() == torch.empty_like(x).stride()
+        assert_same(grad_x, R.fake_quantize_backward(grad.contiguous(), x.contiguous(), scale, zp, signed=False,
+                                                      axis=axis))
+    finite = torch.empty_like(x).copy_(torch.randn(x.shape, device=device) * 30)
+    for op, op_args in [(ops.quantize, (finite, *args)), (ops.fake_quantize, (finite.requires_grad_(True), *args)),
+                        (ops.dequantize, (q, scale, zp, axis, torch.float32)),
+                        (ops.fake_quantize_backward, (torch.ones_like(finite), finite.detach(), *args))]:
+        torch.library.opcheck(op, op_args)
+
+
 def test_empty_tensors(device):
     for shape, axis in [((0,), None), ((3, 0, 2), 1), ((3, 0, 2), 0), ((0, 4), -1)]:
         x = torch.empty(shape, device=device)
@@ -643,3 +689,5 @@ def test_benchmark_runs():
     rows = run(sizes=(1 << 12,), threads=(1,), repeats=1, cpu_time=True)
     assert len(rows) == 11 and all(set(COLUMNS) <= set(r) for r in rows)  # no time is asserted
     assert {r["clock"] for r in rows} == {"cpu"}
+    rows = run(sizes=(1 << 12,), threads=(1,), repeats=1, channels_last=True)
+    assert len(rows) == 10 and {r["granularity"] for r in rows} == {"per-tensor", "per-channel"}

@@ -1194,36 +1194,27 @@ def _after_load(module, incompatible_keys) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # the converted pipeline's ops (called from the rewritten graph)
 
-def _channels_last(x: torch.Tensor) -> bool:
-    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-
-
 def quantize_input(x: torch.Tensor, quantizer: ActivationQuantizer) -> torch.Tensor:
-    """x quantized with quantizer's (per-tensor) qparams, in x's layout: a channels-last x in memory order, so
-    that the integers stay channels-last (the layout the convs read) without a copy. Each conv reading a contiguous
+    """x quantized with quantizer's (per-tensor) qparams, in x's layout (quantize keeps it): the integers of a
+    channels-last x stay channels-last (the layout the convs read) without a copy. Each conv reading a contiguous
     one lays it out channels-last itself."""
     if x.requires_grad:
         warn_if_gradient_cut("integer pipeline", x)
     scale, _, zero_point, _ = quantizer.qparams
     spec = quantizer.spec
-    nhwc = _channels_last(x)
-    q = F_q.quantize(x.permute(0, 2, 3, 1) if nhwc else x, scale, zero_point, bits=spec.bits, signed=spec.signed,
-                     rounding=spec.rounding)
-    return q.permute(0, 3, 1, 2) if nhwc else q
+    return F_q.quantize(x, scale, zero_point, bits=spec.bits, signed=spec.signed, rounding=spec.rounding)
 
 
 def dequantize_output(q: torch.Tensor, quantizer: ActivationQuantizer, dtype: torch.dtype, *,
                       keep_layout: bool = False, autocast: bool = False) -> torch.Tensor:
-    """q's float values, contiguous; with keep_layout, a channels-last q (a conv's output) gives a channels-last
-    tensor, dequantized in memory order (no copy), for float ops that take any layout. With autocast (q computed
-    from layers' outputs, which take autocast's dtype), the values are of autocast's dtype where it is on for q's
-    device, as the float model's are."""
+    """q's float values, contiguous (a view may read them); with keep_layout, in q's layout (dequantize keeps it:
+    a conv's channels-last integers give channels-last values without a copy), for float ops that take any layout.
+    With autocast (q computed from layers' outputs, which take autocast's dtype), the values are of autocast's dtype
+    where it is on for q's device, as the float model's are."""
     if autocast and torch.is_autocast_enabled(q.device.type):
         dtype = torch.get_autocast_dtype(q.device.type)
     scale, _, zero_point, _ = quantizer.qparams
-    if keep_layout and _channels_last(q):
-        return F_q.dequantize(q.permute(0, 2, 3, 1), scale, zero_point, dtype=dtype).permute(0, 3, 1, 2)
-    return F_q.dequantize(q, scale, zero_point, dtype=dtype)
+    return F_q.dequantize(q if keep_layout else q.contiguous(), scale, zero_point, dtype=dtype)
 
 
 def integer_layer(layer: QuantLayerBase, x_q: torch.Tensor, out: Optional[ActivationQuantizer],

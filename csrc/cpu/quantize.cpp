@@ -32,6 +32,7 @@
 #include "cpu/isa.h"
 #include "cpu/per_token.h"
 #include "dtype_dispatch.h"
+#include "memory_order.h"
 #include "quant_math.h"
 
 namespace torchquant {
@@ -547,15 +548,17 @@ QuantizeArgs checked_quantize_args(const at::Tensor& x, const at::Tensor& scale,
   return {f, r, layout, checked_params(scale, zero_point, f.binary ? 0.0f : f.qmin, f.binary ? 0.0f : f.qmax)};
 }
 
-// A kernel's output: straight from the CPU allocator (at::empty would dispatch again, which costs as much as the
-// work on a few thousand elements).
-at::Tensor empty_cpu(at::IntArrayRef sizes, at::ScalarType dtype) { return at::detail::empty_cpu(sizes, dtype); }
+// A kernel's output, laid out as its dense input (memory_order.h): straight from the CPU allocator (at::empty
+// would dispatch again, which costs as much as the work on a few thousand elements).
+at::Tensor empty_like_cpu(const at::Tensor& dense, at::ScalarType dtype) {
+  return at::detail::empty_strided_cpu(dense.sizes(), dense.strides(), dtype);
+}
 
 at::Tensor quantize_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
                         std::optional<int64_t> axis, int64_t bits, bool is_signed, c10::string_view rounding) {
-  const QuantizeArgs args = checked_quantize_args(x, scale, zero_point, axis, bits, is_signed, rounding);
-  const c10::MaybeOwned<at::Tensor> xc = x.expect_contiguous();
-  at::Tensor q = empty_cpu(x.sizes(), is_signed ? at::kChar : at::kByte);
+  const c10::MaybeOwned<at::Tensor> xc = dense_in_memory(x);
+  const QuantizeArgs args = checked_quantize_args(*xc, scale, zero_point, axis, bits, is_signed, rounding);
+  at::Tensor q = empty_like_cpu(*xc, is_signed ? at::kChar : at::kByte);
   with_float_type(x.scalar_type(), "x", [&](auto in_tag) {
     using In = decltype(in_tag);
     with_byte_type(q.scalar_type(), "output", [&](auto out_tag) {
@@ -576,11 +579,11 @@ at::Tensor dequantize_cpu(const at::Tensor& q, const at::Tensor& scale, const at
                           std::optional<int64_t> axis, at::ScalarType dtype) {
   TQ_CHECK(q.scalar_type() == at::kChar || q.scalar_type() == at::kByte, "q must be int8 or uint8, got ",
               q.scalar_type());
-  const QuantLayout layout = checked_layout(q, scale, zero_point, axis);
+  const c10::MaybeOwned<at::Tensor> qc = dense_in_memory(q);
+  const QuantLayout layout = checked_layout(*qc, scale, zero_point, axis);
   const bool is_signed = q.scalar_type() == at::kChar;
   const ChannelParams p = checked_params(scale, zero_point, is_signed ? -128.0f : 0.0f, is_signed ? 127.0f : 255.0f);
-  const c10::MaybeOwned<at::Tensor> qc = q.expect_contiguous();
-  at::Tensor y = empty_cpu(q.sizes(), dtype);
+  at::Tensor y = empty_like_cpu(*qc, dtype);
   with_byte_type(q.scalar_type(), "q", [&](auto in_tag) {
     using In = decltype(in_tag);
     with_float_type(dtype, "dtype", [&](auto out_tag) {
@@ -597,9 +600,9 @@ at::Tensor dequantize_cpu(const at::Tensor& q, const at::Tensor& scale, const at
 
 at::Tensor fake_quantize_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
                              std::optional<int64_t> axis, int64_t bits, bool is_signed, c10::string_view rounding) {
-  const QuantizeArgs args = checked_quantize_args(x, scale, zero_point, axis, bits, is_signed, rounding);
-  const c10::MaybeOwned<at::Tensor> xc = x.expect_contiguous();
-  at::Tensor y = empty_cpu(x.sizes(), x.scalar_type());
+  const c10::MaybeOwned<at::Tensor> xc = dense_in_memory(x);
+  const QuantizeArgs args = checked_quantize_args(*xc, scale, zero_point, axis, bits, is_signed, rounding);
+  at::Tensor y = empty_like_cpu(*xc, x.scalar_type());
   with_float_type(x.scalar_type(), "x", [&](auto tag) {
     using T = decltype(tag);
     const T* xp = xc->data_ptr<T>();
@@ -616,11 +619,11 @@ at::Tensor fake_quantize_cpu(const at::Tensor& x, const at::Tensor& scale, const
 at::Tensor fake_quantize_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& scale,
                                       const at::Tensor& zero_point, std::optional<int64_t> axis, int64_t bits,
                                       bool is_signed, c10::string_view rounding) {
-  const QuantizeArgs args = checked_quantize_args(x, scale, zero_point, axis, bits, is_signed, rounding);
+  const c10::MaybeOwned<at::Tensor> xc = dense_in_memory(x);
+  const QuantizeArgs args = checked_quantize_args(*xc, scale, zero_point, axis, bits, is_signed, rounding);
   check_grad_like(grad, x);
-  const c10::MaybeOwned<at::Tensor> xc = x.expect_contiguous();
-  const c10::MaybeOwned<at::Tensor> gc = grad.expect_contiguous();
-  at::Tensor grad_x = empty_cpu(x.sizes(), x.scalar_type());
+  const c10::MaybeOwned<at::Tensor> gc = in_layout_of(grad, *xc);
+  at::Tensor grad_x = empty_like_cpu(*xc, x.scalar_type());
   with_float_type(x.scalar_type(), "x", [&](auto tag) {
     using T = decltype(tag);
     const T* xp = xc->data_ptr<T>();

@@ -16,6 +16,7 @@
 
 #include "arg_checks.h"
 #include "cuda/common.cuh"
+#include "memory_order.h"
 #include "quant_math.h"
 
 namespace torchquant {
@@ -205,6 +206,11 @@ QuantLayout checked_layout(const at::Tensor& x, const at::Tensor& scale, const a
   return checked_quant_layout(x, scale, zero_point, axis);
 }
 
+// A kernel's output, laid out as its dense input (memory_order.h).
+at::Tensor empty_like_cuda(const at::Tensor& dense, at::ScalarType dtype) {
+  return at::empty_strided(dense.sizes(), dense.strides(), dense.options().dtype(dtype));
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // The ops.
 // ---------------------------------------------------------------------------------------------------------------
@@ -213,16 +219,16 @@ at::Tensor quantize_cuda(const at::Tensor& x, const at::Tensor& scale, const at:
                          std::optional<int64_t> axis, int64_t bits, bool is_signed, c10::string_view rounding) {
   const QuantFormat f = checked_format(bits, is_signed);
   const Rounding r = parse_rounding(rounding);
-  const QuantLayout layout = checked_layout(x, scale, zero_point, axis);
+  const c10::MaybeOwned<at::Tensor> xc = dense_in_memory(x);
+  const QuantLayout layout = checked_layout(*xc, scale, zero_point, axis);
   const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor xc = x.contiguous();
-  at::Tensor q = at::empty(x.sizes(), x.options().dtype(is_signed ? at::kChar : at::kByte));
+  at::Tensor q = empty_like_cuda(*xc, is_signed ? at::kChar : at::kByte);
   with_float_type(x.scalar_type(), "x", [&](auto in_tag) {
     using In = decltype(in_tag);
     with_byte_type(q.scalar_type(), "output", [&](auto out_tag) {
       using Out = decltype(out_tag);
       if (x.numel() > 0)
-        run_map(QuantizeOp<In, Out>{xc.data_ptr<In>(), q.data_ptr<Out>(), f, r}, layout, scale, zero_point, x.numel());
+        run_map(QuantizeOp<In, Out>{xc->data_ptr<In>(), q.data_ptr<Out>(), f, r}, layout, scale, zero_point, x.numel());
     });
   });
   return q;
@@ -230,16 +236,16 @@ at::Tensor quantize_cuda(const at::Tensor& x, const at::Tensor& scale, const at:
 
 at::Tensor dequantize_cuda(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& zero_point,
                            std::optional<int64_t> axis, at::ScalarType dtype) {
-  const QuantLayout layout = checked_layout(q, scale, zero_point, axis);
+  const c10::MaybeOwned<at::Tensor> qc = dense_in_memory(q);
+  const QuantLayout layout = checked_layout(*qc, scale, zero_point, axis);
   const c10::cuda::CUDAGuard guard(q.device());
-  const at::Tensor qc = q.contiguous();
-  at::Tensor y = at::empty(q.sizes(), q.options().dtype(dtype));
+  at::Tensor y = empty_like_cuda(*qc, dtype);
   with_byte_type(q.scalar_type(), "q", [&](auto in_tag) {
     using In = decltype(in_tag);
     with_float_type(dtype, "dtype", [&](auto out_tag) {
       using Out = decltype(out_tag);
       if (q.numel() > 0)
-        run_map(DequantizeOp<In, Out>{qc.data_ptr<In>(), y.data_ptr<Out>()}, layout, scale, zero_point, q.numel());
+        run_map(DequantizeOp<In, Out>{qc->data_ptr<In>(), y.data_ptr<Out>()}, layout, scale, zero_point, q.numel());
     });
   });
   return y;
@@ -249,14 +255,14 @@ at::Tensor fake_quantize_cuda(const at::Tensor& x, const at::Tensor& scale, cons
                               std::optional<int64_t> axis, int64_t bits, bool is_signed, c10::string_view rounding) {
   const QuantFormat f = checked_format(bits, is_signed);
   const Rounding r = parse_rounding(rounding);
-  const QuantLayout layout = checked_layout(x, scale, zero_point, axis);
+  const c10::MaybeOwned<at::Tensor> xc = dense_in_memory(x);
+  const QuantLayout layout = checked_layout(*xc, scale, zero_point, axis);
   const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor xc = x.contiguous();
-  at::Tensor y = at::empty(x.sizes(), x.options());
+  at::Tensor y = empty_like_cuda(*xc, x.scalar_type());
   with_float_type(x.scalar_type(), "x", [&](auto tag) {
     using T = decltype(tag);
     if (x.numel() > 0)
-      run_map(FakeQuantizeOp<T>{xc.data_ptr<T>(), y.data_ptr<T>(), f, r}, layout, scale, zero_point, x.numel());
+      run_map(FakeQuantizeOp<T>{xc->data_ptr<T>(), y.data_ptr<T>(), f, r}, layout, scale, zero_point, x.numel());
   });
   return y;
 }
@@ -266,16 +272,16 @@ at::Tensor fake_quantize_backward_cuda(const at::Tensor& grad, const at::Tensor&
                                        bool is_signed, c10::string_view rounding) {
   const QuantFormat f = checked_format(bits, is_signed);
   const Rounding r = parse_rounding(rounding);
-  const QuantLayout layout = checked_layout(x, scale, zero_point, axis);
-  check_grad_like(grad, x);
+  const c10::MaybeOwned<at::Tensor> xc = dense_in_memory(x);
+  const QuantLayout layout = checked_layout(*xc, scale, zero_point, axis);
   const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor xc = x.contiguous();
-  const at::Tensor gc = grad.contiguous();
-  at::Tensor grad_x = at::empty(x.sizes(), x.options());
+  check_grad_like(grad, x);
+  const c10::MaybeOwned<at::Tensor> gc = in_layout_of(grad, *xc);
+  at::Tensor grad_x = empty_like_cuda(*xc, x.scalar_type());
   with_float_type(x.scalar_type(), "x", [&](auto tag) {
     using T = decltype(tag);
     if (x.numel() > 0)
-      run_map(FakeQuantizeBackwardOp<T>{gc.data_ptr<T>(), xc.data_ptr<T>(), grad_x.data_ptr<T>(), f, r}, layout,
+      run_map(FakeQuantizeBackwardOp<T>{gc->data_ptr<T>(), xc->data_ptr<T>(), grad_x.data_ptr<T>(), f, r}, layout,
               scale, zero_point, x.numel());
   });
   return grad_x;

@@ -341,7 +341,8 @@ def quantization_error(x: torch.Tensor, x_hat: torch.Tensor) -> Dict[str, float]
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Fake (meta) kernels: shapes and dtypes only, for torch.compile and opcheck. Outputs are contiguous.
+# Fake (meta) kernels: shapes and dtypes only, for torch.compile and opcheck. Outputs are laid out as
+# torch.empty_like's (the kernels run in the input's memory order), per-token quantize's contiguous.
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -349,7 +350,7 @@ def quantization_error(x: torch.Tensor, x_hat: torch.Tensor) -> Dict[str, float]
 def _quantize_fake(x, scale, zero_point, axis, bits, signed, rounding):
     check_fake_devices("quantize", "x", x, scale=scale, zero_point=zero_point)
     check_fake_dtype("quantize", "x", x, FLOAT_DTYPES)
-    return x.new_empty(x.shape, dtype=torch.int8 if signed else torch.uint8)
+    return torch.empty_like(x, dtype=torch.int8 if signed else torch.uint8)
 
 
 @torch.library.register_fake("torchquant::dequantize")
@@ -357,20 +358,20 @@ def _dequantize_fake(q, scale, zero_point, axis, dtype):
     check_fake_devices("dequantize", "q", q, scale=scale, zero_point=zero_point)
     check_fake_dtype("dequantize", "q", q, (torch.int8, torch.uint8))
     torch._check(dtype in FLOAT_DTYPES, lambda: f"dequantize: dtype must be float32, float16 or bfloat16, got {dtype}")
-    return q.new_empty(q.shape, dtype=dtype)
+    return torch.empty_like(q, dtype=dtype)
 
 
 @torch.library.register_fake("torchquant::fake_quantize")
 def _fake_quantize_fake(x, scale, zero_point, axis, bits, signed, rounding):
     check_fake_devices("fake_quantize", "x", x, scale=scale, zero_point=zero_point)
     check_fake_dtype("fake_quantize", "x", x, FLOAT_DTYPES)
-    return x.new_empty(x.shape)
+    return torch.empty_like(x)
 
 
 @torch.library.register_fake("torchquant::fake_quantize_backward")
 def _fake_quantize_backward_fake(grad, x, scale, zero_point, axis, bits, signed, rounding):
     check_fake_devices("fake_quantize_backward", "x", x, grad=grad, scale=scale, zero_point=zero_point)
-    return x.new_empty(x.shape)
+    return torch.empty_like(x)
 
 
 @torch.library.register_fake("torchquant::quantize_per_token")

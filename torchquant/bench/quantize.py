@@ -89,40 +89,49 @@ def shape_of(numel: int) -> tuple:
     return channels, numel // channels
 
 
-def cases(numel: int):
-    """(op, granularity, dtype, ours, torch) for each benchmarked op at numel elements."""
+def cases(numel: int, channels_last: bool = False):
+    """(op, granularity, dtype, ours, torch) for each benchmarked op at numel elements; channels_last: of an
+    activation [N, 64, 8, 8] laid out channels-last, per channel along dim 1 (no per-token row)."""
     channels, cols = shape_of(numel)
     x = torch.randn(channels, cols) * 3
+    axis = 0
+    if channels_last:
+        x, channels, axis = x.view(-1, 64, 8, 8).contiguous(memory_format=torch.channels_last), 64, 1
     x_bf16 = x.bfloat16()
     scale, zp = 0.05, 3
     scales = torch.rand(channels) * 0.05 + 0.01
     zps = torch.randint(-10, 10, (channels,), dtype=torch.int32)
     q = F_q.quantize(x, scale, zp)
-    qc = F_q.quantize(x, scales, zps, axis=0)
+    qc = F_q.quantize(x, scales, zps, axis=axis)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch's quantized tensors are deprecated; they are the baseline here
         q_torch = torch.quantize_per_tensor(x, scale, zp, torch.qint8)
-        qc_torch = torch.quantize_per_channel(x, scales.double(), zps.long(), 0, torch.qint8)
-    tokens = x.view(-1, 1024) if numel >= 1024 * 64 else x  # rows of a hidden size as an activation has
-    return [
+        qc_torch = torch.quantize_per_channel(x, scales.double(), zps.long(), axis, torch.qint8)
+    rows = [
         ("quantize", "per-tensor", "float32", lambda: F_q.quantize(x, scale, zp),
          lambda: torch.quantize_per_tensor(x, scale, zp, torch.qint8)),
         ("quantize", "per-tensor", "bfloat16", lambda: F_q.quantize(x_bf16, scale, zp),
          lambda: torch.quantize_per_tensor(x_bf16.float(), scale, zp, torch.qint8)),  # takes float32 only
-        ("quantize", "per-channel", "float32", lambda: F_q.quantize(x, scales, zps, axis=0),
-         lambda: torch.quantize_per_channel(x, scales, zps, 0, torch.qint8)),
-        ("quantize", "per-channel", "bfloat16", lambda: F_q.quantize(x_bf16, scales, zps, axis=0),
-         lambda: torch.quantize_per_channel(x_bf16.float(), scales, zps, 0, torch.qint8)),
+        ("quantize", "per-channel", "float32", lambda: F_q.quantize(x, scales, zps, axis=axis),
+         lambda: torch.quantize_per_channel(x, scales, zps, axis, torch.qint8)),
+        ("quantize", "per-channel", "bfloat16", lambda: F_q.quantize(x_bf16, scales, zps, axis=axis),
+         lambda: torch.quantize_per_channel(x_bf16.float(), scales, zps, axis, torch.qint8)),
         ("dequantize", "per-tensor", "float32", lambda: F_q.dequantize(q, scale, zp), q_torch.dequantize),
-        ("dequantize", "per-channel", "float32", lambda: F_q.dequantize(qc, scales, zps, axis=0), qc_torch.dequantize),
+        ("dequantize", "per-channel", "float32", lambda: F_q.dequantize(qc, scales, zps, axis=axis),
+         qc_torch.dequantize),
         ("fake_quantize", "per-tensor", "float32", lambda: F_q.fake_quantize(x, scale, zp),
          lambda: torch.fake_quantize_per_tensor_affine(x, scale, zp, -128, 127)),
         ("fake_quantize", "per-tensor", "bfloat16", lambda: F_q.fake_quantize(x_bf16, scale, zp),
          lambda: torch.fake_quantize_per_tensor_affine(x_bf16, scale, zp, -128, 127)),
-        ("fake_quantize", "per-channel", "float32", lambda: F_q.fake_quantize(x, scales, zps, axis=0),
-         lambda: torch.fake_quantize_per_channel_affine(x, scales, zps, 0, -128, 127)),
-        ("fake_quantize", "per-channel", "bfloat16", lambda: F_q.fake_quantize(x_bf16, scales, zps, axis=0),
-         lambda: torch.fake_quantize_per_channel_affine(x_bf16, scales, zps, 0, -128, 127)),
+        ("fake_quantize", "per-channel", "float32", lambda: F_q.fake_quantize(x, scales, zps, axis=axis),
+         lambda: torch.fake_quantize_per_channel_affine(x, scales, zps, axis, -128, 127)),
+        ("fake_quantize", "per-channel", "bfloat16", lambda: F_q.fake_quantize(x_bf16, scales, zps, axis=axis),
+         lambda: torch.fake_quantize_per_channel_affine(x_bf16, scales, zps, axis, -128, 127)),
+    ]
+    if channels_last:
+        return rows
+    tokens = x.view(-1, 1024) if numel >= 1024 * 64 else x  # rows of a hidden size as an activation has
+    return rows + [
         # PyTorch has no per-token op: its baseline is the same computation in PyTorch ops (torchquant.reference)
         ("quantize_per_token", f"rows of {tokens.shape[1]}", "float32", lambda: F_q.quantize_per_token(tokens),
          lambda: reference.quantize_per_token(tokens)),
@@ -130,9 +139,9 @@ def cases(numel: int):
 
 
 def run(sizes: Sequence[int] = SIZES, threads: Sequence[int] = (1, 2), repeats: int = 15,
-        statistic=statistics.median, cpu_time: bool = False) -> List[dict]:
+        statistic=statistics.median, cpu_time: bool = False, channels_last: bool = False) -> List[dict]:
     """One row per (size, thread count, op): statistic (median by default) of `repeats` interleaved samples;
-    cpu_time: 1-thread rows in CPU time of this thread (see the module docstring)."""
+    cpu_time: 1-thread rows in CPU time of this thread (see the module docstring); channels_last: see cases."""
     rows = []
     for numel in sizes:
         for n_threads in threads:
@@ -141,7 +150,7 @@ def run(sizes: Sequence[int] = SIZES, threads: Sequence[int] = (1, 2), repeats: 
                 copy_bw = copy_bandwidth(4 * numel, repeats=repeats, clock=clock)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    for op, granularity, dtype, ours, theirs in cases(numel):
+                    for op, granularity, dtype, ours, theirs in cases(numel, channels_last):
                         t = compare({"ours": ours, "torch": theirs}, repeats=repeats, statistic=statistic,
                                     clock=clock)
                         bandwidth = bytes_per_element(op, dtype) * numel / t["ours"]
@@ -183,14 +192,18 @@ def main(argv=None) -> None:
                         "(steadier on a loaded machine)")
     parser.add_argument("--reuse-memory", action="store_true", help="keep freed outputs in the heap (see above)")
     parser.add_argument("--cpu-time", action="store_true", help="1-thread rows in thread CPU time (see above)")
+    parser.add_argument("--channels-last", action="store_true", help="inputs [N, 64, 8, 8] laid out channels-last, "
+                        "per channel along dim 1")
     args = parser.parse_args(argv)
     if args.reuse_memory:
         reuse_freed_memory()
     load_before = load_average()
-    rows = run(args.sizes, tuple(args.threads), args.repeats, min if args.min else statistics.median, args.cpu_time)
+    rows = run(args.sizes, tuple(args.threads), args.repeats, min if args.min else statistics.median, args.cpu_time,
+               args.channels_last)
     for row in rows:
         row["elements"] = size_label(row["elements"])
-    print(f"quantize family, {cpu_name()} (CPU kernels: {cpu_kernel_path()}), torch {torch.__version__}, "
+    layout = "channels-last [N, 64, 8, 8] inputs" if args.channels_last else "contiguous inputs"
+    print(f"quantize family on {layout}, {cpu_name()} (CPU kernels: {cpu_kernel_path()}), torch {torch.__version__}, "
           f"{'minimum' if args.min else 'median'} of {args.repeats} interleaved samples, "
           f"{'outputs reuse freed heap memory' if args.reuse_memory else 'default allocator'}; "
           f"load average (1 min) {load_before} before, {load_average()} after")

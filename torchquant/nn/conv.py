@@ -105,15 +105,6 @@ class QuantConv2d(QuantLayerBase):
     def _pack(self, w_int8: torch.Tensor) -> torch.Tensor:
         return F_q.pack_conv_weight(w_int8, self.groups)
 
-    def _quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # per-tensor quantization is elementwise: a channels-last input is quantized as the contiguous NHWC tensor
-        # it is in memory, so the integer input stays channels-last (the layout the conv kernel reads) and nothing
-        # is transposed twice
-        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-            x_q, x_scale = super()._quantize_input(x.permute(0, 2, 3, 1))
-            return x_q.permute(0, 3, 1, 2), x_scale
-        return super()._quantize_input(x)
-
     def set_output_memory_format(self, memory_format: torch.memory_format | None) -> None:
         """The memory format of the converted conv's output. None (the default): the one nn.Conv2d's output would
         have, channels-last for a channels-last input and contiguous otherwise (one copy of the kernels'
