@@ -421,6 +421,29 @@ class AvgPoolNet(nn.Module):
         return self.head(torch.cat([z.flatten(1), w.flatten(1)], 1))
 
 
+class AdaptivePoolNet(nn.Module):
+    """Adaptive average pools to sizes other than 1 between integer layers: VGG's classifier pool (to a size that
+    divides the input's), one keeping a dim (None), one whose windows differ in size (6 -> 4: windows of 2 and 3),
+    and a 1-d pool of the flattened map."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d((3, 3))
+        self.mid = nn.Conv2d(8, 8, 1)
+        self.uneven = nn.AdaptiveAvgPool2d(4)
+        self.conv1d = nn.Conv1d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8 * 9 + 8 * 16 + 8 * 6 + 8 * 5, 3)
+
+    def forward(self, x):  # [B, 3, 6, 6]
+        y = self.stem(x)
+        a = F.relu(self.mid(self.pool(y)))  # 3 x 3
+        b = self.uneven(y)  # 4 x 4
+        c = F.adaptive_avg_pool2d(y, (None, 1))  # 6 x 1
+        d = self.conv1d(F.adaptive_avg_pool1d(y.flatten(2), 5))  # 36 -> 5: windows of 8 and 9
+        return self.head(torch.cat([a.flatten(1), b.flatten(1), c.flatten(1), d.flatten(1)], 1))
+
+
 class UNetNet(nn.Module):
     """A small U-Net: down by max-pools, up by nearest-neighbour upsampling (F.interpolate to a skip tensor's size
     read from its shape, an nn.Upsample module, F.interpolate in "nearest-exact" mode with a scale factor), each
@@ -554,6 +577,7 @@ MODELS = {
     "shuffle-block": (ShuffleBlockNet, (2, 3, 8, 8)),
     "padded": (PaddedNet, (2, 3, 8, 8)),
     "avg-pools": (AvgPoolNet, (2, 3, 11, 11)),
+    "adaptive-pools": (AdaptivePoolNet, (2, 3, 6, 6)),
 }
 
 
