@@ -26,3 +26,12 @@ def test_module_overhead_is_timed_without_the_kernel(monkeypatch):
     assert len(calls) == 2
     assert _C.int8_linear_dynamic is counted  # the stub is gone again
     assert isinstance(seconds, float)
+
+
+def test_pool_benchmarks_time_what_they_name():
+    """The average-pool tables run every shape once, with the integer path, the float path and torch.ao's."""
+    from torchquant.bench import elementwise
+    rows = elementwise.run(("avg_pool", "adaptive_avg_pool"), threads=(1,), repeats=1)
+    assert len(rows) == len(elementwise.AVG_POOL_SHAPES) + len(elementwise.ADAPTIVE_AVG_POOL_SHAPES)
+    assert all(r["ours us"] > 0 and r["float pool us"] > 0 and r["torch.ao us"] > 0 for r in rows)
+    assert [r["pool"] for r in rows[-4:]] == ["14 -> 7 (fixed window)"] * 2 + ["7 -> 6"] * 2

@@ -886,20 +886,32 @@ def test_pipeline_global_average_pools(signed):
     assert torch.equal(torch.from_numpy(output), pipeline_run(converted, x)[0])
 
 
+# models of average pools: (the integer op of their pools, how many, the ONNX op that sums their windows, how many)
+_POOL_MODELS = {"avg-pools": (pipeline.integer_avg_pool, 5, "Conv", 10),
+                "adaptive-pools": (pipeline.integer_adaptive_avg_pool, 5, "CumSum", 9)}
+
+
+@pytest.mark.parametrize("name", list(_POOL_MODELS))
 @pytest.mark.parametrize("signed", [False, True], ids=["uint8", "int8"])
-def test_pipeline_average_pools(signed):
+def test_pipeline_average_pools(name, signed):
     """integer_avg_pool (a DenseNet transition, an Inception branch, a ResNet-D shortcut in ceil mode whose last
     windows overhang the input, a 1-d pool not counting its padding, divisor_override): a Conv with a window of ones
-    for the exact sums and counts, then torchquant's float32 steps; every layer's integer input and the output as
-    torchquant's, at the exported batch and another."""
+    for the exact sums and one for the counts; integer_adaptive_avg_pool (a transition pool to a size that divides
+    the input's, one to the input's own size, uneven windows of 2 and 3, a kept dim, 1-d windows of 8 and 9): CumSum
+    running sums of the integers along each pooled axis, their differences at torch's window bounds and the counts;
+    then torchquant's float32 steps. Every layer's integer input and the output as torchquant's, at the exported
+    batch and another; no AveragePool (onnxruntime's float sums would not be torchquant's)."""
+    integer_op, pools, summing_op, summing_nodes = _POOL_MODELS[name]
+    factory, shape = test_graph.MODELS[name]
     torch.manual_seed(0)
-    model = test_graph._randomize_bn(test_graph.AvgPoolNet())
-    batches = test_graph._batches((4, 3, 11, 11))
+    model = test_graph._randomize_bn(factory())
+    batches = test_graph._batches((4, *shape[1:]))
     converted = torchquant.convert(calibrated(torchquant.prepare(model, pipeline_config(signed)), batches))
-    assert [n.target for n in converted.graph.nodes].count(pipeline.integer_avg_pool) == 5
-    x = test_graph._batches((4, 3, 11, 11), seed=7)[0]
+    assert [n.target for n in converted.graph.nodes].count(integer_op) == pools
+    x = test_graph._batches((4, *shape[1:]), seed=7)[0]
     compared, proto = check_pipeline_export(converted, converted, x)
-    assert compared > 0 and "AveragePool" not in [n.op_type for n in proto.graph.node]
+    op_types = [n.op_type for n in proto.graph.node]
+    assert compared > 0 and "AveragePool" not in op_types and op_types.count(summing_op) >= summing_nodes
     proto, _ = _onnx_model(converted, (x[:2],), None, True)
     (output, *_), _ = run_onnx(proto, (x,))
     assert torch.equal(torch.from_numpy(output), pipeline_run(converted, x)[0])

@@ -422,26 +422,27 @@ class AvgPoolNet(nn.Module):
 
 
 class AdaptivePoolNet(nn.Module):
-    """Adaptive average pools to sizes other than 1 between integer layers: VGG's classifier pool (to a size that
-    divides the input's), one keeping a dim (None), one whose windows differ in size (6 -> 4: windows of 2 and 3),
-    and a 1-d pool of the flattened map."""
+    """Adaptive average pools to sizes other than 1 between integer layers: a transition conv + pool to a size that
+    divides the input's (a fixed window), a branch pooled to its own size (windows of one element) added back, a
+    module whose windows differ in size (6 -> 4: windows of 2 and 3), one keeping a dim (None), and a 1-d pool of the
+    flattened map."""
 
     def __init__(self):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
-        self.pool = nn.AdaptiveAvgPool2d((3, 3))
-        self.mid = nn.Conv2d(8, 8, 1)
+        self.transition = nn.Sequential(nn.Conv2d(8, 8, 1), nn.AdaptiveAvgPool2d(6))
+        self.branch = nn.Conv2d(8, 8, 1)
         self.uneven = nn.AdaptiveAvgPool2d(4)
         self.conv1d = nn.Conv1d(8, 8, 3, padding=1)
-        self.head = nn.Linear(8 * 9 + 8 * 16 + 8 * 6 + 8 * 5, 3)
+        self.head = nn.Linear(8 * 16 + 8 * 6 + 8 * 5, 3)
 
-    def forward(self, x):  # [B, 3, 6, 6]
-        y = self.stem(x)
-        a = F.relu(self.mid(self.pool(y)))  # 3 x 3
+    def forward(self, x):  # [B, 3, 12, 12]
+        y = self.transition(self.stem(x))  # 6 x 6
+        y = F.relu(y + self.branch(F.adaptive_avg_pool2d(y, (6, None))))
         b = self.uneven(y)  # 4 x 4
         c = F.adaptive_avg_pool2d(y, (None, 1))  # 6 x 1
         d = self.conv1d(F.adaptive_avg_pool1d(y.flatten(2), 5))  # 36 -> 5: windows of 8 and 9
-        return self.head(torch.cat([a.flatten(1), b.flatten(1), c.flatten(1), d.flatten(1)], 1))
+        return self.head(torch.cat([b.flatten(1), c.flatten(1), d.flatten(1)], 1))
 
 
 class UNetNet(nn.Module):
@@ -577,7 +578,7 @@ MODELS = {
     "shuffle-block": (ShuffleBlockNet, (2, 3, 8, 8)),
     "padded": (PaddedNet, (2, 3, 8, 8)),
     "avg-pools": (AvgPoolNet, (2, 3, 11, 11)),
-    "adaptive-pools": (AdaptivePoolNet, (2, 3, 6, 6)),
+    "adaptive-pools": (AdaptivePoolNet, (2, 3, 12, 12)),
 }
 
 
@@ -631,7 +632,7 @@ def test_converted_pipeline_is_close_to_float_and_fake_quant(name):
 
 @pytest.mark.parametrize("name", ["basic-blocks", "bottleneck", "wide-bottleneck", "conv1d-residual",
                                   "keyword-spotting", "cat", "spectrogram-views", "text-cnn", "unet", "shuffle-block",
-                                  "padded", "hardswish-block", "smooth-activations", "avg-pools"])
+                                  "padded", "hardswish-block", "smooth-activations", "avg-pools", "adaptive-pools"])
 def test_pipeline_integers_are_identical_on_every_cpu_path_and_cuda(name, device, isa, monkeypatch):
     _, prepared, batches = _prepared(name, INTEGER_OUT)
     converted = tq.convert(prepared)
@@ -1095,8 +1096,8 @@ def test_clamps_fuse_into_layers_and_are_lookups_after_adds():
 
 
 def test_activation_whose_output_stays_float_runs_in_float():
-    """A SiLU that only an adaptive average pool to size 2 reads, a float op, is no lookup: the layer before it
-    writes float."""
+    """A SiLU that only a float op reads (an adaptive average pool to size 2, planned as before the rule that runs
+    it on integers) is no lookup: the layer before it writes float."""
     class Head(nn.Module):
         def __init__(self):
             super().__init__()
@@ -1107,7 +1108,8 @@ def test_activation_whose_output_stays_float_runs_in_float():
             return self.fc(F.adaptive_avg_pool2d(F.silu(self.conv(x)), 2).flatten(1))
 
     model = Head().eval()
-    with pytest.warns(UserWarning, match=r"kept float between integer layers .*: silu \(silu\)$"):
+    with (pytest.warns(UserWarning, match=r"kept float between integer layers .*: silu \(silu\)$"),
+          graph.pipeline_rules(integer_adaptive_avg_pools=False)):
         converted = tq.quantize_model(model, PIPELINE, calibration=_batches((2, 3, 6, 6)))
     targets = _graph_targets(converted)
     assert tq.functional.quantized_lookup not in targets and F.silu in targets
@@ -2045,6 +2047,7 @@ OLD_CHECKPOINTS = {"before-integer_dropout": ("dropout", "integer_dropout"),
                    "before-integer_padding": ("padded", "integer_padding"),
                    "before-integer_means": ("basic-blocks", "integer_means"),
                    "before-integer_avg_pools": ("avg-pools", "integer_avg_pools"),
+                   "before-integer_adaptive_avg_pools": ("adaptive-pools", "integer_adaptive_avg_pools"),
                    "integer_padding-unrecorded": ("padded", None),
                    "residual-and-padding-recorded": ("text-cnn", None)}
 _FIXTURE_MODELS = {"dropout": (DropoutNet, (2, 3, 8, 8)), "transposed-features": (TransposedFeaturesNet, (2, 4, 6)),
@@ -2415,6 +2418,18 @@ def _avg_pool_float64(q, zero_point, kernel_size, stride, padding, ceil_mode, co
     return F.avg_pool2d(x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
 
 
+def _assert_requantized_as_float64(got, means, inp, out, dtype):
+    """got: the integers of out for the float64 means of integers of inp less their zero point (less the scale).
+    Equal to the float64 reference but where that lies within float32 rounding of a tie, and never a step off."""
+    v = means * inp.qparams[1] / out.qparams[1]
+    assert got.dtype == dtype and got.shape == v.shape
+    info = torch.iinfo(dtype)
+    want = (torch.round(v) + out.qparams[2]).clamp(info.min, info.max)
+    diff = (got.double() - want).abs()
+    assert diff.numel() == 0 or diff.max() <= 1
+    assert (diff[(v - v.floor() - 0.5).abs() > 1e-5] == 0).all()
+
+
 @pytest.mark.parametrize("signed", [False, True], ids=["uint8", "int8"])
 @pytest.mark.parametrize("pool", list(AVG_POOLS))
 def test_integer_avg_pool_against_float64(pool, signed):
@@ -2434,12 +2449,7 @@ def test_integer_avg_pool_against_float64(pool, signed):
                                              ((0.7, hi - 6), (0.004, 17))]:
             inp, out = _activation_quantizer(s_in, z_in, signed), _activation_quantizer(s_out, z_out, signed)
             got = graph.integer_avg_pool(q, *args, inp, out)
-            v = _avg_pool_float64(q, inp.qparams[2], *args) * inp.qparams[1] / out.qparams[1]
-            assert got.dtype == q.dtype and got.shape == v.shape
-            want = (torch.round(v) + z_out).clamp(lo, hi - 1)
-            diff = (got.double() - want).abs()
-            assert diff.numel() == 0 or diff.max() <= 1
-            assert (diff[(v - v.floor() - 0.5).abs() > 1e-5] == 0).all()
+            _assert_requantized_as_float64(got, _avg_pool_float64(q, inp.qparams[2], *args), inp, out, q.dtype)
 
 
 def test_integer_avg_pool_rounds_ties_to_even_and_pads_with_zero():
@@ -2456,28 +2466,61 @@ def test_integer_avg_pool_rounds_ties_to_even_and_pads_with_zero():
         [1, 3, 7, 11]
 
 
-def test_average_pools_read_integers_and_requantize():
+# pipeline models of average pools: their integer op, the pools' arguments, the float module they replace, layers
+# reading their integers, and other input sizes (fixed windows follow the size; odd sizes: a ceil-mode pool's last
+# window overhangs, an adaptive pool's windows differ in size)
+POOL_PIPELINES = {
+    "avg-pools": (graph.integer_avg_pool, [((2, 2), (2, 2), (0, 0), False, True, None),
+                                           ((3, 3), (1, 1), (1, 1), False, True, None),
+                                           ((2, 2), (2, 2), (0, 0), True, False, None),
+                                           ((3,), (2,), (1,), False, False, None),
+                                           ((2, 2), (2, 2), (1, 1), True, True, 3)],
+                  nn.AvgPool2d, ["transition.0", "conv1d"], [(2, 3, 11, 11), (1, 3, 12, 12), (1, 3, 10, 10)]),
+    "adaptive-pools": (graph.integer_adaptive_avg_pool, [((6, 6),), ((6, None),), ((4, 4),), ((None, 1),), ((5,),)],
+                       nn.AdaptiveAvgPool2d, ["conv1d"], [(2, 3, 12, 12), (1, 3, 18, 18), (1, 3, 10, 14)]),
+}
+
+
+@pytest.mark.parametrize("name", list(POOL_PIPELINES))
+def test_average_pools_read_integers_and_requantize(name):
+    integer_op, arguments, module_type, readers, other_shapes = POOL_PIPELINES[name]
+    factory, shape = MODELS[name]
     torch.manual_seed(0)
-    batches = _batches((4, 3, 11, 11))
-    prepared, converted = _integer_out_pipeline_with_no_float_op(_randomize_bn(AvgPoolNet()), batches)
+    batches = _batches((4, *shape[1:]))
+    prepared, converted = _integer_out_pipeline_with_no_float_op(_randomize_bn(factory()), batches)
     targets = _graph_targets(converted)
-    assert targets.count(graph.integer_avg_pool) == 5 and targets.count(graph.quantize_input) == 1
+    assert targets.count(integer_op) == len(arguments) and targets.count(graph.quantize_input) == 1
     assert targets.count(graph.dequantize_output) == 0
-    assert not any(isinstance(m, nn.AvgPool2d) for m in converted.modules())
-    pools = [n.args[1:7] for n in converted.graph.nodes if n.target is graph.integer_avg_pool]
-    assert pools == [((2, 2), (2, 2), (0, 0), False, True, None), ((3, 3), (1, 1), (1, 1), False, True, None),
-                     ((2, 2), (2, 2), (0, 0), True, False, None), ((3,), (2,), (1,), False, False, None),
-                     ((2, 2), (2, 2), (1, 1), True, True, 3)]
+    assert not any(isinstance(m, module_type) for m in converted.modules())
+    assert [n.args[1:-2] for n in converted.graph.nodes if n.target is integer_op] == arguments
     layers, notes = graph.pipeline_notes(converted)
-    assert layers["transition.0"] == layers["conv1d"] == "integer input, uint8 output"
-    assert "5 integer average pool(s)" in notes[0]
-    # the windows and divisors follow the input's size under torch.compile with dynamic shapes too (odd sizes: the
-    # ceil-mode pool's last window overhangs)
-    more = [_batches(shape)[0] for shape in ((2, 3, 11, 11), (1, 3, 12, 12), (1, 3, 10, 10))]
-    _assert_fake_quant_integers_and_dynamic_compile(converted, prepared, batches, more)
+    assert all(layers[r] == "integer input, uint8 output" for r in readers)
+    assert f"{len(arguments)} integer average pool(s)" in notes[0]
+    # the windows follow the input's size under torch.compile with dynamic shapes too
+    _assert_fake_quant_integers_and_dynamic_compile(converted, prepared, batches,
+                                                    [_batches(s)[0] for s in other_shapes])
 
 
-def test_an_average_pool_that_is_not_global_stays_float():
+@pytest.mark.parametrize("signed", [False, True], ids=["uint8", "int8"])
+@pytest.mark.parametrize("shape, output_size", [((2, 5, 12, 12), (6,) * 2), ((2, 5, 6, 6), (4, 4)),
+                                                ((3, 4, 9, 7), (None, 3)), ((5, 6, 7), (3, 2)), ((2, 3, 20), (6,)),
+                                                ((0, 2, 5, 5), (2, 2))])
+def test_integer_adaptive_avg_pool_against_float64(shape, output_size, signed):
+    # the adaptive pool of the dequantized values, requantized: equal to the float64 reference but where that lies
+    # within float32 rounding of a tie, never more than one step off; a fixed window (kernel = stride), uneven
+    # windows, a kept dim, unbatched, 1-d, an empty batch
+    lo, hi = (-128, 128) if signed else (0, 256)
+    g = torch.Generator().manual_seed(len(shape))
+    q = torch.randint(lo, hi, shape, generator=g, dtype=torch.int32).to(torch.int8 if signed else torch.uint8)
+    pool = F.adaptive_avg_pool1d if len(output_size) == 1 else F.adaptive_avg_pool2d
+    for (s_in, z_in), (s_out, z_out) in [((0.05, 3), (0.02, 9)), ((0.013, lo), (0.1, 0)), ((0.7, hi - 6), (0.004, 17))]:
+        inp, out = _activation_quantizer(s_in, z_in, signed), _activation_quantizer(s_out, z_out, signed)
+        got = graph.integer_adaptive_avg_pool(q, output_size, inp, out)
+        means = pool(q.double() - inp.qparams[2], output_size[0] if len(output_size) == 1 else output_size)
+        _assert_requantized_as_float64(got, means, inp, out, q.dtype)
+
+
+def test_an_adaptive_average_pool_before_the_rule_stays_float():
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
@@ -2486,7 +2529,11 @@ def test_an_average_pool_that_is_not_global_stays_float():
         def forward(self, x):
             return self.fc(F.adaptive_avg_pool2d(self.conv(x), 2).flatten(1))
 
-    converted = tq.quantize_model(Net().eval(), PIPELINE, calibration=_batches((2, 3, 6, 6)))
+    with graph.pipeline_rules(integer_adaptive_avg_pools=False):
+        converted = tq.quantize_model(Net().eval(), PIPELINE, calibration=_batches((2, 3, 6, 6)))
     targets = _graph_targets(converted)
-    assert graph.integer_mean not in targets and F.adaptive_avg_pool2d in targets
+    assert graph.integer_adaptive_avg_pool not in targets and F.adaptive_avg_pool2d in targets
     assert targets.count(graph.quantize_input) == 2  # the input, and the pool's float output for the head
+    converted = tq.quantize_model(Net().eval(), PIPELINE, calibration=_batches((2, 3, 6, 6)))
+    assert _graph_targets(converted).count(graph.integer_adaptive_avg_pool) == 1
+

@@ -1,5 +1,6 @@
 """The kernels of an integer pipeline: the fused activation clamp of int8_linear / int8_conv2d, quantized_add,
-quantized_lookup, quantized_max_pool1d, quantized_max_pool2d, quantized_sum and quantized_avg_pool1d / 2d.
+quantized_lookup, quantized_max_pool1d, quantized_max_pool2d, quantized_sum, quantized_avg_pool1d / 2d and
+quantized_adaptive_avg_pool1d / 2d.
 
 Integers and float outputs are compared bit for bit with torchquant.reference (the same float32 operations in the
 same order) and, within the requantization error, with a float64 reference of the unfused ops; every CPU
@@ -862,6 +863,98 @@ def test_opcheck_int_pipeline_ops(device):
     torch.library.opcheck(ops.quantized_avg_pool2d, (b, 0.25, b_zp, [2, 3], [1, 2], [1, 1], False, True, 5))
     torch.library.opcheck(ops.quantized_avg_pool2d, (b[:, :, ::2].contiguous(memory_format=torch.channels_last), 2.0,
                                                      b_zp, [2, 2], [2, 2], [0, 0]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# quantized_adaptive_avg_pool2d / 1d
+# ---------------------------------------------------------------------------------------------------------------
+
+ADAPTIVE_AVG_POOLS = [  # shape, output_size
+    ((2, 64, 12, 12), 6),            # a size that divides the input's: quantized_avg_pool2d's fixed window
+    ((2, 37, 7, 7), 7),              # VGG's pool at its usual input: windows of one element
+    ((1, 8, 6, 6), 4),               # windows of 2 and 3, overlapping
+    ((2, 5, 13, 9), (5, 2)),         # uneven both ways, non-square
+    ((2, 5, 9, 8), (None, 3)),       # a kept dim
+    ((3, 7, 5), (2, 4)),             # unbatched
+    ((0, 3, 6, 6), 4),               # empty batch
+    ((1, 2, 5, 5), (0, 2)),          # an empty output
+    ((1, 3, 2, 3), 5),               # more outputs than inputs: windows repeat elements
+]
+
+
+@pytest.mark.parametrize("pool", ADAPTIVE_AVG_POOLS, ids=[f"pool{i}" for i in range(len(ADAPTIVE_AVG_POOLS))])
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_quantized_adaptive_avg_pool2d(device, isa, pool, dtype, layout):
+    # bit for bit the reference's float32 steps on each window's exact sum, on every instruction-set path and
+    # layout, keeping the input's memory format; within one float32 rounding of the float64 pool of the dequantized
+    # values
+    shape, output_size = pool
+    if layout != "contiguous" and len(shape) == 3:
+        pytest.skip("layouts of 4-d inputs")
+    x = laid_out(shape, dtype, layout)
+    zero_point = -3 if dtype == torch.int8 else 131
+    got = F.quantized_adaptive_avg_pool2d(x.to(device), 0.037, zero_point, output_size)
+    want = reference.quantized_adaptive_avg_pool2d(x, 0.037, zero_point, output_size)
+    assert got.dtype == torch.float32
+    assert_same(got.cpu(), want)
+    if got.numel():
+        assert got.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else
+                                 torch.contiguous_format)
+    float64 = torch.nn.functional.adaptive_avg_pool2d((x.double() - zero_point) * 0.037, output_size)
+    torch.testing.assert_close(got.cpu().double(), float64, rtol=2 ** -22, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8], ids=str)
+def test_quantized_adaptive_avg_pool2d_at_the_ends_of_the_range(device, dtype):
+    # every byte at the type's lowest or highest value, the zero point at the other end, uneven windows: of 90 x 89
+    # elements (the float32 pool's largest) and 257 x 256 (float64), each sum recovered exactly from its mean
+    lo, hi = torch.iinfo(dtype).min, torch.iinfo(dtype).max
+    for value, zero_point in ((lo, hi), (hi, lo)):
+        for shape, output_size in (((1, 3, 179, 89), (2, 1)), ((1, 3, 513, 512), (2, 2))):
+            x = torch.full(shape, value, dtype=dtype)
+            got = F.quantized_adaptive_avg_pool2d(x.to(device), 1.0, zero_point, output_size)
+            assert_same(got.cpu(), torch.full((1, 3, *output_size), float(value - zero_point)))
+            x.view(-1)[::7] = zero_point  # means that are not integers, scaled by 0.37
+            got = F.quantized_adaptive_avg_pool2d(x.to(device), 0.37, zero_point, output_size)
+            assert_same(got.cpu(), reference.quantized_adaptive_avg_pool2d(x, 0.37, zero_point, output_size))
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8], ids=str)
+def test_quantized_adaptive_avg_pool1d(device, dtype):
+    for shape, output_size in [((2, 3, 20), 5), ((3, 16, 10), 4), ((5, 9), (2,)), ((0, 3, 5), 2), ((1, 2, 3), 7)]:
+        x = randint8(shape, seed=sum(shape), dtype=dtype)
+        got = F.quantized_adaptive_avg_pool1d(x.to(device), 0.5, 7, output_size)
+        size = output_size if isinstance(output_size, int) else output_size[0]
+        want = reference.quantized_adaptive_avg_pool2d(x.unsqueeze(-2), 0.5, 7, (1, size)).squeeze(-2)
+        assert_same(got.cpu(), want)
+
+
+def test_quantized_adaptive_avg_pool_compiles_and_bad_inputs(device):
+    x = randint8((2, 3, 12, 12), device=device)
+    for output_size in (4, 5):  # a fixed window, uneven windows
+        compiled = torch.compile(F.quantized_adaptive_avg_pool2d, fullgraph=True, dynamic=False)
+        assert_same(compiled(x, 0.1, 2, output_size), F.quantized_adaptive_avg_pool2d(x, 0.1, 2, output_size))
+    with pytest.raises(TypeError, match="x must be int8 or uint8"):
+        F.quantized_adaptive_avg_pool2d(x.float(), 0.1, 0, 2)
+    with pytest.raises(ValueError, match="quantized_adaptive_avg_pool2d: x must be 3-d \\[C, H, W\\] or 4-d"):
+        F.quantized_adaptive_avg_pool2d(x[0, 0], 0.1, 0, 2)
+    with pytest.raises(ValueError, match="quantized_adaptive_avg_pool2d: scale must be positive and finite"):
+        F.quantized_adaptive_avg_pool2d(x, -0.1, 0, 5)
+    with pytest.raises(ValueError, match="quantized_adaptive_avg_pool2d: scale must be positive and finite"):
+        F.quantized_adaptive_avg_pool2d(x, 1e-50, 0, 4)  # 0 as a float32
+    with pytest.raises(ValueError, match="quantized_adaptive_avg_pool2d: zero_point must lie in \\[-128, 127\\] "
+                                         "for torch.int8 x, got 200"):
+        F.quantized_adaptive_avg_pool2d(x, 0.1, 200, 5)
+    with pytest.raises(TypeError, match="quantized_adaptive_avg_pool2d: scale must be a number, got 'a'"):
+        F.quantized_adaptive_avg_pool2d(x, "a", 0, 2)
+    # torch's rules and messages on the output size
+    with pytest.raises(RuntimeError, match="adaptive_avg_pool2d: output_size must be 2"):
+        F.quantized_adaptive_avg_pool2d(x, 0.1, 0, (2, 2, 2))
+    with pytest.raises(ValueError, match="quantized_adaptive_avg_pool1d: x must be 2-d \\[C, L\\] or 3-d"):
+        F.quantized_adaptive_avg_pool1d(x, 0.1, 0, 2)
+    with pytest.raises(RuntimeError, match="adaptive_avg_pool1d"):
+        F.quantized_adaptive_avg_pool1d(x[0], 0.1, 0, (2, 2))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -259,11 +259,15 @@ def _translations():
                           ceil_mode: bool, count_include_pad: bool, divisor_override: int, dtype, index: int):
         return domain.PipelineStep(x, index=index)
 
+    def pipeline_adaptive_avg_pool(x, output_size: Sequence[int], dtype, index: int):
+        return domain.PipelineStep(x, index=index)
+
     ops = torch.ops.torchquant_export
     return {ops.linear.default: linear, ops.conv2d.default: conv2d,
             ops.pipeline_elementwise.default: elementwise, ops.pipeline_linear.default: pipeline_linear,
             ops.pipeline_conv2d.default: pipeline_conv2d, ops.pipeline_max_pool.default: pipeline_max_pool,
-            ops.pipeline_mean.default: pipeline_mean, ops.pipeline_avg_pool.default: pipeline_avg_pool}
+            ops.pipeline_mean.default: pipeline_mean, ops.pipeline_avg_pool.default: pipeline_avg_pool,
+            ops.pipeline_adaptive_avg_pool.default: pipeline_adaptive_avg_pool}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -583,7 +587,8 @@ _PIPELINE_KINDS = {pipeline.quantize_input: "quantize", pipeline.dequantize_outp
                    F_q.quantized_max_pool2d: "max_pool",
                    pipeline.integer_add: "add", pipeline.integer_layer: "layer",
                    pipeline.integer_conv_add: "conv_add", F_q.quantized_lookup: "lookup",
-                   pipeline.integer_mean: "mean", pipeline.integer_avg_pool: "avg_pool"}
+                   pipeline.integer_mean: "mean", pipeline.integer_avg_pool: "avg_pool",
+                   pipeline.integer_adaptive_avg_pool: "adaptive_avg_pool"}
 
 
 @dataclass
@@ -725,6 +730,34 @@ def _pipeline_max_pool(x, kernel_size, *args):
     return torch.ops.torchquant_export.pipeline_max_pool(x, kernel_size, *args)
 
 
+def _adaptive_avg_pool(x, output_size):
+    """torch's adaptive_avg_pool1d or adaptive_avg_pool2d of float x, as output_size has 1 or 2 entries (-1: the
+    input's size)."""
+    sizes = [None if s < 0 else s for s in output_size]
+    if len(sizes) == 1:
+        return torch.nn.functional.adaptive_avg_pool1d(x, x.shape[-1] if sizes[0] is None else sizes[0])
+    return torch.nn.functional.adaptive_avg_pool2d(x, sizes)
+
+
+@torch.library.custom_op("torchquant_export::pipeline_adaptive_avg_pool", mutates_args=())
+def _pipeline_adaptive_avg_pool_placeholder(x: torch.Tensor, output_size: Sequence[int], dtype: torch.dtype,
+                                            index: int) -> torch.Tensor:
+    """A pipeline's adaptive average pool during export only."""
+    return _adaptive_avg_pool(x.float(), output_size).to(dtype)
+
+
+@_pipeline_adaptive_avg_pool_placeholder.register_fake
+def _(x, output_size, dtype, index):
+    return _adaptive_avg_pool(x.new_empty(x.shape, dtype=torch.float32), output_size).to(dtype)
+
+
+def _pipeline_adaptive_avg_pool(x, output_size, *args):
+    """The pipeline adaptive average pool's placeholder call; an unbatched x as a batch of one."""
+    if x.dim() == len(output_size) + 1:
+        return _pipeline_adaptive_avg_pool(x.unsqueeze(0), output_size, *args).squeeze(0)
+    return torch.ops.torchquant_export.pipeline_adaptive_avg_pool(x, output_size, *args)
+
+
 def _pipeline_avg_pool(x, kernel_size, *args):
     """The pipeline average pool's placeholder call; an unbatched x as a batch of one."""
     if x.dim() == len(kernel_size) + 1:
@@ -817,6 +850,12 @@ def _pipeline_steps(gm) -> list:
                     "divisor_override": int(divisor or 0)}
             step = _Step(kind, node.name, dtype_of(out), (quantizer(q, what),), out, pool=pool)
             call = (_pipeline_avg_pool, (x, *pool.values(), step.dtype, index))
+        elif kind == "adaptive_avg_pool":
+            x, output_size, q, out = node.args
+            out = quantizer(out, what)
+            pool = {"output_size": [-1 if s is None else int(s) for s in output_size]}
+            step = _Step(kind, node.name, dtype_of(out), (quantizer(q, what),), out, pool=pool)
+            call = (_pipeline_adaptive_avg_pool, (x, pool["output_size"], step.dtype, index))
         elif kind == "lookup":
             x, table = node.args
             table = gm.get_buffer(table.target)
@@ -958,6 +997,40 @@ def _avg_pool_nodes(b: _GraphBuilder, step: _Step, x: str, y: str) -> None:
     _requantized(b, v, step.out, y)
 
 
+def _adaptive_avg_pool_nodes(b: _GraphBuilder, step: _Step, x: str, y: str) -> None:
+    """integer_adaptive_avg_pool's steps on a batch x: along each pooled axis of n elements, window i spans
+    [i * n // out, ((i + 1) * n + out - 1) // out) (torch's adaptive windows, from the input's shape at run time);
+    its exact sum of the integers less the zero point is the difference of two int64 running sums (CumSum, with a
+    0 before the first), then float32 times the scale over the window's element count, as torchquant computes it."""
+    import numpy as np
+    int64 = np.int64
+    act, sizes = step.inputs[0], step.pool["output_size"]
+    rank = 2 + len(sizes)
+    v = b.op("Sub", b.op("Cast", x, to=b.onnx.TensorProto.INT64),
+             b.const("zero_point", np.array(act.zero_point, int64)))
+    shape = b.op("Shape", x)
+    counts = None
+    for k, size in enumerate(sizes):
+        axis = rank - len(sizes) + k
+        n = b.op("Gather", shape, b.const("axis", np.array([axis], int64)))
+        out = n if size < 0 else b.const("size", np.array([size], int64))
+        i = b.op("Range", b.const("zero", np.array(0, int64)), b.op("Squeeze", out), b.const("one", np.array(1, int64)))
+        starts = b.op("Div", b.op("Mul", i, n), out)
+        ends = b.op("Div", b.op("Add", b.op("Mul", b.op("Add", i, b.const("one", np.array([1], int64))), n),
+                                b.op("Sub", out, b.const("one", np.array([1], int64)))), out)
+        pads = np.zeros(2 * rank, int64)
+        pads[axis] = 1  # one 0 before the running sums along the axis
+        running = b.op("Pad", b.op("CumSum", v, b.const("axis", np.array(axis, int64))), b.const("pads", pads))
+        v = b.op("Sub", b.op("Gather", running, ends, axis=axis), b.op("Gather", running, starts, axis=axis))
+        count = b.op("Reshape", b.op("Sub", ends, starts),
+                     b.const("count_shape", np.array([-1] + [1] * (len(sizes) - 1 - k), int64)))
+        counts = count if counts is None else b.op("Mul", counts, count)
+    float32 = b.onnx.TensorProto.FLOAT
+    v = b.op("Div", b.op("Mul", b.op("Cast", v, to=float32), b.const("scale", _f32(act.scale))),
+             b.op("Cast", counts, to=float32))
+    _requantized(b, v, step.out, y)
+
+
 def _pipeline_step_nodes(b: _GraphBuilder, step: _Step, inputs: Sequence[str], y: str) -> None:
     if step.kind == "quantize":
         _requantized(b, inputs[0], step.out, y)
@@ -982,6 +1055,8 @@ def _pipeline_step_nodes(b: _GraphBuilder, step: _Step, inputs: Sequence[str], y
         _requantized(b, v, step.out, y)
     elif step.kind == "avg_pool":
         _avg_pool_nodes(b, step, inputs[0], y)
+    elif step.kind == "adaptive_avg_pool":
+        _adaptive_avg_pool_nodes(b, step, inputs[0], y)
     elif step.kind == "lookup":
         import numpy as np
         index = b.op("Cast", inputs[0], to=b.onnx.TensorProto.INT32)

@@ -27,12 +27,13 @@ quantized ones and folds their BatchNorms (as the module swap does), and finds t
   place or not) of an integer tensor whose output an integer op reads: a 256-entry table lookup
   (torchquant.functional.quantized_lookup) from its input's integers to its output's, which get a quantizer of their
   own; the table is the activation itself run on the 256 dequantized input values, then quantized;
-- a global average pool (adaptive to size 1), a mean over given dims, and an average pool of a fixed window
-  (nn.AvgPool1d / 2d, F.avg_pool1d / 2d: any padding, ceil_mode, count_include_pad or divisor_override) of an integer
-  tensor whose output an integer op reads: exact sums of the integers, then scaled, divided and requantized to an
-  output quantizer of its own (integer_mean, integer_avg_pool);
-- everything else (adaptive average pools to other sizes among them) runs in float: its integer inputs are
-  dequantized and its output, where an integer op reads it, quantized again.
+- a global average pool (adaptive to size 1), a mean over given dims, an average pool of a fixed window
+  (nn.AvgPool1d / 2d, F.avg_pool1d / 2d: any padding, ceil_mode, count_include_pad or divisor_override) and an
+  adaptive average pool to other sizes (nn.AdaptiveAvgPool1d / 2d, F.adaptive_avg_pool1d / 2d) of an integer tensor
+  whose output an integer op reads: exact sums of the integers, then scaled, divided and requantized to an output
+  quantizer of its own (integer_mean, integer_avg_pool, integer_adaptive_avg_pool);
+- everything else runs in float: its integer inputs are dequantized and its output, where an integer op reads it,
+  quantized again.
 
 Every integer tensor of the pipeline has one activation quantizer (an ActivationQuantizer under `act_quant`): the
 prepared model fake-quantizes each tensor with it exactly where the converted model quantizes (after a fused
@@ -478,6 +479,29 @@ def _integer_avg_pool_args(node: fx.Node, modules: dict) -> Optional[tuple]:
             bool(given.get("count_include_pad", True)), None if divisor is None else int(divisor))
 
 
+def _integer_adaptive_avg_pool_args(node: fx.Node, modules: dict) -> Optional[tuple]:
+    """(output_size,) of an adaptive average pool to a size other than 1 that reads integers and requantizes
+    (integer_adaptive_avg_pool): nn.AdaptiveAvgPool1d / 2d, F.adaptive_avg_pool1d / 2d with a constant output size,
+    as a tuple of one int or None (the input's size) per pooled dim; None for any other node."""
+    if not _RULES.get()["integer_adaptive_avg_pools"]:
+        return None
+    if node.op == "call_module":
+        m = modules.get(node.target)
+        n = _ADAPTIVE_AVG_POOLS.get(type(m))
+        size = None if n is None else m.output_size
+    elif node.op == "call_function" and node.target in _ADAPTIVE_AVG_POOL_FUNCTIONS and _constant_args(node):
+        n = _ADAPTIVE_AVG_POOL_FUNCTIONS[node.target]
+        size = _given_arguments(node, ("output_size",)).get("output_size")
+    else:
+        return None
+    if n is None:
+        return None
+    values = tuple(size) if isinstance(size, (tuple, list)) else (size,) * n
+    if len(values) != n or not all(v is None or isinstance(v, int) and v >= 0 for v in values):
+        return None
+    return None if _all_ones(values, n) else (values,)  # (a global pool is integer_mean's)
+
+
 def _n_ints(value, n: int) -> Optional[tuple]:
     """A pooling argument as a tuple of n ints (an int, or a sequence of one, stands for all n); None if it is not."""
     values = tuple(value) if isinstance(value, (tuple, list)) else (value,)
@@ -900,7 +924,8 @@ def _plan(graph: fx.Graph, modules: dict, integer_output: bool) -> tuple[dict, d
             group[node] = group[node.args[0]]
         elif (_RULES.get()["integer_lookups"] and lookup_function(node, modules) is not None
               or _integer_mean_args(node, modules) is not None
-              or _integer_avg_pool_args(node, modules) is not None) and node.args[0] in group:
+              or _integer_avg_pool_args(node, modules) is not None
+              or _integer_adaptive_avg_pool_args(node, modules) is not None) and node.args[0] in group:
             int_consumers.add(node)
             if_integer_out.add(node)
             produce(node)
@@ -982,12 +1007,14 @@ def _describe(node: fx.Node) -> str:
 # - integer_padding: padding runs on integers;
 # - integer_means: global average pools and means over given dims read integers and requantize (before: they ran in
 #   float);
-# - integer_avg_pools: average pools of a fixed window read integers and requantize (before: they ran in float).
+# - integer_avg_pools: average pools of a fixed window read integers and requantize (before: they ran in float);
+# - integer_adaptive_avg_pools: adaptive average pools to sizes other than 1 read integers and requantize (before:
+#   they ran in float).
 # Checkpoints record the rules their pipeline was planned with; a file older than a rule does not (load() then
 # rebuilds the pipeline whose quantizers and tensors it holds: rules_a_checkpoint_may_have).
 PIPELINE_RULES = ("integer_dropout", "integer_lookups", "residual_adds_in_convs", "integer_max_pool1d", "integer_views",
                   "integer_extrema", "integer_indexing", "integer_padding", "integer_means",
-                  "integer_avg_pools")
+                  "integer_avg_pools", "integer_adaptive_avg_pools")
 _RULES = contextvars.ContextVar("torchquant_pipeline_rules", default=dict.fromkeys(PIPELINE_RULES, True))
 
 
@@ -1370,6 +1397,19 @@ def integer_avg_pool(q: torch.Tensor, kernel_size: tuple, stride: tuple, padding
     return quantize_input(y, out)
 
 
+def integer_adaptive_avg_pool(q: torch.Tensor, output_size: tuple, quantizer: ActivationQuantizer,
+                              out: ActivationQuantizer) -> torch.Tensor:
+    """An adaptive average pool (1-d or 2-d, as output_size has 1 or 2 entries) on integers: the mean of each of
+    its windows of q's values, as out's integers. functional.quantized_adaptive_avg_pool1d / 2d sum each window's
+    q - zero point exactly, then scale and divide in float32 as integer_avg_pool does; the quantization follows."""
+    _, scale, zero_point, _ = quantizer.qparams
+    if len(output_size) == 1:
+        y = F_q.quantized_adaptive_avg_pool1d(q, scale, zero_point, output_size[0])
+    else:
+        y = F_q.quantized_adaptive_avg_pool2d(q, scale, zero_point, output_size)
+    return quantize_input(y, out)
+
+
 def integer_relu(q: torch.Tensor, quantizer: ActivationQuantizer) -> torch.Tensor:
     """ReLU on integers: the zero point is the quantized 0."""
     return torch.clamp_min(q, quantizer.qparams[2])
@@ -1548,10 +1588,13 @@ def _lower_planned(gm: fx.GraphModule, dtype: torch.dtype, build_tables: bool) -
             continue
         activation = lookup_function(node, modules)
         fq = fake_quant_after(node)
-        mean, pool = _integer_mean_args(node, modules), _integer_avg_pool_args(node, modules)
-        if (mean is not None or pool is not None) and node.args[0] in int_of and fq is not None:
+        pools = [(f, args) for f, args in ((integer_mean, _integer_mean_args(node, modules)),
+                                           (integer_avg_pool, _integer_avg_pool_args(node, modules)),
+                                           (integer_adaptive_avg_pool, _integer_adaptive_avg_pool_args(node, modules)))
+                 if args is not None]
+        if pools and node.args[0] in int_of and fq is not None:
             out = attr(fq.target)
-            call = (integer_mean, mean) if mean is not None else (integer_avg_pool, pool)
+            call = pools[0]
             with graph.inserting_after(fq):
                 new = graph.call_function(call[0], (node.args[0], *call[1], int_of[node.args[0]], out))
             replace([node, fq], new, out)
@@ -1648,7 +1691,7 @@ class _PipelineTracer(_Tracer):
     def __init__(self):
         super().__init__(autowrap_functions=(quantize_input, dequantize_output, integer_layer, integer_add,
                                              integer_conv_add, integer_relu, integer_pad, integer_mean,
-                                             integer_avg_pool, F_q.quantized_lookup,
+                                             integer_avg_pool, integer_adaptive_avg_pool, F_q.quantized_lookup,
                                              F_q.quantized_max_pool1d, F_q.quantized_max_pool2d, argument_left_out))
 
 
@@ -1704,8 +1747,8 @@ def pipeline_notes(model: fx.GraphModule) -> tuple[dict, list]:
     notes = [f"integer pipeline: {counts[integer_layer] + counts[integer_conv_add]} integer layer call(s), "
              f"{counts[integer_add] + counts[integer_conv_add]} integer add(s) ({counts[integer_conv_add]} fused into "
              f"a conv's epilogue), {counts[F_q.quantized_lookup]} activation lookup(s), {counts[integer_mean]} integer "
-             f"mean(s) (global average pools), {counts[integer_avg_pool]} integer average pool(s), "
-             f"{counts[quantize_input]} quantize(s), {counts[dequantize_output]} "
+             f"mean(s) (global average pools), {counts[integer_avg_pool] + counts[integer_adaptive_avg_pool]} "
+             f"integer average pool(s), {counts[quantize_input]} quantize(s), {counts[dequantize_output]} "
              f"dequantize(s)"]
     if _meta(model)["lookups"]:
         notes.append("activations run on integers as 256-entry table lookups: "

@@ -225,6 +225,23 @@ def _window_counts(size: int, out: int, kernel: int, stride: int, pad: int) -> t
     return torch.tensor(inside, dtype=torch.float64), torch.tensor(padded, dtype=torch.float64)
 
 
+def quantized_adaptive_avg_pool2d(x: torch.Tensor, scale: float, zero_point: int, output_size):
+    """The adaptive average pool of x's dequantized values [B?, C, H, W] in float32, window by window: window (i, j)
+    spans rows [floor(i * H / out_h), ceil((i + 1) * H / out_h)) and the columns alike; its exact sum of
+    x - zero_point (float64 sums of integers) as float32, times float32(scale), over its element count."""
+    x64 = x.cpu().double() - zero_point
+    out_h, out_w = torch.nn.functional.adaptive_avg_pool2d(x64, output_size).shape[-2:]
+    h, w = x.shape[-2:]
+    y = torch.empty(*x.shape[:-2], out_h, out_w)
+    for i in range(out_h):
+        r0, r1 = i * h // out_h, -(-(i + 1) * h // out_h)
+        for j in range(out_w):
+            c0, c1 = j * w // out_w, -(-(j + 1) * w // out_w)
+            total = x64[..., r0:r1, c0:c1].sum((-2, -1)).float()
+            y[..., i, j] = total * torch.tensor(scale, dtype=torch.float32) / float((r1 - r0) * (c1 - c0))
+    return y.to(x.device)
+
+
 def quantized_avg_pool2d(x: torch.Tensor, scale: float, zero_point: int, kernel_size, stride, padding,
                          ceil_mode: bool = False, count_include_pad: bool = True, divisor_override=None):
     """The average pool of x's dequantized values [B?, C, H, W] in float32: each window's exact sum of x - zero_point

@@ -1,5 +1,9 @@
 """Integer element-wise ops of an integer pipeline (quantized_add, quantized_lookup), integer max-pooling (1-d and
-2-d), sums (quantized_sum) and average pooling (quantized_avg_pool1d / 2d): wrappers and fake kernels."""
+2-d), sums (quantized_sum) and average pooling (quantized_avg_pool1d / 2d, quantized_adaptive_avg_pool1d / 2d):
+wrappers and fake kernels."""
+import functools
+import math
+import struct
 from typing import Optional, Sequence, Union
 
 import torch
@@ -12,8 +16,8 @@ from torchquant._ops.gemm import (_ACTIVATION_DTYPES, _as_int, _flag, _integer, 
 
 _MAX_EXACT_WINDOW = (2 ** 24 - 1) // 255  # the most elements of a quantized_avg_pool2d window (csrc/arg_checks.h)
 
-__all__ = ["quantized_add", "quantized_avg_pool1d", "quantized_avg_pool2d", "quantized_lookup", "quantized_max_pool1d",
-           "quantized_max_pool2d", "quantized_sum"]
+__all__ = ["quantized_adaptive_avg_pool1d", "quantized_adaptive_avg_pool2d", "quantized_add", "quantized_avg_pool1d",
+           "quantized_avg_pool2d", "quantized_lookup", "quantized_max_pool1d", "quantized_max_pool2d", "quantized_sum"]
 
 
 def quantized_add(a: torch.Tensor, a_scale, a_zero_point: int, b: torch.Tensor, b_scale, b_zero_point: int,
@@ -140,6 +144,84 @@ def quantized_avg_pool1d(x: torch.Tensor, scale: float, zero_point: int, kernel_
                                        count_include_pad)
         raise
     return y.squeeze(-2)
+
+
+def quantized_adaptive_avg_pool2d(x: torch.Tensor, scale: float, zero_point: int,
+                                  output_size: Union[int, None, Sequence[Optional[int]]]) -> torch.Tensor:
+    """torch.nn.functional.adaptive_avg_pool2d of the values an int8/uint8 x [B, C, H, W] (or [C, H, W]) stands for,
+    (x - zero_point) * scale, as float32, with the same output size and argument rules (None: the input's size).
+    Each window's sum of x - zero_point is exact, multiplied by scale and divided by the window's element count in
+    float32, as quantized_avg_pool2d computes: where each output size divides the input's, the windows are a fixed
+    window's and quantized_avg_pool2d runs them. Other sizes give windows of two sizes: torch's adaptive pool of
+    x - zero_point in float32 (float64 where a window may pass 8224 elements) sums them exactly, and each sum is
+    recovered exactly from its mean times its count."""
+    op = "quantized_adaptive_avg_pool2d"
+    _require_tensor("x", x)
+    _require_dtype("x", x, _ACTIVATION_DTYPES)
+    if x.dim() not in (3, 4):
+        raise ValueError(f"{op}: x must be 3-d [C, H, W] or 4-d [B, C, H, W], got {x.dim()}-d")
+    if scale is None or isinstance(scale, str):
+        raise TypeError(f"{op}: scale must be a number, got {scale!r}")
+    scale, zero_point = _optional_number(op, "scale", scale), _integer(op, "zero_point", zero_point)
+    if not is_dynamo_compiling():  # (torch.compile takes the pipeline's constants as they are)
+        _check_scale_and_zero_point(op, x, scale, zero_point)
+    h, w = x.shape[-2:]
+    out_h, out_w = _adaptive_output_size(x, output_size)
+    if out_h > 0 and out_w > 0 and h % out_h == 0 and w % out_w == 0:
+        kernel = [h // out_h, w // out_w]
+        return ops.quantized_avg_pool2d(x, scale, zero_point, kernel, kernel, [0, 0], False, True, None)
+    # float32 sums are exact and |mean * count - sum| < 3.1 * 2^-24 |sum| < 0.5 where no window sums past 2^21
+    # (8224 elements of 255); float64 for larger windows
+    largest = (-(-h // max(out_h, 1)) + 1) * (-(-w // max(out_w, 1)) + 1)
+    dtype = torch.float32 if largest * 255 <= 2 ** 21 else torch.float64
+    means = torch.nn.functional.adaptive_avg_pool2d(x.to(dtype).sub_(zero_point), (out_h, out_w))
+    counts = (_adaptive_window_counts.__wrapped__ if is_dynamo_compiling() else _adaptive_window_counts)(
+        h, out_h, w, out_w, x.device)
+    totals = means.mul_(counts.to(dtype)).round_().float()
+    return totals.mul_(torch.tensor(scale, dtype=torch.float32, device=x.device)).div_(counts)
+
+
+def _check_scale_and_zero_point(op: str, x: torch.Tensor, scale: float, zero_point: int) -> None:
+    """scale positive and finite as a float32, the zero point in x's integer range (quantized_avg_pool2d's rules)."""
+    try:
+        scale32 = struct.unpack("f", struct.pack("f", scale))[0]
+    except OverflowError:
+        scale32 = math.inf
+    if not (math.isfinite(scale32) and scale32 > 0):
+        raise ValueError(f"{op}: scale must be positive and finite (as a float32), got {scale}")
+    low, high = (-128, 127) if x.dtype == torch.int8 else (0, 255)
+    if not low <= zero_point <= high:
+        raise ValueError(f"{op}: zero_point must lie in [{low}, {high}] for {x.dtype} x, got {zero_point}")
+
+
+def _adaptive_output_size(x: torch.Tensor, output_size) -> tuple:
+    """(out_h, out_w) of torch's adaptive_avg_pool2d: an int, or a pair of ints >= 0 or None (x's size); anything
+    else goes to torch on the meta device, which raises its error (or gives the size of a form it also takes)."""
+    pair = (output_size, output_size) if _is_int(output_size) else output_size
+    if isinstance(pair, (tuple, list)) and len(pair) == 2 and all(v is None or _is_int(v) and v >= 0 for v in pair):
+        return tuple(x.shape[-2 + i] if v is None else _as_int(v) for i, v in enumerate(pair))
+    return tuple(torch.nn.functional.adaptive_avg_pool2d(torch.empty(x.shape, device="meta"), output_size).shape[-2:])
+
+
+@functools.lru_cache(maxsize=64)
+def _adaptive_window_counts(h: int, out_h: int, w: int, out_w: int, device: torch.device) -> torch.Tensor:
+    """The element counts of adaptive pooling's windows over an h x w input (float32, [out_h, out_w]): window i
+    along a dim of n elements spans [floor(i * n / out), ceil((i + 1) * n / out)), as in torch's adaptive pools."""
+    rows, cols = ([-(-(i + 1) * n // out) - i * n // out for i in range(out)] for n, out in ((h, out_h), (w, out_w)))
+    return torch.tensor([r * c for r in rows for c in cols], dtype=torch.float32, device=device).view(out_h, out_w)
+
+
+def quantized_adaptive_avg_pool1d(x: torch.Tensor, scale: float, zero_point: int,
+                                  output_size: Union[int, Sequence[int]]) -> torch.Tensor:
+    """torch.nn.functional.adaptive_avg_pool1d of the values an int8/uint8 x [B, C, L] (or [C, L]) stands for, as
+    float32: quantized_adaptive_avg_pool2d over x as [B, C, 1, L]."""
+    _require_tensor("x", x)
+    _require_dtype("x", x, _ACTIVATION_DTYPES)
+    if x.dim() not in (2, 3):
+        raise ValueError(f"quantized_adaptive_avg_pool1d: x must be 2-d [C, L] or 3-d [B, C, L], got {x.dim()}-d")
+    torch.nn.functional.adaptive_avg_pool1d(torch.empty(x.shape, device="meta"), output_size)  # torch's rules
+    return quantized_adaptive_avg_pool2d(x.unsqueeze(-2), scale, zero_point, (1, _single("output_size", output_size))
+                                         ).squeeze(-2)
 
 
 def _single(name: str, v: Union[int, Sequence[int]]) -> int:

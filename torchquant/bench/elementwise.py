@@ -15,6 +15,10 @@ threads, every row timed interleaved with its baselines in this process:
   in, uint8 out) on DenseNet / Inception / ResNet-D pool inputs against the float path it replaces (torch's float32
   avg_pool2d of the dequantized tensor, then quantize) and torch.ao's quantized avg_pool2d on quint8 (x86 engine;
   it keeps the input's scale rather than requantizing). Thread CPU time at 1 thread.
+- adaptive average pool: the same for adaptive average pools of VGG / AlexNet classifiers at other input sizes than
+  224 (quantized_adaptive_avg_pool2d: a fixed window where the output size divides the input's, else int64 running
+  sums) against torch's float32 adaptive_avg_pool2d of the dequantized tensor, then quantize, and torch.ao's
+  quantized adaptive_avg_pool2d on quint8.
 """
 import os
 import time
@@ -51,6 +55,12 @@ AVG_POOL_SHAPES = (  # name, batch, channels, size, (kernel, stride, padding, ce
     ("Inception-v3 pool branch b8", 8, 192, 35, (3, 1, 1, False, True)),
     ("ResNet-D shortcut", 1, 256, 56, (2, 2, 0, True, False)),
     ("ResNet-D shortcut b8", 8, 256, 56, (2, 2, 0, True, False)),
+)
+ADAPTIVE_AVG_POOL_SHAPES = (  # name, batch, channels, size, output size
+    ("VGG-16 classifier at 448", 1, 512, 14, 7),
+    ("VGG-16 classifier at 448 b8", 8, 512, 14, 7),
+    ("AlexNet classifier at 256", 1, 256, 7, 6),
+    ("AlexNet classifier at 256 b8", 8, 256, 7, 6),
 )
 
 
@@ -144,31 +154,45 @@ def bench_lookup(threads: int, repeats: int) -> List[dict]:
     return rows
 
 
-def bench_avg_pool(threads: int, repeats: int) -> List[dict]:
+def _pool_rows(threads: int, repeats: int, cases) -> List[dict]:
+    """A row per (shape, pool, x, ours(x), float(dequantized x), torch.ao(quint8 x)) of cases, x uint8."""
     rows = []
     in_scale, in_zp, out_scale, out_zp = 0.04, 128, 0.02, 120
-    for name, batch, channels, size, args in AVG_POOL_SHAPES:
-        x = _uint8(batch, channels, size, 4)
+    for shape, pool, x, ours, in_float, in_ao in cases:
         xf = F_q.dequantize(x, in_scale, in_zp)
-        kernel, stride, padding, ceil_mode, count_include_pad = args
         with torch_ao_engine("x86"):
             qx = torch._make_per_tensor_quantized_tensor(x, in_scale, in_zp)
-        # (both outputs channels-last, quantized in memory order as the pipeline's quantize_input does)
-        fns = {
-            "ours": lambda: F_q.quantize(F_q.quantized_avg_pool2d(x, in_scale, in_zp, *args).permute(0, 2, 3, 1),
-                                         out_scale, out_zp, signed=False),
-            "float": lambda: F_q.quantize(torch.nn.functional.avg_pool2d(xf, *args).permute(0, 2, 3, 1), out_scale,
-                                          out_zp, signed=False),
-            "ao": lambda: torch.nn.functional.avg_pool2d(qx, *args),
-        }
+        # (both outputs quantized in memory order: channels-last, as the pipeline's quantize_input does)
+        fns = {"ours": lambda: F_q.quantize(ours(x, in_scale, in_zp), out_scale, out_zp, signed=False),
+               "float": lambda: F_q.quantize(in_float(xf), out_scale, out_zp, signed=False),
+               "ao": lambda: in_ao(qx)}
         with torch_ao_engine("x86"), num_threads(threads):
             t = compare(fns, repeats=repeats, clock=time.thread_time if threads == 1 else time.perf_counter)
-        rows.append({"threads": threads, "shape": f"{name} [{batch}, {channels}, {size}, {size}]",
-                     "pool": f"{kernel}/{stride}/{padding}{' ceil' if ceil_mode else ''}"
-                             f"{'' if count_include_pad else ' excl. pad'}",
-                     "ours us": t["ours"] * 1e6, "float pool us": t["float"] * 1e6, "vs float": t["float"] / t["ours"],
+        rows.append({"threads": threads, "shape": shape, "pool": pool, "ours us": t["ours"] * 1e6,
+                     "float pool us": t["float"] * 1e6, "vs float": t["float"] / t["ours"],
                      "torch.ao us": t["ao"] * 1e6, "vs torch.ao": t["ao"] / t["ours"]})
     return rows
+
+
+def bench_avg_pool(threads: int, repeats: int) -> List[dict]:
+    avg_pool2d = torch.nn.functional.avg_pool2d
+    return _pool_rows(threads, repeats, [
+        (f"{name} [{batch}, {channels}, {size}, {size}]",
+         f"{args[0]}/{args[1]}/{args[2]}{' ceil' if args[3] else ''}{'' if args[4] else ' excl. pad'}",
+         _uint8(batch, channels, size, 4),
+         lambda x, scale, zp, args=args: F_q.quantized_avg_pool2d(x, scale, zp, *args),
+         lambda x, args=args: avg_pool2d(x, *args), lambda x, args=args: avg_pool2d(x, *args))
+        for name, batch, channels, size, args in AVG_POOL_SHAPES])
+
+
+def bench_adaptive_avg_pool(threads: int, repeats: int) -> List[dict]:
+    adaptive_avg_pool2d = torch.nn.functional.adaptive_avg_pool2d
+    return _pool_rows(threads, repeats, [
+        (f"{name} [{batch}, {channels}, {size}, {size}]",
+         f"{size} -> {out}" + (" (fixed window)" if size % out == 0 else ""), _uint8(batch, channels, size, 5),
+         lambda x, scale, zp, out=out: F_q.quantized_adaptive_avg_pool2d(x, scale, zp, out),
+         lambda x, out=out: adaptive_avg_pool2d(x, out), lambda x, out=out: adaptive_avg_pool2d(x, out))
+        for name, batch, channels, size, out in ADAPTIVE_AVG_POOL_SHAPES])
 
 
 TABLES = {
@@ -179,6 +203,8 @@ TABLES = {
                               "table[x.long()] us", "vs index", "float round trip us", "vs float", "GB/s"]),
     "avg_pool": (bench_avg_pool, ["threads", "shape", "pool", "ours us", "float pool us", "vs float", "torch.ao us",
                                   "vs torch.ao"]),
+    "adaptive_avg_pool": (bench_adaptive_avg_pool, ["threads", "shape", "pool", "ours us", "float pool us",
+                                                    "vs float", "torch.ao us", "vs torch.ao"]),
 }
 
 
