@@ -18,9 +18,12 @@ inline c10::MaybeOwned<at::Tensor> dense_in_memory(const at::Tensor& x) {
   return c10::MaybeOwned<at::Tensor>::owned(std::move(dense));
 }
 
-// t (of dense's sizes) laid out as dense, whose memory order the kernels walk: t itself when it has dense's strides.
+// t (of dense's sizes) laid out as dense, whose memory order the kernels walk: t itself when its strides are
+// dense's (a dimension of size 1 may have any stride: it moves no offset).
 inline c10::MaybeOwned<at::Tensor> in_layout_of(const at::Tensor& t, const at::Tensor& dense) {
-  if (t.strides() == dense.strides()) return c10::MaybeOwned<at::Tensor>::borrowed(t);
+  bool same = true;
+  for (int64_t d = 0; d < t.dim(); ++d) same = same && (t.size(d) <= 1 || t.stride(d) == dense.stride(d));
+  if (same) return c10::MaybeOwned<at::Tensor>::borrowed(t);
   at::Tensor copy = at::empty_strided(dense.sizes(), dense.strides(), t.options());
   copy.copy_(t);
   return c10::MaybeOwned<at::Tensor>::owned(std::move(copy));

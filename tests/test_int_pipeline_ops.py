@@ -911,10 +911,12 @@ def test_quantized_adaptive_avg_pool2d_at_the_ends_of_the_range(device, dtype):
     # elements (the float32 pool's largest) and 257 x 256 (float64), each sum recovered exactly from its mean
     lo, hi = torch.iinfo(dtype).min, torch.iinfo(dtype).max
     for value, zero_point in ((lo, hi), (hi, lo)):
-        for shape, output_size in (((1, 3, 179, 89), (2, 1)), ((1, 3, 513, 512), (2, 2))):
+        # (and fixed windows past quantized_avg_pool2d's exact bound: 512 x 512, in float64)
+        for shape, output_size in (((1, 3, 179, 89), (2, 1)), ((1, 3, 513, 512), (2, 2)), ((1, 2, 1024, 1024), 2)):
             x = torch.full(shape, value, dtype=dtype)
             got = F.quantized_adaptive_avg_pool2d(x.to(device), 1.0, zero_point, output_size)
-            assert_same(got.cpu(), torch.full((1, 3, *output_size), float(value - zero_point)))
+            assert_same(got.cpu(), torch.full((*shape[:2], *torch.nn.modules.utils._pair(output_size)),
+                                              float(value - zero_point)))
             x.view(-1)[::7] = zero_point  # means that are not integers, scaled by 0.37
             got = F.quantized_adaptive_avg_pool2d(x.to(device), 0.37, zero_point, output_size)
             assert_same(got.cpu(), reference.quantized_adaptive_avg_pool2d(x, 0.37, zero_point, output_size))
@@ -930,11 +932,26 @@ def test_quantized_adaptive_avg_pool1d(device, dtype):
         assert_same(got.cpu(), want)
 
 
+class _AdaptivePool(torch.nn.Module):
+    def forward(self, x):
+        return F.quantized_adaptive_avg_pool2d(x, 0.1, 2, 5)
+
+
 def test_quantized_adaptive_avg_pool_compiles_and_bad_inputs(device):
     x = randint8((2, 3, 12, 12), device=device)
     for output_size in (4, 5):  # a fixed window, uneven windows
         compiled = torch.compile(F.quantized_adaptive_avg_pool2d, fullgraph=True, dynamic=False)
-        assert_same(compiled(x, 0.1, 2, output_size), F.quantized_adaptive_avg_pool2d(x, 0.1, 2, output_size))
+        got, want = compiled(x, 0.1, 2, output_size), F.quantized_adaptive_avg_pool2d(x, 0.1, 2, output_size)
+        if device == "cpu":
+            assert_same(got, want)
+        else:  # Inductor's generated GPU code may divide to within an ulp, not correctly rounded
+            torch.testing.assert_close(got, want, rtol=2 ** -22, atol=0)
+    # torch.export traces it under a fake mode (its first call at this size): the calls after it compute real values
+    y = randint8((1, 3, 13, 11), device=device)
+    program = torch.export.export(_AdaptivePool(), (y,), strict=False)
+    want = reference.quantized_adaptive_avg_pool2d(y, 0.1, 2, 5)
+    assert_same(F.quantized_adaptive_avg_pool2d(y, 0.1, 2, 5).cpu(), want)
+    assert_same(program.module()(y).cpu(), want)
     with pytest.raises(TypeError, match="x must be int8 or uint8"):
         F.quantized_adaptive_avg_pool2d(x.float(), 0.1, 0, 2)
     with pytest.raises(ValueError, match="quantized_adaptive_avg_pool2d: x must be 3-d \\[C, H, W\\] or 4-d"):

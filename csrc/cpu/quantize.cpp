@@ -1,12 +1,12 @@
 // CPU kernels of the quantize family and of quantized_add (schemas in csrc/ops.cpp, element math in
 // csrc/quant_math.h).
 //
-// Every op is an element-wise map over x viewed as [outer, channels, inner]: flat index i belongs to channel
-// (i / inner) % channels (per-tensor: one channel). The map runs in spans; a span either shares one channel's
-// parameters (broadcast) or, for short rows (inner < kBroadcastRowMin), carries one parameter per element from a
-// small buffer, so the vector loops stay busy on every axis. Each span runs in one of three code paths, chosen at
-// run time by cpu_isa(): AVX-512 or AVX2 (intrinsics, bit-identical to the scalar path) or the scalar path, which
-// calls the quant_math.h functions element by element.
+// Every op is an element-wise map over x's memory (csrc/memory_order.h) viewed as [outer, channels, inner]:
+// the element at offset i belongs to channel (i / inner) % channels (per-tensor: one channel). The map runs in
+// spans; a span either shares one channel's parameters (broadcast) or, for short rows (inner < kBroadcastRowMin),
+// carries one parameter per element from a small buffer, so the vector loops stay busy on every axis. Each span
+// runs in one of three code paths, chosen at run time by cpu_isa(): AVX-512 or AVX2 (intrinsics, bit-identical to
+// the scalar path) or the scalar path, which calls the quant_math.h functions element by element.
 
 // GCC 12's AVX-512 headers pass _mm512_undefined_ps() as a pass-through operand, which -Wall reports as
 // uninitialized in every caller; the value is never read.

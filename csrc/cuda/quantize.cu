@@ -1,9 +1,10 @@
 // CUDA kernels of the quantize family, of quantized_add and of quantized_lookup (schemas in csrc/ops.cpp, element
 // math in csrc/quant_math.h, the same functions the CPU kernels use, so both produce the same integers).
 //
-// Every op is an element-wise map over x viewed as [outer, channels, inner]: flat index i belongs to channel
-// (i / inner) % channels (per-tensor: one channel). Threads walk the tensor in 16-byte vectors (grid-stride), with a
-// scalar kernel for tensors whose pointers are not aligned and a scalar loop for the tail.
+// Every op is an element-wise map over x's memory (csrc/memory_order.h) viewed as [outer, channels, inner]:
+// the element at offset i belongs to channel (i / inner) % channels (per-tensor: one channel). Threads walk the
+// tensor in 16-byte vectors (grid-stride), with a scalar kernel for tensors whose pointers are not aligned and a
+// scalar loop for the tail.
 //
 // Unlike the CPU kernels these do not read scale/zero_point values on the host (that would synchronize with the
 // device on every call): the Python wrappers validate them.
@@ -228,7 +229,8 @@ at::Tensor quantize_cuda(const at::Tensor& x, const at::Tensor& scale, const at:
     with_byte_type(q.scalar_type(), "output", [&](auto out_tag) {
       using Out = decltype(out_tag);
       if (x.numel() > 0)
-        run_map(QuantizeOp<In, Out>{xc->data_ptr<In>(), q.data_ptr<Out>(), f, r}, layout, scale, zero_point, x.numel());
+        run_map(QuantizeOp<In, Out>{xc->data_ptr<In>(), q.data_ptr<Out>(), f, r}, layout, scale, zero_point,
+                x.numel());
     });
   });
   return q;

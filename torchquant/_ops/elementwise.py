@@ -152,9 +152,9 @@ def quantized_adaptive_avg_pool2d(x: torch.Tensor, scale: float, zero_point: int
     (x - zero_point) * scale, as float32, with the same output size and argument rules (None: the input's size).
     Each window's sum of x - zero_point is exact, multiplied by scale and divided by the window's element count in
     float32, as quantized_avg_pool2d computes: where each output size divides the input's, the windows are a fixed
-    window's and quantized_avg_pool2d runs them. Other sizes give windows of two sizes: torch's adaptive pool of
-    x - zero_point in float32 (float64 where a window may pass 8224 elements) sums them exactly, and each sum is
-    recovered exactly from its mean times its count."""
+    window's and quantized_avg_pool2d runs them (windows of at most 65793 elements). Other sizes give windows of two
+    sizes: torch's adaptive pool of x - zero_point in float32 (float64 where a window may pass 8224 elements) sums
+    them exactly, and each sum is recovered exactly from its mean times its count."""
     op = "quantized_adaptive_avg_pool2d"
     _require_tensor("x", x)
     _require_dtype("x", x, _ACTIVATION_DTYPES)
@@ -167,16 +167,18 @@ def quantized_adaptive_avg_pool2d(x: torch.Tensor, scale: float, zero_point: int
         _check_scale_and_zero_point(op, x, scale, zero_point)
     h, w = x.shape[-2:]
     out_h, out_w = _adaptive_output_size(x, output_size)
-    if out_h > 0 and out_w > 0 and h % out_h == 0 and w % out_w == 0:
+    fixed = out_h > 0 and out_w > 0 and h % out_h == 0 and w % out_w == 0
+    if fixed and (h // out_h) * (w // out_w) <= _MAX_EXACT_WINDOW:
         kernel = [h // out_h, w // out_w]
         return ops.quantized_avg_pool2d(x, scale, zero_point, kernel, kernel, [0, 0], False, True, None)
-    # float32 sums are exact and |mean * count - sum| < 3.1 * 2^-24 |sum| < 0.5 where no window sums past 2^21
-    # (8224 elements of 255); float64 for larger windows
+    # (also a fixed window of more elements than quantized_avg_pool2d sums exactly) float32 sums are exact and
+    # |mean * count - sum| < 3.1 * 2^-24 |sum| < 0.5 where no window sums past 2^21 (8224 elements of 255); the
+    # bound below on the largest window picks float64 where one may be larger
     largest = (-(-h // max(out_h, 1)) + 1) * (-(-w // max(out_w, 1)) + 1)
     dtype = torch.float32 if largest * 255 <= 2 ** 21 else torch.float64
     means = torch.nn.functional.adaptive_avg_pool2d(x.to(dtype).sub_(zero_point), (out_h, out_w))
-    counts = (_adaptive_window_counts.__wrapped__ if is_dynamo_compiling() else _adaptive_window_counts)(
-        h, out_h, w, out_w, x.device)
+    counts = torch.tensor(_adaptive_window_counts(h, out_h, w, out_w), dtype=torch.float32,
+                          device=x.device).view(out_h, out_w)
     totals = means.mul_(counts.to(dtype)).round_().float()
     return totals.mul_(torch.tensor(scale, dtype=torch.float32, device=x.device)).div_(counts)
 
@@ -204,11 +206,12 @@ def _adaptive_output_size(x: torch.Tensor, output_size) -> tuple:
 
 
 @functools.lru_cache(maxsize=64)
-def _adaptive_window_counts(h: int, out_h: int, w: int, out_w: int, device: torch.device) -> torch.Tensor:
-    """The element counts of adaptive pooling's windows over an h x w input (float32, [out_h, out_w]): window i
-    along a dim of n elements spans [floor(i * n / out), ceil((i + 1) * n / out)), as in torch's adaptive pools."""
+def _adaptive_window_counts(h: int, out_h: int, w: int, out_w: int) -> tuple:
+    """The element counts of adaptive pooling's windows over an h x w input, row by row ([out_h * out_w] ints):
+    window i along a dim of n elements spans [floor(i * n / out), ceil((i + 1) * n / out)), as in torch's adaptive
+    pools. (Numbers, not a tensor: a tensor made under a fake mode, torch.export's, would be cached as it is.)"""
     rows, cols = ([-(-(i + 1) * n // out) - i * n // out for i in range(out)] for n, out in ((h, out_h), (w, out_w)))
-    return torch.tensor([r * c for r in rows for c in cols], dtype=torch.float32, device=device).view(out_h, out_w)
+    return tuple(r * c for r in rows for c in cols)
 
 
 def quantized_adaptive_avg_pool1d(x: torch.Tensor, scale: float, zero_point: int,

@@ -219,9 +219,6 @@ class QuantConv1d(QuantConv2d):
     def _pack(self, w_int8: torch.Tensor) -> torch.Tensor:
         return F_q.pack_conv_weight(w_int8.unsqueeze(2), self.groups)
 
-    def _quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return QuantLayerBase._quantize_input(self, x)
-
     def _int_op_args(self) -> tuple:
         # the 2-D conv's arguments for a 1 x kernel_size kernel
         return (self.w_sum, self.weight_scale, self._kernel_bias(), self.out_channels,
