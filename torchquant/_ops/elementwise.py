@@ -222,7 +222,9 @@ def quantized_adaptive_avg_pool1d(x: torch.Tensor, scale: float, zero_point: int
     _require_dtype("x", x, _ACTIVATION_DTYPES)
     if x.dim() not in (2, 3):
         raise ValueError(f"quantized_adaptive_avg_pool1d: x must be 2-d [C, L] or 3-d [B, C, L], got {x.dim()}-d")
-    torch.nn.functional.adaptive_avg_pool1d(torch.empty(x.shape, device="meta"), output_size)  # torch's rules
+    size = output_size[0] if isinstance(output_size, (tuple, list)) and len(output_size) == 1 else output_size
+    if not (_is_int(size) and size >= 0):  # torch's rules and message (on the meta device: nothing is computed)
+        torch.nn.functional.adaptive_avg_pool1d(torch.empty(x.shape, device="meta"), output_size)
     return quantized_adaptive_avg_pool2d(x.unsqueeze(-2), scale, zero_point, (1, _single("output_size", output_size))
                                          ).squeeze(-2)
 
