@@ -202,20 +202,33 @@ void check_conv_residual(const at::Tensor& x_q, at::IntArrayRef out_sizes, const
            " (no broadcasting), got ", residual.sizes());
 }
 
-QuantizedAddTensors prepare_quantized_add(const at::Tensor& a, const at::Tensor& a_scale, int64_t a_zero_point,
-                                          const at::Tensor& b, const at::Tensor& b_scale, int64_t b_zero_point,
-                                          at::ScalarType out_dtype, std::optional<double> out_scale,
-                                          int64_t out_zero_point, bool relu) {
-  check_quantized_operand("quantized_add", "a", a, "a_scale", a_scale, a_zero_point, "a", a);
-  check_quantized_operand("quantized_add", "b", b, "b_scale", b_scale, b_zero_point, "a", a);
-  TQ_CHECK(a.sizes() == b.sizes(), "quantized_add: a and b must have the same shape (no broadcasting), got ",
-           a.sizes(), " and ", b.sizes());
-  check_output_dtype("quantized_add", out_dtype, out_scale, out_zero_point);
-  QuantizedAddTensors t;
-  t.out = at::empty_like(a, a.options().dtype(out_dtype), at::MemoryFormat::Preserve);
-  t.a = laid_out_as(a, t.out);
-  t.b = laid_out_as(b, t.out);
-  t.map = add_map(a_zero_point, b_zero_point, out_dtype, out_scale, out_zero_point, relu);
+BinaryTensors prepare_quantized_binary(const char* op, BinaryOp kind, const at::Tensor& a, const at::Tensor& a_scale,
+                                       int64_t a_zero_point, const at::Tensor& b, const at::Tensor& b_scale,
+                                       int64_t b_zero_point, at::ScalarType out_dtype,
+                                       std::optional<double> out_scale, int64_t out_zero_point, bool relu) {
+  check_quantized_operand(op, "a", a, "a_scale", a_scale, a_zero_point, "a", a);
+  check_quantized_operand(op, "b", b, "b_scale", b_scale, b_zero_point, "a", a);
+  std::vector<int64_t> shape = a.sizes().vec();
+  if (kind == BinaryOp::Add) {
+    TQ_CHECK(a.sizes() == b.sizes(), op, ": a and b must have the same shape (no broadcasting), got ", a.sizes(),
+             " and ", b.sizes());
+  } else {  // torch's broadcasting: sizes aligned at the last dim, each pair equal or one of them 1
+    if (b.dim() > a.dim()) shape = b.sizes().vec();
+    for (int64_t i = 1; i <= std::min(a.dim(), b.dim()); ++i) {
+      const int64_t sa = a.size(-i), sb = b.size(-i);
+      TQ_CHECK(sa == sb || sa == 1 || sb == 1, op, ": a and b must broadcast to one shape, got ", a.sizes(), " and ",
+               b.sizes());
+      shape[shape.size() - i] = sa == 1 ? sb : sa;
+    }
+  }
+  check_output_dtype(op, out_dtype, out_scale, out_zero_point);
+  BinaryTensors t;
+  // a of the output's shape gives it its memory format; a broadcast a, empty_like of its expansion (the format
+  // torch's a * b suggests for it)
+  t.out = at::empty_like(a.expand(shape), a.options().dtype(out_dtype), at::MemoryFormat::Preserve);
+  t.a = laid_out_as(a.expand(shape), t.out);
+  t.b = laid_out_as(b.expand(shape), t.out);
+  t.map = binary_map(kind, a_zero_point, b_zero_point, out_dtype, out_scale, out_zero_point, relu);
   return t;
 }
 
@@ -223,9 +236,10 @@ at::Tensor laid_out_as(const at::Tensor& x, const at::Tensor& out) {
   return x.strides() == out.strides() ? x : at::empty_like(out, x.options()).copy_(x);
 }
 
-AddMap add_map(int64_t a_zero_point, int64_t b_zero_point, at::ScalarType out_dtype, std::optional<double> out_scale,
-               int64_t out_zero_point, bool relu) {
-  AddMap map;
+BinaryMap binary_map(BinaryOp op, int64_t a_zero_point, int64_t b_zero_point, at::ScalarType out_dtype,
+                     std::optional<double> out_scale, int64_t out_zero_point, bool relu) {
+  BinaryMap map;
+  map.op = op;
   map.a_zero_point = static_cast<float>(a_zero_point);
   map.b_zero_point = static_cast<float>(b_zero_point);
   if (relu) map.clamp.lo = 0.0f;

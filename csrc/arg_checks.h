@@ -85,8 +85,6 @@ struct ConvGeometry {
 ConvGeometry check_conv_arguments(const char* op, const at::Tensor& x_q, int64_t out_channels, at::IntArrayRef kernel_size,
                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
 
-// quantized_add's tensors as its kernels read them: the output (a's shape and memory format, at::empty_like's
-// Preserve) and a and b laid out alike (out's strides; an operand in another layout is copied).
 // A quantized operand of an element-wise step (quantized_add's a and b, int8_conv2d.residual's residual): t int8
 // or uint8 on anchor's device, zero_point in t's range, scale a float32 tensor of 1 element on that device (its
 // value is checked by each kernel). Messages name op, name, scale_name and anchor_name.
@@ -98,28 +96,32 @@ void check_quantized_operand(const char* op, const char* name, const at::Tensor&
 void check_conv_residual(const at::Tensor& x_q, at::IntArrayRef out_sizes, const at::Tensor& residual,
                          const at::Tensor& residual_scale, int64_t residual_zero_point);
 
-struct QuantizedAddTensors {
+// quantized_add's and quantized_mul's tensors as their kernels read them: the output (of a's shape and memory
+// format, at::empty_like's Preserve; quantized_mul: of the broadcast shape, a's memory format where a has it) and
+// a and b laid out alike (out's strides; an operand in another layout, or broadcast, is copied).
+struct BinaryTensors {
   at::Tensor out, a, b;
-  AddMap map;
+  BinaryMap map;
 };
 
-// Checks quantized_add's arguments (a and b int8 or uint8 of the same shape on one device, zero points in their
-// ranges, a_scale and b_scale float32 tensors of 1 element on that device, and out_dtype / out_scale /
-// out_zero_point as check_output_dtype wants them; scale values are checked by each kernel), allocates the
-// output on the current device and sets up the element map.
-QuantizedAddTensors prepare_quantized_add(const at::Tensor& a, const at::Tensor& a_scale, int64_t a_zero_point,
-                                          const at::Tensor& b, const at::Tensor& b_scale, int64_t b_zero_point,
-                                          at::ScalarType out_dtype, std::optional<double> out_scale,
-                                          int64_t out_zero_point, bool relu);
+// Checks the arguments of quantized_add (op Add: a and b of the same shape) or quantized_mul (op Multiply: a and b
+// broadcast), named op in messages: a and b int8 or uint8 on one device, zero points in their ranges, a_scale and
+// b_scale float32 tensors of 1 element on that device, and out_dtype / out_scale / out_zero_point as
+// check_output_dtype wants them (scale values are checked by each kernel); allocates the output on the current
+// device and sets up the element map.
+BinaryTensors prepare_quantized_binary(const char* op, BinaryOp kind, const at::Tensor& a, const at::Tensor& a_scale,
+                                       int64_t a_zero_point, const at::Tensor& b, const at::Tensor& b_scale,
+                                       int64_t b_zero_point, at::ScalarType out_dtype,
+                                       std::optional<double> out_scale, int64_t out_zero_point, bool relu);
 
 // x (of out's shape) as an element-wise kernel reads it beside out: x itself where its strides are out's, else a copy
 // with out's strides.
 at::Tensor laid_out_as(const at::Tensor& x, const at::Tensor& out);
 
-// quantized_add's element map for those zero points, output and ReLU (out_dtype, out_scale and out_zero_point as
-// check_output_dtype wants them).
-AddMap add_map(int64_t a_zero_point, int64_t b_zero_point, at::ScalarType out_dtype, std::optional<double> out_scale,
-               int64_t out_zero_point, bool relu);
+// The element map of quantized_add / quantized_mul (op) for those zero points, output and ReLU (out_dtype,
+// out_scale and out_zero_point as check_output_dtype wants them).
+BinaryMap binary_map(BinaryOp op, int64_t a_zero_point, int64_t b_zero_point, at::ScalarType out_dtype,
+                     std::optional<double> out_scale, int64_t out_zero_point, bool relu);
 
 // quantized_lookup's tensors: the output (x's shape and memory format, the table's dtype), x laid out as the output
 // is (so both are read and written as one dense span) and the table, contiguous; with their bytes (int8 and uint8

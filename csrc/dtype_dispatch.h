@@ -35,9 +35,9 @@ void with_output_type(at::ScalarType out_dtype, const Body& body) {
 }
 
 // Calls body(ap, bp, yp) with the data pointers of a, b (int8 or uint8) and out (float32, float16, bfloat16, int8
-// or uint8) as their C++ types: quantized_add's kernels.
+// or uint8) as their C++ types: quantized_add's and quantized_mul's kernels.
 template <class Body>
-void with_add_pointers(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out, const Body& body) {
+void with_binary_pointers(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out, const Body& body) {
   with_byte_type(a.scalar_type(), "a", [&](auto a_tag) {
     with_byte_type(b.scalar_type(), "b", [&](auto b_tag) {
       with_output_type(out.scalar_type(), [&](auto out_tag) {

@@ -83,6 +83,12 @@ TORCH_LIBRARY(torchquant, m) {
   // pipeline).
   m.def("quantized_add(Tensor a, Tensor a_scale, int a_zero_point, Tensor b, Tensor b_scale, int b_zero_point, "
         "ScalarType out_dtype, float? out_scale=None, int out_zero_point=0, bool relu=False) -> Tensor");
+  // y = float(a - a_zero_point) * a_scale * (float(b - b_zero_point) * b_scale) in float32 (each product rounded):
+  // quantized_add's map with a product (a squeeze-excitation block's x * gate in an integer pipeline). a and b
+  // broadcast as torch's a * b does; the output has the broadcast shape (a's memory format where a has that shape)
+  // and quantized_add's output dtypes and conversion.
+  m.def("quantized_mul(Tensor a, Tensor a_scale, int a_zero_point, Tensor b, Tensor b_scale, int b_zero_point, "
+        "ScalarType out_dtype, float? out_scale=None, int out_zero_point=0) -> Tensor");
   // y[i] = table[uint8 bits of x[i]]: an element-wise function of a quantized tensor (an activation in an integer
   // pipeline) as a 256-entry table. x int8 or uint8, any shape and strides; table 1-d with 256 entries, int8 or
   // uint8 (the output dtype), on x's device. An int8 x indexes by its two's-complement byte (-128 -> 128, -1 -> 255).

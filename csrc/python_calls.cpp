@@ -9,7 +9,7 @@
 // not int32, a scale tensor that is not float32, an x, scale or zero point off the CPU (the wrapper checks device
 // qparams' values), a tensor subclass or an active __torch_function__ mode. The accepted calls are a subset of what the
 // wrapper accepts, converted exactly as it converts them; the kernels check the values of CPU scale and zero point
-// tensors themselves. quantized_add's entry works alike.
+// tensors themselves. quantized_add's and quantized_mul's entries work alike.
 //
 // The converted layers' entries (int8_linear_dynamic, quantized_layer_forward) take the arguments the layer prepared
 // at convert / load / move time, on any device, and check only the caller's input; they decline what the layer's
@@ -54,6 +54,8 @@ using Int8LinearDynamicActivationFn = at::Tensor(const at::Tensor&, const at::Te
                                                  c10::string_view);
 using QuantizedAddFn = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, const at::Tensor&, const at::Tensor&,
                                   int64_t, at::ScalarType, std::optional<double>, int64_t, bool);
+using QuantizedMulFn = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, const at::Tensor&, const at::Tensor&,
+                                  int64_t, at::ScalarType, std::optional<double>, int64_t);
 using QuantizedMaxPool2dFn = at::Tensor(const at::Tensor&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
                                        at::IntArrayRef, bool);
 using Int8LinearFn = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, const at::Tensor&, const at::Tensor&,
@@ -338,11 +340,21 @@ bool optional_float_arg(PyObject* o, std::optional<double>& bound) {
 }
 
 // quantized_add(a, a_scale, a_zero_point, b, b_scale, b_zero_point, out_dtype, out_scale, out_zero_point, relu) ->
-// Tensor: CPU a and b of one shape, Python-number or float32 [1] scales, int zero points (the kernel checks their
-// ranges), an out_scale that is None or a float, relu a bool.
-PyObject* call_quantized_add(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+// Tensor and quantized_mul(the same but relu) -> Tensor: CPU a and b (of one shape for the add, broadcast for the
+// product: the op checks), Python-number or float32 [1] scales, int zero points (the kernel checks their ranges), an
+// out_scale that is None or a float, relu a bool.
+// Whether shapes a and b broadcast (torch's rules: aligned at the last dim, each pair equal or one of them 1).
+bool broadcastable(at::IntArrayRef a, at::IntArrayRef b) {
+  for (size_t i = 1; i <= std::min(a.size(), b.size()); ++i)
+    if (a[a.size() - i] != b[b.size() - i] && a[a.size() - i] != 1 && b[b.size() - i] != 1) return false;
+  return true;
+}
+
+template <BinaryOp Op>
+PyObject* call_quantized_binary(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  check_nargs(nargs, 10, "quantized_add");
+  constexpr bool add = Op == BinaryOp::Add;
+  check_nargs(nargs, add ? 10 : 9, add ? "quantized_add" : "quantized_mul");
   const at::Tensor* a = plain_tensor(args[0]);
   const at::Tensor* b = plain_tensor(args[3]);
   const auto a_zero_point = int_in(args[2], INT64_MIN, INT64_MAX);
@@ -350,19 +362,29 @@ PyObject* call_quantized_add(PyObject*, PyObject* const* args, Py_ssize_t nargs)
   const auto out_zero_point = int_in(args[8], INT64_MIN, INT64_MAX);
   std::optional<double> out_scale;
   if (a == nullptr || b == nullptr || !is_int8(a->scalar_type()) || !is_int8(b->scalar_type()) ||
-      !a->is_cpu() || !b->is_cpu() || a->sizes() != b->sizes() || !a_zero_point || !b_zero_point ||
-      !out_zero_point || !THPDtype_Check(args[6]) || !optional_float_arg(args[7], out_scale) || !PyBool_Check(args[9]))
+      !a->is_cpu() || !b->is_cpu() || !(add ? a->sizes() == b->sizes() : broadcastable(a->sizes(), b->sizes())) ||
+      !a_zero_point || !b_zero_point ||
+      !out_zero_point || !THPDtype_Check(args[6]) || !optional_float_arg(args[7], out_scale) ||
+      (add && !PyBool_Check(args[9])))
     Py_RETURN_NOTIMPLEMENTED;
   const at::ScalarType out_dtype = reinterpret_cast<THPDtype*>(args[6])->scalar_type;
   if (!is_float(out_dtype) && !is_int8(out_dtype)) Py_RETURN_NOTIMPLEMENTED;
   const auto a_scale = scale_arg(args[1], 1, *a);
   const auto b_scale = scale_arg(args[4], 1, *a);
   if (!a_scale || !b_scale) Py_RETURN_NOTIMPLEMENTED;
-  static const auto op = find_op<QuantizedAddFn>("torchquant::quantized_add");
-  return THPVariable_Wrap(call_op(a->numel(), [&] {
-    return op.call(*a, **a_scale, *a_zero_point, *b, **b_scale, *b_zero_point, out_dtype, out_scale,
-                   *out_zero_point, args[9] == Py_True);
-  }));
+  if constexpr (add) {
+    static const auto op = find_op<QuantizedAddFn>("torchquant::quantized_add");
+    return THPVariable_Wrap(call_op(a->numel(), [&] {
+      return op.call(*a, **a_scale, *a_zero_point, *b, **b_scale, *b_zero_point, out_dtype, out_scale,
+                     *out_zero_point, args[9] == Py_True);
+    }));
+  } else {
+    static const auto op = find_op<QuantizedMulFn>("torchquant::quantized_mul");
+    return THPVariable_Wrap(call_op(std::max(a->numel(), b->numel()), [&] {
+      return op.call(*a, **a_scale, *a_zero_point, *b, **b_scale, *b_zero_point, out_dtype, out_scale,
+                     *out_zero_point);
+    }));
+  }
   END_HANDLE_TH_ERRORS
 }
 
@@ -549,8 +571,14 @@ PyMethodDef torchquant_python_calls[] = {
     {"int8_linear_dynamic",
      reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&torchquant::call_int8_linear_dynamic)),
      METH_FASTCALL, "QuantLinear's converted int8-dynamic forward: the op's result, or NotImplemented"},
-    {"quantized_add", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&torchquant::call_quantized_add)),
+    {"quantized_add",
+     reinterpret_cast<PyCFunction>(
+         reinterpret_cast<void (*)()>(&torchquant::call_quantized_binary<torchquant::BinaryOp::Add>)),
      METH_FASTCALL, "functional.quantized_add's fast path: the op's result, or NotImplemented"},
+    {"quantized_mul",
+     reinterpret_cast<PyCFunction>(
+         reinterpret_cast<void (*)()>(&torchquant::call_quantized_binary<torchquant::BinaryOp::Multiply>)),
+     METH_FASTCALL, "functional.quantized_mul's fast path: the op's result, or NotImplemented"},
     {"quantized_max_pool2d",
      reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&torchquant::call_quantized_max_pool2d)),
      METH_FASTCALL, "functional.quantized_max_pool2d's fast path: the op's result, or NotImplemented"},

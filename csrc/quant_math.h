@@ -63,11 +63,15 @@ TQ_HOST_DEVICE float clamp_activation(float y, ActivationClamp c) {
   return y > c.hi ? c.hi : y;
 }
 
-// quantized_add's element map apart from the scales (shared by the CPU and CUDA kernels, set up by
-// prepare_quantized_add): y = (float(a) - a_zero_point) * a_scale + (float(b) - b_zero_point) * b_scale, then
-// clamp_activation(y, clamp), then the float cast or, for int8/uint8 outputs, quantize_value(y, inv_out_scale,
+// How quantized_add and quantized_mul combine their two dequantized operands.
+enum class BinaryOp : uint8_t { Add, Multiply };
+
+// quantized_add's and quantized_mul's element map apart from the scales (shared by the CPU and CUDA kernels, set up
+// by prepare_quantized_binary): y = (float(a) - a_zero_point) * a_scale `op` (float(b) - b_zero_point) * b_scale,
+// then clamp_activation(y, clamp), then the float cast or, for int8/uint8 outputs, quantize_value(y, inv_out_scale,
 // out_zero_point, out_format).
-struct AddMap {
+struct BinaryMap {
+  BinaryOp op;
   float a_zero_point, b_zero_point;
   ActivationClamp clamp;  // relu: [0, inf)
   float inv_out_scale, out_zero_point;

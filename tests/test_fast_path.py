@@ -556,6 +556,43 @@ def test_quantized_add_fast_path_declines_what_the_checked_path_handles():
                 F.quantized_add(a, 0.1, 2, a, 0.1, 0, out_dtype=torch.uint8, out_scale=1.0, relu=True))
 
 
+# ---- quantized_mul ----
+
+@pytest.mark.parametrize("args", ADD_ARGS, ids=range(len(ADD_ARGS)))
+@pytest.mark.parametrize("dtypes", [(torch.uint8, torch.uint8), (torch.int8, torch.uint8), (torch.uint8, torch.int8)])
+def test_quantized_mul_fast_path_matches_the_checked_path(dtypes, args):
+    g = torch.Generator().manual_seed(1)
+    a = torch.randint(0, 128, (2, 5, 3, 4), generator=g, dtype=torch.int16).to(dtypes[0])
+    b = torch.randint(0, 128, (2, 5, 1, 1), generator=g, dtype=torch.int16).to(dtypes[1])
+    a_scale, a_zp, b_scale, b_zp, out_dtype, out_scale, out_zp, _ = args
+    a_zp, b_zp = abs(a_zp), abs(b_zp)
+    a_cl = a.to(memory_format=torch.channels_last)
+    for x, y in [(a, b), (a_cl, b), (b, a_cl), (a[:, ::2], b[:, ::2]), (a[:0], b[:1]), (a, b[0])]:
+        assert _C.quantized_mul(x, a_scale, a_zp, y, b_scale, b_zp, out_dtype, out_scale, out_zp) is not NotImplemented
+        fast, checked = both_paths(lambda: F.quantized_mul(x, a_scale, a_zp, y, b_scale, b_zp, out_dtype, out_scale,
+                                                           out_zp))
+        assert_same(fast, checked)
+        assert fast.stride() == checked.stride()
+
+
+def test_quantized_mul_fast_path_declines_what_the_checked_path_handles():
+    a = torch.zeros(3, 4, dtype=torch.uint8)
+    good = (a, 0.1, 0, a[:1], 0.1, 0, torch.float32, None, 0)
+    assert _C.quantized_mul(*good) is not NotImplemented
+    for i, bad in [(0, a.float()), (3, a[:2]), (3, a.as_subclass(Counting)), (0, a.to("meta")), (1, -0.1),
+                   (4, float("inf")), (1, torch.tensor([0.1, 0.2])), (2, 1.0), (6, torch.int32), (7, 1),
+                   (8, 2**70)]:
+        assert_declines(_C.quantized_mul, good, i, bad)
+    with pytest.raises(TypeError, match="takes 9 arguments"):
+        _C.quantized_mul(*good[:-1])
+    with pytest.raises(ValueError, match="must broadcast to one shape"):
+        F.quantized_mul(a, 0.1, 0, a[:2], 0.1, 0)
+    with pytest.raises(ValueError, match="b_scale must be positive and finite"):
+        F.quantized_mul(a, 0.1, 0, a, -1, 0)
+    assert_same(F.quantized_mul(a, 0.1, 2.0, a, 0.1, 0, out_dtype=torch.uint8, out_scale=1),
+                F.quantized_mul(a, 0.1, 2, a, 0.1, 0, out_dtype=torch.uint8, out_scale=1.0))
+
+
 # ---- quantized_max_pool2d ----
 
 POOL_ARGS = [  # (kernel_size, stride, padding, dilation, ceil_mode)

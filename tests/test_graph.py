@@ -445,6 +445,29 @@ class AdaptivePoolNet(nn.Module):
         return self.head(torch.cat([b.flatten(1), c.flatten(1), d.flatten(1)], 1))
 
 
+class SqueezeExcitationNet(nn.Module):
+    """Squeeze-excitation blocks (MobileNetV3's, EfficientNet's): a mean over H and W, two 1x1 convs and a gate
+    (hardsigmoid, sigmoid) whose [B, C, 1, 1] output multiplies the block's input (x * s, torch.mul(s, x)), then a
+    product of two tensors of one shape (y * tanh(y)) before the head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.stem_bn = nn.BatchNorm2d(8)
+        self.reduce1, self.expand1 = nn.Conv2d(8, 4, 1), nn.Conv2d(4, 8, 1)
+        self.gate = nn.Hardsigmoid()
+        self.mid = nn.Conv2d(8, 8, 3, padding=1)
+        self.reduce2, self.expand2 = nn.Conv2d(8, 4, 1), nn.Conv2d(4, 8, 1)
+        self.head = nn.Conv2d(8, 5, 1)
+
+    def forward(self, x):  # [B, 3, 8, 8]
+        x = F.hardswish(self.stem_bn(self.stem(x)))
+        x = x * self.gate(self.expand1(F.relu(self.reduce1(x.mean((2, 3), keepdim=True)))))
+        y = F.silu(self.mid(x))
+        y = torch.mul(torch.sigmoid(self.expand2(F.silu(self.reduce2(F.adaptive_avg_pool2d(y, 1))))), y)
+        return self.head(y * torch.tanh(y)).flatten(1)
+
+
 class UNetNet(nn.Module):
     """A small U-Net: down by max-pools, up by nearest-neighbour upsampling (F.interpolate to a skip tensor's size
     read from its shape, an nn.Upsample module, F.interpolate in "nearest-exact" mode with a scale factor), each
@@ -579,6 +602,7 @@ MODELS = {
     "padded": (PaddedNet, (2, 3, 8, 8)),
     "avg-pools": (AvgPoolNet, (2, 3, 11, 11)),
     "adaptive-pools": (AdaptivePoolNet, (2, 3, 12, 12)),
+    "squeeze-excitation": (SqueezeExcitationNet, (2, 3, 8, 8)),
 }
 
 

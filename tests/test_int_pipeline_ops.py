@@ -1,5 +1,5 @@
 """The kernels of an integer pipeline: the fused activation clamp of int8_linear / int8_conv2d, quantized_add,
-quantized_lookup, quantized_max_pool1d, quantized_max_pool2d, quantized_sum, quantized_avg_pool1d / 2d and
+quantized_mul, quantized_lookup, quantized_max_pool1d, quantized_max_pool2d, quantized_sum, quantized_avg_pool1d / 2d and
 quantized_adaptive_avg_pool1d / 2d.
 
 Integers and float outputs are compared bit for bit with torchquant.reference (the same float32 operations in the
@@ -427,6 +427,147 @@ def test_quantized_add_different_devices():
         ops.quantized_add(a, torch.ones(1), 0, a.cuda(), torch.ones(1), 0, torch.float32)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# quantized_mul
+# ---------------------------------------------------------------------------------------------------------------
+
+# (a's shape, b's shape): one shape, a squeeze-excitation gate [N, C, 1, 1] either side, vectors against rows, both
+# broadcast, 0-d, and more than one parallel task
+MUL_SHAPES = [((1,), (1,)), ((15,), (15,)), ((3, 17), (17,)), ((2, 8, 5, 7), (2, 8, 1, 1)), ((2, 8, 1, 1), (2, 8, 5, 7)),
+              ((4, 1, 5), (3, 1)), ((), (6,)), ((70001,), (1,)), ((3, 40, 30, 20), (3, 40, 1, 1))]
+
+
+def mul_float64(a, a_scale, a_zp, b, b_scale, b_zp):
+    return ((a.double() - a_zp) * a_scale) * ((b.double() - b_zp) * b_scale)
+
+
+@pytest.mark.parametrize("a_dtype,b_dtype", [(torch.int8, torch.int8), (torch.uint8, torch.uint8),
+                                             (torch.int8, torch.uint8), (torch.uint8, torch.int8)], ids=str)
+@pytest.mark.parametrize("out_dtype", ALL_OUT_DTYPES, ids=str)
+def test_quantized_mul(device, isa, a_dtype, b_dtype, out_dtype):
+    for i, (a_shape, b_shape) in enumerate(MUL_SHAPES):
+        g = torch.Generator().manual_seed(i)
+        a, b = randint8(a_shape, generator=g, dtype=a_dtype), randint8(b_shape, generator=g, dtype=b_dtype)
+        a_zp, b_zp = (-5 if a_dtype == torch.int8 else 130), (17 if b_dtype == torch.int8 else 3)
+        kw = add_out_kwargs(out_dtype)
+        got = F.quantized_mul(a.to(device), 0.05, a_zp, b.to(device), torch.tensor([0.031], device=device), b_zp,
+                              out_dtype, **kw)
+        want = reference.quantized_mul(a, 0.05, a_zp, b, 0.031, b_zp, out_dtype=out_dtype, **kw)
+        assert got.shape == torch.broadcast_shapes(a_shape, b_shape) and got.dtype == out_dtype
+        assert_same(got, want)
+        y64 = mul_float64(a, 0.05, a_zp, b, torch.tensor(0.031).double(), b_zp)  # the unfused ops in float64
+        if out_dtype.is_floating_point:
+            torch.testing.assert_close(got.cpu().double(), y64, atol=0.05, rtol=1e-2)
+        else:
+            info = torch.iinfo(out_dtype)
+            q64 = (torch.round(y64 / kw["out_scale"]) + kw["out_zero_point"]).clamp(info.min, info.max)
+            assert (got.cpu().double() - q64).abs().max() <= 1
+
+
+def test_quantized_mul_ties_and_extremes(device, isa):
+    """Scales 0.5 and 0.25 with out_scale 1: y = a * b / 8, so .5 ties occur (round half to even); the ends of both
+    ranges and zero points, and scales so large that y overflows to +-inf (and inf * 0 gives NaN: the zero point)."""
+    vals = torch.tensor([-128, -127, -4, -1, 0, 1, 4, 126, 127], dtype=torch.int8)
+    a, b = vals.repeat_interleave(9), vals.repeat(9)
+    for out_dtype in ALL_OUT_DTYPES:
+        kw = {} if out_dtype.is_floating_point else dict(out_scale=1.0, out_zero_point=3)
+        for a_scale, b_scale, zps in [(0.5, 0.25, (0, 0)), (0.5, 0.25, (-128, 127)), (3e38, 3e38, (0, 0)),
+                                      (3e38, 3e38, (1, -128))]:
+            got = F.quantized_mul(a.to(device), a_scale, zps[0], b.to(device), b_scale, zps[1], out_dtype, **kw)
+            want = reference.quantized_mul(a, a_scale, zps[0], b, b_scale, zps[1], out_dtype=out_dtype, **kw)
+            assert_same(got, want)
+    y = a.float() * b.float() / 8
+    assert ((y - y.floor()) == 0.5).any()
+    nan = F.quantized_mul(a.to(device), 3e38, 0, b.to(device), 3e38, 0, torch.float32)
+    assert nan.isnan().any() and nan.isinf().any()
+
+
+def test_quantized_mul_paths_bit_identical(monkeypatch):
+    g = torch.Generator().manual_seed(9)
+    a, b = randint8((5, 1031), generator=g, dtype=torch.uint8), randint8((5, 1), generator=g)
+    for out_dtype in ALL_OUT_DTYPES:
+        kw = add_out_kwargs(out_dtype)
+        outs = []
+        for isa in SUPPORTED_ISAS:
+            monkeypatch.setenv("TORCHQUANT_CPU_ISA", isa)
+            for a_scale in (0.013, 3e38):
+                outs.append(F.quantized_mul(a, a_scale, 7, b, 0.02, -3, out_dtype, **kw))
+        per_isa = len(outs) // len(SUPPORTED_ISAS)
+        for i, out in enumerate(outs):
+            assert torch.equal(bit_patterns(out), bit_patterns(outs[i % per_isa])), out_dtype
+
+
+def test_quantized_mul_layouts(device):
+    """A channels-last a times its gate [N, C, 1, 1] writes channels-last; the gate first writes the layout torch's
+    empty_like gives the gate's expansion; any strides in, b in other layouts."""
+    g = torch.Generator().manual_seed(11)
+    a, gate = randint8((2, 6, 5, 4), generator=g, dtype=torch.uint8), randint8((2, 6, 1, 1), generator=g)
+    a_cl = a.contiguous(memory_format=torch.channels_last).to(device)
+    want = reference.quantized_mul(a, 0.1, 7, gate, 0.2, -1, out_dtype=torch.uint8, out_scale=0.3, out_zero_point=5)
+    for b_in in (gate, gate.contiguous(memory_format=torch.channels_last), gate.expand(2, 6, 5, 4)):
+        got = F.quantized_mul(a_cl, 0.1, 7, b_in.to(device), 0.2, -1, torch.uint8, 0.3, 5)
+        assert got.is_contiguous(memory_format=torch.channels_last) and not got.is_contiguous()
+        assert_same(got, want)
+    got = F.quantized_mul(gate.to(device), 0.2, -1, a_cl, 0.1, 7, torch.uint8, 0.3, 5)
+    assert got.stride() == torch.empty_like(gate.expand(2, 6, 5, 4)).stride()
+    assert_same(got, want)
+    big_a, big_b = randint8((4, 9, 10), generator=g), randint8((4, 9, 10), generator=g)
+    sa, sb = big_a[::2, 1::2, ::3].to(device), big_b[1::2, :8:2, :1].to(device)
+    assert_same(F.quantized_mul(sa, 0.1, 3, sb, 0.2, -3, torch.float32), reference.quantized_mul(sa, 0.1, 3, sb, 0.2, -3))
+    empty = F.quantized_mul(a[:0].to(device), 0.1, 0, gate[:1].to(device), 0.1, 0, torch.int8, 0.5)
+    assert empty.shape == (0, 6, 5, 4) and empty.dtype == torch.int8
+
+
+def test_quantized_mul_bad_inputs(device):
+    a, b = randint8((3, 4), device=device), randint8((3, 4), device=device)
+
+    def call(a=a, a_scale=0.1, a_zp=0, b=b, b_scale=0.1, b_zp=0, out_dtype=torch.float32, **kw):
+        return F.quantized_mul(a, a_scale, a_zp, b, b_scale, b_zp, out_dtype, **kw)
+
+    with pytest.raises(TypeError, match="a must be int8 or uint8, got float32"):
+        call(a=a.float())
+    with pytest.raises(TypeError, match="b must be int8 or uint8, got int32"):
+        call(b=b.int())
+    with pytest.raises(ValueError, match=r"quantized_mul: a and b must broadcast to one shape, got \(3, 4\) and "
+                                         r"\(2, 4\)"):
+        call(b=b[:2])
+    with pytest.raises(ValueError, match="quantized_mul: a_scale must be positive and finite"):
+        call(a_scale=-1.0)
+    with pytest.raises(ValueError, match="quantized_mul: b_scale must be positive and finite"):
+        call(b_scale=float("inf"))
+    with pytest.raises(TypeError, match="quantized_mul: out_dtype must be float32, float16, bfloat16, int8 or uint8"):
+        call(out_dtype=torch.int32)
+    s = torch.tensor([0.1], device=device)
+    with pytest.raises(RuntimeError, match=r"quantized_mul: a and b must broadcast to one shape, got \[3, 4\] and "
+                                           r"\[3\]"):
+        ops.quantized_mul(a, s, 0, b[:, 0], s, 0, torch.float32)
+    with pytest.raises(RuntimeError, match=r"quantized_mul: b_zero_point must lie in \[-128, 127\] for Char b"):
+        ops.quantized_mul(a, s, 0, b, s, 200, torch.float32)
+    with pytest.raises(RuntimeError, match="quantized_mul: a_scale must be a float32 tensor of 1 element"):
+        ops.quantized_mul(a, s.repeat(2), 0, b, s, 0, torch.float32)
+    with pytest.raises(RuntimeError, match="quantized_mul: out_dtype Byte .* needs out_scale"):
+        ops.quantized_mul(a, s, 0, b, s, 0, torch.uint8)
+    with pytest.raises(RuntimeError, match="quantized_mul: out_zero_point must lie in"):
+        ops.quantized_mul(a, s, 0, b, s, 0, torch.int8, 0.5, 128)
+    if device == "cpu":
+        with pytest.raises(RuntimeError, match="quantized_mul: b_scale must be positive and finite, got nan"):
+            ops.quantized_mul(a, s, 0, b, torch.tensor([math.nan]), 0, torch.float32)
+    if cuda_ready() and device == "cpu":
+        with pytest.raises(RuntimeError, match="quantized_mul: b must be on a's device"):
+            ops.quantized_mul(a, s, 0, b.cuda(), s, 0, torch.float32)
+
+
+def test_quantized_mul_compiles(device):
+    """Under torch.compile (fullgraph, dynamic shapes): the same bits as eager."""
+    g = torch.Generator().manual_seed(5)
+    fn = torch.compile(lambda a, b: F.quantized_mul(a, 0.1, 4, b, 0.02, 0, torch.uint8, 0.05, 2), fullgraph=True,
+                       dynamic=True)
+    for n, hw in ((2, 5), (3, 7)):
+        a = randint8((n, 8, hw, hw), generator=g, dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+        b = randint8((n, 8, 1, 1), generator=g)
+        assert_same(fn(a.to(device), b.to(device)), F.quantized_mul(a, 0.1, 4, b, 0.02, 0, torch.uint8, 0.05, 2))
+
+
 def laid_out(shape, dtype, layout):
     """Random integers of shape: contiguous, every other image of a batch twice as large ("strided"), or
     channels-last."""
@@ -847,6 +988,11 @@ def test_opcheck_int_pipeline_ops(device):
                                               torch.uint8, 0.3, 4, True))
     torch.library.opcheck(ops.quantized_add, (a[:, :, ::2], s, a_zp, b[:, :, 1::2], s, b_zp, torch.bfloat16, None, 0,
                                               True))
+    a_cl = a.contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(ops.quantized_mul, (a_cl, s, a_zp, b[:, :, :1, :1], s * 2, b_zp, torch.uint8, 0.3, 4))
+    torch.library.opcheck(ops.quantized_mul, (b[:, :, :1, :1], s, b_zp, a_cl, s, a_zp, torch.float32))
+    torch.library.opcheck(ops.quantized_mul, (a[:, :, ::2], s, a_zp, b[0, 0, 0], s, b_zp, torch.float16))
+    torch.library.opcheck(ops.quantized_mul, (a[:0], s, a_zp, b[:1], s, b_zp, torch.int8, 0.5, 0))
     table = lookup_table(torch.int8, 8).to(device)
     torch.library.opcheck(ops.quantized_lookup, (a, table))
     torch.library.opcheck(ops.quantized_lookup, (b.contiguous(memory_format=torch.channels_last), table))

@@ -208,6 +208,16 @@ def quantized_add(a: torch.Tensor, a_scale, a_zero_point: int, b: torch.Tensor, 
     return _convert_output(y, out_dtype, out_scale, out_zero_point).to(a.device)
 
 
+def quantized_mul(a: torch.Tensor, a_scale, a_zero_point: int, b: torch.Tensor, b_scale, b_zero_point: int, *,
+                  out_dtype=torch.float32, out_scale=None, out_zero_point: int = 0):
+    """y = float(a - a_zero_point) * a_scale * (float(b - b_zero_point) * b_scale) in float32 (each product rounded),
+    a and b broadcast, then cast to out_dtype or requantized like int8_linear's output."""
+    a_scale = torch.as_tensor(a_scale, dtype=torch.float32).cpu().reshape(())
+    b_scale = torch.as_tensor(b_scale, dtype=torch.float32).cpu().reshape(())
+    y = ((a.cpu().float() - a_zero_point) * a_scale) * ((b.cpu().float() - b_zero_point) * b_scale)
+    return _convert_output(y, out_dtype, out_scale, out_zero_point).to(a.device)
+
+
 def quantized_lookup(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """table[x's byte as uint8]: x & 255 maps int8 -128..-1 to 128..255 and leaves uint8 as it is."""
     return table[x.long() & 255]

@@ -1,4 +1,4 @@
-// CPU kernels of the quantize family and of quantized_add (schemas in csrc/ops.cpp, element math in
+// CPU kernels of the quantize family and of quantized_add / quantized_mul (schemas in csrc/ops.cpp, element math in
 // csrc/quant_math.h).
 //
 // Every op is an element-wise map over x's memory (csrc/memory_order.h) viewed as [outer, channels, inner]:
@@ -55,10 +55,10 @@ struct SpanParams {
   }
 };
 
-// quantized_add's element map (AddMap, quant_math.h) with the scales' values.
-struct AddParams {
+// quantized_add's and quantized_mul's element map (BinaryMap, quant_math.h) with the scales' values.
+struct BinaryParams {
   float a_scale, b_scale;
-  AddMap map;
+  BinaryMap map;
 };
 
 template <class T>
@@ -112,11 +112,12 @@ void dequantize_span(const In* q, Out* y, int64_t n, SpanParams p) {
 }
 
 template <class A, class B, class Out>
-void add_span(const A* a, const B* b, Out* y, int64_t n, const AddParams& p) {
+void binary_span(const A* a, const B* b, Out* y, int64_t n, const BinaryParams& p) {
+  const BinaryMap& m = p.map;
   for (int64_t i = 0; i < n; ++i) {
-    const AddMap& m = p.map;
-    float v = (static_cast<float>(a[i]) - m.a_zero_point) * p.a_scale +
-              (static_cast<float>(b[i]) - m.b_zero_point) * p.b_scale;
+    const float va = (static_cast<float>(a[i]) - m.a_zero_point) * p.a_scale;
+    const float vb = (static_cast<float>(b[i]) - m.b_zero_point) * p.b_scale;
+    float v = m.op == BinaryOp::Add ? va + vb : va * vb;
     v = clamp_activation(v, m.clamp);
     if constexpr (kIsByte<Out>)
       y[i] = static_cast<Out>(quantize_value(v, m.inv_out_scale, m.out_zero_point, m.out_format, Rounding::Nearest));
@@ -353,8 +354,8 @@ TQ_TARGET inline void vstore4(Out* p, VI a, VI b, VI c, VI d) {
       return ns::finite_absmax(x, n);                                                                            \
     }                                                                                                            \
     template <class A, class B, class Out>                                                                       \
-    static void add_span(const A* a, const B* b, Out* y, int64_t n, const AddParams& p) {                        \
-      ns::add_span(a, b, y, n, p);                                                                               \
+    static void binary_span(const A* a, const B* b, Out* y, int64_t n, const BinaryParams& p) {                        \
+      ns::binary_span(a, b, y, n, p);                                                                               \
     }                                                                                                            \
   };
 TQ_ISA_STRUCT(Scalar, scalar_spans, scalar_spans)
@@ -650,35 +651,51 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_cpu(const at::Tensor& x, i
   return {q, scale};
 }
 
-// An element-wise map over a, b and the output laid out alike in memory (prepare_quantized_add).
-at::Tensor quantized_add_cpu(const at::Tensor& a, const at::Tensor& a_scale, int64_t a_zero_point, const at::Tensor& b,
-                             const at::Tensor& b_scale, int64_t b_zero_point, at::ScalarType out_dtype,
-                             std::optional<double> out_scale, int64_t out_zero_point, bool relu) {
-  constexpr const char* op = "quantized_add";
+// quantized_add / quantized_mul (kind): an element-wise map over a, b and the output laid out alike in memory
+// (prepare_quantized_binary).
+at::Tensor quantized_binary_cpu(const char* op, BinaryOp kind, const at::Tensor& a, const at::Tensor& a_scale,
+                                int64_t a_zero_point, const at::Tensor& b, const at::Tensor& b_scale,
+                                int64_t b_zero_point, at::ScalarType out_dtype, std::optional<double> out_scale,
+                                int64_t out_zero_point, bool relu) {
   TQ_CHECK(a.device().is_cpu(), op, ": a must be a CPU tensor for the CPU kernel, got ", a.device());
-  const QuantizedAddTensors t = prepare_quantized_add(a, a_scale, a_zero_point, b, b_scale, b_zero_point, out_dtype,
-                                                      out_scale, out_zero_point, relu);
+  const BinaryTensors t = prepare_quantized_binary(op, kind, a, a_scale, a_zero_point, b, b_scale, b_zero_point,
+                                                   out_dtype, out_scale, out_zero_point, relu);
   const at::Tensor a_scale_1 = a_scale.reshape({1}).contiguous(), b_scale_1 = b_scale.reshape({1}).contiguous();
   check_scale_values(op, "a_scale", a_scale_1);
   check_scale_values(op, "b_scale", b_scale_1);
   const int64_t numel = t.out.numel();
   if (numel == 0) return t.out;
-  const AddParams p{*a_scale_1.data_ptr<float>(), *b_scale_1.data_ptr<float>(), t.map};
-  with_add_pointers(t.a, t.b, t.out, [&](const auto* ap, const auto* bp, auto* yp) {
+  const BinaryParams p{*a_scale_1.data_ptr<float>(), *b_scale_1.data_ptr<float>(), t.map};
+  with_binary_pointers(t.a, t.b, t.out, [&](const auto* ap, const auto* bp, auto* yp) {
     with_cpu_isa([&](auto isa) {
       using Isa = decltype(isa);
       at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
-        Isa::add_span(ap + begin, bp + begin, yp + begin, end - begin, p);
+        Isa::binary_span(ap + begin, bp + begin, yp + begin, end - begin, p);
       });
     });
   });
   return t.out;
 }
 
+at::Tensor quantized_add_cpu(const at::Tensor& a, const at::Tensor& a_scale, int64_t a_zero_point, const at::Tensor& b,
+                             const at::Tensor& b_scale, int64_t b_zero_point, at::ScalarType out_dtype,
+                             std::optional<double> out_scale, int64_t out_zero_point, bool relu) {
+  return quantized_binary_cpu("quantized_add", BinaryOp::Add, a, a_scale, a_zero_point, b, b_scale, b_zero_point,
+                              out_dtype, out_scale, out_zero_point, relu);
+}
+
+at::Tensor quantized_mul_cpu(const at::Tensor& a, const at::Tensor& a_scale, int64_t a_zero_point, const at::Tensor& b,
+                             const at::Tensor& b_scale, int64_t b_zero_point, at::ScalarType out_dtype,
+                             std::optional<double> out_scale, int64_t out_zero_point) {
+  return quantized_binary_cpu("quantized_mul", BinaryOp::Multiply, a, a_scale, a_zero_point, b, b_scale,
+                              b_zero_point, out_dtype, out_scale, out_zero_point, false);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(torchquant, CPU, m) {
   m.impl("quantized_add", &quantized_add_cpu);
+  m.impl("quantized_mul", &quantized_mul_cpu);
   m.impl("quantize", &quantize_cpu);
   m.impl("dequantize", &dequantize_cpu);
   m.impl("fake_quantize", &fake_quantize_cpu);

@@ -1,5 +1,6 @@
-// CUDA kernels of the quantize family, of quantized_add and of quantized_lookup (schemas in csrc/ops.cpp, element
-// math in csrc/quant_math.h, the same functions the CPU kernels use, so both produce the same integers).
+// CUDA kernels of the quantize family, of quantized_add / quantized_mul and of quantized_lookup (schemas in
+// csrc/ops.cpp, element math in csrc/quant_math.h, the same functions the CPU kernels use, so both produce the same
+// integers).
 //
 // Every op is an element-wise map over x's memory (csrc/memory_order.h) viewed as [outer, channels, inner]:
 // the element at offset i belongs to channel (i / inner) % channels (per-tensor: one channel). Threads walk the
@@ -464,21 +465,23 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_cuda(const at::Tensor& x, 
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// quantized_add: a grid-stride map over a, b and the output laid out alike (prepare_quantized_add), 16 elements (16
-// bytes of each input) per thread and step, the tail one by one. The scales are read on the device (no host
-// synchronization); the same float operations in the same order as the CPU kernel, rounded one by one.
+// quantized_add / quantized_mul: a grid-stride map over a, b and the output laid out alike
+// (prepare_quantized_binary), 16 elements (16 bytes of each input) per thread and step, the tail one by one. The
+// scales are read on the device (no host synchronization); the same float operations in the same order as the CPU
+// kernel, rounded one by one.
 // ---------------------------------------------------------------------------------------------------------------
 
-// quantized_add's element map (AddMap, quant_math.h) with the scales in device memory (a_scale null: 1).
-struct AddArgs {
+// Their element map (BinaryMap, quant_math.h) with the scales in device memory (a_scale null: 1).
+struct BinaryArgs {
   const float* a_scale;
   const float* b_scale;
-  AddMap map;
+  BinaryMap map;
 };
 
 template <typename Out>
-__device__ __forceinline__ Out add_value(float a, float b, float a_scale, float b_scale, const AddMap& m) {
-  float y = __fadd_rn(__fmul_rn(a - m.a_zero_point, a_scale), __fmul_rn(b - m.b_zero_point, b_scale));
+__device__ __forceinline__ Out binary_value(float a, float b, float a_scale, float b_scale, const BinaryMap& m) {
+  const float va = __fmul_rn(a - m.a_zero_point, a_scale), vb = __fmul_rn(b - m.b_zero_point, b_scale);
+  float y = m.op == BinaryOp::Add ? __fadd_rn(va, vb) : __fmul_rn(va, vb);
   y = clamp_activation(y, m.clamp);
   if constexpr (std::is_same_v<Out, int8_t> || std::is_same_v<Out, uint8_t>)
     return static_cast<Out>(
@@ -486,11 +489,11 @@ __device__ __forceinline__ Out add_value(float a, float b, float a_scale, float 
   else return static_cast<Out>(y);
 }
 
-constexpr int kAddVec = 16;
+constexpr int kBinaryVec = 16;
 
 template <int VEC, typename A, typename B, typename Out, typename Index>
-__global__ void __launch_bounds__(kThreads) quantized_add_kernel(const A* __restrict__ a, const B* __restrict__ b,
-                                                                  Out* __restrict__ y, Index n, AddArgs p) {
+__global__ void __launch_bounds__(kThreads) quantized_binary_kernel(const A* __restrict__ a, const B* __restrict__ b,
+                                                                  Out* __restrict__ y, Index n, BinaryArgs p) {
   const float a_scale = p.a_scale != nullptr ? *p.a_scale : 1.0f, b_scale = *p.b_scale;
   const Index stride = static_cast<Index>(gridDim.x) * kThreads;
   const Index first = static_cast<Index>(blockIdx.x) * kThreads + threadIdx.x;
@@ -501,19 +504,19 @@ __global__ void __launch_bounds__(kThreads) quantized_add_kernel(const A* __rest
     Vec<Out, VEC> yv;
 #pragma unroll
     for (int j = 0; j < VEC; ++j)
-      yv.v[j] = add_value<Out>(static_cast<float>(av.v[j]), static_cast<float>(bv.v[j]), a_scale, b_scale, p.map);
+      yv.v[j] = binary_value<Out>(static_cast<float>(av.v[j]), static_cast<float>(bv.v[j]), a_scale, b_scale, p.map);
     store_vec<Out, VEC>(y + v * VEC, yv);
   }
   for (Index i = vectors * VEC + first; i < n; i += stride)
-    y[i] = add_value<Out>(static_cast<float>(a[i]), static_cast<float>(b[i]), a_scale, b_scale, p.map);
+    y[i] = binary_value<Out>(static_cast<float>(a[i]), static_cast<float>(b[i]), a_scale, b_scale, p.map);
 }
 
 template <int VEC, typename A, typename B, typename Out, typename Index>
-void launch_quantized_add(const A* a, const B* b, Out* y, int64_t n, const AddArgs& p) {
+void launch_quantized_binary(const A* a, const B* b, Out* y, int64_t n, const BinaryArgs& p) {
   const int64_t work = std::max<int64_t>(n / VEC, 1);
   const int blocks =
       static_cast<int>(std::min<int64_t>((work + kThreads - 1) / kThreads, max_resident_blocks(kThreads)));
-  quantized_add_kernel<VEC, A, B, Out, Index><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+  quantized_binary_kernel<VEC, A, B, Out, Index><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
       a, b, y, static_cast<Index>(n), p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -521,32 +524,48 @@ void launch_quantized_add(const A* a, const B* b, Out* y, int64_t n, const AddAr
 // The add over n elements of a, b and y laid out alike: 16 at a time where all three are aligned for it, 32-bit
 // indices where they suffice.
 template <typename A, typename B, typename Out>
-void run_quantized_add(const A* a, const B* b, Out* y, int64_t n, const AddArgs& p) {
-  const bool vectorized = is_aligned<A, kAddVec>(a) && is_aligned<B, kAddVec>(b) && is_aligned<Out, kAddVec>(y);
+void run_quantized_binary(const A* a, const B* b, Out* y, int64_t n, const BinaryArgs& p) {
+  const bool vectorized = is_aligned<A, kBinaryVec>(a) && is_aligned<B, kBinaryVec>(b) && is_aligned<Out, kBinaryVec>(y);
   if (n <= INT32_MAX) {
-    if (vectorized) launch_quantized_add<kAddVec, A, B, Out, uint32_t>(a, b, y, n, p);
-    else launch_quantized_add<1, A, B, Out, uint32_t>(a, b, y, n, p);
+    if (vectorized) launch_quantized_binary<kBinaryVec, A, B, Out, uint32_t>(a, b, y, n, p);
+    else launch_quantized_binary<1, A, B, Out, uint32_t>(a, b, y, n, p);
   } else {
-    if (vectorized) launch_quantized_add<kAddVec, A, B, Out, int64_t>(a, b, y, n, p);
-    else launch_quantized_add<1, A, B, Out, int64_t>(a, b, y, n, p);
+    if (vectorized) launch_quantized_binary<kBinaryVec, A, B, Out, int64_t>(a, b, y, n, p);
+    else launch_quantized_binary<1, A, B, Out, int64_t>(a, b, y, n, p);
   }
+}
+
+// quantized_add / quantized_mul (kind) on the device.
+at::Tensor quantized_binary_cuda(const char* op, BinaryOp kind, const at::Tensor& a, const at::Tensor& a_scale,
+                                 int64_t a_zero_point, const at::Tensor& b, const at::Tensor& b_scale,
+                                 int64_t b_zero_point, at::ScalarType out_dtype, std::optional<double> out_scale,
+                                 int64_t out_zero_point, bool relu) {
+  TQ_CHECK(a.is_cuda(), op, ": a must be a CUDA tensor for the CUDA kernel, got ", a.device());
+  const c10::cuda::CUDAGuard guard(a.device());
+  const BinaryTensors t = prepare_quantized_binary(op, kind, a, a_scale, a_zero_point, b, b_scale, b_zero_point,
+                                                   out_dtype, out_scale, out_zero_point, relu);
+  const int64_t n = t.out.numel();
+  if (n == 0) return t.out;
+  const at::Tensor a_scale_1 = a_scale.reshape({1}).contiguous(), b_scale_1 = b_scale.reshape({1}).contiguous();
+  const BinaryArgs p{a_scale_1.data_ptr<float>(), b_scale_1.data_ptr<float>(), t.map};
+  with_binary_pointers(t.a, t.b, t.out,
+                       [&](const auto* ap, const auto* bp, auto* yp) { run_quantized_binary(ap, bp, yp, n, p); });
+  return t.out;
 }
 
 at::Tensor quantized_add_cuda(const at::Tensor& a, const at::Tensor& a_scale, int64_t a_zero_point,
                               const at::Tensor& b, const at::Tensor& b_scale, int64_t b_zero_point,
                               at::ScalarType out_dtype, std::optional<double> out_scale, int64_t out_zero_point,
                               bool relu) {
-  TQ_CHECK(a.is_cuda(), "quantized_add: a must be a CUDA tensor for the CUDA kernel, got ", a.device());
-  const c10::cuda::CUDAGuard guard(a.device());
-  const QuantizedAddTensors t = prepare_quantized_add(a, a_scale, a_zero_point, b, b_scale, b_zero_point, out_dtype,
-                                                      out_scale, out_zero_point, relu);
-  const int64_t n = t.out.numel();
-  if (n == 0) return t.out;
-  const at::Tensor a_scale_1 = a_scale.reshape({1}).contiguous(), b_scale_1 = b_scale.reshape({1}).contiguous();
-  const AddArgs p{a_scale_1.data_ptr<float>(), b_scale_1.data_ptr<float>(), t.map};
-  with_add_pointers(t.a, t.b, t.out,
-                    [&](const auto* ap, const auto* bp, auto* yp) { run_quantized_add(ap, bp, yp, n, p); });
-  return t.out;
+  return quantized_binary_cuda("quantized_add", BinaryOp::Add, a, a_scale, a_zero_point, b, b_scale, b_zero_point,
+                               out_dtype, out_scale, out_zero_point, relu);
+}
+
+at::Tensor quantized_mul_cuda(const at::Tensor& a, const at::Tensor& a_scale, int64_t a_zero_point,
+                              const at::Tensor& b, const at::Tensor& b_scale, int64_t b_zero_point,
+                              at::ScalarType out_dtype, std::optional<double> out_scale, int64_t out_zero_point) {
+  return quantized_binary_cuda("quantized_mul", BinaryOp::Multiply, a, a_scale, a_zero_point, b, b_scale,
+                               b_zero_point, out_dtype, out_scale, out_zero_point, false);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -618,19 +637,20 @@ at::Tensor add_conv_residual_cuda(const at::Tensor& y, const at::Tensor& residua
   // element map computes y + float(residual - zero point) * scale (the product rounded, then the sum) as the schema
   // states
   const at::Tensor b_scale = residual_scale.reshape({1}).contiguous();
-  const AddArgs p{nullptr, b_scale.data_ptr<float>(),
-                  add_map(0, residual_zero_point, out_dtype, out_scale, out_zero_point, relu)};
+  const BinaryArgs p{nullptr, b_scale.data_ptr<float>(),
+                     binary_map(BinaryOp::Add, 0, residual_zero_point, out_dtype, out_scale, out_zero_point, relu)};
   const float* ap = y.data_ptr<float>();
   with_byte_type(b.scalar_type(), "residual", [&](auto b_tag) {
     const auto* bp = b.data_ptr<decltype(b_tag)>();
     with_output_type(out_dtype,
-                     [&](auto out_tag) { run_quantized_add(ap, bp, out.data_ptr<decltype(out_tag)>(), n, p); });
+                     [&](auto out_tag) { run_quantized_binary(ap, bp, out.data_ptr<decltype(out_tag)>(), n, p); });
   });
   return out;
 }
 
 TORCH_LIBRARY_IMPL(torchquant, CUDA, m) {
   m.impl("quantized_add", &quantized_add_cuda);
+  m.impl("quantized_mul", &quantized_mul_cuda);
   m.impl("quantized_lookup", &quantized_lookup_cuda);
   m.impl("quantize", &quantize_cuda);
   m.impl("dequantize", &dequantize_cuda);

@@ -1,4 +1,4 @@
-"""Integer element-wise ops of an integer pipeline (quantized_add, quantized_lookup), integer max-pooling (1-d and
+"""Integer element-wise ops of an integer pipeline (quantized_add, quantized_mul, quantized_lookup), integer max-pooling (1-d and
 2-d), sums (quantized_sum) and average pooling (quantized_avg_pool1d / 2d, quantized_adaptive_avg_pool1d / 2d):
 wrappers and fake kernels."""
 import functools
@@ -17,7 +17,8 @@ from torchquant._ops.gemm import (_ACTIVATION_DTYPES, _as_int, _flag, _integer, 
 _MAX_EXACT_WINDOW = (2 ** 24 - 1) // 255  # the most elements of a quantized_avg_pool2d window (csrc/arg_checks.h)
 
 __all__ = ["quantized_adaptive_avg_pool1d", "quantized_adaptive_avg_pool2d", "quantized_add", "quantized_avg_pool1d",
-           "quantized_avg_pool2d", "quantized_lookup", "quantized_max_pool1d", "quantized_max_pool2d", "quantized_sum"]
+           "quantized_avg_pool2d", "quantized_lookup", "quantized_max_pool1d", "quantized_max_pool2d", "quantized_mul",
+           "quantized_sum"]
 
 
 def quantized_add(a: torch.Tensor, a_scale, a_zero_point: int, b: torch.Tensor, b_scale, b_zero_point: int,
@@ -45,16 +46,55 @@ def quantized_add(a: torch.Tensor, a_scale, a_zero_point: int, b: torch.Tensor, 
     if a.shape != b.shape:
         raise ValueError(f"quantized_add: a and b must have the same shape (no broadcasting), got {tuple(a.shape)} "
                          f"and {tuple(b.shape)}")
-    a_scale = _scale_tensor("quantized_add", "a_scale", a_scale, a.device)
-    b_scale = _scale_tensor("quantized_add", "b_scale", b_scale, a.device)
-    _require_same_device(a.device, a_scale=a_scale, b_scale=b_scale)
-    if out_dtype not in FLOAT_DTYPES + _ACTIVATION_DTYPES:
-        raise TypeError(f"quantized_add: out_dtype must be float32, float16, bfloat16, int8 or uint8, got {out_dtype}")
     op = "quantized_add"
+    a_scale, b_scale = _binary_scales(op, a, a_scale, b, b_scale, out_dtype)
     return ops.quantized_add(a, a_scale, _integer(op, "a_zero_point", a_zero_point), b, b_scale,
                              _integer(op, "b_zero_point", b_zero_point), out_dtype,
                              _optional_number(op, "out_scale", out_scale),
                              _integer(op, "out_zero_point", out_zero_point), _flag(op, "relu", relu))
+
+
+def quantized_mul(a: torch.Tensor, a_scale, a_zero_point: int, b: torch.Tensor, b_scale, b_zero_point: int,
+                  out_dtype: torch.dtype = torch.float32, out_scale: Optional[float] = None,
+                  out_zero_point: int = 0) -> torch.Tensor:
+    """The product of two quantized tensors (a squeeze-excitation block's x * gate in an integer pipeline):
+
+        y = float(a - a_zero_point) * a_scale * (float(b - b_zero_point) * b_scale)    (float32, each product rounded)
+
+    a, b: int8 or uint8 (each either), any strides, broadcast as torch's a * b does (a gate [N, C, 1, 1] against
+    x [N, C, H, W]); a_scale, b_scale: positive finite Python floats or float32 tensors of 1 element. Returns a
+    tensor of the broadcast shape (in a's memory format where a has that shape): float32, float16 or bfloat16 (y
+    cast), or int8/uint8 requantized with out_scale and out_zero_point as quantized_add does."""
+    if not is_dynamo_compiling():  # the common CPU call, checked and made in C++ (csrc/python_calls.cpp)
+        y = _C.quantized_mul(a, a_scale, a_zero_point, b, b_scale, b_zero_point, out_dtype, out_scale, out_zero_point)
+        if y is not NotImplemented:
+            return y
+    _require_tensor("a", a)
+    _require_tensor("b", b)
+    _require_dtype("a", a, _ACTIVATION_DTYPES)
+    _require_dtype("b", b, _ACTIVATION_DTYPES)
+    _require_same_device(a.device, b=b)
+    op = "quantized_mul"
+    try:
+        torch.broadcast_shapes(a.shape, b.shape)
+    except RuntimeError:
+        raise ValueError(f"{op}: a and b must broadcast to one shape, got {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}") from None
+    a_scale, b_scale = _binary_scales(op, a, a_scale, b, b_scale, out_dtype)
+    return ops.quantized_mul(a, a_scale, _integer(op, "a_zero_point", a_zero_point), b, b_scale,
+                             _integer(op, "b_zero_point", b_zero_point), out_dtype,
+                             _optional_number(op, "out_scale", out_scale),
+                             _integer(op, "out_zero_point", out_zero_point))
+
+
+def _binary_scales(op: str, a: torch.Tensor, a_scale, b: torch.Tensor, b_scale, out_dtype) -> tuple:
+    """quantized_add's / quantized_mul's scales as float32 tensors on a's device, out_dtype checked."""
+    a_scale = _scale_tensor(op, "a_scale", a_scale, a.device)
+    b_scale = _scale_tensor(op, "b_scale", b_scale, a.device)
+    _require_same_device(a.device, a_scale=a_scale, b_scale=b_scale)
+    if out_dtype not in FLOAT_DTYPES + _ACTIVATION_DTYPES:
+        raise TypeError(f"{op}: out_dtype must be float32, float16, bfloat16, int8 or uint8, got {out_dtype}")
+    return a_scale, b_scale
 
 
 def quantized_lookup(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -276,6 +316,16 @@ def _quantized_add_fake(a, a_scale, a_zero_point, b, b_scale, b_zero_point, out_
     check_fake_dtype("quantized_add", "b", b, _ACTIVATION_DTYPES)
     torch._check(a.shape == b.shape, lambda: "quantized_add: a and b must have the same shape (no broadcasting)")
     return torch.empty_like(a, dtype=out_dtype, memory_format=torch.preserve_format)
+
+
+@torch.library.register_fake("torchquant::quantized_mul")
+def _quantized_mul_fake(a, a_scale, a_zero_point, b, b_scale, b_zero_point, out_dtype, out_scale=None,
+                        out_zero_point=0):
+    check_fake_devices("quantized_mul", "a", a, a_scale=a_scale, b=b, b_scale=b_scale)
+    check_fake_dtype("quantized_mul", "a", a, _ACTIVATION_DTYPES)
+    check_fake_dtype("quantized_mul", "b", b, _ACTIVATION_DTYPES)
+    shape = torch.broadcast_shapes(a.shape, b.shape)
+    return torch.empty_like(a.expand(shape), dtype=out_dtype, memory_format=torch.preserve_format)
 
 
 @torch.library.register_fake("torchquant::quantized_lookup")
