@@ -34,6 +34,7 @@ import torchquant
 from benchmarks.models import (CPU_BASELINES, TORCH_AO, _engine_for, _quantized_engine, _quiet_torch_ao,
                                latency_rows, torch_ao_static, write_tables)
 from torchquant.bench.timing import multiply_add_peak
+from torchquant.graph import PIPELINE_RULES, pipeline_rules
 from torchquant.timing import num_threads
 
 
@@ -313,8 +314,10 @@ PIPELINE_7BIT_WEIGHTS = dataclasses.replace(_PIPELINE, weight=dataclasses.replac
 
 
 def run(models=("resnet18", "resnet50"), batches=(1, 8), threads=(1, 2), repeats: int = 5, timer: str = "wall",
-        layers: bool = False, peak_gmacs: Optional[float] = None, build=None, warm: bool = False) -> List[dict]:
-    """The tables' rows for each model name, built by build(name) (default: resnet)."""
+        layers: bool = False, peak_gmacs: Optional[float] = None, build=None, warm: bool = False,
+        without_rules: Sequence[str] = ()) -> List[dict]:
+    """The tables' rows for each model name, built by build(name) (default: resnet); with a variant of the integer
+    pipeline planned without each rule of without_rules (torchquant.graph.PIPELINE_RULES: what the rule gains)."""
     rows = []
     generator = torch.Generator().manual_seed(1)
     for name in models:
@@ -329,6 +332,10 @@ def run(models=("resnet18", "resnet50"), batches=(1, 8), threads=(1, 2), repeats
                     "torchquant int8-static (layer by layer)": torchquant.quantize_model(
                         copy.deepcopy(model), "int8-static", calibration=calibration),
                     f"{TORCH_AO} static (FX, x86)": torch_ao_static(model, calibration)}
+        for rule in without_rules:
+            with pipeline_rules(**{rule: False}):
+                variants[f"torchquant int8-pipeline without {rule}"] = torchquant.quantize_model(
+                    copy.deepcopy(model), "int8-pipeline", calibration=calibration)
         rows += [{"table": "sqnr", **row}
                  for row in sqnr_rows(name, variants, torch.randn(8, 3, 224, 224, generator=generator))]
         inputs = {f"batch {b} x 3x224x224": (torch.randn(b, 3, 224, 224, generator=generator),) for b in batches}
@@ -379,13 +386,15 @@ def main(argv=None, prog: str = "python -m benchmarks.resnet", architectures=tup
                         help="with --timer thread, also time each variant's 1-thread calls back to back (caches warm)")
     parser.add_argument("--peak-gmacs", type=float,
                         help="one core's int8 multiply-add peak for the per-layer table (default: measured here)")
+    parser.add_argument("--without-rules", nargs="+", choices=PIPELINE_RULES, default=[],
+                        help="add a variant of the integer pipeline planned without each of these rules")
     parser.add_argument("--output", help="also write the tables, with the machine and date, to this Markdown file")
     args = parser.parse_args(argv)
     peak_gmacs = args.peak_gmacs
     if args.layers and peak_gmacs is None:
         peak_gmacs = multiply_add_peak() / 1e9 or None  # (none on the scalar path)
     rows = run(args.models, args.batches, args.threads, args.repeats, args.timer, args.layers, peak_gmacs, build,
-               args.warm)
+               args.warm, args.without_rules)
     write_tables(rows, title, args.output, TITLES, COLUMNS, LEGEND)
 
 

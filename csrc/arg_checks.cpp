@@ -205,7 +205,8 @@ void check_conv_residual(const at::Tensor& x_q, at::IntArrayRef out_sizes, const
 BinaryTensors prepare_quantized_binary(const char* op, BinaryOp kind, const at::Tensor& a, const at::Tensor& a_scale,
                                        int64_t a_zero_point, const at::Tensor& b, const at::Tensor& b_scale,
                                        int64_t b_zero_point, at::ScalarType out_dtype,
-                                       std::optional<double> out_scale, int64_t out_zero_point, bool relu) {
+                                       std::optional<double> out_scale, int64_t out_zero_point, bool relu,
+                                       bool keep_broadcast) {
   check_quantized_operand(op, "a", a, "a_scale", a_scale, a_zero_point, "a", a);
   check_quantized_operand(op, "b", b, "b_scale", b_scale, b_zero_point, "a", a);
   std::vector<int64_t> shape = a.sizes().vec();
@@ -223,11 +224,14 @@ BinaryTensors prepare_quantized_binary(const char* op, BinaryOp kind, const at::
   }
   check_output_dtype(op, out_dtype, out_scale, out_zero_point);
   BinaryTensors t;
-  // a of the output's shape gives it its memory format; a broadcast a, empty_like of its expansion (the format
-  // torch's a * b suggests for it)
-  t.out = at::empty_like(a.expand(shape), a.options().dtype(out_dtype), at::MemoryFormat::Preserve);
-  t.a = laid_out_as(a.expand(shape), t.out);
-  t.b = laid_out_as(b.expand(shape), t.out);
+  // the operand of the output's shape (a where both are) gives it its memory format; with both broadcast,
+  // empty_like of a's expansion
+  const bool a_full = a.sizes() == at::IntArrayRef(shape), b_full = b.sizes() == at::IntArrayRef(shape);
+  const at::Tensor& like = a_full || !b_full ? a : b;
+  t.out = at::empty_like(like.expand(shape), a.options().dtype(out_dtype), at::MemoryFormat::Preserve);
+  const bool keep = keep_broadcast && a_full != b_full;  // one operand broadcast, the other of the output's shape
+  t.a = keep && !a_full ? a.expand(shape) : laid_out_as(a.expand(shape), t.out);
+  t.b = keep && !b_full ? b.expand(shape) : laid_out_as(b.expand(shape), t.out);
   t.map = binary_map(kind, a_zero_point, b_zero_point, out_dtype, out_scale, out_zero_point, relu);
   return t;
 }

@@ -97,8 +97,10 @@ void check_conv_residual(const at::Tensor& x_q, at::IntArrayRef out_sizes, const
                          const at::Tensor& residual_scale, int64_t residual_zero_point);
 
 // quantized_add's and quantized_mul's tensors as their kernels read them: the output (of a's shape and memory
-// format, at::empty_like's Preserve; quantized_mul: of the broadcast shape, a's memory format where a has it) and
-// a and b laid out alike (out's strides; an operand in another layout, or broadcast, is copied).
+// format, at::empty_like's Preserve; quantized_mul: of the broadcast shape, in the memory format of the operand of
+// that shape, a's where both are) and a and b laid out alike (out's strides; an operand in another layout, or
+// broadcast, is copied), except where the caller keeps a broadcast operand (keep_broadcast) and the other has the
+// output's shape: the broadcast one as its expansion to that shape, strides 0 where it repeats.
 struct BinaryTensors {
   at::Tensor out, a, b;
   BinaryMap map;
@@ -112,7 +114,8 @@ struct BinaryTensors {
 BinaryTensors prepare_quantized_binary(const char* op, BinaryOp kind, const at::Tensor& a, const at::Tensor& a_scale,
                                        int64_t a_zero_point, const at::Tensor& b, const at::Tensor& b_scale,
                                        int64_t b_zero_point, at::ScalarType out_dtype,
-                                       std::optional<double> out_scale, int64_t out_zero_point, bool relu);
+                                       std::optional<double> out_scale, int64_t out_zero_point, bool relu,
+                                       bool keep_broadcast = false);
 
 // x (of out's shape) as an element-wise kernel reads it beside out: x itself where its strides are out's, else a copy
 // with out's strides.

@@ -85,8 +85,9 @@ TORCH_LIBRARY(torchquant, m) {
         "ScalarType out_dtype, float? out_scale=None, int out_zero_point=0, bool relu=False) -> Tensor");
   // y = float(a - a_zero_point) * a_scale * (float(b - b_zero_point) * b_scale) in float32 (each product rounded):
   // quantized_add's map with a product (a squeeze-excitation block's x * gate in an integer pipeline). a and b
-  // broadcast as torch's a * b does; the output has the broadcast shape (a's memory format where a has that shape)
-  // and quantized_add's output dtypes and conversion.
+  // broadcast as torch's a * b does; the output has the broadcast shape (the memory format of the operand of that
+  // shape, a's where both are) and quantized_add's output dtypes and conversion. The CPU kernel reads a broadcast
+  // operand in place (its values dequantized once), the CUDA kernel a copy expanded to the output's shape.
   m.def("quantized_mul(Tensor a, Tensor a_scale, int a_zero_point, Tensor b, Tensor b_scale, int b_zero_point, "
         "ScalarType out_dtype, float? out_scale=None, int out_zero_point=0) -> Tensor");
   // y[i] = table[uint8 bits of x[i]]: an element-wise function of a quantized tensor (an activation in an integer

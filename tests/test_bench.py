@@ -35,3 +35,12 @@ def test_pool_benchmarks_time_what_they_name():
     assert len(rows) == len(elementwise.AVG_POOL_SHAPES) + len(elementwise.ADAPTIVE_AVG_POOL_SHAPES)
     assert all(r["ours us"] > 0 and r["float pool us"] > 0 and r["torch.ao us"] > 0 for r in rows)
     assert [r["pool"] for r in rows[-4:]] == ["14 -> 7 (fixed window)"] * 2 + ["7 -> 6"] * 2
+
+
+def test_product_benchmark_times_what_it_names():
+    """The squeeze-excitation product table runs every shape once, against the float round trip and torch.ao's
+    mul."""
+    from torchquant.bench import elementwise
+    rows = elementwise.run(("product",), threads=(1,), repeats=1)
+    assert len(rows) == len(elementwise.PRODUCT_SHAPES)
+    assert all(r["ours us"] > 0 and r["float round trip us"] > 0 and r["torch.ao us"] > 0 for r in rows)

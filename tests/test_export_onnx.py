@@ -917,6 +917,25 @@ def test_pipeline_average_pools(name, signed):
     assert torch.equal(torch.from_numpy(output), pipeline_run(converted, x)[0])
 
 
+@pytest.mark.parametrize("signed", [False, True], ids=["uint8", "int8"])
+def test_pipeline_products(signed):
+    """integer_mul (squeeze-excitation gates [B, C, 1, 1] times the block's input, either way round, and a product of
+    one shape): DequantizeLinear of both, Mul (broadcast), the requantization. Every layer's integer input and the
+    output as torchquant's, at the exported batch and another."""
+    factory, shape = test_graph.MODELS["squeeze-excitation"]
+    torch.manual_seed(0)
+    model = test_graph._randomize_bn(factory())
+    batches = test_graph._batches((4, *shape[1:]))
+    converted = torchquant.convert(calibrated(torchquant.prepare(model, pipeline_config(signed)), batches))
+    assert [n.target for n in converted.graph.nodes].count(pipeline.integer_mul) == 3
+    x = test_graph._batches((4, *shape[1:]), seed=7)[0]
+    compared, proto = check_pipeline_export(converted, converted, x)
+    assert compared > 0 and [n.op_type for n in proto.graph.node].count("Mul") >= 3
+    proto, _ = _onnx_model(converted, (x[:2],), None, True)
+    (output, *_), _ = run_onnx(proto, (x,))
+    assert torch.equal(torch.from_numpy(output), pipeline_run(converted, x)[0])
+
+
 class _PoolBetweenConvs(nn.Module):
     """conv -> ReLU -> an average pool of integer_avg_pool's arguments -> conv (1-d or 2-d)."""
 

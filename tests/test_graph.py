@@ -4,6 +4,7 @@ import collections
 import copy
 import dataclasses
 import json
+import operator
 import os
 from collections import Counter
 import warnings
@@ -656,7 +657,8 @@ def test_converted_pipeline_is_close_to_float_and_fake_quant(name):
 
 @pytest.mark.parametrize("name", ["basic-blocks", "bottleneck", "wide-bottleneck", "conv1d-residual",
                                   "keyword-spotting", "cat", "spectrogram-views", "text-cnn", "unet", "shuffle-block",
-                                  "padded", "hardswish-block", "smooth-activations", "avg-pools", "adaptive-pools"])
+                                  "padded", "hardswish-block", "smooth-activations", "avg-pools", "adaptive-pools",
+                                  "squeeze-excitation"])
 def test_pipeline_integers_are_identical_on_every_cpu_path_and_cuda(name, device, isa, monkeypatch):
     _, prepared, batches = _prepared(name, INTEGER_OUT)
     converted = tq.convert(prepared)
@@ -1253,8 +1255,8 @@ def test_view_runs_where_the_pipeline_lays_tensors_out_otherwise(kind):
 
 
 class SqueezeExciteNet(nn.Module):
-    """Float ops between integer layers (a squeeze-excitation product, max-pool, concatenation, upsampling), and a
-    view of a float tensor made from the last conv's integers."""
+    """Float ops between integer layers (a squeeze-excitation product, planned without the rule that runs it on
+    integers; max-pool, concatenation, upsampling), and a view of a float tensor made from the last conv's integers."""
 
     def __init__(self):
         super().__init__()
@@ -1277,7 +1279,8 @@ def test_float_values_between_integer_layers_keep_the_kernels_layout():
     torch.manual_seed(0)
     model = SqueezeExciteNet().eval()
     batches = _batches((2, 3, 8, 8))
-    converted = tq.quantize_model(copy.deepcopy(model), PIPELINE, batches)
+    with graph.pipeline_rules(integer_products=False):
+        converted = tq.quantize_model(copy.deepcopy(model), PIPELINE, batches)
     kept = {n.name: n.kwargs.get("keep_layout", False) for n in converted.graph.nodes if n.op == "call_function"
             and (n.target is graph.dequantize_output or n.target is graph.integer_layer and n.args[2] is None)}
     # conv's dequantized output and fc2's float output keep the layout; conv2's (z), read by a view and the caller,
@@ -2072,6 +2075,7 @@ OLD_CHECKPOINTS = {"before-integer_dropout": ("dropout", "integer_dropout"),
                    "before-integer_means": ("basic-blocks", "integer_means"),
                    "before-integer_avg_pools": ("avg-pools", "integer_avg_pools"),
                    "before-integer_adaptive_avg_pools": ("adaptive-pools", "integer_adaptive_avg_pools"),
+                   "before-integer_products": ("squeeze-excitation", "integer_products"),
                    "integer_padding-unrecorded": ("padded", None),
                    "residual-and-padding-recorded": ("text-cnn", None)}
 _FIXTURE_MODELS = {"dropout": (DropoutNet, (2, 3, 8, 8)), "transposed-features": (TransposedFeaturesNet, (2, 4, 6)),
@@ -2542,6 +2546,58 @@ def test_integer_adaptive_avg_pool_against_float64(shape, output_size, signed):
         got = graph.integer_adaptive_avg_pool(q, output_size, inp, out)
         means = pool(q.double() - inp.qparams[2], output_size[0] if len(output_size) == 1 else output_size)
         _assert_requantized_as_float64(got, means, inp, out, q.dtype)
+
+
+def test_products_read_integers_and_requantize():
+    # a squeeze-excitation gate [B, C, 1, 1] times the block's input, either way round, and a product of one shape:
+    # integer products, the gates' activations table lookups, nothing float between the input and the output
+    factory, shape = MODELS["squeeze-excitation"]
+    torch.manual_seed(0)
+    batches = _batches((4, *shape[1:]))
+    prepared, converted = _integer_out_pipeline_with_no_float_op(_randomize_bn(factory()), batches)
+    targets = _graph_targets(converted)
+    assert targets.count(graph.integer_mul) == 3 and targets.count(graph.quantize_input) == 1
+    assert targets.count(graph.dequantize_output) == 0
+    assert targets.count(tq.functional.quantized_lookup) == 6  # hardswish, hardsigmoid, 2 SiLU, sigmoid, tanh
+    products = [n for n in converted.graph.nodes if n.target is graph.integer_mul]
+    assert all(n.args[4] is not None for n in products)  # each writes integers at its own scale
+    layers, notes = graph.pipeline_notes(converted)
+    assert layers["head"] == "integer input, uint8 output" and "3 integer product(s)" in notes[0]
+    assert layers["expand1"] == "integer input, uint8 output, then gate (gate) as a table lookup"
+    _assert_fake_quant_integers_and_dynamic_compile(converted, prepared, batches,
+                                                    [_batches(s)[0] for s in ((1, 3, 8, 8), (3, 3, 10, 6))])
+
+
+@pytest.mark.parametrize("signed", [False, True], ids=["uint8", "int8"])
+def test_integer_mul_against_float64(signed):
+    # the product of the dequantized values, requantized: equal to the float64 reference but where that lies within
+    # float32 rounding of a tie, never more than one step off; a gate broadcast over a channels-last tensor
+    lo, hi = (-128, 128) if signed else (0, 256)
+    dtype = torch.int8 if signed else torch.uint8
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(lo, hi, (2, 5, 6, 7), generator=g, dtype=torch.int32).to(dtype)
+    x = x.contiguous(memory_format=torch.channels_last)
+    gate = torch.randint(lo, hi, (2, 5, 1, 1), generator=g, dtype=torch.int32).to(dtype)
+    for (s_x, z_x), (s_g, z_g), (s_out, z_out) in [((0.05, 3), (1 / 255, lo), (0.02, 9)),
+                                                    ((0.7, hi - 6), (0.013, 0), (0.004, 17))]:
+        qx, qg = _activation_quantizer(s_x, z_x, signed), _activation_quantizer(s_g, z_g, signed)
+        out = _activation_quantizer(s_out, z_out, signed)
+        got = graph.integer_mul(x, gate, qx, qg, out, torch.float32)
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        v = (x.double() - z_x) * s_x * ((gate.double() - qg.qparams[2]) * qg.qparams[1]) / out.qparams[1]
+        want = (torch.round(v) + z_out).clamp(lo, hi - 1)
+        diff = (got.double() - want).abs()
+        assert diff.max() <= 1  # (float32 products: a tie may round either way)
+        assert (diff[(v - v.floor() - 0.5).abs() > 1e-6 * v.abs() + 1e-6] == 0).all()
+
+
+def test_a_product_before_the_rule_stays_float():
+    with graph.pipeline_rules(integer_products=False):
+        converted = tq.quantize_model(SqueezeExcitationNet().eval(), PIPELINE, calibration=_batches((2, 3, 8, 8)))
+    targets = _graph_targets(converted)
+    assert graph.integer_mul not in targets and operator.mul in targets and torch.mul in targets
+    converted = tq.quantize_model(SqueezeExcitationNet().eval(), PIPELINE, calibration=_batches((2, 3, 8, 8)))
+    assert _graph_targets(converted).count(graph.integer_mul) == 3
 
 
 def test_an_adaptive_average_pool_before_the_rule_stays_float():

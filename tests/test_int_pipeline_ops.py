@@ -498,8 +498,8 @@ def test_quantized_mul_paths_bit_identical(monkeypatch):
 
 
 def test_quantized_mul_layouts(device):
-    """A channels-last a times its gate [N, C, 1, 1] writes channels-last; the gate first writes the layout torch's
-    empty_like gives the gate's expansion; any strides in, b in other layouts."""
+    """A channels-last a times its gate [N, C, 1, 1] writes channels-last, and so does the gate times a (the operand
+    of the output's shape gives the layout); any strides in, the gate in other layouts."""
     g = torch.Generator().manual_seed(11)
     a, gate = randint8((2, 6, 5, 4), generator=g, dtype=torch.uint8), randint8((2, 6, 1, 1), generator=g)
     a_cl = a.contiguous(memory_format=torch.channels_last).to(device)
@@ -508,9 +508,23 @@ def test_quantized_mul_layouts(device):
         got = F.quantized_mul(a_cl, 0.1, 7, b_in.to(device), 0.2, -1, torch.uint8, 0.3, 5)
         assert got.is_contiguous(memory_format=torch.channels_last) and not got.is_contiguous()
         assert_same(got, want)
-    got = F.quantized_mul(gate.to(device), 0.2, -1, a_cl, 0.1, 7, torch.uint8, 0.3, 5)
-    assert got.stride() == torch.empty_like(gate.expand(2, 6, 5, 4)).stride()
-    assert_same(got, want)
+    spread = torch.zeros(2, 12, 1, 1, dtype=gate.dtype)
+    spread[:, ::2] = gate
+    for gate_in in (gate, gate.contiguous(memory_format=torch.channels_last), spread[:, ::2]):
+        got = F.quantized_mul(gate_in.to(device), 0.2, -1, a_cl, 0.1, 7, torch.uint8, 0.3, 5)
+        assert got.is_contiguous(memory_format=torch.channels_last) and not got.is_contiguous()
+        assert_same(got, want)
+    # a gate over contiguous x: one value a row of H * W elements; a [C, 1] gate of an unbatched x; rows longer than
+    # the kernel's repeat buffer
+    for x_shape, g_shape in (((2, 6, 5, 4), (2, 6, 1, 1)), ((6, 5, 4), (6, 1, 1)), ((1, 3, 40, 40), (1, 3, 1, 1)),
+                             ((2, 3, 4), (1, 3, 1))):
+        x, gg = randint8(x_shape, generator=g, dtype=torch.uint8), randint8(g_shape, generator=g)
+        for first in (x, gg):
+            second = gg if first is x else x
+            got = F.quantized_mul(first.to(device), 0.1, 3, second.to(device), 0.2, 0, torch.int8, 0.07, -4)
+            assert got.is_contiguous()
+            assert_same(got, reference.quantized_mul(first, 0.1, 3, second, 0.2, 0, out_dtype=torch.int8,
+                                                     out_scale=0.07, out_zero_point=-4))
     big_a, big_b = randint8((4, 9, 10), generator=g), randint8((4, 9, 10), generator=g)
     sa, sb = big_a[::2, 1::2, ::3].to(device), big_b[1::2, :8:2, :1].to(device)
     assert_same(F.quantized_mul(sa, 0.1, 3, sb, 0.2, -3, torch.float32), reference.quantized_mul(sa, 0.1, 3, sb, 0.2, -3))

@@ -568,6 +568,7 @@ def input_q_name(layer_name: str) -> str:
 # fused activation: Clip, or Relu for a plain ReLU, on the float y, where the kernels clamp it) and requantized as
 # everywhere here: Mul(1 / out_scale) -> QuantizeLinear(scale 1, out_zero_point). An integer add is
 # DequantizeLinear (float(q - zero_point) * scale, as torchquant's) of both inputs -> Add -> [Relu] -> the same
+# requantization, an integer product (a squeeze-excitation gate) DequantizeLinear of both -> Mul (broadcast) -> the
 # requantization, and a conv with the add in its epilogue adds the DequantizeLinear of its residual to its float y
 # (after the clamp), then [Relu] and the requantization; max-pool (1-d or 2-d) runs MaxPool on the integers, a ReLU
 # between layers is Max(q, zero point), flatten / reshape / concatenation act on the integer tensors, padding is Pad
@@ -585,7 +586,7 @@ def input_q_name(layer_name: str) -> str:
 _PIPELINE_KINDS = {pipeline.quantize_input: "quantize", pipeline.dequantize_output: "dequantize",
                    pipeline.integer_relu: "relu", F_q.quantized_max_pool1d: "max_pool",
                    F_q.quantized_max_pool2d: "max_pool",
-                   pipeline.integer_add: "add", pipeline.integer_layer: "layer",
+                   pipeline.integer_add: "add", pipeline.integer_mul: "mul", pipeline.integer_layer: "layer",
                    pipeline.integer_conv_add: "conv_add", F_q.quantized_lookup: "lookup",
                    pipeline.integer_mean: "mean", pipeline.integer_avg_pool: "avg_pool",
                    pipeline.integer_adaptive_avg_pool: "adaptive_avg_pool"}
@@ -610,8 +611,8 @@ class _Step:
 @torch.library.custom_op("torchquant_export::pipeline_elementwise", mutates_args=())
 def _elementwise_placeholder(x: torch.Tensor, other: Optional[torch.Tensor], dtype: torch.dtype,
                              index: int) -> torch.Tensor:
-    """Stands for pipeline step `index` (x's shape, broadcast with other's for an add; of dtype) during export
-    only."""
+    """Stands for pipeline step `index` (x's shape, broadcast with other's for an add or a product; of dtype) during
+    export only."""
     return x.new_zeros(_elementwise_shape(x, other), dtype=dtype)
 
 
@@ -867,6 +868,11 @@ def _pipeline_steps(gm) -> list:
             step = _Step(kind, node.name, dtype_of(out), (quantizer(qa, what), quantizer(qb, what)), out,
                          relu=bool(relu))
             call = (elementwise, (a, b, step.dtype, index))
+        elif kind == "mul":
+            a, b, qa, qb, out, _ = node.args
+            out = quantizer(out, what)
+            step = _Step(kind, node.name, dtype_of(out), (quantizer(qa, what), quantizer(qb, what)), out)
+            call = (elementwise, (a, b, step.dtype, index))
         else:
             if kind == "conv_add":
                 layer_attr, x, residual, q_residual, out, relu, _ = node.args
@@ -1068,6 +1074,8 @@ def _pipeline_step_nodes(b: _GraphBuilder, step: _Step, inputs: Sequence[str], y
     elif step.kind == "add":
         v = b.op("Add", *(_dequantized(b, q, act) for q, act in zip(inputs, step.inputs)))
         _requantized(b, b.op("Relu", v) if step.relu else v, step.out, y)
+    elif step.kind == "mul":  # each operand's DequantizeLinear rounds its product, then Mul (broadcast) the third
+        _requantized(b, b.op("Mul", *(_dequantized(b, q, act) for q, act in zip(inputs, step.inputs))), step.out, y)
     elif step.kind == "conv_add":
         _integer_layer_nodes(b, step.layer, inputs[0], step.out, y, (inputs[1], step.inputs[0]), step.relu)
     else:

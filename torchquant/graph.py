@@ -22,6 +22,8 @@ quantized ones and folds their BatchNorms (as the module swap does), and finds t
   modules (the identity in evaluation, which is what a converted model runs): run on the integers (they keep the
   scale); torch.cat / torch.stack of integer tensors: its inputs share one scale (one quantizer observes them all),
   so the concatenation runs on the integers too;
+- a * b / torch.mul(a, b) / a.mul(b) of two tensors (a squeeze-excitation block's x * gate, broadcast): one integer
+  product (torchquant.functional.quantized_mul) that reads both quantized inputs and writes its requantized output;
 - an element-wise activation (hardswish, hardsigmoid, SiLU, sigmoid, tanh, GELU, ELU, leaky ReLU, Mish, softplus and
   the others of _LOOKUP_MODULES / _LOOKUP_FUNCTIONS / _LOOKUP_METHODS, as modules, functions or tensor methods, in
   place or not) of an integer tensor whose output an integer op reads: a 256-entry table lookup
@@ -81,6 +83,7 @@ META_KEY = "torchquant"  # GraphModule.meta entry of a pipeline: its options
 
 _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
+_MUL_FUNCTIONS = (operator.mul, operator.imul, torch.mul)
 # max-pool modules and functions, with the integer op that runs each
 _MAX_POOLS = {nn.MaxPool1d: F_q.quantized_max_pool1d, nn.MaxPool2d: F_q.quantized_max_pool2d}
 _MAX_POOL_FUNCTIONS = {F.max_pool1d: F_q.quantized_max_pool1d, torch.max_pool1d: F_q.quantized_max_pool1d,
@@ -317,6 +320,15 @@ def _is_add(node: fx.Node) -> bool:
     elif node.op == "call_method" and node.target in ("add", "add_"):
         pass
     else:
+        return False
+    return len(node.args) == 2 and not node.kwargs and all(isinstance(a, fx.Node) for a in node.args)
+
+
+def _is_mul(node: fx.Node) -> bool:
+    """A product of two tensors or values (which of them are tensors, the planning asks): a * b, torch.mul(a, b),
+    a.mul(b), in place or not."""
+    if not (node.op == "call_function" and node.target in _MUL_FUNCTIONS
+            or node.op == "call_method" and node.target in ("mul", "mul_")):
         return False
     return len(node.args) == 2 and not node.kwargs and all(isinstance(a, fx.Node) for a in node.args)
 
@@ -912,6 +924,13 @@ def _plan(graph: fx.Graph, modules: dict, integer_output: bool) -> tuple[dict, d
                 fused.add(relu)
             produce(relu or node)
             continue
+        if (_RULES.get()["integer_products"] and _is_mul(node)
+                and all(_tensor_like(a) and not _not_float(a) for a in node.args) and any(a in group for a in node.args)):
+            for a in node.args:
+                ensure_int(a)
+            int_consumers.add(node)
+            produce(node)
+            continue
         if (_is_cat(node) and any(a in group for a in node.args[0])
                 and all(_tensor_like(a) and not _not_float(a) for a in node.args[0])):
             g = ensure_int(node.args[0][0])
@@ -1009,12 +1028,14 @@ def _describe(node: fx.Node) -> str:
 #   float);
 # - integer_avg_pools: average pools of a fixed window read integers and requantize (before: they ran in float);
 # - integer_adaptive_avg_pools: adaptive average pools to sizes other than 1 read integers and requantize (before:
-#   they ran in float).
+#   they ran in float);
+# - integer_products: products of two tensors (squeeze-excitation gates) read integers and requantize (before: they
+#   ran in float, and a gate's activation with them).
 # Checkpoints record the rules their pipeline was planned with; a file older than a rule does not (load() then
 # rebuilds the pipeline whose quantizers and tensors it holds: rules_a_checkpoint_may_have).
 PIPELINE_RULES = ("integer_dropout", "integer_lookups", "residual_adds_in_convs", "integer_max_pool1d", "integer_views",
                   "integer_extrema", "integer_indexing", "integer_padding", "integer_means",
-                  "integer_avg_pools", "integer_adaptive_avg_pools")
+                  "integer_avg_pools", "integer_adaptive_avg_pools", "integer_products")
 _RULES = contextvars.ContextVar("torchquant_pipeline_rules", default=dict.fromkeys(PIPELINE_RULES, True))
 
 
@@ -1328,6 +1349,18 @@ def integer_add(a: torch.Tensor, b: torch.Tensor, qa: ActivationQuantizer, qb: A
                              relu=relu)
 
 
+def integer_mul(a: torch.Tensor, b: torch.Tensor, qa: ActivationQuantizer, qb: ActivationQuantizer,
+                out: Optional[ActivationQuantizer], dtype: torch.dtype) -> torch.Tensor:
+    """a * b on integers (broadcast): the product of the dequantized values in float32, as out's integers (or float of
+    dtype when out is None)."""
+    sa, _, za, _ = qa.qparams
+    sb, _, zb, _ = qb.qparams
+    if out is None:
+        return F_q.quantized_mul(a, sa, za, b, sb, zb, out_dtype=dtype)
+    _, scale, zero_point, out_dtype = out.qparams
+    return F_q.quantized_mul(a, sa, za, b, sb, zb, out_dtype=out_dtype, out_scale=scale, out_zero_point=zero_point)
+
+
 def _conv_output_shape(layer: QuantConv2d, x: torch.Tensor) -> tuple:
     """The conv's output shape for x, batched or not (as nn.Conv2d / nn.Conv1d take it)."""
     spatial = x.shape[-len(layer.kernel_size):]
@@ -1581,6 +1614,13 @@ def _lower_planned(gm: fx.GraphModule, dtype: torch.dtype, build_tables: bool) -
                                                         relu is not None, dtype))
             replace([node] + ([relu] if relu else []) + ([fq] if fq else []), new, out)
             continue
+        if _is_mul(node) and all(a in int_of for a in node.args) and _RULES.get()["integer_products"]:
+            fq = fake_quant_after(node)
+            out = None if fq is None else attr(fq.target)
+            with graph.inserting_after(fq or node):
+                new = graph.call_function(integer_mul, (*node.args, *(int_of[a] for a in node.args), out, dtype))
+            replace([node] + ([fq] if fq else []), new, out)
+            continue
         if node.op == "call_module" and node.target.startswith(act_prefix):  # quantizes a float value
             with graph.inserting_after(node):
                 new = graph.call_function(quantize_input, (node.args[0], attr(node.target)))
@@ -1690,13 +1730,13 @@ class _PipelineTracer(_Tracer):
 
     def __init__(self):
         super().__init__(autowrap_functions=(quantize_input, dequantize_output, integer_layer, integer_add,
-                                             integer_conv_add, integer_relu, integer_pad, integer_mean,
+                                             integer_mul, integer_conv_add, integer_relu, integer_pad, integer_mean,
                                              integer_avg_pool, integer_adaptive_avg_pool, F_q.quantized_lookup,
                                              F_q.quantized_max_pool1d, F_q.quantized_max_pool2d, argument_left_out))
 
 
 # where the converted graph's calls take the pipeline's float dtype
-_FLOAT_DTYPE_ARG = {dequantize_output: 2, integer_layer: 3, integer_add: 6, integer_conv_add: 6}
+_FLOAT_DTYPE_ARG = {dequantize_output: 2, integer_layer: 3, integer_add: 6, integer_mul: 5, integer_conv_add: 6}
 
 
 def _output_nodes(graph: fx.Graph) -> list:
@@ -1746,8 +1786,8 @@ def pipeline_notes(model: fx.GraphModule) -> tuple[dict, list]:
             layers[node.args[0].target] = ", ".join(parts)
     notes = [f"integer pipeline: {counts[integer_layer] + counts[integer_conv_add]} integer layer call(s), "
              f"{counts[integer_add] + counts[integer_conv_add]} integer add(s) ({counts[integer_conv_add]} fused into "
-             f"a conv's epilogue), {counts[F_q.quantized_lookup]} activation lookup(s), {counts[integer_mean]} integer "
-             f"mean(s) (global average pools), {counts[integer_avg_pool] + counts[integer_adaptive_avg_pool]} "
+             f"a conv's epilogue), {counts[integer_mul]} integer product(s), {counts[F_q.quantized_lookup]} activation "
+             f"lookup(s), {counts[integer_mean]} integer mean(s) (global average pools), {counts[integer_avg_pool] + counts[integer_adaptive_avg_pool]} "
              f"integer average pool(s), {counts[quantize_input]} quantize(s), {counts[dequantize_output]} "
              f"dequantize(s)"]
     if _meta(model)["lookups"]:

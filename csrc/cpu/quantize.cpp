@@ -651,26 +651,127 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_cpu(const at::Tensor& x, i
   return {q, scale};
 }
 
+// A walk over a dense output whose small operand is broadcast (expanded: its expansion to out's shape): the
+// output's dims in memory order, coalesced from the innermost while the operand's strides follow, make rows of
+// `inner` elements along which it steps by small_inner_stride (0: one value a row, 1: consecutive values); the outer
+// dims give each row's offset into it.
+struct BroadcastRows {
+  int64_t inner = 1, small_inner_stride = 0;
+  c10::SmallVector<int64_t, 6> sizes, small_strides;  // the outer dims, outermost first
+
+  int64_t small_offset(int64_t row) const {
+    int64_t offset = 0;
+    for (int64_t d = static_cast<int64_t>(sizes.size()) - 1; d >= 0; --d) {
+      offset += row % sizes[d] * small_strides[d];
+      row /= sizes[d];
+    }
+    return offset;
+  }
+};
+
+// The rows of out (dense) and expanded, or nullopt where expanded steps otherwise than by 0 or 1 along them.
+std::optional<BroadcastRows> broadcast_rows(const at::Tensor& out, const at::Tensor& expanded) {
+  c10::SmallVector<int64_t, 6> dims;
+  for (int64_t d = 0; d < out.dim(); ++d)
+    if (out.size(d) > 1) dims.push_back(d);
+  std::sort(dims.begin(), dims.end(), [&](int64_t x, int64_t y) { return out.stride(x) > out.stride(y); });
+  BroadcastRows rows;
+  size_t outer = dims.size();
+  if (outer > 0) {
+    rows.inner = out.size(dims[--outer]);
+    rows.small_inner_stride = expanded.stride(dims[outer]);
+    while (outer > 0 && expanded.stride(dims[outer - 1]) == rows.small_inner_stride * rows.inner)
+      rows.inner *= out.size(dims[--outer]);
+  }
+  if (rows.small_inner_stride != 0 && rows.small_inner_stride != 1) return std::nullopt;
+  for (size_t k = 0; k < outer; ++k) {
+    rows.sizes.push_back(out.size(dims[k]));
+    rows.small_strides.push_back(expanded.stride(dims[k]));
+  }
+  return rows;
+}
+
+constexpr int64_t kRepeatChunk = 1024;  // floats of the buffer that repeats a row's values of the small operand
+
+// quantized_mul of `full` (laid out as the dense output y) and `small` broadcast along rows (small_values: its
+// elements, contiguous, which rows index): small's values are dequantized once ((float(v) - zero point) * scale, the
+// element map's own rounding), then the map runs with full as its a and those values as its b, of scale 1 and zero
+// point 0, which leave them as they are ((v - 0) * 1 == v); the product commutes exactly. Consecutive rows that read
+// the same values (the pixels of one image against its gate) run as one span against a buffer that repeats them,
+// so that short rows (a gate over a few channels) do not each end in a scalar tail.
+template <class Isa, class Full, class Small, class Out>
+void broadcast_product(const Full* full, float full_scale, float full_zero_point, const Small* small_values,
+                       int64_t small_numel, float small_scale, float small_zero_point, const BroadcastRows& rows,
+                       Out* y, int64_t numel, const BinaryMap& map) {
+  std::vector<float> small_float(small_numel);
+  for (int64_t i = 0; i < small_numel; ++i)
+    small_float[i] = (static_cast<float>(small_values[i]) - small_zero_point) * small_scale;
+  BinaryParams p{full_scale, 1.0f, map};
+  p.map.a_zero_point = full_zero_point;
+  p.map.b_zero_point = 0.0f;
+  const int64_t inner = rows.inner;
+  const int64_t unit = rows.small_inner_stride == 1 ? inner : 1;  // the values of one row
+  const bool buffered = unit <= kRepeatChunk / 2;
+  const int64_t chunk = buffered ? kRepeatChunk / unit * unit : inner;  // elements a span covers, whole rows
+  at::parallel_for(0, numel / inner, std::max<int64_t>(1, kGrain / inner), [&](int64_t begin, int64_t end) {
+    float repeated[kRepeatChunk];
+    int64_t repeated_offset = -1;  // the offset into small_float of the values that `repeated` holds
+    for (int64_t row = begin; row < end;) {
+      const int64_t offset = rows.small_offset(row);
+      int64_t run = 1;  // consecutive rows reading the same values (consecutive in memory too)
+      while (row + run < end && rows.small_offset(row + run) == offset) ++run;
+      const float* values = small_float.data() + offset;
+      if (buffered && repeated_offset != offset) {
+        for (int64_t i = 0; i < chunk; i += unit) std::copy(values, values + unit, repeated + i);
+        repeated_offset = offset;
+      }
+      const int64_t start = row * inner, n = run * inner;
+      for (int64_t i = 0; i < n; i += chunk)
+        Isa::binary_span(full + start + i, buffered ? repeated : values, y + start + i, std::min(chunk, n - i), p);
+      row += run;
+    }
+  });
+}
+
 // quantized_add / quantized_mul (kind): an element-wise map over a, b and the output laid out alike in memory
-// (prepare_quantized_binary).
+// (prepare_quantized_binary), or for a product with one operand broadcast, over rows of its dequantized values
+// (broadcast_product).
 at::Tensor quantized_binary_cpu(const char* op, BinaryOp kind, const at::Tensor& a, const at::Tensor& a_scale,
                                 int64_t a_zero_point, const at::Tensor& b, const at::Tensor& b_scale,
                                 int64_t b_zero_point, at::ScalarType out_dtype, std::optional<double> out_scale,
                                 int64_t out_zero_point, bool relu) {
   TQ_CHECK(a.device().is_cpu(), op, ": a must be a CPU tensor for the CPU kernel, got ", a.device());
-  const BinaryTensors t = prepare_quantized_binary(op, kind, a, a_scale, a_zero_point, b, b_scale, b_zero_point,
-                                                   out_dtype, out_scale, out_zero_point, relu);
+  BinaryTensors t = prepare_quantized_binary(op, kind, a, a_scale, a_zero_point, b, b_scale, b_zero_point, out_dtype,
+                                             out_scale, out_zero_point, relu, /*keep_broadcast=*/true);
   const at::Tensor a_scale_1 = a_scale.reshape({1}).contiguous(), b_scale_1 = b_scale.reshape({1}).contiguous();
   check_scale_values(op, "a_scale", a_scale_1);
   check_scale_values(op, "b_scale", b_scale_1);
   const int64_t numel = t.out.numel();
   if (numel == 0) return t.out;
-  const BinaryParams p{*a_scale_1.data_ptr<float>(), *b_scale_1.data_ptr<float>(), t.map};
-  with_binary_pointers(t.a, t.b, t.out, [&](const auto* ap, const auto* bp, auto* yp) {
-    with_cpu_isa([&](auto isa) {
-      using Isa = decltype(isa);
+  const float as = *a_scale_1.data_ptr<float>(), bs = *b_scale_1.data_ptr<float>();
+  // an operand kept broadcast (the other is laid out as the output): its contiguous values and their rows
+  const bool small_is_a = a.sizes() != t.out.sizes();
+  const at::Tensor& small = small_is_a ? a : b;
+  const at::Tensor small_values = small.sizes() != t.out.sizes() ? small.contiguous() : at::Tensor();
+  std::optional<BroadcastRows> rows;
+  if (small_values.defined()) {
+    rows = broadcast_rows(t.out, small_values.expand(t.out.sizes()));
+    if (!rows) (small_is_a ? t.a : t.b) = laid_out_as(small_values.expand(t.out.sizes()), t.out);
+  }
+  with_cpu_isa([&](auto isa) {
+    using Isa = decltype(isa);
+    if (rows) {
+      const at::Tensor& full = small_is_a ? t.b : t.a;
+      with_binary_pointers(full, small_values, t.out, [&](const auto* fp, const auto* sp, auto* yp) {
+        broadcast_product<Isa>(fp, small_is_a ? bs : as, small_is_a ? t.map.b_zero_point : t.map.a_zero_point, sp,
+                               small_values.numel(), small_is_a ? as : bs,
+                               small_is_a ? t.map.a_zero_point : t.map.b_zero_point, *rows, yp, numel, t.map);
+      });
+      return;
+    }
+    with_binary_pointers(t.a, t.b, t.out, [&](const auto* ap, const auto* bp, auto* yp) {
       at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
-        Isa::binary_span(ap + begin, bp + begin, yp + begin, end - begin, p);
+        Isa::binary_span(ap + begin, bp + begin, yp + begin, end - begin, BinaryParams{as, bs, t.map});
       });
     });
   });

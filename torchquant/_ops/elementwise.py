@@ -38,15 +38,11 @@ def quantized_add(a: torch.Tensor, a_scale, a_zero_point: int, b: torch.Tensor, 
                              relu)
         if y is not NotImplemented:
             return y
-    _require_tensor("a", a)
-    _require_tensor("b", b)
-    _require_dtype("a", a, _ACTIVATION_DTYPES)
-    _require_dtype("b", b, _ACTIVATION_DTYPES)
-    _require_same_device(a.device, b=b)
-    if a.shape != b.shape:
-        raise ValueError(f"quantized_add: a and b must have the same shape (no broadcasting), got {tuple(a.shape)} "
-                         f"and {tuple(b.shape)}")
     op = "quantized_add"
+    _require_operands(a, b)
+    if a.shape != b.shape:
+        raise ValueError(f"{op}: a and b must have the same shape (no broadcasting), got {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}")
     a_scale, b_scale = _binary_scales(op, a, a_scale, b, b_scale, out_dtype)
     return ops.quantized_add(a, a_scale, _integer(op, "a_zero_point", a_zero_point), b, b_scale,
                              _integer(op, "b_zero_point", b_zero_point), out_dtype,
@@ -63,18 +59,15 @@ def quantized_mul(a: torch.Tensor, a_scale, a_zero_point: int, b: torch.Tensor, 
 
     a, b: int8 or uint8 (each either), any strides, broadcast as torch's a * b does (a gate [N, C, 1, 1] against
     x [N, C, H, W]); a_scale, b_scale: positive finite Python floats or float32 tensors of 1 element. Returns a
-    tensor of the broadcast shape (in a's memory format where a has that shape): float32, float16 or bfloat16 (y
-    cast), or int8/uint8 requantized with out_scale and out_zero_point as quantized_add does."""
+    tensor of the broadcast shape, in the memory format of the operand of that shape (a's where both are): float32,
+    float16 or bfloat16 (y cast), or int8/uint8 requantized with out_scale and out_zero_point as quantized_add
+    does."""
     if not is_dynamo_compiling():  # the common CPU call, checked and made in C++ (csrc/python_calls.cpp)
         y = _C.quantized_mul(a, a_scale, a_zero_point, b, b_scale, b_zero_point, out_dtype, out_scale, out_zero_point)
         if y is not NotImplemented:
             return y
-    _require_tensor("a", a)
-    _require_tensor("b", b)
-    _require_dtype("a", a, _ACTIVATION_DTYPES)
-    _require_dtype("b", b, _ACTIVATION_DTYPES)
-    _require_same_device(a.device, b=b)
     op = "quantized_mul"
+    _require_operands(a, b)
     try:
         torch.broadcast_shapes(a.shape, b.shape)
     except RuntimeError:
@@ -85,6 +78,15 @@ def quantized_mul(a: torch.Tensor, a_scale, a_zero_point: int, b: torch.Tensor, 
                              _integer(op, "b_zero_point", b_zero_point), out_dtype,
                              _optional_number(op, "out_scale", out_scale),
                              _integer(op, "out_zero_point", out_zero_point))
+
+
+def _require_operands(a, b) -> None:
+    """quantized_add's / quantized_mul's a and b: int8 or uint8 tensors on one device."""
+    _require_tensor("a", a)
+    _require_tensor("b", b)
+    _require_dtype("a", a, _ACTIVATION_DTYPES)
+    _require_dtype("b", b, _ACTIVATION_DTYPES)
+    _require_same_device(a.device, b=b)
 
 
 def _binary_scales(op: str, a: torch.Tensor, a_scale, b: torch.Tensor, b_scale, out_dtype) -> tuple:
@@ -325,7 +327,8 @@ def _quantized_mul_fake(a, a_scale, a_zero_point, b, b_scale, b_zero_point, out_
     check_fake_dtype("quantized_mul", "a", a, _ACTIVATION_DTYPES)
     check_fake_dtype("quantized_mul", "b", b, _ACTIVATION_DTYPES)
     shape = torch.broadcast_shapes(a.shape, b.shape)
-    return torch.empty_like(a.expand(shape), dtype=out_dtype, memory_format=torch.preserve_format)
+    like = a if a.shape == shape or b.shape != shape else b  # (the operand of the output's shape, a where both are)
+    return torch.empty_like(like.expand(shape), dtype=out_dtype, memory_format=torch.preserve_format)
 
 
 @torch.library.register_fake("torchquant::quantized_lookup")

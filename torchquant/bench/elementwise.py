@@ -5,6 +5,10 @@ threads, every row timed interleaved with its baselines in this process:
   torch.ao's `torch.ops.quantized.add` / `add_relu` on quint8 tensors (x86 engine) and a float32 add (`a + b`, and
   `relu(a + b)`, on the dequantized values); bytes moved 2 read + 1 written per element (the float add: 8 + 4),
   "of copy" compares ours with `copy_` bandwidth at the same size.
+- product: a squeeze-excitation product as quantized_mul (uint8 MobileNetV3 activations, channels-last, times a uint8
+  gate [N, C, 1, 1], requantized to uint8) against the float round trip it replaces in an integer pipeline
+  (dequantize, the product with the float gate, quantize) and torch.ao's `torch.ops.quantized.mul` on quint8
+  tensors (x86 engine, the gate broadcast too). Thread CPU time at 1 thread.
 - max-pool: quantized_max_pool2d 3x3 stride 2 (ResNet's stem) on uint8 against torch's float32 max_pool2d (torch's
   own integer kernel fails on channels-last inputs of more than 127 pixels).
 - lookup: a hardswish as quantized_lookup on uint8 MobileNetV3 activations (channels-last) against the float round
@@ -38,6 +42,13 @@ ADD_SHAPES = (  # name, batch, channels, size: the outputs of ResNet-18 / ResNet
     ("R50 stage 3", 1, 1024, 14),
     ("R50 stage 4", 1, 2048, 7),
     ("R50 stage 1 b8", 8, 256, 56),
+)
+PRODUCT_SHAPES = (  # name, batch, channels, size: MobileNetV3-Large's squeeze-excitation products
+    ("V3 stage 2 SE", 1, 72, 28),
+    ("V3 stage 3 SE", 1, 120, 28),
+    ("V3 stage 4 SE", 1, 672, 14),
+    ("V3 stage 5 SE", 1, 960, 7),
+    ("V3 stage 3 SE b8", 8, 120, 28),
 )
 POOL_SHAPES = (("R50 stem", 1, 64, 112), ("R50 stem b8", 8, 64, 112))
 LOOKUP_SHAPES = (  # name, batch, channels, size: MobileNetV3-Large activations that a hardswish reads
@@ -95,6 +106,31 @@ def bench_add(threads: int, repeats: int) -> List[dict]:
                              "vs torch.ao": t["ao"] / t["ours"], "float us": t["float"] * 1e6,
                              "vs float": t["float"] / t["ours"], "GB/s": bandwidth / 1e9,
                              "of copy": bandwidth / copy_bw})
+    return rows
+
+
+def bench_product(threads: int, repeats: int) -> List[dict]:
+    rows = []
+    x_scale, x_zp, gate_scale, gate_zp, out_scale, out_zp = 0.05, 110, 1 / 255, 0, 0.04, 100
+    for name, batch, channels, size in PRODUCT_SHAPES:
+        x = _uint8(batch, channels, size, 6)
+        gate = torch.randint(0, 256, (batch, channels, 1, 1), dtype=torch.uint8,
+                             generator=torch.Generator().manual_seed(7))
+        gate_float = F_q.dequantize(gate, gate_scale, gate_zp)
+        with torch_ao_engine("x86"):
+            qx = torch._make_per_tensor_quantized_tensor(x, x_scale, x_zp)
+            qgate = torch._make_per_tensor_quantized_tensor(gate, gate_scale, gate_zp)
+        fns = {"ours": lambda: F_q.quantized_mul(x, x_scale, x_zp, gate, gate_scale, gate_zp, torch.uint8, out_scale,
+                                                 out_zp),
+               "float": lambda: F_q.quantize(F_q.dequantize(x, x_scale, x_zp) * gate_float, out_scale, out_zp,
+                                             signed=False),
+               "ao": lambda: torch.ops.quantized.mul(qx, qgate, out_scale, out_zp)}
+        with torch_ao_engine("x86"), num_threads(threads):
+            t = compare(fns, repeats=repeats, clock=time.thread_time if threads == 1 else time.perf_counter)
+        rows.append({"threads": threads, "shape": f"{name} [{batch}, {channels}, {size}, {size}]",
+                     "ours us": t["ours"] * 1e6, "float round trip us": t["float"] * 1e6,
+                     "vs float": t["float"] / t["ours"], "torch.ao us": t["ao"] * 1e6,
+                     "vs torch.ao": t["ao"] / t["ours"], "GB/s": 2 * x.numel() / t["ours"] / 1e9})
     return rows
 
 
@@ -198,6 +234,8 @@ def bench_adaptive_avg_pool(threads: int, repeats: int) -> List[dict]:
 TABLES = {
     "add": (bench_add, ["threads", "shape", "relu", "ours us", "torch.ao us", "vs torch.ao", "float us", "vs float",
                         "GB/s", "of copy"]),
+    "product": (bench_product, ["threads", "shape", "ours us", "float round trip us", "vs float", "torch.ao us",
+                                "vs torch.ao", "GB/s"]),
     "max_pool": (bench_max_pool, ["threads", "shape", "ours us", "float us", "vs float"]),
     "lookup": (bench_lookup, ["threads", "shape", "ours us", "byte loop us", "vs loop", "torch.ao us", "vs torch.ao",
                               "table[x.long()] us", "vs index", "float round trip us", "vs float", "GB/s"]),
