@@ -5,11 +5,13 @@ residual adds without activation. torchquant's integer pipeline and layer-by-lay
 mobilenet_v2_hardswish is the same network with hardswish in place of every ReLU6 (MobileNetV3's activation): the
 integer pipeline runs each hardswish as a 256-entry table lookup between integer layers. mobilenet_v3_large is
 torchvision's MobileNetV3-Large: hardswish and ReLU, 5x5 depthwise convs, squeeze-excitation blocks (average pool,
-two 1x1 convs, hardsigmoid, a product with the block's activations: float ops between integer layers).
+two 1x1 convs, hardsigmoid, a product with the block's activations: integer means, lookups and products in the
+pipeline; `--without-rules integer_products` adds the pipeline with its products in float).
 
     python -m benchmarks.mobilenet [--models mobilenet_v2 mobilenet_v2_hardswish mobilenet_v3_large] [--batches 1 8]
                                    [--threads 1 2]
                                    [--repeats 5] [--timer wall|thread] [--layers] [--peak-gmacs G]
+                                   [--without-rules RULE ...]
                                    [--output benchmarks/results/mobilenet-cpu.md]
 """
 import torch

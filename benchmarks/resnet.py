@@ -18,7 +18,7 @@ images, so activations have the ranges of a trained network's; calibration uses 
 
     python -m benchmarks.resnet [--models resnet18 resnet50] [--batches 1 8] [--threads 1 2] [--repeats 5]
                                 [--timer wall|thread] [--warm] [--layers] [--peak-gmacs G]
-                                [--output benchmarks/results/resnet-cpu.md]
+                                [--without-rules RULE ...] [--output benchmarks/results/resnet-cpu.md]
 """
 import argparse
 import copy
