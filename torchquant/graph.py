@@ -439,20 +439,28 @@ def _global_max_pool_dims(node: fx.Node, modules: dict) -> Optional[tuple]:
     return dims if global_pool else None
 
 
+def _adaptive_avg_pool(node: fx.Node, modules: dict) -> Optional[tuple[int, object]]:
+    """(pooled dims, output_size as given) of an adaptive average pool: nn.AdaptiveAvgPool1d / 2d, or
+    F.adaptive_avg_pool1d / 2d with constant arguments; None for any other node."""
+    if node.op == "call_module":
+        m = modules.get(node.target)
+        n = _ADAPTIVE_AVG_POOLS.get(type(m))
+        return None if n is None else (n, m.output_size)
+    if node.op == "call_function" and node.target in _ADAPTIVE_AVG_POOL_FUNCTIONS and _constant_args(node):
+        return _ADAPTIVE_AVG_POOL_FUNCTIONS[node.target], _given_arguments(node, ("output_size",)).get("output_size")
+    return None
+
+
 def _integer_mean_args(node: fx.Node, modules: dict) -> Optional[tuple[tuple, bool]]:
     """(dims, keepdim) of a mean that reads integers and requantizes (integer_mean): an adaptive average pool to
     size 1 (a classifier's global average pool) or x.mean(dims[, keepdim]) / torch.mean over given dims (a
     squeeze-excitation block's); None for any other node."""
     if not _RULES.get()["integer_means"]:
         return None
-    if node.op == "call_module":
-        m = modules.get(node.target)
-        n = _ADAPTIVE_AVG_POOLS.get(type(m))
-        return (tuple(range(-n, 0)), True) if n is not None and _all_ones(m.output_size, n) else None
-    if node.op == "call_function" and node.target in _ADAPTIVE_AVG_POOL_FUNCTIONS and _constant_args(node):
-        n = _ADAPTIVE_AVG_POOL_FUNCTIONS[node.target]
-        global_pool = _all_ones(_given_arguments(node, ("output_size",)).get("output_size"), n)
-        return (tuple(range(-n, 0)), True) if global_pool else None
+    pool = _adaptive_avg_pool(node, modules)
+    if pool is not None:
+        n, size = pool
+        return (tuple(range(-n, 0)), True) if _all_ones(size, n) else None
     is_mean = (node.op == "call_method" and node.target == "mean"
                or node.op == "call_function" and node.target is torch.mean)
     if is_mean and _constant_args(node):
@@ -497,17 +505,10 @@ def _integer_adaptive_avg_pool_args(node: fx.Node, modules: dict) -> Optional[tu
     as a tuple of one int or None (the input's size) per pooled dim; None for any other node."""
     if not _RULES.get()["integer_adaptive_avg_pools"]:
         return None
-    if node.op == "call_module":
-        m = modules.get(node.target)
-        n = _ADAPTIVE_AVG_POOLS.get(type(m))
-        size = None if n is None else m.output_size
-    elif node.op == "call_function" and node.target in _ADAPTIVE_AVG_POOL_FUNCTIONS and _constant_args(node):
-        n = _ADAPTIVE_AVG_POOL_FUNCTIONS[node.target]
-        size = _given_arguments(node, ("output_size",)).get("output_size")
-    else:
+    pool = _adaptive_avg_pool(node, modules)
+    if pool is None:
         return None
-    if n is None:
-        return None
+    n, size = pool
     values = tuple(size) if isinstance(size, (tuple, list)) else (size,) * n
     if len(values) != n or not all(v is None or isinstance(v, int) and v >= 0 for v in values):
         return None
