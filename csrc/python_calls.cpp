@@ -505,8 +505,8 @@ PyObject* call_quantized_layer_forward(PyObject*, PyObject* const* args, Py_ssiz
   return THPVariable_Wrap(call_op(x->numel(), [&] {
     const auto x_in = unbatched ? c10::MaybeOwned<at::Tensor>::owned(x->unsqueeze(0))
                                 : c10::MaybeOwned<at::Tensor>::borrowed(*x);
-    // per-tensor quantization is elementwise: a channels-last input is quantized as the NHWC tensor it is in
-    // memory, so the integer input stays channels-last (the layout quantize keeps, as a contiguous tensor)
+    // per-tensor quantization is elementwise: a channels-last input is taken as the NHWC tensor it is in memory,
+    // whose dynamic scale's reshape to one row is a view, not a copy (quantize keeps either layout)
     const bool channels_last =
         !pipeline && conv && !x_in->is_contiguous() && x_in->is_contiguous(at::MemoryFormat::ChannelsLast);
     const at::Tensor x_flat = channels_last ? x_in->permute({0, 2, 3, 1}) : *x_in;
