@@ -2591,6 +2591,63 @@ def test_integer_mul_against_float64(signed):
         assert (diff[(v - v.floor() - 0.5).abs() > 1e-6 * v.abs() + 1e-6] == 0).all()
 
 
+def test_a_float_product_is_contiguous_where_a_view_or_the_caller_reads_it():
+    # a product whose output nothing reads as integers writes float: laid out as the float model's (contiguous) where
+    # a view or the caller reads it, as a layer's float output is
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+
+        def forward(self, x):
+            y = F.relu(self.conv(x))
+            z = y * torch.sigmoid(self.fc(F.adaptive_avg_pool2d(y, 1)))
+            return z.view(z.size(0), -1), y + y, z
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    batches = _batches((2, 3, 6, 6))
+    converted = tq.quantize_model(copy.deepcopy(model), PIPELINE, batches)
+    targets = _graph_targets(converted)
+    assert targets.count(graph.integer_mul) == 1 and targets.count(graph.integer_add) == 1
+    with torch.no_grad():
+        flat, doubled, z = converted(batches[0])
+        want = model(batches[0])
+    assert flat.shape == (2, 8 * 36) and z.is_contiguous() and doubled.is_contiguous()
+    for got, ref in zip((flat, doubled, z), want):
+        torch.testing.assert_close(got, ref, atol=0.05 * ref.abs().max().item(), rtol=0)
+
+
+def test_products_with_operands_that_are_not_integer_tensors_stay_float():
+    # a number computed from a shape, a float mask given to forward, a parameter (a layer scale): the product stays a
+    # float op (no quantizer for such an operand), as it was before products ran on integers
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.head = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 2, 1)
+            self.gamma = nn.Parameter(torch.tensor([1e-3, 2e-2, 0.5, 3.0]))
+
+        def forward(self, x, mask):
+            y = self.conv(x)
+            y = y * (y.size(-1) ** -0.5)
+            y = y * mask
+            y = y.mul(self.gamma.view(1, -1, 1, 1))
+            return self.head(y)
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    batches = [(x, (torch.rand(2, 1, 6, 6) > 0.5).float()) for x in _batches((2, 3, 6, 6))]
+    with pytest.warns(UserWarning, match="kept float"):
+        prepared = tq.prepare(copy.deepcopy(model), PIPELINE)
+    tq.calibrate(prepared, batches, progress=False)
+    converted = tq.convert(prepared)
+    assert graph.integer_mul not in _graph_targets(converted)
+    assert set(converted.get_submodule(graph.ACT_QUANT)) == {"x", "mul_2"}  # the input, the head's input
+    with torch.no_grad():
+        got, want = converted(*batches[0]), model(*batches[0])
+    torch.testing.assert_close(got, want, atol=0.05 * want.abs().max().item(), rtol=0)
+
+
 def test_a_product_before_the_rule_stays_float():
     with graph.pipeline_rules(integer_products=False):
         converted = tq.quantize_model(SqueezeExcitationNet().eval(), PIPELINE, calibration=_batches((2, 3, 8, 8)))

@@ -22,8 +22,9 @@ quantized ones and folds their BatchNorms (as the module swap does), and finds t
   modules (the identity in evaluation, which is what a converted model runs): run on the integers (they keep the
   scale); torch.cat / torch.stack of integer tensors: its inputs share one scale (one quantizer observes them all),
   so the concatenation runs on the integers too;
-- a * b / torch.mul(a, b) / a.mul(b) of two tensors (a squeeze-excitation block's x * gate, broadcast): one integer
-  product (torchquant.functional.quantized_mul) that reads both quantized inputs and writes its requantized output;
+- a * b / torch.mul(a, b) / a.mul(b) of two integer tensors (a squeeze-excitation block's x * gate, broadcast):
+  one integer product (torchquant.functional.quantized_mul) that reads both quantized inputs and writes its
+  requantized output;
 - an element-wise activation (hardswish, hardsigmoid, SiLU, sigmoid, tanh, GELU, ELU, leaky ReLU, Mish, softplus and
   the others of _LOOKUP_MODULES / _LOOKUP_FUNCTIONS / _LOOKUP_METHODS, as modules, functions or tensor methods, in
   place or not) of an integer tensor whose output an integer op reads: a 256-entry table lookup
@@ -925,10 +926,9 @@ def _plan(graph: fx.Graph, modules: dict, integer_output: bool) -> tuple[dict, d
                 fused.add(relu)
             produce(relu or node)
             continue
-        if (_RULES.get()["integer_products"] and _is_mul(node)
-                and all(_tensor_like(a) and not _not_float(a) for a in node.args) and any(a in group for a in node.args)):
-            for a in node.args:
-                ensure_int(a)
+        # (both operands integer already: a product with anything else, a number computed from a shape, a mask, a
+        # parameter such as a layer scale, stays a float op rather than quantizing that operand)
+        if _RULES.get()["integer_products"] and _is_mul(node) and all(a in group for a in node.args):
             int_consumers.add(node)
             produce(node)
             continue
@@ -1030,8 +1030,8 @@ def _describe(node: fx.Node) -> str:
 # - integer_avg_pools: average pools of a fixed window read integers and requantize (before: they ran in float);
 # - integer_adaptive_avg_pools: adaptive average pools to sizes other than 1 read integers and requantize (before:
 #   they ran in float);
-# - integer_products: products of two tensors (squeeze-excitation gates) read integers and requantize (before: they
-#   ran in float, and a gate's activation with them).
+# - integer_products: products of two integer tensors (squeeze-excitation gates) read integers and requantize
+#   (before: they ran in float, and a gate's activation with them).
 # Checkpoints record the rules their pipeline was planned with; a file older than a rule does not (load() then
 # rebuilds the pipeline whose quantizers and tensors it holds: rules_a_checkpoint_may_have).
 PIPELINE_RULES = ("integer_dropout", "integer_lookups", "residual_adds_in_convs", "integer_max_pool1d", "integer_views",
@@ -1338,26 +1338,31 @@ def reaches_a_layout_reader(node: fx.Node, gm: nn.Module, stops) -> bool:
 
 
 def integer_add(a: torch.Tensor, b: torch.Tensor, qa: ActivationQuantizer, qb: ActivationQuantizer,
-                out: Optional[ActivationQuantizer], relu: bool, dtype: torch.dtype) -> torch.Tensor:
+                out: Optional[ActivationQuantizer], relu: bool, dtype: torch.dtype, *,
+                keep_layout: bool = False) -> torch.Tensor:
+    """a + b [+ ReLU] on integers: the sum of the dequantized values in float32, as out's integers (or float of dtype
+    when out is None: contiguous, as the float model's sum, unless keep_layout)."""
     if a.shape != b.shape:  # an add that broadcasts (y + y.mean()): quantized_add takes one shape
         a, b = torch.broadcast_tensors(a, b)
     sa, _, za, _ = qa.qparams
     sb, _, zb, _ = qb.qparams
     if out is None:
-        return F_q.quantized_add(a, sa, za, b, sb, zb, out_dtype=dtype, relu=relu)
+        y = F_q.quantized_add(a, sa, za, b, sb, zb, out_dtype=dtype, relu=relu)
+        return y if keep_layout else y.contiguous()
     _, scale, zero_point, out_dtype = out.qparams
     return F_q.quantized_add(a, sa, za, b, sb, zb, out_dtype=out_dtype, out_scale=scale, out_zero_point=zero_point,
                              relu=relu)
 
 
 def integer_mul(a: torch.Tensor, b: torch.Tensor, qa: ActivationQuantizer, qb: ActivationQuantizer,
-                out: Optional[ActivationQuantizer], dtype: torch.dtype) -> torch.Tensor:
+                out: Optional[ActivationQuantizer], dtype: torch.dtype, *, keep_layout: bool = False) -> torch.Tensor:
     """a * b on integers (broadcast): the product of the dequantized values in float32, as out's integers (or float of
-    dtype when out is None)."""
+    dtype when out is None: contiguous, as the float model's product of contiguous values, unless keep_layout)."""
     sa, _, za, _ = qa.qparams
     sb, _, zb, _ = qb.qparams
     if out is None:
-        return F_q.quantized_mul(a, sa, za, b, sb, zb, out_dtype=dtype)
+        y = F_q.quantized_mul(a, sa, za, b, sb, zb, out_dtype=dtype)
+        return y if keep_layout else y.contiguous()
     _, scale, zero_point, out_dtype = out.qparams
     return F_q.quantized_mul(a, sa, za, b, sb, zb, out_dtype=out_dtype, out_scale=scale, out_zero_point=zero_point)
 
@@ -1710,7 +1715,8 @@ def _lower_planned(gm: fx.GraphModule, dtype: torch.dtype, build_tables: bool) -
     for node in graph.nodes:
         float_from_integers = (node.target is dequantize_output
                                or (node.target is integer_layer and node.args[2] is None)
-                               or (node.target is integer_conv_add and node.args[4] is None))
+                               or (node.target in (integer_conv_add, integer_add, integer_mul)
+                                   and node.args[4] is None))
         if (node.op == "call_function" and float_from_integers
                 and not reaches_a_layout_reader(node, gm, lambda user: user.target is quantize_input)):
             node.kwargs = {**node.kwargs, "keep_layout": True}

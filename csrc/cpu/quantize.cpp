@@ -715,17 +715,18 @@ void broadcast_product(const Full* full, float full_scale, float full_zero_point
   const int64_t chunk = buffered ? kRepeatChunk / unit * unit : inner;  // elements a span covers, whole rows
   at::parallel_for(0, numel / inner, std::max<int64_t>(1, kGrain / inner), [&](int64_t begin, int64_t end) {
     float repeated[kRepeatChunk];
-    int64_t repeated_offset = -1;  // the offset into small_float of the values that `repeated` holds
+    int64_t repeated_offset = -1, repeated_length = 0;  // the values that `repeated` holds: where, how many
     for (int64_t row = begin; row < end;) {
       const int64_t offset = rows.small_offset(row);
       int64_t run = 1;  // consecutive rows reading the same values (consecutive in memory too)
       while (row + run < end && rows.small_offset(row + run) == offset) ++run;
       const float* values = small_float.data() + offset;
-      if (buffered && repeated_offset != offset) {
-        for (int64_t i = 0; i < chunk; i += unit) std::copy(values, values + unit, repeated + i);
+      const int64_t start = row * inner, n = run * inner;
+      if (buffered && (repeated_offset != offset || repeated_length < std::min(chunk, n))) {
+        repeated_length = std::min(chunk, n);  // (whole rows: n and chunk are multiples of unit)
+        for (int64_t i = 0; i < repeated_length; i += unit) std::copy(values, values + unit, repeated + i);
         repeated_offset = offset;
       }
-      const int64_t start = row * inner, n = run * inner;
       for (int64_t i = 0; i < n; i += chunk)
         Isa::binary_span(full + start + i, buffered ? repeated : values, y + start + i, std::min(chunk, n - i), p);
       row += run;
