@@ -1794,8 +1794,8 @@ def pipeline_notes(model: fx.GraphModule) -> tuple[dict, list]:
     notes = [f"integer pipeline: {counts[integer_layer] + counts[integer_conv_add]} integer layer call(s), "
              f"{counts[integer_add] + counts[integer_conv_add]} integer add(s) ({counts[integer_conv_add]} fused into "
              f"a conv's epilogue), {counts[integer_mul]} integer product(s), {counts[F_q.quantized_lookup]} activation "
-             f"lookup(s), {counts[integer_mean]} integer mean(s) (global average pools), {counts[integer_avg_pool] + counts[integer_adaptive_avg_pool]} "
-             f"integer average pool(s), {counts[quantize_input]} quantize(s), {counts[dequantize_output]} "
+             f"lookup(s), {counts[integer_mean]} integer mean(s) (global average pools), "
+             f"{counts[integer_avg_pool] + counts[integer_adaptive_avg_pool]} integer average pool(s), {counts[quantize_input]} quantize(s), {counts[dequantize_output]} "
              f"dequantize(s)"]
     if _meta(model)["lookups"]:
         notes.append("activations run on integers as 256-entry table lookups: "

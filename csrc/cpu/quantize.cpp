@@ -354,8 +354,8 @@ TQ_TARGET inline void vstore4(Out* p, VI a, VI b, VI c, VI d) {
       return ns::finite_absmax(x, n);                                                                            \
     }                                                                                                            \
     template <class A, class B, class Out>                                                                       \
-    static void binary_span(const A* a, const B* b, Out* y, int64_t n, const BinaryParams& p) {                        \
-      ns::binary_span(a, b, y, n, p);                                                                               \
+    static void binary_span(const A* a, const B* b, Out* y, int64_t n, const BinaryParams& p) {                  \
+      ns::binary_span(a, b, y, n, p);                                                                            \
     }                                                                                                            \
   };
 TQ_ISA_STRUCT(Scalar, scalar_spans, scalar_spans)
@@ -704,8 +704,8 @@ void broadcast_product(const Full* full, float full_scale, float full_zero_point
                        int64_t small_numel, float small_scale, float small_zero_point, const BroadcastRows& rows,
                        Out* y, int64_t numel, const BinaryMap& map) {
   std::vector<float> small_float(small_numel);
-  for (int64_t i = 0; i < small_numel; ++i)
-    small_float[i] = (static_cast<float>(small_values[i]) - small_zero_point) * small_scale;
+  Isa::template dequantize_span<false>(small_values, small_float.data(), small_numel,
+                                       SpanParams{&small_scale, /*inv_scale (unread)=*/nullptr, &small_zero_point});
   BinaryParams p{full_scale, 1.0f, map};
   p.map.a_zero_point = full_zero_point;
   p.map.b_zero_point = 0.0f;

@@ -525,7 +525,8 @@ void launch_quantized_binary(const A* a, const B* b, Out* y, int64_t n, const Bi
 // indices where they suffice.
 template <typename A, typename B, typename Out>
 void run_quantized_binary(const A* a, const B* b, Out* y, int64_t n, const BinaryArgs& p) {
-  const bool vectorized = is_aligned<A, kBinaryVec>(a) && is_aligned<B, kBinaryVec>(b) && is_aligned<Out, kBinaryVec>(y);
+  const bool vectorized =
+      is_aligned<A, kBinaryVec>(a) && is_aligned<B, kBinaryVec>(b) && is_aligned<Out, kBinaryVec>(y);
   if (n <= INT32_MAX) {
     if (vectorized) launch_quantized_binary<kBinaryVec, A, B, Out, uint32_t>(a, b, y, n, p);
     else launch_quantized_binary<1, A, B, Out, uint32_t>(a, b, y, n, p);

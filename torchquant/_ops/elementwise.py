@@ -1,6 +1,6 @@
-"""Integer element-wise ops of an integer pipeline (quantized_add, quantized_mul, quantized_lookup), integer max-pooling (1-d and
-2-d), sums (quantized_sum) and average pooling (quantized_avg_pool1d / 2d, quantized_adaptive_avg_pool1d / 2d):
-wrappers and fake kernels."""
+"""Integer element-wise ops of an integer pipeline (quantized_add, quantized_mul, quantized_lookup), integer
+max-pooling (1-d and 2-d), sums (quantized_sum) and average pooling (quantized_avg_pool1d / 2d,
+quantized_adaptive_avg_pool1d / 2d): wrappers and fake kernels."""
 import functools
 import math
 import struct
