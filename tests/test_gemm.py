@@ -219,6 +219,31 @@ def test_amx_overlapped_epilogue_one_thread(monkeypatch, case):
         torch.set_num_threads(threads)
 
 
+# Each thread copies the padded rows of the images its work items reach into a buffer of its own: with 1-4 threads
+# the items of a thread start and end anywhere in an image (several pieces an image, tiles across output rows or
+# within them), and a thread goes on to its next image
+@pytest.mark.parametrize("threads", [1, 2, 3, 4])
+def test_amx_padded_rows_any_thread_split(monkeypatch, threads):
+    if "avx512_amx" not in SUPPORTED_ISAS:
+        pytest.skip("this CPU has no AMX tiles")
+    monkeypatch.setenv("TORCHQUANT_CPU_ISA", "avx512_amx")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for b, c, h, w_, oc, stride, padding in [(3, 64, 11, 30, 64, 1, 1), (3, 64, 9, 21, 64, 2, 1),
+                                                  (2, 128, 6, 40, 70, 1, (2, 1))]:
+            g = torch.Generator().manual_seed(b * h + threads)
+            x_q = torch.randint(0, 256, (b, c, h, w_), dtype=torch.uint8, generator=g)
+            w_q = randint8((oc, c, 3, 3), generator=g)
+            kwargs = dict(stride=stride, padding=padding)
+            got = F.int8_conv2d(x_q, 1.0, 5, F.pack_conv_weight(w_q), w_q.sum((1, 2, 3), dtype=torch.int32),
+                                torch.ones(oc), out_channels=oc, kernel_size=3, **kwargs)
+            torch.testing.assert_close(got, reference.int8_conv2d(x_q, 1.0, 5, w_q, torch.ones(oc), **kwargs),
+                                       rtol=0, atol=0)
+    finally:
+        torch.set_num_threads(before)
+
+
 # The epilogue is one code on every AVX-512 path: the float and requantized outputs of the AMX tiles are those of
 # the VNNI kernel bit for bit, whatever order the blocks go through it in
 @pytest.mark.parametrize("m,k,n", AMX_ROWS)
