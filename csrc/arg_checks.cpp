@@ -229,9 +229,9 @@ BinaryTensors prepare_quantized_binary(const char* op, BinaryOp kind, const at::
   const bool a_full = a.sizes() == at::IntArrayRef(shape), b_full = b.sizes() == at::IntArrayRef(shape);
   const at::Tensor& like = a_full || !b_full ? a : b;
   t.out = at::empty_like(like.expand(shape), a.options().dtype(out_dtype), at::MemoryFormat::Preserve);
-  const bool keep = keep_broadcast && a_full != b_full;  // one operand broadcast, the other of the output's shape
-  t.a = keep && !a_full ? a.expand(shape) : laid_out_as(a.expand(shape), t.out);
-  t.b = keep && !b_full ? b.expand(shape) : laid_out_as(b.expand(shape), t.out);
+  const bool keep_a = keep_broadcast && !a_full, keep_b = keep_broadcast && a_full && !b_full;
+  t.a = keep_a ? a.expand(shape) : laid_out_as(a.expand(shape), t.out);
+  t.b = keep_b ? b.expand(shape) : laid_out_as(b.expand(shape), t.out);
   t.map = binary_map(kind, a_zero_point, b_zero_point, out_dtype, out_scale, out_zero_point, relu);
   return t;
 }

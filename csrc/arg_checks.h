@@ -99,8 +99,8 @@ void check_conv_residual(const at::Tensor& x_q, at::IntArrayRef out_sizes, const
 // quantized_add's and quantized_mul's tensors as their kernels read them: the output (of a's shape and memory
 // format, at::empty_like's Preserve; quantized_mul: of the broadcast shape, in the memory format of the operand of
 // that shape, a's where both are) and a and b laid out alike (out's strides; an operand in another layout, or
-// broadcast, is copied), except where the caller keeps a broadcast operand (keep_broadcast) and the other has the
-// output's shape: the broadcast one as its expansion to that shape, strides 0 where it repeats.
+// broadcast, is copied), except where the caller keeps one broadcast operand (keep_broadcast): a where it is
+// broadcast, else b, as its expansion to the output's shape (strides 0 where it repeats); the other is laid out.
 struct BinaryTensors {
   at::Tensor out, a, b;
   BinaryMap map;

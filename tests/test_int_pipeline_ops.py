@@ -291,6 +291,17 @@ def add_out_kwargs(out_dtype):
     return dict(out_scale=0.07, out_zero_point=-10 if out_dtype == torch.int8 else 128)
 
 
+def assert_near_float64(got, y64, out_dtype, kw):
+    """got against y64, the unfused ops in float64: float outputs close, requantized ones (kw: add_out_kwargs')
+    within one step of y64 requantized."""
+    if out_dtype.is_floating_point:
+        torch.testing.assert_close(got.cpu().double(), y64, atol=0.05, rtol=1e-2)
+    else:
+        info = torch.iinfo(out_dtype)
+        q64 = (torch.round(y64 / kw["out_scale"]) + kw["out_zero_point"]).clamp(info.min, info.max)
+        assert (got.cpu().double() - q64).abs().max() <= 1
+
+
 @pytest.mark.parametrize("a_dtype,b_dtype", [(torch.int8, torch.int8), (torch.uint8, torch.uint8),
                                              (torch.int8, torch.uint8), (torch.uint8, torch.int8)], ids=str)
 @pytest.mark.parametrize("out_dtype", ALL_OUT_DTYPES, ids=str)
@@ -308,12 +319,7 @@ def test_quantized_add(device, isa, a_dtype, b_dtype, out_dtype, relu):
         y64 = (a.double() - a_zp) * 0.05 + (b.double() - b_zp) * torch.tensor(0.031).double()
         if relu:
             y64 = y64.clamp(min=0)
-        if out_dtype.is_floating_point:
-            torch.testing.assert_close(got.cpu().double(), y64, atol=0.05, rtol=1e-2)
-        else:
-            info = torch.iinfo(out_dtype)
-            q64 = (torch.round(y64 / kw["out_scale"]) + kw["out_zero_point"]).clamp(info.min, info.max)
-            assert (got.cpu().double() - q64).abs().max() <= 1
+        assert_near_float64(got, y64, out_dtype, kw)
 
 
 def test_quantized_add_ties_and_extremes(device, isa):
@@ -371,50 +377,70 @@ def test_quantized_add_layouts(device):
     assert empty.shape == (0, 6, 5, 4) and empty.dtype == torch.int8
 
 
-def test_quantized_add_bad_inputs(device):
-    a = randint8((3, 4), device=device)
-    b = randint8((3, 4), device=device)
+# The bad-input rules of quantized_add and quantized_mul, each op's name in its messages: the functional wrapper's
+# and the op's own (C++); then their shape rules, where they differ (add: one shape; mul: torch's broadcasting)
+@pytest.mark.parametrize("name", ["quantized_add", "quantized_mul"])
+def test_quantized_binary_bad_inputs(device, name):
+    a, b = randint8((3, 4), device=device), randint8((3, 4), device=device)
+    functional, op = getattr(F, name), getattr(ops, name)
 
     def call(a=a, a_scale=0.1, a_zp=0, b=b, b_scale=0.1, b_zp=0, out_dtype=torch.float32, **kw):
-        return F.quantized_add(a, a_scale, a_zp, b, b_scale, b_zp, out_dtype, **kw)
+        return functional(a, a_scale, a_zp, b, b_scale, b_zp, out_dtype, **kw)
 
     with pytest.raises(TypeError, match="a must be int8 or uint8, got float32"):
         call(a=a.float())
     with pytest.raises(TypeError, match="b must be int8 or uint8, got int32"):
         call(b=b.int())
-    with pytest.raises(ValueError, match=r"quantized_add: a and b must have the same shape \(no broadcasting\), "
-                                         r"got \(3, 4\) and \(1, 4\)"):
-        call(b=b[:1])
-    with pytest.raises(ValueError, match="quantized_add: a_scale must be positive and finite"):
+    with pytest.raises(ValueError, match=f"{name}: a_scale must be positive and finite"):
         call(a_scale=0.0)
-    with pytest.raises(ValueError, match="quantized_add: b_scale must be positive and finite"):
+    with pytest.raises(ValueError, match=f"{name}: b_scale must be positive and finite"):
         call(b_scale=float("nan"))
-    with pytest.raises(TypeError, match="out_dtype must be float32, float16, bfloat16, int8 or uint8"):
+    with pytest.raises(TypeError, match=f"{name}: out_dtype must be float32, float16, bfloat16, int8 or uint8"):
         call(out_dtype=torch.int32)
-    # the op's own checks (same messages from C++)
     s = torch.tensor([0.1], device=device)
-    with pytest.raises(RuntimeError, match=r"quantized_add: a and b must have the same shape \(no broadcasting\), "
-                                           r"got \[3, 4\] and \[4\]"):
-        ops.quantized_add(a, s, 0, b[0], s, 0, torch.float32)
-    with pytest.raises(RuntimeError, match=r"quantized_add: a_zero_point must lie in \[-128, 127\] for Char a"):
-        ops.quantized_add(a, s, 128, b, s, 0, torch.float32)
-    with pytest.raises(RuntimeError, match=r"quantized_add: b_zero_point must lie in \[0, 255\] for Byte b, got -1"):
-        ops.quantized_add(a, s, 0, b.to(torch.uint8), s, -1, torch.float32)
-    with pytest.raises(RuntimeError, match="quantized_add: b_scale must be a float32 tensor of 1 element"):
-        ops.quantized_add(a, s, 0, b, s.repeat(2), 0, torch.float32)
-    with pytest.raises(RuntimeError, match="quantized_add: a_scale must be a float32 tensor of 1 element"):
-        ops.quantized_add(a, s.double(), 0, b, s, 0, torch.float32)
-    with pytest.raises(RuntimeError, match="quantized_add: out_dtype Char .* needs out_scale"):
-        ops.quantized_add(a, s, 0, b, s, 0, torch.int8)
-    with pytest.raises(RuntimeError, match="quantized_add: out_scale is only for int8/uint8 out_dtype"):
-        ops.quantized_add(a, s, 0, b, s, 0, torch.float32, 0.5)
-    with pytest.raises(RuntimeError, match="quantized_add: out_zero_point must lie in"):
-        ops.quantized_add(a, s, 0, b, s, 0, torch.uint8, 0.5, 256)
-    with pytest.raises(RuntimeError, match="quantized_add: out_dtype must be float32, float16 or bfloat16"):
-        ops.quantized_add(a, s, 0, b, s, 0, torch.float64)
-    if device == "cpu":
-        with pytest.raises(RuntimeError, match="quantized_add: a_scale must be positive and finite, got inf"):
-            ops.quantized_add(a, torch.tensor([math.inf]), 0, b, s, 0, torch.float32)
+    with pytest.raises(RuntimeError, match=rf"{name}: a_zero_point must lie in \[-128, 127\] for Char a"):
+        op(a, s, 128, b, s, 0, torch.float32)
+    with pytest.raises(RuntimeError, match=rf"{name}: b_zero_point must lie in \[0, 255\] for Byte b, got -1"):
+        op(a, s, 0, b.to(torch.uint8), s, -1, torch.float32)
+    with pytest.raises(RuntimeError, match=rf"{name}: b_zero_point must lie in \[-128, 127\] for Char b"):
+        op(a, s, 0, b, s, 200, torch.float32)
+    with pytest.raises(RuntimeError, match=f"{name}: b_scale must be a float32 tensor of 1 element"):
+        op(a, s, 0, b, s.repeat(2), 0, torch.float32)
+    with pytest.raises(RuntimeError, match=f"{name}: a_scale must be a float32 tensor of 1 element"):
+        op(a, s.double(), 0, b, s, 0, torch.float32)
+    for out_dtype, c10_name in ((torch.int8, "Char"), (torch.uint8, "Byte")):
+        with pytest.raises(RuntimeError, match=rf"{name}: out_dtype {c10_name} \(requantized output\) needs out_scale"):
+            op(a, s, 0, b, s, 0, out_dtype)
+    with pytest.raises(RuntimeError, match=f"{name}: out_scale is only for int8/uint8 out_dtype"):
+        op(a, s, 0, b, s, 0, torch.float32, 0.5)
+    with pytest.raises(RuntimeError, match=f"{name}: out_zero_point must lie in"):
+        op(a, s, 0, b, s, 0, torch.uint8, 0.5, 256)
+    with pytest.raises(RuntimeError, match=f"{name}: out_zero_point must lie in"):
+        op(a, s, 0, b, s, 0, torch.int8, 0.5, 128)
+    with pytest.raises(RuntimeError, match=f"{name}: out_dtype must be float32, float16 or bfloat16"):
+        op(a, s, 0, b, s, 0, torch.float64)
+    if device == "cpu":  # (scale values are checked by each kernel)
+        with pytest.raises(RuntimeError, match=f"{name}: a_scale must be positive and finite, got inf"):
+            op(a, torch.tensor([math.inf]), 0, b, s, 0, torch.float32)
+        with pytest.raises(RuntimeError, match=f"{name}: b_scale must be positive and finite, got nan"):
+            op(a, s, 0, b, torch.tensor([math.nan]), 0, torch.float32)
+    if cuda_ready() and device == "cpu":
+        with pytest.raises(RuntimeError, match=f"{name}: b must be on a's device"):
+            op(a, s, 0, b.cuda(), s, 0, torch.float32)
+    if name == "quantized_add":
+        with pytest.raises(ValueError, match=r"quantized_add: a and b must have the same shape \(no broadcasting\), "
+                                             r"got \(3, 4\) and \(1, 4\)"):
+            call(b=b[:1])
+        with pytest.raises(RuntimeError, match=r"quantized_add: a and b must have the same shape \(no "
+                                               r"broadcasting\), got \[3, 4\] and \[4\]"):
+            op(a, s, 0, b[0], s, 0, torch.float32)
+    else:
+        with pytest.raises(ValueError, match=r"quantized_mul: a and b must broadcast to one shape, got \(3, 4\) "
+                                             r"and \(2, 4\)"):
+            call(b=b[:2])
+        with pytest.raises(RuntimeError, match=r"quantized_mul: a and b must broadcast to one shape, got \[3, 4\] "
+                                               r"and \[3\]"):
+            op(a, s, 0, b[:, 0], s, 0, torch.float32)
 
 
 def test_quantized_add_different_devices():
@@ -456,12 +482,7 @@ def test_quantized_mul(device, isa, a_dtype, b_dtype, out_dtype):
         assert got.shape == torch.broadcast_shapes(a_shape, b_shape) and got.dtype == out_dtype
         assert_same(got, want)
         y64 = mul_float64(a, 0.05, a_zp, b, torch.tensor(0.031).double(), b_zp)  # the unfused ops in float64
-        if out_dtype.is_floating_point:
-            torch.testing.assert_close(got.cpu().double(), y64, atol=0.05, rtol=1e-2)
-        else:
-            info = torch.iinfo(out_dtype)
-            q64 = (torch.round(y64 / kw["out_scale"]) + kw["out_zero_point"]).clamp(info.min, info.max)
-            assert (got.cpu().double() - q64).abs().max() <= 1
+        assert_near_float64(got, y64, out_dtype, kw)
 
 
 def test_quantized_mul_ties_and_extremes(device, isa):
@@ -530,45 +551,6 @@ def test_quantized_mul_layouts(device):
     assert_same(F.quantized_mul(sa, 0.1, 3, sb, 0.2, -3, torch.float32), reference.quantized_mul(sa, 0.1, 3, sb, 0.2, -3))
     empty = F.quantized_mul(a[:0].to(device), 0.1, 0, gate[:1].to(device), 0.1, 0, torch.int8, 0.5)
     assert empty.shape == (0, 6, 5, 4) and empty.dtype == torch.int8
-
-
-def test_quantized_mul_bad_inputs(device):
-    a, b = randint8((3, 4), device=device), randint8((3, 4), device=device)
-
-    def call(a=a, a_scale=0.1, a_zp=0, b=b, b_scale=0.1, b_zp=0, out_dtype=torch.float32, **kw):
-        return F.quantized_mul(a, a_scale, a_zp, b, b_scale, b_zp, out_dtype, **kw)
-
-    with pytest.raises(TypeError, match="a must be int8 or uint8, got float32"):
-        call(a=a.float())
-    with pytest.raises(TypeError, match="b must be int8 or uint8, got int32"):
-        call(b=b.int())
-    with pytest.raises(ValueError, match=r"quantized_mul: a and b must broadcast to one shape, got \(3, 4\) and "
-                                         r"\(2, 4\)"):
-        call(b=b[:2])
-    with pytest.raises(ValueError, match="quantized_mul: a_scale must be positive and finite"):
-        call(a_scale=-1.0)
-    with pytest.raises(ValueError, match="quantized_mul: b_scale must be positive and finite"):
-        call(b_scale=float("inf"))
-    with pytest.raises(TypeError, match="quantized_mul: out_dtype must be float32, float16, bfloat16, int8 or uint8"):
-        call(out_dtype=torch.int32)
-    s = torch.tensor([0.1], device=device)
-    with pytest.raises(RuntimeError, match=r"quantized_mul: a and b must broadcast to one shape, got \[3, 4\] and "
-                                           r"\[3\]"):
-        ops.quantized_mul(a, s, 0, b[:, 0], s, 0, torch.float32)
-    with pytest.raises(RuntimeError, match=r"quantized_mul: b_zero_point must lie in \[-128, 127\] for Char b"):
-        ops.quantized_mul(a, s, 0, b, s, 200, torch.float32)
-    with pytest.raises(RuntimeError, match="quantized_mul: a_scale must be a float32 tensor of 1 element"):
-        ops.quantized_mul(a, s.repeat(2), 0, b, s, 0, torch.float32)
-    with pytest.raises(RuntimeError, match="quantized_mul: out_dtype Byte .* needs out_scale"):
-        ops.quantized_mul(a, s, 0, b, s, 0, torch.uint8)
-    with pytest.raises(RuntimeError, match="quantized_mul: out_zero_point must lie in"):
-        ops.quantized_mul(a, s, 0, b, s, 0, torch.int8, 0.5, 128)
-    if device == "cpu":
-        with pytest.raises(RuntimeError, match="quantized_mul: b_scale must be positive and finite, got nan"):
-            ops.quantized_mul(a, s, 0, b, torch.tensor([math.nan]), 0, torch.float32)
-    if cuda_ready() and device == "cpu":
-        with pytest.raises(RuntimeError, match="quantized_mul: b must be on a's device"):
-            ops.quantized_mul(a, s, 0, b.cuda(), s, 0, torch.float32)
 
 
 def test_quantized_mul_compiles(device):

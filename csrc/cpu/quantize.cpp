@@ -691,6 +691,12 @@ std::optional<BroadcastRows> broadcast_rows(const at::Tensor& out, const at::Ten
   return rows;
 }
 
+// An operand's scale and zero point as the element map reads them (the zero point of int8 bytes read as uint8
+// moved by 128).
+struct OperandQuant {
+  float scale, zero_point;
+};
+
 constexpr int64_t kRepeatChunk = 1024;  // floats of the buffer that repeats a row's values of the small operand
 
 // quantized_mul of `full` (laid out as the dense output y) and `small` broadcast along rows (small_values: its
@@ -700,14 +706,13 @@ constexpr int64_t kRepeatChunk = 1024;  // floats of the buffer that repeats a r
 // the same values (the pixels of one image against its gate) run as one span against a buffer that repeats them,
 // so that short rows (a gate over a few channels) do not each end in a scalar tail.
 template <class Isa, class Full, class Small, class Out>
-void broadcast_product(const Full* full, float full_scale, float full_zero_point, const Small* small_values,
-                       int64_t small_numel, float small_scale, float small_zero_point, const BroadcastRows& rows,
-                       Out* y, int64_t numel, const BinaryMap& map) {
+void broadcast_product(const Full* full, OperandQuant full_q, const Small* small_values, int64_t small_numel,
+                       OperandQuant small_q, const BroadcastRows& rows, Out* y, int64_t numel, const BinaryMap& map) {
   std::vector<float> small_float(small_numel);
   Isa::template dequantize_span<false>(small_values, small_float.data(), small_numel,
-                                       SpanParams{&small_scale, /*inv_scale (unread)=*/nullptr, &small_zero_point});
-  BinaryParams p{full_scale, 1.0f, map};
-  p.map.a_zero_point = full_zero_point;
+                                       SpanParams{&small_q.scale, /*inv_scale (unread)=*/nullptr, &small_q.zero_point});
+  BinaryParams p{full_q.scale, 1.0f, map};
+  p.map.a_zero_point = full_q.zero_point;
   p.map.b_zero_point = 0.0f;
   const int64_t inner = rows.inner;
   const int64_t unit = rows.small_inner_stride == 1 ? inner : 1;  // the values of one row
@@ -750,23 +755,25 @@ at::Tensor quantized_binary_cpu(const char* op, BinaryOp kind, const at::Tensor&
   const int64_t numel = t.out.numel();
   if (numel == 0) return t.out;
   const float as = *a_scale_1.data_ptr<float>(), bs = *b_scale_1.data_ptr<float>();
-  // an operand kept broadcast (the other is laid out as the output): its contiguous values and their rows
+  // the operand kept broadcast (a where it is, else b; the other is laid out as the output): its contiguous values
+  // and their rows
   const bool small_is_a = a.sizes() != t.out.sizes();
   const at::Tensor& small = small_is_a ? a : b;
+  at::Tensor& small_operand = small_is_a ? t.a : t.b;
+  const at::Tensor& full_operand = small_is_a ? t.b : t.a;
+  const OperandQuant a_q{as, t.map.a_zero_point}, b_q{bs, t.map.b_zero_point};
+  const OperandQuant small_q = small_is_a ? a_q : b_q, full_q = small_is_a ? b_q : a_q;
   const at::Tensor small_values = small.sizes() != t.out.sizes() ? small.contiguous() : at::Tensor();
   std::optional<BroadcastRows> rows;
   if (small_values.defined()) {
     rows = broadcast_rows(t.out, small_values.expand(t.out.sizes()));
-    if (!rows) (small_is_a ? t.a : t.b) = laid_out_as(small_values.expand(t.out.sizes()), t.out);
+    if (!rows) small_operand = laid_out_as(small_values.expand(t.out.sizes()), t.out);
   }
   with_cpu_isa([&](auto isa) {
     using Isa = decltype(isa);
     if (rows) {
-      const at::Tensor& full = small_is_a ? t.b : t.a;
-      with_binary_pointers(full, small_values, t.out, [&](const auto* fp, const auto* sp, auto* yp) {
-        broadcast_product<Isa>(fp, small_is_a ? bs : as, small_is_a ? t.map.b_zero_point : t.map.a_zero_point, sp,
-                               small_values.numel(), small_is_a ? as : bs,
-                               small_is_a ? t.map.a_zero_point : t.map.b_zero_point, *rows, yp, numel, t.map);
+      with_binary_pointers(full_operand, small_values, t.out, [&](const auto* fp, const auto* sp, auto* yp) {
+        broadcast_product<Isa>(fp, full_q, sp, small_values.numel(), small_q, *rows, yp, numel, t.map);
       });
       return;
     }
