@@ -314,12 +314,8 @@ PoolGeometry check_pool2d_arguments(const char* op, const at::Tensor& x, at::Int
   return g;
 }
 
-PoolGeometry check_avg_pool2d_arguments(const at::Tensor& x, double scale, int64_t zero_point,
-                                        at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
-                                        bool ceil_mode, std::optional<int64_t> divisor_override) {
-  constexpr const char* op = "quantized_avg_pool2d";
-  const int64_t dilation[2] = {1, 1};
-  const PoolGeometry g = check_pool2d_arguments(op, x, kernel_size, stride, padding, dilation, ceil_mode);
+// An average pool's scale (positive and finite as a float32) and the zero point of its int8/uint8 x.
+void check_pool_scale_and_zero_point(const char* op, const at::Tensor& x, double scale, int64_t zero_point) {
   const float scale_f = static_cast<float>(scale);
   TQ_CHECK(std::isfinite(scale_f) && scale_f > 0.0f, op, ": scale must be positive and finite (as a float32), got ",
            scale);
@@ -327,10 +323,30 @@ PoolGeometry check_avg_pool2d_arguments(const at::Tensor& x, double scale, int64
   const int64_t lo = is_int8 ? -128 : 0, hi = is_int8 ? 127 : 255;
   TQ_CHECK(zero_point >= lo && zero_point <= hi, op, ": zero_point must lie in [", lo, ", ", hi, "] for ",
            x.scalar_type(), " x, got ", zero_point);
+}
+
+PoolGeometry check_avg_pool2d_arguments(const at::Tensor& x, double scale, int64_t zero_point,
+                                        at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                                        bool ceil_mode, std::optional<int64_t> divisor_override) {
+  constexpr const char* op = "quantized_avg_pool2d";
+  const int64_t dilation[2] = {1, 1};
+  const PoolGeometry g = check_pool2d_arguments(op, x, kernel_size, stride, padding, dilation, ceil_mode);
+  check_pool_scale_and_zero_point(op, x, scale, zero_point);
   TQ_CHECK(!divisor_override.has_value() || *divisor_override != 0, op, ": divisor_override must not be 0");
   TQ_CHECK(g.kh <= kMaxExactWindow && g.kw <= kMaxExactWindow / g.kh, op, ": the window may have at most ",
            kMaxExactWindow, " elements (exact float32 sums), got kernel_size ", kernel_size);
   return g;
+}
+
+void check_adaptive_avg_pool2d_arguments(const at::Tensor& x, double scale, int64_t zero_point,
+                                         at::IntArrayRef output_size) {
+  constexpr const char* op = "quantized_adaptive_avg_pool2d";
+  TQ_CHECK(x.scalar_type() == at::kChar || x.scalar_type() == at::kByte, op, ": x must be int8 or uint8, got ",
+           x.scalar_type());
+  TQ_CHECK(x.dim() == 3 || x.dim() == 4, op, ": x must be 3-d [C, H, W] or 4-d [B, C, H, W], got ", x.dim(), "-d");
+  TQ_CHECK(output_size.size() == 2 && output_size[0] >= 0 && output_size[1] >= 0, op,
+           ": output_size must be 2 sizes >= 0, got ", output_size);
+  check_pool_scale_and_zero_point(op, x, scale, zero_point);
 }
 
 void check_grad_like(const at::Tensor& grad, const at::Tensor& x) {

@@ -164,6 +164,11 @@ PoolGeometry check_avg_pool2d_arguments(const at::Tensor& x, double scale, int64
                                         at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
                                         bool ceil_mode, std::optional<int64_t> divisor_override);
 
+// quantized_adaptive_avg_pool2d's arguments: x int8 or uint8, 3-d or 4-d; output_size two sizes >= 0 (torch's
+// adaptive pool checks the rest); scale and zero_point as quantized_avg_pool2d's.
+void check_adaptive_avg_pool2d_arguments(const at::Tensor& x, double scale, int64_t zero_point,
+                                         at::IntArrayRef output_size);
+
 // fake_quantize backward: grad must have x's device, shape and dtype.
 void check_grad_like(const at::Tensor& grad, const at::Tensor& x);
 

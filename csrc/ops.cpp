@@ -110,6 +110,12 @@ TORCH_LIBRARY(torchquant, m) {
   // (CompositeExplicitAutograd, there too).
   m.def("quantized_avg_pool2d(Tensor x, float scale, int zero_point, int[2] kernel_size, int[2] stride, "
         "int[2] padding, bool ceil_mode=False, bool count_include_pad=True, int? divisor_override=None) -> Tensor");
+  // torch.nn.functional.adaptive_avg_pool2d of x's dequantized values, as quantized_avg_pool2d: window (i, j) spans
+  // rows [floor(i * H / out_h), ceil((i + 1) * H / out_h)) and the columns alike; its exact sum of x - zero_point,
+  // times scale, over its element count (float32 steps, the same on every device). csrc/cpu/pool.cpp (a
+  // channels-last x); elsewhere torch's adaptive pool of x - zero_point, each window's sum recovered exactly from
+  // its mean (CompositeExplicitAutograd, there too).
+  m.def("quantized_adaptive_avg_pool2d(Tensor x, float scale, int zero_point, int[2] output_size) -> Tensor");
 
   // ---- the CPU code path the kernels run now: "avx512_vnni", "avx2" or "scalar" (csrc/cpu/isa.cpp) ----
   m.def("cpu_kernel_path() -> str");

@@ -1005,6 +1005,13 @@ def test_opcheck_int_pipeline_ops(device):
     torch.library.opcheck(ops.quantized_avg_pool2d, (b, 0.25, b_zp, [2, 3], [1, 2], [1, 1], False, True, 5))
     torch.library.opcheck(ops.quantized_avg_pool2d, (b[:, :, ::2].contiguous(memory_format=torch.channels_last), 2.0,
                                                      b_zp, [2, 2], [2, 2], [0, 0]))
+    torch.library.opcheck(ops.quantized_adaptive_avg_pool2d, (a.contiguous(memory_format=torch.channels_last), 0.1,
+                                                              a_zp, [3, 2]))
+    torch.library.opcheck(ops.quantized_adaptive_avg_pool2d, (b, 0.25, b_zp, [4, 5]))
+    torch.library.opcheck(ops.quantized_adaptive_avg_pool2d, (b[0], 0.25, b_zp, [2, 3]))
+    torch.library.opcheck(ops.quantized_adaptive_avg_pool2d, (a[:0], 0.1, a_zp, [3, 3]))
+    torch.library.opcheck(ops.quantized_adaptive_avg_pool2d, (a.contiguous(memory_format=torch.channels_last), 0.1,
+                                                              a_zp, [0, 2]))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1048,18 +1055,22 @@ def test_quantized_adaptive_avg_pool2d(device, isa, pool, dtype, layout):
 
 
 @pytest.mark.parametrize("dtype", [torch.int8, torch.uint8], ids=str)
-def test_quantized_adaptive_avg_pool2d_at_the_ends_of_the_range(device, dtype):
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=str)
+def test_quantized_adaptive_avg_pool2d_at_the_ends_of_the_range(device, dtype, memory_format):
     # every byte at the type's lowest or highest value, the zero point at the other end, uneven windows: of 90 x 89
-    # elements (the float32 pool's largest) and 257 x 256 (float64), each sum recovered exactly from its mean
+    # elements (the float32 pool's largest) and 257 x 256 (float64), each sum recovered exactly from its mean (a
+    # channels-last x on the CPU: the kernel's int32 sums)
     lo, hi = torch.iinfo(dtype).min, torch.iinfo(dtype).max
     for value, zero_point in ((lo, hi), (hi, lo)):
         # (and fixed windows past quantized_avg_pool2d's exact bound: 512 x 512, in float64)
         for shape, output_size in (((1, 3, 179, 89), (2, 1)), ((1, 3, 513, 512), (2, 2)), ((1, 2, 1024, 1024), 2)):
-            x = torch.full(shape, value, dtype=dtype)
+            x = torch.full(shape, value, dtype=dtype).contiguous(memory_format=memory_format)
             got = F.quantized_adaptive_avg_pool2d(x.to(device), 1.0, zero_point, output_size)
             assert_same(got.cpu(), torch.full((*shape[:2], *torch.nn.modules.utils._pair(output_size)),
                                               float(value - zero_point)))
+            x = x.contiguous()
             x.view(-1)[::7] = zero_point  # means that are not integers, scaled by 0.37
+            x = x.contiguous(memory_format=memory_format)
             got = F.quantized_adaptive_avg_pool2d(x.to(device), 0.37, zero_point, output_size)
             assert_same(got.cpu(), reference.quantized_adaptive_avg_pool2d(x, 0.37, zero_point, output_size))
 
@@ -1114,6 +1125,20 @@ def test_quantized_adaptive_avg_pool_compiles_and_bad_inputs(device):
         F.quantized_adaptive_avg_pool1d(x, 0.1, 0, 2)
     with pytest.raises(RuntimeError, match="adaptive_avg_pool1d"):
         F.quantized_adaptive_avg_pool1d(x[0], 0.1, 0, (2, 2))
+    # the op's own checks (C++)
+    with pytest.raises(RuntimeError, match="quantized_adaptive_avg_pool2d: x must be int8 or uint8, got Float"):
+        ops.quantized_adaptive_avg_pool2d(x.float(), 0.1, 0, [2, 3])
+    with pytest.raises(RuntimeError, match="quantized_adaptive_avg_pool2d: x must be 3-d \\[C, H, W\\] or 4-d"):
+        ops.quantized_adaptive_avg_pool2d(x[0, 0], 0.1, 0, [2, 3])
+    with pytest.raises(RuntimeError, match="quantized_adaptive_avg_pool2d: output_size must be 2 sizes >= 0, got "
+                                           "\\[2, -1\\]"):
+        ops.quantized_adaptive_avg_pool2d(x, 0.1, 0, [2, -1])
+    with pytest.raises(RuntimeError, match="quantized_adaptive_avg_pool2d: scale must be positive and finite \\(as a "
+                                           "float32\\), got 1e-50"):
+        ops.quantized_adaptive_avg_pool2d(x, 1e-50, 0, [2, 3])
+    with pytest.raises(RuntimeError, match="quantized_adaptive_avg_pool2d: zero_point must lie in \\[-128, 127\\] for "
+                                           "Char x, got 128"):
+        ops.quantized_adaptive_avg_pool2d(x, 0.1, 128, [2, 3])
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -4,8 +4,9 @@
 // 32- or 16-byte registers by the CPU's instruction set (TORCHQUANT_CPU_ISA) (a window without a tap inside the
 // input, possible in ceil mode with dilation, gives the type's lowest value as torch's integer kernel does). Other
 // layouts go to torch's kernel. csrc/cuda/pool.cu has the CUDA kernel. Also quantized_sum: the int32 sums of a
-// channels-last x over H and W (a global average pool on integers), and quantized_avg_pool2d: average pools of a
-// channels-last x's dequantized values from exact int32 window sums.
+// channels-last x over H and W (a global average pool on integers), and quantized_avg_pool2d /
+// quantized_adaptive_avg_pool2d: average pools of a channels-last x's dequantized values from exact int32 window
+// sums.
 #include "cpu/simd.h"  // first: see there
 #include "check.h"
 
@@ -312,9 +313,46 @@ at::Tensor quantized_avg_pool2d_any(const at::Tensor& x, double scale, int64_t z
   return total.mul(scale).div(divisor);
 }
 
-// quantized_avg_pool2d on the CPU: a channels-last x [B, C, H, W] runs here, per output row (b, oh) and pixel: the
-// window's int32 sums over its taps inside the input (vectorized over the channels), then window_means into the
-// channels-last float32 output; anything else is quantized_avg_pool2d_any.
+// The windows of a channels-last x [B, C, H, W] pooled into the channels-last float32 out [B, C, out_h, out_w], per
+// output row (b, oh) and pixel: span_h(oh) and span_w(ow) are a window's rows and columns inside the input,
+// divisor(h, w) its divisor; the window's int32 sums over its taps (vectorized over the channels), then
+// window_means. Every window has an element inside the input.
+template <class SpanH, class SpanW, class Divisor>
+void pool_windows_cpu(const at::Tensor& x, float scale, int64_t zero_point, at::Tensor& out, const SpanH& span_h,
+                      const SpanW& span_w, const Divisor& divisor) {
+  const int64_t batch = x.size(0), channels = x.size(1), height = x.size(2), width = x.size(3);
+  const int64_t out_h = out.size(2), out_w = out.size(3);
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(out_w * channels, 1));
+  with_byte_type(x.scalar_type(), "x", [&](auto tag) {
+    using T = decltype(tag);
+    const uint8_t* xp = static_cast<const uint8_t*>(x.data_ptr());
+    float* op = out.data_ptr<float>();
+    const CpuIsa isa = cpu_isa();
+    const TapSums tap_sums = tap_sums_for<T>(isa);
+    const WindowMeans window_means = isa == CpuIsa::Avx512Vnni ? window_means_avx512
+                                     : isa == CpuIsa::Avx2     ? window_means_avx2
+                                                               : window_means_loop;
+    at::parallel_for(0, batch * out_h, grain, [&](int64_t begin, int64_t end) {
+      std::vector<int32_t> sums(channels);
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t b = row / out_h, oh = row % out_h;
+        const WindowSpan h = span_h(oh);
+        for (int64_t ow = 0; ow < out_w; ++ow) {
+          const WindowSpan w = span_w(ow);
+          const int64_t inside = h.inside * w.inside;
+          tap_sums(Taps{xp + ((b * height + h.first) * width + w.first) * channels, h.inside, w.inside,
+                        width * channels, channels},
+                   0, channels, sums.data());
+          window_means(sums.data(), channels, static_cast<int32_t>(inside * zero_point), scale,
+                       static_cast<float>(divisor(h, w)), op + ((b * out_h + oh) * out_w + ow) * channels);
+        }
+      }
+    });
+  });
+}
+
+// quantized_avg_pool2d on the CPU: a channels-last x [B, C, H, W] runs here (pool_windows_cpu); anything else is
+// quantized_avg_pool2d_any.
 at::Tensor quantized_avg_pool2d_cpu(const at::Tensor& x, double scale, int64_t zero_point, at::IntArrayRef kernel_size,
                                     at::IntArrayRef stride, at::IntArrayRef padding, bool ceil_mode,
                                     bool count_include_pad, std::optional<int64_t> divisor_override) {
@@ -327,40 +365,72 @@ at::Tensor quantized_avg_pool2d_cpu(const at::Tensor& x, double scale, int64_t z
   const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
   at::Tensor out = at::empty({g.batch, g.channels, g.out_h, g.out_w}, x.options().dtype(at::kFloat),
                              at::MemoryFormat::ChannelsLast);
-  const int64_t rows = g.batch * g.out_h;
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(g.out_w * g.channels, 1));
-  const float scale_f = static_cast<float>(scale);
-  with_byte_type(x.scalar_type(), "x", [&](auto tag) {
-    using T = decltype(tag);
-    const uint8_t* xp = static_cast<const uint8_t*>(xc.data_ptr());
-    float* op = out.data_ptr<float>();
-    const CpuIsa isa = cpu_isa();
-    const TapSums tap_sums = tap_sums_for<T>(isa);
-    const WindowMeans window_means = isa == CpuIsa::Avx512Vnni ? window_means_avx512
-                                     : isa == CpuIsa::Avx2     ? window_means_avx2
-                                                               : window_means_loop;
-    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-      std::vector<int32_t> sums(g.channels);
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t b = row / g.out_h, oh = row % g.out_h;
-        const WindowSpan h = window_span(oh, g.stride_h, g.pad_h, g.kh, g.height);
-        for (int64_t ow = 0; ow < g.out_w; ++ow) {
-          const WindowSpan w = window_span(ow, g.stride_w, g.pad_w, g.kw, g.width);
-          // (every window has an element inside the input: it starts before the input's end, and the padding is
-          // at most half the kernel)
-          const int64_t inside = h.inside * w.inside;
-          const int64_t divisor = divisor_override.has_value() ? *divisor_override
-                                  : count_include_pad          ? h.padded * w.padded
-                                                               : inside;
-          tap_sums(Taps{xp + ((b * g.height + h.first) * g.width + w.first) * g.channels, h.inside, w.inside,
-                        g.width * g.channels, g.channels},
-                   0, g.channels, sums.data());
-          window_means(sums.data(), g.channels, static_cast<int32_t>(inside * zero_point), scale_f,
-                       static_cast<float>(divisor), op + ((b * g.out_h + oh) * g.out_w + ow) * g.channels);
-        }
-      }
-    });
-  });
+  // (every window has an element inside the input: it starts before the input's end, and the padding is at most
+  // half the kernel)
+  pool_windows_cpu(
+      xc, static_cast<float>(scale), zero_point, out,
+      [&](int64_t oh) { return window_span(oh, g.stride_h, g.pad_h, g.kh, g.height); },
+      [&](int64_t ow) { return window_span(ow, g.stride_w, g.pad_w, g.kw, g.width); },
+      [&](const WindowSpan& h, const WindowSpan& w) {
+        return divisor_override.has_value() ? *divisor_override
+               : count_include_pad          ? h.padded * w.padded
+                                            : h.inside * w.inside;
+      });
+  return out;
+}
+
+// Window o of `out` over `size` elements in torch's adaptive pools: [floor(o * size / out), ceil((o + 1) * size /
+// out)).
+WindowSpan adaptive_span(int64_t o, int64_t out, int64_t size) {
+  const int64_t first = o * size / out, end = ((o + 1) * size + out - 1) / out;
+  return {first, end - first, end - first};
+}
+
+// At least the most elements of an adaptive pool's window over h x w (ceil(size / out) + 1 in each dim).
+int64_t adaptive_window_bound(int64_t h, int64_t out_h, int64_t w, int64_t out_w) {
+  return (ceil_div(h, std::max<int64_t>(out_h, 1)) + 1) * (ceil_div(w, std::max<int64_t>(out_w, 1)) + 1);
+}
+
+// quantized_adaptive_avg_pool2d for any device and layout: torch's adaptive pool of x - zero_point in float32 (in
+// float64 where a window may sum past 2^21: float32 means of smaller sums are within 0.5 of sum / count, so the mean
+// times the count rounds to the exact sum), that sum as float32, times scale, over the count: the CPU kernel's
+// float32 steps.
+at::Tensor quantized_adaptive_avg_pool2d_any(const at::Tensor& x, double scale, int64_t zero_point,
+                                             at::IntArrayRef output_size) {
+  check_adaptive_avg_pool2d_arguments(x, scale, zero_point, output_size);
+  const int64_t h = x.size(-2), w = x.size(-1), out_h = output_size[0], out_w = output_size[1];
+  const at::ScalarType dtype =
+      adaptive_window_bound(h, out_h, w, out_w) * 255 <= (int64_t{1} << 21) ? at::kFloat : at::kDouble;
+  at::Tensor means = at::adaptive_avg_pool2d(x.to(dtype).sub_(zero_point), output_size);
+  std::vector<float> counts(out_h * out_w);
+  for (int64_t i = 0; i < out_h; ++i)
+    for (int64_t j = 0; j < out_w; ++j)
+      counts[i * out_w + j] = static_cast<float>(adaptive_span(i, out_h, h).inside * adaptive_span(j, out_w, w).inside);
+  const at::Tensor count = at::tensor(counts, x.options().dtype(at::kFloat).device(at::kCPU)).view({out_h, out_w})
+                               .to(x.device());
+  const at::Tensor totals = means.mul_(count.to(dtype)).round_().to(at::kFloat);
+  return totals.mul(at::scalar_tensor(scale, x.options().dtype(at::kFloat))).div(count);
+}
+
+// quantized_adaptive_avg_pool2d on the CPU: a channels-last x [B, C, H, W] with windows whose int32 sums cannot
+// overflow runs here (pool_windows_cpu); anything else is quantized_adaptive_avg_pool2d_any.
+at::Tensor quantized_adaptive_avg_pool2d_cpu(const at::Tensor& x, double scale, int64_t zero_point,
+                                             at::IntArrayRef output_size) {
+  TQ_CHECK(x.device().is_cpu(), "quantized_adaptive_avg_pool2d: x must be a CPU tensor for the CPU kernel, got ",
+           x.device());
+  check_adaptive_avg_pool2d_arguments(x, scale, zero_point, output_size);
+  if (x.dim() != 4 || x.numel() == 0 || output_size[0] == 0 || output_size[1] == 0 ||
+      x.suggest_memory_format() != at::MemoryFormat::ChannelsLast ||
+      adaptive_window_bound(x.size(2), output_size[0], x.size(3), output_size[1]) > INT32_MAX / 255)
+    return quantized_adaptive_avg_pool2d_any(x, scale, zero_point, output_size);
+  const int64_t h = x.size(2), w = x.size(3), out_h = output_size[0], out_w = output_size[1];
+  const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
+  at::Tensor out = at::empty({x.size(0), x.size(1), out_h, out_w}, x.options().dtype(at::kFloat),
+                             at::MemoryFormat::ChannelsLast);
+  pool_windows_cpu(
+      xc, static_cast<float>(scale), zero_point, out, [&](int64_t oh) { return adaptive_span(oh, out_h, h); },
+      [&](int64_t ow) { return adaptive_span(ow, out_w, w); },
+      [](const WindowSpan& a, const WindowSpan& b) { return a.inside * b.inside; });
   return out;
 }
 
@@ -371,9 +441,11 @@ TORCH_LIBRARY_IMPL(torchquant, CPU, m) {
   m.impl("quantized_max_pool2d", &torchquant::quantized_max_pool2d_cpu);
   m.impl("quantized_sum", &torchquant::quantized_sum_cpu);
   m.impl("quantized_avg_pool2d", &torchquant::quantized_avg_pool2d_cpu);
+  m.impl("quantized_adaptive_avg_pool2d", &torchquant::quantized_adaptive_avg_pool2d_cpu);
 }
 
 TORCH_LIBRARY_IMPL(torchquant, CompositeExplicitAutograd, m) {
   m.impl("quantized_sum", &torchquant::quantized_sum_any);
   m.impl("quantized_avg_pool2d", &torchquant::quantized_avg_pool2d_any);
+  m.impl("quantized_adaptive_avg_pool2d", &torchquant::quantized_adaptive_avg_pool2d_any);
 }

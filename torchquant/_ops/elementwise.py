@@ -1,7 +1,6 @@
 """Integer element-wise ops of an integer pipeline (quantized_add, quantized_mul, quantized_lookup), integer
 max-pooling (1-d and 2-d), sums (quantized_sum) and average pooling (quantized_avg_pool1d / 2d,
 quantized_adaptive_avg_pool1d / 2d): wrappers and fake kernels."""
-import functools
 import math
 import struct
 from typing import Optional, Sequence, Union
@@ -195,8 +194,8 @@ def quantized_adaptive_avg_pool2d(x: torch.Tensor, scale: float, zero_point: int
     Each window's sum of x - zero_point is exact, multiplied by scale and divided by the window's element count in
     float32, as quantized_avg_pool2d computes: where each output size divides the input's, the windows are a fixed
     window's and quantized_avg_pool2d runs them (windows of at most 65793 elements). Other sizes give windows of two
-    sizes: torch's adaptive pool of x - zero_point in float32 (float64 where a window may pass 8224 elements) sums
-    them exactly, and each sum is recovered exactly from its mean times its count."""
+    sizes: the op quantized_adaptive_avg_pool2d (on the CPU a kernel of the exact int32 sums of a channels-last x;
+    elsewhere torch's adaptive pool of x - zero_point, each window's sum recovered exactly from its mean)."""
     op = "quantized_adaptive_avg_pool2d"
     _require_tensor("x", x)
     _require_dtype("x", x, _ACTIVATION_DTYPES)
@@ -213,16 +212,7 @@ def quantized_adaptive_avg_pool2d(x: torch.Tensor, scale: float, zero_point: int
     if fixed and (h // out_h) * (w // out_w) <= _MAX_EXACT_WINDOW:
         kernel = [h // out_h, w // out_w]
         return ops.quantized_avg_pool2d(x, scale, zero_point, kernel, kernel, [0, 0], False, True, None)
-    # (also a fixed window of more elements than quantized_avg_pool2d sums exactly) float32 sums are exact and
-    # |mean * count - sum| < 3.1 * 2^-24 |sum| < 0.5 where no window sums past 2^21 (8224 elements of 255); the
-    # bound below on the largest window picks float64 where one may be larger
-    largest = (-(-h // max(out_h, 1)) + 1) * (-(-w // max(out_w, 1)) + 1)
-    dtype = torch.float32 if largest * 255 <= 2 ** 21 else torch.float64
-    means = torch.nn.functional.adaptive_avg_pool2d(x.to(dtype).sub_(zero_point), (out_h, out_w))
-    counts = torch.tensor(_adaptive_window_counts(h, out_h, w, out_w), dtype=torch.float32,
-                          device=x.device).view(out_h, out_w)
-    totals = means.mul_(counts.to(dtype)).round_().float()
-    return totals.mul_(torch.tensor(scale, dtype=torch.float32, device=x.device)).div_(counts)
+    return ops.quantized_adaptive_avg_pool2d(x, scale, zero_point, [out_h, out_w])
 
 
 def _check_scale_and_zero_point(op: str, x: torch.Tensor, scale: float, zero_point: int) -> None:
@@ -245,15 +235,6 @@ def _adaptive_output_size(x: torch.Tensor, output_size) -> tuple:
     if isinstance(pair, (tuple, list)) and len(pair) == 2 and all(v is None or _is_int(v) and v >= 0 for v in pair):
         return tuple(x.shape[-2 + i] if v is None else _as_int(v) for i, v in enumerate(pair))
     return tuple(torch.nn.functional.adaptive_avg_pool2d(torch.empty(x.shape, device="meta"), output_size).shape[-2:])
-
-
-@functools.lru_cache(maxsize=64)
-def _adaptive_window_counts(h: int, out_h: int, w: int, out_w: int) -> tuple:
-    """The element counts of adaptive pooling's windows over an h x w input, row by row ([out_h * out_w] ints):
-    window i along a dim of n elements spans [floor(i * n / out), ceil((i + 1) * n / out)), as in torch's adaptive
-    pools. (Numbers, not a tensor: a tensor made under a fake mode, torch.export's, would be cached as it is.)"""
-    rows, cols = ([-(-(i + 1) * n // out) - i * n // out for i in range(out)] for n, out in ((h, out_h), (w, out_w)))
-    return tuple(r * c for r in rows for c in cols)
 
 
 def quantized_adaptive_avg_pool1d(x: torch.Tensor, scale: float, zero_point: int,
@@ -347,6 +328,14 @@ def _quantized_max_pool2d_fake(x, kernel_size, stride, padding, dilation, ceil_m
     torch._check(x.dim() in (3, 4), lambda: f"quantized_max_pool2d: x must be 3-d [C, H, W] or 4-d [B, C, H, W], got "
                                             f"{x.dim()}-d")  # torch's meta max_pool2d raises an IndexError
     return torch.nn.functional.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
+
+
+@torch.library.register_fake("torchquant::quantized_adaptive_avg_pool2d")
+def _quantized_adaptive_avg_pool2d_fake(x, scale, zero_point, output_size):
+    op = "quantized_adaptive_avg_pool2d"
+    check_fake_dtype(op, "x", x, _ACTIVATION_DTYPES)
+    torch._check(x.dim() in (3, 4), lambda: f"{op}: x must be 3-d [C, H, W] or 4-d [B, C, H, W], got {x.dim()}-d")
+    return torch.nn.functional.adaptive_avg_pool2d(torch.empty_like(x, dtype=torch.float32), output_size)
 
 
 @torch.library.register_fake("torchquant::quantized_avg_pool2d")

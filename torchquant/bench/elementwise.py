@@ -20,8 +20,8 @@ threads, every row timed interleaved with its baselines in this process:
   avg_pool2d of the dequantized tensor, then quantize) and torch.ao's quantized avg_pool2d on quint8 (x86 engine;
   it keeps the input's scale rather than requantizing). Thread CPU time at 1 thread.
 - adaptive average pool: the same for adaptive average pools of VGG / AlexNet classifiers at other input sizes than
-  224 (quantized_adaptive_avg_pool2d: a fixed window where the output size divides the input's, else each window's
-  exact sum recovered from torch's float32 pool of the integers) against torch's float32 adaptive_avg_pool2d of the
+  224 (quantized_adaptive_avg_pool2d: a fixed window where the output size divides the input's, else the op
+  quantized_adaptive_avg_pool2d's exact window sums) against torch's float32 adaptive_avg_pool2d of the
   dequantized tensor, then quantize, and torch.ao's quantized adaptive_avg_pool2d on quint8.
 """
 import os
