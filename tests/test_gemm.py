@@ -230,7 +230,7 @@ def test_amx_padded_rows_any_thread_split(monkeypatch, threads):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for b, c, h, w_, oc, stride, padding in [(3, 64, 11, 30, 64, 1, 1), (3, 64, 9, 21, 64, 2, 1),
+        for b, c, h, w_, oc, stride, padding in [(3, 64, 11, 30, 64, 1, 1), (3, 64, 9, 63, 64, 2, 1),
                                                   (2, 128, 6, 40, 70, 1, (2, 1))]:
             g = torch.Generator().manual_seed(b * h + threads)
             x_q = torch.randint(0, 256, (b, c, h, w_), dtype=torch.uint8, generator=g)

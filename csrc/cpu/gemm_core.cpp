@@ -2024,8 +2024,8 @@ struct AmxLines {
 };
 
 // The padded copy of the input that conv_u8s8_amx reads its windows from: images of (height + 2 pad_h) rows of
-// (width + 2 pad_w) pixels, the padding x's zero point, each followed by `slack` bytes that the junk rows of its
-// last tiles may read (a piece's rows past the line's end, and the last window's run).
+// (width + 2 pad_w) pixels, the padding x's zero point, and after the last image `slack` bytes that the junk rows
+// of its last tiles may read (a piece's rows past the line's end, and the last window's run).
 struct PaddedInput {
   int64_t width, height, image_bytes, slack;
   explicit PaddedInput(const ConvGeometry& g)
