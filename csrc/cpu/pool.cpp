@@ -392,9 +392,9 @@ int64_t adaptive_window_bound(int64_t h, int64_t out_h, int64_t w, int64_t out_w
 }
 
 // quantized_adaptive_avg_pool2d for any device and layout: torch's adaptive pool of x - zero_point in float32 (in
-// float64 where a window may sum past 2^21: float32 means of smaller sums are within 0.5 of sum / count, so the mean
-// times the count rounds to the exact sum), that sum as float32, times scale, over the count: the CPU kernel's
-// float32 steps.
+// float64 where a window may sum past 2^21: below that, float32 sums are exact and the mean times the count lies
+// within 3.1 * 2^-24 |sum| < 0.5 of the sum, which rounding gives back), that sum as float32, times scale, over the
+// count: the CPU kernel's float32 steps.
 at::Tensor quantized_adaptive_avg_pool2d_any(const at::Tensor& x, double scale, int64_t zero_point,
                                              at::IntArrayRef output_size) {
   check_adaptive_avg_pool2d_arguments(x, scale, zero_point, output_size);
