@@ -1337,6 +1337,19 @@ def reaches_a_layout_reader(node: fx.Node, gm: nn.Module, stops) -> bool:
     return False
 
 
+def _integer_binary(op, a: torch.Tensor, b: torch.Tensor, qa: ActivationQuantizer, qb: ActivationQuantizer,
+                    out: Optional[ActivationQuantizer], dtype: torch.dtype, keep_layout: bool, **kwargs):
+    """op (quantized_add or quantized_mul) of a and b read with their quantizers' parameters, requantized to out's
+    (or float of dtype when out is None: contiguous, as the float model's result, unless keep_layout)."""
+    sa, _, za, _ = qa.qparams
+    sb, _, zb, _ = qb.qparams
+    if out is None:
+        y = op(a, sa, za, b, sb, zb, out_dtype=dtype, **kwargs)
+        return y if keep_layout else y.contiguous()
+    _, scale, zero_point, out_dtype = out.qparams
+    return op(a, sa, za, b, sb, zb, out_dtype=out_dtype, out_scale=scale, out_zero_point=zero_point, **kwargs)
+
+
 def integer_add(a: torch.Tensor, b: torch.Tensor, qa: ActivationQuantizer, qb: ActivationQuantizer,
                 out: Optional[ActivationQuantizer], relu: bool, dtype: torch.dtype, *,
                 keep_layout: bool = False) -> torch.Tensor:
@@ -1344,27 +1357,14 @@ def integer_add(a: torch.Tensor, b: torch.Tensor, qa: ActivationQuantizer, qb: A
     when out is None: contiguous, as the float model's sum, unless keep_layout)."""
     if a.shape != b.shape:  # an add that broadcasts (y + y.mean()): quantized_add takes one shape
         a, b = torch.broadcast_tensors(a, b)
-    sa, _, za, _ = qa.qparams
-    sb, _, zb, _ = qb.qparams
-    if out is None:
-        y = F_q.quantized_add(a, sa, za, b, sb, zb, out_dtype=dtype, relu=relu)
-        return y if keep_layout else y.contiguous()
-    _, scale, zero_point, out_dtype = out.qparams
-    return F_q.quantized_add(a, sa, za, b, sb, zb, out_dtype=out_dtype, out_scale=scale, out_zero_point=zero_point,
-                             relu=relu)
+    return _integer_binary(F_q.quantized_add, a, b, qa, qb, out, dtype, keep_layout, relu=relu)
 
 
 def integer_mul(a: torch.Tensor, b: torch.Tensor, qa: ActivationQuantizer, qb: ActivationQuantizer,
                 out: Optional[ActivationQuantizer], dtype: torch.dtype, *, keep_layout: bool = False) -> torch.Tensor:
     """a * b on integers (broadcast): the product of the dequantized values in float32, as out's integers (or float of
     dtype when out is None: contiguous, as the float model's product of contiguous values, unless keep_layout)."""
-    sa, _, za, _ = qa.qparams
-    sb, _, zb, _ = qb.qparams
-    if out is None:
-        y = F_q.quantized_mul(a, sa, za, b, sb, zb, out_dtype=dtype)
-        return y if keep_layout else y.contiguous()
-    _, scale, zero_point, out_dtype = out.qparams
-    return F_q.quantized_mul(a, sa, za, b, sb, zb, out_dtype=out_dtype, out_scale=scale, out_zero_point=zero_point)
+    return _integer_binary(F_q.quantized_mul, a, b, qa, qb, out, dtype, keep_layout)
 
 
 def _conv_output_shape(layer: QuantConv2d, x: torch.Tensor) -> tuple:
@@ -1795,8 +1795,8 @@ def pipeline_notes(model: fx.GraphModule) -> tuple[dict, list]:
              f"{counts[integer_add] + counts[integer_conv_add]} integer add(s) ({counts[integer_conv_add]} fused into "
              f"a conv's epilogue), {counts[integer_mul]} integer product(s), {counts[F_q.quantized_lookup]} activation "
              f"lookup(s), {counts[integer_mean]} integer mean(s) (global average pools), "
-             f"{counts[integer_avg_pool] + counts[integer_adaptive_avg_pool]} integer average pool(s), {counts[quantize_input]} quantize(s), {counts[dequantize_output]} "
-             f"dequantize(s)"]
+             f"{counts[integer_avg_pool] + counts[integer_adaptive_avg_pool]} integer average pool(s), "
+             f"{counts[quantize_input]} quantize(s), {counts[dequantize_output]} dequantize(s)"]
     if _meta(model)["lookups"]:
         notes.append("activations run on integers as 256-entry table lookups: "
                      + ", ".join(_meta(model)["lookups"].values()))

@@ -161,9 +161,10 @@ bool amx_pads_windows(const ConvGeometry& g);
 
 // int8_conv2d on AMX tiles (the avx512_amx path) for a conv amx_pads_windows takes, with uint8 channels-last x: each
 // thread copies the rows of one image at a time with their padding (pad_byte, x's zero point) into a scratch buffer
-// of its own as its work reaches them, from which every window is read in place, kernel row by kernel row (a tile's 16 rows are 16 pixels' bytes of one k-chunk); with stride 1
-// a tile's rows run on across output rows, through the windows that straddle two padded rows, which are multiplied
-// and not stored. args as for gemm_u8s8 with groups == 1 (k = kh * kw * channels, unpadded).
+// of its own as its work reaches them, from which every window is read in place, kernel row by kernel row (a
+// tile's 16 rows are 16 pixels' bytes of one k-chunk); with stride 1 a tile's rows run on across output rows,
+// through the windows that straddle two padded rows, which are multiplied and not stored. args as for gemm_u8s8
+// with groups == 1 (k = kh * kw * channels, unpadded).
 void conv_u8s8_amx(const GemmArgs& args, const ConvGeometry& g, const uint8_t* x, uint8_t pad_byte,
                    const Epilogue& ep);
 
