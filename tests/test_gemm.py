@@ -37,9 +37,9 @@ LARGER = [(100, 300, 70), (130, 520, 129), (101, 260, 257), (200, 2700, 300)]
 # on AMX tiles (avx512_amx): blocks of at most 16 rows (work items of 8-16 rows, the last rows of larger ones) sum a
 # whole 64-column panel at once, larger ones pairs of 16-row tiles; from 16 k-chunks (K >= 1024) each pair's epilogue runs while the next pair is summed; 193
 # rows make chunks of 96, 96 and 1 (the last on the VNNI kernel, after the AMX blocks on the same thread); K past
-# the last 64-byte chunk
+# the last 64-byte chunk; a weight over 1 MB (4100 x 260), whose chunks take up to 1 MB of rows: 160 and 140
 AMX_ROWS = [(12, 384, 1536), (8, 130, 64), (16, 64, 100), (9, 1536, 129), (193, 256, 130), (40, 200, 70),
-            (70, 64, 64), (193, 2100, 130), (40, 2048, 64), (70, 1536, 130)]
+            (70, 64, 64), (193, 2100, 130), (40, 2048, 64), (70, 1536, 130), (300, 4100, 260)]
 
 
 @pytest.mark.parametrize("m,k,n", list(itertools.product(ODD, ODD, ODD)) + LARGER + AMX_ROWS)
@@ -640,7 +640,9 @@ BIG_CONVS = [(2, 32, 40, 40, 200, (3, 3), 1, 1, 1, 1), (2, 32, 41, 40, 80, (3, 3
              (1, 80, 9, 30, 64, (3, 3), 1, 1, 1, 1), (2, 64, 9, 23, 128, (3, 3), (1, 2), 1, (2, 1), 1),
              # kernel rows of 600 and 652 (650 padded) bytes read in place: the AVX2 wide kernel takes each in two
              # parts; a full and a partial panel, a Conv1d-like row of 5 taps
-             (2, 200, 6, 14, 96, (3, 3), 1, 1, 1, 1), (3, 130, 1, 40, 100, (1, 5), 1, (0, 2), 1, 1)]
+             (2, 200, 6, 14, 96, (3, 3), 1, 1, 1, 1), (3, 130, 1, 40, 100, (1, 5), 1, (0, 2), 1, 1),
+             # a weight over 1 MB (256 x 4608): on AMX im2col chunks of up to 1 MB of rows (128 and 117 rows)
+             (5, 512, 7, 7, 256, (3, 3), 1, 1, 1, 1)]
 
 
 @pytest.mark.parametrize("conv", BIG_CONVS, ids=[f"big{i}" for i in range(len(BIG_CONVS))])
