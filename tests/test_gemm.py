@@ -88,6 +88,18 @@ def test_int8_mm_matches_torch_int_mm(device, isa):
     torch.testing.assert_close(F.int8_mm(a, b), torch._int_mm(a, b), rtol=0, atol=0)
 
 
+# b in the nn.Linear layout (k contiguous per column): on AVX-512 whole panels go 16 k-steps (64 bytes of k) at a
+# time through a 16 x 16 transpose that also sums each column; the rest (steps past the last whole block, k past the
+# last step, partial panels) 4 columns at a time. Exactly one block, blocks with tail steps and a k tail, extremes.
+@pytest.mark.parametrize("m,k,n", [(5, 64, 64), (33, 4100, 130), (17, 2702, 300), (3, 67, 65), (9, 128, 192)])
+def test_int8_mm_linear_layout(device, isa, m, k, n):
+    g = torch.Generator().manual_seed(m + k + n)
+    a, w = randint8((m, k), generator=g), randint8((n, k), generator=g)
+    w[0], w[1, : k // 2], w[-1] = -128, 127, -128  # column sums at their extremes
+    a, w = a.to(device), w.to(device)
+    torch.testing.assert_close(F.int8_mm(a, w.t()), reference.int8_mm(a, w.t()), rtol=0, atol=0)
+
+
 def test_int8_mm_strides(device, isa):
     a, w = randint8((37, 90), device=device), randint8((45, 90), device=device)
     want = reference.int8_mm(a, w.t())

@@ -1816,24 +1816,84 @@ void zero_panel_padding(int8_t* panel, int64_t cols, int64_t k, int64_t kp) {
   else std::memset(panel + (k / 4) * kStepBytes, 0, (kp - (k / 4) * 4) * kPackAlign);
 }
 
-// The nn.Linear layout (k contiguous per column): 4 columns at a time over all of k, so 4 long sequential read
-// streams feed 16-byte writes.
-void fill_panel_k_contiguous(const int8_t* src, int64_t cols, int64_t k, int64_t stride_n, int8_t* panel) {
-  const int64_t full_steps = k / 4;
-  int64_t c0 = 0;
-  for (; c0 + 4 <= cols; c0 += 4) {
-    const int8_t* col = src + c0 * stride_n;
-    for (int64_t s = 0; s < full_steps; ++s) {
-      const int32_t v[4] = {load_i32(col + 4 * s), load_i32(col + stride_n + 4 * s),
-                            load_i32(col + 2 * stride_n + 4 * s), load_i32(col + 3 * stride_n + 4 * s)};
-      std::memcpy(panel + s * kStepBytes + 4 * c0, v, 16);
+// The k-steps [s0, s0 + 16) of a full panel in the nn.Linear layout (k contiguous per column): each group of 16
+// columns' 64 bytes of k loaded as 16 vectors of 16 steps and transposed as a 16 x 16 matrix of 4-byte steps, one
+// 64-byte store per step (unpacks within 128-bit lanes, then a 4 x 4 transpose of the lanes).
+// sums[g] += the block's sums of columns 16 g .. 16 g + 15 (vpdpbusd of the stored steps with bytes of 1).
+TQ_TARGET_VNNI inline __attribute__((always_inline)) void fill_panel_block_avx512(const int8_t* src, int64_t stride_n,
+                                                                                  int64_t s0, int8_t* panel,
+                                                                                  __m512i* sums) {
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (int64_t c0 = 0; c0 < kPackAlign; c0 += 16) {
+    __m512i r[16], t[16];
+    for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(src + (c0 + i) * stride_n + 4 * s0);
+    for (int i = 0; i < 16; i += 2) {  // t[i], t[i + 1]: columns i, i + 1 at steps 4L, 4L + 1 and 4L + 2, 4L + 3
+      t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+      t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int g = 0; g < 16; g += 4) {  // r[g + m]: columns g .. g + 3 at step 4L + m (lane L)
+      r[g] = _mm512_unpacklo_epi64(t[g], t[g + 2]);
+      r[g + 1] = _mm512_unpackhi_epi64(t[g], t[g + 2]);
+      r[g + 2] = _mm512_unpacklo_epi64(t[g + 1], t[g + 3]);
+      r[g + 3] = _mm512_unpackhi_epi64(t[g + 1], t[g + 3]);
+    }
+    for (int m = 0; m < 4; ++m) {  // step 4L + m: lane g of the output is lane L of r[4g + m]
+      const __m512i v0 = _mm512_shuffle_i32x4(r[m], r[4 + m], 0x44), v1 = _mm512_shuffle_i32x4(r[m], r[4 + m], 0xEE);
+      const __m512i v2 = _mm512_shuffle_i32x4(r[8 + m], r[12 + m], 0x44);
+      const __m512i v3 = _mm512_shuffle_i32x4(r[8 + m], r[12 + m], 0xEE);
+      const __m512i steps[4] = {_mm512_shuffle_i32x4(v0, v2, 0x88), _mm512_shuffle_i32x4(v0, v2, 0xDD),
+                                _mm512_shuffle_i32x4(v1, v3, 0x88), _mm512_shuffle_i32x4(v1, v3, 0xDD)};
+      for (int l = 0; l < 4; ++l) {
+        _mm512_storeu_si512(panel + (s0 + 4 * l + m) * kStepBytes + 4 * c0, steps[l]);
+        sums[c0 / 16] = _mm512_dpbusd_epi32(sums[c0 / 16], ones, steps[l]);
+      }
     }
   }
-  for (int64_t c = c0; c < cols; ++c)
-    for (int64_t s = 0; s < full_steps; ++s) std::memcpy(panel + s * kStepBytes + 4 * c, src + c * stride_n + 4 * s, 4);
+}
+
+// The first 16 * blocks k-steps of a full panel (fill_panel_block_avx512), and the 64 columns' sums over them in
+// col_sums (where not null).
+TQ_TARGET_VNNI void fill_panel_avx512(const int8_t* src, int64_t stride_n, int64_t blocks, int8_t* panel,
+                                      int32_t* col_sums) {
+  __m512i sums[kPackAlign / 16] = {};
+  for (int64_t b = 0; b < blocks; ++b) fill_panel_block_avx512(src, stride_n, 16 * b, panel, sums);
+  if (col_sums == nullptr) return;
+  for (int g = 0; g < kPackAlign / 16; ++g) _mm512_storeu_si512(col_sums + 16 * g, sums[g]);
+}
+
+// The nn.Linear layout (k contiguous per column). Full panels on AVX-512 go 16 steps at a time through
+// fill_panel_block_avx512; the rest 4 columns at a time, in blocks of 16 steps, so that the block's 4 KB of the
+// panel stays in L1 while every column's 64 bytes are read (4 columns over all of k at a time wrote each panel line
+// in 16-byte pieces spread over the whole panel: 4096 x 4096 packed in 4.4 ms, 2.9 ms in blocks).
+// With col_sums, the sums of the steps from the returned one on are left to the caller.
+int64_t fill_panel_k_contiguous(const int8_t* src, int64_t cols, int64_t k, int64_t stride_n, int8_t* panel,
+                                int32_t* col_sums) {
+  constexpr int64_t kBlockSteps = 16;
+  const int64_t full_steps = k / 4;
+  int64_t s0 = 0;
+  if (cols == kPackAlign && cpu_isa() == CpuIsa::Avx512Vnni) {
+    s0 = full_steps / kBlockSteps * kBlockSteps;
+    fill_panel_avx512(src, stride_n, full_steps / kBlockSteps, panel, col_sums);
+  }
+  const int64_t summed = s0;
+  const int64_t c4 = cols / 4 * 4;
+  for (; s0 < full_steps; s0 += kBlockSteps) {
+    const int64_t s1 = std::min(full_steps, s0 + kBlockSteps);
+    for (int64_t c0 = 0; c0 < c4; c0 += 4) {
+      const int8_t* col = src + c0 * stride_n;
+      for (int64_t s = s0; s < s1; ++s) {
+        const int32_t v[4] = {load_i32(col + 4 * s), load_i32(col + stride_n + 4 * s),
+                              load_i32(col + 2 * stride_n + 4 * s), load_i32(col + 3 * stride_n + 4 * s)};
+        std::memcpy(panel + s * kStepBytes + 4 * c0, v, 16);
+      }
+    }
+    for (int64_t c = c4; c < cols; ++c)
+      for (int64_t s = s0; s < s1; ++s) std::memcpy(panel + s * kStepBytes + 4 * c, src + c * stride_n + 4 * s, 4);
+  }
   for (int64_t c = 0; c < cols; ++c)
     for (int64_t kk = 4 * full_steps; kk < k; ++kk)
       panel[full_steps * kStepBytes + 4 * c + (kk - 4 * full_steps)] = src[c * stride_n + kk];
+  return summed;
 }
 
 void fill_panel_strided(const int8_t* src, int64_t cols, int64_t k, int64_t stride_n, int64_t stride_k, int8_t* panel) {
@@ -1874,12 +1934,16 @@ void fill_steps_n_contiguous(const int8_t* w, int64_t n, int64_t k, int64_t stri
   }
 }
 
-void panel_col_sums(const int8_t* panel, int64_t cols, int64_t k, int32_t* col_sums) {
+// col_sums[c] = (where add: col_sums[c] +) the sums of the panel's column c over its k-steps from s_begin on, up to
+// the one holding k.
+void panel_col_sums(const int8_t* panel, int64_t cols, int64_t k, int32_t* col_sums, int64_t s_begin = 0,
+                    bool add = false) {
   int32_t lane_sums[kStepBytes] = {};
-  for (int64_t s = 0; s < (k + 3) / 4; ++s)
+  for (int64_t s = s_begin; s < (k + 3) / 4; ++s)
     for (int64_t e = 0; e < kStepBytes; ++e) lane_sums[e] += panel[s * kStepBytes + e];
   for (int64_t c = 0; c < cols; ++c)
-    col_sums[c] = lane_sums[4 * c] + lane_sums[4 * c + 1] + lane_sums[4 * c + 2] + lane_sums[4 * c + 3];
+    col_sums[c] = (add ? col_sums[c] : 0) + lane_sums[4 * c] + lane_sums[4 * c + 1] + lane_sums[4 * c + 2] +
+                  lane_sums[4 * c + 3];
 }
 
 }  // namespace
@@ -1895,9 +1959,14 @@ void pack_weight(const int8_t* w, int64_t n, int64_t k, int64_t stride_n, int64_
       const int64_t n0 = p * kPackAlign, cols = std::min(kPackAlign, n - n0);
       zero_panel_padding(panel, cols, k, kp);
       if (rows_contiguous) continue;  // filled by steps below
-      if (stride_k == 1) fill_panel_k_contiguous(w + n0 * stride_n, cols, k, stride_n, panel);
-      else fill_panel_strided(w + n0 * stride_n, cols, k, stride_n, stride_k, panel);
-      if (col_sums != nullptr) panel_col_sums(panel, cols, k, col_sums + n0);
+      int32_t* sums = col_sums == nullptr ? nullptr : col_sums + n0;
+      if (stride_k == 1) {
+        const int64_t summed = fill_panel_k_contiguous(w + n0 * stride_n, cols, k, stride_n, panel, sums);
+        if (sums != nullptr) panel_col_sums(panel, cols, k, sums, summed, summed > 0);
+      } else {
+        fill_panel_strided(w + n0 * stride_n, cols, k, stride_n, stride_k, panel);
+        if (sums != nullptr) panel_col_sums(panel, cols, k, sums);
+      }
     }
   });
   if (!rows_contiguous) return;
