@@ -35,11 +35,12 @@ ODD = (1, 3, 17, 33)
 # both work orders (activations under 512 KB: panel-major; above: chunk-major)
 LARGER = [(100, 300, 70), (130, 520, 129), (101, 260, 257), (200, 2700, 300)]
 # on AMX tiles (avx512_amx): blocks of at most 16 rows (work items of 8-16 rows, the last rows of larger ones) sum a
-# whole 64-column panel at once, larger ones pairs of 16-row tiles; from 16 k-chunks (K >= 1024) each pair's epilogue runs while the next pair is summed; 193
-# rows make chunks of 96, 96 and 1 (the last on the VNNI kernel, after the AMX blocks on the same thread); K past
-# the last 64-byte chunk; a weight over 1 MB (4100 x 260), whose chunks take up to 1 MB of rows: 160 and 140
+# whole 64-column panel at once, larger ones pairs of 16-row tiles; from 16 k-chunks (K >= 1024) each pair's
+# epilogue runs while the next pair is summed; 193 rows make chunks of 96, 96 and 1 (the last on the VNNI kernel,
+# after the AMX blocks on the same thread); K past the last 64-byte chunk; a weight over 1 MB (4100 x 300), whose
+# chunks take up to 1 MB of rows where the work items outnumber the threads: 160 and 140
 AMX_ROWS = [(12, 384, 1536), (8, 130, 64), (16, 64, 100), (9, 1536, 129), (193, 256, 130), (40, 200, 70),
-            (70, 64, 64), (193, 2100, 130), (40, 2048, 64), (70, 1536, 130), (300, 4100, 260)]
+            (70, 64, 64), (193, 2100, 130), (40, 2048, 64), (70, 1536, 130), (300, 4100, 300)]
 
 
 @pytest.mark.parametrize("m,k,n", list(itertools.product(ODD, ODD, ODD)) + LARGER + AMX_ROWS)
@@ -90,12 +91,14 @@ def test_int8_mm_matches_torch_int_mm(device, isa):
 
 # b in the nn.Linear layout (k contiguous per column): on AVX-512 whole panels go 16 k-steps (64 bytes of k) at a
 # time through a 16 x 16 transpose that also sums each column; the rest (steps past the last whole block, k past the
-# last step, partial panels) 4 columns at a time. Exactly one block, blocks with tail steps and a k tail, extremes.
-@pytest.mark.parametrize("m,k,n", [(5, 64, 64), (33, 4100, 130), (17, 2702, 300), (3, 67, 65), (9, 128, 192)])
+# last step, partial panels) 4 columns at a time and single columns. Exactly one block, blocks with tail steps and a
+# k tail, full panels shallower than a block, partial panels of 1-45 columns.
+@pytest.mark.parametrize("m,k,n", [(5, 64, 64), (33, 4100, 130), (17, 2702, 300), (3, 67, 65), (9, 128, 192),
+                                   (4, 63, 71), (5, 100, 109)])
 def test_int8_mm_linear_layout(device, isa, m, k, n):
     g = torch.Generator().manual_seed(m + k + n)
     a, w = randint8((m, k), generator=g), randint8((n, k), generator=g)
-    w[0], w[1, : k // 2], w[-1] = -128, 127, -128  # column sums at their extremes
+    w[0], w[1], w[-1] = -128, 127, -128  # column sums at their extremes
     a, w = a.to(device), w.to(device)
     torch.testing.assert_close(F.int8_mm(a, w.t()), reference.int8_mm(a, w.t()), rtol=0, atol=0)
 

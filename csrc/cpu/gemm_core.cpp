@@ -22,8 +22,9 @@
 namespace torchquant::gemm {
 namespace {
 
-// Work item: up to kRowsPerChunk rows x one 64-column panel. Its int32 tile (24 KB) stays in L1/L2 while k runs in
-// blocks of kKBlock: the panel's slice of the weight for one block (64 KB) stays in L2 across the chunk's rows.
+// Work item: up to kRowsPerChunk rows x one 64-column panel (on AMX, rows of up to kAmxChunkBytes where the weight
+// is large, summed 32 at a time). Its int32 tile (24 KB) stays in L1/L2 while k runs in blocks of kKBlock: the
+// panel's slice of the weight for one block (64 KB) stays in L2 across the chunk's rows.
 // Blocks of 1024 measured 0-10 % faster than 256 (which kept the slice in L1): fewer tile round trips.
 constexpr int64_t kRowsPerChunk = 96;  // at most; a multiple of every microkernel's row count (6, 4, 2, 1)
 constexpr int64_t kKBlock = 1024;      // bytes of k per cache block (a multiple of 4)
@@ -32,11 +33,12 @@ constexpr int64_t kWideKBlock = 512;   // the same for the AVX2 kernel on widene
 // panel of weight) 1-3 % faster than in blocks with the tile between them, as far as measured.
 constexpr int64_t kFusedMaxK = 4608;
 constexpr int64_t kCachedActivationBytes = 512 << 10;  // activations this small stay in L2 (1 MB on Zen 5)
-// On AMX, where a group's weight is larger than this, a chunk holds up to this many bytes of activation rows (half of
-// an AMX core's 2 MB L2, beside a weight panel), rather than kRowsPerChunk rows: the chunk-major order streams such a
-// weight from L3 once per chunk, and larger chunks stream it fewer times. One thread on a Xeon: a 3x3 conv 512 ->
-// 512 over 8 x 7 x 7 (392 x 4608 x 512 on im2col rows, chunks of 224 rows) 0.905 -> 0.764 ms, int8_mm 2048^3 (512
-// rows) 9.75 -> 7.84 ms; chunks of 1.8 MB measured slower than 96 rows.
+// On AMX, where a group's weight is larger than this, a chunk holds as many rows as fit in this many bytes (half of
+// an AMX core's 2 MB L2, beside a weight panel; at least kRowsPerChunk rows), as long as the work items still
+// outnumber the threads: the chunk-major order streams such a weight from L3 once per chunk, and larger chunks stream
+// it fewer times. One thread on a Xeon: a 3x3 conv 512 -> 512 over 8 x 7 x 7 (392 x 4608 x 512 on im2col rows) 0.905
+// ms in chunks of 96 rows, 0.764 ms in chunks of 224 (1 MB), 0.872 ms in one of 416 (1.8 MB); int8_mm 2048^3 (512
+// rows) 9.75 -> 8.09 ms.
 constexpr int64_t kAmxChunkBytes = 1 << 20;
 // outputs from this size (half of a Zen 5 L3) bypass the caches, unless TORCHQUANT_STREAMING_BYTES says otherwise
 constexpr int64_t kStreamingOutputBytes = int64_t{16} << 20;
@@ -919,7 +921,9 @@ struct OutRows {
         residual(ep.residual.data == nullptr ? nullptr : ep.residual.data + col0),
         residual_stride(ep.residual.row_stride) {}
   T* row(int64_t r) const { return base + r * stride; }
-  const uint8_t* residual_row(int64_t r) const { return residual == nullptr ? nullptr : residual + r * residual_stride; }
+  const uint8_t* residual_row(int64_t r) const {
+    return residual == nullptr ? nullptr : residual + r * residual_stride;
+  }
   TQ_TARGET_VNNI __m512 xs(int64_t r) const { return _mm512_set1_ps(row_scale == nullptr ? scale : row_scale[r]); }
 };
 
@@ -1659,9 +1663,11 @@ void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa) {
   // rows split evenly over the fewest chunks of <= max_rows (128 rows: 2 x 66, not 96 + 32, which would leave one
   // of two threads a quarter of the work), rounded to whole microkernel row groups, on AMX to whole pairs of tiles
   // (2 x 64: a tile of 2 rows costs what one of 16 costs)
-  const int64_t max_rows = amx && args.n * k4 > kAmxChunkBytes
-                               ? std::max(kRowsPerChunk, kAmxChunkBytes / k4 / (2 * kAmxRows) * (2 * kAmxRows))
-                               : kRowsPerChunk;
+  int64_t max_rows = kRowsPerChunk;
+  if (amx && args.n * k4 > kAmxChunkBytes) {
+    const int64_t rows = std::max(kRowsPerChunk, kAmxChunkBytes / k4 / (2 * kAmxRows) * (2 * kAmxRows));
+    if (args.groups * n_panels * ceil_div(args.m, rows) >= at::get_num_threads()) max_rows = rows;
+  }
   const int64_t min_chunks = (args.m + max_rows - 1) / max_rows;
   const int64_t chunk_rows = round_up((args.m + min_chunks - 1) / std::max<int64_t>(min_chunks, 1),
                                       amx ? 2 * kAmxRows : kVnniRows);
@@ -1674,8 +1680,8 @@ void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa) {
   // Work order. Chunk-major (each chunk meets every panel while it stays in L2) streams the weight once per chunk;
   // when all the activation rows fit in L2 anyway, panel-major streams the weight once in all, and threads split
   // the panels rather than the chunks.
-  const int64_t all_rows_bytes =
-      checked_mul("int8 GEMM", "the activation rows' size", checked_mul("int8 GEMM", "the rows", args.groups, args.m), k4);
+  const int64_t all_rows_bytes = checked_mul("int8 GEMM", "the activation rows' size",
+                                             checked_mul("int8 GEMM", "the rows", args.groups, args.m), k4);
   const bool panel_major = m_chunks > 1 && all_rows_bytes <= kCachedActivationBytes;
 
   // Where the activation rows come from: args.a, or rows that fill_rows produces. Produced rows are made once up
@@ -1738,6 +1744,7 @@ void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa) {
       const int64_t col0 = g * args.n + panel * kPackAlign;
       const int64_t ncols = std::min(kPackAlign, args.n - panel * kPackAlign);
       const int vectors = static_cast<int>((ncols + 15) / 16);
+      // (chunks of more than kRowsPerChunk rows are AMX's: the kernels below see at most the last rows of one)
       if (amx && rows >= kAmxMinRows) {
         const int64_t chunks = k4 / kAmxChunk, k0 = chunks * kAmxChunk;
         // a pair of tiles at a time through the epilogue, as conv_u8s8_amx does (the panel stays in L1)
@@ -1819,7 +1826,8 @@ void zero_panel_padding(int8_t* panel, int64_t cols, int64_t k, int64_t kp) {
 // The k-steps [s0, s0 + 16) of a full panel in the nn.Linear layout (k contiguous per column): each group of 16
 // columns' 64 bytes of k loaded as 16 vectors of 16 steps and transposed as a 16 x 16 matrix of 4-byte steps, one
 // 64-byte store per step (unpacks within 128-bit lanes, then a 4 x 4 transpose of the lanes).
-// sums[g] += the block's sums of columns 16 g .. 16 g + 15 (vpdpbusd of the stored steps with bytes of 1).
+// With SUMS, sums[g] += the block's sums of columns 16 g .. 16 g + 15 (vpdpbusd of the stored steps with bytes of 1).
+template <bool SUMS>
 TQ_TARGET_VNNI inline __attribute__((always_inline)) void fill_panel_block_avx512(const int8_t* src, int64_t stride_n,
                                                                                   int64_t s0, int8_t* panel,
                                                                                   __m512i* sums) {
@@ -1845,7 +1853,7 @@ TQ_TARGET_VNNI inline __attribute__((always_inline)) void fill_panel_block_avx51
                                 _mm512_shuffle_i32x4(v1, v3, 0x88), _mm512_shuffle_i32x4(v1, v3, 0xDD)};
       for (int l = 0; l < 4; ++l) {
         _mm512_storeu_si512(panel + (s0 + 4 * l + m) * kStepBytes + 4 * c0, steps[l]);
-        sums[c0 / 16] = _mm512_dpbusd_epi32(sums[c0 / 16], ones, steps[l]);
+        if constexpr (SUMS) sums[c0 / 16] = _mm512_dpbusd_epi32(sums[c0 / 16], ones, steps[l]);
       }
     }
   }
@@ -1853,29 +1861,32 @@ TQ_TARGET_VNNI inline __attribute__((always_inline)) void fill_panel_block_avx51
 
 // The first 16 * blocks k-steps of a full panel (fill_panel_block_avx512), and the 64 columns' sums over them in
 // col_sums (where not null).
-TQ_TARGET_VNNI void fill_panel_avx512(const int8_t* src, int64_t stride_n, int64_t blocks, int8_t* panel,
-                                      int32_t* col_sums) {
+TQ_TARGET_VNNI void fill_panel_blocks_avx512(const int8_t* src, int64_t stride_n, int64_t blocks, int8_t* panel,
+                                             int32_t* col_sums) {
   __m512i sums[kPackAlign / 16] = {};
-  for (int64_t b = 0; b < blocks; ++b) fill_panel_block_avx512(src, stride_n, 16 * b, panel, sums);
-  if (col_sums == nullptr) return;
+  if (col_sums == nullptr) {
+    for (int64_t b = 0; b < blocks; ++b) fill_panel_block_avx512<false>(src, stride_n, 16 * b, panel, sums);
+    return;
+  }
+  for (int64_t b = 0; b < blocks; ++b) fill_panel_block_avx512<true>(src, stride_n, 16 * b, panel, sums);
   for (int g = 0; g < kPackAlign / 16; ++g) _mm512_storeu_si512(col_sums + 16 * g, sums[g]);
 }
 
-// The nn.Linear layout (k contiguous per column). Full panels on AVX-512 go 16 steps at a time through
+// The nn.Linear layout (k contiguous per column). Full panels on AVX-512 (avx512) go 16 steps at a time through
 // fill_panel_block_avx512; the rest 4 columns at a time, in blocks of 16 steps, so that the block's 4 KB of the
 // panel stays in L1 while every column's 64 bytes are read (4 columns over all of k at a time wrote each panel line
-// in 16-byte pieces spread over the whole panel: 4096 x 4096 packed in 4.4 ms, 2.9 ms in blocks).
-// With col_sums, the sums of the steps from the returned one on are left to the caller.
+// in 16-byte pieces spread over the whole panel: 4096 x 4096 packed in 4.4 ms, 2.9 ms in blocks, 1.6 ms on
+// AVX-512). Returns the first step whose column sums are left to the caller (with col_sums; 0 without).
 int64_t fill_panel_k_contiguous(const int8_t* src, int64_t cols, int64_t k, int64_t stride_n, int8_t* panel,
-                                int32_t* col_sums) {
+                                int32_t* col_sums, bool avx512) {
   constexpr int64_t kBlockSteps = 16;
   const int64_t full_steps = k / 4;
   int64_t s0 = 0;
-  if (cols == kPackAlign && cpu_isa() == CpuIsa::Avx512Vnni) {
+  if (cols == kPackAlign && avx512) {
     s0 = full_steps / kBlockSteps * kBlockSteps;
-    fill_panel_avx512(src, stride_n, full_steps / kBlockSteps, panel, col_sums);
+    fill_panel_blocks_avx512(src, stride_n, full_steps / kBlockSteps, panel, col_sums);
   }
-  const int64_t summed = s0;
+  const int64_t summed = col_sums == nullptr ? 0 : s0;
   const int64_t c4 = cols / 4 * 4;
   for (; s0 < full_steps; s0 += kBlockSteps) {
     const int64_t s1 = std::min(full_steps, s0 + kBlockSteps);
@@ -1934,15 +1945,14 @@ void fill_steps_n_contiguous(const int8_t* w, int64_t n, int64_t k, int64_t stri
   }
 }
 
-// col_sums[c] = (where add: col_sums[c] +) the sums of the panel's column c over its k-steps from s_begin on, up to
-// the one holding k.
-void panel_col_sums(const int8_t* panel, int64_t cols, int64_t k, int32_t* col_sums, int64_t s_begin = 0,
-                    bool add = false) {
+// col_sums[c] = the sums of the panel's column c over its k-steps up to the one holding k; from step s_begin on,
+// added to col_sums[c] (the sums of the steps before it).
+void panel_col_sums(const int8_t* panel, int64_t cols, int64_t k, int32_t* col_sums, int64_t s_begin = 0) {
   int32_t lane_sums[kStepBytes] = {};
   for (int64_t s = s_begin; s < (k + 3) / 4; ++s)
     for (int64_t e = 0; e < kStepBytes; ++e) lane_sums[e] += panel[s * kStepBytes + e];
   for (int64_t c = 0; c < cols; ++c)
-    col_sums[c] = (add ? col_sums[c] : 0) + lane_sums[4 * c] + lane_sums[4 * c + 1] + lane_sums[4 * c + 2] +
+    col_sums[c] = (s_begin > 0 ? col_sums[c] : 0) + lane_sums[4 * c] + lane_sums[4 * c + 1] + lane_sums[4 * c + 2] +
                   lane_sums[4 * c + 3];
 }
 
@@ -1953,6 +1963,7 @@ void pack_weight(const int8_t* w, int64_t n, int64_t k, int64_t stride_n, int64_
   const int64_t n_panels = (n + kPackAlign - 1) / kPackAlign;
   const int64_t panel_grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(kp * kPackAlign, 1));
   const bool rows_contiguous = stride_n == 1 && stride_k != 1;
+  const bool avx512 = cpu_isa() == CpuIsa::Avx512Vnni;
   at::parallel_for(0, n_panels, panel_grain, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       int8_t* panel = dst + p * kp * kPackAlign;
@@ -1961,8 +1972,8 @@ void pack_weight(const int8_t* w, int64_t n, int64_t k, int64_t stride_n, int64_
       if (rows_contiguous) continue;  // filled by steps below
       int32_t* sums = col_sums == nullptr ? nullptr : col_sums + n0;
       if (stride_k == 1) {
-        const int64_t summed = fill_panel_k_contiguous(w + n0 * stride_n, cols, k, stride_n, panel, sums);
-        if (sums != nullptr) panel_col_sums(panel, cols, k, sums, summed, summed > 0);
+        const int64_t summed = fill_panel_k_contiguous(w + n0 * stride_n, cols, k, stride_n, panel, sums, avx512);
+        if (sums != nullptr) panel_col_sums(panel, cols, k, sums, summed);
       } else {
         fill_panel_strided(w + n0 * stride_n, cols, k, stride_n, stride_k, panel);
         if (sums != nullptr) panel_col_sums(panel, cols, k, sums);
