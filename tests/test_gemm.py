@@ -103,6 +103,19 @@ def test_int8_mm_linear_layout(device, isa, m, k, n):
     torch.testing.assert_close(F.int8_mm(a, w.t()), reference.int8_mm(a, w.t()), rtol=0, atol=0)
 
 
+# Few rows of a (packed, at most 1 MB) and a packed b over 1 MB: b is packed and multiplied a block of columns (1 MB
+# packed) at a time: blocks of 192 + 108 columns (a partial panel in the last), of 512, 512 and 76 (one row, on the
+# VNNI kernel), of 1024 + 76 (two chunks of rows); b in both layouts.
+@pytest.mark.parametrize("m,k,n", [(9, 4100, 300), (1, 2048, 1100), (130, 1024, 1100)])
+@pytest.mark.parametrize("layout", ["k_n", "linear"])
+def test_int8_mm_blocks_of_b(device, isa, m, k, n, layout):
+    g = torch.Generator().manual_seed(m + k + n)
+    a = randint8((m, k), generator=g).to(device)
+    b = randint8((k, n), generator=g) if layout == "k_n" else randint8((n, k), generator=g).t()
+    b = b.to(device)
+    torch.testing.assert_close(F.int8_mm(a, b), reference.int8_mm(a, b), rtol=0, atol=0)
+
+
 def test_int8_mm_strides(device, isa):
     a, w = randint8((37, 90), device=device), randint8((45, 90), device=device)
     want = reference.int8_mm(a, w.t())
