@@ -12,6 +12,7 @@ import torch
 import torchquant.functional as F
 from torchquant import reference
 from torchquant._ops import FLOAT_DTYPES, ops
+from torchquant.timing import num_threads
 
 from conftest import SUPPORTED_ISAS, forced_isa, randint8
 
@@ -104,16 +105,27 @@ def test_int8_mm_linear_layout(device, isa, m, k, n):
 
 
 # Few rows of a (packed, at most 1 MB) and a packed b over 1 MB: b is packed and multiplied a block of columns (1 MB
-# packed) at a time: blocks of 192 + 108 columns (a partial panel in the last), of 512, 512 and 76 (one row, on the
-# VNNI kernel), of 1024 + 76 (two chunks of rows); b in both layouts.
-@pytest.mark.parametrize("m,k,n", [(9, 4100, 300), (1, 2048, 1100), (130, 1024, 1100)])
-@pytest.mark.parametrize("layout", ["k_n", "linear"])
-def test_int8_mm_blocks_of_b(device, isa, m, k, n, layout):
+# packed a thread, whole panels) at a time. With 1 thread: blocks of 192 + 108 columns (a partial panel in the last),
+# of 512, 512 and 76 (one row, on the VNNI kernel on AVX-512), of 1024 + 76 (two chunks of rows), of one panel (k
+# over 16K: 64, 64, 2); with 2 threads twice as wide (1024 + 76, 128 + 2; the others in one block). b row-major, in
+# the nn.Linear layout, with every other column (the strided packing) and with rows longer than n; outputs written
+# with streaming stores where n allows.
+@pytest.mark.parametrize("m,k,n", [(9, 4100, 300), (1, 2048, 1100), (130, 1024, 1100), (1, 16400, 130),
+                                   (9, 4100, 320)])
+@pytest.mark.parametrize("layout", ["k_n", "linear", "every_other_column", "long_rows"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_int8_mm_blocks_of_b(device, isa, monkeypatch, m, k, n, layout, threads):
+    monkeypatch.setenv("TORCHQUANT_STREAMING_BYTES", "0")
     g = torch.Generator().manual_seed(m + k + n)
-    a = randint8((m, k), generator=g).to(device)
-    b = randint8((k, n), generator=g) if layout == "k_n" else randint8((n, k), generator=g).t()
-    b = b.to(device)
-    torch.testing.assert_close(F.int8_mm(a, b), reference.int8_mm(a, b), rtol=0, atol=0)
+    a = randint8((m, k), generator=g)
+    b = {"k_n": lambda: randint8((k, n), generator=g),
+         "linear": lambda: randint8((n, k), generator=g).t(),
+         "every_other_column": lambda: randint8((k, 2 * n), generator=g)[:, ::2],
+         "long_rows": lambda: randint8((k, n + 7), generator=g)[:, :n]}[layout]()
+    a, b = a.to(device), b.to(device)
+    with num_threads(threads):
+        got = F.int8_mm(a, b)
+    torch.testing.assert_close(got, reference.int8_mm(a, b), rtol=0, atol=0)
 
 
 def test_int8_mm_strides(device, isa):

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "arg_checks.h"
@@ -46,8 +47,8 @@ Epilogue epilogue_for(const EpilogueInputs& in, uint8_t flip, void* out, int64_t
 
 namespace {
 
-// int8_mm packs and multiplies b in blocks of this many packed bytes where a's packed rows take at most
-// kInt8MmFewRowsBytes (see int8_mm_cpu)
+// Where a's packed rows take at most kInt8MmFewRowsBytes, int8_mm packs and multiplies b in blocks of at most this
+// many packed bytes a thread (whole 64-column panels; at least one panel a thread), see int8_mm_cpu
 constexpr int64_t kInt8MmBlockBytes = int64_t{1} << 20;
 constexpr int64_t kInt8MmFewRowsBytes = int64_t{1} << 20;
 
@@ -61,20 +62,22 @@ at::Tensor int8_mm_cpu(const at::Tensor& a, const at::Tensor& b) {
   if (k == 0) return out.zero_();
   const int64_t k4 = round_up(k, 4);
   const ScratchScope weights_scope(Scratch::Weights), activations_scope(Scratch::Activations);
-  uint8_t* a_packed = scratch_buffer(Scratch::Activations, checked_mul("int8_mm", "the packed a size", m, k4));
+  const int64_t a_bytes = checked_mul("int8_mm", "the packed a size", m, k4);
+  uint8_t* a_packed = scratch_buffer(Scratch::Activations, a_bytes);
   pack_activation_rows(reinterpret_cast<const uint8_t*>(a.data_ptr<int8_t>()), m, k, a.stride(0), a.stride(1), 0x80,
                        a_packed, k4);
-  // Where a's rows are few and b is large, b is packed and multiplied a block of columns at a time, each packed
-  // block read while it is still in L2. Packed whole first, b went out to memory and came back before the products
-  // read it (and over 32 MB its scratch buffer was allocated anew each call). b in the nn.Linear layout, caches cold,
-  // 1 thread on a Xeon: 128 x 4096 x 4096 0.61x -> 0.97x torch._int_mm, 32 x 4096 x 11008 0.31x -> 1.00x.
+  // Where a's rows are few and b is large, b is packed and multiplied a block of columns at a time (each thread's
+  // share about 1 MB packed), each packed block read while it is still in L2. Packed whole first, b went out to
+  // memory and came back before the products read it (and over 32 MB its scratch buffer was allocated anew each
+  // call). b in the nn.Linear layout, caches cold, 1 thread on a Xeon: 128 x 4096 x 4096 0.61x -> 0.97-1.03x
+  // torch._int_mm, 32 x 4096 x 11008 0.31x -> 1.00-1.33x.
   const int64_t n_padded = round_up(n, kPackAlign);
-  const bool few_rows = checked_mul("int8_mm", "the packed a size", m, k4) <= kInt8MmFewRowsBytes;
-  const int64_t block_cols =
-      few_rows && checked_mul("int8_mm", "the packed b size", n_padded, k4) > kInt8MmBlockBytes
-          ? std::max(kPackAlign, kInt8MmBlockBytes / k4 / kPackAlign * kPackAlign)
-          : n_padded;
-  const int64_t block_bytes = checked_mul("int8_mm", "the packed b size", std::min(block_cols, n_padded), k4);
+  const int64_t threads = at::get_num_threads();
+  const int64_t block_panels = threads * std::max<int64_t>(1, kInt8MmBlockBytes / k4 / kPackAlign);
+  const int64_t block_cols = a_bytes <= kInt8MmFewRowsBytes && n_padded > block_panels * kPackAlign
+                                 ? block_panels * kPackAlign
+                                 : n_padded;
+  const int64_t block_bytes = checked_mul("int8_mm", "the packed b size", block_cols, k4);
   int8_t* b_packed = reinterpret_cast<int8_t*>(scratch_buffer(Scratch::Weights, block_bytes));
   std::vector<int32_t> col_offset(n);
   for (int64_t n0 = 0; n0 < n; n0 += block_cols) {
