@@ -80,26 +80,27 @@ at::Tensor int8_mm_cpu(const at::Tensor& a, const at::Tensor& b) {
   const int64_t block_bytes = checked_mul("int8_mm", "the packed b size", block_cols, k4);
   int8_t* b_packed = reinterpret_cast<int8_t*>(scratch_buffer(Scratch::Weights, block_bytes));
   std::vector<int32_t> col_offset(n);
-  for (int64_t n0 = 0; n0 < n; n0 += block_cols) {
+  GemmArgs args;
+  args.a = a_packed;
+  args.lda = k4;
+  args.b = b_packed;
+  args.ldb = k4;
+  args.m = m;
+  args.k = k;
+  Epilogue ep;
+  ep.kind = OutKind::Int32;
+  ep.out_row_stride = n;
+  const CpuIsa isa = cpu_isa();
+  for (int64_t n0 = 0; n0 < n; n0 += block_cols) {  // each block: its columns packed, then multiplied
     const int64_t cols = std::min(block_cols, n - n0);
     pack_weight(b.data_ptr<int8_t>() + n0 * b.stride(1), cols, k, b.stride(1), b.stride(0), k4, b_packed,
                 col_offset.data() + n0);
     for (int64_t c = n0; c < n0 + cols; ++c)  // the +128 shift of a
       col_offset[c] = static_cast<int32_t>(128u * static_cast<uint32_t>(col_offset[c]));
-    GemmArgs args;
-    args.a = a_packed;
-    args.lda = k4;
-    args.b = b_packed;
-    args.ldb = k4;
-    args.m = m;
     args.n = cols;
-    args.k = k;
-    Epilogue ep;
-    ep.kind = OutKind::Int32;
     ep.out = out.data_ptr<int32_t>() + n0;
-    ep.out_row_stride = n;
     ep.col_offset = col_offset.data() + n0;
-    gemm_u8s8(args, ep, cpu_isa());
+    gemm_u8s8(args, ep, isa);
   }
   return out;
 }

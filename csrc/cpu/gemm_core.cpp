@@ -1668,7 +1668,7 @@ void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa) {
     const int64_t rows = std::max(kRowsPerChunk, kAmxChunkBytes / k4 / (2 * kAmxRows) * (2 * kAmxRows));
     if (args.groups * n_panels * ceil_div(args.m, rows) >= at::get_num_threads()) max_rows = rows;
   }
-  const int64_t min_chunks = (args.m + max_rows - 1) / max_rows;
+  const int64_t min_chunks = ceil_div(args.m, max_rows);
   const int64_t chunk_rows = round_up((args.m + min_chunks - 1) / std::max<int64_t>(min_chunks, 1),
                                       amx ? 2 * kAmxRows : kVnniRows);
   const int64_t m_chunks = (args.m + chunk_rows - 1) / chunk_rows;
