@@ -38,8 +38,9 @@ LARGER = [(100, 300, 70), (130, 520, 129), (101, 260, 257), (200, 2700, 300)]
 # on AMX tiles (avx512_amx): blocks of at most 16 rows (work items of 8-16 rows, the last rows of larger ones) sum a
 # whole 64-column panel at once, larger ones pairs of 16-row tiles; from 16 k-chunks (K >= 1024) each pair's
 # epilogue runs while the next pair is summed; 193 rows make chunks of 96, 96 and 1 (the last on the VNNI kernel,
-# after the AMX blocks on the same thread); K past the last 64-byte chunk; a weight over 1 MB (4100 x 300), whose
-# chunks take up to 1 MB of rows where the work items outnumber the threads: 160 and 140
+# after the AMX blocks on the same thread); K past the last 64-byte chunk (int8_mm zero fills both operands to a
+# whole chunk, int8_linear's uint8 rows read in place leave those k-steps to the VNNI kernel); a weight over 1 MB
+# (4100 x 300), whose chunks take up to 1 MB of rows where the work items outnumber the threads: 160 and 140
 AMX_ROWS = [(12, 384, 1536), (8, 130, 64), (16, 64, 100), (9, 1536, 129), (193, 256, 130), (40, 200, 70),
             (70, 64, 64), (193, 2100, 130), (40, 2048, 64), (70, 1536, 130), (300, 4100, 300)]
 

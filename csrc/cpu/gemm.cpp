@@ -60,12 +60,13 @@ at::Tensor int8_mm_cpu(const at::Tensor& a, const at::Tensor& b) {
   at::Tensor out = at::empty({m, n}, a.options().dtype(at::kInt));
   if (m == 0 || n == 0) return out;
   if (k == 0) return out.zero_();
-  const int64_t k4 = round_up(k, 4);
+  const CpuIsa isa = cpu_isa();
+  const int64_t depth = gemm_packed_depth(m, k, isa);  // both operands zero filled to this depth
   const ScratchScope weights_scope(Scratch::Weights), activations_scope(Scratch::Activations);
-  const int64_t a_bytes = checked_mul("int8_mm", "the packed a size", m, k4);
+  const int64_t a_bytes = checked_mul("int8_mm", "the packed a size", m, depth);
   uint8_t* a_packed = scratch_buffer(Scratch::Activations, a_bytes);
   pack_activation_rows(reinterpret_cast<const uint8_t*>(a.data_ptr<int8_t>()), m, k, a.stride(0), a.stride(1), 0x80,
-                       a_packed, k4);
+                       a_packed, depth);
   // Where a's rows are few and b is large, b is packed and multiplied a block of columns at a time (each thread's
   // share about 1 MB packed), each packed block read while it is still in L2. Packed whole first, b went out to
   // memory and came back before the products read it (and over 32 MB its scratch buffer was allocated anew each
@@ -73,27 +74,26 @@ at::Tensor int8_mm_cpu(const at::Tensor& a, const at::Tensor& b) {
   // torch._int_mm, 32 x 4096 x 11008 0.31x -> 1.00-1.33x.
   const int64_t n_padded = round_up(n, kPackAlign);
   const int64_t threads = at::get_num_threads();
-  const int64_t block_panels = threads * std::max<int64_t>(1, kInt8MmBlockBytes / k4 / kPackAlign);
+  const int64_t block_panels = threads * std::max<int64_t>(1, kInt8MmBlockBytes / depth / kPackAlign);
   const int64_t block_cols = a_bytes <= kInt8MmFewRowsBytes && n_padded > block_panels * kPackAlign
                                  ? block_panels * kPackAlign
                                  : n_padded;
-  const int64_t block_bytes = checked_mul("int8_mm", "the packed b size", block_cols, k4);
+  const int64_t block_bytes = checked_mul("int8_mm", "the packed b size", block_cols, depth);
   int8_t* b_packed = reinterpret_cast<int8_t*>(scratch_buffer(Scratch::Weights, block_bytes));
   std::vector<int32_t> col_offset(n);
   GemmArgs args;
   args.a = a_packed;
-  args.lda = k4;
+  args.lda = depth;
   args.b = b_packed;
-  args.ldb = k4;
+  args.ldb = depth;
   args.m = m;
-  args.k = k;
+  args.k = depth;
   Epilogue ep;
   ep.kind = OutKind::Int32;
   ep.out_row_stride = n;
-  const CpuIsa isa = cpu_isa();
   for (int64_t n0 = 0; n0 < n; n0 += block_cols) {  // each block: its columns packed, then multiplied
     const int64_t cols = std::min(block_cols, n - n0);
-    pack_weight(b.data_ptr<int8_t>() + n0 * b.stride(1), cols, k, b.stride(1), b.stride(0), k4, b_packed,
+    pack_weight(b.data_ptr<int8_t>() + n0 * b.stride(1), cols, k, b.stride(1), b.stride(0), depth, b_packed,
                 col_offset.data() + n0);
     for (int64_t c = n0; c < n0 + cols; ++c)  // the +128 shift of a
       col_offset[c] = static_cast<int32_t>(128u * static_cast<uint32_t>(col_offset[c]));

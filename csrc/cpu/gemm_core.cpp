@@ -1652,6 +1652,13 @@ ScratchScope::~ScratchScope() {
   }
 }
 
+int64_t gemm_packed_depth(int64_t m, int64_t k, CpuIsa isa) {
+  bool amx = false;
+  cpu_isa(&amx);
+  const int64_t k4 = round_up(k, 4);
+  return amx && isa == CpuIsa::Avx512Vnni && k4 >= kAmxChunk && m >= kAmxMinRows ? round_up(k, kAmxChunk) : k4;
+}
+
 void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa) {
   const IsaPath path = isa_path(isa);
   const int64_t k4 = round_up(args.k, 4);
@@ -1945,15 +1952,46 @@ void fill_steps_n_contiguous(const int8_t* w, int64_t n, int64_t k, int64_t stri
   }
 }
 
+// The sums of a panel's 4-byte lanes over steps [s_begin, s_end): lane_sums[c] += the column c's bytes there
+// (vpdpbusd / vpmaddubsw with bytes of 1 sum each lane's 4 bytes; a step holds kPackAlign lanes).
+TQ_TARGET_VNNI void panel_lane_sums_avx512(const int8_t* panel, int64_t s_begin, int64_t s_end, int32_t* lane_sums) {
+  const __m512i ones = _mm512_set1_epi8(1);
+  __m512i acc[kStepBytes / 64];
+  for (int g = 0; g < kStepBytes / 64; ++g) acc[g] = _mm512_loadu_si512(lane_sums + 16 * g);
+  for (int64_t s = s_begin; s < s_end; ++s)
+    for (int g = 0; g < kStepBytes / 64; ++g)
+      acc[g] = _mm512_dpbusd_epi32(acc[g], ones, _mm512_loadu_si512(panel + s * kStepBytes + 64 * g));
+  for (int g = 0; g < kStepBytes / 64; ++g) _mm512_storeu_si512(lane_sums + 16 * g, acc[g]);
+}
+
+TQ_TARGET_AVX2 void panel_lane_sums_avx2(const int8_t* panel, int64_t s_begin, int64_t s_end, int32_t* lane_sums) {
+  const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+  __m256i acc[kStepBytes / 32];
+  for (int g = 0; g < kStepBytes / 32; ++g)
+    acc[g] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lane_sums + 8 * g));
+  for (int64_t s = s_begin; s < s_end; ++s)
+    for (int g = 0; g < kStepBytes / 32; ++g) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + s * kStepBytes + 32 * g));
+      // pairs summed as int16 (|sum| <= 256: no saturation), then pairs of pairs as int32
+      acc[g] = _mm256_add_epi32(acc[g], _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, v), ones16));
+    }
+  for (int g = 0; g < kStepBytes / 32; ++g) _mm256_storeu_si256(reinterpret_cast<__m256i*>(lane_sums + 8 * g), acc[g]);
+}
+
 // col_sums[c] = the sums of the panel's column c over its k-steps up to the one holding k; from step s_begin on,
 // added to col_sums[c] (the sums of the steps before it).
-void panel_col_sums(const int8_t* panel, int64_t cols, int64_t k, int32_t* col_sums, int64_t s_begin = 0) {
-  int32_t lane_sums[kStepBytes] = {};
-  for (int64_t s = s_begin; s < (k + 3) / 4; ++s)
-    for (int64_t e = 0; e < kStepBytes; ++e) lane_sums[e] += panel[s * kStepBytes + e];
-  for (int64_t c = 0; c < cols; ++c)
-    col_sums[c] = (s_begin > 0 ? col_sums[c] : 0) + lane_sums[4 * c] + lane_sums[4 * c + 1] + lane_sums[4 * c + 2] +
-                  lane_sums[4 * c + 3];
+void panel_col_sums(const int8_t* panel, int64_t cols, int64_t k, int32_t* col_sums, CpuIsa isa, int64_t s_begin = 0) {
+  int32_t lane_sums[kPackAlign] = {};
+  const int64_t s_end = (k + 3) / 4;
+  if (isa == CpuIsa::Avx512Vnni) {
+    panel_lane_sums_avx512(panel, s_begin, s_end, lane_sums);
+  } else if (isa == CpuIsa::Avx2) {
+    panel_lane_sums_avx2(panel, s_begin, s_end, lane_sums);
+  } else {
+    for (int64_t s = s_begin; s < s_end; ++s)
+      for (int64_t e = 0; e < kStepBytes; ++e) lane_sums[e / 4] += panel[s * kStepBytes + e];
+  }
+  for (int64_t c = 0; c < cols; ++c) col_sums[c] = (s_begin > 0 ? col_sums[c] : 0) + lane_sums[c];
 }
 
 }  // namespace
@@ -1963,7 +2001,8 @@ void pack_weight(const int8_t* w, int64_t n, int64_t k, int64_t stride_n, int64_
   const int64_t n_panels = (n + kPackAlign - 1) / kPackAlign;
   const int64_t panel_grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(kp * kPackAlign, 1));
   const bool rows_contiguous = stride_n == 1 && stride_k != 1;
-  const bool avx512 = cpu_isa() == CpuIsa::Avx512Vnni;
+  const CpuIsa isa = cpu_isa();
+  const bool avx512 = isa == CpuIsa::Avx512Vnni;
   at::parallel_for(0, n_panels, panel_grain, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       int8_t* panel = dst + p * kp * kPackAlign;
@@ -1973,10 +2012,10 @@ void pack_weight(const int8_t* w, int64_t n, int64_t k, int64_t stride_n, int64_
       int32_t* sums = col_sums == nullptr ? nullptr : col_sums + n0;
       if (stride_k == 1) {
         const int64_t summed = fill_panel_k_contiguous(w + n0 * stride_n, cols, k, stride_n, panel, sums, avx512);
-        if (sums != nullptr) panel_col_sums(panel, cols, k, sums, summed);
+        if (sums != nullptr) panel_col_sums(panel, cols, k, sums, isa, summed);
       } else {
         fill_panel_strided(w + n0 * stride_n, cols, k, stride_n, stride_k, panel);
-        if (sums != nullptr) panel_col_sums(panel, cols, k, sums);
+        if (sums != nullptr) panel_col_sums(panel, cols, k, sums, isa);
       }
     }
   });
@@ -1990,11 +2029,25 @@ void pack_weight(const int8_t* w, int64_t n, int64_t k, int64_t stride_n, int64_
   at::parallel_for(0, n_panels, panel_grain, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p)
       panel_col_sums(dst + p * kp * kPackAlign, std::min(kPackAlign, n - p * kPackAlign), k,
-                     col_sums + p * kPackAlign);
+                     col_sums + p * kPackAlign, isa);
   });
 }
 
-void copy_flip(uint8_t* dst, const uint8_t* src, int64_t n, uint8_t flip) {
+namespace {
+
+TQ_TARGET_VNNI void copy_flip_avx512(uint8_t* dst, const uint8_t* src, int64_t n, uint8_t flip) {
+  const __m512i f = _mm512_set1_epi8(static_cast<char>(flip));
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64) _mm512_storeu_si512(dst + i, _mm512_xor_si512(_mm512_loadu_si512(src + i), f));
+  if (i < n) {  // the tail as one masked move
+    const __mmask64 tail = (uint64_t{1} << (n - i)) - 1;
+    _mm512_mask_storeu_epi8(dst + i, tail, _mm512_xor_si512(_mm512_maskz_loadu_epi8(tail, src + i), f));
+  }
+}
+
+// dst[i] = src[i] ^ flip for i < n (64 bytes at a time on AVX-512, else 16).
+void copy_flip(uint8_t* dst, const uint8_t* src, int64_t n, uint8_t flip, CpuIsa isa) {
+  if (isa == CpuIsa::Avx512Vnni) return copy_flip_avx512(dst, src, n, flip);
   const __m128i f = _mm_set1_epi8(static_cast<char>(flip));
   int64_t i = 0;
   for (; i + 16 <= n; i += 16)
@@ -2003,15 +2056,18 @@ void copy_flip(uint8_t* dst, const uint8_t* src, int64_t n, uint8_t flip) {
   for (; i < n; ++i) dst[i] = src[i] ^ flip;
 }
 
+}  // namespace
+
 void pack_activation_rows(const uint8_t* src, int64_t m, int64_t k, int64_t stride_m, int64_t stride_k, uint8_t flip,
                           uint8_t* dst, int64_t lda) {
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(lda, 1));
+  const CpuIsa isa = cpu_isa();
   at::parallel_for(0, m, grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const uint8_t* row = src + i * stride_m;
       uint8_t* out = dst + i * lda;
       if (stride_k == 1) {
-        copy_flip(out, row, k, flip);
+        copy_flip(out, row, k, flip, isa);
       } else {
         for (int64_t j = 0; j < k; ++j) out[j] = row[j * stride_k] ^ flip;
       }

@@ -92,6 +92,11 @@ class ScratchScope {
 // epilogue on the given ISA path, threaded with at::parallel_for.
 void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa);
 
+// The depth to which a caller that packs both operands pads k (zero bytes past k in both): round_up(k, 64) where
+// gemm_u8s8 multiplies m rows on AMX tiles (no k-steps past the last whole tile depth left to the vector kernel),
+// else round_up(k, 4).
+int64_t gemm_packed_depth(int64_t m, int64_t k, CpuIsa isa);
+
 // ep with `streaming` set for an output of `rows` rows, each group of `cols` columns: streaming stores when the
 // output is larger than the caches (TORCHQUANT_STREAMING_BYTES, default 16 MB) and they fill whole cache lines (a
 // kernel that sets it issues an sfence before its threads join).
@@ -198,9 +203,6 @@ void conv_u8s8_direct(const GemmArgs& args, const ConvGeometry& g, const uint8_t
 // panels of depth kp at dst. With col_sums non-null also writes col_sums[n] = sum_k w[n, k].
 void pack_weight(const int8_t* w, int64_t n, int64_t k, int64_t stride_n, int64_t stride_k, int64_t kp, int8_t* dst,
                  int32_t* col_sums);
-
-// dst[i] = src[i] ^ flip for i < n (16 bytes at a time).
-void copy_flip(uint8_t* dst, const uint8_t* src, int64_t n, uint8_t flip);
 
 // Copies src[m, k] (element at src + i * stride_m + j * stride_k) into rows of lda bytes, XOR-ing each byte with
 // `flip` (0x80 turns int8 into the shifted uint8 form, 0 copies uint8) and zero filling columns k..lda.
