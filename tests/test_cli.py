@@ -95,6 +95,15 @@ class NoQuant(nn.Module):
 class MLP(nn.Sequential):
     def __init__(self):
         super().__init__(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+
+class WithGRU(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gru = nn.GRU(8, 16, batch_first=True)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(self.gru(x)[0][:, -1])
 """
 
 
@@ -543,6 +552,15 @@ def test_factory_without_weights_warns(in_work, tmp_path, capsys):
                                                "mymodels:MLP creates (its random initialisation")
     status, err = run_main(["convert", FACTORY, "--weights", "digits.safetensors", "-o", out, "-q"], capsys)
     assert status == 0 and err == []
+
+
+def test_convert_counts_layers_with_no_quantized_type(in_work, tmp_path, capsys):
+    # the GRU stays float in every preset: the closing line says so beside the quantized and skipped counts
+    out = tmp_path / "gru.safetensors"
+    status, err = run_main(["convert", "mymodels:WithGRU", "-o", out], capsys)  # (warns: no --weights)
+    assert status == 0 and out.exists()
+    assert err[-1].startswith(f"wrote {out}: 1 layers quantized, 0 kept float, 1 with no quantized type "
+                              f"(gru (GRU)); model ")
 
 
 def test_pickled_model_finds_its_class_in_the_working_directory(work, tmp_path, in_work, capsys):

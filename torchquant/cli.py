@@ -321,7 +321,7 @@ def _warn(args, message: str) -> None:
 def _cmd_convert(args) -> int:
     from torchquant.convert import nothing_quantized_reason, quant_layers
     from torchquant.io import write_checkpoint
-    from torchquant.report import write_json
+    from torchquant.report import float_only_layers, write_json
     _check_output_path(args.output, "-o", args)
     if args.report is not None:
         _check_output_path(args.report, "--report", args)
@@ -347,9 +347,12 @@ def _cmd_convert(args) -> int:
     if not args.quiet:
         print(report.format_table())
     kept = [layer.name for layer in report.layers if not layer.quantized]
-    _status(args, f"wrote {args.output}: {len(report.layers) - len(kept)} layers quantized, {len(kept)} kept "
-                  f"float; model {report.bytes_float / 1024:.1f} KiB -> {report.bytes_quantized / 1024:.1f} KiB"
-            + (f"; report {args.report}" if args.report else ""))
+    # layers no quantized type replaces (an LSTM, a ConvTranspose2d) are not in report.layers: counted apart
+    float_only = float_only_layers(job.model)
+    _status(args, f"wrote {args.output}: {len(report.layers) - len(kept)} layers quantized, {len(kept)} kept float"
+                  + (f", {len(float_only)} with no quantized type ({', '.join(float_only)})" if float_only else "")
+                  + f"; model {report.bytes_float / 1024:.1f} KiB -> {report.bytes_quantized / 1024:.1f} KiB"
+                  + (f"; report {args.report}" if args.report else ""))
     return 0
 
 

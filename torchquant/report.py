@@ -212,7 +212,7 @@ def _layer_pairs(float_model: nn.Module, quantized_model: nn.Module):
             if type(module) in FLOAT_LAYER_TYPES]
 
 
-def _float_only_layers(model: nn.Module) -> List[str]:
+def float_only_layers(model: nn.Module) -> List[str]:
     """'name (type)' of the modules with a weight matrix of their own (a parameter named *weight* with 2 or more
     dimensions: not a class token or a position embedding) that no quantized layer type replaces (an LSTM, a
     ConvTranspose2d, a Linear subclass, ...): they stay float in every preset. Embedding tables are lookups, not
@@ -416,7 +416,7 @@ def build_report(float_model: nn.Module, quantized_model: nn.Module, config=None
         if name in fused:
             row.note = "; ".join(filter(None, [row.note, fused[name]]))
         layers.append(row)
-    float_only = _float_only_layers(float_model)
+    float_only = float_only_layers(float_model)
     if float_only:
         graph_notes.append("kept float, no quantized layer type for them: " + ", ".join(float_only))
     report = ModelReport(config=_config_dict(config), layers=layers, bytes_float=state_bytes(float_model),
