@@ -9,7 +9,7 @@
 // not int32, a scale tensor that is not float32, an x, scale or zero point off the CPU (the wrapper checks device
 // qparams' values), a tensor subclass or an active __torch_function__ mode. The accepted calls are a subset of what the
 // wrapper accepts, converted exactly as it converts them; the kernels check the values of CPU scale and zero point
-// tensors themselves. quantized_add's and quantized_mul's entries work alike.
+// tensors themselves. quantized_add's, quantized_mul's and int8_mm's entries work alike.
 //
 // The converted layers' entries (int8_linear_dynamic, quantized_layer_forward) take the arguments the layer prepared
 // at convert / load / move time, on any device, and check only the caller's input; they decline what the layer's
@@ -20,6 +20,7 @@
 #include <cfloat>
 #include <cstdint>
 #include <cstring>
+#include <new>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -47,6 +48,7 @@ using QuantizeFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Te
 using DequantizeFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, std::optional<int64_t>,
                                 at::ScalarType);
 using QuantizePerTokenFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, int64_t);
+using Int8MmFn = at::Tensor(const at::Tensor&, const at::Tensor&);
 using Int8LinearDynamicFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                        const std::optional<at::Tensor>&, int64_t);
 using Int8LinearDynamicActivationFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
@@ -81,6 +83,18 @@ auto call_op(int64_t numel, const Call& call) {
   pybind11::gil_scoped_release no_gil;
   return call();
 }
+
+// HANDLE_TH_ERRORS / END_HANDLE_TH_ERRORS, with a failed allocation (a scratch buffer's std::bad_alloc) raised as
+// MemoryError("std::bad_alloc"), as torch.ops raises it on the wrappers' other path (HANDLE_TH_ERRORS makes it a
+// RuntimeError)
+#define TQ_HANDLE_ERRORS HANDLE_TH_ERRORS try {
+#define TQ_END_HANDLE_ERRORS                    \
+  }                                             \
+  catch (const std::bad_alloc& e) {             \
+    PyErr_SetString(PyExc_MemoryError, e.what()); \
+    return nullptr;                             \
+  }                                             \
+  END_HANDLE_TH_ERRORS
 
 // The argument conversions below return null / nullopt / false for anything the fast path leaves to the wrapper.
 
@@ -230,7 +244,7 @@ void check_nargs(Py_ssize_t nargs, Py_ssize_t want, const char* fn) {
 // quantize / fake_quantize (x, scale, zero_point, axis, bits, signed, rounding) -> Tensor
 template <const char* Name>
 PyObject* call_quantize_like(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  HANDLE_TH_ERRORS
+  TQ_HANDLE_ERRORS
   check_nargs(nargs, 7, Name);
   const at::Tensor* x = plain_tensor(args[0]);
   std::optional<int64_t> axis;
@@ -249,7 +263,7 @@ PyObject* call_quantize_like(PyObject*, PyObject* const* args, Py_ssize_t nargs)
   static const auto op = find_op<QuantizeFn>(Name);
   return THPVariable_Wrap(
       call_op(x->numel(), [&] { return op.call(*x, **scale, **zero_point, axis, *bits, is_signed, *rounding); }));
-  END_HANDLE_TH_ERRORS
+  TQ_END_HANDLE_ERRORS
 }
 
 constexpr char kQuantize[] = "torchquant::quantize";
@@ -257,7 +271,7 @@ constexpr char kFakeQuantize[] = "torchquant::fake_quantize";
 
 // dequantize(q, scale, zero_point, axis, dtype) -> Tensor
 PyObject* call_dequantize(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  HANDLE_TH_ERRORS
+  TQ_HANDLE_ERRORS
   check_nargs(nargs, 5, "dequantize");
   const at::Tensor* q = plain_tensor(args[0]);
   std::optional<int64_t> axis;
@@ -273,12 +287,12 @@ PyObject* call_dequantize(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (!scale || !zero_point) Py_RETURN_NOTIMPLEMENTED;
   static const auto op = find_op<DequantizeFn>("torchquant::dequantize");
   return THPVariable_Wrap(call_op(q->numel(), [&] { return op.call(*q, **scale, **zero_point, axis, dtype); }));
-  END_HANDLE_TH_ERRORS
+  TQ_END_HANDLE_ERRORS
 }
 
 // quantize_per_token(x, bits) -> (q, scale)
 PyObject* call_quantize_per_token(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  HANDLE_TH_ERRORS
+  TQ_HANDLE_ERRORS
   check_nargs(nargs, 2, "quantize_per_token");
   const at::Tensor* x = plain_tensor(args[0]);
   const auto bits = int_in(args[1], 2, 8);
@@ -290,7 +304,22 @@ PyObject* call_quantize_per_token(PyObject*, PyObject* const* args, Py_ssize_t n
   PyTuple_SET_ITEM(result, 0, THPVariable_Wrap(std::move(q)));
   PyTuple_SET_ITEM(result, 1, THPVariable_Wrap(std::move(scale)));
   return result;
-  END_HANDLE_TH_ERRORS
+  TQ_END_HANDLE_ERRORS
+}
+
+// int8_mm(a, b) -> Tensor: int8 matrices [M, K] and [K, N] on one device (the op checks nothing else the wrapper
+// would). Its Python checks cost about a microsecond, a third of a small product's call.
+PyObject* call_int8_mm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  TQ_HANDLE_ERRORS
+  check_nargs(nargs, 2, "int8_mm");
+  const at::Tensor* a = plain_tensor(args[0]);
+  const at::Tensor* b = plain_tensor(args[1]);
+  if (a == nullptr || b == nullptr || a->scalar_type() != at::kChar || b->scalar_type() != at::kChar ||
+      a->dim() != 2 || b->dim() != 2 || a->size(1) != b->size(0) || a->device() != b->device())
+    Py_RETURN_NOTIMPLEMENTED;
+  static const auto op = find_op<Int8MmFn>("torchquant::int8_mm");
+  return THPVariable_Wrap(call_op(a->size(0) * b->size(1), [&] { return op.call(*a, *b); }));
+  TQ_END_HANDLE_ERRORS
 }
 
 // int8_linear_dynamic(x, in_features, w_packed, w_sum, w_scale, bias, out_features, activation) -> Tensor:
@@ -298,7 +327,7 @@ PyObject* call_quantize_per_token(PyObject*, PyObject* const* args, Py_ssize_t n
 // but for in_features; activation None or a str). Only x comes from the caller: it must be a float tensor
 // [..., in_features] on the weight's device.
 PyObject* call_int8_linear_dynamic(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  HANDLE_TH_ERRORS
+  TQ_HANDLE_ERRORS
   check_nargs(nargs, 8, "int8_linear_dynamic");
   const at::Tensor* x = plain_tensor(args[0]);
   const auto in_features = int_in(args[1], 0, INT64_MAX);
@@ -328,7 +357,7 @@ PyObject* call_int8_linear_dynamic(PyObject*, PyObject* const* args, Py_ssize_t 
     if (activation.empty()) return op.call(*x, *w_packed, *w_sum, *w_scale, bias_arg, *out_features);
     return op_activation.call(*x, *w_packed, *w_sum, *w_scale, bias_arg, *out_features, activation);
   }));
-  END_HANDLE_TH_ERRORS
+  TQ_END_HANDLE_ERRORS
 }
 
 // A clamp bound or an output scale: None, or a float.
@@ -352,7 +381,7 @@ bool broadcastable(at::IntArrayRef a, at::IntArrayRef b) {
 
 template <BinaryOp Op>
 PyObject* call_quantized_binary(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  HANDLE_TH_ERRORS
+  TQ_HANDLE_ERRORS
   constexpr bool add = Op == BinaryOp::Add;
   check_nargs(nargs, add ? 10 : 9, add ? "quantized_add" : "quantized_mul");
   const at::Tensor* a = plain_tensor(args[0]);
@@ -385,7 +414,7 @@ PyObject* call_quantized_binary(PyObject*, PyObject* const* args, Py_ssize_t nar
                      *out_zero_point);
     }));
   }
-  END_HANDLE_TH_ERRORS
+  TQ_END_HANDLE_ERRORS
 }
 
 // Two ints: a list or tuple of two, or one int for both (a conv's kernel_size, stride, padding or dilation as
@@ -409,7 +438,7 @@ bool pair_arg(PyObject* o, std::array<int64_t, 2>& pair) {
 // size one int or two (stride None: the kernel size), ceil_mode a bool; the op checks the rest. The wrapper's
 // argument conversions and the op call from Python cost more than the pooling of a small CNN's feature map.
 PyObject* call_quantized_max_pool2d(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  HANDLE_TH_ERRORS
+  TQ_HANDLE_ERRORS
   check_nargs(nargs, 6, "quantized_max_pool2d");
   const at::Tensor* x = plain_tensor(args[0]);
   std::array<int64_t, 2> kernel{}, stride{}, padding{}, dilation{};
@@ -422,7 +451,7 @@ PyObject* call_quantized_max_pool2d(PyObject*, PyObject* const* args, Py_ssize_t
   return THPVariable_Wrap(call_op(x->numel(), [&] {
     return op.call(*x, kernel, stride, padding, dilation, args[5] == Py_True);
   }));
-  END_HANDLE_TH_ERRORS
+  TQ_END_HANDLE_ERRORS
 }
 
 // quantized_layer_forward(x, layer_args, clamp_min, clamp_max) -> Tensor: the converted forward of a QuantLinear or
@@ -438,7 +467,7 @@ PyObject* call_quantized_max_pool2d(PyObject*, PyObject* const* args, Py_ssize_t
 // the same layer in an integer pipeline (QuantLayerBase.pipeline_op): x_q int8/uint8 already at the layer's static
 // input scale, the integer op's output of out_dtype (requantized with out_scale and out_zero_point when int8/uint8).
 PyObject* call_quantized_layer_forward(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  HANDLE_TH_ERRORS
+  TQ_HANDLE_ERRORS
   if (nargs != 4 && nargs != 7) check_nargs(nargs, 4, "quantized_layer_forward");
   const bool pipeline = nargs == 7;
   PyObject* layer = args[1];
@@ -537,20 +566,20 @@ PyObject* call_quantized_layer_forward(PyObject*, PyObject* const* args, Py_ssiz
     if (!keep) y = gemm::contiguous_from_channels_last(y);
     return unbatched ? y.squeeze(0) : y;
   }));
-  END_HANDLE_TH_ERRORS
+  TQ_END_HANDLE_ERRORS
 }
 
 // contiguous_from_channels_last (y) -> Tensor: a conv's channels-last float output made contiguous by the tile
 // transposes of the CPU kernels (Tensor.contiguous() for the other layouts and devices); NotImplemented where the
 // caller's y.contiguous() must run instead: a tensor that records gradients, a tensor subclass, a mode or a tracer.
 PyObject* call_contiguous_from_channels_last(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  HANDLE_TH_ERRORS
+  TQ_HANDLE_ERRORS
   check_nargs(nargs, 1, "contiguous_from_channels_last");
   const at::Tensor* y = plain_tensor(args[0]);
   if (y == nullptr || y->requires_grad() || c10::impl::dispatch_mode_enabled() || torch::jit::tracer::isTracing())
     Py_RETURN_NOTIMPLEMENTED;
   return THPVariable_Wrap(call_op(y->numel(), [&] { return gemm::contiguous_from_channels_last(*y); }));
-  END_HANDLE_TH_ERRORS
+  TQ_END_HANDLE_ERRORS
 }
 
 }  // namespace
@@ -568,6 +597,8 @@ PyMethodDef torchquant_python_calls[] = {
     {"quantize_per_token",
      reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&torchquant::call_quantize_per_token)), METH_FASTCALL,
      "functional.quantize_per_token's fast path: the op's result, or NotImplemented"},
+    {"int8_mm", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&torchquant::call_int8_mm)), METH_FASTCALL,
+     "functional.int8_mm's fast path: the op's result, or NotImplemented"},
     {"int8_linear_dynamic",
      reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&torchquant::call_int8_linear_dynamic)),
      METH_FASTCALL, "QuantLinear's converted int8-dynamic forward: the op's result, or NotImplemented"},

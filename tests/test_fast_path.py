@@ -4,7 +4,7 @@ so the checked path, with its errors) for every other, and tensor subclasses, __
 and inference mode handled as before. Likewise QuantLinear's converted int8-dynamic forward
 (torchquant._C.int8_linear_dynamic) against the op, and the converted forward of layers with a per-tensor
 quantized input (torchquant._C.quantized_layer_forward, also a pipeline layer's integer op) against the layers'
-Python path."""
+Python path, and int8_mm's (torchquant._C.int8_mm) against its checked path."""
 import numpy as np
 import pytest
 import torch
@@ -631,3 +631,43 @@ def test_quantized_max_pool2d_fast_path_declines_what_the_checked_path_handles()
     with pytest.raises(RuntimeError, match="quantized_max_pool2d: stride must be >= 1"):
         F.quantized_max_pool2d(a, 2, 0)
     assert_same(F.quantized_max_pool2d(a, np.int64(2), ceil_mode=1), F.quantized_max_pool2d(a, 2))
+
+
+def test_int8_mm_fast_path_matches_the_checked_path():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-128, 128, (17, 129), generator=g, dtype=torch.int8)
+    b = torch.randint(-128, 128, (129, 33), generator=g, dtype=torch.int8)
+    for x, y in [(a, b), (a[:, ::2], b[::2]), (a, torch.randint(-128, 128, (33, 129), generator=g,
+                                                                  dtype=torch.int8).t()),
+                 (a[:0], b), (a[:, :0], b[:0]), (torch.nn.Parameter(a, requires_grad=False), b)]:
+        assert _C.int8_mm(x, y) is not NotImplemented
+        fast, checked = both_paths(lambda: F.int8_mm(x, y))
+        assert_same(fast, checked)
+        assert torch.equal(fast, x.int() @ y.int())
+    with Recording() as mode:
+        F.int8_mm(a, b)  # the dispatcher reaches the mode
+    assert mode.ops == ["torchquant.int8_mm.default"], mode.ops
+
+
+def test_int8_mm_fast_path_declines_what_the_checked_path_handles():
+    a, b = torch.zeros(3, 4, dtype=torch.int8), torch.zeros(4, 5, dtype=torch.int8)
+    good = (a, b)
+    for i, bad in [(0, a.float()), (1, b.byte()), (0, a.as_subclass(Counting)), (0, a[0]), (1, b[None]),
+                   (1, b[:3]), (0, a.to("meta")), (0, a.tolist())]:
+        assert_declines(_C.int8_mm, good, i, bad)
+    with pytest.raises(TypeError, match="takes 2 arguments"):
+        _C.int8_mm(a)
+    # the checked path keeps its messages
+    with pytest.raises(TypeError, match="b must be int8"):
+        F.int8_mm(a, b.byte())
+    with pytest.raises(ValueError, match="inner sizes differ"):
+        F.int8_mm(a, b[:3])
+    with pytest.raises(ValueError, match="must be 2-d"):
+        F.int8_mm(a[0], b)
+    # a failed allocation (2 x 2^40 bytes of packed rows) is a MemoryError on both paths
+    one = torch.ones(1, 1, dtype=torch.int8)
+    huge_a, huge_b = one.expand(2, 2**40), one.expand(2**40, 2)
+    with pytest.raises(MemoryError, match="bad_alloc"):
+        F.int8_mm(huge_a, huge_b)
+    with PassThrough(), pytest.raises(MemoryError, match="bad_alloc"):
+        F.int8_mm(huge_a, huge_b)

@@ -2,13 +2,15 @@
 
 The wrappers check what the message should name in Python terms (types, ranks, devices) and leave the rest
 (sizes against the packed weight, zero-point ranges, ...) to the kernels' TORCH_CHECKs, so the small-batch path
-stays cheap. Packed weights are device specific: re-pack after moving a weight to another device.
+stays cheap; int8_mm first offers its operands to torchquant._C.int8_mm, which calls the op on well-formed ones.
+Packed weights are device specific: re-pack after moving a weight to another device.
 """
 import math
 import numbers
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
+from torch.compiler import is_dynamo_compiling
 
 from torchquant import _C
 from torchquant._ops import (FLOAT_DTYPES, check_fake_devices, check_fake_dtype, device_values_hold, dtype_names,
@@ -144,6 +146,10 @@ def _clamp_bound(op: str, name: str, value) -> Optional[float]:
 def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Exact int32 [M, N] = a [M, K] int8 @ b [K, N] int8, for any sizes and strides (b = w.t() of an [N, K]
     weight is the fast case)."""
+    if not is_dynamo_compiling():
+        out = _C.int8_mm(a, b)
+        if out is not NotImplemented:
+            return out
     _require_tensor("a", a)
     _require_tensor("b", b)
     _require_dtype("a", a, (torch.int8,))
