@@ -9,13 +9,15 @@
 // not int32, a scale tensor that is not float32, an x, scale or zero point off the CPU (the wrapper checks device
 // qparams' values), a tensor subclass or an active __torch_function__ mode. The accepted calls are a subset of what the
 // wrapper accepts, converted exactly as it converts them; the kernels check the values of CPU scale and zero point
-// tensors themselves. quantized_add's, quantized_mul's and int8_mm's entries work alike.
+// tensors themselves. quantized_add's and quantized_mul's entries work alike; int8_mm's takes int8 operands on
+// any one device (the op has no qparams to convert).
 //
 // The converted layers' entries (int8_linear_dynamic, quantized_layer_forward) take the arguments the layer prepared
 // at convert / load / move time, on any device, and check only the caller's input; they decline what the layer's
 // Python forward would treat differently, which then raises its errors.
 #include <Python.h>
 
+#include <algorithm>
 #include <array>
 #include <cfloat>
 #include <cstdint>
@@ -88,12 +90,12 @@ auto call_op(int64_t numel, const Call& call) {
 // MemoryError("std::bad_alloc"), as torch.ops raises it on the wrappers' other path (HANDLE_TH_ERRORS makes it a
 // RuntimeError)
 #define TQ_HANDLE_ERRORS HANDLE_TH_ERRORS try {
-#define TQ_END_HANDLE_ERRORS                    \
-  }                                             \
-  catch (const std::bad_alloc& e) {             \
+#define TQ_END_HANDLE_ERRORS                      \
+  }                                               \
+  catch (const std::bad_alloc& e) {               \
     PyErr_SetString(PyExc_MemoryError, e.what()); \
-    return nullptr;                             \
-  }                                             \
+    throw python_error();                         \
+  }                                               \
   END_HANDLE_TH_ERRORS
 
 // The argument conversions below return null / nullopt / false for anything the fast path leaves to the wrapper.
@@ -317,8 +319,11 @@ PyObject* call_int8_mm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (a == nullptr || b == nullptr || a->scalar_type() != at::kChar || b->scalar_type() != at::kChar ||
       a->dim() != 2 || b->dim() != 2 || a->size(1) != b->size(0) || a->device() != b->device())
     Py_RETURN_NOTIMPLEMENTED;
+  // the GIL released by the work's size: a packs, b packs (every call) and the output (saturated: expanded operands)
+  const int64_t m = a->size(0), n = b->size(1);
+  const int64_t out_numel = n != 0 && m > INT64_MAX / n ? INT64_MAX : m * n;
   static const auto op = find_op<Int8MmFn>("torchquant::int8_mm");
-  return THPVariable_Wrap(call_op(a->size(0) * b->size(1), [&] { return op.call(*a, *b); }));
+  return THPVariable_Wrap(call_op(std::max({a->numel(), b->numel(), out_numel}), [&] { return op.call(*a, *b); }));
   TQ_END_HANDLE_ERRORS
 }
 

@@ -104,6 +104,17 @@ class WithGRU(nn.Module):
 
     def forward(self, x):
         return self.head(self.gru(x)[0][:, -1])
+
+class GRUStack(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.grus = nn.ModuleList(nn.GRU(8, 8, batch_first=True) for _ in range(4))
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        for gru in self.grus:
+            x = gru(x)[0]
+        return self.head(x[:, -1])
 """
 
 
@@ -171,7 +182,7 @@ def test_convert_static_writes_a_checkpoint_that_load_reads(work, tmp_path):
     result = run_cli("convert", FACTORY, "--weights", work / "digits.safetensors", "--config", "int8-static",
                      "--calib", work / "calib.pt", "--eval", work / "eval.pt", "-o", out, "--report", report,
                      "--threads", "1", cwd=work, check_rc=0)
-    assert "wrote" in result.stderr and "4 layers quantized" in result.stderr
+    assert "wrote" in result.stderr and "4 layers quantized, 0 kept float; model" in result.stderr
     assert "accuracy on 128 samples" in result.stdout
     assert digests(work) == before, "input files must never be modified"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["digits-int8.safetensors", "report.json"]
@@ -561,6 +572,10 @@ def test_convert_counts_layers_with_no_quantized_type(in_work, tmp_path, capsys)
     assert status == 0 and out.exists()
     assert err[-1].startswith(f"wrote {out}: 1 layers quantized, 0 kept float, 1 with no quantized type "
                               f"(gru (GRU)); model ")
+    # (the first three named)
+    status, err = run_main(["convert", "mymodels:GRUStack", "-o", out, "--force"], capsys)
+    assert status == 0 and err[-1].startswith(f"wrote {out}: 1 layers quantized, 0 kept float, 4 with no quantized "
+                                              f"type (grus.0 (GRU), grus.1 (GRU), grus.2 (GRU), ...); model ")
 
 
 def test_pickled_model_finds_its_class_in_the_working_directory(work, tmp_path, in_work, capsys):

@@ -649,6 +649,13 @@ def test_int8_mm_fast_path_matches_the_checked_path():
     assert mode.ops == ["torchquant.int8_mm.default"], mode.ops
 
 
+def test_int8_mm_compiles_whole():
+    # under torch.compile the wrapper takes the op (the fast entry is opaque to dynamo: fullgraph would fail on it)
+    a, b = torch.randint(-128, 128, (5, 70), dtype=torch.int8), torch.randint(-128, 128, (70, 9), dtype=torch.int8)
+    compiled = torch.compile(F.int8_mm, fullgraph=True, backend="eager")
+    assert torch.equal(compiled(a, b), a.int() @ b.int())
+
+
 def test_int8_mm_fast_path_declines_what_the_checked_path_handles():
     a, b = torch.zeros(3, 4, dtype=torch.int8), torch.zeros(4, 5, dtype=torch.int8)
     good = (a, b)

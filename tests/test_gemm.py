@@ -39,8 +39,9 @@ LARGER = [(100, 300, 70), (130, 520, 129), (101, 260, 257), (200, 2700, 300)]
 # whole 64-column panel at once, larger ones pairs of 16-row tiles; from 16 k-chunks (K >= 1024) each pair's
 # epilogue runs while the next pair is summed; 193 rows make chunks of 96, 96 and 1 (the last on the VNNI kernel,
 # after the AMX blocks on the same thread); K past the last 64-byte chunk (int8_mm zero fills both operands to a
-# whole chunk, int8_linear's uint8 rows read in place leave those k-steps to the VNNI kernel); a weight over 1 MB
-# (4100 x 300), whose chunks take up to 1 MB of rows where the work items outnumber the threads: 160 and 140
+# whole chunk; int8_linear's rows, packed to round_up(K, 4) or uint8 read in place, leave those k-steps to the VNNI
+# kernel); a weight over 1 MB (4100 x 300), whose chunks take up to 1 MB of rows where the work items outnumber the
+# threads: 160 and 140
 AMX_ROWS = [(12, 384, 1536), (8, 130, 64), (16, 64, 100), (9, 1536, 129), (193, 256, 130), (40, 200, 70),
             (70, 64, 64), (193, 2100, 130), (40, 2048, 64), (70, 1536, 130), (300, 4100, 300)]
 
@@ -105,14 +106,16 @@ def test_int8_mm_linear_layout(device, isa, m, k, n):
     torch.testing.assert_close(F.int8_mm(a, w.t()), reference.int8_mm(a, w.t()), rtol=0, atol=0)
 
 
-# Few rows of a (packed, at most 1 MB) and a packed b over 1 MB: b is packed and multiplied a block of columns (1 MB
-# packed a thread, whole panels) at a time. With 1 thread: blocks of 192 + 108 columns (a partial panel in the last),
-# of 512, 512 and 76 (one row, on the VNNI kernel on AVX-512), of 1024 + 76 (two chunks of rows), of one panel (k
-# over 16K: 64, 64, 2); with 2 threads twice as wide (1024 + 76, 128 + 2; the others in one block). b row-major, in
-# the nn.Linear layout, with every other column (the strided packing) and with rows longer than n; outputs written
-# with streaming stores where n allows.
+# Few rows of a (packed, at most 1 MB) and a packed b over 1 MB: each thread packs and multiplies blocks of b's
+# columns (at most 1 MB packed, whole panels; as many blocks as that needs, rounded up to a multiple of the threads).
+# With 1 thread: blocks of 192 + 108 columns (a partial panel in the last; rows of 4160 bytes, K zero filled to whole
+# AMX tile depths), of 384, 384 and 332 (one row, on the VNNI kernel on AVX-512), of 576 + 524 (two chunks of rows),
+# of one panel (k over 16K: 64, 64, 2), of 192 + 128, and six of 192 (the last 140). With 2 threads: 320 x 3 + 140
+# (two blocks a thread), 64, 64 and 2 (two blocks and one), 192 x 5 + 140 (three a thread), and the others in one
+# block, their panels split over both threads. b row-major, in the nn.Linear layout, with every other column (the
+# strided packing) and with rows longer than n; outputs written with streaming stores where n allows.
 @pytest.mark.parametrize("m,k,n", [(9, 4100, 300), (1, 2048, 1100), (130, 1024, 1100), (1, 16400, 130),
-                                   (9, 4100, 320)])
+                                   (9, 4100, 320), (9, 4100, 1100)])
 @pytest.mark.parametrize("layout", ["k_n", "linear", "every_other_column", "long_rows"])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_int8_mm_blocks_of_b(device, isa, monkeypatch, m, k, n, layout, threads):

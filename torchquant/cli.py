@@ -349,8 +349,9 @@ def _cmd_convert(args) -> int:
     kept = [layer.name for layer in report.layers if not layer.quantized]
     # layers no quantized type replaces (an LSTM, a ConvTranspose2d) are not in report.layers: counted apart
     float_only = float_only_layers(job.model)
+    named = ", ".join(float_only[:3]) + (", ..." if len(float_only) > 3 else "")
     _status(args, f"wrote {args.output}: {len(report.layers) - len(kept)} layers quantized, {len(kept)} kept float"
-                  + (f", {len(float_only)} with no quantized type ({', '.join(float_only)})" if float_only else "")
+                  + (f", {len(float_only)} with no quantized type ({named})" if float_only else "")
                   + f"; model {report.bytes_float / 1024:.1f} KiB -> {report.bytes_quantized / 1024:.1f} KiB"
                   + (f"; report {args.report}" if args.report else ""))
     return 0

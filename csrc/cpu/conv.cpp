@@ -35,8 +35,8 @@ struct Im2colSource {
 
 // dst[i] = src[i] ^ flip for i < n with whole-vector moves only: a run of n >= 16 bytes ends with a 16-byte move
 // that overlaps the previous one, a shorter run is two overlapping moves of 8, 4 or 1 bytes. The runs of an
-// im2col row are short (21 bytes for a 7x7 window of 3 channels), where copy_flip's byte loop for the tail cost
-// as much as the GEMM's multiplies.
+// im2col row are short (21 bytes for a 7x7 window of 3 channels), where a byte loop for the tail (copy_flip's
+// without AVX-512) cost as much as the GEMM's multiplies.
 inline void copy_run(uint8_t* dst, const uint8_t* src, int64_t n, uint8_t flip) {
   if (n >= 16) {
     const __m128i f = _mm_set1_epi8(static_cast<char>(flip));

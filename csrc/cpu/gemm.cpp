@@ -47,8 +47,8 @@ Epilogue epilogue_for(const EpilogueInputs& in, uint8_t flip, void* out, int64_t
 
 namespace {
 
-// Where a's packed rows take at most kInt8MmFewRowsBytes, int8_mm packs and multiplies b in blocks of at most this
-// many packed bytes a thread (whole 64-column panels; at least one panel a thread), see int8_mm_cpu
+// Where a's packed rows take at most kInt8MmFewRowsBytes, int8_mm's threads each pack and multiply blocks of b of
+// at most this many packed bytes (whole 64-column panels; at least one panel), see int8_mm_cpu
 constexpr int64_t kInt8MmBlockBytes = int64_t{1} << 20;
 constexpr int64_t kInt8MmFewRowsBytes = int64_t{1} << 20;
 
@@ -67,41 +67,54 @@ at::Tensor int8_mm_cpu(const at::Tensor& a, const at::Tensor& b) {
   uint8_t* a_packed = scratch_buffer(Scratch::Activations, a_bytes);
   pack_activation_rows(reinterpret_cast<const uint8_t*>(a.data_ptr<int8_t>()), m, k, a.stride(0), a.stride(1), 0x80,
                        a_packed, depth);
-  // Where a's rows are few and b is large, b is packed and multiplied a block of columns at a time (each thread's
-  // share about 1 MB packed), each packed block read while it is still in L2. Packed whole first, b went out to
-  // memory and came back before the products read it (and over 32 MB its scratch buffer was allocated anew each
-  // call). b in the nn.Linear layout, caches cold, 1 thread on a Xeon: 128 x 4096 x 4096 0.61x -> 0.97-1.03x
-  // torch._int_mm, 32 x 4096 x 11008 0.31x -> 1.00-1.33x.
-  const int64_t n_padded = round_up(n, kPackAlign);
-  const int64_t threads = at::get_num_threads();
-  const int64_t block_panels = threads * std::max<int64_t>(1, kInt8MmBlockBytes / depth / kPackAlign);
-  const int64_t block_cols = a_bytes <= kInt8MmFewRowsBytes && n_padded > block_panels * kPackAlign
-                                 ? block_panels * kPackAlign
-                                 : n_padded;
-  const int64_t block_bytes = checked_mul("int8_mm", "the packed b size", block_cols, depth);
-  int8_t* b_packed = reinterpret_cast<int8_t*>(scratch_buffer(Scratch::Weights, block_bytes));
   std::vector<int32_t> col_offset(n);
   GemmArgs args;
   args.a = a_packed;
   args.lda = depth;
-  args.b = b_packed;
   args.ldb = depth;
   args.m = m;
   args.k = depth;
   Epilogue ep;
   ep.kind = OutKind::Int32;
   ep.out_row_stride = n;
-  for (int64_t n0 = 0; n0 < n; n0 += block_cols) {  // each block: its columns packed, then multiplied
-    const int64_t cols = std::min(block_cols, n - n0);
+  // columns [n0, n0 + cols) of b packed into b_packed, then multiplied
+  const auto multiply_columns = [&](int64_t n0, int64_t cols, int8_t* b_packed) {
     pack_weight(b.data_ptr<int8_t>() + n0 * b.stride(1), cols, k, b.stride(1), b.stride(0), depth, b_packed,
                 col_offset.data() + n0);
     for (int64_t c = n0; c < n0 + cols; ++c)  // the +128 shift of a
       col_offset[c] = static_cast<int32_t>(128u * static_cast<uint32_t>(col_offset[c]));
-    args.n = cols;
-    ep.out = out.data_ptr<int32_t>() + n0;
-    ep.col_offset = col_offset.data() + n0;
-    gemm_u8s8(args, ep, isa);
+    GemmArgs block = args;
+    block.b = b_packed;
+    block.n = cols;
+    Epilogue block_ep = ep;
+    block_ep.out = out.data_ptr<int32_t>() + n0;
+    block_ep.col_offset = col_offset.data() + n0;
+    gemm_u8s8(block, block_ep, isa);
+  };
+  // Where a's rows are few and b is large, each thread packs and multiplies blocks of b's columns of its own (about
+  // 1 MB packed), each read while it is still in L2, in one parallel region (pack_weight's and gemm_u8s8's regions
+  // run inline there). Packed whole first, b went out to memory and came back before the products read it (and over
+  // 32 MB its scratch buffer was allocated anew each call): b in the nn.Linear layout, caches cold, 1 thread on a
+  // Xeon, 128 x 4096 x 4096 0.61x -> 0.97-1.03x torch._int_mm, 32 x 4096 x 11008 0.31x -> 1.00-1.33x. Blocks
+  // packed by all threads together, then multiplied, took two fork-joins a block.
+  // (as many blocks as fit kInt8MmBlockBytes, rounded up to a multiple of the threads: equal shares)
+  const int64_t threads = at::get_num_threads(), n_panels = ceil_div(n, kPackAlign);
+  const int64_t blocks = round_up(ceil_div(n_panels, std::max<int64_t>(1, kInt8MmBlockBytes / depth / kPackAlign)),
+                                  threads);
+  const int64_t block_cols = ceil_div(n_panels, blocks) * kPackAlign;
+  if (a_bytes <= kInt8MmFewRowsBytes && blocks > threads) {
+    at::parallel_for(0, ceil_div(n, block_cols), 1, [&](int64_t begin, int64_t end) {
+      const ScratchScope thread_weights_scope(Scratch::Weights);
+      int8_t* b_packed = reinterpret_cast<int8_t*>(
+          scratch_buffer(Scratch::Weights, checked_mul("int8_mm", "the packed b size", block_cols, depth)));
+      for (int64_t i = begin; i < end; ++i)
+        multiply_columns(i * block_cols, std::min(block_cols, n - i * block_cols), b_packed);
+    });
+    return out;
   }
+  multiply_columns(0, n, reinterpret_cast<int8_t*>(scratch_buffer(
+                             Scratch::Weights,
+                             checked_mul("int8_mm", "the packed b size", round_up(n, kPackAlign), depth))));
   return out;
 }
 

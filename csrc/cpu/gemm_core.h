@@ -93,8 +93,8 @@ class ScratchScope {
 void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa);
 
 // The depth to which a caller that packs both operands pads k (zero bytes past k in both): round_up(k, 64) where
-// gemm_u8s8 multiplies m rows on AMX tiles (no k-steps past the last whole tile depth left to the vector kernel),
-// else round_up(k, 4).
+// gemm_u8s8 multiplies work items of m rows on AMX tiles (no k-steps past the last whole tile depth left to the
+// vector kernel; a last item of fewer than 8 rows multiplies the zero bytes on it), else round_up(k, 4).
 int64_t gemm_packed_depth(int64_t m, int64_t k, CpuIsa isa);
 
 // ep with `streaming` set for an output of `rows` rows, each group of `cols` columns: streaming stores when the
