@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <array>
 #include <cfloat>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <new>
@@ -459,6 +460,105 @@ PyObject* call_quantized_max_pool2d(PyObject*, PyObject* const* args, Py_ssize_t
   TQ_END_HANDLE_ERRORS
 }
 
+// The arguments functional.int8_linear and int8_conv2d share, as given, on the fast path's terms (CPU tensors;
+// anything else declines): the kernel checks sizes, ranges and the values of scale tensors, as on the checked path.
+struct IntegerOpArgs {
+  const at::Tensor* x_q = nullptr;
+  c10::MaybeOwned<at::Tensor> x_scale;
+  int64_t x_zero_point = 0;
+  const at::Tensor *w_packed = nullptr, *w_sum = nullptr, *w_scale = nullptr;
+  std::optional<at::Tensor> bias;
+  int64_t out_features = 0;
+  at::ScalarType out_dtype = at::kFloat;
+  std::optional<double> out_scale, clamp_min, clamp_max;
+  int64_t out_zero_point = 0;
+};
+
+// A fused activation bound: None or a finite float (the checked path rejects the others with its message).
+bool clamp_arg(PyObject* o, std::optional<double>& bound) {
+  return optional_float_arg(o, bound) && (!bound || std::isfinite(*bound));
+}
+
+// args[0..6] (x_q, x_scale, x_zero_point, w_packed, w_sum, w_scale, bias), then out_features (or out_channels) at
+// args[i], and out_dtype, out_scale, out_zero_point, clamp_min, clamp_max at args[j..j + 4]. x_scale: a Python number
+// (positive and finite in float32: a cached tensor) or a float32 tensor, flattened.
+std::optional<IntegerOpArgs> integer_op_args(PyObject* const* args, Py_ssize_t i, Py_ssize_t j) {
+  IntegerOpArgs a;
+  a.x_q = plain_tensor(args[0]);
+  if (a.x_q == nullptr || !is_int8(a.x_q->scalar_type()) || a.x_q->dim() == 0 || !a.x_q->is_cpu()) return std::nullopt;
+  const at::Tensor* scale = THPVariable_Check(args[1]) ? plain_tensor(args[1]) : nullptr;
+  if (scale != nullptr) {
+    if (scale->scalar_type() != at::kFloat || !scale->is_cpu()) return std::nullopt;
+    a.x_scale = scale->dim() == 1 ? c10::MaybeOwned<at::Tensor>::borrowed(*scale)
+                                  : c10::MaybeOwned<at::Tensor>::owned(scale->reshape({-1}));
+  } else if (PyFloat_CheckExact(args[1]) || PyLong_CheckExact(args[1])) {
+    auto number = scale_arg(args[1], 1, *a.x_q);
+    if (!number) return std::nullopt;
+    a.x_scale = std::move(*number);
+  } else {
+    return std::nullopt;
+  }
+  const auto x_zero_point = int_in(args[2], INT64_MIN, INT64_MAX);
+  a.w_packed = plain_tensor(args[3]);
+  a.w_sum = plain_tensor(args[4]);
+  a.w_scale = plain_tensor(args[5]);
+  const at::Tensor* bias = args[6] == Py_None ? nullptr : plain_tensor(args[6]);
+  const auto out_features = int_in(args[i], INT64_MIN, INT64_MAX);
+  const auto out_zero_point = int_in(args[j + 2], INT64_MIN, INT64_MAX);
+  if (!x_zero_point || a.w_packed == nullptr || a.w_sum == nullptr || a.w_scale == nullptr ||
+      !a.w_packed->is_cpu() || !a.w_sum->is_cpu() || !a.w_scale->is_cpu() || (args[6] != Py_None && bias == nullptr) ||
+      (bias != nullptr && !bias->is_cpu()) || !out_features || !THPDtype_Check(args[j]) ||
+      !optional_float_arg(args[j + 1], a.out_scale) || !out_zero_point || !clamp_arg(args[j + 3], a.clamp_min) ||
+      !clamp_arg(args[j + 4], a.clamp_max))
+    return std::nullopt;
+  a.out_dtype = reinterpret_cast<THPDtype*>(args[j])->scalar_type;
+  if (!is_float(a.out_dtype) && !is_int8(a.out_dtype)) return std::nullopt;
+  a.x_zero_point = *x_zero_point;
+  if (bias != nullptr) a.bias = *bias;
+  a.out_features = *out_features;
+  a.out_zero_point = *out_zero_point;
+  return a;
+}
+
+// int8_linear(x_q, x_scale, x_zero_point, w_packed, w_sum, w_scale, bias, out_features, out_dtype, out_scale,
+// out_zero_point, clamp_min, clamp_max) -> Tensor: functional.int8_linear's arguments (IntegerOpArgs). Its Python
+// checks and the op's 13 boxed arguments cost about 6 us a call, more than a small layer's products.
+PyObject* call_int8_linear(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  TQ_HANDLE_ERRORS
+  check_nargs(nargs, 13, "int8_linear");
+  const auto a = integer_op_args(args, 7, 8);
+  if (!a) Py_RETURN_NOTIMPLEMENTED;
+  static const auto op = find_op<Int8LinearFn>("torchquant::int8_linear");
+  return THPVariable_Wrap(call_op(std::max(a->x_q->numel(), a->w_packed->numel()), [&] {
+    return op.call(*a->x_q, *a->x_scale, a->x_zero_point, *a->w_packed, *a->w_sum, *a->w_scale, a->bias,
+                   a->out_features, a->out_dtype, a->out_scale, a->out_zero_point, a->clamp_min, a->clamp_max);
+  }));
+  TQ_END_HANDLE_ERRORS
+}
+
+// int8_conv2d(x_q, x_scale, x_zero_point, w_packed, w_sum, w_scale, bias, out_channels, kernel_size, stride,
+// padding, dilation, groups, out_dtype, out_scale, out_zero_point, clamp_min, clamp_max) -> Tensor:
+// functional.int8_conv2d's arguments without a residual (IntegerOpArgs; x_q 4-d, each size one int or two, groups a
+// positive int dividing the input channels and out_channels).
+PyObject* call_int8_conv2d(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  TQ_HANDLE_ERRORS
+  check_nargs(nargs, 18, "int8_conv2d");
+  const auto a = integer_op_args(args, 7, 13);
+  std::array<int64_t, 2> kernel{}, stride{}, padding{}, dilation{};
+  const auto groups = int_in(args[12], 1, INT64_MAX);
+  if (!a || a->x_q->dim() != 4 || !pair_arg(args[8], kernel) || !pair_arg(args[9], stride) ||
+      !pair_arg(args[10], padding) || !pair_arg(args[11], dilation) || !groups || a->x_q->size(1) % *groups != 0 ||
+      a->out_features % *groups != 0)
+    Py_RETURN_NOTIMPLEMENTED;
+  static const auto op = find_op<Int8Conv2dFn>("torchquant::int8_conv2d");
+  return THPVariable_Wrap(call_op(std::max(a->x_q->numel(), a->w_packed->numel()), [&] {
+    return op.call(*a->x_q, *a->x_scale, a->x_zero_point, *a->w_packed, *a->w_sum, *a->w_scale, a->bias,
+                   a->out_features, kernel, stride, padding, dilation, *groups, a->out_dtype, a->out_scale,
+                   a->out_zero_point, a->clamp_min, a->clamp_max);
+  }));
+  TQ_END_HANDLE_ERRORS
+}
+
 // quantized_layer_forward(x, layer_args, clamp_min, clamp_max) -> Tensor: the converted forward of a QuantLinear or
 // QuantConv2d whose input is quantized per tensor (static, or dynamic on the CPU) and runs int8_linear /
 // int8_conv2d with a float output of x's dtype (a conv's x [N, C, H, W], or unbatched [C, H, W] as nn.Conv2d
@@ -604,6 +704,10 @@ PyMethodDef torchquant_python_calls[] = {
      "functional.quantize_per_token's fast path: the op's result, or NotImplemented"},
     {"int8_mm", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&torchquant::call_int8_mm)), METH_FASTCALL,
      "functional.int8_mm's fast path: the op's result, or NotImplemented"},
+    {"int8_linear", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&torchquant::call_int8_linear)),
+     METH_FASTCALL, "functional.int8_linear's fast path: the op's result, or NotImplemented"},
+    {"int8_conv2d", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&torchquant::call_int8_conv2d)),
+     METH_FASTCALL, "functional.int8_conv2d's fast path (no residual): the op's result, or NotImplemented"},
     {"int8_linear_dynamic",
      reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&torchquant::call_int8_linear_dynamic)),
      METH_FASTCALL, "QuantLinear's converted int8-dynamic forward: the op's result, or NotImplemented"},

@@ -678,3 +678,118 @@ def test_int8_mm_fast_path_declines_what_the_checked_path_handles():
         F.int8_mm(huge_a, huge_b)
     with PassThrough(), pytest.raises(MemoryError, match="bad_alloc"):
         F.int8_mm(huge_a, huge_b)
+
+
+def _linear_operands(k=40, n=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    return (F.pack_int8_weight(w), w.sum(1, dtype=torch.int32), torch.rand(n, generator=g) * 0.01 + 0.001,
+            torch.randn(n, generator=g))
+
+
+def _linear_args(x, x_scale, x_zp, bias, out):
+    w_packed, w_sum, w_scale, b = _linear_operands(x.shape[-1])
+    return (x, x_scale, x_zp, w_packed, w_sum, w_scale, b if bias else None, 24, out.get("out_dtype", torch.float32),
+            out.get("out_scale"), out.get("out_zero_point", 0), out.get("clamp_min"), out.get("clamp_max"))
+
+
+LINEAR_OUTS = [{}, dict(out_dtype=torch.bfloat16), dict(out_dtype=torch.float16, clamp_min=0.0),
+               dict(out_dtype=torch.uint8, out_scale=0.05, out_zero_point=3, clamp_min=0.0, clamp_max=6.0),
+               dict(out_dtype=torch.int8, out_scale=0.1)]
+
+
+@pytest.mark.parametrize("out", LINEAR_OUTS, ids=range(len(LINEAR_OUTS)))
+@pytest.mark.parametrize("bias", [True, False])
+def test_int8_linear_fast_path_matches_the_checked_path(out, bias):
+    g = torch.Generator().manual_seed(1)
+    u = torch.randint(0, 256, (2, 5, 40), generator=g, dtype=torch.uint8)
+    s = torch.randint(-128, 128, (3, 40), generator=g, dtype=torch.int8)
+    for x, x_scale, x_zp in [(u, 0.02, 128), (u, 1, 3), (s, torch.tensor([0.03]), 0), (s, torch.tensor(0.03), -5),
+                             (u, torch.rand(2, 5, generator=g) + 0.01, 128), (s[:, ::2], 0.02, 0), (u[:0], 0.02, 0)]:
+        args = _linear_args(x, x_scale, x_zp, bias, out)
+        assert _C.int8_linear(*args) is not NotImplemented
+        kwargs = dict(out_features=24, **out)
+        fast, checked = both_paths(lambda: F.int8_linear(*args[:7], **kwargs))
+        assert_same(fast, checked)
+
+
+def test_int8_linear_fast_path_declines_what_the_checked_path_handles():
+    x = torch.zeros(3, 40, dtype=torch.uint8)
+    good = _linear_args(x, 0.02, 128, True, {})
+    assert _C.int8_linear(*good) is not NotImplemented
+    w_packed = good[3]
+    for i, bad in [(0, x.float()), (0, x[0, 0]), (0, x.as_subclass(Counting)), (1, -0.1), (1, float("inf")),
+                   (1, True), (1, np.float64(0.1)), (1, torch.tensor([0.1], dtype=torch.float64)), (2, 1.0),
+                   (2, 2**70), (3, w_packed.to("meta")), (6, torch.zeros(24).to("meta")), (6, [0.0] * 24),
+                   (7, 24.0), (8, torch.int32), (8, "float32"), (9, 1), (10, None), (11, float("inf")),
+                   (12, float("nan")), (11, 0)]:
+        assert_declines(_C.int8_linear, good, i, bad)
+    with pytest.raises(TypeError, match="takes 13 arguments"):
+        _C.int8_linear(*good[:-1])
+    # the checked path keeps its messages and takes the rarer forms
+    with pytest.raises(ValueError, match="x_scale must be positive and finite"):
+        F.int8_linear(x, -0.1, 128, *good[3:7], out_features=24)
+    with pytest.raises(ValueError, match="clamp_max must be finite"):
+        F.int8_linear(x, 0.02, 128, *good[3:7], out_features=24, clamp_max=float("inf"))
+    with pytest.raises(TypeError, match="out_dtype must be"):
+        F.int8_linear(x, 0.02, 128, *good[3:7], out_features=24, out_dtype=torch.int32)
+    assert_same(F.int8_linear(x, np.float64(0.02), np.int64(128), *good[3:7], out_features=24.0),
+                F.int8_linear(x, 0.02, 128, *good[3:7], out_features=24))
+
+
+CONV_FORMS = [
+    # (kernel_size, stride, padding, dilation, groups, out)
+    (3, 1, 1, 1, 1, {}),
+    ((3, 2), [2, 1], (1, 0), [1, 2], 1, dict(out_dtype=torch.uint8, out_scale=0.5, clamp_min=0.0)),
+    (1, 1, 0, 1, 2, dict(out_dtype=torch.bfloat16)),
+    (3, 2, 1, 1, 4, dict(out_dtype=torch.int8, out_scale=0.3, out_zero_point=-2)),
+]
+
+
+@pytest.mark.parametrize("form", CONV_FORMS, ids=range(len(CONV_FORMS)))
+def test_int8_conv2d_fast_path_matches_the_checked_path(form):
+    kernel_size, stride, padding, dilation, groups, out = form
+    g = torch.Generator().manual_seed(2)
+    kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
+    w = torch.randint(-127, 128, (8, 8 // groups, kh, kw), generator=g, dtype=torch.int8)
+    operands = (F.pack_conv_weight(w, groups=groups), w.sum((1, 2, 3), dtype=torch.int32),
+                torch.rand(8, generator=g) * 0.01 + 0.001, torch.randn(8, generator=g))
+    x = torch.randint(0, 256, (2, 8, 7, 9), generator=g, dtype=torch.uint8)
+    for x_q in [x, x.to(memory_format=torch.channels_last), x[:0]]:
+        args = (x_q, 0.02, 128, *operands, 8, kernel_size, stride, padding, dilation, groups,
+                out.get("out_dtype", torch.float32), out.get("out_scale"), out.get("out_zero_point", 0),
+                out.get("clamp_min"), None)
+        assert _C.int8_conv2d(*args) is not NotImplemented
+        kwargs = dict(out_channels=8, kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation,
+                      groups=groups, **out)
+        fast, checked = both_paths(lambda: F.int8_conv2d(x_q, 0.02, 128, *operands, **kwargs))
+        assert_same(fast, checked)
+        assert fast.stride() == checked.stride()
+
+
+def test_int8_conv2d_fast_path_declines_what_the_checked_path_handles():
+    w = torch.zeros(4, 2, 3, 3, dtype=torch.int8)
+    operands = (F.pack_conv_weight(w, groups=2), w.sum((1, 2, 3), dtype=torch.int32), torch.ones(4), None)
+    x = torch.zeros(1, 4, 5, 5, dtype=torch.uint8)
+    good = (x, 0.1, 0, *operands, 4, 3, 1, 1, 1, 2, torch.float32, None, 0, None, None)
+    assert _C.int8_conv2d(*good) is not NotImplemented
+    for i, bad in [(0, x[0]), (0, x.float()), (8, (3, 3, 3)), (9, 1.0), (10, [1]), (11, None), (12, 3), (12, 0),
+                   (12, True), (7, 5)]:
+        assert_declines(_C.int8_conv2d, good, i, bad)
+    with pytest.raises(ValueError, match="groups must be a positive int dividing"):
+        F.int8_conv2d(x, 0.1, 0, *operands, out_channels=4, kernel_size=3, groups=3)
+    with pytest.raises(ValueError, match="x_q must be 4-d"):
+        F.int8_conv2d(x[0], 0.1, 0, *operands, out_channels=4, kernel_size=3, groups=2)
+    # a residual takes the checked path
+    residual = torch.zeros(1, 4, 3, 3, dtype=torch.uint8)
+    with Recording() as mode:
+        F.int8_conv2d(x, 0.1, 0, *operands, out_channels=4, kernel_size=3, groups=2, residual=residual,
+                      residual_scale=0.1, relu=True)
+    assert [op for op in mode.ops if op.startswith("torchquant")] == ["torchquant.int8_conv2d.residual"], mode.ops
+
+
+def test_integer_ops_compile_whole():
+    x = torch.randint(0, 256, (3, 40), dtype=torch.uint8)
+    args = _linear_args(x, 0.02, 128, True, {})[:7]
+    compiled = torch.compile(lambda x: F.int8_linear(x, *args[1:], out_features=24), fullgraph=True, backend="eager")
+    assert_same(compiled(x), F.int8_linear(*args, out_features=24))

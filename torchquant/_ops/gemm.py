@@ -2,7 +2,8 @@
 
 The wrappers check what the message should name in Python terms (types, ranks, devices) and leave the rest
 (sizes against the packed weight, zero-point ranges, ...) to the kernels' TORCH_CHECKs, so the small-batch path
-stays cheap; int8_mm first offers its operands to torchquant._C.int8_mm, which calls the op on well-formed ones.
+stays cheap; int8_mm, int8_linear and int8_conv2d first offer their arguments to their torchquant._C entries, which
+call the op on the common well-formed call (csrc/python_calls.cpp).
 Packed weights are device specific: re-pack after moving a weight to another device.
 """
 import math
@@ -185,6 +186,11 @@ def int8_linear(x_q: torch.Tensor, x_scale, x_zero_point: int, w_packed: torch.T
     (int32 [N]); w_scale float32 [N]. clamp_min / clamp_max: a fused activation, y = min(max(y, clamp_min),
     clamp_max) (each when given; ReLU: clamp_min=0, ReLU6: 0 and 6). out_dtype float32/float16/bfloat16, or
     int8/uint8 with out_scale and out_zero_point (requantized: clamp(rne(y / out_scale) + out_zero_point))."""
+    if not is_dynamo_compiling():
+        y = _C.int8_linear(x_q, x_scale, x_zero_point, w_packed, w_sum, w_scale, bias, out_features, out_dtype,
+                           out_scale, out_zero_point, clamp_min, clamp_max)
+        if y is not NotImplemented:
+            return y
     _require_tensor("x_q", x_q)
     _require_dtype("x_q", x_q, _ACTIVATION_DTYPES)
     if x_q.dim() < 1:
@@ -274,6 +280,12 @@ def int8_conv2d(x_q: torch.Tensor, x_scale, x_zero_point: int, w_packed: torch.T
         y = max(y, 0) when relu
 
     The CPU kernel adds it in the conv's epilogue; the CUDA kernel in one element-wise pass after the conv."""
+    if residual is None and residual_scale is None and relu is False and not is_dynamo_compiling():
+        y = _C.int8_conv2d(x_q, x_scale, x_zero_point, w_packed, w_sum, w_scale, bias, out_channels, kernel_size,
+                           stride, padding, dilation, groups, out_dtype, out_scale, out_zero_point, clamp_min,
+                           clamp_max)
+        if y is not NotImplemented:
+            return y
     _require_tensor("x_q", x_q)
     _require_dtype("x_q", x_q, _ACTIVATION_DTYPES)
     if x_q.dim() != 4:
