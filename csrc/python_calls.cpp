@@ -315,16 +315,17 @@ PyObject* call_quantize_per_token(PyObject*, PyObject* const* args, Py_ssize_t n
 PyObject* call_int8_mm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   TQ_HANDLE_ERRORS
   check_nargs(nargs, 2, "int8_mm");
-  const at::Tensor* a = plain_tensor(args[0]);
-  const at::Tensor* b = plain_tensor(args[1]);
-  if (a == nullptr || b == nullptr || a->scalar_type() != at::kChar || b->scalar_type() != at::kChar ||
-      a->dim() != 2 || b->dim() != 2 || a->size(1) != b->size(0) || a->device() != b->device())
+  const at::Tensor* a_arg = plain_tensor(args[0]);
+  const at::Tensor* b_arg = plain_tensor(args[1]);
+  if (a_arg == nullptr || b_arg == nullptr || a_arg->scalar_type() != at::kChar || b_arg->scalar_type() != at::kChar ||
+      a_arg->dim() != 2 || b_arg->dim() != 2 || a_arg->size(1) != b_arg->size(0) || a_arg->device() != b_arg->device())
     Py_RETURN_NOTIMPLEMENTED;
+  const at::Tensor a = *a_arg, b = *b_arg;  // owned while the op may run without the GIL (see IntegerOpArgs)
   // the GIL released by the work's size: a packs, b packs (every call) and the output (saturated: expanded operands)
-  const int64_t m = a->size(0), n = b->size(1);
+  const int64_t m = a.size(0), n = b.size(1);
   const int64_t out_numel = n != 0 && m > INT64_MAX / n ? INT64_MAX : m * n;
   static const auto op = find_op<Int8MmFn>("torchquant::int8_mm");
-  return THPVariable_Wrap(call_op(std::max({a->numel(), b->numel(), out_numel}), [&] { return op.call(*a, *b); }));
+  return THPVariable_Wrap(call_op(std::max({a.numel(), b.numel(), out_numel}), [&] { return op.call(a, b); }));
   TQ_END_HANDLE_ERRORS
 }
 
@@ -462,11 +463,12 @@ PyObject* call_quantized_max_pool2d(PyObject*, PyObject* const* args, Py_ssize_t
 
 // The arguments functional.int8_linear and int8_conv2d share, as given, on the fast path's terms (CPU tensors;
 // anything else declines): the kernel checks sizes, ranges and the values of scale tensors, as on the checked path.
+// The tensors are owned (a reference each): the op may run without the GIL, while another thread could replace a
+// borrowed one's contents (torch.utils.swap_tensors refuses only tensors with other references).
 struct IntegerOpArgs {
-  const at::Tensor* x_q = nullptr;
-  c10::MaybeOwned<at::Tensor> x_scale;
+  at::Tensor x_q, x_scale;
   int64_t x_zero_point = 0;
-  const at::Tensor *w_packed = nullptr, *w_sum = nullptr, *w_scale = nullptr;
+  at::Tensor w_packed, w_sum, w_scale;
   std::optional<at::Tensor> bias;
   int64_t out_features = 0;
   at::ScalarType out_dtype = at::kFloat;
@@ -483,36 +485,43 @@ bool clamp_arg(PyObject* o, std::optional<double>& bound) {
 // args[i], and out_dtype, out_scale, out_zero_point, clamp_min, clamp_max at args[j..j + 4]. x_scale: a Python number
 // (positive and finite in float32: a cached tensor) or a float32 tensor, flattened.
 std::optional<IntegerOpArgs> integer_op_args(PyObject* const* args, Py_ssize_t i, Py_ssize_t j) {
+  // a CPU tensor of torch's strided layout (a sparse scale fails the checked path's reshape with its own message)
+  const auto cpu_tensor = [](PyObject* o) {
+    const at::Tensor* t = plain_tensor(o);
+    return t != nullptr && t->is_cpu() && t->layout() == at::kStrided ? t : nullptr;
+  };
   IntegerOpArgs a;
-  a.x_q = plain_tensor(args[0]);
-  if (a.x_q == nullptr || !is_int8(a.x_q->scalar_type()) || a.x_q->dim() == 0 || !a.x_q->is_cpu()) return std::nullopt;
-  const at::Tensor* scale = THPVariable_Check(args[1]) ? plain_tensor(args[1]) : nullptr;
-  if (scale != nullptr) {
-    if (scale->scalar_type() != at::kFloat || !scale->is_cpu()) return std::nullopt;
-    a.x_scale = scale->dim() == 1 ? c10::MaybeOwned<at::Tensor>::borrowed(*scale)
-                                  : c10::MaybeOwned<at::Tensor>::owned(scale->reshape({-1}));
+  const at::Tensor* x_q = cpu_tensor(args[0]);
+  if (x_q == nullptr || !is_int8(x_q->scalar_type()) || x_q->dim() == 0) return std::nullopt;
+  a.x_q = *x_q;
+  if (THPVariable_Check(args[1])) {
+    const at::Tensor* scale = cpu_tensor(args[1]);
+    if (scale == nullptr || scale->scalar_type() != at::kFloat) return std::nullopt;
+    a.x_scale = scale->dim() == 1 ? *scale : scale->reshape({-1});
   } else if (PyFloat_CheckExact(args[1]) || PyLong_CheckExact(args[1])) {
-    auto number = scale_arg(args[1], 1, *a.x_q);
+    auto number = scale_arg(args[1], 1, *x_q);
     if (!number) return std::nullopt;
-    a.x_scale = std::move(*number);
+    a.x_scale = **number;
   } else {
     return std::nullopt;
   }
   const auto x_zero_point = int_in(args[2], INT64_MIN, INT64_MAX);
-  a.w_packed = plain_tensor(args[3]);
-  a.w_sum = plain_tensor(args[4]);
-  a.w_scale = plain_tensor(args[5]);
-  const at::Tensor* bias = args[6] == Py_None ? nullptr : plain_tensor(args[6]);
+  const at::Tensor* w_packed = cpu_tensor(args[3]);
+  const at::Tensor* w_sum = cpu_tensor(args[4]);
+  const at::Tensor* w_scale = cpu_tensor(args[5]);
+  const at::Tensor* bias = args[6] == Py_None ? nullptr : cpu_tensor(args[6]);
   const auto out_features = int_in(args[i], INT64_MIN, INT64_MAX);
   const auto out_zero_point = int_in(args[j + 2], INT64_MIN, INT64_MAX);
-  if (!x_zero_point || a.w_packed == nullptr || a.w_sum == nullptr || a.w_scale == nullptr ||
-      !a.w_packed->is_cpu() || !a.w_sum->is_cpu() || !a.w_scale->is_cpu() || (args[6] != Py_None && bias == nullptr) ||
-      (bias != nullptr && !bias->is_cpu()) || !out_features || !THPDtype_Check(args[j]) ||
+  if (!x_zero_point || w_packed == nullptr || w_sum == nullptr || w_scale == nullptr ||
+      (args[6] != Py_None && bias == nullptr) || !out_features || !THPDtype_Check(args[j]) ||
       !optional_float_arg(args[j + 1], a.out_scale) || !out_zero_point || !clamp_arg(args[j + 3], a.clamp_min) ||
       !clamp_arg(args[j + 4], a.clamp_max))
     return std::nullopt;
   a.out_dtype = reinterpret_cast<THPDtype*>(args[j])->scalar_type;
   if (!is_float(a.out_dtype) && !is_int8(a.out_dtype)) return std::nullopt;
+  a.w_packed = *w_packed;
+  a.w_sum = *w_sum;
+  a.w_scale = *w_scale;
   a.x_zero_point = *x_zero_point;
   if (bias != nullptr) a.bias = *bias;
   a.out_features = *out_features;
@@ -529,9 +538,9 @@ PyObject* call_int8_linear(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   const auto a = integer_op_args(args, 7, 8);
   if (!a) Py_RETURN_NOTIMPLEMENTED;
   static const auto op = find_op<Int8LinearFn>("torchquant::int8_linear");
-  return THPVariable_Wrap(call_op(std::max(a->x_q->numel(), a->w_packed->numel()), [&] {
-    return op.call(*a->x_q, *a->x_scale, a->x_zero_point, *a->w_packed, *a->w_sum, *a->w_scale, a->bias,
-                   a->out_features, a->out_dtype, a->out_scale, a->out_zero_point, a->clamp_min, a->clamp_max);
+  return THPVariable_Wrap(call_op(std::max(a->x_q.numel(), a->w_packed.numel()), [&] {
+    return op.call(a->x_q, a->x_scale, a->x_zero_point, a->w_packed, a->w_sum, a->w_scale, a->bias, a->out_features,
+                   a->out_dtype, a->out_scale, a->out_zero_point, a->clamp_min, a->clamp_max);
   }));
   TQ_END_HANDLE_ERRORS
 }
@@ -546,15 +555,15 @@ PyObject* call_int8_conv2d(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   const auto a = integer_op_args(args, 7, 13);
   std::array<int64_t, 2> kernel{}, stride{}, padding{}, dilation{};
   const auto groups = int_in(args[12], 1, INT64_MAX);
-  if (!a || a->x_q->dim() != 4 || !pair_arg(args[8], kernel) || !pair_arg(args[9], stride) ||
-      !pair_arg(args[10], padding) || !pair_arg(args[11], dilation) || !groups || a->x_q->size(1) % *groups != 0 ||
+  if (!a || a->x_q.dim() != 4 || !pair_arg(args[8], kernel) || !pair_arg(args[9], stride) ||
+      !pair_arg(args[10], padding) || !pair_arg(args[11], dilation) || !groups || a->x_q.size(1) % *groups != 0 ||
       a->out_features % *groups != 0)
     Py_RETURN_NOTIMPLEMENTED;
   static const auto op = find_op<Int8Conv2dFn>("torchquant::int8_conv2d");
-  return THPVariable_Wrap(call_op(std::max(a->x_q->numel(), a->w_packed->numel()), [&] {
-    return op.call(*a->x_q, *a->x_scale, a->x_zero_point, *a->w_packed, *a->w_sum, *a->w_scale, a->bias,
-                   a->out_features, kernel, stride, padding, dilation, *groups, a->out_dtype, a->out_scale,
-                   a->out_zero_point, a->clamp_min, a->clamp_max);
+  return THPVariable_Wrap(call_op(std::max(a->x_q.numel(), a->w_packed.numel()), [&] {
+    return op.call(a->x_q, a->x_scale, a->x_zero_point, a->w_packed, a->w_sum, a->w_scale, a->bias, a->out_features,
+                   kernel, stride, padding, dilation, *groups, a->out_dtype, a->out_scale, a->out_zero_point,
+                   a->clamp_min, a->clamp_max);
   }));
   TQ_END_HANDLE_ERRORS
 }

@@ -722,7 +722,7 @@ def test_int8_linear_fast_path_declines_what_the_checked_path_handles():
                    (1, True), (1, np.float64(0.1)), (1, torch.tensor([0.1], dtype=torch.float64)), (2, 1.0),
                    (2, 2**70), (3, w_packed.to("meta")), (6, torch.zeros(24).to("meta")), (6, [0.0] * 24),
                    (7, 24.0), (8, torch.int32), (8, "float32"), (9, 1), (10, None), (11, float("inf")),
-                   (12, float("nan")), (11, 0)]:
+                   (12, float("nan")), (11, 0), (1, torch.tensor([0.1]).to_sparse()), (4, good[4].to_sparse())]:
         assert_declines(_C.int8_linear, good, i, bad)
     with pytest.raises(TypeError, match="takes 13 arguments"):
         _C.int8_linear(*good[:-1])
