@@ -66,7 +66,7 @@ at::Tensor int8_mm_cpu(const at::Tensor& a, const at::Tensor& b) {
   const int64_t a_bytes = checked_mul("int8_mm", "the packed a size", m, depth);
   uint8_t* a_packed = scratch_buffer(Scratch::Activations, a_bytes);
   pack_activation_rows(reinterpret_cast<const uint8_t*>(a.data_ptr<int8_t>()), m, k, a.stride(0), a.stride(1), 0x80,
-                       a_packed, depth);
+                       a_packed, depth, isa);
   std::vector<int32_t> col_offset(n);
   GemmArgs args;
   args.a = a_packed;
@@ -80,7 +80,7 @@ at::Tensor int8_mm_cpu(const at::Tensor& a, const at::Tensor& b) {
   // columns [n0, n0 + cols) of b packed into b_packed, then multiplied
   const auto multiply_columns = [&](int64_t n0, int64_t cols, int8_t* b_packed) {
     pack_weight(b.data_ptr<int8_t>() + n0 * b.stride(1), cols, k, b.stride(1), b.stride(0), depth, b_packed,
-                col_offset.data() + n0);
+                col_offset.data() + n0, isa);
     for (int64_t c = n0; c < n0 + cols; ++c)  // the +128 shift of a
       col_offset[c] = static_cast<int32_t>(128u * static_cast<uint32_t>(col_offset[c]));
     GemmArgs block = args;
@@ -125,10 +125,11 @@ at::Tensor pack_int8_weight_cpu(const at::Tensor& w) {
   at::Tensor packed = empty_packed_weight(w, layout, false, extras);
   int8_t* dst = packed.data_ptr<int8_t>();
   const at::Tensor w3 = w.dim() == 5 ? w.reshape({layout.groups, layout.n, layout.k}) : w;  // a conv weight's matrix
+  const CpuIsa isa = cpu_isa();
   for (int64_t g = 0; g < layout.groups; ++g) {
     const int8_t* src = w3.data_ptr<int8_t>() + (w3.dim() == 3 ? g * w3.stride(0) : 0);
     pack_weight(src, layout.n, layout.k, w3.stride(-2), w3.stride(-1), layout.kp, dst + g * layout.group_bytes,
-                nullptr);
+                nullptr, isa);
   }
   if (extras > 0) pack_conv_weight_extras(w, dst, layout.kp, dst + layout.groups * layout.group_bytes);
   return packed;
@@ -150,6 +151,7 @@ at::Tensor int8_linear_impl(const char* op, const at::Tensor& x_q, const at::Ten
   const at::Tensor x2 = x_q.reshape({m, k});
   const uint8_t flip = activation_flip(x_q);
   const uint8_t* x_bytes = static_cast<const uint8_t*>(x2.data_ptr());
+  const CpuIsa isa = cpu_isa();
   GemmArgs args;
   const ScratchScope activations_scope(Scratch::Activations);
   if (flip == 0 && x2.stride(1) == 1 && (k % 4 == 0 || rows_padded)) {  // uint8 rows are read in place
@@ -158,7 +160,7 @@ at::Tensor int8_linear_impl(const char* op, const at::Tensor& x_q, const at::Ten
   } else {
     args.lda = round_up(k, 4);
     uint8_t* a_packed = scratch_buffer(Scratch::Activations, checked_mul(op, "the packed x_q size", m, args.lda));
-    pack_activation_rows(x_bytes, m, k, x2.stride(0), x2.stride(1), flip, a_packed, args.lda);
+    pack_activation_rows(x_bytes, m, k, x2.stride(0), x2.stride(1), flip, a_packed, args.lda, isa);
     args.a = a_packed;
   }
   args.b = w_packed.data_ptr<int8_t>();
@@ -167,7 +169,7 @@ at::Tensor int8_linear_impl(const char* op, const at::Tensor& x_q, const at::Ten
   args.n = n;
   args.k = k;
   thread_local std::vector<int32_t> col_offset;  // kept across calls: no allocation per call of a small layer
-  gemm_u8s8(args, epilogue_for(f.epilogue, flip, f.out.data_ptr(), n, col_offset), cpu_isa());
+  gemm_u8s8(args, epilogue_for(f.epilogue, flip, f.out.data_ptr(), n, col_offset), isa);
   return f.out;
 }
 

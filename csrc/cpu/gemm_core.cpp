@@ -1652,20 +1652,27 @@ ScratchScope::~ScratchScope() {
   }
 }
 
-int64_t gemm_packed_depth(int64_t m, int64_t k, CpuIsa isa) {
+namespace {
+
+// Whether gemm_u8s8 on the isa path multiplies k4 bytes of k on AMX tiles (its work items of at least kAmxMinRows
+// rows): on the avx512_amx path, for at least one k-chunk
+bool amx_multiplies(CpuIsa isa, int64_t k4) {
   bool amx = false;
   cpu_isa(&amx);
+  return amx && isa == CpuIsa::Avx512Vnni && k4 >= kAmxChunk;
+}
+
+}  // namespace
+
+int64_t gemm_packed_depth(int64_t m, int64_t k, CpuIsa isa) {
   const int64_t k4 = round_up(k, 4);
-  return amx && isa == CpuIsa::Avx512Vnni && k4 >= kAmxChunk && m >= kAmxMinRows ? round_up(k, kAmxChunk) : k4;
+  return amx_multiplies(isa, k4) && m >= kAmxMinRows ? round_up(k, kAmxChunk) : k4;
 }
 
 void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa) {
   const IsaPath path = isa_path(isa);
   const int64_t k4 = round_up(args.k, 4);
-  bool amx = false;
-  cpu_isa(&amx);
-  // AMX for work items of at least one tile of rows and one k-chunk
-  amx = amx && isa == CpuIsa::Avx512Vnni && k4 >= kAmxChunk;
+  const bool amx = amx_multiplies(isa, k4);
   const int64_t n_panels = (args.n + kPackAlign - 1) / kPackAlign;
   // rows split evenly over the fewest chunks of <= max_rows (128 rows: 2 x 66, not 96 + 32, which would leave one
   // of two threads a quarter of the work), rounded to whole microkernel row groups, on AMX to whole pairs of tiles
@@ -1879,17 +1886,17 @@ TQ_TARGET_VNNI void fill_panel_blocks_avx512(const int8_t* src, int64_t stride_n
   for (int g = 0; g < kPackAlign / 16; ++g) _mm512_storeu_si512(col_sums + 16 * g, sums[g]);
 }
 
-// The nn.Linear layout (k contiguous per column). Full panels on AVX-512 (avx512) go 16 steps at a time through
+// The nn.Linear layout (k contiguous per column). Full panels on AVX-512 go 16 steps at a time through
 // fill_panel_block_avx512; the rest 4 columns at a time, in blocks of 16 steps, so that the block's 4 KB of the
 // panel stays in L1 while every column's 64 bytes are read (4 columns over all of k at a time wrote each panel line
 // in 16-byte pieces spread over the whole panel: 4096 x 4096 packed in 4.4 ms, 2.9 ms in blocks, 1.6 ms on
 // AVX-512). Returns the first step whose column sums are left to the caller (with col_sums; 0 without).
 int64_t fill_panel_k_contiguous(const int8_t* src, int64_t cols, int64_t k, int64_t stride_n, int8_t* panel,
-                                int32_t* col_sums, bool avx512) {
+                                int32_t* col_sums, CpuIsa isa) {
   constexpr int64_t kBlockSteps = 16;
   const int64_t full_steps = k / 4;
   int64_t s0 = 0;
-  if (cols == kPackAlign && avx512) {
+  if (cols == kPackAlign && isa == CpuIsa::Avx512Vnni) {
     s0 = full_steps / kBlockSteps * kBlockSteps;
     fill_panel_blocks_avx512(src, stride_n, full_steps / kBlockSteps, panel, col_sums);
   }
@@ -1997,12 +2004,10 @@ void panel_col_sums(const int8_t* panel, int64_t cols, int64_t k, int32_t* col_s
 }  // namespace
 
 void pack_weight(const int8_t* w, int64_t n, int64_t k, int64_t stride_n, int64_t stride_k, int64_t kp, int8_t* dst,
-                 int32_t* col_sums) {
+                 int32_t* col_sums, CpuIsa isa) {
   const int64_t n_panels = (n + kPackAlign - 1) / kPackAlign;
   const int64_t panel_grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(kp * kPackAlign, 1));
   const bool rows_contiguous = stride_n == 1 && stride_k != 1;
-  const CpuIsa isa = cpu_isa();
-  const bool avx512 = isa == CpuIsa::Avx512Vnni;
   at::parallel_for(0, n_panels, panel_grain, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       int8_t* panel = dst + p * kp * kPackAlign;
@@ -2011,7 +2016,7 @@ void pack_weight(const int8_t* w, int64_t n, int64_t k, int64_t stride_n, int64_
       if (rows_contiguous) continue;  // filled by steps below
       int32_t* sums = col_sums == nullptr ? nullptr : col_sums + n0;
       if (stride_k == 1) {
-        const int64_t summed = fill_panel_k_contiguous(w + n0 * stride_n, cols, k, stride_n, panel, sums, avx512);
+        const int64_t summed = fill_panel_k_contiguous(w + n0 * stride_n, cols, k, stride_n, panel, sums, isa);
         if (sums != nullptr) panel_col_sums(panel, cols, k, sums, isa, summed);
       } else {
         fill_panel_strided(w + n0 * stride_n, cols, k, stride_n, stride_k, panel);
@@ -2059,9 +2064,8 @@ void copy_flip(uint8_t* dst, const uint8_t* src, int64_t n, uint8_t flip, CpuIsa
 }  // namespace
 
 void pack_activation_rows(const uint8_t* src, int64_t m, int64_t k, int64_t stride_m, int64_t stride_k, uint8_t flip,
-                          uint8_t* dst, int64_t lda) {
+                          uint8_t* dst, int64_t lda, CpuIsa isa) {
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(lda, 1));
-  const CpuIsa isa = cpu_isa();
   at::parallel_for(0, m, grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const uint8_t* row = src + i * stride_m;

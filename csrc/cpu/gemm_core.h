@@ -200,13 +200,15 @@ void conv_u8s8_direct(const GemmArgs& args, const ConvGeometry& g, const uint8_t
                       const Epilogue& ep);
 
 // Packs w[n, k] (element (n, k) at w + n * stride_n + k * stride_k) into round_up(n, kPackAlign) / kPackAlign
-// panels of depth kp at dst. With col_sums non-null also writes col_sums[n] = sum_k w[n, k].
+// panels of depth kp at dst, with the isa path's vector code. With col_sums non-null also writes col_sums[n] =
+// sum_k w[n, k].
 void pack_weight(const int8_t* w, int64_t n, int64_t k, int64_t stride_n, int64_t stride_k, int64_t kp, int8_t* dst,
-                 int32_t* col_sums);
+                 int32_t* col_sums, CpuIsa isa);
 
 // Copies src[m, k] (element at src + i * stride_m + j * stride_k) into rows of lda bytes, XOR-ing each byte with
-// `flip` (0x80 turns int8 into the shifted uint8 form, 0 copies uint8) and zero filling columns k..lda.
+// `flip` (0x80 turns int8 into the shifted uint8 form, 0 copies uint8) and zero filling columns k..lda, with the
+// isa path's vector code.
 void pack_activation_rows(const uint8_t* src, int64_t m, int64_t k, int64_t stride_m, int64_t stride_k, uint8_t flip,
-                          uint8_t* dst, int64_t lda);
+                          uint8_t* dst, int64_t lda, CpuIsa isa);
 
 }  // namespace torchquant::gemm
