@@ -80,9 +80,18 @@ c10::TypedOperatorHandle<Fn> find_op(const char* name, const char* overload = ""
 // and taking the GIL back costs more than it lets run.
 constexpr int64_t kReleaseGilNumel = 1 << 16;
 
-template <class Call>
-auto call_op(int64_t numel, const Call& call) {
+at::Tensor hold(const at::Tensor& t) { return t; }
+at::Tensor hold(const std::optional<at::Tensor>& t) { return t ? *t : at::Tensor(); }
+at::Tensor hold(const at::Tensor* t) { return t != nullptr ? *t : at::Tensor(); }
+
+// call(), without the GIL where numel is large. The entries borrow their arguments' tensors, which `tensors` lists
+// (every tensor the call reads): while the GIL is released they are held, a reference each, since another thread
+// could otherwise swap a borrowed tensor's contents (torch.utils.swap_tensors refuses only a tensor with other
+// references) and free the memory the op reads or writes.
+template <class Call, class... Tensors>
+auto call_op(int64_t numel, const Call& call, const Tensors&... tensors) {
   if (numel < kReleaseGilNumel) return call();
+  [[maybe_unused]] const std::array<at::Tensor, sizeof...(Tensors)> held{hold(tensors)...};
   pybind11::gil_scoped_release no_gil;
   return call();
 }
@@ -199,8 +208,8 @@ std::optional<at::Tensor> number_tensor(double value, int64_t length, at::Scalar
 // scale (dtype float32) or zero_point (int32) of x as the op takes it, with `length` entries (1 per tensor, x's
 // channels per channel) for a CPU x: a number in [low, high] (the scale may be a float, the zero point only an int)
 // as a cached tensor, or a CPU tensor of that dtype and length, as a 1-D view. Other devices take the Python path.
-// A 1-D tensor argument is borrowed (it outlives the call; a copy costs two atomic reference counts); a cached
-// number's tensor is owned, as the other qparam's lookup may replace its slot.
+// A 1-D tensor argument is borrowed (it outlives the call; a copy costs two atomic reference counts; call_op holds it
+// while the GIL is released); a cached number's tensor is owned, as the other qparam's lookup may replace its slot.
 std::optional<c10::MaybeOwned<at::Tensor>> qparam_arg(PyObject* o, at::ScalarType dtype, double low, double high,
                                                       int64_t length, const at::Tensor& x) {
   // Numbers first: their exact-type tests are pointer comparisons, while THPVariable_Check on a non-tensor is an
@@ -265,7 +274,8 @@ PyObject* call_quantize_like(PyObject*, PyObject* const* args, Py_ssize_t nargs)
   if (!scale || !zero_point) Py_RETURN_NOTIMPLEMENTED;
   static const auto op = find_op<QuantizeFn>(Name);
   return THPVariable_Wrap(
-      call_op(x->numel(), [&] { return op.call(*x, **scale, **zero_point, axis, *bits, is_signed, *rounding); }));
+      call_op(x->numel(), [&] { return op.call(*x, **scale, **zero_point, axis, *bits, is_signed, *rounding); }, *x,
+              **scale, **zero_point));
   TQ_END_HANDLE_ERRORS
 }
 
@@ -289,7 +299,8 @@ PyObject* call_dequantize(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   const auto zero_point = zero_point_arg(args[2], is_signed ? -128 : 0, is_signed ? 127 : 255, length, *q);
   if (!scale || !zero_point) Py_RETURN_NOTIMPLEMENTED;
   static const auto op = find_op<DequantizeFn>("torchquant::dequantize");
-  return THPVariable_Wrap(call_op(q->numel(), [&] { return op.call(*q, **scale, **zero_point, axis, dtype); }));
+  return THPVariable_Wrap(
+      call_op(q->numel(), [&] { return op.call(*q, **scale, **zero_point, axis, dtype); }, *q, **scale, **zero_point));
   TQ_END_HANDLE_ERRORS
 }
 
@@ -301,7 +312,7 @@ PyObject* call_quantize_per_token(PyObject*, PyObject* const* args, Py_ssize_t n
   const auto bits = int_in(args[1], 2, 8);
   if (x == nullptr || !is_float(x->scalar_type()) || x->dim() == 0 || !bits) Py_RETURN_NOTIMPLEMENTED;
   static const auto op = find_op<QuantizePerTokenFn>("torchquant::quantize_per_token");
-  auto [q, scale] = call_op(x->numel(), [&] { return op.call(*x, *bits); });
+  auto [q, scale] = call_op(x->numel(), [&] { return op.call(*x, *bits); }, *x);
   PyObject* result = PyTuple_New(2);
   if (result == nullptr) throw python_error();
   PyTuple_SET_ITEM(result, 0, THPVariable_Wrap(std::move(q)));
@@ -320,12 +331,12 @@ PyObject* call_int8_mm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (a_arg == nullptr || b_arg == nullptr || a_arg->scalar_type() != at::kChar || b_arg->scalar_type() != at::kChar ||
       a_arg->dim() != 2 || b_arg->dim() != 2 || a_arg->size(1) != b_arg->size(0) || a_arg->device() != b_arg->device())
     Py_RETURN_NOTIMPLEMENTED;
-  const at::Tensor a = *a_arg, b = *b_arg;  // owned while the op may run without the GIL (see IntegerOpArgs)
+  const at::Tensor &a = *a_arg, &b = *b_arg;
   // the GIL released by the work's size: a packs, b packs (every call) and the output (saturated: expanded operands)
   const int64_t m = a.size(0), n = b.size(1);
   const int64_t out_numel = n != 0 && m > INT64_MAX / n ? INT64_MAX : m * n;
   static const auto op = find_op<Int8MmFn>("torchquant::int8_mm");
-  return THPVariable_Wrap(call_op(std::max({a.numel(), b.numel(), out_numel}), [&] { return op.call(a, b); }));
+  return THPVariable_Wrap(call_op(std::max({a.numel(), b.numel(), out_numel}), [&] { return op.call(a, b); }, a, b));
   TQ_END_HANDLE_ERRORS
 }
 
@@ -360,10 +371,13 @@ PyObject* call_int8_linear_dynamic(PyObject*, PyObject* const* args, Py_ssize_t 
   static const auto op_activation =
       find_op<Int8LinearDynamicActivationFn>("torchquant::int8_linear_dynamic", "activation");
   const std::optional<at::Tensor> bias_arg = bias == nullptr ? std::nullopt : std::optional<at::Tensor>(*bias);
-  return THPVariable_Wrap(call_op(x->numel(), [&] {
-    if (activation.empty()) return op.call(*x, *w_packed, *w_sum, *w_scale, bias_arg, *out_features);
-    return op_activation.call(*x, *w_packed, *w_sum, *w_scale, bias_arg, *out_features, activation);
-  }));
+  return THPVariable_Wrap(call_op(
+      x->numel(),
+      [&] {
+        if (activation.empty()) return op.call(*x, *w_packed, *w_sum, *w_scale, bias_arg, *out_features);
+        return op_activation.call(*x, *w_packed, *w_sum, *w_scale, bias_arg, *out_features, activation);
+      },
+      *x, *w_packed, *w_sum, *w_scale, bias_arg));
   TQ_END_HANDLE_ERRORS
 }
 
@@ -410,16 +424,22 @@ PyObject* call_quantized_binary(PyObject*, PyObject* const* args, Py_ssize_t nar
   if (!a_scale || !b_scale) Py_RETURN_NOTIMPLEMENTED;
   if constexpr (add) {
     static const auto op = find_op<QuantizedAddFn>("torchquant::quantized_add");
-    return THPVariable_Wrap(call_op(a->numel(), [&] {
-      return op.call(*a, **a_scale, *a_zero_point, *b, **b_scale, *b_zero_point, out_dtype, out_scale,
-                     *out_zero_point, args[9] == Py_True);
-    }));
+    return THPVariable_Wrap(call_op(
+        a->numel(),
+        [&] {
+          return op.call(*a, **a_scale, *a_zero_point, *b, **b_scale, *b_zero_point, out_dtype, out_scale,
+                         *out_zero_point, args[9] == Py_True);
+        },
+        *a, **a_scale, *b, **b_scale));
   } else {
     static const auto op = find_op<QuantizedMulFn>("torchquant::quantized_mul");
-    return THPVariable_Wrap(call_op(std::max(a->numel(), b->numel()), [&] {
-      return op.call(*a, **a_scale, *a_zero_point, *b, **b_scale, *b_zero_point, out_dtype, out_scale,
-                     *out_zero_point);
-    }));
+    return THPVariable_Wrap(call_op(
+        std::max(a->numel(), b->numel()),
+        [&] {
+          return op.call(*a, **a_scale, *a_zero_point, *b, **b_scale, *b_zero_point, out_dtype, out_scale,
+                         *out_zero_point);
+        },
+        *a, **a_scale, *b, **b_scale));
   }
   TQ_END_HANDLE_ERRORS
 }
@@ -455,16 +475,14 @@ PyObject* call_quantized_max_pool2d(PyObject*, PyObject* const* args, Py_ssize_t
   if (args[2] == Py_None) stride = kernel;
   else if (!pair_arg(args[2], stride)) Py_RETURN_NOTIMPLEMENTED;
   static const auto op = find_op<QuantizedMaxPool2dFn>("torchquant::quantized_max_pool2d");
-  return THPVariable_Wrap(call_op(x->numel(), [&] {
-    return op.call(*x, kernel, stride, padding, dilation, args[5] == Py_True);
-  }));
+  return THPVariable_Wrap(
+      call_op(x->numel(), [&] { return op.call(*x, kernel, stride, padding, dilation, args[5] == Py_True); }, *x));
   TQ_END_HANDLE_ERRORS
 }
 
 // The arguments functional.int8_linear and int8_conv2d share, as given, on the fast path's terms (CPU tensors;
 // anything else declines): the kernel checks sizes, ranges and the values of scale tensors, as on the checked path.
-// The tensors are owned (a reference each): the op may run without the GIL, while another thread could replace a
-// borrowed one's contents (torch.utils.swap_tensors refuses only tensors with other references).
+// The tensors are owned, a reference each, as call_op holds borrowed ones.
 struct IntegerOpArgs {
   at::Tensor x_q, x_scale;
   int64_t x_zero_point = 0;
@@ -679,7 +697,7 @@ PyObject* call_quantized_layer_forward(PyObject*, PyObject* const* args, Py_ssiz
                                                    x->suggest_memory_format() == at::MemoryFormat::ChannelsLast)));
     if (!keep) y = gemm::contiguous_from_channels_last(y);
     return unbatched ? y.squeeze(0) : y;
-  }));
+  }, *x, static_scale, *zero_point_t, *w_packed, *w_sum, *w_scale, bias_arg));
   TQ_END_HANDLE_ERRORS
 }
 
@@ -692,7 +710,7 @@ PyObject* call_contiguous_from_channels_last(PyObject*, PyObject* const* args, P
   const at::Tensor* y = plain_tensor(args[0]);
   if (y == nullptr || y->requires_grad() || c10::impl::dispatch_mode_enabled() || torch::jit::tracer::isTracing())
     Py_RETURN_NOTIMPLEMENTED;
-  return THPVariable_Wrap(call_op(y->numel(), [&] { return gemm::contiguous_from_channels_last(*y); }));
+  return THPVariable_Wrap(call_op(y->numel(), [&] { return gemm::contiguous_from_channels_last(*y); }, *y));
   TQ_END_HANDLE_ERRORS
 }
 

@@ -4,7 +4,11 @@ so the checked path, with its errors) for every other, and tensor subclasses, __
 and inference mode handled as before. Likewise QuantLinear's converted int8-dynamic forward
 (torchquant._C.int8_linear_dynamic) against the op, and the converted forward of layers with a per-tensor
 quantized input (torchquant._C.quantized_layer_forward, also a pipeline layer's integer op) against the layers'
-Python path, and int8_mm's (torchquant._C.int8_mm) against its checked path."""
+Python path, and int8_mm's (torchquant._C.int8_mm) against its checked path. Every entry holds the tensors it
+reads while it runs without the GIL."""
+import threading
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -793,3 +797,81 @@ def test_integer_ops_compile_whole():
     args = _linear_args(x, 0.02, 128, True, {})[:7]
     compiled = torch.compile(lambda x: F.int8_linear(x, *args[1:], out_features=24), fullgraph=True, backend="eager")
     assert_same(compiled(x), F.int8_linear(*args, out_features=24))
+
+
+def _reference_counts_seen(call, tensors, seconds=10.0):
+    """The largest reference count (Tensor._use_count) of each tensor that a second thread sees while call() runs
+    again and again (until every count has risen, or for `seconds`), against each one's count before. The op runs on
+    one thread, so that the watching thread has a core while it runs."""
+    before = [t._use_count() for t in tensors]
+    seen = list(before)
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set():
+            for i, t in enumerate(tensors):
+                seen[i] = max(seen[i], t._use_count())
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end and not all(s > b for s, b in zip(seen, before)):
+            assert call() is not NotImplemented
+    finally:
+        done.set()
+        watcher.join()
+        torch.set_num_threads(threads)
+    return before, seen
+
+
+def _fast_entries_on_large_operands():
+    """{name: (call, tensors it reads)} for every fast entry, on operands over the size at which it releases the
+    GIL."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 256, generator=g)
+    scale, zero_point = torch.tensor([0.05]), torch.tensor([3], dtype=torch.int32)
+    q = torch.randint(0, 256, (512, 256), generator=g, dtype=torch.uint8)
+    q2 = torch.randint(0, 256, (512, 256), generator=g, dtype=torch.uint8)
+    a8 = torch.randint(-128, 128, (256, 256), generator=g, dtype=torch.int8)
+    dynamic = QuantLinear(256, 256, config="int8-dynamic").convert()
+    static = QuantLinear(256, 256, config="int8-static")
+    tq.calibrate(static, [x], progress=False)
+    static.eval().convert()
+    layer_tensors = [t for t in static._quantized_call_args if isinstance(t, torch.Tensor)]
+    conv_out = torch.randn(2, 64, 32, 32, generator=g).to(memory_format=torch.channels_last)
+    w_packed, w_sum, w_scale, bias = _linear_operands(k=256, n=24)
+    linear_args = (q, scale, 3, w_packed, w_sum, w_scale, bias, 24, torch.float32, None, 0, None, None)
+    return {
+        "quantize": (lambda: _C.quantize(x, scale, zero_point, None, 8, True, "nearest"), [x, scale, zero_point]),
+        "fake_quantize": (lambda: _C.fake_quantize(x, scale, zero_point, None, 8, True, "nearest"),
+                          [x, scale, zero_point]),
+        "dequantize": (lambda: _C.dequantize(q, scale, zero_point, None, torch.float32), [q, scale, zero_point]),
+        "quantize_per_token": (lambda: _C.quantize_per_token(x, 8), [x]),
+        "int8_mm": (lambda: _C.int8_mm(a8, a8.t()), [a8]),
+        "int8_linear_dynamic": (lambda: _C.int8_linear_dynamic(x, 256, *dynamic._kernel_args, None),
+                                [x] + [t for t in dynamic._kernel_args if isinstance(t, torch.Tensor)]),
+        "quantized_add": (lambda: _C.quantized_add(q, scale, 3, q2, scale, 5, torch.float32, None, 0, False),
+                          [q, q2, scale]),
+        "quantized_mul": (lambda: _C.quantized_mul(q, scale, 3, q2, scale, 5, torch.float32, None, 0),
+                          [q, q2, scale]),
+        "quantized_max_pool2d": (lambda: _C.quantized_max_pool2d(q.view(1, 2, 256, 256), 2, None, 0, 1, False), [q]),
+        "quantized_layer_forward": (lambda: _C.quantized_layer_forward(x, static._quantized_call_args, None, None),
+                                    [x] + layer_tensors),
+        "contiguous_from_channels_last": (lambda: _C.contiguous_from_channels_last(conv_out), [conv_out]),
+        "int8_linear": (lambda: _C.int8_linear(*linear_args), [q, scale, w_packed, w_sum, w_scale, bias]),
+    }
+
+
+@pytest.mark.parametrize("entry", ["quantize", "fake_quantize", "dequantize", "quantize_per_token", "int8_mm",
+                                   "int8_linear_dynamic", "quantized_add", "quantized_mul", "quantized_max_pool2d",
+                                   "quantized_layer_forward", "contiguous_from_channels_last", "int8_linear"])
+def test_fast_entries_hold_their_tensors_while_the_gil_is_released(entry):
+    """Each fast entry holds a reference to every tensor it reads while it runs without the GIL, so that another
+    thread's torch.utils.swap_tensors refuses them (it refuses a tensor with other references) rather than freeing
+    memory the op still reads."""
+    call, tensors = _fast_entries_on_large_operands()[entry]
+    before, seen = _reference_counts_seen(call, tensors)
+    assert all(s > b for s, b in zip(seen, before)), (before, seen)
