@@ -219,3 +219,41 @@ def test_int8_conv2d_residual_opcheck(device):
         torch.library.opcheck(ops.int8_conv2d.residual, (x_q, scale, 2, w_packed, w_sum, w_scale, None, 64, [2, 2],
                                                          [1, 1], [0, 0], [1, 1], 1, *out, None, None, residual, scale,
                                                          -5, True))
+
+
+# Output scales against the largest |y|: some outputs clamp; the requantized values pass the int16 range (the
+# saturating packs clamp them); they pass 2^31 (the float clamp must stay: the conversion gives INT_MIN there)
+OUT_SCALE_DIVISORS = {"clamps": 150.0, "past-int16": 1e6, "past-int32": 1e11}
+
+
+@pytest.mark.parametrize("divisor", OUT_SCALE_DIVISORS.values(), ids=OUT_SCALE_DIVISORS.keys())
+@pytest.mark.parametrize("conv", [CONVS["pointwise-full-panels"], CONVS["direct"], CONVS["depthwise"],
+                                  CONVS["padded-16"]], ids=["pointwise", "direct", "depthwise", "padded"])
+def test_requantized_bounds_at_every_zero_point(isa, conv, divisor):
+    """The requantization's bounds (the output type's range, a ReLU's or a clamp's) at the extreme zero points, with
+    and without a residual: the AVX-512 kernel leaves the output type's own bounds to its saturating packs where no
+    value can pass int32, which must give the reference's bytes."""
+    x_q, w_q, w_scale, bias, geometry = conv_case(conv, torch.uint8, seed=conv[4])
+    y = reference.int8_conv2d(x_q, 0.02, 0, w_q, w_scale, bias, **geometry)
+    largest = float(y.abs().max())
+    residual = residual_like(y, torch.uint8, seed=1)
+    clamps = [{}, dict(clamp_min=0.0), dict(clamp_min=0.0, clamp_max=largest / 3),
+              dict(clamp_min=-largest / 4, clamp_max=largest / 2)]
+    for out_dtype, zero_points in ((torch.uint8, (0, 37, 255)), (torch.int8, (-128, 0, 127))):
+        info = torch.iinfo(out_dtype)
+        for out_zp in zero_points:
+            out = dict(out_dtype=out_dtype, out_scale=largest / divisor, out_zero_point=out_zp)
+            for clamp in clamps:
+                for res in (None, residual):
+                    if res is None:
+                        w_packed, w_sum = packed(w_q, geometry["groups"])
+                        got = F.int8_conv2d(x_q, 0.02, 0, w_packed, w_sum, w_scale, bias,
+                                            out_channels=w_q.shape[0], kernel_size=w_q.shape[2:], **geometry,
+                                            **out, **clamp)
+                        want = reference.int8_conv2d(x_q, 0.02, 0, w_q, w_scale, bias, **geometry, **out, **clamp)
+                    else:  # the ReLU after the add where the layer has a clamp
+                        got, want = both(conv, x_q, 0, w_q, w_scale, bias, geometry, res, largest / 100, 130,
+                                         bool(clamp), **out, **clamp)
+                    assert_same(got, want)
+                    if not clamp and res is None and divisor > 150:  # both ends of the range reached
+                        assert (got == info.min).any() and (got == info.max).any()

@@ -737,7 +737,7 @@ void conv_u8s8_depthwise(const ConvGeometry& g, const uint8_t* x, const Depthwis
   const int64_t item_cost = segment_len * kDepthwiseChannels * taps;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(item_cost, 1));
   const Epilogue out_ep = with_streaming(ep, g.rows, g.channels);
-  const PanelEpilogues panels(out_ep, 1, g.channels, isa);  // one per channel block
+  const PanelEpilogues panels(out_ep, 1, g.channels, taps, isa);  // one per channel block
   at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
     alignas(64) int32_t tile[kDepthwisePixels * kPackAlign];
     const ScratchScope columns_scope(Scratch::GemmRows);

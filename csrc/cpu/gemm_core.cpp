@@ -711,7 +711,7 @@ TQ_TARGET_VNNI inline void store_vector(void* p, __m128i v, __mmask16 mask, bool
   else _mm_storeu_si128(static_cast<__m128i*>(p), v);
 }
 
-void panel_epilogue(const Epilogue& ep, int64_t col0, int64_t ncols, PanelEpilogue& c) {
+void panel_epilogue(const Epilogue& ep, int64_t col0, int64_t ncols, int64_t k, PanelEpilogue& c) {
   c.ncols = static_cast<int>(ncols);
   c.vectors = static_cast<int>((ncols + 15) / 16);
   for (int j = 0; j < kPackAlign / 16; ++j) {
@@ -765,6 +765,22 @@ void panel_epilogue(const Epilogue& ep, int64_t col0, int64_t ncols, PanelEpilog
   };
   c.q_lo = fold(-INFINITY);
   c.q_hi = fold(INFINITY);
+  c.clamp_q_lo = c.q_lo != ep.qmin - ep.out_zero_point;
+  // |x| = |y * inv| bounded in double (each float operation errs by at most 2^-24 of its result, so the float x
+  // stays below 2^31 with room): |v| <= k * 255 * 128, y = v * xs * scale + bias, clamped (finite bounds), plus a
+  // residual of 255 steps at most; per-row scales and possibly NaN panels keep the clamp
+  c.clamp_q_hi = c.q_hi != ep.qmax - ep.out_zero_point || c.may_be_nan || ep.per_row_scale;
+  if (!c.clamp_q_hi) {
+    const double xs = ep.row_scale == nullptr ? 1.0 : std::fabs(static_cast<double>(ep.row_scale[0]));
+    double largest_y = 0;
+    for (int64_t i = 0; i < ncols; ++i)
+      largest_y = std::max(largest_y, static_cast<double>(k) * 255 * 128 * xs * std::fabs(c.scale[i]) +
+                                          std::fabs(c.bias[i]));
+    for (const float bound : {ep.clamp.lo, ep.clamp.hi})
+      if (std::isfinite(bound)) largest_y = std::max(largest_y, std::fabs(static_cast<double>(bound)));
+    if (ep.residual.data != nullptr) largest_y += 255 * std::fabs(static_cast<double>(ep.residual.scale));
+    c.clamp_q_hi = !(largest_y * inv < 0x1p30);
+  }
 }
 
 
@@ -818,11 +834,14 @@ TQ_TARGET_VNNI inline __m512i less_offset(const PanelEpilogue& c, __m512i acc, i
 }
 
 // The output values of a requantized vector less the zero point, int32 in [qmin, qmax] - zero point (see
-// PanelEpilogue; NaN y gives 0, looked for only where y may be NaN: a tenth of the epilogue at k = 64).
-template <bool MAY_BE_NAN>
+// PanelEpilogue; NaN y gives 0, looked for only where y may be NaN: a tenth of the epilogue at k = 64). A bound
+// left out (BOUNDS bit 0: q_lo applied, bit 1: q_hi) is the packs' to apply (PanelEpilogue::clamp_q_lo / hi).
+template <bool MAY_BE_NAN, int BOUNDS = 3>
 TQ_TARGET_VNNI inline __attribute__((always_inline)) __m512i requantize(const EpilogueVectors& e, __m512 y) {
   const __m512 x = _mm512_mul_ps(y, e.inv_out_scale);
-  const __m512 q = _mm512_min_ps(_mm512_max_ps(x, e.q_lo), e.q_hi);
+  __m512 q = x;
+  if constexpr ((BOUNDS & 1) != 0) q = _mm512_max_ps(q, e.q_lo);
+  if constexpr ((BOUNDS & 2) != 0) q = _mm512_min_ps(q, e.q_hi);
   if constexpr (MAY_BE_NAN)
     return _mm512_maskz_cvt_roundps_epi32(_mm512_cmp_ps_mask(x, x, _CMP_ORD_Q), q,
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -834,8 +853,9 @@ TQ_TARGET_VNNI inline __attribute__((always_inline)) __m512i requantize(const Ep
 // packs interleave 128-bit lanes, which one dword permute undoes; the zero point is added to int16 lanes). Matches
 // epilogue_row_scalar: same operation order (the activation clamp included), round-to-nearest-even conversions
 // (vcvtps2ph, a bit-exact bfloat16 rounding), NaN -> zero point when requantizing. Streaming stores when asked and
-// the row start is aligned to the store.
-template <OutKind KIND, typename T, bool FULL, bool MAY_BE_NAN, Gelu GELU = Gelu::None, bool CLAMP = true>
+// the row start is aligned to the store. BOUNDS: the requantization's (see requantize).
+template <OutKind KIND, typename T, bool FULL, bool MAY_BE_NAN, Gelu GELU = Gelu::None, bool CLAMP = true,
+          int BOUNDS = 3>
 TQ_TARGET_VNNI inline __attribute__((always_inline)) void epilogue_row_avx512(const PanelEpilogue& c,
                                                                               const EpilogueVectors& e,
                                                                               __m512i v0, __m512i v1, __m512i v2,
@@ -856,7 +876,7 @@ TQ_TARGET_VNNI inline __attribute__((always_inline)) void epilogue_row_avx512(co
       if (residual != nullptr)
         y = add_residual(e, CLAMP ? activation_clamp(e, y) : y, residual + 16 * j,
                          FULL ? __mmask16(0xFFFF) : c.mask[j]);
-      q[j] = requantize<MAY_BE_NAN>(e, y);
+      q[j] = requantize<MAY_BE_NAN, BOUNDS>(e, y);
     }
     const __m512i w01 = _mm512_adds_epi16(_mm512_packs_epi32(q[0], q[1]), e.zero_point);
     const __m512i w23 = _mm512_adds_epi16(_mm512_packs_epi32(q[2], q[3]), e.zero_point);
@@ -938,8 +958,8 @@ struct TileAvx512 {
 // the rows, a residual row read only where RESIDUAL, the activation clamp applied only where CLAMP (it bounds
 // something: a clamp to +-inf keeps every value, NaN included). The general loop below spilled its four
 // accumulator vectors and tested the residual pointer for each vector: a ResNet stem at batch 8 (6.4M uint8
-// outputs) took 2.23 ms with it, 2.04 ms with this loop.
-template <OutKind KIND, typename T, bool MAY_BE_NAN, Gelu GELU, bool RESIDUAL, bool CLAMP>
+// outputs) took 2.23 ms with it, 2.04 ms with this loop. BOUNDS: the requantization's, for int8/uint8 outputs.
+template <OutKind KIND, typename T, bool MAY_BE_NAN, Gelu GELU, bool RESIDUAL, bool CLAMP, int BOUNDS>
 TQ_TARGET_VNNI inline __attribute__((always_inline)) void full_tile_rows(const PanelEpilogue& c,
                                                                         const EpilogueVectors& e,
                                                                         const OutRows<T>& out, const int32_t* tile,
@@ -952,11 +972,29 @@ TQ_TARGET_VNNI inline __attribute__((always_inline)) void full_tile_rows(const P
   for (int64_t r = 0; r < rows; ++r) {
     const int32_t* t = tile + r * kPackAlign;
     const __m512 xs = per_row ? out.xs(row0 + r) : tile_xs;
-    epilogue_row_avx512<KIND, T, true, MAY_BE_NAN, GELU, CLAMP>(
+    epilogue_row_avx512<KIND, T, true, MAY_BE_NAN, GELU, CLAMP, BOUNDS>(
         c, e, _mm512_sub_epi32(_mm512_load_si512(t), o0), _mm512_sub_epi32(_mm512_load_si512(t + 16), o1),
         _mm512_sub_epi32(_mm512_load_si512(t + 32), o2), _mm512_sub_epi32(_mm512_load_si512(t + 48), o3), xs,
         out.row(row0 + r), streaming, RESIDUAL ? out.residual_row(row0 + r) : nullptr);
   }
+}
+
+// full_tile_rows with the requantization's bounds of the panel (int8/uint8 outputs; the others have none).
+template <OutKind KIND, typename T, bool MAY_BE_NAN, Gelu GELU, bool RESIDUAL, bool CLAMP>
+TQ_TARGET_VNNI inline __attribute__((always_inline)) void full_tile_rows_bounded(const PanelEpilogue& c,
+                                                                                const EpilogueVectors& e,
+                                                                                const OutRows<T>& out,
+                                                                                const int32_t* tile, int64_t row0,
+                                                                                int64_t rows) {
+  if constexpr (KIND == OutKind::Int8 || KIND == OutKind::UInt8) {
+    switch ((c.clamp_q_lo ? 1 : 0) | (c.clamp_q_hi ? 2 : 0)) {
+      case 0: return full_tile_rows<KIND, T, MAY_BE_NAN, GELU, RESIDUAL, CLAMP, 0>(c, e, out, tile, row0, rows);
+      case 1: return full_tile_rows<KIND, T, MAY_BE_NAN, GELU, RESIDUAL, CLAMP, 1>(c, e, out, tile, row0, rows);
+      case 2: return full_tile_rows<KIND, T, MAY_BE_NAN, GELU, RESIDUAL, CLAMP, 2>(c, e, out, tile, row0, rows);
+      default: break;
+    }
+  }
+  full_tile_rows<KIND, T, MAY_BE_NAN, GELU, RESIDUAL, CLAMP, 3>(c, e, out, tile, row0, rows);
 }
 
 template <OutKind KIND, typename T, bool MAY_BE_NAN, Gelu GELU>
@@ -968,11 +1006,11 @@ TQ_TARGET_VNNI void TileAvx512<KIND, T, MAY_BE_NAN, GELU>::run(const Epilogue& e
   if (ncols == kPackAlign) {
     const bool clamp = c.clamp_lo != -INFINITY || c.clamp_hi != INFINITY;
     if (out.residual != nullptr) {
-      if (clamp) return full_tile_rows<KIND, T, MAY_BE_NAN, GELU, true, true>(c, e, out, tile, row0, rows);
-      return full_tile_rows<KIND, T, MAY_BE_NAN, GELU, true, false>(c, e, out, tile, row0, rows);
+      if (clamp) return full_tile_rows_bounded<KIND, T, MAY_BE_NAN, GELU, true, true>(c, e, out, tile, row0, rows);
+      return full_tile_rows_bounded<KIND, T, MAY_BE_NAN, GELU, true, false>(c, e, out, tile, row0, rows);
     }
-    if (clamp) return full_tile_rows<KIND, T, MAY_BE_NAN, GELU, false, true>(c, e, out, tile, row0, rows);
-    return full_tile_rows<KIND, T, MAY_BE_NAN, GELU, false, false>(c, e, out, tile, row0, rows);
+    if (clamp) return full_tile_rows_bounded<KIND, T, MAY_BE_NAN, GELU, false, true>(c, e, out, tile, row0, rows);
+    return full_tile_rows_bounded<KIND, T, MAY_BE_NAN, GELU, false, false>(c, e, out, tile, row0, rows);
   }
   const int vectors = c.vectors;
   for (int64_t r = 0; r < rows; ++r) {
@@ -1722,7 +1760,7 @@ void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa) {
   }
 
   const Epilogue out_ep = with_streaming(ep, args.m, args.n);
-  const PanelEpilogues panels(out_ep, args.groups, args.n, isa);
+  const PanelEpilogues panels(out_ep, args.groups, args.n, args.k, isa);
 
   at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
     alignas(64) int32_t tile[kRowsPerChunk * kPackAlign];  // (on AMX: PendingEpilogue's two buffers)
@@ -2107,13 +2145,14 @@ Epilogue with_streaming(const Epilogue& ep, int64_t rows, int64_t cols) {
   return out;
 }
 
-PanelEpilogues::PanelEpilogues(const Epilogue& ep, int64_t groups, int64_t n, CpuIsa isa) {
+PanelEpilogues::PanelEpilogues(const Epilogue& ep, int64_t groups, int64_t n, int64_t k, CpuIsa isa) {
   if (isa == CpuIsa::Scalar) return;
   const int64_t n_panels = (n + kPackAlign - 1) / kPackAlign;
   panels_.resize(groups * n_panels);
   for (int64_t g = 0; g < groups; ++g)
     for (int64_t p = 0; p < n_panels; ++p)
-      panel_epilogue(ep, g * n + p * kPackAlign, std::min(kPackAlign, n - p * kPackAlign), panels_[g * n_panels + p]);
+      panel_epilogue(ep, g * n + p * kPackAlign, std::min(kPackAlign, n - p * kPackAlign), k,
+                     panels_[g * n_panels + p]);
 }
 
 void epilogue_tile(const Epilogue& ep, const PanelEpilogue& panel, const int32_t* tile, int64_t row0, int64_t rows,
@@ -2286,7 +2325,7 @@ void conv_u8s8_amx_padded(const GemmArgs& args, const ConvGeometry& g, const Win
   const int64_t item_cost = (len + 4) * kPackAlign * args.k;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(item_cost, 1));
   const Epilogue out_ep = with_streaming(ep, args.m, args.n);
-  const PanelEpilogues panels(out_ep, 1, args.n, CpuIsa::Avx512Vnni);
+  const PanelEpilogues panels(out_ep, 1, args.n, args.k, CpuIsa::Avx512Vnni);
 
   at::parallel_for(0, lines * per_line * n_panels, grain, [&](int64_t begin, int64_t end) {
     alignas(64) int32_t tiles[2][2 * kAmxRows * kPackAlign];  // the pending block's and the one being summed
@@ -2450,7 +2489,7 @@ void conv_u8s8_in_place(const GemmArgs& args, const ConvGeometry& g, const uint8
   const int64_t item_cost = (segments.len + 4) * kPackAlign * k4;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(item_cost, 1));
   const Epilogue out_ep = with_streaming(ep, args.m, args.n);
-  const PanelEpilogues panels(out_ep, 1, args.n, isa);
+  const PanelEpilogues panels(out_ep, 1, args.n, args.k, isa);
   // the row groups of a segment end where the columns with windows inside the input begin and end, so that a few
   // border windows take the im2col rows and not the whole group around them (on 8-pixel rows every group held a
   // border window)
@@ -2660,7 +2699,7 @@ void conv_u8s8_direct(const GemmArgs& args, const ConvGeometry& g, const uint8_t
   const int64_t item_cost = (std::min(args.m, chunk_rows) + 4) * kPackAlign * args.k;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(item_cost, 1));
   const Epilogue out_ep = with_streaming(ep, args.m, args.n);
-  const PanelEpilogues panels(out_ep, 1, args.n, CpuIsa::Avx512Vnni);
+  const PanelEpilogues panels(out_ep, 1, args.n, args.k, CpuIsa::Avx512Vnni);
 
   at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
     // every group but a chunk's last has 3 rows or more

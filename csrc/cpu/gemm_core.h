@@ -111,6 +111,12 @@ Epilogue with_streaming(const Epilogue& ep, int64_t rows, int64_t cols);
 // quantize_value(clamp_activation(y)) is rne(min(q_hi, max(q_lo, y * inv))) + zero point bit for bit, with q_lo /
 // q_hi the scalar formula's values at -inf / +inf, and NaN y (NaN y * inv) the zero point: five operations per
 // vector instead of nine.
+//
+// A bound that is the output type's own (q_lo = qmin - zero point, or q_hi = qmax - zero point) the AVX-512 kernel
+// of whole tiles leaves to the packs after the conversion (int32 -> int16 with saturation, the zero point added
+// with saturation, int16 -> int8/uint8 with saturation clamp rne(x) + zero point to [qmin, qmax]): the conversion
+// keeps the order of values and gives INT_MIN past the int32 range, so the lower one always, the upper one where
+// no x of the panel can reach 2^31 (see clamp_q_hi), two of the twelve operations per 16 outputs.
 struct PanelEpilogue {
   alignas(64) int32_t offset[kPackAlign];
   alignas(64) float scale[kPackAlign];
@@ -121,6 +127,7 @@ struct PanelEpilogue {
   float clamp_lo, clamp_hi;  // the activation clamp of float outputs
   Gelu gelu;
   float inv_out_scale, q_lo, q_hi;  // with a residual, q_lo / q_hi fold its clamp (the activation clamp comes first)
+  bool clamp_q_lo, clamp_q_hi;      // whether the whole-tile requantization must apply q_lo / q_hi in float
   int16_t zero_point;
   float residual_scale, residual_zero_point;
   float residual_lo, residual_hi;  // the residual's clamp (float kinds; folded into q_lo / q_hi for the others)
@@ -129,10 +136,11 @@ struct PanelEpilogue {
 
 // The PanelEpilogue of every panel of every group of an output of groups x n columns, [group * panels + panel], for
 // the epilogue of the `isa` path: made for the AVX-512 and AVX2 ones (the scalar epilogue reads the Epilogue itself,
-// and gets a placeholder).
+// and gets a placeholder). k: the depth of the sums (k products of (x - x zero point) and w each, at most 255 * 128
+// in size; zero-filled depth adds nothing).
 class PanelEpilogues {
  public:
-  PanelEpilogues(const Epilogue& ep, int64_t groups, int64_t n, CpuIsa isa);
+  PanelEpilogues(const Epilogue& ep, int64_t groups, int64_t n, int64_t k, CpuIsa isa);
   const PanelEpilogue& operator[](int64_t i) const { return panels_.empty() ? unused_ : panels_[i]; }
 
  private:
