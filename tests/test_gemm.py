@@ -92,12 +92,13 @@ def test_int8_mm_matches_torch_int_mm(device, isa):
     torch.testing.assert_close(F.int8_mm(a, b), torch._int_mm(a, b), rtol=0, atol=0)
 
 
-# b in the nn.Linear layout (k contiguous per column): on AVX-512 whole panels go 16 k-steps (64 bytes of k) at a
+# b in the nn.Linear layout (k contiguous per column), packed for 9 rows of a or more (fewer read it in place on
+# AVX-512, see test_int8_mm_few_rows_linear_layout): on AVX-512 whole panels go 16 k-steps (64 bytes of k) at a
 # time through a 16 x 16 transpose that also sums each column; the rest (steps past the last whole block, k past the
 # last step, partial panels) 4 columns at a time and single columns. Exactly one block, blocks with tail steps and a
 # k tail, full panels shallower than a block, partial panels of 1-45 columns.
-@pytest.mark.parametrize("m,k,n", [(5, 64, 64), (33, 4100, 130), (17, 2702, 300), (3, 67, 65), (9, 128, 192),
-                                   (4, 63, 71), (5, 100, 109)])
+@pytest.mark.parametrize("m,k,n", [(9, 64, 64), (33, 4100, 130), (17, 2702, 300), (11, 67, 65), (9, 128, 192),
+                                   (10, 63, 71), (9, 100, 109), (5, 100, 109)])
 def test_int8_mm_linear_layout(device, isa, m, k, n):
     g = torch.Generator().manual_seed(m + k + n)
     a, w = randint8((m, k), generator=g), randint8((n, k), generator=g)
@@ -106,14 +107,44 @@ def test_int8_mm_linear_layout(device, isa, m, k, n):
     torch.testing.assert_close(F.int8_mm(a, w.t()), reference.int8_mm(a, w.t()), rtol=0, atol=0)
 
 
-# Few rows of a (packed, at most 1 MB) and a packed b over 1 MB: each thread packs and multiplies blocks of b's
-# columns (at most 1 MB packed, whole panels; as many blocks as that needs, rounded up to a multiple of the threads).
-# With 1 thread: blocks of 192 + 108 columns (a partial panel in the last; rows of 4160 bytes, K zero filled to whole
-# AMX tile depths), of 384, 384 and 332 (one row, on the VNNI kernel on AVX-512), of 576 + 524 (two chunks of rows),
-# of one panel (k over 16K: 64, 64, 2), of 192 + 128, and six of 192 (the last 140). With 2 threads: 320 x 3 + 140
-# (two blocks a thread), 64, 64 and 2 (two blocks and one), 192 x 5 + 140 (three a thread), and the others in one
-# block, their panels split over both threads. b row-major, in the nn.Linear layout, with every other column (the
-# strided packing) and with rows longer than n; outputs written with streaming stores where n allows.
+# Up to 8 rows of a against b in the nn.Linear layout: on the AVX-512 paths the columns are read in place (64 bytes of
+# k at a time, the last chunk masked), 4 columns at a time for up to 4 rows, 2 for more, then single columns. Every
+# row count, k with and without a tail and below one chunk, columns left over by each grouping; columns further
+# apart than k, a's rows strided, one column read for every output column (stride 0), and 1 and 2 threads.
+@pytest.mark.parametrize("m", range(1, 10))
+@pytest.mark.parametrize("k,n", [(1, 5), (63, 70), (64, 4), (65, 3), (130, 9), (4100, 13)])
+def test_int8_mm_few_rows_linear_layout(isa, m, k, n):
+    g = torch.Generator().manual_seed(m * 1000 + k + n)
+    a, w = randint8((m, k), generator=g), randint8((n, k + 9), generator=g)
+    w[0], w[-1] = -128, 127
+    a[0] = -128
+    forms = [(a, w[:, :k].contiguous().t()), (a, w[:, :k].t()), (randint8((k, m), generator=g).t(), w[:, :k].t()),
+             (a, w[:1, :k].t().expand(k, n))]
+    for x, y in forms:
+        for threads in (1, 2):
+            with num_threads(threads):
+                got = F.int8_mm(x, y)
+            torch.testing.assert_close(got, reference.int8_mm(x, y), rtol=0, atol=0)
+
+
+def test_int8_mm_few_rows_wrap_as_int32():
+    """Sums past the int32 range wrap as torch's int32 product does (-128 * -128 * (2^17 + 64) = 2^31 + 2^20)."""
+    k = (1 << 17) + 64
+    a = torch.full((2, k), -128, dtype=torch.int8)
+    w = torch.full((3, k), -128, dtype=torch.int8)
+    torch.testing.assert_close(F.int8_mm(a, w.t()), reference.int8_mm(a, w.t()), rtol=0, atol=0)
+    torch.testing.assert_close(F.int8_mm(a, w.t()), torch._int_mm(torch.cat([a] * 9), w.t())[:2], rtol=0, atol=0)
+
+
+# Few rows of a (packed, at most 1 MB) and a packed b over 1 MB: each thread packs and multiplies blocks of b's columns
+# (at most 1 MB packed, whole panels; as many blocks as that needs, rounded up to a multiple of the threads). With 1
+# thread: blocks of 192 + 108 columns (a partial panel in the last; rows of 4160 bytes, K zero filled to whole AMX tile
+# depths), of 384, 384 and 332 (one row, on the VNNI kernel on AVX-512, which reads the nn.Linear layout in place
+# instead), of 576 + 524 (two chunks of rows), of one panel (k over 16K: 64, 64, 2), of 192 + 128, and six of 192 (the
+# last 140). With 2 threads: 320 x 3 + 140 (two blocks a thread), 64, 64 and 2 (two blocks and one), 192 x 5 + 140
+# (three a thread), and the others in one block, their panels split over both threads. b row-major, in the nn.Linear
+# layout, with every other column (the strided packing) and with rows longer than n; outputs written with streaming
+# stores where n allows.
 @pytest.mark.parametrize("m,k,n", [(9, 4100, 300), (1, 2048, 1100), (130, 1024, 1100), (1, 16400, 130),
                                    (9, 4100, 320), (9, 4100, 1100)])
 @pytest.mark.parametrize("layout", ["k_n", "linear", "every_other_column", "long_rows"])

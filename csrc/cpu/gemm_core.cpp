@@ -1702,6 +1702,71 @@ bool amx_multiplies(CpuIsa isa, int64_t k4) {
 
 }  // namespace
 
+namespace {
+
+// Columns [c, c + C) of multiply_few_rows for its M rows: each 64-byte chunk of a column multiplied with every row's
+// chunk (vpdpbusd) and summed alone (against ones: the +128 shift's correction); the last chunk, k % 64 bytes,
+// read masked.
+template <int M, int C>
+TQ_TARGET_VNNI inline __attribute__((always_inline)) void few_rows_block(const uint8_t* a, int64_t k, const int8_t* b,
+                                                                          int64_t ldb, int64_t c, int32_t* out,
+                                                                          int64_t ldo) {
+  const int64_t depth = round_up(k, int64_t{64});
+  const __m512i ones = _mm512_set1_epi8(1);
+  __m512i acc[M][C], sums[C];
+  for (int j = 0; j < C; ++j) {
+    sums[j] = _mm512_setzero_si512();
+    for (int i = 0; i < M; ++i) acc[i][j] = _mm512_setzero_si512();
+  }
+  for (int64_t q = 0; q < depth / 64; ++q) {
+    const int64_t left = k - 64 * q;
+    const __mmask64 mask = left >= 64 ? ~__mmask64{0} : ~0ull >> (64 - left);
+    __m512i av[M];
+    for (int i = 0; i < M; ++i) av[i] = _mm512_load_si512(a + i * depth + 64 * q);
+    for (int j = 0; j < C; ++j) {
+      const int8_t* col = b + (c + j) * ldb + 64 * q;
+      const __m512i w = left >= 64 ? _mm512_loadu_si512(col) : _mm512_maskz_loadu_epi8(mask, col);
+      sums[j] = _mm512_dpbusd_epi32(sums[j], ones, w);
+      for (int i = 0; i < M; ++i) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], av[i], w);
+    }
+  }
+  for (int j = 0; j < C; ++j) {
+    const uint32_t shift = 128u * static_cast<uint32_t>(_mm512_reduce_add_epi32(sums[j]));
+    for (int i = 0; i < M; ++i)
+      out[i * ldo + c + j] = static_cast<int32_t>(static_cast<uint32_t>(_mm512_reduce_add_epi32(acc[i][j])) - shift);
+  }
+}
+
+template <int M>
+TQ_TARGET_VNNI void few_rows_columns(const uint8_t* a, int64_t k, const int8_t* b, int64_t ldb, int64_t c0,
+                                     int64_t c1, int32_t* out, int64_t ldo) {
+  constexpr int C = M <= 4 ? 4 : 2;  // (M + 1) * C accumulators and M rows' chunks in the 32 vector registers
+  int64_t c = c0;
+  for (; c + C <= c1; c += C) few_rows_block<M, C>(a, k, b, ldb, c, out, ldo);
+  for (; c < c1; ++c) few_rows_block<M, 1>(a, k, b, ldb, c, out, ldo);
+}
+
+}  // namespace
+
+void multiply_few_rows(const uint8_t* a_u8, int64_t m, int64_t k, const int8_t* b, int64_t ldb, int64_t n,
+                       int32_t* out, int64_t ldo) {
+  TQ_CHECK(m >= 1 && m <= kFewRowsMax, "multiply_few_rows: m must be in [1, ", kFewRowsMax, "], got ", m);
+  // a thread's share: columns of at least 256 KB
+  const int64_t grain = std::max<int64_t>(1, (int64_t{256} << 10) / std::max<int64_t>(k, 1));
+  at::parallel_for(0, n, grain, [&](int64_t c0, int64_t c1) {
+    switch (m) {
+      case 1: return few_rows_columns<1>(a_u8, k, b, ldb, c0, c1, out, ldo);
+      case 2: return few_rows_columns<2>(a_u8, k, b, ldb, c0, c1, out, ldo);
+      case 3: return few_rows_columns<3>(a_u8, k, b, ldb, c0, c1, out, ldo);
+      case 4: return few_rows_columns<4>(a_u8, k, b, ldb, c0, c1, out, ldo);
+      case 5: return few_rows_columns<5>(a_u8, k, b, ldb, c0, c1, out, ldo);
+      case 6: return few_rows_columns<6>(a_u8, k, b, ldb, c0, c1, out, ldo);
+      case 7: return few_rows_columns<7>(a_u8, k, b, ldb, c0, c1, out, ldo);
+      default: return few_rows_columns<8>(a_u8, k, b, ldb, c0, c1, out, ldo);
+    }
+  });
+}
+
 int64_t gemm_packed_depth(int64_t m, int64_t k, CpuIsa isa) {
   const int64_t k4 = round_up(k, 4);
   return amx_multiplies(isa, k4) && m >= kAmxMinRows ? round_up(k, kAmxChunk) : k4;
