@@ -93,7 +93,7 @@ def test_int8_mm_matches_torch_int_mm(device, isa):
 
 
 # b in the nn.Linear layout (k contiguous per column), packed for 9 rows of a or more (fewer read it in place on
-# AVX-512, see test_int8_mm_few_rows_linear_layout): on AVX-512 whole panels go 16 k-steps (64 bytes of k) at a
+# AVX-512 and AVX2, see test_int8_mm_few_rows_linear_layout): on AVX-512 whole panels go 16 k-steps (64 bytes of k) at a
 # time through a 16 x 16 transpose that also sums each column; the rest (steps past the last whole block, k past the
 # last step, partial panels) 4 columns at a time and single columns. Exactly one block, blocks with tail steps and a
 # k tail, full panels shallower than a block, partial panels of 1-45 columns.
@@ -107,10 +107,11 @@ def test_int8_mm_linear_layout(device, isa, m, k, n):
     torch.testing.assert_close(F.int8_mm(a, w.t()), reference.int8_mm(a, w.t()), rtol=0, atol=0)
 
 
-# Up to 8 rows of a against b in the nn.Linear layout: on the AVX-512 paths the columns are read in place (64 bytes of
-# k at a time, the last chunk masked), 4 columns at a time for up to 4 rows, 2 for more, then single columns. Every
-# row count, k with and without a tail and below one chunk, columns left over by each grouping; columns further
-# apart than k, a's rows strided, one column read for every output column (stride 0), and 1 and 2 threads.
+# Up to 8 rows of a against b in the nn.Linear layout: on the AVX-512 and AVX2 paths the columns are read in place (64
+# or 32 bytes of k at a time, the last chunk masked or copied), 4 columns at a time for up to 4 (AVX2: 2) rows, 2 for
+# more, then single columns. Every row count, k with and without a tail and below one chunk, columns left over by each
+# grouping; columns further apart than k, a's rows strided, one column read for every output column (stride 0), and 1
+# and 2 threads.
 @pytest.mark.parametrize("m", range(1, 10))
 @pytest.mark.parametrize("k,n", [(1, 5), (63, 70), (64, 4), (65, 3), (130, 9), (4100, 13)])
 def test_int8_mm_few_rows_linear_layout(isa, m, k, n):
@@ -127,7 +128,7 @@ def test_int8_mm_few_rows_linear_layout(isa, m, k, n):
             torch.testing.assert_close(got, reference.int8_mm(x, y), rtol=0, atol=0)
 
 
-def test_int8_mm_few_rows_wrap_as_int32():
+def test_int8_mm_few_rows_wrap_as_int32(isa):
     """Sums past the int32 range wrap as torch's int32 product does (-128 * -128 * (2^17 + 64) = 2^31 + 2^20)."""
     k = (1 << 17) + 64
     a = torch.full((2, k), -128, dtype=torch.int8)

@@ -1704,65 +1704,142 @@ bool amx_multiplies(CpuIsa isa, int64_t k4) {
 
 namespace {
 
-// Columns [c, c + C) of multiply_few_rows for its M rows: each 64-byte chunk of a column multiplied with every row's
-// chunk (vpdpbusd) and summed alone (against ones: the +128 shift's correction); the last chunk, k % 64 bytes,
-// read masked.
+// Columns [c0, c0 + groups * C) of multiply_few_rows for its M rows, C at a time: each 64-byte chunk of a column
+// multiplied with every row's chunk (vpdpbusd) and summed alone (against ones: the +128 shift's correction); the
+// last chunk, k % 64 bytes, read masked.
 template <int M, int C>
-TQ_TARGET_VNNI inline __attribute__((always_inline)) void few_rows_block(const uint8_t* a, int64_t k, const int8_t* b,
-                                                                          int64_t ldb, int64_t c, int32_t* out,
-                                                                          int64_t ldo) {
+TQ_TARGET_VNNI void few_rows_block(const uint8_t* a, int64_t k, const int8_t* b, int64_t ldb, int64_t c0,
+                                   int64_t groups, int32_t* out, int64_t ldo) {
   const int64_t depth = round_up(k, int64_t{64});
   const __m512i ones = _mm512_set1_epi8(1);
-  __m512i acc[M][C], sums[C];
-  for (int j = 0; j < C; ++j) {
-    sums[j] = _mm512_setzero_si512();
-    for (int i = 0; i < M; ++i) acc[i][j] = _mm512_setzero_si512();
-  }
-  for (int64_t q = 0; q < depth / 64; ++q) {
-    const int64_t left = k - 64 * q;
-    const __mmask64 mask = left >= 64 ? ~__mmask64{0} : ~0ull >> (64 - left);
-    __m512i av[M];
-    for (int i = 0; i < M; ++i) av[i] = _mm512_load_si512(a + i * depth + 64 * q);
+  for (int64_t c = c0; c < c0 + groups * C; c += C) {
+    __m512i acc[M][C], sums[C];
     for (int j = 0; j < C; ++j) {
-      const int8_t* col = b + (c + j) * ldb + 64 * q;
-      const __m512i w = left >= 64 ? _mm512_loadu_si512(col) : _mm512_maskz_loadu_epi8(mask, col);
-      sums[j] = _mm512_dpbusd_epi32(sums[j], ones, w);
-      for (int i = 0; i < M; ++i) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], av[i], w);
+      sums[j] = _mm512_setzero_si512();
+      for (int i = 0; i < M; ++i) acc[i][j] = _mm512_setzero_si512();
     }
-  }
-  for (int j = 0; j < C; ++j) {
-    const uint32_t shift = 128u * static_cast<uint32_t>(_mm512_reduce_add_epi32(sums[j]));
-    for (int i = 0; i < M; ++i)
-      out[i * ldo + c + j] = static_cast<int32_t>(static_cast<uint32_t>(_mm512_reduce_add_epi32(acc[i][j])) - shift);
+    for (int64_t q = 0; q < depth / 64; ++q) {
+      const int64_t left = k - 64 * q;
+      const __mmask64 mask = left >= 64 ? ~__mmask64{0} : ~0ull >> (64 - left);
+      __m512i av[M];
+      for (int i = 0; i < M; ++i) av[i] = _mm512_load_si512(a + i * depth + 64 * q);
+      for (int j = 0; j < C; ++j) {
+        const int8_t* col = b + (c + j) * ldb + 64 * q;
+        const __m512i w = left >= 64 ? _mm512_loadu_si512(col) : _mm512_maskz_loadu_epi8(mask, col);
+        sums[j] = _mm512_dpbusd_epi32(sums[j], ones, w);
+        for (int i = 0; i < M; ++i) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], av[i], w);
+      }
+    }
+    for (int j = 0; j < C; ++j) {
+      const uint32_t shift = 128u * static_cast<uint32_t>(_mm512_reduce_add_epi32(sums[j]));
+      for (int i = 0; i < M; ++i)
+        out[i * ldo + c + j] =
+            static_cast<int32_t>(static_cast<uint32_t>(_mm512_reduce_add_epi32(acc[i][j])) - shift);
+    }
   }
 }
 
+// The same on AVX2 for rows of int16 (signed: no shift): each 32-byte chunk of a column widened to two int16 vectors
+// and multiplied with every row's chunk (vpmaddwd: pairs of int8 products sum exactly in int32); the last chunk,
+// k % 32 bytes, copied into a zeroed buffer (AVX2 has no masked byte loads).
+template <int M, int C>
+TQ_TARGET_AVX2 void few_rows_block_avx2(const int16_t* a, int64_t k, const int8_t* b, int64_t ldb, int64_t c0,
+                                        int64_t groups, int32_t* out, int64_t ldo) {
+  const int64_t depth = round_up(k, int64_t{32});
+  for (int64_t c = c0; c < c0 + groups * C; c += C) {
+    __m256i acc[M][C];
+    for (int i = 0; i < M; ++i)
+      for (int j = 0; j < C; ++j) acc[i][j] = _mm256_setzero_si256();
+    for (int64_t q = 0; q < depth / 32; ++q) {
+      const int64_t left = k - 32 * q;
+      for (int j = 0; j < C; ++j) {
+        const int8_t* col = b + (c + j) * ldb + 32 * q;
+        alignas(32) int8_t tail[32] = {};
+        if (left < 32) {
+          std::memcpy(tail, col, left);
+          col = tail;
+        }
+        const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(col));
+        const __m256i w_lo = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(bytes));
+        const __m256i w_hi = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(bytes, 1));
+        for (int i = 0; i < M; ++i) {
+          const __m256i* row = reinterpret_cast<const __m256i*>(a + i * depth + 32 * q);
+          const __m256i lo = _mm256_madd_epi16(_mm256_load_si256(row), w_lo);
+          const __m256i hi = _mm256_madd_epi16(_mm256_load_si256(row + 1), w_hi);
+          acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_add_epi32(lo, hi));
+        }
+      }
+    }
+    for (int i = 0; i < M; ++i)
+      for (int j = 0; j < C; ++j) {
+        const __m128i h = _mm_add_epi32(_mm256_castsi256_si128(acc[i][j]), _mm256_extracti128_si256(acc[i][j], 1));
+        const __m128i p = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4E));
+        out[i * ldo + c + j] = _mm_cvtsi128_si32(_mm_add_epi32(p, _mm_shuffle_epi32(p, 0xB1)));
+      }
+  }
+}
+
+// kernel(std::integral_constant<int, C>, c0, groups) for the groups of C columns from c0 that [c0, c1) holds, then
+// kernel(std::integral_constant<int, 1>, ...) for the columns left.
+template <int C, class Kernel>
+void in_column_groups(int64_t c0, int64_t c1, const Kernel& kernel) {
+  const int64_t groups = (c1 - c0) / C;
+  kernel(std::integral_constant<int, C>{}, c0, groups);
+  kernel(std::integral_constant<int, 1>{}, c0 + groups * C, c1 - c0 - groups * C);
+}
+
+// multiply_few_rows' columns [c0, c1) for M rows on the isa path's kernel, C columns at a time (the accumulators, and
+// on AVX-512 the rows' chunks, in the vector registers).
 template <int M>
-TQ_TARGET_VNNI void few_rows_columns(const uint8_t* a, int64_t k, const int8_t* b, int64_t ldb, int64_t c0,
-                                     int64_t c1, int32_t* out, int64_t ldo) {
-  constexpr int C = M <= 4 ? 4 : 2;  // (M + 1) * C accumulators and M rows' chunks in the 32 vector registers
-  int64_t c = c0;
-  for (; c + C <= c1; c += C) few_rows_block<M, C>(a, k, b, ldb, c, out, ldo);
-  for (; c < c1; ++c) few_rows_block<M, 1>(a, k, b, ldb, c, out, ldo);
+void few_rows_columns(const void* a, int64_t k, const int8_t* b, int64_t ldb, int64_t c0, int64_t c1, int32_t* out,
+                      int64_t ldo, CpuIsa isa) {
+  if (isa == CpuIsa::Avx512Vnni) {
+    in_column_groups<M <= 4 ? 4 : 2>(c0, c1, [&](auto cols, int64_t c, int64_t groups) {
+      few_rows_block<M, decltype(cols)::value>(static_cast<const uint8_t*>(a), k, b, ldb, c, groups, out, ldo);
+    });
+  } else {
+    in_column_groups<M <= 2 ? 4 : 2>(c0, c1, [&](auto cols, int64_t c, int64_t groups) {
+      few_rows_block_avx2<M, decltype(cols)::value>(static_cast<const int16_t*>(a), k, b, ldb, c, groups, out, ldo);
+    });
+  }
 }
 
 }  // namespace
 
-void multiply_few_rows(const uint8_t* a_u8, int64_t m, int64_t k, const int8_t* b, int64_t ldb, int64_t n,
-                       int32_t* out, int64_t ldo) {
-  TQ_CHECK(m >= 1 && m <= kFewRowsMax, "multiply_few_rows: m must be in [1, ", kFewRowsMax, "], got ", m);
+void multiply_few_rows(const int8_t* a, int64_t m, int64_t k, int64_t stride_m, int64_t stride_k, const int8_t* b,
+                       int64_t ldb, int64_t n, int32_t* out, int64_t ldo, CpuIsa isa) {
+  TQ_CHECK(m >= 1 && m <= kFewRowsMax && (isa == CpuIsa::Avx512Vnni || isa == CpuIsa::Avx2),
+           "multiply_few_rows: m must be in [1, ", kFewRowsMax, "] on an AVX-512 or AVX2 path, got ", m);
+  // a's rows as the kernel reads them, zero filled past k: shifted to uint8 (AVX-512) or widened to int16 (AVX2)
+  const ScratchScope activations_scope(Scratch::Activations);
+  void* a_rows = nullptr;
+  if (isa == CpuIsa::Avx512Vnni) {
+    const int64_t depth = round_up(k, int64_t{64});
+    auto* a_u8 = scratch_buffer(Scratch::Activations, checked_mul("int8_mm", "the packed a size", m, depth));
+    pack_activation_rows(reinterpret_cast<const uint8_t*>(a), m, k, stride_m, stride_k, 0x80, a_u8, depth, isa);
+    a_rows = a_u8;
+  } else {
+    const int64_t depth = round_up(k, int64_t{32});
+    auto* a16 = reinterpret_cast<int16_t*>(scratch_buffer(
+        Scratch::Activations, checked_mul("int8_mm", "the packed a size", m, depth * int64_t{sizeof(int16_t)})));
+    for (int64_t i = 0; i < m; ++i) {
+      for (int64_t j = 0; j < k; ++j) a16[i * depth + j] = a[i * stride_m + j * stride_k];
+      std::fill(a16 + i * depth + k, a16 + (i + 1) * depth, int16_t{0});
+    }
+    a_rows = a16;
+  }
   // a thread's share: columns of at least 256 KB
   const int64_t grain = std::max<int64_t>(1, (int64_t{256} << 10) / std::max<int64_t>(k, 1));
   at::parallel_for(0, n, grain, [&](int64_t c0, int64_t c1) {
     switch (m) {
-      case 1: return few_rows_columns<1>(a_u8, k, b, ldb, c0, c1, out, ldo);
-      case 2: return few_rows_columns<2>(a_u8, k, b, ldb, c0, c1, out, ldo);
-      case 3: return few_rows_columns<3>(a_u8, k, b, ldb, c0, c1, out, ldo);
-      case 4: return few_rows_columns<4>(a_u8, k, b, ldb, c0, c1, out, ldo);
-      case 5: return few_rows_columns<5>(a_u8, k, b, ldb, c0, c1, out, ldo);
-      case 6: return few_rows_columns<6>(a_u8, k, b, ldb, c0, c1, out, ldo);
-      case 7: return few_rows_columns<7>(a_u8, k, b, ldb, c0, c1, out, ldo);
-      default: return few_rows_columns<8>(a_u8, k, b, ldb, c0, c1, out, ldo);
+      case 1: return few_rows_columns<1>(a_rows, k, b, ldb, c0, c1, out, ldo, isa);
+      case 2: return few_rows_columns<2>(a_rows, k, b, ldb, c0, c1, out, ldo, isa);
+      case 3: return few_rows_columns<3>(a_rows, k, b, ldb, c0, c1, out, ldo, isa);
+      case 4: return few_rows_columns<4>(a_rows, k, b, ldb, c0, c1, out, ldo, isa);
+      case 5: return few_rows_columns<5>(a_rows, k, b, ldb, c0, c1, out, ldo, isa);
+      case 6: return few_rows_columns<6>(a_rows, k, b, ldb, c0, c1, out, ldo, isa);
+      case 7: return few_rows_columns<7>(a_rows, k, b, ldb, c0, c1, out, ldo, isa);
+      default: return few_rows_columns<8>(a_rows, k, b, ldb, c0, c1, out, ldo, isa);
     }
   });
 }

@@ -219,13 +219,13 @@ void pack_weight(const int8_t* w, int64_t n, int64_t k, int64_t stride_n, int64_
 void pack_activation_rows(const uint8_t* src, int64_t m, int64_t k, int64_t stride_m, int64_t stride_k, uint8_t flip,
                           uint8_t* dst, int64_t lda, CpuIsa isa);
 
-// out[i, c] = sum_j (a[i, j] - 128) * b[c, j], exact int32 (wrapping as int32 sums do), for the few rows of a
-// (m <= kFewRowsMax) against columns of b read in place: a_u8 holds a's rows shifted to uint8 (a + 128), each
-// round_up(k, 64) bytes with zeros past k (pack_activation_rows with flip 0x80); column c of b is the k bytes at
-// b + c * ldb (the nn.Linear layout of int8_mm's b, w.t()). On the AVX-512 paths: b streams once from memory,
-// without the packing copy a product of more rows pays back.
+// out[i, c] = sum_j a[i, j] * b[c, j], exact int32 (wrapping as int32 sums do), for the few rows of a
+// (m <= kFewRowsMax; element (i, j) at a + i * stride_m + j * stride_k) against columns of b read in place: column c
+// is the k bytes at b + c * ldb (the nn.Linear layout of int8_mm's b, w.t()). b streams once from memory, without
+// the packing copy that a product of more rows pays back. On the AVX-512 paths (a shifted to uint8, vpdpbusd) and
+// the AVX2 one (a widened to int16, vpmaddwd).
 constexpr int64_t kFewRowsMax = 8;
-void multiply_few_rows(const uint8_t* a_u8, int64_t m, int64_t k, const int8_t* b, int64_t ldb, int64_t n,
-                       int32_t* out, int64_t ldo);
+void multiply_few_rows(const int8_t* a, int64_t m, int64_t k, int64_t stride_m, int64_t stride_k, const int8_t* b,
+                       int64_t ldb, int64_t n, int32_t* out, int64_t ldo, CpuIsa isa);
 
 }  // namespace torchquant::gemm
