@@ -257,3 +257,33 @@ def test_requantized_bounds_at_every_zero_point(isa, conv, divisor):
                     assert_same(got, want)
                     if not clamp and res is None and divisor > 150:  # both ends of the range reached
                         assert (got == info.min).any() and (got == info.max).any()
+
+
+@pytest.mark.parametrize("conv", [CONVS["pointwise-full-panels"], CONVS["direct"], CONVS["depthwise"]],
+                         ids=["pointwise", "direct", "depthwise"])
+def test_requantized_outputs_where_float_y_overflows(isa, conv):
+    """Scales so large that y overflows float32 (to +-inf: the output type's bound, which the float clamp must keep
+    applying, as the conversion gives INT_MIN for inf), and an overflowed y plus an overflowed residual term of the
+    other sign (NaN: the zero point), though every scale and bias is finite."""
+    b, c, h, w_, oc, kernel, stride, padding, dilation, groups = conv
+    geometry = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    x_q = torch.full((b, c, h, w_), 255, dtype=torch.uint8)
+    w_q = torch.full((oc, c // groups, *kernel), 127, dtype=torch.int8)
+    w_q[1::2] = -128  # y of both signs
+    w_scale = torch.ones(oc)
+    w_packed, w_sum = packed(w_q, geometry["groups"])
+    y = reference.int8_conv2d(x_q, 1e34, 0, w_q, w_scale, **geometry)
+    assert torch.isinf(y).all()
+    residual = torch.zeros(y.shape, dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    for out_dtype, out_zp in ((torch.uint8, 0), (torch.uint8, 200), (torch.int8, 0), (torch.int8, -7)):
+        out = dict(out_dtype=out_dtype, out_scale=1e38, out_zero_point=out_zp)
+        got = F.int8_conv2d(x_q, 1e34, 0, w_packed, w_sum, w_scale, out_channels=oc, kernel_size=kernel,
+                            **geometry, **out)
+        assert_same(got, reference.int8_conv2d(x_q, 1e34, 0, w_q, w_scale, **geometry, **out))
+        # the residual term: (0 - 255) * 1e37 = -inf; with y = +inf the sum is NaN, with -inf it is -inf
+        r = dict(residual=residual, residual_scale=1e37, residual_zero_point=255)
+        got = F.int8_conv2d(x_q, 1e34, 0, w_packed, w_sum, w_scale, out_channels=oc, kernel_size=kernel,
+                            **geometry, **out, **r)
+        want = reference.int8_conv2d_residual(x_q, 1e34, 0, w_q, w_scale, **geometry, **out, **r)
+        assert_same(got, want)
+        assert (want == out_zp).any()

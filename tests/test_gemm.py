@@ -128,11 +128,13 @@ def test_int8_mm_few_rows_linear_layout(isa, m, k, n):
             torch.testing.assert_close(got, reference.int8_mm(x, y), rtol=0, atol=0)
 
 
-def test_int8_mm_few_rows_wrap_as_int32(isa):
-    """Sums past the int32 range wrap as torch's int32 product does (-128 * -128 * (2^17 + 64) = 2^31 + 2^20)."""
+@pytest.mark.parametrize("va,vw", [(-128, -128), (127, 127), (127, -128)])
+def test_int8_mm_few_rows_wrap_as_int32(isa, va, vw):
+    """Sums past the int32 range wrap as torch's int32 product does (-128 * -128 * (2^17 + 64) = 2^31 + 2^20; 127 x
+    127, shifted to 255 x 127 on AVX-512, passes int32 in the lanes' sums too)."""
     k = (1 << 17) + 64
-    a = torch.full((2, k), -128, dtype=torch.int8)
-    w = torch.full((3, k), -128, dtype=torch.int8)
+    a = torch.full((2, k), va, dtype=torch.int8)
+    w = torch.full((3, k), vw, dtype=torch.int8)
     torch.testing.assert_close(F.int8_mm(a, w.t()), reference.int8_mm(a, w.t()), rtol=0, atol=0)
     torch.testing.assert_close(F.int8_mm(a, w.t()), torch._int_mm(torch.cat([a] * 9), w.t())[:2], rtol=0, atol=0)
 
@@ -140,12 +142,12 @@ def test_int8_mm_few_rows_wrap_as_int32(isa):
 # Few rows of a (packed, at most 1 MB) and a packed b over 1 MB: each thread packs and multiplies blocks of b's columns
 # (at most 1 MB packed, whole panels; as many blocks as that needs, rounded up to a multiple of the threads). With 1
 # thread: blocks of 192 + 108 columns (a partial panel in the last; rows of 4160 bytes, K zero filled to whole AMX tile
-# depths), of 384, 384 and 332 (one row, on the VNNI kernel on AVX-512, which reads the nn.Linear layout in place
-# instead), of 576 + 524 (two chunks of rows), of one panel (k over 16K: 64, 64, 2), of 192 + 128, and six of 192 (the
-# last 140). With 2 threads: 320 x 3 + 140 (two blocks a thread), 64, 64 and 2 (two blocks and one), 192 x 5 + 140
-# (three a thread), and the others in one block, their panels split over both threads. b row-major, in the nn.Linear
-# layout, with every other column (the strided packing) and with rows longer than n; outputs written with streaming
-# stores where n allows.
+# depths), of 384, 384 and 332 (one row, on the VNNI kernel on AVX-512; in the nn.Linear layout one row is read in place
+# instead, on AVX-512 and AVX2), of 576 + 524 (two chunks of rows), of one panel (k over 16K: 64, 64, 2), of 192 + 128,
+# and six of 192 (the last 140). With 2 threads: 320 x 3 + 140 (two blocks a thread), 64, 64 and 2 (two blocks and one),
+# 192 x 5 + 140 (three a thread), and the others in one block, their panels split over both threads. b row-major, in the
+# nn.Linear layout, with every other column (the strided packing) and with rows longer than n; outputs written with
+# streaming stores where n allows.
 @pytest.mark.parametrize("m,k,n", [(9, 4100, 300), (1, 2048, 1100), (130, 1024, 1100), (1, 16400, 130),
                                    (9, 4100, 320), (9, 4100, 1100)])
 @pytest.mark.parametrize("layout", ["k_n", "linear", "every_other_column", "long_rows"])

@@ -766,21 +766,29 @@ void panel_epilogue(const Epilogue& ep, int64_t col0, int64_t ncols, int64_t k, 
   c.q_lo = fold(-INFINITY);
   c.q_hi = fold(INFINITY);
   c.clamp_q_lo = c.q_lo != ep.qmin - ep.out_zero_point;
-  // |x| = |y * inv| bounded in double (each float operation errs by at most 2^-24 of its result, so the float x
-  // stays below 2^31 with room): |v| <= k * 255 * 128, y = v * xs * scale + bias, clamped (finite bounds), plus a
-  // residual of 255 steps at most; per-row scales and possibly NaN panels keep the clamp
-  c.clamp_q_hi = c.q_hi != ep.qmax - ep.out_zero_point || c.may_be_nan || ep.per_row_scale;
-  if (!c.clamp_q_hi) {
-    const double xs = ep.row_scale == nullptr ? 1.0 : std::fabs(static_cast<double>(ep.row_scale[0]));
-    double largest_y = 0;
-    for (int64_t i = 0; i < ncols; ++i)
-      largest_y = std::max(largest_y, static_cast<double>(k) * 255 * 128 * xs * std::fabs(c.scale[i]) +
-                                          std::fabs(c.bias[i]));
-    for (const float bound : {ep.clamp.lo, ep.clamp.hi})
-      if (std::isfinite(bound)) largest_y = std::max(largest_y, std::fabs(static_cast<double>(bound)));
-    if (ep.residual.data != nullptr) largest_y += 255 * std::fabs(static_cast<double>(ep.residual.scale));
-    c.clamp_q_hi = !(largest_y * inv < 0x1p30);
-  }
+  c.clamp_q_hi = true;
+  if (ep.kind != OutKind::Int8 && ep.kind != OutKind::UInt8) return;
+  // Bounds in double (each float operation errs by at most 2^-24 of its result while nothing overflows, so bounds
+  // below 2^126 keep the float values finite): |v| <= k * 255 * 128, |float(v) * xs| <= that * |xs|, y = that *
+  // scale + bias, a residual term of 255 steps at most. Per-row scales (may_be_nan already) are not bounded.
+  const double xs = ep.row_scale == nullptr ? 1.0 : std::fabs(static_cast<double>(ep.row_scale[0]));
+  const double largest_product = static_cast<double>(k) * 255 * 128 * xs;
+  double largest_y = 0;
+  for (int64_t i = 0; i < ncols; ++i)
+    largest_y = std::max(largest_y, largest_product * std::fabs(c.scale[i]) + std::fabs(c.bias[i]));
+  const bool y_finite = !ep.per_row_scale && largest_product < 0x1p126 && largest_y < 0x1p126;
+  const bool residual = ep.residual.data != nullptr;
+  const double largest_residual = 255 * std::fabs(static_cast<double>(ep.residual.scale));
+  const bool residual_finite = !residual || largest_residual < 0x1p126;
+  // an overflowed y plus an overflowed residual term of the other sign is NaN, with every scale and bias finite
+  if (!y_finite && !residual_finite) c.may_be_nan = true;
+  // |x| = |y * inv| (y clamped: finite bounds, plus the residual) below 2^30, so that its conversion cannot give
+  // INT_MIN for a large value
+  for (const float bound : {ep.clamp.lo, ep.clamp.hi})
+    if (std::isfinite(bound)) largest_y = std::max(largest_y, std::fabs(static_cast<double>(bound)));
+  if (residual) largest_y += largest_residual;
+  c.clamp_q_hi = c.q_hi != ep.qmax - ep.out_zero_point || c.may_be_nan || !y_finite || !residual_finite ||
+                 !(largest_y * inv < 0x1p30);
 }
 
 
@@ -1704,78 +1712,100 @@ bool amx_multiplies(CpuIsa isa, int64_t k4) {
 
 namespace {
 
-// Columns [c0, c0 + groups * C) of multiply_few_rows for its M rows, C at a time: each 64-byte chunk of a column
-// multiplied with every row's chunk (vpdpbusd) and summed alone (against ones: the +128 shift's correction); the
-// last chunk, k % 64 bytes, read masked.
+// The sum of a vector's int32 lanes, wrapping as int32 sums do (the intrinsic _mm512_reduce_add_epi32 adds in C
+// int, whose overflow is undefined).
+TQ_TARGET_VNNI inline __attribute__((always_inline)) uint32_t sum_lanes(__m512i v) {
+  const __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
+  const __m128i q = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+  const __m128i p = _mm_add_epi32(q, _mm_shuffle_epi32(q, 0x4E));
+  return static_cast<uint32_t>(_mm_cvtsi128_si32(_mm_add_epi32(p, _mm_shuffle_epi32(p, 0xB1))));
+}
+TQ_TARGET_AVX2 inline __attribute__((always_inline)) uint32_t sum_lanes_avx2(__m256i v) {
+  const __m128i q = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  const __m128i p = _mm_add_epi32(q, _mm_shuffle_epi32(q, 0x4E));
+  return static_cast<uint32_t>(_mm_cvtsi128_si32(_mm_add_epi32(p, _mm_shuffle_epi32(p, 0xB1))));
+}
+
+// One 64-byte chunk q of columns c, c + 1, ... c + C - 1 of multiply_few_rows (the last one, k % 64 bytes, read
+// masked) multiplied with every row's chunk (vpdpbusd) and summed alone (against ones: the +128 shift's correction).
+template <int M, int C, bool TAIL>
+TQ_TARGET_VNNI inline __attribute__((always_inline)) void few_rows_chunk(const uint8_t* a, int64_t depth,
+                                                                          const int8_t* b, int64_t ldb, int64_t q,
+                                                                          __mmask64 tail, __m512i (&acc)[M][C],
+                                                                          __m512i (&sums)[C]) {
+  const __m512i ones = _mm512_set1_epi8(1);
+  __m512i av[M];
+  for (int i = 0; i < M; ++i) av[i] = _mm512_load_si512(a + i * depth + 64 * q);
+  for (int j = 0; j < C; ++j) {
+    const int8_t* col = b + j * ldb + 64 * q;
+    const __m512i w = TAIL ? _mm512_maskz_loadu_epi8(tail, col) : _mm512_loadu_si512(col);
+    sums[j] = _mm512_dpbusd_epi32(sums[j], ones, w);
+    for (int i = 0; i < M; ++i) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], av[i], w);
+  }
+}
+
+// Columns [c0, c0 + groups * C) of multiply_few_rows for its M rows, C at a time.
 template <int M, int C>
 TQ_TARGET_VNNI void few_rows_block(const uint8_t* a, int64_t k, const int8_t* b, int64_t ldb, int64_t c0,
                                    int64_t groups, int32_t* out, int64_t ldo) {
-  const int64_t depth = round_up(k, int64_t{64});
-  const __m512i ones = _mm512_set1_epi8(1);
+  const int64_t depth = round_up(k, int64_t{64}), whole = k / 64;
+  const __mmask64 tail = ~0ull >> (64 - k % 64);  // (used where k % 64 != 0)
   for (int64_t c = c0; c < c0 + groups * C; c += C) {
     __m512i acc[M][C], sums[C];
     for (int j = 0; j < C; ++j) {
       sums[j] = _mm512_setzero_si512();
       for (int i = 0; i < M; ++i) acc[i][j] = _mm512_setzero_si512();
     }
-    for (int64_t q = 0; q < depth / 64; ++q) {
-      const int64_t left = k - 64 * q;
-      const __mmask64 mask = left >= 64 ? ~__mmask64{0} : ~0ull >> (64 - left);
-      __m512i av[M];
-      for (int i = 0; i < M; ++i) av[i] = _mm512_load_si512(a + i * depth + 64 * q);
-      for (int j = 0; j < C; ++j) {
-        const int8_t* col = b + (c + j) * ldb + 64 * q;
-        const __m512i w = left >= 64 ? _mm512_loadu_si512(col) : _mm512_maskz_loadu_epi8(mask, col);
-        sums[j] = _mm512_dpbusd_epi32(sums[j], ones, w);
-        for (int i = 0; i < M; ++i) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], av[i], w);
-      }
-    }
+    const int8_t* cols = b + c * ldb;
+    for (int64_t q = 0; q < whole; ++q) few_rows_chunk<M, C, false>(a, depth, cols, ldb, q, tail, acc, sums);
+    if (k % 64 != 0) few_rows_chunk<M, C, true>(a, depth, cols, ldb, whole, tail, acc, sums);
     for (int j = 0; j < C; ++j) {
-      const uint32_t shift = 128u * static_cast<uint32_t>(_mm512_reduce_add_epi32(sums[j]));
-      for (int i = 0; i < M; ++i)
-        out[i * ldo + c + j] =
-            static_cast<int32_t>(static_cast<uint32_t>(_mm512_reduce_add_epi32(acc[i][j])) - shift);
+      const uint32_t shift = 128u * sum_lanes(sums[j]);
+      for (int i = 0; i < M; ++i) out[i * ldo + c + j] = static_cast<int32_t>(sum_lanes(acc[i][j]) - shift);
     }
   }
 }
 
-// The same on AVX2 for rows of int16 (signed: no shift): each 32-byte chunk of a column widened to two int16 vectors
-// and multiplied with every row's chunk (vpmaddwd: pairs of int8 products sum exactly in int32); the last chunk,
-// k % 32 bytes, copied into a zeroed buffer (AVX2 has no masked byte loads).
+// One 32-byte chunk q of columns c, ... c + C - 1 on AVX2 for rows of int16 (signed: no shift): widened to two int16
+// vectors and multiplied with every row's chunk (vpmaddwd: pairs of int8 products sum exactly in int32); the last
+// one, k % 32 bytes, copied into a zeroed buffer (AVX2 has no masked byte loads).
+template <int M, int C, bool TAIL>
+TQ_TARGET_AVX2 inline __attribute__((always_inline)) void few_rows_chunk_avx2(const int16_t* a, int64_t depth,
+                                                                               int64_t k, const int8_t* b,
+                                                                               int64_t ldb, int64_t q,
+                                                                               __m256i (&acc)[M][C]) {
+  for (int j = 0; j < C; ++j) {
+    const int8_t* col = b + j * ldb + 32 * q;
+    alignas(32) int8_t tail[32] = {};
+    if constexpr (TAIL) {
+      std::memcpy(tail, col, k - 32 * q);
+      col = tail;
+    }
+    const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(col));
+    const __m256i w_lo = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(bytes));
+    const __m256i w_hi = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(bytes, 1));
+    for (int i = 0; i < M; ++i) {
+      const __m256i* row = reinterpret_cast<const __m256i*>(a + i * depth + 32 * q);
+      const __m256i lo = _mm256_madd_epi16(_mm256_load_si256(row), w_lo);
+      const __m256i hi = _mm256_madd_epi16(_mm256_load_si256(row + 1), w_hi);
+      acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_add_epi32(lo, hi));
+    }
+  }
+}
+
 template <int M, int C>
 TQ_TARGET_AVX2 void few_rows_block_avx2(const int16_t* a, int64_t k, const int8_t* b, int64_t ldb, int64_t c0,
                                         int64_t groups, int32_t* out, int64_t ldo) {
-  const int64_t depth = round_up(k, int64_t{32});
+  const int64_t depth = round_up(k, int64_t{32}), whole = k / 32;
   for (int64_t c = c0; c < c0 + groups * C; c += C) {
     __m256i acc[M][C];
     for (int i = 0; i < M; ++i)
       for (int j = 0; j < C; ++j) acc[i][j] = _mm256_setzero_si256();
-    for (int64_t q = 0; q < depth / 32; ++q) {
-      const int64_t left = k - 32 * q;
-      for (int j = 0; j < C; ++j) {
-        const int8_t* col = b + (c + j) * ldb + 32 * q;
-        alignas(32) int8_t tail[32] = {};
-        if (left < 32) {
-          std::memcpy(tail, col, left);
-          col = tail;
-        }
-        const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(col));
-        const __m256i w_lo = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(bytes));
-        const __m256i w_hi = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(bytes, 1));
-        for (int i = 0; i < M; ++i) {
-          const __m256i* row = reinterpret_cast<const __m256i*>(a + i * depth + 32 * q);
-          const __m256i lo = _mm256_madd_epi16(_mm256_load_si256(row), w_lo);
-          const __m256i hi = _mm256_madd_epi16(_mm256_load_si256(row + 1), w_hi);
-          acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_add_epi32(lo, hi));
-        }
-      }
-    }
+    const int8_t* cols = b + c * ldb;
+    for (int64_t q = 0; q < whole; ++q) few_rows_chunk_avx2<M, C, false>(a, depth, k, cols, ldb, q, acc);
+    if (k % 32 != 0) few_rows_chunk_avx2<M, C, true>(a, depth, k, cols, ldb, whole, acc);
     for (int i = 0; i < M; ++i)
-      for (int j = 0; j < C; ++j) {
-        const __m128i h = _mm_add_epi32(_mm256_castsi256_si128(acc[i][j]), _mm256_extracti128_si256(acc[i][j], 1));
-        const __m128i p = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4E));
-        out[i * ldo + c + j] = _mm_cvtsi128_si32(_mm_add_epi32(p, _mm_shuffle_epi32(p, 0xB1)));
-      }
+      for (int j = 0; j < C; ++j) out[i * ldo + c + j] = static_cast<int32_t>(sum_lanes_avx2(acc[i][j]));
   }
 }
 
@@ -1797,8 +1827,8 @@ void few_rows_columns(const void* a, int64_t k, const int8_t* b, int64_t ldb, in
     in_column_groups<M <= 4 ? 4 : 2>(c0, c1, [&](auto cols, int64_t c, int64_t groups) {
       few_rows_block<M, decltype(cols)::value>(static_cast<const uint8_t*>(a), k, b, ldb, c, groups, out, ldo);
     });
-  } else {
-    in_column_groups<M <= 2 ? 4 : 2>(c0, c1, [&](auto cols, int64_t c, int64_t groups) {
+  } else {  // (16 vector registers: 8 accumulators at most)
+    in_column_groups<M <= 2 ? 4 : M <= 4 ? 2 : 1>(c0, c1, [&](auto cols, int64_t c, int64_t groups) {
       few_rows_block_avx2<M, decltype(cols)::value>(static_cast<const int16_t*>(a), k, b, ldb, c, groups, out, ldo);
     });
   }
