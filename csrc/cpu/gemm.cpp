@@ -62,7 +62,7 @@ at::Tensor int8_mm_cpu(const at::Tensor& a, const at::Tensor& b) {
   if (k == 0) return out.zero_();
   const CpuIsa isa = cpu_isa();
   // A few rows against b in the nn.Linear layout (w.t()) read b's columns in place: packing b, each call, cost more
-  // than the products (1 x 4096 x 4096, 1 thread: 1.1-1.4 ms packed, 0.58-0.59 ms in place on AMX; 1.89 -> 0.69 ms on
+  // than the products (1 x 4096 x 4096, 1 thread: 1.1-1.4 ms packed, 0.58-0.59 ms in place on AMX; 1.89 -> 0.60 ms on
   // the AVX2 path)
   if (m <= kFewRowsMax && b.stride(0) == 1 && isa != CpuIsa::Scalar) {
     multiply_few_rows(a.data_ptr<int8_t>(), m, k, a.stride(0), a.stride(1), b.data_ptr<int8_t>(), b.stride(1), n,
