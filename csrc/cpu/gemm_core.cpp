@@ -1749,7 +1749,7 @@ template <int M, int C>
 TQ_TARGET_VNNI void few_rows_block(const uint8_t* a, int64_t k, const int8_t* b, int64_t ldb, int64_t c0,
                                    int64_t groups, int32_t* out, int64_t ldo) {
   const int64_t depth = round_up(k, int64_t{64}), whole = k / 64;
-  const __mmask64 tail = ~0ull >> (64 - k % 64);  // (used where k % 64 != 0)
+  const __mmask64 tail = k % 64 == 0 ? 0 : ~0ull >> (64 - k % 64);
   for (int64_t c = c0; c < c0 + groups * C; c += C) {
     __m512i acc[M][C], sums[C];
     for (int j = 0; j < C; ++j) {
