@@ -326,17 +326,17 @@ PyObject* call_quantize_per_token(PyObject*, PyObject* const* args, Py_ssize_t n
 PyObject* call_int8_mm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   TQ_HANDLE_ERRORS
   check_nargs(nargs, 2, "int8_mm");
-  const at::Tensor* a_arg = plain_tensor(args[0]);
-  const at::Tensor* b_arg = plain_tensor(args[1]);
-  if (a_arg == nullptr || b_arg == nullptr || a_arg->scalar_type() != at::kChar || b_arg->scalar_type() != at::kChar ||
-      a_arg->dim() != 2 || b_arg->dim() != 2 || a_arg->size(1) != b_arg->size(0) || a_arg->device() != b_arg->device())
+  const at::Tensor* a = plain_tensor(args[0]);
+  const at::Tensor* b = plain_tensor(args[1]);
+  if (a == nullptr || b == nullptr || a->scalar_type() != at::kChar || b->scalar_type() != at::kChar ||
+      a->dim() != 2 || b->dim() != 2 || a->size(1) != b->size(0) || a->device() != b->device())
     Py_RETURN_NOTIMPLEMENTED;
-  const at::Tensor &a = *a_arg, &b = *b_arg;
   // the GIL released by the work's size: a packs, b packs (every call) and the output (saturated: expanded operands)
-  const int64_t m = a.size(0), n = b.size(1);
+  const int64_t m = a->size(0), n = b->size(1);
   const int64_t out_numel = n != 0 && m > INT64_MAX / n ? INT64_MAX : m * n;
   static const auto op = find_op<Int8MmFn>("torchquant::int8_mm");
-  return THPVariable_Wrap(call_op(std::max({a.numel(), b.numel(), out_numel}), [&] { return op.call(a, b); }, a, b));
+  return THPVariable_Wrap(
+      call_op(std::max({a->numel(), b->numel(), out_numel}), [&] { return op.call(*a, *b); }, *a, *b));
   TQ_END_HANDLE_ERRORS
 }
 

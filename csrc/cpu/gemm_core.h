@@ -115,8 +115,9 @@ Epilogue with_streaming(const Epilogue& ep, int64_t rows, int64_t cols);
 // A bound that is the output type's own (q_lo = qmin - zero point, or q_hi = qmax - zero point) the AVX-512 kernel
 // of whole tiles leaves to the packs after the conversion (int32 -> int16 with saturation, the zero point added
 // with saturation, int16 -> int8/uint8 with saturation clamp rne(x) + zero point to [qmin, qmax]): the conversion
-// keeps the order of values and gives INT_MIN past the int32 range, so the lower one always, the upper one where
-// no x of the panel can reach 2^31 (see clamp_q_hi), two of the twelve operations per 16 outputs.
+// keeps the order of values and gives INT_MIN past the int32 range (and for infinities), so the lower one always,
+// the upper one where no x of the panel can reach 2^31 nor a float step overflow (see panel_epilogue), two of the
+// twelve operations per 16 outputs.
 struct PanelEpilogue {
   alignas(64) int32_t offset[kPackAlign];
   alignas(64) float scale[kPackAlign];
