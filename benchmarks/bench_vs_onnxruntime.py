@@ -6,13 +6,15 @@ threads (default 1). torchquant runs the converted model in PyTorch with as many
 compiled (torch.compile, default backend, shapes of the measured input; also with inductor's C++ wrapper, and with its
 freezing, which makes the weights constants of the compiled graph), and as an AOTInductor package
 (torchquant.export_aoti with free batch and sequence dims, loaded with torch._inductor.aoti_load_package). Models:
-all-MiniLM-L6-v2 (the sentence encoder, batch 1 and batch 32 of the evaluation sentences padded to the longest) and a
-BERT-base-shaped encoder with random weights (batch 1 x 128 tokens). All variants of one input run in one process,
-interleaved (ABC CBA ...), so the noise of a shared machine falls on all alike; with one thread each sample also
-records the thread's CPU time, which excludes the time this process waited for a core. --presets picks torchquant's
-configurations (int8-dynamic by default; w7a8-dynamic runs the AVX2 byte kernel on CPUs without AVX-512 VNNI).
+all-MiniLM-L6-v2 (the sentence encoder, batch 1 and batch 32 of the evaluation sentences padded to the longest), a
+BERT-base-shaped encoder with random weights (batch 1 x 128 tokens) and ViT-B/16's encoder built from torch's
+nn.TransformerEncoderLayer (nn.MultiheadAttention; random weights, batch 1 x 197 tokens). All variants of one input run
+in one process, interleaved (ABC CBA ...), so the noise of a shared machine falls on all alike; with one thread each
+sample also records the thread's CPU time, which excludes the time this process waited for a core. --presets picks
+torchquant's configurations (int8-dynamic by default; w7a8-dynamic runs the AVX2 byte kernel on CPUs without AVX-512
+VNNI).
 
-    python -m benchmarks.bench_vs_onnxruntime [--repeats 200] [--models minilm bert-base]
+    python -m benchmarks.bench_vs_onnxruntime [--repeats 200] [--models minilm bert-base vit-base]
         [--presets int8-dynamic w7a8-dynamic] [--threads 1] [--output FILE.md]
 """
 import argparse
@@ -32,6 +34,7 @@ from torchquant.config import PRESETS
 from torchquant.timing import markdown_table
 
 BERT_BASE_TOKENS = 128
+VIT_TOKENS = 197  # 14 x 14 patches of 16 x 16 and the class token
 
 
 def _ort_int8_session(encoder: torch.nn.Module, inputs, directory: str, tag: str):
@@ -68,7 +71,8 @@ def _aoti_package(model: torch.nn.Module, inputs, path: str):
     """model exported with free batch and sequence dims and compiled ahead of time by AOTInductor into a package at
     path, loaded back: the deployment counterpart of an onnxruntime session (no guards to check, no Python per op)."""
     batch, tokens = torch.export.Dim("batch"), torch.export.Dim("tokens", max=minilm_lib.MAX_LENGTH)
-    example = tuple(t.repeat(2, 1) for t in inputs)  # a free dim is traced at a size other than 1
+    # a free dim is traced at a size other than 1
+    example = tuple(t.repeat(2, *[1] * (t.dim() - 1)) for t in inputs)
     return torch._inductor.aoti_load_package(torchquant.export_aoti(
         model, example, path, dynamic_shapes=tuple({0: batch, 1: tokens} for _ in inputs)))
 
@@ -135,7 +139,19 @@ def bert_base_rows(directory: str, repeats: int, presets) -> list:
     return compare_input(label, encoder, inputs, directory, "bert_base", max(repeats // 10, 10), presets)
 
 
-MODELS = {"minilm": minilm_rows, "bert-base": bert_base_rows}
+def vit_base_rows(directory: str, repeats: int, presets) -> list:
+    """ViT-B/16's encoder (torchvision's layout: pre-norm nn.TransformerEncoderLayer with nn.MultiheadAttention, GELU;
+    12 layers, hidden 768, 12 heads, MLP 3072) on the 197 tokens of a 224x224 image, random weights."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(768, 12, 3072, dropout=0.0, activation="gelu", batch_first=True,
+                                             norm_first=True)
+    encoder = torch.nn.TransformerEncoder(layer, 12, enable_nested_tensor=False).eval()
+    inputs = (torch.randn(1, VIT_TOKENS, 768),)
+    label = f"ViT-B/16 encoder shape (nn.MultiheadAttention, random weights), batch 1 x {VIT_TOKENS} tokens"
+    return compare_input(label, encoder, inputs, directory, "vit_base", max(repeats // 10, 10), presets)
+
+
+MODELS = {"minilm": minilm_rows, "bert-base": bert_base_rows, "vit-base": vit_base_rows}
 
 
 def main(argv=None) -> None:

@@ -365,3 +365,55 @@ def test_a_gelu_with_hooks_is_not_fused():
     assert converted.dense.fused_activation is None and type(converted.intermediate_act_fn) is nn.GELU
     with torch.no_grad():
         assert not converted(torch.randn(2, 48)).any()
+
+
+def _transformer(activation, seed=0, decoder=False):
+    torch.manual_seed(seed)
+    if decoder:
+        return nn.TransformerDecoderLayer(32, 4, 64, dropout=0.0, activation=activation, batch_first=True).eval()
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, activation=activation, batch_first=True)
+    return nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+
+
+@pytest.mark.parametrize("activation, form", [("gelu", "gelu"), (nn.GELU(approximate="tanh"), "gelu_tanh"),
+                                              ("relu", None)], ids=["function", "module", "relu"])
+def test_torch_transformer_layers_fuse_their_gelu(tmp_path, activation, form):
+    # their forward calls `activation` (F.gelu for activation="gelu", or the module given) on linear1's output
+    model = _transformer(activation)
+    x = torch.randn(2, 7, 32)
+    prepared = torchquant.prepare(copy.deepcopy(model), "int8-dynamic")
+    converted = torchquant.convert(copy.deepcopy(prepared))
+    for i, layer in enumerate(converted.layers):
+        assert layer.linear1.fused_activation == form
+        if form is not None:
+            assert layer.linear1.fused_activation_module == f"layers.{i}.activation"
+            assert type(layer.activation) is nn.Identity and "activation" not in layer.__dict__
+    with torch.no_grad():
+        got = converted(x)
+        torch.testing.assert_close(got, prepared(x), rtol=1e-4, atol=1e-4)
+        path = tmp_path / "encoder.safetensors"
+        torchquant.save(converted, path)
+        for target in (_transformer(activation, seed=1), converted):  # a float skeleton, the model itself
+            loaded = torchquant.load(path, target)
+            assert loaded.layers[1].linear1.fused_activation == form
+            assert_same(loaded(x), got)
+    decoder = torchquant.quantize_model(_transformer(activation, decoder=True), "int8-dynamic")
+    assert decoder.linear1.fused_activation == form
+
+
+def test_failed_load_puts_a_transformer_layers_activation_function_back(tmp_path):
+    path = tmp_path / "encoder.safetensors"
+    torchquant.save(torchquant.quantize_model(_transformer("gelu"), "int8-dynamic"), path)
+    other = _transformer("gelu")
+    other.layers[1].linear2 = nn.Linear(64, 16)  # another shape: refused after the plan is installed and checked
+    with pytest.raises(ValueError, match="load: "):
+        torchquant.load(path, other)
+    for layer in other.layers:
+        assert layer.activation is torch.nn.functional.gelu and "activation" not in layer._modules
+        assert type(layer.linear1) is nn.Linear and type(layer.self_attn) is nn.MultiheadAttention
+    # a checkpoint's GELU is refused where the skeleton's activation is another function
+    relu = _transformer("relu")
+    with pytest.raises(ValueError, match="has the GELU 'layers.0.activation' fused into 'layers.0.linear1', but the "
+                                         "model does not pass .* the function relu there"):
+        torchquant.load(path, relu)
+    assert relu.layers[0].activation is torch.nn.functional.relu

@@ -240,9 +240,11 @@ def test_layers_without_a_quantized_type_are_named():
     tokens = torch.randint(0, 10, (2, 5))
     quantized = torchquant.quantize_model(model, "int8-dynamic", inplace=False)
     report = build_report(model, quantized, calibration=[tokens], time_layers=False)
-    assert [layer.name for layer in report.layers] == ["head"] and report.layers[0].quantized
-    line = ("kept float, no quantized layer type for them: gru (GRU), attn (MultiheadAttention), "
-            "attn.out_proj (NonDynamicallyQuantizableLinear), up (ConvTranspose1d)")
+    # the attention's projections are layers of their own, quantized
+    names = ["attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj", "head"]
+    assert [layer.name for layer in report.layers] == names and all(layer.quantized for layer in report.layers)
+    assert type(model.attn) is nn.MultiheadAttention  # (the float model as it was)
+    line = "kept float, no quantized layer type for them: gru (GRU), up (ConvTranspose1d)"
     model.class_token = nn.Parameter(torch.zeros(1, 1, 8))  # not a weight matrix: not named
     report = build_report(model, quantized, calibration=[tokens], time_layers=False)
     assert line in report.notes and line in report.format_table()

@@ -6,6 +6,7 @@ failed call leaves the user's model as it was.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import fnmatch
@@ -13,7 +14,7 @@ import functools
 import inspect
 import warnings
 from collections import Counter
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -26,7 +27,7 @@ from torchquant.config import QuantConfig, resolve_config
 from torchquant.fold import _Tracer, find_bn_pairs, folded_bn, parent_and_key
 from torchquant.graph import (META_KEY as PIPELINE_META, aliases_copied_by_a_layout, convert_pipeline, is_pipeline,
                               prepare_pipeline, reaches_a_layout_reader)
-from torchquant.nn import QuantConv1d, QuantConv2d, QuantLinear
+from torchquant.nn import QuantConv1d, QuantConv2d, QuantLinear, QuantMultiheadAttention
 from torchquant.nn.base import QuantLayerBase
 from torchquant.nn.quantizers import InputQuantizer
 
@@ -96,6 +97,15 @@ def _plan_swaps(model: nn.Module, config: QuantConfig) -> list[tuple[nn.Module, 
                     replacements[id(child)] = swap_type.from_float(child, layer_config)
                 plan.append((parent, key, child, replacements[id(child)]))
                 swapped[name] = replacements[id(child)]
+            elif type(child) is nn.MultiheadAttention:
+                # its projections become layers of their own, swapped as any Linear; an attention none of whose
+                # projections is swapped stays as it is
+                if id(child) not in replacements:
+                    attention, planned = QuantMultiheadAttention.from_float(child), len(plan)
+                    visit(attention, name + ".")
+                    replacements[id(child)] = attention if len(plan) > planned else None
+                if replacements[id(child)] is not None:
+                    plan.append((parent, key, child, replacements[id(child)]))
             elif id(child) not in visited:
                 visited.add(id(child))
                 visit(child, name + ".")
@@ -126,6 +136,26 @@ def _plan_swaps(model: nn.Module, config: QuantConfig) -> list[tuple[nn.Module, 
 def _swap(plan, undo: bool = False) -> None:
     for parent, key, float_layer, quant_layer in plan:
         parent._modules[key] = float_layer if undo else quant_layer
+
+
+@contextlib.contextmanager
+def attention_as_layers(model: nn.Module) -> Iterator[nn.Module]:
+    """model with each nn.MultiheadAttention replaced by QuantMultiheadAttention.from_float of it inside (the same
+    function, its projections nn.Linear layers named as a quantized model's are: a report pairs them), restored
+    after."""
+    built: dict[int, nn.Module] = {}
+    plan = []
+    for parent in list(model.modules()):
+        for key, child in parent._modules.items():
+            if type(child) is nn.MultiheadAttention:
+                if id(child) not in built:
+                    built[id(child)] = QuantMultiheadAttention.from_float(child)
+                plan.append((parent, key, child, built[id(child)]))
+    _swap(plan)
+    try:
+        yield model
+    finally:
+        _swap(plan, undo=True)
 
 
 def _unfold_plan(model: nn.Module, layers: Iterable[QuantLayerBase]) -> list:
@@ -190,6 +220,8 @@ def _prepared_pipeline(model: nn.Module, config: QuantConfig):
 def prepare(model: nn.Module, config=None, *, inplace: bool = True) -> nn.Module:
     """Replaces every nn.Linear, nn.Conv2d and nn.Conv1d (except those `config.skip` selects) with
     QuantLinear/QuantConv2d/QuantConv1d in fake-quant mode, sharing the float parameters (tied weights stay tied).
+    An nn.MultiheadAttention becomes a QuantMultiheadAttention whose projection layers are swapped likewise (its
+    query, key and value projections are copies of the packed in_proj_weight: new parameters).
     config: a QuantConfig, a preset name or None (int8-dynamic).
     With config.fold_bn (the default) a BatchNorm that only reads such a layer's output folds into the layer (see
     torchquant.fold): a FoldedBatchNorm with the same parameters and buffers, under the same names, takes its place
@@ -315,6 +347,21 @@ def gelu_form(module: nn.Module) -> Optional[str]:
     return None
 
 
+def activation_gelu_form(activation) -> Optional[str]:
+    """gelu_form of a module, and "gelu" for torch.nn.functional.gelu itself (what a torch transformer layer made
+    with activation="gelu" calls)."""
+    if activation is F.gelu:
+        return "gelu"
+    return gelu_form(activation) if isinstance(activation, nn.Module) else None
+
+
+def transformer_activation(parent: nn.Module, key: str):
+    """The activation (a function or a module) of a torch transformer layer when key names it, else None."""
+    if type(parent) in (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer) and key == "activation":
+        return parent.activation
+    return None
+
+
 class _GeluTracer(_Tracer):
     """torchquant's tracer with GELU modules as leaves too."""
 
@@ -326,6 +373,13 @@ def _layer_gelu_pairs(parent: nn.Module, layer_types: tuple = (QuantLinear,)) ->
     """(layer key, GELU key) for the children of parent where the forward of parent passes the output of a
     QuantLinear child (or of another of layer_types), and nothing else reads it, to a GELU child (Hugging Face's
     BertIntermediate: dense, then intermediate_act_fn). Traced with torch.fx; a parent it cannot trace has none."""
+    activation = transformer_activation(parent, "activation")
+    if activation is not None:
+        # (torch.fx cannot trace them: their forward branches on the input) the feed-forward block is
+        # linear2(dropout(activation(linear1(x)))), the only reader of linear1's output; activation is a module or
+        # a function
+        fused = isinstance(parent.linear1, layer_types) and activation_gelu_form(activation) is not None
+        return [("linear1", "activation")] if fused else []
     children = parent._modules
     if not (any(isinstance(c, layer_types) for c in children.values())
             and any(gelu_form(c) is not None for c in children.values() if c is not None)):
@@ -350,19 +404,23 @@ def _layer_gelu_pairs(parent: nn.Module, layer_types: tuple = (QuantLinear,)) ->
 
 
 def fuse_activations(model: nn.Module) -> nn.Module:
-    """Fuses each GELU module that only follows a converted int8-dynamic QuantLinear (see _layer_gelu_pairs) into
-    the layer (QuantLinear.fuse_activation): the kernel computes it in its epilogue, and an nn.Identity takes the
-    module's place. Modules reachable under several names are left alone. Returns model."""
+    """Fuses each GELU module that only follows a converted int8-dynamic QuantLinear (see _layer_gelu_pairs), or a
+    torch transformer layer's GELU activation function, into the layer (QuantLinear.fuse_activation): the kernel
+    computes it in its epilogue, and an nn.Identity takes the GELU's place. Modules reachable under several names
+    are left alone. Returns model."""
     names = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
     for parent_name, parent in list(model.named_modules()):
         for layer_key, gelu_key in _layer_gelu_pairs(parent):
-            layer, gelu = parent._modules[layer_key], parent._modules[gelu_key]
-            hooked = gelu._forward_hooks or gelu._forward_pre_hooks or layer._forward_hooks  # would be lost or moved
-            if (names[id(layer)] != 1 or names[id(gelu)] != 1 or layer.fused_activation is not None or hooked
-                    or not (layer.converted and layer.fused and layer.clamp_min is None and layer.clamp_max is None)):
+            layer, gelu = parent._modules[layer_key], getattr(parent, gelu_key)
+            gelu_module = isinstance(gelu, nn.Module)
+            # hooks would be lost or moved
+            hooked = layer._forward_hooks or (gelu_module and (gelu._forward_hooks or gelu._forward_pre_hooks))
+            if (names[id(layer)] != 1 or (gelu_module and names[id(gelu)] != 1) or layer.fused_activation is not None
+                    or hooked or not (layer.converted and layer.fused and layer.clamp_min is None
+                                      and layer.clamp_max is None)):
                 continue
-            layer.fuse_activation(gelu_form(gelu), f"{parent_name}.{gelu_key}" if parent_name else gelu_key)
-            parent._modules[gelu_key] = nn.Identity()
+            layer.fuse_activation(activation_gelu_form(gelu), f"{parent_name}.{gelu_key}" if parent_name else gelu_key)
+            setattr(parent, gelu_key, nn.Identity())  # (a module in place of a module or of a function attribute)
     return model
 
 

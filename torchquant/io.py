@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import json
 import os
 import signal
@@ -32,13 +33,13 @@ from safetensors.torch import save_file
 from torchquant._ops.quantize import qrange
 from torchquant.config import QuantConfig
 from torchquant._ops.gemm import GELU_APPROXIMATE
-from torchquant.convert import (QUANT_TYPES, _check_model, _layer_gelu_pairs, gelu_form, set_conv_layouts,
-                                unfuse_transformers)
-from torchquant.fold import attach_folded_bn, parent_and_key
+from torchquant.convert import (QUANT_TYPES, _check_model, _layer_gelu_pairs, activation_gelu_form,
+                                set_conv_layouts, transformer_activation, unfuse_transformers)
+from torchquant.fold import attach_folded_bn
 from torchquant.graph import (ACT_QUANT, META_KEY as PIPELINE_META, ActivationQuantizer, converted_skeleton,
                               is_pipeline, pipeline_rules, rules_a_checkpoint_may_have, PIPELINE_RULES)
-from torchquant.nn import QuantLinear
-from torchquant.nn.base import QuantLayerBase, is_clamp_bound, set_weight_spec, unpack_int4
+from torchquant.nn import QuantLinear, QuantMultiheadAttention
+from torchquant.nn.base import QuantLayerBase, is_clamp_bound, set_weight_spec, take_hooks, unpack_int4
 from torchquant.nn.quantizers import InputQuantizer, WeightQuantizer
 from torchquant.observers import Observer
 
@@ -209,6 +210,10 @@ def write_checkpoint(model: nn.Module, path: str) -> None:
         storages[ptr] = key
         tensors[key] = t.detach().to("cpu").contiguous().clone()
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "layers": _layer_layout(model), "aliases": aliases}
+    attention = sorted({name for name, module in model.named_modules(remove_duplicate=False)
+                        if isinstance(module, QuantMultiheadAttention)})
+    if attention:  # (written only where there is one: files without stay readable by earlier versions)
+        meta["attention"] = attention
     if is_pipeline(model):
         meta["pipeline"] = _pipeline_layout(model)
     save_file(tensors, path, metadata={FORMAT: json.dumps(meta)})
@@ -243,9 +248,12 @@ def _parse_meta(path: str, text: str, tensor_names) -> dict:
         raise malformed(f"not valid JSON ({e})") from None
     if not isinstance(meta, dict):
         raise malformed(f"expected a JSON object, got {_json_type(meta)}")
-    unknown = sorted(set(meta) - {"format", "version", "layers", "aliases", "pipeline"})
+    unknown = sorted(set(meta) - {"format", "version", "layers", "aliases", "pipeline", "attention"})
     if unknown or meta.get("format") != FORMAT:
         raise malformed(f"expected keys format ('{FORMAT}'), version, layers and aliases; got {sorted(meta)}")
+    attention = meta.setdefault("attention", [])
+    if not isinstance(attention, list) or not all(isinstance(name, str) for name in attention):
+        raise malformed(f"'attention' must be a list of module names, got {attention!r}")
     version = meta.get("version")
     if type(version) is not int or version != FORMAT_VERSION:
         raise ValueError(f"load: {path} has format version {version!r}, this torchquant reads {FORMAT_VERSION}")
@@ -551,8 +559,15 @@ def _built_layer(module: nn.Module, layer_type: type, config: QuantConfig) -> Qu
                 setattr(layer, name, nn.Parameter(torch.empty_like(like), requires_grad=like.requires_grad))
         layer._build_quantizers()  # on the weight's device, at their initial state
         layer.train(module.training)
-        layer._take_hooks(module)  # as prepare's layer would
+        take_hooks(layer, module)  # as prepare's layer would
     return layer
+
+
+def _described(thing) -> str:
+    """'nothing', 'the function NAME' or 'a TYPE' for an error message."""
+    if thing is None:
+        return "nothing"
+    return f"the function {thing.__name__}" if inspect.isfunction(thing) else f"a {type(thing).__name__}"
 
 
 def _plan(path: str, model: nn.Module, layers: dict) -> list[tuple[nn.Module, str, nn.Module, nn.Module, str]]:
@@ -610,17 +625,19 @@ def _plan(path: str, model: nn.Module, layers: dict) -> list[tuple[nn.Module, st
             gelu = _child(model, gelu_name)
             parent_name, _, layer_key = name.rpartition(".")
             gelu_parent, _, gelu_key = gelu_name.rpartition(".")
+            parent = _child(model, parent_name) if parent_name else model
+            paired = gelu_parent == parent_name and (layer_key, gelu_key) in _layer_gelu_pairs(
+                parent, (nn.Linear, QuantLayerBase))
+            if gelu is None and gelu_parent == parent_name:  # a torch transformer layer's activation function
+                gelu = transformer_activation(parent, gelu_key)
             if type(gelu) is nn.Identity and getattr(module, "fused_activation", None) == form:
                 pass
-            elif (gelu_form(gelu) == form and gelu_parent == parent_name
-                  and (layer_key, gelu_key) in _layer_gelu_pairs(_child(model, parent_name) if parent_name else model,
-                                                                 (nn.Linear, QuantLayerBase))):
-                parent, key = parent_and_key(model, gelu_name)
-                folds.append((parent, key, gelu, nn.Identity(), gelu_name))
+            elif paired and activation_gelu_form(gelu) == form:
+                folds.append((parent, gelu_key, gelu, nn.Identity(), gelu_name))
             else:
                 raise ValueError(f"load: {path} has the GELU {gelu_name!r} fused into {name!r}, but the model does "
                                  f"not pass that layer's output, and nothing else, to a GELU of that form there "
-                                 f"(it has {'nothing' if gelu is None else 'a ' + type(gelu).__name__} there)")
+                                 f"(it has {_described(gelu)} there)")
         chosen[id(module)] = (layer, name)
     plan = []
     for module_id, (layer, first) in chosen.items():
@@ -652,8 +669,13 @@ def _retie(plan: list, aliases: dict) -> None:
 
 def _install(plan, index: int) -> None:
     for entry in plan:
-        parent, key = entry[0], entry[1]
-        parent._modules[key] = entry[index]
+        parent, key, value = entry[0], entry[1], entry[index]
+        if isinstance(value, nn.Module):
+            parent.__dict__.pop(key, None)  # (a function attribute it replaces: a transformer layer's activation)
+            parent._modules[key] = value
+        else:  # that function put back
+            del parent._modules[key]
+            parent.__dict__[key] = value
 
 
 def load(path, model: nn.Module) -> nn.Module:
@@ -676,6 +698,37 @@ def load(path, model: nn.Module) -> nn.Module:
     meta, tensors = _read(path)
     if "pipeline" in meta or is_pipeline(model):
         return _load_pipeline(path, model, meta, tensors)
+    attention = _attention_plan(path, model, meta["attention"])
+    _install(attention, 3)
+    try:
+        _load_layers(path, model, meta, tensors)
+    except BaseException:
+        _install(attention, 2)
+        raise
+    return model
+
+
+def _attention_plan(path: str, model: nn.Module, names: list) -> list[tuple[nn.Module, str, nn.Module, nn.Module, str]]:
+    """(parent, key, nn.MultiheadAttention, QuantMultiheadAttention, name) for every place of an attention that the
+    file holds with its projections as layers and the model as an nn.MultiheadAttention (one QuantMultiheadAttention
+    for a module under several names). Changes nothing in the model."""
+    paths = _paths(model)
+    built: dict[int, QuantMultiheadAttention] = {}
+    for name in names:
+        module = _child(model, name)
+        if isinstance(module, QuantMultiheadAttention):
+            continue
+        if type(module) is not nn.MultiheadAttention:
+            raise ValueError(f"load: {path} has an attention {name!r} with its projections as layers, but the model "
+                             f"has {'nothing' if module is None else 'a ' + type(module).__name__} there")
+        if id(module) not in built:
+            built[id(module)] = QuantMultiheadAttention.from_float(module)
+    return [(parent, key, model_module, attention, name) for module_id, attention in built.items()
+            for parent, key, name in paths[module_id] for model_module in [parent._modules[key]]]
+
+
+def _load_layers(path: str, model: nn.Module, meta: dict, tensors: dict) -> None:
+    """load() of a layer-by-layer checkpoint, all-or-nothing, into model with its attentions restructured."""
     plan = _plan(path, model, meta["layers"])
     _install(plan, 3)
     try:
@@ -710,7 +763,6 @@ def load(path, model: nn.Module) -> nn.Module:
             layer.fuse_activation(*entry["fused_activation"])
     _restore_bn_training(model, meta["layers"])
     set_conv_layouts(model)
-    return model
 
 
 def _restore_bn_training(model: nn.Module, layers: dict) -> None:

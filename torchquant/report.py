@@ -21,7 +21,7 @@ from tqdm import tqdm
 from torchquant import functional as F_q
 from torchquant._ops.gemm import GELU_APPROXIMATE
 from torchquant.config import QuantConfig, resolve_config
-from torchquant.convert import QUANT_TYPES, _run_batch
+from torchquant.convert import QUANT_TYPES, _run_batch, attention_as_layers
 from torchquant.fold import fold_running
 from torchquant.graph import pipeline_notes
 from torchquant.nn.base import QuantLayerBase
@@ -216,9 +216,11 @@ def float_only_layers(model: nn.Module) -> List[str]:
     """'name (type)' of the modules with a weight matrix of their own (a parameter named *weight* with 2 or more
     dimensions: not a class token or a position embedding) that no quantized layer type replaces (an LSTM, a
     ConvTranspose2d, a Linear subclass, ...): they stay float in every preset. Embedding tables are lookups, not
-    matrix products, and are left out."""
+    matrix products, and are left out; an nn.MultiheadAttention is quantized through its projections."""
+    attention = [name + "." for name, module in model.named_modules() if type(module) is nn.MultiheadAttention]
     return [f"{name or '(the model)'} ({type(module).__name__})" for name, module in model.named_modules()
             if type(module) not in FLOAT_LAYER_TYPES and not isinstance(module, (nn.Embedding, nn.EmbeddingBag))
+            and not any((name + ".").startswith(prefix) for prefix in attention)  # (swapped with its projections)
             and any("weight" in key and p.dim() >= 2 and p.is_floating_point()
                     for key, p in module.named_parameters(recurse=False))]
 
@@ -256,12 +258,19 @@ class LayerMeasurement:
 
 @torch.no_grad()
 def measure_layers(float_model, quantized_model, batches: Sequence[torch.Tensor], *, names: Optional[set] = None,
-             time_layers: bool = True, repeats: int = 5, progress: bool = False, desc: str = "measuring layers"
-             ) -> Tuple[Dict[str, LayerMeasurement], _ErrorSums, Optional[Tuple[float, float, str, Optional[str]]]]:
+                   time_layers: bool = True, repeats: int = 5, progress: bool = False, desc: str = "measuring layers"
+                   ) -> Tuple[Dict[str, LayerMeasurement], _ErrorSums,
+                              Optional[Tuple[float, float, str, Optional[str]]]]:
     """Per quantized layer (restricted to `names` when given): isolated output error over all batches and,
     with time_layers, the median latency of the float and the quantized layer on the first batch's input.
     Also the end-to-end output error and (with time_layers) the whole models' latencies on the first batch, with the
-    name of the clock that timed them and busy_machine_note's warning (None on a machine that was not busy)."""
+    name of the clock that timed them and busy_machine_note's warning (None on a machine that was not busy).
+    An attention's projections are measured against those of the float model's attention_as_layers form."""
+    with attention_as_layers(float_model):
+        return _measure_layers(float_model, quantized_model, batches, names, time_layers, repeats, progress, desc)
+
+
+def _measure_layers(float_model, quantized_model, batches, names, time_layers, repeats, progress, desc):
     pairs = [(n, f, q) for n, f, q in _layer_pairs(float_model, quantized_model)
              if _is_quantized(q) and (names is None or n in names)]
     measured = {name: LayerMeasurement() for name, _, _ in pairs}
@@ -379,6 +388,13 @@ def build_report(float_model: nn.Module, quantized_model: nn.Module, config=None
         raise TypeError("build_report: float_model and quantized_model must be nn.Modules")
     if not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"build_report: repeats must be a positive int, got {repeats!r}")
+    with attention_as_layers(float_model):  # (rows for an attention's projections)
+        return _build_report(float_model, quantized_model, config, calibration, evaluation, decisions, repeats,
+                             time_layers, progress, min_sqnr, min_speedup)
+
+
+def _build_report(float_model, quantized_model, config, calibration, evaluation, decisions, repeats, time_layers,
+                  progress, min_sqnr, min_speedup) -> ModelReport:
     config = resolve_config(config)
     decisions = dict(decisions or {})
     batches = list(calibration) if calibration is not None else list(evaluation[0]) if evaluation else []

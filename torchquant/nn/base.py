@@ -80,6 +80,15 @@ _HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward
                "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks")
 
 
+def take_hooks(new: nn.Module, module: nn.Module) -> None:
+    """new takes over module's forward and backward hooks: the same dicts, not copies, so that a handle registering a
+    hook on module returned removes it from new too (hooks registered on either later run around both)."""
+    for hooks in _HOOK_DICTS:
+        new.__dict__[hooks] = getattr(module, hooks)
+    if module._is_full_backward_hook is not None:
+        new._is_full_backward_hook = module._is_full_backward_hook
+
+
 def warn_if_gradient_cut(what: str, x: torch.Tensor) -> None:
     """Warns where integer kernels receive an x that autograd records (they have no gradient: their output
     leaves x's graph, and a backward through it would silently leave out what went through them)."""
@@ -154,16 +163,8 @@ class QuantLayerBase(nn.Module):
         layer.bias = module.bias
         layer._build_quantizers()
         layer.train(module.training)
-        layer._take_hooks(module)
+        take_hooks(layer, module)
         return layer
-
-    def _take_hooks(self, module: nn.Module) -> None:
-        """Takes over module's forward and backward hooks: the same dicts, not copies, so that a handle registering a
-        hook on module returned removes it from this layer too (hooks registered on either later run around both)."""
-        for hooks in _HOOK_DICTS:
-            self.__dict__[hooks] = getattr(module, hooks)
-        if module._is_full_backward_hook is not None:
-            self._is_full_backward_hook = module._is_full_backward_hook
 
     # ---- BatchNorm folding ----
     def attach_bn(self, bn: nn.Module, name: str | None = None) -> None:
