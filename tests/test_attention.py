@@ -191,8 +191,16 @@ def test_skip_rules_and_shared_attention():
     assert type(kept.attn) is nn.MultiheadAttention
     shared = nn.MultiheadAttention(8, 2)
     pair = nn.ModuleDict({"a": shared, "b": shared})
-    tq.prepare(pair)
+    with pytest.warns(UserWarning, match="skip rules match b.q_proj, but b is the same attention as a, whose "
+                                         "projections are quantized as that name's rules say"):
+        tq.prepare(pair, config.with_skip(["b.q_proj"]))
     assert pair["a"] is pair["b"] and type(pair["a"]) is QuantMultiheadAttention
+    assert type(pair["b"].q_proj) is QuantLinear
+    with pytest.raises(TypeError, match="model is itself a MultiheadAttention; wrap it in a container .* or use "
+                                        "QuantMultiheadAttention.from_float"):
+        tq.prepare(nn.MultiheadAttention(8, 2))
+    with pytest.raises(TypeError, match="model is itself a MultiheadAttention"):
+        tq.quantize_model(nn.MultiheadAttention(8, 2), "int8-pipeline", calibration=[torch.randn(2, 3, 8)])
 
 
 def test_hooks_and_training_mode_carry_over():
@@ -282,6 +290,50 @@ def test_failed_loads_leave_the_model_as_it_was(tmp_path):
                                          "a Linear there"):
         tq.load(path, other)
     assert type(other.attn) is nn.Linear and type(other.head) is nn.Linear
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_empty_batches_and_sequences(batch_first):
+    attention = _attention(batch_first=batch_first, kdim=5, vdim=4).eval()
+    layers = QuantMultiheadAttention.from_float(attention)
+    converted = tq.quantize_model(nn.ModuleDict({"attn": copy.deepcopy(attention)}), "int8-dynamic")["attn"]
+    for n, length, source in ((0, 5, 7), (3, 0, 7), (3, 5, 0)):
+        query, key, value = _inputs(attention, n, length, source)
+        for need_weights in (True, False):
+            want = attention(query, key, value, need_weights=need_weights)
+            got = layers(query, key, value, need_weights=need_weights)
+            torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5, equal_nan=True)
+            if need_weights:
+                torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6, equal_nan=True)
+            quantized = converted(query, key, value, need_weights=need_weights)
+            assert quantized[0].shape == want[0].shape and (not need_weights or quantized[1].shape == want[1].shape)
+
+
+def test_report_of_an_encoder_with_nested_tensors_and_padding():
+    # the float model's attention, put in the form of the quantized one for the report, turns torch's fused paths
+    # off (nn.TransformerEncoder's nested-tensor path reads a packed in_proj_weight)
+    from torchquant.report import build_report
+
+    class Padded(nn.Module):
+        def __init__(self):
+            super().__init__()
+            layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+            self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True)
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, x):
+            padding = torch.zeros(x.shape[:2], dtype=torch.bool)
+            padding[:, -1] = True
+            return self.head(self.encoder(x, src_key_padding_mask=padding))
+
+    torch.manual_seed(0)
+    model = Padded().eval()
+    x = torch.randn(2, 5, 16)
+    quantized = tq.quantize_model(model, "int8-dynamic", inplace=False)
+    report = build_report(model, quantized, calibration=[x], time_layers=False)
+    assert len(report.layers) == 2 * 6 + 1 and all(row.quantized for row in report.layers)
+    assert type(model.encoder.layers[0].self_attn) is nn.MultiheadAttention and model.encoder.use_nested_tensor
+    assert not model.encoder.layers[0]._forward_pre_hooks
 
 
 def test_report_measures_the_projections():

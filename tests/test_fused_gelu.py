@@ -417,3 +417,10 @@ def test_failed_load_puts_a_transformer_layers_activation_function_back(tmp_path
                                          "model does not pass .* the function relu there"):
         torchquant.load(path, relu)
     assert relu.layers[0].activation is torch.nn.functional.relu
+    # or where it is a GELU of the other form (F.gelu, a builtin, named as a function too)
+    tanh_path = tmp_path / "tanh.safetensors"
+    torchquant.save(torchquant.quantize_model(_transformer(nn.GELU(approximate="tanh")), "int8-dynamic"), tanh_path)
+    exact = _transformer("gelu")
+    with pytest.raises(ValueError, match=r"\(it has the function gelu there\)"):
+        torchquant.load(tanh_path, exact)
+    assert exact.layers[0].activation is torch.nn.functional.gelu

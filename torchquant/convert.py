@@ -28,6 +28,7 @@ from torchquant.fold import _Tracer, find_bn_pairs, folded_bn, parent_and_key
 from torchquant.graph import (META_KEY as PIPELINE_META, aliases_copied_by_a_layout, convert_pipeline, is_pipeline,
                               prepare_pipeline, reaches_a_layout_reader)
 from torchquant.nn import QuantConv1d, QuantConv2d, QuantLinear, QuantMultiheadAttention
+from torchquant.nn.attention import PROJECTIONS
 from torchquant.nn.base import QuantLayerBase
 from torchquant.nn.quantizers import InputQuantizer
 
@@ -39,6 +40,15 @@ QUANT_TYPES = {nn.Linear: QuantLinear, nn.Conv2d: QuantConv2d, nn.Conv1d: QuantC
 def _check_model(model, where: str) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"{where}: model must be a torch.nn.Module, got {type(model).__name__}")
+
+
+def _refuse_a_bare_layer(model: nn.Module) -> None:
+    """A model that is itself a layer prepare would swap cannot be replaced in place."""
+    swap_type = QUANT_TYPES.get(type(model)) or (QuantMultiheadAttention if type(model) is nn.MultiheadAttention
+                                                 else None)
+    if swap_type is not None:
+        raise TypeError(f"prepare: model is itself a {type(model).__name__}; wrap it in a container "
+                        f"(e.g. nn.Sequential) or use {swap_type.__name__}.from_float")
 
 
 def _rule_matches(rule, name: str, module: nn.Module) -> bool:
@@ -61,6 +71,7 @@ def _plan_swaps(model: nn.Module, config: QuantConfig) -> list[tuple[nn.Module, 
     skipped_names: list[str] = []
     swapped: dict[str, nn.Module] = {}
     other_config: list[str] = []  # quantized layers whose config is not this one
+    first_names: dict[int, str] = {}  # id of an attention -> the name its projections were planned under
     plan = []
 
     def skipped(name: str, module: nn.Module) -> bool:
@@ -104,6 +115,13 @@ def _plan_swaps(model: nn.Module, config: QuantConfig) -> list[tuple[nn.Module, 
                     attention, planned = QuantMultiheadAttention.from_float(child), len(plan)
                     visit(attention, name + ".")
                     replacements[id(child)] = attention if len(plan) > planned else None
+                    first_names[id(child)] = name
+                else:  # reached again under another name: quantized as under the first
+                    hits = [f"{name}.{p}" for p in PROJECTIONS if skipped(f"{name}.{p}", nn.Linear(1, 1, False))]
+                    if hits:
+                        warnings.warn(f"prepare: skip rules match {', '.join(hits)}, but {name} is the same "
+                                      f"attention as {first_names[id(child)]}, whose projections are quantized as "
+                                      f"that name's rules say", UserWarning, stacklevel=4)
                 if replacements[id(child)] is not None:
                     plan.append((parent, key, child, replacements[id(child)]))
             elif id(child) not in visited:
@@ -111,10 +129,7 @@ def _plan_swaps(model: nn.Module, config: QuantConfig) -> list[tuple[nn.Module, 
                 visit(child, name + ".")
 
     if not skipped("", model):
-        swap_type = QUANT_TYPES.get(type(model))
-        if swap_type is not None:
-            raise TypeError(f"prepare: model is itself a {type(model).__name__}; wrap it in a container "
-                            f"(e.g. nn.Sequential) or use {swap_type.__name__}.from_float")
+        _refuse_a_bare_layer(model)
         visit(model, "")
     if config.fold_bn and swapped:
         for layer_name, bn_name in find_bn_pairs(model, "prepare"):
@@ -152,9 +167,12 @@ def attention_as_layers(model: nn.Module) -> Iterator[nn.Module]:
                     built[id(child)] = QuantMultiheadAttention.from_float(child)
                 plan.append((parent, key, child, built[id(child)]))
     _swap(plan)
+    unfuse = unfuse_transformers(model)
     try:
         yield model
     finally:
+        for undo in unfuse:
+            undo()
         _swap(plan, undo=True)
 
 
@@ -181,11 +199,12 @@ def unfuse_transformers(model: nn.Module) -> list:
     padding mask) compute with linear1's and linear2's float weights themselves instead of calling the layers:
     a prepared model would run unquantized and calibrate nothing, a converted one (no float weight) would raise
     AttributeError. A forward pre-hook on the layer and use_nested_tensor=False on the encoder turn them off, as
-    torch documents (the layer then calls its submodules)."""
+    torch documents (the layer then calls its submodules). A QuantMultiheadAttention, which has no packed
+    in-projection for them to read, turns them off too."""
     undo = []
     for m in model.modules():
         if (not isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerEncoder))
-                or not any(isinstance(c, QuantLayerBase) for c in m.modules())):
+                or not any(isinstance(c, (QuantLayerBase, QuantMultiheadAttention)) for c in m.modules())):
             continue
         if isinstance(m, nn.TransformerEncoderLayer):
             if _keep_layers_called not in m._forward_pre_hooks.values():
@@ -198,10 +217,7 @@ def unfuse_transformers(model: nn.Module) -> list:
 
 def _prepared_pipeline(model: nn.Module, config: QuantConfig):
     """The prepared integer pipeline of model (torchquant.graph), or None when torch.fx cannot trace it (warned)."""
-    swap_type = QUANT_TYPES.get(type(model))
-    if swap_type is not None:
-        raise TypeError(f"prepare: model is itself a {type(model).__name__}; wrap it in a container "
-                        f"(e.g. nn.Sequential) or use {swap_type.__name__}.from_float")
+    _refuse_a_bare_layer(model)
     if is_pipeline(model):  # as layers quantized already keep their configs
         state = "converted" if model.meta[PIPELINE_META]["converted"] else "prepared"
         warnings.warn(f"prepare: model is a {state} integer pipeline already and is kept as it is (prepare the "

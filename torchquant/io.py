@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 import json
 import os
 import signal
@@ -567,7 +566,9 @@ def _described(thing) -> str:
     """'nothing', 'the function NAME' or 'a TYPE' for an error message."""
     if thing is None:
         return "nothing"
-    return f"the function {thing.__name__}" if inspect.isfunction(thing) else f"a {type(thing).__name__}"
+    if not isinstance(thing, nn.Module) and callable(thing) and hasattr(thing, "__name__"):
+        return f"the function {thing.__name__}"  # (F.gelu is a builtin, F.relu a Python function)
+    return f"a {type(thing).__name__}"
 
 
 def _plan(path: str, model: nn.Module, layers: dict) -> list[tuple[nn.Module, str, nn.Module, nn.Module, str]]:

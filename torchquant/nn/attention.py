@@ -184,8 +184,8 @@ class QuantMultiheadAttention(nn.Module):
             v = torch.cat([v, self.bias_v.expand(n, 1, -1)], dim=1)
             attn_mask, key_padding_mask = _one_more_key(attn_mask), _one_more_key(key_padding_mask)
         q = q.view(n, length, heads, head_dim).transpose(1, 2)  # [n, heads, length, head_dim]
-        k = k.view(n, -1, heads, head_dim).transpose(1, 2)
-        v = v.view(n, -1, heads, head_dim).transpose(1, 2)
+        k = k.view(n, k.shape[1], heads, head_dim).transpose(1, 2)  # (sizes, not -1: n or the length may be 0)
+        v = v.view(n, v.shape[1], heads, head_dim).transpose(1, 2)
         if self.add_zero_attn:  # a zero key and value appended
             k = torch.cat([k, k.new_zeros(n, heads, 1, head_dim)], dim=2)
             v = torch.cat([v, v.new_zeros(n, heads, 1, head_dim)], dim=2)
