@@ -40,7 +40,6 @@ class QuantMultiheadAttention(nn.Module):
     does. `from_float` makes one from an nn.MultiheadAttention (as prepare() does) with nn.Linear projections, which
     prepare then quantizes like any other Linear."""
 
-    FLOAT_TYPE = nn.MultiheadAttention
     # torch's transformer layers read these to choose their fused inference path, which multiplies a packed float
     # in-projection: there is none here (no in_proj_weight either), and the None bias keeps them on the path that
     # calls this module
