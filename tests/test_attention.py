@@ -456,3 +456,24 @@ def test_a_float_checkpoint_loads_into_the_prepared_model(settings):
     if "kdim" not in settings:  # a packed weight of another shape is reported by the load
         with pytest.raises(RuntimeError, match="in_proj_weight"):
             prepared.load_state_dict(dict(float_state, **{"attn.in_proj_weight": torch.zeros(5, 12)}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_models(dtype):
+    # a half model's attention: float form against nn.MultiheadAttention in that dtype, converted against prepared
+    torch.manual_seed(0)
+    model = Encoder().eval().to(dtype)
+    x = torch.randn(3, 6, 16, dtype=dtype)
+    layers = QuantMultiheadAttention.from_float(model.attn)
+    with torch.no_grad():
+        want, got = model.attn(x, x, x), layers(x, x, x)
+        rounding = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=2e-3, atol=2e-3)
+        torch.testing.assert_close(got[0], want[0], **rounding)
+        torch.testing.assert_close(got[1], want[1], **rounding)
+        prepared = tq.prepare(copy.deepcopy(model), "int8-dynamic")
+        fake = prepared(x)
+        converted = tq.convert(prepared)(x)
+    assert converted.dtype == dtype and prepared.attn.q_proj.converted
+    # (the fake-quant products round in the half dtype, the kernels sum in int32 and scale in float32)
+    torch.testing.assert_close(converted.float(), fake.float(), rtol=2e-2, atol=2e-2)
+    assert tq.functional.quantization_error(model(x).float(), converted.float())["sqnr_db"] > 25
