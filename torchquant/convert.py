@@ -71,7 +71,8 @@ def _plan_swaps(model: nn.Module, config: QuantConfig) -> list[tuple[nn.Module, 
     skipped_names: list[str] = []
     swapped: dict[str, nn.Module] = {}
     other_config: list[str] = []  # quantized layers whose config is not this one
-    first_names: dict[int, str] = {}  # id of an attention -> the name its projections were planned under
+    # id of an attention -> the name its projections were planned under, and its planned form (float projections)
+    first_visits: dict[int, tuple[str, QuantMultiheadAttention]] = {}
     plan = []
 
     def skipped(name: str, module: nn.Module) -> bool:
@@ -115,13 +116,14 @@ def _plan_swaps(model: nn.Module, config: QuantConfig) -> list[tuple[nn.Module, 
                     attention, planned = QuantMultiheadAttention.from_float(child), len(plan)
                     visit(attention, name + ".")
                     replacements[id(child)] = attention if len(plan) > planned else None
-                    first_names[id(child)] = name
+                    first_visits[id(child)] = (name, attention)
                 else:  # reached again under another name: quantized as under the first
-                    hits = [f"{name}.{p}" for p in PROJECTIONS if skipped(f"{name}.{p}", nn.Linear(1, 1, False))]
+                    first, attention = first_visits[id(child)]
+                    hits = [f"{name}.{p}" for p in PROJECTIONS if skipped(f"{name}.{p}", getattr(attention, p))]
                     if hits:
                         warnings.warn(f"prepare: skip rules match {', '.join(hits)}, but {name} is the same "
-                                      f"attention as {first_names[id(child)]}, whose projections are quantized as "
-                                      f"that name's rules say", UserWarning, stacklevel=4)
+                                      f"attention as {first}, whose projections are quantized as that name's rules "
+                                      f"say", UserWarning, stacklevel=4)
                 if replacements[id(child)] is not None:
                     plan.append((parent, key, child, replacements[id(child)]))
             elif id(child) not in visited:

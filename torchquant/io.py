@@ -627,13 +627,12 @@ def _plan(path: str, model: nn.Module, layers: dict) -> list[tuple[nn.Module, st
             parent_name, _, layer_key = name.rpartition(".")
             gelu_parent, _, gelu_key = gelu_name.rpartition(".")
             parent = _child(model, parent_name) if parent_name else model
-            paired = gelu_parent == parent_name and (layer_key, gelu_key) in _layer_gelu_pairs(
-                parent, (nn.Linear, QuantLayerBase))
             if gelu is None and gelu_parent == parent_name:  # a torch transformer layer's activation function
                 gelu = transformer_activation(parent, gelu_key)
             if type(gelu) is nn.Identity and getattr(module, "fused_activation", None) == form:
                 pass
-            elif paired and activation_gelu_form(gelu) == form:
+            elif (activation_gelu_form(gelu) == form and gelu_parent == parent_name
+                  and (layer_key, gelu_key) in _layer_gelu_pairs(parent, (nn.Linear, QuantLayerBase))):
                 folds.append((parent, gelu_key, gelu, nn.Identity(), gelu_name))
             else:
                 raise ValueError(f"load: {path} has the GELU {gelu_name!r} fused into {name!r}, but the model does "
@@ -714,18 +713,18 @@ def _attention_plan(path: str, model: nn.Module, names: list) -> list[tuple[nn.M
     file holds with its projections as layers and the model as an nn.MultiheadAttention (one QuantMultiheadAttention
     for a module under several names). Changes nothing in the model."""
     paths = _paths(model)
-    built: dict[int, QuantMultiheadAttention] = {}
+    built: dict[int, tuple[nn.Module, QuantMultiheadAttention]] = {}
     for name in names:
         module = _child(model, name)
         if isinstance(module, QuantMultiheadAttention):
             continue
         if type(module) is not nn.MultiheadAttention:
             raise ValueError(f"load: {path} has an attention {name!r} with its projections as layers, but the model "
-                             f"has {'nothing' if module is None else 'a ' + type(module).__name__} there")
+                             f"has {_described(module)} there")
         if id(module) not in built:
-            built[id(module)] = QuantMultiheadAttention.from_float(module)
-    return [(parent, key, model_module, attention, name) for module_id, attention in built.items()
-            for parent, key, name in paths[module_id] for model_module in [parent._modules[key]]]
+            built[id(module)] = (module, QuantMultiheadAttention.from_float(module))
+    return [(parent, key, module, attention, name) for module, attention in built.values()
+            for parent, key, name in paths[id(module)]]
 
 
 def _load_layers(path: str, model: nn.Module, meta: dict, tensors: dict) -> None:
