@@ -1,4 +1,5 @@
 import copy
+import math
 import warnings
 
 import pytest
@@ -60,6 +61,26 @@ def _state(model):
 
 def _same_state(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("skip", ["shared", "seq.0", "seq.2", "seq"])
+def test_a_shared_module_follows_the_skip_rules_of_its_first_name(skip, tmp_path):
+    """One module cannot be float under one name and quantized under another (the checkpoint could not describe
+    it): the skip rules for its first name decide, and a warning names a name whose rules say otherwise."""
+    model = _net().eval()
+    first_skipped = skip == "shared"
+    other = {"shared": "seq.0", "seq.0": "seq.0", "seq.2": "seq.2", "seq": "seq.0"}[skip]
+    with pytest.warns(UserWarning, match=rf"prepare: {other} is the same module as shared, which skip rules "
+                                         rf"{'keep float' if first_skipped else 'do not match'}; it is "
+                                         rf"{'kept float' if first_skipped else 'quantized'} under both names"):
+        converted = tq.quantize_model(model, QuantConfig.preset("int8-dynamic").with_skip([skip]))
+    assert converted.seq[0] is converted.seq[2] is converted.shared
+    assert isinstance(converted.shared, QuantLinear) != first_skipped
+    tq.save(converted, tmp_path / "m.safetensors")
+    loaded = tq.load(tmp_path / "m.safetensors", _net(seed=3).eval())
+    x = _batches(1)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), converted(x), rtol=0, atol=0)
 
 
 def test_prepare_swaps_everywhere_and_once():
@@ -197,6 +218,17 @@ def test_partially_converted_model():
         tq.convert(nn.Sequential(nn.ReLU()))
 
 
+@pytest.mark.parametrize("preset", ["int8-static", "int8-pipeline"])
+def test_calibration_on_nothing_but_nan_warns(preset):
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    with pytest.warns(UserWarning, match=r"calibrate: .*input_quantizer|calibrate: act_quant\..* observed only zeros, "
+                                         r"NaN or inf: their scale stays 1"):
+        tq.quantize_model(model, preset, calibration=[torch.full((8, 16), math.nan)], inplace=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tq.quantize_model(model, preset, calibration=[torch.randn(8, 16)], inplace=False)
+
+
 @pytest.mark.parametrize("preset", ["int8-static", "int8-pipeline", "int8-dynamic"])
 @pytest.mark.parametrize("case", ["unsupported", "skipped", "no layers"])
 def test_quantize_model_with_nothing_to_quantize_says_so(preset, case):
@@ -222,6 +254,13 @@ def test_quantize_model_with_nothing_to_quantize_says_so(preset, case):
         assert not any(isinstance(m, (QuantConv2d, QuantLinear)) for m in result.modules())
         torch.testing.assert_close(result(x), model(x), rtol=0, atol=0)
     assert type(model[0]) in (nn.Conv1d, nn.ReLU)
+    # calibrate after such a prepare says why too
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = tq.prepare(model, config, inplace=False)
+    with pytest.raises(ValueError, match=rf"calibrate: model has no quantized layers \(call torchquant.prepare first; "
+                                         rf"where it was called, {why}"):
+        tq.calibrate(prepared, [x], progress=False)
 
 
 def test_static_needs_calibration():

@@ -248,7 +248,9 @@ class Untraceable(nn.Module):
         return self.bn(self.conv(x))
 
 
-def test_untraceable_model_falls_back_to_sequential_pairs_with_one_warning():
+@pytest.mark.parametrize("config", [W8_FLOAT_ACT, tq.QuantConfig.preset("int8-pipeline")], ids=["swap", "pipeline"])
+def test_untraceable_model_falls_back_to_sequential_pairs_with_one_warning(config):
+    # (the integer pipeline's warning says both: it falls back to the module swap, and its folding to containers)
     model = Untraceable().eval()
     for m in (model.block[1], model.bn):
         _random_stats(m, 5)
@@ -256,10 +258,11 @@ def test_untraceable_model_falls_back_to_sequential_pairs_with_one_warning():
     with torch.no_grad():
         expected = model(x)
     with pytest.warns(UserWarning) as caught:
-        prepared = tq.prepare(model, W8_FLOAT_ACT)
+        prepared = tq.prepare(model, config, inplace=False)
     messages = [str(w.message) for w in caught]
     assert len(messages) == 1 and "torch.fx cannot trace Untraceable" in messages[0]
-    assert "TraceError" in messages[0] and "nn.Sequential" in messages[0]
+    assert "TraceError" in messages[0] and "falls back to consecutive layers of nn.Sequential" in messages[0]
+    assert ("module swap" in messages[0]) == config.integer_pipeline
     assert prepared.block[0].folded_bn == "block.1" and type(prepared.block[1]) is FoldedBatchNorm2d
     assert type(prepared.bn) is nn.BatchNorm2d and prepared.conv.bn is None
     with torch.no_grad():

@@ -1613,6 +1613,37 @@ def test_forward_reading_the_training_flag_falls_back_to_the_module_swap(form):
         assert tq.functional.quantization_error(model.eval()(x), converted(x))["sqnr_db"] > 25
 
 
+class _MakesConstants(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.b(F.relu(self.a(x)) * torch.tensor(0.5) + torch.full((1,), 0.25))
+
+
+def test_tensors_the_forward_makes_keep_the_pipeline_and_leave_the_model_as_it_was(tmp_path):
+    """torch.fx stores a tensor the forward makes as a new attribute of the traced module, named anew by each trace:
+    the trace in the other train/eval mode is the same code (no fallback for reading `training`), and the float model
+    keeps no such attribute."""
+    model = _MakesConstants().eval()
+    before = set(vars(model))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prepared = tq.prepare(model, PIPELINE)
+    assert not any("training" in str(w.message) for w in caught)
+    assert graph.is_pipeline(prepared) and type(model.a) is nn.Conv2d and set(vars(model)) == before
+    converted = tq.convert(tq.calibrate(prepared, _batches((2, 3, 6, 6)), progress=False))
+    tq.save(converted, tmp_path / "c.safetensors")
+    loaded = tq.load(tmp_path / "c.safetensors", _MakesConstants().eval())
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        assert tq.functional.quantization_error(model(x), converted(x))["sqnr_db"] > 25
+        torch.testing.assert_close(loaded(x), converted(x), rtol=0, atol=0)
+        torch.testing.assert_close(copy.deepcopy(converted)(x), converted(x), rtol=0, atol=0)
+
+
 def test_dropout_modules_in_train_mode_keep_the_pipeline():
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 4)).train()
     with warnings.catch_warnings():
@@ -1639,6 +1670,7 @@ class _OptionalBias(nn.Module):
 def test_arguments_defaulting_to_none_are_traced_as_none(tmp_path):
     """`if bias is not None:` is traced with bias left out (the call the model takes without it), not as an input
     whose branch is taken; passing such an argument to the pipeline raises rather than computing another function."""
+    torch.manual_seed(0)
     model = _OptionalBias().eval()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -1682,6 +1714,55 @@ def test_layer_whose_weight_the_forward_reads_stays_float():
     x = torch.randn(8, 16)
     with torch.no_grad():
         assert tq.functional.quantization_error(model(x), converted(x))["sqnr_db"] > 25
+
+
+@pytest.mark.parametrize("preset", ["int8-static", "int8-dynamic"])
+def test_the_module_swap_keeps_a_layer_whose_weight_the_forward_reads_float(preset):
+    """The layer-by-layer presets check the traced forward too (a converted layer would have no weight to read);
+    the report says why the layer stayed float."""
+    model = _TiedAutoencoder().eval()
+    with pytest.warns(UserWarning, match=r"enc \(Linear\) stays float: the forward reads its tensor enc.weight"):
+        converted = tq.quantize_model(model, preset, calibration=_batches((8, 16)), inplace=False)
+    assert type(converted.inp) is QuantLinear and type(converted.enc) is nn.Linear
+    x = torch.randn(8, 16)
+    with torch.no_grad():
+        assert tq.functional.quantization_error(model(x), converted(x))["sqnr_db"] > 25
+    report = build_report(model, converted, preset, calibration=_batches((8, 16)), time_layers=False)
+    notes = {row.name: row.note for row in report.layers}
+    assert notes["enc"] == "kept float: the forward reads its tensor enc.weight itself, which a converted layer " \
+                           "does not keep"
+
+
+class _Aliased(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(16, 16)
+        self.again = self.first
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(F.relu(self.again(F.relu(self.first(x)))))
+
+
+@pytest.mark.parametrize("skip", ["first", "again"])
+def test_skip_rules_of_a_module_under_two_names(skip, tmp_path):
+    """The graph names a module once, by its first name, whose skip rules decide (as in the module swap); a rule for
+    the other name says so rather than that it matched no module."""
+    model = _Aliased().eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        converted = tq.quantize_model(model, PIPELINE.with_skip([skip]), calibration=_batches((4, 16)),
+                                      inplace=False)
+    messages = [str(w.message) for w in caught]
+    said = ("keep float; it is kept float" if skip == "first" else "do not match; it is quantized")
+    assert f"prepare: again is the same module as first, which skip rules {said} under both names" in messages
+    assert not any("matched no module" in m for m in messages) and all(w.filename == __file__ for w in caught)
+    assert isinstance(converted.first, QuantLinear) == (skip == "again")
+    tq.save(converted, tmp_path / "c.safetensors")
+    loaded = tq.load(tmp_path / "c.safetensors", _Aliased().eval())
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), converted(x), rtol=0, atol=0)
 
 
 def test_convert_refusing_a_quantized_layer_whose_weight_the_forward_reads_changes_nothing():
@@ -2345,6 +2426,8 @@ def test_integer_mean_against_float64(shape, dims, signed):
         inp, out = _activation_quantizer(s_in, z_in, signed), _activation_quantizer(s_out, z_out, signed)
         got = graph.integer_mean(q, dims, True, inp, out)
         assert got.dtype == q.dtype and got.shape == q.sum(dims, keepdim=True).shape
+        everything = tuple(range(q.dim()))  # a mean over every dimension is 0-d, as torch's
+        assert graph.integer_mean(q, everything, False, inp, out).shape == q.float().mean(everything).shape == ()
         v = (q.double() - inp.qparams[2]).mean(dims, keepdim=True) * inp.qparams[1] / out.qparams[1]
         want = (torch.round(v) + z_out).clamp(lo, hi - 1)
         diff = (got.double() - want).abs()

@@ -26,7 +26,7 @@ from torchquant._ops.gemm import GELU_APPROXIMATE
 from torchquant.config import QuantConfig, resolve_config
 from torchquant.fold import _Tracer, find_bn_pairs, folded_bn, parent_and_key
 from torchquant.graph import (META_KEY as PIPELINE_META, aliases_copied_by_a_layout, convert_pipeline, is_pipeline,
-                              prepare_pipeline, reaches_a_layout_reader)
+                              keeping_read_layers_float, prepare_pipeline, reaches_a_layout_reader)
 from torchquant.nn import QuantConv1d, QuantConv2d, QuantLinear, QuantMultiheadAttention
 from torchquant.nn.attention import PROJECTIONS
 from torchquant.nn.base import QuantLayerBase
@@ -59,11 +59,14 @@ def _rule_matches(rule, name: str, module: nn.Module) -> bool:
     return bool(rule(name, module))
 
 
-def _plan_swaps(model: nn.Module, config: QuantConfig) -> list[tuple[nn.Module, str, nn.Module, nn.Module]]:
+def _plan_swaps(model: nn.Module, config: QuantConfig,
+                warn_untraceable: bool = True) -> list[tuple[nn.Module, str, nn.Module, nn.Module]]:
     """(parent, child key, float module, replacement) for every layer to swap and every BatchNorm folded into one
     (replaced by a FoldedBatchNorm sharing its tensors); builds the quant layers but changes nothing. A module
-    reachable under several names is swapped once (one replacement shared by all parents); a skipped module keeps
-    its whole subtree float. Warns about skip rules that matched no module."""
+    reachable under several names is swapped once (one replacement shared by all parents) or kept float, as the skip
+    rules for its first name say (with a warning where those for another name say otherwise); a skipped module keeps
+    its whole subtree float. Warns about skip rules that matched no module (and, with warn_untraceable, where
+    BatchNorm folding cannot trace the model: a failed integer pipeline has said so)."""
     layer_config = dataclasses.replace(config, skip=())
     replacements: dict[int, nn.Module] = {}
     visited: set[int] = set()
@@ -73,6 +76,7 @@ def _plan_swaps(model: nn.Module, config: QuantConfig) -> list[tuple[nn.Module, 
     other_config: list[str] = []  # quantized layers whose config is not this one
     # id of an attention -> the name its projections were planned under, and its planned form (float projections)
     first_visits: dict[int, tuple[str, QuantMultiheadAttention]] = {}
+    first_names: dict[int, tuple[str, bool]] = {}  # id of a module -> its first name, and whether that was skipped
     plan = []
 
     def skipped(name: str, module: nn.Module) -> bool:
@@ -83,13 +87,36 @@ def _plan_swaps(model: nn.Module, config: QuantConfig) -> list[tuple[nn.Module, 
                 hit = True
         return hit
 
+    def decided(child: nn.Module, name: str, is_skipped: bool) -> bool:
+        """Whether child, reached as name, is quantized: as the skip rules decided for its first name (one module
+        cannot be float under one name and quantized under another), with a warning where name's differ."""
+        first, first_skipped = first_names.setdefault(id(child), (name, is_skipped))
+        if is_skipped != first_skipped:
+            warnings.warn(f"prepare: {name} is the same module as {first}, which skip rules "
+                          f"{'keep float' if first_skipped else 'do not match'}; it is "
+                          f"{'kept float' if first_skipped else 'quantized'} under both names", UserWarning,
+                          stacklevel=5)
+        return not first_skipped
+
+    def visit_skipped(parent: nn.Module, prefix: str) -> None:
+        """The subtree of a skipped module: float, but for modules quantized under another name before (the same
+        replacement here; a container's layers were swapped inside it)."""
+        for key, child in parent._modules.items():
+            if child is None:
+                continue
+            if not decided(child, f"{prefix}{key}", True):
+                visit_skipped(child, f"{prefix}{key}.")
+            elif replacements.get(id(child)) is not None:
+                plan.append((parent, key, child, replacements[id(child)]))
+
     def visit(parent: nn.Module, prefix: str) -> None:
         for key, child in parent._modules.items():
             if child is None:
                 continue
             name = f"{prefix}{key}"
-            if skipped(name, child):
+            if not decided(child, name, skipped(name, child)):
                 skipped_names.append(name)
+                visit_skipped(child, name + ".")
                 continue
             swap_type = QUANT_TYPES.get(type(child))
             reason = None if swap_type is None else swap_type.unsupported(child)
@@ -134,7 +161,7 @@ def _plan_swaps(model: nn.Module, config: QuantConfig) -> list[tuple[nn.Module, 
         _refuse_a_bare_layer(model)
         visit(model, "")
     if config.fold_bn and swapped:
-        for layer_name, bn_name in find_bn_pairs(model, "prepare"):
+        for layer_name, bn_name in find_bn_pairs(model, "prepare", warn_untraceable):
             if layer_name in swapped and not any(bn_name == s or bn_name.startswith(s + ".") for s in skipped_names):
                 bn_parent, bn_key = parent_and_key(model, bn_name)
                 bn = bn_parent._modules[bn_key]
@@ -186,8 +213,8 @@ def _unfold_plan(model: nn.Module, layers: Iterable[QuantLayerBase]) -> list:
             for key, child in parent._modules.items() if id(child) in folded]
 
 
-def _swap_layers(model: nn.Module, config: QuantConfig) -> None:
-    _swap(_plan_swaps(model, config))
+def _swap_layers(model: nn.Module, config: QuantConfig, warn_untraceable: bool = True) -> None:
+    _swap(_plan_swaps(model, config, warn_untraceable))
     unfuse_transformers(model)
 
 
@@ -217,6 +244,32 @@ def unfuse_transformers(model: nn.Module) -> list:
     return undo
 
 
+def _rules_for_first_names(model: nn.Module, config: QuantConfig) -> QuantConfig:
+    """config for the traced graph of model, which names each module once (its first name): with a warning where
+    the skip rules for another name of a module say otherwise than those for its first (the first name's decide, as
+    in the module swap), and without the rules that match such other names only (they match nothing there)."""
+    firsts: dict[int, tuple[str, bool]] = {}
+    matched_first, matched_other = set(), set()
+    for name, module in model.named_modules(remove_duplicate=False):
+        if not name:
+            continue
+        hits = {i for i, rule in enumerate(config.skip) if _rule_matches(rule, name, module)}
+        first, first_skipped = firsts.setdefault(id(module), (name, bool(hits)))
+        if first == name:
+            matched_first |= hits
+            continue
+        matched_other |= hits
+        if bool(hits) != first_skipped:
+            warnings.warn(f"prepare: {name} is the same module as {first}, which skip rules "
+                          f"{'keep float' if first_skipped else 'do not match'}; it is "
+                          f"{'kept float' if first_skipped else 'quantized'} under both names", UserWarning,
+                          stacklevel=4)
+    other_only = matched_other - matched_first
+    if not other_only:
+        return config
+    return dataclasses.replace(config, skip=tuple(r for i, r in enumerate(config.skip) if i not in other_only))
+
+
 def _prepared_pipeline(model: nn.Module, config: QuantConfig):
     """The prepared integer pipeline of model (torchquant.graph), or None when torch.fx cannot trace it (warned)."""
     _refuse_a_bare_layer(model)
@@ -225,7 +278,7 @@ def _prepared_pipeline(model: nn.Module, config: QuantConfig):
         warnings.warn(f"prepare: model is a {state} integer pipeline already and is kept as it is (prepare the "
                       f"float model to change it)", UserWarning, stacklevel=3)
         return model
-    pipeline = prepare_pipeline(model, config, _swap_layers)
+    pipeline = prepare_pipeline(model, _rules_for_first_names(model, config), _swap_layers)
     if pipeline is not None:
         # what save() writes: skip rules that are not name globs become the names they matched
         skipped = [r for r in config.skip if isinstance(r, str)] + [
@@ -260,7 +313,9 @@ def prepare(model: nn.Module, config=None, *, inplace: bool = True) -> nn.Module
         pipeline = _prepared_pipeline(model, config)
         if pipeline is not None:
             return pipeline
-    _swap_layers(model, config)
+    # (an integer pipeline that could not trace the model has said so)
+    _swap_layers(model, keeping_read_layers_float(model, None, config, stacklevel=2),
+                 warn_untraceable=not config.integer_pipeline)
     return model
 
 
@@ -315,7 +370,9 @@ def calibrate(model: nn.Module, batches: Iterable, *, progress: bool = True) -> 
     _check_model(model, "calibrate")
     layers = quant_layers(model)
     if not layers:
-        raise ValueError("calibrate: model has no quantized layers (call torchquant.prepare first)")
+        why = nothing_quantized_reason(model, "skipped, or not supported: see prepare's warnings")
+        raise ValueError(f"calibrate: model has no quantized layers (call torchquant.prepare first; where it was "
+                         f"called, {why})")
     if isinstance(batches, (torch.Tensor, dict)) or not hasattr(batches, "__iter__"):
         raise TypeError(f"calibrate: batches must be an iterable of batches (e.g. a list or a DataLoader), "
                         f"got {type(batches).__name__}")
@@ -335,6 +392,14 @@ def calibrate(model: nn.Module, batches: Iterable, *, progress: bool = True) -> 
                 seen += 1
         if seen == 0:
             raise ValueError("calibrate: batches is empty")
+        # (NaN and inf count as 0: inputs of nothing else leave an empty range, where the scale stays at 1)
+        observers = [(name, m.observer) for name, m in model.named_modules() if isinstance(m, InputQuantizer)
+                     and getattr(m, "observer", None) is not None]  # (a converted pipeline's keep none)
+        empty = [name for name, o in observers if o.has_data and not bool((o.lo != 0).any() | (o.hi != 0).any())]
+        if empty:
+            warnings.warn(f"calibrate: {', '.join(empty[:3])}{f' (+{len(empty) - 3} more)' if len(empty) > 3 else ''}"
+                          f" observed only zeros, NaN or inf: their scale stays 1 (are the calibration inputs all "
+                          f"zero or non-finite?)", UserWarning, stacklevel=2)
     except BaseException:
         for q, state in zip(quantizers, saved):
             q.load_state_dict(state)
@@ -549,7 +614,8 @@ def quantize_model(model: nn.Module, config=None, calibration: Iterable | None =
         if calibration is not None:
             calibrate(pipeline, calibration)
         return convert(pipeline)
-    plan = _plan_swaps(model, config)
+    plan = _plan_swaps(model, keeping_read_layers_float(model, None, config, stacklevel=2),
+                       warn_untraceable=not config.integer_pipeline)
     _swap(plan)
     if not quant_layers(model):
         return _nothing_quantized(model)

@@ -63,7 +63,22 @@ def fold_running(weight: torch.Tensor, bias: torch.Tensor | None, bn) -> tuple[t
 
 
 class _Tracer(torch.fx.Tracer):
-    """torch.fx's tracer with torchquant's layers as leaves (their forward reads tensor values)."""
+    """torch.fx's tracer with torchquant's layers as leaves (their forward reads tensor values).
+
+    torch.fx stores a tensor the forward makes (torch.tensor(0.5)) as a new attribute of the traced module
+    (`_tensor_constantN`), which a GraphModule built from the graph reads: this tracer takes the attributes a trace
+    added off the module again (a trace leaves the user's model as it was, and a second trace names its constants
+    alike) and keeps them in `constants` for the caller that builds a module from the graph."""
+
+    constants: dict = {}
+
+    def trace(self, root, concrete_args=None):
+        before = set(root.__dict__) if isinstance(root, nn.Module) else None
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            if before is not None:
+                self.constants = {name: root.__dict__.pop(name) for name in set(root.__dict__) - before}
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         from torchquant.nn.base import QuantLayerBase
@@ -95,19 +110,19 @@ def _sequential_pairs(model: nn.Module) -> list[tuple[str, str]]:
     return pairs
 
 
-def find_bn_pairs(model: nn.Module, where: str = "prepare") -> list[tuple[str, str]]:
+def find_bn_pairs(model: nn.Module, where: str = "prepare", warn_untraceable: bool = True) -> list[tuple[str, str]]:
     """(layer name, BatchNorm name) for every foldable layer -> BatchNorm edge of model, each module registered
-    under one name only (folding a shared module would change its other uses)."""
-    bn_types = tuple(FOLDABLE.values())
-    if not any(type(m) in bn_types for m in model.modules()):
+    under one name only (folding a shared module would change its other uses); where torch.fx cannot trace model,
+    of consecutive children of nn.Sequential containers, with a warning (unless the caller has warned already)."""
+    if not has_foldable_bn(model):
         return []  # nothing to fold: no need to trace
     try:
         candidates = _traced_pairs(model)
     except Exception as exc:  # noqa: BLE001 -- any tracing failure means: use the containers' order instead
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        warnings.warn(f"{where}: torch.fx cannot trace {type(model).__name__} ({type(exc).__name__}: {reason}); "
-                      f"BatchNorm folding falls back to consecutive layers of nn.Sequential containers",
-                      UserWarning, stacklevel=4)
+        if warn_untraceable:
+            warnings.warn(f"{where}: torch.fx cannot trace {type(model).__name__} ({type(exc).__name__}: {reason});"
+                          f" {SEQUENTIAL_FOLDING}", UserWarning, stacklevel=4)
         candidates = _sequential_pairs(model)
     names = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
     modules = dict(model.named_modules())
@@ -118,6 +133,13 @@ def find_bn_pairs(model: nn.Module, where: str = "prepare") -> list[tuple[str, s
                 and foldable(layer, bn)):
             pairs.append((layer_name, bn_name))
     return pairs
+
+
+SEQUENTIAL_FOLDING = "BatchNorm folding falls back to consecutive layers of nn.Sequential containers"
+
+
+def has_foldable_bn(model: nn.Module) -> bool:
+    return any(type(m) in FOLDABLE.values() for m in model.modules())
 
 
 def parent_and_key(model: nn.Module, name: str) -> tuple[nn.Module, str]:

@@ -73,7 +73,7 @@ from torchquant import functional as F_q
 from torchquant._ops import FLOAT_DTYPES
 from torchquant._ops.elementwise import _MAX_EXACT_WINDOW  # the largest window quantized_avg_pool2d sums exactly
 from torchquant.config import QuantConfig
-from torchquant.fold import _Tracer, has_forward_hooks
+from torchquant.fold import SEQUENTIAL_FOLDING, _Tracer, has_foldable_bn, has_forward_hooks
 from torchquant.nn.base import QuantLayerBase, warn_if_gradient_cut
 from torchquant.nn.conv import QuantConv1d, QuantConv2d, contiguous_output
 from torchquant.nn.linear import QuantLinear
@@ -1072,15 +1072,17 @@ def argument_left_out(value, name: str, model_name: str) -> None:
                          f"the model without the integer pipeline (e.g. preset 'int8-static') to pass it")
 
 
-def _trace(model: nn.Module) -> tuple[fx.Graph, bool]:
+def _trace(model: nn.Module) -> tuple[fx.Graph, dict, bool]:
     """The graph of model's forward, with the arguments that default to None left at None (an `if mask is not None:`
-    branch would otherwise be traced as taken, for a mask the call without it does not give), and whether the graph
-    depends on the modules' train/eval mode (it is traced again with every module's mode flipped)."""
+    branch would otherwise be traced as taken, for a mask the call without it does not give), the tensor constants
+    it reads (_Tracer.constants), and whether the graph depends on the modules' train/eval mode (it is traced again
+    with every module's mode flipped)."""
     pinned = {name: None for name, p in inspect.signature(model.forward).parameters.items()
               if p.default is None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's own warnings
-        graph = _PipelineTracer().trace(model, concrete_args=pinned or None)
+        tracer = _PipelineTracer()
+        graph = tracer.trace(model, concrete_args=pinned or None)
         modes = [(m, m.training) for m in model.modules()]
         try:
             for m, training in modes:
@@ -1100,7 +1102,7 @@ def _trace(model: nn.Module) -> tuple[fx.Graph, bool]:
             node.target = renamed[node.target]
         elif node.op == "call_function" and node.target is fx._symbolic_trace._assert_is_none:
             node.target, node.args = argument_left_out, (node.args[0], node.args[0].target, type(model).__name__)
-    return graph, reads_mode
+    return graph, tracer.constants, reads_mode
 
 
 def prepare_pipeline(model: nn.Module, config: QuantConfig, swap) -> Optional[fx.GraphModule]:
@@ -1108,12 +1110,13 @@ def prepare_pipeline(model: nn.Module, config: QuantConfig, swap) -> Optional[fx
     parameters and buffers), or None with a warning when torch.fx cannot trace it. swap(gm, config) swaps the layers
     of the traced module (the module swap's planner, with BatchNorm folding)."""
     try:
-        graph, reads_mode = _trace(model)
+        graph, constants, reads_mode = _trace(model)
     except Exception as exc:  # noqa: BLE001 -- any tracing failure means: the module swap instead
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        folding = f" ({SEQUENTIAL_FOLDING})" if config.fold_bn and has_foldable_bn(model) else ""
         warnings.warn(f"prepare: torch.fx cannot trace {type(model).__name__} ({type(exc).__name__}: {reason}); "
-                      f"the model is quantized layer by layer (module swap) instead of as an integer pipeline",
-                      UserWarning, stacklevel=4)
+                      f"the model is quantized layer by layer (module swap) instead of as an integer pipeline"
+                      f"{folding}", UserWarning, stacklevel=4)
         return None
     if reads_mode:  # the graph would keep the mode it was traced in (dropout on after eval(), in the converted model)
         warnings.warn(f"prepare: {type(model).__name__}'s forward reads a module's `training` flag (train/eval mode, "
@@ -1140,10 +1143,15 @@ def prepare_pipeline(model: nn.Module, config: QuantConfig, swap) -> Optional[fx
                       f"needs for itself; the model is quantized layer by layer (module swap) instead", UserWarning,
                       stacklevel=4)
         return None
-    gm = _Pipeline(model, graph, class_name=type(model).__name__)
+    model.__dict__.update(constants)  # (for the GraphModule to copy, then off the user's model again)
+    try:
+        gm = _Pipeline(model, graph, class_name=type(model).__name__)
+    finally:
+        for name in constants:
+            del model.__dict__[name]
     _own_modules(gm, graph)
     gm.meta[META_KEY] = {"integer_output": config.integer_output, "converted": False, **_RULES.get()}
-    swap(gm, _keeping_read_layers_float(gm, config))
+    swap(gm, keeping_read_layers_float(gm, gm.graph, config, stacklevel=4))
     modules = dict(gm.named_modules())
     _functionalize_in_place(gm.graph, modules)
     _merge_extremum_values(gm.graph)
@@ -1181,20 +1189,42 @@ def prepare_pipeline(model: nn.Module, config: QuantConfig, swap) -> Optional[fx
     return gm
 
 
-def _keeping_read_layers_float(gm: fx.GraphModule, config: QuantConfig) -> QuantConfig:
-    """config, also skipping (with a warning) the layers whose tensors the forward reads itself (a decoder tied to an
-    encoder's weight: F.linear(z, self.enc.weight.t())): a converted layer keeps no float weight for it to read."""
-    read = {}  # id of a layer -> the first of its tensors the graph reads
-    for node in gm.graph.nodes:
-        owner = gm.get_submodule(node.target.rpartition(".")[0]) if node.op == "get_attr" else None
-        if type(owner) in _LAYER_TYPES and id(owner) not in read:
-            read[id(owner)] = node.target
-            warnings.warn(f"prepare: {node.target.rpartition('.')[0]} ({type(owner).__name__}) stays float: the "
-                          f"forward reads its tensor {node.target} itself, which a converted layer does not keep",
-                          UserWarning, stacklevel=5)
+def layer_tensors_read(root: nn.Module, graph: Optional[fx.Graph] = None) -> dict[int, str]:
+    """id of each layer of root the swap would quantize whose tensors the forward reads itself (a decoder tied to an
+    encoder's weight: F.linear(z, self.enc.weight.t())) -> the first such tensor's name, from graph (root's torch.fx
+    graph; traced here when None, and {} where torch.fx cannot trace root)."""
+    if graph is None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the tracer's own warnings
+                graph = _Tracer().trace(root)
+        except Exception:  # noqa: BLE001 -- an untraceable model: nothing found
+            return {}
+    read = {}
+    for node in graph.nodes:
+        owner_name = node.target.rpartition(".")[0] if node.op == "get_attr" else ""
+        owner = root.get_submodule(owner_name) if owner_name else None  # (root's own tensors: root is no layer)
+        if type(owner) in _LAYER_TYPES:
+            read.setdefault(id(owner), node.target)
+    return read
+
+
+def keeping_read_layers_float(root: nn.Module, graph: Optional[fx.Graph], config: QuantConfig,
+                              stacklevel: int = 2) -> QuantConfig:
+    """config, also skipping (with a warning) the layers of root whose tensors the forward reads itself
+    (layer_tensors_read): a converted layer keeps no float weight for it to read."""
+    read = layer_tensors_read(root, graph)
+    for name, module in root.named_modules():
+        if id(module) in read:
+            warnings.warn(f"prepare: {name} ({type(module).__name__}) stays float: {read_reason(read[id(module)])}",
+                          UserWarning, stacklevel=stacklevel + 1)
     if not read:
         return config
     return dataclasses.replace(config, skip=(*config.skip, lambda name, module: id(module) in read))
+
+
+def read_reason(tensor: str) -> str:
+    return f"the forward reads its tensor {tensor} itself, which a converted layer does not keep"
 
 
 def _free_attribute(container: nn.Module, name: str) -> str:
@@ -1418,7 +1448,8 @@ def integer_mean(q: torch.Tensor, dims: tuple, keepdim: bool, quantizer: Activat
     for d in dims:
         count *= q.shape[d]
     total = F_q.quantized_sum(q, dims, keepdim) - count * zero_point
-    return quantize_input(total.float() * scale / total.new_full((), count, dtype=torch.float32), out)
+    # (scale is a 1-element tensor: reshaped to 0-d, it keeps a mean over every dimension 0-d)
+    return quantize_input(total.float() * scale.reshape(()) / total.new_full((), count, dtype=torch.float32), out)
 
 
 def integer_avg_pool(q: torch.Tensor, kernel_size: tuple, stride: tuple, padding: tuple, ceil_mode: bool,

@@ -23,7 +23,7 @@ from torchquant._ops.gemm import GELU_APPROXIMATE
 from torchquant.config import QuantConfig, resolve_config
 from torchquant.convert import QUANT_TYPES, _run_batch, attention_as_layers
 from torchquant.fold import fold_running
-from torchquant.graph import pipeline_notes
+from torchquant.graph import layer_tensors_read, pipeline_notes, read_reason
 from torchquant.nn.base import QuantLayerBase
 from torchquant.timing import busy_machine_note, compare, latency_clock, markdown_table
 
@@ -403,6 +403,7 @@ def _build_report(float_model, quantized_model, config, calibration, evaluation,
             measure_layers(float_model, quantized_model, batches, time_layers=time_layers, repeats=repeats,
                      progress=progress) if batches else ({}, None, None))
     layers = []
+    read = None  # layer_tensors_read(float_model), once a float layer needs a reason
     fused, graph_notes = pipeline_notes(quantized_model)
     for name, float_layer, layer in _layer_pairs(float_model, quantized_model):
         row = LayerReport(name=name, type=type(float_layer).__name__, shape=list(float_layer.weight.shape),
@@ -427,6 +428,10 @@ def _build_report(float_model, quantized_model, config, calibration, evaluation,
                 row.latency_float_s, row.latency_quantized_s = m.latency_float_s, m.latency_quantized_s
         elif not row.note:
             reason = QUANT_TYPES[type(float_layer)].unsupported(float_layer)
+            if reason is None and isinstance(layer, FLOAT_LAYER_TYPES):
+                if read is None:
+                    read = layer_tensors_read(float_model)
+                reason = read_reason(read[id(float_layer)]) if id(float_layer) in read else None
             row.note = (f"kept float: {reason}" if reason is not None else "kept float (skip rule)"
                         if isinstance(layer, FLOAT_LAYER_TYPES) else "not converted")
         if name in fused:
