@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import torchquant
 from torchquant._cli_io import UsageError, atomic_output
@@ -619,6 +619,30 @@ def test_read_only_output_needs_force(in_work, tmp_path, capsys):
     assert (status, err) == (0, [])
     assert len(quant_layers(torchquant.load(out, DigitsCNN()))) == 4
     assert [p.name for p in tmp_path.iterdir()] == ["out.safetensors"]
+
+
+def test_weights_are_read_by_their_content(in_work, tmp_path, capsys):
+    """--weights: a float model torchquant.save wrote is float weights (for export too), a safetensors file is read
+    as one under any name, and a quantized checkpoint is refused by the commands that quantize, saying what it is."""
+    model = DigitsCNN()
+    model.load_state_dict(load_file("digits.safetensors"))
+    torchquant.save(model, tmp_path / "float.safetensors")
+    (tmp_path / "digits.bin").write_bytes(Path("digits.safetensors").read_bytes())
+    converted = tmp_path / "int8.safetensors"
+    for weights in (tmp_path / "float.safetensors", tmp_path / "digits.bin"):
+        status, err = run_main(["convert", FACTORY, "--weights", weights, "-o", converted, "-q", "--force",
+                                "--config", "int8-dynamic"], capsys)
+        assert (status, err) == (0, [])
+    pytest.importorskip("onnxscript")
+    status, err = run_main(["export", FACTORY, "--weights", tmp_path / "float.safetensors", "--config",
+                            "int8-dynamic", "--input-shape", "1,1,8,8", "-o", tmp_path / "m.onnx", "-q"], capsys)
+    assert (status, err) == (0, []) and (tmp_path / "m.onnx").exists()
+    for command in ("convert", "report"):
+        status, err = run_main([command, FACTORY, "--weights", converted, "-q"]
+                               + (["-o", tmp_path / "again.safetensors"] if command == "convert" else []), capsys)
+        assert status == 2 and err == [f"torchquant {command}: error: --weights: {converted} holds a quantized model "
+                                       f"(a torchquant checkpoint), expected the float model's weights (`torchquant "
+                                       f"export` exports such a checkpoint as it is)"]
 
 
 def test_export_force_replaces_a_read_only_output(in_work, tmp_path, capsys):

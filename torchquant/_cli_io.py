@@ -5,6 +5,7 @@ the CLI prints it and exits with status 2. Input files are only ever read.
 """
 import importlib
 import importlib.util
+import json
 import os
 import re
 import sys
@@ -45,7 +46,34 @@ def _check_readable(path: str, option: str) -> None:
 
 
 def _is_safetensors(path: str) -> bool:
-    return path.endswith(".safetensors")
+    """A .safetensors name, or a safetensors file under another name (its 8-byte little-endian header length, then
+    the JSON header within the file)."""
+    if path.endswith(".safetensors"):
+        return True
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:] == b"{" and int.from_bytes(head[:8], "little") + 8 <= os.path.getsize(path)
+
+
+def checkpoint_meta(path: str) -> Optional[dict]:
+    """The torchquant metadata of a checkpoint torchquant.save wrote (safetensors), or None for any other file."""
+    from safetensors import safe_open
+    from torchquant.io import FORMAT
+    try:
+        with safe_open(path, framework="pt") as f:
+            text = (f.metadata() or {}).get(FORMAT)
+        meta = None if text is None else json.loads(text)
+    except Exception:  # noqa: BLE001 -- not a safetensors file of torchquant's: a state dict or a bad file
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def holds_quantized_model(meta: dict) -> bool:
+    """Whether checkpoint metadata describes a prepared or converted model (not a float one torchquant.save wrote)."""
+    return bool(meta.get("layers") or meta.get("pipeline") or meta.get("attention"))
 
 
 def _load_safetensors(path: str, option: str) -> dict:
@@ -226,8 +254,14 @@ def _model_from_pickle(path: str, trust_pickle: bool) -> nn.Module:
 def _state_dict_from(path: str) -> Mapping[str, torch.Tensor]:
     _check_readable(path, "--weights")
     expected = "a state dict of tensors (it may be a whole pickled model: pass it as MODEL with --trust-pickle)"
+    meta = checkpoint_meta(path)
+    if meta is not None and holds_quantized_model(meta):
+        raise UsageError(f"--weights: {path} holds a quantized model (a torchquant checkpoint), expected the float "
+                         f"model's weights (`torchquant export` exports such a checkpoint as it is)")
     state = _load_safetensors(path, "--weights") if _is_safetensors(path) else \
         _load_torch_tensors(path, "--weights", expected)
+    if meta is not None:  # a float model torchquant.save wrote: each tied tensor is stored once
+        state.update({key: state[first] for key, first in meta.get("aliases", {}).items() if first in state})
     if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
         state = state["state_dict"]  # training checkpoints often nest it
     if not isinstance(state, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)

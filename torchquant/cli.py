@@ -14,8 +14,8 @@ from typing import List, Optional
 
 import torch
 
-from torchquant._cli_io import (UsageError, atomic_output, batches_of, check_output, factory_sources, load_inputs,
-                                load_model, same_file, _one_line)
+from torchquant._cli_io import (UsageError, atomic_output, batches_of, check_output, checkpoint_meta,
+                                factory_sources, holds_quantized_model, load_inputs, load_model, same_file, _one_line)
 from torchquant.config import DEFAULT_PRESET, PRESETS
 from torchquant.observers import OBSERVERS
 from torchquant.timing import num_threads
@@ -397,17 +397,6 @@ def _input_shape(text: str) -> List[int]:
     return shape
 
 
-def _is_checkpoint(path: str) -> bool:
-    """Whether path is a checkpoint written by torchquant.save (safetensors with torchquant's layout)."""
-    from safetensors import safe_open
-    from torchquant.io import FORMAT
-    try:
-        with safe_open(path, framework="pt") as f:
-            return FORMAT in (f.metadata() or {})
-    except Exception:  # not safetensors: a state dict or a bad file, which load_model reports
-        return False
-
-
 def _cmd_export(args) -> int:
     import torchquant
     from torchquant.export import ExportError, export_aoti, export_onnx, has_quantized_layers
@@ -427,7 +416,8 @@ def _cmd_export(args) -> int:
         if given:
             raise UsageError(f"{given[0]}: {what} is already quantized and is exported as it is; quantization "
                              f"options apply to a float MODEL")
-    if args.weights is not None and os.path.isfile(args.weights) and _is_checkpoint(args.weights):
+    meta = checkpoint_meta(args.weights) if args.weights is not None and os.path.isfile(args.weights) else None
+    if meta is not None and holds_quantized_model(meta):
         exported_as_is(f"--weights {args.weights}")
         model = torchquant.load(args.weights, load_model(args.model, trust_pickle=args.trust_pickle))
         if example is None:
