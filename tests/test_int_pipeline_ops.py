@@ -395,6 +395,11 @@ def test_quantized_binary_bad_inputs(device, name):
         call(a_scale=0.0)
     with pytest.raises(ValueError, match=f"{name}: b_scale must be positive and finite"):
         call(b_scale=float("nan"))
+    # Python numbers are checked as the float32 the kernels read (CUDA's kernels check no scale values)
+    with pytest.raises(ValueError, match=rf"{name}: a_scale must be positive and finite \(as a float32\), got 1e-46"):
+        call(a_scale=1e-46)
+    with pytest.raises(ValueError, match=rf"{name}: b_scale must be positive and finite \(as a float32\), got 1e\+39"):
+        call(b_scale=1e39)
     with pytest.raises(TypeError, match=f"{name}: out_dtype must be float32, float16, bfloat16, int8 or uint8"):
         call(out_dtype=torch.int32)
     s = torch.tensor([0.1], device=device)

@@ -114,7 +114,9 @@ def quantize_per_token(x, *, bits=8):
 
 
 def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Exact int32 a @ b of int8 matrices: an int64 product (no overflow for K < 2^32 / 2^14) cast to int32."""
+    """Exact int32 a @ b of int8 matrices: an int64 product cast to int32. Every sum fits int32 for K < 2^17 (at most
+    K * 2^14 in magnitude); a longer one outside int32's range wraps modulo 2^32, as the kernels' and
+    torch._int_mm's do."""
     return (a.cpu().to(torch.int64) @ b.cpu().to(torch.int64)).to(torch.int32).to(a.device)
 
 

@@ -402,12 +402,13 @@ at::Tensor quantized_adaptive_avg_pool2d_any(const at::Tensor& x, double scale, 
   const at::ScalarType dtype =
       adaptive_window_bound(h, out_h, w, out_w) * 255 <= (int64_t{1} << 21) ? at::kFloat : at::kDouble;
   at::Tensor means = at::adaptive_avg_pool2d(x.to(dtype).sub_(zero_point), output_size);
-  std::vector<float> counts(out_h * out_w);
-  for (int64_t i = 0; i < out_h; ++i)
-    for (int64_t j = 0; j < out_w; ++j)
-      counts[i * out_w + j] = static_cast<float>(adaptive_span(i, out_h, h).inside * adaptive_span(j, out_w, w).inside);
-  const at::Tensor count = at::tensor(counts, x.options().dtype(at::kFloat).device(at::kCPU)).view({out_h, out_w})
-                               .to(x.device());
+  // the windows' element counts, made on x's device (a copy from the host would wait for the device, and cannot be
+  // captured in a CUDA graph): adaptive_span's bounds as tensor ops
+  const auto window_sizes = [&](int64_t out, int64_t size) {
+    const at::Tensor o = at::arange(out, x.options().dtype(at::kLong));
+    return at::floor_divide(o.add(1).mul_(size).add_(out - 1), out).sub_(at::floor_divide(o.mul(size), out));
+  };
+  const at::Tensor count = at::outer(window_sizes(out_h, h), window_sizes(out_w, w)).to(at::kFloat);
   const at::Tensor totals = means.mul_(count.to(dtype)).round_().to(at::kFloat);
   return totals.mul(at::scalar_tensor(scale, x.options().dtype(at::kFloat))).div(count);
 }

@@ -2,7 +2,6 @@
 max-pooling (1-d and 2-d), sums (quantized_sum) and average pooling (quantized_avg_pool1d / 2d,
 quantized_adaptive_avg_pool1d / 2d): wrappers and fake kernels."""
 import math
-import struct
 from typing import Optional, Sequence, Union
 
 import torch
@@ -11,7 +10,7 @@ from torch.compiler import is_dynamo_compiling
 from torchquant import _C
 from torchquant._ops import FLOAT_DTYPES, check_fake_devices, check_fake_dtype, ops
 from torchquant._ops.gemm import (_ACTIVATION_DTYPES, _as_int, _flag, _integer, _is_int, _optional_number, _pair,
-                                  _require_dtype, _require_same_device, _require_tensor, _scale_tensor)
+                                  _require_dtype, _require_same_device, _require_tensor, _scale_tensor, as_float32)
 
 _MAX_EXACT_WINDOW = (2 ** 24 - 1) // 255  # the most elements of a quantized_avg_pool2d window (csrc/arg_checks.h)
 
@@ -217,10 +216,7 @@ def quantized_adaptive_avg_pool2d(x: torch.Tensor, scale: float, zero_point: int
 
 def _check_scale_and_zero_point(op: str, x: torch.Tensor, scale: float, zero_point: int) -> None:
     """scale positive and finite as a float32, the zero point in x's integer range (quantized_avg_pool2d's rules)."""
-    try:
-        scale32 = struct.unpack("f", struct.pack("f", scale))[0]
-    except OverflowError:
-        scale32 = math.inf
+    scale32 = as_float32(scale)
     if not (math.isfinite(scale32) and scale32 > 0):
         raise ValueError(f"{op}: scale must be positive and finite (as a float32), got {scale}")
     low, high = (-128, 127) if x.dtype == torch.int8 else (0, 255)

@@ -8,6 +8,7 @@ Packed weights are device specific: re-pack after moving a weight to another dev
 """
 import math
 import numbers
+import struct
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -111,11 +112,20 @@ def _require_positive_finite(op: str, name: str, scale: torch.Tensor) -> None:
             raise ValueError(f"{op}: {name} must be positive and finite, got {scale.tolist()}")
 
 
+def as_float32(value: float) -> float:
+    """value rounded to float32, as the kernels read it (inf past float32's range)."""
+    try:
+        return struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:
+        return math.copysign(math.inf, value)
+
+
 def _scale_tensor(op: str, name: str, scale, device: torch.device) -> torch.Tensor:
     if isinstance(scale, (int, float)) and not isinstance(scale, bool):
-        if not (math.isfinite(scale) and scale > 0):
-            raise ValueError(f"{op}: {name} must be positive and finite, got {scale!r}")
-        return torch.tensor([float(scale)], dtype=torch.float32, device=device)
+        if not (math.isfinite(as_float32(scale)) and as_float32(scale) > 0):  # (1e-46 is 0 as a float32)
+            raise ValueError(f"{op}: {name} must be positive and finite (as a float32), got {scale!r}")
+        # (torch.full fills on the device: no host-to-device copy, which would wait for the device)
+        return torch.full((1,), float(scale), dtype=torch.float32, device=device)
     _require_tensor(name, scale)
     _require_dtype(name, scale, (torch.float32,))
     _require_positive_finite(op, name, scale)
@@ -146,7 +156,8 @@ def _clamp_bound(op: str, name: str, value) -> Optional[float]:
 
 def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Exact int32 [M, N] = a [M, K] int8 @ b [K, N] int8, for any sizes and strides (b = w.t() of an [N, K]
-    weight is the fast case)."""
+    weight is the fast case). Every sum fits int32 for K < 2^17; a sum of more products outside int32's range
+    wraps modulo 2^32, as torch._int_mm's does."""
     if not is_dynamo_compiling():
         out = _C.int8_mm(a, b)
         if out is not NotImplemented:
@@ -183,7 +194,8 @@ def int8_linear(x_q: torch.Tensor, x_scale, x_zero_point: int, w_packed: torch.T
     """y = (sum_k (x_q - x_zero_point) * w) * x_scale * w_scale + bias over the last dim of x_q [..., K].
 
     x_scale: float32, one per token (shape x_q.shape[:-1]) or 1 element (or a Python float); w_sum = w.sum(1)
-    (int32 [N]); w_scale float32 [N]. clamp_min / clamp_max: a fused activation, y = min(max(y, clamp_min),
+    (int32 [N]) of the weight w_packed packs, which the kernels take as given (checking it would read the whole
+    weight on every call): other sums give other outputs; w_scale float32 [N]. clamp_min / clamp_max: a fused activation, y = min(max(y, clamp_min),
     clamp_max) (each when given; ReLU: clamp_min=0, ReLU6: 0 and 6). out_dtype float32/float16/bfloat16, or
     int8/uint8 with out_scale and out_zero_point (requantized: clamp(rne(y / out_scale) + out_zero_point))."""
     if not is_dynamo_compiling():
