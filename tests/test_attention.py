@@ -175,6 +175,50 @@ def test_converted_attention_computes_the_prepared_one(preset):
     assert error["sqnr_db"] > (20 if preset.startswith("w4") else 30)
 
 
+class CrossAttention(nn.Module):
+    """Cross-attention of other key / value sizes with every extra (bias_k / bias_v, a zero key, masks) that returns
+    the attention weights too."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = _attention(kdim=5, vdim=4, batch_first=True, add_bias_kv=True, add_zero_attn=True)
+
+    def forward(self, query, key, value, padding, allowed):
+        return self.attn(query, key, value, key_padding_mask=padding, attn_mask=allowed)
+
+
+@pytest.mark.parametrize("preset", ["int8-dynamic", "int8-static"])
+def test_on_every_device(device, preset):
+    """Self- and cross-attention quantized on the device of their inputs: the converted model computes the prepared
+    one there, on the inputs' device, and the CPU's values up to float rounding."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, 16)
+    padding = torch.zeros(4, 6, dtype=torch.bool)
+    padding[2, 3:] = True
+    attention = CrossAttention().eval()
+    cross = [*_inputs(attention.attn, n=4, length=6, source=7)]
+    cross += [_masks(attention.attn, n=4, length=6, source=7)[3][0], _masks(attention.attn, n=4, length=6,
+                                                                            source=7)[3][1]]
+    results = {}
+    for where in ("cpu", device):
+        for name, model, args in (("self", Encoder().eval(), (x, padding)), ("cross", attention, cross)):
+            torch.manual_seed(0)
+            model = copy.deepcopy(model).to(where)
+            args = [a.to(where) for a in args]
+            prepared = tq.calibrate(tq.prepare(model, preset), [tuple(args)], progress=False)
+            with torch.no_grad():
+                fake = prepared(*args)
+                converted = tq.convert(prepared)
+                got = converted(*args)
+            for g, f in zip(*(t if isinstance(t, tuple) else (t,) for t in (got, fake))):
+                assert g.device.type == torch.device(where).type
+                torch.testing.assert_close(g, f, rtol=1e-4, atol=1e-4)
+            results[where, name] = got
+    for name in ("self", "cross"):  # (float steps round otherwise there: a dynamic scale may move a value a step)
+        for g, c in zip(*(t if isinstance(t, tuple) else (t,) for t in (results[device, name], results["cpu", name]))):
+            assert tq.functional.quantization_error(c, g.cpu())["sqnr_db"] > 35
+
+
 def test_skip_rules_and_shared_attention():
     torch.manual_seed(0)
     model = Encoder()
