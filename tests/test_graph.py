@@ -1765,6 +1765,65 @@ def test_skip_rules_of_a_module_under_two_names(skip, tmp_path):
         torch.testing.assert_close(loaded(x), converted(x), rtol=0, atol=0)
 
 
+class _DefaultWeight(nn.Module):
+    """Reads its layer's weight on the path of an argument left at its default, and that layer's bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(8, 8)
+        self.fc = nn.Linear(8, 8)
+        self.g = nn.Linear(8, 8)
+
+    def forward(self, x, w=None):
+        if w is None:
+            w = self.fc.weight
+        y = self.g(self.inp(x) + self.inp.bias)
+        return F.linear(self.fc(y), w)
+
+
+class _Stateful(nn.Module):
+    """Keeps its last output, counts its calls, and a hook records what its block computes."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Sequential(nn.Linear(8, 8), nn.ReLU())
+        self.head = nn.Linear(8, 2)
+        self.prev, self.calls, self.seen = None, 0, []
+        self.block.register_forward_hook(lambda module, args, out: self.seen.append(out))
+
+    def forward(self, x):
+        self.calls += 1
+        y = self.block(x)
+        if self.prev is not None:
+            y = y + self.prev
+        self.prev = y.detach()
+        return self.head(y)
+
+
+def test_the_module_swap_checks_the_default_path_and_reads_of_a_bias():
+    # (a converted layer keeps its bias: only reads of the weight keep the layer float)
+    model = _DefaultWeight().eval()
+    with pytest.warns(UserWarning, match=r"fc \(Linear\) stays float: the forward reads its tensor fc.weight") \
+            as caught:
+        converted = tq.quantize_model(model, "int8-dynamic", inplace=False)
+    assert len(caught) == 1 and type(converted.fc) is nn.Linear and type(converted.inp) is QuantLinear
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        assert tq.functional.quantization_error(model(x), converted(x))["sqnr_db"] > 25
+
+
+@pytest.mark.parametrize("preset", ["int8-dynamic", "int8-static", "int8-pipeline"])
+def test_tracing_leaves_the_model_state_as_it_was(preset):
+    """prepare traces the model (to check what the forward reads, to fold BatchNorms, for the pipeline): what the
+    traced forward writes into the modules and what their hooks record are not left behind."""
+    model = _Stateful().eval()
+    prepared = tq.prepare(model, preset)
+    assert (model.prev, model.calls, model.seen) == (None, 0, [])
+    tq.calibrate(prepared, _batches((4, 8)), progress=False)
+    converted = tq.convert(prepared)
+    assert isinstance(converted(torch.randn(4, 8)), torch.Tensor)
+
+
 def test_convert_refusing_a_quantized_layer_whose_weight_the_forward_reads_changes_nothing():
     """A layer quantized before prepare cannot stay float: convert refuses before converting any layer."""
     model = _TiedAutoencoder().eval()

@@ -261,7 +261,11 @@ def _state_dict_from(path: str) -> Mapping[str, torch.Tensor]:
     state = _load_safetensors(path, "--weights") if _is_safetensors(path) else \
         _load_torch_tensors(path, "--weights", expected)
     if meta is not None:  # a float model torchquant.save wrote: each tied tensor is stored once
-        state.update({key: state[first] for key, first in meta.get("aliases", {}).items() if first in state})
+        aliases = meta.get("aliases", {})
+        if not isinstance(aliases, dict):
+            raise UsageError(f"--weights: {path} is not a checkpoint torchquant.save wrote: its metadata's "
+                             f"aliases are a {type(aliases).__name__}, expected a mapping")
+        state.update({key: state[first] for key, first in aliases.items() if first in state})
     if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
         state = state["state_dict"]  # training checkpoints often nest it
     if not isinstance(state, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)

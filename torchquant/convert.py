@@ -59,14 +59,15 @@ def _rule_matches(rule, name: str, module: nn.Module) -> bool:
     return bool(rule(name, module))
 
 
-def _plan_swaps(model: nn.Module, config: QuantConfig,
-                warn_untraceable: bool = True) -> list[tuple[nn.Module, str, nn.Module, nn.Module]]:
+def _plan_swaps(model: nn.Module, config: QuantConfig, warn_untraceable: bool = True,
+                stacklevel: int = 3) -> list[tuple[nn.Module, str, nn.Module, nn.Module]]:
     """(parent, child key, float module, replacement) for every layer to swap and every BatchNorm folded into one
     (replaced by a FoldedBatchNorm sharing its tensors); builds the quant layers but changes nothing. A module
     reachable under several names is swapped once (one replacement shared by all parents) or kept float, as the skip
     rules for its first name say (with a warning where those for another name say otherwise); a skipped module keeps
     its whole subtree float. Warns about skip rules that matched no module (and, with warn_untraceable, where
-    BatchNorm folding cannot trace the model: a failed integer pipeline has said so)."""
+    BatchNorm folding cannot trace the model: a failed integer pipeline has said so); stacklevel: the warnings'
+    (that of the model's owner: 3 for the caller's caller)."""
     layer_config = dataclasses.replace(config, skip=())
     replacements: dict[int, nn.Module] = {}
     visited: set[int] = set()
@@ -77,6 +78,7 @@ def _plan_swaps(model: nn.Module, config: QuantConfig,
     # id of an attention -> the name its projections were planned under, and its planned form (float projections)
     first_visits: dict[int, tuple[str, QuantMultiheadAttention]] = {}
     first_names: dict[int, tuple[str, bool]] = {}  # id of a module -> its first name, and whether that was skipped
+    deferred: list[str] = []  # warnings found while visiting, given once the visit is done (at the owner's line)
     plan = []
 
     def skipped(name: str, module: nn.Module) -> bool:
@@ -92,10 +94,9 @@ def _plan_swaps(model: nn.Module, config: QuantConfig,
         cannot be float under one name and quantized under another), with a warning where name's differ."""
         first, first_skipped = first_names.setdefault(id(child), (name, is_skipped))
         if is_skipped != first_skipped:
-            warnings.warn(f"prepare: {name} is the same module as {first}, which skip rules "
-                          f"{'keep float' if first_skipped else 'do not match'}; it is "
-                          f"{'kept float' if first_skipped else 'quantized'} under both names", UserWarning,
-                          stacklevel=5)
+            deferred.append(f"prepare: {name} is the same module as {first}, which skip rules "
+                            f"{'keep float' if first_skipped else 'do not match'}; it is "
+                            f"{'kept float' if first_skipped else 'quantized'} under both names")
         return not first_skipped
 
     def visit_skipped(parent: nn.Module, prefix: str) -> None:
@@ -126,8 +127,7 @@ def _plan_swaps(model: nn.Module, config: QuantConfig,
             if reason is not None:
                 if id(child) not in visited:
                     visited.add(id(child))
-                    warnings.warn(f"prepare: {name} ({type(child).__name__}) stays float: {reason}", UserWarning,
-                                  stacklevel=4)
+                    deferred.append(f"prepare: {name} ({type(child).__name__}) stays float: {reason}")
             elif isinstance(child, QuantLayerBase):
                 if (child.config.weight, child.config.activation) != (config.weight, config.activation):
                     other_config.append(name)
@@ -148,9 +148,9 @@ def _plan_swaps(model: nn.Module, config: QuantConfig,
                     first, attention = first_visits[id(child)]
                     hits = [f"{name}.{p}" for p in PROJECTIONS if skipped(f"{name}.{p}", getattr(attention, p))]
                     if hits:
-                        warnings.warn(f"prepare: skip rules match {', '.join(hits)}, but {name} is the same "
-                                      f"attention as {first}, whose projections are quantized as that name's rules "
-                                      f"say", UserWarning, stacklevel=4)
+                        deferred.append(f"prepare: skip rules match {', '.join(hits)}, but {name} is the same "
+                                        f"attention as {first}, whose projections are quantized as that name's "
+                                        f"rules say")
                 if replacements[id(child)] is not None:
                     plan.append((parent, key, child, replacements[id(child)]))
             elif id(child) not in visited:
@@ -160,6 +160,8 @@ def _plan_swaps(model: nn.Module, config: QuantConfig,
     if not skipped("", model):
         _refuse_a_bare_layer(model)
         visit(model, "")
+    for message in deferred:
+        warnings.warn(message, UserWarning, stacklevel=stacklevel)
     if config.fold_bn and swapped:
         for layer_name, bn_name in find_bn_pairs(model, "prepare", warn_untraceable):
             if layer_name in swapped and not any(bn_name == s or bn_name.startswith(s + ".") for s in skipped_names):
@@ -170,10 +172,10 @@ def _plan_swaps(model: nn.Module, config: QuantConfig,
                 plan.append((bn_parent, bn_key, bn, folded))
     for i, rule in enumerate(config.skip):
         if i not in matched:
-            warnings.warn(f"prepare: skip rule {rule!r} matched no module", UserWarning, stacklevel=3)
+            warnings.warn(f"prepare: skip rule {rule!r} matched no module", UserWarning, stacklevel=stacklevel)
     if other_config:
         warnings.warn(f"prepare: {', '.join(other_config)} quantized already with another config keep theirs "
-                      f"(prepare the float model to change it)", UserWarning, stacklevel=3)
+                      f"(prepare the float model to change it)", UserWarning, stacklevel=stacklevel)
     return plan
 
 
@@ -213,8 +215,8 @@ def _unfold_plan(model: nn.Module, layers: Iterable[QuantLayerBase]) -> list:
             for key, child in parent._modules.items() if id(child) in folded]
 
 
-def _swap_layers(model: nn.Module, config: QuantConfig, warn_untraceable: bool = True) -> None:
-    _swap(_plan_swaps(model, config, warn_untraceable))
+def _swap_layers(model: nn.Module, config: QuantConfig, warn_untraceable: bool = True, stacklevel: int = 3) -> None:
+    _swap(_plan_swaps(model, config, warn_untraceable, stacklevel + 1))
     unfuse_transformers(model)
 
 
@@ -259,7 +261,7 @@ def _rules_for_first_names(model: nn.Module, config: QuantConfig) -> QuantConfig
             matched_first |= hits
             continue
         matched_other |= hits
-        if bool(hits) != first_skipped:
+        if bool(hits) != first_skipped and (type(module) in QUANT_TYPES or type(module) is nn.MultiheadAttention):
             warnings.warn(f"prepare: {name} is the same module as {first}, which skip rules "
                           f"{'keep float' if first_skipped else 'do not match'}; it is "
                           f"{'kept float' if first_skipped else 'quantized'} under both names", UserWarning,
@@ -314,8 +316,8 @@ def prepare(model: nn.Module, config=None, *, inplace: bool = True) -> nn.Module
         if pipeline is not None:
             return pipeline
     # (an integer pipeline that could not trace the model has said so)
-    _swap_layers(model, keeping_read_layers_float(model, None, config, stacklevel=2),
-                 warn_untraceable=not config.integer_pipeline)
+    _swap_layers(model, keeping_read_layers_float(model, None, config, stacklevel=2, tensors=("weight",)),
+                 warn_untraceable=not config.integer_pipeline, stacklevel=3)
     return model
 
 
@@ -614,7 +616,7 @@ def quantize_model(model: nn.Module, config=None, calibration: Iterable | None =
         if calibration is not None:
             calibrate(pipeline, calibration)
         return convert(pipeline)
-    plan = _plan_swaps(model, keeping_read_layers_float(model, None, config, stacklevel=2),
+    plan = _plan_swaps(model, keeping_read_layers_float(model, None, config, stacklevel=2, tensors=("weight",)),
                        warn_untraceable=not config.integer_pipeline)
     _swap(plan)
     if not quant_layers(model):

@@ -63,22 +63,38 @@ def fold_running(weight: torch.Tensor, bias: torch.Tensor | None, bn) -> tuple[t
 
 
 class _Tracer(torch.fx.Tracer):
-    """torch.fx's tracer with torchquant's layers as leaves (their forward reads tensor values).
+    """torch.fx's tracer with torchquant's layers as leaves (their forward reads tensor values), which leaves the
+    traced model as it was.
 
-    torch.fx stores a tensor the forward makes (torch.tensor(0.5)) as a new attribute of the traced module
-    (`_tensor_constantN`), which a GraphModule built from the graph reads: this tracer takes the attributes a trace
-    added off the module again (a trace leaves the user's model as it was, and a second trace names its constants
-    alike) and keeps them in `constants` for the caller that builds a module from the graph."""
+    A trace runs the forward on proxies: what it writes into the modules' state (`self.prev = y`, a counter, a
+    submodule's cache) and what their forward hooks record would keep proxies or counts of a call that never
+    happened. The modules' attributes (their parameter, buffer and submodule tables too) are put back after the
+    trace, and their forward hooks are off during it. torch.fx also stores a tensor the forward makes
+    (torch.tensor(0.5)) as a new attribute of the traced module (`_tensor_constantN`), which a GraphModule built
+    from the graph reads: those are kept in `constants`, for the caller that builds a module from the graph."""
 
     constants: dict = {}
 
     def trace(self, root, concrete_args=None):
-        before = set(root.__dict__) if isinstance(root, nn.Module) else None
+        if not isinstance(root, nn.Module):
+            return super().trace(root, concrete_args)
+        before = set(root.__dict__)
+        saved = [(m, dict(m.__dict__), {k: dict(v) for k, v in m.__dict__.items() if isinstance(v, dict)})
+                 for m in root.modules()]
+        for m, _, tables in saved:
+            for key in tables:
+                if key.startswith("_forward"):  # the forward (pre-)hooks and their flags
+                    m.__dict__[key] = type(m.__dict__[key])()
         try:
             return super().trace(root, concrete_args)
         finally:
-            if before is not None:
-                self.constants = {name: root.__dict__.pop(name) for name in set(root.__dict__) - before}
+            self.constants = {name: root.__dict__[name] for name in set(root.__dict__) - before}
+            for m, attributes, tables in saved:
+                m.__dict__.clear()
+                m.__dict__.update(attributes)
+                for key, content in tables.items():
+                    attributes[key].clear()
+                    attributes[key].update(content)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         from torchquant.nn.base import QuantLayerBase

@@ -1072,13 +1072,18 @@ def argument_left_out(value, name: str, model_name: str) -> None:
                          f"the model without the integer pipeline (e.g. preset 'int8-static') to pass it")
 
 
+def _none_defaults(model: nn.Module) -> dict:
+    """The forward's arguments that default to None, as concrete_args that trace them as None."""
+    return {name: None for name, p in inspect.signature(model.forward).parameters.items()
+            if p.default is None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
 def _trace(model: nn.Module) -> tuple[fx.Graph, dict, bool]:
     """The graph of model's forward, with the arguments that default to None left at None (an `if mask is not None:`
     branch would otherwise be traced as taken, for a mask the call without it does not give), the tensor constants
     it reads (_Tracer.constants), and whether the graph depends on the modules' train/eval mode (it is traced again
     with every module's mode flipped)."""
-    pinned = {name: None for name, p in inspect.signature(model.forward).parameters.items()
-              if p.default is None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    pinned = _none_defaults(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's own warnings
         tracer = _PipelineTracer()
@@ -1189,31 +1194,34 @@ def prepare_pipeline(model: nn.Module, config: QuantConfig, swap) -> Optional[fx
     return gm
 
 
-def layer_tensors_read(root: nn.Module, graph: Optional[fx.Graph] = None) -> dict[int, str]:
-    """id of each layer of root the swap would quantize whose tensors the forward reads itself (a decoder tied to an
-    encoder's weight: F.linear(z, self.enc.weight.t())) -> the first such tensor's name, from graph (root's torch.fx
-    graph; traced here when None, and {} where torch.fx cannot trace root)."""
+def layer_tensors_read(root: nn.Module, graph: Optional[fx.Graph] = None,
+                       tensors: tuple = ("weight", "bias")) -> dict[int, str]:
+    """id of each layer of root the swap would quantize whose tensors (of those named) the forward reads itself (a
+    decoder tied to an encoder's weight: F.linear(z, self.enc.weight.t())) -> the first such tensor's name, from
+    graph (root's torch.fx graph; traced here when None, with the arguments that default to None left at None, and
+    {} where torch.fx cannot trace root)."""
     if graph is None:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the tracer's own warnings
-                graph = _Tracer().trace(root)
+                graph = _Tracer().trace(root, concrete_args=_none_defaults(root) or None)
         except Exception:  # noqa: BLE001 -- an untraceable model: nothing found
             return {}
     read = {}
     for node in graph.nodes:
-        owner_name = node.target.rpartition(".")[0] if node.op == "get_attr" else ""
+        owner_name, _, tensor = node.target.rpartition(".") if node.op == "get_attr" else ("", "", "")
         owner = root.get_submodule(owner_name) if owner_name else None  # (root's own tensors: root is no layer)
-        if type(owner) in _LAYER_TYPES:
+        if type(owner) in _LAYER_TYPES and tensor in tensors:
             read.setdefault(id(owner), node.target)
     return read
 
 
 def keeping_read_layers_float(root: nn.Module, graph: Optional[fx.Graph], config: QuantConfig,
-                              stacklevel: int = 2) -> QuantConfig:
-    """config, also skipping (with a warning) the layers of root whose tensors the forward reads itself
-    (layer_tensors_read): a converted layer keeps no float weight for it to read."""
-    read = layer_tensors_read(root, graph)
+                              stacklevel: int = 2, tensors: tuple = ("weight", "bias")) -> QuantConfig:
+    """config, also skipping (with a warning) the layers of root whose tensors (of those named) the forward reads
+    itself (layer_tensors_read): a converted layer keeps no float weight for it to read (an integer pipeline's
+    layers no float bias either, where a BatchNorm folded into it)."""
+    read = layer_tensors_read(root, graph, tensors)
     for name, module in root.named_modules():
         if id(module) in read:
             warnings.warn(f"prepare: {name} ({type(module).__name__}) stays float: {read_reason(read[id(module)])}",

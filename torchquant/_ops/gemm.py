@@ -195,9 +195,10 @@ def int8_linear(x_q: torch.Tensor, x_scale, x_zero_point: int, w_packed: torch.T
 
     x_scale: float32, one per token (shape x_q.shape[:-1]) or 1 element (or a Python float); w_sum = w.sum(1)
     (int32 [N]) of the weight w_packed packs, which the kernels take as given (checking it would read the whole
-    weight on every call): other sums give other outputs; w_scale float32 [N]. clamp_min / clamp_max: a fused activation, y = min(max(y, clamp_min),
-    clamp_max) (each when given; ReLU: clamp_min=0, ReLU6: 0 and 6). out_dtype float32/float16/bfloat16, or
-    int8/uint8 with out_scale and out_zero_point (requantized: clamp(rne(y / out_scale) + out_zero_point))."""
+    weight on every call): other sums give other outputs; w_scale float32 [N]. clamp_min / clamp_max: a fused
+    activation, y = min(max(y, clamp_min), clamp_max) (each when given; ReLU: clamp_min=0, ReLU6: 0 and 6).
+    out_dtype float32/float16/bfloat16, or int8/uint8 with out_scale and out_zero_point (requantized:
+    clamp(rne(y / out_scale) + out_zero_point))."""
     if not is_dynamo_compiling():
         y = _C.int8_linear(x_q, x_scale, x_zero_point, w_packed, w_sum, w_scale, bias, out_features, out_dtype,
                            out_scale, out_zero_point, clamp_min, clamp_max)
