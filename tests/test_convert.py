@@ -222,8 +222,9 @@ def test_partially_converted_model():
 def test_calibration_on_nothing_but_nan_warns(preset):
     model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
     with pytest.warns(UserWarning, match=r"calibrate: .*input_quantizer|calibrate: act_quant\..* observed only zeros, "
-                                         r"NaN or inf: their scale stays 1"):
+                                         r"NaN or inf: their scale stays 1") as caught:
         tq.quantize_model(model, preset, calibration=[torch.full((8, 16), math.nan)], inplace=False)
+    assert [w.filename for w in caught if "observed only" in str(w.message)] == [__file__]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         tq.quantize_model(model, preset, calibration=[torch.randn(8, 16)], inplace=False)

@@ -262,7 +262,7 @@ def test_untraceable_model_falls_back_to_sequential_pairs_with_one_warning(confi
     messages = [str(w.message) for w in caught]
     assert len(messages) == 1 and "torch.fx cannot trace Untraceable" in messages[0]
     assert "TraceError" in messages[0] and "falls back to consecutive layers of nn.Sequential" in messages[0]
-    assert ("module swap" in messages[0]) == config.integer_pipeline
+    assert ("module swap" in messages[0]) == config.integer_pipeline and caught[0].filename == __file__
     assert prepared.block[0].folded_bn == "block.1" and type(prepared.block[1]) is FoldedBatchNorm2d
     assert type(prepared.bn) is nn.BatchNorm2d and prepared.conv.bn is None
     with torch.no_grad():

@@ -163,7 +163,7 @@ def _plan_swaps(model: nn.Module, config: QuantConfig, warn_untraceable: bool = 
     for message in deferred:
         warnings.warn(message, UserWarning, stacklevel=stacklevel)
     if config.fold_bn and swapped:
-        for layer_name, bn_name in find_bn_pairs(model, "prepare", warn_untraceable):
+        for layer_name, bn_name in find_bn_pairs(model, "prepare", warn_untraceable, stacklevel + 1):
             if layer_name in swapped and not any(bn_name == s or bn_name.startswith(s + ".") for s in skipped_names):
                 bn_parent, bn_key = parent_and_key(model, bn_name)
                 bn = bn_parent._modules[bn_key]
@@ -369,6 +369,11 @@ def calibrate(model: nn.Module, batches: Iterable, *, progress: bool = True) -> 
     """Runs the batches through a prepared model in eval mode without gradients so the static activation
     observers record ranges. The training flags of every module are restored afterwards, and the observers
     are restored too if a batch fails."""
+    return _calibrate(model, batches, progress, stacklevel=3)
+
+
+def _calibrate(model: nn.Module, batches: Iterable, progress: bool, stacklevel: int) -> nn.Module:
+    """calibrate, warning at stacklevel (3: the line that called the caller)."""
     _check_model(model, "calibrate")
     layers = quant_layers(model)
     if not layers:
@@ -401,7 +406,7 @@ def calibrate(model: nn.Module, batches: Iterable, *, progress: bool = True) -> 
         if empty:
             warnings.warn(f"calibrate: {', '.join(empty[:3])}{f' (+{len(empty) - 3} more)' if len(empty) > 3 else ''}"
                           f" observed only zeros, NaN or inf: their scale stays 1 (are the calibration inputs all "
-                          f"zero or non-finite?)", UserWarning, stacklevel=2)
+                          f"zero or non-finite?)", UserWarning, stacklevel=stacklevel)
     except BaseException:
         for q, state in zip(quantizers, saved):
             q.load_state_dict(state)
@@ -614,7 +619,7 @@ def quantize_model(model: nn.Module, config=None, calibration: Iterable | None =
         if not quant_layers(pipeline):
             return _nothing_quantized(model)
         if calibration is not None:
-            calibrate(pipeline, calibration)
+            _calibrate(pipeline, calibration, True, stacklevel=3)
         return convert(pipeline)
     plan = _plan_swaps(model, keeping_read_layers_float(model, None, config, stacklevel=2, tensors=("weight",)),
                        warn_untraceable=not config.integer_pipeline)
@@ -624,7 +629,7 @@ def quantize_model(model: nn.Module, config=None, calibration: Iterable | None =
     unfuse = unfuse_transformers(model)
     try:
         if calibration is not None:
-            calibrate(model, calibration)
+            _calibrate(model, calibration, True, stacklevel=3)
         convert(model)
     except BaseException:
         for undo in unfuse:

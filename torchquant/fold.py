@@ -126,7 +126,8 @@ def _sequential_pairs(model: nn.Module) -> list[tuple[str, str]]:
     return pairs
 
 
-def find_bn_pairs(model: nn.Module, where: str = "prepare", warn_untraceable: bool = True) -> list[tuple[str, str]]:
+def find_bn_pairs(model: nn.Module, where: str = "prepare", warn_untraceable: bool = True,
+                  stacklevel: int = 4) -> list[tuple[str, str]]:
     """(layer name, BatchNorm name) for every foldable layer -> BatchNorm edge of model, each module registered
     under one name only (folding a shared module would change its other uses); where torch.fx cannot trace model,
     of consecutive children of nn.Sequential containers, with a warning (unless the caller has warned already)."""
@@ -138,7 +139,7 @@ def find_bn_pairs(model: nn.Module, where: str = "prepare", warn_untraceable: bo
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if warn_untraceable:
             warnings.warn(f"{where}: torch.fx cannot trace {type(model).__name__} ({type(exc).__name__}: {reason});"
-                          f" {SEQUENTIAL_FOLDING}", UserWarning, stacklevel=4)
+                          f" {SEQUENTIAL_FOLDING}", UserWarning, stacklevel=stacklevel)
         candidates = _sequential_pairs(model)
     names = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
     modules = dict(model.named_modules())
