@@ -58,7 +58,8 @@ def _model_options() -> argparse.ArgumentParser:
                        help="package.module:factory (a callable returning an nn.Module), or a file saved with "
                             "torch.save(model) (read only with --trust-pickle)")
     group.add_argument("--weights", metavar="FILE",
-                       help="weights for a factory MODEL: .safetensors or a torch.save'd state dict")
+                       help="weights for a factory MODEL: safetensors (any name), a float model's "
+                            "torchquant.save checkpoint, or a torch.save'd state dict")
     group.add_argument("--trust-pickle", action="store_true",
                        help="allow unpickling a torch.save'd MODEL file (unpickling runs code from the file)")
     group.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
