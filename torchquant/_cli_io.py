@@ -46,8 +46,9 @@ def _check_readable(path: str, option: str) -> None:
 
 
 def _is_safetensors(path: str) -> bool:
-    """A .safetensors name, or a safetensors file under another name (its 8-byte little-endian header length, then
-    the JSON header within the file)."""
+    """A .safetensors name, or a safetensors file under another name: its 8-byte little-endian header length (below
+    100 MB, safetensors' own limit), then the JSON header's opening brace (a truncated one too, which reading it as
+    safetensors then reports)."""
     if path.endswith(".safetensors"):
         return True
     try:
@@ -55,7 +56,7 @@ def _is_safetensors(path: str) -> bool:
             head = f.read(9)
     except OSError:
         return False
-    return len(head) == 9 and head[8:] == b"{" and int.from_bytes(head[:8], "little") + 8 <= os.path.getsize(path)
+    return len(head) == 9 and head[8:] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= 100_000_000
 
 
 def checkpoint_meta(path: str) -> Optional[dict]:
