@@ -636,8 +636,9 @@ def test_weights_are_read_by_their_content(in_work, tmp_path, capsys):
     (tmp_path / "cut.bin").write_bytes(Path("digits.safetensors").read_bytes()[:40])  # inside its header
     status, err = run_main(["convert", FACTORY, "--weights", tmp_path / "cut.bin", "-o", converted, "-q", "--force"],
                            capsys)
-    assert status == 2 and err[0].startswith(f"torchquant convert: error: --weights: cannot read {tmp_path / 'cut.bin'} "
-                                             f"as safetensors (truncated or not a safetensors file)")
+    cut = tmp_path / "cut.bin"
+    assert status == 2 and err[0].startswith(f"torchquant convert: error: --weights: cannot read {cut} as "
+                                             f"safetensors (truncated or not a safetensors file)")
     pytest.importorskip("onnxscript")
     status, err = run_main(["export", FACTORY, "--weights", tmp_path / "float.safetensors", "--config",
                             "int8-dynamic", "--input-shape", "1,1,8,8", "-o", tmp_path / "m.onnx", "-q"], capsys)
