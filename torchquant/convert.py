@@ -25,8 +25,9 @@ from tqdm.auto import tqdm
 from torchquant._ops.gemm import GELU_APPROXIMATE
 from torchquant.config import QuantConfig, resolve_config
 from torchquant.fold import _Tracer, find_bn_pairs, folded_bn, parent_and_key
-from torchquant.graph import (META_KEY as PIPELINE_META, aliases_copied_by_a_layout, convert_pipeline, is_pipeline,
-                              keeping_read_layers_float, prepare_pipeline, reaches_a_layout_reader)
+from torchquant.graph import (META_KEY as PIPELINE_META, SWAP_READ_TENSORS, aliases_copied_by_a_layout,
+                              convert_pipeline, is_pipeline, keeping_read_layers_float, prepare_pipeline,
+                              reaches_a_layout_reader)
 from torchquant.nn import QuantConv1d, QuantConv2d, QuantLinear, QuantMultiheadAttention
 from torchquant.nn.attention import PROJECTIONS
 from torchquant.nn.base import QuantLayerBase
@@ -57,6 +58,13 @@ def _rule_matches(rule, name: str, module: nn.Module) -> bool:
     if isinstance(rule, type):
         return isinstance(module, rule)
     return bool(rule(name, module))
+
+
+def _same_module_message(name: str, first: str, first_skipped: bool) -> str:
+    """The warning for a module reached as name whose skip rules say otherwise than those for its first name."""
+    return (f"prepare: {name} is the same module as {first}, which skip rules "
+            f"{'keep float' if first_skipped else 'do not match'}; it is "
+            f"{'kept float' if first_skipped else 'quantized'} under both names")
 
 
 def _plan_swaps(model: nn.Module, config: QuantConfig, warn_untraceable: bool = True,
@@ -94,9 +102,7 @@ def _plan_swaps(model: nn.Module, config: QuantConfig, warn_untraceable: bool = 
         cannot be float under one name and quantized under another), with a warning where name's differ."""
         first, first_skipped = first_names.setdefault(id(child), (name, is_skipped))
         if is_skipped != first_skipped:
-            deferred.append(f"prepare: {name} is the same module as {first}, which skip rules "
-                            f"{'keep float' if first_skipped else 'do not match'}; it is "
-                            f"{'kept float' if first_skipped else 'quantized'} under both names")
+            deferred.append(_same_module_message(name, first, first_skipped))
         return not first_skipped
 
     def visit_skipped(parent: nn.Module, prefix: str) -> None:
@@ -262,10 +268,7 @@ def _rules_for_first_names(model: nn.Module, config: QuantConfig) -> QuantConfig
             continue
         matched_other |= hits
         if bool(hits) != first_skipped and (type(module) in QUANT_TYPES or type(module) is nn.MultiheadAttention):
-            warnings.warn(f"prepare: {name} is the same module as {first}, which skip rules "
-                          f"{'keep float' if first_skipped else 'do not match'}; it is "
-                          f"{'kept float' if first_skipped else 'quantized'} under both names", UserWarning,
-                          stacklevel=4)
+            warnings.warn(_same_module_message(name, first, first_skipped), UserWarning, stacklevel=4)
     other_only = matched_other - matched_first
     if not other_only:
         return config
@@ -316,7 +319,7 @@ def prepare(model: nn.Module, config=None, *, inplace: bool = True) -> nn.Module
         if pipeline is not None:
             return pipeline
     # (an integer pipeline that could not trace the model has said so)
-    _swap_layers(model, keeping_read_layers_float(model, None, config, stacklevel=2, tensors=("weight",)),
+    _swap_layers(model, keeping_read_layers_float(model, None, config, stacklevel=2, tensors=SWAP_READ_TENSORS),
                  warn_untraceable=not config.integer_pipeline, stacklevel=3)
     return model
 
@@ -621,7 +624,7 @@ def quantize_model(model: nn.Module, config=None, calibration: Iterable | None =
         if calibration is not None:
             _calibrate(pipeline, calibration, True, stacklevel=3)
         return convert(pipeline)
-    plan = _plan_swaps(model, keeping_read_layers_float(model, None, config, stacklevel=2, tensors=("weight",)),
+    plan = _plan_swaps(model, keeping_read_layers_float(model, None, config, stacklevel=2, tensors=SWAP_READ_TENSORS),
                        warn_untraceable=not config.integer_pipeline)
     _swap(plan)
     if not quant_layers(model):

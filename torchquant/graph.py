@@ -1194,8 +1194,14 @@ def prepare_pipeline(model: nn.Module, config: QuantConfig, swap) -> Optional[fx
     return gm
 
 
+# the tensors of a layer whose reads by the forward keep it float: an integer pipeline's layers keep no float
+# weight, nor their float bias where a BatchNorm folded into them; the module swap's converted layers keep the bias
+PIPELINE_READ_TENSORS = ("weight", "bias")
+SWAP_READ_TENSORS = ("weight",)
+
+
 def layer_tensors_read(root: nn.Module, graph: Optional[fx.Graph] = None,
-                       tensors: tuple = ("weight", "bias")) -> dict[int, str]:
+                       tensors: tuple = PIPELINE_READ_TENSORS) -> dict[int, str]:
     """id of each layer of root the swap would quantize whose tensors (of those named) the forward reads itself (a
     decoder tied to an encoder's weight: F.linear(z, self.enc.weight.t())) -> the first such tensor's name, from
     graph (root's torch.fx graph; traced here when None, with the arguments that default to None left at None, and
@@ -1217,10 +1223,9 @@ def layer_tensors_read(root: nn.Module, graph: Optional[fx.Graph] = None,
 
 
 def keeping_read_layers_float(root: nn.Module, graph: Optional[fx.Graph], config: QuantConfig,
-                              stacklevel: int = 2, tensors: tuple = ("weight", "bias")) -> QuantConfig:
+                              stacklevel: int = 2, tensors: tuple = PIPELINE_READ_TENSORS) -> QuantConfig:
     """config, also skipping (with a warning) the layers of root whose tensors (of those named) the forward reads
-    itself (layer_tensors_read): a converted layer keeps no float weight for it to read (an integer pipeline's
-    layers no float bias either, where a BatchNorm folded into it)."""
+    itself (layer_tensors_read): a converted layer keeps no float weight for it to read."""
     read = layer_tensors_read(root, graph, tensors)
     for name, module in root.named_modules():
         if id(module) in read:

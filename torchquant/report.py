@@ -23,7 +23,8 @@ from torchquant._ops.gemm import GELU_APPROXIMATE
 from torchquant.config import QuantConfig, resolve_config
 from torchquant.convert import QUANT_TYPES, _run_batch, attention_as_layers
 from torchquant.fold import fold_running
-from torchquant.graph import is_pipeline, layer_tensors_read, pipeline_notes, read_reason
+from torchquant.graph import (PIPELINE_READ_TENSORS, SWAP_READ_TENSORS, is_pipeline, layer_tensors_read,
+                              pipeline_notes, read_reason)
 from torchquant.nn.base import QuantLayerBase
 from torchquant.timing import busy_machine_note, compare, latency_clock, markdown_table
 
@@ -430,8 +431,8 @@ def _build_report(float_model, quantized_model, config, calibration, evaluation,
             reason = QUANT_TYPES[type(float_layer)].unsupported(float_layer)
             if reason is None and isinstance(layer, FLOAT_LAYER_TYPES):
                 if read is None:
-                    read = layer_tensors_read(float_model, tensors=("weight", "bias") if is_pipeline(quantized_model)
-                                              else ("weight",))  # (what prepare checks)
+                    read = layer_tensors_read(float_model, tensors=PIPELINE_READ_TENSORS
+                                              if is_pipeline(quantized_model) else SWAP_READ_TENSORS)
                 reason = read_reason(read[id(float_layer)]) if id(float_layer) in read else None
             row.note = (f"kept float: {reason}" if reason is not None else "kept float (skip rule)"
                         if isinstance(layer, FLOAT_LAYER_TYPES) else "not converted")

@@ -122,7 +122,8 @@ def as_float32(value: float) -> float:
 
 def _scale_tensor(op: str, name: str, scale, device: torch.device) -> torch.Tensor:
     if isinstance(scale, (int, float)) and not isinstance(scale, bool):
-        if not (math.isfinite(as_float32(scale)) and as_float32(scale) > 0):  # (1e-46 is 0 as a float32)
+        scale32 = as_float32(scale)  # (1e-46 is 0 as a float32)
+        if not (math.isfinite(scale32) and scale32 > 0):
             raise ValueError(f"{op}: {name} must be positive and finite (as a float32), got {scale!r}")
         # (torch.full fills on the device: no host-to-device copy, which would wait for the device)
         return torch.full((1,), float(scale), dtype=torch.float32, device=device)
