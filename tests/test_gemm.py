@@ -115,10 +115,16 @@ def test_int8_mm_linear_layout(device, isa, m, k, n):
 @pytest.mark.parametrize("m", range(1, 10))
 @pytest.mark.parametrize("k,n", [(1, 5), (63, 70), (64, 4), (65, 3), (130, 9), (4100, 13)])
 def test_int8_mm_few_rows_linear_layout(isa, m, k, n):
+    assert_linear_layout_forms(m, k, n)
+
+
+def assert_linear_layout_forms(m, k, n):
+    """int8_mm of m rows against b in the nn.Linear layout in every form: contiguous, columns further apart than k,
+    a's rows strided, one column read for every output column (stride 0); extremes in a and b; 1 and 2 threads."""
     g = torch.Generator().manual_seed(m * 1000 + k + n)
     a, w = randint8((m, k), generator=g), randint8((n, k + 9), generator=g)
     w[0], w[-1] = -128, 127
-    a[0] = -128
+    a[-1], a[0] = 127, -128  # (one row: -128)
     forms = [(a, w[:, :k].contiguous().t()), (a, w[:, :k].t()), (randint8((k, m), generator=g).t(), w[:, :k].t()),
              (a, w[:1, :k].t().expand(k, n))]
     for x, y in forms:
@@ -128,15 +134,28 @@ def test_int8_mm_few_rows_linear_layout(isa, m, k, n):
             torch.testing.assert_close(got, reference.int8_mm(x, y), rtol=0, atol=0)
 
 
+# 8 to 512 rows of a against b in the nn.Linear layout, on AMX tiles (avx512_amx): 16 columns of b read in place as
+# tdpbssd's first operand, 64 or 32 columns a block (up to 16 rows of a, or more, 32 at a time), k's last partial chunk
+# copied, the last partial block of columns copied whole. Both ends of the row range and of each grouping, k with and
+# without a tail and below one chunk, blocks left partial, and the forms of the test above (a thread's share of
+# columns ends in a partial block only at n). The other paths take the same calls.
+@pytest.mark.parametrize("m", [8, 16, 17, 32, 33, 64, 100, 512, 513])
+@pytest.mark.parametrize("k,n", [(1, 17), (63, 64), (64, 130), (65, 31), (4100, 70)])
+def test_int8_mm_rows_in_place(isa, m, k, n):
+    assert_linear_layout_forms(m, k, n)
+
+
 @pytest.mark.parametrize("va,vw", [(-128, -128), (127, 127), (127, -128)])
 def test_int8_mm_few_rows_wrap_as_int32(isa, va, vw):
     """Sums past the int32 range wrap as torch's int32 product does (-128 * -128 * (2^17 + 64) = 2^31 + 2^20; 127 x
     127, shifted to 255 x 127 on AVX-512, passes int32 in the lanes' sums too)."""
     k = (1 << 17) + 64
-    a = torch.full((2, k), va, dtype=torch.int8)
-    w = torch.full((3, k), vw, dtype=torch.int8)
-    torch.testing.assert_close(F.int8_mm(a, w.t()), reference.int8_mm(a, w.t()), rtol=0, atol=0)
-    torch.testing.assert_close(F.int8_mm(a, w.t()), torch._int_mm(torch.cat([a] * 9), w.t())[:2], rtol=0, atol=0)
+    for m in (2, 16):  # a few rows, and rows on AMX tiles (test_int8_mm_rows_in_place)
+        a = torch.full((m, k), va, dtype=torch.int8)
+        w = torch.full((3, k), vw, dtype=torch.int8)
+        torch.testing.assert_close(F.int8_mm(a, w.t()), reference.int8_mm(a, w.t()), rtol=0, atol=0)
+        torch.testing.assert_close(F.int8_mm(a, w.t()), torch._int_mm(torch.cat([a] * 9), w.t())[:m], rtol=0,
+                                   atol=0)
 
 
 # Few rows of a (packed, at most 1 MB) and a packed b over 1 MB: each thread packs and multiplies blocks of b's columns

@@ -1712,6 +1712,32 @@ bool amx_multiplies(CpuIsa isa, int64_t k4) {
 
 namespace {
 
+// Transposes the 16 x 16 matrix of 4-byte elements in r: afterwards lane j of r[i] is what lane i of r[j] was
+// (unpacks within 128-bit lanes, then a 4 x 4 transpose of the lanes).
+TQ_TARGET_VNNI inline __attribute__((always_inline)) void transpose_dwords(__m512i (&r)[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {  // t[i], t[i + 1]: rows i, i + 1 at columns 4L, 4L + 1 and 4L + 2, 4L + 3
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int g = 0; g < 16; g += 4) {  // t'[g + m]: rows g .. g + 3 at column 4L + m (lane L)
+    r[g] = _mm512_unpacklo_epi64(t[g], t[g + 2]);
+    r[g + 1] = _mm512_unpackhi_epi64(t[g], t[g + 2]);
+    r[g + 2] = _mm512_unpacklo_epi64(t[g + 1], t[g + 3]);
+    r[g + 3] = _mm512_unpackhi_epi64(t[g + 1], t[g + 3]);
+  }
+  for (int m = 0; m < 4; ++m) {  // column 4L + m: lane g of the result is lane L of r[4g + m]
+    const __m512i v0 = _mm512_shuffle_i32x4(r[m], r[4 + m], 0x44), v1 = _mm512_shuffle_i32x4(r[m], r[4 + m], 0xEE);
+    const __m512i v2 = _mm512_shuffle_i32x4(r[8 + m], r[12 + m], 0x44);
+    const __m512i v3 = _mm512_shuffle_i32x4(r[8 + m], r[12 + m], 0xEE);
+    t[m] = _mm512_shuffle_i32x4(v0, v2, 0x88);
+    t[4 + m] = _mm512_shuffle_i32x4(v0, v2, 0xDD);
+    t[8 + m] = _mm512_shuffle_i32x4(v1, v3, 0x88);
+    t[12 + m] = _mm512_shuffle_i32x4(v1, v3, 0xDD);
+  }
+  for (int i = 0; i < 16; ++i) r[i] = t[i];
+}
+
 // The sum of a vector's int32 lanes, wrapping as int32 sums do (the intrinsic _mm512_reduce_add_epi32 adds in C
 // int, whose overflow is undefined).
 TQ_TARGET_VNNI inline __attribute__((always_inline)) uint32_t sum_lanes(__m512i v) {
@@ -1871,6 +1897,130 @@ void multiply_few_rows(const int8_t* a, int64_t m, int64_t k, int64_t stride_m, 
       case 7: return few_rows_columns<7>(a_rows, k, b, ldb, c0, c1, out, ldo, isa);
       default: return few_rows_columns<8>(a_rows, k, b, ldb, c0, c1, out, ldo, isa);
     }
+  });
+}
+
+namespace {
+
+// The sums of COLS x 16 columns of b (COLS * ROWS == 4 tiles of sums) against ROWS x 16 rows of a, from `chunks`
+// k-chunks of b's columns read in place at b (ldb bytes apart; chunk q at byte 64q of each) and then, where `tail`
+// is not null, one chunk more from tail (64 bytes a column, zero filled); a's rows packed as a weight panel
+// (pack_weight), whose 16-row slices are tdpbssd's second operand as they lie. Tile t's sums: columns
+// 16 (t / ROWS) .. + 15 of the block (tile rows) by rows 16 (t % ROWS) .. + 15 of a (tile columns).
+template <int COLS, int ROWS>
+TQ_TARGET_AMX void rows_amx_block(const int8_t* b, int64_t ldb, int64_t chunks, const int8_t* tail,
+                                  const int8_t* a_panel, int32_t* sums) {
+  static_assert(COLS * ROWS == 4);
+  constexpr int64_t chunk_bytes = kAmxChunk / 4 * kStepBytes;  // a panel's bytes of one k-chunk
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  const auto step = [&](const int8_t* cols, int64_t col_stride, const int8_t* rows) {
+    if constexpr (ROWS == 1) {  // tiles 0-3: columns 0-15, 16-31, 32-47, 48-63; 4 and 5 the columns, 6 the rows
+      _tile_loadd(6, rows, kStepBytes);
+      _tile_loadd(4, cols, col_stride);
+      _tile_loadd(5, cols + 16 * col_stride, col_stride);
+      _tile_dpbssd(0, 4, 6);
+      _tile_dpbssd(1, 5, 6);
+      _tile_loadd(4, cols + 32 * col_stride, col_stride);
+      _tile_loadd(5, cols + 48 * col_stride, col_stride);
+      _tile_dpbssd(2, 4, 6);
+      _tile_dpbssd(3, 5, 6);
+    } else {  // tiles 0-3: (columns 0-15, rows 0-15), (0-15, 16-31), (16-31, 0-15), (16-31, 16-31)
+      _tile_loadd(6, rows, kStepBytes);
+      _tile_loadd(7, rows + 16 * 4, kStepBytes);
+      _tile_loadd(4, cols, col_stride);
+      _tile_loadd(5, cols + 16 * col_stride, col_stride);
+      _tile_dpbssd(0, 4, 6);
+      _tile_dpbssd(1, 4, 7);
+      _tile_dpbssd(2, 5, 6);
+      _tile_dpbssd(3, 5, 7);
+    }
+  };
+  for (int64_t q = 0; q < chunks; ++q) step(b + q * kAmxChunk, ldb, a_panel + q * chunk_bytes);
+  if (tail != nullptr) step(tail, kAmxChunk, a_panel + chunks * chunk_bytes);
+  constexpr int64_t tile_row = kAmxRows * sizeof(int32_t);
+  _tile_stored(0, sums, tile_row);
+  _tile_stored(1, sums + kAmxRows * kAmxRows, tile_row);
+  _tile_stored(2, sums + 2 * kAmxRows * kAmxRows, tile_row);
+  _tile_stored(3, sums + 3 * kAmxRows * kAmxRows, tile_row);
+  __asm__ volatile("" ::: "memory");  // (the tile stores' asm names no memory)
+}
+
+// out[i, c0 + c] for the block's sums (rows_amx_block<COLS, ROWS>), i < rows, c < cols: each tile transposed.
+template <int COLS, int ROWS>
+TQ_TARGET_VNNI void store_rows_amx_block(const int32_t* sums, int64_t rows, int64_t cols, int32_t* out, int64_t ldo) {
+  for (int t = 0; t < 4; ++t) {
+    const int64_t c_first = (t / ROWS) * kAmxRows, r_first = (t % ROWS) * kAmxRows;
+    const int64_t n_cols = std::clamp<int64_t>(cols - c_first, 0, kAmxRows);
+    const int64_t n_rows = std::clamp<int64_t>(rows - r_first, 0, kAmxRows);
+    if (n_cols == 0 || n_rows == 0) continue;
+    __m512i r[16];
+    for (int i = 0; i < 16; ++i) r[i] = _mm512_load_si512(sums + (t * kAmxRows + i) * kAmxRows);
+    transpose_dwords(r);
+    const __mmask16 mask = static_cast<__mmask16>((1u << n_cols) - 1);
+    for (int64_t i = 0; i < n_rows; ++i) _mm512_mask_storeu_epi32(out + (r_first + i) * ldo + c_first, mask, r[i]);
+  }
+}
+
+// multiply_rows_amx's columns [c0, c1) with blocks of COLS x 16 columns against ROWS x 16 rows of a
+template <int COLS, int ROWS>
+void rows_amx_columns(const int8_t* a_panel, int64_t m, int64_t k, const int8_t* b, int64_t ldb, int64_t c0,
+                      int64_t c1, int32_t* out, int64_t ldo) {
+  constexpr int64_t block = COLS * kAmxRows;
+  const int64_t whole = k / kAmxChunk, depth = round_up(k, kAmxChunk);
+  AmxTiles tiles;
+  configure_amx(kAmxTileRows, kAmxTileRows);
+  tiles.lo = tiles.hi = kAmxTileRows;
+  alignas(64) int32_t sums[4 * kAmxRows * kAmxRows];
+  alignas(64) int8_t tail[block * kAmxChunk];
+  const ScratchScope weights_scope(Scratch::Weights);
+  for (int64_t c = c0; c < c1; c += block) {
+    const int64_t cols = std::min(block, c1 - c);
+    const int8_t* columns = b + c * ldb;
+    int64_t ld = ldb, chunks = whole;
+    const int8_t* last = nullptr;
+    if (cols < block) {  // the last columns, zero filled to a whole block (read past them, tiles would leave b)
+      int8_t* copy = reinterpret_cast<int8_t*>(scratch_buffer(Scratch::Weights, block * depth));
+      std::memset(copy, 0, block * depth);
+      for (int64_t j = 0; j < cols; ++j) std::memcpy(copy + j * depth, columns + j * ldb, k);
+      columns = copy;
+      ld = depth;
+      chunks = depth / kAmxChunk;
+    } else if (k % kAmxChunk != 0) {
+      std::memset(tail, 0, sizeof(tail));
+      for (int64_t j = 0; j < block; ++j)
+        std::memcpy(tail + j * kAmxChunk, columns + j * ldb + whole * kAmxChunk, k % kAmxChunk);
+      last = tail;
+    }
+    // each group of 16 * ROWS rows against the block (from L2 after the first)
+    for (int64_t r0 = 0; r0 < m; r0 += ROWS * kAmxRows) {
+      const int8_t* rows = a_panel + (r0 / kPackAlign) * depth * kPackAlign + (r0 % kPackAlign) * 4;
+      rows_amx_block<COLS, ROWS>(columns, ld, chunks, last, rows, sums);
+      store_rows_amx_block<COLS, ROWS>(sums, m - r0, cols, out + r0 * ldo + c, ldo);
+    }
+  }
+}
+
+}  // namespace
+
+void multiply_rows_amx(const int8_t* a, int64_t m, int64_t k, int64_t stride_m, int64_t stride_k, const int8_t* b,
+                       int64_t ldb, int64_t n, int32_t* out, int64_t ldo) {
+  TQ_CHECK(m >= 1 && m <= kAmxRowsMax, "multiply_rows_amx: m must be in [1, ", kAmxRowsMax, "], got ", m);
+  bool amx = false;
+  TQ_CHECK(cpu_isa(&amx) == CpuIsa::Avx512Vnni && amx, "multiply_rows_amx: needs the avx512_amx path");
+  const int64_t depth = round_up(k, kAmxChunk);
+  const ScratchScope activations_scope(Scratch::Activations);
+  auto* a_panel = reinterpret_cast<int8_t*>(scratch_buffer(
+      Scratch::Activations, checked_mul("int8_mm", "the packed a size", depth, round_up(m, kPackAlign))));
+  pack_weight(a, m, k, stride_m, stride_k, depth, a_panel, nullptr, CpuIsa::Avx512Vnni);
+  // a thread's share: whole blocks of 64 columns, at least 256 KB of b
+  const int64_t grain = round_up(std::max<int64_t>(1, (int64_t{256} << 10) / k), 4 * kAmxRows);
+  at::parallel_for(0, ceil_div(n, grain), 1, [&](int64_t begin, int64_t end) {
+    const int64_t c0 = begin * grain, c1 = std::min(n, end * grain);
+    if (m <= kAmxRows) rows_amx_columns<4, 1>(a_panel, m, k, b, ldb, c0, c1, out, ldo);
+    else rows_amx_columns<2, 2>(a_panel, m, k, b, ldb, c0, c1, out, ldo);
   });
 }
 
@@ -2048,37 +2198,21 @@ void zero_panel_padding(int8_t* panel, int64_t cols, int64_t k, int64_t kp) {
 }
 
 // The k-steps [s0, s0 + 16) of a full panel in the nn.Linear layout (k contiguous per column): each group of 16
-// columns' 64 bytes of k loaded as 16 vectors of 16 steps and transposed as a 16 x 16 matrix of 4-byte steps, one
-// 64-byte store per step (unpacks within 128-bit lanes, then a 4 x 4 transpose of the lanes).
-// With SUMS, sums[g] += the block's sums of columns 16 g .. 16 g + 15 (vpdpbusd of the stored steps with bytes of 1).
+// columns' 64 bytes of k loaded as 16 vectors of 16 steps and transposed (transpose_dwords), one 64-byte store per
+// step. With SUMS, sums[g] += the block's sums of columns 16 g .. 16 g + 15 (vpdpbusd of the stored steps with bytes
+// of 1).
 template <bool SUMS>
 TQ_TARGET_VNNI inline __attribute__((always_inline)) void fill_panel_block_avx512(const int8_t* src, int64_t stride_n,
                                                                                   int64_t s0, int8_t* panel,
                                                                                   __m512i* sums) {
   const __m512i ones = _mm512_set1_epi8(1);
   for (int64_t c0 = 0; c0 < kPackAlign; c0 += 16) {
-    __m512i r[16], t[16];
+    __m512i r[16];
     for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(src + (c0 + i) * stride_n + 4 * s0);
-    for (int i = 0; i < 16; i += 2) {  // t[i], t[i + 1]: columns i, i + 1 at steps 4L, 4L + 1 and 4L + 2, 4L + 3
-      t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-      t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-    }
-    for (int g = 0; g < 16; g += 4) {  // r[g + m]: columns g .. g + 3 at step 4L + m (lane L)
-      r[g] = _mm512_unpacklo_epi64(t[g], t[g + 2]);
-      r[g + 1] = _mm512_unpackhi_epi64(t[g], t[g + 2]);
-      r[g + 2] = _mm512_unpacklo_epi64(t[g + 1], t[g + 3]);
-      r[g + 3] = _mm512_unpackhi_epi64(t[g + 1], t[g + 3]);
-    }
-    for (int m = 0; m < 4; ++m) {  // step 4L + m: lane g of the output is lane L of r[4g + m]
-      const __m512i v0 = _mm512_shuffle_i32x4(r[m], r[4 + m], 0x44), v1 = _mm512_shuffle_i32x4(r[m], r[4 + m], 0xEE);
-      const __m512i v2 = _mm512_shuffle_i32x4(r[8 + m], r[12 + m], 0x44);
-      const __m512i v3 = _mm512_shuffle_i32x4(r[8 + m], r[12 + m], 0xEE);
-      const __m512i steps[4] = {_mm512_shuffle_i32x4(v0, v2, 0x88), _mm512_shuffle_i32x4(v0, v2, 0xDD),
-                                _mm512_shuffle_i32x4(v1, v3, 0x88), _mm512_shuffle_i32x4(v1, v3, 0xDD)};
-      for (int l = 0; l < 4; ++l) {
-        _mm512_storeu_si512(panel + (s0 + 4 * l + m) * kStepBytes + 4 * c0, steps[l]);
-        if constexpr (SUMS) sums[c0 / 16] = _mm512_dpbusd_epi32(sums[c0 / 16], ones, steps[l]);
-      }
+    transpose_dwords(r);
+    for (int s = 0; s < 16; ++s) {
+      _mm512_storeu_si512(panel + (s0 + s) * kStepBytes + 4 * c0, r[s]);
+      if constexpr (SUMS) sums[c0 / 16] = _mm512_dpbusd_epi32(sums[c0 / 16], ones, r[s]);
     }
   }
 }

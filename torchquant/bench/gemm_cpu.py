@@ -18,7 +18,7 @@ from torchquant import functional as F_q
 from torchquant.bench.timing import multiply_add_peak, run_tables, tables_main, torch_ao_engine
 from torchquant.timing import compare, num_threads
 
-MM_SHAPES = ((1024, 1024, 1024), (2048, 2048, 2048), (128, 4096, 4096))  # M, K, N
+MM_SHAPES = ((1024, 1024, 1024), (2048, 2048, 2048), (128, 4096, 4096), (16, 4096, 4096), (32, 4096, 11008))  # M, K, N
 LINEAR_SHAPES = ((384, 384), (384, 1536), (1536, 384), (768, 768), (768, 3072), (3072, 768), (4096, 4096))  # K, N
 LINEAR_ROWS = (1, 16, 128, 512)
 CONV_LAYERS = (  # name, in_channels, size, out_channels, kernel, stride, padding
