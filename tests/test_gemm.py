@@ -109,9 +109,9 @@ def test_int8_mm_linear_layout(device, isa, m, k, n):
 
 # Up to 8 rows of a against b in the nn.Linear layout: on the AVX-512 and AVX2 paths the columns are read in place (64
 # or 32 bytes of k at a time, the last chunk masked or copied), 4 columns at a time for up to 4 (AVX2: 2) rows, 2 for
-# more, then single columns. Every row count, k with and without a tail and below one chunk, columns left over by each
-# grouping; columns further apart than k, a's rows strided, one column read for every output column (stride 0), and 1
-# and 2 threads.
+# more, then single columns (on avx512_amx, from 4 rows against a small b, on tiles: test_int8_mm_rows_in_place).
+# Every row count, k with and without a tail and below one chunk, columns left over by each grouping; columns further
+# apart than k, a's rows strided, one column read for every output column (stride 0), and 1 and 2 threads.
 @pytest.mark.parametrize("m", range(1, 10))
 @pytest.mark.parametrize("k,n", [(1, 5), (63, 70), (64, 4), (65, 3), (130, 9), (4100, 13)])
 def test_int8_mm_few_rows_linear_layout(isa, m, k, n):
@@ -134,12 +134,13 @@ def assert_linear_layout_forms(m, k, n):
             torch.testing.assert_close(got, reference.int8_mm(x, y), rtol=0, atol=0)
 
 
-# 8 to 512 rows of a against b in the nn.Linear layout, on AMX tiles (avx512_amx): 16 columns of b read in place as
-# tdpbssd's first operand, 64 or 32 columns a block (up to 16 rows of a, or more, 32 at a time), k's last partial chunk
-# copied, the last partial block of columns copied whole. Both ends of the row range and of each grouping, k with and
-# without a tail and below one chunk, blocks left partial, and the forms of the test above (a thread's share of
-# columns ends in a partial block only at n). The other paths take the same calls.
-@pytest.mark.parametrize("m", [8, 16, 17, 32, 33, 64, 100, 512, 513])
+# 8 to 512 rows of a against b in the nn.Linear layout (4 to 7 against a b of at most 4 MB), on AMX tiles
+# (avx512_amx): 16 columns of b read in place as tdpbssd's first operand, 64 or 32 columns a block (up to 16 rows of
+# a, or more, 32 at a time), k's last partial chunk copied, the last partial block of columns copied whole. Both ends
+# of the row range and of each grouping, k with and without a tail and below one chunk, blocks left partial, and the
+# forms of the test above (a thread's share of columns ends in a partial block only at n). The other paths take the
+# same calls.
+@pytest.mark.parametrize("m", [4, 7, 8, 16, 17, 32, 33, 64, 100, 512, 513])
 @pytest.mark.parametrize("k,n", [(1, 17), (63, 64), (64, 130), (65, 31), (4100, 70)])
 def test_int8_mm_rows_in_place(isa, m, k, n):
     assert_linear_layout_forms(m, k, n)

@@ -2005,6 +2005,11 @@ void rows_amx_columns(const int8_t* a_panel, int64_t m, int64_t k, const int8_t*
 
 }  // namespace
 
+bool rows_in_place_on_amx(int64_t m, int64_t k, int64_t n) {
+  constexpr int64_t kSmallB = int64_t{4} << 20;
+  return m <= kAmxRowsMax && (m >= 8 || (m >= 4 && k <= kSmallB / std::max<int64_t>(n, 1)));
+}
+
 void multiply_rows_amx(const int8_t* a, int64_t m, int64_t k, int64_t stride_m, int64_t stride_k, const int8_t* b,
                        int64_t ldb, int64_t n, int32_t* out, int64_t ldo) {
   TQ_CHECK(m >= 1 && m <= kAmxRowsMax, "multiply_rows_amx: m must be in [1, ", kAmxRowsMax, "], got ", m);

@@ -229,12 +229,18 @@ constexpr int64_t kFewRowsMax = 8;
 void multiply_few_rows(const int8_t* a, int64_t m, int64_t k, int64_t stride_m, int64_t stride_k, const int8_t* b,
                        int64_t ldb, int64_t n, int32_t* out, int64_t ldo, CpuIsa isa);
 
-// multiply_few_rows' product for kAmxRowsMin to kAmxRowsMax rows of a on AMX tiles (the avx512_amx path): 16
+// multiply_few_rows' product for the rows that rows_in_place_on_amx takes, on AMX tiles (the avx512_amx path): 16
 // columns of b read in place, 64 bytes of k each, are tdpbssd's first operand and a's rows, packed as a weight
 // panel, its second (int8 x int8, exact, wrapping as int32 sums do), so that each tile of sums is a block of out
 // transposed. b streams from memory once (up to 32 rows; more rows go over each block of b again while it is in
 // L2), without the packing copy: 16 x 4096 x 4096, 1 thread on a Xeon, 1.40 ms packed, 0.72-0.78 ms in place.
-constexpr int64_t kAmxRowsMin = 8, kAmxRowsMax = 512;
+constexpr int64_t kAmxRowsMax = 512;
+// Whether multiply_rows_amx takes m rows against a b of k x n: from 8 to 512 rows (1 thread on a Xeon, against
+// packing b: 8-64 rows 1.3-2.3x, 256 rows 1.15-1.42x, 512 rows 1.01-1.11x, 1024 rows 0.75-0.80x), and from 4 rows
+// where b takes at most 4 MB (against the vpdpbusd kernel of multiply_few_rows, whose sums of lanes at the end of
+// each column cost most at small k: 4-7 x 384 x 1536 28-41 -> 10-13 us, 4-7 x 768 x 3072 107-139 -> 89-93 us;
+// streaming a larger b from memory, 64 columns a tile block, it is slower: 4 x 4096 x 4096 0.65 -> 0.77 ms).
+bool rows_in_place_on_amx(int64_t m, int64_t k, int64_t n);
 void multiply_rows_amx(const int8_t* a, int64_t m, int64_t k, int64_t stride_m, int64_t stride_k, const int8_t* b,
                        int64_t ldb, int64_t n, int32_t* out, int64_t ldo);
 
