@@ -64,7 +64,7 @@ at::Tensor int8_mm_cpu(const at::Tensor& a, const at::Tensor& b) {
   const CpuIsa isa = cpu_isa(&amx);
   // Against b in the nn.Linear layout (w.t()), a few rows read b's columns in place: packing b, each call, cost more
   // than the products (1 x 4096 x 4096, 1 thread: 1.1-1.4 ms packed, 0.58-0.59 ms in place on AMX; 1.89 -> 0.60 ms on
-  // the AVX2 path). On AMX tiles so do up to 512 rows (multiply_rows_amx).
+  // the AVX2 path). On AMX tiles so do up to 384 rows (multiply_rows_amx).
   if (amx && b.stride(0) == 1 && rows_in_place_on_amx(m, k, n)) {
     multiply_rows_amx(a.data_ptr<int8_t>(), m, k, a.stride(0), a.stride(1), b.data_ptr<int8_t>(), b.stride(1), n,
                       out.data_ptr<int32_t>(), n);

@@ -1712,21 +1712,21 @@ bool amx_multiplies(CpuIsa isa, int64_t k4) {
 
 namespace {
 
-// Transposes the 16 x 16 matrix of 4-byte elements in r: afterwards lane j of r[i] is what lane i of r[j] was
-// (unpacks within 128-bit lanes, then a 4 x 4 transpose of the lanes).
+// Transposes the 16 x 16 matrix of 4-byte elements in r: afterwards element j of r[i] is what element i of r[j] was
+// (unpacks within the 128-bit quarters of the vectors, then a 4 x 4 transpose of the quarters).
 TQ_TARGET_VNNI inline __attribute__((always_inline)) void transpose_dwords(__m512i (&r)[16]) {
   __m512i t[16];
-  for (int i = 0; i < 16; i += 2) {  // t[i], t[i + 1]: rows i, i + 1 at columns 4L, 4L + 1 and 4L + 2, 4L + 3
+  for (int i = 0; i < 16; i += 2) {  // t[i], t[i + 1]: rows i, i + 1 at columns 4Q, 4Q + 1 and 4Q + 2, 4Q + 3
     t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
     t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
   }
-  for (int g = 0; g < 16; g += 4) {  // t'[g + m]: rows g .. g + 3 at column 4L + m (lane L)
+  for (int g = 0; g < 16; g += 4) {  // r[g + m]: rows g .. g + 3 at column 4Q + m (in quarter Q)
     r[g] = _mm512_unpacklo_epi64(t[g], t[g + 2]);
     r[g + 1] = _mm512_unpackhi_epi64(t[g], t[g + 2]);
     r[g + 2] = _mm512_unpacklo_epi64(t[g + 1], t[g + 3]);
     r[g + 3] = _mm512_unpackhi_epi64(t[g + 1], t[g + 3]);
   }
-  for (int m = 0; m < 4; ++m) {  // column 4L + m: lane g of the result is lane L of r[4g + m]
+  for (int m = 0; m < 4; ++m) {  // column 4Q + m: quarter g of the result is quarter Q of r[4g + m]
     const __m512i v0 = _mm512_shuffle_i32x4(r[m], r[4 + m], 0x44), v1 = _mm512_shuffle_i32x4(r[m], r[4 + m], 0xEE);
     const __m512i v2 = _mm512_shuffle_i32x4(r[8 + m], r[12 + m], 0x44);
     const __m512i v3 = _mm512_shuffle_i32x4(r[8 + m], r[12 + m], 0xEE);
@@ -1903,15 +1903,16 @@ void multiply_few_rows(const int8_t* a, int64_t m, int64_t k, int64_t stride_m, 
 namespace {
 
 // The sums of COLS x 16 columns of b (COLS * ROWS == 4 tiles of sums) against ROWS x 16 rows of a, from `chunks`
-// k-chunks of b's columns read in place at b (ldb bytes apart; chunk q at byte 64q of each) and then, where `tail`
-// is not null, one chunk more from tail (64 bytes a column, zero filled); a's rows packed as a weight panel
-// (pack_weight), whose 16-row slices are tdpbssd's second operand as they lie. Tile t's sums: columns
-// 16 (t / ROWS) .. + 15 of the block (tile rows) by rows 16 (t % ROWS) .. + 15 of a (tile columns).
+// k-chunks of the columns at b (b's own, read in place, or a zero-filled copy; ldb bytes apart, chunk q at byte 64q
+// of each) and then, where `tail` is not null, one chunk more from tail (64 bytes a column, zero filled); a's rows
+// packed as a weight panel (pack_weight), whose 16-row slices are tdpbssd's second operand as they lie. Tile t's
+// sums: columns 16 (t / ROWS) .. + 15 of the block (tile rows) by rows 16 (t % ROWS) .. + 15 of a (tile columns).
 template <int COLS, int ROWS>
 TQ_TARGET_AMX void rows_amx_block(const int8_t* b, int64_t ldb, int64_t chunks, const int8_t* tail,
                                   const int8_t* a_panel, int32_t* sums) {
   static_assert(COLS * ROWS == 4);
   constexpr int64_t chunk_bytes = kAmxChunk / 4 * kStepBytes;  // a panel's bytes of one k-chunk
+  __asm__ volatile("" ::: "memory");  // the tile loads' asm names no memory: the copies and the panel come first
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);
@@ -1994,7 +1995,7 @@ void rows_amx_columns(const int8_t* a_panel, int64_t m, int64_t k, const int8_t*
         std::memcpy(tail + j * kAmxChunk, columns + j * ldb + whole * kAmxChunk, k % kAmxChunk);
       last = tail;
     }
-    // each group of 16 * ROWS rows against the block (from L2 after the first)
+    // each group of 16 * ROWS rows against the block (from L2 after the first, up to k of 32K: 1 MB)
     for (int64_t r0 = 0; r0 < m; r0 += ROWS * kAmxRows) {
       const int8_t* rows = a_panel + (r0 / kPackAlign) * depth * kPackAlign + (r0 % kPackAlign) * 4;
       rows_amx_block<COLS, ROWS>(columns, ld, chunks, last, rows, sums);

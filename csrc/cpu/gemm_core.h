@@ -234,10 +234,11 @@ void multiply_few_rows(const int8_t* a, int64_t m, int64_t k, int64_t stride_m, 
 // panel, its second (int8 x int8, exact, wrapping as int32 sums do), so that each tile of sums is a block of out
 // transposed. b streams from memory once (up to 32 rows; more rows go over each block of b again while it is in
 // L2), without the packing copy: 16 x 4096 x 4096, 1 thread on a Xeon, 1.40 ms packed, 0.72-0.78 ms in place.
-constexpr int64_t kAmxRowsMax = 512;
-// Whether multiply_rows_amx takes m rows against a b of k x n: from 8 to 512 rows (1 thread on a Xeon, against
-// packing b: 8-64 rows 1.3-2.3x, 256 rows 1.15-1.42x, 512 rows 1.01-1.11x, 1024 rows 0.75-0.80x), and from 4 rows
-// where b takes at most 4 MB (against the vpdpbusd kernel of multiply_few_rows, whose sums of lanes at the end of
+constexpr int64_t kAmxRowsMax = 384;
+// Whether multiply_rows_amx takes m rows against a b of k x n: from 8 to 384 rows (1 thread on a Xeon, against
+// packing b: 9-64 rows 1.45-2.64x, 128 rows 1.22-1.57x, 256 rows 1.04-1.34x, 384 rows 1.04-2.40x; 512 rows 0.85-1.55x,
+// 1024 rows 0.75-0.80x; 8 rows against the vpdpbusd kernel of multiply_few_rows 0.72-0.88 against 0.87-0.93 ms at
+// 4096 x 4096), and from 4 rows where b takes at most 4 MB (against that kernel, whose sums of lanes at the end of
 // each column cost most at small k: 4-7 x 384 x 1536 28-41 -> 10-13 us, 4-7 x 768 x 3072 107-139 -> 89-93 us;
 // streaming a larger b from memory, 64 columns a tile block, it is slower: 4 x 4096 x 4096 0.65 -> 0.77 ms).
 bool rows_in_place_on_amx(int64_t m, int64_t k, int64_t n);

@@ -29,7 +29,9 @@ constexpr int kAmxTileRows = 16;  // the most rows of an AMX tile
 // of rows [0, 16) x columns [0, 16), rows [0, 16) x [16, 32), rows [16, 32) x [0, 16), [16, 32) x [16, 32); 4 and 5
 // activation rows [0, 16) and [16, 32) (64 bytes each); 6 and 7 weight columns [0, 16) and [16, 32) (16 k-steps).
 // With a single tile of rows (multiply_amx's four-sum path, configured (rows, rows)) 0-3 hold rows [0, rows) x
-// columns [0, 16), [16, 32), [32, 48), [48, 64) and 5 is unused. A tile of 0 rows is left unconfigured.
+// columns [0, 16), [16, 32), [32, 48), [48, 64) and 5 is unused. A tile of 0 rows is left unconfigured. int8_mm's
+// kernel for rows against b's columns read in place (multiply_rows_amx, configured (16, 16)) has the operands the
+// other way round: 4 and 5 hold columns of b, 6 and 7 rows of a, and 0-3 sums transposed (see there).
 struct alignas(64) AmxConfig {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
   uint16_t bytes_per_row[16] = {};
