@@ -1921,6 +1921,35 @@ def test_shape_arithmetic_is_not_named_as_kept_float():
         assert tq.functional.quantization_error(model(x), converted(x))["sqnr_db"] > 15
 
 
+def test_layers_inside_a_module_called_whole_are_named():
+    # torch.fx calls torch.nn's containers (nn.TransformerEncoder) whole: their layers were quantized layer by layer
+    # without a word, the pipeline covering only the head
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            layer = nn.TransformerEncoderLayer(16, 4, 32, batch_first=True)
+            self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.head(self.enc(x).mean(1))
+
+    model = Encoder().eval()
+    with pytest.warns(UserWarning, match=r"does not reach into enc \(TransformerEncoder: \d+ layer\(s\)\): .* layer by "
+                                         r"layer"):
+        prepared = tq.prepare(model, PIPELINE)
+    converted = tq.convert(tq.calibrate(prepared, _batches((2, 5, 16)), progress=False))
+    assert type(converted.enc.layers[0].linear1) is QuantLinear and converted.enc.layers[0].linear1.converted
+    notes = graph.pipeline_notes(converted)[1]
+    assert any(note.startswith("layer by layer inside modules the pipeline does not reach into: enc (") for note in notes)
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():  # (random weights, two calibration batches: int8-static gives the same)
+        assert tq.functional.quantization_error(model(x), converted(x))["sqnr_db"] > 12
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a model whose layers the graph calls itself: no such warning
+        tq.prepare(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)).eval(), PIPELINE)
+
+
 def test_skipped_layer_stays_float_between_integer_layers():
     model, _, batches = _prepared("cat")
     config = PIPELINE.with_skip(["merge"])

@@ -1191,7 +1191,26 @@ def prepare_pipeline(model: nn.Module, config: QuantConfig, swap) -> Optional[fx
         warnings.warn(f"prepare: kept float between integer layers (each costs a float round trip): "
                       f"{', '.join(_describe(n) for n in float_readers)}", UserWarning, stacklevel=4)
     _meta(gm)["float_ops"] = [_describe(n) for n in float_readers]
+    _meta(gm)["layer_by_layer"] = within = _layers_within_leaves(gm)
+    if within:
+        warnings.warn(f"prepare: the integer pipeline does not reach into {', '.join(within)}: torch.fx calls these "
+                      f"modules whole, so the quantized layers inside them run layer by layer (each quantizes its "
+                      f"float input and writes float)", UserWarning, stacklevel=4)
     return gm
+
+
+def _layers_within_leaves(gm: fx.GraphModule) -> list[str]:
+    """The modules the graph calls whole (torch.fx leaves: torch.nn's containers such as nn.TransformerEncoder)
+    that hold quantized layers, each as 'name (class: n layer(s))'."""
+    found = []
+    for target in dict.fromkeys(n.target for n in gm.graph.nodes if n.op == "call_module"):
+        module = gm.get_submodule(target)
+        if isinstance(module, QuantLayerBase):
+            continue
+        inner = sum(isinstance(m, QuantLayerBase) for m in module.modules())
+        if inner:
+            found.append(f"{target} ({type(module).__name__}: {inner} layer(s))")
+    return found
 
 
 # the tensors of a layer whose reads by the forward keep it float: an integer pipeline's layers keep no float
@@ -1846,4 +1865,7 @@ def pipeline_notes(model: fx.GraphModule) -> tuple[dict, list]:
                      + ", ".join(_meta(model)["lookups"].values()))
     if _meta(model)["float_ops"]:
         notes.append("kept float between integer layers: " + ", ".join(_meta(model)["float_ops"]))
+    if _meta(model)["layer_by_layer"]:
+        notes.append("layer by layer inside modules the pipeline does not reach into: "
+                     + ", ".join(_meta(model)["layer_by_layer"]))
     return layers, notes
