@@ -1941,7 +1941,8 @@ def test_layers_inside_a_module_called_whole_are_named():
     converted = tq.convert(tq.calibrate(prepared, _batches((2, 5, 16)), progress=False))
     assert type(converted.enc.layers[0].linear1) is QuantLinear and converted.enc.layers[0].linear1.converted
     notes = graph.pipeline_notes(converted)[1]
-    assert any(note.startswith("layer by layer inside modules the pipeline does not reach into: enc (") for note in notes)
+    prefix = "layer by layer inside modules the pipeline does not reach into: enc ("
+    assert any(note.startswith(prefix) for note in notes)
     x = torch.randn(2, 5, 16)
     with torch.no_grad():  # (random weights, two calibration batches: int8-static gives the same)
         assert tq.functional.quantization_error(model(x), converted(x))["sqnr_db"] > 12
