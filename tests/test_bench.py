@@ -44,3 +44,15 @@ def test_product_benchmark_times_what_it_names():
     rows = elementwise.run(("product",), threads=(1,), repeats=1)
     assert len(rows) == len(elementwise.PRODUCT_SHAPES)
     assert all(r["ours us"] > 0 and r["float round trip us"] > 0 and r["torch.ao us"] > 0 for r in rows)
+
+
+def test_quick_arguments_are_taken_by_each_benchmark():
+    """`torchquant bench --quick` passes each benchmark only the arguments its run() takes: an argument renamed in
+    run() was dropped without a word (the quantize table ran every size up to 64M elements under --quick)."""
+    import importlib
+    import inspect
+
+    from torchquant.bench import BENCHMARKS, QUICK
+    for name in BENCHMARKS:
+        parameters = inspect.signature(importlib.import_module(f"torchquant.bench.{name}").run).parameters
+        assert set(QUICK.get(name, {})) <= set(parameters), name

@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", parents=[common], help="kernel benchmarks as ratio tables",
         description="Run the kernel benchmarks of torchquant.bench on this machine and print ratio tables.")
     bench.add_argument("--device", default="cpu",
-                       help="cpu (quantize, gemm_cpu, layers) or cuda (gpu); default: cpu")
+                       help="cpu (quantize, gemm_cpu, layers, elementwise) or cuda (gpu); default: cpu")
     bench.add_argument("--quick", action="store_true", help="small sizes, few repeats")
     bench.add_argument("--only", nargs="+", metavar="NAME", choices=_BenchmarkNames(),
                        help="run only these benchmarks (%(choices)s; default: all that fit --device)")
