@@ -17,8 +17,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 	TORCHQUANT_NO_EXTENSION=1 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
+# (the compiler's command lines go to build/build.log, shown whole if the build fails)
 build: $(VENV)/.installed
-	$(PY) setup.py -q build_ext --inplace
+	@mkdir -p build && echo "building the C++ extension (first time: minutes; log: build/build.log)"
+	@$(PY) setup.py -q build_ext --inplace > build/build.log 2>&1 || { cat build/build.log; exit 1; }
 
 test: build
 	$(PY) -m pytest $(PYTEST_ARGS)
