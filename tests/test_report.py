@@ -116,6 +116,9 @@ def test_budget_falls_back_to_8_bits_then_float(model, batches):
     assert report.bytes_quantized == report.bytes_float
     assert all(not layer.quantized and layer.note == decisions[layer.name] for layer in report.layers)
     assert "3 layer(s) changed" in report.format_table()
+    markdown = to_markdown(report)  # each layer's reason an item of a nested list
+    assert "- budget (output SQNR >= 200 dB): 3 layer(s) changed\n  - conv: " in markdown
+    assert "\n  - head.1: " in markdown and "\n  - head.3: " in markdown
 
 
 def test_speedup_budget_keeps_slow_layers_float(model, batches):

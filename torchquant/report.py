@@ -504,7 +504,8 @@ def to_markdown(report: ModelReport, image: Optional[str] = None) -> str:
                       f"{activation['bits']}-bit {'dynamic' if activation['dynamic'] else 'static'} "
                       f"{activation['granularity']} ({activation['rounding']})"))
     parts = ["# torchquant quantization report", "", config_line, "", markdown_table(rows, columns), ""]
-    parts += [f"- {line}" for line in report.summary_lines()]
+    # (a line's own lines, the budget's layers, as items of a nested list: indented text would join the item's)
+    parts += ["- " + line.replace("\n  ", "\n  - ") for line in report.summary_lines()]
     if image:
         parts += ["", f"![per-layer output SQNR and speed-up]({image})"]
     return "\n".join(parts) + "\n"
