@@ -1383,7 +1383,11 @@ struct IsaPath {
 // thread, batch 8. GEMMs: 640 x 1536 x 384 (24 chunks) 282 -> 225 us, 1568 x 1024 x 256 (16) 303 -> 290 us, but
 // 4- and 8-chunk ones up to 15 % slower. ResNet's 3x3 convs: 256 channels (36 chunks) 0.63 -> 0.54 ms, 512 (72)
 // 0.91 -> 0.86 ms, but 128 (18) 0.61 -> 0.65 ms and 64 (9) 0.77 -> 0.85 ms: their padded windows and weight panel
-// fill L1 with one tile buffer already.
+// fill L1 with one tile buffer already. Measured at 64 channels, batch 8 (thread CPU time, 1 thread): the epilogue
+// takes a third of the conv (0.47-0.52 ms without it, 0.70 with); with the outputs all stored to one line (no
+// output traffic) the overlap is as slow, so the stores are not the cause; the epilogue inlined in the tile loop, a
+// row or two after each k-step, ran these convs alone 0-11 % faster but ResNet-18 at batch 8 no faster (17.7 against
+// 17.6 ms).
 constexpr int64_t kGemmOverlapMinChunks = 16;
 constexpr int64_t kConvOverlapMinChunks = 32;
 
