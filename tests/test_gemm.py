@@ -186,6 +186,22 @@ def test_int8_mm_blocks_of_b(device, isa, monkeypatch, m, k, n, layout, threads)
     torch.testing.assert_close(got, reference.int8_mm(a, b), rtol=0, atol=0)
 
 
+# More rows of a (packed over 1 MB, up to 16 MB) against a b at least twice their size take the same blocks of b, each
+# going over all of a's rows (here 4 blocks of 4, 4, 4 and 1 panels); b row-major and in the nn.Linear layout (over
+# 384 rows: packed, not read in place), 1 and 2 threads, against torch's exact int32 product
+@pytest.mark.parametrize("layout", ["k_n", "linear"])
+def test_int8_mm_blocks_of_b_many_rows(isa, layout):
+    m, k, n = 400, 4096, 832
+    g = torch.Generator().manual_seed(7)
+    a = randint8((m, k), generator=g)
+    b = randint8((k, n), generator=g) if layout == "k_n" else randint8((n, k), generator=g).t()
+    a[0], b[:, -1] = -128, -128
+    want = torch._int_mm(a, b)
+    for threads in (1, 2):
+        with num_threads(threads):
+            torch.testing.assert_close(F.int8_mm(a, b), want, rtol=0, atol=0)
+
+
 def test_int8_mm_strides(device, isa):
     a, w = randint8((37, 90), device=device), randint8((45, 90), device=device)
     want = reference.int8_mm(a, w.t())

@@ -47,10 +47,12 @@ Epilogue epilogue_for(const EpilogueInputs& in, uint8_t flip, void* out, int64_t
 
 namespace {
 
-// Where a's packed rows take at most kInt8MmFewRowsBytes, int8_mm's threads each pack and multiply blocks of b of
-// at most this many packed bytes (whole 64-column panels; at least one panel), see int8_mm_cpu
+// Where a's packed rows take at most kInt8MmFewRowsBytes, or at most kInt8MmWideBRowsBytes and half of b's, int8_mm's
+// threads each pack and multiply blocks of b of at most kInt8MmBlockBytes packed bytes (whole 64-column panels; at
+// least one panel), see int8_mm_cpu
 constexpr int64_t kInt8MmBlockBytes = int64_t{1} << 20;
 constexpr int64_t kInt8MmFewRowsBytes = int64_t{1} << 20;
+constexpr int64_t kInt8MmWideBRowsBytes = int64_t{16} << 20;
 
 at::Tensor int8_mm_cpu(const at::Tensor& a, const at::Tensor& b) {
   check_int8_mm_operands(a, b);
@@ -110,13 +112,19 @@ at::Tensor int8_mm_cpu(const at::Tensor& a, const at::Tensor& b) {
   // run inline there). Packed whole first, b went out to memory and came back before the products read it (and over
   // 32 MB its scratch buffer was allocated anew each call): b in the nn.Linear layout, caches cold, 1 thread on a
   // Xeon, 128 x 4096 x 4096 0.61x -> 0.97-1.03x torch._int_mm, 32 x 4096 x 11008 0.31x -> 1.00-1.33x. Blocks
-  // packed by all threads together, then multiplied, took two fork-joins a block.
+  // packed by all threads together, then multiplied, took two fork-joins a block. So do more rows of a against a b
+  // at least twice their size, each block going over all of them (1 thread, against packing b whole:
+  // 512 x 4096 x 11008 71.0 -> 30.7 ms, 1024 x 4096 x 4096 29.8 -> 21.4 ms, 2048 x 4096 x 11008 262 -> 186 ms;
+  // 2 threads 37.5 -> 17.0, 13.5 -> 11.5 ms; but b no larger than a, 2048^3 on 2 threads, 5.6 -> 5.9 ms).
   // (as many blocks as fit kInt8MmBlockBytes, rounded up to a multiple of the threads: equal shares)
   const int64_t threads = at::get_num_threads(), n_panels = ceil_div(n, kPackAlign);
   const int64_t blocks = round_up(ceil_div(n_panels, std::max<int64_t>(1, kInt8MmBlockBytes / depth / kPackAlign)),
                                   threads);
   const int64_t block_cols = ceil_div(n_panels, blocks) * kPackAlign;
-  if (a_bytes <= kInt8MmFewRowsBytes && blocks > threads) {
+  const int64_t b_bytes = n_panels * kPackAlign * depth;
+  const bool blocks_of_b =
+      a_bytes <= kInt8MmFewRowsBytes || (a_bytes <= kInt8MmWideBRowsBytes && b_bytes >= 2 * a_bytes);
+  if (blocks_of_b && blocks > threads) {
     at::parallel_for(0, ceil_div(n, block_cols), 1, [&](int64_t begin, int64_t end) {
       const ScratchScope thread_weights_scope(Scratch::Weights);
       int8_t* b_packed = reinterpret_cast<int8_t*>(
