@@ -186,7 +186,7 @@ def test_int8_mm_blocks_of_b(device, isa, monkeypatch, m, k, n, layout, threads)
     torch.testing.assert_close(got, reference.int8_mm(a, b), rtol=0, atol=0)
 
 
-# More rows of a (packed over 1 MB, up to 16 MB) against a b at least twice their size take the same blocks of b, each
+# More rows of a (packed over 1 MB, up to 8 MB) against a b at least twice their size take the same blocks of b, each
 # going over all of a's rows (here 4 blocks of 4, 4, 4 and 1 panels); b row-major and in the nn.Linear layout (over
 # 384 rows: packed, not read in place), 1 and 2 threads, against torch's exact int32 product
 @pytest.mark.parametrize("layout", ["k_n", "linear"])
