@@ -1954,7 +1954,7 @@ TQ_TARGET_AMX void rows_amx_block(const int8_t* b, int64_t ldb, int64_t chunks, 
 }
 
 // out[i, c0 + c] for the block's sums (rows_amx_block<COLS, ROWS>), i < rows, c < cols: each tile transposed.
-template <int COLS, int ROWS>
+template <int ROWS>
 TQ_TARGET_VNNI void store_rows_amx_block(const int32_t* sums, int64_t rows, int64_t cols, int32_t* out, int64_t ldo) {
   for (int t = 0; t < 4; ++t) {
     const int64_t c_first = (t / ROWS) * kAmxRows, r_first = (t % ROWS) * kAmxRows;
@@ -2003,7 +2003,7 @@ void rows_amx_columns(const int8_t* a_panel, int64_t m, int64_t k, const int8_t*
     for (int64_t r0 = 0; r0 < m; r0 += ROWS * kAmxRows) {
       const int8_t* rows = a_panel + (r0 / kPackAlign) * depth * kPackAlign + (r0 % kPackAlign) * 4;
       rows_amx_block<COLS, ROWS>(columns, ld, chunks, last, rows, sums);
-      store_rows_amx_block<COLS, ROWS>(sums, m - r0, cols, out + r0 * ldo + c, ldo);
+      store_rows_amx_block<ROWS>(sums, m - r0, cols, out + r0 * ldo + c, ldo);
     }
   }
 }
