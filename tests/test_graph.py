@@ -11,6 +11,7 @@ import warnings
 
 import pytest
 import torch
+import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
@@ -1468,8 +1469,9 @@ def test_dropout_on_integers_is_left_out_of_the_converted_graph():
 
 def test_prepared_pipeline_fake_quantizes_where_the_converted_one_quantizes():
     _, prepared, _ = _prepared("basic-blocks")
-    quantized = [n.args[0].name for n in prepared.graph.nodes
-                 if n.op == "call_module" and n.target.startswith(graph.ACT_QUANT + ".")]
+    # (exact_average: the pool it reads computed as the converted model does)
+    quantized = [(n.args[0].args[0] if n.args[0].target is graph.exact_average else n.args[0]).name
+                 for n in prepared.graph.nodes if n.op == "call_module" and n.target.startswith(graph.ACT_QUANT + ".")]
     # at the model input, after each layer (its ReLU is its activation clamp now) but those whose residual add
     # alone reads their output (a2, b2: the add is their epilogue), at each add's output (after its ReLU: the global
     # average pool reads the last one's integers) and after the average pool (requantized); not after the head
@@ -2592,6 +2594,59 @@ def _assert_fake_quant_integers_and_dynamic_compile(converted, prepared, batches
         compiled = torch.compile(converted, dynamic=True, fullgraph=True)
         for x in (batches[0], *other_inputs):
             assert torch.equal(compiled(x), converted(x))
+
+
+def _average_integers(model, x, converted):
+    """{(input quantizer, output quantizer): (input integers, output integers)} of every mean and average pool the
+    pipeline runs on integers, in the prepared model (its exact_average nodes, the fake-quant values on their
+    quantizers' grids) or the converted one."""
+    found, pending = {}, {}
+    averages = tuple(graph._INTEGER_AVERAGES.values())
+
+    def on_grid(value, quantizer):
+        q = model.get_submodule(quantizer)
+        return torch.round(value / q.scale) + q.zero_point
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, node):
+            result = super().run_node(node)
+            if converted and node.target in averages:
+                found[node.args[-2].target, node.args[-1].target] = (self.env[node.args[0]].float(), result.float())
+            if not converted and node.target is graph.exact_average:
+                pending[next(iter(node.users))] = (node.args[2].target, on_grid(self.env[node.args[1]],
+                                                                                node.args[2].target))
+            if node in pending:
+                q_in, integers = pending[node]
+                found[q_in, node.target] = (integers, on_grid(result, node.target))
+            return result
+    with torch.no_grad():
+        Recorder(model).run(x)
+    return found
+
+
+@pytest.mark.parametrize("name", ["avg-pools", "adaptive-pools", "global-pools"])
+def test_fake_quant_averages_are_the_converted_ones(name):
+    # the prepared model computes each mean and average pool on integers as the converted one does (a float pool
+    # put 1-2 % of the avg-pools model's pool outputs a step apart: calibration makes a pool's output scale a
+    # rational multiple of its input's, 102/65 there, so exact ties of the requantization are common)
+    factory, shape = MODELS[name] if name in MODELS else (GlobalPoolNet, (4, 3, 8, 8))
+    torch.manual_seed(0)
+    batches = _batches(shape)
+    prepared, converted = _integer_out_pipeline_with_no_float_op(_randomize_bn(factory()), batches)
+    compared = 0
+    for b in batches:
+        fake, exact = _average_integers(prepared, b, False), _average_integers(converted, b, True)
+        assert fake.keys() == exact.keys() and len(fake) >= 3
+        for key, (fake_in, fake_out) in fake.items():
+            if torch.equal(fake_in, exact[key][0]):  # (a layer before may have put an input a step apart)
+                assert torch.equal(fake_out, exact[key][1]), key
+                compared += 1
+    assert compared >= len(batches) * 3
+    for mode in (False, True):  # the float pool's gradient, in evaluation and in training (the float pool then)
+        prepared.train(mode)
+        x = batches[0].clone().requires_grad_()
+        prepared(x).sum().backward()
+        assert x.grad.abs().sum() > 0
 
 
 # integer_avg_pool's arguments: (kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)

@@ -41,7 +41,8 @@ quantized ones and folds their BatchNorms (as the module swap does), and finds t
 Every integer tensor of the pipeline has one activation quantizer (an ActivationQuantizer under `act_quant`): the
 prepared model fake-quantizes each tensor with it exactly where the converted model quantizes (after a fused
 activation, at an add's output, at the model's input), so calibration and quantization-aware training see the
-function that runs. convert_pipeline then rewrites the graph: producers write integers at their consumers' scale,
+function that runs; in evaluation its means and average pools of integer tensors sum the integers as the converted
+ones do (exact_average). convert_pipeline then rewrites the graph: producers write integers at their consumers' scale,
 the input is quantized once and the outputs are dequantized once (or returned as integers with
 QuantConfig.integer_output).
 
@@ -74,7 +75,7 @@ from torchquant._ops import FLOAT_DTYPES
 from torchquant._ops.elementwise import _MAX_EXACT_WINDOW  # the largest window quantized_avg_pool2d sums exactly
 from torchquant.config import QuantConfig
 from torchquant.fold import SEQUENTIAL_FOLDING, _Tracer, has_foldable_bn, has_forward_hooks
-from torchquant.nn.base import QuantLayerBase, warn_if_gradient_cut
+from torchquant.nn.base import QuantLayerBase, quant_layers, warn_if_gradient_cut
 from torchquant.nn.conv import QuantConv1d, QuantConv2d, contiguous_output
 from torchquant.nn.linear import QuantLinear
 from torchquant.nn.quantizers import InputQuantizer
@@ -514,6 +515,18 @@ def _integer_adaptive_avg_pool_args(node: fx.Node, modules: dict) -> Optional[tu
     if len(values) != n or not all(v is None or isinstance(v, int) and v >= 0 for v in values):
         return None
     return None if _all_ones(values, n) else (values,)  # (a global pool is integer_mean's)
+
+
+def _integer_average(node: fx.Node, modules: dict) -> Optional[tuple[str, tuple]]:
+    """(kind, arguments) of a mean or an average pool that runs on integers where it reads an integer tensor and its
+    output is quantized: kind "mean" (integer_mean), "avg_pool" (integer_avg_pool) or "adaptive_avg_pool"
+    (integer_adaptive_avg_pool), the arguments theirs after the input; None for any other node."""
+    for kind, arguments in (("mean", _integer_mean_args(node, modules)),
+                            ("avg_pool", _integer_avg_pool_args(node, modules)),
+                            ("adaptive_avg_pool", _integer_adaptive_avg_pool_args(node, modules))):
+        if arguments is not None:
+            return kind, arguments
+    return None
 
 
 def _n_ints(value, n: int) -> Optional[tuple]:
@@ -1172,12 +1185,24 @@ def prepare_pipeline(model: nn.Module, config: QuantConfig, swap) -> Optional[fx
             name = quantizers[group[node]] = _free_attribute(gm.get_submodule(ACT_QUANT), node.name)
             quantizer = ActivationQuantizer(config.activation).to(_device_of(gm)).train(model.training)
             gm.get_submodule(ACT_QUANT)[name] = quantizer
+    averages = [(n, n.args[0], average) for n in gm.graph.nodes
+                if n.args and n.args[0] in group and (average := _integer_average(n, modules)) is not None]
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for node in [n for n in gm.graph.nodes if n in roots]:
         after = placeholders[-1] if node.op == "placeholder" else node
         with gm.graph.inserting_after(after):
             fq = gm.graph.call_module(f"{ACT_QUANT}.{quantizers[group[node]]}", (node,))
         node.replace_all_uses_with(fq, delete_user_cb=lambda user, fq=fq: user is not fq)
+    # means and average pools that the converted pipeline runs on integers compute as it does (exact_average)
+    for node, value, (kind, arguments) in averages:
+        fq = _only_user(node)
+        if fq is None or fq.op != "call_module" or not fq.target.startswith(ACT_QUANT + "."):
+            continue
+        with gm.graph.inserting_after(node):
+            quantizer = gm.graph.get_attr(f"{ACT_QUANT}.{quantizers[group[value]]}")
+        with gm.graph.inserting_after(quantizer):
+            exact = gm.graph.call_function(exact_average, (node, node.args[0], quantizer, kind, *arguments))
+        node.replace_all_uses_with(exact, delete_user_cb=lambda user, exact=exact: user is not exact)
     act_quant = gm.get_submodule(ACT_QUANT)
     for head, value in layers:
         layer = modules[head.target]
@@ -1207,8 +1232,7 @@ def _layers_within_leaves(gm: fx.GraphModule) -> list[str]:
         module = gm.get_submodule(target)
         if isinstance(module, QuantLayerBase):
             continue
-        inner = sum(isinstance(m, QuantLayerBase) for m in module.modules())
-        if inner:
+        if inner := len(quant_layers(module)):
             found.append(f"{target} ({type(module).__name__}: {inner} layer(s))")
     return found
 
@@ -1469,19 +1493,36 @@ def lookup_table(fn, input_quantizer: ActivationQuantizer, output_quantizer: Act
         return quantize_input(fn(dequantize_output(codes, input_quantizer, dtype)), output_quantizer)
 
 
+def _mean_of_integers(q: torch.Tensor, dims: tuple, keepdim: bool, qparams: tuple) -> torch.Tensor:
+    """The float32 mean of the values q stands for (qparams: ActivationQuantizer.qparams) over dims, as integer_mean
+    computes it."""
+    scale, _, zero_point, _ = qparams
+    count = 1
+    for d in dims:
+        count *= q.shape[d]
+    total = F_q.quantized_sum(q, dims, keepdim) - count * zero_point
+    # (scale is a 1-element tensor: reshaped to 0-d, it keeps a mean over every dimension 0-d)
+    return total.float() * scale.reshape(()) / total.new_full((), count, dtype=torch.float32)
+
+
 def integer_mean(q: torch.Tensor, dims: tuple, keepdim: bool, quantizer: ActivationQuantizer,
                  out: ActivationQuantizer) -> torch.Tensor:
     """A mean (a global average pool) on integers: the mean of q's values over dims, as out's integers. The int32
     sum of q - zero point (quantized_sum) is exact; it is scaled and divided by the count in float32 (a count on q's
     device, where the division rounds as on the CPU: CUDA multiplies by the reciprocal of a Python number), then
     quantized: the same integers on every device."""
-    scale, _, zero_point, _ = quantizer.qparams
-    count = 1
-    for d in dims:
-        count *= q.shape[d]
-    total = F_q.quantized_sum(q, dims, keepdim) - count * zero_point
-    # (scale is a 1-element tensor: reshaped to 0-d, it keeps a mean over every dimension 0-d)
-    return quantize_input(total.float() * scale.reshape(()) / total.new_full((), count, dtype=torch.float32), out)
+    return quantize_input(_mean_of_integers(q, dims, keepdim, quantizer.qparams), out)
+
+
+def _avg_pool_of_integers(q: torch.Tensor, kernel_size: tuple, stride: tuple, padding: tuple, ceil_mode: bool,
+                          count_include_pad: bool, divisor_override: Optional[int], qparams: tuple) -> torch.Tensor:
+    """The float32 average pool of the values q stands for, as integer_avg_pool computes it."""
+    _, scale, zero_point, _ = qparams
+    if len(kernel_size) == 1:
+        return F_q.quantized_avg_pool1d(q, scale, zero_point, kernel_size, stride, padding, ceil_mode,
+                                        count_include_pad)
+    return F_q.quantized_avg_pool2d(q, scale, zero_point, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                                    divisor_override)
 
 
 def integer_avg_pool(q: torch.Tensor, kernel_size: tuple, stride: tuple, padding: tuple, ceil_mode: bool,
@@ -1490,13 +1531,16 @@ def integer_avg_pool(q: torch.Tensor, kernel_size: tuple, stride: tuple, padding
     """An average pool (1-d or 2-d, as kernel_size has 1 or 2 entries) on integers: the mean of each window of q's
     values, as out's integers. functional.quantized_avg_pool1d / 2d sum each window's q - zero point exactly, scale
     and divide in float32 (the same values on every device); the quantization follows."""
-    _, scale, zero_point, _ = quantizer.qparams
-    if len(kernel_size) == 1:
-        y = F_q.quantized_avg_pool1d(q, scale, zero_point, kernel_size, stride, padding, ceil_mode, count_include_pad)
-    else:
-        y = F_q.quantized_avg_pool2d(q, scale, zero_point, kernel_size, stride, padding, ceil_mode, count_include_pad,
-                                     divisor_override)
-    return quantize_input(y, out)
+    return quantize_input(_avg_pool_of_integers(q, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                                                divisor_override, quantizer.qparams), out)
+
+
+def _adaptive_avg_pool_of_integers(q: torch.Tensor, output_size: tuple, qparams: tuple) -> torch.Tensor:
+    """The float32 adaptive average pool of the values q stands for, as integer_adaptive_avg_pool computes it."""
+    _, scale, zero_point, _ = qparams
+    if len(output_size) == 1:
+        return F_q.quantized_adaptive_avg_pool1d(q, scale, zero_point, output_size[0])
+    return F_q.quantized_adaptive_avg_pool2d(q, scale, zero_point, output_size)
 
 
 def integer_adaptive_avg_pool(q: torch.Tensor, output_size: tuple, quantizer: ActivationQuantizer,
@@ -1504,12 +1548,30 @@ def integer_adaptive_avg_pool(q: torch.Tensor, output_size: tuple, quantizer: Ac
     """An adaptive average pool (1-d or 2-d, as output_size has 1 or 2 entries) on integers: the mean of each of
     its windows of q's values, as out's integers. functional.quantized_adaptive_avg_pool1d / 2d sum each window's
     q - zero point exactly, then scale and divide in float32 as integer_avg_pool does; the quantization follows."""
-    _, scale, zero_point, _ = quantizer.qparams
-    if len(output_size) == 1:
-        y = F_q.quantized_adaptive_avg_pool1d(q, scale, zero_point, output_size[0])
-    else:
-        y = F_q.quantized_adaptive_avg_pool2d(q, scale, zero_point, output_size)
-    return quantize_input(y, out)
+    return quantize_input(_adaptive_avg_pool_of_integers(q, output_size, quantizer.qparams), out)
+
+
+# the float values of the integer averages, by the name a prepared pipeline's exact_average node gives
+_AVERAGES_OF_INTEGERS = {"mean": _mean_of_integers, "avg_pool": _avg_pool_of_integers,
+                         "adaptive_avg_pool": _adaptive_avg_pool_of_integers}
+_INTEGER_AVERAGES = {"mean": integer_mean, "avg_pool": integer_avg_pool, "adaptive_avg_pool": integer_adaptive_avg_pool}
+
+
+def exact_average(y: torch.Tensor, x: torch.Tensor, quantizer: ActivationQuantizer, kind: str, *args) -> torch.Tensor:
+    """A prepared pipeline's mean or average pool y of x, whose values quantizer fake-quantized, as the converted
+    pipeline computes it (integer_mean, integer_avg_pool, integer_adaptive_avg_pool: the exact sum of the integers,
+    scaled and divided in float32), with y's gradient. The float pool sums rounded float32 values, and calibration
+    makes the output's scale a rational multiple of the input's (the output's range is a mean of input integers),
+    so its requantization meets exact ties, which a float sum lands on either side of (1-2 % of an average pool's
+    outputs a step apart). While the quantizer observes (training, calibration), or before it has, y as it is."""
+    if quantizer.training or quantizer.calibrating or not quantizer.ready:
+        return y
+    spec = quantizer.spec
+    scale = quantizer.scale.detach().reshape(1).float()
+    qparams = (scale, float(scale), int(quantizer.zero_point), torch.int8 if spec.signed else torch.uint8)
+    q = F_q.quantize(x.detach(), scale, qparams[2], bits=spec.bits, signed=spec.signed, rounding=spec.rounding)
+    exact = _AVERAGES_OF_INTEGERS[kind](q, *args, qparams).to(y.dtype)
+    return exact + (y - y.detach())  # (also without a gradient: a trace records the same ops either way)
 
 
 def integer_relu(q: torch.Tensor, quantizer: ActivationQuantizer) -> torch.Tensor:
@@ -1614,6 +1676,12 @@ def _lower_planned(gm: fx.GraphModule, dtype: torch.dtype, build_tables: bool) -
         if quantizer is not None:
             int_of[new] = quantizer
 
+    for node in [n for n in graph.nodes if n.target is exact_average]:  # (the pools below compute it exactly)
+        quantizer = node.args[2]  # a get_attr
+        node.replace_all_uses_with(node.args[0])
+        graph.erase_node(node)
+        if not quantizer.users:
+            graph.erase_node(quantizer)
     layer_made: Dict[fx.Node, bool] = {}  # from_layers' answers (branches that meet again ask twice)
 
     def from_layers(value: fx.Node) -> bool:
@@ -1697,15 +1765,13 @@ def _lower_planned(gm: fx.GraphModule, dtype: torch.dtype, build_tables: bool) -
             continue
         activation = lookup_function(node, modules)
         fq = fake_quant_after(node)
-        pools = [(f, args) for f, args in ((integer_mean, _integer_mean_args(node, modules)),
-                                           (integer_avg_pool, _integer_avg_pool_args(node, modules)),
-                                           (integer_adaptive_avg_pool, _integer_adaptive_avg_pool_args(node, modules)))
-                 if args is not None]
-        if pools and node.args[0] in int_of and fq is not None:
+        average = _integer_average(node, modules)
+        if average is not None and node.args[0] in int_of and fq is not None:
             out = attr(fq.target)
-            call = pools[0]
+            kind, arguments = average
             with graph.inserting_after(fq):
-                new = graph.call_function(call[0], (node.args[0], *call[1], int_of[node.args[0]], out))
+                new = graph.call_function(_INTEGER_AVERAGES[kind], (node.args[0], *arguments, int_of[node.args[0]],
+                                                                    out))
             replace([node, fq], new, out)
             continue
         if activation is not None and node.args[0] in int_of and fq is not None and _RULES.get()["integer_lookups"]:
@@ -1801,7 +1867,8 @@ class _PipelineTracer(_Tracer):
     def __init__(self):
         super().__init__(autowrap_functions=(quantize_input, dequantize_output, integer_layer, integer_add,
                                              integer_mul, integer_conv_add, integer_relu, integer_pad, integer_mean,
-                                             integer_avg_pool, integer_adaptive_avg_pool, F_q.quantized_lookup,
+                                             integer_avg_pool, integer_adaptive_avg_pool, exact_average,
+                                             F_q.quantized_lookup,
                                              F_q.quantized_max_pool1d, F_q.quantized_max_pool2d, argument_left_out))
 
 
