@@ -651,6 +651,48 @@ def test_weights_are_read_by_their_content(in_work, tmp_path, capsys):
                                        f"export` exports such a checkpoint as it is)"]
 
 
+def test_weights_file_is_opened_once(in_work, tmp_path, capsys, monkeypatch):
+    """--weights reads a safetensors header once (its metadata and tensors from one open), and refuses a quantized
+    checkpoint before reading any tensor."""
+    import safetensors
+    import safetensors.torch
+    opened, tensors_read = [], []
+    real_open = safetensors.safe_open
+
+    class CountingOpen:
+        def __init__(self, path, *args, **kwargs):
+            opened.append(os.path.basename(path))
+            self.file = real_open(path, *args, **kwargs)
+
+        def __enter__(self):
+            self.inner = self.file.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.file.__exit__(*exc)
+
+        def get_tensor(self, name):
+            tensors_read.append(name)
+            return self.inner.get_tensor(name)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    model = DigitsCNN()
+    model.load_state_dict(load_file("digits.safetensors"))
+    torchquant.save(model, tmp_path / "float.safetensors")
+    converted = tmp_path / "int8.safetensors"
+    monkeypatch.setattr(safetensors, "safe_open", CountingOpen)
+    monkeypatch.setattr(safetensors.torch, "safe_open", CountingOpen)  # (load_file's)
+    status, err = run_main(["convert", FACTORY, "--weights", tmp_path / "float.safetensors", "-o", converted, "-q",
+                            "--config", "int8-dynamic"], capsys)
+    assert (status, err) == (0, []) and opened == ["float.safetensors"] and tensors_read
+    opened.clear(), tensors_read.clear()
+    status, err = run_main(["report", FACTORY, "--weights", converted, "-q"], capsys)
+    assert status == 2 and "holds a quantized model" in err[0]
+    assert opened == ["int8.safetensors"] and tensors_read == []
+
+
 def test_export_force_replaces_a_read_only_output(in_work, tmp_path, capsys):
     # --force passed the command line's check, but export_onnx, not given it, refused the file ("pass --force")
     pytest.importorskip("onnxscript")

@@ -59,17 +59,25 @@ def _is_safetensors(path: str) -> bool:
     return len(head) == 9 and head[8:] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= 100_000_000
 
 
+def _torchquant_meta(metadata: Optional[dict]) -> Optional[dict]:
+    """The torchquant metadata among a safetensors file's metadata (what torchquant.save wrote), or None."""
+    from torchquant.io import FORMAT
+    text = (metadata or {}).get(FORMAT)
+    try:
+        meta = None if text is None else json.loads(text)
+    except ValueError:
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
 def checkpoint_meta(path: str) -> Optional[dict]:
     """The torchquant metadata of a checkpoint torchquant.save wrote (safetensors), or None for any other file."""
     from safetensors import safe_open
-    from torchquant.io import FORMAT
     try:
         with safe_open(path, framework="pt") as f:
-            text = (f.metadata() or {}).get(FORMAT)
-        meta = None if text is None else json.loads(text)
-    except Exception:  # noqa: BLE001 -- not a safetensors file of torchquant's: a state dict or a bad file
+            return _torchquant_meta(f.metadata())
+    except Exception:  # noqa: BLE001 -- not a safetensors file: a state dict or a bad file
         return None
-    return meta if isinstance(meta, dict) else None
 
 
 def holds_quantized_model(meta: dict) -> bool:
@@ -77,11 +85,16 @@ def holds_quantized_model(meta: dict) -> bool:
     return bool(meta.get("layers") or meta.get("pipeline") or meta.get("attention"))
 
 
-def _load_safetensors(path: str, option: str) -> dict:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def _load_safetensors(path: str, option: str, check_meta=None) -> Tuple[dict, Optional[dict]]:
+    """(tensors, torchquant metadata or None) of a safetensors file, its header read once; check_meta(metadata),
+    if given, runs before any tensor is read (to refuse the file by what it holds)."""
+    from safetensors import SafetensorError, safe_open
     try:
-        return load_file(path, device="cpu")
+        with safe_open(path, framework="pt", device="cpu") as f:
+            meta = _torchquant_meta(f.metadata())
+            if check_meta is not None:
+                check_meta(meta)
+            return {name: f.get_tensor(name) for name in f.keys()}, meta
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise UsageError(f"{option}: cannot read {path} as safetensors (truncated or not a safetensors file): "
                          f"{_one_line(exc)}") from exc
@@ -255,12 +268,15 @@ def _model_from_pickle(path: str, trust_pickle: bool) -> nn.Module:
 def _state_dict_from(path: str) -> Mapping[str, torch.Tensor]:
     _check_readable(path, "--weights")
     expected = "a state dict of tensors (it may be a whole pickled model: pass it as MODEL with --trust-pickle)"
-    meta = checkpoint_meta(path)
-    if meta is not None and holds_quantized_model(meta):
-        raise UsageError(f"--weights: {path} holds a quantized model (a torchquant checkpoint), expected the float "
-                         f"model's weights (`torchquant export` exports such a checkpoint as it is)")
-    state = _load_safetensors(path, "--weights") if _is_safetensors(path) else \
-        _load_torch_tensors(path, "--weights", expected)
+
+    def refuse_quantized(meta: Optional[dict]) -> None:
+        if meta is not None and holds_quantized_model(meta):
+            raise UsageError(f"--weights: {path} holds a quantized model (a torchquant checkpoint), expected the "
+                             f"float model's weights (`torchquant export` exports such a checkpoint as it is)")
+    if _is_safetensors(path):
+        state, meta = _load_safetensors(path, "--weights", refuse_quantized)
+    else:  # only safetensors files carry torchquant's metadata
+        state, meta = _load_torch_tensors(path, "--weights", expected), None
     if meta is not None:  # a float model torchquant.save wrote: each tied tensor is stored once
         aliases = meta.get("aliases", {})
         if not isinstance(aliases, dict):
@@ -320,7 +336,7 @@ def load_inputs(path: str, option: str, *, want_labels: bool = False
     _check_readable(path, option)
     kinds = "a tensor of inputs, {'inputs': ..., 'labels': ...}, (inputs, labels) or a list of input batches"
     if _is_safetensors(path):
-        content = _load_safetensors(path, option)
+        content, _ = _load_safetensors(path, option)
         if len(content) == 1 and "labels" not in content:
             content = {"inputs": next(iter(content.values()))}
     else:

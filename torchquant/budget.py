@@ -10,7 +10,7 @@ from torch import nn
 
 from torchquant.config import QuantConfig, resolve_config
 from torchquant.convert import calibrate, convert, prepare
-from torchquant.nn.base import QuantLayerBase, set_weight_spec
+from torchquant.nn.base import QuantLayerBase, quant_layers, set_weight_spec
 from torchquant.report import FLOAT_LAYER_TYPES, LayerMeasurement, eval_mode, measure_layers
 
 __all__ = ["quantize_with_budget"]
@@ -39,7 +39,7 @@ def _quantize_copy(model: nn.Module, config: QuantConfig, calibration, plan: Opt
         if names:
             prepare(result, group_config.with_skip([lambda name, module: name in others])
                     if others else group_config)
-    if not any(isinstance(m, QuantLayerBase) for m in result.modules()):
+    if not quant_layers(result):
         return result  # every layer kept float
     if calibration is not None and config.activation is not None and not config.activation.dynamic:
         calibrate(result, calibration, progress=progress)
@@ -55,7 +55,7 @@ def _quantize_pipeline_copy(model: nn.Module, config: QuantConfig, calibration, 
     for name, bits in plan.items():
         if bits is not None and isinstance(layer := result.get_submodule(name), QuantLayerBase):
             set_weight_spec(layer, replace(config.weight, bits=bits))
-    if not any(isinstance(m, QuantLayerBase) for m in result.modules()):
+    if not quant_layers(result):
         return model  # every layer kept float
     calibrate(result, calibration, progress=progress)
     return convert(result)

@@ -320,8 +320,9 @@ def _warn(args, message: str) -> None:
 
 
 def _cmd_convert(args) -> int:
-    from torchquant.convert import nothing_quantized_reason, quant_layers
+    from torchquant.convert import nothing_quantized_reason
     from torchquant.io import write_checkpoint
+    from torchquant.nn.base import quant_layers
     from torchquant.report import float_only_layers, write_json
     _check_output_path(args.output, "-o", args)
     if args.report is not None:

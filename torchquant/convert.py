@@ -30,7 +30,7 @@ from torchquant.graph import (META_KEY as PIPELINE_META, SWAP_READ_TENSORS, alia
                               reaches_a_layout_reader)
 from torchquant.nn import QuantConv1d, QuantConv2d, QuantLinear, QuantMultiheadAttention
 from torchquant.nn.attention import PROJECTIONS
-from torchquant.nn.base import QuantLayerBase
+from torchquant.nn.base import QuantLayerBase, quant_layers
 from torchquant.nn.quantizers import InputQuantizer
 
 # exact types only: subclasses (e.g. the out_proj of nn.MultiheadAttention) may be used through their weight
@@ -331,11 +331,6 @@ def freeze_bn_stats(model: nn.Module) -> nn.Module:
     for layer in quant_layers(model):
         layer.freeze_bn_stats()
     return model
-
-
-def quant_layers(model: nn.Module) -> list[QuantLayerBase]:
-    """The distinct quantized layers of model, in module order."""
-    return [m for m in model.modules() if isinstance(m, QuantLayerBase)]
 
 
 def _run_batch(model: nn.Module, batch, index: int):

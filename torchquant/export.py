@@ -59,7 +59,7 @@ from torchquant import graph as pipeline
 from torchquant import functional as F_q
 from torchquant._ops.quantize import qrange
 from torchquant.io import atomic_write
-from torchquant.nn.base import QuantLayerBase
+from torchquant.nn.base import QuantLayerBase, quant_layers
 from torchquant.nn.conv import QuantConv1d, QuantConv2d
 from torchquant.nn.linear import QuantLinear
 
@@ -1089,7 +1089,7 @@ def _pipeline_step_nodes(b: _GraphBuilder, step: _Step, inputs: Sequence[str], y
 
 def has_quantized_layers(model: nn.Module) -> bool:
     """Whether model holds torchquant layers (prepared or converted), i.e. whether export_onnx takes it."""
-    return any(isinstance(m, QuantLayerBase) for m in model.modules())
+    return bool(quant_layers(model))
 
 
 def _check_opset(opset) -> int:

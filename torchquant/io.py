@@ -38,7 +38,8 @@ from torchquant.fold import attach_folded_bn
 from torchquant.graph import (ACT_QUANT, META_KEY as PIPELINE_META, ActivationQuantizer, converted_skeleton,
                               is_pipeline, pipeline_rules, rules_a_checkpoint_may_have, PIPELINE_RULES)
 from torchquant.nn import QuantLinear, QuantMultiheadAttention
-from torchquant.nn.base import QuantLayerBase, is_clamp_bound, set_weight_spec, take_hooks, unpack_int4
+from torchquant.nn.base import (QuantLayerBase, is_clamp_bound, quant_layers, set_weight_spec, take_hooks,
+                                 unpack_int4)
 from torchquant.nn.quantizers import InputQuantizer, WeightQuantizer
 from torchquant.observers import Observer
 
@@ -792,7 +793,7 @@ def _load_pipeline(path: str, model: nn.Module, meta: dict, tensors: dict) -> nn
                              f"into the float model instead")
         built = model
     else:
-        if any(isinstance(m, QuantLayerBase) for m in model.modules()):
+        if quant_layers(model):
             raise ValueError(f"load: {path} holds an integer pipeline; load it into the float model")
         # the pipeline the file was saved from: planned with the rules it records, and of those it does not record,
         # with the ones whose plan has its quantizers and tensors (none has: the checks below refuse the first plan

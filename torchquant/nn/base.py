@@ -522,3 +522,8 @@ class QuantLayerBase(nn.Module):
         state = "converted" if self.converted else "fake-quant"
         folded = "" if self.folded_bn is None else f", folded {self.folded_bn}"
         return f"{self._shape_repr()}, {state}{folded}"
+
+
+def quant_layers(model: nn.Module) -> list[QuantLayerBase]:
+    """The distinct quantized layers (prepared or converted) of model, in module order."""
+    return [m for m in model.modules() if isinstance(m, QuantLayerBase)]
