@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip wheel "setuptools>=77"
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q ninja pytest hypothesis safetensors tqdm numpy scikit-learn
+	$(PY) -m pip install -q ninja pytest hypothesis safetensors tqdm numpy scikit-learn transformers
 	$(PY) -m pip install -q onnx onnxscript onnxruntime  # the extra torchquant[onnx]: export tests
 	TORCHQUANT_NO_EXTENSION=1 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@

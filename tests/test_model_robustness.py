@@ -466,3 +466,75 @@ def test_integer_pipeline_under_autocast_keeps_integers_between_layers(device):
     want = converted(x)
     with torch.autocast(device, dtype=torch.bfloat16):
         assert torch.equal(converted(x), want.to(torch.bfloat16))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a forward that reads a layer's weight, in a model torch.fx cannot trace
+
+
+class _CastsToWeightDtype(nn.Module):
+    """Hugging Face T5's feed-forward: the input cast to the output layer's weight dtype before it; a branch on a
+    value (torch.fx cannot trace it), so prepare cannot see the read and quantizes `wo`."""
+
+    def __init__(self):
+        super().__init__()
+        self.wi, self.wo = nn.Linear(16, 32), nn.Linear(32, 16)
+
+    def forward(self, x):
+        h = torch.relu(self.wi(x))
+        if h.sum() < 0:  # (never: a relu's sum)
+            h = -h
+        if isinstance(self.wo.weight, torch.Tensor) and h.dtype != self.wo.weight.dtype:
+            h = h.to(self.wo.weight.dtype)
+        return self.wo(h)
+
+
+@pytest.mark.parametrize("preset", ["int8-dynamic", "int8-static", "w4a8-dynamic"])
+def test_converted_weight_reads_as_its_dequantized_weight(preset):
+    torch.manual_seed(0)
+    x = torch.randn(8, 16)
+    model = _CastsToWeightDtype().eval()
+    prepared, converted = quantized(model, preset, x)
+    assert prepared.wo.weight is dict(prepared.wo.named_parameters())["weight"]  # (fake-quant: the float parameter)
+    layer = converted.wo
+    assert "weight" not in dict(layer.named_parameters()) and "weight" not in layer.state_dict()
+    w = layer.weight
+    assert w.dtype == torch.float32 and not w.requires_grad and torch.equal(w, layer.dequantized_weight())
+    assert layer.weight is w  # made once
+    with torch.no_grad():
+        y = converted(x)
+        assert torch.equal(y, converted.wo(torch.relu(converted.wi(x))))
+        assert torchquant.functional.quantization_error(model(x), y)["sqnr_db"] > 20
+    # a new integer weight (a checkpoint loaded), the model moved to another dtype: made again
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    state["weight_scale"] = state["weight_scale"] * 2
+    layer.load_state_dict(state)
+    assert torch.equal(layer.weight, 2 * w)
+    assert converted.half().wo.weight.dtype == torch.float16
+
+
+def test_cached_weight_is_left_out_of_copies_and_pickles():
+    import copy
+    import pickle
+    torch.manual_seed(0)
+    _, converted = quantized(_CastsToWeightDtype().eval(), "int8-dynamic", torch.randn(4, 16))
+    converted.wo.weight
+    assert "_dequantized_weight" in converted.wo.__dict__
+    for clone in (copy.deepcopy(converted), pickle.loads(pickle.dumps(converted))):
+        assert "_dequantized_weight" not in clone.wo.__dict__
+        assert torch.equal(clone.wo.weight, converted.wo.weight)
+
+
+def test_hugging_face_t5_runs_converted():
+    # T5's feed-forward reads self.wo.weight.dtype in its forward (AttributeError once wo was converted)
+    transformers = pytest.importorskip("transformers", reason="transformers not installed")
+    config = transformers.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
+    torch.manual_seed(0)
+    model = transformers.T5EncoderModel(config).eval()
+    ids = torch.randint(0, 100, (2, 7))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = model(input_ids=ids).last_hidden_state
+        converted = torchquant.quantize_model(model, "int8-dynamic", inplace=False)
+        y = converted(input_ids=ids).last_hidden_state
+    assert torchquant.functional.quantization_error(ref, y)["sqnr_db"] > 25

@@ -274,6 +274,33 @@ class QuantLayerBase(nn.Module):
             weight, bias = self.float_weight_bias()
         return self._clamped(self._float_op(x, self.weight_quantizer(weight), bias))
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The float weight (a parameter) before conversion; once converted, the weight the layer computes with,
+        dequantized (dequantized_weight) in the float weight's dtype: read-only, made on the first read and kept
+        until the integer weight changes, so that a forward that reads a layer's weight itself keeps working (Hugging
+        Face's T5 casts its input to `self.wo.weight.dtype`; a model torch.fx can trace keeps such a layer float)."""
+        parameters = self._parameters
+        if "weight" in parameters:
+            return parameters["weight"]
+        if not self.__dict__.get("converted", False):
+            raise AttributeError(f"'{type(self).__name__}' object has no attribute 'weight'")
+        dtype = self.__dict__["_weight_dtype"]
+        if torch.compiler.is_compiling():
+            return self.dequantized_weight(dtype)
+        key = (self.qweight.data_ptr(), self.qweight._version, self.weight_scale.data_ptr(),
+               self.weight_scale._version, dtype)
+        cached = self.__dict__.get("_dequantized_weight")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = self.__dict__["_dequantized_weight"] = (key, self.dequantized_weight(dtype))
+        return cached[1]
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_dequantized_weight", None)  # (a cache: pickles and copies leave it out)
+        return state
+
     def _weight_int8(self) -> torch.Tensor:
         """The integer weight as int8 in the float weight's shape."""
         if self.config.weight.bits <= 4:
@@ -359,6 +386,7 @@ class QuantLayerBase(nn.Module):
         """Drops the float weight (and the folded BatchNorm), stores the integer weight and the bias, and packs the
         weight for the kernels (cannot fail)."""
         bias = None if state["bias"] is None else nn.Parameter(state["bias"].detach(), requires_grad=False)
+        self._weight_dtype = self.weight.dtype  # (the dtype the converted layer's `weight` reads as)
         del self.weight
         self.bias = bias
         self.bn = None  # folded into the stored weight and bias
@@ -515,6 +543,9 @@ class QuantLayerBase(nn.Module):
             super()._apply(fn, recurse)
         finally:
             self._buffers["weight_scale"] = moved_state(scale, self.qweight.device)
+        # `weight` reads as the dtype model.half() / .to(dtype) gives a float weight
+        self._weight_dtype = fn(torch.empty((), dtype=self._weight_dtype, device=self.qweight.device)).dtype
+        self.__dict__.pop("_dequantized_weight", None)
         self._repack()
         return self
 
