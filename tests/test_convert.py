@@ -83,6 +83,35 @@ def test_a_shared_module_follows_the_skip_rules_of_its_first_name(skip, tmp_path
         torch.testing.assert_close(loaded(x), converted(x), rtol=0, atol=0)
 
 
+class _SharedBlock(nn.Module):
+    """One block under two names (enc, again), each calling it."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+        self.again = self.enc
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(self.again(self.enc(x)))
+
+
+@pytest.mark.parametrize("skip, warned, first_layer_float", [
+    (["enc", "enc.0"], "again is the same module as enc, which skip rules keep float; it is kept float", True),
+    (["again.0"], "again.0 is the same module as enc.0, which skip rules do not match; it is quantized", False),
+    (["enc.0"], "again.0 is the same module as enc.0, which skip rules keep float; it is kept float", True)])
+def test_rules_inside_a_skipped_or_shared_container_are_met(skip, warned, first_layer_float):
+    # a rule naming a module inside a skipped container, or inside a container's second name, said it matched no
+    # module: it matches, and the module follows its first name's rules with the warning of a module under two names
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        converted = tq.quantize_model(_SharedBlock().eval(), QuantConfig.preset("int8-dynamic").with_skip(skip))
+    messages = [str(w.message) for w in caught]
+    assert messages == [f"prepare: {warned} under both names"]
+    assert isinstance(converted.enc[0], QuantLinear) != first_layer_float
+    assert converted.again is converted.enc
+
+
 def test_prepare_swaps_everywhere_and_once():
     model = _net()
     params = list(model.parameters())

@@ -111,10 +111,20 @@ def _plan_swaps(model: nn.Module, config: QuantConfig, warn_untraceable: bool = 
         for key, child in parent._modules.items():
             if child is None:
                 continue
+            skipped(f"{prefix}{key}", child)  # (a rule for a module inside is met: it is float with its container)
             if not decided(child, f"{prefix}{key}", True):
                 visit_skipped(child, f"{prefix}{key}.")
             elif replacements.get(id(child)) is not None:
                 plan.append((parent, key, child, replacements[id(child)]))
+
+    def revisit(parent: nn.Module, prefix: str) -> None:
+        """The subtree of a container reached again under another name: its modules follow their first names'
+        rules, with a warning where this name's rules say otherwise."""
+        for key, child in parent._modules.items():
+            if child is not None:
+                name = f"{prefix}{key}"
+                if decided(child, name, skipped(name, child)) and QUANT_TYPES.get(type(child)) is None:
+                    revisit(child, name + ".")
 
     def visit(parent: nn.Module, prefix: str) -> None:
         for key, child in parent._modules.items():
@@ -162,6 +172,8 @@ def _plan_swaps(model: nn.Module, config: QuantConfig, warn_untraceable: bool = 
             elif id(child) not in visited:
                 visited.add(id(child))
                 visit(child, name + ".")
+            else:
+                revisit(child, name + ".")
 
     if not skipped("", model):
         _refuse_a_bare_layer(model)
