@@ -27,6 +27,11 @@ import torch.nn as nn
 
 from torch.compiler import is_dynamo_compiling
 
+try:
+    from torch.fx._symbolic_trace import is_fx_symbolic_tracing
+except ImportError:  # (older torch)
+    from torch.fx._symbolic_trace import is_fx_tracing as is_fx_symbolic_tracing
+
 from torchquant import _C
 from torchquant import functional as F_q
 from torchquant._ops import FLOAT_DTYPES, ops
@@ -282,7 +287,8 @@ class QuantLayerBase(nn.Module):
         Face's T5 casts its input to `self.wo.weight.dtype`; a model torch.fx can trace keeps such a layer float)."""
         parameters = self._parameters
         if "weight" in parameters:
-            return parameters["weight"]
+            # (torch.fx records a read of a parameter in nn.Module.__getattr__, which it patches while tracing)
+            return nn.Module.__getattr__(self, "weight") if is_fx_symbolic_tracing() else parameters["weight"]
         if not self.__dict__.get("converted", False):
             raise AttributeError(f"'{type(self).__name__}' object has no attribute 'weight'")
         dtype = self.__dict__["_weight_dtype"]
