@@ -2602,7 +2602,7 @@ def _average_integers(model, x, converted):
     pipeline runs on integers, in the prepared model (its exact_average nodes, the fake-quant values on their
     quantizers' grids) or the converted one."""
     found, pending = {}, {}
-    averages = tuple(graph._INTEGER_AVERAGES.values())
+    averages = tuple(op for op, _ in graph._AVERAGES.values())
 
     def on_grid(value, quantizer):
         q = model.get_submodule(quantizer)

@@ -29,7 +29,8 @@ def load_digits_data(*, test_fraction: float = 0.2, seed: int = 0) -> DigitsData
     try:
         from sklearn.datasets import load_digits
     except ImportError as exc:  # scikit-learn is a test/demo extra, not a dependency of the library
-        raise ImportError("the digits example needs scikit-learn (pip install 'torchquant[demo]' or scikit-learn)") from exc
+        raise ImportError("the digits example needs scikit-learn (pip install 'torchquant[demo]' or scikit-learn)") \
+            from exc
     digits = load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
     labels = torch.tensor(digits.target, dtype=torch.int64)

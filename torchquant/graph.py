@@ -168,10 +168,14 @@ class ActivationQuantizer(InputQuantizer):
         super().__init__(spec, per_token_ok=False)
         self.qparams = None
 
-    def refresh(self) -> None:
+    def current_qparams(self) -> tuple:
+        """The qparams of the scale and zero point as they are now (qparams caches them)."""
         scale = self.scale.detach().reshape(1).float()
-        self.qparams = (scale, float(scale.item()), int(self.zero_point.item()),
-                        torch.int8 if self.spec.signed else torch.uint8)
+        return (scale, float(scale.item()), int(self.zero_point.item()),
+                torch.int8 if self.spec.signed else torch.uint8)
+
+    def refresh(self) -> None:
+        self.qparams = self.current_qparams()
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -280,6 +284,14 @@ def lookup_function(node: fx.Node, modules: dict):
 
 def _only_user(node: fx.Node) -> Optional[fx.Node]:
     return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _fake_quant_after(node: fx.Node) -> Optional[fx.Node]:
+    """The activation quantizer's call that alone reads node (a prepared pipeline's fake-quant), or None."""
+    user = _only_user(node)
+    if user is not None and user.op == "call_module" and user.target.startswith(ACT_QUANT + "."):
+        return user
+    return None
 
 
 def layer_chain(node: fx.Node, modules: dict, calls: Counter) -> Optional[list]:
@@ -1195,8 +1207,7 @@ def prepare_pipeline(model: nn.Module, config: QuantConfig, swap) -> Optional[fx
         node.replace_all_uses_with(fq, delete_user_cb=lambda user, fq=fq: user is not fq)
     # means and average pools that the converted pipeline runs on integers compute as it does (exact_average)
     for node, value, (kind, arguments) in averages:
-        fq = _only_user(node)
-        if fq is None or fq.op != "call_module" or not fq.target.startswith(ACT_QUANT + "."):
+        if _fake_quant_after(node) is None:
             continue
         with gm.graph.inserting_after(node):
             quantizer = gm.graph.get_attr(f"{ACT_QUANT}.{quantizers[group[value]]}")
@@ -1551,10 +1562,9 @@ def integer_adaptive_avg_pool(q: torch.Tensor, output_size: tuple, quantizer: Ac
     return quantize_input(_adaptive_avg_pool_of_integers(q, output_size, quantizer.qparams), out)
 
 
-# the float values of the integer averages, by the name a prepared pipeline's exact_average node gives
-_AVERAGES_OF_INTEGERS = {"mean": _mean_of_integers, "avg_pool": _avg_pool_of_integers,
-                         "adaptive_avg_pool": _adaptive_avg_pool_of_integers}
-_INTEGER_AVERAGES = {"mean": integer_mean, "avg_pool": integer_avg_pool, "adaptive_avg_pool": integer_adaptive_avg_pool}
+# by the kind _integer_average names: the converted graph's op, and the float values it quantizes
+_AVERAGES = {"mean": (integer_mean, _mean_of_integers), "avg_pool": (integer_avg_pool, _avg_pool_of_integers),
+             "adaptive_avg_pool": (integer_adaptive_avg_pool, _adaptive_avg_pool_of_integers)}
 
 
 def exact_average(y: torch.Tensor, x: torch.Tensor, quantizer: ActivationQuantizer, kind: str, *args) -> torch.Tensor:
@@ -1566,11 +1576,9 @@ def exact_average(y: torch.Tensor, x: torch.Tensor, quantizer: ActivationQuantiz
     outputs a step apart). While the quantizer observes (training, calibration), or before it has, y as it is."""
     if quantizer.training or quantizer.calibrating or not quantizer.ready:
         return y
-    spec = quantizer.spec
-    scale = quantizer.scale.detach().reshape(1).float()
-    qparams = (scale, float(scale), int(quantizer.zero_point), torch.int8 if spec.signed else torch.uint8)
-    q = F_q.quantize(x.detach(), scale, qparams[2], bits=spec.bits, signed=spec.signed, rounding=spec.rounding)
-    exact = _AVERAGES_OF_INTEGERS[kind](q, *args, qparams).to(y.dtype)
+    spec, qparams = quantizer.spec, quantizer.current_qparams()
+    q = F_q.quantize(x.detach(), qparams[0], qparams[2], bits=spec.bits, signed=spec.signed, rounding=spec.rounding)
+    exact = _AVERAGES[kind][1](q, *args, qparams).to(y.dtype)
     return exact + (y - y.detach())  # (also without a gradient: a trace records the same ops either way)
 
 
@@ -1662,12 +1670,6 @@ def _lower_planned(gm: fx.GraphModule, dtype: torch.dtype, build_tables: bool) -
                 attrs[target] = graph.get_attr(target)
         return attrs[target]
 
-    def fake_quant_after(node: fx.Node) -> Optional[fx.Node]:
-        user = _only_user(node)
-        if user is not None and user.op == "call_module" and user.target.startswith(act_prefix):
-            return user
-        return None
-
     def replace(old_nodes: list, new: fx.Node, quantizer: Optional[fx.Node]) -> None:
         old_nodes[-1].replace_all_uses_with(new)
         for n in reversed(old_nodes):
@@ -1705,7 +1707,7 @@ def _lower_planned(gm: fx.GraphModule, dtype: torch.dtype, build_tables: bool) -
         return dequantized[value]
 
     def lower_layer(chain: list) -> None:
-        fq = fake_quant_after(chain[-1])
+        fq = _fake_quant_after(chain[-1])
         out = None if fq is None else attr(fq.target)
         with graph.inserting_after(fq or chain[-1]):
             new = graph.call_function(integer_layer, (attr(chain[0].target), chain[0].args[0], out, dtype))
@@ -1719,7 +1721,7 @@ def _lower_planned(gm: fx.GraphModule, dtype: torch.dtype, build_tables: bool) -
         chain = layer_chain(node, modules, calls)
         if chain is not None and modules[node.target].graph_input:
             user = _only_user(chain[-1])
-            if (fake_quant_after(chain[-1]) is None and user is not None and _is_add(user)
+            if (_fake_quant_after(chain[-1]) is None and user is not None and _is_add(user)
                     and isinstance(modules[node.target], QuantConv2d)):
                 residual_chains.add(chain[-1])
                 continue
@@ -1734,7 +1736,7 @@ def _lower_planned(gm: fx.GraphModule, dtype: torch.dtype, build_tables: bool) -
                 chain, other = conv
                 relu = _fused_relu(node, modules)
                 end = relu or node
-                fq = fake_quant_after(end)
+                fq = _fake_quant_after(end)
                 out = None if fq is None else attr(fq.target)
                 with graph.inserting_after(fq or end):
                     new = graph.call_function(integer_conv_add, (attr(chain[0].target), chain[0].args[0], other,
@@ -1744,7 +1746,7 @@ def _lower_planned(gm: fx.GraphModule, dtype: torch.dtype, build_tables: bool) -
         if _is_add(node) and all(a in int_of for a in node.args):
             relu = _fused_relu(node, modules)
             end = relu or node
-            fq = fake_quant_after(end)
+            fq = _fake_quant_after(end)
             out = None if fq is None else attr(fq.target)
             with graph.inserting_after(fq or end):
                 new = graph.call_function(integer_add, (*node.args, *(int_of[a] for a in node.args), out,
@@ -1752,7 +1754,7 @@ def _lower_planned(gm: fx.GraphModule, dtype: torch.dtype, build_tables: bool) -
             replace([node] + ([relu] if relu else []) + ([fq] if fq else []), new, out)
             continue
         if _is_mul(node) and all(a in int_of for a in node.args) and _RULES.get()["integer_products"]:
-            fq = fake_quant_after(node)
+            fq = _fake_quant_after(node)
             out = None if fq is None else attr(fq.target)
             with graph.inserting_after(fq or node):
                 new = graph.call_function(integer_mul, (*node.args, *(int_of[a] for a in node.args), out, dtype))
@@ -1764,14 +1766,13 @@ def _lower_planned(gm: fx.GraphModule, dtype: torch.dtype, build_tables: bool) -
             replace([node], new, attrs[node.target])
             continue
         activation = lookup_function(node, modules)
-        fq = fake_quant_after(node)
+        fq = _fake_quant_after(node)
         average = _integer_average(node, modules)
         if average is not None and node.args[0] in int_of and fq is not None:
             out = attr(fq.target)
             kind, arguments = average
             with graph.inserting_after(fq):
-                new = graph.call_function(_INTEGER_AVERAGES[kind], (node.args[0], *arguments, int_of[node.args[0]],
-                                                                    out))
+                new = graph.call_function(_AVERAGES[kind][0], (node.args[0], *arguments, int_of[node.args[0]], out))
             replace([node, fq], new, out)
             continue
         if activation is not None and node.args[0] in int_of and fq is not None and _RULES.get()["integer_lookups"]:
