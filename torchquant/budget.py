@@ -10,14 +10,15 @@ from torch import nn
 
 from torchquant.config import QuantConfig, resolve_config
 from torchquant.convert import calibrate, convert, prepare
+from torchquant.nn import quant_type
 from torchquant.nn.base import QuantLayerBase, quant_layers, set_weight_spec
-from torchquant.report import FLOAT_LAYER_TYPES, LayerMeasurement, eval_mode, measure_layers
+from torchquant.report import LayerMeasurement, eval_mode, measure_layers
 
 __all__ = ["quantize_with_budget"]
 
 
 def _float_layer_names(model: nn.Module) -> set:
-    return {name for name, module in model.named_modules() if type(module) in FLOAT_LAYER_TYPES}
+    return {name for name, module in model.named_modules() if quant_type(module) is not None}
 
 
 def _quantize_copy(model: nn.Module, config: QuantConfig, calibration, plan: Optional[Dict[str, Optional[int]]] = None,

@@ -28,14 +28,10 @@ from torchquant.fold import _Tracer, find_bn_pairs, folded_bn, parent_and_key
 from torchquant.graph import (META_KEY as PIPELINE_META, SWAP_READ_TENSORS, aliases_copied_by_a_layout,
                               convert_pipeline, is_pipeline, keeping_read_layers_float, prepare_pipeline,
                               reaches_a_layout_reader)
-from torchquant.nn import QuantConv1d, QuantConv2d, QuantLinear, QuantMultiheadAttention
+from torchquant.nn import QUANT_TYPES, QuantConv2d, QuantLinear, QuantMultiheadAttention, quant_type
 from torchquant.nn.attention import PROJECTIONS
 from torchquant.nn.base import QuantLayerBase, quant_layers
 from torchquant.nn.quantizers import InputQuantizer
-
-# exact types only: subclasses (e.g. the out_proj of nn.MultiheadAttention) may be used through their weight
-# directly, which a swapped layer would not see
-QUANT_TYPES = {nn.Linear: QuantLinear, nn.Conv2d: QuantConv2d, nn.Conv1d: QuantConv1d}
 
 
 def _check_model(model, where: str) -> None:
@@ -45,7 +41,7 @@ def _check_model(model, where: str) -> None:
 
 def _refuse_a_bare_layer(model: nn.Module) -> None:
     """A model that is itself a layer prepare would swap cannot be replaced in place."""
-    swap_type = QUANT_TYPES.get(type(model)) or (QuantMultiheadAttention if type(model) is nn.MultiheadAttention
+    swap_type = quant_type(model) or (QuantMultiheadAttention if type(model) is nn.MultiheadAttention
                                                  else None)
     if swap_type is not None:
         raise TypeError(f"prepare: model is itself a {type(model).__name__}; wrap it in a container "
@@ -123,7 +119,7 @@ def _plan_swaps(model: nn.Module, config: QuantConfig, warn_untraceable: bool = 
         for key, child in parent._modules.items():
             if child is not None:
                 name = f"{prefix}{key}"
-                if decided(child, name, skipped(name, child)) and QUANT_TYPES.get(type(child)) is None:
+                if decided(child, name, skipped(name, child)) and quant_type(child) is None:
                     revisit(child, name + ".")
 
     def visit(parent: nn.Module, prefix: str) -> None:
@@ -135,7 +131,7 @@ def _plan_swaps(model: nn.Module, config: QuantConfig, warn_untraceable: bool = 
                 skipped_names.append(name)
                 visit_skipped(child, name + ".")
                 continue
-            swap_type = QUANT_TYPES.get(type(child))
+            swap_type = quant_type(child)
             reason = None if swap_type is None else swap_type.unsupported(child)
             if swap_type is None and parametrize.type_before_parametrizations(child) in QUANT_TYPES:
                 reason = ("it is parametrized (torch.nn.utils.parametrize, e.g. parametrizations.weight_norm); "
@@ -279,7 +275,7 @@ def _rules_for_first_names(model: nn.Module, config: QuantConfig) -> QuantConfig
             matched_first |= hits
             continue
         matched_other |= hits
-        if bool(hits) != first_skipped and (type(module) in QUANT_TYPES or type(module) is nn.MultiheadAttention):
+        if bool(hits) != first_skipped and (quant_type(module) is not None or type(module) is nn.MultiheadAttention):
             warnings.warn(_same_module_message(name, first, first_skipped), UserWarning, stacklevel=4)
     other_only = matched_other - matched_first
     if not other_only:
@@ -307,7 +303,8 @@ def _prepared_pipeline(model: nn.Module, config: QuantConfig):
 
 def prepare(model: nn.Module, config=None, *, inplace: bool = True) -> nn.Module:
     """Replaces every nn.Linear, nn.Conv2d and nn.Conv1d (except those `config.skip` selects) with
-    QuantLinear/QuantConv2d/QuantConv1d in fake-quant mode, sharing the float parameters (tied weights stay tied).
+    QuantLinear/QuantConv2d/QuantConv1d in fake-quant mode, sharing the float parameters (tied weights stay tied);
+    a Hugging Face transformers Conv1D (GPT-2's projections) becomes a QuantLinear that keeps its [in, out] weight.
     An nn.MultiheadAttention becomes a QuantMultiheadAttention whose projection layers are swapped likewise (its
     query, key and value projections are copies of the packed in_proj_weight: new parameters).
     config: a QuantConfig, a preset name or None (int8-dynamic).
@@ -597,7 +594,7 @@ def convert(model: nn.Module, *, inplace: bool = True) -> nn.Module:
 def nothing_quantized_reason(model: nn.Module, kept_float: str, name: str = "the model") -> str:
     """Why a conversion of `model` quantized no layer: its layers all stayed float (for the reasons `kept_float`
     names), or it has none (`name` names the model)."""
-    if any(type(m) in QUANT_TYPES for m in model.modules()):
+    if any(quant_type(m) is not None for m in model.modules()):
         return f"every nn.Linear, nn.Conv2d and nn.Conv1d layer stayed float ({kept_float})"
     return f"{name} has no nn.Linear, nn.Conv2d or nn.Conv1d layer"
 

@@ -97,8 +97,10 @@ class _Tracer(torch.fx.Tracer):
                     attributes[key].update(content)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        # (a transformers Conv1D too: the layer swap replaces it like the torch.nn layers)
         from torchquant.nn.base import QuantLayerBase
-        return isinstance(m, QuantLayerBase) or super().is_leaf_module(m, qualname)
+        from torchquant.nn.linear import is_conv1d_linear
+        return isinstance(m, QuantLayerBase) or is_conv1d_linear(m) or super().is_leaf_module(m, qualname)
 
 
 def _traced_pairs(model: nn.Module) -> list[tuple[str, str]]:

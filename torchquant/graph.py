@@ -77,6 +77,7 @@ from torchquant.config import QuantConfig
 from torchquant.fold import SEQUENTIAL_FOLDING, _Tracer, has_foldable_bn, has_forward_hooks
 from torchquant.nn.base import QuantLayerBase, quant_layers, warn_if_gradient_cut
 from torchquant.nn.conv import QuantConv1d, QuantConv2d, contiguous_output
+from torchquant.nn import quant_type
 from torchquant.nn.linear import QuantLinear
 from torchquant.nn.quantizers import InputQuantizer
 
@@ -155,7 +156,6 @@ _LOOKUP_FUNCTIONS = (F.hardswish, F.hardsigmoid, F.silu, F.gelu, F.elu, F.elu_, 
                      torch.tanh_)
 _LOOKUP_METHODS = {"sigmoid": torch.sigmoid, "sigmoid_": torch.sigmoid, "tanh": torch.tanh, "tanh_": torch.tanh}
 LOOKUP_TABLES = "lookup_tables"  # the module holding a converted pipeline's lookup tables (buffers)
-_LAYER_TYPES = tuple(layer.FLOAT_TYPE for layer in (QuantLinear, QuantConv2d, QuantConv1d))  # what the swap quantizes
 
 
 class ActivationQuantizer(InputQuantizer):
@@ -1271,7 +1271,7 @@ def layer_tensors_read(root: nn.Module, graph: Optional[fx.Graph] = None,
     for node in graph.nodes:
         owner_name, _, tensor = node.target.rpartition(".") if node.op == "get_attr" else ("", "", "")
         owner = root.get_submodule(owner_name) if owner_name else None  # (root's own tensors: root is no layer)
-        if type(owner) in _LAYER_TYPES and tensor in tensors:
+        if quant_type(owner) is not None and tensor in tensors:
             read.setdefault(id(owner), node.target)
     return read
 

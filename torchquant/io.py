@@ -32,12 +32,12 @@ from safetensors.torch import save_file
 from torchquant._ops.quantize import qrange
 from torchquant.config import QuantConfig
 from torchquant._ops.gemm import GELU_APPROXIMATE
-from torchquant.convert import (QUANT_TYPES, _check_model, _layer_gelu_pairs, activation_gelu_form,
+from torchquant.convert import (_check_model, _layer_gelu_pairs, activation_gelu_form,
                                 set_conv_layouts, transformer_activation, unfuse_transformers)
 from torchquant.fold import attach_folded_bn
 from torchquant.graph import (ACT_QUANT, META_KEY as PIPELINE_META, ActivationQuantizer, converted_skeleton,
                               is_pipeline, pipeline_rules, rules_a_checkpoint_may_have, PIPELINE_RULES)
-from torchquant.nn import QuantLinear, QuantMultiheadAttention
+from torchquant.nn import QUANT_TYPES, QuantLinear, QuantMultiheadAttention
 from torchquant.nn.base import (QuantLayerBase, is_clamp_bound, quant_layers, set_weight_spec, take_hooks,
                                  unpack_int4)
 from torchquant.nn.quantizers import InputQuantizer, WeightQuantizer
@@ -598,7 +598,7 @@ def _plan(path: str, model: nn.Module, layers: dict) -> list[tuple[nn.Module, st
             if not converted:  # fake-quant in both: loaded in place, keeping its parameters (and an optimizer's)
                 chosen[id(module)] = (module, name)
                 continue
-        elif type(module) is not layer_type.FLOAT_TYPE:
+        elif not layer_type.replaces(module):
             raise ValueError(f"load: {name!r} is a {type(module).__name__} in the model but a {entry['type']} in "
                              f"{path}")
         try:

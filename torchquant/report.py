@@ -21,7 +21,8 @@ from tqdm import tqdm
 from torchquant import functional as F_q
 from torchquant._ops.gemm import GELU_APPROXIMATE
 from torchquant.config import QuantConfig, resolve_config
-from torchquant.convert import QUANT_TYPES, _run_batch, attention_as_layers
+from torchquant.convert import _run_batch, attention_as_layers
+from torchquant.nn import is_conv1d_linear, quant_type
 from torchquant.fold import fold_running
 from torchquant.graph import (PIPELINE_READ_TENSORS, SWAP_READ_TENSORS, is_pipeline, layer_tensors_read,
                               pipeline_notes, read_reason)
@@ -31,7 +32,6 @@ from torchquant.timing import busy_machine_note, compare, latency_clock, markdow
 __all__ = ["LayerReport", "ModelReport", "build_report", "state_bytes", "write_json", "write_markdown",
            "to_markdown"]
 
-FLOAT_LAYER_TYPES = tuple(QUANT_TYPES)  # the layer types conversion swaps (exact types)
 
 
 @dataclass
@@ -207,10 +207,11 @@ def state_bytes(module: nn.Module) -> int:
 
 
 def _layer_pairs(float_model: nn.Module, quantized_model: nn.Module):
-    """(name, float layer, layer of the quantized model) for every Linear/Conv2d/Conv1d of the float model."""
+    """(name, float layer, layer of the quantized model) for every layer of the float model that conversion
+    swaps."""
     quantized = dict(quantized_model.named_modules())
     return [(name, module, quantized.get(name)) for name, module in float_model.named_modules()
-            if type(module) in FLOAT_LAYER_TYPES]
+            if quant_type(module) is not None]
 
 
 def float_only_layers(model: nn.Module) -> List[str]:
@@ -220,10 +221,15 @@ def float_only_layers(model: nn.Module) -> List[str]:
     matrix products, and are left out; an nn.MultiheadAttention is quantized through its projections."""
     attention = [name + "." for name, module in model.named_modules() if type(module) is nn.MultiheadAttention]
     return [f"{name or '(the model)'} ({type(module).__name__})" for name, module in model.named_modules()
-            if type(module) not in FLOAT_LAYER_TYPES and not isinstance(module, (nn.Embedding, nn.EmbeddingBag))
+            if quant_type(module) is None and not isinstance(module, (nn.Embedding, nn.EmbeddingBag))
             and not any((name + ".").startswith(prefix) for prefix in attention)  # (swapped with its projections)
             and any("weight" in key and p.dim() >= 2 and p.is_floating_point()
                     for key, p in module.named_parameters(recurse=False))]
+
+
+def _float_weight(layer: nn.Module) -> torch.Tensor:
+    """A float layer's weight in the [out, ...] layout of its quantized layer (a transformers Conv1D's transposed)."""
+    return layer.weight.t() if is_conv1d_linear(layer) else layer.weight
 
 
 def _is_quantized(module) -> bool:
@@ -407,7 +413,7 @@ def _build_report(float_model, quantized_model, config, calibration, evaluation,
     read = None  # layer_tensors_read(float_model), once a float layer needs a reason
     fused, graph_notes = pipeline_notes(quantized_model)
     for name, float_layer, layer in _layer_pairs(float_model, quantized_model):
-        row = LayerReport(name=name, type=type(float_layer).__name__, shape=list(float_layer.weight.shape),
+        row = LayerReport(name=name, type=type(float_layer).__name__, shape=list(_float_weight(float_layer).shape),
                           quantized=_is_quantized(layer), bytes_float=state_bytes(float_layer),
                           note=decisions.get(name, ""))
         row.bytes_quantized = row.bytes_float if layer is None else state_bytes(layer)
@@ -415,7 +421,7 @@ def _build_report(float_model, quantized_model, config, calibration, evaluation,
             row.weight_bits = layer.config.weight.bits
             row.activation = _activation_label(layer.config.activation)
             bn = _folded_bn(float_model, layer)
-            float_weight = float_layer.weight.detach()
+            float_weight = _float_weight(float_layer).detach()
             if bn is not None:
                 float_weight = fold_running(float_weight, None, bn)[0].detach()
                 row.note = "; ".join(filter(None, [row.note, f"bn folded ({layer.folded_bn})"]))
@@ -428,14 +434,14 @@ def _build_report(float_model, quantized_model, config, calibration, evaluation,
                 row.output_sqnr_db = m.output.sqnr_db
                 row.latency_float_s, row.latency_quantized_s = m.latency_float_s, m.latency_quantized_s
         elif not row.note:
-            reason = QUANT_TYPES[type(float_layer)].unsupported(float_layer)
-            if reason is None and isinstance(layer, FLOAT_LAYER_TYPES):
+            reason = quant_type(float_layer).unsupported(float_layer)
+            if reason is None and quant_type(layer) is not None:
                 if read is None:
                     read = layer_tensors_read(float_model, tensors=PIPELINE_READ_TENSORS
                                               if is_pipeline(quantized_model) else SWAP_READ_TENSORS)
                 reason = read_reason(read[id(float_layer)]) if id(float_layer) in read else None
             row.note = (f"kept float: {reason}" if reason is not None else "kept float (skip rule)"
-                        if isinstance(layer, FLOAT_LAYER_TYPES) else "not converted")
+                        if quant_type(layer) is not None else "not converted")
         if name in fused:
             row.note = "; ".join(filter(None, [row.note, fused[name]]))
         layers.append(row)

@@ -110,6 +110,9 @@ class QuantLayerBase(nn.Module):
 
     FLOAT_TYPE: type = nn.Module
     PER_TOKEN_INPUT = False  # whether per-token activation scales apply (Linear) or become per tensor (Conv)
+    # the weight parameter of a layer made from a Hugging Face Conv1D keeps that layer's [in, out] layout (its state
+    # dict and optimizers stay as they were); the layer computes with its transpose (_float_weight)
+    weight_transposed = False
 
     def _init_quant(self, config) -> None:
         """Called by subclass constructors once `weight` exists."""
@@ -153,12 +156,22 @@ class QuantLayerBase(nn.Module):
         return _computed_weight(module)
 
     @classmethod
+    def replaces(cls, module: nn.Module) -> bool:
+        """Whether module is a float layer this type quantizes (exact types: a subclass may be used through its
+        weight directly, which a swapped layer would not see)."""
+        return type(module) is cls.FLOAT_TYPE
+
+    @classmethod
+    def _float_type_names(cls) -> str:
+        return cls.FLOAT_TYPE.__name__
+
+    @classmethod
     def from_float(cls, module: nn.Module, config=None):
         """A fake-quant layer sharing `module`'s weight and bias parameters (optimizers keep working) and its forward
         and backward hooks (they run around the quantized layer where they ran around the float one, and the handles
         register_forward_hook & co. returned remove them from both)."""
-        if type(module) is not cls.FLOAT_TYPE:
-            raise TypeError(f"{cls.__name__}.from_float: module must be a {cls.FLOAT_TYPE.__name__}, "
+        if not cls.replaces(module):
+            raise TypeError(f"{cls.__name__}.from_float: module must be a {cls._float_type_names()}, "
                             f"got {type(module).__name__}")
         reason = _computed_weight(module)
         if reason is not None:
@@ -197,7 +210,7 @@ class QuantLayerBase(nn.Module):
         in the graph so that it gets its (zero) gradient, as before a BatchNorm (DistributedDataParallel expects a
         gradient for every parameter)."""
         bn = self.bn
-        y = self._float_op(x, self.weight, self.bias)
+        y = self._float_op(x, self._float_weight(), self.bias)
         dims = [0, *range(2, y.dim())]
         count = y.numel() // max(y.shape[1], 1)
         if count <= 1:
@@ -210,14 +223,19 @@ class QuantLayerBase(nn.Module):
             momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
             bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), momentum)
             bn.running_var.lerp_((var * (count / (count - 1))).to(bn.running_var.dtype), momentum)
-        return folded_weight_bias(self.weight, self.bias, bn, mean, var)
+        return folded_weight_bias(self._float_weight(), self.bias, bn, mean, var)
+
+    def _float_weight(self) -> torch.Tensor:
+        """The float weight in the layer's [out, ...] shape (weight_shape): the parameter, or its transpose."""
+        weight = self.weight
+        return weight.t() if self.weight_transposed else weight
 
     def float_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The float weight and bias this layer quantizes (fake-quant layers): with the folded BatchNorm's running
         statistics folded in when there is one."""
         if self.bn is None:
-            return self.weight, self.bias
-        return fold_running(self.weight, self.bias, self.bn)
+            return self._float_weight(), self.bias
+        return fold_running(self._float_weight(), self.bias, self.bn)
 
     # ---- fused output activation ----
     def set_activation_clamp(self, clamp_min: float | None = None, clamp_max: float | None = None) -> None:
@@ -282,9 +300,10 @@ class QuantLayerBase(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The float weight (a parameter) before conversion; once converted, the weight the layer computes with,
-        dequantized (dequantized_weight) in the float weight's dtype: read-only, made on the first read and kept
-        until the integer weight changes, so that a forward that reads a layer's weight itself keeps working (Hugging
-        Face's T5 casts its input to `self.wo.weight.dtype`; a model torch.fx can trace keeps such a layer float)."""
+        dequantized (dequantized_weight) in the float weight's dtype and layout: read-only, made on the first read
+        and kept until the integer weight changes, so that a forward that reads a layer's weight itself keeps working
+        (Hugging Face's T5 casts its input to `self.wo.weight.dtype`; a model torch.fx can trace keeps such a layer
+        float)."""
         parameters = self._parameters
         if "weight" in parameters:
             # (torch.fx records a read of a parameter in nn.Module.__getattr__, which it patches while tracing)
@@ -293,13 +312,17 @@ class QuantLayerBase(nn.Module):
             raise AttributeError(f"'{type(self).__name__}' object has no attribute 'weight'")
         dtype = self.__dict__["_weight_dtype"]
         if torch.compiler.is_compiling():
-            return self.dequantized_weight(dtype)
+            weight = self.dequantized_weight(dtype)
+            return weight.t() if self.weight_transposed else weight
         key = (self.qweight.data_ptr(), self.qweight._version, self.weight_scale.data_ptr(),
                self.weight_scale._version, dtype)
         cached = self.__dict__.get("_dequantized_weight")
         if cached is None or cached[0] != key:
             with torch.no_grad():
-                cached = self.__dict__["_dequantized_weight"] = (key, self.dequantized_weight(dtype))
+                weight = self.dequantized_weight(dtype)
+                if self.weight_transposed:
+                    weight = weight.t()
+                cached = self.__dict__["_dequantized_weight"] = (key, weight)
         return cached[1]
 
     def __getstate__(self):
@@ -314,8 +337,8 @@ class QuantLayerBase(nn.Module):
         return self.qweight
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The weight this layer computes with, as a float tensor in the float weight's shape: the integer weight
-        times its scales once converted, the fake-quantized weight before."""
+        """The weight this layer computes with, as a float tensor of shape weight_shape ([out, ...]): the integer
+        weight times its scales once converted, the fake-quantized weight before."""
         if not self.converted:
             with torch.no_grad():
                 return self.weight_quantizer(self.float_weight_bias()[0]).to(dtype)
@@ -418,7 +441,7 @@ class QuantLayerBase(nn.Module):
         if self.config.weight.bits <= 4:
             q = torch.zeros(n, (k + 1) // 2, dtype=torch.uint8, device=device)
         else:
-            q = torch.zeros(self.weight.shape, dtype=torch.int8, device=device)
+            q = torch.zeros(self.weight_shape, dtype=torch.int8, device=device)
         bias = self.bias
         if self.bn is not None:  # a folded layer always has a bias
             bias = torch.zeros(n, dtype=self.weight.dtype, device=device)

@@ -14,9 +14,18 @@ from torchquant._ops.gemm import GELU_APPROXIMATE
 from torchquant.nn.base import QuantLayerBase, warn_if_gradient_cut
 
 
+def is_conv1d_linear(module) -> bool:
+    """Whether module is a Hugging Face transformers Conv1D (the projections of GPT-2 and OpenAI GPT): a linear layer
+    x @ weight + bias whose weight is stored [in_features, out_features]. Known by its type's name, so that torchquant
+    need not import transformers."""
+    t = type(module)
+    return t.__name__ == "Conv1D" and t.__module__ == "transformers.pytorch_utils"
+
+
 class QuantLinear(QuantLayerBase):
     """nn.Linear(in_features, out_features, bias) quantized per `config` (a QuantConfig or a preset name;
-    default int8-dynamic). Same parameters and initialisation as nn.Linear."""
+    default int8-dynamic). Same parameters and initialisation as nn.Linear. Made from a transformers Conv1D
+    (from_float), it keeps that layer's weight parameter, [in_features, out_features] (weight_transposed)."""
 
     FLOAT_TYPE = nn.Linear
     PER_TOKEN_INPUT = True
@@ -37,9 +46,23 @@ class QuantLinear(QuantLayerBase):
         self.fused_activation_module = None
 
     @classmethod
-    def _like(cls, linear: nn.Linear, config, device):
-        return cls(linear.in_features, linear.out_features, linear.bias is not None, config, device=device,
-                   dtype=linear.weight.dtype)
+    def replaces(cls, module: nn.Module) -> bool:
+        return type(module) is nn.Linear or is_conv1d_linear(module)
+
+    @classmethod
+    def _float_type_names(cls) -> str:
+        return "Linear or transformers Conv1D"
+
+    @classmethod
+    def _like(cls, linear: nn.Module, config, device):
+        if not is_conv1d_linear(linear):
+            return cls(linear.in_features, linear.out_features, linear.bias is not None, config, device=device,
+                       dtype=linear.weight.dtype)
+        in_features, out_features = linear.weight.shape
+        layer = cls(in_features, out_features, linear.bias is not None, config, device=device,
+                    dtype=linear.weight.dtype)
+        layer.weight_transposed = True
+        return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # A converted int8-dynamic layer is one kernel call. Its input checks are inlined here (in C++ when eager)
@@ -110,7 +133,9 @@ class QuantLinear(QuantLayerBase):
                                self.clamp_min, self.clamp_max)
 
     def _shape_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        transposed = ", weight_transposed=True" if self.weight_transposed else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+                f"{transposed}")
 
     def extra_repr(self) -> str:
         if self.fused_activation is None:
