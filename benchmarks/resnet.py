@@ -311,6 +311,10 @@ def layer_rows(model_name: str, ours: fx.GraphModule, theirs: fx.GraphModule, x:
 
 _PIPELINE = torchquant.QuantConfig.preset("int8-pipeline")
 PIPELINE_7BIT_WEIGHTS = dataclasses.replace(_PIPELINE, weight=dataclasses.replace(_PIPELINE.weight, bits=7))
+# uint8 activations in [0, 127], as torch.ao's x86 engine quantizes them (reduce_range); layer by layer (the
+# integer pipeline's activations are 8-bit)
+_STATIC = torchquant.QuantConfig.preset("int8-static")
+STATIC_7BIT_ACTIVATIONS = dataclasses.replace(_STATIC, activation=dataclasses.replace(_STATIC.activation, bits=7))
 
 
 def run(models=("resnet18", "resnet50"), batches=(1, 8), threads=(1, 2), repeats: int = 5, timer: str = "wall",
@@ -329,6 +333,9 @@ def run(models=("resnet18", "resnet50"), batches=(1, 8), threads=(1, 2), repeats
                     # weights in [-64, 64]: the AVX2 kernels multiply them as bytes (the same speed on AVX-512)
                     "torchquant int8-pipeline, 7-bit weights": torchquant.quantize_model(
                         copy.deepcopy(model), PIPELINE_7BIT_WEIGHTS, calibration=calibration),
+                    # activations below 128: on AVX2 any int8 weight is multiplied as bytes too
+                    "torchquant int8-static, 7-bit activations": torchquant.quantize_model(
+                        copy.deepcopy(model), STATIC_7BIT_ACTIVATIONS, calibration=calibration),
                     "torchquant int8-static (layer by layer)": torchquant.quantize_model(
                         copy.deepcopy(model), "int8-static", calibration=calibration),
                     f"{TORCH_AO} static (FX, x86)": torch_ao_static(model, calibration)}

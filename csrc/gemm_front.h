@@ -31,6 +31,9 @@ struct GemmArgs {
   int64_t m = 0, n = 0, k = 0, groups = 1;
   RowFiller fill_rows = nullptr;  // CPU only: produces the activation rows in place of a
   const void* fill_context = nullptr;
+  // CPU only: every activation byte the GEMM reads against a nonzero weight (padding included) is below 128, as
+  // unsigned 7-bit activations are (bytes_below_128)
+  bool a_below_128 = false;
 };
 
 // What the epilogue stores per output element: the int32 accumulator itself, or the dequantized value as a float

@@ -801,6 +801,56 @@ def test_int8_conv2d_narrow_weights(isa, conv, outlier):
     torch.testing.assert_close(got, reference.int8_conv2d(x_q, 1.0, 99, w_q, ones, **kwargs), rtol=0, atol=0)
 
 
+# Unsigned activations below 128 (7 bits: what torch.ao's x86 engine quantizes to, reduce_range) take the AVX2 byte
+# kernel with any int8 weight (pair sums of at most 2 * 127 * 128 in magnitude); a byte of 128 or more anywhere in
+# the input (or a padding byte, the zero point, of 128 or more) sends the call back to the kernels of widened
+# operands. Weights at -128 and 127 against activations at 127 make the largest pair sums.
+def _seven_bit_x(shape, generator, outlier):
+    x_q = torch.randint(0, 128, shape, dtype=torch.uint8, generator=generator)
+    x_q.view(-1)[:32] = 127
+    if outlier is not None:  # (beside a 127: with a weight of -128 for both, the pair sum saturates)
+        x_q.view(-1)[1] = outlier
+    return x_q
+
+
+def _extreme_weights(w_q):
+    rows = w_q.view(w_q.shape[0], -1)
+    rows[0] = -128
+    rows[:, :8] = -128
+    rows[1: w_q.shape[0] // 2, 8:16] = 127
+    return w_q
+
+
+@pytest.mark.parametrize("outlier", [None, 128, 255])
+@pytest.mark.parametrize("m,n,k,transposed", [(100, 130, 600, False), (37, 16, 61, False), (3, 70, 1030, False),
+                                              (50, 64, 200, True)])
+def test_int8_linear_7bit_activations_with_8bit_weights(outlier, m, n, k, transposed):
+    g = torch.Generator().manual_seed(m * n + k)
+    w = _extreme_weights(randint8((n, k), generator=g))
+    x_q = _seven_bit_x((k, m) if transposed else (m, k), g, outlier)
+    if transposed:  # rows k-strided: packed by the op, its bytes tested where they lie
+        x_q = x_q.t()
+    ones = torch.ones(n)
+    got = on_every_isa(lambda: F.int8_linear(x_q, 1.0, 5, F.pack_int8_weight(w), w.sum(1, dtype=torch.int32), ones,
+                                             out_features=n))
+    torch.testing.assert_close(got, reference.int8_linear(x_q, 1.0, 5, w, ones), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("conv", NARROW_WEIGHT_CONVS, ids=[f"conv{i}" for i in range(len(NARROW_WEIGHT_CONVS))])
+@pytest.mark.parametrize("outlier,x_zp", [(None, 99), (None, 200), (130, 99)], ids=["7-bit", "zp200", "outlier"])
+def test_int8_conv2d_7bit_activations_with_8bit_weights(conv, outlier, x_zp):
+    b, c, h, w_, oc, kernel, stride, padding, groups = conv
+    g = torch.Generator().manual_seed(oc * 5 + c)
+    x_q = _seven_bit_x((b, h, w_, c), g, outlier).permute(0, 3, 1, 2)  # (channels-last)
+    w_q = _extreme_weights(randint8((oc, c // groups, *kernel), generator=g))
+    ones = torch.ones(oc)
+    kwargs = dict(stride=stride, padding=padding, groups=groups)
+    got = on_every_isa(lambda: F.int8_conv2d(x_q, 1.0, x_zp, F.pack_conv_weight(w_q, groups),
+                                             w_q.sum((1, 2, 3), dtype=torch.int32), ones, out_channels=oc,
+                                             kernel_size=kernel, **kwargs))
+    torch.testing.assert_close(got, reference.int8_conv2d(x_q, 1.0, x_zp, w_q, ones, **kwargs), rtol=0, atol=0)
+
+
 # Ungrouped uint8 convs with a multiple of 4 input channels and of 64 output channels run as a direct conv on the
 # AVX-512 path: groups of output pixels across output rows and images, each tap read in place, taps in the padding
 # read as the zero point or, with a zero point of 0, skipped where they are outside for the whole group.

@@ -874,6 +874,8 @@ void conv_cpu(const ConvFront& f, const at::Tensor& x_q, int64_t x_zero_point, c
   args.n = ocg;
   args.k = g.window;
   args.groups = groups;
+  args.a_below_128 = isa == CpuIsa::Avx2 && !depthwise && flip == 0 && im2col.pad_byte < 128 &&
+                     bytes_below_128(x_bytes, 1, g.batch * g.height * g.width * g.channels, 0, 1);
   const int8_t* extras = conv_weight_extras(w_packed, f.weight);
   const ScratchScope weight_scope(Scratch::Weights);
   if (run_stride != run) {  // the padded kernel rows packed with the weight, or made here

@@ -190,6 +190,7 @@ at::Tensor int8_linear_impl(const char* op, const at::Tensor& x_q, const at::Ten
   args.m = m;
   args.n = n;
   args.k = k;
+  args.a_below_128 = isa == CpuIsa::Avx2 && flip == 0 && bytes_below_128(x_bytes, m, k, x2.stride(0), x2.stride(1));
   thread_local std::vector<int32_t> col_offset;  // kept across calls: no allocation per call of a small layer
   gemm_u8s8(args, epilogue_for(f.epilogue, flip, f.out.data_ptr(), n, col_offset), isa);
   return f.out;

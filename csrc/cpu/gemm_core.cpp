@@ -303,9 +303,11 @@ TQ_TARGET_AVX2 void widen_weights(const int8_t* b, int64_t steps, int16_t* dst) 
       }
 }
 
-// AVX2 on weights of at most 64 in magnitude (7-bit or narrower weights): vpmaddubsw multiplies the u8 activations
-// and s8 weights as they are packed, 32 products summed in pairs to int16, exact there (|a0 w0 + a1 w1| <= 2 * 255 *
-// 64 = 32640 < 2^15; 8-bit weights could saturate), then vpmaddwd by ones sums each column's pairs to int32: the
+// AVX2 on weights of at most 64 in magnitude (7-bit or narrower weights), or on activations below 128 (unsigned
+// 7-bit ones, as torch.ao's x86 engine quantizes them, reduce_range): vpmaddubsw multiplies the u8 activations and s8
+// weights as they are packed, 32 products summed in pairs to int16, exact there (|a0 w0 + a1 w1| <= 2 * 255 * 64 =
+// 32640, or 2 * 127 * 128 = 32512, < 2^15; 8-bit weights and activations could saturate), then vpmaddwd by ones sums
+// each column's pairs to int32: the
 // VNNI step (4 k of 8 columns per 32 bytes, the packed order) in two instructions, twice vpmaddwd's products per
 // multiply and nothing widened. 2 rows x 32 columns: 8 accumulators, 4 weight vectors, a broadcast, the ones and a
 // product in the 16 registers. On Zen 3, int8_mm 1024^3 ran at 67 G multiply-adds/s against 57 on widened operands.
@@ -1573,15 +1575,18 @@ class WidePanels {
   int64_t steps_ = 0;
 };
 
-// Which k blocks of a weight panel fit the path's byte kernel (weights in [-64, 64]), tested when a work item of a
-// new panel (or blocks of another depth) asks, and remembered for that panel: the items of a task run panel by panel
-// where they are many.
+// Which k blocks of a weight panel fit the path's byte kernel: all where the activations are below 128
+// (a_below_128), else those of weights in [-64, 64], tested when a work item of a new panel (or blocks of another
+// depth) asks, and remembered for that panel: the items of a task run panel by panel where they are many.
 class ByteKernelBlocks {
  public:
+  explicit ByteKernelBlocks(bool a_below_128) : a_below_128_(a_below_128) {}
+
   // whether path has a byte kernel and the block from k0 on (blocks of k_block bytes of k) of the panel at b, k4
   // bytes deep, fits it
   bool fit(const IsaPath& path, const int8_t* panel, int64_t k4, int64_t k_block, int64_t k0) {
     if (path.byte_kernel == nullptr) return false;
+    if (a_below_128_) return true;
     if (panel != panel_ || k_block != k_block_) {
       panel_ = panel;
       k_block_ = k_block;
@@ -1593,6 +1598,7 @@ class ByteKernelBlocks {
   }
 
  private:
+  bool a_below_128_;
   const int8_t* panel_ = nullptr;
   int64_t k_block_ = 0;
   std::vector<char> fits_;
@@ -2108,7 +2114,7 @@ void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa) {
     }
     int64_t filled = -1;  // the (group, chunk) whose rows chunk_buffer holds
     WidePanels wide;
-    ByteKernelBlocks byte_blocks;
+    ByteKernelBlocks byte_blocks(args.a_below_128);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t g = item / (m_chunks * n_panels);
       const int64_t in_group = item % (m_chunks * n_panels);
@@ -2416,6 +2422,32 @@ void copy_flip(uint8_t* dst, const uint8_t* src, int64_t n, uint8_t flip, CpuIsa
 }
 
 }  // namespace
+
+TQ_TARGET_AVX2 bool bytes_below_128(const uint8_t* src, int64_t m, int64_t k, int64_t stride_m, int64_t stride_k) {
+  if (stride_k != 1) {
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < k; ++j)
+        if (src[i * stride_m + j * stride_k] >= 128) return false;
+    return true;
+  }
+  if (stride_m == k) {  // one run
+    k *= m;
+    m = 1;
+  }
+  for (int64_t i = 0; i < m; ++i) {
+    const uint8_t* row = src + i * stride_m;
+    int64_t j = 0;
+    for (; j + 128 <= k; j += 128) {  // the sign bits of 4 vectors at a time
+      const __m256i* v = reinterpret_cast<const __m256i*>(row + j);
+      const __m256i any = _mm256_or_si256(_mm256_or_si256(_mm256_loadu_si256(v), _mm256_loadu_si256(v + 1)),
+                                          _mm256_or_si256(_mm256_loadu_si256(v + 2), _mm256_loadu_si256(v + 3)));
+      if (_mm256_movemask_epi8(any) != 0) return false;
+    }
+    for (; j < k; ++j)
+      if (row[j] >= 128) return false;
+  }
+  return true;
+}
 
 void pack_activation_rows(const uint8_t* src, int64_t m, int64_t k, int64_t stride_m, int64_t stride_k, uint8_t flip,
                           uint8_t* dst, int64_t lda, CpuIsa isa) {
@@ -2817,7 +2849,7 @@ void conv_u8s8_in_place(const GemmArgs& args, const ConvGeometry& g, const uint8
     uint8_t* window_rows = scratch_buffer(Scratch::GemmRows, checked_mul("int8_conv2d", "the row buffer", 8, k4));
     std::optional<WideConvOperands> wide_operands;
     if (wide) wide_operands.emplace(g, run, segments.len, pad_byte);
-    ByteKernelBlocks byte_panels;
+    ByteKernelBlocks byte_panels(args.a_below_128);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t panel = wide ? item / segments.count : item % n_panels;
       const auto [ow0, rows, row0, b, ih0, rows_inside] = segments[wide ? item % segments.count : item / n_panels];

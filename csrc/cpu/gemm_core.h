@@ -214,6 +214,11 @@ void conv_u8s8_direct(const GemmArgs& args, const ConvGeometry& g, const uint8_t
 void pack_weight(const int8_t* w, int64_t n, int64_t k, int64_t stride_n, int64_t stride_k, int64_t kp, int8_t* dst,
                  int32_t* col_sums, CpuIsa isa);
 
+// Whether the bytes of src[m, k] (element at src + i * stride_m + j * stride_k) are all below 128 (GemmArgs::
+// a_below_128: the AVX2 path then multiplies any int8 weight as bytes); false at the first one that is not. Called
+// on the AVX2 path only, where it pays.
+bool bytes_below_128(const uint8_t* src, int64_t m, int64_t k, int64_t stride_m, int64_t stride_k);
+
 // Copies src[m, k] (element at src + i * stride_m + j * stride_k) into rows of lda bytes, XOR-ing each byte with
 // `flip` (0x80 turns int8 into the shifted uint8 form, 0 copies uint8) and zero filling columns k..lda, with the
 // isa path's vector code.
