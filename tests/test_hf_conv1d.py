@@ -166,3 +166,11 @@ def test_budget_plans_conv1d_layers():
     for name in ("c_fc", "c_proj"):
         layer = quantized.get_submodule(name)
         assert layer.weight_transposed and layer.config.weight.bits == (8 if name in decisions else 4), name
+
+
+def test_parametrized_conv1d_stays_float_with_a_warning():
+    model, _ = _pair()
+    torch.nn.utils.parametrizations.weight_norm(model.c_fc)
+    with pytest.warns(UserWarning, match=r"c_fc \(ParametrizedConv1D\) stays float: it is parametrized"):
+        prepared = torchquant.prepare(model, "int8-dynamic")
+    assert type(prepared.c_proj) is QuantLinear and not isinstance(prepared.c_fc, QuantLinear)

@@ -28,7 +28,7 @@ from torchquant.fold import _Tracer, find_bn_pairs, folded_bn, parent_and_key
 from torchquant.graph import (META_KEY as PIPELINE_META, SWAP_READ_TENSORS, aliases_copied_by_a_layout,
                               convert_pipeline, is_pipeline, keeping_read_layers_float, prepare_pipeline,
                               reaches_a_layout_reader)
-from torchquant.nn import QUANT_TYPES, QuantConv2d, QuantLinear, QuantMultiheadAttention, quant_type
+from torchquant.nn import QuantConv2d, QuantLinear, QuantMultiheadAttention, quant_type, quant_type_of
 from torchquant.nn.attention import PROJECTIONS
 from torchquant.nn.base import QuantLayerBase, quant_layers
 from torchquant.nn.quantizers import InputQuantizer
@@ -133,7 +133,7 @@ def _plan_swaps(model: nn.Module, config: QuantConfig, warn_untraceable: bool = 
                 continue
             swap_type = quant_type(child)
             reason = None if swap_type is None else swap_type.unsupported(child)
-            if swap_type is None and parametrize.type_before_parametrizations(child) in QUANT_TYPES:
+            if swap_type is None and quant_type_of(parametrize.type_before_parametrizations(child)) is not None:
                 reason = ("it is parametrized (torch.nn.utils.parametrize, e.g. parametrizations.weight_norm); "
                           "parametrize.remove_parametrizations first to quantize it")
             if reason is not None:

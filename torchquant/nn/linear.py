@@ -14,12 +14,16 @@ from torchquant._ops.gemm import GELU_APPROXIMATE
 from torchquant.nn.base import QuantLayerBase, warn_if_gradient_cut
 
 
+def is_conv1d_type(cls: type) -> bool:
+    """Whether cls is Hugging Face transformers' Conv1D (the projections of GPT-2 and OpenAI GPT): a linear layer
+    x @ weight + bias whose weight is stored [in_features, out_features]. Known by its name, so that torchquant need
+    not import transformers."""
+    return cls.__name__ == "Conv1D" and cls.__module__ == "transformers.pytorch_utils"
+
+
 def is_conv1d_linear(module) -> bool:
-    """Whether module is a Hugging Face transformers Conv1D (the projections of GPT-2 and OpenAI GPT): a linear layer
-    x @ weight + bias whose weight is stored [in_features, out_features]. Known by its type's name, so that torchquant
-    need not import transformers."""
-    t = type(module)
-    return t.__name__ == "Conv1D" and t.__module__ == "transformers.pytorch_utils"
+    """Whether module is a transformers Conv1D (is_conv1d_type)."""
+    return is_conv1d_type(type(module))
 
 
 class QuantLinear(QuantLayerBase):
