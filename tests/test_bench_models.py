@@ -71,6 +71,17 @@ def test_vit_encoder_rows_run_every_variant():
     assert all(row["ms"] > 0 and row["table"] == "vit-encoder" for row in rows)
 
 
+def test_gpt2_rows_quantize_the_conv1d_projections():
+    """GPT-2 with one layer on a few tokens: torchquant quantizes its Conv1D projections (torch.ao only lm_head),
+    and every variant stays close to float."""
+    pytest.importorskip("transformers", reason="transformers not installed")
+    rows = models.gpt2_latency(layers=1, tokens=6, threads=(1,), repeats=1)
+    errors = {row["variant"]: row["rel. error"] for row in rows}
+    assert list(errors) == [models.FLOAT, "torchquant int8-dynamic", f"{models.TORCH_AO} dynamic"]
+    assert errors[models.FLOAT] == 0.0 and all(0.0 < e < 0.05 for e in list(errors.values())[1:]), errors
+    assert all(row["ms"] > 0 and row["table"] == "gpt2" for row in rows)
+
+
 def test_format_tables_groups_rows_by_part():
     rows = [{"table": "digits", "variant": "float", "accuracy %": 98.25},
             {"table": "note", "text": "MiniLM skipped"}]
