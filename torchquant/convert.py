@@ -41,8 +41,7 @@ def _check_model(model, where: str) -> None:
 
 def _refuse_a_bare_layer(model: nn.Module) -> None:
     """A model that is itself a layer prepare would swap cannot be replaced in place."""
-    swap_type = quant_type(model) or (QuantMultiheadAttention if type(model) is nn.MultiheadAttention
-                                                 else None)
+    swap_type = quant_type(model) or (QuantMultiheadAttention if type(model) is nn.MultiheadAttention else None)
     if swap_type is not None:
         raise TypeError(f"prepare: model is itself a {type(model).__name__}; wrap it in a container "
                         f"(e.g. nn.Sequential) or use {swap_type.__name__}.from_float")

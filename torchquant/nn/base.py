@@ -225,10 +225,14 @@ class QuantLayerBase(nn.Module):
             bn.running_var.lerp_((var * (count / (count - 1))).to(bn.running_var.dtype), momentum)
         return folded_weight_bias(self._float_weight(), self.bias, bn, mean, var)
 
-    def _float_weight(self) -> torch.Tensor:
-        """The float weight in the layer's [out, ...] shape (weight_shape): the parameter, or its transpose."""
-        weight = self.weight
+    def _other_layout(self, weight: torch.Tensor) -> torch.Tensor:
+        """weight in the other of the layer's [out, ...] layout (weight_shape) and the float layer's: its transpose
+        for a Conv1D's, itself for the others."""
         return weight.t() if self.weight_transposed else weight
+
+    def _float_weight(self) -> torch.Tensor:
+        """The float weight parameter in the layer's [out, ...] layout (weight_shape)."""
+        return self._other_layout(self.weight)
 
     def float_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The float weight and bias this layer quantizes (fake-quant layers): with the folded BatchNorm's running
@@ -312,16 +316,13 @@ class QuantLayerBase(nn.Module):
             raise AttributeError(f"'{type(self).__name__}' object has no attribute 'weight'")
         dtype = self.__dict__["_weight_dtype"]
         if torch.compiler.is_compiling():
-            weight = self.dequantized_weight(dtype)
-            return weight.t() if self.weight_transposed else weight
+            return self._other_layout(self.dequantized_weight(dtype))
         key = (self.qweight.data_ptr(), self.qweight._version, self.weight_scale.data_ptr(),
                self.weight_scale._version, dtype)
         cached = self.__dict__.get("_dequantized_weight")
         if cached is None or cached[0] != key:
             with torch.no_grad():
-                weight = self.dequantized_weight(dtype)
-                if self.weight_transposed:
-                    weight = weight.t()
+                weight = self._other_layout(self.dequantized_weight(dtype))
                 cached = self.__dict__["_dequantized_weight"] = (key, weight)
         return cached[1]
 
