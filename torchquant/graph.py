@@ -75,10 +75,9 @@ from torchquant._ops import FLOAT_DTYPES
 from torchquant._ops.elementwise import _MAX_EXACT_WINDOW  # the largest window quantized_avg_pool2d sums exactly
 from torchquant.config import QuantConfig
 from torchquant.fold import SEQUENTIAL_FOLDING, _Tracer, has_foldable_bn, has_forward_hooks
-from torchquant.nn.base import QuantLayerBase, quant_layers, warn_if_gradient_cut
-from torchquant.nn.conv import QuantConv1d, QuantConv2d, contiguous_output
 from torchquant.nn import quant_type
-from torchquant.nn.linear import QuantLinear
+from torchquant.nn.base import QuantLayerBase, quant_layers, warn_if_gradient_cut
+from torchquant.nn.conv import QuantConv2d, contiguous_output
 from torchquant.nn.quantizers import InputQuantizer
 
 ACT_QUANT = "act_quant"  # the ModuleDict of a pipeline's activation quantizers

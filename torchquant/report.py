@@ -33,7 +33,6 @@ __all__ = ["LayerReport", "ModelReport", "build_report", "state_bytes", "write_j
            "to_markdown"]
 
 
-
 @dataclass
 class LayerReport:
     """One Linear/Conv2d/Conv1d layer of the model. Latencies in seconds (median), errors in float64 math."""
@@ -435,13 +434,14 @@ def _build_report(float_model, quantized_model, config, calibration, evaluation,
                 row.latency_float_s, row.latency_quantized_s = m.latency_float_s, m.latency_quantized_s
         elif not row.note:
             reason = quant_type(float_layer).unsupported(float_layer)
-            if reason is None and quant_type(layer) is not None:
+            left_float = quant_type(layer) is not None  # (else the model holds something else there)
+            if reason is None and left_float:
                 if read is None:
                     read = layer_tensors_read(float_model, tensors=PIPELINE_READ_TENSORS
                                               if is_pipeline(quantized_model) else SWAP_READ_TENSORS)
                 reason = read_reason(read[id(float_layer)]) if id(float_layer) in read else None
             row.note = (f"kept float: {reason}" if reason is not None else "kept float (skip rule)"
-                        if quant_type(layer) is not None else "not converted")
+                        if left_float else "not converted")
         if name in fused:
             row.note = "; ".join(filter(None, [row.note, fused[name]]))
         layers.append(row)

@@ -59,13 +59,12 @@ class QuantLinear(QuantLayerBase):
 
     @classmethod
     def _like(cls, linear: nn.Module, config, device):
-        if not is_conv1d_linear(linear):
-            return cls(linear.in_features, linear.out_features, linear.bias is not None, config, device=device,
-                       dtype=linear.weight.dtype)
-        in_features, out_features = linear.weight.shape
+        transposed = is_conv1d_linear(linear)
+        in_features, out_features = linear.weight.shape if transposed else (linear.in_features, linear.out_features)
         layer = cls(in_features, out_features, linear.bias is not None, config, device=device,
                     dtype=linear.weight.dtype)
-        layer.weight_transposed = True
+        if transposed:
+            layer.weight_transposed = True
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
