@@ -1,8 +1,8 @@
 """ResNet-18 and ResNet-50 (torchvision's architecture, written here: torchvision's PyPI wheels are CUDA builds that
 do not import against the CPU torch) int8-static on the CPU: torchquant's integer pipeline (preset int8-pipeline,
-and the same with 7-bit weights, which the AVX2 kernels multiply as bytes) and its layer-by-layer conversion
-(int8-static) against torch.ao FX graph mode (x86 engine) and the float32 model,
-at batch 1 and 8, 224x224, 1 and 2 threads; and the output SQNR of each against float.
+and the same with 7-bit weights or with 7-bit activations, which the AVX2 kernels multiply as bytes) and its
+layer-by-layer conversion (int8-static) against torch.ao FX graph mode (x86 engine) and the float32 model, at batch 1
+and 8, 224x224, 1 and 2 threads; and the output SQNR of each against float.
 
 On a shared machine the 1-thread rows are better timed in thread CPU time (--timer thread: the interleaved minimum
 of the calling thread's CPU time per call, which other processes do not inflate; --warm adds the same with each
@@ -311,10 +311,9 @@ def layer_rows(model_name: str, ours: fx.GraphModule, theirs: fx.GraphModule, x:
 
 _PIPELINE = torchquant.QuantConfig.preset("int8-pipeline")
 PIPELINE_7BIT_WEIGHTS = dataclasses.replace(_PIPELINE, weight=dataclasses.replace(_PIPELINE.weight, bits=7))
-# uint8 activations in [0, 127], as torch.ao's x86 engine quantizes them (reduce_range); layer by layer (the
-# integer pipeline's activations are 8-bit)
-_STATIC = torchquant.QuantConfig.preset("int8-static")
-STATIC_7BIT_ACTIVATIONS = dataclasses.replace(_STATIC, activation=dataclasses.replace(_STATIC.activation, bits=7))
+# uint8 activations in [0, 127], as torch.ao's x86 engine quantizes them (reduce_range)
+PIPELINE_7BIT_ACTIVATIONS = dataclasses.replace(_PIPELINE,
+                                                activation=dataclasses.replace(_PIPELINE.activation, bits=7))
 
 
 def run(models=("resnet18", "resnet50"), batches=(1, 8), threads=(1, 2), repeats: int = 5, timer: str = "wall",
@@ -334,8 +333,8 @@ def run(models=("resnet18", "resnet50"), batches=(1, 8), threads=(1, 2), repeats
                     "torchquant int8-pipeline, 7-bit weights": torchquant.quantize_model(
                         copy.deepcopy(model), PIPELINE_7BIT_WEIGHTS, calibration=calibration),
                     # activations below 128: on AVX2 any int8 weight is multiplied as bytes too
-                    "torchquant int8-static, 7-bit activations": torchquant.quantize_model(
-                        copy.deepcopy(model), STATIC_7BIT_ACTIVATIONS, calibration=calibration),
+                    "torchquant int8-pipeline, 7-bit activations": torchquant.quantize_model(
+                        copy.deepcopy(model), PIPELINE_7BIT_ACTIVATIONS, calibration=calibration),
                     "torchquant int8-static (layer by layer)": torchquant.quantize_model(
                         copy.deepcopy(model), "int8-static", calibration=calibration),
                     f"{TORCH_AO} static (FX, x86)": torch_ao_static(model, calibration)}

@@ -108,20 +108,25 @@ void check_float_out_dtype(const char* op, at::ScalarType out_dtype) {
               ": out_dtype must be float32, float16 or bfloat16, got ", out_dtype);
 }
 
-void check_output_dtype(const char* op, at::ScalarType out_dtype, std::optional<double> out_scale,
-                        int64_t out_zero_point) {
+QuantFormat check_output_dtype(const char* op, at::ScalarType out_dtype, std::optional<double> out_scale,
+                               int64_t out_zero_point, int64_t out_bits) {
   if (out_dtype == at::kChar || out_dtype == at::kByte) {
     TQ_CHECK(out_scale.has_value(), op, ": out_dtype ", out_dtype, " (requantized output) needs out_scale");
     // a normal float32 keeps 1 / out_scale finite (y * inf would turn a zero into NaN)
     TQ_CHECK(std::isfinite(static_cast<float>(*out_scale)) && static_cast<float>(*out_scale) >= FLT_MIN, op,
              ": out_scale must be positive and finite (at least 1.17549e-38 as float32), got ", *out_scale);
-    const int64_t qmin = out_dtype == at::kChar ? -128 : 0, qmax = out_dtype == at::kChar ? 127 : 255;
+    TQ_CHECK(out_bits >= 2 && out_bits <= 8, op, ": out_bits must be in [2, 8], got ", out_bits);
+    const QuantFormat f = quant_format(out_bits, out_dtype == at::kChar);
+    const auto qmin = static_cast<int64_t>(f.qmin), qmax = static_cast<int64_t>(f.qmax);
     TQ_CHECK(out_zero_point >= qmin && out_zero_point <= qmax, op, ": out_zero_point must lie in [", qmin, ", ",
-                qmax, "] for ", out_dtype, " output, got ", out_zero_point);
-    return;
+             qmax, "] for ", out_dtype, " output of ", out_bits, " bits, got ", out_zero_point);
+    return f;
   }
   TQ_CHECK(!out_scale.has_value(), op, ": out_scale is only for int8/uint8 out_dtype, got out_dtype ", out_dtype);
+  TQ_CHECK(out_bits == 8, op, ": out_bits is only for int8/uint8 out_dtype (8 otherwise), got ", out_bits,
+           " with out_dtype ", out_dtype);
   check_float_out_dtype(op, out_dtype);
+  return quant_format(8, true);  // (unused by float outputs)
 }
 
 ActivationClamp check_activation_clamp(const char* op, std::optional<double> clamp_min,
@@ -205,8 +210,8 @@ void check_conv_residual(const at::Tensor& x_q, at::IntArrayRef out_sizes, const
 BinaryTensors prepare_quantized_binary(const char* op, BinaryOp kind, const at::Tensor& a, const at::Tensor& a_scale,
                                        int64_t a_zero_point, const at::Tensor& b, const at::Tensor& b_scale,
                                        int64_t b_zero_point, at::ScalarType out_dtype,
-                                       std::optional<double> out_scale, int64_t out_zero_point, bool relu,
-                                       bool keep_broadcast) {
+                                       std::optional<double> out_scale, int64_t out_zero_point, int64_t out_bits,
+                                       bool relu, bool keep_broadcast) {
   check_quantized_operand(op, "a", a, "a_scale", a_scale, a_zero_point, "a", a);
   check_quantized_operand(op, "b", b, "b_scale", b_scale, b_zero_point, "a", a);
   std::vector<int64_t> shape = a.sizes().vec();
@@ -222,8 +227,8 @@ BinaryTensors prepare_quantized_binary(const char* op, BinaryOp kind, const at::
       shape[shape.size() - i] = sa == 1 ? sb : sa;
     }
   }
-  check_output_dtype(op, out_dtype, out_scale, out_zero_point);
   BinaryTensors t;
+  t.map = binary_map(op, kind, a_zero_point, b_zero_point, out_dtype, out_scale, out_zero_point, out_bits, relu);
   // the operand of the output's shape (a where both are) gives it its memory format; with both broadcast,
   // empty_like of a's expansion
   const bool a_full = a.sizes() == at::IntArrayRef(shape), b_full = b.sizes() == at::IntArrayRef(shape);
@@ -232,7 +237,6 @@ BinaryTensors prepare_quantized_binary(const char* op, BinaryOp kind, const at::
   const bool keep_a = keep_broadcast && !a_full, keep_b = keep_broadcast && a_full && !b_full;
   t.a = keep_a ? a.expand(shape) : laid_out_as(a.expand(shape), t.out);
   t.b = keep_b ? b.expand(shape) : laid_out_as(b.expand(shape), t.out);
-  t.map = binary_map(kind, a_zero_point, b_zero_point, out_dtype, out_scale, out_zero_point, relu);
   return t;
 }
 
@@ -240,16 +244,17 @@ at::Tensor laid_out_as(const at::Tensor& x, const at::Tensor& out) {
   return x.strides() == out.strides() ? x : at::empty_like(out, x.options()).copy_(x);
 }
 
-BinaryMap binary_map(BinaryOp op, int64_t a_zero_point, int64_t b_zero_point, at::ScalarType out_dtype,
-                     std::optional<double> out_scale, int64_t out_zero_point, bool relu) {
+BinaryMap binary_map(const char* op_name, BinaryOp op, int64_t a_zero_point, int64_t b_zero_point,
+                     at::ScalarType out_dtype, std::optional<double> out_scale, int64_t out_zero_point,
+                     int64_t out_bits, bool relu) {
   BinaryMap map;
+  map.out_format = check_output_dtype(op_name, out_dtype, out_scale, out_zero_point, out_bits);
   map.op = op;
   map.a_zero_point = static_cast<float>(a_zero_point);
   map.b_zero_point = static_cast<float>(b_zero_point);
   if (relu) map.clamp.lo = 0.0f;
   map.inv_out_scale = out_scale.has_value() ? 1.0f / static_cast<float>(*out_scale) : 1.0f;
   map.out_zero_point = static_cast<float>(out_zero_point);
-  map.out_format = quant_format(8, out_dtype == at::kChar);
   return map;
 }
 

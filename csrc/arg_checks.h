@@ -59,10 +59,12 @@ PackedWeightLayout check_packed_weight(const char* op, const at::Tensor& w_packe
 // out_dtype must be float32, float16 or bfloat16.
 void check_float_out_dtype(const char* op, at::ScalarType out_dtype);
 
-// int8_linear's and int8_conv2d's out_dtype with out_scale and out_zero_point: a float dtype without out_scale, or
-// int8/uint8 with a positive finite out_scale (a normal float32) and out_zero_point in the output's range.
-void check_output_dtype(const char* op, at::ScalarType out_dtype, std::optional<double> out_scale,
-                         int64_t out_zero_point);
+// int8_linear's and int8_conv2d's out_dtype with out_scale, out_zero_point and out_bits: a float dtype without
+// out_scale (out_bits 8), or int8/uint8 with a positive finite out_scale (a normal float32), out_bits in [2, 8] and
+// out_zero_point in the range of (out_bits, signed as out_dtype): [0, 2^out_bits - 1] for uint8, [-2^(out_bits - 1),
+// 2^(out_bits - 1) - 1] for int8. Returns that range, which requantized outputs are clamped to.
+QuantFormat check_output_dtype(const char* op, at::ScalarType out_dtype, std::optional<double> out_scale,
+                               int64_t out_zero_point, int64_t out_bits);
 
 // int8_linear's and int8_conv2d's fused activation clamp: clamp_min / clamp_max, each optional, finite as float32
 // and clamp_min <= clamp_max; the absent bounds are -inf / +inf.
@@ -114,17 +116,18 @@ struct BinaryTensors {
 BinaryTensors prepare_quantized_binary(const char* op, BinaryOp kind, const at::Tensor& a, const at::Tensor& a_scale,
                                        int64_t a_zero_point, const at::Tensor& b, const at::Tensor& b_scale,
                                        int64_t b_zero_point, at::ScalarType out_dtype,
-                                       std::optional<double> out_scale, int64_t out_zero_point, bool relu,
-                                       bool keep_broadcast = false);
+                                       std::optional<double> out_scale, int64_t out_zero_point, int64_t out_bits,
+                                       bool relu, bool keep_broadcast = false);
 
 // x (of out's shape) as an element-wise kernel reads it beside out: x itself where its strides are out's, else a copy
 // with out's strides.
 at::Tensor laid_out_as(const at::Tensor& x, const at::Tensor& out);
 
 // The element map of quantized_add / quantized_mul (op) for those zero points, output and ReLU (out_dtype,
-// out_scale and out_zero_point as check_output_dtype wants them).
-BinaryMap binary_map(BinaryOp op, int64_t a_zero_point, int64_t b_zero_point, at::ScalarType out_dtype,
-                     std::optional<double> out_scale, int64_t out_zero_point, bool relu);
+// out_scale, out_zero_point and out_bits checked here, as check_output_dtype wants them).
+BinaryMap binary_map(const char* op_name, BinaryOp op, int64_t a_zero_point, int64_t b_zero_point,
+                     at::ScalarType out_dtype, std::optional<double> out_scale, int64_t out_zero_point,
+                     int64_t out_bits, bool relu);
 
 // quantized_lookup's tensors: the output (x's shape and memory format, the table's dtype), x laid out as the output
 // is (so both are read and written as one dense span) and the table, contiguous; with their bytes (int8 and uint8

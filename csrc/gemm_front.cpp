@@ -32,7 +32,7 @@ EpilogueInputs prepare_epilogue_inputs(const char* op, const at::Tensor& x_q, in
                                        const at::Tensor& x_scale, int64_t rows, const at::Tensor& w_sum,
                                        const at::Tensor& w_scale, const std::optional<at::Tensor>& bias, int64_t n,
                                        at::ScalarType out_dtype, std::optional<double> out_scale,
-                                       int64_t out_zero_point, std::optional<double> clamp_min,
+                                       int64_t out_zero_point, int64_t out_bits, std::optional<double> clamp_min,
                                        std::optional<double> clamp_max) {
   check_epilogue_inputs(op, x_q, x_zero_point, x_scale, rows, w_sum, w_scale, bias, n);
   EpilogueInputs in;
@@ -46,7 +46,7 @@ EpilogueInputs prepare_epilogue_inputs(const char* op, const at::Tensor& x_q, in
     check_scale_values(op, "x_scale", in.x_scale);
     check_scale_values(op, "w_scale", in.w_scale);
   }
-  check_output_dtype(op, out_dtype, out_scale, out_zero_point);
+  in.out_format = check_output_dtype(op, out_dtype, out_scale, out_zero_point, out_bits);
   in.clamp = check_activation_clamp(op, clamp_min, clamp_max);
   in.x_zero_point = static_cast<int32_t>(x_zero_point);
   in.kind = out_kind(out_dtype);
@@ -62,7 +62,7 @@ EpilogueInputs prepare_epilogue_inputs(const char* op, const at::Tensor& x_q, in
 LinearFront int8_linear_front(const at::Tensor& x_q, const at::Tensor& x_scale, int64_t x_zero_point,
                               const at::Tensor& w_packed, const at::Tensor& w_sum, const at::Tensor& w_scale,
                               const std::optional<at::Tensor>& bias, int64_t out_features, at::ScalarType out_dtype,
-                              std::optional<double> out_scale, int64_t out_zero_point,
+                              std::optional<double> out_scale, int64_t out_zero_point, int64_t out_bits,
                               std::optional<double> clamp_min, std::optional<double> clamp_max) {
   constexpr const char* op = "int8_linear";
   TQ_CHECK(x_q.dim() >= 1, op, ": x_q must have at least 1 dimension [..., K]");
@@ -72,7 +72,7 @@ LinearFront int8_linear_front(const at::Tensor& x_q, const at::Tensor& x_scale, 
   const int64_t m = x_q.numel() / k;
   const PackedWeightLayout weight = check_packed_weight(op, w_packed, x_q, 0, n, {k}, kLinearWeightShape);
   EpilogueInputs in = prepare_epilogue_inputs(op, x_q, x_zero_point, x_scale, m, w_sum, w_scale, bias, n, out_dtype,
-                                              out_scale, out_zero_point, clamp_min, clamp_max);
+                                              out_scale, out_zero_point, out_bits, clamp_min, clamp_max);
   std::vector<int64_t> out_shape(x_q.sizes().begin(), x_q.sizes().end());
   out_shape.back() = n;
   return {m, n, k, weight, std::move(in), at::empty(out_shape, x_q.options().dtype(out_dtype))};
@@ -83,7 +83,7 @@ ConvFront int8_conv2d_front(const at::Tensor& x_q, const at::Tensor& x_scale, in
                             const std::optional<at::Tensor>& bias, int64_t out_channels, at::IntArrayRef kernel_size,
                             at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                             at::ScalarType out_dtype, std::optional<double> out_scale, int64_t out_zero_point,
-                            std::optional<double> clamp_min, std::optional<double> clamp_max) {
+                            int64_t out_bits, std::optional<double> clamp_min, std::optional<double> clamp_max) {
   constexpr const char* op = "int8_conv2d";
   const ConvGeometry g = check_conv_arguments(op, x_q, out_channels, kernel_size, stride, padding, dilation, groups);
   TQ_CHECK(g.window >= 1, op, ": x_q must have at least one channel");
@@ -92,8 +92,8 @@ ConvFront int8_conv2d_front(const at::Tensor& x_q, const at::Tensor& x_scale, in
   TQ_CHECK(x_scale.numel() == 1, op, ": x_scale must have 1 element (per-tensor activations), got ",
            x_scale.numel());
   EpilogueInputs in = prepare_epilogue_inputs(op, x_q, x_zero_point, x_scale, g.rows, w_sum, w_scale, bias,
-                                              out_channels, out_dtype, out_scale, out_zero_point, clamp_min,
-                                              clamp_max);
+                                              out_channels, out_dtype, out_scale, out_zero_point, out_bits,
+                                              clamp_min, clamp_max);
   at::Tensor out_nhwc = at::empty({g.batch, g.out_h, g.out_w, out_channels}, x_q.options().dtype(out_dtype));
   return {g, weight, std::move(in), std::move(out_nhwc)};
 }

@@ -52,8 +52,9 @@ Gelu parse_activation(const char* op, c10::string_view activation);
 
 // The epilogue of int8_linear and int8_conv2d, per output element:
 //   y = clamp_activation(float(acc - x_zero_point * w_sum[n]) * x_scale[m or 0] * w_scale[n] + bias[n], clamp)
-// stored as the output's float type or requantized: clamp(rne(y * inv_out_scale) + out_zero_point). The tensors are
-// validated, contiguous and on x_q's device, kept alive while the GEMM runs.
+// stored as the output's float type or requantized: clamp(rne(y * inv_out_scale) + out_zero_point) to out_format
+// (the range of out_bits bits, as check_output_dtype gives it). The tensors are validated, contiguous and on x_q's
+// device, kept alive while the GEMM runs.
 struct EpilogueInputs {
   at::Tensor x_scale;              // float32, one element per row or 1
   at::Tensor w_sum;                // int32 [n]
@@ -63,6 +64,7 @@ struct EpilogueInputs {
   OutKind kind = OutKind::Float32;
   float inv_out_scale = 1.0f;  // requantized outputs: 1 / out_scale
   float out_zero_point = 0.0f;
+  QuantFormat out_format{};  // requantized outputs: the range they are clamped to
   ActivationClamp clamp;  // the fused activation (none: -inf / +inf)
   Gelu gelu = Gelu::None;  // applied before the clamp (float outputs only: int8_linear_dynamic's)
 };
@@ -77,7 +79,7 @@ struct LinearFront {
 LinearFront int8_linear_front(const at::Tensor& x_q, const at::Tensor& x_scale, int64_t x_zero_point,
                               const at::Tensor& w_packed, const at::Tensor& w_sum, const at::Tensor& w_scale,
                               const std::optional<at::Tensor>& bias, int64_t out_features, at::ScalarType out_dtype,
-                              std::optional<double> out_scale, int64_t out_zero_point,
+                              std::optional<double> out_scale, int64_t out_zero_point, int64_t out_bits,
                               std::optional<double> clamp_min, std::optional<double> clamp_max);
 
 // int8_conv2d on any device, checked: the geometry, and the output as the GEMM writes it, [batch, out_h, out_w,
@@ -93,6 +95,6 @@ ConvFront int8_conv2d_front(const at::Tensor& x_q, const at::Tensor& x_scale, in
                             const std::optional<at::Tensor>& bias, int64_t out_channels, at::IntArrayRef kernel_size,
                             at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                             at::ScalarType out_dtype, std::optional<double> out_scale, int64_t out_zero_point,
-                            std::optional<double> clamp_min, std::optional<double> clamp_max);
+                            int64_t out_bits, std::optional<double> clamp_min, std::optional<double> clamp_max);
 
 }  // namespace torchquant

@@ -37,13 +37,15 @@ TORCH_LIBRARY(torchquant, m) {
   // y[m, n] = (sum_k (x_q[m, k] - x_zero_point) * w[n, k]) * x_scale[m or 0] * w_scale[n] + bias[n]
   // x_q: [M, K] int8 or uint8; x_scale: float32 [M] (per token) or [1]; w_sum[n] = sum_k w[n, k] (int32);
   // out_dtype float32/float16/bfloat16, or int8/uint8 with out_scale: requantized
-  // clamp(rne(y * (1 / out_scale)) + out_zero_point) for integer-only pipelines.
+  // clamp(rne(y * (1 / out_scale)) + out_zero_point) for integer-only pipelines, clamped to the range of out_bits
+  // bits in [2, 8] ([0, 2^out_bits - 1] for uint8, [-2^(out_bits - 1), 2^(out_bits - 1) - 1] for int8; 8: the
+  // type's own), the integers of a fake-quantized activation of that many bits.
   // clamp_min / clamp_max (each optional, finite, clamp_min <= clamp_max): a fused activation applied to y before
   // the conversion, y = min(max(y, float(clamp_min)), float(clamp_max)) with NaN kept (ReLU: clamp_min 0; ReLU6 /
   // hardtanh: both).
   m.def("int8_linear(Tensor x_q, Tensor x_scale, int x_zero_point, Tensor w_packed, Tensor w_sum, Tensor w_scale, "
         "Tensor? bias, int out_features, ScalarType out_dtype, float? out_scale=None, int out_zero_point=0, "
-        "float? clamp_min=None, float? clamp_max=None) -> Tensor");
+        "float? clamp_min=None, float? clamp_max=None, int out_bits=8) -> Tensor");
   // the int8-dynamic Linear forward in one call: quantize_per_token(x, 8) then int8_linear with x_zero_point 0 and
   // out_dtype = x's dtype (one implementation for every device: csrc/linear_dynamic.cpp)
   m.def("int8_linear_dynamic(Tensor x, Tensor w_packed, Tensor w_sum, Tensor w_scale, Tensor? bias, "
@@ -56,12 +58,12 @@ TORCH_LIBRARY(torchquant, m) {
         "int out_features, str activation) -> Tensor");
   // x_q: [B, C, H, W] int8/uint8 (any memory format); weight packed as [G, OC/G, KH, KW, C/G] (the
   // reduction index ordered (kh, kw, c)); output [B, OC, OH, OW] of out_dtype in channels-last memory format,
-  // float or requantized to int8/uint8 with out_scale / out_zero_point, and clamped by clamp_min / clamp_max, as in
-  // int8_linear.
+  // float or requantized to int8/uint8 with out_scale / out_zero_point / out_bits, and clamped by clamp_min /
+  // clamp_max, as in int8_linear.
   m.def("int8_conv2d(Tensor x_q, Tensor x_scale, int x_zero_point, Tensor w_packed, Tensor w_sum, Tensor w_scale, "
         "Tensor? bias, int out_channels, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, "
         "int groups, ScalarType out_dtype, float? out_scale=None, int out_zero_point=0, float? clamp_min=None, "
-        "float? clamp_max=None) -> Tensor");
+        "float? clamp_max=None, int out_bits=8) -> Tensor");
   // the same conv with a residual add (an integer pipeline's conv + add [+ ReLU] in one op): y as int8_conv2d
   // computes it for a float32 output (clamped by clamp_min / clamp_max), then y = y + float(residual -
   // residual_zero_point) * residual_scale in float32 (the product rounded, then the sum), y = max(y, 0) when relu, and
@@ -73,23 +75,25 @@ TORCH_LIBRARY(torchquant, m) {
   m.def("int8_conv2d.residual(Tensor x_q, Tensor x_scale, int x_zero_point, Tensor w_packed, Tensor w_sum, "
         "Tensor w_scale, Tensor? bias, int out_channels, int[2] kernel_size, int[2] stride, int[2] padding, "
         "int[2] dilation, int groups, ScalarType out_dtype, float? out_scale, int out_zero_point, float? clamp_min, "
-        "float? clamp_max, Tensor residual, Tensor residual_scale, int residual_zero_point, bool relu) -> Tensor");
+        "float? clamp_max, Tensor residual, Tensor residual_scale, int residual_zero_point, bool relu, "
+        "int out_bits) -> Tensor");
 
   // ---- integer element-wise ops: csrc/cpu/quantize.cpp, csrc/cuda/quantize.cu ----
   // y = float(a - a_zero_point) * a_scale + float(b - b_zero_point) * b_scale in float32 (those operations in that
   // order, no fused multiply-add), then y = max(y, 0) when relu; a and b int8 or uint8 (each either) of the same
   // shape, any strides; scales float32 [1]. Output of a's shape and memory format: float32/float16/bfloat16 (a cast),
-  // or int8/uint8 requantized with out_scale / out_zero_point as in int8_linear (a residual add in an integer
-  // pipeline).
+  // or int8/uint8 requantized with out_scale / out_zero_point / out_bits as in int8_linear (a residual add in an
+  // integer pipeline).
   m.def("quantized_add(Tensor a, Tensor a_scale, int a_zero_point, Tensor b, Tensor b_scale, int b_zero_point, "
-        "ScalarType out_dtype, float? out_scale=None, int out_zero_point=0, bool relu=False) -> Tensor");
+        "ScalarType out_dtype, float? out_scale=None, int out_zero_point=0, bool relu=False, "
+        "int out_bits=8) -> Tensor");
   // y = float(a - a_zero_point) * a_scale * (float(b - b_zero_point) * b_scale) in float32 (each product rounded):
   // quantized_add's map with a product (a squeeze-excitation block's x * gate in an integer pipeline). a and b
   // broadcast as torch's a * b does; the output has the broadcast shape (the memory format of the operand of that
   // shape, a's where both are) and quantized_add's output dtypes and conversion. The CPU kernel reads a broadcast
   // operand in place (its values dequantized once), the CUDA kernel a copy expanded to the output's shape.
   m.def("quantized_mul(Tensor a, Tensor a_scale, int a_zero_point, Tensor b, Tensor b_scale, int b_zero_point, "
-        "ScalarType out_dtype, float? out_scale=None, int out_zero_point=0) -> Tensor");
+        "ScalarType out_dtype, float? out_scale=None, int out_zero_point=0, int out_bits=8) -> Tensor");
   // y[i] = table[uint8 bits of x[i]]: an element-wise function of a quantized tensor (an activation in an integer
   // pipeline) as a 256-entry table. x int8 or uint8, any shape and strides; table 1-d with 256 entries, int8 or
   // uint8 (the output dtype), on x's device. An int8 x indexes by its two's-complement byte (-128 -> 128, -1 -> 255).

@@ -58,18 +58,20 @@ using Int8LinearDynamicActivationFn = at::Tensor(const at::Tensor&, const at::Te
                                                  const at::Tensor&, const std::optional<at::Tensor>&, int64_t,
                                                  c10::string_view);
 using QuantizedAddFn = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, const at::Tensor&, const at::Tensor&,
-                                  int64_t, at::ScalarType, std::optional<double>, int64_t, bool);
+                                  int64_t, at::ScalarType, std::optional<double>, int64_t, bool, int64_t);
 using QuantizedMulFn = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, const at::Tensor&, const at::Tensor&,
-                                  int64_t, at::ScalarType, std::optional<double>, int64_t);
+                                  int64_t, at::ScalarType, std::optional<double>, int64_t, int64_t);
 using QuantizedMaxPool2dFn = at::Tensor(const at::Tensor&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
                                        at::IntArrayRef, bool);
 using Int8LinearFn = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, const at::Tensor&, const at::Tensor&,
                                 const at::Tensor&, const std::optional<at::Tensor>&, int64_t, at::ScalarType,
-                                std::optional<double>, int64_t, std::optional<double>, std::optional<double>);
+                                std::optional<double>, int64_t, std::optional<double>, std::optional<double>,
+                                int64_t);
 using Int8Conv2dFn = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, const at::Tensor&, const at::Tensor&,
                                 const at::Tensor&, const std::optional<at::Tensor>&, int64_t, at::IntArrayRef,
                                 at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t, at::ScalarType,
-                                std::optional<double>, int64_t, std::optional<double>, std::optional<double>);
+                                std::optional<double>, int64_t, std::optional<double>, std::optional<double>,
+                                int64_t);
 
 template <class Fn>
 c10::TypedOperatorHandle<Fn> find_op(const char* name, const char* overload = "") {
@@ -389,10 +391,10 @@ bool optional_float_arg(PyObject* o, std::optional<double>& bound) {
   return true;
 }
 
-// quantized_add(a, a_scale, a_zero_point, b, b_scale, b_zero_point, out_dtype, out_scale, out_zero_point, relu) ->
-// Tensor and quantized_mul(the same but relu) -> Tensor: CPU a and b (of one shape for the add, broadcast for the
-// product: the op checks), Python-number or float32 [1] scales, int zero points (the kernel checks their ranges), an
-// out_scale that is None or a float, relu a bool.
+// quantized_add(a, a_scale, a_zero_point, b, b_scale, b_zero_point, out_dtype, out_scale, out_zero_point, relu,
+// out_bits) -> Tensor and quantized_mul(the same but relu) -> Tensor: CPU a and b (of one shape for the add,
+// broadcast for the product: the op checks), Python-number or float32 [1] scales, int zero points and out_bits (the
+// kernel checks their ranges), an out_scale that is None or a float, relu a bool.
 // Whether shapes a and b broadcast (torch's rules: aligned at the last dim, each pair equal or one of them 1).
 bool broadcastable(at::IntArrayRef a, at::IntArrayRef b) {
   for (size_t i = 1; i <= std::min(a.size(), b.size()); ++i)
@@ -404,17 +406,18 @@ template <BinaryOp Op>
 PyObject* call_quantized_binary(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   TQ_HANDLE_ERRORS
   constexpr bool add = Op == BinaryOp::Add;
-  check_nargs(nargs, add ? 10 : 9, add ? "quantized_add" : "quantized_mul");
+  check_nargs(nargs, add ? 11 : 10, add ? "quantized_add" : "quantized_mul");
   const at::Tensor* a = plain_tensor(args[0]);
   const at::Tensor* b = plain_tensor(args[3]);
   const auto a_zero_point = int_in(args[2], INT64_MIN, INT64_MAX);
   const auto b_zero_point = int_in(args[5], INT64_MIN, INT64_MAX);
   const auto out_zero_point = int_in(args[8], INT64_MIN, INT64_MAX);
+  const auto out_bits = int_in(args[add ? 10 : 9], INT64_MIN, INT64_MAX);
   std::optional<double> out_scale;
   if (a == nullptr || b == nullptr || !is_int8(a->scalar_type()) || !is_int8(b->scalar_type()) ||
       !a->is_cpu() || !b->is_cpu() || !(add ? a->sizes() == b->sizes() : broadcastable(a->sizes(), b->sizes())) ||
       !a_zero_point || !b_zero_point ||
-      !out_zero_point || !THPDtype_Check(args[6]) || !optional_float_arg(args[7], out_scale) ||
+      !out_zero_point || !out_bits || !THPDtype_Check(args[6]) || !optional_float_arg(args[7], out_scale) ||
       (add && !PyBool_Check(args[9])))
     Py_RETURN_NOTIMPLEMENTED;
   const at::ScalarType out_dtype = reinterpret_cast<THPDtype*>(args[6])->scalar_type;
@@ -428,7 +431,7 @@ PyObject* call_quantized_binary(PyObject*, PyObject* const* args, Py_ssize_t nar
         a->numel(),
         [&] {
           return op.call(*a, **a_scale, *a_zero_point, *b, **b_scale, *b_zero_point, out_dtype, out_scale,
-                         *out_zero_point, args[9] == Py_True);
+                         *out_zero_point, args[9] == Py_True, *out_bits);
         },
         *a, **a_scale, *b, **b_scale));
   } else {
@@ -437,7 +440,7 @@ PyObject* call_quantized_binary(PyObject*, PyObject* const* args, Py_ssize_t nar
         std::max(a->numel(), b->numel()),
         [&] {
           return op.call(*a, **a_scale, *a_zero_point, *b, **b_scale, *b_zero_point, out_dtype, out_scale,
-                         *out_zero_point);
+                         *out_zero_point, *out_bits);
         },
         *a, **a_scale, *b, **b_scale));
   }
@@ -491,7 +494,7 @@ struct IntegerOpArgs {
   int64_t out_features = 0;
   at::ScalarType out_dtype = at::kFloat;
   std::optional<double> out_scale, clamp_min, clamp_max;
-  int64_t out_zero_point = 0;
+  int64_t out_zero_point = 0, out_bits = 8;
 };
 
 // A fused activation bound: None or a finite float (the checked path rejects the others with its message).
@@ -500,8 +503,8 @@ bool clamp_arg(PyObject* o, std::optional<double>& bound) {
 }
 
 // args[0..6] (x_q, x_scale, x_zero_point, w_packed, w_sum, w_scale, bias), then out_features (or out_channels) at
-// args[i], and out_dtype, out_scale, out_zero_point, clamp_min, clamp_max at args[j..j + 4]. x_scale: a Python number
-// (positive and finite in float32: a cached tensor) or a float32 tensor, flattened.
+// args[i], and out_dtype, out_scale, out_zero_point, clamp_min, clamp_max, out_bits at args[j..j + 5]. x_scale: a
+// Python number (positive and finite in float32: a cached tensor) or a float32 tensor, flattened.
 std::optional<IntegerOpArgs> integer_op_args(PyObject* const* args, Py_ssize_t i, Py_ssize_t j) {
   // a CPU tensor of torch's strided layout (a sparse scale fails the checked path's reshape with its own message)
   const auto cpu_tensor = [](PyObject* o) {
@@ -530,10 +533,11 @@ std::optional<IntegerOpArgs> integer_op_args(PyObject* const* args, Py_ssize_t i
   const at::Tensor* bias = args[6] == Py_None ? nullptr : cpu_tensor(args[6]);
   const auto out_features = int_in(args[i], INT64_MIN, INT64_MAX);
   const auto out_zero_point = int_in(args[j + 2], INT64_MIN, INT64_MAX);
+  const auto out_bits = int_in(args[j + 5], INT64_MIN, INT64_MAX);
   if (!x_zero_point || w_packed == nullptr || w_sum == nullptr || w_scale == nullptr ||
       (args[6] != Py_None && bias == nullptr) || !out_features || !THPDtype_Check(args[j]) ||
       !optional_float_arg(args[j + 1], a.out_scale) || !out_zero_point || !clamp_arg(args[j + 3], a.clamp_min) ||
-      !clamp_arg(args[j + 4], a.clamp_max))
+      !clamp_arg(args[j + 4], a.clamp_max) || !out_bits)
     return std::nullopt;
   a.out_dtype = reinterpret_cast<THPDtype*>(args[j])->scalar_type;
   if (!is_float(a.out_dtype) && !is_int8(a.out_dtype)) return std::nullopt;
@@ -544,32 +548,33 @@ std::optional<IntegerOpArgs> integer_op_args(PyObject* const* args, Py_ssize_t i
   if (bias != nullptr) a.bias = *bias;
   a.out_features = *out_features;
   a.out_zero_point = *out_zero_point;
+  a.out_bits = *out_bits;
   return a;
 }
 
 // int8_linear(x_q, x_scale, x_zero_point, w_packed, w_sum, w_scale, bias, out_features, out_dtype, out_scale,
-// out_zero_point, clamp_min, clamp_max) -> Tensor: functional.int8_linear's arguments (IntegerOpArgs). Its Python
-// checks and the op's 13 boxed arguments cost about 6 us a call, more than a small layer's products.
+// out_zero_point, clamp_min, clamp_max, out_bits) -> Tensor: functional.int8_linear's arguments (IntegerOpArgs).
+// Its Python checks and the op's 14 boxed arguments cost about 6 us a call, more than a small layer's products.
 PyObject* call_int8_linear(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   TQ_HANDLE_ERRORS
-  check_nargs(nargs, 13, "int8_linear");
+  check_nargs(nargs, 14, "int8_linear");
   const auto a = integer_op_args(args, 7, 8);
   if (!a) Py_RETURN_NOTIMPLEMENTED;
   static const auto op = find_op<Int8LinearFn>("torchquant::int8_linear");
   return THPVariable_Wrap(call_op(std::max(a->x_q.numel(), a->w_packed.numel()), [&] {
     return op.call(a->x_q, a->x_scale, a->x_zero_point, a->w_packed, a->w_sum, a->w_scale, a->bias, a->out_features,
-                   a->out_dtype, a->out_scale, a->out_zero_point, a->clamp_min, a->clamp_max);
+                   a->out_dtype, a->out_scale, a->out_zero_point, a->clamp_min, a->clamp_max, a->out_bits);
   }));
   TQ_END_HANDLE_ERRORS
 }
 
 // int8_conv2d(x_q, x_scale, x_zero_point, w_packed, w_sum, w_scale, bias, out_channels, kernel_size, stride,
-// padding, dilation, groups, out_dtype, out_scale, out_zero_point, clamp_min, clamp_max) -> Tensor:
+// padding, dilation, groups, out_dtype, out_scale, out_zero_point, clamp_min, clamp_max, out_bits) -> Tensor:
 // functional.int8_conv2d's arguments without a residual (IntegerOpArgs; x_q 4-d, each size one int or two, groups a
 // positive int dividing the input channels and out_channels).
 PyObject* call_int8_conv2d(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   TQ_HANDLE_ERRORS
-  check_nargs(nargs, 18, "int8_conv2d");
+  check_nargs(nargs, 19, "int8_conv2d");
   const auto a = integer_op_args(args, 7, 13);
   std::array<int64_t, 2> kernel{}, stride{}, padding{}, dilation{};
   const auto groups = int_in(args[12], 1, INT64_MAX);
@@ -581,7 +586,7 @@ PyObject* call_int8_conv2d(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   return THPVariable_Wrap(call_op(std::max(a->x_q.numel(), a->w_packed.numel()), [&] {
     return op.call(a->x_q, a->x_scale, a->x_zero_point, a->w_packed, a->w_sum, a->w_scale, a->bias, a->out_features,
                    kernel, stride, padding, dilation, *groups, a->out_dtype, a->out_scale, a->out_zero_point,
-                   a->clamp_min, a->clamp_max);
+                   a->clamp_min, a->clamp_max, a->out_bits);
   }));
   TQ_END_HANDLE_ERRORS
 }
@@ -595,13 +600,14 @@ PyObject* call_int8_conv2d(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 // contiguous, None the one torch suggests for the input); the clamps are read on every call (set_activation_clamp
 // may change them). It makes the calls of the layer's Python path (QuantLayerBase._converted_forward) from C++: their
 // Python method calls and the op calls' argument boxing cost 5-6 us, more than both kernels at batch 1.
-// quantized_layer_forward(x_q, layer_args, clamp_min, clamp_max, out_dtype, out_scale, out_zero_point) -> Tensor:
-// the same layer in an integer pipeline (QuantLayerBase.pipeline_op): x_q int8/uint8 already at the layer's static
-// input scale, the integer op's output of out_dtype (requantized with out_scale and out_zero_point when int8/uint8).
+// quantized_layer_forward(x_q, layer_args, clamp_min, clamp_max, out_dtype, out_scale, out_zero_point, out_bits) ->
+// Tensor: the same layer in an integer pipeline (QuantLayerBase.pipeline_op): x_q int8/uint8 already at the layer's
+// static input scale, the integer op's output of out_dtype (requantized with out_scale, out_zero_point and out_bits
+// when int8/uint8).
 PyObject* call_quantized_layer_forward(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   TQ_HANDLE_ERRORS
-  if (nargs != 4 && nargs != 7) check_nargs(nargs, 4, "quantized_layer_forward");
-  const bool pipeline = nargs == 7;
+  if (nargs != 4 && nargs != 8) check_nargs(nargs, 4, "quantized_layer_forward");
+  const bool pipeline = nargs == 8;
   PyObject* layer = args[1];
   constexpr Py_ssize_t kLinearArgs = 12, kConvArgs = 18;
   if (!PyTuple_CheckExact(layer)) Py_RETURN_NOTIMPLEMENTED;
@@ -631,14 +637,15 @@ PyObject* call_quantized_layer_forward(PyObject*, PyObject* const* args, Py_ssiz
     Py_RETURN_NOTIMPLEMENTED;
   at::ScalarType out_dtype = x->scalar_type();
   std::optional<double> out_scale;
-  std::optional<int64_t> out_zero_point = 0;
+  std::optional<int64_t> out_zero_point = 0, out_bits = 8;
   if (pipeline) {
     if (!is_int8(x->scalar_type()) || static_scale == nullptr ||
         !THPDtype_Check(args[4]) || !optional_float_arg(args[5], out_scale))
       Py_RETURN_NOTIMPLEMENTED;
     out_dtype = reinterpret_cast<THPDtype*>(args[4])->scalar_type;
     out_zero_point = int_in(args[6], INT64_MIN, INT64_MAX);
-    if (!out_zero_point) Py_RETURN_NOTIMPLEMENTED;
+    out_bits = int_in(args[7], INT64_MIN, INT64_MAX);
+    if (!out_zero_point || !out_bits) Py_RETURN_NOTIMPLEMENTED;
   } else if (!is_float(x->scalar_type())) {
     Py_RETURN_NOTIMPLEMENTED;
   }
@@ -683,10 +690,10 @@ PyObject* call_quantized_layer_forward(PyObject*, PyObject* const* args, Py_ssiz
     if (channels_last) x_q = x_q.permute({0, 3, 1, 2});
     if (!conv)
       return int8_linear.call(x_q, scale, *zero_point, *w_packed, *w_sum, *w_scale, bias_arg, *out_features,
-                              out_dtype, out_scale, *out_zero_point, clamp_min, clamp_max);
+                              out_dtype, out_scale, *out_zero_point, clamp_min, clamp_max, *out_bits);
     at::Tensor y = int8_conv2d.call(x_q, scale, *zero_point, *w_packed, *w_sum, *w_scale, bias_arg, *out_features,
                                     kernel, stride, padding, dilation, *groups, out_dtype, out_scale,
-                                    *out_zero_point, clamp_min, clamp_max);
+                                    *out_zero_point, clamp_min, clamp_max, *out_bits);
     // the kernel writes channels-last: kept in a pipeline (graph.integer_layer decides) and where the layer says
     // so, else contiguous where the layer says so or the input is not channels-last
     // (QuantConv2d._converted_forward, set_output_memory_format); a layer's unbatched output is contiguous (3-D

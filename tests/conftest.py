@@ -162,3 +162,20 @@ def run_python_child(code: str, timeout: float = 300, args=()) -> str:
 def run_in_child():
     """run_python_child, for tests of calls that could crash the process."""
     return run_python_child
+
+
+def integer_tensors(model, x) -> list:
+    """(node name, tensor) of every int8/uint8 tensor a converted integer pipeline (an fx.GraphModule) computes for
+    x, in the order it computes them."""
+    seen = []
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, node):
+            out = super().run_node(node)
+            if isinstance(out, torch.Tensor) and out.dtype in (torch.int8, torch.uint8):
+                seen.append((node.name, out))
+            return out
+
+    with torch.no_grad():
+        Recorder(model).run(x)
+    return seen

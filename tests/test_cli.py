@@ -24,6 +24,8 @@ from torchquant.timing import num_threads
 from torchquant.examples import DigitsBNCNN, DigitsCNN, load_digits_data, train
 from torchquant.nn import QuantConv2d, QuantLinear
 
+from conftest import integer_tensors
+
 pytest.importorskip("sklearn")
 
 ROOT = Path(torchquant.__file__).resolve().parent.parent  # the checkout under test, not an installed copy
@@ -224,6 +226,24 @@ def test_convert_folds_batchnorm_and_reports_it(work, tmp_path):
                      work / "calib.pt", "--json", "-", "--quiet", "--repeats", "1", "--threads", "1", cwd=work,
                      check_rc=0)
     assert {layer["name"]: layer["note"] for layer in json.loads(result.stdout)["layers"]} == notes
+
+
+def test_convert_integer_pipeline_with_7bit_activations(work, tmp_path):
+    """--config int8-pipeline --act-bits 7: a pipeline whose every integer tensor is below 128 (what the AVX2
+    kernels multiply as bytes), reported as such, saved and loaded."""
+    out, report = tmp_path / "p7.safetensors", tmp_path / "p7.json"
+    result = run_cli("convert", "torchquant.examples:DigitsBNCNN", "--config", "int8-pipeline", "--act-bits", "7",
+                     "--calib", work / "calib.pt", "-o", out, "--report", report, "--threads", "1", cwd=work,
+                     check_rc=0)
+    assert "4 layers quantized, 0 kept float" in result.stderr
+    layers = json.loads(report.read_text())["layers"]
+    assert [layer["activation"] for layer in layers] == ["uint7 static"] * 4
+    loaded = torchquant.load(out, DigitsBNCNN())
+    quantizers = [m for m in loaded.modules() if isinstance(m, torchquant.graph.ActivationQuantizer)]
+    assert quantizers and all(q.spec.bits == 7 and not q.spec.signed for q in quantizers)
+    x = torch.load(work / "eval.pt", weights_only=True)["inputs"]
+    tensors = integer_tensors(loaded, x)
+    assert tensors and all(int(t.max()) <= 127 for _, t in tensors)
 
 
 def test_convert_pickled_model_with_trust_pickle_and_options(work, tmp_path):

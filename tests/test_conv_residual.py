@@ -199,12 +199,12 @@ def test_int8_conv2d_residual_bad_inputs(device):
     args = (x_q, torch.tensor([0.02], device=device), 0, w_packed, w_sum, w_scale, bias, 24, [1, 1], [1, 1], [0, 0],
             [1, 1], 1, torch.uint8, 0.1, 0, None, None)
     with pytest.raises(RuntimeError, match=r"residual_zero_point must lie in \[0, 255\] for Byte residual, got 256"):
-        ops.int8_conv2d.residual(*args, residual, torch.tensor([0.1], device=device), 256, False)
+        ops.int8_conv2d.residual(*args, residual, torch.tensor([0.1], device=device), 256, False, 8)
     with pytest.raises(RuntimeError, match="residual_scale must be a float32 tensor of 1 element"):
-        ops.int8_conv2d.residual(*args, residual, torch.tensor([0.1, 0.2], device=device), 0, False)
+        ops.int8_conv2d.residual(*args, residual, torch.tensor([0.1, 0.2], device=device), 0, False, 8)
     if device == "cpu":
         with pytest.raises(RuntimeError, match="residual_scale"):
-            ops.int8_conv2d.residual(*args, residual, torch.tensor([float("nan")]), 0, False)
+            ops.int8_conv2d.residual(*args, residual, torch.tensor([float("nan")]), 0, False, 8)
 
 
 def test_int8_conv2d_residual_opcheck(device):
@@ -218,7 +218,7 @@ def test_int8_conv2d_residual_opcheck(device):
     for out in ((torch.uint8, 0.5, 3), (torch.float32, None, 0)):
         torch.library.opcheck(ops.int8_conv2d.residual, (x_q, scale, 2, w_packed, w_sum, w_scale, None, 64, [2, 2],
                                                          [1, 1], [0, 0], [1, 1], 1, *out, None, None, residual, scale,
-                                                         -5, True))
+                                                         -5, True, 8))
 
 
 # Output scales against the largest |y|: some outputs clamp; the requantized values pass the int16 range (the

@@ -17,6 +17,7 @@ from torchquant import functional as F_q
 from torchquant import graph as pipeline
 from torchquant.config import QuantConfig, QuantSpec
 from torchquant.examples import DigitsCNN
+from torchquant.reference import qrange
 import test_graph
 
 onnx = pytest.importorskip("onnx", reason="onnx not installed (pip install 'torchquant[onnx]')")
@@ -744,8 +745,8 @@ PIPELINE_MODELS = {"digits-bn": (torchquant.examples.DigitsBNCNN, (1, 8, 8)),
                    "padded": (test_graph.PaddedNet, (3, 8, 8))}
 
 
-def pipeline_config(signed=False, weight_bits=8, integer_output=False):
-    activation = QuantSpec(bits=8, signed=signed, symmetric=False, granularity="per_tensor")
+def pipeline_config(signed=False, weight_bits=8, integer_output=False, activation_bits=8):
+    activation = QuantSpec(bits=activation_bits, signed=signed, symmetric=False, granularity="per_tensor")
     return QuantConfig(weight=QuantSpec(bits=weight_bits, granularity="per_channel"), activation=activation,
                        integer_pipeline=True, integer_output=integer_output)
 
@@ -847,6 +848,21 @@ def test_pipeline_integers_and_outputs_equal_torchquants(name, signed, weight_bi
     check_pipeline_export(prepared, converted, x)
     assert pipeline.is_pipeline(prepared) and not any(m.converted for m in quantized_layers(prepared).values())
     assert all(torch.equal(v, state[k]) for k, v in prepared.state_dict().items())
+
+
+@pytest.mark.parametrize("name", list(PIPELINE_MODELS))
+@pytest.mark.parametrize("signed,bits", [(False, 7), (True, 5)], ids=["uint7", "int5"])
+def test_pipeline_of_fewer_activation_bits_exports_its_integers(name, signed, bits):
+    """Activations of fewer bits: every integer op's output is clamped to their range in ONNX as in torchquant
+    (an input three times the calibration's spread leaves the calibrated ranges)."""
+    prepared, x = prepared_pipeline(name, pipeline_config(signed, activation_bits=bits))
+    converted = torchquant.convert(prepared)
+    compared, proto = check_pipeline_export(converted, converted, 3 * x)
+    assert compared > 0
+    qmin, qmax = qrange(bits, signed)
+    inputs = pipeline_run(converted, 3 * x)[1].values()
+    assert all(qmin <= int(q.min()) and int(q.max()) <= qmax for q in inputs)
+    assert any(int(q.max()) == qmax for q in inputs)
 
 
 def test_pipeline_integer_outputs_and_residual_add_ops():

@@ -434,8 +434,9 @@ def test_pipeline_op_fast_path_matches_the_op(kind, out):
     g = torch.Generator().manual_seed(3)
     x_q = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
     inputs = [x_q, x_q[:0]] + ([x_q.to(memory_format=torch.channels_last)] if len(shape) == 4 else [])
-    out_args = {"float": (torch.float32, None, 0), "uint8": (torch.uint8, 0.037, 11),
-                "int8": (torch.int8, 0.05, -3)}[out]
+    # (out_dtype, out_scale, out_zero_point, out_bits): integers of fewer bits too
+    out_args = {"float": (torch.float32, None, 0, 8), "uint8": (torch.uint8, 0.037, 11, 7),
+                "int8": (torch.int8, 0.05, -3, 6)}[out]
     for x in inputs:
         fast = _C.quantized_layer_forward(x, layer._quantized_call_args, layer.clamp_min, layer.clamp_max,
                                           *out_args)
@@ -467,14 +468,18 @@ def test_quantized_layer_fast_path_declines_what_it_does_not_take():
     assert _C.quantized_layer_forward(x, list(args), None, None) is NotImplemented
     assert _C.quantized_layer_forward(x, args, 0, None) is NotImplemented  # a clamp that is not a float
     # the pipeline form takes integers at a static scale only
-    assert _C.quantized_layer_forward(x, args, None, None, torch.float32, None, 0) is NotImplemented
+    assert _C.quantized_layer_forward(x, args, None, None, torch.float32, None, 0, 8) is NotImplemented
     x_q = torch.zeros(shape, dtype=torch.uint8)
     assert _C.quantized_layer_forward(x_q, args, None, None) is NotImplemented
-    assert _C.quantized_layer_forward(x_q, args, None, None, "float32", None, 0) is NotImplemented
-    assert _C.quantized_layer_forward(x_q, args, None, None, torch.uint8, 1, 0) is NotImplemented
+    assert _C.quantized_layer_forward(x_q, args, None, None, torch.uint8, 0.1, 0, 8) is not NotImplemented
+    assert _C.quantized_layer_forward(x_q, args, None, None, "float32", None, 0, 8) is NotImplemented
+    assert _C.quantized_layer_forward(x_q, args, None, None, torch.uint8, 1, 0, 8) is NotImplemented
+    assert _C.quantized_layer_forward(x_q, args, None, None, torch.uint8, 0.1, 0, 7.0) is NotImplemented
     dynamic, _ = converted_layer("conv", LAYER_CONFIGS["dynamic-tensor"])
     assert _C.quantized_layer_forward(x_q, dynamic._quantized_call_args, None, None, torch.uint8, 0.1,
-                                      0) is NotImplemented
+                                      0, 8) is NotImplemented
+    with pytest.raises(TypeError, match="takes 4 arguments"):
+        _C.quantized_layer_forward(x_q, args, None, None, torch.uint8, 0.1, 0)
     with pytest.raises(TypeError, match="takes 4 arguments"):
         _C.quantized_layer_forward(x, args)
     # and the layer raises its Python path's messages
@@ -511,12 +516,14 @@ def test_quantized_layer_fast_path_subclasses_and_autograd():
 # ---- quantized_add ----
 
 ADD_ARGS = [
-    # (a_scale, a_zero_point, b_scale, b_zero_point, out_dtype, out_scale, out_zero_point, relu)
-    (0.1, 3, 0.05, -4, torch.float32, None, 0, False),
-    (torch.tensor([0.1]), 3, torch.tensor(0.05), 0, torch.uint8, 0.2, 7, True),
-    (1, 0, 2, 0, torch.int8, 0.5, -3, False),                               # int scales
-    (0.1, 0, 0.1, 0, torch.bfloat16, None, 0, True),
-    (0.1, 0, 0.1, 0, torch.float16, None, 0, False),
+    # (a_scale, a_zero_point, b_scale, b_zero_point, out_dtype, out_scale, out_zero_point, relu, out_bits)
+    (0.1, 3, 0.05, -4, torch.float32, None, 0, False, 8),
+    (torch.tensor([0.1]), 3, torch.tensor(0.05), 0, torch.uint8, 0.2, 7, True, 8),
+    (torch.tensor([0.1]), 3, torch.tensor(0.05), 0, torch.uint8, 0.2, 7, True, 7),
+    (1, 0, 2, 0, torch.int8, 0.5, -3, False, 8),                               # int scales
+    (1, 0, 2, 0, torch.int8, 0.5, -3, False, 4),
+    (0.1, 0, 0.1, 0, torch.bfloat16, None, 0, True, 8),
+    (0.1, 0, 0.1, 0, torch.float16, None, 0, False, 8),
 ]
 
 
@@ -527,27 +534,28 @@ def test_quantized_add_fast_path_matches_the_checked_path(dtypes, args):
     a = torch.randint(-128, 128, (2, 5, 3, 4), generator=g, dtype=torch.int16)
     b = torch.randint(-128, 128, (2, 5, 3, 4), generator=g, dtype=torch.int16)
     a, b = (t.clamp(*((0, 255) if d == torch.uint8 else (-128, 127))).to(d) for t, d in zip((a, b), dtypes))
-    a_scale, a_zp, b_scale, b_zp, out_dtype, out_scale, out_zp, relu = args
+    a_scale, a_zp, b_scale, b_zp, out_dtype, out_scale, out_zp, relu, out_bits = args
     if dtypes[1] == torch.uint8:
         b_zp = abs(b_zp)
     for x, y in [(a, b), (a.to(memory_format=torch.channels_last), b), (a[:, ::2], b[:, ::2]), (a[:0], b[:0])]:
         assert _C.quantized_add(x, a_scale, a_zp, y, b_scale, b_zp, out_dtype, out_scale, out_zp,
-                                relu) is not NotImplemented
+                                relu, out_bits) is not NotImplemented
         fast, checked = both_paths(lambda: F.quantized_add(x, a_scale, a_zp, y, b_scale, b_zp, out_dtype, out_scale,
-                                                           out_zp, relu))
+                                                           out_zp, relu, out_bits))
         assert_same(fast, checked)
         assert fast.stride() == checked.stride()
 
 
 def test_quantized_add_fast_path_declines_what_the_checked_path_handles():
     a = torch.zeros(3, 4, dtype=torch.uint8)
-    good = (a, 0.1, 0, a, 0.1, 0, torch.float32, None, 0, False)
+    good = (a, 0.1, 0, a, 0.1, 0, torch.float32, None, 0, False, 8)
     assert _C.quantized_add(*good) is not NotImplemented
     for i, bad in [(0, a.float()), (3, a[:2]), (3, a.as_subclass(Counting)), (0, a.to("meta")), (1, -0.1),
                    (1, float("nan")), (1, torch.tensor([0.1, 0.2])), (1, torch.tensor([0.1], dtype=torch.float64)),
-                   (2, 1.0), (2, True), (6, torch.int32), (6, "float32"), (7, 1), (9, 1), (8, 2**70)]:
+                   (2, 1.0), (2, True), (6, torch.int32), (6, "float32"), (7, 1), (9, 1), (8, 2**70), (10, 8.0),
+                   (10, 2**70)]:
         assert_declines(_C.quantized_add, good, i, bad)
-    with pytest.raises(TypeError, match="takes 10 arguments"):
+    with pytest.raises(TypeError, match="takes 11 arguments"):
         _C.quantized_add(*good[:-1])
     # the checked path keeps its messages, and the kernel its own for values
     with pytest.raises(ValueError, match="same shape"):
@@ -568,26 +576,27 @@ def test_quantized_mul_fast_path_matches_the_checked_path(dtypes, args):
     g = torch.Generator().manual_seed(1)
     a = torch.randint(0, 128, (2, 5, 3, 4), generator=g, dtype=torch.int16).to(dtypes[0])
     b = torch.randint(0, 128, (2, 5, 1, 1), generator=g, dtype=torch.int16).to(dtypes[1])
-    a_scale, a_zp, b_scale, b_zp, out_dtype, out_scale, out_zp, _ = args
+    a_scale, a_zp, b_scale, b_zp, out_dtype, out_scale, out_zp, _, out_bits = args
     a_zp, b_zp = abs(a_zp), abs(b_zp)
     a_cl = a.to(memory_format=torch.channels_last)
     for x, y in [(a, b), (a_cl, b), (b, a_cl), (a[:, ::2], b[:, ::2]), (a[:0], b[:1]), (a, b[0])]:
-        assert _C.quantized_mul(x, a_scale, a_zp, y, b_scale, b_zp, out_dtype, out_scale, out_zp) is not NotImplemented
+        assert _C.quantized_mul(x, a_scale, a_zp, y, b_scale, b_zp, out_dtype, out_scale, out_zp,
+                                out_bits) is not NotImplemented
         fast, checked = both_paths(lambda: F.quantized_mul(x, a_scale, a_zp, y, b_scale, b_zp, out_dtype, out_scale,
-                                                           out_zp))
+                                                           out_zp, out_bits))
         assert_same(fast, checked)
         assert fast.stride() == checked.stride()
 
 
 def test_quantized_mul_fast_path_declines_what_the_checked_path_handles():
     a = torch.zeros(3, 4, dtype=torch.uint8)
-    good = (a, 0.1, 0, a[:1], 0.1, 0, torch.float32, None, 0)
+    good = (a, 0.1, 0, a[:1], 0.1, 0, torch.float32, None, 0, 8)
     assert _C.quantized_mul(*good) is not NotImplemented
     for i, bad in [(0, a.float()), (3, a[:2]), (3, a.as_subclass(Counting)), (0, a.to("meta")), (1, -0.1),
                    (4, float("inf")), (1, torch.tensor([0.1, 0.2])), (2, 1.0), (6, torch.int32), (7, 1),
-                   (8, 2**70)]:
+                   (8, 2**70), (9, "8")]:
         assert_declines(_C.quantized_mul, good, i, bad)
-    with pytest.raises(TypeError, match="takes 9 arguments"):
+    with pytest.raises(TypeError, match="takes 10 arguments"):
         _C.quantized_mul(*good[:-1])
     with pytest.raises(ValueError, match="must broadcast to one shape"):
         F.quantized_mul(a, 0.1, 0, a[:2], 0.1, 0)
@@ -694,12 +703,13 @@ def _linear_operands(k=40, n=24, seed=0):
 def _linear_args(x, x_scale, x_zp, bias, out):
     w_packed, w_sum, w_scale, b = _linear_operands(x.shape[-1])
     return (x, x_scale, x_zp, w_packed, w_sum, w_scale, b if bias else None, 24, out.get("out_dtype", torch.float32),
-            out.get("out_scale"), out.get("out_zero_point", 0), out.get("clamp_min"), out.get("clamp_max"))
+            out.get("out_scale"), out.get("out_zero_point", 0), out.get("clamp_min"), out.get("clamp_max"),
+            out.get("out_bits", 8))
 
 
 LINEAR_OUTS = [{}, dict(out_dtype=torch.bfloat16), dict(out_dtype=torch.float16, clamp_min=0.0),
                dict(out_dtype=torch.uint8, out_scale=0.05, out_zero_point=3, clamp_min=0.0, clamp_max=6.0),
-               dict(out_dtype=torch.int8, out_scale=0.1)]
+               dict(out_dtype=torch.int8, out_scale=0.1), dict(out_dtype=torch.uint8, out_scale=0.05, out_bits=7)]
 
 
 @pytest.mark.parametrize("out", LINEAR_OUTS, ids=range(len(LINEAR_OUTS)))
@@ -726,9 +736,10 @@ def test_int8_linear_fast_path_declines_what_the_checked_path_handles():
                    (1, True), (1, np.float64(0.1)), (1, torch.tensor([0.1], dtype=torch.float64)), (2, 1.0),
                    (2, 2**70), (3, w_packed.to("meta")), (6, torch.zeros(24).to("meta")), (6, [0.0] * 24),
                    (7, 24.0), (8, torch.int32), (8, "float32"), (9, 1), (10, None), (11, float("inf")),
-                   (12, float("nan")), (11, 0), (1, torch.tensor([0.1]).to_sparse()), (4, good[4].to_sparse())]:
+                   (12, float("nan")), (11, 0), (1, torch.tensor([0.1]).to_sparse()), (4, good[4].to_sparse()),
+                   (13, 8.0), (13, None)]:
         assert_declines(_C.int8_linear, good, i, bad)
-    with pytest.raises(TypeError, match="takes 13 arguments"):
+    with pytest.raises(TypeError, match="takes 14 arguments"):
         _C.int8_linear(*good[:-1])
     # the checked path keeps its messages and takes the rarer forms
     with pytest.raises(ValueError, match="x_scale must be positive and finite"):
@@ -747,6 +758,7 @@ CONV_FORMS = [
     ((3, 2), [2, 1], (1, 0), [1, 2], 1, dict(out_dtype=torch.uint8, out_scale=0.5, clamp_min=0.0)),
     (1, 1, 0, 1, 2, dict(out_dtype=torch.bfloat16)),
     (3, 2, 1, 1, 4, dict(out_dtype=torch.int8, out_scale=0.3, out_zero_point=-2)),
+    (3, 2, 1, 1, 4, dict(out_dtype=torch.int8, out_scale=0.3, out_zero_point=-2, out_bits=5)),
 ]
 
 
@@ -762,7 +774,7 @@ def test_int8_conv2d_fast_path_matches_the_checked_path(form):
     for x_q in [x, x.to(memory_format=torch.channels_last), x[:0]]:
         args = (x_q, 0.02, 128, *operands, 8, kernel_size, stride, padding, dilation, groups,
                 out.get("out_dtype", torch.float32), out.get("out_scale"), out.get("out_zero_point", 0),
-                out.get("clamp_min"), None)
+                out.get("clamp_min"), None, out.get("out_bits", 8))
         assert _C.int8_conv2d(*args) is not NotImplemented
         kwargs = dict(out_channels=8, kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation,
                       groups=groups, **out)
@@ -775,10 +787,10 @@ def test_int8_conv2d_fast_path_declines_what_the_checked_path_handles():
     w = torch.zeros(4, 2, 3, 3, dtype=torch.int8)
     operands = (F.pack_conv_weight(w, groups=2), w.sum((1, 2, 3), dtype=torch.int32), torch.ones(4), None)
     x = torch.zeros(1, 4, 5, 5, dtype=torch.uint8)
-    good = (x, 0.1, 0, *operands, 4, 3, 1, 1, 1, 2, torch.float32, None, 0, None, None)
+    good = (x, 0.1, 0, *operands, 4, 3, 1, 1, 1, 2, torch.float32, None, 0, None, None, 8)
     assert _C.int8_conv2d(*good) is not NotImplemented
     for i, bad in [(0, x[0]), (0, x.float()), (8, (3, 3, 3)), (9, 1.0), (10, [1]), (11, None), (12, 3), (12, 0),
-                   (12, True), (7, 5)]:
+                   (12, True), (7, 5), (18, 8.0)]:
         assert_declines(_C.int8_conv2d, good, i, bad)
     with pytest.raises(ValueError, match="groups must be a positive int dividing"):
         F.int8_conv2d(x, 0.1, 0, *operands, out_channels=4, kernel_size=3, groups=3)
@@ -843,7 +855,7 @@ def _fast_entries_on_large_operands():
     layer_tensors = [t for t in static._quantized_call_args if isinstance(t, torch.Tensor)]
     conv_out = torch.randn(2, 64, 32, 32, generator=g).to(memory_format=torch.channels_last)
     w_packed, w_sum, w_scale, bias = _linear_operands(k=256, n=24)
-    linear_args = (q, scale, 3, w_packed, w_sum, w_scale, bias, 24, torch.float32, None, 0, None, None)
+    linear_args = (q, scale, 3, w_packed, w_sum, w_scale, bias, 24, torch.float32, None, 0, None, None, 8)
     return {
         "quantize": (lambda: _C.quantize(x, scale, zero_point, None, 8, True, "nearest"), [x, scale, zero_point]),
         "fake_quantize": (lambda: _C.fake_quantize(x, scale, zero_point, None, 8, True, "nearest"),
@@ -853,9 +865,9 @@ def _fast_entries_on_large_operands():
         "int8_mm": (lambda: _C.int8_mm(a8, a8.t()), [a8]),
         "int8_linear_dynamic": (lambda: _C.int8_linear_dynamic(x, 256, *dynamic._kernel_args, None),
                                 [x] + [t for t in dynamic._kernel_args if isinstance(t, torch.Tensor)]),
-        "quantized_add": (lambda: _C.quantized_add(q, scale, 3, q2, scale, 5, torch.float32, None, 0, False),
+        "quantized_add": (lambda: _C.quantized_add(q, scale, 3, q2, scale, 5, torch.float32, None, 0, False, 8),
                           [q, q2, scale]),
-        "quantized_mul": (lambda: _C.quantized_mul(q, scale, 3, q2, scale, 5, torch.float32, None, 0),
+        "quantized_mul": (lambda: _C.quantized_mul(q, scale, 3, q2, scale, 5, torch.float32, None, 0, 8),
                           [q, q2, scale]),
         "quantized_max_pool2d": (lambda: _C.quantized_max_pool2d(q.view(1, 2, 256, 256), 2, None, 0, 1, False), [q]),
         "quantized_layer_forward": (lambda: _C.quantized_layer_forward(x, static._quantized_call_args, None, None),

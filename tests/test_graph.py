@@ -21,8 +21,9 @@ import torchquant as tq
 from torchquant import graph
 from torchquant.config import QuantConfig, QuantSpec
 from torchquant.nn import QuantConv2d, QuantLinear
+from torchquant.reference import qrange
 from torchquant.report import build_report
-from conftest import requires_aoti
+from conftest import integer_tensors, requires_aoti
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
@@ -672,6 +673,61 @@ def test_pipeline_integers_are_identical_on_every_cpu_path_and_cuda(name, device
     with torch.no_grad():
         for b, expected in zip(batches, reference):
             assert torch.equal(converted(b.to(device)).cpu(), expected)
+
+
+def _with_activation_bits(config, bits, signed=False):
+    return dataclasses.replace(config, activation=dataclasses.replace(config.activation, bits=bits, signed=signed))
+
+
+# activations of fewer bits: every op that writes an integer tensor clamps it to their range, as their fake-quant does
+FEWER_BITS = {"uint7": (7, False), "uint4": (4, False), "int6": (6, True)}
+
+
+@pytest.mark.parametrize("bits", FEWER_BITS.values(), ids=FEWER_BITS.keys())
+@pytest.mark.parametrize("name", list(MODELS))
+def test_pipeline_of_fewer_activation_bits_computes_the_fake_quant_function(name, bits):
+    """Inputs twice the calibration batches' size leave the calibrated ranges, so each integer op's output clamps
+    where its fake-quant does; every integer tensor of the converted pipeline lies in the bits' range."""
+    _, prepared, batches = _prepared(name, _with_activation_bits(INTEGER_OUT, *bits))
+    qmin, qmax = qrange(*bits)
+    with torch.no_grad():
+        expected = [prepared(2 * b) for b in batches]
+    converted = tq.convert(prepared)
+    (qparams,) = graph.output_qparams(converted)
+    clamped = False
+    for batch, y in zip(batches, expected):
+        with torch.no_grad():
+            q = converted(2 * batch)
+        assert q.dtype == (torch.int8 if bits[1] else torch.uint8)
+        _assert_integers_match(q, y, *qparams)
+        for node, t in integer_tensors(converted, 2 * batch):
+            assert qmin <= int(t.min()) and int(t.max()) <= qmax, node
+            clamped |= int(t.max()) == qmax
+    assert clamped
+
+
+@pytest.mark.parametrize("name", ["basic-blocks", "bottleneck", "conv1d-residual", "cat", "unet", "padded",
+                                  "hardswish-block", "avg-pools", "squeeze-excitation"])
+def test_pipeline_of_7bit_activations_is_identical_on_every_cpu_path_and_cuda(name, device, isa, monkeypatch):
+    _, prepared, batches = _prepared(name, _with_activation_bits(INTEGER_OUT, 7))
+    converted = tq.convert(prepared)
+    monkeypatch.setenv("TORCHQUANT_CPU_ISA", "scalar")
+    with torch.no_grad():
+        reference = [converted(2 * b) for b in batches]
+    if isa is not None:
+        monkeypatch.setenv("TORCHQUANT_CPU_ISA", isa)
+    converted.to(device)
+    with torch.no_grad():
+        for b, expected in zip(batches, reference):
+            assert torch.equal(converted(2 * b.to(device)).cpu(), expected)
+
+
+def test_pipeline_notes_name_the_activation_bits():
+    _, prepared, _ = _prepared("basic-blocks", _with_activation_bits(PIPELINE, 7))
+    layers, _ = graph.pipeline_notes(tq.convert(prepared))
+    assert layers["stem"] == "integer input, ReLU fused, uint7 output"
+    assert layers["a2"] == "integer input, residual add + ReLU fused, uint7 output"
+    assert layers["head"] == "integer input, float output"
 
 
 def _graph_targets(model):
@@ -2006,11 +2062,17 @@ def test_pipeline_whose_every_layer_is_called_twice_converts_and_round_trips(tmp
 
 
 def test_config_rules():
-    with pytest.raises(ValueError, match="integer_pipeline=True needs static 8-bit"):
+    needs = "integer_pipeline=True needs static activations of 2 to 8 bits rounded to nearest"
+    with pytest.raises(ValueError, match=needs):
         dataclasses.replace(QuantConfig.preset("int8-dynamic"), integer_pipeline=True)
-    with pytest.raises(ValueError, match="integer_pipeline=True needs static 8-bit"):
-        QuantConfig(activation=QuantSpec(bits=4, signed=False, symmetric=False, granularity="per_tensor"),
-                    integer_pipeline=True)
+    with pytest.raises(ValueError, match=needs):
+        QuantConfig(activation=QuantSpec(bits=1, granularity="per_tensor"), integer_pipeline=True)
+    with pytest.raises(ValueError, match=needs):
+        QuantConfig(activation=QuantSpec(bits=8, signed=False, symmetric=False, granularity="per_tensor",
+                                         rounding="truncate"), integer_pipeline=True)
+    four_bits = QuantConfig(activation=QuantSpec(bits=4, signed=False, symmetric=False, granularity="per_tensor"),
+                            integer_pipeline=True)
+    assert QuantConfig.from_dict(json.loads(json.dumps(four_bits.to_dict()))) == four_bits
     with pytest.raises(ValueError, match="integer_output=True needs integer_pipeline=True"):
         QuantConfig(integer_output=True)
     with pytest.raises(TypeError, match="integer_pipeline must be a bool"):

@@ -1147,6 +1147,139 @@ def test_quantized_adaptive_avg_pool_compiles_and_bad_inputs(device):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Requantized outputs of fewer bits (out_bits): every op that requantizes clamps to the range of that many bits,
+# as a fake-quantized activation of those bits is (an integer pipeline's 7-bit activations)
+# ---------------------------------------------------------------------------------------------------------------
+
+# (out_dtype, out_bits, out_zero_point): zero points at both ends of the narrower ranges
+OUT_BITS = [(torch.uint8, 7, 60), (torch.uint8, 7, 0), (torch.uint8, 4, 15), (torch.uint8, 2, 1),
+            (torch.int8, 7, -5), (torch.int8, 3, -4), (torch.int8, 2, 1)]
+
+
+def _out_bits_calls(device, out_dtype, out_zero_point):
+    """name -> (run(out_bits, **out), reference(out_bits, **out)) for each requantizing op, on cases whose 8-bit
+    outputs at an output scale of 1 / 150 of their largest y leave every narrower range."""
+    calls = {}
+    for m, k, n, x_zp in [(37, 150, 130, 0), (7, 64, 128, 9), (13, 1028, 64, 200)]:  # (AVX-512: whole panels)
+        x_q, x_scale, w, packed, w_sum, w_scale, bias = linear_case(m, k, n, m, device, torch.uint8)
+        for clamp in ((None, None), (0.0, None)):
+            args = (x_q, x_scale, x_zp, packed, w_sum, w_scale, bias)
+            calls[f"linear-{m}x{k}x{n}-clamp{clamp}"] = (
+                lambda bits, clamp=clamp, args=args, n=n, **out: F.int8_linear(
+                    *args, out_features=n, clamp_min=clamp[0], clamp_max=clamp[1], out_bits=bits, **out),
+                lambda bits, clamp=clamp, x_q=x_q, x_scale=x_scale, x_zp=x_zp, w=w, w_scale=w_scale, bias=bias,
+                **out: reference.int8_linear(x_q, x_scale, x_zp, w, w_scale, bias, clamp_min=clamp[0],
+                                             clamp_max=clamp[1], out_bits=bits, **out))
+    for b, c, h, w_, oc, kernel, stride, padding, groups in [(1, 32, 5, 6, 128, (1, 1), 1, 0, 1),
+                                                             (2, 8, 9, 9, 64, (3, 3), 1, 1, 1),
+                                                             (2, 70, 6, 9, 70, (3, 3), 1, 1, 70)]:
+        g = torch.Generator().manual_seed(c)
+        x_q = randint8((b, c, h, w_), generator=g, dtype=torch.uint8).to(device)
+        w_q = randint8((oc, c // groups, *kernel), generator=g).to(device)
+        w_scale = (torch.rand(oc, generator=g) * 0.01 + 0.001).to(device)
+        bias = torch.randn(oc, generator=g).to(device)
+        packed, w_sum = F.pack_conv_weight(w_q, groups), w_q.sum((1, 2, 3), dtype=torch.int32)
+        geometry = dict(stride=stride, padding=padding, groups=groups)
+        residual = randint8((b, oc, (h + 2 * padding - kernel[0]) // stride + 1,
+                             (w_ + 2 * padding - kernel[1]) // stride + 1), generator=g, dtype=torch.uint8).to(device)
+        conv_args = (x_q, 0.03, 4, packed, w_sum, w_scale, bias)
+        for residual_args in ({}, dict(residual=residual, residual_scale=0.5, residual_zero_point=100, relu=True)):
+            name = f"conv-{kernel}-groups{groups}" + ("-residual" if residual_args else "")
+            calls[name] = (
+                lambda bits, conv_args=conv_args, oc=oc, kernel=kernel, geometry=geometry, r=residual_args, **out:
+                F.int8_conv2d(*conv_args, out_channels=oc, kernel_size=kernel, out_bits=bits, **geometry, **r, **out),
+                lambda bits, x_q=x_q, w_q=w_q, w_scale=w_scale, bias=bias, geometry=geometry, r=residual_args, **out:
+                (reference.int8_conv2d_residual if r else reference.int8_conv2d)(
+                    x_q, 0.03, 4, w_q, w_scale, bias, out_bits=bits, **geometry, **r, **out))
+    a, b_, a_zp, b_zp = add_case((3, 70001 // 3), torch.uint8, torch.int8, 4)  # vector bodies, tails, tasks
+    a, b_ = a.to(device), b_.to(device)
+    for relu in (False, True):
+        calls[f"add-relu{relu}"] = (
+            lambda bits, relu=relu, **out: F.quantized_add(a, 0.05, a_zp, b_, 0.031, b_zp, out_bits=bits, relu=relu,
+                                                           **out),
+            lambda bits, relu=relu, **out: reference.quantized_add(a, 0.05, a_zp, b_, 0.031, b_zp, out_bits=bits,
+                                                                   relu=relu, **out))
+    gate = randint8((3, 1), seed=5, dtype=torch.uint8).to(device)
+    for name, other in (("mul", b_), ("mul-broadcast", gate)):
+        calls[name] = (
+            lambda bits, other=other, **out: F.quantized_mul(a, 0.05, a_zp, other, 0.02, 7, out_bits=bits, **out),
+            lambda bits, other=other, **out: reference.quantized_mul(a, 0.05, a_zp, other, 0.02, 7, out_bits=bits,
+                                                                     **out))
+    return calls
+
+
+@pytest.mark.parametrize("out_dtype,out_bits,out_zero_point", OUT_BITS, ids=str)
+def test_requantized_outputs_of_fewer_bits(device, isa, out_dtype, out_bits, out_zero_point):
+    """Each op's output of out_bits bits is its 8-bit output clamped to that range (the narrower clamp of the same
+    rounded values), the reference's, and reaches both ends of the range."""
+    qmin, qmax = reference.qrange(out_bits, out_dtype == torch.int8)
+    for name, (run, ref) in _out_bits_calls(device, out_dtype, out_zero_point).items():
+        y = run(8, out_dtype=torch.float32)
+        out = dict(out_dtype=out_dtype, out_scale=float(y.max()) / 150, out_zero_point=out_zero_point)
+        wide, got = run(8, **out), run(out_bits, **out)
+        assert int(wide.min()) < qmin or int(wide.max()) > qmax, name  # the narrower range clamps
+        assert_same(got, wide.clamp(qmin, qmax))
+        assert_same(got, ref(out_bits, **out))
+        assert int(got.max()) == qmax, name
+
+
+def test_out_bits_bad_inputs(device):
+    x_q, x_scale, w, packed, w_sum, w_scale, bias = linear_case(4, 16, 8, 1, device, torch.uint8)
+    linear = dict(out_features=8, out_dtype=torch.uint8, out_scale=0.1)
+    for bits in (1, 9, -7):
+        with pytest.raises(RuntimeError, match=rf"int8_linear: out_bits must be in \[2, 8\], got {bits}"):
+            F.int8_linear(x_q, x_scale, 0, packed, w_sum, w_scale, out_bits=bits, **linear)
+    with pytest.raises(RuntimeError, match=r"int8_linear: out_zero_point must lie in \[0, 127\] for Byte output of "
+                                           r"7 bits, got 128"):
+        F.int8_linear(x_q, x_scale, 0, packed, w_sum, w_scale, out_bits=7, out_zero_point=128, **linear)
+    with pytest.raises(RuntimeError, match=r"int8_linear: out_zero_point must lie in \[-64, 63\] for Char output of "
+                                           r"7 bits, got -65"):
+        F.int8_linear(x_q, x_scale, 0, packed, w_sum, w_scale, out_features=8, out_dtype=torch.int8, out_scale=0.1,
+                      out_bits=7, out_zero_point=-65)
+    with pytest.raises(RuntimeError, match="int8_linear: out_bits is only for int8/uint8 out_dtype \\(8 otherwise\\), "
+                                           "got 7 with out_dtype Float"):
+        F.int8_linear(x_q, x_scale, 0, packed, w_sum, w_scale, out_features=8, out_bits=7)
+    with pytest.raises(TypeError, match="int8_linear: out_bits must be an integer, got '7'"):
+        F.int8_linear(x_q, x_scale, 0, packed, w_sum, w_scale, out_bits="7", **linear)
+    a = randint8((5,), seed=1, device=device)
+    for name in ("quantized_add", "quantized_mul"):
+        op = getattr(F, name)
+        with pytest.raises(RuntimeError, match=rf"{name}: out_bits must be in \[2, 8\], got 1"):
+            op(a, 0.1, 0, a, 0.1, 0, torch.int8, out_scale=0.1, out_bits=1)
+        with pytest.raises(RuntimeError, match=rf"{name}: out_bits is only for int8/uint8 out_dtype"):
+            op(a, 0.1, 0, a, 0.1, 0, torch.bfloat16, out_bits=4)
+    w_q = randint8((8, 4, 3, 3), seed=2, device=device)
+    x = randint8((1, 4, 6, 6), seed=3, dtype=torch.uint8, device=device)
+    conv = dict(out_channels=8, kernel_size=3, out_dtype=torch.uint8, out_scale=0.1)
+    with pytest.raises(RuntimeError, match=r"int8_conv2d: out_zero_point must lie in \[0, 3\] for Byte output of 2 "
+                                           r"bits, got 4"):
+        F.int8_conv2d(x, 0.1, 0, F.pack_conv_weight(w_q), w_q.sum((1, 2, 3), dtype=torch.int32),
+                      torch.ones(8, device=device), out_zero_point=4, out_bits=2, **conv)
+    with pytest.raises(RuntimeError, match=r"int8_conv2d: out_bits must be in \[2, 8\], got 0"):
+        F.int8_conv2d(x, 0.1, 0, F.pack_conv_weight(w_q), w_q.sum((1, 2, 3), dtype=torch.int32),
+                      torch.ones(8, device=device), residual=randint8((1, 8, 4, 4), seed=4, device=device),
+                      residual_scale=0.1, out_bits=0, **conv)
+
+
+def test_out_bits_opcheck(device):
+    """opcheck of each op with an output of fewer bits (schema, fake kernel, dispatch)."""
+    x_q, x_scale, w, packed, w_sum, w_scale, bias = linear_case(6, 64, 64, 1, device, torch.uint8)
+    torch.library.opcheck(ops.int8_linear, (x_q, x_scale, 3, packed, w_sum, w_scale, bias, 64, torch.uint8, 0.05, 9,
+                                            0.0, None, 7))
+    a = randint8((4, 9), seed=2, device=device)
+    scale = torch.tensor([0.1], device=device)
+    torch.library.opcheck(ops.quantized_add, (a, scale, 0, a, scale, 3, torch.int8, 0.2, -1, True, 5))
+    torch.library.opcheck(ops.quantized_mul, (a, scale, 0, a[:, :1], scale, 3, torch.uint8, 0.01, 2, 3))
+    w_q = randint8((64, 16, 2, 2), seed=18, device=device)
+    conv_args = (randint8((2, 16, 5, 6), seed=19, dtype=torch.uint8, device=device), scale, 2,
+                 F.pack_conv_weight(w_q), w_q.sum((1, 2, 3), dtype=torch.int32), torch.rand(64, device=device), None,
+                 64, [2, 2], [1, 1], [0, 0], [1, 1], 1, torch.uint8, 0.5, 3)
+    torch.library.opcheck(ops.int8_conv2d.default, (*conv_args, None, None, 6))
+    residual = randint8((2, 64, 4, 5), seed=20, device=device).contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(ops.int8_conv2d.residual, (*conv_args, None, None, residual, scale, -5, True, 7))
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Layers: the fused activation of a converted QuantLinear / QuantConv2d
 # ---------------------------------------------------------------------------------------------------------------
 

@@ -154,9 +154,11 @@ class QuantConfig:
     integer_pipeline: prepare traces the model with torch.fx and builds an integer pipeline (torchquant.graph):
     the input is quantized once, quantized layers pass uint8/int8 tensors to each other (through ReLU, max-pool,
     flatten, reshape, concatenation and residual adds, which run on integers) and the output is dequantized once.
-    It needs static 8-bit activations rounded to nearest (dynamic activations are quantized per call from float
-    rows, so those configs keep the module swap). integer_output: the converted pipeline returns its quantized
-    outputs as integers (torchquant.graph.output_qparams gives their scales) instead of dequantizing them.
+    It needs static activations of 2 to 8 bits rounded to nearest (dynamic activations are quantized per call from
+    float rows, so those configs keep the module swap); with fewer than 8 bits every op that writes a tensor clamps
+    it to that range (7-bit uint8 activations, below 128, run the AVX2 kernels' byte products: --act-bits 7).
+    integer_output: the converted pipeline returns its quantized outputs as integers
+    (torchquant.graph.output_qparams gives their scales) instead of dequantizing them.
     """
 
     weight: QuantSpec = dataclasses.field(default_factory=lambda: _weight_spec(8))
@@ -205,9 +207,9 @@ class QuantConfig:
         for name in ("integer_pipeline", "integer_output"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"QuantConfig: {name} must be a bool, got {type(getattr(self, name)).__name__}")
-        if self.integer_pipeline and (a is None or a.dynamic or a.bits != 8 or a.rounding != "nearest"):
-            raise ValueError("QuantConfig: integer_pipeline=True needs static 8-bit activations rounded to nearest "
-                             "(activation=QuantSpec(bits=8, dynamic=False, rounding='nearest', ...))")
+        if self.integer_pipeline and (a is None or a.dynamic or a.bits < 2 or a.rounding != "nearest"):
+            raise ValueError("QuantConfig: integer_pipeline=True needs static activations of 2 to 8 bits rounded to "
+                             "nearest (activation=QuantSpec(bits=8, dynamic=False, rounding='nearest', ...))")
         if self.integer_output and not self.integer_pipeline:
             raise ValueError("QuantConfig: integer_output=True needs integer_pipeline=True")
 

@@ -1365,14 +1365,14 @@ def dequantize_output(q: torch.Tensor, quantizer: ActivationQuantizer, dtype: to
 def integer_layer(layer: QuantLayerBase, x_q: torch.Tensor, out: Optional[ActivationQuantizer],
                   dtype: torch.dtype, *, keep_layout: bool = False) -> torch.Tensor:
     """The layer's integer op on x_q (at the layer's input scale, with its activation clamp), writing `out`'s
-    integers (or float of dtype when out is None). A conv writes channels-last; its float output is made
-    contiguous, the layout the float model's conv gives the float ops after it (x.view(n, -1) fails on the other),
-    unless keep_layout."""
+    integers (of its bits: the range its fake-quant clamps to) or float of dtype when out is None. A conv writes
+    channels-last; its float output is made contiguous, the layout the float model's conv gives the float ops after
+    it (x.view(n, -1) fails on the other), unless keep_layout."""
     if out is None:
         y = layer.pipeline_op(x_q, dtype)
         return y if keep_layout else contiguous_output(y)
     _, scale, zero_point, out_dtype = out.qparams
-    return layer.pipeline_op(x_q, out_dtype, scale, zero_point)
+    return layer.pipeline_op(x_q, out_dtype, scale, zero_point, out.spec.bits)
 
 
 # methods that read a tensor's strides or memory as they are (a view of a tensor laid out otherwise fails)
@@ -1443,7 +1443,8 @@ def _integer_binary(op, a: torch.Tensor, b: torch.Tensor, qa: ActivationQuantize
         y = op(a, sa, za, b, sb, zb, out_dtype=dtype, **kwargs)
         return y if keep_layout else y.contiguous()
     _, scale, zero_point, out_dtype = out.qparams
-    return op(a, sa, za, b, sb, zb, out_dtype=out_dtype, out_scale=scale, out_zero_point=zero_point, **kwargs)
+    return op(a, sa, za, b, sb, zb, out_dtype=out_dtype, out_scale=scale, out_zero_point=zero_point,
+              out_bits=out.spec.bits, **kwargs)
 
 
 def integer_add(a: torch.Tensor, b: torch.Tensor, qa: ActivationQuantizer, qb: ActivationQuantizer,
@@ -1487,7 +1488,8 @@ def integer_conv_add(layer: QuantConv2d, x_q: torch.Tensor, residual: torch.Tens
         y = layer.pipeline_residual_op(x_q, residual, scale, zero_point, relu, dtype)
         return y if keep_layout else contiguous_output(y)
     _, out_scale, out_zero_point, out_dtype = out.qparams
-    return layer.pipeline_residual_op(x_q, residual, scale, zero_point, relu, out_dtype, out_scale, out_zero_point)
+    return layer.pipeline_residual_op(x_q, residual, scale, zero_point, relu, out_dtype, out_scale, out_zero_point,
+                                      out.spec.bits)
 
 
 def lookup_table(fn, input_quantizer: ActivationQuantizer, output_quantizer: ActivationQuantizer,
@@ -1916,8 +1918,8 @@ def pipeline_notes(model: fx.GraphModule) -> tuple[dict, list]:
                 parts.append(f"clamp [{clamp_min}, {clamp_max}] fused")
             if node.target is integer_conv_add:
                 parts.append("residual add + ReLU fused" if node.args[5] else "residual add fused")
-            parts.append("float output" if out is None else
-                         f"{'int8' if model.get_submodule(out.target).spec.signed else 'uint8'} output")
+            spec = None if out is None else model.get_submodule(out.target).spec
+            parts.append("float output" if spec is None else f"{'int' if spec.signed else 'uint'}{spec.bits} output")
             parts += [f"then {_meta(model)['lookups'][user.name]} as a table lookup" for user in node.users
                       if user.target is F_q.quantized_lookup]
             layers[node.args[0].target] = ", ".join(parts)

@@ -120,12 +120,14 @@ def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.cpu().to(torch.int64) @ b.cpu().to(torch.int64)).to(torch.int32).to(a.device)
 
 
-def _requantize(y: torch.Tensor, out_scale: float, out_zero_point: int, out_dtype: torch.dtype) -> torch.Tensor:
-    info = torch.iinfo(out_dtype)
+def _requantize(y: torch.Tensor, out_scale: float, out_zero_point: int, out_dtype: torch.dtype,
+                out_bits: int = 8) -> torch.Tensor:
+    """clamp(rne(y * (1 / out_scale)) + out_zero_point) to the range of out_bits bits signed as out_dtype."""
+    qmin, qmax = qrange(out_bits, out_dtype == torch.int8)
     inv_scale = 1.0 / torch.tensor(out_scale, dtype=torch.float32)  # in float32, as the kernels compute it
     q = torch.round(y * inv_scale) + out_zero_point  # round half to even
     q = torch.where(torch.isnan(y), torch.full_like(q, out_zero_point), q)
-    return q.clamp(info.min, info.max).to(out_dtype)
+    return q.clamp(qmin, qmax).to(out_dtype)
 
 
 def _activation_clamp(y: torch.Tensor, clamp_min, clamp_max) -> torch.Tensor:
@@ -135,18 +137,20 @@ def _activation_clamp(y: torch.Tensor, clamp_min, clamp_max) -> torch.Tensor:
     return torch.clamp(y, clamp_min, clamp_max)
 
 
-def _convert_output(y: torch.Tensor, out_dtype, out_scale, out_zero_point) -> torch.Tensor:
-    """y cast to a float out_dtype, or requantized to int8/uint8 when out_scale is given."""
-    return _requantize(y, out_scale, out_zero_point, out_dtype) if out_scale is not None else y.to(out_dtype)
+def _convert_output(y: torch.Tensor, out_dtype, out_scale, out_zero_point, out_bits: int = 8) -> torch.Tensor:
+    """y cast to a float out_dtype, or requantized to int8/uint8 (out_bits of them) when out_scale is given."""
+    if out_scale is None:
+        return y.to(out_dtype)
+    return _requantize(y, out_scale, out_zero_point, out_dtype, out_bits)
 
 
 def int8_linear(x_q: torch.Tensor, x_scale, x_zero_point: int, w_q: torch.Tensor, w_scale: torch.Tensor,
                 bias=None, *, out_dtype=torch.float32, out_scale=None, out_zero_point: int = 0, clamp_min=None,
-                clamp_max=None) -> torch.Tensor:
+                clamp_max=None, out_bits: int = 8) -> torch.Tensor:
     """y = (sum_k (x_q - x_zero_point) * w_q[n, k]) * x_scale * w_scale[n] + bias[n] over the last dim of
     x_q [..., K], with the unpacked int8 weight w_q [N, K]; x_scale per token (x_q.shape[:-1]) or 1 element.
     Then the fused activation clamp (clamp_min / clamp_max, each when given), and out_dtype float, or int8/uint8
-    requantized: clamp(rne(y * (1 / out_scale)) + out_zero_point)."""
+    requantized: clamp(rne(y * (1 / out_scale)) + out_zero_point) to the range of out_bits bits."""
     acc = (x_q.cpu().to(torch.int64) - x_zero_point) @ w_q.cpu().to(torch.int64).t()
     x_scale = torch.as_tensor(x_scale, dtype=torch.float32).cpu()
     x_scale = x_scale.reshape(()) if x_scale.numel() == 1 else x_scale.reshape(*x_q.shape[:-1], 1)
@@ -154,12 +158,12 @@ def int8_linear(x_q: torch.Tensor, x_scale, x_zero_point: int, w_q: torch.Tensor
     if bias is not None:
         y = y + bias.cpu().float()
     y = _activation_clamp(y, clamp_min, clamp_max)
-    return _convert_output(y, out_dtype, out_scale, out_zero_point).to(x_q.device)
+    return _convert_output(y, out_dtype, out_scale, out_zero_point, out_bits).to(x_q.device)
 
 
 def int8_conv2d(x_q: torch.Tensor, x_scale, x_zero_point: int, w_q: torch.Tensor, w_scale: torch.Tensor,
                 bias=None, *, stride=1, padding=0, dilation=1, groups=1, out_dtype=torch.float32, out_scale=None,
-                out_zero_point: int = 0, clamp_min=None, clamp_max=None) -> torch.Tensor:
+                out_zero_point: int = 0, clamp_min=None, clamp_max=None, out_bits: int = 8) -> torch.Tensor:
     """Quantized conv2d with the unpacked weight w_q [OC, C/G, KH, KW]: the integer sums of (x_q - x_zero_point)
     * w_q (exact: a float64 convolution of integers far below 2^53), then acc * x_scale * w_scale[oc] + bias[oc]
     in float32, clamped, stored as out_dtype or requantized like int8_linear's; channels-last output like the
@@ -171,14 +175,15 @@ def int8_conv2d(x_q: torch.Tensor, x_scale, x_zero_point: int, w_q: torch.Tensor
     if bias is not None:
         y = y + bias.cpu().float().reshape(-1, 1, 1)
     y = _activation_clamp(y, clamp_min, clamp_max)
-    out = _convert_output(y, out_dtype, out_scale, out_zero_point)
+    out = _convert_output(y, out_dtype, out_scale, out_zero_point, out_bits)
     return out.contiguous(memory_format=torch.channels_last).to(x_q.device)
 
 
 def int8_conv2d_residual(x_q: torch.Tensor, x_scale, x_zero_point: int, w_q: torch.Tensor, w_scale: torch.Tensor,
                          bias=None, *, residual: torch.Tensor, residual_scale, residual_zero_point: int,
                          relu: bool = False, stride=1, padding=0, dilation=1, groups=1, out_dtype=torch.float32,
-                         out_scale=None, out_zero_point: int = 0, clamp_min=None, clamp_max=None) -> torch.Tensor:
+                         out_scale=None, out_zero_point: int = 0, clamp_min=None, clamp_max=None,
+                         out_bits: int = 8) -> torch.Tensor:
     """int8_conv2d with a residual add, as its steps: y = int8_conv2d's float32 output (clamped), then y +
     dequantize(residual) (float(residual - residual_zero_point) * residual_scale, the product rounded to float32,
     then the sum), max(y, 0) when relu, then out_dtype or requantized like int8_conv2d's output."""
@@ -189,7 +194,7 @@ def int8_conv2d_residual(x_q: torch.Tensor, x_scale, x_zero_point: int, w_q: tor
                        residual_zero_point)
     if relu:
         y = torch.clamp(y, min=0.0)
-    out = _convert_output(y, out_dtype, out_scale, out_zero_point)
+    out = _convert_output(y, out_dtype, out_scale, out_zero_point, out_bits)
     return out.contiguous(memory_format=torch.channels_last).to(x_q.device)
 
 
@@ -199,7 +204,8 @@ def int8_conv2d_residual(x_q: torch.Tensor, x_scale, x_zero_point: int, w_q: tor
 
 
 def quantized_add(a: torch.Tensor, a_scale, a_zero_point: int, b: torch.Tensor, b_scale, b_zero_point: int, *,
-                  out_dtype=torch.float32, out_scale=None, out_zero_point: int = 0, relu: bool = False):
+                  out_dtype=torch.float32, out_scale=None, out_zero_point: int = 0, relu: bool = False,
+                  out_bits: int = 8):
     """y = float(a - a_zero_point) * a_scale + float(b - b_zero_point) * b_scale in float32 (each product rounded,
     then the sum), max(y, 0) when relu, then cast to out_dtype or requantized like int8_linear's output."""
     a_scale = torch.as_tensor(a_scale, dtype=torch.float32).cpu().reshape(())
@@ -207,17 +213,17 @@ def quantized_add(a: torch.Tensor, a_scale, a_zero_point: int, b: torch.Tensor, 
     y = (a.cpu().float() - a_zero_point) * a_scale + (b.cpu().float() - b_zero_point) * b_scale
     if relu:
         y = torch.clamp(y, min=0.0)
-    return _convert_output(y, out_dtype, out_scale, out_zero_point).to(a.device)
+    return _convert_output(y, out_dtype, out_scale, out_zero_point, out_bits).to(a.device)
 
 
 def quantized_mul(a: torch.Tensor, a_scale, a_zero_point: int, b: torch.Tensor, b_scale, b_zero_point: int, *,
-                  out_dtype=torch.float32, out_scale=None, out_zero_point: int = 0):
+                  out_dtype=torch.float32, out_scale=None, out_zero_point: int = 0, out_bits: int = 8):
     """y = float(a - a_zero_point) * a_scale * (float(b - b_zero_point) * b_scale) in float32 (each product rounded),
     a and b broadcast, then cast to out_dtype or requantized like int8_linear's output."""
     a_scale = torch.as_tensor(a_scale, dtype=torch.float32).cpu().reshape(())
     b_scale = torch.as_tensor(b_scale, dtype=torch.float32).cpu().reshape(())
     y = ((a.cpu().float() - a_zero_point) * a_scale) * ((b.cpu().float() - b_zero_point) * b_scale)
-    return _convert_output(y, out_dtype, out_scale, out_zero_point).to(a.device)
+    return _convert_output(y, out_dtype, out_scale, out_zero_point, out_bits).to(a.device)
 
 
 def quantized_lookup(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:

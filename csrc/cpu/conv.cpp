@@ -911,10 +911,10 @@ at::Tensor int8_conv2d_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, int
                            const std::optional<at::Tensor>& bias, int64_t out_channels, at::IntArrayRef kernel_size,
                            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                            at::ScalarType out_dtype, std::optional<double> out_scale, int64_t out_zero_point,
-                           std::optional<double> clamp_min, std::optional<double> clamp_max) {
+                           std::optional<double> clamp_min, std::optional<double> clamp_max, int64_t out_bits) {
   const ConvFront f = int8_conv2d_front(x_q, x_scale, x_zero_point, w_packed, w_sum, w_scale, bias, out_channels,
                                         kernel_size, stride, padding, dilation, groups, out_dtype, out_scale,
-                                        out_zero_point, clamp_min, clamp_max);
+                                        out_zero_point, out_bits, clamp_min, clamp_max);
   if (f.g.rows > 0) conv_cpu(f, x_q, x_zero_point, w_packed, out_channels, groups, ResidualInput{});
   return f.out_nhwc.permute({0, 3, 1, 2});
 }
@@ -929,10 +929,10 @@ at::Tensor int8_conv2d_residual_cpu(const at::Tensor& x_q, const at::Tensor& x_s
                                     std::optional<double> out_scale, int64_t out_zero_point,
                                     std::optional<double> clamp_min, std::optional<double> clamp_max,
                                     const at::Tensor& residual, const at::Tensor& residual_scale,
-                                    int64_t residual_zero_point, bool relu) {
+                                    int64_t residual_zero_point, bool relu, int64_t out_bits) {
   const ConvFront f = int8_conv2d_front(x_q, x_scale, x_zero_point, w_packed, w_sum, w_scale, bias, out_channels,
                                         kernel_size, stride, padding, dilation, groups, out_dtype, out_scale,
-                                        out_zero_point, clamp_min, clamp_max);
+                                        out_zero_point, out_bits, clamp_min, clamp_max);
   at::Tensor out = f.out_nhwc.permute({0, 3, 1, 2});
   check_conv_residual(x_q, out.sizes(), residual, residual_scale, residual_zero_point);
   check_scale_values("int8_conv2d", "residual_scale", residual_scale);

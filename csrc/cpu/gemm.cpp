@@ -39,8 +39,8 @@ Epilogue epilogue_for(const EpilogueInputs& in, uint8_t flip, void* out, int64_t
   if (in.kind == OutKind::Int8 || in.kind == OutKind::UInt8) {
     ep.inv_out_scale = in.inv_out_scale;
     ep.out_zero_point = in.out_zero_point;
-    ep.qmin = in.kind == OutKind::Int8 ? -128.0f : 0.0f;
-    ep.qmax = in.kind == OutKind::Int8 ? 127.0f : 255.0f;
+    ep.qmin = in.out_format.qmin;
+    ep.qmax = in.out_format.qmax;
   }
   return ep;
 }
@@ -162,10 +162,11 @@ at::Tensor pack_int8_weight_cpu(const at::Tensor& w) {
 at::Tensor int8_linear_impl(const char* op, const at::Tensor& x_q, const at::Tensor& x_scale, int64_t x_zero_point,
                             const at::Tensor& w_packed, const at::Tensor& w_sum, const at::Tensor& w_scale,
                             const std::optional<at::Tensor>& bias, int64_t out_features, at::ScalarType out_dtype,
-                            std::optional<double> out_scale, int64_t out_zero_point, std::optional<double> clamp_min,
-                            std::optional<double> clamp_max, bool rows_padded, Gelu gelu) {
+                            std::optional<double> out_scale, int64_t out_zero_point, int64_t out_bits,
+                            std::optional<double> clamp_min, std::optional<double> clamp_max, bool rows_padded,
+                            Gelu gelu) {
   LinearFront f = int8_linear_front(x_q, x_scale, x_zero_point, w_packed, w_sum, w_scale, bias, out_features,
-                                    out_dtype, out_scale, out_zero_point, clamp_min, clamp_max);
+                                    out_dtype, out_scale, out_zero_point, out_bits, clamp_min, clamp_max);
   f.epilogue.gelu = gelu;
   const int64_t m = f.m, n = f.n, k = f.k;
   if (m == 0) return f.out;
@@ -200,9 +201,9 @@ at::Tensor int8_linear_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, int
                            const at::Tensor& w_packed, const at::Tensor& w_sum, const at::Tensor& w_scale,
                            const std::optional<at::Tensor>& bias, int64_t out_features, at::ScalarType out_dtype,
                            std::optional<double> out_scale, int64_t out_zero_point, std::optional<double> clamp_min,
-                           std::optional<double> clamp_max) {
+                           std::optional<double> clamp_max, int64_t out_bits) {
   return int8_linear_impl("int8_linear", x_q, x_scale, x_zero_point, w_packed, w_sum, w_scale, bias, out_features,
-                          out_dtype, out_scale, out_zero_point, clamp_min, clamp_max, false, Gelu::None);
+                          out_dtype, out_scale, out_zero_point, out_bits, clamp_min, clamp_max, false, Gelu::None);
 }
 
 // quantize_per_token(x, 8) + int8_linear in one pass over x: the per-token quantization writes the GEMM's activation
@@ -230,7 +231,7 @@ at::Tensor int8_linear_dynamic_with(const at::Tensor& x, const at::Tensor& w_pac
   for (int64_t d = x.dim() - 2; d >= 0; --d) strides[d] = (d == x.dim() - 2 ? lda : strides[d + 1] * x.size(d + 1));
   const at::Tensor x_q = at::from_blob(rows, x.sizes(), strides, x.options().dtype(at::kByte));
   return int8_linear_impl(op, x_q, x_scale, 128, w_packed, w_sum, w_scale, bias, out_features, x.scalar_type(),
-                          std::nullopt, 0, std::nullopt, std::nullopt, true, gelu);
+                          std::nullopt, 0, 8, std::nullopt, std::nullopt, true, gelu);
 }
 
 at::Tensor int8_linear_dynamic_cpu(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& w_sum,

@@ -767,7 +767,10 @@ void panel_epilogue(const Epilogue& ep, int64_t col0, int64_t ncols, int64_t k, 
   };
   c.q_lo = fold(-INFINITY);
   c.q_hi = fold(INFINITY);
-  c.clamp_q_lo = c.q_lo != ep.qmin - ep.out_zero_point;
+  // the packs saturate to the output type's own range, which [qmin, qmax] may lie inside (out_bits < 8)
+  const bool signed_out = ep.kind == OutKind::Int8;
+  const float type_min = signed_out ? -128.0f : 0.0f, type_max = signed_out ? 127.0f : 255.0f;
+  c.clamp_q_lo = c.q_lo != type_min - ep.out_zero_point;
   c.clamp_q_hi = true;
   if (ep.kind != OutKind::Int8 && ep.kind != OutKind::UInt8) return;
   // Bounds in double (each float operation errs by at most 2^-24 of its result while nothing overflows, so bounds
@@ -789,7 +792,7 @@ void panel_epilogue(const Epilogue& ep, int64_t col0, int64_t ncols, int64_t k, 
   for (const float bound : {ep.clamp.lo, ep.clamp.hi})
     if (std::isfinite(bound)) largest_y = std::max(largest_y, std::fabs(static_cast<double>(bound)));
   if (residual) largest_y += largest_residual;
-  c.clamp_q_hi = c.q_hi != ep.qmax - ep.out_zero_point || c.may_be_nan || !y_finite || !residual_finite ||
+  c.clamp_q_hi = c.q_hi != type_max - ep.out_zero_point || c.may_be_nan || !y_finite || !residual_finite ||
                  !(largest_y * inv < 0x1p30);
 }
 

@@ -55,7 +55,7 @@ struct Epilogue {
   const float* bias = nullptr;  // nullable
   float inv_out_scale = 1.0f;
   float out_zero_point = 0.0f;
-  float qmin = 0.0f;
+  float qmin = 0.0f;  // the requantized range: the output type's, or inside it (out_bits < 8)
   float qmax = 0.0f;
   ActivationClamp clamp;  // the fused activation (none: -inf / +inf)
   Gelu gelu = Gelu::None;  // float kinds without a clamp only
@@ -112,9 +112,10 @@ Epilogue with_streaming(const Epilogue& ep, int64_t rows, int64_t cols);
 // q_hi the scalar formula's values at -inf / +inf, and NaN y (NaN y * inv) the zero point: five operations per
 // vector instead of nine.
 //
-// A bound that is the output type's own (q_lo = qmin - zero point, or q_hi = qmax - zero point) the AVX-512 kernel
-// of whole tiles leaves to the packs after the conversion (int32 -> int16 with saturation, the zero point added
-// with saturation, int16 -> int8/uint8 with saturation clamp rne(x) + zero point to [qmin, qmax]): the conversion
+// A bound that is the output type's own (q_lo = -128 or 0 less the zero point, or q_hi = 127 or 255 less it) the
+// AVX-512 kernel of whole tiles leaves to the packs after the conversion (int32 -> int16 with saturation, the zero
+// point added with saturation, int16 -> int8/uint8 with saturation clamp rne(x) + zero point to the type's range;
+// a narrower [qmin, qmax] of fewer output bits is never the packs'): the conversion
 // keeps the order of values and gives INT_MIN past the int32 range (and for infinities), so the lower one always,
 // the upper one where no x of the panel can reach 2^31 nor a float step overflow (see panel_epilogue), two of the
 // twelve operations per 16 outputs.

@@ -745,10 +745,10 @@ void broadcast_product(const Full* full, OperandQuant full_q, const Small* small
 at::Tensor quantized_binary_cpu(const char* op, BinaryOp kind, const at::Tensor& a, const at::Tensor& a_scale,
                                 int64_t a_zero_point, const at::Tensor& b, const at::Tensor& b_scale,
                                 int64_t b_zero_point, at::ScalarType out_dtype, std::optional<double> out_scale,
-                                int64_t out_zero_point, bool relu) {
+                                int64_t out_zero_point, int64_t out_bits, bool relu) {
   TQ_CHECK(a.device().is_cpu(), op, ": a must be a CPU tensor for the CPU kernel, got ", a.device());
   BinaryTensors t = prepare_quantized_binary(op, kind, a, a_scale, a_zero_point, b, b_scale, b_zero_point, out_dtype,
-                                             out_scale, out_zero_point, relu, /*keep_broadcast=*/true);
+                                             out_scale, out_zero_point, out_bits, relu, /*keep_broadcast=*/true);
   const at::Tensor a_scale_1 = a_scale.reshape({1}).contiguous(), b_scale_1 = b_scale.reshape({1}).contiguous();
   check_scale_values(op, "a_scale", a_scale_1);
   check_scale_values(op, "b_scale", b_scale_1);
@@ -788,16 +788,16 @@ at::Tensor quantized_binary_cpu(const char* op, BinaryOp kind, const at::Tensor&
 
 at::Tensor quantized_add_cpu(const at::Tensor& a, const at::Tensor& a_scale, int64_t a_zero_point, const at::Tensor& b,
                              const at::Tensor& b_scale, int64_t b_zero_point, at::ScalarType out_dtype,
-                             std::optional<double> out_scale, int64_t out_zero_point, bool relu) {
+                             std::optional<double> out_scale, int64_t out_zero_point, bool relu, int64_t out_bits) {
   return quantized_binary_cpu("quantized_add", BinaryOp::Add, a, a_scale, a_zero_point, b, b_scale, b_zero_point,
-                              out_dtype, out_scale, out_zero_point, relu);
+                              out_dtype, out_scale, out_zero_point, out_bits, relu);
 }
 
 at::Tensor quantized_mul_cpu(const at::Tensor& a, const at::Tensor& a_scale, int64_t a_zero_point, const at::Tensor& b,
                              const at::Tensor& b_scale, int64_t b_zero_point, at::ScalarType out_dtype,
-                             std::optional<double> out_scale, int64_t out_zero_point) {
+                             std::optional<double> out_scale, int64_t out_zero_point, int64_t out_bits) {
   return quantized_binary_cpu("quantized_mul", BinaryOp::Multiply, a, a_scale, a_zero_point, b, b_scale,
-                              b_zero_point, out_dtype, out_scale, out_zero_point, false);
+                              b_zero_point, out_dtype, out_scale, out_zero_point, out_bits, false);
 }
 
 }  // namespace

@@ -72,10 +72,11 @@ __device__ __forceinline__ float block_max(float v) {
 
 // int8_conv2d.residual's steps after the conv (csrc/cuda/quantize.cu): y (the conv's float32 output, dense) +
 // float(residual - residual_zero_point) * residual_scale, max(y, 0) when relu, then the cast to out_dtype or the
-// requantization (out_scale, out_zero_point), in one pass with quantized_add's element map; the output has y's
-// layout (a residual laid out otherwise is copied to it first).
+// requantization (out_scale, out_zero_point, out_bits), in one pass with quantized_add's element map; the output has
+// y's layout (a residual laid out otherwise is copied to it first).
 at::Tensor add_conv_residual_cuda(const at::Tensor& y, const at::Tensor& residual, const at::Tensor& residual_scale,
                                   int64_t residual_zero_point, at::ScalarType out_dtype,
-                                  std::optional<double> out_scale, int64_t out_zero_point, bool relu);
+                                  std::optional<double> out_scale, int64_t out_zero_point, int64_t out_bits,
+                                  bool relu);
 
 }  // namespace torchquant

@@ -180,12 +180,12 @@ at::Tensor int8_conv2d_cuda(const at::Tensor& x_q, const at::Tensor& x_scale, in
                             const std::optional<at::Tensor>& bias, int64_t out_channels, at::IntArrayRef kernel_size,
                             at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                             at::ScalarType out_dtype, std::optional<double> out_scale, int64_t out_zero_point,
-                            std::optional<double> clamp_min, std::optional<double> clamp_max) {
+                            std::optional<double> clamp_min, std::optional<double> clamp_max, int64_t out_bits) {
   constexpr const char* op = "int8_conv2d";
   TQ_CHECK(x_q.is_cuda(), op, ": x_q must be a CUDA tensor for the CUDA kernel, got ", x_q.device());
   const ConvFront f = int8_conv2d_front(x_q, x_scale, x_zero_point, w_packed, w_sum, w_scale, bias, out_channels,
                                         kernel_size, stride, padding, dilation, groups, out_dtype, out_scale,
-                                        out_zero_point, clamp_min, clamp_max);
+                                        out_zero_point, out_bits, clamp_min, clamp_max);
   const ConvGeometry& g = f.g;
   const int64_t cg = g.channels / groups, ocg = out_channels / groups;
   const int64_t m = g.rows, window = g.window;
@@ -288,15 +288,15 @@ at::Tensor int8_conv2d_residual_cuda(const at::Tensor& x_q, const at::Tensor& x_
                                      std::optional<double> out_scale, int64_t out_zero_point,
                                      std::optional<double> clamp_min, std::optional<double> clamp_max,
                                      const at::Tensor& residual, const at::Tensor& residual_scale,
-                                     int64_t residual_zero_point, bool relu) {
-  check_output_dtype("int8_conv2d", out_dtype, out_scale, out_zero_point);
+                                     int64_t residual_zero_point, bool relu, int64_t out_bits) {
+  check_output_dtype("int8_conv2d", out_dtype, out_scale, out_zero_point, out_bits);
   const at::Tensor y = int8_conv2d_cuda(x_q, x_scale, x_zero_point, w_packed, w_sum, w_scale, bias, out_channels,
                                         kernel_size, stride, padding, dilation, groups, at::kFloat, std::nullopt, 0,
-                                        clamp_min, clamp_max);
+                                        clamp_min, clamp_max, 8);
   check_conv_residual(x_q, y.sizes(), residual, residual_scale, residual_zero_point);
   const c10::cuda::CUDAGuard guard(x_q.device());
   return add_conv_residual_cuda(y, residual, residual_scale, residual_zero_point, out_dtype, out_scale,
-                                out_zero_point, relu);
+                                out_zero_point, out_bits, relu);
 }
 
 }  // namespace

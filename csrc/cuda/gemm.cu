@@ -477,7 +477,7 @@ DequantEpilogue epilogue_for(const EpilogueInputs& in, const at::Tensor& out, in
   ep.clamp = in.clamp;
   ep.inv_out_scale = in.inv_out_scale;
   ep.out_zero_point = in.out_zero_point;
-  ep.out_format = quant_format(8, in.kind != OutKind::UInt8);
+  ep.out_format = in.out_format;
   return ep;
 }
 
@@ -522,11 +522,12 @@ at::Tensor int8_linear_cuda(const at::Tensor& x_q, const at::Tensor& x_scale, in
                             const at::Tensor& w_packed, const at::Tensor& w_sum, const at::Tensor& w_scale,
                             const std::optional<at::Tensor>& bias, int64_t out_features, at::ScalarType out_dtype,
                             std::optional<double> out_scale, int64_t out_zero_point, std::optional<double> clamp_min,
-                            std::optional<double> clamp_max) {
+                            std::optional<double> clamp_max, int64_t out_bits) {
   constexpr const char* op = "int8_linear";
   TQ_CHECK(x_q.is_cuda(), op, ": x_q must be a CUDA tensor for the CUDA kernel, got ", x_q.device());
   const LinearFront f = int8_linear_front(x_q, x_scale, x_zero_point, w_packed, w_sum, w_scale, bias,
-                                          out_features, out_dtype, out_scale, out_zero_point, clamp_min, clamp_max);
+                                          out_features, out_dtype, out_scale, out_zero_point, out_bits, clamp_min,
+                                          clamp_max);
   const int64_t m = f.m, n = f.n, k = f.k;
   if (m == 0) return f.out;
   const c10::cuda::CUDAGuard guard(x_q.device());

@@ -540,11 +540,11 @@ void run_quantized_binary(const A* a, const B* b, Out* y, int64_t n, const Binar
 at::Tensor quantized_binary_cuda(const char* op, BinaryOp kind, const at::Tensor& a, const at::Tensor& a_scale,
                                  int64_t a_zero_point, const at::Tensor& b, const at::Tensor& b_scale,
                                  int64_t b_zero_point, at::ScalarType out_dtype, std::optional<double> out_scale,
-                                 int64_t out_zero_point, bool relu) {
+                                 int64_t out_zero_point, int64_t out_bits, bool relu) {
   TQ_CHECK(a.is_cuda(), op, ": a must be a CUDA tensor for the CUDA kernel, got ", a.device());
   const c10::cuda::CUDAGuard guard(a.device());
   const BinaryTensors t = prepare_quantized_binary(op, kind, a, a_scale, a_zero_point, b, b_scale, b_zero_point,
-                                                   out_dtype, out_scale, out_zero_point, relu);
+                                                   out_dtype, out_scale, out_zero_point, out_bits, relu);
   const int64_t n = t.out.numel();
   if (n == 0) return t.out;
   const at::Tensor a_scale_1 = a_scale.reshape({1}).contiguous(), b_scale_1 = b_scale.reshape({1}).contiguous();
@@ -557,16 +557,17 @@ at::Tensor quantized_binary_cuda(const char* op, BinaryOp kind, const at::Tensor
 at::Tensor quantized_add_cuda(const at::Tensor& a, const at::Tensor& a_scale, int64_t a_zero_point,
                               const at::Tensor& b, const at::Tensor& b_scale, int64_t b_zero_point,
                               at::ScalarType out_dtype, std::optional<double> out_scale, int64_t out_zero_point,
-                              bool relu) {
+                              bool relu, int64_t out_bits) {
   return quantized_binary_cuda("quantized_add", BinaryOp::Add, a, a_scale, a_zero_point, b, b_scale, b_zero_point,
-                               out_dtype, out_scale, out_zero_point, relu);
+                               out_dtype, out_scale, out_zero_point, out_bits, relu);
 }
 
 at::Tensor quantized_mul_cuda(const at::Tensor& a, const at::Tensor& a_scale, int64_t a_zero_point,
                               const at::Tensor& b, const at::Tensor& b_scale, int64_t b_zero_point,
-                              at::ScalarType out_dtype, std::optional<double> out_scale, int64_t out_zero_point) {
+                              at::ScalarType out_dtype, std::optional<double> out_scale, int64_t out_zero_point,
+                              int64_t out_bits) {
   return quantized_binary_cuda("quantized_mul", BinaryOp::Multiply, a, a_scale, a_zero_point, b, b_scale,
-                               b_zero_point, out_dtype, out_scale, out_zero_point, false);
+                               b_zero_point, out_dtype, out_scale, out_zero_point, out_bits, false);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -629,7 +630,8 @@ at::Tensor quantized_lookup_cuda(const at::Tensor& x, const at::Tensor& table) {
 
 at::Tensor add_conv_residual_cuda(const at::Tensor& y, const at::Tensor& residual, const at::Tensor& residual_scale,
                                   int64_t residual_zero_point, at::ScalarType out_dtype,
-                                  std::optional<double> out_scale, int64_t out_zero_point, bool relu) {
+                                  std::optional<double> out_scale, int64_t out_zero_point, int64_t out_bits,
+                                  bool relu) {
   at::Tensor out = at::empty_like(y, y.options().dtype(out_dtype), at::MemoryFormat::Preserve);
   const int64_t n = out.numel();
   if (n == 0) return out;
@@ -639,7 +641,8 @@ at::Tensor add_conv_residual_cuda(const at::Tensor& y, const at::Tensor& residua
   // states
   const at::Tensor b_scale = residual_scale.reshape({1}).contiguous();
   const BinaryArgs p{nullptr, b_scale.data_ptr<float>(),
-                     binary_map(BinaryOp::Add, 0, residual_zero_point, out_dtype, out_scale, out_zero_point, relu)};
+                     binary_map("int8_conv2d", BinaryOp::Add, 0, residual_zero_point, out_dtype, out_scale,
+                                out_zero_point, out_bits, relu)};
   const float* ap = y.data_ptr<float>();
   with_byte_type(b.scalar_type(), "residual", [&](auto b_tag) {
     const auto* bp = b.data_ptr<decltype(b_tag)>();

@@ -21,7 +21,7 @@ __all__ = ["quantized_adaptive_avg_pool1d", "quantized_adaptive_avg_pool2d", "qu
 
 def quantized_add(a: torch.Tensor, a_scale, a_zero_point: int, b: torch.Tensor, b_scale, b_zero_point: int,
                   out_dtype: torch.dtype = torch.float32, out_scale: Optional[float] = None, out_zero_point: int = 0,
-                  relu: bool = False) -> torch.Tensor:
+                  relu: bool = False, out_bits: int = 8) -> torch.Tensor:
     """The sum of two quantized tensors (a residual add in an integer pipeline), fused with an optional ReLU:
 
         y = float(a - a_zero_point) * a_scale + float(b - b_zero_point) * b_scale    (float32)
@@ -29,11 +29,11 @@ def quantized_add(a: torch.Tensor, a_scale, a_zero_point: int, b: torch.Tensor, 
 
     a, b: int8 or uint8 (each either) of the same shape, any strides; a_scale, b_scale: positive finite Python
     floats or float32 tensors of 1 element. Returns a tensor of a's shape and memory format: float32, float16 or
-    bfloat16 (y cast), or int8/uint8 requantized with out_scale and out_zero_point as int8_linear does:
-    clamp(rne(y * (1 / out_scale)) + out_zero_point)."""
+    bfloat16 (y cast), or int8/uint8 requantized with out_scale, out_zero_point and out_bits as int8_linear does:
+    clamp(rne(y * (1 / out_scale)) + out_zero_point) to the range of out_bits bits."""
     if not is_dynamo_compiling():  # the common CPU call, checked and made in C++ (csrc/python_calls.cpp)
         y = _C.quantized_add(a, a_scale, a_zero_point, b, b_scale, b_zero_point, out_dtype, out_scale, out_zero_point,
-                             relu)
+                             relu, out_bits)
         if y is not NotImplemented:
             return y
     op = "quantized_add"
@@ -45,12 +45,13 @@ def quantized_add(a: torch.Tensor, a_scale, a_zero_point: int, b: torch.Tensor, 
     return ops.quantized_add(a, a_scale, _integer(op, "a_zero_point", a_zero_point), b, b_scale,
                              _integer(op, "b_zero_point", b_zero_point), out_dtype,
                              _optional_number(op, "out_scale", out_scale),
-                             _integer(op, "out_zero_point", out_zero_point), _flag(op, "relu", relu))
+                             _integer(op, "out_zero_point", out_zero_point), _flag(op, "relu", relu),
+                             _integer(op, "out_bits", out_bits))
 
 
 def quantized_mul(a: torch.Tensor, a_scale, a_zero_point: int, b: torch.Tensor, b_scale, b_zero_point: int,
                   out_dtype: torch.dtype = torch.float32, out_scale: Optional[float] = None,
-                  out_zero_point: int = 0) -> torch.Tensor:
+                  out_zero_point: int = 0, out_bits: int = 8) -> torch.Tensor:
     """The product of two quantized tensors (a squeeze-excitation block's x * gate in an integer pipeline):
 
         y = float(a - a_zero_point) * a_scale * (float(b - b_zero_point) * b_scale)    (float32, each product rounded)
@@ -58,10 +59,11 @@ def quantized_mul(a: torch.Tensor, a_scale, a_zero_point: int, b: torch.Tensor, 
     a, b: int8 or uint8 (each either), any strides, broadcast as torch's a * b does (a gate [N, C, 1, 1] against
     x [N, C, H, W]); a_scale, b_scale: positive finite Python floats or float32 tensors of 1 element. Returns a
     tensor of the broadcast shape, in the memory format of the operand of that shape (a's where both are): float32,
-    float16 or bfloat16 (y cast), or int8/uint8 requantized with out_scale and out_zero_point as quantized_add
-    does."""
+    float16 or bfloat16 (y cast), or int8/uint8 requantized with out_scale, out_zero_point and out_bits as
+    quantized_add does."""
     if not is_dynamo_compiling():  # the common CPU call, checked and made in C++ (csrc/python_calls.cpp)
-        y = _C.quantized_mul(a, a_scale, a_zero_point, b, b_scale, b_zero_point, out_dtype, out_scale, out_zero_point)
+        y = _C.quantized_mul(a, a_scale, a_zero_point, b, b_scale, b_zero_point, out_dtype, out_scale, out_zero_point,
+                             out_bits)
         if y is not NotImplemented:
             return y
     op = "quantized_mul"
@@ -75,7 +77,7 @@ def quantized_mul(a: torch.Tensor, a_scale, a_zero_point: int, b: torch.Tensor, 
     return ops.quantized_mul(a, a_scale, _integer(op, "a_zero_point", a_zero_point), b, b_scale,
                              _integer(op, "b_zero_point", b_zero_point), out_dtype,
                              _optional_number(op, "out_scale", out_scale),
-                             _integer(op, "out_zero_point", out_zero_point))
+                             _integer(op, "out_zero_point", out_zero_point), _integer(op, "out_bits", out_bits))
 
 
 def _require_operands(a, b) -> None:
@@ -289,7 +291,7 @@ def quantized_max_pool1d(x: torch.Tensor, kernel_size: Union[int, Sequence[int]]
 
 @torch.library.register_fake("torchquant::quantized_add")
 def _quantized_add_fake(a, a_scale, a_zero_point, b, b_scale, b_zero_point, out_dtype, out_scale=None,
-                        out_zero_point=0, relu=False):
+                        out_zero_point=0, relu=False, out_bits=8):
     check_fake_devices("quantized_add", "a", a, a_scale=a_scale, b=b, b_scale=b_scale)
     check_fake_dtype("quantized_add", "a", a, _ACTIVATION_DTYPES)
     check_fake_dtype("quantized_add", "b", b, _ACTIVATION_DTYPES)
@@ -299,7 +301,7 @@ def _quantized_add_fake(a, a_scale, a_zero_point, b, b_scale, b_zero_point, out_
 
 @torch.library.register_fake("torchquant::quantized_mul")
 def _quantized_mul_fake(a, a_scale, a_zero_point, b, b_scale, b_zero_point, out_dtype, out_scale=None,
-                        out_zero_point=0):
+                        out_zero_point=0, out_bits=8):
     check_fake_devices("quantized_mul", "a", a, a_scale=a_scale, b=b, b_scale=b_scale)
     check_fake_dtype("quantized_mul", "a", a, _ACTIVATION_DTYPES)
     check_fake_dtype("quantized_mul", "b", b, _ACTIVATION_DTYPES)

@@ -191,7 +191,7 @@ def int8_linear(x_q: torch.Tensor, x_scale, x_zero_point: int, w_packed: torch.T
                 w_scale: torch.Tensor, bias: Optional[torch.Tensor] = None, *, out_features: int,
                 out_dtype: torch.dtype = torch.float32, out_scale: Optional[float] = None,
                 out_zero_point: int = 0, clamp_min: Optional[float] = None,
-                clamp_max: Optional[float] = None) -> torch.Tensor:
+                clamp_max: Optional[float] = None, out_bits: int = 8) -> torch.Tensor:
     """y = (sum_k (x_q - x_zero_point) * w) * x_scale * w_scale + bias over the last dim of x_q [..., K].
 
     x_scale: float32, one per token (shape x_q.shape[:-1]) or 1 element (or a Python float); w_sum = w.sum(1)
@@ -199,10 +199,12 @@ def int8_linear(x_q: torch.Tensor, x_scale, x_zero_point: int, w_packed: torch.T
     weight on every call): other sums give other outputs; w_scale float32 [N]. clamp_min / clamp_max: a fused
     activation, y = min(max(y, clamp_min), clamp_max) (each when given; ReLU: clamp_min=0, ReLU6: 0 and 6).
     out_dtype float32/float16/bfloat16, or int8/uint8 with out_scale and out_zero_point (requantized:
-    clamp(rne(y / out_scale) + out_zero_point))."""
+    clamp(rne(y / out_scale) + out_zero_point)), clamped to the range of out_bits bits (2-8, signed as out_dtype:
+    [0, 2^out_bits - 1] for uint8, [-2^(out_bits - 1), 2^(out_bits - 1) - 1] for int8), the integers of an activation
+    fake-quantized with that many bits."""
     if not is_dynamo_compiling():
         y = _C.int8_linear(x_q, x_scale, x_zero_point, w_packed, w_sum, w_scale, bias, out_features, out_dtype,
-                           out_scale, out_zero_point, clamp_min, clamp_max)
+                           out_scale, out_zero_point, clamp_min, clamp_max, out_bits)
         if y is not NotImplemented:
             return y
     _require_tensor("x_q", x_q)
@@ -223,7 +225,7 @@ def int8_linear(x_q: torch.Tensor, x_scale, x_zero_point: int, w_packed: torch.T
                            _optional_number(op, "out_scale", out_scale),
                            _integer(op, "out_zero_point", out_zero_point),
                            _clamp_bound("int8_linear", "clamp_min", clamp_min),
-                           _clamp_bound("int8_linear", "clamp_max", clamp_max))
+                           _clamp_bound("int8_linear", "clamp_max", clamp_max), _integer(op, "out_bits", out_bits))
 
 
 # dynamic_int8_linear's fused activations, and torch.nn.functional.gelu's `approximate` for each
@@ -279,12 +281,12 @@ def int8_conv2d(x_q: torch.Tensor, x_scale, x_zero_point: int, w_packed: torch.T
                 out_dtype: torch.dtype = torch.float32, out_scale: Optional[float] = None,
                 out_zero_point: int = 0, clamp_min: Optional[float] = None,
                 clamp_max: Optional[float] = None, residual: Optional[torch.Tensor] = None, residual_scale=None,
-                residual_zero_point: int = 0, relu: bool = False) -> torch.Tensor:
+                residual_zero_point: int = 0, relu: bool = False, out_bits: int = 8) -> torch.Tensor:
     """Quantized conv2d: x_q [B, C, H, W] int8/uint8 with a per-tensor x_scale and x_zero_point, a weight from
     pack_conv_weight with w_sum[oc] = w_q[oc].sum() and w_scale [OC]; returns [B, OC, OH, OW] of out_dtype in
-    channels-last memory format: float32/float16/bfloat16, or int8/uint8 requantized with out_scale and
-    out_zero_point as in int8_linear (an integer-only pipeline's next input), after the fused activation clamp
-    (clamp_min / clamp_max, as in int8_linear).
+    channels-last memory format: float32/float16/bfloat16, or int8/uint8 requantized with out_scale,
+    out_zero_point and out_bits as in int8_linear (an integer-only pipeline's next input), after the fused activation
+    clamp (clamp_min / clamp_max, as in int8_linear).
 
     residual: a quantized tensor of the output's shape (int8/uint8, on x_q's device; channels-last is read without a
     copy) added before the output conversion, with residual_scale (a positive finite float or float32 tensor of 1
@@ -297,7 +299,7 @@ def int8_conv2d(x_q: torch.Tensor, x_scale, x_zero_point: int, w_packed: torch.T
     if residual is None and residual_scale is None and relu is False and not is_dynamo_compiling():
         y = _C.int8_conv2d(x_q, x_scale, x_zero_point, w_packed, w_sum, w_scale, bias, out_channels, kernel_size,
                            stride, padding, dilation, groups, out_dtype, out_scale, out_zero_point, clamp_min,
-                           clamp_max)
+                           clamp_max, out_bits)
         if y is not NotImplemented:
             return y
     _require_tensor("x_q", x_q)
@@ -323,10 +325,11 @@ def int8_conv2d(x_q: torch.Tensor, x_scale, x_zero_point: int, w_packed: torch.T
             _pair("dilation", dilation), groups, out_dtype, _optional_number(op, "out_scale", out_scale),
             _integer(op, "out_zero_point", out_zero_point), _clamp_bound(op, "clamp_min", clamp_min),
             _clamp_bound(op, "clamp_max", clamp_max))
+    out_bits = _integer(op, "out_bits", out_bits)
     if residual is None:
         if residual_scale is not None or relu is not False:
             raise ValueError("int8_conv2d: residual_scale and relu apply to a residual: pass residual too")
-        return ops.int8_conv2d(*args)
+        return ops.int8_conv2d(*args, out_bits)
     _require_tensor("residual", residual)
     _require_dtype("residual", residual, _ACTIVATION_DTYPES)
     _require_same_device(x_q.device, residual=residual)
@@ -336,7 +339,7 @@ def int8_conv2d(x_q: torch.Tensor, x_scale, x_zero_point: int, w_packed: torch.T
     _require_same_device(x_q.device, residual_scale=residual_scale)
     return ops.int8_conv2d.residual(*args, residual, residual_scale,
                                     _integer(op, "residual_zero_point", residual_zero_point),
-                                    _flag(op, "relu", relu))
+                                    _flag(op, "relu", relu), out_bits)
 
 
 # ---- fake kernels: shapes and dtypes only, for torch.compile / meta tensors ----
@@ -373,7 +376,7 @@ def _pack_int8_weight_fake(w):
 
 @torch.library.register_fake("torchquant::int8_linear")
 def _int8_linear_fake(x_q, x_scale, x_zero_point, w_packed, w_sum, w_scale, bias, out_features, out_dtype,
-                      out_scale=None, out_zero_point=0, clamp_min=None, clamp_max=None):
+                      out_scale=None, out_zero_point=0, clamp_min=None, clamp_max=None, out_bits=8):
     check_fake_devices("int8_linear", "x_q", x_q, x_scale=x_scale, w_packed=w_packed, w_sum=w_sum, w_scale=w_scale,
                        bias=bias)
     check_fake_dtype("int8_linear", "x_q", x_q, _ACTIVATION_DTYPES)
@@ -407,7 +410,7 @@ def _conv_out_size(size, kernel, stride, padding, dilation):
 @torch.library.register_fake("torchquant::int8_conv2d")
 def _int8_conv2d_fake(x_q, x_scale, x_zero_point, w_packed, w_sum, w_scale, bias, out_channels, kernel_size, stride,
                       padding, dilation, groups, out_dtype, out_scale=None, out_zero_point=0, clamp_min=None,
-                      clamp_max=None):
+                      clamp_max=None, out_bits=8):
     op = "int8_conv2d"
     check_fake_devices(op, "x_q", x_q, x_scale=x_scale, w_packed=w_packed, w_sum=w_sum, w_scale=w_scale, bias=bias)
     check_fake_dtype(op, "x_q", x_q, _ACTIVATION_DTYPES)
@@ -430,7 +433,7 @@ def _int8_conv2d_fake(x_q, x_scale, x_zero_point, w_packed, w_sum, w_scale, bias
 @torch.library.register_fake("torchquant::int8_conv2d.residual")
 def _int8_conv2d_residual_fake(x_q, x_scale, x_zero_point, w_packed, w_sum, w_scale, bias, out_channels, kernel_size,
                                stride, padding, dilation, groups, out_dtype, out_scale, out_zero_point, clamp_min,
-                               clamp_max, residual, residual_scale, residual_zero_point, relu):
+                               clamp_max, residual, residual_scale, residual_zero_point, relu, out_bits):
     out = _int8_conv2d_fake(x_q, x_scale, x_zero_point, w_packed, w_sum, w_scale, bias, out_channels, kernel_size,
                             stride, padding, dilation, groups, out_dtype, out_scale, out_zero_point, clamp_min,
                             clamp_max)

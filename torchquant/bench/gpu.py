@@ -335,7 +335,8 @@ def conv_rows() -> List[dict]:
                 r_scale = torch.tensor([0.05], device=DEVICE)
 
                 def ours():
-                    return ops.int8_conv2d.residual(*conv_args, torch.uint8, 0.1, 0, None, None, r_q, r_scale, 0, True)
+                    return ops.int8_conv2d.residual(*conv_args, torch.uint8, 0.1, 0, None, None, r_q, r_scale, 0, True,
+                                                    8)
 
                 def baseline():
                     return F.relu(F.conv2d(x, w, bias, stride, padding) + r)

@@ -368,18 +368,19 @@ class QuantLayerBase(nn.Module):
         return self._int_op(x_q, x_scale, self.input_zero_point, x.dtype)
 
     def pipeline_op(self, x_q: torch.Tensor, out_dtype: torch.dtype, out_scale: float | None = None,
-                    out_zero_point: int = 0) -> torch.Tensor:
+                    out_zero_point: int = 0, out_bits: int = 8) -> torch.Tensor:
         """A converted layer in an integer pipeline (torchquant.graph): the integer op on x_q, which holds the input
         quantized with input_quantizer's qparams; the output (with the layer's activation clamp) float of out_dtype,
-        or requantized to out_dtype int8/uint8 with out_scale and out_zero_point."""
+        or requantized to out_dtype int8/uint8 with out_scale, out_zero_point and out_bits."""
         self._check_folded_input(x_q)
         if self._quantized_call_args is not None and not is_dynamo_compiling():
             y = _C.quantized_layer_forward(x_q, self._quantized_call_args, self.clamp_min, self.clamp_max, out_dtype,
-                                           out_scale, out_zero_point)
+                                           out_scale, out_zero_point, out_bits)
             if y is not NotImplemented:
                 return y
         self._check_input(x_q)  # (the C++ entry declines what it does not take)
-        return self._int_op(x_q, self._static_scale, self.input_zero_point, out_dtype, out_scale, out_zero_point)
+        return self._int_op(x_q, self._static_scale, self.input_zero_point, out_dtype, out_scale, out_zero_point,
+                            out_bits)
 
     def _quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         quantizer = self.input_quantizer

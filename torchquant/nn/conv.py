@@ -144,24 +144,25 @@ class QuantConv2d(QuantLayerBase):
         return (self.w_sum, self.weight_scale, self._kernel_bias(), self.out_channels, list(self.kernel_size),
                 list(self.stride), list(self.padding), list(self.dilation), self.groups)
 
-    def _int_op(self, x_q, x_scale, x_zero_point, out_dtype, out_scale=None, out_zero_point=0):
+    def _int_op(self, x_q, x_scale, x_zero_point, out_dtype, out_scale=None, out_zero_point=0, out_bits=8):
         unbatched = x_q.dim() == 3  # a batch of one
         y = ops.int8_conv2d(x_q.unsqueeze(0) if unbatched else x_q, x_scale, x_zero_point, *self._op_args(),
-                            out_dtype, out_scale, out_zero_point, self.clamp_min, self.clamp_max)
+                            out_dtype, out_scale, out_zero_point, self.clamp_min, self.clamp_max, out_bits)
         return y.squeeze(0) if unbatched else y
 
     def pipeline_residual_op(self, x_q: torch.Tensor, residual: torch.Tensor, residual_scale: torch.Tensor,
                              residual_zero_point: int, relu: bool, out_dtype: torch.dtype,
-                             out_scale: float | None = None, out_zero_point: int = 0) -> torch.Tensor:
+                             out_scale: float | None = None, out_zero_point: int = 0,
+                             out_bits: int = 8) -> torch.Tensor:
         """pipeline_op with a residual add [+ ReLU] after the activation clamp, in the conv's epilogue
         (int8_conv2d.residual): residual int8/uint8 of the output's shape, residual_scale a float32 tensor [1]."""
         if x_q.dim() == 3:  # unbatched: a batch of one, as _int_op runs it
             return QuantConv2d.pipeline_residual_op(self, x_q.unsqueeze(0), residual.unsqueeze(0), residual_scale,
                                                     residual_zero_point, relu, out_dtype, out_scale,
-                                                    out_zero_point).squeeze(0)
+                                                    out_zero_point, out_bits).squeeze(0)
         return ops.int8_conv2d.residual(x_q, self._static_scale, self.input_zero_point, *self._op_args(), out_dtype,
                                         out_scale, out_zero_point, self.clamp_min, self.clamp_max, residual,
-                                        residual_scale, residual_zero_point, relu)
+                                        residual_scale, residual_zero_point, relu, out_bits)
 
     def _shape_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -199,11 +200,12 @@ class QuantConv1d(QuantConv2d):
         return self._converted_forward(x) if y is NotImplemented else y.contiguous()
 
     def pipeline_op(self, x_q: torch.Tensor, out_dtype: torch.dtype, out_scale: float | None = None,
-                    out_zero_point: int = 0) -> torch.Tensor:
-        y = self._entry_call(x_q, out_dtype, out_scale, out_zero_point)
+                    out_zero_point: int = 0, out_bits: int = 8) -> torch.Tensor:
+        y = self._entry_call(x_q, out_dtype, out_scale, out_zero_point, out_bits)
         if y is NotImplemented:
             self._check_input(x_q)
-            y = self._int_op(x_q, self._static_scale, self.input_zero_point, out_dtype, out_scale, out_zero_point)
+            y = self._int_op(x_q, self._static_scale, self.input_zero_point, out_dtype, out_scale, out_zero_point,
+                             out_bits)
         return y
 
     def _float_op(self, x, weight, bias):
@@ -224,9 +226,9 @@ class QuantConv1d(QuantConv2d):
         return (self.w_sum, self.weight_scale, self._kernel_bias(), self.out_channels,
                 [1, *self.kernel_size], [1, *self.stride], [0, *self.padding], [1, *self.dilation], self.groups)
 
-    def _int_op(self, x_q, x_scale, x_zero_point, out_dtype, out_scale=None, out_zero_point=0):
-        return super()._int_op(x_q.unsqueeze(-2), x_scale, x_zero_point, out_dtype, out_scale,
-                               out_zero_point).squeeze(-2)
+    def _int_op(self, x_q, x_scale, x_zero_point, out_dtype, out_scale=None, out_zero_point=0, out_bits=8):
+        return super()._int_op(x_q.unsqueeze(-2), x_scale, x_zero_point, out_dtype, out_scale, out_zero_point,
+                               out_bits).squeeze(-2)
 
     def pipeline_residual_op(self, x_q, residual, *args):
         return super().pipeline_residual_op(x_q.unsqueeze(-2), residual.unsqueeze(-2), *args).squeeze(-2)

@@ -130,10 +130,10 @@ class QuantLinear(QuantLayerBase):
             return ops.int8_linear_dynamic(x, *self._op_args())
         return ops.int8_linear_dynamic.activation(x, *self._op_args(), self.fused_activation)
 
-    def _int_op(self, x_q, x_scale, x_zero_point, out_dtype, out_scale=None, out_zero_point=0):
+    def _int_op(self, x_q, x_scale, x_zero_point, out_dtype, out_scale=None, out_zero_point=0, out_bits=8):
         # the kernel takes any leading dims of x_q, with x_scale [1] or one per row
         return ops.int8_linear(x_q, x_scale, x_zero_point, *self._op_args(), out_dtype, out_scale, out_zero_point,
-                               self.clamp_min, self.clamp_max)
+                               self.clamp_min, self.clamp_max, out_bits)
 
     def _shape_repr(self) -> str:
         transposed = ", weight_transposed=True" if self.weight_transposed else ""
