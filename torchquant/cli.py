@@ -70,7 +70,8 @@ def _model_options() -> argparse.ArgumentParser:
                                       for name, preset in PRESETS.items()))
     group.add_argument("--bits", type=int, metavar="N", help="weight bits, 1-8")
     group.add_argument("--act-bits", type=int, metavar="N",
-                       help="activation bits, 1-8 (2-8 for per-token dynamic activations)")
+                       help="activation bits, 1-8 (2-8 for per-token dynamic activations and integer pipelines; "
+                            "7 on CPUs without AVX-512 VNNI: uint8 activations below 128, multiplied as bytes)")
     group.add_argument("--rounding", metavar="R", help="nearest (default) or truncate, for weights and activations")
     group.add_argument("--granularity", metavar="G", help="weight scales: per_channel (default) or per_tensor")
     group.add_argument("--observer", metavar="O", choices=list(OBSERVERS),
