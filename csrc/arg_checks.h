@@ -110,7 +110,7 @@ struct BinaryTensors {
 
 // Checks the arguments of quantized_add (op Add: a and b of the same shape) or quantized_mul (op Multiply: a and b
 // broadcast), named op in messages: a and b int8 or uint8 on one device, zero points in their ranges, a_scale and
-// b_scale float32 tensors of 1 element on that device, and out_dtype / out_scale / out_zero_point as
+// b_scale float32 tensors of 1 element on that device, and out_dtype / out_scale / out_zero_point / out_bits as
 // check_output_dtype wants them (scale values are checked by each kernel); allocates the output on the current
 // device and sets up the element map.
 BinaryTensors prepare_quantized_binary(const char* op, BinaryOp kind, const at::Tensor& a, const at::Tensor& a_scale,

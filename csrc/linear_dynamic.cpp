@@ -20,7 +20,8 @@ namespace {
 using QuantizePerTokenFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, int64_t);
 using Int8LinearFn = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, const at::Tensor&, const at::Tensor&,
                                 const at::Tensor&, const std::optional<at::Tensor>&, int64_t, at::ScalarType,
-                                std::optional<double>, int64_t, std::optional<double>, std::optional<double>);
+                                std::optional<double>, int64_t, std::optional<double>, std::optional<double>,
+                                int64_t);
 
 at::Tensor int8_linear_dynamic_with(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& w_sum,
                                     const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
@@ -38,7 +39,7 @@ at::Tensor int8_linear_dynamic_with(const at::Tensor& x, const at::Tensor& w_pac
   // x_scale keeps the shape x.shape[:-1]: int8_linear takes one scale per row in any shape
   at::Tensor y = int8_linear.call(x_q, x_scale, 0, w_packed, w_sum, w_scale, bias, out_features,
                                   gelu == Gelu::None ? x.scalar_type() : at::kFloat, std::nullopt, 0, std::nullopt,
-                                  std::nullopt);
+                                  std::nullopt, 8);
   if (gelu == Gelu::None) return y;
   // the GELU of the float32 y, then the cast, as the CPU epilogue computes it
   return at::gelu_(y, gelu == Gelu::Tanh ? "tanh" : "none").to(x.scalar_type());

@@ -133,6 +133,22 @@ def test_gelu_on_every_device(device):
         assert_gelu_close(got.cpu().flatten(), y.cpu().flatten(), form)
 
 
+def test_composite_kernel_equals_the_cpu_kernel():
+    """int8_linear_dynamic's composite implementation (quantize_per_token, int8_linear, torch's gelu: what every
+    device but the CPU runs), called on the CPU through the dispatcher: the CPU's fused kernel's values, bit for bit
+    without an activation (the same integers and epilogue), and up to gelu's rounding with one."""
+    g = torch.Generator().manual_seed(9)
+    w_packed, w_sum, w_scale = quantized_weight(64, 40)
+    bias = torch.randn(64, generator=g)
+    composite = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
+    for x in (torch.randn(3, 5, 40, generator=g), torch.randn(7, 40, generator=g).bfloat16()):
+        args = (x, w_packed, w_sum, w_scale, bias, 64)
+        assert_same(ops.int8_linear_dynamic.default.redispatch(composite, *args), ops.int8_linear_dynamic(*args))
+        for form in FORMS:
+            got = ops.int8_linear_dynamic.activation.redispatch(composite, *args, form)
+            torch.testing.assert_close(got, ops.int8_linear_dynamic.activation(*args, form), rtol=1e-5, atol=1e-5)
+
+
 def test_activation_argument_checks():
     w_packed, w_sum, w_scale = quantized_weight(8, 16)
     x = torch.randn(2, 16)

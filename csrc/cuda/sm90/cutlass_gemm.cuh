@@ -87,10 +87,11 @@ struct DequantArguments {
   float inv_out_scale = 1.0f;   // requantized outputs only
   float out_zero_point = 0.0f;  // requantized outputs only
   ActivationClamp clamp;        // the fused activation (none: -inf / +inf)
+  QuantFormat out_format{};     // requantized outputs only: the range of out_bits bits
 };
 
-// y = centered * row_scale * column_scale + bias (one rounding each), clamped, requantized when Out is
-// int8/uint8; the result is a float that the store converts to Out (round to nearest even; exact for requantized
+// y = centered * row_scale * column_scale + bias (one rounding each), clamped, requantized to out_format when Out
+// is int8/uint8; the result is a float that the store converts to Out (round to nearest even; exact for requantized
 // integers).
 template <class Out>
 struct DequantFor {
@@ -108,8 +109,7 @@ struct DequantFor {
         y[i] = clamp_activation(
             __fadd_rn(__fmul_rn(__fmul_rn(centered[i], row_scale[i]), column_scale[i]), bias[i]), args.clamp);
         if constexpr (std::is_same_v<Out, int8_t> || std::is_same_v<Out, uint8_t>)
-          y[i] = quantize_value(y[i], args.inv_out_scale, args.out_zero_point,
-                                quant_format(8, std::is_same_v<Out, int8_t>), Rounding::Nearest);
+          y[i] = quantize_value(y[i], args.inv_out_scale, args.out_zero_point, args.out_format, Rounding::Nearest);
       }
       return y;
     }
@@ -141,7 +141,7 @@ void set_dequant_arguments(TreeArguments& dequant, const DequantEpilogue& e) {
   get<1>(dequant) = {e.x_scale, 0.0f, {e.per_row_scale, _0{}, _0{}}};
   get<2>(dequant) = {e.w_scale, 0.0f, {}};
   get<3>(dequant) = {e.bias, -0.0f, {}};
-  get<4>(dequant) = {e.inv_out_scale, e.out_zero_point, e.clamp};
+  get<4>(dequant) = {e.inv_out_scale, e.out_zero_point, e.clamp, e.out_format};
 }
 
 // The raw accumulator (int8_mm).
