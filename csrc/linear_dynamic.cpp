@@ -18,10 +18,6 @@ namespace torchquant {
 namespace {
 
 using QuantizePerTokenFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, int64_t);
-using Int8LinearFn = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, const at::Tensor&, const at::Tensor&,
-                                const at::Tensor&, const std::optional<at::Tensor>&, int64_t, at::ScalarType,
-                                std::optional<double>, int64_t, std::optional<double>, std::optional<double>,
-                                int64_t);
 
 at::Tensor int8_linear_dynamic_with(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& w_sum,
                                     const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,

@@ -41,6 +41,7 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include "cpu/gemm_ops.h"
+#include "gemm_front.h"
 #include "quant_math.h"
 
 namespace torchquant {
@@ -63,10 +64,6 @@ using QuantizedMulFn = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t,
                                   int64_t, at::ScalarType, std::optional<double>, int64_t, int64_t);
 using QuantizedMaxPool2dFn = at::Tensor(const at::Tensor&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
                                        at::IntArrayRef, bool);
-using Int8LinearFn = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, const at::Tensor&, const at::Tensor&,
-                                const at::Tensor&, const std::optional<at::Tensor>&, int64_t, at::ScalarType,
-                                std::optional<double>, int64_t, std::optional<double>, std::optional<double>,
-                                int64_t);
 using Int8Conv2dFn = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, const at::Tensor&, const at::Tensor&,
                                 const at::Tensor&, const std::optional<at::Tensor>&, int64_t, at::IntArrayRef,
                                 at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t, at::ScalarType,
