@@ -82,14 +82,6 @@ LinearFront int8_linear_front(const at::Tensor& x_q, const at::Tensor& x_scale, 
                               std::optional<double> out_scale, int64_t out_zero_point, int64_t out_bits,
                               std::optional<double> clamp_min, std::optional<double> clamp_max);
 
-// torchquant::int8_linear's schema as a C++ signature, for the callers that reach the op through the dispatcher
-// (c10::TypedOperatorHandle). One declaration: when the schema changes and this with it, a call left with the old
-// arguments fails to compile rather than when it runs.
-using Int8LinearFn = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, const at::Tensor&, const at::Tensor&,
-                                const at::Tensor&, const std::optional<at::Tensor>&, int64_t, at::ScalarType,
-                                std::optional<double>, int64_t, std::optional<double>, std::optional<double>,
-                                int64_t);
-
 // int8_conv2d on any device, checked: the geometry, and the output as the GEMM writes it, [batch, out_h, out_w,
 // out_channels] (rows of out_channels); the op returns it permuted to [batch, out_channels, out_h, out_w].
 struct ConvFront {

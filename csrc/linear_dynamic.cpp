@@ -13,11 +13,10 @@
 #include <torch/library.h>
 
 #include "gemm_front.h"
+#include "op_signatures.h"
 
 namespace torchquant {
 namespace {
-
-using QuantizePerTokenFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, int64_t);
 
 at::Tensor int8_linear_dynamic_with(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& w_sum,
                                     const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
@@ -26,11 +25,8 @@ at::Tensor int8_linear_dynamic_with(const at::Tensor& x, const at::Tensor& w_pac
               "int8_linear_dynamic: x must be float32, float16 or bfloat16, got ", x.scalar_type());
   TQ_CHECK(x.dim() >= 1, "int8_linear_dynamic: x must have at least 1 dimension [..., K]");
   // the device of every other argument is checked by int8_linear's kernel, with the same messages
-  static const auto quantize_per_token = c10::Dispatcher::singleton()
-                                             .findSchemaOrThrow("torchquant::quantize_per_token", "")
-                                             .typed<QuantizePerTokenFn>();
-  static const auto int8_linear =
-      c10::Dispatcher::singleton().findSchemaOrThrow("torchquant::int8_linear", "").typed<Int8LinearFn>();
+  static const auto quantize_per_token = find_op<QuantizePerTokenFn>("torchquant::quantize_per_token");
+  static const auto int8_linear = find_op<Int8LinearFn>("torchquant::int8_linear");
   const auto [x_q, x_scale] = quantize_per_token.call(x, 8);
   // x_scale keeps the shape x.shape[:-1]: int8_linear takes one scale per row in any shape
   at::Tensor y = int8_linear.call(x_q, x_scale, 0, w_packed, w_sum, w_scale, bias, out_features,
@@ -63,10 +59,7 @@ at::Tensor int8_linear_dynamic_activation(const at::Tensor& x, const at::Tensor&
 at::Tensor int8_linear_dynamic_autograd(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& w_sum,
                                         const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
                                         int64_t out_features) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("torchquant::int8_linear_dynamic", "")
-                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                               const at::Tensor&, const std::optional<at::Tensor>&, int64_t)>();
+  static const auto op = find_op<Int8LinearDynamicFn>("torchquant::int8_linear_dynamic");
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   return op.call(x, w_packed, w_sum, w_scale, bias, out_features);
 }
@@ -75,11 +68,8 @@ at::Tensor int8_linear_dynamic_activation_autograd(const at::Tensor& x, const at
                                                    const at::Tensor& w_sum, const at::Tensor& w_scale,
                                                    const std::optional<at::Tensor>& bias, int64_t out_features,
                                                    c10::string_view activation) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("torchquant::int8_linear_dynamic", "activation")
-                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                               const at::Tensor&, const std::optional<at::Tensor>&, int64_t,
-                                               c10::string_view)>();
+  static const auto op =
+      find_op<Int8LinearDynamicActivationFn>("torchquant::int8_linear_dynamic", "activation");
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   return op.call(x, w_packed, w_sum, w_scale, bias, out_features, activation);
 }

@@ -42,38 +42,11 @@
 
 #include "cpu/gemm_ops.h"
 #include "gemm_front.h"
+#include "op_signatures.h"
 #include "quant_math.h"
 
 namespace torchquant {
 namespace {
-
-using QuantizeFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, std::optional<int64_t>, int64_t,
-                              bool, c10::string_view);
-using DequantizeFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, std::optional<int64_t>,
-                                at::ScalarType);
-using QuantizePerTokenFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, int64_t);
-using Int8MmFn = at::Tensor(const at::Tensor&, const at::Tensor&);
-using Int8LinearDynamicFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                       const std::optional<at::Tensor>&, int64_t);
-using Int8LinearDynamicActivationFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                 const at::Tensor&, const std::optional<at::Tensor>&, int64_t,
-                                                 c10::string_view);
-using QuantizedAddFn = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, const at::Tensor&, const at::Tensor&,
-                                  int64_t, at::ScalarType, std::optional<double>, int64_t, bool, int64_t);
-using QuantizedMulFn = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, const at::Tensor&, const at::Tensor&,
-                                  int64_t, at::ScalarType, std::optional<double>, int64_t, int64_t);
-using QuantizedMaxPool2dFn = at::Tensor(const at::Tensor&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
-                                       at::IntArrayRef, bool);
-using Int8Conv2dFn = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, const at::Tensor&, const at::Tensor&,
-                                const at::Tensor&, const std::optional<at::Tensor>&, int64_t, at::IntArrayRef,
-                                at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t, at::ScalarType,
-                                std::optional<double>, int64_t, std::optional<double>, std::optional<double>,
-                                int64_t);
-
-template <class Fn>
-c10::TypedOperatorHandle<Fn> find_op(const char* name, const char* overload = "") {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, overload).typed<Fn>();
-}
 
 // Tensors at least this large run without the GIL, so that other Python threads run meanwhile; below it, releasing
 // and taking the GIL back costs more than it lets run.

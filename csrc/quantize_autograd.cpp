@@ -21,43 +21,32 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "op_signatures.h"
+
 namespace torchquant {
 namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-using QuantizeFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, std::optional<int64_t>, int64_t,
-                              bool, c10::string_view);
-using DequantizeFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, std::optional<int64_t>,
-                                at::ScalarType);
-using FakeQuantizeBackwardFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                          std::optional<int64_t>, int64_t, bool, c10::string_view);
-using QuantizePerTokenFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, int64_t);
-
-template <class Fn>
-c10::TypedOperatorHandle<Fn> op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
-}
-
 const c10::TypedOperatorHandle<QuantizeFn>& quantize_op() {
-  static const auto handle = op<QuantizeFn>("torchquant::quantize");
+  static const auto handle = find_op<QuantizeFn>("torchquant::quantize");
   return handle;
 }
 const c10::TypedOperatorHandle<QuantizeFn>& fake_quantize_op() {
-  static const auto handle = op<QuantizeFn>("torchquant::fake_quantize");
+  static const auto handle = find_op<QuantizeFn>("torchquant::fake_quantize");
   return handle;
 }
 const c10::TypedOperatorHandle<DequantizeFn>& dequantize_op() {
-  static const auto handle = op<DequantizeFn>("torchquant::dequantize");
+  static const auto handle = find_op<DequantizeFn>("torchquant::dequantize");
   return handle;
 }
 const c10::TypedOperatorHandle<FakeQuantizeBackwardFn>& fake_quantize_backward_op() {
-  static const auto handle = op<FakeQuantizeBackwardFn>("torchquant::fake_quantize_backward");
+  static const auto handle = find_op<FakeQuantizeBackwardFn>("torchquant::fake_quantize_backward");
   return handle;
 }
 const c10::TypedOperatorHandle<QuantizePerTokenFn>& quantize_per_token_op() {
-  static const auto handle = op<QuantizePerTokenFn>("torchquant::quantize_per_token");
+  static const auto handle = find_op<QuantizePerTokenFn>("torchquant::quantize_per_token");
   return handle;
 }
 
