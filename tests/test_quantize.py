@@ -317,26 +317,6 @@ def test_cpu_paths_round_at_the_ends_of_the_range(isa):
 
 
 
-
-def test_streamed_dequantize_matches_reference(isa, monkeypatch):
-    """A float32 output larger than TORCHQUANT_STREAMING_BYTES is written with streaming stores (from the first
-    vector boundary of each span on): forced here on small outputs, every layout (spans starting off a boundary, per
-    channel with one parameter per element, one span per thread of a million elements), against the reference."""
-    monkeypatch.setenv("TORCHQUANT_STREAMING_BYTES", "0")
-    g = torch.Generator().manual_seed(3)
-    for shape, axis in [((1000 + 13,), None), ((3,), None), ((5, 1003), 0), ((37, 19, 5), 1), ((131, 6), 0),
-                        ((6, 131), -1), ((1 << 20,), None)]:
-        for signed in (True, False):
-            low, high = (-128, 128) if signed else (0, 256)
-            q = torch.randint(low, high, shape, generator=g, dtype=torch.int16).to(torch.int8 if signed else torch.uint8)
-            channels = 1 if axis is None else shape[axis]
-            scale, zp = qparams(channels, bits=8, signed=signed, device="cpu", seed=channels)
-            scale = torch.as_tensor(scale, dtype=torch.float32).reshape(-1)
-            zp = torch.as_tensor(zp, dtype=torch.int32).reshape(-1)
-            for dtype in FLOATS:
-                assert_same(F.dequantize(q, scale, zp, axis=axis, dtype=dtype),
-                            R.dequantize(q, scale, zp, axis=axis, dtype=dtype))
-
 def test_cpu_paths_agree_on_a_million_elements(monkeypatch):
     x = gen(1 << 20, spread=50.0)
     results = []

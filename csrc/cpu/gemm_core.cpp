@@ -40,6 +40,8 @@ constexpr int64_t kCachedActivationBytes = 512 << 10;  // activations this small
 // ms in chunks of 96 rows, 0.764 ms in chunks of 224 (1 MB), 0.872 ms in one of 416 (1.8 MB); int8_mm 2048^3 (512
 // rows) 9.75 -> 8.09 ms.
 constexpr int64_t kAmxChunkBytes = 1 << 20;
+// outputs from this size (half of a Zen 5 L3) bypass the caches, unless TORCHQUANT_STREAMING_BYTES says otherwise
+constexpr int64_t kStreamingOutputBytes = int64_t{16} << 20;
 
 int64_t out_kind_bytes(OutKind kind) {
   switch (kind) {
@@ -2465,6 +2467,18 @@ void pack_activation_rows(const uint8_t* src, int64_t m, int64_t k, int64_t stri
       std::memset(out + k, 0, lda - k);
     }
   });
+}
+
+// The output size from which outputs are streamed: TORCHQUANT_STREAMING_BYTES (read on every call, as
+// TORCHQUANT_CPU_ISA is: tests stream small outputs), else kStreamingOutputBytes.
+int64_t streaming_output_bytes() {
+  const char* forced = std::getenv("TORCHQUANT_STREAMING_BYTES");
+  if (forced == nullptr || forced[0] == '\0') return kStreamingOutputBytes;
+  char* end = nullptr;
+  const long long bytes = std::strtoll(forced, &end, 10);
+  TQ_CHECK(*end == '\0' && bytes >= 0, "TORCHQUANT_STREAMING_BYTES must be a non-negative integer, got '", forced,
+           "'");
+  return bytes;
 }
 
 // A large output is written with streaming stores: no read-for-ownership of lines that are fully overwritten (a

@@ -113,17 +113,6 @@ TQ_TARGET_AMX void amx_multiply_adds(int64_t iterations) {
 
 }  // namespace
 
-int64_t streaming_output_bytes() {
-  constexpr int64_t kDefault = int64_t{16} << 20;
-  const char* forced = std::getenv("TORCHQUANT_STREAMING_BYTES");
-  if (forced == nullptr || forced[0] == '\0') return kDefault;
-  char* end = nullptr;
-  const long long bytes = std::strtoll(forced, &end, 10);
-  TQ_CHECK(*end == '\0' && bytes >= 0, "TORCHQUANT_STREAMING_BYTES must be a non-negative integer, got '", forced,
-           "'");
-  return bytes;
-}
-
 static std::string cpu_kernel_path() {
   bool amx = false;
   switch (cpu_isa(&amx)) {

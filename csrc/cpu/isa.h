@@ -55,11 +55,6 @@ TQ_TARGET_AMX inline void configure_amx(int rows_lo, int rows_hi) {
 
 enum class CpuIsa : int { Scalar = 0, Avx2 = 1, Avx512Vnni = 2 };
 
-// The output size from which the CPU kernels write with streaming stores (bypassing the caches): the GEMM's
-// epilogue (with_streaming) and dequantize: TORCHQUANT_STREAMING_BYTES (read on every call, as TORCHQUANT_CPU_ISA is:
-// tests stream small outputs), else 16 MB, half of a Zen 5 L3.
-int64_t streaming_output_bytes();
-
 inline CpuIsa detected_cpu_isa() {
   static const CpuIsa isa = [] {
     __builtin_cpu_init();

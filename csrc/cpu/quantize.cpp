@@ -111,12 +111,6 @@ void dequantize_span(const In* q, Out* y, int64_t n, SpanParams p) {
   }
 }
 
-// (the scalar path stores through the caches)
-template <bool PerElement, class In>
-void dequantize_span_streaming(const In* q, float* y, int64_t n, SpanParams p) {
-  dequantize_span<PerElement>(q, y, n, p);
-}
-
 template <class A, class B, class Out>
 void binary_span(const A* a, const B* b, Out* y, int64_t n, const BinaryParams& p) {
   const BinaryMap& m = p.map;
@@ -197,7 +191,6 @@ TQ_TARGET inline V vload(const uint8_t* p) {
 }
 
 TQ_TARGET inline void vstore(float* p, V v) { _mm512_storeu_ps(p, v); }
-TQ_TARGET inline void stream(float* p, V v) { _mm512_stream_ps(p, v); }  // a streaming store, p 64-byte aligned
 TQ_TARGET inline void vstore(at::Half* p, V v) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, kNearest));
 }
@@ -332,7 +325,6 @@ TQ_TARGET inline __m128i narrow_to_u8(__m256i v) {
 }
 
 TQ_TARGET inline void vstore(float* p, V v) { _mm256_storeu_ps(p, v); }
-TQ_TARGET inline void stream(float* p, V v) { _mm256_stream_ps(p, v); }  // p 32-byte aligned
 TQ_TARGET inline void vstore(at::Half* p, V v) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, kNearest));
 }
@@ -410,10 +402,6 @@ TQ_TARGET inline bool any(IM m) { return !_mm256_testz_si256(m, m); }
     template <bool PerElement, class In, class Out>                                                              \
     static void dequantize_span(const In* q, Out* y, int64_t n, SpanParams p) {                                  \
       dequantize_ns::dequantize_span<PerElement>(q, y, n, p);                                                   \
-    }                                                                                                            \
-    template <bool PerElement, class In>                                                                         \
-    static void dequantize_span_streaming(const In* q, float* y, int64_t n, SpanParams p) {                      \
-      dequantize_ns::dequantize_span_streaming<PerElement>(q, y, n, p);                                         \
     }                                                                                                            \
     template <class In>                                                                                          \
     static float finite_absmax(const In* x, int64_t n) {                                                         \
@@ -657,13 +645,7 @@ at::Tensor dequantize_cpu(const at::Tensor& q, const at::Tensor& scale, const at
       using Out = decltype(out_tag);
       const In* qp = qc->data_ptr<In>();
       Out* yp = y.data_ptr<Out>();
-      // (a float32 output larger than the caches is streamed: see dequantize_span_streaming)
-      const bool stream = std::is_same_v<Out, float> && y.nbytes() > static_cast<size_t>(streaming_output_bytes());
-      map_spans(q.numel(), layout, p, [qp, yp, stream](auto isa, auto per_element, int64_t i, int64_t n,
-                                                       SpanParams sp) {
-        if constexpr (std::is_same_v<Out, float>) {
-          if (stream) return decltype(isa)::template dequantize_span_streaming<per_element>(qp + i, yp + i, n, sp);
-        }
+      map_spans(q.numel(), layout, p, [qp, yp](auto isa, auto per_element, int64_t i, int64_t n, SpanParams sp) {
         decltype(isa)::template dequantize_span<per_element>(qp + i, yp + i, n, sp);
       });
     });
