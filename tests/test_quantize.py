@@ -306,15 +306,18 @@ def test_cpu_paths_round_at_the_ends_of_the_range(isa):
             ends = torch.tensor([qmin - zp, qmax - zp], dtype=torch.float32)
             x = ((ends[:, None] + steps) * scale).reshape(-1)
             x = torch.cat([x, torch.tensor([math.nan, math.inf, -math.inf, 1e30, -1e30])]).repeat(9)  # > 4 vectors
-            # without specials (whole vector groups that the conversion rounds), and scaled values at the ends of
-            # int16 (where the zero point is added with saturation) and of int32 (the conversion's own range)
+            # without specials (whole vector groups that the conversion rounds), scaled values past the ends of
+            # int16 (saturated by the packs before the zero point is added) and at the ends of int32 (-2^31 and
+            # beyond: the conversion's INT_MIN, whose groups take the scalar loop), each in groups of their own
             ends_only = ((ends[:, None] + steps) * scale).reshape(-1).repeat(8)
-            wide = torch.tensor([32766.5, 32767.0, 32767.5, 32768.0, 40000.0, 2147483520.0, -32768.0, -32768.5,
-                                 -32769.0, -40000.0, -2147483648.0, -2147483904.0, 1e9, -1e9, 3.5, -3.5])
+            int16_ends = torch.tensor([32766.5, 32767.0, 32767.5, 32768.0, 40000.0, 2147483520.0, -32768.0,
+                                       -32768.5, -32769.0, -40000.0, 1e9, -1e9, 3.5, -3.5, 254.5, -127.5])
+            int32_ends = torch.tensor([-2147483648.0, -2147483904.0, 2147483648.0, 3.5])
             for rounding in ROUNDINGS:
-                for values in (x, ends_only, (wide * scale).repeat(8)):
-                    check_all_ops(values, scale, zp, bits=bits, signed=signed, rounding=rounding, axis=None)
-
+                for values in (x, ends_only, (int16_ends * scale).repeat(8), (int32_ends * scale).repeat(16)):
+                    for dtype in FLOATS:
+                        check_all_ops(values.to(dtype), scale, zp, bits=bits, signed=signed, rounding=rounding,
+                                      axis=None)
 
 
 def test_cpu_paths_agree_on_a_million_elements(monkeypatch):
