@@ -222,23 +222,22 @@ TQ_TARGET inline ByteClamp byte_clamp(int zero_point, int lo, int hi) {
 TQ_TARGET inline __m512i clamped(__m512i v, const ByteClamp& k) {
   return _mm512_min_epi16(_mm512_max_epi16(_mm512_adds_epi16(v, k.zero_point), k.lo), k.hi);
 }
+// The int16 lanes of vectors a, b (ab) and c, d (cd) packed to Out with saturation and stored in order.
 template <class Out>
-TQ_TARGET inline void vstore4(Out* p, VI a, VI b, VI c, VI d, const ByteClamp& k) {
-  const __m512i ab = clamped(_mm512_packs_epi32(a, b), k);
-  const __m512i cd = clamped(_mm512_packs_epi32(c, d), k);
+TQ_TARGET inline void store_bytes4(Out* p, __m512i ab, __m512i cd) {
   const __m512i bytes = std::is_same_v<Out, uint8_t> ? _mm512_packus_epi16(ab, cd) : _mm512_packs_epi16(ab, cd);
   // dword 4 * lane + j holds vector j's elements 4 * lane .. 4 * lane + 3
   const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
   _mm512_storeu_si512(p, _mm512_permutexvar_epi32(order, bytes));
 }
+template <class Out>
+TQ_TARGET inline void vstore4(Out* p, VI a, VI b, VI c, VI d, const ByteClamp& k) {
+  store_bytes4(p, clamped(_mm512_packs_epi32(a, b), k), clamped(_mm512_packs_epi32(c, d), k));
+}
 // Four vectors of integers inside Out's range (the packs never saturate them).
 template <class Out>
 TQ_TARGET inline void vstore4(Out* p, VI a, VI b, VI c, VI d) {
-  const __m512i ab = _mm512_packs_epi32(a, b);
-  const __m512i cd = _mm512_packs_epi32(c, d);
-  const __m512i bytes = std::is_same_v<Out, uint8_t> ? _mm512_packus_epi16(ab, cd) : _mm512_packs_epi16(ab, cd);
-  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-  _mm512_storeu_si512(p, _mm512_permutexvar_epi32(order, bytes));
+  store_bytes4(p, _mm512_packs_epi32(a, b), _mm512_packs_epi32(c, d));
 }
 // a converted to integers by the conversion's own rounding: cvtps2dq as MXCSR says (nearest even by default),
 // cvttps2dq truncating; NaN, infinities and values outside int32's range give INT_MIN.
@@ -342,7 +341,7 @@ TQ_TARGET inline void vstore(Out* p, VI v) {
 }
 template <class Out, class = std::enable_if_t<kIsByte<Out>>>
 TQ_TARGET inline void vstore(Out* p, V v) { vstore(p, to_int(v)); }
-// as avx512::ByteClamp, byte_clamp, clamped, the vstore4s, convert, IM and its functions
+// as avx512::ByteClamp, byte_clamp, store_bytes4, clamped, the vstore4s, convert, IM and its functions
 struct ByteClamp {
   __m256i zero_point, lo, hi;  // int16 lanes
 };
