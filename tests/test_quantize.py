@@ -304,12 +304,13 @@ def test_cpu_paths_round_at_the_ends_of_the_range(isa):
             scale = 0.25
             steps = torch.tensor([-1.5, -0.7, -0.5, -0.3, 0.0, 0.3, 0.5, 0.7, 1.5])
             ends = torch.tensor([qmin - zp, qmax - zp], dtype=torch.float32)
-            x = ((ends[:, None] + steps) * scale).reshape(-1)
-            x = torch.cat([x, torch.tensor([math.nan, math.inf, -math.inf, 1e30, -1e30])]).repeat(9)  # > 4 vectors
+            around_ends = ((ends[:, None] + steps) * scale).reshape(-1)
+            specials = torch.tensor([math.nan, math.inf, -math.inf, 1e30, -1e30])
+            x = torch.cat([around_ends, specials]).repeat(9)  # > 4 vectors
             # without specials (whole vector groups that the conversion rounds), scaled values past the ends of
             # int16 (saturated by the packs before the zero point is added) and at the ends of int32 (-2^31 and
             # beyond: the conversion's INT_MIN, whose groups take the scalar loop), each in groups of their own
-            ends_only = ((ends[:, None] + steps) * scale).reshape(-1).repeat(8)
+            ends_only = around_ends.repeat(8)
             int16_ends = torch.tensor([32766.5, 32767.0, 32767.5, 32768.0, 40000.0, 2147483520.0, -32768.0,
                                        -32768.5, -32769.0, -40000.0, 1e9, -1e9, 3.5, -3.5, 254.5, -127.5])
             int32_ends = torch.tensor([-2147483648.0, -2147483904.0, 2147483648.0, 3.5])
