@@ -713,6 +713,24 @@ def test_int8_linear_narrow_weights_on_every_isa(bits, m, n):
         torch.testing.assert_close(got, reference.int8_linear(x_q, x_scale, 9, w, w_scale, bias, out_dtype=out_dtype))
 
 
+# 1 to 4 rows against a packed weight of over 8 MB: the AVX2 path's int8 kernel streams it (sub-blocks of 32
+# k-steps, each pass prefetching its lines of the next one). 1025 k-steps (4 k blocks and one step: a last sub-block
+# of 1), a last panel of 8 columns (2 of the 8 slices), extremes in both operands; 1 and 2 threads.
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+def test_int8_linear_few_rows_streamed_weight(m):
+    k, n = 4100, 2056
+    g = torch.Generator().manual_seed(m)
+    w = _extreme_weights(randint8((n, k), generator=g))
+    x_q = torch.randint(0, 256, (m, k), dtype=torch.uint8, generator=g)
+    x_q[:, :8], x_q[0, -8:] = 255, 0
+    w_packed, w_sum, ones = F.pack_int8_weight(w), w.sum(1, dtype=torch.int32), torch.ones(n)
+    want = reference.int8_linear(x_q, 1.0, 5, w, ones)
+    for threads in (1, 2):
+        with num_threads(threads):
+            got = on_every_isa(lambda: F.int8_linear(x_q, 1.0, 5, w_packed, w_sum, ones, out_features=n))
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("n", PARTIAL_COLUMNS)
 @pytest.mark.parametrize("kernel,padding", [((1, 1), 0), ((3, 3), 1)], ids=["1x1", "3x3"])
 @pytest.mark.parametrize("out_dtype", [torch.uint8, torch.int8, torch.float32, torch.float16])

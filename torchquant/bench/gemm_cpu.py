@@ -4,8 +4,10 @@ Three tables, each at 1 and 2 threads, every row timed interleaved with its base
 - int8_mm: GOP/s (2 per multiply-add), fraction of the peak of the kernel path's multiply-add instruction measured on
   this machine (torchquant.bench.timing.multiply_add_peak, times the threads), ratio to torch._int_mm (oneDNN) and
   to float32 torch.mm.
-- dynamic linear (per-token activation quantize + GEMM + epilogue, float32 in and out) on MiniLM/BERT shapes and
-  4096x4096 against torch.ao.quantization.quantize_dynamic's Linear (fbgemm) and float F.linear.
+- dynamic linear (per-token activation quantize + GEMM + epilogue, float32 in and out) on MiniLM/BERT shapes,
+  4096x4096 and 4096x11008 against torch.ao.quantization.quantize_dynamic's Linear (fbgemm) and float F.linear;
+  "weight GB/s" is the int8 weight's bytes over the time, against memory's speed where few rows read a weight
+  too large for the caches.
 - conv2d on ResNet-style layers (uint8 channels-last activations, per-channel int8 weights, float32 output)
   against torch.ao.nn.quantized.Conv2d (x86 engine; quint8 output) and the float channels-last conv.
 """
@@ -19,8 +21,9 @@ from torchquant.bench.timing import multiply_add_peak, run_tables, tables_main, 
 from torchquant.timing import compare, num_threads
 
 MM_SHAPES = ((1024, 1024, 1024), (2048, 2048, 2048), (128, 4096, 4096), (16, 4096, 4096), (32, 4096, 11008))  # M, K, N
-LINEAR_SHAPES = ((384, 384), (384, 1536), (1536, 384), (768, 768), (768, 3072), (3072, 768), (4096, 4096))  # K, N
-LINEAR_ROWS = (1, 16, 128, 512)
+LINEAR_SHAPES = ((384, 384), (384, 1536), (1536, 384), (768, 768), (768, 3072), (3072, 768), (4096, 4096),
+                 (4096, 11008))  # K, N
+LINEAR_ROWS = (1, 4, 16, 128, 512)
 CONV_LAYERS = (  # name, in_channels, size, out_channels, kernel, stride, padding
     ("3x3 64->64 @56", 64, 56, 64, 3, 1, 1),
     ("1x1 64->256 @56", 64, 56, 256, 1, 1, 0),
@@ -79,7 +82,8 @@ def bench_dynamic_linear(threads: int, repeats: int) -> List[dict]:
                              "ao": lambda: ao_linear(x),
                              "fp32": lambda: nn.functional.linear(x, linear.weight, bias)}, repeats=repeats)
             rows.append({"threads": threads, "K x N": f"{k}x{n}", "M": m, "us": t["tq"] * 1e6,
-                         "GOP/s": 2 * m * n * k / t["tq"] / 1e9, "vs quantize_dynamic": t["ao"] / t["tq"],
+                         "GOP/s": 2 * m * n * k / t["tq"] / 1e9, "weight GB/s": n * k / t["tq"] / 1e9,
+                         "vs quantize_dynamic": t["ao"] / t["tq"],
                          "vs fp32 F.linear": t["fp32"] / t["tq"]})
     return rows
 
@@ -119,7 +123,7 @@ def bench_conv(threads: int, repeats: int) -> List[dict]:
 TABLES = {
     "int8_mm": (bench_int8_mm, ("threads", "M x K x N", "ms", "GOP/s", "of peak", "_int_mm GOP/s", "vs _int_mm",
                                 "vs fp32 mm")),
-    "linear": (bench_dynamic_linear, ("threads", "K x N", "M", "us", "GOP/s", "vs quantize_dynamic",
+    "linear": (bench_dynamic_linear, ("threads", "K x N", "M", "us", "GOP/s", "weight GB/s", "vs quantize_dynamic",
                                       "vs fp32 F.linear")),
     "conv": (bench_conv, ("threads", "layer", "batch", "ms", "GOP/s", "vs ao Conv2d (x86)", "vs fp32 conv")),
 }
