@@ -714,13 +714,16 @@ def test_int8_linear_narrow_weights_on_every_isa(bits, m, n):
 
 
 # 1 to 4 rows against a packed weight of over 8 MB: the AVX2 path's int8 kernel streams it (sub-blocks of 32
-# k-steps, each pass prefetching its lines of the next one). 1025 k-steps (4 k blocks and one step: a last sub-block
-# of 1), a last panel of 8 columns (2 of the 8 slices), extremes in both operands; 1 and 2 threads.
+# k-steps, each pass prefetching its lines of the next one), 7-bit weights too (not the byte kernel there). 1025
+# k-steps (4 k blocks and one step: a last sub-block of 1), a last panel of 8 columns (2 of the 8 slices), extremes
+# in both operands; 1 and 2 threads.
 @pytest.mark.parametrize("m", [1, 2, 3, 4])
-def test_int8_linear_few_rows_streamed_weight(m):
+@pytest.mark.parametrize("bits", [8, 7])
+def test_int8_linear_few_rows_streamed_weight(m, bits):
     k, n = 4100, 2056
     g = torch.Generator().manual_seed(m)
-    w = _extreme_weights(randint8((n, k), generator=g))
+    w = _extreme_weights(randint8((n, k), generator=g)) if bits == 8 else \
+        torch.randint(-64, 65, (n, k), dtype=torch.int8, generator=g)
     x_q = torch.randint(0, 256, (m, k), dtype=torch.uint8, generator=g)
     x_q[:, :8], x_q[0, -8:] = 255, 0
     w_packed, w_sum, ones = F.pack_int8_weight(w), w.sum(1, dtype=torch.int32), torch.ones(n)
