@@ -713,14 +713,15 @@ def test_int8_linear_narrow_weights_on_every_isa(bits, m, n):
         torch.testing.assert_close(got, reference.int8_linear(x_q, x_scale, 9, w, w_scale, bias, out_dtype=out_dtype))
 
 
-# 1 to 4 rows against a packed weight of over 8 MB: the AVX2 path's int8 kernel streams it (sub-blocks of 32
+# 1 to 4 rows against a weight of over 8 MB (n x k bytes): the AVX2 path's int8 kernel streams it (sub-blocks of 32
 # k-steps, each pass prefetching its lines of the next one), 7-bit weights too (not the byte kernel there). 1025
-# k-steps (4 k blocks and one step: a last sub-block of 1), a last panel of 8 columns (2 of the 8 slices), extremes
-# in both operands; 1 and 2 threads.
+# k-steps (4 k blocks and one step: a last sub-block of 1) with a last panel of 8 columns (one 16-column vector: 2
+# slices, each its own pass), and 1034 k-steps (a last sub-block of 10) with one of 40 (3 vectors: one row's 4-slice
+# pass, then 2 of one slice); extremes in both operands; 1 and 2 threads.
 @pytest.mark.parametrize("m", [1, 2, 3, 4])
 @pytest.mark.parametrize("bits", [8, 7])
-def test_int8_linear_few_rows_streamed_weight(m, bits):
-    k, n = 4100, 2056
+@pytest.mark.parametrize("k,n", [(4100, 2056), (4136, 2088)])
+def test_int8_linear_few_rows_streamed_weight(m, bits, k, n):
     g = torch.Generator().manual_seed(m)
     w = _extreme_weights(randint8((n, k), generator=g)) if bits == 8 else \
         torch.randint(-64, 65, (n, k), dtype=torch.int8, generator=g)

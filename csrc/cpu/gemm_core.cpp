@@ -152,9 +152,9 @@ TQ_TARGET_VNNI void microkernel_vnni_rows(const uint8_t* a, int64_t a_row, const
 // |sum| <= 2 * 255 * 128, no saturation, unlike vpmaddubsw). A 16-byte slice of a panel step holds 4 columns x 4 k;
 // widened and multiplied by the broadcast 4 activation values it gives 2 partial sums per column, which are
 // added pairwise (hadd) when the block ends. The rows' activations are widened once per call into a buffer of
-// 4-value groups (each then one broadcast load), not once per group of columns. The k-steps run over 8 columns at a
-// time: MR rows x 2 ymm = 8 accumulators at MR = 4, with 2 weight vectors and the 4 broadcasts in the 16 registers
-// (16 columns at a time left GCC keeping accumulators on the stack at 3 rows or more).
+// 4-value groups (each then one broadcast load), not once per group of columns. The k-steps run over 32 columns at a
+// time for one row, 16 for two and 8 for more (see microkernel_avx2): at most 8 accumulators, beside the weight
+// vectors and broadcasts in the 16 registers.
 constexpr int kAvx2Rows = 4;
 constexpr int64_t kAvx2WideSteps = kKBlock / 4;  // the k-steps of one call at most (a k block)
 
@@ -178,12 +178,12 @@ TQ_TARGET_AVX2 inline __attribute__((always_inline)) void store_column_sums_avx2
 }
 
 // A work item of few rows multiplies each weight byte once to four times, so a weight that does not stay in a core's
-// caches comes at the speed its lines arrive, and a pass over a k block reads 32 or 64 bytes of each 256-byte k-step:
-// a strided stream that the hardware prefetchers served at 6-7 GB/s on Zen 3 (a sum over memory: 13-16). For weights
-// of more than kStreamedWeightBytes the int8 kernel (streaming_kernel) runs a k block in sub-blocks of
-// kStreamSubSteps k-steps (8 KB: the passes after the first read it from L1), each pass prefetching its share of the
-// next sub-block's lines: 1-4 rows against 16 MB and 43 MB weights 1.2-2.0x faster than the same kernel without,
-// against 8 MB ones mixed (0.8-1.7x across row counts and runs), below that level or slower.
+// caches comes at the speed its lines arrive, and a pass over a k block reads 32 to 128 bytes of each 256-byte
+// k-step: a strided stream that the hardware prefetchers served at 4-7 GB/s on Zen 3 (a sum over memory: 13-16). For
+// weights of more than kStreamedWeightBytes (n x k bytes) the int8 kernel (streaming_kernel) runs a k block in
+// sub-blocks of kStreamSubSteps k-steps (8 KB: the passes after the first read it from L1), each pass prefetching its
+// share of the next sub-block's lines: 1-4 rows against 16 MB and 43 MB weights 1.2-2.0x faster than the same
+// kernel without, against 8 MB ones mixed (0.8-1.7x across row counts and runs), below that level or slower.
 constexpr int64_t kStreamSubSteps = 32;
 constexpr int64_t kStreamedWeightBytes = int64_t{8} << 20;
 
@@ -241,7 +241,10 @@ TQ_TARGET_AVX2 inline __attribute__((always_inline)) void slices_avx2(const int1
     const int8_t* bs = b + s * kStepBytes;
     if constexpr (STREAM)
       for (int line = pass; 2 * line < slices; line += passes)
-        _mm_prefetch(reinterpret_cast<const char*>(bs + kStreamSubSteps * kStepBytes + 64 * line), _MM_HINT_T0);
+        // (the address may lie past the weight's end: a prefetch does not fault, and the pointer is not formed)
+        _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(bs) + kStreamSubSteps * kStepBytes +
+                                                   64 * line),
+                     _MM_HINT_T0);
     if constexpr (MR == 1 && G == 4) {
       step_avx2_1x32(acc, wide[0] + 4 * s, bs + 32 * h);
     } else if constexpr (MR == 2 && G == 2) {
@@ -266,7 +269,7 @@ TQ_TARGET_AVX2 inline __attribute__((always_inline)) void slices_avx2(const int1
       store_column_sums_avx2(acc[r][2 * g], acc[r][2 * g + 1], tile + r * kPackAlign + 8 * (h + g), first);
 }
 
-// The passes run G slices each where G x MR accumulator pairs fill 8 registers (1 row: 4 slices, half a k-step; 2
+// The passes run G slices each, G x MR accumulator pairs in at most 8 registers (1 row: 4 slices, half a k-step; 2
 // rows: 2; more rows 1): one slice a pass for 1 and 2 rows, its broadcast, loads and loop counter spread over fewer
 // products, took 1.1-1.6x the time (1-2 rows x 384-4096 x 384-11008, one process, interleaved, Zen 3).
 template <int MR, bool STREAM>
@@ -2284,8 +2287,9 @@ void gemm_u8s8(const GemmArgs& args, const Epilogue& ep, CpuIsa isa) {
       for (int64_t k0 = 0; k0 < k4; k0 += kKBlock) {
         const int64_t steps = std::min(kKBlock, k4 - k0) / 4;
         // (the byte kernel's test of a streamed weight would add a pass over it: 7-bit weights of 16-43 MB ran
-        // 1.1-1.9x faster at 1-2 rows through the streaming int8 kernel, level at 4)
-        if (!streamed && byte_blocks.fit(path, b, k4, kKBlock, k0)) {
+        // 1.1-1.9x faster at 1-2 rows through the streaming int8 kernel, level at 4; activations below 128 need no
+        // test)
+        if ((!streamed || args.a_below_128) && byte_blocks.fit(path, b, k4, kKBlock, k0)) {
           path.byte_kernel(a + k0, lda, b + k0 * kPackAlign, steps, rows, vectors, tile, k0 == 0);
           continue;
         }
