@@ -2,6 +2,7 @@
 #include "check.h"
 #include <algorithm>
 #include "arg_checks.h"
+#include "output_memory.h"
 
 #include <cfloat>
 #include <cmath>
@@ -233,7 +234,7 @@ BinaryTensors prepare_quantized_binary(const char* op, BinaryOp kind, const at::
   // empty_like of a's expansion
   const bool a_full = a.sizes() == at::IntArrayRef(shape), b_full = b.sizes() == at::IntArrayRef(shape);
   const at::Tensor& like = a_full || !b_full ? a : b;
-  t.out = at::empty_like(like.expand(shape), a.options().dtype(out_dtype), at::MemoryFormat::Preserve);
+  t.out = empty_like_output(like.expand(shape), a.options().dtype(out_dtype));
   const bool keep_a = keep_broadcast && !a_full, keep_b = keep_broadcast && a_full && !b_full;
   t.a = keep_a ? a.expand(shape) : laid_out_as(a.expand(shape), t.out);
   t.b = keep_b ? b.expand(shape) : laid_out_as(b.expand(shape), t.out);
@@ -269,7 +270,7 @@ LookupTensors prepare_quantized_lookup(const at::Tensor& x, const at::Tensor& ta
   TQ_CHECK(table.device() == x.device(), op, ": table must be on x's device (", x.device(), "), got ",
            table.device());
   LookupTensors t;
-  t.out = at::empty_like(x, x.options().dtype(table.scalar_type()), at::MemoryFormat::Preserve);
+  t.out = empty_like_output(x, x.options().dtype(table.scalar_type()));
   t.x = laid_out_as(x, t.out);
   t.table = table.contiguous();
   t.x_bytes = static_cast<const uint8_t*>(t.x.const_data_ptr());

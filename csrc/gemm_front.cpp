@@ -4,6 +4,7 @@
 #include <vector>
 
 #include "check.h"
+#include "output_memory.h"
 
 namespace torchquant {
 
@@ -75,7 +76,7 @@ LinearFront int8_linear_front(const at::Tensor& x_q, const at::Tensor& x_scale, 
                                               out_scale, out_zero_point, out_bits, clamp_min, clamp_max);
   std::vector<int64_t> out_shape(x_q.sizes().begin(), x_q.sizes().end());
   out_shape.back() = n;
-  return {m, n, k, weight, std::move(in), at::empty(out_shape, x_q.options().dtype(out_dtype))};
+  return {m, n, k, weight, std::move(in), empty_output(out_shape, x_q.options().dtype(out_dtype))};
 }
 
 ConvFront int8_conv2d_front(const at::Tensor& x_q, const at::Tensor& x_scale, int64_t x_zero_point,
@@ -94,7 +95,8 @@ ConvFront int8_conv2d_front(const at::Tensor& x_q, const at::Tensor& x_scale, in
   EpilogueInputs in = prepare_epilogue_inputs(op, x_q, x_zero_point, x_scale, g.rows, w_sum, w_scale, bias,
                                               out_channels, out_dtype, out_scale, out_zero_point, out_bits,
                                               clamp_min, clamp_max);
-  at::Tensor out_nhwc = at::empty({g.batch, g.out_h, g.out_w, out_channels}, x_q.options().dtype(out_dtype));
+  at::Tensor out_nhwc =
+      empty_output({g.batch, g.out_h, g.out_w, out_channels}, x_q.options().dtype(out_dtype));
   return {g, weight, std::move(in), std::move(out_nhwc)};
 }
 

@@ -43,6 +43,7 @@
 #include "cpu/gemm_ops.h"
 #include "gemm_front.h"
 #include "op_signatures.h"
+#include "output_memory.h"
 #include "quant_math.h"
 
 namespace torchquant {
@@ -691,6 +692,27 @@ PyObject* call_contiguous_from_channels_last(PyObject*, PyObject* const* args, P
   TQ_END_HANDLE_ERRORS
 }
 
+// cpu_output_cache_info() -> dict: the state of the CPU ops' output cache (output_memory.h).
+PyObject* call_cpu_output_cache_info(PyObject*, PyObject*) {
+  TQ_HANDLE_ERRORS
+  const OutputCacheInfo info = output_cache_info();
+  return Py_BuildValue("{sLsLsLsLsL}", "limit", static_cast<long long>(info.limit), "cached_bytes",
+                       static_cast<long long>(info.cached_bytes), "cached_blocks",
+                       static_cast<long long>(info.cached_blocks), "reused", static_cast<long long>(info.reused),
+                       "allocated", static_cast<long long>(info.allocated));
+  TQ_END_HANDLE_ERRORS
+}
+
+// set_cpu_output_cache(max_bytes: int) -> None
+PyObject* call_set_cpu_output_cache(PyObject*, PyObject* arg) {
+  TQ_HANDLE_ERRORS
+  const long long bytes = PyLong_AsLongLong(arg);
+  if (bytes == -1 && PyErr_Occurred()) return nullptr;
+  set_output_cache_limit(bytes);
+  Py_RETURN_NONE;
+  TQ_END_HANDLE_ERRORS
+}
+
 }  // namespace
 }  // namespace torchquant
 
@@ -733,4 +755,8 @@ PyMethodDef torchquant_python_calls[] = {
     {"contiguous_from_channels_last",
      reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&torchquant::call_contiguous_from_channels_last)),
      METH_FASTCALL, "a channels-last conv output made contiguous by the CPU kernels' transposes, or NotImplemented"},
+    {"cpu_output_cache_info", &torchquant::call_cpu_output_cache_info, METH_NOARGS,
+     "the CPU output cache's limit, kept bytes and blocks, and counts of reused and newly allocated outputs"},
+    {"set_cpu_output_cache", &torchquant::call_set_cpu_output_cache, METH_O,
+     "sets the bytes of freed CPU outputs kept for reuse (0: none)"},
     {nullptr, nullptr, 0, nullptr}};

@@ -19,6 +19,7 @@
 #include "cpu/gemm_core.h"
 #include "cpu/gemm_ops.h"
 #include "cpu/isa.h"
+#include "output_memory.h"
 
 namespace torchquant::gemm {
 namespace {
@@ -279,7 +280,7 @@ at::Tensor contiguous_from_channels_last(const at::Tensor& y) {
   if (!y.is_cpu() || y.dim() != 4 || y.is_contiguous() || !y.is_contiguous(at::MemoryFormat::ChannelsLast) ||
       !y.is_floating_point() || (element != 2 && element != 4) || y.size(1) < 16 / element)
     return y.contiguous();
-  at::Tensor out = at::empty(y.sizes(), y.options());
+  at::Tensor out = empty_output(y.sizes(), y.options());
   transpose_images(static_cast<const uint8_t*>(y.data_ptr()), static_cast<uint8_t*>(out.data_ptr()), element,
                    y.size(0), y.size(1), y.size(2) * y.size(3), false);
   return out;

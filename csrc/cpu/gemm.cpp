@@ -14,6 +14,7 @@
 #include "cpu/gemm_ops.h"
 #include "cpu/isa.h"
 #include "cpu/per_token.h"
+#include "output_memory.h"
 
 namespace torchquant::gemm {
 
@@ -59,7 +60,7 @@ at::Tensor int8_mm_cpu(const at::Tensor& a, const at::Tensor& b) {
   TQ_CHECK(a.device().is_cpu() && b.device().is_cpu(), "int8_mm: a and b must both be on the CPU, got ",
               a.device(), " and ", b.device());
   const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
-  at::Tensor out = at::empty({m, n}, a.options().dtype(at::kInt));
+  at::Tensor out = empty_output({m, n}, a.options().dtype(at::kInt));
   if (m == 0 || n == 0) return out;
   if (k == 0) return out.zero_();
   bool amx = false;

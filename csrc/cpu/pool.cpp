@@ -21,6 +21,7 @@
 #include "arg_checks.h"
 #include "cpu/isa.h"
 #include "dtype_dispatch.h"
+#include "output_memory.h"
 
 namespace torchquant {
 namespace {
@@ -124,7 +125,7 @@ at::Tensor quantized_max_pool2d_cpu(const at::Tensor& x, at::IntArrayRef kernel_
     return at::max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode);
   const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
   at::Tensor out =
-      at::empty({g.batch, g.channels, g.out_h, g.out_w}, x.options(), at::MemoryFormat::ChannelsLast);
+      empty_output({g.batch, g.channels, g.out_h, g.out_w}, x.options(), at::MemoryFormat::ChannelsLast);
   const int64_t rows = g.batch * g.out_h;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(g.out_w * g.channels, 1));
   with_byte_type(x.scalar_type(), "x", [&](auto tag) {
@@ -218,7 +219,7 @@ at::Tensor quantized_sum_cpu(const at::Tensor& x, at::IntArrayRef dim, bool keep
   const int64_t batch = x.size(0), channels = x.size(1), pixels = x.size(2) * x.size(3);
   const std::vector<int64_t> sizes = keepdim ? std::vector<int64_t>{batch, channels, 1, 1}
                                              : std::vector<int64_t>{batch, channels};
-  at::Tensor out = at::empty(sizes, x.options().dtype(at::kInt));
+  at::Tensor out = empty_output(sizes, x.options().dtype(at::kInt));
   const int64_t blocks = (channels + 63) / 64;
   // a task sums one block of one image: ~64 * pixels bytes; below 64 KiB a second thread costs more than it saves
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / (64 * pixels));
@@ -363,8 +364,8 @@ at::Tensor quantized_avg_pool2d_cpu(const at::Tensor& x, double scale, int64_t z
     return quantized_avg_pool2d_any(x, scale, zero_point, kernel_size, stride, padding, ceil_mode, count_include_pad,
                                     divisor_override);
   const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
-  at::Tensor out = at::empty({g.batch, g.channels, g.out_h, g.out_w}, x.options().dtype(at::kFloat),
-                             at::MemoryFormat::ChannelsLast);
+  at::Tensor out = empty_output({g.batch, g.channels, g.out_h, g.out_w}, x.options().dtype(at::kFloat),
+                                at::MemoryFormat::ChannelsLast);
   // (every window has an element inside the input: it starts before the input's end, and the padding is at most
   // half the kernel)
   pool_windows_cpu(
@@ -426,8 +427,8 @@ at::Tensor quantized_adaptive_avg_pool2d_cpu(const at::Tensor& x, double scale, 
     return quantized_adaptive_avg_pool2d_any(x, scale, zero_point, output_size);
   const int64_t h = x.size(2), w = x.size(3), out_h = output_size[0], out_w = output_size[1];
   const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
-  at::Tensor out = at::empty({x.size(0), x.size(1), out_h, out_w}, x.options().dtype(at::kFloat),
-                             at::MemoryFormat::ChannelsLast);
+  at::Tensor out = empty_output({x.size(0), x.size(1), out_h, out_w}, x.options().dtype(at::kFloat),
+                                at::MemoryFormat::ChannelsLast);
   pool_windows_cpu(
       xc, static_cast<float>(scale), zero_point, out, [&](int64_t oh) { return adaptive_span(oh, out_h, h); },
       [&](int64_t ow) { return adaptive_span(ow, out_w, w); },

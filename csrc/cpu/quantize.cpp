@@ -33,6 +33,7 @@
 #include "cpu/per_token.h"
 #include "dtype_dispatch.h"
 #include "memory_order.h"
+#include "output_memory.h"
 #include "quant_math.h"
 
 namespace torchquant {
@@ -602,10 +603,10 @@ QuantizeArgs checked_quantize_args(const at::Tensor& x, const at::Tensor& scale,
   return {f, r, layout, checked_params(scale, zero_point, f.binary ? 0.0f : f.qmin, f.binary ? 0.0f : f.qmax)};
 }
 
-// A kernel's output, laid out as its dense input (memory_order.h): straight from the CPU allocator (at::empty
-// would dispatch again, which costs as much as the work on a few thousand elements).
+// A kernel's output, laid out as its dense input (memory_order.h): straight from the allocator (at::empty would
+// dispatch again, which costs as much as the work on a few thousand elements).
 at::Tensor empty_like_cpu(const at::Tensor& dense, at::ScalarType dtype) {
-  return at::detail::empty_strided_cpu(dense.sizes(), dense.strides(), dtype);
+  return empty_strided_output(dense.sizes(), dense.strides(), dense.options().dtype(dtype));
 }
 
 at::Tensor quantize_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
@@ -697,8 +698,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_cpu(const at::Tensor& x, i
   TQ_CHECK(x.device().is_cpu(), "x must be a CPU tensor for the CPU kernel, got ", x.device());
   TQ_CHECK(x.dim() >= 1, "x must have at least 1 dimension (tokens along the last)");
   TQ_CHECK(bits >= 2 && bits <= 8, "bits must be in [2, 8] for per-token quantization, got ", bits);
-  at::Tensor q = at::empty(x.sizes(), x.options().dtype(at::kChar));
-  at::Tensor scale = at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(at::kFloat));
+  at::Tensor q = empty_output(x.sizes(), x.options().dtype(at::kChar));
+  at::Tensor scale = empty_output(x.sizes().slice(0, x.dim() - 1), x.options().dtype(at::kFloat));
   quantize_rows_per_token(x.contiguous(), scale.numel(), bits, 0, static_cast<uint8_t*>(q.data_ptr()), x.size(-1),
                           scale.data_ptr<float>());
   return {q, scale};

@@ -29,6 +29,23 @@ def cpu_kernel_path() -> str:
     return ops.cpu_kernel_path()
 
 
+def set_cpu_output_cache(max_bytes: int) -> None:
+    """Sets how many bytes of freed outputs of torchquant's CPU ops are kept for the next outputs (64 MiB by default;
+    0 keeps none). Without them an output of a few MB is often fresh memory from the OS, page-faulted and zeroed on
+    first touch, on every call; the oldest kept blocks are let go past the limit."""
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int):
+        raise TypeError(f"set_cpu_output_cache: max_bytes must be an int, got {type(max_bytes).__name__}")
+    if max_bytes < 0:
+        raise ValueError(f"set_cpu_output_cache: max_bytes must be >= 0, got {max_bytes}")
+    _C.set_cpu_output_cache(max_bytes)
+
+
+def cpu_output_cache_info() -> Dict[str, int]:
+    """The CPU output cache: "limit" (bytes kept at most), "cached_bytes" and "cached_blocks" (kept now), "reused"
+    (outputs served from kept blocks) and "allocated" (outputs of 64 KiB or more that took new memory)."""
+    return _C.cpu_output_cache_info()
+
+
 # The tensors device_values_hold found good: (id, check) -> (a weak reference to the tensor, its version and data
 # pointer then). Kept outside the tensor, so that a deep copy or a pickle of it carries no verdict along.
 _GOOD_VALUES: Dict[Tuple[int, str], Tuple[weakref.ref, int, int]] = {}

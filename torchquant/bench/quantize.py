@@ -3,11 +3,12 @@ and bfloat16, and quantize_per_token) against PyTorch's own ops, at every size f
 threads. torchquant and PyTorch are timed interleaved in one process.
 
 Bytes counted per element: quantize 4 read + 1 written, dequantize 1 + 4, fake_quantize 4 + 4 (float32; bfloat16
-halves the float side); "of copy" compares that with `copy_` of a float32 buffer of the same elements. "output memory" says whether successive calls reuse freed memory for their output
-("reused") or get fresh pages, each page-faulted and zeroed by the kernel on first touch ("fresh"): glibc serves
-large blocks with mmap (above its threshold, at most 32 MiB by default), which every library pays alike.
-`--reuse-memory` sets glibc's mmap threshold high so that every output reuses freed heap memory; it applies to
-every function timed, PyTorch's included. `--cpu-time` times the 1-thread rows in CPU time of the calling thread
+halves the float side); "of copy" compares that with `copy_` of a float32 buffer of the same elements. "output
+memory" says whether successive calls of torchquant's op reuse freed memory for their output ("reused") or get fresh
+pages, each page-faulted and zeroed by the kernel on first touch ("fresh"): glibc serves large blocks with mmap
+(above its threshold, at most 32 MiB by default); torchquant's CPU outputs up to 64 MiB come from its cache of
+freed outputs (torchquant.set_cpu_output_cache), PyTorch's from glibc. `--reuse-memory` sets glibc's mmap threshold
+high so that every output reuses freed heap memory; it applies to every function timed, PyTorch's included. `--cpu-time` times the 1-thread rows in CPU time of the calling thread
 (`time.thread_time`: it leaves out the time the thread waited for a core on a shared machine; the "clock" column
 says which rows); 2-thread rows are always wall time. The load average is printed before and after.
 """
