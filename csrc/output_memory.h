@@ -1,8 +1,8 @@
 // The memory of the ops' outputs. On the CPU an output comes from a cache of freed output blocks (csrc/cpu/
 // output_memory.cpp): glibc gives a freed block at the top of its heap back to the OS once the free space there
 // passes its trim threshold, and maps a block above its mmap threshold afresh, so that an output of the same size a
-// moment later is new memory, page-faulted and zeroed by the OS on first touch. In a model every layer's output
-// meets that on every call (all-MiniLM-L6-v2 at batch 32: ~3000 page faults and a third of the forward's time).
+// moment later is new memory, page-faulted and zeroed by the OS on first touch, in a model on many of its layers'
+// calls (all-MiniLM-L6-v2 at batch 32: 3591 page faults a forward, 2566 in its quantized layers' outputs).
 // On other devices these are at::empty and friends.
 #pragma once
 #include <cstdint>
@@ -31,7 +31,7 @@ struct OutputCacheInfo {
   int64_t cached_bytes;  // bytes of free blocks kept now
   int64_t cached_blocks;
   int64_t reused;        // outputs served from kept blocks
-  int64_t allocated;     // outputs of cacheable size allocated from the C library
+  int64_t allocated;     // outputs of cacheable size that took new memory from torch's CPU allocator
 };
 OutputCacheInfo output_cache_info();
 // Sets the limit (0: keep nothing) and frees kept blocks past it.

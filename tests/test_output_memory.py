@@ -17,7 +17,8 @@ import torchquant as tq
 import torchquant.functional as F
 from torchquant import reference as ref
 
-from conftest import assert_same
+from conftest import assert_same, randint8
+from test_gemm import quantized_weight
 
 MIB = 1 << 20
 
@@ -31,12 +32,6 @@ def default_limit():
 
 def reuse_count() -> int:
     return tq.cpu_output_cache_info()["reused"]
-
-
-def quantized_weight(n, k, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int16).to(torch.int8)
-    return w, F.pack_int8_weight(w), w.sum(1, dtype=torch.int32), torch.rand(n, generator=g) * 0.01 + 0.001
 
 
 def test_freed_output_is_reused():
@@ -106,21 +101,21 @@ def test_every_op_writes_its_whole_reused_output():
     channel_scale = torch.rand(301, generator=g) + 0.01
     channel_zp = torch.randint(-3, 4, (301,), generator=g, dtype=torch.int32)
     q = F.quantize(x, 0.03, -5)
-    a = torch.randint(-128, 128, (301, 67), generator=g, dtype=torch.int16).to(torch.int8)
-    w, w_packed, w_sum, w_scale = quantized_weight(259, 67)
+    a = randint8((301, 67), generator=g)
+    w, w_packed, w_sum, w_scale = quantized_weight(259, 67, "cpu")
     x_q = (a.to(torch.int16) + 128).to(torch.uint8)
     image = torch.randint(0, 256, (2, 67, 33, 35), generator=g, dtype=torch.uint8)
     image = image.contiguous(memory_format=torch.channels_last)
     other = torch.randint(0, 256, image.shape, generator=g, dtype=torch.uint8)
     row = torch.randint(0, 256, (1, 67, 1, 35), generator=g, dtype=torch.uint8)
-    conv_w = torch.randint(-128, 128, (70, 67, 3, 3), generator=g, dtype=torch.int16).to(torch.int8)
+    conv_w = randint8((70, 67, 3, 3), generator=g)
     conv_scale = torch.rand(70, generator=g) * 0.01 + 0.001
     packed, conv_sum = F.pack_conv_weight(conv_w), conv_w.sum((1, 2, 3), dtype=torch.int32)
     residual = torch.randint(0, 256, (2, 70, 33, 35), generator=g, dtype=torch.uint8)
     residual = residual.contiguous(memory_format=torch.channels_last)
     large = torch.randint(0, 255, (2, 64, 70, 66), generator=g, dtype=torch.uint8)
     large = large.contiguous(memory_format=torch.channels_last)
-    table = torch.randint(-128, 128, (256,), generator=g, dtype=torch.int16).to(torch.int8)
+    table = randint8((256,), generator=g)
     ops = {
         "quantize": lambda: F.quantize(x, 0.03, -5),
         "quantize per channel": lambda: F.quantize(x, channel_scale, channel_zp, axis=1),
