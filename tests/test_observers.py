@@ -142,6 +142,37 @@ def test_mse_clips_no_worse_than_minmax(device, bits):
         assert errors["mse"].sum() < 0.8 * errors["minmax"].sum()
 
 
+@pytest.mark.parametrize("shape, per_call", [((6, 200), None), ((3, 50), 2), ((40, 300), None), ((5, 64), 1)])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_mse_range_is_the_least_error_factor(device, monkeypatch, shape, per_call, symmetric):
+    """Each channel's range is the factor of MSE_SHRINK_FACTORS whose fake-quantization error (plain PyTorch,
+    float64 sums) is least, up to float32 summation: whatever number of candidates each kernel call evaluates
+    (per_call factors; None: the default budget, all 41 at once for the small shapes), and the weight is left as
+    it was (the errors are computed in place on a copy)."""
+    import torchquant.observers as observers
+    from torchquant import reference
+    if per_call is not None:
+        monkeypatch.setattr(observers, "_MSE_ELEMENTS_PER_CALL", per_call * shape[0] * shape[1])
+    g = torch.Generator().manual_seed(3)
+    w = (torch.randn(shape, generator=g) ** 3).to(device)
+    before = w.clone()
+    spec = QuantSpec(bits=4, observer="mse", symmetric=symmetric, signed=symmetric)
+    lo, hi = observers._mse_range(w, spec)
+    assert torch.equal(w, before)
+    factors = torch.tensor(observers.MSE_SHRINK_FACTORS, device=device)
+    w_lo, w_hi = torch.aminmax(w, dim=1)
+    errors = []
+    for f in factors:
+        scale, zp = observers.qparams_from_range(f * w_lo, f * w_hi, spec)
+        approx = reference.fake_quantize(w, scale, zp, bits=4, signed=symmetric, axis=0)
+        errors.append((approx.double() - w.double()).square().sum(dim=1))
+    errors = torch.stack(errors)  # [factors, channels]
+    chosen = torch.stack([torch.nonzero(factors * w_hi[c] == hi[c])[0, 0] for c in range(shape[0])])
+    assert torch.equal(factors[chosen] * w_lo, lo)
+    least = errors.min(dim=0).values
+    assert torch.all(errors[chosen, torch.arange(shape[0], device=device)] <= least * (1 + 1e-5))
+
+
 def test_state_dict_dtype_and_device(device):
     obs = Observer(QuantSpec(granularity="per_tensor"))
     obs(torch.tensor([-2.0, 3.0]))
