@@ -192,6 +192,22 @@ def test_bad_limit(limit, error, message):
         tq.set_cpu_output_cache(limit)
 
 
+def test_failed_output_allocation_is_a_memory_error():
+    # [2^21, 1] @ [1, 2^21]: small operands, an int32 output of 2^44 bytes that no allocator gives; with blocks kept,
+    # they are let go before the second try (which fails too); every op works afterwards
+    a, b = torch.ones(2**21, 1, dtype=torch.int8), torch.ones(1, 2**21, dtype=torch.int8)
+    for limit in (64 * MIB, 0):
+        tq.set_cpu_output_cache(limit)
+        kept = F.quantize(torch.randn(512, 257), 0.02, 3)
+        del kept
+        assert (tq.cpu_output_cache_info()["cached_bytes"] > 0) == (limit > 0)
+        with pytest.raises(MemoryError, match=f"torchquant: out of memory for an output of {2**44} bytes"):
+            F.int8_mm(a, b)
+        assert tq.cpu_output_cache_info()["cached_bytes"] == 0
+        small_a, small_b = randint8((70, 33), 1), randint8((33, 90), 2)
+        assert_same(F.int8_mm(small_a, small_b), small_a.int() @ small_b.int())
+
+
 def test_cached_output_with_torch_storage_operations():
     x = torch.randn(100_000)
     out = F.quantize(x, 0.05, 0)

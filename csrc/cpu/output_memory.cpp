@@ -10,6 +10,7 @@
 #include <list>
 #include <mutex>
 #include <new>
+#include <string>
 #include <unordered_map>
 #include <utility>
 
@@ -36,8 +37,30 @@ static_assert(sizeof(OutputBlock) <= kHeaderBytes, "the header must fit before t
 OutputBlock* block_of(void* data) { return reinterpret_cast<OutputBlock*>(static_cast<char*>(data) - kHeaderBytes); }
 void* data_of(OutputBlock* block) { return static_cast<char*>(block->memory.get()) + kHeaderBytes; }
 
+// A failed output allocation: a std::bad_alloc (MemoryError in Python, as for the kernels' scratch buffers) that
+// says how large the output was.
+class OutputAllocationError : public std::bad_alloc {
+ public:
+  explicit OutputAllocationError(size_t bytes)
+      : message_("torchquant: out of memory for an output of " + std::to_string(bytes) + " bytes") {}
+  const char* what() const noexcept override { return message_.c_str(); }
+
+ private:
+  std::string message_;
+};
+
+// extra + output_bytes from torch's CPU allocator, whose default throws a c10::Error (RuntimeError) when it cannot
+// allocate; any failure becomes an OutputAllocationError.
+c10::DataPtr allocate_cpu(size_t output_bytes, size_t extra = 0) {
+  try {
+    return c10::GetCPUAllocator()->allocate(extra + output_bytes);
+  } catch (const std::exception&) {
+    throw OutputAllocationError(output_bytes);
+  }
+}
+
 OutputBlock* new_block(size_t class_bytes) {
-  c10::DataPtr memory = c10::GetCPUAllocator()->allocate(kHeaderBytes + class_bytes);
+  c10::DataPtr memory = allocate_cpu(class_bytes, kHeaderBytes);
   void* header = memory.get();
   return new (header) OutputBlock{std::move(memory), class_bytes};
 }
@@ -93,7 +116,7 @@ class OutputCache {
     OutputBlock* block = nullptr;
     try {
       block = new_block(class_bytes);
-    } catch (const c10::OutOfMemoryError&) {
+    } catch (const OutputAllocationError&) {
       OutputBlock* kept = nullptr;
       {
         const std::lock_guard<std::mutex> lock(mutex_);
@@ -194,8 +217,7 @@ constexpr bool kExactOutputs = false;
 struct CachingOutputAllocator final : c10::Allocator {
   c10::DataPtr allocate(size_t bytes) override {
     OutputCache& cache = OutputCache::instance();
-    if (kExactOutputs || bytes < static_cast<size_t>(kCachedOutputMinBytes))
-      return c10::GetCPUAllocator()->allocate(bytes);
+    if (kExactOutputs || bytes < static_cast<size_t>(kCachedOutputMinBytes)) return allocate_cpu(bytes);
     OutputBlock* block = cache.take(cache.keeps_blocks() ? size_class(bytes) : bytes);
     void* data = data_of(block);
     return {data, data, &release_output_block, c10::Device(c10::DeviceType::CPU)};
