@@ -611,6 +611,26 @@ def test_zero_point_tensor_out_of_range(device):
         F.quantize(X.to(device), 1.0, zp, signed=False, axis=1)
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.uint64])
+def test_wide_zero_point_tensor_out_of_range_names_its_value(device, dtype):
+    # past int32, as the value given (not the saturated int32 the kernels would see), on every device
+    big = 2**40
+    zp = torch.tensor([big], dtype=dtype, device=device)
+    with pytest.raises(ValueError, match=rf"quantize: zero_point must be in \[-128, 127\] .*got \[{big}\]"):
+        F.quantize(X.to(device), 1.0, zp)
+    with pytest.raises(ValueError, match=rf"fake_quantize: zero_point must be in \[0, 255\] .*got \[0, {big}\]"):
+        F.fake_quantize(X.to(device)[:, :2], 1.0, torch.tensor([0, big], dtype=dtype, device=device), signed=False,
+                        axis=1)
+    with pytest.raises(ValueError, match=rf"dequantize: zero_point must be in \[-128, 127\] .*got \[{big}\]"):
+        F.dequantize(torch.zeros(3, dtype=torch.int8, device=device), 1.0, zp)
+    if dtype == torch.int64:  # (negative values: int64 only)
+        with pytest.raises(ValueError, match=rf"got \[-{big}\]"):
+            F.quantize(X.to(device), 1.0, -zp)
+    # in range, a wide tensor is taken as its int32 value
+    assert_same(F.quantize(X.to(device), 0.5, torch.tensor([3], dtype=dtype, device=device)),
+                F.quantize(X.to(device), 0.5, 3))
+
+
 def test_zero_point_of_sign_binarization():
     with pytest.raises(ValueError, match="sign binarization has no zero point"):
         F.quantize(X, 1.0, 1, bits=1)
