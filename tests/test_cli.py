@@ -463,6 +463,7 @@ def test_usage_errors_from_argparse_exit_2(capsys):
     (["convert", FACTORY, "-o", "out.safetensors", "--config", "int3"], "--config", "int3"),
     (["report", FACTORY, "--observer", "median"], "--observer", "median"),
     (["bench", "--only", "quantize", "gemm"], "--only", "gemm"),
+    (["convert", FACTORY, "-o", "out.safetensors", "--granularity", "per_token"], "--granularity", "per_token"),
 ])
 def test_bad_choice_is_the_usage_and_one_line(tmp_path, argv, option, bad):
     """A name outside an option's table, as a user meets it: the usage, then one error line naming the valid
@@ -590,11 +591,11 @@ def test_convert_counts_layers_with_no_quantized_type(in_work, tmp_path, capsys)
     out = tmp_path / "gru.safetensors"
     status, err = run_main(["convert", "mymodels:WithGRU", "-o", out], capsys)  # (warns: no --weights)
     assert status == 0 and out.exists()
-    assert err[-1].startswith(f"wrote {out}: 1 layers quantized, 0 kept float, 1 with no quantized type "
+    assert err[-1].startswith(f"wrote {out}: 1 layer quantized, 0 kept float, 1 with no quantized type "
                               f"(gru (GRU)); model ")
     # (the first three named)
     status, err = run_main(["convert", "mymodels:GRUStack", "-o", out, "--force"], capsys)
-    assert status == 0 and err[-1].startswith(f"wrote {out}: 1 layers quantized, 0 kept float, 4 with no quantized "
+    assert status == 0 and err[-1].startswith(f"wrote {out}: 1 layer quantized, 0 kept float, 4 with no quantized "
                                               f"type (grus.0 (GRU), grus.1 (GRU), grus.2 (GRU), ...); model ")
 
 

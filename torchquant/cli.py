@@ -73,7 +73,8 @@ def _model_options() -> argparse.ArgumentParser:
                        help="activation bits, 1-8 (2-8 for per-token dynamic activations and integer pipelines; "
                             "7 on CPUs without AVX-512 VNNI: uint8 activations below 128, multiplied as bytes)")
     group.add_argument("--rounding", metavar="R", help="nearest (default) or truncate, for weights and activations")
-    group.add_argument("--granularity", metavar="G", help="weight scales: per_channel (default) or per_tensor")
+    group.add_argument("--granularity", metavar="G", choices=["per_channel", "per_tensor"],
+                       help="weight scales: per_channel (default) or per_tensor")
     group.add_argument("--observer", metavar="O", choices=list(OBSERVERS),
                        help="range observer of the weights and of static activations: "
                             + "; ".join(f"{name}: {kind.description}" for name, kind in OBSERVERS.items()))
@@ -353,7 +354,9 @@ def _cmd_convert(args) -> int:
     # layers no quantized type replaces (an LSTM, a ConvTranspose2d) are not in report.layers: counted apart
     float_only = float_only_layers(job.model)
     named = ", ".join(float_only[:3]) + (", ..." if len(float_only) > 3 else "")
-    _status(args, f"wrote {args.output}: {len(report.layers) - len(kept)} layers quantized, {len(kept)} kept float"
+    quantized = len(report.layers) - len(kept)
+    _status(args, f"wrote {args.output}: {quantized} layer{'' if quantized == 1 else 's'} quantized, "
+                  f"{len(kept)} kept float"
                   + (f", {len(float_only)} with no quantized type ({named})" if float_only else "")
                   + f"; model {report.bytes_float / 1024:.1f} KiB -> {report.bytes_quantized / 1024:.1f} KiB"
                   + (f"; report {args.report}" if args.report else ""))

@@ -383,9 +383,7 @@ def _calibrate(model: nn.Module, batches: Iterable, progress: bool, stacklevel: 
     _check_model(model, "calibrate")
     layers = quant_layers(model)
     if not layers:
-        why = nothing_quantized_reason(model, "skipped, or not supported: see prepare's warnings")
-        raise ValueError(f"calibrate: model has no quantized layers (call torchquant.prepare first; where it was "
-                         f"called, {why})")
+        raise ValueError(no_quantized_layers_message(model, "calibrate"))
     if isinstance(batches, (torch.Tensor, dict)) or not hasattr(batches, "__iter__"):
         raise TypeError(f"calibrate: batches must be an iterable of batches (e.g. a list or a DataLoader), "
                         f"got {type(batches).__name__}")
@@ -569,8 +567,7 @@ def convert(model: nn.Module, *, inplace: bool = True) -> nn.Module:
         return guard_loads(convert_pipeline(model))
     layers = quant_layers(model)
     if not layers:
-        warnings.warn("convert: model has no quantized layers (call torchquant.prepare first)", UserWarning,
-                      stacklevel=2)
+        warnings.warn(no_quantized_layers_message(model, "convert"), UserWarning, stacklevel=2)
     pending = []
     for name, layer in model.named_modules():
         if isinstance(layer, QuantLayerBase) and not layer.converted:
@@ -596,6 +593,12 @@ def nothing_quantized_reason(model: nn.Module, kept_float: str, name: str = "the
     if any(quant_type(m) is not None for m in model.modules()):
         return f"every nn.Linear, nn.Conv2d and nn.Conv1d layer stayed float ({kept_float})"
     return f"{name} has no nn.Linear, nn.Conv2d or nn.Conv1d layer"
+
+
+def no_quantized_layers_message(model: nn.Module, where: str) -> str:
+    """What calibrate and convert say about a model without quantized layers."""
+    why = nothing_quantized_reason(model, "skipped, or not supported: see prepare's warnings")
+    return f"{where}: model has no quantized layers (call torchquant.prepare first; if it was called, {why})"
 
 
 def _nothing_quantized(model: nn.Module) -> nn.Module:
