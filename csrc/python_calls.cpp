@@ -69,9 +69,9 @@ auto call_op(int64_t numel, const Call& call, const Tensors&... tensors) {
   return call();
 }
 
-// HANDLE_TH_ERRORS / END_HANDLE_TH_ERRORS, with a failed allocation (a scratch buffer's std::bad_alloc) raised as
-// MemoryError("std::bad_alloc"), as torch.ops raises it on the wrappers' other path (HANDLE_TH_ERRORS makes it a
-// RuntimeError)
+// HANDLE_TH_ERRORS / END_HANDLE_TH_ERRORS, with a failed allocation (a std::bad_alloc: a scratch buffer's, or an
+// output's, whose message gives its size) raised as MemoryError(what()), as torch.ops raises it on the wrappers'
+// other path (HANDLE_TH_ERRORS makes it a RuntimeError)
 #define TQ_HANDLE_ERRORS HANDLE_TH_ERRORS try {
 #define TQ_END_HANDLE_ERRORS                      \
   }                                               \

@@ -370,7 +370,6 @@ ERROR_CASES = {
     "state dict as model": (["convert", "digits_state.pt"], ["holds weights", "--weights"]),
     "missing model file": (["convert", "nope.pt"], ["MODEL: no such file"]),
     "bits out of range": (["convert", FACTORY, "--bits", "9"] + GOOD, ["--bits", "[1, 8]"]),
-    "unknown rounding": (["convert", FACTORY, "--rounding", "up"] + GOOD, ["--rounding"]),
     "static without calibration": (["convert", FACTORY, "--config", "int8-static"] + GOOD, ["--calib"]),
     "calibration of the wrong shape": (["convert", FACTORY, "--calib", "calib_wrong_shape.pt"] + GOOD,
                                        ["--calib", "[8, 3, 8, 8]", "do not fit the model"]),
@@ -464,6 +463,7 @@ def test_usage_errors_from_argparse_exit_2(capsys):
     (["report", FACTORY, "--observer", "median"], "--observer", "median"),
     (["bench", "--only", "quantize", "gemm"], "--only", "gemm"),
     (["convert", FACTORY, "-o", "out.safetensors", "--granularity", "per_token"], "--granularity", "per_token"),
+    (["report", FACTORY, "--rounding", "floor"], "--rounding", "floor"),
 ])
 def test_bad_choice_is_the_usage_and_one_line(tmp_path, argv, option, bad):
     """A name outside an option's table, as a user meets it: the usage, then one error line naming the valid

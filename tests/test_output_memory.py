@@ -193,15 +193,16 @@ def test_bad_limit(limit, error, message):
 
 
 def test_failed_output_allocation_is_a_memory_error():
-    # [2^21, 1] @ [1, 2^21]: small operands, an int32 output of 2^44 bytes that no allocator gives; with blocks kept,
-    # they are let go before the second try (which fails too); every op works afterwards
-    a, b = torch.ones(2**21, 1, dtype=torch.int8), torch.ones(1, 2**21, dtype=torch.int8)
+    # [2^22, 1] @ [1, 2^23 + 8]: small operands, an int32 output of 2^47 + 2^27 bytes, past any address space (and
+    # inside a size class of 2^47 + 2^44); with blocks kept, they are let go before the second try (which fails
+    # too); every op works afterwards
+    a, b = torch.ones(2**22, 1, dtype=torch.int8), torch.ones(1, 2**23 + 8, dtype=torch.int8)
     for limit in (64 * MIB, 0):
         tq.set_cpu_output_cache(limit)
         kept = F.quantize(torch.randn(512, 257), 0.02, 3)
         del kept
         assert (tq.cpu_output_cache_info()["cached_bytes"] > 0) == (limit > 0)
-        with pytest.raises(MemoryError, match=f"torchquant: out of memory for an output of {2**44} bytes"):
+        with pytest.raises(MemoryError, match=f"torchquant: out of memory for an output of {2**47 + 2**27} bytes"):
             F.int8_mm(a, b)
         assert tq.cpu_output_cache_info()["cached_bytes"] == 0
         small_a, small_b = randint8((70, 33), 1), randint8((33, 90), 2)

@@ -626,9 +626,14 @@ def test_wide_zero_point_tensor_out_of_range_names_its_value(device, dtype):
     if dtype == torch.int64:  # (negative values: int64 only)
         with pytest.raises(ValueError, match=rf"got \[-{big}\]"):
             F.quantize(X.to(device), 1.0, -zp)
-    # in range, a wide tensor is taken as its int32 value
+    # in range, a wide tensor is taken as its int32 value; fake tensors' values are not read
     assert_same(F.quantize(X.to(device), 0.5, torch.tensor([3], dtype=dtype, device=device)),
                 F.quantize(X.to(device), 0.5, 3))
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = F.quantize(mode.from_tensor(X.to(device)), 0.5,
+                          mode.from_tensor(torch.tensor([3], dtype=dtype, device=device)))
+    assert fake.shape == X.shape and fake.dtype == torch.int8
 
 
 def test_zero_point_of_sign_binarization():

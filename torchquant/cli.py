@@ -16,7 +16,8 @@ import torch
 
 from torchquant._cli_io import (UsageError, atomic_output, batches_of, check_output, checkpoint_meta,
                                 factory_sources, holds_quantized_model, load_inputs, load_model, same_file, _one_line)
-from torchquant.config import DEFAULT_PRESET, PRESETS
+from torchquant._ops import ROUNDINGS
+from torchquant.config import DEFAULT_PRESET, PRESETS, WEIGHT_GRANULARITIES
 from torchquant.observers import OBSERVERS
 from torchquant.timing import num_threads
 
@@ -72,8 +73,9 @@ def _model_options() -> argparse.ArgumentParser:
     group.add_argument("--act-bits", type=int, metavar="N",
                        help="activation bits, 1-8 (2-8 for per-token dynamic activations and integer pipelines; "
                             "7 on CPUs without AVX-512 VNNI: uint8 activations below 128, multiplied as bytes)")
-    group.add_argument("--rounding", metavar="R", help="nearest (default) or truncate, for weights and activations")
-    group.add_argument("--granularity", metavar="G", choices=["per_channel", "per_tensor"],
+    group.add_argument("--rounding", metavar="R", choices=ROUNDINGS,
+                       help="nearest (default) or truncate, for weights and activations")
+    group.add_argument("--granularity", metavar="G", choices=WEIGHT_GRANULARITIES,
                        help="weight scales: per_channel (default) or per_tensor")
     group.add_argument("--observer", metavar="O", choices=list(OBSERVERS),
                        help="range observer of the weights and of static activations: "

@@ -11,6 +11,7 @@ from typing import Any, Callable
 from torchquant._ops import ROUNDINGS
 
 GRANULARITIES = ("per_channel", "per_tensor", "per_token")
+WEIGHT_GRANULARITIES = ("per_channel", "per_tensor")  # (per_token: activations quantized at run time)
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -175,8 +176,9 @@ class QuantConfig:
         w = self.weight
         if w.dynamic:
             raise ValueError("QuantConfig: weight spec cannot be dynamic (weights are quantized once)")
-        if w.granularity == "per_token":
-            raise ValueError("QuantConfig: weight granularity must be 'per_channel' or 'per_tensor', got 'per_token'")
+        if w.granularity not in WEIGHT_GRANULARITIES:
+            raise ValueError(f"QuantConfig: weight granularity must be 'per_channel' or 'per_tensor', got "
+                             f"{w.granularity!r}")
         if not (w.signed and w.symmetric):
             # the integer kernels take weights with zero point 0 in int8 storage
             raise ValueError("QuantConfig: weight spec must be signed=True and symmetric=True")

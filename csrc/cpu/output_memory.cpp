@@ -6,11 +6,11 @@
 #include <pthread.h>
 
 #include <atomic>
+#include <cstdio>
 #include <deque>
 #include <list>
 #include <mutex>
 #include <new>
-#include <string>
 #include <unordered_map>
 #include <utility>
 
@@ -38,29 +38,30 @@ OutputBlock* block_of(void* data) { return reinterpret_cast<OutputBlock*>(static
 void* data_of(OutputBlock* block) { return static_cast<char*>(block->memory.get()) + kHeaderBytes; }
 
 // A failed output allocation: a std::bad_alloc (MemoryError in Python, as for the kernels' scratch buffers) that
-// says how large the output was.
+// says how large the output was. Its message lives in the object (nothing to allocate when memory has run out).
 class OutputAllocationError : public std::bad_alloc {
  public:
-  explicit OutputAllocationError(size_t bytes)
-      : message_("torchquant: out of memory for an output of " + std::to_string(bytes) + " bytes") {}
-  const char* what() const noexcept override { return message_.c_str(); }
+  explicit OutputAllocationError(size_t bytes) noexcept {
+    std::snprintf(message_, sizeof(message_), "torchquant: out of memory for an output of %zu bytes", bytes);
+  }
+  const char* what() const noexcept override { return message_; }
 
  private:
-  std::string message_;
+  char message_[96];
 };
 
-// extra + output_bytes from torch's CPU allocator, whose default throws a c10::Error (RuntimeError) when it cannot
-// allocate; any failure becomes an OutputAllocationError.
-c10::DataPtr allocate_cpu(size_t output_bytes, size_t extra = 0) {
+// bytes from torch's CPU allocator, which throws std::bad_alloc, or the default one a c10::Error (a RuntimeError in
+// Python), when it cannot allocate: either way a std::bad_alloc here.
+c10::DataPtr allocate_cpu(size_t bytes) {
   try {
-    return c10::GetCPUAllocator()->allocate(extra + output_bytes);
-  } catch (const std::exception&) {
-    throw OutputAllocationError(output_bytes);
+    return c10::GetCPUAllocator()->allocate(bytes);
+  } catch (const c10::Error&) {
+    throw std::bad_alloc();
   }
 }
 
 OutputBlock* new_block(size_t class_bytes) {
-  c10::DataPtr memory = allocate_cpu(class_bytes, kHeaderBytes);
+  c10::DataPtr memory = allocate_cpu(kHeaderBytes + class_bytes);
   void* header = memory.get();
   return new (header) OutputBlock{std::move(memory), class_bytes};
 }
@@ -116,7 +117,7 @@ class OutputCache {
     OutputBlock* block = nullptr;
     try {
       block = new_block(class_bytes);
-    } catch (const OutputAllocationError&) {
+    } catch (const std::bad_alloc&) {
       OutputBlock* kept = nullptr;
       {
         const std::lock_guard<std::mutex> lock(mutex_);
@@ -217,10 +218,13 @@ constexpr bool kExactOutputs = false;
 struct CachingOutputAllocator final : c10::Allocator {
   c10::DataPtr allocate(size_t bytes) override {
     OutputCache& cache = OutputCache::instance();
-    if (kExactOutputs || bytes < static_cast<size_t>(kCachedOutputMinBytes)) return allocate_cpu(bytes);
-    OutputBlock* block = cache.take(cache.keeps_blocks() ? size_class(bytes) : bytes);
-    void* data = data_of(block);
-    return {data, data, &release_output_block, c10::Device(c10::DeviceType::CPU)};
+    try {
+      if (kExactOutputs || bytes < static_cast<size_t>(kCachedOutputMinBytes)) return allocate_cpu(bytes);
+      void* data = data_of(cache.take(cache.keeps_blocks() ? size_class(bytes) : bytes));
+      return {data, data, &release_output_block, c10::Device(c10::DeviceType::CPU)};
+    } catch (const std::bad_alloc&) {
+      throw OutputAllocationError(bytes);
+    }
   }
   void copy_data(void* dest, const void* src, std::size_t count) const override {
     default_copy_data(dest, src, count);

@@ -147,10 +147,16 @@ def _checked_zero_point(zero_point, x: torch.Tensor, axis: Optional[int], zp_ran
     low, high = zp_range.low, zp_range.high
     if isinstance(zero_point, torch.Tensor):
         zp_t = _tensor_qparam(zero_point, "zero_point", x, axis, torch.int32, fn)
-        # (a wider integer type's values are checked here on the CPU too: the int32 the kernel would see is saturated)
-        wide = zero_point.dtype in _WIDER_THAN_INT32 and not zero_point.is_meta and not is_compiling()
-        if (_eager_value_check(zp_t) or wide) and not device_values_hold(
-                zp_t, f"zero point in [{low}, {high}]", lambda z: (z >= low) & (z <= high)):
+        if _eager_value_check(zp_t):
+            inside = device_values_hold(zp_t, f"zero point in [{low}, {high}]", lambda z: (z >= low) & (z <= high))
+        elif zero_point.dtype in _WIDER_THAN_INT32 and type(zp_t) is torch.Tensor and zp_t.is_cpu \
+                and not is_compiling():  # (a FakeTensor is a subclass)
+            # the CPU kernels check the values, but would see and report this type's values saturated to int32
+            values = zp_t.tolist()
+            inside = not values or (low <= min(values) and max(values) <= high)
+        else:
+            inside = True
+        if not inside:
             raise ValueError(f"{zp_range.message(fn)}, got {zero_point.reshape(-1).tolist()}")
         return zp_t
     _check_number(zero_point, "zero_point", fn)
