@@ -148,7 +148,7 @@ def test_mse_range_is_the_least_error_factor(device, monkeypatch, shape, per_cal
     """Each channel's range is the factor of MSE_SHRINK_FACTORS whose fake-quantization error (plain PyTorch,
     float64 sums) is least, up to float32 summation: whatever number of candidates each kernel call evaluates
     (per_call factors; None: the default budget, all 41 at once for the small shapes), and the weight is left as
-    it was (the errors are computed in place on a copy)."""
+    it was (each call's error is computed in place in that call's output)."""
     import torchquant.observers as observers
     from torchquant import reference
     if per_call is not None:

@@ -595,16 +595,20 @@ def nothing_quantized_reason(model: nn.Module, kept_float: str, name: str = "the
     return f"{name} has no nn.Linear, nn.Conv2d or nn.Conv1d layer"
 
 
+# why prepare left a layer float, as calibrate, convert and quantize_model say it
+_KEPT_FLOAT_BY_PREPARE = "skipped, or not supported: see prepare's warnings"
+
+
 def no_quantized_layers_message(model: nn.Module, where: str) -> str:
     """What calibrate and convert say about a model without quantized layers."""
-    why = nothing_quantized_reason(model, "skipped, or not supported: see prepare's warnings")
+    why = nothing_quantized_reason(model, _KEPT_FLOAT_BY_PREPARE)
     return f"{where}: model has no quantized layers (call torchquant.prepare first; if it was called, {why})"
 
 
 def _nothing_quantized(model: nn.Module) -> nn.Module:
     """quantize_model's result when prepare quantized no layer (each stayed float for a reason prepare warned
     about, or a skip rule, or there is none): the float model, with a warning that says so."""
-    why = nothing_quantized_reason(model, "skipped, or not supported: see prepare's warnings")
+    why = nothing_quantized_reason(model, _KEPT_FLOAT_BY_PREPARE)
     warnings.warn(f"quantize_model: nothing was quantized: {why}; the model is returned as it is", UserWarning,
                   stacklevel=3)
     return model
