@@ -262,10 +262,10 @@ def test_calibration_on_nothing_but_nan_warns(preset):
 @pytest.mark.parametrize("preset", ["int8-static", "int8-pipeline", "int8-dynamic"])
 @pytest.mark.parametrize("case", ["unsupported", "skipped", "no layers"])
 def test_quantize_model_with_nothing_to_quantize_says_so(preset, case):
-    # every layer stayed float (a conv with padding_mode="reflect", which prepare names; skip rules) or there is
+    # every layer stayed float (a conv with asymmetric padding="same", which prepare names; skip rules) or there is
     # none: with calibration batches quantize_model raised "calibrate: model has no quantized layers (call
     # torchquant.prepare first)", without them convert warned the same, though quantize_model had called prepare
-    conv = nn.Conv1d(3, 4, 3, padding=1, padding_mode="reflect" if case == "unsupported" else "zeros")
+    conv = nn.Conv1d(3, 4, 2, padding="same") if case == "unsupported" else nn.Conv1d(3, 4, 3, padding=1)
     model = nn.Sequential(conv, nn.ReLU()) if case != "no layers" else nn.Sequential(nn.ReLU(), nn.Tanh())
     model.eval()
     config = QuantConfig.preset(preset).with_skip(["0"]) if case == "skipped" else preset
@@ -280,7 +280,7 @@ def test_quantize_model_with_nothing_to_quantize_says_so(preset, case):
             "every nn.Linear, nn.Conv2d and nn.Conv1d layer stayed float"
         assert any(m.startswith(f"quantize_model: nothing was quantized: {why}") for m in messages), messages
         if case == "unsupported":
-            assert any("padding_mode='reflect'" in m for m in messages), messages
+            assert any("padding='same' with an odd total padding" in m for m in messages), messages
         assert not any(isinstance(m, (QuantConv2d, QuantLinear)) for m in result.modules())
         torch.testing.assert_close(result(x), model(x), rtol=0, atol=0)
     assert type(model[0]) in (nn.Conv1d, nn.ReLU)

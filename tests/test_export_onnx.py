@@ -264,6 +264,44 @@ def test_conv_geometries(activation, granularity):
     assert check_export(model, torch.randn(3, 4, 11, 13)) > 0
 
 
+class PaddingModes(nn.Module):
+    """Convs whose padding_mode is 'reflect', 'replicate' (a 1-d conv) and 'circular'."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(4, 8, 3, stride=2, padding=(1, 2), padding_mode="reflect")
+        self.b = nn.Conv1d(8, 8, 3, padding=2, dilation=2, groups=2, padding_mode="replicate")
+        self.c = nn.Conv2d(8, 6, 3, padding=1, padding_mode="circular", bias=False)
+
+    def forward(self, x):
+        y = self.a(x)
+        y = torch.relu(self.b(y.flatten(2))).view_as(y)
+        return self.c(y)
+
+
+@pytest.mark.parametrize("preset", ["int8-static", "int8-dynamic", "w4a8-dynamic"])
+@pytest.mark.parametrize("converted", [False, True], ids=["prepared", "converted"])
+def test_padding_modes(preset, converted):
+    """Pad (modes reflect, edge, wrap) before each such conv, which pads nothing; opset 18 has no 'wrap'."""
+    torch.manual_seed(0)
+    batches = [torch.randn(4, 4, 11, 13) for _ in range(2)]
+    model = torchquant.prepare(PaddingModes().eval(), preset)
+    if preset == "int8-static":
+        calibrated(model, batches)
+    if converted:
+        torchquant.convert(model)
+    assert check_export(model, torch.randn(3, 4, 11, 13)) > 0
+    proto, _ = _onnx_model(model, (batches[0],), None, False)
+    pads = [n for n in proto.graph.node if n.op_type == "Pad"]
+    assert sorted(a.s.decode() for n in pads for a in n.attribute) == ["edge", "reflect", "wrap"]
+    convs = [n for n in proto.graph.node if n.op_type in ("Conv", "ConvInteger")]
+    assert len(convs) == 3 and all(list(a.ints) == [0] * len(a.ints) for n in convs for a in n.attribute
+                                   if a.name == "pads")
+    with pytest.raises(ExportError, match=r"layer 'c': padding_mode='circular' needs opset 19 or later \(ONNX "
+                                          r"Pad's 'wrap' mode\), got opset 18"):
+        _onnx_model(model, (batches[0],), 18, False)
+
+
 class SharedInput(nn.Module):
     """Query/key/value-like layers reading one tensor (different widths, one without bias), another that reads
     it with another format, and one reading something else."""
@@ -742,7 +780,8 @@ PIPELINE_MODELS = {"digits-bn": (torchquant.examples.DigitsBNCNN, (1, 8, 8)),
                    "text-cnn": (test_graph.TextCNNNet, (10, 8)),
                    "unet": (test_graph.UNetNet, (3, 10, 10)),
                    "shuffle-block": (test_graph.ShuffleBlockNet, (3, 8, 8)),
-                   "padded": (test_graph.PaddedNet, (3, 8, 8))}
+                   "padded": (test_graph.PaddedNet, (3, 8, 8)),
+                   "padding-modes": (test_graph.PaddingModesNet, (3, 7, 9))}
 
 
 def pipeline_config(signed=False, weight_bits=8, integer_output=False, activation_bits=8):
@@ -841,6 +880,9 @@ def test_pipeline_integers_and_outputs_equal_torchquants(name, signed, weight_bi
         assert 7 <= ops.count("ReduceMax") <= 9 and ops.count("ReduceMin") == 1
     if name == "padded":  # zeros (the zero point), reflect, replicate: Pad of the integers
         assert ops.count("Pad") == 4
+    if name == "padding-modes":  # each conv's padding_mode: Pad of the integers before its ConvInteger
+        pads = [n for n in proto.graph.node if n.op_type == "Pad"]
+        assert sorted(a.s.decode() for n in pads for a in n.attribute) == ["edge", "reflect", "wrap"]
     assert ops.count("ConvInteger") + ops.count("MatMulInteger") == len(pipeline_run(converted, x)[1])
     assert "Conv" not in ops and "MatMul" not in ops  # no float conv or matmul: all on integers
     # the prepared (fake-quant) pipeline is exported as convert makes it, and left unchanged

@@ -399,6 +399,24 @@ class PaddedNet(nn.Module):
         return self.head(torch.cat([z.amax((2, 3)), s.amax((2, 3))], 1))
 
 
+class PaddingModesNet(nn.Module):
+    """Convs whose padding_mode is 'reflect' (with BatchNorm), 'replicate' and 'circular' (its output added to the
+    block's input: the residual add in its epilogue), between integer layers; a global max pool into a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect")
+        self.bn = nn.BatchNorm2d(8)
+        self.a = nn.Conv2d(8, 8, 3, padding=1, padding_mode="replicate")
+        self.b = nn.Conv2d(8, 8, (3, 5), padding=(1, 2), padding_mode="circular")
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.stem(x)))
+        x = F.relu(self.b(F.relu(self.a(x))) + x)
+        return self.head(x.amax((2, 3)))
+
+
 class AvgPoolNet(nn.Module):
     """Average pools of a fixed window between integer layers: a DenseNet transition (nn.AvgPool2d(2) on an odd
     size), an Inception branch (F.avg_pool2d(y, 3, 1, 1), padding counted) added back, a ResNet-D shortcut
@@ -603,6 +621,7 @@ MODELS = {
     "unet": (UNetNet, (2, 3, 10, 10)),
     "shuffle-block": (ShuffleBlockNet, (2, 3, 8, 8)),
     "padded": (PaddedNet, (2, 3, 8, 8)),
+    "padding-modes": (PaddingModesNet, (2, 3, 7, 9)),
     "avg-pools": (AvgPoolNet, (2, 3, 11, 11)),
     "adaptive-pools": (AdaptivePoolNet, (2, 3, 12, 12)),
     "squeeze-excitation": (SqueezeExcitationNet, (2, 3, 8, 8)),
@@ -659,7 +678,7 @@ def test_converted_pipeline_is_close_to_float_and_fake_quant(name):
 
 @pytest.mark.parametrize("name", ["basic-blocks", "bottleneck", "wide-bottleneck", "conv1d-residual",
                                   "keyword-spotting", "cat", "spectrogram-views", "text-cnn", "unet", "shuffle-block",
-                                  "padded", "hardswish-block", "smooth-activations", "avg-pools", "adaptive-pools",
+                                  "padded", "padding-modes", "hardswish-block", "smooth-activations", "avg-pools", "adaptive-pools",
                                   "squeeze-excitation"])
 @pytest.mark.parametrize("bits", [8, 7], ids=["uint8", "uint7"])
 def test_pipeline_integers_are_identical_on_every_cpu_path_and_cuda(name, bits, device, isa, monkeypatch):

@@ -4,7 +4,7 @@ import torch.nn as nn
 
 import torchquant as tq
 from torchquant import QuantConfig, QuantSpec
-from torchquant.nn import QuantConv2d, QuantLinear
+from torchquant.nn import QuantConv1d, QuantConv2d, QuantLinear
 from torchquant.nn.base import pack_int4, unpack_int4
 from torchquant.nn.quantizers import _LSQFakeQuantize
 
@@ -248,8 +248,34 @@ def test_from_float_shares_parameters():
     assert qc.weight is conv.weight and qc.bias is None
     with pytest.raises(TypeError, match="module must be a Linear"):
         QuantLinear.from_float(conv)
-    with pytest.raises(ValueError, match="padding_mode='zeros'"):
-        QuantConv2d.from_float(nn.Conv2d(2, 4, 3, padding_mode="reflect"))
+    with pytest.raises(ValueError, match="padding_mode must be one of"):  # nn.Conv2d's own check
+        QuantConv2d(2, 4, 3, padding_mode="mirror")
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+@pytest.mark.parametrize("dims", [2, 1], ids=["conv2d", "conv1d"])
+@pytest.mark.parametrize("name", ["int8-static", "int8-dynamic", "w4a8-dynamic", "w3-a1-binary-static"])
+def test_conv_padding_modes(device, mode, dims, name):
+    """A padding_mode other than 'zeros': the fake-quant layer is nn.Conv2d / nn.Conv1d with that mode on the
+    fake-quantized input and weight; converted (which pads the integers), the same function, batched or not."""
+    torch.manual_seed(0)
+    float_type = nn.Conv2d if dims == 2 else nn.Conv1d
+    conv = float_type(4, 6, 3, stride=2, padding=(1, 2)[:dims], dilation=(2, 1)[:dims], padding_mode=mode)
+    layer = (QuantConv2d if dims == 2 else QuantConv1d).from_float(conv, CONFIGS[name]).to(device)
+    assert layer.padding_mode == mode and f"padding_mode='{mode}'" in repr(layer)
+    layer, x = _calibrated(layer, (2, 4, 9, 7)[:2 + dims], device)
+    layer.eval()
+    with torch.no_grad():
+        reference = float_type(4, 6, 3, stride=2, padding=(1, 2)[:dims], dilation=(2, 1)[:dims],
+                               padding_mode=mode).to(device)
+        reference.weight.copy_(layer.dequantized_weight())
+        reference.bias.copy_(layer.bias)
+        x_fq = x if layer.input_quantizer is None else layer.input_quantizer(x)
+        torch.testing.assert_close(layer(x), reference(x_fq), rtol=1e-5, atol=1e-5)
+        fake_unbatched = layer(x[0])
+    _assert_same_function(layer, x)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x[0]), fake_unbatched, rtol=2e-5, atol=2e-5)
 
 
 def test_training_drop_in():

@@ -491,6 +491,25 @@ def _linear_integer(b: _GraphBuilder, layers: Sequence[_Layer], x: str, outputs:
             b.nodes.append(b.onnx.helper.make_node("Split", [scaled, sizes], ys, name=b.name("Split_node"), axis=-1))
 
 
+# ONNX Pad's mode for each padding_mode of a conv other than 'zeros' ('wrap' from opset 19 on)
+_PAD_MODES = {"reflect": "reflect", "replicate": "edge", "circular": "wrap"}
+_WRAP_PAD_OPSET = 19
+
+
+def _conv_input(b: _GraphBuilder, layer: _Layer, x: str) -> tuple[str, list]:
+    """The input of the Conv / ConvInteger node of a conv layer (x batched, its float values or integers) and the
+    node's pads: under a padding_mode other than 'zeros', a Pad node of x and a conv that pads nothing."""
+    conv = layer.module
+    if conv.padding_mode == "zeros":
+        return x, list(conv.padding) * 2
+    import numpy as np
+    if conv.padding_mode == "circular" and b.opset < _WRAP_PAD_OPSET:
+        raise ExportError(f"export_onnx: layer {layer.name!r}: padding_mode='circular' needs opset "
+                          f"{_WRAP_PAD_OPSET} or later (ONNX Pad's 'wrap' mode), got opset {b.opset}")
+    pads = b.const("pads", np.array([0, 0, *conv.padding] * 2, np.int64))
+    return b.op("Pad", x, pads, mode=_PAD_MODES[conv.padding_mode]), [0] * (2 * len(conv.padding))
+
+
 def _layer_nodes(b: _GraphBuilder, layer: _Layer, x: str, y: str, q_name: str) -> None:
     act = layer.activation
     if isinstance(layer.module, QuantLinear):
@@ -499,11 +518,11 @@ def _layer_nodes(b: _GraphBuilder, layer: _Layer, x: str, y: str, q_name: str) -
         _biased(b, b.op("MatMul", x_in, w), layer, y)
         return
     conv = layer.module
-    x_in = x if act is None else _quantized_input(b, x, act, q_name)
+    x_in, pads = _conv_input(b, layer, x if act is None else _quantized_input(b, x, act, q_name))
     w = _dequantized_weight(b, layer, layer.weight, axis=0)
     inputs = [x_in, w] + ([b.const("bias", layer.bias.numpy())] if layer.bias is not None else [])
-    b.op("Conv", *inputs, output=y, kernel_shape=list(conv.kernel_size), strides=list(conv.stride),
-         pads=list(conv.padding) * 2, dilations=list(conv.dilation), group=conv.groups)
+    b.op("Conv", *inputs, output=y, kernel_shape=list(conv.kernel_size), strides=list(conv.stride), pads=pads,
+         dilations=list(conv.dilation), group=conv.groups)
 
 
 def _gelu(b: _GraphBuilder, x: str, form: str, output: str) -> None:
@@ -931,9 +950,10 @@ def _integer_layer_nodes(b: _GraphBuilder, layer: _Layer, x_q: str, out: Optiona
         channel_shape = (-1,)
     else:
         conv = layer.module
+        x_q, pads = _conv_input(b, layer, x_q)
         acc = b.op("ConvInteger", *_integer_weight(b, layer, layer.weight, x_q, _zero_point(b, act),
                                                    act.signed),
-                   kernel_shape=list(conv.kernel_size), strides=list(conv.stride), pads=list(conv.padding) * 2,
+                   kernel_shape=list(conv.kernel_size), strides=list(conv.stride), pads=pads,
                    dilations=list(conv.dilation), group=conv.groups)
         channel_shape = (-1, *[1] * len(conv.kernel_size))
     v = b.op("Mul", b.op("Cast", acc, to=b.onnx.TensorProto.FLOAT), b.const("input_scale", _f32(act.scale)))

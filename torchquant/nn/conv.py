@@ -46,27 +46,33 @@ def contiguous_output(y: torch.Tensor) -> torch.Tensor:
 
 
 class QuantConv2d(QuantLayerBase):
-    """nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias) quantized per
-    `config` (a QuantConfig or a preset name; default int8-dynamic). Same parameters and initialisation as
-    nn.Conv2d; only zero padding."""
+    """nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode)
+    quantized per `config` (a QuantConfig or a preset name; default int8-dynamic). Same parameters and
+    initialisation as nn.Conv2d (padding_mode is keyword-only here: `config` comes first). A padding_mode other than
+    'zeros' pads the input first (F.pad; converted, the integers, whose reflect / replicate / circular copies are
+    the quantized copies) and runs the integer conv without padding."""
 
     FLOAT_TYPE = nn.Conv2d
     PER_TOKEN_INPUT = False
+    padding_mode = "zeros"  # (a class default: a layer pickled before the attribute existed pads with zeros)
     # set_output_memory_format's choice as the C++ entry reads it: None, True (channels-last) or False (contiguous);
     # a torch.memory_format attribute would make torch.save of the model fail (it cannot pickle one)
     _output_channels_last = None
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, bias: bool = True, config=None, *, device=None, dtype=None):
+                 groups: int = 1, bias: bool = True, config=None, *, padding_mode: str = "zeros", device=None,
+                 dtype=None):
         super().__init__()
+        # (nn.Conv2d checks the arguments, padding_mode included, and initialises the weight)
         float_layer = self.FLOAT_TYPE(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
-                                      bias, device=device, dtype=dtype)
+                                      bias, padding_mode, device=device, dtype=dtype)
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = float_layer.kernel_size
         self.stride = float_layer.stride
         self.dilation = float_layer.dilation
         self.padding = _explicit_padding(float_layer, type(self).__name__)
+        self.padding_mode = padding_mode
         self.groups = groups
         self.weight = float_layer.weight
         self.bias = float_layer.bias
@@ -78,22 +84,31 @@ class QuantConv2d(QuantLayerBase):
         reason = super().unsupported(conv)
         if reason is not None:
             return reason
-        if conv.padding_mode != "zeros":
-            return f"padding_mode={conv.padding_mode!r} (only 'zeros' is supported)"
         if conv.padding == "same" and any(d * (k - 1) % 2 for d, k in zip(conv.dilation, conv.kernel_size)):
             return "padding='same' with an odd total padding (only symmetric padding is supported)"
         return None
 
     @classmethod
     def _like(cls, conv: nn.Conv2d, config, device):
-        if conv.padding_mode != "zeros":
-            raise ValueError(f"{cls.__name__}.from_float: only padding_mode='zeros' is supported, got "
-                             f"{conv.padding_mode!r}")
         return cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                   conv.groups, conv.bias is not None, config, device=device, dtype=conv.weight.dtype)
+                   conv.groups, conv.bias is not None, config, padding_mode=conv.padding_mode, device=device,
+                   dtype=conv.weight.dtype)
+
+    @property
+    def kernel_padding(self) -> tuple[int, ...]:
+        """The padding the conv kernel itself adds (zeros): `padding` under padding_mode 'zeros', none under the
+        other modes (_padded pads the input before)."""
+        return self.padding if self.padding_mode == "zeros" else (0,) * len(self.padding)
+
+    def _padded(self, x: torch.Tensor) -> torch.Tensor:
+        """x as the kernel reads it: padded by `padding` under padding_mode 'reflect', 'replicate' or 'circular'
+        (on float values or on their integers alike: these modes copy values), x itself under 'zeros'."""
+        if self.padding_mode == "zeros":
+            return x
+        return F.pad(x, [p for p in reversed(self.padding) for _ in range(2)], mode=self.padding_mode)
 
     def _float_op(self, x, weight, bias):
-        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        return F.conv2d(self._padded(x), weight, bias, self.stride, self.kernel_padding, self.dilation, self.groups)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
@@ -135,16 +150,22 @@ class QuantConv2d(QuantLayerBase):
 
     def _quantized_layer_args(self) -> tuple | None:
         args = super()._quantized_layer_args()
-        return None if args is None else (*args, self._output_channels_last)
+        # (the C++ entry pads with zeros only: the other modes run the Python forward, which pads first)
+        return None if args is None or self.padding_mode != "zeros" else (*args, self._output_channels_last)
 
     def _input_features(self) -> int:
         return self.in_channels
 
     def _int_op_args(self) -> tuple:
         return (self.w_sum, self.weight_scale, self._kernel_bias(), self.out_channels, list(self.kernel_size),
-                list(self.stride), list(self.padding), list(self.dilation), self.groups)
+                list(self.stride), list(self.kernel_padding), list(self.dilation), self.groups)
 
     def _int_op(self, x_q, x_scale, x_zero_point, out_dtype, out_scale=None, out_zero_point=0, out_bits=8):
+        return self._padded_int_op(self._padded(x_q), x_scale, x_zero_point, out_dtype, out_scale, out_zero_point,
+                                   out_bits)
+
+    def _padded_int_op(self, x_q, x_scale, x_zero_point, out_dtype, out_scale=None, out_zero_point=0, out_bits=8):
+        """int8_conv2d on x_q as _padded made it ([batch, channels, height, width] or unbatched)."""
         unbatched = x_q.dim() == 3  # a batch of one
         y = ops.int8_conv2d(x_q.unsqueeze(0) if unbatched else x_q, x_scale, x_zero_point, *self._op_args(),
                             out_dtype, out_scale, out_zero_point, self.clamp_min, self.clamp_max, out_bits)
@@ -156,10 +177,16 @@ class QuantConv2d(QuantLayerBase):
                              out_bits: int = 8) -> torch.Tensor:
         """pipeline_op with a residual add [+ ReLU] after the activation clamp, in the conv's epilogue
         (int8_conv2d.residual): residual int8/uint8 of the output's shape, residual_scale a float32 tensor [1]."""
+        return self._padded_residual_op(self._padded(x_q), residual, residual_scale, residual_zero_point, relu,
+                                        out_dtype, out_scale, out_zero_point, out_bits)
+
+    def _padded_residual_op(self, x_q, residual, residual_scale, residual_zero_point, relu, out_dtype, out_scale=None,
+                            out_zero_point=0, out_bits=8):
+        """pipeline_residual_op on x_q as _padded made it."""
         if x_q.dim() == 3:  # unbatched: a batch of one, as _int_op runs it
-            return QuantConv2d.pipeline_residual_op(self, x_q.unsqueeze(0), residual.unsqueeze(0), residual_scale,
-                                                    residual_zero_point, relu, out_dtype, out_scale,
-                                                    out_zero_point, out_bits).squeeze(0)
+            return self._padded_residual_op(x_q.unsqueeze(0), residual.unsqueeze(0), residual_scale,
+                                            residual_zero_point, relu, out_dtype, out_scale, out_zero_point,
+                                            out_bits).squeeze(0)
         return ops.int8_conv2d.residual(x_q, self._static_scale, self.input_zero_point, *self._op_args(), out_dtype,
                                         out_scale, out_zero_point, self.clamp_min, self.clamp_max, residual,
                                         residual_scale, residual_zero_point, relu, out_bits)
@@ -167,13 +194,14 @@ class QuantConv2d(QuantLayerBase):
     def _shape_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
-                f"bias={self.bias is not None}")
+                f"bias={self.bias is not None}"
+                + ("" if self.padding_mode == "zeros" else f", padding_mode={self.padding_mode!r}"))
 
 
 class QuantConv1d(QuantConv2d):
-    """nn.Conv1d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias) quantized per
-    `config`, as QuantConv2d. Converted, it runs the 2-D integer conv with a 1 x kernel_size kernel on the input
-    viewed as [batch, channels, 1, length]."""
+    """nn.Conv1d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode)
+    quantized per `config`, as QuantConv2d. Converted, it runs the 2-D integer conv with a 1 x kernel_size kernel
+    on the input viewed as [batch, channels, 1, length]."""
 
     FLOAT_TYPE = nn.Conv1d
 
@@ -209,7 +237,7 @@ class QuantConv1d(QuantConv2d):
         return y
 
     def _float_op(self, x, weight, bias):
-        return F.conv1d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        return F.conv1d(self._padded(x), weight, bias, self.stride, self.kernel_padding, self.dilation, self.groups)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
@@ -224,11 +252,11 @@ class QuantConv1d(QuantConv2d):
     def _int_op_args(self) -> tuple:
         # the 2-D conv's arguments for a 1 x kernel_size kernel
         return (self.w_sum, self.weight_scale, self._kernel_bias(), self.out_channels,
-                [1, *self.kernel_size], [1, *self.stride], [0, *self.padding], [1, *self.dilation], self.groups)
+                [1, *self.kernel_size], [1, *self.stride], [0, *self.kernel_padding], [1, *self.dilation], self.groups)
 
     def _int_op(self, x_q, x_scale, x_zero_point, out_dtype, out_scale=None, out_zero_point=0, out_bits=8):
-        return super()._int_op(x_q.unsqueeze(-2), x_scale, x_zero_point, out_dtype, out_scale, out_zero_point,
-                               out_bits).squeeze(-2)
+        return self._padded_int_op(self._padded(x_q).unsqueeze(-2), x_scale, x_zero_point, out_dtype, out_scale,
+                                   out_zero_point, out_bits).squeeze(-2)
 
     def pipeline_residual_op(self, x_q, residual, *args):
-        return super().pipeline_residual_op(x_q.unsqueeze(-2), residual.unsqueeze(-2), *args).squeeze(-2)
+        return self._padded_residual_op(self._padded(x_q).unsqueeze(-2), residual.unsqueeze(-2), *args).squeeze(-2)
