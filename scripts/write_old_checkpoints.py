@@ -40,6 +40,7 @@ CHECKPOINTS = {
     "pipeline/before-integer_avg_pools": ("ad4cf19", "avg-pools"),
     "pipeline/before-integer_adaptive_avg_pools": ("d4d8a62", "adaptive-pools"),
     "pipeline/before-integer_products": ("902f43f", "squeeze-excitation"),
+    "pipeline/before-padding_mode_convs": ("6af6ad9^", "padding-modes"),
     # planned with every rule, recording only the residual rule, or the residual and padding rules
     "pipeline/integer_padding-unrecorded": ("84b9b08", "padded"),
     "pipeline/residual-and-padding-recorded": ("099820d", "text-cnn"),

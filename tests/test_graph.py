@@ -678,8 +678,8 @@ def test_converted_pipeline_is_close_to_float_and_fake_quant(name):
 
 @pytest.mark.parametrize("name", ["basic-blocks", "bottleneck", "wide-bottleneck", "conv1d-residual",
                                   "keyword-spotting", "cat", "spectrogram-views", "text-cnn", "unet", "shuffle-block",
-                                  "padded", "padding-modes", "hardswish-block", "smooth-activations", "avg-pools", "adaptive-pools",
-                                  "squeeze-excitation"])
+                                  "padded", "padding-modes", "hardswish-block", "smooth-activations", "avg-pools",
+                                  "adaptive-pools", "squeeze-excitation"])
 @pytest.mark.parametrize("bits", [8, 7], ids=["uint8", "uint7"])
 def test_pipeline_integers_are_identical_on_every_cpu_path_and_cuda(name, bits, device, isa, monkeypatch):
     """7-bit activations on inputs twice the calibration's spread, so that their clamps act."""
@@ -2103,7 +2103,8 @@ def test_calibration_is_needed_before_convert():
 
 # ---- save / load ----
 
-@pytest.mark.parametrize("name", ["basic-blocks", "hardswish-block", "padded"])  # lookup tables, zero-point pads
+# lookup tables, zero-point pads, convs that pad their input
+@pytest.mark.parametrize("name", ["basic-blocks", "hardswish-block", "padded", "padding-modes"])
 @pytest.mark.parametrize("converted", [False, True])
 def test_save_load_round_trips_the_pipeline_into_the_float_model(tmp_path, converted, name):
     model, prepared, batches = _prepared(name)
@@ -2316,6 +2317,7 @@ OLD_CHECKPOINTS = {"before-integer_dropout": ("dropout", "integer_dropout"),
                    "before-integer_avg_pools": ("avg-pools", "integer_avg_pools"),
                    "before-integer_adaptive_avg_pools": ("adaptive-pools", "integer_adaptive_avg_pools"),
                    "before-integer_products": ("squeeze-excitation", "integer_products"),
+                   "before-padding_mode_convs": ("padding-modes", "padding_mode_convs"),
                    "integer_padding-unrecorded": ("padded", None),
                    "residual-and-padding-recorded": ("text-cnn", None)}
 _FIXTURE_MODELS = {"dropout": (DropoutNet, (2, 3, 8, 8)), "transposed-features": (TransposedFeaturesNet, (2, 4, 6)),
@@ -2513,7 +2515,7 @@ def test_budget_builds_one_pipeline_with_per_layer_weight_bits_that_round_trips(
 
 
 @pytest.mark.parametrize("name", ["basic-blocks", "bottleneck", "hardswish-block", "text-cnn", "shuffle-block",
-                                  "padded"])
+                                  "padded", "padding-modes"])
 def test_converted_pipeline_compiles_and_exports(name):
     _, prepared, batches = _prepared(name)
     converted = tq.convert(prepared)

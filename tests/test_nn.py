@@ -276,6 +276,54 @@ def test_conv_padding_modes(device, mode, dims, name):
     _assert_same_function(layer, x)
     with torch.no_grad():
         torch.testing.assert_close(layer(x[0]), fake_unbatched, rtol=2e-5, atol=2e-5)
+        if dims == 2:  # nn.Conv2d's output memory format (circular padding makes a contiguous input)
+            x_cl = x.to(memory_format=torch.channels_last)
+            expected = reference(x_fq.to(memory_format=torch.channels_last))
+            assert layer(x_cl).is_contiguous() == expected.is_contiguous()
+            assert layer(x_cl).is_contiguous(memory_format=torch.channels_last) == \
+                expected.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("mode", ["reflect", "circular"])
+def test_padding_mode_without_padding_is_a_plain_conv(mode):
+    """A mode with nothing to pad changes nothing: the C++ entry runs the converted layer, no F.pad."""
+    conv = QuantConv2d.from_float(nn.Conv2d(4, 6, 1, padding_mode=mode), "int8-dynamic").eval().convert()
+    assert not conv.pads_input and conv.kernel_padding == (0, 0) and conv._quantized_call_args is not None
+
+
+def test_padding_modes_compile_and_export():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect"), nn.ReLU(),
+                          nn.Conv2d(8, 4, 3, padding=(1, 2), padding_mode="circular")).eval()
+    x = torch.randn(2, 3, 9, 11)
+    converted = tq.quantize_model(model, "int8-static", calibration=[x])
+    with torch.no_grad():
+        expected = converted(x)
+        assert torch.equal(torch.compile(converted, fullgraph=True, dynamic=True)(x), expected)
+        assert torch.equal(torch.export.export(converted, (x,)).module()(x), expected)
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_padding_mode_qat_with_folded_batchnorm(mode):
+    """QAT of a conv that pads its input, with the BatchNorm after it folded (batch statistics in training), then
+    convert: the converted model computes the trained fake-quant function."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, padding_mode=mode), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 4, 3, padding=2, dilation=2, padding_mode=mode))
+    prepared = tq.prepare(model.train(), "int8-static")
+    assert prepared[0].folded_bn is not None and prepared[0].pads_input
+    optimizer = torch.optim.SGD(prepared.parameters(), lr=0.05)
+    for _ in range(4):
+        loss = prepared(torch.randn(8, 3, 10, 10)).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    prepared.eval()
+    x = torch.randn(4, 3, 10, 10)
+    with torch.no_grad():
+        fake = prepared(x)
+        converted = tq.convert(prepared)(x)
+    torch.testing.assert_close(converted, fake, rtol=1e-5, atol=1e-5 * fake.abs().max().item())
 
 
 def test_training_drop_in():

@@ -26,8 +26,8 @@ from torchquant._ops.gemm import GELU_APPROXIMATE
 from torchquant.config import QuantConfig, resolve_config
 from torchquant.fold import _Tracer, find_bn_pairs, folded_bn, parent_and_key
 from torchquant.graph import (META_KEY as PIPELINE_META, SWAP_READ_TENSORS, aliases_copied_by_a_layout,
-                              convert_pipeline, is_pipeline, keeping_read_layers_float, prepare_pipeline,
-                              reaches_a_layout_reader)
+                              convert_pipeline, is_pipeline, keeping_read_layers_float, planning_rule,
+                              prepare_pipeline, reaches_a_layout_reader)
 from torchquant.nn import QuantConv2d, QuantLinear, QuantMultiheadAttention, quant_type, quant_type_of
 from torchquant.nn.attention import PROJECTIONS
 from torchquant.nn.base import QuantLayerBase, quant_layers
@@ -132,6 +132,9 @@ def _plan_swaps(model: nn.Module, config: QuantConfig, warn_untraceable: bool = 
                 continue
             swap_type = quant_type(child)
             reason = None if swap_type is None else swap_type.unsupported(child)
+            if (reason is None and getattr(child, "padding_mode", "zeros") != "zeros"
+                    and not planning_rule("padding_mode_convs")):
+                reason = f"padding_mode={child.padding_mode!r} (a pipeline planned when such convs stayed float)"
             if swap_type is None and quant_type_of(parametrize.type_before_parametrizations(child)) is not None:
                 reason = ("it is parametrized (torch.nn.utils.parametrize, e.g. parametrizations.weight_norm); "
                           "parametrize.remove_parametrizations first to quantize it")

@@ -500,7 +500,7 @@ def _conv_input(b: _GraphBuilder, layer: _Layer, x: str) -> tuple[str, list]:
     """The input of the Conv / ConvInteger node of a conv layer (x batched, its float values or integers) and the
     node's pads: under a padding_mode other than 'zeros', a Pad node of x and a conv that pads nothing."""
     conv = layer.module
-    if conv.padding_mode == "zeros":
+    if not conv.pads_input:
         return x, list(conv.padding) * 2
     import numpy as np
     if conv.padding_mode == "circular" and b.opset < _WRAP_PAD_OPSET:

@@ -1055,13 +1055,21 @@ def _describe(node: fx.Node) -> str:
 # - integer_adaptive_avg_pools: adaptive average pools to sizes other than 1 read integers and requantize (before:
 #   they ran in float);
 # - integer_products: products of two integer tensors (squeeze-excitation gates) read integers and requantize
-#   (before: they ran in float, and a gate's activation with them).
+#   (before: they ran in float, and a gate's activation with them);
+# - padding_mode_convs: convs whose padding_mode is 'reflect', 'replicate' or 'circular' are quantized (before: they
+#   stayed float).
 # Checkpoints record the rules their pipeline was planned with; a file older than a rule does not (load() then
 # rebuilds the pipeline whose quantizers and tensors it holds: rules_a_checkpoint_may_have).
 PIPELINE_RULES = ("integer_dropout", "integer_lookups", "residual_adds_in_convs", "integer_max_pool1d", "integer_views",
                   "integer_extrema", "integer_indexing", "integer_padding", "integer_means",
-                  "integer_avg_pools", "integer_adaptive_avg_pools", "integer_products")
+                  "integer_avg_pools", "integer_adaptive_avg_pools", "integer_products", "padding_mode_convs")
 _RULES = contextvars.ContextVar("torchquant_pipeline_rules", default=dict.fromkeys(PIPELINE_RULES, True))
+
+
+def planning_rule(rule: str) -> bool:
+    """Whether the rule of PIPELINE_RULES applies to the model being prepared (all do, but while load() rebuilds a
+    pipeline planned before some: pipeline_rules)."""
+    return _RULES.get()[rule]
 
 
 def rules_a_checkpoint_may_have(recorded: dict) -> list[dict]:

@@ -95,15 +95,19 @@ class QuantConv2d(QuantLayerBase):
                    dtype=conv.weight.dtype)
 
     @property
+    def pads_input(self) -> bool:
+        """Whether the input is padded before the conv: a padding_mode other than 'zeros', and some padding."""
+        return self.padding_mode != "zeros" and any(self.padding)
+
+    @property
     def kernel_padding(self) -> tuple[int, ...]:
-        """The padding the conv kernel itself adds (zeros): `padding` under padding_mode 'zeros', none under the
-        other modes (_padded pads the input before)."""
-        return self.padding if self.padding_mode == "zeros" else (0,) * len(self.padding)
+        """The padding the conv kernel itself adds (zeros): none where the input is padded before (_padded)."""
+        return (0,) * len(self.padding) if self.pads_input else self.padding
 
     def _padded(self, x: torch.Tensor) -> torch.Tensor:
         """x as the kernel reads it: padded by `padding` under padding_mode 'reflect', 'replicate' or 'circular'
-        (on float values or on their integers alike: these modes copy values), x itself under 'zeros'."""
-        if self.padding_mode == "zeros":
+        (on float values or on their integers alike: these modes copy values), else x itself."""
+        if not self.pads_input:
             return x
         return F.pad(x, [p for p in reversed(self.padding) for _ in range(2)], mode=self.padding_mode)
 
@@ -144,14 +148,15 @@ class QuantConv2d(QuantLayerBase):
         y = super()._converted_forward(x)  # channels-last, as the kernels write it
         # (an unbatched or 1-D conv's output is contiguous: 3-D tensors have no channels-last form)
         keep = self.output_memory_format if x.dim() == 4 else torch.contiguous_format
-        if keep is None:
-            keep = suggest_memory_format(x)
+        if keep is None:  # nn.Conv2d's: its padded input's (circular padding makes a contiguous tensor)
+            keep = torch.contiguous_format if self.pads_input and self.padding_mode == "circular" else \
+                suggest_memory_format(x)
         return y if keep == torch.channels_last else contiguous_output(y)
 
     def _quantized_layer_args(self) -> tuple | None:
         args = super()._quantized_layer_args()
-        # (the C++ entry pads with zeros only: the other modes run the Python forward, which pads first)
-        return None if args is None or self.padding_mode != "zeros" else (*args, self._output_channels_last)
+        # (the C++ entry pads with zeros only: a padded input runs the Python forward, which pads first)
+        return None if args is None or self.pads_input else (*args, self._output_channels_last)
 
     def _input_features(self) -> int:
         return self.in_channels
