@@ -409,6 +409,21 @@ Rounding parse_rounding(c10::string_view rounding) {
   TQ_CHECK(false, "rounding must be 'nearest' or 'truncate', got '", std::string(rounding), "'");
 }
 
+void check_fake_quantize_error_args(const at::Tensor& rows, const at::Tensor& scale, const at::Tensor& zero_point) {
+  TQ_CHECK(rows.dim() == 2 && rows.scalar_type() == at::kFloat,
+           "fake_quantize_error: rows must be a 2-D float32 tensor [channels, length], got ", rows.scalar_type(),
+           " of shape ", rows.sizes());
+  TQ_CHECK(scale.dim() == 2 && scale.size(1) == rows.size(0) && scale.scalar_type() == at::kFloat,
+           "fake_quantize_error: scale must be float32 [candidates, ", rows.size(0), "], got ", scale.scalar_type(),
+           " of shape ", scale.sizes());
+  TQ_CHECK(zero_point.sizes() == scale.sizes() && zero_point.scalar_type() == at::kInt,
+           "fake_quantize_error: zero_point must be int32 of scale's shape ", scale.sizes(), ", got ",
+           zero_point.scalar_type(), " of shape ", zero_point.sizes());
+  TQ_CHECK(scale.device() == rows.device() && zero_point.device() == rows.device(),
+           "fake_quantize_error: scale and zero_point must be on rows' device (", rows.device(), "), got ",
+           scale.device(), " and ", zero_point.device());
+}
+
 QuantFormat checked_format(int64_t bits, bool is_signed) {
   TQ_CHECK(bits >= 1 && bits <= 8, "bits must be in [1, 8], got ", bits);
   return quant_format(bits, is_signed);

@@ -191,6 +191,8 @@ void check_scale_values(const char* op, const char* name, const at::Tensor& scal
 // ---- quantize family ----
 
 Rounding parse_rounding(c10::string_view rounding);
+// fake_quantize_error: rows float32 [C, R]; scale float32 and zero_point int32, both [F, C]; all on rows' device
+void check_fake_quantize_error_args(const at::Tensor& rows, const at::Tensor& scale, const at::Tensor& zero_point);
 // bits in [1, 8] -> the format's integer range
 QuantFormat checked_format(int64_t bits, bool is_signed);
 

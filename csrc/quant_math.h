@@ -109,4 +109,20 @@ TQ_HOST_DEVICE bool fake_quantize_passes_grad(float x, float scale, float inv_sc
   return q >= f.qmin && q <= f.qmax;
 }
 
+// fake_quantize_error (the mse observer's search) sums each chunk of kErrorChunk elements of a row (16 KB of
+// float32, read from L1 once per candidate) in kErrorLanes float32 lanes: element i of the chunk in lane
+// i % kErrorLanes, each term d * d added with one fused multiply-add, in order; then the lanes as sum_error_lanes
+// adds them, then the chunks in order, in double. Every CPU path and the CUDA kernel sum in that order.
+constexpr int kErrorLanes = 64;
+constexpr int64_t kErrorChunk = 4096;
+
+// The lanes' sum in double, as a tree: the upper half added to the lower half, 32 lanes, then 16, ... then 1.
+TQ_HOST_DEVICE double sum_error_lanes(const float* lanes) {
+  double s[kErrorLanes / 2];
+  for (int l = 0; l < kErrorLanes / 2; ++l) s[l] = static_cast<double>(lanes[l]) + lanes[l + kErrorLanes / 2];
+  for (int half = kErrorLanes / 4; half >= 1; half /= 2)
+    for (int l = 0; l < half; ++l) s[l] += s[l + half];
+  return s[0];
+}
+
 }  // namespace torchquant

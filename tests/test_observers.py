@@ -142,17 +142,13 @@ def test_mse_clips_no_worse_than_minmax(device, bits):
         assert errors["mse"].sum() < 0.8 * errors["minmax"].sum()
 
 
-@pytest.mark.parametrize("shape, per_call", [((6, 200), None), ((3, 50), 2), ((40, 300), None), ((5, 64), 1)])
+@pytest.mark.parametrize("shape", [(6, 200), (3, 50), (40, 300), (5, 64), (2, 9001), (1, 5)])
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_mse_range_is_the_least_error_factor(device, monkeypatch, shape, per_call, symmetric):
+def test_mse_range_is_the_least_error_factor(device, shape, symmetric):
     """Each channel's range is the factor of MSE_SHRINK_FACTORS whose fake-quantization error (plain PyTorch,
-    float64 sums) is least, up to float32 summation: whatever number of candidates each kernel call evaluates
-    (per_call factors; None: the default budget, all 41 at once for the small shapes), and the weight is left as
-    it was (each call's error is computed in place in that call's output)."""
+    float64 sums) is least, up to float32 rounding of the terms; the weight is left as it was."""
     import torchquant.observers as observers
     from torchquant import reference
-    if per_call is not None:
-        monkeypatch.setattr(observers, "_MSE_ELEMENTS_PER_CALL", per_call * shape[0] * shape[1])
     g = torch.Generator().manual_seed(3)
     w = (torch.randn(shape, generator=g) ** 3).to(device)
     before = w.clone()
@@ -171,6 +167,91 @@ def test_mse_range_is_the_least_error_factor(device, monkeypatch, shape, per_cal
     assert torch.equal(factors[chosen] * w_lo, lo)
     least = errors.min(dim=0).values
     assert torch.all(errors[chosen, torch.arange(shape[0], device=device)] <= least * (1 + 1e-5))
+
+
+def _error_case(channels, length, candidates, bits, signed, seed=0, specials=False):
+    """fake_quantize_error's arguments: rows with values around their candidates' ranges (some clipped), NaN and
+    +-inf in some rows when specials."""
+    from torchquant.observers import qparams_from_range
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randn(channels, length, generator=g) * torch.rand(channels, 1, generator=g) * 4
+    if specials and length > 3:
+        rows[0, 1], rows[-1, -2], rows[-1, 0] = float("nan"), float("inf"), -float("inf")
+    factors = torch.linspace(1.0, 0.3, candidates)
+    lo = rows.nan_to_num(0, 0, 0).amin(1) if length else torch.full((channels,), -1.0)
+    hi = rows.nan_to_num(0, 0, 0).amax(1) if length else torch.full((channels,), 1.0)
+    spec = QuantSpec(bits=bits, signed=signed, symmetric=signed)
+    scale, zero_point = qparams_from_range((factors[:, None] * lo).reshape(-1), (factors[:, None] * hi).reshape(-1),
+                                           spec)
+    return rows, scale.view(candidates, channels), zero_point.view(candidates, channels)
+
+
+ERROR_CASES = [(3, 200, 4, 4, True), (2, 4097, 3, 8, False), (5, 63, 2, 1, True), (1, 9000, 5, 3, False),
+               (4, 1, 3, 2, True), (2, 0, 2, 8, True), (7, 65, 41, 5, True)]
+
+
+@pytest.mark.parametrize("channels, length, candidates, bits, signed", ERROR_CASES)
+@pytest.mark.parametrize("rounding", ["nearest", "truncate"])
+def test_fake_quantize_error_is_the_sum_of_squared_errors(device, channels, length, candidates, bits, signed,
+                                                          rounding):
+    """Against plain PyTorch (torchquant.reference's fake quantization, float64 sums); NaN and inf in a row make its
+    error NaN or inf, as the sum of the fake-quantized row's squared differences is."""
+    from torchquant import reference
+    from torchquant._ops import ops
+    for specials in (False, True):
+        rows, scale, zero_point = _error_case(channels, length, candidates, bits, signed, specials=specials)
+        got = ops.fake_quantize_error(rows.to(device), scale.to(device), zero_point.to(device), bits, signed,
+                                      rounding)
+        assert got.dtype == torch.float64 and got.shape == (candidates, channels) and got.device.type == device
+        want = torch.stack([
+            (reference.fake_quantize(rows, scale[f], zero_point[f], bits=bits, signed=signed, rounding=rounding,
+                                     axis=0).double() - rows.double()).square().sum(1)
+            for f in range(candidates)])
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-6, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("channels, length, candidates, bits, signed", ERROR_CASES)
+def test_fake_quantize_error_is_the_same_on_every_path_thread_count_and_cuda(device, isa, channels, length,
+                                                                             candidates, bits, signed):
+    """The same float64 sums, bit for bit, on every CPU path (the scalar path's order), 1 or 2 threads, and CUDA:
+    the mse observer picks the same range everywhere."""
+    from torchquant._ops import ops
+    from conftest import forced_isa
+    rows, scale, zero_point = _error_case(channels, length, candidates, bits, signed, specials=True)
+    with forced_isa("scalar"):
+        want = ops.fake_quantize_error(rows, scale, zero_point, bits, signed, "nearest")
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            got = ops.fake_quantize_error(rows.to(device), scale.to(device), zero_point.to(device), bits, signed,
+                                          "nearest")
+            torch.testing.assert_close(got.cpu(), want, rtol=0, atol=0, equal_nan=True)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_fake_quantize_error_bad_inputs():
+    from torchquant._ops import ops
+    rows, scale, zero_point = _error_case(3, 10, 2, 8, True)
+    cases = [
+        ((rows.double(), scale, zero_point), r"rows must be a 2-D float32 tensor \[channels, length\], got Double"),
+        ((rows[0], scale, zero_point), r"rows must be a 2-D float32 tensor .* of shape \[10\]"),
+        ((rows, scale[:, :2], zero_point[:, :2]),
+         r"scale must be float32 \[candidates, 3\], got Float of shape \[2, 2\]"),
+        ((rows, scale, zero_point.long()), r"zero_point must be int32 of scale's shape \[2, 3\], got Long"),
+        ((rows, scale, zero_point[:1]),
+         r"zero_point must be int32 of scale's shape \[2, 3\], got Int of shape \[1, 3\]"),
+        ((rows, -scale, zero_point), r"scale must be positive and finite"),
+        ((rows, scale, zero_point + 300), r"zero_point must be in \[-128, 127\], got 30"),
+    ]
+    for args, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            ops.fake_quantize_error(*args, 8, True, "nearest")
+    with pytest.raises(RuntimeError, match="rounding must be 'nearest' or 'truncate', got 'up'"):
+        ops.fake_quantize_error(rows, scale, zero_point, 8, True, "up")
+    with pytest.raises(RuntimeError, match=r"bits must be in \[1, 8\], got 9"):
+        ops.fake_quantize_error(rows, scale, zero_point, 9, True, "nearest")
 
 
 def test_state_dict_dtype_and_device(device):

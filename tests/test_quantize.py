@@ -470,6 +470,7 @@ def test_opcheck_every_op(device):
         (ops.fake_quantize, (x, s1, z1 * 0, None, 1, True, "nearest")),
         (ops.fake_quantize_backward, (torch.randn_like(x), x.detach(), s1, z1, None, 8, True, "nearest")),
         (ops.quantize_per_token, (x.detach(), 8)),
+        (ops.fake_quantize_error, (x.detach(), scale[:7].repeat(3, 1), zp[:7].repeat(3, 1), 8, True, "nearest")),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)

@@ -18,13 +18,11 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from torchquant import functional as F_q
+from torchquant._ops import ops
 from torchquant.config import QuantSpec
 
 # shrink factors searched by the mse observer: the clipped range is factor * (observed range)
 MSE_SHRINK_FACTORS = torch.linspace(1.0, 0.2, 41).tolist()
-# the mse observer's candidates x elements per kernel call: 4 MB of float32, which stays in the CPU's L2 / L3 while
-# the call's error is computed in place in its output (fresh 16 MB tensors for each step of it took 9x as long)
-_MSE_ELEMENTS_PER_CALL = 1 << 20
 
 
 def as_channel_rows(x: torch.Tensor, axis: int | None) -> torch.Tensor:
@@ -58,25 +56,17 @@ def _percentile_range(rows: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor
 
 
 def _mse_range(rows: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """The range factor * [min, max] (one factor per channel) whose fake-quantization error is smallest.
-    Candidates are evaluated several factors per kernel call, [factors * C, R] at a time, each call's error
-    computed in place."""
+    """The range factor * [min, max] (one factor per channel) whose fake-quantization error is smallest: one kernel
+    (fake_quantize_error) sums the squared errors of every factor and channel, reading each row from cache once per
+    factor, in an order that gives the same sums on every CPU path, thread count and CUDA."""
     lo, hi = _minmax(rows)
-    channels = rows.shape[0]
     factors = torch.tensor(MSE_SHRINK_FACTORS, device=rows.device)
-    per_call = max(1, _MSE_ELEMENTS_PER_CALL // rows.numel())
-    # the rows once per factor of a call, made once (only read: each call's error is computed in its output)
-    tiled = rows if per_call == 1 else rows.repeat(min(per_call, factors.numel()), 1)
-    errors = []
-    for chunk in factors.split(per_call):
-        cand_lo = (chunk[:, None] * lo).reshape(-1)
-        cand_hi = (chunk[:, None] * hi).reshape(-1)
-        scale, zero_point = qparams_from_range(cand_lo, cand_hi, spec)
-        candidates = tiled[:chunk.numel() * channels]
-        approx = F_q.fake_quantize(candidates, scale, zero_point, bits=spec.bits, signed=spec.signed,
-                                   rounding=spec.rounding, axis=0)
-        errors.append(approx.sub_(candidates).square_().sum(dim=1).reshape(chunk.numel(), channels))
-    best = torch.cat(errors).argmin(dim=0)  # first (widest) range among equals
+    candidates = (factors.numel(), rows.shape[0])
+    scale, zero_point = qparams_from_range((factors[:, None] * lo).reshape(-1), (factors[:, None] * hi).reshape(-1),
+                                           spec)
+    errors = ops.fake_quantize_error(rows, scale.view(candidates), zero_point.view(candidates), spec.bits,
+                                     spec.signed, spec.rounding)
+    best = errors.argmin(dim=0)  # first (widest) range among equals
     return factors[best] * lo, factors[best] * hi
 
 

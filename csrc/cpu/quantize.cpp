@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #include <ATen/ATen.h>
 #include <ATen/EmptyTensor.h>
@@ -35,6 +36,7 @@
 #include "memory_order.h"
 #include "output_memory.h"
 #include "quant_math.h"
+#include "sizes.h"
 
 namespace torchquant {
 namespace {
@@ -126,6 +128,18 @@ void binary_span(const A* a, const B* b, Out* y, int64_t n, const BinaryParams& 
   }
 }
 
+// fake_quantize_error's sum for a chunk of at most kErrorChunk elements at one scale and zero point, in the order
+// quant_math.h defines: lanes[i % kErrorLanes] = fma(d, d, that lane) for d = fake_quantize_value(x[i]) - x[i], i in
+// order, then sum_error_lanes.
+inline double fake_quantize_error(const float* x, int64_t n, SpanParams p, QuantFormat f, Rounding r) {
+  float lanes[kErrorLanes] = {};
+  for (int64_t i = 0; i < n; ++i) {
+    const float d = fake_quantize_value(x[i], *p.scale, *p.inv_scale, *p.zero_point, f, r) - x[i];
+    lanes[i % kErrorLanes] = std::fma(d, d, lanes[i % kErrorLanes]);
+  }
+  return sum_error_lanes(lanes);
+}
+
 template <class In>
 float finite_absmax(const In* x, int64_t n) {
   float m = 0.0f;
@@ -154,6 +168,7 @@ TQ_TARGET inline V set1(float v) { return _mm512_set1_ps(v); }
 TQ_TARGET inline V vadd(V a, V b) { return _mm512_add_ps(a, b); }
 TQ_TARGET inline V vsub(V a, V b) { return _mm512_sub_ps(a, b); }
 TQ_TARGET inline V vmul(V a, V b) { return _mm512_mul_ps(a, b); }
+TQ_TARGET inline V vfma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }  // a * b + c, rounded once
 TQ_TARGET inline V vmin(V a, V b) { return _mm512_min_ps(a, b); }  // b when either is NaN
 TQ_TARGET inline V vmax(V a, V b) { return _mm512_max_ps(a, b); }  // b when either is NaN
 TQ_TARGET inline V vabs(V a) { return _mm512_abs_ps(a); }
@@ -166,6 +181,25 @@ TQ_TARGET inline M ge(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_GE_OQ); }
 TQ_TARGET inline M le(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_LE_OQ); }
 TQ_TARGET inline M lt(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
 TQ_TARGET inline M both(M a, M b) { return a & b; }
+TQ_TARGET inline M first_lanes(int k) { return static_cast<M>((1u << k) - 1); }  // k in [1, W]
+TQ_TARGET inline V vload_first(const float* p, M m) { return _mm512_maskz_loadu_ps(m, p); }  // 0 in other lanes
+// sum_error_lanes (quant_math.h) of the kErrorLanes floats in four vectors (lanes 16 j .. 16 j + 15 in v[j]): the same
+// additions of the same pairs, in vectors of doubles
+TQ_TARGET inline __m512d low_doubles(__m512 a) { return _mm512_cvtps_pd(_mm512_castps512_ps256(a)); }
+TQ_TARGET inline __m512d high_doubles(__m512 a) {
+  return _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
+}
+TQ_TARGET inline double sum_error_lanes(const __m512* v) {
+  // s[0..7], s[8..15], s[16..23], s[24..31] after the first step (lane l + lane l + 32)
+  __m512d s0 = _mm512_add_pd(low_doubles(v[0]), low_doubles(v[2]));
+  __m512d s1 = _mm512_add_pd(high_doubles(v[0]), high_doubles(v[2]));
+  const __m512d s2 = _mm512_add_pd(low_doubles(v[1]), low_doubles(v[3]));
+  const __m512d s3 = _mm512_add_pd(high_doubles(v[1]), high_doubles(v[3]));
+  s0 = _mm512_add_pd(_mm512_add_pd(s0, s2), _mm512_add_pd(s1, s3));  // the steps of 16, then 8
+  const __m256d s4 = _mm256_add_pd(_mm512_castpd512_pd256(s0), _mm512_extractf64x4_pd(s0, 1));
+  const __m128d s5 = _mm_add_pd(_mm256_castpd256_pd128(s4), _mm256_extractf128_pd(s4, 1));
+  return _mm_cvtsd_f64(_mm_add_sd(s5, _mm_unpackhi_pd(s5, s5)));
+}
 TQ_TARGET inline V select(M m, V if_true, V if_false) { return _mm512_mask_blend_ps(m, if_false, if_true); }
 TQ_TARGET inline float hmax(V a) { return _mm512_reduce_max_ps(a); }
 TQ_TARGET inline VI iadd(VI a, VI b) { return _mm512_add_epi32(a, b); }
@@ -271,6 +305,7 @@ TQ_TARGET inline V set1(float v) { return _mm256_set1_ps(v); }
 TQ_TARGET inline V vadd(V a, V b) { return _mm256_add_ps(a, b); }
 TQ_TARGET inline V vsub(V a, V b) { return _mm256_sub_ps(a, b); }
 TQ_TARGET inline V vmul(V a, V b) { return _mm256_mul_ps(a, b); }
+TQ_TARGET inline V vfma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
 TQ_TARGET inline V vmin(V a, V b) { return _mm256_min_ps(a, b); }  // b when either is NaN
 TQ_TARGET inline V vmax(V a, V b) { return _mm256_max_ps(a, b); }  // b when either is NaN
 TQ_TARGET inline V vabs(V a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
@@ -283,6 +318,25 @@ TQ_TARGET inline M ge(V a, V b) { return _mm256_cmp_ps(a, b, _CMP_GE_OQ); }
 TQ_TARGET inline M le(V a, V b) { return _mm256_cmp_ps(a, b, _CMP_LE_OQ); }
 TQ_TARGET inline M lt(V a, V b) { return _mm256_cmp_ps(a, b, _CMP_LT_OQ); }
 TQ_TARGET inline M both(M a, M b) { return _mm256_and_ps(a, b); }
+TQ_TARGET inline M first_lanes(int k) {  // k in [1, W]
+  return _mm256_cmp_ps(_mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_ps(static_cast<float>(k)), _CMP_LT_OQ);
+}
+TQ_TARGET inline V vload_first(const float* p, M m) { return _mm256_maskload_ps(p, _mm256_castps_si256(m)); }
+// as avx512::sum_error_lanes, the lanes in eight vectors (8 j .. 8 j + 7 in v[j]), s in vectors of four doubles
+TQ_TARGET inline double sum_error_lanes(const __m256* v) {
+  __m256d s[8];  // s[k] holds s[4 k .. 4 k + 3] after the first step
+  for (int j = 0; j < 4; ++j) {
+    s[2 * j] = _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v[j])),
+                             _mm256_cvtps_pd(_mm256_castps256_ps128(v[j + 4])));
+    s[2 * j + 1] = _mm256_add_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(v[j], 1)),
+                                 _mm256_cvtps_pd(_mm256_extractf128_ps(v[j + 4], 1)));
+  }
+  for (int k = 0; k < 4; ++k) s[k] = _mm256_add_pd(s[k], s[k + 4]);  // the step of 16
+  for (int k = 0; k < 2; ++k) s[k] = _mm256_add_pd(s[k], s[k + 2]);  // 8
+  const __m256d s4 = _mm256_add_pd(s[0], s[1]);  // 4
+  const __m128d s5 = _mm_add_pd(_mm256_castpd256_pd128(s4), _mm256_extractf128_pd(s4, 1));
+  return _mm_cvtsd_f64(_mm_add_sd(s5, _mm_unpackhi_pd(s5, s5)));
+}
 TQ_TARGET inline V select(M m, V if_true, V if_false) { return _mm256_blendv_ps(if_false, if_true, m); }
 TQ_TARGET inline float hmax(V a) {
   __m128 m = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
@@ -406,6 +460,9 @@ TQ_TARGET inline bool any(IM m) { return !_mm256_testz_si256(m, m); }
     template <class In>                                                                                          \
     static float finite_absmax(const In* x, int64_t n) {                                                         \
       return ns::finite_absmax(x, n);                                                                            \
+    }                                                                                                            \
+    static double fake_quantize_error(const float* x, int64_t n, SpanParams p, QuantFormat f, Rounding r) {       \
+      return ns::fake_quantize_error(x, n, p, f, r);                                                             \
     }                                                                                                            \
     template <class A, class B, class Out>                                                                       \
     static void binary_span(const A* a, const B* b, Out* y, int64_t n, const BinaryParams& p) {                  \
@@ -671,6 +728,47 @@ at::Tensor fake_quantize_cpu(const at::Tensor& x, const at::Tensor& scale, const
   return y;
 }
 
+// The mse observer's errors: per candidate f and row c, the sum over the row of (fake_quantize(rows[c, r], scale[f, c],
+// zero_point[f, c]) - rows[c, r])^2, as float64 [F, C], summed in the order quant_math.h defines (the same sums
+// whatever the path and the thread count).
+at::Tensor fake_quantize_error_cpu(const at::Tensor& rows, const at::Tensor& scale, const at::Tensor& zero_point,
+                                   int64_t bits, bool is_signed, c10::string_view rounding) {
+  check_fake_quantize_error_args(rows, scale, zero_point);
+  TQ_CHECK(rows.device().is_cpu(), "fake_quantize_error: rows must be a CPU tensor for the CPU kernel, got ",
+           rows.device());
+  const QuantFormat f = checked_format(bits, is_signed);
+  const Rounding r = parse_rounding(rounding);
+  const ChannelParams p = checked_params(scale, zero_point, f.binary ? 0.0f : f.qmin, f.binary ? 0.0f : f.qmax);
+  const c10::MaybeOwned<at::Tensor> x = rows.expect_contiguous();
+  const int64_t channels = x->size(0), length = x->size(1), candidates = scale.size(0);
+  const int64_t chunks = ceil_div(length, kErrorChunk);
+  std::vector<double> chunk_sums(candidates * channels * chunks);  // [candidate][channel][chunk]
+  const float* xp = x->data_ptr<float>();
+  with_cpu_isa([&](auto isa) {
+    using Isa = decltype(isa);
+    at::parallel_for(0, channels * chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t c = item / chunks, k = item % chunks;
+        const float* xk = xp + c * length + k * kErrorChunk;
+        const int64_t n = std::min(kErrorChunk, length - k * kErrorChunk);
+        for (int64_t candidate = 0; candidate < candidates; ++candidate) {
+          const int64_t q = candidate * channels + c;
+          chunk_sums[q * chunks + k] =
+              Isa::fake_quantize_error(xk, n, SpanParams{&p.scale[q], &p.inv_scale[q], &p.zero_point[q]}, f, r);
+        }
+      }
+    });
+  });
+  at::Tensor errors = at::empty({candidates, channels}, x->options().dtype(at::kDouble));
+  double* out = errors.data_ptr<double>();
+  for (int64_t q = 0; q < candidates * channels; ++q) {
+    double sum = 0.0;
+    for (int64_t k = 0; k < chunks; ++k) sum += chunk_sums[q * chunks + k];
+    out[q] = sum;
+  }
+  return errors;
+}
+
 at::Tensor fake_quantize_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& scale,
                                       const at::Tensor& zero_point, std::optional<int64_t> axis, int64_t bits,
                                       bool is_signed, c10::string_view rounding) {
@@ -863,6 +961,7 @@ TORCH_LIBRARY_IMPL(torchquant, CPU, m) {
   m.impl("dequantize", &dequantize_cpu);
   m.impl("fake_quantize", &fake_quantize_cpu);
   m.impl("fake_quantize_backward", &fake_quantize_backward_cpu);
+  m.impl("fake_quantize_error", &fake_quantize_error_cpu);
   m.impl("quantize_per_token", &quantize_per_token_cpu);
 }
 

@@ -410,6 +410,72 @@ __global__ void __launch_bounds__(1024)
                                     static_cast<int>(row_len / VEC), threadIdx.x, blockDim.x, qmax, true);
 }
 
+// fake_quantize_error, summed in the order quant_math.h defines (as the CPU kernel sums): thread l of a block takes
+// lane l, a fused multiply-add per term (the intrinsics: nvcc would otherwise fuse the subtraction with the product
+// before it).
+
+// One block of kErrorLanes threads per (candidate, row, chunk) item (grid-stride), item = (candidate * channels +
+// row) * chunks + chunk.
+__global__ void __launch_bounds__(kErrorLanes)
+    fake_quantize_error_chunks_kernel(const float* __restrict__ rows, int64_t length, int64_t channels,
+                                      int64_t chunks, const float* __restrict__ scale,
+                                      const int32_t* __restrict__ zero_point, QuantFormat format, Rounding rounding,
+                                      double* __restrict__ chunk_sums, int64_t items) {
+  __shared__ float lanes[kErrorLanes];
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    const int64_t q = item / chunks, k = item % chunks;
+    const float s = scale[q], inv_scale = 1.0f / s, zp = static_cast<float>(zero_point[q]);
+    const float* x = rows + (q % channels) * length + k * kErrorChunk;
+    const int64_t n = min(kErrorChunk, length - k * kErrorChunk);
+    float sum = 0.0f;
+    for (int64_t i = threadIdx.x; i < n; i += kErrorLanes) {
+      const float v = x[i];
+      const float d = __fsub_rn(fake_quantize_value(v, s, inv_scale, zp, format, rounding), v);
+      sum = __fmaf_rn(d, d, sum);
+    }
+    lanes[threadIdx.x] = sum;
+    __syncthreads();
+    if (threadIdx.x == 0) chunk_sums[item] = sum_error_lanes(lanes);
+    __syncthreads();  // (lanes is written again by the next item)
+  }
+}
+
+// errors[q] = the sum of q's chunks in order, one thread per (candidate, row).
+__global__ void fake_quantize_error_sums_kernel(const double* __restrict__ chunk_sums, int64_t chunks,
+                                                double* __restrict__ errors, int64_t count) {
+  const int64_t q = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (q >= count) return;
+  double sum = 0.0;
+  for (int64_t k = 0; k < chunks; ++k) sum += chunk_sums[q * chunks + k];
+  errors[q] = sum;
+}
+
+at::Tensor fake_quantize_error_cuda(const at::Tensor& rows, const at::Tensor& scale, const at::Tensor& zero_point,
+                                    int64_t bits, bool is_signed, c10::string_view rounding) {
+  check_fake_quantize_error_args(rows, scale, zero_point);
+  TQ_CHECK(rows.is_cuda(), "fake_quantize_error: rows must be a CUDA tensor for the CUDA kernel, got ",
+           rows.device());
+  const QuantFormat format = checked_format(bits, is_signed);
+  const Rounding r = parse_rounding(rounding);
+  const c10::cuda::CUDAGuard guard(rows.device());
+  const at::Tensor x = rows.contiguous(), s = scale.contiguous(), z = zero_point.contiguous();
+  const int64_t channels = x.size(0), length = x.size(1), candidates = s.size(0);
+  const int64_t chunks = (length + kErrorChunk - 1) / kErrorChunk, count = candidates * channels;
+  at::Tensor errors = at::zeros({candidates, channels}, x.options().dtype(at::kDouble));  // (rows of length 0: 0)
+  if (count == 0 || chunks == 0) return errors;
+  at::Tensor chunk_sums = at::empty({count * chunks}, x.options().dtype(at::kDouble));
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t items = count * chunks, blocks = std::min<int64_t>(items, int64_t{1} << 20);
+  fake_quantize_error_chunks_kernel<<<blocks, kErrorLanes, 0, stream>>>(
+      x.data_ptr<float>(), length, channels, chunks, s.data_ptr<float>(), z.data_ptr<int32_t>(), format, r,
+      chunk_sums.data_ptr<double>(), items);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  fake_quantize_error_sums_kernel<<<(count + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
+      chunk_sums.data_ptr<double>(), chunks, errors.data_ptr<double>(), count);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return errors;
+}
+
 std::tuple<at::Tensor, at::Tensor> quantize_per_token_cuda(const at::Tensor& x, int64_t bits) {
   TQ_CHECK(x.is_cuda(), "x must be a CUDA tensor for the CUDA kernel, got ", x.device());
   TQ_CHECK(x.dim() >= 1, "x must have at least 1 dimension (tokens along the last)");
@@ -660,6 +726,7 @@ TORCH_LIBRARY_IMPL(torchquant, CUDA, m) {
   m.impl("dequantize", &dequantize_cuda);
   m.impl("fake_quantize", &fake_quantize_cuda);
   m.impl("fake_quantize_backward", &fake_quantize_backward_cuda);
+  m.impl("fake_quantize_error", &fake_quantize_error_cuda);
   m.impl("quantize_per_token", &quantize_per_token_cuda);
 }
 

@@ -382,6 +382,16 @@ def _fake_quantize_backward_fake(grad, x, scale, zero_point, axis, bits, signed,
     return torch.empty_like(x)
 
 
+@torch.library.register_fake("torchquant::fake_quantize_error")
+def _fake_quantize_error_fake(rows, scale, zero_point, bits, signed, rounding):
+    check_fake_devices("fake_quantize_error", "rows", rows, scale=scale, zero_point=zero_point)
+    torch._check(rows.dim() == 2 and scale.dim() == 2 and scale.shape[1] == rows.shape[0]
+                 and zero_point.shape == scale.shape,
+                 lambda: f"fake_quantize_error: rows must be [channels, length] and scale and zero_point [candidates, "
+                         f"channels], got {list(rows.shape)}, {list(scale.shape)} and {list(zero_point.shape)}")
+    return scale.new_empty(scale.shape, dtype=torch.float64)
+
+
 @torch.library.register_fake("torchquant::quantize_per_token")
 def _quantize_per_token_fake(x, bits):
     check_fake_dtype("quantize_per_token", "x", x, FLOAT_DTYPES)
