@@ -2,6 +2,7 @@
 quantization_error) against torch's own fake-quantize ops and torchquant.reference."""
 import copy
 import math
+import re
 
 import pytest
 import torch
@@ -634,6 +635,28 @@ def test_wide_zero_point_tensor_out_of_range_names_its_value(device, dtype):
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         fake = F.quantize(mode.from_tensor(X.to(device)), 0.5,
                           mode.from_tensor(torch.tensor([3], dtype=dtype, device=device)))
+    assert fake.shape == X.shape and fake.dtype == torch.int8
+
+
+def test_float64_scale_tensor_out_of_float32_range_names_its_value(device):
+    # past float32's range or below its normal range, as the value given (not the inf or 0 the float32 kernels would
+    # see), on every device
+    message = r"scale must be positive and finite \(at least 1.17549e-38\), got "
+    for value in (1e300, 1e-300, -2.0):
+        scale = torch.tensor([value], dtype=torch.float64, device=device)
+        with pytest.raises(ValueError, match=rf"^quantize: {message}\[{re.escape(repr(value))}\]$"):
+            F.quantize(X.to(device), scale)
+        with pytest.raises(ValueError, match=rf"^dequantize: {message}\[{re.escape(repr(value))}\]$"):
+            F.dequantize(torch.zeros(3, dtype=torch.int8, device=device), scale)
+    with pytest.raises(ValueError, match=rf"^fake_quantize: {message}\[0.5, 1e\+300\]$"):
+        F.fake_quantize(X.to(device)[:, :2], torch.tensor([0.5, 1e300], dtype=torch.float64, device=device), axis=1)
+    # in range, a float64 scale is taken as its float32 value; fake tensors' values are not read
+    assert_same(F.quantize(X.to(device), torch.tensor([0.1], dtype=torch.float64, device=device)),
+                F.quantize(X.to(device), torch.tensor([0.1], device=device)))
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = F.quantize(mode.from_tensor(X.to(device)),
+                          mode.from_tensor(torch.tensor([1e300], dtype=torch.float64, device=device)))
     assert fake.shape == X.shape and fake.dtype == torch.int8
 
 

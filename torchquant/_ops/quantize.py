@@ -130,9 +130,17 @@ def _checked_scale(scale, x: torch.Tensor, axis: Optional[int], fn: str) -> torc
     """scale as the float32 tensor the ops take (a number is broadcast to every channel)."""
     if isinstance(scale, torch.Tensor):
         scale_t = _tensor_qparam(scale, "scale", x, axis, torch.float32, fn)
-        if _eager_value_check(scale_t) and not device_values_hold(
-                scale_t, "scale", lambda s: torch.isfinite(s) & (s >= _TINY)):
-            raise ValueError(f"{_scale_message(fn)}, got {scale_t.tolist()}")
+        if _eager_value_check(scale_t):
+            good = device_values_hold(scale_t, "scale", lambda s: torch.isfinite(s) & (s >= _TINY))
+        elif scale.dtype == torch.float64 and type(scale_t) is torch.Tensor and scale_t.is_cpu \
+                and not is_compiling():  # (a FakeTensor is a subclass)
+            # the CPU kernels check the values, but would see and report a float64 value past float32's range as
+            # inf, or one below its normal range as 0 or a subnormal
+            good = bool((torch.isfinite(scale_t) & (scale_t >= _TINY)).all())
+        else:
+            good = True
+        if not good:
+            raise ValueError(f"{_scale_message(fn)}, got {scale.reshape(-1).tolist()}")
         return scale_t
     _check_number(scale, "scale", fn)
     if not _TINY <= scale <= _HUGE:  # also false for NaN; huge: finite as a float32
