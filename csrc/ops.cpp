@@ -26,7 +26,8 @@ TORCH_LIBRARY(torchquant, m) {
   m.def("fake_quantize_backward(Tensor grad, Tensor x, Tensor scale, Tensor zero_point, int? axis, int bits, bool signed, str rounding) -> Tensor");
   // the mse observer's search: per candidate f and row c, the sum over the row of (fake_quantize(rows[c, r],
   // scale[f, c], zero_point[f, c]) - rows[c, r])^2; rows float32 [C, R], scale float32 and zero_point int32 [F, C]
-  // -> float64 [F, C], summed in the same order on every CPU path and on CUDA
+  // -> float64 [F, C], summed in the same order on every CPU path and on CUDA; scale and zero_point must be valid
+  // qparams of the format (the CPU kernel checks their values, the CUDA kernel does not read them on the host)
   m.def("fake_quantize_error(Tensor rows, Tensor scale, Tensor zero_point, int bits, bool signed, str rounding) -> Tensor");
   // symmetric per-row (per-token) quantization over the last dim: scale[r] = absmax(row r) / (2^(bits-1) - 1)
   // (1.0 for an all-zero row); returns (int8 q shaped like x, float32 scale shaped x.shape[:-1])

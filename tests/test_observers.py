@@ -146,7 +146,8 @@ def test_mse_clips_no_worse_than_minmax(device, bits):
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_mse_range_is_the_least_error_factor(device, shape, symmetric):
     """Each channel's range is the factor of MSE_SHRINK_FACTORS whose fake-quantization error (plain PyTorch,
-    float64 sums) is least, up to float32 rounding of the terms; the weight is left as it was."""
+    float64 sums) is least, up to the kernel's float32 terms and lane sums (64 terms a lane per 4096-element chunk);
+    the weight is left as it was."""
     import torchquant.observers as observers
     from torchquant import reference
     g = torch.Generator().manual_seed(3)

@@ -131,7 +131,7 @@ void binary_span(const A* a, const B* b, Out* y, int64_t n, const BinaryParams& 
 // fake_quantize_error's sum for a chunk of at most kErrorChunk elements at one scale and zero point, in the order
 // quant_math.h defines: lanes[i % kErrorLanes] = fma(d, d, that lane) for d = fake_quantize_value(x[i]) - x[i], i in
 // order, then sum_error_lanes.
-inline double fake_quantize_error(const float* x, int64_t n, SpanParams p, QuantFormat f, Rounding r) {
+inline double chunk_error(const float* x, int64_t n, SpanParams p, QuantFormat f, Rounding r) {
   float lanes[kErrorLanes] = {};
   for (int64_t i = 0; i < n; ++i) {
     const float d = fake_quantize_value(x[i], *p.scale, *p.inv_scale, *p.zero_point, f, r) - x[i];
@@ -461,8 +461,8 @@ TQ_TARGET inline bool any(IM m) { return !_mm256_testz_si256(m, m); }
     static float finite_absmax(const In* x, int64_t n) {                                                         \
       return ns::finite_absmax(x, n);                                                                            \
     }                                                                                                            \
-    static double fake_quantize_error(const float* x, int64_t n, SpanParams p, QuantFormat f, Rounding r) {       \
-      return ns::fake_quantize_error(x, n, p, f, r);                                                             \
+    static double chunk_error(const float* x, int64_t n, SpanParams p, QuantFormat f, Rounding r) {              \
+      return ns::chunk_error(x, n, p, f, r);                                                                     \
     }                                                                                                            \
     template <class A, class B, class Out>                                                                       \
     static void binary_span(const A* a, const B* b, Out* y, int64_t n, const BinaryParams& p) {                  \
@@ -742,7 +742,10 @@ at::Tensor fake_quantize_error_cpu(const at::Tensor& rows, const at::Tensor& sca
   const c10::MaybeOwned<at::Tensor> x = rows.expect_contiguous();
   const int64_t channels = x->size(0), length = x->size(1), candidates = scale.size(0);
   const int64_t chunks = ceil_div(length, kErrorChunk);
-  std::vector<double> chunk_sums(candidates * channels * chunks);  // [candidate][channel][chunk]
+  // [candidate][channel][chunk]
+  std::vector<double> chunk_sums(checked_mul("fake_quantize_error", "the chunk count",
+                                             checked_mul("fake_quantize_error", "the row count", candidates, channels),
+                                             chunks));
   const float* xp = x->data_ptr<float>();
   with_cpu_isa([&](auto isa) {
     using Isa = decltype(isa);
@@ -754,7 +757,7 @@ at::Tensor fake_quantize_error_cpu(const at::Tensor& rows, const at::Tensor& sca
         for (int64_t candidate = 0; candidate < candidates; ++candidate) {
           const int64_t q = candidate * channels + c;
           chunk_sums[q * chunks + k] =
-              Isa::fake_quantize_error(xk, n, SpanParams{&p.scale[q], &p.inv_scale[q], &p.zero_point[q]}, f, r);
+              Isa::chunk_error(xk, n, SpanParams{&p.scale[q], &p.inv_scale[q], &p.zero_point[q]}, f, r);
         }
       }
     });

@@ -20,6 +20,7 @@
 #include "cuda/common.cuh"
 #include "memory_order.h"
 #include "quant_math.h"
+#include "sizes.h"
 
 namespace torchquant {
 namespace {
@@ -411,7 +412,7 @@ __global__ void __launch_bounds__(1024)
 }
 
 // fake_quantize_error, summed in the order quant_math.h defines (as the CPU kernel sums): thread l of a block takes
-// lane l, a fused multiply-add per term (the intrinsics: nvcc would otherwise fuse the subtraction with the product
+// lane l, a fused multiply-add per term (the intrinsics: nvcc could otherwise fuse the subtraction with the product
 // before it).
 
 // One block of kErrorLanes threads per (candidate, row, chunk) item (grid-stride), item = (candidate * channels +
@@ -460,12 +461,14 @@ at::Tensor fake_quantize_error_cuda(const at::Tensor& rows, const at::Tensor& sc
   const c10::cuda::CUDAGuard guard(rows.device());
   const at::Tensor x = rows.contiguous(), s = scale.contiguous(), z = zero_point.contiguous();
   const int64_t channels = x.size(0), length = x.size(1), candidates = s.size(0);
-  const int64_t chunks = (length + kErrorChunk - 1) / kErrorChunk, count = candidates * channels;
+  const int64_t chunks = ceil_div(length, kErrorChunk);
+  const int64_t count = checked_mul("fake_quantize_error", "the row count", candidates, channels);
   at::Tensor errors = at::zeros({candidates, channels}, x.options().dtype(at::kDouble));  // (rows of length 0: 0)
   if (count == 0 || chunks == 0) return errors;
-  at::Tensor chunk_sums = at::empty({count * chunks}, x.options().dtype(at::kDouble));
+  const int64_t items = checked_mul("fake_quantize_error", "the chunk count", count, chunks);
+  at::Tensor chunk_sums = at::empty({items}, x.options().dtype(at::kDouble));
   const auto stream = at::cuda::getCurrentCUDAStream();
-  const int64_t items = count * chunks, blocks = std::min<int64_t>(items, int64_t{1} << 20);
+  const int64_t blocks = std::min<int64_t>(items, int64_t{1} << 20);
   fake_quantize_error_chunks_kernel<<<blocks, kErrorLanes, 0, stream>>>(
       x.data_ptr<float>(), length, channels, chunks, s.data_ptr<float>(), z.data_ptr<int32_t>(), format, r,
       chunk_sums.data_ptr<double>(), items);

@@ -393,6 +393,9 @@ def _fake_quantize_backward_fake(grad, x, scale, zero_point, axis, bits, signed,
 @torch.library.register_fake("torchquant::fake_quantize_error")
 def _fake_quantize_error_fake(rows, scale, zero_point, bits, signed, rounding):
     check_fake_devices("fake_quantize_error", "rows", rows, scale=scale, zero_point=zero_point)
+    check_fake_dtype("fake_quantize_error", "rows", rows, (torch.float32,))
+    check_fake_dtype("fake_quantize_error", "scale", scale, (torch.float32,))
+    check_fake_dtype("fake_quantize_error", "zero_point", zero_point, (torch.int32,))
     torch._check(rows.dim() == 2 and scale.dim() == 2 and scale.shape[1] == rows.shape[0]
                  and zero_point.shape == scale.shape,
                  lambda: f"fake_quantize_error: rows must be [channels, length] and scale and zero_point [candidates, "
