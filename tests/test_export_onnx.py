@@ -444,9 +444,10 @@ def test_learned_scales_and_an_untouched_model(static):
     assert check_export(model, torch.randn(5, 24)) > 0
 
 
-def test_a_learned_weight_scale_gone_negative(tmp_path):
-    """An optimizer step can leave a learned (LSQ) weight scale below zero (the forward floors it): export refuses
-    it as convert does, naming the layer, where the kernel's bare error named neither the layer nor the scale."""
+def test_a_learned_weight_scale_gone_negative_or_nan(tmp_path):
+    """An optimizer step can leave a learned (LSQ) weight scale below zero: export floors it as the forward and
+    convert do (it refused the model); a NaN scale it refuses as convert does, naming the layer, where the kernel's
+    bare error named neither the layer nor the scale."""
     torch.manual_seed(0)
     model = torchquant.prepare(MLP().eval(), QuantConfig(weight=QuantSpec(bits=8, learn_scale=True),
                                                           activation=QuantSpec(bits=8, granularity="per_token",
@@ -454,8 +455,12 @@ def test_a_learned_weight_scale_gone_negative(tmp_path):
     model(torch.randn(4, 24))  # initialises the learned scales
     with torch.no_grad():
         model.layers[1].weight_quantizer.scale[2] = -0.05
+    assert check_export(model, torch.randn(4, 24)) > 0
+    assert check_export(torchquant.convert(model, inplace=False), torch.randn(4, 24)) > 0
+    with torch.no_grad():
+        model.layers[1].weight_quantizer.scale[2] = float("nan")
     message = (r"layer 'layers.1': QuantLinear: the learned weight scale must be positive and finite \(at least "
-               r"[^)]+\), got -0.05 in channel 2")
+               r"[^)]+\), got nan in channel 2")
     with pytest.raises(ValueError, match="convert: " + message):
         torchquant.convert(model, inplace=False)
     with pytest.raises(ExportError, match="export_onnx: " + message):

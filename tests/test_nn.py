@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -475,16 +477,42 @@ def test_learned_scales_driven_to_zero_or_below_are_floored_and_train_on(device)
     _assert_same_function(layer, x)
 
 
-def test_convert_rejects_a_bad_learned_weight_scale():
+def test_convert_floors_a_learned_weight_scale_left_at_zero_or_below_and_rejects_nan():
+    # an optimizer step after the last forward left the scale <= 0: convert refused the model, save wrote a file
+    # that load refused; both floor it as the next forward would, and the converted model computes that function
     config = QuantConfig(QuantSpec(bits=4, learn_scale=True), QuantSpec(bits=8, granularity="per_tensor"))
     model = tq.prepare(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)), config)
-    model(torch.randn(2, 4))
+    x = torch.randn(2, 4)
+    model(x)
     with torch.no_grad():
-        model[2].weight_quantizer.scale[1] = -1.0  # (an optimizer step after the last forward)
+        model[2].weight_quantizer.scale[1] = -1.0
+        fake = copy.deepcopy(model).eval()(x)  # (its forward floors the scale)
+    converted = tq.convert(copy.deepcopy(model))
+    assert converted[2].weight_scale[1].item() == torch.finfo(torch.float32).tiny
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), fake, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        model[2].weight_quantizer.scale[1] = float("nan")
     with pytest.raises(ValueError, match=r"layer '2': QuantLinear: the learned weight scale must be positive and "
-                                         r"finite \(at least 1.17549e-38\), got -1 in channel 1"):
+                                         r"finite \(at least 1.17549e-38\), got nan in channel 1"):
         tq.convert(model)
     assert not model[2].converted and not model[0].converted
+
+
+def test_save_and_export_floor_learned_scales_left_at_zero_or_below(tmp_path):
+    config = QuantConfig(QuantSpec(bits=4, learn_scale=True),
+                         QuantSpec(bits=8, signed=False, symmetric=False, granularity="per_tensor", learn_scale=True))
+    model = tq.prepare(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)), config)
+    x = torch.randn(2, 4)
+    model(x)
+    with torch.no_grad():
+        model[0].weight_quantizer.scale[0] = -0.5
+        model[2].input_quantizer.scale.fill_(0.0)
+        expected = copy.deepcopy(model).eval()(x)
+    tq.save(model, tmp_path / "qat.safetensors")
+    loaded = tq.load(tmp_path / "qat.safetensors", nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(x), expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("layer", [nn.Linear(8, 8), nn.Conv1d(8, 8, 1)], ids=["linear", "conv1d"])
@@ -513,13 +541,17 @@ def test_a_converted_model_warns_where_it_cuts_the_autograd_graph(preset, layer)
         model(x.detach())
 
 
-def test_convert_rejects_a_bad_learned_input_scale():
-    # the static input scale is checked once at convert (and load), not on every forward
+def test_convert_floors_a_learned_input_scale_left_at_zero_or_below():
+    # the static input scale is checked once at convert (and load), not on every forward; one an optimizer step
+    # left <= 0 is floored first, as the next forward would floor it
     config = QuantConfig(QuantSpec(bits=8), QuantSpec(bits=8, granularity="per_tensor", learn_scale=True))
     layer = QuantLinear(4, 3, config=config)
     layer(torch.randn(2, 4))  # observes the input range, initialising the learned scale
     with torch.no_grad():
         layer.input_quantizer.scale.fill_(-1.0)
+    copy.deepcopy(layer).convert()
+    with torch.no_grad():
+        layer.input_quantizer.scale.fill_(float("inf"))
     with pytest.raises(ValueError, match="input scale must be positive and finite"):
         layer.convert()
     assert not layer.converted and layer.weight is not None

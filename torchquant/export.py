@@ -62,6 +62,7 @@ from torchquant.io import atomic_write
 from torchquant.nn.base import QuantLayerBase, quant_layers
 from torchquant.nn.conv import QuantConv1d, QuantConv2d
 from torchquant.nn.linear import QuantLinear
+from torchquant.nn.quantizers import floor_learned_scales
 
 __all__ = ["export_onnx", "export_aoti", "ExportError", "has_quantized_layers"]
 
@@ -1227,6 +1228,7 @@ def _onnx_model(model: nn.Module, example_inputs, opset: Optional[int], dynamic_
     if "" in names:
         raise ExportError("export_onnx: the model is itself a single quantized layer; wrap it in a module")
     copied = copy.deepcopy(model).cpu().float().eval()
+    floor_learned_scales(copied)  # as the next forward would: an optimizer step may have left them <= 0
     steps = []
     if pipeline.is_pipeline(copied):
         try:  # a prepared pipeline is exported as convert makes it

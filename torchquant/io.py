@@ -40,7 +40,7 @@ from torchquant.graph import (ACT_QUANT, META_KEY as PIPELINE_META, ActivationQu
 from torchquant.nn import QUANT_TYPES, QuantLinear, QuantMultiheadAttention
 from torchquant.nn.base import (QuantLayerBase, is_clamp_bound, quant_layers, set_weight_spec, take_hooks,
                                  unpack_int4)
-from torchquant.nn.quantizers import InputQuantizer, WeightQuantizer
+from torchquant.nn.quantizers import InputQuantizer, WeightQuantizer, floor_learned_scales
 from torchquant.observers import Observer
 
 FORMAT = "torchquant"
@@ -198,6 +198,7 @@ def _pipeline_layout(model: nn.Module) -> dict:
 
 def write_checkpoint(model: nn.Module, path: str) -> None:
     """Writes the checkpoint straight to path (save() does it atomically)."""
+    floor_learned_scales(model)  # as the next forward would: load refuses a scale <= 0
     tensors, aliases, storages = {}, {}, {}
     for key, t in model.state_dict().items():
         if t.is_meta:  # (every meta tensor's storage is at 0: they would all look tied)

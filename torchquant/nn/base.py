@@ -37,7 +37,7 @@ from torchquant import functional as F_q
 from torchquant._ops import FLOAT_DTYPES, ops
 from torchquant.config import QuantConfig, resolve_config
 from torchquant.fold import fold_running, folded_weight_bias
-from torchquant.nn.quantizers import InputQuantizer, WeightQuantizer
+from torchquant.nn.quantizers import InputQuantizer, WeightQuantizer, floor_learned_scales
 from torchquant.observers import moved_state
 
 
@@ -398,7 +398,8 @@ class QuantLayerBase(nn.Module):
     # ---- conversion ----
     @torch.no_grad()
     def converted_state(self) -> dict:
-        """The integer state convert() installs, computed without changing the layer (may raise)."""
+        """The integer state convert() installs, computed without changing the layer's function (may raise)."""
+        floor_learned_scales(self)  # as the next forward would: an optimizer step may have left them <= 0
         if self.input_quantizer is not None and not self.input_quantizer.ready:
             raise RuntimeError(f"{type(self).__name__}: static activation quantization needs calibration "
                                f"before convert (no input range observed: if the model never calls this layer on "
@@ -509,8 +510,8 @@ class QuantLayerBase(nn.Module):
         return scale
 
     def _check_learned_weight_scale(self) -> None:
-        """Raises unless the learned weight scale is positive and finite (an optimizer step after the last forward,
-        which floors it, may have taken it to 0 or below)."""
+        """Raises unless the learned weight scale is positive and finite (an optimizer step after the last forward
+        may have taken it to 0 or below, NaN or inf: callers floor it first, as the forward does)."""
         scale = self.weight_quantizer.scale.detach().flatten()
         tiny = torch.finfo(torch.float32).tiny
         bad = (~(torch.isfinite(scale) & (scale >= tiny))).nonzero().flatten().tolist() if not scale.is_meta else []

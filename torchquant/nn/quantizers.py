@@ -28,8 +28,8 @@ def _channel_view(t: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.T
 
 def floor_learned_scale(scale: torch.nn.Parameter) -> torch.Tensor:
     """scale, floored in place at the smallest scale the kernels take: an optimizer step may take a learned scale
-    to 0 or below, and training goes on (torch.ao's learnable fake-quant clamps its own alike; convert and load
-    check the scale they are given). Through .data, outside autograd's version
+    to 0 or below, and training goes on (torch.ao's learnable fake-quant clamps its own alike; convert, save and
+    export floor it too: floor_learned_scales). Through .data, outside autograd's version
     counting, so that a graph built before (gradient accumulation) still runs its backward; a scale above the
     floor keeps its value."""
     scale.data.clamp_(min=_TINY)
@@ -224,3 +224,11 @@ class InputQuantizer(Float32StateModule):
     def extra_repr(self) -> str:
         kind = "dynamic " + ("per_token" if self.per_token else "per_tensor") if self.spec.dynamic else "static"
         return f"bits={self.spec.bits}, {kind}"
+
+
+def floor_learned_scales(model: torch.nn.Module) -> None:
+    """floor_learned_scale on every learned scale of model's quantizers, as their next forward would do: convert,
+    save and export read the scales an optimizer step may have left at 0 or below."""
+    for module in model.modules():
+        if isinstance(module, (WeightQuantizer, InputQuantizer)) and module.spec.learn_scale:
+            floor_learned_scale(module.scale)
