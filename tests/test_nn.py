@@ -716,3 +716,26 @@ def test_fake_quant_per_token_layer_refuses_a_0d_input(name):
     layer = QuantLinear(8, 4, config=name)
     with pytest.raises(ValueError, match="needs an input with a feature dimension"):
         layer(torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("preset", ["int8-dynamic", "int8-static", "w4a8-dynamic"])
+@pytest.mark.parametrize("kind", ["linear", "conv2d", "conv1d"])
+def test_converted_layer_computes_with_its_qweight_written_in_place(tmp_path, preset, kind):
+    """A write into a converted layer's integer weight (rows of it replaced, as a pruning mask would) reaches the
+    forward, which multiplied the weight packed at convert until something repacked it: the model computes what
+    its checkpoint holds."""
+    torch.manual_seed(0)
+    make = {"linear": lambda: nn.Sequential(nn.Linear(16, 8), nn.ReLU()),
+            "conv2d": lambda: nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU()),
+            "conv1d": lambda: nn.Sequential(nn.Conv1d(4, 8, 3), nn.ReLU())}[kind]
+    x = {"linear": torch.randn(3, 16), "conv2d": torch.randn(2, 4, 6, 6), "conv1d": torch.randn(2, 4, 9)}[kind]
+    model = tq.quantize_model(make().eval(), preset, [x])
+    with torch.no_grad():
+        before = model(x)
+        model[0].qweight[:3] = model[0].qweight[3:6].clone()
+        after = model(x)
+    assert not torch.equal(after, before)
+    tq.save(model, tmp_path / "m.safetensors")
+    loaded = tq.load(tmp_path / "m.safetensors", make().eval())
+    with torch.no_grad():
+        assert torch.equal(loaded(x), after)

@@ -287,6 +287,8 @@ class QuantLayerBase(nn.Module):
         if self.converted:
             if getattr(x, "requires_grad", False) and not self._weight_only:
                 warn_if_gradient_cut(type(self).__name__, x)
+            if not torch.compiler.is_compiling():
+                self._repack_if_written()
             if self._quantized_call_args is not None and not is_dynamo_compiling():
                 # _converted_forward's calls made in C++ (it checks x there and declines what it does not take)
                 y = _C.quantized_layer_forward(x, self._quantized_call_args, self.clamp_min, self.clamp_max)
@@ -373,6 +375,8 @@ class QuantLayerBase(nn.Module):
         quantized with input_quantizer's qparams; the output (with the layer's activation clamp) float of out_dtype,
         or requantized to out_dtype int8/uint8 with out_scale, out_zero_point and out_bits."""
         self._check_folded_input(x_q)
+        if not torch.compiler.is_compiling():
+            self._repack_if_written()
         if self._quantized_call_args is not None and not is_dynamo_compiling():
             y = _C.quantized_layer_forward(x_q, self._quantized_call_args, self.clamp_min, self.clamp_max, out_dtype,
                                            out_scale, out_zero_point, out_bits)
@@ -459,6 +463,11 @@ class QuantLayerBase(nn.Module):
             self.input_zero_point = 0
 
     def _repack(self) -> None:
+        qweight = self.qweight
+        try:  # the integer weight packed, and its version: _repack_if_written packs it again after a write to it
+            self._packed_from = (qweight, qweight._version)
+        except RuntimeError:  # an inference tensor has no version (and takes no write outside inference mode)
+            self._packed_from = None
         w = self._weight_int8()
         self.register_buffer("w_sum", w.reshape(w.shape[0], -1).sum(dim=1, dtype=torch.int32), persistent=False)
         packed = self._pack(w)
@@ -469,6 +478,14 @@ class QuantLayerBase(nn.Module):
             packed.untyped_storage()), persistent=False)
         self._packed_view = (tuple(packed.shape), packed.stride(), packed.storage_offset())
         self._prepare_forward()
+
+    def _repack_if_written(self) -> None:
+        """Packs the integer weight again if it was written in place since it was packed (a pruning mask applied to
+        a converted layer's qweight, say), so that the forward computes with the weight the layer holds and saves.
+        One version read a call (a layer unpickled from a version before the check has none: not checked)."""
+        packed_from = self.__dict__.get("_packed_from")
+        if packed_from is not None and packed_from[0]._version != packed_from[1]:
+            self._repack()
 
     def _prepare_forward(self) -> None:
         """Precomputes what the converted forward needs and that does not depend on its input (called whenever the
