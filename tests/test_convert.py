@@ -383,3 +383,22 @@ def test_failed_conversion_leaves_a_transformer_fused():
         tq.quantize_model(layer, "int8-static", calibration=[torch.randn(2, 5, 7)])
     assert isinstance(layer.linear1, nn.Linear) and not layer._forward_pre_hooks
     assert type(layer.self_attn) is nn.MultiheadAttention
+
+
+def test_subclasses_and_unmaterialized_lazy_layers_stay_float_with_a_reason():
+    # they stayed float without a word, and quantize_model then said the model had no nn.Linear layer
+    class ScaledLinear(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    model = nn.Sequential(ScaledLinear(4, 4), nn.ReLU(), nn.LazyLinear(3))
+    with pytest.warns(UserWarning) as caught:
+        result = tq.quantize_model(model, "int8-dynamic", inplace=False)
+    messages = [str(w.message) for w in caught]
+    assert any("prepare: 0 (ScaledLinear) stays float: a subclass of nn.Linear, which prepare does not swap" in m
+               for m in messages), messages
+    assert any("prepare: 2 (LazyLinear) stays float: a lazy layer whose shape is not known yet: run one forward "
+               "before prepare" in m for m in messages), messages
+    assert any(m.startswith("quantize_model: nothing was quantized: every nn.Linear, nn.Conv2d and nn.Conv1d layer "
+                            "stayed float") for m in messages), messages
+    assert type(result[0]) is ScaledLinear

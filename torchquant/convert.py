@@ -28,7 +28,7 @@ from torchquant.fold import _Tracer, find_bn_pairs, folded_bn, parent_and_key
 from torchquant.graph import (META_KEY as PIPELINE_META, SWAP_READ_TENSORS, aliases_copied_by_a_layout,
                               convert_pipeline, is_pipeline, keeping_read_layers_float, planning_rule,
                               prepare_pipeline, reaches_a_layout_reader)
-from torchquant.nn import QuantConv2d, QuantLinear, QuantMultiheadAttention, quant_type, quant_type_of
+from torchquant.nn import QUANT_TYPES, QuantConv2d, QuantLinear, QuantMultiheadAttention, quant_type, quant_type_of
 from torchquant.nn.attention import PROJECTIONS
 from torchquant.nn.base import QuantLayerBase, quant_layers
 from torchquant.nn.quantizers import InputQuantizer
@@ -138,6 +138,9 @@ def _plan_swaps(model: nn.Module, config: QuantConfig, warn_untraceable: bool = 
             if swap_type is None and quant_type_of(parametrize.type_before_parametrizations(child)) is not None:
                 reason = ("it is parametrized (torch.nn.utils.parametrize, e.g. parametrizations.weight_norm); "
                           "parametrize.remove_parametrizations first to quantize it")
+            elif swap_type is None and isinstance(child, tuple(QUANT_TYPES)) \
+                    and type(child) is not nn.modules.linear.NonDynamicallyQuantizableLinear:  # (attention's own)
+                reason = _float_subclass_reason(child)
             if reason is not None:
                 if id(child) not in visited:
                     visited.add(id(child))
@@ -590,10 +593,19 @@ def convert(model: nn.Module, *, inplace: bool = True) -> nn.Module:
     return guard_loads(model)
 
 
+def _float_subclass_reason(module: nn.Module) -> str:
+    """Why a module of a subclass of nn.Linear, nn.Conv2d or nn.Conv1d stays float."""
+    if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+        return "a lazy layer whose shape is not known yet: run one forward before prepare"
+    base = next(t for t in QUANT_TYPES if isinstance(module, t)).__name__
+    return (f"a subclass of nn.{base}, which prepare does not swap (its forward may differ from nn.{base}'s, or read "
+            f"its weight itself)")
+
+
 def nothing_quantized_reason(model: nn.Module, kept_float: str, name: str = "the model") -> str:
     """Why a conversion of `model` quantized no layer: its layers all stayed float (for the reasons `kept_float`
     names), or it has none (`name` names the model)."""
-    if any(quant_type(m) is not None for m in model.modules()):
+    if any(quant_type(m) is not None or isinstance(m, tuple(QUANT_TYPES)) for m in model.modules()):
         return f"every nn.Linear, nn.Conv2d and nn.Conv1d layer stayed float ({kept_float})"
     return f"{name} has no nn.Linear, nn.Conv2d or nn.Conv1d layer"
 
