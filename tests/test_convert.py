@@ -402,3 +402,13 @@ def test_subclasses_and_unmaterialized_lazy_layers_stay_float_with_a_reason():
     assert any(m.startswith("quantize_model: nothing was quantized: every nn.Linear, nn.Conv2d and nn.Conv1d layer "
                             "stayed float") for m in messages), messages
     assert type(result[0]) is ScaledLinear
+
+
+@pytest.mark.parametrize("preset", ["int8-static", "int8-pipeline"])
+def test_calibrate_refuses_a_converted_model(preset):
+    # it ran every batch and returned without a word, the scales unchanged
+    x = torch.randn(4, 6)
+    model = tq.quantize_model(nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2)), preset, [x])
+    with pytest.raises(ValueError, match="calibrate: the model is converted: its layers keep the scales they were "
+                                         "converted with; calibrate the prepared model, then convert it"):
+        tq.calibrate(model, [x * 10], progress=False)

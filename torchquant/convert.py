@@ -390,6 +390,9 @@ def _calibrate(model: nn.Module, batches: Iterable, progress: bool, stacklevel: 
     layers = quant_layers(model)
     if not layers:
         raise ValueError(no_quantized_layers_message(model, "calibrate"))
+    if all(layer.converted for layer in layers):  # (it ran every batch and changed nothing)
+        raise ValueError("calibrate: the model is converted: its layers keep the scales they were converted with; "
+                         "calibrate the prepared model, then convert it")
     if isinstance(batches, (torch.Tensor, dict)) or not hasattr(batches, "__iter__"):
         raise TypeError(f"calibrate: batches must be an iterable of batches (e.g. a list or a DataLoader), "
                         f"got {type(batches).__name__}")
@@ -646,7 +649,7 @@ def quantize_model(model: nn.Module, config=None, calibration: Iterable | None =
     if pipeline is not None:  # the float model is left as it is whatever happens
         if not quant_layers(pipeline):
             return _nothing_quantized(model)
-        if calibration is not None:
+        if calibration is not None and not all(layer.converted for layer in quant_layers(pipeline)):
             _calibrate(pipeline, calibration, True, stacklevel=3)
         return convert(pipeline)
     plan = _plan_swaps(model, keeping_read_layers_float(model, None, config, stacklevel=2, tensors=SWAP_READ_TENSORS),
@@ -656,7 +659,7 @@ def quantize_model(model: nn.Module, config=None, calibration: Iterable | None =
         return _nothing_quantized(model)
     unfuse = unfuse_transformers(model)
     try:
-        if calibration is not None:
+        if calibration is not None and not all(layer.converted for layer in quant_layers(model)):
             _calibrate(model, calibration, True, stacklevel=3)
         convert(model)
     except BaseException:
