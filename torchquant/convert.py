@@ -620,7 +620,8 @@ _KEPT_FLOAT_BY_PREPARE = "skipped, or not supported: see prepare's warnings"
 def no_quantized_layers_message(model: nn.Module, where: str) -> str:
     """What calibrate and convert say about a model without quantized layers."""
     why = nothing_quantized_reason(model, _KEPT_FLOAT_BY_PREPARE)
-    return f"{where}: model has no quantized layers (call torchquant.prepare first; if it was called, {why})"
+    return (f"{where}: model has no quantized layers (call torchquant.prepare first, and go on with the model it "
+            f"returns: an integer pipeline is a new module; if it was called on this model, {why})")
 
 
 def _nothing_quantized(model: nn.Module) -> nn.Module:
