@@ -126,17 +126,22 @@ def _scale_message(fn: str) -> str:
     return f"{fn}: scale must be positive and finite (at least {_TINY:g})"
 
 
+def _scale_values_ok(scale: torch.Tensor) -> torch.Tensor:
+    """Where a float32 scale tensor holds a scale the kernels take (finite, at least the smallest normal float)."""
+    return torch.isfinite(scale) & (scale >= _TINY)
+
+
 def _checked_scale(scale, x: torch.Tensor, axis: Optional[int], fn: str) -> torch.Tensor:
     """scale as the float32 tensor the ops take (a number is broadcast to every channel)."""
     if isinstance(scale, torch.Tensor):
         scale_t = _tensor_qparam(scale, "scale", x, axis, torch.float32, fn)
         if _eager_value_check(scale_t):
-            good = device_values_hold(scale_t, "scale", lambda s: torch.isfinite(s) & (s >= _TINY))
+            good = device_values_hold(scale_t, "scale", _scale_values_ok)
         elif scale.dtype == torch.float64 and type(scale_t) is torch.Tensor and scale_t.is_cpu \
                 and not is_compiling():  # (a FakeTensor is a subclass)
             # the CPU kernels check the values, but would see and report a float64 value past float32's range as
             # inf, or one below its normal range as 0 or a subnormal
-            good = bool((torch.isfinite(scale_t) & (scale_t >= _TINY)).all())
+            good = bool(_scale_values_ok(scale_t).all())
         else:
             good = True
         if not good:

@@ -287,8 +287,7 @@ class QuantLayerBase(nn.Module):
         if self.converted:
             if getattr(x, "requires_grad", False) and not self._weight_only:
                 warn_if_gradient_cut(type(self).__name__, x)
-            if not torch.compiler.is_compiling():
-                self._repack_if_written()
+            self._repack_if_written()
             if self._quantized_call_args is not None and not is_dynamo_compiling():
                 # _converted_forward's calls made in C++ (it checks x there and declines what it does not take)
                 y = _C.quantized_layer_forward(x, self._quantized_call_args, self.clamp_min, self.clamp_max)
@@ -375,8 +374,7 @@ class QuantLayerBase(nn.Module):
         quantized with input_quantizer's qparams; the output (with the layer's activation clamp) float of out_dtype,
         or requantized to out_dtype int8/uint8 with out_scale, out_zero_point and out_bits."""
         self._check_folded_input(x_q)
-        if not torch.compiler.is_compiling():
-            self._repack_if_written()
+        self._repack_if_written()
         if self._quantized_call_args is not None and not is_dynamo_compiling():
             y = _C.quantized_layer_forward(x_q, self._quantized_call_args, self.clamp_min, self.clamp_max, out_dtype,
                                            out_scale, out_zero_point, out_bits)
@@ -482,9 +480,13 @@ class QuantLayerBase(nn.Module):
     def _repack_if_written(self) -> None:
         """Packs the integer weight again if it was written in place since it was packed (a pruning mask applied to
         a converted layer's qweight, say), so that the forward computes with the weight the layer holds and saves.
-        One version read a call (a layer unpickled from a version before the check has none: not checked)."""
+        One version read a call, eager only (a layer unpickled from a version before the check has none: not
+        checked); a write seen while torch.export traces the layer is left to the next eager call."""
+        if is_dynamo_compiling():
+            return
         packed_from = self.__dict__.get("_packed_from")
-        if packed_from is not None and packed_from[0]._version != packed_from[1]:
+        if packed_from is not None and packed_from[0]._version != packed_from[1] \
+                and not torch.compiler.is_compiling():
             self._repack()
 
     def _prepare_forward(self) -> None:

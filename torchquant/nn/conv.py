@@ -182,8 +182,7 @@ class QuantConv2d(QuantLayerBase):
                              out_bits: int = 8) -> torch.Tensor:
         """pipeline_op with a residual add [+ ReLU] after the activation clamp, in the conv's epilogue
         (int8_conv2d.residual): residual int8/uint8 of the output's shape, residual_scale a float32 tensor [1]."""
-        if not torch.compiler.is_compiling():
-            self._repack_if_written()
+        self._repack_if_written()
         return self._padded_residual_op(self._padded(x_q), residual, residual_scale, residual_zero_point, relu,
                                         out_dtype, out_scale, out_zero_point, out_bits)
 
@@ -216,8 +215,7 @@ class QuantConv1d(QuantConv2d):
         """torchquant._C.quantized_layer_forward on the 2-D conv's view of x [batch, channels, length] or unbatched
         [channels, length] (a length-1 height before the length: the entry would take x itself as the 2-D conv's
         input), or NotImplemented where the Python path runs."""
-        if not torch.compiler.is_compiling():
-            self._repack_if_written()
+        self._repack_if_written()
         if (self._quantized_call_args is None or is_dynamo_compiling() or not isinstance(x, torch.Tensor)
                 or x.dim() not in (2, 3)):
             return NotImplemented

@@ -75,8 +75,7 @@ class QuantLinear(QuantLayerBase):
             if self.folded_bn is not None:
                 self._check_folded_input(x)
             if not is_dynamo_compiling():
-                if not torch.compiler.is_compiling():  # (torch.export's tracing)
-                    self._repack_if_written()
+                self._repack_if_written()
                 y = _C.int8_linear_dynamic(x, self.in_features, *self._kernel_args, self.fused_activation)
                 if y is not NotImplemented:
                     if x.requires_grad:
