@@ -177,6 +177,21 @@ def test_resnet_convs_compares_the_same_conv(zero_point):
     assert row["conv"] == "3x3/1 64->64" and row["input"] == "1x64x6x6" and row["% peak"] > 0
 
 
+@pytest.mark.parametrize("channels", [128, 256, 512])  # 4, 8, 16 channels a group: passes, passes, the GEMM
+def test_resnet_convs_grouped_compares_the_same_conv(channels):
+    from benchmarks import resnet_convs
+    groups = resnet_convs.RESNEXT_GROUPS
+    with torch.inference_mode():
+        kernels = resnet_convs.conv_kernels(1, channels, 5, 128, groups)
+        ours, theirs, floats = kernels["torchquant"](), kernels["torch.ao"]().int_repr(), kernels["float32"]()
+    assert ours.shape == theirs.shape == floats.shape == (1, channels, 5, 5)
+    assert (ours.int() - theirs.int()).abs().max() <= 1 and ours.float().std() > 1
+    # the float conv of the same values, requantized as the integer kernels do (scale 0.5), within a step
+    assert ((floats / 0.5).round().clamp(0, 255) - ours.float()).abs().max() <= 1
+    row = resnet_convs.conv_row(1, channels, 5, 128, 1, None, groups)
+    assert row["conv"] == f"3x3/1 {channels}->{channels} g32" and row["vs float32"] > 0
+
+
 @pytest.mark.parametrize("warm", [False, True])
 def test_thread_time_rows_interleaved_or_warm(warm):
     from benchmarks import resnet

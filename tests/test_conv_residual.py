@@ -26,6 +26,7 @@ CONVS = {
     "dilated": (1, 8, 10, 10, 12, (3, 3), 1, 2, 2, 1),
     "groups": (1, 8, 10, 9, 12, (3, 1), (2, 1), (1, 0), 1, 4),
     "depthwise": (2, 70, 6, 9, 70, (3, 3), 1, 1, 1, 70),         # a full and a partial 64-channel block
+    "grouped": (1, 72, 6, 7, 72, (3, 3), 1, 1, 1, 18),           # 4 channels a group: the depthwise kernel's passes
     "stem": (1, 3, 15, 14, 16, (7, 7), 2, 3, 1, 1),
     "one-pixel": (1, 4, 3, 3, 70, (3, 3), 1, 0, 1, 1),
     # C and OC multiples of 16: the CUTLASS conv on Hopper, padded (explicitly, for a nonzero zero point) and strided
@@ -94,8 +95,8 @@ def test_int8_conv2d_residual_matches_the_reference(device, isa, conv, x_dtype, 
 
 
 @pytest.mark.parametrize("streamed", [False, True], ids=["cached", "streamed"])
-@pytest.mark.parametrize("conv", [CONVS["pointwise-full-panels"], CONVS["direct"], CONVS["depthwise"]],
-                         ids=["pointwise", "direct", "depthwise"])
+@pytest.mark.parametrize("conv", [CONVS[name] for name in ("pointwise-full-panels", "direct", "depthwise", "grouped")],
+                         ids=["pointwise", "direct", "depthwise", "grouped"])
 def test_int8_conv2d_residual_with_clamp_and_streaming(isa, monkeypatch, streamed, conv):
     """The layer's activation clamp applies to y before the add; streaming stores write the same bytes."""
     if streamed:

@@ -562,6 +562,13 @@ CONVS = [  # batch, in_ch, h, w, out_ch, kernel, stride, padding, dilation, grou
     (1, 16, 3, 300, 16, (1, 3), (1, 6), (0, 1), 1, 16),  # stride 6: 2 segments of <= 256 input columns, not 1
     (1, 8, 3, 300, 8, (1, 3), 1, (0, 130), (1, 130), 8),  # windows 261 columns wide: one pixel per segment
     (1, 20, 5, 5, 40, (3, 3), 1, 1, 1, 20),     # channel multiplier 2: the GEMM
+    # grouped, 2 / 4 / 8 channels in and out per group: passes of the depthwise kernel
+    (2, 128, 7, 9, 128, (3, 3), 1, 1, 1, 32),   # ResNeXt-style: 4 channels a group, two 64-channel blocks
+    (1, 24, 9, 10, 24, (3, 3), 2, 1, 1, 3),     # 8 a group, a 24-channel block, stride 2
+    (2, 10, 6, 11, 10, (1, 1), 1, 0, 1, 5),     # 2 a group, 1x1
+    (1, 16, 12, 8, 16, (3, 3), 1, 2, 2, 4),     # dilation
+    (1, 32, 7, 7, 32, (3, 3), 1, 1, 1, 2),      # 16 a group: the GEMM
+    (1, 16, 12, 20, 16, (9, 3), 1, 4, 1, 4),    # 9 kernel rows: past the AVX-512 column quads
     (2, 1, 9, 10, 16, (3, 3), 1, 1, 1, 1),      # one channel: kernel rows of 3 bytes read in place as 4
     (1, 3, 5, 6, 8, (3, 3), 2, 4, 1, 1),        # padding wider than the kernel: windows partly or wholly outside
 ]
@@ -632,6 +639,30 @@ def test_int8_conv2d_depthwise_channels(isa, packing, channels, batch, size, str
     got = F.int8_conv2d(x_q, 1.0, 77, w_packed, w_q.sum((1, 2, 3), dtype=torch.int32), ones, out_channels=channels,
                         kernel_size=3, **kwargs)
     torch.testing.assert_close(got, reference.int8_conv2d(x_q, 1.0, 77, w_q, ones, **kwargs), rtol=0, atol=0)
+
+
+# Grouped convs of 2, 4 or 8 channels in and out per group run as that many passes of the depthwise kernel, each
+# picking one input channel of every lane's group: packed by pack_conv_weight with the passes' layouts, or as a
+# matrix (the kernel derives them). Channel counts around the 16-byte lanes and the 32- and 64-channel blocks.
+@pytest.mark.parametrize("packing", ["conv", "matrix"])
+@pytest.mark.parametrize("per_group,groups", [(2, 1), (2, 9), (4, 4), (4, 17), (8, 2), (8, 9), (4, 48)])
+@pytest.mark.parametrize("batch,size,stride,padding", [(1, 5, 1, 1), (3, 9, 2, 1), (2, 7, 2, 0)])
+@pytest.mark.parametrize("x_dtype,x_zp", [(torch.uint8, 77), (torch.int8, -5)])
+def test_int8_conv2d_grouped_passes(isa, packing, per_group, groups, batch, size, stride, padding, x_dtype, x_zp):
+    g = torch.Generator().manual_seed(per_group * 100 + groups * 7 + stride)
+    channels = per_group * groups
+    x_q = randint8((batch, channels, size, size + 1), generator=g, dtype=x_dtype)
+    w_q = randint8((channels, per_group, 3, 3), generator=g)
+    if packing == "conv":
+        w_packed = F.pack_conv_weight(w_q, groups)
+    else:  # k in (kh, kw, c) order
+        matrix = w_q.permute(0, 2, 3, 1).reshape(groups, per_group, 9 * per_group)
+        w_packed = ops.pack_int8_weight(matrix).unflatten(-1, (3, 3, per_group))
+    ones = torch.ones(channels)
+    kwargs = dict(stride=stride, padding=padding, groups=groups)
+    got = F.int8_conv2d(x_q, 1.0, x_zp, w_packed, w_q.sum((1, 2, 3), dtype=torch.int32), ones, out_channels=channels,
+                        kernel_size=3, **kwargs)
+    torch.testing.assert_close(got, reference.int8_conv2d(x_q, 1.0, x_zp, w_q, ones, **kwargs), rtol=0, atol=0)
 
 
 # Ungrouped uint8 convs of up to 128 outputs read windows in place, kernel rows of kw * channels bytes padded to a

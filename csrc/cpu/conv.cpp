@@ -1,8 +1,8 @@
 // CPU int8_conv2d (schema in csrc/ops.cpp): channels-last input, im2col rows ordered (kh, kw, c) per group produced
 // by the int8 GEMM of gemm_core as it needs them (or, on AVX-512, the direct conv of gemm_core for uint8 inputs of a
 // multiple of 4 channels and full weight panels; for other uint8 convs with up to two weight panels, window rows read
-// in place by conv_u8s8_in_place; depthwise convs: a direct kernel below), and the GEMM's epilogue writing the
-// channels-last output directly.
+// in place by conv_u8s8_in_place; depthwise convs, and grouped ones of 2, 4 or 8 channels a group: a direct kernel
+// below), and the GEMM's epilogue writing the channels-last output directly.
 #include "cpu/simd.h"  // first: see there
 #include "check.h"
 
@@ -294,6 +294,11 @@ namespace {
 // one valid column, over 15x slower than float on MobileNet-style blocks). Here channels are the vector lanes: 64
 // channels of an output pixel (a tile row) are acc[c] = sum over taps of x_u8[tap pixel][c] * w[c][tap], taps
 // outside the input reading the zero point, the same sums the GEMM forms; the GEMM's epilogue then finishes them.
+//
+// A grouped conv of G channels in and out per group (G = 2, 4 or 8; ResNeXt's and RegNet's 3x3 convs) runs as
+// G such passes summed in the tile: pass i gives output channel c the taps of input channel (c & -G) + i, the byte
+// of its group picked within 16-byte lanes as each input row is loaded, against weight w[c][i][tap]. The GEMM ran a
+// 64-column panel for each group's G columns (16x the multiplies at G = 4: 0.27x float on a ResNeXt block).
 // ---------------------------------------------------------------------------------------------------------------
 
 struct DepthwiseSource {
@@ -303,7 +308,19 @@ struct DepthwiseSource {
   const int8_t* w_quads;   // the AVX-512 path's weights (weight_quads), or nullptr
   const int8_t* w_pairs;   // the AVX2 path's weights (weight_pairs), or nullptr
   uint8_t pad_byte;        // the zero point, as the flipped byte
+  int64_t group_channels;  // G of a grouped conv's passes, 1 for a depthwise conv
+  int64_t pass;            // the pass: the input channel of its group each lane reads
+  bool accumulate;         // whether the sums add to the tile's (passes after the first) rather than replace them
+  alignas(16) uint8_t pick[16];  // byte b of a 16-byte lane takes byte pick[b]: (b & -G) + pass
 };
+
+// The source of pass `pass` of a grouped conv's group_channels passes (1: a depthwise conv's only pass).
+DepthwiseSource depthwise_source(const uint8_t* x, const ConvGeometry& g, const int8_t* w, const int8_t* w_quads,
+                                 const int8_t* w_pairs, uint8_t pad_byte, int64_t group_channels, int64_t pass) {
+  DepthwiseSource s{x, g, w, w_quads, w_pairs, pad_byte, group_channels, pass, pass > 0, {}};
+  for (int b = 0; b < 16; ++b) s.pick[b] = static_cast<uint8_t>((b & -group_channels) + pass);
+  return s;
+}
 
 constexpr int64_t kDepthwiseChannels = kPackAlign;  // the channels of a tile row (one epilogue panel)
 constexpr int64_t kDepthwisePixels = 64;            // tile rows (output pixels along an output row) per work item
@@ -329,14 +346,17 @@ void depthwise_pixel_scalar(const DepthwiseSource& s, int64_t b, int64_t oh, int
       const int8_t* w = s.w + (i * g.kw + j) * g.channels + c0;
       if (ih >= 0 && ih < g.height && iw >= 0 && iw < g.width) {
         const uint8_t* p = s.x + ((b * g.height + ih) * g.width + iw) * g.channels + c0;
-        for (int64_t c = 0; c < ncols; ++c)
-          acc[c] += static_cast<uint32_t>(FLIP ? p[c] ^ 0x80 : p[c]) * static_cast<uint32_t>(w[c]);
+        for (int64_t c = 0; c < ncols; ++c) {
+          const uint8_t byte = p[(c & -s.group_channels) + s.pass];
+          acc[c] += static_cast<uint32_t>(FLIP ? byte ^ 0x80 : byte) * static_cast<uint32_t>(w[c]);
+        }
       } else {
         for (int64_t c = 0; c < ncols; ++c) acc[c] += s.pad_byte * static_cast<uint32_t>(w[c]);
       }
     }
   }
-  for (int64_t c = 0; c < ncols; ++c) tile_row[c] = static_cast<int32_t>(acc[c]);
+  for (int64_t c = 0; c < ncols; ++c)
+    tile_row[c] = static_cast<int32_t>(s.accumulate ? acc[c] + static_cast<uint32_t>(tile_row[c]) : acc[c]);
 }
 
 // AVX2: vpmaddwd on two kernel rows of 16 channels at once, widened to int16 (x * w fits: 255 * 128 < 2^15). As on
@@ -373,11 +393,12 @@ void weight_pairs(int64_t channels, int64_t kh, int64_t kw, const int8_t* w, int
   }
 }
 
-// The 16 bytes of an input pixel from p on, widened; read through a buffer where the input ends before them (the
-// bytes past the input's last channel meet zero weights).
+// The 16 bytes of an input pixel from p on, picked (pass of a grouped conv), widened; read through a buffer where
+// the input ends before them (the bytes past the input's last channel meet zero weights).
 template <bool FLIP>
 TQ_TARGET_AVX2 inline __attribute__((always_inline)) __m256i widened_pixel_bytes(const uint8_t* p,
-                                                                                 const uint8_t* x_end) {
+                                                                                 const uint8_t* x_end,
+                                                                                 const DepthwiseSource& s) {
   __m128i bytes;
   if (x_end - p >= kPairChannels) {
     bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
@@ -386,6 +407,7 @@ TQ_TARGET_AVX2 inline __attribute__((always_inline)) __m256i widened_pixel_bytes
     std::memcpy(buffer, p, x_end - p);
     bytes = _mm_load_si128(reinterpret_cast<const __m128i*>(buffer));
   }
+  if (s.group_channels > 1) bytes = _mm_shuffle_epi8(bytes, _mm_load_si128(reinterpret_cast<const __m128i*>(s.pick)));
   if (FLIP) bytes = _mm_xor_si128(bytes, _mm_set1_epi8(static_cast<char>(0x80)));
   return _mm256_cvtepu8_epi16(bytes);
 }
@@ -422,8 +444,8 @@ TQ_TARGET_AVX2 void build_pairs(const DepthwiseSource& s, int64_t b, int64_t oh,
     for (int64_t p = 0; p < lo; ++p) store_pair(pad, pad, out + p * step);
     const uint8_t *p0 = rows[0], *p1 = rows[1];
     for (int64_t p = lo; p < hi; ++p) {
-      store_pair(p0 != nullptr ? widened_pixel_bytes<FLIP>(p0, x_end) : pad,
-                 p1 != nullptr ? widened_pixel_bytes<FLIP>(p1, x_end) : pad, out + p * step);
+      store_pair(p0 != nullptr ? widened_pixel_bytes<FLIP>(p0, x_end, s) : pad,
+                 p1 != nullptr ? widened_pixel_bytes<FLIP>(p1, x_end, s) : pad, out + p * step);
       if (p0 != nullptr) p0 += g.channels;
       if (p1 != nullptr) p1 += g.channels;
     }
@@ -432,10 +454,10 @@ TQ_TARGET_AVX2 void build_pairs(const DepthwiseSource& s, int64_t b, int64_t oh,
 }
 
 // The sums of P consecutive output pixels for a 16-channel block, the first pixel's window from pairs' column 0 on,
-// from the block's weight pairs w; into tile rows kPackAlign apart, in channel order.
+// from the block's weight pairs w; into (accumulate: added to) tile rows kPackAlign apart, in channel order.
 template <int P>
 TQ_TARGET_AVX2 void depthwise_pair_pixels(const ConvGeometry& g, const int16_t* pairs, const int8_t* w,
-                                          int32_t* tile) {
+                                          bool accumulate, int32_t* tile) {
   const int64_t groups = pair_row_groups(g.kh), pixel_step = g.stride_w * groups * kPairValues;
   __m256i lo[P], hi[P];
   for (int r = 0; r < P; ++r) lo[r] = hi[r] = _mm256_setzero_si256();
@@ -452,8 +474,14 @@ TQ_TARGET_AVX2 void depthwise_pair_pixels(const ConvGeometry& g, const int16_t* 
     }
   for (int r = 0; r < P; ++r) {  // back to channel order
     __m256i* dst = reinterpret_cast<__m256i*>(tile + r * kPackAlign);
-    _mm256_storeu_si256(dst, _mm256_permute2x128_si256(lo[r], hi[r], 0x20));
-    _mm256_storeu_si256(dst + 1, _mm256_permute2x128_si256(lo[r], hi[r], 0x31));
+    __m256i first = _mm256_permute2x128_si256(lo[r], hi[r], 0x20);
+    __m256i second = _mm256_permute2x128_si256(lo[r], hi[r], 0x31);
+    if (accumulate) {
+      first = _mm256_add_epi32(first, _mm256_loadu_si256(dst));
+      second = _mm256_add_epi32(second, _mm256_loadu_si256(dst + 1));
+    }
+    _mm256_storeu_si256(dst, first);
+    _mm256_storeu_si256(dst + 1, second);
   }
 }
 
@@ -470,11 +498,11 @@ TQ_TARGET_AVX2 void depthwise_segment_avx2(const DepthwiseSource& s, int64_t b, 
     int32_t* block_tile = tile + (c - c0);
     int64_t r = 0;
     for (; r + kPairPixels <= rows; r += kPairPixels)
-      depthwise_pair_pixels<kPairPixels>(g, pairs + r * pixel_step, w, block_tile + r * kPackAlign);
+      depthwise_pair_pixels<kPairPixels>(g, pairs + r * pixel_step, w, s.accumulate, block_tile + r * kPackAlign);
     switch (rows - r) {  // the last 1-3 pixels in one call
-      case 3: depthwise_pair_pixels<3>(g, pairs + r * pixel_step, w, block_tile + r * kPackAlign); break;
-      case 2: depthwise_pair_pixels<2>(g, pairs + r * pixel_step, w, block_tile + r * kPackAlign); break;
-      case 1: depthwise_pair_pixels<1>(g, pairs + r * pixel_step, w, block_tile + r * kPackAlign); break;
+      case 3: depthwise_pair_pixels<3>(g, pairs + r * pixel_step, w, s.accumulate, block_tile + r * kPackAlign); break;
+      case 2: depthwise_pair_pixels<2>(g, pairs + r * pixel_step, w, s.accumulate, block_tile + r * kPackAlign); break;
+      case 1: depthwise_pair_pixels<1>(g, pairs + r * pixel_step, w, s.accumulate, block_tile + r * kPackAlign); break;
     }
   }
 }
@@ -504,7 +532,7 @@ int64_t quad_columns(const ConvGeometry& g, int64_t rows) {
 int64_t quad_width(int64_t ncols) { return ncols <= 32 ? 32 : 64; }
 
 // The instructions of the quad path for W-byte vectors (one table per width: the intrinsics differ). The byte
-// unpacks interleave within 128-bit lanes, so vector m of their result takes dword m of each lane: load_row moves
+// unpacks interleave within 128-bit lanes, so vector m of their result takes dword m of each lane: row_order moves
 // dword 4 L + m of a row to the place that ends up in vector m, which then holds channels (W / 4) m .. (W / 4)
 // (m + 1) - 1.
 template <int W>
@@ -518,10 +546,14 @@ struct QuadOps<64> {
   static TQ_TARGET_VNNI V bytes(uint8_t b) { return _mm512_set1_epi8(static_cast<char>(b)); }
   static TQ_TARGET_VNNI V load(const void* p) { return _mm512_loadu_si512(p); }
   static TQ_TARGET_VNNI void store(void* p, V v) { _mm512_storeu_si512(p, v); }
-  static TQ_TARGET_VNNI V load_row(Mask mask, const uint8_t* p) {
-    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-    return _mm512_permutexvar_epi32(order, _mm512_maskz_loadu_epi8(mask, p));
+  static TQ_TARGET_VNNI V load_row(Mask mask, const uint8_t* p) { return _mm512_maskz_loadu_epi8(mask, p); }
+  static TQ_TARGET_VNNI V pick(V v, const uint8_t* control) {
+    return _mm512_shuffle_epi8(v, _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(control))));
   }
+  static TQ_TARGET_VNNI V row_order(V v) {
+    return _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), v);
+  }
+  static TQ_TARGET_VNNI V add(V a, V b) { return _mm512_add_epi32(a, b); }
   static TQ_TARGET_VNNI V xor_(V a, V b) { return _mm512_xor_si512(a, b); }
   static TQ_TARGET_VNNI V lo8(V a, V b) { return _mm512_unpacklo_epi8(a, b); }
   static TQ_TARGET_VNNI V hi8(V a, V b) { return _mm512_unpackhi_epi8(a, b); }
@@ -538,9 +570,15 @@ struct QuadOps<32> {
   static TQ_TARGET_VNNI V bytes(uint8_t b) { return _mm256_set1_epi8(static_cast<char>(b)); }
   static TQ_TARGET_VNNI V load(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
   static TQ_TARGET_VNNI void store(void* p, V v) { _mm256_storeu_si256(static_cast<__m256i*>(p), v); }
-  static TQ_TARGET_VNNI V load_row(Mask mask, const uint8_t* p) {
-    return _mm256_permutexvar_epi32(_mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7), _mm256_maskz_loadu_epi8(mask, p));
+  static TQ_TARGET_VNNI V load_row(Mask mask, const uint8_t* p) { return _mm256_maskz_loadu_epi8(mask, p); }
+  static TQ_TARGET_VNNI V pick(V v, const uint8_t* control) {
+    const __m128i lane = _mm_load_si128(reinterpret_cast<const __m128i*>(control));
+    return _mm256_shuffle_epi8(v, _mm256_broadcastsi128_si256(lane));
   }
+  static TQ_TARGET_VNNI V row_order(V v) {
+    return _mm256_permutexvar_epi32(_mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7), v);
+  }
+  static TQ_TARGET_VNNI V add(V a, V b) { return _mm256_add_epi32(a, b); }
   static TQ_TARGET_VNNI V xor_(V a, V b) { return _mm256_xor_si256(a, b); }
   static TQ_TARGET_VNNI V lo8(V a, V b) { return _mm256_unpacklo_epi8(a, b); }
   static TQ_TARGET_VNNI V hi8(V a, V b) { return _mm256_unpackhi_epi8(a, b); }
@@ -577,6 +615,8 @@ TQ_TARGET_VNNI void build_quads(const DepthwiseSource& s, int64_t b, int64_t oh,
         r[k] = pad;
         if (rows[k] != nullptr) {
           r[k] = Op::load_row(mask, rows[k] + iw * g.channels);
+          if (s.group_channels > 1) r[k] = Op::pick(r[k], s.pick);
+          r[k] = Op::row_order(r[k]);
           if (FLIP) r[k] = Op::xor_(r[k], flip);
         }
       }
@@ -591,10 +631,10 @@ TQ_TARGET_VNNI void build_quads(const DepthwiseSource& s, int64_t b, int64_t oh,
 }
 
 // The sums of `blocks` blocks of R consecutive output pixels, the first pixel reading quad column 0, from the
-// channel block's weight quads.
+// channel block's weight quads; into (accumulate: added to) the tile.
 template <int W, int R>
 TQ_TARGET_VNNI void depthwise_quad_pixels(const ConvGeometry& g, const uint8_t* quads, int64_t blocks,
-                                          const int8_t* w_quads, int32_t* tile) {
+                                          const int8_t* w_quads, bool accumulate, int32_t* tile) {
   using Op = QuadOps<W>;
   const int64_t groups = quad_row_groups(g);
   for (int64_t block = 0; block < blocks; ++block) {
@@ -614,7 +654,10 @@ TQ_TARGET_VNNI void depthwise_quad_pixels(const ConvGeometry& g, const uint8_t* 
       }
     }
     for (int r = 0; r < R; ++r)
-      for (int m = 0; m < 4; ++m) Op::store(tile + (block * R + r) * kPackAlign + W / 4 * m, acc[r][m]);
+      for (int m = 0; m < 4; ++m) {
+        int32_t* dst = tile + (block * R + r) * kPackAlign + W / 4 * m;
+        Op::store(dst, accumulate ? Op::add(acc[r][m], Op::load(dst)) : acc[r][m]);
+      }
   }
 }
 
@@ -628,9 +671,9 @@ TQ_TARGET_VNNI void depthwise_segment_avx512(const DepthwiseSource& s, int64_t b
   build_quads<W, FLIP>(s, b, oh, ow0 * g.stride_w - g.pad_w, quad_columns(g, rows), c0, mask, quads);
   const int8_t* w_quads = s.w_quads + (c0 / kDepthwiseChannels) * g.kw * quad_row_groups(g) * kQuadBytes;
   const int64_t full = rows / kDepthwiseRows * kDepthwiseRows;
-  depthwise_quad_pixels<W, kDepthwiseRows>(g, quads, full / kDepthwiseRows, w_quads, tile);
+  depthwise_quad_pixels<W, kDepthwiseRows>(g, quads, full / kDepthwiseRows, w_quads, s.accumulate, tile);
   depthwise_quad_pixels<W, 1>(g, quads + full * g.stride_w * quad_row_groups(g) * 4 * W, rows - full, w_quads,
-                              tile + full * kPackAlign);
+                              s.accumulate, tile + full * kPackAlign);
 }
 
 // The weight quads of the AVX-512 path: [block][kernel column][row group][channel of the block][4 bytes], kernel
@@ -672,15 +715,25 @@ void depthwise_segment(const DepthwiseSource& s, int64_t b, int64_t oh, int64_t 
   for (int64_t r = 0; r < rows; ++r) depthwise_pixel_scalar<FLIP>(s, b, oh, ow0 + r, c0, ncols, tile + r * kPackAlign);
 }
 
-// The depthwise weight as the kernels read it: [tap][channel], the quads and the pairs.
+// The passes of the depthwise kernel for a conv of groups of cg input and ocg output channels: 1 for a depthwise
+// conv, cg for a grouped conv it takes, 0 for the others (the GEMM's).
+int64_t depthwise_passes(int64_t groups, int64_t cg, int64_t ocg) {
+  if (cg == 1 && ocg == 1) return 1;
+  // groups within 16-byte lanes; at 16 channels the passes measured 1.1x (AVX-512) to 1.7x (AVX2) slower than the
+  // GEMM, whose panel then holds 16 of its 64 columns
+  const bool few_passes = cg == 2 || cg == 4 || cg == 8;
+  return groups > 1 && ocg == cg && few_passes ? cg : 0;
+}
+
+// The depthwise weight as the kernels read it, pass after pass (one for a depthwise conv, G for a grouped conv's):
+// [tap][channel], the quads and the pairs, each pass's depthwise_extra_bytes.
 struct DepthwiseWeight {
-  const int8_t* taps;
-  const int8_t* quads;  // nullptr for kernels of more rows than the quads take
-  const int8_t* pairs;
-  std::vector<int8_t> derived;  // all three, for a weight packed without them (as a matrix viewed as the conv weight)
+  const int8_t* layouts;
+  int64_t passes;
+  std::vector<int8_t> derived;  // for a weight packed without them (as a matrix viewed as the conv weight)
 };
 
-// The bytes of a depthwise weight's kernel layouts after its panels: taps, quads, pairs.
+// The bytes of a depthwise weight's kernel layouts for one pass: taps, quads, pairs.
 int64_t depthwise_extra_bytes(int64_t channels, int64_t kh, int64_t kw) {
   return kh * kw * channels + weight_quads_bytes(channels, kh, kw) + weight_pairs_bytes(channels, kh, kw);
 }
@@ -692,28 +745,27 @@ void depthwise_layouts(int64_t channels, int64_t kh, int64_t kw, int8_t* w) {
   weight_pairs(channels, kh, kw, w, quads + weight_quads_bytes(channels, kh, kw));
 }
 
-// extras: the packed weight's (conv_weight_extras), or nullptr.
-DepthwiseWeight depthwise_weight(const ConvGeometry& g, const int8_t* w_packed, int64_t group_bytes,
+// The weight of `passes` passes. extras: the packed weight's (conv_weight_extras), or nullptr.
+DepthwiseWeight depthwise_weight(const ConvGeometry& g, int64_t passes, const int8_t* w_packed, int64_t group_bytes,
                                  const int8_t* extras) {
-  const int64_t taps = g.kh * g.kw;
-  DepthwiseWeight w;
-  if (extras != nullptr) {
-    w.taps = extras;
-  } else {
-    w.derived.resize(depthwise_extra_bytes(g.channels, g.kh, g.kw));
-    for (int64_t t = 0; t < taps; ++t)
-      for (int64_t c = 0; c < g.channels; ++c)
-        w.derived[t * g.channels + c] = w_packed[c * group_bytes + panel_byte(t, 0)];
-    depthwise_layouts(g.channels, g.kh, g.kw, w.derived.data());
-    w.taps = w.derived.data();
+  DepthwiseWeight w{extras, passes, {}};
+  if (extras == nullptr) {  // tap t of pass i is the GEMM's k = t * passes + i, in its group's column c % passes
+    const int64_t pass_bytes = depthwise_extra_bytes(g.channels, g.kh, g.kw);
+    w.derived.resize(passes * pass_bytes);
+    for (int64_t i = 0; i < passes; ++i) {
+      int8_t* taps = w.derived.data() + i * pass_bytes;
+      for (int64_t t = 0; t < g.kh * g.kw; ++t)
+        for (int64_t c = 0; c < g.channels; ++c)
+          taps[t * g.channels + c] = w_packed[c / passes * group_bytes + panel_byte(t * passes + i, c % passes)];
+      depthwise_layouts(g.channels, g.kh, g.kw, taps);
+    }
+    w.layouts = w.derived.data();
   }
-  const int64_t quads_bytes = weight_quads_bytes(g.channels, g.kh, g.kw);
-  w.quads = quads_bytes > 0 ? w.taps + taps * g.channels : nullptr;
-  w.pairs = w.taps + taps * g.channels + quads_bytes;
   return w;
 }
 
-// The depthwise int8_conv2d: x channels-last bytes, w the weight, the epilogue as for the GEMM.
+// The depthwise int8_conv2d (or a grouped one's passes): x channels-last bytes, w the weight, the epilogue as for
+// the GEMM.
 void conv_u8s8_depthwise(const ConvGeometry& g, const uint8_t* x, const DepthwiseWeight& w, uint8_t flip,
                          uint8_t pad_byte, const Epilogue& ep, CpuIsa isa) {
   const int64_t taps = g.kh * g.kw;
@@ -721,21 +773,26 @@ void conv_u8s8_depthwise(const ConvGeometry& g, const uint8_t* x, const Depthwis
   int64_t segments = (g.out_w + kDepthwisePixels - 1) / kDepthwisePixels;
   int64_t segment_len = (g.out_w + segments - 1) / segments;
   const int64_t quad_cols = quad_columns(g, segment_len);
-  const int8_t* w_quads = isa == CpuIsa::Avx512Vnni && quad_cols > 0 ? w.quads : nullptr;
-  const int8_t* w_pairs = isa != CpuIsa::Scalar && w_quads == nullptr ? w.pairs : nullptr;
+  const bool quads = isa == CpuIsa::Avx512Vnni && quad_cols > 0, pairs = isa != CpuIsa::Scalar && !quads;
   int64_t column_bytes = 0;  // a work item's quads or row pairs
-  if (w_quads != nullptr) {
+  if (quads) {
     column_bytes = quad_cols * quad_row_groups(g) * kQuadBytes;
-  } else if (w_pairs != nullptr) {
+  } else if (pairs) {
     if (segment_columns(g, segment_len) > kMaxSegmentColumns) {  // strides or dilations that spread the windows
       segment_len = std::max<int64_t>(1, (kMaxSegmentColumns - (g.kw - 1) * g.dil_w - 1) / g.stride_w + 1);
       segments = (g.out_w + segment_len - 1) / segment_len;
     }
     column_bytes = segment_columns(g, segment_len) * pair_row_groups(g.kh) * kPairValues * sizeof(int16_t);
   }
-  const DepthwiseSource src{x, g, w.taps, w_quads, w_pairs, pad_byte};
+  std::vector<DepthwiseSource> sources;
+  const int64_t tap_bytes = taps * g.channels, quads_bytes = weight_quads_bytes(g.channels, g.kh, g.kw);
+  for (int64_t i = 0; i < w.passes; ++i) {
+    const int8_t* layouts = w.layouts + i * depthwise_extra_bytes(g.channels, g.kh, g.kw);
+    sources.push_back(depthwise_source(x, g, layouts, quads ? layouts + tap_bytes : nullptr,
+                                       pairs ? layouts + tap_bytes + quads_bytes : nullptr, pad_byte, w.passes, i));
+  }
   const int64_t items = g.batch * g.out_h * segments * blocks;
-  const int64_t item_cost = segment_len * kDepthwiseChannels * taps;
+  const int64_t item_cost = segment_len * kDepthwiseChannels * taps * w.passes;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(item_cost, 1));
   const Epilogue out_ep = with_streaming(ep, g.rows, g.channels);
   const PanelEpilogues panels(out_ep, 1, g.channels, taps, isa);  // one per channel block
@@ -754,8 +811,10 @@ void conv_u8s8_depthwise(const ConvGeometry& g, const uint8_t* x, const Depthwis
       const int64_t rows = std::min(segment_len, g.out_w - ow0);
       const int64_t c0 = block * kDepthwiseChannels, ncols = std::min(kDepthwiseChannels, g.channels - c0);
       const int64_t b = image_row / g.out_h, oh = image_row % g.out_h;
-      if (flip != 0) depthwise_segment<true>(src, b, oh, ow0, rows, c0, ncols, tile, columns, isa);
-      else depthwise_segment<false>(src, b, oh, ow0, rows, c0, ncols, tile, columns, isa);
+      for (const DepthwiseSource& src : sources) {
+        if (flip != 0) depthwise_segment<true>(src, b, oh, ow0, rows, c0, ncols, tile, columns, isa);
+        else depthwise_segment<false>(src, b, oh, ow0, rows, c0, ncols, tile, columns, isa);
+      }
       epilogue_tile(out_ep, panels[block], tile, image_row * g.out_w + ow0, rows, c0, ncols, isa);
     }
     if (out_ep.streaming) _mm_sfence();
@@ -791,11 +850,11 @@ bool windows_in_place(int64_t ocg, int64_t kh, int64_t run, std::optional<CpuIsa
   return ocg <= 2 * kPackAlign && padding_pays;
 }
 
-// A conv weight [G, N, KH, KW, C] of one input and one output channel per group is a depthwise conv's.
-bool depthwise_weight_shape(at::IntArrayRef w) { return w.size() == 5 && w[1] == 1 && w[4] == 1; }
+// A conv weight [G, N, KH, KW, C] the depthwise kernel takes (a depthwise conv's, or a grouped conv's passes).
+bool depthwise_weight_shape(at::IntArrayRef w) { return w.size() == 5 && depthwise_passes(w[0], w[4], w[1]) > 0; }
 
-// The packed weight's extras of a conv weight w [G, N, KH, KW, C] ([tap][channel], quads and pairs of a depthwise
-// weight, padded kernel rows of an ungrouped one that may be read in place), or nullptr without them.
+// The packed weight's extras of a conv weight w [G, N, KH, KW, C] ([tap][channel], quads and pairs of each pass of
+// the depthwise kernel, padded kernel rows of an ungrouped one that may be read in place), or nullptr without them.
 const int8_t* conv_weight_extras(const at::Tensor& w_packed, const PackedWeightLayout& layout) {
   const int64_t panels = layout.groups * layout.group_bytes, extras = conv_weight_extra_bytes(w_packed.sizes());
   const bool present = extras > 0 && w_packed.storage_offset() == 0 &&
@@ -808,7 +867,7 @@ const int8_t* conv_weight_extras(const at::Tensor& w_packed, const PackedWeightL
 int64_t conv_weight_extra_bytes(at::IntArrayRef w) {
   if (w.size() != 5) return 0;
   const int64_t groups = w[0], n = w[1], kh = w[2], kw = w[3], run = kw * w[4], padded_run = round_up(run, 4);
-  if (depthwise_weight_shape(w)) return depthwise_extra_bytes(groups, kh, kw);
+  if (depthwise_weight_shape(w)) return w[4] * depthwise_extra_bytes(groups * n, kh, kw);
   if (groups == 1 && padded_run != run && windows_in_place(n, kh, run, std::nullopt))
     return round_up(n, kPackAlign) * kh * padded_run;
   return 0;
@@ -817,11 +876,17 @@ int64_t conv_weight_extra_bytes(at::IntArrayRef w) {
 void pack_conv_weight_extras(const at::Tensor& w, const int8_t* panels, int64_t kp, int8_t* dst) {
   const int64_t groups = w.size(0), n = w.size(1), kh = w.size(2), kw = w.size(3), run = kw * w.size(4);
   if (!depthwise_weight_shape(w.sizes())) return pad_kernel_rows(panels, n, kp, kh, run, round_up(run, 4), dst);
-  const at::Tensor taps = w.reshape({groups, kh * kw});
-  const int8_t* src = taps.data_ptr<int8_t>();
-  for (int64_t t = 0; t < kh * kw; ++t)
-    for (int64_t c = 0; c < groups; ++c) dst[t * groups + c] = src[c * taps.stride(0) + t * taps.stride(1)];
-  depthwise_layouts(groups, kh, kw, dst);
+  // pass i's taps: tap t of output channel c is its weight of input channel i of the group
+  const int64_t channels = groups * n, passes = w.size(4), pass_bytes = depthwise_extra_bytes(channels, kh, kw);
+  const at::Tensor by_tap = w.reshape({channels, kh * kw, passes});
+  const int8_t* src = by_tap.data_ptr<int8_t>();
+  for (int64_t i = 0; i < passes; ++i) {
+    int8_t* taps = dst + i * pass_bytes;
+    for (int64_t t = 0; t < kh * kw; ++t)
+      for (int64_t c = 0; c < channels; ++c)
+        taps[t * channels + c] = src[c * by_tap.stride(0) + t * by_tap.stride(1) + i * by_tap.stride(2)];
+    depthwise_layouts(channels, kh, kw, taps);
+  }
 }
 
 namespace {
@@ -845,7 +910,8 @@ void conv_cpu(const ConvFront& f, const at::Tensor& x_q, int64_t x_zero_point, c
   // read padded to one, against zero weights, where that adds at most a quarter of the multiplies (a ResNet stem's
   // 21-byte rows as 24: im2col had been a quarter of its time).
   const int64_t run = g.kw * cg, padded_run = round_up(run, 4);
-  const bool depthwise = groups == g.channels && ocg == 1;
+  const int64_t passes = depthwise_passes(groups, cg, ocg);
+  const bool depthwise = passes > 0;
   bool amx = false;
   const CpuIsa isa = cpu_isa(&amx);
   // uint8 windows of whole 4-byte steps per tap and full weight panels on AVX-512: the direct conv, which reads
@@ -893,8 +959,8 @@ void conv_cpu(const ConvFront& f, const at::Tensor& x_q, int64_t x_zero_point, c
   Epilogue ep = epilogue_for(f.epilogue, flip, f.out_nhwc.data_ptr(), out_channels, col_offset);
   ep.residual = residual;
   if (depthwise)
-    conv_u8s8_depthwise(g, x_bytes, depthwise_weight(g, args.b, args.b_group_stride, extras), flip, im2col.pad_byte,
-                        ep, isa);
+    conv_u8s8_depthwise(g, x_bytes, depthwise_weight(g, passes, args.b, args.b_group_stride, extras), flip,
+                        im2col.pad_byte, ep, isa);
   else if (amx_windows)
     conv_u8s8_amx(args, g, x_bytes, im2col.pad_byte, ep);
   else if (amx_blocks)
