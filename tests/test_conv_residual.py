@@ -27,6 +27,7 @@ CONVS = {
     "groups": (1, 8, 10, 9, 12, (3, 1), (2, 1), (1, 0), 1, 4),
     "depthwise": (2, 70, 6, 9, 70, (3, 3), 1, 1, 1, 70),         # a full and a partial 64-channel block
     "grouped": (1, 72, 6, 7, 72, (3, 3), 1, 1, 1, 18),           # 4 channels a group: the depthwise kernel's passes
+    "grouped-16": (1, 64, 6, 7, 64, (3, 3), 1, 1, 1, 4),          # 16 a group: uint8 on AVX-512 the dword kernel
     "stem": (1, 3, 15, 14, 16, (7, 7), 2, 3, 1, 1),
     "one-pixel": (1, 4, 3, 3, 70, (3, 3), 1, 0, 1, 1),
     # C and OC multiples of 16: the CUTLASS conv on Hopper, padded (explicitly, for a nonzero zero point) and strided

@@ -449,8 +449,8 @@ def conv_case(rng: random.Random):
     cg, ocg = rng.choice([1, 2, 3, 4, 16]), rng.choice([1, 2, 5, 64])
     if rng.random() < 0.15:  # depthwise: one channel per group, many groups
         groups, cg, ocg = rng.choice([5, 16, 64, 70]), 1, 1
-    elif rng.random() < 0.1:  # as many channels in as out per group, 2 to 8: the depthwise kernel's passes
-        groups, cg = rng.choice([2, 5, 17]), rng.choice([2, 4, 8])
+    elif rng.random() < 0.1:  # as many channels in as out per group: the depthwise kernel's passes, the dword kernel
+        groups, cg = rng.choice([2, 5, 17]), rng.choice([2, 4, 8, 16, 32])
         ocg = cg
     kh, kw = rng.choice([1, 2, 3]), rng.choice([1, 2, 3])
     b, h, w = rng.choice([0, 1, 2]), rng.choice([1, 3, 6]), rng.choice([1, 4, 7])

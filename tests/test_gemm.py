@@ -567,7 +567,8 @@ CONVS = [  # batch, in_ch, h, w, out_ch, kernel, stride, padding, dilation, grou
     (1, 24, 9, 10, 24, (3, 3), 2, 1, 1, 3),     # 8 a group, a 24-channel block, stride 2
     (2, 10, 6, 11, 10, (1, 1), 1, 0, 1, 5),     # 2 a group, 1x1
     (1, 16, 12, 8, 16, (3, 3), 1, 2, 2, 4),     # dilation
-    (1, 32, 7, 7, 32, (3, 3), 1, 1, 1, 2),      # 16 a group: the GEMM
+    (1, 32, 7, 7, 32, (3, 3), 1, 1, 1, 2),      # 16 a group: uint8 on AVX-512 the dword kernel, else the GEMM
+    (2, 96, 5, 9, 96, (3, 3), 2, 1, 1, 3),      # 32 a group: a 64-channel block and one of two vectors
     (1, 16, 12, 20, 16, (9, 3), 1, 4, 1, 4),    # 9 kernel rows: past the AVX-512 column quads
     (2, 1, 9, 10, 16, (3, 3), 1, 1, 1, 1),      # one channel: kernel rows of 3 bytes read in place as 4
     (1, 3, 5, 6, 8, (3, 3), 2, 4, 1, 1),        # padding wider than the kernel: windows partly or wholly outside
@@ -642,10 +643,12 @@ def test_int8_conv2d_depthwise_channels(isa, packing, channels, batch, size, str
 
 
 # Grouped convs of 2, 4 or 8 channels in and out per group run as that many passes of the depthwise kernel, each
-# picking one input channel of every lane's group: packed by pack_conv_weight with the passes' layouts, or as a
-# matrix (the kernel derives them). Channel counts around the 16-byte lanes and the 32- and 64-channel blocks.
+# picking one input channel of every lane's group; of 16 or 32 (uint8 input, AVX-512) on the dword kernel, a vector's
+# 16 channels in one group; packed by pack_conv_weight with those kernels' layouts, or as a matrix (the kernels derive
+# them). Channel counts around the 16-byte lanes and the 32- and 64-channel blocks (1 to 4 vectors of 16 in the last).
 @pytest.mark.parametrize("packing", ["conv", "matrix"])
-@pytest.mark.parametrize("per_group,groups", [(2, 1), (2, 9), (4, 4), (4, 17), (8, 2), (8, 9), (4, 48)])
+@pytest.mark.parametrize("per_group,groups", [(2, 9), (4, 4), (4, 17), (8, 2), (8, 9), (4, 48), (16, 2), (16, 5),
+                                              (16, 7), (32, 2), (32, 3)])
 @pytest.mark.parametrize("batch,size,stride,padding", [(1, 5, 1, 1), (3, 9, 2, 1), (2, 7, 2, 0)])
 @pytest.mark.parametrize("x_dtype,x_zp", [(torch.uint8, 77), (torch.int8, -5)])
 def test_int8_conv2d_grouped_passes(isa, packing, per_group, groups, batch, size, stride, padding, x_dtype, x_zp):
@@ -663,6 +666,23 @@ def test_int8_conv2d_grouped_passes(isa, packing, per_group, groups, batch, size
     got = F.int8_conv2d(x_q, 1.0, x_zp, w_packed, w_q.sum((1, 2, 3), dtype=torch.int32), ones, out_channels=channels,
                         kernel_size=3, **kwargs)
     torch.testing.assert_close(got, reference.int8_conv2d(x_q, 1.0, x_zp, w_q, ones, **kwargs), rtol=0, atol=0)
+
+
+# The epilogue bounds the sums by the products in each (kh * kw * channels a group) and skips the clamp to the
+# output's range where the bound allows: sums of 255 * 127 products at an output scale where they pass 2^31 before
+# the clamp must still clamp (the depthwise kernel's passes and the dword kernel sum a group's channels too).
+@pytest.mark.parametrize("per_group", [1, 2, 4, 8, 16, 32])
+def test_int8_conv2d_grouped_sums_clamped_at_the_bound(isa, per_group):
+    channels = 64
+    x_q = torch.full((1, channels, 3, 3), 255, dtype=torch.uint8)
+    w_q = torch.full((channels, per_group, 1, 1), 127, dtype=torch.int8)
+    ones, groups = torch.ones(channels), channels // per_group
+    out = dict(out_dtype=torch.uint8, out_scale=255 * 128 / (0.99 * 2**30))  # 1 product's bound just below 2^30
+    got = F.int8_conv2d(x_q, 1.0, 0, F.pack_conv_weight(w_q, groups), w_q.sum((1, 2, 3), dtype=torch.int32), ones,
+                        out_channels=channels, kernel_size=1, groups=groups, **out)
+    want = reference.int8_conv2d(x_q, 1.0, 0, w_q, ones, groups=groups, **out)
+    assert (want == 255).all()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 # Ungrouped uint8 convs of up to 128 outputs read windows in place, kernel rows of kw * channels bytes padded to a

@@ -304,7 +304,7 @@ namespace {
 struct DepthwiseSource {
   const uint8_t* x;        // channels-last input bytes
   ConvGeometry g;
-  const int8_t* w;         // [tap][channel], the tap's weight (the packed weight's tap-major copy)
+  const int8_t* w;         // [tap][channel], the pass's weights (packed with the weight, or derived per call)
   const int8_t* w_quads;   // the AVX-512 path's weights (weight_quads), or nullptr
   const int8_t* w_pairs;   // the AVX2 path's weights (weight_pairs), or nullptr
   uint8_t pad_byte;        // the zero point, as the flipped byte
@@ -346,9 +346,14 @@ void depthwise_pixel_scalar(const DepthwiseSource& s, int64_t b, int64_t oh, int
       const int8_t* w = s.w + (i * g.kw + j) * g.channels + c0;
       if (ih >= 0 && ih < g.height && iw >= 0 && iw < g.width) {
         const uint8_t* p = s.x + ((b * g.height + ih) * g.width + iw) * g.channels + c0;
-        for (int64_t c = 0; c < ncols; ++c) {
-          const uint8_t byte = p[(c & -s.group_channels) + s.pass];
-          acc[c] += static_cast<uint32_t>(FLIP ? byte ^ 0x80 : byte) * static_cast<uint32_t>(w[c]);
+        if (s.group_channels == 1) {  // (a loop the compiler vectorizes; the picked bytes' is not)
+          for (int64_t c = 0; c < ncols; ++c)
+            acc[c] += static_cast<uint32_t>(FLIP ? p[c] ^ 0x80 : p[c]) * static_cast<uint32_t>(w[c]);
+        } else {
+          for (int64_t c = 0; c < ncols; ++c) {
+            const uint8_t byte = p[(c & -s.group_channels) + s.pass];
+            acc[c] += static_cast<uint32_t>(FLIP ? byte ^ 0x80 : byte) * static_cast<uint32_t>(w[c]);
+          }
         }
       } else {
         for (int64_t c = 0; c < ncols; ++c) acc[c] += s.pad_byte * static_cast<uint32_t>(w[c]);
@@ -764,12 +769,51 @@ DepthwiseWeight depthwise_weight(const ConvGeometry& g, int64_t passes, const in
   return w;
 }
 
+// The work items of the depthwise and grouped kernels: segments of up to kDepthwisePixels output pixels of one
+// output row (segments per row, segment_len pixels each), each for one 64-channel block; column_bytes of 64-byte
+// aligned scratch per thread for a segment's laid-out input (0: none). depth: the products in a sum (the epilogue
+// bounds the sums by it, and may skip clamps by the bound).
+struct SegmentWork {
+  int64_t segments, segment_len, column_bytes, depth;
+};
+
+// Runs segment(b, oh, ow0, rows, c0, ncols, tile, columns), which writes the tile of its pixels and channels, for
+// every work item, and the epilogue on each tile.
+template <class Segment>
+void for_each_segment(const ConvGeometry& g, const SegmentWork& work, const Epilogue& ep, CpuIsa isa,
+                      const Segment& segment) {
+  const int64_t blocks = (g.channels + kDepthwiseChannels - 1) / kDepthwiseChannels;
+  const int64_t items = g.batch * g.out_h * work.segments * blocks;
+  const int64_t item_cost = work.segment_len * kDepthwiseChannels * work.depth;  // multiply-adds
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(item_cost, 1));
+  const Epilogue out_ep = with_streaming(ep, g.rows, g.channels);
+  const PanelEpilogues panels(out_ep, 1, g.channels, work.depth, isa);  // one per channel block
+  at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
+    alignas(64) int32_t tile[kDepthwisePixels * kPackAlign];
+    const ScratchScope columns_scope(Scratch::GemmRows);
+    void* columns = nullptr;
+    if (work.column_bytes > 0) {  // 64-byte aligned: the vectors' loads then never split a cache line
+      uint8_t* buffer = scratch_buffer(Scratch::GemmRows, work.column_bytes + 64);
+      columns = buffer + (-reinterpret_cast<uintptr_t>(buffer) & 63);
+    }
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t block = item % blocks, segment_index = item / blocks;
+      const int64_t image_row = segment_index / work.segments;  // b * out_h + oh
+      const int64_t ow0 = (segment_index % work.segments) * work.segment_len;
+      const int64_t rows = std::min(work.segment_len, g.out_w - ow0);
+      const int64_t c0 = block * kDepthwiseChannels, ncols = std::min(kDepthwiseChannels, g.channels - c0);
+      segment(image_row / g.out_h, image_row % g.out_h, ow0, rows, c0, ncols, tile, columns);
+      epilogue_tile(out_ep, panels[block], tile, image_row * g.out_w + ow0, rows, c0, ncols, isa);
+    }
+    if (out_ep.streaming) _mm_sfence();
+  });
+}
+
 // The depthwise int8_conv2d (or a grouped one's passes): x channels-last bytes, w the weight, the epilogue as for
 // the GEMM.
 void conv_u8s8_depthwise(const ConvGeometry& g, const uint8_t* x, const DepthwiseWeight& w, uint8_t flip,
                          uint8_t pad_byte, const Epilogue& ep, CpuIsa isa) {
   const int64_t taps = g.kh * g.kw;
-  const int64_t blocks = (g.channels + kDepthwiseChannels - 1) / kDepthwiseChannels;
   int64_t segments = (g.out_w + kDepthwisePixels - 1) / kDepthwisePixels;
   int64_t segment_len = (g.out_w + segments - 1) / segments;
   const int64_t quad_cols = quad_columns(g, segment_len);
@@ -791,33 +835,126 @@ void conv_u8s8_depthwise(const ConvGeometry& g, const uint8_t* x, const Depthwis
     sources.push_back(depthwise_source(x, g, layouts, quads ? layouts + tap_bytes : nullptr,
                                        pairs ? layouts + tap_bytes + quads_bytes : nullptr, pad_byte, w.passes, i));
   }
-  const int64_t items = g.batch * g.out_h * segments * blocks;
-  const int64_t item_cost = segment_len * kDepthwiseChannels * taps * w.passes;
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(item_cost, 1));
-  const Epilogue out_ep = with_streaming(ep, g.rows, g.channels);
-  const PanelEpilogues panels(out_ep, 1, g.channels, taps, isa);  // one per channel block
-  at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
-    alignas(64) int32_t tile[kDepthwisePixels * kPackAlign];
-    const ScratchScope columns_scope(Scratch::GemmRows);
-    void* columns = nullptr;
-    if (column_bytes > 0) {  // 64-byte aligned: the vectors' loads then never split a cache line
-      uint8_t* buffer = scratch_buffer(Scratch::GemmRows, column_bytes + 64);
-      columns = buffer + (-reinterpret_cast<uintptr_t>(buffer) & 63);
+  const SegmentWork work{segments, segment_len, column_bytes, taps * w.passes};
+  for_each_segment(g, work, ep, isa, [&](int64_t b, int64_t oh, int64_t ow0, int64_t rows, int64_t c0, int64_t ncols,
+                                         int32_t* tile, void* columns) {
+    for (const DepthwiseSource& src : sources) {
+      if (flip != 0) depthwise_segment<true>(src, b, oh, ow0, rows, c0, ncols, tile, columns, isa);
+      else depthwise_segment<false>(src, b, oh, ow0, rows, c0, ncols, tile, columns, isa);
     }
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t block = item % blocks, segment = item / blocks;
-      const int64_t image_row = segment / segments;  // b * out_h + oh
-      const int64_t ow0 = (segment % segments) * segment_len;
-      const int64_t rows = std::min(segment_len, g.out_w - ow0);
-      const int64_t c0 = block * kDepthwiseChannels, ncols = std::min(kDepthwiseChannels, g.channels - c0);
-      const int64_t b = image_row / g.out_h, oh = image_row % g.out_h;
-      for (const DepthwiseSource& src : sources) {
-        if (flip != 0) depthwise_segment<true>(src, b, oh, ow0, rows, c0, ncols, tile, columns, isa);
-        else depthwise_segment<false>(src, b, oh, ow0, rows, c0, ncols, tile, columns, isa);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Grouped convs of 16 or 32 channels in and out per group, uint8 input, AVX-512 VNNI: the 16 output channels of a
+// vector lie in one group, so vpdpbusd sums 4 input channels of that group for each of them against the input
+// pixel's dword broadcast from memory: every product a valid one, no shuffles. The GEMM ran a 64-column weight
+// panel for each group's 16 or 32 columns (3x3 convs of ResNeXt-50 32x4d at 0.25-0.6x torch.ao's groupwise kernels).
+// ---------------------------------------------------------------------------------------------------------------
+
+// Whether the dword kernel takes a conv of groups of cg input and ocg output channels (uint8 input, AVX-512).
+bool dword_groups(int64_t groups, int64_t cg, int64_t ocg) { return groups > 1 && ocg == cg && (cg == 16 || cg == 32); }
+
+// The weight of the dword kernel: [64-channel block][tap][dword d][vector m][lane][4 bytes], the bytes of output
+// channel 64 block + 16 m + lane for input channels 4 d .. 4 d + 3 of its group; zero past the channels.
+int64_t dword_weight_bytes(int64_t channels, int64_t cg, int64_t taps) {
+  return round_up(channels, kPackAlign) * taps * cg;
+}
+
+// Lays out the dword kernel's weight at dst from weight(c, t, i): output channel c's weight of input channel i of
+// its group at tap t.
+template <class Weight>
+void dword_weight(int64_t channels, int64_t cg, int64_t taps, const Weight& weight, int8_t* dst) {
+  std::memset(dst, 0, dword_weight_bytes(channels, cg, taps));
+  for (int64_t c = 0; c < channels; ++c)
+    for (int64_t t = 0; t < taps; ++t)
+      for (int64_t i = 0; i < cg; ++i)
+        dst[((c / kPackAlign * taps + t) * (cg / 4) + i / 4) * 4 * kPackAlign + c % kPackAlign * 4 + i % 4] =
+            weight(c, t, i);
+}
+
+struct DwordSource {
+  const uint8_t* x;  // channels-last uint8 input bytes
+  ConvGeometry g;
+  const int8_t* w;   // dword_weight's layout
+  int64_t group_channels;
+  alignas(64) uint8_t pad[kPackAlign];  // the zero point: what taps outside the input read
+};
+
+// The sums of R consecutive output pixels from (b, oh, ow) on, for the V vectors of 16 channels from c0 on, into tile
+// rows kPackAlign apart.
+template <int R, int V>
+TQ_TARGET_VNNI void dword_group_pixels(const DwordSource& s, int64_t b, int64_t oh, int64_t ow, int64_t c0,
+                                       int32_t* tile) {
+  const ConvGeometry& g = s.g;
+  const int64_t cg = s.group_channels, dwords = cg / 4, taps = g.kh * g.kw;
+  const int8_t* w = s.w + c0 / kPackAlign * taps * dwords * 4 * kPackAlign;
+  int64_t group_at[V];  // vector m's group's first channel
+  for (int m = 0; m < V; ++m) group_at[m] = 16 * m / cg * cg;
+  __m512i acc[R][V];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < V; ++m) acc[r][m] = _mm512_setzero_si512();
+  for (int64_t i = 0; i < g.kh; ++i) {
+    const int64_t ih = oh * g.stride_h - g.pad_h + i * g.dil_h;
+    for (int64_t j = 0; j < g.kw; ++j) {
+      const uint8_t* pixel[R];  // the tap's input pixel at channel c0, or the zero point's bytes
+      for (int r = 0; r < R; ++r) {
+        const int64_t iw = (ow + r) * g.stride_w - g.pad_w + j * g.dil_w;
+        const bool inside = ih >= 0 && ih < g.height && iw >= 0 && iw < g.width;
+        pixel[r] = inside ? s.x + ((b * g.height + ih) * g.width + iw) * g.channels + c0 : s.pad;
       }
-      epilogue_tile(out_ep, panels[block], tile, image_row * g.out_w + ow0, rows, c0, ncols, isa);
+      const int8_t* w_tap = w + (i * g.kw + j) * dwords * 4 * kPackAlign;
+      for (int64_t d = 0; d < dwords; ++d)
+        for (int m = 0; m < V; ++m) {
+          const __m512i wv = _mm512_loadu_si512(w_tap + (d * 4 + m) * kPackAlign);
+          const int64_t at = group_at[m] + 4 * d;
+          for (int r = 0; r < R; ++r) {
+            int32_t bytes;
+            std::memcpy(&bytes, pixel[r] + at, 4);
+            acc[r][m] = _mm512_dpbusd_epi32(acc[r][m], _mm512_set1_epi32(bytes), wv);
+          }
+        }
     }
-    if (out_ep.streaming) _mm_sfence();
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < V; ++m) _mm512_storeu_si512(tile + r * kPackAlign + 16 * m, acc[r][m]);
+}
+
+constexpr int kDwordPixels = 6;  // pixels per call: 24 accumulators for 64 channels (4: 8-13 % slower)
+
+template <int V>
+TQ_TARGET_VNNI void dword_group_segment(const DwordSource& s, int64_t b, int64_t oh, int64_t ow0, int64_t rows,
+                                        int64_t c0, int32_t* tile) {
+  int64_t r = 0;
+  for (; r + kDwordPixels <= rows; r += kDwordPixels)
+    dword_group_pixels<kDwordPixels, V>(s, b, oh, ow0 + r, c0, tile + r * kPackAlign);
+  int32_t* rest = tile + r * kPackAlign;
+  switch (rows - r) {  // the last 1-5 pixels in one call (one at a time reloads each weight vector per pixel)
+    case 5: return dword_group_pixels<5, V>(s, b, oh, ow0 + r, c0, rest);
+    case 4: return dword_group_pixels<4, V>(s, b, oh, ow0 + r, c0, rest);
+    case 3: return dword_group_pixels<3, V>(s, b, oh, ow0 + r, c0, rest);
+    case 2: return dword_group_pixels<2, V>(s, b, oh, ow0 + r, c0, rest);
+    case 1: return dword_group_pixels<1, V>(s, b, oh, ow0 + r, c0, rest);
+  }
+}
+
+// The grouped int8_conv2d of dword_groups: x channels-last uint8 bytes (channels a multiple of 16), w dword_weight's
+// layout, the epilogue as for the GEMM.
+void conv_u8s8_dword_groups(const ConvGeometry& g, const uint8_t* x, const int8_t* w, int64_t cg, uint8_t pad_byte,
+                            const Epilogue& ep) {
+  DwordSource s{x, g, w, cg, {}};
+  std::memset(s.pad, pad_byte, sizeof(s.pad));
+  const int64_t segments = (g.out_w + kDepthwisePixels - 1) / kDepthwisePixels;
+  const int64_t segment_len = (g.out_w + segments - 1) / segments;
+  const SegmentWork work{segments, segment_len, 0, g.kh * g.kw * cg};
+  for_each_segment(g, work, ep, CpuIsa::Avx512Vnni, [&](int64_t b, int64_t oh, int64_t ow0, int64_t rows, int64_t c0,
+                                                       int64_t ncols, int32_t* tile, void*) {
+    switch (ncols / 16) {  // whole vectors: the channels are a multiple of 16
+      case 4: return dword_group_segment<4>(s, b, oh, ow0, rows, c0, tile);
+      case 3: return dword_group_segment<3>(s, b, oh, ow0, rows, c0, tile);
+      case 2: return dword_group_segment<2>(s, b, oh, ow0, rows, c0, tile);
+      default: return dword_group_segment<1>(s, b, oh, ow0, rows, c0, tile);
+    }
   });
 }
 
@@ -868,6 +1005,7 @@ int64_t conv_weight_extra_bytes(at::IntArrayRef w) {
   if (w.size() != 5) return 0;
   const int64_t groups = w[0], n = w[1], kh = w[2], kw = w[3], run = kw * w[4], padded_run = round_up(run, 4);
   if (depthwise_weight_shape(w)) return w[4] * depthwise_extra_bytes(groups * n, kh, kw);
+  if (dword_groups(groups, w[4], n)) return dword_weight_bytes(groups * n, n, kh * kw);
   if (groups == 1 && padded_run != run && windows_in_place(n, kh, run, std::nullopt))
     return round_up(n, kPackAlign) * kh * padded_run;
   return 0;
@@ -875,6 +1013,11 @@ int64_t conv_weight_extra_bytes(at::IntArrayRef w) {
 
 void pack_conv_weight_extras(const at::Tensor& w, const int8_t* panels, int64_t kp, int8_t* dst) {
   const int64_t groups = w.size(0), n = w.size(1), kh = w.size(2), kw = w.size(3), run = kw * w.size(4);
+  if (dword_groups(groups, w.size(4), n)) {
+    const at::Tensor by_tap = w.reshape({groups * n, kh * kw, n});  // [output channel][tap][input channel]
+    const auto a = by_tap.accessor<int8_t, 3>();
+    return dword_weight(groups * n, n, kh * kw, [&](int64_t c, int64_t t, int64_t i) { return a[c][t][i]; }, dst);
+  }
   if (!depthwise_weight_shape(w.sizes())) return pad_kernel_rows(panels, n, kp, kh, run, round_up(run, 4), dst);
   // pass i's taps: tap t of output channel c is its weight of input channel i of the group
   const int64_t channels = groups * n, passes = w.size(4), pass_bytes = depthwise_extra_bytes(channels, kh, kw);
@@ -914,6 +1057,7 @@ void conv_cpu(const ConvFront& f, const at::Tensor& x_q, int64_t x_zero_point, c
   const bool depthwise = passes > 0;
   bool amx = false;
   const CpuIsa isa = cpu_isa(&amx);
+  const bool dword_grouped = isa == CpuIsa::Avx512Vnni && flip == 0 && dword_groups(groups, cg, ocg);
   // uint8 windows of whole 4-byte steps per tap and full weight panels on AVX-512: the direct conv, which reads
   // every tap in place (no im2col rows at all) and, when the zero point is 0, skips the taps in the padding. With
   // AMX the GEMM on im2col rows multiplies on tiles, which outruns both vector kernels that read windows in place.
@@ -958,7 +1102,17 @@ void conv_cpu(const ConvFront& f, const at::Tensor& x_q, int64_t x_zero_point, c
   std::vector<int32_t> col_offset;
   Epilogue ep = epilogue_for(f.epilogue, flip, f.out_nhwc.data_ptr(), out_channels, col_offset);
   ep.residual = residual;
-  if (depthwise)
+  if (dword_grouped) {
+    std::vector<int8_t> derived;  // for a weight packed without the layout (as a matrix viewed as the conv weight)
+    if (extras == nullptr) {
+      derived.resize(dword_weight_bytes(g.channels, cg, g.kh * g.kw));
+      dword_weight(g.channels, cg, g.kh * g.kw, [&](int64_t c, int64_t t, int64_t i) {
+        return args.b[c / cg * args.b_group_stride + panel_byte(t * cg + i, c % cg)];
+      }, derived.data());
+      extras = derived.data();
+    }
+    conv_u8s8_dword_groups(g, x_bytes, extras, cg, im2col.pad_byte, ep);
+  } else if (depthwise)
     conv_u8s8_depthwise(g, x_bytes, depthwise_weight(g, passes, args.b, args.b_group_stride, extras), flip,
                         im2col.pad_byte, ep, isa);
   else if (amx_windows)
