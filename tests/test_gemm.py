@@ -564,7 +564,7 @@ CONVS = [  # batch, in_ch, h, w, out_ch, kernel, stride, padding, dilation, grou
     (1, 20, 5, 5, 40, (3, 3), 1, 1, 1, 20),     # channel multiplier 2: the GEMM
     # grouped, 2 / 4 / 8 channels in and out per group: passes of the depthwise kernel
     (2, 128, 7, 9, 128, (3, 3), 1, 1, 1, 32),   # ResNeXt-style: 4 channels a group, two 64-channel blocks
-    (1, 24, 9, 10, 24, (3, 3), 2, 1, 1, 3),     # 8 a group, a 24-channel block, stride 2
+    (1, 24, 9, 10, 24, (3, 3), 2, 1, 1, 3),     # 8 a group (uint8 on AVX-512: the dword kernel), stride 2
     (2, 10, 6, 11, 10, (1, 1), 1, 0, 1, 5),     # 2 a group, 1x1
     (1, 16, 12, 8, 16, (3, 3), 1, 2, 2, 4),     # dilation
     (1, 32, 7, 7, 32, (3, 3), 1, 1, 1, 2),      # 16 a group: uint8 on AVX-512 the dword kernel, else the GEMM
@@ -643,9 +643,10 @@ def test_int8_conv2d_depthwise_channels(isa, packing, channels, batch, size, str
 
 
 # Grouped convs of 2, 4 or 8 channels in and out per group run as that many passes of the depthwise kernel, each
-# picking one input channel of every lane's group; of 16 or 32 (uint8 input, AVX-512) on the dword kernel, a vector's
-# 16 channels in one group; packed by pack_conv_weight with those kernels' layouts, or as a matrix (the kernels derive
-# them). Channel counts around the 16-byte lanes and the 32- and 64-channel blocks (1 to 4 vectors of 16 in the last).
+# picking one input channel of every lane's group; of 8, 16 or 32 (uint8 input, AVX-512) on the dword kernel, a
+# vector's channels in one group; packed by pack_conv_weight with those kernels' layouts, or as a matrix (the kernels
+# derive them). Channel counts around the 16-byte lanes and the 32- and 64-channel blocks (a last block of 1 to 7
+# vectors).
 @pytest.mark.parametrize("packing", ["conv", "matrix"])
 @pytest.mark.parametrize("per_group,groups", [(2, 9), (4, 4), (4, 17), (8, 2), (8, 9), (4, 48), (16, 2), (16, 5),
                                               (16, 7), (32, 2), (32, 3)])

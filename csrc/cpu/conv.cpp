@@ -846,17 +846,20 @@ void conv_u8s8_depthwise(const ConvGeometry& g, const uint8_t* x, const Depthwis
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Grouped convs of 16 or 32 channels in and out per group, uint8 input, AVX-512 VNNI: the 16 output channels of a
-// vector lie in one group, so vpdpbusd sums 4 input channels of that group for each of them against the input
-// pixel's dword broadcast from memory: every product a valid one, no shuffles. The GEMM ran a 64-column weight
-// panel for each group's 16 or 32 columns (3x3 convs of ResNeXt-50 32x4d at 0.25-0.6x torch.ao's groupwise kernels).
+// Grouped convs of 8, 16 or 32 channels in and out per group, uint8 input, AVX-512 VNNI: the channels of a vector
+// (8 in a ymm for groups of 8, else 16 in a zmm) lie in one group, so vpdpbusd sums 4 input channels of that group
+// for each of them against the input pixel's dword broadcast from memory: every product a valid one, no shuffles.
+// The GEMM ran a 64-column weight panel for each group's 16 or 32 columns (ResNeXt-50 32x4d's 3x3 convs at 0.25-0.6x
+// torch.ao's groupwise kernels), the depthwise kernel's passes 8 a group at 0.6-0.7x.
 // ---------------------------------------------------------------------------------------------------------------
 
 // Whether the dword kernel takes a conv of groups of cg input and ocg output channels (uint8 input, AVX-512).
-bool dword_groups(int64_t groups, int64_t cg, int64_t ocg) { return groups > 1 && ocg == cg && (cg == 16 || cg == 32); }
+bool dword_groups(int64_t groups, int64_t cg, int64_t ocg) {
+  return groups > 1 && ocg == cg && (cg == 8 || cg == 16 || cg == 32);
+}
 
-// The weight of the dword kernel: [64-channel block][tap][dword d][vector m][lane][4 bytes], the bytes of output
-// channel 64 block + 16 m + lane for input channels 4 d .. 4 d + 3 of its group; zero past the channels.
+// The weight of the dword kernel: [64-channel block][tap][dword d][channel of the block][4 bytes], output channel c's
+// bytes for input channels 4 d .. 4 d + 3 of its group; zero past the channels.
 int64_t dword_weight_bytes(int64_t channels, int64_t cg, int64_t taps) {
   return round_up(channels, kPackAlign) * taps * cg;
 }
@@ -881,19 +884,44 @@ struct DwordSource {
   alignas(64) uint8_t pad[kPackAlign];  // the zero point: what taps outside the input read
 };
 
-// The sums of R consecutive output pixels from (b, oh, ow) on, for the V vectors of 16 channels from c0 on, into tile
+// The vectors of L int32 lanes of the dword kernel.
+template <int L>
+struct DwordOps;
+
+template <>
+struct DwordOps<16> {
+  using V = __m512i;
+  static TQ_TARGET_VNNI V zero() { return _mm512_setzero_si512(); }
+  static TQ_TARGET_VNNI V load(const void* p) { return _mm512_loadu_si512(p); }
+  static TQ_TARGET_VNNI V broadcast(int32_t v) { return _mm512_set1_epi32(v); }
+  static TQ_TARGET_VNNI V dot(V acc, V x, V w) { return _mm512_dpbusd_epi32(acc, x, w); }
+  static TQ_TARGET_VNNI void store(int32_t* p, V v) { _mm512_storeu_si512(p, v); }
+};
+
+template <>
+struct DwordOps<8> {
+  using V = __m256i;
+  static TQ_TARGET_VNNI V zero() { return _mm256_setzero_si256(); }
+  static TQ_TARGET_VNNI V load(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+  static TQ_TARGET_VNNI V broadcast(int32_t v) { return _mm256_set1_epi32(v); }
+  static TQ_TARGET_VNNI V dot(V acc, V x, V w) { return _mm256_dpbusd_epi32(acc, x, w); }
+  static TQ_TARGET_VNNI void store(int32_t* p, V v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
+};
+
+// The sums of R consecutive output pixels from (b, oh, ow) on, for the V vectors of L channels from c0 on, into tile
 // rows kPackAlign apart.
-template <int R, int V>
+template <int L, int R, int V>
 TQ_TARGET_VNNI void dword_group_pixels(const DwordSource& s, int64_t b, int64_t oh, int64_t ow, int64_t c0,
                                        int32_t* tile) {
+  using Op = DwordOps<L>;
   const ConvGeometry& g = s.g;
   const int64_t cg = s.group_channels, dwords = cg / 4, taps = g.kh * g.kw;
   const int8_t* w = s.w + c0 / kPackAlign * taps * dwords * 4 * kPackAlign;
   int64_t group_at[V];  // vector m's group's first channel
-  for (int m = 0; m < V; ++m) group_at[m] = 16 * m / cg * cg;
-  __m512i acc[R][V];
+  for (int m = 0; m < V; ++m) group_at[m] = L * m / cg * cg;
+  typename Op::V acc[R][V];
   for (int r = 0; r < R; ++r)
-    for (int m = 0; m < V; ++m) acc[r][m] = _mm512_setzero_si512();
+    for (int m = 0; m < V; ++m) acc[r][m] = Op::zero();
   for (int64_t i = 0; i < g.kh; ++i) {
     const int64_t ih = oh * g.stride_h - g.pad_h + i * g.dil_h;
     for (int64_t j = 0; j < g.kw; ++j) {
@@ -906,40 +934,45 @@ TQ_TARGET_VNNI void dword_group_pixels(const DwordSource& s, int64_t b, int64_t 
       const int8_t* w_tap = w + (i * g.kw + j) * dwords * 4 * kPackAlign;
       for (int64_t d = 0; d < dwords; ++d)
         for (int m = 0; m < V; ++m) {
-          const __m512i wv = _mm512_loadu_si512(w_tap + (d * 4 + m) * kPackAlign);
+          const auto wv = Op::load(w_tap + d * 4 * kPackAlign + m * L * 4);
           const int64_t at = group_at[m] + 4 * d;
           for (int r = 0; r < R; ++r) {
             int32_t bytes;
             std::memcpy(&bytes, pixel[r] + at, 4);
-            acc[r][m] = _mm512_dpbusd_epi32(acc[r][m], _mm512_set1_epi32(bytes), wv);
+            acc[r][m] = Op::dot(acc[r][m], Op::broadcast(bytes), wv);
           }
         }
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int m = 0; m < V; ++m) _mm512_storeu_si512(tile + r * kPackAlign + 16 * m, acc[r][m]);
+    for (int m = 0; m < V; ++m) Op::store(tile + r * kPackAlign + L * m, acc[r][m]);
 }
 
-constexpr int kDwordPixels = 6;  // pixels per call: 24 accumulators for 64 channels (4: 8-13 % slower)
+// Pixels per call: 24 accumulators for the 64 channels of a block (16-lane vectors: 4 pixels measured 8-13 % slower).
+template <int L>
+constexpr int kDwordPixels = 24 / (kPackAlign / L);
 
-template <int V>
-TQ_TARGET_VNNI void dword_group_segment(const DwordSource& s, int64_t b, int64_t oh, int64_t ow0, int64_t rows,
-                                        int64_t c0, int32_t* tile) {
-  int64_t r = 0;
-  for (; r + kDwordPixels <= rows; r += kDwordPixels)
-    dword_group_pixels<kDwordPixels, V>(s, b, oh, ow0 + r, c0, tile + r * kPackAlign);
-  int32_t* rest = tile + r * kPackAlign;
-  switch (rows - r) {  // the last 1-5 pixels in one call (one at a time reloads each weight vector per pixel)
-    case 5: return dword_group_pixels<5, V>(s, b, oh, ow0 + r, c0, rest);
-    case 4: return dword_group_pixels<4, V>(s, b, oh, ow0 + r, c0, rest);
-    case 3: return dword_group_pixels<3, V>(s, b, oh, ow0 + r, c0, rest);
-    case 2: return dword_group_pixels<2, V>(s, b, oh, ow0 + r, c0, rest);
-    case 1: return dword_group_pixels<1, V>(s, b, oh, ow0 + r, c0, rest);
+// The last n < kDwordPixels pixels in one call (one at a time would load each weight vector per pixel).
+template <int L, int V, int N>
+TQ_TARGET_VNNI void dword_group_rest(const DwordSource& s, int64_t b, int64_t oh, int64_t ow, int64_t n, int64_t c0,
+                                     int32_t* tile) {
+  if constexpr (N > 0) {
+    if (n == N) return dword_group_pixels<L, N, V>(s, b, oh, ow, c0, tile);
+    dword_group_rest<L, V, N - 1>(s, b, oh, ow, n, c0, tile);
   }
 }
 
-// The grouped int8_conv2d of dword_groups: x channels-last uint8 bytes (channels a multiple of 16), w dword_weight's
-// layout, the epilogue as for the GEMM.
+template <int L, int V>
+TQ_TARGET_VNNI void dword_group_segment(const DwordSource& s, int64_t b, int64_t oh, int64_t ow0, int64_t rows,
+                                        int64_t c0, int32_t* tile) {
+  constexpr int R = kDwordPixels<L>;
+  int64_t r = 0;
+  for (; r + R <= rows; r += R) dword_group_pixels<L, R, V>(s, b, oh, ow0 + r, c0, tile + r * kPackAlign);
+  dword_group_rest<L, V, R - 1>(s, b, oh, ow0 + r, rows - r, c0, tile + r * kPackAlign);
+}
+
+// The grouped int8_conv2d of dword_groups: x channels-last uint8 bytes, w dword_weight's layout, the epilogue as for
+// the GEMM.
 void conv_u8s8_dword_groups(const ConvGeometry& g, const uint8_t* x, const int8_t* w, int64_t cg, uint8_t pad_byte,
                             const Epilogue& ep) {
   DwordSource s{x, g, w, cg, {}};
@@ -949,11 +982,23 @@ void conv_u8s8_dword_groups(const ConvGeometry& g, const uint8_t* x, const int8_
   const SegmentWork work{segments, segment_len, 0, g.kh * g.kw * cg};
   for_each_segment(g, work, ep, CpuIsa::Avx512Vnni, [&](int64_t b, int64_t oh, int64_t ow0, int64_t rows, int64_t c0,
                                                        int64_t ncols, int32_t* tile, void*) {
-    switch (ncols / 16) {  // whole vectors: the channels are a multiple of 16
-      case 4: return dword_group_segment<4>(s, b, oh, ow0, rows, c0, tile);
-      case 3: return dword_group_segment<3>(s, b, oh, ow0, rows, c0, tile);
-      case 2: return dword_group_segment<2>(s, b, oh, ow0, rows, c0, tile);
-      default: return dword_group_segment<1>(s, b, oh, ow0, rows, c0, tile);
+    if (cg == 8) {  // whole vectors: the channels are a multiple of the group's
+      switch (ncols / 8) {
+        case 8: return dword_group_segment<8, 8>(s, b, oh, ow0, rows, c0, tile);
+        case 7: return dword_group_segment<8, 7>(s, b, oh, ow0, rows, c0, tile);
+        case 6: return dword_group_segment<8, 6>(s, b, oh, ow0, rows, c0, tile);
+        case 5: return dword_group_segment<8, 5>(s, b, oh, ow0, rows, c0, tile);
+        case 4: return dword_group_segment<8, 4>(s, b, oh, ow0, rows, c0, tile);
+        case 3: return dword_group_segment<8, 3>(s, b, oh, ow0, rows, c0, tile);
+        case 2: return dword_group_segment<8, 2>(s, b, oh, ow0, rows, c0, tile);
+        default: return dword_group_segment<8, 1>(s, b, oh, ow0, rows, c0, tile);
+      }
+    }
+    switch (ncols / 16) {
+      case 4: return dword_group_segment<16, 4>(s, b, oh, ow0, rows, c0, tile);
+      case 3: return dword_group_segment<16, 3>(s, b, oh, ow0, rows, c0, tile);
+      case 2: return dword_group_segment<16, 2>(s, b, oh, ow0, rows, c0, tile);
+      default: return dword_group_segment<16, 1>(s, b, oh, ow0, rows, c0, tile);
     }
   });
 }
@@ -987,11 +1032,9 @@ bool windows_in_place(int64_t ocg, int64_t kh, int64_t run, std::optional<CpuIsa
   return ocg <= 2 * kPackAlign && padding_pays;
 }
 
-// A conv weight [G, N, KH, KW, C] the depthwise kernel takes (a depthwise conv's, or a grouped conv's passes).
-bool depthwise_weight_shape(at::IntArrayRef w) { return w.size() == 5 && depthwise_passes(w[0], w[4], w[1]) > 0; }
-
 // The packed weight's extras of a conv weight w [G, N, KH, KW, C] ([tap][channel], quads and pairs of each pass of
-// the depthwise kernel, padded kernel rows of an ungrouped one that may be read in place), or nullptr without them.
+// the depthwise kernel, then the dword kernel's layout; padded kernel rows of an ungrouped one that may be read in
+// place), or nullptr without them.
 const int8_t* conv_weight_extras(const at::Tensor& w_packed, const PackedWeightLayout& layout) {
   const int64_t panels = layout.groups * layout.group_bytes, extras = conv_weight_extra_bytes(w_packed.sizes());
   const bool present = extras > 0 && w_packed.storage_offset() == 0 &&
@@ -1004,31 +1047,33 @@ const int8_t* conv_weight_extras(const at::Tensor& w_packed, const PackedWeightL
 int64_t conv_weight_extra_bytes(at::IntArrayRef w) {
   if (w.size() != 5) return 0;
   const int64_t groups = w[0], n = w[1], kh = w[2], kw = w[3], run = kw * w[4], padded_run = round_up(run, 4);
-  if (depthwise_weight_shape(w)) return w[4] * depthwise_extra_bytes(groups * n, kh, kw);
-  if (dword_groups(groups, w[4], n)) return dword_weight_bytes(groups * n, n, kh * kw);
+  // the depthwise kernel's passes, then the dword kernel's layout (groups of 8 take either)
+  const int64_t passes = depthwise_passes(groups, w[4], n);
+  const int64_t dword_bytes = dword_groups(groups, w[4], n) ? dword_weight_bytes(groups * n, n, kh * kw) : 0;
+  if (passes > 0 || dword_bytes > 0) return passes * depthwise_extra_bytes(groups * n, kh, kw) + dword_bytes;
   if (groups == 1 && padded_run != run && windows_in_place(n, kh, run, std::nullopt))
     return round_up(n, kPackAlign) * kh * padded_run;
   return 0;
 }
 
 void pack_conv_weight_extras(const at::Tensor& w, const int8_t* panels, int64_t kp, int8_t* dst) {
-  const int64_t groups = w.size(0), n = w.size(1), kh = w.size(2), kw = w.size(3), run = kw * w.size(4);
-  if (dword_groups(groups, w.size(4), n)) {
-    const at::Tensor by_tap = w.reshape({groups * n, kh * kw, n});  // [output channel][tap][input channel]
-    const auto a = by_tap.accessor<int8_t, 3>();
-    return dword_weight(groups * n, n, kh * kw, [&](int64_t c, int64_t t, int64_t i) { return a[c][t][i]; }, dst);
-  }
-  if (!depthwise_weight_shape(w.sizes())) return pad_kernel_rows(panels, n, kp, kh, run, round_up(run, 4), dst);
+  const int64_t groups = w.size(0), n = w.size(1), kh = w.size(2), kw = w.size(3), cg = w.size(4), run = kw * cg;
+  const int64_t passes = depthwise_passes(groups, cg, n), channels = groups * n;
+  const bool dword = dword_groups(groups, cg, n);
+  if (passes == 0 && !dword) return pad_kernel_rows(panels, n, kp, kh, run, round_up(run, 4), dst);
+  const at::Tensor by_tap = w.reshape({channels, kh * kw, cg});  // [output channel][tap][input channel of the group]
+  const auto weight = by_tap.accessor<int8_t, 3>();
   // pass i's taps: tap t of output channel c is its weight of input channel i of the group
-  const int64_t channels = groups * n, passes = w.size(4), pass_bytes = depthwise_extra_bytes(channels, kh, kw);
-  const at::Tensor by_tap = w.reshape({channels, kh * kw, passes});
-  const int8_t* src = by_tap.data_ptr<int8_t>();
+  const int64_t pass_bytes = depthwise_extra_bytes(channels, kh, kw);
   for (int64_t i = 0; i < passes; ++i) {
     int8_t* taps = dst + i * pass_bytes;
     for (int64_t t = 0; t < kh * kw; ++t)
-      for (int64_t c = 0; c < channels; ++c)
-        taps[t * channels + c] = src[c * by_tap.stride(0) + t * by_tap.stride(1) + i * by_tap.stride(2)];
+      for (int64_t c = 0; c < channels; ++c) taps[t * channels + c] = weight[c][t][i];
     depthwise_layouts(channels, kh, kw, taps);
+  }
+  if (dword) {
+    dword_weight(channels, cg, kh * kw, [&](int64_t c, int64_t t, int64_t i) { return weight[c][t][i]; },
+                 dst + passes * pass_bytes);
   }
 }
 
@@ -1104,7 +1149,9 @@ void conv_cpu(const ConvFront& f, const at::Tensor& x_q, int64_t x_zero_point, c
   ep.residual = residual;
   if (dword_grouped) {
     std::vector<int8_t> derived;  // for a weight packed without the layout (as a matrix viewed as the conv weight)
-    if (extras == nullptr) {
+    if (extras != nullptr) {  // after the passes' layouts, if any
+      extras += passes * depthwise_extra_bytes(g.channels, g.kh, g.kw);
+    } else {
       derived.resize(dword_weight_bytes(g.channels, cg, g.kh * g.kw));
       dword_weight(g.channels, cg, g.kh * g.kw, [&](int64_t c, int64_t t, int64_t i) {
         return args.b[c / cg * args.b_group_stride + panel_byte(t * cg + i, c % cg)];
