@@ -107,6 +107,17 @@ class WithGRU(nn.Module):
     def forward(self, x):
         return self.head(self.gru(x)[0][:, -1])
 
+class TiedMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encode = nn.Linear(64, 64)
+        self.decode = nn.Linear(64, 64, bias=False)
+        self.decode.weight = self.encode.weight  # tied, as a language model's embedding and output layer
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.head(self.decode(self.encode(x.flatten(1)).relu()))
+
 class GRUStack(nn.Module):
     def __init__(self):
         super().__init__()
@@ -273,6 +284,31 @@ def test_convert_budget_moves_4bit_layers_to_8_bits(work, tmp_path):
         assert layer["output_sqnr_db"] >= 40
     loaded = torchquant.load(out, DigitsCNN())
     assert [layer.config.weight.bits for layer in quant_layers(loaded)] == [8, 8, 8, 8]
+
+
+def test_convert_weights_saved_with_tied_names_dropped(work, tmp_path):
+    """safetensors.torch.save_model stores tied weights under one of their names: --weights takes such a file, the
+    converted layers holding the file's weights under every name."""
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    sys.path.insert(0, str(work))
+    try:
+        from mymodels import TiedMLP
+    finally:
+        sys.path.remove(str(work))
+    torch.manual_seed(5)
+    trained = TiedMLP()
+    weights = tmp_path / "tied.safetensors"
+    safetensors_torch.save_model(trained, str(weights))
+    assert len(safetensors_torch.load_file(str(weights))) == 4  # one of encode.weight / decode.weight dropped
+    out = tmp_path / "tied-int8.safetensors"
+    run_cli("convert", "mymodels:TiedMLP", "--weights", weights, "--config", "int8-dynamic", "-o", out, "--quiet",
+            "--threads", "1", cwd=work, check_rc=0)
+    loaded = torchquant.load(out, TiedMLP())
+    x = torch.randn(16, 64)
+    with torch.no_grad():
+        sqnr = torchquant.functional.quantization_error(trained(x), loaded(x))["sqnr_db"]
+    assert sqnr > 25  # the file's weights (a fresh TiedMLP's would be unrelated)
+    assert torch.equal(loaded.decode.qweight, loaded.encode.qweight)
 
 
 def test_report_budget_keeps_layers_float(work, tmp_path):

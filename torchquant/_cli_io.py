@@ -17,7 +17,7 @@ from typing import Iterator, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
-from torchquant.io import atomic_write, check_destination
+from torchquant.io import atomic_write, check_destination, tensor_identity
 
 __all__ = ["UsageError", "load_model", "load_inputs", "batches_of", "atomic_output", "check_output", "same_file"]
 
@@ -291,9 +291,24 @@ def _state_dict_from(path: str) -> Mapping[str, torch.Tensor]:
     return state
 
 
+def _with_tied_names(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> dict:
+    """state with each missing name of the model's tied tensors filled from a name of the same tensor it holds (as
+    safetensors.torch.save_model writes tied weights: under one of their names)."""
+    names_of: dict = {}
+    for name, t in own.items():
+        if t.numel():
+            names_of.setdefault(tensor_identity(t), []).append(name)
+    filled = dict(state)
+    for names in names_of.values():
+        present = next((name for name in names if name in state), None)
+        if present is not None:
+            filled.update({name: state[present] for name in names if name not in state})
+    return filled
+
+
 def _load_weights(model: nn.Module, path: str) -> None:
-    state = _state_dict_from(path)
     own = model.state_dict()
+    state = _with_tied_names(_state_dict_from(path), own)
     missing = [k for k in own if k not in state]  # in model order, so the first named is the first layer
     unexpected = [k for k in state if k not in own]
     wrong_shape = [k for k in own if k in state and own[k].shape != state[k].shape]

@@ -196,6 +196,11 @@ def _pipeline_layout(model: nn.Module) -> dict:
             **{rule: info.get(rule, False) for rule in PIPELINE_RULES}}  # (absent: planned before the rule)
 
 
+def tensor_identity(t: torch.Tensor) -> tuple:
+    """What two tensors share when one is the other's values (tied weights): storage, offset, shape, strides, dtype."""
+    return t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype
+
+
 def write_checkpoint(model: nn.Module, path: str) -> None:
     """Writes the checkpoint straight to path (save() does it atomically)."""
     floor_learned_scales(model)  # as the next forward would: load refuses a scale <= 0
@@ -204,7 +209,7 @@ def write_checkpoint(model: nn.Module, path: str) -> None:
         if t.is_meta:  # (every meta tensor's storage is at 0: they would all look tied)
             raise ValueError(f"save: {key} is on the meta device, which holds no values: load or initialise the "
                              f"model's weights before saving it")
-        ptr = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        ptr = tensor_identity(t)
         if t.numel() and ptr in storages:  # a tied tensor: stored once
             aliases[key] = storages[ptr]
             continue
