@@ -138,7 +138,7 @@ def mobilenet(name: str = "mobilenet_v2", *, seed: int = 0) -> nn.Module:
 
 def main(argv=None) -> None:
     resnet.main(argv, prog="python -m benchmarks.mobilenet", architectures=tuple(ARCHITECTURES), build=mobilenet,
-                title="MobileNet int8-static on the CPU", description=__doc__)
+                title="MobileNet int8-static on the CPU", description=__doc__, default_models=tuple(ARCHITECTURES))
 
 
 if __name__ == "__main__":

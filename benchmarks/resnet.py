@@ -1,5 +1,6 @@
 """ResNet-18 and ResNet-50 (torchvision's architecture, written here: torchvision's PyPI wheels are CUDA builds that
-do not import against the CPU torch) int8-static on the CPU: torchquant's integer pipeline (preset int8-pipeline,
+do not import against the CPU torch), and on request ResNeXt-50 32x4d (its 3x3 convs in 32 groups), int8-static on
+the CPU: torchquant's integer pipeline (preset int8-pipeline,
 and the same with 7-bit weights or with 7-bit activations, which the AVX2 kernels multiply as bytes) and its
 layer-by-layer conversion (int8-static) against torch.ao FX graph mode (x86 engine) and the float32 model, at batch 1
 and 8, 224x224, 1 and 2 threads; and the output SQNR of each against float.
@@ -16,7 +17,7 @@ the kernel path's multiply-add instruction measured on this core (torchquant.ben
 Weights are random (torchvision's initialisation) with BatchNorm statistics taken from a few batches of random
 images, so activations have the ranges of a trained network's; calibration uses other random images.
 
-    python -m benchmarks.resnet [--models resnet18 resnet50] [--batches 1 8] [--threads 1 2] [--repeats 5]
+    python -m benchmarks.resnet [--models resnet18 resnet50 resnext50_32x4d] [--batches 1 8] [--threads 1 2] [--repeats 5]
                                 [--timer wall|thread] [--warm] [--layers] [--peak-gmacs G]
                                 [--without-rules RULE ...] [--output benchmarks/results/resnet-cpu.md]
 """
@@ -59,15 +60,19 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
+    """groups, base_width: ResNeXt's (the 3x3 conv in groups of base_width channels per 64 of the stage's)."""
     expansion = 4
 
-    def __init__(self, in_channels: int, channels: int, stride: int = 1, downsample=None):
+    def __init__(self, in_channels: int, channels: int, stride: int = 1, downsample=None, groups: int = 1,
+                 base_width: int = 64):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, channels, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(channels)
-        self.conv2 = nn.Conv2d(channels, channels, 3, stride, 1, bias=False)  # stride on the 3x3 (ResNet v1.5)
-        self.bn2 = nn.BatchNorm2d(channels)
-        self.conv3 = nn.Conv2d(channels, channels * 4, 1, bias=False)
+        width = channels * base_width // 64 * groups
+        self.conv1 = nn.Conv2d(in_channels, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        # stride on the 3x3 (ResNet v1.5)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, groups=groups, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, channels * 4, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(channels * 4)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
@@ -84,8 +89,9 @@ class Bottleneck(nn.Module):
 class ResNet(nn.Module):
     """torchvision.models.ResNet's layout and initialisation (without its options)."""
 
-    def __init__(self, block, layers: Sequence[int], num_classes: int = 1000):
+    def __init__(self, block, layers: Sequence[int], block_options: Optional[dict] = None, num_classes: int = 1000):
         super().__init__()
+        self.block_options = block_options or {}
         self.in_channels = 64
         self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
@@ -106,9 +112,9 @@ class ResNet(nn.Module):
         if stride != 1 or self.in_channels != channels * block.expansion:
             downsample = nn.Sequential(nn.Conv2d(self.in_channels, channels * block.expansion, 1, stride, bias=False),
                                        nn.BatchNorm2d(channels * block.expansion))
-        layers = [block(self.in_channels, channels, stride, downsample)]
+        layers = [block(self.in_channels, channels, stride, downsample, **self.block_options)]
         self.in_channels = channels * block.expansion
-        layers += [block(self.in_channels, channels) for _ in range(1, blocks)]
+        layers += [block(self.in_channels, channels, **self.block_options) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
     def forward(self, x):
@@ -118,7 +124,9 @@ class ResNet(nn.Module):
         return self.fc(x)
 
 
-ARCHITECTURES = {"resnet18": (BasicBlock, (2, 2, 2, 2)), "resnet50": (Bottleneck, (3, 4, 6, 3))}
+ARCHITECTURES = {"resnet18": (BasicBlock, (2, 2, 2, 2)), "resnet50": (Bottleneck, (3, 4, 6, 3)),
+                 "resnext50_32x4d": (Bottleneck, (3, 4, 6, 3), {"groups": 32, "base_width": 4})}
+DEFAULT_MODELS = ("resnet18", "resnet50")
 
 
 def resnet(name: str, *, seed: int = 0) -> ResNet:
@@ -378,10 +386,12 @@ LEGEND = ("ms: wall time (median of interleaved samples) or thread CPU time (min
 
 
 def main(argv=None, prog: str = "python -m benchmarks.resnet", architectures=tuple(ARCHITECTURES), build=resnet,
-         title: str = "ResNet-18 / ResNet-50 int8-static on the CPU", description: str = __doc__) -> None:
-    """The command line of this benchmark, for the given model names built by build(name)."""
+         title: str = "ResNet int8-static on the CPU", description: str = __doc__,
+         default_models: Sequence[str] = DEFAULT_MODELS) -> None:
+    """The command line of this benchmark, for the given model names built by build(name) (default_models unless
+    --models says)."""
     parser = argparse.ArgumentParser(prog=prog, description=description.splitlines()[0])
-    parser.add_argument("--models", nargs="+", choices=list(architectures), default=list(architectures))
+    parser.add_argument("--models", nargs="+", choices=list(architectures), default=list(default_models))
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=5, help="interleaved samples per timing (median)")

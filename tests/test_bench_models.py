@@ -101,6 +101,26 @@ def test_bad_arguments():
             models.main(argv)
 
 
+def test_resnext50_is_torchvisions_and_converts_to_one_integer_pipeline():
+    """benchmarks/resnet.py's ResNeXt-50 32x4d: torchvision's parameter count, 16 3x3 convs in 32 groups of 4 to 32
+    channels, and the int8 pipeline (on a small image) runs every conv on integers, near the float model."""
+    import torchquant
+    from benchmarks.resnet import resnet
+    model = resnet("resnext50_32x4d")
+    assert sum(p.numel() for p in model.parameters()) == 25_028_904
+    grouped = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1]
+    assert len(grouped) == 16 and {m.groups for m in grouped} == {32}
+    assert {m.in_channels // 32 for m in grouped} == {4, 8, 16, 32}
+    calibration = [torch.randn(2, 3, 64, 64)]
+    quantized = torchquant.quantize_model(model, "int8-pipeline", calibration=calibration, inplace=False)
+    convs = [m for m in quantized.modules() if isinstance(m, torchquant.nn.QuantConv2d)]
+    assert len(convs) == 53 and all(m.converted for m in convs)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        sqnr = torchquant.functional.quantization_error(model(x), quantized(x))["sqnr_db"]
+    assert sqnr > 6  # random weights, a 64x64 image, 2 calibration images: ~8.4 dB, as layer by layer
+
+
 @pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v2_hardswish"])
 def test_mobilenet_v2_converts_to_one_integer_pipeline(name):
     """benchmarks/mobilenet.py's MobileNetV2 (on a small image): torchvision's layer counts, 17 depthwise convs, and

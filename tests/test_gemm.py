@@ -648,8 +648,8 @@ def test_int8_conv2d_depthwise_channels(isa, packing, channels, batch, size, str
 # derive them). Channel counts around the 16-byte lanes and the 32- and 64-channel blocks (a last block of 1 to 7
 # vectors).
 @pytest.mark.parametrize("packing", ["conv", "matrix"])
-@pytest.mark.parametrize("per_group,groups", [(2, 9), (4, 4), (4, 17), (8, 2), (8, 9), (4, 48), (16, 2), (16, 5),
-                                              (16, 7), (32, 2), (32, 3)])
+@pytest.mark.parametrize("per_group,groups", [(2, 9), (4, 4), (4, 17), (8, 2), (8, 3), (8, 5), (8, 7), (8, 9), (4, 48),
+                                              (16, 2), (16, 5), (16, 7), (32, 2), (32, 3)])
 @pytest.mark.parametrize("batch,size,stride,padding", [(1, 5, 1, 1), (3, 9, 2, 1), (2, 7, 2, 0)])
 @pytest.mark.parametrize("x_dtype,x_zp", [(torch.uint8, 77), (torch.int8, -5)])
 def test_int8_conv2d_grouped_passes(isa, packing, per_group, groups, batch, size, stride, padding, x_dtype, x_zp):

@@ -853,8 +853,9 @@ void conv_u8s8_depthwise(const ConvGeometry& g, const uint8_t* x, const Depthwis
 // torch.ao's groupwise kernels), the depthwise kernel's passes 8 a group at 0.6-0.7x.
 // ---------------------------------------------------------------------------------------------------------------
 
-// Whether the dword kernel takes a conv of groups of cg input and ocg output channels (uint8 input, AVX-512).
-bool dword_groups(int64_t groups, int64_t cg, int64_t ocg) {
+// Whether the dword kernel takes a conv of groups of cg input and ocg output channels (where it runs: a uint8 input
+// on AVX-512).
+bool dword_kernel_takes(int64_t groups, int64_t cg, int64_t ocg) {
   return groups > 1 && ocg == cg && (cg == 8 || cg == 16 || cg == 32);
 }
 
@@ -971,7 +972,7 @@ TQ_TARGET_VNNI void dword_group_segment(const DwordSource& s, int64_t b, int64_t
   dword_group_rest<L, V, R - 1>(s, b, oh, ow0 + r, rows - r, c0, tile + r * kPackAlign);
 }
 
-// The grouped int8_conv2d of dword_groups: x channels-last uint8 bytes, w dword_weight's layout, the epilogue as for
+// The grouped int8_conv2d of dword_kernel_takes: x channels-last uint8 bytes, w dword_weight's layout, the epilogue as for
 // the GEMM.
 void conv_u8s8_dword_groups(const ConvGeometry& g, const uint8_t* x, const int8_t* w, int64_t cg, uint8_t pad_byte,
                             const Epilogue& ep) {
@@ -1049,7 +1050,7 @@ int64_t conv_weight_extra_bytes(at::IntArrayRef w) {
   const int64_t groups = w[0], n = w[1], kh = w[2], kw = w[3], run = kw * w[4], padded_run = round_up(run, 4);
   // the depthwise kernel's passes, then the dword kernel's layout (groups of 8 take either)
   const int64_t passes = depthwise_passes(groups, w[4], n);
-  const int64_t dword_bytes = dword_groups(groups, w[4], n) ? dword_weight_bytes(groups * n, n, kh * kw) : 0;
+  const int64_t dword_bytes = dword_kernel_takes(groups, w[4], n) ? dword_weight_bytes(groups * n, n, kh * kw) : 0;
   if (passes > 0 || dword_bytes > 0) return passes * depthwise_extra_bytes(groups * n, kh, kw) + dword_bytes;
   if (groups == 1 && padded_run != run && windows_in_place(n, kh, run, std::nullopt))
     return round_up(n, kPackAlign) * kh * padded_run;
@@ -1059,7 +1060,7 @@ int64_t conv_weight_extra_bytes(at::IntArrayRef w) {
 void pack_conv_weight_extras(const at::Tensor& w, const int8_t* panels, int64_t kp, int8_t* dst) {
   const int64_t groups = w.size(0), n = w.size(1), kh = w.size(2), kw = w.size(3), cg = w.size(4), run = kw * cg;
   const int64_t passes = depthwise_passes(groups, cg, n), channels = groups * n;
-  const bool dword = dword_groups(groups, cg, n);
+  const bool dword = dword_kernel_takes(groups, cg, n);
   if (passes == 0 && !dword) return pad_kernel_rows(panels, n, kp, kh, run, round_up(run, 4), dst);
   const at::Tensor by_tap = w.reshape({channels, kh * kw, cg});  // [output channel][tap][input channel of the group]
   const auto weight = by_tap.accessor<int8_t, 3>();
@@ -1098,11 +1099,13 @@ void conv_cpu(const ConvFront& f, const at::Tensor& x_q, int64_t x_zero_point, c
   // read padded to one, against zero weights, where that adds at most a quarter of the multiplies (a ResNet stem's
   // 21-byte rows as 24: im2col had been a quarter of its time).
   const int64_t run = g.kw * cg, padded_run = round_up(run, 4);
-  const int64_t passes = depthwise_passes(groups, cg, ocg);
-  const bool depthwise = passes > 0;
   bool amx = false;
   const CpuIsa isa = cpu_isa(&amx);
-  const bool dword_grouped = isa == CpuIsa::Avx512Vnni && flip == 0 && dword_groups(groups, cg, ocg);
+  // grouped convs of as many channels in as out per group: the dword kernel (groups of 8 to 32), else the depthwise
+  // kernel's passes (groups of 2 to 8) where they take them
+  const bool dword_grouped = isa == CpuIsa::Avx512Vnni && flip == 0 && dword_kernel_takes(groups, cg, ocg);
+  const int64_t passes = depthwise_passes(groups, cg, ocg);
+  const bool depthwise = passes > 0 && !dword_grouped;
   // uint8 windows of whole 4-byte steps per tap and full weight panels on AVX-512: the direct conv, which reads
   // every tap in place (no im2col rows at all) and, when the zero point is 0, skips the taps in the padding. With
   // AMX the GEMM on im2col rows multiplies on tiles, which outruns both vector kernels that read windows in place.
@@ -1110,8 +1113,8 @@ void conv_cpu(const ConvFront& f, const at::Tensor& x_q, int64_t x_zero_point, c
                       cg % 4 == 0 && ocg % kPackAlign == 0 && g.kh * g.kw <= kMaxDirectTaps;
   const bool in_place = !direct && !amx && !depthwise && !pointwise && flip == 0 && groups == 1 && g.dil_w == 1 &&
                         windows_in_place(ocg, g.kh, run, isa);
-  const bool amx_windows = amx && !depthwise && !pointwise && flip == 0 && amx_pads_windows(g);
-  const bool amx_blocks = amx && !depthwise && !amx_windows && flip == 0 && amx_takes_blocks(g);
+  const bool amx_windows = amx && !depthwise && !dword_grouped && !pointwise && flip == 0 && amx_pads_windows(g);
+  const bool amx_blocks = amx && !depthwise && !dword_grouped && !amx_windows && flip == 0 && amx_takes_blocks(g);
   const int64_t run_stride = in_place ? padded_run : run;
   const Im2colSource im2col{x_bytes, g, static_cast<uint8_t>(static_cast<uint8_t>(x_zero_point) ^ flip), flip,
                             run_stride, round_up(g.kh * run_stride, 4)};
