@@ -57,6 +57,33 @@ def test_dynamic_shapes_compile_once():
     assert not any("quantize_per_token" in t for t in targets), targets
 
 
+def test_compiled_qat_with_a_folded_batchnorm_compiles_once():
+    # a training step of a prepared model whose BatchNorm folds into the conv: the layer counts its steps in a
+    # tensor (a Python int was a value dynamo guards on: the step compiled again each time, past the recompile
+    # limit); the compiled steps train the same parameters as eager ones
+    def model():
+        torch.manual_seed(0)
+        return tq.prepare(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                                        nn.Linear(8 * 6 * 6, 4)), "int8-dynamic").train()
+
+    torch.manual_seed(1)
+    batches = [(torch.randn(4, 3, 6, 6), torch.randint(0, 4, (4,))) for _ in range(5)]
+    torch._dynamo.reset()
+    eager, compiled = model(), model()
+    step = torch.compile(compiled, backend="aot_eager")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for module, forward in ((eager, eager), (compiled, step)):
+            optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+            for x, y in batches:
+                optimizer.zero_grad()
+                nn.functional.cross_entropy(forward(x), y).backward()
+                optimizer.step()
+    assert eager[0].bn_steps == compiled[0].bn_steps == 5
+    for want, got in zip(eager.parameters(), compiled.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(compiled[0].bn.running_var, eager[0].bn.running_var)
+
+
 def test_compiled_converted_model_follows_autocast():
     # under torch.autocast (entered around the compiled model or inside the compiled function) the converted layers'
     # float outputs take autocast's dtype in the traced graph as in eager

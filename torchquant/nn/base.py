@@ -130,7 +130,6 @@ class QuantLayerBase(nn.Module):
         self.bn = None  # the folded BatchNorm (attach_bn)
         self.folded_bn = None  # its name in the model, for reports and checkpoints
         self.bn_frozen = False
-        self.bn_steps = 0  # training steps with batch statistics since the BatchNorm was attached
         # in an integer pipeline (torchquant.graph) the input arrives quantized by the pipeline's quantizer of that
         # tensor, which input_quantizer then references without owning
         self.graph_input = False
@@ -193,6 +192,20 @@ class QuantLayerBase(nn.Module):
         # referenced, not registered: the module at the BatchNorm's place owns (saves, moves) its tensors
         self.__dict__["bn"] = bn
         self.folded_bn = name
+        # training steps with batch statistics since: a tensor counted in the graph (a Python int is a value
+        # torch.compile guards on, and compiled the training step again at every step); checkpoints record it
+        self.register_buffer("bn_step_count", torch.zeros((), dtype=torch.int64, device=self.weight.device),
+                             persistent=False)
+
+    @property
+    def bn_steps(self) -> int:
+        """Training steps with batch statistics since the BatchNorm was attached (0 without one)."""
+        count = self._buffers.get("bn_step_count")
+        return 0 if count is None else int(count)
+
+    @bn_steps.setter
+    def bn_steps(self, steps: int) -> None:
+        self.bn_step_count.fill_(steps)
 
     def freeze_bn_stats(self) -> None:
         """From now on the folded BatchNorm's running statistics are fixed and used in training too."""
@@ -201,7 +214,7 @@ class QuantLayerBase(nn.Module):
     def _bn_uses_batch_stats(self) -> bool:
         after = self.config.freeze_bn_after
         # the BatchNorm's own mode, as in the float model (a BatchNorm set to eval() alone fine-tunes on its
-        # running statistics)
+        # running statistics); the step count is read only with a limit (compiled, a graph break)
         return self.bn.training and not self.bn_frozen and (after is None or self.bn_steps < after)
 
     def _batch_folded_weight_bias(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,7 +230,7 @@ class QuantLayerBase(nn.Module):
             raise ValueError(f"{type(self).__name__}: the folded BatchNorm needs more than one value per channel "
                              f"in training, got an output of shape {list(y.shape)}")
         var, mean = torch.var_mean(y.float(), dim=dims, correction=0)
-        self.bn_steps += 1
+        self.bn_step_count.add_(1)
         with torch.no_grad():
             bn.num_batches_tracked.add_(1)
             momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
@@ -424,6 +437,7 @@ class QuantLayerBase(nn.Module):
         del self.weight
         self.bias = bias
         self.bn = None  # folded into the stored weight and bias
+        self._buffers.pop("bn_step_count", None)
         self.register_buffer("qweight", state["qweight"])
         self.register_buffer("weight_scale", state["weight_scale"])
         self.converted = True
