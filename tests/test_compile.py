@@ -57,6 +57,30 @@ def test_dynamic_shapes_compile_once():
     assert not any("quantize_per_token" in t for t in targets), targets
 
 
+def test_compiled_dynamic_conv_reads_a_channels_last_input_in_place():
+    # an int8-dynamic conv's per-tensor scale of a channels-last input: its values as one row in memory order, a view
+    # (reshaped as they are, a copy of the activation per conv, which made the compiled CNN slower than eager)
+    torch.manual_seed(0)
+    model = tq.quantize_model(nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
+                                            nn.Conv2d(16, 16, 3, padding=1)).eval(), "int8-dynamic")
+    torch._dynamo.reset()
+    graphs = []
+
+    def keep_graph(gm, example_inputs):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    compiled = torch.compile(model, backend=aot_autograd(fw_compiler=keep_graph))
+    x = torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=0, atol=0)
+    scales = [n for n in graphs[0].graph.nodes if n.target == torch.ops.torchquant.quantize_per_token.default]
+    assert len(scales) == 2
+    for node in scales:
+        row = node.args[0]
+        assert row.target == torch.ops.aten.view.default and row.args[0].target == torch.ops.aten.permute.default
+
+
 def test_compiled_qat_with_a_folded_batchnorm_compiles_once():
     # a training step of a prepared model whose BatchNorm folds into the conv: the layer counts its steps in a
     # tensor (a Python int was a value dynamo guards on: the step compiled again each time, past the recompile
