@@ -750,20 +750,38 @@ void depthwise_layouts(int64_t channels, int64_t kh, int64_t kw, int8_t* w) {
   weight_pairs(channels, kh, kw, w, quads + weight_quads_bytes(channels, kh, kw));
 }
 
+// The layouts of `passes` passes at dst (depthwise_extra_bytes each) from weight(c, t, i): output channel c's weight
+// of input channel i of its group at tap t (pass i's taps).
+template <class Weight>
+void depthwise_pass_layouts(int64_t channels, int64_t kh, int64_t kw, int64_t passes, const Weight& weight,
+                            int8_t* dst) {
+  for (int64_t i = 0; i < passes; ++i) {
+    int8_t* taps = dst + i * depthwise_extra_bytes(channels, kh, kw);
+    for (int64_t t = 0; t < kh * kw; ++t)
+      for (int64_t c = 0; c < channels; ++c) taps[t * channels + c] = weight(c, t, i);
+    depthwise_layouts(channels, kh, kw, taps);
+  }
+}
+
+// A grouped conv weight of cg input channels per group read from its GEMM panels (a weight packed without the
+// kernels' layouts, as a matrix viewed as the conv weight): (c, t, i) is k = t * cg + i of group c / cg's column
+// c % cg.
+struct PanelWeight {
+  const int8_t* w_packed;
+  int64_t group_bytes, cg;
+  int8_t operator()(int64_t c, int64_t t, int64_t i) const {
+    return w_packed[c / cg * group_bytes + panel_byte(t * cg + i, c % cg)];
+  }
+};
+
 // The weight of `passes` passes. extras: the packed weight's (conv_weight_extras), or nullptr.
 DepthwiseWeight depthwise_weight(const ConvGeometry& g, int64_t passes, const int8_t* w_packed, int64_t group_bytes,
                                  const int8_t* extras) {
   DepthwiseWeight w{extras, passes, {}};
-  if (extras == nullptr) {  // tap t of pass i is the GEMM's k = t * passes + i, in its group's column c % passes
-    const int64_t pass_bytes = depthwise_extra_bytes(g.channels, g.kh, g.kw);
-    w.derived.resize(passes * pass_bytes);
-    for (int64_t i = 0; i < passes; ++i) {
-      int8_t* taps = w.derived.data() + i * pass_bytes;
-      for (int64_t t = 0; t < g.kh * g.kw; ++t)
-        for (int64_t c = 0; c < g.channels; ++c)
-          taps[t * g.channels + c] = w_packed[c / passes * group_bytes + panel_byte(t * passes + i, c % passes)];
-      depthwise_layouts(g.channels, g.kh, g.kw, taps);
-    }
+  if (extras == nullptr) {
+    w.derived.resize(passes * depthwise_extra_bytes(g.channels, g.kh, g.kw));
+    depthwise_pass_layouts(g.channels, g.kh, g.kw, passes, PanelWeight{w_packed, group_bytes, passes},
+                           w.derived.data());
     w.layouts = w.derived.data();
   }
   return w;
@@ -1063,19 +1081,10 @@ void pack_conv_weight_extras(const at::Tensor& w, const int8_t* panels, int64_t 
   const bool dword = dword_kernel_takes(groups, cg, n);
   if (passes == 0 && !dword) return pad_kernel_rows(panels, n, kp, kh, run, round_up(run, 4), dst);
   const at::Tensor by_tap = w.reshape({channels, kh * kw, cg});  // [output channel][tap][input channel of the group]
-  const auto weight = by_tap.accessor<int8_t, 3>();
-  // pass i's taps: tap t of output channel c is its weight of input channel i of the group
-  const int64_t pass_bytes = depthwise_extra_bytes(channels, kh, kw);
-  for (int64_t i = 0; i < passes; ++i) {
-    int8_t* taps = dst + i * pass_bytes;
-    for (int64_t t = 0; t < kh * kw; ++t)
-      for (int64_t c = 0; c < channels; ++c) taps[t * channels + c] = weight[c][t][i];
-    depthwise_layouts(channels, kh, kw, taps);
-  }
-  if (dword) {
-    dword_weight(channels, cg, kh * kw, [&](int64_t c, int64_t t, int64_t i) { return weight[c][t][i]; },
-                 dst + passes * pass_bytes);
-  }
+  const auto accessor = by_tap.accessor<int8_t, 3>();
+  const auto weight = [&](int64_t c, int64_t t, int64_t i) { return accessor[c][t][i]; };
+  depthwise_pass_layouts(channels, kh, kw, passes, weight, dst);
+  if (dword) dword_weight(channels, cg, kh * kw, weight, dst + passes * depthwise_extra_bytes(channels, kh, kw));
 }
 
 namespace {
@@ -1156,9 +1165,7 @@ void conv_cpu(const ConvFront& f, const at::Tensor& x_q, int64_t x_zero_point, c
       extras += passes * depthwise_extra_bytes(g.channels, g.kh, g.kw);
     } else {
       derived.resize(dword_weight_bytes(g.channels, cg, g.kh * g.kw));
-      dword_weight(g.channels, cg, g.kh * g.kw, [&](int64_t c, int64_t t, int64_t i) {
-        return args.b[c / cg * args.b_group_stride + panel_byte(t * cg + i, c % cg)];
-      }, derived.data());
+      dword_weight(g.channels, cg, g.kh * g.kw, PanelWeight{args.b, args.b_group_stride, cg}, derived.data());
       extras = derived.data();
     }
     conv_u8s8_dword_groups(g, x_bytes, extras, cg, im2col.pad_byte, ep);
