@@ -990,8 +990,8 @@ TQ_TARGET_VNNI void dword_group_segment(const DwordSource& s, int64_t b, int64_t
   dword_group_rest<L, V, R - 1>(s, b, oh, ow0 + r, rows - r, c0, tile + r * kPackAlign);
 }
 
-// The grouped int8_conv2d of dword_kernel_takes: x channels-last uint8 bytes, w dword_weight's layout, the epilogue as for
-// the GEMM.
+// The grouped int8_conv2d of dword_kernel_takes: x channels-last uint8 bytes, w dword_weight's layout, the epilogue
+// as for the GEMM.
 void conv_u8s8_dword_groups(const ConvGeometry& g, const uint8_t* x, const int8_t* w, int64_t cg, uint8_t pad_byte,
                             const Epilogue& ep) {
   DwordSource s{x, g, w, cg, {}};
