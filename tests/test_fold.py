@@ -14,6 +14,7 @@ import torchquant as tq
 from torchquant import QuantConfig, QuantSpec
 from torchquant.fold import FoldedBatchNorm1d, FoldedBatchNorm2d, find_bn_pairs, fold_running
 from torchquant.nn import QuantConv2d, QuantLinear
+from torchquant.nn.base import QuantLayerBase
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
@@ -385,6 +386,40 @@ def test_freeze_bn_stats_by_call_and_after_steps():
     x = _inputs(4)
     with torch.no_grad():
         torch.testing.assert_close(model.train()(x), model.eval()(x))
+
+
+def test_state_dict_resumes_the_batchnorm_training_state():
+    # a run resumed from a state_dict goes on where it stopped: frozen after 3 steps, not 3 steps after the resume
+    config = dataclasses.replace(QuantConfig.preset("int8-static"), freeze_bn_after=3)
+    model = tq.prepare(ConvBnNet(), config)
+    _train_steps(model, 2)
+    tq.freeze_bn_stats(model.fc)
+    state = model.state_dict()
+    assert state["conv.bn_step_count"].item() == 2 and state["conv.bn_frozen"].item() is False
+    assert state["fc.bn_frozen"].item() is True and state["fc.bn_step_count"].dtype == torch.int64
+    resumed = tq.prepare(ConvBnNet(seed=4), config)
+    resumed.load_state_dict(state)  # strict
+    assert (resumed.conv.bn_steps, resumed.conv.bn_frozen, resumed.fc.bn_frozen) == (2, False, True)
+    for run in (model, resumed):
+        _train_steps(run, 3, seed=2)
+    assert int(resumed.conv.bn.num_batches_tracked) == 3 and resumed.conv.bn_steps == 3
+    for a, b in zip(model.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+    # a state_dict without them (a float model's, or one written before) leaves the layers' state
+    older = {k: v for k, v in state.items() if not k.endswith(QuantLayerBase.BN_STATE_KEYS)}
+    resumed.load_state_dict(older)
+    assert (resumed.conv.bn_steps, resumed.fc.bn_frozen) == (3, True)
+    # into a layer without a folded BatchNorm they are unexpected; bad values are refused
+    unfolded = tq.prepare(ConvBnNet(), dataclasses.replace(config, fold_bn=False))
+    with pytest.raises(RuntimeError, match=r"Unexpected key\(s\).*conv\.bn_step_count"):
+        unfolded.load_state_dict(state)
+    for key, value, message in (("conv.bn_step_count", torch.tensor(-1), "non-negative integer"),
+                                ("conv.bn_step_count", torch.tensor(2.0), "non-negative integer"),
+                                ("conv.bn_frozen", torch.tensor(1), "bool tensor")):
+        with pytest.raises(RuntimeError, match=message):
+            resumed.load_state_dict({**state, key: value})
+    # converted: the state goes with the BatchNorm
+    assert not any(k.endswith(QuantLayerBase.BN_STATE_KEYS) for k in tq.convert(resumed).state_dict())
 
 
 def test_batch_statistics_need_more_than_one_value_per_channel():

@@ -201,11 +201,22 @@ def tensor_identity(t: torch.Tensor) -> tuple:
     return t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype
 
 
+def _file_tensors(model: nn.Module) -> dict:
+    """model.state_dict() less what the file's layer layout records instead: the folded BatchNorms' training state
+    (bn_training; files of earlier versions have no such tensors)."""
+    state = model.state_dict()
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, QuantLayerBase) and module.bn is not None:
+            for key in QuantLayerBase.BN_STATE_KEYS:
+                state.pop(f"{name}.{key}" if name else key, None)
+    return state
+
+
 def write_checkpoint(model: nn.Module, path: str) -> None:
     """Writes the checkpoint straight to path (save() does it atomically)."""
     floor_learned_scales(model)  # as the next forward would: load refuses a scale <= 0
     tensors, aliases, storages = {}, {}, {}
-    for key, t in model.state_dict().items():
+    for key, t in _file_tensors(model).items():
         if t.is_meta:  # (every meta tensor's storage is at 0: they would all look tied)
             raise ValueError(f"save: {key} is on the meta device, which holds no values: load or initialise the "
                              f"model's weights before saving it")
@@ -444,7 +455,7 @@ def _dtype(t: torch.Tensor) -> str:
 def _check_tensors(path: str, model: nn.Module, tensors: dict) -> None:
     """Every tensor the model holds is in the file with exactly its dtype and shape (nothing is cast), nothing
     else is, and the values a layer's format bounds are in range."""
-    expected = model.state_dict()
+    expected = _file_tensors(model)
     missing = [k for k in expected if k not in tensors]
     unexpected = sorted(k for k in tensors if k not in expected)
     if missing or unexpected:
@@ -821,7 +832,7 @@ def _load_pipeline(path: str, model: nn.Module, meta: dict, tensors: dict) -> nn
             if pipeline["converted"]:
                 converted_skeleton(planned)
             fitting = planned if fitting is None else fitting
-            if planned.state_dict().keys() == tensors.keys():
+            if _file_tensors(planned).keys() == tensors.keys():
                 fitting = planned
                 break
         built = first if fitting is None else fitting

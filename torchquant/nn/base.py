@@ -197,6 +197,41 @@ class QuantLayerBase(nn.Module):
         self.register_buffer("bn_step_count", torch.zeros((), dtype=torch.int64, device=self.weight.device),
                              persistent=False)
 
+    # The folded BatchNorm's training state is in the layer's state_dict (bn_step_count, bn_frozen: a training run
+    # resumed from a state_dict goes on where it stopped) and optional when one loads: a float model's checkpoint,
+    # or one written before, leaves the layer's state as it is.
+    BN_STATE_KEYS = ("bn_step_count", "bn_frozen")
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.bn is not None:
+            count = self.bn_step_count
+            destination[prefix + "bn_step_count"] = count if keep_vars else count.detach()
+            destination[prefix + "bn_frozen"] = torch.tensor(self.bn_frozen, device=count.device)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if self.bn is None:  # (a layer without a folded BatchNorm: the keys stay unexpected)
+            return
+        for key in self.BN_STATE_KEYS:
+            if prefix + key in unexpected_keys:
+                unexpected_keys.remove(prefix + key)
+        steps, frozen = (state_dict.get(prefix + key) for key in self.BN_STATE_KEYS)
+        if steps is not None:
+            if (not isinstance(steps, torch.Tensor) or steps.numel() != 1 or steps.is_floating_point()
+                    or steps.is_complex() or steps.dtype == torch.bool or int(steps) < 0):
+                error_msgs.append(f"{prefix}bn_step_count must be a non-negative integer tensor of one element, got "
+                                  f"{steps!r}")
+            else:
+                self.bn_steps = int(steps)
+        if frozen is not None:
+            if not isinstance(frozen, torch.Tensor) or frozen.numel() != 1 or frozen.dtype != torch.bool:
+                error_msgs.append(f"{prefix}bn_frozen must be a bool tensor of one element, got {frozen!r}")
+            else:
+                self.bn_frozen = bool(frozen)
+
     @property
     def bn_steps(self) -> int:
         """Training steps with batch statistics since the BatchNorm was attached (0 without one)."""
