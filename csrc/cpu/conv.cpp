@@ -1022,6 +1022,156 @@ void conv_u8s8_dword_groups(const ConvGeometry& g, const uint8_t* x, const int8_
   });
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// Grouped convs of 4, 8, 16 or 32 channels in and out per group on AVX2, which has no byte dot product that cannot
+// saturate: a work item first widens the input columns its windows read (every kernel row, its 64 channels) to
+// int16; vpmaddwd then multiplies a pixel's 4 input channels of a group (one 64-bit broadcast) by 4 output channels'
+// weights for them (16 bytes of the dword kernel's layout, sign-extended), each output channel's two lanes added as
+// the tile is written; 6 pixels x 8 output channels per call. The GEMM's 64-column panel for each group, or the
+// depthwise kernel's passes, had run ResNeXt-50 32x4d's grouped convs at 0.36-0.72x torch.ao's groupwise kernels.
+// ---------------------------------------------------------------------------------------------------------------
+
+constexpr int64_t kPairGroupColumns = 64;  // input columns a work item widens where the geometry allows (L1-sized)
+constexpr int kPairGroupPixels = 6;        // 12 accumulators, 2 weight vectors and a broadcast: 15 of 16 registers
+
+// Whether the AVX2 pair kernel takes a conv of groups of cg input and ocg output channels: the dword kernel's, and
+// groups of 4 (two groups' broadcasts for the 8 output channels of a call; their layout is made per call).
+bool pair_kernel_takes(int64_t groups, int64_t cg, int64_t ocg) {
+  return dword_kernel_takes(groups, cg, ocg) || (groups > 1 && ocg == cg && cg == 4);
+}
+
+struct PairGroupSource {
+  const uint8_t* x;  // channels-last input bytes (int8 ones read as uint8, flip applied as they are widened)
+  ConvGeometry g;
+  const int8_t* w;   // dword_weight's layout
+  int64_t group_channels;
+  int64_t columns;   // widened columns of each kernel row
+  uint8_t flip, pad_byte;
+};
+
+// The input columns from iw_first on that each kernel row of output row oh reads, the ncols channels from c0 (a
+// multiple of 4) widened, at rows[(i * s.columns + column) * kDepthwiseChannels]; the padding byte outside the input.
+TQ_TARGET_AVX2 void widen_window_rows(const PairGroupSource& s, int64_t b, int64_t oh, int64_t iw_first, int64_t c0,
+                                      int64_t ncols, int16_t* rows) {
+  const ConvGeometry& g = s.g;
+  const __m256i pad = _mm256_set1_epi16(s.pad_byte);
+  const __m128i flip = _mm_set1_epi8(static_cast<char>(s.flip));
+  // columns [lo, hi) lie inside the input
+  const int64_t lo = std::clamp<int64_t>(-iw_first, 0, s.columns);
+  const int64_t hi = std::clamp<int64_t>(g.width - iw_first, lo, s.columns);
+  for (int64_t i = 0; i < g.kh; ++i) {
+    const int64_t ih = oh * g.stride_h - g.pad_h + i * g.dil_h;
+    const bool row_inside = ih >= 0 && ih < g.height;
+    const uint8_t* src = s.x + ((b * g.height + ih) * g.width + iw_first) * g.channels + c0;
+    for (int64_t p = 0; p < s.columns; ++p) {
+      int16_t* out = rows + (i * s.columns + p) * kDepthwiseChannels;
+      if (!row_inside || p < lo || p >= hi) {
+        for (int64_t v = 0; v < ncols; v += 16) _mm256_store_si256(reinterpret_cast<__m256i*>(out + v), pad);
+        continue;
+      }
+      const uint8_t* pixel = src + p * g.channels;
+      int64_t v = 0;
+      for (; v + 16 <= ncols; v += 16) {
+        const __m128i bytes = _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pixel + v)), flip);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(out + v), _mm256_cvtepu8_epi16(bytes));
+      }
+      for (; v < ncols; v += 8) {  // 8 or 4 channels left (the values past them meet zero weights)
+        __m128i bytes;
+        if (ncols - v >= 8) {
+          bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(pixel + v));
+        } else {
+          int32_t four;
+          std::memcpy(&four, pixel + v, sizeof(four));
+          bytes = _mm_cvtsi32_si128(four);
+        }
+        _mm_store_si128(reinterpret_cast<__m128i*>(out + v), _mm_cvtepu8_epi16(_mm_xor_si128(bytes, flip)));
+      }
+    }
+  }
+}
+
+// The sums of R output pixels (the work item's pixels first.. of its widened rows) for the 8 output channels c..c+7
+// of its channel block (one group's of QUADS x 4 channels), from the block's weight w_block; into tile rows kPackAlign
+// apart.
+template <int QUADS, int R>
+TQ_TARGET_AVX2 void pair_group_pixels(const PairGroupSource& s, const int16_t* rows, int64_t first, int64_t c,
+                                      const int8_t* w_block, int32_t* tile) {
+  const ConvGeometry& g = s.g;
+  constexpr int64_t quads = QUADS;
+  // the first input channel of the group of channels c.. and of c + 4.. (the next group in groups of 4)
+  const int64_t group_at = c / (4 * QUADS) * (4 * QUADS), next_at = QUADS == 1 ? c + 4 : group_at;
+  __m256i acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+  for (int64_t i = 0; i < g.kh; ++i)
+    for (int64_t j = 0; j < g.kw; ++j) {
+      const int16_t* column = rows + (i * s.columns + first * g.stride_w + j * g.dil_w) * kDepthwiseChannels;
+      const int8_t* w_tap = w_block + (i * g.kw + j) * quads * 4 * kPackAlign + c * 4;
+      for (int64_t d = 0; d < quads; ++d) {
+        const int8_t* w_quad = w_tap + d * 4 * kPackAlign;
+        const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w_quad)));
+        const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w_quad + 16)));
+        for (int r = 0; r < R; ++r) {
+          const int16_t* pixel = column + r * g.stride_w * kDepthwiseChannels + 4 * d;
+          int64_t values;  // the pixel's input channels 4 d .. 4 d + 3 of the group
+          std::memcpy(&values, pixel + group_at, sizeof(values));
+          const __m256i xv = _mm256_set1_epi64x(values);
+          acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(xv, w0));
+          if (QUADS == 1) std::memcpy(&values, pixel + next_at, sizeof(values));
+          acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(QUADS == 1 ? _mm256_set1_epi64x(values) : xv, w1));
+        }
+      }
+    }
+  for (int r = 0; r < R; ++r) store_column_sums_avx2(acc[r][0], acc[r][1], tile + r * kPackAlign + c, true);
+}
+
+// n <= N pixels in one call.
+template <int QUADS, int N>
+TQ_TARGET_AVX2 void pair_group_call(const PairGroupSource& s, const int16_t* rows, int64_t first, int64_t n, int64_t c,
+                                    const int8_t* w_block, int32_t* tile) {
+  if constexpr (N > 0) {
+    if (n == N) return pair_group_pixels<QUADS, N>(s, rows, first, c, w_block, tile);
+    pair_group_call<QUADS, N - 1>(s, rows, first, n, c, w_block, tile);
+  }
+}
+
+// The n pixels of a work item for its ncols channels, kPairGroupPixels a call and the rest in one (7 pixels as 6 and
+// 1 measured faster than as 4 and 3).
+template <int QUADS>
+TQ_TARGET_AVX2 void pair_group_segment(const PairGroupSource& s, const int16_t* rows, int64_t n, int64_t ncols,
+                                       const int8_t* w_block, int32_t* tile) {
+  for (int64_t c = 0; c < ncols; c += 8) {
+    int64_t r = 0;
+    for (; r + kPairGroupPixels <= n; r += kPairGroupPixels)
+      pair_group_pixels<QUADS, kPairGroupPixels>(s, rows, r, c, w_block, tile + r * kPackAlign);
+    pair_group_call<QUADS, kPairGroupPixels - 1>(s, rows, r, n - r, c, w_block, tile + r * kPackAlign);
+  }
+}
+
+// The grouped int8_conv2d of dword_kernel_takes on AVX2: x channels-last bytes (flip: int8 ones), w dword_weight's
+// layout, the epilogue as for the GEMM.
+void conv_u8s8_pair_groups(const ConvGeometry& g, const uint8_t* x, const int8_t* w, int64_t cg, uint8_t flip,
+                           uint8_t pad_byte, const Epilogue& ep) {
+  int64_t segment_len = std::min<int64_t>(kDepthwisePixels, g.out_w);
+  if (segment_columns(g, segment_len) > kPairGroupColumns)
+    segment_len = std::max<int64_t>(1, (kPairGroupColumns - (g.kw - 1) * g.dil_w - 1) / g.stride_w + 1);
+  const int64_t segments = (g.out_w + segment_len - 1) / segment_len;
+  segment_len = (g.out_w + segments - 1) / segments;  // the same length for all
+  const PairGroupSource s{x, g, w, cg, segment_columns(g, segment_len), flip, pad_byte};
+  const int64_t column_bytes = g.kh * s.columns * kDepthwiseChannels * sizeof(int16_t);
+  const int64_t taps = g.kh * g.kw;
+  const SegmentWork work{segments, segment_len, column_bytes, taps * cg};
+  for_each_segment(g, work, ep, CpuIsa::Avx2, [&](int64_t b, int64_t oh, int64_t ow0, int64_t n, int64_t c0,
+                                                  int64_t ncols, int32_t* tile, void* columns) {
+    auto* rows = static_cast<int16_t*>(columns);
+    widen_window_rows(s, b, oh, ow0 * g.stride_w - g.pad_w, c0, ncols, rows);
+    const int8_t* w_block = w + c0 / kPackAlign * taps * cg * kPackAlign;
+    if (cg == 4) pair_group_segment<1>(s, rows, n, ncols, w_block, tile);
+    else if (cg == 8) pair_group_segment<2>(s, rows, n, ncols, w_block, tile);
+    else if (cg == 16) pair_group_segment<4>(s, rows, n, ncols, w_block, tile);
+    else pair_group_segment<8>(s, rows, n, ncols, w_block, tile);
+  });
+}
+
 // The packed conv weight w (n columns, panels of depth kp, k running (kh, kw, c)) with each kernel row's `run`
 // values followed by padded_run - run zero weights: the layout conv_u8s8_in_place reads when kw * channels is not a
 // multiple of 4. dst holds round_up(n, kPackAlign) / kPackAlign panels of depth kh * padded_run.
@@ -1110,11 +1260,12 @@ void conv_cpu(const ConvFront& f, const at::Tensor& x_q, int64_t x_zero_point, c
   const int64_t run = g.kw * cg, padded_run = round_up(run, 4);
   bool amx = false;
   const CpuIsa isa = cpu_isa(&amx);
-  // grouped convs of as many channels in as out per group: the dword kernel (groups of 8 to 32), else the depthwise
-  // kernel's passes (groups of 2 to 8) where they take them
+  // grouped convs of as many channels in as out per group: the dword kernel (AVX-512, groups of 8 to 32) or the pair
+  // kernel (AVX2, groups of 4 to 32), else the depthwise kernel's passes (groups of 2 to 8) where they take them
   const bool dword_grouped = isa == CpuIsa::Avx512Vnni && flip == 0 && dword_kernel_takes(groups, cg, ocg);
+  const bool pair_grouped = isa == CpuIsa::Avx2 && pair_kernel_takes(groups, cg, ocg);
   const int64_t passes = depthwise_passes(groups, cg, ocg);
-  const bool depthwise = passes > 0 && !dword_grouped;
+  const bool depthwise = passes > 0 && !dword_grouped && !pair_grouped;
   // uint8 windows of whole 4-byte steps per tap and full weight panels on AVX-512: the direct conv, which reads
   // every tap in place (no im2col rows at all) and, when the zero point is 0, skips the taps in the padding. With
   // AMX the GEMM on im2col rows multiplies on tiles, which outruns both vector kernels that read windows in place.
@@ -1142,7 +1293,7 @@ void conv_cpu(const ConvFront& f, const at::Tensor& x_q, int64_t x_zero_point, c
   args.n = ocg;
   args.k = g.window;
   args.groups = groups;
-  args.a_below_128 = isa == CpuIsa::Avx2 && !depthwise && flip == 0 && im2col.pad_byte < 128 &&
+  args.a_below_128 = isa == CpuIsa::Avx2 && !depthwise && !pair_grouped && flip == 0 && im2col.pad_byte < 128 &&
                      bytes_below_128(x_bytes, 1, g.batch * g.height * g.width * g.channels, 0, 1);
   const int8_t* extras = conv_weight_extras(w_packed, f.weight);
   const ScratchScope weight_scope(Scratch::Weights);
@@ -1159,16 +1310,17 @@ void conv_cpu(const ConvFront& f, const at::Tensor& x_q, int64_t x_zero_point, c
   std::vector<int32_t> col_offset;
   Epilogue ep = epilogue_for(f.epilogue, flip, f.out_nhwc.data_ptr(), out_channels, col_offset);
   ep.residual = residual;
-  if (dword_grouped) {
+  if (dword_grouped || pair_grouped) {
     std::vector<int8_t> derived;  // for a weight packed without the layout (as a matrix viewed as the conv weight)
-    if (extras != nullptr) {  // after the passes' layouts, if any
+    if (extras != nullptr && dword_kernel_takes(groups, cg, ocg)) {  // after the passes' layouts, if any
       extras += passes * depthwise_extra_bytes(g.channels, g.kh, g.kw);
     } else {
       derived.resize(dword_weight_bytes(g.channels, cg, g.kh * g.kw));
       dword_weight(g.channels, cg, g.kh * g.kw, PanelWeight{args.b, args.b_group_stride, cg}, derived.data());
       extras = derived.data();
     }
-    conv_u8s8_dword_groups(g, x_bytes, extras, cg, im2col.pad_byte, ep);
+    if (dword_grouped) conv_u8s8_dword_groups(g, x_bytes, extras, cg, im2col.pad_byte, ep);
+    else conv_u8s8_pair_groups(g, x_bytes, extras, cg, flip, im2col.pad_byte, ep);
   } else if (depthwise)
     conv_u8s8_depthwise(g, x_bytes, depthwise_weight(g, passes, args.b, args.b_group_stride, extras), flip,
                         im2col.pad_byte, ep, isa);

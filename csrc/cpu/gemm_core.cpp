@@ -167,16 +167,6 @@ TQ_TARGET_AVX2 void widen_row(const uint8_t* src, int64_t len, int16_t* dst) {
   for (; i < len; ++i) dst[i] = src[i];
 }
 
-// dst[0..8) (+)= the column sums of two accumulators of 4 columns x 2 partial sums each (columns 0-3 in lo, 4-7 in
-// hi): written when first, else added.
-TQ_TARGET_AVX2 inline __attribute__((always_inline)) void store_column_sums_avx2(__m256i lo, __m256i hi,
-                                                                               int32_t* dst, bool first) {
-  // hadd gives columns (0 1 4 5 | 2 3 6 7); the 64-bit permute puts them in order
-  const __m256i sums = _mm256_permute4x64_epi64(_mm256_hadd_epi32(lo, hi), 0xD8);
-  __m256i* d = reinterpret_cast<__m256i*>(dst);
-  _mm256_storeu_si256(d, first ? sums : _mm256_add_epi32(_mm256_loadu_si256(d), sums));
-}
-
 // A work item of few rows multiplies each weight byte once to four times, so a weight that does not stay in a core's
 // caches comes at the speed its lines arrive, and a pass over a k block reads 32 to 128 bytes of each 256-byte
 // k-step: a strided stream that the hardware prefetchers served at 4-7 GB/s on Zen 3 (a sum over memory: 13-16). For

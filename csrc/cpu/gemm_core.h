@@ -251,4 +251,14 @@ bool rows_in_place_on_amx(int64_t m, int64_t k, int64_t n);
 void multiply_rows_amx(const int8_t* a, int64_t m, int64_t k, int64_t stride_m, int64_t stride_k, const int8_t* b,
                        int64_t ldb, int64_t n, int32_t* out, int64_t ldo);
 
+// dst[0..8) (+)= the column sums of two accumulators of 4 columns x 2 partial sums each (columns 0-3 in lo, 4-7 in
+// hi): written when first, else added (the AVX2 kernels' vpmaddwd lanes of one column).
+TQ_TARGET_AVX2 inline __attribute__((always_inline)) void store_column_sums_avx2(__m256i lo, __m256i hi,
+                                                                               int32_t* dst, bool first) {
+  // hadd gives columns (0 1 4 5 | 2 3 6 7); the 64-bit permute puts them in order
+  const __m256i sums = _mm256_permute4x64_epi64(_mm256_hadd_epi32(lo, hi), 0xD8);
+  __m256i* d = reinterpret_cast<__m256i*>(dst);
+  _mm256_storeu_si256(d, first ? sums : _mm256_add_epi32(_mm256_loadu_si256(d), sums));
+}
+
 }  // namespace torchquant::gemm
