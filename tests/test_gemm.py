@@ -644,7 +644,7 @@ def test_int8_conv2d_depthwise_channels(isa, packing, channels, batch, size, str
 
 # Grouped convs of 2, 4 or 8 channels in and out per group run as that many passes of the depthwise kernel, each
 # picking one input channel of every lane's group; of 8, 16 or 32 (uint8 input, AVX-512) on the dword kernel, a
-# vector's channels in one group; of 4 to 32 on AVX2 on the pair kernel (widened input columns); packed by pack_conv_weight with those kernels' layouts, or as a matrix (the kernels
+# vector's channels in one group; of 4 to 16 on AVX2 on the pair kernel (widened input columns); packed by pack_conv_weight with those kernels' layouts, or as a matrix (the kernels
 # derive them). Channel counts around the 16-byte lanes and the 32- and 64-channel blocks (a last block of 1 to 7
 # vectors).
 @pytest.mark.parametrize("packing", ["conv", "matrix"])
@@ -669,7 +669,7 @@ def test_int8_conv2d_grouped_passes(isa, packing, per_group, groups, batch, size
     torch.testing.assert_close(got, reference.int8_conv2d(x_q, 1.0, x_zp, w_q, ones, **kwargs), rtol=0, atol=0)
 
 
-# The AVX2 grouped kernel (groups of 4 to 32) widens each work item's input columns once: rows wider than the
+# The AVX2 grouped kernel (groups of 4 to 16; 32 on the GEMM) widens each work item's input columns once: rows wider than the
 # columns it widens (several segments a row), dilations that spread one window past them (one pixel a segment),
 # one-row and one-column kernels, strides, padding on every side and a channel count not a multiple of 8.
 @pytest.mark.parametrize("per_group,groups", [(4, 3), (8, 2), (16, 5), (32, 2)])

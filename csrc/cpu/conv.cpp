@@ -1023,7 +1023,7 @@ void conv_u8s8_dword_groups(const ConvGeometry& g, const uint8_t* x, const int8_
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Grouped convs of 4, 8, 16 or 32 channels in and out per group on AVX2, which has no byte dot product that cannot
+// Grouped convs of 4, 8 or 16 channels in and out per group on AVX2, which has no byte dot product that cannot
 // saturate: a work item first widens the input columns its windows read (every kernel row, its 64 channels) to
 // int16; vpmaddwd then multiplies a pixel's 4 input channels of a group (one 64-bit broadcast) by 4 output channels'
 // weights for them (16 bytes of the dword kernel's layout, sign-extended), each output channel's two lanes added as
@@ -1034,10 +1034,11 @@ void conv_u8s8_dword_groups(const ConvGeometry& g, const uint8_t* x, const int8_
 constexpr int64_t kPairGroupColumns = 64;  // input columns a work item widens where the geometry allows (L1-sized)
 constexpr int kPairGroupPixels = 6;        // 12 accumulators, 2 weight vectors and a broadcast: 15 of 16 registers
 
-// Whether the AVX2 pair kernel takes a conv of groups of cg input and ocg output channels: the dword kernel's, and
-// groups of 4 (two groups' broadcasts for the 8 output channels of a call; their layout is made per call).
+// Whether the AVX2 pair kernel takes a conv of groups of cg input and ocg output channels: groups of 4 (two groups'
+// broadcasts for the 8 output channels of a call; their layout is made per call), 8 or 16. The GEMM's widened
+// kernel outruns it at 32 (ResNeXt-50's 1024 -> 1024 at 7x7: 0.23 against 0.27 ms).
 bool pair_kernel_takes(int64_t groups, int64_t cg, int64_t ocg) {
-  return dword_kernel_takes(groups, cg, ocg) || (groups > 1 && ocg == cg && cg == 4);
+  return groups > 1 && ocg == cg && (cg == 4 || cg == 8 || cg == 16);
 }
 
 struct PairGroupSource {
@@ -1147,7 +1148,7 @@ TQ_TARGET_AVX2 void pair_group_segment(const PairGroupSource& s, const int16_t* 
   }
 }
 
-// The grouped int8_conv2d of dword_kernel_takes on AVX2: x channels-last bytes (flip: int8 ones), w dword_weight's
+// The grouped int8_conv2d of pair_kernel_takes: x channels-last bytes (flip: int8 ones), w dword_weight's
 // layout, the epilogue as for the GEMM.
 void conv_u8s8_pair_groups(const ConvGeometry& g, const uint8_t* x, const int8_t* w, int64_t cg, uint8_t flip,
                            uint8_t pad_byte, const Epilogue& ep) {
@@ -1167,8 +1168,7 @@ void conv_u8s8_pair_groups(const ConvGeometry& g, const uint8_t* x, const int8_t
     const int8_t* w_block = w + c0 / kPackAlign * taps * cg * kPackAlign;
     if (cg == 4) pair_group_segment<1>(s, rows, n, ncols, w_block, tile);
     else if (cg == 8) pair_group_segment<2>(s, rows, n, ncols, w_block, tile);
-    else if (cg == 16) pair_group_segment<4>(s, rows, n, ncols, w_block, tile);
-    else pair_group_segment<8>(s, rows, n, ncols, w_block, tile);
+    else pair_group_segment<4>(s, rows, n, ncols, w_block, tile);
   });
 }
 
@@ -1261,7 +1261,7 @@ void conv_cpu(const ConvFront& f, const at::Tensor& x_q, int64_t x_zero_point, c
   bool amx = false;
   const CpuIsa isa = cpu_isa(&amx);
   // grouped convs of as many channels in as out per group: the dword kernel (AVX-512, groups of 8 to 32) or the pair
-  // kernel (AVX2, groups of 4 to 32), else the depthwise kernel's passes (groups of 2 to 8) where they take them
+  // kernel (AVX2, groups of 4 to 16), else the depthwise kernel's passes (groups of 2 to 8) where they take them
   const bool dword_grouped = isa == CpuIsa::Avx512Vnni && flip == 0 && dword_kernel_takes(groups, cg, ocg);
   const bool pair_grouped = isa == CpuIsa::Avx2 && pair_kernel_takes(groups, cg, ocg);
   const int64_t passes = depthwise_passes(groups, cg, ocg);
