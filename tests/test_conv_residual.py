@@ -15,7 +15,7 @@ from torchquant._ops import ops
 from conftest import assert_same, randint8
 
 # batch, in_ch, h, w, out_ch, kernel, stride, padding, dilation, groups: each reaches one conv path of the CPU kernel
-# for a uint8 input (an int8 input takes the GEMM on im2col rows, except depthwise)
+# for a uint8 input (an int8 input takes the GEMM on im2col rows, except depthwise and, on AVX2, grouped)
 CONVS = {
     "pointwise": (2, 16, 7, 9, 24, (1, 1), 1, 0, 1, 1),           # the GEMM on the input itself, a partial panel
     "pointwise-full-panels": (1, 32, 5, 6, 128, (1, 1), 1, 0, 1, 1),  # the fused AVX-512 kernel, two panels
@@ -27,6 +27,8 @@ CONVS = {
     "groups": (1, 8, 10, 9, 12, (3, 1), (2, 1), (1, 0), 1, 4),
     "depthwise": (2, 70, 6, 9, 70, (3, 3), 1, 1, 1, 70),         # a full and a partial 64-channel block
     "grouped": (1, 72, 6, 7, 72, (3, 3), 1, 1, 1, 18),           # 4 channels a group: the depthwise kernel's passes
+                                                                  # (AVX2: the pair kernel)
+    "grouped-8": (1, 104, 5, 6, 104, (3, 3), 1, 1, 1, 13),        # 8 a group: AVX2 the pair kernel, 13 vectors
     "grouped-16": (1, 64, 6, 7, 64, (3, 3), 1, 1, 1, 4),          # 16 a group: uint8 on AVX-512 the dword kernel
     "stem": (1, 3, 15, 14, 16, (7, 7), 2, 3, 1, 1),
     "one-pixel": (1, 4, 3, 3, 70, (3, 3), 1, 0, 1, 1),

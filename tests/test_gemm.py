@@ -644,9 +644,9 @@ def test_int8_conv2d_depthwise_channels(isa, packing, channels, batch, size, str
 
 # Grouped convs of 2, 4 or 8 channels in and out per group run as that many passes of the depthwise kernel, each
 # picking one input channel of every lane's group; of 8, 16 or 32 (uint8 input, AVX-512) on the dword kernel, a
-# vector's channels in one group; of 4 to 16 on AVX2 on the pair kernel (widened input columns); packed by pack_conv_weight with those kernels' layouts, or as a matrix (the kernels
-# derive them). Channel counts around the 16-byte lanes and the 32- and 64-channel blocks (a last block of 1 to 7
-# vectors).
+# vector's channels in one group; of 4 to 16 on AVX2 on the pair kernel (widened input columns); packed by
+# pack_conv_weight with those kernels' layouts, or as a matrix (the kernels derive them). Channel counts around the
+# 16-byte lanes and the 32- and 64-channel blocks (a last block of 1 to 7 vectors).
 @pytest.mark.parametrize("packing", ["conv", "matrix"])
 @pytest.mark.parametrize("per_group,groups", [(2, 9), (4, 4), (4, 17), (8, 2), (8, 3), (8, 5), (8, 7), (8, 9), (4, 48),
                                               (16, 2), (16, 5), (16, 7), (32, 2), (32, 3)])
@@ -669,10 +669,11 @@ def test_int8_conv2d_grouped_passes(isa, packing, per_group, groups, batch, size
     torch.testing.assert_close(got, reference.int8_conv2d(x_q, 1.0, x_zp, w_q, ones, **kwargs), rtol=0, atol=0)
 
 
-# The AVX2 grouped kernel (groups of 4 to 16; 32 on the GEMM) widens each work item's input columns once: rows wider than the
-# columns it widens (several segments a row), dilations that spread one window past them (one pixel a segment),
-# one-row and one-column kernels, strides, padding on every side and a channel count not a multiple of 8.
-@pytest.mark.parametrize("per_group,groups", [(4, 3), (8, 2), (16, 5), (32, 2)])
+# The AVX2 grouped kernel (groups of 4 to 16; 32 on the GEMM) widens each work item's input columns once: rows wider
+# than the columns it widens (several segments a row), dilations that spread one window past them (one pixel a
+# segment), one-row and one-column kernels, strides, padding on every side, channel counts not a multiple of 8 (a
+# last block of 12 and of 52 channels: the 16-channel loop, then 8 or 4).
+@pytest.mark.parametrize("per_group,groups", [(4, 3), (4, 13), (8, 2), (16, 5), (32, 2)])
 @pytest.mark.parametrize("kernel,stride,padding,dilation,width", [((3, 5), 1, (1, 2), 1, 150), ((3, 3), 2, 1, 1, 141),
                                                                   ((5, 1), 1, (2, 0), 2, 11), ((1, 3), 1, 0, 40, 90),
                                                                   ((2, 2), 3, 1, 2, 9)])
@@ -693,14 +694,15 @@ def test_int8_conv2d_grouped_geometry(isa, per_group, groups, kernel, stride, pa
 # output's range where the bound allows: sums of 255 * 127 products at an output scale where they pass 2^31 before
 # the clamp must still clamp (the depthwise kernel's passes and the dword kernel sum a group's channels too).
 @pytest.mark.parametrize("per_group", [1, 2, 4, 8, 16, 32])
-def test_int8_conv2d_grouped_sums_clamped_at_the_bound(isa, per_group):
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_int8_conv2d_grouped_sums_clamped_at_the_bound(isa, per_group, kernel):
     channels = 64
     x_q = torch.full((1, channels, 3, 3), 255, dtype=torch.uint8)
-    w_q = torch.full((channels, per_group, 1, 1), 127, dtype=torch.int8)
+    w_q = torch.full((channels, per_group, kernel, kernel), 127, dtype=torch.int8)
     ones, groups = torch.ones(channels), channels // per_group
     out = dict(out_dtype=torch.uint8, out_scale=255 * 128 / (0.99 * 2**30))  # 1 product's bound just below 2^30
     got = F.int8_conv2d(x_q, 1.0, 0, F.pack_conv_weight(w_q, groups), w_q.sum((1, 2, 3), dtype=torch.int32), ones,
-                        out_channels=channels, kernel_size=1, groups=groups, **out)
+                        out_channels=channels, kernel_size=kernel, groups=groups, **out)
     want = reference.int8_conv2d(x_q, 1.0, 0, w_q, ones, groups=groups, **out)
     assert (want == 255).all()
     torch.testing.assert_close(got, want, rtol=0, atol=0)
