@@ -62,6 +62,7 @@ def work(tmp_path_factory):
     save_file({"inputs": data.test_x[:128].contiguous(), "labels": data.test_y[:128].contiguous()},
               path / "eval.safetensors")
     torch.save(torch.randn(8, 3, 8, 8), path / "calib_wrong_shape.pt")
+    torch.save(data.train_x[:16].double(), path / "calib_float64.pt")
     torch.save({"inputs": data.test_x[:10].clone(), "labels": data.test_y[:9].clone()}, path / "eval_bad_labels.pt")
     torch.save((data.test_x[:4].clone(), torch.tensor([0, 1, 2, 12])), path / "eval_label_range.pt")
     torch.save(data.train_x[:8].to_sparse(), path / "calib_sparse.pt")
@@ -408,7 +409,10 @@ ERROR_CASES = {
     "bits out of range": (["convert", FACTORY, "--bits", "9"] + GOOD, ["--bits", "[1, 8]"]),
     "static without calibration": (["convert", FACTORY, "--config", "int8-static"] + GOOD, ["--calib"]),
     "calibration of the wrong shape": (["convert", FACTORY, "--calib", "calib_wrong_shape.pt"] + GOOD,
-                                       ["--calib", "[8, 3, 8, 8]", "do not fit the model"]),
+                                       ["--calib", "a batch of shape [8, 3, 8, 8]", "does not fit the model"]),
+    "calibration in float64": (["convert", FACTORY, "--calib", "calib_float64.pt"] + GOOD,
+                               ["(float64) from calib_float64.pt", "the model's parameters are float32: save the inputs "
+                                "as float32"]),
     "missing calibration": (["convert", FACTORY, "--calib", "nope.pt"] + GOOD, ["--calib: no such file"]),
     "truncated calibration": (["convert", FACTORY, "--calib", "truncated.safetensors"] + GOOD, ["--calib"]),
     "labels of the wrong length": (["report", FACTORY, "--eval", "eval_bad_labels.pt"] + GOOD,

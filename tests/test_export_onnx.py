@@ -1245,7 +1245,7 @@ def test_cli_export_of_a_converted_checkpoint(cli_files, tmp_path, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--input-shape", "1,1,8,8", "-o", "{tmp}/missing/m.onnx"], "-o: directory"),
     (["-o", "{tmp}/m.onnx"], "--input-shape: export needs an example input"),
-    (["--input-shape", "1,3,8,8", "-o", "{tmp}/m.onnx"], "do not fit the model"),
+    (["--input-shape", "1,3,8,8", "-o", "{tmp}/m.onnx"], "does not fit the model"),
     (["--input-shape", "1,x", "-o", "{tmp}/m.onnx"], "--input-shape: expected positive integers"),
     (["--input-shape", "1,1,8,8", "--opset", "9", "-o", "{tmp}/m.onnx"], "opset must be in"),
 ])
@@ -1381,7 +1381,7 @@ def test_cli_export_of_a_model_that_takes_token_ids(tmp_path, capsys, monkeypatc
     monkeypatch.chdir(tmp_path)
     torch.save(torch.randint(0, 50, (8, 7)), tmp_path / "ids.pt")
     rc, err = run_main(["export", "idsmodel:Ids", "--input-shape", "1,7", "-o", tmp_path / "m.onnx", "-q"], capsys)
-    assert rc == 2 and "do not fit the model" in err and "give the example input as --calib FILE" in err
+    assert rc == 2 and "does not fit the model" in err and "give the example input as --calib FILE" in err
     assert not (tmp_path / "m.onnx").exists()
     rc, err = run_main(["export", "idsmodel:Ids", "--calib", tmp_path / "ids.pt", "-o", tmp_path / "m.onnx", "-q"],
                        capsys)

@@ -231,8 +231,16 @@ def _check_fits(model, batch: torch.Tensor, option: str, path: str) -> torch.Ten
         with torch.no_grad():
             return model(batch)
     except Exception as exc:
-        raise UsageError(f"{option}: inputs of shape {list(batch.shape)} ({str(batch.dtype).replace('torch.', '')})"
-                         f" from {path} do not fit the model: {_one_line(exc)}") from exc
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+        hint = ""
+        if batch.is_floating_point() and dtype is not None and batch.dtype != dtype:
+            hint = f" (the model's parameters are {_dtype_name(dtype)}: save the inputs as {_dtype_name(dtype)})"
+        raise UsageError(f"{option}: a batch of shape {list(batch.shape)} ({_dtype_name(batch.dtype)}) from {path} "
+                         f"does not fit the model: {_one_line(exc)}{hint}") from exc
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 class _Job:
