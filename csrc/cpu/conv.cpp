@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <optional>
 #include <vector>
 
@@ -329,6 +330,20 @@ constexpr int64_t kMaxSegmentColumns = 256;         // input columns a work item
 // The input columns that `rows` consecutive output pixels of a row read.
 int64_t segment_columns(const ConvGeometry& g, int64_t rows) {
   return (rows - 1) * g.stride_w + (g.kw - 1) * g.dil_w + 1;
+}
+
+struct RowSplit {
+  int64_t segments, segment_len;
+};
+
+// An output row in segments of as equal lengths as it divides into, of at most kDepthwisePixels pixels that read at
+// most max_columns input columns (where strides or dilations spread the windows; at least one pixel a segment).
+RowSplit split_row(const ConvGeometry& g, int64_t max_columns) {
+  int64_t len = std::min<int64_t>(kDepthwisePixels, g.out_w);
+  if (segment_columns(g, len) > max_columns)
+    len = std::max<int64_t>(1, (max_columns - (g.kw - 1) * g.dil_w - 1) / g.stride_w + 1);
+  const int64_t segments = (g.out_w + len - 1) / len;
+  return {segments, (g.out_w + segments - 1) / segments};
 }
 
 // The sums of one output pixel (b, oh, ow) for channels c0..c0+ncols, portable: wrapping uint32 arithmetic, the
@@ -832,19 +847,15 @@ void for_each_segment(const ConvGeometry& g, const SegmentWork& work, const Epil
 void conv_u8s8_depthwise(const ConvGeometry& g, const uint8_t* x, const DepthwiseWeight& w, uint8_t flip,
                          uint8_t pad_byte, const Epilogue& ep, CpuIsa isa) {
   const int64_t taps = g.kh * g.kw;
-  int64_t segments = (g.out_w + kDepthwisePixels - 1) / kDepthwisePixels;
-  int64_t segment_len = (g.out_w + segments - 1) / segments;
-  const int64_t quad_cols = quad_columns(g, segment_len);
+  RowSplit split = split_row(g, std::numeric_limits<int64_t>::max());
+  const int64_t quad_cols = quad_columns(g, split.segment_len);
   const bool quads = isa == CpuIsa::Avx512Vnni && quad_cols > 0, pairs = isa != CpuIsa::Scalar && !quads;
   int64_t column_bytes = 0;  // a work item's quads or row pairs
   if (quads) {
     column_bytes = quad_cols * quad_row_groups(g) * kQuadBytes;
   } else if (pairs) {
-    if (segment_columns(g, segment_len) > kMaxSegmentColumns) {  // strides or dilations that spread the windows
-      segment_len = std::max<int64_t>(1, (kMaxSegmentColumns - (g.kw - 1) * g.dil_w - 1) / g.stride_w + 1);
-      segments = (g.out_w + segment_len - 1) / segment_len;
-    }
-    column_bytes = segment_columns(g, segment_len) * pair_row_groups(g.kh) * kPairValues * sizeof(int16_t);
+    split = split_row(g, kMaxSegmentColumns);
+    column_bytes = segment_columns(g, split.segment_len) * pair_row_groups(g.kh) * kPairValues * sizeof(int16_t);
   }
   std::vector<DepthwiseSource> sources;
   const int64_t tap_bytes = taps * g.channels, quads_bytes = weight_quads_bytes(g.channels, g.kh, g.kw);
@@ -853,7 +864,7 @@ void conv_u8s8_depthwise(const ConvGeometry& g, const uint8_t* x, const Depthwis
     sources.push_back(depthwise_source(x, g, layouts, quads ? layouts + tap_bytes : nullptr,
                                        pairs ? layouts + tap_bytes + quads_bytes : nullptr, pad_byte, w.passes, i));
   }
-  const SegmentWork work{segments, segment_len, column_bytes, taps * w.passes};
+  const SegmentWork work{split.segments, split.segment_len, column_bytes, taps * w.passes};
   for_each_segment(g, work, ep, isa, [&](int64_t b, int64_t oh, int64_t ow0, int64_t rows, int64_t c0, int64_t ncols,
                                          int32_t* tile, void* columns) {
     for (const DepthwiseSource& src : sources) {
@@ -996,9 +1007,8 @@ void conv_u8s8_dword_groups(const ConvGeometry& g, const uint8_t* x, const int8_
                             const Epilogue& ep) {
   DwordSource s{x, g, w, cg, {}};
   std::memset(s.pad, pad_byte, sizeof(s.pad));
-  const int64_t segments = (g.out_w + kDepthwisePixels - 1) / kDepthwisePixels;
-  const int64_t segment_len = (g.out_w + segments - 1) / segments;
-  const SegmentWork work{segments, segment_len, 0, g.kh * g.kw * cg};
+  const RowSplit split = split_row(g, std::numeric_limits<int64_t>::max());
+  const SegmentWork work{split.segments, split.segment_len, 0, g.kh * g.kw * cg};
   for_each_segment(g, work, ep, CpuIsa::Avx512Vnni, [&](int64_t b, int64_t oh, int64_t ow0, int64_t rows, int64_t c0,
                                                        int64_t ncols, int32_t* tile, void*) {
     if (cg == 8) {  // whole vectors: the channels are a multiple of the group's
@@ -1063,14 +1073,13 @@ TQ_TARGET_AVX2 void widen_window_rows(const PairGroupSource& s, int64_t b, int64
   for (int64_t i = 0; i < g.kh; ++i) {
     const int64_t ih = oh * g.stride_h - g.pad_h + i * g.dil_h;
     const bool row_inside = ih >= 0 && ih < g.height;
-    const uint8_t* src = s.x + ((b * g.height + ih) * g.width + iw_first) * g.channels + c0;
     for (int64_t p = 0; p < s.columns; ++p) {
       int16_t* out = rows + (i * s.columns + p) * kDepthwiseChannels;
       if (!row_inside || p < lo || p >= hi) {
         for (int64_t v = 0; v < ncols; v += 16) _mm256_store_si256(reinterpret_cast<__m256i*>(out + v), pad);
         continue;
       }
-      const uint8_t* pixel = src + p * g.channels;
+      const uint8_t* pixel = s.x + ((b * g.height + ih) * g.width + iw_first + p) * g.channels + c0;
       int64_t v = 0;
       for (; v + 16 <= ncols; v += 16) {
         const __m128i bytes = _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pixel + v)), flip);
@@ -1152,15 +1161,11 @@ TQ_TARGET_AVX2 void pair_group_segment(const PairGroupSource& s, const int16_t* 
 // layout, the epilogue as for the GEMM.
 void conv_u8s8_pair_groups(const ConvGeometry& g, const uint8_t* x, const int8_t* w, int64_t cg, uint8_t flip,
                            uint8_t pad_byte, const Epilogue& ep) {
-  int64_t segment_len = std::min<int64_t>(kDepthwisePixels, g.out_w);
-  if (segment_columns(g, segment_len) > kPairGroupColumns)
-    segment_len = std::max<int64_t>(1, (kPairGroupColumns - (g.kw - 1) * g.dil_w - 1) / g.stride_w + 1);
-  const int64_t segments = (g.out_w + segment_len - 1) / segment_len;
-  segment_len = (g.out_w + segments - 1) / segments;  // the same length for all
-  const PairGroupSource s{x, g, w, cg, segment_columns(g, segment_len), flip, pad_byte};
+  const RowSplit split = split_row(g, kPairGroupColumns);
+  const PairGroupSource s{x, g, w, cg, segment_columns(g, split.segment_len), flip, pad_byte};
   const int64_t column_bytes = g.kh * s.columns * kDepthwiseChannels * sizeof(int16_t);
   const int64_t taps = g.kh * g.kw;
-  const SegmentWork work{segments, segment_len, column_bytes, taps * cg};
+  const SegmentWork work{split.segments, split.segment_len, column_bytes, taps * cg};
   for_each_segment(g, work, ep, CpuIsa::Avx2, [&](int64_t b, int64_t oh, int64_t ow0, int64_t n, int64_t c0,
                                                   int64_t ncols, int32_t* tile, void* columns) {
     auto* rows = static_cast<int16_t*>(columns);
