@@ -28,7 +28,10 @@ CONVS = {
     "depthwise": (2, 70, 6, 9, 70, (3, 3), 1, 1, 1, 70),         # a full and a partial 64-channel block
     "grouped": (1, 72, 6, 7, 72, (3, 3), 1, 1, 1, 18),           # 4 channels a group: the depthwise kernel's passes
                                                                   # (AVX2: the pair kernel)
-    "grouped-8": (1, 104, 5, 6, 104, (3, 3), 1, 1, 1, 13),        # 8 a group: AVX2 the pair kernel, 13 vectors
+    "grouped-4": (1, 80, 5, 6, 80, (3, 3), 1, 1, 1, 20),          # 4 a group, groups a multiple of 4: uint8 on
+                                                                  # AVX-512 the dword kernel's transposed lanes
+    "grouped-8": (1, 104, 5, 6, 104, (3, 3), 1, 1, 1, 13),        # 8 a group: AVX2 the pair kernel, AVX-512 the
+                                                                  # dword kernel's pairs of lanes, 13 vectors
     "grouped-16": (1, 64, 6, 7, 64, (3, 3), 1, 1, 1, 4),          # 16 a group: uint8 on AVX-512 the dword kernel
     "stem": (1, 3, 15, 14, 16, (7, 7), 2, 3, 1, 1),
     "one-pixel": (1, 4, 3, 3, 70, (3, 3), 1, 0, 1, 1),

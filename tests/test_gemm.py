@@ -643,10 +643,10 @@ def test_int8_conv2d_depthwise_channels(isa, packing, channels, batch, size, str
 
 
 # Grouped convs of 2, 4 or 8 channels in and out per group run as that many passes of the depthwise kernel, each
-# picking one input channel of every lane's group; of 8, 16 or 32 (uint8 input, AVX-512) on the dword kernel, a
-# vector's channels in one group; of 4 to 16 on AVX2 on the pair kernel (widened input columns); packed by
-# pack_conv_weight with those kernels' layouts, or as a matrix (the kernels derive them). Channel counts around the
-# 16-byte lanes and the 32- and 64-channel blocks (a last block of 1 to 7 vectors).
+# picking one input channel of every lane's group; of 8, 16 or 32, and 4 in groups a multiple of 4 (uint8 input,
+# AVX-512) on the dword kernel, each lane's products in its channel's group; of 4 to 16 on AVX2 on the pair kernel
+# (widened input columns); packed by pack_conv_weight with those kernels' layouts, or as a matrix (the kernels derive
+# them). Channel counts around the 16-byte lanes and the 32- and 64-channel blocks (a last block of 1 to 7 vectors).
 @pytest.mark.parametrize("packing", ["conv", "matrix"])
 @pytest.mark.parametrize("per_group,groups", [(2, 9), (4, 4), (4, 17), (8, 2), (8, 3), (8, 5), (8, 7), (8, 9), (4, 48),
                                               (16, 2), (16, 5), (16, 7), (32, 2), (32, 3)])
@@ -672,8 +672,10 @@ def test_int8_conv2d_grouped_passes(isa, packing, per_group, groups, batch, size
 # The AVX2 grouped kernel (groups of 4 to 16; 32 on the GEMM) widens each work item's input columns once: rows wider
 # than the columns it widens (several segments a row), dilations that spread one window past them (one pixel a
 # segment), one-row and one-column kernels, strides, padding on every side, channel counts not a multiple of 8 (a
-# last block of 12 and of 52 channels: the 16-channel loop, then 8 or 4).
-@pytest.mark.parametrize("per_group,groups", [(4, 3), (4, 13), (8, 2), (16, 5), (32, 2)])
+# last block of 12 and of 52 channels: the 16-channel loop, then 8 or 4). The AVX-512 dword kernel (uint8) reads a
+# pixel's bytes at each tap in place, a zero-point vector for taps outside: the same geometries, groups of 4 in
+# multiples of 4 (a last block of 16 channels) on its transposed lanes, of 8 on its pairs of lanes.
+@pytest.mark.parametrize("per_group,groups", [(4, 3), (4, 13), (4, 20), (8, 2), (8, 11), (16, 5), (32, 2)])
 @pytest.mark.parametrize("kernel,stride,padding,dilation,width", [((3, 5), 1, (1, 2), 1, 150), ((3, 3), 2, 1, 1, 141),
                                                                   ((5, 1), 1, (2, 0), 2, 11), ((1, 3), 1, 0, 40, 90),
                                                                   ((2, 2), 3, 1, 2, 9)])

@@ -875,17 +875,20 @@ void conv_u8s8_depthwise(const ConvGeometry& g, const uint8_t* x, const Depthwis
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Grouped convs of 8, 16 or 32 channels in and out per group, uint8 input, AVX-512 VNNI: the channels of a vector
-// (8 in a ymm for groups of 8, else 16 in a zmm) lie in one group, so vpdpbusd sums 4 input channels of that group
-// for each of them against the input pixel's dword broadcast from memory: every product a valid one, no shuffles.
-// The GEMM ran a 64-column weight panel for each group's 16 or 32 columns (ResNeXt-50 32x4d's 3x3 convs at 0.25-0.6x
-// torch.ao's groupwise kernels), the depthwise kernel's passes 8 a group at 0.6-0.7x.
+// Grouped convs of 4, 8, 16 or 32 channels in and out per group, uint8 input, AVX-512 VNNI: each lane of a vector
+// sums input channels of its output channel's group against the input pixel's bytes broadcast from memory: every
+// product a valid one, 64 an instruction. Groups of 16 and 32: 16 output channels a zmm, a lane 4 input channels (a
+// dword broadcast). Groups of 8: 8 output channels a zmm, two lanes each for the group's 8 input channels (a qword
+// broadcast), added as the tile is written (8 channels in a ymm made 32 products an instruction). Groups of 4: the
+// pixel's 16 bytes of 4 groups broadcast to the 4 128-bit lanes, dword q of lane k summing output channel k of group
+// q, transposed as the tile is written (the depthwise kernel's 4 passes ran them). The GEMM ran a 64-column weight
+// panel for each group's 16 or 32 columns (ResNeXt-50 32x4d's 3x3 convs at 0.25-0.6x torch.ao's groupwise kernels).
 // ---------------------------------------------------------------------------------------------------------------
 
 // Whether the dword kernel takes a conv of groups of cg input and ocg output channels (where it runs: a uint8 input
-// on AVX-512).
+// on AVX-512). Groups of 4 in whole 16-byte broadcasts only (no read past the channels).
 bool dword_kernel_takes(int64_t groups, int64_t cg, int64_t ocg) {
-  return groups > 1 && ocg == cg && (cg == 8 || cg == 16 || cg == 32);
+  return groups > 1 && ocg == cg && (cg == 8 || cg == 16 || cg == 32 || (cg == 4 && groups % 4 == 0));
 }
 
 // The weight of the dword kernel: [64-channel block][tap][dword d][channel of the block][4 bytes], output channel c's
@@ -906,129 +909,185 @@ void dword_weight(int64_t channels, int64_t cg, int64_t taps, const Weight& weig
             weight(c, t, i);
 }
 
+// Dword q of 128-bit lane k to and from channel 4 q + k of 16 (groups of 4; its own inverse).
+TQ_TARGET_VNNI __m512i transpose_quads(__m512i v) {
+  return _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), v);
+}
+
+// The layouts of groups of 4 and 8 made from the dword layout w (the packed weight keeps that one, which the AVX2
+// pair kernel reads; a few hundred vector moves a call): groups of 8, each channel's two dwords side by side,
+// [64-channel block][tap][channel][8 bytes]; groups of 4, each 16 channels' dwords transposed (transpose_quads).
+TQ_TARGET_VNNI void group_lane_weight(const int8_t* w, int64_t channels, int64_t cg, int64_t taps, int8_t* dst) {
+  const __m512i interleave = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const int64_t tap_blocks = round_up(channels, kPackAlign) / kPackAlign * taps;  // cg x 64 bytes each
+  for (int64_t t = 0; t < tap_blocks; ++t) {
+    const int8_t* from = w + t * cg * kPackAlign;
+    int8_t* to = dst + t * cg * kPackAlign;
+    if (cg == 4) {
+      for (int64_t m = 0; m < kPackAlign / 16; ++m)
+        _mm512_storeu_si512(to + m * 64, transpose_quads(_mm512_loadu_si512(from + m * 64)));
+      continue;
+    }
+    for (int64_t m = 0; m < kPackAlign / 8; ++m) {
+      const __m512i d0 = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(from + m * 32)));
+      const __m512i d1 = _mm512_castsi256_si512(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(from + 4 * kPackAlign + m * 32)));
+      _mm512_storeu_si512(to + m * 64, _mm512_permutex2var_epi32(d0, interleave, d1));
+    }
+  }
+}
+
 struct DwordSource {
   const uint8_t* x;  // channels-last uint8 input bytes
   ConvGeometry g;
-  const int8_t* w;   // dword_weight's layout
-  int64_t group_channels;
+  const int8_t* w;   // dword_weight's layout (groups of 4 and 8: group_lane_weight's)
   alignas(64) uint8_t pad[kPackAlign];  // the zero point: what taps outside the input read
 };
 
-// The vectors of L int32 lanes of the dword kernel.
-template <int L>
-struct DwordOps;
-
-template <>
-struct DwordOps<16> {
-  using V = __m512i;
-  static TQ_TARGET_VNNI V zero() { return _mm512_setzero_si512(); }
-  static TQ_TARGET_VNNI V load(const void* p) { return _mm512_loadu_si512(p); }
-  static TQ_TARGET_VNNI V broadcast(int32_t v) { return _mm512_set1_epi32(v); }
-  static TQ_TARGET_VNNI V dot(V acc, V x, V w) { return _mm512_dpbusd_epi32(acc, x, w); }
-  static TQ_TARGET_VNNI void store(int32_t* p, V v) { _mm512_storeu_si512(p, v); }
+// The zmm vectors of the dword kernel: kChannels output channels each, a broadcast of kBytes input channels a step,
+// kWeightBytes of each output channel's weight a step.
+struct DwordLanes {  // groups of 16 and 32: a lane a channel
+  static constexpr int kChannels = 16, kBytes = 4, kWeightBytes = 4;
+  static TQ_TARGET_VNNI __m512i broadcast(const uint8_t* p) {
+    int32_t bytes;
+    std::memcpy(&bytes, p, sizeof(bytes));
+    return _mm512_set1_epi32(bytes);
+  }
+  static TQ_TARGET_VNNI void store(int32_t* p, __m512i v) { _mm512_storeu_si512(p, v); }
 };
 
-template <>
-struct DwordOps<8> {
-  using V = __m256i;
-  static TQ_TARGET_VNNI V zero() { return _mm256_setzero_si256(); }
-  static TQ_TARGET_VNNI V load(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
-  static TQ_TARGET_VNNI V broadcast(int32_t v) { return _mm256_set1_epi32(v); }
-  static TQ_TARGET_VNNI V dot(V acc, V x, V w) { return _mm256_dpbusd_epi32(acc, x, w); }
-  static TQ_TARGET_VNNI void store(int32_t* p, V v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
+struct QwordLanes {  // groups of 8: lanes 2 c and 2 c + 1 for channel c, added when stored
+  static constexpr int kChannels = 8, kBytes = 8, kWeightBytes = 8;
+  static TQ_TARGET_VNNI __m512i broadcast(const uint8_t* p) {
+    int64_t bytes;
+    std::memcpy(&bytes, p, sizeof(bytes));
+    return _mm512_set1_epi64(bytes);
+  }
+  static TQ_TARGET_VNNI void store(int32_t* p, __m512i v) {
+    const __m512i pairs = _mm512_add_epi32(v, _mm512_srli_epi64(v, 32));  // channel c's sum in lane 2 c
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi64_epi32(pairs));
+  }
 };
 
-// The sums of R consecutive output pixels from (b, oh, ow) on, for the V vectors of L channels from c0 on, into tile
-// rows kPackAlign apart.
-template <int L, int R, int V>
+struct QuadLanes {  // groups of 4: 4 groups' 16 input channels a broadcast, lane 4 k + q channel 4 q + k
+  static constexpr int kChannels = 16, kBytes = 16, kWeightBytes = 4;
+  static TQ_TARGET_VNNI __m512i broadcast(const uint8_t* p) {
+    return _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  static TQ_TARGET_VNNI void store(int32_t* p, __m512i v) { _mm512_storeu_si512(p, transpose_quads(v)); }
+};
+
+// The sums of R consecutive output pixels from (b, oh, ow) on, for the V vectors of Lanes::kChannels channels from c0
+// on, into tile rows kPackAlign apart; groups of CG channels (a constant: the products' byte offsets are then
+// immediates, and the registers they took hold the pixels' addresses: groups of 8 85 -> 91-100 G multiply-adds/s).
+template <class Lanes, int CG, int R, int V>
 TQ_TARGET_VNNI void dword_group_pixels(const DwordSource& s, int64_t b, int64_t oh, int64_t ow, int64_t c0,
                                        int32_t* tile) {
-  using Op = DwordOps<L>;
+  constexpr int64_t L = Lanes::kChannels, step = Lanes::kBytes, steps = std::max<int64_t>(CG / step, 1);
   const ConvGeometry& g = s.g;
-  const int64_t cg = s.group_channels, dwords = cg / 4, taps = g.kh * g.kw;
-  const int8_t* w = s.w + c0 / kPackAlign * taps * dwords * 4 * kPackAlign;
-  int64_t group_at[V];  // vector m's group's first channel
-  for (int m = 0; m < V; ++m) group_at[m] = L * m / cg * cg;
-  typename Op::V acc[R][V];
+  const int8_t* w = s.w + c0 / kPackAlign * g.kh * g.kw * CG * kPackAlign;
+  __m512i acc[R][V];
   for (int r = 0; r < R; ++r)
-    for (int m = 0; m < V; ++m) acc[r][m] = Op::zero();
+    for (int m = 0; m < V; ++m) acc[r][m] = _mm512_setzero_si512();
+  const int64_t channels = g.channels, width = g.width, stride_w = g.stride_w;
   for (int64_t i = 0; i < g.kh; ++i) {
     const int64_t ih = oh * g.stride_h - g.pad_h + i * g.dil_h;
+    const bool row_inside = ih >= 0 && ih < g.height;
+    const int64_t row_at = (b * g.height + ih) * width * channels + c0;  // used for rows inside only
     for (int64_t j = 0; j < g.kw; ++j) {
+      const int64_t iw0 = ow * stride_w - g.pad_w + j * g.dil_w;
       const uint8_t* pixel[R];  // the tap's input pixel at channel c0, or the zero point's bytes
       for (int r = 0; r < R; ++r) {
-        const int64_t iw = (ow + r) * g.stride_w - g.pad_w + j * g.dil_w;
-        const bool inside = ih >= 0 && ih < g.height && iw >= 0 && iw < g.width;
-        pixel[r] = inside ? s.x + ((b * g.height + ih) * g.width + iw) * g.channels + c0 : s.pad;
+        const int64_t iw = iw0 + r * stride_w;
+        const bool inside = row_inside && static_cast<uint64_t>(iw) < static_cast<uint64_t>(width);
+        pixel[r] = inside ? s.x + row_at + iw * channels : s.pad;
       }
-      const int8_t* w_tap = w + (i * g.kw + j) * dwords * 4 * kPackAlign;
-      for (int64_t d = 0; d < dwords; ++d)
+      const int8_t* w_tap = w + (i * g.kw + j) * CG * kPackAlign;
+      for (int64_t d = 0; d < steps; ++d)
         for (int m = 0; m < V; ++m) {
-          const auto wv = Op::load(w_tap + d * 4 * kPackAlign + m * L * 4);
-          const int64_t at = group_at[m] + 4 * d;
-          for (int r = 0; r < R; ++r) {
-            int32_t bytes;
-            std::memcpy(&bytes, pixel[r] + at, 4);
-            acc[r][m] = Op::dot(acc[r][m], Op::broadcast(bytes), wv);
-          }
+          __m512i wv = _mm512_loadu_si512(w_tap + (d * kPackAlign + m * L) * Lanes::kWeightBytes);
+          // in a register for the R products: as each vpdpbusd's memory operand (what the compiler chose), a zmm
+          // load beside every broadcast halved the rate (0.5 vpdpbusd a cycle on Zen 4, 1 from registers)
+          asm("" : "+v"(wv));
+          const int64_t at = L * m / CG * CG + step * d;  // the vector's (first) group's first channel, the step's
+          for (int r = 0; r < R; ++r) acc[r][m] = _mm512_dpbusd_epi32(acc[r][m], Lanes::broadcast(pixel[r] + at), wv);
         }
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int m = 0; m < V; ++m) Op::store(tile + r * kPackAlign + L * m, acc[r][m]);
+    for (int m = 0; m < V; ++m) Lanes::store(tile + r * kPackAlign + L * m, acc[r][m]);
 }
 
 // Pixels per call: 24 accumulators for the 64 channels of a block (16-lane vectors: 4 pixels measured 8-13 % slower).
-template <int L>
-constexpr int kDwordPixels = 24 / (kPackAlign / L);
+template <class Lanes>
+constexpr int kDwordPixels = 24 / (kPackAlign / Lanes::kChannels);
 
 // The last n < kDwordPixels pixels in one call (one at a time would load each weight vector per pixel).
-template <int L, int V, int N>
+template <class Lanes, int CG, int V, int N>
 TQ_TARGET_VNNI void dword_group_rest(const DwordSource& s, int64_t b, int64_t oh, int64_t ow, int64_t n, int64_t c0,
                                      int32_t* tile) {
   if constexpr (N > 0) {
-    if (n == N) return dword_group_pixels<L, N, V>(s, b, oh, ow, c0, tile);
-    dword_group_rest<L, V, N - 1>(s, b, oh, ow, n, c0, tile);
+    if (n == N) return dword_group_pixels<Lanes, CG, N, V>(s, b, oh, ow, c0, tile);
+    dword_group_rest<Lanes, CG, V, N - 1>(s, b, oh, ow, n, c0, tile);
   }
 }
 
-template <int L, int V>
+template <class Lanes, int CG, int V>
 TQ_TARGET_VNNI void dword_group_segment(const DwordSource& s, int64_t b, int64_t oh, int64_t ow0, int64_t rows,
                                         int64_t c0, int32_t* tile) {
-  constexpr int R = kDwordPixels<L>;
+  constexpr int R = kDwordPixels<Lanes>;
   int64_t r = 0;
-  for (; r + R <= rows; r += R) dword_group_pixels<L, R, V>(s, b, oh, ow0 + r, c0, tile + r * kPackAlign);
-  dword_group_rest<L, V, R - 1>(s, b, oh, ow0 + r, rows - r, c0, tile + r * kPackAlign);
+  for (; r + R <= rows; r += R) dword_group_pixels<Lanes, CG, R, V>(s, b, oh, ow0 + r, c0, tile + r * kPackAlign);
+  dword_group_rest<Lanes, CG, V, R - 1>(s, b, oh, ow0 + r, rows - r, c0, tile + r * kPackAlign);
 }
 
 // The grouped int8_conv2d of dword_kernel_takes: x channels-last uint8 bytes, w dword_weight's layout, the epilogue
 // as for the GEMM.
 void conv_u8s8_dword_groups(const ConvGeometry& g, const uint8_t* x, const int8_t* w, int64_t cg, uint8_t pad_byte,
                             const Epilogue& ep) {
-  DwordSource s{x, g, w, cg, {}};
+  const ScratchScope weight_scope(Scratch::Weights);
+  if (cg <= 8) {
+    auto* lanes = reinterpret_cast<int8_t*>(
+        scratch_buffer(Scratch::Weights, dword_weight_bytes(g.channels, cg, g.kh * g.kw)));
+    group_lane_weight(w, g.channels, cg, g.kh * g.kw, lanes);
+    w = lanes;
+  }
+  DwordSource s{x, g, w, {}};
   std::memset(s.pad, pad_byte, sizeof(s.pad));
   const RowSplit split = split_row(g, std::numeric_limits<int64_t>::max());
   const SegmentWork work{split.segments, split.segment_len, 0, g.kh * g.kw * cg};
   for_each_segment(g, work, ep, CpuIsa::Avx512Vnni, [&](int64_t b, int64_t oh, int64_t ow0, int64_t rows, int64_t c0,
                                                        int64_t ncols, int32_t* tile, void*) {
-    if (cg == 8) {  // whole vectors: the channels are a multiple of the group's
-      switch (ncols / 8) {
-        case 8: return dword_group_segment<8, 8>(s, b, oh, ow0, rows, c0, tile);
-        case 7: return dword_group_segment<8, 7>(s, b, oh, ow0, rows, c0, tile);
-        case 6: return dword_group_segment<8, 6>(s, b, oh, ow0, rows, c0, tile);
-        case 5: return dword_group_segment<8, 5>(s, b, oh, ow0, rows, c0, tile);
-        case 4: return dword_group_segment<8, 4>(s, b, oh, ow0, rows, c0, tile);
-        case 3: return dword_group_segment<8, 3>(s, b, oh, ow0, rows, c0, tile);
-        case 2: return dword_group_segment<8, 2>(s, b, oh, ow0, rows, c0, tile);
-        default: return dword_group_segment<8, 1>(s, b, oh, ow0, rows, c0, tile);
+    if (cg == 4) {  // whole vectors: the channels are a multiple of 16
+      switch (ncols / 16) {
+        case 4: return dword_group_segment<QuadLanes, 4, 4>(s, b, oh, ow0, rows, c0, tile);
+        case 3: return dword_group_segment<QuadLanes, 4, 3>(s, b, oh, ow0, rows, c0, tile);
+        case 2: return dword_group_segment<QuadLanes, 4, 2>(s, b, oh, ow0, rows, c0, tile);
+        default: return dword_group_segment<QuadLanes, 4, 1>(s, b, oh, ow0, rows, c0, tile);
       }
     }
-    switch (ncols / 16) {
-      case 4: return dword_group_segment<16, 4>(s, b, oh, ow0, rows, c0, tile);
-      case 3: return dword_group_segment<16, 3>(s, b, oh, ow0, rows, c0, tile);
-      case 2: return dword_group_segment<16, 2>(s, b, oh, ow0, rows, c0, tile);
-      default: return dword_group_segment<16, 1>(s, b, oh, ow0, rows, c0, tile);
+    if (cg == 8) {  // whole vectors: the channels are a multiple of the group's
+      switch (ncols / 8) {
+        case 8: return dword_group_segment<QwordLanes, 8, 8>(s, b, oh, ow0, rows, c0, tile);
+        case 7: return dword_group_segment<QwordLanes, 8, 7>(s, b, oh, ow0, rows, c0, tile);
+        case 6: return dword_group_segment<QwordLanes, 8, 6>(s, b, oh, ow0, rows, c0, tile);
+        case 5: return dword_group_segment<QwordLanes, 8, 5>(s, b, oh, ow0, rows, c0, tile);
+        case 4: return dword_group_segment<QwordLanes, 8, 4>(s, b, oh, ow0, rows, c0, tile);
+        case 3: return dword_group_segment<QwordLanes, 8, 3>(s, b, oh, ow0, rows, c0, tile);
+        case 2: return dword_group_segment<QwordLanes, 8, 2>(s, b, oh, ow0, rows, c0, tile);
+        default: return dword_group_segment<QwordLanes, 8, 1>(s, b, oh, ow0, rows, c0, tile);
+      }
     }
+    if (cg == 16) {
+      switch (ncols / 16) {
+        case 4: return dword_group_segment<DwordLanes, 16, 4>(s, b, oh, ow0, rows, c0, tile);
+        case 3: return dword_group_segment<DwordLanes, 16, 3>(s, b, oh, ow0, rows, c0, tile);
+        case 2: return dword_group_segment<DwordLanes, 16, 2>(s, b, oh, ow0, rows, c0, tile);
+        default: return dword_group_segment<DwordLanes, 16, 1>(s, b, oh, ow0, rows, c0, tile);
+      }
+    }
+    if (ncols == 64) return dword_group_segment<DwordLanes, 32, 4>(s, b, oh, ow0, rows, c0, tile);
+    return dword_group_segment<DwordLanes, 32, 2>(s, b, oh, ow0, rows, c0, tile);
   });
 }
 
@@ -1045,8 +1104,9 @@ constexpr int64_t kPairGroupColumns = 64;  // input columns a work item widens w
 constexpr int kPairGroupPixels = 6;        // 12 accumulators, 2 weight vectors and a broadcast: 15 of 16 registers
 
 // Whether the AVX2 pair kernel takes a conv of groups of cg input and ocg output channels: groups of 4 (two groups'
-// broadcasts for the 8 output channels of a call; their layout is made per call), 8 or 16. The GEMM's widened
-// kernel outruns it at 32 (ResNeXt-50's 1024 -> 1024 at 7x7: 0.23 against 0.27 ms).
+// broadcasts for the 8 output channels of a call; the layout is made per call where the dword kernel does not take
+// them), 8 or 16. The GEMM's widened kernel outruns it at 32 (ResNeXt-50's 1024 -> 1024 at 7x7: 0.23 against
+// 0.27 ms).
 bool pair_kernel_takes(int64_t groups, int64_t cg, int64_t ocg) {
   return groups > 1 && ocg == cg && (cg == 4 || cg == 8 || cg == 16);
 }
@@ -1221,7 +1281,7 @@ const int8_t* conv_weight_extras(const at::Tensor& w_packed, const PackedWeightL
 int64_t conv_weight_extra_bytes(at::IntArrayRef w) {
   if (w.size() != 5) return 0;
   const int64_t groups = w[0], n = w[1], kh = w[2], kw = w[3], run = kw * w[4], padded_run = round_up(run, 4);
-  // the depthwise kernel's passes, then the dword kernel's layout (groups of 8 take either)
+  // the depthwise kernel's passes, then the dword kernel's layout (groups of 4 and 8 take either)
   const int64_t passes = depthwise_passes(groups, w[4], n);
   const int64_t dword_bytes = dword_kernel_takes(groups, w[4], n) ? dword_weight_bytes(groups * n, n, kh * kw) : 0;
   if (passes > 0 || dword_bytes > 0) return passes * depthwise_extra_bytes(groups * n, kh, kw) + dword_bytes;
@@ -1265,7 +1325,7 @@ void conv_cpu(const ConvFront& f, const at::Tensor& x_q, int64_t x_zero_point, c
   const int64_t run = g.kw * cg, padded_run = round_up(run, 4);
   bool amx = false;
   const CpuIsa isa = cpu_isa(&amx);
-  // grouped convs of as many channels in as out per group: the dword kernel (AVX-512, groups of 8 to 32) or the pair
+  // grouped convs of as many channels in as out per group: the dword kernel (AVX-512, groups of 4 to 32) or the pair
   // kernel (AVX2, groups of 4 to 16), else the depthwise kernel's passes (groups of 2 to 8) where they take them
   const bool dword_grouped = isa == CpuIsa::Avx512Vnni && flip == 0 && dword_kernel_takes(groups, cg, ocg);
   const bool pair_grouped = isa == CpuIsa::Avx2 && pair_kernel_takes(groups, cg, ocg);
