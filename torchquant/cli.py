@@ -18,6 +18,7 @@ from torchquant._cli_io import (UsageError, atomic_output, batches_of, check_out
                                 factory_sources, holds_quantized_model, load_inputs, load_model, same_file, _one_line)
 from torchquant._ops import ROUNDINGS
 from torchquant.config import DEFAULT_PRESET, PRESETS, WEIGHT_GRANULARITIES
+from torchquant.io import dtype_name
 from torchquant.observers import OBSERVERS
 from torchquant.timing import num_threads
 
@@ -234,13 +235,9 @@ def _check_fits(model, batch: torch.Tensor, option: str, path: str) -> torch.Ten
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
         hint = ""
         if batch.is_floating_point() and dtype is not None and batch.dtype != dtype:
-            hint = f" (the model's parameters are {_dtype_name(dtype)}: save the inputs as {_dtype_name(dtype)})"
-        raise UsageError(f"{option}: a batch of shape {list(batch.shape)} ({_dtype_name(batch.dtype)}) from {path} "
+            hint = f" (the model's parameters are {dtype_name(dtype)}: save the inputs as {dtype_name(dtype)})"
+        raise UsageError(f"{option}: a batch of shape {list(batch.shape)} ({dtype_name(batch.dtype)}) from {path} "
                          f"does not fit the model: {_one_line(exc)}{hint}") from exc
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 class _Job:

@@ -448,8 +448,9 @@ def _value_checks(model: nn.Module, tensors: dict) -> dict[str, Callable]:
     return checks
 
 
-def _dtype(t: torch.Tensor) -> str:
-    return str(t.dtype).removeprefix("torch.")
+def dtype_name(dtype: torch.dtype) -> str:
+    """'float32' for torch.float32: how messages name a dtype."""
+    return str(dtype).removeprefix("torch.")
 
 
 def _check_tensors(path: str, model: nn.Module, tensors: dict) -> None:
@@ -464,8 +465,8 @@ def _check_tensors(path: str, model: nn.Module, tensors: dict) -> None:
     for key, want in expected.items():
         got = tensors[key]
         if got.dtype != want.dtype or got.shape != want.shape:
-            raise ValueError(f"load: {path} does not fit the model: tensor {key!r} is {_dtype(got)} "
-                             f"{list(got.shape)}, the model expects {_dtype(want)} "
+            raise ValueError(f"load: {path} does not fit the model: tensor {key!r} is {dtype_name(got.dtype)} "
+                             f"{list(got.shape)}, the model expects {dtype_name(want.dtype)} "
                              f"{list(want.shape)}")
     for key, check in _value_checks(model, tensors).items():
         problem = check(tensors[key])
@@ -498,8 +499,9 @@ def check_before_load(model: nn.Module, state_dict: dict, prefix: str, local_met
         if got.shape != want.shape and not (want.dim() == 0 and got.shape == (1,)):
             refuse(key, f"is {list(got.shape)}, the model expects {list(want.shape)}")
         if assign and got.dtype != want.dtype:
-            refuse(key, f"is {_dtype(got)}, the model expects {_dtype(want)} (load_state_dict(assign=True) stores "
-                        f"the state dict's tensors as they are: cast them, or load without assign)")
+            refuse(key, f"is {dtype_name(got.dtype)}, the model expects {dtype_name(want.dtype)} "
+                        f"(load_state_dict(assign=True) stores the state dict's tensors as they are: cast them, or "
+                        f"load without assign)")
         local[key] = got.to(want.dtype)  # the values checked are those the copy stores
     for key, check in _value_checks(model, local).items():
         problem = check(local[key]) if key in local and not local[key].is_meta else None  # (meta: no values)
