@@ -1327,7 +1327,8 @@ void conv_cpu(const ConvFront& f, const at::Tensor& x_q, int64_t x_zero_point, c
   const CpuIsa isa = cpu_isa(&amx);
   // grouped convs of as many channels in as out per group: the dword kernel (AVX-512, groups of 4 to 32) or the pair
   // kernel (AVX2, groups of 4 to 16), else the depthwise kernel's passes (groups of 2 to 8) where they take them
-  const bool dword_grouped = isa == CpuIsa::Avx512Vnni && flip == 0 && dword_kernel_takes(groups, cg, ocg);
+  const bool dword_layout = dword_kernel_takes(groups, cg, ocg);  // packed with the weight (extras) if it was
+  const bool dword_grouped = isa == CpuIsa::Avx512Vnni && flip == 0 && dword_layout;
   const bool pair_grouped = isa == CpuIsa::Avx2 && pair_kernel_takes(groups, cg, ocg);
   const int64_t passes = depthwise_passes(groups, cg, ocg);
   const bool depthwise = passes > 0 && !dword_grouped && !pair_grouped;
@@ -1377,7 +1378,7 @@ void conv_cpu(const ConvFront& f, const at::Tensor& x_q, int64_t x_zero_point, c
   ep.residual = residual;
   if (dword_grouped || pair_grouped) {
     std::vector<int8_t> derived;  // for a weight packed without the layout (as a matrix viewed as the conv weight)
-    if (extras != nullptr && dword_kernel_takes(groups, cg, ocg)) {  // after the passes' layouts, if any
+    if (extras != nullptr && dword_layout) {  // after the passes' layouts, if any
       extras += passes * depthwise_extra_bytes(g.channels, g.kh, g.kw);
     } else {
       derived.resize(dword_weight_bytes(g.channels, cg, g.kh * g.kw));
