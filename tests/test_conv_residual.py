@@ -15,7 +15,8 @@ from torchquant._ops import ops
 from conftest import assert_same, randint8
 
 # batch, in_ch, h, w, out_ch, kernel, stride, padding, dilation, groups: each reaches one conv path of the CPU kernel
-# for a uint8 input (an int8 input takes the GEMM on im2col rows, except depthwise and, on AVX2, grouped)
+# for a uint8 input (an int8 input takes the GEMM on im2col rows, except depthwise and grouped ones of 2 to 8 channels
+# a group: the depthwise kernel's passes, on AVX2 the pair kernel for 4 to 16)
 CONVS = {
     "pointwise": (2, 16, 7, 9, 24, (1, 1), 1, 0, 1, 1),           # the GEMM on the input itself, a partial panel
     "pointwise-full-panels": (1, 32, 5, 6, 128, (1, 1), 1, 0, 1, 1),  # the fused AVX-512 kernel, two panels
@@ -28,8 +29,9 @@ CONVS = {
     "depthwise": (2, 70, 6, 9, 70, (3, 3), 1, 1, 1, 70),         # a full and a partial 64-channel block
     "grouped": (1, 72, 6, 7, 72, (3, 3), 1, 1, 1, 18),           # 4 channels a group: the depthwise kernel's passes
                                                                   # (AVX2: the pair kernel)
-    "grouped-4": (1, 80, 5, 6, 80, (3, 3), 1, 1, 1, 20),          # 4 a group, groups a multiple of 4: uint8 on
-                                                                  # AVX-512 the dword kernel's transposed lanes
+    "grouped-4": (1, 80, 5, 7, 80, (3, 3), 1, 1, 1, 20),          # 4 a group, groups a multiple of 4: uint8 on
+                                                                  # AVX-512 the dword kernel's transposed lanes (rows
+                                                                  # of 6 + 1 pixels)
     "grouped-8": (1, 104, 5, 6, 104, (3, 3), 1, 1, 1, 13),        # 8 a group: AVX2 the pair kernel, AVX-512 the
                                                                   # dword kernel's pairs of lanes, 13 vectors
     "grouped-16": (1, 64, 6, 7, 64, (3, 3), 1, 1, 1, 4),          # 16 a group: uint8 on AVX-512 the dword kernel
@@ -101,8 +103,9 @@ def test_int8_conv2d_residual_matches_the_reference(device, isa, conv, x_dtype, 
 
 
 @pytest.mark.parametrize("streamed", [False, True], ids=["cached", "streamed"])
-@pytest.mark.parametrize("conv", [CONVS[name] for name in ("pointwise-full-panels", "direct", "depthwise", "grouped")],
-                         ids=["pointwise", "direct", "depthwise", "grouped"])
+@pytest.mark.parametrize("conv", [CONVS[name] for name in ("pointwise-full-panels", "direct", "depthwise", "grouped",
+                                                            "grouped-4", "grouped-8")],
+                         ids=["pointwise", "direct", "depthwise", "grouped", "grouped-4", "grouped-8"])
 def test_int8_conv2d_residual_with_clamp_and_streaming(isa, monkeypatch, streamed, conv):
     """The layer's activation clamp applies to y before the add; streaming stores write the same bytes."""
     if streamed:

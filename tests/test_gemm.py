@@ -562,7 +562,8 @@ CONVS = [  # batch, in_ch, h, w, out_ch, kernel, stride, padding, dilation, grou
     (1, 16, 3, 300, 16, (1, 3), (1, 6), (0, 1), 1, 16),  # stride 6: 2 segments of <= 256 input columns, not 1
     (1, 8, 3, 300, 8, (1, 3), 1, (0, 130), (1, 130), 8),  # windows 261 columns wide: one pixel per segment
     (1, 20, 5, 5, 40, (3, 3), 1, 1, 1, 20),     # channel multiplier 2: the GEMM
-    # grouped, 2 / 4 / 8 channels in and out per group: passes of the depthwise kernel
+    # grouped, 2 / 4 / 8 channels in and out per group: passes of the depthwise kernel (int8 inputs; uint8 on AVX-512
+    # with 4 or 8 a group, in multiples of 4 groups for 4: the dword kernel)
     (2, 128, 7, 9, 128, (3, 3), 1, 1, 1, 32),   # ResNeXt-style: 4 channels a group, two 64-channel blocks
     (1, 24, 9, 10, 24, (3, 3), 2, 1, 1, 3),     # 8 a group (uint8 on AVX-512: the dword kernel), stride 2
     (2, 10, 6, 11, 10, (1, 1), 1, 0, 1, 5),     # 2 a group, 1x1
@@ -648,8 +649,9 @@ def test_int8_conv2d_depthwise_channels(isa, packing, channels, batch, size, str
 # (widened input columns); packed by pack_conv_weight with those kernels' layouts, or as a matrix (the kernels derive
 # them). Channel counts around the 16-byte lanes and the 32- and 64-channel blocks (a last block of 1 to 7 vectors).
 @pytest.mark.parametrize("packing", ["conv", "matrix"])
-@pytest.mark.parametrize("per_group,groups", [(2, 9), (4, 4), (4, 17), (8, 2), (8, 3), (8, 5), (8, 7), (8, 9), (4, 48),
-                                              (16, 2), (16, 5), (16, 7), (32, 2), (32, 3)])
+@pytest.mark.parametrize("per_group,groups", [(2, 9), (4, 4), (4, 8), (4, 17), (4, 28), (4, 48), (8, 2), (8, 3), (8, 4),
+                                              (8, 5), (8, 6), (8, 7), (8, 9), (16, 2), (16, 5), (16, 7), (32, 2),
+                                              (32, 3)])
 @pytest.mark.parametrize("batch,size,stride,padding", [(1, 5, 1, 1), (3, 9, 2, 1), (2, 7, 2, 0)])
 @pytest.mark.parametrize("x_dtype,x_zp", [(torch.uint8, 77), (torch.int8, -5)])
 def test_int8_conv2d_grouped_passes(isa, packing, per_group, groups, batch, size, stride, padding, x_dtype, x_zp):
@@ -675,7 +677,8 @@ def test_int8_conv2d_grouped_passes(isa, packing, per_group, groups, batch, size
 # last block of 12 and of 52 channels: the 16-channel loop, then 8 or 4). The AVX-512 dword kernel (uint8) reads a
 # pixel's bytes at each tap in place, a zero-point vector for taps outside: the same geometries, groups of 4 in
 # multiples of 4 (a last block of 16 channels) on its transposed lanes, of 8 on its pairs of lanes.
-@pytest.mark.parametrize("per_group,groups", [(4, 3), (4, 13), (4, 20), (8, 2), (8, 11), (16, 5), (32, 2)])
+@pytest.mark.parametrize("per_group,groups", [(4, 3), (4, 13), (4, 20), (4, 24), (8, 2), (8, 11), (8, 14), (16, 5),
+                                              (32, 2)])
 @pytest.mark.parametrize("kernel,stride,padding,dilation,width", [((3, 5), 1, (1, 2), 1, 150), ((3, 3), 2, 1, 1, 141),
                                                                   ((5, 1), 1, (2, 0), 2, 11), ((1, 3), 1, 0, 40, 90),
                                                                   ((2, 2), 3, 1, 2, 9)])

@@ -1,7 +1,7 @@
 // CPU int8_conv2d (schema in csrc/ops.cpp): channels-last input, im2col rows ordered (kh, kw, c) per group produced
 // by the int8 GEMM of gemm_core as it needs them (or, on AVX-512, the direct conv of gemm_core for uint8 inputs of a
 // multiple of 4 channels and full weight panels; for other uint8 convs with up to two weight panels, window rows read
-// in place by conv_u8s8_in_place; depthwise convs, and grouped ones of 2, 4 or 8 channels a group: a direct kernel
+// in place by conv_u8s8_in_place; depthwise convs, and grouped ones of 2 to 32 channels a group: the direct kernels
 // below), and the GEMM's epilogue writing the channels-last output directly.
 #include "cpu/simd.h"  // first: see there
 #include "check.h"
@@ -296,7 +296,8 @@ namespace {
 // channels of an output pixel (a tile row) are acc[c] = sum over taps of x_u8[tap pixel][c] * w[c][tap], taps
 // outside the input reading the zero point, the same sums the GEMM forms; the GEMM's epilogue then finishes them.
 //
-// A grouped conv of G channels in and out per group (G = 2, 4 or 8; ResNeXt's and RegNet's 3x3 convs) runs as
+// A grouped conv of G channels in and out per group (G = 2, 4 or 8; ResNeXt's and RegNet's 3x3 convs) where the
+// dword and pair kernels below do not take it (2 a group; int8 inputs on AVX-512; the scalar path) runs as
 // G such passes summed in the tile: pass i gives output channel c the taps of input channel (c & -G) + i, the byte
 // of its group picked within 16-byte lanes as each input row is loaded, against weight w[c][i][tap]. The GEMM ran a
 // 64-column panel for each group's G columns (16x the multiplies at G = 4: 0.27x float on a ResNeXt block).
@@ -1045,6 +1046,9 @@ TQ_TARGET_VNNI void dword_group_segment(const DwordSource& s, int64_t b, int64_t
 // as for the GEMM.
 void conv_u8s8_dword_groups(const ConvGeometry& g, const uint8_t* x, const int8_t* w, int64_t cg, uint8_t pad_byte,
                             const Epilogue& ep) {
+  // whole vectors in every block (a partial one would leave tile columns unwritten)
+  TORCH_INTERNAL_ASSERT(g.channels % (cg == 4 ? 16 : cg) == 0 && dword_kernel_takes(g.channels / cg, cg, cg));
+  // w is never in this slot: conv_cpu's weights there are padded kernel rows, for ungrouped convs only
   const ScratchScope weight_scope(Scratch::Weights);
   if (cg <= 8) {
     auto* lanes = reinterpret_cast<int8_t*>(
@@ -1281,7 +1285,8 @@ const int8_t* conv_weight_extras(const at::Tensor& w_packed, const PackedWeightL
 int64_t conv_weight_extra_bytes(at::IntArrayRef w) {
   if (w.size() != 5) return 0;
   const int64_t groups = w[0], n = w[1], kh = w[2], kw = w[3], run = kw * w[4], padded_run = round_up(run, 4);
-  // the depthwise kernel's passes, then the dword kernel's layout (groups of 4 and 8 take either)
+  // the depthwise kernel's passes, then the dword kernel's layout (groups of 8, and of 4 in multiples of 4 groups,
+  // take either)
   const int64_t passes = depthwise_passes(groups, w[4], n);
   const int64_t dword_bytes = dword_kernel_takes(groups, w[4], n) ? dword_weight_bytes(groups * n, n, kh * kw) : 0;
   if (passes > 0 || dword_bytes > 0) return passes * depthwise_extra_bytes(groups * n, kh, kw) + dword_bytes;
@@ -1325,8 +1330,9 @@ void conv_cpu(const ConvFront& f, const at::Tensor& x_q, int64_t x_zero_point, c
   const int64_t run = g.kw * cg, padded_run = round_up(run, 4);
   bool amx = false;
   const CpuIsa isa = cpu_isa(&amx);
-  // grouped convs of as many channels in as out per group: the dword kernel (AVX-512, groups of 4 to 32) or the pair
-  // kernel (AVX2, groups of 4 to 16), else the depthwise kernel's passes (groups of 2 to 8) where they take them
+  // grouped convs of as many channels in as out per group: the dword kernel (AVX-512, uint8, groups of 4 to 32) or
+  // the pair kernel (AVX2, groups of 4 to 16), else the depthwise kernel's passes (groups of 2 to 8) where they take
+  // them
   const bool dword_layout = dword_kernel_takes(groups, cg, ocg);  // packed with the weight (extras) if it was
   const bool dword_grouped = isa == CpuIsa::Avx512Vnni && flip == 0 && dword_layout;
   const bool pair_grouped = isa == CpuIsa::Avx2 && pair_kernel_takes(groups, cg, ocg);
