@@ -1037,6 +1037,18 @@ template <class Lanes, int CG, int V>
 TQ_TARGET_VNNI void dword_group_segment(const DwordSource& s, int64_t b, int64_t oh, int64_t ow0, int64_t rows,
                                         int64_t c0, int32_t* tile) {
   constexpr int R = kDwordPixels<Lanes>;
+  // every input line the segment's windows read, asked for at once: from L3 (at batch 8 the input outgrows L2) the
+  // first tap to reach each one stalled on it in turn (ResNeXt-50's 512 -> 512 at batch 8: 0.97-1.35 -> 0.89-0.94 ms)
+  const ConvGeometry& g = s.g;
+  const int64_t iw_first = std::max<int64_t>(ow0 * g.stride_w - g.pad_w, 0);
+  const int64_t iw_last = std::min((ow0 + rows - 1) * g.stride_w - g.pad_w + (g.kw - 1) * g.dil_w, g.width - 1);
+  for (int64_t i = 0; i < g.kh; ++i) {
+    const int64_t ih = oh * g.stride_h - g.pad_h + i * g.dil_h;
+    if (ih < 0 || ih >= g.height) continue;
+    for (int64_t iw = iw_first; iw <= iw_last; ++iw)
+      _mm_prefetch(reinterpret_cast<const char*>(s.x + ((b * g.height + ih) * g.width + iw) * g.channels + c0),
+                   _MM_HINT_T0);
+  }
   int64_t r = 0;
   for (; r + R <= rows; r += R) dword_group_pixels<Lanes, CG, R, V>(s, b, oh, ow0 + r, c0, tile + r * kPackAlign);
   dword_group_rest<Lanes, CG, V, R - 1>(s, b, oh, ow0 + r, rows - r, c0, tile + r * kPackAlign);
