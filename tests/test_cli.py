@@ -63,6 +63,8 @@ def work(tmp_path_factory):
               path / "eval.safetensors")
     torch.save(torch.randn(8, 3, 8, 8), path / "calib_wrong_shape.pt")
     torch.save(data.train_x[:16].double(), path / "calib_float64.pt")
+    torch.save(data.train_x[:16, 0].clone(), path / "calib_rank3.pt")  # [16, 8, 8]: the channel dim left out
+    torch.save((data.train_x[:16] * 16).to(torch.uint8), path / "calib_uint8.pt")
     torch.save({"inputs": data.test_x[:10].clone(), "labels": data.test_y[:9].clone()}, path / "eval_bad_labels.pt")
     torch.save((data.test_x[:4].clone(), torch.tensor([0, 1, 2, 12])), path / "eval_label_range.pt")
     torch.save(data.train_x[:8].to_sparse(), path / "calib_sparse.pt")
@@ -413,6 +415,16 @@ ERROR_CASES = {
     "calibration in float64": (["convert", FACTORY, "--calib", "calib_float64.pt"] + GOOD,
                                ["(float64) from calib_float64.pt", "the model's parameters are float32: save the inputs "
                                 "as float32"]),
+    "calibration without the channel dim": (["convert", FACTORY, "--calib", "calib_rank3.pt"] + GOOD,
+                                            ["a batch of shape [16, 8, 8]", "the model's first conv, Conv2d, takes 4-D "
+                                             "batches; this one is 3-D"]),
+    "calibration in uint8": (["convert", FACTORY, "--calib", "calib_uint8.pt"] + GOOD,
+                             ["(uint8) from calib_uint8.pt", "the model computes in float32: save the inputs as "
+                              "float32, e.g. images as x.float() / 255"]),
+    "pipeline with 1-bit activations": (["convert", FACTORY, "--config", "int8-pipeline", "--act-bits", "1",
+                                         "--calib", "calib.pt"] + GOOD,
+                                        ["integer_pipeline=True needs static activations of 2 to 8 bits rounded to "
+                                         "nearest, got 1-bit static activations rounded by 'nearest'"]),
     "missing calibration": (["convert", FACTORY, "--calib", "nope.pt"] + GOOD, ["--calib: no such file"]),
     "truncated calibration": (["convert", FACTORY, "--calib", "truncated.safetensors"] + GOOD, ["--calib"]),
     "labels of the wrong length": (["report", FACTORY, "--eval", "eval_bad_labels.pt"] + GOOD,

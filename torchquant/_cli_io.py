@@ -371,7 +371,7 @@ def load_inputs(path: str, option: str, *, want_labels: bool = False
     elif isinstance(content, (tuple, list)) and len(content) == 2:
         inputs, labels = content
     else:
-        raise UsageError(f"{option}: {path} holds {type(content).__name__}"
+        raise UsageError(f"{option}: {path} holds a {type(content).__name__}"
                          f"{' with keys ' + str(sorted(content)) if isinstance(content, Mapping) else ''}; "
                          f"expected {kinds}")
     if isinstance(inputs, torch.Tensor) and not _holds_values(inputs):

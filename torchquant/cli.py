@@ -227,14 +227,26 @@ def config_from_args(args):
         raise UsageError(f"configuration: {str(exc).removeprefix('QuantConfig: ')}") from exc
 
 
+# the dims of a batch for a conv (one more than its unbatched input, which torch also takes and misreads a batch as)
+_BATCH_DIMS = {torch.nn.Conv1d: 3, torch.nn.Conv2d: 4, torch.nn.Conv3d: 5}
+
+
 def _check_fits(model, batch: torch.Tensor, option: str, path: str) -> torch.Tensor:
     try:
         with torch.no_grad():
             return model(batch)
     except Exception as exc:
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+        conv, dims = next(((m, d) for m in model.modules() for t, d in _BATCH_DIMS.items() if isinstance(m, t)),
+                          (None, None))
         hint = ""
-        if batch.is_floating_point() and dtype is not None and batch.dtype != dtype:
+        if conv is not None and batch.dim() != dims:
+            hint = f" (the model's first conv, {type(conv).__name__}, takes {dims}-D batches; this one is " \
+                   f"{batch.dim()}-D)"
+        elif not batch.is_floating_point() and dtype is not None:
+            hint = (f" (the model computes in {dtype_name(dtype)}: save the inputs as {dtype_name(dtype)}, "
+                    f"e.g. images as x.float() / 255)")
+        elif batch.is_floating_point() and dtype is not None and batch.dtype != dtype:
             hint = f" (the model's parameters are {dtype_name(dtype)}: save the inputs as {dtype_name(dtype)})"
         raise UsageError(f"{option}: a batch of shape {list(batch.shape)} ({dtype_name(batch.dtype)}) from {path} "
                          f"does not fit the model: {_one_line(exc)}{hint}") from exc

@@ -210,8 +210,10 @@ class QuantConfig:
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"QuantConfig: {name} must be a bool, got {type(getattr(self, name)).__name__}")
         if self.integer_pipeline and (a is None or a.dynamic or a.bits < 2 or a.rounding != "nearest"):
+            given = "float activations" if a is None else \
+                f"{a.bits}-bit {'dynamic' if a.dynamic else 'static'} activations rounded by {a.rounding!r}"
             raise ValueError("QuantConfig: integer_pipeline=True needs static activations of 2 to 8 bits rounded to "
-                             "nearest (activation=QuantSpec(bits=8, dynamic=False, rounding='nearest', ...))")
+                             f"nearest, got {given}")
         if self.integer_output and not self.integer_pipeline:
             raise ValueError("QuantConfig: integer_output=True needs integer_pipeline=True")
 
