@@ -436,7 +436,8 @@ def test_folded_batchnorm1d_needs_2d_input(preset):
                          [torch.randn(3, 6)], progress=False)
     for layer in (model, tq.convert(copy.deepcopy(model))):
         with pytest.raises(ValueError, match=r"folded BatchNorm1d needs 2-D input \[batch, features\], got "
-                                             r"\[2, 4, 6\] \(to keep '1' a BatchNorm, .*fold_bn=False"):
+                                             r"\[2, 4, 6\] \(where inputs of that shape are meant, prepare with "
+                                             r"QuantConfig\(fold_bn=False\) to keep '1' a BatchNorm\)"):
             layer(torch.randn(2, 4, 6))
         assert layer(torch.randn(3, 6)).shape == (3, 4)
 

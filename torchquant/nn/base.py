@@ -327,8 +327,8 @@ class QuantLayerBase(nn.Module):
                      4: "[batch, channels, height, width]"}[len(self.weight_shape)]
             bn = f"BatchNorm{len(self.weight_shape) - 2 or 1}d"
             raise ValueError(f"{type(self).__name__}: a folded {bn} needs {len(self.weight_shape)}-D input {batch}, "
-                             f"got {list(x.shape)} (to keep {self.folded_bn!r} a BatchNorm, prepare with "
-                             f"QuantConfig(fold_bn=False))")
+                             f"got {list(x.shape)} (where inputs of that shape are meant, prepare with "
+                             f"QuantConfig(fold_bn=False) to keep {self.folded_bn!r} a BatchNorm)")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_folded_input(x)
