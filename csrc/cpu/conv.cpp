@@ -1054,6 +1054,16 @@ TQ_TARGET_VNNI void dword_group_segment(const DwordSource& s, int64_t b, int64_t
   dword_group_rest<Lanes, CG, V, R - 1>(s, b, oh, ow0 + r, rows - r, c0, tile + r * kPackAlign);
 }
 
+// The segment for the block's v vectors of Lanes::kChannels channels (whole vectors, at most V).
+template <class Lanes, int CG, int V>
+TQ_TARGET_VNNI void dword_group_vectors(const DwordSource& s, int64_t v, int64_t b, int64_t oh, int64_t ow0,
+                                        int64_t rows, int64_t c0, int32_t* tile) {
+  if constexpr (V > 1) {
+    if (v < V) return dword_group_vectors<Lanes, CG, V - 1>(s, v, b, oh, ow0, rows, c0, tile);
+  }
+  dword_group_segment<Lanes, CG, V>(s, b, oh, ow0, rows, c0, tile);
+}
+
 // The grouped int8_conv2d of dword_kernel_takes: x channels-last uint8 bytes, w dword_weight's layout, the epilogue
 // as for the GEMM.
 void conv_u8s8_dword_groups(const ConvGeometry& g, const uint8_t* x, const int8_t* w, int64_t cg, uint8_t pad_byte,
@@ -1074,36 +1084,10 @@ void conv_u8s8_dword_groups(const ConvGeometry& g, const uint8_t* x, const int8_
   const SegmentWork work{split.segments, split.segment_len, 0, g.kh * g.kw * cg};
   for_each_segment(g, work, ep, CpuIsa::Avx512Vnni, [&](int64_t b, int64_t oh, int64_t ow0, int64_t rows, int64_t c0,
                                                        int64_t ncols, int32_t* tile, void*) {
-    if (cg == 4) {  // whole vectors: the channels are a multiple of 16
-      switch (ncols / 16) {
-        case 4: return dword_group_segment<QuadLanes, 4, 4>(s, b, oh, ow0, rows, c0, tile);
-        case 3: return dword_group_segment<QuadLanes, 4, 3>(s, b, oh, ow0, rows, c0, tile);
-        case 2: return dword_group_segment<QuadLanes, 4, 2>(s, b, oh, ow0, rows, c0, tile);
-        default: return dword_group_segment<QuadLanes, 4, 1>(s, b, oh, ow0, rows, c0, tile);
-      }
-    }
-    if (cg == 8) {  // whole vectors: the channels are a multiple of the group's
-      switch (ncols / 8) {
-        case 8: return dword_group_segment<QwordLanes, 8, 8>(s, b, oh, ow0, rows, c0, tile);
-        case 7: return dword_group_segment<QwordLanes, 8, 7>(s, b, oh, ow0, rows, c0, tile);
-        case 6: return dword_group_segment<QwordLanes, 8, 6>(s, b, oh, ow0, rows, c0, tile);
-        case 5: return dword_group_segment<QwordLanes, 8, 5>(s, b, oh, ow0, rows, c0, tile);
-        case 4: return dword_group_segment<QwordLanes, 8, 4>(s, b, oh, ow0, rows, c0, tile);
-        case 3: return dword_group_segment<QwordLanes, 8, 3>(s, b, oh, ow0, rows, c0, tile);
-        case 2: return dword_group_segment<QwordLanes, 8, 2>(s, b, oh, ow0, rows, c0, tile);
-        default: return dword_group_segment<QwordLanes, 8, 1>(s, b, oh, ow0, rows, c0, tile);
-      }
-    }
-    if (cg == 16) {
-      switch (ncols / 16) {
-        case 4: return dword_group_segment<DwordLanes, 16, 4>(s, b, oh, ow0, rows, c0, tile);
-        case 3: return dword_group_segment<DwordLanes, 16, 3>(s, b, oh, ow0, rows, c0, tile);
-        case 2: return dword_group_segment<DwordLanes, 16, 2>(s, b, oh, ow0, rows, c0, tile);
-        default: return dword_group_segment<DwordLanes, 16, 1>(s, b, oh, ow0, rows, c0, tile);
-      }
-    }
-    if (ncols == 64) return dword_group_segment<DwordLanes, 32, 4>(s, b, oh, ow0, rows, c0, tile);
-    return dword_group_segment<DwordLanes, 32, 2>(s, b, oh, ow0, rows, c0, tile);
+    if (cg == 4) return dword_group_vectors<QuadLanes, 4, 4>(s, ncols / 16, b, oh, ow0, rows, c0, tile);
+    if (cg == 8) return dword_group_vectors<QwordLanes, 8, 8>(s, ncols / 8, b, oh, ow0, rows, c0, tile);
+    if (cg == 16) return dword_group_vectors<DwordLanes, 16, 4>(s, ncols / 16, b, oh, ow0, rows, c0, tile);
+    dword_group_vectors<DwordLanes, 32, 4>(s, ncols / 16, b, oh, ow0, rows, c0, tile);
   });
 }
 
