@@ -1,5 +1,7 @@
 """torch.compile(converted_model, fullgraph=True) runs and matches eager (one small model: compiling is slow), and
 AOTInductor packages (torchquant.export_aoti) compute the eager numbers."""
+import dataclasses
+
 import pytest
 import torch
 import torch.nn as nn
@@ -106,6 +108,51 @@ def test_compiled_qat_with_a_folded_batchnorm_compiles_once():
     for want, got in zip(eager.parameters(), compiled.parameters()):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(compiled[0].bn.running_var, eager[0].bn.running_var)
+
+
+_STATIC = tq.QuantSpec(bits=8, signed=False, symmetric=False, granularity="per_tensor")
+
+
+@pytest.mark.parametrize("config", [
+    "int8-static",
+    tq.QuantConfig(activation=dataclasses.replace(_STATIC, observer="mse")),
+    tq.QuantConfig(weight=tq.QuantSpec(bits=4, learn_scale=True),
+                   activation=dataclasses.replace(_STATIC, learn_scale=True)),
+], ids=["minmax", "mse", "learned-scales"])
+def test_compiled_static_qat_is_one_graph_and_trains_as_eager(config):
+    # static activation observers and learned scales choose between their first and later batches by a count or a
+    # flag read as a tensor (a branch on .item() broke the graph at every quantizer): a compiled training step, and
+    # a compiled evaluation before and after calibration, are one graph each, and compute what eager ones do
+    def model():
+        torch.manual_seed(0)
+        return tq.prepare(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                                        nn.Linear(8 * 6 * 6, 4)), config)
+
+    torch.manual_seed(1)
+    batches = [(torch.randn(4, 3, 6, 6), torch.randint(0, 4, (4,))) for _ in range(4)]
+    x_eval = torch.randn(3, 3, 6, 6)
+    torch._dynamo.reset()
+    eager, compiled = model(), model()
+    with torch.no_grad():  # an uncalibrated quantizer passes its input through, compiled too
+        torch.testing.assert_close(torch.compile(compiled.eval(), backend="aot_eager", fullgraph=True)(x_eval),
+                                   eager.eval()(x_eval), rtol=0, atol=0)
+    torch._dynamo.reset()
+    step = torch.compile(compiled, backend="aot_eager", fullgraph=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for module, forward in ((eager, eager), (compiled, step)):
+            module.train()
+            optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+            for x, y in batches:
+                optimizer.zero_grad()
+                nn.functional.cross_entropy(forward(x), y).backward()
+                optimizer.step()
+    for want, got in zip(eager.state_dict().values(), compiled.state_dict().values()):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert compiled[0].input_quantizer.observer.batches == len(batches)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(compiled.eval(), backend="aot_eager", fullgraph=True)(x_eval),
+                                   eager.eval()(x_eval), rtol=1e-4, atol=1e-5)
 
 
 def test_compiled_converted_model_follows_autocast():

@@ -75,26 +75,22 @@ def _mse_range(rows: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch
 _RANGE_SHOWS_NON_FINITE = {"minmax", "moving_average", "mse"}
 
 
-def batch_range(x: torch.Tensor, spec: QuantSpec, axis: int | None = None, *,
-                synced: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """One batch's (lo, hi) float32 [C] per the spec's observer (moving_average uses min/max per batch). synced:
-    the caller waits for the device after this anyway, so a check of the range's values costs no extra wait."""
+def batch_range(x: torch.Tensor, spec: QuantSpec, axis: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch's (lo, hi) float32 [C] per the spec's observer (moving_average uses min/max per batch)."""
     rows = as_channel_rows(x, axis)
     if rows.shape[1] == 0:
         raise ValueError("observer input must not be empty")
     # NaN and inf are ignored, as choose_qparams ignores them (taken as 0, which every range holds): a min or max
     # of inf, which choose_qparams then drops, would make one inf clip everything on its side to 0, and one NaN
     # would make the whole range NaN. No torch reduction skips them (no nanmin/nanmax; a mask or torch.where is an
-    # element-wise pass too), so they are replaced: in eager mode on the CPU, or where the caller syncs anyway, only
-    # when the range shows one (no extra pass over finite data); elsewhere (a check would make the device wait), in
-    # traced graphs (no values to check) and for the percentile observer always, by an element-wise pass before the
-    # reduction.
-    check = ((rows.is_cpu or synced) and not torch.compiler.is_compiling()
-             and spec.observer in _RANGE_SHOWS_NON_FINITE)
+    # element-wise pass too), so they are replaced: in eager mode on the CPU only when the range shows one (no extra
+    # pass over finite data); on a GPU (a check would make it wait), in traced graphs (no values to check) and for
+    # the percentile observer always, by an element-wise pass before the reduction.
+    check = rows.is_cpu and not torch.compiler.is_compiling() and spec.observer in _RANGE_SHOWS_NON_FINITE
     if not check:
         rows = torch.nan_to_num(rows, nan=0.0, posinf=0.0, neginf=0.0)
     lo, hi = OBSERVERS[spec.observer].batch_range(rows, spec)
-    if check and not bool(torch.isfinite(lo).all() & torch.isfinite(hi).all()):  # (one wait for the device)
+    if check and not bool(torch.isfinite(lo).all() & torch.isfinite(hi).all()):
         lo, hi = OBSERVERS[spec.observer].batch_range(torch.nan_to_num(rows, nan=0.0, posinf=0.0, neginf=0.0), spec)
     return lo, hi
 
@@ -200,16 +196,16 @@ class Observer(Float32StateModule):
         if self.axis is not None and x.shape[self.axis] != self.lo.numel():
             raise ValueError(f"Observer: expected {self.lo.numel()} channels along axis {self.axis}, "
                              f"got {x.shape[self.axis]}")
-        lo, hi = batch_range(x, self.spec, self.axis, synced=True)  # (reading self.batches below waits)
+        lo, hi = batch_range(x, self.spec, self.axis)
         if self.sync:
             lo, hi = _sync_range(lo, hi, self.spec)
         lo, hi = lo.to(self.lo.device), hi.to(self.hi.device)
-        n = self.batches.item()
-        if n == 0:
-            self.lo.copy_(lo)
-            self.hi.copy_(hi)
-        else:
-            OBSERVERS[self.spec.observer].fold(self, lo, hi, n)
+        # the first batch's range is taken as it is, later ones folded in: selected by the count as a tensor, not
+        # branched on its value, so that a compiled training step keeps one graph (and a GPU does not wait)
+        first = self.batches == 0
+        folded_lo, folded_hi = OBSERVERS[self.spec.observer].fold(self, lo, hi)
+        self.lo.copy_(torch.where(first, lo, folded_lo))
+        self.hi.copy_(torch.where(first, hi, folded_hi))
         self.batches.add_(1)
         return x
 
@@ -226,29 +222,28 @@ class Observer(Float32StateModule):
 # ----------------------------------------------------------------------------------------------------------
 # the observers
 
-def _fold_extremes(observer: Observer, lo: torch.Tensor, hi: torch.Tensor, batches: int) -> None:
-    torch.minimum(observer.lo, lo, out=observer.lo)
-    torch.maximum(observer.hi, hi, out=observer.hi)
+def _fold_extremes(observer: Observer, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.minimum(observer.lo, lo), torch.maximum(observer.hi, hi)
 
 
-def _move_toward(running: torch.Tensor, new: torch.Tensor, weight: float) -> None:
-    """running += weight * (new - running), in place; where the difference of two finite values overflows float32
-    (ranges near its limit, of opposite signs) as running * (1 - weight) + new * weight, which cannot."""
+def _moved_toward(running: torch.Tensor, new: torch.Tensor, weight: float | torch.Tensor) -> torch.Tensor:
+    """running + weight * (new - running); where the difference of two finite values overflows float32 (ranges near
+    its limit, of opposite signs) running * (1 - weight) + new * weight, which cannot."""
     step = (new - running) * weight
     overflow = ~torch.isfinite(step) & torch.isfinite(new) & torch.isfinite(running)
-    running.copy_(torch.where(overflow, running * (1 - weight) + new * weight, running + step))
+    return torch.where(overflow, running * (1 - weight) + new * weight, running + step)
 
 
-def _fold_moving_average(observer: Observer, lo: torch.Tensor, hi: torch.Tensor, batches: int) -> None:
+def _fold_moving_average(observer: Observer, lo: torch.Tensor,
+                         hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     c = observer.spec.averaging_constant
-    _move_toward(observer.lo, lo, c)
-    _move_toward(observer.hi, hi, c)
+    return _moved_toward(observer.lo, lo, c), _moved_toward(observer.hi, hi, c)
 
 
-def _fold_mean(observer: Observer, lo: torch.Tensor, hi: torch.Tensor, batches: int) -> None:
-    """The mean of the per-batch estimates (`batches` of them folded so far)."""
-    _move_toward(observer.lo, lo, 1 / (batches + 1))
-    _move_toward(observer.hi, hi, 1 / (batches + 1))
+def _fold_mean(observer: Observer, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean of the per-batch estimates (observer.batches of them folded so far)."""
+    weight = 1 / (observer.batches + 1)
+    return _moved_toward(observer.lo, lo, weight), _moved_toward(observer.hi, hi, weight)
 
 
 @dataclass(frozen=True)
@@ -256,14 +251,14 @@ class ObserverKind:
     """One way of estimating a range.
 
     batch_range(rows [C, R] float32, spec) -> (lo, hi) [C]: one batch's range per channel.
-    fold(observer, lo, hi, batches): folds a batch's range into the observer's lo/hi buffers after the first batch
-    (which is copied); `batches` counts the batches folded before.
+    fold(observer, lo, hi) -> (lo, hi): the observer's range with a batch's range folded in (after the first batch,
+    which is taken as it is; observer.batches counts the batches folded before).
     extremes: the batch ranges are true extremes, so ranks agree on their min/max under torch.distributed (else on
     their mean).
     description: one line for --help and the docs.
     """
     batch_range: Callable[[torch.Tensor, QuantSpec], tuple[torch.Tensor, torch.Tensor]]
-    fold: Callable[[Observer, torch.Tensor, torch.Tensor, int], None]
+    fold: Callable[[Observer, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
     extremes: bool
     description: str
 

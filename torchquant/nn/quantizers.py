@@ -99,9 +99,11 @@ class WeightQuantizer(Float32StateModule):
         """(scale float32 [C], zero_point int32 [C]) the weight is quantized with now."""
         if not self.spec.learn_scale:
             return self.observed_qparams(weight)
-        if not self.initialized.item():
+        # compiled, the scale is selected by the flag rather than branched on its value (which would break the graph),
+        # and written through .data as _observe writes an input's learned scale
+        if torch.compiler.is_compiling() or not self.initialized.item():
             with torch.no_grad():
-                self.scale.copy_(self.observed_qparams(weight)[0])
+                self.scale.data.copy_(torch.where(self.initialized, self.scale, self.observed_qparams(weight)[0]))
                 self.initialized.fill_(True)
         zero_point = torch.zeros(self.scale.shape, dtype=torch.int32, device=self.scale.device)
         return self.scale, zero_point
@@ -154,13 +156,17 @@ class InputQuantizer(Float32StateModule):
 
     @torch.no_grad()
     def _observe(self, x: torch.Tensor) -> None:
-        first = not self.observer.has_data
+        """Observes x (not empty) and sets the qparams from the range: a learned scale only from the first one, then it
+        is trained (selected by the count as a tensor: a branch on its value would break a compiled step's graph)."""
+        first = self.observer.batches == 0
         self.observer(x)
-        if not self.observer.has_data or (self.spec.learn_scale and not first):
-            return  # learned scales are initialised once, then trained
-        scale, zero_point = self.observer.qparams()
-        self.scale.copy_(scale)
-        self.zero_point.copy_(zero_point)
+        scale, zero_point = qparams_from_range(self.observer.lo, self.observer.hi, self.spec)
+        if self.spec.learn_scale:
+            scale, zero_point = torch.where(first, scale, self.scale), torch.where(first, zero_point, self.zero_point)
+        # (through .data: a learned scale and its zero point rewritten with their own values keep their autograd
+        # versions, so that a graph built before, as in gradient accumulation, still runs its backward)
+        self.scale.data.copy_(scale)
+        self.zero_point.data.copy_(zero_point)
 
     def dynamic_qparams(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run-time scale: per token ([rows]) of x viewed as [rows, K], or per tensor ([1]); zero point 0. (A converted
@@ -194,14 +200,19 @@ class InputQuantizer(Float32StateModule):
                 rows = x.reshape(-1, x.shape[-1])
                 return fake_quantize_spec(rows, scale, 0, spec, 0).reshape(x.shape)
             return fake_quantize_spec(x, scale, 0, spec, None)
-        observing = self.training or self.calibrating
-        if observing:
+        if (self.training or self.calibrating) and x.numel() > 0:  # (an empty batch carries no range)
             self._observe(x)
-        # torch.export traces the observer's count as an unknown symbol: an exported quantizer is taken as
-        # calibrated (export_onnx checks that it is)
-        exporting = hasattr(torch.compiler, "is_exporting") and torch.compiler.is_exporting()
-        if not exporting and not self.observer.has_data:
-            return x
+            return self._fake_quantize_static(x, observing=True)
+        # torch.export traces the observer's count as an unknown symbol: an exported quantizer is taken as calibrated
+        # (export_onnx checks that it is)
+        if hasattr(torch.compiler, "is_exporting") and torch.compiler.is_exporting():
+            return self._fake_quantize_static(x)
+        if torch.compiler.is_compiling():  # (a branch on the count's value would break the graph)
+            return torch.where(self.observer.batches > 0, self._fake_quantize_static(x), x)
+        return self._fake_quantize_static(x) if self.observer.has_data else x
+
+    def _fake_quantize_static(self, x: torch.Tensor, observing: bool = False) -> torch.Tensor:
+        spec = self.spec
         if spec.learn_scale:
             return _LSQFakeQuantize.apply(x, floor_learned_scale(self.scale), self.zero_point, spec, None)
         if observing:  # autograd keeps this call's qparams, which the next observed call (a layer or quantizer used
