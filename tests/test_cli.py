@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -322,6 +323,26 @@ def test_report_budget_keeps_layers_float(work, tmp_path):
     assert all(not layer["quantized"] for layer in data["layers"])
     assert all(layer["note"].startswith("kept float: output SQNR") for layer in data["layers"])
     assert data["bytes_quantized"] == data["bytes_float"]
+
+
+def test_report_warns_when_the_output_is_mostly_error(work):
+    # 1-bit activations keep too little of the digits CNN's signal to be of use: the report says so, names the layer
+    # adding the most error, and says what helps
+    def report(*options):
+        result = run_cli("report", FACTORY, "--weights", work / "digits.safetensors", "--config", "int8-static",
+                         *options, "--calib", work / "calib.pt", "--repeats", "1", "--threads", "1", cwd=work,
+                         check_rc=0)
+        return result.stdout
+
+    table = report("--act-bits", "1")
+    sqnr = float(re.search(r"end-to-end output SQNR: (-?[\d.]+) dB", table).group(1))
+    assert sqnr < 6
+    worst = re.search(r"most error added by (\w+) \((-?[\d.]+) dB\)", table)
+    layers = {line.split()[0]: float(line.split()[7]) for line in table.splitlines()[2:6]}
+    assert worst and layers[worst.group(1)] == min(layers.values()) == float(worst.group(2))
+    assert f"warning: the quantized model's output is mostly error (end-to-end SQNR {sqnr:.1f} dB < 6 dB" in table
+    assert "clipping observer" in table and "--min-sqnr" in table
+    assert "mostly error" not in report()
 
 
 def test_report_writes_table_json_and_markdown(work, tmp_path):

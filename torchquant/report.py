@@ -454,6 +454,8 @@ def _build_report(float_model, quantized_model, config, calibration, evaluation,
     if batches:
         report.batch_shape = list(_first_tensor(batches[0]).shape)  # (a model of several inputs: its first)
         report.output_sqnr_db = end_to_end.sqnr_db
+        if report.output_sqnr_db < USELESS_SQNR_DB:
+            report.notes.append(_low_sqnr_warning(report))
         if model_latency is not None:
             report.latency_float_s, report.latency_quantized_s, report.latency_clock, busy = model_latency
             if busy:
@@ -469,6 +471,18 @@ def _build_report(float_model, quantized_model, config, calibration, evaluation,
             (report.eval_metric, report.eval_samples, report.eval_float, report.eval_quantized,
              report.eval_class_dim) = _evaluate(float_model, quantized_model, evaluation, progress)
     return report
+
+
+USELESS_SQNR_DB = 6.0  # below it the error's RMS is more than half the output's
+
+
+def _low_sqnr_warning(report: ModelReport) -> str:
+    worst = min((layer for layer in report.layers if layer.output_sqnr_db is not None),
+                key=lambda layer: layer.output_sqnr_db, default=None)
+    where = "" if worst is None else f"; most error added by {worst.name} ({worst.output_sqnr_db:.1f} dB)"
+    return (f"warning: the quantized model's output is mostly error (end-to-end SQNR {report.output_sqnr_db:.1f} dB "
+            f"< {USELESS_SQNR_DB:g} dB: the error's RMS over half the output's){where}; try more bits, a clipping "
+            f"observer (percentile, mse), keeping sensitive layers float (--min-sqnr) or quantization-aware training")
 
 
 def _config_dict(config: QuantConfig) -> dict:
