@@ -529,6 +529,13 @@ def test_usage_errors_from_argparse_exit_2(capsys):
             main(argv)
         assert exit_info.value.code == 2
     assert "-o/--output" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # --skip before MODEL takes it as a pattern: the error says so
+        main(["convert", "--skip", "fc2", FACTORY, "-o", "out.safetensors"])
+    assert capsys.readouterr().err.endswith("error: the following arguments are required: MODEL (--skip takes every "
+                                            "word after it as a pattern, MODEL too: give MODEL before --skip)\n")
+    with pytest.raises(SystemExit):
+        main(["convert", FACTORY])
+    assert "--skip takes" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, option, bad", [

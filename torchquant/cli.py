@@ -102,8 +102,21 @@ def _model_options() -> argparse.ArgumentParser:
     return opts
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser (the subcommands' too), whose errors say when --skip took MODEL as one of its patterns."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._words = sys.argv[1:] if args is None else list(args)
+        return super().parse_known_args(args, namespace)
+
+    def error(self, message: str):
+        if "required: MODEL" in message and "--skip" in getattr(self, "_words", ()):
+            message += " (--skip takes every word after it as a pattern, MODEL too: give MODEL before --skip)"
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="torchquant",
         description="Integer quantization for PyTorch models: convert, report, export, benchmark, demo.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
