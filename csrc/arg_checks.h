@@ -79,6 +79,9 @@ struct ConvGeometry {
   int64_t out_h, out_w;
   int64_t window;  // kh * kw * channels / groups: the reduction size
   int64_t rows;    // batch * out_h * out_w: the GEMM's rows
+
+  // The offset of input pixel (b, ih, iw)'s first channel in the channels-last input.
+  int64_t pixel_offset(int64_t b, int64_t ih, int64_t iw) const { return ((b * height + ih) * width + iw) * channels; }
 };
 
 // int8_conv2d: x_q 4-d, positive groups dividing both channel counts, 2-entry kernel_size >= 1, stride >= 1,

@@ -104,7 +104,7 @@ void fill_im2col_rows(const void* context, int64_t grp, int64_t row0, int64_t ro
     }
     uint8_t* out = dst + row * k4;
     const int64_t ih0 = oh * g.stride_h - g.pad_h, iw0 = ow * g.stride_w - g.pad_w;
-    const int64_t pixel = ((b * g.height + ih0) * g.width + iw0) * g.channels;  // tap (0, 0)'s offset, maybe outside
+    const int64_t pixel = g.pixel_offset(b, ih0, iw0);  // tap (0, 0)'s offset, maybe outside
     if (whole_pixels && ih0 >= 0 && ih0 + (g.kh - 1) * g.dil_h < g.height && iw0 >= 0 && iw0 + g.kw <= g.width) {
       for (int64_t i = 0; i < g.kh; ++i, out += run_stride) {
         copy_run(out, x + pixel + i * g.dil_h * pixel_row, run, flip);
@@ -361,7 +361,7 @@ void depthwise_pixel_scalar(const DepthwiseSource& s, int64_t b, int64_t oh, int
       const int64_t iw = iw0 + j * g.dil_w;
       const int8_t* w = s.w + (i * g.kw + j) * g.channels + c0;
       if (ih >= 0 && ih < g.height && iw >= 0 && iw < g.width) {
-        const uint8_t* p = s.x + ((b * g.height + ih) * g.width + iw) * g.channels + c0;
+        const uint8_t* p = s.x + g.pixel_offset(b, ih, iw) + c0;
         if (s.group_channels == 1) {  // (a loop the compiler vectorizes; the picked bytes' is not)
           for (int64_t c = 0; c < ncols; ++c)
             acc[c] += static_cast<uint32_t>(FLIP ? p[c] ^ 0x80 : p[c]) * static_cast<uint32_t>(w[c]);
@@ -457,7 +457,7 @@ TQ_TARGET_AVX2 void build_pairs(const DepthwiseSource& s, int64_t b, int64_t oh,
       const int64_t i = 2 * q + k;
       const int64_t ih = i < g.kh ? ih0 + i * g.dil_h : -1;  // a row past the kernel meets zero weights
       rows[k] = lo < hi && ih >= 0 && ih < g.height
-                    ? s.x + ((b * g.height + ih) * g.width + iw_first + lo) * g.channels + c
+                    ? s.x + g.pixel_offset(b, ih, iw_first + lo) + c
                     : nullptr;
     }
     int16_t* out = pairs + q * kPairValues;
@@ -622,7 +622,7 @@ TQ_TARGET_VNNI void build_quads(const DepthwiseSource& s, int64_t b, int64_t oh,
     for (int k = 0; k < 4; ++k) {
       const int64_t i = 4 * q + k;
       const int64_t ih = i < g.kh ? ih0 + i * g.dil_h : -1;  // rows past the kernel: no product that may overflow
-      rows[k] = ih >= 0 && ih < g.height ? s.x + (b * g.height + ih) * g.width * g.channels + c0 : nullptr;
+      rows[k] = ih >= 0 && ih < g.height ? s.x + g.pixel_offset(b, ih, 0) + c0 : nullptr;
     }
     for (int64_t p = 0; p < columns; ++p) {
       const int64_t iw = iw_first + p;
@@ -994,7 +994,7 @@ TQ_TARGET_VNNI void dword_group_pixels(const DwordSource& s, int64_t b, int64_t 
   for (int64_t i = 0; i < g.kh; ++i) {
     const int64_t ih = oh * g.stride_h - g.pad_h + i * g.dil_h;
     const bool row_inside = ih >= 0 && ih < g.height;
-    const int64_t row_at = (b * g.height + ih) * width * channels + c0;  // used for rows inside only
+    const int64_t row_at = g.pixel_offset(b, ih, 0) + c0;  // used for rows inside only
     for (int64_t j = 0; j < g.kw; ++j) {
       const int64_t iw0 = ow * stride_w - g.pad_w + j * g.dil_w;
       const uint8_t* pixel[R];  // the tap's input pixel at channel c0, or the zero point's bytes
@@ -1046,7 +1046,7 @@ TQ_TARGET_VNNI void dword_group_segment(const DwordSource& s, int64_t b, int64_t
     const int64_t ih = oh * g.stride_h - g.pad_h + i * g.dil_h;
     if (ih < 0 || ih >= g.height) continue;
     for (int64_t iw = iw_first; iw <= iw_last; ++iw)
-      _mm_prefetch(reinterpret_cast<const char*>(s.x + ((b * g.height + ih) * g.width + iw) * g.channels + c0),
+      _mm_prefetch(reinterpret_cast<const char*>(s.x + g.pixel_offset(b, ih, iw) + c0),
                    _MM_HINT_T0);
   }
   int64_t r = 0;
@@ -1139,7 +1139,7 @@ TQ_TARGET_AVX2 void widen_window_rows(const PairGroupSource& s, int64_t b, int64
         for (int64_t v = 0; v < ncols; v += 16) _mm256_store_si256(reinterpret_cast<__m256i*>(out + v), pad);
         continue;
       }
-      const uint8_t* pixel = s.x + ((b * g.height + ih) * g.width + iw_first + p) * g.channels + c0;
+      const uint8_t* pixel = s.x + g.pixel_offset(b, ih, iw_first + p) + c0;
       int64_t v = 0;
       for (; v + 16 <= ncols; v += 16) {
         const __m128i bytes = _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pixel + v)), flip);

@@ -1741,7 +1741,7 @@ class WideConvOperands {
       } else {
         std::fill(dst, dst + lo * g_.channels, pad_);
         if (hi > lo)
-          widen_row(x + ((b * g_.height + ih) * g_.width + iw0 + lo) * g_.channels, (hi - lo) * g_.channels,
+          widen_row(x + g_.pixel_offset(b, ih, iw0 + lo), (hi - lo) * g_.channels,
                     dst + lo * g_.channels);
         std::fill(dst + hi * g_.channels, dst + span * g_.channels, pad_);
       }
@@ -2725,7 +2725,7 @@ class PaddedRows {
       return;
     }
     std::memset(out, source_.pad_byte, g_.pad_w * c);
-    std::memcpy(out + g_.pad_w * c, source_.x + (b * g_.height + ih) * g_.width * c, g_.width * c);
+    std::memcpy(out + g_.pad_w * c, source_.x + g_.pixel_offset(b, ih, 0), g_.width * c);
     std::memset(out + (g_.pad_w + g_.width) * c, source_.pad_byte, g_.pad_w * c);
   }
 
@@ -2855,7 +2855,7 @@ void fill_blocks(const ConvGeometry& g, const ConvGeometry& s, const uint8_t* x,
       for (int p = 0; p < 2; ++p) {
         const int64_t ih = 2 * u + p - g.pad_h;
         if (ih < 0 || ih >= g.height) continue;
-        const uint8_t* in_row = x + (b * g.height + ih) * g.width * C;
+        const uint8_t* in_row = x + g.pixel_offset(b, ih, 0);
         const auto edge_block = [&](int64_t v) {
           for (int q = 0; q < 2; ++q) {
             const int64_t iw = 2 * v + q - g.pad_w;
@@ -2982,7 +2982,7 @@ void conv_u8s8_in_place(const GemmArgs& args, const ConvGeometry& g, const uint8
         bool inside = rows_inside && iw0 >= 0 && iw0 + (mr - 1) * g.stride_w + g.kw <= g.width;
         int64_t a_offset = 0, a_row = 0, kernel_rows_apart = 0;
         if (inside) {
-          a_offset = ((b * g.height + ih0) * g.width + iw0) * g.channels;  // tap (0, 0) of row r
+          a_offset = g.pixel_offset(b, ih0, iw0);  // tap (0, 0) of row r
           a_row = mr > 1 ? g.stride_w * g.channels : 0;
           kernel_rows_apart = g.kh > 1 ? g.dil_h * g.width * g.channels : 0;
           inside = a_offset + (g.kh - 1) * kernel_rows_apart + (mr - 1) * a_row + run <= x_bytes;
