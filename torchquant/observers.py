@@ -10,6 +10,7 @@ and QuantSpec's error messages read the table): adding one is one entry there (a
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -42,7 +43,12 @@ def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> t
 
 
 def _minmax(rows: torch.Tensor, spec: QuantSpec | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.aminmax(rows, dim=1)  # one pass over rows (amin and amax make two)
+    # torch.aminmax over a dim runs a scalar loop on the CPU: 12-20x slower than amin and amax over it (a 1024 x 1024
+    # weight: 2.3 ms against 0.11), which a whole-tensor aminmax beats again for one row
+    if rows.shape[0] == 1:
+        lo, hi = torch.aminmax(rows)
+        return lo.reshape(1), hi.reshape(1)
+    return rows.amin(1), rows.amax(1)
 
 
 def _percentile_range(rows: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,7 +96,8 @@ def batch_range(x: torch.Tensor, spec: QuantSpec, axis: int | None = None) -> tu
     if not check:
         rows = torch.nan_to_num(rows, nan=0.0, posinf=0.0, neginf=0.0)
     lo, hi = OBSERVERS[spec.observer].batch_range(rows, spec)
-    if check and not bool(torch.isfinite(lo).all() & torch.isfinite(hi).all()):
+    # (the sum of the widths is finite where every bound is, or where finite widths overflow, which only redoes it)
+    if check and not math.isfinite((hi - lo).sum().item()):
         lo, hi = OBSERVERS[spec.observer].batch_range(torch.nan_to_num(rows, nan=0.0, posinf=0.0, neginf=0.0), spec)
     return lo, hi
 
@@ -199,7 +206,8 @@ class Observer(Float32StateModule):
         lo, hi = batch_range(x, self.spec, self.axis)
         if self.sync:
             lo, hi = _sync_range(lo, hi, self.spec)
-        lo, hi = lo.to(self.lo.device), hi.to(self.hi.device)
+        if lo.device != self.lo.device:
+            lo, hi = lo.to(self.lo.device), hi.to(self.lo.device)
         # the first batch's range is taken as it is, later ones folded in: selected by the count as a tensor, not
         # branched on its value, so that a compiled training step keeps one graph (and a GPU does not wait)
         first = self.batches == 0

@@ -288,7 +288,7 @@ def choose_qparams(x: torch.Tensor, *, bits: int = 8, signed: bool = True, symme
     axis = _normalized_axis(axis, x, fn)
     if x.numel() == 0:
         raise ValueError(f"{fn}: x must not be empty (it has no range), got shape {tuple(x.shape)}")
-    x32 = torch.where(torch.isfinite(x), x, 0).float()
+    x32 = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0).float()
     if axis is None:
         low, high = x32.amin().reshape(1), x32.amax().reshape(1)
     else:
