@@ -325,7 +325,7 @@ def test_report_budget_keeps_layers_float(work, tmp_path):
     assert data["bytes_quantized"] == data["bytes_float"]
 
 
-def test_report_warns_when_the_output_is_mostly_error(work):
+def test_report_warns_when_the_output_is_mostly_error(work, tmp_path):
     # 1-bit activations keep too little of the digits CNN's signal to be of use: the report says so, names the layer
     # adding the most error, and says what helps
     def report(*options):
@@ -343,6 +343,13 @@ def test_report_warns_when_the_output_is_mostly_error(work):
     assert f"warning: the quantized model's output is mostly error (end-to-end SQNR {sqnr:.1f} dB < 6 dB" in table
     assert "clipping observer" in table and "--min-sqnr" in table
     assert "mostly error" not in report()
+    # where the table is not shown (convert --quiet, report --json -) the warning goes to stderr
+    result = run_cli("convert", FACTORY, "--weights", work / "digits.safetensors", "--config", "int8-static",
+                     "--act-bits", "1", "--calib", work / "calib.pt", "--report", tmp_path / "r1.json", "-q",
+                     "-o", tmp_path / "a1.safetensors", "--threads", "1", cwd=work, check_rc=0)
+    assert result.stdout == "" and result.stderr.startswith("torchquant convert: warning: the quantized model's "
+                                                            "output is mostly error")
+    assert json.loads((tmp_path / "r1.json").read_text())["notes"][-1].startswith("warning: the quantized model's")
 
 
 def test_report_writes_table_json_and_markdown(work, tmp_path):

@@ -353,6 +353,13 @@ def _warn(args, message: str) -> None:
     print(f"torchquant {args.command}: warning: {message}", file=sys.stderr)
 
 
+def _report_warnings(args, report) -> None:
+    """The report's warnings (the last lines of its table) on stderr, where the table is not shown."""
+    for note in report.notes:
+        if note.startswith("warning: "):
+            print(f"torchquant {args.command}: {note}", file=sys.stderr)
+
+
 def _cmd_convert(args) -> int:
     from torchquant.convert import nothing_quantized_reason
     from torchquant.io import write_checkpoint
@@ -382,6 +389,8 @@ def _cmd_convert(args) -> int:
             write_json(report, temp)
     if not args.quiet:
         print(report.format_table())
+    else:
+        _report_warnings(args, report)
     kept = [layer.name for layer in report.layers if not layer.quantized]
     # layers no quantized type replaces (an LSTM, a ConvTranspose2d) are not in report.layers: counted apart
     float_only = float_only_layers(job.model)
@@ -411,6 +420,7 @@ def _cmd_report(args) -> int:
     report = job.report(quantized, decisions, repeats=args.repeats, progress=not args.quiet)
     if args.json == "-":
         write_json(report, sys.stdout)
+        _report_warnings(args, report)
     else:
         print(report.format_table())
         if args.json is not None:
