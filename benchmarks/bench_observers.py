@@ -44,8 +44,9 @@ def search_in_torch_ops(rows: torch.Tensor, spec: QuantSpec):
     return factors[best] * lo, factors[best] * hi
 
 
-def qat_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor):
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+def qat_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor, momentum: float = 0.0):
+    """A training step of model on (x, target): cross-entropy, SGD."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=momentum)
 
     def step():
         loss = nn.functional.cross_entropy(model(x), target)

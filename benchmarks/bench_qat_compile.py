@@ -19,6 +19,8 @@ import torchquant as tq
 from torchquant.config import QuantConfig, QuantSpec
 from torchquant.timing import compare, latency_clock, markdown_table, num_threads
 
+from benchmarks.bench_observers import qat_step
+
 _STATIC = QuantSpec(bits=8, signed=False, symmetric=False, granularity="per_tensor")
 CONFIGS = {
     "float": None,
@@ -33,17 +35,6 @@ def cnn() -> nn.Module:
         return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
     return nn.Sequential(*block(3, 32, 1), *block(32, 64, 2), *block(64, 64, 1), *block(64, 128, 2),
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10))
-
-
-def training_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor):
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-    def step():
-        loss = nn.functional.cross_entropy(model(x), target)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return step
 
 
 def graph_count(model: nn.Module, x: torch.Tensor) -> int:
@@ -73,8 +64,8 @@ def main() -> None:
                     model(x)  # (the first batch initialises ranges and learned scales)
                 graphs[name] = graph_count(model, x)
                 eager, compiled = copy.deepcopy(model), copy.deepcopy(model)
-                steps[(name, "eager")] = training_step(eager, x, target)
-                steps[(name, "compiled")] = training_step(torch.compile(compiled), x, target)
+                steps[(name, "eager")] = qat_step(eager, x, target, momentum=0.9)
+                steps[(name, "compiled")] = qat_step(torch.compile(compiled), x, target, momentum=0.9)
                 steps[(name, "compiled")]()  # compiled here, not inside the timing
             t = compare(steps, repeats=args.repeats, clock=clock)
             float_eager = t[("float", "eager")]
