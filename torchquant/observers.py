@@ -96,7 +96,7 @@ def batch_range(x: torch.Tensor, spec: QuantSpec, axis: int | None = None) -> tu
     if not check:
         rows = torch.nan_to_num(rows, nan=0.0, posinf=0.0, neginf=0.0)
     lo, hi = OBSERVERS[spec.observer].batch_range(rows, spec)
-    # (the sum of the widths is finite where every bound is, or where finite widths overflow, which only redoes it)
+    # (the sum of the widths is finite only where every bound is; finite widths whose sum overflows redo it needlessly)
     if check and not math.isfinite((hi - lo).sum().item()):
         lo, hi = OBSERVERS[spec.observer].batch_range(torch.nan_to_num(rows, nan=0.0, posinf=0.0, neginf=0.0), spec)
     return lo, hi
